@@ -1,0 +1,3 @@
+"""topowatch: delete exactly the conntrack entries a topology change left stale."""
+
+__version__ = "0.1.0"

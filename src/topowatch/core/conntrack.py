@@ -1,0 +1,154 @@
+"""Conntrack entries as values, and the NAT binding each one actually carries.
+
+Theory of operation: the kernel records NAT in the reply tuple. For an entry
+``orig = A:a -> B:b`` the reply is ``B':b' -> A':a'``: a source NAT shows as
+``A' != A`` (or ``a' != a``), a destination NAT as ``B' != B``. The status
+bits say whether each NAT hook has run (``IPS_SRC_NAT_DONE``,
+``IPS_DST_NAT_DONE``) and whether a reply was seen (``IPS_SEEN_REPLY``).
+
+Rules:
+- an entry is UNREPLIED when ``IPS_SEEN_REPLY`` is clear;
+- a side whose NAT hook has not run yet has no actual binding (None): such an
+  entry is never judged on that side;
+- this module never performs I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from topowatch.core.flow import (
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    NO_NAT,
+    Binding,
+    Flow,
+    NatKind,
+    proto_name,
+)
+from topowatch.core.model import AF_INET, IPAddress
+
+# Status bits (include/uapi/linux/netfilter/nf_conntrack_common.h).
+IPS_EXPECTED = 1 << 0
+IPS_SEEN_REPLY = 1 << 1
+IPS_ASSURED = 1 << 2
+IPS_CONFIRMED = 1 << 3
+IPS_SRC_NAT = 1 << 4
+IPS_DST_NAT = 1 << 5
+IPS_SEQ_ADJUST = 1 << 6
+IPS_SRC_NAT_DONE = 1 << 7
+IPS_DST_NAT_DONE = 1 << 8
+IPS_DYING = 1 << 9
+IPS_FIXED_TIMEOUT = 1 << 10
+IPS_TEMPLATE = 1 << 11
+IPS_UNTRACKED = 1 << 12
+IPS_HELPER = 1 << 13
+IPS_OFFLOAD = 1 << 14
+IPS_HW_OFFLOAD = 1 << 15
+
+ICMP_PROTOS = frozenset({IPPROTO_ICMP, IPPROTO_ICMPV6})
+
+
+@dataclass(frozen=True, slots=True)
+class CtTuple:
+    """One direction of an entry. For ICMP: ``sport`` is the id, ``dport`` is ``type << 8 | code``."""
+
+    src: IPAddress
+    dst: IPAddress
+    sport: int = 0
+    dport: int = 0
+
+    @property
+    def icmp_type(self) -> int:
+        return self.dport >> 8
+
+    @property
+    def icmp_code(self) -> int:
+        return self.dport & 0xFF
+
+    @property
+    def icmp_id(self) -> int:
+        return self.sport
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A conntrack entry as dumped: both tuples, zone, mark, status and the kernel's id."""
+
+    family: int
+    proto: int
+    orig: CtTuple
+    reply: CtTuple
+    status: int = IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE
+    zone: int = 0
+    mark: int = 0
+    id: int = 0
+    timeout: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.family == AF_INET) != (self.orig.src.version == 4):
+            raise ValueError(f"Entry.family {self.family} does not match {self.orig.src}")
+
+    @property
+    def unreplied(self) -> bool:
+        return not self.status & IPS_SEEN_REPLY
+
+    @property
+    def assured(self) -> bool:
+        return bool(self.status & IPS_ASSURED)
+
+    @property
+    def flow(self) -> Flow:
+        return Flow(
+            family=self.family,
+            proto=self.proto,
+            src=self.orig.src,
+            dst=self.orig.dst,
+            sport=self.orig.sport,
+            dport=self.orig.dport,
+            zone=self.zone,
+            ct_mark=self.mark,
+        )
+
+    def flow_key(self) -> tuple[int, int, int, IPAddress, IPAddress, int, int]:
+        """Entries sharing this key get the same prediction (decided once)."""
+        return (self.zone, self.mark, self.proto, self.orig.src, self.orig.dst, self.orig.dport, self.family)
+
+    def actual_dnat(self) -> Binding | None:
+        """The destination binding the entry carries, None if DNAT has not run."""
+        if not self.status & IPS_DST_NAT_DONE:
+            return None
+        # The reply's source is where the original destination was translated to.
+        if self.reply.src == self.orig.dst and (
+            self.proto in ICMP_PROTOS or self.reply.sport == self.orig.dport
+        ):
+            return NO_NAT
+        port = None if self.proto in ICMP_PROTOS else self.reply.sport
+        return Binding(NatKind.DNAT, self.reply.src, self.reply.src, port, port)
+
+    def actual_snat(self) -> Binding | None:
+        """The source binding the entry carries, None if SNAT has not run."""
+        if not self.status & IPS_SRC_NAT_DONE:
+            return None
+        if self.reply.dst == self.orig.src and (
+            self.proto in ICMP_PROTOS or self.reply.dport == self.orig.sport
+        ):
+            return NO_NAT
+        port = None if self.proto in ICMP_PROTOS else self.reply.dport
+        return Binding(NatKind.SNAT, self.reply.dst, self.reply.dst, port, port)
+
+    def describe(self) -> str:
+        name = proto_name(self.proto)
+        o, r = self.orig, self.reply
+        if self.proto in ICMP_PROTOS:
+            text = f"{name} {o.src} -> {o.dst} id={o.icmp_id}"
+        else:
+            text = f"{name} {o.src}:{o.sport} -> {o.dst}:{o.dport}"
+        text += f" reply {r.src}:{r.sport} -> {r.dst}:{r.dport}" if self.proto not in ICMP_PROTOS else f" reply {r.src} -> {r.dst}"
+        if self.zone:
+            text += f" zone {self.zone}"
+        if self.mark:
+            text += f" mark {self.mark:#x}"
+        if self.unreplied:
+            text += " [UNREPLIED]"
+        return text
