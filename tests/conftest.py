@@ -1,0 +1,53 @@
+"""Capability checks, run once, exported as markers with reasons (as trio's tests do)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from topowatch.netns import Namespace
+
+
+def _can_netns() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    if shutil.which("ip") is None:
+        return "needs iproute2"
+    try:
+        ns = Namespace.create("twprobe")
+    except Exception as exc:
+        return f"cannot create a network namespace: {exc}"
+    ns.delete()
+    return None
+
+
+_NETNS_REASON = _can_netns()
+needs_netns = pytest.mark.skipif(_NETNS_REASON is not None, reason=_NETNS_REASON or "")
+needs_nft = pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft")
+needs_conntrack_tool = pytest.mark.skipif(shutil.which("conntrack") is None, reason="needs conntrack")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("netns") is not None and _NETNS_REASON is not None:
+            item.add_marker(pytest.mark.skip(reason=_NETNS_REASON))
+
+
+@pytest.fixture
+def netns() -> Iterator[Namespace]:
+    """A fresh namespace, removed after the test."""
+    if _NETNS_REASON is not None:
+        pytest.skip(_NETNS_REASON)
+    ns = Namespace.create("twt")
+    try:
+        yield ns
+    finally:
+        ns.delete()
+
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
