@@ -222,3 +222,5 @@ class Prediction:
     snat: frozenset[Binding] | Unknown
     egress: tuple[Egress, ...] | Unknown
     ingress: Ingress | None | Unknown = None
+    # Which rules made the bindings, one line each, for reasons ("chain postrouting: oifname up2 masquerade").
+    explain: tuple[str, ...] = ()

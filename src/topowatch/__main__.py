@@ -1,0 +1,7 @@
+"""``python -m topowatch``: the same as the ``topowatch`` command."""
+
+import sys
+
+from topowatch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,196 @@
+"""The command line: run, plan, flush, lab.
+
+Every command works in the network namespace it is started in and touches
+only that namespace. Exit status: 0 success, 1 runtime error (one line on
+stderr, never a traceback), 2 usage. This module parses arguments and wires
+edges to the reactor; it decides nothing itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+import trio
+
+from topowatch import __version__
+from topowatch.errors import PermissionDenied, TopowatchError, UsageError
+from topowatch.logs import setup_logging
+
+log = logging.getLogger("topowatch")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="topowatch",
+        description="Delete exactly the UNREPLIED conntrack entries that a topology change left "
+        "NATed the wrong way.",
+    )
+    parser.add_argument("--version", action="version", version=f"topowatch {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log detail (-vv: debug)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log record format")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="the daemon: react to topology events")
+    run.add_argument("--debounce", type=_positive_float, default=0.25, metavar="SECONDS",
+                     help="quiet gap that ends a burst of events (default 0.25)")
+    run.add_argument("--max-wait", type=_positive_float, default=2.0, metavar="SECONDS",
+                     help="react at the latest this long after a burst began (default 2)")
+    run.add_argument("--dry-run", action="store_true", help="log what would be deleted, delete nothing")
+    run.add_argument("--max-deletions", type=_positive_int, default=100_000, metavar="N",
+                     help="refuse a reaction that would delete more than N entries (default 100000)")
+    run.add_argument("--no-startup-sweep", action="store_true",
+                     help="do not judge the table once at start")
+
+    plan = sub.add_parser("plan", help="audit now: list stale entries, delete nothing")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+
+    flush = sub.add_parser("flush", help="delete the stale entries now")
+    flush.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
+    flush.add_argument("--json", action="store_true", help="print one JSON object")
+    flush.add_argument("--max-deletions", type=_positive_int, default=100_000, metavar="N",
+                       help="refuse to delete more than N entries (default 100000)")
+
+    lab = sub.add_parser("lab", help="build a namespace lab and show topowatch fixing stuck flows")
+    lab.add_argument("--keep", action="store_true", help="leave the lab's namespaces in place")
+    return parser
+
+
+def _require_root(command: str) -> None:
+    if os.geteuid() != 0:
+        raise PermissionDenied(
+            f"'{command}' needs root (CAP_NET_ADMIN) to read and change the conntrack table; "
+            "run it with sudo"
+        )
+
+
+async def _audit(delete: bool, dry_run: bool, as_json: bool, max_deletions: int) -> int:
+    from topowatch.core.decide import decide
+    from topowatch.core.evaluate import predict
+    from topowatch.core.fib import Fib
+    from topowatch.core.flow import Flow, Prediction
+    from topowatch.edges.kernel import KernelBackend
+    from topowatch.report import plan_json, plan_text
+
+    backend = KernelBackend()
+    start = time.monotonic()
+    topology = await backend.topology()
+    ruleset = await backend.ruleset()
+    entries = await backend.entries(backend.eligibility)
+
+    def bound(fib: Fib, flow: Flow) -> Prediction:
+        return predict(ruleset, fib, flow)
+
+    plan = decide(entries, predict=bound, fib_now=Fib(topology), eligibility=backend.eligibility)
+    deleted: int | None = None
+    if delete and not dry_run:
+        if len(plan.stale) > max_deletions:
+            raise TopowatchError(
+                f"{len(plan.stale)} stale entries exceed --max-deletions {max_deletions}; nothing deleted"
+            )
+        result = await backend.delete([d.entry for d in plan.stale])
+        deleted = result.deleted
+        for decision in plan.stale:
+            log.info("deleted %s: %s", decision.entry.describe(), decision.reason)
+        if result.failed:
+            log.error("%d deletes failed: %s", result.failed, "; ".join(result.errors[:3]))
+    elif delete:
+        deleted = 0
+    elapsed = time.monotonic() - start
+    if as_json:
+        print(json.dumps(plan_json(plan, elapsed, deleted), indent=2))
+    else:
+        verb = "stale" if not delete else ("would delete" if dry_run else "deleted")
+        print(plan_text(plan, elapsed, verb=verb.split()[-1] if not dry_run else "stale"))
+        if deleted is not None and not dry_run:
+            print(f"deleted {deleted} entries")
+        elif dry_run:
+            print(f"dry run: {len(plan.stale)} entries would be deleted")
+    return 0
+
+
+async def _run_daemon(args: argparse.Namespace) -> int:
+    from topowatch.edges.kernel import KernelBackend
+    from topowatch.reactor import Reactor, ReactorConfig
+
+    config = ReactorConfig(
+        debounce=args.debounce,
+        max_wait=max(args.max_wait, args.debounce),
+        dry_run=args.dry_run,
+        max_deletions=args.max_deletions,
+        startup_sweep=not args.no_startup_sweep,
+    )
+    backend = KernelBackend()
+    reactor = Reactor(backend, config)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run)
+
+            async def wait_signal() -> None:
+                async for signum in signals:
+                    log.info("received %s: stopping", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(wait_signal)
+    log.info("stopped after %d reaction(s)", len(reactor.reactions))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.log_format)
+    try:
+        if args.command == "lab":
+            _require_root("lab")
+            from topowatch.lab import run_lab
+
+            return run_lab(keep=args.keep)
+        _require_root(args.command)
+        if args.command == "run":
+            return trio.run(_run_daemon, args)
+        if args.command == "plan":
+            return trio.run(_audit, False, False, args.json, 0)
+        if args.command == "flush":
+            return trio.run(_audit, True, args.dry_run, args.json, args.max_deletions)
+        raise UsageError(f"unknown command {args.command!r}")
+    except UsageError as exc:
+        print(f"topowatch: error: {exc}", file=sys.stderr)
+        return 2
+    except TopowatchError as exc:
+        print(f"topowatch: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

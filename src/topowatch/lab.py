@@ -1,0 +1,380 @@
+"""The namespace lab: a gateway whose uplink changes, flows that get stuck, topowatch fixing them.
+
+Topology (every namespace created here, removed at the end):
+
+    client 10.0.1.2 --lan0-- router --up1 198.51.100.2 (transit, no NAT)-- wan
+                                    --up2 203.0.113.2  (DSL, masquerade)--  wan
+                                    --up3 100.64.0.2   (LTE, snat)--------  wan
+    wan holds the servers 192.0.2.10 (SIP sink, echo on port 7) and 192.0.2.30.
+
+Before: default via up1 (no NAT), 192.0.2.30 via up3 (snat to 100.64.0.2).
+The flip (one burst): the DSL line takes the default route, the LTE route goes.
+Flows that never get an answer keep their old NAT: the SIP server sees the
+private source 10.0.1.2, the other server the LTE address on the DSL line.
+A replied flow (echo) is healthy and must be left alone.
+
+The kernel is the oracle: after the flip a fresh flow (new source port, same
+addresses) shows the NAT today's topology gives. This module only builds and
+observes the lab; it never touches the host's namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from topowatch.core.conntrack import Entry
+from topowatch.errors import TopowatchError
+from topowatch.netns import Namespace, veth
+
+NETLINK_NETFILTER = 12
+
+ROUTER_RULESET = """\
+table inet labnat {
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "up2" masquerade
+        oifname "up3" snat ip to 100.64.0.2
+    }
+}
+"""
+
+SIP_SERVER = "192.0.2.10"
+OTHER_SERVER = "192.0.2.30"
+
+# A UDP sink that reports each (source, sport, destination) it sees, and an echo on port 7.
+# Bounded: it exits by itself after ``lifetime`` seconds.
+SERVER_SCRIPT = r"""
+import select, socket, sys, time
+lifetime = float(sys.argv[1])
+socks = []
+for addr, port in (("0.0.0.0", 5060), ("0.0.0.0", 7)):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_IP, 8, 1)  # IP_PKTINFO: learn the destination
+    s.bind((addr, port))
+    socks.append(s)
+print("listening", flush=True)
+end = time.monotonic() + lifetime
+last = {}
+while time.monotonic() < end:
+    ready, _, _ = select.select(socks, [], [], 0.5)
+    for s in ready:
+        data, anc, _, (src, sport) = s.recvmsg(2048, 256)
+        dst = "?"
+        for level, kind, raw in anc:
+            if level == socket.SOL_IP and kind == 8:
+                dst = socket.inet_ntoa(raw[8:12])
+        port = s.getsockname()[1]
+        if port == 7:
+            s.sendto(data, (src, sport))
+        key = (data.decode(errors="replace"),)
+        if last.get(key) != src:
+            last[key] = src
+            print(f"{data.decode(errors='replace')} {src} {sport} {dst} {port}", flush=True)
+"""
+
+# Sends one datagram per flow every 100 ms from fixed source ports; bounded lifetime.
+CLIENT_SCRIPT = r"""
+import socket, sys, time
+lifetime = float(sys.argv[1])
+flows = [a.split(",") for a in sys.argv[2:]]
+socks = []
+for name, sport, dst, dport in flows:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", int(sport)))
+    s.setblocking(False)
+    socks.append((name, s, (dst, int(dport))))
+end = time.monotonic() + lifetime
+while time.monotonic() < end:
+    for name, s, addr in socks:
+        try:
+            s.sendto(name.encode(), addr)
+            s.recv(2048)
+        except OSError:
+            pass
+    time.sleep(0.1)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class LabFlow:
+    name: str
+    sport: int
+    dst: str
+    dport: int
+    replied: bool = False
+
+
+FLOWS = (
+    LabFlow("sip-phone", 5060, SIP_SERVER, 5060),
+    LabFlow("monitoring", 5062, OTHER_SERVER, 5060),
+    LabFlow("echo", 7000, SIP_SERVER, 7, replied=True),
+)
+
+
+@dataclass
+class Lab:
+    """Three namespaces and the processes that make traffic in them."""
+
+    client: Namespace
+    router: Namespace
+    wan: Namespace
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+    server: subprocess.Popen[str] | None = None
+    seen: dict[str, str] = field(default_factory=dict)
+
+    # -- building -------------------------------------------------------------
+
+    @classmethod
+    @contextlib.contextmanager
+    def create(cls, keep: bool = False) -> Iterator[Lab]:
+        created: list[Namespace] = []
+        lab: Lab | None = None
+        try:
+            for prefix in ("twcli", "twrtr", "twwan"):
+                created.append(Namespace.create(prefix))
+            lab = cls(*created)
+            lab.build()
+            yield lab
+        finally:
+            if lab is not None:
+                lab.stop_traffic()
+            if not keep:
+                for ns in created:
+                    ns.delete()
+
+    def build(self) -> None:
+        c, r, w = self.client, self.router, self.wan
+        veth(c, "lan0", r, "lan0")
+        veth(r, "up1", w, "isp1")
+        veth(r, "up2", w, "isp2")
+        veth(r, "up3", w, "isp3")
+        c.run("ip", "addr", "add", "10.0.1.2/24", "dev", "lan0")
+        c.run("ip", "route", "add", "default", "via", "10.0.1.1")
+        r.run("ip", "addr", "add", "10.0.1.1/24", "dev", "lan0")
+        r.run("ip", "addr", "add", "198.51.100.2/24", "dev", "up1")
+        r.run("ip", "addr", "add", "203.0.113.2/24", "dev", "up2")
+        r.run("ip", "addr", "add", "100.64.0.2/24", "dev", "up3")
+        r.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        w.run("ip", "addr", "add", "198.51.100.1/24", "dev", "isp1")
+        w.run("ip", "addr", "add", "203.0.113.1/24", "dev", "isp2")
+        w.run("ip", "addr", "add", "100.64.0.1/24", "dev", "isp3")
+        w.run("ip", "addr", "add", f"{SIP_SERVER}/32", "dev", "lo")
+        w.run("ip", "addr", "add", f"{OTHER_SERVER}/32", "dev", "lo")
+        # Replies (echo) to the client's private net go back over the transit link.
+        w.run("ip", "route", "add", "10.0.1.0/24", "via", "198.51.100.2")
+        r.run("nft", "-f", "-", input=ROUTER_RULESET)
+        self.topology_before()
+
+    def topology_before(self) -> None:
+        r = self.router
+        r.run("ip", "route", "replace", "default", "via", "198.51.100.1", "dev", "up1")
+        r.run("ip", "route", "replace", f"{OTHER_SERVER}/32", "via", "100.64.0.1", "dev", "up3")
+
+    def flip(self) -> None:
+        """The DSL line takes the default route; the LTE host route goes (one burst)."""
+        r = self.router
+        r.run("ip", "route", "replace", "default", "via", "203.0.113.1", "dev", "up2")
+        r.run("ip", "route", "del", f"{OTHER_SERVER}/32")
+
+    # -- traffic --------------------------------------------------------------
+
+    def start_traffic(self, lifetime: float = 120.0) -> None:
+        self.server = self.wan.popen(
+            [sys.executable, "-c", SERVER_SCRIPT, str(lifetime)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert self.server.stdout is not None
+        line = self._readline(self.server, 10.0)
+        if line != "listening":
+            raise TopowatchError(f"lab server did not start: {line!r}")
+        args = [f"{f.name},{f.sport},{f.dst},{f.dport}" for f in FLOWS]
+        self.procs.append(
+            self.client.popen(
+                [sys.executable, "-c", CLIENT_SCRIPT, str(lifetime), *args],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+
+    def send_once(self, name: str, sport: int, dst: str, dport: int) -> None:
+        """One datagram from the client (a fresh flow for the oracle)."""
+        script = (
+            "import socket,sys;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+            "s.bind(('0.0.0.0',int(sys.argv[2])));s.sendto(sys.argv[1].encode(),(sys.argv[3],int(sys.argv[4])))"
+        )
+        self.client.run(sys.executable, "-c", script, name, str(sport), dst, str(dport))
+
+    @staticmethod
+    def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        if not ready:
+            return ""
+        return proc.stdout.readline().strip()
+
+    def server_seen(self, settle: float = 0.5) -> dict[str, str]:
+        """The source address the servers last saw, per flow name (drains the sink's output)."""
+        if self.server is None:
+            return dict(self.seen)
+        end = time.monotonic() + settle
+        while (remaining := end - time.monotonic()) > 0:
+            line = self._readline(self.server, remaining)
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) >= 2:
+                self.seen[parts[0]] = parts[1]
+        return dict(self.seen)
+
+    def stop_traffic(self) -> None:
+        for proc in [*self.procs, *([self.server] if self.server else [])]:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        self.procs.clear()
+        self.server = None
+
+    # -- observing --------------------------------------------------------------
+
+    def router_entries(self) -> list[Entry]:
+        from topowatch.edges.ctnetlink import Conntrack
+
+        sock = self.router.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        ct = Conntrack(sock)
+        try:
+            return ct.dump(unreplied_only=False)
+        finally:
+            ct.close()
+
+    def entry_for(self, sport: int, dst: str, entries: list[Entry] | None = None) -> Entry | None:
+        for e in entries if entries is not None else self.router_entries():
+            if e.orig.sport == sport and str(e.orig.dst) == dst and str(e.orig.src).startswith("10.0.1."):
+                return e
+        return None
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for n, row in enumerate(rows):
+        out.append("  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+        if n == 0:
+            out.append("  " + "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def _snapshot(lab: Lab, title: str, oracle: dict[str, str] | None = None) -> str:
+    entries = lab.router_entries()
+    seen = lab.server_seen()
+    header = ["flow", "router entry (orig -> NATed source)", "state", "server sees"]
+    if oracle is not None:
+        header.append("fresh flow gets (oracle)")
+    rows = [header]
+    for flow in FLOWS:
+        e = lab.entry_for(flow.sport, flow.dst, entries)
+        if e is None:
+            entry_text, state = "(no entry)", "-"
+        else:
+            entry_text = f"{e.orig.src}:{e.orig.sport} -> {e.orig.dst}:{e.orig.dport} as {e.reply.dst}"
+            state = "UNREPLIED" if e.unreplied else "replied"
+        row = [flow.name, entry_text, state, seen.get(flow.name, "-")]
+        if oracle is not None:
+            row.append(oracle.get(flow.name, "-"))
+        rows.append(row)
+    return f"\n{title}\n{_table(rows)}\n"
+
+
+def _oracle(lab: Lab, base_port: int) -> dict[str, str]:
+    """Fresh flows from new source ports: the NAT today's topology gives each destination."""
+    result: dict[str, str] = {}
+    for i, flow in enumerate(FLOWS):
+        sport = base_port + i
+        lab.send_once(f"oracle-{flow.name}", sport, flow.dst, 5060)
+        e = lab.entry_for(sport, flow.dst)
+        result[flow.name] = str(e.reply.dst) if e is not None else "-"
+    return result
+
+
+def _wait_log(proc: subprocess.Popen[str], needle: str, timeout: float, echo: list[str]) -> str | None:
+    end = time.monotonic() + timeout
+    while (remaining := end - time.monotonic()) > 0:
+        line = Lab._readline(proc, remaining)
+        if line:
+            echo.append(line)
+            if needle in line:
+                return line
+        elif proc.poll() is not None:
+            return None
+    return None
+
+
+def run_lab(keep: bool = False) -> int:
+    """The demo: stuck flows without topowatch, then the same flip with the daemon running."""
+    print("topowatch lab: building namespaces (client, router, wan) ...")
+    with Lab.create(keep=keep) as lab:
+        lab.start_traffic()
+        time.sleep(1.0)
+        print(_snapshot(lab, "1. Before: default route via up1 (transit, no NAT), 192.0.2.30 via up3 (LTE, snat)"))
+
+        lab.flip()
+        time.sleep(1.5)
+        oracle = _oracle(lab, 40000)
+        print(_snapshot(lab, "2. The DSL line (up2, masquerade) took the route. Without topowatch the "
+                        "old NAT sticks:", oracle))
+
+        lab.topology_before()
+        time.sleep(1.0)
+        print("3. Back to the old topology; now with `topowatch run` in the router namespace.")
+        daemon = lab.router.popen(
+            [sys.executable, "-m", "topowatch", "run", "--debounce", "0.2", "--no-startup-sweep"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        daemon.stdout = daemon.stderr  # read the log through _readline
+        log_lines: list[str] = []
+        try:
+            if _wait_log(daemon, "ready", 20.0, log_lines) is None:
+                print("\n".join(log_lines))
+                raise TopowatchError("the daemon did not become ready")
+            started = time.monotonic()
+            lab.flip()
+            reaction = _wait_log(daemon, "reaction", 20.0, log_lines)
+            if reaction is None:
+                print("\n".join(log_lines))
+                raise TopowatchError("the daemon did not react to the flip")
+            reacted = time.monotonic() - started
+            time.sleep(1.0)
+            oracle = _oracle(lab, 41000)
+            print("\n   topowatch log:")
+            for line in log_lines:
+                print(f"   | {line}")
+            print(_snapshot(lab, f"4. After topowatch reacted ({reacted:.2f} s after the flip):", oracle))
+        finally:
+            daemon.terminate()
+            try:
+                daemon.wait(10)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+        seen = lab.server_seen()
+        ok = all(seen.get(f.name) == oracle.get(f.name) for f in FLOWS if not f.replied)
+        echo = lab.entry_for(7000, SIP_SERVER)
+        healthy_kept = echo is not None and not echo.unreplied
+        print(
+            "Result: every stuck flow now reaches its server from the address a fresh flow gets: "
+            + ("yes" if ok else "NO")
+        )
+        print("        the replied (healthy) echo flow was left alone: " + ("yes" if healthy_kept else "NO"))
+        if keep:
+            print(f"namespaces kept: {lab.client.name} {lab.router.name} {lab.wan.name}")
+        return 0 if ok and healthy_kept else 1

@@ -1,0 +1,299 @@
+"""The reactor: from topology events to deleted entries, once per burst.
+
+Theory of operation (trio, structured concurrency): one nursery holds one task
+per event source and the reaction loop. Sources push ``Trigger`` values into
+the current ``Burst``; the loop waits for the first one, then keeps collecting
+until the sources have been quiet for the debounce window or the burst has
+lasted ``max_wait``. Then it reacts once: snapshot T1, read the ruleset, dump
+UNREPLIED entries, ``core.decide`` against T0, delete the stale ones in
+batches, log one line, and T1 becomes T0.
+
+Rules:
+- a source that fails is restarted (with back-off) and says so; an overrun
+  (lost events) is a trigger of its own: the reaction re-reads everything;
+- a reaction that fails is logged and the loop goes on; a ruleset that fails
+  to read keeps the previous one in force;
+- more stale entries than the cap: nothing is deleted, the refusal is logged;
+- the loop never wakes up without an event (no polling).
+This module never decides staleness itself (``core.decide`` does) and never
+speaks netlink (the ``Backend`` does).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from topowatch.core.conntrack import Entry
+from topowatch.core.decide import FlushPlan, decide
+from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility
+from topowatch.core.evaluate import predict
+from topowatch.core.fib import Fib
+from topowatch.core.flow import Flow, Prediction
+from topowatch.core.model import Topology, TopologyChange, diff
+from topowatch.core.nat import NatRuleset
+from topowatch.errors import TopowatchError
+
+log = logging.getLogger("topowatch.reactor")
+
+# Per-entry log lines at INFO per reaction; the rest go to DEBUG.
+ENTRY_LOG_LIMIT = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """One event from a source: a topology change, an overrun, an explicit request."""
+
+    source: str
+    description: str
+    overrun: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteCounts:
+    deleted: int = 0
+    already_gone: int = 0
+    failed: int = 0
+    elapsed: float = 0.0
+    errors: tuple[str, ...] = ()
+
+
+class Backend(Protocol):
+    """What the reactor needs from the kernel; ``edges.kernel`` and the tests' fake provide it."""
+
+    def events(self) -> AbstractAsyncContextManager[AsyncIterator[Trigger]]: ...
+
+    async def topology(self) -> Topology: ...
+
+    async def ruleset(self) -> NatRuleset: ...
+
+    async def entries(self, eligibility: Eligibility) -> list[Entry]: ...
+
+    async def delete(self, entries: Sequence[Entry]) -> DeleteCounts: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReactorConfig:
+    debounce: float = 0.25
+    max_wait: float = 2.0
+    eligibility: Eligibility = DEFAULT_ELIGIBILITY
+    dry_run: bool = False
+    max_deletions: int = 100_000
+    startup_sweep: bool = True
+    restart_backoff: float = 1.0
+
+
+@dataclass(slots=True)
+class Burst:
+    count: int = 0
+    first: float = 0.0
+    overrun: bool = False
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, trigger: Trigger, now: float) -> None:
+        if self.count == 0:
+            self.first = now
+        self.count += 1
+        self.overrun = self.overrun or trigger.overrun
+        if len(self.lines) < 8 and trigger.description not in self.lines:
+            self.lines.append(trigger.description)
+
+
+@dataclass(frozen=True, slots=True)
+class Reaction:
+    """What one reaction did; logged as one line and kept for status/tests."""
+
+    number: int
+    trigger: str
+    events: int
+    change: TopologyChange
+    plan: FlushPlan
+    deleted: DeleteCounts
+    refused: bool
+    dry_run: bool
+    latency: float
+    timings: dict[str, float]
+
+    def summary(self) -> str:
+        p = self.plan
+        if self.refused:
+            action = f"REFUSED: {len(p.stale)} stale exceeds the cap, nothing deleted"
+        elif self.dry_run:
+            action = f"dry run, {len(p.stale)} would be deleted"
+        else:
+            action = f"{self.deleted.deleted} deleted"
+            if self.deleted.already_gone:
+                action += f", {self.deleted.already_gone} already gone"
+            if self.deleted.failed:
+                action += f", {self.deleted.failed} failed"
+        phases = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.timings.items())
+        return (
+            f"reaction {self.number} ({self.trigger}, {self.events} event(s)): {self.change.summary()} | "
+            f"examined {p.examined}, eligible {p.eligible}, stale {len(p.stale)}, "
+            f"undecided {len(p.undecided)}, {action} | "
+            f"{self.latency * 1000:.0f} ms from first event to last delete ({phases})"
+        )
+
+
+class Reactor:
+    def __init__(
+        self,
+        backend: Backend,
+        config: ReactorConfig | None = None,
+        *,
+        on_reaction: Callable[[Reaction], None] | None = None,
+        predictor: Callable[[NatRuleset, Fib, Flow], Prediction] = predict,
+    ) -> None:
+        self.backend = backend
+        self.predictor = predictor
+        self.config = config or ReactorConfig()
+        self.on_reaction = on_reaction
+        self.t0: Topology | None = None
+        self.ruleset: NatRuleset | None = None
+        self.reactions: list[Reaction] = []
+        self.source_restarts = 0
+        self._burst = Burst()
+        self._arrived = trio.Event()
+
+    # -- sources -------------------------------------------------------------
+
+    def push(self, trigger: Trigger) -> None:
+        """Add a trigger to the current burst (callable from any task in this trio run)."""
+        self._burst.add(trigger, trio.current_time())
+        self._arrived.set()
+
+    async def _source(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        while True:
+            try:
+                async with self.backend.events() as events:
+                    if not started:
+                        started = True
+                        task_status.started()
+                    async for trigger in events:
+                        if trigger.overrun:
+                            log.warning("event overrun (%s): events were lost; resyncing by full dump",
+                                        trigger.description)
+                        self.push(trigger)
+                log.warning("event source ended; restarting it")
+            except (TopowatchError, OSError) as exc:
+                if not started:
+                    raise  # cannot subscribe at all: the daemon must not pretend to run
+                log.error("event source failed: %s; restarting in %.1f s", exc, self.config.restart_backoff)
+            self.source_restarts += 1
+            # A restart may have missed events: treat it as an overrun.
+            self.push(Trigger("restart", "event source restarted", overrun=True))
+            await trio.sleep(self.config.restart_backoff)
+
+    # -- the loop --------------------------------------------------------------
+
+    async def _collect(self) -> Burst:
+        await self._arrived.wait()
+        while True:
+            self._arrived = trio.Event()
+            deadline = self._burst.first + self.config.max_wait
+            with trio.move_on_at(min(trio.current_time() + self.config.debounce, deadline)):
+                await self._arrived.wait()
+            if not self._arrived.is_set() or trio.current_time() >= deadline:
+                break
+        burst, self._burst = self._burst, Burst()
+        self._arrived = trio.Event()
+        return burst
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._source)
+            self.t0 = await self.backend.topology()
+            self.ruleset = await self.backend.ruleset()
+            log.info(
+                "ready: %d links, %d addresses, %d routes, %d rules; listening for events",
+                len(self.t0.links), len(self.t0.addresses), len(self.t0.routes), len(self.t0.rules),
+            )
+            task_status.started()
+            if self.config.startup_sweep:
+                self.push(Trigger("startup", "startup sweep"))
+            while True:
+                burst = await self._collect()
+                try:
+                    await self.react(burst)
+                except TopowatchError as exc:
+                    log.error("reaction failed: %s", exc)
+
+    async def react(self, burst: Burst) -> Reaction:
+        timings: dict[str, float] = {}
+        clock = trio.current_time
+        start = clock()
+        t1 = await self.backend.topology()
+        timings["snapshot"] = clock() - start
+        mark = clock()
+        try:
+            self.ruleset = await self.backend.ruleset()
+        except TopowatchError as exc:
+            if self.ruleset is None:
+                raise
+            log.error("ruleset unreadable, keeping the previous one: %s", exc)
+        timings["ruleset"] = clock() - mark
+        assert self.ruleset is not None
+        ruleset = self.ruleset
+        mark = clock()
+        entries = await self.backend.entries(self.config.eligibility)
+        timings["dump"] = clock() - mark
+        mark = clock()
+
+        predictor = self.predictor
+
+        def bound(fib: Fib, flow: Flow) -> Prediction:
+            return predictor(ruleset, fib, flow)
+
+        plan = decide(
+            entries,
+            predict=bound,
+            fib_now=Fib(t1),
+            fib_before=Fib(self.t0) if self.t0 is not None else None,
+            eligibility=self.config.eligibility,
+        )
+        timings["decide"] = clock() - mark
+        change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
+        refused = len(plan.stale) > self.config.max_deletions
+        deleted = DeleteCounts()
+        if plan.stale and not refused and not self.config.dry_run:
+            mark = clock()
+            deleted = await self.backend.delete([d.entry for d in plan.stale])
+            timings["delete"] = clock() - mark
+        self.t0 = t1
+        reaction = Reaction(
+            number=len(self.reactions) + 1,
+            trigger=", ".join(burst.lines) or "request",
+            events=burst.count,
+            change=change,
+            plan=plan,
+            deleted=deleted,
+            refused=refused,
+            dry_run=self.config.dry_run,
+            latency=clock() - (burst.first if burst.count else start),
+            timings=timings,
+        )
+        self.reactions.append(reaction)
+        self._log(reaction)
+        if self.on_reaction is not None:
+            self.on_reaction(reaction)
+        return reaction
+
+    def _log(self, reaction: Reaction) -> None:
+        verb = "would delete" if reaction.dry_run or reaction.refused else "deleted"
+        for i, decision in enumerate(reaction.plan.stale):
+            level = logging.INFO if i < ENTRY_LOG_LIMIT else logging.DEBUG
+            log.log(level, "%s %s: %s", verb, decision.entry.describe(), decision.reason)
+        hidden = len(reaction.plan.stale) - ENTRY_LOG_LIMIT
+        if hidden > 0:
+            log.info("... and %d more stale entries (shown at debug level)", hidden)
+        for decision in reaction.plan.undecided[:ENTRY_LOG_LIMIT]:
+            log.debug("undecided %s: %s", decision.entry.describe(), decision.reason)
+        for error in reaction.deleted.errors:
+            log.error("delete failed: %s", error)
+        log.log(logging.WARNING if reaction.refused else logging.INFO, "%s", reaction.summary())

@@ -1,0 +1,245 @@
+"""decide(): table-driven cases and a property test against an independent judge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address, ip_address
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from topowatch.core.conntrack import (
+    IPS_ASSURED,
+    IPS_CONFIRMED,
+    IPS_DST_NAT_DONE,
+    IPS_SEEN_REPLY,
+    IPS_SRC_NAT,
+    IPS_SRC_NAT_DONE,
+    CtTuple,
+    Entry,
+)
+from topowatch.core.decide import decide
+from topowatch.core.eligibility import Eligibility
+from topowatch.core.fib import Fib
+from topowatch.core.flow import (
+    IPPROTO_ICMP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    NO_NAT,
+    Binding,
+    Egress,
+    EgressKind,
+    Flow,
+    NatKind,
+    Prediction,
+    Unknown,
+)
+from topowatch.core.model import AF_INET, Topology
+
+CLIENT = IPv4Address("10.0.1.2")
+SERVER = IPv4Address("192.0.2.10")
+UNREPLIED = IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE
+REPLIED = UNREPLIED | IPS_SEEN_REPLY | IPS_ASSURED
+FIB_NOW = Fib(Topology())
+FIB_BEFORE = Fib(Topology(links=()))
+
+UP1 = Egress(EgressKind.UNICAST, 2, "up1", IPv4Address("198.51.100.1"), IPv4Address("198.51.100.2"))
+UP2 = Egress(EgressKind.UNICAST, 3, "up2", IPv4Address("203.0.113.1"), IPv4Address("203.0.113.2"))
+
+
+def entry(
+    snat_to: str | None = None,
+    *,
+    status: int = UNREPLIED,
+    proto: int = IPPROTO_UDP,
+    sport: int = 5060,
+    nat_port: int | None = None,
+    dnat_to: str | None = None,
+) -> Entry:
+    src_after = ip_address(snat_to) if snat_to else CLIENT
+    dst_after = ip_address(dnat_to) if dnat_to else SERVER
+    if snat_to:
+        status |= IPS_SRC_NAT
+    return Entry(
+        family=AF_INET,
+        proto=proto,
+        orig=CtTuple(CLIENT, SERVER, sport, 5060),
+        reply=CtTuple(dst_after, src_after, 5060, nat_port if nat_port is not None else sport),
+        status=status,
+    )
+
+
+def masq(addr: str) -> Binding:
+    return Binding(NatKind.MASQUERADE, ip_address(addr))
+
+
+def fixed(pred_snat: frozenset[Binding] | Unknown, egress: tuple[Egress, ...] | Unknown = (UP2,)):
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        return Prediction(dnat=frozenset({NO_NAT}), snat=pred_snat, egress=egress)
+
+    return predictor
+
+
+CASES = [
+    # (name, entry, predicted snat, stale?, undecided?)
+    ("null binding, now masquerade", entry(), frozenset({masq("203.0.113.2")}), True, False),
+    ("snat fixed, now another", entry("100.64.0.2"), frozenset({masq("203.0.113.2")}), True, False),
+    ("masquerade same address", entry("203.0.113.2"), frozenset({masq("203.0.113.2")}), False, False),
+    ("snat equals masquerade", entry("203.0.113.2"), frozenset({Binding(NatKind.SNAT, ip_address("203.0.113.2"))}), False, False),
+    ("null binding, still none", entry(), frozenset({NO_NAT}), False, False),
+    ("masqueraded, now no NAT", entry("203.0.113.2"), frozenset({NO_NAT}), True, False),
+    ("replied entry never judged", entry(status=REPLIED), frozenset({masq("203.0.113.2")}), False, False),
+    ("tcp not eligible by default", entry(proto=IPPROTO_TCP), frozenset({masq("203.0.113.2")}), False, False),
+    ("in range of alternatives (ECMP)", entry("198.51.100.2"),
+     frozenset({masq("203.0.113.2"), masq("198.51.100.2")}), False, False),
+    ("in address range", entry("192.0.2.77"),
+     frozenset({Binding(NatKind.SNAT, ip_address("192.0.2.64"), ip_address("192.0.2.127"))}), False, False),
+    ("outside address range", entry("192.0.2.200"),
+     frozenset({Binding(NatKind.SNAT, ip_address("192.0.2.64"), ip_address("192.0.2.127"))}), True, False),
+    ("port outside range", entry("203.0.113.2", nat_port=999),
+     frozenset({Binding(NatKind.MASQUERADE, ip_address("203.0.113.2"), None, 1024, 2047)}), True, False),
+    ("port inside range", entry("203.0.113.2", nat_port=1500),
+     frozenset({Binding(NatKind.MASQUERADE, ip_address("203.0.113.2"), None, 1024, 2047)}), False, False),
+    ("flow dropped now", entry(), frozenset(), False, False),
+    ("unknown, no T0", entry(), Unknown("xt match policy"), False, True),
+]
+
+
+@pytest.mark.parametrize(("name", "e", "predicted", "stale", "undecided"), CASES, ids=[c[0] for c in CASES])
+def test_table(name: str, e: Entry, predicted: frozenset[Binding] | Unknown, stale: bool, undecided: bool) -> None:
+    plan = decide([e], predict=fixed(predicted), fib_now=FIB_NOW)
+    assert (len(plan.stale) == 1) is stale, name
+    assert (len(plan.undecided) == 1) is undecided, name
+    for d in (*plan.stale, *plan.undecided):
+        assert d.reason
+    if stale:
+        assert plan.stale[0].side == "snat"
+        assert "now it would be" in plan.stale[0].reason
+
+
+def test_unknown_prediction_uses_egress_change() -> None:
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        egress = (UP2,) if fib is FIB_NOW else (UP1,)
+        return Prediction(dnat=frozenset({NO_NAT}), snat=Unknown("meta secpath"), egress=egress)
+
+    plan = decide([entry()], predict=predictor, fib_now=FIB_NOW, fib_before=FIB_BEFORE)
+    assert len(plan.stale) == 1
+    assert "egress changed from dev up1 via 198.51.100.1 to dev up2 via 203.0.113.1" in plan.stale[0].reason
+
+
+def test_unknown_prediction_same_egress_is_left_alone() -> None:
+    predictor = fixed(Unknown("meta secpath"), (UP1,))
+    plan = decide([entry()], predict=predictor, fib_now=FIB_NOW, fib_before=FIB_BEFORE)
+    assert plan.stale == () and plan.undecided == ()
+
+
+def test_unknown_prediction_unknown_egress_is_undecided() -> None:
+    predictor = fixed(Unknown("x"), Unknown("fwmark rule"))
+    plan = decide([entry()], predict=predictor, fib_now=FIB_NOW, fib_before=FIB_BEFORE)
+    assert plan.stale == () and len(plan.undecided) == 1
+
+
+def test_dnat_side_judged() -> None:
+    e = entry(dnat_to="10.0.9.9")
+    dnat_now = frozenset({Binding(NatKind.DNAT, ip_address("10.0.9.10"))})
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        return Prediction(dnat=dnat_now, snat=frozenset({NO_NAT}), egress=(UP1,))
+
+    plan = decide([e], predict=predictor, fib_now=FIB_NOW)
+    assert [d.side for d in plan.stale] == ["dnat"]
+
+
+def test_flows_decided_once() -> None:
+    calls = 0
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        nonlocal calls
+        calls += 1
+        return Prediction(dnat=frozenset({NO_NAT}), snat=frozenset({masq("203.0.113.2")}), egress=(UP2,))
+
+    entries = [entry(), entry(), entry(sport=5061)]
+    plan = decide(entries, predict=predictor, fib_now=FIB_NOW)
+    assert calls == 2
+    assert plan.distinct_flows == 2
+    assert len(plan.stale) == 3
+
+
+def test_eligibility_filters() -> None:
+    e_icmp = Entry(AF_INET, IPPROTO_ICMP, CtTuple(CLIENT, SERVER, 7, 8 << 8), CtTuple(SERVER, CLIENT, 7, 0))
+    pred = fixed(frozenset({masq("203.0.113.2")}))
+    assert len(decide([e_icmp], predict=pred, fib_now=FIB_NOW).stale) == 1
+    only_udp = Eligibility(protocols=frozenset({IPPROTO_UDP}))
+    assert decide([e_icmp], predict=pred, fib_now=FIB_NOW, eligibility=only_udp).stale == ()
+    with_tcp = Eligibility(protocols=frozenset({IPPROTO_TCP}))
+    assert len(decide([entry(proto=IPPROTO_TCP)], predict=pred, fib_now=FIB_NOW, eligibility=with_tcp).stale) == 1
+
+
+# -- property: compare with an independent judge ------------------------------------------
+
+ADDRS = [f"203.0.113.{i}" for i in range(1, 9)]
+
+
+@dataclass(frozen=True)
+class Case:
+    translated: str | None  # None: no NAT
+    nat_port: int
+    predicted: tuple[tuple[str | None, int, int, tuple[int, int] | None], ...]  # (kind, lo, hi, ports)
+    replied: bool
+
+
+def independent_judge(case: Case) -> bool:
+    """Stale iff UNREPLIED and no predicted binding covers the actual translated source/port."""
+    if case.replied or not case.predicted:
+        return False
+    actual_addr = case.translated or str(CLIENT)
+    for kind, lo, hi, ports in case.predicted:
+        if kind is None:
+            ok_addr = actual_addr == str(CLIENT)
+        else:
+            ok_addr = lo <= ADDRS.index(actual_addr) <= hi if actual_addr in ADDRS else False
+        ok_port = ports is None or ports[0] <= case.nat_port <= ports[1]
+        if ok_addr and ok_port:
+            return False
+    return True
+
+
+binding_strategy = st.one_of(
+    st.tuples(st.none(), st.just(0), st.just(0), st.none()),
+    st.tuples(
+        st.sampled_from(["snat", "masquerade"]),
+        st.integers(0, 7),
+        st.integers(0, 7),
+        st.one_of(st.none(), st.tuples(st.integers(1000, 1100), st.integers(1100, 1200))),
+    ).map(lambda t: (t[0], min(t[1], t[2]), max(t[1], t[2]), t[3])),
+)
+
+
+@given(
+    st.builds(
+        Case,
+        translated=st.one_of(st.none(), st.sampled_from(ADDRS)),
+        nat_port=st.integers(1000, 1200),
+        predicted=st.lists(binding_strategy, max_size=3).map(tuple),
+        replied=st.booleans(),
+    )
+)
+@settings(max_examples=400, deadline=None)
+def test_property_matches_independent_judge(case: Case) -> None:
+    sport = 1100
+    e = entry(case.translated, status=REPLIED if case.replied else UNREPLIED, sport=sport,
+              nat_port=case.nat_port if case.translated else sport)
+    if case.translated is None:
+        case = Case(None, sport, case.predicted, case.replied)
+    bindings = set()
+    for kind, lo, hi, ports in case.predicted:
+        if kind is None:
+            bindings.add(NO_NAT)
+        else:
+            bindings.add(
+                Binding(NatKind(kind), ip_address(ADDRS[lo]), ip_address(ADDRS[hi]),
+                        ports[0] if ports else None, ports[1] if ports else None)
+            )
+    plan = decide([e], predict=fixed(frozenset(bindings)), fib_now=FIB_NOW)
+    assert (len(plan.stale) == 1) == independent_judge(case)

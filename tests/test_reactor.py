@@ -1,0 +1,216 @@
+"""The reactor against a fake backend, on trio's virtual clock (autojump)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, cast
+
+import pytest
+import trio
+import trio.testing
+
+from topowatch.core.conntrack import IPS_CONFIRMED, IPS_SRC_NAT_DONE, CtTuple, Entry
+from topowatch.core.eligibility import Eligibility
+from topowatch.core.fib import Fib
+from topowatch.core.flow import NO_NAT, Binding, Flow, NatKind, Prediction
+from topowatch.core.model import AF_INET, Link, Route, Topology
+from topowatch.core.nat import NatRuleset
+from topowatch.errors import RulesetError, TopowatchError
+from topowatch.reactor import DeleteCounts, Reactor, ReactorConfig, Trigger
+
+A = Topology(links=(Link(1, "lo"), Link(2, "up1")), routes=(Route(IPv4Network("0.0.0.0/0")),))
+B = Topology(links=(Link(1, "lo"), Link(2, "up1"), Link(3, "up2")), routes=(Route(IPv4Network("0.0.0.0/0")),))
+
+
+def udp_entry(sport: int) -> Entry:
+    src, dst = IPv4Address("10.0.1.2"), IPv4Address("192.0.2.10")
+    return Entry(AF_INET, 17, CtTuple(src, dst, sport, 5060), CtTuple(dst, src, 5060, sport),
+                 status=IPS_CONFIRMED | IPS_SRC_NAT_DONE)
+
+
+class FakeBackend:
+    def __init__(self) -> None:
+        self.topo = A
+        self.table = [udp_entry(5060), udp_entry(5061)]
+        self.deleted: list[Entry] = []
+        self.send, self.recv = trio.open_memory_channel[Trigger](1000)
+        self.ruleset_error = False
+        self.rulesets_read = 0
+        self.fail_source_once = False
+        self.subscriptions = 0
+
+    @contextlib.asynccontextmanager
+    async def events(self) -> AsyncIterator[AsyncIterator[Trigger]]:
+        self.subscriptions += 1
+        if self.fail_source_once and self.subscriptions == 2:
+            raise OSError(105, "No buffer space available")
+        yield self.recv
+
+    async def topology(self) -> Topology:
+        await trio.sleep(0.001)
+        return self.topo
+
+    async def ruleset(self) -> NatRuleset:
+        self.rulesets_read += 1
+        if self.ruleset_error:
+            raise RulesetError("nft: syntax error")
+        return cast(NatRuleset, object())
+
+    async def entries(self, eligibility: Eligibility) -> list[Entry]:
+        return [e for e in self.table if eligibility.admits(e)]
+
+    async def delete(self, entries: Sequence[Entry]) -> DeleteCounts:
+        self.deleted.extend(entries)
+        self.table = [e for e in self.table if e not in entries]
+        return DeleteCounts(deleted=len(entries))
+
+
+def stale_when_up2(ruleset: Any, fib: Fib, flow: Flow) -> Prediction:
+    """Masquerade to 203.0.113.2 once up2 exists; no NAT before."""
+    if fib.topology.link_by_name("up2") is not None:
+        snat = frozenset({Binding(NatKind.MASQUERADE, IPv4Address("203.0.113.2"))})
+    else:
+        snat = frozenset({NO_NAT})
+    return Prediction(dnat=frozenset({NO_NAT}), snat=snat, egress=())
+
+
+async def start(backend: FakeBackend, nursery: trio.Nursery, **config: Any) -> Reactor:
+    cfg = ReactorConfig(startup_sweep=False, **config)
+    reactor = Reactor(backend, cfg, predictor=stale_when_up2)
+    await nursery.start(reactor.run)
+    return reactor
+
+
+async def test_burst_is_one_reaction(autojump_clock: trio.testing.MockClock) -> None:
+    backend = FakeBackend()
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery, debounce=0.25, max_wait=3.0)
+        backend.topo = B
+        for i in range(50):
+            await backend.send.send(Trigger("rtnl", f"route {i}"))
+            await trio.sleep(0.1)  # gaps shorter than the debounce window: one burst
+        await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    assert len(reactor.reactions) == 2  # 50 events over 5 s, never quiet: max_wait cuts it once
+    assert sum(r.events for r in reactor.reactions) == 50
+    assert len(backend.deleted) == 2
+    assert "link up2 added" in reactor.reactions[0].summary()
+
+
+async def test_quiet_gap_ends_burst(autojump_clock: trio.testing.MockClock) -> None:
+    backend = FakeBackend()
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery, debounce=0.25, max_wait=5.0)
+        await backend.send.send(Trigger("rtnl", "a"))
+        await trio.sleep(0.5)
+        await backend.send.send(Trigger("rtnl", "b"))
+        await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+    assert [r.events for r in reactor.reactions] == [1, 1]
+
+
+async def test_no_change_deletes_nothing(autojump_clock: trio.testing.MockClock) -> None:
+    backend = FakeBackend()
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery)
+        await backend.send.send(Trigger("rtnl", "address added"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert len(reactor.reactions) == 1
+    assert backend.deleted == []
+
+
+async def test_overrun_triggers_resync_and_stream_goes_on(autojump_clock: trio.testing.MockClock) -> None:
+    backend = FakeBackend()
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery)
+        await backend.send.send(Trigger("rtnl", "ENOBUFS", overrun=True))
+        await trio.sleep(1)
+        backend.topo = B
+        await backend.send.send(Trigger("rtnl", "link up2 added"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert len(reactor.reactions) == 2
+    assert len(backend.deleted) == 2
+
+
+async def test_failed_source_is_restarted(autojump_clock: trio.testing.MockClock) -> None:
+    backend = FakeBackend()
+    backend.fail_source_once = True
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery, restart_backoff=0.5)
+        backend.send.close()  # the first subscription ends: the reactor must resubscribe
+        await trio.sleep(3)
+        nursery.cancel_scope.cancel()
+    assert reactor.source_restarts >= 2
+    assert backend.subscriptions >= 3
+    # Each restart is treated as lost events: a reaction re-reads everything.
+    assert reactor.reactions and all("restarted" in r.trigger for r in reactor.reactions)
+
+
+async def test_bad_ruleset_keeps_previous(autojump_clock: trio.testing.MockClock) -> None:
+    backend = FakeBackend()
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery)
+        backend.ruleset_error = True
+        backend.topo = B
+        await backend.send.send(Trigger("nft", "ruleset changed"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert len(reactor.reactions) == 1
+    assert len(backend.deleted) == 2
+
+
+async def test_cap_refuses(autojump_clock: trio.testing.MockClock) -> None:
+    backend = FakeBackend()
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery, max_deletions=1)
+        backend.topo = B
+        await backend.send.send(Trigger("rtnl", "x"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert reactor.reactions[0].refused
+    assert backend.deleted == []
+    assert "REFUSED" in reactor.reactions[0].summary()
+
+
+async def test_dry_run_deletes_nothing(autojump_clock: trio.testing.MockClock) -> None:
+    backend = FakeBackend()
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery, dry_run=True)
+        backend.topo = B
+        await backend.send.send(Trigger("rtnl", "x"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert len(reactor.reactions[0].plan.stale) == 2
+    assert backend.deleted == []
+
+
+async def test_startup_sweep(autojump_clock: trio.testing.MockClock) -> None:
+    backend = FakeBackend()
+    backend.topo = B
+    reactor = Reactor(backend, ReactorConfig(), predictor=stale_when_up2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reactor.run)
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert [r.trigger for r in reactor.reactions] == ["startup sweep"]
+    assert len(backend.deleted) == 2
+
+
+async def test_source_that_cannot_subscribe_fails_startup() -> None:
+    backend = FakeBackend()
+
+    @contextlib.asynccontextmanager
+    async def broken() -> AsyncIterator[AsyncIterator[Trigger]]:
+        raise TopowatchError("cannot bind netlink socket")
+        yield backend.recv  # pragma: no cover
+
+    backend.events = broken  # type: ignore[method-assign]
+    reactor = Reactor(backend, ReactorConfig(startup_sweep=False), predictor=stale_when_up2)
+    with pytest.raises(BaseException) as info:  # noqa: PT011
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run)
+    assert "cannot bind netlink socket" in repr(info.value)
