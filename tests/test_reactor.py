@@ -210,7 +210,7 @@ async def test_source_that_cannot_subscribe_fails_startup() -> None:
 
     backend.events = broken  # type: ignore[method-assign]
     reactor = Reactor(backend, ReactorConfig(startup_sweep=False), predictor=stale_when_up2)
-    with pytest.raises(BaseException) as info:  # noqa: PT011
+    with pytest.raises(BaseException) as info:
         async with trio.open_nursery() as nursery:
             await nursery.start(reactor.run)
     assert "cannot bind netlink socket" in repr(info.value)

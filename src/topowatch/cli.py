@@ -31,7 +31,7 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0 or value != value or value == float("inf"):
+    if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
     return value
 
@@ -127,8 +127,7 @@ async def _audit(delete: bool, dry_run: bool, as_json: bool, max_deletions: int)
     if as_json:
         print(json.dumps(plan_json(plan, elapsed, deleted), indent=2))
     else:
-        verb = "stale" if not delete else ("would delete" if dry_run else "deleted")
-        print(plan_text(plan, elapsed, verb=verb.split()[-1] if not dry_run else "stale"))
+        print(plan_text(plan, elapsed, verb="deleted" if delete and not dry_run else "stale"))
         if deleted is not None and not dry_run:
             print(f"deleted {deleted} entries")
         elif dry_run:

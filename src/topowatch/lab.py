@@ -133,14 +133,14 @@ class Lab:
 
     @classmethod
     @contextlib.contextmanager
-    def create(cls, keep: bool = False) -> Iterator[Lab]:
+    def create(cls, keep: bool = False, ruleset: str = ROUTER_RULESET) -> Iterator[Lab]:
         created: list[Namespace] = []
         lab: Lab | None = None
         try:
             for prefix in ("twcli", "twrtr", "twwan"):
                 created.append(Namespace.create(prefix))
             lab = cls(*created)
-            lab.build()
+            lab.build(ruleset)
             yield lab
         finally:
             if lab is not None:
@@ -149,7 +149,7 @@ class Lab:
                 for ns in created:
                     ns.delete()
 
-    def build(self) -> None:
+    def build(self, ruleset: str = ROUTER_RULESET) -> None:
         c, r, w = self.client, self.router, self.wan
         veth(c, "lan0", r, "lan0")
         veth(r, "up1", w, "isp1")
@@ -169,7 +169,7 @@ class Lab:
         w.run("ip", "addr", "add", f"{OTHER_SERVER}/32", "dev", "lo")
         # Replies (echo) to the client's private net go back over the transit link.
         w.run("ip", "route", "add", "10.0.1.0/24", "via", "198.51.100.2")
-        r.run("nft", "-f", "-", input=ROUTER_RULESET)
+        r.run("nft", "-f", "-", input=ruleset)
         self.topology_before()
 
     def topology_before(self) -> None:
@@ -185,7 +185,8 @@ class Lab:
 
     # -- traffic --------------------------------------------------------------
 
-    def start_traffic(self, lifetime: float = 120.0) -> None:
+    def start_traffic(self, flows: tuple[LabFlow, ...] = (), lifetime: float = 120.0) -> None:
+        flows = flows or FLOWS
         self.server = self.wan.popen(
             [sys.executable, "-c", SERVER_SCRIPT, str(lifetime)],
             stdout=subprocess.PIPE,
@@ -195,7 +196,7 @@ class Lab:
         line = self._readline(self.server, 10.0)
         if line != "listening":
             raise TopowatchError(f"lab server did not start: {line!r}")
-        args = [f"{f.name},{f.sport},{f.dst},{f.dport}" for f in FLOWS]
+        args = [f"{f.name},{f.sport},{f.dst},{f.dport}" for f in flows]
         self.procs.append(
             self.client.popen(
                 [sys.executable, "-c", CLIENT_SCRIPT, str(lifetime), *args],
@@ -247,6 +248,11 @@ class Lab:
 
     # -- observing --------------------------------------------------------------
 
+    def oracle(self, dst: str, dport: int, sport: int) -> Entry | None:
+        """Kernel as oracle: a fresh flow from a new source port; its entry shows today's NAT."""
+        self.send_once(f"oracle{sport}", sport, dst, dport)
+        return self.entry_for(sport, dst)
+
     def router_entries(self) -> list[Entry]:
         from topowatch.edges.ctnetlink import Conntrack
 
@@ -262,6 +268,49 @@ class Lab:
             if e.orig.sport == sport and str(e.orig.dst) == dst and str(e.orig.src).startswith("10.0.1."):
                 return e
         return None
+
+
+class Daemon:
+    """``topowatch run`` in a namespace, its log read line by line."""
+
+    def __init__(self, ns: Namespace, *args: str) -> None:
+        self.proc = ns.popen(
+            [sys.executable, "-m", "topowatch", "run", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.proc.stdout = self.proc.stderr  # _readline reads .stdout
+        self.lines: list[str] = []
+
+    def wait_for(self, needle: str, timeout: float = 20.0) -> str | None:
+        end = time.monotonic() + timeout
+        while (remaining := end - time.monotonic()) > 0:
+            line = Lab._readline(self.proc, remaining)
+            if line:
+                self.lines.append(line)
+                if needle in line:
+                    return line
+            elif self.proc.poll() is not None:
+                return None
+        return None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        assert self.proc.stderr is not None
+        self.lines.extend(line.strip() for line in self.proc.stderr.read().splitlines() if line.strip())
+        return self.proc.returncode
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -306,26 +355,14 @@ def _oracle(lab: Lab, base_port: int) -> dict[str, str]:
     return result
 
 
-def _wait_log(proc: subprocess.Popen[str], needle: str, timeout: float, echo: list[str]) -> str | None:
-    end = time.monotonic() + timeout
-    while (remaining := end - time.monotonic()) > 0:
-        line = Lab._readline(proc, remaining)
-        if line:
-            echo.append(line)
-            if needle in line:
-                return line
-        elif proc.poll() is not None:
-            return None
-    return None
-
-
 def run_lab(keep: bool = False) -> int:
     """The demo: stuck flows without topowatch, then the same flip with the daemon running."""
     print("topowatch lab: building namespaces (client, router, wan) ...")
     with Lab.create(keep=keep) as lab:
         lab.start_traffic()
         time.sleep(1.0)
-        print(_snapshot(lab, "1. Before: default route via up1 (transit, no NAT), 192.0.2.30 via up3 (LTE, snat)"))
+        print(_snapshot(lab, "1. Before: default route via up1 (transit, no NAT), "
+                        "192.0.2.30 via up3 (LTE, snat)"))
 
         lab.flip()
         time.sleep(1.5)
@@ -336,36 +373,22 @@ def run_lab(keep: bool = False) -> int:
         lab.topology_before()
         time.sleep(1.0)
         print("3. Back to the old topology; now with `topowatch run` in the router namespace.")
-        daemon = lab.router.popen(
-            [sys.executable, "-m", "topowatch", "run", "--debounce", "0.2", "--no-startup-sweep"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        daemon.stdout = daemon.stderr  # read the log through _readline
-        log_lines: list[str] = []
-        try:
-            if _wait_log(daemon, "ready", 20.0, log_lines) is None:
-                print("\n".join(log_lines))
+        with Daemon(lab.router, "--debounce", "0.2", "--no-startup-sweep") as daemon:
+            if daemon.wait_for("ready") is None:
+                print("\n".join(daemon.lines))
                 raise TopowatchError("the daemon did not become ready")
             started = time.monotonic()
             lab.flip()
-            reaction = _wait_log(daemon, "reaction", 20.0, log_lines)
-            if reaction is None:
-                print("\n".join(log_lines))
+            if daemon.wait_for("reaction") is None:
+                print("\n".join(daemon.lines))
                 raise TopowatchError("the daemon did not react to the flip")
             reacted = time.monotonic() - started
             time.sleep(1.0)
             oracle = _oracle(lab, 41000)
             print("\n   topowatch log:")
-            for line in log_lines:
+            for line in daemon.lines:
                 print(f"   | {line}")
             print(_snapshot(lab, f"4. After topowatch reacted ({reacted:.2f} s after the flip):", oracle))
-        finally:
-            daemon.terminate()
-            try:
-                daemon.wait(10)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
         seen = lab.server_seen()
         ok = all(seen.get(f.name) == oracle.get(f.name) for f in FLOWS if not f.replied)
         echo = lab.entry_for(7000, SIP_SERVER)

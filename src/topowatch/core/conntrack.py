@@ -144,7 +144,10 @@ class Entry:
             text = f"{name} {o.src} -> {o.dst} id={o.icmp_id}"
         else:
             text = f"{name} {o.src}:{o.sport} -> {o.dst}:{o.dport}"
-        text += f" reply {r.src}:{r.sport} -> {r.dst}:{r.dport}" if self.proto not in ICMP_PROTOS else f" reply {r.src} -> {r.dst}"
+        if self.proto in ICMP_PROTOS:
+            text += f" reply {r.src} -> {r.dst}"
+        else:
+            text += f" reply {r.src}:{r.sport} -> {r.dst}:{r.dport}"
         if self.zone:
             text += f" zone {self.zone}"
         if self.mark:

@@ -51,11 +51,9 @@ class Eligibility:
             net.version == entry.orig.src.version and entry.orig.src in net for net in self.sources
         ):
             return False
-        if self.destinations is not None and not any(
+        return self.destinations is None or any(
             net.version == entry.orig.dst.version and entry.orig.dst in net for net in self.destinations
-        ):
-            return False
-        return True
+        )
 
 
 DEFAULT_ELIGIBILITY = Eligibility()

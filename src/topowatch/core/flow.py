@@ -159,9 +159,12 @@ class Binding:
             object.__setattr__(self, "port_hi", self.port_lo)
         if self.kind is NatKind.NONE and self.addr_lo is not None:
             raise ValueError("a NONE binding has no address")
-        if self.addr_lo is not None and self.addr_hi is not None:
-            if self.addr_lo.version != self.addr_hi.version or self.addr_lo > self.addr_hi:
-                raise ValueError(f"bad address range {self.addr_lo}-{self.addr_hi}")
+        if (
+            self.addr_lo is not None
+            and self.addr_hi is not None
+            and (self.addr_lo.version != self.addr_hi.version or self.addr_lo > self.addr_hi)
+        ):
+            raise ValueError(f"bad address range {self.addr_lo}-{self.addr_hi}")
         if self.port_lo is not None and self.port_hi is not None and self.port_lo > self.port_hi:
             raise ValueError(f"bad port range {self.port_lo}-{self.port_hi}")
 
