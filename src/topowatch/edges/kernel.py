@@ -1,0 +1,100 @@
+"""The reactor's backend on the real kernel: rtnetlink, ctnetlink and nftables together.
+
+Decides nothing: it wires the edges to the ``reactor.Backend`` interface,
+runs blocking work (ctnetlink, ``nft``) in worker threads so the trio loop
+stays responsive, and logs how long the kernel work took. Everything happens
+in the network namespace the process was started in. It never sends a
+conntrack request without a tuple (the ctnetlink edge refuses to build one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import trio
+
+from topowatch.core.conntrack import Entry
+from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility
+from topowatch.core.model import Topology
+from topowatch.core.nat import NatRuleset
+from topowatch.edges.ctnetlink import Conntrack
+from topowatch.edges.nft import read_ruleset
+from topowatch.edges.rtnl import KernelRtnl, Overrun
+from topowatch.errors import NetlinkError, PermissionDenied
+from topowatch.reactor import DeleteCounts, Trigger
+
+log = logging.getLogger("topowatch.kernel")
+
+
+class KernelBackend:
+    def __init__(self, eligibility: Eligibility = DEFAULT_ELIGIBILITY, nft: str = "nft") -> None:
+        self.eligibility = eligibility
+        self.nft = nft
+        self.rtnl = KernelRtnl()
+        self._ct: Conntrack | None = None
+        self._dumped_at = 0.0
+
+    def _conntrack(self) -> Conntrack:
+        if self._ct is None:
+            try:
+                self._ct = Conntrack()
+            except PermissionError as exc:
+                raise PermissionDenied(f"cannot open ctnetlink: {exc.strerror}") from exc
+            except OSError as exc:
+                raise NetlinkError(f"cannot open ctnetlink: {exc.strerror}", exc.errno or 0) from exc
+        return self._ct
+
+    @contextlib.asynccontextmanager
+    async def events(self) -> AsyncIterator[AsyncIterator[Trigger]]:
+        async with self.rtnl.events() as stream:
+
+            async def triggers() -> AsyncIterator[Trigger]:
+                async for event in stream:
+                    if isinstance(event, Overrun):
+                        yield Trigger("rtnetlink", event.description, overrun=True)
+                    else:
+                        yield Trigger("rtnetlink", event.description)
+
+            yield triggers()
+
+    async def topology(self) -> Topology:
+        return await self.rtnl.dump()
+
+    async def ruleset(self) -> NatRuleset:
+        return await trio.to_thread.run_sync(read_ruleset, self.nft)
+
+    async def entries(self, eligibility: Eligibility) -> list[Entry]:
+        ct = self._conntrack()
+
+        def dump() -> list[Entry]:
+            return ct.dump(unreplied_only=eligibility.unreplied_only)
+
+        entries = await trio.to_thread.run_sync(dump)
+        self._dumped_at = time.monotonic()
+        stats = ct.last_dump
+        if stats is not None:
+            log.debug("dump: %d entries in %.1f ms (%s)", len(entries), stats.seconds * 1000,
+                      "kernel status filter" if stats.kernel_status_filter else "userspace filter")
+            if stats.decode_errors:
+                log.warning("dump: %d undecodable entries skipped", stats.decode_errors)
+        return entries
+
+    async def delete(self, entries: Sequence[Entry]) -> DeleteCounts:
+        ct = self._conntrack()
+        start = time.monotonic()
+        result = await trio.to_thread.run_sync(ct.delete, list(entries))
+        end = time.monotonic()
+        if self._dumped_at:
+            log.info("dump-to-delete window %.1f ms (%s)", (end - self._dumped_at) * 1000, result.describe())
+        errors = tuple(f"{count} x {errno.errorcode.get(err, str(err))}" for err, count in result.errors)
+        return DeleteCounts(
+            deleted=result.deleted,
+            already_gone=result.not_found,
+            failed=result.failed,
+            elapsed=end - start,
+            errors=errors,
+        )
