@@ -1,0 +1,558 @@
+"""ctnetlink messages as bytes: a hand-written struct codec, no I/O.
+
+Theory of operation: a conntrack dump is a stream of netlink datagrams, each
+holding many ``IPCTNL_MSG_CT_NEW`` messages (``nlmsghdr`` + ``nfgenmsg`` +
+attributes). ``DumpParser.feed`` walks one datagram and turns every message
+into a ``core.conntrack.Entry``; requests (dump, delete, create) are built by
+the ``encode_*`` functions. Attribute layouts follow
+``include/uapi/linux/netfilter/nfnetlink_conntrack.h``; attribute values are
+big-endian, attribute headers are host order.
+
+This module decides:
+- how an entry's tuples, status, zone, mark, id and timeout are read
+  (ICMP/ICMPv6 per ``CtTuple``'s convention: ``sport`` is the id,
+  ``dport`` is ``type << 8 | code``);
+- that a malformed or truncated message is skipped and counted, never raised:
+  one bad message must not lose the rest of the dump;
+- that a DELETE is never encoded without ``CTA_TUPLE_ORIG``: a DELETE without a
+  tuple is a flush of the whole table (with filters that older kernels
+  silently ignore). ``encode_message`` refuses it with ``FlushRefused``.
+
+It must never perform I/O, and never guess a value it could not read (an
+entry missing a tuple or its status is malformed, not defaulted).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+
+from topowatch.core.conntrack import ICMP_PROTOS, IPS_CONFIRMED, CtTuple, Entry
+from topowatch.core.flow import IPPROTO_ICMP, IPPROTO_ICMPV6
+from topowatch.core.model import AF_INET, AF_INET6, IPAddress
+
+# --- netlink (include/uapi/linux/netlink.h) ---------------------------------
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
+NETLINK_EXT_ACK = 11
+
+NLMSG_NOOP = 1
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLMSG_OVERRUN = 4
+
+NLM_F_REQUEST = 0x1
+NLM_F_MULTI = 0x2
+NLM_F_ACK = 0x4
+NLM_F_DUMP_INTR = 0x10
+NLM_F_DUMP = 0x300
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+
+NLA_F_NESTED = 0x8000
+NLA_TYPE_MASK = 0x3FFF
+
+# --- nfnetlink / ctnetlink --------------------------------------------------
+NFNL_SUBSYS_CTNETLINK = 1
+NFNETLINK_V0 = 0
+IPCTNL_MSG_CT_NEW = NFNL_SUBSYS_CTNETLINK << 8 | 0
+IPCTNL_MSG_CT_GET = NFNL_SUBSYS_CTNETLINK << 8 | 1
+IPCTNL_MSG_CT_DELETE = NFNL_SUBSYS_CTNETLINK << 8 | 2
+
+CTA_TUPLE_ORIG = 1
+CTA_TUPLE_REPLY = 2
+CTA_STATUS = 3
+CTA_PROTOINFO = 4
+CTA_TIMEOUT = 7
+CTA_MARK = 8
+CTA_ID = 12
+CTA_ZONE = 18
+CTA_MARK_MASK = 21
+CTA_STATUS_MASK = 26
+
+CTA_TUPLE_IP = 1
+CTA_TUPLE_PROTO = 2
+CTA_TUPLE_ZONE = 3
+
+CTA_IP_V4_SRC = 1
+CTA_IP_V4_DST = 2
+CTA_IP_V6_SRC = 3
+CTA_IP_V6_DST = 4
+
+CTA_PROTO_NUM = 1
+CTA_PROTO_SRC_PORT = 2
+CTA_PROTO_DST_PORT = 3
+CTA_PROTO_ICMP_ID = 4
+CTA_PROTO_ICMP_TYPE = 5
+CTA_PROTO_ICMP_CODE = 6
+CTA_PROTO_ICMPV6_ID = 7
+CTA_PROTO_ICMPV6_TYPE = 8
+CTA_PROTO_ICMPV6_CODE = 9
+
+_SRC_TYPES = frozenset({CTA_IP_V4_SRC, CTA_IP_V6_SRC})
+_DST_TYPES = frozenset({CTA_IP_V4_DST, CTA_IP_V6_DST})
+_SPORT_TYPES = frozenset({CTA_PROTO_SRC_PORT, CTA_PROTO_ICMP_ID, CTA_PROTO_ICMPV6_ID})
+_ICMP_TYPE_TYPES = frozenset({CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMPV6_TYPE})
+_ICMP_CODE_TYPES = frozenset({CTA_PROTO_ICMP_CODE, CTA_PROTO_ICMPV6_CODE})
+
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (big-endian, always 0 here)
+_NLA = struct.Struct("=HH")
+_BE16 = struct.Struct(">H")
+_BE32 = struct.Struct(">I")
+_ERRNO = struct.Struct("=i")
+_HDR_LEN = _NLMSGHDR.size + _NFGENMSG.size  # 20
+
+# The largest interned-address table kept between dumps; beyond it the cache
+# is dropped and refilled (addresses are cheap to rebuild, memory is not).
+ADDRESS_CACHE_LIMIT = 1 << 18
+
+
+class FlushRefused(ValueError):
+    """A DELETE without CTA_TUPLE_ORIG was about to be encoded: that is a flush."""
+
+
+class MalformedMessage(ValueError):
+    """One message could not be decoded; a dump skips it and counts it."""
+
+
+def _align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+# --- encoding ----------------------------------------------------------------
+
+
+def nla(atype: int, payload: bytes) -> bytes:
+    """One attribute: header, payload, padding to 4 bytes."""
+    length = 4 + len(payload)
+    return _NLA.pack(length, atype) + payload + b"\0" * (_align(length) - length)
+
+
+def nest(atype: int, *parts: bytes) -> bytes:
+    return nla(atype | NLA_F_NESTED, b"".join(parts))
+
+
+def be16(value: int) -> bytes:
+    return _BE16.pack(value)
+
+
+def be32(value: int) -> bytes:
+    return _BE32.pack(value)
+
+
+def encode_tuple(atype: int, family: int, proto: int, t: CtTuple) -> bytes:
+    """CTA_TUPLE_ORIG or CTA_TUPLE_REPLY for one direction of an entry."""
+    if family == AF_INET:
+        ip = nest(CTA_TUPLE_IP, nla(CTA_IP_V4_SRC, t.src.packed), nla(CTA_IP_V4_DST, t.dst.packed))
+    else:
+        ip = nest(CTA_TUPLE_IP, nla(CTA_IP_V6_SRC, t.src.packed), nla(CTA_IP_V6_DST, t.dst.packed))
+    num = nla(CTA_PROTO_NUM, bytes((proto,)))
+    l4: tuple[bytes, ...]
+    if proto == IPPROTO_ICMP:
+        l4 = (
+            nla(CTA_PROTO_ICMP_ID, be16(t.icmp_id)),
+            nla(CTA_PROTO_ICMP_TYPE, bytes((t.icmp_type,))),
+            nla(CTA_PROTO_ICMP_CODE, bytes((t.icmp_code,))),
+        )
+    elif proto == IPPROTO_ICMPV6:
+        l4 = (
+            nla(CTA_PROTO_ICMPV6_ID, be16(t.icmp_id)),
+            nla(CTA_PROTO_ICMPV6_TYPE, bytes((t.icmp_type,))),
+            nla(CTA_PROTO_ICMPV6_CODE, bytes((t.icmp_code,))),
+        )
+    else:
+        # Every port-carrying tracker (tcp, udp, udplite, sctp, dccp, gre keys)
+        # requires both ports; the generic tracker ignores them.
+        l4 = (nla(CTA_PROTO_SRC_PORT, be16(t.sport)), nla(CTA_PROTO_DST_PORT, be16(t.dport)))
+    return nest(atype, ip, nest(CTA_TUPLE_PROTO, num, *l4))
+
+
+def encode_message(
+    msg_type: int, flags: int, seq: int, family: int, attrs: Sequence[tuple[int, bytes]]
+) -> bytes:
+    """A complete ctnetlink message. ``attrs`` are (type, encoded attribute) pairs.
+
+    Refuses a DELETE that carries no CTA_TUPLE_ORIG: the kernel would read it
+    as a flush request.
+    """
+    if msg_type == IPCTNL_MSG_CT_DELETE and not any(
+        atype == CTA_TUPLE_ORIG and len(raw) > 4 for atype, raw in attrs
+    ):
+        raise FlushRefused("refusing to encode IPCTNL_MSG_CT_DELETE without CTA_TUPLE_ORIG (a flush)")
+    body = b"".join(raw for _, raw in attrs)
+    length = _HDR_LEN + len(body)
+    return _NLMSGHDR.pack(length, msg_type, flags, seq, 0) + _NFGENMSG.pack(family, NFNETLINK_V0, 0) + body
+
+
+def encode_dump_request(
+    seq: int,
+    *,
+    family: int = 0,
+    status: tuple[int, int] | None = None,
+    zone: int | None = None,
+    mark: int | None = None,
+) -> bytes:
+    """A dump request. ``status`` is (value, mask): the kernel keeps entries with
+    ``status & mask == value`` (>= 5.15; older kernels ignore it and dump all)."""
+    attrs: list[tuple[int, bytes]] = []
+    if status is not None:
+        value, mask = status
+        attrs.append((CTA_STATUS, nla(CTA_STATUS, be32(value))))
+        attrs.append((CTA_STATUS_MASK, nla(CTA_STATUS_MASK, be32(mask))))
+    if mark is not None:
+        attrs.append((CTA_MARK, nla(CTA_MARK, be32(mark))))
+        attrs.append((CTA_MARK_MASK, nla(CTA_MARK_MASK, be32(0xFFFFFFFF))))
+    if zone is not None:
+        attrs.append((CTA_ZONE, nla(CTA_ZONE, be16(zone))))
+    return encode_message(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, family, attrs)
+
+
+def encode_delete(entry: Entry, seq: int, *, ack: bool) -> bytes:
+    """Delete exactly ``entry``: its orig tuple, its zone, and its kernel id.
+
+    The id makes the request miss an entry that was deleted and recreated with
+    the same tuple since the dump (the kernel answers ENOENT). An id of 0
+    means "unknown" and is not sent.
+    """
+    attrs = [(CTA_TUPLE_ORIG, encode_tuple(CTA_TUPLE_ORIG, entry.family, entry.proto, entry.orig))]
+    if entry.zone:
+        attrs.append((CTA_ZONE, nla(CTA_ZONE, be16(entry.zone))))
+    if entry.id:
+        attrs.append((CTA_ID, nla(CTA_ID, be32(entry.id))))
+    flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
+    return encode_message(IPCTNL_MSG_CT_DELETE, flags, seq, entry.family, attrs)
+
+
+def encode_create(entry: Entry, seq: int, *, ack: bool) -> bytes:
+    """Create ``entry`` as given (both tuples, so a NAT binding is just a reply tuple).
+
+    The kernel refuses a status without IPS_CONFIRMED (EBUSY), so it is added;
+    a zero timeout is refused (EINVAL), so it defaults to 120 s.
+    """
+    attrs = [
+        (CTA_TUPLE_ORIG, encode_tuple(CTA_TUPLE_ORIG, entry.family, entry.proto, entry.orig)),
+        (CTA_TUPLE_REPLY, encode_tuple(CTA_TUPLE_REPLY, entry.family, entry.proto, entry.reply)),
+        (CTA_STATUS, nla(CTA_STATUS, be32(entry.status | IPS_CONFIRMED))),
+        (CTA_TIMEOUT, nla(CTA_TIMEOUT, be32(entry.timeout or 120))),
+    ]
+    if entry.mark:
+        attrs.append((CTA_MARK, nla(CTA_MARK, be32(entry.mark))))
+    if entry.zone:
+        attrs.append((CTA_ZONE, nla(CTA_ZONE, be16(entry.zone))))
+    flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | (NLM_F_ACK if ack else 0)
+    return encode_message(IPCTNL_MSG_CT_NEW, flags, seq, entry.family, attrs)
+
+
+def batches(messages: Iterable[bytes], max_bytes: int) -> Iterable[list[bytes]]:
+    """Group encoded messages into lists whose total size stays under ``max_bytes``."""
+    batch: list[bytes] = []
+    size = 0
+    for msg in messages:
+        if batch and size + len(msg) > max_bytes:
+            yield batch
+            batch, size = [], 0
+        batch.append(msg)
+        size += len(msg)
+    if batch:
+        yield batch
+
+
+# --- decoding ----------------------------------------------------------------
+
+
+class AddressCache:
+    """Interned ``ipaddress`` objects keyed by their packed bytes.
+
+    A table repeats a few thousand addresses across a million tuples: one
+    object each saves both the constructor and the memory.
+    """
+
+    __slots__ = ("addresses", "limit")
+
+    def __init__(self, limit: int = ADDRESS_CACHE_LIMIT) -> None:
+        self.addresses: dict[bytes, IPAddress] = {}
+        self.limit = limit
+
+    def get(self, raw: bytes) -> IPAddress:
+        addr = self.addresses.get(raw)
+        if addr is None:
+            if len(raw) == 4:
+                addr = IPv4Address(raw)
+            elif len(raw) == 16:
+                addr = IPv6Address(raw)
+            else:
+                raise MalformedMessage(f"address of {len(raw)} bytes")
+            if len(self.addresses) >= self.limit:
+                self.addresses.clear()
+            self.addresses[raw] = addr
+        return addr
+
+
+def _header_word(length: int, atype: int) -> int:
+    """An attribute header as the fast-path structs read it (big-endian u32)."""
+    return int.from_bytes(_NLA.pack(length, atype), "big")
+
+
+# Fast path: the exact layout current kernels emit for a port-carrying tuple
+# (no directional zone). The attribute headers are read as big-endian words
+# together with the values and compared with these; anything else (older
+# kernels without NLA_F_NESTED, ICMP, zones, reordering) takes the generic walk.
+_PORT_L4 = ">IIB3xIH2xIH2x"
+_V4_PORT_TUPLE = struct.Struct(">II4sI4s" + _PORT_L4[1:])
+_V6_PORT_TUPLE = struct.Struct(">II16sI16s" + _PORT_L4[1:])
+_PORT_L4_HEADERS = (
+    _header_word(28, CTA_TUPLE_PROTO | NLA_F_NESTED),
+    _header_word(5, CTA_PROTO_NUM),
+    _header_word(6, CTA_PROTO_SRC_PORT),
+    _header_word(6, CTA_PROTO_DST_PORT),
+)
+_V4_HEADERS = (
+    _header_word(20, CTA_TUPLE_IP | NLA_F_NESTED),
+    _header_word(8, CTA_IP_V4_SRC),
+    _header_word(8, CTA_IP_V4_DST),
+    *_PORT_L4_HEADERS,
+)
+_V6_HEADERS = (
+    _header_word(44, CTA_TUPLE_IP | NLA_F_NESTED),
+    _header_word(20, CTA_IP_V6_SRC),
+    _header_word(20, CTA_IP_V6_DST),
+    *_PORT_L4_HEADERS,
+)
+_FAST_LAYOUTS = {
+    _V4_PORT_TUPLE.size: (_V4_PORT_TUPLE.unpack_from, _V4_HEADERS),
+    _V6_PORT_TUPLE.size: (_V6_PORT_TUPLE.unpack_from, _V6_HEADERS),
+}
+
+
+def _decode_tuple(data: bytes, pos: int, end: int, cache: AddressCache) -> tuple[CtTuple, int, int]:
+    """One CTA_TUPLE_* payload: (tuple, protocol, directional zone or -1)."""
+    fast = _FAST_LAYOUTS.get(end - pos)
+    if fast is not None:
+        unpack, headers = fast
+        w0, w1, rsrc, w2, rdst, w3, w4, num, w5, sp, w6, dp = unpack(data, pos)
+        if (w0, w1, w2, w3, w4, w5, w6) == headers and num not in ICMP_PROTOS:
+            addresses = cache.addresses
+            src = addresses.get(rsrc)
+            if src is None:
+                src = cache.get(rsrc)
+            dst = addresses.get(rdst)
+            if dst is None:
+                dst = cache.get(rdst)
+            return CtTuple(src, dst, sp, dp), num, -1
+    return _walk_tuple(data, pos, end, cache)
+
+
+def _walk_tuple(data: bytes, pos: int, end: int, cache: AddressCache) -> tuple[CtTuple, int, int]:
+    """The generic tuple walk: any attribute order, any subset, nests checked."""
+    unpack_nla = _NLA.unpack_from
+    src: IPAddress | None = None
+    dst: IPAddress | None = None
+    proto = -1
+    sport = dport = 0
+    icmp_type = icmp_code = -1
+    tzone = -1
+    while pos + 4 <= end:
+        alen, atype = unpack_nla(data, pos)
+        aend = pos + alen
+        if alen < 4 or aend > end:
+            raise MalformedMessage("tuple attribute overruns its nest")
+        atype &= NLA_TYPE_MASK
+        if atype == CTA_TUPLE_IP:
+            p = pos + 4
+            while p + 4 <= aend:
+                ilen, itype = unpack_nla(data, p)
+                iend = p + ilen
+                if ilen < 4 or iend > aend:
+                    raise MalformedMessage("address attribute overruns its nest")
+                itype &= NLA_TYPE_MASK
+                if itype in _SRC_TYPES:
+                    src = cache.get(data[p + 4 : iend])
+                elif itype in _DST_TYPES:
+                    dst = cache.get(data[p + 4 : iend])
+                p += (ilen + 3) & ~3
+        elif atype == CTA_TUPLE_PROTO:
+            p = pos + 4
+            while p + 4 <= aend:
+                ilen, itype = unpack_nla(data, p)
+                iend = p + ilen
+                if ilen < 4 or iend > aend:
+                    raise MalformedMessage("protocol attribute overruns its nest")
+                itype &= NLA_TYPE_MASK
+                if itype == CTA_PROTO_NUM:
+                    if ilen < 5:
+                        raise MalformedMessage("short CTA_PROTO_NUM")
+                    proto = data[p + 4]
+                elif ilen < 5:
+                    raise MalformedMessage(f"empty protocol attribute {itype}")
+                elif itype in _SPORT_TYPES:
+                    if ilen < 6:
+                        raise MalformedMessage("short port")
+                    sport = data[p + 4] << 8 | data[p + 5]
+                elif itype == CTA_PROTO_DST_PORT:
+                    if ilen < 6:
+                        raise MalformedMessage("short port")
+                    dport = data[p + 4] << 8 | data[p + 5]
+                elif itype in _ICMP_TYPE_TYPES:
+                    icmp_type = data[p + 4]
+                elif itype in _ICMP_CODE_TYPES:
+                    icmp_code = data[p + 4]
+                p += (ilen + 3) & ~3
+        elif atype == CTA_TUPLE_ZONE:
+            if alen < 6:
+                raise MalformedMessage("short CTA_TUPLE_ZONE")
+            tzone = data[pos + 4] << 8 | data[pos + 5]
+        pos += (alen + 3) & ~3
+    if src is None or dst is None or proto < 0:
+        raise MalformedMessage("tuple without addresses or protocol")
+    if proto in ICMP_PROTOS:
+        if icmp_type < 0 or icmp_code < 0:
+            raise MalformedMessage("ICMP tuple without type or code")
+        dport = icmp_type << 8 | icmp_code
+    return CtTuple(src, dst, sport, dport), proto, tzone
+
+
+def decode_entry(data: bytes, pos: int, end: int, family: int, cache: AddressCache) -> Entry:
+    """The attributes of one IPCTNL_MSG_CT_NEW message (after nfgenmsg) as an Entry.
+
+    Raises ``MalformedMessage`` when a required part is missing, an attribute
+    overruns the message, or the addresses do not match ``family``.
+    """
+    unpack_nla = _NLA.unpack_from
+    orig: CtTuple | None = None
+    reply: CtTuple | None = None
+    proto = -1
+    status = -1
+    zone = -1
+    tzone = -1
+    mark = 0
+    ct_id = 0
+    timeout = 0
+    while pos + 4 <= end:
+        alen, atype = unpack_nla(data, pos)
+        aend = pos + alen
+        if alen < 4 or aend > end:
+            raise MalformedMessage("attribute overruns the message")
+        atype &= NLA_TYPE_MASK
+        if atype == CTA_TUPLE_ORIG:
+            orig, proto, tzone = _decode_tuple(data, pos + 4, aend, cache)
+        elif atype == CTA_TUPLE_REPLY:
+            reply, rproto, _ = _decode_tuple(data, pos + 4, aend, cache)
+            if proto >= 0 and rproto != proto:
+                raise MalformedMessage("orig and reply protocols differ")
+        elif alen >= 8 and atype == CTA_STATUS:
+            status = _BE32.unpack_from(data, pos + 4)[0]
+        elif alen >= 8 and atype == CTA_TIMEOUT:
+            timeout = _BE32.unpack_from(data, pos + 4)[0]
+        elif alen >= 8 and atype == CTA_MARK:
+            mark = _BE32.unpack_from(data, pos + 4)[0]
+        elif alen >= 8 and atype == CTA_ID:
+            ct_id = _BE32.unpack_from(data, pos + 4)[0]
+        elif alen >= 6 and atype == CTA_ZONE:
+            zone = data[pos + 4] << 8 | data[pos + 5]
+        pos += (alen + 3) & ~3
+    if orig is None or reply is None:
+        raise MalformedMessage("entry without both tuples")
+    if status < 0:
+        raise MalformedMessage("entry without CTA_STATUS")
+    if zone < 0:
+        # A directional zone shows only inside the tuples; CTA_ZONE with that
+        # id still finds the entry on delete.
+        zone = max(tzone, 0)
+    addr_version = 4 if family == AF_INET else 6 if family == AF_INET6 else 0
+    if orig.src.version != addr_version or reply.src.version != addr_version:
+        raise MalformedMessage(f"addresses do not match family {family}")
+    return Entry(family, proto, orig, reply, status, zone, mark, ct_id, timeout)
+
+
+@dataclass(slots=True)
+class DumpParser:
+    """Accumulates one dump: entries, decode errors, and how the dump ended.
+
+    ``feed`` takes one received datagram. Messages whose sequence number is not
+    ``seq`` belong to an earlier request and are ignored (counted in ``stale``).
+    """
+
+    seq: int
+    cache: AddressCache = field(default_factory=AddressCache)
+    entries: list[Entry] = field(default_factory=list)
+    messages: int = 0
+    decode_errors: int = 0
+    stale: int = 0
+    done: bool = False
+    interrupted: bool = False
+    errno: int = 0
+    error_samples: list[str] = field(default_factory=list)
+
+    def _error(self, why: str) -> None:
+        self.decode_errors += 1
+        if len(self.error_samples) < 8:
+            self.error_samples.append(why)
+
+    def feed(self, data: bytes, n: int | None = None) -> None:
+        end = len(data) if n is None else n
+        pos = 0
+        unpack_hdr = _NLMSGHDR.unpack_from
+        seq = self.seq
+        cache = self.cache
+        entries = self.entries
+        while pos + 16 <= end:
+            mlen, mtype, mflags, mseq, _pid = unpack_hdr(data, pos)
+            if mlen < 16 or pos + mlen > end:
+                # Cannot resynchronise inside a datagram: the rest is lost.
+                self._error(f"netlink message of length {mlen} at {pos} overruns {end}")
+                return
+            mend = pos + mlen
+            if mseq != seq:
+                self.stale += 1
+            else:
+                if mflags & NLM_F_DUMP_INTR:
+                    self.interrupted = True
+                if mtype == IPCTNL_MSG_CT_NEW:
+                    self.messages += 1
+                    if mlen < _HDR_LEN:
+                        self._error("message shorter than nfgenmsg")
+                    else:
+                        try:
+                            entries.append(decode_entry(data, pos + _HDR_LEN, mend, data[pos + 16], cache))
+                        except MalformedMessage as exc:
+                            self._error(str(exc))
+                        except ValueError as exc:  # a value type refused the decoded fields
+                            self._error(f"invalid entry: {exc}")
+                elif mtype == NLMSG_DONE:
+                    self.done = True
+                elif mtype == NLMSG_ERROR:
+                    if mlen < 20:
+                        self._error("short NLMSG_ERROR")
+                    else:
+                        err = -_ERRNO.unpack_from(data, pos + 16)[0]
+                        if err:
+                            self.errno = err
+                        self.done = True
+                elif mtype == NLMSG_OVERRUN:
+                    self._error("NLMSG_OVERRUN")
+            pos += _align(mlen)
+        if pos < end:
+            self._error(f"{end - pos} trailing bytes after the last message")
+
+
+def parse_answers(data: bytes, n: int | None = None) -> list[tuple[int, int]]:
+    """Every NLMSG_ERROR in a datagram as (seq of the request, errno); errno 0 is an ACK."""
+    end = len(data) if n is None else n
+    pos = 0
+    out: list[tuple[int, int]] = []
+    while pos + 16 <= end:
+        mlen, mtype, _flags, _mseq, _pid = _NLMSGHDR.unpack_from(data, pos)
+        if mlen < 16 or pos + mlen > end:
+            break
+        # The answer echoes the request's header after the errno; its seq is
+        # ours, also when the kernel's own header seq is the same anyway.
+        if mtype == NLMSG_ERROR and mlen >= 36:
+            err = -_ERRNO.unpack_from(data, pos + 16)[0]
+            req_seq = _NLMSGHDR.unpack_from(data, pos + 20)[3]
+            out.append((req_seq, err))
+        pos += _align(mlen)
+    return out

@@ -1,0 +1,488 @@
+"""The conntrack edge: dump, delete and create entries over a raw ctnetlink socket.
+
+Theory of operation: one ``AF_NETLINK``/``NETLINK_NETFILTER`` socket, opened in
+the namespace the caller is in (or handed in). Requests are encoded and
+answers decoded by ``edges.ctcodec``; this module owns the socket, the
+sequence numbers, batching and the accounting.
+
+- ``dump`` asks the kernel for UNREPLIED entries only (``CTA_STATUS=0``,
+  ``CTA_STATUS_MASK=IPS_SEEN_REPLY``, honoured from 5.15) and filters again in
+  userspace, always: an older kernel ignores the filter and dumps everything.
+  Seeing an entry with ``IPS_SEEN_REPLY`` in a filtered dump proves the filter
+  was ignored and clears ``status_filter_supported``. Zone and mark filters
+  work the same way (kernel first where it can, userspace always). A dump
+  flagged ``NLM_F_DUMP_INTR`` is thrown away and repeated; after
+  ``dump_retries`` repeats it raises ``DumpInterrupted``, never returns it.
+- ``delete`` sends one ``IPCTNL_MSG_CT_DELETE`` per entry carrying its orig
+  tuple, its zone and the id it was dumped with, many per ``sendmsg``. Only
+  the last message of a batch asks for an ACK: the kernel always answers a
+  failed request, and it processes a whole ``sendmsg`` before the call
+  returns, so "batch size minus errors" is exact once the last request is
+  answered, at one ``recv`` per failure instead of one per entry. If the
+  receive buffer overran (answers were dropped) the batch's unanswered
+  requests are counted as ``unconfirmed``, never as deleted, and later
+  batches are halved. ENOENT means the entry already left (or was recreated
+  with a new id): it is counted apart, not as an error. Measured on 6.18:
+  the kernel's id hashes the entry's address and orig tuple only, so an
+  entry recreated at once in the freed slab slot gets the same id back; the
+  id check catches recreations only when the memory differs.
+- ``create`` inserts entries (tests and benchmarks fill tables with it).
+
+This module must never send a DELETE without a tuple (a flush: the codec
+refuses to encode one), never return an interrupted dump, and never enter or
+touch a namespace other than its socket's.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import gc
+import itertools
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from topowatch.core.conntrack import IPS_SEEN_REPLY, Entry
+from topowatch.edges import ctcodec
+from topowatch.edges.ctcodec import AddressCache, DumpParser
+from topowatch.errors import DumpInterrupted, NetlinkError, PermissionDenied
+
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+
+# Requested socket buffers (the kernel doubles what it is given). A dump is
+# flow-controlled and needs little; the receive buffer bounds how many answers
+# one delete batch may provoke before the kernel drops them.
+RCVBUF_BYTES = 32 << 20
+SNDBUF_BYTES = 4 << 20
+# Kernel memory one queued answer costs (skb truesize of a capped NLMSG_ERROR,
+# rounded up): batches are sized so that every request may fail without
+# overrunning the receive buffer.
+ANSWER_TRUESIZE = 1024
+MAX_BATCH = 16384
+RECV_BUFFER_BYTES = 1 << 20
+DEFAULT_TIMEOUT = 30.0
+DUMP_RETRIES = 3
+
+_FLAGS_OFFSET = 6  # of nlmsg_flags inside nlmsghdr
+_U16 = struct.Struct("=H")
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteResult:
+    """What a batch of deletes did, counted from the kernel's answers."""
+
+    requested: int = 0
+    deleted: int = 0
+    not_found: int = 0
+    errors: tuple[tuple[int, int], ...] = ()  # (errno, count), sorted by errno
+    unconfirmed: int = 0  # answers lost to a receive-buffer overrun
+    batches: int = 0
+
+    @property
+    def failed(self) -> int:
+        return sum(count for _, count in self.errors)
+
+    def describe(self) -> str:
+        text = f"deleted {self.deleted}/{self.requested}, already gone {self.not_found}"
+        for err, count in self.errors:
+            text += f", {errno_mod.errorcode.get(err, str(err))} {count}"
+        if self.unconfirmed:
+            text += f", unconfirmed {self.unconfirmed}"
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class DumpStats:
+    """How the last dump went: sizes, time, decoder errors and filtering."""
+
+    entries: int = 0  # returned to the caller
+    messages: int = 0  # entry messages received
+    decode_errors: int = 0
+    filtered_in_userspace: int = 0  # received but dropped by the userspace filter
+    kernel_status_filter: bool = False  # the status filter was sent to the kernel
+    interrupted_retries: int = 0
+    recvs: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    error_samples: tuple[str, ...] = ()
+
+    @property
+    def entries_per_second(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(slots=True)
+class _Outcome:
+    sent: int = 0
+    answered_last: bool = False
+    last_errno: int = 0
+    errors: dict[int, int] = field(default_factory=dict)
+    overrun: bool = False
+
+
+def open_socket() -> socket.socket:
+    """A ctnetlink socket in the current namespace, buffers sized for bulk work."""
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, ctcodec.NETLINK_NETFILTER)
+    except PermissionError as exc:
+        raise PermissionDenied("opening a ctnetlink socket needs CAP_NET_ADMIN") from exc
+    except OSError as exc:
+        raise NetlinkError(f"cannot open a ctnetlink socket: {exc.strerror}", exc.errno or 0) from exc
+    return sock
+
+
+def _tune(sock: socket.socket) -> None:
+    for force, plain, size in (
+        (SO_RCVBUFFORCE, socket.SO_RCVBUF, RCVBUF_BYTES),
+        (SO_SNDBUFFORCE, socket.SO_SNDBUF, SNDBUF_BYTES),
+    ):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            # Without CAP_NET_ADMIN the sysctl maximum applies; batches shrink to fit.
+            sock.setsockopt(socket.SOL_SOCKET, plain, size)
+    # Answers echo only the request's header, not the whole request.
+    sock.setsockopt(ctcodec.SOL_NETLINK, ctcodec.NETLINK_CAP_ACK, 1)
+
+
+def _raise_for(errno: int, what: str) -> None:
+    if errno in (errno_mod.EPERM, errno_mod.EACCES):
+        raise PermissionDenied(f"{what}: {os.strerror(errno)} (needs CAP_NET_ADMIN)")
+    raise NetlinkError(f"{what}: {os.strerror(errno)}", errno)
+
+
+class Conntrack:
+    """Dump, delete and create conntrack entries in the socket's namespace.
+
+    Blocking; the daemon calls it from a worker thread. Not thread-safe: one
+    caller at a time per instance.
+    """
+
+    def __init__(self, sock: socket.socket | None = None) -> None:
+        self.sock = sock if sock is not None else open_socket()
+        try:
+            self.sock.bind((0, 0))
+        except OSError as exc:
+            if exc.errno != errno_mod.EINVAL:  # EINVAL: already bound by the caller
+                raise NetlinkError(
+                    f"cannot bind the ctnetlink socket: {exc.strerror}", exc.errno or 0
+                ) from exc
+        _tune(self.sock)
+        self.sock.setblocking(False)
+        self._poll = select.poll()
+        self._poll.register(self.sock.fileno(), select.POLLIN)
+        self._buf = bytearray(RECV_BUFFER_BYTES)
+        self._view = memoryview(self._buf)
+        self._seq = int.from_bytes(os.urandom(2), "big") << 8
+        self.cache = AddressCache()
+        self.timeout = DEFAULT_TIMEOUT
+        self.dump_retries = DUMP_RETRIES
+        rcvbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        sndbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        self.batch_bytes = max(4096, sndbuf // 2)
+        self.batch_max = max(16, min(MAX_BATCH, rcvbuf // ANSWER_TRUESIZE))
+        self.last_dump: DumpStats | None = None
+        self.decode_errors = 0  # over the instance's life
+        self.requests = 0  # netlink sendmsg calls, as the fake counts them
+        self.status_filter_supported: bool | None = None
+        self.status_filter_supported = probe_status_filter(self)
+
+    # --- plumbing -------------------------------------------------------------
+
+    def _next_seq(self, count: int = 1) -> int:
+        first = self._seq
+        self._seq = (self._seq + count) & 0xFFFFFFFF
+        if self._seq < first:  # wrapped: restart so the batch's range is contiguous
+            first, self._seq = 1, 1 + count
+        return first
+
+    def _send(self, data: bytes | bytearray) -> None:
+        self.requests += 1
+        try:
+            self.sock.sendto(data, (0, 0))
+        except BlockingIOError:
+            if not self._poll_for(select.POLLOUT):
+                raise NetlinkError("timed out sending to ctnetlink") from None
+            self.sock.sendto(data, (0, 0))
+        except OSError as exc:
+            raise NetlinkError(f"ctnetlink send failed: {exc.strerror}", exc.errno or 0) from exc
+
+    def _poll_for(self, events: int = select.POLLIN) -> bool:
+        self._poll.modify(self.sock.fileno(), events)
+        ready = self._poll.poll(self.timeout * 1000)
+        self._poll.modify(self.sock.fileno(), select.POLLIN)
+        return bool(ready)
+
+    def _recv(self, *, block: bool) -> bytes | None:
+        """One datagram, or None when none is queued (and ``block`` is false).
+
+        Raises ``OSError(ENOBUFS)`` when the kernel dropped answers.
+        """
+        while True:
+            try:
+                n = self.sock.recv_into(self._buf, len(self._buf), socket.MSG_TRUNC)
+            except BlockingIOError:
+                if not block:
+                    return None
+                if not self._poll_for():
+                    raise NetlinkError(f"no answer from ctnetlink within {self.timeout} s") from None
+                continue
+            if n > len(self._buf):
+                raise NetlinkError(f"ctnetlink datagram of {n} bytes exceeds the receive buffer")
+            return bytes(self._view[:n])
+
+    # --- dump -----------------------------------------------------------------
+
+    def _dump_once(
+        self, status: tuple[int, int] | None, zone: int | None, mark: int | None, family: int
+    ) -> tuple[DumpParser, int, int]:
+        seq = self._next_seq()
+        self._send(ctcodec.encode_dump_request(seq, family=family, status=status, zone=zone, mark=mark))
+        parser = DumpParser(seq=seq, cache=self.cache)
+        recvs = nbytes = 0
+        # Decoding allocates only acyclic objects, hundreds of thousands of
+        # them: the cyclic collector would rescan the growing list for nothing
+        # (measured: 15-30 % of decode time).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            while not parser.done:
+                try:
+                    data = self._recv(block=True)
+                except OSError as exc:
+                    raise NetlinkError(f"ctnetlink dump failed: {exc.strerror}", exc.errno or 0) from exc
+                assert data is not None
+                recvs += 1
+                nbytes += len(data)
+                parser.feed(data)
+        finally:
+            if collecting:
+                gc.enable()
+        return parser, recvs, nbytes
+
+    def dump_datagrams(self, *, status: tuple[int, int] | None = None) -> list[bytes]:
+        """The raw datagrams of one dump, undecoded (for recording test data)."""
+        seq = self._next_seq()
+        self._send(ctcodec.encode_dump_request(seq, status=status))
+        parser = DumpParser(seq=seq, cache=self.cache)
+        datagrams: list[bytes] = []
+        while not parser.done:
+            data = self._recv(block=True)
+            assert data is not None
+            datagrams.append(data)
+            parser.feed(data)
+        if parser.errno:
+            _raise_for(parser.errno, "ctnetlink dump")
+        return datagrams
+
+    def dump(
+        self,
+        *,
+        unreplied_only: bool = True,
+        zone: int | None = None,
+        mark: int | None = None,
+        family: int = 0,
+    ) -> list[Entry]:
+        """Entries of the table, filtered; never an interrupted dump."""
+        status = (0, IPS_SEEN_REPLY) if unreplied_only and self.status_filter_supported is not False else None
+        started = time.perf_counter()
+        retries = 0
+        while True:
+            parser, recvs, nbytes = self._dump_once(status, zone, mark, family)
+            if parser.errno:
+                _raise_for(parser.errno, "ctnetlink dump")
+            if not parser.interrupted:
+                break
+            if retries == self.dump_retries:
+                raise DumpInterrupted(
+                    f"conntrack dump interrupted {retries + 1} times: results may be inconsistent",
+                    errno_mod.EINTR,
+                )
+            retries += 1
+        received = parser.entries
+        if status is not None and any(e.status & IPS_SEEN_REPLY for e in received):
+            # The kernel ignored the status filter (older than 5.15).
+            self.status_filter_supported = False
+
+        def keep(e: Entry) -> bool:
+            return (
+                (not unreplied_only or not e.status & IPS_SEEN_REPLY)
+                and (zone is None or e.zone == zone)
+                and (mark is None or e.mark == mark)
+                and (not family or e.family == family)
+            )
+
+        if unreplied_only or zone is not None or mark is not None or family:
+            entries = [e for e in received if keep(e)]
+        else:
+            entries = received
+        self.decode_errors += parser.decode_errors
+        self.last_dump = DumpStats(
+            entries=len(entries),
+            messages=parser.messages,
+            decode_errors=parser.decode_errors,
+            filtered_in_userspace=len(received) - len(entries),
+            kernel_status_filter=status is not None,
+            interrupted_retries=retries,
+            recvs=recvs,
+            bytes=nbytes,
+            seconds=time.perf_counter() - started,
+            error_samples=tuple(parser.error_samples),
+        )
+        return entries
+
+    # --- batched requests -----------------------------------------------------
+
+    def _transact(self, encoded: list[bytes], first_seq: int) -> _Outcome:
+        """Send one batch whose last message asks for an ACK; collect every answer."""
+        last_seq = first_seq + len(encoded) - 1
+        data = bytearray(b"".join(encoded))
+        last_off = len(data) - len(encoded[-1])
+        flags = _U16.unpack_from(data, last_off + _FLAGS_OFFSET)[0]
+        _U16.pack_into(data, last_off + _FLAGS_OFFSET, flags | ctcodec.NLM_F_ACK)
+        out = _Outcome(sent=len(encoded))
+        self._send(data)
+        # The kernel has handled the whole batch when sendmsg returns: every
+        # answer is queued (or was dropped, which recv reports as ENOBUFS).
+        block = False
+        while not out.answered_last:
+            try:
+                datagram = self._recv(block=block)
+            except OSError as exc:
+                if exc.errno != errno_mod.ENOBUFS:
+                    raise NetlinkError(f"ctnetlink receive failed: {exc.strerror}", exc.errno or 0) from exc
+                out.overrun = True
+                continue
+            if datagram is None:
+                if out.overrun:
+                    break  # the last answer may be among the dropped ones
+                block = True  # not expected: wait for it, up to the timeout
+                continue
+            for seq, err in ctcodec.parse_answers(datagram):
+                if not first_seq <= seq <= last_seq:
+                    continue
+                if seq == last_seq:
+                    out.answered_last = True
+                    out.last_errno = err
+                if err:
+                    out.errors[err] = out.errors.get(err, 0) + 1
+        return out
+
+    def _chunks(
+        self, entries: Iterable[Entry], encode: Callable[[Entry, int], bytes]
+    ) -> Iterator[tuple[list[bytes], int]]:
+        it = iter(entries)
+        while True:
+            chunk = list(itertools.islice(it, self.batch_max))
+            if not chunk:
+                return
+            first = self._next_seq(len(chunk))
+            encoded = [encode(e, first + i) for i, e in enumerate(chunk)]
+            # Split further by bytes so that one sendmsg fits the send buffer.
+            start, size = 0, 0
+            for i, msg in enumerate(encoded):
+                if size and size + len(msg) > self.batch_bytes:
+                    yield encoded[start:i], first + start
+                    start, size = i, 0
+                size += len(msg)
+            yield encoded[start:], first + start
+
+    def delete(self, entries: Iterable[Entry]) -> DeleteResult:
+        """Delete each entry by orig tuple, zone and dumped id; count the answers."""
+        requested = deleted = not_found = unconfirmed = batches = 0
+        errors: dict[int, int] = {}
+
+        def encode(e: Entry, seq: int) -> bytes:
+            return ctcodec.encode_delete(e, seq, ack=False)
+
+        for encoded, first in self._chunks(entries, encode):
+            out = self._transact(encoded, first)
+            batches += 1
+            requested += out.sent
+            failed = sum(out.errors.values())
+            not_found += out.errors.pop(errno_mod.ENOENT, 0)
+            for err, count in out.errors.items():
+                errors[err] = errors.get(err, 0) + count
+            if out.overrun:
+                # Successes are silent: those whose answer may have been dropped are unknown.
+                confirmed = 1 if out.answered_last and out.last_errno == 0 else 0
+                deleted += confirmed
+                unconfirmed += out.sent - failed - confirmed
+                self.batch_max = max(16, self.batch_max // 2)
+            else:
+                deleted += out.sent - failed
+        if errno_mod.EPERM in errors and deleted == 0:
+            _raise_for(errno_mod.EPERM, "ctnetlink delete")
+        return DeleteResult(
+            requested=requested,
+            deleted=deleted,
+            not_found=not_found,
+            errors=tuple(sorted(errors.items())),
+            unconfirmed=unconfirmed,
+            batches=batches,
+        )
+
+    def create(self, entries: Iterable[Entry]) -> int:
+        """Insert entries as given; returns how many were created.
+
+        Raises ``NetlinkError`` (after sending everything) if any was refused,
+        with the counts by errno in its message and the first errno.
+        """
+        created = 0
+        errors: dict[int, int] = {}
+
+        def encode(e: Entry, seq: int) -> bytes:
+            return ctcodec.encode_create(e, seq, ack=False)
+
+        for encoded, first in self._chunks(entries, encode):
+            out = self._transact(encoded, first)
+            if out.overrun:
+                raise NetlinkError("ctnetlink answers were dropped while creating entries", errno_mod.ENOBUFS)
+            created += out.sent - sum(out.errors.values())
+            for err, count in out.errors.items():
+                errors[err] = errors.get(err, 0) + count
+        if errors:
+            first_err = min(errors)
+            detail = ", ".join(
+                f"{errno_mod.errorcode.get(e, str(e))} x{c}" for e, c in sorted(errors.items())
+            )
+            if set(errors) <= {errno_mod.EPERM, errno_mod.EACCES}:
+                _raise_for(first_err, "ctnetlink create")
+            raise NetlinkError(f"created {created}; refused: {detail}", first_err)
+        return created
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Conntrack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def probe_status_filter(ct: Conntrack) -> bool:
+    """Does the kernel honour the dump status filter (``CTA_STATUS_MASK``, >= 5.15)?
+
+    Read-only and safe in any namespace. A kernel that parses the filter
+    rejects a zero mask with EINVAL; one that does not know it ignores it and
+    dumps. A mark filter nobody uses (0xffffffff) keeps that dump short on
+    old kernels (mark filters are older than status filters). The same
+    request with a valid mask must then succeed, which rules out an EINVAL
+    for any other reason.
+    """
+    unused_mark = 0xFFFFFFFF
+    parser, _, _ = ct._dump_once((0, 0), None, unused_mark, 0)
+    if parser.errno == 0:
+        return False
+    if parser.errno != errno_mod.EINVAL:
+        _raise_for(parser.errno, "probing the ctnetlink status filter")
+    parser, _, _ = ct._dump_once((0, IPS_SEEN_REPLY), None, unused_mark, 0)
+    if parser.errno:
+        _raise_for(parser.errno, "probing the ctnetlink status filter")
+    return True

@@ -1,0 +1,261 @@
+"""The conntrack edge against the real kernel, each test in its own namespace.
+
+``conntrack -L`` in the same namespace is the oracle for what the table holds.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Iterator
+from ipaddress import IPv4Address, ip_address
+
+import pytest
+
+from topowatch.core.conntrack import IPS_ASSURED, IPS_SEEN_REPLY, CtTuple, Entry
+from topowatch.edges import ctcodec
+from topowatch.edges.ctfake import parse_conntrack_listing
+from topowatch.edges.ctnetlink import Conntrack, probe_status_filter
+from topowatch.errors import DumpInterrupted, NetlinkError
+from topowatch.netns import Namespace
+
+pytestmark = [pytest.mark.netns]
+
+
+@pytest.fixture
+def ct(netns: Namespace) -> Iterator[Conntrack]:
+    sock = netns.socket(socket.AF_NETLINK, socket.SOCK_RAW, ctcodec.NETLINK_NETFILTER)
+    conntrack = Conntrack(sock)
+    try:
+        yield conntrack
+    finally:
+        conntrack.close()
+
+
+def listing(ns: Namespace) -> list[Entry]:
+    return parse_conntrack_listing(ns.run("conntrack", "-L", "-o", "extended,id"))
+
+
+def key(e: Entry) -> tuple[object, ...]:
+    return (e.family, e.proto, e.orig, e.reply, e.zone, e.mark, e.id, e.unreplied)
+
+
+def udp4(i: int, *, replied: bool = False, zone: int = 0, mark: int = 0, nat: str = "203.0.113.1") -> Entry:
+    src = IPv4Address(0x0A000000 + i // 50000 + 1)
+    sport = 1024 + i % 50000
+    dst = IPv4Address("198.51.100.7")
+    return Entry(
+        2, 17, CtTuple(src, dst, sport, 53), CtTuple(dst, ip_address(nat), 53, sport),
+        status=IPS_SEEN_REPLY | IPS_ASSURED if replied else 0, zone=zone, mark=mark, timeout=600,
+    )  # fmt: skip
+
+
+def mixed() -> list[Entry]:
+    a = ip_address
+    entries = [udp4(i, replied=i % 3 == 0) for i in range(60)]
+    entries += [
+        udp4(1000, zone=7),
+        udp4(1001, mark=0x2A),
+        Entry(10, 17, CtTuple(a("2001:db8:1::1"), a("2001:db8:2::1"), 5000, 53),
+              CtTuple(a("2001:db8:2::1"), a("2001:db8:9::1"), 53, 5000), status=0, timeout=600),
+        Entry(10, 58, CtTuple(a("2001:db8:1::1"), a("2001:db8:2::1"), 77, 128 << 8),
+              CtTuple(a("2001:db8:2::1"), a("2001:db8:1::1"), 77, 129 << 8), status=0, timeout=600),
+        Entry(2, 1, CtTuple(a("10.9.0.1"), a("198.51.100.7"), 99, 8 << 8),
+              CtTuple(a("198.51.100.7"), a("10.9.0.1"), 99, 0), status=0, timeout=600),
+        Entry(2, 1, CtTuple(a("10.9.0.2"), a("198.51.100.7"), 99, 8 << 8),
+              CtTuple(a("198.51.100.7"), a("10.9.0.2"), 99, 0), status=IPS_SEEN_REPLY, timeout=600),
+    ]  # fmt: skip
+    return entries
+
+
+def test_status_filter_is_probed_and_used(ct: Conntrack) -> None:
+    # Kernel 6.18 here: the filter exists (DESIGN: >= 5.15).
+    assert ct.status_filter_supported is True
+    assert probe_status_filter(ct) is True
+    ct.create(mixed())
+    entries = ct.dump()
+    assert ct.last_dump is not None
+    assert ct.last_dump.kernel_status_filter
+    # The kernel did the filtering: nothing replied arrived to be dropped here.
+    assert ct.last_dump.filtered_in_userspace == 0
+    assert ct.last_dump.messages == len(entries) == 45
+
+
+def test_unreplied_dump_matches_conntrack_tool(netns: Namespace, ct: Conntrack) -> None:
+    assert ct.create(mixed()) == 66
+    oracle = [e for e in listing(netns) if e.unreplied]
+    got = ct.dump()
+    assert ct.last_dump is not None and ct.last_dump.decode_errors == 0
+    assert sorted(map(key, got), key=repr) == sorted(map(key, oracle), key=repr)
+    everything = ct.dump(unreplied_only=False)
+    assert len(everything) == len(listing(netns)) == 66
+
+
+def test_unreplied_dump_of_real_traffic(netns: Namespace, ct: Conntrack) -> None:
+    # A namespace tracks only once a rule needs conntrack.
+    netns.run(
+        "nft",
+        "add table ip t; add chain ip t c { type filter hook output priority 0; }; add rule ip t c ct state new counter",
+    )
+    echo = netns.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 7))
+    client = netns.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(("127.0.0.1", 40000))
+    client.settimeout(5)
+    echo.settimeout(5)
+    client.sendto(b"x", ("127.0.0.1", 7))
+    data, peer = echo.recvfrom(10)
+    echo.sendto(data, peer)  # replied
+    client.recvfrom(10)
+    for port in (9, 10, 11):
+        client.sendto(b"x", ("127.0.0.1", port))  # nobody listens: UNREPLIED
+    echo.close()
+    client.close()
+    got = ct.dump()
+    assert sorted(e.orig.dport for e in got if e.proto == 17) == [9, 10, 11]
+    assert {e.orig.dport for e in ct.dump(unreplied_only=False) if e.proto == 17} == {7, 9, 10, 11}
+    oracle = [e for e in listing(netns) if e.unreplied]
+    assert sorted(map(key, got), key=repr) == sorted(map(key, oracle), key=repr)
+
+
+def test_zone_and_mark_filters(ct: Conntrack) -> None:
+    ct.create(mixed())
+    assert [e.orig.sport for e in ct.dump(zone=7)] == [udp4(1000).orig.sport]
+    assert [e.orig.sport for e in ct.dump(mark=0x2A)] == [udp4(1001).orig.sport]
+    assert {e.family for e in ct.dump(family=10)} == {10}
+    assert len(ct.dump(family=10)) == 2
+
+
+def test_delete_a_subset_exactly(netns: Namespace, ct: Conntrack) -> None:
+    ct.create(mixed())
+    before = listing(netns)
+    unreplied = ct.dump()
+    victims = unreplied[::2]
+    result = ct.delete(victims)
+    assert (result.requested, result.deleted, result.not_found, result.errors) == (
+        len(victims),
+        len(victims),
+        0,
+        (),
+    )
+    after = listing(netns)
+    gone = {key(e) for e in victims}
+    assert sorted(map(key, after), key=repr) == sorted(
+        (key(e) for e in before if key(e) not in gone), key=repr
+    )
+    assert sum(not e.unreplied for e in after) == sum(not e.unreplied for e in before) == 21
+
+
+def test_deleting_twice_counts_enoent(ct: Conntrack) -> None:
+    ct.create(udp4(i) for i in range(30))
+    entries = ct.dump()
+    assert ct.delete(entries).deleted == 30
+    again = ct.delete(entries)
+    assert (again.deleted, again.not_found, again.failed, again.unconfirmed) == (0, 30, 0, 0)
+
+
+def test_a_delete_with_another_id_misses(ct: Conntrack) -> None:
+    ct.create([udp4(1)])
+    (entry,) = ct.dump()
+    stranger = Entry(entry.family, entry.proto, entry.orig, entry.reply, entry.status, id=entry.id ^ 1)
+    missed = ct.delete([stranger])
+    assert (missed.deleted, missed.not_found) == (0, 1)
+    assert [key(e) for e in ct.dump()] == [key(entry)]
+
+
+def test_a_recreated_entry_is_not_hit_by_the_old_id(ct: Conntrack) -> None:
+    # The kernel's id hashes the entry's address and its orig tuple (not the
+    # reply): recreated at once, an entry often reuses the freed slab slot and
+    # gets the same id back. Entries created in between take that slot.
+    ct.create([udp4(1)])
+    (old,) = ct.dump()
+    for attempt in range(5):
+        assert ct.delete(ct.dump(unreplied_only=False)).failed == 0
+        ct.create(udp4(100 + 10 * attempt + i) for i in range(8))
+        ct.create([udp4(1, nat="203.0.113.2")])
+        (new,) = [e for e in ct.dump() if e.orig == old.orig]
+        if new.id != old.id:
+            break
+    assert new.id != old.id
+    missed = ct.delete([old])
+    assert (missed.deleted, missed.not_found) == (0, 1)
+    assert key(new) in {key(e) for e in ct.dump()}
+    assert ct.delete([new]).deleted == 1
+    assert not [e for e in ct.dump() if e.orig == old.orig]
+
+
+def test_delete_stays_in_the_entrys_zone(ct: Conntrack) -> None:
+    ct.create([udp4(5, zone=0), udp4(5, zone=7)])
+    (zoned,) = ct.dump(zone=7)
+    assert ct.delete([zoned]).deleted == 1
+    left = ct.dump(unreplied_only=False)
+    assert [(e.orig, e.zone) for e in left] == [(udp4(5).orig, 0)]
+
+
+def test_icmp_and_v6_entries_delete_by_tuple(ct: Conntrack) -> None:
+    ct.create(mixed())
+    targets = [e for e in ct.dump() if e.family == 10 or e.proto == 1]
+    assert {(e.family, e.proto) for e in targets} == {(10, 17), (10, 58), (2, 1)}
+    assert ct.delete(targets).deleted == 3
+    assert not [e for e in ct.dump(unreplied_only=False) if e.family == 10 or (e.proto == 1 and e.unreplied)]
+
+
+def test_many_batches(ct: Conntrack) -> None:
+    ct.batch_max = 64
+    assert ct.create(udp4(i, replied=i % 10 == 0) for i in range(1000)) == 1000
+    entries = ct.dump()
+    assert len(entries) == 900
+    result = ct.delete(entries)
+    assert (result.deleted, result.batches) == (900, 15)
+    assert len(ct.dump(unreplied_only=False)) == 100
+    assert ct.requests >= 16 + 15
+
+
+def test_create_reports_refusals(ct: Conntrack) -> None:
+    ct.create([udp4(1), udp4(2)])
+    with pytest.raises(NetlinkError) as info:
+        ct.create([udp4(2), udp4(3)])
+    assert info.value.errno == errno.EEXIST
+    assert "created 1" in str(info.value)
+    assert len(ct.dump()) == 3
+
+
+def test_interrupted_dump_is_retried_then_refused(ct: Conntrack, monkeypatch: pytest.MonkeyPatch) -> None:
+    ct.create([udp4(1)])
+    real = ct._dump_once
+    interruptions = {"left": 2}
+
+    def flaky(*args: object) -> tuple[ctcodec.DumpParser, int, int]:
+        parser, recvs, nbytes = real(*args)  # type: ignore[arg-type]
+        if interruptions["left"]:
+            interruptions["left"] -= 1
+            parser.interrupted = True
+        return parser, recvs, nbytes
+
+    monkeypatch.setattr(ct, "_dump_once", flaky)
+    assert len(ct.dump()) == 1
+    assert ct.last_dump is not None and ct.last_dump.interrupted_retries == 2
+    interruptions["left"] = ct.dump_retries + 1
+    with pytest.raises(DumpInterrupted):
+        ct.dump()
+
+
+def test_replied_entries_seen_in_a_filtered_dump_clear_the_flag(
+    ct: Conntrack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Simulate a kernel that ignores CTA_STATUS: send the request without it.
+    ct.create(mixed())
+    real = ct._dump_once
+
+    def ignoring(
+        status: object, zone: int | None, mark: int | None, family: int
+    ) -> tuple[ctcodec.DumpParser, int, int]:
+        return real(None, zone, mark, family)
+
+    monkeypatch.setattr(ct, "_dump_once", ignoring)
+    entries = ct.dump()
+    assert ct.status_filter_supported is False
+    assert len(entries) == 45 and all(e.unreplied for e in entries)
+    assert ct.last_dump is not None and ct.last_dump.filtered_in_userspace == 21
+    ct.dump()
+    assert ct.last_dump.kernel_status_filter is False
