@@ -1,0 +1,387 @@
+"""The NAT ruleset as the evaluator sees it: one intermediate form for nftables (and later iptables).
+
+Theory of operation: a reader (``edges.nft``) turns a ruleset dump into a
+``NatRuleset``: the base chains of type nat at the four NAT hooks, every
+regular chain they can reach by jump or goto, and in each chain its rules in
+order. A rule is its expressions in kernel order: matches (``Match`` over a
+``Selector``, or ``UnknownMatch`` naming an expression that is not modelled)
+and statements (verdicts, NAT statements, statements with no effect on NAT,
+and ``UnknownStatement``). Named sets are resolved into the matches that use
+them, so the ruleset is one value: two reads of the same ruleset compare
+equal, and a changed set element makes the rulesets differ.
+
+Rules:
+- every value is frozen, slotted and hashable; constructors normalise (value
+  sets are sorted, merged intervals);
+- nothing volatile is kept (counter values, element expiry), so equality means
+  "same NAT behaviour as written";
+- an expression this module cannot represent exactly is kept as an
+  ``UnknownMatch``/``UnknownStatement`` carrying its name, never approximated;
+- this module never performs I/O and never evaluates a flow (``evaluate`` does).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+
+from topowatch.core.flow import NatKind
+from topowatch.core.model import AF_INET, AF_INET6, IPAddress
+
+
+class Hook(enum.Enum):
+    """The netfilter hooks a nat chain can sit at."""
+
+    PREROUTING = "prerouting"
+    INPUT = "input"
+    OUTPUT = "output"
+    POSTROUTING = "postrouting"
+
+
+# nftables table families that carry NAT, and the address families they see.
+FAMILY_AFS: dict[str, frozenset[int]] = {
+    "ip": frozenset({AF_INET}),
+    "ip6": frozenset({AF_INET6}),
+    "inet": frozenset({AF_INET, AF_INET6}),
+}
+
+
+class Key(enum.Enum):
+    """What a selector reads from the packet, its route or its conntrack entry."""
+
+    IIFNAME = "iifname"
+    OIFNAME = "oifname"
+    IIF = "iif"
+    OIF = "oif"
+    L4PROTO = "l4proto"  # meta l4proto, ip protocol, ip6 nexthdr
+    NFPROTO = "nfproto"  # AF_INET / AF_INET6 (meta nfproto, meta protocol)
+    SADDR = "saddr"
+    DADDR = "daddr"
+    SPORT = "sport"
+    DPORT = "dport"
+    MARK = "mark"  # packet (skb) mark
+    CT_MARK = "ct mark"
+    CT_ZONE = "ct zone"
+
+
+INTERFACE_KEYS = frozenset({Key.IIFNAME, Key.OIFNAME, Key.IIF, Key.OIF})
+ADDRESS_KEYS = frozenset({Key.SADDR, Key.DADDR})
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """The left side of a match.
+
+    ``family`` is the implicit dependency of ``ip``/``ip6`` payload selectors
+    (an ``ip saddr`` match is false for an IPv6 packet, whatever its operator);
+    ``proto`` that of ``tcp``/``udp``/... port selectors (None for ``th``,
+    which has none); ``mask`` a constant ``&`` applied first (``meta mark & 0xff``).
+    ``text`` is how nft writes it.
+    """
+
+    key: Key
+    text: str
+    family: int | None = None
+    proto: int | None = None
+    mask: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IntervalSet:
+    """A set of integers (ports, protocols, marks, or addresses as integers) as closed intervals.
+
+    ``version`` is 4 or 6 for address sets (their integers are addresses), None otherwise.
+    """
+
+    intervals: tuple[tuple[int, int], ...]
+    version: int | None = None
+
+    def __post_init__(self) -> None:
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted(self.intervals):
+            if lo > hi:
+                raise ValueError(f"IntervalSet: bad interval {lo}-{hi}")
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        object.__setattr__(self, "intervals", tuple(merged))
+
+    def covers(self, lo: int, hi: int) -> bool | None:
+        """True if every value of ``lo..hi`` is in the set, False if none is, None if some are."""
+        inside = 0
+        for a, b in self.intervals:
+            overlap = min(b, hi) - max(a, lo) + 1
+            if overlap > 0:
+                inside += overlap
+        if inside == 0:
+            return False
+        if inside == hi - lo + 1:
+            return True
+        return None
+
+    def describe(self) -> str:
+        def one(v: int) -> str:
+            if self.version == 4:
+                return str(IPv4Address(v))
+            if self.version == 6:
+                return str(IPv6Address(v))
+            return str(v)
+
+        parts = [one(lo) if lo == hi else f"{one(lo)}-{one(hi)}" for lo, hi in self.intervals]
+        return parts[0] if len(parts) == 1 else "{ " + ", ".join(parts) + " }"
+
+
+@dataclass(frozen=True, slots=True)
+class NameSet:
+    """Interface names: exact names, name prefixes (nft ``"eth*"``) and, for iif/oif, indexes."""
+
+    exact: frozenset[str] = frozenset()
+    prefixes: frozenset[str] = frozenset()
+    indexes: frozenset[int] = frozenset()
+
+    def contains(self, name: str, index: int | None = None) -> bool:
+        if name in self.exact or any(name.startswith(p) for p in self.prefixes):
+            return True
+        return index is not None and index in self.indexes
+
+
+class Op(enum.Enum):
+    EQ = "=="
+    NE = "!="
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """``selector op values``: membership (``==``) or its negation (``!=``)."""
+
+    selector: Selector
+    op: Op
+    values: IntervalSet | NameSet
+    text: str
+
+    def __post_init__(self) -> None:
+        if (self.selector.key in INTERFACE_KEYS) != isinstance(self.values, NameSet):
+            raise ValueError(f"Match {self.text!r}: values do not fit {self.selector.key.value}")
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownMatch:
+    """A match whose expression is not modelled: it evaluates to unknown, never true or false."""
+
+    expression: str
+    text: str
+
+    @property
+    def reason(self) -> str:
+        return f"unmodelled expression: {self.expression}"
+
+
+class VerdictKind(enum.Enum):
+    ACCEPT = "accept"
+    DROP = "drop"
+    RETURN = "return"
+    CONTINUE = "continue"
+    JUMP = "jump"
+    GOTO = "goto"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    kind: VerdictKind
+    target: str | None = None
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.kind in (VerdictKind.JUMP, VerdictKind.GOTO)) != (self.target is not None):
+            raise ValueError(f"Verdict {self.kind.value}: a target is needed exactly for jump and goto")
+        if not self.text:
+            object.__setattr__(
+                self, "text", f"{self.kind.value} {self.target}" if self.target else self.kind.value
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class NatStatement:
+    """snat / dnat / masquerade / redirect with constant arguments.
+
+    ``family`` is the statement's own family in an inet chain (``snat ip to``):
+    for a packet of the other family the kernel skips the statement. ``addr``
+    is the address range (None for masquerade and redirect, whose address the
+    kernel picks); ``ports`` the port range, None to keep the port. ``flags``
+    (random, persistent, fully-random) do not change the address set.
+    """
+
+    kind: NatKind
+    text: str
+    family: int | None = None
+    addr: tuple[IPAddress, IPAddress] | None = None
+    ports: tuple[int, int] | None = None
+    flags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind is NatKind.NONE:
+            raise ValueError("NatStatement.kind cannot be NONE")
+        if self.addr is not None:
+            lo, hi = self.addr
+            if lo.version != hi.version or int(lo) > int(hi):
+                raise ValueError(f"NatStatement {self.text!r}: bad address range {lo}-{hi}")
+            if self.kind in (NatKind.MASQUERADE, NatKind.REDIRECT):
+                raise ValueError(f"NatStatement {self.kind.value} takes no address")
+        if self.ports is not None and not 0 <= self.ports[0] <= self.ports[1] <= 0xFFFF:
+            raise ValueError(f"NatStatement {self.text!r}: bad port range {self.ports}")
+        object.__setattr__(self, "flags", tuple(sorted(set(self.flags))))
+
+
+@dataclass(frozen=True, slots=True)
+class Passive:
+    """A statement with no effect on NAT (counter, log)."""
+
+    name: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownStatement:
+    """A statement whose effect is not modelled (vmap, mangle, limit, xt target, NAT to a map ...)."""
+
+    expression: str
+    text: str
+
+    @property
+    def reason(self) -> str:
+        return f"unmodelled expression: {self.expression}"
+
+
+Statement = Verdict | NatStatement | Passive | UnknownStatement
+Expression = Match | UnknownMatch | Statement
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One rule: its expressions in kernel order, its handle, comment and nft text."""
+
+    handle: int
+    exprs: tuple[Expression, ...]
+    text: str = ""
+    comment: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.exprs, tuple):
+            object.__setattr__(self, "exprs", tuple(self.exprs))
+        if not self.text:
+            object.__setattr__(self, "text", " ".join(e.text for e in self.exprs))
+
+    @property
+    def matches(self) -> tuple[Match | UnknownMatch, ...]:
+        return tuple(e for e in self.exprs if isinstance(e, Match | UnknownMatch))
+
+    @property
+    def statements(self) -> tuple[Statement, ...]:
+        return tuple(e for e in self.exprs if not isinstance(e, Match | UnknownMatch))
+
+    @property
+    def verdict(self) -> Verdict | None:
+        for e in self.exprs:
+            if isinstance(e, Verdict):
+                return e
+        return None
+
+    def unknown_expressions(self) -> tuple[str, ...]:
+        return tuple(e.expression for e in self.exprs if isinstance(e, UnknownMatch | UnknownStatement))
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """A chain. Base chains have ``hook``, ``priority``, ``type`` and ``policy``; regular ones None."""
+
+    family: str
+    table: str
+    name: str
+    rules: tuple[Rule, ...] = ()
+    hook: Hook | None = None
+    priority: int | None = None
+    type: str | None = None
+    policy: str | None = None
+    handle: int = 0
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILY_AFS:
+            raise ValueError(f"Chain.family must be one of {sorted(FAMILY_AFS)}, got {self.family!r}")
+        if not isinstance(self.rules, tuple):
+            object.__setattr__(self, "rules", tuple(self.rules))
+        if self.hook is not None and self.priority is None:
+            raise ValueError(f"base chain {self.name} needs a priority")
+        if self.policy not in (None, "accept", "drop"):
+            raise ValueError(f"Chain.policy must be accept or drop, got {self.policy!r}")
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.family, self.table, self.name)
+
+    @property
+    def is_base(self) -> bool:
+        return self.hook is not None
+
+    def applies_to(self, family: int) -> bool:
+        return family in FAMILY_AFS[self.family]
+
+    def describe(self) -> str:
+        return f"table {self.family} {self.table} chain {self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class NatRuleset:
+    """The nat base chains (in dump order) and the regular chains they reach.
+
+    Equal rulesets behave the same; ``describe_rule`` names a rule for reasons.
+    """
+
+    chains: tuple[Chain, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.chains, tuple):
+            object.__setattr__(self, "chains", tuple(self.chains))
+        keys = [c.key for c in self.chains]
+        if len(set(keys)) != len(keys):
+            raise ValueError("NatRuleset: duplicate chain")
+
+    def chain(self, family: str, table: str, name: str) -> Chain | None:
+        for c in self.chains:
+            if c.key == (family, table, name):
+                return c
+        return None
+
+    def base_chains(self, hook: Hook, family: int) -> tuple[Chain, ...]:
+        """The nat chains at ``hook`` that see packets of ``family``, in the order the kernel runs them.
+
+        Lower priority first; equal priorities keep dump order, which is the
+        order the chains were registered unless one was added to an older table later.
+        """
+        found = [
+            (c.priority or 0, i, c)
+            for i, c in enumerate(self.chains)
+            if c.hook is hook and c.type == "nat" and c.applies_to(family)
+        ]
+        return tuple(c for _, _, c in sorted(found, key=lambda t: (t[0], t[1])))
+
+    @staticmethod
+    def describe_rule(chain: Chain, rule: Rule) -> str:
+        """'table inet nat chain postrouting handle 7: oifname "up1" masquerade'."""
+        return f"{chain.describe()} handle {rule.handle}: {rule.text}"
+
+    def unknown_expressions(self) -> frozenset[str]:
+        """The names of every unmodelled expression in the ruleset."""
+        return frozenset(name for c in self.chains for r in c.rules for name in r.unknown_expressions())
+
+    def describe(self) -> str:
+        """The ruleset in (approximately) nft syntax, for logs and debugging."""
+        lines: list[str] = []
+        for c in self.chains:
+            head = c.describe()
+            if c.hook is not None:
+                head += f" {{ type {c.type} hook {c.hook.value} priority {c.priority}; policy {c.policy}; }}"
+            lines.append(head)
+            lines.extend(f"  {r.text} # handle {r.handle}" for r in c.rules)
+        return "\n".join(lines)

@@ -1,0 +1,607 @@
+"""Read the nftables ruleset (``nft -j list ruleset``) into a ``NatRuleset``.
+
+Theory of operation: ``read_ruleset`` runs nft in the current namespace and
+hands its JSON to ``parse_ruleset_json``, a pure function. The parser keeps
+the base chains of type nat at the four NAT hooks of the ip, ip6 and inet
+families (tables not dormant) and every regular chain they reach by jump or
+goto; named sets are resolved into the matches that use them. Every
+expression is either modelled exactly (see ``core.nat``) or kept as an
+``UnknownMatch``/``UnknownStatement`` carrying the expression's name
+("xt match policy", "rt ipsec", "numgen", "map"): the parser never raises on
+an expression it does not know, and never approximates one.
+
+Volatile data (counter values, element expiry) is dropped so that two reads
+of the same ruleset compare equal.
+
+This module never changes the ruleset; it only lists it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterable, Mapping
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from typing import Any
+
+from topowatch.core.flow import PROTO_NUMBERS, NatKind
+from topowatch.core.model import AF_INET, AF_INET6, IPAddress
+from topowatch.core.nat import (
+    FAMILY_AFS,
+    Chain,
+    Expression,
+    Hook,
+    IntervalSet,
+    Key,
+    Match,
+    NameSet,
+    NatRuleset,
+    NatStatement,
+    Op,
+    Passive,
+    Rule,
+    Selector,
+    UnknownMatch,
+    UnknownStatement,
+    Verdict,
+    VerdictKind,
+)
+from topowatch.errors import MissingTool, PermissionDenied, RulesetError
+
+NFT_TIMEOUT = 30.0
+
+_HOOKS = {h.value: h for h in Hook}
+_VERDICTS = {v.value: v for v in VerdictKind}
+_NAT_KINDS = {
+    "snat": NatKind.SNAT,
+    "dnat": NatKind.DNAT,
+    "masquerade": NatKind.MASQUERADE,
+    "redirect": NatKind.REDIRECT,
+}
+_PASSIVE = frozenset({"counter", "log"})
+_FAMILY_WORDS = {"ip": AF_INET, "ip6": AF_INET6}
+
+_META_KEYS = {
+    "iifname": Key.IIFNAME,
+    "oifname": Key.OIFNAME,
+    "iif": Key.IIF,
+    "oif": Key.OIF,
+    "l4proto": Key.L4PROTO,
+    "nfproto": Key.NFPROTO,
+    "protocol": Key.NFPROTO,  # ethertype: values are translated to AF_* below
+    "mark": Key.MARK,
+}
+_BARE_META = frozenset({"iifname", "oifname", "iif", "oif"})
+_PORT_PROTOS = {"tcp": 6, "udp": 17, "udplite": 136, "sctp": 132, "dccp": 33}
+_PROTO_WORDS = {**PROTO_NUMBERS, "ipv6-icmp": 58, "icmp6": 58, "ah": 51, "ipip": 4, "ipv6": 41}
+_NFPROTO_WORDS = {"ipv4": AF_INET, "ipv6": AF_INET6}
+_ETHERTYPES = {"ip": AF_INET, "ip6": AF_INET6, 0x0800: AF_INET, 0x86DD: AF_INET6}
+
+_BOUNDS: dict[Key, tuple[int, int]] = {
+    Key.L4PROTO: (0, 0xFF),
+    Key.NFPROTO: (0, 0xFFFF),
+    Key.SPORT: (0, 0xFFFF),
+    Key.DPORT: (0, 0xFFFF),
+    Key.MARK: (0, 0xFFFFFFFF),
+    Key.CT_MARK: (0, 0xFFFFFFFF),
+    Key.CT_ZONE: (0, 0xFFFF),
+}
+
+_SetTable = Mapping[tuple[str, str, str], Mapping[str, Any]]
+
+
+class _NotModelled(Exception):
+    """An expression (or value) we do not model; its message is the expression's name."""
+
+
+# ---------------------------------------------------------------------------
+# Rendering: nft-like text for reasons. Never fails.
+
+
+def _text(e: Any, quote: bool = False) -> str:
+    try:
+        return _render(e, quote)
+    except Exception:
+        return json.dumps(e, sort_keys=True, separators=(",", ":"))
+
+
+def _render(e: Any, quote: bool = False) -> str:
+    if isinstance(e, bool):
+        return "exists" if e else "missing"
+    if isinstance(e, str):
+        return f'"{e}"' if quote and not e.startswith("@") else e
+    if isinstance(e, int):
+        return str(e)
+    if isinstance(e, list):
+        return ", ".join(_render(x, quote) for x in e)
+    if not isinstance(e, dict) or len(e) != 1:
+        return json.dumps(e, sort_keys=True, separators=(",", ":"))
+    ((k, v),) = e.items()
+    if k == "set":
+        items = v if isinstance(v, list) else [v]
+        return "{ " + ", ".join(_render_element(x, quote) for x in items) + " }"
+    if k == "elem":
+        return _render(v.get("val"), quote)
+    if k == "range":
+        return f"{_render(v[0], quote)}-{_render(v[1], quote)}"
+    if k == "prefix":
+        return f"{v['addr']}/{v['len']}"
+    if k == "meta":
+        key = str(v["key"])
+        return key if key in _BARE_META else f"meta {key}"
+    if k == "payload":
+        if "protocol" in v:
+            return f"{v['protocol']} {v['field']}"
+        return f"@{v.get('base')},{v.get('offset')},{v.get('len')}"
+    if k == "ct":
+        parts = ["ct", v.get("dir", ""), v.get("family", ""), v["key"]]
+        return " ".join(p for p in parts if p)
+    if k in ("&", "|", "^", "<<", ">>"):
+        return f" {k} ".join(_render(x) for x in v)
+    if k == "concat":
+        return " . ".join(_render(x, quote) for x in v)
+    if k in ("map", "vmap"):
+        return f"{_render(v['key'])} {k} {_render(v['data'])}"
+    if k == "fib":
+        flags = v.get("flags", [])
+        flags = [flags] if isinstance(flags, str) else flags
+        return f"fib {' . '.join(flags)} {v.get('result')}"
+    if k == "rt":
+        return " ".join(p for p in ("rt", v.get("family", ""), v.get("key", "")) if p)
+    if k == "numgen":
+        return f"numgen {v.get('mode')} mod {v.get('mod')}"
+    if k in ("jhash", "symhash"):
+        return f"{k} mod {v.get('mod')}"
+    if k == "xt":
+        return f"xt {v.get('type')} {v.get('name')}"
+    if k == "ipsec":
+        words = ("ipsec", v.get("dir", ""), v.get("family", ""), v.get("key", ""))
+        return " ".join(str(p) for p in words if p)
+    if k == "exthdr":
+        return " ".join(str(p) for p in (v.get("name", "exthdr"), v.get("field", "")) if p)
+    if k in _VERDICTS:
+        return f"{k} {v['target']}" if isinstance(v, dict) and "target" in v else k
+    if k == "match":
+        op = v.get("op", "==")
+        left = _render(v["left"])
+        q = isinstance(v["left"], dict) and v["left"].get("meta", {}).get("key") in _BARE_META
+        right = _render(v["right"], q)
+        return f"{left} {right}" if op == "==" else f"{left} {op} {right}"
+    if k in _NAT_KINDS:
+        return _render_nat(k, v)
+    if k == "mangle":
+        return f"{_render(v['key'])} set {_render(v['value'])}"
+    return str(k)
+
+
+def _render_element(e: Any, quote: bool) -> str:
+    if isinstance(e, list) and len(e) == 2:  # a map element: key : value
+        return f"{_render(e[0], quote)} : {_render(e[1], quote)}"
+    return _render(e, quote)
+
+
+def _render_nat(k: str, v: Any) -> str:
+    if not isinstance(v, dict):
+        return k
+    words = [k]
+    if "family" in v:
+        words.append(v["family"])
+    type_flags = v.get("type_flags")
+    if type_flags:
+        words.append(" ".join(type_flags) if isinstance(type_flags, list) else str(type_flags))
+    target = ""
+    if "addr" in v:
+        addr = _render(v["addr"])
+        target = f"[{addr}]" if ":" in addr and "port" in v else addr
+    if "port" in v:
+        target += f":{_render(v['port'])}"
+    if target:
+        words.append(f"to {target}")
+    flags = v.get("flags")
+    if flags:
+        words.append(",".join(flags) if isinstance(flags, list) else str(flags))
+    return " ".join(words)
+
+
+def expression_name(e: Any) -> str:
+    """The name of an expression for "unmodelled expression: NAME" ("xt match policy", "rt ipsec")."""
+    if isinstance(e, dict) and len(e) == 1:
+        ((k, v),) = e.items()
+        if not isinstance(v, dict):
+            return str(k)
+        if k == "xt":
+            return f"xt {v.get('type', '?')} {v.get('name', '?')}"
+        if k in ("rt", "meta", "ct", "ipsec", "socket", "osf"):
+            return f"{k} {v.get('key', '')}".strip()
+        if k == "payload":
+            if "protocol" in v:
+                return f"{v['protocol']} {v.get('field', '')}".strip()
+            return "raw payload"
+        if k == "fib":
+            return f"fib {v.get('result', '')}".strip()
+        if k == "exthdr":
+            return f"exthdr {v.get('name', '')}".strip()
+        if k == "match":
+            return expression_name(v.get("left"))
+        return str(k)
+    if isinstance(e, str) and e.startswith("@"):
+        return f"set {e}"
+    return type(e).__name__
+
+
+# ---------------------------------------------------------------------------
+# Matches.
+
+
+def _selector(left: Any) -> Selector:
+    if not isinstance(left, dict) or len(left) != 1:
+        raise _NotModelled(expression_name(left))
+    ((k, v),) = left.items()
+    text = _text(left)
+    if k == "meta" and v.get("key") in _META_KEYS:
+        return Selector(_META_KEYS[v["key"]], text)
+    if k == "payload" and "protocol" in v:
+        proto, field = v["protocol"], v.get("field")
+        if proto in ("ip", "ip6"):
+            fam = _FAMILY_WORDS[proto]
+            if field in ("saddr", "daddr"):
+                return Selector(Key.SADDR if field == "saddr" else Key.DADDR, text, family=fam)
+            if (proto, field) in (("ip", "protocol"), ("ip6", "nexthdr")):
+                return Selector(Key.L4PROTO, text, family=fam)
+        if field in ("sport", "dport"):
+            key = Key.SPORT if field == "sport" else Key.DPORT
+            if proto == "th":
+                return Selector(key, text)
+            if proto in _PORT_PROTOS:
+                return Selector(key, text, proto=_PORT_PROTOS[proto])
+    if k == "ct" and "dir" not in v and v.get("key") in ("mark", "zone"):
+        return Selector(Key.CT_MARK if v["key"] == "mark" else Key.CT_ZONE, text)
+    if k == "&" and isinstance(v, list) and len(v) == 2:
+        inner = _selector(v[0])
+        if inner.key in (Key.MARK, Key.CT_MARK) and inner.mask is None:
+            return Selector(inner.key, text, mask=_scalar(inner.key, v[1]))
+    raise _NotModelled(expression_name(left))
+
+
+def _scalar(key: Key, v: Any) -> int:
+    if isinstance(v, dict) and "elem" in v:
+        return _scalar(key, v["elem"].get("val"))
+    if isinstance(v, bool):
+        raise _NotModelled("boolean value")
+    if key is Key.NFPROTO:
+        # meta nfproto takes ipv4/ipv6 (NFPROTO_* equal AF_*); meta protocol an ethertype.
+        if v in _NFPROTO_WORDS:
+            return _NFPROTO_WORDS[v]
+        if v in _ETHERTYPES:
+            return _ETHERTYPES[v]
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str):
+        if key is Key.L4PROTO and v in _PROTO_WORDS:
+            return _PROTO_WORDS[v]
+        try:
+            return int(v, 0)
+        except ValueError:
+            pass
+    raise _NotModelled(f"value {v!r}")
+
+
+def _addr_interval(v: Any) -> tuple[int, int, int]:
+    """(lo, hi, version) of an address, prefix or range."""
+    if isinstance(v, dict) and "elem" in v:
+        return _addr_interval(v["elem"].get("val"))
+    if isinstance(v, str):
+        try:
+            a = ip_address(v)
+        except ValueError as exc:
+            raise _NotModelled(f"value {v!r}") from exc
+        return int(a), int(a), a.version
+    if isinstance(v, dict) and "prefix" in v:
+        prefix = v["prefix"]
+        net: IPv4Network | IPv6Network = ip_network(f"{prefix['addr']}/{prefix['len']}", strict=False)
+        return int(net.network_address), int(net.broadcast_address), net.version
+    if isinstance(v, dict) and "range" in v:
+        lo, hi = (ip_address(x) for x in v["range"])
+        if lo.version != hi.version:
+            raise _NotModelled("mixed address range")
+        return int(lo), int(hi), lo.version
+    raise _NotModelled(expression_name(v))
+
+
+def _elements(right: Any, sets: _SetTable, family: str, table: str) -> list[Any]:
+    """The elements a right-hand side stands for: one value, an anonymous set or a named set."""
+    if isinstance(right, str) and right.startswith("@"):
+        found = sets.get((family, table, right[1:]))
+        if found is None:
+            raise _NotModelled(f"set {right} (not in the ruleset)")
+        if "map" in found:
+            raise _NotModelled(f"map {right}")
+        flags = found.get("flags", [])
+        flags = [flags] if isinstance(flags, str) else flags
+        if "dynamic" in flags or "timeout" in flags:
+            raise _NotModelled(f"dynamic set {right}")
+        if isinstance(found.get("type"), list) or found.get("type") == "concat":
+            raise _NotModelled(f"concatenation set {right}")
+        elem = found.get("elem", [])
+        return list(elem) if isinstance(elem, list) else [elem]
+    if isinstance(right, dict) and "set" in right:
+        elem = right["set"]
+        return list(elem) if isinstance(elem, list) else [elem]
+    return [right]
+
+
+def _values(sel: Selector, right: Any, sets: _SetTable, family: str, table: str) -> IntervalSet | NameSet:
+    elements = _elements(right, sets, family, table)
+    for e in elements:
+        if isinstance(e, dict) and "concat" in e:
+            raise _NotModelled("concat")
+    if sel.key in (Key.IIFNAME, Key.OIFNAME, Key.IIF, Key.OIF):
+        exact: set[str] = set()
+        prefixes: set[str] = set()
+        indexes: set[int] = set()
+        wild = sel.key in (Key.IIFNAME, Key.OIFNAME)
+        for element in elements:
+            e = element["elem"].get("val") if isinstance(element, dict) and "elem" in element else element
+            if isinstance(e, int) and not isinstance(e, bool) and not wild:
+                indexes.add(e)
+            elif isinstance(e, str) and wild and e.endswith("*") and not e.endswith("\\*"):
+                prefixes.add(e[:-1].replace("\\*", "*"))
+            elif isinstance(e, str):
+                exact.add(e.replace("\\*", "*") if wild else e)
+            else:
+                raise _NotModelled(expression_name(e))
+        return NameSet(frozenset(exact), frozenset(prefixes), frozenset(indexes))
+    if sel.key in (Key.SADDR, Key.DADDR):
+        want = 4 if sel.family == AF_INET else 6
+        intervals = []
+        for e in elements:
+            lo, hi, version = _addr_interval(e)
+            if version != want:
+                raise _NotModelled(f"IPv{version} value for {sel.text}")
+            intervals.append((lo, hi))
+        return IntervalSet(tuple(intervals), want)
+    out: list[tuple[int, int]] = []
+    for e in elements:
+        val = e["elem"].get("val") if isinstance(e, dict) and "elem" in e else e
+        if isinstance(val, dict) and "range" in val:
+            out.append((_scalar(sel.key, val["range"][0]), _scalar(sel.key, val["range"][1])))
+        elif isinstance(val, dict) and "prefix" in val:
+            raise _NotModelled(f"prefix of {sel.text}")
+        else:
+            x = _scalar(sel.key, val)
+            out.append((x, x))
+    return IntervalSet(tuple(out))
+
+
+def _compare(sel: Selector, op: str, right: Any) -> IntervalSet:
+    """``< > <= >=`` as the interval they admit."""
+    if sel.key in (Key.SADDR, Key.DADDR):
+        lo, hi, version = _addr_interval(right)
+        if lo != hi:
+            raise _NotModelled(f"operator {op} on a range")
+        top = (1 << (32 if version == 4 else 128)) - 1
+        bounds, x = (0, top), lo
+    elif sel.key in _BOUNDS:
+        bounds, x = _BOUNDS[sel.key], _scalar(sel.key, right)
+    else:
+        raise _NotModelled(f"operator {op} on {sel.text}")
+    wanted = (4 if sel.family == AF_INET else 6) if sel.key in (Key.SADDR, Key.DADDR) else None
+    first, last = bounds
+    span = {
+        "<": (first, x - 1),
+        "<=": (first, x),
+        ">": (x + 1, last),
+        ">=": (x, last),
+    }[op]
+    return IntervalSet((span,) if span[0] <= span[1] else (), wanted)
+
+
+def _match(body: Mapping[str, Any], sets: _SetTable, family: str, table: str) -> Match | UnknownMatch:
+    text = _text({"match": body})
+    try:
+        sel = _selector(body.get("left"))
+        op = body.get("op", "==")
+        right = body.get("right")
+        # "in" is nft's implicit operator: a lookup or equality for every (non-bitmask) key modelled here.
+        if op in ("==", "!=", "in"):
+            return Match(sel, Op.NE if op == "!=" else Op.EQ, _values(sel, right, sets, family, table), text)
+        if op in ("<", "<=", ">", ">="):
+            return Match(sel, Op.EQ, _compare(sel, op, right), text)
+        raise _NotModelled(f"operator {op!r} on {sel.text}")
+    except _NotModelled as exc:
+        return UnknownMatch(str(exc), text)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return UnknownMatch(f"malformed match {text}", text)
+
+
+# ---------------------------------------------------------------------------
+# Statements.
+
+
+def _nat(kind_word: str, v: Any, chain_family: str) -> NatStatement | UnknownStatement:
+    text = _text({kind_word: v})
+    kind = _NAT_KINDS[kind_word]
+    body: Mapping[str, Any] = v if isinstance(v, dict) else {}
+    try:
+        family: int | None = _FAMILY_WORDS.get(body["family"]) if "family" in body else None
+        if "family" in body and family is None:
+            raise _NotModelled(f"{kind_word} family {body['family']}")
+        type_flags = body.get("type_flags")
+        if type_flags:
+            names = type_flags if isinstance(type_flags, list) else [type_flags]
+            raise _NotModelled(f"{kind_word} {' '.join(names)}")
+        addr: tuple[IPAddress, IPAddress] | None = None
+        if "addr" in body:
+            if kind in (NatKind.MASQUERADE, NatKind.REDIRECT):
+                raise _NotModelled(f"{kind_word} with an address")
+            try:
+                lo, hi, version = _addr_interval(body["addr"])
+            except _NotModelled as exc:
+                raise _NotModelled(f"{kind_word} to {expression_name(body['addr'])}") from exc
+            make = IPv4Address if version == 4 else IPv6Address
+            addr = (make(lo), make(hi))
+            if family is None and chain_family == "inet":
+                family = AF_INET if version == 4 else AF_INET6
+        elif kind in (NatKind.SNAT, NatKind.DNAT) and "port" not in body:
+            raise _NotModelled(f"{kind_word} without an address")
+        ports: tuple[int, int] | None = None
+        if "port" in body:
+            port = body["port"]
+            if isinstance(port, int) and not isinstance(port, bool):
+                ports = (port, port)
+            elif isinstance(port, dict) and "range" in port and all(type(p) is int for p in port["range"]):
+                ports = (port["range"][0], port["range"][1])
+            else:
+                raise _NotModelled(f"{kind_word} to port {expression_name(port)}")
+        flags = body.get("flags", [])
+        flags = [flags] if isinstance(flags, str) else list(flags)
+        if "netmap" in flags:
+            raise _NotModelled(f"{kind_word} netmap")
+        return NatStatement(kind, text, family, addr, ports, tuple(flags))
+    except _NotModelled as exc:
+        return UnknownStatement(str(exc), text)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return UnknownStatement(f"malformed {kind_word}", text)
+
+
+def _expression(e: Any, sets: _SetTable, family: str, table: str) -> Expression:
+    if not isinstance(e, dict) or len(e) != 1:
+        return UnknownStatement(expression_name(e), _text(e))
+    ((k, v),) = e.items()
+    if k == "match" and isinstance(v, dict):
+        return _match(v, sets, family, table)
+    if k in ("accept", "drop", "return", "continue"):
+        return Verdict(_VERDICTS[k])
+    if k in ("jump", "goto") and isinstance(v, dict) and isinstance(v.get("target"), str):
+        return Verdict(_VERDICTS[k], v["target"])
+    if k in _PASSIVE:
+        return Passive(k, _text(e))
+    if k in _NAT_KINDS:
+        return _nat(k, v, family)
+    if k == "xt" and isinstance(v, dict) and v.get("type") == "match":
+        return UnknownMatch(expression_name(e), _text(e))
+    return UnknownStatement(expression_name(e), _text(e))
+
+
+def parse_rule(exprs: Iterable[Any], *, family: str, table: str, handle: int = 0,
+               sets: _SetTable | None = None, comment: str | None = None) -> Rule:
+    """One rule from its JSON ``expr`` list (also used for nft's ``*.t.json`` test files)."""
+    return Rule(handle, tuple(_expression(e, sets or {}, family, table) for e in exprs), comment=comment)
+
+
+# ---------------------------------------------------------------------------
+# The ruleset.
+
+
+def _flag_list(v: Any) -> list[str]:
+    if v is None:
+        return []
+    return [v] if isinstance(v, str) else [str(x) for x in v]
+
+
+def parse_ruleset_json(doc: dict[str, Any]) -> NatRuleset:
+    """The NAT part of ``nft -j list ruleset`` output. Raises ``RulesetError`` only on a malformed doc."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("nftables"), list):
+        raise RulesetError("nft JSON: expected an object with an \"nftables\" list")
+    dormant: set[tuple[str, str]] = set()
+    chains: dict[tuple[str, str, str], dict[str, Any]] = {}
+    rules: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    sets: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for item in doc["nftables"]:
+        if not isinstance(item, dict) or len(item) != 1:
+            continue
+        ((kind, body),) = item.items()
+        if not isinstance(body, dict) or body.get("family") not in FAMILY_AFS:
+            continue
+        try:
+            if kind == "table":
+                if "dormant" in _flag_list(body.get("flags")):
+                    dormant.add((body["family"], body["name"]))
+            elif kind == "chain":
+                chains[(body["family"], body["table"], body["name"])] = body
+            elif kind == "rule":
+                rules.setdefault((body["family"], body["table"], body["chain"]), []).append(body)
+            elif kind in ("set", "map"):
+                sets[(body["family"], body["table"], body["name"])] = body
+        except KeyError as exc:
+            raise RulesetError(f"nft JSON: {kind} without {exc}") from exc
+
+    def is_nat_base(body: Mapping[str, Any]) -> bool:
+        return body.get("type") == "nat" and body.get("hook") in _HOOKS
+
+    # Base nat chains and what they reach by jump/goto, in dump order.
+    wanted: set[tuple[str, str, str]] = set()
+    todo = [k for k, c in chains.items() if is_nat_base(c) and (k[0], k[1]) not in dormant]
+    parsed: dict[tuple[str, str, str], tuple[Rule, ...]] = {}
+    while todo:
+        key = todo.pop()
+        if key in wanted:
+            continue
+        wanted.add(key)
+        family, table, _ = key
+        chain_rules = []
+        for body in rules.get(key, []):
+            exprs = body.get("expr", [])
+            rule = parse_rule(
+                exprs if isinstance(exprs, list) else [exprs],
+                family=family,
+                table=table,
+                handle=int(body.get("handle", 0)),
+                sets=sets,
+                comment=body.get("comment"),
+            )
+            chain_rules.append(rule)
+            for expr in rule.exprs:
+                if isinstance(expr, Verdict) and expr.target is not None:
+                    target = (family, table, expr.target)
+                    if target in chains and target not in wanted:
+                        todo.append(target)
+        parsed[key] = tuple(chain_rules)
+
+    out: list[Chain] = []
+    for key, body in chains.items():
+        if key not in wanted:
+            continue
+        base = is_nat_base(body)
+        try:
+            out.append(
+                Chain(
+                    family=key[0],
+                    table=key[1],
+                    name=key[2],
+                    rules=parsed[key],
+                    hook=_HOOKS[body["hook"]] if base else None,
+                    priority=int(body["prio"]) if base else None,
+                    type=body.get("type") if base else None,
+                    policy=body.get("policy", "accept") if base else None,
+                    handle=int(body.get("handle", 0)),
+                )
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise RulesetError(f"nft JSON: chain {' '.join(key)}: {exc}") from exc
+    return NatRuleset(tuple(out))
+
+
+def read_ruleset(nft: str = "nft") -> NatRuleset:
+    """Run ``nft -j list ruleset`` in the current namespace and parse it."""
+    argv = [nft, "-j", "list", "ruleset"]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=NFT_TIMEOUT)
+    except FileNotFoundError as exc:
+        raise MissingTool(f"{nft} not found: install nftables to read the ruleset") from exc
+    except PermissionError as exc:
+        raise PermissionDenied(f"cannot run {nft}: {exc.strerror}") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise RulesetError(f"{' '.join(argv)} did not answer within {NFT_TIMEOUT:.0f} s") from exc
+    if proc.returncode != 0:
+        message = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[0]
+        if "Operation not permitted" in proc.stderr or "Permission denied" in proc.stderr:
+            raise PermissionDenied(f"{' '.join(argv)}: {message} (needs CAP_NET_ADMIN)")
+        raise RulesetError(f"{' '.join(argv)} failed: {message}")
+    if not proc.stdout.strip():
+        return NatRuleset()
+    try:
+        doc = json.loads(proc.stdout)
+    except json.JSONDecodeError as exc:
+        raise RulesetError(f"{' '.join(argv)}: output is not JSON ({exc.msg} at line {exc.lineno})") from exc
+    return parse_ruleset_json(doc)
