@@ -1,16 +1,217 @@
-"""A userspace FIB lookup that mirrors the kernel's (INTERFACE STUB: being implemented).
+"""A userspace FIB lookup that mirrors the kernel's.
 
-Decides, for a flow and a topology snapshot, where the flow enters and where it
-leaves: policy rules by priority with their selectors, then the longest prefix
-in each table, metric order, route types. Multipath answers several egresses
-("ambiguous"). Anything it does not model answers ``Unknown``. It never
-performs I/O.
+What it decides: for a destination (and source, input interface, mark, TOS)
+and one ``Topology`` snapshot, which policy rule and which route the kernel
+would pick, and from that where a flow leaves (``Egress``: oif, gateway, the
+address MASQUERADE would choose) and where it entered (``Ingress``, by a
+reverse-path lookup of its source). It must never perform I/O, never read a
+sysctl it was not given, and never guess: whatever depends on something not
+modelled answers ``Unknown`` with a reason naming the rule or route.
+
+Theory of operation (IPv4 follows ``net/core/fib_rules.c``,
+``net/ipv4/fib_rules.c``, ``fib_trie.c``, ``route.c``, ``devinet.c``):
+
+1. Rules (``fib_rules_lookup``). The topology's rules of the family, or
+   ``default_rules`` if it has none, in priority order (ties keep dump
+   order: the kernel inserts a rule after those of equal priority). A rule
+   matches when all its selectors do (``fib_rule_match`` then
+   ``fib4_rule_match``): iif, oif, fwmark/mask, from, to, tos; ``not``
+   inverts the result. Matching is three-valued: a selector that is false
+   makes the rule false whatever else is unknown; otherwise an ``unmodelled``
+   selector, a fwmark with a nonzero mask and an unknown mark, or a tos
+   selector with an unknown TOS make it unknown, and the lookup answers
+   ``Unknown``. A lookup with no input interface is locally generated: the
+   kernel sets ``flowi_iif = LOOPBACK_IFINDEX``, so ``iif lo`` matches it.
+   ``oif`` rules match only lookups given an oif (bound sockets); a rule
+   naming an interface the topology does not have is "detached" and never
+   matches. ``goto`` jumps to the first rule with the target priority and
+   tests it (an unresolved goto is a no-op); ``nop`` continues;
+   ``blackhole``/``unreachable``/``prohibit`` answer at once.
+2. Tables (``fib_table_lookup``). Longest prefix first. Among routes of one
+   prefix: the kernel's alias order, TOS descending then metric ascending
+   then dump order; a route with a TOS applies only to that TOS. The first
+   route that applies decides: ``blackhole``/``unreachable``/``prohibit``
+   answer at once, ``throw`` ends this table and the rule walk goes on (as
+   the kernel's -EAGAIN does), a route whose nexthops are all dead is
+   skipped (next route of the prefix, then shorter prefixes). A nexthop is
+   dead when its link is administratively down (the kernel marks it
+   RTNH_F_DEAD, and removes single-path routes of a down link), except in a
+   host-scope route: the local routes of a down link's addresses stay and
+   still answer (checked against the kernel). A nexthop
+   whose link has no carrier (``running`` False) is RTNH_F_LINKDOWN and still
+   used: ``ignore_routes_with_linkdown`` is 0 by default and is not in the
+   topology. A link the topology does not list counts as alive.
+3. Suppression (``fib4_rule_suppress``): after a successful (non-error)
+   table answer, ``suppress_prefixlength N`` rejects a route of prefix
+   length <= N and the walk goes on. ``suppress_ifgroup`` needs link groups,
+   which the topology lacks: a suppressed-by-group candidate is unknown.
+4. Answers. ``unicast``: one ``Egress`` per live nexthop; several mean
+   multipath (the kernel hashes; callers treat them as alternatives). The
+   same holds for a locally generated lookup that lands on one of several
+   default routes of equal metric (``fib_select_default`` picks by neighbour
+   state). ``local`` delivers to this host (oif ``lo``). ``broadcast``
+   delivers locally on input and leaves its device on output. ``multicast``,
+   ``anycast``, ``nat`` routes and multicast or limited-broadcast
+   destinations are not modelled: unknown. No rule answering means "no
+   route" (``unreachable``). A locally generated IPv4 lookup given an oif
+   whose lookup fails is sent on link through that oif, as
+   ``ip_route_output_key_hash_rcu`` does.
+5. Source of MASQUERADE (IPv4, ``inet_select_addr(oif, nexthop,
+   RT_SCOPE_UNIVERSE)``): the nexthop is the gateway, else the destination.
+   Among the oif's primary addresses of universe scope, in dump order, the
+   first whose subnet holds the nexthop, else the first. If the oif has
+   none: the primary universe-scope addresses of every link in the same L3
+   domain (same VRF master, or none), links in dump order. The route's
+   ``prefsrc`` is ignored, as MASQUERADE ignores it.
+   IPv6 (``ipv6_dev_get_saddr``, RFC 6724) is a SUBSET: usable addresses of
+   the oif (else of every link), preferring the destination itself, then
+   the smallest scope not narrower than the destination's, then not
+   deprecated, then the oif, then the longest common prefix.
+
+Not modelled (the answer may differ from the kernel's): IPv4 martian and
+source-validation checks on input (``ip route get`` fails on them; a
+forwarded flow has passed them already), forwarding disabled on the input
+interface, route scopes versus ``flowi_scope`` (always universe here),
+nexthop objects (a route without nexthops answers unknown), VRF/l3mdev rules
+(``unmodelled``), IPv6 source-specific routes, IPv6 neighbour-reachability
+route selection (equal-metric IPv6 routes are answered as alternatives).
 """
 
 from __future__ import annotations
 
-from topowatch.core.flow import Egress, Flow, Ingress, Unknown
-from topowatch.core.model import IPAddress, Topology
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_network
+
+from topowatch.core.flow import Egress, EgressKind, Flow, Ingress, Unknown
+from topowatch.core.model import (
+    AF_INET,
+    AF_INET6,
+    IFA_F_DEPRECATED,
+    IFA_F_OPTIMISTIC,
+    IFA_F_TENTATIVE,
+    SCOPE_HOST,
+    SCOPE_LINK,
+    SCOPE_UNIVERSE,
+    TABLE_LOCAL,
+    TABLE_MAIN,
+    TABLE_UNSPEC,
+    Address,
+    IPAddress,
+    IPNetwork,
+    Link,
+    Nexthop,
+    PolicyRule,
+    Route,
+    RouteType,
+    RuleAction,
+    Topology,
+    default_rules,
+    family_of,
+)
+
+# The kernel's loopback device always has this index (LOOPBACK_IFINDEX).
+LOOPBACK_IFINDEX = 1
+LOOPBACK_NAME = "lo"
+
+# TOS bits the IPv4 FIB compares (IPTOS_RT_MASK / INET_DSCP_LEGACY_TOS_MASK);
+# IPv6 rules compare the whole DSCP of the traffic class.
+_TOS_MASK_V4 = 0x1C
+_TOS_MASK_V6 = 0xFC
+
+_REJECT_KINDS: dict[RouteType, EgressKind] = {
+    RouteType.BLACKHOLE: EgressKind.BLACKHOLE,
+    RouteType.UNREACHABLE: EgressKind.UNREACHABLE,
+    RouteType.PROHIBIT: EgressKind.PROHIBIT,
+}
+_RULE_REJECT_KINDS: dict[RuleAction, EgressKind] = {
+    RuleAction.BLACKHOLE: EgressKind.BLACKHOLE,
+    RuleAction.UNREACHABLE: EgressKind.UNREACHABLE,
+    RuleAction.PROHIBIT: EgressKind.PROHIBIT,
+}
+_UNMODELLED_TYPES = frozenset(
+    {RouteType.MULTICAST, RouteType.ANYCAST, RouteType.NAT, RouteType.XRESOLVE, RouteType.UNSPEC}
+)
+
+NO_ROUTE = "no route"
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """One lookup's whole answer: the egresses and the rule and route that decided them.
+
+    ``rule`` is None where no rule decided (no route at all); ``route`` is
+    None where a rule action, not a route, decided, or nothing matched.
+    """
+
+    egresses: tuple[Egress, ...] | Unknown
+    rule: PolicyRule | None = None
+    route: Route | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Query:
+    dst: IPAddress
+    src: IPAddress | None
+    iifname: str | None  # None: locally generated (the kernel's iif is lo)
+    oifname: str | None
+    mark: int | None  # None: unknown
+    tos: int | None  # None: unknown
+
+    @property
+    def output(self) -> bool:
+        return self.iifname is None
+
+
+@dataclass(frozen=True, slots=True)
+class _Hit:
+    route: Route
+    nexthops: tuple[Nexthop, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Reject:
+    route: Route
+
+
+@dataclass(frozen=True, slots=True)
+class _Throw:
+    route: Route
+
+
+_TableAnswer = _Hit | _Reject | _Throw | Unknown | None  # None: no route in this table
+
+
+def _and3(parts: list[bool | Unknown]) -> bool | Unknown:
+    """Three-valued AND: false wins over unknown, unknown over true."""
+    unknown: Unknown | None = None
+    for part in parts:
+        if isinstance(part, Unknown):
+            if unknown is None:
+                unknown = part
+        elif not part:
+            return False
+    return unknown if unknown is not None else True
+
+
+def _zero(family: int) -> IPAddress:
+    return IPv4Address(0) if family == AF_INET else IPv6Address(0)
+
+
+def _v6_scope_width(addr: IPv6Address) -> int:
+    """RFC 4291 scope as a width: larger is wider (host 1, link 2, site 5, global 14)."""
+    if addr.is_loopback:
+        return 1
+    if addr.is_link_local:
+        return 2
+    if addr.is_site_local:
+        return 5
+    return 14
+
+
+def _common_prefix(a: IPAddress, b: IPAddress) -> int:
+    bits = a.max_prefixlen
+    diff = int(a) ^ int(b)
+    return bits - diff.bit_length()
 
 
 class Fib:
@@ -18,6 +219,30 @@ class Fib:
 
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
+        self._names = topology.names()
+        self._links: dict[int, Link] = {link.index: link for link in topology.links}
+        self._link_names = frozenset(link.name for link in topology.links)
+        lo = topology.link_by_name(LOOPBACK_NAME)
+        self._lo_index = lo.index if lo is not None else LOOPBACK_IFINDEX
+        self._rules: dict[int, tuple[PolicyRule, ...]] = {}
+        for family in (AF_INET, AF_INET6):
+            rules = [r for r in topology.rules if r.family == family] or list(default_rules(family))
+            # sorted() is stable: equal priorities keep dump order, as the kernel lists them.
+            self._rules[family] = tuple(sorted(rules, key=lambda r: r.priority))
+        # (family, table) -> prefixlen -> network -> routes in dump order.
+        self._tables: dict[tuple[int, int], dict[int, dict[IPNetwork, list[Route]]]] = {}
+        routes = list(topology.routes)
+        for family in (AF_INET, AF_INET6):
+            if not any(r.family == family and r.table == TABLE_LOCAL for r in routes):
+                routes.extend(self._implied_local_routes(family))
+        for route in routes:
+            by_len = self._tables.setdefault((route.family, route.table), {})
+            by_len.setdefault(route.dst.prefixlen, {}).setdefault(route.dst, []).append(route)
+        self._prefixlens: dict[tuple[int, int], tuple[int, ...]] = {
+            key: tuple(sorted(by_len, reverse=True)) for key, by_len in self._tables.items()
+        }
+
+    # -- public API -----------------------------------------------------------------
 
     def lookup(
         self,
@@ -27,22 +252,443 @@ class Fib:
         iifname: str | None = None,
         oifname: str | None = None,
         mark: int | None = 0,
-        tos: int = 0,
+        tos: int | None = 0,
     ) -> tuple[Egress, ...] | Unknown:
-        """Route ``dst`` as the kernel would; several egresses for multipath."""
-        raise NotImplementedError
+        """Route ``dst`` as the kernel would; several egresses for multipath.
+
+        ``iifname`` None is a locally generated packet; ``mark`` or ``tos`` None
+        is unknown (selectors on it answer unknown). ``src`` None is the
+        kernel's 0.0.0.0 (``ip route get`` without ``from``).
+        """
+        return self.resolve(dst, src=src, iifname=iifname, oifname=oifname, mark=mark, tos=tos).egresses
+
+    def resolve(
+        self,
+        dst: IPAddress,
+        *,
+        src: IPAddress | None = None,
+        iifname: str | None = None,
+        oifname: str | None = None,
+        mark: int | None = 0,
+        tos: int | None = 0,
+    ) -> Resolution:
+        """Like ``lookup``, and say which rule and route decided."""
+        if src is not None and src.version != dst.version:
+            raise ValueError(f"lookup mixes address families: {src} -> {dst}")
+        return self._resolve(_Query(dst, src, iifname, oifname, mark, tos))
 
     def ingress(self, flow: Flow) -> Ingress | Unknown:
-        """Where the flow's first packet entered: local if its source is ours, else reverse path."""
-        raise NotImplementedError
+        """Where the flow's first packet entered: local if its source is ours, else reverse path.
+
+        The reverse path is the lookup ``fib_validate_source`` and nft ``fib
+        saddr . iif`` make: destination the flow's source, source the flow's
+        destination, as if locally generated (iif lo). Its oif is the iif.
+        """
+        if self.is_local(flow.src):
+            return self._local_ingress()
+        answer = self.lookup(flow.src, src=flow.dst, mark=flow.packet_mark, tos=None)
+        if isinstance(answer, Unknown):
+            return Unknown(f"reverse path of {flow.src}: {answer.reason}")
+        if any(e.kind is EgressKind.LOCAL for e in answer):
+            return self._local_ingress()
+        rejects = [e for e in answer if e.kind is not EgressKind.UNICAST]
+        if rejects:
+            return Unknown(f"no reverse path to {flow.src}: {rejects[0].describe()}")
+        oifs = sorted({(e.oif, e.oifname) for e in answer})
+        if len(oifs) > 1:
+            devs = ", ".join(f"dev {name}" for _, name in oifs)
+            return Unknown(f"reverse path of {flow.src} is multipath ({devs})")
+        oif, name = oifs[0]
+        return Ingress(oif, name)
 
     def egress(self, flow: Flow, ingress: Ingress) -> tuple[Egress, ...] | Unknown:
-        """Where the flow (after any DNAT, passed in ``flow``) leaves."""
-        raise NotImplementedError
+        """Where the flow (after any DNAT, passed in ``flow``) leaves.
+
+        The TOS is unknown (conntrack does not keep it): TOS selectors answer unknown.
+        """
+        iifname = None if ingress.local else ingress.ifname
+        return self.lookup(flow.dst, src=flow.src, iifname=iifname, mark=flow.packet_mark, tos=None)
 
     def is_local(self, addr: IPAddress) -> bool:
-        raise NotImplementedError
+        """True if ``addr`` is ours: a ``local`` route in the local table holds it, or an address is it."""
+        if self.topology.is_local(addr):
+            return True
+        query = _Query(addr, None, None, None, 0, 0)
+        answer = self._table_lookup(family_of(addr), TABLE_LOCAL, query)
+        return isinstance(answer, _Hit) and answer.route.type == RouteType.LOCAL
 
-    def redirect_address(self, family: int, ingress: Ingress) -> IPAddress | None:
-        """The address REDIRECT picks: the input interface's first primary address, loopback for local."""
-        raise NotImplementedError
+    def redirect_address(
+        self, family: int, ingress: Ingress, dst: IPAddress | None = None
+    ) -> IPAddress | None:
+        """The address REDIRECT picks: the input interface's first primary address, loopback for local.
+
+        IPv4 (``nf_nat_redirect_ipv4``): the head of the interface's address
+        list, which is primary. IPv6 (``nf_nat_redirect_ipv6``): the first
+        address that is not v4-mapped nor tentative (optimistic is fine) and,
+        if ``dst`` is given, of the same scope as ``dst``. None: REDIRECT drops.
+        """
+        if ingress.local:
+            return IPv4Address("127.0.0.1") if family == AF_INET else IPv6Address("::1")
+        addrs = self.topology.addresses_of(ingress.ifindex, family)
+        if family == AF_INET:
+            return addrs[0].address if addrs else None
+        for a in addrs:
+            addr = a.address
+            assert isinstance(addr, IPv6Address)
+            if addr.ipv4_mapped is not None:
+                continue
+            if a.flags & IFA_F_TENTATIVE and not a.flags & IFA_F_OPTIMISTIC:
+                continue
+            if isinstance(dst, IPv6Address) and _v6_scope_width(addr) != _v6_scope_width(dst):
+                continue
+            return addr
+        return None
+
+    def masquerade_source(self, oif: int, nexthop: IPAddress) -> IPAddress | None:
+        """The source MASQUERADE picks on ``oif`` for ``nexthop`` (gateway, else destination)."""
+        if nexthop.version == 4:
+            return self._inet_select_addr(oif, nexthop)
+        return self._ipv6_select_addr(oif, nexthop)
+
+    # -- rules ----------------------------------------------------------------------
+
+    def _resolve(self, q: _Query) -> Resolution:
+        family = family_of(q.dst)
+        if q.dst.is_multicast:
+            return Resolution(Unknown(f"multicast destination {q.dst} is not modelled"))
+        if q.dst == IPv4Address("255.255.255.255"):
+            return Resolution(Unknown("limited broadcast destination is not modelled"))
+        rules = self._rules[family]
+        i = 0
+        while i < len(rules):
+            rule = rules[i]
+            matched = self._rule_match(rule, q)
+            if isinstance(matched, Unknown):
+                return Resolution(matched, rule)
+            if not matched:
+                i += 1
+                continue
+            action = rule.action
+            if action == RuleAction.GOTO:
+                target = self._goto_target(rules, i)
+                if target is None:  # unresolved: the kernel goes on with the next rule
+                    i += 1
+                else:
+                    i = target  # the target is then tested like any rule ("goto jumped")
+                continue
+            if action in (RuleAction.NOP, RuleAction.UNSPEC):
+                i += 1
+                continue
+            if action in _RULE_REJECT_KINDS:
+                reject = Egress(_RULE_REJECT_KINDS[action], route=f"rule {rule.describe()}")
+                return self._fallback_oif(q, Resolution((reject,), rule))
+            table = rule.table if rule.table != TABLE_UNSPEC else TABLE_MAIN
+            answer = self._table_lookup(family, table, q)
+            if answer is None or isinstance(answer, _Throw):
+                i += 1
+                continue
+            if isinstance(answer, Unknown):
+                return Resolution(answer, rule)
+            if isinstance(answer, _Reject):
+                kind = _REJECT_KINDS[answer.route.type]
+                reject = Egress(kind, route=self._route_text(answer.route))
+                return self._fallback_oif(q, Resolution((reject,), rule, answer.route))
+            suppressed = self._suppressed(rule, answer)
+            if isinstance(suppressed, Unknown):
+                return Resolution(suppressed, rule, answer.route)
+            if suppressed:
+                i += 1
+                continue
+            return Resolution(self._answer(q, table, answer), rule, answer.route)
+        nothing = Egress(EgressKind.UNREACHABLE, route=NO_ROUTE)
+        return self._fallback_oif(q, Resolution((nothing,)))
+
+    @staticmethod
+    def _goto_target(rules: tuple[PolicyRule, ...], i: int) -> int | None:
+        target = rules[i].goto
+        for j, rule in enumerate(rules):
+            if rule.priority == target:
+                # The kernel refuses backward gotos; a snapshot that has one would loop.
+                return j if j > i else None
+        return None
+
+    def _rule_match(self, rule: PolicyRule, q: _Query) -> bool | Unknown:
+        """``fib_rule_match`` + ``fib4_rule_match``/``fib6_rule_match``, three-valued."""
+        what = f"rule {rule.describe()}"
+        parts: list[bool | Unknown] = []
+        if rule.iifname is not None:
+            iif = q.iifname if q.iifname is not None else LOOPBACK_NAME
+            parts.append(self._link_exists(rule.iifname) and rule.iifname == iif)
+        if rule.oifname is not None:
+            parts.append(self._link_exists(rule.oifname) and rule.oifname == q.oifname)
+        if rule.fwmark is not None:
+            mask = rule.fwmask if rule.fwmask is not None else (0xFFFFFFFF if rule.fwmark else 0)
+            if mask == 0:
+                parts.append(True)
+            elif q.mark is None:
+                parts.append(Unknown(f"{what}: selector fwmark needs the packet mark, which is unknown"))
+            else:
+                parts.append(((rule.fwmark ^ q.mark) & mask) == 0)
+        if rule.src is not None:
+            parts.append((q.src if q.src is not None else _zero(rule.family)) in rule.src)
+        if rule.dst is not None:
+            parts.append(q.dst in rule.dst)
+        if rule.tos:
+            if q.tos is None:
+                parts.append(Unknown(f"{what}: selector tos needs the packet's TOS, which is unknown"))
+            else:
+                mask = _TOS_MASK_V4 if rule.family == AF_INET else _TOS_MASK_V6
+                parts.append(rule.tos == q.tos & mask)
+        parts.extend(Unknown(f"{what}: selector {name} is not modelled") for name in rule.unmodelled)
+        result = _and3(parts)
+        if rule.invert and not isinstance(result, Unknown):
+            return not result
+        return result
+
+    def _link_exists(self, name: str) -> bool:
+        # A rule naming a missing interface is "detached" and never matches. A
+        # topology without links (built by hand) cannot say: trust the name.
+        return name == LOOPBACK_NAME or not self._link_names or name in self._link_names
+
+    def _suppressed(self, rule: PolicyRule, hit: _Hit) -> bool | Unknown:
+        # The kernel's "off" is -1; a route of prefix length <= N is refused.
+        if rule.suppress_prefixlen is not None and hit.route.dst.prefixlen <= rule.suppress_prefixlen:
+            return True
+        if rule.suppress_ifgroup is not None and rule.suppress_ifgroup != -1 and hit.nexthops:
+            return Unknown(
+                f"rule {rule.describe()}: selector suppress_ifgroup needs link groups, which are not modelled"
+            )
+        return False
+
+    # -- tables ---------------------------------------------------------------------
+
+    def _table_lookup(self, family: int, table: int, q: _Query) -> _TableAnswer:
+        by_len = self._tables.get((family, table))
+        if not by_len:
+            return None
+        for plen in self._prefixlens[(family, table)]:
+            routes = by_len[plen].get(ip_network((q.dst, plen), strict=False))
+            if not routes:
+                continue
+            ordered = sorted(routes, key=lambda r: (-r.tos, r.metric))
+            for idx, route in enumerate(ordered):
+                if route.tos:
+                    if q.tos is None:
+                        return Unknown(
+                            f"route {self._route_text(route)} selects tos {route.tos:#x}; "
+                            "the packet's TOS is unknown"
+                        )
+                    mask = _TOS_MASK_V4 if family == AF_INET else _TOS_MASK_V6
+                    if route.tos != q.tos & mask:
+                        continue
+                if route.type == RouteType.THROW:
+                    return _Throw(route)
+                if route.type in _REJECT_KINDS:
+                    return _Reject(route)
+                live = tuple(
+                    nh
+                    for nh in route.nexthops
+                    if self._alive(route, nh) and (q.oifname is None or self._names.get(nh.oif) == q.oifname)
+                )
+                if route.nexthops and not live:
+                    continue
+                if family == AF_INET6 and route.type == RouteType.UNICAST:
+                    live += self._v6_same_metric(ordered, idx, q)
+                elif q.output and q.oifname is None and plen == 0 and route.type == RouteType.UNICAST:
+                    live += self._default_alternatives(ordered, idx, by_len[plen])
+                return _Hit(route, live)
+        return None
+
+    def _alive(self, route: Route, nh: Nexthop) -> bool:
+        # fib_sync_down_dev() marks nexthops of a down link dead, except those of
+        # host-scope routes (the local routes of its addresses stay and answer).
+        if route.scope == SCOPE_HOST or route.type == RouteType.LOCAL:
+            return True
+        link = self._links.get(nh.oif)
+        return link is None or link.up
+
+    def _v6_same_metric(self, ordered: list[Route], idx: int, q: _Query) -> tuple[Nexthop, ...]:
+        """IPv6 chooses among equal-metric routes by neighbour state (rt6_select): alternatives."""
+        first = ordered[idx]
+        extra: list[Nexthop] = []
+        for route in ordered[idx + 1 :]:
+            if route.metric != first.metric or route.tos != first.tos or route.type != RouteType.UNICAST:
+                break
+            extra.extend(
+                nh
+                for nh in route.nexthops
+                if self._alive(route, nh) and (q.oifname is None or self._names.get(nh.oif) == q.oifname)
+            )
+        return tuple(extra)
+
+    def _default_alternatives(
+        self, ordered: list[Route], idx: int, same_len: dict[IPNetwork, list[Route]]
+    ) -> tuple[Nexthop, ...]:
+        """``fib_select_default``: several equal-metric gateway default routes of one table.
+
+        The kernel picks among them by neighbour state when it routes a locally
+        generated packet; it only does so when the table has more than one
+        default route and the chosen one is a single gateway nexthop.
+        """
+        first = ordered[idx]
+        if sum(len(v) for v in same_len.values()) < 2 or not _single_gateway(first):
+            return ()
+        extra: list[Nexthop] = []
+        for route in ordered[idx + 1 :]:
+            if route.metric != first.metric or route.tos != first.tos:
+                break
+            if route.type != RouteType.UNICAST or not _single_gateway(route):
+                continue
+            if self._alive(route, route.nexthops[0]):
+                extra.append(route.nexthops[0])
+        return tuple(extra)
+
+    def _implied_local_routes(self, family: int) -> list[Route]:
+        """Local-table host routes the kernel makes for each address (a hand-built topology lacks them)."""
+        routes: list[Route] = []
+        for a in self.topology.addresses:
+            if a.family != family or not a.usable:
+                continue
+            link = self._links.get(a.ifindex)
+            host = ip_network(a.address)
+            routes.append(
+                Route(
+                    host,
+                    TABLE_LOCAL,
+                    RouteType.LOCAL,
+                    (Nexthop(a.ifindex),),
+                    scope=SCOPE_HOST,
+                    prefsrc=a.address,
+                )
+            )
+            if link is not None and link.name == LOOPBACK_NAME and a.network != host:
+                routes.append(
+                    Route(a.network, TABLE_LOCAL, RouteType.LOCAL, (Nexthop(a.ifindex),), scope=SCOPE_HOST)
+                )
+        return routes
+
+    # -- answers --------------------------------------------------------------------
+
+    def _answer(self, q: _Query, table: int, hit: _Hit) -> tuple[Egress, ...] | Unknown:
+        route = hit.route
+        text = self._route_text(route)
+        if route.type in _UNMODELLED_TYPES:
+            return Unknown(f"route {text}: type {route.type.name.lower()} is not modelled")
+        if route.type == RouteType.LOCAL or (route.type == RouteType.BROADCAST and not q.output):
+            return (Egress(EgressKind.LOCAL, self._lo_index, LOOPBACK_NAME, route=text),)
+        if not hit.nexthops:
+            return Unknown(f"route {text} has no nexthop (nexthop objects are not modelled)")
+        gateway_ok = route.type == RouteType.UNICAST
+        egresses: list[Egress] = []
+        for nh in hit.nexthops:
+            gateway = nh.gateway if gateway_ok else None
+            egresses.append(
+                Egress(
+                    EgressKind.UNICAST,
+                    nh.oif,
+                    self._names.get(nh.oif, f"if{nh.oif}"),
+                    gateway,
+                    self._masquerade_for(nh.oif, gateway, q.dst),
+                    text,
+                )
+            )
+        # Equal-metric alternatives can come from other routes of the prefix: keep each once.
+        return tuple(dict.fromkeys(egresses))
+
+    def _fallback_oif(self, q: _Query, failed: Resolution) -> Resolution:
+        """A locally generated IPv4 lookup with an oif that fails is sent on link via the oif."""
+        if not (q.output and q.oifname is not None and q.dst.version == 4):
+            return failed
+        link = self.topology.link_by_name(q.oifname)
+        if link is None:
+            return failed
+        egress = Egress(
+            EgressKind.UNICAST,
+            link.index,
+            link.name,
+            None,
+            self._masquerade_for(link.index, None, q.dst),
+            f"on link via {link.name} (lookup failed)",
+        )
+        return Resolution((egress,), failed.rule, None)
+
+    def _route_text(self, route: Route) -> str:
+        text = route.describe(self._names)
+        return text if route.table != TABLE_MAIN else f"{text} table main"
+
+    def _local_ingress(self) -> Ingress:
+        return Ingress(self._lo_index, LOOPBACK_NAME, local=True)
+
+    # -- source address selection ---------------------------------------------------
+
+    def _masquerade_for(self, oif: int, gateway: IPAddress | None, dst: IPAddress) -> IPAddress | None:
+        # rt_nexthop(): the IPv4 gateway if the route has one, else the destination.
+        if dst.version == 4:
+            nexthop = gateway if isinstance(gateway, IPv4Address) else dst
+            return self._inet_select_addr(oif, nexthop)
+        # nf_nat_masquerade_ipv6 selects for the destination, not the nexthop.
+        return self._ipv6_select_addr(oif, dst)
+
+    def _inet_select_addr(self, oif: int, nexthop: IPAddress) -> IPv4Address | None:
+        """``inet_select_addr(oif, nexthop, RT_SCOPE_UNIVERSE)``."""
+        first: IPv4Address | None = None
+        for a in self.topology.addresses_of(oif, AF_INET):
+            if a.secondary or a.scope > SCOPE_UNIVERSE:
+                continue
+            assert isinstance(a.address, IPv4Address)
+            if nexthop in a.network:
+                return a.address
+            first = first or a.address
+        if first is not None:
+            return first
+        # The oif has none: the VRF device's own first, then every link of the same
+        # L3 domain in dump order (lo first).
+        domain = self._l3_master(oif)
+        candidates = [domain] if domain else []
+        candidates += [link.index for link in self.topology.links if self._l3_master(link.index) == domain]
+        for ifindex in candidates:
+            for a in self.topology.addresses_of(ifindex, AF_INET):
+                if not a.secondary and a.scope != SCOPE_LINK and a.scope <= SCOPE_UNIVERSE:
+                    assert isinstance(a.address, IPv4Address)
+                    return a.address
+        return None
+
+    def _l3_master(self, ifindex: int) -> int:
+        link = self._links.get(ifindex)
+        if link is None or not link.master:
+            return 0
+        master = self._links.get(link.master)
+        return master.index if master is not None and master.kind == "vrf" else 0
+
+    def _ipv6_select_addr(self, oif: int, dst: IPAddress) -> IPAddress | None:
+        """A subset of RFC 6724 source selection (``ipv6_dev_get_saddr``); see the module docstring."""
+        assert isinstance(dst, IPv6Address)
+        want = _v6_scope_width(dst)
+
+        def usable(a: Address) -> bool:
+            return a.family == AF_INET6 and a.usable
+
+        candidates = [a for a in self.topology.addresses_of(oif, AF_INET6) if usable(a)]
+        if not candidates:
+            candidates = [a for a in self.topology.addresses if usable(a)]
+        if not candidates:
+            return None
+
+        def preference(a: Address) -> tuple[bool, int, bool, bool, int]:
+            addr = a.address
+            assert isinstance(addr, IPv6Address)
+            width = _v6_scope_width(addr)
+            scope_rank = -width if width >= want else width - 100
+            return (
+                addr == dst,
+                scope_rank,
+                not a.flags & IFA_F_DEPRECATED,
+                a.ifindex == oif,
+                _common_prefix(addr, dst),
+            )
+
+        return max(candidates, key=preference).address
+
+
+def _single_gateway(route: Route) -> bool:
+    return len(route.nexthops) == 1 and route.nexthops[0].gateway is not None

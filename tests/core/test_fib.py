@@ -1,0 +1,1000 @@
+"""core.fib: table-driven cases per selector, route type and source choice; property tests.
+
+The property tests compare the FIB with brute-force oracles written here
+independently (sort every matching route, take the first usable one), and
+check the three-valued discipline: an answer given with the mark or TOS
+unknown must hold for every mark or TOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address, ip_network
+from typing import Any
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from topowatch.core.fib import Fib
+from topowatch.core.flow import Egress, EgressKind, Flow, Ingress, Unknown
+from topowatch.core.model import (
+    AF_INET,
+    AF_INET6,
+    IFA_F_DEPRECATED,
+    IFA_F_SECONDARY,
+    IFA_F_TENTATIVE,
+    SCOPE_HOST,
+    SCOPE_LINK,
+    TABLE_LOCAL,
+    TABLE_MAIN,
+    Address,
+    IPAddress,
+    Link,
+    Nexthop,
+    PolicyRule,
+    Route,
+    RouteType,
+    RuleAction,
+    Topology,
+)
+
+LO, WAN, LAN, LTE, DEAD, NOCARRIER, VRF, VPN = 1, 2, 3, 4, 5, 6, 7, 8
+LINKS = (
+    Link(LO, "lo"),
+    Link(WAN, "wan"),
+    Link(LAN, "lan"),
+    Link(LTE, "lte"),
+    Link(DEAD, "dead", up=False, running=False),
+    Link(NOCARRIER, "nocarrier", running=False),
+    Link(VRF, "blue", kind="vrf"),
+    Link(VPN, "vpn", master=VRF),
+)
+
+
+def A(ifindex: int, text: str, *, scope: int = 0, flags: int = 0, peer: str | None = None) -> Address:
+    addr, plen = text.split("/")
+    return Address(ifindex, ip_address(addr), int(plen), scope, flags, ip_address(peer) if peer else None)
+
+
+ADDRESSES = (
+    A(LO, "127.0.0.1/8", scope=SCOPE_HOST),
+    A(WAN, "169.254.9.9/16", scope=SCOPE_LINK),
+    A(WAN, "203.0.113.6/24", flags=IFA_F_SECONDARY),
+    A(WAN, "203.0.113.5/24"),
+    A(WAN, "198.51.100.7/24"),
+    A(LAN, "192.168.1.1/24"),
+    A(LTE, "100.64.0.2/32", peer="100.64.0.1"),
+    A(VRF, "10.200.0.1/32"),
+    A(LAN, "fd00:1::1/64"),
+    A(LAN, "fe80::1/64", scope=SCOPE_LINK),
+    A(WAN, "2001:db8::5/64", flags=IFA_F_TENTATIVE),
+    A(WAN, "2001:db8:1::5/64", flags=IFA_F_DEPRECATED),
+    A(WAN, "2001:db8:2::5/64"),
+)
+
+
+def R(
+    dst: str,
+    dev: int | None = None,
+    via: str | None = None,
+    *,
+    table: int = TABLE_MAIN,
+    type: RouteType = RouteType.UNICAST,
+    metric: int = 0,
+    tos: int = 0,
+    nhs: tuple[tuple[int, str | None], ...] = (),
+    prefsrc: str | None = None,
+) -> Route:
+    hops = nhs or (((dev, via),) if dev is not None else ())
+    nexthops = tuple(Nexthop(d, ip_address(g) if g else None) for d, g in hops)
+    return Route(
+        ip_network(dst),
+        table,
+        type,
+        nexthops,
+        metric,
+        ip_address(prefsrc) if prefsrc else None,
+        tos=tos,
+    )
+
+
+def rule(priority: int, **kw: Any) -> PolicyRule:
+    family = kw.pop("family", AF_INET)
+    for key in ("src", "dst"):
+        if key in kw:
+            kw[key] = ip_network(kw[key])
+    return PolicyRule(family, priority, **kw)
+
+
+def rules_with(*extra: PolicyRule) -> tuple[PolicyRule, ...]:
+    return (
+        rule(0, table=TABLE_LOCAL),
+        *extra,
+        rule(32766, table=TABLE_MAIN),
+    )
+
+
+MAIN = (
+    R("0.0.0.0/0", WAN, "203.0.113.1"),
+    R("192.168.1.0/24", LAN),
+    R("203.0.113.0/24", WAN),
+    R("198.51.100.0/24", WAN),
+)
+
+
+def fib(routes: tuple[Route, ...] = MAIN, rules: tuple[PolicyRule, ...] = (), **kw: Any) -> Fib:
+    return Fib(Topology(kw.get("links", LINKS), kw.get("addresses", ADDRESSES), routes, rules))
+
+
+def summary(answer: tuple[Egress, ...] | Unknown) -> object:
+    """("unicast", "wan", "203.0.113.1") per egress, or "unknown: <reason>"."""
+    if isinstance(answer, Unknown):
+        return f"unknown: {answer.reason}"
+    out = []
+    for e in answer:
+        if e.kind is EgressKind.UNICAST:
+            out.append((e.kind.value, e.oifname, str(e.gateway) if e.gateway else None))
+        else:
+            out.append((e.kind.value, e.oifname or None, None))
+    return out[0] if len(out) == 1 else sorted(out)
+
+
+def ip(text: str) -> IPAddress:
+    return ip_address(text)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    routes: tuple[Route, ...]
+    rules: tuple[PolicyRule, ...]
+    dst: str
+    expect: object
+    query: tuple[tuple[str, Any], ...] = ()
+
+    def run(self) -> object:
+        kw = dict(self.query)
+        if "src" in kw:
+            kw["src"] = ip(kw["src"])
+        return summary(fib(self.routes, self.rules).lookup(ip(self.dst), **kw))
+
+
+UNICAST_WAN = ("unicast", "wan", "203.0.113.1")
+T100 = (R("0.0.0.0/0", LTE, "100.64.0.1", table=100),)
+
+ROUTE_CASES = [
+    Case(
+        "longest prefix wins",
+        (*MAIN, R("10.0.0.0/8", LAN, "192.168.1.9")),
+        (),
+        "10.1.2.3",
+        ("unicast", "lan", "192.168.1.9"),
+    ),
+    Case(
+        "shorter prefix when longer does not hold dst",
+        (*MAIN, R("10.0.0.0/8", LAN, "192.168.1.9")),
+        (),
+        "11.1.2.3",
+        UNICAST_WAN,
+    ),
+    Case(
+        "lowest metric among equal prefixes",
+        (R("10.0.0.0/8", LAN, "192.168.1.9", metric=10), R("10.0.0.0/8", WAN, "203.0.113.9", metric=5)),
+        (),
+        "10.0.0.1",
+        ("unicast", "wan", "203.0.113.9"),
+    ),
+    Case(
+        "equal metric: dump order",
+        (R("10.0.0.0/8", LAN, "192.168.1.9"), R("10.0.0.0/8", WAN, "203.0.113.9")),
+        (),
+        "10.0.0.1",
+        ("unicast", "lan", "192.168.1.9"),
+    ),
+    Case(
+        "tos route applies to its tos",
+        (R("10.0.0.0/8", LAN, metric=100, tos=0x10), R("10.0.0.0/8", WAN)),
+        (),
+        "10.0.0.1",
+        ("unicast", "lan", None),
+        (("tos", 0x10),),
+    ),
+    Case(
+        "tos route ignores ecn bits",
+        (R("10.0.0.0/8", LAN, metric=100, tos=0x10), R("10.0.0.0/8", WAN)),
+        (),
+        "10.0.0.1",
+        ("unicast", "lan", None),
+        (("tos", 0x12),),
+    ),
+    Case(
+        "tos route skipped for other tos",
+        (R("10.0.0.0/8", LAN, tos=0x10), R("10.0.0.0/8", WAN)),
+        (),
+        "10.0.0.1",
+        ("unicast", "wan", None),
+        (("tos", 0x14),),
+    ),
+    Case(
+        "tos route with unknown tos",
+        (R("10.0.0.0/8", LAN, tos=0x10), R("10.0.0.0/8", WAN)),
+        (),
+        "10.0.0.1",
+        "unknown: route 10.0.0.0/8 dev lan table main selects tos 0x10; the packet's TOS is unknown",
+        (("tos", None),),
+    ),
+    Case(
+        "blackhole",
+        (*MAIN, R("10.0.0.0/8", type=RouteType.BLACKHOLE)),
+        (),
+        "10.0.0.1",
+        ("blackhole", None, None),
+    ),
+    Case(
+        "unreachable",
+        (*MAIN, R("10.0.0.0/8", type=RouteType.UNREACHABLE)),
+        (),
+        "10.0.0.1",
+        ("unreachable", None, None),
+    ),
+    Case(
+        "prohibit",
+        (*MAIN, R("10.0.0.0/8", type=RouteType.PROHIBIT)),
+        (),
+        "10.0.0.1",
+        ("prohibit", None, None),
+    ),
+    Case(
+        "reject route beats a worse-metric unicast",
+        (R("10.0.0.0/8", type=RouteType.BLACKHOLE, metric=1), R("10.0.0.0/8", LAN, metric=2)),
+        (),
+        "10.0.0.1",
+        ("blackhole", None, None),
+    ),
+    Case("no route", (R("10.0.0.0/8", LAN),), (), "11.0.0.1", ("unreachable", None, None)),
+    Case(
+        "local route",
+        (*MAIN, R("10.9.0.0/24", LO, table=TABLE_LOCAL, type=RouteType.LOCAL)),
+        (),
+        "10.9.0.7",
+        ("local", "lo", None),
+    ),
+    Case("own address is local (implied local table)", MAIN, (), "192.168.1.1", ("local", "lo", None)),
+    Case(
+        "dead link skipped for the next metric",
+        (R("10.0.0.0/8", DEAD, metric=1), R("10.0.0.0/8", LAN, metric=2)),
+        (),
+        "10.0.0.1",
+        ("unicast", "lan", None),
+    ),
+    Case(
+        "dead link: back to a shorter prefix",
+        (*MAIN, R("10.1.0.0/16", DEAD), R("10.0.0.0/8", LAN)),
+        (),
+        "10.1.0.1",
+        ("unicast", "lan", None),
+    ),
+    Case(
+        "no carrier is still used (linkdown)",
+        (*MAIN, R("10.0.0.0/8", NOCARRIER)),
+        (),
+        "10.0.0.1",
+        ("unicast", "nocarrier", None),
+    ),
+    Case(
+        "multipath answers every nexthop",
+        (*MAIN, R("10.0.0.0/8", nhs=((WAN, "203.0.113.1"), (LAN, "192.168.1.9")))),
+        (),
+        "10.0.0.1",
+        [("unicast", "lan", "192.168.1.9"), UNICAST_WAN],
+    ),
+    Case(
+        "multipath without its dead nexthop",
+        (*MAIN, R("10.0.0.0/8", nhs=((DEAD, None), (LAN, "192.168.1.9")))),
+        (),
+        "10.0.0.1",
+        ("unicast", "lan", "192.168.1.9"),
+    ),
+    Case(
+        "oif keeps only its nexthops",
+        (*MAIN, R("10.0.0.0/8", nhs=((WAN, "203.0.113.1"), (LAN, "192.168.1.9")))),
+        (),
+        "10.0.0.1",
+        ("unicast", "lan", "192.168.1.9"),
+        (("oifname", "lan"),),
+    ),
+    Case(
+        "oif with a failed lookup goes on link",
+        (R("10.0.0.0/8", type=RouteType.UNREACHABLE),),
+        (),
+        "10.0.0.1",
+        ("unicast", "lte", None),
+        (("oifname", "lte"),),
+    ),
+    Case(
+        "no on-link fallback for forwarded packets",
+        (R("10.0.0.0/8", type=RouteType.UNREACHABLE),),
+        (),
+        "10.0.0.1",
+        ("unreachable", None, None),
+        (("oifname", "lte"), ("iifname", "lan")),
+    ),
+    Case(
+        "broadcast route on output leaves its device",
+        (*MAIN, R("192.168.1.255/32", LAN, table=TABLE_LOCAL, type=RouteType.BROADCAST)),
+        (),
+        "192.168.1.255",
+        ("unicast", "lan", None),
+    ),
+    Case(
+        "broadcast route on input is delivered locally",
+        (*MAIN, R("192.168.1.255/32", LAN, table=TABLE_LOCAL, type=RouteType.BROADCAST)),
+        (),
+        "192.168.1.255",
+        ("local", "lo", None),
+        (("iifname", "lan"),),
+    ),
+    Case(
+        "anycast route is unknown",
+        (*MAIN, R("10.0.0.0/8", LAN, type=RouteType.ANYCAST)),
+        (),
+        "10.0.0.1",
+        "unknown: route anycast 10.0.0.0/8 dev lan table main: type anycast is not modelled",
+    ),
+    Case(
+        "multicast destination is unknown",
+        MAIN,
+        (),
+        "224.0.0.5",
+        "unknown: multicast destination 224.0.0.5 is not modelled",
+    ),
+    Case(
+        "route without nexthop is unknown",
+        (R("10.0.0.0/8"),),
+        (),
+        "10.0.0.1",
+        "unknown: route 10.0.0.0/8 table main has no nexthop (nexthop objects are not modelled)",
+    ),
+    Case(
+        "equal default routes: alternatives on output",
+        (R("0.0.0.0/0", WAN, "203.0.113.1"), R("0.0.0.0/0", LAN, "192.168.1.9")),
+        (),
+        "8.8.8.8",
+        [("unicast", "lan", "192.168.1.9"), UNICAST_WAN],
+    ),
+    Case(
+        "equal default routes: the first when forwarding",
+        (R("0.0.0.0/0", WAN, "203.0.113.1"), R("0.0.0.0/0", LAN, "192.168.1.9")),
+        (),
+        "8.8.8.8",
+        UNICAST_WAN,
+        (("iifname", "lan"),),
+    ),
+    Case(
+        "default routes of different metric: no alternatives",
+        (R("0.0.0.0/0", WAN, "203.0.113.1"), R("0.0.0.0/0", LAN, "192.168.1.9", metric=5)),
+        (),
+        "8.8.8.8",
+        UNICAST_WAN,
+    ),
+]
+
+RULE_CASES = [
+    Case(
+        "to table 100",
+        MAIN + T100,
+        rules_with(rule(100, table=100)),
+        "8.8.8.8",
+        ("unicast", "lte", "100.64.0.1"),
+    ),
+    Case(
+        "rules by priority, not list order",
+        MAIN + T100 + (R("0.0.0.0/0", LAN, "192.168.1.9", table=101),),
+        rules_with(rule(200, table=101), rule(100, table=100)),
+        "8.8.8.8",
+        ("unicast", "lte", "100.64.0.1"),
+    ),
+    Case(
+        "equal priority keeps dump order",
+        MAIN + T100 + (R("0.0.0.0/0", LAN, "192.168.1.9", table=101),),
+        rules_with(rule(100, table=101), rule(100, table=100)),
+        "8.8.8.8",
+        ("unicast", "lan", "192.168.1.9"),
+    ),
+    Case("empty table: next rule", MAIN, rules_with(rule(100, table=100)), "8.8.8.8", UNICAST_WAN),
+    Case("table 0 is main", MAIN, (rule(5, table=0),), "8.8.8.8", UNICAST_WAN),
+    Case(
+        "from matches",
+        MAIN + T100,
+        rules_with(rule(100, src="192.168.1.0/24", table=100)),
+        "8.8.8.8",
+        ("unicast", "lte", "100.64.0.1"),
+        (("src", "192.168.1.7"), ("iifname", "lan")),
+    ),
+    Case(
+        "from does not match",
+        MAIN + T100,
+        rules_with(rule(100, src="192.168.1.0/24", table=100)),
+        "8.8.8.8",
+        UNICAST_WAN,
+        (("src", "192.168.2.7"), ("iifname", "lan")),
+    ),
+    Case(
+        "from with no source is 0.0.0.0",
+        MAIN + T100,
+        rules_with(rule(100, src="192.168.1.0/24", table=100)),
+        "8.8.8.8",
+        UNICAST_WAN,
+    ),
+    Case(
+        "to matches",
+        MAIN + T100,
+        rules_with(rule(100, dst="8.8.0.0/16", table=100)),
+        "8.8.8.8",
+        ("unicast", "lte", "100.64.0.1"),
+    ),
+    Case(
+        "to does not match",
+        MAIN + T100,
+        rules_with(rule(100, dst="8.8.0.0/16", table=100)),
+        "9.9.9.9",
+        UNICAST_WAN,
+    ),
+    Case(
+        "not to",
+        MAIN + T100,
+        rules_with(rule(100, dst="8.8.0.0/16", table=100, invert=True)),
+        "9.9.9.9",
+        ("unicast", "lte", "100.64.0.1"),
+    ),
+    Case(
+        "iif matches input",
+        MAIN + T100,
+        rules_with(rule(100, iifname="lan", table=100)),
+        "8.8.8.8",
+        ("unicast", "lte", "100.64.0.1"),
+        (("iifname", "lan"),),
+    ),
+    Case(
+        "iif: other input",
+        MAIN + T100,
+        rules_with(rule(100, iifname="lan", table=100)),
+        "8.8.8.8",
+        UNICAST_WAN,
+        (("iifname", "wan"),),
+    ),
+    Case(
+        "iif lo matches locally generated",
+        MAIN + T100,
+        rules_with(rule(100, iifname="lo", table=100)),
+        "8.8.8.8",
+        ("unicast", "lte", "100.64.0.1"),
+    ),
+    Case(
+        "iif of a missing link never matches",
+        MAIN + T100,
+        rules_with(rule(100, iifname="gone0", table=100, invert=False)),
+        "8.8.8.8",
+        UNICAST_WAN,
+        (("iifname", "gone0"),),
+    ),
+    Case(
+        "oif matches a bound lookup",
+        MAIN + T100,
+        rules_with(rule(100, oifname="lte", table=100)),
+        "8.8.8.8",
+        ("unicast", "lte", "100.64.0.1"),
+        (("oifname", "lte"),),
+    ),
+    Case(
+        "oif never matches forwarding",
+        MAIN + T100,
+        rules_with(rule(100, oifname="lte", table=100)),
+        "8.8.8.8",
+        UNICAST_WAN,
+        (("iifname", "lan"),),
+    ),
+    Case(
+        "fwmark exact",
+        MAIN + T100,
+        rules_with(rule(100, fwmark=5, table=100)),
+        "8.8.8.8",
+        ("unicast", "lte", "100.64.0.1"),
+        (("mark", 5),),
+    ),
+    Case(
+        "fwmark exact, other mark",
+        MAIN + T100,
+        rules_with(rule(100, fwmark=5, table=100)),
+        "8.8.8.8",
+        UNICAST_WAN,
+        (("mark", 0x105),),
+    ),
+    Case(
+        "fwmark with mask",
+        MAIN + T100,
+        rules_with(rule(100, fwmark=5, fwmask=0xFF, table=100)),
+        "8.8.8.8",
+        ("unicast", "lte", "100.64.0.1"),
+        (("mark", 0x105),),
+    ),
+    Case(
+        "fwmark, unknown mark",
+        MAIN + T100,
+        rules_with(rule(100, fwmark=5, table=100)),
+        "8.8.8.8",
+        "unknown: rule 100: from all fwmark 0x5 lookup 100: selector fwmark needs the packet mark, which is unknown",
+        (("mark", None),),
+    ),
+    Case(
+        "fwmark 0 without mask matches any mark",
+        MAIN + T100,
+        rules_with(rule(100, fwmark=0, table=100)),
+        "8.8.8.8",
+        ("unicast", "lte", "100.64.0.1"),
+        (("mark", None),),
+    ),
+    Case(
+        "false selector beats unknown mark",
+        MAIN + T100,
+        rules_with(rule(100, fwmark=5, dst="1.0.0.0/8", table=100)),
+        "8.8.8.8",
+        UNICAST_WAN,
+        (("mark", None),),
+    ),
+    Case(
+        "tos rule",
+        MAIN + T100,
+        rules_with(rule(100, tos=0x10, table=100)),
+        "8.8.8.8",
+        ("unicast", "lte", "100.64.0.1"),
+        (("tos", 0x10),),
+    ),
+    Case(
+        "tos rule, other tos",
+        MAIN + T100,
+        rules_with(rule(100, tos=0x10, table=100)),
+        "8.8.8.8",
+        UNICAST_WAN,
+        (("tos", 0x08),),
+    ),
+    Case(
+        "not fwmark",
+        MAIN + T100,
+        rules_with(rule(100, fwmark=5, table=100, invert=True)),
+        "8.8.8.8",
+        ("unicast", "lte", "100.64.0.1"),
+        (("mark", 6),),
+    ),
+    Case(
+        "unmodelled selector",
+        MAIN + T100,
+        rules_with(rule(100, table=100, unmodelled=("ipproto",))),
+        "8.8.8.8",
+        "unknown: rule 100: from all lookup 100: selector ipproto is not modelled",
+    ),
+    Case(
+        "unmodelled selector on a rule that cannot match",
+        MAIN + T100,
+        rules_with(rule(100, dst="1.0.0.0/8", table=100, unmodelled=("dport",))),
+        "8.8.8.8",
+        UNICAST_WAN,
+    ),
+    Case(
+        "goto skips rules",
+        MAIN + T100 + (R("0.0.0.0/0", LAN, "192.168.1.9", table=101),),
+        rules_with(rule(100, action=RuleAction.GOTO, goto=300), rule(200, table=101), rule(300, table=100)),
+        "8.8.8.8",
+        ("unicast", "lte", "100.64.0.1"),
+    ),
+    Case(
+        "goto target is tested, then the walk goes on",
+        MAIN + T100 + (R("0.0.0.0/0", LAN, "192.168.1.9", table=101),),
+        rules_with(
+            rule(100, action=RuleAction.GOTO, goto=300), rule(200, table=101), rule(300, fwmark=9, table=100)
+        ),
+        "8.8.8.8",
+        UNICAST_WAN,
+    ),
+    Case(
+        "unresolved goto is a no-op",
+        MAIN + T100,
+        rules_with(rule(100, action=RuleAction.GOTO, goto=150), rule(200, table=100)),
+        "8.8.8.8",
+        ("unicast", "lte", "100.64.0.1"),
+    ),
+    Case(
+        "nop continues",
+        MAIN + T100,
+        rules_with(rule(100, action=RuleAction.NOP), rule(200, table=100)),
+        "8.8.8.8",
+        ("unicast", "lte", "100.64.0.1"),
+    ),
+    Case(
+        "rule blackhole",
+        MAIN,
+        rules_with(rule(100, action=RuleAction.BLACKHOLE)),
+        "8.8.8.8",
+        ("blackhole", None, None),
+    ),
+    Case(
+        "rule unreachable",
+        MAIN,
+        rules_with(rule(100, action=RuleAction.UNREACHABLE)),
+        "8.8.8.8",
+        ("unreachable", None, None),
+    ),
+    Case(
+        "rule prohibit",
+        MAIN,
+        rules_with(rule(100, action=RuleAction.PROHIBIT)),
+        "8.8.8.8",
+        ("prohibit", None, None),
+    ),
+    Case(
+        "throw goes on with the next rule",
+        (*MAIN, R("8.0.0.0/8", type=RouteType.THROW, table=100), *T100),
+        rules_with(rule(100, table=100)),
+        "8.8.8.8",
+        UNICAST_WAN,
+    ),
+    Case(
+        "throw does not fall back to a shorter prefix of its table",
+        (*MAIN, R("8.8.0.0/16", type=RouteType.THROW, table=100), R("8.0.0.0/8", LAN, table=100)),
+        rules_with(rule(100, table=100)),
+        "8.8.8.8",
+        UNICAST_WAN,
+    ),
+    Case(
+        "suppress_prefixlength 0 refuses the default route",
+        MAIN + T100,
+        (rule(0, table=TABLE_LOCAL), rule(100, table=TABLE_MAIN, suppress_prefixlen=0), rule(200, table=100)),
+        "8.8.8.8",
+        ("unicast", "lte", "100.64.0.1"),
+    ),
+    Case(
+        "suppress_prefixlength 0 keeps a specific route",
+        MAIN + T100,
+        (rule(0, table=TABLE_LOCAL), rule(100, table=TABLE_MAIN, suppress_prefixlen=0), rule(200, table=100)),
+        "192.168.1.7",
+        ("unicast", "lan", None),
+    ),
+    Case(
+        "suppression does not apply to reject routes",
+        (*MAIN, R("0.0.0.0/0", type=RouteType.BLACKHOLE, table=100)),
+        (rule(0, table=TABLE_LOCAL), rule(100, table=100, suppress_prefixlen=0), rule(200, table=TABLE_MAIN)),
+        "8.8.8.8",
+        ("blackhole", None, None),
+    ),
+    Case(
+        "suppress_ifgroup is unknown",
+        MAIN,
+        (rule(0, table=TABLE_LOCAL), rule(100, table=TABLE_MAIN, suppress_ifgroup=3)),
+        "8.8.8.8",
+        "unknown: rule 100: from all lookup main: selector suppress_ifgroup needs link groups, which are not modelled",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", ROUTE_CASES + RULE_CASES, ids=lambda c: c.name)
+def test_lookup(case: Case) -> None:
+    assert case.run() == case.expect
+
+
+def test_default_rules_apply_per_family() -> None:
+    # Only IPv4 rules in the topology: IPv6 still gets local and main.
+    f = fib((*MAIN, R("::/0", LAN, "fd00:1::9"), *T100), (rule(100, table=100), rule(0, table=TABLE_LOCAL)))
+    assert summary(f.lookup(ip("2001:db8::1"))) == ("unicast", "lan", "fd00:1::9")
+    assert summary(f.lookup(ip("8.8.8.8"))) == ("unicast", "lte", "100.64.0.1")
+
+
+def test_ipv6_equal_metric_routes_are_alternatives() -> None:
+    f = fib(
+        (R("2001:db8:9::/48", LAN, "fd00:1::9", metric=256), R("2001:db8:9::/48", WAN, "fe80::7", metric=256))
+    )
+    assert summary(f.lookup(ip("2001:db8:9::1"))) == [
+        ("unicast", "lan", "fd00:1::9"),
+        ("unicast", "wan", "fe80::7"),
+    ]
+
+
+def test_resolution_names_rule_and_route() -> None:
+    f = fib(MAIN + T100, rules_with(rule(100, fwmark=5, table=100)))
+    res = f.resolve(ip("8.8.8.8"), mark=5)
+    assert res.rule is not None and res.rule.priority == 100
+    assert res.route == T100[0]
+    (egress,) = res.egresses  # type: ignore[misc]
+    assert egress.route == "default via 100.64.0.1 dev lte table 100"
+    main = f.resolve(ip("8.8.8.8"))
+    assert main.egresses[0].route == "default via 203.0.113.1 dev wan table main"  # type: ignore[index]
+
+
+def test_lookup_refuses_mixed_families() -> None:
+    with pytest.raises(ValueError, match="mixes address families"):
+        fib().lookup(ip("8.8.8.8"), src=ip("::1"))
+
+
+# -- MASQUERADE source -------------------------------------------------------------------
+
+MASQ_CASES = [
+    (
+        "gateway in the second primary's subnet",
+        R("0.0.0.0/0", WAN, "198.51.100.1"),
+        "8.8.8.8",
+        "198.51.100.7",
+    ),
+    ("gateway in the first primary's subnet", R("0.0.0.0/0", WAN, "203.0.113.1"), "8.8.8.8", "203.0.113.5"),
+    (
+        "gateway in no subnet: first primary, not secondary or link scope",
+        R("0.0.0.0/0", WAN, "192.0.2.1"),
+        "8.8.8.8",
+        "203.0.113.5",
+    ),
+    ("no gateway: the destination is the nexthop", R("198.51.100.0/24", WAN), "198.51.100.9", "198.51.100.7"),
+    (
+        "prefsrc is ignored",
+        R("0.0.0.0/0", WAN, "198.51.100.1", prefsrc="203.0.113.5"),
+        "8.8.8.8",
+        "198.51.100.7",
+    ),
+    ("point-to-point peer", R("0.0.0.0/0", LTE, "100.64.0.1"), "8.8.8.8", "100.64.0.2"),
+    (
+        "no address on oif: another link's primary, lo's host scope skipped",
+        R("0.0.0.0/0", NOCARRIER),
+        "8.8.8.8",
+        "203.0.113.5",
+    ),
+    ("vrf slave without address: the vrf's", R("0.0.0.0/0", VPN), "8.8.8.8", "10.200.0.1"),
+    (
+        "ipv6: global, non-tentative, non-deprecated",
+        R("::/0", WAN, "fe80::1"),
+        "2001:db8:77::1",
+        "2001:db8:2::5",
+    ),
+    ("ipv6: link-local destination takes link-local", R("fe80::/64", LAN), "fe80::99", "fe80::1"),
+]
+
+
+@pytest.mark.parametrize(("name", "route", "dst", "expect"), MASQ_CASES, ids=[c[0] for c in MASQ_CASES])
+def test_masquerade_source(name: str, route: Route, dst: str, expect: str) -> None:
+    (egress,) = fib((route,)).lookup(ip(dst))  # type: ignore[misc]
+    assert str(egress.masquerade_source) == expect, name
+
+
+def test_masquerade_none_without_any_address() -> None:
+    f = fib((R("0.0.0.0/0", WAN, "203.0.113.1"),), addresses=(A(LO, "127.0.0.1/8", scope=SCOPE_HOST),))
+    (egress,) = f.lookup(ip("8.8.8.8"))  # type: ignore[misc]
+    assert egress.masquerade_source is None
+
+
+def test_masquerade_order_decides_between_primaries() -> None:
+    first = (A(WAN, "198.51.100.7/24"), A(WAN, "203.0.113.5/24"))
+    for addresses, expect in ((first, "198.51.100.7"), (first[::-1], "203.0.113.5")):
+        f = fib((R("0.0.0.0/0", WAN, "192.0.2.1"),), addresses=addresses)
+        assert str(f.lookup(ip("8.8.8.8"))[0].masquerade_source) == expect  # type: ignore[index]
+
+
+# -- ingress, egress, is_local, REDIRECT ------------------------------------------------
+
+
+def flow(src: str, dst: str, mark: int | None = 0) -> Flow:
+    s, d = ip(src), ip(dst)
+    return Flow(AF_INET if s.version == 4 else AF_INET6, 17, s, d, 1000, 53, packet_mark=mark)
+
+
+def test_ingress_local_source() -> None:
+    assert fib().ingress(flow("192.168.1.1", "8.8.8.8")) == Ingress(LO, "lo", local=True)
+
+
+def test_ingress_reverse_path() -> None:
+    assert fib().ingress(flow("192.168.1.50", "8.8.8.8")) == Ingress(LAN, "lan")
+    assert fib().ingress(flow("8.8.8.8", "192.168.1.50")) == Ingress(WAN, "wan")
+
+
+def test_ingress_reverse_path_follows_rules_as_locally_generated() -> None:
+    f = fib(MAIN + T100, rules_with(rule(100, iifname="lo", dst="8.8.0.0/16", table=100)))
+    assert f.ingress(flow("8.8.8.8", "192.168.1.50")) == Ingress(LTE, "lte")
+
+
+@pytest.mark.parametrize(
+    ("routes", "rules", "mark", "reason"),
+    [
+        (
+            (*MAIN, R("10.0.0.0/8", nhs=((WAN, "203.0.113.1"), (LAN, "192.168.1.9")))),
+            (),
+            0,
+            "reverse path of 10.1.1.1 is multipath (dev wan, dev lan)",
+        ),
+        ((R("10.0.0.0/8", type=RouteType.UNREACHABLE),), (), 0, "no reverse path to 10.1.1.1: unreachable"),
+        (MAIN, rules_with(rule(100, fwmark=1, table=100)), None, "reverse path of 10.1.1.1: rule 100"),
+    ],
+)
+def test_ingress_unknown(
+    routes: tuple[Route, ...], rules: tuple[PolicyRule, ...], mark: int | None, reason: str
+) -> None:
+    answer = fib(routes, rules).ingress(flow("10.1.1.1", "8.8.8.8", mark))
+    assert isinstance(answer, Unknown)
+    assert answer.reason.startswith(reason)
+
+
+def test_ingress_multipath_on_one_link_is_known() -> None:
+    f = fib((*MAIN, R("10.0.0.0/8", nhs=((LAN, "192.168.1.8"), (LAN, "192.168.1.9")))))
+    assert f.ingress(flow("10.1.1.1", "8.8.8.8")) == Ingress(LAN, "lan")
+
+
+def test_egress_forwarded_uses_input_interface() -> None:
+    f = fib(MAIN + T100, rules_with(rule(100, iifname="lan", table=100)))
+    forwarded = flow("192.168.1.50", "8.8.8.8")
+    assert summary(f.egress(forwarded, Ingress(LAN, "lan"))) == ("unicast", "lte", "100.64.0.1")
+    local = flow("192.168.1.1", "8.8.8.8")
+    assert summary(f.egress(local, Ingress(LO, "lo", local=True))) == UNICAST_WAN
+
+
+def test_egress_tos_is_unknown() -> None:
+    f = fib(MAIN + T100, rules_with(rule(100, tos=0x10, table=100)))
+    answer = f.egress(flow("192.168.1.50", "8.8.8.8"), Ingress(LAN, "lan"))
+    assert isinstance(answer, Unknown) and "selector tos" in answer.reason
+
+
+def test_is_local() -> None:
+    anyip = R("10.99.0.0/24", LO, table=TABLE_LOCAL, type=RouteType.LOCAL)
+    f = fib((*MAIN, anyip, R("10.98.0.0/24", LO, table=100, type=RouteType.LOCAL)))
+    assert f.is_local(ip("192.168.1.1"))  # an address (the dump has no local route for it here)
+    assert f.is_local(ip("10.99.0.42"))  # a local route, no address
+    assert not f.is_local(ip("10.98.0.42"))  # a local route outside the local table
+    assert not f.is_local(ip("192.168.1.2"))
+    assert f.is_local(ip("fd00:1::1"))
+
+
+def test_local_routes_of_a_down_link_still_answer() -> None:
+    local = R("10.5.0.1/32", DEAD, table=TABLE_LOCAL, type=RouteType.LOCAL)
+    assert summary(fib((*MAIN, local)).lookup(ip("10.5.0.1"))) == ("local", "lo", None)
+
+
+@pytest.mark.parametrize(
+    ("family", "ingress", "dst", "expect"),
+    [
+        (AF_INET, Ingress(WAN, "wan"), None, "169.254.9.9"),  # the head of the list, whatever its scope
+        (AF_INET, Ingress(LAN, "lan"), None, "192.168.1.1"),
+        (AF_INET, Ingress(DEAD, "dead"), None, None),
+        (AF_INET, Ingress(LO, "lo", local=True), None, "127.0.0.1"),
+        (AF_INET6, Ingress(LO, "lo", local=True), None, "::1"),
+        (AF_INET6, Ingress(WAN, "wan"), None, "2001:db8:1::5"),  # the tentative one is skipped
+        (AF_INET6, Ingress(LAN, "lan"), "fe80::9", "fe80::1"),  # same scope as the destination
+        (AF_INET6, Ingress(LAN, "lan"), "2001:db8::9", "fd00:1::1"),
+    ],
+)
+def test_redirect_address(family: int, ingress: Ingress, dst: str | None, expect: str | None) -> None:
+    got = fib().redirect_address(family, ingress, ip(dst) if dst else None)
+    assert (str(got) if got else None) == expect
+
+
+# -- properties against independent oracles ----------------------------------------------
+
+UP_LINKS = (WAN, LAN, LTE)
+TYPES = (RouteType.UNICAST, RouteType.UNICAST, RouteType.UNICAST, RouteType.BLACKHOLE, RouteType.THROW)
+
+
+@st.composite
+def route_sets(draw: st.DrawFn) -> list[Route]:
+    """Routes in one table over a small space, so prefixes nest and collide."""
+    routes = []
+    seen = set()
+    for _ in range(draw(st.integers(1, 14))):
+        plen = draw(st.integers(0, 8))
+        base = draw(st.integers(0, 255)) << 24
+        dst = IPv4Network((base, plen), strict=False)
+        metric = draw(st.sampled_from([0, 1, 5]))
+        if (dst, metric) in seen:
+            continue
+        seen.add((dst, metric))
+        kind = draw(st.sampled_from(TYPES))
+        nexthops = (Nexthop(draw(st.sampled_from((*UP_LINKS, DEAD)))),) if kind == RouteType.UNICAST else ()
+        routes.append(Route(dst, 100, kind, nexthops, metric))
+    return routes
+
+
+def brute_force(routes: list[Route], dst: IPv4Address) -> Route | None:
+    """The first usable route by (longest prefix, lowest metric, list order); None: no answer here."""
+    ordered = sorted(
+        (r for r in routes if dst in r.dst), key=lambda r: (-r.dst.prefixlen, r.metric, routes.index(r))
+    )
+    for r in ordered:
+        if r.type != RouteType.UNICAST or any(nh.oif != DEAD for nh in r.nexthops):
+            return r
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(route_sets(), st.integers(0, 2**32 - 1))
+def test_longest_prefix_matches_brute_force(routes: list[Route], dst_int: int) -> None:
+    dst = IPv4Address(dst_int)
+    assume(not dst.is_multicast and dst != IPv4Address("255.255.255.255"))  # unknown by design
+    f = Fib(Topology(LINKS, (), tuple(routes), (rule(10, table=100), rule(20, table=TABLE_MAIN))))
+    res = f.resolve(dst)
+    expected = brute_force(routes, dst)
+    if expected is None or expected.type == RouteType.THROW:
+        # Nothing in table 100 decides; main is empty: no route.
+        assert res.route is None
+        assert summary(res.egresses) == ("unreachable", None, None)
+    else:
+        assert res.route == expected
+
+
+@st.composite
+def marked_rule_sets(draw: st.DrawFn) -> tuple[PolicyRule, ...]:
+    rules = [rule(0, table=TABLE_LOCAL)]
+    for prio in sorted(draw(st.sets(st.integers(1, 50), max_size=6))):
+        kw: dict[str, Any] = {"table": draw(st.sampled_from([100, 101, TABLE_MAIN]))}
+        if draw(st.booleans()):
+            kw["fwmark"] = draw(st.sampled_from([0, 1, 5, 0x100]))
+            kw["fwmask"] = draw(st.sampled_from([None, 0, 0xFF, 0x100]))
+        if draw(st.booleans()):
+            kw["dst"] = draw(st.sampled_from(["8.0.0.0/8", "9.0.0.0/8", "0.0.0.0/0"]))
+        if draw(st.booleans()):
+            kw["tos"] = 0x10
+        kw["invert"] = draw(st.booleans())
+        rules.append(rule(prio * 10, **kw))
+    rules.append(rule(32766, table=TABLE_MAIN))
+    return tuple(rules)
+
+
+TABLES = (
+    *MAIN,
+    R("0.0.0.0/0", LTE, "100.64.0.1", table=100),
+    R("8.0.0.0/8", type=RouteType.THROW, table=101),
+    R("0.0.0.0/0", LAN, "192.168.1.9", table=101),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(marked_rule_sets(), st.sampled_from(["8.8.8.8", "9.9.9.9", "1.1.1.1"]))
+def test_answers_with_unknown_mark_or_tos_hold_for_every_value(
+    rules: tuple[PolicyRule, ...], dst: str
+) -> None:
+    f = fib(TABLES, rules)
+    marks = (0, 1, 5, 0x105, 0x100)
+    toses = (0, 0x10, 0x14)
+    for mark_known, tos_known in ((False, True), (True, False), (False, False)):
+        answer = f.lookup(ip(dst), mark=None if not mark_known else 5, tos=None if not tos_known else 0)
+        if isinstance(answer, Unknown):
+            continue
+        for mark in marks if not mark_known else (5,):
+            for tos in toses if not tos_known else (0,):
+                assert f.lookup(ip(dst), mark=mark, tos=tos) == answer
+
+
+@st.composite
+def address_sets(draw: st.DrawFn) -> tuple[Address, ...]:
+    out = []
+    for _ in range(draw(st.integers(0, 5))):
+        net = draw(st.sampled_from(["10.0.0.0", "10.0.1.0", "10.1.0.0"]))
+        host = draw(st.integers(1, 200))
+        plen = draw(st.sampled_from([16, 24]))
+        addr = IPv4Address(int(IPv4Address(net)) + host)
+        flags = draw(st.sampled_from([0, 0, IFA_F_SECONDARY]))
+        scope = draw(st.sampled_from([0, 0, SCOPE_LINK, SCOPE_HOST]))
+        out.append(Address(WAN, addr, plen, scope, flags))
+    return tuple(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(address_sets(), st.integers(0, 2**16 - 1), st.booleans())
+def test_masquerade_matches_brute_force(addresses: tuple[Address, ...], low: int, via: bool) -> None:
+    nexthop = IPv4Address(int(IPv4Address("10.0.0.0")) + low)
+    route = R("0.0.0.0/0", WAN, str(nexthop) if via else None)
+    # LAN keeps one address: the fallback when WAN has no usable one.
+    f = fib((route,), addresses=(*addresses, A(LAN, "192.168.1.1/24")))
+    dst = IPv4Address("8.8.8.8")
+    (egress,) = f.lookup(dst)  # type: ignore[misc]
+    target = nexthop if via else dst
+    usable = [a.address for a in addresses if not a.secondary and a.scope == 0]
+    inside = [a.address for a in addresses if not a.secondary and a.scope == 0 and target in a.network]
+    expected = (inside or usable or [IPv4Address("192.168.1.1")])[0]
+    assert egress.masquerade_source == expected
+
+
+def test_masquerade_source_public_helper() -> None:
+    assert fib().masquerade_source(WAN, ip("198.51.100.1")) == ip("198.51.100.7")
+    assert fib().masquerade_source(WAN, ip("2001:db8:2::1")) == IPv6Address("2001:db8:2::5")
