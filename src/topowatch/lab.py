@@ -21,6 +21,7 @@ observes the lab; it never touches the host's namespace.
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import socket
 import subprocess
@@ -54,7 +55,8 @@ SERVER_SCRIPT = r"""
 import select, socket, sys, time
 lifetime = float(sys.argv[1])
 socks = []
-for addr, port in (("0.0.0.0", 5060), ("0.0.0.0", 7)):
+# The echo socket is bound to the server address so its replies carry it as source.
+for addr, port in (("0.0.0.0", 5060), ("192.0.2.10", 7)):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_IP, 8, 1)  # IP_PKTINFO: learn the destination
     s.bind((addr, port))
@@ -102,6 +104,44 @@ while time.monotonic() < end:
 """
 
 
+class LineReader:
+    """Lines from a pipe with a timeout, unbuffered (a buffered reader hides lines from select)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = b""
+        self.eof = False
+
+    def readline(self, timeout: float) -> str:
+        end = time.monotonic() + timeout
+        while b"\n" not in self.buffer and not self.eof:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return ""
+            ready, _, _ = select.select([self.fd], [], [], remaining)
+            if not ready:
+                return ""
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                self.eof = True
+            self.buffer += chunk
+        if b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+        else:
+            line, self.buffer = self.buffer, b""
+        return line.decode(errors="replace").strip()
+
+    def rest(self) -> list[str]:
+        """Everything left until EOF (the writer has exited)."""
+        while not self.eof:
+            chunk = os.read(self.fd, 65536)
+            self.eof = not chunk
+            self.buffer += chunk
+        lines = [line.strip() for line in self.buffer.decode(errors="replace").splitlines() if line.strip()]
+        self.buffer = b""
+        return lines
+
+
 @dataclass(frozen=True, slots=True)
 class LabFlow:
     name: str
@@ -128,6 +168,7 @@ class Lab:
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
     server: subprocess.Popen[str] | None = None
     seen: dict[str, str] = field(default_factory=dict)
+    _server_out: LineReader | None = None
 
     # -- building -------------------------------------------------------------
 
@@ -193,7 +234,8 @@ class Lab:
             stderr=subprocess.DEVNULL,
         )
         assert self.server.stdout is not None
-        line = self._readline(self.server, 10.0)
+        self._server_out = LineReader(self.server.stdout.fileno())
+        line = self._server_out.readline(10.0)
         if line != "listening":
             raise TopowatchError(f"lab server did not start: {line!r}")
         args = [f"{f.name},{f.sport},{f.dst},{f.dport}" for f in flows]
@@ -213,21 +255,13 @@ class Lab:
         )
         self.client.run(sys.executable, "-c", script, name, str(sport), dst, str(dport))
 
-    @staticmethod
-    def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], timeout)
-        if not ready:
-            return ""
-        return proc.stdout.readline().strip()
-
     def server_seen(self, settle: float = 0.5) -> dict[str, str]:
         """The source address the servers last saw, per flow name (drains the sink's output)."""
-        if self.server is None:
+        if self.server is None or self._server_out is None:
             return dict(self.seen)
         end = time.monotonic() + settle
         while (remaining := end - time.monotonic()) > 0:
-            line = self._readline(self.server, remaining)
+            line = self._server_out.readline(remaining)
             if not line:
                 continue
             parts = line.split()
@@ -243,6 +277,10 @@ class Lab:
                     proc.wait(5)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+                    proc.wait()
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
         self.procs.clear()
         self.server = None
 
@@ -279,13 +317,14 @@ class Daemon:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        self.proc.stdout = self.proc.stderr  # _readline reads .stdout
+        assert self.proc.stderr is not None
+        self.reader = LineReader(self.proc.stderr.fileno())
         self.lines: list[str] = []
 
     def wait_for(self, needle: str, timeout: float = 20.0) -> str | None:
         end = time.monotonic() + timeout
         while (remaining := end - time.monotonic()) > 0:
-            line = Lab._readline(self.proc, remaining)
+            line = self.reader.readline(remaining)
             if line:
                 self.lines.append(line)
                 if needle in line:
@@ -302,8 +341,9 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.lines.extend(self.reader.rest())
         assert self.proc.stderr is not None
-        self.lines.extend(line.strip() for line in self.proc.stderr.read().splitlines() if line.strip())
+        self.proc.stderr.close()
         return self.proc.returncode
 
     def __enter__(self) -> Daemon:

@@ -23,7 +23,7 @@ from topowatch.core.model import Topology
 from topowatch.core.nat import NatRuleset
 from topowatch.edges.ctnetlink import Conntrack
 from topowatch.edges.nft import read_ruleset
-from topowatch.edges.rtnl import KernelRtnl, Overrun
+from topowatch.edges.rtnl import KernelRtnl, Overrun, RtnlEvents
 from topowatch.errors import NetlinkError, PermissionDenied
 from topowatch.reactor import DeleteCounts, Trigger
 
@@ -37,6 +37,7 @@ class KernelBackend:
         self.rtnl = KernelRtnl()
         self._ct: Conntrack | None = None
         self._dumped_at = 0.0
+        self._stream: RtnlEvents | None = None
 
     def _conntrack(self) -> Conntrack:
         if self._ct is None:
@@ -50,7 +51,8 @@ class KernelBackend:
 
     @contextlib.asynccontextmanager
     async def events(self) -> AsyncIterator[AsyncIterator[Trigger]]:
-        async with self.rtnl.events() as stream:
+        async with RtnlEvents() as stream:
+            self._stream = stream
 
             async def triggers() -> AsyncIterator[Trigger]:
                 async for event in stream:
@@ -62,7 +64,11 @@ class KernelBackend:
             yield triggers()
 
     async def topology(self) -> Topology:
-        return await self.rtnl.dump()
+        topology = await self.rtnl.dump()
+        if self._stream is not None:
+            # Event descriptions name interfaces as of the latest snapshot.
+            self._stream.names.update(topology.names())
+        return topology
 
     async def ruleset(self) -> NatRuleset:
         return await trio.to_thread.run_sync(read_ruleset, self.nft)
