@@ -180,7 +180,7 @@ class Lab:
         try:
             for prefix in ("twcli", "twrtr", "twwan"):
                 created.append(Namespace.create(prefix))
-            lab = cls(*created)
+            lab = cls(created[0], created[1], created[2])
             lab.build(ruleset)
             yield lab
         finally:

@@ -162,7 +162,7 @@ class Binding:
         if (
             self.addr_lo is not None
             and self.addr_hi is not None
-            and (self.addr_lo.version != self.addr_hi.version or self.addr_lo > self.addr_hi)
+            and (self.addr_lo.version != self.addr_hi.version or int(self.addr_lo) > int(self.addr_hi))
         ):
             raise ValueError(f"bad address range {self.addr_lo}-{self.addr_hi}")
         if self.port_lo is not None and self.port_hi is not None and self.port_lo > self.port_hi:
@@ -177,7 +177,7 @@ class Binding:
     def admits(self, original: IPAddress, addr: IPAddress, original_port: int, port: int) -> bool:
         """True if an entry translated ``original:original_port`` to ``addr:port`` under this binding."""
         lo, hi = self.translated(original)
-        if lo.version != addr.version or not lo <= addr <= hi:
+        if lo.version != addr.version or not int(lo) <= int(addr) <= int(hi):
             return False
         if self.port_lo is not None and self.port_hi is not None:
             return self.port_lo <= port <= self.port_hi

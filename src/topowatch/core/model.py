@@ -349,10 +349,10 @@ def diff(t0: Topology, t1: Topology) -> TopologyChange:
         return f"{a.address}/{a.prefixlen} dev {names.get(a.ifindex, f'if{a.ifindex}')}"
 
     addrs0, addrs1 = set(t0.addresses), set(t1.addresses)
-    for a in sorted(addrs0 - addrs1, key=str):
-        lines.append(f"address {addr_line(a, names0)} removed")
-    for a in sorted(addrs1 - addrs0, key=str):
-        lines.append(f"address {addr_line(a, names1)} added")
+    for gone in sorted(addrs0 - addrs1, key=str):
+        lines.append(f"address {addr_line(gone, names0)} removed")
+    for new in sorted(addrs1 - addrs0, key=str):
+        lines.append(f"address {addr_line(new, names1)} added")
     routes0, routes1 = set(t0.routes), set(t1.routes)
     for r in sorted(routes0 - routes1, key=str):
         lines.append(f"route {r.describe(names0)} removed")
