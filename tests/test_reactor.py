@@ -41,6 +41,11 @@ class FakeBackend:
         self.fail_source_once = False
         self.subscriptions = 0
 
+    name = "fake"
+
+    def sources(self) -> list[FakeBackend]:
+        return [self]
+
     @contextlib.asynccontextmanager
     async def events(self) -> AsyncIterator[AsyncIterator[Trigger]]:
         self.subscriptions += 1

@@ -63,10 +63,18 @@ class DeleteCounts:
     errors: tuple[str, ...] = ()
 
 
+class EventSource(Protocol):
+    """One stream of triggers (rtnetlink, xfrm, nftables, D-Bus, ...); the reactor supervises each."""
+
+    name: str
+
+    def events(self) -> AbstractAsyncContextManager[AsyncIterator[Trigger]]: ...
+
+
 class Backend(Protocol):
     """What the reactor needs from the kernel; ``edges.kernel`` and the tests' fake provide it."""
 
-    def events(self) -> AbstractAsyncContextManager[AsyncIterator[Trigger]]: ...
+    def sources(self) -> Sequence[EventSource]: ...
 
     async def topology(self) -> Topology: ...
 
@@ -167,11 +175,13 @@ class Reactor:
         self._burst.add(trigger, trio.current_time())
         self._arrived.set()
 
-    async def _source(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _source(
+        self, source: EventSource, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         started = False
         while True:
             try:
-                async with self.backend.events() as events:
+                async with source.events() as events:
                     if not started:
                         started = True
                         task_status.started()
@@ -180,14 +190,15 @@ class Reactor:
                             log.warning("event overrun (%s): events were lost; resyncing by full dump",
                                         trigger.description)
                         self.push(trigger)
-                log.warning("event source ended; restarting it")
+                log.warning("%s event source ended; restarting it", source.name)
             except (TopowatchError, OSError) as exc:
                 if not started:
                     raise  # cannot subscribe at all: the daemon must not pretend to run
-                log.error("event source failed: %s; restarting in %.1f s", exc, self.config.restart_backoff)
+                log.error("%s event source failed: %s; restarting in %.1f s",
+                          source.name, exc, self.config.restart_backoff)
             self.source_restarts += 1
             # A restart may have missed events: treat it as an overrun.
-            self.push(Trigger("restart", "event source restarted", overrun=True))
+            self.push(Trigger(source.name, f"{source.name} event source restarted", overrun=True))
             await trio.sleep(self.config.restart_backoff)
 
     # -- the loop --------------------------------------------------------------
@@ -207,7 +218,8 @@ class Reactor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(self._source)
+            for source in self.backend.sources():
+                await nursery.start(self._source, source)
             self.t0 = await self.backend.topology()
             self.ruleset = await self.backend.ruleset()
             log.info(

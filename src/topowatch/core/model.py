@@ -348,11 +348,19 @@ def diff(t0: Topology, t1: Topology) -> TopologyChange:
     def addr_line(a: Address, names: dict[int, str]) -> str:
         return f"{a.address}/{a.prefixlen} dev {names.get(a.ifindex, f'if{a.ifindex}')}"
 
-    addrs0, addrs1 = set(t0.addresses), set(t1.addresses)
-    for gone in sorted(addrs0 - addrs1, key=str):
-        lines.append(f"address {addr_line(gone, names0)} removed")
-    for new in sorted(addrs1 - addrs0, key=str):
-        lines.append(f"address {addr_line(new, names1)} added")
+    def addr_key(a: Address) -> tuple[int, str, int]:
+        return (a.ifindex, str(a.address), a.prefixlen)
+
+    addrs0 = {addr_key(a): a for a in t0.addresses}
+    addrs1 = {addr_key(a): a for a in t1.addresses}
+    for key in sorted(addrs0.keys() - addrs1.keys()):
+        lines.append(f"address {addr_line(addrs0[key], names0)} removed")
+    for key in sorted(addrs1.keys() - addrs0.keys()):
+        lines.append(f"address {addr_line(addrs1[key], names1)} added")
+    for key in sorted(addrs0.keys() & addrs1.keys()):
+        before, after = addrs0[key], addrs1[key]
+        if before != after:
+            lines.append(f"address {addr_line(after, names1)} flags {before.flags:#x} -> {after.flags:#x}")
     routes0, routes1 = set(t0.routes), set(t1.routes)
     for r in sorted(routes0 - routes1, key=str):
         lines.append(f"route {r.describe(names0)} removed")

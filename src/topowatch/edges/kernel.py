@@ -25,7 +25,7 @@ from topowatch.edges.ctnetlink import Conntrack
 from topowatch.edges.nft import read_ruleset
 from topowatch.edges.rtnl import KernelRtnl, Overrun, RtnlEvents
 from topowatch.errors import NetlinkError, PermissionDenied
-from topowatch.reactor import DeleteCounts, Trigger
+from topowatch.reactor import DeleteCounts, EventSource, Trigger
 
 log = logging.getLogger("topowatch.kernel")
 
@@ -48,6 +48,11 @@ class KernelBackend:
             except OSError as exc:
                 raise NetlinkError(f"cannot open ctnetlink: {exc.strerror}", exc.errno or 0) from exc
         return self._ct
+
+    def sources(self) -> Sequence[EventSource]:
+        return (self,)
+
+    name = "rtnetlink"
 
     @contextlib.asynccontextmanager
     async def events(self) -> AsyncIterator[AsyncIterator[Trigger]]:
