@@ -1,0 +1,803 @@
+"""Policies from rules.d drop-in TOML files: which events trigger, which entries, what action.
+
+This module decides which policy files are in force, what each key of each
+policy means, and which policies a burst of events activates. It never
+deletes, never talks to the kernel, never writes a file, and never puts a
+file it refused into force: on any error the whole load fails and the caller
+keeps the previous policy.
+
+Theory of operation (systemd's drop-in rules, ``systemd.unit(5)``):
+
+1. Directories in priority order, highest first: ``/etc/topowatch/rules.d``,
+   ``/run/topowatch/rules.d``, ``/usr/lib/topowatch/rules.d`` (or the list
+   given). Only ``*.toml`` names count; hidden names are ignored.
+2. A name in a higher directory hides the same name in lower ones. The winner
+   is an empty file or a symlink to ``/dev/null``: the name is masked and
+   contributes nothing.
+3. The remaining files are read in file-name order (``NN-name.toml``). Each
+   holds ``[policy.NAME]`` tables; a later file wins per key of a policy, so a
+   drop-in can change one key of a shipped policy.
+4. Keys not set by any file take their defaults. When no file defines any
+   policy, the built-in policy ``default`` applies (every topology event
+   triggers; UNREPLIED connectionless entries in every zone; flush; cap 100000).
+5. Files and their directories must not be writable by group or others and
+   must be owned by root (or by the user running topowatch), as sshd's
+   StrictModes demands; a file that fails is refused with an error.
+
+Every mistake in every file is collected and reported together
+(``PolicyErrors``), each naming the file, line and key.
+
+At reaction time ``EffectivePolicy.select`` takes the burst's events and
+returns the active policies: an entry is eligible when an active policy
+admits it; it is deleted when an active policy admitting it says ``flush``;
+the reaction is refused when more entries would be deleted than the smallest
+cap of the active flushing policies.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import math
+import os
+import re
+import stat
+import sys
+import tomllib
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from ipaddress import ip_network
+from types import MappingProxyType
+from typing import Any
+
+from topowatch.core.conntrack import Entry
+from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility, any_of
+from topowatch.core.flow import PROTO_NAMES, PROTO_NUMBERS
+from topowatch.core.model import AF_INET, AF_INET6, IPNetwork
+from topowatch.errors import PolicyError
+
+DEFAULT_DIRS: tuple[str, ...] = (
+    "/etc/topowatch/rules.d",
+    "/run/topowatch/rules.d",
+    "/usr/lib/topowatch/rules.d",
+)
+
+TRIGGERS: tuple[str, ...] = (
+    "link", "address", "route", "rule", "xfrm", "ruleset", "networkmanager", "dispatcher",
+)
+ALL_TRIGGERS = frozenset(TRIGGERS)
+
+FAMILY_NAMES: dict[str, int] = {"ipv4": AF_INET, "ipv6": AF_INET6}
+FAMILY_OF: dict[int, str] = {num: name for name, num in FAMILY_NAMES.items()}
+
+BUILTIN = "built-in default"
+DEFAULT_NAME = "default"
+IFNAMSIZ = 16
+U32 = 0xFFFFFFFF
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
+_TOML_POS_RE = re.compile(r"at line (\d+), column (\d+)")
+_BARE_OR_QUOTED = r'(?:[A-Za-z0-9_-]+|"[^"\n]*"|\'[^\'\n]*\')'
+_KEY_PART_RE = re.compile(_BARE_OR_QUOTED)
+_DOTTED = rf"{_BARE_OR_QUOTED}(?:\s*\.\s*{_BARE_OR_QUOTED})*"
+_HEADER_RE = re.compile(rf"^\s*\[\[?\s*({_DOTTED})\s*\]\]?")
+_KEYLINE_RE = re.compile(rf"^\s*({_DOTTED})\s*=")
+
+
+class Action(enum.StrEnum):
+    FLUSH = "flush"  # delete the stale entries
+    LOG = "log"  # log what would be deleted, delete nothing
+
+
+class PolicyErrors(PolicyError):
+    """Every error found in one load; ``errors`` holds each with its file, line and key."""
+
+    def __init__(self, errors: Sequence[PolicyError]) -> None:
+        self.errors = tuple(errors)
+        lines = "\n".join(f"  {e}" for e in self.errors)
+        super().__init__(f"{len(self.errors)} error(s) in policy files:\n{lines}")
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+class _Invalid(Exception):
+    """A value is wrong; the caller adds file, line and key."""
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _type_name(value: object) -> str:
+    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
+            dict: "table"}.get(type(value), type(value).__name__)
+
+
+def _list(value: object, what: str) -> list[object]:
+    if not isinstance(value, list):
+        raise _Invalid(f"expected an array of {what}, got {_type_name(value)} {value!r}")
+    if not value:
+        raise _Invalid("empty array: it would match nothing (leave the key out for the default, "
+                       "or set enabled = false)")
+    return value
+
+
+def _int(value: object, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"{what}: expected an integer, got {_type_name(value)} {value!r}")
+    if not low <= value <= high:
+        sign = "negative" if value < 0 else "too large"
+        raise _Invalid(f"{what}: {value} is {sign} (must be {low}..{high})")
+    return value
+
+
+def _v_bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _v_triggers(value: object) -> frozenset[str]:
+    out = set()
+    for i, item in enumerate(_list(value, "event kinds")):
+        if not isinstance(item, str):
+            raise _Invalid(f"[{i}]: expected a string, got {_type_name(item)} {item!r}")
+        if item not in ALL_TRIGGERS:
+            raise _Invalid(f"[{i}]: unknown trigger {item!r}{_suggest(item, TRIGGERS)} "
+                           f"(one of {', '.join(TRIGGERS)})")
+        out.add(item)
+    return frozenset(out)
+
+
+def _v_families(value: object) -> frozenset[int]:
+    out = set()
+    for i, item in enumerate(_list(value, "families")):
+        if not isinstance(item, str) or item not in FAMILY_NAMES:
+            hint = _suggest(item, FAMILY_NAMES) if isinstance(item, str) else ""
+            raise _Invalid(f"[{i}]: unknown family {item!r}{hint} (\"ipv4\" or \"ipv6\")")
+        out.add(FAMILY_NAMES[item])
+    return frozenset(out)
+
+
+def _v_protocols(value: object) -> frozenset[int]:
+    out = set()
+    for i, item in enumerate(_list(value, "protocol names or numbers")):
+        if isinstance(item, str):
+            if item not in PROTO_NUMBERS:
+                raise _Invalid(f"[{i}]: unknown protocol name {item!r}{_suggest(item, PROTO_NUMBERS)} "
+                               f"(names: {', '.join(sorted(PROTO_NUMBERS))}; or a number 0..255)")
+            out.add(PROTO_NUMBERS[item])
+        else:
+            out.add(_int(item, f"[{i}]", 0, 255))
+    return frozenset(out)
+
+
+def _v_zones(value: object) -> frozenset[int]:
+    return frozenset(_int(item, f"[{i}]", 0, 0xFFFF) for i, item in enumerate(_list(value, "zones")))
+
+
+def _mark_part(text: str, where: str) -> int:
+    try:
+        number = int(text.strip(), 0)
+    except ValueError:
+        raise _Invalid(f"{where}: {text!r} is not a number (decimal or 0x hex)") from None
+    return _int(number, where, 0, U32)
+
+
+def _v_marks(value: object) -> tuple[tuple[int, int], ...]:
+    out: list[tuple[int, int]] = []
+    for i, item in enumerate(_list(value, "marks")):
+        where = f"[{i}]"
+        if isinstance(item, str):
+            text, _, mask_text = item.partition("/")
+            mark = _mark_part(text, where)
+            mask = _mark_part(mask_text, where) if mask_text else U32
+        else:
+            mark, mask = _int(item, where, 0, U32), U32
+        if mark & ~mask:
+            raise _Invalid(f"{where}: {item!r} sets bits outside its mask: it would match nothing")
+        out.append((mark, mask))
+    return tuple(dict.fromkeys(out))
+
+
+def _v_prefixes(value: object) -> tuple[IPNetwork, ...]:
+    out: list[IPNetwork] = []
+    for i, item in enumerate(_list(value, "prefixes")):
+        if not isinstance(item, str):
+            raise _Invalid(f"[{i}]: expected a prefix string like \"10.0.0.0/8\", got "
+                           f"{_type_name(item)} {item!r}")
+        try:
+            out.append(ip_network(item, strict=True))
+            continue
+        except ValueError:
+            pass
+        try:
+            loose = ip_network(item, strict=False)
+        except ValueError:
+            raise _Invalid(f"[{i}]: bad prefix {item!r} (expected an address or address/length)") from None
+        raise _Invalid(f"[{i}]: bad prefix {item!r}: host bits set; did you mean {str(loose)!r}?")
+    return tuple(dict.fromkeys(out))
+
+
+def _v_interfaces(value: object) -> tuple[str, ...]:
+    out: list[str] = []
+    for i, item in enumerate(_list(value, "interface names")):
+        if not isinstance(item, str):
+            raise _Invalid(f"[{i}]: expected an interface name, got {_type_name(item)} {item!r}")
+        bad = not item or item in (".", "..") or any(c in item for c in "/: \t\n?[]")
+        if bad or len(item.replace("*", "")) >= IFNAMSIZ:
+            raise _Invalid(f"[{i}]: bad interface name {item!r} (at most {IFNAMSIZ - 1} characters, "
+                           f"no '/', ':' or spaces; '*' matches any run of characters)")
+        out.append(item)
+    return tuple(dict.fromkeys(out))
+
+
+def _v_action(value: object) -> Action:
+    if not isinstance(value, str) or value not in {a.value for a in Action}:
+        hint = _suggest(value, [a.value for a in Action]) if isinstance(value, str) else ""
+        raise _Invalid(f"unknown action {value!r}{hint} (\"flush\" or \"log\")")
+    return Action(value)
+
+
+def _v_max_deletions(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"expected an integer, got {_type_name(value)} {value!r}")
+    if value <= 0:
+        raise _Invalid(f"must be > 0, got {value} (set action = \"log\" to delete nothing)")
+    return value
+
+
+def _v_seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Invalid(f"expected a number of seconds, got {_type_name(value)} {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise _Invalid(f"must be a finite number of seconds >= 0, got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    parse: Callable[[object], Any]
+    default: Any
+    doc: str
+
+
+# One table for every key: its parser, its default and what it means (rendered as a comment).
+KEYS: Mapping[str, _Key] = MappingProxyType({
+    "enabled": _Key(_v_bool, True, "false: the policy is kept but never acts"),
+    "triggers": _Key(_v_triggers, ALL_TRIGGERS, "event kinds that start a reaction"),
+    "families": _Key(_v_families, DEFAULT_ELIGIBILITY.families, "address families of eligible entries"),
+    "protocols": _Key(_v_protocols, None, "every connectionless protocol (anything but tcp, sctp, dccp)"),
+    "unreplied_only": _Key(_v_bool, True, "only entries that never saw a reply"),
+    "zones": _Key(_v_zones, None, "every conntrack zone"),
+    "marks": _Key(_v_marks, None, "any conntrack mark"),
+    "sources": _Key(_v_prefixes, None, "any original source address"),
+    "destinations": _Key(_v_prefixes, None, "any original destination address"),
+    "interfaces": _Key(_v_interfaces, None, "events on any interface"),
+    "action": _Key(_v_action, Action.FLUSH, "flush deletes, log only logs"),
+    "max_deletions": _Key(_v_max_deletions, 100_000, "refuse a reaction deleting more entries"),
+    "debounce": _Key(_v_seconds, 0.25, "seconds of quiet that end a burst of events"),
+    "max_wait": _Key(_v_seconds, 2.0, "react at the latest this long after a burst began"),
+})
+
+
+# -- values ------------------------------------------------------------------------------------
+
+
+def _interface_regex(patterns: Iterable[str]) -> re.Pattern[str]:
+    return re.compile("|".join(".*".join(map(re.escape, p.split("*"))) for p in patterns) + r"\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """One named policy with every key resolved."""
+
+    name: str
+    enabled: bool = True
+    triggers: frozenset[str] = ALL_TRIGGERS
+    eligibility: Eligibility = DEFAULT_ELIGIBILITY
+    # None: events on any interface. Otherwise an event that names an interface
+    # activates the policy only if one pattern matches it; one without an interface always does.
+    interfaces: tuple[str, ...] | None = None
+    action: Action = Action.FLUSH
+    max_deletions: int = 100_000
+    debounce: float = 0.25
+    max_wait: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise ValueError(f"bad policy name {self.name!r}")
+        if self.max_wait < self.debounce:
+            raise ValueError(f"policy {self.name}: max_wait {self.max_wait} < debounce {self.debounce}")
+
+    def matches_interface(self, name: str | None) -> bool:
+        if self.interfaces is None or name is None:
+            return True
+        return _interface_regex(self.interfaces).match(name) is not None
+
+    def triggered_by(self, kind: str, interface: str | None = None) -> bool:
+        """Does one event activate this policy? Kinds outside ``TRIGGERS`` (startup, restart,
+        overrun, request) activate every enabled policy: they mean "re-read everything"."""
+        if not self.enabled:
+            return False
+        if kind in ALL_TRIGGERS:
+            return kind in self.triggers and self.matches_interface(interface)
+        return True
+
+    def value(self, key: str) -> Any:
+        """The resolved value of a key, in its parsed form (``KEYS[key].parse`` output)."""
+        if key in _ELIGIBILITY_KEYS:
+            return getattr(self.eligibility, key)
+        return getattr(self, key)
+
+
+_ELIGIBILITY_KEYS = frozenset(
+    {"families", "protocols", "unreplied_only", "zones", "marks", "sources", "destinations"}
+)
+
+DEFAULT_POLICY = Policy(DEFAULT_NAME)
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a value came from: a file and line, or the built-in default (file == "")."""
+
+    file: str = ""
+    line: int = 0
+
+    def __str__(self) -> str:
+        if not self.file:
+            return BUILTIN
+        return f"{self.file}:{self.line}" if self.line else self.file
+
+
+class FileStatus(enum.StrEnum):
+    READ = "read"
+    MASKED = "masked"  # empty or /dev/null: hides lower ones, contributes nothing
+    OVERRIDDEN = "overridden"  # a higher directory holds the same name
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyFile:
+    name: str
+    path: str
+    status: FileStatus
+    by: str = ""  # for OVERRIDDEN: the path that hides this one
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """The policies one burst activates, combined for one reaction."""
+
+    policies: tuple[Policy, ...]
+
+    @property
+    def eligibility(self) -> Eligibility:
+        """Admits an entry when an active policy does (its loose bound suits a kernel dump filter)."""
+        return any_of([p.eligibility for p in self.policies])
+
+    @property
+    def max_deletions(self) -> int:
+        """The smallest cap among active flushing policies (0 when none flushes)."""
+        return min((p.max_deletions for p in self.policies if p.action is Action.FLUSH), default=0)
+
+    def action_for(self, entry: Entry) -> Action | None:
+        """FLUSH if an active policy admitting the entry flushes, LOG if only loggers admit it."""
+        admitting = [p for p in self.policies if p.eligibility.admits(entry)]
+        if not admitting:
+            return None
+        return Action.FLUSH if any(p.action is Action.FLUSH for p in admitting) else Action.LOG
+
+    def flushes(self, entry: Entry) -> bool:
+        return self.action_for(entry) is Action.FLUSH
+
+    def names(self) -> str:
+        return ", ".join(p.name for p in self.policies) or "none"
+
+
+@dataclass(frozen=True, slots=True)
+class EffectivePolicy:
+    """The merged policies in force. Compares equal by meaning (policies), not by origin."""
+
+    policies: tuple[Policy, ...] = (DEFAULT_POLICY,)
+    origins: Mapping[tuple[str, str], Origin] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False, hash=False
+    )
+    files: tuple[PolicyFile, ...] = field(default=(), compare=False, hash=False)
+    dirs: tuple[str, ...] = field(default=DEFAULT_DIRS, compare=False, hash=False)
+
+    def __getitem__(self, name: str) -> Policy:
+        for policy in self.policies:
+            if policy.name == name:
+                return policy
+        raise KeyError(name)
+
+    @property
+    def enabled(self) -> tuple[Policy, ...]:
+        return tuple(p for p in self.policies if p.enabled)
+
+    @property
+    def debounce(self) -> float:
+        """One burst window for the daemon: the shortest among enabled policies."""
+        return min((p.debounce for p in self.enabled), default=DEFAULT_POLICY.debounce)
+
+    @property
+    def max_wait(self) -> float:
+        return min((p.max_wait for p in self.enabled), default=DEFAULT_POLICY.max_wait)
+
+    @property
+    def triggers(self) -> frozenset[str]:
+        return frozenset().union(*(p.triggers for p in self.enabled))
+
+    def select(self, events: Iterable[tuple[str, str | None]]) -> Selection:
+        """The policies a burst activates; ``events`` are (kind, interface or None) pairs."""
+        events = list(events)
+        return Selection(tuple(
+            p for p in self.policies if any(p.triggered_by(kind, iface) for kind, iface in events)
+        ))
+
+    def origin(self, policy: str, key: str) -> Origin:
+        return self.origins.get((policy, key), Origin())
+
+    def render(self) -> str:
+        """The effective policy as TOML, each value with a comment naming where it came from."""
+        out = ["# topowatch effective policy", "# directories, highest priority first:"]
+        out += [f"#   {d}" for d in self.dirs]
+        for f in self.files:
+            if f.status is FileStatus.READ:
+                out.append(f"# read       {f.path}")
+            elif f.status is FileStatus.MASKED:
+                out.append(f"# masked     {f.name} by {f.path}")
+            else:
+                out.append(f"# overridden {f.path} by {f.by}")
+        if not self.files:
+            out.append("# no policy files")
+        if not any(self.origins):
+            out.append(f"# no file defines a policy: the {BUILTIN} policy applies")
+        for policy in self.policies:
+            out += ["", f"[policy.{policy.name}]"]
+            for key, spec in KEYS.items():
+                value = policy.value(key)
+                where = str(self.origin(policy.name, key))
+                if value is None:
+                    out.append(f"# {key}: {spec.doc}  ({where})")
+                else:
+                    out.append(f"{key} = {_render_value(key, value)}  # {where}")
+        return "\n".join(out) + "\n"
+
+
+def _render_value(key: str, value: Any) -> str:
+    def strings(items: Iterable[str]) -> str:
+        return "[" + ", ".join(f'"{s}"' for s in items) + "]"
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if key == "triggers":
+        return strings(t for t in TRIGGERS if t in value)
+    if key == "families":
+        return strings(FAMILY_OF[f] for f in sorted(value))
+    if key == "protocols":
+        names = (f'"{PROTO_NAMES[p]}"' if p in PROTO_NAMES else str(p) for p in sorted(value))
+        return "[" + ", ".join(names) + "]"
+    if key == "zones":
+        return "[" + ", ".join(str(z) for z in sorted(value)) + "]"
+    if key == "marks":
+        return strings(f"{m:#x}/{k:#x}" for m, k in value)
+    if key in ("sources", "destinations"):
+        return strings(str(n) for n in value)
+    if key == "interfaces":
+        return strings(value)
+    if isinstance(value, Action):
+        return f'"{value.value}"'
+    return repr(value)
+
+
+DEFAULT_EFFECTIVE = EffectivePolicy()
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def _key_parts(dotted: str) -> tuple[str, ...]:
+    return tuple(p[1:-1] if p[0] in "\"'" else p for p in _KEY_PART_RE.findall(dotted))
+
+
+def _scan(text: str) -> Iterable[tuple[int, tuple[str, ...]]]:
+    """(line, key path) for each table header and ``key =`` line, skipping multi-line strings."""
+    table: tuple[str, ...] = ()
+    in_string = ""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if in_string:
+            if line.count(in_string) % 2:
+                in_string = ""
+            continue
+        header = _HEADER_RE.match(line)
+        if header:
+            table = _key_parts(header.group(1))
+            yield number, table
+            continue
+        keyline = _KEYLINE_RE.match(line)
+        if keyline:
+            yield number, table + _key_parts(keyline.group(1))
+        for quote in ('"""', "'''"):
+            if line.count(quote) % 2:
+                in_string = quote
+                break
+
+
+def key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path (and table) to the first line that names it.
+
+    tomllib gives no positions; this scan knows table headers and ``key =``
+    lines (dotted or quoted), skips multi-line strings, and is good enough to
+    point a person at the line.
+    """
+    lines: dict[tuple[str, ...], int] = {}
+    for number, path in _scan(text):
+        for i in range(1, len(path) + 1):
+            lines.setdefault(path[:i], number)
+    return lines
+
+
+def _line_of(lines: Mapping[tuple[str, ...], int], path: tuple[str, ...]) -> int:
+    for i in range(len(path), 0, -1):
+        if path[:i] in lines:
+            return lines[path[:i]]
+    return 0
+
+
+def _key_at_line(text: str, line: int) -> str:
+    """The dotted key a syntax error's line names, if the scan can tell."""
+    return next((".".join(path) for number, path in _scan(text) if number == line), "")
+
+
+def _trust_problem(path: str, st: os.stat_result, trusted_uids: Collection[int]) -> str | None:
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (f"refused: writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}), as sshd's "
+                f"StrictModes would refuse it; fix with: chmod go-w {path}")
+    if st.st_uid not in trusted_uids:
+        owners = " or ".join("root" if u == 0 else f"uid {u}" for u in sorted(trusted_uids))
+        return f"refused: owned by uid {st.st_uid}, not {owners}; fix with: chown root {path}"
+    return None
+
+
+def _default_trusted_uids() -> frozenset[int]:
+    return frozenset({0, os.geteuid()})
+
+
+@dataclass(slots=True)
+class _Loader:
+    trusted_uids: Collection[int]
+    errors: list[PolicyError] = field(default_factory=list)
+
+    def error(self, message: str, file: str, line: int = 0, key: str = "") -> None:
+        self.errors.append(PolicyError(message, file=file, line=line, key=key))
+
+    def discover(self, dirs: Sequence[str]) -> list[PolicyFile]:
+        winners: dict[str, PolicyFile] = {}
+        hidden: list[PolicyFile] = []
+        for directory in dirs:
+            try:
+                st = os.stat(directory)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                self.error(f"cannot read directory: {exc.strerror}", directory)
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                self.error("not a directory", directory)
+                continue
+            problem = _trust_problem(directory, st, self.trusted_uids)
+            if problem:
+                self.error(f"directory {problem}", directory)
+                continue
+            try:
+                names = sorted(os.listdir(directory))
+            except OSError as exc:
+                self.error(f"cannot read directory: {exc.strerror}", directory)
+                continue
+            for name in names:
+                if not name.endswith(".toml") or name.startswith("."):
+                    continue
+                path = os.path.join(directory, name)
+                if name in winners:
+                    hidden.append(PolicyFile(name, path, FileStatus.OVERRIDDEN, winners[name].path))
+                    continue
+                winners[name] = PolicyFile(name, path, FileStatus.READ)
+        files = []
+        for name in sorted(winners):
+            entry = winners[name]
+            if self._masks(entry.path):
+                entry = PolicyFile(name, entry.path, FileStatus.MASKED)
+            files.append(entry)
+        return files + hidden
+
+    def _masks(self, path: str) -> bool:
+        """Is this an empty file or a link to /dev/null? Refused files count as not masking."""
+        if os.path.islink(path) and os.path.realpath(path) == os.devnull:
+            st = os.lstat(path)
+            if st.st_uid not in self.trusted_uids:
+                self.error(f"refused: symlink owned by uid {st.st_uid}, not root", path)
+            return True
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            self.error(f"cannot read: {exc.strerror}", path)
+            return True
+        if not (stat.S_ISREG(st.st_mode) and st.st_size == 0):
+            return False
+        problem = _trust_problem(path, st, self.trusted_uids)
+        if problem:
+            self.error(problem, path)
+        return True
+
+    def read(self, path: str) -> dict[str, dict[str, tuple[Any, int]]]:
+        """The policies one file sets: name -> key -> (parsed value, line)."""
+        try:
+            with open(path, "rb") as handle:
+                st = os.fstat(handle.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    self.error("not a regular file", path)
+                    return {}
+                problem = _trust_problem(path, st, self.trusted_uids)
+                if problem:
+                    self.error(problem, path)
+                    return {}
+                raw = handle.read()
+        except OSError as exc:
+            self.error(f"cannot read: {exc.strerror}", path)
+            return {}
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.error(f"not UTF-8 (byte {exc.start})", path, raw[: exc.start].count(b"\n") + 1)
+            return {}
+        try:
+            document = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            match = _TOML_POS_RE.search(str(exc))
+            line = int(match.group(1)) if match else max(1, text.count("\n"))
+            message = _TOML_POS_RE.sub(r"at column \2", str(exc)) if match else str(exc)
+            self.error(f"bad TOML syntax: {message}", path, line, _key_at_line(text, line))
+            return {}
+        return self.parse(path, text, document)
+
+    def parse(self, path: str, text: str, document: dict[str, Any]) -> dict[str, dict[str, tuple[Any, int]]]:
+        lines = key_lines(text)
+        out: dict[str, dict[str, tuple[Any, int]]] = {}
+        for top, value in document.items():
+            if top != "policy":
+                self.error(f"unknown key {top!r}{_suggest(top, ['policy'])} (a file holds only "
+                           f"[policy.NAME] tables)", path, _line_of(lines, (top,)), top)
+                continue
+            if not isinstance(value, dict):
+                self.error(f"expected [policy.NAME] tables, got {_type_name(value)}", path,
+                           _line_of(lines, (top,)), top)
+                continue
+            for name, table in value.items():
+                where = ("policy", name)
+                if not _NAME_RE.match(name):
+                    self.error("bad policy name: use letters, digits, '-' and '_'", path,
+                               _line_of(lines, where), f"policy.{name}")
+                    continue
+                if not isinstance(table, dict):
+                    self.error(f"expected a table [policy.{name}], got {_type_name(table)}", path,
+                               _line_of(lines, where), f"policy.{name}")
+                    continue
+                keys = out.setdefault(name, {})
+                for key, item in table.items():
+                    line = _line_of(lines, (*where, key))
+                    dotted = f"policy.{name}.{key}"
+                    spec = KEYS.get(key)
+                    if spec is None:
+                        self.error(f"unknown key {key!r}{_suggest(key, KEYS)}", path, line, dotted)
+                        continue
+                    try:
+                        keys[key] = (spec.parse(item), line)
+                    except _Invalid as exc:
+                        self.error(str(exc), path, line, dotted)
+        return out
+
+
+def load_policies(
+    dirs: Sequence[str] | None = None, *, trusted_uids: Collection[int] | None = None
+) -> EffectivePolicy:
+    """Read, merge and validate every policy file; raise ``PolicyErrors`` listing every mistake.
+
+    ``dirs`` are highest priority first (default ``DEFAULT_DIRS``). ``trusted_uids``
+    are the owners a file may have (default root and the effective user).
+    """
+    dirs = tuple(DEFAULT_DIRS if dirs is None else dirs)
+    loader = _Loader(_default_trusted_uids() if trusted_uids is None else frozenset(trusted_uids))
+    files = loader.discover(dirs)
+    merged: dict[str, dict[str, tuple[Any, Origin]]] = {}
+    for f in files:
+        if f.status is not FileStatus.READ:
+            continue
+        for name, keys in loader.read(f.path).items():
+            target = merged.setdefault(name, {})
+            for key, (value, line) in keys.items():
+                target[key] = (value, Origin(f.path, line))
+    policies: list[Policy] = []
+    origins: dict[tuple[str, str], Origin] = {}
+    for name in sorted(merged):
+        chosen = merged[name]
+        values = {key: chosen[key][0] if key in chosen else spec.default for key, spec in KEYS.items()}
+        for key, (_, origin) in chosen.items():
+            origins[(name, key)] = origin
+        if values["max_wait"] < values["debounce"]:
+            key = "max_wait" if "max_wait" in chosen else "debounce"
+            origin = chosen[key][1]
+            other = "debounce" if key == "max_wait" else "max_wait"
+            other_at = chosen[other][1] if other in chosen else Origin()
+            loader.error(f"max_wait {values['max_wait']} is shorter than debounce {values['debounce']} "
+                         f"({other} from {other_at})", origin.file, origin.line, f"policy.{name}.{key}")
+            continue
+        policies.append(Policy(
+            name=name,
+            enabled=values["enabled"],
+            triggers=values["triggers"],
+            eligibility=Eligibility(
+                **{key: values[key] for key in KEYS if key in _ELIGIBILITY_KEYS}
+            ),
+            interfaces=values["interfaces"],
+            action=values["action"],
+            max_deletions=values["max_deletions"],
+            debounce=values["debounce"],
+            max_wait=values["max_wait"],
+        ))
+    if loader.errors:
+        raise PolicyErrors(loader.errors)
+    return EffectivePolicy(
+        policies=tuple(policies) or (DEFAULT_POLICY,),
+        origins=MappingProxyType(origins),
+        files=tuple(files),
+        dirs=dirs,
+    )
+
+
+class PolicyStore:
+    """The policy in force, and reloads that never leave the daemon without one.
+
+    ``PolicyStore.open`` raises on errors: a daemon must not start on a policy
+    it could not read. ``reload`` raises ``PolicyErrors`` too, but keeps the
+    previous policy in force; the caller logs the errors.
+    """
+
+    def __init__(
+        self,
+        current: EffectivePolicy,
+        dirs: Sequence[str] | None = None,
+        *,
+        trusted_uids: Collection[int] | None = None,
+    ) -> None:
+        self.current = current
+        self.dirs = tuple(DEFAULT_DIRS if dirs is None else dirs)
+        self.trusted_uids = trusted_uids
+
+    @classmethod
+    def open(
+        cls, dirs: Sequence[str] | None = None, *, trusted_uids: Collection[int] | None = None
+    ) -> PolicyStore:
+        return cls(load_policies(dirs, trusted_uids=trusted_uids), dirs, trusted_uids=trusted_uids)
+
+    def reload(self) -> EffectivePolicy:
+        """Load again; the new policy replaces the current one only if it is valid."""
+        policy = load_policies(self.dirs, trusted_uids=self.trusted_uids)
+        self.current = policy
+        return policy
+
+
+def check_main(rules_dirs: list[str] | None) -> int:
+    """``topowatch check [--rules-dir DIR]``: print the effective policy (0) or every error (1)."""
+    try:
+        policy = load_policies(rules_dirs)
+    except PolicyErrors as exc:
+        for error in exc.errors:
+            print(f"topowatch: {error}", file=sys.stderr)
+        print(f"topowatch: {len(exc.errors)} error(s); policy not valid", file=sys.stderr)
+        return 1
+    sys.stdout.write(policy.render())
+    return 0
