@@ -87,3 +87,21 @@ def test_plan_in_empty_namespace(netns: Namespace) -> None:
     doc = json.loads(out)
     assert doc["entries_examined"] == 0
     assert doc["stale"] == [] and doc["undecided"] == []
+
+
+def test_check_valid_and_invalid(tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    good.mkdir(mode=0o755)
+    (good / "50-x.toml").write_text('[policy.x]\nprotocols = ["udp"]\n')
+    (good / "50-x.toml").chmod(0o644)
+    proc = run("check", "--rules-dir", str(good))
+    assert proc.returncode == 0, proc.stderr
+    assert "[policy.x]" in proc.stdout
+    bad = tmp_path / "bad"
+    bad.mkdir(mode=0o755)
+    (bad / "50-y.toml").write_text('[policy.y]\nprotocls = ["udp"]\n')
+    (bad / "50-y.toml").chmod(0o644)
+    proc = run("check", "--rules-dir", str(bad))
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "50-y.toml:2" in proc.stderr and "protocls" in proc.stderr

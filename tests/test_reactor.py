@@ -219,3 +219,65 @@ async def test_source_that_cannot_subscribe_fails_startup() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(reactor.run)
     assert "cannot bind netlink socket" in repr(info.value)
+
+
+# -- policies ------------------------------------------------------------------------------
+
+
+def write_policy(tmp_path: Any, text: str) -> Any:
+    from topowatch.policy import load_policies
+
+    (tmp_path / "50-test.toml").write_text(text)
+    tmp_path.chmod(0o755)
+    (tmp_path / "50-test.toml").chmod(0o644)
+    return load_policies([str(tmp_path)])
+
+
+async def test_log_only_policy_deletes_nothing(autojump_clock: trio.testing.MockClock, tmp_path: Any) -> None:
+    policy = write_policy(tmp_path, '[policy.watch]\naction = "log"\n')
+    backend = FakeBackend()
+    reactor = Reactor(backend, ReactorConfig(startup_sweep=False), predictor=stale_when_up2,
+                      policy=lambda: policy)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reactor.run)
+        backend.topo = B
+        await backend.send.send(Trigger("rtnl", "link up2 added", kind="link", interface="up2"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert backend.deleted == []
+    assert reactor.reactions[0].logged_only == 2
+    assert "2 logged only" in reactor.reactions[0].summary()
+    assert "policy watch" in reactor.reactions[0].summary()
+
+
+async def test_policy_triggers_select(autojump_clock: trio.testing.MockClock, tmp_path: Any) -> None:
+    policy = write_policy(tmp_path, '[policy.routes]\ntriggers = ["route"]\n')
+    backend = FakeBackend()
+    reactor = Reactor(backend, ReactorConfig(startup_sweep=False), predictor=stale_when_up2,
+                      policy=lambda: policy)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reactor.run)
+        backend.topo = B
+        await backend.send.send(Trigger("rtnl", "address added", kind="address"))
+        await trio.sleep(1)
+        assert backend.deleted == []  # no policy is triggered by an address event
+        await backend.send.send(Trigger("rtnl", "route added", kind="route"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert len(backend.deleted) == 2
+    assert [r.policies for r in reactor.reactions] == ["none", "routes"]
+
+
+async def test_policy_debounce_is_used(autojump_clock: trio.testing.MockClock, tmp_path: Any) -> None:
+    policy = write_policy(tmp_path, "[policy.slow]\ndebounce = 2.0\nmax_wait = 10.0\n")
+    backend = FakeBackend()
+    reactor = Reactor(backend, ReactorConfig(startup_sweep=False), predictor=stale_when_up2,
+                      policy=lambda: policy)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reactor.run)
+        await backend.send.send(Trigger("rtnl", "a", kind="route"))
+        await trio.sleep(1.5)
+        await backend.send.send(Trigger("rtnl", "b", kind="route"))  # within 2 s: same burst
+        await trio.sleep(3)
+        nursery.cancel_scope.cancel()
+    assert [r.events for r in reactor.reactions] == [2]

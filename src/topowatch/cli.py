@@ -59,24 +59,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     run = sub.add_parser("run", help="the daemon: react to topology events")
-    run.add_argument("--debounce", type=_positive_float, default=0.25, metavar="SECONDS",
-                     help="quiet gap that ends a burst of events (default 0.25)")
-    run.add_argument("--max-wait", type=_positive_float, default=2.0, metavar="SECONDS",
-                     help="react at the latest this long after a burst began (default 2)")
+    run.add_argument("--debounce", type=_positive_float, default=None, metavar="SECONDS",
+                     help="quiet gap that ends a burst of events (default: the policies', 0.25)")
+    run.add_argument("--max-wait", type=_positive_float, default=None, metavar="SECONDS",
+                     help="react at the latest this long after a burst began (default: the policies', 2)")
     run.add_argument("--dry-run", action="store_true", help="log what would be deleted, delete nothing")
     run.add_argument("--max-deletions", type=_positive_int, default=100_000, metavar="N",
                      help="refuse a reaction that would delete more than N entries (default 100000)")
     run.add_argument("--no-startup-sweep", action="store_true",
                      help="do not judge the table once at start")
+    rules_help = "read policies only from DIR (repeatable, highest priority first)"
+    run.add_argument("--rules-dir", action="append", metavar="DIR", help=rules_help)
 
     plan = sub.add_parser("plan", help="audit now: list stale entries, delete nothing")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.add_argument("--rules-dir", action="append", metavar="DIR", help=rules_help)
 
     flush = sub.add_parser("flush", help="delete the stale entries now")
     flush.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
     flush.add_argument("--json", action="store_true", help="print one JSON object")
     flush.add_argument("--max-deletions", type=_positive_int, default=100_000, metavar="N",
                        help="refuse to delete more than N entries (default 100000)")
+    flush.add_argument("--rules-dir", action="append", metavar="DIR", help=rules_help)
+
+    check = sub.add_parser("check", help="validate rules.d and print the effective policy")
+    check.add_argument("--rules-dir", action="append", metavar="DIR", help=rules_help)
 
     lab = sub.add_parser("lab", help="build a namespace lab and show topowatch fixing stuck flows")
     lab.add_argument("--keep", action="store_true", help="leave the lab's namespaces in place")
@@ -91,34 +98,42 @@ def _require_root(command: str) -> None:
         )
 
 
-async def _audit(delete: bool, dry_run: bool, as_json: bool, max_deletions: int) -> int:
+async def _audit(
+    delete: bool, dry_run: bool, as_json: bool, max_deletions: int, rules_dirs: list[str] | None
+) -> int:
     from topowatch.core.decide import decide
     from topowatch.core.evaluate import predict
     from topowatch.core.fib import Fib
     from topowatch.core.flow import Flow, Prediction
     from topowatch.edges.kernel import KernelBackend
+    from topowatch.policy import load_policies
     from topowatch.report import plan_json, plan_text
 
+    selection = load_policies(rules_dirs).select([("request", None)])
+    eligibility = selection.eligibility
     backend = KernelBackend()
     start = time.monotonic()
     topology = await backend.topology()
     ruleset = await backend.ruleset()
-    entries = await backend.entries(backend.eligibility)
+    entries = await backend.entries(eligibility) if selection.policies else []
 
     def bound(fib: Fib, flow: Flow) -> Prediction:
         return predict(ruleset, fib, flow)
 
-    plan = decide(entries, predict=bound, fib_now=Fib(topology), eligibility=backend.eligibility)
+    plan = decide(entries, predict=bound, fib_now=Fib(topology), eligibility=eligibility)
     deleted: int | None = None
+    to_delete = [d.entry for d in plan.stale if selection.flushes(d.entry)]
     if delete and not dry_run:
-        if len(plan.stale) > max_deletions:
+        cap = min(max_deletions, selection.max_deletions)
+        if len(to_delete) > cap:
             raise TopowatchError(
-                f"{len(plan.stale)} stale entries exceed --max-deletions {max_deletions}; nothing deleted"
+                f"{len(to_delete)} stale entries exceed the cap of {cap} deletions; nothing deleted"
             )
-        result = await backend.delete([d.entry for d in plan.stale])
+        result = await backend.delete(to_delete)
         deleted = result.deleted
         for decision in plan.stale:
-            log.info("deleted %s: %s", decision.entry.describe(), decision.reason)
+            if selection.flushes(decision.entry):
+                log.info("deleted %s: %s", decision.entry.describe(), decision.reason)
         if result.failed:
             log.error("%d deletes failed: %s", result.failed, "; ".join(result.errors[:3]))
     elif delete:
@@ -137,23 +152,35 @@ async def _audit(delete: bool, dry_run: bool, as_json: bool, max_deletions: int)
 
 async def _run_daemon(args: argparse.Namespace) -> int:
     from topowatch.edges.kernel import KernelBackend
+    from topowatch.policy import PolicyErrors, PolicyStore
     from topowatch.reactor import Reactor, ReactorConfig
 
+    store = PolicyStore.open(args.rules_dir)
     config = ReactorConfig(
         debounce=args.debounce,
-        max_wait=max(args.max_wait, args.debounce),
+        max_wait=args.max_wait,
         dry_run=args.dry_run,
         max_deletions=args.max_deletions,
         startup_sweep=not args.no_startup_sweep,
     )
     backend = KernelBackend()
-    reactor = Reactor(backend, config)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    reactor = Reactor(backend, config, policy=lambda: store.current)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(reactor.run)
 
             async def wait_signal() -> None:
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        try:
+                            store.reload()
+                            names = ", ".join(p.name for p in store.current.policies)
+                            log.info("policies reloaded: %s", names)
+                        except PolicyErrors as exc:
+                            for error in exc.errors:
+                                log.error("%s", error)
+                            log.error("keeping the previous policy")
+                        continue
                     log.info("received %s: stopping", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
                     return
@@ -173,13 +200,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             from topowatch.lab import run_lab
 
             return run_lab(keep=args.keep)
+        if args.command == "check":
+            from topowatch.policy import check_main
+
+            return check_main(args.rules_dir)
         _require_root(args.command)
         if args.command == "run":
             return trio.run(_run_daemon, args)
         if args.command == "plan":
-            return trio.run(_audit, False, False, args.json, 0)
+            return trio.run(_audit, False, False, args.json, 0, args.rules_dir)
         if args.command == "flush":
-            return trio.run(_audit, True, args.dry_run, args.json, args.max_deletions)
+            return trio.run(_audit, True, args.dry_run, args.json, args.max_deletions, args.rules_dir)
         raise UsageError(f"unknown command {args.command!r}")
     except UsageError as exc:
         print(f"topowatch: error: {exc}", file=sys.stderr)

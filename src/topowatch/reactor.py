@@ -31,13 +31,14 @@ import trio
 
 from topowatch.core.conntrack import Entry
 from topowatch.core.decide import FlushPlan, decide
-from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility
+from topowatch.core.eligibility import Eligibility
 from topowatch.core.evaluate import predict
 from topowatch.core.fib import Fib
 from topowatch.core.flow import Flow, Prediction
 from topowatch.core.model import Topology, TopologyChange, diff
 from topowatch.core.nat import NatRuleset
 from topowatch.errors import TopowatchError
+from topowatch.policy import DEFAULT_EFFECTIVE, EffectivePolicy, Selection
 
 log = logging.getLogger("topowatch.reactor")
 
@@ -47,11 +48,18 @@ ENTRY_LOG_LIMIT = 20
 
 @dataclass(frozen=True, slots=True)
 class Trigger:
-    """One event from a source: a topology change, an overrun, an explicit request."""
+    """One event from a source: a topology change, an overrun, an explicit request.
+
+    ``kind`` is the policy trigger kind (link, address, route, rule, xfrm,
+    ruleset, networkmanager, dispatcher; anything else activates every
+    enabled policy); ``interface`` names the interface concerned, if any.
+    """
 
     source: str
     description: str
     overrun: bool = False
+    kind: str = ""
+    interface: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,10 +95,12 @@ class Backend(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ReactorConfig:
-    debounce: float = 0.25
-    max_wait: float = 2.0
-    eligibility: Eligibility = DEFAULT_ELIGIBILITY
+    """Daemon-wide settings; None for debounce/max_wait means "as the policies say"."""
+
+    debounce: float | None = None
+    max_wait: float | None = None
     dry_run: bool = False
+    # A ceiling over every policy's own cap.
     max_deletions: int = 100_000
     startup_sweep: bool = True
     restart_backoff: float = 1.0
@@ -102,12 +112,15 @@ class Burst:
     first: float = 0.0
     overrun: bool = False
     lines: list[str] = field(default_factory=list)
+    events: set[tuple[str, str | None]] = field(default_factory=set)
 
     def add(self, trigger: Trigger, now: float) -> None:
         if self.count == 0:
             self.first = now
         self.count += 1
         self.overrun = self.overrun or trigger.overrun
+        if len(self.events) < 4096:
+            self.events.add((trigger.kind or trigger.source, trigger.interface))
         if len(self.lines) < 8 and trigger.description not in self.lines:
             self.lines.append(trigger.description)
 
@@ -126,6 +139,8 @@ class Reaction:
     dry_run: bool
     latency: float
     timings: dict[str, float]
+    policies: str = "default"
+    logged_only: int = 0
 
     def summary(self) -> str:
         p = self.plan
@@ -139,9 +154,12 @@ class Reaction:
                 action += f", {self.deleted.already_gone} already gone"
             if self.deleted.failed:
                 action += f", {self.deleted.failed} failed"
+        if self.logged_only:
+            action += f", {self.logged_only} logged only"
         phases = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.timings.items())
         return (
-            f"reaction {self.number} ({self.trigger}, {self.events} event(s)): {self.change.summary()} | "
+            f"reaction {self.number} ({self.trigger}, {self.events} event(s); policy {self.policies}): "
+            f"{self.change.summary()} | "
             f"examined {p.examined}, eligible {p.eligible}, stale {len(p.stale)}, "
             f"undecided {len(p.undecided)}, {action} | "
             f"{self.latency * 1000:.0f} ms from first event to last delete ({phases})"
@@ -156,9 +174,11 @@ class Reactor:
         *,
         on_reaction: Callable[[Reaction], None] | None = None,
         predictor: Callable[[NatRuleset, Fib, Flow], Prediction] = predict,
+        policy: Callable[[], EffectivePolicy] = lambda: DEFAULT_EFFECTIVE,
     ) -> None:
         self.backend = backend
         self.predictor = predictor
+        self.policy = policy
         self.config = config or ReactorConfig()
         self.on_reaction = on_reaction
         self.t0: Topology | None = None
@@ -207,8 +227,11 @@ class Reactor:
         await self._arrived.wait()
         while True:
             self._arrived = trio.Event()
-            deadline = self._burst.first + self.config.max_wait
-            with trio.move_on_at(min(trio.current_time() + self.config.debounce, deadline)):
+            policy = self.policy()
+            debounce = self.config.debounce if self.config.debounce is not None else policy.debounce
+            max_wait = self.config.max_wait if self.config.max_wait is not None else policy.max_wait
+            deadline = self._burst.first + max(max_wait, debounce)
+            with trio.move_on_at(min(trio.current_time() + debounce, deadline)):
                 await self._arrived.wait()
             if not self._arrived.is_set() or trio.current_time() >= deadline:
                 break
@@ -252,10 +275,14 @@ class Reactor:
         timings["ruleset"] = clock() - mark
         assert self.ruleset is not None
         ruleset = self.ruleset
+        selection = self.policy().select(burst.events or {("request", None)})
+        if not selection.policies:
+            log.debug("no policy is triggered by %s", sorted(burst.events, key=str))
+        eligibility = selection.eligibility
         mark = clock()
-        entries = await self.backend.entries(self.config.eligibility)
+        entries = await self.backend.entries(eligibility) if selection.policies else []
         timings["dump"] = clock() - mark
-        mark = clock()
+        dumped = mark = clock()
 
         predictor = self.predictor
 
@@ -267,16 +294,18 @@ class Reactor:
             predict=bound,
             fib_now=Fib(t1),
             fib_before=Fib(self.t0) if self.t0 is not None else None,
-            eligibility=self.config.eligibility,
+            eligibility=eligibility,
         )
         timings["decide"] = clock() - mark
         change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
-        refused = len(plan.stale) > self.config.max_deletions
+        to_delete = [d.entry for d in plan.stale if selection.flushes(d.entry)]
+        refused = len(to_delete) > min(selection.max_deletions, self.config.max_deletions)
         deleted = DeleteCounts()
-        if plan.stale and not refused and not self.config.dry_run:
+        if to_delete and not refused and not self.config.dry_run:
             mark = clock()
-            deleted = await self.backend.delete([d.entry for d in plan.stale])
+            deleted = await self.backend.delete(to_delete)
             timings["delete"] = clock() - mark
+            timings["window"] = clock() - dumped
         self.t0 = t1
         reaction = Reaction(
             number=len(self.reactions) + 1,
@@ -289,18 +318,21 @@ class Reactor:
             dry_run=self.config.dry_run,
             latency=clock() - (burst.first if burst.count else start),
             timings=timings,
+            policies=selection.names(),
+            logged_only=len(plan.stale) - len(to_delete),
         )
         self.reactions.append(reaction)
-        self._log(reaction)
+        self._log(reaction, selection)
         if self.on_reaction is not None:
             self.on_reaction(reaction)
         return reaction
 
-    def _log(self, reaction: Reaction) -> None:
+    def _log(self, reaction: Reaction, selection: Selection) -> None:
         verb = "would delete" if reaction.dry_run or reaction.refused else "deleted"
         for i, decision in enumerate(reaction.plan.stale):
             level = logging.INFO if i < ENTRY_LOG_LIMIT else logging.DEBUG
-            log.log(level, "%s %s: %s", verb, decision.entry.describe(), decision.reason)
+            what = verb if selection.flushes(decision.entry) else "stale (policy says log only)"
+            log.log(level, "%s %s: %s", what, decision.entry.describe(), decision.reason)
         hidden = len(reaction.plan.stale) - ENTRY_LOG_LIMIT
         if hidden > 0:
             log.info("... and %d more stale entries (shown at debug level)", hidden)

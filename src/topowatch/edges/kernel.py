@@ -13,26 +13,45 @@ import contextlib
 import errno
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import trio
 
 from topowatch.core.conntrack import Entry
-from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility
-from topowatch.core.model import Topology
+from topowatch.core.eligibility import Eligibility
+from topowatch.core.model import Address, Link, Route, Topology
 from topowatch.core.nat import NatRuleset
 from topowatch.edges.ctnetlink import Conntrack
 from topowatch.edges.nft import read_ruleset
-from topowatch.edges.rtnl import KernelRtnl, Overrun, RtnlEvents
+from topowatch.edges.rtnl import EventKind, KernelRtnl, Overrun, RtnlEvent, RtnlEvents
 from topowatch.errors import NetlinkError, PermissionDenied
 from topowatch.reactor import DeleteCounts, EventSource, Trigger
 
 log = logging.getLogger("topowatch.kernel")
 
+# rtnetlink event kinds as policy trigger kinds (a nexthop object change is a route change).
+_KINDS = {
+    EventKind.LINK: "link",
+    EventKind.ADDRESS: "address",
+    EventKind.ROUTE: "route",
+    EventKind.RULE: "rule",
+    EventKind.NEXTHOP: "route",
+}
+
+
+def _interface(event: RtnlEvent, names: Mapping[int, str]) -> str | None:
+    value = event.value
+    if isinstance(value, Link):
+        return value.name
+    if isinstance(value, Address):
+        return names.get(value.ifindex)
+    if isinstance(value, Route) and len(value.nexthops) == 1:
+        return names.get(value.nexthops[0].oif)
+    return None
+
 
 class KernelBackend:
-    def __init__(self, eligibility: Eligibility = DEFAULT_ELIGIBILITY, nft: str = "nft") -> None:
-        self.eligibility = eligibility
+    def __init__(self, nft: str = "nft") -> None:
         self.nft = nft
         self.rtnl = KernelRtnl()
         self._ct: Conntrack | None = None
@@ -64,7 +83,8 @@ class KernelBackend:
                     if isinstance(event, Overrun):
                         yield Trigger("rtnetlink", event.description, overrun=True)
                     else:
-                        yield Trigger("rtnetlink", event.description)
+                        yield Trigger("rtnetlink", event.description, kind=_KINDS[event.kind],
+                                      interface=_interface(event, stream.names))
 
             yield triggers()
 
