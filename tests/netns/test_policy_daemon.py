@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from topowatch.lab import OTHER_SERVER, Daemon, Lab, LabFlow, SIP_SERVER
+from topowatch.lab import OTHER_SERVER, SIP_SERVER, Daemon, Lab, LabFlow
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
