@@ -4,7 +4,11 @@ Theory of operation: a conntrack dump is a stream of netlink datagrams, each
 holding many ``IPCTNL_MSG_CT_NEW`` messages (``nlmsghdr`` + ``nfgenmsg`` +
 attributes). ``DumpParser.feed`` walks one datagram and turns every message
 into a ``core.conntrack.Entry``; requests (dump, delete, create) are built by
-the ``encode_*`` functions. Attribute layouts follow
+the ``encode_*`` functions. A dump repeats a few message shapes: each shape
+is learned from its first message (decoded by ``decode_entry``, the
+reference) and later messages of that shape are read with one ``struct``
+call and one comparison of all their attribute headers (see "learned message
+layouts"); anything else takes the reference path. Attribute layouts follow
 ``include/uapi/linux/netfilter/nfnetlink_conntrack.h``; attribute values are
 big-endian, attribute headers are host order.
 
@@ -25,11 +29,13 @@ entry missing a tuple or its status is malformed, not defaulted).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, fields
 from ipaddress import IPv4Address, IPv6Address
+from operator import itemgetter
+from typing import Any
 
-from topowatch.core.conntrack import ICMP_PROTOS, IPS_CONFIRMED, CtTuple, Entry
+from topowatch.core.conntrack import ICMP_PROTOS, IPS_CONFIRMED, IPS_SEEN_REPLY, CtTuple, Entry
 from topowatch.core.flow import IPPROTO_ICMP, IPPROTO_ICMPV6
 from topowatch.core.model import AF_INET, AF_INET6, IPAddress
 
@@ -105,6 +111,7 @@ _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 _ERRNO = struct.Struct("=i")
 _HDR_LEN = _NLMSGHDR.size + _NFGENMSG.size  # 20
+_SEEN_REPLY = IPS_SEEN_REPLY
 
 # The largest interned-address table kept between dumps; beyond it the cache
 # is dropped and refilled (addresses are cheap to rebuild, memory is not).
@@ -468,12 +475,199 @@ def decode_entry(data: bytes, pos: int, end: int, family: int, cache: AddressCac
     return Entry(family, proto, orig, reply, status, zone, mark, ct_id, timeout)
 
 
+# --- learned message layouts (the bulk fast path) ------------------------------
+#
+# A dump of a busy table repeats a handful of message shapes: the same
+# attributes, in the same order, with the same lengths; only the values
+# differ. The first message of a shape is decoded by ``decode_entry`` (the
+# reference) and its shape is compiled into one ``struct`` that reads every
+# attribute header together with the values that matter; later messages of
+# the same length are unpacked in one C call, and their headers compared
+# with the learned ones as one tuple. Any difference (another shape of the
+# same length, a directional zone, ICMP, anything unexpected) falls back to
+# ``decode_entry``, so the fast path can only ever agree with it.
+
+_LAYOUTS_PER_LENGTH = 4
+_LAYOUTS_LIMIT = 256
+# Values of optional attributes the shape does not carry, appended to the
+# unpacked record so that one itemgetter reads present and absent alike.
+_ABSENT = (0,)  # mark, id, timeout, zone all default to 0
+_VALUE_NAMES = (
+    "family", "oproto", "rproto", "osrc", "odst", "osport", "odport",
+    "rsrc", "rdst", "rsport", "rdport", "status", "zone", "mark", "id", "timeout",
+)  # fmt: skip
+_TUPLE_L4_SHAPE = (CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT)
+_SCALARS = {CTA_STATUS: "status", CTA_TIMEOUT: "timeout", CTA_MARK: "mark", CTA_ID: "id"}
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """One compiled message shape: how to unpack it, which words must match, where values are."""
+
+    unpack: Callable[[bytes, int], tuple[Any, ...]]
+    mask: int  # over the message read as one little-endian integer: headers and family
+    expected: int
+    values: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+
+
+class _ShapeRefused(Exception):
+    """The message's shape is not one the fast path handles; it stays on the generic walk."""
+
+
+def _learn(data: bytes, pos: int, end: int) -> _Layout:
+    """Compile the shape of the message at ``pos`` (at its nfgenmsg) up to ``end``.
+
+    Raises ``_ShapeRefused`` for shapes the fast path does not cover.
+    """
+    fmt = ["B3x"]  # family, version, res_id
+    mask = 0xFF  # the family byte
+    where: dict[str, int] = {"family": 0}
+    count = 1
+
+    def add(code: str, name: str) -> None:
+        nonlocal count
+        fmt.append(code)
+        where[name] = count
+        count += 1
+
+    def header(p: int, limit: int) -> tuple[int, int, int]:
+        if p + 4 > limit:
+            raise _ShapeRefused("truncated header")
+        nonlocal mask
+        alen, atype = _NLA.unpack_from(data, p)
+        if alen < 4 or p + alen > limit:
+            raise _ShapeRefused("attribute overruns")
+        fmt.append("4x")
+        mask |= 0xFFFFFFFF << (8 * (p - pos))
+        return alen, atype & NLA_TYPE_MASK, p + alen
+
+    def pad(alen: int) -> None:
+        if _align(alen) > alen:
+            fmt.append(f"{_align(alen) - alen}x")
+
+    def tuple_shape(p: int, limit: int, prefix: str) -> None:
+        seen = []
+        while p < limit:
+            alen, atype, aend = header(p, limit)
+            seen.append(atype)
+            if atype == CTA_TUPLE_IP:
+                q = p + 4
+                inner = []
+                while q < aend:
+                    ilen, itype, _ = header(q, aend)
+                    inner.append(itype)
+                    size = ilen - 4
+                    if itype in _SRC_TYPES and size in (4, 16):
+                        add(f"{size}s", name=prefix + "src")
+                    elif itype in _DST_TYPES and size in (4, 16):
+                        add(f"{size}s", name=prefix + "dst")
+                    else:
+                        raise _ShapeRefused("unexpected address attribute")
+                    pad(ilen)
+                    q += _align(ilen)
+                if len(inner) != 2:
+                    raise _ShapeRefused("not one source and one destination")
+            elif atype == CTA_TUPLE_PROTO:
+                q = p + 4
+                inner = []
+                while q < aend:
+                    ilen, itype, _ = header(q, aend)
+                    inner.append(itype)
+                    if itype == CTA_PROTO_NUM and ilen == 5:
+                        add("B", name=prefix + "proto")
+                    elif itype == CTA_PROTO_SRC_PORT and ilen == 6:
+                        add("H", name=prefix + "sport")
+                    elif itype == CTA_PROTO_DST_PORT and ilen == 6:
+                        add("H", name=prefix + "dport")
+                    else:
+                        raise _ShapeRefused("not a port-carrying protocol")
+                    pad(ilen)
+                    q += _align(ilen)
+                if tuple(inner) != _TUPLE_L4_SHAPE:
+                    raise _ShapeRefused("unexpected protocol attributes")
+            else:
+                raise _ShapeRefused("directional zone or unknown tuple attribute")
+            pad(alen)
+            p += _align(alen)
+        if seen != [CTA_TUPLE_IP, CTA_TUPLE_PROTO]:
+            raise _ShapeRefused("unexpected tuple shape")
+
+    p = pos + _NFGENMSG.size
+    while p < end:
+        alen, atype, aend = header(p, end)
+        if atype in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY):
+            prefix = "o" if atype == CTA_TUPLE_ORIG else "r"
+            if prefix + "src" in where:
+                raise _ShapeRefused("repeated tuple")
+            tuple_shape(p + 4, aend, prefix)
+        elif atype in _SCALARS and alen == 8:
+            add("I", name=_SCALARS[atype])
+        elif atype == CTA_ZONE and alen == 6:
+            add("H", name="zone")
+            pad(alen)
+        else:
+            fmt.append(f"{_align(alen) - 4}x")
+        p += _align(alen)
+    if p != end or not all(n in where for n in ("osrc", "rsrc", "status")):
+        raise _ShapeRefused("message without both tuples and a status")
+    record = struct.Struct(">" + "".join(fmt))
+    if record.size != end - pos:
+        raise _ShapeRefused("shape does not cover the message")
+    expected = int.from_bytes(data[pos:end], "little") & mask
+    absent = count  # index of _ABSENT[0] once appended
+    values = itemgetter(*(where.get(n, absent) for n in _VALUE_NAMES))
+    return _Layout(record.unpack_from, mask, expected, values)
+
+
+_LAYOUTS: dict[int, list[_Layout]] = {}  # by message length after nlmsghdr
+_LEARNED_LENGTHS: set[int] = set()  # by whole message length
+
+
+def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[object, object], None], ...]:
+    """The slot descriptors' setters of a frozen value type, checked against its fields.
+
+    The fast path fills ``CtTuple`` and ``Entry`` through their slots, skipping
+    the generated ``__init__`` (half the cost of a decoded entry). That is
+    only sound while the fields are exactly these and ``__post_init__`` checks
+    nothing that a learned shape does not already guarantee (the family byte
+    and the address lengths are part of every shape). A change to either
+    type fails here, at import, instead of building half-initialised values.
+    """
+    actual = tuple(f.name for f in fields(cls))
+    if actual != names:
+        raise ImportError(f"ctcodec fast path: {cls.__name__} fields {actual} != {names}; update the codec")
+    return tuple(getattr(cls, name).__set__ for name in names)
+
+
+_CTTUPLE_SETTERS = _slot_setters(CtTuple, ("src", "dst", "sport", "dport"))
+_ENTRY_SETTERS = _slot_setters(
+    Entry, ("family", "proto", "orig", "reply", "status", "zone", "mark", "id", "timeout")
+)
+
+
+def _learned(data: bytes, pos: int, end: int) -> None:
+    """Remember the shape of a message that ``decode_entry`` just accepted."""
+    if sum(map(len, _LAYOUTS.values())) >= _LAYOUTS_LIMIT:
+        return
+    try:
+        layout = _learn(data, pos, end)
+    except (_ShapeRefused, struct.error):
+        return
+    same = _LAYOUTS.setdefault(end - pos, [])
+    if len(same) < _LAYOUTS_PER_LENGTH:
+        same.append(layout)
+        _LEARNED_LENGTHS.add(end - pos + 16)
+
+
 @dataclass(slots=True)
 class DumpParser:
     """Accumulates one dump: entries, decode errors, and how the dump ended.
 
     ``feed`` takes one received datagram. Messages whose sequence number is not
     ``seq`` belong to an earlier request and are ignored (counted in ``stale``).
+    With ``skip_replied`` set, entries with ``IPS_SEEN_REPLY`` are counted in
+    ``skipped_replied`` and not kept (no objects are built for them on the
+    fast path): the caller filters UNREPLIED entries anyway.
     """
 
     seq: int
@@ -486,11 +680,32 @@ class DumpParser:
     interrupted: bool = False
     errno: int = 0
     error_samples: list[str] = field(default_factory=list)
+    skip_replied: bool = False
+    skipped_replied: int = 0
 
     def _error(self, why: str) -> None:
         self.decode_errors += 1
         if len(self.error_samples) < 8:
             self.error_samples.append(why)
+
+    def _generic(self, data: bytes, pos: int, mend: int) -> None:
+        """The reference decode of one IPCTNL_MSG_CT_NEW message; learns its shape."""
+        if mend - pos < _HDR_LEN:
+            self._error("message shorter than nfgenmsg")
+            return
+        try:
+            entry = decode_entry(data, pos + _HDR_LEN, mend, data[pos + 16], self.cache)
+        except MalformedMessage as exc:
+            self._error(str(exc))
+            return
+        except ValueError as exc:  # a value type refused the decoded fields
+            self._error(f"invalid entry: {exc}")
+            return
+        _learned(data, pos + 16, mend)
+        if self.skip_replied and entry.status & _SEEN_REPLY:
+            self.skipped_replied += 1
+        else:
+            self.entries.append(entry)
 
     def feed(self, data: bytes, n: int | None = None) -> None:
         end = len(data) if n is None else n
@@ -498,30 +713,70 @@ class DumpParser:
         unpack_hdr = _NLMSGHDR.unpack_from
         seq = self.seq
         cache = self.cache
-        entries = self.entries
+        addresses = cache.addresses
+        append = self.entries.append
+        layouts = _LAYOUTS
+        learned = _LEARNED_LENGTHS
+        from_bytes = int.from_bytes
+        absent = _ABSENT
+        skip_mask = _SEEN_REPLY if self.skip_replied else 0
+        new = object.__new__
+        t_src, t_dst, t_sport, t_dport = _CTTUPLE_SETTERS
+        e_family, e_proto, e_orig, e_reply, e_status, e_zone, e_mark, e_id, e_timeout = _ENTRY_SETTERS
+        messages = skipped = 0
         while pos + 16 <= end:
             mlen, mtype, mflags, mseq, _pid = unpack_hdr(data, pos)
             if mlen < 16 or pos + mlen > end:
                 # Cannot resynchronise inside a datagram: the rest is lost.
                 self._error(f"netlink message of length {mlen} at {pos} overruns {end}")
-                return
-            mend = pos + mlen
-            if mseq != seq:
+                break
+            if mtype == IPCTNL_MSG_CT_NEW and mseq == seq:
+                messages += 1
+                if mflags & NLM_F_DUMP_INTR:
+                    self.interrupted = True
+                shape = from_bytes(data[pos + 16 : pos + mlen], "little") if mlen in learned else 0
+                for layout in layouts.get(mlen - 16, ()):
+                    if shape & layout.mask != layout.expected:
+                        continue
+                    (family, proto, rproto, osrc, odst, osport, odport,
+                     rsrc, rdst, rsport, rdport, status, zone, mark, ct_id, timeout,
+                     ) = layout.values(layout.unpack(data, pos + 16) + absent)  # fmt: skip
+                    if proto != rproto:
+                        break  # malformed: let the reference decode say so
+                    if status & skip_mask:
+                        skipped += 1
+                        break
+                    orig = new(CtTuple)
+                    t_src(orig, addresses.get(osrc) or cache.get(osrc))
+                    t_dst(orig, addresses.get(odst) or cache.get(odst))
+                    t_sport(orig, osport)
+                    t_dport(orig, odport)
+                    reply = new(CtTuple)
+                    t_src(reply, addresses.get(rsrc) or cache.get(rsrc))
+                    t_dst(reply, addresses.get(rdst) or cache.get(rdst))
+                    t_sport(reply, rsport)
+                    t_dport(reply, rdport)
+                    entry = new(Entry)
+                    e_family(entry, family)
+                    e_proto(entry, proto)
+                    e_orig(entry, orig)
+                    e_reply(entry, reply)
+                    e_status(entry, status)
+                    e_zone(entry, zone)
+                    e_mark(entry, mark)
+                    e_id(entry, ct_id)
+                    e_timeout(entry, timeout)
+                    append(entry)
+                    break
+                else:
+                    self._generic(data, pos, pos + mlen)
+            elif mseq != seq:
                 self.stale += 1
             else:
                 if mflags & NLM_F_DUMP_INTR:
                     self.interrupted = True
                 if mtype == IPCTNL_MSG_CT_NEW:
-                    self.messages += 1
-                    if mlen < _HDR_LEN:
-                        self._error("message shorter than nfgenmsg")
-                    else:
-                        try:
-                            entries.append(decode_entry(data, pos + _HDR_LEN, mend, data[pos + 16], cache))
-                        except MalformedMessage as exc:
-                            self._error(str(exc))
-                        except ValueError as exc:  # a value type refused the decoded fields
-                            self._error(f"invalid entry: {exc}")
+                    pass
                 elif mtype == NLMSG_DONE:
                     self.done = True
                 elif mtype == NLMSG_ERROR:
@@ -534,9 +789,12 @@ class DumpParser:
                         self.done = True
                 elif mtype == NLMSG_OVERRUN:
                     self._error("NLMSG_OVERRUN")
-            pos += _align(mlen)
-        if pos < end:
-            self._error(f"{end - pos} trailing bytes after the last message")
+            pos += (mlen + 3) & ~3
+        else:
+            if pos < end:
+                self._error(f"{end - pos} trailing bytes after the last message")
+        self.messages += messages
+        self.skipped_replied += skipped
 
 
 def parse_answers(data: bytes, n: int | None = None) -> list[tuple[int, int]]:

@@ -187,6 +187,7 @@ class Conntrack:
         self.batch_bytes = max(4096, sndbuf // 2)
         self.batch_max = max(16, min(MAX_BATCH, rcvbuf // ANSWER_TRUESIZE))
         self.last_dump: DumpStats | None = None
+        self._skip_replied = False
         self.decode_errors = 0  # over the instance's life
         self.requests = 0  # netlink sendmsg calls, as the fake counts them
         self.status_filter_supported: bool | None = None
@@ -239,11 +240,15 @@ class Conntrack:
     # --- dump -----------------------------------------------------------------
 
     def _dump_once(
-        self, status: tuple[int, int] | None, zone: int | None, mark: int | None, family: int
+        self,
+        status: tuple[int, int] | None,
+        zone: int | None,
+        mark: int | None,
+        family: int,
     ) -> tuple[DumpParser, int, int]:
         seq = self._next_seq()
         self._send(ctcodec.encode_dump_request(seq, family=family, status=status, zone=zone, mark=mark))
-        parser = DumpParser(seq=seq, cache=self.cache)
+        parser = DumpParser(seq=seq, cache=self.cache, skip_replied=self._skip_replied)
         recvs = nbytes = 0
         # Decoding allocates only acyclic objects, hundreds of thousands of
         # them: the cyclic collector would rescan the growing list for nothing
@@ -292,6 +297,8 @@ class Conntrack:
         status = (0, IPS_SEEN_REPLY) if unreplied_only and self.status_filter_supported is not False else None
         started = time.perf_counter()
         retries = 0
+        # Replied entries are then counted, not built (the kernel may have ignored the filter).
+        self._skip_replied = unreplied_only
         while True:
             parser, recvs, nbytes = self._dump_once(status, zone, mark, family)
             if parser.errno:
@@ -305,7 +312,9 @@ class Conntrack:
                 )
             retries += 1
         received = parser.entries
-        if status is not None and any(e.status & IPS_SEEN_REPLY for e in received):
+        self._skip_replied = False
+        replied = parser.skipped_replied or any(e.status & IPS_SEEN_REPLY for e in received)
+        if status is not None and replied:
             # The kernel ignored the status filter (older than 5.15).
             self.status_filter_supported = False
 
@@ -326,7 +335,7 @@ class Conntrack:
             entries=len(entries),
             messages=parser.messages,
             decode_errors=parser.decode_errors,
-            filtered_in_userspace=len(received) - len(entries),
+            filtered_in_userspace=len(received) - len(entries) + parser.skipped_replied,
             kernel_status_filter=status is not None,
             interrupted_retries=retries,
             recvs=recvs,

@@ -1,0 +1,59 @@
+"""Smoke test of bench/flush.py --quick: the table has its shape and every method's counts add up.
+
+No timing is asserted: the benchmark reports times, it does not judge them here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+METHODS = {"topowatch", "conntrack-tools", "kernel -F"}
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.netns,
+    pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft"),
+    pytest.mark.skipif(shutil.which("conntrack") is None, reason="needs conntrack"),
+]
+
+
+def test_quick_benchmark_table(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "flush.py"), "--quick", "--idle", "1", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "scenario" in proc.stdout and "collateral" in proc.stdout
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert len(results) == 3  # two 10%-UNREPLIED scenarios (K=1%, 10%) and the flood
+    for res in results:
+        assert res["built"]["entries"] == res["n"], res["built"]
+        assert res["built"]["stale"] == res["k"]
+        methods = res["methods"]
+        assert set(methods) >= METHODS
+        tw = methods["topowatch"]
+        # topowatch deletes exactly the stale entries.
+        assert (tw["deleted"], tw["collateral"], tw["missed"]) == (res["k"], 0, 0), tw["log"]
+        assert tw["rss_peak_mb"] > 0 and tw["external_seconds"] > 0
+        # The full flush takes everything: it is the reference, not a selective method.
+        full = methods["kernel -F"]
+        assert full["deleted"] == res["n"] and full["missed"] == 0
+        # conntrack -D by destination net deletes a superset: nothing stale left.
+        assert methods["conntrack-tools"]["missed"] == 0
+        for m in methods.values():
+            assert m["deleted"] == res["k"] - m["missed"] + m["collateral"]
+    assert "idle_wakeups" in results[0]["methods"]["topowatch"]
+    assert report["libraries"]["topowatch"] > 0
