@@ -101,7 +101,7 @@ def _require_root(command: str) -> None:
 async def _audit(
     delete: bool, dry_run: bool, as_json: bool, max_deletions: int, rules_dirs: list[str] | None
 ) -> int:
-    from topowatch.core.decide import decide
+    from topowatch.core.decide import decide, mentions_sport
     from topowatch.core.evaluate import predict
     from topowatch.core.fib import Fib
     from topowatch.core.flow import Flow, Prediction
@@ -120,7 +120,13 @@ async def _audit(
     def bound(fib: Fib, flow: Flow) -> Prediction:
         return predict(ruleset, fib, flow)
 
-    plan = decide(entries, predict=bound, fib_now=Fib(topology), eligibility=eligibility)
+    plan = decide(
+        entries,
+        predict=bound,
+        fib_now=Fib(topology),
+        eligibility=eligibility,
+        sport_matters=mentions_sport(ruleset) or mentions_sport(topology.xfrm_policies),
+    )
     deleted: int | None = None
     to_delete = [d.entry for d in plan.stale if selection.flushes(d.entry)]
     if delete and not dry_run:

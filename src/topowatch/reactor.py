@@ -30,7 +30,7 @@ from typing import Protocol
 import trio
 
 from topowatch.core.conntrack import Entry
-from topowatch.core.decide import FlushPlan, decide
+from topowatch.core.decide import FlushPlan, decide, mentions_sport
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.evaluate import predict
 from topowatch.core.fib import Fib
@@ -295,6 +295,7 @@ class Reactor:
             fib_now=Fib(t1),
             fib_before=Fib(self.t0) if self.t0 is not None else None,
             eligibility=eligibility,
+            sport_matters=mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies),
         )
         timings["decide"] = clock() - mark
         change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
@@ -329,7 +330,10 @@ class Reactor:
 
     def _log(self, reaction: Reaction, selection: Selection) -> None:
         verb = "would delete" if reaction.dry_run or reaction.refused else "deleted"
+        debug = log.isEnabledFor(logging.DEBUG)
         for i, decision in enumerate(reaction.plan.stale):
+            if i >= ENTRY_LOG_LIMIT and not debug:
+                break
             level = logging.INFO if i < ENTRY_LOG_LIMIT else logging.DEBUG
             what = verb if selection.flushes(decision.entry) else "stale (policy says log only)"
             log.log(level, "%s %s: %s", what, decision.entry.describe(), decision.reason)

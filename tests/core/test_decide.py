@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -243,3 +244,84 @@ def test_property_matches_independent_judge(case: Case) -> None:
             )
     plan = decide([e], predict=fixed(frozenset(bindings)), fib_now=FIB_NOW)
     assert (len(plan.stale) == 1) == independent_judge(case)
+
+
+def test_flows_sharing_a_key_decided_once_when_sport_does_not_matter() -> None:
+    calls = 0
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        nonlocal calls
+        calls += 1
+        return Prediction(dnat=frozenset({NO_NAT}), snat=frozenset({masq("203.0.113.2")}), egress=(UP2,))
+
+    entries = [entry(sport=p) for p in range(1000, 1100)]
+    plan = decide(entries, predict=predictor, fib_now=FIB_NOW, sport_matters=False)
+    assert calls == 1 and plan.distinct_flows == 1
+    assert len(plan.stale) == 100
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ({"rule": ["udp dport 53"]}, False),
+        ({"rule": ["udp sport 53"]}, True),
+        ("-A POSTROUTING -p udp --sport 53 -j MASQUERADE", True),
+        (("-m multiport --sports 1:2",), True),
+        (Binding(NatKind.SNAT, ip_address("192.0.2.1")), False),
+        (CtTuple(CLIENT, SERVER, 5, 6), True),  # a field named sport with a value
+        (object(), True),  # cannot look inside: assume the worst
+    ],
+)
+def test_mentions_sport(value: object, expected: bool) -> None:
+    from topowatch.core.decide import mentions_sport
+
+    assert mentions_sport(value) is expected
+
+
+def test_mentions_sport_sees_the_real_ruleset_ir() -> None:
+    from topowatch.core.decide import mentions_sport
+    from topowatch.edges.nft import parse_ruleset_json
+
+    def ruleset(expr: list[dict[str, object]]) -> object:
+        return parse_ruleset_json({"nftables": [
+            {"table": {"family": "ip", "name": "t", "handle": 1}},
+            {"chain": {"family": "ip", "table": "t", "name": "c", "handle": 1, "type": "nat",
+                       "hook": "postrouting", "prio": 100, "policy": "accept"}},
+            {"rule": {"family": "ip", "table": "t", "chain": "c", "handle": 2, "expr": expr}},
+        ]})
+
+    by_dport = ruleset([{"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}},
+                                   "right": 53}}, {"masquerade": None}])
+    by_sport = ruleset([{"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "sport"}},
+                                   "right": 53}}, {"masquerade": None}])
+    assert mentions_sport(by_dport) is False
+    assert mentions_sport(by_sport) is True
+
+
+@given(
+    translated=st.one_of(st.none(), st.sampled_from(ADDRS)),
+    nat_port=st.integers(1000, 1200),
+    predicted=st.one_of(st.just(Unknown("x")), st.lists(binding_strategy, max_size=3).map(tuple)),
+)
+@settings(max_examples=300, deadline=None)
+def test_fast_path_agrees_with_the_slow_path(translated: str | None, nat_port: int,
+                                             predicted: Unknown | tuple[Any, ...]) -> None:
+    """``_healthy`` may skip an entry only where the reasoned path would find nothing to say."""
+    from topowatch.core.decide import _Compiled, _healthy, _side
+
+    e = entry(translated, sport=1100, nat_port=nat_port if translated else 1100)
+    if isinstance(predicted, Unknown):
+        snat: frozenset[Binding] | Unknown = predicted
+    else:
+        snat = frozenset(
+            NO_NAT if kind is None else Binding(NatKind(kind), ip_address(ADDRS[lo]), ip_address(ADDRS[hi]),
+                                                ports[0] if ports else None, ports[1] if ports else None)
+            for kind, lo, hi, ports in predicted
+        )
+    prediction = Prediction(dnat=frozenset({NO_NAT}), snat=snat, egress=(UP2,))
+    slow = [_side(e, side, getattr(prediction, side), prediction, None) for side in ("dnat", "snat")]
+    healthy = _healthy(e, _Compiled.of(prediction))
+    if healthy:
+        assert slow == [None, None]
+    elif not isinstance(snat, Unknown):
+        assert any(j is not None and j.stale for j in slow)

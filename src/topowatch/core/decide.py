@@ -20,10 +20,13 @@ deletes anything: it returns a ``FlushPlan``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import dataclasses
+import enum
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from topowatch.core.conntrack import ICMP_PROTOS, Entry
+from topowatch.core.conntrack import ICMP_PROTOS, IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, Entry
 from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility
 from topowatch.core.fib import Fib
 from topowatch.core.flow import Binding, Egress, Flow, Prediction, Unknown
@@ -136,6 +139,115 @@ def _translation(original: IPAddress, translated: IPAddress, actual: Binding) ->
     return f"{actual.describe()} ({original} -> {translated})"
 
 
+_ADDRESS_TYPES = (IPv4Address, IPv6Address, IPv4Network, IPv6Network)
+
+
+def mentions_sport(value: object, _depth: int = 0) -> bool:
+    """True if a ruleset or policy value could read the source port anywhere.
+
+    Conservative by construction: it walks every field of the value and
+    answers True for any field, enum or text that names a source port
+    (``sport``, ``--sport``, ``--sports``). When it is False, entries that
+    differ only in their source port get the same prediction.
+    """
+    if _depth > 64:
+        return True
+    if isinstance(value, str):
+        return "sport" in value
+    if isinstance(value, enum.Enum):
+        return "sport" in str(value.value).lower() or "sport" in value.name.lower()
+    if isinstance(value, (int, float, bool, bytes, *_ADDRESS_TYPES)) or value is None:
+        return False
+    if isinstance(value, dict):
+        return any(
+            mentions_sport(k, _depth + 1) or mentions_sport(v, _depth + 1) for k, v in value.items()
+        )
+    if isinstance(value, (tuple, list, frozenset, set)):
+        return any(mentions_sport(v, _depth + 1) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            if "sport" in f.name and item not in (None, 0, (), frozenset()):
+                return True
+            if mentions_sport(item, _depth + 1):
+                return True
+        return False
+    # An object we cannot look into: assume the worst.
+    return True
+
+
+# How one side of a prediction admits an entry, precompiled: None when the side
+# is unknown; () when the flow would be dropped; else (lo, hi, port_lo, port_hi)
+# per binding, lo/hi None for "address kept".
+_Check = tuple[tuple[int | None, int | None, int | None, int | None], ...] | None
+
+
+def _compile(side: frozenset[Binding] | Unknown) -> _Check:
+    if isinstance(side, Unknown):
+        return None
+    return tuple(
+        (
+            None if b.addr_lo is None else int(b.addr_lo),
+            None if b.addr_hi is None else int(b.addr_hi),
+            b.port_lo,
+            b.port_hi,
+        )
+        for b in side
+    )
+
+
+def _admitted(check: _Check, original: int, translated: int, port: int) -> bool:
+    assert check is not None
+    for lo, hi, port_lo, port_hi in check:
+        if lo is None or hi is None:
+            if translated != original:
+                continue
+        elif not lo <= translated <= hi:
+            continue
+        if port_lo is not None and port_hi is not None and not port_lo <= port <= port_hi:
+            continue
+        return True
+    return False
+
+
+@dataclass(slots=True)
+class _Compiled:
+    prediction: Prediction
+    dnat: _Check
+    snat: _Check
+
+    @classmethod
+    def of(cls, prediction: Prediction) -> _Compiled:
+        return cls(prediction, _compile(prediction.dnat), _compile(prediction.snat))
+
+
+def _healthy(entry: Entry, compiled: _Compiled) -> bool:
+    """True when the entry is certainly left alone: every side known, run, and admitted."""
+    status = entry.status
+    orig, reply = entry.orig, entry.reply
+    if status & IPS_DST_NAT_DONE:
+        check = compiled.dnat
+        if check is None:
+            return False
+        if check:
+            port = orig.dport if entry.proto in ICMP_PROTOS else reply.sport
+            if reply.src.version != orig.dst.version or not _admitted(
+                check, int(orig.dst), int(reply.src), port
+            ):
+                return False
+    if status & IPS_SRC_NAT_DONE:
+        check = compiled.snat
+        if check is None:
+            return False
+        if check:
+            port = orig.sport if entry.proto in ICMP_PROTOS else reply.dport
+            if reply.dst.version != orig.src.version or not _admitted(
+                check, int(orig.src), int(reply.dst), port
+            ):
+                return False
+    return True
+
+
 def decide(
     entries: Iterable[Entry],
     *,
@@ -143,32 +255,41 @@ def decide(
     fib_now: Fib,
     fib_before: Fib | None = None,
     eligibility: Eligibility = DEFAULT_ELIGIBILITY,
+    sport_matters: bool = True,
 ) -> FlushPlan:
-    """Judge every eligible entry; ``predict`` is the evaluator bound to the current ruleset."""
+    """Judge every eligible entry; ``predict`` is the evaluator bound to the current ruleset.
+
+    With ``sport_matters`` False (see ``mentions_sport``), entries sharing
+    (zone, mark, proto, src, dst, dport) are predicted once.
+    """
     examined = 0
     eligible = 0
     stale: list[Decision] = []
     undecided: list[Decision] = []
-    now_cache: dict[Flow, Prediction] = {}
-    before_cache: dict[Flow, Prediction] = {}
+    now_cache: dict[Hashable, _Compiled] = {}
+    before_cache: dict[Hashable, Prediction] = {}
+    admits = eligibility.admits
     for entry in entries:
         examined += 1
-        if not eligibility.admits(entry):
+        if not admits(entry):
             continue
         eligible += 1
-        flow = entry.flow
-        prediction = now_cache.get(flow)
-        if prediction is None:
-            prediction = predict(fib_now, flow)
-            now_cache[flow] = prediction
+        key: Hashable = entry.flow_key() if not sport_matters else (entry.flow_key(), entry.orig.sport)
+        compiled = now_cache.get(key)
+        if compiled is None:
+            compiled = _Compiled.of(predict(fib_now, entry.flow))
+            now_cache[key] = compiled
+        if _healthy(entry, compiled):
+            continue
+        prediction = compiled.prediction
         before: Prediction | None = None
         if fib_before is not None and (
             isinstance(prediction.dnat, Unknown) or isinstance(prediction.snat, Unknown)
         ):
-            before = before_cache.get(flow)
+            before = before_cache.get(key)
             if before is None:
-                before = predict(fib_before, flow)
-                before_cache[flow] = before
+                before = predict(fib_before, entry.flow)
+                before_cache[key] = before
         judged = [
             j
             for j in (
