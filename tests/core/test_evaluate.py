@@ -358,7 +358,7 @@ SNAT_CASES: list[tuple[str, NatRuleset, Flow, set[Binding] | str]] = [
     ("xt match before a binding is unknown", ruleset(post([XT_POLICY, ACCEPT], [MASQ])), udp(),
      "unmodelled expression: xt match policy"),
     ("rt ipsec before a binding is unknown", ruleset(post([RT_IPSEC, ACCEPT], [MASQ])), udp(),
-     "unmodelled expression: rt ipsec"),
+     "rt ipsec: the xfrm policies and SAs were not read"),
     ("unknown after the binding is not reached", ruleset(post([MASQ], [RT_IPSEC, ACCEPT])), udp(), {MASQ1}),
     ("unknown in a rule a false match already rejects",
      ruleset(post([oifname("up2"), RT_IPSEC, ACCEPT], [MASQ])), udp(), {MASQ1}),
@@ -371,16 +371,16 @@ SNAT_CASES: list[tuple[str, NatRuleset, Flow, set[Binding] | str]] = [
      "unmodelled expression: xt target MASQUERADE"),
     ("unknown statement not reached", ruleset(post([oifname("lan"), {"limit": {"rate": 1}}], [MASQ])),
      udp(), {MASQ1}),
-    ("snat to a map is unknown",
-     ruleset(post([snat({"map": {"key": payload("ip", "saddr"), "data": "@m"}})])), udp(), "snat to map"),
+    ("snat to a map not in the ruleset is unknown",
+     ruleset(post([snat({"map": {"key": payload("ip", "saddr"), "data": "@m"}})])), udp(), "set @m"),
     ("numgen is unknown",
      ruleset(post([m({"numgen": {"mode": "inc", "mod": 2, "offset": 0}}, 0), MASQ])), udp(),
-     "unmodelled expression: numgen"),
-    ("vmap is unknown",
+     "numgen inc mod 2 is any of 0-1"),
+    ("vmap hit: accept ends the chain",
      ruleset(post([{"vmap": {"key": payload("ip", "saddr"), "data": sset(["10.0.1.2", ACCEPT])}}], [MASQ])),
-     udp(), "unmodelled expression: vmap"),
-    ("ct state is unknown", ruleset(post([m({"ct": {"key": "state"}}, "new", "in"), MASQ])), udp(),
-     "unmodelled expression: ct state"),
+     udp(), {NO_NAT}),
+    ("ct state new is true for a first packet", ruleset(post([m({"ct": {"key": "state"}}, "new", "in"), MASQ])),
+     udp(), {MASQ1}),
 ]
 
 
@@ -468,12 +468,12 @@ def test_dnat_address_range_routes_each_address() -> None:
 
 
 def test_dnat_unknown_propagates() -> None:
-    rs = ruleset(pre([RT_IPSEC, dnat("10.0.0.53")]), post([MASQ]))
+    rs = ruleset(pre([XT_POLICY, dnat("10.0.0.53")]), post([MASQ]))
     p = predict(rs, FakeFib(), udp())
     assert isinstance(p.dnat, Unknown)
     assert isinstance(p.egress, Unknown)
     assert isinstance(p.snat, Unknown)
-    assert "rt ipsec" in p.dnat.reason
+    assert "xt match policy" in p.dnat.reason
 
 
 def test_dnat_chain_order_and_first_binding() -> None:

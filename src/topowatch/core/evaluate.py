@@ -20,6 +20,16 @@ chain's policy) drops the flow, as does a masquerade with no address on the
 output interface or a redirect with none on the input interface. No binding
 at all is the null binding ``NO_NAT``.
 
+nftables lookups: a set, concatenation or map hits the element holding the
+packet's key (nft keeps elements disjoint); a miss ends the rule (NFT_BREAK)
+without a verdict or NAT. ``fib ... type`` asks the FIB for the address type,
+``fib saddr . iif oif`` is the inferred ingress (the same reverse path), a
+first packet's ``ct state`` is new and its ``ct status`` has no bits but
+DST_NAT (after a DNAT, at the SNAT side). ``numgen``/``jhash`` are any value
+of their range: a NAT map keyed by one binds to any element it reaches (a
+set of bindings, the kernel's pick unpredictable) and, if it can miss the
+map, is unknown.
+
 Three-valued logic: a match is true, false or ``Unknown`` (an unmodelled
 expression, the packet mark we are not told, a port range only partly
 inside). At an unknown match the evaluator follows both branches and keeps
@@ -58,21 +68,36 @@ from topowatch.core.flow import (
 )
 from topowatch.core.model import IPAddress
 from topowatch.core.nat import (
+    XFRM_KEYS,
+    AnyOf,
     Chain,
+    ConcatMatch,
+    CtStatusMatch,
+    ElementKey,
     Hook,
+    IntervalSet,
     Key,
+    MarkSet,
     Match,
     NameSet,
+    NatMapStatement,
     NatRuleset,
     NatStatement,
+    NatTarget,
+    NetmapStatement,
     Op,
     Passive,
     Rule,
+    Selector,
     UnknownMatch,
     UnknownStatement,
     Verdict,
     VerdictKind,
+    VerdictMap,
+    XtMatch,
 )
+from topowatch.core.xfrm import XfrmFlow, lookup, nft_match
+from topowatch.core.xtmatch import xt_match
 
 # Branches followed per hook before giving up ("too many unknown matches").
 MAX_BRANCHES = 256
@@ -100,6 +125,8 @@ class _Packet:
     zone: int
     iif: Ingress | None | Unknown
     oif: Egress | None | Unknown
+    # IPS_DST_NAT as the SNAT side sees it (None: the DNAT may have left the tuple unchanged).
+    dst_nat: bool | None = False
 
 
 # Hook outcomes. ``value`` is what branches are compared by; ``reason`` says why.
@@ -131,7 +158,19 @@ class _Null:
         return NO_NAT
 
 
-_Outcome = _Bound | _Dropped | _Null
+@dataclass(frozen=True, slots=True)
+class _BoundAny:
+    """Any one of several bindings (a numgen/jhash map): the kernel's pick is not predictable."""
+
+    bindings: frozenset[Binding]
+    reason: str
+
+    @property
+    def value(self) -> object:
+        return self.bindings
+
+
+_Outcome = _Bound | _BoundAny | _Dropped | _Null
 
 
 class _Choice(Exception):
@@ -271,21 +310,25 @@ class _Side:
 
 
 class _Evaluator:
-    def __init__(self, ruleset: NatRuleset, fib: Fib) -> None:
+    def __init__(self, ruleset: NatRuleset, fib: Fib, flow: Flow | None = None) -> None:
         self.ruleset = ruleset
         self.fib = fib
+        self.flow = flow
+        # The packet as mark statements changed it in this run of a hook (None: unchanged).
+        self._marked: _Packet | None = None
 
     def hook(self, side: _Side) -> _Outcome | Unknown:
         return _explore(lambda tape: self._run_hook(side, tape))
 
     def _run_hook(self, side: _Side, tape: _Tape) -> _Outcome:
+        self._marked = None
         for chain in side.chains:
             result = self._run_chain(chain, side, tape)
             if result is not None:
                 return result
         return _Null()
 
-    def _run_chain(self, base: Chain, side: _Side, tape: _Tape) -> _Bound | _Dropped | None:
+    def _run_chain(self, base: Chain, side: _Side, tape: _Tape) -> _Bound | _BoundAny | _Dropped | None:
         """Run one base chain: an outcome that ends the hook, or None (accepted: next chain)."""
         stack: list[tuple[Chain, int]] = []
         chain, index = base, 0
@@ -300,7 +343,7 @@ class _Evaluator:
             step = self._run_rule(chain, rule, side, tape)
             if step is None:
                 continue
-            if isinstance(step, _Bound | _Dropped):
+            if isinstance(step, _Bound | _BoundAny | _Dropped):
                 return step
             if step.kind is VerdictKind.ACCEPT:
                 return None
@@ -328,12 +371,32 @@ class _Evaluator:
 
     def _run_rule(
         self, chain: Chain, rule: Rule, side: _Side, tape: _Tape
-    ) -> Verdict | _Bound | _Dropped | None:
+    ) -> Verdict | _Bound | _BoundAny | _Dropped | None:
         """Run one rule's expressions in order; None when the rule does not end in a verdict."""
         where = self.ruleset.describe_rule(chain, rule)
         for expr in rule.exprs:
+            if isinstance(expr, NftExpr) and _is_nft(expr):
+                nft_step = self._nft(expr, side, tape, where)
+                if nft_step is True:
+                    continue
+                if nft_step is False:
+                    return None
+                if isinstance(nft_step, Verdict) and nft_step.kind is VerdictKind.DROP:
+                    return _Dropped(where)
+                return nft_step
+            if isinstance(expr, XtMatch | MarkSet | NetmapStatement):
+                step = self._xt(expr, side, tape, where)
+                if step is False:
+                    return None
+                if isinstance(step, _Bound | _Dropped):
+                    return step
+                continue
             if isinstance(expr, Match):
-                value = _match(expr, side.packet)
+                packet = self._marked or side.packet
+                if expr.selector.key in XFRM_KEYS:
+                    value = self._xfrm(expr, side, packet)
+                else:
+                    value = _match(expr, packet)
                 if isinstance(value, Unknown):
                     value = tape.decide(f"{where}: {value.reason}")
                 if not value:
@@ -349,11 +412,185 @@ class _Evaluator:
                 if expr.family is not None and expr.family != side.packet.family:
                     continue  # nft_nat_inet_eval skips a statement of the other family
                 return self._nat(expr, side, where)
-            else:
+            elif isinstance(expr, Verdict):
                 if expr.kind is VerdictKind.DROP:
                     return _Dropped(f"{where}")
                 return expr
+            else:  # pragma: no cover - every expression kind is dispatched above
+                raise _Unmodelled(f"{where}: {type(expr).__name__} is not evaluated")
         return None
+
+    def _xfrm(self, m: Match, side: _Side, p: _Packet) -> bool | Unknown:
+        """``rt ipsec``, ``meta secpath``, ``ipsec ...``: ``core.xfrm`` answers for the packet here."""
+        if isinstance(p.oif, Unknown):
+            return Unknown(f"{m.selector.text}: the output interface is unknown: {p.oif.reason}")
+        return nft_match(m, self.fib.topology, _xfrm_flow(p), side.hook.value, local=side.ingress.local)
+
+    def _xt(
+        self, expr: XtMatch | MarkSet | NetmapStatement, side: _Side, tape: _Tape, where: str
+    ) -> bool | _Bound | _Dropped:
+        """The iptables matches and statements: False ends the rule, True goes on."""
+        packet = self._marked or side.packet
+        if isinstance(expr, MarkSet):
+            if side.hook in (Hook.PREROUTING, Hook.OUTPUT):
+                raise _Unmodelled(f"{where}: a mark set before routing (routing by mark) is not modelled")
+            if expr.ct:
+                self._marked = replace(packet, ct_mark=expr.apply(packet.ct_mark) or 0)
+            else:
+                self._marked = replace(packet, mark=expr.apply(packet.mark))
+            return True
+        if isinstance(expr, NetmapStatement):
+            kind = NatKind.DNAT if side.hook in (Hook.PREROUTING, Hook.OUTPUT) else NatKind.SNAT
+            addr = packet.daddr if kind is NatKind.DNAT else packet.saddr
+            if addr.version != expr.prefix.version:
+                raise _Unmodelled(f"{where}: address family does not match the flow")
+            mapped = expr.map(addr)
+            return _Bound(Binding(kind, mapped, mapped), f"{where} (to {mapped})")
+        value: bool | Unknown
+        if isinstance(expr, AnyOf):
+            parts = [_match(m, packet) for m in expr.matches]
+            if any(p is True for p in parts):
+                value = True
+            else:
+                unknown = [p for p in parts if isinstance(p, Unknown)]
+                value = unknown[0] if unknown else False
+        else:
+            value = xt_match(expr, packet, self.fib, self.flow, hook=side.hook, local=side.ingress.local)
+        if isinstance(value, Unknown):
+            return tape.decide(f"{where}: {value.reason}")
+        return value
+
+    # -- nftables breadth: fib, numgen/hash, ct status NAT bits, lookups, NAT maps -------------
+
+    def _nft(
+        self, expr: NftExpr, side: _Side, tape: _Tape, where: str
+    ) -> bool | Verdict | _Bound | _BoundAny | _Dropped:
+        """True goes on, False ends the rule; a verdict or an outcome as ``_run_rule`` returns."""
+        packet = self._marked or side.packet
+        if isinstance(expr, Match):
+            value = self._component(expr.selector, expr.values, packet, side)
+            return self._decided(value, tape, where, expr.op)
+        if isinstance(expr, CtStatusMatch):
+            flags = dict(_FIRST_PACKET_STATUS, DST_NAT=packet.dst_nat)
+            status = _any_status(flags, expr.statuses)
+            if not isinstance(status, Unknown):
+                status = status != expr.negate
+            return self._decided(status, tape, where)
+        if isinstance(expr, ConcatMatch):
+            found = self._lookup(expr.selectors, list(expr.elements), packet, side, tape=tape, where=where)
+            return (found is not None) == (expr.op is Op.EQ)
+        if isinstance(expr, VerdictMap):
+            keys = [k for k, _ in expr.elements]
+            found = self._lookup(expr.selectors, keys, packet, side, tape=tape, where=where)
+            return False if found is None else expr.elements[found][1]
+        return self._nat_map(expr, side, packet, tape, where)
+
+    @staticmethod
+    def _decided(value: bool | Unknown, tape: _Tape, where: str, op: Op = Op.EQ) -> bool:
+        if isinstance(value, Unknown):
+            return tape.decide(f"{where}: {value.reason}")
+        return value if op is Op.EQ else not value
+
+    def _component(
+        self, sel: Selector, values: IntervalSet | NameSet, p: _Packet, side: _Side
+    ) -> bool | Unknown:
+        """Whether the packet's value of ``sel`` is in ``values`` (``==``), three-valued."""
+        key = sel.key
+        if key in (Key.NUMGEN, Key.HASH):
+            assert isinstance(values, IntervalSet)
+            lo, hi = _random_range(sel)
+            hit = values.covers(lo, hi)
+            if hit is None:
+                return Unknown(f"{sel.text} is any of {lo}-{hi}, only some in {values.describe()}")
+            return hit
+        if key is Key.FIB_TYPE:
+            assert isinstance(values, IntervalSet)
+            addr = p.daddr if "daddr" in sel.params else p.saddr
+            dev: int | None = None
+            if "iif" in sel.params:
+                if not isinstance(p.iif, Ingress):
+                    return Unknown(f"{sel.text}: no known input interface here")
+                dev = p.iif.ifindex
+            rtype = self.fib.address_type(addr, dev)
+            if isinstance(rtype, Unknown):
+                return Unknown(f"{sel.text}: {rtype.reason}")
+            return values.covers(int(rtype), int(rtype)) is True
+        if key in (Key.FIB_OIF, Key.FIB_OIFNAME):
+            # The reverse path of the source is how the flow's ingress was inferred: its oif is the iif.
+            if not isinstance(p.iif, Ingress):
+                return Unknown(f"{sel.text}: no known input interface here")
+            if isinstance(values, NameSet):
+                return values.contains(p.iif.ifname)
+            return values.covers(p.iif.ifindex, p.iif.ifindex) is True
+        m = Match(sel, Op.EQ, values, sel.text)
+        return self._xfrm(m, side, p) if key in XFRM_KEYS else _match(m, p)
+
+    def _lookup(
+        self, selectors: tuple[Selector, ...], keys: list[ElementKey], p: _Packet, side: _Side, *,
+        tape: _Tape, where: str,
+    ) -> int | None:
+        """The index of the element holding the packet's key, None if none (elements are disjoint).
+
+        A numgen/hash key whose whole range the elements cover always hits one:
+        the "no element" branch is not followed then.
+        """
+        candidates: list[tuple[int, Unknown | None]] = []
+        for index, key in enumerate(keys):
+            parts = [self._component(s, v, p, side) for s, v in zip(selectors, key, strict=True)]
+            if any(part is False for part in parts):
+                continue
+            unknown = next((part for part in parts if isinstance(part, Unknown)), None)
+            candidates.append((index, unknown))
+        exhaustive = False
+        if len(selectors) == 1 and selectors[0].key in (Key.NUMGEN, Key.HASH):
+            lo, hi = _random_range(selectors[0])
+            spans = tuple(iv for k in keys if isinstance(k[0], IntervalSet) for iv in k[0].intervals)
+            exhaustive = IntervalSet(spans).covers(lo, hi) is True
+        for position, (index, unknown) in enumerate(candidates):
+            if unknown is None or (exhaustive and position == len(candidates) - 1):
+                return index
+            if tape.decide(f"{where}: {unknown.reason}"):
+                return index
+        return None
+
+    def _nat_map(
+        self, stmt: NatMapStatement, side: _Side, p: _Packet, tape: _Tape, where: str
+    ) -> bool | _Bound | _BoundAny:
+        if stmt.family is not None and stmt.family != p.family:
+            return True  # nft_nat_inet_eval skips a statement of the other family
+        if stmt.kind not in side.kinds:
+            raise _Unmodelled(f"{where}: {stmt.kind.value} in a {side.hook.value} chain")
+        if len(stmt.selectors) == 1 and stmt.selectors[0].key in (Key.NUMGEN, Key.HASH):
+            lo, hi = _random_range(stmt.selectors[0])
+            reached = [t for k, t in stmt.elements if k[0].covers(lo, hi) is not False]  # type: ignore[union-attr]
+            spans = tuple(iv for k, _ in stmt.elements for iv in k[0].intervals)  # type: ignore[union-attr]
+            whole = IntervalSet(spans).covers(lo, hi) is True
+            if not whole and not tape.decide(f"{where}: {stmt.selectors[0].text} may miss the map"):
+                return False
+            if not reached:
+                return False
+            bindings = frozenset(self._target(stmt, t, p, where) for t in reached)
+            text = ", ".join(sorted(b.addr_text or "" for b in bindings))
+            return _BoundAny(bindings, f"{where} (any of {text})")
+        found = self._lookup(stmt.selectors, [k for k, _ in stmt.elements], p, side, tape=tape, where=where)
+        if found is None:
+            return False  # no element: NFT_BREAK, the rule ends without NAT
+        binding = self._target(stmt, stmt.elements[found][1], p, where)
+        return _Bound(binding, f"{where} (to {binding.addr_text})")
+
+    @staticmethod
+    def _target(stmt: NatMapStatement, target: NatTarget, p: _Packet, where: str) -> Binding:
+        lo, hi = target.addr
+        if lo.version != p.saddr.version:
+            raise _Unmodelled(f"{where}: address family does not match the flow")
+        ports = target.ports or (None, None)
+        if stmt.netmap:
+            original = p.saddr if stmt.kind is NatKind.SNAT else p.daddr
+            keep = int(lo) ^ int(hi)  # NF_NAT_RANGE_NETMAP: the bits that vary across the range are kept
+            mapped_int = (int(original) & keep) | (int(lo) & ~keep)
+            mapped = IPv4Address(mapped_int) if lo.version == 4 else IPv6Address(mapped_int)
+            return Binding(stmt.kind, mapped, mapped, *ports)
+        return Binding(stmt.kind, lo, hi, *ports)
 
     def _nat(self, stmt: NatStatement, side: _Side, where: str) -> _Bound | _Dropped:
         if stmt.kind not in side.kinds:
@@ -381,6 +618,85 @@ class _Evaluator:
         return _Bound(Binding(stmt.kind, lo, hi, *ports), where)
 
 
+def _xfrm_flow(p: _Packet) -> XfrmFlow:
+    oif = p.oif.oif if isinstance(p.oif, Egress) else None
+    hi = p.dport[1] if p.dport[1] != p.dport[0] else None
+    return XfrmFlow(p.family, p.proto, p.saddr, p.daddr, p.sport, p.dport[0], hi, p.mark, oif)
+
+
+def _xfrm_egress(fib: Fib, p: _Packet, out: Egress) -> tuple[Egress, str | None]:
+    """The egress named with the xfrm out policy that puts the flow in IPsec; a reason if one blocks it."""
+    if out.kind is not EgressKind.UNICAST or not fib.topology.xfrm_known:
+        return out, None
+    decision = lookup(fib.topology, _xfrm_flow(replace(p, oif=out)))
+    if isinstance(decision, Unknown):
+        return replace(out, xfrm=f"unknown ({decision.reason})"), None
+    if decision.policy is None or not (decision.in_ipsec or decision.blocked):
+        return out, None
+    return replace(out, xfrm=decision.policy.describe()), decision.reason if decision.blocked else None
+
+
+# -- nftables breadth helpers -----------------------------------------------------------
+
+# Keys the evaluator answers itself (from the FIB, or as any value of a range).
+_NFT_KEYS = frozenset({Key.FIB_TYPE, Key.FIB_OIF, Key.FIB_OIFNAME, Key.NUMGEN, Key.HASH})
+# Status bits ``_Evaluator._nft`` answers for a first packet (DST_NAT comes from the DNAT side).
+_NAT_STATUS = frozenset({"SRC_NAT", "DST_NAT", "DYING"})
+_FIRST_PACKET_STATUS: dict[str, bool | None] = {
+    "EXPECTED": None,  # an expected (related) connection is not told apart
+    "SEEN_REPLY": False,
+    "ASSURED": False,
+    "CONFIRMED": False,
+    "SRC_NAT": False,
+    "DYING": False,
+}
+NftExpr = Match | CtStatusMatch | ConcatMatch | VerdictMap | NatMapStatement
+
+
+def _is_nft(expr: object) -> bool:
+    """True for what ``_Evaluator._nft`` answers (before the iptables and plain paths)."""
+    if isinstance(expr, ConcatMatch | VerdictMap | NatMapStatement):
+        return True
+    if isinstance(expr, CtStatusMatch):
+        return bool(expr.statuses & _NAT_STATUS)
+    return isinstance(expr, Match) and expr.selector.key in _NFT_KEYS
+
+
+def _any_status(flags: dict[str, bool | None], names: frozenset[str]) -> bool | Unknown:
+    if any(flags.get(n) is True for n in names):
+        return True
+    unknown = sorted(n for n in names if flags.get(n) is None)
+    if unknown:
+        return Unknown(f"ct status {','.join(unknown).lower()} of the flow's first packet is not known")
+    return False
+
+
+def _random_range(sel: Selector) -> tuple[int, int]:
+    mod, offset = (int(x) for x in sel.params)
+    return offset, offset + mod - 1
+
+
+def _dst_nat(binding: Binding, flow: Flow) -> bool | None:
+    """IPS_DST_NAT after the DNAT side: set when the binding changes the tuple (None: it may not)."""
+    if binding.kind is NatKind.NONE:
+        return False
+    lo, hi = binding.translated(flow.dst)
+    if not int(lo) <= int(flow.dst) <= int(hi):
+        return True
+    ports = binding.ports
+    if ports is not None and not ports[0] <= flow.dport <= ports[1]:
+        return True
+    return None
+
+
+def _bindings(outcome: _Bound | _BoundAny | _Null) -> frozenset[Binding]:
+    if isinstance(outcome, _Bound):
+        return frozenset({outcome.binding})
+    if isinstance(outcome, _BoundAny):
+        return outcome.bindings
+    return frozenset({NO_NAT})
+
+
 def _addresses(lo: IPAddress, hi: IPAddress) -> Iterator[IPAddress]:
     make = IPv4Address if lo.version == 4 else IPv6Address
     for value in range(int(lo), int(hi) + 1):
@@ -397,7 +713,7 @@ def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
     ingress = fib.ingress(flow)
     if isinstance(ingress, Unknown):
         return _unknown_all(ingress, f"ingress unknown: {ingress.reason}")
-    ev = _Evaluator(ruleset, fib)
+    ev = _Evaluator(ruleset, fib, flow)
     base = _Packet(
         family=flow.family,
         proto=flow.proto,
@@ -438,7 +754,12 @@ def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
     egresses: list[Egress] = []
     snat: set[Binding] = set()
     snat_unknown: Unknown | None = None
-    for outcome in dict.fromkeys(dnat_outcomes):
+    expanded = [
+        _Bound(b, o.reason) if isinstance(o, _BoundAny) else o
+        for o in dnat_outcomes
+        for b in (sorted(o.bindings, key=str) if isinstance(o, _BoundAny) else [NO_NAT])
+    ]
+    for outcome in dict.fromkeys(expanded):
         if isinstance(outcome, _Dropped):
             explain.append(f"dropped at {hook.value}: {outcome.reason}")
             continue
@@ -458,12 +779,16 @@ def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
             if isinstance(egress, Unknown):
                 unknown = Unknown(f"route after dnat unknown: {egress.reason}")
                 return Prediction(frozenset(dnat), unknown, unknown, ingress, tuple(explain))
-            packet = replace(base, daddr=daddr, dport=dport)
+            packet = replace(base, daddr=daddr, dport=dport, dst_nat=_dst_nat(binding, flow))
 
             # 3. SNAT side, per egress.
-            for out in egress:
+            for routed_out in egress:
+                out, blocked = _xfrm_egress(fib, packet, routed_out)
                 if out not in egresses:
                     egresses.append(out)
+                if blocked is not None:
+                    explain.append(f"dropped by xfrm: {blocked}")
+                    continue
                 if out.kind in (EgressKind.BLACKHOLE, EgressKind.UNREACHABLE, EgressKind.PROHIBIT):
                     explain.append(f"dropped by the route: {out.describe()}")
                     continue
@@ -482,7 +807,7 @@ def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
                 if isinstance(result, _Dropped):
                     explain.append(f"dropped at {side.hook.value}: {result.reason}")
                     continue
-                snat.add(result.binding if isinstance(result, _Bound) else NO_NAT)
+                snat.update(_bindings(result))
                 explain.append(f"snat via {out.describe()}: {result.reason}")
     return Prediction(
         dnat=frozenset(dnat),

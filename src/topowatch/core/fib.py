@@ -63,10 +63,16 @@ Theory of operation (IPv4 follows ``net/core/fib_rules.c``,
    none: the primary universe-scope addresses of every link in the same L3
    domain (same VRF master, or none), links in dump order. The route's
    ``prefsrc`` is ignored, as MASQUERADE ignores it.
-   IPv6 (``ipv6_dev_get_saddr``, RFC 6724) is a SUBSET: usable addresses of
-   the oif (else of every link), preferring the destination itself, then
-   the smallest scope not narrower than the destination's, then not
-   deprecated, then the oif, then the longest common prefix.
+   IPv6 (``ipv6_dev_get_saddr``, RFC 6724) is a SUBSET: candidates are the
+   oif's addresses for a link-local or multicast destination, else every
+   link's in the oif's L3 domain; never tentative (unless optimistic) or
+   DAD-failed. Preferred in order: the destination itself, the smallest
+   scope not narrower than the destination's, neither deprecated nor
+   optimistic, on the oif, the same policy-table label, not temporary (the
+   default ``use_tempaddr`` preference: the sysctl is not in the topology),
+   the longest common prefix capped at the address's prefix length; ties
+   keep the kernel's list (dump) order. Not modelled: home addresses,
+   ``use_oif_addrs_only``, labels changed with ``ip addrlabel``.
 
 Not modelled (the answer may differ from the kernel's): IPv4 martian and
 source-validation checks on input (``ip route get`` fails on them; a
@@ -80,12 +86,13 @@ route selection (equal-metric IPv6 routes are answered as alternatives).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 
 from topowatch.core.flow import Egress, EgressKind, Flow, Ingress, Unknown
 from topowatch.core.model import (
     AF_INET,
     AF_INET6,
+    IFA_F_DADFAILED,
     IFA_F_DEPRECATED,
     IFA_F_OPTIMISTIC,
     IFA_F_TENTATIVE,
@@ -108,6 +115,9 @@ from topowatch.core.model import (
     default_rules,
     family_of,
 )
+
+# IFA_F_TEMPORARY (an RFC 4941 privacy address) shares its bit with IFA_F_SECONDARY.
+IFA_F_TEMPORARY = 0x01
 
 # The kernel's loopback device always has this index (LOOPBACK_IFINDEX).
 LOOPBACK_IFINDEX = 1
@@ -316,6 +326,46 @@ class Fib:
         query = _Query(addr, None, None, None, 0, 0)
         answer = self._table_lookup(family_of(addr), TABLE_LOCAL, query)
         return isinstance(answer, _Hit) and answer.route.type == RouteType.LOCAL
+
+    def address_type(self, addr: IPAddress, ifindex: int | None = None) -> RouteType | Unknown:
+        """The address type nft ``fib daddr|saddr [. iif] type`` reads.
+
+        IPv4 (``inet_dev_addr_type``): 0.0.0.0/8 and 255.255.255.255 are
+        broadcast, multicast by address, else the type of the local-table
+        route holding it (only if its device is ``ifindex``, when given), else
+        unicast. IPv6 (``nft_fib6_eval_type``, a subset): local when an address
+        (of ``ifindex``, when given) is it, multicast by address, else the
+        kind of the route to it; anything less clear is unknown.
+        """
+        if addr.is_multicast:
+            return RouteType.MULTICAST
+        if isinstance(addr, IPv4Address):
+            if addr in IPv4Network("0.0.0.0/8") or addr == IPv4Address("255.255.255.255"):
+                return RouteType.BROADCAST
+            answer = self._table_lookup(AF_INET, TABLE_LOCAL, _Query(addr, None, None, None, 0, 0))
+            if isinstance(answer, Unknown):
+                return answer
+            if isinstance(answer, _Hit):
+                hops = answer.route.nexthops
+                if ifindex is None or (hops and hops[0].oif == ifindex):
+                    return answer.route.type
+            return RouteType.UNICAST
+        mine = [a for a in self.topology.addresses if a.address == addr]
+        if any(ifindex is None or a.ifindex == ifindex for a in mine):
+            return RouteType.LOCAL
+        egresses = self.lookup(addr)
+        if isinstance(egresses, Unknown):
+            return egresses
+        kinds = {e.kind for e in egresses}
+        by_kind = {
+            EgressKind.UNICAST: RouteType.UNICAST,
+            EgressKind.BLACKHOLE: RouteType.BLACKHOLE,
+            EgressKind.UNREACHABLE: RouteType.UNREACHABLE,
+            EgressKind.PROHIBIT: RouteType.PROHIBIT,
+        }
+        if len(kinds) == 1 and next(iter(kinds)) in by_kind:
+            return by_kind[next(iter(kinds))]
+        return Unknown(f"the address type of {addr} is not modelled here")
 
     def redirect_address(
         self, family: int, ingress: Ingress, dst: IPAddress | None = None
@@ -661,33 +711,71 @@ class Fib:
         return master.index if master is not None and master.kind == "vrf" else 0
 
     def _ipv6_select_addr(self, oif: int, dst: IPAddress) -> IPAddress | None:
-        """A subset of RFC 6724 source selection (``ipv6_dev_get_saddr``); see the module docstring."""
+        """A subset of RFC 6724 source selection (``ipv6_dev_get_saddr``); see the module docstring.
+
+        Candidates: the oif's addresses for a link-local or multicast
+        destination, else every link's of the oif's L3 domain (dump order is
+        the kernel's list order). Not tentative (unless optimistic), not
+        multicast. Then, in order: the destination itself, appropriate scope,
+        neither deprecated nor optimistic, on the oif, same policy label,
+        not temporary (the default ``use_tempaddr`` preference), longest
+        common prefix capped at the address's prefix length; ties keep the
+        first.
+        """
         assert isinstance(dst, IPv6Address)
         want = _v6_scope_width(dst)
 
         def usable(a: Address) -> bool:
-            return a.family == AF_INET6 and a.usable
+            if a.family != AF_INET6 or a.flags & IFA_F_DADFAILED or a.address.is_multicast:
+                return False
+            return not (a.flags & IFA_F_TENTATIVE and not a.flags & IFA_F_OPTIMISTIC)
 
-        candidates = [a for a in self.topology.addresses_of(oif, AF_INET6) if usable(a)]
-        if not candidates:
-            candidates = [a for a in self.topology.addresses if usable(a)]
+        if dst.is_multicast or want <= _v6_scope_width(IPv6Address("fe80::1")):
+            candidates = [a for a in self.topology.addresses_of(oif, AF_INET6) if usable(a)]
+        else:
+            domain = self._l3_master(oif)
+            candidates = [
+                a for a in self.topology.addresses if usable(a) and self._l3_master(a.ifindex) == domain
+            ]
         if not candidates:
             return None
+        dst_label = _v6_label(dst)
 
-        def preference(a: Address) -> tuple[bool, int, bool, bool, int]:
+        def preference(a: Address) -> tuple[bool, int, bool, bool, bool, bool, int]:
             addr = a.address
             assert isinstance(addr, IPv6Address)
             width = _v6_scope_width(addr)
-            scope_rank = -width if width >= want else width - 100
+            scope_rank = -width if width >= want else width - 128
             return (
                 addr == dst,
                 scope_rank,
-                not a.flags & IFA_F_DEPRECATED,
+                not a.flags & (IFA_F_DEPRECATED | IFA_F_OPTIMISTIC),
                 a.ifindex == oif,
-                _common_prefix(addr, dst),
+                _v6_label(addr) == dst_label,
+                not a.flags & IFA_F_TEMPORARY,
+                min(_common_prefix(addr, dst), a.prefixlen),
             )
 
         return max(candidates, key=preference).address
+
+
+# RFC 6724 default policy table as the kernel has it (ip6addrlbl_init_table): prefix -> label.
+_V6_LABELS: tuple[tuple[IPv6Network, int], ...] = tuple(
+    sorted(
+        (
+            (IPv6Network(net), label)
+            for net, label in (
+                ("::/0", 1), ("fc00::/7", 5), ("fec0::/10", 11), ("2002::/16", 2), ("3ffe::/16", 12),
+                ("2001::/32", 6), ("2001:10::/28", 7), ("::ffff:0:0/96", 4), ("::/96", 3), ("::1/128", 0),
+            )
+        ),
+        key=lambda item: -item[0].prefixlen,
+    )
+)
+
+
+def _v6_label(addr: IPv6Address) -> int:
+    return next(label for net, label in _V6_LABELS if addr in net)
 
 
 def _single_gateway(route: Route) -> bool:

@@ -121,12 +121,15 @@ class Egress:
     # The address MASQUERADE would choose on oif for this nexthop, None if none.
     masquerade_source: IPAddress | None = None
     route: str = ""
+    # The xfrm out policy that puts the flow in IPsec (or blocks it) on this egress, "" if none.
+    xfrm: str = ""
 
     def describe(self) -> str:
         if self.kind is not EgressKind.UNICAST:
             return f"{self.kind.value} ({self.route})" if self.route else self.kind.value
         via = f" via {self.gateway}" if self.gateway is not None else ""
-        return f"dev {self.oifname}{via}"
+        ipsec = f" (xfrm policy {self.xfrm})" if self.xfrm else ""
+        return f"dev {self.oifname}{via}{ipsec}"
 
 
 class NatKind(enum.Enum):

@@ -24,6 +24,10 @@ from ipaddress import (
     IPv6Network,
     ip_network,
 )
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # core.xfrm imports this module at run time
+    from topowatch.core.xfrm import XfrmPolicy, XfrmState
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -274,11 +278,14 @@ class Topology:
     addresses: tuple[Address, ...] = ()
     routes: tuple[Route, ...] = ()
     rules: tuple[PolicyRule, ...] = ()
-    # Filled by the xfrm edge; opaque to the FIB.
-    xfrm_policies: tuple[object, ...] = field(default=())
+    # Filled by the xfrm edge; opaque to the FIB, read by ``core.xfrm``. ``xfrm_known``
+    # says they were read: only then does an empty table mean "no IPsec".
+    xfrm_policies: tuple[XfrmPolicy, ...] = field(default=())
+    xfrm_states: tuple[XfrmState, ...] = field(default=())
+    xfrm_known: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("links", "addresses", "routes", "rules", "xfrm_policies"):
+        for name in ("links", "addresses", "routes", "rules", "xfrm_policies", "xfrm_states"):
             value = getattr(self, name)
             if not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
@@ -372,6 +379,13 @@ def diff(t0: Topology, t1: Topology) -> TopologyChange:
     for rule in sorted(rules1 - rules0, key=str):
         lines.append(f"rule {rule.describe()} added")
     pol0, pol1 = set(t0.xfrm_policies), set(t1.xfrm_policies)
-    if pol0 != pol1:
-        lines.append(f"xfrm policies: {len(pol1 - pol0)} added, {len(pol0 - pol1)} removed")
+    for pol in sorted(pol0 - pol1, key=lambda p: p.describe()):
+        lines.append(f"xfrm policy {pol.describe()} removed")
+    for pol in sorted(pol1 - pol0, key=lambda p: p.describe()):
+        lines.append(f"xfrm policy {pol.describe()} added")
+    sa0, sa1 = set(t0.xfrm_states), set(t1.xfrm_states)
+    for sa in sorted(sa0 - sa1, key=lambda s: s.describe()):
+        lines.append(f"xfrm SA {sa.describe()} removed")
+    for sa in sorted(sa1 - sa0, key=lambda s: s.describe()):
+        lines.append(f"xfrm SA {sa.describe()} added")
     return TopologyChange(tuple(lines))

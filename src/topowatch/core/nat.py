@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from topowatch.core.flow import NatKind
 from topowatch.core.model import AF_INET, AF_INET6, IPAddress
@@ -63,10 +63,26 @@ class Key(enum.Enum):
     MARK = "mark"  # packet (skb) mark
     CT_MARK = "ct mark"
     CT_ZONE = "ct zone"
+    # IPsec (evaluated by ``core.xfrm``): values 1/0 for exists/missing, else the SA's field.
+    RT_IPSEC = "rt ipsec"  # the route carries an xfrm bundle
+    SECPATH = "meta secpath"  # the packet arrived through an SA
+    IPSEC_REQID = "ipsec reqid"  # ``ipsec in|out [spnum N] KEY``: the N-th SA of the bundle/secpath
+    IPSEC_SPI = "ipsec spi"
+    IPSEC_SADDR = "ipsec saddr"
+    IPSEC_DADDR = "ipsec daddr"
+    # nftables: answered by the evaluator from the FIB or as "any value of a range".
+    FIB_TYPE = "fib type"  # params: the fib flags ("daddr", "iif")
+    FIB_OIF = "fib oif"  # params: the fib flags ("saddr", "iif"); values are ifindexes, 0 is "missing"
+    FIB_OIFNAME = "fib oifname"
+    NUMGEN = "numgen"  # params: (mod, offset); any value of offset..offset+mod-1
+    HASH = "hash"  # jhash/symhash; params: (mod, offset); the seed makes the value unknowable
 
 
-INTERFACE_KEYS = frozenset({Key.IIFNAME, Key.OIFNAME, Key.IIF, Key.OIF})
+INTERFACE_KEYS = frozenset({Key.IIFNAME, Key.OIFNAME, Key.IIF, Key.OIF, Key.FIB_OIFNAME})
 ADDRESS_KEYS = frozenset({Key.SADDR, Key.DADDR})
+XFRM_KEYS = frozenset(
+    {Key.RT_IPSEC, Key.SECPATH, Key.IPSEC_REQID, Key.IPSEC_SPI, Key.IPSEC_SADDR, Key.IPSEC_DADDR}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +93,9 @@ class Selector:
     (an ``ip saddr`` match is false for an IPv6 packet, whatever its operator);
     ``proto`` that of ``tcp``/``udp``/... port selectors (None for ``th``,
     which has none); ``mask`` a constant ``&`` applied first (``meta mark & 0xff``).
-    ``text`` is how nft writes it.
+    ``text`` is how nft writes it. For ``ipsec ... saddr|daddr``, ``family``
+    is the SA's address family (the kernel breaks the rule for another);
+    ``direction`` ("in"/"out") and ``spnum`` say which SA ``ipsec`` reads.
     """
 
     key: Key
@@ -85,6 +103,9 @@ class Selector:
     family: int | None = None
     proto: int | None = None
     mask: int | None = None
+    direction: str | None = None
+    spnum: int = 0
+    params: tuple[str | int, ...] = ()  # fib flags; numgen/hash (mod, offset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,8 +275,193 @@ class UnknownStatement:
         return f"unmodelled expression: {self.expression}"
 
 
-Statement = Verdict | NatStatement | Passive | UnknownStatement
-Expression = Match | UnknownMatch | Statement
+# -- iptables matches and statements (read by ``edges.iptables``) -------------
+# Each is evaluated by ``core.xtmatch``: exactly where the flow decides it, else unknown.
+
+
+@dataclass(frozen=True, slots=True)
+class AnyOf:
+    """A disjunction: true if any of its matches is (``-m multiport --ports``: source or destination)."""
+
+    matches: tuple[Match, ...]
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class CtStateMatch:
+    """``-m conntrack --ctstate`` / ``-m state --state``: the entry's state is one of ``states``."""
+
+    states: frozenset[str]
+    negate: bool
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class CtStatusMatch:
+    """``-m conntrack --ctstatus``: some of the status bits ``statuses`` are set."""
+
+    statuses: frozenset[str]
+    negate: bool
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class CtTupleMatch:
+    """``-m conntrack --ctorigsrc/--ctorigdst/--ctorigsrcport/--ctorigdstport/--ctproto``.
+
+    ``field`` is one of ``origsrc``, ``origdst``, ``origsrcport``, ``origdstport``, ``proto``:
+    the original tuple, as the flow's first packet carried it (before any NAT).
+    """
+
+    field: str
+    values: IntervalSet
+    negate: bool
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class AddrTypeMatch:
+    """``-m addrtype --src-type|--dst-type TYPES``; ``limit_iface`` "in"/"out" restricts the lookup."""
+
+    side: str  # "src" or "dst"
+    types: frozenset[str]
+    negate: bool
+    text: str
+    limit_iface: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyElement:
+    """One ``--reqid/--spi/--proto/--mode/--tunnel-src/--tunnel-dst`` group of ``-m policy``.
+
+    None is "any"; ``negated`` names the fields written with ``!``.
+    """
+
+    reqid: int | None = None
+    spi: int | None = None
+    proto: int | None = None
+    mode: str | None = None  # "tunnel" or "transport"
+    tunnel_src: IPv4Network | IPv6Network | None = None
+    tunnel_dst: IPv4Network | IPv6Network | None = None
+    negated: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyMatch:
+    """``-m policy --dir in|out --pol ipsec|none [--strict] [elements]`` (xt_policy)."""
+
+    direction: str  # "in" or "out"
+    pol: str  # "ipsec" or "none"
+    elements: tuple[PolicyElement, ...]
+    strict: bool
+    text: str
+
+
+XtMatch = AnyOf | CtStateMatch | CtStatusMatch | CtTupleMatch | AddrTypeMatch | PolicyMatch
+
+
+@dataclass(frozen=True, slots=True)
+class MarkSet:
+    """Set the packet mark (or with ``ct``, the conntrack mark): ``new = (old & ~mask) ^ value``.
+
+    iptables ``MARK --set-xmark value/mask`` is exactly this; later matches in
+    the same traversal see the new mark.
+    """
+
+    value: int
+    mask: int
+    text: str
+    ct: bool = False
+
+    def apply(self, old: int | None) -> int | None:
+        """The new mark, or None where the old one is unknown and not fully overwritten."""
+        if old is None:
+            return self.value if self.mask == 0xFFFFFFFF else None
+        return ((old & ~self.mask) ^ self.value) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class NetmapStatement:
+    """iptables ``NETMAP --to PREFIX``: the address keeps its host bits under ``prefix``.
+
+    At prerouting/output it maps the destination (a DNAT), at postrouting/input the source (an SNAT).
+    """
+
+    prefix: IPv4Network | IPv6Network
+    text: str
+
+    def map(self, addr: IPAddress) -> IPAddress:
+        net = self.prefix
+        host = int(addr) & int(net.hostmask)
+        mapped = int(net.network_address) | host
+        return IPv4Address(mapped) if net.version == 4 else IPv6Address(mapped)
+
+
+# -- nftables lookups: concatenations, verdict maps, NAT maps -----------------
+# An element's key holds one value set per key component; a lookup hits the element
+# whose every component holds the packet's value (nft keeps the elements disjoint).
+
+ElementKey = tuple["IntervalSet | NameSet", ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConcatMatch:
+    """``a . b { x . y, ... }`` (or a one-component lookup): some element holds the packet's values.
+
+    ``!=`` is true when no element does.
+    """
+
+    selectors: tuple[Selector, ...]
+    op: Op
+    elements: tuple[ElementKey, ...]
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class VerdictMap:
+    """``KEY vmap { k : verdict, ... }``: the verdict of the element that holds the key; no element
+    ends the rule (the kernel's NFT_BREAK), as a false match does."""
+
+    selectors: tuple[Selector, ...]
+    elements: tuple[tuple[ElementKey, Verdict], ...]
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class NatTarget:
+    """A NAT map's data: an address range, and a port range (None keeps the port)."""
+
+    addr: tuple[IPAddress, IPAddress]
+    ports: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        lo, hi = self.addr
+        if lo.version != hi.version or int(lo) > int(hi):
+            raise ValueError(f"NatTarget: bad address range {lo}-{hi}")
+
+
+@dataclass(frozen=True, slots=True)
+class NatMapStatement:
+    """``snat|dnat [ip|ip6] [prefix] to KEY map { k : addr[ . port], ... }``.
+
+    The element that holds the key gives the binding; no element ends the rule
+    unNATed (NFT_BREAK). With a NUMGEN or HASH key every element the key's
+    range reaches is a possible binding. ``netmap`` (``prefix``, NPTv6-style)
+    keeps the original address's bits that differ across the target range.
+    """
+
+    kind: NatKind
+    text: str
+    family: int | None
+    selectors: tuple[Selector, ...]
+    elements: tuple[tuple[ElementKey, NatTarget], ...]
+    flags: tuple[str, ...] = ()
+    netmap: bool = False
+
+
+NftStatement = VerdictMap | NatMapStatement
+Statement = Verdict | NatStatement | Passive | UnknownStatement | MarkSet | NetmapStatement | NftStatement
+Expression = Match | UnknownMatch | XtMatch | ConcatMatch | Statement
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +485,7 @@ class Rule:
 
     @property
     def statements(self) -> tuple[Statement, ...]:
-        return tuple(e for e in self.exprs if not isinstance(e, Match | UnknownMatch))
+        return tuple(e for e in self.exprs if not isinstance(e, Match | UnknownMatch | XtMatch | ConcatMatch))
 
     @property
     def verdict(self) -> Verdict | None:

@@ -7,8 +7,13 @@ families (tables not dormant) and every regular chain they reach by jump or
 goto; named sets are resolved into the matches that use them. Every
 expression is either modelled exactly (see ``core.nat``) or kept as an
 ``UnknownMatch``/``UnknownStatement`` carrying the expression's name
-("xt match policy", "rt ipsec", "numgen", "map"): the parser never raises on
-an expression it does not know, and never approximates one.
+("xt match policy", "fib daddr oif", "mangle"): the parser never raises on
+an expression it does not know, and never approximates one. Modelled beyond
+plain matches: concatenations and named/anonymous sets with intervals, verdict
+maps, NAT maps (``snat|dnat [prefix] to KEY map``, numgen/jhash keys),
+``fib ... type`` and ``fib saddr [. iif] oif|oifname``, ``ct state``,
+``ct status`` flag tests, and ``meta|ct mark set`` to a constant. Named sets
+and maps are resolved only when constant (not dynamic, no timeout).
 
 Volatile data (counter values, element expiry) is dropped so that two reads
 of the same ruleset compare equal.
@@ -18,6 +23,7 @@ This module never changes the ruleset; it only lists it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from collections.abc import Iterable, Mapping
@@ -29,14 +35,21 @@ from topowatch.core.model import AF_INET, AF_INET6, IPAddress
 from topowatch.core.nat import (
     FAMILY_AFS,
     Chain,
+    ConcatMatch,
+    CtStateMatch,
+    CtStatusMatch,
+    ElementKey,
     Expression,
     Hook,
     IntervalSet,
     Key,
+    MarkSet,
     Match,
     NameSet,
+    NatMapStatement,
     NatRuleset,
     NatStatement,
+    NatTarget,
     Op,
     Passive,
     Rule,
@@ -45,6 +58,7 @@ from topowatch.core.nat import (
     UnknownStatement,
     Verdict,
     VerdictKind,
+    VerdictMap,
 )
 from topowatch.errors import MissingTool, PermissionDenied, RulesetError
 
@@ -85,6 +99,15 @@ _BOUNDS: dict[Key, tuple[int, int]] = {
     Key.MARK: (0, 0xFFFFFFFF),
     Key.CT_MARK: (0, 0xFFFFFFFF),
     Key.CT_ZONE: (0, 0xFFFF),
+    Key.IPSEC_REQID: (0, 0xFFFFFFFF),
+    Key.IPSEC_SPI: (0, 0xFFFFFFFF),
+}
+# nft's ``ipsec in|out [spnum N] KEY`` keys (nft_xfrm).
+_IPSEC_KEYS = {
+    "reqid": Key.IPSEC_REQID,
+    "spi": Key.IPSEC_SPI,
+    "saddr": Key.IPSEC_SADDR,
+    "daddr": Key.IPSEC_DADDR,
 }
 
 _SetTable = Mapping[tuple[str, str, str], Mapping[str, Any]]
@@ -256,6 +279,22 @@ def _selector(left: Any) -> Selector:
                 return Selector(key, text, proto=_PORT_PROTOS[proto])
     if k == "ct" and "dir" not in v and v.get("key") in ("mark", "zone"):
         return Selector(Key.CT_MARK if v["key"] == "mark" else Key.CT_ZONE, text)
+    if k == "rt" and v.get("key") == "ipsec":
+        return Selector(Key.RT_IPSEC, text)
+    if k == "meta" and v.get("key") == "secpath":
+        return Selector(Key.SECPATH, text)
+    if k == "ipsec" and v.get("key") in _IPSEC_KEYS and v.get("dir", "in") in ("in", "out"):
+        sa_family = _FAMILY_WORDS.get(v["family"]) if "family" in v else None
+        if (sa_family is None) != (v["key"] in ("reqid", "spi")):
+            raise _NotModelled(expression_name(left))
+        spnum = v.get("spnum", 0)
+        if type(spnum) is not int or spnum < 0:
+            raise _NotModelled(expression_name(left))
+        direction = v.get("dir", "in")
+        return Selector(_IPSEC_KEYS[v["key"]], text, family=sa_family, direction=direction, spnum=spnum)
+    special = _special_selector(k, v, text)
+    if special is not None:
+        return special
     if k == "&" and isinstance(v, list) and len(v) == 2:
         inner = _selector(v[0])
         if inner.key in (Key.MARK, Key.CT_MARK) and inner.mask is None:
@@ -266,7 +305,11 @@ def _selector(left: Any) -> Selector:
 def _scalar(key: Key, v: Any) -> int:
     if isinstance(v, dict) and "elem" in v:
         return _scalar(key, v["elem"].get("val"))
+    if key is Key.FIB_TYPE and isinstance(v, str) and v in _FIB_TYPES:
+        return _FIB_TYPES[v]
     if isinstance(v, bool):
+        if key in (Key.RT_IPSEC, Key.SECPATH):  # exists / missing
+            return int(v)
         raise _NotModelled("boolean value")
     if key is Key.NFPROTO:
         # meta nfproto takes ipv4/ipv6 (NFPROTO_* equal AF_*); meta protocol an ethertype.
@@ -335,11 +378,11 @@ def _values(sel: Selector, right: Any, sets: _SetTable, family: str, table: str)
     for e in elements:
         if isinstance(e, dict) and "concat" in e:
             raise _NotModelled("concat")
-    if sel.key in (Key.IIFNAME, Key.OIFNAME, Key.IIF, Key.OIF):
+    if sel.key in (Key.IIFNAME, Key.OIFNAME, Key.IIF, Key.OIF, Key.FIB_OIFNAME):
         exact: set[str] = set()
         prefixes: set[str] = set()
         indexes: set[int] = set()
-        wild = sel.key in (Key.IIFNAME, Key.OIFNAME)
+        wild = sel.key in (Key.IIFNAME, Key.OIFNAME, Key.FIB_OIFNAME)
         for element in elements:
             e = element["elem"].get("val") if isinstance(element, dict) and "elem" in element else element
             if isinstance(e, int) and not isinstance(e, bool) and not wild:
@@ -351,7 +394,7 @@ def _values(sel: Selector, right: Any, sets: _SetTable, family: str, table: str)
             else:
                 raise _NotModelled(expression_name(e))
         return NameSet(frozenset(exact), frozenset(prefixes), frozenset(indexes))
-    if sel.key in (Key.SADDR, Key.DADDR):
+    if sel.key in (Key.SADDR, Key.DADDR, Key.IPSEC_SADDR, Key.IPSEC_DADDR):
         want = 4 if sel.family == AF_INET else 6
         intervals = []
         for e in elements:
@@ -375,7 +418,7 @@ def _values(sel: Selector, right: Any, sets: _SetTable, family: str, table: str)
 
 def _compare(sel: Selector, op: str, right: Any) -> IntervalSet:
     """``< > <= >=`` as the interval they admit."""
-    if sel.key in (Key.SADDR, Key.DADDR):
+    if sel.key in (Key.SADDR, Key.DADDR, Key.IPSEC_SADDR, Key.IPSEC_DADDR):
         lo, hi, version = _addr_interval(right)
         if lo != hi:
             raise _NotModelled(f"operator {op} on a range")
@@ -385,7 +428,8 @@ def _compare(sel: Selector, op: str, right: Any) -> IntervalSet:
         bounds, x = _BOUNDS[sel.key], _scalar(sel.key, right)
     else:
         raise _NotModelled(f"operator {op} on {sel.text}")
-    wanted = (4 if sel.family == AF_INET else 6) if sel.key in (Key.SADDR, Key.DADDR) else None
+    addresses = (Key.SADDR, Key.DADDR, Key.IPSEC_SADDR, Key.IPSEC_DADDR)
+    wanted = (4 if sel.family == AF_INET else 6) if sel.key in addresses else None
     first, last = bounds
     span = {
         "<": (first, x - 1),
@@ -396,9 +440,12 @@ def _compare(sel: Selector, op: str, right: Any) -> IntervalSet:
     return IntervalSet((span,) if span[0] <= span[1] else (), wanted)
 
 
-def _match(body: Mapping[str, Any], sets: _SetTable, family: str, table: str) -> Match | UnknownMatch:
+def _match(body: Mapping[str, Any], sets: _SetTable, family: str, table: str) -> Expression:
     text = _text({"match": body})
     try:
+        special = _special_match(body, sets, family, table, text)
+        if special is not None:
+            return special
         sel = _selector(body.get("left"))
         op = body.get("op", "==")
         right = body.get("right")
@@ -415,10 +462,250 @@ def _match(body: Mapping[str, Any], sets: _SetTable, family: str, table: str) ->
 
 
 # ---------------------------------------------------------------------------
+# nftables breadth: ct state/status, fib, numgen/hash, concatenations, verdict maps,
+# NAT maps, constant mark sets. Each either modelled exactly or _NotModelled by name.
+
+_FIB_TYPES = {
+    "unspec": 0, "unicast": 1, "local": 2, "broadcast": 3, "anycast": 4,
+    "multicast": 5, "blackhole": 6, "unreachable": 7, "prohibit": 8,
+}
+_CT_STATES = {"invalid": "INVALID", "established": "ESTABLISHED", "related": "RELATED", "new": "NEW",
+              "untracked": "UNTRACKED"}
+_CT_STATE_BITS = {1: "INVALID", 2: "ESTABLISHED", 4: "RELATED", 8: "NEW", 64: "UNTRACKED"}
+_CT_STATUS = {"expected": "EXPECTED", "seen-reply": "SEEN_REPLY", "assured": "ASSURED",
+              "confirmed": "CONFIRMED", "snat": "SRC_NAT", "dnat": "DST_NAT", "dying": "DYING"}
+_CT_STATUS_BITS = {1: "EXPECTED", 2: "SEEN_REPLY", 4: "ASSURED", 8: "CONFIRMED", 16: "SRC_NAT",
+                   32: "DST_NAT", 512: "DYING"}
+# fib flag sets the evaluator answers: the address's type (optionally on the input interface),
+# and the reverse-path oif of the source.
+_FIB_FLAGS_TYPE = ({"daddr"}, {"daddr", "iif"}, {"saddr"}, {"saddr", "iif"})
+_FIB_FLAGS_OIF = ({"saddr"}, {"saddr", "iif"})
+
+
+def _special_selector(k: str, v: Any, text: str) -> Selector | None:
+    """fib, numgen and jhash/symhash as selectors; None for anything else."""
+    if not isinstance(v, dict):
+        return None
+    if k == "fib":
+        flags = _flag_list(v.get("flags"))
+        result = v.get("result")
+        if result == "type" and set(flags) in _FIB_FLAGS_TYPE:
+            return Selector(Key.FIB_TYPE, text, params=tuple(sorted(flags)))
+        if result in ("oif", "check", "oifname") and set(flags) in _FIB_FLAGS_OIF:
+            key = Key.FIB_OIFNAME if result == "oifname" else Key.FIB_OIF
+            return Selector(key, text, params=tuple(sorted(flags)))
+        raise _NotModelled(f"fib {' . '.join(flags)} {result}")
+    if k in ("numgen", "jhash", "symhash"):
+        mod, offset = v.get("mod"), v.get("offset", 0)
+        if type(mod) is not int or type(offset) is not int or mod <= 0:
+            raise _NotModelled(k)
+        return Selector(Key.NUMGEN if k == "numgen" else Key.HASH, text, params=(mod, offset))
+    return None
+
+
+def _words(right: Any, names: Mapping[str, str], bits: Mapping[int, str], what: str) -> frozenset[str]:
+    items = right if isinstance(right, list) else [right]
+    out: set[str] = set()
+    for item in items:
+        if isinstance(item, str) and item in names:
+            out.add(names[item])
+            continue
+        value = item if isinstance(item, int) and not isinstance(item, bool) else None
+        if isinstance(item, str):
+            with contextlib.suppress(ValueError):
+                value = int(item, 0)
+        if value is None or value <= 0:
+            raise _NotModelled(f"{what} {item!r}")
+        for bit in range(value.bit_length()):
+            if value >> bit & 1:
+                if 1 << bit not in bits:
+                    raise _NotModelled(f"{what} bit {1 << bit:#x}")
+                out.add(bits[1 << bit])
+    return frozenset(out)
+
+
+def _unwrap(e: Any) -> Any:
+    return e["elem"].get("val") if isinstance(e, dict) and "elem" in e else e
+
+
+def _lookup_elements(right: Any, sets: _SetTable, family: str, table: str, *, is_map: bool) -> list[Any]:
+    """The raw elements of an anonymous set/map or a named one (constant contents only)."""
+    if isinstance(right, str) and right.startswith("@"):
+        found = sets.get((family, table, right[1:]))
+        if found is None:
+            raise _NotModelled(f"set {right} (not in the ruleset)")
+        if ("map" in found) != is_map:
+            raise _NotModelled(f"{'set' if is_map else 'map'} {right}")
+        flags = _flag_list(found.get("flags"))
+        if "dynamic" in flags or "timeout" in flags:
+            raise _NotModelled(f"dynamic set {right}")
+        elem = found.get("elem", [])
+        return list(elem) if isinstance(elem, list) else [elem]
+    if isinstance(right, dict) and "set" in right:
+        elem = right["set"]
+        return list(elem) if isinstance(elem, list) else [elem]
+    if is_map:
+        raise _NotModelled("map data")
+    return [right]
+
+
+def _element_key(selectors: tuple[Selector, ...], raw: Any, family: str, table: str) -> ElementKey:
+    value = _unwrap(raw)
+    parts = value["concat"] if isinstance(value, dict) and "concat" in value else [value]
+    if len(parts) != len(selectors):
+        raise _NotModelled("concat element of another width")
+    return tuple(_values(sel, part, {}, family, table) for sel, part in zip(selectors, parts, strict=True))
+
+
+def _key_selectors(key: Any) -> tuple[Selector, ...]:
+    parts = key["concat"] if isinstance(key, dict) and "concat" in key else [key]
+    selectors = tuple(_selector(p) for p in parts)
+    if len(selectors) > 1 and any(s.key in (Key.NUMGEN, Key.HASH) for s in selectors):
+        raise _NotModelled("numgen/hash in a concatenation")
+    return selectors
+
+
+def _special_match(
+    body: Mapping[str, Any], sets: _SetTable, family: str, table: str, text: str
+) -> Expression | None:
+    """ct state/status, concatenations and fib existence; None where ``_match`` does the rest."""
+    left, op, right = body.get("left"), body.get("op", "=="), body.get("right")
+    negate = op in ("!=", "!")
+    if isinstance(left, dict) and "ct" in left and "dir" not in left["ct"]:
+        key = left["ct"].get("key")
+        is_set = isinstance(right, dict) and "set" in right
+        values = right["set"] if isinstance(right, dict) and is_set else right
+        if key == "state" and op in ("==", "in", "!=", "!"):
+            # A first packet has exactly one state bit: a flag test and set membership agree.
+            return CtStateMatch(_words(values, _CT_STATES, _CT_STATE_BITS, "ct state"), negate, text)
+        if key == "status" and not is_set and op in ("in", "!=", "!"):
+            return CtStatusMatch(_words(values, _CT_STATUS, _CT_STATUS_BITS, "ct status"), negate, text)
+        if key in ("state", "status"):
+            raise _NotModelled(f"ct {key} {op} {'set' if is_set else 'value'}")
+        return None
+    if isinstance(left, dict) and "concat" in left:
+        if op not in ("==", "in", "!="):
+            raise _NotModelled(f"operator {op!r} on a concatenation")
+        selectors = _key_selectors(left)
+        raws = _lookup_elements(right, sets, family, table, is_map=False)
+        elements = tuple(_element_key(selectors, r, family, table) for r in raws)
+        return ConcatMatch(selectors, Op.NE if op == "!=" else Op.EQ, elements, text)
+    if isinstance(left, dict) and "fib" in left and isinstance(right, bool):
+        sel = _selector(left)
+        if sel.key is not Key.FIB_OIF or op not in ("==", "!="):
+            raise _NotModelled(f"fib {op} {right}")
+        exists = right != (op == "!=")
+        return Match(sel, Op.NE if exists else Op.EQ, IntervalSet(((0, 0),)), text)
+    return None
+
+
+def _verdict_of(e: Any) -> Verdict:
+    if isinstance(e, dict) and len(e) == 1:
+        ((k, v),) = e.items()
+        if k in ("accept", "drop", "return", "continue"):
+            return Verdict(_VERDICTS[k])
+        if k in ("jump", "goto") and isinstance(v, dict) and isinstance(v.get("target"), str):
+            return Verdict(_VERDICTS[k], v["target"])
+    raise _NotModelled(f"verdict {expression_name(e)}")
+
+
+def _vmap(v: Any, sets: _SetTable, family: str, table: str) -> VerdictMap | UnknownStatement:
+    text = _text({"vmap": v})
+    try:
+        selectors = _key_selectors(v["key"])
+        elements = []
+        for raw in _lookup_elements(v["data"], sets, family, table, is_map=True):
+            k, d = raw
+            elements.append((_element_key(selectors, k, family, table), _verdict_of(d)))
+        return VerdictMap(selectors, tuple(elements), text)
+    except _NotModelled as exc:
+        return UnknownStatement(f"vmap: {exc}", text)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return UnknownStatement("malformed vmap", text)
+
+
+def _nat_target(d: Any) -> NatTarget:
+    d = _unwrap(d)
+    parts = d["concat"] if isinstance(d, dict) and "concat" in d else [d]
+    if len(parts) not in (1, 2):
+        raise _NotModelled("nat map data")
+    lo, hi, version = _addr_interval(parts[0])
+    make = IPv4Address if version == 4 else IPv6Address
+    ports: tuple[int, int] | None = None
+    if len(parts) == 2:
+        port = parts[1]
+        if type(port) is int:
+            ports = (port, port)
+        elif isinstance(port, dict) and "range" in port and all(type(p) is int for p in port["range"]):
+            ports = (port["range"][0], port["range"][1])
+        else:
+            raise _NotModelled("nat map port")
+    return NatTarget((make(lo), make(hi)), ports)
+
+
+def _nat_lookup(
+    kind: NatKind, kind_word: str, body: Mapping[str, Any], *, family: int | None, chain_family: str,
+    sets: _SetTable, table: str, text: str,
+) -> NatStatement | NatMapStatement:
+    """``snat|dnat to numgen ... [offset N]`` and ``snat|dnat [prefix] to KEY map {...}``."""
+    addr = body["addr"]
+    flags = _flag_list(body.get("flags"))
+    type_flags = set(_flag_list(body.get("type_flags")))
+    if "port" in body or not type_flags <= {"interval", "concat", "prefix"}:
+        raise _NotModelled(f"{kind_word} to {expression_name(addr)}")
+    if "map" not in addr:  # numgen/jhash/symhash as the address itself (offset..offset+mod-1)
+        sel = _special_selector(next(iter(addr)), next(iter(addr.values())), _text(addr))
+        if sel is None or sel.key not in (Key.NUMGEN, Key.HASH) or type_flags:
+            raise _NotModelled(f"{kind_word} to {expression_name(addr)}")
+        mod, offset = (int(p) for p in sel.params)
+        fam = family or _FAMILY_WORDS.get(chain_family)
+        if fam is None:
+            raise _NotModelled(f"{kind_word} to {expression_name(addr)} without a family")
+        make = IPv4Address if fam == AF_INET else IPv6Address
+        return NatStatement(kind, text, family, (make(offset), make(offset + mod - 1)), None, tuple(flags))
+    selectors = _key_selectors(addr["map"]["key"])
+    elements = []
+    for raw in _lookup_elements(addr["map"]["data"], sets, chain_family, table, is_map=True):
+        k, d = raw
+        elements.append((_element_key(selectors, k, chain_family, table), _nat_target(d)))
+    versions = {t.addr[0].version for _, t in elements}
+    if len(versions) > 1:
+        raise _NotModelled(f"{kind_word} map of mixed families")
+    if family is None and chain_family == "inet" and versions:
+        family = AF_INET if versions == {4} else AF_INET6
+    netmap = "netmap" in flags or "prefix" in type_flags
+    rest = tuple(f for f in flags if f != "netmap")
+    return NatMapStatement(kind, text, family, selectors, tuple(elements), rest, netmap)
+
+
+def _mark_set(v: Any) -> MarkSet | UnknownStatement:
+    """``meta mark set C`` / ``ct mark set C`` with a constant C; anything else is unknown."""
+    text = _text({"mangle": v})
+    body: Mapping[str, Any] = v if isinstance(v, dict) else {}
+    key, value = body.get("key"), body.get("value")
+    target = None
+    if isinstance(key, dict) and key.get("meta", {}).get("key") == "mark":
+        target = False
+    elif isinstance(key, dict) and key.get("ct", {}).get("key") == "mark" and "dir" not in key["ct"]:
+        target = True
+    constant: int | None = None
+    if type(value) is int:
+        constant = value
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            constant = int(value, 0)
+    if target is None or constant is None or not 0 <= constant <= 0xFFFFFFFF:
+        return UnknownStatement("mangle", text)
+    return MarkSet(constant, 0xFFFFFFFF, text, ct=target)
+
+
+# ---------------------------------------------------------------------------
 # Statements.
 
 
-def _nat(kind_word: str, v: Any, chain_family: str) -> NatStatement | UnknownStatement:
+def _nat(
+    kind_word: str, v: Any, chain_family: str, sets: _SetTable | None = None, table: str = ""
+) -> NatStatement | NatMapStatement | UnknownStatement:
     text = _text({kind_word: v})
     kind = _NAT_KINDS[kind_word]
     body: Mapping[str, Any] = v if isinstance(v, dict) else {}
@@ -426,6 +713,9 @@ def _nat(kind_word: str, v: Any, chain_family: str) -> NatStatement | UnknownSta
         family: int | None = _FAMILY_WORDS.get(body["family"]) if "family" in body else None
         if "family" in body and family is None:
             raise _NotModelled(f"{kind_word} family {body['family']}")
+        if isinstance(body.get("addr"), dict) and {"map", "numgen", "jhash", "symhash"} & set(body["addr"]):
+            return _nat_lookup(kind, kind_word, body, family=family, chain_family=chain_family,
+                               sets=sets or {}, table=table, text=text)
         type_flags = body.get("type_flags")
         if type_flags:
             names = type_flags if isinstance(type_flags, list) else [type_flags]
@@ -477,7 +767,11 @@ def _expression(e: Any, sets: _SetTable, family: str, table: str) -> Expression:
     if k in _PASSIVE:
         return Passive(k, _text(e))
     if k in _NAT_KINDS:
-        return _nat(k, v, family)
+        return _nat(k, v, family, sets, table)
+    if k == "vmap":
+        return _vmap(v, sets, family, table)
+    if k == "mangle":
+        return _mark_set(v)
     if k == "xt" and isinstance(v, dict) and v.get("type") == "match":
         return UnknownMatch(expression_name(e), _text(e))
     return UnknownStatement(expression_name(e), _text(e))
@@ -552,10 +846,12 @@ def parse_ruleset_json(doc: dict[str, Any]) -> NatRuleset:
             )
             chain_rules.append(rule)
             for expr in rule.exprs:
-                if isinstance(expr, Verdict) and expr.target is not None:
-                    target = (family, table, expr.target)
-                    if target in chains and target not in wanted:
-                        todo.append(target)
+                verdicts = [d for _, d in expr.elements] if isinstance(expr, VerdictMap) else [expr]
+                for verdict in verdicts:
+                    if isinstance(verdict, Verdict) and verdict.target is not None:
+                        target = (family, table, verdict.target)
+                        if target in chains and target not in wanted:
+                            todo.append(target)
         parsed[key] = tuple(chain_rules)
 
     out: list[Chain] = []

@@ -1,0 +1,1095 @@
+"""Read the iptables nat tables (nft and legacy, IPv4 and IPv6) into the same ``NatRuleset`` as nftables.
+
+What this module decides: which nat chains iptables contributes to the
+ruleset and what each rule means, in the IR of ``core.nat``. What it must
+never do: change a table, guess an option it does not model, or touch a
+namespace other than the current one. It never instantiates a legacy table
+(``iptables-legacy-save -t nat`` would register the nat hooks, and so start
+connection tracking): a legacy table is read only if
+``/proc/net/ip{,6}_tables_names`` lists it.
+
+Theory of operation:
+- ``parse_save`` is pure: it reads iptables-save / iptables-restore text (or
+  ``iptables -t nat -A ...`` command lines, or a fragment of ``-A`` lines) and
+  returns the nat table's base chains at their hooks with iptables' nat
+  priorities (``PREROUTING``/``OUTPUT`` at dstnat -100, ``POSTROUTING``/
+  ``INPUT`` at srcnat 100) and every user chain they reach. A fragment is
+  completed with the table's base chains (policy ACCEPT).
+- every option is either modelled exactly (a ``Match``, an ``XtMatch``, a
+  NAT statement, a mark set, a verdict) or kept as ``UnknownMatch``/
+  ``UnknownStatement`` naming it (``-m statistic``, ``-j TPROXY``,
+  ``--ctexpire``); a rule with several ``-s``/``-d`` addresses becomes one
+  rule per address pair, as iptables itself expands it.
+- ``read_all_rulesets`` reads nftables (``nft -j``) and iptables together:
+  an nft ``ip nat``/``ip6 nat`` table holding xt expressions is iptables-nft's
+  and is taken from ``iptables-nft-save`` instead (nft shows xt matches
+  without their options); legacy tables are added as table ``nat[legacy]``.
+  A missing or failing tool is reported, never fatal.
+- ``-m set`` is resolved against the kernel's ipsets (``ipset save``) into
+  address matches; a set that cannot be read is unknown by name.
+
+Chains at the same hook and priority run in registration order, which no dump
+shows: nft chains are listed first, legacy ones after.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from ipaddress import ip_address, ip_network
+
+from topowatch.core.flow import PROTO_NUMBERS, NatKind
+from topowatch.core.model import AF_INET, AF_INET6, IPAddress
+from topowatch.core.nat import (
+    AddrTypeMatch,
+    AnyOf,
+    Chain,
+    CtStateMatch,
+    CtStatusMatch,
+    CtTupleMatch,
+    Expression,
+    Hook,
+    IntervalSet,
+    Key,
+    MarkSet,
+    Match,
+    NameSet,
+    NatRuleset,
+    NatStatement,
+    NetmapStatement,
+    Op,
+    Passive,
+    PolicyElement,
+    PolicyMatch,
+    Rule,
+    Selector,
+    UnknownMatch,
+    UnknownStatement,
+    Verdict,
+    VerdictKind,
+)
+from topowatch.edges.nft import read_ruleset
+from topowatch.errors import MissingTool, PermissionDenied, RulesetError
+
+log = logging.getLogger("topowatch.iptables")
+
+SAVE_TIMEOUT = 30.0
+LEGACY_TABLE = "nat[legacy]"
+
+# Base chains of the nat table: hook and priority (NF_IP_PRI_NAT_DST / NF_IP_PRI_NAT_SRC).
+BASE_CHAINS: dict[str, tuple[Hook, int]] = {
+    "PREROUTING": (Hook.PREROUTING, -100),
+    "INPUT": (Hook.INPUT, 100),
+    "OUTPUT": (Hook.OUTPUT, -100),
+    "POSTROUTING": (Hook.POSTROUTING, 100),
+}
+
+_PROTOS = {**PROTO_NUMBERS, "ipv6-icmp": 58, "icmp6": 58, "icmpv6": 58, "ah": 51, "ipip": 4, "ipv6": 41,
+           "mh": 135, "ipv6-mh": 135}
+_PORT_MODULES = {"tcp": 6, "udp": 17, "sctp": 132, "dccp": 33, "udplite": 136}
+_PASSIVE_TARGETS = frozenset({"LOG", "NFLOG", "ULOG", "TRACE", "AUDIT"})
+_CT_STATES = frozenset({"NEW", "ESTABLISHED", "RELATED", "INVALID", "UNTRACKED", "SNAT", "DNAT"})
+_CT_STATUSES = frozenset({"NONE", "EXPECTED", "SEEN_REPLY", "ASSURED", "CONFIRMED"})
+_ADDR_TYPES = frozenset({"UNSPEC", "UNICAST", "LOCAL", "BROADCAST", "ANYCAST", "MULTICAST", "BLACKHOLE",
+                         "UNREACHABLE", "PROHIBIT", "THROW", "NAT", "XRESOLVE"})
+_MARK_FULL = 0xFFFFFFFF
+
+
+class _NotModelled(Exception):
+    """An option we do not model; the message is its name ("-m statistic")."""
+
+
+# ---------------------------------------------------------------------------
+# ipsets
+
+
+@dataclass(frozen=True, slots=True)
+class IpSet:
+    """One ipset as ``ipset save`` shows it: its type, family and members (``nomatch`` ones apart)."""
+
+    name: str
+    type: str
+    family: int
+    members: tuple[str, ...] = ()
+    nomatch: tuple[str, ...] = ()
+
+
+def parse_ipset_save(text: str) -> dict[str, IpSet]:
+    """``ipset save`` output: ``create NAME TYPE family inet ...`` and ``add NAME MEMBER [nomatch]`` lines."""
+    creates: dict[str, tuple[str, int]] = {}
+    members: dict[str, list[str]] = {}
+    nomatch: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[0] == "create":
+            family = AF_INET6 if "inet6" in words[3:] else AF_INET
+            creates[words[1]] = (words[2], family)
+        elif len(words) >= 3 and words[0] == "add":
+            (nomatch if "nomatch" in words[3:] else members).setdefault(words[1], []).append(words[2])
+    return {
+        name: IpSet(name, kind, family, tuple(members.get(name, ())), tuple(nomatch.get(name, ())))
+        for name, (kind, family) in creates.items()
+    }
+
+
+# ---------------------------------------------------------------------------
+# Values
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError as exc:
+        raise _NotModelled(f"value {text!r}") from exc
+
+
+def _mark(text: str) -> tuple[int, int]:
+    value, _, mask = text.partition("/")
+    return _int(value), _int(mask) if mask else _MARK_FULL
+
+
+def _proto(text: str) -> int | None:
+    """A protocol number; None for ``all``."""
+    word = text.lower()
+    if word in ("all", "0"):
+        return None
+    if word in _PROTOS:
+        return _PROTOS[word]
+    if word.isdigit() and int(word) <= 0xFF:
+        return int(word)
+    raise _NotModelled(f"-p {text}")
+
+
+def _port(text: str) -> int:
+    if text.isdigit() and int(text) <= 0xFFFF:
+        return int(text)
+    try:
+        import socket
+
+        return socket.getservbyname(text)
+    except OSError as exc:
+        raise _NotModelled(f"port {text!r}") from exc
+
+
+def _port_range(text: str, sep: str = ":") -> tuple[int, int]:
+    if sep in text:
+        lo, _, hi = text.partition(sep)
+        return (_port(lo) if lo else 0, _port(hi) if hi else 0xFFFF)
+    p = _port(text)
+    return (p, p)
+
+
+def _version(family: int) -> int:
+    return 4 if family == AF_INET else 6
+
+
+def _addr_interval(text: str, family: int) -> tuple[int, int]:
+    """An address or ``addr/len`` or ``addr/mask`` as an interval; hostnames are not resolved."""
+    try:
+        net = ip_network(text, strict=False)
+    except ValueError as exc:
+        raise _NotModelled(f"address {text!r} (hostname or bad address)") from exc
+    if net.version != _version(family):
+        raise _NotModelled(f"IPv{net.version} address {text} in an IPv{_version(family)} table")
+    return int(net.network_address), int(net.broadcast_address)
+
+
+def _address(text: str, family: int) -> IPAddress:
+    try:
+        addr = ip_address(text.strip("[]"))
+    except ValueError as exc:
+        raise _NotModelled(f"address {text!r}") from exc
+    if addr.version != _version(family):
+        raise _NotModelled(f"IPv{addr.version} address {text} in an IPv{_version(family)} table")
+    return addr
+
+
+def _nat_range(text: str, family: int) -> tuple[tuple[IPAddress, IPAddress] | None, tuple[int, int] | None]:
+    """``a[-b][:p[-q]]``, ``[v6][-[v6]]:p``, ``:p`` -> (address range, port range)."""
+    addr_text, port_text = text, ""
+    if family == AF_INET6:
+        if text.startswith("["):
+            close = text.rindex("]")
+            addr_text, rest = text[: close + 1], text[close + 1:]
+            if rest.startswith(":"):
+                port_text = rest[1:]
+            elif rest:
+                raise _NotModelled(f"NAT range {text!r}")
+        elif text.startswith(":"):
+            addr_text, port_text = "", text[1:]
+    elif ":" in text:
+        addr_text, _, port_text = text.partition(":")
+    addr: tuple[IPAddress, IPAddress] | None = None
+    if addr_text:
+        lo_text, sep, hi_text = addr_text.partition("-")
+        lo = _address(lo_text, family)
+        hi = _address(hi_text, family) if sep else lo
+        if int(hi) < int(lo):
+            raise _NotModelled(f"NAT range {text!r}")
+        addr = (lo, hi)
+    ports = _port_range(port_text, "-") if port_text else None
+    return addr, ports
+
+
+# ---------------------------------------------------------------------------
+# Tokens into options
+
+
+@dataclass
+class _Option:
+    name: str
+    args: list[str]
+    invert: bool
+
+
+@dataclass
+class _Module:
+    name: str
+    options: list[_Option] = field(default_factory=list)
+
+
+@dataclass
+class _ParsedRule:
+    chain: str
+    sources: list[tuple[str, bool]] = field(default_factory=list)  # (address, invert)
+    dests: list[tuple[str, bool]] = field(default_factory=list)
+    base: list[Expression] = field(default_factory=list)
+    modules: list[_Module] = field(default_factory=list)
+    proto: int | None = None
+    target: _Module | None = None
+    goto: bool = False
+
+
+_BASE_SHORT = {
+    "--source": "-s", "--src": "-s", "--destination": "-d", "--dst": "-d", "--in-interface": "-i",
+    "--out-interface": "-o", "--protocol": "-p", "--match": "-m", "--jump": "-j", "--goto": "-g",
+    "--fragment": "-f", "--set-counters": "-c", "--ipv4": "-4", "--ipv6": "-6",
+}
+
+
+def _options(tokens: Sequence[str], start: int) -> tuple[list[_Option], int]:
+    """Long options with their arguments from ``start`` until a short option; ``!`` before or after a name."""
+    out: list[_Option] = []
+    i = start
+    invert = False
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok == "!":
+            invert = True
+            i += 1
+            continue
+        if not tok.startswith("--") or _BASE_SHORT.get(tok):
+            break
+        i += 1
+        args: list[str] = []
+        opt_invert = invert
+        invert = False
+        while i < len(tokens) and not (tokens[i].startswith("-") and len(tokens[i]) > 1
+                                       and not tokens[i][1].isdigit()):
+            if tokens[i] == "!":
+                if i + 1 < len(tokens) and tokens[i + 1].startswith("-") and not tokens[i + 1][1:2].isdigit():
+                    break  # "! --next-option"
+                opt_invert = True
+            else:
+                args.append(tokens[i])
+            i += 1
+        out.append(_Option(tok, args, opt_invert))
+    return out, i
+
+
+def _tokens_to_rule(chain: str, tokens: Sequence[str], family: int) -> _ParsedRule:
+    rule = _ParsedRule(chain)
+    i = 0
+    invert = False
+    implicit: _Module | None = None
+    while i < len(tokens):
+        tok = _BASE_SHORT.get(tokens[i], tokens[i])
+        if tok == "!":
+            invert = True
+            i += 1
+            continue
+        arg = tokens[i + 1] if i + 1 < len(tokens) else ""
+        if tok in ("-s", "-d"):
+            target = rule.sources if tok == "-s" else rule.dests
+            target.extend((a, invert) for a in arg.split(","))
+            i += 2
+        elif tok in ("-i", "-o"):
+            rule.base.append(_iface(tok, arg, invert))
+            i += 2
+        elif tok == "-p":
+            proto = _proto_or_unknown(arg, invert, rule)
+            if proto is not None and not invert:
+                rule.proto = proto
+            i += 2
+        elif tok == "-f":
+            rule.base.append(UnknownMatch("-f", "! -f" if invert else "-f"))
+            i += 1
+        elif tok in ("-4", "-6"):
+            i += 1
+        elif tok == "-c":
+            i += 3
+        elif tok == "-m":
+            module = _Module(arg)
+            module.options, i = _options(tokens, i + 2)
+            rule.modules.append(module)
+            implicit = None
+        elif tok in ("-j", "-g"):
+            rule.target = _Module(arg)
+            rule.goto = tok == "-g"
+            rule.target.options, i = _options(tokens, i + 2)
+        elif tok.startswith("--"):
+            # An option of the protocol's implicit match (``-p tcp --dport 80``).
+            if implicit is None:
+                implicit = _Module(f"implicit:{rule.proto}")
+                rule.modules.append(implicit)
+            opts, j = _options(tokens, i - (1 if invert else 0))
+            implicit.options.extend(opts)
+            i = max(j, i + 1)
+        else:
+            raise _NotModelled(f"option {tokens[i]}")
+        if tok != "!":
+            invert = False
+    return rule
+
+
+def _proto_or_unknown(arg: str, invert: bool, rule: _ParsedRule) -> int | None:
+    text = f"{'! ' if invert else ''}-p {arg}"
+    try:
+        proto = _proto(arg)
+    except _NotModelled as exc:
+        rule.base.append(UnknownMatch(str(exc), text))
+        return None
+    if proto is None:
+        if invert:
+            rule.base.append(Match(Selector(Key.L4PROTO, "-p"), Op.EQ, IntervalSet(()), text))
+        return None
+    rule.base.append(Match(Selector(Key.L4PROTO, "-p"), Op.NE if invert else Op.EQ,
+                           IntervalSet(((proto, proto),)), text))
+    return proto
+
+
+def _iface(tok: str, name: str, invert: bool) -> Match:
+    key = Key.IIFNAME if tok == "-i" else Key.OIFNAME
+    text = f"{'! ' if invert else ''}{tok} {name}"
+    if name.endswith("+"):
+        values = NameSet(prefixes=frozenset({name[:-1]}))
+    else:
+        values = NameSet(exact=frozenset({name}))
+    return Match(Selector(key, tok), Op.NE if invert else Op.EQ, values, text)
+
+
+# ---------------------------------------------------------------------------
+# Match modules
+
+
+def _opt_text(module: str, o: _Option) -> str:
+    words = ([f"-m {module}"] if module and not module.startswith("implicit") else [])
+    words += (["!"] if o.invert else []) + [o.name, *(_quote(a) for a in o.args)]
+    return " ".join(words)
+
+
+def _one_arg(o: _Option) -> str:
+    if len(o.args) != 1:
+        raise _NotModelled(f"{o.name} with {len(o.args)} arguments")
+    return o.args[0]
+
+
+def _ports_match(key: Key, proto: int | None, values: IntervalSet, invert: bool, text: str) -> Match:
+    return Match(Selector(key, text, proto=proto), Op.NE if invert else Op.EQ, values, text)
+
+
+def _port_module(name: str, proto: int | None, opts: list[_Option]) -> list[Expression]:
+    out: list[Expression] = []
+    for o in opts:
+        text = _opt_text(name, o)
+        try:
+            if o.name in ("--sport", "--source-port", "--dport", "--destination-port"):
+                key = Key.SPORT if o.name in ("--sport", "--source-port") else Key.DPORT
+                out.append(_ports_match(key, proto, IntervalSet((_port_range(_one_arg(o)),)), o.invert, text))
+            else:
+                raise _NotModelled(f"{'-m ' + name if not name.startswith('implicit') else '-p'} {o.name}")
+        except _NotModelled as exc:
+            out.append(UnknownMatch(str(exc), text))
+    return out
+
+
+def _multiport(proto: int | None, opts: list[_Option]) -> list[Expression]:
+    out: list[Expression] = []
+    for o in opts:
+        text = _opt_text("multiport", o)
+        ranges = IntervalSet(tuple(_port_range(p) for p in _one_arg(o).split(",")))
+        if o.name in ("--sports", "--source-ports"):
+            out.append(_ports_match(Key.SPORT, proto, ranges, o.invert, text))
+        elif o.name in ("--dports", "--destination-ports"):
+            out.append(_ports_match(Key.DPORT, proto, ranges, o.invert, text))
+        elif o.name == "--ports":
+            either = (_ports_match(Key.SPORT, proto, ranges, False, text),
+                      _ports_match(Key.DPORT, proto, ranges, False, text))
+            if o.invert:
+                # ! --ports: neither port is in the set (xt_multiport inverts the whole match).
+                out.extend(_ports_match(m.selector.key, proto, ranges, True, text) for m in either)
+            else:
+                out.append(AnyOf(either, text))
+        else:
+            raise _NotModelled(f"-m multiport {o.name}")
+    return out
+
+
+def _mark_match(module: str, key: Key, opts: list[_Option]) -> list[Expression]:
+    out: list[Expression] = []
+    for o in opts:
+        if o.name != "--mark":
+            raise _NotModelled(f"-m {module} {o.name}")
+        value, mask = _mark(_one_arg(o))
+        text = _opt_text(module, o)
+        sel = Selector(key, text, mask=None if mask == _MARK_FULL else mask)
+        out.append(Match(sel, Op.NE if o.invert else Op.EQ, IntervalSet(((value, value),)), text))
+    return out
+
+
+def _words(arg: str, allowed: frozenset[str], what: str) -> frozenset[str]:
+    words = frozenset(w.upper() for w in arg.split(","))
+    bad = words - allowed
+    if bad:
+        raise _NotModelled(f"{what} {','.join(sorted(bad))}")
+    return words
+
+
+def _conntrack(module: str, opts: list[_Option], family: int) -> list[Expression]:
+    out: list[Expression] = []
+    for o in opts:
+        text = _opt_text(module, o)
+        try:
+            if o.name in ("--ctstate", "--state"):
+                out.append(CtStateMatch(_words(_one_arg(o), _CT_STATES, o.name), o.invert, text))
+            elif o.name == "--ctstatus":
+                out.append(CtStatusMatch(_words(_one_arg(o), _CT_STATUSES, o.name), o.invert, text))
+            elif o.name in ("--ctorigsrc", "--ctorigdst"):
+                values = IntervalSet((_addr_interval(_one_arg(o), family),), _version(family))
+                out.append(CtTupleMatch(o.name[4:], values, o.invert, text))
+            elif o.name in ("--ctorigsrcport", "--ctorigdstport"):
+                out.append(CtTupleMatch(o.name[4:], IntervalSet((_port_range(_one_arg(o)),)), o.invert, text))
+            elif o.name == "--ctproto":
+                proto = _proto(_one_arg(o))
+                values = IntervalSet(((0, 0xFF),)) if proto is None else IntervalSet(((proto, proto),))
+                out.append(CtTupleMatch("proto", values, o.invert, text))
+            elif o.name == "--ctdir":
+                # nat chains see the first packet: it travels in the original direction.
+                # As a state set: ORIGINAL is "any state" (true), REPLY "no state" (false).
+                original = _one_arg(o).upper() == "ORIGINAL"
+                out.append(CtStateMatch(frozenset({"NEW"}) if original else frozenset(), o.invert, text))
+            else:
+                raise _NotModelled(f"-m {module} {o.name}")
+        except _NotModelled as exc:
+            out.append(UnknownMatch(str(exc), text))
+    return out
+
+
+def _addrtype(opts: list[_Option]) -> list[Expression]:
+    out: list[Expression] = []
+    limit: str | None = None
+    for o in opts:
+        if o.name in ("--limit-iface-in", "--limit-iface-out"):
+            limit = o.name.rsplit("-", 1)[1]
+    for o in opts:
+        if o.name in ("--src-type", "--dst-type"):
+            types = _words(_one_arg(o), _ADDR_TYPES, f"-m addrtype {o.name}")
+            out.append(AddrTypeMatch(o.name[2:5], types, o.invert, _opt_text("addrtype", o), limit))
+        elif o.name not in ("--limit-iface-in", "--limit-iface-out"):
+            raise _NotModelled(f"-m addrtype {o.name}")
+    return out
+
+
+def _policy(opts: list[_Option], family: int) -> list[Expression]:
+    direction = pol = None
+    strict = False
+    elements: list[PolicyElement] = []
+    current: dict[str, object] = {}
+    negated: set[str] = set()
+
+    def close() -> None:
+        if current or negated:
+            elements.append(PolicyElement(**current, negated=frozenset(negated)))  # type: ignore[arg-type]
+        current.clear()
+        negated.clear()
+
+    for o in opts:
+        if o.name == "--dir":
+            direction = _one_arg(o)
+        elif o.name == "--pol":
+            pol = _one_arg(o)
+        elif o.name == "--strict":
+            strict = True
+        elif o.name == "--next":
+            close()
+        elif o.name in ("--reqid", "--spi", "--proto", "--mode", "--tunnel-src", "--tunnel-dst"):
+            key = o.name[2:].replace("-", "_")
+            arg = _one_arg(o)
+            if key in ("reqid", "spi"):
+                current[key] = _int(arg)
+            elif key == "proto":
+                current[key] = _proto(arg)
+            elif key == "mode":
+                if arg not in ("tunnel", "transport"):
+                    raise _NotModelled(f"-m policy --mode {arg}")
+                current[key] = arg
+            else:
+                _addr_interval(arg, family)  # checks the family
+                current[key] = ip_network(arg, strict=False)
+            if o.invert:
+                negated.add(key)
+        else:
+            raise _NotModelled(f"-m policy {o.name}")
+    close()
+    if direction not in ("in", "out") or pol not in ("ipsec", "none"):
+        raise _NotModelled("-m policy without --dir in|out and --pol ipsec|none")
+    text = " ".join(_opt_text("policy", o) if i == 0 else _opt_text("", o) for i, o in enumerate(opts))
+    return [PolicyMatch(direction, pol, tuple(elements), strict, text)]
+
+
+def _set_match(opts: list[_Option], family: int, ipsets: Mapping[str, IpSet] | None) -> list[Expression]:
+    out: list[Expression] = []
+    for o in opts:
+        text = _opt_text("set", o)
+        if o.name.startswith(("--packets-", "--bytes-")):
+            out.append(UnknownMatch(f"-m set {o.name}", text))
+            continue
+        if o.name in ("--return-nomatch", "--update-counters", "--update-subcounters"):
+            continue
+        if o.name not in ("--match-set", "--set"):
+            raise _NotModelled(f"-m set {o.name}")
+        if len(o.args) != 2:
+            raise _NotModelled("-m set --match-set without NAME FLAGS")
+        name, flags = o.args
+        found = (ipsets or {}).get(name)
+        if found is None:
+            out.append(UnknownMatch(f"-m set --match-set {name} (set not readable)", text))
+            continue
+        dims = flags.split(",")
+        single = found.type in ("hash:ip", "hash:net", "bitmap:ip")
+        if not single or len(dims) != 1 or dims[0] not in ("src", "dst"):
+            out.append(UnknownMatch(f"-m set --match-set {name} ({found.type} {flags})", text))
+            continue
+        if found.nomatch:
+            out.append(UnknownMatch(f"-m set --match-set {name} (nomatch entries)", text))
+            continue
+        if found.family != family:
+            out.append(UnknownMatch(f"-m set --match-set {name} (set of the other family)", text))
+            continue
+        intervals = []
+        for entry in found.members:
+            member = entry.split(",")[0]
+            if "-" in member and "/" not in member:
+                lo_text, hi_text = member.split("-", 1)
+                intervals.append((int(_address(lo_text, family)), int(_address(hi_text, family))))
+            else:
+                intervals.append(_addr_interval(member, family))
+        key = Key.SADDR if dims[0] == "src" else Key.DADDR
+        values = IntervalSet(tuple(intervals), _version(family))
+        out.append(Match(Selector(key, text, family=family), Op.NE if o.invert else Op.EQ, values, text))
+    return out
+
+
+def _iprange(opts: list[_Option], family: int) -> list[Expression]:
+    out: list[Expression] = []
+    for o in opts:
+        if o.name not in ("--src-range", "--dst-range"):
+            raise _NotModelled(f"-m iprange {o.name}")
+        lo_text, _, hi_text = _one_arg(o).partition("-")
+        lo, hi = _address(lo_text, family), _address(hi_text or lo_text, family)
+        key = Key.SADDR if o.name == "--src-range" else Key.DADDR
+        text = _opt_text("iprange", o)
+        values = IntervalSet(((int(lo), int(hi)),), _version(family))
+        out.append(Match(Selector(key, text, family=family), Op.NE if o.invert else Op.EQ, values, text))
+    return out
+
+
+def _module(
+    m: _Module, rule: _ParsedRule, family: int, ipsets: Mapping[str, IpSet] | None
+) -> list[Expression]:
+    name = m.name
+    try:
+        if name.startswith("implicit:"):
+            proto = rule.proto
+            if proto not in _PORT_MODULES.values():
+                raise _NotModelled(f"-p {proto} options {' '.join(o.name for o in m.options)}")
+            return _port_module(name, proto, m.options)
+        if name in _PORT_MODULES:
+            return _port_module(name, _PORT_MODULES[name], m.options)
+        if name == "multiport":
+            return _multiport(rule.proto, m.options)
+        if name == "mark":
+            return _mark_match("mark", Key.MARK, m.options)
+        if name == "connmark":
+            return _mark_match("connmark", Key.CT_MARK, m.options)
+        if name in ("conntrack", "state"):
+            return _conntrack(name, m.options, family)
+        if name == "addrtype":
+            return _addrtype(m.options)
+        if name == "policy":
+            return _policy(m.options, family)
+        if name == "set":
+            return _set_match(m.options, family, ipsets)
+        if name == "iprange":
+            return _iprange(m.options, family)
+        if name == "comment":
+            return []
+        raise _NotModelled(f"-m {name}")
+    except _NotModelled as exc:
+        text = " ".join(_opt_text(name, o) for o in m.options) or f"-m {name}"
+        return [UnknownMatch(str(exc), text)]
+    except (ValueError, IndexError) as exc:
+        return [UnknownMatch(f"-m {name} (malformed: {exc})", f"-m {name}")]
+
+
+# ---------------------------------------------------------------------------
+# Targets
+
+
+def _target(rule: _ParsedRule, family: int, chains: set[str]) -> list[Expression]:
+    t = rule.target
+    if t is None:
+        return []
+    name = t.name
+    opts = {o.name: o for o in t.options}
+    text = " ".join([f"-{'g' if rule.goto else 'j'} {name}", *(_opt_text("", o) for o in t.options)])
+    try:
+        if rule.goto:
+            return [Verdict(VerdictKind.GOTO, name, text)]
+        if name in ("ACCEPT", "RETURN", "DROP"):
+            return [Verdict(VerdictKind[name], None, text)]
+        if name in chains:
+            return [Verdict(VerdictKind.JUMP, name, text)]
+        flags = tuple(o[2:] for o in opts if o in ("--random", "--random-fully", "--persistent"))
+        unknown_opts = [o for o in opts if o not in ("--random", "--random-fully", "--persistent",
+                                                     "--to-ports", "--to-source", "--to-destination", "--to")]
+        if name in ("MASQUERADE", "REDIRECT", "SNAT", "DNAT", "NETMAP") and unknown_opts:
+            raise _NotModelled(f"-j {name} {unknown_opts[0]}")
+        if name in ("MASQUERADE", "REDIRECT"):
+            ports = _port_range(_one_arg(opts["--to-ports"]), "-") if "--to-ports" in opts else None
+            kind = NatKind.MASQUERADE if name == "MASQUERADE" else NatKind.REDIRECT
+            return [NatStatement(kind, text, family, None, ports, flags)]
+        if name in ("SNAT", "DNAT"):
+            key = "--to-source" if name == "SNAT" else "--to-destination"
+            given = [o for o in t.options if o.name == key]
+            if len(given) != 1 or len(given[0].args) != 1:
+                raise _NotModelled(f"-j {name} with {len(given)} {key} ranges")
+            addr, ports = _nat_range(given[0].args[0], family)
+            kind = NatKind.SNAT if name == "SNAT" else NatKind.DNAT
+            if addr is None and kind is NatKind.SNAT:
+                raise _NotModelled(f"-j {name} without an address")
+            return [NatStatement(kind, text, family, addr, ports, flags)]
+        if name == "NETMAP":
+            net = ip_network(_one_arg(opts["--to"]), strict=False)
+            if net.version != _version(family):
+                raise _NotModelled(f"-j NETMAP to IPv{net.version} in an IPv{_version(family)} table")
+            return [NetmapStatement(net, text)]
+        if name in ("MARK", "CONNMARK"):
+            return [_mark_target(name, t.options, text)]
+        if name in _PASSIVE_TARGETS:
+            return [Passive(name, text)]
+        raise _NotModelled(f"-j {name}")
+    except _NotModelled as exc:
+        return [UnknownStatement(str(exc), text)]
+    except (KeyError, ValueError, IndexError) as exc:
+        return [UnknownStatement(f"-j {name} (malformed: {exc})", text)]
+
+
+def _mark_target(name: str, opts: list[_Option], text: str) -> MarkSet:
+    if len(opts) != 1:
+        raise _NotModelled(f"-j {name} with {len(opts)} options")
+    o = opts[0]
+    ct = name == "CONNMARK"
+    if o.name == "--set-xmark":
+        value, mask = _mark(_one_arg(o))
+        return MarkSet(value, mask, text, ct)
+    if o.name == "--set-mark":
+        value, mask = _mark(_one_arg(o))
+        return MarkSet(value, (mask | value) & _MARK_FULL, text, ct)
+    if o.name == "--and-mark":
+        return MarkSet(0, ~_int(_one_arg(o)) & _MARK_FULL, text, ct)
+    if o.name == "--or-mark":
+        value = _int(_one_arg(o))
+        return MarkSet(value, value, text, ct)
+    if o.name == "--xor-mark":
+        return MarkSet(_int(_one_arg(o)), 0, text, ct)
+    raise _NotModelled(f"-j {name} {o.name}")
+
+
+# ---------------------------------------------------------------------------
+# The table
+
+
+@dataclass
+class _Table:
+    policies: dict[str, str] = field(default_factory=dict)
+    user: list[str] = field(default_factory=list)
+    lines: dict[str, list[list[str]]] = field(default_factory=dict)
+
+    def add_chain(self, name: str) -> None:
+        if name not in BASE_CHAINS and name not in self.user:
+            self.user.append(name)
+        self.lines.setdefault(name, [])
+
+
+def _strip_command(tokens: list[str]) -> tuple[str | None, list[str]]:
+    """``[host::]iptables [-w] -t nat -A ...`` -> ("nat", ["-A", ...]); restore lines pass through."""
+    if tokens and "::" in tokens[0]:
+        tokens = [tokens[0].split("::", 1)[1], *tokens[1:]]
+    if not tokens or tokens[0].startswith(("-", ":")):
+        return None, tokens
+    if not tokens[0].split("/")[-1].startswith(("iptables", "ip6tables")):
+        return "", []  # another command (``conntrack -F``): not a rule
+    table = "filter"
+    rest: list[str] = []
+    i = 1
+    while i < len(tokens):
+        if tokens[i] in ("-t", "--table") and i + 1 < len(tokens):
+            table = tokens[i + 1]
+            i += 2
+        elif tokens[i] in ("-w", "--wait", "-W", "--wait-interval") and i + 1 < len(tokens) \
+                and tokens[i + 1].isdigit():
+            i += 2
+        elif tokens[i] in ("-w", "--wait"):
+            i += 1
+        else:
+            rest.append(tokens[i])
+            i += 1
+    return table, rest
+
+
+def _read_lines(text: str) -> tuple[_Table, list[str]]:
+    """The nat table's declarations and rule lines; problems (bad lines) listed by number."""
+    table = _Table()
+    problems: list[str] = []
+    current: str | None = None
+    seen_header = False
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            current, seen_header = line[1:].strip(), True
+            continue
+        if line == "COMMIT":
+            current = None
+            continue
+        try:
+            tokens = shlex.split(line)
+        except ValueError as exc:
+            problems.append(f"line {number}: {exc}")
+            continue
+        if tokens and tokens[0].startswith("[") and tokens[0].endswith("]"):
+            tokens = tokens[1:]  # iptables-save -c counters
+        command_table, tokens = _strip_command(tokens)
+        if command_table is not None:
+            in_nat = command_table == "nat"
+        else:
+            in_nat = current == "nat" or (not seen_header and current is None)
+        if not in_nat or not tokens:
+            continue
+        head = tokens[0]
+        if head.startswith(":"):
+            name = head[1:]
+            table.add_chain(name)
+            if len(tokens) > 1 and tokens[1] != "-":
+                table.policies[name] = tokens[1]
+        elif head in ("-N", "--new-chain") and len(tokens) > 1:
+            table.add_chain(tokens[1])
+        elif head in ("-P", "--policy") and len(tokens) > 2:
+            table.policies[tokens[1]] = tokens[2]
+        elif head in ("-A", "--append") and len(tokens) > 1:
+            table.add_chain(tokens[1])
+            table.lines[tokens[1]].append(tokens[2:])
+        elif head in ("-I", "--insert") and len(tokens) > 1:
+            table.add_chain(tokens[1])
+            rest = tokens[2:]
+            pos = 1
+            if rest and rest[0].isdigit():
+                pos, rest = int(rest[0]), rest[1:]
+            table.lines[tokens[1]].insert(pos - 1, rest)
+        elif head in ("-F", "--flush"):
+            for name in ([tokens[1]] if len(tokens) > 1 else list(table.lines)):
+                table.lines[name] = []
+        elif head in ("-X", "--delete-chain"):
+            for name in ([tokens[1]] if len(tokens) > 1 else list(table.user)):
+                if name in table.user and not table.lines.get(name):
+                    table.user.remove(name)
+                    table.lines.pop(name, None)
+        elif head in ("-Z", "--zero"):
+            continue
+        else:
+            problems.append(f"line {number}: not modelled: {head}")
+    return table, problems
+
+
+def _quote(token: str) -> str:
+    return shlex.quote(token) if not token or any(c.isspace() or c in "'\"" for c in token) else token
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTable:
+    """A nat table read from iptables-save text, and the lines it could not read."""
+
+    ruleset: NatRuleset
+    problems: tuple[str, ...] = ()
+
+
+def parse_save(
+    text: str,
+    *,
+    family: str = "ip",
+    table: str = "nat",
+    ipsets: Mapping[str, IpSet] | None = None,
+    all_chains: bool = False,
+) -> ParsedTable:
+    """The nat table of iptables-save / iptables-restore text (or ``iptables -t nat -A`` lines).
+
+    ``family`` is "ip" (iptables) or "ip6" (ip6tables); ``table`` the name the
+    chains carry in the ruleset; ``all_chains`` keeps user chains no base
+    chain reaches (for counting). Never raises on a rule: what it cannot read is
+    unknown by name, and a line it cannot read at all is listed in ``problems``.
+    """
+    if family not in ("ip", "ip6"):
+        raise ValueError(f"parse_save: family must be ip or ip6, got {family!r}")
+    af = AF_INET if family == "ip" else AF_INET6
+    parsed_table, problems = _read_lines(text)
+    names = set(BASE_CHAINS) | set(parsed_table.user)
+    rules_of: dict[str, list[Rule]] = {}
+    for chain_name in [*BASE_CHAINS, *parsed_table.user]:
+        out: list[Rule] = []
+        for tokens in parsed_table.lines.get(chain_name, []):
+            handle = len(out) + 1
+            rule_text = " ".join(_quote(t) for t in ["-A", chain_name, *tokens])
+            out.extend(_rules(chain_name, tokens, af, chains=names, ipsets=ipsets, handle=handle,
+                              text=rule_text))
+        rules_of[chain_name] = out
+
+    # Base chains and the user chains they reach.
+    reached: list[str] = []
+    todo = list(BASE_CHAINS)
+    while todo:
+        name = todo.pop(0)
+        if name in reached:
+            continue
+        reached.append(name)
+        for rule in rules_of.get(name, []):
+            v = rule.verdict
+            if v is not None and v.target is not None and v.target in names:
+                todo.append(v.target)
+    chains: list[Chain] = []
+    for name in [*BASE_CHAINS, *parsed_table.user]:
+        if name not in reached and not all_chains:
+            continue
+        base = BASE_CHAINS.get(name)
+        policy = parsed_table.policies.get(name, "ACCEPT").lower() if base else None
+        if policy not in (None, "accept", "drop"):
+            problems.append(f"chain {name}: policy {policy} not modelled")
+            policy = "accept"
+        chains.append(Chain(
+            family=family, table=table, name=name, rules=tuple(rules_of.get(name, ())),
+            hook=base[0] if base else None, priority=base[1] if base else None,
+            type="nat" if base else None, policy=policy,
+        ))
+    return ParsedTable(NatRuleset(tuple(chains)), tuple(problems))
+
+
+def _rules(
+    chain: str, tokens: list[str], family: int, *, chains: set[str], ipsets: Mapping[str, IpSet] | None,
+    handle: int, text: str,
+) -> list[Rule]:
+    try:
+        parsed = _tokens_to_rule(chain, tokens, family)
+    except _NotModelled as exc:
+        return [Rule(handle, (UnknownMatch(str(exc), text),), text=text)]
+    exprs: list[Expression] = list(parsed.base)
+    for module in parsed.modules:
+        exprs.extend(_module(module, parsed, family, ipsets))
+    exprs.extend(_target(parsed, family, chains))
+    sources: list[Expression | None] = [_addr_match("-s", a, inv, family) for a, inv in parsed.sources]
+    dests: list[Expression | None] = [_addr_match("-d", a, inv, family) for a, inv in parsed.dests]
+    out: list[Rule] = []
+    for s in sources or [None]:
+        for d in dests or [None]:
+            head = [e for e in (s, d) if e is not None]
+            out.append(Rule(handle, (*head, *exprs), text=text))
+    return out
+
+
+def _addr_match(flag: str, addr: str, invert: bool, family: int) -> Expression:
+    text = f"{'! ' if invert else ''}{flag} {addr}"
+    try:
+        values = IntervalSet((_addr_interval(addr, family),), _version(family))
+    except _NotModelled as exc:
+        return UnknownMatch(str(exc), text)
+    key = Key.SADDR if flag == "-s" else Key.DADDR
+    return Match(Selector(key, flag, family=family), Op.NE if invert else Op.EQ, values, text)
+
+
+# ---------------------------------------------------------------------------
+# Reading the kernel
+
+Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=SAVE_TIMEOUT)
+
+
+def _save(tool: str, runner: Runner) -> str:
+    argv = [tool, "-t", "nat"]
+    try:
+        proc = runner(argv)
+    except FileNotFoundError as exc:
+        raise MissingTool(f"{tool} not found") from exc
+    except PermissionError as exc:
+        raise PermissionDenied(f"cannot run {tool}: {exc.strerror}") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise RulesetError(f"{' '.join(argv)} did not answer within {SAVE_TIMEOUT:.0f} s") from exc
+    if proc.returncode != 0:
+        message = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[0]
+        if "Permission denied" in proc.stderr or "Operation not permitted" in proc.stderr:
+            raise PermissionDenied(f"{' '.join(argv)}: {message} (needs CAP_NET_ADMIN)")
+        raise RulesetError(f"{' '.join(argv)} failed: {message}")
+    return proc.stdout
+
+
+def read_ipsets(
+    runner: Runner = _run, which: Callable[[str], str | None] = shutil.which
+) -> dict[str, IpSet] | None:
+    """The kernel's ipsets (``ipset save``), or None if ipset is not installed or fails."""
+    if which("ipset") is None:
+        return None
+    try:
+        proc = runner(["ipset", "save"])
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    return parse_ipset_save(proc.stdout)
+
+
+def legacy_nat_exists(family: str, proc_net: str = "/proc/thread-self/net") -> bool:
+    """True if this namespace has instantiated the legacy nat table of ``family`` (never instantiates it).
+
+    ``thread-self``: a thread may have entered another namespace than the process's (``/proc/net``).
+    """
+    path = os.path.join(proc_net, "ip_tables_names" if family == "ip" else "ip6_tables_names")
+    try:
+        with open(path, encoding="ascii") as f:
+            return "nat" in f.read().split()
+    except OSError:
+        return False
+
+
+def _tool(family: str, legacy: bool) -> str:
+    return f"{'ip' if family == 'ip' else 'ip6'}tables-{'legacy' if legacy else 'nft'}-save"
+
+
+@dataclass(frozen=True, slots=True)
+class RulesetRead:
+    """The merged ruleset and what could not be read (tools missing or failing, lines not understood)."""
+
+    ruleset: NatRuleset
+    problems: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+
+
+def has_xt(ruleset: NatRuleset, family: str, table: str = "nat") -> bool:
+    """True if the nft table holds xt expressions (it is iptables-nft's)."""
+    return any(
+        name.startswith("xt ")
+        for c in ruleset.chains if (c.family, c.table) == (family, table)
+        for r in c.rules for name in r.unknown_expressions()
+    )
+
+
+def merge(
+    nft: NatRuleset, iptables_nft: Mapping[str, NatRuleset], legacy: Mapping[str, NatRuleset]
+) -> NatRuleset:
+    """nft's chains; each iptables-nft table (by family) replaces nft's view of it; then legacy tables."""
+    replaced = {(family, "nat") for family in iptables_nft}
+    chains = [c for c in nft.chains if (c.family, c.table) not in replaced]
+    for family in ("ip", "ip6"):
+        if family in iptables_nft:
+            chains.extend(iptables_nft[family].chains)
+    for family in ("ip", "ip6"):
+        if family in legacy:
+            chains.extend(legacy[family].chains)
+    return NatRuleset(tuple(chains))
+
+
+def read_all(
+    nft: str = "nft",
+    runner: Runner = _run,
+    which: Callable[[str], str | None] = shutil.which,
+    legacy_exists: Callable[[str], bool] = legacy_nat_exists,
+    read_nft: Callable[[str], NatRuleset] | None = None,
+) -> RulesetRead:
+    """nftables and the iptables nat tables together (see the module docstring)."""
+    nft_rules = (read_nft or read_ruleset)(nft)
+    problems: list[str] = []
+    sources = ["nft"]
+    ipsets: dict[str, IpSet] | None = None
+    ipsets_read = False
+
+    def table(family: str, legacy: bool) -> NatRuleset | None:
+        nonlocal ipsets, ipsets_read
+        tool = _tool(family, legacy)
+        if which(tool) is None:
+            problems.append(f"{tool} not found: its nat table is not read")
+            return None
+        if not ipsets_read:
+            ipsets, ipsets_read = read_ipsets(runner, which), True
+        try:
+            text = _save(tool, runner)
+        except (MissingTool, PermissionDenied, RulesetError) as exc:
+            problems.append(str(exc))
+            return None
+        parsed = parse_save(text, family=family, table=LEGACY_TABLE if legacy else "nat", ipsets=ipsets)
+        problems.extend(f"{tool}: {p}" for p in parsed.problems)
+        sources.append(tool)
+        return parsed.ruleset
+
+    from_nft: dict[str, NatRuleset] = {}
+    from_legacy: dict[str, NatRuleset] = {}
+    for family in ("ip", "ip6"):
+        if has_xt(nft_rules, family):
+            got = table(family, legacy=False)
+            if got is not None:
+                from_nft[family] = got
+        if legacy_exists(family):
+            got = table(family, legacy=True)
+            if got is not None:
+                from_legacy[family] = got
+    return RulesetRead(merge(nft_rules, from_nft, from_legacy), tuple(problems), tuple(sources))
+
+
+def read_all_rulesets(nft: str = "nft") -> NatRuleset:
+    """The ruleset ``KernelBackend`` evaluates: nftables and iptables (nft and legacy) nat tables merged."""
+    result = read_all(nft)
+    for problem in result.problems:
+        log.warning("ruleset: %s", problem)
+    return result.ruleset
+
+
+__all__ = [
+    "BASE_CHAINS",
+    "LEGACY_TABLE",
+    "IpSet",
+    "ParsedTable",
+    "RulesetRead",
+    "has_xt",
+    "legacy_nat_exists",
+    "merge",
+    "parse_ipset_save",
+    "parse_save",
+    "read_all",
+    "read_all_rulesets",
+    "read_ipsets",
+]

@@ -1,0 +1,290 @@
+"""Ruleset changes as reactor triggers: nftables generation events and a legacy-iptables poll.
+
+What it decides: when the NAT ruleset may have changed, so that the reactor
+re-reads it and re-evaluates entries (a NAT rule added after a flow started
+must be able to fix it). It never reads or parses the ruleset itself
+(``edges.nft`` does), never changes it, and never leaves the namespace it
+was started in.
+
+Theory of operation:
+
+- nftables: a ``NETLINK_NETFILTER`` socket joined to ``NFNLGRP_NFTABLES``.
+  Every committed transaction ends with one ``NFT_MSG_NEWGEN`` (the new
+  ruleset generation) after the messages for each object it changed, so one
+  trigger per NEWGEN coalesces a transaction into one reaction; the object
+  messages themselves are only counted. An overrun (``ENOBUFS``) yields an
+  overrun trigger and the stream goes on: the queued backlog is discarded at
+  once, because the kernel drops every new notification without another
+  ENOBUFS until the queue has been read empty (as ``edges.rtnl`` does).
+- iptables-legacy gives no events. ``LegacyNatPoll`` looks, every
+  ``interval`` seconds, whether this namespace has a legacy nat table
+  (``/proc/net/ip_tables_names`` / ``ip6_tables_names``); only then it runs
+  ``iptables-legacy-save -t nat`` (and the ip6 one) and yields a trigger when
+  the text (without comments and counters) differs from the previous poll.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import re
+import socket
+import struct
+import subprocess
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from topowatch.errors import NetlinkError
+from topowatch.reactor import Trigger
+
+log = logging.getLogger(__name__)
+
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+NFNLGRP_NFTABLES = 7
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWGEN = 15  # enum nf_tables_msg_types (GETGEN is 16)
+NFTA_GEN_ID = 1
+NFTA_GEN_PROC_PID = 2
+NFTA_GEN_PROC_NAME = 3
+RECV_BUFSIZE = 1 << 16
+EVENT_RCVBUF = 4 << 20
+
+NFTABLES_SOURCE = "nftables"
+LEGACY_SOURCE = "iptables-legacy"
+LEGACY_INTERVAL = 10.0
+# The policy trigger kind of every trigger made here.
+RULESET_KIND = "ruleset"
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One committed nftables transaction: the new generation id and who made it."""
+
+    genid: int
+    pid: int | None = None
+    process: str | None = None
+
+    def describe(self) -> str:
+        who = ""
+        if self.process:
+            who = f" by {self.process}" + (f" (pid {self.pid})" if self.pid else "")
+        elif self.pid:
+            who = f" by pid {self.pid}"
+        return f"nftables ruleset changed (generation {self.genid}{who})"
+
+
+def _attrs(payload: bytes) -> Iterator[tuple[int, bytes]]:
+    offset = 0
+    while offset + 4 <= len(payload):
+        length, kind = struct.unpack_from("=HH", payload, offset)
+        if length < 4 or offset + length > len(payload):
+            return
+        yield kind & 0x3FFF, payload[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+
+
+def parse_generations(data: bytes) -> tuple[list[Generation], int]:
+    """The NEWGEN messages in one datagram, and how many other nftables messages it held."""
+    gens: list[Generation] = []
+    others = 0
+    offset = 0
+    while offset + 16 <= len(data):
+        length, kind, _flags, _seq = struct.unpack_from("=IHHI", data, offset)
+        if length < 16 or offset + length > len(data):
+            break
+        body = data[offset + 16 : offset + length]
+        offset += (length + 3) & ~3
+        if kind != (NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWGEN):
+            others += 1
+            continue
+        genid, pid, name = 0, None, None
+        if len(body) >= 4:
+            genid = struct.unpack_from("!H", body, 2)[0]  # nfgenmsg.res_id: the low 16 bits
+        for attr, value in _attrs(body[4:]):
+            if attr == NFTA_GEN_ID and len(value) >= 4:
+                genid = struct.unpack_from("!I", value)[0]
+            elif attr == NFTA_GEN_PROC_PID and len(value) >= 4:
+                pid = struct.unpack_from("!I", value)[0]
+            elif attr == NFTA_GEN_PROC_NAME:
+                name = value.split(b"\0", 1)[0].decode(errors="replace") or None
+        gens.append(Generation(genid, pid, name))
+    return gens, others
+
+
+def _drain(sock: trio.socket.SocketType) -> int:
+    """Discard what is queued on ``sock`` without blocking (see the module docstring)."""
+    fileno = getattr(sock, "fileno", None)
+    if fileno is None or fileno() < 0:
+        return 0  # not a kernel socket (a test double): nothing is queued in the kernel
+    raw = socket.socket(fileno=fileno())
+    count = 0
+    try:
+        while True:
+            raw.recv(RECV_BUFSIZE, socket.MSG_DONTWAIT)
+            count += 1
+    except BlockingIOError:
+        pass
+    except OSError as exc:
+        if exc.errno != errno.ENOBUFS:
+            raise NetlinkError(f"cannot drain the nftables event socket: {exc}", exc.errno or 0) from exc
+    finally:
+        raw.detach()
+    return count
+
+
+def open_nftables_socket() -> trio.socket.SocketType:
+    return trio.socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+
+
+class NftablesEvents:
+    """An ``EventSource``: one trigger per committed nftables transaction, overrun-safe."""
+
+    name = NFTABLES_SOURCE
+
+    def __init__(
+        self,
+        sock_factory: Callable[[], trio.socket.SocketType] = open_nftables_socket,
+        rcvbuf: int | None = EVENT_RCVBUF,
+    ) -> None:
+        self._factory = sock_factory
+        self._rcvbuf = rcvbuf
+        self.overruns = 0
+        self.messages = 0
+
+    async def _subscribe(self) -> trio.socket.SocketType:
+        sock = self._factory()
+        try:
+            await sock.bind((0, 0))
+            if self._rcvbuf is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self._rcvbuf)
+                except PermissionError:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._rcvbuf)
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+        except OSError as exc:
+            sock.close()
+            raise NetlinkError(f"cannot subscribe to nftables events: {exc}", exc.errno or 0) from exc
+        return sock
+
+    @contextlib.asynccontextmanager
+    async def events(self) -> AsyncIterator[AsyncIterator[Trigger]]:
+        sock = await self._subscribe()
+        triggers = self._triggers(sock)
+        try:
+            yield triggers
+        finally:
+            await triggers.aclose()
+            sock.close()
+
+    async def _triggers(self, sock: trio.socket.SocketType) -> AsyncGenerator[Trigger, None]:
+        while True:
+            try:
+                data = await sock.recv(RECV_BUFSIZE)
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise NetlinkError(f"nftables event receive failed: {exc}", exc.errno or 0) from exc
+                self.overruns += 1
+                discarded = _drain(sock)
+                log.warning("nftables: event overrun (ENOBUFS), %d stale datagrams discarded", discarded)
+                yield Trigger(NFTABLES_SOURCE, "nftables event overrun: ruleset changes were lost",
+                              overrun=True, kind=RULESET_KIND)
+                continue
+            gens, others = parse_generations(data)
+            self.messages += others + len(gens)
+            for gen in gens:
+                yield Trigger(NFTABLES_SOURCE, gen.describe(), kind=RULESET_KIND)
+
+
+# ---------------------------------------------------------------------------
+# iptables-legacy: no events, so a modest poll, and only where a legacy nat table exists.
+
+_COUNTERS = re.compile(r"\[\d+:\d+\]")
+PROC_TABLES = (Path("/proc/net/ip_tables_names"), Path("/proc/net/ip6_tables_names"))
+LEGACY_SAVE = ("iptables-legacy-save", "ip6tables-legacy-save")
+
+
+def normalise_save(text: str) -> str:
+    """iptables-save text without comments (timestamps) and counters: equal text, same rules."""
+    lines = [_COUNTERS.sub("", line).rstrip() for line in text.splitlines() if not line.startswith("#")]
+    return "\n".join(line for line in lines if line)
+
+
+def legacy_nat_present(proc_files: Sequence[Path] = PROC_TABLES) -> bool:
+    """True if this namespace has a legacy nat table (a cheap read, no program run)."""
+    for path in proc_files:
+        with contextlib.suppress(OSError):
+            if "nat" in path.read_text().split():
+                return True
+    return False
+
+
+def read_legacy_nat(commands: Sequence[str] = LEGACY_SAVE, timeout: float = 10.0) -> str:
+    """The normalised ``-t nat`` save text of each legacy program (missing programs count as empty)."""
+    parts: list[str] = []
+    for command in commands:
+        try:
+            proc = subprocess.run([command, "-t", "nat"], capture_output=True, text=True, timeout=timeout,
+                                  check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            parts.append(f"{command}: {exc}")
+            continue
+        out = proc.stdout if proc.returncode == 0 else f"{command}: exit {proc.returncode}"
+        parts.append(normalise_save(out))
+    return "\n--\n".join(parts)
+
+
+class LegacyNatPoll:
+    """An ``EventSource`` that polls legacy iptables nat tables; a trigger when their text changes."""
+
+    name = LEGACY_SOURCE
+
+    def __init__(
+        self,
+        interval: float = LEGACY_INTERVAL,
+        present: Callable[[], bool] = legacy_nat_present,
+        read: Callable[[], str] = read_legacy_nat,
+        in_thread: bool = True,
+    ) -> None:
+        self.interval = interval
+        self._present = present
+        self._read = read
+        self._in_thread = in_thread  # False only for tests on a virtual clock
+        self.polls = 0
+
+    async def _snapshot(self) -> str | None:
+        if not self._present():
+            return None
+        self.polls += 1
+        if not self._in_thread:
+            return self._read()
+        return await trio.to_thread.run_sync(self._read)
+
+    @contextlib.asynccontextmanager
+    async def events(self) -> AsyncIterator[AsyncIterator[Trigger]]:
+        triggers = self._triggers()
+        try:
+            yield triggers
+        finally:
+            await triggers.aclose()
+
+    async def _triggers(self) -> AsyncGenerator[Trigger, None]:
+        previous = await self._snapshot()
+        while True:
+            await trio.sleep(self.interval)
+            current = await self._snapshot()
+            if current != previous:
+                if current is None:
+                    what = "legacy iptables nat tables went away"
+                elif previous is None:
+                    what = "legacy iptables nat table appeared"
+                else:
+                    what = "legacy iptables nat table changed"
+                previous = current
+                yield Trigger(LEGACY_SOURCE, what, kind=RULESET_KIND)

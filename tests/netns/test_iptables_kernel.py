@@ -1,0 +1,172 @@
+"""iptables (nft and legacy) nat tables read back from the kernel, and the kernel as oracle for predict().
+
+Rules are loaded with iptables-nft-restore / iptables-legacy-restore inside
+fresh namespaces only; the host's tables are never touched.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from ipaddress import ip_address
+
+import pytest
+import trio
+
+from topowatch.core.evaluate import predict
+from topowatch.core.fib import Fib
+from topowatch.core.flow import IPPROTO_UDP, Binding, Flow, NatKind
+from topowatch.core.model import AF_INET
+from topowatch.core.nat import Hook, Match, NatStatement, PolicyMatch
+from topowatch.edges import rtnl
+from topowatch.edges.iptables import LEGACY_TABLE, RulesetRead, legacy_nat_exists, read_all
+from topowatch.lab import OTHER_SERVER, SIP_SERVER, Lab
+from topowatch.netns import Namespace
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(
+        not all(shutil.which(t) for t in ("iptables-nft-restore", "iptables-legacy-restore",
+                                           "ip6tables-nft-restore", "ip6tables-legacy-restore")),
+        reason="needs iptables-nft and iptables-legacy"),
+]
+
+NFT_RULES = """\
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:EXEMPT - [0:0]
+-A PREROUTING -i up+ -p tcp -m multiport --dports 80,443 -j DNAT --to-destination 10.0.1.5
+-A POSTROUTING -j EXEMPT
+-A POSTROUTING -o up1 -m mark ! --mark 0x1/0xff -j MASQUERADE --random-fully
+-A EXEMPT -m policy --dir out --pol ipsec -j ACCEPT
+-A EXEMPT -m addrtype --dst-type LOCAL -j RETURN
+COMMIT
+"""
+
+V6_RULES = """\
+*nat
+-A PREROUTING -i up1 -p udp --dport 53 -j DNAT --to-destination [2001:db8::53]:5353
+-A POSTROUTING -o up1 ! -s 2001:db8:1::/48 -j SNAT --to-source 2001:db8::1-2001:db8::4
+COMMIT
+"""
+
+
+def read_in(ns: Namespace) -> RulesetRead:
+    return ns.call(read_all)
+
+
+def test_iptables_nft_table_is_read_through_save_not_nft(netns: Namespace) -> None:
+    netns.run("iptables-nft-restore", input=NFT_RULES)
+    got = read_in(netns)
+    assert "iptables-nft-save" in got.sources and not any("legacy" in s for s in got.sources)
+    rs = got.ruleset
+    assert rs.unknown_expressions() == frozenset()  # no "xt match policy": the save view replaced nft's
+    assert sorted(c.name for c in rs.chains if c.table == "nat") == [
+        "EXEMPT", "INPUT", "OUTPUT", "POSTROUTING", "PREROUTING"]
+    post = rs.chain("ip", "nat", "POSTROUTING")
+    exempt = rs.chain("ip", "nat", "EXEMPT")
+    assert post is not None and exempt is not None
+    assert (post.hook, post.priority) == (Hook.POSTROUTING, 100)
+    masq = post.rules[1].exprs[-1]
+    assert isinstance(masq, NatStatement) and masq.kind is NatKind.MASQUERADE and masq.flags == ("random-fully",)
+    mark = post.rules[1].exprs[1]
+    assert isinstance(mark, Match) and mark.selector.mask == 0xFF
+    pol = exempt.rules[0].exprs[0]
+    assert isinstance(pol, PolicyMatch) and (pol.direction, pol.pol) == ("out", "ipsec")
+    assert read_in(netns).ruleset == rs  # stable
+    # Reading never instantiated a legacy table (that would start connection tracking).
+    assert not netns.call(lambda: legacy_nat_exists("ip"))
+
+
+def test_legacy_tables_v4_and_v6_are_added_beside_nft(netns: Namespace) -> None:
+    netns.run("iptables-legacy-restore", input="*nat\n-A POSTROUTING -o up2 -j MASQUERADE\nCOMMIT\n")
+    netns.run("ip6tables-legacy-restore", input=V6_RULES)
+    netns.run("nft", "-f", "-", input="table ip mine {\n chain post {\n"
+                                      "  type nat hook postrouting priority 50;\n  oifname \"up3\" masquerade\n }\n}\n")
+    got = read_in(netns)
+    rs = got.ruleset
+    assert [c.table for c in rs.base_chains(Hook.POSTROUTING, AF_INET)] == ["mine", LEGACY_TABLE]
+    legacy = rs.chain("ip", LEGACY_TABLE, "POSTROUTING")
+    assert legacy is not None and legacy.priority == 100
+    pre6 = rs.chain("ip6", LEGACY_TABLE, "PREROUTING")
+    post6 = rs.chain("ip6", LEGACY_TABLE, "POSTROUTING")
+    assert pre6 is not None and post6 is not None and pre6.priority == -100
+    dnat = pre6.rules[0].exprs[-1]
+    assert isinstance(dnat, NatStatement)
+    assert (dnat.addr, dnat.ports) == ((ip_address("2001:db8::53"),) * 2, (5353, 5353))
+    snat = post6.rules[0].exprs[-1]
+    assert isinstance(snat, NatStatement) and snat.addr == (ip_address("2001:db8::1"), ip_address("2001:db8::4"))
+    assert rs.unknown_expressions() == frozenset()
+
+
+# ---------------------------------------------------------------------------
+# Kernel as oracle: nft chains at priorities 50 and 150 around iptables-legacy's 100.
+
+ORACLE_NFT = """\
+table ip early {
+    chain post {
+        type nat hook postrouting priority 50; policy accept;
+        oifname "up2" udp dport 5070 snat ip to 203.0.113.77
+    }
+}
+table ip late {
+    chain post {
+        type nat hook postrouting priority 150; policy accept;
+        oifname "up1" masquerade
+    }
+}
+"""
+
+ORACLE_LEGACY = """\
+*nat
+:POSTROUTING ACCEPT [0:0]
+:UPLINKS - [0:0]
+-A POSTROUTING -s 10.0.1.0/24 -j UPLINKS
+-A UPLINKS -o up2 -j MASQUERADE
+-A UPLINKS -o up3 -j SNAT --to-source 100.64.0.9
+-A UPLINKS -o up1 -p udp -m multiport --dports 5061,5062 -j SNAT --to-source 198.51.100.9
+COMMIT
+"""
+
+
+async def fib_of(ns: Namespace) -> Fib:
+    def make() -> trio.socket.SocketType:
+        return trio.socket.from_stdlib_socket(ns.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE))
+
+    return Fib(await rtnl.dump_topology(make))
+
+
+async def check_oracle(lab: Lab, cases: list[tuple[str, int, str]], base_port: int) -> None:
+    fib = await fib_of(lab.router)
+    ruleset = lab.router.call(read_all).ruleset
+    for i, (dst, dport, expected) in enumerate(cases):
+        sport = base_port + i
+        entry = lab.oracle(dst, dport, sport)
+        assert entry is not None, (dst, dport)
+        flow = Flow(AF_INET, IPPROTO_UDP, ip_address("10.0.1.2"), ip_address(dst), sport, dport)
+        prediction = predict(ruleset, fib, flow)
+        assert isinstance(prediction.snat, frozenset), prediction
+        (binding,) = prediction.snat
+        assert isinstance(binding, Binding) and binding.addr_lo == entry.reply.dst, (dst, dport, prediction.explain)
+        assert str(entry.reply.dst) == expected  # the scenario does what it says
+
+
+@pytest.mark.slow
+async def test_predict_agrees_with_kernel_across_nft_and_legacy_priorities() -> None:
+    with Lab.create(ruleset=ORACLE_NFT) as lab:
+        lab.router.run("iptables-legacy-restore", input=ORACLE_LEGACY)
+        # Before: default via up1, OTHER_SERVER via up3.
+        await check_oracle(lab, [
+            (SIP_SERVER, 5060, "198.51.100.2"),   # up1: legacy has nothing for 5060, late (150) masquerades
+            (SIP_SERVER, 5061, "198.51.100.9"),   # up1: legacy (100) SNAT runs before late (150)
+            (OTHER_SERVER, 5060, "100.64.0.9"),   # up3: legacy SNAT
+        ], 42000)
+        lab.flip()  # the default moves to up2, the up3 host route goes
+        await check_oracle(lab, [
+            (SIP_SERVER, 5060, "203.0.113.2"),    # up2: legacy MASQUERADE
+            (SIP_SERVER, 5070, "203.0.113.77"),   # up2: early (50) SNAT wins over legacy
+            (OTHER_SERVER, 5062, "203.0.113.2"),  # up2 now, not up3
+        ], 42100)
