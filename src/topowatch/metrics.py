@@ -1,0 +1,213 @@
+"""Prometheus metrics: what reactions did, how long they took, how full the table is.
+
+Theory of operation: ``Metrics`` owns a private ``CollectorRegistry``.
+``observe`` (the reactor's ``on_reaction`` callback) adds one reaction to
+the counters and the latency histogram. Two values are read when the
+registry is collected, never cached: the conntrack table fill
+(``nf_conntrack_count`` against ``nf_conntrack_max`` under
+/proc/sys/net/netfilter, in the namespace the daemon runs in) and the
+reactor's error counts by kind. They are exposed either
+
+- on a local HTTP endpoint (``--metrics-listen 127.0.0.1:9877``) served by
+  trio itself: prometheus-client's own server is a thread, which the daemon
+  does not need for one GET handler; or
+- in a textfile for node_exporter's textfile collector
+  (``--metrics-textfile PATH``), rewritten by atomic rename after every
+  reaction and every ``refresh`` seconds (0: after reactions only).
+
+This module never decides anything about entries and never touches the
+conntrack table; a metric it cannot read is left out, never made up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+
+import trio
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    write_to_textfile,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from topowatch.errors import UsageError
+from topowatch.reactor import Reaction
+
+log = logging.getLogger("topowatch.metrics")
+
+NETFILTER_SYSCTLS = "/proc/sys/net/netfilter"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, math.inf)
+HTTP_TIMEOUT = 5.0
+MAX_REQUEST_BYTES = 8192
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT`` for IPv6) into a host and a port."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--metrics-listen: expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def read_table_fill(sysctl_dir: str = NETFILTER_SYSCTLS) -> tuple[int, int] | None:
+    """(nf_conntrack_count, nf_conntrack_max) of this namespace, or None when unreadable."""
+    try:
+        with open(os.path.join(sysctl_dir, "nf_conntrack_count")) as f:
+            count = int(f.read())
+        with open(os.path.join(sysctl_dir, "nf_conntrack_max")) as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return count, limit
+
+
+class _LiveCollector(Collector):
+    """Values read at collection time: the table fill and the reactor's error counts."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        fill = read_table_fill(self.metrics.sysctl_dir)
+        if fill is not None:
+            count, limit = fill
+            yield GaugeMetricFamily("topowatch_conntrack_entries",
+                                    "Entries in the conntrack table (nf_conntrack_count)", value=count)
+            yield GaugeMetricFamily("topowatch_conntrack_max",
+                                    "Size limit of the conntrack table (nf_conntrack_max)", value=limit)
+            yield GaugeMetricFamily("topowatch_conntrack_fill_ratio",
+                                    "nf_conntrack_count / nf_conntrack_max",
+                                    value=count / limit if limit else 0.0)
+        errors = CounterMetricFamily("topowatch_errors", "Errors by kind", labels=["kind"])
+        for kind, value in sorted(self.metrics.errors().items()):
+            errors.add_metric([kind], value)
+        yield errors
+
+
+class Metrics:
+    """The daemon's metrics; ``observe`` is the reactor's ``on_reaction`` callback."""
+
+    def __init__(
+        self,
+        errors: Callable[[], Mapping[str, int]] = dict,
+        *,
+        sysctl_dir: str = NETFILTER_SYSCTLS,
+    ) -> None:
+        self.sysctl_dir = sysctl_dir
+        self._reactor_errors = errors
+        self._delete_failures = 0
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.reactions = Counter("topowatch_reactions", "Reactions by result (deleted, dry_run, refused, "
+                                 "nothing)", ["result"], registry=r)
+        self.examined = Counter("topowatch_entries_examined", "Conntrack entries examined", registry=r)
+        self.eligible = Counter("topowatch_entries_eligible", "Entries eligible under the policy", registry=r)
+        self.stale = Counter("topowatch_entries_stale", "Entries judged stale", registry=r)
+        self.undecided = Counter("topowatch_entries_undecided", "Entries that could not be judged",
+                                 registry=r)
+        self.deleted = Counter("topowatch_entries_deleted", "Stale entries deleted", registry=r)
+        self.latency = Histogram("topowatch_reaction_latency_seconds",
+                                 "From the first event of a burst to the last delete",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.last = Gauge("topowatch_last_reaction_timestamp_seconds", "When the last reaction ended",
+                          registry=r)
+        for result in ("deleted", "dry_run", "refused", "nothing"):
+            self.reactions.labels(result)
+        r.register(_LiveCollector(self))
+
+    def errors(self) -> dict[str, int]:
+        counts = {"delete": self._delete_failures, "reaction": 0, "ruleset": 0, "source": 0}
+        for kind, value in self._reactor_errors().items():
+            counts[kind] = counts.get(kind, 0) + value
+        return counts
+
+    def observe(self, reaction: Reaction) -> None:
+        plan = reaction.plan
+        if reaction.refused:
+            result = "refused"
+        elif reaction.dry_run and plan.stale:
+            result = "dry_run"
+        elif reaction.deleted.deleted:
+            result = "deleted"
+        else:
+            result = "nothing"
+        self.reactions.labels(result).inc()
+        self.examined.inc(plan.examined)
+        self.eligible.inc(plan.eligible)
+        self.stale.inc(len(plan.stale))
+        self.undecided.inc(len(plan.undecided))
+        self.deleted.inc(reaction.deleted.deleted)
+        self._delete_failures += reaction.deleted.failed
+        self.latency.observe(reaction.latency)
+        self.last.set(time.time())
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def write_textfile(self, path: str) -> bool:
+        """Write the textfile by atomic rename; False (logged) when it cannot be written."""
+        try:
+            write_to_textfile(path, self.registry)
+        except OSError as exc:
+            log.error("cannot write the metrics textfile %s: %s", path, exc)
+            return False
+        return True
+
+
+async def serve_textfile(metrics: Metrics, path: str, refresh: float) -> None:
+    """Keep ``path`` current: now, then every ``refresh`` seconds (0: only now; reactions write it too)."""
+    metrics.write_textfile(path)
+    if refresh <= 0:
+        return
+    while True:
+        await trio.sleep(refresh)
+        metrics.write_textfile(path)
+
+
+async def _answer(metrics: Metrics, stream: trio.abc.Stream) -> None:
+    request = b""
+    while b"\r\n\r\n" not in request and b"\n\n" not in request and len(request) < MAX_REQUEST_BYTES:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            break
+        request += chunk
+    words = request.split(b"\n", 1)[0].split()
+    method, target = (words[0], words[1].split(b"?")[0]) if len(words) >= 2 else (b"", b"")
+    if method in (b"GET", b"HEAD") and target in (b"/metrics", b"/"):
+        status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, metrics.exposition()
+    elif method in (b"GET", b"HEAD"):
+        status, ctype, body = "404 Not Found", "text/plain", b"try /metrics\n"
+    else:
+        status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+    head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    await stream.send_all(head if method == b"HEAD" else head + body)
+
+
+async def serve_http(metrics: Metrics, listeners: list[trio.SocketListener]) -> None:
+    """Serve ``GET /metrics`` on bound listeners until cancelled (trio, no thread)."""
+    for listener in listeners:
+        host, port = listener.socket.getsockname()[:2]
+        log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", port)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(HTTP_TIMEOUT):
+                await _answer(metrics, stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("metrics client went away: %s", exc)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    await trio.serve_listeners(handler, listeners)
