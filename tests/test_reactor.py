@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, cast
 
@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from topowatch.core.conntrack import IPS_CONFIRMED, IPS_SRC_NAT_DONE, CtTuple, Entry
+from topowatch.core.decide import Decider
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
 from topowatch.core.flow import NO_NAT, Binding, Flow, NatKind, Prediction
@@ -281,3 +282,66 @@ async def test_policy_debounce_is_used(autojump_clock: trio.testing.MockClock, t
         await trio.sleep(3)
         nursery.cancel_scope.cancel()
     assert [r.events for r in reactor.reactions] == [2]
+
+
+class EventedRulesetBackend(FakeBackend):
+    """Reports ruleset changes as triggers; dumps and decides in one pass like the kernel backend."""
+
+    ruleset_events = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.judged = 0
+
+    async def judge(self, eligibility: Eligibility, decider: Callable[[Any], Decider]) -> Decider:
+        self.judged += 1
+        judging = decider(None)
+        for e in self.table:
+            judging.add(e)
+        return judging
+
+
+async def test_ruleset_is_reread_only_when_it_may_have_changed(autojump_clock: trio.testing.MockClock) -> None:
+    backend = EventedRulesetBackend()
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery)
+        read_at_start = backend.rulesets_read
+        await backend.send.send(Trigger("rtnetlink", "route added", kind="route"))
+        await trio.sleep(1)
+        assert backend.rulesets_read == read_at_start  # a route change leaves the ruleset alone
+        await backend.send.send(Trigger("nftables", "generation 5", kind="ruleset"))
+        await trio.sleep(1)
+        assert backend.rulesets_read == read_at_start + 1
+        await backend.send.send(Trigger("rtnetlink", "ENOBUFS", overrun=True, kind="route"))
+        await trio.sleep(1)
+        assert backend.rulesets_read == read_at_start + 2  # lost events: everything is re-read
+        await backend.send.send(Trigger("dbus", "flush requested"))
+        await trio.sleep(1)
+        assert backend.rulesets_read == read_at_start + 3  # not a topology kind: re-read
+        nursery.cancel_scope.cancel()
+    assert len(reactor.reactions) == 4
+    assert "ruleset" not in reactor.reactions[0].timings and "ruleset" in reactor.reactions[1].timings
+
+
+async def test_backend_without_ruleset_events_rereads_every_time(autojump_clock: trio.testing.MockClock) -> None:
+    backend = FakeBackend()
+    async with trio.open_nursery() as nursery:
+        await start(backend, nursery)
+        read_at_start = backend.rulesets_read
+        await backend.send.send(Trigger("rtnetlink", "route added", kind="route"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert backend.rulesets_read == read_at_start + 1
+
+
+async def test_streamed_dump_and_decide_is_used_when_offered(autojump_clock: trio.testing.MockClock) -> None:
+    backend = EventedRulesetBackend()
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery)
+        backend.topo = B
+        await backend.send.send(Trigger("rtnetlink", "link up2 added", kind="link"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert backend.judged == 1
+    assert len(backend.deleted) == 2 and backend.table == []
+    assert "dump+decide" in reactor.reactions[0].timings

@@ -1,4 +1,4 @@
-"""The command line: run, plan, flush, lab.
+"""The command line: run, plan, flush, check, doctor, lab.
 
 Every command works in the network namespace it is started in and touches
 only that namespace. Exit status: 0 success, 1 runtime error (one line on
@@ -9,19 +9,26 @@ edges to the reactor; it decides nothing itself.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
 from topowatch import __version__
 from topowatch.errors import PermissionDenied, TopowatchError, UsageError
 from topowatch.logs import setup_logging
+
+if TYPE_CHECKING:
+    from topowatch.policy import PolicyStore
+    from topowatch.reactor import Reaction, Reactor
+    from topowatch.sdnotify import Notifier
 
 log = logging.getLogger("topowatch")
 
@@ -46,6 +53,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _listen_address(text: str) -> tuple[str, int]:
+    from topowatch.metrics import parse_listen
+
+    try:
+        return parse_listen(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="topowatch",
@@ -68,8 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="refuse a reaction that would delete more than N entries (default 100000)")
     run.add_argument("--no-startup-sweep", action="store_true",
                      help="do not judge the table once at start")
+    run.add_argument("--no-dbus", action="store_true",
+                     help="no D-Bus service and no NetworkManager events (system bus)")
     rules_help = "read policies only from DIR (repeatable, highest priority first)"
     run.add_argument("--rules-dir", action="append", metavar="DIR", help=rules_help)
+    run.add_argument("--metrics-listen", type=_listen_address, metavar="HOST:PORT",
+                     help="serve Prometheus metrics on http://HOST:PORT/metrics (e.g. 127.0.0.1:9877)")
+    run.add_argument("--metrics-textfile", metavar="PATH",
+                     help="write Prometheus metrics to PATH (atomic rename) for node_exporter")
+    run.add_argument("--metrics-refresh", type=_positive_float, default=60.0, metavar="SECONDS",
+                     help="also rewrite the textfile this often, for the table fill (0: after "
+                     "reactions only; default 60)")
 
     plan = sub.add_parser("plan", help="audit now: list stale entries, delete nothing")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
@@ -84,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate rules.d and print the effective policy")
     check.add_argument("--rules-dir", action="append", metavar="DIR", help=rules_help)
+
+    doctor = sub.add_parser("doctor", help="probe what this kernel and system support")
+    doctor.add_argument("--json", action="store_true", help="print one JSON object")
+
+    status = sub.add_parser("status", help="ask the running daemon for its counters (over D-Bus)")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    trigger = sub.add_parser("trigger", help="ask the running daemon to react now (over D-Bus; root)")
+    trigger.add_argument("--interface", metavar="IF", help="the interface that changed (default: all)")
 
     lab = sub.add_parser("lab", help="build a namespace lab and show topowatch fixing stuck flows")
     lab.add_argument("--keep", action="store_true", help="leave the lab's namespaces in place")
@@ -156,10 +189,73 @@ async def _audit(
     return 0
 
 
+async def _observers(
+    args: argparse.Namespace, reactor: Reactor, notifier: Notifier
+) -> list[Callable[[], Awaitable[None]]]:
+    """Hook sd_notify STATUS and metrics onto each reaction; the tasks that serve them.
+
+    The metrics port is bound here, before the reactor starts, so a bad
+    address fails the start with a plain error.
+    """
+    from topowatch.metrics import Metrics, serve_http, serve_textfile
+    from topowatch.sdnotify import watchdog
+
+    tasks: list[Callable[[], Awaitable[None]]] = [functools.partial(watchdog, reactor, notifier)]
+    metrics = Metrics(lambda: reactor.errors) if args.metrics_listen or args.metrics_textfile else None
+    textfile = args.metrics_textfile
+    if metrics is not None and args.metrics_listen:
+        host, port = args.metrics_listen
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise UsageError(f"--metrics-listen {host}:{port}: {exc.strerror or exc}") from exc
+        tasks.append(functools.partial(serve_http, metrics, listeners))
+    if metrics is not None and textfile:
+        tasks.append(functools.partial(serve_textfile, metrics, textfile, args.metrics_refresh))
+
+    def on_reaction(reaction: Reaction) -> None:
+        notifier.status(reaction.summary())
+        if metrics is not None:
+            metrics.observe(reaction)
+            if textfile:
+                metrics.write_textfile(textfile)
+
+    reactor.reaction_hooks.append(on_reaction)
+    return tasks
+
+
+def _dbus_tasks(
+    args: argparse.Namespace, reactor: Reactor, store: PolicyStore
+) -> list[Callable[[], Awaitable[None]]]:
+    """The D-Bus service and NetworkManager events, unless --no-dbus or the extra is missing (said once)."""
+    from topowatch.dbus import missing_dependency
+
+    if args.no_dbus:
+        return []
+    missing = missing_dependency()
+    if missing is not None:
+        log.warning("D-Bus: %s; running without D-Bus and NetworkManager events", missing)
+        return []
+    from topowatch.dbus.networkmanager import NetworkManagerSource
+    from topowatch.dbus.service import AgentService
+
+    def reload() -> str:
+        store.reload()  # PolicyErrors (a TopowatchError) reaches the caller; the previous policy stays
+        names = ", ".join(p.name for p in store.current.policies)
+        log.info("policies reloaded over D-Bus: %s", names)
+        return f"policies reloaded: {names}"
+
+    backend = reactor.backend
+    if hasattr(backend, "extra_sources"):
+        backend.extra_sources.append(NetworkManagerSource())
+    return [AgentService(reactor, reload=reload).run]
+
+
 async def _run_daemon(args: argparse.Namespace) -> int:
     from topowatch.edges.kernel import KernelBackend
     from topowatch.policy import PolicyErrors, PolicyStore
     from topowatch.reactor import Reactor, ReactorConfig
+    from topowatch.sdnotify import Notifier
 
     store = PolicyStore.open(args.rules_dir)
     config = ReactorConfig(
@@ -171,9 +267,15 @@ async def _run_daemon(args: argparse.Namespace) -> int:
     )
     backend = KernelBackend()
     reactor = Reactor(backend, config, policy=lambda: store.current)
+    notifier = Notifier()
+    observers = await _observers(args, reactor, notifier)
+    observers += _dbus_tasks(args, reactor, store)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(reactor.run)
+            for observer in observers:
+                nursery.start_soon(observer)
+            notifier.ready("ready, waiting for events")
 
             async def wait_signal() -> None:
                 async for signum in signals:
@@ -188,6 +290,7 @@ async def _run_daemon(args: argparse.Namespace) -> int:
                             log.error("keeping the previous policy")
                         continue
                     log.info("received %s: stopping", signal.Signals(signum).name)
+                    notifier.stopping(f"stopping after {len(reactor.reactions)} reaction(s)")
                     nursery.cancel_scope.cancel()
                     return
 
@@ -206,10 +309,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             from topowatch.lab import run_lab
 
             return run_lab(keep=args.keep)
+        if args.command == "doctor":
+            from topowatch.doctor import doctor_main
+
+            return doctor_main(as_json=args.json)
         if args.command == "check":
             from topowatch.policy import check_main
 
             return check_main(args.rules_dir)
+        if args.command in {"status", "trigger"}:
+            from topowatch.dbus import missing_dependency
+
+            missing = missing_dependency()
+            if missing is not None:
+                raise TopowatchError(f"'{args.command}' talks to the daemon over D-Bus, but {missing}")
+            from topowatch.dbus.client import status_main, trigger_main
+
+            if args.command == "status":
+                return trio.run(status_main, args.json)
+            return trio.run(trigger_main, args.interface)
         _require_root(args.command)
         if args.command == "run":
             return trio.run(_run_daemon, args)

@@ -30,7 +30,7 @@ from typing import Protocol
 import trio
 
 from topowatch.core.conntrack import Entry
-from topowatch.core.decide import FlushPlan, decide, mentions_sport
+from topowatch.core.decide import Decider, EntryBuilder, FlushPlan, decide, mentions_sport
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.evaluate import predict
 from topowatch.core.fib import Fib
@@ -38,12 +38,16 @@ from topowatch.core.flow import Flow, Prediction
 from topowatch.core.model import Topology, TopologyChange, diff
 from topowatch.core.nat import NatRuleset
 from topowatch.errors import TopowatchError
-from topowatch.policy import DEFAULT_EFFECTIVE, EffectivePolicy, Selection
+from topowatch.policy import DEFAULT_EFFECTIVE, Action, EffectivePolicy, Selection
 
 log = logging.getLogger("topowatch.reactor")
 
 # Per-entry log lines at INFO per reaction; the rest go to DEBUG.
 ENTRY_LOG_LIMIT = 20
+# Trigger kinds that change the topology but never the NAT ruleset: a burst made
+# only of these keeps the ruleset read before, if the backend reports ruleset
+# changes as triggers (``ruleset_events``); anything else re-reads it.
+TOPOLOGY_KINDS = frozenset({"link", "address", "route", "rule", "xfrm"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +96,13 @@ class Backend(Protocol):
 
     async def delete(self, entries: Sequence[Entry]) -> DeleteCounts: ...
 
+    # Optional, looked up with getattr (fakes may leave them out):
+    # - ``ruleset_events: bool``: ruleset changes arrive as "ruleset" triggers
+    #   (or overruns), so a burst without one keeps the ruleset read before;
+    # - ``async def judge(eligibility, decider) -> Decider``: dump and decide
+    #   in one pass, ``decider(build)`` making a fresh ``core.decide.Decider``
+    #   per dump attempt; replaces ``entries`` + ``decide`` when present.
+
 
 @dataclass(frozen=True, slots=True)
 class ReactorConfig:
@@ -113,12 +124,14 @@ class Burst:
     overrun: bool = False
     lines: list[str] = field(default_factory=list)
     events: set[tuple[str, str | None]] = field(default_factory=set)
+    kinds: set[str] = field(default_factory=set)  # every trigger kind seen (events is capped)
 
     def add(self, trigger: Trigger, now: float) -> None:
         if self.count == 0:
             self.first = now
         self.count += 1
         self.overrun = self.overrun or trigger.overrun
+        self.kinds.add(trigger.kind or trigger.source)
         if len(self.events) < 4096:
             self.events.add((trigger.kind or trigger.source, trigger.interface))
         if len(self.lines) < 8 and trigger.description not in self.lines:
@@ -165,6 +178,19 @@ class Reaction:
             f"{self.latency * 1000:.0f} ms from first event to last delete ({phases})"
         )
 
+    def fields(self) -> dict[str, object]:
+        """The reaction as one structured log record (``--log-format json``)."""
+        p = self.plan
+        return {
+            "event": "reaction", "reaction": self.number, "trigger": self.trigger, "events": self.events,
+            "change": self.change.summary(), "policies": self.policies, "examined": p.examined,
+            "eligible": p.eligible, "stale": len(p.stale), "deleted": self.deleted.deleted,
+            "already_gone": self.deleted.already_gone, "failed": self.deleted.failed,
+            "undecided": len(p.undecided), "logged_only": self.logged_only, "refused": self.refused,
+            "dry_run": self.dry_run, "latency_ms": round(self.latency * 1000, 3),
+            "timings": {k: round(v * 1000, 3) for k, v in self.timings.items()},
+        }  # fmt: skip
+
 
 class Reactor:
     def __init__(
@@ -181,12 +207,19 @@ class Reactor:
         self.policy = policy
         self.config = config or ReactorConfig()
         self.on_reaction = on_reaction
+        # More observers of each reaction (D-Bus signal, metrics); each must return quickly, never raise.
+        self.reaction_hooks: list[Callable[[Reaction], None]] = []
+        # One kernel conversation at a time: a reaction and a D-Bus Plan() share the backend's sockets.
+        self.lock = trio.Lock()
         self.t0: Topology | None = None
         self.ruleset: NatRuleset | None = None
         self.reactions: list[Reaction] = []
         self.source_restarts = 0
+        self.errors: dict[str, int] = {}  # by kind: reaction, source, ruleset (metrics read it)
+        self.busy_since: float | None = None  # when the current reaction began (the watchdog reads it)
         self._burst = Burst()
         self._arrived = trio.Event()
+        self._sport_memo: tuple[NatRuleset, bool] | None = None
 
     # -- sources -------------------------------------------------------------
 
@@ -214,6 +247,7 @@ class Reactor:
             except (TopowatchError, OSError) as exc:
                 if not started:
                     raise  # cannot subscribe at all: the daemon must not pretend to run
+                self.errors["source"] = self.errors.get("source", 0) + 1
                 log.error("%s event source failed: %s; restarting in %.1f s",
                           source.name, exc, self.config.restart_backoff)
             self.source_restarts += 1
@@ -254,10 +288,26 @@ class Reactor:
                 self.push(Trigger("startup", "startup sweep"))
             while True:
                 burst = await self._collect()
+                self.busy_since = trio.current_time()
                 try:
-                    await self.react(burst)
+                    async with self.lock:
+                        await self.react(burst)
                 except TopowatchError as exc:
+                    self.errors["reaction"] = self.errors.get("reaction", 0) + 1
                     log.error("reaction failed: %s", exc)
+                finally:
+                    self.busy_since = None
+
+    def _ruleset_may_have_changed(self, burst: Burst) -> bool:
+        """False only when the backend reports ruleset changes as triggers and none came."""
+        if self.ruleset is None or burst.overrun or not getattr(self.backend, "ruleset_events", False):
+            return True
+        return not burst.kinds or not burst.kinds <= TOPOLOGY_KINDS
+
+    def _mentions_sport(self, ruleset: NatRuleset) -> bool:
+        if self._sport_memo is None or self._sport_memo[0] is not ruleset:
+            self._sport_memo = (ruleset, mentions_sport(ruleset))
+        return self._sport_memo[1]
 
     async def react(self, burst: Burst) -> Reaction:
         timings: dict[str, float] = {}
@@ -266,40 +316,53 @@ class Reactor:
         t1 = await self.backend.topology()
         timings["snapshot"] = clock() - start
         mark = clock()
-        try:
-            self.ruleset = await self.backend.ruleset()
-        except TopowatchError as exc:
-            if self.ruleset is None:
-                raise
-            log.error("ruleset unreadable, keeping the previous one: %s", exc)
-        timings["ruleset"] = clock() - mark
+        if self._ruleset_may_have_changed(burst):
+            try:
+                self.ruleset = await self.backend.ruleset()
+            except TopowatchError as exc:
+                if self.ruleset is None:
+                    raise
+                self.errors["ruleset"] = self.errors.get("ruleset", 0) + 1
+                log.error("ruleset unreadable, keeping the previous one: %s", exc)
+            timings["ruleset"] = clock() - mark
         assert self.ruleset is not None
         ruleset = self.ruleset
         selection = self.policy().select(burst.events or {("request", None)})
         if not selection.policies:
             log.debug("no policy is triggered by %s", sorted(burst.events, key=str))
         eligibility = selection.eligibility
-        mark = clock()
-        entries = await self.backend.entries(eligibility) if selection.policies else []
-        timings["dump"] = clock() - mark
-        dumped = mark = clock()
-
         predictor = self.predictor
 
         def bound(fib: Fib, flow: Flow) -> Prediction:
             return predictor(ruleset, fib, flow)
 
-        plan = decide(
-            entries,
-            predict=bound,
-            fib_now=Fib(t1),
-            fib_before=Fib(self.t0) if self.t0 is not None else None,
-            eligibility=eligibility,
-            sport_matters=mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies),
-        )
-        timings["decide"] = clock() - mark
+        fib_now, fib_before = Fib(t1), Fib(self.t0) if self.t0 is not None else None
+        sport_matters = self._mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies)
+
+        def decider(build: EntryBuilder | None = None) -> Decider:
+            return Decider(predict=bound, fib_now=fib_now, fib_before=fib_before, eligibility=eligibility,
+                           sport_matters=sport_matters, build=build)
+
+        mark = clock()
+        judge = getattr(self.backend, "judge", None)
+        if judge is not None and selection.policies:
+            # Dump and decide in one pass in the backend: only stale/undecided entries are kept.
+            plan = (await judge(eligibility, decider)).plan()
+            timings["dump+decide"] = clock() - mark
+            dumped = clock()
+        else:
+            entries = await self.backend.entries(eligibility) if selection.policies else []
+            timings["dump"] = clock() - mark
+            dumped = mark = clock()
+            plan = decide(entries, predict=bound, fib_now=fib_now, fib_before=fib_before,
+                          eligibility=eligibility, sport_matters=sport_matters)
+            timings["decide"] = clock() - mark
         change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
-        to_delete = [d.entry for d in plan.stale if selection.flushes(d.entry)]
+        if all(p.action is Action.FLUSH for p in selection.policies):
+            # Every stale entry was admitted by some active policy, and each flushes.
+            to_delete = [d.entry for d in plan.stale]
+        else:
+            to_delete = [d.entry for d in plan.stale if selection.flushes(d.entry)]
         refused = len(to_delete) > min(selection.max_deletions, self.config.max_deletions)
         deleted = DeleteCounts()
         if to_delete and not refused and not self.config.dry_run:
@@ -326,6 +389,8 @@ class Reactor:
         self._log(reaction, selection)
         if self.on_reaction is not None:
             self.on_reaction(reaction)
+        for hook in self.reaction_hooks:
+            hook(reaction)
         return reaction
 
     def _log(self, reaction: Reaction, selection: Selection) -> None:
@@ -344,4 +409,5 @@ class Reactor:
             log.debug("undecided %s: %s", decision.entry.describe(), decision.reason)
         for error in reaction.deleted.errors:
             log.error("delete failed: %s", error)
-        log.log(logging.WARNING if reaction.refused else logging.INFO, "%s", reaction.summary())
+        log.log(logging.WARNING if reaction.refused else logging.INFO, "%s", reaction.summary(),
+                extra={"fields": reaction.fields()})

@@ -325,3 +325,166 @@ def test_fast_path_agrees_with_the_slow_path(translated: str | None, nat_port: i
         assert slow == [None, None]
     elif not isinstance(snat, Unknown):
         assert any(j is not None and j.stale for j in slow)
+
+
+# -- the streaming Decider and its raw path --------------------------------------------
+
+
+def to_raw(e: Entry) -> tuple[int, int, bytes, bytes, int, int, bytes, bytes, int, int, int, int, int, int, int]:
+    """An entry as a dump edge hands it over raw (``core.decide.RawEntry``)."""
+    o, r = e.orig, e.reply
+    return (e.family, e.proto, o.src.packed, o.dst.packed, o.sport, o.dport, r.src.packed, r.dst.packed,
+            r.sport, r.dport, e.status, e.zone, e.mark, e.id, e.timeout)
+
+
+def from_raw(raw: tuple[Any, ...]) -> Entry:
+    family, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport, status, zone, mark, i, t = raw
+    return Entry(family, proto, CtTuple(ip_address(osrc), ip_address(odst), osport, odport),
+                 CtTuple(ip_address(rsrc), ip_address(rdst), rsport, rdport), status, zone, mark, i, t)
+
+
+def reference_plan(entries: list[Entry], predict: Any, eligibility: Eligibility, fib_before: Fib | None
+                   ) -> tuple[int, list[tuple[Entry, str, str]], list[tuple[Entry, str, str]]]:
+    """The reasoned path alone, per entry: no flow-key cache, no fast path, no memo."""
+    from topowatch.core.decide import _side
+
+    eligible = 0
+    stale, undecided = [], []
+    for e in entries:
+        if not eligibility.admits(e):
+            continue
+        eligible += 1
+        p = predict(FIB_NOW, e.flow)
+        before = predict(fib_before, e.flow) if fib_before is not None else None
+        judged = [j for j in (_side(e, "dnat", p.dnat, p, before), _side(e, "snat", p.snat, p, before)) if j]
+        chosen = next((j for j in judged if j.stale), None)
+        if chosen is not None:
+            stale.append((e, chosen.side, chosen.reason))
+            continue
+        chosen = next((j for j in judged if j.undecided), None)
+        if chosen is not None:
+            undecided.append((e, chosen.side, chosen.reason))
+    return eligible, stale, undecided
+
+
+V6_CLIENT, V6_SERVER = ip_address("2001:db8:1::2"), ip_address("2001:db8:2::10")
+SNAT_POOL = ["203.0.113.2", "203.0.113.3", "100.64.0.2"]
+
+
+@st.composite
+def table_entries(draw: st.DrawFn) -> Entry:
+    v6 = draw(st.booleans())
+    proto = draw(st.sampled_from([IPPROTO_UDP, IPPROTO_TCP, 1 if not v6 else 58, 47]))
+    client = V6_CLIENT if v6 else draw(st.sampled_from([CLIENT, ip_address("10.0.1.3")]))
+    server = V6_SERVER if v6 else draw(st.sampled_from([SERVER, ip_address("192.0.2.11")]))
+    sport = draw(st.sampled_from([1000, 1100, 5060]))
+    dport = draw(st.sampled_from([53, 5060]))
+    translated = client if v6 else ip_address(draw(st.sampled_from([str(CLIENT), *SNAT_POOL])))
+    nat_port = draw(st.sampled_from([sport, 999, 1500]))
+    if translated == client and draw(st.booleans()):
+        nat_port = sport  # most unNATed entries keep their port
+    status = IPS_CONFIRMED | draw(st.sampled_from([0, IPS_SEEN_REPLY])) | draw(
+        st.sampled_from([IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, IPS_DST_NAT_DONE, 0]))
+    return Entry(
+        family=10 if v6 else AF_INET, proto=proto, orig=CtTuple(client, server, sport, dport),
+        reply=CtTuple(server, translated, dport, nat_port), status=status,
+        zone=draw(st.sampled_from([0, 7])), mark=draw(st.sampled_from([0, 0x10])),
+        id=draw(st.integers(0, 3)),
+    )
+
+
+def predictor_from(choice: int) -> Any:
+    """Predictions that depend on the flow's key fields (never the sport): known, port ranges, unknown."""
+    options: list[frozenset[Binding] | Unknown] = [
+        frozenset({masq("203.0.113.2")}),
+        frozenset({NO_NAT}),
+        frozenset({Binding(NatKind.MASQUERADE, ip_address("203.0.113.2"), None, 1024, 2047), NO_NAT}),
+        Unknown("xt match"),
+        frozenset(),
+    ]
+
+    def predict(fib: Fib, flow: Flow) -> Prediction:
+        if flow.family != AF_INET:
+            return Prediction(dnat=frozenset({NO_NAT}), snat=frozenset({NO_NAT}), egress=(UP1,))
+        pick = (choice + int(flow.dst) + flow.dport + flow.zone + flow.ct_mark) % len(options)
+        egress = (UP1,) if fib is FIB_BEFORE and flow.dport == 53 else (UP2,)
+        return Prediction(dnat=frozenset({NO_NAT}), snat=options[pick], egress=egress)
+
+    return predict
+
+
+@given(
+    entries=st.lists(table_entries(), max_size=40),
+    choice=st.integers(0, 4),
+    sport_matters=st.booleans(),
+    before=st.booleans(),
+    eligibility=st.sampled_from([
+        Eligibility(),
+        Eligibility(unreplied_only=False, protocols=frozenset({IPPROTO_UDP, IPPROTO_TCP, 1})),
+        Eligibility(zones=frozenset({7}), marks=((0x10, 0xF0),)),
+    ]),
+)
+@settings(max_examples=300, deadline=None)
+def test_decider_paths_agree_with_the_reasoned_path(
+    entries: list[Entry], choice: int, sport_matters: bool, before: bool, eligibility: Eligibility
+) -> None:
+    """decide(), Decider.add and Decider.add_raw (mixed) find what the per-entry reasoned path finds."""
+    from topowatch.core.decide import Decider
+
+    predict = predictor_from(choice)
+    fib_before = FIB_BEFORE if before else None
+    eligible, stale, undecided = reference_plan(entries, predict, eligibility, fib_before)
+    plans = [decide(entries, predict=predict, fib_now=FIB_NOW, fib_before=fib_before,
+                    eligibility=eligibility, sport_matters=sport_matters)]
+    for raw_every in (1, 2):
+        decider = Decider(predict=predict, fib_now=FIB_NOW, fib_before=fib_before, eligibility=eligibility,
+                          sport_matters=sport_matters, build=from_raw)
+        for i, e in enumerate(entries):
+            if i % raw_every == 0:
+                decider.add_raw(to_raw(e))
+            else:
+                decider.add(e)
+        plans.append(decider.plan())
+    for plan in plans:
+        assert plan.examined == len(entries)
+        assert plan.eligible == eligible
+        assert [(d.entry, d.side, d.reason) for d in plan.stale] == stale
+        assert [(d.entry, d.side, d.reason) for d in plan.undecided] == undecided
+
+
+def test_raw_path_builds_only_first_and_unhealthy_entries() -> None:
+    from topowatch.core.decide import Decider
+
+    built: list[tuple[Any, ...]] = []
+
+    def build(raw: tuple[Any, ...]) -> Entry:
+        built.append(raw)
+        return from_raw(raw)
+
+    healthy = [entry("203.0.113.2", sport=p, nat_port=p) for p in range(1000, 1100)]
+    stale = [entry(sport=p) for p in range(2000, 2010)]
+    decider = Decider(predict=fixed(frozenset({masq("203.0.113.2")})), fib_now=FIB_NOW,
+                      sport_matters=False, build=build)
+    for e in healthy + stale:
+        decider.add_raw(to_raw(e))
+    plan = decider.plan()
+    assert plan.examined == 110 and plan.eligible == 110
+    assert [d.entry for d in plan.stale] == stale
+    assert len(built) == 1 + len(stale)  # the key's first entry, then each stale one
+
+
+def test_raw_cache_rests_on_what_eligibility_reads() -> None:
+    """Decider.add_raw caches admits() by flow key and SEEN_REPLY: a new selector must extend that key."""
+    import dataclasses
+
+    assert [f.name for f in dataclasses.fields(Eligibility)] == [
+        "families", "protocols", "unreplied_only", "zones", "marks", "sources", "destinations", "alternatives",
+    ]
+
+
+def test_raw_path_needs_a_builder() -> None:
+    from topowatch.core.decide import Decider
+
+    decider = Decider(predict=fixed(frozenset({NO_NAT})), fib_now=FIB_NOW)
+    with pytest.raises(ValueError, match="builder"):
+        decider.add_raw(to_raw(entry()))

@@ -259,3 +259,35 @@ def test_replied_entries_seen_in_a_filtered_dump_clear_the_flag(
     assert ct.last_dump is not None and ct.last_dump.filtered_in_userspace == 21
     ct.dump()
     assert ct.last_dump.kernel_status_filter is False
+
+
+class Collect:
+    """A ``scan`` consumer that keeps everything, raw entries rebuilt by the codec's builder."""
+
+    def __init__(self) -> None:
+        self.raw: list[Entry] = []
+        self.entries: list[Entry] = []
+
+    def add(self, entry: Entry) -> None:
+        self.entries.append(entry)
+
+    def add_raw(self, raw: ctcodec.RawEntry) -> None:
+        self.raw.append(ctcodec.entry_from_raw(raw))
+
+
+@pytest.mark.parametrize("unreplied_only", [True, False])
+def test_scan_streams_what_dump_returns(ct: Conntrack, unreplied_only: bool) -> None:
+    ct.create(mixed())
+    dumped = sorted(map(key, ct.dump(unreplied_only=unreplied_only)), key=repr)
+    attempts = 0
+
+    def start() -> Collect:
+        nonlocal attempts
+        attempts += 1
+        return Collect()
+
+    got = ct.scan(start, unreplied_only=unreplied_only)
+    assert attempts == 1
+    assert sorted(map(key, got.raw + got.entries), key=repr) == dumped
+    assert got.raw, "no entry reached the consumer raw"
+    assert ct.last_dump is not None and ct.last_dump.entries == len(dumped)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from topowatch.core.conntrack import ICMP_PROTOS, IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, Entry
+from topowatch.core.conntrack import ICMP_PROTOS, IPS_DST_NAT_DONE, IPS_SEEN_REPLY, IPS_SRC_NAT_DONE, Entry
 from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility
 from topowatch.core.fib import Fib
 from topowatch.core.flow import Binding, Egress, Flow, Prediction, Unknown
@@ -77,7 +77,7 @@ def _egress_text(egress: tuple[Egress, ...] | Unknown) -> str:
 
 
 def _egress_key(egress: tuple[Egress, ...]) -> frozenset[tuple[object, ...]]:
-    return frozenset((e.kind, e.oif, e.gateway, e.masquerade_source) for e in egress)
+    return frozenset((e.kind, e.oif, e.gateway, e.masquerade_source, e.xfrm) for e in egress)
 
 
 def _side(
@@ -86,7 +86,10 @@ def _side(
     predicted: frozenset[Binding] | Unknown,
     prediction: Prediction,
     before: Prediction | None,
+    *,
+    texts: dict[str, tuple[str, tuple[Binding, ...], str]] | None = None,
 ) -> _Judgement | None:
+    """Judge one side of an entry; ``texts`` caches what depends on the prediction alone."""
     if side == "snat":
         actual = entry.actual_snat()
         original, translated = entry.orig.src, entry.reply.dst
@@ -101,8 +104,8 @@ def _side(
         return None  # that NAT hook has not run on this entry
     if entry.proto in ICMP_PROTOS:
         translated_port = original_port
-    now = _egress_text(prediction.egress)
     if isinstance(predicted, Unknown):
+        now = _egress_text(prediction.egress)
         if before is None:
             return _Judgement(
                 side, False, True, actual, (),
@@ -124,12 +127,20 @@ def _side(
         return None  # the flow would be dropped now: nothing to re-NAT
     if any(b.admits(original, translated, original_port, translated_port) for b in predicted):
         return None
-    expected = tuple(sorted(predicted, key=lambda b: (b.kind.value, str(b.addr_lo), b.port_lo or 0)))
-    rules = f"; by {'; '.join(prediction.explain)}" if prediction.explain else ""
+    cached = texts.get(side) if texts is not None else None
+    if cached is None:
+        expected = tuple(sorted(predicted, key=lambda b: (b.kind.value, str(b.addr_lo), b.port_lo or 0)))
+        rules = f"; by {'; '.join(prediction.explain)}" if prediction.explain else ""
+        tail = (
+            f"{' or '.join(b.describe() for b in expected)} "
+            f"(egress {_egress_text(prediction.egress)}{rules})"
+        )
+        cached = (what, expected, tail)
+        if texts is not None:
+            texts[side] = cached
     return _Judgement(
-        side, True, False, actual, expected,
-        f"{what} is {_translation(original, translated, actual)}, but now it would be "
-        f"{' or '.join(b.describe() for b in expected)} (egress {now}{rules})",
+        side, True, False, actual, cached[1],
+        f"{what} is {_translation(original, translated, actual)}, but now it would be {cached[2]}",
     )
 
 
@@ -215,6 +226,11 @@ class _Compiled:
     prediction: Prediction
     dnat: _Check
     snat: _Check
+    # Reason texts that depend on the prediction alone, by side (filled by ``_side``).
+    texts: dict[str, tuple[str, tuple[Binding, ...], str]] = field(default_factory=dict)
+    # The judgement of a side whose actual binding is "no NAT", by side, where
+    # it is the same for every entry of the flow key (see ``Decider._side``).
+    unnated: dict[str, _Judgement | None] = field(default_factory=dict)
 
     @classmethod
     def of(cls, prediction: Prediction) -> _Compiled:
@@ -248,6 +264,218 @@ def _healthy(entry: Entry, compiled: _Compiled) -> bool:
     return True
 
 
+# --- raw entries: the bulk path ------------------------------------------------------
+#
+# A dump edge may hand entries over as plain tuples instead of ``Entry``
+# values (building a million frozen objects costs more than judging them).
+# A raw entry is, in this order: family, proto, orig src, orig dst, orig
+# sport, orig dport, reply src, reply dst, reply sport, reply dport, status,
+# zone, mark, id, timeout; addresses are packed bytes (4 or 16, both tuples
+# of the family), ports and ICMP fields follow ``CtTuple``'s convention.
+# ``Decider.add_raw`` judges a raw entry from a cache keyed by its flow key
+# (packed) and its SEEN_REPLY bit: the first entry of a key is built into an
+# ``Entry`` and goes through eligibility and the predictor like any other;
+# later ones of the same key are judged healthy on the raw values by the same
+# precompiled checks as ``_healthy``, and anything not certainly healthy is
+# built and judged by the reasoned path. Sound because ``Eligibility.admits``
+# reads only family, proto, status SEEN_REPLY, zone, mark and the orig
+# addresses (a test pins its fields), and a prediction only the flow's
+# fields (its sport only when ``sport_matters``, then part of the key).
+
+RawEntry = tuple[int, int, bytes, bytes, int, int, bytes, bytes, int, int, int, int, int, int, int]
+EntryBuilder = Callable[[RawEntry], Entry]
+
+# Raw-cache value of an entry that the eligibility refuses.
+_REFUSED: tuple[_Check, _Check] = (None, None)
+
+
+def _admitted_raw(check: _Check, original: bytes, translated: bytes, port: int) -> bool:
+    """``_admitted`` over packed addresses (converted only where a range needs it)."""
+    assert check is not None
+    value = -1
+    for lo, hi, port_lo, port_hi in check:
+        if lo is None or hi is None:
+            if translated != original:
+                continue
+        else:
+            if value < 0:
+                value = int.from_bytes(translated, "big")
+            if not lo <= value <= hi:
+                continue
+        if port_lo is not None and port_hi is not None and not port_lo <= port <= port_hi:
+            continue
+        return True
+    return False
+
+
+class Decider:
+    """``decide`` one entry at a time, so that a dump can be judged while it streams.
+
+    ``add`` takes an ``Entry``; ``add_raw`` a raw entry (see above), which
+    needs ``build``. Only stale and undecided entries are kept: ``plan()``
+    returns the ``FlushPlan`` of everything added so far.
+    """
+
+    def __init__(
+        self,
+        *,
+        predict: Predictor,
+        fib_now: Fib,
+        fib_before: Fib | None = None,
+        eligibility: Eligibility = DEFAULT_ELIGIBILITY,
+        sport_matters: bool = True,
+        build: EntryBuilder | None = None,
+    ) -> None:
+        self.predict = predict
+        self.fib_now = fib_now
+        self.fib_before = fib_before
+        self.eligibility = eligibility
+        self.sport_matters = sport_matters
+        self.build = build
+        self.examined = 0
+        self.eligible = 0
+        self.stale: list[Decision] = []
+        self.undecided: list[Decision] = []
+        self._now: dict[Hashable, _Compiled] = {}
+        self._before: dict[Hashable, Prediction] = {}
+        self._raw: dict[Hashable, tuple[_Check, _Check] | _Compiled] = {}
+
+    def _compiled(self, entry: Entry) -> tuple[Hashable, _Compiled]:
+        key: Hashable = entry.flow_key() if not self.sport_matters else (entry.flow_key(), entry.orig.sport)
+        compiled = self._now.get(key)
+        if compiled is None:
+            compiled = _Compiled.of(self.predict(self.fib_now, entry.flow))
+            self._now[key] = compiled
+        return key, compiled
+
+    def add(self, entry: Entry) -> None:
+        self.examined += 1
+        if not self.eligibility.admits(entry):
+            return
+        self.eligible += 1
+        key, compiled = self._compiled(entry)
+        if not _healthy(entry, compiled):
+            self._judge(entry, key, compiled)
+
+    def add_raw(self, raw: RawEntry) -> None:
+        (family, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport,
+         status, zone, mark, _id, _timeout) = raw  # fmt: skip
+        if self.sport_matters:
+            key: Hashable = (zone, mark, proto, osrc, odst, odport, family, status & IPS_SEEN_REPLY, osport)
+        else:
+            key = (zone, mark, proto, osrc, odst, odport, family, status & IPS_SEEN_REPLY)
+        slot = self._raw.get(key)
+        if slot is None:
+            self._first_raw(raw, key)
+            return
+        self.examined += 1
+        if slot is _REFUSED:
+            return
+        self.eligible += 1
+        assert isinstance(slot, _Compiled)
+        if status & IPS_DST_NAT_DONE:
+            check = slot.dnat
+            if check is None or (
+                check and not _admitted_raw(check, odst, rsrc, odport if proto in ICMP_PROTOS else rsport)
+            ):
+                self._judge_raw(raw, key, slot)
+                return
+        if status & IPS_SRC_NAT_DONE:
+            check = slot.snat
+            if check is None or (
+                check and not _admitted_raw(check, osrc, rdst, osport if proto in ICMP_PROTOS else rdport)
+            ):
+                self._judge_raw(raw, key, slot)
+
+    def _first_raw(self, raw: RawEntry, raw_key: Hashable) -> None:
+        if self.build is None:
+            raise ValueError("Decider.add_raw needs an entry builder")
+        entry = self.build(raw)
+        self.examined += 1
+        if not self.eligibility.admits(entry):
+            self._raw[raw_key] = _REFUSED
+            return
+        self.eligible += 1
+        key, compiled = self._compiled(entry)
+        self._raw[raw_key] = compiled
+        if not _healthy(entry, compiled):
+            self._judge(entry, key, compiled)
+
+    def _judge_raw(self, raw: RawEntry, key: Hashable, compiled: _Compiled) -> None:
+        assert self.build is not None
+        # The raw key also keys ``before`` predictions: its shape (8 or 9 items) differs from
+        # the flow key's (7, or 2 with the sport), so the two kinds never collide.
+        self._judge(self.build(raw), key, compiled)
+
+    def _side(
+        self, entry: Entry, side: str, compiled: _Compiled, before: Prediction | None
+    ) -> _Judgement | None:
+        """``_side``, reused across the flow key where the entry's side carries no NAT.
+
+        With that side's NAT hook run and no translation (address and port
+        kept), the judgement reads the entry only through its original
+        address, which is part of the flow key, and its port, which no
+        binding without a port range looks at. So when the prediction is
+        known and has no port range, one judgement serves every such entry.
+        """
+        prediction = compiled.prediction
+        predicted = prediction.dnat if side == "dnat" else prediction.snat
+        check = compiled.dnat if side == "dnat" else compiled.snat
+        if check is None or any(port_lo is not None for _, _, port_lo, _ in check):
+            return _side(entry, side, predicted, prediction, before, texts=compiled.texts)
+        orig, reply = entry.orig, entry.reply
+        if side == "dnat":
+            done = entry.status & IPS_DST_NAT_DONE
+            kept = reply.src == orig.dst and (entry.proto in ICMP_PROTOS or reply.sport == orig.dport)
+        else:
+            done = entry.status & IPS_SRC_NAT_DONE
+            kept = reply.dst == orig.src and (entry.proto in ICMP_PROTOS or reply.dport == orig.sport)
+        if not done or not kept:
+            return _side(entry, side, predicted, prediction, before, texts=compiled.texts)
+        try:
+            return compiled.unnated[side]
+        except KeyError:
+            judged = _side(entry, side, predicted, prediction, before, texts=compiled.texts)
+            compiled.unnated[side] = judged
+            return judged
+
+    def _judge(self, entry: Entry, key: Hashable, compiled: _Compiled) -> None:
+        prediction = compiled.prediction
+        before: Prediction | None = None
+        if self.fib_before is not None and (
+            isinstance(prediction.dnat, Unknown) or isinstance(prediction.snat, Unknown)
+        ):
+            before = self._before.get(key)
+            if before is None:
+                before = self.predict(self.fib_before, entry.flow)
+                self._before[key] = before
+        judged = [
+            j
+            for j in (
+                self._side(entry, "dnat", compiled, before),
+                # DNAT first: a stale destination already condemns the entry.
+                self._side(entry, "snat", compiled, before),
+            )
+            if j is not None
+        ]
+        chosen = next((j for j in judged if j.stale), None)
+        if chosen is not None:
+            self.stale.append(Decision(entry, chosen.side, chosen.actual, chosen.expected, chosen.reason))
+            return
+        chosen = next((j for j in judged if j.undecided), None)
+        if chosen is not None:
+            self.undecided.append(Decision(entry, chosen.side, chosen.actual, chosen.expected, chosen.reason))
+
+    def plan(self) -> FlushPlan:
+        return FlushPlan(
+            examined=self.examined,
+            eligible=self.eligible,
+            stale=tuple(self.stale),
+            undecided=tuple(self.undecided),
+            distinct_flows=len(self._now),
+        )
+
+
 def decide(
     entries: Iterable[Entry],
     *,
@@ -262,54 +490,14 @@ def decide(
     With ``sport_matters`` False (see ``mentions_sport``), entries sharing
     (zone, mark, proto, src, dst, dport) are predicted once.
     """
-    examined = 0
-    eligible = 0
-    stale: list[Decision] = []
-    undecided: list[Decision] = []
-    now_cache: dict[Hashable, _Compiled] = {}
-    before_cache: dict[Hashable, Prediction] = {}
-    admits = eligibility.admits
-    for entry in entries:
-        examined += 1
-        if not admits(entry):
-            continue
-        eligible += 1
-        key: Hashable = entry.flow_key() if not sport_matters else (entry.flow_key(), entry.orig.sport)
-        compiled = now_cache.get(key)
-        if compiled is None:
-            compiled = _Compiled.of(predict(fib_now, entry.flow))
-            now_cache[key] = compiled
-        if _healthy(entry, compiled):
-            continue
-        prediction = compiled.prediction
-        before: Prediction | None = None
-        if fib_before is not None and (
-            isinstance(prediction.dnat, Unknown) or isinstance(prediction.snat, Unknown)
-        ):
-            before = before_cache.get(key)
-            if before is None:
-                before = predict(fib_before, entry.flow)
-                before_cache[key] = before
-        judged = [
-            j
-            for j in (
-                _side(entry, "dnat", prediction.dnat, prediction, before),
-                # DNAT first: a stale destination already condemns the entry.
-                _side(entry, "snat", prediction.snat, prediction, before),
-            )
-            if j is not None
-        ]
-        chosen = next((j for j in judged if j.stale), None)
-        if chosen is not None:
-            stale.append(Decision(entry, chosen.side, chosen.actual, chosen.expected, chosen.reason))
-            continue
-        chosen = next((j for j in judged if j.undecided), None)
-        if chosen is not None:
-            undecided.append(Decision(entry, chosen.side, chosen.actual, chosen.expected, chosen.reason))
-    return FlushPlan(
-        examined=examined,
-        eligible=eligible,
-        stale=tuple(stale),
-        undecided=tuple(undecided),
-        distinct_flows=len(now_cache),
+    decider = Decider(
+        predict=predict,
+        fib_now=fib_now,
+        fib_before=fib_before,
+        eligibility=eligibility,
+        sport_matters=sport_matters,
     )
+    add = decider.add
+    for entry in entries:
+        add(entry)
+    return decider.plan()

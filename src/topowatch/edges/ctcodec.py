@@ -10,7 +10,12 @@ reference) and later messages of that shape are read with one ``struct``
 call and one comparison of all their attribute headers (see "learned message
 layouts"); anything else takes the reference path. Attribute layouts follow
 ``include/uapi/linux/netfilter/nfnetlink_conntrack.h``; attribute values are
-big-endian, attribute headers are host order.
+big-endian, attribute headers are host order. With ``DumpParser.sink`` set,
+messages read by a learned layout go to the sink as raw records
+(``core.decide.RawEntry``) and no object is built for them;
+``entry_from_raw`` builds one on demand. ``encode_delete`` packs the common
+shapes with one precompiled ``struct`` and equals ``encode_delete_reference``
+byte for byte.
 
 This module decides:
 - how an entry's tuples, status, zone, mark, id and timeout are read
@@ -29,6 +34,7 @@ entry missing a tuple or its status is malformed, not defaulted).
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from ipaddress import IPv4Address, IPv6Address
@@ -36,6 +42,7 @@ from operator import itemgetter
 from typing import Any
 
 from topowatch.core.conntrack import ICMP_PROTOS, IPS_CONFIRMED, IPS_SEEN_REPLY, CtTuple, Entry
+from topowatch.core.decide import RawEntry
 from topowatch.core.flow import IPPROTO_ICMP, IPPROTO_ICMPV6
 from topowatch.core.model import AF_INET, AF_INET6, IPAddress
 
@@ -218,13 +225,8 @@ def encode_dump_request(
     return encode_message(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, family, attrs)
 
 
-def encode_delete(entry: Entry, seq: int, *, ack: bool) -> bytes:
-    """Delete exactly ``entry``: its orig tuple, its zone, and its kernel id.
-
-    The id makes the request miss an entry that was deleted and recreated with
-    the same tuple since the dump (the kernel answers ENOENT). An id of 0
-    means "unknown" and is not sent.
-    """
+def encode_delete_reference(entry: Entry, seq: int, *, ack: bool) -> bytes:
+    """``encode_delete`` built attribute by attribute: the reference its fast path must equal."""
     attrs = [(CTA_TUPLE_ORIG, encode_tuple(CTA_TUPLE_ORIG, entry.family, entry.proto, entry.orig))]
     if entry.zone:
         attrs.append((CTA_ZONE, nla(CTA_ZONE, be16(entry.zone))))
@@ -232,6 +234,87 @@ def encode_delete(entry: Entry, seq: int, *, ack: bool) -> bytes:
         attrs.append((CTA_ID, nla(CTA_ID, be32(entry.id))))
     flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
     return encode_message(IPCTNL_MSG_CT_DELETE, flags, seq, entry.family, attrs)
+
+
+# Fast path of ``encode_delete`` for port-carrying tuples: one ``struct`` per
+# (family, zone?, id?) shape, headers as constants, values big-endian (the
+# ports are swapped by hand on a little-endian host: the struct is native
+# order for the netlink headers). ``encode_delete_reference`` is the
+# reference; tests compare both byte for byte.
+_SWAP_PORTS = sys.byteorder == "little"
+
+
+def _delete_struct(family: int, zone: bool, ct_id: bool) -> tuple[struct.Struct, tuple[bytes, ...], int]:
+    size = 4 if family == AF_INET else 16
+    ip_len = 4 + 2 * (4 + size)
+    tuple_len = 4 + ip_len + 28
+    fmt = f"=IHHII BBH 4s 4s 4s{size}s 4s{size}s 4s 4sB3x 4sH2x 4sH2x"
+    consts = [
+        _NLA.pack(tuple_len, CTA_TUPLE_ORIG | NLA_F_NESTED),
+        _NLA.pack(ip_len, CTA_TUPLE_IP | NLA_F_NESTED),
+        _NLA.pack(4 + size, CTA_IP_V4_SRC if size == 4 else CTA_IP_V6_SRC),
+        _NLA.pack(4 + size, CTA_IP_V4_DST if size == 4 else CTA_IP_V6_DST),
+        _NLA.pack(28, CTA_TUPLE_PROTO | NLA_F_NESTED),
+        _NLA.pack(5, CTA_PROTO_NUM),
+        _NLA.pack(6, CTA_PROTO_SRC_PORT),
+        _NLA.pack(6, CTA_PROTO_DST_PORT),
+    ]
+    if zone:
+        fmt += " 4sH2x"
+        consts.append(_NLA.pack(6, CTA_ZONE))
+    if ct_id:
+        fmt += " 4sI"
+        consts.append(_NLA.pack(8, CTA_ID))
+    st = struct.Struct(fmt)
+    return st, tuple(consts), st.size
+
+
+_DELETE_STRUCTS = {
+    (family, zone, ct_id): _delete_struct(family, zone, ct_id)
+    for family in (AF_INET, AF_INET6)
+    for zone in (False, True)
+    for ct_id in (False, True)
+}
+
+
+def _be16_native(value: int) -> int:
+    return ((value & 0xFF) << 8 | value >> 8) if _SWAP_PORTS else value
+
+
+def _be32_native(value: int) -> int:
+    return int.from_bytes(value.to_bytes(4, "big"), sys.byteorder)
+
+
+def encode_delete(entry: Entry, seq: int, *, ack: bool) -> bytes:
+    """Delete exactly ``entry``: its orig tuple, its zone, and its kernel id.
+
+    The id makes the request miss an entry that was deleted and recreated with
+    the same tuple since the dump (the kernel answers ENOENT). An id of 0
+    means "unknown" and is not sent. Same bytes as ``encode_delete_reference``.
+    """
+    proto = entry.proto
+    zone = entry.zone
+    ct_id = entry.id
+    shape = _DELETE_STRUCTS.get((entry.family, bool(zone), bool(ct_id)))
+    if shape is None or proto in ICMP_PROTOS or not 0 <= proto <= 0xFF or not 0 <= zone <= 0xFFFF:
+        return encode_delete_reference(entry, seq, ack=ack)
+    st, c, size = shape
+    orig = entry.orig
+    sport, dport = orig.sport, orig.dport
+    if _SWAP_PORTS:
+        sport = (sport & 0xFF) << 8 | sport >> 8
+        dport = (dport & 0xFF) << 8 | dport >> 8
+    flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
+    head = (size, IPCTNL_MSG_CT_DELETE, flags, seq, 0, entry.family, NFNETLINK_V0, 0,
+            c[0], c[1], c[2], orig.src.packed, c[3], orig.dst.packed, c[4], c[5], proto,
+            c[6], sport, c[7], dport)  # fmt: skip
+    if zone and ct_id:
+        return st.pack(*head, c[8], _be16_native(zone), c[9], _be32_native(ct_id))
+    if zone:
+        return st.pack(*head, c[8], _be16_native(zone))
+    if ct_id:
+        return st.pack(*head, c[8], _be32_native(ct_id))
+    return st.pack(*head)
 
 
 def encode_create(entry: Entry, seq: int, *, ack: bool) -> bytes:
@@ -492,8 +575,9 @@ _LAYOUTS_LIMIT = 256
 # Values of optional attributes the shape does not carry, appended to the
 # unpacked record so that one itemgetter reads present and absent alike.
 _ABSENT = (0,)  # mark, id, timeout, zone all default to 0
+# In ``core.decide.RawEntry`` order: what a layout's ``values`` returns.
 _VALUE_NAMES = (
-    "family", "oproto", "rproto", "osrc", "odst", "osport", "odport",
+    "family", "oproto", "osrc", "odst", "osport", "odport",
     "rsrc", "rdst", "rsport", "rdport", "status", "zone", "mark", "id", "timeout",
 )  # fmt: skip
 _TUPLE_L4_SHAPE = (CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT)
@@ -507,7 +591,8 @@ class _Layout:
     unpack: Callable[[bytes, int], tuple[Any, ...]]
     mask: int  # over the message read as one little-endian integer: headers and family
     expected: int
-    values: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+    values: Callable[[tuple[Any, ...]], RawEntry]
+    rproto: int  # index of the reply tuple's protocol in the unpacked record
 
 
 class _ShapeRefused(Exception):
@@ -608,7 +693,7 @@ def _learn(data: bytes, pos: int, end: int) -> _Layout:
         else:
             fmt.append(f"{_align(alen) - 4}x")
         p += _align(alen)
-    if p != end or not all(n in where for n in ("osrc", "rsrc", "status")):
+    if p != end or not all(n in where for n in ("osrc", "rsrc", "oproto", "rproto", "status")):
         raise _ShapeRefused("message without both tuples and a status")
     record = struct.Struct(">" + "".join(fmt))
     if record.size != end - pos:
@@ -616,7 +701,7 @@ def _learn(data: bytes, pos: int, end: int) -> _Layout:
     expected = int.from_bytes(data[pos:end], "little") & mask
     absent = count  # index of _ABSENT[0] once appended
     values = itemgetter(*(where.get(n, absent) for n in _VALUE_NAMES))
-    return _Layout(record.unpack_from, mask, expected, values)
+    return _Layout(record.unpack_from, mask, expected, values, where["rproto"])
 
 
 _LAYOUTS: dict[int, list[_Layout]] = {}  # by message length after nlmsghdr
@@ -643,6 +728,44 @@ _CTTUPLE_SETTERS = _slot_setters(CtTuple, ("src", "dst", "sport", "dport"))
 _ENTRY_SETTERS = _slot_setters(
     Entry, ("family", "proto", "orig", "reply", "status", "zone", "mark", "id", "timeout")
 )
+
+
+def entry_from_raw(raw: RawEntry, cache: AddressCache | None = None) -> Entry:
+    """The ``Entry`` of a raw entry that a learned layout read (see ``core.decide.RawEntry``).
+
+    Built through the slots like the fast path does: the layout already
+    guarantees what ``Entry.__post_init__`` checks (family and address sizes).
+    """
+    (family, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport,
+     status, zone, mark, ct_id, timeout) = raw  # fmt: skip
+    get = (cache or _BUILD_CACHE).get
+    new = object.__new__
+    t_src, t_dst, t_sport, t_dport = _CTTUPLE_SETTERS
+    orig = new(CtTuple)
+    t_src(orig, get(osrc))
+    t_dst(orig, get(odst))
+    t_sport(orig, osport)
+    t_dport(orig, odport)
+    reply = new(CtTuple)
+    t_src(reply, get(rsrc))
+    t_dst(reply, get(rdst))
+    t_sport(reply, rsport)
+    t_dport(reply, rdport)
+    e_family, e_proto, e_orig, e_reply, e_status, e_zone, e_mark, e_id, e_timeout = _ENTRY_SETTERS
+    entry = new(Entry)
+    e_family(entry, family)
+    e_proto(entry, proto)
+    e_orig(entry, orig)
+    e_reply(entry, reply)
+    e_status(entry, status)
+    e_zone(entry, zone)
+    e_mark(entry, mark)
+    e_id(entry, ct_id)
+    e_timeout(entry, timeout)
+    return entry
+
+
+_BUILD_CACHE = AddressCache(limit=1 << 16)
 
 
 def _learned(data: bytes, pos: int, end: int) -> None:
@@ -682,6 +805,9 @@ class DumpParser:
     error_samples: list[str] = field(default_factory=list)
     skip_replied: bool = False
     skipped_replied: int = 0
+    # When set, entries read by a learned layout go to it as raw entries
+    # (``core.decide.RawEntry``) instead of being built and kept in ``entries``.
+    sink: Callable[[RawEntry], None] | None = None
 
     def _error(self, why: str) -> None:
         self.decode_errors += 1
@@ -720,6 +846,7 @@ class DumpParser:
         from_bytes = int.from_bytes
         absent = _ABSENT
         skip_mask = _SEEN_REPLY if self.skip_replied else 0
+        sink = self.sink
         new = object.__new__
         t_src, t_dst, t_sport, t_dport = _CTTUPLE_SETTERS
         e_family, e_proto, e_orig, e_reply, e_status, e_zone, e_mark, e_id, e_timeout = _ENTRY_SETTERS
@@ -738,14 +865,18 @@ class DumpParser:
                 for layout in layouts.get(mlen - 16, ()):
                     if shape & layout.mask != layout.expected:
                         continue
-                    (family, proto, rproto, osrc, odst, osport, odport,
-                     rsrc, rdst, rsport, rdport, status, zone, mark, ct_id, timeout,
-                     ) = layout.values(layout.unpack(data, pos + 16) + absent)  # fmt: skip
-                    if proto != rproto:
+                    record = layout.unpack(data, pos + 16) + absent
+                    raw = layout.values(record)
+                    if record[layout.rproto] != raw[1]:
                         break  # malformed: let the reference decode say so
-                    if status & skip_mask:
+                    if raw[10] & skip_mask:
                         skipped += 1
                         break
+                    if sink is not None:
+                        sink(raw)
+                        break
+                    (family, proto, osrc, odst, osport, odport,
+                     rsrc, rdst, rsport, rdport, status, zone, mark, ct_id, timeout) = raw  # fmt: skip
                     orig = new(CtTuple)
                     t_src(orig, addresses.get(osrc) or cache.get(osrc))
                     t_dst(orig, addresses.get(odst) or cache.get(odst))

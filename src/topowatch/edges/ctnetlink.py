@@ -26,6 +26,11 @@ sequence numbers, batching and the accounting.
   the kernel's id hashes the entry's address and orig tuple only, so an
   entry recreated at once in the freed slab slot gets the same id back; the
   id check catches recreations only when the memory differs.
+- ``scan`` is ``dump`` streamed: each datagram is decoded and handed to a
+  consumer (``core.decide.Decider``) as it arrives, raw records for messages
+  a learned layout reads, ``Entry`` values for the rest; nothing is kept
+  here, so a million-entry table costs one datagram of memory plus what the
+  consumer keeps. An interrupted dump restarts with a fresh consumer.
 - ``create`` inserts entries (tests and benchmarks fill tables with it).
 
 This module must never send a DELETE without a tuple (a flush: the codec
@@ -45,8 +50,10 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from topowatch.core.conntrack import IPS_SEEN_REPLY, Entry
+from topowatch.core.decide import RawEntry
 from topowatch.edges import ctcodec
 from topowatch.edges.ctcodec import AddressCache, DumpParser
 from topowatch.errors import DumpInterrupted, NetlinkError, PermissionDenied
@@ -70,6 +77,17 @@ DUMP_RETRIES = 3
 
 _FLAGS_OFFSET = 6  # of nlmsg_flags inside nlmsghdr
 _U16 = struct.Struct("=H")
+
+
+class DumpConsumer(Protocol):
+    """What ``Conntrack.scan`` feeds (``core.decide.Decider`` is one)."""
+
+    def add(self, entry: Entry) -> None: ...
+
+    def add_raw(self, raw: RawEntry) -> None: ...
+
+
+DumpConsumerT = TypeVar("DumpConsumerT", bound=DumpConsumer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,10 +263,15 @@ class Conntrack:
         zone: int | None,
         mark: int | None,
         family: int,
+        consumer: DumpConsumer | None = None,
     ) -> tuple[DumpParser, int, int]:
         seq = self._next_seq()
         self._send(ctcodec.encode_dump_request(seq, family=family, status=status, zone=zone, mark=mark))
         parser = DumpParser(seq=seq, cache=self.cache, skip_replied=self._skip_replied)
+        add: Callable[[Entry], None] | None = None
+        if consumer is not None:
+            parser.sink = consumer.add_raw
+            add = consumer.add
         recvs = nbytes = 0
         # Decoding allocates only acyclic objects, hundreds of thousands of
         # them: the cyclic collector would rescan the growing list for nothing
@@ -265,6 +288,11 @@ class Conntrack:
                 recvs += 1
                 nbytes += len(data)
                 parser.feed(data)
+                if add is not None and parser.entries:
+                    # Entries the learned layouts did not read (first of a shape, ICMP, zones).
+                    for entry in parser.entries:
+                        add(entry)
+                    parser.entries.clear()
         finally:
             if collecting:
                 gc.enable()
@@ -344,6 +372,54 @@ class Conntrack:
             error_samples=tuple(parser.error_samples),
         )
         return entries
+
+    def scan(self, start: Callable[[], DumpConsumerT], *, unreplied_only: bool = True) -> DumpConsumerT:
+        """Stream one dump through a consumer instead of returning a list; never an interrupted one.
+
+        ``start`` makes a fresh consumer for each attempt (an interrupted
+        dump is thrown away with the consumer that saw it); the consumer of
+        the complete dump is returned. Entries read by a learned layout reach
+        it through ``add_raw`` (``core.decide.RawEntry``), the others through
+        ``add``. With ``unreplied_only`` it sees no entry with SEEN_REPLY
+        (kernel filter where honoured, userspace always). Memory stays at one
+        datagram plus what the consumer keeps.
+        """
+        status = (0, IPS_SEEN_REPLY) if unreplied_only and self.status_filter_supported is not False else None
+        started = time.perf_counter()
+        retries = 0
+        self._skip_replied = unreplied_only
+        try:
+            while True:
+                consumer = start()
+                parser, recvs, nbytes = self._dump_once(status, None, None, 0, consumer)
+                if parser.errno:
+                    _raise_for(parser.errno, "ctnetlink dump")
+                if not parser.interrupted:
+                    break
+                if retries == self.dump_retries:
+                    raise DumpInterrupted(
+                        f"conntrack dump interrupted {retries + 1} times: results may be inconsistent",
+                        errno_mod.EINTR,
+                    )
+                retries += 1
+        finally:
+            self._skip_replied = False
+        if status is not None and parser.skipped_replied:
+            self.status_filter_supported = False  # the kernel ignored the status filter
+        self.decode_errors += parser.decode_errors
+        self.last_dump = DumpStats(
+            entries=parser.messages - parser.decode_errors - parser.skipped_replied,
+            messages=parser.messages,
+            decode_errors=parser.decode_errors,
+            filtered_in_userspace=parser.skipped_replied,
+            kernel_status_filter=status is not None,
+            interrupted_retries=retries,
+            recvs=recvs,
+            bytes=nbytes,
+            seconds=time.perf_counter() - started,
+            error_samples=tuple(parser.error_samples),
+        )
+        return consumer
 
     # --- batched requests -----------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The reactor's backend on the real kernel: rtnetlink, ctnetlink and nftables together.
+"""The reactor's backend on the real kernel: rtnetlink, ctnetlink, nftables (ruleset and events) together.
 
 Decides nothing: it wires the edges to the ``reactor.Backend`` interface,
 runs blocking work (ctnetlink, ``nft``) in worker threads so the trio loop
@@ -13,17 +13,23 @@ import contextlib
 import errno
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import replace
 
 import trio
 
 from topowatch.core.conntrack import Entry
+from topowatch.core.decide import Decider, EntryBuilder, RawEntry
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.model import Address, Link, Route, Topology
 from topowatch.core.nat import NatRuleset
+from topowatch.edges.ctcodec import entry_from_raw
 from topowatch.edges.ctnetlink import Conntrack
-from topowatch.edges.nft import read_ruleset
+from topowatch.edges.iptables import read_all_rulesets
+from topowatch.edges.nftevents import LEGACY_INTERVAL, LegacyNatPoll, NftablesEvents
 from topowatch.edges.rtnl import EventKind, KernelRtnl, Overrun, RtnlEvent, RtnlEvents
+from topowatch.edges.xfrm import XfrmSource
+from topowatch.edges.xfrm import probe as probe_xfrm
 from topowatch.errors import NetlinkError, PermissionDenied
 from topowatch.reactor import DeleteCounts, EventSource, Trigger
 
@@ -51,12 +57,25 @@ def _interface(event: RtnlEvent, names: Mapping[int, str]) -> str | None:
 
 
 class KernelBackend:
-    def __init__(self, nft: str = "nft") -> None:
+    def __init__(self, nft: str = "nft", legacy_interval: float = LEGACY_INTERVAL) -> None:
         self.nft = nft
+        # Ruleset changes are topology changes: nftables events, and a poll of legacy nat tables.
+        self.ruleset_sources: tuple[EventSource, ...] = (NftablesEvents(), LegacyNatPoll(legacy_interval))
         self.rtnl = KernelRtnl()
         self._ct: Conntrack | None = None
         self._dumped_at = 0.0
         self._stream: RtnlEvents | None = None
+        # Sources from outside the kernel (NetworkManager over D-Bus); the daemon adds them.
+        self.extra_sources: list[EventSource] = []
+        # IPsec policies and SAs: None when this kernel has no NETLINK_XFRM (said once, then run without).
+        self.xfrm: XfrmSource | None = XfrmSource()
+        missing = probe_xfrm()
+        if missing is not None:
+            log.warning("xfrm: cannot open NETLINK_XFRM (%s): IPsec policies are not followed", missing)
+            self.xfrm = None
+
+    # Ruleset changes come as triggers (nftables events, the legacy poll): see reactor.Backend.
+    ruleset_events = True
 
     def _conntrack(self) -> Conntrack:
         if self._ct is None:
@@ -69,7 +88,8 @@ class KernelBackend:
         return self._ct
 
     def sources(self) -> Sequence[EventSource]:
-        return (self,)
+        xfrm: tuple[EventSource, ...] = (self.xfrm,) if self.xfrm is not None else ()
+        return (self, *xfrm, *self.ruleset_sources, *self.extra_sources)
 
     name = "rtnetlink"
 
@@ -90,13 +110,17 @@ class KernelBackend:
 
     async def topology(self) -> Topology:
         topology = await self.rtnl.dump()
+        if self.xfrm is not None:
+            policies, states = await self.xfrm.dump_xfrm()
+            topology = replace(topology, xfrm_policies=policies, xfrm_states=states, xfrm_known=True)
         if self._stream is not None:
             # Event descriptions name interfaces as of the latest snapshot.
             self._stream.names.update(topology.names())
         return topology
 
     async def ruleset(self) -> NatRuleset:
-        return await trio.to_thread.run_sync(read_ruleset, self.nft)
+        # nftables and the iptables nat tables (nft and legacy) together, in hook priority order.
+        return await trio.to_thread.run_sync(read_all_rulesets, self.nft)
 
     async def entries(self, eligibility: Eligibility) -> list[Entry]:
         ct = self._conntrack()
@@ -113,6 +137,26 @@ class KernelBackend:
             if stats.decode_errors:
                 log.warning("dump: %d undecodable entries skipped", stats.decode_errors)
         return entries
+
+    async def judge(self, eligibility: Eligibility, decider: Callable[[EntryBuilder], Decider]) -> Decider:
+        """Dump and decide in one worker thread: only stale and undecided entries are ever built."""
+        ct = self._conntrack()
+
+        def build(raw: RawEntry) -> Entry:
+            return entry_from_raw(raw, ct.cache)
+
+        def scan() -> Decider:
+            return ct.scan(lambda: decider(build), unreplied_only=eligibility.unreplied_only)
+
+        judged = await trio.to_thread.run_sync(scan)
+        self._dumped_at = time.monotonic()
+        stats = ct.last_dump
+        if stats is not None:
+            log.debug("dump+decide: %d entries in %.1f ms (%s)", stats.entries, stats.seconds * 1000,
+                      "kernel status filter" if stats.kernel_status_filter else "userspace filter")
+            if stats.decode_errors:
+                log.warning("dump: %d undecodable entries skipped", stats.decode_errors)
+        return judged
 
     async def delete(self, entries: Sequence[Entry]) -> DeleteCounts:
         ct = self._conntrack()
