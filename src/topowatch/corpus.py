@@ -25,6 +25,7 @@ It never changes the host: nft runs only in a namespace it creates and removes.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -42,6 +43,19 @@ IPTABLES_SUFFIXES = (".iptables-save", ".iptables-restore", ".cmds")
 _NAT_WORDS = ("snat", "dnat", "masquerade", "redirect")
 _IPT_NAT_TARGETS = ("-j SNAT", "-j DNAT", "-j MASQUERADE", "-j REDIRECT", "-j NETMAP")
 _PLACEHOLDER = re.compile(r"\bPH_IP_[A-Z0-9_]+\b")
+
+
+def default_corpus() -> Path:
+    """Where the corpus is: ``$TOPOWATCH_CORPUS``, else ``shared/corpus`` beside the source checkout.
+
+    The checkout's sibling comes first so a clone elsewhere (CI's) finds the
+    copy laid beside it; ``/work/shared/corpus`` is the development machine's.
+    """
+    env = os.environ.get("TOPOWATCH_CORPUS")
+    if env:
+        return Path(env)
+    beside = Path(__file__).resolve().parents[3].parent / "shared" / "corpus"
+    return beside if beside.is_dir() else Path("/work/shared/corpus")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,21 +1,28 @@
 """The conformance corpus: every in-scope file loads, and at least 90% of its NAT statements are exact.
 
-The corpus (/work/shared/corpus, or $TOPOWATCH_CORPUS) holds rulesets nobody
+The corpus (shared/corpus beside the checkout, or $TOPOWATCH_CORPUS) holds rulesets nobody
 on this project wrote. ``*.nft`` text is loaded through this system's nft in
 a throwaway namespace; without root those files are reported as skipped.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from topowatch.core.nat import NatStatement
-from topowatch.corpus import Report, corpus_files, corpus_report, file_report, format_of, t_json_rules
+from topowatch.corpus import (
+    Report,
+    corpus_files,
+    corpus_report,
+    default_corpus,
+    file_report,
+    format_of,
+    t_json_rules,
+)
 
-CORPUS = Path(os.environ.get("TOPOWATCH_CORPUS", "/work/shared/corpus"))
+CORPUS = default_corpus()
 needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"corpus not found at {CORPUS}")
 
 

@@ -30,10 +30,11 @@ from topowatch.core.nat import (
     Verdict,
     VerdictKind,
 )
+from topowatch.corpus import default_corpus
 from topowatch.edges.nft import parse_rule, parse_ruleset_json, read_ruleset
 from topowatch.errors import MissingTool, PermissionDenied, RulesetError
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus"
+CORPUS = default_corpus()
 needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"corpus not found at {CORPUS}")
 
 NAT_WORDS = ("snat", "dnat", "masquerade", "redirect")

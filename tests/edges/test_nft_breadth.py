@@ -36,10 +36,11 @@ from topowatch.core.nat import (
     UnknownStatement,
     VerdictMap,
 )
+from topowatch.corpus import default_corpus
 from topowatch.edges.nft import parse_rule, parse_ruleset_json, read_ruleset
 from topowatch.reactor import Burst, DeleteCounts, Reactor, ReactorConfig, Trigger
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "nftables-tests"
+CORPUS = default_corpus() / "nftables-tests"
 needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"corpus not found at {CORPUS}")
 NAT_WORDS = ("snat", "dnat", "masquerade", "redirect")
 
