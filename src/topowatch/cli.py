@@ -27,6 +27,7 @@ from topowatch.logs import setup_logging
 
 if TYPE_CHECKING:
     from topowatch.policy import PolicyStore
+    from topowatch.pressure import PressureAgent
     from topowatch.reactor import Reaction, Reactor
     from topowatch.sdnotify import Notifier
 
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="no D-Bus service and no NetworkManager events (system bus)")
     rules_help = "read policies only from DIR (repeatable, highest priority first)"
     run.add_argument("--rules-dir", action="append", metavar="DIR", help=rules_help)
+    run.add_argument("--state-dir", default="/run/topowatch", metavar="DIR",
+                     help="where state that must survive a crash lives (the timeouts a pressure "
+                     "policy lowered; default /run/topowatch)")
     run.add_argument("--metrics-listen", type=_listen_address, metavar="HOST:PORT",
                      help="serve Prometheus metrics on http://HOST:PORT/metrics (e.g. 127.0.0.1:9877)")
     run.add_argument("--metrics-textfile", metavar="PATH",
@@ -190,7 +194,7 @@ async def _audit(
 
 
 async def _observers(
-    args: argparse.Namespace, reactor: Reactor, notifier: Notifier
+    args: argparse.Namespace, reactor: Reactor, notifier: Notifier, pressure: PressureAgent
 ) -> list[Callable[[], Awaitable[None]]]:
     """Hook sd_notify STATUS and metrics onto each reaction; the tasks that serve them.
 
@@ -221,11 +225,14 @@ async def _observers(
                 metrics.write_textfile(textfile)
 
     reactor.reaction_hooks.append(on_reaction)
+    if metrics is not None:
+        pressure.hooks.append(metrics.observe_pressure)
+        metrics.pressure_state = lambda: pressure.state.value
     return tasks
 
 
 def _dbus_tasks(
-    args: argparse.Namespace, reactor: Reactor, store: PolicyStore
+    args: argparse.Namespace, reactor: Reactor, store: PolicyStore, pressure: PressureAgent
 ) -> list[Callable[[], Awaitable[None]]]:
     """The D-Bus service and NetworkManager events, unless --no-dbus or the extra is missing (said once)."""
     from topowatch.dbus import missing_dependency
@@ -241,6 +248,7 @@ def _dbus_tasks(
 
     def reload() -> str:
         store.reload()  # PolicyErrors (a TopowatchError) reaches the caller; the previous policy stays
+        pressure.policy_changed()
         names = ", ".join(p.name for p in store.current.policies)
         log.info("policies reloaded over D-Bus: %s", names)
         return f"policies reloaded: {names}"
@@ -248,12 +256,14 @@ def _dbus_tasks(
     backend = reactor.backend
     if hasattr(backend, "extra_sources"):
         backend.extra_sources.append(NetworkManagerSource())
-    return [AgentService(reactor, reload=reload).run]
+    return [AgentService(reactor, reload=reload, pressure=pressure).run]
 
 
 async def _run_daemon(args: argparse.Namespace) -> int:
     from topowatch.edges.kernel import KernelBackend
+    from topowatch.edges.sysctl import TimeoutLedger
     from topowatch.policy import PolicyErrors, PolicyStore
+    from topowatch.pressure import PressureAgent
     from topowatch.reactor import Reactor, ReactorConfig
     from topowatch.sdnotify import Notifier
 
@@ -267,12 +277,15 @@ async def _run_daemon(args: argparse.Namespace) -> int:
     )
     backend = KernelBackend()
     reactor = Reactor(backend, config, policy=lambda: store.current)
+    pressure = PressureAgent(lambda: store.current.pressure,
+                             ledger=TimeoutLedger.for_namespace(args.state_dir))
     notifier = Notifier()
-    observers = await _observers(args, reactor, notifier)
-    observers += _dbus_tasks(args, reactor, store)
+    observers = await _observers(args, reactor, notifier, pressure)
+    observers += _dbus_tasks(args, reactor, store, pressure)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(reactor.run)
+            await nursery.start(pressure.run)
             for observer in observers:
                 nursery.start_soon(observer)
             notifier.ready("ready, waiting for events")
@@ -284,6 +297,7 @@ async def _run_daemon(args: argparse.Namespace) -> int:
                             store.reload()
                             names = ", ".join(p.name for p in store.current.policies)
                             log.info("policies reloaded: %s", names)
+                            pressure.policy_changed()
                         except PolicyErrors as exc:
                             for error in exc.errors:
                                 log.error("%s", error)

@@ -42,6 +42,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from topowatch.errors import UsageError
+from topowatch.pressure import PressureEvent
 from topowatch.reactor import Reaction
 
 log = logging.getLogger("topowatch.metrics")
@@ -89,6 +90,11 @@ class _LiveCollector(Collector):
             yield GaugeMetricFamily("topowatch_conntrack_fill_ratio",
                                     "nf_conntrack_count / nf_conntrack_max",
                                     value=count / limit if limit else 0.0)
+        state = self.metrics.pressure_state
+        if state is not None:
+            yield GaugeMetricFamily("topowatch_pressure_high", "1 while the table is above the pressure "
+                                    "policy's high mark (until it falls below the low mark)",
+                                    value=1.0 if state() == "high" else 0.0)
         errors = CounterMetricFamily("topowatch_errors", "Errors by kind", labels=["kind"])
         for kind, value in sorted(self.metrics.errors().items()):
             errors.add_metric([kind], value)
@@ -124,6 +130,16 @@ class Metrics:
                           registry=r)
         for result in ("deleted", "dry_run", "refused", "nothing"):
             self.reactions.labels(result)
+        self.pressure_episodes = Counter("topowatch_pressure_episodes",
+                                         "Times the table fill crossed the pressure policy's high mark",
+                                         registry=r)
+        self.evicted = Counter("topowatch_pressure_evicted", "Entries evicted under table pressure, by class",
+                               ["class"], registry=r)
+        self.timeout_changes = Counter("topowatch_pressure_timeout_changes",
+                                       "Conntrack timeouts lowered or restored by the pressure policy",
+                                       registry=r)
+        # The pressure agent's state (normal/high), read at collection; None: no agent.
+        self.pressure_state: Callable[[], str] | None = None
         r.register(_LiveCollector(self))
 
     def errors(self) -> dict[str, int]:
@@ -151,6 +167,15 @@ class Metrics:
         self._delete_failures += reaction.deleted.failed
         self.latency.observe(reaction.latency)
         self.last.set(time.time())
+
+    def observe_pressure(self, event: PressureEvent) -> None:
+        if event.kind == "start":
+            self.pressure_episodes.inc()
+        elif event.kind == "evict":
+            for name, count in event.by_class.items():
+                self.evicted.labels(name).inc(count)
+        elif event.kind == "timeouts":
+            self.timeout_changes.inc(event.timeouts_changed)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

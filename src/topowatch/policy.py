@@ -54,6 +54,7 @@ from topowatch.core.conntrack import Entry
 from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility, any_of
 from topowatch.core.flow import PROTO_NAMES, PROTO_NUMBERS
 from topowatch.core.model import AF_INET, AF_INET6, IPNetwork
+from topowatch.core.pressure import DEFAULT_LOWERED, LOWERABLE, STATEFUL, PressurePolicy, Protection
 from topowatch.errors import PolicyError
 
 DEFAULT_DIRS: tuple[str, ...] = (
@@ -283,6 +284,90 @@ KEYS: Mapping[str, _Key] = MappingProxyType({
 })
 
 
+def _v_fraction(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Invalid(f"expected a fraction of nf_conntrack_max like 0.9, got {_type_name(value)} {value!r}")
+    if not 0 < value <= 1:
+        raise _Invalid(f"must be a fraction > 0 and <= 1 of nf_conntrack_max, got {value}"
+                       + (f" (did you mean {value / 100}?)" if 1 < value <= 100 else ""))
+    return float(value)
+
+
+def _v_count(value: object) -> int:
+    return _int(value, "count", 1, 10_000_000)
+
+
+def _v_interval(value: object) -> float:
+    seconds = _v_seconds(value)
+    if seconds <= 0:
+        raise _Invalid("must be > 0 seconds")
+    return seconds
+
+
+def _v_timeouts(value: object) -> tuple[tuple[str, int], ...]:
+    if not isinstance(value, dict):
+        raise _Invalid(f"expected a table like {{ udp = 10, tcp_syn_sent = 20 }}, got {_type_name(value)}")
+    out: dict[str, int] = {}
+    for name, seconds in value.items():
+        if name not in LOWERABLE:
+            raise _Invalid(f"{name}: not a timeout that may be lowered{_suggest(name, LOWERABLE)} "
+                           f"(only unreplied and half-open states: {', '.join(LOWERABLE)})")
+        out[name] = _int(seconds, name, 1, 2**31 - 1)
+    return tuple(out.items())
+
+
+def _v_evict_replied(value: object) -> frozenset[int]:
+    protocols = _v_protocols(value)
+    stateful = sorted(PROTO_NAMES.get(p, str(p)) for p in protocols & STATEFUL)
+    if stateful:
+        raise _Invalid(f"replied {', '.join(stateful)} entries are never evicted (their state is not "
+                       f"read: an established connection must not be cut); list connectionless protocols")
+    return protocols
+
+
+_PRESSURE_DEFAULT = PressurePolicy()
+
+# The [pressure] table: one for the namespace, merged per key like the policies.
+PRESSURE_KEYS: Mapping[str, _Key] = MappingProxyType({
+    "enabled": _Key(_v_bool, False, "watch the table fill and act above the high mark"),
+    "high": _Key(_v_fraction, _PRESSURE_DEFAULT.high, "fill (count / nf_conntrack_max) that starts it"),
+    "low": _Key(_v_fraction, _PRESSURE_DEFAULT.low, "fill at which it ends (timeouts restored)"),
+    "lower_timeouts": _Key(_v_timeouts, DEFAULT_LOWERED, "timeouts (s) set while above the high mark"),
+    "evict_unreplied": _Key(_v_bool, True, "evict UNREPLIED entries, least recently refreshed first"),
+    "evict_replied": _Key(_v_evict_replied, frozenset(),
+                          "connectionless protocols whose replied entries may go while flows are refused"),
+    "protect_zones": _Key(_v_zones, frozenset(), "conntrack zones never evicted"),
+    "protect_marks": _Key(_v_marks, (), "conntrack marks never evicted"),
+    "protect_prefixes": _Key(_v_prefixes, (), "entries from or to these prefixes are never evicted"),
+    "batch": _Key(_v_count, _PRESSURE_DEFAULT.batch, "evictions per tick at most"),
+    "rate": _Key(_v_count, _PRESSURE_DEFAULT.rate, "evictions per second at most"),
+    "min_interval": _Key(_v_interval, _PRESSURE_DEFAULT.min_interval,
+                         "seconds between looks near the high mark"),
+    "max_interval": _Key(_v_interval, _PRESSURE_DEFAULT.max_interval,
+                         "seconds between looks in an empty table"),
+})
+# Pseudo policy name under which a file's [pressure] keys travel (no policy can be named so).
+_PRESSURE = ":pressure"
+
+
+def _pressure_policy(values: Mapping[str, Any]) -> PressurePolicy:
+    return PressurePolicy(
+        enabled=values["enabled"], high=values["high"], low=values["low"],
+        lower_timeouts=values["lower_timeouts"], evict_unreplied=values["evict_unreplied"],
+        evict_replied=values["evict_replied"],
+        protect=Protection(values["protect_zones"], values["protect_marks"], values["protect_prefixes"]),
+        batch=values["batch"], rate=values["rate"],
+        min_interval=values["min_interval"], max_interval=values["max_interval"],
+    )  # fmt: skip
+
+
+def _pressure_value(policy: PressurePolicy, key: str) -> Any:
+    protect = {"protect_zones": "zones", "protect_marks": "marks", "protect_prefixes": "prefixes"}
+    if key in protect:
+        return getattr(policy.protect, protect[key])
+    return getattr(policy, key)
+
+
 # -- values ------------------------------------------------------------------------------------
 
 
@@ -402,6 +487,7 @@ class EffectivePolicy:
     """The merged policies in force. Compares equal by meaning (policies), not by origin."""
 
     policies: tuple[Policy, ...] = (DEFAULT_POLICY,)
+    pressure: PressurePolicy = _PRESSURE_DEFAULT
     origins: Mapping[tuple[str, str], Origin] = field(
         default_factory=lambda: MappingProxyType({}), compare=False, hash=False
     )
@@ -454,7 +540,7 @@ class EffectivePolicy:
                 out.append(f"# overridden {f.path} by {f.by}")
         if not self.files:
             out.append("# no policy files")
-        if not any(self.origins):
+        if not any(name != _PRESSURE for name, _ in self.origins):
             out.append(f"# no file defines a policy: the {BUILTIN} policy applies")
         for policy in self.policies:
             out += ["", f"[policy.{policy.name}]"]
@@ -465,6 +551,14 @@ class EffectivePolicy:
                     out.append(f"# {key}: {spec.doc}  ({where})")
                 else:
                     out.append(f"{key} = {_render_value(key, value)}  # {where}")
+        out += ["", "[pressure]"]
+        for key, spec in PRESSURE_KEYS.items():
+            value = _pressure_value(self.pressure, key)
+            where = str(self.origin(_PRESSURE, key))
+            if value in ((), frozenset()):
+                out.append(f"# {key}: {spec.doc}: none  ({where})")
+            else:
+                out.append(f"{key} = {_render_value(key, value)}  # {where}")
         return "\n".join(out) + "\n"
 
 
@@ -485,7 +579,15 @@ def _render_value(key: str, value: Any) -> str:
         return "[" + ", ".join(str(z) for z in sorted(value)) + "]"
     if key == "marks":
         return strings(f"{m:#x}/{k:#x}" for m, k in value)
-    if key in ("sources", "destinations"):
+    if key == "lower_timeouts":
+        return "{ " + ", ".join(f"{name} = {seconds}" for name, seconds in value) + " }"
+    if key == "evict_replied":
+        return _render_value("protocols", value)
+    if key == "protect_zones":
+        return _render_value("zones", value)
+    if key == "protect_marks":
+        return _render_value("marks", value)
+    if key in ("sources", "destinations", "protect_prefixes"):
         return strings(str(n) for n in value)
     if key == "interfaces":
         return strings(value)
@@ -668,9 +770,13 @@ class _Loader:
         lines = key_lines(text)
         out: dict[str, dict[str, tuple[Any, int]]] = {}
         for top, value in document.items():
+            if top == "pressure":
+                self._parse_pressure(path, lines, value, out.setdefault(_PRESSURE, {}))
+                continue
             if top != "policy":
-                self.error(f"unknown key {top!r}{_suggest(top, ['policy'])} (a file holds only "
-                           f"[policy.NAME] tables)", path, _line_of(lines, (top,)), top)
+                self.error(f"unknown key {top!r}{_suggest(top, ['policy', 'pressure'])} (a file holds "
+                           f"[policy.NAME] tables and a [pressure] table)",
+                           path, _line_of(lines, (top,)), top)
                 continue
             if not isinstance(value, dict):
                 self.error(f"expected [policy.NAME] tables, got {_type_name(value)}", path,
@@ -701,6 +807,26 @@ class _Loader:
         return out
 
 
+    def _parse_pressure(
+        self, path: str, lines: Mapping[tuple[str, ...], int], table: object, keys: dict[str, tuple[Any, int]]
+    ) -> None:
+        if not isinstance(table, dict):
+            self.error(f"expected a table [pressure], got {_type_name(table)}", path,
+                       _line_of(lines, ("pressure",)), "pressure")
+            return
+        for key, item in table.items():
+            line = _line_of(lines, ("pressure", key))
+            spec = PRESSURE_KEYS.get(key)
+            if spec is None:
+                hint = _suggest(key, PRESSURE_KEYS)
+                self.error(f"unknown key {key!r}{hint}", path, line, f"pressure.{key}")
+                continue
+            try:
+                keys[key] = (spec.parse(item), line)
+            except _Invalid as exc:
+                self.error(str(exc), path, line, f"pressure.{key}")
+
+
 def load_policies(
     dirs: Sequence[str] | None = None, *, trusted_uids: Collection[int] | None = None
 ) -> EffectivePolicy:
@@ -722,6 +848,28 @@ def load_policies(
                 target[key] = (value, Origin(f.path, line))
     policies: list[Policy] = []
     origins: dict[tuple[str, str], Origin] = {}
+    pressure = _PRESSURE_DEFAULT
+    chosen_pressure = merged.pop(_PRESSURE, {})
+    if chosen_pressure:
+        values = {key: chosen_pressure[key][0] if key in chosen_pressure else spec.default
+                  for key, spec in PRESSURE_KEYS.items()}
+        for key, (_, origin) in chosen_pressure.items():
+            origins[(_PRESSURE, key)] = origin
+        problem = None
+        if values["low"] >= values["high"]:
+            problem = ("low", "high", f"low {values['low']} must be below high {values['high']}")
+        elif values["min_interval"] > values["max_interval"]:
+            problem = ("min_interval", "max_interval",
+                       f"min_interval {values['min_interval']} exceeds max_interval {values['max_interval']}")
+        if problem is None:
+            pressure = _pressure_policy(values)
+        else:
+            first, second, message = problem
+            key = first if first in chosen_pressure else second
+            other = second if key == first else first
+            other_at = chosen_pressure[other][1] if other in chosen_pressure else Origin()
+            origin = chosen_pressure[key][1]
+            loader.error(f"{message} ({other} from {other_at})", origin.file, origin.line, f"pressure.{key}")
     for name in sorted(merged):
         chosen = merged[name]
         values = {key: chosen[key][0] if key in chosen else spec.default for key, spec in KEYS.items()}
@@ -752,6 +900,7 @@ def load_policies(
         raise PolicyErrors(loader.errors)
     return EffectivePolicy(
         policies=tuple(policies) or (DEFAULT_POLICY,),
+        pressure=pressure,
         origins=MappingProxyType(origins),
         files=tuple(files),
         dirs=dirs,

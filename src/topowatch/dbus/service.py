@@ -18,7 +18,9 @@ Methods (JSON travels as one string, the same contracts as the CLI):
 - ``Plan() -> s``: a dry run now, JSON as ``topowatch plan --json``;
 - ``Reload() -> s``: reload policies through the hook the daemon supplies;
 - ``Status() -> s``: counters as JSON (see ``status_json``);
-- signal ``Reacted(s summary)`` after each reaction (JSON, see ``reaction_json``).
+- signal ``Reacted(s summary)`` after each reaction (JSON, see ``reaction_json``);
+- signal ``Pressure(s summary)`` when table pressure starts and ends (JSON:
+  ``event`` start|end, ``fill``, ``summary``; see ``topowatch.pressure``).
   ``AgentService.emit(member, signature, *body)`` sends any other signal from
   the same object (declare it on ``AgentInterface`` for introspection).
 
@@ -53,6 +55,7 @@ from topowatch.core.flow import Flow, Prediction
 from topowatch.dbus import ERROR_PREFIX, INTERFACE, OBJECT_PATH, bus_name, system_bus_address
 from topowatch.dbus.connection import DEFAULT_BACKOFF, Backoff, stay_connected, wait_disconnected
 from topowatch.errors import TopowatchError, UsageError
+from topowatch.pressure import PressureAgent, PressureEvent
 from topowatch.reactor import Reaction, Reactor, Trigger
 from topowatch.report import plan_json
 
@@ -178,6 +181,10 @@ class AgentInterface(ServiceInterface):
     def Reacted(self, summary: DBusStr) -> DBusStr:
         return summary
 
+    @dbus_signal()
+    def Pressure(self, summary: DBusStr) -> DBusStr:
+        return summary
+
 
 class AgentService:
     """Serves one reactor on the system bus for as long as ``run`` runs; reconnects by itself."""
@@ -190,8 +197,10 @@ class AgentService:
         name: str | None = None,
         address: str | None = None,
         backoff: Backoff = DEFAULT_BACKOFF,
+        pressure: PressureAgent | None = None,
     ) -> None:
         self.reactor = reactor
+        self.pressure = pressure
         self.reload_hook = reload
         self.name = name or bus_name()
         self.address = address or system_bus_address()
@@ -203,6 +212,8 @@ class AgentService:
         self._bus: MessageBus | None = None
         self._signals_in, self._signals_out = trio.open_memory_channel[Message](SIGNAL_QUEUE)
         reactor.reaction_hooks.append(self._reacted)
+        if pressure is not None:
+            pressure.hooks.append(self._pressure)
 
     # -- trio side of the methods ------------------------------------------------
 
@@ -231,12 +242,19 @@ class AgentService:
     async def status(self) -> str:
         obj = status_json(self.reactor, name=self.name, started=self.started, now=time.monotonic())
         obj["signals_dropped"] = self.signals_dropped
+        if self.pressure is not None:
+            obj["pressure"] = self.pressure.status()
         return json.dumps(obj)
 
     # -- signals --------------------------------------------------------------------
 
     def _reacted(self, reaction: Reaction) -> None:
         self.emit("Reacted", "s", json.dumps(reaction_json(reaction)))
+
+    def _pressure(self, event: PressureEvent) -> None:
+        if event.kind in ("start", "end"):  # evictions and timeouts are in the log and the metrics
+            self.emit("Pressure", "s", json.dumps({"event": event.kind, "fill": round(event.fill, 4),
+                                                   "summary": event.summary}))
 
     def emit(self, member: str, signature: str, *body: Any) -> None:
         """Queue a signal from our object; never blocks, drops (and counts) when no bus or queue full."""

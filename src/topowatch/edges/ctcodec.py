@@ -945,3 +945,55 @@ def parse_answers(data: bytes, n: int | None = None) -> list[tuple[int, int]]:
             out.append((req_seq, err))
         pos += _align(mlen)
     return out
+
+
+# --- per-CPU statistics (IPCTNL_MSG_CT_GET_STATS_CPU) -----------------------------
+#
+# One message per possible CPU, ``res_id`` the CPU number (big-endian), each
+# attribute a big-endian u32 counter of this namespace on that CPU
+# (include/uapi/linux/netfilter/nfnetlink_conntrack.h, ctattr_stats_cpu).
+
+IPCTNL_MSG_CT_GET_STATS_CPU = NFNL_SUBSYS_CTNETLINK << 8 | 4
+CTA_STATS_NAMES: dict[int, str] = {
+    2: "found", 4: "invalid", 8: "insert", 9: "insert_failed", 10: "drop", 11: "early_drop",
+    12: "error", 13: "search_restart", 14: "clash_resolve", 15: "chain_toolong",
+}  # fmt: skip
+
+
+def encode_stats_request(seq: int) -> bytes:
+    return encode_message(IPCTNL_MSG_CT_GET_STATS_CPU, NLM_F_REQUEST | NLM_F_DUMP, seq, 0, ())
+
+
+def parse_stats(data: bytes, seq: int, totals: dict[str, int]) -> tuple[bool, int]:
+    """Add one datagram's per-CPU counters (of the dump ``seq``) into ``totals``.
+
+    Returns (done, errno). Unknown attributes are skipped; a counter shorter
+    than 4 bytes or a message overrunning the datagram raises ``MalformedMessage``.
+    """
+    pos, end = 0, len(data)
+    while pos + 16 <= end:
+        mlen, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, pos)
+        if mlen < 16 or pos + mlen > end:
+            raise MalformedMessage("stats message overruns the datagram")
+        if mseq != seq:
+            pos += _align(mlen)
+            continue
+        if mtype == NLMSG_DONE:
+            return True, 0
+        if mtype == NLMSG_ERROR:
+            err = -_ERRNO.unpack_from(data, pos + 16)[0] if mlen >= 20 else 0
+            return True, err
+        if mtype == IPCTNL_MSG_CT_GET_STATS_CPU:
+            apos, mend = pos + _HDR_LEN, pos + mlen
+            while apos + 4 <= mend:
+                alen, atype = _NLA.unpack_from(data, apos)
+                if alen < 4 or apos + alen > mend:
+                    raise MalformedMessage("stats attribute overruns the message")
+                name = CTA_STATS_NAMES.get(atype & NLA_TYPE_MASK)
+                if name is not None:
+                    if alen < 8:
+                        raise MalformedMessage(f"stats counter {name} shorter than 4 bytes")
+                    totals[name] = totals.get(name, 0) + _BE32.unpack_from(data, apos + 4)[0]
+                apos += _align(alen)
+        pos += _align(mlen)
+    return False, 0

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import errno as errno_mod
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from ipaddress import ip_address
 
 from topowatch.core.conntrack import IPS_ASSURED, IPS_CONFIRMED, IPS_SEEN_REPLY, CtTuple, Entry
-from topowatch.edges.ctnetlink import DUMP_RETRIES, MAX_BATCH, DeleteResult, DumpStats
+from topowatch.edges.ctcodec import CTA_STATS_NAMES, AddressCache
+from topowatch.edges.ctnetlink import DUMP_RETRIES, MAX_BATCH, DeleteResult, DumpConsumerT, DumpStats
 from topowatch.errors import DumpInterrupted, NetlinkError
 
 _Key = tuple[int, int, int, CtTuple]  # zone, family, proto, tuple
@@ -45,6 +46,8 @@ class FakeConntrack:
         self.decode_errors = 0
         self.last_dump: DumpStats | None = None
         self.closed = False
+        self.cache = AddressCache()
+        self.counters: dict[str, int] = {}  # what ``stats`` reports (drop, early_drop, ...)
         if entries:
             self.create(entries)
             self.requests = self.messages = 0
@@ -92,6 +95,18 @@ class FakeConntrack:
             interrupted_retries=retries,
         )
         return entries
+
+    def scan(self, start: Callable[[], DumpConsumerT], *, unreplied_only: bool = True) -> DumpConsumerT:
+        """``dump`` streamed into a fresh consumer (each entry through ``add``), as the real edge does."""
+        consumer = start()
+        for entry in self.dump(unreplied_only=unreplied_only):
+            consumer.add(entry)
+        return consumer
+
+    def stats(self) -> dict[str, int]:
+        """The kernel counters a test sets in ``counters`` (every name present, as the real edge gives)."""
+        self.requests += 1
+        return {name: self.counters.get(name, 0) for name in CTA_STATS_NAMES.values()}
 
     def delete(self, entries: Iterable[Entry]) -> DeleteResult:
         requested = deleted = not_found = 0

@@ -298,6 +298,27 @@ class Conntrack:
                 gc.enable()
         return parser, recvs, nbytes
 
+    def stats(self) -> dict[str, int]:
+        """This namespace's conntrack counters summed over CPUs (``conntrack -S``): drop, early_drop, ...
+
+        Every counter of ``ctcodec.CTA_STATS_NAMES`` is present (0 when the
+        kernel did not send it). Cumulative since the namespace was created.
+        """
+        seq = self._next_seq()
+        self._send(ctcodec.encode_stats_request(seq))
+        totals = dict.fromkeys(ctcodec.CTA_STATS_NAMES.values(), 0)
+        done = False
+        while not done:
+            data = self._recv(block=True)
+            assert data is not None
+            try:
+                done, err = ctcodec.parse_stats(data, seq, totals)
+            except ctcodec.MalformedMessage as exc:
+                raise NetlinkError(f"conntrack statistics: {exc}", 0) from exc
+            if err:
+                _raise_for(err, "conntrack statistics")
+        return totals
+
     def dump_datagrams(self, *, status: tuple[int, int] | None = None) -> list[bytes]:
         """The raw datagrams of one dump, undecoded (for recording test data)."""
         seq = self._next_seq()

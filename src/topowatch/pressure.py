@@ -1,0 +1,299 @@
+"""The pressure agent: watches the conntrack table fill, and under pressure lowers timeouts and evicts.
+
+Theory of operation: one trio task (``PressureAgent.run``) in the daemon's
+nursery. Each tick it reads ``nf_conntrack_count``/``_max``/``_buckets``
+(sysctls) and the kernel's per-CPU counters (ctnetlink), hands the
+``core.pressure.Sample`` to the ``PressureController`` and carries out the
+``Step`` it returns:
+
+- pressure starts: a census dump and one log line that says what fills the
+  table; the unreplied and half-open timeouts are lowered, the previous
+  values saved in the namespace's ``TimeoutLedger`` *before* the first write;
+- an eviction budget: one dump (UNREPLIED only, filtered in the kernel, unless
+  the last resort is open) through an ``EvictionPicker``; the chosen entries
+  are deleted by orig tuple and id, and the log says how many of which kind;
+- pressure ends: the saved timeouts are written back (those someone else
+  changed meanwhile are left as they are, and said so) and the ledger removed.
+
+Then it sleeps for the interval the controller asks for (rare in an empty
+table, frequent near the high mark), and at least as long as the tick's own
+work took, so the agent never takes more than half a core however hard the
+table is flooded. At start a ledger left by a run that did not stop cleanly
+(SIGKILL, crash) is restored first; on shutdown lowered timeouts are restored.
+
+It never evicts what ``core.pressure`` does not choose, never writes a timeout
+it has not saved first, and never lets a kernel error end the daemon: a
+failed tick is logged and counted, and the next one tries again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from topowatch.core.conntrack import Entry
+from topowatch.core.decide import RawEntry
+from topowatch.core.pressure import (
+    LOWERABLE,
+    TIMEOUT_NAMES,
+    EvictionPicker,
+    PressureController,
+    PressurePolicy,
+    Sample,
+    State,
+    Step,
+    count_by,
+    describe_pressure,
+    lowered_values,
+    restore_plan,
+)
+from topowatch.edges.ctcodec import entry_from_raw
+from topowatch.edges.ctnetlink import Conntrack
+from topowatch.edges.sysctl import ConntrackSysctl, LedgerRecord, SysctlError, TimeoutLedger
+from topowatch.errors import TopowatchError
+
+log = logging.getLogger("topowatch.pressure")
+
+
+@dataclass(frozen=True, slots=True)
+class PressureEvent:
+    """What observers (metrics, D-Bus) hear: ``kind`` is start, end, evict or timeouts."""
+
+    kind: str
+    summary: str
+    fill: float
+    evicted: int = 0
+    by_class: dict[str, int] = field(default_factory=dict)
+    timeouts_changed: int = 0
+
+
+@dataclass(slots=True)
+class PressureCounters:
+    ticks: int = 0
+    episodes: int = 0
+    evicted: int = 0
+    evicted_by_class: dict[str, int] = field(default_factory=dict)
+    timeout_changes: int = 0
+    errors: int = 0
+    last_fill: float = 0.0
+    last_summary: str = ""
+
+
+class PressureAgent:
+    def __init__(
+        self,
+        policy: Callable[[], PressurePolicy],
+        *,
+        sysctl: ConntrackSysctl | None = None,
+        ledger: TimeoutLedger | None = None,
+        conntrack: Callable[[], Conntrack] = Conntrack,
+    ) -> None:
+        self.policy = policy
+        self.sysctl = sysctl or ConntrackSysctl()
+        self.ledger = ledger or TimeoutLedger.for_namespace()
+        self._make_conntrack = conntrack
+        self._ct: Conntrack | None = None
+        self.controller = PressureController(policy())
+        self.counters = PressureCounters()
+        self.hooks: list[Callable[[PressureEvent], None]] = []
+        self._lowered: LedgerRecord | None = None
+        self._wake = trio.Event()
+
+    @property
+    def state(self) -> State:
+        return self.controller.state
+
+    def status(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "state": self.state.value, "fill": round(c.last_fill, 4), "episodes": c.episodes,
+            "evicted": c.evicted, "evicted_by_class": dict(c.evicted_by_class),
+            "timeouts_lowered": dict(self._lowered.written) if self._lowered else {},
+            "errors": c.errors, "summary": c.last_summary,
+        }  # fmt: skip
+
+    def _emit(self, event: PressureEvent) -> None:
+        for hook in self.hooks:
+            try:
+                hook(event)
+            except Exception:  # an observer must never stop the agent
+                log.exception("pressure observer failed")
+
+    # -- timeouts ---------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Restore what a previous run in this namespace lowered and never restored."""
+        record = self.ledger.load()
+        if record is None:
+            return
+        log.warning("restoring conntrack timeouts a previous run lowered and did not restore (%s)",
+                    self.ledger.path)
+        self._restore(record)
+
+    def _lower(self, policy: PressurePolicy) -> None:
+        current = self.sysctl.timeouts(LOWERABLE)
+        lowered = lowered_values(policy, current)
+        if not lowered:
+            return
+        record = LedgerRecord({name: current[name] for name in lowered}, lowered)
+        self.ledger.save(record)  # before any write: a crash after it is recoverable
+        self._lowered = record
+        try:
+            self.sysctl.set_timeouts(lowered)
+        except SysctlError:
+            self._restore(record)
+            raise
+        self.counters.timeout_changes += len(lowered)
+        text = ", ".join(f"{name} {record.saved[name]} -> {value} s" for name, value in lowered.items())
+        log.warning("pressure: lowered conntrack timeouts: %s", text)
+        self._emit(PressureEvent("timeouts", f"lowered {text}", self.counters.last_fill,
+                                 timeouts_changed=len(lowered)))
+
+    def _restore(self, record: LedgerRecord) -> None:
+        current = self.sysctl.timeouts(record.saved)
+        restore, foreign = restore_plan(record.saved, record.written, current)
+        for name, value in foreign.items():
+            log.warning("pressure: %s timeout is %d s, not the %d s topowatch set: someone changed "
+                        "it; leaving it (it was %d s before)",
+                        name, value, record.written[name], record.saved[name])
+        if restore:
+            self.sysctl.set_timeouts(restore)
+            self.counters.timeout_changes += len(restore)
+            text = ", ".join(f"{n} {v} s" for n, v in restore.items())
+            log.warning("pressure: restored conntrack timeouts: %s", text)
+            self._emit(PressureEvent("timeouts", f"restored {text}", self.counters.last_fill,
+                                     timeouts_changed=len(restore)))
+        self.ledger.clear()
+        self._lowered = None
+
+    # -- one tick ---------------------------------------------------------------------
+
+    def _conntrack(self) -> Conntrack:
+        if self._ct is None:
+            self._ct = self._make_conntrack()
+        return self._ct
+
+    def read_sample(self) -> Sample:
+        size = self.sysctl.table()
+        stats = self._conntrack().stats()
+        return Sample(time=time.monotonic(), count=size.count, max=size.max, buckets=size.buckets,
+                      drop=stats["drop"], early_drop=stats["early_drop"],
+                      insert_failed=stats["insert_failed"])
+
+    def _scan(self, policy: PressurePolicy, budget: int, *, replied_allowed: bool) -> EvictionPicker:
+        """One dump through a picker; only UNREPLIED entries cross the socket unless replied ones may go.
+
+        ``budget`` 0 makes it a census of the whole table.
+        """
+        ct = self._conntrack()
+        timeouts = self.sysctl.timeouts(TIMEOUT_NAMES)
+
+        def build(raw: RawEntry) -> Entry:
+            return entry_from_raw(raw, ct.cache)
+
+        def picker() -> EvictionPicker:
+            return EvictionPicker(policy, budget, replied_allowed=replied_allowed, timeouts=timeouts,
+                                  build=build)
+
+        return ct.scan(picker, unreplied_only=budget > 0 and not replied_allowed)
+
+    def tick(self) -> Step:
+        """One sample and what it asks for (blocking: call from a worker thread)."""
+        policy = self.policy()
+        if policy != self.controller.policy:
+            self.controller.policy = policy
+        sample = self.read_sample()
+        step = self.controller.observe(sample)
+        c = self.counters
+        c.ticks += 1
+        c.last_fill = sample.fill
+        if step.started:
+            c.episodes += 1
+            census = self._scan(policy, 0, replied_allowed=False).census
+            c.last_summary = describe_pressure(sample, census, step)
+            log.warning("pressure starts: %s", c.last_summary)
+            self._emit(PressureEvent("start", c.last_summary, sample.fill))
+            self._lower(policy)
+        if step.budget > 0:
+            started = time.monotonic()
+            picker = self._scan(policy, step.budget, replied_allowed=step.replied_allowed)
+            chosen = picker.chosen()
+            if chosen:
+                result = self._conntrack().delete([cand.entry for cand in chosen])
+                self.controller.evicted(result.deleted)
+                by_class = count_by(chosen)
+                c.evicted += result.deleted
+                for name, n in by_class.items():
+                    c.evicted_by_class[name] = c.evicted_by_class.get(name, 0) + n
+                oldest = max(cand.age for cand in chosen)
+                summary = (f"evicted {result.deleted} of {len(chosen)} chosen "
+                           f"({', '.join(f'{n} {k}' for k, n in by_class.items())}; idle up to {oldest} s) "
+                           f"in {(time.monotonic() - started) * 1000:.0f} ms; {result.describe()}")
+                log.warning("pressure: %s; %s", summary, describe_pressure(sample, picker.census, step))
+                for cand in chosen[:5]:
+                    log.info("evicted %s: %s", cand.entry.describe(), cand.reason())
+                self._emit(PressureEvent("evict", summary, sample.fill, result.deleted, by_class))
+            elif step.refused:
+                log.warning("pressure: nothing may be evicted (%s)",
+                            describe_pressure(sample, picker.census, step))
+        if step.ended:
+            summary = (f"conntrack table {sample.fill:.0%} full ({sample.count:,}/{sample.max:,}): "
+                       f"pressure ends")
+            log.warning("%s", summary)
+            if self._lowered is not None:
+                self._restore(self._lowered)
+            c.last_summary = summary
+            self._emit(PressureEvent("end", summary, sample.fill))
+        return step
+
+    # -- the task -----------------------------------------------------------------------
+
+    def policy_changed(self) -> None:
+        """Policies were reloaded: look now (a disabled agent sleeps until this is called)."""
+        self._wake.set()
+
+    async def _pause(self, seconds: float | None) -> None:
+        """Sleep ``seconds`` (None: until ``policy_changed``); a reload cuts it short."""
+        with trio.move_on_after(seconds if seconds is not None else math.inf):
+            await self._wake.wait()
+        self._wake = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await trio.to_thread.run_sync(self.recover)
+        except TopowatchError as exc:
+            log.error("pressure: cannot restore timeouts from %s: %s", self.ledger.path, exc)
+        task_status.started()
+        try:
+            while True:
+                if not self.policy().enabled:
+                    if self._lowered is not None:
+                        log.warning("pressure handling disabled by policy: restoring timeouts")
+                        await trio.to_thread.run_sync(self._restore, self._lowered)
+                    self.controller.state = State.NORMAL
+                    await self._pause(None)  # no periodic wake-up the policy did not ask for
+                    continue
+                began = trio.current_time()
+                interval = self.controller.policy.max_interval
+                try:
+                    step = await trio.to_thread.run_sync(self.tick)
+                    interval = step.interval
+                except (TopowatchError, OSError) as exc:
+                    self.counters.errors += 1
+                    log.error("pressure: tick failed: %s", exc)
+                worked = trio.current_time() - began
+                await self._pause(max(interval, worked))
+        finally:
+            if self._lowered is not None:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await trio.to_thread.run_sync(self._restore, self._lowered)
+                    except TopowatchError as exc:
+                        log.error("pressure: could not restore timeouts on shutdown (%s); the next "
+                                  "start restores them from %s", exc, self.ledger.path)
