@@ -47,6 +47,7 @@ from topowatch.dbus.connection import Backoff, connect, disconnect  # noqa: E402
 from topowatch.dbus.networkmanager import ACTIVE, DEVICE, NM_NAME, VPN, NetworkManagerSource  # noqa: E402
 from topowatch.dbus.service import AgentService, check_interface  # noqa: E402
 from topowatch.errors import UsageError  # noqa: E402
+from topowatch.netns import Namespace  # noqa: E402
 from topowatch.reactor import DeleteCounts, EventSource, Reactor, ReactorConfig, Trigger  # noqa: E402
 
 DBUS_DAEMON = shutil.which("dbus-daemon")
@@ -262,6 +263,49 @@ def test_bus_name_outside_init_namespace(tmp_path: Path) -> None:
     assert twdbus.bus_name("") == "io.github.topowatch"
 
 
+def _net_core(path: Path, *names: str) -> str:
+    path.mkdir()
+    for name in names:
+        (path / name).write_text("1\n")
+    return str(path)
+
+
+def test_bus_name_when_pid1_namespace_is_unreadable(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # ProtectProc=invisible, a container, no ptrace rights on PID 1: /proc/1/ns/net cannot be read.
+    own, run = tmp_path / "self", tmp_path / "netns"
+    own.write_text("")
+    run.mkdir()
+    unreadable = str(tmp_path / "no-pid-1")
+    inode = own.stat().st_ino
+    init_view = _net_core(tmp_path / "init-core", "somaxconn", "netdev_max_backlog", "message_cost")
+    other_view = _net_core(tmp_path / "other-core", "somaxconn", "rmem_max")
+    no_view = _net_core(tmp_path / "no-core")
+    with caplog.at_level(logging.WARNING, logger="topowatch.dbus"):
+        # The init-only sysctls tell: present in the init namespace, absent in every other.
+        assert twdbus.netns_suffix(str(own), unreadable, str(run), init_view) is None
+        assert twdbus.netns_suffix(str(own), unreadable, str(run), other_view) == f"netns_{inode}"
+        assert caplog.records == []
+        # Nothing tells: never the bare name, and a warning names the one taken.
+        assert twdbus.netns_suffix(str(own), unreadable, str(run), no_view) == f"netns_{inode}"
+        assert len(caplog.records) == 1
+        assert f"io.github.topowatch.netns_{inode}" in caplog.records[0].getMessage()
+        os.link(own, run / "lab")
+        assert twdbus.netns_suffix(str(own), unreadable, str(run), no_view) == "netns_lab"
+    assert twdbus.in_init_netns((0, twdbus.PROC_NET_INIT_INO), unreadable, no_view) is True
+
+
+@pytest.mark.netns
+def test_bus_name_in_a_real_namespace_without_pid1(netns: Namespace) -> None:
+    # The real kernel's /proc/sys/net in a namespace of our own, /proc/1/ns/net out of reach.
+    code = ("from topowatch import dbus; import os; own = os.stat('/proc/self/ns/net'); "
+            "print(dbus.netns_suffix(init_ns='/nonexistent'), "
+            "dbus.in_init_netns((own.st_dev, own.st_ino), '/nonexistent'))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    inside = subprocess.run(["ip", "netns", "exec", netns.name, sys.executable, "-c", code], env=env,
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert inside == [f"netns_{netns.name}", "False"]
+
+
 def test_interface_names() -> None:
     assert check_interface("") is None
     assert check_interface("ppp0") == "ppp0"
@@ -304,7 +348,7 @@ async def test_methods_and_reacted_signal(private_bus: PrivateBus) -> None:
         iface = next(i for i in intro.interfaces if i.name == twdbus.INTERFACE)
         assert {m.name: m.in_signature for m in iface.methods} == {
             "Trigger": "s", "TriggerEvent": "sss", "Plan": "", "Reload": "", "Status": ""}
-        assert [s.name for s in iface.signals] == ["Reacted"]
+        assert sorted(s.name for s in iface.signals) == ["Pressure", "Reacted"]
 
         # Plan: a dry run with the daemon's backend, in the `plan --json` contract; deletes nothing.
         reply = await call(bus, "Plan")
