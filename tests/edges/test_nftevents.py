@@ -97,21 +97,73 @@ def test_normalise_save_drops_comments_and_counters() -> None:
     assert normalise_save(a) != normalise_save(a.replace("MASQUERADE", "ACCEPT"))
 
 
-async def test_legacy_poll_only_when_a_nat_table_exists(autojump_clock: trio.testing.MockClock) -> None:
-    presence = iter([False, False, False, True, True, True, True])
-    texts = iter(["*nat\nCOMMIT", "*nat\n-A POSTROUTING -j MASQUERADE\nCOMMIT"])
-    reads: list[str] = []
+class LegacyTables:
+    """A namespace's legacy nat table as the poll sees it: whether it exists, and its save text."""
 
-    def read() -> str:
-        reads.append(next(texts, reads[-1] if reads else ""))
-        return reads[-1]
+    def __init__(self) -> None:
+        self.exists = False
+        self.text = "*nat\nCOMMIT"
+        self.looks = 0  # reads of /proc/net/ip_tables_names
+        self.reads: list[str] = []  # iptables-legacy-save runs
 
-    poll = LegacyNatPoll(interval=10.0, present=lambda: next(presence, True), read=read, in_thread=False)
-    got: list[str] = []
+    def present(self) -> bool:
+        self.looks += 1
+        return self.exists
+
+    def read(self) -> str:
+        self.reads.append(self.text)
+        return self.text
+
+
+async def _collect(poll: LegacyNatPoll, got: list[str], *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     async with poll.events() as events:
-        with trio.move_on_after(200):
-            async for trigger in events:
-                got.append(trigger.description)
-    assert got == ["legacy iptables nat table appeared", "legacy iptables nat table changed"]
-    assert len(reads) == poll.polls >= 4  # nothing was run while no legacy nat table existed
-    assert trio.current_time() >= 200
+        task_status.started()
+        async for trigger in events:
+            got.append(trigger.description)
+
+
+async def test_legacy_poll_has_no_timer_without_a_nat_table(autojump_clock: trio.testing.MockClock) -> None:
+    tables = LegacyTables()
+    poll = LegacyNatPoll(interval=10.0, present=tables.present, read=tables.read, in_thread=False)
+    got: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_collect, poll, got)
+        await trio.sleep(10_000)  # a thousand intervals with nothing to poll
+        assert tables.looks == 1 and tables.reads == [] and got == []  # looked once, at start
+        # Nothing happens without an event: a table made now is not seen until recheck() runs.
+        tables.exists = True
+        await trio.sleep(100)
+        assert tables.looks == 1 and got == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_legacy_poll_runs_while_a_nat_table_exists(autojump_clock: trio.testing.MockClock) -> None:
+    tables = LegacyTables()
+    poll = LegacyNatPoll(interval=10.0, present=tables.present, read=tables.read, in_thread=False)
+    got: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_collect, poll, got)
+        assert poll.recheck() is False  # an event-driven look finding nothing starts nothing
+        await trio.sleep(100)
+        assert tables.reads == [] and got == []
+
+        tables.exists = True
+        assert poll.recheck() is True
+        await trio.sleep(1)
+        assert got == ["legacy iptables nat table appeared"] and len(tables.reads) == 1
+
+        await trio.sleep(50)  # now it polls, every interval
+        assert len(tables.reads) == 6 and poll.polls == 6
+        tables.text = "*nat\n-A POSTROUTING -j MASQUERADE\nCOMMIT"
+        await trio.sleep(10)
+        assert got[-1] == "legacy iptables nat table changed"
+
+        tables.exists = False
+        await trio.sleep(10)
+        assert got[-1] == "legacy iptables nat tables went away"
+        looks, reads = tables.looks, len(tables.reads)
+        await trio.sleep(10_000)  # gone again: back to no timer
+        assert (tables.looks, len(tables.reads)) == (looks, reads)
+        nursery.cancel_scope.cancel()
+    assert got == ["legacy iptables nat table appeared", "legacy iptables nat table changed",
+                   "legacy iptables nat tables went away"]

@@ -2,7 +2,10 @@
 
 Decides nothing: it wires the edges to the ``reactor.Backend`` interface,
 runs blocking work (ctnetlink, ``nft``) in worker threads so the trio loop
-stays responsive, and logs how long the kernel work took. Everything happens
+stays responsive, and logs how long the kernel work took. After every
+topology snapshot and ruleset read (both only ever happen on events) it
+asks the legacy-iptables poll to look whether a legacy nat table exists, so
+that poll needs no timer of its own while there is none. Everything happens
 in the network namespace the process was started in. It never sends a
 conntrack request without a tuple (the ctnetlink edge refuses to build one).
 """
@@ -59,8 +62,10 @@ def _interface(event: RtnlEvent, names: Mapping[int, str]) -> str | None:
 class KernelBackend:
     def __init__(self, nft: str = "nft", legacy_interval: float = LEGACY_INTERVAL) -> None:
         self.nft = nft
-        # Ruleset changes are topology changes: nftables events, and a poll of legacy nat tables.
-        self.ruleset_sources: tuple[EventSource, ...] = (NftablesEvents(), LegacyNatPoll(legacy_interval))
+        # Ruleset changes are topology changes: nftables events, and a poll of legacy nat tables
+        # that runs only while one exists (see ``_recheck_legacy``).
+        self.legacy = LegacyNatPoll(legacy_interval)
+        self.ruleset_sources: tuple[EventSource, ...] = (NftablesEvents(), self.legacy)
         self.rtnl = KernelRtnl()
         self._ct: Conntrack | None = None
         self._dumped_at = 0.0
@@ -116,11 +121,21 @@ class KernelBackend:
         if self._stream is not None:
             # Event descriptions name interfaces as of the latest snapshot.
             self._stream.names.update(topology.names())
+        log.debug("snapshot: %d links, %d addresses, %d routes, %d rules, %d xfrm policies",
+                  len(topology.links), len(topology.addresses), len(topology.routes), len(topology.rules),
+                  len(topology.xfrm_policies))
+        self._recheck_legacy()
         return topology
 
     async def ruleset(self) -> NatRuleset:
         # nftables and the iptables nat tables (nft and legacy) together, in hook priority order.
-        return await trio.to_thread.run_sync(read_all_rulesets, self.nft)
+        ruleset = await trio.to_thread.run_sync(read_all_rulesets, self.nft)
+        self._recheck_legacy()
+        return ruleset
+
+    def _recheck_legacy(self) -> None:
+        """Wake the legacy poll if a legacy nat table exists now (a /proc read; never instantiates one)."""
+        self.legacy.recheck()
 
     async def entries(self, eligibility: Eligibility) -> list[Entry]:
         ct = self._conntrack()

@@ -16,11 +16,18 @@ Theory of operation:
   overrun trigger and the stream goes on: the queued backlog is discarded at
   once, because the kernel drops every new notification without another
   ENOBUFS until the queue has been read empty (as ``edges.rtnl`` does).
-- iptables-legacy gives no events. ``LegacyNatPoll`` looks, every
-  ``interval`` seconds, whether this namespace has a legacy nat table
-  (``/proc/net/ip_tables_names`` / ``ip6_tables_names``); only then it runs
-  ``iptables-legacy-save -t nat`` (and the ip6 one) and yields a trigger when
-  the text (without comments and counters) differs from the previous poll.
+- iptables-legacy gives no events, so ``LegacyNatPoll`` polls, but only
+  while this namespace has a legacy nat table: then, every ``interval``
+  seconds, it runs ``iptables-legacy-save -t nat`` (and the ip6 one) and
+  yields a trigger when the text (without comments and counters) differs
+  from the previous poll. Whether a table exists is a cheap read of
+  ``/proc/thread-self/net/ip_tables_names`` (and ``ip6_tables_names``),
+  never a program run: ``iptables-legacy-save`` would instantiate the table.
+  It is read at start and by ``recheck()``, which the kernel backend calls
+  after every topology snapshot and ruleset read; those happen only on
+  events, so with no legacy nat table the poll has no timer at all and an
+  idle daemon never wakes up. A legacy nat table made without any other
+  event is noticed at the next reaction.
 """
 
 from __future__ import annotations
@@ -206,7 +213,8 @@ class NftablesEvents:
 # iptables-legacy: no events, so a modest poll, and only where a legacy nat table exists.
 
 _COUNTERS = re.compile(r"\[\d+:\d+\]")
-PROC_TABLES = (Path("/proc/net/ip_tables_names"), Path("/proc/net/ip6_tables_names"))
+# thread-self: a worker thread may have entered another namespace than the process (``/proc/net``).
+PROC_TABLES = (Path("/proc/thread-self/net/ip_tables_names"), Path("/proc/thread-self/net/ip6_tables_names"))
 LEGACY_SAVE = ("iptables-legacy-save", "ip6tables-legacy-save")
 
 
@@ -241,7 +249,7 @@ def read_legacy_nat(commands: Sequence[str] = LEGACY_SAVE, timeout: float = 10.0
 
 
 class LegacyNatPoll:
-    """An ``EventSource`` that polls legacy iptables nat tables; a trigger when their text changes."""
+    """An ``EventSource``: legacy iptables nat tables, polled only while one exists; a trigger on change."""
 
     name = LEGACY_SOURCE
 
@@ -256,7 +264,22 @@ class LegacyNatPoll:
         self._present = present
         self._read = read
         self._in_thread = in_thread  # False only for tests on a virtual clock
+        self._appeared = trio.Event()
         self.polls = 0
+        self.checks = 0
+
+    def recheck(self) -> bool:
+        """Whether a legacy nat table exists now; if one does, the poll runs (again).
+
+        Call it from event-driven places only (after a topology snapshot or a
+        ruleset read), from the trio thread: it is what lets the poll sleep
+        without a timer while there is nothing to poll.
+        """
+        self.checks += 1
+        present = self._present()
+        if present:
+            self._appeared.set()
+        return present
 
     async def _snapshot(self) -> str | None:
         if not self._present():
@@ -277,7 +300,12 @@ class LegacyNatPoll:
     async def _triggers(self) -> AsyncGenerator[Trigger, None]:
         previous = await self._snapshot()
         while True:
-            await trio.sleep(self.interval)
+            if previous is None:
+                # Nothing to poll: no timer; a recheck() that finds a table ends the wait.
+                await self._appeared.wait()
+            else:
+                await trio.sleep(self.interval)
+            self._appeared = trio.Event()
             current = await self._snapshot()
             if current != previous:
                 if current is None:
