@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address
 from typing import Any
@@ -20,7 +21,7 @@ from topowatch.core.conntrack import (
     CtTuple,
     Entry,
 )
-from topowatch.core.decide import decide
+from topowatch.core.decide import FlushPlan, decide
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
 from topowatch.core.flow import (
@@ -488,3 +489,109 @@ def test_raw_path_needs_a_builder() -> None:
     decider = Decider(predict=fixed(frozenset({NO_NAT})), fib_now=FIB_NOW)
     with pytest.raises(ValueError, match="builder"):
         decider.add_raw(to_raw(entry()))
+
+
+# -- counting: predictions scale with distinct flow keys, never with entries ------------------
+
+# Seven flow keys that differ in one field each from the first: zone, mark, src, dst, proto, dport.
+KEYS = [
+    {},
+    {"zone": 7},
+    {"mark": 0x10},
+    {"src": ip_address("10.0.1.3")},
+    {"dst": ip_address("192.0.2.11")},
+    {"proto": 136},  # UDP-Lite: connectionless, has ports
+    {"dport": 53},
+]
+
+
+def keyed_entry(key: dict[str, Any], sport: int, snat_to: str | None = None) -> Entry:
+    src, dst = key.get("src", CLIENT), key.get("dst", SERVER)
+    dport = key.get("dport", 5060)
+    translated = ip_address(snat_to) if snat_to else src
+    return Entry(
+        family=AF_INET, proto=key.get("proto", IPPROTO_UDP), orig=CtTuple(src, dst, sport, dport),
+        reply=CtTuple(dst, translated, dport, sport), status=UNREPLIED | (IPS_SRC_NAT if snat_to else 0),
+        zone=key.get("zone", 0), mark=key.get("mark", 0),
+    )
+
+
+def spread(n: int, keys: list[dict[str, Any]]) -> list[Entry]:
+    """``n`` entries round-robin over ``keys``, each with its own source port; every 10th is stale."""
+    return [keyed_entry(keys[i % len(keys)], 1024 + i % 60000, None if i % 10 == 0 else "203.0.113.2")
+            for i in range(n)]
+
+
+class CountingPredictor:
+    """Predicts the same for every flow and records each call's FIB and flow key."""
+
+    def __init__(self, snat: frozenset[Binding] | Unknown | None = None) -> None:
+        self.snat = frozenset({masq("203.0.113.2")}) if snat is None else snat
+        self.calls: list[tuple[Fib, tuple[Any, ...]]] = []
+
+    def __call__(self, fib: Fib, flow: Flow) -> Prediction:
+        self.calls.append((fib, (flow.zone, flow.ct_mark, flow.proto, flow.src, flow.dst, flow.dport)))
+        return Prediction(dnat=frozenset({NO_NAT}), snat=self.snat, egress=(UP2,))
+
+
+def run_paths(entries: list[Entry], predictor: CountingPredictor, fib_before: Fib | None = None
+              ) -> dict[str, tuple[int, FlushPlan]]:
+    """Predictor calls and plan of decide(), Decider.add and Decider.add_raw, each on its own."""
+    from topowatch.core.decide import Decider
+
+    out: dict[str, tuple[int, FlushPlan]] = {}
+    predictor.calls.clear()
+    plan = decide(entries, predict=predictor, fib_now=FIB_NOW, fib_before=fib_before, sport_matters=False)
+    out["decide"] = (len(predictor.calls), plan)
+    for path in ("add", "add_raw"):
+        predictor.calls.clear()
+        decider = Decider(predict=predictor, fib_now=FIB_NOW, fib_before=fib_before, sport_matters=False,
+                          build=from_raw)
+        for e in entries:
+            if path == "add":
+                decider.add(e)
+            else:
+                decider.add_raw(to_raw(e))
+        out[path] = (len(predictor.calls), decider.plan())
+    return out
+
+
+def test_ten_thousand_entries_over_seven_flow_keys_are_seven_predictions() -> None:
+    entries = spread(10_000, KEYS)
+    predictor = CountingPredictor()
+    for path, (calls, plan) in run_paths(entries, predictor).items():
+        assert calls == 7, path
+        assert plan.examined == plan.eligible == 10_000, path
+        assert plan.distinct_flows == 7, path
+        assert len(plan.stale) == 1000, path  # the unNATed tenth: the predictor says masquerade
+    # On the raw path (the last run) too: each key predicted once, with the FIB of now.
+    assert len({key for _, key in predictor.calls}) == 7
+    assert all(fib is FIB_NOW for fib, _ in predictor.calls)
+
+
+@pytest.mark.parametrize(("field", "values"), [("zone", [0, 1, 2, 3]), ("mark", [0, 0x1, 0x2, 0x3, 0x4])])
+def test_zone_or_mark_split_flow_keys(field: str, values: list[int]) -> None:
+    """Entries otherwise alike that differ in zone (or mark): one prediction more per value."""
+    keys = [{field: v} for v in values]
+    entries = spread(5_000, keys)
+    for path, (calls, plan) in run_paths(entries, CountingPredictor()).items():
+        assert calls == len(values), path
+        assert plan.distinct_flows == len(values), path
+    # The same entries folded onto one zone and mark are one key again.
+    flat = [dataclasses.replace(e, zone=0, mark=0) for e in entries]
+    for path, (calls, _plan) in run_paths(flat, CountingPredictor()).items():
+        assert calls == 1, path
+
+
+def test_unknown_prediction_adds_before_predictions_per_key() -> None:
+    """With an unknown prediction, T0 is asked too: still per key, never per entry."""
+    predictor = CountingPredictor(Unknown("xt match"))
+    small = run_paths(spread(10_000, KEYS), predictor, fib_before=FIB_BEFORE)
+    assert sum(fib is FIB_BEFORE for fib, _ in predictor.calls) in (7, 14)  # the raw path's run
+    large = run_paths(spread(20_000, KEYS), predictor, fib_before=FIB_BEFORE)
+    for path in ("decide", "add", "add_raw"):
+        assert small[path][0] == large[path][0], path  # twice the entries, the same predictions
+    assert small["decide"][0] == small["add"][0] == 14  # 7 now + 7 before
+    # The raw path judges a key's first entry under its flow key and later ones under the raw
+    # key, so T0 may be asked once under each: at most 7 now + 14 before.
+    assert 14 <= small["add_raw"][0] <= 21
