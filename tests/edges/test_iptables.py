@@ -28,7 +28,7 @@ from topowatch.core.flow import (
     NatKind,
     Unknown,
 )
-from topowatch.core.model import AF_INET, AF_INET6, IPAddress, Topology
+from topowatch.core.model import AF_INET, AF_INET6, IPAddress, RouteType, Topology
 from topowatch.core.nat import (
     AddrTypeMatch,
     AnyOf,
@@ -367,6 +367,9 @@ class FakeFib(Fib):
 
     def is_local(self, addr: IPAddress) -> bool:
         return addr in (ip_address("203.0.113.2"), ip_address("198.51.100.2"))
+
+    def address_type(self, addr: IPAddress, ifindex: int | None = None) -> RouteType | Unknown:
+        return RouteType.LOCAL if self.is_local(addr) else super().address_type(addr, ifindex)
 
 
 def udp(dst: str, dport: int = 5060, src: str = "10.0.1.2", **kw: Any) -> Flow:

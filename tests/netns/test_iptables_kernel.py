@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+from dataclasses import dataclass
 from ipaddress import ip_address
 
 import pytest
@@ -16,7 +17,7 @@ import trio
 from topowatch.core.evaluate import predict
 from topowatch.core.fib import Fib
 from topowatch.core.flow import IPPROTO_UDP, Binding, Flow, NatKind
-from topowatch.core.model import AF_INET
+from topowatch.core.model import AF_INET, IPAddress
 from topowatch.core.nat import Hook, Match, NatStatement, PolicyMatch
 from topowatch.edges import rtnl
 from topowatch.edges.iptables import LEGACY_TABLE, RulesetRead, legacy_nat_exists, read_all
@@ -170,3 +171,100 @@ async def test_predict_agrees_with_kernel_across_nft_and_legacy_priorities() -> 
             (SIP_SERVER, 5070, "203.0.113.77"),   # up2: early (50) SNAT wins over legacy
             (OTHER_SERVER, 5062, "203.0.113.2"),  # up2 now, not up3
         ], 42100)
+
+
+# ---------------------------------------------------------------------------
+# Kernel as oracle for ``-m addrtype``: one counting rule per type in the raw table, one packet per
+# destination from a peer namespace; the types whose rule counted it are the kernel's answer.
+
+V4_TYPES = ("UNSPEC", "UNICAST", "LOCAL", "BROADCAST", "ANYCAST", "MULTICAST", "BLACKHOLE", "UNREACHABLE",
+            "PROHIBIT", "THROW", "NAT", "XRESOLVE")
+V6_TYPES = ("UNSPEC", "UNICAST", "LOCAL", "ANYCAST", "MULTICAST", "UNREACHABLE")
+ADDRTYPE_SETUP = [
+    ("addr", "add", "10.9.0.1/24", "dev", "peer0"),
+    ("-6", "addr", "add", "2001:db8:9::1/64", "dev", "peer0", "nodad"),
+    ("route", "add", "blackhole", "192.0.2.0/24"),
+    ("route", "add", "blackhole", "198.51.100.0/24", "table", "local"),
+    ("route", "add", "unreachable", "198.51.101.0/24", "table", "local"),
+    ("route", "add", "prohibit", "198.51.102.0/24", "table", "local"),
+    ("route", "add", "throw", "198.51.103.0/24", "table", "local"),
+    ("route", "add", "anycast", "100.65.0.1", "dev", "peer0", "table", "local"),
+    ("route", "add", "100.66.0.0/24", "dev", "peer0", "table", "local"),
+    ("-6", "route", "add", "blackhole", "2001:db8:dead::/48"),
+    ("-6", "route", "add", "prohibit", "2001:db8:beef::/48"),
+    ("-6", "route", "add", "2001:db8:f00::/48", "via", "2001:db8:9::2"),
+    ("-6", "route", "add", "2001:db8:a::/64", "dev", "peer0"),  # on link, no address of ours in it
+]
+# Not on the peer's own link (it would ask ARP/ND for them, and nobody answers).
+V4_DESTS = ("10.9.0.1", "10.9.0.255", "8.8.8.8", "192.0.2.1", "198.51.100.1", "198.51.101.1",
+            "198.51.102.1", "198.51.103.1", "100.65.0.1", "100.66.0.7")
+V6_DESTS = ("2001:db8:9::1", "2001:db8:a::7", "2001:db8:a::", "2001:db8:dead::1", "2001:db8:beef::1",
+            "2001:db8:f00::", "2001:db8:77::1")
+
+
+def _counted(ns: Namespace, tool: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in ns.run(tool, "-c", "-t", "raw").splitlines():
+        if line.startswith("[") and "--dst-type" in line:
+            packets = int(line[1:].split(":", 1)[0])
+            counts[line.split("--dst-type ")[1].split()[0]] = packets
+    return counts
+
+
+@dataclass(frozen=True)
+class _Packet:
+    """What ``xt_match`` reads of a packet."""
+
+    family: int
+    proto: int
+    saddr: IPAddress
+    daddr: IPAddress
+    sport: int
+    dport: tuple[int, int]
+    oif: object = None
+
+
+def _send(dst: str) -> None:
+    family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        s.sendto(b"x", (dst, 9))
+
+
+async def test_addrtype_agrees_with_the_kernel() -> None:
+    from topowatch.core.nat import AddrTypeMatch
+    from topowatch.core.xtmatch import xt_match
+    from topowatch.netns import namespaces, veth
+
+    with namespaces("twat", "twap") as (router, peer):
+        veth(router, "peer0", peer, "r0")
+        for argv in ADDRTYPE_SETUP:
+            router.run("ip", *argv)
+        peer.run("ip", "addr", "add", "10.9.0.2/24", "dev", "r0")
+        peer.run("ip", "-6", "addr", "add", "2001:db8:9::2/64", "dev", "r0", "nodad")
+        peer.run("ip", "route", "add", "default", "via", "10.9.0.1")
+        peer.run("ip", "-6", "route", "add", "default", "via", "2001:db8:9::1")
+        for tool, types in (("iptables-nft-restore", V4_TYPES), ("ip6tables-nft-restore", V6_TYPES)):
+            lines = [f"-A PREROUTING -p udp --dport 9 -m addrtype --dst-type {t}" for t in types]
+            router.run(tool, input="*raw\n" + "\n".join(lines) + "\nCOMMIT\n")
+        fib = await fib_of(router)
+        compared = 0
+        for dst in V4_DESTS + V6_DESTS:
+            v6 = ":" in dst
+            save, types = ("ip6tables-nft-save", V6_TYPES) if v6 else ("iptables-nft-save", V4_TYPES)
+            before = _counted(router, save)
+            peer.call(lambda d=dst: _send(d))
+            await trio.sleep(0.05)
+            after = _counted(router, save)
+            assert sum(after.values()) > sum(before.values()), f"the packet to {dst} never arrived"
+            kernel = {t for t in types if after[t] > before[t]}
+            flow = Flow(socket.AF_INET6 if v6 else AF_INET, IPPROTO_UDP,
+                        ip_address("2001:db8:9::2" if v6 else "10.9.0.2"), ip_address(dst), 40000, 9)
+            view = _Packet(flow.family, flow.proto, flow.src, flow.dst, flow.sport, (flow.dport, flow.dport))
+            for t in types:
+                m = AddrTypeMatch("dst", frozenset({t}), False, f"-m addrtype --dst-type {t}")
+                predicted = xt_match(m, view, fib, flow, hook=Hook.PREROUTING)
+                if isinstance(predicted, bool):
+                    assert predicted is (t in kernel), (dst, t, kernel)
+                    compared += 1
+        assert compared == len(V4_DESTS) * len(V4_TYPES) + len(V6_DESTS) * len(V6_TYPES)  # every answer known

@@ -12,10 +12,19 @@ Rules (``net/netfilter/xt_conntrack.c``, ``xt_addrtype.c``, ``xt_policy.c``):
   (RELATED) connection is not told apart: topowatch's flows are entries,
   and ``--ctstate RELATED``/``--ctstatus EXPECTED`` answer unknown;
 - the virtual states SNAT/DNAT and reply-tuple matches answer unknown;
-- addrtype reads the address type as ``inet_addr_type`` does: LOCAL from the
-  FIB, MULTICAST and BROADCAST (0.0.0.0/8, 255.255.255.255, a local
-  subnet's broadcast) by address, else UNICAST; ``--limit-iface-*`` answers
-  unknown;
+- addrtype, IPv4 (``inet_addr_type``): the FIB's own classification
+  (``Fib.address_type``): the type of the local-table route holding the
+  address (local, broadcast, anycast, ...), MULTICAST and BROADCAST
+  (0.0.0.0/8, 255.255.255.255) by address, else UNICAST. A blackhole,
+  unreachable, prohibit or throw route is an error in the lookup, so the
+  kernel answers UNICAST for its addresses (checked on kernel 6.18): those
+  types never match an IPv4 address. Where the topology holds no local table
+  (built by hand), the kernel's subnet broadcast routes are implied;
+- addrtype, IPv6 (``match_type6``): MULTICAST, UNICAST and UNSPEC by
+  address; LOCAL, ANYCAST and UNREACHABLE from the route to the address
+  (an error route or no route is UNREACHABLE, a local route LOCAL, the
+  subnet-router anycast address of an on-link prefix ANYCAST); the types the
+  kernel refuses for IPv6 answer unknown. ``--limit-iface-*`` answers unknown;
 - ``-m policy`` asks ``core.xfrm.policy_match`` where that exists; without
   it the match is unknown.
 
@@ -25,12 +34,12 @@ This module never performs I/O and never guesses.
 from __future__ import annotations
 
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import Protocol
 
 from topowatch.core.fib import Fib
-from topowatch.core.flow import PORT_PROTOS, Flow, Unknown
-from topowatch.core.model import IPAddress
+from topowatch.core.flow import PORT_PROTOS, EgressKind, Flow, Unknown
+from topowatch.core.model import AF_INET, TABLE_LOCAL, IPAddress, RouteType
 from topowatch.core.nat import (
     AddrTypeMatch,
     CtStateMatch,
@@ -94,20 +103,82 @@ def _any_of(flags: dict[str, bool | None], names: frozenset[str], what: str) -> 
     return False
 
 
-def _addr_type(fib: Fib, addr: IPAddress) -> str:
-    if addr.is_multicast:
-        return "MULTICAST"
-    limited = IPv4Address("255.255.255.255")
-    if isinstance(addr, IPv4Address) and (addr in IPv4Network("0.0.0.0/8") or addr == limited):
-        return "BROADCAST"
-    if fib.is_local(addr):
-        return "LOCAL"
-    if isinstance(addr, IPv4Address):
+# The types ``addrtype_mt_checkentry_v1`` accepts for IPv6 (it refuses the others at load time).
+_V6_ADDR_TYPES = frozenset({"UNSPEC", "UNICAST", "LOCAL", "ANYCAST", "MULTICAST", "UNREACHABLE"})
+_V6_ROUTED_TYPES = frozenset({"LOCAL", "ANYCAST", "UNREACHABLE"})
+_REJECT_EGRESS = frozenset({EgressKind.BLACKHOLE, EgressKind.UNREACHABLE, EgressKind.PROHIBIT})
+
+
+def _addr_type4(fib: Fib, addr: IPv4Address) -> str | Unknown:
+    """The one type ``inet_addr_type`` gives an IPv4 address (an ``RTN_*`` name)."""
+    rtype = fib.address_type(addr)
+    if isinstance(rtype, Unknown):
+        return rtype
+    if rtype is RouteType.UNICAST and not any(
+        r.family == AF_INET and r.table == TABLE_LOCAL for r in fib.topology.routes
+    ):
+        # A topology without its local table: the FIB implies the local routes of the
+        # addresses but not the broadcast routes the kernel adds beside them.
         for a in fib.topology.addresses:
             net = a.network
             if isinstance(net, IPv4Network) and net.prefixlen < 31 and addr == net.broadcast_address:
-                return "BROADCAST"
-    return "UNICAST"
+                return RouteType.BROADCAST.name
+    return rtype.name
+
+
+def _route_types6(fib: Fib, addr: IPv6Address) -> frozenset[str] | Unknown:
+    """``match_lookup_rt6`` without a device: the types the output route to ``addr`` gives."""
+    resolution = fib.resolve(addr)
+    egresses = resolution.egresses
+    if isinstance(egresses, Unknown):
+        return egresses
+    kinds = {e.kind for e in egresses}
+    if not kinds or kinds <= _REJECT_EGRESS:
+        return frozenset({"UNREACHABLE"})  # no route, or an error route (RTF_REJECT)
+    if kinds == {EgressKind.LOCAL}:
+        return frozenset({"LOCAL"})
+    route = resolution.route
+    if kinds == {EgressKind.UNICAST} and route is not None:
+        # ipv6_anycast_destination(): the address of an on-link prefix (no gateway) is anycast.
+        on_link = all(nh.gateway is None for nh in route.nexthops)
+        if route.dst.prefixlen < 127 and on_link and addr == route.dst.network_address:
+            return frozenset({"ANYCAST"})
+        return frozenset()
+    return Unknown(f"the route to {addr} is not classified here")
+
+
+def _match_type6(fib: Fib, addr: IPv6Address, types: frozenset[str]) -> bool | Unknown:
+    """``match_type6``: every category named must hold (the kernel ANDs them)."""
+    refused = types - _V6_ADDR_TYPES
+    if refused:
+        return Unknown(f"type {','.join(sorted(refused))} is not valid for IPv6")
+    any_addr = int(addr) == 0
+    unicast = not (addr.is_multicast or any_addr or addr.ipv4_mapped is not None)  # ipv6_addr_type()
+    if "MULTICAST" in types and not addr.is_multicast:
+        return False
+    if "UNICAST" in types and not unicast:
+        return False
+    if "UNSPEC" in types and not any_addr:
+        return False
+    routed = types & _V6_ROUTED_TYPES
+    if not routed:
+        return True
+    found = _route_types6(fib, addr)
+    if isinstance(found, Unknown):
+        return found
+    return bool(found & routed)
+
+
+def _addr_type_match(m: AddrTypeMatch, fib: Fib, addr: IPAddress) -> bool | Unknown:
+    if isinstance(addr, IPv4Address):
+        found = _addr_type4(fib, addr)
+        if isinstance(found, Unknown):
+            return Unknown(f"{m.text}: {found.reason}")
+        return (found in m.types) != m.negate
+    answer = _match_type6(fib, addr, m.types)
+    if isinstance(answer, Unknown):
+        return Unknown(f"{m.text}: {answer.reason}")
+    return answer != m.negate
 
 
 def _policy(
@@ -180,6 +251,5 @@ def xt_match(
     if isinstance(m, AddrTypeMatch):
         if m.limit_iface is not None:
             return Unknown(f"{m.text}: --limit-iface-{m.limit_iface} is not modelled")
-        addr = packet.saddr if m.side == "src" else packet.daddr
-        return (_addr_type(fib, addr) in m.types) != m.negate
+        return _addr_type_match(m, fib, packet.saddr if m.side == "src" else packet.daddr)
     return _policy(m, packet, fib, flow, hook=hook, local=local)

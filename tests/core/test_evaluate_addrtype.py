@@ -1,0 +1,194 @@
+"""``-m addrtype`` in the evaluator: every type the kernel's match knows is answered as the kernel does.
+
+IPv4 follows ``inet_addr_type`` (the local table's route type, else unicast;
+an error route in the local table is an error lookup, so unicast, which
+tests/netns/test_iptables_kernel.py checks against the kernel), IPv6
+``match_type6`` (categories by address, then the route to it). The topology:
+
+    lan (2) 10.0.1.1/24  fd00:1::1/64     up1 (3) 203.0.113.2/24  2001:db8:1::2/64
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address, ip_address, ip_network
+
+import pytest
+
+from topowatch.core.evaluate import predict
+from topowatch.core.fib import Fib
+from topowatch.core.flow import IPPROTO_UDP, NO_NAT, Binding, Flow, NatKind, Unknown
+from topowatch.core.model import (
+    AF_INET,
+    AF_INET6,
+    SCOPE_HOST,
+    SCOPE_LINK,
+    TABLE_LOCAL,
+    Address,
+    IPAddress,
+    Link,
+    Nexthop,
+    Route,
+    RouteType,
+    Topology,
+)
+from topowatch.core.nat import AddrTypeMatch, Chain, Hook, NatRuleset, NatStatement, Rule
+from topowatch.core.xtmatch import xt_match
+
+LO, LAN, UP1 = 1, 2, 3
+ADDRESSES = (
+    Address(LO, ip_address("127.0.0.1"), 8, scope=SCOPE_HOST),
+    Address(LAN, ip_address("10.0.1.1"), 24),
+    Address(LAN, ip_address("fd00:1::1"), 64),
+    Address(UP1, ip_address("203.0.113.2"), 24),
+    Address(UP1, ip_address("2001:db8:1::2"), 64),
+)
+MAIN = (
+    Route(ip_network("10.0.1.0/24"), nexthops=(Nexthop(LAN),), scope=SCOPE_LINK),
+    Route(ip_network("203.0.113.0/24"), nexthops=(Nexthop(UP1),), scope=SCOPE_LINK),
+    Route(ip_network("0.0.0.0/0"), nexthops=(Nexthop(UP1, ip_address("203.0.113.1")),)),
+    Route(ip_network("192.0.2.0/24"), type=RouteType.BLACKHOLE),  # main: not the local table
+    Route(ip_network("fd00:1::/64"), nexthops=(Nexthop(LAN),)),
+    Route(ip_network("2001:db8:1::/64"), nexthops=(Nexthop(UP1),)),
+    Route(ip_network("2001:db8:dead::/48"), type=RouteType.BLACKHOLE),
+    Route(ip_network("2001:db8:beef::/48"), type=RouteType.PROHIBIT),
+    Route(ip_network("2001:db8:f00::/48"), nexthops=(Nexthop(UP1, ip_address("2001:db8:1::1")),)),
+)
+
+
+def local(dst: str, rtype: RouteType, oif: int | None = LAN) -> Route:
+    hops = (Nexthop(oif),) if oif is not None else ()
+    return Route(ip_network(dst), TABLE_LOCAL, rtype, hops, scope=SCOPE_HOST)
+
+
+# As the kernel dumps it: the local table spelled out (address, broadcast and user routes).
+LOCAL_TABLE = (
+    local("127.0.0.0/8", RouteType.LOCAL, LO),
+    local("127.0.0.1", RouteType.LOCAL, LO),
+    local("10.0.1.1", RouteType.LOCAL),
+    local("10.0.1.255", RouteType.BROADCAST),
+    local("203.0.113.2", RouteType.LOCAL, UP1),
+    local("203.0.113.255", RouteType.BROADCAST, UP1),
+    local("100.65.0.1", RouteType.ANYCAST),
+    local("100.66.0.0/24", RouteType.UNICAST),
+    local("198.51.100.0/24", RouteType.BLACKHOLE, None),
+    local("198.51.101.0/24", RouteType.UNREACHABLE, None),
+    local("198.51.102.0/24", RouteType.PROHIBIT, None),
+    local("198.51.103.0/24", RouteType.THROW, None),
+    local("fd00:1::1", RouteType.LOCAL),
+    local("2001:db8:1::2", RouteType.LOCAL, UP1),
+)
+LINKS = (Link(LO, "lo"), Link(LAN, "lan"), Link(UP1, "up1"))
+FIB = Fib(Topology(links=LINKS, addresses=ADDRESSES, routes=MAIN + LOCAL_TABLE))
+# Built by hand: no local table, the FIB implies the local routes of the addresses.
+HAND_FIB = Fib(Topology(links=LINKS, addresses=ADDRESSES, routes=MAIN))
+
+ALL_V4 = ("UNSPEC", "UNICAST", "LOCAL", "BROADCAST", "ANYCAST", "MULTICAST", "BLACKHOLE", "UNREACHABLE",
+          "PROHIBIT", "THROW", "NAT", "XRESOLVE")
+
+
+@dataclass(frozen=True)
+class Packet:
+    family: int
+    proto: int
+    saddr: IPAddress
+    daddr: IPAddress
+    sport: int = 40000
+    dport: tuple[int, int] = (5060, 5060)
+    oif: object = None
+
+
+def dst_type(fib: Fib, daddr: str, types: str, *, negate: bool = False) -> bool | Unknown:
+    d = ip_address(daddr)
+    src = ip_address("10.0.1.2" if d.version == 4 else "fd00:1::2")
+    m = AddrTypeMatch("dst", frozenset(types.split(",")), negate, f"-m addrtype --dst-type {types}")
+    packet = Packet(AF_INET if d.version == 4 else AF_INET6, IPPROTO_UDP, src, d)
+    return xt_match(m, packet, fib, None, hook=Hook.PREROUTING)
+
+
+# (address, the one RTN_* type inet_addr_type gives it)
+V4_TYPES: list[tuple[str, str]] = [
+    ("10.0.1.1", "LOCAL"),
+    ("127.0.0.9", "LOCAL"),
+    ("10.0.1.255", "BROADCAST"),
+    ("255.255.255.255", "BROADCAST"),
+    ("0.0.0.0", "BROADCAST"),
+    ("224.0.0.251", "MULTICAST"),
+    ("100.65.0.1", "ANYCAST"),
+    ("100.66.0.7", "UNICAST"),  # a unicast route in the local table
+    ("8.8.8.8", "UNICAST"),
+    ("192.0.2.1", "UNICAST"),  # a blackhole in main is not looked at
+    ("198.51.100.1", "UNICAST"),  # an error route in the local table fails the lookup: unicast
+    ("198.51.101.1", "UNICAST"),
+    ("198.51.102.1", "UNICAST"),
+    ("198.51.103.1", "UNICAST"),
+]
+
+
+@pytest.mark.parametrize(("addr", "rtype"), V4_TYPES, ids=[a for a, _ in V4_TYPES])
+def test_ipv4_every_type_is_the_kernels(addr: str, rtype: str) -> None:
+    for name in ALL_V4:
+        assert dst_type(FIB, addr, name) is (name == rtype), (addr, name)
+        assert dst_type(FIB, addr, name, negate=True) is (name != rtype), (addr, name)
+    assert dst_type(FIB, addr, f"{rtype},BLACKHOLE") is True  # a list is any of its types
+
+
+def test_ipv4_hand_built_topology_implies_the_subnet_broadcast() -> None:
+    assert dst_type(HAND_FIB, "10.0.1.255", "BROADCAST") is True
+    assert dst_type(HAND_FIB, "10.0.1.1", "LOCAL") is True
+    assert dst_type(HAND_FIB, "10.0.1.7", "UNICAST") is True
+    # A dumped local table is the truth: no broadcast route, no broadcast.
+    no_brd = Fib(Topology(links=LINKS, addresses=ADDRESSES,
+                          routes=MAIN + tuple(r for r in LOCAL_TABLE if r.dst != ip_network("10.0.1.255/32"))))
+    assert dst_type(no_brd, "10.0.1.255", "BROADCAST") is False
+
+
+# (address, types, the answer of match_type6)
+V6_CASES: list[tuple[str, str, bool | None]] = [
+    ("fd00:1::1", "LOCAL", True),
+    ("2001:db8:1::2", "LOCAL", True),
+    ("2001:db8:1::9", "LOCAL", False),
+    ("2001:db8:1::9", "UNICAST", True),
+    ("2001:db8:dead::1", "UNREACHABLE", True),  # blackhole: an error route
+    ("2001:db8:beef::1", "UNREACHABLE", True),  # prohibit
+    ("2001:db8:dead::1", "UNICAST,UNREACHABLE", True),  # categories are ANDed: unicast and unreachable
+    ("2001:db8:1::9", "UNREACHABLE", False),
+    ("2001:db8:1::", "ANYCAST", True),  # the subnet-router anycast address of an on-link prefix
+    ("2001:db8:f00::", "ANYCAST", False),  # a prefix behind a gateway: not anycast
+    ("2001:db8:1::9", "ANYCAST", False),
+    ("ff02::1", "MULTICAST", True),
+    ("ff02::1", "UNICAST", False),
+    ("ff02::1", "MULTICAST,UNICAST", False),  # the kernel's AND: never both
+    ("::", "UNSPEC", True),
+    ("2001:db8:1::9", "UNSPEC", False),
+    ("::ffff:10.0.1.1", "UNICAST", False),  # v4-mapped: not unicast for ipv6_addr_type()
+    ("2001:db8:1::9", "BROADCAST", None),  # refused for IPv6 by the kernel: no such rule loads
+    ("2001:db8:1::9", "BLACKHOLE", None),
+]
+
+
+@pytest.mark.parametrize(("addr", "types", "want"), V6_CASES, ids=[f"{a} {t}" for a, t, _ in V6_CASES])
+def test_ipv6_match_type6(addr: str, types: str, want: bool | None) -> None:
+    got = dst_type(FIB, addr, types)
+    if want is None:
+        assert isinstance(got, Unknown)
+    else:
+        assert got is want
+        assert dst_type(FIB, addr, types, negate=True) is (not want)
+
+
+def test_ipv6_no_route_is_unreachable() -> None:
+    fib = Fib(Topology(links=LINKS, addresses=ADDRESSES, routes=tuple(r for r in MAIN if r.family == AF_INET)))
+    assert dst_type(fib, "2001:db8:99::1", "UNREACHABLE") is True
+
+
+def test_addrtype_anycast_dnat_is_predicted() -> None:
+    """``-m addrtype --dst-type ANYCAST -j DNAT``: a flow to the anycast address is DNATed, others not."""
+    dnat = Rule(1, (AddrTypeMatch("dst", frozenset({"ANYCAST"}), False, "-m addrtype --dst-type ANYCAST"),
+                    NatStatement(NatKind.DNAT, "-j DNAT --to-destination 10.0.1.5", AF_INET,
+                                 (IPv4Address("10.0.1.5"), IPv4Address("10.0.1.5")))))
+    rs = NatRuleset((Chain("ip", "nat", "PREROUTING", (dnat,), Hook.PREROUTING, -100, "nat", "accept"),))
+    to_anycast = Flow(AF_INET, IPPROTO_UDP, ip_address("198.18.0.1"), ip_address("100.65.0.1"), 40000, 53)
+    assert predict(rs, FIB, to_anycast).dnat == {Binding(NatKind.DNAT, ip_address("10.0.1.5"))}
+    to_unicast = Flow(AF_INET, IPPROTO_UDP, ip_address("198.18.0.1"), ip_address("100.66.0.7"), 40000, 53)
+    assert predict(rs, FIB, to_unicast).dnat == {NO_NAT}
