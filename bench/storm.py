@@ -1,17 +1,25 @@
-"""Issue #5: an event storm against the running daemon, and its idle cost.
+"""Issue #5: an event storm against the running daemon, a forced overrun, and its idle cost.
 
-Run as root: ``.venv/bin/python bench/storm.py [--routes 50000] [--idle 10]``.
+Run as root: ``.venv/bin/python bench/storm.py [--routes 100000] [--idle 10] [--no-force-overrun]``.
 
-In a namespace of its own (removed at the end) with ``topowatch run`` inside:
+In a namespace of its own (removed at the end) with ``topowatch run --no-dbus``
+inside, reading policies only from a temporary rules directory:
 
 1. idle: the daemon's context switches (all threads, voluntary and not)
    over ``--idle`` seconds with nothing happening: it must not wake up;
 2. storm: ``ip -batch`` adds ``--routes`` host routes and deletes them again
    (2 x routes events as fast as the kernel makes them); reported: how long
-   the burst took, how many events the daemon's reactions accounted for,
-   events/s absorbed, the reaction count (about one per burst is the goal),
-   whether the event socket overran (events lost: the reactor re-dumps);
-3. recovery: one more route change after the storm must still get a reaction.
+   the burst took, the reactions and the events they accounted for, events/s
+   absorbed, event-socket overruns; judged: one reaction per burst, that is
+   reactions <= burst seconds / max_wait + 2;
+3. forced overrun: the daemon is stopped (SIGSTOP) while ``ip -batch`` adds
+   the routes again, far more events than its receive buffer holds, then
+   continued (SIGCONT): its next receive fails with ENOBUFS, so it must log
+   the overrun and rebuild its view from a full dump; then the routes go;
+4. recovery: one more route change must still get a reaction, and the
+   daemon's view must match the kernel's: the route count of the snapshot
+   it logs (``-vv``: "snapshot: ... routes") equals ``ip route show table
+   all`` (IPv4 and IPv6) in the namespace, after the overrun and at the end.
 """
 
 from __future__ import annotations
@@ -19,15 +27,22 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from topowatch.lab import Daemon
+from idle import thread_switches, watch_idle
+
+from topowatch.lab import Daemon, LineReader
 from topowatch.netns import Namespace
 
 REACTION_RE = re.compile(r"reaction (\d+) \(.*?(\d+) event\(s\)")
+SNAPSHOT_RE = re.compile(r"snapshot: \d+ links, \d+ addresses, (\d+) routes")
+OVERRUN = "rtnetlink: event overrun"
 RULESET = """\
 table ip t {
     chain p {
@@ -36,21 +51,28 @@ table ip t {
     }
 }
 """
-RUN_ARGS = ("--debounce", "0.25", "--no-startup-sweep")
+POLICY = """\
+[policy.storm]
+triggers = ["link", "address", "route", "rule", "ruleset"]
+action = "flush"
+"""
+DEBOUNCE = 0.25
+MAX_WAIT = 2.0
+RUN_ARGS = ("--no-dbus", "--debounce", str(DEBOUNCE), "--max-wait", str(MAX_WAIT), "--no-startup-sweep")
 
 
-def switches(pid: int) -> int:
-    """Context switches of the main thread, the trio loop (worker threads come and go)."""
-    total = 0
-    for task in (Path(f"/proc/{pid}/task/{pid}"),):
-        try:
-            text = (task / "status").read_text()
-        except FileNotFoundError:
-            continue
-        for line in text.splitlines():
-            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                total += int(line.split()[1])
-    return total
+class VerboseDaemon(Daemon):
+    """``topowatch -vv run``: debug lines too (the snapshot sizes); ``Daemon`` puts ``run`` first."""
+
+    def __init__(self, ns: Namespace, *args: str) -> None:
+        self.proc = ns.popen(
+            [sys.executable, "-m", "topowatch", "-vv", "run", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        assert self.proc.stderr is not None
+        self.reader = LineReader(self.proc.stderr.fileno())
+        self.lines: list[str] = []
 
 
 def cpu_seconds(pid: int) -> float:
@@ -58,29 +80,75 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def reactions_until_quiet(daemon: Daemon, quiet: float, limit: float) -> list[tuple[int, int, float]]:
-    """Reaction lines (number, events, time seen) until none came for ``quiet`` seconds."""
-    seen: list[tuple[int, int, float]] = []
+@dataclass
+class Settled:
+    """What the daemon logged from a mark until it went idle: reactions and when each was read."""
+
+    reactions: list[tuple[int, int, float]]  # (number, events, perf_counter when read)
+    lines: list[str]
+    idle_at: float | None  # perf_counter when it was seen idle; None: not within the limit
+
+
+def settle(daemon: Daemon, limit: float = 600.0, quiet: float = 1.0) -> Settled:
+    """Read the log until the daemon is idle: for ``quiet`` s no thread of it ran (the kernel's count).
+
+    A quiet log alone says little: one reaction to a storm can spend many
+    seconds on a dump without a line. Idle means no pending debounce, no dump,
+    no reaction: it waits for events.
+    """
+    mark = len(daemon.lines)
+    reactions: list[tuple[int, int, float]] = []
     end = time.monotonic() + limit
+    seen = mark
     while time.monotonic() < end:
-        line = daemon.wait_for("from first event to last delete", quiet)
-        if line is None:
+        before = thread_switches(daemon.proc.pid)
+        daemon.wait_for("\0", quiet)  # never matches: reads what comes for ``quiet`` s
+        for line in daemon.lines[seen:]:
+            match = REACTION_RE.search(line)
+            if match is not None and "from first event to last delete" in line:
+                reactions.append((int(match.group(1)), int(match.group(2)), time.perf_counter()))
+        seen = len(daemon.lines)
+        if daemon.proc.poll() is not None:
             break
-        match = REACTION_RE.search(line)
+        if thread_switches(daemon.proc.pid) == before and seen == len(daemon.lines):
+            return Settled(reactions, daemon.lines[mark:], time.perf_counter())
+    return Settled(reactions, daemon.lines[mark:], None)
+
+
+def kernel_routes(ns: Namespace) -> int:
+    """Routes of every table, both families, as ``ip route`` lists them (a nexthop line is no route)."""
+    total = 0
+    for family in ("-4", "-6"):
+        out = ns.run("ip", family, "route", "show", "table", "all")
+        total += sum(1 for line in out.splitlines() if line and not line[0].isspace())
+    return total
+
+
+def last_snapshot(lines: list[str]) -> int | None:
+    for line in reversed(lines):
+        match = SNAPSHOT_RE.search(line)
         if match is not None:
-            seen.append((int(match.group(1)), int(match.group(2)), time.perf_counter()))
-    return seen
+            return int(match.group(1))
+    return None
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="event storm and idle cost of topowatch run")
-    parser.add_argument("--routes", type=int, default=50_000, help="routes added then deleted (2x events)")
+    parser = argparse.ArgumentParser(description="event storm, forced overrun and idle cost of topowatch run")
+    parser.add_argument("--routes", type=int, default=100_000, help="routes added then deleted (2x events)")
     parser.add_argument("--idle", type=float, default=10.0, help="seconds to watch the idle daemon")
+    parser.add_argument("--no-force-overrun", action="store_true",
+                        help="skip stopping the daemon during a burst to force an event-socket overrun")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench/storm.py needs root", file=sys.stderr)
         return 2
-    with Namespace.create("twstorm") as ns:
+    out: list[str] = []
+    checks: list[tuple[str, bool]] = []
+    with Namespace.create("twstorm") as ns, tempfile.TemporaryDirectory() as tmp:
         for key in ("all", "default"):
             ns.run("sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1")
         ns.run("ip", "link", "add", "up1", "type", "veth", "peer", "name", "up1p")
@@ -88,61 +156,98 @@ def main(argv: list[str] | None = None) -> int:
         ns.run("ip", "addr", "add", "198.51.100.2/24", "dev", "up1")
         ns.run("ip", "link", "set", "up1", "up")
         ns.run("nft", "-f", "-", input=RULESET)
-        with tempfile.TemporaryDirectory() as tmp:
-            adds = Path(tmp, "adds")
-            dels = Path(tmp, "dels")
-            hosts = [f"10.{100 + i // 65536}.{i // 256 % 256}.{i % 256}/32" for i in range(args.routes)]
-            adds.write_text("".join(f"route add {h} via 198.51.100.1 dev up1\n" for h in hosts))
-            dels.write_text("".join(f"route del {h}\n" for h in hosts))
-            with Daemon(ns, *RUN_ARGS) as daemon:
-                if daemon.wait_for("ready", 60) is None:
-                    print("\n".join(daemon.lines), file=sys.stderr)
-                    return 1
-                pid = daemon.proc.pid
-                time.sleep(1.0)
-                before, threads_before = switches(pid), len(list(Path(f"/proc/{pid}/task").iterdir()))
-                time.sleep(args.idle)
-                idle_switches = switches(pid) - before
-                threads_after = len(list(Path(f"/proc/{pid}/task").iterdir()))
-                cpu_before = cpu_seconds(pid)
-                started = time.perf_counter()
-                ns.run("ip", "-batch", str(adds))
+        rules = Path(tmp, "rules.d")
+        rules.mkdir(mode=0o755)
+        Path(rules, "50-storm.toml").write_text(POLICY)
+        adds = Path(tmp, "adds")
+        dels = Path(tmp, "dels")
+        hosts = [f"10.{100 + i // 65536}.{i // 256 % 256}.{i % 256}/32" for i in range(args.routes)]
+        adds.write_text("".join(f"route add {h} via 198.51.100.1 dev up1\n" for h in hosts))
+        dels.write_text("".join(f"route del {h}\n" for h in hosts))
+        with VerboseDaemon(ns, *RUN_ARGS, "--rules-dir", str(rules)) as daemon:
+            if daemon.wait_for("ready", 60) is None:
+                print("\n".join(daemon.lines), file=sys.stderr)
+                return 1
+            pid = daemon.proc.pid
+            time.sleep(1.0)
+            idle = watch_idle(pid, args.idle)
+            out.append(f"idle: {idle.describe()}")
+            checks.append(("idle daemon never woke (0 context switches, all threads)", idle.switches == 0))
+
+            # 2. the storm, at full speed
+            cpu_before = cpu_seconds(pid)
+            started = time.perf_counter()
+            ns.run("ip", "-batch", str(adds))
+            ns.run("ip", "-batch", str(dels))
+            burst = time.perf_counter() - started
+            storm = settle(daemon)
+            cpu = cpu_seconds(pid) - cpu_before
+            overruns = sum(OVERRUN in line for line in storm.lines)
+            events = 2 * args.routes
+            absorbed = sum(e for _, e, _ in storm.reactions)
+            done = (storm.reactions[-1][2] - started) if storm.reactions else float("nan")
+            bound = burst / MAX_WAIT + 2
+            seen, kernel = last_snapshot(storm.lines), kernel_routes(ns)
+            out.append(f"storm: {events} route events (ip -batch: {args.routes} adds, then deletes) "
+                       f"in {burst:.2f} s, {events / burst:,.0f} events/s made by the kernel")
+            out.append(f"  reactions: {len(storm.reactions)} (events they report: {absorbed}; the rest were "
+                       "dropped by the kernel in overruns, covered by the re-dump)")
+            out.append(f"  absorbed: last reaction {done:.2f} s after the burst began: {events / done:,.0f} "
+                       f"events/s; daemon CPU {cpu:.2f} s")
+            out.append(f"  overruns (ENOBUFS) logged: {overruns}; each is a trigger: the reaction re-dumps")
+            out.append(f"  settled: daemon's last snapshot {seen} routes, kernel {kernel}")
+            checks.append((f"one reaction per burst: {len(storm.reactions)} reactions <= {burst:.2f} s / "
+                           f"max_wait {MAX_WAIT:g} s + 2 = {bound:.1f}",
+                           bool(storm.reactions) and len(storm.reactions) <= bound))
+            checks.append((f"after the storm the daemon's view matches the kernel ({seen} == {kernel} "
+                           "routes)", storm.idle_at is not None and seen == kernel))
+
+            # 3. a forced overrun: the daemon does not read while the kernel makes the events
+            forced = overruns
+            if not args.no_force_overrun:
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    ns.run("ip", "-batch", str(adds))
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+                stopped = settle(daemon)
+                forced_now = sum(OVERRUN in line for line in stopped.lines)
+                forced += forced_now
+                seen, kernel = last_snapshot(stopped.lines), kernel_routes(ns)
+                out.append(f"forced overrun: daemon stopped (SIGSTOP) during {args.routes} route adds, "
+                           f"then continued: {forced_now} overrun(s) logged, {len(stopped.reactions)} "
+                           f"reaction(s); daemon's snapshot {seen} routes, kernel {kernel}")
+                checks.append(("the forced overrun was logged", forced_now > 0))
+                checks.append((f"after the overrun the daemon's view matches the kernel ({seen} == {kernel} "
+                               "routes)", stopped.idle_at is not None and seen == kernel))
                 ns.run("ip", "-batch", str(dels))
-                burst = time.perf_counter() - started
-                storm = reactions_until_quiet(daemon, quiet=3.0, limit=300.0)
-                cpu = cpu_seconds(pid) - cpu_before
-                overruns = sum("overrun" in line for line in daemon.lines)
-                # Recovery: one ordinary change still gets its reaction.
-                mark = time.perf_counter()
-                ns.run("ip", "route", "add", "192.0.2.0/24", "via", "198.51.100.1", "dev", "up1")
-                after = reactions_until_quiet(daemon, quiet=2.0, limit=30.0)
-                recovered = bool(after)
-                recovery = (after[0][2] - mark) if after else float("nan")
-                alive = daemon.proc.poll() is None
-    events = 2 * args.routes
-    absorbed = sum(e for _, e, _ in storm)
-    last = (storm[-1][2] - started) if storm else float("nan")
-    print(
-        f"idle: {idle_switches} context switches in {args.idle:.0f} s, threads {threads_before} -> "
-        f"{threads_after} (main thread, the event loop: 0 = it never woke up)"
-    )
-    print(f"storm: {events} route events (ip -batch: {args.routes} adds, then deletes) in {burst:.2f} s")
-    print(
-        f"  reactions: {len(storm)} (events they report: {absorbed}; the rest were lost to overruns "
-        f"or merged)"
-    )
-    print(
-        f"  last reaction {last:.2f} s after the burst began: {events / last:,.0f} events/s absorbed; "
-        f"daemon CPU {cpu:.2f} s"
-    )
-    print(f"  overrun warnings in the log: {overruns} (an overrun is a trigger: the reaction re-dumps)")
-    print(
-        f"recovery: a route change after the storm got a reaction in {recovery:.2f} s: "
-        + ("yes" if recovered and alive else "NO")
-    )
-    if not (recovered and alive):
-        print("daemon log (last lines):", *daemon.lines[-15:], sep="\n  ")
-    return 0 if recovered and alive else 1
+                settle(daemon)
+            checks.append((f"at least one overrun in the run ({forced})", forced > 0))
+
+            # 4. recovery: an ordinary change still gets its reaction, and the view is the kernel's
+            mark = len(daemon.lines)
+            changed = time.perf_counter()
+            ns.run("ip", "route", "add", "192.0.2.0/24", "via", "198.51.100.1", "dev", "up1")
+            line = daemon.wait_for("192.0.2.0/24", 30.0)
+            recovery = time.perf_counter() - changed
+            last = settle(daemon)
+            lines = daemon.lines[mark:]
+            reacted = any("192.0.2.0/24" in x and "from first event to last delete" in x for x in lines)
+            seen, kernel = last_snapshot(lines), kernel_routes(ns)
+            alive = daemon.proc.poll() is None
+            out.append(f"recovery: a route change after the storm got a reaction in {recovery:.2f} s"
+                       f"{'' if line else ' (none seen)'}; daemon's snapshot {seen} routes, kernel {kernel}")
+            checks.append(("a later route change gets its reaction", reacted and alive))
+            checks.append((f"the daemon's view matches the kernel ({seen} == {kernel} routes)",
+                           last.idle_at is not None and seen == kernel))
+            tail = daemon.lines[-15:]
+    print("\n".join(out))
+    for what, ok in checks:
+        print(f"{verdict(ok)}  {what}")
+    failed = [what for what, ok in checks if not ok]
+    if failed:
+        print("daemon log (last lines):", *tail, sep="\n  ")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
