@@ -343,6 +343,25 @@ INVALID: dict[str, tuple[str, int, str, str]] = {
     "quoted table name": ("[policy.\"a\"]\n\n\n\"max_wait\" = -1\n", 4, "policy.a.max_wait", ">= 0"),
     "after a multi-line array": ("[policy.a]\ntriggers = [\n  'link',\n  'route',\n]\nactoin = 'log'\n", 6,
                                  "policy.a.actoin", "did you mean 'action'"),
+    # [pressure]
+    "pressure unknown key": ("[pressure]\nenabled = true\nhihg = 0.9\n", 3, "pressure.hihg", "did you mean 'high'"),
+    "pressure percent": ("[pressure]\nhigh = 90\n", 2, "pressure.high", "did you mean 0.9?"),
+    "pressure low above high": ("[pressure]\nhigh = 0.5\nlow = 0.8\n", 3, "pressure.low",
+                                "low 0.8 must be below high 0.5 (high from "),
+    "pressure low above default high": ("[pressure]\n\nlow = 0.95\n", 3, "pressure.low",
+                                        "low 0.95 must be below high 0.9 (high from built-in default)"),
+    "pressure tcp replied": ("[pressure]\nevict_replied = ['udp', 'tcp']\n", 2, "pressure.evict_replied",
+                             "replied tcp entries are never evicted"),
+    "pressure healthy timeout": ("[pressure]\nlower_timeouts = { udp_stream = 5 }\n", 2,
+                                 "pressure.lower_timeouts", "udp_stream: not a timeout that may be lowered"),
+    "pressure zero timeout": ("[pressure]\nlower_timeouts = { udp = 0 }\n", 2, "pressure.lower_timeouts",
+                              "udp: 0 is too small (must be 1.."),
+    "pressure bad prefix": ("[pressure]\nprotect_prefixes = ['10.0.0.1/8']\n", 2, "pressure.protect_prefixes",
+                            "did you mean '10.0.0.0/8'"),
+    "pressure not a table": ("pressure = 1\n", 1, "pressure", "expected a table [pressure]"),
+    "pressure zero batch": ("[pressure]\nbatch = 0\n", 2, "pressure.batch", "must be 1..10000000"),
+    "pressure intervals": ("[pressure]\nmin_interval = 60\n", 2, "pressure.min_interval",
+                           "min_interval 60.0 exceeds max_interval 30.0"),
 }
 
 
@@ -661,6 +680,7 @@ SHIPPED_TRIGGERS = {
 def test_shipped_rules_validate_and_mean_the_builtin_default(tmp_path: Path) -> None:
     assert sorted(p.name for p in REPO_RULES.glob("*.toml")) == [
         "50-uplink.toml", "60-ipsec.toml", "70-route.toml", "75-address.toml", "80-ruleset.toml",
+        "90-pressure.toml",
     ]
     effective = load_policies([str(shipped(tmp_path))])
     assert sorted(p.name for p in effective.policies) == ["address", "ipsec", "route", "ruleset", "uplink"]
@@ -782,3 +802,33 @@ def test_check_main_lists_every_error(tmp_path: Path, capsys: pytest.CaptureFixt
     assert f"{bad}:3: policy.a.actoin:" in err
     assert "2 error(s)" in err
 
+
+
+def test_shipped_pressure_default_is_sane(tmp_path: Path) -> None:
+    pressure = load_policies([str(shipped(tmp_path))]).pressure
+    assert pressure.enabled and (pressure.low, pressure.high) == (0.75, 0.90)
+    assert pressure.evict_unreplied and pressure.evict_replied == frozenset({17})  # udp only, never tcp
+    assert dict(pressure.lower_timeouts)["udp"] == 10
+    assert pressure.batch <= 1000  # small bounded batches
+    # Without any file, nothing touches the table's timeouts.
+    assert not load_policies([str(tmp_path / "none")]).pressure.enabled
+
+
+def test_pressure_keys_merge_per_key_and_render(tmp_path: Path) -> None:
+    dirs = layers(tmp_path)
+    put(dirs[USR], "90-pressure.toml", "[pressure]\nenabled = true\nhigh = 0.8\nlow = 0.5\n")
+    local = put(dirs[ETC], "95-local.toml",
+                "[pressure]\nprotect_zones = [3]\nprotect_marks = ['0x10/0xf0']\nlow = 0.6\n")
+    effective = load(dirs)
+    p = effective.pressure
+    assert (p.enabled, p.high, p.low) == (True, 0.8, 0.6)
+    assert p.protect.zones == frozenset({3}) and p.protect.marks == ((0x10, 0xF0),)
+    text = effective.render()
+    assert f"low = 0.6  # {local}:4" in text
+    assert 'protect_marks = ["0x10/0xf0"]' in text
+    # The rendered [pressure] table loads back to the same pressure policy.
+    again = tmp_path / "again"
+    again.mkdir(mode=0o755)
+    again.chmod(0o755)
+    put(again, "50-all.toml", "[pressure]\n" + text.split("\n[pressure]\n")[1])
+    assert load_policies([str(again)]).pressure == p

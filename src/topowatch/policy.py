@@ -129,7 +129,7 @@ def _int(value: object, what: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _Invalid(f"{what}: expected an integer, got {_type_name(value)} {value!r}")
     if not low <= value <= high:
-        sign = "negative" if value < 0 else "too large"
+        sign = "negative" if value < 0 else "too small" if value < low else "too large"
         raise _Invalid(f"{what}: {value} is {sign} (must be {low}..{high})")
     return value
 

@@ -290,6 +290,9 @@ class PressureAgent:
                 worked = trio.current_time() - began
                 await self._pause(max(interval, worked))
         finally:
+            if self._ct is not None:
+                self._ct.close()
+                self._ct = None
             if self._lowered is not None:
                 with trio.CancelScope(shield=True):
                     try:

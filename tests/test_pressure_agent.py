@@ -1,0 +1,206 @@
+"""The pressure agent on a fake table and fake sysctls: what it lowers, evicts, restores and recovers."""
+
+from __future__ import annotations
+
+from ipaddress import ip_address, ip_network
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from topowatch.core.conntrack import IPS_ASSURED, IPS_SEEN_REPLY, CtTuple, Entry
+from topowatch.core.flow import IPPROTO_TCP, IPPROTO_UDP
+from topowatch.core.model import AF_INET
+from topowatch.core.pressure import PressurePolicy, Protection, State
+from topowatch.edges.ctfake import FakeConntrack
+from topowatch.edges.sysctl import ConntrackSysctl, LedgerRecord, TableSize, TimeoutLedger, sysctl_name
+from topowatch.pressure import PressureAgent, PressureEvent
+
+MAX = 100
+TIMEOUTS = {"udp": 30, "udp_stream": 120, "tcp_syn_sent": 120, "tcp_syn_recv": 60, "icmp": 30,
+            "icmpv6": 30, "generic": 600}
+
+
+class TableSysctl(ConntrackSysctl):
+    """Timeouts in files under a temporary root; the count is the fake table's size."""
+
+    def __init__(self, root: Path, ct: FakeConntrack) -> None:
+        super().__init__(str(root))
+        self.ct = ct
+        for name, value in TIMEOUTS.items():
+            (root / sysctl_name(name)).write_text(f"{value}\n")
+
+    def table(self) -> TableSize:
+        return TableSize(len(self.ct.table), MAX, MAX)
+
+    def value(self, name: str) -> int:
+        return self.read(sysctl_name(name))
+
+
+def entry(n: int, *, status: int = 0, timeout: int = 30, proto: int = IPPROTO_UDP, zone: int = 0,
+          src: str | None = None) -> Entry:
+    s = ip_address(src or f"10.0.{n >> 8}.{n & 255}")
+    d = ip_address("192.0.2.1")
+    return Entry(AF_INET, proto, CtTuple(s, d, 1000 + n, 53), CtTuple(d, s, 53, 1000 + n),
+                 status, zone, 0, 0, timeout)
+
+
+POLICY = PressurePolicy(
+    enabled=True, high=0.9, low=0.6, lower_timeouts=(("udp", 10), ("generic", 60)),
+    evict_replied=frozenset({IPPROTO_UDP}), protect=Protection(zones=frozenset({9}),
+                                                               prefixes=(ip_network("10.9.0.0/16"),)),
+    batch=1000, rate=100_000,
+)  # fmt: skip
+
+
+def agent_for(tmp_path: Path, table: list[Entry], policy: PressurePolicy = POLICY
+              ) -> tuple[PressureAgent, FakeConntrack, TableSysctl, list[PressureEvent]]:
+    ct = FakeConntrack(table)
+    root = tmp_path / "sys"
+    root.mkdir(exist_ok=True)
+    sysctl = TableSysctl(root, ct)
+    current = {"policy": policy}
+    agent = PressureAgent(lambda: current["policy"], sysctl=sysctl,
+                          ledger=TimeoutLedger(str(tmp_path / "run" / "pressure-test.json")),
+                          conntrack=lambda: ct)  # type: ignore[arg-type, return-value]
+    events: list[PressureEvent] = []
+    agent.hooks.append(events.append)
+    return agent, ct, sysctl, events
+
+
+def full_table() -> list[Entry]:
+    """95 entries: 20 UNREPLIED udp of various ages, 5 protected, 40 assured udp, 30 established tcp."""
+    table = [entry(i, timeout=1 + i) for i in range(20)]  # idle 29 .. 10 s
+    table += [entry(100 + i, timeout=1, zone=9 if i < 3 else 0, src="10.9.0.1" if i >= 3 else None)
+              for i in range(5)]  # oldest of all, but protected
+    table += [entry(200 + i, status=IPS_SEEN_REPLY | IPS_ASSURED, timeout=20 + i) for i in range(40)]
+    table += [entry(300 + i, proto=IPPROTO_TCP, status=IPS_SEEN_REPLY | IPS_ASSURED, timeout=1)
+              for i in range(30)]
+    return table
+
+
+def test_pressure_lowers_timeouts_evicts_unreplied_oldest_first_and_restores(tmp_path: Path) -> None:
+    agent, ct, sysctl, events = agent_for(tmp_path, full_table())
+    step = agent.tick()
+    assert step.started and agent.state is State.HIGH
+    assert (sysctl.value("udp"), sysctl.value("generic"), sysctl.value("icmp")) == (10, 60, 30)
+    assert TimeoutLedger(agent.ledger.path).load() == LedgerRecord({"udp": 30, "generic": 600},
+                                                                   {"udp": 10, "generic": 60})
+    # Budget 95 - 60 = 35, but nothing is refused yet: only the 20 UNREPLIED unprotected entries go.
+    remaining = {e.orig.sport - 1000 for e in ct.table}
+    assert remaining.isdisjoint(range(20))
+    assert set(range(100, 105)) <= remaining  # protected
+    assert len(ct.table) == 75
+    assert [e.kind for e in events] == ["start", "timeouts", "evict"]
+    assert "20 UNREPLIED udp" in events[2].summary
+    assert "95 % full" not in events[0].summary and "95% full (95/100)" in events[0].summary
+
+    # The kernel starts refusing new flows: the last resort opens, oldest assured udp first.
+    ct.counters["drop"] = 7
+    step = agent.tick()
+    assert step.refused == 7 and step.replied_allowed
+    remaining = {e.orig.sport - 1000 for e in ct.table}
+    assert len(ct.table) == 60  # down to the low mark: 15 more
+    assert remaining.isdisjoint(range(200, 215))  # the 15 with the least time left went
+    assert set(range(215, 240)) <= remaining
+    assert set(range(300, 330)) <= remaining  # established tcp never
+    assert set(range(100, 105)) <= remaining  # protected never
+
+    step = agent.tick()  # at the low mark: pressure ends, timeouts back to exactly what they were
+    assert step.ended and agent.state is State.NORMAL
+    assert (sysctl.value("udp"), sysctl.value("generic")) == (30, 600)
+    assert TimeoutLedger(agent.ledger.path).load() is None
+    assert events[-1].kind == "end" and events[-2].kind == "timeouts"
+    assert agent.status()["evicted"] == 35
+    assert agent.status()["evicted_by_class"] == {"UNREPLIED udp": 20, "replied udp": 15}
+
+
+def test_no_pressure_no_action(tmp_path: Path) -> None:
+    agent, ct, sysctl, events = agent_for(tmp_path, full_table()[:80])
+    step = agent.tick()
+    assert step.state is State.NORMAL and step.budget == 0
+    assert len(ct.table) == 80 and sysctl.value("udp") == 30 and events == []
+    assert not Path(agent.ledger.path).exists()
+
+
+def test_a_timeout_changed_by_an_admin_meanwhile_is_left_alone(tmp_path: Path) -> None:
+    agent, ct, sysctl, _ = agent_for(tmp_path, full_table())
+    agent.tick()
+    sysctl.write(sysctl_name("udp"), 15)  # an admin's change while under pressure
+    for e in list(ct.table)[:40]:
+        ct.delete([e])
+    agent.tick()
+    assert agent.state is State.NORMAL
+    assert (sysctl.value("udp"), sysctl.value("generic")) == (15, 600)
+
+
+def test_crash_recovery_restores_what_a_previous_run_lowered(tmp_path: Path) -> None:
+    agent, _, sysctl, _ = agent_for(tmp_path, full_table())
+    agent.tick()
+    assert sysctl.value("udp") == 10
+    # The process dies here (SIGKILL): nothing restored. A new agent starts in the same namespace.
+    again, _, sysctl2, _ = agent_for(tmp_path, [])
+    assert sysctl2.value("udp") == 30  # (fresh fake files)
+    sysctl2.set_timeouts({"udp": 10, "generic": 60})  # what the killed run left in the kernel
+    again.recover()
+    assert (sysctl2.value("udp"), sysctl2.value("generic")) == (30, 600)
+    assert not Path(again.ledger.path).exists()
+
+
+async def test_shutdown_restores_and_disabled_agent_never_wakes(tmp_path: Path,
+                                                                autojump_clock: trio.testing.MockClock) -> None:
+    agent, ct, sysctl, _ = agent_for(tmp_path, full_table())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        while agent.counters.evicted == 0:  # the first tick lowers, then evicts
+            await trio.sleep(0.01)
+        assert sysctl.value("udp") == 10
+        nursery.cancel_scope.cancel()
+    assert sysctl.value("udp") == 30 and not Path(agent.ledger.path).exists()
+
+    current: dict[str, Any] = {"policy": PressurePolicy(enabled=False)}
+    idle = PressureAgent(lambda: current["policy"], sysctl=sysctl, ledger=agent.ledger,
+                         conntrack=lambda: ct)  # type: ignore[arg-type, return-value]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(idle.run)
+        await trio.sleep(3600)
+        assert idle.counters.ticks == 0  # an hour without a single look: the policy did not ask
+        current["policy"] = POLICY
+        idle.policy_changed()
+        while idle.counters.ticks == 0:
+            await trio.sleep(0.01)
+        assert idle.counters.ticks == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_tick_is_counted_and_the_agent_goes_on(tmp_path: Path,
+                                                               autojump_clock: trio.testing.MockClock) -> None:
+    agent, _, sysctl, _ = agent_for(tmp_path, full_table())
+    (Path(sysctl.root) / sysctl_name("udp")).unlink()
+    broken = {"n": 0}
+    real = agent.read_sample
+
+    def flaky() -> Any:
+        broken["n"] += 1
+        if broken["n"] == 1:
+            from topowatch.edges.sysctl import SysctlError
+
+            raise SysctlError("cannot read nf_conntrack_count: gone")
+        return real()
+
+    agent.read_sample = flaky  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        while agent.counters.ticks < 2:
+            await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+    assert agent.counters.errors == 1 and agent.counters.episodes == 1
+
+
+@pytest.mark.parametrize("fill", [0, 50, 89])
+def test_below_the_high_mark_the_table_is_never_dumped(tmp_path: Path, fill: int) -> None:
+    agent, ct, _, _ = agent_for(tmp_path, full_table()[:fill])
+    agent.tick()
+    assert ct.requests == 1  # the stats request only
