@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Generate the man pages from the code: topowatch(8) from the argparse parser, topowatch.rules.d(5)
-from the policy schema (``policy.KEYS``, ``TRIGGERS``, ``DEFAULT_DIRS``).
+from the policy schema (``policy.KEYS``, ``PRESSURE_KEYS``, ``TRIGGERS``, ``DEFAULT_DIRS``).
 
     python scripts/genman.py            # write man/topowatch.8 and man/topowatch.rules.d.5
     python scripts/genman.py --check    # exit 1 if the committed pages differ from the code
@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from topowatch import __version__  # noqa: E402
 from topowatch.cli import build_parser  # noqa: E402
-from topowatch.policy import DEFAULT_DIRS, KEYS, TRIGGERS  # noqa: E402
+from topowatch.core.pressure import LOWERABLE  # noqa: E402
+from topowatch.policy import DEFAULT_DIRS, KEYS, PRESSURE_KEYS, TRIGGERS  # noqa: E402
 
 MAN_DIR = ROOT / "man"
 
@@ -115,7 +116,15 @@ def topowatch_8() -> str:
             "while that loop is waiting for events or has been busy with one reaction for less than the "
             "timeout: a stuck loop is restarted. Without WatchdogSec= there are no periodic wakeups. The "
             "unit runs as root bounded to CAP_NET_ADMIN and CAP_NET_RAW with a read-only file system "
-            "except /proc/sys/net/netfilter."),
+            "except /proc/sys/net/netfilter (the pressure policy's timeouts) and its RuntimeDirectory= "
+            "/run/topowatch (the state directory)."),
+        ".SH D\\-BUS",
+        esc("On the system bus the daemon owns io.github.topowatch (in another network namespace "
+            "io.github.topowatch.netns_NAME, NAME from ip netns or the namespace's inode) and exports "
+            "/io/github/topowatch with the interface io.github.topowatch.Agent1: methods Trigger(s "
+            "interface), TriggerEvent(s kind, s interface, s detail), Plan, Reload and Status (JSON "
+            "strings), signals Reacted(s) after each reaction and Pressure(s) when table pressure starts, "
+            "and ends. run --no-dbus leaves the bus alone."),
         ".SH LOGGING AND METRICS",
         esc("Logs go to stderr: journald priority prefixes under systemd, timestamps on a terminal. "
             "With --log-format json every record is one JSON object per line; each reaction is exactly "
@@ -129,13 +138,18 @@ def topowatch_8() -> str:
             "topowatch_entries_undecided_total, topowatch_entries_deleted_total, "
             "topowatch_reaction_latency_seconds (histogram), topowatch_conntrack_entries, "
             "topowatch_conntrack_max, topowatch_conntrack_fill_ratio, topowatch_errors_total{kind}, "
-            "topowatch_last_reaction_timestamp_seconds."),
+            "topowatch_last_reaction_timestamp_seconds, topowatch_pressure_high, "
+            "topowatch_pressure_episodes_total, topowatch_pressure_evicted_total{class}, "
+            "topowatch_pressure_timeout_changes_total."),
         ".SH HOOKS",
         esc("contrib/ holds hooks that ask the daemon to react over D-Bus (TriggerEvent), waiting at most "
-            "about two seconds: a NetworkManager dispatcher script (/etc/NetworkManager/dispatcher.d/"
-            "90-topowatch), a strongSwan updown script and ppp ip-up.d/ip-down.d scripts. When the daemon "
-            "cannot be reached they do nothing, or run a one-shot topowatch flush in the background when "
-            "TOPOWATCH_HOOK_FALLBACK=flush is set in /etc/default/topowatch."),
+            "about two seconds: a NetworkManager dispatcher script (installed as /usr/lib/NetworkManager/"
+            "dispatcher.d/90-topowatch), a strongSwan updown script (/usr/lib/topowatch/strongswan-updown) "
+            "and ppp ip-up.d/ip-down.d scripts (/usr/lib/topowatch/ppp/, to link from /etc/ppp/). When the "
+            "daemon is not running (its name has no owner on the bus, or there is no bus) they do nothing, "
+            "or run a one-shot topowatch flush in the background when TOPOWATCH_HOOK_FALLBACK=flush is set "
+            "in /etc/default/topowatch. A running daemon that refuses the call or does not answer in time "
+            "gets no fallback: it reacts to the kernel's events itself."),
         ".SH FILES",
     ]
     for directory in DEFAULT_DIRS:
@@ -143,6 +157,11 @@ def topowatch_8() -> str:
     out += [
         ".TP", "\\fI/usr/share/dbus\\-1/system.d/io.github.topowatch.conf\\fR",
         esc("the bus policy: only root may own the name and call the mutating methods"),
+        ".TP", "\\fI/run/topowatch/pressure\\-*.json\\fR",
+        esc("the conntrack timeouts a pressure policy lowered, saved before the first write and restored "
+            "at the next start after a crash (run --state-dir moves it)"),
+        ".TP", "\\fI/usr/lib/systemd/system/topowatch.service\\fR",
+        esc("the hardened unit"),
         ".TP", "\\fI/etc/default/topowatch\\fR",
         esc("TOPOWATCH_HOOK_FALLBACK for the hooks (read, never executed)"),
         ".SH ENVIRONMENT",
@@ -183,6 +202,33 @@ VALUE_SYNTAX = {
 }
 
 
+# The same for the [pressure] table (policy.PRESSURE_KEYS).
+PRESSURE_SYNTAX = {
+    "enabled": "true or false",
+    "high": "a fraction of nf_conntrack_max, > 0 and <= 1",
+    "low": "a fraction of nf_conntrack_max, below high",
+    "lower_timeouts": "a table of seconds by timeout name ({ udp = 10, tcp_syn_sent = 20 }); names: "
+                      + ", ".join(LOWERABLE),
+    "evict_unreplied": "true or false",
+    "evict_replied": "array of connectionless protocol names or numbers (never tcp, sctp, dccp)",
+    "protect_zones": "array of conntrack zones, integers 0..65535",
+    "protect_marks": VALUE_SYNTAX["marks"],
+    "protect_prefixes": 'array of prefixes, "10.0.0.0/8", "2001:db8::/32"',
+    "batch": "integer 1..10000000",
+    "rate": "integer 1..10000000",
+    "min_interval": "seconds > 0",
+    "max_interval": "seconds >= min_interval",
+}
+
+
+def _pressure_default(value: object) -> str:
+    if value in ((), frozenset()):
+        return "none"
+    if isinstance(value, tuple) and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+        return "{ " + ", ".join(f"{name} = {seconds}" for name, seconds in value) + " }"
+    return _default(value)
+
+
 def _default(value: object) -> str:
     if value is None:
         return ""
@@ -202,6 +248,9 @@ def rules_d_5() -> str:
     missing = set(KEYS) ^ set(VALUE_SYNTAX)
     if missing:
         raise SystemExit(f"genman: VALUE_SYNTAX and policy.KEYS differ: {sorted(missing)}")
+    missing = set(PRESSURE_KEYS) ^ set(PRESSURE_SYNTAX)
+    if missing:
+        raise SystemExit(f"genman: PRESSURE_SYNTAX and policy.PRESSURE_KEYS differ: {sorted(missing)}")
     out = [
         '.\\" Generated by scripts/genman.py from topowatch.policy; do not edit.',
         f'.TH TOPOWATCH.RULES.D 5 "" "topowatch {__version__}" "File Formats"',
@@ -250,6 +299,23 @@ def rules_d_5() -> str:
             f"Default: {spec.doc}."
         out += [".TP", f"\\fB{esc(key)}\\fR = \\fI{esc(VALUE_SYNTAX[key])}\\fR", esc(meaning)]
     out += [
+        ".SH PRESSURE",
+        esc("One [pressure] table for the network namespace, merged per key across files like a "
+            "policy, tells the daemon what to do when the conntrack table fills up. Above high "
+            "(nf_conntrack_count / nf_conntrack_max) it lowers the timeouts in lower_timeouts (only ever "
+            "lowers; the previous values are saved in the state directory, run --state-dir, before the "
+            "first write) and evicts UNREPLIED entries, the least recently refreshed first, at most batch "
+            "per tick and rate per second, until the fill is down to low; then it writes the saved "
+            "timeouts back (one someone else changed meanwhile is left alone, and said so). Replied "
+            "entries of the protocols in evict_replied go only while the kernel is refusing new flows; "
+            "replied tcp, sctp and dccp entries never. Protected zones, marks and prefixes are never "
+            "evicted. Timeouts a crashed run left lowered are restored at the next start, and on "
+            "shutdown. Every key is optional."),
+    ]
+    for key, spec in PRESSURE_KEYS.items():
+        meaning = f"{spec.doc[:1].upper()}{spec.doc[1:]}. Default: {_pressure_default(spec.default)}."
+        out += [".TP", f"\\fB{esc(key)}\\fR = \\fI{esc(PRESSURE_SYNTAX[key])}\\fR", esc(meaning)]
+    out += [
         ".SH HOW POLICIES COMBINE",
         ".IP \\(bu 2",
         esc("A burst of events activates every enabled policy whose triggers list one of its events "
@@ -283,6 +349,13 @@ def rules_d_5() -> str:
         "",
         esc("[policy.ipsec]"),
         esc('action = "log"'),
+        "",
+        esc("[pressure]"),
+        esc("enabled = true"),
+        esc("high = 0.9"),
+        esc("low = 0.75"),
+        esc("lower_timeouts = { udp = 10, tcp_syn_sent = 20 }"),
+        esc('protect_prefixes = ["10.0.9.0/24"]'),
         ".fi",
         ".SH SEE ALSO",
         "\\fBtopowatch\\fR(8), \\fBsystemd.unit\\fR(5), \\fBconntrack\\fR(8)",

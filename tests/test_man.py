@@ -1,6 +1,6 @@
 """The man pages match the code: regenerated from the parser and the policy schema, they equal the
 committed files; every command, option and policy key is in them; groff reads them without warnings;
-the wheel installs them."""
+the wheel installs them, with the shipped policies, the unit, the bus policy and the hooks."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import argparse
 import shutil
 import subprocess
 import sys
-import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from topowatch.cli import build_parser
-from topowatch.policy import KEYS
+from topowatch.policy import KEYS, PRESSURE_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ("topowatch.8", "topowatch.rules.d.5")
@@ -60,6 +60,9 @@ def test_every_policy_key_is_documented() -> None:
     text = (ROOT / "man/topowatch.rules.d.5").read_text()
     for key in KEYS:
         assert f"\\fB{key}\\fR" in text, key
+    pressure = text.split(".SH PRESSURE\n", 1)[1].split("\n.SH ", 1)[0]
+    for key in PRESSURE_KEYS:
+        assert f"\\fB{key}\\fR" in pressure, key
 
 
 @pytest.mark.skipif(shutil.which("groff") is None, reason="groff not installed")
@@ -71,8 +74,43 @@ def test_groff_reads_without_warnings(page: str) -> None:
     assert proc.stderr == ""
 
 
-def test_the_wheel_installs_the_pages() -> None:
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    shared = config["tool"]["hatch"]["build"]["targets"]["wheel"]["shared-data"]
-    assert shared["man/topowatch.8"] == "share/man/man8/topowatch.8"
-    assert shared["man/topowatch.rules.d.5"] == "share/man/man5/topowatch.rules.d.5"
+# Where each shipped file lands under the install prefix (/usr: where systemd, dbus-daemon,
+# NetworkManager, man and topowatch's own policy loader look).
+INSTALLED = {
+    "man/topowatch.8": "share/man/man8/topowatch.8",
+    "man/topowatch.rules.d.5": "share/man/man5/topowatch.rules.d.5",
+    **{f"rules.d/{p.name}": f"lib/topowatch/rules.d/{p.name}"
+       for p in sorted((ROOT / "rules.d").glob("*.toml"))},
+    "rules.d/README.md": "lib/topowatch/rules.d/README.md",
+    "contrib/topowatch.service": "lib/systemd/system/topowatch.service",
+    "contrib/dbus/io.github.topowatch.conf": "share/dbus-1/system.d/io.github.topowatch.conf",
+    "contrib/networkmanager/90-topowatch": "lib/NetworkManager/dispatcher.d/90-topowatch",
+    "contrib/strongswan/topowatch-updown": "lib/topowatch/strongswan-updown",
+    "contrib/ppp/ip-up.d/topowatch": "lib/topowatch/ppp/ip-up.d/topowatch",
+    "contrib/ppp/ip-down.d/topowatch": "lib/topowatch/ppp/ip-down.d/topowatch",
+}
+EXECUTABLE = {"contrib/networkmanager/90-topowatch", "contrib/strongswan/topowatch-updown",
+              "contrib/ppp/ip-up.d/topowatch", "contrib/ppp/ip-down.d/topowatch"}
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_the_pages(tmp_path: Path) -> None:
+    # Built as pip builds it for an install; hatchling comes with the test extra, so no network.
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                           "--no-index", "--disable-pip-version-check", "-q", "-w", str(tmp_path), str(ROOT)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = tmp_path.glob("topowatch-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        data = {}
+        for info in archive.infolist():
+            _, sep, rest = info.filename.partition(".data/data/")
+            if sep:
+                data[rest] = info
+        assert sorted(data) == sorted(INSTALLED.values())
+        for source, target in INSTALLED.items():
+            assert archive.read(data[target]) == (ROOT / source).read_bytes(), source
+            mode = data[target].external_attr >> 16
+            # pip keeps the executable bit of a file the wheel marks so: the hooks must run as installed.
+            assert bool(mode & 0o111) == (source in EXECUTABLE), (source, oct(mode))
+        assert "topowatch/cli.py" in archive.namelist()
