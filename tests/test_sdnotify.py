@@ -182,12 +182,14 @@ async def test_real_reactor_stuck_in_a_reaction_stops_the_pings(
 def test_daemon_notifies_systemd(netns: Namespace, tmp_path: Path, receiver: tuple[socket.socket, str]) -> None:
     sock, path = receiver
     textfile = tmp_path / "topowatch.prom"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}
+    # No D-Bus (not what this tests), and never the host's system bus should one be there.
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000",
+           "DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent"}
     netns.run("nft", "add", "table", "ip", "t")  # an empty ruleset would do too; this one is readable
     proc = subprocess.Popen(
         ["ip", "netns", "exec", netns.name, sys.executable, "-m", "topowatch", "--log-format", "json",
-         "run", "--rules-dir", str(tmp_path / "none"), "--metrics-textfile", str(textfile),
-         "--metrics-refresh", "0"],
+         "run", "--no-dbus", "--state-dir", str(tmp_path / "state"), "--rules-dir", str(tmp_path / "none"),
+         "--metrics-textfile", str(textfile), "--metrics-refresh", "0"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:

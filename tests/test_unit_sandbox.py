@@ -6,9 +6,12 @@ the unit's own [Service] settings. Elsewhere (containers, this CI) the key
 restrictions are emulated in a test namespace, read from the unit file so the
 test follows it: a private mount namespace with every mount read-only
 (ProtectSystem=strict) and /proc/sys read-only except ReadWritePaths=
-(ProtectKernelTunables=), tmpfs over /tmp and the home directories, the
+(ProtectKernelTunables=), tmpfs over /tmp and the home directories, a writable
+state directory for RuntimeDirectory= (at a test path, not /run/topowatch), the
 capability bounding set of CapabilityBoundingSet= with no-new-privs (setpriv),
-and MemoryDenyWriteExecute= through prctl(PR_SET_MDWE). Not emulated:
+and MemoryDenyWriteExecute= through prctl(PR_SET_MDWE). The daemon runs in it
+twice: reacting to the startup sweep, and under table pressure (lowering a
+timeout of the test namespace and restoring it on SIGTERM). Not emulated:
 RestrictAddressFamilies= and SystemCallFilter= (seccomp); the offline
 analysis checks they are set.
 """
@@ -17,17 +20,25 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
 
+from topowatch.cli import build_parser
+from topowatch.core.conntrack import IPS_ASSURED, IPS_SEEN_REPLY, CtTuple, Entry
+from topowatch.edges import ctcodec
+from topowatch.edges.ctnetlink import Conntrack
 from topowatch.netns import Namespace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +66,12 @@ def setting(key: str) -> list[str]:
     return [v for k, v in service_settings() if k == key]
 
 
+def state_dir_default() -> str:
+    parser = build_parser()
+    run = parser.parse_args(["run"])
+    return str(run.state_dir)
+
+
 def test_unit_declares_what_the_issue_asks() -> None:
     s = dict(service_settings())
     assert s["Type"] == "notify"
@@ -62,7 +79,16 @@ def test_unit_declares_what_the_issue_asks() -> None:
     assert s["WatchdogSec"]
     assert set(s["CapabilityBoundingSet"].split()) == {"CAP_NET_ADMIN", "CAP_NET_RAW"}
     assert set(s["RestrictAddressFamilies"].split()) == {"AF_NETLINK", "AF_UNIX", "AF_INET", "AF_INET6"}
-    assert "/proc/sys/net/netfilter" in setting("ReadWritePaths")
+    # The pressure policy writes this namespace's conntrack timeouts; nothing else under /proc/sys.
+    assert s["ProtectKernelTunables"] == "yes"
+    assert " ".join(setting("ReadWritePaths")).split() == ["/proc/sys/net/netfilter"]
+    # Its ledger lives in the state directory, which must exist, be writable under
+    # ProtectSystem=strict, and outlive a crash (until the boot ends, like the sysctls).
+    assert s["RuntimeDirectory"] == "topowatch"
+    assert s["RuntimeDirectoryMode"] == "0700"
+    assert s["RuntimeDirectoryPreserve"] == "yes"
+    assert "--state-dir" not in s["ExecStart"]
+    assert state_dir_default() == "/run/" + s["RuntimeDirectory"]
     for key in ("ProtectSystem", "ProtectHome", "PrivateTmp", "ProtectKernelModules", "ProtectKernelLogs",
                 "ProtectControlGroups", "RestrictNamespaces", "LockPersonality", "MemoryDenyWriteExecute",
                 "SystemCallArchitectures", "NoNewPrivileges"):
@@ -177,8 +203,12 @@ def _caps_for_setpriv() -> str:
     return ",".join(["-all", *(f"+{n}" for n in names)])
 
 
-def _sandbox_shell(command: str, caps: str | None = None) -> str:
-    """A shell script that builds the unit's filesystem view in a fresh mount namespace, then execs."""
+def _sandbox_shell(command: str, caps: str | None = None, state_dir: Path | None = None) -> str:
+    """A shell script that builds the unit's filesystem view in a fresh mount namespace, then execs.
+
+    ``state_dir`` stands in for RuntimeDirectory=: writable like it (the daemon gets it as
+    --state-dir; /run/topowatch itself stays the host's).
+    """
     lines = [
         "set -eu",
         "mount --make-rprivate /",
@@ -198,7 +228,10 @@ def _sandbox_shell(command: str, caps: str | None = None) -> str:
             lines.append(f"mount -t tmpfs -o ro,mode=0755 tmpfs {home}")
     if setting("ProtectKernelTunables") == ["yes"]:
         lines += ["mount --bind /proc/sys /proc/sys", "mount -o remount,bind,ro /proc/sys"]
-    for path in " ".join(setting("ReadWritePaths")).split():
+    writable = " ".join(setting("ReadWritePaths")).split()
+    if state_dir is not None and setting("RuntimeDirectory"):
+        writable.append(str(state_dir))
+    for path in writable:
         lines += [f"mount --bind {path} {path}", f"mount -o remount,bind,rw {path}"]
     setpriv = (f"setpriv --no-new-privs --bounding-set={caps or _caps_for_setpriv()} --inh-caps=-all "
                "--ambient-caps=-all")
@@ -269,16 +302,24 @@ def test_daemon_starts_and_reacts_inside_the_emulated_sandbox(netns: Namespace) 
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(notify_path)
         notify.settimeout(20)
-        run_daemon_in_sandbox(netns, notify, notify_path)
+        run_daemon_in_sandbox(netns, notify, notify_path, probe.parent)
 
 
-def run_daemon_in_sandbox(netns: Namespace, notify: socket.socket, notify_path: str) -> None:
-    netns.run("nft", "add", "table", "ip", "t")
+def _daemon_in_sandbox(netns: Namespace, notify_path: str, base: Path, rules: str) -> subprocess.Popen[str]:
+    """``topowatch run`` under the unit's settings inside ``netns``; no D-Bus (not what this tests)."""
+    state = base / "state"
+    state.mkdir(mode=0o700)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONDONTWRITEBYTECODE": "1",
            "NOTIFY_SOCKET": notify_path, "DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent"}
-    script = _sandbox_shell(f"{sys.executable} -m topowatch run --rules-dir /nonexistent")
-    proc = subprocess.Popen(["ip", "netns", "exec", netns.name, "unshare", "--mount", "sh", "-c", script],
+    command = f"{sys.executable} -m topowatch run --no-dbus --rules-dir {rules} --state-dir {state}"
+    script = _sandbox_shell(command, state_dir=state)
+    return subprocess.Popen(["ip", "netns", "exec", netns.name, "unshare", "--mount", "sh", "-c", script],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def run_daemon_in_sandbox(netns: Namespace, notify: socket.socket, notify_path: str, base: Path) -> None:
+    netns.run("nft", "add", "table", "ip", "t")
+    proc = _daemon_in_sandbox(netns, notify_path, base, "/nonexistent")
     messages: list[str] = []
     try:
         while not any(m.startswith("STATUS=reaction 1") for m in messages):
@@ -294,6 +335,85 @@ def run_daemon_in_sandbox(netns: Namespace, notify: socket.socket, notify_path: 
     assert messages[0].startswith("READY=1"), messages
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
+
+
+PRESSURE_RULES = """[pressure]
+enabled = true
+high = 0.0001
+low = 0.00005
+lower_timeouts = { udp = 7 }
+"""
+UDP_TIMEOUT = "/proc/sys/net/netfilter/nf_conntrack_udp_timeout"
+
+
+def _replied_udp(n: int) -> list[Entry]:
+    # Replied entries: the pressure policy may not evict them (evict_replied is empty), so the
+    # table stays above the high mark until the daemon stops.
+    server = IPv4Address("192.0.2.53")
+    out = []
+    for i in range(n):
+        client = IPv4Address(int(IPv4Address("198.18.0.0")) + 1 + i // 50_000)
+        sport = 10_000 + i % 50_000
+        out.append(Entry(2, 17, CtTuple(client, server, sport, 53), CtTuple(server, client, 53, sport),
+                         status=IPS_SEEN_REPLY | IPS_ASSURED, timeout=600))
+    return out
+
+
+def _wait_until(predicate: object, what: str, proc: subprocess.Popen[str], seconds: float = 30) -> None:
+    """Poll ``predicate`` (a bound on waiting, not a claim about speed); fail with the daemon's log."""
+    assert callable(predicate)
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            _, stderr = proc.communicate(timeout=10)
+            pytest.fail(f"{what}; daemon exit {proc.returncode}; stderr:\n{stderr}")
+        time.sleep(0.1)
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(_needs_emulation() is not None, reason=_needs_emulation() or "")
+def test_pressure_inside_the_emulated_sandbox(netns: Namespace) -> None:
+    # The pressure policy writes this namespace's timeouts through ReadWritePaths= and keeps its
+    # ledger in the state directory; on SIGTERM it writes the saved timeout back.
+    before = int(netns.run("cat", UDP_TIMEOUT))
+    assert before != 7
+    limit = int(Path("/proc/sys/net/netfilter/nf_conntrack_max").read_text())  # read, never written
+    count = max(300, 4 * math.ceil(limit * 0.0001))  # well above the high mark, per namespace
+    sock = netns.socket(socket.AF_NETLINK, socket.SOCK_RAW, ctcodec.NETLINK_NETFILTER)
+    with Conntrack(sock) as ct:
+        assert ct.create(_replied_udp(count)) == count
+    assert int(netns.run("cat", "/proc/sys/net/netfilter/nf_conntrack_count")) >= count
+    netns.run("nft", "add", "table", "ip", "t")
+    with probe_file() as probe:
+        rules = probe.parent / "rules"
+        rules.mkdir(mode=0o755)
+        (rules / "90-pressure.toml").write_text(PRESSURE_RULES)
+        notify_path = str(probe.parent / "notify")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
+        try:
+            proc = _daemon_in_sandbox(netns, notify_path, probe.parent, str(rules))
+            try:
+                _wait_until(lambda: int(netns.run("cat", UDP_TIMEOUT)) == 7,
+                            "the udp timeout was never lowered to 7", proc)
+                ledgers = list((probe.parent / "state").glob("pressure-*.json"))
+                assert len(ledgers) == 1, "lowered without a ledger to restore from"
+                assert json.loads(ledgers[0].read_text())["saved"] == {"udp": before}
+            finally:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                _, stderr = proc.communicate(timeout=30)
+        finally:
+            notify.close()
+        assert proc.returncode == 0, stderr
+        assert "Traceback" not in stderr
+        assert int(netns.run("cat", UDP_TIMEOUT)) == before
+        assert list((probe.parent / "state").glob("pressure-*.json")) == []  # restored: nothing owed
+        assert f"udp {before} -> 7 s" in stderr
+    with Conntrack(netns.socket(socket.AF_NETLINK, socket.SOCK_RAW, ctcodec.NETLINK_NETFILTER)) as ct:
+        assert len(ct.dump(unreplied_only=False)) == count  # replied entries: none evicted
 
 
 @pytest.mark.skipif(not Path("/run/systemd/system").is_dir(),
