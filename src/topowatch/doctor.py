@@ -2,9 +2,15 @@
 
 Every finding comes from asking the system, never from a version number: a
 request the kernel either honours or ignores, a program that runs or not, a
-socket that opens, a name on the bus, a file that exists. Each finding says
-what was asked, what came back, and what topowatch does differently where
-the feature is missing.
+socket that opens, a name on the bus, a file that holds what it should. Each
+finding says what was asked, what came back, and what topowatch does
+differently where the feature is missing.
+
+ctnetlink itself is asked first, in the caller's namespace, with the one
+request that reads nothing but counters (the per-CPU statistics, as
+``conntrack -S``): a kernel without it answers EINVAL (no such nfnetlink
+subsystem) or has no NETLINK_NETFILTER at all. Without it nothing else about
+conntrack is worth probing, and the filter findings say so.
 
 Theory of operation for the conntrack probes: filters that a kernel does not
 know are silently ignored, and an ignored filter on a flush deletes the whole
@@ -31,6 +37,7 @@ import ctypes.util
 import enum
 import errno as errno_mod
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -38,6 +45,7 @@ import socket
 import struct
 import subprocess
 import threading
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address
@@ -60,6 +68,10 @@ TOOL_TIMEOUT = 5.0
 BUS_TIMEOUT = 2.0
 NETFILTER_SYSCTLS = "/proc/sys/net/netfilter"
 BUS_POLICY_DIRS = ("/usr/share/dbus-1/system.d", "/etc/dbus-1/system.d")
+# SHA-256 of contrib/dbus/io.github.topowatch.conf in canonical XML (C14N 2.0, comments and
+# whitespace between elements dropped): what the bus enforces, not how it is written down.
+# tests/netns/test_doctor.py recomputes it from the file, so the two cannot drift apart.
+BUS_POLICY_SHA256 = "9b11a3dce14ece2689de8c64296f05387f3c960ff1dc4e9979330ca2de318a0d"
 NM_BUS_NAME = "org.freedesktop.NetworkManager"
 # Average hash chain length at a full table above which lookups get slow.
 CHAIN_WARN = 8
@@ -269,10 +281,77 @@ def probe_conntrack() -> ConntrackProbes:
     return ConntrackProbes(status_dump, tuple_dump, status_flush, tuple_flush, details)
 
 
-def _conntrack_findings() -> list[Finding]:
-    keys = ("ct_status_dump", "ct_tuple_dump", "ct_status_flush", "ct_tuple_flush")
-    titles = ("ctnetlink status filter on dump", "ctnetlink tuple filter (CTA_FILTER) on dump",
+CTNETLINK_TITLE = "ctnetlink (nf_conntrack_netlink)"
+CTNETLINK_CONSEQUENCE = (
+    "topowatch cannot dump or delete conntrack entries: run, plan and flush fail, and the daemon "
+    "refuses to start (load nf_conntrack_netlink; the kernel needs CONFIG_NF_CT_NETLINK)")
+# What a kernel answers a ctnetlink request with when the subsystem is not there.
+_NO_SUBSYSTEM = (errno_mod.EINVAL, errno_mod.EOPNOTSUPP, errno_mod.ENOENT)
+
+
+def _netfilter_socket() -> socket.socket:
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, ctcodec.NETLINK_NETFILTER)
+
+
+def ctnetlink_errno(open_socket: Callable[[], socket.socket] = _netfilter_socket) -> int:
+    """The kernel's answer (0: answered) to a per-CPU statistics request in the caller's namespace.
+
+    The request carries no filter and reads only counters. OSError when the
+    socket does not open or nothing answers within ``TOOL_TIMEOUT``.
+    """
+    with open_socket() as sock:
+        sock.settimeout(TOOL_TIMEOUT)
+        sock.bind((0, 0))
+        seq = 1
+        sock.send(ctcodec.encode_stats_request(seq))
+        totals = dict.fromkeys(ctcodec.CTA_STATS_NAMES.values(), 0)
+        while True:
+            data = sock.recv(1 << 16)
+            try:
+                done, err = ctcodec.parse_stats(data, seq, totals)
+            except ctcodec.MalformedMessage as exc:
+                raise OSError(errno_mod.EBADMSG, f"malformed answer: {exc}") from exc
+            if done:
+                return err
+
+
+def _ctnetlink(answer: Callable[[], int] | None = None) -> Finding:
+    key, title = "ctnetlink", CTNETLINK_TITLE
+    asked = "a conntrack statistics request (counters only, this namespace)"
+    try:
+        err = (answer or ctnetlink_errno)()
+    except OSError as exc:
+        if exc.errno in (errno_mod.EPROTONOSUPPORT, errno_mod.EAFNOSUPPORT):
+            return Finding(key, title, Status.MISSING,
+                           f"a NETLINK_NETFILTER socket does not open ({exc.strerror}): this kernel has no "
+                           "nfnetlink", CTNETLINK_CONSEQUENCE, required=True)
+        return Finding(key, title, Status.SKIPPED, f"{asked} failed: {exc.strerror or exc}")
+    if err == 0:
+        return Finding(key, title, Status.OK, f"{asked} was answered")
+    if err in (errno_mod.EPERM, errno_mod.EACCES):
+        return Finding(key, title, Status.SKIPPED,
+                       f"{asked} was refused ({os.strerror(err)}): asking needs CAP_NET_ADMIN")
+    if err in _NO_SUBSYSTEM:
+        return Finding(key, title, Status.MISSING,
+                       f"{asked} was answered {errno_mod.errorcode.get(err, err)} ({os.strerror(err)}): "
+                       "the kernel has no ctnetlink subsystem, and could not load it",
+                       CTNETLINK_CONSEQUENCE, required=True)
+    return Finding(key, title, Status.MISSING, f"{asked} was answered {os.strerror(err)}",
+                   CTNETLINK_CONSEQUENCE, required=True)
+
+
+_CT_KEYS = ("ct_status_dump", "ct_tuple_dump", "ct_status_flush", "ct_tuple_flush")
+_CT_TITLES = ("ctnetlink status filter on dump", "ctnetlink tuple filter (CTA_FILTER) on dump",
               "ctnetlink status filter on flush", "ctnetlink tuple filter (CTA_FILTER) on flush")
+
+
+def _conntrack_findings(ctnetlink: Finding | None = None) -> list[Finding]:
+    keys, titles = _CT_KEYS, _CT_TITLES
+    if ctnetlink is not None and ctnetlink.status is Status.MISSING:
+        # Not skipped: the answer is known. No ctnetlink, no filters on it either.
+        return [Finding(k, t, Status.MISSING, f"not probed: ctnetlink itself is missing ({ctnetlink.detail})",
+                        "no filter to use without ctnetlink: " + CTNETLINK_CONSEQUENCE)
+                for k, t in zip(keys, titles, strict=True)]
     try:
         probes = in_throwaway_netns(probe_conntrack)
     except ProbeRefused as exc:
@@ -432,14 +511,35 @@ def _bus() -> list[Finding]:
     return [nm, daemon]
 
 
+def policy_digest(text: str) -> str:
+    """SHA-256 of a bus policy in canonical XML: the same for any layout, comments or none."""
+    return hashlib.sha256(ET.canonicalize(text, strip_text=True).encode()).hexdigest()
+
+
 def _bus_policy(dirs: Sequence[str] = BUS_POLICY_DIRS) -> Finding:
+    key, title = "bus_policy", "D-Bus policy installed"
     found = sorted(p for d in dirs for p in glob.glob(os.path.join(d, "*topowatch*.conf")))
-    if found:
-        return Finding("bus_policy", "D-Bus policy installed", Status.OK, ", ".join(found))
-    return Finding("bus_policy", "D-Bus policy installed", Status.MISSING,
-                   f"no *topowatch*.conf in {' or '.join(dirs)}",
-                   "the system bus refuses the daemon's name: it runs without D-Bus (install "
-                   "contrib's bus policy file to get status, trigger and signals)")
+    if not found:
+        return Finding(key, title, Status.MISSING, f"no *topowatch*.conf in {' or '.join(dirs)}",
+                       "the system bus refuses the daemon's name: it runs without D-Bus (install "
+                       "contrib's bus policy file to get status, trigger and signals)")
+    differ: list[str] = []
+    for path in found:
+        try:
+            with open(path, encoding="utf-8") as f:
+                digest = policy_digest(f.read())
+        except (OSError, UnicodeDecodeError, ET.ParseError) as exc:
+            differ.append(f"{path} (unreadable: {exc})")
+            continue
+        if digest != BUS_POLICY_SHA256:
+            differ.append(path)
+    if not differ:
+        return Finding(key, title, Status.OK, f"{', '.join(found)}: the policy shipped with topowatch")
+    return Finding(key, title, Status.WARNING,
+                   f"{', '.join(differ)}: not the policy shipped with topowatch "
+                   "(contrib/dbus/io.github.topowatch.conf; compared without comments and layout)",
+                   "the bus enforces what that file says: the daemon may be refused its name, or others "
+                   "allowed Trigger, Reload and Plan; install the shipped file or review the changes")
 
 
 def _read_int(path: str) -> int | None:
@@ -469,8 +569,9 @@ def _table(sysctl_dir: str = NETFILTER_SYSCTLS) -> Finding:
 
 
 def run_doctor() -> list[Finding]:
-    findings = [_permissions()]
-    findings += _conntrack_findings()
+    ctnetlink = _ctnetlink()
+    findings = [_permissions(), ctnetlink]
+    findings += _conntrack_findings(ctnetlink)
     findings.append(_tool("nft", "nftables (nft)", ["nft", "-j", "list", "tables"],
                           "the daemon cannot read the NAT ruleset and refuses to start", ))
     findings.append(_tool("iptables_nft", "iptables-nft-save", ["iptables-nft-save"],

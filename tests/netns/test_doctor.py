@@ -7,6 +7,7 @@ so every entry here survives.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -63,6 +64,7 @@ def test_doctor_probes_and_leaves_the_callers_table_alone(netns: Namespace) -> N
 
     assert entries(netns) == before
     assert code == 0
+    assert found["ctnetlink"]["status"] == "ok", found["ctnetlink"]
     # Kernel 6.18 here (DESIGN): status filters on dump and flush, CTA_FILTER on dump and flush.
     for key in ("ct_status_dump", "ct_tuple_dump", "ct_status_flush", "ct_tuple_flush"):
         assert found[key]["status"] == "ok", found[key]
@@ -87,6 +89,8 @@ def test_doctor_without_privileges_says_what_is_missing(netns: Namespace) -> Non
     assert code == 1  # the daemon could not run like this
     assert found["permissions"]["status"] == "missing"
     assert "CAP_NET_ADMIN" in str(found["permissions"]["consequence"])
+    assert found["ctnetlink"]["status"] == "skipped"  # refused, so not known to be missing
+    assert "CAP_NET_ADMIN" in str(found["ctnetlink"]["detail"])
     for key in ("ct_status_dump", "ct_tuple_dump", "ct_status_flush", "ct_tuple_flush"):
         assert found[key]["status"] == "skipped"
         assert "CAP_SYS_ADMIN" in str(found[key]["detail"])
@@ -123,10 +127,77 @@ def test_text_report_names_each_probe_and_consequence() -> None:
     assert "[  ok   ] xfrm" in text
 
 
-def test_bus_policy_and_table_findings(tmp_path: Path) -> None:
+POLICY = ROOT / "contrib/dbus/io.github.topowatch.conf"
+
+
+def test_ctnetlink_missing_is_missing_not_skipped() -> None:
+    # A kernel without the subsystem answers EINVAL; one without nfnetlink has no such socket.
+    def no_nfnetlink() -> int:
+        raise OSError(errno.EPROTONOSUPPORT, os.strerror(errno.EPROTONOSUPPORT))
+
+    for answer in (lambda: errno.EINVAL, no_nfnetlink):
+        finding = doctor._ctnetlink(answer)
+        assert finding.status is doctor.Status.MISSING, finding
+        assert finding.required
+        assert "cannot dump or delete conntrack entries" in finding.consequence
+    assert doctor._ctnetlink(lambda: 0).status is doctor.Status.OK
+    refused = doctor._ctnetlink(lambda: errno.EPERM)
+    assert refused.status is doctor.Status.SKIPPED
+    assert "CAP_NET_ADMIN" in refused.detail
+
+
+def test_doctor_without_ctnetlink_says_so_for_every_filter(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    def must_not_probe(fn: object) -> object:
+        raise AssertionError("probed filters of a ctnetlink that is not there")
+
+    def not_run(key: str, title: str, *args: object, **kwargs: object) -> doctor.Finding:
+        return doctor.Finding(key, title, doctor.Status.OK, "not run by this test")
+
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent")
+    monkeypatch.setattr(doctor, "_tool", not_run)  # nft and iptables are not what this is about
+    monkeypatch.setattr(doctor, "ctnetlink_errno", lambda: errno.EINVAL)
+    monkeypatch.setattr(doctor, "in_throwaway_netns", must_not_probe)
+    code = doctor.doctor_main(as_json=True)
+    found = {f["key"]: f for f in json.loads(capsys.readouterr().out)["findings"]}
+    assert code == 1  # the daemon cannot run without it
+    assert found["ctnetlink"]["status"] == "missing"
+    assert "EINVAL" in found["ctnetlink"]["detail"]
+    for key in ("ct_status_dump", "ct_tuple_dump", "ct_status_flush", "ct_tuple_flush"):
+        assert found[key]["status"] == "missing", found[key]
+        assert "ctnetlink itself is missing" in found[key]["detail"]
+        assert found[key]["consequence"]
+
+
+def test_bus_policy_digest_is_contribs() -> None:
+    assert doctor.policy_digest(POLICY.read_text()) == doctor.BUS_POLICY_SHA256
+
+
+def test_bus_policy_is_checked_by_content(tmp_path: Path) -> None:
+    installed = tmp_path / "io.github.topowatch.conf"
     assert doctor._bus_policy([str(tmp_path)]).status is doctor.Status.MISSING
-    (tmp_path / "io.github.topowatch.conf").write_text("<busconfig/>")
+    installed.write_text("<busconfig/>")  # there, but not ours: the bus would refuse the name
+    finding = doctor._bus_policy([str(tmp_path)])
+    assert finding.status is doctor.Status.WARNING
+    assert str(installed) in finding.detail and finding.consequence
+    shipped = POLICY.read_text()
+    installed.write_text(shipped)
     assert doctor._bus_policy([str(tmp_path)]).status is doctor.Status.OK
+    # Comments and layout do not matter; a rule does.
+    installed.write_text(shipped.replace("<busconfig>", "<busconfig>\n  <!-- local note -->\n\n"))
+    assert doctor._bus_policy([str(tmp_path)]).status is doctor.Status.OK
+    installed.write_text(shipped.replace('send_member="Status"', 'send_member="Trigger"'))
+    assert doctor._bus_policy([str(tmp_path)]).status is doctor.Status.WARNING
+    installed.write_text("<busconfig>")  # not even XML
+    assert "unreadable" in doctor._bus_policy([str(tmp_path)]).detail
+    # A second copy that differs spoils a good one: dbus-daemon reads both directories.
+    installed.write_text(shipped)
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "io.github.topowatch.conf").write_text("<busconfig/>")
+    assert doctor._bus_policy([str(tmp_path), str(tmp_path / "etc")]).status is doctor.Status.WARNING
+
+
+def test_table_findings(tmp_path: Path) -> None:
     (tmp_path / "nf_conntrack_buckets").write_text("1024")
     (tmp_path / "nf_conntrack_max").write_text("65536")
     (tmp_path / "nf_conntrack_count").write_text("10")
