@@ -326,8 +326,26 @@ SNAT_CASES: list[tuple[str, NatRuleset, Flow, set[Binding] | str]] = [
     ("inet and ip chains share the hook by priority",
      ruleset(post([MASQ], prio=100, family="inet", table="x"), post([snat("192.0.2.1")], prio=110)),
      udp(), {MASQ1}),
-    ("equal priority: dump order",
-     ruleset(post([snat("192.0.2.2")], table="a"), post([snat("192.0.2.1")], table="b")), udp(), {SNAT_Y}),
+    # Equal priorities run in registration order, which no dump shows: an order that matters is unknown.
+    ("equal priority, different bindings: unknown, naming both chains",
+     ruleset(post([snat("192.0.2.2")], table="a"), post([snat("192.0.2.1")], table="b")), udp(),
+     "table ip a chain postrouting and table ip b chain postrouting share hook postrouting priority 100"),
+    ("equal priority, iptables-nft nat and an inet srcnat table: unknown",
+     ruleset(post([oifname("up1"), MASQ], table="nat", name="POSTROUTING"),
+             post([snat("192.0.2.1")], family="inet", table="fw", name="srcnat")), udp(),
+     "registration order, which the ruleset dump does not show"),
+    ("equal priority, one chain does not bind this flow: known",
+     ruleset(post([oifname("lan"), snat("192.0.2.2")], table="a"), post([snat("192.0.2.1")], table="b")),
+     udp(), {SNAT_X}),
+    ("equal priority, both bind the same: known",
+     ruleset(post([snat("192.0.2.1")], table="a"), post([snat("192.0.2.1")], table="b")), udp(), {SNAT_X}),
+    ("equal priority, an accept does not end the hook: the other chain binds in either order",
+     ruleset(post([ACCEPT], table="a"), post([MASQ], table="b")), udp(), {MASQ1}),
+    ("equal priority, a drop wins in one order only: unknown",
+     ruleset(post([DROP], table="a"), post([MASQ], table="b")), udp(), "share hook postrouting priority 100"),
+    ("a lower priority decides before the tie is reached",
+     ruleset(post([MASQ], prio=50, table="c"), post([snat("192.0.2.2")], table="a"),
+             post([snat("192.0.2.1")], table="b")), udp(), {MASQ1}),
     ("ip6 chain does not see IPv4", ruleset(post([MASQ], family="ip6")), udp(), {NO_NAT}),
     ("snat ip in inet chain skipped for IPv6: next rule runs",
      ruleset(post([snat("192.0.2.1", family="ip")], [MASQ], family="inet")),
@@ -745,10 +763,24 @@ def ref_rules(rs: list[tuple[list[Cond], Action]], spec: Spec, p: Pkt, assign: d
     return None
 
 
-def ref_hook(chains: list[tuple[int, str, list[tuple[list[Cond], Action]]]], spec: Spec, p: Pkt,
+ChainSpec = tuple[int, str, list[tuple[list[Cond], Action]]]
+
+
+def chain_orders(chains: list[ChainSpec]) -> list[list[ChainSpec]]:
+    """Every order the kernel may run the chains in: by priority, equal priorities in any order."""
+    groups = [[c for c in chains if c[0] == prio] for prio in sorted({c[0] for c in chains})]
+    return [[c for group in choice for c in group]
+            for choice in itertools.product(*(itertools.permutations(g) for g in groups))]
+
+
+def has_ties(chains: list[ChainSpec]) -> bool:
+    return len({c[0] for c in chains}) < len(chains)
+
+
+def ref_hook(chains: list[ChainSpec], spec: Spec, p: Pkt,
              assign: dict[int, bool], seen: set[int], *, masq_src: IPAddress | None) -> Binding | str:
-    """'drop' or the binding; chains in (priority, dump) order."""
-    for _, _, rs in sorted(chains, key=lambda t: t[0]):  # sorted() is stable: dump order for ties
+    """'drop' or the binding; chains in the order given (one of ``chain_orders``)."""
+    for _, _, rs in chains:
         a = ref_rules(rs, spec, p, assign, seen)
         if a is None or a[0] == "accept":
             continue
@@ -775,17 +807,22 @@ def unknown_ids(spec: Spec, mark_unknown: bool) -> list[int]:
 
 
 def reference(spec: Spec, flow: Flow) -> dict[str, Any]:
-    """Brute force: every assignment of the unknowns, then 'is the answer the same in all of them?'."""
+    """Brute force: every assignment of the unknowns and every order of equal-priority chains, then
+    'is the answer the same in all of them?'."""
     ids = unknown_ids(spec, flow.packet_mark is None)
     dnat_values: set[Any] = set()
     snat_per_assignment: list[frozenset[Binding]] = []
     egress_per_assignment: list[frozenset[Egress]] = []
-    reached = False
-    for values in itertools.product([False, True], repeat=len(ids)):
+    # The order of equal-priority chains is one more unknown (the dump does not show it).
+    reached = has_ties(spec.pre_chains) or has_ties(spec.post_chains)
+    multipath = False
+    worlds = itertools.product(itertools.product([False, True], repeat=len(ids)),
+                               chain_orders(spec.pre_chains), chain_orders(spec.post_chains))
+    for values, pre_order, post_order in worlds:
         assign = dict(zip(ids, values, strict=True))
         seen: set[int] = set()
         p = Pkt(str(flow.src), str(flow.dst), flow.dport, "lan", "", flow.packet_mark)
-        d = ref_hook(spec.pre_chains, spec, p, assign, seen, masq_src=None)
+        d = ref_hook(pre_order, spec, p, assign, seen, masq_src=None)
         dnat_values.add(d)
         egresses: set[Egress] = set()
         snats: set[Binding] = set()
@@ -795,12 +832,13 @@ def reference(spec: Spec, flow: Flow) -> dict[str, Any]:
                 p.daddr = str(d.addr_lo)
             if d.port_lo is not None:
                 p.dport = d.port_lo
+            multipath = multipath or len(OUT_TABLE[p.daddr]) > 1
             for out in OUT_TABLE[p.daddr]:
                 egresses.add(out)
                 if out.kind is not EgressKind.UNICAST:
                     continue
                 p.oif = out.oifname
-                s = ref_hook(spec.post_chains, spec, p, assign, seen, masq_src=out.masquerade_source)
+                s = ref_hook(post_order, spec, p, assign, seen, masq_src=out.masquerade_source)
                 if s != "drop":
                     assert isinstance(s, Binding)
                     snats.add(s)
@@ -809,9 +847,10 @@ def reference(spec: Spec, flow: Flow) -> dict[str, Any]:
         egress_per_assignment.append(frozenset(egresses))
     dnat: Any = "unknown" if len(dnat_values) > 1 else frozenset(x for x in dnat_values if x != "drop")
     if dnat == "unknown":
-        return {"dnat": "unknown", "egress": "unknown", "snat": "unknown", "reached": True}
+        return {"dnat": "unknown", "egress": "unknown", "snat": "unknown", "reached": True, "multipath": multipath}
     snat: Any = snat_per_assignment[0] if len(set(snat_per_assignment)) == 1 else "unknown"
-    return {"dnat": dnat, "egress": egress_per_assignment[0], "snat": snat, "reached": reached}
+    return {"dnat": dnat, "egress": egress_per_assignment[0], "snat": snat, "reached": reached,
+            "multipath": multipath}
 
 
 flows = st.builds(
@@ -853,6 +892,11 @@ def test_predict_matches_brute_force_reference(spec: Spec, flow: Flow) -> None:
     # Unknowns inside regular chains may be met twice (from two hooks or chains); predict then
     # branches on each meeting and may say unknown where a consistent assignment would not.
     shared = any(c[0] in ("unknown", "mark") for rs in spec.regular.values() for cs, _ in rs for c in cs)
+    # The same goes for the flow's unknown mark met by two conditions, and for orders of equal-priority
+    # postrouting chains over a multipath route (predict compares the orders per egress, the reference
+    # the bindings of all egresses at once).
+    marks = [c for *_, rs in spec.pre_chains + spec.post_chains for cs, _ in rs for c in cs if c[0] == "mark"]
+    shared = shared or len(marks) > 1 or (has_ties(spec.post_chains) and ref["multipath"])
     if not shared and not any(a[0] in ("jump", "goto") for *_, rs in spec.pre_chains + spec.post_chains
                               for _, a in rs):
         assert got == want

@@ -475,6 +475,27 @@ def test_nft_and_iptables_at_one_hook_run_by_priority() -> None:
         Binding(NatKind.MASQUERADE, ip_address("198.51.100.2"))}
 
 
+def test_iptables_nft_and_nft_inet_at_one_priority_are_unknown_where_the_order_matters() -> None:
+    """iptables-nft's POSTROUTING and an inet table at srcnat (both 100): which runs first no dump shows."""
+    doc = {"nftables": [
+        {"table": {"family": "inet", "name": "fw", "handle": 1}},
+        {"chain": {"family": "inet", "table": "fw", "name": "srcnat", "handle": 1, "type": "nat",
+                   "hook": "postrouting", "prio": 100, "policy": "accept"}},
+        {"rule": {"family": "inet", "table": "fw", "chain": "srcnat", "handle": 2, "expr": [
+            {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 53}},
+            {"snat": {"addr": "198.51.100.77"}}]}},
+    ]}
+    ipt = parse_save("-A POSTROUTING -o up1 -j MASQUERADE\n").ruleset
+    rs = merge(parse_ruleset_json(doc), {"ip": ipt}, {})
+    p = predict(rs, FakeFib(), udp("8.8.8.8", 53))  # both bind it, differently
+    assert isinstance(p.snat, Unknown)
+    assert "table inet fw chain srcnat and table ip nat chain POSTROUTING share hook postrouting priority 100" \
+        in p.snat.reason
+    # Only one of them binds this flow: the order does not matter.
+    assert predict(rs, FakeFib(), udp("8.8.8.8", 54)).snat == {
+        Binding(NatKind.MASQUERADE, ip_address("198.51.100.2"))}
+
+
 # ---------------------------------------------------------------------------
 # Reading the kernel (with fake tools): merge, missing tools, no double counting.
 

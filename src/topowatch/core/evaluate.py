@@ -12,10 +12,14 @@ Theory of operation (``nf_nat_inet_fn``): a new flow meets two NAT hooks.
    never get there.
 
 At a hook the chains of the flow's family (ip or ip6, and inet) run by
-priority. Within a chain the rules run in order, with nft's jump (returns
-here), goto (does not), return, continue and accept (ends this chain only;
-the next chain of the hook still runs). The first NAT statement that fires
-decides the hook: later chains are not consulted. ``drop`` (a rule or a
+priority. Chains of equal priority run in the order they were registered,
+which no dump shows (an iptables-nft nat table and an nft table at srcnat
+100, say): every order is followed, and where two orders give the flow
+different outcomes the hook is ``Unknown``, naming the chains. Within a
+chain the rules run in order, with nft's jump (returns here), goto (does
+not), return, continue and accept (ends this chain only; the next chain of
+the hook still runs). The first NAT statement that fires decides the hook:
+later chains are not consulted. ``drop`` (a rule or a
 chain's policy) drops the flow, as does a masquerade with no address on the
 output interface or a redirect with none on the input interface. No binding
 at all is the null binding ``NO_NAT``.
@@ -48,6 +52,8 @@ This module never performs I/O and never guesses: what it does not model is
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
@@ -105,6 +111,8 @@ MAX_BRANCHES = 256
 MAX_DNAT_ADDRESSES = 64
 # nft's jump stack (NFT_JUMP_STACK_SIZE).
 MAX_JUMP_DEPTH = 16
+# Orders of equal-priority chains followed per hook before giving up (4 chains at one priority).
+MAX_CHAIN_ORDERS = 24
 
 DNAT_KINDS = frozenset({NatKind.DNAT, NatKind.REDIRECT})
 SNAT_KINDS = frozenset({NatKind.SNAT, NatKind.MASQUERADE})
@@ -227,6 +235,25 @@ def _explore(run: Callable[[_Tape], _Outcome]) -> _Outcome | Unknown:
     return outcomes[0]
 
 
+def _ties(chains: tuple[Chain, ...]) -> list[tuple[Chain, ...]]:
+    """The groups of two or more chains that share a priority (``chains`` sorted by priority)."""
+    groups = [tuple(group) for _, group in itertools.groupby(chains, key=lambda c: c.priority or 0)]
+    return [group for group in groups if len(group) > 1]
+
+
+def _orders(chains: tuple[Chain, ...]) -> Iterator[tuple[Chain, ...]]:
+    """Every order of ``chains`` that keeps priority order (dump order first)."""
+    groups = [tuple(group) for _, group in itertools.groupby(chains, key=lambda c: c.priority or 0)]
+    for choice in itertools.product(*(itertools.permutations(group) for group in groups)):
+        yield tuple(c for group in choice for c in group)
+
+
+def _describe_tie(group: tuple[Chain, ...]) -> str:
+    first = group[0]
+    hook = first.hook.value if first.hook is not None else "?"
+    return f"{' and '.join(c.describe() for c in group)} share hook {hook} priority {first.priority}"
+
+
 def _addr_int(addr: IPAddress) -> int:
     return int(addr)
 
@@ -318,7 +345,30 @@ class _Evaluator:
         self._marked: _Packet | None = None
 
     def hook(self, side: _Side) -> _Outcome | Unknown:
-        return _explore(lambda tape: self._run_hook(side, tape))
+        """The hook's outcome, the same in every order the kernel may run equal-priority chains in."""
+        tied = _ties(side.chains)
+        if not tied:
+            return _explore(lambda tape: self._run_hook(side, tape))
+        orders = math.prod(math.factorial(len(group)) for group in tied)
+        names = "; ".join(_describe_tie(group) for group in tied)
+        if orders > MAX_CHAIN_ORDERS:
+            return Unknown(f"{names}: too many orders to follow")
+
+        def explore(ordered: _Side) -> _Outcome | Unknown:
+            return _explore(lambda tape: self._run_hook(ordered, tape))
+
+        first: _Outcome | None = None
+        for chains in _orders(side.chains):
+            outcome = explore(replace(side, chains=chains))
+            if isinstance(outcome, Unknown):
+                return outcome
+            if first is None:
+                first = outcome
+            elif outcome.value != first.value:
+                return Unknown(f"{names}; they run in registration order, which the ruleset dump does not "
+                               f"show, and the orders give this flow different outcomes")
+        assert first is not None
+        return first
 
     def _run_hook(self, side: _Side, tape: _Tape) -> _Outcome:
         self._marked = None

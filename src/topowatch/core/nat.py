@@ -560,10 +560,11 @@ class NatRuleset:
         return None
 
     def base_chains(self, hook: Hook, family: int) -> tuple[Chain, ...]:
-        """The nat chains at ``hook`` that see packets of ``family``, in the order the kernel runs them.
+        """The nat chains at ``hook`` that see packets of ``family``, lower priority first.
 
-        Lower priority first; equal priorities keep dump order, which is the
-        order the chains were registered unless one was added to an older table later.
+        Equal priorities keep dump order, which need not be the order the
+        kernel runs them in (registration order, which no dump shows): the
+        evaluator follows every order of such chains.
         """
         found = [
             (c.priority or 0, i, c)

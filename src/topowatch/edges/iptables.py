@@ -29,7 +29,8 @@ Theory of operation:
   address matches; a set that cannot be read is unknown by name.
 
 Chains at the same hook and priority run in registration order, which no dump
-shows: nft chains are listed first, legacy ones after.
+shows: nft chains are listed first, legacy ones after, and the evaluator
+answers unknown where their order would change a flow's binding.
 """
 
 from __future__ import annotations
