@@ -164,13 +164,14 @@ class PressureAgent:
                         name, value, record.written[name], record.saved[name])
         if restore:
             self.sysctl.set_timeouts(restore)
+        self.ledger.clear()
+        self._lowered = None
+        if restore:
             self.counters.timeout_changes += len(restore)
             text = ", ".join(f"{n} {v} s" for n, v in restore.items())
             log.warning("pressure: restored conntrack timeouts: %s", text)
             self._emit(PressureEvent("timeouts", f"restored {text}", self.counters.last_fill,
                                      timeouts_changed=len(restore)))
-        self.ledger.clear()
-        self._lowered = None
 
     # -- one tick ---------------------------------------------------------------------
 
