@@ -457,6 +457,58 @@ def test_policy_match_without_xfrm_state_is_decided_or_unknown() -> None:
     assert isinstance(p.snat, Unknown) or p.snat == {Binding(NatKind.MASQUERADE, ip_address("198.51.100.2"))}
 
 
+def test_unknown_base_option_keeps_the_target_and_is_unknown_not_no_nat() -> None:
+    """``-z`` is no iptables option: the rule may or may not masquerade, so the answer is unknown."""
+    rule = one_rule("-A POSTROUTING -o up1 -z -j MASQUERADE")
+    oif, unknown, masq = rule.exprs
+    assert isinstance(oif, Match) and oif.text == "-o up1"
+    assert unknown == UnknownMatch("option -z", "-z")
+    assert isinstance(masq, NatStatement) and masq.kind is NatKind.MASQUERADE
+    (with_args, _) = exprs("-A POSTROUTING ! -z 1 2 -j MASQUERADE")
+    assert with_args == UnknownMatch("option -z", "! -z 1 2")
+    rs = nat_rules("-A POSTROUTING -o up1 -z -j MASQUERADE")
+    p = predict(rs, FakeFib(), udp("8.8.8.8"))
+    assert isinstance(p.snat, Unknown) and "option -z" in p.snat.reason
+    assert predict(rs, FakeFib(), udp("192.0.2.10")).snat == {NO_NAT}  # via up2: -o up1 is false, known
+    # Where either branch binds the same, the answer stays known.
+    rs = nat_rules("-A POSTROUTING -o up1 -z -j MASQUERADE", "-A POSTROUTING -j MASQUERADE")
+    assert predict(rs, FakeFib(), udp("8.8.8.8")).snat == {Binding(NatKind.MASQUERADE, ip_address("198.51.100.2"))}
+
+
+def test_line_shlex_cannot_split_stays_in_its_chain_as_unknown() -> None:
+    text = ("*nat\n-A POSTROUTING -o up2 -j SNAT --to-source 203.0.113.9\n"
+            "-A POSTROUTING -o up1 -m comment --comment \"no end -j MASQUERADE\n"
+            "-A POSTROUTING -j ACCEPT\nCOMMIT\n")
+    parsed = parse_save(text)
+    assert parsed.problems == ("line 3: No closing quotation",)
+    post = parsed.ruleset.chain("ip", "nat", "POSTROUTING")
+    assert post is not None and len(post.rules) == 3
+    (unreadable,) = post.rules[1].exprs
+    assert isinstance(unreadable, UnknownStatement) and "unreadable line" in unreadable.expression
+    p = predict(parsed.ruleset, FakeFib(), udp("8.8.8.8"))
+    assert isinstance(p.snat, Unknown) and "unreadable line" in p.snat.reason
+    # A flow bound before the unreadable rule is known.
+    assert predict(parsed.ruleset, FakeFib(), udp("192.0.2.10")).snat == {
+        Binding(NatKind.SNAT, ip_address("203.0.113.9"))}
+    # As a command line, and inserted at its position.
+    parsed = parse_save("iptables -t nat -A POSTROUTING -j ACCEPT\n"
+                        "iptables -t nat -I POSTROUTING 1 -o up1 -m comment --comment 'x -j MASQUERADE\n")
+    post = parsed.ruleset.chain("ip", "nat", "POSTROUTING")
+    assert post is not None and isinstance(post.rules[0].exprs[0], UnknownStatement)
+    assert isinstance(predict(parsed.ruleset, FakeFib(), udp("8.8.8.8")).snat, Unknown)
+
+
+def test_unmodelled_chain_changes_make_the_chain_unknown() -> None:
+    deleted = parse_save("iptables -t nat -A POSTROUTING -o up1 -j MASQUERADE\n"
+                         "iptables -t nat -D POSTROUTING -o up1 -j MASQUERADE\n")
+    assert deleted.problems == ("line 2: not modelled: -D",)
+    p = predict(deleted.ruleset, FakeFib(), udp("8.8.8.8"))  # the MASQUERADE may be gone: not known
+    assert isinstance(p.snat, Unknown) and "-D POSTROUTING is not modelled" in p.snat.reason
+    assert predict(deleted.ruleset, FakeFib(), udp("8.8.8.8")).dnat == {NO_NAT}  # other chains stay known
+    flushed = parse_save("*nat\n-A POSTROUTING -o up1 -j MASQUERADE\n-F 'POSTROUTING\nCOMMIT\n")
+    assert isinstance(predict(flushed.ruleset, FakeFib(), udp("8.8.8.8")).snat, Unknown)
+
+
 def test_nft_and_iptables_at_one_hook_run_by_priority() -> None:
     doc = {"nftables": [
         {"table": {"family": "ip", "name": "early", "handle": 1}},

@@ -18,7 +18,13 @@ Theory of operation:
 - every option is either modelled exactly (a ``Match``, an ``XtMatch``, a
   NAT statement, a mark set, a verdict) or kept as ``UnknownMatch``/
   ``UnknownStatement`` naming it (``-m statistic``, ``-j TPROXY``,
-  ``--ctexpire``); a rule with several ``-s``/``-d`` addresses becomes one
+  ``--ctexpire``, an unknown base option such as ``-z``); the rest of the
+  rule, its target included, is still read, so a rule with an unknown part
+  is unknown, never "no NAT". A rule line that cannot be read at all (shlex
+  cannot split it) stays in its chain as an ``UnknownStatement``: a flow that
+  reaches it is unknown. Commands that change a chain in ways not modelled
+  (``-D``, ``-R``, and an unreadable ``-F``/``-P``) make that chain unknown
+  from its first rule. A rule with several ``-s``/``-d`` addresses becomes one
   rule per address pair, as iptables itself expands it.
 - ``read_all_rulesets`` reads nftables (``nft -j``) and iptables together:
   an nft ``ip nat``/``ip6 nat`` table holding xt expressions is iptables-nft's
@@ -352,7 +358,14 @@ def _tokens_to_rule(chain: str, tokens: Sequence[str], family: int) -> _ParsedRu
             implicit.options.extend(opts)
             i = max(j, i + 1)
         else:
-            raise _NotModelled(f"option {tokens[i]}")
+            # A base option we do not know: unknown, with the arguments that follow it. The rest of
+            # the rule (its target too) is read on, so the rule's outcome is unknown, not "no NAT".
+            j = i + 1
+            while j < len(tokens) and tokens[j] != "!" and not tokens[j].startswith("-"):
+                j += 1
+            words = ["!"] * invert + list(tokens[i:j])
+            rule.base.append(UnknownMatch(f"option {tokens[i]}", " ".join(_quote(w) for w in words)))
+            i = j
         if tok != "!":
             invert = False
     return rule
@@ -726,16 +739,30 @@ def _mark_target(name: str, opts: list[_Option], text: str) -> MarkSet:
 # The table
 
 
+@dataclass(frozen=True, slots=True)
+class _Unreadable:
+    """A rule (or a change to a chain) we could not read: any flow that reaches it is unknown."""
+
+    reason: str
+    text: str
+
+
 @dataclass
 class _Table:
     policies: dict[str, str] = field(default_factory=dict)
     user: list[str] = field(default_factory=list)
-    lines: dict[str, list[list[str]]] = field(default_factory=dict)
+    lines: dict[str, list[list[str] | _Unreadable]] = field(default_factory=dict)
 
     def add_chain(self, name: str) -> None:
         if name not in BASE_CHAINS and name not in self.user:
             self.user.append(name)
         self.lines.setdefault(name, [])
+
+    def unknown_from_start(self, names: Sequence[str], reason: str, text: str) -> None:
+        """The chains' contents are not known any more: a flow entering one is unknown."""
+        for name in names:
+            self.add_chain(name)
+            self.lines[name].insert(0, _Unreadable(reason, text))
 
 
 def _strip_command(tokens: list[str]) -> tuple[str | None, list[str]]:
@@ -780,11 +807,14 @@ def _read_lines(text: str) -> tuple[_Table, list[str]]:
         if line == "COMMIT":
             current = None
             continue
+        unreadable: str | None = None
         try:
             tokens = shlex.split(line)
         except ValueError as exc:
+            # Its words are still enough to tell which chain it belongs to.
             problems.append(f"line {number}: {exc}")
-            continue
+            unreadable = f"unreadable line ({exc})"
+            tokens = [word.strip("'\"") for word in line.split()]
         if tokens and tokens[0].startswith("[") and tokens[0].endswith("]"):
             tokens = tokens[1:]  # iptables-save -c counters
         command_table, tokens = _strip_command(tokens)
@@ -795,7 +825,23 @@ def _read_lines(text: str) -> tuple[_Table, list[str]]:
         if not in_nat or not tokens:
             continue
         head = tokens[0]
-        if head.startswith(":"):
+        if unreadable is not None and head in ("-A", "--append", "-I", "--insert") and len(tokens) > 1:
+            marker: list[str] | _Unreadable = _Unreadable(unreadable, line)
+            table.add_chain(tokens[1])
+            if head in ("-A", "--append"):
+                table.lines[tokens[1]].append(marker)
+            else:
+                pos = int(tokens[2]) if len(tokens) > 2 and tokens[2].isdigit() else 1
+                table.lines[tokens[1]].insert(pos - 1, marker)
+        elif unreadable is not None and head in ("-F", "--flush", "-P", "--policy"):
+            names = [tokens[1]] if len(tokens) > 1 else [*BASE_CHAINS, *table.user]
+            table.unknown_from_start(names, unreadable, line)
+        elif unreadable is not None:
+            continue  # a declaration or a delete-chain: nothing a flow can reach changes
+        elif head in ("-D", "--delete", "-R", "--replace") and len(tokens) > 1:
+            problems.append(f"line {number}: not modelled: {head}")
+            table.unknown_from_start([tokens[1]], f"{head} {tokens[1]} is not modelled", line)
+        elif head.startswith(":"):
             name = head[1:]
             table.add_chain(name)
             if len(tokens) > 1 and tokens[1] != "-":
@@ -866,6 +912,9 @@ def parse_save(
         out: list[Rule] = []
         for tokens in parsed_table.lines.get(chain_name, []):
             handle = len(out) + 1
+            if isinstance(tokens, _Unreadable):
+                out.append(Rule(handle, (UnknownStatement(tokens.reason, tokens.text),), text=tokens.text))
+                continue
             rule_text = " ".join(_quote(t) for t in ["-A", chain_name, *tokens])
             out.extend(_rules(chain_name, tokens, af, chains=names, ipsets=ipsets, handle=handle,
                               text=rule_text))
@@ -907,7 +956,8 @@ def _rules(
     try:
         parsed = _tokens_to_rule(chain, tokens, family)
     except _NotModelled as exc:
-        return [Rule(handle, (UnknownMatch(str(exc), text),), text=text)]
+        # The rule as a whole is not known (its target neither): a flow that reaches it is unknown.
+        return [Rule(handle, (UnknownStatement(str(exc), text),), text=text)]
     exprs: list[Expression] = list(parsed.base)
     for module in parsed.modules:
         exprs.extend(_module(module, parsed, family, ipsets))
