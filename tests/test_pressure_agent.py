@@ -204,3 +204,60 @@ def test_below_the_high_mark_the_table_is_never_dumped(tmp_path: Path, fill: int
     agent, ct, _, _ = agent_for(tmp_path, full_table()[:fill])
     agent.tick()
     assert ct.requests == 1  # the stats request only
+
+
+class SmallHashSysctl(TableSysctl):
+    """A table whose hash has fewer buckets than entries it may hold."""
+
+    def table(self) -> TableSize:
+        return TableSize(len(self.ct.table), MAX, int((Path(self.root) / "nf_conntrack_buckets").read_text()))
+
+
+def test_resize_buckets_raises_the_hash_to_one_bucket_per_entry(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    agent, ct, _, _ = agent_for(tmp_path, full_table(), replace(POLICY, resize_buckets=True))
+    root = tmp_path / "sys"
+    (root / "nf_conntrack_buckets").write_text("16\n")
+    agent.sysctl = SmallHashSysctl(root, ct)
+    agent.tick()
+    assert (root / "nf_conntrack_buckets").read_text() == f"{MAX}\n"
+
+
+def test_resize_refused_is_said_once_and_pressure_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    from dataclasses import replace
+
+    agent, ct, _, _ = agent_for(tmp_path, full_table(), replace(POLICY, resize_buckets=True))
+    root = tmp_path / "sys"
+    (root / "nf_conntrack_buckets").mkdir()  # unwritable as a file: the kernel's EACCES in a namespace
+    agent.sysctl = type("S", (TableSysctl,), {"table": lambda self: TableSize(len(ct.table), MAX, 16)})(root, ct)
+    agent.tick()  # pressure starts: the resize is refused
+    for e in list(ct.table)[:40]:
+        ct.delete([e])
+    assert agent.tick().ended
+    ct.create([entry(900 + i) for i in range(60)])
+    assert agent.tick().started  # a second episode: not said again
+    said = [r for r in caplog.records if "cannot raise the hash table" in r.getMessage()]
+    assert len(said) == 1 and "sysctl net.netfilter.nf_conntrack_buckets=100" in said[0].getMessage()
+    assert agent.counters.episodes == 2 and agent.counters.evicted == 20 + 35  # evictions went on regardless
+
+
+def test_metrics_count_pressure_episodes_evictions_and_timeout_changes(tmp_path: Path) -> None:
+    from topowatch.metrics import Metrics
+
+    agent, ct, _, _ = agent_for(tmp_path, full_table())
+    metrics = Metrics(sysctl_dir=str(tmp_path / "sys"))
+    agent.hooks.append(metrics.observe_pressure)
+    metrics.pressure_state = lambda: agent.state.value
+    agent.tick()
+    text = metrics.exposition().decode()
+    assert "topowatch_pressure_episodes_total 1.0" in text
+    assert 'topowatch_pressure_evicted_total{class="UNREPLIED udp"} 20.0' in text
+    assert "topowatch_pressure_timeout_changes_total 2.0" in text  # udp and generic lowered
+    assert "topowatch_pressure_high 1.0" in text
+    for e in list(ct.table)[:40]:
+        ct.delete([e])
+    agent.tick()
+    text = metrics.exposition().decode()
+    assert "topowatch_pressure_timeout_changes_total 4.0" in text and "topowatch_pressure_high 0.0" in text

@@ -345,6 +345,8 @@ PRESSURE_KEYS: Mapping[str, _Key] = MappingProxyType({
                          "seconds between looks near the high mark"),
     "max_interval": _Key(_v_interval, _PRESSURE_DEFAULT.max_interval,
                          "seconds between looks in an empty table"),
+    "resize_buckets": _Key(_v_bool, False, "raise nf_conntrack_buckets to nf_conntrack_max when pressure "
+                           "starts (init namespace only)"),
 })
 # Pseudo policy name under which a file's [pressure] keys travel (no policy can be named so).
 _PRESSURE = ":pressure"
@@ -358,6 +360,7 @@ def _pressure_policy(values: Mapping[str, Any]) -> PressurePolicy:
         protect=Protection(values["protect_zones"], values["protect_marks"], values["protect_prefixes"]),
         batch=values["batch"], rate=values["rate"],
         min_interval=values["min_interval"], max_interval=values["max_interval"],
+        resize_buckets=values["resize_buckets"],
     )  # fmt: skip
 
 

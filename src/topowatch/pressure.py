@@ -104,6 +104,7 @@ class PressureAgent:
         self.hooks: list[Callable[[PressureEvent], None]] = []
         self._lowered: LedgerRecord | None = None
         self._wake = trio.Event()
+        self._resize_refused = False
 
     @property
     def state(self) -> State:
@@ -173,6 +174,21 @@ class PressureAgent:
             self._emit(PressureEvent("timeouts", f"restored {text}", self.counters.last_fill,
                                      timeouts_changed=len(restore)))
 
+    def _resize(self, sample: Sample) -> None:
+        """Give the hash table one bucket per entry the table may hold (init namespace only)."""
+        if sample.buckets >= sample.max or self._resize_refused:
+            return
+        try:
+            self.sysctl.write("nf_conntrack_buckets", sample.max)
+        except SysctlError as exc:
+            self._resize_refused = True  # said once: the kernel allows it only in the init namespace
+            log.warning("pressure: cannot raise the hash table to %d buckets (%s); only the init "
+                        "namespace may, with sysctl net.netfilter.nf_conntrack_buckets=%d",
+                        sample.max, exc, sample.max)
+            return
+        log.warning("pressure: raised nf_conntrack_buckets from %d to %d (one bucket per entry)",
+                    sample.buckets, sample.max)
+
     # -- one tick ---------------------------------------------------------------------
 
     def _conntrack(self) -> Conntrack:
@@ -221,6 +237,8 @@ class PressureAgent:
             log.warning("pressure starts: %s", c.last_summary)
             self._emit(PressureEvent("start", c.last_summary, sample.fill))
             self._lower(policy)
+            if policy.resize_buckets:
+                self._resize(sample)
         if step.budget > 0:
             started = time.monotonic()
             picker = self._scan(policy, step.budget, replied_allowed=step.replied_allowed)
