@@ -218,6 +218,7 @@ PRESSURE_SYNTAX = {
     "rate": "integer 1..10000000",
     "min_interval": "seconds > 0",
     "max_interval": "seconds >= min_interval",
+    "resize_buckets": "true or false",
 }
 
 
