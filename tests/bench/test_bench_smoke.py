@@ -1,11 +1,14 @@
 """Smoke test of bench/flush.py --quick: the table has its shape and every method's counts add up.
 
-No timing is asserted: the benchmark reports times, it does not judge them here.
+No timing is asserted: the benchmark reports times and prints a PASS/FAIL line
+per target; here only that those lines are there, and that topowatch deleted
+exactly the stale entries (zero collateral, zero missed).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +39,8 @@ def test_quick_benchmark_table(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "scenario" in proc.stdout and "collateral" in proc.stdout
+    assert "conntrack-tools" in proc.stdout and "canary probe" in proc.stdout
+    verdicts = re.findall(r"^\s+(PASS|FAIL|n/a)\s+(.+?):", proc.stdout, re.MULTILINE)
     report = json.loads(out.read_text())
     results = report["results"]
     assert len(results) == 3  # two 10%-UNREPLIED scenarios (K=1%, 10%) and the flood
@@ -55,5 +60,15 @@ def test_quick_benchmark_table(tmp_path: Path) -> None:
         assert methods["conntrack-tools"]["missed"] == 0
         for m in methods.values():
             assert m["deleted"] == res["k"] - m["missed"] + m["collateral"]
+        # Each scenario's targets carry a verdict, and the printed PASS/FAIL lines show them all.
+        targets = {t["target"]: t["verdict"] for t in res["targets"]}
+        assert targets["zero collateral, zero missed (topowatch)"] == "PASS", res["targets"]
+        assert any(name.startswith("topowatch <= 0.5 x conntrack-tools") for name in targets)
+        assert all(v in ("PASS", "FAIL", "n/a") for v in targets.values())
+    # The two 10%-UNREPLIED scenarios also judge the full-flush ratio.
+    assert sum("kernel full flush" in t["target"] for res in results for t in res["targets"]) == 2
+    printed = [v for v, _ in verdicts]
+    assert printed.count("PASS") + printed.count("FAIL") >= 3 * len(results), proc.stdout[-3000:]
+    assert len(printed) == sum(len(res["targets"]) for res in results)
     assert "idle_wakeups" in results[0]["methods"]["topowatch"]
     assert report["libraries"]["topowatch"] > 0
