@@ -261,3 +261,23 @@ def test_metrics_count_pressure_episodes_evictions_and_timeout_changes(tmp_path:
     agent.tick()
     text = metrics.exposition().decode()
     assert "topowatch_pressure_timeout_changes_total 4.0" in text and "topowatch_pressure_high 0.0" in text
+
+
+def test_a_failed_lowering_undoes_what_it_wrote_and_blames_nobody(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from topowatch.edges.sysctl import SysctlError
+
+    agent, _, sysctl, _ = agent_for(tmp_path, full_table())
+    real_write = sysctl.write
+
+    def write(name: str, value: int) -> None:
+        if name == sysctl_name("generic") and value == 60:
+            raise SysctlError(f"cannot write {value} to {name}: Read-only file system")
+        real_write(name, value)
+
+    sysctl.write = write  # type: ignore[method-assign]
+    with pytest.raises(SysctlError, match="cannot write 60"):
+        agent.tick()
+    assert sysctl.value("udp") == 30  # written, then undone
+    assert not Path(agent.ledger.path).exists()
+    assert not any("someone changed" in r.getMessage() for r in caplog.records)

@@ -145,10 +145,14 @@ class PressureAgent:
         record = LedgerRecord({name: current[name] for name in lowered}, lowered)
         self.ledger.save(record)  # before any write: a crash after it is recoverable
         self._lowered = record
+        written: dict[str, int] = {}
         try:
-            self.sysctl.set_timeouts(lowered)
+            for name, value in lowered.items():
+                self.sysctl.set_timeouts({name: value})
+                written[name] = value
         except SysctlError:
-            self._restore(record)
+            # Undo what was written; the rest still holds its saved value.
+            self._restore(LedgerRecord({n: record.saved[n] for n in written}, written))
             raise
         self.counters.timeout_changes += len(lowered)
         text = ", ".join(f"{name} {record.saved[name]} -> {value} s" for name, value in lowered.items())
