@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, cast
@@ -18,6 +19,7 @@ from topowatch.core.fib import Fib
 from topowatch.core.flow import NO_NAT, Binding, Flow, NatKind, Prediction
 from topowatch.core.model import AF_INET, Link, Route, Topology
 from topowatch.core.nat import NatRuleset
+from topowatch.edges.nft import parse_ruleset_json
 from topowatch.errors import RulesetError, TopowatchError
 from topowatch.reactor import DeleteCounts, Reactor, ReactorConfig, Trigger
 
@@ -167,6 +169,53 @@ async def test_bad_ruleset_keeps_previous(autojump_clock: trio.testing.MockClock
         nursery.cancel_scope.cancel()
     assert len(reactor.reactions) == 1
     assert len(backend.deleted) == 2
+
+
+def nft_doc(chain_name: Any) -> dict[str, Any]:
+    return {"nftables": [
+        {"table": {"family": "ip", "name": "nat", "handle": 1}},
+        {"chain": {"family": "ip", "table": "nat", "name": chain_name, "handle": 1, "type": "nat",
+                   "hook": "postrouting", "prio": 100, "policy": "accept"}},
+        {"rule": {"family": "ip", "table": "nat", "chain": chain_name, "handle": 2,
+                  "expr": [{"masquerade": None}]}},
+    ]}
+
+
+class JsonRulesetBackend(FakeBackend):
+    """The ruleset is read from nft JSON by the real parser."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.doc = nft_doc("post")
+
+    async def ruleset(self) -> NatRuleset:
+        self.rulesets_read += 1
+        return parse_ruleset_json(self.doc)
+
+
+async def test_mistyped_ruleset_keeps_previous_model_and_loop_goes_on(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = JsonRulesetBackend()
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery)
+        good = reactor.ruleset
+        assert good == parse_ruleset_json(nft_doc("post"))
+        backend.doc = nft_doc(["post"])  # a chain name that is a list: parses as JSON, wrong type
+        backend.topo = B
+        with caplog.at_level(logging.ERROR, logger="topowatch.reactor"):
+            await backend.send.send(Trigger("nftables", "ruleset changed", kind="ruleset"))
+            await trio.sleep(1)
+        assert reactor.ruleset is good  # the previous model stays in force
+        assert reactor.errors == {"ruleset": 1}
+        assert any('"name" must be a string, got a list' in r.message for r in caplog.records)
+        assert len(reactor.reactions) == 1 and len(backend.deleted) == 2  # decided with the previous model
+        backend.doc = nft_doc("post2")  # the daemon loop is still running: the next change is read
+        await backend.send.send(Trigger("nftables", "ruleset changed", kind="ruleset"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert len(reactor.reactions) == 2
+    assert reactor.ruleset == parse_ruleset_json(nft_doc("post2"))
 
 
 async def test_cap_refuses(autojump_clock: trio.testing.MockClock) -> None:

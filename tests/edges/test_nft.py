@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from topowatch.core.flow import NatKind
 from topowatch.core.nat import (
@@ -232,6 +234,7 @@ def test_never_raises_on_odd_expressions() -> None:
         {"masquerade": {"port": "http"}},
         "not even an object",
         {"a": 1, "b": 2},
+        {"mangle": {"key": {"meta": "mark"}, "value": 1}},  # a mistyped key: malformed, not a crash
     ]
     r = parse_rule(odd, family="ip", table="t")
     assert len(r.exprs) == len(odd)
@@ -243,6 +246,130 @@ def test_never_raises_on_odd_expressions() -> None:
 def test_malformed_document_is_a_ruleset_error() -> None:
     with pytest.raises(RulesetError, match="nftables"):
         parse_ruleset_json({"something": []})
+
+
+# A document in which every table, chain, rule and set is read: the base chain reaches "used".
+FULL: dict[str, Any] = ruleset_doc(
+    {"table": {"family": "inet", "name": "nat", "handle": 1, "flags": []}},
+    {"set": {"family": "inet", "table": "nat", "name": "ups", "type": "ifname", "handle": 2, "elem": ["up1"]}},
+    chain("post", family="inet", **NAT_POST),
+    chain("used", family="inet"),
+    rule("post", {"jump": {"target": "used"}}, family="inet"),
+    {"rule": {"family": "inet", "table": "nat", "chain": "used", "handle": 7, "comment": "uplinks", "expr": [
+        {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "@ups"}}, {"masquerade": None}]}},
+)
+
+# (what is wrong, item index in FULL["nftables"], field, a value of the wrong type, words of the message)
+MISTYPED: list[tuple[str, int, str, Any, str]] = [
+    ("rule handle a word", 5, "handle", "x", 'item 5 (rule inet nat post): "handle" must be an integer, got a string'),
+    ("chain name a list", 3, "name", ["post"], '"name" must be a string, got a list ["post"]'),
+    ("chain handle a float", 3, "handle", 1.5, '"handle" must be an integer, got a number 1.5'),
+    ("chain prio null", 3, "prio", None, '(chain inet nat post): "prio" must be an integer, got null'),
+    ("chain prio a boolean", 3, "prio", True, '"prio" must be an integer, got a boolean true'),
+    ("chain hook a number", 3, "hook", 4, '"hook" must be a string, got a number 4'),
+    ("chain type an object", 3, "type", {"nat": 1}, '"type" must be a string'),
+    ("chain policy a word nft does not have", 3, "policy", "reject", '"policy" must be accept or drop'),
+    ("chain policy a list", 3, "policy", ["accept"], '"policy" must be a string, got a list'),
+    ("chain family a list", 3, "family", ["inet"], '"family" must be a string, got a list'),
+    ("chain table a number", 3, "table", 3, '"table" must be a string, got a number 3'),
+    ("rule chain an object", 5, "chain", {}, '"chain" must be a string, got an object'),
+    ("rule expr an object", 6, "expr", {"masquerade": None}, '"expr" must be a list, got an object'),
+    ("rule comment a number", 6, "comment", 5, '"comment" must be a string, got a number 5'),
+    ("table flags a number", 1, "flags", 1, '"flags" must be a string or a list of strings'),
+    ("table flags a list of numbers", 1, "flags", [1], '"flags" must be a string or a list of strings'),
+    ("table name missing", 1, "name", ..., '(table inet): "name" must be a string, got nothing'),
+    ("set name a number", 2, "name", 9, '"name" must be a string, got a number 9'),
+]
+
+
+def mistype(index: int, field: str, value: Any) -> dict[str, Any]:
+    doc = json.loads(json.dumps(FULL))
+    ((_, body),) = doc["nftables"][index].items()
+    if value is ...:
+        del body[field]
+    else:
+        body[field] = value
+    return doc
+
+
+def test_full_document_reads_every_item() -> None:
+    rs = parse_ruleset_json(FULL)
+    assert [c.name for c in rs.chains] == ["post", "used"] and rs.unknown_expressions() == frozenset()
+
+
+@pytest.mark.parametrize(("index", "field", "value", "message"), [c[1:] for c in MISTYPED],
+                         ids=[c[0] for c in MISTYPED])
+def test_mistyped_document_is_a_ruleset_error_naming_the_field(index: int, field: str, value: Any,
+                                                               message: str) -> None:
+    with pytest.raises(RulesetError) as info:
+        parse_ruleset_json(mistype(index, field, value))
+    assert message in str(info.value)
+
+
+def test_mistyped_items_are_ruleset_errors() -> None:
+    for items in ([["chain"]], ["chain"], [{"chain": {}, "rule": {}}], [{"chain": "post"}], [{"rule": None}]):
+        with pytest.raises(RulesetError, match="item 0"):
+            parse_ruleset_json({"nftables": items})
+    # Items topowatch does not read stay skipped, whatever their shape.
+    assert parse_ruleset_json({"nftables": [{"metainfo": 1}, {"element": [1]}]}).chains == ()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=False) | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+# The structural fields the parser reads, per item kind (a table's handle, a set's type are not read).
+READ = {"table": ("family", "name"), "set": ("family", "table", "name"),
+        "chain": ("family", "table", "name", "handle", "type", "hook", "prio", "policy"),
+        "rule": ("family", "table", "chain", "handle")}
+FIELDS = [(i, f) for i, item in enumerate(FULL["nftables"]) if i > 0
+          for kind, body in item.items() for f in READ[kind] if f in body]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(FIELDS), json_values)
+def test_any_mistyped_field_is_a_ruleset_error(where: tuple[int, str], value: Any) -> None:
+    """A structural field of the wrong type: RulesetError, never a ValueError/TypeError/KeyError."""
+    index, field = where
+    original = next(iter(FULL["nftables"][index].values()))[field]
+    integer_field = field in ("handle", "prio")
+    fits = (type(value) is int or (isinstance(value, str) and value.strip().lstrip("+-").isdigit())
+            if integer_field else isinstance(value, str))
+    if fits or value == original:
+        return  # a value of the right type: another valid document
+    if field == "policy" and value in ("accept", "drop"):
+        return
+    with pytest.raises(RulesetError):
+        parse_ruleset_json(mistype(index, field, value))
+
+
+def paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    if isinstance(obj, dict):
+        out += [p for k, v in obj.items() for p in paths(v, (*prefix, k))]
+    elif isinstance(obj, list):
+        out += [p for i, v in enumerate(obj) for p in paths(v, (*prefix, i))]
+    return out
+
+
+FULL_PATHS = paths(FULL)[1:]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(FULL_PATHS), json_values)
+def test_any_replaced_value_parses_or_is_a_ruleset_error(path: tuple[Any, ...], value: Any) -> None:
+    """Anything anywhere (an expression too): a ruleset, or RulesetError; no other exception escapes."""
+    doc = json.loads(json.dumps(FULL))
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    try:
+        rs = parse_ruleset_json(doc)
+    except RulesetError:
+        return
+    assert rs == parse_ruleset_json(doc)  # a value: the same document reads the same
 
 
 # ---------------------------------------------------------------------------

@@ -256,6 +256,8 @@ async def test_broken_nft_keeps_previous_ruleset(tmp_path: Path, caplog: pytest.
         f'case "$(cat {mode})" in\n'
         f"  good) cat {tmp_path / 'good.json'} ;;\n"
         "  garbage) echo '{\"nftables\": [' ;;\n"
+        "  mistyped) echo '{\"nftables\": [{\"chain\": {\"family\": \"ip\", \"table\": \"nat\", "
+        "\"name\": [\"post\"]}}]}' ;;\n"
         "  *) echo 'Error: Could not process rule: No such file or directory' >&2; exit 1 ;;\n"
         "esac\n"
     )
@@ -267,7 +269,7 @@ async def test_broken_nft_keeps_previous_ruleset(tmp_path: Path, caplog: pytest.
     await reactor.react(burst)
     good = reactor.ruleset
     assert good is not None and len(good.chains) == 1
-    for broken in ("broken", "garbage"):
+    for broken in ("broken", "garbage", "mistyped"):
         mode.write_text(broken)
         with caplog.at_level(logging.ERROR, logger="topowatch.reactor"):
             reaction = await reactor.react(burst)
@@ -277,8 +279,10 @@ async def test_broken_nft_keeps_previous_ruleset(tmp_path: Path, caplog: pytest.
         caplog.clear()
     mode.write_text("good")
     await reactor.react(burst)
-    assert reactor.ruleset == good and len(reactor.reactions) == 4
-    assert AF_INET6  # (v6 addresses in the topology do not disturb the reaction)
+    assert reactor.ruleset == good and len(reactor.reactions) == 5
+    assert reactor.errors == {"ruleset": 3}  # each unreadable ruleset counted; no reaction failed
+    # The topology's v6 address did not disturb the reactions: it is in the snapshot they kept.
+    assert reactor.t0 is not None and [a.family for a in reactor.t0.addresses] == [AF_INET, AF_INET6]
 
 
 # ---------------------------------------------------------------------------

@@ -8,7 +8,10 @@ goto; named sets are resolved into the matches that use them. Every
 expression is either modelled exactly (see ``core.nat``) or kept as an
 ``UnknownMatch``/``UnknownStatement`` carrying the expression's name
 ("xt match policy", "fib daddr oif", "mangle"): the parser never raises on
-an expression it does not know, and never approximates one. Modelled beyond
+an expression it does not know or cannot read, and never approximates one.
+A document whose structure is wrong (a chain name that is a list, a handle
+that is a word) is a ``RulesetError`` naming the item and field, and no
+other exception leaves the parser: the reactor keeps the previous ruleset. Modelled beyond
 plain matches: concatenations and named/anonymous sets with intervals, verdict
 maps, NAT maps (``snat|dnat [prefix] to KEY map``, numgen/jhash keys),
 ``fib ... type`` and ``fib saddr [. iif] oif|oifname``, ``ct state``,
@@ -755,6 +758,21 @@ def _nat(
 
 
 def _expression(e: Any, sets: _SetTable, family: str, table: str) -> Expression:
+    """One expression, modelled or unknown by name; a malformed one is unknown too, never an error."""
+    try:
+        return _expression_of(e, sets, family, table)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError):
+        return UnknownStatement(f"malformed {_name(e)}", _text(e))
+
+
+def _name(e: Any) -> str:
+    try:
+        return expression_name(e)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError):
+        return "expression"
+
+
+def _expression_of(e: Any, sets: _SetTable, family: str, table: str) -> Expression:
     if not isinstance(e, dict) or len(e) != 1:
         return UnknownStatement(expression_name(e), _text(e))
     ((k, v),) = e.items()
@@ -793,35 +811,109 @@ def _flag_list(v: Any) -> list[str]:
     return [v] if isinstance(v, str) else [str(x) for x in v]
 
 
+# Items whose fields the parser reads; any other item (metainfo, element, flowtable, ...) is skipped.
+_ITEM_KINDS = frozenset({"table", "chain", "rule", "set", "map"})
+
+
+def _shown(value: Any) -> str:
+    """A mistyped value for an error message: its JSON type and a short rendering."""
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)
+    return f"{kinds.get(type(value), type(value).__name__)} {text[:40]}"
+
+
+class _Item:
+    """One ``{"chain": {...}}`` item; its accessors raise ``RulesetError`` naming the item and field."""
+
+    def __init__(self, kind: str, body: Mapping[str, Any], index: int) -> None:
+        self.kind, self.body, self.index = kind, body, index
+
+    def where(self) -> str:
+        names = [self.body.get(k) for k in ("family", "table", "chain", "name")]
+        words = " ".join(str(n) for n in names if isinstance(n, str))
+        return f"item {self.index} ({self.kind}{' ' + words if words else ''})"
+
+    def fail(self, key: str, want: str) -> RulesetError:
+        got = _shown(self.body[key]) if key in self.body else "nothing"
+        return RulesetError(f"nft JSON: {self.where()}: \"{key}\" must be {want}, got {got}")
+
+    def text(self, key: str, *, optional: bool = False) -> str | None:
+        value = self.body.get(key)
+        if isinstance(value, str) or (optional and key not in self.body):
+            return value
+        raise self.fail(key, "a string")
+
+    def name(self, key: str) -> str:
+        value = self.text(key)
+        assert value is not None
+        return value
+
+    def number(self, key: str, default: int | None = None) -> int:
+        value = self.body.get(key)
+        if key not in self.body and default is not None:
+            return default
+        if type(value) is int:
+            return value
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return int(value)
+        raise self.fail(key, "an integer")
+
+    def words(self, key: str) -> list[str]:
+        value = self.body.get(key)
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(x, str) for x in value):
+            return list(value)
+        raise self.fail(key, "a string or a list of strings")
+
+
 def parse_ruleset_json(doc: dict[str, Any]) -> NatRuleset:
-    """The NAT part of ``nft -j list ruleset`` output. Raises ``RulesetError`` only on a malformed doc."""
+    """The NAT part of ``nft -j list ruleset`` output.
+
+    Raises ``RulesetError``, and nothing else, on a document whose structure
+    is wrong: not an object with an ``nftables`` list, an item that is not a
+    one-key object, or a table, chain, rule, set or map with a field of the
+    wrong type (the message names the item and the field). A malformed
+    expression inside a rule is not an error: it is unknown by name.
+    """
     if not isinstance(doc, dict) or not isinstance(doc.get("nftables"), list):
         raise RulesetError("nft JSON: expected an object with an \"nftables\" list")
     dormant: set[tuple[str, str]] = set()
-    chains: dict[tuple[str, str, str], dict[str, Any]] = {}
-    rules: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    chains: dict[tuple[str, str, str], _Item] = {}
+    rules: dict[tuple[str, str, str], list[_Item]] = {}
     sets: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for item in doc["nftables"]:
-        if not isinstance(item, dict) or len(item) != 1:
+    for index, raw in enumerate(doc["nftables"]):
+        if not isinstance(raw, dict) or len(raw) != 1:
+            raise RulesetError(f"nft JSON: item {index} must be an object with one key, got {_shown(raw)}")
+        ((kind, body),) = raw.items()
+        if kind not in _ITEM_KINDS:
             continue
-        ((kind, body),) = item.items()
-        if not isinstance(body, dict) or body.get("family") not in FAMILY_AFS:
-            continue
-        try:
-            if kind == "table":
-                if "dormant" in _flag_list(body.get("flags")):
-                    dormant.add((body["family"], body["name"]))
-            elif kind == "chain":
-                chains[(body["family"], body["table"], body["name"])] = body
-            elif kind == "rule":
-                rules.setdefault((body["family"], body["table"], body["chain"]), []).append(body)
-            elif kind in ("set", "map"):
-                sets[(body["family"], body["table"], body["name"])] = body
-        except KeyError as exc:
-            raise RulesetError(f"nft JSON: {kind} without {exc}") from exc
+        if not isinstance(body, dict):
+            raise RulesetError(f"nft JSON: item {index} ({kind}) must be an object, got {_shown(body)}")
+        item = _Item(kind, body, index)
+        family = item.name("family")
+        if family not in FAMILY_AFS:
+            continue  # arp, bridge, netdev: no NAT here
+        if kind == "table":
+            name = item.name("name")
+            if "dormant" in item.words("flags"):
+                dormant.add((family, name))
+        elif kind == "chain":
+            chains[(family, item.name("table"), item.name("name"))] = item
+        elif kind == "rule":
+            rules.setdefault((family, item.name("table"), item.name("chain")), []).append(item)
+        else:
+            sets[(family, item.name("table"), item.name("name"))] = body
 
-    def is_nat_base(body: Mapping[str, Any]) -> bool:
-        return body.get("type") == "nat" and body.get("hook") in _HOOKS
+    def is_nat_base(chain: _Item) -> bool:
+        return chain.text("type", optional=True) == "nat" and chain.text("hook", optional=True) in _HOOKS
 
     # Base nat chains and what they reach by jump/goto, in dump order.
     wanted: set[tuple[str, str, str]] = set()
@@ -834,16 +926,12 @@ def parse_ruleset_json(doc: dict[str, Any]) -> NatRuleset:
         wanted.add(key)
         family, table, _ = key
         chain_rules = []
-        for body in rules.get(key, []):
-            exprs = body.get("expr", [])
-            rule = parse_rule(
-                exprs if isinstance(exprs, list) else [exprs],
-                family=family,
-                table=table,
-                handle=int(body.get("handle", 0)),
-                sets=sets,
-                comment=body.get("comment"),
-            )
+        for item in rules.get(key, []):
+            exprs = item.body.get("expr", [])
+            if not isinstance(exprs, list):
+                raise item.fail("expr", "a list")
+            rule = parse_rule(exprs, family=family, table=table, handle=item.number("handle", 0), sets=sets,
+                              comment=item.text("comment", optional=True))
             chain_rules.append(rule)
             for expr in rule.exprs:
                 verdicts = [d for _, d in expr.elements] if isinstance(expr, VerdictMap) else [expr]
@@ -855,26 +943,27 @@ def parse_ruleset_json(doc: dict[str, Any]) -> NatRuleset:
         parsed[key] = tuple(chain_rules)
 
     out: list[Chain] = []
-    for key, body in chains.items():
+    for key, item in chains.items():
         if key not in wanted:
             continue
-        base = is_nat_base(body)
-        try:
-            out.append(
-                Chain(
-                    family=key[0],
-                    table=key[1],
-                    name=key[2],
-                    rules=parsed[key],
-                    hook=_HOOKS[body["hook"]] if base else None,
-                    priority=int(body["prio"]) if base else None,
-                    type=body.get("type") if base else None,
-                    policy=body.get("policy", "accept") if base else None,
-                    handle=int(body.get("handle", 0)),
-                )
+        base = is_nat_base(item)
+        hook = item.text("hook") if base else None
+        policy = (item.text("policy", optional=True) or "accept") if base else None
+        if policy not in (None, "accept", "drop"):
+            raise item.fail("policy", "accept or drop")
+        out.append(
+            Chain(
+                family=key[0],
+                table=key[1],
+                name=key[2],
+                rules=parsed[key],
+                hook=_HOOKS[hook] if hook is not None else None,
+                priority=item.number("prio") if base else None,
+                type="nat" if base else None,
+                policy=policy,
+                handle=item.number("handle", 0),
             )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise RulesetError(f"nft JSON: chain {' '.join(key)}: {exc}") from exc
+        )
     return NatRuleset(tuple(out))
 
 
@@ -900,4 +989,6 @@ def read_ruleset(nft: str = "nft") -> NatRuleset:
         doc = json.loads(proc.stdout)
     except json.JSONDecodeError as exc:
         raise RulesetError(f"{' '.join(argv)}: output is not JSON ({exc.msg} at line {exc.lineno})") from exc
+    except RecursionError as exc:
+        raise RulesetError(f"{' '.join(argv)}: output is nested too deeply to read") from exc
     return parse_ruleset_json(doc)
