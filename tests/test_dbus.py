@@ -409,6 +409,35 @@ async def test_methods_and_reacted_signal(private_bus: PrivateBus) -> None:
         assert signals[2].body == ['{"fill": 0.93}']
 
 
+async def test_pressure_start_and_end_are_signalled_and_in_status(private_bus: PrivateBus, tmp_path: Path) -> None:
+    """The pressure agent's start and end reach the bus as ``Pressure`` signals; Status carries its state."""
+    from test_pressure_agent import agent_for, full_table  # the agent on a fake table and fake sysctls
+
+    pressure, ct, _, _ = agent_for(tmp_path, full_table())
+    reactor = make_reactor(FakeBackend())
+    async with agent(private_bus.address, reactor, pressure=pressure), client(private_bus.address) as bus:
+        signals: list[Message] = []
+        bus.add_message_handler(lambda m: signals.append(m) if m.member == "Pressure" else None)
+        await add_match(bus, f"type='signal',interface='{twdbus.INTERFACE}',member='Pressure'")
+        await trio.to_thread.run_sync(pressure.observe)  # 95% full: starts, lowers, evicts
+        pressure.deliver()
+        await wait_for(lambda: len(signals) == 1)
+        start = json.loads(signals[0].body[0])
+        assert start["event"] == "start" and start["fill"] == 0.95
+        assert "95% full (95/100)" in start["summary"]
+        status = json.loads((await call(bus, "Status")).body[0])
+        assert status["pressure"]["state"] == "high" and status["pressure"]["evicted"] == 20
+        assert status["pressure"]["timeouts_lowered"] == {"udp": 10, "generic": 60}
+        for e in list(ct.table)[:40]:
+            ct.delete([e])
+        await trio.to_thread.run_sync(pressure.observe)
+        pressure.deliver()
+        await wait_for(lambda: len(signals) == 2)
+        assert json.loads(signals[1].body[0])["event"] == "end"  # evictions and timeouts are not signalled
+        status = json.loads((await call(bus, "Status")).body[0])
+        assert status["pressure"]["state"] == "normal" and status["pressure"]["timeouts_lowered"] == {}
+
+
 async def test_reload_without_store_is_an_error(private_bus: PrivateBus) -> None:
     reactor = make_reactor(FakeBackend())
     async with agent(private_bus.address, reactor), client(private_bus.address) as bus:

@@ -105,6 +105,7 @@ class PressureAgent:
         self._lowered: LedgerRecord | None = None
         self._wake = trio.Event()
         self._resize_refused = False
+        self._pending: list[PressureEvent] = []
 
     @property
     def state(self) -> State:
@@ -120,11 +121,18 @@ class PressureAgent:
         }  # fmt: skip
 
     def _emit(self, event: PressureEvent) -> None:
-        for hook in self.hooks:
-            try:
-                hook(event)
-            except Exception:  # an observer must never stop the agent
-                log.exception("pressure observer failed")
+        # Kept until ``deliver``: the blocking half runs in a worker thread, observers in trio's.
+        self._pending.append(event)
+
+    def deliver(self) -> None:
+        """Hand the events of the last blocking step to the observers (call from the trio thread)."""
+        pending, self._pending = self._pending, []
+        for event in pending:
+            for hook in self.hooks:
+                try:
+                    hook(event)
+                except Exception:  # an observer must never stop the agent
+                    log.exception("pressure observer failed")
 
     # -- timeouts ---------------------------------------------------------------------
 
@@ -225,7 +233,13 @@ class PressureAgent:
         return ct.scan(picker, unreplied_only=budget > 0 and not replied_allowed)
 
     def tick(self) -> Step:
-        """One sample and what it asks for (blocking: call from a worker thread)."""
+        """``observe`` and ``deliver`` in one call (blocking; for callers without a trio loop)."""
+        step = self.observe()
+        self.deliver()
+        return step
+
+    def observe(self) -> Step:
+        """One sample and what it asks for (blocking: call from a worker thread, then ``deliver``)."""
         policy = self.policy()
         if policy != self.controller.policy:
             self.controller.policy = policy
@@ -290,6 +304,7 @@ class PressureAgent:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             await trio.to_thread.run_sync(self.recover)
+            self.deliver()
         except TopowatchError as exc:
             log.error("pressure: cannot restore timeouts from %s: %s", self.ledger.path, exc)
         task_status.started()
@@ -299,17 +314,19 @@ class PressureAgent:
                     if self._lowered is not None:
                         log.warning("pressure handling disabled by policy: restoring timeouts")
                         await trio.to_thread.run_sync(self._restore, self._lowered)
+                        self.deliver()
                     self.controller.state = State.NORMAL
                     await self._pause(None)  # no periodic wake-up the policy did not ask for
                     continue
                 began = trio.current_time()
                 interval = self.controller.policy.max_interval
                 try:
-                    step = await trio.to_thread.run_sync(self.tick)
+                    step = await trio.to_thread.run_sync(self.observe)
                     interval = step.interval
                 except (TopowatchError, OSError) as exc:
                     self.counters.errors += 1
                     log.error("pressure: tick failed: %s", exc)
+                self.deliver()
                 worked = trio.current_time() - began
                 await self._pause(max(interval, worked))
         finally:
@@ -320,6 +337,7 @@ class PressureAgent:
                 with trio.CancelScope(shield=True):
                     try:
                         await trio.to_thread.run_sync(self._restore, self._lowered)
+                        self.deliver()
                     except TopowatchError as exc:
                         log.error("pressure: could not restore timeouts on shutdown (%s); the next "
                                   "start restores them from %s", exc, self.ledger.path)
