@@ -171,6 +171,50 @@ async def test_bad_ruleset_keeps_previous(autojump_clock: trio.testing.MockClock
     assert len(backend.deleted) == 2
 
 
+async def test_failed_first_ruleset_read_keeps_running_and_decides_nothing_until_read(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = FakeBackend()
+    backend.ruleset_error = True
+    async with trio.open_nursery() as nursery:
+        with caplog.at_level(logging.ERROR, logger="topowatch.reactor"):
+            reactor = await start(backend, nursery)  # the daemon starts without a ruleset
+            assert reactor.ruleset is None and backend.rulesets_read == 1
+            assert any("ruleset unreadable at startup: nft: syntax error" in r.message for r in caplog.records)
+            backend.topo = B  # a change that makes both entries stale, once there is a ruleset to judge by
+            await backend.send.send(Trigger("rtnl", "link up2 added", kind="link"))
+            await trio.sleep(1)
+        assert backend.rulesets_read == 2  # the reaction tried again
+        (skipped,) = reactor.reactions
+        assert skipped.skipped == "no ruleset has been read yet (nft: syntax error)"
+        assert skipped.plan.examined == 0 and backend.deleted == []
+        assert "NOTHING DECIDED: no ruleset has been read yet" in skipped.summary()
+        assert any("NOTHING DECIDED" in r.message for r in caplog.records)
+        assert reactor.t0 == A  # kept: the change is judged once a ruleset is read
+        assert reactor.errors == {"ruleset": 2}
+        backend.ruleset_error = False
+        await backend.send.send(Trigger("rtnl", "address added", kind="address"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert backend.rulesets_read == 3 and reactor.ruleset is not None
+    decided = reactor.reactions[1]
+    assert decided.skipped is None and "link up2 added" in decided.summary()
+    assert len(backend.deleted) == 2
+
+
+async def test_startup_sweep_without_a_ruleset_deletes_nothing(autojump_clock: trio.testing.MockClock) -> None:
+    backend = FakeBackend()
+    backend.topo = B
+    backend.ruleset_error = True
+    reactor = Reactor(backend, ReactorConfig(), predictor=stale_when_up2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reactor.run)
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert [r.trigger for r in reactor.reactions] == ["startup sweep"]
+    assert reactor.reactions[0].skipped is not None and backend.deleted == []
+
+
 def nft_doc(chain_name: Any) -> dict[str, Any]:
     return {"nftables": [
         {"table": {"family": "ip", "name": "nat", "handle": 1}},

@@ -13,6 +13,10 @@ Rules:
   (lost events) is a trigger of its own: the reaction re-reads everything;
 - a reaction that fails is logged and the loop goes on; a ruleset that fails
   to read keeps the previous one in force;
+- until a ruleset has been read (the first read at startup failed, and every
+  retry since), a reaction decides nothing and deletes nothing, and says so;
+  each reaction retries the read, and T0 stays the last snapshot a decision
+  was made against, so the changes meanwhile are judged once a ruleset is read;
 - more stale entries than the cap: nothing is deleted, the refusal is logged;
 - the loop never wakes up without an event (no polling).
 This module never decides staleness itself (``core.decide`` does) and never
@@ -154,10 +158,14 @@ class Reaction:
     timings: dict[str, float]
     policies: str = "default"
     logged_only: int = 0
+    # Why nothing was decided (no ruleset read yet), or None for a reaction that decided.
+    skipped: str | None = None
 
     def summary(self) -> str:
         p = self.plan
-        if self.refused:
+        if self.skipped is not None:
+            action = f"NOTHING DECIDED: {self.skipped}, nothing deleted"
+        elif self.refused:
             action = f"REFUSED: {len(p.stale)} stale exceeds the cap, nothing deleted"
         elif self.dry_run:
             action = f"dry run, {len(p.stale)} would be deleted"
@@ -188,7 +196,7 @@ class Reaction:
             "already_gone": self.deleted.already_gone, "failed": self.deleted.failed,
             "undecided": len(p.undecided), "logged_only": self.logged_only, "refused": self.refused,
             "dry_run": self.dry_run, "latency_ms": round(self.latency * 1000, 3),
-            "timings": {k: round(v * 1000, 3) for k, v in self.timings.items()},
+            "timings": {k: round(v * 1000, 3) for k, v in self.timings.items()}, "skipped": self.skipped,
         }  # fmt: skip
 
 
@@ -278,10 +286,17 @@ class Reactor:
             for source in self.backend.sources():
                 await nursery.start(self._source, source)
             self.t0 = await self.backend.topology()
-            self.ruleset = await self.backend.ruleset()
+            try:
+                self.ruleset = await self.backend.ruleset()
+            except TopowatchError as exc:
+                # Stay up: each reaction retries the read, and none deletes anything until one succeeds.
+                self._count("ruleset")
+                log.error("ruleset unreadable at startup: %s; nothing is deleted until a ruleset has been "
+                          "read (each reaction tries again)", exc)
             log.info(
-                "ready: %d links, %d addresses, %d routes, %d rules; listening for events",
+                "ready: %d links, %d addresses, %d routes, %d rules%s; listening for events",
                 len(self.t0.links), len(self.t0.addresses), len(self.t0.routes), len(self.t0.rules),
+                "" if self.ruleset is not None else ", no ruleset yet",
             )
             task_status.started()
             if self.config.startup_sweep:
@@ -293,10 +308,13 @@ class Reactor:
                     async with self.lock:
                         await self.react(burst)
                 except TopowatchError as exc:
-                    self.errors["reaction"] = self.errors.get("reaction", 0) + 1
+                    self._count("reaction")
                     log.error("reaction failed: %s", exc)
                 finally:
                     self.busy_since = None
+
+    def _count(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
 
     def _ruleset_may_have_changed(self, burst: Burst) -> bool:
         """False only when the backend reports ruleset changes as triggers and none came."""
@@ -316,18 +334,22 @@ class Reactor:
         t1 = await self.backend.topology()
         timings["snapshot"] = clock() - start
         mark = clock()
+        unread: TopowatchError | None = None
         if self._ruleset_may_have_changed(burst):
             try:
                 self.ruleset = await self.backend.ruleset()
             except TopowatchError as exc:
-                if self.ruleset is None:
-                    raise
-                self.errors["ruleset"] = self.errors.get("ruleset", 0) + 1
-                log.error("ruleset unreadable, keeping the previous one: %s", exc)
+                self._count("ruleset")
+                unread = exc
+                if self.ruleset is not None:
+                    log.error("ruleset unreadable, keeping the previous one: %s", exc)
             timings["ruleset"] = clock() - mark
-        assert self.ruleset is not None
-        ruleset = self.ruleset
         selection = self.policy().select(burst.events or {("request", None)})
+        if self.ruleset is None:
+            why = f"no ruleset has been read yet ({unread})" if unread else "no ruleset has been read yet"
+            undecided = self._undecided(burst, t1, selection, why, start=start, timings=timings)
+            return self._record(undecided, selection)
+        ruleset = self.ruleset
         if not selection.policies:
             log.debug("no policy is triggered by %s", sorted(burst.events, key=str))
         eligibility = selection.eligibility
@@ -385,6 +407,30 @@ class Reactor:
             policies=selection.names(),
             logged_only=len(plan.stale) - len(to_delete),
         )
+        return self._record(reaction, selection)
+
+    def _undecided(
+        self, burst: Burst, t1: Topology, selection: Selection, why: str, *, start: float,
+        timings: dict[str, float],
+    ) -> Reaction:
+        """A reaction that decides nothing (``why``); T0 stays, so these changes are judged later."""
+        change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
+        return Reaction(
+            number=len(self.reactions) + 1,
+            trigger=", ".join(burst.lines) or "request",
+            events=burst.count,
+            change=change,
+            plan=FlushPlan(examined=0, eligible=0, notes=(why,)),
+            deleted=DeleteCounts(),
+            refused=False,
+            dry_run=self.config.dry_run,
+            latency=trio.current_time() - (burst.first if burst.count else start),
+            timings=timings,
+            policies=selection.names(),
+            skipped=why,
+        )
+
+    def _record(self, reaction: Reaction, selection: Selection) -> Reaction:
         self.reactions.append(reaction)
         self._log(reaction, selection)
         if self.on_reaction is not None:
@@ -409,5 +455,5 @@ class Reactor:
             log.debug("undecided %s: %s", decision.entry.describe(), decision.reason)
         for error in reaction.deleted.errors:
             log.error("delete failed: %s", error)
-        log.log(logging.WARNING if reaction.refused else logging.INFO, "%s", reaction.summary(),
-                extra={"fields": reaction.fields()})
+        level = logging.ERROR if reaction.skipped else logging.WARNING if reaction.refused else logging.INFO
+        log.log(level, "%s", reaction.summary(), extra={"fields": reaction.fields()})
