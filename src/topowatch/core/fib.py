@@ -104,7 +104,6 @@ from topowatch.core.model import (
     TABLE_UNSPEC,
     Address,
     IPAddress,
-    IPNetwork,
     Link,
     Nexthop,
     PolicyRule,
@@ -156,6 +155,11 @@ class Resolution:
     egresses: tuple[Egress, ...] | Unknown
     rule: PolicyRule | None = None
     route: Route | None = None
+
+
+_LIMITED_BROADCAST = IPv4Address("255.255.255.255")
+# Memoised resolutions per Fib (one reaction's snapshot); cleared when this many are held.
+_RESOLVED_LIMIT = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,18 +243,28 @@ class Fib:
             rules = [r for r in topology.rules if r.family == family] or list(default_rules(family))
             # sorted() is stable: equal priorities keep dump order, as the kernel lists them.
             self._rules[family] = tuple(sorted(rules, key=lambda r: r.priority))
-        # (family, table) -> prefixlen -> network -> routes in dump order.
-        self._tables: dict[tuple[int, int], dict[int, dict[IPNetwork, list[Route]]]] = {}
+        # (family, table) -> prefixlen -> network address as an int -> routes, ordered
+        # by (-tos, metric) (sorted() is stable: dump order among equals).
+        self._tables: dict[tuple[int, int], dict[int, dict[int, list[Route]]]] = {}
         routes = list(topology.routes)
         for family in (AF_INET, AF_INET6):
             if not any(r.family == family and r.table == TABLE_LOCAL for r in routes):
                 routes.extend(self._implied_local_routes(family))
         for route in routes:
             by_len = self._tables.setdefault((route.family, route.table), {})
-            by_len.setdefault(route.dst.prefixlen, {}).setdefault(route.dst, []).append(route)
+            same_len = by_len.setdefault(route.dst.prefixlen, {})
+            same_len.setdefault(int(route.dst.network_address), []).append(route)
+        for by_len in self._tables.values():
+            for same_len in by_len.values():
+                for net, listed in same_len.items():
+                    same_len[net] = sorted(listed, key=lambda r: (-r.tos, r.metric))
         self._prefixlens: dict[tuple[int, int], tuple[int, ...]] = {
             key: tuple(sorted(by_len, reverse=True)) for key, by_len in self._tables.items()
         }
+        # A Fib answers one snapshot: the same question always gets the same answer.
+        self._resolved: dict[_Query, Resolution] = {}
+        self._route_texts: dict[Route, str] = {}
+        self._masquerade: dict[tuple[int, IPAddress], IPAddress | None] = {}
 
     # -- public API -----------------------------------------------------------------
 
@@ -403,10 +417,18 @@ class Fib:
     # -- rules ----------------------------------------------------------------------
 
     def _resolve(self, q: _Query) -> Resolution:
+        answer = self._resolved.get(q)
+        if answer is None:
+            if len(self._resolved) >= _RESOLVED_LIMIT:
+                self._resolved.clear()
+            answer = self._resolved[q] = self._resolve_uncached(q)
+        return answer
+
+    def _resolve_uncached(self, q: _Query) -> Resolution:
         family = family_of(q.dst)
         if q.dst.is_multicast:
             return Resolution(Unknown(f"multicast destination {q.dst} is not modelled"))
-        if q.dst == IPv4Address("255.255.255.255"):
+        if q.dst == _LIMITED_BROADCAST:
             return Resolution(Unknown("limited broadcast destination is not modelled"))
         rules = self._rules[family]
         i = 0
@@ -516,11 +538,13 @@ class Fib:
         by_len = self._tables.get((family, table))
         if not by_len:
             return None
+        dst = int(q.dst)
+        bits = 32 if family == AF_INET else 128
         for plen in self._prefixlens[(family, table)]:
-            routes = by_len[plen].get(ip_network((q.dst, plen), strict=False))
-            if not routes:
+            shift = bits - plen
+            ordered = by_len[plen].get(dst >> shift << shift)
+            if not ordered:
                 continue
-            ordered = sorted(routes, key=lambda r: (-r.tos, r.metric))
             for idx, route in enumerate(ordered):
                 if route.tos:
                     if q.tos is None:
@@ -572,7 +596,7 @@ class Fib:
         return tuple(extra)
 
     def _default_alternatives(
-        self, ordered: list[Route], idx: int, same_len: dict[IPNetwork, list[Route]]
+        self, ordered: list[Route], idx: int, same_len: dict[int, list[Route]]
     ) -> tuple[Nexthop, ...]:
         """``fib_select_default``: several equal-metric gateway default routes of one table.
 
@@ -663,8 +687,13 @@ class Fib:
         return Resolution((egress,), failed.rule, None)
 
     def _route_text(self, route: Route) -> str:
-        text = route.describe(self._names)
-        return text if route.table != TABLE_MAIN else f"{text} table main"
+        text = self._route_texts.get(route)
+        if text is None:
+            text = route.describe(self._names)
+            if route.table == TABLE_MAIN:
+                text += " table main"
+            self._route_texts[route] = text
+        return text
 
     def _local_ingress(self) -> Ingress:
         return Ingress(self._lo_index, LOOPBACK_NAME, local=True)
@@ -675,7 +704,10 @@ class Fib:
         # rt_nexthop(): the IPv4 gateway if the route has one, else the destination.
         if dst.version == 4:
             nexthop = gateway if isinstance(gateway, IPv4Address) else dst
-            return self._inet_select_addr(oif, nexthop)
+            key = (oif, nexthop)
+            if key not in self._masquerade:
+                self._masquerade[key] = self._inet_select_addr(oif, nexthop)
+            return self._masquerade[key]
         # nf_nat_masquerade_ipv6 selects for the destination, not the nexthop.
         return self._ipv6_select_addr(oif, dst)
 

@@ -114,6 +114,10 @@ class KernelBackend:
             yield triggers()
 
     async def topology(self) -> Topology:
+        if self._ct is None:
+            # Opened (and its status filter probed) with the first snapshot, before "ready":
+            # a missing permission fails the start, and no reaction pays for the probe.
+            await trio.to_thread.run_sync(self._conntrack)
         topology = await self.rtnl.dump()
         if self.xfrm is not None:
             policies, states = await self.xfrm.dump_xfrm()
