@@ -281,3 +281,20 @@ def test_a_failed_lowering_undoes_what_it_wrote_and_blames_nobody(tmp_path: Path
     assert sysctl.value("udp") == 30  # written, then undone
     assert not Path(agent.ledger.path).exists()
     assert not any("someone changed" in r.getMessage() for r in caplog.records)
+
+
+def test_one_scan_serves_many_small_batches(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    table = [entry(i, timeout=1 + i % 29) for i in range(95)]  # all UNREPLIED
+    agent, ct, _, _ = agent_for(tmp_path, table, replace(POLICY, batch=5, rate=1_000_000))
+    agent.tick()  # starts: one full dump (census and candidates), then the first batch
+    assert len(ct.table) == 90
+    before = ct.requests
+    for _ in range(5):
+        agent.tick()
+    assert len(ct.table) == 65  # 5 more batches of 5, oldest first
+    assert ct.requests - before == 5 * 2  # per tick a stats request and a delete batch: no dump
+    left = {e.orig.sport for e in ct.table}
+    gone = sorted(e.timeout for e in table if e.orig.sport not in left)
+    assert gone == sorted(e.timeout for e in table)[:30]  # the 30 with the least time left

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,8 @@ from topowatch.core.decide import RawEntry
 from topowatch.core.pressure import (
     LOWERABLE,
     TIMEOUT_NAMES,
+    Candidate,
+    Census,
     EvictionPicker,
     PressureController,
     PressurePolicy,
@@ -59,6 +62,11 @@ from topowatch.edges.sysctl import ConntrackSysctl, LedgerRecord, SysctlError, T
 from topowatch.errors import TopowatchError
 
 log = logging.getLogger("topowatch.pressure")
+
+# A scan keeps this many batches of candidates per class, used for this long: the
+# dump (seconds for a full table) is paid once for many small batches of deletes.
+QUEUE_BATCHES = 20
+QUEUE_TTL = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +114,12 @@ class PressureAgent:
         self._wake = trio.Event()
         self._resize_refused = False
         self._pending: list[PressureEvent] = []
+        # Candidates of the last scan, best first, and what that scan saw.
+        self._unreplied: deque[Candidate] = deque()
+        self._replied: deque[Candidate] = deque()
+        self._more = {False: True, True: True}
+        self._scanned_at = -math.inf
+        self._census: Census | None = None
 
     @property
     def state(self) -> State:
@@ -215,22 +229,45 @@ class PressureAgent:
                       drop=stats["drop"], early_drop=stats["early_drop"],
                       insert_failed=stats["insert_failed"])
 
-    def _scan(self, policy: PressurePolicy, budget: int, *, replied_allowed: bool) -> EvictionPicker:
-        """One dump through a picker; only UNREPLIED entries cross the socket unless replied ones may go.
+    def _scan(self, policy: PressurePolicy, *, full: bool) -> Census:
+        """One dump; refills the candidate queues. Only UNREPLIED entries cross the socket unless ``full``.
 
-        ``budget`` 0 makes it a census of the whole table.
+        A full dump also collects replied candidates (for the last resort)
+        and counts the whole table for the census.
         """
         ct = self._conntrack()
         timeouts = self.sysctl.timeouts(TIMEOUT_NAMES)
+        keep = policy.batch * QUEUE_BATCHES
 
         def build(raw: RawEntry) -> Entry:
             return entry_from_raw(raw, ct.cache)
 
         def picker() -> EvictionPicker:
-            return EvictionPicker(policy, budget, replied_allowed=replied_allowed, timeouts=timeouts,
-                                  build=build)
+            return EvictionPicker(policy, keep, collect_replied=full, timeouts=timeouts, build=build)
 
-        return ct.scan(picker, unreplied_only=budget > 0 and not replied_allowed)
+        picked = ct.scan(picker, unreplied_only=not full)
+        chosen = picked.chosen()
+        self._unreplied = deque(c for c in chosen if not c.replied)
+        self._replied = deque(c for c in chosen if c.replied)
+        # A class that did not fill its heap was captured whole: rescanning finds nothing more.
+        self._more = {False: len(self._unreplied) >= keep, True: len(self._replied) >= keep or not full}
+        self._scanned_at = time.monotonic()
+        self._census = picked.census
+        return picked.census
+
+    def _take(self, policy: PressurePolicy, step: Step) -> list[Candidate]:
+        """Up to ``step.budget`` candidates from the queues, rescanning only when that can find more."""
+        expired = time.monotonic() - self._scanned_at > QUEUE_TTL
+        empty = not self._unreplied and not (step.replied_allowed and self._replied)
+        wanted_more = self._more[False] or (step.replied_allowed and self._more[True])
+        if expired or (empty and wanted_more):
+            self._scan(policy, full=step.replied_allowed)
+        taken: list[Candidate] = []
+        while self._unreplied and len(taken) < step.budget:
+            taken.append(self._unreplied.popleft())
+        while step.replied_allowed and self._replied and len(taken) < step.budget:
+            taken.append(self._replied.popleft())
+        return taken
 
     def tick(self) -> Step:
         """``observe`` and ``deliver`` in one call (blocking; for callers without a trio loop)."""
@@ -250,7 +287,7 @@ class PressureAgent:
         c.last_fill = sample.fill
         if step.started:
             c.episodes += 1
-            census = self._scan(policy, 0, replied_allowed=False).census
+            census = self._scan(policy, full=True)  # the census, and the first candidates, in one dump
             c.last_summary = describe_pressure(sample, census, step)
             log.warning("pressure starts: %s", c.last_summary)
             self._emit(PressureEvent("start", c.last_summary, sample.fill))
@@ -259,8 +296,7 @@ class PressureAgent:
                 self._resize(sample)
         if step.budget > 0:
             started = time.monotonic()
-            picker = self._scan(policy, step.budget, replied_allowed=step.replied_allowed)
-            chosen = picker.chosen()
+            chosen = self._take(policy, step)
             if chosen:
                 result = self._conntrack().delete([cand.entry for cand in chosen])
                 self.controller.evicted(result.deleted)
@@ -272,13 +308,13 @@ class PressureAgent:
                 summary = (f"evicted {result.deleted} of {len(chosen)} chosen "
                            f"({', '.join(f'{n} {k}' for k, n in by_class.items())}; idle up to {oldest} s) "
                            f"in {(time.monotonic() - started) * 1000:.0f} ms; {result.describe()}")
-                log.warning("pressure: %s; %s", summary, describe_pressure(sample, picker.census, step))
+                log.warning("pressure: %s; %s", summary, describe_pressure(sample, self._census, step))
                 for cand in chosen[:5]:
                     log.info("evicted %s: %s", cand.entry.describe(), cand.reason())
                 self._emit(PressureEvent("evict", summary, sample.fill, result.deleted, by_class))
             elif step.refused:
                 log.warning("pressure: nothing may be evicted (%s)",
-                            describe_pressure(sample, picker.census, step))
+                            describe_pressure(sample, self._census, step))
         if step.ended:
             summary = (f"conntrack table {sample.fill:.0%} full ({sample.count:,}/{sample.max:,}): "
                        f"pressure ends")

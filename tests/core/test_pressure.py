@@ -224,10 +224,10 @@ PROTECT = Protection(zones=frozenset({7}), marks=((0x10, 0xF0),), prefixes=(ip_n
                                                                           ip_network("2001:db8::/120")))
 
 
-def expected_ranks(entries: list[Entry], policy: PressurePolicy, budget: int, replied_allowed: bool
+def expected_ranks(entries: list[Entry], policy: PressurePolicy, keep: int, collect_replied: bool
                    ) -> list[tuple[int, int]]:
-    """The selection written out independently: filter, then sort by (class, oldest)."""
-    ranks = []
+    """The selection written out independently: filter, then per class the ``keep`` oldest."""
+    by_class: dict[int, list[int]] = {0: [], 1: []}
     for e in entries:
         o = e.orig
         if e.zone in policy.protect.zones or any(e.mark & m == v for v, m in policy.protect.marks):
@@ -235,14 +235,13 @@ def expected_ranks(entries: list[Entry], policy: PressurePolicy, budget: int, re
         if any(o.src in net or o.dst in net for net in policy.protect.prefixes if net.version == o.src.version):
             continue
         replied = bool(e.status & IPS_SEEN_REPLY)
-        if replied and not (replied_allowed and e.proto in policy.evict_replied and e.proto != IPPROTO_TCP):
+        if replied and not (collect_replied and e.proto in policy.evict_replied and e.proto != IPPROTO_TCP):
             continue
         if not replied and not policy.evict_unreplied:
             continue
         full = TIMEOUTS[timeout_class(e.proto, e.status)]
-        ranks.append((1 if replied else 0, max(full - e.timeout, 0)))
-    ranks.sort(key=lambda r: (r[0], -r[1]))
-    return ranks[:budget]
+        by_class[1 if replied else 0].append(max(full - e.timeout, 0))
+    return [(cls, age) for cls in (0, 1) for age in sorted(by_class[cls], reverse=True)[:keep]]
 
 
 entries_strategy = st.lists(
@@ -262,20 +261,20 @@ entries_strategy = st.lists(
 
 @settings(max_examples=300)
 @given(entries_strategy, st.integers(0, 30), st.booleans(), st.booleans())
-def test_picker_chooses_the_best_allowed_entries(entries: list[Entry], budget: int, replied_allowed: bool,
-                                                 evict_unreplied: bool) -> None:
+def test_picker_keeps_the_oldest_allowed_entries_of_each_class(entries: list[Entry], keep: int,
+                                                                 collect_replied: bool, evict_unreplied: bool) -> None:
     policy = PressurePolicy(enabled=True, evict_unreplied=evict_unreplied,
                             evict_replied=frozenset({IPPROTO_UDP, IPPROTO_GRE}), protect=PROTECT)
-    picker = EvictionPicker(policy, budget, replied_allowed=replied_allowed, timeouts=TIMEOUTS)
+    picker = EvictionPicker(policy, keep, collect_replied=collect_replied, timeouts=TIMEOUTS)
     for e in entries:
         picker.add(e)
     chosen = picker.chosen()
-    assert [(1 if c.replied else 0, c.age) for c in chosen] == expected_ranks(
-        entries, policy, budget, replied_allowed)
+    assert [(1 if c.replied else 0, c.age) for c in chosen] == expected_ranks(entries, policy, keep, collect_replied)
     for c in chosen:
         assert not PROTECT.covers(c.entry)
         assert not (c.replied and c.entry.proto == IPPROTO_TCP)
     assert picker.census.examined == len(entries)
+    assert picker.census.protected == sum(1 for e in entries if PROTECT.covers(e))
 
 
 def test_picker_never_takes_replied_tcp_or_protected_entries() -> None:
@@ -288,7 +287,7 @@ def test_picker_never_takes_replied_tcp_or_protected_entries() -> None:
         entry(5, status=IPS_SEEN_REPLY | IPS_ASSURED, timeout=100),  # assured udp, idle 20 s
         entry(6, timeout=29),  # UNREPLIED udp, idle 1 s
     ]
-    picker = EvictionPicker(policy, 10, replied_allowed=True, timeouts=TIMEOUTS)
+    picker = EvictionPicker(policy, 10, collect_replied=True, timeouts=TIMEOUTS)
     for e in table:
         picker.add(e)
     assert [c.entry.id for c in picker.chosen()] == [7, 6]  # UNREPLIED first, then the assured udp
@@ -306,8 +305,8 @@ def test_raw_and_built_entries_are_picked_alike() -> None:
                 r.sport, r.dport, e.status, e.zone, e.mark, e.id, e.timeout)
 
     by_id = {e.id: e for e in table}
-    built = EvictionPicker(policy, 12, replied_allowed=True, timeouts=TIMEOUTS)
-    streamed = EvictionPicker(policy, 12, replied_allowed=True, timeouts=TIMEOUTS,
+    built = EvictionPicker(policy, 12, collect_replied=True, timeouts=TIMEOUTS)
+    streamed = EvictionPicker(policy, 12, collect_replied=True, timeouts=TIMEOUTS,
                               build=lambda r: by_id[r[13]])
     for e in table:
         built.add(e)

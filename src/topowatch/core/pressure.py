@@ -345,36 +345,39 @@ class Census:
 
 
 class EvictionPicker:
-    """Consumes a dump (``add`` / ``add_raw``, as ``Conntrack.scan`` feeds) and keeps the best ``budget``.
+    """Consumes a dump (``add`` / ``add_raw``, as ``Conntrack.scan`` feeds) and keeps the best candidates.
 
-    ``timeouts`` are the current class timeouts (see ``timeout_class``);
-    ``build`` turns a raw entry into an ``Entry`` (only chosen ones are built).
-    Memory: the heap of at most ``budget`` candidates and the census.
+    Up to ``keep`` UNREPLIED candidates (if the policy evicts them) and, with
+    ``collect_replied``, up to ``keep`` replied ones of the policy's
+    ``evict_replied`` protocols, each class oldest first; the caller decides
+    when replied ones may go (only while new flows are refused). ``timeouts``
+    are the current class timeouts (see ``timeout_class``); ``build`` turns a
+    raw entry into an ``Entry`` (only kept ones are built). Memory: two heaps
+    of at most ``keep`` candidates and the census.
     """
 
     def __init__(
         self,
         policy: PressurePolicy,
-        budget: int,
+        keep: int,
         *,
-        replied_allowed: bool,
+        collect_replied: bool,
         timeouts: Mapping[str, int],
         build: Callable[[RawEntry], Entry] | None = None,
     ) -> None:
         self.policy = policy
-        self.budget = budget
-        self.replied_allowed = replied_allowed
+        self.keep = keep
+        self.collect_replied = collect_replied
         self.timeouts = dict(timeouts)
         self.build = build
         self.census = Census()
-        # Max-heap on rank via negated keys: the worst kept candidate is at the top.
-        self._heap: list[tuple[int, int, int, RawEntry | Entry]] = []
+        # Min-heaps on age: the youngest kept candidate of a class is at the top.
+        self._heaps: tuple[list[tuple[int, int, RawEntry | Entry]], ...] = ([], [])
         self._seq = 0
 
     def _rank(self, proto: int, status: int, timeout: int, family: int) -> tuple[int, int] | None:
-        replied = bool(status & IPS_SEEN_REPLY)
-        if replied:
-            if not self.replied_allowed or proto in STATEFUL or proto not in self.policy.evict_replied:
+        if status & IPS_SEEN_REPLY:
+            if not self.collect_replied or proto in STATEFUL or proto not in self.policy.evict_replied:
                 return None
             cls = _REPLIED
         else:
@@ -385,13 +388,12 @@ class EvictionPicker:
         return cls, max(full - timeout, 0) if full else -timeout
 
     def _offer(self, rank: tuple[int, int], item: RawEntry | Entry) -> None:
-        # Better = lower class, then larger age. Heap key keeps the worst on top.
-        key = (-rank[0], rank[1])
+        heap = self._heaps[rank[0]]
         self._seq += 1
-        if len(self._heap) < self.budget:
-            heapq.heappush(self._heap, (key[0], key[1], self._seq, item))
-        elif (key[0], key[1]) > self._heap[0][:2]:
-            heapq.heapreplace(self._heap, (key[0], key[1], self._seq, item))
+        if len(heap) < self.keep:
+            heapq.heappush(heap, (rank[1], self._seq, item))
+        elif rank[1] > heap[0][0]:
+            heapq.heapreplace(heap, (rank[1], self._seq, item))
 
     def add(self, entry: Entry) -> None:
         o = entry.orig
@@ -400,8 +402,10 @@ class EvictionPicker:
         if self.policy.protect.covers_raw(entry.family, entry.zone, entry.mark, src, dst):
             self.census.protected += 1
             return
+        if self.keep <= 0:
+            return
         rank = self._rank(entry.proto, entry.status, entry.timeout, entry.family)
-        if rank is not None and self.budget > 0:
+        if rank is not None:
             self._offer(rank, entry)
 
     def add_raw(self, raw: RawEntry) -> None:
@@ -411,16 +415,19 @@ class EvictionPicker:
         if self.policy.protect.covers_raw(family, zone, mark, osrc, odst):
             self.census.protected += 1
             return
+        if self.keep <= 0:
+            return
         rank = self._rank(proto, status, timeout, family)
-        if rank is not None and self.budget > 0:
+        if rank is not None:
             self._offer(rank, raw)
 
     def chosen(self) -> list[Candidate]:
-        """The candidates, best first (UNREPLIED before replied, oldest first)."""
+        """The candidates, best first: UNREPLIED oldest first, then replied oldest first."""
         out: list[Candidate] = []
-        for neg_cls, age, _, item in sorted(self._heap, key=lambda k: (k[0], k[1]), reverse=True):
-            entry = item if isinstance(item, Entry) else self._build(item)
-            out.append(Candidate(entry, max(age, 0), replied=-neg_cls == _REPLIED))
+        for cls, heap in enumerate(self._heaps):
+            for age, _, item in sorted(heap, key=lambda k: k[0], reverse=True):
+                entry = item if isinstance(item, Entry) else self._build(item)
+                out.append(Candidate(entry, max(age, 0), replied=cls == _REPLIED))
         return out
 
     def _build(self, raw: RawEntry) -> Entry:
