@@ -9,7 +9,8 @@ keeps the previous policy.
 Theory of operation (systemd's drop-in rules, ``systemd.unit(5)``):
 
 1. Directories in priority order, highest first: ``/etc/topowatch/rules.d``,
-   ``/run/topowatch/rules.d``, ``/usr/lib/topowatch/rules.d`` (or the list
+   ``/run/topowatch/rules.d``, ``/usr/local/lib/topowatch/rules.d``,
+   ``/usr/lib/topowatch/rules.d`` (systemd's unit search order; or the list
    given). Only ``*.toml`` names count; hidden names are ignored.
 2. A name in a higher directory hides the same name in lower ones. The winner
    is an empty file or a symlink to ``/dev/null``: the name is masked and
@@ -60,6 +61,7 @@ from topowatch.errors import PolicyError
 DEFAULT_DIRS: tuple[str, ...] = (
     "/etc/topowatch/rules.d",
     "/run/topowatch/rules.d",
+    "/usr/local/lib/topowatch/rules.d",  # where pip, as root, installs the shipped files
     "/usr/lib/topowatch/rules.d",
 )
 
