@@ -180,27 +180,66 @@ def test_recorded_events() -> None:
 
 
 ALL = [c[1] for c in SYNTH] + records("xfrm_events.bin") + records("xfrm_dump.bin")
+# Every XFRM message of those, one by one (a dump datagram holds several, and ends with NLMSG_DONE).
+SINGLES = [raw for data in ALL for kind, _, _, raw in X.split_datagram(data) if kind in X.MSG_CLASSES]
+# A message in front of the broken one: it must still decode, whatever follows it.
+INTACT = X.encode_policy(POLICY)
 
 
-@pytest.mark.parametrize("data", ALL, ids=range(len(ALL)))
-def test_every_truncation_is_skipped(data: bytes) -> None:
-    for cut in range(len(data)):
-        broken = bytearray(data[:cut])
+def message_kind(msg: bytes) -> int:
+    return int(struct.unpack_from("=H", msg, 4)[0])
+
+
+def test_singles_cover_every_message_kind() -> None:
+    assert {message_kind(m) for m in SINGLES} == set(X.MSG_CLASSES)
+    assert len(INTACT) % 4 == 0 and X.events_from_data(INTACT)[0].value == POLICY
+
+
+@pytest.mark.parametrize("msg", SINGLES, ids=range(len(SINGLES)))
+def test_every_truncation_is_skipped(msg: bytes) -> None:
+    fixed = 16 + X._MIN_PAYLOAD[message_kind(msg)]  # header and the message's struct
+    for cut in range(1, len(msg)):
+        broken = bytearray(msg[:cut])
         if len(broken) >= 4:
             struct.pack_into("=I", broken, 0, len(broken))  # a consistent header that lies about the body
-        X.events_from_data(bytes(broken))
+        stats = DecodeStats()
+        events = X.events_from_data(INTACT + bytes(broken), stats)
+        assert events[0].value == POLICY, cut  # the intact message before it still decodes
+        if cut < fixed:
+            # No whole header, or not the whole struct: nothing can be read of it, and that is counted.
+            assert len(events) == 1 and stats.undecodable == 1 and stats.ignored == 0, cut
+        else:
+            # Cut among the attributes: what is left decodes, or the message is refused; once either way.
+            assert len(events) - 1 + stats.undecodable + stats.ignored == 1, cut
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(ALL), st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255)), max_size=6))
-def test_corrupted_messages_never_raise(data: bytes, flips: list[tuple[int, int]]) -> None:
-    broken = bytearray(data)
+@given(st.sampled_from(SINGLES), st.lists(st.tuples(st.integers(0, 300), st.integers(0, 255)), max_size=6))
+def test_corrupted_messages_are_counted_never_raised(msg: bytes, flips: list[tuple[int, int]]) -> None:
+    broken = bytearray(msg)
     for pos, value in flips:
         if pos < len(broken):
             broken[pos] = value
     stats = DecodeStats()
-    X.events_from_data(bytes(broken), stats)
-    assert stats.messages + stats.undecodable >= 0
+    events = X.events_from_data(INTACT + bytes(broken), stats)
+    assert events[0].value == POLICY  # the intact message before it still decodes
+    # Every message decoded is an event, ignored, or undecodable: none lost, none counted twice.
+    assert len(events) + stats.ignored <= stats.messages <= len(events) + stats.ignored + stats.undecodable
+    if broken[:16] == msg[:16]:
+        # The header holds (length and type): the corrupted message has exactly one outcome.
+        assert len(events) - 1 + stats.undecodable + stats.ignored == 1
+    if broken == msg:
+        assert events[1:] == X.events_from_data(msg) and stats.undecodable == 0
+
+
+def test_a_codec_bug_is_not_taken_for_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only UndecodableMessage is skipped: a programming error in a converter surfaces."""
+    def broken(msg: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(X, "event_from_msg", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        X.events_from_data(INTACT)
 
 
 def test_bad_values_are_undecodable_not_errors() -> None:

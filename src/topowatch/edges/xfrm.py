@@ -18,8 +18,10 @@ What this module decides:
   the full info in XFRMA_POLICY / XFRMA_SA when the kernel adds it.
 
 What it must never do:
-- crash on a message: a malformed one raises ``UndecodableMessage`` from the
-  converters and is skipped (logged, counted) by the event stream;
+- crash on a message: a malformed one (or a truncated tail) raises
+  ``UndecodableMessage`` from the codec and converters and is skipped
+  (logged, counted) by the event stream; only that error is caught, so a
+  bug in the codec is not mistaken for bad input;
 - stop yielding events: ENOBUFS becomes an overrun ``Trigger`` after the
   stale backlog is drained (``rtnl._drain``: a congested socket drops every
   later notification silently until it is read empty), and the stream goes on;
@@ -308,7 +310,8 @@ class XfrmMarshal:
         if length - 16 < _MIN_PAYLOAD[kind]:
             raise UndecodableMessage(f"xfrm: message type {kind:#x} too short ({length} bytes)")
         msg = cls(bytes(data))
-        msg.decode()
+        with _converting(f"type {kind:#x}"):
+            msg.decode()  # pyroute2 keeps attribute errors in the header; the rest it raises
         return [msg]
 
 
@@ -548,16 +551,28 @@ def event_from_msg(msg: Any) -> XfrmEvent | None:
 
 
 def decode_messages(data: bytes, stats: DecodeStats | None = None) -> list[Any]:
-    """Decode one or more XFRM messages; one that cannot be parsed is left out (counted)."""
+    """Decode one or more XFRM messages; one that cannot be parsed is left out (counted).
+
+    Only ``UndecodableMessage`` (bad input) is caught: a bug in the codec raises. A tail too short
+    to hold a netlink header (a truncated message) is counted too.
+    """
     marshal = XfrmMarshal()
     out: list[Any] = []
-    for _, _, _, raw in split_datagram(bytes(data), stats):
+    data = bytes(data)
+    consumed = 0
+    for _, _, _, raw in split_datagram(data, stats):
+        consumed += (len(raw) + 3) & ~3
         try:
             out.extend(marshal.parse(raw))
-        except Exception as exc:
+        except UndecodableMessage as exc:
             log.warning("xfrm: cannot parse a message of %d bytes: %s", len(raw), exc)
             if stats is not None:
                 stats.undecodable += 1
+    tail = len(data) - consumed
+    if 0 < tail < 16:  # split_datagram counts a bad length only where a whole header is there
+        log.warning("xfrm: %d bytes after the last message are no message", tail)
+        if stats is not None:
+            stats.undecodable += 1
     return out
 
 
@@ -569,13 +584,9 @@ def events_from_data(data: bytes, stats: DecodeStats | None = None) -> list[Xfrm
         stats.messages += 1
         try:
             event = event_from_msg(msg)
-        except UndecodableMessage as exc:
+        except UndecodableMessage as exc:  # bad input; a bug in a converter raises
             stats.undecodable += 1
             log.warning("xfrm: skipped an event: %s", exc)
-            continue
-        except Exception as exc:  # a codec bug must not end the stream
-            stats.undecodable += 1
-            log.warning("xfrm: skipped an event (%r)", exc)
             continue
         if event is None:
             stats.ignored += 1
