@@ -569,6 +569,10 @@ def test_select_by_trigger_and_interface() -> None:
     assert names(("route", None)) == []
     assert names(("link", "eth0"), ("xfrm", None)) == ["ipsec"]
     assert names(("startup", None)) == ["ipsec", "uplink"]  # not a trigger kind: re-read everything
+    assert names(("request", None)) == ["ipsec", "uplink"]
+    assert names(("request", "ppp1")) == ["ipsec", "uplink"]
+    assert names(("request", "eth0")) == ["ipsec"]  # a request for one interface: its policies only
+    assert names(("overrun", "eth0")) == ["ipsec", "uplink"]
     assert names() == []
 
 

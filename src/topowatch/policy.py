@@ -69,6 +69,7 @@ TRIGGERS: tuple[str, ...] = (
     "link", "address", "route", "rule", "xfrm", "ruleset", "networkmanager", "dispatcher",
 )
 ALL_TRIGGERS = frozenset(TRIGGERS)
+REQUEST = "request"  # an explicit request (CLI or D-Bus trigger), optionally for one interface
 
 FAMILY_NAMES: dict[str, int] = {"ipv4": AF_INET, "ipv6": AF_INET6}
 FAMILY_OF: dict[int, str] = {num: name for name, num in FAMILY_NAMES.items()}
@@ -409,11 +410,15 @@ class Policy:
 
     def triggered_by(self, kind: str, interface: str | None = None) -> bool:
         """Does one event activate this policy? Kinds outside ``TRIGGERS`` (startup, restart,
-        overrun, request) activate every enabled policy: they mean "re-read everything"."""
+        overrun, request) activate every enabled policy: they mean "re-read everything";
+        an explicit request for one interface (``topowatch trigger IFACE``, D-Bus
+        ``Trigger``) only those whose ``interfaces`` admit it."""
         if not self.enabled:
             return False
         if kind in ALL_TRIGGERS:
             return kind in self.triggers and self.matches_interface(interface)
+        if kind == REQUEST:
+            return self.matches_interface(interface)
         return True
 
     def value(self, key: str) -> Any:
