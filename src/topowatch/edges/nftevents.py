@@ -45,6 +45,7 @@ from pathlib import Path
 
 import trio
 
+from topowatch.edges.rtnl import receive, subscribe
 from topowatch.errors import NetlinkError
 from topowatch.reactor import Trigger
 
@@ -168,16 +169,10 @@ class NftablesEvents:
     async def _subscribe(self) -> trio.socket.SocketType:
         sock = self._factory()
         try:
-            await sock.bind((0, 0))
-            if self._rcvbuf is not None:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self._rcvbuf)
-                except PermissionError:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._rcvbuf)
-            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
-        except OSError as exc:
+            await subscribe(sock, (NFNLGRP_NFTABLES,), rcvbuf=self._rcvbuf, what="nftables")
+        except BaseException:
             sock.close()
-            raise NetlinkError(f"cannot subscribe to nftables events: {exc}", exc.errno or 0) from exc
+            raise
         return sock
 
     @contextlib.asynccontextmanager
@@ -192,14 +187,9 @@ class NftablesEvents:
 
     async def _triggers(self, sock: trio.socket.SocketType) -> AsyncGenerator[Trigger, None]:
         while True:
-            try:
-                data = await sock.recv(RECV_BUFSIZE)
-            except OSError as exc:
-                if exc.errno != errno.ENOBUFS:
-                    raise NetlinkError(f"nftables event receive failed: {exc}", exc.errno or 0) from exc
+            data = await receive(sock, "nftables")
+            if data is None:
                 self.overruns += 1
-                discarded = _drain(sock)
-                log.warning("nftables: event overrun (ENOBUFS), %d stale datagrams discarded", discarded)
                 yield Trigger(NFTABLES_SOURCE, "nftables event overrun: ruleset changes were lost",
                               overrun=True, kind=RULESET_KIND)
                 continue

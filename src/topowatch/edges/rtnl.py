@@ -887,6 +887,59 @@ def _drain(sock: NetlinkSocket) -> int:
     return count
 
 
+async def subscribe(
+    sock: NetlinkSocket,
+    groups: Sequence[int],
+    *,
+    rcvbuf: int | None,
+    what: str,
+    optional: Callable[[int, OSError], bool] | None = None,
+) -> None:
+    """Bind ``sock`` and join ``groups``: the part every event stream (rtnetlink, xfrm, nftables) shares.
+
+    An unbound netlink socket joins groups but is delivered nothing, so it is
+    bound (EINVAL: bound already). ``rcvbuf`` (bytes, None to leave it) is
+    forced with SO_RCVBUFFORCE where we may, else asked with SO_RCVBUF. A
+    group ``optional(group, error)`` accepts is skipped; any other failure is
+    a ``NetlinkError`` naming ``what``.
+    """
+    try:
+        await sock.bind((0, 0))
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise NetlinkError(f"cannot bind the {what} socket: {exc}", exc.errno or 0) from exc
+    if rcvbuf is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    for group in groups:
+        try:
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+        except OSError as exc:
+            if optional is not None and optional(group, exc):
+                continue
+            raise NetlinkError(f"cannot join {what} group {group}: {exc}", exc.errno or 0) from exc
+
+
+async def receive(sock: NetlinkSocket, what: str) -> bytes | None:
+    """One datagram of events, or None after an overrun (ENOBUFS): events were lost.
+
+    On an overrun the stale backlog is drained at once (see ``_drain``) and
+    said so; the caller reports the overrun so its consumer resyncs.
+    """
+    try:
+        data: bytes = await sock.recv(RECV_BUFSIZE)
+    except OSError as exc:
+        if exc.errno != errno.ENOBUFS:
+            raise NetlinkError(f"{what} event receive failed: {exc}", exc.errno or 0) from exc
+        discarded = _drain(sock)
+        log.warning("%s: event overrun (ENOBUFS), %d stale datagrams discarded; resync needed",
+                    what, discarded)
+        return None
+    return data
+
+
 class RtnlEvents:
     """rtnetlink change events as an async iterator; use as ``async with RtnlEvents() as events``.
 
@@ -918,26 +971,15 @@ class RtnlEvents:
 
     async def __aenter__(self) -> RtnlEvents:
         sock = self._given if self._given is not None else self._factory()
+
+        def optional(group: int, exc: OSError) -> bool:
+            if group == RTNLGRP_NEXTHOP and exc.errno == errno.EINVAL:
+                log.info("rtnetlink: kernel has no nexthop group; not following nexthop objects")
+                return True
+            return False
+
         try:
-            # An unbound netlink socket joins groups but is delivered nothing.
-            try:
-                await sock.bind((0, 0))
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:  # EINVAL: bound already
-                    raise NetlinkError(f"cannot bind the rtnetlink socket: {exc}", exc.errno or 0) from exc
-            if self._rcvbuf is not None:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self._rcvbuf)
-                except PermissionError:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._rcvbuf)
-            for group in self._groups:
-                try:
-                    sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
-                except OSError as exc:
-                    if group == RTNLGRP_NEXTHOP and exc.errno == errno.EINVAL:
-                        log.info("rtnetlink: kernel has no nexthop group; not following nexthop objects")
-                        continue
-                    raise NetlinkError(f"cannot join rtnetlink group {group}: {exc}", exc.errno or 0) from exc
+            await subscribe(sock, self._groups, rcvbuf=self._rcvbuf, what="rtnetlink", optional=optional)
         except BaseException:
             if self._given is None:
                 sock.close()
@@ -959,19 +1001,11 @@ class RtnlEvents:
         if self._sock is None:
             raise RuntimeError("RtnlEvents used outside its 'async with' block")
         while not self._pending:
-            try:
-                data = await self._sock.recv(RECV_BUFSIZE)
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    self.stats.overruns += 1
-                    self._pending.clear()
-                    discarded = _drain(self._sock)
-                    log.warning(
-                        "rtnetlink: event overrun (ENOBUFS), %d stale datagrams discarded; resync needed",
-                        discarded,
-                    )
-                    return Overrun()
-                raise NetlinkError(f"rtnetlink event receive failed: {exc}", exc.errno or 0) from exc
+            data = await receive(self._sock, "rtnetlink")
+            if data is None:
+                self.stats.overruns += 1
+                self._pending.clear()
+                return Overrun()
             self._feed(data)
         return self._pending.popleft()
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import errno
 import logging
 import socket
 import struct
@@ -62,19 +61,14 @@ from topowatch.edges import rtnl
 from topowatch.edges.rtnl import (
     DUMP_ATTEMPTS,
     EVENT_RCVBUF,
-    NETLINK_ADD_MEMBERSHIP,
     NLM_F_DUMP,
     NLM_F_REQUEST,
-    RECV_BUFSIZE,
-    SO_RCVBUFFORCE,
-    SOL_NETLINK,
     DecodeStats,
     NetlinkSocket,
     SocketFactory,
     UndecodableMessage,
     split_datagram,
 )
-from topowatch.errors import NetlinkError
 from topowatch.reactor import Trigger
 
 log = logging.getLogger(__name__)
@@ -674,21 +668,7 @@ class XfrmEvents:
     async def __aenter__(self) -> XfrmEvents:
         sock = self._given if self._given is not None else self._factory()
         try:
-            try:
-                await sock.bind((0, 0))
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise NetlinkError(f"cannot bind the xfrm socket: {exc}", exc.errno or 0) from exc
-            if self._rcvbuf is not None:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self._rcvbuf)
-                except PermissionError:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._rcvbuf)
-            for group in self._groups:
-                try:
-                    sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
-                except OSError as exc:
-                    raise NetlinkError(f"cannot join xfrm group {group}: {exc}", exc.errno or 0) from exc
+            await rtnl.subscribe(sock, self._groups, rcvbuf=self._rcvbuf, what="xfrm")
         except BaseException:
             if self._given is None:
                 sock.close()
@@ -708,17 +688,11 @@ class XfrmEvents:
         if self._sock is None:
             raise RuntimeError("XfrmEvents used outside its 'async with' block")
         while not self._pending:
-            try:
-                data = await self._sock.recv(RECV_BUFSIZE)
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    self.stats.overruns += 1
-                    self._pending.clear()
-                    discarded = rtnl._drain(self._sock)
-                    log.warning("xfrm: event overrun (ENOBUFS), %d stale datagrams discarded; resync needed",
-                                discarded)
-                    return Overrun()
-                raise NetlinkError(f"xfrm event receive failed: {exc}", exc.errno or 0) from exc
+            data = await rtnl.receive(self._sock, "xfrm")
+            if data is None:
+                self.stats.overruns += 1
+                self._pending.clear()
+                return Overrun()
             self._pending.extend(events_from_data(data, self.stats))
         return self._pending.popleft()
 
