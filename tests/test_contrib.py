@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from test_dbus import SYSTEM_CONF  # the system bus's default policy plus the shipped one
+
 ROOT = Path(__file__).resolve().parents[1]
 NM = ROOT / "contrib/networkmanager/90-topowatch"
 SWAN = ROOT / "contrib/strongswan/topowatch-updown"
@@ -430,29 +432,6 @@ BUSCTL = shutil.which("busctl")
 DBUS_DAEMON = shutil.which("dbus-daemon")
 POLICY = ROOT / "contrib/dbus/io.github.topowatch.conf"
 
-# The system bus's default policy (as /usr/share/dbus-1/system.conf), plus the shipped policy file.
-SYSTEM_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-  </policy>
-  <include>{policy}</include>
-</busconfig>
-"""
 
 # Owns the daemon's name and exports nothing: a running daemon as far as the bus can tell.
 OWNER = """
