@@ -18,6 +18,7 @@ analysis checks they are set.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
@@ -198,6 +199,17 @@ def probe_file() -> Iterator[Path]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+_HOLD = Path("/run") / f"topowatch-sandbox-hold-{os.getpid()}"
+
+
+def _hold_dir() -> Path:
+    """An empty mount point outside /tmp for the real /tmp while a private one covers it (removed at exit)."""
+    if not _HOLD.exists():
+        _HOLD.mkdir()
+        atexit.register(lambda: _HOLD.rmdir() if _HOLD.exists() else None)
+    return _HOLD
+
+
 def _caps_for_setpriv() -> str:
     names = [c.removeprefix("CAP_").lower() for c in setting("CapabilityBoundingSet")[0].split()]
     return ",".join(["-all", *(f"+{n}" for n in names)])
@@ -217,12 +229,19 @@ def _sandbox_shell(command: str, caps: str | None = None, state_dir: Path | None
         "  case $m in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) continue ;; esac",
         "  mount -o remount,bind,ro \"$m\" 2>/dev/null || true",
         "done",
-        # PrivateTmp= and ProtectHome=: an empty private /tmp; home directories hidden.
-        "mount -t tmpfs -o mode=1777 tmpfs /tmp",
     ]
+    needed = (os.path.realpath(sys.executable), str(ROOT))
+    # PrivateTmp=: an empty private /tmp. A checkout (or interpreter) under /tmp, as a CI clone
+    # may be, stays visible there: an installed topowatch lives under /usr, a test's copy must run.
+    kept = sorted({"/tmp/" + p.split("/")[2] for p in needed if p.startswith("/tmp/")})
+    if kept:
+        hold = _hold_dir()
+        lines.append(f"mount --bind /tmp {hold}")
+    lines.append("mount -t tmpfs -o mode=1777 tmpfs /tmp")
+    for path in kept:
+        lines += [f"mkdir -p {path}", f"mount --bind {hold}/{path.removeprefix('/tmp/')} {path}"]
     # ProtectHome=: hide the home directories, except one holding this test's interpreter or
     # checkout (an installed topowatch lives under /usr; a pyenv Python may live under /root).
-    needed = (os.path.realpath(sys.executable), str(ROOT))
     for home in ("/home", "/root"):
         if os.path.isdir(home) and not any(p.startswith(home + "/") for p in needed):
             lines.append(f"mount -t tmpfs -o ro,mode=0755 tmpfs {home}")
