@@ -129,7 +129,9 @@ class _Packet:
     sport: int
     dport: tuple[int, int]
     mark: int | None
-    ct_mark: int
+    # None: unknown. A new entry starts with ct mark 0; an entry whose mark is not 0 had it
+    # set by some rule at some time, before its NAT or after it: which, the entry cannot say.
+    ct_mark: int | None
     zone: int
     iif: Ingress | None | Unknown
     oif: Egress | None | Unknown
@@ -310,6 +312,9 @@ def _match(m: Match, p: _Packet) -> bool | Unknown:
                 return Unknown("the packet mark of the flow's first packet is not known")
             lo = hi = p.mark
         elif key is Key.CT_MARK:
+            if p.ct_mark is None:
+                return Unknown("the entry's conntrack mark may have been set after its NAT; the mark a "
+                               "new flow has at this point is not known")
             lo = hi = p.ct_mark
         elif key is Key.CT_ZONE:
             lo = hi = p.zone
@@ -485,7 +490,7 @@ class _Evaluator:
             if side.hook in (Hook.PREROUTING, Hook.OUTPUT):
                 raise _Unmodelled(f"{where}: a mark set before routing (routing by mark) is not modelled")
             if expr.ct:
-                self._marked = replace(packet, ct_mark=expr.apply(packet.ct_mark) or 0)
+                self._marked = replace(packet, ct_mark=expr.apply(packet.ct_mark))
             else:
                 self._marked = replace(packet, mark=expr.apply(packet.mark))
             return True
@@ -772,7 +777,7 @@ def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
         sport=flow.sport,
         dport=(flow.dport, flow.dport),
         mark=flow.packet_mark,
-        ct_mark=flow.ct_mark,
+        ct_mark=0 if flow.ct_mark == 0 else None,
         zone=flow.zone,
         iif=None if ingress.local else ingress,
         oif=None,
