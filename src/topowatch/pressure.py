@@ -28,6 +28,7 @@ failed tick is logged and counted, and the next one tries again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -294,6 +295,11 @@ class PressureAgent:
             self._lower(policy)
             if policy.resize_buckets:
                 self._resize(sample)
+            # The census dump took a while (seconds for a full table): look again, so that
+            # flows refused meanwhile open the last resort now rather than a tick later.
+            sample = self.read_sample()
+            step = dataclasses.replace(self.controller.observe(sample), started=True)
+            c.last_fill = sample.fill
         if step.budget > 0:
             started = time.monotonic()
             chosen = self._take(policy, step)
