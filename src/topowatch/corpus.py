@@ -54,7 +54,7 @@ def default_corpus() -> Path:
     env = os.environ.get("TOPOWATCH_CORPUS")
     if env:
         return Path(env)
-    beside = Path(__file__).resolve().parents[3].parent / "shared" / "corpus"
+    beside = Path(__file__).resolve().parents[3] / "shared" / "corpus"  # <checkout>/../shared
     return beside if beside.is_dir() else Path("/work/shared/corpus")
 
 
