@@ -33,7 +33,6 @@ Theory of operation:
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import re
 import socket
@@ -46,7 +45,6 @@ from pathlib import Path
 import trio
 
 from topowatch.edges.rtnl import receive, subscribe
-from topowatch.errors import NetlinkError
 from topowatch.reactor import Trigger
 
 log = logging.getLogger(__name__)
@@ -61,7 +59,6 @@ NFT_MSG_NEWGEN = 15  # enum nf_tables_msg_types (GETGEN is 16)
 NFTA_GEN_ID = 1
 NFTA_GEN_PROC_PID = 2
 NFTA_GEN_PROC_NAME = 3
-RECV_BUFSIZE = 1 << 16
 EVENT_RCVBUF = 4 << 20
 
 NFTABLES_SOURCE = "nftables"
@@ -124,27 +121,6 @@ def parse_generations(data: bytes) -> tuple[list[Generation], int]:
                 name = value.split(b"\0", 1)[0].decode(errors="replace") or None
         gens.append(Generation(genid, pid, name))
     return gens, others
-
-
-def _drain(sock: trio.socket.SocketType) -> int:
-    """Discard what is queued on ``sock`` without blocking (see the module docstring)."""
-    fileno = getattr(sock, "fileno", None)
-    if fileno is None or fileno() < 0:
-        return 0  # not a kernel socket (a test double): nothing is queued in the kernel
-    raw = socket.socket(fileno=fileno())
-    count = 0
-    try:
-        while True:
-            raw.recv(RECV_BUFSIZE, socket.MSG_DONTWAIT)
-            count += 1
-    except BlockingIOError:
-        pass
-    except OSError as exc:
-        if exc.errno != errno.ENOBUFS:
-            raise NetlinkError(f"cannot drain the nftables event socket: {exc}", exc.errno or 0) from exc
-    finally:
-        raw.detach()
-    return count
 
 
 def open_nftables_socket() -> trio.socket.SocketType:
