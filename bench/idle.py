@@ -12,23 +12,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-
-def thread_switches(pid: int) -> dict[int, int]:
-    """Voluntary + involuntary context switches of each thread of ``pid``, by thread id."""
-    out: dict[int, int] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            text = (task / "status").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # the thread ended while we looked
-        out[int(task.name)] = sum(
-            int(line.split()[1])
-            for line in text.splitlines()
-            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"))
-        )
-    return out
+from topowatch.lab import thread_switches
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from topowatch.core.conntrack import Entry
 from topowatch.errors import TopowatchError
@@ -306,6 +307,26 @@ class Lab:
             if e.orig.sport == sport and str(e.orig.dst) == dst and str(e.orig.src).startswith("10.0.1."):
                 return e
         return None
+
+
+def thread_switches(pid: int) -> dict[int, int]:
+    """Voluntary + involuntary context switches of each thread of ``pid``, by thread id.
+
+    What the idle checks (tests and benchmarks) compare: a thread that never
+    woke has the same count before and after.
+    """
+    out: dict[int, int] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended while we looked
+        out[int(task.name)] = sum(
+            int(line.split()[1])
+            for line in text.splitlines()
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"))
+        )
+    return out
 
 
 class Daemon:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from topowatch.lab import Daemon
+from topowatch.lab import Daemon, thread_switches
 from topowatch.netns import Namespace
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -27,22 +27,6 @@ table ip t {
     }
 }
 """
-
-
-def thread_switches(pid: int) -> dict[int, int]:
-    """Voluntary + involuntary context switches of each thread of ``pid`` (by thread id)."""
-    out: dict[int, int] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            text = (task / "status").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # the thread ended while we looked
-        out[int(task.name)] = sum(
-            int(line.split()[1])
-            for line in text.splitlines()
-            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"))
-        )
-    return out
 
 
 def rules_dir(tmp_path: Path) -> Path:
