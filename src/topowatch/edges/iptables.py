@@ -80,7 +80,7 @@ from topowatch.core.nat import (
     Verdict,
     VerdictKind,
 )
-from topowatch.edges.nft import read_ruleset
+from topowatch.edges.nft import read_ruleset, run_ruleset_tool
 from topowatch.errors import MissingTool, PermissionDenied, RulesetError
 
 log = logging.getLogger("topowatch.iptables")
@@ -993,21 +993,7 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def _save(tool: str, runner: Runner) -> str:
-    argv = [tool, "-t", "nat"]
-    try:
-        proc = runner(argv)
-    except FileNotFoundError as exc:
-        raise MissingTool(f"{tool} not found") from exc
-    except PermissionError as exc:
-        raise PermissionDenied(f"cannot run {tool}: {exc.strerror}") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise RulesetError(f"{' '.join(argv)} did not answer within {SAVE_TIMEOUT:.0f} s") from exc
-    if proc.returncode != 0:
-        message = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[0]
-        if "Permission denied" in proc.stderr or "Operation not permitted" in proc.stderr:
-            raise PermissionDenied(f"{' '.join(argv)}: {message} (needs CAP_NET_ADMIN)")
-        raise RulesetError(f"{' '.join(argv)} failed: {message}")
-    return proc.stdout
+    return run_ruleset_tool([tool, "-t", "nat"], runner, timeout=SAVE_TIMEOUT, missing=f"{tool} not found")
 
 
 def read_ipsets(

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any
 
@@ -967,26 +967,48 @@ def parse_ruleset_json(doc: dict[str, Any]) -> NatRuleset:
     return NatRuleset(tuple(out))
 
 
-def read_ruleset(nft: str = "nft") -> NatRuleset:
-    """Run ``nft -j list ruleset`` in the current namespace and parse it."""
-    argv = [nft, "-j", "list", "ruleset"]
+def run_ruleset_tool(
+    argv: list[str],
+    runner: Callable[[list[str]], subprocess.CompletedProcess[str]],
+    *,
+    timeout: float,
+    missing: str,
+) -> str:
+    """A ruleset dumper's output (``nft -j``, ``iptables-save``), its failures as our errors.
+
+    ``runner`` runs ``argv`` (with ``timeout``); ``missing`` is the message when
+    the program is not installed. A refusal for want of privilege is a
+    ``PermissionDenied``, anything else a ``RulesetError`` naming the command.
+    """
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=NFT_TIMEOUT)
+        proc = runner(argv)
     except FileNotFoundError as exc:
-        raise MissingTool(f"{nft} not found: install nftables to read the ruleset") from exc
+        raise MissingTool(missing) from exc
     except PermissionError as exc:
-        raise PermissionDenied(f"cannot run {nft}: {exc.strerror}") from exc
+        raise PermissionDenied(f"cannot run {argv[0]}: {exc.strerror}") from exc
     except subprocess.TimeoutExpired as exc:
-        raise RulesetError(f"{' '.join(argv)} did not answer within {NFT_TIMEOUT:.0f} s") from exc
+        raise RulesetError(f"{' '.join(argv)} did not answer within {timeout:.0f} s") from exc
     if proc.returncode != 0:
         message = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[0]
         if "Operation not permitted" in proc.stderr or "Permission denied" in proc.stderr:
             raise PermissionDenied(f"{' '.join(argv)}: {message} (needs CAP_NET_ADMIN)")
         raise RulesetError(f"{' '.join(argv)} failed: {message}")
-    if not proc.stdout.strip():
+    return proc.stdout
+
+
+def _run_nft(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=NFT_TIMEOUT)
+
+
+def read_ruleset(nft: str = "nft") -> NatRuleset:
+    """Run ``nft -j list ruleset`` in the current namespace and parse it."""
+    argv = [nft, "-j", "list", "ruleset"]
+    stdout = run_ruleset_tool(argv, _run_nft, timeout=NFT_TIMEOUT,
+                              missing=f"{nft} not found: install nftables to read the ruleset")
+    if not stdout.strip():
         return NatRuleset()
     try:
-        doc = json.loads(proc.stdout)
+        doc = json.loads(stdout)
     except json.JSONDecodeError as exc:
         raise RulesetError(f"{' '.join(argv)}: output is not JSON ({exc.msg} at line {exc.lineno})") from exc
     except RecursionError as exc:
