@@ -63,6 +63,7 @@ from topowatch.edges.iptables import (
     parse_ipset_save,
     parse_save,
     read_all,
+    read_named_ipsets,
 )
 from topowatch.edges.nft import parse_ruleset_json
 
@@ -284,6 +285,58 @@ def test_ipset_resolved_from_the_kernel_or_unknown_by_name() -> None:
     assert u == UnknownMatch("-m set --match-set gone (set not readable)", "-m set --match-set gone src")
     (p, _) = exprs("-A POSTROUTING -m set --match-set pairs src,dst -j MASQUERADE", ipsets=sets)
     assert isinstance(p, UnknownMatch) and "hash:ip,port" in p.expression
+
+
+def test_the_sets_reached_rules_name_are_listed() -> None:
+    text = ("*nat\n:UNUSED - [0:0]\n:VIA - [0:0]\n"
+            "-A POSTROUTING -m set --match-set lan src -m set ! --match-set vpn dst -j MASQUERADE\n"
+            "-A POSTROUTING -j VIA\n"
+            "-A VIA -m set --set old dst -j ACCEPT\n"  # the pre-4.x spelling
+            "-A UNUSED -m set --match-set never dst -j MASQUERADE\n"  # no base chain reaches it
+            "-A PREROUTING -m recent --set --name seen -j ACCEPT\n"  # --set of another module: no ipset
+            "COMMIT\n")
+    assert parse_save(text).sets == {"lan", "vpn", "old"}
+    assert parse_save(text, all_chains=True).sets == {"lan", "vpn", "old", "never"}
+    assert parse_save("-A POSTROUTING -o up1 -j MASQUERADE\n").sets == frozenset()
+
+
+def test_read_all_says_which_sets_it_read_and_what_they_held() -> None:
+    save = "*nat\n-A POSTROUTING -m set --match-set lan src -m set --match-set gone dst -j MASQUERADE\nCOMMIT\n"
+
+    def runner(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        out = {"iptables-legacy-save": save,
+               "ipset": "create lan hash:net family inet\nadd lan 10.0.0.0/8\ncreate other hash:ip family inet\n"}
+        return subprocess.CompletedProcess(argv, 0, out.get(argv[0], ""), "")
+
+    got = read_all(runner=runner, which=lambda tool: tool, legacy_exists=lambda family: family == "ip",
+                   read_nft=lambda _nft: NatRuleset(()))
+    assert got.sets == {"lan", "gone"}
+    assert got.set_contents() == {"gone": None, "lan": IpSet("lan", "hash:net", AF_INET, ("10.0.0.0/8",))}
+    # No iptables table: no set named, nothing to watch.
+    none = read_all(runner=runner, which=lambda tool: tool, legacy_exists=lambda family: False,
+                    read_nft=lambda _nft: NatRuleset(()))
+    assert none.sets == frozenset() and none.set_contents() == {}
+
+
+def test_named_ipsets_are_read_one_by_one_and_unreadable_ones_are_none() -> None:
+    calls: list[list[str]] = []
+
+    def runner(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        calls.append(argv)
+        name = argv[2]
+        if name == "lan":
+            return subprocess.CompletedProcess(argv, 0, "create lan hash:ip family inet timeout 30\n"
+                                               "add lan 10.0.0.2 timeout 17\nadd lan 10.0.0.1 timeout 29\n", "")
+        if name == "broken":
+            raise OSError("exec format error")
+        return subprocess.CompletedProcess(argv, 1, "", "The set with the given name does not exist\n")
+
+    got = read_named_ipsets(["lan", "gone", "broken"], runner=runner, which=lambda tool: tool)
+    assert got == {"lan": IpSet("lan", "hash:ip", AF_INET, ("10.0.0.2", "10.0.0.1")), "gone": None, "broken": None}
+    assert calls == [["ipset", "save", "lan"], ["ipset", "save", "gone"], ["ipset", "save", "broken"]]
+    calls.clear()
+    assert read_named_ipsets(["lan"], runner=runner, which=lambda tool: None) == {"lan": None}
+    assert calls == []  # no ipset program: nothing run
 
 
 def test_unknown_match_and_target_keep_their_names() -> None:

@@ -1,19 +1,25 @@
-"""Ruleset-change sources: nftables generation messages, overruns, and the legacy iptables poll."""
+"""Ruleset-change sources: nftables generation messages, overruns, the legacy iptables poll, the ipset poll."""
 
 from __future__ import annotations
 
 import errno
+import math
 import struct
+from collections.abc import Sequence
 from typing import Any, cast
 
 import trio
 import trio.testing
 
+from topowatch.core.model import AF_INET, AF_INET6
+from topowatch.edges.iptables import IpSet
 from topowatch.edges.nftevents import (
     NFNL_SUBSYS_NFTABLES,
     NFT_MSG_NEWGEN,
+    IpsetPoll,
     LegacyNatPoll,
     NftablesEvents,
+    ipset_digest,
     normalise_save,
     parse_generations,
 )
@@ -167,3 +173,166 @@ async def test_legacy_poll_runs_while_a_nat_table_exists(autojump_clock: trio.te
         nursery.cancel_scope.cancel()
     assert got == ["legacy iptables nat table appeared", "legacy iptables nat table changed",
                    "legacy iptables nat tables went away"]
+
+
+# ---------------------------------------------------------------------------
+# The ipset poll: only while the ruleset names a set; a trigger when what it holds changes.
+
+
+def ipset(*members: str, name: str = "lan", nomatch: tuple[str, ...] = ()) -> IpSet:
+    return IpSet(name, "hash:net", AF_INET, members, nomatch)
+
+
+class KernelSets:
+    """The namespace's ipsets as ``ipset save NAME`` shows them; counts the runs."""
+
+    def __init__(self, **sets: IpSet) -> None:
+        self.sets: dict[str, IpSet | None] = dict(sets)
+        self.reads: list[tuple[str, ...]] = []
+
+    def read(self, names: Sequence[str]) -> dict[str, IpSet | None]:
+        self.reads.append(tuple(names))
+        return {name: self.sets.get(name) for name in names}
+
+
+async def _collect_ipsets(poll: IpsetPoll, got: list[str], *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async with poll.events() as events:
+        task_status.started()
+        async for trigger in events:
+            assert (trigger.source, trigger.kind, trigger.overrun) == ("ipset", "ruleset", False)
+            got.append(trigger.description)
+
+
+async def test_ipset_poll_has_no_timer_while_the_ruleset_names_no_set(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    kernel = KernelSets(lan=ipset("10.0.0.0/8"))
+    poll = IpsetPoll(interval=5.0, read=kernel.read, in_thread=False)
+    got: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_collect_ipsets, poll, got)
+        await trio.sleep(10_000)
+        poll.watch({})  # a ruleset read that names none
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.lowlevel.current_statistics().seconds_to_next_deadline == math.inf  # no timer at all
+        await trio.sleep(10_000)
+        assert kernel.reads == [] and poll.polls == 0 and got == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_ipset_poll_triggers_on_a_change_of_what_a_named_set_holds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    kernel = KernelSets(lan=ipset("10.0.0.0/8", "192.168.1.0/24"), big=ipset("1.0.0.0/8", name="big"))
+    poll = IpsetPoll(interval=5.0, read=kernel.read, in_thread=False)
+    got: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_collect_ipsets, poll, got)
+        poll.watch({"lan": kernel.sets["lan"]})  # what the ruleset read saw
+        await trio.sleep(26)
+        assert kernel.reads == [("lan",)] * 5 and got == []  # only the named set, never "big"
+        kernel.sets["lan"] = ipset("192.168.1.0/24", "10.0.0.0/8")  # listed in another order: same set
+        kernel.sets["big"] = ipset("2.0.0.0/8", name="big")  # not named: not looked at
+        await trio.sleep(10)
+        assert got == []
+        kernel.sets["lan"] = ipset("192.168.1.0/24", "10.0.0.0/8", "172.16.0.0/12")
+        await trio.sleep(5)
+        assert got == ["ipset lan changed"]
+        # The reaction re-reads the ruleset and sees the new members: no second trigger.
+        poll.watch({"lan": kernel.sets["lan"]})
+        await trio.sleep(50)
+        assert got == ["ipset lan changed"]
+        kernel.sets["lan"] = ipset("192.168.1.0/24", "10.0.0.0/8", "172.16.0.0/12", nomatch=("10.1.0.0/16",))
+        await trio.sleep(5)
+        assert got[-1] == "ipset lan changed" and len(got) == 2  # a nomatch member counts too
+        kernel.sets["lan"] = None  # destroyed (once no rule holds it)
+        await trio.sleep(5)
+        assert len(got) == 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_ipset_change_between_the_read_and_the_first_poll_is_not_missed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    kernel = KernelSets(lan=ipset("10.0.0.1"))
+    poll = IpsetPoll(interval=5.0, read=kernel.read, in_thread=False)
+    got: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_collect_ipsets, poll, got)
+        poll.watch({"lan": ipset("10.0.0.0/8"), "vpn": None})  # the read saw older content, and no vpn
+        kernel.sets["vpn"] = ipset("192.0.2.0/24", name="vpn")
+        await trio.sleep(6)
+        assert got == ["ipset lan, vpn changed"] and kernel.reads == [("lan", "vpn")]
+        nursery.cancel_scope.cancel()
+
+
+async def test_ipset_poll_stops_at_once_when_no_set_is_named_any_more(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    kernel = KernelSets(lan=ipset("10.0.0.1"))
+    poll = IpsetPoll(interval=5.0, read=kernel.read, in_thread=False)
+    got: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_collect_ipsets, poll, got)
+        poll.watch({"lan": kernel.sets["lan"]})
+        await trio.sleep(12)
+        assert poll.polls == 2
+        poll.watch({})  # the rule went: its sleep is cancelled, no poll after it
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.lowlevel.current_statistics().seconds_to_next_deadline == math.inf  # no timer left
+        await trio.sleep(10_000)
+        assert poll.polls == 2 and poll.sets == ()
+        poll.watch({"lan": kernel.sets["lan"]})  # named again: polled again
+        await trio.sleep(6)
+        assert poll.polls == 3 and got == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_readers_that_disagree_trigger_once_not_at_every_poll(autojump_clock: trio.testing.MockClock) -> None:
+    # The ruleset read could not read the set (say ``ipset save`` of all sets fails) and the
+    # poll can: one trigger, then the read sees the same as before and the poll's view stands.
+    kernel = KernelSets(lan=ipset("10.0.0.1"))
+    poll = IpsetPoll(interval=5.0, read=kernel.read, in_thread=False)
+    got: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_collect_ipsets, poll, got)
+        poll.watch({"lan": None})
+        await trio.sleep(6)
+        assert got == ["ipset lan changed"]
+        poll.watch({"lan": None})  # the reaction's read: unreadable again
+        await trio.sleep(97)
+        assert got == ["ipset lan changed"] and poll.polls == 20  # polled at 5, 10, ... 100
+        kernel.sets["lan"] = ipset("10.0.0.2")  # a real change is still seen
+        await trio.sleep(5)
+        assert got == ["ipset lan changed"] * 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_poll_overtaken_by_a_ruleset_read_is_not_compared(autojump_clock: trio.testing.MockClock) -> None:
+    polls: list[IpsetPoll] = []
+    old = ipset("10.0.0.1")
+
+    def read(names: Sequence[str]) -> dict[str, IpSet | None]:
+        # A reaction's ruleset read lands while this poll runs: it already saw the new content;
+        # this poll's answer (the old content) predates it and must not trigger.
+        polls[0].watch({"lan": ipset("10.0.0.2")})
+        return {"lan": old}
+
+    poll = IpsetPoll(interval=5.0, read=read, in_thread=False)
+    polls.append(poll)
+    got: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_collect_ipsets, poll, got)
+        poll.watch({"lan": old})
+        await trio.sleep(6)
+        assert poll.polls == 1 and got == []
+        nursery.cancel_scope.cancel()
+
+
+def test_ipset_digest_is_what_the_parser_reads() -> None:
+    assert ipset_digest(ipset("a", "b")) == ipset_digest(ipset("b", "a"))
+    assert ipset_digest(ipset("a")) != ipset_digest(ipset("a", "b"))
+    assert ipset_digest(ipset("a")) != ipset_digest(ipset(nomatch=("a",)))
+    assert ipset_digest(ipset("a")) != ipset_digest(IpSet("lan", "hash:ip", AF_INET, ("a",)))
+    assert ipset_digest(ipset("a")) != ipset_digest(IpSet("lan", "hash:net", AF_INET6, ("a",)))
+    assert ipset_digest(None) != ipset_digest(ipset())

@@ -32,7 +32,10 @@ Theory of operation:
   without their options); legacy tables are added as table ``nat[legacy]``.
   A missing or failing tool is reported, never fatal.
 - ``-m set`` is resolved against the kernel's ipsets (``ipset save``) into
-  address matches; a set that cannot be read is unknown by name.
+  address matches; a set that cannot be read is unknown by name. The read
+  says which sets the reached rules name (``RulesetRead.sets``) and what it
+  saw of them (``set_contents``): ipsets change without any event, so
+  ``edges.nftevents.IpsetPoll`` watches exactly those (``read_named_ipsets``).
 
 Chains at the same hook and priority run in registration order, which no dump
 shows: nft chains are listed first, legacy ones after, and the evaluator
@@ -46,7 +49,7 @@ import os
 import shlex
 import shutil
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import ip_address, ip_network
 
@@ -881,10 +884,16 @@ def _quote(token: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ParsedTable:
-    """A nat table read from iptables-save text, and the lines it could not read."""
+    """A nat table read from iptables-save text, the lines it could not read, and the ipsets it names.
+
+    ``sets`` are the names ``-m set --match-set`` uses in the chains kept (a
+    set named only in a chain no base chain reaches does not count, unless
+    ``all_chains``).
+    """
 
     ruleset: NatRuleset
     problems: tuple[str, ...] = ()
+    sets: frozenset[str] = frozenset()
 
 
 def parse_save(
@@ -908,8 +917,10 @@ def parse_save(
     parsed_table, problems = _read_lines(text)
     names = set(BASE_CHAINS) | set(parsed_table.user)
     rules_of: dict[str, list[Rule]] = {}
+    sets_of: dict[str, set[str]] = {}
     for chain_name in [*BASE_CHAINS, *parsed_table.user]:
         out: list[Rule] = []
+        named = sets_of.setdefault(chain_name, set())
         for tokens in parsed_table.lines.get(chain_name, []):
             handle = len(out) + 1
             if isinstance(tokens, _Unreadable):
@@ -917,7 +928,7 @@ def parse_save(
                 continue
             rule_text = " ".join(_quote(t) for t in ["-A", chain_name, *tokens])
             out.extend(_rules(chain_name, tokens, af, chains=names, ipsets=ipsets, handle=handle,
-                              text=rule_text))
+                              text=rule_text, sets=named))
         rules_of[chain_name] = out
 
     # Base chains and the user chains they reach.
@@ -933,9 +944,11 @@ def parse_save(
             if v is not None and v.target is not None and v.target in names:
                 todo.append(v.target)
     chains: list[Chain] = []
+    sets: set[str] = set()
     for name in [*BASE_CHAINS, *parsed_table.user]:
         if name not in reached and not all_chains:
             continue
+        sets |= sets_of.get(name, set())
         base = BASE_CHAINS.get(name)
         policy = parsed_table.policies.get(name, "ACCEPT").lower() if base else None
         if policy not in (None, "accept", "drop"):
@@ -946,18 +959,22 @@ def parse_save(
             hook=base[0] if base else None, priority=base[1] if base else None,
             type="nat" if base else None, policy=policy,
         ))
-    return ParsedTable(NatRuleset(tuple(chains)), tuple(problems))
+    return ParsedTable(NatRuleset(tuple(chains)), tuple(problems), frozenset(sets))
 
 
 def _rules(
     chain: str, tokens: list[str], family: int, *, chains: set[str], ipsets: Mapping[str, IpSet] | None,
-    handle: int, text: str,
+    handle: int, text: str, sets: set[str],
 ) -> list[Rule]:
+    """The rule(s) of one line; the ipsets its ``-m set`` matches name are added to ``sets``."""
     try:
         parsed = _tokens_to_rule(chain, tokens, family)
     except _NotModelled as exc:
         # The rule as a whole is not known (its target neither): a flow that reaches it is unknown.
         return [Rule(handle, (UnknownStatement(str(exc), text),), text=text)]
+    for module in parsed.modules:
+        if module.name == "set":
+            sets.update(o.args[0] for o in module.options if o.name in ("--match-set", "--set") and o.args)
     exprs: list[Expression] = list(parsed.base)
     for module in parsed.modules:
         exprs.extend(_module(module, parsed, family, ipsets))
@@ -1011,6 +1028,28 @@ def read_ipsets(
     return parse_ipset_save(proc.stdout)
 
 
+def read_named_ipsets(
+    names: Iterable[str], runner: Runner = _run, which: Callable[[str], str | None] = shutil.which
+) -> dict[str, IpSet | None]:
+    """Each named ipset (``ipset save NAME``, one run each), None for one that cannot be read.
+
+    A set that does not exist and a read that fails are both None, as a set
+    missing from ``read_ipsets`` is: the poll compares these with what the
+    ruleset read saw, and the two must agree on what "cannot be read" is.
+    """
+    got: dict[str, IpSet | None] = dict.fromkeys(names)
+    if which("ipset") is None:
+        return got
+    for name in got:
+        try:
+            proc = runner(["ipset", "save", name])
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if proc.returncode == 0:
+            got[name] = parse_ipset_save(proc.stdout).get(name)
+    return got
+
+
 def legacy_nat_exists(family: str, proc_net: str = "/proc/thread-self/net") -> bool:
     """True if this namespace has instantiated the legacy nat table of ``family`` (never instantiates it).
 
@@ -1030,11 +1069,21 @@ def _tool(family: str, legacy: bool) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RulesetRead:
-    """The merged ruleset and what could not be read (tools missing or failing, lines not understood)."""
+    """The merged ruleset and what could not be read (tools missing or failing, lines not understood).
+
+    ``sets`` names the ipsets the iptables rules read match on, ``ipsets``
+    is what ``ipset save`` showed (None: not read, or unreadable).
+    """
 
     ruleset: NatRuleset
     problems: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
+    sets: frozenset[str] = frozenset()
+    ipsets: Mapping[str, IpSet] | None = None
+
+    def set_contents(self) -> dict[str, IpSet | None]:
+        """Each ipset the ruleset names, as this read saw it (None: it could not be read)."""
+        return {name: (self.ipsets or {}).get(name) for name in sorted(self.sets)}
 
 
 def has_xt(ruleset: NatRuleset, family: str, table: str = "nat") -> bool:
@@ -1074,6 +1123,7 @@ def read_all(
     sources = ["nft"]
     ipsets: dict[str, IpSet] | None = None
     ipsets_read = False
+    sets: set[str] = set()
 
     def table(family: str, legacy: bool) -> NatRuleset | None:
         nonlocal ipsets, ipsets_read
@@ -1091,6 +1141,7 @@ def read_all(
         parsed = parse_save(text, family=family, table=LEGACY_TABLE if legacy else "nat", ipsets=ipsets)
         problems.extend(f"{tool}: {p}" for p in parsed.problems)
         sources.append(tool)
+        sets.update(parsed.sets)
         return parsed.ruleset
 
     from_nft: dict[str, NatRuleset] = {}
@@ -1104,15 +1155,21 @@ def read_all(
             got = table(family, legacy=True)
             if got is not None:
                 from_legacy[family] = got
-    return RulesetRead(merge(nft_rules, from_nft, from_legacy), tuple(problems), tuple(sources))
+    return RulesetRead(merge(nft_rules, from_nft, from_legacy), tuple(problems), tuple(sources),
+                       frozenset(sets), ipsets)
+
+
+def read_all_logged(nft: str = "nft") -> RulesetRead:
+    """``read_all``, each problem logged as a warning (what ``KernelBackend`` reads)."""
+    result = read_all(nft)
+    for problem in result.problems:
+        log.warning("ruleset: %s", problem)
+    return result
 
 
 def read_all_rulesets(nft: str = "nft") -> NatRuleset:
     """The ruleset ``KernelBackend`` evaluates: nftables and iptables (nft and legacy) nat tables merged."""
-    result = read_all(nft)
-    for problem in result.problems:
-        log.warning("ruleset: %s", problem)
-    return result.ruleset
+    return read_all_logged(nft).ruleset
 
 
 __all__ = [
@@ -1127,6 +1184,8 @@ __all__ = [
     "parse_ipset_save",
     "parse_save",
     "read_all",
+    "read_all_logged",
     "read_all_rulesets",
     "read_ipsets",
+    "read_named_ipsets",
 ]

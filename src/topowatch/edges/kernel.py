@@ -5,9 +5,11 @@ runs blocking work (ctnetlink, ``nft``) in worker threads so the trio loop
 stays responsive, and logs how long the kernel work took. After every
 topology snapshot and ruleset read (both only ever happen on events) it
 asks the legacy-iptables poll to look whether a legacy nat table exists, so
-that poll needs no timer of its own while there is none. Everything happens
-in the network namespace the process was started in. It never sends a
-conntrack request without a tuple (the ctnetlink edge refuses to build one).
+that poll needs no timer of its own while there is none; after every ruleset
+read it tells the ipset poll which sets the ruleset names (none: no timer).
+Everything happens in the network namespace the process was started in. It
+never sends a conntrack request without a tuple (the ctnetlink edge refuses
+to build one).
 """
 
 from __future__ import annotations
@@ -28,8 +30,14 @@ from topowatch.core.model import Address, Link, Route, Topology
 from topowatch.core.nat import NatRuleset
 from topowatch.edges.ctcodec import entry_from_raw
 from topowatch.edges.ctnetlink import Conntrack
-from topowatch.edges.iptables import read_all_rulesets
-from topowatch.edges.nftevents import LEGACY_INTERVAL, LegacyNatPoll, NftablesEvents
+from topowatch.edges.iptables import read_all_logged
+from topowatch.edges.nftevents import (
+    IPSET_INTERVAL,
+    LEGACY_INTERVAL,
+    IpsetPoll,
+    LegacyNatPoll,
+    NftablesEvents,
+)
 from topowatch.edges.rtnl import EventKind, KernelRtnl, Overrun, RtnlEvent, RtnlEvents
 from topowatch.edges.xfrm import XfrmSource
 from topowatch.edges.xfrm import probe as probe_xfrm
@@ -60,12 +68,19 @@ def _interface(event: RtnlEvent, names: Mapping[int, str]) -> str | None:
 
 
 class KernelBackend:
-    def __init__(self, nft: str = "nft", legacy_interval: float = LEGACY_INTERVAL) -> None:
+    def __init__(
+        self,
+        nft: str = "nft",
+        legacy_interval: float = LEGACY_INTERVAL,
+        ipset_interval: float = IPSET_INTERVAL,
+    ) -> None:
         self.nft = nft
-        # Ruleset changes are topology changes: nftables events, and a poll of legacy nat tables
-        # that runs only while one exists (see ``_recheck_legacy``).
+        # Ruleset changes are topology changes: nftables events, a poll of legacy nat tables that
+        # runs only while one exists (see ``_recheck_legacy``), and a poll of the ipsets that
+        # ``-m set`` rules name, only while some rule names one (see ``ruleset``).
         self.legacy = LegacyNatPoll(legacy_interval)
-        self.ruleset_sources: tuple[EventSource, ...] = (NftablesEvents(), self.legacy)
+        self.ipsets = IpsetPoll(ipset_interval)
+        self.ruleset_sources: tuple[EventSource, ...] = (NftablesEvents(), self.legacy, self.ipsets)
         self.rtnl = KernelRtnl()
         self._ct: Conntrack | None = None
         self._dumped_at = 0.0
@@ -133,9 +148,10 @@ class KernelBackend:
 
     async def ruleset(self) -> NatRuleset:
         # nftables and the iptables nat tables (nft and legacy) together, in hook priority order.
-        ruleset = await trio.to_thread.run_sync(read_all_rulesets, self.nft)
+        read = await trio.to_thread.run_sync(read_all_logged, self.nft)
         self._recheck_legacy()
-        return ruleset
+        self.ipsets.watch(read.set_contents())
+        return read.ruleset
 
     def _recheck_legacy(self) -> None:
         """Wake the legacy poll if a legacy nat table exists now (a /proc read; never instantiates one)."""

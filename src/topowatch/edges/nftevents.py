@@ -1,4 +1,4 @@
-"""Ruleset changes as reactor triggers: nftables generation events and a legacy-iptables poll.
+"""Ruleset changes as reactor triggers: nftables generation events, a legacy-iptables poll, an ipset poll.
 
 What it decides: when the NAT ruleset may have changed, so that the reactor
 re-reads it and re-evaluates entries (a NAT rule added after a flow started
@@ -28,22 +28,38 @@ Theory of operation:
   events, so with no legacy nat table the poll has no timer at all and an
   idle daemon never wakes up. A legacy nat table made without any other
   event is noticed at the next reaction.
+- ipsets give no events either, and an iptables ``-m set --match-set S``
+  rule means what S holds now. ``IpsetPoll`` is told, after every ruleset
+  read, which sets the ruleset names and what that read saw of each
+  (``watch``); while there is at least one, every ``interval`` seconds it
+  runs ``ipset save S`` for each (never for sets the ruleset does not name,
+  however large) and yields a trigger naming the sets whose digest (type,
+  family, members and ``nomatch`` members, sorted: what the parser reads;
+  timeouts and counters are not) differs from the last one compared. The
+  first comparison after a read is against what that read saw, so a change
+  between the read and the next poll is not missed; a poll that disagrees
+  with a read that saw the same as the previous read (the two reads cannot
+  agree, say) is taken as the new reference rather than triggering again at
+  every poll. With no set named there is no timer: ``watch`` with none
+  cancels the sleep, and the poll waits for the next ``watch``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import re
 import socket
 import struct
 import subprocess
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
+from topowatch.edges.iptables import IpSet, read_named_ipsets
 from topowatch.edges.rtnl import receive, subscribe
 from topowatch.reactor import Trigger
 
@@ -64,6 +80,8 @@ EVENT_RCVBUF = 4 << 20
 NFTABLES_SOURCE = "nftables"
 LEGACY_SOURCE = "iptables-legacy"
 LEGACY_INTERVAL = 10.0
+IPSET_SOURCE = "ipset"
+IPSET_INTERVAL = 5.0
 # The policy trigger kind of every trigger made here.
 RULESET_KIND = "ruleset"
 
@@ -282,3 +300,101 @@ class LegacyNatPoll:
                     what = "legacy iptables nat table changed"
                 previous = current
                 yield Trigger(LEGACY_SOURCE, what, kind=RULESET_KIND)
+
+
+# ---------------------------------------------------------------------------
+# ipsets named by ``-m set``: no events, so a modest poll, and only while the ruleset names one.
+
+
+def ipset_digest(content: IpSet | None) -> str:
+    """A digest of what the parser reads of one set; sorted, so the kernel's listing order does not count."""
+    if content is None:
+        return "unreadable"
+    text = "\n".join([content.type, str(content.family), *sorted(content.members), "nomatch",
+                      *sorted(content.nomatch)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class IpsetPoll:
+    """An ``EventSource``: the ipsets that ``-m set`` rules name, polled only while there are any."""
+
+    name = IPSET_SOURCE
+
+    def __init__(
+        self,
+        interval: float = IPSET_INTERVAL,
+        read: Callable[[Sequence[str]], Mapping[str, IpSet | None]] = read_named_ipsets,
+        in_thread: bool = True,
+    ) -> None:
+        self.interval = interval
+        self._read = read
+        self._in_thread = in_thread  # False only for tests on a virtual clock
+        self._seen: dict[str, str] = {}  # per set: the digest the next poll is compared with
+        self._read_saw: dict[str, str] = {}  # per set: what the latest ruleset read saw
+        self._watching = trio.Event()
+        self._sleep: trio.CancelScope | None = None
+        self._reads = 0  # ruleset reads told (watch calls): a poll overtaken by one is not compared
+        self.polls = 0
+
+    @property
+    def sets(self) -> tuple[str, ...]:
+        """The sets polled now (the ones the latest ruleset read named)."""
+        return tuple(sorted(self._seen))
+
+    def watch(self, contents: Mapping[str, IpSet | None]) -> None:
+        """The sets the ruleset just read names, as that read saw them; call it from the trio thread.
+
+        None of them: the poll stops (no timer). A set whose content the read
+        saw as the previous read did keeps the digest last polled, so two
+        readers that disagree for good trigger once, not at every poll.
+        """
+        read_saw = {name: ipset_digest(content) for name, content in contents.items()}
+        self._seen = {
+            name: self._seen[name] if name in self._seen and self._read_saw.get(name) == digest else digest
+            for name, digest in read_saw.items()
+        }
+        self._read_saw = read_saw
+        self._reads += 1
+        if self._seen:
+            self._watching.set()
+        elif self._sleep is not None:
+            self._sleep.cancel()
+
+    async def _snapshot(self, names: tuple[str, ...]) -> dict[str, str]:
+        self.polls += 1
+        if self._in_thread:
+            got = await trio.to_thread.run_sync(self._read, names)
+        else:
+            got = self._read(names)
+        return {name: ipset_digest(got.get(name)) for name in names}
+
+    @contextlib.asynccontextmanager
+    async def events(self) -> AsyncIterator[AsyncIterator[Trigger]]:
+        triggers = self._triggers()
+        try:
+            yield triggers
+        finally:
+            await triggers.aclose()
+
+    async def _triggers(self) -> AsyncGenerator[Trigger, None]:
+        while True:
+            if not self._seen:
+                # Nothing to poll: no timer; a watch() that names a set ends the wait.
+                await self._watching.wait()
+                self._watching = trio.Event()
+                continue
+            with trio.CancelScope() as self._sleep:
+                await trio.sleep(self.interval)
+            self._sleep = None
+            names, reads = self.sets, self._reads
+            if not names:
+                continue
+            current = await self._snapshot(names)
+            if reads != self._reads:
+                # A ruleset read came meanwhile: its view is the reference; this poll may predate it.
+                continue
+            changed = [n for n in names if current[n] != self._seen[n]]
+            for name in changed:
+                self._seen[name] = current[name]
+            if changed:
+                yield Trigger(IPSET_SOURCE, f"ipset {', '.join(changed)} changed", kind=RULESET_KIND)
