@@ -308,6 +308,53 @@ def _admitted_raw(check: _Check, original: bytes, translated: bytes, port: int) 
     return False
 
 
+# A raw key's checks as bytes, for a compiled scan (``edges/_ctscan.c``) to settle
+# entries of known keys without calling back: b"R" for a key the eligibility refuses;
+# else b"P", then the DNAT side, then the SNAT side, each a mode byte (0 unknown: judge
+# whenever the side's NAT ran; 1 no binding: never judged; 2 bindings), and for mode 2
+# a count byte and per binding 37 bytes: flags (1 address range, 2 port range), lo and
+# hi as 16-byte big-endian integers, port lo and hi as 2-byte big-endian integers.
+# Exactly the checks of ``Decider.add_raw``; None where a value does not fit (the key
+# then always goes through ``add_raw``).
+PROGRAM_REFUSED = b"R"
+PROGRAM_RANGE_BYTES = 37
+
+
+def _program_side(check: _Check) -> bytes | None:
+    if check is None:
+        return b"\x00"
+    if not check:
+        return b"\x01"
+    if len(check) > 255:
+        return None
+    out = bytearray(b"\x02")
+    out.append(len(check))
+    for lo, hi, port_lo, port_hi in check:
+        flags = 0
+        lo_b = hi_b = bytes(16)
+        if lo is not None and hi is not None:
+            if not (0 <= lo < 1 << 128 and 0 <= hi < 1 << 128):
+                return None
+            flags |= 1
+            lo_b, hi_b = lo.to_bytes(16, "big"), hi.to_bytes(16, "big")
+        ports = bytes(4)
+        if port_lo is not None and port_hi is not None:
+            if not (0 <= port_lo <= 0xFFFF and 0 <= port_hi <= 0xFFFF):
+                return None
+            flags |= 2
+            ports = port_lo.to_bytes(2, "big") + port_hi.to_bytes(2, "big")
+        out += bytes((flags,)) + lo_b + hi_b + ports
+    return bytes(out)
+
+
+def compile_program(dnat: _Check, snat: _Check) -> bytes | None:
+    """The program of one raw key's checks (see above), or None when one does not fit."""
+    d, s = _program_side(dnat), _program_side(snat)
+    if d is None or s is None:
+        return None
+    return b"P" + d + s
+
+
 class Decider:
     """``decide`` one entry at a time, so that a dump can be judged while it streams.
 
@@ -339,6 +386,8 @@ class Decider:
         self._now: dict[Hashable, _Compiled] = {}
         self._before: dict[Hashable, Prediction] = {}
         self._raw: dict[Hashable, tuple[_Check, _Check] | _Compiled] = {}
+        # Programs by packed raw key, filled and read by a compiled scan (``raw_program``).
+        self.raw_cache: dict[bytes, bytes | None] = {}
 
     def _compiled(self, entry: Entry) -> tuple[Hashable, _Compiled]:
         key: Hashable = entry.flow_key() if not self.sport_matters else (entry.flow_key(), entry.orig.sport)
@@ -356,6 +405,23 @@ class Decider:
         key, compiled = self._compiled(entry)
         if not _healthy(entry, compiled):
             self._judge(entry, key, compiled)
+
+    def _raw_key(self, raw: RawEntry) -> Hashable:
+        (family, proto, osrc, odst, osport, odport, _rsrc, _rdst, _rsport, _rdport,
+         status, zone, mark, _id, _timeout) = raw  # fmt: skip
+        if self.sport_matters:
+            return (zone, mark, proto, osrc, odst, odport, family, status & IPS_SEEN_REPLY, osport)
+        return (zone, mark, proto, osrc, odst, odport, family, status & IPS_SEEN_REPLY)
+
+    def raw_program(self, raw: RawEntry) -> bytes | None:
+        """The program of the key of a raw entry already added (see ``compile_program``)."""
+        slot = self._raw.get(self._raw_key(raw))
+        if slot is None:
+            return None
+        if slot is _REFUSED:
+            return PROGRAM_REFUSED
+        assert isinstance(slot, _Compiled)
+        return compile_program(slot.dnat, slot.snat)
 
     def add_raw(self, raw: RawEntry) -> None:
         (family, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport,

@@ -33,6 +33,7 @@ entry missing a tuple or its status is malformed, not defaulted).
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -45,6 +46,21 @@ from topowatch.core.conntrack import ICMP_PROTOS, IPS_CONFIRMED, IPS_SEEN_REPLY,
 from topowatch.core.decide import RawEntry
 from topowatch.core.flow import IPPROTO_ICMP, IPPROTO_ICMPV6
 from topowatch.core.model import AF_INET, AF_INET6, IPAddress
+
+# The compiled fast path of ``DumpParser.feed`` with a sink (``_ctscan.c``): it reads the
+# canonical message shape and settles entries the consumer's precompiled checks call
+# healthy; every other message takes the reference decode here, as without it. Optional:
+# without a compiler at install time, or with TOPOWATCH_PURE_PYTHON=1, the pure path runs.
+_ctscan: Any
+try:
+    if os.environ.get("TOPOWATCH_PURE_PYTHON"):
+        raise ImportError("TOPOWATCH_PURE_PYTHON is set")
+    from topowatch.edges import _ctscan
+except ImportError as exc:
+    _ctscan = None
+    FAST_PATH: str = f"pure Python ({exc})"
+else:
+    FAST_PATH = "compiled"
 
 # --- netlink (include/uapi/linux/netlink.h) ---------------------------------
 NETLINK_NETFILTER = 12
@@ -678,8 +694,14 @@ def _learn(data: bytes, pos: int, end: int) -> _Layout:
             raise _ShapeRefused("unexpected tuple shape")
 
     p = pos + _NFGENMSG.size
+    top: set[int] = set()
     while p < end:
         alen, atype, aend = header(p, end)
+        if atype in top:
+            raise _ShapeRefused("repeated attribute")  # which one counts is the reference's call
+        top.add(atype)
+        if (atype in _SCALARS and alen != 8) or (atype == CTA_ZONE and alen != 6):
+            raise _ShapeRefused("odd-sized attribute")
         if atype in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY):
             prefix = "o" if atype == CTA_TUPLE_ORIG else "r"
             if prefix + "src" in where:
@@ -808,6 +830,10 @@ class DumpParser:
     # When set, entries read by a learned layout go to it as raw entries
     # (``core.decide.RawEntry``) instead of being built and kept in ``entries``.
     sink: Callable[[RawEntry], None] | None = None
+    # With ``sink`` and the compiled path: a consumer whose precompiled checks settle
+    # entries without Python (``core.decide.Decider``: raw_cache, raw_program, sport_matters,
+    # examined, eligible), or None for every entry to reach the sink.
+    settle: Any = None
 
     def _error(self, why: str) -> None:
         self.decode_errors += 1
@@ -835,6 +861,9 @@ class DumpParser:
 
     def feed(self, data: bytes, n: int | None = None) -> None:
         end = len(data) if n is None else n
+        if self.sink is not None and _ctscan is not None:
+            self._feed_compiled(data, end)
+            return
         pos = 0
         unpack_hdr = _NLMSGHDR.unpack_from
         seq = self.seq
@@ -868,7 +897,8 @@ class DumpParser:
                     record = layout.unpack(data, pos + 16) + absent
                     raw = layout.values(record)
                     if record[layout.rproto] != raw[1]:
-                        break  # malformed: let the reference decode say so
+                        self._generic(data, pos, pos + mlen)  # malformed: the reference decode says so
+                        break
                     if raw[10] & skip_mask:
                         skipped += 1
                         break
@@ -926,6 +956,32 @@ class DumpParser:
                 self._error(f"{end - pos} trailing bytes after the last message")
         self.messages += messages
         self.skipped_replied += skipped
+
+
+    def _feed_compiled(self, data: bytes, end: int) -> None:
+        """``feed`` through ``_ctscan``: the same outcome, most entries settled in C."""
+        settle = self.settle
+        cache = program = None
+        sport_matters = False
+        if settle is not None:
+            cache, program, sport_matters = settle.raw_cache, settle.raw_program, settle.sport_matters
+        skip_mask = _SEEN_REPLY if self.skip_replied else 0
+        assert self.sink is not None
+        messages, skipped, stale, done, interrupted, errno, examined, eligible = _ctscan.feed(
+            self, data, end, self.seq, skip_mask, self.sink, cache, program, sport_matters
+        )
+        self.messages += messages
+        self.skipped_replied += skipped
+        self.stale += stale
+        if done:
+            self.done = True
+        if interrupted:
+            self.interrupted = True
+        if errno:
+            self.errno = errno
+        if settle is not None:
+            settle.examined += examined
+            settle.eligible += eligible
 
 
 def parse_answers(data: bytes, n: int | None = None) -> list[tuple[int, int]]:

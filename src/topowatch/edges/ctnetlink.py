@@ -271,6 +271,8 @@ class Conntrack:
         add: Callable[[Entry], None] | None = None
         if consumer is not None:
             parser.sink = consumer.add_raw
+            if hasattr(consumer, "raw_program"):
+                parser.settle = consumer  # a Decider: the compiled scan settles its healthy entries
             add = consumer.add
         recvs = nbytes = 0
         # Decoding allocates only acyclic objects, hundreds of thousands of

@@ -1,0 +1,422 @@
+/* topowatch.edges._ctscan: the compiled fast path of a ctnetlink dump scan.
+ *
+ * What it decides: for one received datagram, which messages it reads itself
+ * (IPCTNL_MSG_CT_NEW of the canonical shape the kernel sends: both tuples as
+ * IP{src,dst} + PROTO{num,sport,dport}, 4-byte status/timeout/mark/id, a
+ * 2-byte zone; other attributes skipped) and, with a settle cache, which of
+ * those are certainly healthy by the precompiled checks of their flow key
+ * (``core.decide.Decider.raw_program``) and need no Python at all.
+ *
+ * What it must never do: judge an entry in any other way than the Python
+ * ``Decider.add_raw`` would, or read a message any other way than
+ * ``ctcodec.decode_entry``. Everything it does not recognise exactly (ICMP,
+ * directional zones, repeated or odd-sized attributes, a truncated message,
+ * a family that does not match the address size) goes to the parser's
+ * reference decode (``parser._generic``), so the result can only agree with
+ * the pure-Python path; tests/edges/test_ctscan.py checks that it does.
+ * It performs no I/O and keeps no state between calls except what the caller
+ * passes in (the settle cache).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define NLMSG_ERROR 2
+#define NLMSG_DONE 3
+#define NLMSG_OVERRUN 4
+#define NLM_F_DUMP_INTR 0x10
+#define IPCTNL_MSG_CT_NEW (1 << 8)
+#define NLA_TYPE_MASK 0x3FFF
+
+#define CTA_TUPLE_ORIG 1
+#define CTA_TUPLE_REPLY 2
+#define CTA_STATUS 3
+#define CTA_TIMEOUT 7
+#define CTA_MARK 8
+#define CTA_ID 12
+#define CTA_ZONE 18
+#define CTA_TUPLE_IP 1
+#define CTA_TUPLE_PROTO 2
+#define CTA_IP_V4_SRC 1
+#define CTA_IP_V4_DST 2
+#define CTA_IP_V6_SRC 3
+#define CTA_IP_V6_DST 4
+#define CTA_PROTO_NUM 1
+#define CTA_PROTO_SRC_PORT 2
+#define CTA_PROTO_DST_PORT 3
+
+#define AF_INET_ 2
+#define AF_INET6_ 10
+#define IPPROTO_ICMP_ 1
+#define IPPROTO_ICMPV6_ 58
+#define IPS_SEEN_REPLY 2u
+#define IPS_SRC_NAT_DONE (1u << 7)
+#define IPS_DST_NAT_DONE (1u << 8)
+
+/* Program layout (core.decide.raw_program): b"R" refused; or b"P" + dnat side + snat side,
+ * each side: mode byte (0 unknown: always judge, 1 no binding: healthy, 2 ranges), for mode 2
+ * a count byte and per range: flags (1 address range, 2 port range), lo[16], hi[16] big-endian,
+ * port_lo[2], port_hi[2] big-endian. */
+#define RANGE_BYTES 37
+
+#define ALIGN4(n) (((n) + 3u) & ~3u)
+
+static inline uint16_t host16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t host32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static inline uint32_t be32(const uint8_t *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+typedef struct {
+    const uint8_t *src, *dst;
+    uint16_t sport, dport;
+    uint8_t proto;
+} tuple_t;
+
+typedef struct {
+    uint8_t family, alen;
+    tuple_t orig, reply;
+    uint32_t status, mark, id, timeout;
+    uint16_t zone;
+} entry_t;
+
+/* Reads one attribute header at p (limit: end of the enclosing attribute); -1 if it overruns. */
+static inline int attr(const uint8_t *p, const uint8_t *limit, unsigned *len, unsigned *type) {
+    if (p + 4 > limit) return -1;
+    *len = host16(p);
+    *type = host16(p + 2) & NLA_TYPE_MASK;
+    if (*len < 4 || p + *len > limit) return -1;
+    return 0;
+}
+
+/* A tuple nest's payload [p, end): exactly IP{src, dst} then PROTO{num, sport, dport}. */
+static int parse_tuple(const uint8_t *p, const uint8_t *end, uint8_t family, tuple_t *t) {
+    unsigned len, type, ilen, itype;
+    unsigned want = family == AF_INET_ ? 8 : 20;
+    unsigned src_type = family == AF_INET_ ? CTA_IP_V4_SRC : CTA_IP_V6_SRC;
+    const uint8_t *q, *aend;
+    if (attr(p, end, &len, &type) || type != CTA_TUPLE_IP) return -1;
+    aend = p + len;
+    q = p + 4;
+    if (attr(q, aend, &ilen, &itype) || itype != src_type || ilen != want) return -1;
+    t->src = q + 4;
+    q += ALIGN4(ilen);
+    if (attr(q, aend, &ilen, &itype) || itype != src_type + 1 || ilen != want) return -1;
+    t->dst = q + 4;
+    q += ALIGN4(ilen);
+    if (q != aend) return -1;
+    p += ALIGN4(len);
+    if (attr(p, end, &len, &type) || type != CTA_TUPLE_PROTO) return -1;
+    aend = p + len;
+    q = p + 4;
+    if (attr(q, aend, &ilen, &itype) || itype != CTA_PROTO_NUM || ilen != 5) return -1;
+    t->proto = q[4];
+    q += 8;
+    if (attr(q, aend, &ilen, &itype) || itype != CTA_PROTO_SRC_PORT || ilen != 6) return -1;
+    t->sport = be16(q + 4);
+    q += 8;
+    if (attr(q, aend, &ilen, &itype) || itype != CTA_PROTO_DST_PORT || ilen != 6) return -1;
+    t->dport = be16(q + 4);
+    q += 8;
+    if (q != aend) return -1;
+    p += ALIGN4(len);
+    return p == end ? 0 : -1;
+}
+
+/* The attributes of one CT_NEW message after its nfgenmsg: 0 when read, -1 for the reference path. */
+static int parse_entry(const uint8_t *msg, unsigned mlen, entry_t *e) {
+    const uint8_t *p = msg + 20, *end = msg + mlen;
+    unsigned len, type, seen = 0;
+    e->family = msg[16];
+    if (e->family == AF_INET_) e->alen = 4;
+    else if (e->family == AF_INET6_) e->alen = 16;
+    else return -1;
+    e->mark = e->id = e->timeout = 0;
+    e->zone = 0;
+    while (p < end) {
+        unsigned bit;
+        if (attr(p, end, &len, &type)) return -1;
+        bit = type < 32 ? 1u << type : 0;
+        if (bit & seen) return -1; /* a repeated attribute: let the reference decide */
+        seen |= bit;
+        switch (type) {
+        case CTA_TUPLE_ORIG:
+            if (parse_tuple(p + 4, p + len, e->family, &e->orig)) return -1;
+            break;
+        case CTA_TUPLE_REPLY:
+            if (parse_tuple(p + 4, p + len, e->family, &e->reply)) return -1;
+            break;
+        case CTA_STATUS:
+        case CTA_TIMEOUT:
+        case CTA_MARK:
+        case CTA_ID:
+            if (len != 8) return -1;
+            if (type == CTA_STATUS) e->status = be32(p + 4);
+            else if (type == CTA_TIMEOUT) e->timeout = be32(p + 4);
+            else if (type == CTA_MARK) e->mark = be32(p + 4);
+            else e->id = be32(p + 4);
+            break;
+        case CTA_ZONE:
+            if (len != 6) return -1;
+            e->zone = be16(p + 4);
+            break;
+        default:
+            break; /* not read by the decision: skipped, as decode_entry does */
+        }
+        p += ALIGN4(len);
+    }
+    if (p != end) return -1;
+    if (!(seen & (1u << CTA_TUPLE_ORIG)) || !(seen & (1u << CTA_TUPLE_REPLY)) || !(seen & (1u << CTA_STATUS)))
+        return -1;
+    if (e->orig.proto != e->reply.proto) return -1;
+    if (e->orig.proto == IPPROTO_ICMP_ || e->orig.proto == IPPROTO_ICMPV6_) return -1;
+    return 0;
+}
+
+/* core.decide.RawEntry of a read entry. */
+static PyObject *raw_tuple(const entry_t *e) {
+    return Py_BuildValue(
+        "(BBy#y#HHy#y#HHkHkkk)", e->family, e->orig.proto,
+        (const char *)e->orig.src, (Py_ssize_t)e->alen, (const char *)e->orig.dst, (Py_ssize_t)e->alen,
+        e->orig.sport, e->orig.dport,
+        (const char *)e->reply.src, (Py_ssize_t)e->alen, (const char *)e->reply.dst, (Py_ssize_t)e->alen,
+        e->reply.sport, e->reply.dport,
+        (unsigned long)e->status, e->zone, (unsigned long)e->mark, (unsigned long)e->id,
+        (unsigned long)e->timeout);
+}
+
+/* The settle-cache key of an entry: every field of core.decide's raw key, packed. */
+static PyObject *raw_key(const entry_t *e, int sport_matters) {
+    uint8_t k[48];
+    unsigned n = 0;
+    k[n++] = (uint8_t)(e->zone >> 8); k[n++] = (uint8_t)e->zone;
+    k[n++] = (uint8_t)(e->mark >> 24); k[n++] = (uint8_t)(e->mark >> 16);
+    k[n++] = (uint8_t)(e->mark >> 8); k[n++] = (uint8_t)e->mark;
+    k[n++] = e->orig.proto;
+    k[n++] = e->family;
+    k[n++] = (uint8_t)(e->status & IPS_SEEN_REPLY);
+    k[n++] = (uint8_t)(e->orig.dport >> 8); k[n++] = (uint8_t)e->orig.dport;
+    if (sport_matters) {
+        k[n++] = (uint8_t)(e->orig.sport >> 8); k[n++] = (uint8_t)e->orig.sport;
+    }
+    memcpy(k + n, e->orig.src, e->alen); n += e->alen;
+    memcpy(k + n, e->orig.dst, e->alen); n += e->alen;
+    return PyBytes_FromStringAndSize((const char *)k, n);
+}
+
+/* One side of a program at *pp: 1 healthy, 0 must be judged, -1 malformed program. */
+static int side_admits(const uint8_t **pp, const uint8_t *pend, int done,
+                       const uint8_t *original, const uint8_t *translated, unsigned alen, uint16_t port) {
+    const uint8_t *p = *pp;
+    uint8_t mode, count, i;
+    int admitted = 0;
+    uint8_t value[16];
+    if (p >= pend) return -1;
+    mode = *p++;
+    if (mode == 0 || mode == 1) {
+        *pp = p;
+        return !done || mode == 1;
+    }
+    if (mode != 2 || p >= pend) return -1;
+    count = *p++;
+    if (p + (size_t)count * RANGE_BYTES > pend) return -1;
+    *pp = p + (size_t)count * RANGE_BYTES;
+    if (!done) return 1;
+    memset(value, 0, 16);
+    memcpy(value + 16 - alen, translated, alen);
+    for (i = 0; i < count && !admitted; i++, p += RANGE_BYTES) {
+        uint8_t flags = p[0];
+        if (flags & 1) {
+            if (memcmp(p + 1, value, 16) > 0 || memcmp(value, p + 17, 16) > 0) continue;
+        } else if (memcmp(original, translated, alen) != 0) {
+            continue;
+        }
+        if ((flags & 2) && (port < be16(p + 33) || port > be16(p + 35))) continue;
+        admitted = 1;
+    }
+    return admitted;
+}
+
+/* 1 when the program says the entry is certainly healthy, 0 when it must be judged. */
+static int healthy(const entry_t *e, const uint8_t *p, Py_ssize_t n) {
+    const uint8_t *pend = p + n;
+    int icmp = e->orig.proto == IPPROTO_ICMP_ || e->orig.proto == IPPROTO_ICMPV6_;
+    int r;
+    if (n < 1 || *p != 'P') return 0;
+    p++;
+    r = side_admits(&p, pend, (e->status & IPS_DST_NAT_DONE) != 0, e->orig.dst, e->reply.src, e->alen,
+                    icmp ? e->orig.dport : e->reply.sport);
+    if (r != 1) return 0;
+    r = side_admits(&p, pend, (e->status & IPS_SRC_NAT_DONE) != 0, e->orig.src, e->reply.dst, e->alen,
+                    icmp ? e->orig.sport : e->reply.dport);
+    return r == 1;
+}
+
+static int call1(PyObject *fn, PyObject *arg) {
+    PyObject *r = PyObject_CallOneArg(fn, arg);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static int generic(PyObject *parser, PyObject *data, Py_ssize_t pos, Py_ssize_t end) {
+    PyObject *r = PyObject_CallMethod(parser, "_generic", "Onn", data, pos, end);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static int error(PyObject *parser, const char *why) {
+    PyObject *r = PyObject_CallMethod(parser, "_error", "s", why);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+PyDoc_STRVAR(feed_doc,
+"feed(parser, data, n, seq, skip_mask, sink, cache, program, sport_matters)\n"
+"-> (messages, skipped, stale, done, interrupted, errno, examined, eligible)\n\n"
+"Walk one datagram as ``ctcodec.DumpParser.feed`` does with a sink. Entries it reads go to\n"
+"``sink`` as raw entries, unless ``cache`` (a dict, or None) holds a program for their key\n"
+"that settles them as healthy (counted in examined/eligible) or refused (examined only).\n"
+"A key not in the cache: the entry goes to ``sink``, then ``program(raw)`` is stored for it.\n"
+"Everything else goes to ``parser._generic`` / ``parser._error``.");
+
+static PyObject *feed(PyObject *self, PyObject *args) {
+    PyObject *parser, *data, *sink, *cache, *program;
+    Py_ssize_t n;
+    unsigned long seq, skip_mask;
+    int sport_matters;
+    Py_buffer buf;
+    long messages = 0, skipped = 0, stale = 0, examined = 0, eligible = 0;
+    int done = 0, interrupted = 0, err_no = 0;
+    Py_ssize_t pos = 0;
+    if (!PyArg_ParseTuple(args, "OOnkkOOOp", &parser, &data, &n, &seq, &skip_mask, &sink, &cache, &program,
+                          &sport_matters))
+        return NULL;
+    if (cache != Py_None && !PyDict_Check(cache)) {
+        PyErr_SetString(PyExc_TypeError, "cache must be a dict or None");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE) < 0) return NULL;
+    if (n < 0 || n > buf.len) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "n outside the buffer");
+        return NULL;
+    }
+    const uint8_t *base = (const uint8_t *)buf.buf;
+    while (pos + 16 <= n) {
+        const uint8_t *m = base + pos;
+        uint32_t mlen = host32(m);
+        uint16_t mtype = host16(m + 4), mflags = host16(m + 6);
+        uint32_t mseq = host32(m + 8);
+        if (mlen < 16 || (Py_ssize_t)mlen > n - pos) {
+            char why[96];
+            snprintf(why, sizeof why, "netlink message of length %u at %zd overruns %zd", mlen, pos, n);
+            if (error(parser, why)) goto fail;
+            goto out;
+        }
+        if (mtype == IPCTNL_MSG_CT_NEW && mseq == seq) {
+            entry_t e;
+            messages++;
+            if (mflags & NLM_F_DUMP_INTR) interrupted = 1;
+            if (mlen < 20 || parse_entry(m, mlen, &e)) {
+                if (generic(parser, data, pos, pos + mlen)) goto fail;
+            } else if (e.status & skip_mask) {
+                skipped++;
+            } else if (cache == Py_None) {
+                PyObject *raw = raw_tuple(&e);
+                if (raw == NULL) goto fail;
+                int r = call1(sink, raw);
+                Py_DECREF(raw);
+                if (r) goto fail;
+            } else {
+                PyObject *key = raw_key(&e, sport_matters);
+                if (key == NULL) goto fail;
+                PyObject *prog = PyDict_GetItemWithError(cache, key); /* borrowed */
+                if (prog == NULL && PyErr_Occurred()) { Py_DECREF(key); goto fail; }
+                if (prog != NULL && PyBytes_Check(prog)) {
+                    const uint8_t *pp = (const uint8_t *)PyBytes_AS_STRING(prog);
+                    Py_ssize_t pn = PyBytes_GET_SIZE(prog);
+                    if (pn == 1 && pp[0] == 'R') {
+                        examined++;
+                        Py_DECREF(key);
+                        goto next;
+                    }
+                    if (healthy(&e, pp, pn)) {
+                        examined++;
+                        eligible++;
+                        Py_DECREF(key);
+                        goto next;
+                    }
+                }
+                PyObject *raw = raw_tuple(&e);
+                if (raw == NULL) { Py_DECREF(key); goto fail; }
+                if (call1(sink, raw)) { Py_DECREF(raw); Py_DECREF(key); goto fail; }
+                if (prog == NULL) {
+                    PyObject *learned = PyObject_CallOneArg(program, raw);
+                    if (learned == NULL || PyDict_SetItem(cache, key, learned) < 0) {
+                        Py_XDECREF(learned); Py_DECREF(raw); Py_DECREF(key); goto fail;
+                    }
+                    Py_DECREF(learned);
+                }
+                Py_DECREF(raw);
+                Py_DECREF(key);
+            }
+        } else if (mseq != seq) {
+            stale++;
+        } else {
+            if (mflags & NLM_F_DUMP_INTR) interrupted = 1;
+            if (mtype == NLMSG_DONE) {
+                done = 1;
+            } else if (mtype == NLMSG_ERROR) {
+                if (mlen < 20) {
+                    if (error(parser, "short NLMSG_ERROR")) goto fail;
+                } else {
+                    int32_t e;
+                    memcpy(&e, m + 16, 4);
+                    if (e) err_no = -e;
+                    done = 1;
+                }
+            } else if (mtype == NLMSG_OVERRUN) {
+                if (error(parser, "NLMSG_OVERRUN")) goto fail;
+            }
+        }
+    next:
+        pos += ALIGN4(mlen);
+    }
+    if (pos < n) {
+        char why[64];
+        snprintf(why, sizeof why, "%zd trailing bytes after the last message", n - pos);
+        if (error(parser, why)) goto fail;
+    }
+out:
+    PyBuffer_Release(&buf);
+    return Py_BuildValue("(llliiill)", messages, skipped, stale, done, interrupted, err_no, examined, eligible);
+fail:
+    PyBuffer_Release(&buf);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"feed", feed, METH_VARARGS, feed_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_ctscan",
+    "The compiled fast path of a ctnetlink dump scan (see topowatch.edges.ctscan).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__ctscan(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddIntConstant(m, "IPS_SEEN_REPLY", IPS_SEEN_REPLY) || PyModule_AddIntConstant(m, "IPS_SRC_NAT_DONE", IPS_SRC_NAT_DONE) ||
+        PyModule_AddIntConstant(m, "IPS_DST_NAT_DONE", IPS_DST_NAT_DONE) || PyModule_AddIntConstant(m, "RANGE_BYTES", RANGE_BYTES)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

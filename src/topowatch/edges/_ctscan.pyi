@@ -1,0 +1,20 @@
+from collections.abc import Callable
+from typing import Any
+
+IPS_SEEN_REPLY: int
+IPS_SRC_NAT_DONE: int
+IPS_DST_NAT_DONE: int
+RANGE_BYTES: int
+
+def feed(
+    parser: Any,
+    data: bytes,
+    n: int,
+    seq: int,
+    skip_mask: int,
+    sink: Callable[[Any], object],
+    cache: dict[bytes, bytes | None] | None,
+    program: Callable[[Any], bytes | None] | None,
+    sport_matters: bool,
+    /,
+) -> tuple[int, int, int, int, int, int, int, int]: ...

@@ -1,0 +1,424 @@
+"""The compiled scan (edges/_ctscan.c) against the pure-Python path it replaces.
+
+Both paths are run on the same bytes: recorded kernel dumps (v4, v6, ICMP,
+zones, with and without NAT), generated messages of every shape the codec
+knows, truncations and random corruption. They must agree on every entry,
+every counter and, with a ``Decider`` behind them, on the whole plan. The
+pure path itself is checked against the kernel (test_ctcodec.py) and against
+the per-entry reasoned decision (tests/core/test_decide.py).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from topowatch.core.conntrack import (
+    IPS_CONFIRMED,
+    IPS_DST_NAT_DONE,
+    IPS_SEEN_REPLY,
+    IPS_SRC_NAT_DONE,
+    CtTuple,
+    Entry,
+)
+from topowatch.core.decide import Decider, compile_program
+from topowatch.core.eligibility import Eligibility
+from topowatch.core.fib import Fib
+from topowatch.core.flow import Binding, Flow, NatKind, Prediction, Unknown
+from topowatch.core.model import Topology
+from topowatch.edges import ctcodec as c
+
+DATA = Path(__file__).parent / "data"
+FIB = Fib(Topology())
+
+
+def test_the_compiled_path_is_built_and_used() -> None:
+    """The install compiles it (gcc and the headers are on every machine that runs the tests)."""
+    assert c._ctscan is not None, c.FAST_PATH
+    assert c.FAST_PATH == "compiled"
+    from topowatch.edges import _ctscan
+
+    assert _ctscan.IPS_SEEN_REPLY == IPS_SEEN_REPLY
+    assert _ctscan.IPS_SRC_NAT_DONE == IPS_SRC_NAT_DONE
+    assert _ctscan.IPS_DST_NAT_DONE == IPS_DST_NAT_DONE
+    from topowatch.core.decide import PROGRAM_RANGE_BYTES
+
+    assert _ctscan.RANGE_BYTES == PROGRAM_RANGE_BYTES
+
+
+# --- both paths on the same bytes --------------------------------------------------------
+
+
+class Collect:
+    """A consumer that keeps what it is given, raw entries built into ``Entry`` values."""
+
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+
+    def add_raw(self, raw: Any) -> None:
+        self.entries.append(c.entry_from_raw(raw))
+
+
+def run(parts: list[bytes], seq: int, *, compiled: bool, skip_replied: bool = False) -> dict[str, Any]:
+    """Feed the datagrams ``parts`` to one path; everything the parser and its sink ended with."""
+    saved = c._ctscan
+    if not compiled:
+        c._ctscan = None
+    try:
+        sink = Collect()
+        parser = c.DumpParser(seq=seq, skip_replied=skip_replied, sink=sink.add_raw)
+        for part in parts:
+            parser.feed(part)
+    finally:
+        c._ctscan = saved
+    return {
+        "entries": Counter(sink.entries + parser.entries),
+        "messages": parser.messages,
+        "decode_errors": parser.decode_errors,
+        "samples": sorted(parser.error_samples),
+        "stale": parser.stale,
+        "done": parser.done,
+        "interrupted": parser.interrupted,
+        "errno": parser.errno,
+        "skipped": parser.skipped_replied,
+    }
+
+
+def agree(data: bytes | list[bytes], seq: int, **kw: Any) -> dict[str, Any]:
+    parts = [data] if isinstance(data, bytes) else data
+    pure = run(parts, seq, compiled=False, **kw)
+    fast = run(parts, seq, compiled=True, **kw)
+    assert fast == pure
+    return fast
+
+
+def load(name: str) -> list[bytes]:
+    return [bytes.fromhex(line) for line in (DATA / f"ct_{name}.hex").read_text().split()]
+
+
+def seq_of(messages: list[bytes]) -> int:
+    return int(c._NLMSGHDR.unpack_from(messages[0])[3])
+
+
+@pytest.mark.parametrize("name", ["lab_nat", "created"])
+@pytest.mark.parametrize("skip_replied", [False, True])
+def test_recorded_dumps_decode_the_same(name: str, skip_replied: bool) -> None:
+    messages = load(name)
+    out = agree(b"".join(messages), seq_of(messages), skip_replied=skip_replied)
+    assert out["decode_errors"] == 0
+    assert sum(out["entries"].values()) + out["skipped"] == out["messages"] > 0
+
+
+def test_recorded_dumps_exercise_both_the_compiled_read_and_the_reference() -> None:
+    """The recordings hold canonical UDP/TCP entries (read in C) and ICMP (handed to the reference)."""
+    seen: list[str] = []
+
+    class Parser(c.DumpParser):
+        __slots__ = ()
+
+        def _generic(self, data: bytes, pos: int, mend: int) -> None:
+            seen.append("generic")
+            super()._generic(data, pos, mend)
+
+    messages = load("lab_nat")
+    sink = Collect()
+    parser = Parser(seq=seq_of(messages), sink=sink.add_raw)
+    parser.feed(b"".join(messages))
+    assert sink.entries and "generic" in seen
+    assert {e.proto for e in parser.entries} & {1, 58}  # ICMP went to the reference path
+
+
+def test_every_truncation_of_a_recorded_dump_decodes_the_same() -> None:
+    messages = load("lab_nat")
+    data, seq = b"".join(messages), seq_of(messages)
+    for cut in range(0, len(data), 3):
+        agree(data[:cut], seq)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_random_corruption_decodes_the_same(data: st.DataObject) -> None:
+    messages = load(data.draw(st.sampled_from(["lab_nat", "created"])))
+    blob = bytearray(b"".join(messages))
+    for _ in range(data.draw(st.integers(1, 8))):
+        blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    agree(bytes(blob), seq_of(messages), skip_replied=data.draw(st.booleans()))
+
+
+v4 = st.builds(IPv4Address, st.integers(0, 2**32 - 1))
+v6 = st.builds(IPv6Address, st.integers(0, 2**128 - 1))
+port = st.integers(0, 65535)
+u32 = st.integers(0, 2**32 - 1)
+
+
+@st.composite
+def entries(draw: st.DrawFn) -> Entry:
+    family = draw(st.sampled_from([2, 10]))
+    addr = v4 if family == 2 else v6
+    proto = draw(st.sampled_from([6, 17, 132, 1 if family == 2 else 58, 50]))
+    if proto in (1, 58):
+        ident = draw(port)
+        orig, reply = CtTuple(draw(addr), draw(addr), ident, draw(port)), CtTuple(draw(addr), draw(addr), ident, 0)
+    elif proto == 50:
+        orig, reply = CtTuple(draw(addr), draw(addr)), CtTuple(draw(addr), draw(addr))
+    else:
+        orig = CtTuple(draw(addr), draw(addr), draw(port), draw(port))
+        reply = CtTuple(draw(addr), draw(addr), draw(port), draw(port))
+    return Entry(family, proto, orig, reply, status=draw(u32), zone=draw(port), mark=draw(u32), id=draw(u32),
+                 timeout=draw(u32))  # fmt: skip
+
+
+@st.composite
+def messages(draw: st.DrawFn, seq: int = 5) -> bytes:
+    """One message in a shape the kernel sends, or a variant of it: attributes left out, repeated, odd."""
+    e = draw(entries())
+    attrs = [
+        (1, c.encode_tuple(c.CTA_TUPLE_ORIG, e.family, e.proto, e.orig)),
+        (2, c.encode_tuple(c.CTA_TUPLE_REPLY, e.family, e.proto, e.reply)),
+        (3, c.nla(c.CTA_STATUS, c.be32(e.status))),
+        (7, c.nla(c.CTA_TIMEOUT, c.be32(e.timeout))),
+        (8, c.nla(c.CTA_MARK, c.be32(e.mark))),
+        (12, c.nla(c.CTA_ID, c.be32(e.id))),
+        (11, c.nla(11, c.be32(1))),  # CTA_USE: skipped by both
+        (18, c.nla(c.CTA_ZONE, c.be16(e.zone))),
+        (4, c.nest(4, c.nla(1, b"\x03"))),  # CTA_PROTOINFO: skipped by both
+    ]
+    picked = draw(st.lists(st.sampled_from(attrs), min_size=0, max_size=12))
+    if draw(st.booleans()):
+        picked = [a for a in attrs if a[0] != 18 or e.zone]  # the kernel's own shape
+    odd = draw(st.sampled_from([None, "zone5", "status2", "tuplezone", "family"]))
+    if odd == "zone5":
+        picked.append((18, c.nla(c.CTA_ZONE, b"\0\0\1")))
+    elif odd == "status2":
+        picked.append((3, c.nla(c.CTA_STATUS, b"\0\1")))
+    elif odd == "tuplezone":  # a directional zone inside the orig tuple
+        body = c.encode_tuple(c.CTA_TUPLE_ORIG, e.family, e.proto, e.orig)[4:]
+        picked.insert(0, (1, c.nest(1, body[: len(body)], c.nla(3, c.be16(9)))))
+    family = e.family if odd != "family" else (10 if e.family == 2 else 2)
+    flags = draw(st.sampled_from([c.NLM_F_MULTI, c.NLM_F_MULTI | c.NLM_F_DUMP_INTR]))
+    return c.encode_message(c.IPCTNL_MSG_CT_NEW, flags, draw(st.sampled_from([seq, seq, 4])), family, picked)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(messages(), max_size=12), st.booleans(), st.booleans(), st.sampled_from([None, 0, -1, -4]))
+def test_generated_messages_decode_the_same(
+    items: list[bytes], skip_replied: bool, split: bool, end: int | None
+) -> None:
+    tail = b""
+    if end is not None:
+        tail = (c.encode_message(c.NLMSG_DONE, c.NLM_F_MULTI, 5, 0, []) if end == 0
+                else struct.pack("=IHHIIi", 20, c.NLMSG_ERROR, 0, 5, 0, end))  # fmt: skip
+    whole = agree(b"".join(items) + tail, 5, skip_replied=skip_replied)
+    if split:  # one datagram per message: the same outcome
+        assert agree([*items, tail], 5, skip_replied=skip_replied) == whole
+
+
+def test_a_feed_length_outside_the_buffer_is_refused() -> None:
+    from topowatch.edges import _ctscan
+
+    parser = c.DumpParser(seq=1, sink=lambda raw: None)
+    with pytest.raises(ValueError, match="outside"):
+        _ctscan.feed(parser, b"\0" * 8, 9, 1, 0, parser.sink, None, None, False)
+    with pytest.raises(TypeError):
+        _ctscan.feed(parser, b"", 0, 1, 0, parser.sink, [], None, False)
+
+
+def test_an_exception_in_the_sink_propagates() -> None:
+    e = Entry(2, 17, CtTuple(ip_address("10.0.0.1"), ip_address("10.0.0.2"), 1, 2),
+              CtTuple(ip_address("10.0.0.2"), ip_address("10.0.0.1"), 2, 1), status=IPS_CONFIRMED)  # fmt: skip
+    msg = c.encode_message(c.IPCTNL_MSG_CT_NEW, c.NLM_F_MULTI, 1, 2, [
+        (1, c.encode_tuple(1, 2, 17, e.orig)), (2, c.encode_tuple(2, 2, 17, e.reply)), (3, c.nla(3, c.be32(8)))])  # fmt: skip
+
+    def sink(raw: Any) -> None:
+        raise RuntimeError("consumer failed")
+
+    parser = c.DumpParser(seq=1, sink=sink)
+    with pytest.raises(RuntimeError, match="consumer failed"):
+        parser.feed(msg)
+
+
+# --- settled by the compiled checks: the plan is the pure path's -------------------------------
+
+MASQ = ip_address("203.0.113.2")
+OPTIONS: list[frozenset[Binding] | Unknown] = [
+    frozenset({Binding(NatKind.MASQUERADE, MASQ, MASQ)}),
+    frozenset({Binding(NatKind.NONE)}),
+    frozenset({Binding(NatKind.MASQUERADE, MASQ, MASQ, 1024, 2047), Binding(NatKind.NONE)}),
+    frozenset({Binding(NatKind.SNAT, ip_address("203.0.113.1"), ip_address("203.0.113.9"))}),
+    frozenset({Binding(NatKind.SNAT, ip_address("2001:db8::1"), ip_address("2001:db8::ff"), 80, 80)}),
+    Unknown("xt match"),
+    frozenset(),
+]
+
+
+def predictor(choice: int) -> Any:
+    def predict(fib: Fib, flow: Flow) -> Prediction:
+        pick = (choice + int(flow.dst) + flow.dport + flow.zone) % len(OPTIONS)
+        dnat = OPTIONS[(pick + 1) % len(OPTIONS)] if choice % 2 else frozenset({Binding(NatKind.NONE)})
+        return Prediction(dnat=dnat, snat=OPTIONS[pick], egress=())
+
+    return predict
+
+
+CLIENTS = [ip_address("10.0.1.2"), ip_address("10.0.1.3")]
+SERVERS = [ip_address("192.0.2.10"), ip_address("192.0.2.11")]
+TRANSLATED = [ip_address("10.0.1.2"), MASQ, ip_address("203.0.113.5"), ip_address("192.0.2.10")]
+V6 = [ip_address("2001:db8::2"), ip_address("2001:db8::80"), ip_address("2001:db8:1::1")]
+
+
+@st.composite
+def table(draw: st.DrawFn) -> Entry:
+    v6 = draw(st.booleans())
+    proto = draw(st.sampled_from([17, 6, 1 if not v6 else 58]))
+    pool = V6 if v6 else CLIENTS
+    client, server = draw(st.sampled_from(pool)), draw(st.sampled_from(V6 if v6 else SERVERS))
+    sport, dport = draw(st.sampled_from([1000, 1500, 5060])), draw(st.sampled_from([53, 80, 5060]))
+    translated = draw(st.sampled_from(V6 if v6 else TRANSLATED))
+    dst_seen = draw(st.sampled_from([server, translated]))
+    nat_port = draw(st.sampled_from([sport, 80, 1024, 3000]))
+    status = IPS_CONFIRMED | draw(st.sampled_from([0, 0, IPS_SEEN_REPLY])) | draw(st.sampled_from(
+        [IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, IPS_DST_NAT_DONE, 0]))  # fmt: skip
+    if proto in (1, 58):
+        orig, reply = CtTuple(client, server, sport, 8 << 8), CtTuple(dst_seen, translated, sport, 0)
+    else:
+        orig, reply = CtTuple(client, server, sport, dport), CtTuple(dst_seen, translated, dport, nat_port)
+    return Entry(10 if v6 else 2, proto, orig, reply, status=status, zone=draw(st.sampled_from([0, 7])),
+                 mark=draw(st.sampled_from([0, 0x10])), id=draw(st.integers(0, 3)))  # fmt: skip
+
+
+def kernel_message(e: Entry, seq: int = 9) -> bytes:
+    attrs = [
+        (1, c.encode_tuple(c.CTA_TUPLE_ORIG, e.family, e.proto, e.orig)),
+        (2, c.encode_tuple(c.CTA_TUPLE_REPLY, e.family, e.proto, e.reply)),
+        (3, c.nla(c.CTA_STATUS, c.be32(e.status))),
+        (7, c.nla(c.CTA_TIMEOUT, c.be32(30))),
+        (8, c.nla(c.CTA_MARK, c.be32(e.mark))),
+        (12, c.nla(c.CTA_ID, c.be32(e.id))),
+    ]
+    if e.zone:
+        attrs.append((18, c.nla(c.CTA_ZONE, c.be16(e.zone))))
+    return c.encode_message(c.IPCTNL_MSG_CT_NEW, c.NLM_F_MULTI, seq, e.family, attrs)
+
+
+def plan_of(items: list[Entry], *, compiled: bool, choice: int, sport_matters: bool,
+            eligibility: Eligibility, per_datagram: int) -> Any:  # fmt: skip
+    saved = c._ctscan
+    if not compiled:
+        c._ctscan = None
+    try:
+        decider = Decider(predict=predictor(choice), fib_now=FIB, eligibility=eligibility,
+                          sport_matters=sport_matters, build=c.entry_from_raw)  # fmt: skip
+        parser = c.DumpParser(seq=9, skip_replied=eligibility.unreplied_only, sink=decider.add_raw)
+        parser.settle = decider
+        for i in range(0, len(items), per_datagram):
+            parser.feed(b"".join(kernel_message(e) for e in items[i : i + per_datagram]))
+            for e in parser.entries:
+                decider.add(e)
+            parser.entries.clear()
+        plan = decider.plan()
+    finally:
+        c._ctscan = saved
+    return {
+        "examined": plan.examined + parser.skipped_replied,
+        "eligible": plan.eligible,
+        "stale": Counter((d.entry, d.side, d.reason) for d in plan.stale),
+        "undecided": Counter((d.entry, d.side, d.reason) for d in plan.undecided),
+    }
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    items=st.lists(table(), max_size=60),
+    choice=st.integers(0, 13),
+    sport_matters=st.booleans(),
+    per_datagram=st.sampled_from([1, 7, 100]),
+    eligibility=st.sampled_from([
+        Eligibility(),
+        Eligibility(unreplied_only=False, protocols=frozenset({6, 17, 1, 58})),
+        Eligibility(zones=frozenset({7}), marks=((0x10, 0xF0),)),
+    ]),
+)
+def test_settled_entries_give_the_pure_paths_plan(
+    items: list[Entry], choice: int, sport_matters: bool, per_datagram: int, eligibility: Eligibility
+) -> None:
+    kw: dict[str, Any] = {"choice": choice, "sport_matters": sport_matters, "eligibility": eligibility,
+                          "per_datagram": per_datagram}  # fmt: skip
+    fast, pure = plan_of(items, compiled=True, **kw), plan_of(items, compiled=False, **kw)
+    assert fast == pure
+    assert fast["examined"] == len(items)
+
+
+def test_healthy_entries_of_a_known_key_never_reach_python() -> None:
+    """1000 healthy entries of one key: one is judged in Python (the key's first), the rest in C."""
+    seen: list[Any] = []
+    decider = Decider(predict=lambda fib, flow: Prediction(frozenset({Binding(NatKind.NONE)}),
+                                                           OPTIONS[0], ()),
+                      fib_now=FIB, sport_matters=False, build=c.entry_from_raw)  # fmt: skip
+    add_raw = decider.add_raw
+
+    def sink(raw: Any) -> None:
+        seen.append(raw)
+        add_raw(raw)
+
+    client, server = CLIENTS[0], SERVERS[0]
+    healthy = [Entry(2, 17, CtTuple(client, server, p, 53), CtTuple(server, MASQ, 53, p),
+                     status=IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE) for p in range(1000, 2000)]  # fmt: skip
+    stale = Entry(2, 17, CtTuple(client, server, 7, 53), CtTuple(server, client, 53, 7),
+                  status=IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE)  # fmt: skip
+    parser = c.DumpParser(seq=9, skip_replied=True, sink=sink)
+    parser.settle = decider
+    parser.feed(b"".join(kernel_message(e) for e in [*healthy, stale]))
+    plan = decider.plan()
+    assert len(seen) == 2  # the key's first entry, and the stale one
+    assert plan.examined == plan.eligible == 1001
+    assert [d.entry.orig.sport for d in plan.stale] == [7]
+
+
+# --- programs ------------------------------------------------------------------------------
+
+
+def test_programs_encode_the_checks_byte_for_byte() -> None:
+    lo, hi = int(ip_address("203.0.113.1")), int(ip_address("203.0.113.9"))
+    program = compile_program(None, ((lo, hi, 1024, 2047), (None, None, None, None)))
+    assert program == (b"P" + b"\x00" + b"\x02\x02"
+                       + b"\x03" + lo.to_bytes(16, "big") + hi.to_bytes(16, "big") + b"\x04\x00\x07\xff"
+                       + b"\x00" + bytes(32) + bytes(4))  # fmt: skip
+    assert compile_program((), ()) == b"P\x01\x01"
+    assert compile_program((( -1, 5, None, None),), ()) is None
+    assert compile_program(((0, 1 << 128, None, None),), ()) is None
+    assert compile_program(((None, None, 0, 70000),), ()) is None
+    assert compile_program(tuple((None, None, None, None) for _ in range(256)), ()) is None
+
+
+def iter_programs() -> Iterator[bytes]:
+    for d in (None, (), ((1, 2, 3, 4),)):
+        for s in (None, (), ((None, None, None, None), (5, 9, None, None))):
+            program = compile_program(d, s)
+            assert program is not None
+            yield program
+
+
+def test_a_truncated_program_never_settles_an_entry() -> None:
+    """A program cut short (not one the Decider makes) sends the entry to Python, never settles it."""
+    from topowatch.edges import _ctscan
+
+    e = Entry(2, 17, CtTuple(CLIENTS[0], SERVERS[0], 1, 53), CtTuple(SERVERS[0], CLIENTS[0], 53, 1),
+              status=IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE)  # fmt: skip
+    msg = kernel_message(e)
+    for program in iter_programs():
+        for cut in range(1, len(program)):
+            got: list[Any] = []
+            parser = c.DumpParser(seq=9, sink=got.append)
+            key = b"\0\0" + b"\0\0\0\0" + bytes((17, 2, 0)) + (53).to_bytes(2, "big") + CLIENTS[0].packed + SERVERS[0].packed
+            cache: dict[bytes, bytes | None] = {key: program[:cut]}
+            out = _ctscan.feed(parser, msg, len(msg), 9, 0, got.append, cache, lambda raw: None, False)
+            assert len(got) == 1, (program, cut)  # judged in Python: a cut program settles nothing
+            assert out[6] == 0
