@@ -232,9 +232,18 @@ class _Compiled:
     # it is the same for every entry of the flow key (see ``Decider._side``).
     unnated: dict[str, _Judgement | None] = field(default_factory=dict)
 
+    # Sides whose check is known and has no port range (see ``Decider._side``).
+    portless: frozenset[str] = frozenset()
+
     @classmethod
     def of(cls, prediction: Prediction) -> _Compiled:
-        return cls(prediction, _compile(prediction.dnat), _compile(prediction.snat))
+        dnat, snat = _compile(prediction.dnat), _compile(prediction.snat)
+        portless = frozenset(
+            side
+            for side, check in (("dnat", dnat), ("snat", snat))
+            if check is not None and all(port_lo is None for _, _, port_lo, _ in check)
+        )
+        return cls(prediction, dnat, snat, portless=portless)
 
 
 def _healthy(entry: Entry, compiled: _Compiled) -> bool:
@@ -486,8 +495,7 @@ class Decider:
         """
         prediction = compiled.prediction
         predicted = prediction.dnat if side == "dnat" else prediction.snat
-        check = compiled.dnat if side == "dnat" else compiled.snat
-        if check is None or any(port_lo is not None for _, _, port_lo, _ in check):
+        if side not in compiled.portless:
             return _side(entry, side, predicted, prediction, before, texts=compiled.texts)
         orig, reply = entry.orig, entry.reply
         if side == "dnat":
@@ -515,22 +523,22 @@ class Decider:
             if before is None:
                 before = self.predict(self.fib_before, entry.flow)
                 self._before[key] = before
-        judged = [
-            j
-            for j in (
-                self._side(entry, "dnat", compiled, before),
-                # DNAT first: a stale destination already condemns the entry.
-                self._side(entry, "snat", compiled, before),
-            )
-            if j is not None
-        ]
-        chosen = next((j for j in judged if j.stale), None)
-        if chosen is not None:
-            self.stale.append(Decision(entry, chosen.side, chosen.actual, chosen.expected, chosen.reason))
-            return
-        chosen = next((j for j in judged if j.undecided), None)
-        if chosen is not None:
-            self.undecided.append(Decision(entry, chosen.side, chosen.actual, chosen.expected, chosen.reason))
+        # DNAT first: a stale destination already condemns the entry (SNAT is not looked at).
+        dnat = self._side(entry, "dnat", compiled, before)
+        if dnat is not None and dnat.stale:
+            chosen: _Judgement | None = dnat
+        else:
+            snat = self._side(entry, "snat", compiled, before)
+            if snat is not None and snat.stale:
+                chosen = snat
+            else:
+                chosen = next((j for j in (dnat, snat) if j is not None and j.undecided), None)
+                if chosen is not None:
+                    self.undecided.append(
+                        Decision(entry, chosen.side, chosen.actual, chosen.expected, chosen.reason)
+                    )
+                return
+        self.stale.append(Decision(entry, chosen.side, chosen.actual, chosen.expected, chosen.reason))
 
     def plan(self) -> FlushPlan:
         return FlushPlan(

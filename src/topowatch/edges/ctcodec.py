@@ -760,17 +760,18 @@ def entry_from_raw(raw: RawEntry, cache: AddressCache | None = None) -> Entry:
     """
     (family, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport,
      status, zone, mark, ct_id, timeout) = raw  # fmt: skip
-    get = (cache or _BUILD_CACHE).get
+    cache = cache or _BUILD_CACHE
+    get, interned = cache.get, cache.addresses.get
     new = object.__new__
     t_src, t_dst, t_sport, t_dport = _CTTUPLE_SETTERS
     orig = new(CtTuple)
-    t_src(orig, get(osrc))
-    t_dst(orig, get(odst))
+    t_src(orig, interned(osrc) or get(osrc))
+    t_dst(orig, interned(odst) or get(odst))
     t_sport(orig, osport)
     t_dport(orig, odport)
     reply = new(CtTuple)
-    t_src(reply, get(rsrc))
-    t_dst(reply, get(rdst))
+    t_src(reply, interned(rsrc) or get(rsrc))
+    t_dst(reply, interned(rdst) or get(rdst))
     t_sport(reply, rsport)
     t_dport(reply, rdport)
     e_family, e_proto, e_orig, e_reply, e_status, e_zone, e_mark, e_id, e_timeout = _ENTRY_SETTERS
