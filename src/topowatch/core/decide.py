@@ -526,19 +526,15 @@ class Decider:
         # DNAT first: a stale destination already condemns the entry (SNAT is not looked at).
         dnat = self._side(entry, "dnat", compiled, before)
         if dnat is not None and dnat.stale:
-            chosen: _Judgement | None = dnat
-        else:
-            snat = self._side(entry, "snat", compiled, before)
-            if snat is not None and snat.stale:
-                chosen = snat
-            else:
-                chosen = next((j for j in (dnat, snat) if j is not None and j.undecided), None)
-                if chosen is not None:
-                    self.undecided.append(
-                        Decision(entry, chosen.side, chosen.actual, chosen.expected, chosen.reason)
-                    )
-                return
-        self.stale.append(Decision(entry, chosen.side, chosen.actual, chosen.expected, chosen.reason))
+            self.stale.append(Decision(entry, dnat.side, dnat.actual, dnat.expected, dnat.reason))
+            return
+        snat = self._side(entry, "snat", compiled, before)
+        if snat is not None and snat.stale:
+            self.stale.append(Decision(entry, snat.side, snat.actual, snat.expected, snat.reason))
+            return
+        chosen = next((j for j in (dnat, snat) if j is not None and j.undecided), None)
+        if chosen is not None:
+            self.undecided.append(Decision(entry, chosen.side, chosen.actual, chosen.expected, chosen.reason))
 
     def plan(self) -> FlushPlan:
         return FlushPlan(
