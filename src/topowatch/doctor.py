@@ -568,6 +568,18 @@ def _table(sysctl_dir: str = NETFILTER_SYSCTLS) -> Finding:
     return Finding("ct_table", title, Status.OK, detail)
 
 
+def _scan_path() -> Finding:
+    """Whether the dump scan runs compiled (edges/_ctscan.c) or on its pure-Python fallback."""
+    from topowatch.edges import ctcodec
+
+    title = "conntrack scan fast path"
+    if ctcodec.FAST_PATH == "compiled":
+        return Finding("scan_path", title, Status.OK, "compiled (topowatch.edges._ctscan)")
+    return Finding("scan_path", title, Status.WARNING, ctcodec.FAST_PATH,
+                   "every dump is decoded and judged in Python, about twice as slow on a large table; "
+                   "reinstall with a C compiler and the Python headers present")  # fmt: skip
+
+
 def run_doctor() -> list[Finding]:
     ctnetlink = _ctnetlink()
     findings = [_permissions(), ctnetlink]
@@ -585,6 +597,7 @@ def run_doctor() -> list[Finding]:
     findings += _bus()
     findings.append(_bus_policy())
     findings.append(_table())
+    findings.append(_scan_path())
     return findings
 
 

@@ -422,3 +422,23 @@ def test_a_truncated_program_never_settles_an_entry() -> None:
             out = _ctscan.feed(parser, msg, len(msg), 9, 0, got.append, cache, lambda raw: None, False)
             assert len(got) == 1, (program, cut)  # judged in Python: a cut program settles nothing
             assert out[6] == 0
+
+
+# --- choosing the path ---------------------------------------------------------------------
+
+
+def test_the_pure_path_can_be_forced_and_the_doctor_says_which_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    from topowatch import doctor
+
+    env = {"TOPOWATCH_PURE_PYTHON": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", "from topowatch.edges import ctcodec as c; "
+                           "print(c.FAST_PATH, c._ctscan)"], capture_output=True, text=True, env=env, check=True)  # fmt: skip
+    assert proc.stdout.strip() == "pure Python (TOPOWATCH_PURE_PYTHON is set) None"
+    assert doctor._scan_path().status is doctor.Status.OK
+    monkeypatch.setattr(c, "FAST_PATH", "pure Python (No module named 'topowatch.edges._ctscan')")
+    found = doctor._scan_path()
+    assert found.status is doctor.Status.WARNING
+    assert "_ctscan" in found.detail and "compiler" in found.consequence
