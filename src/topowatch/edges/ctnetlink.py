@@ -347,23 +347,15 @@ class Conntrack:
         """Entries of the table, filtered; never an interrupted dump."""
         status = (0, IPS_SEEN_REPLY) if unreplied_only and self.status_filter_supported is not False else None
         started = time.perf_counter()
-        retries = 0
         # Replied entries are then counted, not built (the kernel may have ignored the filter).
         self._skip_replied = unreplied_only
-        while True:
-            parser, recvs, nbytes = self._dump_once(status, zone, mark, family)
-            if parser.errno:
-                _raise_for(parser.errno, "ctnetlink dump")
-            if not parser.interrupted:
-                break
-            if retries == self.dump_retries:
-                raise DumpInterrupted(
-                    f"conntrack dump interrupted {retries + 1} times: results may be inconsistent",
-                    errno_mod.EINTR,
-                )
-            retries += 1
+        try:
+            parser, recvs, nbytes, retries = self._complete_dump(
+                lambda: self._dump_once(status, zone, mark, family)
+            )
+        finally:
+            self._skip_replied = False
         received = parser.entries
-        self._skip_replied = False
         replied = parser.skipped_replied or any(e.status & IPS_SEEN_REPLY for e in received)
         if status is not None and replied:
             # The kernel ignored the status filter (older than 5.15).
@@ -381,19 +373,9 @@ class Conntrack:
             entries = [e for e in received if keep(e)]
         else:
             entries = received
-        self.decode_errors += parser.decode_errors
-        self.last_dump = DumpStats(
-            entries=len(entries),
-            messages=parser.messages,
-            decode_errors=parser.decode_errors,
-            filtered_in_userspace=len(received) - len(entries) + parser.skipped_replied,
-            kernel_status_filter=status is not None,
-            interrupted_retries=retries,
-            recvs=recvs,
-            bytes=nbytes,
-            seconds=time.perf_counter() - started,
-            error_samples=tuple(parser.error_samples),
-        )
+        filtered = len(received) - len(entries) + parser.skipped_replied
+        self._record(parser, entries=len(entries), filtered=filtered, kernel_filter=status is not None,
+                     retries=retries, recvs=recvs, nbytes=nbytes, started=started)  # fmt: skip
         return entries
 
     def scan(self, start: Callable[[], DumpConsumerT], *, unreplied_only: bool = True) -> DumpConsumerT:
@@ -409,40 +391,57 @@ class Conntrack:
         """
         status = (0, IPS_SEEN_REPLY) if unreplied_only and self.status_filter_supported is not False else None
         started = time.perf_counter()
-        retries = 0
+        consumers: list[DumpConsumerT] = []
+
+        def attempt() -> tuple[DumpParser, int, int]:
+            consumers[:] = [start()]
+            return self._dump_once(status, None, None, 0, consumers[0])
+
         self._skip_replied = unreplied_only
         try:
-            while True:
-                consumer = start()
-                parser, recvs, nbytes = self._dump_once(status, None, None, 0, consumer)
-                if parser.errno:
-                    _raise_for(parser.errno, "ctnetlink dump")
-                if not parser.interrupted:
-                    break
-                if retries == self.dump_retries:
-                    raise DumpInterrupted(
-                        f"conntrack dump interrupted {retries + 1} times: results may be inconsistent",
-                        errno_mod.EINTR,
-                    )
-                retries += 1
+            parser, recvs, nbytes, retries = self._complete_dump(attempt)
         finally:
             self._skip_replied = False
         if status is not None and parser.skipped_replied:
             self.status_filter_supported = False  # the kernel ignored the status filter
+        self._record(parser, entries=parser.messages - parser.decode_errors - parser.skipped_replied,
+                     filtered=parser.skipped_replied, kernel_filter=status is not None, retries=retries,
+                     recvs=recvs, nbytes=nbytes, started=started)  # fmt: skip
+        return consumers[0]
+
+    def _complete_dump(
+        self, attempt: Callable[[], tuple[DumpParser, int, int]]
+    ) -> tuple[DumpParser, int, int, int]:
+        """Dump until one attempt is not interrupted: (parser, recvs, bytes, retries)."""
+        retries = 0
+        while True:
+            parser, recvs, nbytes = attempt()
+            if parser.errno:
+                _raise_for(parser.errno, "ctnetlink dump")
+            if not parser.interrupted:
+                return parser, recvs, nbytes, retries
+            if retries == self.dump_retries:
+                raise DumpInterrupted(
+                    f"conntrack dump interrupted {retries + 1} times: results may be inconsistent",
+                    errno_mod.EINTR,
+                )
+            retries += 1
+
+    def _record(self, parser: DumpParser, *, entries: int, filtered: int, kernel_filter: bool,
+                retries: int, recvs: int, nbytes: int, started: float) -> None:  # fmt: skip
         self.decode_errors += parser.decode_errors
         self.last_dump = DumpStats(
-            entries=parser.messages - parser.decode_errors - parser.skipped_replied,
+            entries=entries,
             messages=parser.messages,
             decode_errors=parser.decode_errors,
-            filtered_in_userspace=parser.skipped_replied,
-            kernel_status_filter=status is not None,
+            filtered_in_userspace=filtered,
+            kernel_status_filter=kernel_filter,
             interrupted_retries=retries,
             recvs=recvs,
             bytes=nbytes,
             seconds=time.perf_counter() - started,
             error_samples=tuple(parser.error_samples),
         )
-        return consumer
 
     # --- batched requests -----------------------------------------------------
 
