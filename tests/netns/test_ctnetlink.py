@@ -291,3 +291,111 @@ def test_scan_streams_what_dump_returns(ct: Conntrack, unreplied_only: bool) -> 
     assert sorted(map(key, got.raw + got.entries), key=repr) == dumped
     assert got.raw, "no entry reached the consumer raw"
     assert ct.last_dump is not None and ct.last_dump.entries == len(dumped)
+
+
+# --- the pipelined dump ------------------------------------------------------------------
+
+
+def reader_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name == "topowatch-ct-reader"]
+
+
+def test_pipelined_and_serial_dumps_agree(ct: Conntrack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several bursts (a small burst size), every entry once, the same counters as one recv at a time."""
+    from topowatch.edges import ctnetlink
+
+    assert ct.pipelined, "the compiled module is built, so dumps are pipelined"
+    monkeypatch.setattr(ctnetlink, "PIPELINE_CHUNK", 256 << 10)  # about 1,600 entries per burst
+    ct.create([udp4(i, replied=i % 4 == 0) for i in range(12000)] + mixed()[-4:])
+    runs = {}
+    for pipelined in (True, False):
+        ct.pipelined = pipelined
+        entries = sorted(map(key, ct.dump(unreplied_only=False)), key=repr)
+        assert ct.last_dump is not None
+        stats = ct.last_dump
+        got = ct.scan(Collect, unreplied_only=True)
+        runs[pipelined] = (entries, stats.messages, stats.recvs, stats.bytes, stats.decode_errors,
+                           sorted(map(key, got.raw + got.entries), key=repr))  # fmt: skip
+    assert runs[True] == runs[False]
+    assert len(runs[True][0]) == 12004 and runs[True][2] > 40  # many datagrams, in several bursts
+    assert not reader_threads()
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_a_consumer_failing_mid_dump_stops_the_reader(
+    ct: Conntrack, monkeypatch: pytest.MonkeyPatch, pipelined: bool
+) -> None:
+    from topowatch.edges import ctnetlink
+
+    monkeypatch.setattr(ctnetlink, "PIPELINE_CHUNK", 128 << 10)  # the dump is far from read when it fails
+    ct.pipelined = pipelined
+    ct.create([udp4(i) for i in range(5000)])
+
+    class Failing(Collect):
+        def add_raw(self, raw: ctcodec.RawEntry) -> None:
+            if len(self.raw) == 100:
+                raise RuntimeError("consumer failed")
+            super().add_raw(raw)
+
+    with pytest.raises(RuntimeError, match="consumer failed"):
+        ct.scan(Failing)
+    assert not reader_threads()
+    # The socket is usable again: the abandoned dump's rest is ignored as stale answers.
+    assert len(ct.dump()) == 5000
+
+
+class FakeBurst:
+    """Stands in for the compiled module's recv_burst; feed stays the real one."""
+
+    def __init__(self, answers: list[tuple[bytes, int, int, int]]) -> None:
+        self.answers = answers
+        self.feed = ctcodec._ctscan.feed  # type: ignore[union-attr]
+
+    def recv_burst(self, fd: int, size: int, room: int, seq: int, timeout_ms: int) -> tuple[bytes, int, int, int]:
+        return self.answers.pop(0) if self.answers else (b"", 0, 0, errno.ETIMEDOUT)
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        ((b"", 0, 0, errno.ENOBUFS), "ctnetlink dump failed: No buffer space available"),
+        ((b"", 0, 0, errno.EMSGSIZE), "exceeds the receive buffer"),
+        ((b"", 0, 0, errno.ETIMEDOUT), "no answer from ctnetlink within 0.3 s"),
+    ],
+)
+def test_reader_errors_are_raised_in_the_judging_thread(
+    ct: Conntrack, monkeypatch: pytest.MonkeyPatch, answer: tuple[bytes, int, int, int], message: str
+) -> None:
+    ct.timeout = 0.3
+    monkeypatch.setattr(ctcodec, "_ctscan", FakeBurst([answer]))
+    with pytest.raises(NetlinkError, match=message):
+        ct.dump()
+    assert not reader_threads()
+
+
+def test_recv_burst_concatenates_pads_and_sees_the_end() -> None:
+    from topowatch.edges import _ctscan
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        b.setblocking(False)
+        done = ctcodec.encode_message(ctcodec.NLMSG_DONE, ctcodec.NLM_F_MULTI, 7, 0, [])
+        other = ctcodec.encode_message(ctcodec.NLMSG_DONE, ctcodec.NLM_F_MULTI, 6, 0, [])  # another dump's
+        for datagram in (b"\x01\x02\x03\x04\x05", other, done, b"after"):
+            a.send(datagram)
+        data, count, ended, err = _ctscan.recv_burst(b.fileno(), 1 << 16, 64, 7, 100)
+        assert (count, ended, err) == (3, 1, 0)
+        assert data == b"\x01\x02\x03\x04\x05\0\0\0" + other + done
+        data, count, ended, err = _ctscan.recv_burst(b.fileno(), 1 << 16, 64, 7, 100)
+        assert (data, count, ended, err) == (b"after\0\0\0", 1, 0, 0)  # what came, handed over
+        assert _ctscan.recv_burst(b.fileno(), 1 << 16, 64, 7, 50) == (b"", 0, 0, errno.ETIMEDOUT)
+        a.send(b"x" * 200)
+        assert _ctscan.recv_burst(b.fileno(), 128, 64, 7, 50)[3] == errno.EMSGSIZE
+        a.send(b"y" * 40)
+        a.send(b"z" * 40)
+        # Less than ``room`` left after the first: the burst ends there.
+        assert _ctscan.recv_burst(b.fileno(), 100, 64, 7, 50)[:3] == (b"y" * 40, 1, 0)
+        with pytest.raises(ValueError, match="room"):
+            _ctscan.recv_burst(b.fileno(), 10, 64, 7, 50)

@@ -14,13 +14,19 @@
  * a family that does not match the address size) goes to the parser's
  * reference decode (``parser._generic``), so the result can only agree with
  * the pure-Python path; tests/edges/test_ctscan.py checks that it does.
- * It performs no I/O and keeps no state between calls except what the caller
- * passes in (the settle cache).
+ * ``feed`` performs no I/O and keeps no state between calls except what the
+ * caller passes in (the settle cache). ``recv_burst`` is the one I/O function:
+ * it receives many datagrams of a dump without holding the GIL, so that the
+ * kernel fills the next part of the dump (it does so inside recvmsg) while
+ * Python judges the last one; it only reads message headers, to see the end.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
+#include <poll.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #define NLMSG_ERROR 2
 #define NLMSG_DONE 3
@@ -400,8 +406,74 @@ fail:
     return NULL;
 }
 
+/* 1 when the datagram [p, p+n) holds the NLMSG_DONE or NLMSG_ERROR that ends dump ``seq``. */
+static int ends_dump(const uint8_t *p, Py_ssize_t n, uint32_t seq) {
+    Py_ssize_t pos = 0;
+    while (pos + 16 <= n) {
+        uint32_t mlen = host32(p + pos);
+        uint16_t mtype = host16(p + pos + 4);
+        if (mlen < 16 || (Py_ssize_t)mlen > n - pos) return 0; /* the parser will say what is wrong */
+        if (host32(p + pos + 8) == seq && (mtype == NLMSG_DONE || mtype == NLMSG_ERROR)) return 1;
+        pos += ALIGN4(mlen);
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(recv_burst_doc,
+"recv_burst(fd, size, room, seq, timeout_ms) -> (data, datagrams, ended, errno)\n\n"
+"Receive datagrams of dump ``seq`` from the non-blocking socket ``fd`` into one bytes object\n"
+"of at most ``size`` bytes, without the GIL: until the datagram that ends the dump\n"
+"(``ended``), until less than ``room`` bytes are left, or until an error (``errno``; ETIMEDOUT\n"
+"when nothing came for ``timeout_ms``, EMSGSIZE for a datagram larger than the space left).\n"
+"Datagrams are concatenated, each padded to 4 bytes, as ``DumpParser.feed`` reads them.");
+
+static PyObject *recv_burst(PyObject *self, PyObject *args) {
+    int fd, timeout_ms, err_no = 0, ended = 0;
+    Py_ssize_t size, room, used = 0;
+    unsigned long seq;
+    long datagrams = 0;
+    if (!PyArg_ParseTuple(args, "innki", &fd, &size, &room, &seq, &timeout_ms)) return NULL;
+    if (size < room || room < 16) {
+        PyErr_SetString(PyExc_ValueError, "size must be at least room, and room at least 16");
+        return NULL;
+    }
+    PyObject *data = PyBytes_FromStringAndSize(NULL, size);
+    if (data == NULL) return NULL;
+    uint8_t *base = (uint8_t *)PyBytes_AS_STRING(data);
+    Py_BEGIN_ALLOW_THREADS
+    while (size - used >= room) {
+        Py_ssize_t cap = (size - used) & ~(Py_ssize_t)3; /* padding to 4 stays inside */
+        ssize_t n = recv(fd, base + used, (size_t)cap, MSG_DONTWAIT | MSG_TRUNC);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                struct pollfd pfd = {fd, POLLIN, 0};
+                int r;
+                if (datagrams > 0) break; /* hand over what came; the caller asks again */
+                r = poll(&pfd, 1, timeout_ms);
+                if (r < 0 && errno == EINTR) continue;
+                if (r <= 0) { err_no = r < 0 ? errno : ETIMEDOUT; break; }
+                continue;
+            }
+            err_no = errno;
+            break;
+        }
+        if (n > cap) { err_no = EMSGSIZE; break; }
+        datagrams++;
+        if (ends_dump(base + used, n, (uint32_t)seq)) ended = 1;
+        while (n & 3) base[used + n++] = 0;
+        used += n;
+        if (ended) break;
+    }
+    Py_END_ALLOW_THREADS
+    if (_PyBytes_Resize(&data, used) < 0) return NULL;
+    PyObject *out = Py_BuildValue("(Nlii)", data, datagrams, ended, err_no);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"feed", feed, METH_VARARGS, feed_doc},
+    {"recv_burst", recv_burst, METH_VARARGS, recv_burst_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -18,3 +18,7 @@ def feed(
     sport_matters: bool,
     /,
 ) -> tuple[int, int, int, int, int, int, int, int]: ...
+
+def recv_burst(
+    fd: int, size: int, room: int, seq: int, timeout_ms: int, /
+) -> tuple[bytes, int, int, int]: ...

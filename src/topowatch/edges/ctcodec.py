@@ -985,6 +985,19 @@ class DumpParser:
             settle.eligible += eligible
 
 
+def ends_dump(data: bytes, seq: int) -> bool:
+    """Whether the datagram holds the NLMSG_DONE or NLMSG_ERROR that ends dump ``seq`` (headers only)."""
+    pos, end = 0, len(data)
+    while pos + 16 <= end:
+        mlen, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, pos)
+        if mlen < 16 or pos + mlen > end:
+            return False
+        if mseq == seq and mtype in (NLMSG_DONE, NLMSG_ERROR):
+            return True
+        pos += _align(mlen)
+    return False
+
+
 def parse_answers(data: bytes, n: int | None = None) -> list[tuple[int, int]]:
     """Every NLMSG_ERROR in a datagram as (seq of the request, errno); errno 0 is an ACK."""
     end = len(data) if n is None else n

@@ -31,6 +31,11 @@ sequence numbers, batching and the accounting.
   a learned layout reads, ``Entry`` values for the rest; nothing is kept
   here, so a million-entry table costs one datagram of memory plus what the
   consumer keeps. An interrupted dump restarts with a fresh consumer.
+- With the compiled module, a dump is pipelined: a reader thread receives
+  bursts of datagrams (``_ctscan.recv_burst``, without the GIL), so that the
+  kernel, which fills the next part of a dump inside recvmsg, works while
+  this thread judges; at most ``PIPELINE_DEPTH`` bursts wait. Set
+  ``pipelined`` false for one datagram per ``recv`` in the caller's thread.
 - ``create`` inserts entries (tests and benchmarks fill tables with it).
 
 This module must never send a DELETE without a tuple (a flush: the codec
@@ -40,15 +45,18 @@ touch a namespace other than its socket's.
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_mod
 import gc
 import itertools
 import os
+import queue
 import select
 import socket
 import struct
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -73,6 +81,15 @@ ANSWER_TRUESIZE = 1024
 MAX_BATCH = 16384
 RECV_BUFFER_BYTES = 1 << 20
 DEFAULT_TIMEOUT = 30.0
+# The pipelined dump (``Conntrack._pipelined``): bytes per burst, free room that ends a burst
+# (a dump datagram is at most 32 KiB), bursts held ahead of the judging, and the reader's
+# poll, which also bounds how long closing it waits.
+PIPELINE_CHUNK = 4 << 20
+PIPELINE_ROOM = 64 << 10
+PIPELINE_DEPTH = 4
+PIPELINE_POLL_MS = 100
+# How long draining an abandoned dump waits for its next datagram (see ``Conntrack._drain``).
+DRAIN_WAIT = 1.0
 DUMP_RETRIES = 3
 
 _FLAGS_OFFSET = 6  # of nlmsg_flags inside nlmsghdr
@@ -209,6 +226,8 @@ class Conntrack:
         self.decode_errors = 0  # over the instance's life
         self.requests = 0  # netlink sendmsg calls, as the fake counts them
         self.status_filter_supported: bool | None = None
+        # A reader thread receives the dump while this one judges (needs the compiled module).
+        self.pipelined = ctcodec._ctscan is not None
         self.status_filter_supported = probe_status_filter(self)
 
     # --- plumbing -------------------------------------------------------------
@@ -281,24 +300,132 @@ class Conntrack:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            while not parser.done:
-                try:
-                    data = self._recv(block=True)
-                except OSError as exc:
-                    raise NetlinkError(f"ctnetlink dump failed: {exc.strerror}", exc.errno or 0) from exc
-                assert data is not None
-                recvs += 1
-                nbytes += len(data)
-                parser.feed(data)
-                if add is not None and parser.entries:
-                    # Entries the learned layouts did not read (first of a shape, ICMP, zones).
-                    for entry in parser.entries:
-                        add(entry)
-                    parser.entries.clear()
+            # Pipelined where compiled: the kernel fills the dump in another thread's recvmsg
+            # while this one judges. Anything left (the reader stopped early) is read here.
+            sources = [self._pipelined(seq)] if self.pipelined else []
+            sources.append(self._serial())
+            try:
+                for source in sources:
+                    for data, count in source:
+                        recvs += count
+                        nbytes += len(data)
+                        parser.feed(data)
+                        if add is not None and parser.entries:
+                            # Entries the learned layouts did not read (first of a shape, ICMP, zones).
+                            for entry in parser.entries:
+                                add(entry)
+                            parser.entries.clear()
+                        if parser.done:
+                            break
+                    if parser.done:
+                        break
+            except BaseException:
+                for source in sources:
+                    source.close()  # the reader first: it must not read what the drain reads
+                if not parser.done:
+                    self._drain(seq)
+                raise
+            finally:
+                for source in sources:
+                    source.close()
         finally:
             if collecting:
                 gc.enable()
         return parser, recvs, nbytes
+
+    def _drain(self, seq: int) -> None:
+        """Read and drop the rest of dump ``seq``, abandoned by a failure while it ran.
+
+        The kernel keeps a dump going until it is read to its end, and refuses
+        a new one on the socket meanwhile (EBUSY): without this, one failed
+        judgement would leave every later dump refused. Stops at the dump's
+        end, after ``DRAIN_WAIT`` seconds without a datagram, or on an error.
+        """
+        saved, self.timeout = self.timeout, DRAIN_WAIT
+        try:
+            while True:
+                data = self._recv(block=True)
+                if data is None or ctcodec.ends_dump(data, seq):
+                    return
+        except (OSError, NetlinkError):
+            return
+        finally:
+            self.timeout = saved
+
+    def _serial(self) -> Generator[tuple[bytes, int], None, None]:
+        """Datagrams of the running dump, one ``recv`` at a time: (data, 1)."""
+        while True:
+            try:
+                data = self._recv(block=True)
+            except OSError as exc:
+                raise NetlinkError(f"ctnetlink dump failed: {exc.strerror}", exc.errno or 0) from exc
+            assert data is not None
+            yield data, 1
+
+    def _pipelined(self, seq: int) -> Generator[tuple[bytes, int], None, None]:
+        """Datagrams of the running dump ``seq``, received by a reader thread: (data, datagrams).
+
+        The reader calls ``_ctscan.recv_burst`` (no GIL held while it receives) and
+        hands over bursts of up to ``PIPELINE_CHUNK`` bytes through a queue of
+        ``PIPELINE_DEPTH``: at most that much is held ahead of the judging. It stops
+        at the datagram that ends the dump, on an error (raised here, as the
+        serial path raises it), or when this generator is closed.
+        """
+        assert ctcodec._ctscan is not None
+        recv_burst = ctcodec._ctscan.recv_burst
+        chunks: queue.Queue[tuple[bytes, int] | BaseException | None] = queue.Queue(PIPELINE_DEPTH)
+        stop = threading.Event()
+        fd = self.sock.fileno()
+        timeout = self.timeout
+
+        def put(item: tuple[bytes, int] | BaseException | None) -> None:
+            while not stop.is_set():
+                try:
+                    chunks.put(item, timeout=PIPELINE_POLL_MS / 1000)
+                except queue.Full:
+                    continue
+                return
+
+        def reader() -> None:
+            waited = 0.0
+            try:
+                while not stop.is_set():
+                    data, count, ended, err = recv_burst(
+                        fd, PIPELINE_CHUNK, PIPELINE_ROOM, seq, PIPELINE_POLL_MS
+                    )
+                    if count:
+                        waited = 0.0
+                        put((data, count))
+                    if ended:
+                        break
+                    if err == errno_mod.ETIMEDOUT:
+                        waited += PIPELINE_POLL_MS / 1000
+                        if waited >= timeout:
+                            raise NetlinkError(f"no answer from ctnetlink within {timeout} s")
+                    elif err == errno_mod.EMSGSIZE:
+                        raise NetlinkError("a ctnetlink datagram exceeds the receive buffer")
+                    elif err:
+                        raise NetlinkError(f"ctnetlink dump failed: {os.strerror(err)}", err)
+            except BaseException as exc:  # handed to the judging thread, which raises it
+                put(exc)
+            put(None)
+
+        thread = threading.Thread(target=reader, name="topowatch-ct-reader", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = chunks.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a reader waiting to hand over
+                with contextlib.suppress(queue.Empty):
+                    chunks.get(timeout=PIPELINE_POLL_MS / 1000)
+            thread.join()
 
     def stats(self) -> dict[str, int]:
         """This namespace's conntrack counters summed over CPUs (``conntrack -S``): drop, early_drop, ...
