@@ -302,7 +302,7 @@ class Conntrack:
         try:
             # Pipelined where compiled: the kernel fills the dump in another thread's recvmsg
             # while this one judges. Anything left (the reader stopped early) is read here.
-            sources = [self._pipelined(seq)] if self.pipelined else []
+            sources = [self._pipelined(seq)] if self.pipelined and ctcodec._ctscan is not None else []
             sources.append(self._serial())
             try:
                 for source in sources:
