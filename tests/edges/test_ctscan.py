@@ -13,8 +13,7 @@ from __future__ import annotations
 import struct
 from collections import Counter
 from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv6Address, ip_address
-from pathlib import Path
+from ipaddress import ip_address
 from typing import Any
 
 import pytest
@@ -36,7 +35,9 @@ from topowatch.core.flow import Binding, Flow, NatKind, Prediction, Unknown
 from topowatch.core.model import Topology
 from topowatch.edges import ctcodec as c
 
-DATA = Path(__file__).parent / "data"
+# The recordings, the entry strategy and the kernel's message shape are test_ctcodec's.
+from test_ctcodec import dump_message, entries, load, recorded_seq  # isort: skip
+
 FIB = Fib(Topology())
 
 
@@ -100,19 +101,11 @@ def agree(data: bytes | list[bytes], seq: int, **kw: Any) -> dict[str, Any]:
     return fast
 
 
-def load(name: str) -> list[bytes]:
-    return [bytes.fromhex(line) for line in (DATA / f"ct_{name}.hex").read_text().split()]
-
-
-def seq_of(messages: list[bytes]) -> int:
-    return int(c._NLMSGHDR.unpack_from(messages[0])[3])
-
-
 @pytest.mark.parametrize("name", ["lab_nat", "created"])
 @pytest.mark.parametrize("skip_replied", [False, True])
 def test_recorded_dumps_decode_the_same(name: str, skip_replied: bool) -> None:
     messages = load(name)
-    out = agree(b"".join(messages), seq_of(messages), skip_replied=skip_replied)
+    out = agree(b"".join(messages), recorded_seq(messages), skip_replied=skip_replied)
     assert out["decode_errors"] == 0
     assert sum(out["entries"].values()) + out["skipped"] == out["messages"] > 0
 
@@ -130,7 +123,7 @@ def test_recorded_dumps_exercise_both_the_compiled_read_and_the_reference() -> N
 
     messages = load("lab_nat")
     sink = Collect()
-    parser = Parser(seq=seq_of(messages), sink=sink.add_raw)
+    parser = Parser(seq=recorded_seq(messages), sink=sink.add_raw)
     parser.feed(b"".join(messages))
     assert sink.entries and "generic" in seen
     assert {e.proto for e in parser.entries} & {1, 58}  # ICMP went to the reference path
@@ -138,7 +131,7 @@ def test_recorded_dumps_exercise_both_the_compiled_read_and_the_reference() -> N
 
 def test_every_truncation_of_a_recorded_dump_decodes_the_same() -> None:
     messages = load("lab_nat")
-    data, seq = b"".join(messages), seq_of(messages)
+    data, seq = b"".join(messages), recorded_seq(messages)
     for cut in range(0, len(data), 3):
         agree(data[:cut], seq)
 
@@ -150,30 +143,7 @@ def test_random_corruption_decodes_the_same(data: st.DataObject) -> None:
     blob = bytearray(b"".join(messages))
     for _ in range(data.draw(st.integers(1, 8))):
         blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
-    agree(bytes(blob), seq_of(messages), skip_replied=data.draw(st.booleans()))
-
-
-v4 = st.builds(IPv4Address, st.integers(0, 2**32 - 1))
-v6 = st.builds(IPv6Address, st.integers(0, 2**128 - 1))
-port = st.integers(0, 65535)
-u32 = st.integers(0, 2**32 - 1)
-
-
-@st.composite
-def entries(draw: st.DrawFn) -> Entry:
-    family = draw(st.sampled_from([2, 10]))
-    addr = v4 if family == 2 else v6
-    proto = draw(st.sampled_from([6, 17, 132, 1 if family == 2 else 58, 50]))
-    if proto in (1, 58):
-        ident = draw(port)
-        orig, reply = CtTuple(draw(addr), draw(addr), ident, draw(port)), CtTuple(draw(addr), draw(addr), ident, 0)
-    elif proto == 50:
-        orig, reply = CtTuple(draw(addr), draw(addr)), CtTuple(draw(addr), draw(addr))
-    else:
-        orig = CtTuple(draw(addr), draw(addr), draw(port), draw(port))
-        reply = CtTuple(draw(addr), draw(addr), draw(port), draw(port))
-    return Entry(family, proto, orig, reply, status=draw(u32), zone=draw(port), mark=draw(u32), id=draw(u32),
-                 timeout=draw(u32))  # fmt: skip
+    agree(bytes(blob), recorded_seq(messages), skip_replied=data.draw(st.booleans()))
 
 
 @st.composite
@@ -294,20 +264,6 @@ def table(draw: st.DrawFn) -> Entry:
                  mark=draw(st.sampled_from([0, 0x10])), id=draw(st.integers(0, 3)))  # fmt: skip
 
 
-def kernel_message(e: Entry, seq: int = 9) -> bytes:
-    attrs = [
-        (1, c.encode_tuple(c.CTA_TUPLE_ORIG, e.family, e.proto, e.orig)),
-        (2, c.encode_tuple(c.CTA_TUPLE_REPLY, e.family, e.proto, e.reply)),
-        (3, c.nla(c.CTA_STATUS, c.be32(e.status))),
-        (7, c.nla(c.CTA_TIMEOUT, c.be32(30))),
-        (8, c.nla(c.CTA_MARK, c.be32(e.mark))),
-        (12, c.nla(c.CTA_ID, c.be32(e.id))),
-    ]
-    if e.zone:
-        attrs.append((18, c.nla(c.CTA_ZONE, c.be16(e.zone))))
-    return c.encode_message(c.IPCTNL_MSG_CT_NEW, c.NLM_F_MULTI, seq, e.family, attrs)
-
-
 def plan_of(items: list[Entry], *, compiled: bool, choice: int, sport_matters: bool,
             eligibility: Eligibility, per_datagram: int) -> Any:  # fmt: skip
     saved = c._ctscan
@@ -319,7 +275,7 @@ def plan_of(items: list[Entry], *, compiled: bool, choice: int, sport_matters: b
         parser = c.DumpParser(seq=9, skip_replied=eligibility.unreplied_only, sink=decider.add_raw)
         parser.settle = decider
         for i in range(0, len(items), per_datagram):
-            parser.feed(b"".join(kernel_message(e) for e in items[i : i + per_datagram]))
+            parser.feed(b"".join(dump_message(e, 9) for e in items[i : i + per_datagram]))
             for e in parser.entries:
                 decider.add(e)
             parser.entries.clear()
@@ -375,7 +331,7 @@ def test_healthy_entries_of_a_known_key_never_reach_python() -> None:
                   status=IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE)  # fmt: skip
     parser = c.DumpParser(seq=9, skip_replied=True, sink=sink)
     parser.settle = decider
-    parser.feed(b"".join(kernel_message(e) for e in [*healthy, stale]))
+    parser.feed(b"".join(dump_message(e, 9) for e in [*healthy, stale]))
     plan = decider.plan()
     assert len(seen) == 2  # the key's first entry, and the stale one
     assert plan.examined == plan.eligible == 1001
@@ -412,7 +368,7 @@ def test_a_truncated_program_never_settles_an_entry() -> None:
 
     e = Entry(2, 17, CtTuple(CLIENTS[0], SERVERS[0], 1, 53), CtTuple(SERVERS[0], CLIENTS[0], 53, 1),
               status=IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE)  # fmt: skip
-    msg = kernel_message(e)
+    msg = dump_message(e, 9)
     for program in iter_programs():
         for cut in range(1, len(program)):
             got: list[Any] = []
