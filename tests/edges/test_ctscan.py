@@ -196,9 +196,9 @@ def test_a_feed_length_outside_the_buffer_is_refused() -> None:
 
     parser = c.DumpParser(seq=1, sink=lambda raw: None)
     with pytest.raises(ValueError, match="outside"):
-        _ctscan.feed(parser, b"\0" * 8, 9, 1, 0, parser.sink, None, None, False)
+        _ctscan.feed(parser, b"\0" * 8, 9, 1, 0, parser.sink, None, None, None, False)
     with pytest.raises(TypeError):
-        _ctscan.feed(parser, b"", 0, 1, 0, parser.sink, [], None, False)
+        _ctscan.feed(parser, b"", 0, 1, 0, parser.sink, [], None, None, False)
 
 
 def test_an_exception_in_the_sink_propagates() -> None:
@@ -318,11 +318,18 @@ def test_healthy_entries_of_a_known_key_never_reach_python() -> None:
     decider = Decider(predict=lambda fib, flow: Prediction(frozenset({Binding(NatKind.NONE)}),
                                                            OPTIONS[0], ()),
                       fib_now=FIB, sport_matters=False, build=c.entry_from_raw)  # fmt: skip
-    add_raw = decider.add_raw
+    add_raw, judge_raw = decider.add_raw, decider.judge_raw
+    judged: list[Any] = []
 
     def sink(raw: Any) -> None:
         seen.append(raw)
         add_raw(raw)
+
+    def judge(raw: Any) -> None:
+        judged.append(raw)
+        judge_raw(raw)
+
+    decider.judge_raw = judge  # type: ignore[method-assign]
 
     client, server = CLIENTS[0], SERVERS[0]
     healthy = [Entry(2, 17, CtTuple(client, server, p, 53), CtTuple(server, MASQ, 53, p),
@@ -333,7 +340,8 @@ def test_healthy_entries_of_a_known_key_never_reach_python() -> None:
     parser.settle = decider
     parser.feed(b"".join(dump_message(e, 9) for e in [*healthy, stale]))
     plan = decider.plan()
-    assert len(seen) == 2  # the key's first entry, and the stale one
+    assert len(seen) == 1  # the key's first entry: added whole
+    assert [r[4] for r in judged] == [7]  # the stale one: its program failed, straight to judgement
     assert plan.examined == plan.eligible == 1001
     assert [d.entry.orig.sport for d in plan.stale] == [7]
 
@@ -375,7 +383,7 @@ def test_a_truncated_program_never_settles_an_entry() -> None:
             parser = c.DumpParser(seq=9, sink=got.append)
             key = b"\0\0" + b"\0\0\0\0" + bytes((17, 2, 0)) + (53).to_bytes(2, "big") + CLIENTS[0].packed + SERVERS[0].packed
             cache: dict[bytes, bytes | None] = {key: program[:cut]}
-            out = _ctscan.feed(parser, msg, len(msg), 9, 0, got.append, cache, lambda raw: None, False)
+            out = _ctscan.feed(parser, msg, len(msg), 9, 0, got.append, cache, lambda raw: None, got.append, False)
             assert len(got) == 1, (program, cut)  # judged in Python: a cut program settles nothing
             assert out[6] == 0
 

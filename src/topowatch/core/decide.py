@@ -462,6 +462,20 @@ class Decider:
             ):
                 self._judge_raw(raw, key, slot)
 
+    def judge_raw(self, raw: RawEntry) -> None:
+        """``add_raw`` for an entry of a known, admitted key whose checks already failed.
+
+        A compiled scan calls it after running the key's program (the checks
+        ``add_raw`` would run, see ``raw_program``); it goes straight to the
+        reasoned judgement.
+        """
+        key = self._raw_key(raw)
+        slot = self._raw[key]
+        assert isinstance(slot, _Compiled)
+        self.examined += 1
+        self.eligible += 1
+        self._judge_raw(raw, key, slot)
+
     def _first_raw(self, raw: RawEntry, raw_key: Hashable) -> None:
         if self.build is None:
             raise ValueError("Decider.add_raw needs an entry builder")
@@ -478,12 +492,22 @@ class Decider:
 
     def _judge_raw(self, raw: RawEntry, key: Hashable, compiled: _Compiled) -> None:
         assert self.build is not None
+        (_family, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport,
+         _status, _zone, _mark, _id, _timeout) = raw  # fmt: skip
+        # Whether each side kept address and port, read on the packed values (``_side``'s test).
+        icmp = proto in ICMP_PROTOS
+        kept = (rsrc == odst and (icmp or rsport == odport), rdst == osrc and (icmp or rdport == osport))
         # The raw key also keys ``before`` predictions: its shape (8 or 9 items) differs from
         # the flow key's (7, or 2 with the sport), so the two kinds never collide.
-        self._judge(self.build(raw), key, compiled)
+        self._judge(self.build(raw), key, compiled, kept)
 
     def _side(
-        self, entry: Entry, side: str, compiled: _Compiled, before: Prediction | None
+        self,
+        entry: Entry,
+        side: str,
+        compiled: _Compiled,
+        before: Prediction | None,
+        kept: bool | None = None,  # the side kept address and port (computed here when None)
     ) -> _Judgement | None:
         """``_side``, reused across the flow key where the entry's side carries no NAT.
 
@@ -500,10 +524,12 @@ class Decider:
         orig, reply = entry.orig, entry.reply
         if side == "dnat":
             done = entry.status & IPS_DST_NAT_DONE
-            kept = reply.src == orig.dst and (entry.proto in ICMP_PROTOS or reply.sport == orig.dport)
+            if kept is None:
+                kept = reply.src == orig.dst and (entry.proto in ICMP_PROTOS or reply.sport == orig.dport)
         else:
             done = entry.status & IPS_SRC_NAT_DONE
-            kept = reply.dst == orig.src and (entry.proto in ICMP_PROTOS or reply.dport == orig.sport)
+            if kept is None:
+                kept = reply.dst == orig.src and (entry.proto in ICMP_PROTOS or reply.dport == orig.sport)
         if not done or not kept:
             return _side(entry, side, predicted, prediction, before, texts=compiled.texts)
         try:
@@ -513,7 +539,13 @@ class Decider:
             compiled.unnated[side] = judged
             return judged
 
-    def _judge(self, entry: Entry, key: Hashable, compiled: _Compiled) -> None:
+    def _judge(
+        self,
+        entry: Entry,
+        key: Hashable,
+        compiled: _Compiled,
+        kept: tuple[bool | None, bool | None] = (None, None),  # per side, as ``_side`` takes it
+    ) -> None:
         prediction = compiled.prediction
         before: Prediction | None = None
         if self.fib_before is not None and (
@@ -524,11 +556,11 @@ class Decider:
                 before = self.predict(self.fib_before, entry.flow)
                 self._before[key] = before
         # DNAT first: a stale destination already condemns the entry (SNAT is not looked at).
-        dnat = self._side(entry, "dnat", compiled, before)
+        dnat = self._side(entry, "dnat", compiled, before, kept[0])
         if dnat is not None and dnat.stale:
             self.stale.append(Decision(entry, dnat.side, dnat.actual, dnat.expected, dnat.reason))
             return
-        snat = self._side(entry, "snat", compiled, before)
+        snat = self._side(entry, "snat", compiled, before, kept[1])
         if snat is not None and snat.stale:
             self.stale.append(Decision(entry, snat.side, snat.actual, snat.expected, snat.reason))
             return

@@ -282,16 +282,17 @@ static int error(PyObject *parser, const char *why) {
 }
 
 PyDoc_STRVAR(feed_doc,
-"feed(parser, data, n, seq, skip_mask, sink, cache, program, sport_matters)\n"
+"feed(parser, data, n, seq, skip_mask, sink, cache, program, judge, sport_matters)\n"
 "-> (messages, skipped, stale, done, interrupted, errno, examined, eligible)\n\n"
 "Walk one datagram as ``ctcodec.DumpParser.feed`` does with a sink. Entries it reads go to\n"
 "``sink`` as raw entries, unless ``cache`` (a dict, or None) holds a program for their key\n"
-"that settles them as healthy (counted in examined/eligible) or refused (examined only).\n"
-"A key not in the cache: the entry goes to ``sink``, then ``program(raw)`` is stored for it.\n"
+"that settles them as healthy (counted in examined/eligible) or refused (examined only);\n"
+"an entry whose program ran and failed goes to ``judge``. A key not in the cache: the\n"
+"entry goes to ``sink``, then ``program(raw)`` is stored for it (None: always ``sink``).\n"
 "Everything else goes to ``parser._generic`` / ``parser._error``.");
 
 static PyObject *feed(PyObject *self, PyObject *args) {
-    PyObject *parser, *data, *sink, *cache, *program;
+    PyObject *parser, *data, *sink, *cache, *program, *judge;
     Py_ssize_t n;
     unsigned long seq, skip_mask;
     int sport_matters;
@@ -299,8 +300,8 @@ static PyObject *feed(PyObject *self, PyObject *args) {
     long messages = 0, skipped = 0, stale = 0, examined = 0, eligible = 0;
     int done = 0, interrupted = 0, err_no = 0;
     Py_ssize_t pos = 0;
-    if (!PyArg_ParseTuple(args, "OOnkkOOOp", &parser, &data, &n, &seq, &skip_mask, &sink, &cache, &program,
-                          &sport_matters))
+    if (!PyArg_ParseTuple(args, "OOnkkOOOOp", &parser, &data, &n, &seq, &skip_mask, &sink, &cache, &program,
+                          &judge, &sport_matters))
         return NULL;
     if (cache != Py_None && !PyDict_Check(cache)) {
         PyErr_SetString(PyExc_TypeError, "cache must be a dict or None");
@@ -360,7 +361,9 @@ static PyObject *feed(PyObject *self, PyObject *args) {
                 }
                 PyObject *raw = raw_tuple(&e);
                 if (raw == NULL) { Py_DECREF(key); goto fail; }
-                if (call1(sink, raw)) { Py_DECREF(raw); Py_DECREF(key); goto fail; }
+                /* A program that ran and failed: straight to the judgement; else the whole add. */
+                PyObject *to = prog != NULL && PyBytes_Check(prog) ? judge : sink;
+                if (call1(to, raw)) { Py_DECREF(raw); Py_DECREF(key); goto fail; }
                 if (prog == NULL) {
                     PyObject *learned = PyObject_CallOneArg(program, raw);
                     if (learned == NULL || PyDict_SetItem(cache, key, learned) < 0) {

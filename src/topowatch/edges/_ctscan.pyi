@@ -15,6 +15,7 @@ def feed(
     sink: Callable[[Any], object],
     cache: dict[bytes, bytes | None] | None,
     program: Callable[[Any], bytes | None] | None,
+    judge: Callable[[Any], object] | None,
     sport_matters: bool,
     /,
 ) -> tuple[int, int, int, int, int, int, int, int]: ...

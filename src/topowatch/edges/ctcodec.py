@@ -832,8 +832,8 @@ class DumpParser:
     # (``core.decide.RawEntry``) instead of being built and kept in ``entries``.
     sink: Callable[[RawEntry], None] | None = None
     # With ``sink`` and the compiled path: a consumer whose precompiled checks settle
-    # entries without Python (``core.decide.Decider``: raw_cache, raw_program, sport_matters,
-    # examined, eligible), or None for every entry to reach the sink.
+    # entries without Python (``core.decide.Decider``: raw_cache, raw_program, judge_raw,
+    # sport_matters, examined, eligible), or None for every entry to reach the sink.
     settle: Any = None
 
     def _error(self, why: str) -> None:
@@ -962,14 +962,15 @@ class DumpParser:
     def _feed_compiled(self, data: bytes, end: int) -> None:
         """``feed`` through ``_ctscan``: the same outcome, most entries settled in C."""
         settle = self.settle
-        cache = program = None
+        cache = program = judge = None
         sport_matters = False
         if settle is not None:
-            cache, program, sport_matters = settle.raw_cache, settle.raw_program, settle.sport_matters
+            cache, program, judge = settle.raw_cache, settle.raw_program, settle.judge_raw
+            sport_matters = settle.sport_matters
         skip_mask = _SEEN_REPLY if self.skip_replied else 0
         assert self.sink is not None
         messages, skipped, stale, done, interrupted, errno, examined, eligible = _ctscan.feed(
-            self, data, end, self.seq, skip_mask, self.sink, cache, program, sport_matters
+            self, data, end, self.seq, skip_mask, self.sink, cache, program, judge, sport_matters
         )
         self.messages += messages
         self.skipped_replied += skipped
