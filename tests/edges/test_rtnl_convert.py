@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import json
 import struct
+import subprocess
+import sys
 from collections import deque
 from ipaddress import ip_address, ip_network
 from pathlib import Path
@@ -22,6 +24,7 @@ import record_rtnl
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pyroute2.netlink.exceptions import NetlinkDecodeError
 from pyroute2.netlink.rtnl.fibmsg import fibmsg
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
@@ -391,6 +394,124 @@ def test_garbage_never_crashes_the_event_decoder(garbage: bytes) -> None:
     events = rtnl.RtnlEvents()
     events._feed(garbage)
     assert events.stats.messages >= len(events._pending)
+
+
+# --- decode_messages: bad input is skipped and counted, a bug raises ----------------------
+
+# Every recorded message, dump and events: links, addresses, routes, rules, NLMSG_DONE.
+EVERY_RECORDED = split_messages(DUMP) + split_messages(EVENTS)
+RTNL_TYPES = (rtnl.NLMSG_ERROR, rtnl.NLMSG_DONE, rtnl.RTM_NEWLINK, rtnl.RTM_NEWADDR, rtnl.RTM_NEWROUTE,
+              rtnl.RTM_DELROUTE, rtnl.RTM_NEWRULE, rtnl.RTM_NEWNEXTHOP)
+
+
+def nlmsg_error(code: int, quoted: bytes) -> bytes:
+    """An NLMSG_ERROR quoting (part of) the request it answers, as the kernel sends without CAP_ACK."""
+    body = struct.pack("=i", code) + quoted
+    return struct.pack("=IHHII", 16 + len(body), rtnl.NLMSG_ERROR, 0, 0, 0) + body
+
+
+@st.composite
+def garbled_message(draw: st.DrawFn) -> bytes:
+    raw = bytearray(draw(st.sampled_from(EVERY_RECORDED)))
+    if draw(st.booleans()):
+        struct.pack_into("=H", raw, 4, draw(st.sampled_from(RTNL_TYPES)))  # another type's body
+    if draw(st.booleans()):
+        struct.pack_into("=H", raw, 6, draw(st.sampled_from((0, 0x100, 0x200, 0x222))))  # NLM_F_ACK_TLVS ...
+    for _ in range(draw(st.integers(0, 8))):
+        raw[draw(st.integers(0, len(raw) - 1))] = draw(st.integers(0, 255))
+    raw = raw[: draw(st.integers(16, len(raw)))]
+    if draw(st.booleans()):
+        struct.pack_into("=I", raw, 0, len(raw))  # a length that agrees with what is left
+    if draw(st.integers(0, 3)) == 0:
+        # An error quoting a garbled request: pyroute2 decodes the quoted message too.
+        quoted = bytes(raw[: draw(st.integers(0, len(raw)))])
+        return nlmsg_error(-draw(st.integers(0, 140)), quoted)
+    return bytes(raw)
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(garbled_message(), min_size=1, max_size=4), st.integers(0, 3))
+def test_garbled_datagrams_never_raise_out_of_decode_messages(messages: list[bytes], trim: int) -> None:
+    datagram = b"".join(m + b"\0" * (-len(m) % 4) for m in messages)
+    datagram = datagram[: len(datagram) - trim]
+    stats = rtnl.DecodeStats()
+    decoded = rtnl.decode_messages(datagram, stats=stats)  # raises only on a bug
+    # Every message framed is decoded or counted as undecodable, once; so is a framing that fails.
+    framing = rtnl.DecodeStats()
+    framed = list(rtnl.split_datagram(datagram, framing))
+    assert len(decoded) + stats.undecodable == len(framed) + framing.undecodable
+
+
+def test_what_pyroute2_raises_on_bad_input_is_skipped_and_counted() -> None:
+    link = split_messages(DUMP)[0]
+    for raw, raised in (
+        (nlmsg_error(-errno.EINVAL, b"\x20\x00\x00\x00"), struct.error),  # the quoted header is cut
+        # The quoted link message claims 200 bytes: its attribute chain runs past the end.
+        (nlmsg_error(-errno.EINVAL, struct.pack("=I", 200) + link[4:32] + nla(3, b"abc\0")), NetlinkDecodeError),
+    ):
+        with pytest.raises(raised):
+            list(rtnl._marshal().parse(raw))  # what pyroute2 does with it
+        stats = rtnl.DecodeStats()
+        decoded = rtnl.decode_messages(raw + link, stats=stats)
+        assert [m["header"]["type"] for m in decoded] == [rtnl.RTM_NEWLINK] and stats.undecodable == 1
+
+
+class BrokenMarshal:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def parse(self, raw: bytes) -> list[Any]:
+        raise self.exc
+
+
+def test_a_decoder_bug_is_not_taken_for_bad_input() -> None:
+    route = split_messages(DUMP)[0]
+    with pytest.raises(RuntimeError, match="a bug"):
+        rtnl.decode_messages(route, BrokenMarshal(RuntimeError("a bug")))
+    with pytest.raises(KeyError):
+        rtnl.decode_messages(route, BrokenMarshal(KeyError("RTA_DST")))
+    stats = rtnl.DecodeStats()
+    assert rtnl.decode_messages(route, BrokenMarshal(struct.error("short")), stats) == []
+    assert stats.undecodable == 1
+
+
+# An RTA_ENCAP with no RTA_ENCAP_TYPE before it: pyroute2 0.9.7 scans on for the type by raw
+# attribute lengths, and an attribute of length 0 (here, or reached by an odd length's
+# misaligned step) makes that scan loop forever.
+ENCAP_LOOPS = [
+    encode(a_route(("RTA_OIF", 3)), rtnl.RTM_NEWROUTE, nla(rtnl.RTA_ENCAP, b"") + struct.pack("=HH", 0, 7)),
+    encode(a_route(("RTA_OIF", 3)), rtnl.RTM_NEWROUTE, nla(rtnl.RTA_ENCAP, b"") + nla(20, b"\1") + b"\0" * 8),
+    # The same inside a multipath hop.
+    encode(a_route(), rtnl.RTM_NEWROUTE, nla(rtnl.RTA_MULTIPATH, struct.pack("=HBBi", 20, 0, 0, 3)
+                                                 + nla(rtnl.RTA_ENCAP, b"") + struct.pack("=HH", 0, 7) + b"\0" * 4)),
+]
+ENCAP_FINE = [
+    # As the kernel sends it: RTA_ENCAP, then RTA_ENCAP_TYPE; or the type first.
+    encode(a_route(("RTA_OIF", 3)), rtnl.RTM_NEWROUTE, nla(rtnl.RTA_ENCAP, nla(1, b"\0\0\1\0"))
+           + nla(rtnl.RTA_ENCAP_TYPE, b"\1\0")),
+    encode(a_route(("RTA_OIF", 3)), rtnl.RTM_NEWROUTE, nla(rtnl.RTA_ENCAP_TYPE, b"\1\0")
+           + nla(rtnl.RTA_ENCAP, b"") + struct.pack("=HH", 0, 7)),
+]
+
+
+def test_route_messages_pyroute2_would_never_finish_are_skipped_and_counted() -> None:
+    for raw in ENCAP_LOOPS:
+        assert rtnl._route_attrs_loop(raw, 0, 28, len(raw)), raw.hex()
+    for raw in ENCAP_FINE:
+        assert not rtnl._route_attrs_loop(raw, 0, 28, len(raw)), raw.hex()
+        assert len(rtnl.decode_messages(raw)) == 1
+    assert not any(rtnl._route_attrs_loop(m, 0, 28, len(m)) for m in EVERY_RECORDED)
+    # In a child process with a deadline: without the check it would hang, not fail.
+    script = (
+        "import sys; from topowatch.edges import rtnl\n"
+        "stats = rtnl.DecodeStats()\n"
+        "out = rtnl.decode_messages(bytes.fromhex(sys.argv[1]), stats=stats)\n"
+        "print(len(out), stats.undecodable)\n"
+    )
+    datagram = b"".join(ENCAP_LOOPS) + split_messages(DUMP)[0]
+    done = subprocess.run([sys.executable, "-c", script, datagram.hex()], capture_output=True, text=True,
+                          timeout=30, check=True)
+    assert done.stdout.split() == ["1", str(len(ENCAP_LOOPS))]
 
 
 # --- the dump and event code over a scripted socket ---------------------------------------

@@ -32,7 +32,9 @@ What it must never do:
 - use an interrupted dump (NLM_F_DUMP_INTR): it dumps again, a bounded number
   of times, then raises ``DumpInterrupted``;
 - stop yielding events: an overrun (ENOBUFS) becomes an ``Overrun`` event and
-  the stream goes on; a message it cannot decode is logged, counted, skipped;
+  the stream goes on; a message it cannot decode is logged, counted, skipped
+  (bad input only, see ``decode_messages``: a bug raises), and so is a route
+  message on which pyroute2's decoder would never return;
 - leave a congested socket behind: on overrun the stale backlog is discarded
   at once, because until the queue is read empty the kernel drops every new
   notification without reporting another ENOBUFS (see ``_drain``);
@@ -60,6 +62,7 @@ from typing import Any, Protocol, TypeAlias
 
 import trio
 from pyroute2.netlink import nlmsg
+from pyroute2.netlink.exceptions import NetlinkDecodeError
 from pyroute2.netlink.rtnl.fibmsg import fibmsg
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
@@ -131,6 +134,10 @@ IFF_RUNNING = 0x40
 RTM_F_CLONED = 0x200
 FIB_RULE_INVERT = 0x2
 RTA_NH_ID = 30
+RTA_MULTIPATH = 9
+RTA_ENCAP_TYPE = 21
+RTA_ENCAP = 22
+NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 UNSET_U32 = 0xFFFFFFFF
 
 RECV_BUFSIZE = 1 << 16  # the kernel caps one dump datagram at 32 KiB
@@ -274,20 +281,98 @@ def split_datagram(data: bytes, stats: DecodeStats | None = None) -> Iterator[tu
         offset += (length + 3) & ~3
 
 
+# What pyroute2 0.9.7's marshal raises on bad input, found by feeding it truncated and garbled
+# recorded messages (tests/edges/test_rtnl_convert.py keeps feeding it): ``struct.error`` from a
+# fixed field or header that runs past the message (the message's own, or the one an
+# NLMSG_ERROR quotes), and ``NetlinkDecodeError`` from the attributes of the quoted message (a
+# message's own attribute errors it keeps in ``header['error']``). Anything else is a bug, and raises.
+_BAD_INPUT = (struct.error, NetlinkDecodeError)
+
+
+def _encap_scan_never_ends(data: bytes, offset: int) -> bool:
+    """True where pyroute2's ``rtmsg.encap_info``, looking for RTA_ENCAP_TYPE from ``offset``, loops forever.
+
+    It steps from attribute to attribute by their raw length (unaligned, and
+    over the rest of the message); a step of 0 repeats forever, unless the
+    attribute there is RTA_ENCAP_TYPE. A read past the end stops it.
+    """
+    while offset < len(data):
+        if offset + 2 > len(data):
+            return False
+        step = struct.unpack_from("=H", data, offset)[0]
+        offset += step
+        if offset + 4 > len(data):
+            return False
+        if struct.unpack_from("=H", data, offset + 2)[0] == RTA_ENCAP_TYPE:
+            return False
+        if step == 0:
+            return True
+    return False
+
+
+def _route_attrs_loop(data: bytes, start: int, first: int, length: int, depth: int = 0) -> bool:
+    """True if decoding the attributes of a route message (or of one multipath hop) would hang pyroute2.
+
+    Walks the chain as pyroute2's ``decode_nlas`` does (``start`` and
+    ``length`` are the message's or hop's, ``first`` its first attribute):
+    an RTA_ENCAP with no RTA_ENCAP_TYPE before it makes pyroute2 scan for the
+    type (see ``_encap_scan_never_ends``); RTA_MULTIPATH hops hold chains of
+    their own. Whatever pyroute2 would fail on instead ends the walk.
+    """
+    if depth > 256:
+        return False  # pyroute2 recurses too, and fails (RecursionError) long before this depth
+    offset = first
+    typed = False
+    while offset - start <= length - 4:
+        if offset + 4 > len(data):
+            return False
+        nla_length, nla_type = struct.unpack_from("=HH", data, offset)
+        nla_type &= NLA_TYPE_MASK
+        if nla_type == RTA_ENCAP and not typed and _encap_scan_never_ends(data, offset):
+            return True
+        if nla_type == RTA_ENCAP_TYPE:
+            typed = True
+        if nla_type == RTA_MULTIPATH:
+            # An array of hops: each a rtnexthop (length, flags, hops, ifindex) and its attributes,
+            # bounded by the attribute's own length field as pyroute2 reads it.
+            hop, end = offset + 4, offset + max(nla_length, 4)
+            while hop < end:
+                if hop + 8 > len(data):
+                    break
+                hop_length = max(struct.unpack_from("=H", data, hop)[0], 4)
+                if _route_attrs_loop(data, hop, hop + 8, hop_length, depth + 1):
+                    return True
+                hop += (hop_length + 3) & ~3
+        offset += (min(max(nla_length, 4), length - offset + start) + 3) & ~3
+    return False
+
+
+RTMSG_SIZE = 12  # struct rtmsg, before a route message's attributes
+
+
 def decode_messages(data: bytes, marshal: Any = None, stats: DecodeStats | None = None) -> list[Any]:
     """Decode one or more netlink datagrams (concatenated) into pyroute2 messages.
 
     A message pyroute2 cannot parse at all is left out (counted in
     ``stats.undecodable``); one whose attributes fail to decode is kept and
     carries the error in ``msg['header']['error']``, for the converters to refuse.
+    Only bad input is skipped (``_BAD_INPUT``, and a route message pyroute2
+    would never finish decoding): an error of another kind is a bug and raises.
     """
     marshal = marshal if marshal is not None else _marshal()
     out: list[Any] = []
-    for _, _, _, raw in split_datagram(bytes(data), stats):
+    for kind, _, _, raw in split_datagram(bytes(data), stats):
+        route = kind in (RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE)
+        if route and _route_attrs_loop(raw, 0, 16 + RTMSG_SIZE, len(raw)):
+            log.warning("rtnetlink: a route message of %d bytes has an RTA_ENCAP that cannot be read",
+                        len(raw))
+            if stats is not None:
+                stats.undecodable += 1
+            continue
         try:
             out.extend(marshal.parse(raw))
-        except Exception as exc:
-            log.warning("rtnetlink: cannot parse a message of %d bytes: %s", len(raw), exc)
+        except _BAD_INPUT as exc:
+            log.warning("rtnetlink: cannot parse a message of %d bytes: %r", len(raw), exc)
             if stats is not None:
                 stats.undecodable += 1
     return out
