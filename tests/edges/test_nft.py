@@ -251,7 +251,8 @@ def test_malformed_document_is_a_ruleset_error() -> None:
 # A document in which every table, chain, rule and set is read: the base chain reaches "used".
 FULL: dict[str, Any] = ruleset_doc(
     {"table": {"family": "inet", "name": "nat", "handle": 1, "flags": []}},
-    {"set": {"family": "inet", "table": "nat", "name": "ups", "type": "ifname", "handle": 2, "elem": ["up1"]}},
+    {"set": {"family": "inet", "table": "nat", "name": "ups", "type": "ifname", "handle": 2, "flags": ["constant"],
+             "elem": ["up1"]}},
     chain("post", family="inet", **NAT_POST),
     chain("used", family="inet"),
     rule("post", {"jump": {"target": "used"}}, family="inet"),
@@ -279,6 +280,10 @@ MISTYPED: list[tuple[str, int, str, Any, str]] = [
     ("table flags a list of numbers", 1, "flags", [1], '"flags" must be a string or a list of strings'),
     ("table name missing", 1, "name", ..., '(table inet): "name" must be a string, got nothing'),
     ("set name a number", 2, "name", 9, '"name" must be a string, got a number 9'),
+    ("set flags a number", 2, "flags", 1, 'item 2 (set inet nat ups): "flags" must be a string or a list of strings'),
+    ("set flags an object", 2, "flags", {"dynamic": True}, '"flags" must be a string or a list of strings'),
+    ("set type a number", 2, "type", 7, '"type" must be a string, a list of strings or a {"typeof": ...} object'),
+    ("set type a list of objects", 2, "type", [{}], '"type" must be a string, a list of strings'),
 ]
 
 
@@ -319,8 +324,8 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
     max_leaves=6,
 )
-# The structural fields the parser reads, per item kind (a table's handle, a set's type are not read).
-READ = {"table": ("family", "name"), "set": ("family", "table", "name"),
+# The structural fields the parser reads, per item kind (a table's handle, a set's elem are not checked).
+READ = {"table": ("family", "name"), "set": ("family", "table", "name", "flags", "type"),
         "chain": ("family", "table", "name", "handle", "type", "hook", "prio", "policy"),
         "rule": ("family", "table", "chain", "handle")}
 FIELDS = [(i, f) for i, item in enumerate(FULL["nftables"]) if i > 0
@@ -334,8 +339,15 @@ def test_any_mistyped_field_is_a_ruleset_error(where: tuple[int, str], value: An
     index, field = where
     original = next(iter(FULL["nftables"][index].values()))[field]
     integer_field = field in ("handle", "prio")
-    fits = (type(value) is int or (isinstance(value, str) and value.strip().lstrip("+-").isdigit())
-            if integer_field else isinstance(value, str))
+    strings = value is None or isinstance(value, str) or (isinstance(value, list)
+                                                          and all(isinstance(x, str) for x in value))
+    if field == "flags":
+        fits = strings
+    elif field == "type" and next(iter(FULL["nftables"][index])) == "set":
+        fits = strings or (isinstance(value, dict) and "typeof" in value)
+    else:
+        fits = (type(value) is int or (isinstance(value, str) and value.strip().lstrip("+-").isdigit())
+                if integer_field else isinstance(value, str))
     if fits or value == original:
         return  # a value of the right type: another valid document
     if field == "policy" and value in ("accept", "drop"):

@@ -11,7 +11,17 @@ expression is either modelled exactly (see ``core.nat``) or kept as an
 an expression it does not know or cannot read, and never approximates one.
 A document whose structure is wrong (a chain name that is a list, a handle
 that is a word) is a ``RulesetError`` naming the item and field, and no
-other exception leaves the parser: the reactor keeps the previous ruleset. Modelled beyond
+other exception leaves the parser: the reactor keeps the previous ruleset.
+The policy on types: every field of a table, chain, rule, set or map item
+that the parser reads is checked where the item is read (``_Item``): a
+table's family, name and flags; a chain's family, table, name, type, hook,
+prio, policy and handle; a rule's family, table, chain, expr, handle and
+comment; a set's or map's family, table, name, flags and type (its ``map``
+is read for presence only). Values inside expressions (a rule's ``expr``
+list, a set's ``elem``) are not items: one of the wrong type makes that
+expression unknown, as an unknown expression is. Fields the parser never
+reads (a table's handle, a chain's dev, a set's size or policy, metainfo,
+flowtables, elements' counters) are not checked. Modelled beyond
 plain matches: concatenations and named/anonymous sets with intervals, verdict
 maps, NAT maps (``snat|dnat [prefix] to KEY map``, numgen/jhash keys),
 ``fib ... type`` and ``fib saddr [. iif] oif|oifname``, ``ct state``,
@@ -362,8 +372,7 @@ def _elements(right: Any, sets: _SetTable, family: str, table: str) -> list[Any]
             raise _NotModelled(f"set {right} (not in the ruleset)")
         if "map" in found:
             raise _NotModelled(f"map {right}")
-        flags = found.get("flags", [])
-        flags = [flags] if isinstance(flags, str) else flags
+        flags = _flag_list(found.get("flags"))
         if "dynamic" in flags or "timeout" in flags:
             raise _NotModelled(f"dynamic set {right}")
         if isinstance(found.get("type"), list) or found.get("type") == "concat":
@@ -910,6 +919,12 @@ def parse_ruleset_json(doc: dict[str, Any]) -> NatRuleset:
         elif kind == "rule":
             rules.setdefault((family, item.name("table"), item.name("chain")), []).append(item)
         else:
+            item.words("flags")  # read when a rule looks the set up
+            set_type = body.get("type")
+            if not (set_type is None or isinstance(set_type, str)
+                    or (isinstance(set_type, list) and all(isinstance(t, str) for t in set_type))
+                    or (isinstance(set_type, dict) and "typeof" in set_type)):
+                raise item.fail("type", 'a string, a list of strings or a {"typeof": ...} object')
             sets[(family, item.name("table"), item.name("name"))] = body
 
     def is_nat_base(chain: _Item) -> bool:
