@@ -95,6 +95,7 @@ class Packet:
     daddr: IPAddress
     sport: int = 40000
     dport: tuple[int, int] = (5060, 5060)
+    iif: object = None
     oif: object = None
 
 
@@ -192,3 +193,53 @@ def test_addrtype_anycast_dnat_is_predicted() -> None:
     assert predict(rs, FIB, to_anycast).dnat == {Binding(NatKind.DNAT, ip_address("10.0.1.5"))}
     to_unicast = Flow(AF_INET, IPPROTO_UDP, ip_address("198.18.0.1"), ip_address("100.66.0.7"), 40000, 53)
     assert predict(rs, FIB, to_unicast).dnat == {NO_NAT}
+
+
+# --- --limit-iface-in/out: the local-table route's type counts only on that interface ----------------
+
+
+def limited(addr: str, limit: str, *, iif: object = None, oif: object = None, side: str = "dst",
+            types: str = "LOCAL") -> bool | Unknown:  # fmt: skip
+    a = ip_address(addr)
+    other = ip_address("10.0.1.2" if a.version == 4 else "fd00:1::2")
+    src, dst = (a, other) if side == "src" else (other, a)
+    m = AddrTypeMatch(side, frozenset(types.split(",")), False, f"--{side}-type {types} --limit-iface-{limit}",
+                      limit_iface=limit)  # fmt: skip
+    packet = Packet(AF_INET if a.version == 4 else AF_INET6, IPPROTO_UDP, src, dst, iif=iif, oif=oif)
+    return xt_match(m, packet, FIB, None, hook=Hook.PREROUTING if limit == "in" else Hook.POSTROUTING)
+
+
+def test_limit_iface_in_counts_the_type_on_the_input_interface_only() -> None:
+    from topowatch.core.flow import Ingress
+
+    assert limited("10.0.1.1", "in", iif=Ingress(LAN, "lan")) is True  # lan's own address, arriving on lan
+    assert limited("203.0.113.2", "in", iif=Ingress(LAN, "lan")) is False  # up1's: unicast seen from lan
+    assert limited("203.0.113.2", "in", iif=Ingress(LAN, "lan"), types="UNICAST") is True
+    assert limited("203.0.113.2", "in", iif=Ingress(UP1, "up1")) is True
+
+
+def test_limit_iface_out_counts_the_type_on_the_output_interface_only() -> None:
+    from topowatch.core.flow import Egress, EgressKind
+
+    up1 = Egress(EgressKind.UNICAST, UP1, "up1")
+    assert limited("203.0.113.2", "out", oif=up1, side="src") is True
+    assert limited("10.0.1.1", "out", oif=up1, side="src") is False
+
+
+@pytest.mark.parametrize(
+    ("addr", "limit", "iface", "why"),
+    [
+        ("10.0.1.1", "in", None, "input interface is not known"),
+        ("10.0.1.1", "out", None, "output interface is not known"),
+        ("10.0.1.1", "out", "local", "output interface is not known"),
+        ("fd00:1::1", "in", "lan", "not modelled for IPv6"),
+    ],
+)
+def test_limit_iface_unknown_where_the_interface_or_family_is(addr: str, limit: str, iface: str | None,
+                                                              why: str) -> None:  # fmt: skip
+    from topowatch.core.flow import Egress, EgressKind, Ingress
+
+    iif = Ingress(LAN, "lan") if iface == "lan" else None
+    oif = Egress(EgressKind.LOCAL, LO, "lo") if iface == "local" else None
+    got = limited(addr, limit, iif=iif, oif=oif)
+    assert isinstance(got, Unknown) and why in got.reason

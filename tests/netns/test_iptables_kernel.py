@@ -221,6 +221,7 @@ class _Packet:
     daddr: IPAddress
     sport: int
     dport: tuple[int, int]
+    iif: object = None
     oif: object = None
 
 
@@ -268,3 +269,80 @@ async def test_addrtype_agrees_with_the_kernel() -> None:
                     assert predicted is (t in kernel), (dst, t, kernel)
                     compared += 1
         assert compared == len(V4_DESTS) * len(V4_TYPES) + len(V6_DESTS) * len(V6_TYPES)  # every answer known
+
+
+# ``--limit-iface-in`` (prerouting, packets from the peer arrive on peer0: the destination's type)
+# and ``--limit-iface-out`` (output, the router's own packets from a bound source: the source's
+# type): the type of the local-table route counts only where its device is that interface.
+LIMIT_IN_DESTS = ("10.9.0.1", "10.9.0.255", "10.8.0.1", "10.8.0.255", "8.8.8.8", "100.65.0.1", "192.0.2.1")
+LIMIT_OUT_PAIRS = (("10.9.0.1", "8.8.8.8"), ("10.8.0.1", "8.8.8.8"), ("10.8.0.1", "10.8.0.7"),
+                   ("10.9.0.1", "10.8.0.7"), ("10.9.0.1", "10.9.0.255"))  # fmt: skip
+LIMIT_TYPES = ("UNICAST", "LOCAL", "BROADCAST", "ANYCAST", "BLACKHOLE")
+
+
+def _counted_in(ns: Namespace, chain: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in ns.run("iptables-nft-save", "-c", "-t", "raw").splitlines():
+        if line.startswith("[") and f"-A {chain} " in line and "-type " in line:
+            counts[line.split("-type ")[1].split()[0]] = int(line[1:].split(":", 1)[0])
+    return counts
+
+
+def _send_from(src: str, dst: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        s.bind((src, 0))
+        s.sendto(b"x", (dst, 9))
+
+
+async def test_addrtype_limit_iface_agrees_with_the_kernel() -> None:
+    from topowatch.core.flow import Ingress
+    from topowatch.core.nat import AddrTypeMatch
+    from topowatch.core.xtmatch import xt_match
+    from topowatch.netns import namespaces, veth
+
+    with namespaces("twal", "twlp", "twlq") as (router, peer, other):
+        veth(router, "peer0", peer, "r0")
+        veth(router, "d1", other, "x0")  # a second interface of the router's: its addresses are not peer0's
+        router.run("ip", "addr", "add", "10.9.0.1/24", "dev", "peer0")
+        router.run("ip", "addr", "add", "10.8.0.1/24", "dev", "d1")
+        router.run("ip", "route", "add", "default", "via", "10.9.0.2")
+        router.run("ip", "route", "add", "blackhole", "192.0.2.0/24")
+        router.run("ip", "route", "add", "anycast", "100.65.0.1", "dev", "peer0", "table", "local")
+        peer.run("ip", "addr", "add", "10.9.0.2/24", "dev", "r0")
+        peer.run("ip", "route", "add", "default", "via", "10.9.0.1")
+        rules = [f"-A PREROUTING -p udp --dport 9 -m addrtype --dst-type {t} --limit-iface-in" for t in LIMIT_TYPES]
+        rules += [f"-A OUTPUT -p udp --dport 9 -m addrtype --src-type {t} --limit-iface-out" for t in LIMIT_TYPES]
+        router.run("iptables-nft-restore", input="*raw\n" + "\n".join(rules) + "\nCOMMIT\n")
+        fib = await fib_of(router)
+        peer0 = next(link for link in fib.topology.links if link.name == "peer0")
+        cases = [("PREROUTING", "10.9.0.2", dst) for dst in LIMIT_IN_DESTS]
+        cases += [("OUTPUT", src, dst) for src, dst in LIMIT_OUT_PAIRS]
+        compared = 0
+        for chain, src, dst in cases:
+            before = _counted_in(router, chain)
+            if chain == "PREROUTING":
+                peer.call(lambda d=dst: _send(d))
+            else:
+                router.call(lambda s=src, d=dst: _send_from(s, d))
+            await trio.sleep(0.05)
+            after = _counted_in(router, chain)
+            kernel = {t for t in LIMIT_TYPES if after[t] > before[t]}
+            assert kernel, f"the packet {src} -> {dst} was not counted"
+            flow = Flow(AF_INET, IPPROTO_UDP, ip_address(src), ip_address(dst), 40000, 9)
+            if chain == "PREROUTING":
+                view = _Packet(AF_INET, IPPROTO_UDP, flow.src, flow.dst, 40000, (9, 9),
+                               iif=Ingress(peer0.index, "peer0"))  # fmt: skip
+                hook, side, limit = Hook.PREROUTING, "dst", "in"
+            else:
+                (egress,) = fib.lookup(flow.dst)  # type: ignore[misc]
+                view = _Packet(AF_INET, IPPROTO_UDP, flow.src, flow.dst, 40000, (9, 9), oif=egress)
+                hook, side, limit = Hook.OUTPUT, "src", "out"
+            for t in LIMIT_TYPES:
+                m = AddrTypeMatch(side, frozenset({t}), False, f"-m addrtype --{side}-type {t} --limit-iface-{limit}",
+                                  limit_iface=limit)  # fmt: skip
+                predicted = xt_match(m, view, fib, flow, hook=hook, local=chain == "OUTPUT")
+                assert isinstance(predicted, bool), (chain, src, dst, t, predicted)
+                assert predicted is (t in kernel), (chain, src, dst, t, kernel)
+                compared += 1
+        assert compared == len(cases) * len(LIMIT_TYPES)

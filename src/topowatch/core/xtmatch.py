@@ -24,7 +24,12 @@ Rules (``net/netfilter/xt_conntrack.c``, ``xt_addrtype.c``, ``xt_policy.c``):
   address; LOCAL, ANYCAST and UNREACHABLE from the route to the address
   (an error route or no route is UNREACHABLE, a local route LOCAL, the
   subnet-router anycast address of an on-link prefix ANYCAST); the types the
-  kernel refuses for IPv6 answer unknown. ``--limit-iface-*`` answers unknown;
+  kernel refuses for IPv6 answer unknown;
+- ``--limit-iface-in``/``-out`` (IPv4, ``inet_dev_addr_type``): the local-table
+  route's type counts only if its device is the packet's input (output)
+  interface, else the address is UNICAST; with an interface that is not
+  known here (a local delivery's output, an unknown route) and for IPv6
+  (``match_lookup_rt6`` with a device) the match is unknown;
 - ``-m policy`` asks ``core.xfrm.policy_match`` where that exists; without
   it the match is unknown.
 
@@ -38,7 +43,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import Protocol
 
 from topowatch.core.fib import Fib
-from topowatch.core.flow import PORT_PROTOS, EgressKind, Flow, Unknown
+from topowatch.core.flow import PORT_PROTOS, Egress, EgressKind, Flow, Ingress, Unknown
 from topowatch.core.model import AF_INET, TABLE_LOCAL, IPAddress, RouteType
 from topowatch.core.nat import (
     AddrTypeMatch,
@@ -65,6 +70,8 @@ class PacketView(Protocol):
     def sport(self) -> int: ...
     @property
     def dport(self) -> tuple[int, int]: ...
+    @property
+    def iif(self) -> object: ...
     @property
     def oif(self) -> object: ...
 
@@ -109,19 +116,20 @@ _V6_ROUTED_TYPES = frozenset({"LOCAL", "ANYCAST", "UNREACHABLE"})
 _REJECT_EGRESS = frozenset({EgressKind.BLACKHOLE, EgressKind.UNREACHABLE, EgressKind.PROHIBIT})
 
 
-def _addr_type4(fib: Fib, addr: IPv4Address) -> str | Unknown:
-    """The one type ``inet_addr_type`` gives an IPv4 address (an ``RTN_*`` name)."""
-    rtype = fib.address_type(addr)
+def _addr_type4(fib: Fib, addr: IPv4Address, dev: int | None = None) -> str | Unknown:
+    """The one type ``inet_dev_addr_type`` gives an IPv4 address (an ``RTN_*`` name); ``dev``: ifindex."""
+    rtype = fib.address_type(addr, dev)
     if isinstance(rtype, Unknown):
         return rtype
     if rtype is RouteType.UNICAST and not any(
         r.family == AF_INET and r.table == TABLE_LOCAL for r in fib.topology.routes
     ):
         # A topology without its local table: the FIB implies the local routes of the
-        # addresses but not the broadcast routes the kernel adds beside them.
+        # addresses but not the broadcast routes the kernel adds beside them (on their device).
         for a in fib.topology.addresses:
             net = a.network
-            if isinstance(net, IPv4Network) and net.prefixlen < 31 and addr == net.broadcast_address:
+            if (isinstance(net, IPv4Network) and net.prefixlen < 31 and addr == net.broadcast_address
+                    and (dev is None or a.ifindex == dev)):  # fmt: skip
                 return RouteType.BROADCAST.name
     return rtype.name
 
@@ -169,9 +177,26 @@ def _match_type6(fib: Fib, addr: IPv6Address, types: frozenset[str]) -> bool | U
     return bool(found & routed)
 
 
-def _addr_type_match(m: AddrTypeMatch, fib: Fib, addr: IPAddress) -> bool | Unknown:
+def _limit_device(m: AddrTypeMatch, packet: PacketView) -> int | None | Unknown:
+    """The ifindex ``--limit-iface-in|out`` restricts the lookup to; None without the option."""
+    if m.limit_iface is None:
+        return None
+    if packet.family != AF_INET:
+        return Unknown(f"{m.text}: --limit-iface-{m.limit_iface} is not modelled for IPv6")
+    if m.limit_iface == "in":
+        iif = packet.iif
+        if isinstance(iif, Ingress) and not iif.local:
+            return iif.ifindex
+        return Unknown(f"{m.text}: the input interface is not known here")
+    oif = packet.oif
+    if isinstance(oif, Egress) and oif.kind is EgressKind.UNICAST and oif.oif:
+        return oif.oif
+    return Unknown(f"{m.text}: the output interface is not known here")
+
+
+def _addr_type_match(m: AddrTypeMatch, fib: Fib, addr: IPAddress, dev: int | None = None) -> bool | Unknown:
     if isinstance(addr, IPv4Address):
-        found = _addr_type4(fib, addr)
+        found = _addr_type4(fib, addr, dev)
         if isinstance(found, Unknown):
             return Unknown(f"{m.text}: {found.reason}")
         return (found in m.types) != m.negate
@@ -249,7 +274,8 @@ def xt_match(
         hit = m.values.covers(value, value)
         return bool(hit) != m.negate
     if isinstance(m, AddrTypeMatch):
-        if m.limit_iface is not None:
-            return Unknown(f"{m.text}: --limit-iface-{m.limit_iface} is not modelled")
-        return _addr_type_match(m, fib, packet.saddr if m.side == "src" else packet.daddr)
+        dev = _limit_device(m, packet)
+        if isinstance(dev, Unknown):
+            return dev
+        return _addr_type_match(m, fib, packet.saddr if m.side == "src" else packet.daddr, dev)
     return _policy(m, packet, fib, flow, hook=hook, local=local)
