@@ -232,7 +232,22 @@ def read_legacy_nat(commands: Sequence[str] = LEGACY_SAVE, timeout: float = 10.0
     return "\n--\n".join(parts)
 
 
-class LegacyNatPoll:
+class _Poll:
+    """The ``EventSource`` shell of a poll: ``events()`` serves the subclass's ``_triggers()``."""
+
+    def _triggers(self) -> AsyncGenerator[Trigger, None]:
+        raise NotImplementedError
+
+    @contextlib.asynccontextmanager
+    async def events(self) -> AsyncIterator[AsyncIterator[Trigger]]:
+        triggers = self._triggers()
+        try:
+            yield triggers
+        finally:
+            await triggers.aclose()
+
+
+class LegacyNatPoll(_Poll):
     """An ``EventSource``: legacy iptables nat tables, polled only while one exists; a trigger on change."""
 
     name = LEGACY_SOURCE
@@ -273,14 +288,6 @@ class LegacyNatPoll:
             return self._read()
         return await trio.to_thread.run_sync(self._read)
 
-    @contextlib.asynccontextmanager
-    async def events(self) -> AsyncIterator[AsyncIterator[Trigger]]:
-        triggers = self._triggers()
-        try:
-            yield triggers
-        finally:
-            await triggers.aclose()
-
     async def _triggers(self) -> AsyncGenerator[Trigger, None]:
         previous = await self._snapshot()
         while True:
@@ -315,7 +322,7 @@ def ipset_digest(content: IpSet | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-class IpsetPoll:
+class IpsetPoll(_Poll):
     """An ``EventSource``: the ipsets that ``-m set`` rules name, polled only while there are any."""
 
     name = IPSET_SOURCE
@@ -367,14 +374,6 @@ class IpsetPoll:
         else:
             got = self._read(names)
         return {name: ipset_digest(got.get(name)) for name in names}
-
-    @contextlib.asynccontextmanager
-    async def events(self) -> AsyncIterator[AsyncIterator[Trigger]]:
-        triggers = self._triggers()
-        try:
-            yield triggers
-        finally:
-            await triggers.aclose()
 
     async def _triggers(self) -> AsyncGenerator[Trigger, None]:
         while True:
