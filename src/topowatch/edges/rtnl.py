@@ -58,7 +58,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from ipaddress import ip_address, ip_network
 from types import TracebackType
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Generic, Protocol, Self, TypeAlias, TypeVar
 
 import trio
 from pyroute2.netlink import nlmsg
@@ -1025,46 +1025,56 @@ async def receive(sock: NetlinkSocket, what: str) -> bytes | None:
     return data
 
 
-class RtnlEvents:
-    """rtnetlink change events as an async iterator; use as ``async with RtnlEvents() as events``.
+E = TypeVar("E")
 
-    Joins the link, IPv4/IPv6 address, route and rule groups (and nexthop
-    objects). With ``sock`` the caller keeps ownership; ``rcvbuf`` (bytes,
-    None to leave the socket alone) is forced with SO_RCVBUFFORCE where we
-    may, else asked with SO_RCVBUF. Overruns yield ``Overrun`` and the stream
-    goes on; undecodable messages are logged, counted in ``stats``, skipped.
+
+class EventStream(Generic[E]):
+    """The shell of a netlink event stream: ``async with Stream() as events: async for e in events``.
+
+    Entering subscribes a socket (the one given, kept by the caller, or one
+    from the factory, closed on exit) to ``groups``; ``__anext__`` returns
+    what ``_feed`` queued from each datagram, and the stream's overrun event
+    (``_overrun``; counted in ``stats.overruns``, the stale queue dropped)
+    when the kernel lost events. ``E`` is the stream's whole event type.
     """
+
+    what = "netlink"  # for logs and errors
+    default_groups: tuple[int, ...] = ()
 
     def __init__(
         self,
         sock: NetlinkSocket | None = None,
         *,
         sock_factory: SocketFactory | None = None,
-        groups: Sequence[int] = DEFAULT_GROUPS,
+        groups: Sequence[int] | None = None,
         rcvbuf: int | None = EVENT_RCVBUF,
-        names: Mapping[int, str] | None = None,
     ) -> None:
         self._given = sock
-        self._factory = sock_factory or open_rtnl_socket
-        self._groups = tuple(groups)
+        self._factory = sock_factory or self._open
+        self._groups = tuple(groups if groups is not None else self.default_groups)
         self._rcvbuf = rcvbuf
         self._sock: NetlinkSocket | None = None
-        self._pending: deque[Event] = deque()
-        self._marshal = _marshal()
-        self.names: dict[int, str] = dict(names or {})
+        self._pending: deque[E] = deque()
         self.stats = DecodeStats()
 
-    async def __aenter__(self) -> RtnlEvents:
+    def _open(self) -> NetlinkSocket:
+        """A socket of the stream's protocol in the current namespace (without ``sock``/``sock_factory``)."""
+        raise NotImplementedError
+
+    def _overrun(self) -> E:
+        raise NotImplementedError
+
+    def _optional(self, group: int, exc: OSError) -> bool:
+        """Whether failing to join ``group`` may be ignored (a kernel without it)."""
+        return False
+
+    def _feed(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
         sock = self._given if self._given is not None else self._factory()
-
-        def optional(group: int, exc: OSError) -> bool:
-            if group == RTNLGRP_NEXTHOP and exc.errno == errno.EINVAL:
-                log.info("rtnetlink: kernel has no nexthop group; not following nexthop objects")
-                return True
-            return False
-
         try:
-            await subscribe(sock, self._groups, rcvbuf=self._rcvbuf, what="rtnetlink", optional=optional)
+            await subscribe(sock, self._groups, rcvbuf=self._rcvbuf, what=self.what, optional=self._optional)
         except BaseException:
             if self._given is None:
                 sock.close()
@@ -1079,20 +1089,59 @@ class RtnlEvents:
             self._sock.close()
         self._sock = None
 
-    def __aiter__(self) -> RtnlEvents:
+    def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self) -> Event:
+    async def __anext__(self) -> E:
         if self._sock is None:
-            raise RuntimeError("RtnlEvents used outside its 'async with' block")
+            raise RuntimeError(f"{type(self).__name__} used outside its 'async with' block")
         while not self._pending:
-            data = await receive(self._sock, "rtnetlink")
+            data = await receive(self._sock, self.what)
             if data is None:
                 self.stats.overruns += 1
                 self._pending.clear()
-                return Overrun()
+                return self._overrun()
             self._feed(data)
         return self._pending.popleft()
+
+
+class RtnlEvents(EventStream[Event]):
+    """rtnetlink change events as an async iterator; use as ``async with RtnlEvents() as events``.
+
+    Joins the link, IPv4/IPv6 address, route and rule groups (and nexthop
+    objects). With ``sock`` the caller keeps ownership; ``rcvbuf`` (bytes,
+    None to leave the socket alone) is forced with SO_RCVBUFFORCE where we
+    may, else asked with SO_RCVBUF. Overruns yield ``Overrun`` and the stream
+    goes on; undecodable messages are logged, counted in ``stats``, skipped.
+    """
+
+    what = "rtnetlink"
+    default_groups = DEFAULT_GROUPS
+
+    def __init__(
+        self,
+        sock: NetlinkSocket | None = None,
+        *,
+        sock_factory: SocketFactory | None = None,
+        groups: Sequence[int] | None = None,
+        rcvbuf: int | None = EVENT_RCVBUF,
+        names: Mapping[int, str] | None = None,
+    ) -> None:
+        super().__init__(sock, sock_factory=sock_factory, groups=groups, rcvbuf=rcvbuf)
+        self._marshal = _marshal()
+        self.names: dict[int, str] = dict(names or {})
+
+    def _open(self) -> NetlinkSocket:
+        return open_rtnl_socket()
+
+    def _overrun(self) -> Event:
+        return Overrun()
+
+    def _optional(self, group: int, exc: OSError) -> bool:
+        if group == RTNLGRP_NEXTHOP and exc.errno == errno.EINVAL:
+            log.info("rtnetlink: kernel has no nexthop group; not following nexthop objects")
+            return True
+        return False
 
     def _feed(self, data: bytes) -> None:
         for msg in decode_messages(data, self._marshal, self.stats):

@@ -36,7 +36,6 @@ import enum
 import logging
 import socket
 import struct
-from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_network
@@ -60,7 +59,6 @@ from topowatch.core.xfrm import (
 from topowatch.edges import rtnl
 from topowatch.edges.rtnl import (
     DUMP_ATTEMPTS,
-    EVENT_RCVBUF,
     NLM_F_DUMP,
     NLM_F_REQUEST,
     DecodeStats,
@@ -642,59 +640,24 @@ async def dump_xfrm(
 # --- the event source -----------------------------------------------------------------------
 
 
-class XfrmEvents:
+class XfrmEvents(rtnl.EventStream[Event]):
     """XFRM change events as an async iterator; ``async with XfrmEvents() as events``.
 
     Joins the policy, SA and expire groups. Overruns yield ``Overrun`` (after
     draining the stale backlog) and the stream goes on.
     """
 
-    def __init__(
-        self,
-        sock: NetlinkSocket | None = None,
-        *,
-        sock_factory: SocketFactory | None = None,
-        groups: Sequence[int] = DEFAULT_GROUPS,
-        rcvbuf: int | None = EVENT_RCVBUF,
-    ) -> None:
-        self._given = sock
-        self._factory = sock_factory or open_xfrm_socket
-        self._groups = tuple(groups)
-        self._rcvbuf = rcvbuf
-        self._sock: NetlinkSocket | None = None
-        self._pending: deque[Event] = deque()
-        self.stats = DecodeStats()
+    what = "xfrm"
+    default_groups = DEFAULT_GROUPS
 
-    async def __aenter__(self) -> XfrmEvents:
-        sock = self._given if self._given is not None else self._factory()
-        try:
-            await rtnl.subscribe(sock, self._groups, rcvbuf=self._rcvbuf, what="xfrm")
-        except BaseException:
-            if self._given is None:
-                sock.close()
-            raise
-        self._sock = sock
-        return self
+    def _open(self) -> NetlinkSocket:
+        return open_xfrm_socket()
 
-    async def __aexit__(self, *exc: object) -> None:
-        if self._sock is not None and self._given is None:
-            self._sock.close()
-        self._sock = None
+    def _overrun(self) -> Event:
+        return Overrun()
 
-    def __aiter__(self) -> XfrmEvents:
-        return self
-
-    async def __anext__(self) -> Event:
-        if self._sock is None:
-            raise RuntimeError("XfrmEvents used outside its 'async with' block")
-        while not self._pending:
-            data = await rtnl.receive(self._sock, "xfrm")
-            if data is None:
-                self.stats.overruns += 1
-                self._pending.clear()
-                return Overrun()
-            self._pending.extend(events_from_data(data, self.stats))
-        return self._pending.popleft()
+    def _feed(self, data: bytes) -> None:
+        self._pending.extend(events_from_data(data, self.stats))
 
 
 class XfrmSource:
