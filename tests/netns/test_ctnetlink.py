@@ -323,15 +323,24 @@ def test_pipelined_and_serial_dumps_agree(ct: Conntrack, monkeypatch: pytest.Mon
     assert not reader_threads()
 
 
-@pytest.mark.parametrize("pipelined", [True, False])
+@pytest.mark.parametrize(("pipelined", "chunk"), [(True, 128 << 10), (True, 4 << 20), (False, 0)])
 def test_a_consumer_failing_mid_dump_stops_the_reader(
-    ct: Conntrack, monkeypatch: pytest.MonkeyPatch, pipelined: bool
+    ct: Conntrack, monkeypatch: pytest.MonkeyPatch, pipelined: bool, chunk: int
 ) -> None:
     from topowatch.edges import ctnetlink
 
-    monkeypatch.setattr(ctnetlink, "PIPELINE_CHUNK", 128 << 10)  # the dump is far from read when it fails
+    if chunk:  # 128 KiB: the dump is far from read when it fails; 4 MiB: the reader has it all
+        monkeypatch.setattr(ctnetlink, "PIPELINE_CHUNK", chunk)
     ct.pipelined = pipelined
     ct.create([udp4(i) for i in range(5000)])
+    recvs = []
+    real_recv = ct._recv
+
+    def counted(*, block: bool) -> bytes | None:
+        recvs.append(block)
+        return real_recv(block=block)
+
+    monkeypatch.setattr(ct, "_recv", counted)
 
     class Failing(Collect):
         def add_raw(self, raw: ctcodec.RawEntry) -> None:
@@ -342,6 +351,10 @@ def test_a_consumer_failing_mid_dump_stops_the_reader(
     with pytest.raises(RuntimeError, match="consumer failed"):
         ct.scan(Failing)
     assert not reader_threads()
+    if chunk == 4 << 20:
+        assert not recvs  # the reader had received the end: nothing left to drain
+    elif pipelined:
+        assert recvs  # the rest of the dump was drained
     # The socket is usable again: the abandoned dump's rest is ignored as stale answers.
     assert len(ct.dump()) == 5000
 

@@ -228,6 +228,7 @@ class Conntrack:
         self.status_filter_supported: bool | None = None
         # A reader thread receives the dump while this one judges (needs the compiled module).
         self.pipelined = ctcodec._ctscan is not None
+        self._ended: int | None = None  # the dump whose end the pipelined reader received
         self.status_filter_supported = probe_status_filter(self)
 
     # --- plumbing -------------------------------------------------------------
@@ -341,6 +342,8 @@ class Conntrack:
         judgement would leave every later dump refused. Stops at the dump's
         end, after ``DRAIN_WAIT`` seconds without a datagram, or on an error.
         """
+        if self._ended == seq:
+            return  # the reader received the end already (with what was thrown away)
         saved, self.timeout = self.timeout, DRAIN_WAIT
         try:
             while True:
@@ -397,6 +400,7 @@ class Conntrack:
                         waited = 0.0
                         put((data, count))
                     if ended:
+                        self._ended = seq  # read after join: a drain has nothing left to read
                         break
                     if err == errno_mod.ETIMEDOUT:
                         waited += PIPELINE_POLL_MS / 1000
