@@ -2,15 +2,16 @@
  *
  * What it decides: for one received datagram, which messages it reads itself
  * (IPCTNL_MSG_CT_NEW of the canonical shape the kernel sends: both tuples as
- * IP{src,dst} + PROTO{num,sport,dport}, 4-byte status/timeout/mark/id, a
- * 2-byte zone; other attributes skipped) and, with a settle cache, which of
+ * IP{src,dst} + PROTO{num,sport,dport} or, for ICMP/ICMPv6, PROTO{num,id,
+ * type,code}; 4-byte status/timeout/mark/id, a 2-byte zone; other attributes
+ * skipped) and, with a settle cache, which of
  * those are certainly healthy by the precompiled checks of their flow key
  * (``core.decide.Decider.raw_program``) and need no Python at all.
  *
  * What it must never do: judge an entry in any other way than the Python
  * ``Decider.add_raw`` would, or read a message any other way than
- * ``ctcodec.decode_entry``. Everything it does not recognise exactly (ICMP,
- * directional zones, repeated or odd-sized attributes, a truncated message,
+ * ``ctcodec.decode_entry``. Everything it does not recognise exactly
+ * (directional zones, repeated or odd-sized attributes, a truncated message,
  * a family that does not match the address size) goes to the parser's
  * reference decode (``parser._generic``), so the result can only agree with
  * the pure-Python path; tests/edges/test_ctscan.py checks that it does.
@@ -51,6 +52,8 @@
 #define CTA_PROTO_NUM 1
 #define CTA_PROTO_SRC_PORT 2
 #define CTA_PROTO_DST_PORT 3
+#define CTA_PROTO_ICMP_ID 4 /* then _TYPE 5, _CODE 6 */
+#define CTA_PROTO_ICMPV6_ID 7 /* then _TYPE 8, _CODE 9 */
 
 #define AF_INET_ 2
 #define AF_INET6_ 10
@@ -120,12 +123,27 @@ static int parse_tuple(const uint8_t *p, const uint8_t *end, uint8_t family, tup
     if (attr(q, aend, &ilen, &itype) || itype != CTA_PROTO_NUM || ilen != 5) return -1;
     t->proto = q[4];
     q += 8;
-    if (attr(q, aend, &ilen, &itype) || itype != CTA_PROTO_SRC_PORT || ilen != 6) return -1;
-    t->sport = be16(q + 4);
-    q += 8;
-    if (attr(q, aend, &ilen, &itype) || itype != CTA_PROTO_DST_PORT || ilen != 6) return -1;
-    t->dport = be16(q + 4);
-    q += 8;
+    if (t->proto == IPPROTO_ICMP_ || t->proto == IPPROTO_ICMPV6_) {
+        /* id, type, code (icmp_tuple_to_nlattr); CtTuple's convention: sport id, dport type << 8 | code */
+        unsigned base = t->proto == IPPROTO_ICMP_ ? CTA_PROTO_ICMP_ID : CTA_PROTO_ICMPV6_ID;
+        uint8_t type;
+        if (attr(q, aend, &ilen, &itype) || itype != base || ilen != 6) return -1;
+        t->sport = be16(q + 4);
+        q += 8;
+        if (attr(q, aend, &ilen, &itype) || itype != base + 1 || ilen != 5) return -1;
+        type = q[4];
+        q += 8;
+        if (attr(q, aend, &ilen, &itype) || itype != base + 2 || ilen != 5) return -1;
+        t->dport = (uint16_t)(type << 8 | q[4]);
+        q += 8;
+    } else {
+        if (attr(q, aend, &ilen, &itype) || itype != CTA_PROTO_SRC_PORT || ilen != 6) return -1;
+        t->sport = be16(q + 4);
+        q += 8;
+        if (attr(q, aend, &ilen, &itype) || itype != CTA_PROTO_DST_PORT || ilen != 6) return -1;
+        t->dport = be16(q + 4);
+        q += 8;
+    }
     if (q != aend) return -1;
     p += ALIGN4(len);
     return p == end ? 0 : -1;
@@ -177,7 +195,6 @@ static int parse_entry(const uint8_t *msg, unsigned mlen, entry_t *e) {
     if (!(seen & (1u << CTA_TUPLE_ORIG)) || !(seen & (1u << CTA_TUPLE_REPLY)) || !(seen & (1u << CTA_STATUS)))
         return -1;
     if (e->orig.proto != e->reply.proto) return -1;
-    if (e->orig.proto == IPPROTO_ICMP_ || e->orig.proto == IPPROTO_ICMPV6_) return -1;
     return 0;
 }
 
