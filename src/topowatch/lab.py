@@ -270,6 +270,16 @@ class Lab:
                 self.seen[parts[0]] = parts[1]
         return dict(self.seen)
 
+    def wait_seen(self, name: str, want: str, timeout: float = 5.0) -> str:
+        """What the server last saw of flow ``name``, once it is ``want`` or ``timeout`` has passed."""
+        end = time.monotonic() + timeout
+        seen = ""
+        while time.monotonic() < end:
+            seen = self.server_seen(settle=0.3).get(name, "")
+            if seen == want:
+                break
+        return seen
+
     def stop_traffic(self) -> None:
         for proc in [*self.procs, *([self.server] if self.server else [])]:
             if proc.poll() is None:

@@ -80,8 +80,4 @@ def test_ipset_member_added_fixes_the_flow_it_concerns() -> None:
         assert any("deleted udp 10.0.1.2:5060" in x for x in daemon.lines), daemon.lines
         oracle = lab.oracle(sip.dst, sip.dport, 41000)
         assert oracle is not None and str(oracle.reply.dst) == "203.0.113.2"
-        end = time.monotonic() + 5
-        seen = ""
-        while time.monotonic() < end and seen != "203.0.113.2":
-            seen = lab.server_seen(settle=0.3).get("sip", "")
-        assert seen == "203.0.113.2"
+        assert lab.wait_seen("sip", "203.0.113.2") == "203.0.113.2"

@@ -86,8 +86,4 @@ def test_nat_rule_added_after_the_flow_started_fixes_it() -> None:
         assert any("deleted udp 10.0.1.2:5060" in x for x in daemon.lines), daemon.lines
         oracle = lab.oracle(sip.dst, sip.dport, 41000)
         assert oracle is not None and str(oracle.reply.dst) == "203.0.113.2"
-        end = time.monotonic() + 5
-        seen = ""
-        while time.monotonic() < end and seen != "203.0.113.2":
-            seen = lab.server_seen(settle=0.3).get("sip", "")
-        assert seen == "203.0.113.2"
+        assert lab.wait_seen("sip", "203.0.113.2") == "203.0.113.2"

@@ -47,16 +47,6 @@ def wait_entry(lab: Lab, sport: int, dst: str, timeout: float = 5.0) -> Entry:
     raise AssertionError(f"no entry for sport {sport} -> {dst}")
 
 
-def wait_seen(lab: Lab, name: str, want: str, timeout: float = 5.0) -> str:
-    end = time.monotonic() + timeout
-    seen = ""
-    while time.monotonic() < end:
-        seen = lab.server_seen(settle=0.3).get(name, "")
-        if seen == want:
-            return seen
-    return seen
-
-
 def topowatch(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["ip", "netns", "exec", lab.router.name, sys.executable, "-m", "topowatch", *args],
@@ -94,7 +84,7 @@ def test_null_binding_route_moves_to_masqueraded_uplink() -> None:
         oracle = lab.oracle(SIP.dst, SIP.dport, 41000)
         assert oracle is not None and str(oracle.reply.dst) == "203.0.113.2"
         assert any("deleted udp 10.0.1.2:5060" in line for line in log), log
-        assert wait_seen(lab, "sip", str(oracle.reply.dst)) == str(oracle.reply.dst)
+        assert lab.wait_seen("sip", str(oracle.reply.dst)) == str(oracle.reply.dst)
         after = wait_entry(lab, SIP.sport, SIP.dst)
         # (CTA_ID can repeat for a recreated entry: it hashes the slot address and orig tuple.)
         assert after.reply.dst == oracle.reply.dst
@@ -115,7 +105,7 @@ def test_snat_fixed_route_moves_to_uplink_with_other_snat() -> None:
         oracle = lab.oracle(SIP.dst, SIP.dport, 41000)
         assert oracle is not None and str(oracle.reply.dst) == "100.64.0.2"
         assert any("deleted udp 10.0.1.2:5060" in line for line in log), log
-        assert wait_seen(lab, "sip", "100.64.0.2") == "100.64.0.2"
+        assert lab.wait_seen("sip", "100.64.0.2") == "100.64.0.2"
 
 
 def test_second_address_nexthop_moves_kernel_does_not_heal() -> None:
@@ -151,7 +141,7 @@ def test_second_address_nexthop_moves_kernel_does_not_heal() -> None:
         doc = json.loads(flushed.stdout)
         jsonschema.validate(doc, SCHEMA)
         assert doc["deleted"] == len(doc["stale"]) >= 1
-        assert wait_seen(lab, "sip", "198.18.0.2") == "198.18.0.2"
+        assert lab.wait_seen("sip", "198.18.0.2") == "198.18.0.2"
 
 
 def test_healthy_entries_are_left_alone() -> None:
