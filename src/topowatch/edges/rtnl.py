@@ -382,7 +382,7 @@ def _msg_type(msg: Any) -> int:
     return int(msg["header"]["type"])
 
 
-def _check_decoded(msg: Any, what: str) -> None:
+def check_decoded(msg: Any, what: str) -> None:
     error = msg["header"].get("error")
     if error is not None and not isinstance(error, OSError):
         raise UndecodableMessage(f"{what} message does not decode: {error}")
@@ -419,7 +419,7 @@ def _net(addr: Any, plen: int, family: int) -> IPNetwork:
 
 
 @contextlib.contextmanager
-def _converting(what: str) -> Iterator[None]:
+def converting(what: str) -> Iterator[None]:
     """Turn any failure inside a converter into UndecodableMessage naming the object."""
     try:
         yield
@@ -431,8 +431,8 @@ def _converting(what: str) -> Iterator[None]:
 
 def link_from_msg(msg: Any) -> Link | None:
     """An RTM_NEWLINK/RTM_DELLINK message as a Link; None for non-link families (bridge ports)."""
-    with _converting("link"):
-        _check_decoded(msg, "link")
+    with converting("link"):
+        check_decoded(msg, "link")
         if msg["family"] != socket.AF_UNSPEC:
             return None
         flags = int(msg["flags"])
@@ -455,8 +455,8 @@ def address_from_msg(msg: Any) -> Address | None:
     IFA_LOCAL is the local address when present (IFA_ADDRESS is then the peer
     on a point-to-point link); IFA_FLAGS supersedes the 8-bit ifa_flags.
     """
-    with _converting("address"):
-        _check_decoded(msg, "address")
+    with converting("address"):
+        check_decoded(msg, "address")
         family = int(msg["family"])
         if family not in (AF_INET, AF_INET6):
             return None
@@ -537,8 +537,8 @@ def route_from_msg(msg: Any, nexthop_objects: Mapping[int, NexthopObject] | None
     None for what is not topology: cached/cloned routes (RTM_F_CLONED) and
     families other than IPv4/IPv6 (MPLS, multicast routing tables).
     """
-    with _converting("route"):
-        _check_decoded(msg, "route")
+    with converting("route"):
+        check_decoded(msg, "route")
         family = int(msg["family"])
         if family not in (AF_INET, AF_INET6) or int(msg["flags"]) & RTM_F_CLONED:
             return None
@@ -585,8 +585,8 @@ def route_needs_nexthop_objects(msg: Any) -> bool:
 
 def rule_from_msg(msg: Any) -> PolicyRule | None:
     """An RTM_NEWRULE/RTM_DELRULE message as a PolicyRule; None for non-IP families."""
-    with _converting("rule"):
-        _check_decoded(msg, "rule")
+    with converting("rule"):
+        check_decoded(msg, "rule")
         family = int(msg["family"])
         if family not in (AF_INET, AF_INET6):
             return None
@@ -636,8 +636,8 @@ def rule_from_msg(msg: Any) -> PolicyRule | None:
 
 def nexthop_object_from_msg(msg: Any) -> NexthopObject:
     """An RTM_NEWNEXTHOP/RTM_DELNEXTHOP message as a NexthopObject."""
-    with _converting("nexthop"):
-        _check_decoded(msg, "nexthop")
+    with converting("nexthop"):
+        check_decoded(msg, "nexthop")
         nhid = _attr(msg, "NHA_ID")
         if nhid is None:
             raise UndecodableMessage("nexthop message has no NHA_ID")

@@ -36,7 +36,7 @@ import enum
 import logging
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_network
 from typing import Any, TypeAlias
@@ -386,19 +386,11 @@ def _mark(msg: Any) -> tuple[int, int]:
 
 
 def _check(msg: Any, what: str) -> None:
-    error = msg["header"].get("error")
-    if error is not None and not isinstance(error, OSError):
-        raise UndecodableMessage(f"xfrm: {what} message does not decode: {error}")
+    rtnl.check_decoded(msg, f"xfrm: {what}")
 
 
-@contextlib.contextmanager
-def _converting(what: str) -> Iterator[None]:
-    try:
-        yield
-    except UndecodableMessage:
-        raise
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError, struct.error) as exc:
-        raise UndecodableMessage(f"xfrm: {what} message cannot be converted: {exc!r}") from exc
+def _converting(what: str) -> contextlib.AbstractContextManager[None]:
+    return rtnl.converting(f"xfrm: {what}")
 
 
 def policy_from_msg(msg: Any, info: Any = None) -> XfrmPolicy:
