@@ -138,12 +138,9 @@ def _require_root(command: str) -> None:
 async def _audit(
     delete: bool, dry_run: bool, as_json: bool, max_deletions: int, rules_dirs: list[str] | None
 ) -> int:
-    from topowatch.core.decide import decide, mentions_sport
-    from topowatch.core.evaluate import predict
-    from topowatch.core.fib import Fib
-    from topowatch.core.flow import Flow, Prediction
     from topowatch.edges.kernel import KernelBackend
     from topowatch.policy import load_policies
+    from topowatch.reactor import plan_once
     from topowatch.report import plan_json, plan_text
 
     selection = load_policies(rules_dirs).select([("request", None)])
@@ -154,16 +151,7 @@ async def _audit(
     ruleset = await backend.ruleset()
     entries = await backend.entries(eligibility) if selection.policies else []
 
-    def bound(fib: Fib, flow: Flow) -> Prediction:
-        return predict(ruleset, fib, flow)
-
-    plan = decide(
-        entries,
-        predict=bound,
-        fib_now=Fib(topology),
-        eligibility=eligibility,
-        sport_matters=mentions_sport(ruleset) or mentions_sport(topology.xfrm_policies),
-    )
+    plan = plan_once(topology, ruleset, entries, eligibility)
     deleted: int | None = None
     to_delete = [d.entry for d in plan.stale if selection.flushes(d.entry)]
     if delete and not dry_run:

@@ -108,6 +108,27 @@ class Backend(Protocol):
     #   per dump attempt; replaces ``entries`` + ``decide`` when present.
 
 
+def plan_once(
+    topology: Topology,
+    ruleset: NatRuleset,
+    entries: Sequence[Entry],
+    eligibility: Eligibility,
+    predictor: Callable[[NatRuleset, Fib, Flow], Prediction] = predict,
+) -> FlushPlan:
+    """The plan for one snapshot, outside any reaction (``topowatch plan``/``flush``, D-Bus ``Plan``)."""
+
+    def bound(fib: Fib, flow: Flow) -> Prediction:
+        return predictor(ruleset, fib, flow)
+
+    return decide(
+        entries,
+        predict=bound,
+        fib_now=Fib(topology),
+        eligibility=eligibility,
+        sport_matters=mentions_sport(ruleset) or mentions_sport(topology.xfrm_policies),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ReactorConfig:
     """Daemon-wide settings; None for debounce/max_wait means "as the policies say"."""

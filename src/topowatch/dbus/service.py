@@ -49,14 +49,11 @@ from dbus_fast.annotations import DBusSignature, DBusStr
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_signal
 
 from topowatch import __version__
-from topowatch.core.decide import decide, mentions_sport
-from topowatch.core.fib import Fib
-from topowatch.core.flow import Flow, Prediction
 from topowatch.dbus import ERROR_PREFIX, INTERFACE, OBJECT_PATH, bus_name, system_bus_address
 from topowatch.dbus.connection import DEFAULT_BACKOFF, Backoff, stay_connected, wait_disconnected
 from topowatch.errors import TopowatchError, UsageError
 from topowatch.pressure import PressureAgent, PressureEvent
-from topowatch.reactor import Reaction, Reactor, Trigger
+from topowatch.reactor import Reaction, Reactor, Trigger, plan_once
 from topowatch.report import plan_json
 
 log = logging.getLogger("topowatch.dbus")
@@ -123,18 +120,7 @@ async def dry_run_plan(reactor: Reactor) -> dict[str, Any]:
         topology = await backend.topology()
         ruleset = await backend.ruleset()
         entries = await backend.entries(selection.eligibility) if selection.policies else []
-    predictor = reactor.predictor
-
-    def bound(fib: Fib, flow: Flow) -> Prediction:
-        return predictor(ruleset, fib, flow)
-
-    plan = decide(
-        entries,
-        predict=bound,
-        fib_now=Fib(topology),
-        eligibility=selection.eligibility,
-        sport_matters=mentions_sport(ruleset) or mentions_sport(topology.xfrm_policies),
-    )
+    plan = plan_once(topology, ruleset, entries, selection.eligibility, reactor.predictor)
     return plan_json(plan, time.monotonic() - start)
 
 
