@@ -318,6 +318,17 @@ class Lab:
                 return e
         return None
 
+    def wait_entry(self, sport: int, dst: str, timeout: float = 5.0) -> Entry:
+        """``entry_for``, waited for: the entry once it is there; TimeoutError after ``timeout``."""
+        end = time.monotonic() + timeout
+        while True:
+            e = self.entry_for(sport, dst)
+            if e is not None:
+                return e
+            if time.monotonic() >= end:
+                raise TimeoutError(f"no entry for sport {sport} -> {dst} within {timeout} s")
+            time.sleep(0.05)
+
 
 def thread_switches(pid: int) -> dict[int, int]:
     """Voluntary + involuntary context switches of each thread of ``pid``, by thread id.

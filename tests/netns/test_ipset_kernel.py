@@ -12,7 +12,6 @@ Everything happens in the lab's namespaces; ipsets are per namespace.
 from __future__ import annotations
 
 import shutil
-import time
 
 import pytest
 
@@ -62,12 +61,8 @@ def test_ipset_member_added_fixes_the_flow_it_concerns() -> None:
             "MASQUERADE",
         )
         lab.start_traffic((sip,))
-        end = time.monotonic() + 5
-        before = lab.entry_for(sip.sport, sip.dst)
-        while before is None and time.monotonic() < end:
-            time.sleep(0.05)
-            before = lab.entry_for(sip.sport, sip.dst)
-        assert before is not None and before.unreplied
+        before = lab.wait_entry(sip.sport, sip.dst)
+        assert before.unreplied
         assert str(before.reply.dst) == "10.0.1.2"  # the set is empty: no NAT
         with Daemon(router, "--debounce", "0.2", "--no-startup-sweep") as daemon:
             assert daemon.wait_for("ready") is not None, daemon.lines

@@ -9,7 +9,6 @@ as a fresh flow does.
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 import trio
@@ -58,23 +57,13 @@ async def test_one_trigger_per_transaction(netns: Namespace) -> None:
     assert source.messages >= 6
 
 
-def wait_entry(lab: Lab, sport: int, dst: str, timeout: float = 5.0) -> object:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        e = lab.entry_for(sport, dst)
-        if e is not None:
-            return e
-        time.sleep(0.05)
-    raise AssertionError(f"no entry for sport {sport} -> {dst}")
-
-
 def test_nat_rule_added_after_the_flow_started_fixes_it() -> None:
     sip = LabFlow("sip", 5060, SIP_SERVER, 5060)
     with Lab.create(ruleset=TRACKING) as lab:
         lab.router.run("ip", "route", "replace", "default", "via", "203.0.113.1", "dev", "up2")
         lab.start_traffic((sip,))
-        before = lab.entry_for(sip.sport, sip.dst) or wait_entry(lab, sip.sport, sip.dst)
-        assert str(before.reply.dst) == "10.0.1.2" and before.unreplied  # type: ignore[attr-defined]
+        before = lab.wait_entry(sip.sport, sip.dst)
+        assert str(before.reply.dst) == "10.0.1.2" and before.unreplied
         with Daemon(lab.router, "--debounce", "0.2", "--no-startup-sweep") as daemon:
             assert daemon.wait_for("ready") is not None, daemon.lines
             lab.router.run("nft", "add", "rule", "inet", "t", "post", "oifname", "up2", "masquerade")

@@ -18,7 +18,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from topowatch.core.conntrack import Entry
 from topowatch.lab import OTHER_SERVER, SIP_SERVER, Daemon, Lab, LabFlow
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -35,16 +34,6 @@ def ruleset(*rules: str) -> str:
         "        type nat hook postrouting priority srcnat; policy accept;\n"
         f"{body}\n    }}\n}}\n"
     )
-
-
-def wait_entry(lab: Lab, sport: int, dst: str, timeout: float = 5.0) -> Entry:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        e = lab.entry_for(sport, dst)
-        if e is not None:
-            return e
-        time.sleep(0.05)
-    raise AssertionError(f"no entry for sport {sport} -> {dst}")
 
 
 def topowatch(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
@@ -74,7 +63,7 @@ def test_null_binding_route_moves_to_masqueraded_uplink() -> None:
     with Lab.create(ruleset=ruleset('oifname "up2" masquerade')) as lab:
         lab.router.run("ip", "route", "del", f"{OTHER_SERVER}/32")
         lab.start_traffic((SIP,))
-        before = wait_entry(lab, SIP.sport, SIP.dst)
+        before = lab.wait_entry(SIP.sport, SIP.dst)
         assert str(before.reply.dst) == "10.0.1.2" and before.unreplied  # null binding
 
         def change() -> None:
@@ -85,7 +74,7 @@ def test_null_binding_route_moves_to_masqueraded_uplink() -> None:
         assert oracle is not None and str(oracle.reply.dst) == "203.0.113.2"
         assert any("deleted udp 10.0.1.2:5060" in line for line in log), log
         assert lab.wait_seen("sip", str(oracle.reply.dst)) == str(oracle.reply.dst)
-        after = wait_entry(lab, SIP.sport, SIP.dst)
+        after = lab.wait_entry(SIP.sport, SIP.dst)
         # (CTA_ID can repeat for a recreated entry: it hashes the slot address and orig tuple.)
         assert after.reply.dst == oracle.reply.dst
 
@@ -95,7 +84,7 @@ def test_snat_fixed_route_moves_to_uplink_with_other_snat() -> None:
     with Lab.create(ruleset=rs) as lab:
         lab.router.run("ip", "route", "del", f"{OTHER_SERVER}/32")
         lab.start_traffic((SIP,))
-        before = wait_entry(lab, SIP.sport, SIP.dst)
+        before = lab.wait_entry(SIP.sport, SIP.dst)
         assert str(before.reply.dst) == "198.51.100.2"
 
         def change() -> None:
@@ -113,14 +102,14 @@ def test_second_address_nexthop_moves_kernel_does_not_heal() -> None:
         r, w = lab.router, lab.wan
         r.run("ip", "route", "replace", "default", "via", "203.0.113.1", "dev", "up2")
         lab.start_traffic((SIP,))
-        before = wait_entry(lab, SIP.sport, SIP.dst)
+        before = lab.wait_entry(SIP.sport, SIP.dst)
         assert str(before.reply.dst) == "203.0.113.2"
         # The uplink gains an address in another subnet; the nexthop moves into it.
         w.run("ip", "addr", "add", "198.18.0.1/24", "dev", "isp2")
         r.run("ip", "addr", "add", "198.18.0.2/24", "dev", "up2")
         r.run("ip", "route", "replace", "default", "via", "198.18.0.1", "dev", "up2")
         time.sleep(1.0)  # packets keep flowing: give the kernel every chance to heal it itself
-        stuck = wait_entry(lab, SIP.sport, SIP.dst)
+        stuck = lab.wait_entry(SIP.sport, SIP.dst)
         assert stuck.id == before.id and str(stuck.reply.dst) == "203.0.113.2", "the kernel healed it?"
         oracle = lab.oracle(SIP.dst, SIP.dport, 41000)
         assert oracle is not None and str(oracle.reply.dst) == "198.18.0.2"
@@ -153,14 +142,14 @@ def test_healthy_entries_are_left_alone() -> None:
         same_binding = LabFlow("same", 5070, SIP_SERVER, 5060)
         lab.start_traffic((same_binding, OTHER, ECHO))
         entries = {
-            name: wait_entry(lab, sport, dst)
+            name: lab.wait_entry(sport, dst)
             for name, sport, dst in (("same", 5070, SIP_SERVER), ("other", OTHER.sport, OTHER_SERVER),
                                      ("echo", ECHO.sport, SIP_SERVER))
         }
         end = time.monotonic() + 5
         while lab.entry_for(ECHO.sport, SIP_SERVER).unreplied and time.monotonic() < end:  # type: ignore[union-attr]
             time.sleep(0.05)
-        entries["echo"] = wait_entry(lab, ECHO.sport, SIP_SERVER)
+        entries["echo"] = lab.wait_entry(ECHO.sport, SIP_SERVER)
         assert not entries["echo"].unreplied
 
         def change() -> None:
