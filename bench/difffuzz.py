@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -192,6 +193,25 @@ def in_expected(fresh: Entry, decision: dict[str, Any]) -> bool:
     return False
 
 
+def hints(scn: Scenario, flow: Flow, old: Entry | None) -> list[str]:
+    """What about this flow and scenario may explain a disagreement (for grouping by cause)."""
+    out = []
+    if flow.sender == "cl" and flow.src and flow.dev:
+        own = next(n for n in (0, 1) if flow.src.startswith(fuzzgen.lan(flow.family, n)))
+        if f"c{own}" != flow.dev:
+            out.append("asymmetric ingress")
+    if flow.sender == "wan":
+        out.append("port forward from an uplink")
+    if "late_nat" in scn.features and old is not None and binding(old) == (None, False, None):
+        out.append("entry made before NAT was loaded")
+    if scn.marks:
+        out.append("marks")
+    if scn.multi:
+        out.append("several right answers")
+    out.append(f"rp_filter {scn.rp_mode}, IPv{flow.family}")
+    return out
+
+
 def judge(scn: Scenario, before: dict[Any, Entry], after: dict[Any, Entry], verdicts: dict[str, Any],
           samples: int) -> Outcome:
     out = Outcome(scn.seed)
@@ -206,6 +226,7 @@ def judge(scn: Scenario, before: dict[Any, Entry], after: dict[Any, Entry], verd
             "old": old.describe() if old else None, "fresh": [f.describe() for f in fresh],
             "reason": decision["reason"] if decision else None,
             "expected": decision["expected"] if decision else None, "why": why,
+            "hints": hints(scn, flow, old),
         })
 
     for i, flow in enumerate(scn.flows):
@@ -260,7 +281,7 @@ def judge(scn: Scenario, before: dict[Any, Entry], after: dict[Any, Entry], verd
 def run_seed(seed: int, rules_dir: str) -> Outcome:
     started = time.monotonic()
     scn = fuzzgen.generate(seed)
-    samples = 4 if scn.multi else 1
+    samples = 6 if scn.multi else 1
     created: list[Namespace] = []
     out_notes: list[str] = []
     try:
@@ -282,6 +303,10 @@ def run_seed(seed: int, rules_dir: str) -> Outcome:
                 out_notes.append(m.kind)
         by_sender = {}
         for i, flow in enumerate(scn.flows):
+            old = before.get((OLD_PORT + i, flow.dst, flow.dport))
+            if flow.src is None and old is not None:
+                # The kernel chose the old flow's source; the fresh flow has the same one.
+                flow = dataclasses.replace(flow, src=str(old.orig.src))
             for k in range(samples):
                 by_sender.setdefault(flow.sender, []).append((flow, FRESH_PORT + 10 * i + k))
         for sender, flows in by_sender.items():

@@ -68,6 +68,11 @@ def up_far(fam: int, n: int) -> str:
     return f"100.64.{n}.2" if fam == 4 else f"2001:db8:{n}::2"
 
 
+def via(fam: int, n: int) -> tuple[str, ...]:
+    """A route's nexthop on uplink ``n`` (with its device: the nexthop check then needs no lookup)."""
+    return ("via", up_far(fam, n), "dev", f"up{n}")
+
+
 def up_net(fam: int, n: int) -> str:
     return f"100.64.{n}.0/24" if fam == 4 else f"2001:db8:{n}::/64"
 
@@ -119,9 +124,9 @@ class Rule:
 
 
 NAT_ACTIONS = frozenset({"masquerade", "snat", "snat_range", "snat_ports", "dnat", "dnat_range",
-                         "redirect", "snat_map", "numgen", "vmap_oif"})
-ACTIONS = NAT_ACTIONS | {"accept", "return", "jump", "mark", "ct_save", "ct_restore"}
-NFT_ONLY = frozenset({"snat_map", "numgen", "vmap_oif"})
+                         "redirect", "snat_map", "numgen", "jhash", "netmap", "dnat_map", "vmap_oif"})
+ACTIONS = NAT_ACTIONS | {"accept", "return", "drop", "jump", "goto", "mark", "ct_save", "ct_restore"}
+NFT_ONLY = frozenset({"snat_map", "numgen", "vmap_oif", "jhash", "dnat_map", "concat"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +189,7 @@ class Scenario:
     @property
     def multi(self) -> bool:
         """Whether a flow may have several right answers (ranges, numgen, multipath)."""
-        return bool(self.features & {"snat_range", "dnat_range", "numgen", "multipath"})
+        return bool(self.features & {"snat_range", "dnat_range", "numgen", "jhash", "multipath"})
 
     def script(self) -> str:
         """A shell reproducer: namespaces $CL $GW $WAN must exist (names are the runner's)."""
@@ -255,6 +260,18 @@ def _nft_match(m: tuple[str, ...], fam: int) -> str:
         return "rt ipsec missing"
     if kind == "rpf_missing":
         return "fib saddr . iif oif missing"
+    if kind == "concat":
+        return f"{_FAM_WORD[fam]} saddr . udp dport {{ {m[1]} }}"
+    if kind == "ct_new":
+        return "ct state new"
+    if kind == "ct_dnat":
+        return "ct status dnat"
+    if kind == "ct_mark":
+        return f"ct mark {m[1]}"
+    if kind == "multiport":
+        return f"udp dport {{ {m[1]} }}"
+    if kind == "iprange":
+        return f"{_FAM_WORD[fam]} saddr {m[1]}"
     raise ValueError(kind)
 
 
@@ -288,6 +305,16 @@ def _nft_action(a: tuple[str, ...], fam: int) -> str:
         return kind
     if kind == "jump":
         return f"jump h8{a[1]}"
+    if kind == "goto":
+        return f"goto h8{a[1]}"
+    if kind == "netmap":
+        return f"snat {fw} prefix to {fw} saddr map {{ {a[1]} : {a[2]} }}"
+    if kind == "jhash":
+        pairs = ", ".join(f"{i} : {v}" for i, v in enumerate(a[1:]))
+        return f"snat {fw} to jhash {fw} saddr . udp sport mod {len(a) - 1} map {{ {pairs} }}"
+    if kind == "dnat_map":
+        pairs = ", ".join(f"{k} : {v}" for k, v in zip(a[1::2], a[2::2], strict=True))
+        return f"dnat {fw} to udp dport map {{ {pairs} }}"
     if kind == "mark":
         return f"meta mark set {a[1]}"
     if kind == "ct_save":
@@ -300,7 +327,8 @@ def _nft_action(a: tuple[str, ...], fam: int) -> str:
 def _nft_rule(r: Rule) -> str:
     fam = r.family
     parts = [_nft_match(m, fam) for m in r.matches]
-    if fam and not any(m[0] in ("saddr", "daddr", "not_saddr", "daddr_set") for m in r.matches):
+    if fam and not any(m[0] in ("saddr", "daddr", "not_saddr", "daddr_set", "concat", "iprange")
+                       for m in r.matches):
         parts.insert(0, f"meta nfproto ipv{fam}")
     if _needs_proto(r):
         parts.append("meta l4proto udp")  # a port in a NAT statement needs a transport protocol
@@ -310,8 +338,9 @@ def _nft_rule(r: Rule) -> str:
 
 def _needs_proto(r: Rule) -> bool:
     a = r.action
-    ports = a[0] in ("snat_ports", "redirect") or (a[0] in ("dnat", "dnat_range") and len(a) > 2)
-    return ports and not any(m[0] == "dport" for m in r.matches)
+    ports = a[0] in ("snat_ports", "redirect", "jhash", "dnat_map") or (
+        a[0] in ("dnat", "dnat_range") and len(a) > 2)
+    return ports and not any(m[0] in ("dport", "multiport", "concat") for m in r.matches)
 
 
 _NFT_CHAINS = {
@@ -338,7 +367,8 @@ def render_nft(rs: Ruleset) -> str:
         nat.append(f"    set {name} {{ type {kind}; flags interval; elements = {{ {', '.join(elems)} }} }}")
     for name in ("pre", "out", "post", "sub"):
         rules = rs.chain(name)
-        if name == "sub" and not rules and not any(r.action == ("jump", "sub") for r in rs.rules()):
+        if name == "sub" and not rules and not any(r.action[0] in ("jump", "goto", "vmap_oif")
+                                                   for r in rs.rules()):
             continue
         nat.append(f"    chain h8{name} {{")  # h8: plain "out" or "fwd" are nft keywords
         if _NFT_CHAINS[name]:
@@ -380,6 +410,18 @@ def _ipt_match(m: tuple[str, ...], sets: dict[str, tuple[str, ...]]) -> list[str
         return ["-m", "policy", "--dir", "out", "--pol", "none"]
     if kind == "rpf_missing":
         return ["-m", "rpfilter", "--invert"]
+    if kind == "daddr_set":
+        return ["-m", "set", "--match-set", f"h8{m[1]}", "dst"]
+    if kind == "ct_new":
+        return ["-m", "conntrack", "--ctstate", "NEW"]
+    if kind == "ct_dnat":
+        return ["-m", "conntrack", "--ctstate", "DNAT"]
+    if kind == "ct_mark":
+        return ["-m", "connmark", "--mark", m[1]]
+    if kind == "multiport":
+        return ["-p", "udp", "-m", "multiport", "--dports", m[1].replace(" ", "")]
+    if kind == "iprange":
+        return ["-m", "iprange", "--src-range", m[1]]
     raise ValueError(kind)
 
 
@@ -407,6 +449,10 @@ def _ipt_action(a: tuple[str, ...], fam: int) -> list[str]:
         return ["-j", "DROP"]
     if kind == "jump":
         return ["-j", "H8SUB"]
+    if kind == "goto":
+        return ["-g", "H8SUB"]
+    if kind == "netmap":
+        return ["-j", "NETMAP", "--to", a[2]]
     if kind == "mark":
         return ["-j", "MARK", "--set-mark", a[1]]
     if kind == "ct_save":
@@ -432,7 +478,10 @@ def render_iptables(rs: Ruleset, fam: int) -> str:
                 continue
             argv = ["-A", chain]
             for m in r.matches:
-                argv += _ipt_match(m, sets)
+                words = _ipt_match(m, sets)
+                if words[:2] == ["-p", "udp"] and "-p" in argv:
+                    words = words[2:]
+                argv += words
             if _needs_proto(r):
                 argv += ["-p", "udp"]
             action = _ipt_action(r.action, fam)
@@ -456,7 +505,12 @@ def load_commands(rs: Ruleset) -> tuple[Cmd, ...]:
     """The commands that make ``rs`` the gateway's NAT, mark and reverse-path ruleset."""
     if rs.backend == "nft":
         return (("gw", ("nft", "-f", "-"), render_nft(rs)),)
-    return (("gw", ("iptables-nft-restore",), render_iptables(rs, 4)),
+    cmds: list[Cmd] = []
+    for name, fam, elems in rs.sets:  # -m set names an ipset; it must exist before the rule
+        cmds.append(("gw", ("ipset", "create", "-exist", f"h8{name}", "hash:net", "family",
+                            "inet" if fam == 4 else "inet6"), None))
+        cmds += [("gw", ("ipset", "add", "-exist", f"h8{name}", e), None) for e in elems]
+    return (*cmds, ("gw", ("iptables-nft-restore",), render_iptables(rs, 4)),
             ("gw", ("ip6tables-nft-restore",), render_iptables(rs, 6)))
 
 
@@ -487,8 +541,10 @@ class _Gen:
     def snat_action(self, fam: int, n: int) -> tuple[str, ...]:
         f = fam or 4
         choices = ["masquerade", "snat", "snat", "snat_range", "snat_ports"]
+        if fam:
+            choices.append("netmap")
         if self.backend == "nft" and fam:
-            choices += ["snat_map", "numgen"]
+            choices += ["snat_map", "numgen", "jhash"]
         kind = self.rng.choice(choices) if fam else "masquerade"
         self.features.add(kind)
         if kind == "masquerade":
@@ -501,6 +557,10 @@ class _Gen:
             return ("snat_ports", up_gw(f, n, 99), "2000-2099")
         if kind == "snat_map":
             return ("snat_map", lan_net(f, 0), up_gw(f, n, 60), lan_net(f, 1), up_gw(f, self.other_up(n), 61))
+        if kind == "netmap":
+            return ("netmap", lan_net(f, 0), up_net(f, n))
+        if kind == "jhash":
+            return ("jhash", up_gw(f, n, 80), up_gw(f, self.other_up(n), 81))
         return ("numgen", up_gw(f, n, 70), up_gw(f, self.other_up(n), 71))
 
     def post_rule(self) -> Rule:
@@ -515,13 +575,34 @@ class _Gen:
             matches.append(("daddr", server_net(f, self.rng.randrange(SERVERS))))
         if fam and self.rng.random() < 0.2:
             matches.append(("saddr", lan_net(f, self.rng.randint(0, 1))))
-        if fam and self.rng.random() < 0.1:
+        if fam and self.rng.random() < 0.1 and not (self.backend == "iptables" and matches[-1:] and
+                                                     matches[-1][0] == "saddr"):
             matches.append(("not_saddr", f"{lan_host(f, 0, 2)}/{32 if f == 4 else 128}"))
         if self.rng.random() < 0.15:
             matches.append(("dport", str(self.rng.choice(DPORTS))))
-        if self.backend == "nft" and fam and self.rng.random() < 0.1:
+        if fam and self.rng.random() < 0.1:
             matches.append(("daddr_set", f"srv{f}"))
             self.features.add("set")
+        extra = self.rng.random()
+        if extra < 0.05 and fam and self.backend == "nft":
+            self.features.add("concat")
+            pairs = ", ".join(f"{lan_host(f, 0, h)} . {p}" for h, p in ((2, 53), (3, 5060), (9, 4500)))
+            matches.append(("concat", pairs))
+        elif extra < 0.1:
+            self.features.add("ct_state")
+            matches.append(("ct_new",))
+        elif extra < 0.14:
+            self.features.add("ct_status")
+            matches.append(("ct_dnat",))
+        elif extra < 0.2:
+            self.features.add("multiport")
+            matches.append(("multiport", "53, 5060"))
+        elif extra < 0.25 and fam:
+            self.features.add("iprange")
+            matches.append(("iprange", f"{lan_host(f, 0, 2)}-{lan_host(f, 0, 3)}"))
+        if self.marks and self.rng.random() < 0.15:
+            self.features.add("ct_mark_match")
+            matches.append(("ct_mark", "0x1"))
         if self.rng.random() < 0.1:
             self.features.add("ipsec_none")
             matches.append(("ipsec_none",))
@@ -531,6 +612,9 @@ class _Gen:
         if a < 0.14:
             self.features.add("jump")
             return Rule(fam, tuple(matches), ("jump", "sub"))
+        if a < 0.16:
+            self.features.add("goto")
+            return Rule(fam, tuple(matches), ("goto", "sub"))
         if a < 0.2 and self.backend == "nft":
             self.features.add("vmap")
             m = self.other_up(n)
@@ -540,7 +624,10 @@ class _Gen:
 
     def pre_rule(self) -> Rule:
         fam = self.rng.choice((4, 4, 6))
-        kind = self.rng.choice(("fwd", "fwd", "rewrite", "redirect", "local", "range"))
+        kinds = ["fwd", "fwd", "rewrite", "redirect", "local", "range"]
+        if self.backend == "nft":
+            kinds.append("dnat_map")
+        kind = self.rng.choice(kinds)
         n = self.up()
         if kind == "fwd":
             self.features.add("dnat_ports")
@@ -563,6 +650,10 @@ class _Gen:
         m = (("daddr", f"{server(fam, x)}/{32 if fam == 4 else 128}"), ("dport", "5060"))
         if self.rng.random() < 0.5:
             m = (("iif", f"lan{self.rng.randint(0, 1)}"), *m)
+        if kind == "dnat_map":
+            self.features.add("dnat_map")
+            return Rule(fam, (("iif", f"lan{self.rng.randint(0, 1)}"), ("daddr", server_net(fam, x))),
+                        ("dnat_map", "5060", server(fam, y), "53", server(fam, (y + 1) % SERVERS)))
         if kind == "range":
             self.features.add("dnat_range")
             return Rule(fam, m, ("dnat_range", f"{server(fam, y, 7)}-{server(fam, y, 9)}"))
@@ -597,9 +688,9 @@ class _Gen:
         pre = [self.pre_rule() for _ in range(self.rng.randint(0, 3))]
         out = [self.out_rule()] if self.rng.random() < 0.3 else []
         sub: list[Rule] = []
-        if any(r.action[0] in ("jump", "vmap_oif") for r in post):
+        if any(r.action[0] in ("jump", "goto", "vmap_oif") for r in post):
             sub = [self.post_rule() for _ in range(self.rng.randint(1, 2))]
-            sub = [r for r in sub if r.action[0] not in ("jump", "vmap_oif")]
+            sub = [r for r in sub if r.action[0] not in ("jump", "goto", "vmap_oif")]
             sub.insert(self.rng.randint(0, len(sub)), Rule(0, (("dport", "53"),), ("return",)))
         mpre: tuple[Rule, ...] = ()
         mout: tuple[Rule, ...] = ()
@@ -701,19 +792,19 @@ class _Gen:
         cmds: list[Cmd] = []
         self.default_up = self.up()
         for fam in (4, 6):
-            cmds.append(("gw", ("ip", f"-{fam}", "route", "add", "default", "via", up_far(fam, self.default_up)),
+            cmds.append(("gw", ("ip", f"-{fam}", "route", "add", "default", *via(fam, self.default_up)),
                          None))
             for x in range(SERVERS):
                 r = self.rng.random()
                 if r < 0.35:
-                    cmds.append(("gw", ("ip", f"-{fam}", "route", "add", server_net(fam, x), "via",
-                                        up_far(fam, self.up())), None))
+                    cmds.append(("gw", ("ip", f"-{fam}", "route", "add", server_net(fam, x),
+                                        *via(fam, self.up())), None))
                 elif r < 0.47:
                     self.features.add("multipath")
                     a = self.up()
                     b = self.other_up(a)
                     cmds.append(("gw", ("ip", f"-{fam}", "route", "add", server_net(fam, x),
-                                        "nexthop", "via", up_far(fam, a), "nexthop", "via", up_far(fam, b)),
+                                        "nexthop", *via(fam, a), "nexthop", *via(fam, b)),
                                  None))
                 elif r < 0.5:
                     self.features.add("unreachable")
@@ -721,11 +812,13 @@ class _Gen:
                                  None))
             # Replies to port forwards' remote sender and its reverse path.
             cmds.append(("gw", ("ip", f"-{fam}", "route", "add", f"{remote(fam)}/{32 if fam == 4 else 128}",
-                                "via", up_far(fam, self.up())), None))
-        if self.rng.random() < 0.4:
-            cmds += self.ip_rules()
+                                *via(fam, self.up())), None))
+        # Tables before rules: IPv6 checks a new route's gateway through the rules, and a rule to a
+        # table whose default is a gateway route makes the gateway "unreachable" (EHOSTUNREACH).
         if self.marks:
             cmds += self.mark_routing()
+        if self.rng.random() < 0.4:
+            cmds += self.ip_rules()
         return cmds
 
     def ip_rules(self) -> list[Cmd]:
@@ -733,7 +826,7 @@ class _Gen:
         cmds: list[Cmd] = []
         for fam in (4, 6):
             t = self.other_up(self.default_up)
-            cmds.append(("gw", ("ip", f"-{fam}", "route", "add", "default", "via", up_far(fam, t), "table", "100"),
+            cmds.append(("gw", ("ip", f"-{fam}", "route", "add", "default", *via(fam, t), "table", "100"),
                          None))
             kind = self.rng.choice(("from", "iif", "not_from", "to"))
             sel: tuple[str, ...]
@@ -753,7 +846,7 @@ class _Gen:
         cmds: list[Cmd] = []
         for fam in (4, 6):
             t = self.other_up(self.default_up)
-            cmds.append(("gw", ("ip", f"-{fam}", "route", "add", "default", "via", up_far(fam, t), "table", "101"),
+            cmds.append(("gw", ("ip", f"-{fam}", "route", "add", "default", *via(fam, t), "table", "101"),
                          None))
             cmds.append(("gw", ("ip", f"-{fam}", "rule", "add", "fwmark", "0x1", "lookup", "101", "pref", "900"),
                          None))
@@ -794,13 +887,13 @@ class _Gen:
             rs = self.ruleset()
             cmds += load_commands(rs)
         elif kind == "default_route":
-            cmds.append(("gw", ("ip", f"-{fam}", "route", "replace", "default", "via",
-                                up_far(fam, self.other_up(self.default_up))), None))
+            cmds.append(("gw", ("ip", f"-{fam}", "route", "replace", "default", 
+                                *via(fam, self.other_up(self.default_up))), None))
         elif kind == "prefix_route":
             x = self.rng.randrange(SERVERS)
             if self.rng.random() < 0.5:
-                cmds.append(("gw", ("ip", f"-{fam}", "route", "replace", server_net(fam, x), "via",
-                                    up_far(fam, self.up())), None))
+                cmds.append(("gw", ("ip", f"-{fam}", "route", "replace", server_net(fam, x),
+                                    *via(fam, self.up())), None))
             else:
                 cmds.append(("gw", ("ip", f"-{fam}", "route", "flush", server_net(fam, x)), None))
         elif kind == "link_down":
@@ -814,7 +907,7 @@ class _Gen:
             t = self.other_up(self.default_up)
             sel = self.rng.choice((("from", lan_host(fam, 0, 3)), ("iif", "lan1"),
                                    ("to", server_net(fam, self.rng.randrange(SERVERS)))))
-            cmds.append(("gw", ("ip", f"-{fam}", "route", "replace", "default", "via", up_far(fam, t),
+            cmds.append(("gw", ("ip", f"-{fam}", "route", "replace", "default", *via(fam, t),
                                 "table", "102"), None))
             cmds.append(("gw", ("ip", f"-{fam}", "rule", "add", *sel, "lookup", "102", "pref", "500"), None))
         elif kind == "ruleset" and rs is not None:
