@@ -39,7 +39,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
+import multiprocessing
+import multiprocessing.context
 import os
 import socket
 import subprocess
@@ -59,9 +62,10 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import fuzzgen  # noqa: E402
 from fuzzgen import Flow, Scenario  # noqa: E402
 
+from topowatch import cli  # noqa: E402
 from topowatch.core.conntrack import Entry  # noqa: E402
 from topowatch.edges.ctnetlink import Conntrack  # noqa: E402
-from topowatch.netns import Namespace  # noqa: E402
+from topowatch.netns import Namespace, _setns  # noqa: E402
 
 NETLINK_NETFILTER = 12
 SO_BINDTODEVICE = 25
@@ -121,6 +125,14 @@ def send(ns: Namespace, flows: list[tuple[Flow, int]]) -> None:
     ns.call(go)
 
 
+def settle(gw: Namespace, timeout: float = 3.0) -> None:
+    """Until the mutations have taken effect: no IPv6 address still tentative (an address just added
+    is not a usable source until the kernel's DAD work has run, even with DAD off)."""
+    end = time.monotonic() + timeout
+    while gw.run("ip", "-6", "addr", "show", "tentative").strip() and time.monotonic() < end:
+        time.sleep(0.02)
+
+
 def dump(gw: Namespace) -> list[Entry]:
     sock = gw.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     ct = Conntrack(sock)
@@ -135,18 +147,63 @@ def index(entries: list[Entry]) -> dict[tuple[int, str, int], Entry]:
     return {(e.orig.sport, str(e.orig.dst), e.orig.dport): e for e in entries if e.proto == 17}
 
 
-def wait_entries(gw: Namespace, keys: set[tuple[int, str, int]], settle: float = 0.4) -> dict[Any, Entry]:
+def wait_entries(gw: Namespace, keys: set[tuple[int, str, int]], settle: float = 0.2) -> dict[Any, Entry]:
     """The gateway's entries once every key has one, or after ``settle`` seconds (some are dropped)."""
     end = time.monotonic() + settle
+    last: set[Any] | None = None
     while True:
         found = index(dump(gw))
-        if keys <= found.keys() or time.monotonic() >= end:
+        # Done when all are there, or two looks 50 ms apart agree (the rest were dropped).
+        if keys <= found.keys() or time.monotonic() >= end or (found.keys() & keys) == last:
             return found
+        last = found.keys() & keys
         time.sleep(0.05)
 
 
-def plan(gw: Namespace, rules_dir: str) -> dict[str, Any]:
-    out = gw.run(sys.executable, "-m", "topowatch", "plan", "--json", "--rules-dir", rules_dir)
+_FORKSERVER: multiprocessing.context.ForkServerContext | None = None
+
+
+def _plan_child(ns_path: str, argv: list[str], conn: Any) -> None:
+    """In a process forked from the fork server: enter the namespace (the whole process: it has one
+    thread), run the CLI's ``main``, send back what it printed."""
+    with open(ns_path, "rb") as f:
+        _setns(f.fileno())
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(argv)
+    conn.send((rc, buf.getvalue()))
+    conn.close()
+
+
+def plan(gw: Namespace, rules_dir: str, *, subprocess: bool = False) -> dict[str, Any]:
+    """``topowatch plan --json`` in the gateway namespace, a fresh process each time.
+
+    By default forked from a fork server that has imported topowatch once (a
+    third of the time of a new interpreter); ``subprocess`` runs the command
+    itself. Never in a thread of this process: trio's worker threads outlive
+    a ``trio.run`` and would carry a previous namespace into the next plan.
+    """
+    global _FORKSERVER
+    argv = ["plan", "--json", "--rules-dir", rules_dir]
+    if subprocess:
+        return json.loads(gw.run(sys.executable, "-m", "topowatch", *argv))  # type: ignore[no-any-return]
+    if _FORKSERVER is None:
+        _FORKSERVER = multiprocessing.get_context("forkserver")
+        # Everything ``plan`` imports, once (imports are most of a plan's time).
+        _FORKSERVER.set_forkserver_preload(["difffuzz", "topowatch.edges.kernel", "topowatch.reactor",
+                                            "topowatch.policy", "topowatch.report"])
+    parent, child = _FORKSERVER.Pipe(duplex=False)
+    proc = _FORKSERVER.Process(target=_plan_child, args=(gw.path, argv, child))
+    proc.start()
+    child.close()
+    try:
+        rc, out = parent.recv()
+    except EOFError:
+        rc, out = None, ""
+    proc.join()
+    parent.close()
+    if rc != 0:
+        raise RuntimeError(f"topowatch plan failed (exit {rc if rc is not None else proc.exitcode})")
     return json.loads(out)  # type: ignore[no-any-return]
 
 
@@ -233,10 +290,13 @@ def judge(scn: Scenario, before: dict[Any, Entry], after: dict[Any, Entry], verd
         key = (OLD_PORT + i, flow.dst, flow.dport)
         fresh_keys = [(FRESH_PORT + 10 * i + k, flow.dst, flow.dport) for k in range(samples)]
         fresh = [after[k] for k in fresh_keys if k in after]
-        for f, k in ((after[k], k) for k in fresh_keys if k in after):
+        called_stale = [after[k] for k in fresh_keys if k in after and k in stale]
+        if called_stale:
+            k = next(k for k in fresh_keys if k in stale)
+            note("fresh_stale", flow, None, called_stale, stale[k], "entries made under the current state called stale")
+        for k in (k for k in fresh_keys if k in after):
             if k in stale:
                 out.counts["fresh_stale"] += 1
-                note("fresh_stale", flow, None, [f], stale[k], "an entry made under the current state called stale")
             elif k in undecided:
                 out.counts["fresh_undecided"] += 1
             else:
@@ -278,7 +338,7 @@ def judge(scn: Scenario, before: dict[Any, Entry], after: dict[Any, Entry], verd
 # -- one scenario ---------------------------------------------------------------------------
 
 
-def run_seed(seed: int, rules_dir: str) -> Outcome:
+def run_seed(seed: int, rules_dir: str, *, plan_subprocess: bool = False) -> Outcome:
     started = time.monotonic()
     scn = fuzzgen.generate(seed)
     samples = 6 if scn.multi else 1
@@ -301,6 +361,7 @@ def run_seed(seed: int, rules_dir: str) -> Outcome:
         for m in scn.mutations:
             if run_script(commands_script(m.commands), names, check=False):
                 out_notes.append(m.kind)
+        settle(gw)
         by_sender = {}
         for i, flow in enumerate(scn.flows):
             old = before.get((OLD_PORT + i, flow.dst, flow.dport))
@@ -314,7 +375,10 @@ def run_seed(seed: int, rules_dir: str) -> Outcome:
         fresh_keys = {(FRESH_PORT + 10 * i + k, f.dst, f.dport) for i, f in enumerate(scn.flows)
                       for k in range(samples)}
         after = wait_entries(gw, fresh_keys | (old_keys & before.keys()))
-        verdicts = plan(gw, rules_dir)
+        verdicts = plan(gw, rules_dir, subprocess=plan_subprocess)
+        # An entry the kernel deleted meanwhile (its masquerade cleanup is asynchronous) is gone.
+        remaining = index(dump(gw)).keys()
+        after = {k: e for k, e in after.items() if k in remaining}
         out = judge(scn, before, after, verdicts, samples)
         out.counts.update(f"mutation_failed_{k}" for k in out_notes)
     except Exception as exc:
@@ -367,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write the summary, per-seed counts and findings")
     parser.add_argument("--show", action="store_true", help="print each seed's scenario script, run nothing")
     parser.add_argument("--time-limit", type=float, default=0, metavar="S", help="stop starting seeds after S s")
+    parser.add_argument("--plan-subprocess", action="store_true",
+                        help="run the topowatch command for each plan (default: its main in-process)")
     parser.add_argument("-q", "--quiet", action="store_true", help="one line per seed only when it disagrees")
     args = parser.parse_args(argv)
     seeds = parse_seeds(args.seeds)
@@ -384,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             if args.time_limit and time.monotonic() - started > args.time_limit:
                 break
-            o = run_seed(seed, str(rules))
+            o = run_seed(seed, str(rules), plan_subprocess=args.plan_subprocess)
             outcomes.append(o)
             bad = o.error or any(f["kind"] in ("fp", "fn", "fresh_stale") for f in o.findings)
             if not args.quiet or bad:
