@@ -71,8 +71,10 @@ NETLINK_NETFILTER = 12
 SO_BINDTODEVICE = 25
 OLD_PORT = 20000
 FRESH_PORT = 30000
-POLICY = ('[policy.difffuzz]\ntriggers = ["route"]\naction = "log"\nfamilies = ["ipv4", "ipv6"]\n'
-          "unreplied_only = true\n")
+POLICY = (
+    '[policy.difffuzz]\ntriggers = ["route"]\naction = "log"\nfamilies = ["ipv4", "ipv6"]\n'
+    "unreplied_only = true\n"
+)
 VERDICTS = ("agree", "fp", "fn", "undecided")
 UNJUDGED = ("gone", "no_entry", "no_oracle", "xfrm")
 FRESH = ("fresh_ok", "fresh_undecided", "fresh_stale")
@@ -95,7 +97,9 @@ class Outcome:
 def run_script(text: str, names: dict[str, str], *, check: bool = True) -> str:
     """Run a scenario's shell lines; a failing mutation command is part of the scenario (``check=False``)."""
     env = {**os.environ, "CL": names["cl"], "GW": names["gw"], "WAN": names["wan"]}
-    proc = subprocess.run(["sh", "-e"] if check else ["sh"], input=text, env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        ["sh", "-e"] if check else ["sh"], input=text, env=env, capture_output=True, text=True, check=False
+    )
     if check and proc.returncode != 0:
         raise RuntimeError(f"script failed ({proc.returncode}): {proc.stderr.strip()[-600:]}")
     return proc.stderr
@@ -183,15 +187,22 @@ def plan(gw: Namespace, rules_dir: str, *, subprocess: bool = False) -> dict[str
     itself. Never in a thread of this process: trio's worker threads outlive
     a ``trio.run`` and would carry a previous namespace into the next plan.
     """
-    global _FORKSERVER
+    global _FORKSERVER  # noqa: PLW0603 (one fork server per process, started on first use)
     argv = ["plan", "--json", "--rules-dir", rules_dir]
     if subprocess:
         return json.loads(gw.run(sys.executable, "-m", "topowatch", *argv))  # type: ignore[no-any-return]
     if _FORKSERVER is None:
         _FORKSERVER = multiprocessing.get_context("forkserver")
         # Everything ``plan`` imports, once (imports are most of a plan's time).
-        _FORKSERVER.set_forkserver_preload(["difffuzz", "topowatch.edges.kernel", "topowatch.reactor",
-                                            "topowatch.policy", "topowatch.report"])
+        _FORKSERVER.set_forkserver_preload(
+            [
+                "difffuzz",
+                "topowatch.edges.kernel",
+                "topowatch.reactor",
+                "topowatch.policy",
+                "topowatch.report",
+            ]
+        )
     parent, child = _FORKSERVER.Pipe(duplex=False)
     proc = _FORKSERVER.Process(target=_plan_child, args=(gw.path, argv, child))
     proc.start()
@@ -214,8 +225,11 @@ def binding(e: Entry) -> Binding:
     """What the entry's NAT did, comparable across source ports."""
     snat = None if e.reply.dst == e.orig.src else str(e.reply.dst)
     remapped = e.reply.dport != e.orig.sport
-    dnat = None if (e.reply.src == e.orig.dst and e.reply.sport == e.orig.dport) else (str(e.reply.src),
-                                                                                      e.reply.sport)
+    dnat = (
+        None
+        if (e.reply.src == e.orig.dst and e.reply.sport == e.orig.dport)
+        else (str(e.reply.src), e.reply.sport)
+    )
     return (snat, remapped, dnat)
 
 
@@ -269,22 +283,36 @@ def hints(scn: Scenario, flow: Flow, old: Entry | None) -> list[str]:
     return out
 
 
-def judge(scn: Scenario, before: dict[Any, Entry], after: dict[Any, Entry], verdicts: dict[str, Any],
-          samples: int) -> Outcome:
+def judge(
+    scn: Scenario, before: dict[Any, Entry], after: dict[Any, Entry], verdicts: dict[str, Any], samples: int
+) -> Outcome:
     out = Outcome(scn.seed)
     stale = {tuple_key(d["orig"]): d for d in verdicts["stale"]}
     undecided = {tuple_key(d["orig"]): d for d in verdicts["undecided"]}
 
-    def note(kind: str, flow: Flow, old: Entry | None, fresh: list[Entry], decision: dict[str, Any] | None,
-             why: str) -> None:
-        out.findings.append({
-            "seed": scn.seed, "kind": kind, "flow": flow.name,
-            "flow_text": f"{flow.sender} {flow.src or '(auto)'} dev {flow.dev or '-'} -> {flow.dst}:{flow.dport}",
-            "old": old.describe() if old else None, "fresh": [f.describe() for f in fresh],
-            "reason": decision["reason"] if decision else None,
-            "expected": decision["expected"] if decision else None, "why": why,
-            "hints": hints(scn, flow, old),
-        })
+    def note(  # noqa: PLR0917
+        kind: str,
+        flow: Flow,
+        old: Entry | None,
+        fresh: list[Entry],
+        decision: dict[str, Any] | None,
+        why: str,
+    ) -> None:
+        out.findings.append(
+            {
+                "seed": scn.seed,
+                "kind": kind,
+                "flow": flow.name,
+                "flow_text": f"{flow.sender} {flow.src or '(auto)'} dev {flow.dev or '-'} "
+                f"-> {flow.dst}:{flow.dport}",
+                "old": old.describe() if old else None,
+                "fresh": [f.describe() for f in fresh],
+                "reason": decision["reason"] if decision else None,
+                "expected": decision["expected"] if decision else None,
+                "why": why,
+                "hints": hints(scn, flow, old),
+            }
+        )
 
     for i, flow in enumerate(scn.flows):
         key = (OLD_PORT + i, flow.dst, flow.dport)
@@ -293,7 +321,14 @@ def judge(scn: Scenario, before: dict[Any, Entry], after: dict[Any, Entry], verd
         called_stale = [after[k] for k in fresh_keys if k in after and k in stale]
         if called_stale:
             k = next(k for k in fresh_keys if k in stale)
-            note("fresh_stale", flow, None, called_stale, stale[k], "entries made under the current state called stale")
+            note(
+                "fresh_stale",
+                flow,
+                None,
+                called_stale,
+                stale[k],
+                "entries made under the current state called stale",
+            )
         for k in (k for k in fresh_keys if k in after):
             if k in stale:
                 out.counts["fresh_stale"] += 1
@@ -323,15 +358,28 @@ def judge(scn: Scenario, before: dict[Any, Entry], after: dict[Any, Entry], verd
             out.counts["agree"] += 1
             if called and not all(in_expected(f, stale[key]) for f in fresh):
                 out.counts["mispredicted"] += 1
-                note("mispredicted", flow, old, fresh, stale[key], "stale, but the kernel's fresh binding is "
-                     "not among the expected ones")
+                note(
+                    "mispredicted",
+                    flow,
+                    old,
+                    fresh,
+                    stale[key],
+                    "stale, but the kernel's fresh binding is not among the expected ones",
+                )
         elif called:
             out.counts["fp"] += 1
             note("fp", flow, old, fresh, stale[key], "called stale, but a fresh flow got the same binding")
         else:
             out.counts["fn"] += 1
-            note("fn", flow, old, fresh, None, "not called stale, but no fresh flow got its binding"
-                 + (" (several right answers: the samples may have missed it)" if scn.multi else ""))
+            note(
+                "fn",
+                flow,
+                old,
+                fresh,
+                None,
+                "not called stale, but no fresh flow got its binding"
+                + (" (several right answers: the samples may have missed it)" if scn.multi else ""),
+            )
     return out
 
 
@@ -365,15 +413,15 @@ def run_seed(seed: int, rules_dir: str, *, plan_subprocess: bool = False) -> Out
         by_sender = {}
         for i, flow in enumerate(scn.flows):
             old = before.get((OLD_PORT + i, flow.dst, flow.dport))
-            if flow.src is None and old is not None:
-                # The kernel chose the old flow's source; the fresh flow has the same one.
-                flow = dataclasses.replace(flow, src=str(old.orig.src))
+            # The kernel chose the old flow's source (sent from the gateway); the fresh flow has the same.
+            same = dataclasses.replace(flow, src=str(old.orig.src)) if flow.src is None and old else flow
             for k in range(samples):
-                by_sender.setdefault(flow.sender, []).append((flow, FRESH_PORT + 10 * i + k))
+                by_sender.setdefault(flow.sender, []).append((same, FRESH_PORT + 10 * i + k))
         for sender, flows in by_sender.items():
             send(ns[sender], flows)
-        fresh_keys = {(FRESH_PORT + 10 * i + k, f.dst, f.dport) for i, f in enumerate(scn.flows)
-                      for k in range(samples)}
+        fresh_keys = {
+            (FRESH_PORT + 10 * i + k, f.dst, f.dport) for i, f in enumerate(scn.flows) for k in range(samples)
+        }
         after = wait_entries(gw, fresh_keys | (old_keys & before.keys()))
         verdicts = plan(gw, rules_dir, subprocess=plan_subprocess)
         # An entry the kernel deleted meanwhile (its masquerade cleanup is asynchronous) is gone.
@@ -418,7 +466,11 @@ def summary(outcomes: list[Outcome]) -> dict[str, Any]:
 
 def table(s: dict[str, Any]) -> str:
     c = s["counts"]
-    rows = [("scenarios", s["scenarios"]), ("errors", s["errors"]), ("old entries with an oracle", s["with_oracle"])]
+    rows = [
+        ("scenarios", s["scenarios"]),
+        ("errors", s["errors"]),
+        ("old entries with an oracle", s["with_oracle"]),
+    ]
     rows += [(k, c[k]) for k in (*VERDICTS, "mispredicted", *UNJUDGED, *FRESH)]
     rows.append(("undecided share", f"{100 * s['undecided_share']:.1f}%"))
     width = max(len(r[0]) for r in rows)
@@ -430,9 +482,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0-19", help="seeds: 0-99, 3,7,12 (default 0-19)")
     parser.add_argument("--json", metavar="FILE", help="write the summary, per-seed counts and findings")
     parser.add_argument("--show", action="store_true", help="print each seed's scenario script, run nothing")
-    parser.add_argument("--time-limit", type=float, default=0, metavar="S", help="stop starting seeds after S s")
-    parser.add_argument("--plan-subprocess", action="store_true",
-                        help="run the topowatch command for each plan (default: its main in-process)")
+    parser.add_argument(
+        "--time-limit", type=float, default=0, metavar="S", help="stop starting seeds after S s"
+    )
+    parser.add_argument(
+        "--plan-subprocess",
+        action="store_true",
+        help="run the topowatch command for each plan (default: its main in-process)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="one line per seed only when it disagrees")
     args = parser.parse_args(argv)
     seeds = parse_seeds(args.seeds)
@@ -455,18 +512,30 @@ def main(argv: list[str] | None = None) -> int:
             bad = o.error or any(f["kind"] in ("fp", "fn", "fresh_stale") for f in o.findings)
             if not args.quiet or bad:
                 c = o.counts
-                print(f"seed {seed}: " + (f"ERROR {o.error}" if o.error else
-                      " ".join(f"{k}={c[k]}" for k in (*VERDICTS, *FRESH) if c[k])) + f" ({o.seconds:.1f} s)",
-                      flush=True)
+                print(
+                    f"seed {seed}: "
+                    + (
+                        f"ERROR {o.error}"
+                        if o.error
+                        else " ".join(f"{k}={c[k]}" for k in (*VERDICTS, *FRESH) if c[k])
+                    )
+                    + f" ({o.seconds:.1f} s)",
+                    flush=True,
+                )
             for f in o.findings:
                 if f["kind"] in ("fp", "fn", "fresh_stale") or not args.quiet:
-                    print(f"  {f['kind']}: {f['flow']} {f['flow_text']}\n    old   {f['old']}\n"
-                          f"    fresh {f['fresh']}\n    plan  {f['reason']}", flush=True)
+                    print(
+                        f"  {f['kind']}: {f['flow']} {f['flow_text']}\n    old   {f['old']}\n"
+                        f"    fresh {f['fresh']}\n    plan  {f['reason']}",
+                        flush=True,
+                    )
     s = summary(outcomes)
     s["wall_seconds"] = round(time.monotonic() - started, 1)
     print(f"\ndifffuzz: {len(outcomes)} scenarios in {s['wall_seconds']} s")
     print(table(s))
-    bad_seeds = sorted({f["seed"] for o in outcomes for f in o.findings if f["kind"] in ("fp", "fresh_stale")})
+    bad_seeds = sorted(
+        {f["seed"] for o in outcomes for f in o.findings if f["kind"] in ("fp", "fresh_stale")}
+    )
     fn_seeds = sorted({f["seed"] for o in outcomes for f in o.findings if f["kind"] == "fn"})
     if bad_seeds:
         print(f"  seeds with wrong deletes (fp, fresh_stale): {bad_seeds}")
@@ -474,12 +543,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  seeds with false negatives: {fn_seeds}")
     print("  reproduce one: bench/difffuzz.py --seeds N --show (script), --seeds N (run)")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "summary": s,
-            "seeds": [{"seed": o.seed, "counts": dict(o.counts), "error": o.error, "seconds": round(o.seconds, 2)}
-                      for o in outcomes],
-            "findings": [f for o in outcomes for f in o.findings],
-        }, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "summary": s,
+                    "seeds": [
+                        {
+                            "seed": o.seed,
+                            "counts": dict(o.counts),
+                            "error": o.error,
+                            "seconds": round(o.seconds, 2),
+                        }
+                        for o in outcomes
+                    ],
+                    "findings": [f for o in outcomes for f in o.findings],
+                },
+                indent=1,
+            )
+        )
     return 1 if bad_seeds or s["errors"] else 0
 
 

@@ -123,8 +123,23 @@ class Rule:
         return any(m[0] == "iif" for m in self.matches)
 
 
-NAT_ACTIONS = frozenset({"masquerade", "snat", "snat_range", "snat_ports", "dnat", "dnat_range",
-                         "redirect", "snat_map", "numgen", "jhash", "netmap", "dnat_map", "vmap_oif"})
+NAT_ACTIONS = frozenset(
+    {
+        "masquerade",
+        "snat",
+        "snat_range",
+        "snat_ports",
+        "dnat",
+        "dnat_range",
+        "redirect",
+        "snat_map",
+        "numgen",
+        "jhash",
+        "netmap",
+        "dnat_map",
+        "vmap_oif",
+    }
+)
 ACTIONS = NAT_ACTIONS | {"accept", "return", "drop", "jump", "goto", "mark", "ct_save", "ct_restore"}
 NFT_ONLY = frozenset({"snat_map", "numgen", "vmap_oif", "jhash", "dnat_map", "concat"})
 
@@ -193,14 +208,18 @@ class Scenario:
 
     def script(self) -> str:
         """A shell reproducer: namespaces $CL $GW $WAN must exist (names are the runner's)."""
-        lines = ["# topowatch difffuzz seed %d: rp_filter %s, marks %s, %s, %d uplinks"
-                 % (self.seed, self.rp_mode, self.marks, self.backend, self.uplinks),
-                 "CL=${CL:-h8cl}; GW=${GW:-h8gw}; WAN=${WAN:-h8wan}",
-                 "for n in $CL $GW $WAN; do ip netns add $n; ip -n $n link set lo up; done"]
+        lines = [
+            f"# topowatch difffuzz seed {self.seed}: rp_filter {self.rp_mode}, marks {self.marks}, "
+            f"{self.backend}, {self.uplinks} uplinks",
+            "CL=${CL:-h8cl}; GW=${GW:-h8gw}; WAN=${WAN:-h8wan}",
+            "for n in $CL $GW $WAN; do ip netns add $n; ip -n $n link set lo up; done",
+        ]
         lines += [_shell(c) for c in self.setup]
         lines.append("# flows (UDP, one datagram each; the old ones before the mutations):")
-        lines += [f"#   {f.name}: {f.sender} {f.src or '(auto)'} dev {f.dev or '-'} -> {f.dst}:{f.dport}"
-                  for f in self.flows]
+        lines += [
+            f"#   {f.name}: {f.sender} {f.src or '(auto)'} dev {f.dev or '-'} -> {f.dst}:{f.dport}"
+            for f in self.flows
+        ]
         for m in self.mutations:
             lines.append(f"# mutation: {m.kind}")
             lines += [_shell(c) for c in m.commands]
@@ -216,8 +235,10 @@ def _shell(cmd: Cmd) -> str:
     role, argv, stdin = cmd
     if role == "host" and argv[0] == "veth":
         a, an, b, bn = _NS[argv[1]], argv[2], _NS[argv[3]], argv[4]
-        return (f"ip link add {an} netns {a} type veth peer name {bn} netns {b}"
-                f" && ip -n {a} link set {an} up && ip -n {b} link set {bn} up")
+        return (
+            f"ip link add {an} netns {a} type veth peer name {bn} netns {b}"
+            f" && ip -n {a} link set {an} up && ip -n {b} link set {bn} up"
+        )
     if argv[0] == "ip":
         line = f"ip -n {_NS[role]} " + " ".join(_quote(a) for a in argv[1:])
     else:
@@ -327,8 +348,9 @@ def _nft_action(a: tuple[str, ...], fam: int) -> str:
 def _nft_rule(r: Rule) -> str:
     fam = r.family
     parts = [_nft_match(m, fam) for m in r.matches]
-    if fam and not any(m[0] in ("saddr", "daddr", "not_saddr", "daddr_set", "concat", "iprange")
-                       for m in r.matches):
+    if fam and not any(
+        m[0] in ("saddr", "daddr", "not_saddr", "daddr_set", "concat", "iprange") for m in r.matches
+    ):
         parts.insert(0, f"meta nfproto ipv{fam}")
     if _needs_proto(r):
         parts.append("meta l4proto udp")  # a port in a NAT statement needs a transport protocol
@@ -339,7 +361,8 @@ def _nft_rule(r: Rule) -> str:
 def _needs_proto(r: Rule) -> bool:
     a = r.action
     ports = a[0] in ("snat_ports", "redirect", "jhash", "dnat_map") or (
-        a[0] in ("dnat", "dnat_range") and len(a) > 2)
+        a[0] in ("dnat", "dnat_range") and len(a) > 2
+    )
     return ports and not any(m[0] in ("dport", "multiport", "concat") for m in r.matches)
 
 
@@ -367,8 +390,11 @@ def render_nft(rs: Ruleset) -> str:
         nat.append(f"    set {name} {{ type {kind}; flags interval; elements = {{ {', '.join(elems)} }} }}")
     for name in ("pre", "out", "post", "sub"):
         rules = rs.chain(name)
-        if name == "sub" and not rules and not any(r.action[0] in ("jump", "goto", "vmap_oif")
-                                                   for r in rs.rules()):
+        if (
+            name == "sub"
+            and not rules
+            and not any(r.action[0] in ("jump", "goto", "vmap_oif") for r in rs.rules())
+        ):
             continue
         nat.append(f"    chain h8{name} {{")  # h8: plain "out" or "fwd" are nft keywords
         if _NFT_CHAINS[name]:
@@ -468,8 +494,14 @@ _IPT_CHAINS = {"pre": "PREROUTING", "out": "OUTPUT", "post": "POSTROUTING", "sub
 def render_iptables(rs: Ruleset, fam: int) -> str:
     """``iptables-nft-restore`` input (``ip6tables-nft-restore`` for 6): nat, mangle and raw tables."""
     sets = {name: elems for name, _, elems in rs.sets}
-    out = ["*nat", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
-           ":POSTROUTING ACCEPT [0:0]", ":H8SUB - [0:0]"]
+    out = [
+        "*nat",
+        ":PREROUTING ACCEPT [0:0]",
+        ":INPUT ACCEPT [0:0]",
+        ":OUTPUT ACCEPT [0:0]",
+        ":POSTROUTING ACCEPT [0:0]",
+        ":H8SUB - [0:0]",
+    ]
 
     def lines(chain: str, rules: tuple[Rule, ...]) -> list[str]:
         res = []
@@ -507,11 +539,27 @@ def load_commands(rs: Ruleset) -> tuple[Cmd, ...]:
         return (("gw", ("nft", "-f", "-"), render_nft(rs)),)
     cmds: list[Cmd] = []
     for name, fam, elems in rs.sets:  # -m set names an ipset; it must exist before the rule
-        cmds.append(("gw", ("ipset", "create", "-exist", f"h8{name}", "hash:net", "family",
-                            "inet" if fam == 4 else "inet6"), None))
+        cmds.append(
+            (
+                "gw",
+                (
+                    "ipset",
+                    "create",
+                    "-exist",
+                    f"h8{name}",
+                    "hash:net",
+                    "family",
+                    "inet" if fam == 4 else "inet6",
+                ),
+                None,
+            )
+        )
         cmds += [("gw", ("ipset", "add", "-exist", f"h8{name}", e), None) for e in elems]
-    return (*cmds, ("gw", ("iptables-nft-restore",), render_iptables(rs, 4)),
-            ("gw", ("ip6tables-nft-restore",), render_iptables(rs, 6)))
+    return (
+        *cmds,
+        ("gw", ("iptables-nft-restore",), render_iptables(rs, 4)),
+        ("gw", ("ip6tables-nft-restore",), render_iptables(rs, 6)),
+    )
 
 
 # -- generation ------------------------------------------------------------------------------
@@ -575,8 +623,11 @@ class _Gen:
             matches.append(("daddr", server_net(f, self.rng.randrange(SERVERS))))
         if fam and self.rng.random() < 0.2:
             matches.append(("saddr", lan_net(f, self.rng.randint(0, 1))))
-        if fam and self.rng.random() < 0.1 and not (self.backend == "iptables" and matches[-1:] and
-                                                     matches[-1][0] == "saddr"):
+        if (
+            fam
+            and self.rng.random() < 0.1
+            and not (self.backend == "iptables" and matches[-1:] and matches[-1][0] == "saddr")
+        ):
             matches.append(("not_saddr", f"{lan_host(f, 0, 2)}/{32 if f == 4 else 128}"))
         if self.rng.random() < 0.15:
             matches.append(("dport", str(self.rng.choice(DPORTS))))
@@ -618,8 +669,11 @@ class _Gen:
         if a < 0.2 and self.backend == "nft":
             self.features.add("vmap")
             m = self.other_up(n)
-            return Rule(fam, tuple(x for x in matches if x[0] != "oif"),
-                        ("vmap_oif", f"up{n}", "jump h8sub", f"up{m}", "accept"))
+            return Rule(
+                fam,
+                tuple(x for x in matches if x[0] != "oif"),
+                ("vmap_oif", f"up{n}", "jump h8sub", f"up{m}", "accept"),
+            )
         return Rule(fam, tuple(matches), self.snat_action(fam, n))
 
     def pre_rule(self) -> Rule:
@@ -634,12 +688,18 @@ class _Gen:
             port = self.rng.choice(("80", "8000-8003"))
             if "-" in port:
                 self.features.add("dnat_range")
-            return Rule(fam, (("iif", f"up{n}"), ("dport", str(FWD_PORT))),
-                        ("dnat", lan_host(fam, 0, LAN_SERVER), port))
+            return Rule(
+                fam,
+                (("iif", f"up{n}"), ("dport", str(FWD_PORT))),
+                ("dnat", lan_host(fam, 0, LAN_SERVER), port),
+            )
         if kind == "local":
             self.features.add("fib_local")
-            return Rule(fam, (("fib_local",), ("dport", str(LOCAL_PORT))),
-                        ("dnat", lan_host(fam, 0, LAN_SERVER), "81"))
+            return Rule(
+                fam,
+                (("fib_local",), ("dport", str(LOCAL_PORT))),
+                ("dnat", lan_host(fam, 0, LAN_SERVER), "81"),
+            )
         if kind == "redirect":
             self.features.add("redirect")
             m: tuple[tuple[str, ...], ...] = (("dport", "5353"),)
@@ -652,8 +712,11 @@ class _Gen:
             m = (("iif", f"lan{self.rng.randint(0, 1)}"), *m)
         if kind == "dnat_map":
             self.features.add("dnat_map")
-            return Rule(fam, (("iif", f"lan{self.rng.randint(0, 1)}"), ("daddr", server_net(fam, x))),
-                        ("dnat_map", "5060", server(fam, y), "53", server(fam, (y + 1) % SERVERS)))
+            return Rule(
+                fam,
+                (("iif", f"lan{self.rng.randint(0, 1)}"), ("daddr", server_net(fam, x))),
+                ("dnat_map", "5060", server(fam, y), "53", server(fam, (y + 1) % SERVERS)),
+            )
         if kind == "range":
             self.features.add("dnat_range")
             return Rule(fam, m, ("dnat_range", f"{server(fam, y, 7)}-{server(fam, y, 9)}"))
@@ -703,15 +766,26 @@ class _Gen:
             self.features.add("nf_rpfilter")
             rpf = (Rule(0, (("rpf_missing",),), ("drop",)),)
         self.ensure_iif_share(pre, post)
-        chains = (("pre", tuple(pre)), ("out", tuple(out)), ("post", tuple(post)), ("sub", tuple(sub)),
-                  ("mpre", mpre), ("mout", mout), ("rpf", rpf))
+        chains = (
+            ("pre", tuple(pre)),
+            ("out", tuple(out)),
+            ("post", tuple(post)),
+            ("sub", tuple(sub)),
+            ("mpre", mpre),
+            ("mout", mout),
+            ("rpf", rpf),
+        )
         sets = ()
         if "set" in self.features:
-            sets = (("srv4", 4, (server_net(4, 1), server(4, 2))), ("srv6", 6, (server_net(6, 1), server(6, 2))))
+            sets = (
+                ("srv4", 4, (server_net(4, 1), server(4, 2))),
+                ("srv6", 6, (server_net(6, 1), server(6, 2))),
+            )
         return Ruleset(self.backend, chains, sets)
 
     def ensure_iif_share(self, pre: list[Rule], post: list[Rule]) -> None:
         """At least a fifth of the NAT rules match the input interface (those at output cannot)."""
+
         def total() -> tuple[int, int]:
             rules = pre + post
             return sum(r.iif for r in rules), len(rules)
@@ -740,38 +814,85 @@ class _Gen:
         dad = ("net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
         for role in ("cl", "wan"):
             cmds.append((role, ("sysctl", "-qw", *dad), None))
-        cmds.append(("gw", ("sysctl", "-qw", *dad, "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
-                            "net.ipv4.conf.all.promote_secondaries=1",
-                            "net.ipv4.conf.default.promote_secondaries=1"), None))
+        cmds.append(
+            (
+                "gw",
+                (
+                    "sysctl",
+                    "-qw",
+                    *dad,
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv6.conf.all.forwarding=1",
+                    "net.ipv4.conf.all.promote_secondaries=1",
+                    "net.ipv4.conf.default.promote_secondaries=1",
+                ),
+                None,
+            )
+        )
         for n in (0, 1):
             cmds.append(("host", ("veth", "cl", f"c{n}", "gw", f"lan{n}"), None))
         for n in range(1, self.uplinks + 1):
             cmds.append(("host", ("veth", "gw", f"up{n}", "wan", f"isp{n}"), None))
         for fam in (4, 6):
             for n in (0, 1):
-                cmds.append(("gw", ("ip", "addr", "add", f"{lan_gw(fam, n)}/{plen(fam)}", "dev", f"lan{n}"), None))
+                cmds.append(
+                    ("gw", ("ip", "addr", "add", f"{lan_gw(fam, n)}/{plen(fam)}", "dev", f"lan{n}"), None)
+                )
             for host, dev, net in SOURCES:
                 p = plen(fam) if dev == net else (32 if fam == 4 else 128)
-                cmds.append(("cl", ("ip", "addr", "add", f"{lan_host(fam, net, host)}/{p}", "dev", f"c{dev}"),
-                             None))
-            cmds.append(("cl", ("ip", "addr", "add", f"{lan_host(fam, 0, LAN_SERVER)}/{plen(fam)}",
-                                "dev", "c0"), None))
+                cmds.append(
+                    ("cl", ("ip", "addr", "add", f"{lan_host(fam, net, host)}/{p}", "dev", f"c{dev}"), None)
+                )
+            cmds.append(
+                (
+                    "cl",
+                    ("ip", "addr", "add", f"{lan_host(fam, 0, LAN_SERVER)}/{plen(fam)}", "dev", "c0"),
+                    None,
+                )
+            )
             for n in (0, 1):
-                cmds.append(("cl", ("ip", f"-{fam}", "route", "add", "default", "via", lan_gw(fam, n),
-                                    "dev", f"c{n}", "metric", str(10 * n + 1)), None))
+                cmds.append(
+                    (
+                        "cl",
+                        (
+                            "ip",
+                            f"-{fam}",
+                            "route",
+                            "add",
+                            "default",
+                            "via",
+                            lan_gw(fam, n),
+                            "dev",
+                            f"c{n}",
+                            "metric",
+                            str(10 * n + 1),
+                        ),
+                        None,
+                    )
+                )
             for n in range(1, self.uplinks + 1):
-                cmds.append(("gw", ("ip", "addr", "add", f"{up_gw(fam, n)}/{plen(fam)}", "dev", f"up{n}"),
-                             None))
-                cmds.append(("wan", ("ip", "addr", "add", f"{up_far(fam, n)}/{plen(fam)}", "dev", f"isp{n}"),
-                             None))
+                cmds.append(
+                    ("gw", ("ip", "addr", "add", f"{up_gw(fam, n)}/{plen(fam)}", "dev", f"up{n}"), None)
+                )
+                cmds.append(
+                    ("wan", ("ip", "addr", "add", f"{up_far(fam, n)}/{plen(fam)}", "dev", f"isp{n}"), None)
+                )
             for x in range(SERVERS):
-                cmds.append(("wan", ("ip", "addr", "add", f"{server(fam, x)}/{32 if fam == 4 else 128}",
-                                     "dev", "lo"), None))
-            cmds.append(("wan", ("ip", "addr", "add", f"{remote(fam)}/{32 if fam == 4 else 128}", "dev", "lo"),
-                         None))
+                cmds.append(
+                    (
+                        "wan",
+                        ("ip", "addr", "add", f"{server(fam, x)}/{32 if fam == 4 else 128}", "dev", "lo"),
+                        None,
+                    )
+                )
+            cmds.append(
+                ("wan", ("ip", "addr", "add", f"{remote(fam)}/{32 if fam == 4 else 128}", "dev", "lo"), None)
+            )
         # Servers and clients answer nothing: every entry stays UNREPLIED (no ICMP errors either).
-        sink = "table inet h8sink {\n chain in {\n  type filter hook input priority 0; policy accept;\n"\
-               "  meta l4proto udp drop\n }\n}\n"
+        sink = (
+            "table inet h8sink {\n chain in {\n  type filter hook input priority 0; policy accept;\n"
+            "  meta l4proto udp drop\n }\n}\n"
+        )
         cmds.append(("wan", ("nft", "-f", "-"), sink))
         cmds.append(("cl", ("nft", "-f", "-"), sink))
         cmds += self.rp_filter()
@@ -783,8 +904,10 @@ class _Gen:
         links = ["lan0", "lan1", *(f"up{n}" for n in range(1, self.uplinks + 1))]
         # Strict mode is the max of conf.all and the link's own value: set it one way or the other.
         per_link = self.rp_mode == "strict" and self.rng.random() < 0.5
-        keys = [f"net.ipv4.conf.all.rp_filter={0 if per_link else value}",
-                f"net.ipv4.conf.default.rp_filter={value}"]
+        keys = [
+            f"net.ipv4.conf.all.rp_filter={0 if per_link else value}",
+            f"net.ipv4.conf.default.rp_filter={value}",
+        ]
         keys += [f"net.ipv4.conf.{link}.rp_filter={value}" for link in links]
         return [("gw", ("sysctl", "-qw", *keys), None)]
 
@@ -792,27 +915,60 @@ class _Gen:
         cmds: list[Cmd] = []
         self.default_up = self.up()
         for fam in (4, 6):
-            cmds.append(("gw", ("ip", f"-{fam}", "route", "add", "default", *via(fam, self.default_up)),
-                         None))
+            cmds.append(
+                ("gw", ("ip", f"-{fam}", "route", "add", "default", *via(fam, self.default_up)), None)
+            )
             for x in range(SERVERS):
                 r = self.rng.random()
                 if r < 0.35:
-                    cmds.append(("gw", ("ip", f"-{fam}", "route", "add", server_net(fam, x),
-                                        *via(fam, self.up())), None))
+                    cmds.append(
+                        (
+                            "gw",
+                            ("ip", f"-{fam}", "route", "add", server_net(fam, x), *via(fam, self.up())),
+                            None,
+                        )
+                    )
                 elif r < 0.47:
                     self.features.add("multipath")
                     a = self.up()
                     b = self.other_up(a)
-                    cmds.append(("gw", ("ip", f"-{fam}", "route", "add", server_net(fam, x),
-                                        "nexthop", *via(fam, a), "nexthop", *via(fam, b)),
-                                 None))
+                    cmds.append(
+                        (
+                            "gw",
+                            (
+                                "ip",
+                                f"-{fam}",
+                                "route",
+                                "add",
+                                server_net(fam, x),
+                                "nexthop",
+                                *via(fam, a),
+                                "nexthop",
+                                *via(fam, b),
+                            ),
+                            None,
+                        )
+                    )
                 elif r < 0.5:
                     self.features.add("unreachable")
-                    cmds.append(("gw", ("ip", f"-{fam}", "route", "add", "unreachable", server_net(fam, x)),
-                                 None))
+                    cmds.append(
+                        ("gw", ("ip", f"-{fam}", "route", "add", "unreachable", server_net(fam, x)), None)
+                    )
             # Replies to port forwards' remote sender and its reverse path.
-            cmds.append(("gw", ("ip", f"-{fam}", "route", "add", f"{remote(fam)}/{32 if fam == 4 else 128}",
-                                *via(fam, self.up())), None))
+            cmds.append(
+                (
+                    "gw",
+                    (
+                        "ip",
+                        f"-{fam}",
+                        "route",
+                        "add",
+                        f"{remote(fam)}/{32 if fam == 4 else 128}",
+                        *via(fam, self.up()),
+                    ),
+                    None,
+                )
+            )
         # Tables before rules: IPv6 checks a new route's gateway through the rules, and a rule to a
         # table whose default is a gateway route makes the gateway "unreachable" (EHOSTUNREACH).
         if self.marks:
@@ -826,8 +982,9 @@ class _Gen:
         cmds: list[Cmd] = []
         for fam in (4, 6):
             t = self.other_up(self.default_up)
-            cmds.append(("gw", ("ip", f"-{fam}", "route", "add", "default", *via(fam, t), "table", "100"),
-                         None))
+            cmds.append(
+                ("gw", ("ip", f"-{fam}", "route", "add", "default", *via(fam, t), "table", "100"), None)
+            )
             kind = self.rng.choice(("from", "iif", "not_from", "to"))
             sel: tuple[str, ...]
             if kind == "from":
@@ -846,11 +1003,31 @@ class _Gen:
         cmds: list[Cmd] = []
         for fam in (4, 6):
             t = self.other_up(self.default_up)
-            cmds.append(("gw", ("ip", f"-{fam}", "route", "add", "default", *via(fam, t), "table", "101"),
-                         None))
-            cmds.append(("gw", ("ip", f"-{fam}", "rule", "add", "fwmark", "0x1", "lookup", "101", "pref", "900"),
-                         None))
+            cmds.append(
+                ("gw", ("ip", f"-{fam}", "route", "add", "default", *via(fam, t), "table", "101"), None)
+            )
+            cmds.append(
+                (
+                    "gw",
+                    ("ip", f"-{fam}", "rule", "add", "fwmark", "0x1", "lookup", "101", "pref", "900"),
+                    None,
+                )
+            )
         return cmds
+
+    def mixed(self) -> list[Cmd]:
+        """An iptables-nft nat rule next to an nft table at the same priority (srcnat, 100): the kernel
+        runs chains of equal priority in registration order, which no dump shows.
+
+        Drawn from a Random of its own, so that adding this kept every other seed's scenario as it was.
+        """
+        rng = random.Random(self.seed ^ 0x5EED)
+        if self.backend != "nft" or rng.random() >= 0.1:
+            return []
+        self.features.add("mixed")
+        n = rng.randint(1, self.uplinks)
+        return [("gw", ("iptables-nft", "-t", "nat", "-A", "POSTROUTING", "-o", f"up{n}", "-j", "MASQUERADE"),
+                 None)]
 
     # mutations ---------------------------------------------------------------------------
 
@@ -872,12 +1049,26 @@ class _Gen:
         chains["pre"] = tuple(pre)
         sets = rs.sets
         if "set" in self.features and not sets:
-            sets = (("srv4", 4, (server_net(4, 1), server(4, 2))), ("srv6", 6, (server_net(6, 1), server(6, 2))))
+            sets = (
+                ("srv4", 4, (server_net(4, 1), server(4, 2))),
+                ("srv6", 6, (server_net(6, 1), server(6, 2))),
+            )
         return Ruleset(rs.backend, tuple(chains.items()), sets)
 
     def mutation(self, rs: Ruleset | None) -> tuple[Mutation, Ruleset | None]:
-        kinds = ["default_route", "default_route", "prefix_route", "prefix_route", "link_down", "address",
-                 "ip_rule", "ruleset", "ruleset", "rp_filter", "xfrm"]
+        kinds = [
+            "default_route",
+            "default_route",
+            "prefix_route",
+            "prefix_route",
+            "link_down",
+            "address",
+            "ip_rule",
+            "ruleset",
+            "ruleset",
+            "rp_filter",
+            "xfrm",
+        ]
         if rs is None:
             kinds = ["late_nat"]
         kind = self.rng.choice(kinds)
@@ -887,44 +1078,102 @@ class _Gen:
             rs = self.ruleset()
             cmds += load_commands(rs)
         elif kind == "default_route":
-            cmds.append(("gw", ("ip", f"-{fam}", "route", "replace", "default", 
-                                *via(fam, self.other_up(self.default_up))), None))
+            cmds.append(
+                (
+                    "gw",
+                    (
+                        "ip",
+                        f"-{fam}",
+                        "route",
+                        "replace",
+                        "default",
+                        *via(fam, self.other_up(self.default_up)),
+                    ),
+                    None,
+                )
+            )
         elif kind == "prefix_route":
             x = self.rng.randrange(SERVERS)
             if self.rng.random() < 0.5:
-                cmds.append(("gw", ("ip", f"-{fam}", "route", "replace", server_net(fam, x),
-                                    *via(fam, self.up())), None))
+                cmds.append(
+                    (
+                        "gw",
+                        ("ip", f"-{fam}", "route", "replace", server_net(fam, x), *via(fam, self.up())),
+                        None,
+                    )
+                )
             else:
                 cmds.append(("gw", ("ip", f"-{fam}", "route", "flush", server_net(fam, x)), None))
         elif kind == "link_down":
             cmds.append(("gw", ("ip", "link", "set", f"up{self.up()}", "down"), None))
         elif kind == "address":
             n = self.up()
-            cmds.append(("gw", ("ip", "addr", "add", f"{up_gw(fam, n, 11)}/{plen(fam)}", "dev", f"up{n}"), None))
+            cmds.append(
+                ("gw", ("ip", "addr", "add", f"{up_gw(fam, n, 11)}/{plen(fam)}", "dev", f"up{n}"), None)
+            )
             cmds.append(("gw", ("ip", "addr", "del", f"{up_gw(fam, n)}/{plen(fam)}", "dev", f"up{n}"), None))
         elif kind == "ip_rule":
             self.features.add("ip_rule")
             t = self.other_up(self.default_up)
-            sel = self.rng.choice((("from", lan_host(fam, 0, 3)), ("iif", "lan1"),
-                                   ("to", server_net(fam, self.rng.randrange(SERVERS)))))
-            cmds.append(("gw", ("ip", f"-{fam}", "route", "replace", "default", *via(fam, t),
-                                "table", "102"), None))
+            sel = self.rng.choice(
+                (
+                    ("from", lan_host(fam, 0, 3)),
+                    ("iif", "lan1"),
+                    ("to", server_net(fam, self.rng.randrange(SERVERS))),
+                )
+            )
+            cmds.append(
+                ("gw", ("ip", f"-{fam}", "route", "replace", "default", *via(fam, t), "table", "102"), None)
+            )
             cmds.append(("gw", ("ip", f"-{fam}", "rule", "add", *sel, "lookup", "102", "pref", "500"), None))
         elif kind == "ruleset" and rs is not None:
             rs = self.mutate_ruleset(rs)
             cmds += load_commands(rs)
         elif kind == "rp_filter":
             value = self.rng.choice((0, 1, 2))
-            cmds.append(("gw", ("sysctl", "-qw", *(f"net.ipv4.conf.{link}.rp_filter={value}"
-                                                   for link in ("all", "lan0", "lan1"))), None))
+            cmds.append(
+                (
+                    "gw",
+                    (
+                        "sysctl",
+                        "-qw",
+                        *(f"net.ipv4.conf.{link}.rp_filter={value}" for link in ("all", "lan0", "lan1")),
+                    ),
+                    None,
+                )
+            )
         elif kind == "xfrm":
             self.features.add("xfrm")
             n = self.up()
             x = self.rng.randrange(SERVERS)
             self.xfrm.append((lan_net(fam, 0), server_net(fam, x)))
-            cmds.append(("gw", ("ip", "xfrm", "policy", "add", "src", lan_net(fam, 0), "dst", server_net(fam, x),
-                                "dir", "out", "tmpl", "src", up_gw(fam, n), "dst", up_far(fam, n),
-                                "proto", "esp", "mode", "tunnel"), None))
+            cmds.append(
+                (
+                    "gw",
+                    (
+                        "ip",
+                        "xfrm",
+                        "policy",
+                        "add",
+                        "src",
+                        lan_net(fam, 0),
+                        "dst",
+                        server_net(fam, x),
+                        "dir",
+                        "out",
+                        "tmpl",
+                        "src",
+                        up_gw(fam, n),
+                        "dst",
+                        up_far(fam, n),
+                        "proto",
+                        "esp",
+                        "mode",
+                        "tunnel",
+                    ),
+                    None,
+                )
+            )
         return Mutation(kind, tuple(cmds)), rs
 
     # flows -----------------------------------------------------------------------------
@@ -937,7 +1186,9 @@ class _Gen:
                 for _ in range(self.rng.randint(1, 2)):
                     x = self.rng.randrange(SERVERS)
                     dport = self.rng.choice(DPORTS)
-                    flows.append(Flow("", fam, "cl", lan_host(fam, net, host), f"c{dev}", server(fam, x), dport))
+                    flows.append(
+                        Flow("", fam, "cl", lan_host(fam, net, host), f"c{dev}", server(fam, x), dport)
+                    )
         for fam in (4, 6):
             if self.rng.random() < 0.6:
                 n = self.up()
@@ -945,8 +1196,17 @@ class _Gen:
                 flows.append(Flow("", fam, "wan", remote(fam), None, up_gw(fam, n), port))
         if self.rng.random() < 0.5:
             fam = self.rng.choice((4, 6))
-            flows.append(Flow("", fam, "gw", None, None, server(fam, self.rng.randrange(SERVERS)),
-                              self.rng.choice((123, 53))))
+            flows.append(
+                Flow(
+                    "",
+                    fam,
+                    "gw",
+                    None,
+                    None,
+                    server(fam, self.rng.randrange(SERVERS)),
+                    self.rng.choice((123, 53)),
+                )
+            )
         # Distinct flows only (the same 4-tuple from one sender twice would be one flow).
         seen: set[tuple[object, ...]] = set()
         unique = []
@@ -965,20 +1225,39 @@ class _Gen:
         if late:
             # Conntrack runs only once a rule needs it: a ct match with no NAT tracks the early flows.
             self.features.add("late_nat")
-            setup.append(("gw", ("nft", "-f", "-"), "table inet h8ct {\n chain h8fwd {\n"
-                          "  type filter hook forward priority 0; policy accept;\n  ct state new accept\n }\n"
-                          " chain h8out {\n  type filter hook output priority 0; policy accept;\n"
-                          "  ct state new accept\n }\n}\n"))
+            setup.append(
+                (
+                    "gw",
+                    ("nft", "-f", "-"),
+                    "table inet h8ct {\n chain h8fwd {\n"
+                    "  type filter hook forward priority 0; policy accept;\n  ct state new accept\n }\n"
+                    " chain h8out {\n  type filter hook output priority 0; policy accept;\n"
+                    "  ct state new accept\n }\n}\n",
+                )
+            )
         else:
             setup += load_commands(rs)
+            setup += self.mixed()
         flows = self.flows()
         mutations = []
         cur = rs
         for _ in range(self.rng.randint(1, 3)):
             m, cur = self.mutation(cur)
             mutations.append(m)
-        return Scenario(self.seed, self.rp_mode, self.marks, self.backend, self.uplinks, tuple(setup), rs, cur,
-                        tuple(mutations), tuple(flows), tuple(self.xfrm), frozenset(self.features))
+        return Scenario(
+            self.seed,
+            self.rp_mode,
+            self.marks,
+            self.backend,
+            self.uplinks,
+            tuple(setup),
+            rs,
+            cur,
+            tuple(mutations),
+            tuple(flows),
+            tuple(self.xfrm),
+            frozenset(self.features),
+        )
 
 
 def generate(seed: int) -> Scenario:
@@ -992,7 +1271,11 @@ def xfrm_matches(scn: Scenario, flow: Flow) -> bool:
         return False
     for src, dst in scn.xfrm:
         s, d = ip_network(src), ip_network(dst)
-        if s.version == ip_address(flow.src).version and ip_address(flow.src) in s and ip_address(flow.dst) in d:
+        if (
+            s.version == ip_address(flow.src).version
+            and ip_address(flow.src) in s
+            and ip_address(flow.dst) in d
+        ):
             return True
     return False
 

@@ -23,7 +23,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-import difffuzz  # noqa: E402
+import difffuzz
 
 pytestmark = [
     pytest.mark.netns,
@@ -61,7 +61,8 @@ def rules_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def _params() -> list[object]:
     return [
         pytest.param(seed, marks=pytest.mark.xfail(strict=True, raises=WrongDelete, reason=KNOWN[seed]))
-        if seed in KNOWN else seed
+        if seed in KNOWN
+        else seed
         for seed in SEEDS
     ]
 
@@ -75,7 +76,11 @@ def test_seed_has_no_wrong_delete(seed: int, rules_dir: str) -> None:
     assert judged > 0, f"seed {seed}: no old entry had an oracle: {dict(out.counts)}"
     wrong = [f for f in out.findings if f["kind"] in ("fp", "fresh_stale")]
     if wrong:
-        lines = [f"seed {seed}: {len(wrong)} wrong deletes (reproduce: bench/difffuzz.py --seeds {seed} --show)"]
-        lines += [f"  {f['kind']} {f['flow_text']}: old {f['old']}; fresh {f['fresh']}; plan: {f['reason']}"
-                  for f in wrong[:4]]
+        lines = [
+            f"seed {seed}: {len(wrong)} wrong deletes (reproduce: bench/difffuzz.py --seeds {seed} --show)"
+        ]
+        lines += [
+            f"  {f['kind']} {f['flow_text']}: old {f['old']}; fresh {f['fresh']}; plan: {f['reason']}"
+            for f in wrong[:4]
+        ]
         raise WrongDelete("\n".join(lines))

@@ -60,17 +60,57 @@ def test_a_fifth_of_the_rules_match_the_input_interface(scenarios: list[fuzzgen.
 def test_mutations_one_to_three(scenarios: list[fuzzgen.Scenario]) -> None:
     assert {len(s.mutations) for s in scenarios} == {1, 2, 3}
     kinds = {m.kind for s in scenarios for m in s.mutations}
-    assert kinds >= {"default_route", "prefix_route", "link_down", "address", "ip_rule", "ruleset", "rp_filter",
-                     "xfrm", "late_nat"}
+    assert kinds >= {
+        "default_route",
+        "prefix_route",
+        "link_down",
+        "address",
+        "ip_rule",
+        "ruleset",
+        "rp_filter",
+        "xfrm",
+        "late_nat",
+    }
 
 
 def test_grammar_coverage(scenarios: list[fuzzgen.Scenario]) -> None:
     features = set().union(*(s.features for s in scenarios))
     assert features >= {
-        "masquerade", "snat", "snat_range", "snat_ports", "snat_map", "numgen", "jhash", "netmap", "dnat",
-        "dnat_ports", "dnat_range", "dnat_map", "redirect", "fib_local", "set", "concat", "vmap", "jump", "goto",
-        "marks", "ct_save", "ct_restore", "ct_state", "ct_status", "multiport", "iprange", "ipsec_none",
-        "nf_rpfilter", "multipath", "unreachable", "ip_rule", "rule_iif", "late_nat", "xfrm",
+        "masquerade",
+        "snat",
+        "snat_range",
+        "snat_ports",
+        "snat_map",
+        "numgen",
+        "jhash",
+        "netmap",
+        "dnat",
+        "dnat_ports",
+        "dnat_range",
+        "dnat_map",
+        "redirect",
+        "fib_local",
+        "set",
+        "concat",
+        "vmap",
+        "jump",
+        "goto",
+        "marks",
+        "ct_save",
+        "ct_restore",
+        "ct_state",
+        "ct_status",
+        "multiport",
+        "iprange",
+        "ipsec_none",
+        "nf_rpfilter",
+        "mixed",
+        "multipath",
+        "unreachable",
+        "ip_rule",
+        "rule_iif",
+        "late_nat",
+        "xfrm",
     }
     assert {s.backend for s in scenarios} == {"nft", "iptables"}
     assert {s.uplinks for s in scenarios} == {2, 3, 4}
@@ -92,7 +132,8 @@ def test_iptables_rendering_is_accepted_shape(scenarios: list[fuzzgen.Scenario])
                     assert "-o" not in words, line
                 nat_ports = ("]:" in words[-1]) if fam == 6 else (":" in words[-1])
                 if any(w in words for w in ("--to-ports", "--dport", "--dports")) or (
-                        ("SNAT" in words or "DNAT" in words) and nat_ports):
+                    ("SNAT" in words or "DNAT" in words) and nat_ports
+                ):
                     assert "-p" in words, line  # ports need a protocol
         assert not any(r.action[0] in fuzzgen.NFT_ONLY for r in rs.rules()), s.seed
 
@@ -111,8 +152,15 @@ def test_xfrm_selected_flows_are_known() -> None:
     scn = next(s for s in map(fuzzgen.generate, range(1000)) if s.xfrm)
     src, dst = scn.xfrm[0]
     host = next(str(ip_address(h)) for h in (src.split("/")[0][:-1] + "2",))
-    flow = fuzzgen.Flow("x", ip_address(host).version, "cl", host, "c0",
-                        dst.split("/")[0].rstrip(":0").rstrip(".") + ("::7" if ":" in dst else ".7"), 53)
+    flow = fuzzgen.Flow(
+        "x",
+        ip_address(host).version,
+        "cl",
+        host,
+        "c0",
+        dst.split("/")[0].rstrip(":0").rstrip(".") + ("::7" if ":" in dst else ".7"),
+        53,
+    )
     assert fuzzgen.xfrm_matches(scn, flow)
     assert not fuzzgen.xfrm_matches(scn, fuzzgen.Flow("y", flow.family, "gw", None, None, flow.dst, 53))
 
@@ -129,8 +177,12 @@ def _entry(sport: int, nat_src: str) -> Entry:
 
 def _verdict(e: Entry) -> dict[str, object]:
     t = {"src": str(e.orig.src), "dst": str(e.orig.dst), "sport": e.orig.sport, "dport": e.orig.dport}
-    return {"orig": t, "side": "snat", "reason": "test",
-            "expected": [{"kind": "masquerade", "addr": "100.64.2.1", "ports": None}]}
+    return {
+        "orig": t,
+        "side": "snat",
+        "reason": "test",
+        "expected": [{"kind": "masquerade", "addr": "100.64.2.1", "ports": None}],
+    }
 
 
 def _judge(old_nat: str, fresh_nat: str, stale: list[Entry], undecided: list[Entry] = ()) -> Counter[str]:
@@ -158,9 +210,16 @@ def test_judge_classifies_each_verdict() -> None:
 
 def test_judge_membership_over_several_fresh_flows() -> None:
     """With several right answers, the old entry agrees with any fresh binding: not stale."""
-    scn = fuzzgen.Scenario(1, "off", False, "nft", 2, (), None, None, (), (FLOW,), features=frozenset({"numgen"}))
+    scn = fuzzgen.Scenario(
+        1, "off", False, "nft", 2, (), None, None, (), (FLOW,), features=frozenset({"numgen"})
+    )
     old = _entry(difffuzz.OLD_PORT, "100.64.1.70")
     fresh = [_entry(difffuzz.FRESH_PORT + k, ip) for k, ip in enumerate(("100.64.2.71", "100.64.1.70"))]
-    counts = difffuzz.judge(scn, difffuzz.index([old]), difffuzz.index([old, *fresh]),
-                            {"stale": [_verdict(old)], "undecided": []}, 2).counts
+    counts = difffuzz.judge(
+        scn,
+        difffuzz.index([old]),
+        difffuzz.index([old, *fresh]),
+        {"stale": [_verdict(old)], "undecided": []},
+        2,
+    ).counts
     assert counts["fp"] == 1
