@@ -88,6 +88,7 @@ class Outcome:
     counts: Counter[str] = field(default_factory=Counter)
     findings: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    undecided_why: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
 
 
@@ -283,6 +284,12 @@ def hints(scn: Scenario, flow: Flow, old: Entry | None) -> list[str]:
     return out
 
 
+def _why(reason: str) -> str:
+    """The last clause of an undecided reason: what could not be predicted (for grouping)."""
+    tail = reason.rsplit(": ", 1)[-1]
+    return tail if len(tail) <= 100 else tail[:97] + "..."
+
+
 def judge(
     scn: Scenario, before: dict[Any, Entry], after: dict[Any, Entry], verdicts: dict[str, Any], samples: int
 ) -> Outcome:
@@ -352,6 +359,7 @@ def judge(
         truth_stale = binding(old) not in {binding(f) for f in fresh}
         if key in undecided:
             out.counts["undecided"] += 1
+            out.undecided_why[_why(undecided[key]["reason"])] += 1
             continue
         called = key in stale
         if called == truth_stale:
@@ -461,6 +469,7 @@ def summary(outcomes: list[Outcome]) -> dict[str, Any]:
         "with_oracle": judged,
         "undecided_share": round(total["undecided"] / judged, 4) if judged else 0.0,
         "seconds": round(sum(o.seconds for o in outcomes), 1),
+        "undecided_why": dict(sum((o.undecided_why for o in outcomes), Counter()).most_common(12)),
     }
 
 
@@ -537,6 +546,10 @@ def main(argv: list[str] | None = None) -> int:
         {f["seed"] for o in outcomes for f in o.findings if f["kind"] in ("fp", "fresh_stale")}
     )
     fn_seeds = sorted({f["seed"] for o in outcomes for f in o.findings if f["kind"] == "fn"})
+    if s["undecided_why"]:
+        print("  undecided, by what could not be predicted:")
+        for why, n in s["undecided_why"].items():
+            print(f"    {n:6d}  {why}")
     if bad_seeds:
         print(f"  seeds with wrong deletes (fp, fresh_stale): {bad_seeds}")
     if fn_seeds:
