@@ -234,6 +234,15 @@ def binding(e: Entry) -> Binding:
     return (snat, remapped, dnat)
 
 
+def same_binding(old: Entry, fresh: Entry) -> bool:
+    """Whether the old entry has a binding the fresh flow's NAT admits: the same translated
+    addresses and DNAT port; a remapped source port only matters where the fresh flow's was
+    remapped too (a port range), since a NAT without one admits any port."""
+    o_snat, o_remapped, o_dnat = binding(old)
+    f_snat, f_remapped, f_dnat = binding(fresh)
+    return o_snat == f_snat and o_dnat == f_dnat and (o_remapped or not f_remapped)
+
+
 def tuple_key(t: dict[str, Any]) -> tuple[int, str, int]:
     return (t["sport"], str(ip_address(t["dst"])), t["dport"])
 
@@ -356,7 +365,7 @@ def judge(
             out.counts["no_oracle"] += 1
             continue
         old = after[key]
-        truth_stale = binding(old) not in {binding(f) for f in fresh}
+        truth_stale = not any(same_binding(old, f) for f in fresh)
         if key in undecided:
             out.counts["undecided"] += 1
             out.undecided_why[_why(undecided[key]["reason"])] += 1

@@ -223,3 +223,17 @@ def test_judge_membership_over_several_fresh_flows() -> None:
         2,
     ).counts
     assert counts["fp"] == 1
+
+
+def test_judge_source_port_by_membership() -> None:
+    """A NAT without a port range admits any source port; one with a range needs a remapped port."""
+    src, dst = ip_address("10.77.0.2"), ip_address("198.18.0.7")
+    nat = ip_address("100.64.1.99")
+
+    def entry(sport: int, nat_port: int) -> Entry:
+        return Entry(2, 17, CtTuple(src, dst, sport, 53), CtTuple(dst, nat, 53, nat_port))
+
+    remapped, kept = entry(difffuzz.OLD_PORT, 2048), entry(difffuzz.OLD_PORT, difffuzz.OLD_PORT)
+    assert difffuzz.same_binding(remapped, entry(difffuzz.FRESH_PORT, difffuzz.FRESH_PORT))
+    assert difffuzz.same_binding(remapped, entry(difffuzz.FRESH_PORT, 2001))
+    assert not difffuzz.same_binding(kept, entry(difffuzz.FRESH_PORT, 2001))
