@@ -774,6 +774,9 @@ class _Loader:
             message = _TOML_POS_RE.sub(r"at column \2", str(exc)) if match else str(exc)
             self.error(f"bad TOML syntax: {message}", path, line, _key_at_line(text, line))
             return {}
+        except RecursionError:
+            self.error("bad TOML syntax: nested too deeply to read", path)
+            return {}
         return self.parse(path, text, document)
 
     def parse(self, path: str, text: str, document: dict[str, Any]) -> dict[str, dict[str, tuple[Any, int]]]:

@@ -1020,12 +1020,17 @@ def read_ruleset(nft: str = "nft") -> NatRuleset:
     argv = [nft, "-j", "list", "ruleset"]
     stdout = run_ruleset_tool(argv, _run_nft, timeout=NFT_TIMEOUT,
                               missing=f"{nft} not found: install nftables to read the ruleset")
+    return parse_ruleset_output(stdout, " ".join(argv))
+
+
+def parse_ruleset_output(stdout: str, command: str = "nft -j list ruleset") -> NatRuleset:
+    """``nft -j list ruleset`` output as text: a ruleset, or ``RulesetError`` naming ``command``."""
     if not stdout.strip():
         return NatRuleset()
     try:
         doc = json.loads(stdout)
     except json.JSONDecodeError as exc:
-        raise RulesetError(f"{' '.join(argv)}: output is not JSON ({exc.msg} at line {exc.lineno})") from exc
+        raise RulesetError(f"{command}: output is not JSON ({exc.msg} at line {exc.lineno})") from exc
     except RecursionError as exc:
-        raise RulesetError(f"{' '.join(argv)}: output is nested too deeply to read") from exc
+        raise RulesetError(f"{command}: output is nested too deeply to read") from exc
     return parse_ruleset_json(doc)

@@ -319,7 +319,8 @@ def ipset_digest(content: IpSet | None) -> str:
         return "unreadable"
     text = "\n".join([content.type, str(content.family), *sorted(content.members), "nomatch",
                       *sorted(content.nomatch)])
-    return hashlib.sha256(text.encode()).hexdigest()
+    # surrogatepass: names and members decoded from bytes that were not UTF-8 (lone surrogates) still hash.
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class IpsetPoll(_Poll):
