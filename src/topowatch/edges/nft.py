@@ -993,7 +993,8 @@ def run_ruleset_tool(
 
     ``runner`` runs ``argv`` (with ``timeout``); ``missing`` is the message when
     the program is not installed. A refusal for want of privilege is a
-    ``PermissionDenied``, anything else a ``RulesetError`` naming the command.
+    ``PermissionDenied``, anything else (a timeout, a failed spawn such as
+    EMFILE, an exit status) a ``RulesetError`` naming the command.
     """
     try:
         proc = runner(argv)
@@ -1001,6 +1002,8 @@ def run_ruleset_tool(
         raise MissingTool(missing) from exc
     except PermissionError as exc:
         raise PermissionDenied(f"cannot run {argv[0]}: {exc.strerror}") from exc
+    except OSError as exc:  # EMFILE, ENFILE, EAGAIN, ENOMEM: spawning failed; the next read may work
+        raise RulesetError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
     except subprocess.TimeoutExpired as exc:
         raise RulesetError(f"{' '.join(argv)} did not answer within {timeout:.0f} s") from exc
     if proc.returncode != 0:
