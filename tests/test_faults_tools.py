@@ -15,6 +15,7 @@ import errno
 import json
 import logging
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
 from topowatch.core.flow import NO_NAT, Binding, Flow, NatKind, Prediction
 from topowatch.core.nat import NatRuleset
-from topowatch.edges import nft
+from topowatch.edges import iptables, nft
 from topowatch.edges.iptables import read_all
 from topowatch.edges.nft import parse_ruleset_json, read_ruleset
 from topowatch.errors import MissingTool, RulesetError
@@ -266,3 +267,14 @@ def test_read_ruleset_maps_each_spawn_failure_to_our_errors(tmp_path: Path, monk
         monkeypatch.setattr(nft.subprocess, "run", fail)
         with pytest.raises(RulesetError, match=f"cannot run {tmp_path / 'nft'}: {os.strerror(code)}"):
             read_ruleset(str(tmp_path / "nft"))
+
+
+def test_a_hanging_tool_times_out_before_the_watchdog_restarts_the_daemon() -> None:
+    """The reaction that waits for a hanging nft (then reads on with the previous ruleset) must end
+    well inside the unit's WatchdogSec, or systemd restarts the daemon instead."""
+    unit = (Path(__file__).resolve().parents[1] / "contrib" / "topowatch.service").read_text()
+    found = re.search(r"^WatchdogSec=(\d+)s?$", unit, re.MULTILINE)
+    assert found is not None
+    watchdog = float(found.group(1))
+    assert watchdog / 2 >= nft.NFT_TIMEOUT
+    assert watchdog / 2 >= iptables.SAVE_TIMEOUT

@@ -88,7 +88,7 @@ from topowatch.errors import MissingTool, PermissionDenied, RulesetError
 
 log = logging.getLogger("topowatch.iptables")
 
-SAVE_TIMEOUT = 30.0
+SAVE_TIMEOUT = 15.0  # as nft.NFT_TIMEOUT: a hanging tool fails its read, not the daemon
 LEGACY_TABLE = "nat[legacy]"
 
 # Base chains of the nat table: hook and priority (NF_IP_PRI_NAT_DST / NF_IP_PRI_NAT_SRC).

@@ -75,7 +75,9 @@ from topowatch.core.nat import (
 )
 from topowatch.errors import MissingTool, PermissionDenied, RulesetError
 
-NFT_TIMEOUT = 30.0
+# At most half the unit's WatchdogSec (30 s): a hanging nft must fail the read (the previous ruleset
+# stays), not stall the reaction until the watchdog restarts the daemon. 50k rules list in about 6 s.
+NFT_TIMEOUT = 15.0
 
 _HOOKS = {h.value: h for h in Hook}
 _VERDICTS = {v.value: v for v in VerdictKind}
