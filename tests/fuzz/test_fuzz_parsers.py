@@ -116,6 +116,7 @@ IPT_WORDS = [
     "--set-mark", "0x1/0xff", "10.0.0.0/8", "192.0.2.1-192.0.2.9:1024-2047", "[fd00::1]:53", "fd00::/64",
     "::", "0.0.0.0/0", "1.2.3.4/33", "65536", "-1", "1:65535", "99999999999999999999", ":", "-", ",", "/",
     "\\", "'", '"', "--", "-w", "-t", "nat", "filter", "[0:0]", "%", "\udcff", "é", "*nat", "COMMIT",
+    "²", "٣", "9" * 5000, "0x" + "f" * 5000, "a\0b",
 ]
 
 
@@ -206,6 +207,18 @@ def test_ipset_digest_of_members_that_were_not_utf8() -> None:
     assert sets["lan"].members == ("10.0.0.\udcff7",)
     digest = nftevents.ipset_digest(sets["lan"])
     assert digest != nftevents.ipset_digest(IpSet("lan", "hash:ip", 2, ("10.0.0.7",)))
+
+
+@pytest.mark.parametrize("line", [
+    "-I POSTROUTING ² -j MASQUERADE",  # str.isdigit() takes "²"; int() does not
+    "-I POSTROUTING " + "9" * 5000 + " -j MASQUERADE",  # int() refuses more than 4,300 digits
+    "-I POSTROUTING '² -j MASQUERADE",  # ... in a line shlex cannot split, too
+    "-A POSTROUTING -p ² -j MASQUERADE",
+])
+def test_iptables_numbers_that_int_refuses(line: str) -> None:
+    parsed = iptables.parse_save(f"*nat\n{line}\nCOMMIT\n")
+    (post,) = [c for c in parsed.ruleset.chains if c.name == "POSTROUTING"]
+    assert len(post.rules) == 1  # kept in its chain, known or unknown
 
 
 def test_deeply_nested_toml_is_a_policy_error(tmp_path: Path) -> None:
