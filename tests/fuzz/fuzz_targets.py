@@ -26,6 +26,7 @@ import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from topowatch.core.nat import NatRuleset
 from topowatch.corpus import corpus_files, default_corpus, format_of
@@ -106,6 +107,83 @@ def fuzz_nft_json(data: bytes) -> None:
     _use(ruleset)
 
 
+# nft's JSON words: the bytes of an "nft-rule" input choose among them, so that mutations explore
+# expression shapes instead of breaking the JSON syntax (what "nft-json" mostly does).
+NFT_NAMES = [
+    "match", "payload", "meta", "ct", "fib", "rt", "ipsec", "numgen", "jhash", "symhash", "socket", "exthdr",
+    "snat", "dnat", "masquerade", "redirect", "prefix", "range", "set", "concat", "map", "vmap", "elem",
+    "jump", "goto", "accept", "drop", "return", "continue", "counter", "log", "mangle", "xt", "&", "|", "^",
+    "<<", ">>", "lookup", "limit", "quota", "notrack", "reject", "tcp option", "osf",
+]
+NFT_FIELDS = [
+    "op", "left", "right", "protocol", "field", "key", "addr", "port", "family", "flags", "len", "data",
+    "target", "mod", "offset", "name", "type", "dir", "spnum", "value", "mask", "result", "expr", "elem",
+    "map", "seed", "val", "base", "timeout",
+]
+NFT_WORDS = [
+    "==", "!=", "in", "<", ">=", "&", "ip", "ip6", "inet", "saddr", "daddr", "sport", "dport", "tcp", "udp",
+    "icmp", "l4proto", "nfproto", "oifname", "iifname", "oif", "iif", "mark", "zone", "state", "status", "new",
+    "established", "related", "dnat", "snat", "original", "reply", "10.0.0.1", "10.0.0.0", "192.0.2.1",
+    "fd00::1", "::", "eth0", "ppp*", "@lan", "@ports", "type", "local", "unicast", "random", "persistent",
+    "fully-random", "netmap", "prefix", "postrouting", "accept", "lan", "th", "ipsec", "reqid", "spi", "in",
+    "out", "exists", "missing", "nexthop", "", "0x10", "\udcff",
+]
+NFT_SCALARS: list[object] = [0, 1, 8, 16, 24, 32, 64, 128, 1024, 65535, 65536, -1, 2**32, 2**64, 0.5, None, True,
+                             False]
+NFT_SETS = {
+    ("inet", "t", "lan"): {"family": "inet", "table": "t", "name": "lan", "type": "ipv4_addr",
+                           "flags": ["interval"], "elem": [{"prefix": {"addr": "10.0.0.0", "len": 8}}]},
+    ("inet", "t", "ports"): {"family": "inet", "table": "t", "name": "ports", "type": "inet_service",
+                             "map": "ipv4_addr", "elem": [[53, "192.0.2.1"], [{"range": [1, 9]}, "10.0.0.1"]]},
+}
+
+
+class _Choices:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.at = data, 0
+
+    def next(self) -> int:
+        if self.at >= len(self.data):
+            return 0
+        self.at += 1
+        return self.data[self.at - 1]
+
+    def pick(self, items: list[Any]) -> Any:
+        return items[self.next() % len(items)]
+
+    def node(self, depth: int) -> Any:
+        kind = self.next() % 8 if depth < 12 else self.next() % 3
+        if kind == 0:
+            return self.pick(NFT_WORDS)
+        if kind == 1:
+            return self.pick(NFT_SCALARS)
+        if kind == 2:
+            return self.pick(NFT_WORDS) if self.next() % 2 else self.next() * 257 + self.next()
+        if kind in (3, 4):
+            return {self.pick(NFT_NAMES): self.node(depth + 1)}
+        if kind == 5:
+            return {self.pick(NFT_FIELDS): self.node(depth + 1) for _ in range(self.next() % 4 + 1)}
+        return [self.node(depth + 1) for _ in range(self.next() % 4)]
+
+
+def fuzz_nft_rule(data: bytes) -> None:
+    """One rule's expressions, built from the bytes out of nft's JSON words: parsed, never raised."""
+    choices = _Choices(data)
+    exprs = [{choices.pick(NFT_NAMES): choices.node(1)} for _ in range(choices.next() % 5 + 1)]
+    family = choices.pick(["inet", "ip", "ip6"])
+    rule = nft.parse_rule(exprs, family=family, table="t", sets=NFT_SETS)
+    for expr in rule.exprs:
+        assert expr is not None
+    doc = {"nftables": [
+        {"chain": {"family": "inet", "table": "t", "name": "post", "type": "nat", "hook": "postrouting",
+                   "prio": 100}},
+        *({"set": body} for body in NFT_SETS.values()),
+        {"rule": {"family": "inet", "table": "t", "chain": "post", "expr": exprs}},
+    ]}
+    with contextlib.suppress(RulesetError):
+        _use(nft.parse_ruleset_json(doc))
+
+
 def fuzz_iptables_save(data: bytes) -> None:
     """iptables-save text (or ``iptables -t nat -A`` lines): never raises, in either family."""
     text = text_of(data)
@@ -160,6 +238,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "xfrm": fuzz_xfrm,
     "nft-events": fuzz_nft_events,
     "nft-json": fuzz_nft_json,
+    "nft-rule": fuzz_nft_rule,
     "iptables-save": fuzz_iptables_save,
     "ipset": fuzz_ipset,
     "rules-toml": fuzz_rules_toml,
@@ -329,6 +408,7 @@ SEEDS: dict[str, Callable[[], list[bytes]]] = {
     "xfrm": _xfrm_seeds,
     "nft-events": _nft_event_seeds,
     "nft-json": _json_nft_seeds,
+    "nft-rule": lambda: [bytes(range(256)), bytes(range(255, -1, -1)), b"\x03\x05" * 64, b"\x00" * 64],
     "iptables-save": lambda: [IPTABLES_SAMPLE, IPTABLES_COMMANDS, *corpus_texts("iptables")],
     "ipset": lambda: [IPSET_SAMPLE],
     "rules-toml": lambda: [*TOML_SAMPLES, *(p.read_bytes() for p in sorted((ROOT / "rules.d").glob("*.toml")))],
