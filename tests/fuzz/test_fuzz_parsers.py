@@ -186,7 +186,7 @@ def toml_text(draw: st.DrawFn) -> bytes:
         for _ in range(draw(st.integers(0, 5))):
             lines.append(f"{draw(st.sampled_from(TOML_KEYS))} = {draw(toml_value(8))}")
     if draw(st.booleans()):  # deep nesting: tomllib recurses once per level
-        depth = draw(st.integers(100, 3000))
+        depth = draw(st.integers(900, 1500))
         lines.append("prefixes = " + "[" * depth + "]" * depth)
     return "\n".join(lines).encode()
 
