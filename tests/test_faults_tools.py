@@ -68,10 +68,16 @@ class SwappingBackend(FakeBackend):
         super().__init__()
         self.doc = nft_doc("post")
         self.during_dump: Callable[[], Any] | None = None
+        self.event_in_flight = False  # the commit's event has not reached the reactor when it deletes
+        self.generation_moved = False
 
     async def ruleset(self) -> NatRuleset:
         self.rulesets_read += 1
+        self.generation_moved = False
         return parse_ruleset_json(self.doc)
+
+    async def ruleset_unchanged(self) -> bool:
+        return not self.generation_moved
 
     async def judge(self, eligibility: Eligibility, decider: Callable[[Any], Decider]) -> Decider:
         judging = decider(None)
@@ -80,9 +86,11 @@ class SwappingBackend(FakeBackend):
         if self.during_dump is not None:
             change, self.during_dump = self.during_dump, None
             change()
-            # The commit's event reaches the reactor while the dump is still running.
-            await self.send.send(Trigger("nftables", "nftables ruleset changed (generation 9)", kind="ruleset"))
-            await trio.sleep(0.01)
+            self.generation_moved = True
+            if not self.event_in_flight:
+                # The commit's event reaches the reactor while the dump is still running.
+                await self.send.send(Trigger("nftables", "nftables ruleset changed (generation 9)", kind="ruleset"))
+                await trio.sleep(0.01)
         return judging
 
 
@@ -112,6 +120,32 @@ async def test_a_ruleset_swapped_during_the_dump_deletes_nothing_on_the_old_one(
     assert "generation 9" in second.trigger
     assert second.skipped is None and second.plan.examined == 2 and not second.plan.stale
     assert reactor.ruleset == parse_ruleset_json(nft_doc("other"))
+
+
+async def test_a_swap_whose_event_is_still_in_flight_is_seen_by_the_generation(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The kernel's generation id moved, no trigger yet: the reaction reads again before deleting."""
+    backend = SwappingBackend()
+    backend.doc = nft_doc("other")
+    backend.event_in_flight = True
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery)
+        backend.doc = nft_doc("post")
+
+        def swap() -> None:
+            backend.doc = nft_doc("other")
+
+        backend.during_dump = swap
+        await backend.send.send(Trigger("nftables", "nftables ruleset changed (generation 8)", kind="ruleset"))
+        await trio.sleep(1)
+        assert backend.deleted == []
+        assert reactor.reactions[0].skipped is not None and "changed during the reaction" in reactor.reactions[0].skipped
+        # The event arrives: the next reaction decides on the ruleset now in force.
+        await backend.send.send(Trigger("nftables", "nftables ruleset changed (generation 9)", kind="ruleset"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert backend.deleted == [] and reactor.reactions[1].skipped is None and not reactor.reactions[1].plan.stale
 
 
 async def test_a_change_outside_the_nat_chains_during_the_dump_still_deletes(

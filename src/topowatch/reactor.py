@@ -19,7 +19,9 @@ Rules:
   was made against, so the changes meanwhile are judged once a ruleset is read;
 - more stale entries than the cap: nothing is deleted, the refusal is logged;
 - a ruleset change that arrives during a reaction (a "ruleset" trigger after
-  the read) means its decisions may rest on a ruleset no longer in force: it
+  the read, or the backend's word that the kernel's ruleset generation moved,
+  for a commit whose event is still in flight) means its decisions may rest
+  on a ruleset no longer in force: it
   reads the ruleset again before deleting, deletes only if the NAT part read
   is the same, and otherwise deletes nothing (T0 stays; the change's own
   trigger brings the next reaction, which decides on the new ruleset);
@@ -110,7 +112,9 @@ class Backend(Protocol):
     #   (or overruns), so a burst without one keeps the ruleset read before;
     # - ``async def judge(eligibility, decider) -> Decider``: dump and decide
     #   in one pass, ``decider(build)`` making a fresh ``core.decide.Decider``
-    #   per dump attempt; replaces ``entries`` + ``decide`` when present.
+    #   per dump attempt; replaces ``entries`` + ``decide`` when present;
+    # - ``async def ruleset_unchanged() -> bool``: False if the ruleset changed
+    #   since the last ``ruleset()`` began, also when its event is still in flight.
 
 
 def plan_once(
@@ -417,7 +421,8 @@ class Reactor:
             to_delete = [d.entry for d in plan.stale if selection.flushes(d.entry)]
         refused = len(to_delete) > min(selection.max_deletions, self.config.max_deletions)
         deleted = DeleteCounts()
-        if to_delete and not refused and not self.config.dry_run and self._ruleset_changes != changes:
+        if to_delete and not refused and not self.config.dry_run and (
+                self._ruleset_changes != changes or not await self._ruleset_unchanged()):
             swapped = await self._ruleset_swapped(ruleset)
             if swapped is not None:
                 undecided = self._undecided(burst, t1, selection, swapped, start=start, timings=timings)
@@ -443,6 +448,10 @@ class Reactor:
             logged_only=len(plan.stale) - len(to_delete),
         )
         return self._record(reaction, selection)
+
+    async def _ruleset_unchanged(self) -> bool:
+        check = getattr(self.backend, "ruleset_unchanged", None)  # optional, see ``Backend``
+        return check is None or bool(await check())
 
     async def _ruleset_swapped(self, decided_with: NatRuleset) -> str | None:
         """After a ruleset change during the reaction: why its decisions must not be carried out, or None."""

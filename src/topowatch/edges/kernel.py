@@ -7,6 +7,8 @@ topology snapshot and ruleset read (both only ever happen on events) it
 asks the legacy-iptables poll to look whether a legacy nat table exists, so
 that poll needs no timer of its own while there is none; after every ruleset
 read it tells the ipset poll which sets the ruleset names (none: no timer).
+Each ruleset read notes the nftables generation it began at, so that the
+reactor can ask, before deleting, whether a commit came since.
 Everything happens in the network namespace the process was started in. It
 never sends a conntrack request without a tuple (the ctnetlink edge refuses
 to build one).
@@ -37,6 +39,7 @@ from topowatch.edges.nftevents import (
     IpsetPoll,
     LegacyNatPoll,
     NftablesEvents,
+    nft_generation,
 )
 from topowatch.edges.rtnl import EventKind, KernelRtnl, Overrun, RtnlEvent, RtnlEvents
 from topowatch.edges.xfrm import XfrmSource
@@ -85,6 +88,7 @@ class KernelBackend:
         self._ct: Conntrack | None = None
         self._dumped_at = 0.0
         self._stream: RtnlEvents | None = None
+        self._generation: int | None = None  # the nftables generation the last ruleset read began at
         # Sources from outside the kernel (NetworkManager over D-Bus); the daemon adds them.
         self.extra_sources: list[EventSource] = []
         # IPsec policies and SAs: None when this kernel has no NETLINK_XFRM (said once, then run without).
@@ -148,10 +152,18 @@ class KernelBackend:
 
     async def ruleset(self) -> NatRuleset:
         # nftables and the iptables nat tables (nft and legacy) together, in hook priority order.
+        self._generation = await trio.to_thread.run_sync(nft_generation)
         read = await trio.to_thread.run_sync(read_all_logged, self.nft)
         self._recheck_legacy()
         self.ipsets.watch(read.set_contents())
         return read.ruleset
+
+    async def ruleset_unchanged(self) -> bool:
+        """False if nftables committed since the last ruleset read began (the kernel's generation id)."""
+        if self._generation is None:
+            return True
+        now = await trio.to_thread.run_sync(nft_generation)
+        return now is None or now == self._generation
 
     def _recheck_legacy(self) -> None:
         """Wake the legacy poll if a legacy nat table exists now (a /proc read; never instantiates one)."""

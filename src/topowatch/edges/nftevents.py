@@ -71,7 +71,9 @@ NETLINK_ADD_MEMBERSHIP = 1
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 NFNLGRP_NFTABLES = 7
 NFNL_SUBSYS_NFTABLES = 10
-NFT_MSG_NEWGEN = 15  # enum nf_tables_msg_types (GETGEN is 16)
+NFT_MSG_NEWGEN = 15  # enum nf_tables_msg_types
+NFT_MSG_GETGEN = 16
+NLM_F_REQUEST = 1
 NFTA_GEN_ID = 1
 NFTA_GEN_PROC_PID = 2
 NFTA_GEN_PROC_NAME = 3
@@ -139,6 +141,34 @@ def parse_generations(data: bytes) -> tuple[list[Generation], int]:
                 name = value.split(b"\0", 1)[0].decode(errors="replace") or None
         gens.append(Generation(genid, pid, name))
     return gens, others
+
+
+# nlmsghdr + nfgenmsg (AF_UNSPEC): "which generation is in force?"
+_GETGEN_REQUEST = struct.pack("=IHHIIBBH", 20, NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN, NLM_F_REQUEST,
+                              1, 0, socket.AF_UNSPEC, 0, 0)
+
+
+def nft_generation(open_socket: Callable[[], socket.socket] | None = None) -> int | None:
+    """The ruleset generation now in force (NFT_MSG_GETGEN; blocking), None if it cannot be asked.
+
+    A generation read before a ruleset read and again before acting on it
+    tells whether a commit came between, also one whose event is still on
+    its way to the event socket.
+    """
+    try:
+        sock = open_socket() if open_socket is not None else \
+            socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    except OSError:
+        return None
+    with sock:
+        try:
+            sock.settimeout(1.0)
+            sock.send(_GETGEN_REQUEST)
+            data = sock.recv(65536)
+        except OSError:
+            return None
+    gens, _ = parse_generations(data)
+    return gens[0].genid if gens else None
 
 
 def open_nftables_socket() -> trio.socket.SocketType:
