@@ -184,9 +184,11 @@ def entry_for(f: Flow, actual: str, seen: bool, ident: int) -> Entry:
         reply_dst = ip_address("192.0.2.1")
     elif actual == "dnat":
         reply_src = ip_address("10.0.0.5")
-    sport, dport = (f.sport, f.dport) if f.proto != IPPROTO_ICMP else (f.sport, f.dport)
-    orig = CtTuple(f.src, f.dst, sport, dport)
-    reply = CtTuple(reply_src, reply_dst, dport, sport)
+    orig = CtTuple(f.src, f.dst, f.sport, f.dport)
+    if f.proto == IPPROTO_ICMP:  # the reply of an echo request: same id, type and code 0
+        reply = CtTuple(reply_src, reply_dst, f.sport, 0)
+    else:
+        reply = CtTuple(reply_src, reply_dst, f.dport, f.sport)
     return Entry(f.family, f.proto, orig, reply, status, f.zone, f.ct_mark, ident, 30)
 
 
@@ -204,6 +206,7 @@ def test_decide_with_classes_deletes_what_decide_per_flow_deletes(
         return predict(rs, fib, flow)
 
     c = Classifier.build([before, now], [rs], eligibility, sport_matters=True)
+    assert c.exact, c.reason
     plain = decide(entries, predict=bound, fib_now=Fib(now), fib_before=Fib(before), eligibility=eligibility)
     classed = decide(entries, predict=bound, fib_now=Fib(now), fib_before=Fib(before), eligibility=eligibility,
                      classifier=c)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import struct
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -308,6 +309,29 @@ class Classifier:
     exact: bool = True
     reason: str = ""
 
+    def packed(self) -> bytes | None:
+        """The tables a compiled scan classifies by (``edges/_ctscan.c``), None where they do not fit.
+
+        Native byte order: u32 counts (IPv4 starts, IPv6 starts, port starts, marks) and the
+        sport flag; IPv4 starts and classes as u32; IPv6 starts as 16 big-endian bytes and
+        classes as u32; port starts and classes as u32; (value, mask) u32 pairs of marks.
+        The same source and destination map serves both (``build`` makes them one).
+        """
+        v4, v6 = self.src[AF_INET], self.src[AF_INET6]
+        if self.dst[AF_INET] is not v4 or self.dst[AF_INET6] is not v6 or len(self.marks) > 63:
+            return None
+        if any(not 0 <= m < 1 << 32 for pair in self.marks for m in pair):
+            return None
+        n4, n6, n_ports = len(v4.starts), len(v6.starts), len(self.ports.starts)
+        out = bytearray(struct.pack("=5I", n4, n6, n_ports, len(self.marks), int(self.sport_matters)))
+        out += struct.pack(f"={n4}I", *v4.starts) + struct.pack(f"={n4}I", *v4.classes)
+        out += b"".join(s.to_bytes(16, "big") for s in v6.starts) + struct.pack(f"={n6}I", *v6.classes)
+        out += struct.pack(f"={n_ports}I", *self.ports.starts)
+        out += struct.pack(f"={n_ports}I", *self.ports.classes)
+        for value, mask in self.marks:
+            out += struct.pack("=2I", value, mask)
+        return bytes(out)
+
     @property
     def class_count(self) -> int:
         """An upper bound on the classes of addresses and ports (not their product)."""
@@ -361,7 +385,7 @@ class Classifier:
             _topology_harvest(topology, harvest)
         marks: list[tuple[int, int]] = []
         if eligibility is not None:
-            _walk(_eligibility_addresses(eligibility), harvest)
+            _walk(tuple(_eligibility_addresses(eligibility)), harvest)
             marks = list(dict.fromkeys(_eligibility_marks(eligibility)))
         src: dict[int, FieldMap] = {}
         dst: dict[int, FieldMap] = {}

@@ -395,6 +395,8 @@ class Decider:
         # one slot per class seen, whatever the traffic. Without an exact classifier they are
         # kept per flow key, and cleared when they pass ``FLOW_CACHE_LIMIT``.
         self.classifier = classifier if classifier is not None and classifier.exact else None
+        # The classifier's tables for a compiled scan, which then keys ``raw_cache`` by class.
+        self.class_tables = self.classifier.packed() if self.classifier is not None else None
         self.fib_now = fib_now
         self.fib_before = fib_before
         self.eligibility = eligibility
