@@ -45,7 +45,7 @@ def live() -> LiveTopology:
         ("link", True, Link(4, "up3"), 0, True, {R1, V6A}),
     ],
 )
-def test_events(
+def test_events(  # noqa: PLR0917 - a parametrized table
     kind: str, new: bool, value: object, flags: int, follows: bool, routes: set[Route] | None
 ) -> None:
     state = live()
