@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 from topowatch.edges import ctcodec, iptables, nftevents
 from topowatch.edges.iptables import IpSet, parse_ipset_save
-from topowatch.errors import PolicyError
+from topowatch.errors import PolicyError, UsageError
+from topowatch.metrics import parse_listen
 from topowatch.policy import load_policies
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -219,6 +220,17 @@ def test_iptables_numbers_that_int_refuses(line: str) -> None:
     parsed = iptables.parse_save(f"*nat\n{line}\nCOMMIT\n")
     (post,) = [c for c in parsed.ruleset.chains if c.name == "POSTROUTING"]
     assert len(post.rules) == 1  # kept in its chain, known or unknown
+
+
+@FUZZ
+@given(st.one_of(st.text(max_size=30), st.sampled_from(["127.0.0.1:²", "[::1]:٣٣", "h:" + "9" * 5000])))
+def test_metrics_listen_is_parsed_or_a_usage_error(text: str) -> None:
+    """``--metrics-listen``: "²" passes str.isdigit() but not int()."""
+    try:
+        host, port = parse_listen(text)
+    except UsageError:
+        return
+    assert host and 0 < port < 65536
 
 
 def test_deeply_nested_toml_is_a_policy_error(tmp_path: Path) -> None:
