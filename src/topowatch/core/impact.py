@@ -5,7 +5,9 @@ the routes of the tables rules reach, links, addresses) and the xfrm state.
 Comparing the previous and the current topology, per address family:
 
 - a family without a NAT chain at any hook cannot be re-NATed by anything:
-  its changes do not count;
+  its changes do not count (an entry that carries NAT from an earlier
+  ruleset was judged by the full judgement that followed the ruleset
+  change; one left undecided then stays so until the next full one);
 - rules, xfrm policies or states, addresses, or links (other than their
   carrier, which the FIB does not read: a link without carrier keeps its
   routes) changed: any flow of the family may be NATed differently;
