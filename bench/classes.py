@@ -40,7 +40,10 @@ HOPS = (Nexthop(3, ip_address("198.51.100.1")), Nexthop(4, ip_address("203.0.113
 
 def table(routes: int) -> Topology:
     base = int(IPv4Address("100.64.0.0"))
-    out = [Route(ip_network("0.0.0.0/0"), nexthops=(HOPS[0],)), Route(ip_network("10.0.0.0/8"), nexthops=(Nexthop(2),))]
+    out = [
+        Route(ip_network("0.0.0.0/0"), nexthops=(HOPS[0],)),
+        Route(ip_network("10.0.0.0/8"), nexthops=(Nexthop(2),)),
+    ]
     for i in range(routes):
         out.append(Route(ip_network(f"{IPv4Address(base + i * 256)}/24"), nexthops=(HOPS[i % 3],)))
     return Topology(LINKS, ADDRESSES, tuple(out))
@@ -64,8 +67,20 @@ def big_ruleset(rules: int) -> NatRuleset:
                        "right": {"prefix": {"addr": f"10.2.{i // 4}.{(i % 4) * 64}", "len": 26}}}},
             {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "up2"}},
             {"snat": {"addr": "203.0.113.2"}}]}})  # fmt: skip
-    items.append({"rule": {"family": "ip", "table": "nat", "chain": "post", "handle": 999999, "expr": [
-        {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "up2"}}, {"masquerade": None}]}})
+    items.append(
+        {
+            "rule": {
+                "family": "ip",
+                "table": "nat",
+                "chain": "post",
+                "handle": 999999,
+                "expr": [
+                    {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "up2"}},
+                    {"masquerade": None},
+                ],
+            }
+        }
+    )
     return parse_ruleset_json({"nftables": items})
 
 
@@ -79,8 +94,10 @@ def timed(fn: Any, repeat: int = 3) -> tuple[float, Any]:
 
 
 def describe(c: Classifier) -> str:
-    return (f"IPv4 address classes {c.src[2].count} ({len(c.src[2].starts)} intervals), IPv6 {c.src[10].count}, "
-            f"port classes {c.ports.count}, exact {c.exact}{'' if c.exact else ' (' + c.reason + ')'}")
+    return (
+        f"IPv4 address classes {c.src[2].count} ({len(c.src[2].starts)} intervals), IPv6 {c.src[10].count}, "
+        f"port classes {c.ports.count}, exact {c.exact}{'' if c.exact else ' (' + c.reason + ')'}"
+    )
 
 
 def corpus(root: Path) -> None:
@@ -99,7 +116,9 @@ def corpus(root: Path) -> None:
                 continue
             rs = parse_ruleset_json(doc)
             seconds, c = timed(lambda rs=rs: Classifier.build([table(0)], [rs]))
-            print(f"  {path.name:<50} {len(list(rs.chains)):>3} chains  {seconds * 1000:7.1f} ms  {describe(c)}")
+            print(
+                f"  {path.name:<50} {len(list(rs.chains)):>3} chains  {seconds * 1000:7.1f} ms  {describe(c)}"
+            )
     finally:
         loader.close()
 
@@ -109,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--routes", type=int, default=100_000)
     parser.add_argument("--rules", type=int, default=2_000)
     parser.add_argument("--events", type=int, default=20)
-    parser.add_argument("--corpus", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "corpus")
+    parser.add_argument(
+        "--corpus", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "corpus"
+    )
     args = parser.parse_args(argv)
     print("corpus rulesets (with a small routing table):")
     corpus(args.corpus)
@@ -140,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  kept topology updated: {ms(applies)}")
     print(f"  impact (which flows can change): {ms(applies and impacts)}; e.g. {kinds[0]}")
     print(f"  joint classifier rebuilt (memoized per snapshot): {ms(builds)}")
-    print(f"{'PASS' if statistics.mean(builds) < 0.001 else 'FAIL'}  route event to updated classifier < 1 ms "
-          f"on average (rebuilt, not updated: {statistics.mean(builds) * 1000:.1f} ms)")
+    print(
+        f"{'PASS' if statistics.mean(builds) < 0.001 else 'FAIL'}  route event to updated classifier < 1 ms "
+        f"on average (rebuilt, not updated: {statistics.mean(builds) * 1000:.1f} ms)"
+    )
     unused = replace(before, routes=(*before.routes, Route(ip_network("198.18.0.0/15"), table=100,
                                                            nexthops=(HOPS[1],))))  # fmt: skip
     t, scope = timed(lambda: impact(before, unused, rs))
