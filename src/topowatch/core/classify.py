@@ -42,14 +42,16 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import struct
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any
 
 from topowatch.core.eligibility import Eligibility
-from topowatch.core.model import AF_INET, AF_INET6, Route, RouteType, Topology
+from topowatch.core.model import AF_INET, AF_INET6, Link, Route, RouteType, Topology
 
 # Questions the FIB and source selection ask of any address, whatever the configuration.
 _SPECIAL_V4 = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "255.255.255.255/32")
@@ -120,13 +122,17 @@ def _field_map(
     starts: list[int] = []
     classes: list[int] = []
     numbers: dict[tuple[object, ...], int] = {}
+    members: frozenset[int] = frozenset()
     for point in sorted(points):
-        for kind, ident in events.get(point, ()):
-            if kind == 0:
-                active.discard(ident)
-        for kind, ident in events.get(point, ()):
-            if kind == 1:
-                active.add(ident)
+        changes = events.get(point)
+        if changes:
+            for kind, ident in changes:
+                if kind == 0:
+                    active.discard(ident)
+            for kind, ident in changes:
+                if kind == 1:
+                    active.add(ident)
+            members = frozenset(active)
         labels: list[object] = []
         for t, ordered in enumerate(tables):
             stack = stacks[t]
@@ -138,7 +144,7 @@ def _field_map(
                 if hi >= point:
                     stack.append((hi, label))  # prefixes nest: the narrowest is on top
             labels.append(stack[-1][1] if stack else None)
-        signature = (frozenset(active), *labels)
+        signature = (members, *labels)
         number = numbers.setdefault(signature, len(numbers))
         if classes and classes[-1] == number:
             continue
@@ -160,12 +166,43 @@ class _Harvest:
     def empty(cls) -> _Harvest:
         return cls({AF_INET: set(), AF_INET6: set()}, set(), [])
 
+    def merge(self, other: _Harvest) -> None:
+        for family, intervals in other.addresses.items():
+            self.addresses[family] |= intervals
+        self.ports |= other.ports
+        self.inexact.extend(other.inexact)
+
     def address(self, lo: int, hi: int, version: int) -> None:
         self.addresses[AF_INET if version == 4 else AF_INET6].add((lo, hi))
 
     def port(self, lo: int, hi: int) -> None:
         if 0 <= lo <= _PORT_MAX:
             self.ports.add((lo, min(hi, _PORT_MAX)))
+
+
+def _harvested(fill: Callable[[_Harvest], None]) -> _Harvest:
+    harvest = _Harvest.empty()
+    fill(harvest)
+    return harvest
+
+
+# What was harvested from the last few rulesets and topologies, by identity: a reaction's
+# snapshot is the next one's previous snapshot, and the ruleset is read again only when it
+# changed. The value keeps its key alive, so an id is never reused while it is here.
+_MEMO: dict[tuple[int, str], tuple[object, Any]] = {}
+_MEMO_SIZE = 12
+
+
+def _memo(value: object, what: str, make: Callable[[Any], Any]) -> Any:
+    key = (id(value), what)
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0] is value:
+        return hit[1]
+    result = make(value)
+    if len(_MEMO) >= _MEMO_SIZE:
+        del _MEMO[next(iter(_MEMO))]
+    _MEMO[key] = (value, result)
+    return result
 
 
 def _masked_interval(value: int, mask: int, bits: int) -> tuple[int, int] | None:
@@ -234,14 +271,16 @@ def _walk(value: object, harvest: _Harvest, depth: int = 0) -> None:
     harvest.inexact.append(f"a {name} value cannot be read for classes")
 
 
-def _route_label(route: Route, topology: Topology, oif_addresses: dict[int, tuple[object, ...]]) -> object:
+def _route_label(
+    route: Route, links: dict[int, Link], oif_addresses: dict[int, tuple[object, ...]]
+) -> object:
     """What the FIB reads of a route besides its prefix (for plain unicast routes)."""
     if route.type != RouteType.UNICAST or not route.nexthops or route.tos:
         # Its text can reach a reason or an unknown: keep it apart by its prefix too.
         return ("route", route)
     hops = []
     for nh in route.nexthops:
-        link = topology.link(nh.oif)
+        link = links.get(nh.oif)
         hops.append((nh, None if link is None else (link.name, link.up), oif_addresses.get(nh.oif, ())))
     return (route.type, tuple(hops), route.metric, route.prefsrc, route.scope, route.protocol)
 
@@ -259,14 +298,49 @@ def _table_routes(topology: Topology, family: int) -> list[list[tuple[int, int, 
         key = (route.table, int(route.dst.network_address), int(route.dst.broadcast_address))
         groups.setdefault(key, []).append(route)
     tables: dict[int, list[tuple[int, int, object]]] = {}
+    links = {link.index: link for link in topology.links}
+    # Labels are remembered per Route object while the links and addresses they read stay the
+    # same: a snapshot kept from events shares its unchanged routes with the one before.
+    context = (topology.links, topology.addresses)
+    if _LABELS.get("context") != context or len(_LABELS) > 4 * len(topology.routes) + 16:
+        _LABELS.clear()
+        _LABELS["context"] = context
     for (table, lo, hi), routes in groups.items():
-        label = tuple(_route_label(r, topology, oif_addresses) for r in sorted(routes, key=_route_order))
-        tables.setdefault(table, []).append((lo, hi, label))
+        if len(routes) > 1:
+            routes.sort(key=_route_order)  # stable: dump order among equals, as the FIB keeps it
+        labels = []
+        for r in routes:
+            hit = _LABELS.get(id(r))
+            if hit is None or hit[0] is not r:
+                label = _route_label(r, links, oif_addresses)
+                hit = _LABELS[id(r)] = (r, _LABEL_IDS.setdefault(label, len(_LABEL_IDS)))
+            labels.append(hit[1])
+        group = labels[0] if len(labels) == 1 else _LABEL_IDS.setdefault(tuple(labels), len(_LABEL_IDS))
+        tables.setdefault(table, []).append((lo, hi, group))
     return [tables[t] for t in sorted(tables)]
 
 
-def _route_order(route: Route) -> tuple[int, int, str]:
-    return (-route.tos, route.metric, repr(route))
+# Route labels by id(route): (route, label number), and "context": the links and addresses they
+# read. Labels are numbered once (``_LABEL_IDS``, which only grows: a number never changes its
+# meaning while any remembered map uses it), so the sweep hashes small ints, not routes.
+_LABELS: dict[object, Any] = {}
+_LABEL_IDS: dict[object, int] = {}
+_LABEL_IDS_LIMIT = 1 << 20
+
+
+def _forget_labels() -> None:
+    """Drop every remembered label and map together (their numbers go with them)."""
+    _LABELS.clear()
+    _LABEL_IDS.clear()
+    _MEMO.clear()
+
+
+def _route_order(route: Route) -> tuple[int, int]:
+    return (-route.tos, route.metric)
+
+
+def _topology_harvested(topology: Topology) -> _Harvest:
+    return _harvested(functools.partial(_topology_harvest, topology))
 
 
 def _topology_harvest(topology: Topology, harvest: _Harvest) -> None:
@@ -285,11 +359,8 @@ def _topology_harvest(topology: Topology, harvest: _Harvest) -> None:
                 harvest.address(lo, lo | ((1 << shift) - 1), 6)
     _walk(topology.rules, harvest)
     _walk(topology.xfrm_policies, harvest)
-    for route in topology.routes:
-        # Gateways and preferred sources are addresses a question may name.
-        _walk(route.prefsrc, harvest)
-        for nh in route.nexthops:
-            _walk(nh.gateway, harvest)
+    # Routes are not harvested: their prefixes are labels (``_table_routes``), and a gateway or
+    # preferred source is compared with interface addresses, never with a flow's address.
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +409,23 @@ class Classifier:
         fields = (*self.src.values(), *self.dst.values(), self.ports)
         return sum(m.count for m in fields)
 
+    def classes_within(self, prefixes: Iterable[IPv4Network | IPv6Network]) -> frozenset[tuple[int, int]]:
+        """(family, class) of every address class with an interval inside one of ``prefixes``.
+
+        Prefixes whose bounds are not boundaries of the map (not harvested) count for every
+        class that overlaps them, so the answer never leaves out a class that meets them.
+        """
+        out: set[tuple[int, int]] = set()
+        for net in prefixes:
+            family = AF_INET if net.version == 4 else AF_INET6
+            fmap = self.dst[family]
+            lo, hi = int(net.network_address), int(net.broadcast_address)
+            i = bisect_right(fmap.starts, lo) - 1
+            while i < len(fmap.starts) and fmap.starts[i] <= hi:
+                out.add((family, fmap.classes[i]))
+                i += 1
+        return frozenset(out)
+
     def mark_class(self, mark: int) -> int:
         bits = 1 if mark == 0 else 0
         for i, (value, mask) in enumerate(self.marks, 1):
@@ -372,6 +460,8 @@ class Classifier:
         sport_matters: bool = True,
     ) -> Classifier:
         """The classes that every one of ``topologies`` with every one of ``rulesets`` treats alike."""
+        if len(_LABEL_IDS) > _LABEL_IDS_LIMIT:
+            _forget_labels()
         harvest = _Harvest.empty()
         for family, specials in ((AF_INET, _SPECIAL_V4), (AF_INET6, _SPECIAL_V6)):
             for text in specials:
@@ -380,9 +470,9 @@ class Classifier:
                 )
                 harvest.address(int(net.network_address), int(net.broadcast_address), net.version)
         for ruleset in rulesets:
-            _walk(ruleset, harvest)
+            harvest.merge(_memo(ruleset, "ruleset", lambda r: _harvested(lambda h: _walk(r, h))))
         for topology in topologies:
-            _topology_harvest(topology, harvest)
+            harvest.merge(_memo(topology, "topology", _topology_harvested))
         marks: list[tuple[int, int]] = []
         if eligibility is not None:
             _walk(tuple(_eligibility_addresses(eligibility)), harvest)
@@ -390,7 +480,10 @@ class Classifier:
         src: dict[int, FieldMap] = {}
         dst: dict[int, FieldMap] = {}
         for family in (AF_INET, AF_INET6):
-            labelled = [t for topology in topologies for t in _table_routes(topology, family)]
+            labelled: list[list[tuple[int, int, object]]] = []
+            for topology in topologies:
+                routes = functools.partial(_table_routes, family=family)
+                labelled += _memo(topology, f"routes{family}", routes)
             fmap = _field_map(_BITS[family], harvest.addresses[family], labelled)
             src[family] = dst[family] = fmap
         ports = _field_map(16, harvest.ports)
