@@ -74,6 +74,7 @@ from topowatch.core.nat import (
     VerdictMap,
 )
 from topowatch.errors import MissingTool, PermissionDenied, RulesetError
+from topowatch.text import run_tool, undecodable
 
 NFT_TIMEOUT = 30.0
 
@@ -1003,6 +1004,8 @@ def run_ruleset_tool(
         raise PermissionDenied(f"cannot run {argv[0]}: {exc.strerror}") from exc
     except subprocess.TimeoutExpired as exc:
         raise RulesetError(f"{' '.join(argv)} did not answer within {timeout:.0f} s") from exc
+    except OSError as exc:  # EMFILE, ENOMEM, ...: this read fails, the next one tries again
+        raise RulesetError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
     if proc.returncode != 0:
         message = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[0]
         if "Operation not permitted" in proc.stderr or "Permission denied" in proc.stderr:
@@ -1012,7 +1015,7 @@ def run_ruleset_tool(
 
 
 def _run_nft(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=NFT_TIMEOUT)
+    return run_tool(argv, timeout=NFT_TIMEOUT)
 
 
 def read_ruleset(nft: str = "nft") -> NatRuleset:
@@ -1028,4 +1031,43 @@ def read_ruleset(nft: str = "nft") -> NatRuleset:
         raise RulesetError(f"{' '.join(argv)}: output is not JSON ({exc.msg} at line {exc.lineno})") from exc
     except RecursionError as exc:
         raise RulesetError(f"{' '.join(argv)}: output is nested too deeply to read") from exc
+    if undecodable(stdout):
+        doc = mark_undecodable(doc)
     return parse_ruleset_json(doc)
+
+
+def mark_undecodable(doc: Any) -> Any:
+    """``doc`` with each rule expression that holds bytes nft printed as non-UTF-8 made unknown.
+
+    ``nft`` output is decoded with surrogate escapes (``topowatch.text``); an
+    expression holding one (an interface name, a set element) cannot be
+    compared reliably, so it becomes ``{"undecodable": ...}``, which no
+    modelled expression reads: the rule is unknown, never "no NAT". A rule's
+    comment does not matter and is kept.
+    """
+    if not isinstance(doc, dict) or not isinstance(doc.get("nftables"), list):
+        return doc
+    items = []
+    for raw in doc["nftables"]:
+        body = raw.get("rule") if isinstance(raw, dict) and len(raw) == 1 else None
+        if isinstance(body, dict) and isinstance(body.get("expr"), list):
+            exprs = [{"undecodable": e} if _holds_undecodable(e) else e for e in body["expr"]]
+            items.append({"rule": {**body, "expr": exprs}})
+        else:
+            items.append(raw)
+    return {**doc, "nftables": items}
+
+
+def _holds_undecodable(value: Any) -> bool:
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            if undecodable(item):
+                return True
+        elif isinstance(item, dict):
+            todo.extend(item.keys())
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return False

@@ -62,6 +62,7 @@ import trio
 from topowatch.edges.iptables import IpSet, read_named_ipsets
 from topowatch.edges.rtnl import receive, subscribe
 from topowatch.reactor import Trigger
+from topowatch.text import run_tool
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +223,7 @@ def read_legacy_nat(commands: Sequence[str] = LEGACY_SAVE, timeout: float = 10.0
     parts: list[str] = []
     for command in commands:
         try:
-            proc = subprocess.run([command, "-t", "nat"], capture_output=True, text=True, timeout=timeout,
-                                  check=False)
+            proc = run_tool([command, "-t", "nat"], timeout=timeout)
         except (OSError, subprocess.TimeoutExpired) as exc:
             parts.append(f"{command}: {exc}")
             continue
