@@ -24,6 +24,7 @@ import trio
 from topowatch import __version__
 from topowatch.errors import PermissionDenied, TopowatchError, UsageError
 from topowatch.logs import setup_logging
+from topowatch.text import escape
 
 if TYPE_CHECKING:
     from topowatch.policy import PolicyStore
@@ -301,10 +302,56 @@ async def _run_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, in order: what a nursery's failure holds."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _error_lines(exc: BaseException) -> list[str]:
+    from topowatch.policy import PolicyErrors
+
+    if isinstance(exc, PolicyErrors):
+        return [f"{len(exc.errors)} error(s) in policy files:", *(f"  {escape(str(e))}" for e in exc.errors)]
+    if isinstance(exc, TopowatchError):
+        return [escape(str(exc))]
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {escape(str(exc.filename))}" if exc.filename is not None else ""
+        return [f"{exc.strerror}{where}"]
+    return [f"unexpected {type(exc).__name__}: {escape(str(exc))}"]
+
+
+def _failed(exc: BaseException, verbose: int) -> int:
+    """One line on stderr (a list for policy errors), never a traceback; the exit status.
+
+    A failure inside the daemon's nursery arrives as an exception group: the
+    first error of our own kind inside it is the one reported. With ``-vv``
+    the traceback follows, for a bug report.
+    """
+    leaves = _leaves(exc)
+    if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+        return 130
+    leaf = next((e for e in leaves if isinstance(e, TopowatchError)), leaves[0])
+    for line in _error_lines(leaf):
+        print(f"topowatch: error: {line}" if not line.startswith("  ") else f"topowatch: {line}",
+              file=sys.stderr)
+    if verbose >= 2:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    return 2 if isinstance(leaf, UsageError) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose, args.log_format)
+    for stream in (sys.stdout, sys.stderr):
+        # Names from outside (interfaces, files) may hold bytes that were not UTF-8: print, never fail.
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     try:
         if args.command == "lab":
             _require_root("lab")
@@ -338,14 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "flush":
             return trio.run(_audit, True, args.dry_run, args.json, args.max_deletions, args.rules_dir)
         raise UsageError(f"unknown command {args.command!r}")
-    except UsageError as exc:
-        print(f"topowatch: error: {exc}", file=sys.stderr)
-        return 2
-    except TopowatchError as exc:
-        print(f"topowatch: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    except (Exception, KeyboardInterrupt, BaseExceptionGroup) as exc:
+        return _failed(exc, args.verbose)
 
 
 if __name__ == "__main__":
