@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("topowatch")
 
+# How long a SIGHUP may spend reading the policy files before the previous policy simply stays.
+RELOAD_TIMEOUT = 10.0
+
 
 def _positive_float(text: str) -> float:
     try:
@@ -248,10 +251,40 @@ def _dbus_tasks(
     return [AgentService(reactor, reload=reload, pressure=pressure).run]
 
 
+async def reload_policies(store: PolicyStore, timeout: float = RELOAD_TIMEOUT) -> bool:
+    """SIGHUP: read the policy files in a worker thread within ``timeout`` s; True if the new one is in force.
+
+    Any failure (errors in the files, a read that does not finish in time,
+    anything unexpected) is logged and keeps the previous policy: the event
+    loop never waits on a file and the daemon never ends over one. A read
+    given up on is abandoned (the thread ends on its own; files are bounded
+    in size, so it does).
+    """
+    from topowatch.policy import PolicyErrors
+
+    try:
+        with trio.fail_after(timeout):
+            policy = await trio.to_thread.run_sync(store.load, abandon_on_cancel=True)
+    except PolicyErrors as exc:
+        for error in exc.errors:
+            log.error("%s", error)
+        log.error("keeping the previous policy")
+        return False
+    except trio.TooSlowError:
+        log.error("reading the policy files took more than %.0f s; keeping the previous policy", timeout)
+        return False
+    except Exception as exc:  # a bug in reading must not end the daemon either
+        log.error("cannot reload the policies (%s: %s); keeping the previous policy", type(exc).__name__, exc)
+        return False
+    store.install(policy)
+    log.info("policies reloaded: %s", ", ".join(p.name for p in policy.policies))
+    return True
+
+
 async def _run_daemon(args: argparse.Namespace) -> int:
     from topowatch.edges.kernel import KernelBackend
     from topowatch.edges.sysctl import TimeoutLedger
-    from topowatch.policy import PolicyErrors, PolicyStore
+    from topowatch.policy import PolicyStore
     from topowatch.pressure import PressureAgent
     from topowatch.reactor import Reactor, ReactorConfig
     from topowatch.sdnotify import Notifier
@@ -282,15 +315,8 @@ async def _run_daemon(args: argparse.Namespace) -> int:
             async def wait_signal() -> None:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        try:
-                            store.reload()
-                            names = ", ".join(p.name for p in store.current.policies)
-                            log.info("policies reloaded: %s", names)
+                        if await reload_policies(store):
                             pressure.policy_changed()
-                        except PolicyErrors as exc:
-                            for error in exc.errors:
-                                log.error("%s", error)
-                            log.error("keeping the previous policy")
                         continue
                     log.info("received %s: stopping", signal.Signals(signum).name)
                     notifier.stopping(f"stopping after {len(reactor.reactions)} reaction(s)")
