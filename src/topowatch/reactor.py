@@ -11,8 +11,10 @@ batches, log one line, and T1 becomes T0.
 Rules:
 - a source that fails is restarted (with back-off) and says so; an overrun
   (lost events) is a trigger of its own: the reaction re-reads everything;
-- a reaction that fails is logged and the loop goes on; a ruleset that fails
-  to read keeps the previous one in force;
+- a reaction that fails (a netlink error, EMFILE or any other OSError) is
+  logged and tried again after a back-off (doubling up to ``RETRY_MAX``), as
+  a resync: its events are not lost, and the loop goes on; a ruleset that
+  fails to read keeps the previous one in force;
 - until a ruleset has been read (the first read at startup failed, and every
   retry since), a reaction decides nothing and deletes nothing, and says so;
   each reaction retries the read, and T0 stays the last snapshot a decision
@@ -52,6 +54,8 @@ ENTRY_LOG_LIMIT = 20
 # only of these keeps the ruleset read before, if the backend reports ruleset
 # changes as triggers (``ruleset_events``); anything else re-reads it.
 TOPOLOGY_KINDS = frozenset({"link", "address", "route", "rule", "xfrm"})
+# The longest wait before a failed reaction is tried again.
+RETRY_MAX = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,17 +326,27 @@ class Reactor:
             task_status.started()
             if self.config.startup_sweep:
                 self.push(Trigger("startup", "startup sweep"))
+            failures = 0
             while True:
                 burst = await self._collect()
                 self.busy_since = trio.current_time()
                 try:
                     async with self.lock:
                         await self.react(burst)
-                except TopowatchError as exc:
+                    failures = 0
+                except (TopowatchError, OSError) as exc:
                     self._count("reaction")
-                    log.error("reaction failed: %s", exc)
+                    failures += 1
+                    retry = min(self.config.restart_backoff * 2 ** min(failures - 1, 16), RETRY_MAX)
+                    log.error("reaction failed: %s; trying again in %.1f s", exc, retry)
+                    why = str(exc)
+                else:
+                    continue
                 finally:
                     self.busy_since = None
+                # Events meanwhile join the retry's burst; T0 is still the last snapshot judged.
+                await trio.sleep(retry)
+                self.push(Trigger("retry", f"retry after a failed reaction ({why})", overrun=True))
 
     def _count(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1

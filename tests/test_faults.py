@@ -1,0 +1,152 @@
+"""Faults the daemon must outlive: EMFILE in a reaction, a flood of metrics clients, a read-only state dir."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from topowatch.core.model import Topology
+from topowatch.metrics import Metrics, serve_http
+from topowatch.reactor import Trigger
+
+from test_reactor import B, FakeBackend, start  # isort: skip
+
+
+class EmfileOnce(FakeBackend):
+    """The first reaction's snapshot fails as a socket() would with every descriptor in use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.snapshots = 0
+
+    async def topology(self) -> Topology:
+        self.snapshots += 1
+        if self.snapshots == 2:  # the first is the start's
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await super().topology()
+
+
+async def test_a_reaction_failing_with_emfile_is_retried_and_the_loop_goes_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = EmfileOnce()
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery, restart_backoff=1.0)
+        backend.topo = B
+        await backend.send.send(Trigger("rtnl", "link up2 added", kind="link"))
+        await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+    assert reactor.errors == {"reaction": 1}
+    (retried,) = reactor.reactions
+    assert "retry after a failed reaction (" in retried.trigger
+    assert len(backend.deleted) == 2  # the change the failed reaction missed is judged by the retry
+
+
+async def test_metrics_serves_at_most_the_cap_and_times_out_idle_clients(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    metrics = Metrics(sysctl_dir="/nonexistent")
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    served = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: serve_http(metrics, listeners, max_connections=3, timeout=5.0))
+        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(10)]
+        await trio.sleep(1)
+        # Only 3 were accepted: a 4th client's request waits in the backlog until an idle one times out.
+        late = await trio.open_tcp_stream("127.0.0.1", port)
+        await late.send_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        with trio.move_on_after(3):
+            served.append(await late.receive_some(65536))
+        assert served == [], "answered beyond the cap"
+        with trio.fail_after(60):
+            reply = b""
+            while chunk := await late.receive_some(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.0 200 OK")
+        for stream in idle:
+            await stream.aclose()
+        await late.aclose()
+        nursery.cancel_scope.cancel()
+    for listener in listeners:
+        await listener.aclose()
+
+
+async def test_metrics_accept_failing_with_emfile_is_retried(autojump_clock: trio.testing.MockClock) -> None:
+    metrics = Metrics(sysctl_dir="/nonexistent")
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    real = listeners[0].accept
+    failures = {"n": 0}
+
+    async def accept() -> trio.SocketStream:
+        if failures["n"] < 3:
+            failures["n"] += 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await real()
+
+    listeners[0].accept = accept  # type: ignore[method-assign]
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_http, metrics, listeners)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        with trio.fail_after(30):
+            assert (await stream.receive_some(65536)).startswith(b"HTTP/1.0 200 OK")
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    await listeners[0].aclose()
+    assert failures["n"] == 3
+
+
+RECOVER = """
+import json, logging, sys, trio
+from topowatch.core.pressure import PressurePolicy
+from topowatch.edges.sysctl import ConntrackSysctl, TimeoutLedger
+from topowatch.pressure import PressureAgent
+
+logging.basicConfig(level=logging.INFO)
+sysctl_dir, ledger_path = sys.argv[1], sys.argv[2]
+agent = PressureAgent(lambda: PressurePolicy(enabled=False), sysctl=ConntrackSysctl(sysctl_dir),
+                      ledger=TimeoutLedger(ledger_path), conntrack=lambda: None)
+
+async def main():
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        nursery.cancel_scope.cancel()
+
+trio.run(main)
+print(open(sysctl_dir + "/nf_conntrack_udp_timeout").read().strip())
+"""
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare and root")
+def test_read_only_state_dir_with_a_leftover_ledger_restores_and_starts(tmp_path: Path) -> None:
+    sysctls = tmp_path / "sys"
+    sysctls.mkdir()
+    (sysctls / "nf_conntrack_udp_timeout").write_text("10\n")  # what a killed run left lowered
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    ledger = state / "pressure-x.json"
+    ledger.write_text('{"saved": {"udp": 30}, "written": {"udp": 10}}')
+    ledger.chmod(0o600)
+    # A private mount namespace: the state dir is read-only there (EROFS), nowhere else.
+    script = textwrap.dedent(f"""
+        mount --bind {state} {state} && mount -o remount,bind,ro {state} &&
+        exec {sys.executable} -c "$1" {sysctls} {ledger}
+    """)
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", RECOVER],
+                          capture_output=True, text=True, timeout=60, check=False)
+    if "mount" in proc.stderr and proc.returncode != 0 and "Traceback" not in proc.stderr:
+        pytest.skip(f"cannot make a read-only bind mount here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "30"  # restored
+    assert "cannot remove the pressure ledger" in proc.stderr and "Read-only file system" in proc.stderr
+    assert ledger.exists()  # (it was read-only)
