@@ -164,6 +164,20 @@ class TimeoutLedger:
             return None
         return record
 
-    def clear(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
+    def clear(self) -> bool:
+        """Remove the ledger (the timeouts are back); False, logged, when it cannot be removed.
+
+        A read-only or broken state directory must not stop the daemon once the
+        timeouts are restored: the ledger left behind only makes a later start
+        find the values already restored, which ``restore_plan`` leaves alone
+        (as values someone else set).
+        """
+        try:
             os.unlink(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            log.error("cannot remove the pressure ledger %s (%s); the timeouts are restored, going on",
+                      self.path, exc.strerror or exc)
+            return False
+        return True
