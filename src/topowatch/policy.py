@@ -66,6 +66,9 @@ from topowatch.core.flow import PROTO_NAMES, PROTO_NUMBERS
 from topowatch.core.model import AF_INET, AF_INET6, IPNetwork
 from topowatch.core.pressure import DEFAULT_LOWERED, LOWERABLE, STATEFUL, PressurePolicy, Protection
 from topowatch.errors import PolicyError
+from topowatch.trust import default_trusted_uids as _default_trusted_uids
+from topowatch.trust import parent_problem as _parent_problem
+from topowatch.trust import trust_problem as _trust_problem
 
 DEFAULT_DIRS: tuple[str, ...] = (
     "/etc/topowatch/rules.d",
@@ -674,45 +677,6 @@ def _line_of(lines: Mapping[tuple[str, ...], int], path: tuple[str, ...]) -> int
 def _key_at_line(text: str, line: int) -> str:
     """The dotted key a syntax error's line names, if the scan can tell."""
     return next((".".join(path) for number, path in _scan(text) if number == line), "")
-
-
-def _trust_problem(path: str, st: os.stat_result, trusted_uids: Collection[int]) -> str | None:
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return (f"refused: writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}), as sshd's "
-                f"StrictModes would refuse it; fix with: chmod go-w {path}")
-    if st.st_uid not in trusted_uids:
-        owners = " or ".join("root" if u == 0 else f"uid {u}" for u in sorted(trusted_uids))
-        return f"refused: owned by uid {st.st_uid}, not {owners}; fix with: chown root {path}"
-    return None
-
-
-def _parent_problem(directory: str, trusted_uids: Collection[int]) -> str | None:
-    """The first directory above ``directory`` (symlinks resolved) that others could use to swap it."""
-    path = os.path.realpath(directory)
-    parent = os.path.dirname(path)
-    chain: list[str] = []
-    while True:
-        chain.append(parent)
-        if parent == os.path.dirname(parent):
-            break
-        parent = os.path.dirname(parent)
-    for ancestor in reversed(chain):
-        try:
-            st = os.stat(ancestor)
-        except OSError as exc:
-            return f"cannot check {ancestor}: {exc.strerror}"
-        writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if writable and not st.st_mode & stat.S_ISVTX:
-            return (f"its parent {ancestor} is writable by group or others (mode "
-                    f"{stat.S_IMODE(st.st_mode):04o}): anyone could rename it away; fix with: "
-                    f"chmod go-w {ancestor}")
-        if st.st_uid not in trusted_uids:
-            return f"its parent {ancestor} is owned by uid {st.st_uid}; fix with: chown root {ancestor}"
-    return None
-
-
-def _default_trusted_uids() -> frozenset[int]:
-    return frozenset({0, os.geteuid()})
 
 
 @dataclass(slots=True)
