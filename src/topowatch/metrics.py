@@ -17,7 +17,11 @@ reactor's error counts by kind. They are exposed either
   accept that fails (EMFILE, ...) is logged and tried again later; or
 - in a textfile for node_exporter's textfile collector
   (``--metrics-textfile PATH``), rewritten by atomic rename after every
-  reaction and every ``refresh`` seconds (0: after reactions only).
+  reaction and every ``refresh`` seconds (0: after reactions only). The
+  temporary file is made by ``mkstemp`` (O_EXCL: a planted file or symlink
+  is never written through) in the target's directory, which must pass the
+  same owner and mode checks as the state directory (``topowatch.trust``);
+  a directory that fails is refused (said once per reason), never written.
 
 This module never decides anything about entries and never touches the
 conntrack table; a metric it cannot read is left out, never made up.
@@ -25,9 +29,11 @@ conntrack table; a metric it cannot read is left out, never made up.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 
@@ -39,7 +45,6 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
-    write_to_textfile,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -48,6 +53,7 @@ from prometheus_client.registry import Collector
 from topowatch.errors import UsageError
 from topowatch.pressure import PressureEvent
 from topowatch.reactor import Reaction
+from topowatch.trust import directory_problem
 
 log = logging.getLogger("topowatch.metrics")
 
@@ -119,6 +125,7 @@ class Metrics:
         self.sysctl_dir = sysctl_dir
         self._reactor_errors = errors
         self._delete_failures = 0
+        self._textfile_problem: str | None = None  # the last reason the textfile was not written
         self.registry = CollectorRegistry()
         r = self.registry
         self.reactions = Counter("topowatch_reactions", "Reactions by result (deleted, dry_run, refused, "
@@ -187,12 +194,33 @@ class Metrics:
         return generate_latest(self.registry)
 
     def write_textfile(self, path: str) -> bool:
-        """Write the textfile by atomic rename; False (logged) when it cannot be written."""
-        try:
-            write_to_textfile(path, self.registry)
-        except OSError as exc:
-            log.error("cannot write the metrics textfile %s: %s", path, exc)
+        """Write the textfile by atomic rename; False (logged once per reason) when it cannot be written."""
+        directory = os.path.dirname(os.path.abspath(path))
+        problem = directory_problem(directory)
+        if problem is None:
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=".topowatch-metrics-", suffix=".tmp", dir=directory)
+            except OSError as exc:
+                problem = f"cannot create a temporary file in {directory}: {exc.strerror or exc}"
+        if problem is not None:
+            if problem != self._textfile_problem:
+                log.error("cannot write the metrics textfile %s: %s", path, problem)
+            self._textfile_problem = problem
             return False
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o644)  # node_exporter reads it
+                f.write(generate_latest(self.registry))
+            os.replace(tmp, path)  # replaces a symlink at ``path`` itself, never its target
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            problem = f"{exc.strerror or exc}"
+            if problem != self._textfile_problem:
+                log.error("cannot write the metrics textfile %s: %s", path, problem)
+            self._textfile_problem = problem
+            return False
+        self._textfile_problem = None
         return True
 
 
