@@ -1169,9 +1169,9 @@ def read_all(
                        frozenset(sets), ipsets)
 
 
-def read_all_logged(nft: str = "nft") -> RulesetRead:
+def read_all_logged(nft: str = "nft", read_nft: Callable[[str], NatRuleset] | None = None) -> RulesetRead:
     """``read_all``, each problem logged as a warning (what ``KernelBackend`` reads)."""
-    result = read_all(nft)
+    result = read_all(nft, read_nft=read_nft)
     for problem in result.problems:
         log.warning("ruleset: %s", problem)
     return result

@@ -72,7 +72,9 @@ NETLINK_ADD_MEMBERSHIP = 1
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 NFNLGRP_NFTABLES = 7
 NFNL_SUBSYS_NFTABLES = 10
-NFT_MSG_NEWGEN = 15  # enum nf_tables_msg_types (GETGEN is 16)
+NFT_MSG_NEWGEN = 15  # enum nf_tables_msg_types
+NFT_MSG_GETGEN = 16
+NLM_F_REQUEST = 1
 NFTA_GEN_ID = 1
 NFTA_GEN_PROC_PID = 2
 NFTA_GEN_PROC_NAME = 3
@@ -140,6 +142,26 @@ def parse_generations(data: bytes) -> tuple[list[Generation], int]:
                 name = value.split(b"\0", 1)[0].decode(errors="replace") or None
         gens.append(Generation(genid, pid, name))
     return gens, others
+
+
+def current_generation(timeout: float = 2.0) -> int | None:
+    """The nftables ruleset generation of this namespace now (``NFT_MSG_GETGEN``); None if it cannot be asked.
+
+    Blocking (a worker thread calls it); one request, one answer. The id
+    changes with every committed transaction, iptables-nft's included (not
+    with legacy iptables or ipsets: those are polled).
+    """
+    request = struct.pack("=IHHII", 20, NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN, NLM_F_REQUEST, 1, 0)
+    request += struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)  # struct nfgenmsg
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER) as s:
+            s.settimeout(timeout)
+            s.send(request)
+            data = s.recv(65536)
+    except OSError:
+        return None
+    gens, _ = parse_generations(data)
+    return gens[0].genid if gens else None
 
 
 def open_nftables_socket() -> trio.socket.SocketType:
