@@ -150,3 +150,63 @@ def test_read_only_state_dir_with_a_leftover_ledger_restores_and_starts(tmp_path
     assert proc.stdout.strip() == "30"  # restored
     assert "cannot remove the pressure ledger" in proc.stderr and "Read-only file system" in proc.stderr
     assert ledger.exists()  # (it was read-only)
+
+
+class SlowPhases(FakeBackend):
+    """Every phase of a reaction takes 3 s: a long reaction that keeps making progress."""
+
+    async def topology(self) -> Topology:
+        await trio.sleep(3)
+        return await super().topology()
+
+    async def ruleset(self):  # type: ignore[no-untyped-def]
+        await trio.sleep(3)
+        return await super().ruleset()
+
+    async def entries(self, eligibility):  # type: ignore[no-untyped-def]
+        await trio.sleep(3)
+        return await super().entries(eligibility)
+
+
+async def test_watchdog_is_fed_by_a_long_reaction_that_makes_progress(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    import socket
+
+    from topowatch.reactor import Reactor, ReactorConfig
+    from topowatch.sdnotify import Notifier, watchdog
+    from test_reactor import stale_when_up2  # isort: skip
+
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.setblocking(False)
+        notifier = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "4000000"})  # stall limit 4 s
+        backend = SlowPhases()
+        reactor = Reactor(backend, ReactorConfig(startup_sweep=False), predictor=stale_when_up2)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run)
+            nursery.start_soon(watchdog, reactor, notifier)
+            await trio.sleep(0.5)
+            while True:  # drain the idle pings
+                try:
+                    sock.recv(64)
+                except BlockingIOError:
+                    break
+            backend.topo = B
+            await backend.send.send(Trigger("rtnl", "link up2 added"))
+            await trio.sleep(0.3)
+            assert reactor.busy_since is not None
+            while reactor.busy_since is not None:
+                await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+        pings = 0
+        while True:
+            try:
+                sock.recv(64)
+                pings += 1
+            except BlockingIOError:
+                break
+    (reaction,) = reactor.reactions
+    assert reaction.latency > 8  # twice the watchdog's stall limit
+    assert pings >= 4  # one every 2 s all along: each phase was progress

@@ -133,6 +133,23 @@ def plan_once(
     )
 
 
+class _PhaseTimings(dict[str, float]):
+    """A reaction's phase timings; recording one is the reaction's progress (``Reactor.progress_at``).
+
+    The watchdog (``sdnotify``) pings during a long reaction as long as phases
+    keep completing: a reaction of many phases may outlast ``WatchdogSec``, a
+    single phase stuck in an await may not, and a blocked loop pings nothing.
+    """
+
+    def __init__(self, reactor: Reactor) -> None:
+        super().__init__()
+        self._reactor = reactor
+
+    def __setitem__(self, key: str, value: float) -> None:
+        super().__setitem__(key, value)
+        self._reactor.progress_at = trio.current_time()
+
+
 @dataclass(frozen=True, slots=True)
 class ReactorConfig:
     """Daemon-wide settings; None for debounce/max_wait means "as the policies say"."""
@@ -250,6 +267,8 @@ class Reactor:
         self.source_restarts = 0
         self.errors: dict[str, int] = {}  # by kind: reaction, source, ruleset (metrics read it)
         self.busy_since: float | None = None  # when the current reaction began (the watchdog reads it)
+        # When a reaction last finished a phase (snapshot, ruleset, dump, decide, delete): its progress.
+        self.progress_at: float | None = None
         self._burst = Burst()
         self._arrived = trio.Event()
         self._sport_memo: tuple[NatRuleset, bool] | None = None
@@ -363,7 +382,7 @@ class Reactor:
         return self._sport_memo[1]
 
     async def react(self, burst: Burst) -> Reaction:
-        timings: dict[str, float] = {}
+        timings: dict[str, float] = _PhaseTimings(self)
         clock = trio.current_time
         start = clock()
         t1 = await self.backend.topology()

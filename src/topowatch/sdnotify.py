@@ -8,11 +8,15 @@ the pid in ``$WATCHDOG_PID``, when set). Each notification is one datagram of
 
 The watchdog proves that *the reaction loop* is alive, not merely the process:
 ``watchdog`` runs as a task in the daemon's trio run and pings every half
-timeout only while the reactor is idle-waiting for events, or has been busy
-with one reaction for less than ``stall_limit``. A trio run blocked by
-synchronous work pings nothing at all; a reaction stuck in an await stops the
-pings once it has lasted ``stall_limit``. Either way systemd kills and
-restarts the service.
+timeout only while the reactor is idle-waiting for events, or is busy with a
+reaction that made progress within ``stall_limit``. Progress is two things
+together: the trio loop ticks (the watchdog task itself runs at all), and the
+reaction completes phases (snapshot, ruleset read, dump, decide, delete: the
+reactor's ``progress_at``, or its start). So a reaction on a large table or
+ruleset may last longer than ``WatchdogSec`` while its phases go on; a trio
+run blocked by synchronous work pings nothing at all; a phase stuck in an
+await stops the pings once it has lasted ``stall_limit``. Either way systemd
+kills and restarts the service.
 
 Rules: without ``$NOTIFY_SOCKET`` every call is a no-op; without
 ``$WATCHDOG_USEC`` (or with a ``$WATCHDOG_PID`` that is not ours) there is no
@@ -101,16 +105,23 @@ def _watchdog_usec(env: Mapping[str, str]) -> int:
 
 
 class Heartbeat(Protocol):
-    """What the watchdog reads from the reactor: when its current reaction began (None: idle)."""
+    """What the watchdog reads from the reactor: when its current reaction began (None: idle).
+
+    A heartbeat may also have ``progress_at``: when the reaction last completed a phase.
+    """
 
     @property
     def busy_since(self) -> float | None: ...
 
 
 def loop_alive(heartbeat: Heartbeat, now: float, stall_limit: float) -> bool:
-    """Is the reaction loop idle-waiting, or busy for less than ``stall_limit``?"""
+    """Is the reaction loop idle-waiting, or has its reaction made progress within ``stall_limit``?"""
     since = heartbeat.busy_since
-    return since is None or now - since < stall_limit
+    if since is None:
+        return True
+    progress = getattr(heartbeat, "progress_at", None)
+    last = since if progress is None else max(since, progress)
+    return now - last < stall_limit
 
 
 async def watchdog(heartbeat: Heartbeat, notifier: Notifier, *, stall_limit: float | None = None) -> None:
