@@ -210,3 +210,19 @@ async def test_watchdog_is_fed_by_a_long_reaction_that_makes_progress(
     (reaction,) = reactor.reactions
     assert reaction.latency > 8  # twice the watchdog's stall limit
     assert pings >= 4  # one every 2 s all along: each phase was progress
+
+
+async def test_a_failing_reaction_observer_never_ends_the_loop(autojump_clock: trio.testing.MockClock) -> None:
+    backend = FakeBackend()
+
+    def broken(reaction: object) -> None:
+        raise UnicodeEncodeError("utf-8", "d\udce9v", 1, 2, "surrogates not allowed")
+
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery)
+        reactor.reaction_hooks.append(broken)
+        for i in range(2):
+            await backend.send.send(Trigger("rtnl", f"event {i}"))
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert len(reactor.reactions) == 2 and reactor.errors == {"hook": 2}

@@ -73,3 +73,24 @@ def test_nft_expression_with_undecodable_bytes_is_unknown() -> None:
 def test_rtnl_names_that_are_not_utf8_decode_like_rule_text() -> None:
     assert _name(b"d\xe9v\0") == decode(b"d\xe9v") == "d\udce9v"
     assert _name("eth0") == "eth0" and _name(None) is None
+
+
+def test_sd_notify_status_with_a_hostile_name_is_sent_escaped(tmp_path: object) -> None:
+    import socket
+    from pathlib import Path
+
+    from topowatch.sdnotify import Notifier
+
+    path = str(Path(str(tmp_path)) / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        assert Notifier({"NOTIFY_SOCKET": path}).status("reaction 1 (link d\udce9v\x1b[31m added)")
+        assert sock.recv(4096) == b"STATUS=reaction 1 (link d\\xe9v\\x1b[31m added)"
+
+
+def test_ipset_digest_of_names_that_are_not_utf8() -> None:
+    from topowatch.edges.iptables import IpSet
+    from topowatch.edges.nftevents import ipset_digest
+
+    a = ipset_digest(IpSet("caf\udce9", "hash:ip", 2, ("10.0.0.1", "x\udce9")))
+    assert a != ipset_digest(IpSet("caf\udce9", "hash:ip", 2, ("10.0.0.1", "x\udce8")))

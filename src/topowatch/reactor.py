@@ -490,7 +490,11 @@ class Reactor:
         if self.on_reaction is not None:
             self.on_reaction(reaction)
         for hook in self.reaction_hooks:
-            hook(reaction)
+            try:
+                hook(reaction)
+            except Exception:  # an observer (metrics, D-Bus, sd_notify) must never end the daemon
+                self._count("hook")
+                log.exception("reaction observer %r failed", hook)
         return reaction
 
     def _log(self, reaction: Reaction, selection: Selection) -> None:

@@ -35,6 +35,8 @@ from typing import Protocol
 
 import trio
 
+from topowatch.text import escape
+
 log = logging.getLogger("topowatch.sdnotify")
 
 
@@ -90,7 +92,8 @@ class Notifier:
 
 
 def _one_line(text: str) -> str:
-    return text.replace("\n", " ")
+    # Names from outside (interfaces) may hold control characters or bytes that were not UTF-8.
+    return escape(text.replace("\n", " "))
 
 
 def _watchdog_usec(env: Mapping[str, str]) -> int:

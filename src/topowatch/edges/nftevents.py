@@ -341,7 +341,7 @@ def ipset_digest(content: IpSet | None) -> str:
         return "unreadable"
     text = "\n".join([content.type, str(content.family), *sorted(content.members), "nomatch",
                       *sorted(content.nomatch)])
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()  # names as read: bytes
 
 
 class IpsetPoll(_Poll):
