@@ -54,6 +54,8 @@ ENTRY_LOG_LIMIT = 20
 # only of these keeps the ruleset read before, if the backend reports ruleset
 # changes as triggers (``ruleset_events``); anything else re-reads it.
 TOPOLOGY_KINDS = frozenset({"link", "address", "route", "rule", "xfrm"})
+# Rules from which walking a ruleset is left to a worker thread (about 40 us a rule).
+LARGE_RULESET = 2000
 # The longest wait before a failed reaction is tried again.
 RETRY_MAX = 60.0
 
@@ -376,9 +378,15 @@ class Reactor:
             return True
         return not burst.kinds or not burst.kinds <= TOPOLOGY_KINDS
 
-    def _mentions_sport(self, ruleset: NatRuleset) -> bool:
+    async def _mentions_sport(self, ruleset: NatRuleset) -> bool:
         if self._sport_memo is None or self._sport_memo[0] is not ruleset:
-            self._sport_memo = (ruleset, mentions_sport(ruleset))
+            rules = sum(len(chain.rules) for chain in getattr(ruleset, "chains", ()))
+            if rules < LARGE_RULESET:
+                found = mentions_sport(ruleset)
+            else:  # seconds for 50k rules: in a worker thread, so the loop (and the watchdog) goes on
+                found = await trio.to_thread.run_sync(mentions_sport, ruleset)
+                self.progress_at = trio.current_time()
+            self._sport_memo = (ruleset, found)
         return self._sport_memo[1]
 
     async def react(self, burst: Burst) -> Reaction:
@@ -413,7 +421,7 @@ class Reactor:
             return predictor(ruleset, fib, flow)
 
         fib_now, fib_before = Fib(t1), Fib(self.t0) if self.t0 is not None else None
-        sport_matters = self._mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies)
+        sport_matters = await self._mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies)
 
         def decider(build: EntryBuilder | None = None) -> Decider:
             return Decider(predict=bound, fib_now=fib_now, fib_before=fib_before, eligibility=eligibility,
