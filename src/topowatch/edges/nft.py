@@ -296,6 +296,23 @@ def expression_name(e: Any) -> str:
 
 
 def _selector(left: Any) -> Selector:
+    if type(left) is dict and len(left) == 1:
+        ((k, v),) = left.items()
+        if k in ("meta", "payload") and type(v) is dict:
+            # The same few selectors recur in every rule of a large ruleset: read each once.
+            try:
+                return _flat_selector(k, tuple(v.items()))
+            except TypeError:  # a value that is not hashable: not one of those
+                pass
+    return _selector_of(left)
+
+
+@functools.lru_cache(maxsize=4096)
+def _flat_selector(k: str, items: tuple[tuple[str, Any], ...]) -> Selector:
+    return _selector_of({k: dict(items)})
+
+
+def _selector_of(left: Any) -> Selector:
     if not isinstance(left, dict) or len(left) != 1:
         raise _NotModelled(expression_name(left))
     ((k, v),) = left.items()
