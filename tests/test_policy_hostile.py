@@ -133,3 +133,12 @@ def test_a_directory_that_held_files_and_is_gone_keeps_the_last_policy(tmp_path:
     assert store.current is first  # not the built-in default (flush)
     # A fresh start (no last load) runs without it, as without any optional directory.
     assert PolicyStore.open([str(etc), str(never)]).current.policies[0].name == "default"
+
+
+def test_check_escapes_control_characters_in_file_names(tmp_path: Path) -> None:
+    d = rules_dir(tmp_path)
+    put(d, "50-\x1b[31mred.toml", "bogus = 1\n")
+    proc = subprocess.run([sys.executable, "-m", "topowatch", "check", "--rules-dir", str(d)],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 1
+    assert "\x1b" not in proc.stderr and "50-\\x1b[31mred.toml" in proc.stderr, proc.stderr

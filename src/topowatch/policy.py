@@ -66,6 +66,7 @@ from topowatch.core.flow import PROTO_NAMES, PROTO_NUMBERS
 from topowatch.core.model import AF_INET, AF_INET6, IPNetwork
 from topowatch.core.pressure import DEFAULT_LOWERED, LOWERABLE, STATEFUL, PressurePolicy, Protection
 from topowatch.errors import PolicyError
+from topowatch.text import escape
 from topowatch.trust import default_trusted_uids as _default_trusted_uids
 from topowatch.trust import parent_problem as _parent_problem
 from topowatch.trust import trust_problem as _trust_problem
@@ -991,7 +992,7 @@ def check_main(rules_dirs: list[str] | None) -> int:
         policy = load_policies(rules_dirs)
     except PolicyErrors as exc:
         for error in exc.errors:
-            print(f"topowatch: {error}", file=sys.stderr)
+            print(f"topowatch: {escape(str(error))}", file=sys.stderr)  # file names may hold anything
         print(f"topowatch: {len(exc.errors)} error(s); policy not valid", file=sys.stderr)
         return 1
     sys.stdout.write(policy.render())
