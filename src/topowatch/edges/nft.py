@@ -183,6 +183,8 @@ def _render_match(v: Any) -> str:
 
 def _render_one(k: str, v: Any, quote: bool) -> str:
     """A one-key object ``{k: v}``."""
+    if k in _NAT_KINDS:  # first: one in every NAT rule
+        return _render_nat(k, v)
     if k == "set":
         items = v if isinstance(v, list) else [v]
         return "{ " + ", ".join(_render_element(x, quote) for x in items) + " }"
