@@ -226,3 +226,50 @@ async def test_a_failing_reaction_observer_never_ends_the_loop(autojump_clock: t
             await trio.sleep(1)
         nursery.cancel_scope.cancel()
     assert len(reactor.reactions) == 2 and reactor.errors == {"hook": 2}
+
+
+class Worker:
+    """A reaction busy in a worker thread: no phase completes, but the thread counts its steps."""
+
+    def __init__(self) -> None:
+        self.busy_since: float | None = None
+        self.work_done = 0
+
+
+async def test_watchdog_sees_steps_counted_in_a_worker_thread(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    import socket
+
+    from topowatch.sdnotify import Notifier, watchdog
+
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.setblocking(False)
+
+        def pings() -> int:
+            n = 0
+            while True:
+                try:
+                    sock.recv(64)
+                except BlockingIOError:
+                    return n
+                n += 1
+
+        beat = Worker()
+        notifier = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"})  # pings every 1 s
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watchdog, beat, notifier)
+            await trio.sleep(0.5)
+            pings()
+            beat.busy_since = trio.current_time()
+            for _ in range(10):  # 10 s of work, a step every second
+                await trio.sleep(1)
+                beat.work_done += 1
+            moving = pings()
+            await trio.sleep(10)  # the thread is stuck: no more steps
+            stuck = pings()
+            nursery.cancel_scope.cancel()
+    assert moving >= 9
+    assert stuck <= 2

@@ -278,6 +278,12 @@ class Reactor:
         self._arrived = trio.Event()
         self._sport_memo: tuple[NatRuleset, bool] | None = None
 
+    @property
+    def work_done(self) -> int:
+        """Steps of work done in the backend's worker threads (a count the watchdog sees move)."""
+        steps = getattr(self.backend, "work_done", 0)
+        return steps if isinstance(steps, int) else 0
+
     # -- sources -------------------------------------------------------------
 
     def push(self, trigger: Trigger) -> None:

@@ -12,7 +12,9 @@ timeout only while the reactor is idle-waiting for events, or is busy with a
 reaction that made progress within ``stall_limit``. Progress is two things
 together: the trio loop ticks (the watchdog task itself runs at all), and the
 reaction completes phases (snapshot, ruleset read, dump, decide, delete: the
-reactor's ``progress_at``, or its start). So a reaction on a large table or
+reactor's ``progress_at``, or its start) or steps inside one that runs in a
+worker thread (``nft`` answered, its JSON decoded, ...: the heartbeat's
+``work_done`` counter, which the watchdog sees change). So a reaction on a large table or
 ruleset may last longer than ``WatchdogSec`` while its phases go on; a trio
 run blocked by synchronous work pings nothing at all; a phase stuck in an
 await stops the pings once it has lasted ``stall_limit``. Either way systemd
@@ -127,6 +129,34 @@ def loop_alive(heartbeat: Heartbeat, now: float, stall_limit: float) -> bool:
     return now - last < stall_limit
 
 
+class _Steps:
+    """The heartbeat as the watchdog sees it: a change of its ``work_done`` counter counts as progress now.
+
+    Worker threads cannot read the trio clock; they count steps, and the
+    watchdog notes when it saw the count move.
+    """
+
+    def __init__(self, heartbeat: Heartbeat) -> None:
+        self.heartbeat = heartbeat
+        self.work: int | None = getattr(heartbeat, "work_done", None)
+        self.moved_at: float | None = None
+
+    def update(self, now: float) -> _Steps:
+        work = getattr(self.heartbeat, "work_done", None)
+        if work != self.work:
+            self.work, self.moved_at = work, now
+        return self
+
+    @property
+    def busy_since(self) -> float | None:
+        return self.heartbeat.busy_since
+
+    @property
+    def progress_at(self) -> float | None:
+        times = [t for t in (getattr(self.heartbeat, "progress_at", None), self.moved_at) if t is not None]
+        return max(times) if times else None
+
+
 async def watchdog(heartbeat: Heartbeat, notifier: Notifier, *, stall_limit: float | None = None) -> None:
     """Ping systemd every half timeout while the loop is alive; return at once without a watchdog.
 
@@ -138,8 +168,9 @@ async def watchdog(heartbeat: Heartbeat, notifier: Notifier, *, stall_limit: flo
         return
     limit = timeout if stall_limit is None else stall_limit
     stalled = False
+    seen = _Steps(heartbeat)
     while True:
-        if loop_alive(heartbeat, trio.current_time(), limit):
+        if loop_alive(seen.update(trio.current_time()), trio.current_time(), limit):
             notifier.watchdog()
             stalled = False
         elif not stalled:

@@ -26,6 +26,7 @@ async def main():
     backend = KernelBackend()
     out = {"gen0": current_generation()}
     first = await backend.ruleset()
+    out["steps"] = backend.work_done  # nft answered, JSON decoded, parsed: the watchdog's evidence
     second = await backend.ruleset()  # nothing committed meanwhile
     out["same_object"] = first is second
     out["nft_runs_unchanged"] = len(runs)
@@ -47,5 +48,5 @@ def test_unchanged_generation_is_not_read_again(netns: Namespace) -> None:
                          capture_output=True, text=True, timeout=120, check=True).stdout
     doc = json.loads(out)
     assert isinstance(doc["gen0"], int) and doc["gen1"] == doc["gen0"] + 1
-    assert doc["nft_runs_unchanged"] == 1 and doc["same_object"]
+    assert doc["nft_runs_unchanged"] == 1 and doc["same_object"] and doc["steps"] == 3
     assert doc["nft_runs_changed"] == 2 and doc["rules"] == [2]

@@ -89,6 +89,9 @@ class KernelBackend:
         self._generation: Callable[[], int | None] = current_generation
         self._last_read: tuple[int, RulesetRead, NatRuleset] | None = None
         self.ruleset_reads = 0  # reads that ran nft (or iptables-save) again
+        # Steps of blocking work done in worker threads (nft answered, JSON decoded, parsed):
+        # the watchdog's evidence that a long ruleset read is moving (``sdnotify``).
+        self.work_done = 0
         # The topology kept from events (core.livetopology): None until a dump seeds it, and again
         # whenever an event says the kernel changed more than it announced (then the next snapshot
         # dumps). While a dump runs, events are kept and replayed on its result.
@@ -226,7 +229,8 @@ class KernelBackend:
             read_nft: dict[str, NatRuleset] = {}
 
             def read_and_keep(nft: str) -> NatRuleset:
-                read_nft["rules"] = read_ruleset(nft)
+                read_nft["rules"] = read_ruleset(nft, progress=self._step)
+                self._step()
                 return read_nft["rules"]
 
             read = read_all_logged(self.nft, read_nft=read_and_keep)
@@ -234,6 +238,9 @@ class KernelBackend:
         self._last_read = (generation, read, nft_rules) if generation is not None else None
         self.ruleset_reads += 1
         return read
+
+    def _step(self) -> None:
+        self.work_done += 1
 
     def _recheck_legacy(self) -> None:
         """Wake the legacy poll if a legacy nat table exists now (a /proc read; never instantiates one)."""

@@ -1076,11 +1076,16 @@ def _run_nft(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return run_tool(argv, timeout=NFT_TIMEOUT)
 
 
-def read_ruleset(nft: str = "nft") -> NatRuleset:
-    """Run ``nft -j list ruleset`` in the current namespace and parse it."""
+def read_ruleset(nft: str = "nft", progress: Callable[[], None] | None = None) -> NatRuleset:
+    """Run ``nft -j list ruleset`` in the current namespace and parse it.
+
+    ``progress`` is called after each step (nft answered, its JSON decoded).
+    """
     argv = [nft, "-j", "list", "ruleset"]
     stdout = run_ruleset_tool(argv, _run_nft, timeout=NFT_TIMEOUT,
                               missing=f"{nft} not found: install nftables to read the ruleset")
+    if progress is not None:
+        progress()
     if not stdout.strip():
         return NatRuleset()
     try:
@@ -1089,6 +1094,8 @@ def read_ruleset(nft: str = "nft") -> NatRuleset:
         raise RulesetError(f"{' '.join(argv)}: output is not JSON ({exc.msg} at line {exc.lineno})") from exc
     except RecursionError as exc:
         raise RulesetError(f"{' '.join(argv)}: output is nested too deeply to read") from exc
+    if progress is not None:
+        progress()
     if undecodable(stdout):
         doc = mark_undecodable(doc)
     return parse_ruleset_json(doc)
