@@ -24,7 +24,7 @@ pure; it decides nothing about entries (``core.decide`` judges them).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
@@ -36,9 +36,9 @@ from topowatch.core.model import (
     TABLE_MAIN,
     TABLE_UNSPEC,
     IPNetwork,
-    Route,
     RuleAction,
     Topology,
+    changed_routes,
 )
 from topowatch.core.nat import Hook, NatRuleset
 
@@ -148,6 +148,7 @@ def impact(before: Topology, now: Topology, ruleset: NatRuleset) -> Impact:
     if _links(before) != _links(now):
         return Impact(everything=True, why="links changed")
     prefixes: list[IPNetwork] = []
+    gone, came = changed_routes(before.routes, now.routes)
     for family in sorted(families):
         rules0 = [r for r in before.rules if r.family == family]
         rules1 = [r for r in now.rules if r.family == family]
@@ -160,9 +161,7 @@ def impact(before: Topology, now: Topology, ruleset: NatRuleset) -> Impact:
         ]:
             return Impact(everything=True, why="addresses changed")
         tables = _reached_tables(now, family)
-        routes0 = {r for r in before.routes if r.family == family and r.table in tables}
-        routes1 = {r for r in now.routes if r.family == family and r.table in tables}
-        prefixes.extend(r.dst for r in routes0 ^ routes1)
+        prefixes.extend(r.dst for r in (*gone, *came) if r.family == family and r.table in tables)
     if not prefixes:
         return NOTHING
     unique = tuple(sorted(set(prefixes), key=lambda n: (n.version, int(n.network_address), n.prefixlen)))
@@ -174,7 +173,3 @@ def impact(before: Topology, now: Topology, ruleset: NatRuleset) -> Impact:
                 return Impact(everything=True, why=f"a DNAT target lies in {net}")
     return Impact(prefixes=unique)
 
-
-def changed_routes(before: Iterable[Route], now: Iterable[Route]) -> set[Route]:
-    """Routes in one snapshot and not the other."""
-    return set(before) ^ set(now)
