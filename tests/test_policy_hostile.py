@@ -142,3 +142,15 @@ def test_check_escapes_control_characters_in_file_names(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode == 1
     assert "\x1b" not in proc.stderr and "50-\\x1b[31mred.toml" in proc.stderr, proc.stderr
+
+
+async def test_a_file_of_many_mistakes_logs_a_bounded_list(tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    d = rules_dir(tmp_path)
+    path = put(d, "50-watch.toml", GOOD)
+    store = PolicyStore.open([str(d)])
+    path.write_text("[policy.watch]\n" + "".join(f"k{i} = 1\n" for i in range(5000)))
+    with caplog.at_level(logging.ERROR, "topowatch"):
+        assert await reload_policies(store) is False
+    assert len(caplog.records) == 22  # 20 errors, how many more, "keeping the previous policy"
+    assert "... and 4980 more errors" in caplog.text

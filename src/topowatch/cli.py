@@ -36,6 +36,8 @@ log = logging.getLogger("topowatch")
 
 # How long a SIGHUP may spend reading the policy files before the previous policy simply stays.
 RELOAD_TIMEOUT = 10.0
+# Policy errors logged or printed at most (a hostile file can hold tens of thousands); `check` shows all.
+MAX_ERRORS_SHOWN = 20
 
 
 def _positive_float(text: str) -> float:
@@ -266,8 +268,10 @@ async def reload_policies(store: PolicyStore, timeout: float = RELOAD_TIMEOUT) -
         with trio.fail_after(timeout):
             policy = await trio.to_thread.run_sync(store.load, abandon_on_cancel=True)
     except PolicyErrors as exc:
-        for error in exc.errors:
+        for error in exc.errors[:MAX_ERRORS_SHOWN]:
             log.error("%s", error)
+        if len(exc.errors) > MAX_ERRORS_SHOWN:
+            log.error("... and %d more errors", len(exc.errors) - MAX_ERRORS_SHOWN)
         log.error("keeping the previous policy")
         return False
     except trio.TooSlowError:
@@ -339,7 +343,10 @@ def _error_lines(exc: BaseException) -> list[str]:
     from topowatch.policy import PolicyErrors
 
     if isinstance(exc, PolicyErrors):
-        return [f"{len(exc.errors)} error(s) in policy files:", *(f"  {escape(str(e))}" for e in exc.errors)]
+        shown = [f"  {escape(str(e))}" for e in exc.errors[:MAX_ERRORS_SHOWN]]
+        more = len(exc.errors) - len(shown)
+        tail = [f"  ... and {more} more"] if more else []
+        return [f"{len(exc.errors)} error(s) in policy files:", *shown, *tail]
     if isinstance(exc, TopowatchError):
         return [escape(str(exc))]
     if isinstance(exc, OSError) and exc.strerror:
