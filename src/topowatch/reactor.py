@@ -230,6 +230,8 @@ class Reaction:
                 action += f", {self.deleted.failed} failed"
         if self.logged_only:
             action += f", {self.logged_only} logged only"
+        if self.dumped and self.skipped is None and p.notes:
+            action += f" ({'; '.join(p.notes)})"
         phases = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.timings.items())
         return (
             f"reaction {self.number} ({self.trigger}, {self.events} event(s); policy {self.policies}): "
