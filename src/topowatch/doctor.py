@@ -56,6 +56,7 @@ from topowatch.edges import ctcodec
 from topowatch.edges.ctcodec import DumpParser, be32, encode_tuple, nest, nla
 from topowatch.edges.ctnetlink import Conntrack, probe_status_filter
 from topowatch.errors import TopowatchError
+from topowatch.text import run_tool
 
 T = TypeVar("T")
 
@@ -419,7 +420,7 @@ def _permissions() -> Finding:
 
 def _run(argv: Sequence[str]) -> tuple[int, str]:
     try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=TOOL_TIMEOUT, check=False)
+        proc = run_tool(argv, timeout=TOOL_TIMEOUT)
     except FileNotFoundError:
         return 127, "not installed"
     except (OSError, subprocess.TimeoutExpired) as exc:

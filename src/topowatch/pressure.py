@@ -347,7 +347,7 @@ class PressureAgent:
         try:
             await trio.to_thread.run_sync(self.recover)
             self.deliver()
-        except TopowatchError as exc:
+        except (TopowatchError, OSError) as exc:
             log.error("pressure: cannot restore timeouts from %s: %s", self.ledger.path, exc)
         task_status.started()
         try:
