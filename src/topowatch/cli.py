@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     trigger = sub.add_parser("trigger", help="ask the running daemon to react now (over D-Bus; root)")
     trigger.add_argument("--interface", metavar="IF", help="the interface that changed (default: all)")
+    bus_name = sub.add_parser("bus-name", help="print the D-Bus name of the daemon of this network namespace "
+                              "(what the CLI and the hooks call)")
+    bus_name.add_argument("--netns", metavar="NAME", help="of the namespace `ip netns` calls NAME instead")
 
     lab = sub.add_parser("lab", help="build a namespace lab and show topowatch fixing stuck flows")
     lab.add_argument("--keep", action="store_true", help="leave the lab's namespaces in place")
@@ -319,6 +322,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from topowatch.policy import check_main
 
             return check_main(args.rules_dir)
+        if args.command == "bus-name":
+            from topowatch import dbus
+
+            print(dbus.bus_name(dbus.named_suffix(args.netns) if args.netns else None))
+            return 0
         if args.command in {"status", "trigger"}:
             from topowatch.dbus import missing_dependency
 
