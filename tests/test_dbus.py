@@ -460,6 +460,29 @@ async def test_pressure_start_and_end_are_signalled_and_in_status(private_bus: P
         assert status["pressure"]["state"] == "normal" and status["pressure"]["timeouts_lowered"] == {}
 
 
+async def test_hook_trigger_is_a_full_judgement(private_bus: PrivateBus) -> None:
+    # The backend reports ruleset changes as events, so a burst of topology kinds alone (xfrm)
+    # would keep the last ruleset; a hook's TriggerEvent must read it again (a VPN's updown script
+    # may have changed a legacy table, which has no events).
+    class EventfulBackend(FakeBackend):
+        ruleset_events = True
+        reads = 0
+
+        async def ruleset(self) -> NatRuleset:
+            self.reads += 1
+            return await super().ruleset()
+
+    backend = EventfulBackend()
+    reactor = make_reactor(backend)
+    async with agent(private_bus.address, reactor), client(private_bus.address) as bus:
+        assert backend.reads == 1  # at start
+        reply = await call(bus, "TriggerEvent", "sss", ["xfrm", "", "up-client office"])
+        assert reply.message_type is MessageType.METHOD_RETURN, reply.body
+        await wait_for(lambda: len(reactor.reactions) == 1)
+        assert backend.reads == 2
+        assert len(backend.deleted) == 2
+
+
 async def test_reload_without_store_is_an_error(private_bus: PrivateBus) -> None:
     reactor = make_reactor(FakeBackend())
     async with agent(private_bus.address, reactor), client(private_bus.address) as bus:

@@ -14,7 +14,8 @@ Methods (JSON travels as one string, the same contracts as the CLI):
 - ``Trigger(s interface)``: push a trigger into the reactor ('' = all interfaces);
 - ``TriggerEvent(s kind, s interface, s detail)``: the same, for hooks that
   know what happened (``dispatcher``, ``networkmanager``, ``link`` ...), so
-  policies select on the kind;
+  policies select on the kind. Both ask for a full judgement: topology and
+  ruleset read again, every eligible entry judged;
 - ``Plan() -> s``: a dry run now, JSON as ``topowatch plan --json``;
 - ``Reload() -> s``: reload policies through the hook the daemon supplies;
 - ``Status() -> s``: counters as JSON (see ``status_json``);
@@ -210,7 +211,10 @@ class AgentService:
         if len(detail) > 200 or not detail.isprintable():
             raise UsageError("detail must be printable and at most 200 characters")
         what = f"D-Bus {kind}" + (f" for {ifname}" if ifname else "") + (f": {detail}" if detail else "")
-        self.reactor.push(Trigger("dbus", what, kind=kind, interface=ifname))
+        # A full judgement, as after lost events: a hook or an admin asks because something changed
+        # that the kernel's events may not show (a VPN's firewall script, a legacy table), so the
+        # ruleset is read again even for a topology kind such as xfrm.
+        self.reactor.push(Trigger("dbus", what, overrun=True, kind=kind, interface=ifname))
         log.info("%s", what)
         return ""
 
