@@ -1,0 +1,67 @@
+"""`ip netns del` under a running daemon: it releases its D-Bus name and exits.
+
+Before, the orphaned daemon kept io.github.topowatch.netns_<name>, and the
+daemon of a namespace re-created under that name ran without D-Bus (the name
+was taken) while every hook reached the orphan. A private system bus with the
+shipped policy stands in for the system bus; the host's is never touched.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from test_dbus import POLICY_FILE, SYSTEM_CONF, PrivateBus
+from topowatch import dbus as twdbus
+from topowatch.lab import Daemon
+from topowatch.netns import Namespace
+
+pytestmark = [pytest.mark.netns]
+
+
+@pytest.fixture
+def system_bus(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    bus = PrivateBus(SYSTEM_CONF, policy=str(POLICY_FILE))
+    bus.start()
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus.address)  # the daemons inherit it
+    try:
+        yield bus.address
+    finally:
+        bus.stop()
+
+
+def _daemon(ns: Namespace, tmp_path: Path, n: int) -> Daemon:
+    rules = tmp_path / f"rules{n}.d"
+    rules.mkdir(mode=0o755)
+    return Daemon(ns, "--rules-dir", str(rules), "--state-dir", str(tmp_path / f"state{n}"),
+                  "--no-startup-sweep")
+
+
+def test_daemon_of_a_deleted_namespace_releases_its_name(system_bus: str, tmp_path: Path) -> None:
+    ns = Namespace.create("twt-gone")
+    name = twdbus.bus_name(twdbus.named_suffix(ns.name))
+    try:
+        with _daemon(ns, tmp_path, 1) as first:
+            assert first.wait_for(f"D-Bus: serving {name}") is not None, first.lines
+            ns.delete()
+            ns = _recreate(ns.name)  # `ip netns add` again: the same name, another namespace
+            try:
+                first.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the orphaned daemon kept running: {first.lines}")
+            first.stop()
+            assert first.proc.returncode == 0, first.lines
+            assert any("is gone" in line for line in first.lines), first.lines
+            # The daemon of the namespace now called by that name gets the name.
+            with _daemon(ns, tmp_path, 2) as second:
+                assert second.wait_for(f"D-Bus: serving {name}") is not None, second.lines
+    finally:
+        ns.delete()
+
+
+def _recreate(name: str) -> Namespace:
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    return Namespace(name)
