@@ -63,7 +63,9 @@ class NamedNamespace:
         return inode_of(os.path.join(self.run_dir, self.name)) == self.ident
 
 
-def named_namespace(self_ns: str = "/proc/self/ns/net", run_dir: str = NETNS_RUN_DIR) -> NamedNamespace | None:
+def named_namespace(
+    self_ns: str = "/proc/self/ns/net", run_dir: str = NETNS_RUN_DIR
+) -> NamedNamespace | None:
     """The name ``ip netns`` gives the namespace we are in, or None (init namespace, or unnamed)."""
     own = inode_of(self_ns)
     if own is None:
