@@ -212,6 +212,16 @@ def test_installed_hooks_find_the_library(stubs: Bin, tmp_path: Path) -> None:
     nm = run(prefix / "lib/NetworkManager/dispatcher.d/90-topowatch", "eth0", "up", bin=stubs)
     assert nm.returncode == 0, nm.stderr
     assert stubs.calls("busctl") == [*BUS, "dispatcher", "eth0", "up"]
+    assert stubs.calls("topowatch.bus-name") == ["bus-name"]  # no topowatch beside the library: PATH's
+    # A virtualenv's topowatch is on no PATH: the one beside the library (PREFIX/bin) answers.
+    (prefix / "bin").mkdir()
+    (prefix / "bin/topowatch").write_text(STUB.format(log=stubs.logs / "own", name="topowatch"))
+    (prefix / "bin/topowatch").chmod(0o755)
+    nm = run(prefix / "lib/NetworkManager/dispatcher.d/90-topowatch", "eth0", "up", bin=stubs,
+             env={"STUB_BUS_NAME": "io.github.topowatch.inode_7"})
+    assert nm.returncode == 0, nm.stderr
+    assert stubs.calls("own.bus-name") == ["bus-name"]
+    assert stubs.calls("busctl") == [*BUS[:3], "io.github.topowatch.inode_7", *BUS[4:], "dispatcher", "eth0", "up"]
     swan = run(prefix / "lib/topowatch/strongswan-updown", bin=stubs, env={"PLUTO_VERB": "up-host"})
     assert swan.returncode == 0, swan.stderr
     assert stubs.calls("busctl") == [*BUS, "xfrm", "", "up-host"]

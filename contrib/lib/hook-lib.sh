@@ -23,7 +23,19 @@
 
 readonly BUS_PATH=/io/github/topowatch
 readonly BUS_IFACE=io.github.topowatch.Agent1
-topowatch=${TOPOWATCH:-topowatch}
+# The program: TOPOWATCH, else this installation's (this file is PREFIX/lib/topowatch/hook-lib.sh,
+# the program PREFIX/bin/topowatch: a virtualenv's is on no PATH), else the one on PATH.
+case ${lib:-} in
+    */lib/topowatch/hook-lib.sh) own=${lib%/lib/topowatch/hook-lib.sh}/bin/topowatch ;;
+    *) own="" ;;
+esac
+if [ -n "${TOPOWATCH:-}" ]; then
+    topowatch=$TOPOWATCH
+elif [ -n "$own" ] && [ -x "$own" ]; then
+    topowatch=$own
+else
+    topowatch=topowatch
+fi
 hook=${hook:-topowatch-hook}
 
 say() {
