@@ -194,3 +194,37 @@ def test_doctor_reports_each_misplaced_file_with_its_fix() -> None:
     assert finding.consequence == "fix: install ..."
     (ok,) = doctor._install(list)
     assert ok.status is doctor.Status.OK
+
+
+# -- the build honours the builder's compiler and flags ------------------------------------------
+
+
+def test_compile_command_takes_cc_and_flags_from_the_builder() -> None:
+    sys.path.insert(0, str(ROOT))
+    try:
+        from hatch_build import compile_command
+    finally:
+        sys.path.remove(str(ROOT))
+    env = {"CC": "ccache gcc-12", "CPPFLAGS": "-D_FORTIFY_SOURCE=2", "CFLAGS": "-g -O2 -fstack-protector-strong",
+           "LDFLAGS": "-Wl,-z,relro -Wl,-z,now"}
+    argv = compile_command(Path("a.c"), Path("a.so"), env)
+    assert argv[:2] == ["ccache", "gcc-12"]
+    for flag in ("-D_FORTIFY_SOURCE=2", "-fstack-protector-strong", "-Wl,-z,relro", "-Wl,-z,now", "-fPIC", "-shared"):
+        assert flag in argv
+    assert "-O2" in compile_command(Path("a.c"), Path("a.so"), {})  # no CFLAGS: our default
+
+
+@pytest.mark.slow
+def test_a_failed_compile_is_fatal_only_when_asked(tmp_path: Path) -> None:
+    def build(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                               "-q", "-w", str(tmp_path), str(ROOT)], env={**os.environ, "CC": "false", **env},
+                              capture_output=True, text=True, timeout=300, check=False)
+
+    proc = build(TOPOWATCH_REQUIRE_COMPILED="1")
+    assert proc.returncode != 0
+    assert "TOPOWATCH_REQUIRE_COMPILED=1 requires it" in proc.stderr
+    proc = build()
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = tmp_path.glob("topowatch-*.whl")
+    assert wheel.name.endswith("-py3-none-any.whl")  # pure: no compiled scan inside
