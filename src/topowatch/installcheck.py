@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import sys
 import sysconfig
 from collections.abc import Sequence
@@ -83,7 +84,9 @@ def install_prefixes() -> tuple[str, ...]:
 def installed_binary() -> str:
     """The ``topowatch`` program of this installation (what a unit should name)."""
     script = os.path.join(sysconfig.get_path("scripts"), "topowatch")
-    return script if os.access(script, os.X_OK) else os.path.abspath(sys.argv[0])
+    if os.access(script, os.X_OK):
+        return script
+    return shutil.which("topowatch") or script  # a wrapper (the Debian package's /usr/bin/topowatch)
 
 
 def _at(root: str, path: str) -> str:
