@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Generate the man pages from the code: topowatch(8) from the argparse parser, topowatch.rules.d(5)
 from the policy schema (``policy.KEYS``, ``PRESSURE_KEYS``, ``TRIGGERS``, ``SYSTEM_DIRS``).
 
@@ -144,10 +145,10 @@ def topowatch_8() -> str:
         ".SH HOOKS",
         esc("contrib/ holds hooks that ask the daemon of their network namespace for a full judgement over "
             "D-Bus (TriggerEvent), waiting at most about two seconds: a NetworkManager dispatcher script "
-            "(installed as /usr/lib/NetworkManager/dispatcher.d/90-topowatch), a strongSwan updown script "
-            "(/usr/lib/topowatch/strongswan-updown) and ppp ip-up.d/ip-down.d scripts (/usr/lib/topowatch/ppp/, "
-            "to link from /etc/ppp/). They share /usr/lib/topowatch/hook-lib.sh, ask topowatch bus-name for "
-            "the daemon's name (the name the daemon and the CLI use) and log a failed call to syslog. When "
+            "(installed as /usr/lib/NetworkManager/dispatcher.d/90-topowatch), a strongSwan updown "
+            "script (/usr/lib/topowatch/strongswan-updown) and ppp ip-up.d/ip-down.d scripts "
+            "(/usr/lib/topowatch/ppp/, to link from /etc/ppp/). They share /usr/lib/topowatch/hook-lib.sh, "
+            "ask topowatch bus-name for the daemon's name (the name the daemon and the CLI use) and log a failed call to syslog. When "
             "the daemon is not running (its name has no owner on the bus, or there is no bus) they do "
             "nothing, or run a one-shot topowatch flush in the background when TOPOWATCH_HOOK_FALLBACK=flush "
             "is set in /etc/default/topowatch. A running daemon that refuses the call or does not answer in "

@@ -228,3 +228,16 @@ def test_a_failed_compile_is_fatal_only_when_asked(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     (wheel,) = tmp_path.glob("topowatch-*.whl")
     assert wheel.name.endswith("-py3-none-any.whl")  # pure: no compiled scan inside
+
+
+# -- licence ---------------------------------------------------------------------------------
+
+
+def test_sources_name_their_licence() -> None:
+    files = subprocess.run(["git", "ls-files", "src", "scripts", "contrib", "debian/rules", "hatch_build.py"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    missing = [f for f in files if not f.endswith(".json") and (ROOT / f).exists()
+               and "SPDX-License-Identifier: GPL-2.0-or-later" not in "".join((ROOT / f).read_text().splitlines(True)[:3])]
+    assert missing == []
+    head = (ROOT / "COPYING").read_text().split()[:7]
+    assert head == ["GNU", "GENERAL", "PUBLIC", "LICENSE", "Version", "2,", "June"]  # pyproject: GPL-2.0-or-later

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The command line: run, plan, flush, check, doctor, lab.
 
 Every command works in the network namespace it is started in and touches

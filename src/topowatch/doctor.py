@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """``topowatch doctor``: what this kernel and system support, each probed, and what follows.
 
 Every finding comes from asking the system, never from a version number: a

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Policies from rules.d drop-in TOML files: which events trigger, which entries, what action.
 
 This module decides which policy files are in force, what each key of each

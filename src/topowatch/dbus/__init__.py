@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """topowatch on D-Bus: the well-known name, object path and interface, and where the bus is.
 
 Names (one daemon per network namespace):

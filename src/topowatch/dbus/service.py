@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The daemon's D-Bus face: ``io.github.topowatch.Agent1`` on the system bus.
 
 Theory of operation: ``AgentService.run`` opens a trio-asyncio loop, stays
