@@ -143,16 +143,17 @@ def topowatch_8() -> str:
             "topowatch_pressure_episodes_total, topowatch_pressure_evicted_total{class}, "
             "topowatch_pressure_timeout_changes_total."),
         ".SH HOOKS",
-        esc("contrib/ holds hooks that ask the daemon of their network namespace for a full judgement over "
-            "D-Bus (TriggerEvent), waiting at most about two seconds: a NetworkManager dispatcher script "
-            "(installed as /usr/lib/NetworkManager/dispatcher.d/90-topowatch), a strongSwan updown "
-            "script (/usr/lib/topowatch/strongswan-updown) and ppp ip-up.d/ip-down.d scripts "
-            "(/usr/lib/topowatch/ppp/, to link from /etc/ppp/). They share /usr/lib/topowatch/hook-lib.sh, "
-            "ask topowatch bus-name for the daemon's name (the name the daemon and the CLI use) and log a failed call to syslog. When "
-            "the daemon is not running (its name has no owner on the bus, or there is no bus) they do "
-            "nothing, or run a one-shot topowatch flush in the background when TOPOWATCH_HOOK_FALLBACK=flush "
-            "is set in /etc/default/topowatch. A running daemon that refuses the call or does not answer in "
-            "time gets no fallback: it reacts to the kernel's events itself."),
+        esc("contrib/ holds hooks that ask the daemon of their network namespace for a full judgement "
+            "over D-Bus (TriggerEvent), waiting at most about two seconds: a NetworkManager dispatcher "
+            "script (installed as /usr/lib/NetworkManager/dispatcher.d/90-topowatch), a strongSwan "
+            "updown script (/usr/lib/topowatch/strongswan-updown) and ppp ip-up.d/ip-down.d scripts "
+            "(/usr/lib/topowatch/ppp/, to link from /etc/ppp/). They share "
+            "/usr/lib/topowatch/hook-lib.sh, ask topowatch bus-name for the daemon's name (the name the "
+            "daemon and the CLI use) and log a failed call to syslog. When the daemon is not running "
+            "(its name has no owner on the bus, or there is no bus) they do nothing, or run a one-shot "
+            "topowatch flush in the background when TOPOWATCH_HOOK_FALLBACK=flush is set in "
+            "/etc/default/topowatch. A running daemon that refuses the call or does not answer in time "
+            "gets no fallback: it reacts to the kernel's events itself."),
         ".SH FILES",
     ]
     for directory in SYSTEM_DIRS:
