@@ -8,6 +8,7 @@ the host.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -241,3 +242,16 @@ def test_sources_name_their_licence() -> None:
     assert missing == []
     head = (ROOT / "COPYING").read_text().split()[:7]
     assert head == ["GNU", "GENERAL", "PUBLIC", "LICENSE", "Version", "2,", "June"]  # pyproject: GPL-2.0-or-later
+
+
+def test_the_default_install_has_dbus_support() -> None:
+    # Without the old extra the hooks silently did nothing and status/trigger failed.
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    assert {"dbus-fast", "trio-asyncio"} <= names
+    assert project["optional-dependencies"]["dbus"] == []  # `topowatch[dbus]` still installs
+    from topowatch import dbus
+
+    assert dbus.missing_dependency() is None
