@@ -121,6 +121,11 @@ def test_files_land_in_debian_paths_with_their_modes(deb: Path, tree: Path) -> N
     control = tree.parent / f"{tree.name}-control"
     subprocess.run(["dpkg-deb", "-e", str(deb), str(control)], check=True)
     assert (control / "conffiles").read_text().split() == ["/etc/default/topowatch"]
+    # dh_installsystemd: the unit is enabled and started on install; the template only shipped.
+    postinst = (control / "postinst").read_text()
+    assert "deb-systemd-helper" in postinst and "topowatch.service" in postinst
+    assert "topowatch@.service" not in postinst
+    assert "compileall" in postinst and "__pycache__" in (control / "prerm").read_text()
     # Nothing in the virtualenv but Python: its shared data went to the paths above.
     venv = tree / VENV
     assert sorted(p.name for p in venv.iterdir()) == ["bin", "lib", "lib64", "pyvenv.cfg"]
