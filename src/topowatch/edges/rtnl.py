@@ -873,6 +873,8 @@ class RtnlEvent:
     action: EventAction
     description: str
     value: EventValue | None = None
+    flags: int = 0  # the message's nlmsg_flags (NLM_F_REPLACE, NLM_F_APPEND of the request)
+    nexthop_object: bool = False  # a route that names a nexthop object (RTA_NH_ID)
 
 
 @dataclass(frozen=True, slots=True)
@@ -940,7 +942,10 @@ def event_from_msg(msg: Any, names: Mapping[int, str] | None = None) -> RtnlEven
         value = nexthop_object_from_msg(msg)
     if value is None:
         return None
-    return RtnlEvent(kind, action, describe(kind, action, value, names or {}), value)
+    header = msg.get("header") if hasattr(msg, "get") else None
+    flags = int(header.get("flags", 0)) if isinstance(header, dict) else 0
+    nexthop_object = kind == EventKind.ROUTE and route_nexthop_id(msg) is not None
+    return RtnlEvent(kind, action, describe(kind, action, value, names or {}), value, flags, nexthop_object)
 
 
 def _drain(sock: NetlinkSocket) -> int:
