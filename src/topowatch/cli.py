@@ -224,7 +224,8 @@ async def _observers(
 
 
 def _dbus_tasks(
-    args: argparse.Namespace, reactor: Reactor, store: PolicyStore, pressure: PressureAgent
+    args: argparse.Namespace, reactor: Reactor, store: PolicyStore, pressure: PressureAgent,
+    guard: Callable[[], bool] | None = None,
 ) -> list[Callable[[], Awaitable[None]]]:
     """The D-Bus service and NetworkManager events, unless --no-dbus or the extra is missing (said once)."""
     from topowatch.dbus import missing_dependency
@@ -248,10 +249,11 @@ def _dbus_tasks(
     backend = reactor.backend
     if hasattr(backend, "extra_sources"):
         backend.extra_sources.append(NetworkManagerSource())
-    return [AgentService(reactor, reload=reload, pressure=pressure).run]
+    return [AgentService(reactor, reload=reload, pressure=pressure, guard=guard).run]
 
 
 async def _run_daemon(args: argparse.Namespace) -> int:
+    from topowatch import netnswatch
     from topowatch.edges.kernel import KernelBackend
     from topowatch.edges.sysctl import TimeoutLedger
     from topowatch.policy import PolicyErrors, PolicyStore
@@ -273,7 +275,9 @@ async def _run_daemon(args: argparse.Namespace) -> int:
                              ledger=TimeoutLedger.for_namespace(args.state_dir))
     notifier = Notifier()
     observers = await _observers(args, reactor, notifier, pressure)
-    observers += _dbus_tasks(args, reactor, store, pressure)
+    guard = netnswatch.NamespaceGuard.here()
+    reactor.reaction_hooks.append(guard.after_reaction)
+    observers += _dbus_tasks(args, reactor, store, pressure, guard.check)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(reactor.run)
@@ -301,6 +305,8 @@ async def _run_daemon(args: argparse.Namespace) -> int:
                     return
 
             nursery.start_soon(wait_signal)
+            # Stop (releasing the bus name) once `ip netns del` took this namespace's name away.
+            nursery.start_soon(guard.stop_when_gone, nursery.cancel_scope)
     log.info("stopped after %d reaction(s)", len(reactor.reactions))
     return 0
 

@@ -9,15 +9,22 @@ and every hook would reach the orphan. So a daemon started in a namespace that
 ``/run/netns`` names stops when that name no longer leads to its namespace
 (removed, or re-created as another one), and its bus name goes with it.
 
-Theory of operation: no timer. The idle daemon must never wake up
-(``tests/netns/test_idle.py`` counts its context switches), so the watch is an
-inotify watch on ``/run/netns`` itself: the kernel wakes the daemon only when
-an entry there is created, deleted or renamed (``ip netns add/del``), and each
-wake-up compares ``/run/netns/NAME`` with the namespace the daemon is in
-(device and inode, as ``ip netns identify``). The comparison also runs once
-right after the watch is set, so a deletion between start and watch is seen.
+Theory of operation: no timer and no watch. The idle daemon must never wake
+up (``tests/netns/test_idle.py`` counts its context switches); an inotify
+watch on /run/netns would wake it for every namespace any program adds or
+deletes on the host. Instead the guard compares ``/run/netns/NAME`` with the
+namespace the daemon is in (device and inode, as ``ip netns identify``) at
+the moments that matter:
+
+- after each reaction (something happened in the namespace);
+- before each D-Bus method call is served: a hook or the CLI calling the
+  orphan's name finds out, and so does the daemon of the re-created
+  namespace, which, finding its name taken, calls the owner once
+  (``dbus.service``) so that an orphan steps aside; it then gets the name at
+  its next attempt.
+
 A daemon started in the init namespace, or in a namespace no name leads to,
-watches nothing.
+is never stopped by the guard.
 
 This module never changes ``/run/netns`` and decides nothing but "the name
 is gone"; the caller stops the daemon.
@@ -25,11 +32,8 @@ is gone"; the caller stops the daemon.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -37,18 +41,6 @@ import trio
 from topowatch.dbus import NETNS_RUN_DIR, inode_of, netns_name
 
 log = logging.getLogger("topowatch.netns")
-
-# include/uapi/linux/inotify.h
-IN_MOVED_FROM = 0x00000040
-IN_MOVED_TO = 0x00000080
-IN_CREATE = 0x00000100
-IN_DELETE = 0x00000200
-IN_DELETE_SELF = 0x00000400
-IN_MOVE_SELF = 0x00000800
-IN_ONLYDIR = 0x01000000
-WATCHED = IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,43 +66,32 @@ def named_namespace(
     return NamedNamespace(name, own, run_dir) if name is not None else None
 
 
-def _inotify(path: str) -> int:
-    fd: int = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"inotify_init1: {os.strerror(err)}")
-    if _libc.inotify_add_watch(fd, os.fsencode(path), WATCHED | IN_ONLYDIR) < 0:
-        err = ctypes.get_errno()
-        os.close(fd)
-        raise OSError(err, f"inotify_add_watch {path}: {os.strerror(err)}")
-    return fd
+class NamespaceGuard:
+    """Says, when asked, whether the daemon's namespace lost its name; ``gone`` is set once it has."""
 
+    def __init__(self, named: NamedNamespace | None) -> None:
+        self.named = named
+        self.gone = trio.Event()
 
-async def watch(on_gone: Callable[[], None], named: NamedNamespace | None = None) -> None:
-    """Call ``on_gone`` once, when the name the daemon's namespace had at start no longer leads to it.
+    @classmethod
+    def here(cls) -> NamespaceGuard:
+        return cls(named_namespace())
 
-    ``named`` defaults to the namespace we are in; returns at once when it has no name.
-    """
-    if named is None:
-        named = named_namespace()
-        if named is None:
-            return
-    try:
-        fd = _inotify(named.run_dir)
-    except OSError as exc:
-        log.warning("cannot watch %s (%s): if `ip netns del %s` removes this namespace's name, the daemon "
-                    "keeps running and keeps its D-Bus name", named.run_dir, exc.strerror or exc, named.name)
-        return
-    try:
-        while named.still_named():
-            await trio.lowlevel.wait_readable(fd)
-            try:
-                while os.read(fd, 4096):  # drain: only "something changed" matters
-                    pass
-            except BlockingIOError:
-                pass
-    finally:
-        os.close(fd)
-    log.warning("network namespace %r is gone (%s no longer leads to it): stopping, which releases the "
-                "D-Bus name", named.name, os.path.join(named.run_dir, named.name))
-    on_gone()
+    def check(self) -> bool:
+        """True while the daemon may go on; the first False logs why and sets ``gone``."""
+        if self.gone.is_set():
+            return False
+        if self.named is None or self.named.still_named():
+            return True
+        log.warning("network namespace %r is gone (%s no longer leads to it): stopping, which releases the "
+                    "D-Bus name", self.named.name, os.path.join(self.named.run_dir, self.named.name))
+        self.gone.set()
+        return False
+
+    def after_reaction(self, _reaction: object) -> None:
+        self.check()
+
+    async def stop_when_gone(self, stop: trio.CancelScope) -> None:
+        """Cancel ``stop`` once the name is found gone (waits without waking up until then)."""
+        await self.gone.wait()
+        stop.cancel()

@@ -19,11 +19,6 @@ Rules:
   each reaction retries the read, and T0 stays the last snapshot a decision
   was made against, so the changes meanwhile are judged once a ruleset is read;
 - more stale entries than the cap: nothing is deleted, the refusal is logged;
-- a ruleset change that arrives during a reaction (a "ruleset" trigger after
-  the read) means its decisions may rest on a ruleset no longer in force: it
-  reads the ruleset again before deleting, deletes only if the NAT part read
-  is the same, and otherwise deletes nothing (T0 stays; the change's own
-  trigger brings the next reaction, which decides on the new ruleset);
 - the loop never wakes up without an event (no polling).
 This module never decides staleness itself (``core.decide`` does) and never
 speaks netlink (the ``Backend`` does).
@@ -258,15 +253,12 @@ class Reactor:
         self._burst = Burst()
         self._arrived = trio.Event()
         self._sport_memo: tuple[NatRuleset, bool] | None = None
-        self._ruleset_changes = 0  # "ruleset" triggers pushed so far: a reaction compares before deleting
 
     # -- sources -------------------------------------------------------------
 
     def push(self, trigger: Trigger) -> None:
         """Add a trigger to the current burst (callable from any task in this trio run)."""
         self._burst.add(trigger, trio.current_time())
-        if trigger.kind == "ruleset":
-            self._ruleset_changes += 1
         self._arrived.set()
 
     async def _source(
@@ -368,7 +360,6 @@ class Reactor:
         timings["snapshot"] = clock() - start
         mark = clock()
         unread: TopowatchError | None = None
-        changes = self._ruleset_changes  # those after this read are not in the ruleset decided with
         if self._ruleset_may_have_changed(burst):
             try:
                 self.ruleset = await self.backend.ruleset()
@@ -429,11 +420,6 @@ class Reactor:
             to_delete = [d.entry for d in plan.stale if selection.flushes(d.entry)]
         refused = len(to_delete) > min(selection.max_deletions, self.config.max_deletions)
         deleted = DeleteCounts()
-        if to_delete and not refused and not self.config.dry_run and self._ruleset_changes != changes:
-            swapped = await self._ruleset_swapped(ruleset)
-            if swapped is not None:
-                undecided = self._undecided(burst, t1, selection, swapped, start=start, timings=timings)
-                return self._record(undecided, selection)
         if to_delete and not refused and not self.config.dry_run:
             mark = clock()
             deleted = await self.backend.delete(to_delete)
@@ -455,18 +441,6 @@ class Reactor:
             logged_only=len(plan.stale) - len(to_delete),
         )
         return self._record(reaction, selection)
-
-    async def _ruleset_swapped(self, decided_with: NatRuleset) -> str | None:
-        """After a ruleset change during the reaction: why its decisions must not be carried out, or None."""
-        try:
-            now = await self.backend.ruleset()
-        except TopowatchError as exc:
-            self._count("ruleset")
-            return f"the ruleset changed during the reaction and cannot be read again ({exc})"
-        if now == decided_with:
-            return None  # a change outside the NAT chains (a filter table, a set no NAT rule uses)
-        self.ruleset = now
-        return "the ruleset changed during the reaction; the next reaction decides on the new one"
 
     def _undecided(
         self, burst: Burst, t1: Topology, selection: Selection, why: str, *, start: float,

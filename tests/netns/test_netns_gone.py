@@ -48,16 +48,37 @@ def test_daemon_of_a_deleted_namespace_releases_its_name(system_bus: str, tmp_pa
             assert first.wait_for(f"D-Bus: serving {name}") is not None, first.lines
             ns.delete()
             ns = _recreate(ns.name)  # `ip netns add` again: the same name, another namespace
-            try:
-                first.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"the orphaned daemon kept running: {first.lines}")
+            # The daemon of the new namespace finds the name taken, calls the owner, which finds its
+            # namespace gone, stops and releases the name: the new daemon's next attempt gets it.
+            with _daemon(ns, tmp_path, 2) as second:
+                assert second.wait_for(f"D-Bus: serving {name}") is not None, (first.lines, second.lines)
+                try:
+                    first.proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"the orphaned daemon kept running: {first.lines}")
+                first.stop()
+                assert first.proc.returncode == 0, first.lines
+                assert any("is gone" in line for line in first.lines), first.lines
+    finally:
+        ns.delete()
+
+
+def test_a_call_to_an_orphan_stops_it(system_bus: str, tmp_path: Path) -> None:
+    # A hook (or `topowatch status`) calling the name of a deleted namespace's daemon: it answers
+    # Gone, stops and releases the name.
+    ns = Namespace.create("twt-gone")
+    name = twdbus.bus_name(twdbus.named_suffix(ns.name))
+    try:
+        with _daemon(ns, tmp_path, 1) as first:
+            assert first.wait_for(f"D-Bus: serving {name}") is not None, first.lines
+            ns.delete()
+            proc = subprocess.run(["busctl", "--system", "call", name, "/io/github/topowatch",
+                                   "io.github.topowatch.Agent1", "Status"],
+                                  capture_output=True, text=True, timeout=20, check=False)
+            assert proc.returncode != 0 and "namespace is gone" in proc.stderr, (proc.stdout, proc.stderr)
+            first.proc.wait(timeout=20)
             first.stop()
             assert first.proc.returncode == 0, first.lines
-            assert any("is gone" in line for line in first.lines), first.lines
-            # The daemon of the namespace now called by that name gets the name.
-            with _daemon(ns, tmp_path, 2) as second:
-                assert second.wait_for(f"D-Bus: serving {name}") is not None, second.lines
     finally:
         ns.delete()
 
