@@ -38,7 +38,7 @@ def live() -> LiveTopology:
         ("route", True, V6B, 0x600, True, {R1, V6A, V6B}),  # IPv6: another device lives beside
         ("route", False, V6A, 0, True, {R1}),
         ("route", True, V6B, NLM_F_REPLACE, True, {R1, V6B}),  # IPv6 replace by prefix and metric
-        ("address", True, Address(2, ip_address("198.51.100.2"), 24), 0, False, None),
+        ("address", False, Address(2, ip_address("198.51.100.2"), 24), 0, False, None),  # IPv4 routes go
         ("link", True, Link(3, "up2", up=False), 0, False, None),  # down: IPv4 routes flushed unannounced
         ("link", False, Link(3, "up2"), 0, False, None),
         ("link", True, Link(3, "up2", running=False), 0, True, {R1, V6A}),  # carrier: routes stay
@@ -52,6 +52,22 @@ def test_events(  # noqa: PLR0917 - a parametrized table
     assert state.apply(kind, new, value, flags) is follows
     if follows:
         assert set(state.snapshot().routes) == routes
+
+
+@pytest.mark.parametrize(
+    ("new", "address"),
+    [(True, Address(2, ip_address("198.51.100.2"), 24)), (True, Address(2, ip_address("fe80::1"), 64)),
+     (False, Address(2, ip_address("fe80::1"), 64))],
+)
+def test_address_events_ask_for_the_cheap_part_only(new: bool, address: Address) -> None:
+    state = live()
+    assert state.apply("address", new, address)
+    assert state.addresses_stale
+    cheap = Topology(BASE.links, (address,) if new else (), (), (PolicyRule(AF_INET, 5, table=100),))
+    state.refresh(cheap)
+    assert not state.addresses_stale
+    assert state.snapshot().addresses == cheap.addresses and state.snapshot().rules == cheap.rules
+    assert set(state.snapshot().routes) == {R1, V6A}  # routes kept from events
 
 
 def test_ipv6_gateway_routes_of_one_key_become_siblings_so_it_gives_up() -> None:

@@ -12,14 +12,17 @@ Where the kernel changes more than it announces, the state says it is no
 longer trusted (``apply`` returns False) and the caller re-reads everything:
 
 - a link removed or taken down (the kernel flushes its IPv4 routes without
-  telling), an address removed (routes through it go silently), an address
-  added or changed (the order of a device's addresses decides source
-  selection, and only a dump shows it);
+  telling), an IPv4 address removed (routes through it go silently);
 - a route that appends or prepends beside an existing one (NLM_F_APPEND,
   or a new route whose key is taken without NLM_F_REPLACE), any IPv6 route
   with several nexthops or whose key holds one (siblings are announced in
   ways a key cannot follow), a route that names a nexthop object;
 - nexthop objects themselves.
+
+An address added or changed, or an IPv6 address removed (whose routes go
+with announcements), asks only for the cheap part to be read again
+(``addresses_stale``: links, addresses and rules, not the routes): the order
+of a device's addresses decides source selection, and only a dump shows it.
 
 This module is pure: it never performs I/O. It never guesses: what it cannot
 follow exactly it gives up on.
@@ -63,6 +66,8 @@ class LiveTopology:
     routes: dict[RouteKey, Route] = field(default_factory=dict)
     rules: list[PolicyRule] = field(default_factory=list)
     applied: int = 0  # events applied since the seeding dump
+    # Links, addresses and rules must be read again (``refresh``) before the next snapshot.
+    addresses_stale: bool = False
     _snapshot: Topology | None = None
 
     @classmethod
@@ -101,7 +106,20 @@ class LiveTopology:
             return self._route(new, value, flags)
         if kind == "rule" and isinstance(value, PolicyRule):
             return self._rule(new, value)
-        return False  # addresses, nexthop objects, anything else: only a dump is exact
+        if kind == "address" and isinstance(value, Address):
+            if not new and value.family != AF_INET6:
+                return False  # IPv4 routes through it are flushed unannounced
+            self.addresses_stale = True
+            return True
+        return False  # nexthop objects, anything else: only a dump is exact
+
+    def refresh(self, cheap: Topology) -> None:
+        """Take links, addresses and rules from ``cheap`` (a dump without routes); routes stay."""
+        self.links = {link.index: link for link in cheap.links}
+        self.addresses = list(cheap.addresses)
+        self.rules = list(cheap.rules)
+        self.addresses_stale = False
+        self._changed()
 
     def _changed(self) -> None:
         self._snapshot = None

@@ -157,7 +157,22 @@ class KernelBackend:
 
     async def _links_routes_rules(self) -> Topology:
         """Links, addresses, routes and rules: kept from events where they can be, else dumped."""
-        if self.live is not None:
+        if self.live is not None and self.live.addresses_stale:
+            # Links, addresses and rules only (cheap), events kept during it and replayed.
+            self._replay = []
+            try:
+                cheap = await self.rtnl.dump(routes=False)
+                replay, self._replay = self._replay, None
+            finally:
+                self._replay = None
+            kept = self.live
+            if kept is not None:
+                kept.refresh(cheap)
+                for event in replay:
+                    if not self._apply(kept, event):
+                        self.live = None
+                        break
+        if self.live is not None and not self.live.addresses_stale:
             return self.live.snapshot()
         self._replay = []
         try:
@@ -166,12 +181,12 @@ class KernelBackend:
             replay, self._replay = self._replay, None
         finally:
             self._replay = None
-        live = LiveTopology.seed(topology)
+        seeded = LiveTopology.seed(topology)
         for event in replay:
-            if live is None or not self._apply(live, event):
-                live = None
+            if seeded is None or not self._apply(seeded, event):
+                seeded = None
                 break
-        self.live = live
+        self.live = seeded
         return topology
 
     async def topology(self) -> Topology:
