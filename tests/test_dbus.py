@@ -481,6 +481,14 @@ async def test_hook_trigger_is_a_full_judgement(private_bus: PrivateBus) -> None
         await wait_for(lambda: len(reactor.reactions) == 1)
         assert backend.reads == 2
         assert len(backend.deleted) == 2
+        # Everything was judged; the same flows stick again and the tunnel's hook calls once more.
+        # No topology change is in sight, so only a full judgement finds them.
+        backend.table = [udp_entry(5060), udp_entry(5061)]
+        reply = await call(bus, "TriggerEvent", "sss", ["xfrm", "", "up-client office"])
+        assert reply.message_type is MessageType.METHOD_RETURN, reply.body
+        await wait_for(lambda: len(reactor.reactions) == 2)
+        assert backend.reads == 3
+        assert len(backend.deleted) == 4
 
 
 async def test_reload_without_store_is_an_error(private_bus: PrivateBus) -> None:
