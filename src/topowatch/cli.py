@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The command line: run, plan, flush, check, doctor, lab.
 
 Every command works in the network namespace it is started in and touches
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     trigger = sub.add_parser("trigger", help="ask the running daemon to react now (over D-Bus; root)")
     trigger.add_argument("--interface", metavar="IF", help="the interface that changed (default: all)")
+    bus_name = sub.add_parser("bus-name", help="print the D-Bus name of the daemon of this network namespace "
+                              "(what the CLI and the hooks call)")
+    bus_name.add_argument("--netns", metavar="NAME", help="of the namespace `ip netns` calls NAME instead")
 
     lab = sub.add_parser("lab", help="build a namespace lab and show topowatch fixing stuck flows")
     lab.add_argument("--keep", action="store_true", help="leave the lab's namespaces in place")
@@ -226,7 +230,8 @@ async def _observers(
 
 
 def _dbus_tasks(
-    args: argparse.Namespace, reactor: Reactor, store: PolicyStore, pressure: PressureAgent
+    args: argparse.Namespace, reactor: Reactor, store: PolicyStore, pressure: PressureAgent,
+    guard: Callable[[], bool] | None = None,
 ) -> list[Callable[[], Awaitable[None]]]:
     """The D-Bus service and NetworkManager events, unless --no-dbus or the extra is missing (said once)."""
     from topowatch.dbus import missing_dependency
@@ -250,7 +255,7 @@ def _dbus_tasks(
     backend = reactor.backend
     if hasattr(backend, "extra_sources"):
         backend.extra_sources.append(NetworkManagerSource())
-    return [AgentService(reactor, reload=reload, pressure=pressure).run]
+    return [AgentService(reactor, reload=reload, pressure=pressure, guard=guard).run]
 
 
 async def reload_policies(store: PolicyStore, timeout: float = RELOAD_TIMEOUT) -> bool:
@@ -286,6 +291,7 @@ async def reload_policies(store: PolicyStore, timeout: float = RELOAD_TIMEOUT) -
 
 
 async def _run_daemon(args: argparse.Namespace) -> int:
+    from topowatch import netnswatch
     from topowatch.edges.kernel import KernelBackend
     from topowatch.edges.sysctl import TimeoutLedger
     from topowatch.policy import PolicyStore
@@ -307,7 +313,9 @@ async def _run_daemon(args: argparse.Namespace) -> int:
                              ledger=TimeoutLedger.for_namespace(args.state_dir))
     notifier = Notifier()
     observers = await _observers(args, reactor, notifier, pressure)
-    observers += _dbus_tasks(args, reactor, store, pressure)
+    guard = netnswatch.NamespaceGuard.here()
+    reactor.reaction_hooks.append(guard.after_reaction)
+    observers += _dbus_tasks(args, reactor, store, pressure, guard.check)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(reactor.run)
@@ -328,6 +336,8 @@ async def _run_daemon(args: argparse.Namespace) -> int:
                     return
 
             nursery.start_soon(wait_signal)
+            # Stop (releasing the bus name) once `ip netns del` took this namespace's name away.
+            nursery.start_soon(guard.stop_when_gone, nursery.cancel_scope)
     log.info("stopped after %d reaction(s)", len(reactor.reactions))
     return 0
 
@@ -399,6 +409,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from topowatch.policy import check_main
 
             return check_main(args.rules_dir)
+        if args.command == "bus-name":
+            from topowatch import dbus
+
+            print(dbus.bus_name(dbus.named_suffix(args.netns) if args.netns else None))
+            return 0
         if args.command in {"status", "trigger"}:
             from topowatch.dbus import missing_dependency
 

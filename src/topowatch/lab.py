@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The namespace lab: a gateway whose uplink changes, flows that get stuck, topowatch fixing them.
 
 Topology (every namespace created here, removed at the end):

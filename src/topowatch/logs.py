@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Log records: journald-friendly text by default, one JSON object per line on request.
 
 Decides the format only; never filters what the rest of the program says. Every

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Prometheus metrics: what reactions did, how long they took, how full the table is.
 
 Theory of operation: ``Metrics`` owns a private ``CollectorRegistry``.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Policies from rules.d drop-in TOML files: which events trigger, which entries, what action.
 
 This module decides which policy files are in force, what each key of each
@@ -10,8 +11,10 @@ Theory of operation (systemd's drop-in rules, ``systemd.unit(5)``):
 
 1. Directories in priority order, highest first: ``/etc/topowatch/rules.d``,
    ``/run/topowatch/rules.d``, ``/usr/local/lib/topowatch/rules.d``,
-   ``/usr/lib/topowatch/rules.d`` (systemd's unit search order; or the list
-   given). Only ``*.toml`` names count; hidden names are ignored.
+   ``/usr/lib/topowatch/rules.d`` (systemd's unit search order), then
+   ``lib/topowatch/rules.d`` under the prefix topowatch was installed to when
+   that is another one (a virtualenv); or the list given. Only ``*.toml``
+   names count; hidden names are ignored.
 2. A name in a higher directory hides the same name in lower ones. The winner
    is an empty file or a symlink to ``/dev/null``: the name is masked and
    contributes nothing.
@@ -53,6 +56,7 @@ import os
 import re
 import stat
 import sys
+import sysconfig
 import tomllib
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,12 +75,32 @@ from topowatch.trust import default_trusted_uids as _default_trusted_uids
 from topowatch.trust import parent_problem as _parent_problem
 from topowatch.trust import trust_problem as _trust_problem
 
-DEFAULT_DIRS: tuple[str, ...] = (
+SYSTEM_DIRS: tuple[str, ...] = (
     "/etc/topowatch/rules.d",
     "/run/topowatch/rules.d",
     "/usr/local/lib/topowatch/rules.d",  # where pip, as root, installs the shipped files
     "/usr/lib/topowatch/rules.d",
 )
+SHIPPED_RULES = "lib/topowatch/rules.d"  # under the install prefix (the wheel's shared-data)
+
+
+def installed_dirs() -> tuple[str, ...]:
+    """Where this installation put its own shipped policies when that is none of ``SYSTEM_DIRS``.
+
+    The wheel installs rules.d under its data prefix: /usr/local or /usr for pip
+    as root, the virtualenv for an install into one. Searched after the system
+    directories, so the shipped files are in force wherever topowatch was
+    installed, and any same-named file in /etc, /run or /usr overrides them.
+    """
+    found: list[str] = []
+    for prefix in (sysconfig.get_path("data"), sys.prefix):
+        path = os.path.join(prefix, SHIPPED_RULES)
+        if path not in SYSTEM_DIRS and path not in found:
+            found.append(path)
+    return tuple(found)
+
+
+DEFAULT_DIRS: tuple[str, ...] = SYSTEM_DIRS + installed_dirs()
 
 TRIGGERS: tuple[str, ...] = (
     "link", "address", "route", "rule", "xfrm", "ruleset", "networkmanager", "dispatcher",

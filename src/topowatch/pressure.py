@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The pressure agent: watches the conntrack table fill, and under pressure lowers timeouts and evicts.
 
 Theory of operation: one trio task (``PressureAgent.run``) in the daemon's

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The reactor: from topology events to deleted entries, once per burst.
 
 Theory of operation (trio, structured concurrency): one nursery holds one task

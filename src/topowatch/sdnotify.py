@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """systemd's notify protocol: READY, STATUS, WATCHDOG and STOPPING datagrams.
 
 Theory of operation: systemd hands a ``Type=notify`` service the path of a

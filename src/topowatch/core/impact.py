@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Which flows a topology change can re-NAT: none, those in some prefixes, or any.
 
 Theory of operation: a prediction reads the topology through the FIB (rules,

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The topology kept up to date from rtnetlink events, so a reaction need not re-read it.
 
 Theory of operation: a full dump seeds the state; every later event is

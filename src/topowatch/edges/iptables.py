@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Read the iptables nat tables (nft and legacy, IPv4 and IPv6) into the same ``NatRuleset`` as nftables.
 
 What this module decides: which nat chains iptables contributes to the

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The reactor's backend on the real kernel: rtnetlink, ctnetlink, nftables (ruleset and events) together.
 
 Decides nothing: it wires the edges to the ``reactor.Backend`` interface,

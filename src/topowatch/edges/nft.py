@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Read the nftables ruleset (``nft -j list ruleset``) into a ``NatRuleset``.
 
 Theory of operation: ``read_ruleset`` runs nft in the current namespace and

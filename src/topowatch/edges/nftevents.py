@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Ruleset changes as reactor triggers: nftables generation events, a legacy-iptables poll, an ipset poll.
 
 What it decides: when the NAT ruleset may have changed, so that the reactor

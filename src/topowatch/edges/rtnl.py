@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The rtnetlink edge: dump links, addresses, routes and rules into a Topology; stream their changes.
 
 Theory of operation: requests and event subscriptions run on a plain netlink

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Conntrack sysctls of this namespace, and the ledger that survives a crash while they are lowered.
 
 Decides nothing. ``ConntrackSysctl`` reads ``nf_conntrack_count``, ``_max``
