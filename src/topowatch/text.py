@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Text from outside (tool output, kernel names, files): bytes until decoded here, on purpose.
 
 What this module decides: how external bytes become ``str`` and how a

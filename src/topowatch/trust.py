@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Who may have written a file we act on: owner and mode checks in the manner of sshd's StrictModes.
 
 What this module decides: whether a path (a policy file, the state
