@@ -236,5 +236,5 @@ def test_metrics_listen_is_parsed_or_a_usage_error(text: str) -> None:
 def test_deeply_nested_toml_is_a_policy_error(tmp_path: Path) -> None:
     """tomllib recurses per nesting level: a RecursionError is bad input, named with its file."""
     (tmp_path / "50-deep.toml").write_text("[policy.a]\nprefixes = " + "[" * 5000 + "]" * 5000 + "\n")
-    with pytest.raises(PolicyError, match=r"50-deep\.toml: bad TOML syntax: nested too deeply"):
+    with pytest.raises(PolicyError, match=r"50-deep\.toml: nested too deeply"):
         load_policies([str(tmp_path)], trusted_uids={os.geteuid()})

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Ruleset changes as reactor triggers: nftables generation events, a legacy-iptables poll, an ipset poll.
 
 What it decides: when the NAT ruleset may have changed, so that the reactor
@@ -62,6 +63,7 @@ import trio
 from topowatch.edges.iptables import IpSet, read_named_ipsets
 from topowatch.edges.rtnl import receive, subscribe
 from topowatch.reactor import Trigger
+from topowatch.text import run_tool
 
 log = logging.getLogger(__name__)
 
@@ -143,30 +145,22 @@ def parse_generations(data: bytes) -> tuple[list[Generation], int]:
     return gens, others
 
 
-# nlmsghdr + nfgenmsg (AF_UNSPEC): "which generation is in force?"
-_GETGEN_REQUEST = struct.pack("=IHHIIBBH", 20, NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN, NLM_F_REQUEST,
-                              1, 0, socket.AF_UNSPEC, 0, 0)
+def current_generation(timeout: float = 2.0) -> int | None:
+    """The nftables ruleset generation of this namespace now (``NFT_MSG_GETGEN``); None if it cannot be asked.
 
-
-def nft_generation(open_socket: Callable[[], socket.socket] | None = None) -> int | None:
-    """The ruleset generation now in force (NFT_MSG_GETGEN; blocking), None if it cannot be asked.
-
-    A generation read before a ruleset read and again before acting on it
-    tells whether a commit came between, also one whose event is still on
-    its way to the event socket.
+    Blocking (a worker thread calls it); one request, one answer. The id
+    changes with every committed transaction, iptables-nft's included (not
+    with legacy iptables or ipsets: those are polled).
     """
+    request = struct.pack("=IHHII", 20, NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN, NLM_F_REQUEST, 1, 0)
+    request += struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)  # struct nfgenmsg
     try:
-        sock = open_socket() if open_socket is not None else \
-            socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER) as s:
+            s.settimeout(timeout)
+            s.send(request)
+            data = s.recv(65536)
     except OSError:
         return None
-    with sock:
-        try:
-            sock.settimeout(1.0)
-            sock.send(_GETGEN_REQUEST)
-            data = sock.recv(65536)
-        except OSError:
-            return None
     gens, _ = parse_generations(data)
     return gens[0].genid if gens else None
 
@@ -252,8 +246,7 @@ def read_legacy_nat(commands: Sequence[str] = LEGACY_SAVE, timeout: float = 10.0
     parts: list[str] = []
     for command in commands:
         try:
-            proc = subprocess.run([command, "-t", "nat"], capture_output=True, text=True, timeout=timeout,
-                                  check=False)
+            proc = run_tool([command, "-t", "nat"], timeout=timeout)
         except (OSError, subprocess.TimeoutExpired) as exc:
             parts.append(f"{command}: {exc}")
             continue
@@ -349,8 +342,7 @@ def ipset_digest(content: IpSet | None) -> str:
         return "unreadable"
     text = "\n".join([content.type, str(content.family), *sorted(content.members), "nomatch",
                       *sorted(content.nomatch)])
-    # surrogatepass: names and members decoded from bytes that were not UTF-8 (lone surrogates) still hash.
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()  # names as read: bytes
 
 
 class IpsetPoll(_Poll):
