@@ -48,7 +48,7 @@ from topowatch.dbus.networkmanager import ACTIVE, DEVICE, NM_NAME, VPN, NetworkM
 from topowatch.dbus.service import AgentService, check_interface  # noqa: E402
 from topowatch.errors import UsageError  # noqa: E402
 from topowatch.netns import Namespace  # noqa: E402
-from topowatch.reactor import DeleteCounts, EventSource, Reactor, ReactorConfig, Trigger  # noqa: E402
+from topowatch.reactor import DeleteCounts, EventSource, Reactor, ReactorConfig, StillStale, Trigger  # noqa: E402
 
 DBUS_DAEMON = shutil.which("dbus-daemon")
 DBUS_SEND = shutil.which("dbus-send")
@@ -188,7 +188,7 @@ class FakeBackend:
     async def entries(self, eligibility: Eligibility) -> list[Entry]:
         return [e for e in self.table if eligibility.admits(e)]
 
-    async def delete(self, entries: Sequence[Entry]) -> DeleteCounts:
+    async def delete(self, entries: Sequence[Entry], still: StillStale) -> DeleteCounts:
         self.deleted.extend(entries)
         self.table = [e for e in self.table if e not in entries]
         return DeleteCounts(deleted=len(entries))

@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from topowatch.core.conntrack import IPS_CONFIRMED, IPS_SRC_NAT_DONE, CtTuple, Entry
+from topowatch.core.conntrack import IPS_CONFIRMED, IPS_SRC_NAT_DONE, CtTuple, Entry, Reread
 from topowatch.core.decide import Decider
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
@@ -21,7 +21,7 @@ from topowatch.core.model import AF_INET, Link, Route, Topology
 from topowatch.core.nat import NatRuleset
 from topowatch.edges.nft import parse_ruleset_json
 from topowatch.errors import RulesetError, TopowatchError
-from topowatch.reactor import DeleteCounts, Reactor, ReactorConfig, Trigger
+from topowatch.reactor import DeleteCounts, Reactor, ReactorConfig, StillStale, Trigger
 
 A = Topology(links=(Link(1, "lo"), Link(2, "up1")), routes=(Route(IPv4Network("0.0.0.0/0")),))
 B = Topology(links=(Link(1, "lo"), Link(2, "up1"), Link(3, "up2")), routes=(Route(IPv4Network("0.0.0.0/0")),))
@@ -69,10 +69,20 @@ class FakeBackend:
     async def entries(self, eligibility: Eligibility) -> list[Entry]:
         return [e for e in self.table if eligibility.admits(e)]
 
-    async def delete(self, entries: Sequence[Entry]) -> DeleteCounts:
-        self.deleted.extend(entries)
-        self.table = [e for e in self.table if e not in entries]
-        return DeleteCounts(deleted=len(entries))
+    async def delete(self, entries: Sequence[Entry], still: StillStale) -> DeleteCounts:
+        """Re-checks each entry against the table as it is now, as the kernel backend does."""
+        current = {e.orig: e for e in self.table}
+        victims, kept = [], 0
+        for e in entries:
+            now = current.get(e.orig)
+            if now is not None and now.id == e.id and still(e, Reread(now.status, now.id, now.mark, now.timeout)):
+                victims.append(now)
+            elif now is not None and now.id == e.id:
+                kept += 1
+        self.deleted.extend(victims)
+        self.table = [e for e in self.table if e not in victims]
+        return DeleteCounts(deleted=len(victims), already_gone=len(entries) - len(victims) - kept,
+                            kept_replied=kept)
 
 
 def stale_when_up2(ruleset: Any, fib: Fib, flow: Flow) -> Prediction:
