@@ -97,7 +97,7 @@ DEFAULT_TIMEOUT = 30.0
 # everything between the re-read and the delete (decoding the answers, judging them again,
 # encoding the deletes) is the window in which a reply can still be missed. Kernel memory one
 # queued GET answer costs (an entry message, rounded up) sizes it down on a small receive buffer.
-RECHECK_BATCH = 256
+RECHECK_BATCH = 64
 GET_ANSWER_TRUESIZE = 4096
 RECHECK_ROUNDS = 3
 # The pipelined dump (``Conntrack._pipelined``): bytes per burst, free room that ends a burst
@@ -799,13 +799,26 @@ class Conntrack:
         self._send(request)
         overrun = block = False
         while len(answers) < len(chunk):
-            try:
-                datagram = self._recv(block=block)
-            except OSError as exc:
-                if exc.errno != errno_mod.ENOBUFS:
-                    raise NetlinkError(f"ctnetlink receive failed: {exc.strerror}", exc.errno or 0) from exc
-                overrun = True
-                continue
+            if not block and ctcodec._ctscan is not None:
+                # Every queued answer in one call (one datagram each), without the GIL.
+                datagram, count, _, err = ctcodec._ctscan.recv_burst(
+                    self.sock.fileno(), PIPELINE_CHUNK, PIPELINE_ROOM, (first - 1) & 0xFFFFFFFF, 0
+                )
+                if err == errno_mod.ENOBUFS:
+                    overrun = True
+                elif err not in (0, errno_mod.ETIMEDOUT):
+                    raise NetlinkError(f"ctnetlink receive failed: {os.strerror(err)}", err)
+                if not count:
+                    datagram = None
+            else:
+                try:
+                    datagram = self._recv(block=block)
+                except OSError as exc:
+                    if exc.errno != errno_mod.ENOBUFS:
+                        raise NetlinkError(f"ctnetlink receive failed: {exc.strerror}",
+                                           exc.errno or 0) from exc
+                    overrun = True
+                    continue
             if datagram is None:
                 if overrun:
                     break
