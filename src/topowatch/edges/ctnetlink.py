@@ -789,41 +789,39 @@ class Conntrack:
     def _reread(self, chunk: list[Entry]) -> tuple[float, dict[int, tuple[int, Reread | None]]]:
         """Ask the kernel for each entry again, in one sendmsg: (when sent, answers by index in ``chunk``).
 
-        Every GET is answered (an entry or an error) before sendmsg returns;
-        an index missing from the answers was dropped by a receive-buffer overrun.
+        The kernel answers every GET (an entry or an error) before sendmsg
+        returns, so everything is read without waiting: an index missing
+        from the answers was dropped by a receive-buffer overrun (the caller
+        asks again). The queue is read to its end, so no answer is left to
+        fill the buffer of the next batch.
         """
         first = self._next_seq(len(chunk))
         request = b"".join(ctcodec.encode_get(e, first + i) for i, e in enumerate(chunk))
         answers: dict[int, tuple[int, Reread | None]] = {}
         began = time.perf_counter()
         self._send(request)
-        overrun = block = False
-        while len(answers) < len(chunk):
-            if not block and ctcodec._ctscan is not None:
+        while True:
+            if ctcodec._ctscan is not None:
                 # Every queued answer in one call (one datagram each), without the GIL.
                 datagram, count, _, err = ctcodec._ctscan.recv_burst(
                     self.sock.fileno(), PIPELINE_CHUNK, PIPELINE_ROOM, (first - 1) & 0xFFFFFFFF, 0
                 )
-                if err == errno_mod.ENOBUFS:
-                    overrun = True
-                elif err not in (0, errno_mod.ETIMEDOUT):
+                if err not in (0, errno_mod.ETIMEDOUT, errno_mod.ENOBUFS):
                     raise NetlinkError(f"ctnetlink receive failed: {os.strerror(err)}", err)
                 if not count:
-                    datagram = None
+                    if err == errno_mod.ENOBUFS:
+                        continue  # the overrun is reported first; what is still queued comes next
+                    break
             else:
                 try:
-                    datagram = self._recv(block=block)
+                    datagram = self._recv(block=False)
                 except OSError as exc:
                     if exc.errno != errno_mod.ENOBUFS:
                         raise NetlinkError(f"ctnetlink receive failed: {exc.strerror}",
                                            exc.errno or 0) from exc
-                    overrun = True
                     continue
-            if datagram is None:
-                if overrun:
+                if datagram is None:
                     break
-                block = True  # not expected: wait for the rest, up to the timeout
-                continue
             for seq, err, now in ctcodec.parse_get_answers(datagram):
                 index = seq - first
                 if 0 <= index < len(chunk):
