@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from topowatch.core.conntrack import IPS_CONFIRMED, IPS_SRC_NAT_DONE, CtTuple, Entry, Reread
+from topowatch.core.conntrack import IPS_CONFIRMED, IPS_SEEN_REPLY, IPS_SRC_NAT_DONE, CtTuple, Entry, Reread
 from topowatch.core.decide import Decider
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
@@ -21,7 +21,7 @@ from topowatch.core.model import AF_INET, Link, Route, Topology
 from topowatch.core.nat import NatRuleset
 from topowatch.edges.nft import parse_ruleset_json
 from topowatch.errors import RulesetError, TopowatchError
-from topowatch.reactor import DeleteCounts, Reactor, ReactorConfig, StillStale, Trigger
+from topowatch.reactor import HISTORY, DeleteCounts, Reactor, ReactorConfig, StillStale, Trigger
 
 A = Topology(links=(Link(1, "lo"), Link(2, "up1")), routes=(Route(IPv4Network("0.0.0.0/0")),))
 B = Topology(links=(Link(1, "lo"), Link(2, "up1"), Link(3, "up2")), routes=(Route(IPv4Network("0.0.0.0/0")),))
@@ -448,3 +448,50 @@ async def test_streamed_dump_and_decide_is_used_when_offered(autojump_clock: tri
     assert backend.judged == 1
     assert len(backend.deleted) == 2 and backend.table == []
     assert "dump+decide" in reactor.reactions[0].timings
+
+
+async def test_an_entry_replied_between_judging_and_deleting_is_kept(autojump_clock: trio.testing.MockClock
+                                                                      ) -> None:
+    backend = FakeBackend()
+    answered = backend.table[1]
+
+    async def reply_arrives(entries: Sequence[Entry]) -> None:
+        assert answered in entries  # judged stale while UNREPLIED
+        backend.table[1] = Entry(answered.family, answered.proto, answered.orig, answered.reply,
+                                 answered.status | IPS_SEEN_REPLY)
+
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery)
+        reactor.before_delete = reply_arrives
+        backend.topo = B
+        await backend.send.send(Trigger("rtnl", "link up2 added", kind="link"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    (reaction,) = reactor.reactions
+    assert [e.orig for e in backend.deleted] == [udp_entry(5060).orig]
+    assert [e.orig for e in backend.table] == [answered.orig]
+    assert (reaction.deleted.deleted, reaction.deleted.kept_replied) == (1, 1)
+    assert "1 kept: replied since the dump" in reaction.summary()
+    assert reaction.fields()["kept_replied"] == 1
+
+
+async def test_history_is_bounded_and_only_the_latest_keeps_its_entries(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = FakeBackend()
+    backend.topo = B
+    n = HISTORY + 10
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery)
+        for i in range(n):
+            backend.table = [udp_entry(5060), udp_entry(5061)]
+            await backend.send.send(Trigger("rtnl", f"route {i}"))
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert len(reactor.reactions) == HISTORY
+    assert [r.number for r in reactor.reactions] == list(range(n - HISTORY + 1, n + 1))
+    *older, latest = reactor.reactions
+    assert all(r.plan.stale == () and r.stale_count == 2 and "stale 2" in r.summary() for r in older)
+    assert len(latest.plan.stale) == 2 and latest.counts is None
+    totals = reactor.totals
+    assert (totals.reactions, totals.deleted, totals.stale) == (n, 2 * n, 2 * n)
