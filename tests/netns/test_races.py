@@ -7,23 +7,29 @@ one, deterministically. The kernel is the oracle for what is left.
 
 from __future__ import annotations
 
+import errno
 import socket
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
 import trio
 
-from topowatch.core.conntrack import IPS_SEEN_REPLY, Entry
+from topowatch.core.conntrack import IPS_ASSURED, IPS_SEEN_REPLY, CtTuple, Entry
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
-from topowatch.core.flow import NO_NAT, Binding, Flow, NatKind, Prediction
+from topowatch.core.flow import IPPROTO_UDP, NO_NAT, Binding, Flow, NatKind, Prediction
 from topowatch.core.model import Link, Route, Topology
 from topowatch.core.nat import NatRuleset
+from topowatch.core.pressure import Candidate, PressurePolicy, Sample
 from topowatch.edges import ctcodec
 from topowatch.edges.ctnetlink import Conntrack
+from topowatch.edges.sysctl import ConntrackSysctl, TimeoutLedger, sysctl_name
 from topowatch.netns import Namespace
+from topowatch.pressure import PressureAgent
 from topowatch.reactor import Burst, DeleteCounts, Reactor, ReactorConfig, StillStale, Trigger
 
 pytestmark = [pytest.mark.netns]
@@ -125,4 +131,91 @@ async def test_an_entry_replied_to_between_judging_and_deleting_is_kept(lo_ns: N
     finally:
         ct.close()
         for sock in (server, *clients):
+            sock.close()
+
+
+# --- the pressure agent: a candidate is re-read just before it is evicted ----------------------------
+
+GATE = """\
+table ip gate {
+    chain in { type filter hook input priority 0; policy accept; tcp dport 7777 tcp flags syn drop; }
+}
+"""
+TIMEOUTS = {"udp": 30, "udp_stream": 120, "tcp_syn_sent": 120, "tcp_syn_recv": 60, "icmp": 30,
+            "icmpv6": 30, "gre": 30, "gre_stream": 180, "generic": 600}
+
+
+class RefusingTable(PressureAgent):
+    """The agent with the table's fill and refusals given (95 % full, new flows refused every look)."""
+
+    refused = 0
+
+    def read_sample(self) -> Sample:
+        self.refused += 1
+        return Sample(time=time.monotonic(), count=95, max=100, buckets=100, drop=self.refused)
+
+
+def wait_for(what: Callable[[], bool], timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while not what():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_the_pressure_agent_keeps_candidates_answered_established_or_refreshed_since_the_scan(
+    lo_ns: Namespace, tmp_path: Path
+) -> None:
+    ns = lo_ns
+    ns.run("nft", "-f", "-", input=GATE)
+    listener = ns.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind((LO, 7777))
+    listener.listen()
+    client = ns.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.setblocking(False)
+    assert client.connect_ex((LO, 7777)) == errno.EINPROGRESS  # SYN_SENT: its SYN is dropped at input
+    refreshed_sock = udp_socket(ns, 5100)
+    a = IPv4Address(LO)
+    idle, refreshed = (Entry(2, IPPROTO_UDP, CtTuple(a, a, sport, 6100), CtTuple(a, a, 6100, sport),
+                             status=IPS_SEEN_REPLY | IPS_ASSURED, timeout=30) for sport in (5099, 5100))
+    root = tmp_path / "sys"
+    root.mkdir()
+    for name, value in TIMEOUTS.items():
+        (root / sysctl_name(name)).write_text(f"{value}\n")
+    policy = PressurePolicy(enabled=True, high=0.9, low=0.6, evict_replied=frozenset({IPPROTO_UDP}))
+
+    def conntrack() -> Conntrack:
+        return Conntrack(ns.socket(socket.AF_NETLINK, socket.SOCK_RAW, ctcodec.NETLINK_NETFILTER))
+
+    ct = conntrack()
+    agent = RefusingTable(lambda: policy, sysctl=ConntrackSysctl(str(root)),
+                          ledger=TimeoutLedger(str(tmp_path / "ledger.json")), conntrack=conntrack)
+    try:
+        ct.create([idle, refreshed])
+
+        def table() -> dict[int, Entry]:
+            return {e.orig.sport: e for e in ct.dump(unreplied_only=False)}
+
+        syn = client.getsockname()[1]
+        assert table()[syn].unreplied
+
+        def traffic_meanwhile(chosen: list[Candidate]) -> None:
+            assert {syn, 5099, 5100} <= {c.entry.orig.sport for c in chosen}
+            ns.run("nft", "delete", "table", "ip", "gate")  # the retransmitted SYN gets through
+            assert wait_for(lambda: not table()[syn].unreplied), "no handshake"
+            refreshed_sock.sendto(b"keepalive", (LO, 6100))  # resets that entry's timer
+
+        agent.before_evict = traffic_meanwhile
+        agent.tick()
+        left = table()
+        assert syn in left and 5100 in left, left  # ESTABLISHED and refreshed since the scan: kept
+        assert 5099 not in left  # still idle: evicted
+        assert agent.counters.evicted == 1
+    finally:
+        agent.deliver()
+        if agent._ct is not None:
+            agent._ct.close()
+        ct.close()
+        for sock in (listener, client, refreshed_sock):
             sock.close()
