@@ -8,7 +8,10 @@ one, deterministically. The kernel is the oracle for what is left.
 from __future__ import annotations
 
 import errno
+import random
+import signal
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Network
@@ -18,7 +21,12 @@ from typing import Any, cast
 import pytest
 import trio
 
-from topowatch.core.conntrack import IPS_ASSURED, IPS_SEEN_REPLY, CtTuple, Entry
+from topowatch.core.conntrack import (
+    IPS_ASSURED,
+    IPS_SEEN_REPLY,
+    CtTuple,
+    Entry,
+)
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
 from topowatch.core.flow import IPPROTO_UDP, NO_NAT, Binding, Flow, NatKind, Prediction
@@ -28,6 +36,7 @@ from topowatch.core.pressure import Candidate, PressurePolicy, Sample
 from topowatch.edges import ctcodec
 from topowatch.edges.ctnetlink import Conntrack
 from topowatch.edges.sysctl import ConntrackSysctl, TimeoutLedger, sysctl_name
+from topowatch.lab import Daemon
 from topowatch.netns import Namespace
 from topowatch.pressure import PressureAgent
 from topowatch.reactor import Burst, DeleteCounts, Reactor, ReactorConfig, StillStale, Trigger
@@ -219,3 +228,114 @@ def test_the_pressure_agent_keeps_candidates_answered_established_or_refreshed_s
         ct.close()
         for sock in (listener, client, refreshed_sock):
             sock.close()
+
+
+# --- SIGKILL at a seeded random point of a reaction, then a restart -----------------------------------
+
+ROUTER_RULESET = """\
+table ip t {
+    chain post { type nat hook postrouting priority srcnat; policy accept; oifname "up2" masquerade; }
+}
+"""
+POLICY = """\
+[policy.kill]
+action = "flush"
+unreplied_only = true
+max_deletions = 1000000
+"""
+STALE, HEALTHY, REPLIED = 20_000, 2_000, 2_000
+UP1 = "198.51.100.2"
+
+
+def send_udp(ns: Namespace, flows: Sequence[tuple[int, str]]) -> None:
+    """One datagram per (source port, destination) from the namespace's up1 address: each makes an
+    UNREPLIED entry with a null binding (locally generated, NATed by nobody; nothing answers)."""
+    sock = ns.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        for sport, dst in flows:
+            udp = struct.pack("!HHHH", sport, 5060, 8, 0)
+            header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, IPPROTO_UDP, 0,
+                                 IPv4Address(UP1).packed, IPv4Address(dst).packed)
+            while True:
+                try:
+                    sock.sendto(header + udp, (dst, 0))
+                    break
+                except BlockingIOError:
+                    time.sleep(0.001)
+    finally:
+        sock.close()
+
+
+def mark_replied(ct: Conntrack, entries: Sequence[Entry]) -> None:
+    """A reply for each (status SEEN_REPLY|ASSURED, set through ctnetlink: the bits can only be set)."""
+    for start in range(0, len(entries), 500):
+        chunk = entries[start : start + 500]
+        first = ct._next_seq(len(chunk))
+        msgs = [ctcodec.encode_message(ctcodec.IPCTNL_MSG_CT_NEW, ctcodec.NLM_F_REQUEST, first + i, 2, [
+            (ctcodec.CTA_TUPLE_ORIG, ctcodec.encode_tuple(ctcodec.CTA_TUPLE_ORIG, 2, e.proto, e.orig)),
+            (ctcodec.CTA_STATUS, ctcodec.nla(ctcodec.CTA_STATUS,
+                                             ctcodec.be32(e.status | IPS_SEEN_REPLY | IPS_ASSURED))),
+        ]) for i, e in enumerate(chunk)]  # fmt: skip
+        assert ct._transact(msgs, first).errors == {}
+
+
+def keys(entries: Sequence[Entry]) -> set[tuple[object, ...]]:
+    return {(e.orig, e.id) for e in entries}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [13, 1313])
+def test_sigkill_mid_reaction_then_restart_deletes_nothing_wrong_and_reacts(
+    netns: Namespace, tmp_path: Path, seed: int
+) -> None:
+    ns = netns
+    for name, address in (("up1", f"{UP1}/24"), ("up2", "203.0.113.2/24")):
+        ns.run("ip", "link", "add", name, "type", "veth", "peer", "name", f"{name}p")  # no dummy module here
+        ns.run("ip", "addr", "add", address, "dev", name)
+        ns.run("ip", "link", "set", f"{name}p", "up")
+        ns.run("ip", "link", "set", name, "up")
+    for net in ("192.0.2.0/24", "198.18.0.0/24"):
+        ns.run("ip", "route", "add", net, "dev", "up1")
+    ns.run("nft", "-f", "-", input=ROUTER_RULESET)
+    tmp_path.chmod(0o755)
+    rules = tmp_path / "rules.d"
+    rules.mkdir(mode=0o755)
+    (rules / "50-kill.toml").write_text(POLICY)
+    (rules / "50-kill.toml").chmod(0o644)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    ct = Conntrack(ns.socket(socket.AF_NETLINK, socket.SOCK_RAW, ctcodec.NETLINK_NETFILTER))
+    args = ("--no-dbus", "--rules-dir", str(rules), "--state-dir", str(state), "--debounce", "0.01")
+    try:
+        # UNREPLIED flows to 192.0.2.0/24 (stale once that net moves to the masqueraded up2), UNREPLIED
+        # flows to 198.18.0.0/24 (stay on up1: healthy), and answered flows to 192.0.2.0/24 (healthy).
+        send_udp(ns, [(1024 + i, f"192.0.2.{1 + i % 200}") for i in range(STALE + REPLIED)])
+        send_udp(ns, [(1024 + i, f"198.18.0.{1 + i % 200}") for i in range(HEALTHY)])
+        answered = {1024 + STALE + i for i in range(REPLIED)}
+        mark_replied(ct, [e for e in ct.dump() if e.orig.sport in answered and e.orig.dst.packed[0] == 192])
+        table = ct.dump(unreplied_only=False)
+        assert len(table) == STALE + HEALTHY + REPLIED
+        must_stay = keys([e for e in table if e.orig.dst in IPv4Network("198.18.0.0/24") or not e.unreplied])
+        assert len(must_stay) == HEALTHY + REPLIED
+        with Daemon(ns, *args, "--no-startup-sweep") as daemon:
+            assert daemon.wait_for("ready") is not None, daemon.lines
+            kill_after = random.Random(seed).uniform(0.0, 1.0)  # reactions here take about a second
+            ns.run("ip", "route", "replace", "192.0.2.0/24", "dev", "up2")
+            time.sleep(kill_after)
+            daemon.proc.send_signal(signal.SIGKILL)
+            daemon.proc.wait()
+        after_kill = keys(ct.dump(unreplied_only=False))
+        print(f"SIGKILL {kill_after * 1000:.0f} ms after the change: {len(after_kill - must_stay)} of {STALE} "
+              f"stale entries left; log: {daemon.lines[1:]}")
+        assert must_stay <= after_kill, f"wrong deletes after SIGKILL at +{kill_after:.3f} s"
+        with Daemon(ns, *args) as daemon:  # the startup sweep judges what the killed one left
+            assert daemon.wait_for("reaction 1 (") is not None, daemon.lines
+            assert keys(ct.dump(unreplied_only=False)) == must_stay, daemon.lines
+            ns.run("ip", "route", "replace", "198.18.0.0/24", "dev", "up2")  # and it reacts again
+            line = daemon.wait_for("reaction 2 (")
+            assert line is not None and f"{HEALTHY} deleted" in line, daemon.lines[-5:]
+        left = ct.dump(unreplied_only=False)
+        assert keys(left) == keys([e for e in table if not e.unreplied])
+    finally:
+        ct.close()
