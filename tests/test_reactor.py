@@ -20,7 +20,7 @@ from topowatch.core.flow import NO_NAT, Binding, Flow, NatKind, Prediction
 from topowatch.core.model import AF_INET, Link, Route, Topology
 from topowatch.core.nat import NatRuleset
 from topowatch.edges.nft import parse_ruleset_json
-from topowatch.errors import RulesetError, TopowatchError
+from topowatch.errors import DumpInterrupted, RulesetError, TopowatchError
 from topowatch.reactor import HISTORY, DeleteCounts, Reactor, ReactorConfig, StillStale, Trigger
 
 A = Topology(links=(Link(1, "lo"), Link(2, "up1")), routes=(Route(IPv4Network("0.0.0.0/0")),))
@@ -495,3 +495,30 @@ async def test_history_is_bounded_and_only_the_latest_keeps_its_entries(
     assert len(latest.plan.stale) == 2 and latest.counts is None
     totals = reactor.totals
     assert (totals.reactions, totals.deleted, totals.stale) == (n, 2 * n, 2 * n)
+
+
+async def test_an_interrupted_dump_deletes_nothing_and_the_change_is_judged_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = FakeBackend()
+    real_entries = backend.entries
+    interrupted = [True]
+
+    async def entries(eligibility: Eligibility) -> list[Entry]:
+        if interrupted.pop() if interrupted else False:
+            raise DumpInterrupted("conntrack dump interrupted 4 times: results may be inconsistent", 4)
+        return await real_entries(eligibility)
+
+    backend.entries = entries  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery)
+        backend.topo = B
+        await backend.send.send(Trigger("rtnl", "link up2 added", kind="link"))
+        await trio.sleep(1)
+        assert backend.deleted == [] and reactor.errors == {"reaction": 1} and not reactor.reactions
+        assert reactor.t0 is A  # the change was not judged: the next reaction judges it
+        await backend.send.send(Trigger("rtnl", "route changed", kind="route"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    (reaction,) = reactor.reactions
+    assert len(backend.deleted) == 2 and "link up2 added" in reaction.change.summary()

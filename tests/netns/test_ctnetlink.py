@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 from collections.abc import Iterator
 from ipaddress import IPv4Address, ip_address
 
@@ -466,3 +467,59 @@ def test_delete_current_never_deletes_an_entry_whose_answer_was_lost(ct: Conntra
     left = ct.dump()
     assert result.deleted + result.unchecked == 300 and result.unchecked == len(left)
     assert result.unconfirmed == 0 or result.deleted + result.unconfirmed + result.unchecked == 300
+
+
+# --- interrupted dumps (NLM_F_DUMP_INTR): dumped again, a partial result never used ---------------------
+
+
+def interrupt_datagrams(ct: Conntrack, monkeypatch: pytest.MonkeyPatch, which: set[int]) -> list[int]:
+    """Flag NLM_F_DUMP_INTR on the received datagrams numbered in ``which`` (1-based, over all dumps)."""
+    ct.pipelined = False  # one datagram per recv, so the flag lands in the middle of a dump
+    real = ct._recv
+    seen = [0]
+
+    def flagged(*, block: bool) -> bytes | None:
+        data = real(block=block)
+        if data is None:
+            return None
+        seen[0] += 1
+        if seen[0] in which:
+            out = bytearray(data)
+            flags = struct.unpack_from("=H", out, 6)[0]
+            struct.pack_into("=H", out, 6, flags | ctcodec.NLM_F_DUMP_INTR)
+            return bytes(out)
+        return data
+
+    monkeypatch.setattr(ct, "_recv", flagged)
+    return seen
+
+
+def test_an_interrupted_scan_starts_over_with_a_fresh_consumer(
+    ct: Conntrack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ct.create(udp4(i) for i in range(3000))
+    expected = sorted(map(key, ct.dump()), key=repr)
+    seen = interrupt_datagrams(ct, monkeypatch, {3})  # the first attempt, a few datagrams in
+    consumers: list[Collect] = []
+
+    def start() -> Collect:
+        consumers.append(Collect())
+        return consumers[-1]
+
+    got = ct.scan(start)
+    assert seen[0] > 6 and len(consumers) == 2 and got is consumers[1]
+    assert sorted(map(key, got.raw + got.entries), key=repr) == expected  # whole, nothing twice
+    assert ct.last_dump is not None and ct.last_dump.interrupted_retries == 1
+
+
+def test_a_dump_interrupted_every_time_is_refused_never_returned(
+    ct: Conntrack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ct.create(udp4(i) for i in range(3000))
+    interrupt_datagrams(ct, monkeypatch, set(range(1, 1000)))
+    with pytest.raises(DumpInterrupted, match="results may be inconsistent"):
+        ct.scan(Collect)
+    with pytest.raises(DumpInterrupted):
+        ct.dump()
+    monkeypatch.undo()
+    assert len(ct.dump()) == 3000  # the socket is still usable: nothing of those dumps is left unread
