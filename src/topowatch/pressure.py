@@ -125,7 +125,6 @@ class PressureAgent:
         self._replied: deque[Candidate] = deque()
         self._more = {False: True, True: True}
         self._scanned_at = -math.inf
-        self._scan_began = -math.inf  # what a candidate's timer is compared against (see still_evictable)
         self._census: Census | None = None
         # Fault injection for tests only: called (in the worker thread) between taking candidates and
         # evicting them.
@@ -255,7 +254,6 @@ class PressureAgent:
         def picker() -> EvictionPicker:
             return EvictionPicker(policy, keep, collect_replied=full, timeouts=timeouts, build=build)
 
-        self._scan_began = time.monotonic()
         picked = ct.scan(picker, unreplied_only=not full)
         chosen = picked.chosen()
         self._unreplied = deque(c for c in chosen if not c.replied)
@@ -351,7 +349,9 @@ class PressureAgent:
     def _evict(self, chosen: list[Candidate]) -> tuple[DeleteResult, dict[int, str]]:
         """Delete the candidates still evictable when re-read now: (the result, kept: id -> why)."""
         timeouts = self.sysctl.timeouts(TIMEOUT_NAMES)
-        elapsed = time.monotonic() - self._scan_began
+        # Since the scan ended: each candidate was read before that, so a timer not refreshed since
+        # has run down at least this much (see still_evictable).
+        elapsed = time.monotonic() - self._scanned_at
         by_entry = {id(cand.entry): cand for cand in chosen}
         kept: dict[int, str] = {}
 

@@ -366,6 +366,7 @@ STILL_EVICTABLE = [
     (IPPROTO_TCP, False, 100, 0, 431999, 3, 5.0, False),  # ESTABLISHED, picked up mid-stream: never
     (IPPROTO_UDP, True, 40, ASSURED, 35, None, 5.0, True),  # assured, its timer ran down: idle
     (IPPROTO_UDP, True, 40, ASSURED, 36, None, 4.2, True),  # ... whole seconds (one of slack)
+    (IPPROTO_UDP, True, 40, ASSURED, 29, None, 5.0, True),  # read 6 s before a long scan ended: idle
     (IPPROTO_UDP, True, 40, ASSURED, 118, None, 5.0, False),  # a packet reset its timer: not idle
     (IPPROTO_UDP, True, 40, ASSURED, 37, None, 5.0, False),  # above a timer run down from 40: a refresh
     (IPPROTO_UDP, True, 119, ASSURED, 114, None, 5.0, False),  # a refresh could not be told: kept

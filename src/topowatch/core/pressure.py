@@ -442,14 +442,15 @@ class EvictionPicker:
 
 
 def still_evictable(candidate: Candidate, now: Reread, elapsed: float, timeouts: Mapping[str, int]) -> bool:
-    """May ``candidate``, re-read as ``now`` ``elapsed`` seconds after its scan began, still be evicted?
+    """May ``candidate``, re-read as ``now`` ``elapsed`` seconds after its scan ended, still be evicted?
 
     Every packet resets an entry's timer to its class timeout; without one
-    the timer only runs down. So a replied candidate was refreshed since the
-    scan when its timer is now above what was left then minus the time
-    passed (one second of slack: the kernel reports whole seconds). Where
-    that cannot be told (the class timeout is not above what was left, e.g.
-    lowered since), it is kept: a wrong eviction costs a healthy flow.
+    the timer only runs down, by at least ``elapsed`` since it was read
+    (during the scan). So a replied candidate was refreshed since the scan
+    when its timer is now above what was left then minus ``elapsed`` (one
+    second of slack: the kernel reports whole seconds). Where that cannot be
+    told (the class timeout is not above what was left, e.g. lowered since),
+    it is kept: a wrong eviction costs a healthy flow.
     """
     entry = candidate.entry
     if entry.proto == IPPROTO_TCP and now.tcp_state == TCP_CONNTRACK_ESTABLISHED:
