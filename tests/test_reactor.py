@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, cast
 
@@ -21,7 +22,8 @@ from topowatch.core.model import AF_INET, Link, Route, Topology
 from topowatch.core.nat import NatRuleset
 from topowatch.edges.nft import parse_ruleset_json
 from topowatch.errors import DumpInterrupted, RulesetError, TopowatchError
-from topowatch.reactor import HISTORY, DeleteCounts, Reactor, ReactorConfig, StillStale, Trigger
+from topowatch.policy import Action, Policy, Selection
+from topowatch.reactor import HISTORY, DeleteCounts, Reactor, ReactorConfig, StillStale, Trigger, still_stale
 
 A = Topology(links=(Link(1, "lo"), Link(2, "up1")), routes=(Route(IPv4Network("0.0.0.0/0")),))
 B = Topology(links=(Link(1, "lo"), Link(2, "up1"), Link(3, "up2")), routes=(Route(IPv4Network("0.0.0.0/0")),))
@@ -522,3 +524,22 @@ async def test_an_interrupted_dump_deletes_nothing_and_the_change_is_judged_agai
         nursery.cancel_scope.cancel()
     (reaction,) = reactor.reactions
     assert len(backend.deleted) == 2 and "link up2 added" in reaction.change.summary()
+
+
+@pytest.mark.parametrize(
+    ("policies", "replied_since", "mark_since", "deleted"),
+    [
+        ((Policy("default"),), True, 0, False),  # UNREPLIED only: a reply keeps it
+        ((Policy("default"),), False, 0, True),
+        ((Policy("all", eligibility=Eligibility(unreplied_only=False)),), True, 0, True),  # still admitted
+        ((Policy("marked", eligibility=Eligibility(unreplied_only=False, marks=((1, 1),))),), False, 2, False),
+        ((Policy("flush"), Policy("watch", eligibility=Eligibility(unreplied_only=False),
+                                  action=Action.LOG)), True, 0, False),  # now only the logging one admits it
+    ],
+)
+def test_the_recheck_asks_the_active_policies_again(
+    policies: tuple[Policy, ...], replied_since: bool, mark_since: int, deleted: bool
+) -> None:
+    dumped = replace(udp_entry(5060), mark=1, id=7)
+    now = Reread(dumped.status | (IPS_SEEN_REPLY if replied_since else 0), 7, mark_since or dumped.mark)
+    assert still_stale(Selection(policies))(dumped, now) is deleted
