@@ -626,9 +626,14 @@ class Conntrack:
 
     # --- batched requests -----------------------------------------------------
 
-    def _transact(self, encoded: list[bytes], first_seq: int) -> _Outcome:
-        """Send one batch whose last message asks for an ACK; collect every answer."""
-        last_seq = first_seq + len(encoded) - 1
+    def _transact(self, encoded: list[bytes], first_seq: int, last_seq: int | None = None) -> _Outcome:
+        """Send one batch whose last message asks for an ACK; collect every answer.
+
+        The messages carry increasing sequence numbers from ``first_seq`` to
+        ``last_seq`` (by default one each, without gaps).
+        """
+        if last_seq is None:
+            last_seq = first_seq + len(encoded) - 1
         data = bytearray(b"".join(encoded))
         last_off = len(data) - len(encoded[-1])
         flags = _U16.unpack_from(data, last_off + _FLAGS_OFFSET)[0]
@@ -736,8 +741,11 @@ class Conntrack:
             lost: list[Entry] = []
             for start in range(0, len(pending), size):
                 chunk = pending[start : start + size]
+                # Encoded before the re-check: the window from it to the delete holds no encoding.
+                first = self._next_seq(len(chunk))
+                deletes = [ctcodec.encode_delete(e, first + i, ack=False) for i, e in enumerate(chunk)]
                 began, answers = self._reread(chunk)
-                victims: list[Entry] = []
+                victims: list[int] = []
                 for i, entry in enumerate(chunk):
                     answer = answers.get(i)
                     if answer is None:
@@ -754,12 +762,10 @@ class Conntrack:
                         else:
                             kept_changed += 1
                     else:
-                        victims.append(entry)
+                        victims.append(i)
                 if not victims:
                     continue
-                first = self._next_seq(len(victims))
-                encoded = [ctcodec.encode_delete(e, first + i, ack=False) for i, e in enumerate(victims)]
-                out = self._transact(encoded, first)
+                out = self._transact([deletes[i] for i in victims], first, first + victims[-1])
                 windows.append(self._sent_at - began)
                 batches += 1
                 requested += out.sent
