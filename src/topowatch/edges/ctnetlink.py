@@ -100,6 +100,7 @@ DEFAULT_TIMEOUT = 30.0
 RECHECK_BATCH = 64
 GET_ANSWER_TRUESIZE = 4096
 RECHECK_ROUNDS = 3
+RECHECK_RECV_BYTES = 256 << 10  # one receive of a batch's answers (a few hundred bytes each)
 # The pipelined dump (``Conntrack._pipelined``): bytes per burst, free room that ends a burst
 # (a dump datagram is at most 32 KiB), bursts held ahead of the judging, and the reader's
 # poll, which also bounds how long closing it waits.
@@ -810,7 +811,7 @@ class Conntrack:
             if ctcodec._ctscan is not None:
                 # Every queued answer in one call (one datagram each), without the GIL.
                 datagram, count, _, err = ctcodec._ctscan.recv_burst(
-                    self.sock.fileno(), PIPELINE_CHUNK, PIPELINE_ROOM, (first - 1) & 0xFFFFFFFF, 0
+                    self.sock.fileno(), RECHECK_RECV_BYTES, PIPELINE_ROOM, (first - 1) & 0xFFFFFFFF, 0
                 )
                 if err not in (0, errno_mod.ETIMEDOUT, errno_mod.ENOBUFS):
                     raise NetlinkError(f"ctnetlink receive failed: {os.strerror(err)}", err)
