@@ -251,6 +251,8 @@ class Reaction:
     skipped: str | None = None
     # (stale, undecided) of a ``brief`` whose plan lists were dropped; None: the plan has them.
     counts: tuple[int, int] | None = None
+    # False for a reaction whose change could re-NAT no flow: it made no conntrack dump.
+    dumped: bool = True
 
     @property
     def stale_count(self) -> int:
@@ -275,6 +277,8 @@ class Reaction:
         stale = self.stale_count
         if self.skipped is not None:
             action = f"NOTHING DECIDED: {self.skipped}, nothing deleted"
+        elif not self.dumped:
+            action = f"{'; '.join(p.notes)}, nothing deleted"
         elif self.refused:
             action = f"REFUSED: {stale} stale exceeds the cap, nothing deleted"
         elif self.dry_run:
@@ -294,6 +298,8 @@ class Reaction:
                 action += f", re-check window p99 {d.window_p99 * 1000:.2f} ms"
         if self.logged_only:
             action += f", {self.logged_only} logged only"
+        if self.dumped and self.skipped is None and p.notes:
+            action += f" ({'; '.join(p.notes)})"
         phases = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.timings.items())
         return (
             f"reaction {self.number} ({self.trigger}, {self.events} event(s); policy {self.policies}): "
@@ -317,6 +323,7 @@ class Reaction:
             "undecided": self.undecided_count, "logged_only": self.logged_only, "refused": self.refused,
             "dry_run": self.dry_run, "latency_ms": round(self.latency * 1000, 3),
             "timings": {k: round(v * 1000, 3) for k, v in self.timings.items()}, "skipped": self.skipped,
+            "dumped": self.dumped,
         }  # fmt: skip
 
 
@@ -488,8 +495,6 @@ class Reactor:
         def bound(fib: Fib, flow: Flow) -> Prediction:
             return predictor(ruleset, fib, flow)
 
-        fib_now, fib_before = Fib(t1), Fib(self.t0) if self.t0 is not None else None
-        sport_matters = self._mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies)
         # A full judgement, or only the flows this change can re-NAT (``core.impact``).
         why_full = self._why_full(burst, ruleset, policy)
         scope: Impact | None = None
@@ -502,6 +507,8 @@ class Reactor:
             return self._record(self._unchanged(burst, t1, selection, scope, start=start, timings=timings,
                                                 ruleset=ruleset, policy=policy), selection)  # fmt: skip
 
+        fib_now, fib_before = Fib(t1), Fib(self.t0) if self.t0 is not None else None
+        sport_matters = self._mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies)
         mark = clock()
         classifier = Classifier.build(
             [t for t in (self.t0, t1) if t is not None], [ruleset], eligibility, sport_matters=sport_matters
@@ -613,6 +620,7 @@ class Reactor:
             latency=trio.current_time() - (burst.first if burst.count else start),
             timings=timings,
             policies=selection.names(),
+            dumped=False,
         )
 
     def _undecided(
