@@ -790,12 +790,13 @@ async def test_cli_status_and_trigger(private_bus: PrivateBus) -> None:
         assert done.returncode == 0, done.stderr
         status = json.loads(done.stdout)
         assert status["reactions"] == 1
-        assert status["deleted_total"] == 2
+        assert status["deleted_total"] == 2 and status["kept_replied_total"] == 0
 
         done = await trio.run_process([sys.executable, "-m", "topowatch", "status"],
                                       capture_stdout=True, capture_stderr=True, check=False)
         assert done.returncode == 0, done.stderr
         assert b"reactions 1, deleted 2" in done.stdout
+        assert b"kept as replied since the dump 0" in done.stdout
         assert b"last: reaction 1" in done.stdout
 
 
