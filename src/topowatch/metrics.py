@@ -69,7 +69,9 @@ ACCEPT_RETRY = 1.0  # after a failed accept (EMFILE, ENFILE, ENOBUFS, ENOMEM, ..
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[V6]:PORT`` for IPv6) into a host and a port."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # ASCII digits, few: str.isdigit() takes "²", and int() refuses "²" and 5,000 digits with a ValueError.
+    number = port.isascii() and port.isdigit() and len(port) <= 5
+    if not sep or not host or not number or not 0 < int(port) < 65536:
         raise UsageError(f"--metrics-listen: expected HOST:PORT, got {text!r}")
     return host.strip("[]"), int(port)
 

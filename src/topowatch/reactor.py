@@ -26,6 +26,13 @@ Rules:
   condition given): one replied to since the dump is kept, and counted;
 - memory stays bounded: the last ``HISTORY`` reactions are kept, and only the
   latest with its per-entry lists; totals over the daemon's life are counters;
+- a ruleset change that arrives during a reaction (a "ruleset" trigger after
+  the read, or the backend's word that the kernel's ruleset generation moved,
+  for a commit whose event is still in flight) means its decisions may rest
+  on a ruleset no longer in force: it reads the ruleset again before
+  deleting, deletes only if the NAT part read is the same, and otherwise
+  deletes nothing (T0 stays; the change's own trigger brings the next
+  reaction, which decides on the new ruleset);
 - the loop never wakes up without an event (no polling).
 This module never decides staleness itself (``core.decide`` does) and never
 speaks netlink (the ``Backend`` does).
@@ -136,7 +143,9 @@ class Backend(Protocol):
     #   (or overruns), so a burst without one keeps the ruleset read before;
     # - ``async def judge(eligibility, decider) -> Decider``: dump and decide
     #   in one pass, ``decider(build)`` making a fresh ``core.decide.Decider``
-    #   per dump attempt; replaces ``entries`` + ``decide`` when present.
+    #   per dump attempt; replaces ``entries`` + ``decide`` when present;
+    # - ``async def ruleset_unchanged() -> bool``: False if the ruleset changed
+    #   since the last ``ruleset()`` began, also when its event is still in flight.
 
 
 def plan_once(
@@ -385,6 +394,7 @@ class Reactor:
         self._burst = Burst()
         self._arrived = trio.Event()
         self._sport_memo: tuple[NatRuleset, bool] | None = None
+        self._ruleset_changes = 0  # "ruleset" triggers pushed so far: a reaction compares before deleting
         # Every eligible entry was judged against T0 and every stale one deleted: only then may
         # a reaction judge just the flows its change can re-NAT (or none, without a dump).
         self.judged_all = False
@@ -402,6 +412,8 @@ class Reactor:
     def push(self, trigger: Trigger) -> None:
         """Add a trigger to the current burst (callable from any task in this trio run)."""
         self._burst.add(trigger, trio.current_time())
+        if trigger.kind == "ruleset":
+            self._ruleset_changes += 1
         self._arrived.set()
 
     async def _source(
@@ -519,6 +531,7 @@ class Reactor:
         timings["snapshot"] = clock() - start
         mark = clock()
         unread: TopowatchError | None = None
+        changes = self._ruleset_changes  # those after this read are not in the ruleset decided with
         if self._ruleset_may_have_changed(burst):
             try:
                 self.ruleset = await self.backend.ruleset()
@@ -599,6 +612,12 @@ class Reactor:
             to_delete = [d.entry for d in plan.stale if selection.flushes(d.entry)]
         refused = len(to_delete) > min(selection.max_deletions, self.config.max_deletions)
         deleted = DeleteCounts()
+        if to_delete and not refused and not self.config.dry_run and (
+                self._ruleset_changes != changes or not await self._ruleset_unchanged()):
+            swapped = await self._ruleset_swapped(ruleset)
+            if swapped is not None:
+                undecided = self._undecided(burst, t1, selection, swapped, start=start, timings=timings)
+                return self._record(undecided, selection)
         if to_delete and not refused and not self.config.dry_run:
             if self.before_delete is not None:
                 await self.before_delete(to_delete)
@@ -630,6 +649,22 @@ class Reactor:
             logged_only=len(plan.stale) - len(to_delete),
         )
         return self._record(reaction, selection)
+
+    async def _ruleset_unchanged(self) -> bool:
+        check = getattr(self.backend, "ruleset_unchanged", None)  # optional, see ``Backend``
+        return check is None or bool(await check())
+
+    async def _ruleset_swapped(self, decided_with: NatRuleset) -> str | None:
+        """After a ruleset change during the reaction: why its decisions must not be carried out, or None."""
+        try:
+            now = await self.backend.ruleset()
+        except TopowatchError as exc:
+            self._count("ruleset")
+            return f"the ruleset changed during the reaction and cannot be read again ({exc})"
+        if now == decided_with:
+            return None  # a change outside the NAT chains (a filter table, a set no NAT rule uses)
+        self.ruleset = now
+        return "the ruleset changed during the reaction; the next reaction decides on the new one"
 
     def _why_full(self, burst: Burst, ruleset: NatRuleset, policy: EffectivePolicy) -> str | None:
         """Why this reaction must judge every eligible entry, or None when the change alone may do."""

@@ -8,6 +8,8 @@ topology snapshot and ruleset read (both only ever happen on events) it
 asks the legacy-iptables poll to look whether a legacy nat table exists, so
 that poll needs no timer of its own while there is none; after every ruleset
 read it tells the ipset poll which sets the ruleset names (none: no timer).
+Before deleting, the reactor may ask whether the nftables generation moved
+since the last ruleset read began (``ruleset_unchanged``).
 Everything happens in the network namespace the process was started in. It
 never sends a conntrack request without a tuple (the ctnetlink edge refuses
 to build one).
@@ -257,6 +259,14 @@ class KernelBackend:
 
     def _step(self) -> None:
         self.work_done += 1
+
+    async def ruleset_unchanged(self) -> bool:
+        """False if nftables committed since the last ruleset read began (its generation id moved)."""
+        last = self._last_read
+        if last is None:
+            return True
+        now = await trio.to_thread.run_sync(self._generation)
+        return now is None or now == last[0]
 
     def _recheck_legacy(self) -> None:
         """Wake the legacy poll if a legacy nat table exists now (a /proc read; never instantiates one)."""
