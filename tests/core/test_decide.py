@@ -595,3 +595,111 @@ def test_unknown_prediction_adds_before_predictions_per_key() -> None:
     # The raw path judges a key's first entry under its flow key and later ones under the raw
     # key, so T0 may be asked once under each: at most 7 now + 14 before.
     assert 14 <= small["add_raw"][0] <= 21
+
+
+# -- survivors of the mutation run (README "Mutation testing"): each test fails on its mutant --
+
+
+def test_unknown_prediction_uplink_address_change_alone_is_stale() -> None:
+    """The DSL reconnect: same uplink, same gateway, a new address. The egress changed.
+
+    With an unknown SNAT prediction only the egress can condemn the entry; the
+    masquerade source is part of it (mutant: the comparison ignores it).
+    """
+    before = Egress(EgressKind.UNICAST, 2, "ppp0", IPv4Address("100.64.0.1"), IPv4Address("100.64.7.8"))
+    now = Egress(EgressKind.UNICAST, 2, "ppp0", IPv4Address("100.64.0.1"), IPv4Address("100.64.9.10"))
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        return Prediction(dnat=frozenset({NO_NAT}), snat=Unknown("xt match policy"),
+                          egress=(now,) if fib is FIB_NOW else (before,))
+
+    plan = decide([entry("100.64.7.8")], predict=predictor, fib_now=FIB_NOW, fib_before=FIB_BEFORE)
+    assert [d.side for d in plan.stale] == ["snat"] and plan.undecided == ()
+    assert "the flow's egress changed" in plan.stale[0].reason
+    # The same egress with the same address: nothing says the entry went stale.
+    same = decide([entry("100.64.7.8")], predict=fixed(Unknown("xt match policy"), (before,)),
+                  fib_now=FIB_NOW, fib_before=FIB_BEFORE)
+    assert same.stale == () and same.undecided == ()
+
+
+@pytest.mark.parametrize("xfrm", ["", "out 0.0.0.0/0 -> 0.0.0.0/0 tmpl esp"])
+@pytest.mark.parametrize("change", ["kind", "oif", "gateway", "xfrm"])
+def test_unknown_prediction_every_egress_field_counts(change: str, xfrm: str) -> None:
+    base = Egress(EgressKind.UNICAST, 2, "up1", IPv4Address("198.51.100.1"), IPv4Address("198.51.100.2"),
+                  xfrm=xfrm)
+    other = {
+        "kind": dataclasses.replace(base, kind=EgressKind.BLACKHOLE),
+        "oif": dataclasses.replace(base, oif=5),
+        "gateway": dataclasses.replace(base, gateway=IPv4Address("198.51.100.9")),
+        "xfrm": dataclasses.replace(base, xfrm="" if xfrm else "out any tmpl esp"),
+    }[change]
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        return Prediction(dnat=frozenset({NO_NAT}), snat=Unknown("xt"), egress=(other,) if fib is FIB_NOW else (base,))
+
+    plan = decide([entry()], predict=predictor, fib_now=FIB_NOW, fib_before=FIB_BEFORE)
+    assert len(plan.stale) == 1
+
+
+# A port-only DNAT (the address kept, the port changed): 192.0.2.10:5060 -> 192.0.2.10:5070.
+PORT_ONLY_DNAT = Binding(NatKind.DNAT, IPv4Address("192.0.2.10"), IPv4Address("192.0.2.10"), 5070, 5070)
+PORT_ONLY_SNAT = Binding(NatKind.SNAT, IPv4Address("10.0.1.2"), IPv4Address("10.0.1.2"), 40000, 40000)
+
+
+@pytest.mark.parametrize("raw", [False, True])
+@pytest.mark.parametrize("side", ["dnat", "snat"])
+def test_port_only_nat_is_reported_as_nat_not_as_no_nat(side: str, raw: bool) -> None:
+    """An entry whose side changed only the port carries that binding, not "no NAT".
+
+    Another entry of the same flow key with no translation is judged first, so a
+    judgement reused across the key (``Decider._side``) would hand over its "no NAT".
+    """
+    from topowatch.core.decide import Decider
+
+    status = IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE
+    plain = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5000, 5060), CtTuple(SERVER, CLIENT, 5060, 5000),
+                  status=status)
+    if side == "dnat":
+        odd = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5001, 5060),
+                    CtTuple(SERVER, CLIENT, 5070, 5001), status=status)
+    else:
+        odd = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5001, 5060),
+                    CtTuple(SERVER, CLIENT, 5060, 40000), status=status)
+    elsewhere = frozenset({Binding(NatKind.DNAT if side == "dnat" else NatKind.SNAT, IPv4Address("192.0.2.20"))})
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        none = frozenset({NO_NAT})
+        return Prediction(dnat=elsewhere if side == "dnat" else none, snat=elsewhere if side == "snat" else none,
+                          egress=())
+
+    decider = Decider(predict=predictor, fib_now=FIB_NOW, sport_matters=False, build=from_raw)
+    for e in (plain, odd):
+        if raw:
+            decider.add_raw(to_raw(e))
+        else:
+            decider.add(e)
+    plan = decider.plan()
+    assert [d.entry.orig.sport for d in plan.stale] == [5000, 5001]
+    first, second = plan.stale
+    assert first.actual == NO_NAT
+    if side == "dnat":
+        assert first.reason == "destination is 192.0.2.10 (no NAT), but now it would be dnat to 192.0.2.20 (egress none)"
+        assert second.actual == PORT_ONLY_DNAT
+        assert second.reason == ("destination is dnat to 192.0.2.10:5070 (192.0.2.10 -> 192.0.2.10), "
+                                 "but now it would be dnat to 192.0.2.20 (egress none)")
+    else:
+        assert first.reason == "source is 10.0.1.2 (no NAT), but now it would be snat to 192.0.2.20 (egress none)"
+        assert second.actual == PORT_ONLY_SNAT
+        assert second.reason == ("source is snat to 10.0.1.2:40000 (10.0.1.2 -> 10.0.1.2), "
+                                 "but now it would be snat to 192.0.2.20 (egress none)")
+
+
+def test_port_only_dnat_in_plan_json() -> None:
+    from topowatch.core.decide import Decision
+    from topowatch.report import decision_json
+
+    e = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5001, 5060), CtTuple(SERVER, CLIENT, 5070, 5001))
+    actual = e.actual_dnat()
+    assert actual == PORT_ONLY_DNAT
+    out = decision_json(Decision(e, "dnat", actual, (), "x"))
+    assert out["actual"] == {"kind": "dnat", "addr": "192.0.2.10", "ports": [5070, 5070]}
