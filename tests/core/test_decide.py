@@ -615,7 +615,9 @@ def test_unknown_prediction_uplink_address_change_alone_is_stale() -> None:
 
     plan = decide([entry("100.64.7.8")], predict=predictor, fib_now=FIB_NOW, fib_before=FIB_BEFORE)
     assert [d.side for d in plan.stale] == ["snat"] and plan.undecided == ()
-    assert "the flow's egress changed" in plan.stale[0].reason
+    assert plan.stale[0].reason.endswith(
+        "the flow's egress changed from dev ppp0 via 100.64.0.1 (masquerade source 100.64.7.8) "
+        "to dev ppp0 via 100.64.0.1 (masquerade source 100.64.9.10)")
     # The same egress with the same address: nothing says the entry went stale.
     same = decide([entry("100.64.7.8")], predict=fixed(Unknown("xt match policy"), (before,)),
                   fib_now=FIB_NOW, fib_before=FIB_BEFORE)

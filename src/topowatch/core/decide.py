@@ -76,6 +76,10 @@ def _egress_text(egress: tuple[Egress, ...] | Unknown) -> str:
     return " or ".join(e.describe() for e in egress)
 
 
+def _egress_sources(egress: tuple[Egress, ...]) -> str:
+    return " or ".join(f"{e.describe()} (masquerade source {e.masquerade_source})" for e in egress) or "none"
+
+
 def _egress_key(egress: tuple[Egress, ...]) -> frozenset[tuple[object, ...]]:
     return frozenset((e.kind, e.oif, e.gateway, e.masquerade_source, e.xfrm) for e in egress)
 
@@ -117,10 +121,13 @@ def _side(
                 f"{what} NAT cannot be predicted ({predicted.reason}) and the egress is unknown",
             )
         if _egress_key(before.egress) != _egress_key(prediction.egress):
+            was = _egress_text(before.egress)
+            if was == now:  # the same route, another address on it (a PPP reconnect): name the addresses
+                was, now = _egress_sources(before.egress), _egress_sources(prediction.egress)
             return _Judgement(
                 side, True, False, actual, (),
                 f"{what} NAT cannot be predicted ({predicted.reason}), but the flow's egress changed "
-                f"from {_egress_text(before.egress)} to {now}",
+                f"from {was} to {now}",
             )
         return None  # egress unchanged: nothing says the entry went stale
     if not predicted:
