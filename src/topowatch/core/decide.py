@@ -215,6 +215,7 @@ def _compile(side: frozenset[Binding] | Unknown) -> _Check:
 
 
 def _admitted(check: _Check, original: int, translated: int, port: int) -> bool:
+    # The rule is core/admission.py's; tests/core/test_admission.py runs this over its cases.
     assert check is not None
     for lo, hi, port_lo, port_hi in check:
         if lo is None or hi is None:
