@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address
 from typing import Any
@@ -705,3 +706,160 @@ def test_port_only_dnat_in_plan_json() -> None:
     assert actual == PORT_ONLY_DNAT
     out = decision_json(Decision(e, "dnat", actual, (), "x"))
     assert out["actual"] == {"kind": "dnat", "addr": "192.0.2.10", "ports": [5070, 5070]}
+
+
+# -- mentions_sport, worked out by hand: what each kind of value says, and the depth limit ------
+
+
+class Named(enum.Enum):
+    PLAIN = "plain"
+    BY_VALUE = "match SPORT"  # the value names a source port (any case)
+    SPORT_BY_NAME = "x"  # the name does
+
+
+@dataclass(frozen=True)
+class Box:
+    item: object
+
+
+@dataclass(frozen=True)
+class Ports:
+    sport: object = None
+    dport: int = 0
+
+
+def nested(levels: int, wrap: Any, leaf: object = "leaf") -> object:
+    for _ in range(levels):
+        leaf = wrap(leaf)
+    return leaf
+
+
+SPORT_CASES: list[tuple[str, object, bool]] = [
+    ("text without", "udp dport 53", False),
+    ("text with", "udp sport 53", True),
+    ("text in upper case is another word", "SPORT", False),
+    ("enum, neither", Named.PLAIN, False),
+    ("enum, by its value in any case", Named.BY_VALUE, True),
+    ("enum, by its name in any case", Named.SPORT_BY_NAME, True),
+    ("number", 53, False),
+    ("bytes", b"sport", False),
+    ("None", None, False),
+    ("address", ip_address("192.0.2.1"), False),
+    ("dict key", {"sport": 1}, True),
+    ("dict value", {"k": "sport"}, True),
+    ("dict, neither", {"k": "dport"}, False),
+    ("list", ["a", "sport"], True),
+    ("frozenset", frozenset({"a"}), False),
+    ("dataclass field named sport, set", Ports(sport=1), True),
+    ("dataclass field named sport, 0", Ports(sport=0), False),
+    ("dataclass field named sport, empty tuple", Ports(sport=()), False),
+    ("dataclass field named sport, empty frozenset", Ports(sport=frozenset()), False),
+    ("dataclass field named sport, None", Ports(sport=None), False),
+    ("dataclass field named sport, 2", Ports(sport=2), True),
+    ("dataclass field value names it", Box("sport 1"), True),
+    ("a dataclass class itself is opaque", Ports, True),
+    ("opaque object", object(), True),
+    # Depth: a leaf under 64 containers is read; under 65 the walk gives up and answers True.
+    ("64 tuples", nested(64, lambda v: (v,)), False),
+    ("65 tuples", nested(65, lambda v: (v,)), True),
+    ("64 lists", nested(64, lambda v: [v]), False),
+    ("65 lists", nested(65, lambda v: [v]), True),
+    ("64 dict values", nested(64, lambda v: {"k": v}), False),
+    ("65 dict values", nested(65, lambda v: {"k": v}), True),
+    ("64 dataclasses", nested(64, Box), False),
+    ("65 dataclasses", nested(65, Box), True),
+    # A dict's key is a level below it, as its value is.
+    ("a dict key over 63 tuples", {nested(63, lambda v: (v,)): 0}, False),
+    ("a dict key over 64 tuples", {nested(64, lambda v: (v,)): 0}, True),
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), [c[1:] for c in SPORT_CASES], ids=[c[0] for c in SPORT_CASES])
+def test_mentions_sport_by_kind_and_depth(value: object, expected: bool) -> None:
+    from topowatch.core.decide import mentions_sport
+
+    assert mentions_sport(value) is expected
+
+
+# -- programs: the bounds compile_program accepts ----------------------------------------------
+
+
+def test_programs_take_every_value_that_fits_and_refuse_the_rest() -> None:
+    from topowatch.core.decide import compile_program
+
+    top = (1 << 128) - 1
+    assert compile_program(((0, 0, 0, 0),), ()) == (
+        b"P\x02\x01" + b"\x03" + bytes(16) + bytes(16) + b"\x00\x00\x00\x00" + b"\x01")
+    assert compile_program(((top, top, 0xFFFF, 0xFFFF),), ()) == (
+        b"P\x02\x01" + b"\x03" + b"\xff" * 16 + b"\xff" * 16 + b"\xff\xff\xff\xff" + b"\x01")
+    assert compile_program(((1 << 128, 1 << 128, None, None),), ()) is None
+    assert compile_program(((0, 1 << 128, None, None),), ()) is None
+    assert compile_program(((None, None, 0x10000, 0x10000),), ()) is None
+    assert compile_program(((None, None, 0, 0x10000),), ()) is None
+    assert compile_program(((None, None, -1, 5),), ()) is None
+    assert compile_program(((None, None, 5, -1),), ()) is None
+    assert compile_program(((0, -1, None, None),), ()) is None
+    many = tuple((None, None, None, None) for _ in range(255))
+    program = compile_program((), many)
+    assert program == b"P\x01\x02\xff" + bytes(37) * 255
+
+
+# -- the raw path's keys -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sport_matters", [False, True])
+def test_a_raw_entrys_program_is_found_by_its_key(sport_matters: bool) -> None:
+    """After ``add_raw``, ``raw_program`` finds the key's checks for an UNREPLIED entry of it."""
+    from topowatch.core.decide import Decider
+
+    predicted = frozenset({masq("203.0.113.2")})
+    decider = Decider(predict=fixed(predicted), fib_now=FIB_NOW, sport_matters=sport_matters, build=from_raw)
+    raw = to_raw(entry("203.0.113.2"))
+    assert decider.raw_program(raw) is None  # not seen yet
+    decider.add_raw(raw)
+    masq_value = int(IPv4Address("203.0.113.2"))
+    assert decider.raw_program(raw) == (b"P" + b"\x02\x01" + b"\x00" + bytes(36)  # dnat: no NAT
+                                        + b"\x02\x01" + b"\x01" + masq_value.to_bytes(16, "big") * 2 + bytes(4))
+
+
+def test_judge_raw_keeps_each_keys_before_prediction() -> None:
+    """The compiled scan's ``judge_raw``: each key's egress before is its own.
+
+    Two keys, neither egress changed (A: up1 then up1; B: up2 then up2): nothing is stale.
+    """
+    from topowatch.core.decide import Decider
+
+    server_b = IPv4Address("192.0.2.11")
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        egress = (UP1,) if flow.dst == SERVER else (UP2,)
+        return Prediction(dnat=frozenset({NO_NAT}), snat=Unknown("xt"), egress=egress)
+
+    decider = Decider(predict=predictor, fib_now=FIB_NOW, fib_before=FIB_BEFORE, sport_matters=False,
+                      build=from_raw)
+    a = entry()
+    b = dataclasses.replace(a, orig=dataclasses.replace(a.orig, dst=server_b),
+                            reply=dataclasses.replace(a.reply, src=server_b))
+    for e in (a, b):
+        decider.add_raw(to_raw(e))  # the key's first: through the builder
+    for e in (a, b):
+        decider.judge_raw(to_raw(dataclasses.replace(e, id=9)))  # as the scan hands over
+    plan = decider.plan()
+    assert plan.stale == () and plan.undecided == ()
+    assert plan.examined == plan.eligible == 4
+
+
+def test_unknown_prediction_ecmp_address_change_names_every_nexthops_address() -> None:
+    hop1 = Egress(EgressKind.UNICAST, 2, "ppp0", IPv4Address("100.64.0.1"), IPv4Address("100.64.7.8"))
+    hop2 = Egress(EgressKind.UNICAST, 3, "ppp1", IPv4Address("100.65.0.1"), IPv4Address("100.65.7.8"))
+    moved = dataclasses.replace(hop2, masquerade_source=IPv4Address("100.65.9.9"))
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        return Prediction(dnat=frozenset({NO_NAT}), snat=Unknown("xt"),
+                          egress=(hop1, moved) if fib is FIB_NOW else (hop1, hop2))
+
+    plan = decide([entry()], predict=predictor, fib_now=FIB_NOW, fib_before=FIB_BEFORE)
+    assert plan.stale[0].reason.endswith(
+        "egress changed from dev ppp0 via 100.64.0.1 (masquerade source 100.64.7.8) or dev ppp1 via 100.65.0.1 "
+        "(masquerade source 100.65.7.8) to dev ppp0 via 100.64.0.1 (masquerade source 100.64.7.8) or dev ppp1 "
+        "via 100.65.0.1 (masquerade source 100.65.9.9)")

@@ -122,3 +122,18 @@ def test_any_of_of_the_default_and_nothing_more_keeps_protocols_open() -> None:
     both = any_of([Eligibility(zones=frozenset({1})), Eligibility(zones=frozenset({2}))])
     assert both.protocols is None  # the union is CONNECTIONLESS_PROTOS: "any connectionless"
     assert len(CONNECTIONLESS_PROTOS) == 253
+
+
+def test_any_of_bounds_prefixes_and_families_when_every_alternative_names_them() -> None:
+    """The bound an edge may filter on: the union of what the alternatives name (hand-listed)."""
+    net1, net2 = ip_network("10.0.1.0/24"), ip_network("10.0.2.0/24")
+    dst1, dst2 = ip_network("192.0.2.0/24"), ip_network("198.51.100.0/24")
+    a = Eligibility(families=frozenset({AF_INET}), sources=(net1,), destinations=(dst1,))
+    b = Eligibility(families=frozenset({AF_INET}), sources=(net2, net1), destinations=(dst2,))
+    both = any_of([a, b])
+    assert both.families == frozenset({AF_INET})
+    assert both.sources == (net1, net2)
+    assert both.destinations == (dst1, dst2)
+    assert both.admits(e(src="10.0.2.5", dst="198.51.100.1"))
+    assert not both.admits(e(src="10.0.2.5", dst="192.0.2.1"))  # b's source, a's destination
+    assert not both.admits(e(family=AF_INET6))

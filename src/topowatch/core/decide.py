@@ -77,7 +77,8 @@ def _egress_text(egress: tuple[Egress, ...] | Unknown) -> str:
 
 
 def _egress_sources(egress: tuple[Egress, ...]) -> str:
-    return " or ".join(f"{e.describe()} (masquerade source {e.masquerade_source})" for e in egress) or "none"
+    # Called only where both egresses describe alike but differ, so neither is empty.
+    return " or ".join(f"{e.describe()} (masquerade source {e.masquerade_source})" for e in egress)
 
 
 def _egress_key(egress: tuple[Egress, ...]) -> frozenset[tuple[object, ...]]:
