@@ -662,12 +662,17 @@ def test_port_only_nat_is_reported_as_nat_not_as_no_nat(side: str, raw: bool) ->
     status = IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE
     plain = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5000, 5060), CtTuple(SERVER, CLIENT, 5060, 5000),
                   status=status)
+    other = IPv4Address("192.0.2.30") if side == "dnat" else IPv4Address("100.64.0.9")
     if side == "dnat":
         odd = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5001, 5060),
                     CtTuple(SERVER, CLIENT, 5070, 5001), status=status)
+        moved = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5002, 5060),
+                      CtTuple(other, CLIENT, 5060, 5002), status=status)
     else:
         odd = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5001, 5060),
                     CtTuple(SERVER, CLIENT, 5060, 40000), status=status)
+        moved = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5002, 5060),
+                      CtTuple(SERVER, other, 5060, 5002), status=status)
     elsewhere = frozenset({Binding(NatKind.DNAT if side == "dnat" else NatKind.SNAT, IPv4Address("192.0.2.20"))})
 
     def predictor(fib: Fib, flow: Flow) -> Prediction:
@@ -676,14 +681,19 @@ def test_port_only_nat_is_reported_as_nat_not_as_no_nat(side: str, raw: bool) ->
                           egress=())
 
     decider = Decider(predict=predictor, fib_now=FIB_NOW, sport_matters=False, build=from_raw)
-    for e in (plain, odd):
+    for e in (plain, odd, moved):
         if raw:
             decider.add_raw(to_raw(e))
         else:
             decider.add(e)
     plan = decider.plan()
-    assert [d.entry.orig.sport for d in plan.stale] == [5000, 5001]
-    first, second = plan.stale
+    assert [d.entry.orig.sport for d in plan.stale] == [5000, 5001, 5002]
+    first, second, third = plan.stale
+    # The address translated, the port kept: that translation, not the first entry's "no NAT".
+    if side == "dnat":
+        assert third.actual == Binding(NatKind.DNAT, other, other, 5060, 5060)
+    else:
+        assert third.actual == Binding(NatKind.SNAT, other, other, 5002, 5002)
     assert first.actual == NO_NAT
     if side == "dnat":
         assert first.reason == "destination is 192.0.2.10 (no NAT), but now it would be dnat to 192.0.2.20 (egress none)"

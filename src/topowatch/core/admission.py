@@ -136,6 +136,11 @@ CASES: tuple[AdmissionCase, ...] = (
     _case("port fails the first, address fits the second", (_PORTS, _b(NatKind.SNAT, "203.0.113.2")),
           "10.0.1.2", "203.0.113.2", 80, True),
     _case("none or masquerade, kept", (_MASQ, _NONE), "10.0.1.2", "10.0.1.2", 5060, True),
+    _case("none or masquerade, masqueraded", (_MASQ, _NONE), "10.0.1.2", "203.0.113.2", 5060, True),
+    _case("port range or another address, that address", (_PORTS, _RANGE), "10.0.1.2", "192.0.2.70", 80,
+          True),
+    _case("kept port range or one address, that address", (_KEPT_PORTS, _MASQ), "10.0.1.2", "203.0.113.2", 1,
+          True),
     _case("none or masquerade, translated elsewhere", (_MASQ, _NONE), "10.0.1.2", "198.51.100.2", 5060,
           False),
 )
