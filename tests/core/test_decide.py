@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address
 from typing import Any
@@ -680,15 +681,19 @@ def test_port_only_nat_is_reported_as_nat_not_as_no_nat(side: str, raw: bool) ->
         return Prediction(dnat=elsewhere if side == "dnat" else none, snat=elsewhere if side == "snat" else none,
                           egress=())
 
-    decider = Decider(predict=predictor, fib_now=FIB_NOW, sport_matters=False, build=from_raw)
-    for e in (plain, odd, moved):
-        if raw:
-            decider.add_raw(to_raw(e))
-        else:
-            decider.add(e)
-    plan = decider.plan()
-    assert [d.entry.orig.sport for d in plan.stale] == [5000, 5001, 5002]
-    first, second, third = plan.stale
+    for order in itertools.permutations((plain, odd, moved)):  # a judgement reused across the key shows in some order
+        decider = Decider(predict=predictor, fib_now=FIB_NOW, sport_matters=False, build=from_raw)
+        for e in order:
+            if raw:
+                decider.add_raw(to_raw(e))
+            else:
+                decider.add(e)
+        check_port_only(side, sorted(decider.plan().stale, key=lambda d: d.entry.orig.sport), other)
+
+
+def check_port_only(side: str, stale: list[Any], other: IPv4Address) -> None:
+    assert [d.entry.orig.sport for d in stale] == [5000, 5001, 5002]
+    first, second, third = stale
     # The address translated, the port kept: that translation, not the first entry's "no NAT".
     if side == "dnat":
         assert third.actual == Binding(NatKind.DNAT, other, other, 5060, 5060)
@@ -832,8 +837,9 @@ def test_a_raw_entrys_program_is_found_by_its_key(sport_matters: bool) -> None:
                                         + b"\x02\x01" + b"\x01" + masq_value.to_bytes(16, "big") * 2 + bytes(4))
 
 
-def test_judge_raw_keeps_each_keys_before_prediction() -> None:
-    """The compiled scan's ``judge_raw``: each key's egress before is its own.
+@pytest.mark.parametrize("path", ["add", "add_raw", "judge_raw"])
+def test_each_keys_before_prediction_is_its_own(path: str) -> None:
+    """Every way in (``add``, ``add_raw``, the compiled scan's ``judge_raw``) keeps the egress before per key.
 
     Two keys, neither egress changed (A: up1 then up1; B: up2 then up2): nothing is stale.
     """
@@ -853,7 +859,13 @@ def test_judge_raw_keeps_each_keys_before_prediction() -> None:
     for e in (a, b):
         decider.add_raw(to_raw(e))  # the key's first: through the builder
     for e in (a, b):
-        decider.judge_raw(to_raw(dataclasses.replace(e, id=9)))  # as the scan hands over
+        later = dataclasses.replace(e, id=9)
+        if path == "add":
+            decider.add(later)
+        elif path == "add_raw":
+            decider.add_raw(to_raw(later))
+        else:
+            decider.judge_raw(to_raw(later))  # as the scan hands over
     plan = decider.plan()
     assert plan.stale == () and plan.undecided == ()
     assert plan.examined == plan.eligible == 4
