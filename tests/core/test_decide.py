@@ -489,7 +489,7 @@ def test_raw_path_needs_a_builder() -> None:
     from topowatch.core.decide import Decider
 
     decider = Decider(predict=fixed(frozenset({NO_NAT})), fib_now=FIB_NOW)
-    with pytest.raises(ValueError, match="builder"):
+    with pytest.raises(ValueError, match=r"^Decider\.add_raw needs an entry builder$"):
         decider.add_raw(to_raw(entry()))
 
 
@@ -885,3 +885,52 @@ def test_unknown_prediction_ecmp_address_change_names_every_nexthops_address() -
         "egress changed from dev ppp0 via 100.64.0.1 (masquerade source 100.64.7.8) or dev ppp1 via 100.65.0.1 "
         "(masquerade source 100.65.7.8) to dev ppp0 via 100.64.0.1 (masquerade source 100.64.7.8) or dev ppp1 "
         "via 100.65.0.1 (masquerade source 100.65.9.9)")
+
+
+def unknown_dnat(snat: frozenset[Binding]) -> Any:
+    """The DNAT side unknown (no T0: undecided), so every entry reaches the reasoned judgement of its SNAT side."""
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        return Prediction(dnat=Unknown("xt match"), snat=snat, egress=(UP2,))
+
+    return predictor
+
+
+@pytest.mark.parametrize("raw", [False, True])
+@pytest.mark.parametrize("side", ["snat", "dnat"])
+def test_a_side_whose_nat_has_not_run_lends_no_judgement_to_one_that_has(side: str, raw: bool) -> None:
+    """Two untranslated entries of one key: the side's NAT not run on the first, run on the second.
+
+    Only the second carries a null binding there, stale against the prediction (the first has none).
+    The other side is unknown, so both entries reach the reasoned judgement.
+    """
+    from topowatch.core.decide import Decider
+
+    other_done = IPS_DST_NAT_DONE if side == "snat" else IPS_SRC_NAT_DONE
+    not_run = entry(status=IPS_CONFIRMED | other_done, sport=1000)
+    run = entry(sport=1001)
+    elsewhere = frozenset({Binding(NatKind.DNAT, ip_address("10.0.9.9"))})
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        if side == "snat":
+            return Prediction(dnat=Unknown("xt"), snat=frozenset({masq("203.0.113.2")}), egress=(UP2,))
+        return Prediction(dnat=elsewhere, snat=Unknown("xt"), egress=(UP2,))
+
+    decider = Decider(predict=predictor, fib_now=FIB_NOW, sport_matters=False, build=from_raw)
+    for e in (not_run, run):
+        if raw:
+            decider.add_raw(to_raw(e))
+        else:
+            decider.add(e)
+    assert [(d.entry.orig.sport, d.side, d.actual) for d in decider.plan().stale] == [(1001, side, NO_NAT)]
+
+
+def test_a_port_range_prediction_judges_each_untranslated_entry_by_its_port() -> None:
+    """Masquerade to the client's own address with ports 1024-2047: sport 1500 fits, 5000 does not."""
+    from topowatch.core.decide import Decider
+
+    keep = frozenset({Binding(NatKind.MASQUERADE, CLIENT, CLIENT, 1024, 2047)})
+    for order in ((1500, 5000), (5000, 1500)):
+        decider = Decider(predict=unknown_dnat(keep), fib_now=FIB_NOW, sport_matters=False, build=from_raw)
+        for sport in order:
+            decider.add(entry(sport=sport))
+        assert [d.entry.orig.sport for d in decider.plan().stale] == [5000]
