@@ -837,8 +837,9 @@ def test_a_raw_entrys_program_is_found_by_its_key(sport_matters: bool) -> None:
                                         + b"\x02\x01" + b"\x01" + masq_value.to_bytes(16, "big") * 2 + bytes(4))
 
 
+@pytest.mark.parametrize("unknown", ["snat", "dnat"])
 @pytest.mark.parametrize("path", ["add", "add_raw", "judge_raw"])
-def test_each_keys_before_prediction_is_its_own(path: str) -> None:
+def test_each_keys_before_prediction_is_its_own(path: str, unknown: str) -> None:
     """Every way in (``add``, ``add_raw``, the compiled scan's ``judge_raw``) keeps the egress before per key.
 
     Two keys, neither egress changed (A: up1 then up1; B: up2 then up2): nothing is stale.
@@ -849,6 +850,8 @@ def test_each_keys_before_prediction_is_its_own(path: str) -> None:
 
     def predictor(fib: Fib, flow: Flow) -> Prediction:
         egress = (UP1,) if flow.dst == SERVER else (UP2,)
+        if unknown == "dnat":
+            return Prediction(dnat=Unknown("xt"), snat=frozenset({NO_NAT}), egress=egress)
         return Prediction(dnat=frozenset({NO_NAT}), snat=Unknown("xt"), egress=egress)
 
     decider = Decider(predict=predictor, fib_now=FIB_NOW, fib_before=FIB_BEFORE, sport_matters=False,
@@ -934,3 +937,24 @@ def test_a_port_range_prediction_judges_each_untranslated_entry_by_its_port() ->
         for sport in order:
             decider.add(entry(sport=sport))
         assert [d.entry.orig.sport for d in decider.plan().stale] == [5000]
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_unknown_dnat_prediction_uses_egress_change(raw: bool) -> None:
+    from topowatch.core.decide import Decider
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        egress = (UP2,) if fib is FIB_NOW else (UP1,)
+        return Prediction(dnat=Unknown("xt match"), snat=frozenset({NO_NAT}), egress=egress)
+
+    decider = Decider(predict=predictor, fib_now=FIB_NOW, fib_before=FIB_BEFORE, build=from_raw)
+    for e in (entry(), dataclasses.replace(entry(), id=2)):  # the second through the key's cache
+        if raw:
+            decider.add_raw(to_raw(e))
+        else:
+            decider.add(e)
+    plan = decider.plan()
+    assert [d.side for d in plan.stale] == ["dnat", "dnat"]
+    assert plan.stale[0].reason == (
+        "destination NAT cannot be predicted (xt match), but the flow's egress changed "
+        "from dev up1 via 198.51.100.1 to dev up2 via 203.0.113.1")
