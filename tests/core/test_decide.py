@@ -958,3 +958,15 @@ def test_unknown_dnat_prediction_uses_egress_change(raw: bool) -> None:
     assert plan.stale[0].reason == (
         "destination NAT cannot be predicted (xt match), but the flow's egress changed "
         "from dev up1 via 198.51.100.1 to dev up2 via 203.0.113.1")
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: a binding without a port range admits any port on the "
+                   "DNAT side, where the kernel never changes the port (nf_nat_l4proto_unique_tuple)")
+def test_a_dnat_that_changed_the_port_is_stale_once_no_rule_names_a_port() -> None:
+    """``dnat to 192.0.2.10:5070`` replaced by ``dnat to 192.0.2.10``: a fresh flow keeps port 5060."""
+    e = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5001, 5060), CtTuple(SERVER, CLIENT, 5070, 5001))
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        return Prediction(dnat=frozenset({Binding(NatKind.DNAT, SERVER)}), snat=frozenset({NO_NAT}), egress=())
+
+    assert [d.side for d in decide([e], predict=predictor, fib_now=FIB_NOW).stale] == ["dnat"]
