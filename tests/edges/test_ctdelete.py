@@ -16,6 +16,7 @@ Every expected count below is worked out by hand from the script.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 from collections.abc import Callable, Iterator
@@ -50,6 +51,7 @@ class FakeKernel:
     stray: list[tuple[int, int]] = field(default_factory=list)  # (seq, errno) answers of no request
     sends: list[list[Request]] = field(default_factory=list)  # per sendmsg, the requests in it
     overrun: bool = False  # the next recv reports ENOBUFS
+    recv_error: int = 0  # the next recv fails with this errno
 
     def handle(self, data: bytes) -> None:
         requests: list[Request] = []
@@ -95,6 +97,7 @@ class Wire:
     def __init__(self, sock: socket.socket, kernel: FakeKernel) -> None:
         self.sock = sock
         self.kernel = kernel
+        self.idle_recvs = 0  # recvs in a row that found nothing
 
     def bind(self, address: Any) -> None:
         raise OSError(errno.EINVAL, "already bound")  # what Conntrack accepts from a bound socket
@@ -120,7 +123,18 @@ class Wire:
         if self.kernel.overrun:
             self.kernel.overrun = False
             raise OSError(errno.ENOBUFS, "No buffer space available")
-        return self.sock.recv_into(buf, nbytes, flags)
+        if self.kernel.recv_error:
+            err, self.kernel.recv_error = self.kernel.recv_error, 0
+            raise OSError(err, os.strerror(err))
+        try:
+            n = self.sock.recv_into(buf, nbytes, flags)
+        except BlockingIOError:
+            # Waiting is poll's job: a caller that keeps asking without it spins (fail, do not hang).
+            self.idle_recvs += 1
+            assert self.idle_recvs < 50, "recv asked again and again without waiting"
+            raise
+        self.idle_recvs = 0
+        return n
 
     def close(self) -> None:
         self.sock.close()
@@ -155,6 +169,8 @@ def test_a_clean_batch_is_one_sendmsg_with_one_ack(wired: tuple[Conntrack, FakeK
     result = ct.delete(entries(5))
     assert result == DeleteResult(requested=5, deleted=5, not_found=0, errors=(), unconfirmed=0, batches=1)
     assert acks(kernel) == [[False, False, False, False, True]]
+    # Every flag exactly: a request, and the ACK asked for on the last only.
+    assert [r.flags for r in kernel.sends[0]] == [ctcodec.NLM_F_REQUEST] * 4 + [ctcodec.NLM_F_REQUEST | ctcodec.NLM_F_ACK]
     assert [r.ct_id for r in kernel.sends[0]] == [1, 2, 3, 4, 5]
     assert ct.requests == 1
     assert result.describe() == "deleted 5/5, already gone 0"
@@ -316,3 +332,17 @@ async def test_the_daemons_counts_are_the_kernels_answers(
     kernel.errors = {1: errno.ENOENT, 3: errno.EBUSY, 4: errno.EBUSY, 6: errno.ENOENT}
     counts = await backend.delete(entries(6))
     assert (counts.deleted, counts.already_gone, counts.failed, counts.errors) == (2, 2, 2, ("2 x EBUSY",))
+
+
+def test_a_receive_error_is_a_netlink_error_naming_it(wired: tuple[Conntrack, FakeKernel]) -> None:
+    ct, kernel = wired
+    kernel.errors = {1: errno.ENOENT}  # an answer is waiting; the recv fails first
+    kernel.recv_error = errno.EIO
+    with pytest.raises(NetlinkError, match=r"^ctnetlink receive failed: Input/output error$") as info:
+        ct.delete(entries(2))
+    assert info.value.errno == errno.EIO
+
+
+def test_describe_names_unknown_errnos_and_unconfirmed() -> None:
+    result = DeleteResult(requested=9, deleted=1, not_found=2, errors=((errno.EBUSY, 1), (4095, 2)), unconfirmed=3)
+    assert result.describe() == "deleted 1/9, already gone 2, EBUSY 1, 4095 2, unconfirmed 3"
