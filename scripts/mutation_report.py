@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Counts per module from ``mutmut results --all true`` on stdin (scripts/mutation --report)."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The reactor: from topology events to deleted entries, once per burst.
 
 Theory of operation (trio, structured concurrency): one nursery holds one task
@@ -11,8 +12,10 @@ batches, log one line, and T1 becomes T0.
 Rules:
 - a source that fails is restarted (with back-off) and says so; an overrun
   (lost events) is a trigger of its own: the reaction re-reads everything;
-- a reaction that fails is logged and the loop goes on; a ruleset that fails
-  to read keeps the previous one in force;
+- a reaction that fails (a netlink error, EMFILE or any other OSError) is
+  logged and tried again after a back-off (doubling up to ``RETRY_MAX``), as
+  a resync: its events are not lost, and the loop goes on; a ruleset that
+  fails to read keeps the previous one in force;
 - until a ruleset has been read (the first read at startup failed, and every
   retry since), a reaction decides nothing and deletes nothing, and says so;
   each reaction retries the read, and T0 stays the last snapshot a decision
@@ -25,6 +28,7 @@ speaks netlink (the ``Backend`` does).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -33,12 +37,14 @@ from typing import Protocol
 
 import trio
 
+from topowatch.core.classify import Classifier
 from topowatch.core.conntrack import Entry
 from topowatch.core.decide import Decider, EntryBuilder, FlushPlan, decide, mentions_sport
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.evaluate import predict
 from topowatch.core.fib import Fib
 from topowatch.core.flow import Flow, Prediction
+from topowatch.core.impact import Impact, impact
 from topowatch.core.model import Topology, TopologyChange, diff
 from topowatch.core.nat import NatRuleset
 from topowatch.errors import TopowatchError
@@ -52,6 +58,10 @@ ENTRY_LOG_LIMIT = 20
 # only of these keeps the ruleset read before, if the backend reports ruleset
 # changes as triggers (``ruleset_events``); anything else re-reads it.
 TOPOLOGY_KINDS = frozenset({"link", "address", "route", "rule", "xfrm"})
+# Rules from which walking a ruleset is left to a worker thread (about 40 us a rule).
+LARGE_RULESET = 2000
+# The longest wait before a failed reaction is tried again.
+RETRY_MAX = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,13 +130,32 @@ def plan_once(
     def bound(fib: Fib, flow: Flow) -> Prediction:
         return predictor(ruleset, fib, flow)
 
+    sport_matters = mentions_sport(ruleset) or mentions_sport(topology.xfrm_policies)
     return decide(
         entries,
         predict=bound,
         fib_now=Fib(topology),
         eligibility=eligibility,
-        sport_matters=mentions_sport(ruleset) or mentions_sport(topology.xfrm_policies),
+        sport_matters=sport_matters,
+        classifier=Classifier.build([topology], [ruleset], eligibility, sport_matters=sport_matters),
     )
+
+
+class _PhaseTimings(dict[str, float]):
+    """A reaction's phase timings; recording one is the reaction's progress (``Reactor.progress_at``).
+
+    The watchdog (``sdnotify``) pings during a long reaction as long as phases
+    keep completing: a reaction of many phases may outlast ``WatchdogSec``, a
+    single phase stuck in an await may not, and a blocked loop pings nothing.
+    """
+
+    def __init__(self, reactor: Reactor) -> None:
+        super().__init__()
+        self._reactor = reactor
+
+    def __setitem__(self, key: str, value: float) -> None:
+        super().__setitem__(key, value)
+        self._reactor.progress_at = trio.current_time()
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,11 +210,15 @@ class Reaction:
     logged_only: int = 0
     # Why nothing was decided (no ruleset read yet), or None for a reaction that decided.
     skipped: str | None = None
+    # False for a reaction whose change could re-NAT no flow: it made no conntrack dump.
+    dumped: bool = True
 
     def summary(self) -> str:
         p = self.plan
         if self.skipped is not None:
             action = f"NOTHING DECIDED: {self.skipped}, nothing deleted"
+        elif not self.dumped:
+            action = f"{'; '.join(p.notes)}, nothing deleted"
         elif self.refused:
             action = f"REFUSED: {len(p.stale)} stale exceeds the cap, nothing deleted"
         elif self.dry_run:
@@ -198,6 +231,8 @@ class Reaction:
                 action += f", {self.deleted.failed} failed"
         if self.logged_only:
             action += f", {self.logged_only} logged only"
+        if self.dumped and self.skipped is None and p.notes:
+            action += f" ({'; '.join(p.notes)})"
         phases = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.timings.items())
         return (
             f"reaction {self.number} ({self.trigger}, {self.events} event(s); policy {self.policies}): "
@@ -218,6 +253,7 @@ class Reaction:
             "undecided": len(p.undecided), "logged_only": self.logged_only, "refused": self.refused,
             "dry_run": self.dry_run, "latency_ms": round(self.latency * 1000, 3),
             "timings": {k: round(v * 1000, 3) for k, v in self.timings.items()}, "skipped": self.skipped,
+            "dumped": self.dumped,
         }  # fmt: skip
 
 
@@ -246,9 +282,22 @@ class Reactor:
         self.source_restarts = 0
         self.errors: dict[str, int] = {}  # by kind: reaction, source, ruleset (metrics read it)
         self.busy_since: float | None = None  # when the current reaction began (the watchdog reads it)
+        # When a reaction last finished a phase (snapshot, ruleset, dump, decide, delete): its progress.
+        self.progress_at: float | None = None
         self._burst = Burst()
         self._arrived = trio.Event()
         self._sport_memo: tuple[NatRuleset, bool] | None = None
+        # Every eligible entry was judged against T0 and every stale one deleted: only then may
+        # a reaction judge just the flows its change can re-NAT (or none, without a dump).
+        self.judged_all = False
+        self._judged_under: tuple[NatRuleset | None, EffectivePolicy | None] = (None, None)
+        self.dumps = 0  # conntrack dumps made by reactions (a reaction that can change no flow makes none)
+
+    @property
+    def work_done(self) -> int:
+        """Steps of work done in the backend's worker threads (a count the watchdog sees move)."""
+        steps = getattr(self.backend, "work_done", 0)
+        return steps if isinstance(steps, int) else 0
 
     # -- sources -------------------------------------------------------------
 
@@ -322,17 +371,27 @@ class Reactor:
             task_status.started()
             if self.config.startup_sweep:
                 self.push(Trigger("startup", "startup sweep"))
+            failures = 0
             while True:
                 burst = await self._collect()
                 self.busy_since = trio.current_time()
                 try:
                     async with self.lock:
                         await self.react(burst)
-                except TopowatchError as exc:
+                    failures = 0
+                except (TopowatchError, OSError) as exc:
                     self._count("reaction")
-                    log.error("reaction failed: %s", exc)
+                    failures += 1
+                    retry = min(self.config.restart_backoff * 2 ** min(failures - 1, 16), RETRY_MAX)
+                    log.error("reaction failed: %s; trying again in %.1f s", exc, retry)
+                    why = str(exc)
+                else:
+                    continue
                 finally:
                     self.busy_since = None
+                # Events meanwhile join the retry's burst; T0 is still the last snapshot judged.
+                await trio.sleep(retry)
+                self.push(Trigger("retry", f"retry after a failed reaction ({why})", overrun=True))
 
     def _count(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -343,13 +402,19 @@ class Reactor:
             return True
         return not burst.kinds or not burst.kinds <= TOPOLOGY_KINDS
 
-    def _mentions_sport(self, ruleset: NatRuleset) -> bool:
+    async def _mentions_sport(self, ruleset: NatRuleset) -> bool:
         if self._sport_memo is None or self._sport_memo[0] is not ruleset:
-            self._sport_memo = (ruleset, mentions_sport(ruleset))
+            rules = sum(len(chain.rules) for chain in getattr(ruleset, "chains", ()))
+            if rules < LARGE_RULESET:
+                found = mentions_sport(ruleset)
+            else:  # seconds for 50k rules: in a worker thread, so the loop (and the watchdog) goes on
+                found = await trio.to_thread.run_sync(mentions_sport, ruleset)
+                self.progress_at = trio.current_time()
+            self._sport_memo = (ruleset, found)
         return self._sport_memo[1]
 
     async def react(self, burst: Burst) -> Reaction:
-        timings: dict[str, float] = {}
+        timings: dict[str, float] = _PhaseTimings(self)
         clock = trio.current_time
         start = clock()
         t1 = await self.backend.topology()
@@ -365,7 +430,8 @@ class Reactor:
                 if self.ruleset is not None:
                     log.error("ruleset unreadable, keeping the previous one: %s", exc)
             timings["ruleset"] = clock() - mark
-        selection = self.policy().select(burst.events or {("request", None)})
+        policy = self.policy()
+        selection = policy.select(burst.events or {("request", None)})
         if self.ruleset is None:
             why = f"no ruleset has been read yet ({unread})" if unread else "no ruleset has been read yet"
             undecided = self._undecided(burst, t1, selection, why, start=start, timings=timings)
@@ -379,15 +445,41 @@ class Reactor:
         def bound(fib: Fib, flow: Flow) -> Prediction:
             return predictor(ruleset, fib, flow)
 
+        # A full judgement, or only the flows this change can re-NAT (``core.impact``).
+        why_full = self._why_full(burst, ruleset, policy)
+        scope: Impact | None = None
+        if why_full is None and self.t0 is not None:
+            scope = impact(self.t0, t1, ruleset)
+        else:
+            log.debug("full judgement: %s", why_full)
+        self.judged_all = False
+        if scope is not None and scope.none:
+            return self._record(self._unchanged(burst, t1, selection, scope, start=start, timings=timings,
+                                                ruleset=ruleset, policy=policy), selection)  # fmt: skip
+
         fib_now, fib_before = Fib(t1), Fib(self.t0) if self.t0 is not None else None
-        sport_matters = self._mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies)
+        sport_matters = await self._mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies)
+        mark = clock()
+        classifier = Classifier.build(
+            [t for t in (self.t0, t1) if t is not None], [ruleset], eligibility, sport_matters=sport_matters
+        )
+        timings["classes"] = clock() - mark
+        if not classifier.exact:
+            log.debug("flows are predicted one by one: %s", classifier.reason)
+
+        only = None
+        if scope is not None and classifier.exact:
+            only = classifier.classes_within(scope.prefixes)
+            log.debug("judging only %s (%d address classes)", scope.describe(), len(only))
 
         def decider(build: EntryBuilder | None = None) -> Decider:
             return Decider(predict=bound, fib_now=fib_now, fib_before=fib_before, eligibility=eligibility,
-                           sport_matters=sport_matters, build=build)
+                           sport_matters=sport_matters, build=build, classifier=classifier, only=only)
 
         mark = clock()
         judge = getattr(self.backend, "judge", None)
+        if selection.policies:
+            self.dumps += 1
         if judge is not None and selection.policies:
             # Dump and decide in one pass in the backend: only stale/undecided entries are kept.
             plan = (await judge(eligibility, decider)).plan()
@@ -398,7 +490,8 @@ class Reactor:
             timings["dump"] = clock() - mark
             dumped = mark = clock()
             plan = decide(entries, predict=bound, fib_now=fib_now, fib_before=fib_before,
-                          eligibility=eligibility, sport_matters=sport_matters)
+                          eligibility=eligibility, sport_matters=sport_matters, classifier=classifier,
+                          only=only)
             timings["decide"] = clock() - mark
         change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
         if all(p.action is Action.FLUSH for p in selection.policies):
@@ -414,6 +507,14 @@ class Reactor:
             timings["delete"] = clock() - mark
             timings["window"] = clock() - dumped
         self.t0 = t1
+        flushes = all(p.action is Action.FLUSH for p in selection.policies)
+        self.judged_all = bool(
+            selection.policies and flushes and not refused and not self.config.dry_run
+            and deleted.failed == 0 and len(to_delete) == len(plan.stale)
+        )  # fmt: skip
+        self._judged_under = (ruleset, policy)
+        if scope is not None and not scope.everything:
+            plan = dataclasses.replace(plan, notes=(*plan.notes, f"judged only {scope.describe()}"))
         reaction = Reaction(
             number=len(self.reactions) + 1,
             trigger=", ".join(burst.lines) or "request",
@@ -429,6 +530,46 @@ class Reactor:
             logged_only=len(plan.stale) - len(to_delete),
         )
         return self._record(reaction, selection)
+
+    def _why_full(self, burst: Burst, ruleset: NatRuleset, policy: EffectivePolicy) -> str | None:
+        """Why this reaction must judge every eligible entry, or None when the change alone may do."""
+        if not self.judged_all:
+            return "the previous judgement was not complete (start, refused, failed, dry run or log only)"
+        if burst.overrun:
+            return "events were lost"
+        if not burst.kinds or not burst.kinds <= TOPOLOGY_KINDS:
+            return f"trigger {', '.join(sorted(burst.kinds)) or 'request'}"
+        under_ruleset, under_policy = self._judged_under
+        if ruleset is not under_ruleset and ruleset != under_ruleset:
+            return "the ruleset changed"
+        if policy is not under_policy:
+            return "the policy was reloaded"
+        return None
+
+    def _unchanged(
+        self, burst: Burst, t1: Topology, selection: Selection, scope: Impact, *, start: float,
+        timings: dict[str, float], ruleset: NatRuleset, policy: EffectivePolicy,
+    ) -> Reaction:
+        """A reaction whose change can re-NAT no flow: nothing to dump, nothing to delete."""
+        change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
+        self.t0 = t1
+        self.judged_all = True
+        self._judged_under = (ruleset, policy)
+        return Reaction(
+            number=len(self.reactions) + 1,
+            trigger=", ".join(burst.lines) or "request",
+            events=burst.count,
+            change=change,
+            plan=FlushPlan(examined=0, eligible=0,
+                           notes=(f"no dump: the change can re-NAT {scope.describe()}",)),
+            deleted=DeleteCounts(),
+            refused=False,
+            dry_run=self.config.dry_run,
+            latency=trio.current_time() - (burst.first if burst.count else start),
+            timings=timings,
+            policies=selection.names(),
+            dumped=False,
+        )
 
     def _undecided(
         self, burst: Burst, t1: Topology, selection: Selection, why: str, *, start: float,
@@ -457,7 +598,11 @@ class Reactor:
         if self.on_reaction is not None:
             self.on_reaction(reaction)
         for hook in self.reaction_hooks:
-            hook(reaction)
+            try:
+                hook(reaction)
+            except Exception:  # an observer (metrics, D-Bus, sd_notify) must never end the daemon
+                self._count("hook")
+                log.exception("reaction observer %r failed", hook)
         return reaction
 
     def _log(self, reaction: Reaction, selection: Selection) -> None:

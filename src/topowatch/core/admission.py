@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The admission rule, stated once: when a predicted binding admits an entry's actual one.
 
 An entry is healthy on one side (source or destination) when at least one

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The reactor's backend on the real kernel: rtnetlink, ctnetlink, nftables (ruleset and events) together.
 
 Decides nothing: it wires the edges to the ``reactor.Backend`` interface,
@@ -26,19 +27,22 @@ import trio
 from topowatch.core.conntrack import Entry
 from topowatch.core.decide import Decider, EntryBuilder, RawEntry
 from topowatch.core.eligibility import Eligibility
+from topowatch.core.livetopology import LiveTopology
 from topowatch.core.model import Address, Link, Route, Topology
 from topowatch.core.nat import NatRuleset
 from topowatch.edges.ctcodec import entry_from_raw
 from topowatch.edges.ctnetlink import Conntrack
-from topowatch.edges.iptables import read_all_logged
+from topowatch.edges.iptables import RulesetRead, legacy_nat_exists, read_all_logged
+from topowatch.edges.nft import read_ruleset
 from topowatch.edges.nftevents import (
     IPSET_INTERVAL,
     LEGACY_INTERVAL,
     IpsetPoll,
     LegacyNatPoll,
     NftablesEvents,
+    current_generation,
 )
-from topowatch.edges.rtnl import EventKind, KernelRtnl, Overrun, RtnlEvent, RtnlEvents
+from topowatch.edges.rtnl import EventAction, EventKind, KernelRtnl, Overrun, RtnlEvent, RtnlEvents
 from topowatch.edges.xfrm import XfrmSource
 from topowatch.edges.xfrm import probe as probe_xfrm
 from topowatch.errors import NetlinkError, PermissionDenied
@@ -82,6 +86,19 @@ class KernelBackend:
         self.ipsets = IpsetPoll(ipset_interval)
         self.ruleset_sources: tuple[EventSource, ...] = (NftablesEvents(), self.legacy, self.ipsets)
         self.rtnl = KernelRtnl()
+        # The nftables generation the last ruleset read began at, that read, and its nft part.
+        self._generation: Callable[[], int | None] = current_generation
+        self._last_read: tuple[int, RulesetRead, NatRuleset] | None = None
+        self.ruleset_reads = 0  # reads that ran nft (or iptables-save) again
+        # Steps of blocking work done in worker threads (nft answered, JSON decoded, parsed):
+        # the watchdog's evidence that a long ruleset read is moving (``sdnotify``).
+        self.work_done = 0
+        # The topology kept from events (core.livetopology): None until a dump seeds it, and again
+        # whenever an event says the kernel changed more than it announced (then the next snapshot
+        # dumps). While a dump runs, events are kept and replayed on its result.
+        self.live: LiveTopology | None = None
+        self._replay: list[RtnlEvent | Overrun] | None = None
+        self.dumps = 0  # full topology dumps made (a reaction without one read the kept topology)
         self._ct: Conntrack | None = None
         self._dumped_at = 0.0
         self._stream: RtnlEvents | None = None
@@ -121,19 +138,72 @@ class KernelBackend:
             async def triggers() -> AsyncIterator[Trigger]:
                 async for event in stream:
                     if isinstance(event, Overrun):
+                        self.live = None
+                        if self._replay is not None:
+                            self._replay.append(event)
                         yield Trigger("rtnetlink", event.description, overrun=True)
                     else:
+                        self._follow(event)
                         yield Trigger("rtnetlink", event.description, kind=_KINDS[event.kind],
                                       interface=_interface(event, stream.names))
 
             yield triggers()
+
+    def _follow(self, event: RtnlEvent) -> None:
+        """Apply an event to the kept topology (or keep it for the dump under way to replay)."""
+        if self._replay is not None:
+            self._replay.append(event)
+        elif self.live is not None and not self._apply(self.live, event):
+            log.debug("topology: %s cannot be followed by events; the next snapshot dumps", event.description)
+            self.live = None
+
+    @staticmethod
+    def _apply(live: LiveTopology, event: RtnlEvent | Overrun) -> bool:
+        if isinstance(event, Overrun):
+            return False
+        return live.apply(str(event.kind), event.action == EventAction.NEW, event.value, event.flags,
+                          event.nexthop_object)
+
+    async def _links_routes_rules(self) -> Topology:
+        """Links, addresses, routes and rules: kept from events where they can be, else dumped."""
+        if self.live is not None and self.live.addresses_stale:
+            # Links, addresses and rules only (cheap), events kept during it and replayed.
+            self._replay = []
+            try:
+                cheap = await self.rtnl.dump(routes=False)
+                replay, self._replay = self._replay, None
+            finally:
+                self._replay = None
+            kept = self.live
+            if kept is not None:
+                kept.refresh(cheap)
+                for event in replay:
+                    if not self._apply(kept, event):
+                        self.live = None
+                        break
+        if self.live is not None and not self.live.addresses_stale:
+            return self.live.snapshot()
+        self._replay = []
+        try:
+            topology = await self.rtnl.dump()
+            self.dumps += 1
+            replay, self._replay = self._replay, None
+        finally:
+            self._replay = None
+        seeded = LiveTopology.seed(topology)
+        for event in replay:
+            if seeded is None or not self._apply(seeded, event):
+                seeded = None
+                break
+        self.live = seeded
+        return topology
 
     async def topology(self) -> Topology:
         if self._ct is None:
             # Opened (and its status filter probed) with the first snapshot, before "ready":
             # a missing permission fails the start, and no reaction pays for the probe.
             await trio.to_thread.run_sync(self._conntrack)
-        topology = await self.rtnl.dump()
+        topology = await self._links_routes_rules()
         if self.xfrm is not None:
             policies, states = await self.xfrm.dump_xfrm()
             topology = replace(topology, xfrm_policies=policies, xfrm_states=states, xfrm_known=True)
@@ -148,10 +218,45 @@ class KernelBackend:
 
     async def ruleset(self) -> NatRuleset:
         # nftables and the iptables nat tables (nft and legacy) together, in hook priority order.
-        read = await trio.to_thread.run_sync(read_all_logged, self.nft)
+        read = await trio.to_thread.run_sync(self._read_ruleset)
         self._recheck_legacy()
         self.ipsets.watch(read.set_contents())
         return read.ruleset
+
+    def _read_ruleset(self) -> RulesetRead:
+        """The ruleset, read again only where its generation says it may have changed (blocking).
+
+        The nftables generation is asked first (one netlink round trip): when
+        it is the one of the last read, ``nft -j list ruleset`` (seconds for a
+        large ruleset) is not run again; when moreover no legacy nat table
+        exists and no ipset is named (neither has a generation), the whole
+        last read is the answer. The generation is taken before reading, so a
+        commit during the read makes the next call read again.
+        """
+        generation = self._generation()
+        last = self._last_read
+        if generation is not None and last is not None and last[0] == generation:
+            if not last[1].sets and not any(legacy_nat_exists(f) for f in ("ip", "ip6")):
+                log.debug("ruleset: generation %d unchanged, not read again", generation)
+                return last[1]
+            nft_rules = last[2]
+            read = read_all_logged(self.nft, read_nft=lambda _nft: nft_rules)
+        else:
+            read_nft: dict[str, NatRuleset] = {}
+
+            def read_and_keep(nft: str) -> NatRuleset:
+                read_nft["rules"] = read_ruleset(nft, progress=self._step)
+                self._step()
+                return read_nft["rules"]
+
+            read = read_all_logged(self.nft, read_nft=read_and_keep)
+            nft_rules = read_nft["rules"]
+        self._last_read = (generation, read, nft_rules) if generation is not None else None
+        self.ruleset_reads += 1
+        return read
+
+    def _step(self) -> None:
+        self.work_done += 1
 
     def _recheck_legacy(self) -> None:
         """Wake the legacy poll if a legacy nat table exists now (a /proc read; never instantiates one)."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The rtnetlink edge: dump links, addresses, routes and rules into a Topology; stream their changes.
 
 Theory of operation: requests and event subscriptions run on a plain netlink
@@ -84,6 +85,7 @@ from topowatch.core.model import (
     Topology,
 )
 from topowatch.errors import DumpInterrupted, NetlinkError
+from topowatch.text import decode
 
 log = logging.getLogger(__name__)
 
@@ -402,6 +404,19 @@ def _attr(msg: Any, name: str) -> Any:
     return msg.get_attr(name)
 
 
+def _name(value: Any) -> str | None:
+    """A name attribute (interface, kind) as text: pyroute2 hands non-UTF-8 names over as bytes.
+
+    Those are decoded as every external text is (``topowatch.text``): the
+    same bytes give the same ``str`` here and in a rule that names them.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return decode(value.split(b"\0", 1)[0])
+    return str(value)
+
+
 def _addr(text: Any, what: str) -> IPAddress:
     try:
         return ip_address(text)
@@ -441,10 +456,10 @@ def link_from_msg(msg: Any) -> Link | None:
         up = bool(flags & IFF_UP)
         return Link(
             index=int(msg["index"]),
-            name=str(_attr(msg, "IFLA_IFNAME") or ""),
+            name=_name(_attr(msg, "IFLA_IFNAME")) or "",
             up=up,
             running=bool(flags & IFF_RUNNING),
-            kind=str(kind or ""),
+            kind=_name(kind) or "",
             master=int(_attr(msg, "IFLA_MASTER") or 0),
         )
 
@@ -621,8 +636,8 @@ def rule_from_msg(msg: Any) -> PolicyRule | None:
             table=int(table if table is not None else msg["table"]),
             src=_net(src, int(msg["src_len"]), family) if src is not None else None,
             dst=_net(dst, int(msg["dst_len"]), family) if dst is not None else None,
-            iifname=_attr(msg, "FRA_IIFNAME"),
-            oifname=_attr(msg, "FRA_OIFNAME"),
+            iifname=_name(_attr(msg, "FRA_IIFNAME")),
+            oifname=_name(_attr(msg, "FRA_OIFNAME")),
             fwmark=None if fwmark is None else int(fwmark),
             fwmask=None if fwmask is None else int(fwmask),
             tos=int(msg["tos"]),
@@ -813,8 +828,12 @@ async def dump_topology(
     sock: NetlinkSocket | None = None,
     attempts: int = DUMP_ATTEMPTS,
     stats: DecodeStats | None = None,
+    routes: bool = True,
 ) -> Topology:
     """Dump links, addresses, routes (all tables) and rules of the socket's namespace.
+
+    With ``routes`` False the routes are not dumped (the result has none): the cheap part,
+    for a caller that keeps the routes from events.
 
     With ``sock`` the caller keeps ownership of it; otherwise a socket from
     ``sock_factory`` (default: a new one here) is opened and closed. Each part
@@ -822,6 +841,7 @@ async def dump_topology(
     ``DumpInterrupted`` is raised. Kernel errors raise ``NetlinkError``.
     """
     own = sock is None
+    want_routes = routes
     s: NetlinkSocket = sock if sock is not None else (sock_factory or open_rtnl_socket)()
     stats = stats if stats is not None else DecodeStats()
     try:
@@ -829,10 +849,14 @@ async def dump_topology(
         unspec = socket.AF_UNSPEC
         messages = await d.dump("link", lambda seq: _request(ifinfmsg, RTM_GETLINK, seq, family=unspec))
         messages += await d.dump("address", lambda seq: _request(ifaddrmsg, RTM_GETADDR, seq, family=unspec))
-        routes = await d.dump("route", lambda seq: _request(rtmsg, RTM_GETROUTE, seq, family=unspec))
-        messages += routes
+        route_messages: list[Any] = []
+        if want_routes:
+            route_messages = await d.dump(
+                "route", lambda seq: _request(rtmsg, RTM_GETROUTE, seq, family=unspec)
+            )
+        messages += route_messages
         messages += await d.dump("rule", lambda seq: _request(fibmsg, RTM_GETRULE, seq, family=unspec))
-        if any(route_needs_nexthop_objects(m) for m in routes):
+        if any(route_needs_nexthop_objects(m) for m in route_messages):
             try:
                 messages += await d.dump("nexthop", _nexthop_request)
             except DumpInterrupted:
@@ -872,6 +896,8 @@ class RtnlEvent:
     action: EventAction
     description: str
     value: EventValue | None = None
+    flags: int = 0  # the message's nlmsg_flags (NLM_F_REPLACE, NLM_F_APPEND of the request)
+    nexthop_object: bool = False  # a route that names a nexthop object (RTA_NH_ID)
 
 
 @dataclass(frozen=True, slots=True)
@@ -939,7 +965,10 @@ def event_from_msg(msg: Any, names: Mapping[int, str] | None = None) -> RtnlEven
         value = nexthop_object_from_msg(msg)
     if value is None:
         return None
-    return RtnlEvent(kind, action, describe(kind, action, value, names or {}), value)
+    header = msg.get("header") if hasattr(msg, "get") else None
+    flags = int(header.get("flags", 0)) if isinstance(header, dict) else 0
+    nexthop_object = kind == EventKind.ROUTE and route_nexthop_id(msg) is not None
+    return RtnlEvent(kind, action, describe(kind, action, value, names or {}), value, flags, nexthop_object)
 
 
 def _drain(sock: NetlinkSocket) -> int:
@@ -1173,7 +1202,7 @@ class RtnlEvents(EventStream[Event]):
 class RtnlSource(Protocol):
     """What the reactor needs from rtnetlink; ``KernelRtnl`` and ``rtnl_fake.FakeRtnl`` provide it."""
 
-    async def dump(self) -> Topology: ...
+    async def dump(self, routes: bool = True) -> Topology: ...
 
     def events(self) -> AbstractAsyncContextManager[AsyncIterator[Event]]: ...
 
@@ -1184,8 +1213,8 @@ class KernelRtnl:
     def __init__(self, sock_factory: SocketFactory | None = None) -> None:
         self._factory = sock_factory
 
-    async def dump(self) -> Topology:
-        return await dump_topology(self._factory)
+    async def dump(self, routes: bool = True) -> Topology:
+        return await dump_topology(self._factory, routes=routes)
 
     def events(self) -> AbstractAsyncContextManager[AsyncIterator[Event]]:
         return RtnlEvents(sock_factory=self._factory)
