@@ -52,6 +52,7 @@ class FakeKernel:
     sends: list[list[Request]] = field(default_factory=list)  # per sendmsg, the requests in it
     overrun: bool = False  # the next recv reports ENOBUFS
     recv_error: int = 0  # the next recv fails with this errno
+    get_errors: dict[int, int] = field(default_factory=dict)  # entry id -> errno of its re-read (GET)
     one_datagram: bool = False  # all answers to a sendmsg in one datagram
 
     def handle(self, data: bytes) -> None:
@@ -59,10 +60,16 @@ class FakeKernel:
         pos = 0
         while pos + 16 <= len(data):
             mlen, mtype, flags, seq, _pid = HDR.unpack_from(data, pos)
+            if mtype == ctcodec.IPCTNL_MSG_CT_GET:
+                self._reread(data, pos, mlen, seq)
+                pos += (mlen + 3) & ~3
+                continue
             assert mtype == ctcodec.IPCTNL_MSG_CT_DELETE
             requests.append(Request(seq, flags, self._id(data, pos + 20, pos + mlen)))
             pos += (mlen + 3) & ~3
         assert pos == len(data)
+        if not requests:
+            return
         self.sends.append(requests)
         answers = [self._answer(seq, err) for seq, err in self.stray]
         self.stray.clear()
@@ -79,6 +86,18 @@ class FakeKernel:
             return
         for answer in answers:  # one datagram per answer, as the kernel queues them
             self.sock.send(answer)
+
+    def _reread(self, data: bytes, pos: int, mlen: int, seq: int) -> None:
+        """A GET by orig tuple: the entry as it is now (status and id; ``entries`` gives id = sport - 1000)."""
+        alen = struct.unpack_from("=H", data, pos + 20)[0]
+        orig, _proto, _zone = ctcodec._decode_tuple(data, pos + 24, pos + 20 + alen, ctcodec.AddressCache())
+        ct_id = orig.sport - 1000
+        if self.get_errors.get(ct_id):
+            self.sock.send(self._answer(seq, self.get_errors[ct_id]))
+            return
+        attrs = [(3, ctcodec.nla(ctcodec.CTA_STATUS, ctcodec.be32(IPS_CONFIRMED))),
+                 (12, ctcodec.nla(ctcodec.CTA_ID, ctcodec.be32(ct_id)))]
+        self.sock.send(ctcodec.encode_message(ctcodec.IPCTNL_MSG_CT_NEW, 0, seq, 2, attrs))
 
     @staticmethod
     def _id(data: bytes, pos: int, end: int) -> int:
@@ -364,9 +383,12 @@ async def test_the_daemons_counts_are_the_kernels_answers(
     ct, kernel = wired
     backend = kernel_mod.KernelBackend()
     backend._ct = ct
+    # Re-read first: 2 is gone by then; the deletes of the rest: 1 and 6 gone, 3 and 4 busy.
+    kernel.get_errors = {2: errno.ENOENT}
     kernel.errors = {1: errno.ENOENT, 3: errno.EBUSY, 4: errno.EBUSY, 6: errno.ENOENT}
-    counts = await backend.delete(entries(6))
-    assert (counts.deleted, counts.already_gone, counts.failed, counts.errors) == (2, 2, 2, ("2 x EBUSY",))
+    counts = await backend.delete(entries(7), lambda dumped, now: True)
+    assert (counts.deleted, counts.already_gone, counts.failed, counts.errors) == (2, 3, 2, ("2 x EBUSY",))
+    assert [r.ct_id for r in kernel.sends[-1]] == [1, 3, 4, 5, 6, 7]  # 2 was not asked to go
 
 
 def test_a_receive_error_is_a_netlink_error_naming_it(wired: tuple[Conntrack, FakeKernel]) -> None:
