@@ -84,6 +84,11 @@ def _egress_text(egress: tuple[Egress, ...] | Unknown) -> str:
     return " or ".join(e.describe() for e in egress)
 
 
+def _egress_sources(egress: tuple[Egress, ...]) -> str:
+    # Called only where both egresses describe alike but differ, so neither is empty.
+    return " or ".join(f"{e.describe()} (masquerade source {e.masquerade_source})" for e in egress)
+
+
 def _egress_key(egress: tuple[Egress, ...]) -> frozenset[tuple[object, ...]]:
     return frozenset((e.kind, e.oif, e.gateway, e.masquerade_source, e.xfrm) for e in egress)
 
@@ -125,10 +130,13 @@ def _side(
                 f"{what} NAT cannot be predicted ({predicted.reason}) and the egress is unknown",
             )
         if _egress_key(before.egress) != _egress_key(prediction.egress):
+            was = _egress_text(before.egress)
+            if was == now:  # the same route, another address on it (a PPP reconnect): name the addresses
+                was, now = _egress_sources(before.egress), _egress_sources(prediction.egress)
             return _Judgement(
                 side, True, False, actual, (),
                 f"{what} NAT cannot be predicted ({predicted.reason}), but the flow's egress changed "
-                f"from {_egress_text(before.egress)} to {now}",
+                f"from {was} to {now}",
             )
         return None  # egress unchanged: nothing says the entry went stale
     if not predicted:
@@ -216,6 +224,7 @@ def _compile(side: frozenset[Binding] | Unknown) -> _Check:
 
 
 def _admitted(check: _Check, original: int, translated: int, port: int) -> bool:
+    # The rule is core/admission.py's; tests/core/test_admission.py runs this over its cases.
     assert check is not None
     for lo, hi, port_lo, port_hi in check:
         if lo is None or hi is None:

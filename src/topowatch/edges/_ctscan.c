@@ -317,7 +317,8 @@ static PyObject *class_key(const entry_t *e, const classes_t *c) {
     return PyBytes_FromStringAndSize((const char *)k, n);
 }
 
-/* One side of a program at *pp: 1 healthy, 0 must be judged, -1 malformed program. */
+/* One side of a program at *pp: 1 healthy, 0 must be judged, -1 malformed program. The rule
+   is core/admission.py's; tests/edges/test_ctscan.py runs this over its table of cases. */
 static int side_admits(const uint8_t **pp, const uint8_t *pend, int done,
                        const uint8_t *original, const uint8_t *translated, unsigned alen, uint16_t port) {
     const uint8_t *p = *pp;
