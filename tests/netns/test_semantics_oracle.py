@@ -1,0 +1,232 @@
+"""Semantics the evaluator must share with the kernel, each checked with the kernel as oracle.
+
+    client ns (lan0) --lan-- gw --up1-- isp1 ns
+                              \\--up2-- isp2 ns
+
+The gateway forwards single UDP datagrams that nobody answers (UNREPLIED
+entries). A scenario makes an entry, changes the gateway, then sends a
+*fresh* datagram with the same addresses from a new source port: the entry
+the kernel creates for it is today's NAT. ``topowatch plan --json`` must call
+the old entry stale exactly when its binding differs from the fresh one's,
+and must never call the fresh entry stale.
+
+Covered: late NAT (an entry made before the family had any NAT chain keeps
+leaving untranslated; IPv4, IPv6, and a flow delivered to the gateway itself
+with and without an input-hook SNAT).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from topowatch.core.conntrack import IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, Entry
+from topowatch.edges.ctnetlink import Conntrack
+from topowatch.netns import Namespace, namespaces, veth
+
+pytestmark = [pytest.mark.netns]
+
+NETLINK_NETFILTER = 12
+SERVER4 = "198.18.0.7"
+SERVER6 = "2001:db8:18::7"
+
+
+@dataclass
+class Gateway:
+    """Four namespaces: a LAN client, the gateway, two uplink peers (see the module docstring)."""
+
+    client: Namespace
+    gw: Namespace
+    isp1: Namespace
+    isp2: Namespace
+
+    @classmethod
+    @contextlib.contextmanager
+    def create(cls) -> Iterator[Gateway]:
+        with namespaces("h7c", "h7g", "h7a", "h7b") as (client, gw, isp1, isp2):
+            for ns in (client, gw, isp1, isp2):
+                for conf in ("all", "default"):
+                    ns.run("sysctl", "-qw", f"net.ipv6.conf.{conf}.accept_dad=0")
+            veth(client, "lan0", gw, "lan")
+            veth(gw, "up1", isp1, "isp1")
+            veth(gw, "up2", isp2, "isp2")
+            for cmd in (
+                "addr add 10.77.0.2/24 dev lan0", "addr add 10.77.0.3/24 dev lan0",
+                "addr add fd77::2/64 dev lan0 nodad",
+                "route add default via 10.77.0.1", "-6 route add default via fd77::1",
+            ):
+                client.run("ip", *cmd.split())
+            for cmd in (
+                "addr add 10.77.0.1/24 dev lan", "addr add fd77::1/64 dev lan nodad",
+                "addr add 100.64.0.1/24 dev up1", "addr add 2001:db8:64::1/64 dev up1 nodad",
+                "addr add 100.64.1.1/24 dev up2", "addr add 2001:db8:65::1/64 dev up2 nodad",
+                "route add 198.18.0.0/24 via 100.64.0.2", "-6 route add 2001:db8:18::/64 via 2001:db8:64::2",
+            ):
+                gw.run("ip", *cmd.split())
+            gw.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+            gw.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+            for ns, dev, v4, v6 in ((isp1, "isp1", "100.64.0.2/24", "2001:db8:64::2/64"),
+                                    (isp2, "isp2", "100.64.1.2/24", "2001:db8:65::2/64")):
+                ns.run("ip", "addr", "add", v4, "dev", dev)
+                ns.run("ip", "addr", "add", v6, "dev", dev, "nodad")
+            yield cls(client, gw, isp1, isp2)
+
+    # -- traffic and observation ---------------------------------------------------
+
+    def send(self, src: str, sport: int, dst: str, dport: int, ns: Namespace | None = None) -> None:
+        """One UDP datagram from ``src:sport`` (an address of ``ns``, the client by default)."""
+        family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+        sock = (ns or self.client).socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.bind((src, sport))
+            sock.sendto(b"h7", (dst, dport))
+        finally:
+            sock.close()
+
+    def entries(self) -> list[Entry]:
+        ct = Conntrack(self.gw.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER))
+        try:
+            return ct.dump(unreplied_only=False)
+        finally:
+            ct.close()
+
+    def entry(self, src: str, sport: int, dst: str, timeout: float = 5.0) -> Entry:
+        end = time.monotonic() + timeout
+        while True:
+            for e in self.entries():
+                if str(e.orig.src) == src and e.orig.sport == sport and str(e.orig.dst) == dst:
+                    return e
+            if time.monotonic() >= end:
+                raise TimeoutError(f"no entry for {src}:{sport} -> {dst}")
+            time.sleep(0.02)
+
+    def fresh(self, src: str, sport: int, dst: str, dport: int, ns: Namespace | None = None) -> Entry:
+        """Kernel as oracle: a fresh flow's entry shows the NAT today's gateway gives."""
+        self.send(src, sport, dst, dport, ns)
+        return self.entry(src, sport, dst)
+
+    def nft(self, ruleset: str) -> None:
+        self.gw.run("nft", "-f", "-", input=ruleset)
+
+    def plan(self) -> dict[str, Any]:
+        proc = subprocess.run(
+            ["ip", "netns", "exec", self.gw.name, sys.executable, "-m", "topowatch", "plan", "--json"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        doc: dict[str, Any] = json.loads(proc.stdout)
+        return doc
+
+
+def verdict(plan: dict[str, Any], src: str, sport: int) -> str:
+    """``stale``, ``undecided`` or ``healthy`` for the entry of ``src:sport`` in a plan."""
+    for kind in ("stale", "undecided"):
+        if any(d["orig"]["src"] == src and d["orig"]["sport"] == sport for d in plan[kind]):
+            return kind
+    return "healthy"
+
+
+def translated_source(e: Entry) -> str:
+    return str(e.reply.dst)
+
+
+def kernel_verdict(old: Entry, fresh: Entry) -> str:
+    """The oracle's answer for ``old``: stale when its source translation differs from a fresh flow's."""
+    return "healthy" if (old.reply.dst, old.reply.src) == (fresh.reply.dst, fresh.reply.src) else "stale"
+
+
+@pytest.fixture
+def gateway() -> Iterator[Gateway]:
+    with Gateway.create() as gw:
+        yield gw
+
+
+# A rule that needs conntrack, so the gateway tracks flows before any NAT chain exists.
+TRACK = """\
+table inet h7track {
+    chain h7fwd {
+        type filter hook forward priority 0; policy accept;
+        ct state new counter
+    }
+    chain h7in {
+        type filter hook input priority 0; policy accept;
+        ct state new counter
+    }
+}
+"""
+
+
+def nat(family: str, chain: str, hook: str, *rules: str, priority: int = 100) -> str:
+    """A nat base chain in table ``h7nat`` (created if missing) holding ``rules``."""
+    body = "".join(f"        {rule}\n" for rule in rules)
+    return (f"table {family} h7nat {{\n    chain {chain} {{\n"
+            f"        type nat hook {hook} priority {priority}; policy accept;\n{body}    }}\n}}\n")
+
+
+# -- late NAT ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("src", "dst", "masq_to"), [
+    ("10.77.0.2", SERVER4, "100.64.0.1"),
+    ("fd77::2", SERVER6, "2001:db8:64::1"),
+], ids=["ipv4", "ipv6"])
+def test_entry_made_before_any_nat_chain_is_judged_as_a_null_binding(
+    gateway: Gateway, src: str, dst: str, masq_to: str
+) -> None:
+    gateway.nft(TRACK)
+    gateway.send(src, 5060, dst, 5060)
+    old = gateway.entry(src, 5060, dst)
+    assert not old.status & (IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE)
+    gateway.nft(nat("inet", "post", "postrouting", 'oifname "up1" masquerade'))
+    gateway.send(src, 5060, dst, 5060)  # the old flow goes on: the kernel never NATs it now
+    old = gateway.entry(src, 5060, dst)
+    assert translated_source(old) == src and not old.status & IPS_SRC_NAT_DONE
+    fresh = gateway.fresh(src, 41000, dst, 5060)
+    assert translated_source(fresh) == masq_to
+    plan = gateway.plan()
+    assert verdict(plan, src, 5060) == kernel_verdict(old, fresh) == "stale", plan
+    assert verdict(plan, src, 41000) == "healthy", plan
+    (stale,) = (d for d in plan["stale"] if d["orig"]["sport"] == 5060)
+    assert stale["actual"]["kind"] == "none" and stale["expected"][0]["addr"] == masq_to
+
+
+def test_entry_made_before_any_nat_chain_with_a_dnat_now(gateway: Gateway) -> None:
+    gateway.nft(TRACK)
+    gateway.send("10.77.0.2", 5060, SERVER4, 53)
+    gateway.nft(nat("ip", "pre", "prerouting", "udp dport 53 dnat to 100.64.0.2"))
+    gateway.send("10.77.0.2", 5060, SERVER4, 53)
+    old = gateway.entry("10.77.0.2", 5060, SERVER4)
+    fresh = gateway.fresh("10.77.0.2", 41000, SERVER4, 53)
+    assert str(fresh.reply.src) == "100.64.0.2" and str(old.reply.src) == SERVER4
+    plan = gateway.plan()
+    assert verdict(plan, "10.77.0.2", 5060) == kernel_verdict(old, fresh) == "stale", plan
+    assert verdict(plan, "10.77.0.2", 41000) == "healthy", plan
+
+
+@pytest.mark.parametrize("input_snat", [True, False], ids=["input-snat", "no-input-snat"])
+def test_entry_delivered_locally_made_before_any_nat_chain(gateway: Gateway, input_snat: bool) -> None:
+    """A flow to the gateway itself meets the SNAT side at input, never at postrouting."""
+    gateway.nft(TRACK)
+    gateway.send("10.77.0.2", 5060, "10.77.0.1", 5353)
+    gateway.nft(nat("ip", "post", "postrouting", "masquerade"))
+    if input_snat:
+        gateway.nft(nat("ip", "innat", "input", "ip saddr 10.77.0.0/24 snat to 10.77.0.99"))
+    gateway.send("10.77.0.2", 5060, "10.77.0.1", 5353)
+    old = gateway.entry("10.77.0.2", 5060, "10.77.0.1")
+    assert translated_source(old) == "10.77.0.2"
+    fresh = gateway.fresh("10.77.0.2", 41000, "10.77.0.1", 5353)
+    assert translated_source(fresh) == ("10.77.0.99" if input_snat else "10.77.0.2")
+    expected = kernel_verdict(old, fresh)
+    assert expected == ("stale" if input_snat else "healthy")
+    plan = gateway.plan()
+    assert verdict(plan, "10.77.0.2", 5060) == expected, plan
+    assert verdict(plan, "10.77.0.2", 41000) == "healthy", plan
