@@ -12,7 +12,9 @@ and must never call the fresh entry stale.
 
 Covered: late NAT (an entry made before the family had any NAT chain keeps
 leaving untranslated; IPv4, IPv6, and a flow delivered to the gateway itself
-with and without an input-hook SNAT).
+with and without an input-hook SNAT); the input interface, which only
+reverse-path filtering pins (rp_filter off, loose, strict, a netfilter
+reverse-path drop).
 """
 
 from __future__ import annotations
@@ -113,6 +115,13 @@ class Gateway:
         """Kernel as oracle: a fresh flow's entry shows the NAT today's gateway gives."""
         self.send(src, sport, dst, dport, ns)
         return self.entry(src, sport, dst)
+
+    def rp_filter(self, value: int, *, src_valid_mark: int = 0) -> None:
+        """IPv4 rp_filter ``value`` in force on every interface of the gateway (``all``; each 0)."""
+        for conf in ("default", "lan", "up1", "up2"):
+            self.gw.run("sysctl", "-qw", f"net.ipv4.conf.{conf}.rp_filter=0")
+        self.gw.run("sysctl", "-qw", f"net.ipv4.conf.all.rp_filter={value}")
+        self.gw.run("sysctl", "-qw", f"net.ipv4.conf.all.src_valid_mark={src_valid_mark}")
 
     def nft(self, ruleset: str) -> None:
         self.gw.run("nft", "-f", "-", input=ruleset)
@@ -230,3 +239,87 @@ def test_entry_delivered_locally_made_before_any_nat_chain(gateway: Gateway, inp
     plan = gateway.plan()
     assert verdict(plan, "10.77.0.2", 5060) == expected, plan
     assert verdict(plan, "10.77.0.2", 41000) == "healthy", plan
+
+
+# -- the input interface ------------------------------------------------------------------
+
+IIF_SNAT = nat("ip", "post", "postrouting", 'iifname "lan" snat to 100.64.0.99', "masquerade")
+POLICY_ROUTES = ("route add default via 100.64.1.2 table 100", "route add 198.18.0.0/24 via 100.64.0.2 table 100",
+                 "rule add not from 10.77.0.2 lookup 100")
+
+
+@pytest.mark.parametrize("rp_filter", [0, 2], ids=["rp_filter-off", "rp_filter-loose"])
+def test_policy_rule_does_not_move_a_flow_that_enters_on_the_lan(gateway: Gateway, rp_filter: int) -> None:
+    """Issue 12's reproduction: the reverse path of the source moves to up2, the packet does not.
+
+    Off or loose, the kernel accepts the flow on lan whatever the reverse
+    path says: it keeps its iifname-"lan" SNAT. The reverse path is no guess
+    of where the flow entered.
+    """
+    gateway.rp_filter(rp_filter)
+    gateway.nft(IIF_SNAT)
+    old = gateway.fresh("10.77.0.3", 5060, SERVER4, 53)
+    assert translated_source(old) == "100.64.0.99"
+    for cmd in POLICY_ROUTES:
+        gateway.gw.run("ip", *cmd.split())
+    fresh = gateway.fresh("10.77.0.3", 41000, SERVER4, 53)
+    assert translated_source(fresh) == "100.64.0.99"
+    plan = gateway.plan()
+    assert verdict(plan, "10.77.0.3", 5060) == kernel_verdict(old, fresh) == "healthy", plan
+    assert verdict(plan, "10.77.0.3", 41000) == "healthy", plan
+
+
+def masquerade_then_iif_snat(gateway: Gateway) -> tuple[Entry, Entry]:
+    """An entry masqueraded, then an iifname-"lan" SNAT above the masquerade: (old, fresh)."""
+    gateway.nft(nat("ip", "post", "postrouting", "masquerade"))
+    old = gateway.fresh("10.77.0.3", 5060, SERVER4, 53)
+    assert translated_source(old) == "100.64.0.1"
+    gateway.gw.run("nft", "insert", "rule", "ip", "h7nat", "post", "iifname", "lan", "snat", "to", "100.64.0.99")
+    fresh = gateway.fresh("10.77.0.3", 41000, SERVER4, 53)
+    assert translated_source(fresh) == "100.64.0.99"
+    return old, fresh
+
+
+def test_strict_rp_filter_pins_the_input_interface(gateway: Gateway) -> None:
+    """Strict, the flow can only have entered on lan (its reverse path), so its masquerade is stale."""
+    gateway.rp_filter(1)
+    old, fresh = masquerade_then_iif_snat(gateway)
+    plan = gateway.plan()
+    assert verdict(plan, "10.77.0.3", 5060) == kernel_verdict(old, fresh) == "stale", plan
+    assert verdict(plan, "10.77.0.3", 41000) == "healthy", plan
+
+
+@pytest.mark.parametrize("rp_filter", [0, 2], ids=["rp_filter-off", "rp_filter-loose"])
+def test_unpinned_input_interface_never_condemns_a_binding_some_interface_gives(
+    gateway: Gateway, rp_filter: int
+) -> None:
+    """Off or loose, the flow may have entered on an uplink, where masquerade is still right.
+
+    The kernel's fresh flow (sent from the LAN) gets the SNAT; the old entry
+    may be called stale only if no interface would give it its masquerade:
+    here one would, so it is left alone (a conservative miss, never a wrong
+    deletion), and the fresh entry is healthy.
+    """
+    gateway.rp_filter(rp_filter)
+    masquerade_then_iif_snat(gateway)
+    plan = gateway.plan()
+    assert verdict(plan, "10.77.0.3", 5060) == "healthy", plan
+    assert verdict(plan, "10.77.0.3", 41000) == "healthy", plan
+
+
+def test_netfilter_reverse_path_drop_pins_the_input_interface(gateway: Gateway) -> None:
+    """rp_filter off, but ``fib saddr . iif oif missing drop`` makes the kernel strict anyway."""
+    gateway.rp_filter(0)
+    gateway.nft("""\
+table inet h7rpf {
+    chain pre {
+        type filter hook prerouting priority raw; policy accept;
+        counter
+        fib saddr . iif oif missing drop
+    }
+}
+""")
+    old, fresh = masquerade_then_iif_snat(gateway)
+    plan = gateway.plan()
+    assert verdict(plan, "10.77.0.3", 5060) == kernel_verdict(old, fresh) == "stale", plan
+    assert verdict(plan, "10.77.0.3", 41000) == "healthy", plan

@@ -75,10 +75,13 @@ from topowatch.core.flow import (
 from topowatch.core.model import IPAddress
 from topowatch.core.nat import (
     XFRM_KEYS,
+    AddrTypeMatch,
     AnyOf,
     Chain,
     ConcatMatch,
+    CtStateMatch,
     CtStatusMatch,
+    CtTupleMatch,
     ElementKey,
     Hook,
     IntervalSet,
@@ -93,6 +96,7 @@ from topowatch.core.nat import (
     NetmapStatement,
     Op,
     Passive,
+    PolicyMatch,
     Rule,
     Selector,
     UnknownMatch,
@@ -763,11 +767,107 @@ def _unknown_all(ingress: Ingress | None | Unknown, reason: str, explain: tuple[
     return Prediction(dnat=unknown, snat=unknown, egress=unknown, ingress=ingress, explain=explain)
 
 
+# Candidate input interfaces evaluated one by one; more leave the prediction unknown.
+MAX_INGRESSES = 64
+# Whether a ruleset reads the input interface, by id (the ruleset is kept: ids are not reused).
+_READS_IIF: dict[int, tuple[NatRuleset, bool]] = {}
+_IIF_FREE = (CtStateMatch, CtStatusMatch, CtTupleMatch, PolicyMatch, MarkSet, NetmapStatement, Passive,
+             Verdict, UnknownMatch, UnknownStatement)
+
+
+def _expr_reads_iif(expr: object) -> bool:
+    """True if evaluating ``expr`` may depend on the input interface (conservative)."""
+    selectors: tuple[Selector, ...]
+    if isinstance(expr, Match):
+        selectors = (expr.selector,)
+    elif isinstance(expr, ConcatMatch | VerdictMap):
+        selectors = expr.selectors
+    elif isinstance(expr, NatMapStatement):
+        if expr.kind is NatKind.REDIRECT:
+            return True
+        selectors = expr.selectors
+    elif isinstance(expr, AnyOf):
+        selectors = tuple(m.selector for m in expr.matches)
+    elif isinstance(expr, NatStatement):
+        return expr.kind is NatKind.REDIRECT
+    elif isinstance(expr, AddrTypeMatch):
+        return expr.limit_iface is not None
+    else:
+        return not isinstance(expr, _IIF_FREE)
+    return any(s.key in (Key.IIF, Key.IIFNAME) or "iif" in s.params for s in selectors)
+
+
+def reads_iif(ruleset: NatRuleset, fib: Fib) -> bool:
+    """True if a prediction may depend on which interface the flow entered on.
+
+    Policy rules with ``iif`` (other than lo, which only locally generated
+    packets match) and any ruleset expression that reads it (iif/iifname,
+    ``fib ... iif``, redirect, ``addrtype --limit-iface-in``).
+    """
+    if any(r.iifname not in (None, "lo") for r in fib.topology.rules):
+        return True
+    cached = _READS_IIF.get(id(ruleset))
+    if cached is not None and cached[0] is ruleset:
+        return cached[1]
+    answer = any(_expr_reads_iif(e) for c in ruleset.chains for r in c.rules for e in r.exprs)
+    if len(_READS_IIF) > 64:
+        _READS_IIF.clear()
+    _READS_IIF[id(ruleset)] = (ruleset, answer)
+    return answer
+
+
+def _union_side(sides: list[tuple[str, frozenset[Binding] | Unknown]]) -> frozenset[Binding] | Unknown:
+    found: set[Binding] = set()
+    for name, side in sides:
+        if isinstance(side, Unknown):
+            return Unknown(f"arriving on {name}: {side.reason}")
+        found |= side
+    return frozenset(found)
+
+
 def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
-    """The NAT bindings ``flow`` would get now, with the egresses and the rules that decide them."""
-    ingress = fib.ingress(flow)
-    if isinstance(ingress, Unknown):
-        return _unknown_all(ingress, f"ingress unknown: {ingress.reason}")
+    """The NAT bindings ``flow`` would get now, with the egresses and the rules that decide them.
+
+    Where reverse-path filtering does not pin the input interface
+    (``Fib.ingresses``), the flow is evaluated once per candidate interface
+    (once in all when nothing reads it, ``reads_iif``) and each side is the
+    union of the candidates' bindings: an entry is stale only if no
+    interface it may have entered on would give it its binding now. A side
+    unknown for one candidate is unknown. ``ingress`` is then ``Unknown``,
+    naming the candidates.
+    """
+    found = fib.ingresses(flow, netfilter_rpf=flow.family in ruleset.rpfilter)
+    if isinstance(found, Unknown):
+        return _unknown_all(found, f"ingress unknown: {found.reason}")
+    candidates, why = found
+    if len(candidates) == 1:
+        return _predict_via(ruleset, fib, flow, candidates[0])
+    names = ", ".join(c.ifname for c in candidates)
+    ingress = Unknown(f"any of {names} ({why})")
+    if not reads_iif(ruleset, fib):
+        return replace(_predict_via(ruleset, fib, flow, candidates[0]), ingress=ingress)
+    if len(candidates) > MAX_INGRESSES:
+        return _unknown_all(ingress, f"the input interface matters and may be any of {len(candidates)}")
+    preds = [(c.ifname, _predict_via(ruleset, fib, flow, c)) for c in candidates]
+    egress: tuple[Egress, ...] | Unknown = ()
+    explain: list[str] = []
+    for name, p in preds:
+        if isinstance(p.egress, Unknown):
+            egress = Unknown(f"arriving on {name}: {p.egress.reason}")
+        elif not isinstance(egress, Unknown):
+            egress = tuple(dict.fromkeys((*egress, *p.egress)))
+        explain.extend(f"arriving on {name}: {line}" for line in p.explain)
+    return Prediction(
+        dnat=_union_side([(n, p.dnat) for n, p in preds]),
+        snat=_union_side([(n, p.snat) for n, p in preds]),
+        egress=egress,
+        ingress=ingress,
+        explain=tuple(dict.fromkeys(explain)),
+    )
+
+
+def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress) -> Prediction:
+    """``predict`` for a flow that entered on ``ingress``."""
     ev = _Evaluator(ruleset, fib, flow)
     base = _Packet(
         family=flow.family,

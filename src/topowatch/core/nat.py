@@ -542,9 +542,14 @@ class NatRuleset:
     """The nat base chains (in dump order) and the regular chains they reach.
 
     Equal rulesets behave the same; ``describe_rule`` names a rule for reasons.
+    ``rpfilter`` holds the address families (AF_INET, AF_INET6) where a
+    netfilter reverse-path drop (``fib saddr . iif oif missing drop``,
+    ``-m rpfilter --invert -j DROP``) sees every packet at prerouting: it
+    pins a forwarded flow's input interface as strict ``rp_filter`` does.
     """
 
     chains: tuple[Chain, ...] = ()
+    rpfilter: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if not isinstance(self.chains, tuple):

@@ -1107,7 +1107,7 @@ def merge(
     for family in ("ip", "ip6"):
         if family in legacy:
             chains.extend(legacy[family].chains)
-    return NatRuleset(tuple(chains))
+    return NatRuleset(tuple(chains), rpfilter=nft.rpfilter)
 
 
 def read_all(

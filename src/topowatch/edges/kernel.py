@@ -39,6 +39,7 @@ from topowatch.edges.nftevents import (
     NftablesEvents,
 )
 from topowatch.edges.rtnl import EventKind, KernelRtnl, Overrun, RtnlEvent, RtnlEvents
+from topowatch.edges.sysctl import read_netconf
 from topowatch.edges.xfrm import XfrmSource
 from topowatch.edges.xfrm import probe as probe_xfrm
 from topowatch.errors import NetlinkError, PermissionDenied
@@ -53,6 +54,7 @@ _KINDS = {
     EventKind.ROUTE: "route",
     EventKind.RULE: "rule",
     EventKind.NEXTHOP: "route",
+    EventKind.NETCONF: "link",  # an interface's rp_filter: which interface a flow may enter on
 }
 
 
@@ -134,6 +136,8 @@ class KernelBackend:
             # a missing permission fails the start, and no reaction pays for the probe.
             await trio.to_thread.run_sync(self._conntrack)
         topology = await self.rtnl.dump()
+        # rp_filter pins a forwarded flow's input interface (core.fib.Fib.ingresses).
+        topology = replace(topology, netconf=await trio.to_thread.run_sync(read_netconf), netconf_known=True)
         if self.xfrm is not None:
             policies, states = await self.xfrm.dump_xfrm()
             topology = replace(topology, xfrm_policies=policies, xfrm_states=states, xfrm_known=True)

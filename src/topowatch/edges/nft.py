@@ -979,7 +979,64 @@ def parse_ruleset_json(doc: dict[str, Any]) -> NatRuleset:
                 handle=item.number("handle", 0),
             )
         )
-    return NatRuleset(tuple(out))
+    return NatRuleset(tuple(out), rpfilter=_rpfilter_families(chains, rules, dormant))
+
+
+# Expressions that neither end a chain nor jump: a rule made only of these lets every packet on.
+_PASSING_EXPRS = frozenset({"counter", "log", "mangle", "match", "limit", "quota", "continue", "notrack"})
+
+
+def _is_rpfilter_drop(exprs: object) -> bool:
+    """``fib saddr . iif oif missing [counter] drop``: a reverse-path drop (strict, mark 0)."""
+    if not isinstance(exprs, list):
+        return False
+    keys = [next(iter(e)) for e in exprs if isinstance(e, dict) and len(e) == 1]
+    if len(keys) != len(exprs) or keys[-1:] != ["drop"]:
+        return False
+    matches = [e["match"] for e in exprs if "match" in e]
+    if len(matches) != 1 or any(k not in ("match", "counter", "log", "drop") for k in keys):
+        return False
+    match = matches[0]
+    if not isinstance(match, dict):
+        return False
+    fib = match.get("left", {}).get("fib") if isinstance(match.get("left"), dict) else None
+    return (
+        isinstance(fib, dict)
+        and fib.get("result") == "oif"
+        and isinstance(fib.get("flags"), list)
+        and sorted(fib["flags"]) == ["iif", "saddr"]
+        and match.get("op") in ("==", None)
+        and match.get("right") in (False, 0, "0", "missing")
+    )
+
+
+def _rpfilter_families(
+    chains: dict[tuple[str, str, str], _Item],
+    rules: dict[tuple[str, str, str], list[_Item]],
+    dormant: set[tuple[str, str]],
+) -> frozenset[int]:
+    """The families where a prerouting filter chain drops every packet that fails the reverse path.
+
+    Only a drop that every packet reaches counts: the chain's rules before it
+    may count, log or set marks, but none may end the chain (accept, a jump,
+    a verdict map, ...) for some packets.
+    """
+    found: set[int] = set()
+    for key, chain in chains.items():
+        if (key[0], key[1]) in dormant or chain.text("hook", optional=True) != "prerouting":
+            continue
+        if chain.text("type", optional=True) != "filter":
+            continue
+        for item in rules.get(key, []):
+            exprs = item.body.get("expr", [])
+            if _is_rpfilter_drop(exprs):
+                found.update(FAMILY_AFS[key[0]])
+                break
+            if not isinstance(exprs, list) or not all(
+                isinstance(e, dict) and len(e) == 1 and next(iter(e)) in _PASSING_EXPRS for e in exprs
+            ):
+                break
+    return frozenset(found)
 
 
 def run_ruleset_tool(
