@@ -14,13 +14,16 @@ Covered: late NAT (an entry made before the family had any NAT chain keeps
 leaving untranslated; IPv4, IPv6, and a flow delivered to the gateway itself
 with and without an input-hook SNAT); the input interface, which only
 reverse-path filtering pins (rp_filter off, loose, strict, a netfilter
-reverse-path drop).
+reverse-path drop); packet marks set before routing that feed ``ip rule
+fwmark`` (mwan3-style, with a conntrack mark restored and saved), in nft and
+in an iptables-nft mangle table.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -323,3 +326,59 @@ table inet h7rpf {
     plan = gateway.plan()
     assert verdict(plan, "10.77.0.3", 5060) == kernel_verdict(old, fresh) == "stale", plan
     assert verdict(plan, "10.77.0.3", 41000) == "healthy", plan
+
+
+# -- marks before routing ---------------------------------------------------------------
+
+NFT_MWAN = """\
+table inet h7mark {
+    chain pre {
+        type filter hook prerouting priority mangle; policy accept;
+        meta mark set ct mark
+        meta mark and 0x3f00 != 0x0 return
+        ip saddr 10.77.0.3 meta mark set meta mark and 0xffffc0ff or 0x200
+        ct mark set meta mark
+    }
+}
+"""
+IPT_MWAN = """\
+*mangle
+:h7mwan - [0:0]
+-A PREROUTING -j h7mwan
+-A h7mwan -j CONNMARK --restore-mark --nfmask 0x3f00 --ctmask 0x3f00
+-A h7mwan -m mark ! --mark 0x0/0x3f00 -j RETURN
+-A h7mwan -s 10.77.0.3/32 -j MARK --set-xmark 0x200/0x3f00
+-A h7mwan -j CONNMARK --save-mark --nfmask 0x3f00 --ctmask 0x3f00
+COMMIT
+"""
+
+
+@pytest.mark.parametrize("tool", ["nft", "iptables-nft"])
+def test_mark_routing_with_connmark_restore(gateway: Gateway, tool: str) -> None:
+    """mwan3's pattern: restore the ct mark, mark new flows of a source, save; ``ip rule fwmark`` routes.
+
+    Before the mark rules, both flows leave masqueraded on up1; after, a
+    fresh flow of 10.77.0.3 is marked and leaves on up2, while 10.77.0.2's
+    still leaves on up1.
+    """
+    if tool != "nft" and shutil.which("iptables-nft-restore") is None:
+        pytest.skip("needs iptables-nft-restore")
+    gw = gateway.gw
+    gw.run("ip", "route", "add", "default", "via", "100.64.1.2", "table", "100")
+    gw.run("ip", "rule", "add", "fwmark", "0x200/0x3f00", "lookup", "100")
+    gateway.nft(nat("ip", "post", "postrouting", "masquerade"))
+    marked, plain = gateway.fresh("10.77.0.3", 5060, SERVER4, 53), gateway.fresh("10.77.0.2", 5060, SERVER4, 53)
+    assert translated_source(marked) == translated_source(plain) == "100.64.0.1"
+    if tool == "nft":
+        gateway.nft(NFT_MWAN)
+    else:
+        gw.run("iptables-nft-restore", "--noflush", input=IPT_MWAN)
+    fresh_marked = gateway.fresh("10.77.0.3", 41000, SERVER4, 53)
+    fresh_plain = gateway.fresh("10.77.0.2", 41000, SERVER4, 53)
+    assert translated_source(fresh_marked) == "100.64.1.1" and fresh_marked.mark & 0x3F00 == 0x200
+    assert translated_source(fresh_plain) == "100.64.0.1"
+    plan = gateway.plan()
+    assert verdict(plan, "10.77.0.3", 5060) == kernel_verdict(marked, fresh_marked) == "stale", plan
+    assert verdict(plan, "10.77.0.2", 5060) == kernel_verdict(plain, fresh_plain) == "healthy", plan
+    for src in ("10.77.0.3", "10.77.0.2"):
+        assert verdict(plan, src, 41000) == "healthy", plan
