@@ -114,3 +114,17 @@ async def test_kernel_announces_rp_filter_changes(netns: Namespace) -> None:
         sock.close()
     conf = {n.name: n for n in netns.call(read_netconf)}
     assert conf["all"].rp_filter == 2 and "lo" in conf
+
+
+def test_marks_set_outside_the_ip_families_are_not_followed() -> None:
+    """A netdev ingress chain may set a mark before prerouting: the ruleset is no longer whole."""
+    doc = nft_doc(RPF)
+    assert parse_ruleset_json(doc).marks_known
+    doc["nftables"] += [
+        {"table": {"family": "netdev", "name": "ing", "handle": 9}},
+        {"chain": {"family": "netdev", "table": "ing", "name": "in", "handle": 1, "type": "filter",
+                   "hook": "ingress", "dev": "lan", "prio": 0, "policy": "accept"}},
+        {"rule": {"family": "netdev", "table": "ing", "chain": "in", "handle": 2,
+                  "expr": [{"mangle": {"key": {"meta": {"key": "mark"}}, "value": 1}}]}},
+    ]
+    assert not parse_ruleset_json(doc).marks_known

@@ -954,6 +954,7 @@ def parse_ruleset_json(doc: dict[str, Any]) -> NatRuleset:
     if not isinstance(doc, dict) or not isinstance(doc.get("nftables"), list):
         raise RulesetError("nft JSON: expected an object with an \"nftables\" list")
     dormant: set[tuple[str, str]] = set()
+    marks_elsewhere = False
     chains: dict[tuple[str, str, str], _Item] = {}
     rules: dict[tuple[str, str, str], list[_Item]] = {}
     sets: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -968,7 +969,12 @@ def parse_ruleset_json(doc: dict[str, Any]) -> NatRuleset:
         item = _Item(kind, body, index)
         family = item.name("family")
         if family not in FAMILY_AFS:
-            continue  # arp, bridge, netdev: no NAT here
+            # arp, bridge, netdev: no NAT here; but a mark set at netdev ingress or in a bridge
+            # chain reaches prerouting, and this reader does not follow it.
+            if kind == "rule":
+                text = json.dumps(body.get("expr"))
+                marks_elsewhere = marks_elsewhere or '"mangle"' in text or '"xt"' in text
+            continue
         if kind == "table":
             name = item.name("name")
             if "dormant" in item.words("flags"):
@@ -1063,7 +1069,8 @@ def parse_ruleset_json(doc: dict[str, Any]) -> NatRuleset:
                 handle=item.number("handle", 0),
             )
         )
-    return NatRuleset(tuple(out), rpfilter=_rpfilter_families(chains, rules, dormant), marks_known=True)
+    return NatRuleset(tuple(out), rpfilter=_rpfilter_families(chains, rules, dormant),
+                      marks_known=not marks_elsewhere)
 
 
 def _may_set_mark(expr: object) -> bool:
