@@ -29,6 +29,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
+from topowatch.core.classify import Classifier
 from topowatch.core.conntrack import ICMP_PROTOS, IPS_SEEN_REPLY, Entry
 from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility
 from topowatch.core.fib import Fib
@@ -36,6 +37,11 @@ from topowatch.core.flow import Binding, Egress, Flow, Prediction, Unknown
 from topowatch.core.model import IPAddress
 
 Predictor = Callable[[Fib, Flow], Prediction]
+
+# Prediction slots kept per flow key (no exact classifier) before they are all dropped: with
+# a million distinct flows the memory stays bounded (classes need no such limit: their number
+# follows the configuration, not the traffic).
+FLOW_CACHE_LIMIT = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +63,9 @@ class FlushPlan:
     eligible: int
     stale: tuple[Decision, ...] = ()
     undecided: tuple[Decision, ...] = ()
-    distinct_flows: int = 0
+    distinct_flows: int = 0  # prediction slots: flow classes, or flow keys without classes
     notes: tuple[str, ...] = field(default=())
+    predicted: int = 0  # predictions made (a class's, or a flow key's, each time its slot was empty)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +303,8 @@ EntryBuilder = Callable[[RawEntry], Entry]
 
 # Raw-cache value of an entry that the eligibility refuses.
 _REFUSED: tuple[_Check, _Check] = (None, None)
+# Raw-cache value of a class left alone (outside ``Decider.only``): every side "no binding", healthy.
+_LEFT: tuple[_Check, _Check] = ((), ())
 
 
 def _admitted_raw(check: _Check, original: bytes, translated: bytes, port: int) -> bool:
@@ -381,8 +390,19 @@ class Decider:
         eligibility: Eligibility = DEFAULT_ELIGIBILITY,
         sport_matters: bool = True,
         build: EntryBuilder | None = None,
+        classifier: Classifier | None = None,
+        only: frozenset[tuple[int, int]] | None = None,
     ) -> None:
         self.predict = predict
+        # Flow classes (``core.classify``): predictions are kept per class, so the caches hold
+        # one slot per class seen, whatever the traffic. Without an exact classifier they are
+        # kept per flow key, and cleared when they pass ``FLOW_CACHE_LIMIT``.
+        self.classifier = classifier if classifier is not None and classifier.exact else None
+        # Judge only flows whose source or destination class is one of these (family, class);
+        # the others are counted and left alone (their prediction cannot have changed).
+        self.only = only if self.classifier is not None else None
+        # The classifier's tables for a compiled scan, which then keys ``raw_cache`` by class.
+        self.class_tables = self.classifier.packed() if self.classifier is not None else None
         self.fib_now = fib_now
         self.fib_before = fib_before
         self.eligibility = eligibility
@@ -390,6 +410,7 @@ class Decider:
         self.build = build
         self.examined = 0
         self.eligible = 0
+        self.predicted = 0
         self.stale: list[Decision] = []
         self.undecided: list[Decision] = []
         self._now: dict[Hashable, _Compiled] = {}
@@ -398,19 +419,50 @@ class Decider:
         # Programs by packed raw key, filled and read by a compiled scan (``raw_program``).
         self.raw_cache: dict[bytes, bytes | None] = {}
 
+    def _entry_key(self, entry: Entry) -> Hashable:
+        classifier = self.classifier
+        if classifier is not None:
+            orig = entry.orig
+            return classifier.key(
+                entry.family, entry.proto, int(orig.src), int(orig.dst), orig.sport, orig.dport, entry.zone,
+                entry.mark, entry.status & IPS_SEEN_REPLY,
+            )
+        return entry.flow_key() if not self.sport_matters else (entry.flow_key(), entry.orig.sport)
+
     def _compiled(self, entry: Entry) -> tuple[Hashable, _Compiled]:
-        key: Hashable = entry.flow_key() if not self.sport_matters else (entry.flow_key(), entry.orig.sport)
+        key = self._entry_key(entry)
         compiled = self._now.get(key)
         if compiled is None:
+            if self.classifier is None and len(self._now) >= FLOW_CACHE_LIMIT:
+                self._forget()
             compiled = _Compiled.of(self.predict(self.fib_now, entry.flow))
             self._now[key] = compiled
+            self.predicted += 1
         return key, compiled
+
+    def _forget(self) -> None:
+        """Per-flow caches only: drop them all (they are rebuilt as flows come by)."""
+        self._now.clear()
+        self._before.clear()
+        self._raw.clear()
+        self.raw_cache.clear()
+
+    def _skipped(self, key: Hashable) -> bool:
+        """True for a class outside ``only`` (``Classifier.key``: family at 0, src and dst at 5, 6)."""
+        only = self.only
+        if only is None:
+            return False
+        assert isinstance(key, tuple)
+        family = key[0]
+        return (family, key[5]) not in only and (family, key[6]) not in only
 
     def add(self, entry: Entry) -> None:
         self.examined += 1
         if not self.eligibility.admits(entry):
             return
         self.eligible += 1
+        if self.only is not None and self._skipped(self._entry_key(entry)):
+            return
         key, compiled = self._compiled(entry)
         if not _healthy(entry, compiled):
             self._judge(entry, key, compiled)
@@ -418,6 +470,12 @@ class Decider:
     def _raw_key(self, raw: RawEntry) -> Hashable:
         (family, proto, osrc, odst, osport, odport, _rsrc, _rdst, _rsport, _rdport,
          status, zone, mark, _id, _timeout) = raw  # fmt: skip
+        classifier = self.classifier
+        if classifier is not None:
+            return classifier.key(
+                family, proto, int.from_bytes(osrc, "big"), int.from_bytes(odst, "big"), osport, odport, zone,
+                mark, status & IPS_SEEN_REPLY,
+            )
         if self.sport_matters:
             return (zone, mark, proto, osrc, odst, odport, family, status & IPS_SEEN_REPLY, osport)
         return (zone, mark, proto, osrc, odst, odport, family, status & IPS_SEEN_REPLY)
@@ -429,14 +487,23 @@ class Decider:
             return None
         if slot is _REFUSED:
             return PROGRAM_REFUSED
+        if slot is _LEFT:
+            return compile_program((), ())
         assert isinstance(slot, _Compiled)
         return compile_program(slot.dnat, slot.snat)
 
     def add_raw(self, raw: RawEntry) -> None:
         (family, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport,
          status, zone, mark, _id, _timeout) = raw  # fmt: skip
-        if self.sport_matters:
-            key: Hashable = (zone, mark, proto, osrc, odst, odport, family, status & IPS_SEEN_REPLY, osport)
+        classifier = self.classifier
+        key: Hashable
+        if classifier is not None:
+            key = classifier.key(
+                family, proto, int.from_bytes(osrc, "big"), int.from_bytes(odst, "big"), osport, odport, zone,
+                mark, status & IPS_SEEN_REPLY,
+            )
+        elif self.sport_matters:
+            key = (zone, mark, proto, osrc, odst, odport, family, status & IPS_SEEN_REPLY, osport)
         else:
             key = (zone, mark, proto, osrc, odst, odport, family, status & IPS_SEEN_REPLY)
         slot = self._raw.get(key)
@@ -447,6 +514,8 @@ class Decider:
         if slot is _REFUSED:
             return
         self.eligible += 1
+        if slot is _LEFT:
+            return
         assert isinstance(slot, _Compiled)
         check = slot.dnat
         if check is None or (
@@ -483,6 +552,9 @@ class Decider:
             self._raw[raw_key] = _REFUSED
             return
         self.eligible += 1
+        if self.only is not None and self._skipped(raw_key):
+            self._raw[raw_key] = _LEFT  # healthy by construction: its prediction did not change
+            return
         key, compiled = self._compiled(entry)
         self._raw[raw_key] = compiled
         if not _healthy(entry, compiled):
@@ -517,7 +589,8 @@ class Decider:
         """
         prediction = compiled.prediction
         predicted = prediction.dnat if side == "dnat" else prediction.snat
-        if side not in compiled.portless:
+        if side not in compiled.portless or self.classifier is not None:
+            # With classes the entry's own address is not part of the key: no reuse across it.
             return _side(entry, side, predicted, prediction, before, texts=compiled.texts)
         orig, reply = entry.orig, entry.reply
         if kept is None:
@@ -570,6 +643,7 @@ class Decider:
             stale=tuple(self.stale),
             undecided=tuple(self.undecided),
             distinct_flows=len(self._now),
+            predicted=self.predicted,
         )
 
 
@@ -581,6 +655,8 @@ def decide(
     fib_before: Fib | None = None,
     eligibility: Eligibility = DEFAULT_ELIGIBILITY,
     sport_matters: bool = True,
+    classifier: Classifier | None = None,
+    only: frozenset[tuple[int, int]] | None = None,
 ) -> FlushPlan:
     """Judge every eligible entry; ``predict`` is the evaluator bound to the current ruleset.
 
@@ -593,6 +669,8 @@ def decide(
         fib_before=fib_before,
         eligibility=eligibility,
         sport_matters=sport_matters,
+        classifier=classifier,
+        only=only,
     )
     add = decider.add
     for entry in entries:
