@@ -16,6 +16,7 @@ import trio
 
 from topowatch.core.model import AF_INET, AF_INET6, Netconf
 from topowatch.edges import rtnl
+from topowatch.edges.iptables import prerouting_rpfilter_drop
 from topowatch.edges.nft import parse_ruleset_json
 from topowatch.edges.sysctl import SysctlError, read_netconf
 from topowatch.netns import Namespace
@@ -128,3 +129,23 @@ def test_marks_set_outside_the_ip_families_are_not_followed() -> None:
                   "expr": [{"mangle": {"key": {"meta": {"key": "mark"}}, "value": 1}}]}},
     ]
     assert not parse_ruleset_json(doc).marks_known
+
+
+XT_RPF = [{"xt": {"type": "match", "name": "rpfilter"}}, {"counter": {"packets": 0, "bytes": 0}}, {"drop": None}]
+
+
+def test_iptables_nft_rpfilter_is_left_to_iptables_save() -> None:
+    rs = parse_ruleset_json(nft_doc(XT_RPF, family="ip"))
+    assert rs.xt_rpfilter == {AF_INET} and not rs.rpfilter
+
+
+@pytest.mark.parametrize(("save", "expected"), [
+    ("*raw\n-A PREROUTING -m rpfilter --invert -j DROP\nCOMMIT\n", True),
+    ("*raw\n-A PREROUTING -j CT --notrack\n-A PREROUTING -m rpfilter --invert -j DROP\n", True),
+    ("*raw\n-A PREROUTING -i lo -j ACCEPT\n-A PREROUTING -m rpfilter --invert -j DROP\n", False),
+    ("*raw\n-A PREROUTING -m rpfilter --loose --invert -j DROP\n", False),
+    ("*raw\n-A PREROUTING -m rpfilter --validmark --invert -j DROP\n", False),
+    ("*raw\n-A OUTPUT -m rpfilter --invert -j DROP\n", False),
+])
+def test_prerouting_rpfilter_drop(save: str, expected: bool) -> None:
+    assert prerouting_rpfilter_drop(save) is expected

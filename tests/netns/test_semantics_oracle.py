@@ -310,10 +310,12 @@ def test_unpinned_input_interface_never_condemns_a_binding_some_interface_gives(
     assert verdict(plan, "10.77.0.3", 41000) == "healthy", plan
 
 
-def test_netfilter_reverse_path_drop_pins_the_input_interface(gateway: Gateway) -> None:
-    """rp_filter off, but ``fib saddr . iif oif missing drop`` makes the kernel strict anyway."""
+@pytest.mark.parametrize("tool", ["nft", "iptables-nft"])
+def test_netfilter_reverse_path_drop_pins_the_input_interface(gateway: Gateway, tool: str) -> None:
+    """rp_filter off, but a netfilter reverse-path drop makes the kernel strict anyway."""
     gateway.rp_filter(0)
-    gateway.nft("""\
+    if tool == "nft":
+        gateway.nft("""\
 table inet h7rpf {
     chain pre {
         type filter hook prerouting priority raw; policy accept;
@@ -322,6 +324,10 @@ table inet h7rpf {
     }
 }
 """)
+    else:
+        if shutil.which("iptables-nft") is None:
+            pytest.skip("needs iptables-nft")
+        gateway.gw.run("iptables-nft", "-t", "raw", "-A", "PREROUTING", "-m", "rpfilter", "--invert", "-j", "DROP")
     old, fresh = masquerade_then_iif_snat(gateway)
     plan = gateway.plan()
     assert verdict(plan, "10.77.0.3", 5060) == kernel_verdict(old, fresh) == "stale", plan

@@ -583,6 +583,10 @@ class NatRuleset:
     # that saw the whole ruleset): a fresh flow's marks are then 0 until those chains set them.
     # False (built by hand, or a table was not read): a mark the entry does not show is unknown.
     marks_known: bool = False
+    # Families whose prerouting drops on an iptables ``rpfilter`` match whose options (--invert,
+    # --loose, --validmark) the nft dump does not show: the iptables reader confirms them into
+    # ``rpfilter`` from iptables-save, or leaves them out.
+    xt_rpfilter: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if not isinstance(self.chains, tuple):

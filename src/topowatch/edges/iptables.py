@@ -50,7 +50,7 @@ import shlex
 import shutil
 import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import ip_address, ip_network
 
 from topowatch.core.flow import PROTO_NUMBERS, NatKind
@@ -1133,6 +1133,29 @@ class RulesetRead:
         return {name: (self.ipsets or {}).get(name) for name in sorted(self.sets)}
 
 
+# Targets a packet passes through to the next rule (they end nothing for it).
+_PASSING_TARGETS = _PASSIVE_TARGETS | {"MARK", "CONNMARK", "CT", "NOTRACK"}
+
+
+def prerouting_rpfilter_drop(text: str) -> bool:
+    """True if the table's PREROUTING drops every packet that fails a strict reverse path.
+
+    That is ``-A PREROUTING -m rpfilter --invert -j DROP`` (no --loose, no
+    --validmark, no other match), with every rule before it passing packets
+    on (no target, or one of ``_PASSING_TARGETS``).
+    """
+    for line in text.splitlines():
+        tokens = line.split()
+        if tokens[:2] != ["-A", "PREROUTING"]:
+            continue
+        if tokens[2:] == ["-m", "rpfilter", "--invert", "-j", "DROP"]:
+            return True
+        jumps = [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t in ("-j", "--jump", "-g", "--goto")]
+        if any(target not in _PASSING_TARGETS for target in jumps):
+            return False
+    return False
+
+
 def has_xt(ruleset: NatRuleset, family: str, table: str = "nat") -> bool:
     """True if the nft table holds xt expressions (it is iptables-nft's)."""
     return any(
@@ -1176,6 +1199,10 @@ def read_all(
     ``legacy_mangle`` says whether a legacy mangle table exists; by default the
     kernel is asked, unless ``legacy_exists`` is a stand-in (then: none).
     """
+    legacy_rpf: Callable[[str, str], bool] = (
+        (lambda family, table: legacy_nat_exists(family, table=table)) if legacy_exists is legacy_nat_exists
+        else (lambda _family, _table: False)
+    )
     if legacy_mangle is None:
         real = legacy_exists is legacy_nat_exists
         legacy_mangle = legacy_mangle_exists if real else (lambda _family: False)
@@ -1235,6 +1262,22 @@ def read_all(
                 mangle_legacy[family] = got
     ruleset = merge(nft_rules, from_nft, from_legacy, mangle_nft=mangle_nft, mangle_legacy=mangle_legacy,
                     marks_known=marks_known)
+    # Reverse-path drops by iptables' rpfilter match: iptables-save shows its options, the nft dump not.
+    confirmed = set(ruleset.rpfilter)
+    for family, af in (("ip", AF_INET), ("ip6", AF_INET6)):
+        sources_of: list[tuple[str, str]] = []
+        if af in nft_rules.xt_rpfilter:
+            sources_of += [(_tool(family, legacy=False), t) for t in ("raw", "mangle")]
+        sources_of += [(_tool(family, legacy=True), t) for t in ("raw", "mangle") if legacy_rpf(family, t)]
+        for tool, name in sources_of:
+            if which(tool) is None:
+                continue
+            try:
+                if prerouting_rpfilter_drop(_save(tool, runner, name)):
+                    confirmed.add(af)
+            except (MissingTool, PermissionDenied, RulesetError) as exc:
+                problems.append(str(exc))
+    ruleset = replace(ruleset, rpfilter=frozenset(confirmed))
     return RulesetRead(ruleset, tuple(problems), tuple(sources), frozenset(sets), ipsets)
 
 

@@ -1070,7 +1070,8 @@ def parse_ruleset_json(doc: dict[str, Any]) -> NatRuleset:
             )
         )
     return NatRuleset(tuple(out), rpfilter=_rpfilter_families(chains, rules, dormant),
-                      marks_known=not marks_elsewhere)
+                      marks_known=not marks_elsewhere,
+                      xt_rpfilter=_rpfilter_families(chains, rules, dormant, drop=_is_xt_rpfilter_drop))
 
 
 def _may_set_mark(expr: object) -> bool:
@@ -1108,10 +1109,22 @@ def _is_rpfilter_drop(exprs: object) -> bool:
     )
 
 
+def _is_xt_rpfilter_drop(exprs: object) -> bool:
+    """iptables-nft's ``-m rpfilter ... -j DROP`` (its options are not in the dump)."""
+    if not isinstance(exprs, list) or not all(isinstance(e, dict) and len(e) == 1 for e in exprs):
+        return False
+    keys = [next(iter(e)) for e in exprs]
+    xts = [e["xt"] for e in exprs if "xt" in e]
+    return (keys[-1:] == ["drop"] and len(xts) == 1 and isinstance(xts[0], dict)
+            and xts[0].get("type") == "match" and xts[0].get("name") == "rpfilter"
+            and all(k in ("xt", "counter", "drop") for k in keys))
+
+
 def _rpfilter_families(
     chains: dict[tuple[str, str, str], _Item],
     rules: dict[tuple[str, str, str], list[_Item]],
     dormant: set[tuple[str, str]],
+    drop: Callable[[object], bool] | None = None,
 ) -> frozenset[int]:
     """The families where a prerouting filter chain drops every packet that fails the reverse path.
 
@@ -1127,7 +1140,7 @@ def _rpfilter_families(
             continue
         for item in rules.get(key, []):
             exprs = item.body.get("expr", [])
-            if _is_rpfilter_drop(exprs):
+            if (drop or _is_rpfilter_drop)(exprs):
                 found.update(FAMILY_AFS[key[0]])
                 break
             if not isinstance(exprs, list) or not all(
