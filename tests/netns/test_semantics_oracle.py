@@ -36,6 +36,7 @@ import pytest
 
 from topowatch.core.conntrack import IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, Entry
 from topowatch.edges.ctnetlink import Conntrack
+from topowatch.lab import Daemon
 from topowatch.netns import Namespace, namespaces, veth
 
 pytestmark = [pytest.mark.netns]
@@ -290,6 +291,24 @@ def test_strict_rp_filter_pins_the_input_interface(gateway: Gateway) -> None:
     plan = gateway.plan()
     assert verdict(plan, "10.77.0.3", 5060) == kernel_verdict(old, fresh) == "stale", plan
     assert verdict(plan, "10.77.0.3", 41000) == "healthy", plan
+
+
+def test_daemon_reacts_to_rp_filter_becoming_strict(gateway: Gateway) -> None:
+    """rp_filter off: the masqueraded entry might have entered on an uplink. Made strict (a netconf
+    event), it can only have entered on lan, where the SNAT now applies: the daemon deletes it."""
+    gateway.rp_filter(0)
+    old, fresh = masquerade_then_iif_snat(gateway)
+    assert verdict(gateway.plan(), "10.77.0.3", 5060) == "healthy"
+    with Daemon(gateway.gw, "--debounce", "0.2", "--no-startup-sweep", "--no-dbus") as daemon:
+        assert daemon.wait_for("ready") is not None, daemon.lines
+        gateway.gw.run("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")
+        assert daemon.wait_for("reaction 1 (") is not None, daemon.lines
+        assert daemon.stop() == 0, daemon.lines
+    assert any("deleted udp 10.77.0.3:5060" in line for line in daemon.lines), daemon.lines
+    assert any("rp_filter" in line for line in daemon.lines), daemon.lines
+    assert kernel_verdict(old, fresh) == "stale"
+    remaining = {(str(e.orig.src), e.orig.sport) for e in gateway.entries()}
+    assert ("10.77.0.3", 5060) not in remaining and ("10.77.0.3", 41000) in remaining
 
 
 @pytest.mark.parametrize("rp_filter", [0, 2], ids=["rp_filter-off", "rp_filter-loose"])
