@@ -186,11 +186,15 @@ class Reaction:
     logged_only: int = 0
     # Why nothing was decided (no ruleset read yet), or None for a reaction that decided.
     skipped: str | None = None
+    # False for a reaction whose change could re-NAT no flow: it made no conntrack dump.
+    dumped: bool = True
 
     def summary(self) -> str:
         p = self.plan
         if self.skipped is not None:
             action = f"NOTHING DECIDED: {self.skipped}, nothing deleted"
+        elif not self.dumped:
+            action = f"{'; '.join(p.notes)}, nothing deleted"
         elif self.refused:
             action = f"REFUSED: {len(p.stale)} stale exceeds the cap, nothing deleted"
         elif self.dry_run:
@@ -203,6 +207,8 @@ class Reaction:
                 action += f", {self.deleted.failed} failed"
         if self.logged_only:
             action += f", {self.logged_only} logged only"
+        if self.dumped and self.skipped is None and p.notes:
+            action += f" ({'; '.join(p.notes)})"
         phases = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.timings.items())
         return (
             f"reaction {self.number} ({self.trigger}, {self.events} event(s); policy {self.policies}): "
@@ -223,6 +229,7 @@ class Reaction:
             "undecided": len(p.undecided), "logged_only": self.logged_only, "refused": self.refused,
             "dry_run": self.dry_run, "latency_ms": round(self.latency * 1000, 3),
             "timings": {k: round(v * 1000, 3) for k, v in self.timings.items()}, "skipped": self.skipped,
+            "dumped": self.dumped,
         }  # fmt: skip
 
 
@@ -390,8 +397,6 @@ class Reactor:
         def bound(fib: Fib, flow: Flow) -> Prediction:
             return predictor(ruleset, fib, flow)
 
-        fib_now, fib_before = Fib(t1), Fib(self.t0) if self.t0 is not None else None
-        sport_matters = self._mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies)
         # A full judgement, or only the flows this change can re-NAT (``core.impact``).
         why_full = self._why_full(burst, ruleset, policy)
         scope: Impact | None = None
@@ -404,6 +409,8 @@ class Reactor:
             return self._record(self._unchanged(burst, t1, selection, scope, start=start, timings=timings,
                                                 ruleset=ruleset, policy=policy), selection)  # fmt: skip
 
+        fib_now, fib_before = Fib(t1), Fib(self.t0) if self.t0 is not None else None
+        sport_matters = self._mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies)
         mark = clock()
         classifier = Classifier.build(
             [t for t in (self.t0, t1) if t is not None], [ruleset], eligibility, sport_matters=sport_matters
@@ -513,6 +520,7 @@ class Reactor:
             latency=trio.current_time() - (burst.first if burst.count else start),
             timings=timings,
             policies=selection.names(),
+            dumped=False,
         )
 
     def _undecided(

@@ -100,3 +100,26 @@ def test_the_snapshot_is_kept_until_something_changes() -> None:
     assert state.snapshot() is first
     assert state.apply("route", True, R2, NLM_F_REPLACE)
     assert state.snapshot() is not first
+
+
+def test_changed_routes_equals_set_difference_on_snapshots_that_share_objects() -> None:
+    import random
+
+    from topowatch.core.model import changed_routes
+
+    pool = [Route(ip_network(f"10.{i}.0.0/16")) for i in range(60)]
+    rng = random.Random(7)
+    for _ in range(2000):
+        a = [r for r in pool if rng.random() < 0.5]
+        b = list(a)
+        for _ in range(rng.randrange(5)):
+            op = rng.random()
+            fresh = [r for r in pool if r not in b]
+            if op < 0.3 and b:
+                b.pop(rng.randrange(len(b)))
+            elif op < 0.6 and fresh:
+                b.insert(rng.randrange(len(b) + 1), rng.choice(fresh))
+            elif b:  # the same value, another object (a dump): equal, so unchanged
+                i = rng.randrange(len(b))
+                b[i] = Route(ip_network(str(b[i].dst)))
+        assert changed_routes(a, b) == (set(a) - set(b), set(b) - set(a))

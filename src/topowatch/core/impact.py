@@ -5,7 +5,9 @@ the routes of the tables rules reach, links, addresses) and the xfrm state.
 Comparing the previous and the current topology, per address family:
 
 - a family without a NAT chain at any hook cannot be re-NATed by anything:
-  its changes do not count;
+  its changes do not count (an entry that carries NAT from an earlier
+  ruleset was judged by the full judgement that followed the ruleset
+  change; one left undecided then stays so until the next full one);
 - rules, xfrm policies or states, addresses, or links (other than their
   carrier, which the FIB does not read: a link without carrier keeps its
   routes) changed: any flow of the family may be NATed differently; so for
@@ -25,7 +27,7 @@ pure; it decides nothing about entries (``core.decide`` judges them).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
@@ -37,9 +39,9 @@ from topowatch.core.model import (
     TABLE_MAIN,
     TABLE_UNSPEC,
     IPNetwork,
-    Route,
     RuleAction,
     Topology,
+    changed_routes,
 )
 from topowatch.core.nat import Hook, NatRuleset
 
@@ -122,6 +124,20 @@ def _dnat_targets(value: object, depth: int = 0) -> Iterator[tuple[int, int, int
             yield from _dnat_targets(getattr(value, f.name), depth + 1)
 
 
+_TARGETS: list[tuple[NatRuleset, tuple[tuple[int, int, int], ...]]] = []
+
+
+def _targets_of(ruleset: NatRuleset) -> tuple[tuple[int, int, int], ...]:
+    """``_dnat_targets``, remembered for the last rulesets (a ruleset is read again only on change)."""
+    for seen, targets in _TARGETS:
+        if seen is ruleset:
+            return targets
+    found = tuple(_dnat_targets(ruleset))
+    _TARGETS.insert(0, (ruleset, found))
+    del _TARGETS[4:]
+    return found
+
+
 def _addresses_in(value: object, depth: int = 0) -> Iterator[tuple[int, int, int]]:
     if depth > 50:
         return
@@ -153,6 +169,7 @@ def impact(before: Topology, now: Topology, ruleset: NatRuleset) -> Impact:
     if AF_INET in families and netconf0 != netconf1:
         return Impact(everything=True, why="reverse-path filtering changed")
     prefixes: list[IPNetwork] = []
+    gone, came = changed_routes(before.routes, now.routes)
     for family in sorted(families):
         rules0 = [r for r in before.rules if r.family == family]
         rules1 = [r for r in now.rules if r.family == family]
@@ -165,13 +182,11 @@ def impact(before: Topology, now: Topology, ruleset: NatRuleset) -> Impact:
         ]:
             return Impact(everything=True, why="addresses changed")
         tables = _reached_tables(now, family)
-        routes0 = {r for r in before.routes if r.family == family and r.table in tables}
-        routes1 = {r for r in now.routes if r.family == family and r.table in tables}
-        prefixes.extend(r.dst for r in routes0 ^ routes1)
+        prefixes.extend(r.dst for r in (*gone, *came) if r.family == family and r.table in tables)
     if not prefixes:
         return NOTHING
     unique = tuple(sorted(set(prefixes), key=lambda n: (n.version, int(n.network_address), n.prefixlen)))
-    for version, lo, hi in _dnat_targets(ruleset):
+    for version, lo, hi in _targets_of(ruleset):
         if version == 0:
             return Impact(everything=True, why="a DNAT target cannot be read")
         for net in unique:
@@ -179,7 +194,3 @@ def impact(before: Topology, now: Topology, ruleset: NatRuleset) -> Impact:
                 return Impact(everything=True, why=f"a DNAT target lies in {net}")
     return Impact(prefixes=unique)
 
-
-def changed_routes(before: Iterable[Route], now: Iterable[Route]) -> set[Route]:
-    """Routes in one snapshot and not the other."""
-    return set(before) ^ set(now)
