@@ -186,3 +186,9 @@ def test_predict_is_unknown_where_one_candidate_is() -> None:
     routes = (*MAIN, Route(ip_network("8.8.8.0/24"), table=100, type=RouteType.MULTICAST))
     p = predict(MASQ_RULESET, Fib(topo(conf(0), routes, rules)), flow("192.168.1.50"))
     assert isinstance(p.snat, Unknown) and p.snat.reason.startswith("arriving on lte: ")
+
+
+def test_receiving_links_read_the_settings_as_reverse_path_does() -> None:
+    t = topo((*conf(1, lan=2), Netconf("wan", 0, src_valid_mark=True)))
+    got = {link.name: mode for link, mode in Fib(t)._receiving_links()}
+    assert got == {name: t.reverse_path(name) for name in ("wan", "lan", "lte")}  # lo and down links left out

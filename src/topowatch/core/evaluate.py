@@ -894,7 +894,9 @@ def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
     candidates, why = found
     if len(candidates) == 1:
         return _predict_via(ruleset, fib, flow, candidates[0])
-    names = ", ".join(c.ifname for c in candidates)
+    names = ", ".join(c.ifname for c in candidates[:8])
+    if len(candidates) > 8:
+        names += f" and {len(candidates) - 8} more"
     ingress = Unknown(f"any of {names} ({why})")
     if not reads_iif(ruleset, fib):
         return replace(_predict_via(ruleset, fib, flow, candidates[0]), ingress=ingress)
