@@ -192,3 +192,13 @@ def test_receiving_links_read_the_settings_as_reverse_path_does() -> None:
     t = topo((*conf(1, lan=2), Netconf("wan", 0, src_valid_mark=True)))
     got = {link.name: mode for link, mode in Fib(t)._receiving_links()}
     assert got == {name: t.reverse_path(name) for name in ("wan", "lan", "lte")}  # lo and down links left out
+
+
+def test_an_rp_filter_change_can_renat_any_ipv4_flow() -> None:
+    from topowatch.core.impact import impact
+
+    rs = iif_snat_ruleset()
+    assert impact(topo(conf(0)), topo(conf(0)), rs).none
+    changed = impact(topo(conf(0)), topo(conf(1)), rs)
+    assert changed.everything and "reverse-path" in changed.why
+    assert impact(topo(conf(0)), topo(conf(1)), NatRuleset()).none  # no NAT: nothing to re-NAT
