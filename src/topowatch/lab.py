@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The namespace lab: a gateway whose uplink changes, flows that get stuck, topowatch fixing them.
 
 Topology (every namespace created here, removed at the end):
@@ -27,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -353,9 +354,9 @@ def thread_switches(pid: int) -> dict[int, int]:
 class Daemon:
     """``topowatch run`` in a namespace, its log read line by line."""
 
-    def __init__(self, ns: Namespace, *args: str) -> None:
+    def __init__(self, ns: Namespace, *args: str, prefix: Sequence[str] = ()) -> None:
         self.proc = ns.popen(
-            [sys.executable, "-m", "topowatch", "run", *args],
+            [*prefix, sys.executable, "-m", "topowatch", "run", *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

@@ -1,6 +1,11 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Log records: journald-friendly text by default, one JSON object per line on request.
 
-Decides the format only; never filters what the rest of the program says.
+Decides the format only; never filters what the rest of the program says. Every
+text record is one line whatever it quotes: control characters and bytes that
+were not UTF-8 (an interface name, a rule, a file name) are escaped
+(``topowatch.text.escape``), so outside input can neither forge a line nor
+send terminal escapes; JSON records are escaped by JSON itself.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ import json
 import logging
 import sys
 import time
+
+from topowatch.text import escape
 
 JOURNALD_PRIORITY = {
     logging.DEBUG: 7,
@@ -30,6 +37,7 @@ class TextFormatter(logging.Formatter):
         message = record.getMessage()
         if record.exc_info and record.levelno >= logging.ERROR:
             message += " (" + repr(record.exc_info[1]) + ")"
+        message = escape(message)
         if self.journald:
             return f"<{JOURNALD_PRIORITY.get(record.levelno, 6)}>{message}"
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Read the iptables nat tables (nft and legacy, IPv4 and IPv6) into the same ``NatRuleset`` as nftables.
 
 What this module decides: which nat chains iptables contributes to the
@@ -86,10 +87,11 @@ from topowatch.core.nat import (
 )
 from topowatch.edges.nft import read_ruleset, run_ruleset_tool
 from topowatch.errors import MissingTool, PermissionDenied, RulesetError
+from topowatch.text import run_tool, undecodable
 
 log = logging.getLogger("topowatch.iptables")
 
-SAVE_TIMEOUT = 30.0
+SAVE_TIMEOUT = 15.0  # as nft.NFT_TIMEOUT: a hanging tool fails its read, not the daemon
 LEGACY_TABLE = "nat[legacy]"
 
 # Base chains of the nat table: hook and priority (NF_IP_PRI_NAT_DST / NF_IP_PRI_NAT_SRC).
@@ -163,6 +165,11 @@ def parse_ipset_save(text: str) -> dict[str, IpSet]:
 # Values
 
 
+def _number(word: str) -> bool:
+    """ASCII digits that ``int()`` reads (``str.isdigit`` also takes "²", and int() refuses 5,000 digits)."""
+    return word.isascii() and word.isdigit() and len(word) <= 20
+
+
 def _int(text: str) -> int:
     try:
         return int(text, 0)
@@ -182,19 +189,19 @@ def _proto(text: str) -> int | None:
         return None
     if word in _PROTOS:
         return _PROTOS[word]
-    if word.isdigit() and int(word) <= 0xFF:
+    if _number(word) and int(word) <= 0xFF:
         return int(word)
     raise _NotModelled(f"-p {text}")
 
 
 def _port(text: str) -> int:
-    if text.isdigit() and int(text) <= 0xFFFF:
+    if _number(text) and int(text) <= 0xFFFF:
         return int(text)
     try:
         import socket
 
         return socket.getservbyname(text)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL or a surrogate in the name
         raise _NotModelled(f"port {text!r}") from exc
 
 
@@ -824,7 +831,7 @@ def _strip_command(tokens: list[str]) -> tuple[str | None, list[str]]:
             table = tokens[i + 1]
             i += 2
         elif tokens[i] in ("-w", "--wait", "-W", "--wait-interval") and i + 1 < len(tokens) \
-                and tokens[i + 1].isdigit():
+                and _number(tokens[i + 1]):
             i += 2
         elif tokens[i] in ("-w", "--wait"):
             i += 1
@@ -860,6 +867,9 @@ def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
             tokens = [word.strip("'\"") for word in line.split()]
         if tokens and tokens[0].startswith("[") and tokens[0].endswith("]"):
             tokens = tokens[1:]  # iptables-save -c counters
+        if unreadable is None and _undecodable(tokens):
+            problems.append(f"line {number}: bytes that are not UTF-8")
+            unreadable = "bytes that are not UTF-8 (the rule cannot be read reliably)"
         command_table, tokens = _strip_command(tokens)
         if command_table is not None:
             in_nat = command_table == kind
@@ -874,7 +884,7 @@ def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
             if head in ("-A", "--append"):
                 table.lines[tokens[1]].append(marker)
             else:
-                pos = int(tokens[2]) if len(tokens) > 2 and tokens[2].isdigit() else 1
+                pos = int(tokens[2]) if len(tokens) > 2 and _number(tokens[2]) else 1
                 table.lines[tokens[1]].insert(pos - 1, marker)
         elif unreadable is not None and head in ("-F", "--flush", "-P", "--policy"):
             names = [tokens[1]] if len(tokens) > 1 else [*table.bases, *table.user]
@@ -900,7 +910,7 @@ def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
             table.add_chain(tokens[1])
             rest = tokens[2:]
             pos = 1
-            if rest and rest[0].isdigit():
+            if rest and _number(rest[0]):
                 pos, rest = int(rest[0]), rest[1:]
             table.lines[tokens[1]].insert(pos - 1, rest)
         elif head in ("-F", "--flush"):
@@ -916,6 +926,12 @@ def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
         else:
             problems.append(f"line {number}: not modelled: {head}")
     return table, problems
+
+
+def _undecodable(tokens: list[str]) -> bool:
+    """Does a token other than a ``--comment`` text hold bytes that were not UTF-8 (``text.decode``)?"""
+    return any(undecodable(token) for i, token in enumerate(tokens)
+               if not (i and tokens[i - 1] == "--comment"))
 
 
 def _quote(token: str) -> str:
@@ -1048,7 +1064,7 @@ Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=SAVE_TIMEOUT)
+    return run_tool(argv, timeout=SAVE_TIMEOUT)
 
 
 def _save(tool: str, runner: Runner, table: str = "nat") -> str:
@@ -1281,9 +1297,9 @@ def read_all(
     return RulesetRead(ruleset, tuple(problems), tuple(sources), frozenset(sets), ipsets)
 
 
-def read_all_logged(nft: str = "nft") -> RulesetRead:
+def read_all_logged(nft: str = "nft", read_nft: Callable[[str], NatRuleset] | None = None) -> RulesetRead:
     """``read_all``, each problem logged as a warning (what ``KernelBackend`` reads)."""
-    result = read_all(nft)
+    result = read_all(nft, read_nft=read_nft)
     for problem in result.problems:
         log.warning("ruleset: %s", problem)
     return result
