@@ -200,5 +200,5 @@ def test_an_rp_filter_change_can_renat_any_ipv4_flow() -> None:
     rs = iif_snat_ruleset()
     assert impact(topo(conf(0)), topo(conf(0)), rs).none
     changed = impact(topo(conf(0)), topo(conf(1)), rs)
-    assert changed.everything and "reverse-path" in changed.why
+    assert changed.everything and "netconf" in changed.why
     assert impact(topo(conf(0)), topo(conf(1)), NatRuleset()).none  # no NAT: nothing to re-NAT

@@ -11,8 +11,9 @@ Comparing the previous and the current topology, per address family:
   change; one left undecided then stays so until the next full one);
 - rules, xfrm policies or states, addresses, or links (other than their
   carrier, which the FIB does not read: a link without carrier keeps its
-  routes) changed: any flow of the family may be NATed differently; so for
-  IPv4 when rp_filter or src_valid_mark changed (``Fib.ingresses``);
+  routes) changed: any flow of the family may be NATed differently; so
+  when anything else a snapshot carries changed (xfrm, rp_filter: which
+  interfaces a flow may have entered on, ``Fib.ingresses``);
 - otherwise only routes changed, and only those in a table some rule
   reaches (the default rules reach local, main and default): a flow can
   change only if its source or destination lies in the prefix of such a
@@ -168,10 +169,6 @@ def impact(before: Topology, now: Topology, ruleset: NatRuleset) -> Impact:
             return Impact(everything=True, why=f"{f.name.replace('_', ' ')} changed")
     if _links(before) != _links(now):
         return Impact(everything=True, why="links changed")
-    # rp_filter and src_valid_mark say which interfaces an IPv4 flow may have entered on.
-    netconf0, netconf1 = (before.netconf_known, set(before.netconf)), (now.netconf_known, set(now.netconf))
-    if AF_INET in families and netconf0 != netconf1:
-        return Impact(everything=True, why="reverse-path filtering changed")
     prefixes: list[IPNetwork] = []
     gone, came = changed_routes(before.routes, now.routes)
     for family in sorted(families):
