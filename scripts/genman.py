@@ -130,13 +130,15 @@ def topowatch_8() -> str:
         esc("Logs go to stderr: journald priority prefixes under systemd, timestamps on a terminal. "
             "With --log-format json every record is one JSON object per line; each reaction is exactly "
             "one record with the fields event (\"reaction\"), trigger, events, change, examined, eligible, "
-            "stale, deleted, undecided, latency_ms and timings."),
+            "stale, deleted, kept_replied, kept_changed, recheck_window_p99_ms, undecided, latency_ms "
+            "and timings."),
         ".PP",
         esc("run --metrics-listen HOST:PORT serves Prometheus metrics at http://HOST:PORT/metrics; "
             "--metrics-textfile PATH writes them for node_exporter's textfile collector (atomic rename). "
             "Metrics: topowatch_reactions_total{result}, topowatch_entries_examined_total, "
             "topowatch_entries_eligible_total, topowatch_entries_stale_total, "
             "topowatch_entries_undecided_total, topowatch_entries_deleted_total, "
+            "topowatch_entries_kept_total{reason} (kept by the re-check just before the delete), "
             "topowatch_reaction_latency_seconds (histogram), topowatch_conntrack_entries, "
             "topowatch_conntrack_max, topowatch_conntrack_fill_ratio, topowatch_errors_total{kind}, "
             "topowatch_last_reaction_timestamp_seconds, topowatch_pressure_high, "

@@ -150,7 +150,7 @@ async def _audit(
 ) -> int:
     from topowatch.edges.kernel import KernelBackend
     from topowatch.policy import load_policies
-    from topowatch.reactor import plan_once
+    from topowatch.reactor import plan_once, still_stale
     from topowatch.report import plan_json, plan_text
 
     selection = load_policies(rules_dirs).select([("request", None)])
@@ -170,7 +170,7 @@ async def _audit(
             raise TopowatchError(
                 f"{len(to_delete)} stale entries exceed the cap of {cap} deletions; nothing deleted"
             )
-        result = await backend.delete(to_delete)
+        result = await backend.delete(to_delete, still_stale(selection))
         deleted = result.deleted
         for decision in plan.stale:
             if selection.flushes(decision.entry):
@@ -331,14 +331,14 @@ async def _run_daemon(args: argparse.Namespace) -> int:
                             pressure.policy_changed()
                         continue
                     log.info("received %s: stopping", signal.Signals(signum).name)
-                    notifier.stopping(f"stopping after {len(reactor.reactions)} reaction(s)")
+                    notifier.stopping(f"stopping after {reactor.totals.reactions} reaction(s)")
                     nursery.cancel_scope.cancel()
                     return
 
             nursery.start_soon(wait_signal)
             # Stop (releasing the bus name) once `ip netns del` took this namespace's name away.
             nursery.start_soon(guard.stop_when_gone, nursery.cancel_scope)
-    log.info("stopped after %d reaction(s)", len(reactor.reactions))
+    log.info("stopped after %d reaction(s)", reactor.totals.reactions)
     return 0
 
 

@@ -139,6 +139,11 @@ class Metrics:
         self.undecided = Counter("topowatch_entries_undecided", "Entries that could not be judged",
                                  registry=r)
         self.deleted = Counter("topowatch_entries_deleted", "Stale entries deleted", registry=r)
+        self.kept = Counter("topowatch_entries_kept", "Stale entries the re-check before the delete kept "
+                            "(replied: a reply came after the dump; changed: otherwise no longer admitted)",
+                            ["reason"], registry=r)
+        for reason in ("replied", "changed"):
+            self.kept.labels(reason)
         self.latency = Histogram("topowatch_reaction_latency_seconds",
                                  "From the first event of a burst to the last delete",
                                  buckets=LATENCY_BUCKETS, registry=r)
@@ -180,6 +185,8 @@ class Metrics:
         self.stale.inc(len(plan.stale))
         self.undecided.inc(len(plan.undecided))
         self.deleted.inc(reaction.deleted.deleted)
+        self.kept.labels("replied").inc(reaction.deleted.kept_replied)
+        self.kept.labels("changed").inc(reaction.deleted.kept_changed)
         self._delete_failures += reaction.deleted.failed
         self.latency.observe(reaction.latency)
         self.last.set(time.time())

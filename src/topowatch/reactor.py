@@ -21,6 +21,11 @@ Rules:
   each reaction retries the read, and T0 stays the last snapshot a decision
   was made against, so the changes meanwhile are judged once a ruleset is read;
 - more stale entries than the cap: nothing is deleted, the refusal is logged;
+- an entry is deleted only if, re-read just before its delete, it is still the
+  entry judged and still eligible (``Backend.delete`` re-checks with the
+  condition given): one replied to since the dump is kept, and counted;
+- memory stays bounded: the last ``HISTORY`` reactions are kept, and only the
+  latest with its per-entry lists; totals over the daemon's life are counters;
 - a ruleset change that arrives during a reaction (a "ruleset" trigger after
   the read, or the backend's word that the kernel's ruleset generation moved,
   for a commit whose event is still in flight) means its decisions may rest
@@ -37,15 +42,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import trio
 
 from topowatch.core.classify import Classifier
-from topowatch.core.conntrack import Entry
+from topowatch.core.conntrack import Entry, Reread
 from topowatch.core.decide import Decider, EntryBuilder, FlushPlan, decide, mentions_sport
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.evaluate import predict
@@ -65,6 +70,9 @@ ENTRY_LOG_LIMIT = 20
 # only of these keeps the ruleset read before, if the backend reports ruleset
 # changes as triggers (``ruleset_events``); anything else re-reads it.
 TOPOLOGY_KINDS = frozenset({"link", "address", "route", "rule", "xfrm"})
+# Reactions kept for status and tests; only the latest keeps its per-entry lists.
+HISTORY = 64
+BRIEF_LINES = 8
 # Rules from which walking a ruleset is left to a worker thread (about 40 us a rule).
 LARGE_RULESET = 2000
 # The longest wait before a failed reaction is tried again.
@@ -94,6 +102,16 @@ class DeleteCounts:
     failed: int = 0
     elapsed: float = 0.0
     errors: tuple[str, ...] = ()
+    # Kept by the re-check before the delete: replied to since the dump, or otherwise no longer admitted.
+    kept_replied: int = 0
+    kept_changed: int = 0
+    # The 99th percentile over delete batches of the time from re-reading a batch to its delete
+    # being done (the window a reply can still slip through), None when nothing was deleted.
+    window_p99: float | None = None
+
+
+# What ``Backend.delete`` asks of each entry re-read just before its delete: (as dumped, as now).
+StillStale = Callable[[Entry, Reread], bool]
 
 
 class EventSource(Protocol):
@@ -115,7 +133,10 @@ class Backend(Protocol):
 
     async def entries(self, eligibility: Eligibility) -> list[Entry]: ...
 
-    async def delete(self, entries: Sequence[Entry]) -> DeleteCounts: ...
+    async def delete(self, entries: Sequence[Entry], still: StillStale) -> DeleteCounts:
+        """Delete the entries that, re-read just before their delete, are the entries dumped
+        (same id) and for which ``still(dumped, now)`` holds; count the others as kept."""
+        ...
 
     # Optional, looked up with getattr (fakes may leave them out):
     # - ``ruleset_events: bool``: ruleset changes arrive as "ruleset" triggers
@@ -148,6 +169,48 @@ def plan_once(
         sport_matters=sport_matters,
         classifier=Classifier.build([topology], [ruleset], eligibility, sport_matters=sport_matters),
     )
+
+
+def still_stale(selection: Selection) -> StillStale:
+    """The re-check before each delete: the entry as it is now is still eligible and flushed.
+
+    Under the default eligibility (UNREPLIED only) a reply since the dump
+    keeps the entry; under a policy that admits replied entries, the
+    reply changes nothing the judgement read, and eligibility is asked again.
+    """
+    eligibility = selection.eligibility
+    every_flushes = all(p.action is Action.FLUSH for p in selection.policies)
+
+    def still(dumped: Entry, now: Reread) -> bool:
+        entry = now.applied(dumped)
+        return eligibility.admits(entry) and (every_flushes or selection.flushes(entry))
+
+    return still
+
+
+@dataclass(slots=True)
+class ReactionTotals:
+    """Sums over every reaction of the daemon's life (the history keeps only the last ``HISTORY``)."""
+
+    reactions: int = 0
+    deleted: int = 0
+    already_gone: int = 0
+    failed: int = 0
+    refused: int = 0
+    stale: int = 0
+    undecided: int = 0
+    kept_replied: int = 0
+
+    def add(self, reaction: Reaction) -> None:
+        d = reaction.deleted
+        self.reactions += 1
+        self.deleted += d.deleted
+        self.already_gone += d.already_gone
+        self.failed += d.failed
+        self.refused += reaction.refused
+        self.stale += reaction.stale_count
+        self.undecided += reaction.undecided_count
+        self.kept_replied += d.kept_replied
 
 
 class _PhaseTimings(dict[str, float]):
@@ -203,7 +266,7 @@ class Burst:
 
 @dataclass(frozen=True, slots=True)
 class Reaction:
-    """What one reaction did; logged as one line and kept for status/tests."""
+    """What one reaction did; logged as one line and kept (``brief`` once older) for status/tests."""
 
     number: int
     trigger: str
@@ -219,25 +282,53 @@ class Reaction:
     logged_only: int = 0
     # Why nothing was decided (no ruleset read yet), or None for a reaction that decided.
     skipped: str | None = None
+    # (stale, undecided) of a ``brief`` whose plan lists were dropped; None: the plan has them.
+    counts: tuple[int, int] | None = None
     # False for a reaction whose change could re-NAT no flow: it made no conntrack dump.
     dumped: bool = True
 
+    @property
+    def stale_count(self) -> int:
+        return self.counts[0] if self.counts is not None else len(self.plan.stale)
+
+    @property
+    def undecided_count(self) -> int:
+        return self.counts[1] if self.counts is not None else len(self.plan.undecided)
+
+    def brief(self) -> Reaction:
+        """This reaction without its per-entry lists and with at most ``BRIEF_LINES`` change lines."""
+        if self.counts is not None:
+            return self
+        lines = self.change.lines
+        if len(lines) > BRIEF_LINES:
+            lines = (*lines[: BRIEF_LINES - 1], f"... {len(lines) - BRIEF_LINES + 1} more changes")
+        return replace(self, plan=replace(self.plan, stale=(), undecided=()), change=TopologyChange(lines),
+                       counts=(len(self.plan.stale), len(self.plan.undecided)))
+
     def summary(self) -> str:
         p = self.plan
+        stale = self.stale_count
         if self.skipped is not None:
             action = f"NOTHING DECIDED: {self.skipped}, nothing deleted"
         elif not self.dumped:
             action = f"{'; '.join(p.notes)}, nothing deleted"
         elif self.refused:
-            action = f"REFUSED: {len(p.stale)} stale exceeds the cap, nothing deleted"
+            action = f"REFUSED: {stale} stale exceeds the cap, nothing deleted"
         elif self.dry_run:
-            action = f"dry run, {len(p.stale)} would be deleted"
+            action = f"dry run, {stale} would be deleted"
         else:
-            action = f"{self.deleted.deleted} deleted"
-            if self.deleted.already_gone:
-                action += f", {self.deleted.already_gone} already gone"
-            if self.deleted.failed:
-                action += f", {self.deleted.failed} failed"
+            d = self.deleted
+            action = f"{d.deleted} deleted"
+            if d.already_gone:
+                action += f", {d.already_gone} already gone"
+            if d.kept_replied:
+                action += f", {d.kept_replied} kept: replied since the dump"
+            if d.kept_changed:
+                action += f", {d.kept_changed} kept: changed since the dump"
+            if d.failed:
+                action += f", {d.failed} failed"
+            if d.window_p99 is not None:
+                action += f", re-check window p99 {d.window_p99 * 1000:.2f} ms"
         if self.logged_only:
             action += f", {self.logged_only} logged only"
         if self.dumped and self.skipped is None and p.notes:
@@ -246,8 +337,8 @@ class Reaction:
         return (
             f"reaction {self.number} ({self.trigger}, {self.events} event(s); policy {self.policies}): "
             f"{self.change.summary()} | "
-            f"examined {p.examined}, eligible {p.eligible}, stale {len(p.stale)}, "
-            f"undecided {len(p.undecided)}, {action} | "
+            f"examined {p.examined}, eligible {p.eligible}, stale {stale}, "
+            f"undecided {self.undecided_count}, {action} | "
             f"{self.latency * 1000:.0f} ms from first event to last delete ({phases})"
         )
 
@@ -257,9 +348,12 @@ class Reaction:
         return {
             "event": "reaction", "reaction": self.number, "trigger": self.trigger, "events": self.events,
             "change": self.change.summary(), "policies": self.policies, "examined": p.examined,
-            "eligible": p.eligible, "stale": len(p.stale), "deleted": self.deleted.deleted,
+            "eligible": p.eligible, "stale": self.stale_count, "deleted": self.deleted.deleted,
             "already_gone": self.deleted.already_gone, "failed": self.deleted.failed,
-            "undecided": len(p.undecided), "logged_only": self.logged_only, "refused": self.refused,
+            "kept_replied": self.deleted.kept_replied, "kept_changed": self.deleted.kept_changed,
+            "recheck_window_p99_ms": None if self.deleted.window_p99 is None
+            else round(self.deleted.window_p99 * 1000, 3),
+            "undecided": self.undecided_count, "logged_only": self.logged_only, "refused": self.refused,
             "dry_run": self.dry_run, "latency_ms": round(self.latency * 1000, 3),
             "timings": {k: round(v * 1000, 3) for k, v in self.timings.items()}, "skipped": self.skipped,
             "dumped": self.dumped,
@@ -287,7 +381,11 @@ class Reactor:
         self.lock = trio.Lock()
         self.t0: Topology | None = None
         self.ruleset: NatRuleset | None = None
+        # The last HISTORY reactions, oldest first; all but the latest are ``brief``.
         self.reactions: list[Reaction] = []
+        self.totals = ReactionTotals()
+        # Fault injection for tests only: awaited between judging and deleting, with the entries to delete.
+        self.before_delete: Callable[[Sequence[Entry]], Awaitable[None]] | None = None
         self.source_restarts = 0
         self.errors: dict[str, int] = {}  # by kind: reaction, source, ruleset (metrics read it)
         self.busy_since: float | None = None  # when the current reaction began (the watchdog reads it)
@@ -521,8 +619,10 @@ class Reactor:
                 undecided = self._undecided(burst, t1, selection, swapped, start=start, timings=timings)
                 return self._record(undecided, selection)
         if to_delete and not refused and not self.config.dry_run:
+            if self.before_delete is not None:
+                await self.before_delete(to_delete)
             mark = clock()
-            deleted = await self.backend.delete(to_delete)
+            deleted = await self.backend.delete(to_delete, still_stale(selection))
             timings["delete"] = clock() - mark
             timings["window"] = clock() - dumped
         self.t0 = t1
@@ -535,7 +635,7 @@ class Reactor:
         if scope is not None and not scope.everything:
             plan = dataclasses.replace(plan, notes=(*plan.notes, f"judged only {scope.describe()}"))
         reaction = Reaction(
-            number=len(self.reactions) + 1,
+            number=self.totals.reactions + 1,
             trigger=", ".join(burst.lines) or "request",
             events=burst.count,
             change=change,
@@ -591,7 +691,7 @@ class Reactor:
         self.judged_all = True
         self._judged_under = (ruleset, policy)
         return Reaction(
-            number=len(self.reactions) + 1,
+            number=self.totals.reactions + 1,
             trigger=", ".join(burst.lines) or "request",
             events=burst.count,
             change=change,
@@ -613,7 +713,7 @@ class Reactor:
         """A reaction that decides nothing (``why``); T0 stays, so these changes are judged later."""
         change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
         return Reaction(
-            number=len(self.reactions) + 1,
+            number=self.totals.reactions + 1,
             trigger=", ".join(burst.lines) or "request",
             events=burst.count,
             change=change,
@@ -628,7 +728,11 @@ class Reactor:
         )
 
     def _record(self, reaction: Reaction, selection: Selection) -> Reaction:
+        if self.reactions:
+            self.reactions[-1] = self.reactions[-1].brief()  # only the latest keeps its entry lists
         self.reactions.append(reaction)
+        del self.reactions[:-HISTORY]
+        self.totals.add(reaction)
         self._log(reaction, selection)
         if self.on_reaction is not None:
             self.on_reaction(reaction)

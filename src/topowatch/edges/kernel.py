@@ -49,7 +49,7 @@ from topowatch.edges.sysctl import read_netconf
 from topowatch.edges.xfrm import XfrmSource
 from topowatch.edges.xfrm import probe as probe_xfrm
 from topowatch.errors import NetlinkError, PermissionDenied
-from topowatch.reactor import DeleteCounts, EventSource, Trigger
+from topowatch.reactor import DeleteCounts, EventSource, StillStale, Trigger
 
 log = logging.getLogger("topowatch.kernel")
 
@@ -315,18 +315,29 @@ class KernelBackend:
                 log.warning("dump: %d undecodable entries skipped", stats.decode_errors)
         return judged
 
-    async def delete(self, entries: Sequence[Entry]) -> DeleteCounts:
+    async def delete(self, entries: Sequence[Entry], still: StillStale) -> DeleteCounts:
+        """Re-read each batch just before deleting it (``Conntrack.delete_current``): ``reactor.Backend``."""
         ct = self._conntrack()
         start = time.monotonic()
-        result = await trio.to_thread.run_sync(ct.delete, list(entries))
+        result = await trio.to_thread.run_sync(ct.delete_current, list(entries), still)
         end = time.monotonic()
+        p99 = result.window_p99
         if self._dumped_at:
-            log.info("dump-to-delete window %.1f ms (%s)", (end - self._dumped_at) * 1000, result.describe())
+            log.info("dump-to-delete window %.1f ms, re-check-to-delete window p99 %s over %d batch(es) (%s)",
+                     (end - self._dumped_at) * 1000, "-" if p99 is None else f"{p99 * 1000:.2f} ms",
+                     len(result.windows), result.describe())
+        if result.kept_replied:
+            log.info("kept %d entries replied to since the dump (re-checked before the delete)",
+                     result.kept_replied)
         errors = tuple(f"{count} x {errno.errorcode.get(err, str(err))}" for err, count in result.errors)
         return DeleteCounts(
             deleted=result.deleted,
             already_gone=result.not_found,
-            failed=result.failed,
+            failed=result.failed + result.unchecked,
             elapsed=end - start,
-            errors=errors,
+            errors=errors + ((f"{result.unchecked} not re-checked (answers lost), kept",) if result.unchecked
+                             else ()),
+            kept_replied=result.kept_replied,
+            kept_changed=result.kept_changed,
+            window_p99=p99,
         )
