@@ -107,6 +107,16 @@ CASES = [
      frozenset({Binding(NatKind.MASQUERADE, ip_address("203.0.113.2"), None, 1024, 2047)}), False, False),
     ("flow dropped now", entry(), frozenset(), False, False),
     ("unknown, no T0", entry(), Unknown("xt match policy"), False, True),
+    # Late NAT: a side without its NAT_DONE bit never ran its NAT hook (no NAT chain then), and the
+    # kernel never NATs a confirmed entry later: a null binding, judged like any other.
+    ("no NAT hook ran, now masquerade", entry(status=IPS_CONFIRMED), frozenset({masq("203.0.113.2")}), True, False),
+    ("no SNAT hook ran, now masquerade", entry(status=IPS_CONFIRMED | IPS_DST_NAT_DONE),
+     frozenset({masq("203.0.113.2")}), True, False),
+    ("no NAT hook ran, still none", entry(status=IPS_CONFIRMED), frozenset({NO_NAT}), False, False),
+    ("no NAT hook ran, dropped now", entry(status=IPS_CONFIRMED), frozenset(), False, False),
+    ("no NAT hook ran, unknown, no T0", entry(status=IPS_CONFIRMED), Unknown("xt match policy"), False, True),
+    ("no NAT hook ran, tuples translated by hand", entry("100.64.0.2", status=IPS_CONFIRMED),
+     frozenset({masq("203.0.113.2")}), False, False),
 ]
 
 

@@ -11,8 +11,11 @@ bindings, read from its tuples:
 - prediction unknown (a rule or route we do not model): stale only if the
   flow's egress (route, oif, masquerade source) differs between T0 and T1,
   which needs the previous snapshot; otherwise **undecided**, never deleted;
-- the flow would be dropped now, or a NAT hook has not run on the entry:
-  nothing to fix on that side.
+- the flow would be dropped now: nothing to fix on that side.
+
+A side whose NAT hook never ran (no ``*_NAT_DONE`` bit: the entry predates
+every NAT chain of its family, and the kernel never NATs a confirmed entry
+later) is a null binding, judged like any other (``Entry.actual_snat``).
 
 Entries sharing a flow are decided once. Every stale or undecided entry
 carries a reason a person can read. This module never performs I/O and never
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from topowatch.core.classify import Classifier
-from topowatch.core.conntrack import ICMP_PROTOS, IPS_DST_NAT_DONE, IPS_SEEN_REPLY, IPS_SRC_NAT_DONE, Entry
+from topowatch.core.conntrack import ICMP_PROTOS, IPS_SEEN_REPLY, Entry
 from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility
 from topowatch.core.fib import Fib
 from topowatch.core.flow import Binding, Egress, Flow, Prediction, Unknown
@@ -114,7 +117,7 @@ def _side(
         original_port, translated_port = entry.orig.dport, entry.reply.sport
         what = "destination"
     if actual is None:
-        return None  # that NAT hook has not run on this entry
+        return None  # no NAT hook ran, yet the tuples differ (made by hand): nothing to judge
     if entry.proto in ICMP_PROTOS:
         translated_port = original_port
     if isinstance(predicted, Unknown):
@@ -264,29 +267,26 @@ class _Compiled:
 
 
 def _healthy(entry: Entry, compiled: _Compiled) -> bool:
-    """True when the entry is certainly left alone: every side known, run, and admitted."""
-    status = entry.status
+    """True when the entry is certainly left alone: every side known and admitted.
+
+    A side whose NAT hook never ran is read from its tuples like any other
+    (kept tuples: a null binding; see ``Entry.actual_snat``).
+    """
     orig, reply = entry.orig, entry.reply
-    if status & IPS_DST_NAT_DONE:
-        check = compiled.dnat
-        if check is None:
+    check = compiled.dnat
+    if check is None:
+        return False
+    if check:
+        port = orig.dport if entry.proto in ICMP_PROTOS else reply.sport
+        if reply.src.version != orig.dst.version or not _admitted(check, int(orig.dst), int(reply.src), port):
             return False
-        if check:
-            port = orig.dport if entry.proto in ICMP_PROTOS else reply.sport
-            if reply.src.version != orig.dst.version or not _admitted(
-                check, int(orig.dst), int(reply.src), port
-            ):
-                return False
-    if status & IPS_SRC_NAT_DONE:
-        check = compiled.snat
-        if check is None:
+    check = compiled.snat
+    if check is None:
+        return False
+    if check:
+        port = orig.sport if entry.proto in ICMP_PROTOS else reply.dport
+        if reply.dst.version != orig.src.version or not _admitted(check, int(orig.src), int(reply.dst), port):
             return False
-        if check:
-            port = orig.sport if entry.proto in ICMP_PROTOS else reply.dport
-            if reply.dst.version != orig.src.version or not _admitted(
-                check, int(orig.src), int(reply.dst), port
-            ):
-                return False
     return True
 
 
@@ -338,8 +338,8 @@ def _admitted_raw(check: _Check, original: bytes, translated: bytes, port: int) 
 
 # A raw key's checks as bytes, for a compiled scan (``edges/_ctscan.c``) to settle
 # entries of known keys without calling back: b"R" for a key the eligibility refuses;
-# else b"P", then the DNAT side, then the SNAT side, each a mode byte (0 unknown: judge
-# whenever the side's NAT ran; 1 no binding: never judged; 2 bindings), and for mode 2
+# else b"P", then the DNAT side, then the SNAT side, each a mode byte (0 unknown: always
+# judged; 1 no binding: never judged; 2 bindings, whether the side's NAT ran or not), and for mode 2
 # a count byte and per binding 37 bytes: flags (1 address range, 2 port range), lo and
 # hi as 16-byte big-endian integers, port lo and hi as 2-byte big-endian integers.
 # Exactly the checks of ``Decider.add_raw``; None where a value does not fit (the key
@@ -527,19 +527,17 @@ class Decider:
         if slot is _LEFT:
             return
         assert isinstance(slot, _Compiled)
-        if status & IPS_DST_NAT_DONE:
-            check = slot.dnat
-            if check is None or (
-                check and not _admitted_raw(check, odst, rsrc, odport if proto in ICMP_PROTOS else rsport)
-            ):
-                self._judge_raw(raw, key, slot)
-                return
-        if status & IPS_SRC_NAT_DONE:
-            check = slot.snat
-            if check is None or (
-                check and not _admitted_raw(check, osrc, rdst, osport if proto in ICMP_PROTOS else rdport)
-            ):
-                self._judge_raw(raw, key, slot)
+        check = slot.dnat
+        if check is None or (
+            check and not _admitted_raw(check, odst, rsrc, odport if proto in ICMP_PROTOS else rsport)
+        ):
+            self._judge_raw(raw, key, slot)
+            return
+        check = slot.snat
+        if check is None or (
+            check and not _admitted_raw(check, osrc, rdst, osport if proto in ICMP_PROTOS else rdport)
+        ):
+            self._judge_raw(raw, key, slot)
 
     def judge_raw(self, raw: RawEntry) -> None:
         """``add_raw`` for an entry of a known, admitted key whose checks already failed.
@@ -593,8 +591,8 @@ class Decider:
     ) -> _Judgement | None:
         """``_side``, reused across the flow key where the entry's side carries no NAT.
 
-        With that side's NAT hook run and no translation (address and port
-        kept), the judgement reads the entry only through its original
+        With no translation on that side (address and port kept; whether its NAT hook
+        ran or not), the judgement reads the entry only through its original
         address, which is part of the flow key, and its port, which no
         binding without a port range looks at. So when the prediction is
         known and has no port range, one judgement serves every such entry.
@@ -605,15 +603,12 @@ class Decider:
             # With classes the entry's own address is not part of the key: no reuse across it.
             return _side(entry, side, predicted, prediction, before, texts=compiled.texts)
         orig, reply = entry.orig, entry.reply
-        if side == "dnat":
-            done = entry.status & IPS_DST_NAT_DONE
-            if kept is None:
+        if kept is None:
+            if side == "dnat":
                 kept = reply.src == orig.dst and (entry.proto in ICMP_PROTOS or reply.sport == orig.dport)
-        else:
-            done = entry.status & IPS_SRC_NAT_DONE
-            if kept is None:
+            else:
                 kept = reply.dst == orig.src and (entry.proto in ICMP_PROTOS or reply.dport == orig.sport)
-        if not done or not kept:
+        if not kept:
             return _side(entry, side, predicted, prediction, before, texts=compiled.texts)
         try:
             return compiled.unnated[side]
