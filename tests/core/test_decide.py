@@ -913,7 +913,8 @@ def unknown_dnat(snat: frozenset[Binding]) -> Any:
 def test_a_side_whose_nat_has_not_run_lends_no_judgement_to_one_that_has(side: str, raw: bool) -> None:
     """Two untranslated entries of one key: the side's NAT not run on the first, run on the second.
 
-    Only the second carries a null binding there, stale against the prediction (the first has none).
+    Since late NAT is judged (issue 12: the kernel never NATs a confirmed entry afterwards), the
+    first is a null binding too: both are stale against the prediction, each by its own judgement.
     The other side is unknown, so both entries reach the reasoned judgement.
     """
     from topowatch.core.decide import Decider
@@ -934,7 +935,9 @@ def test_a_side_whose_nat_has_not_run_lends_no_judgement_to_one_that_has(side: s
             decider.add_raw(to_raw(e))
         else:
             decider.add(e)
-    assert [(d.entry.orig.sport, d.side, d.actual) for d in decider.plan().stale] == [(1001, side, NO_NAT)]
+    assert [(d.entry.orig.sport, d.side, d.actual) for d in decider.plan().stale] == [
+        (1000, side, NO_NAT), (1001, side, NO_NAT)
+    ]
 
 
 def test_a_port_range_prediction_judges_each_untranslated_entry_by_its_port() -> None:
