@@ -38,16 +38,16 @@ from topowatch.core.decide import Decider, EntryBuilder, FlushPlan, decide, ment
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.evaluate import predict
 from topowatch.core.fib import Fib
-from topowatch.core.flow import Flow, Prediction
+from topowatch.core.flow import Flow, Prediction, proto_name
 from topowatch.core.model import Topology, TopologyChange, diff
 from topowatch.core.nat import NatRuleset
 from topowatch.errors import TopowatchError
+from topowatch.logs import ENTRIES_LOGGER
 from topowatch.policy import DEFAULT_EFFECTIVE, Action, EffectivePolicy, Selection
+from topowatch.report import count_codes, decision_json, group_by_code, group_line, transition
 
 log = logging.getLogger("topowatch.reactor")
-
-# Per-entry log lines at INFO per reaction; the rest go to DEBUG.
-ENTRY_LOG_LIMIT = 20
+entry_log = logging.getLogger(ENTRIES_LOGGER)
 # Trigger kinds that change the topology but never the NAT ruleset: a burst made
 # only of these keeps the ruleset read before, if the backend reports ruleset
 # changes as triggers (``ruleset_events``); anything else re-reads it.
@@ -182,29 +182,46 @@ class Reaction:
     # Why nothing was decided (no ruleset read yet), or None for a reaction that decided.
     skipped: str | None = None
 
+    def debounce_wait(self) -> float:
+        """The part of the latency spent waiting for the burst to end (before the first phase)."""
+        work = sum(v for k, v in self.timings.items() if k != "window")
+        return max(0.0, self.latency - work)
+
     def summary(self) -> str:
+        """One line a person reads at a glance: what changed, what was found, what was done, how long."""
         p = self.plan
+        what = self.change.summary(limit=2) if self.change else self.trigger
+        policy = f" [policy {self.policies}]" if self.policies != "default" else ""
         if self.skipped is not None:
-            action = f"NOTHING DECIDED: {self.skipped}, nothing deleted"
-        elif self.refused:
-            action = f"REFUSED: {len(p.stale)} stale exceeds the cap, nothing deleted"
+            return (f"reaction {self.number} ({what}){policy}: NOTHING DECIDED: {self.skipped}, "
+                    "nothing deleted")
+        protos = sorted({proto_name(d.entry.proto) for d in p.stale})
+        kinds = "/".join(protos) + " " if protos else ""
+        found = f"{len(p.stale)} of {p.examined} examined {kinds}entries stale"
+        if self.refused:
+            action = f"REFUSED: {len(p.stale) - self.logged_only} exceed the cap, nothing deleted"
         elif self.dry_run:
-            action = f"dry run, {len(p.stale)} would be deleted"
+            action = f"dry run, {len(p.stale) - self.logged_only} would be deleted"
         else:
             action = f"{self.deleted.deleted} deleted"
             if self.deleted.already_gone:
                 action += f", {self.deleted.already_gone} already gone"
             if self.deleted.failed:
-                action += f", {self.deleted.failed} failed"
+                action += f", {self.deleted.failed} FAILED"
+        groups = group_by_code(p.stale)
+        if len(groups) == 1:
+            code, group = groups[0]
+            changes = {transition(d) for d in group[:64]}
+            action += f" ({code}: {next(iter(changes))})" if len(changes) == 1 else f" ({code})"
+        elif groups:
+            action += " (" + ", ".join(f"{len(ds)} {code}" for code, ds in groups) + ")"
         if self.logged_only:
             action += f", {self.logged_only} logged only"
-        phases = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.timings.items())
+        if p.undecided:
+            action += f", {len(p.undecided)} undecided"
         return (
-            f"reaction {self.number} ({self.trigger}, {self.events} event(s); policy {self.policies}): "
-            f"{self.change.summary()} | "
-            f"examined {p.examined}, eligible {p.eligible}, stale {len(p.stale)}, "
-            f"undecided {len(p.undecided)}, {action} | "
-            f"{self.latency * 1000:.0f} ms from first event to last delete ({phases})"
+            f"reaction {self.number} ({what}){policy}: {found}, {action}, "
+            f"{self.latency * 1000:.0f} ms incl. {self.debounce_wait() * 1000:.0f} ms debounce"
         )
 
     def fields(self) -> dict[str, object]:
@@ -217,7 +234,9 @@ class Reaction:
             "already_gone": self.deleted.already_gone, "failed": self.deleted.failed,
             "undecided": len(p.undecided), "logged_only": self.logged_only, "refused": self.refused,
             "dry_run": self.dry_run, "latency_ms": round(self.latency * 1000, 3),
+            "debounce_ms": round(self.debounce_wait() * 1000, 3),
             "timings": {k: round(v * 1000, 3) for k, v in self.timings.items()}, "skipped": self.skipped,
+            "stale_by_code": count_codes(p.stale), "undecided_by_code": count_codes(p.undecided),
         }  # fmt: skip
 
 
@@ -461,20 +480,31 @@ class Reactor:
         return reaction
 
     def _log(self, reaction: Reaction, selection: Selection) -> None:
-        verb = "would delete" if reaction.dry_run or reaction.refused else "deleted"
-        debug = log.isEnabledFor(logging.DEBUG)
-        for i, decision in enumerate(reaction.plan.stale):
-            if i >= ENTRY_LOG_LIMIT and not debug:
-                break
-            level = logging.INFO if i < ENTRY_LOG_LIMIT else logging.DEBUG
-            what = verb if selection.flushes(decision.entry) else "stale (policy says log only)"
-            log.log(level, "%s %s: %s", what, decision.entry.describe(), decision.reason)
-        hidden = len(reaction.plan.stale) - ENTRY_LOG_LIMIT
-        if hidden > 0:
-            log.info("... and %d more stale entries (shown at debug level)", hidden)
-        for decision in reaction.plan.undecided[:ENTRY_LOG_LIMIT]:
-            log.debug("undecided %s: %s", decision.entry.describe(), decision.reason)
-        for error in reaction.deleted.errors:
-            log.error("delete failed: %s", error)
+        """The reaction's line, one line per group of stale entries, and a record per entry.
+
+        Per-entry records go to ``topowatch.entries`` (every one in JSON, in text with -v).
+        """
         level = logging.ERROR if reaction.skipped else logging.WARNING if reaction.refused else logging.INFO
         log.log(level, "%s", reaction.summary(), extra={"fields": reaction.fields()})
+        verb = "would delete" if reaction.dry_run or reaction.refused else "deleted"
+        flushed = [d for d in reaction.plan.stale if selection.flushes(d.entry)]
+        logged = [d for d in reaction.plan.stale if not selection.flushes(d.entry)]
+        for what, decisions in ((verb, flushed), ("stale (policy says log only)", logged)):
+            for code, group in group_by_code(decisions):
+                log.info("reaction %d: %s", reaction.number, group_line(what, code, group))
+        for error in reaction.deleted.errors:
+            log.error("delete failed: %s", error)
+        if entry_log.isEnabledFor(logging.INFO):
+            actions = ((verb, flushed), ("log only", logged))
+            for what, decisions in actions:
+                for decision in decisions:
+                    fields = {"event": "entry", "reaction": reaction.number, "action": what,
+                              **decision_json(decision)}
+                    entry_log.info("reaction %d: %s %s: %s", reaction.number, what,
+                                   decision.entry.describe(), decision.reason, extra={"fields": fields})
+        if entry_log.isEnabledFor(logging.DEBUG):
+            for decision in reaction.plan.undecided:
+                fields = {"event": "entry", "reaction": reaction.number, "action": "undecided",
+                          **decision_json(decision)}
+                entry_log.debug("reaction %d: undecided %s: %s", reaction.number, decision.entry.describe(),
+                                decision.reason, extra={"fields": fields})
