@@ -218,17 +218,14 @@ async def _audit(args: argparse.Namespace, delete: bool) -> int:
     elapsed = time.monotonic() - start
     _print_plan(args, plan, elapsed, deleted, entry_filter.json(),
                 verb="deleted" if delete and not dry_run else "stale")
-    if delete and not dry_run:
-        print(f"deleted {deleted} entries", file=sys.stdout if not _machine(args) else sys.stderr)
-    elif dry_run and not _machine(args):
-        print(f"dry run: {len(flushed)} entries would be deleted")
+    if not (args.json or args.json_lines):
+        if delete and not dry_run:
+            print(f"deleted {deleted} entries")
+        elif dry_run:
+            print(f"dry run: {len(flushed)} entries would be deleted")
     if getattr(args, "exit_code", False) and plan.stale:
         return EXIT_STALE
     return 0
-
-
-def _machine(args: argparse.Namespace) -> bool:
-    return bool(args.json or args.json_lines)
 
 
 def _log_entries(action: str, decisions: Sequence[Decision]) -> None:
@@ -412,15 +409,17 @@ def _check_rules_dirs(dirs: list[str] | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A command whose reader went away (``plan | head -1``, ``--help | head``) ends quietly, as ls
+    # does; the daemon and the lab keep Python's default (EPIPE as an error) and clean up.
+    previous = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in {"run", "lab"}:
+        signal.signal(signal.SIGPIPE, previous)
     verbose = args.verbose + getattr(args, "sub_verbose", 0)
     quiet = args.quiet or getattr(args, "sub_quiet", False)
     log_format = getattr(args, "sub_log_format", None) or args.log_format or "text"
     setup_logging(verbose, log_format, quiet=quiet)
-    if args.command not in {"run", "lab"}:
-        # A one-shot command whose reader went away (``plan | head -1``) ends quietly, as ls does.
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         _check_rules_dirs(getattr(args, "rules_dir", None))
         if args.command == "lab":
