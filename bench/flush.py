@@ -11,10 +11,11 @@ datagram). Then a route change leaves K UNREPLIED entries stale (192.0.2.0/24
 moves from the transit uplink, no NAT, to the masqueraded uplink) and one
 method removes stale entries:
 
-- topowatch: the real daemon ``topowatch run`` in the router namespace; its
-  reaction log line gives "ms from first event to last delete", and the
-  time from just before ``ip route replace`` to reading that line is
-  measured outside;
+- topowatch: the real daemon ``topowatch run --log-format json`` in the
+  router namespace; its reaction record gives ``latency_ms`` (from first
+  event to last delete) and the phases, one record per deleted entry
+  follows, and the time from just before ``ip route replace`` to reading
+  the reaction record is measured outside;
 - conntrack-tools: ``conntrack -D -p udp -d 192.0.2.0/24``, plus a status
   filter that selects UNREPLIED entries if the installed version honours
   one in ``-D``: a canary probe in a throwaway namespace tries each spelling
@@ -53,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -105,8 +107,6 @@ table ip sink {
 }
 """
 
-REACTION_RE = re.compile(r"\| (\d+) ms from first event to last delete \((.*)\)")
-STATS_RE = re.compile(r"examined (\d+), eligible (\d+), stale (\d+), undecided (\d+), (\d+) deleted")
 
 
 # --- host limits --------------------------------------------------------------
@@ -410,7 +410,7 @@ def run_topowatch(bench: Bench, sc: Scenario, idle: float) -> dict[str, Any]:
     cap = max(2 * sc.n, 1000)  # twice the whole table: never the cap edge, whatever K is
     with tempfile.TemporaryDirectory(prefix="twbench") as tmp:
         args = ("--no-dbus", "--rules-dir", rules_dir(tmp, cap), "--debounce", str(DEBOUNCE),
-                "--max-deletions", str(cap), "--no-startup-sweep")
+                "--max-deletions", str(cap), "--no-startup-sweep", "--log-format", "json")
         with Daemon(bench.router, *args) as daemon:
             if daemon.wait_for("ready", 60) is None:
                 raise SystemExit("topowatch did not become ready:\n" + "\n".join(daemon.lines))
@@ -425,25 +425,36 @@ def run_topowatch(bench: Bench, sc: Scenario, idle: float) -> dict[str, Any]:
                 result["idle_text"] = watch.describe()
             started = time.perf_counter()
             bench.route_change()
-            line = daemon.wait_for("from first event to last delete", 300)
-            while line is not None and STALE_NET not in line:  # a reaction to something else
-                line = daemon.wait_for("from first event to last delete", 300)
+            # The reaction's JSON record (the machine interface), not its text line; one to
+            # something else than the moved route does not count.
+            def ours(r: dict[str, Any]) -> bool:
+                return r.get("event") == "reaction" and STALE_NET in f"{r.get('change')} {r.get('trigger')}"
+
+            record = daemon.wait_record(ours, 300)
             external = time.perf_counter() - started
             status = proc_status(pid)
-            if line is None:
+            if record is None:
                 raise SystemExit("topowatch did not react:\n" + "\n".join(daemon.lines[-20:]))
-    match = REACTION_RE.search(line)
-    stats = STATS_RE.search(line)
-    assert match is not None, line
+            # Its per-entry records follow it: one per stale entry.
+            number = record["reaction"]
+            entries: list[dict[str, Any]] = []
+            while len(entries) < record["stale"]:
+                entry = daemon.wait_record(
+                    lambda r: r.get("event") == "entry" and r.get("reaction") == number, 30)
+                if entry is None:
+                    break
+                entries.append(entry)
     result.update(
-        seconds=int(match.group(1)) / 1000,
+        seconds=record["latency_ms"] / 1000,
         external_seconds=external,
-        phases=match.group(2),
+        phases=", ".join(f"{k} {v:.0f} ms" for k, v in record["timings"].items()),
         rss_peak_mb=status["VmHWM"] / 1024,
-        log=line,
+        log=record["msg"],
+        record={k: v for k, v in record.items() if k != "msg"},
+        examined=record["examined"], eligible=record["eligible"], stale=record["stale"],
+        entry_records=len(entries),
+        entry_codes=dict(Counter(r["code"] for r in entries)),
     )
-    if stats is not None:
-        result.update(examined=int(stats.group(1)), eligible=int(stats.group(2)), stale=int(stats.group(3)))
     return result
 
 
@@ -953,8 +964,8 @@ def report(results: list[dict[str, Any]], libs: dict[str, float], tools: Conntra
     print(fmt_table(results))
     print()
     print(
-        "time: topowatch = reaction log 'ms from first event to last delete' (ext: from just before "
-        "`ip route replace` to reading that log line); others = the command's wall time."
+        "time: topowatch = the reaction record's latency_ms, from first event to last delete (ext: from "
+        "just before `ip route replace` to reading that record); others = the command's wall time."
     )
     print(
         f"topowatch runs with --debounce {DEBOUNCE}: the quiet gap that ends a burst is inside its time."

@@ -21,15 +21,17 @@ observes the lab; it never touches the host's namespace.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from topowatch.core.conntrack import Entry
 from topowatch.errors import TopowatchError
@@ -350,6 +352,17 @@ def thread_switches(pid: int) -> dict[int, int]:
     return out
 
 
+def log_record(line: str) -> dict[str, Any] | None:
+    """A ``--log-format json`` line as its object; None for any other line."""
+    if not line.startswith("{"):
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 class Daemon:
     """``topowatch run`` in a namespace, its log read line by line."""
 
@@ -373,6 +386,20 @@ class Daemon:
                     return line
             elif self.proc.poll() is not None:
                 return None
+        return None
+
+    def wait_record(
+        self, match: Callable[[dict[str, Any]], bool], timeout: float = 20.0
+    ) -> dict[str, Any] | None:
+        """The next ``--log-format json`` record for which ``match`` is true (None: none in time)."""
+        end = time.monotonic() + timeout
+        while (remaining := end - time.monotonic()) > 0:
+            line = self.wait_for("", remaining)
+            if line is None:
+                return None
+            obj = log_record(line)
+            if obj is not None and match(obj):
+                return obj
         return None
 
     def stop(self) -> int:
