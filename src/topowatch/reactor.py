@@ -191,6 +191,8 @@ class Reaction:
         """One line a person reads at a glance: what changed, what was found, what was done, how long."""
         p = self.plan
         what = self.change.summary(limit=2) if self.change else self.trigger
+        if len(what) > 160:  # a burst's first few triggers can be long; the JSON record has them all
+            what = what[:157] + "..."
         policy = f" [policy {self.policies}]" if self.policies != "default" else ""
         if self.skipped is not None:
             return (f"reaction {self.number} ({what}){policy}: NOTHING DECIDED: {self.skipped}, "
