@@ -113,7 +113,21 @@ async def test_one_json_record_per_deleted_entry(
         assert parsed.tzinfo is not None  # RFC 3339: an offset is part of the time
 
 
-def test_text_entry_records_need_verbose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """setup_logging changes process-wide loggers: put them back for the tests after (caplog needs it)."""
+    root, entries = logging.getLogger("topowatch"), logging.getLogger("topowatch.entries")
+    saved = root.handlers[:], root.level, root.propagate, entries.level
+    try:
+        yield
+    finally:
+        root.handlers[:], level, root.propagate, entries_level = saved
+        root.setLevel(level)
+        entries.setLevel(entries_level)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_text_entry_records_need_verbose() -> None:
     setup_logging(0, "text")
     assert not logging.getLogger("topowatch.entries").isEnabledFor(logging.INFO)
     setup_logging(1, "text")
@@ -123,7 +137,6 @@ def test_text_entry_records_need_verbose(tmp_path: Path, monkeypatch: pytest.Mon
     setup_logging(0, "text", quiet=True)
     assert not logging.getLogger("topowatch").isEnabledFor(logging.INFO)
     assert logging.getLogger("topowatch").isEnabledFor(logging.WARNING)
-    setup_logging(0, "text")
 
 
 def test_journald_is_told_by_device_and_inode(tmp_path: Path) -> None:
@@ -140,3 +153,20 @@ def test_journald_text_has_priority_prefix() -> None:
     record = logging.LogRecord("topowatch", logging.WARNING, __file__, 1, "table full", None, None)
     assert TextFormatter(journald=True).format(record) == "<4>table full"
     assert not TextFormatter(journald=False).format(record).startswith("<")
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_setup_logging_uses_priority_prefixes_only_on_the_journal_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open(tmp_path / "journal", "w") as journal, open(tmp_path / "other", "w") as other:
+        st = os.fstat(journal.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        for stream, journald in ((journal, True), (other, False)):
+            monkeypatch.setattr("sys.stderr", stream)
+            setup_logging(0, "text")
+            formatter = logging.getLogger("topowatch").handlers[0].formatter
+            assert isinstance(formatter, TextFormatter) and formatter.journald is journald
+        monkeypatch.setattr("sys.stderr", journal)
+        setup_logging(0, "json")  # JSON carries the priority as a field instead
+        assert isinstance(logging.getLogger("topowatch").handlers[0].formatter, JsonFormatter)
