@@ -140,7 +140,7 @@ def topowatch_8() -> str:
             "and inode equal JOURNAL_STREAM), timestamps otherwise. In text a reaction is one short line "
             "(what changed, how many of the examined entries were stale, what was deleted with the "
             "reason code, the time from the first event to the last delete and the debounce part), "
-            "followed by one line per reason code with the count and a few examples; -v adds a line per "
+            "after one line per reason code with a few examples and the count; -v adds a line per "
             "deleted entry with its full reason."),
         ".PP",
         esc("With --log-format json every record is one JSON object per line with ts (RFC 3339), level, "

@@ -482,12 +482,12 @@ class Reactor:
         return reaction
 
     def _log(self, reaction: Reaction, selection: Selection) -> None:
-        """The reaction's line, one line per group of stale entries, and a record per entry.
+        """One line per group of stale entries, the reaction's line, then a record per entry.
 
-        Per-entry records go to ``topowatch.entries`` (every one in JSON, in text with -v).
+        The groups come first, so that the reaction's line closes what it sums
+        up; the per-entry records follow it on ``topowatch.entries`` (every one
+        in JSON, in text with -v).
         """
-        level = logging.ERROR if reaction.skipped else logging.WARNING if reaction.refused else logging.INFO
-        log.log(level, "%s", reaction.summary(), extra={"fields": reaction.fields()})
         verb = "would delete" if reaction.dry_run or reaction.refused else "deleted"
         flushed = [d for d in reaction.plan.stale if selection.flushes(d.entry)]
         logged = [d for d in reaction.plan.stale if not selection.flushes(d.entry)]
@@ -496,6 +496,8 @@ class Reactor:
                 log.info("reaction %d: %s", reaction.number, group_line(what, code, group))
         for error in reaction.deleted.errors:
             log.error("delete failed: %s", error)
+        level = logging.ERROR if reaction.skipped else logging.WARNING if reaction.refused else logging.INFO
+        log.log(level, "%s", reaction.summary(), extra={"fields": reaction.fields()})
         if entry_log.isEnabledFor(logging.INFO):
             actions = ((verb, flushed), ("log only", logged))
             for what, decisions in actions:
