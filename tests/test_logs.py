@@ -170,3 +170,15 @@ def test_setup_logging_uses_priority_prefixes_only_on_the_journal_stream(
         monkeypatch.setattr("sys.stderr", journal)
         setup_logging(0, "json")  # JSON carries the priority as a field instead
         assert isinstance(logging.getLogger("topowatch").handlers[0].formatter, JsonFormatter)
+
+
+def test_a_replaced_route_reads_as_one_change() -> None:
+    from topowatch.reactor import _change_text
+
+    lines = ("route default via 198.51.100.1 dev up1 removed", "route 192.0.2.30/32 via 100.64.0.1 dev up3 removed",
+             "route default via 203.0.113.1 dev up2 added", "link up3 down")
+    assert _change_text(lines) == ("route default: via 198.51.100.1 dev up1 -> via 203.0.113.1 dev up2; "
+                                   "route 192.0.2.30/32 via 100.64.0.1 dev up3 removed; and 1 more")
+    # Another table is another route: no pairing across tables.
+    assert _change_text(("route default dev a removed", "route default dev b table 5 added")) == (
+        "route default dev a removed; route default dev b table 5 added")

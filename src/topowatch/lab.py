@@ -488,7 +488,7 @@ def run_lab(keep: bool = False) -> int:
                 raise TopowatchError("the daemon did not become ready")
             started = time.monotonic()
             lab.flip()
-            if daemon.wait_for("reaction") is None:
+            if daemon.wait_for("reaction 1 (") is None:
                 print("\n".join(daemon.lines))
                 raise TopowatchError("the daemon did not react to the flip")
             reacted = time.monotonic() - started

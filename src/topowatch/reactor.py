@@ -163,6 +163,54 @@ class Burst:
             self.lines.append(trigger.description)
 
 
+def _route_parts(text: str) -> tuple[str, str]:
+    """``default via 10.0.2.1 dev up1 table 5`` -> (``default table 5``, ``via 10.0.2.1 dev up1``)."""
+    words = text.split()
+    head: list[str] = []
+    path: list[str] = []
+    i = 0
+    while i < len(words) and words[i] not in ("via", "dev", "nexthop"):
+        head.append(words[i])
+        i += 1
+    while i < len(words):
+        if words[i] in ("table", "metric") and i + 1 < len(words):
+            head += words[i:i + 2]
+            i += 2
+        else:
+            path.append(words[i])
+            i += 1
+    return " ".join(head), " ".join(path)
+
+
+def _change_text(lines: Sequence[str], limit: int = 2) -> str:
+    """The change for the reaction's line: a route replaced reads ``route default: dev up1 -> dev up2``.
+
+    Words only (the lines of ``core.model.diff``); the JSON record keeps the lines as they are.
+    """
+    removed: dict[str, list[int]] = {}
+    added: dict[str, list[int]] = {}
+    for i, line in enumerate(lines):
+        for suffix, into in ((" removed", removed), (" added", added)):
+            if line.startswith("route ") and line.endswith(suffix):
+                into.setdefault(_route_parts(line[6:-len(suffix)])[0], []).append(i)
+    out: list[str] = []
+    skip: set[int] = set()
+    for i, line in enumerate(lines):
+        if i in skip:
+            continue
+        if line.startswith("route ") and line.endswith(" removed"):
+            key, old = _route_parts(line[6:-8])
+            if len(removed.get(key, ())) == 1 and len(added.get(key, ())) == 1:
+                j = added[key][0]
+                new = _route_parts(lines[j][6:-6])[1]
+                skip.add(j)
+                out.append(f"route {key}: {old or 'none'} -> {new or 'none'}")
+                continue
+        out.append(line)
+    more = len(out) - limit
+    return "; ".join(out[:limit]) + (f"; and {more} more" if more > 0 else "")
+
+
 @dataclass(frozen=True, slots=True)
 class Reaction:
     """What one reaction did; logged as one line and kept for status/tests."""
@@ -190,7 +238,7 @@ class Reaction:
     def summary(self) -> str:
         """One line a person reads at a glance: what changed, what was found, what was done, how long."""
         p = self.plan
-        what = self.change.summary(limit=2) if self.change else self.trigger
+        what = _change_text(self.change.lines) if self.change else self.trigger
         if len(what) > 160:  # a burst's first few triggers can be long; the JSON record has them all
             what = what[:157] + "..."
         policy = f" [policy {self.policies}]" if self.policies != "default" else ""
