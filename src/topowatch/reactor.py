@@ -33,6 +33,7 @@ from typing import Protocol
 
 import trio
 
+from topowatch.core.classify import Classifier
 from topowatch.core.conntrack import Entry
 from topowatch.core.decide import Decider, EntryBuilder, FlushPlan, decide, mentions_sport
 from topowatch.core.eligibility import Eligibility
@@ -120,12 +121,14 @@ def plan_once(
     def bound(fib: Fib, flow: Flow) -> Prediction:
         return predictor(ruleset, fib, flow)
 
+    sport_matters = mentions_sport(ruleset) or mentions_sport(topology.xfrm_policies)
     return decide(
         entries,
         predict=bound,
         fib_now=Fib(topology),
         eligibility=eligibility,
-        sport_matters=mentions_sport(ruleset) or mentions_sport(topology.xfrm_policies),
+        sport_matters=sport_matters,
+        classifier=Classifier.build([topology], [ruleset], eligibility, sport_matters=sport_matters),
     )
 
 
@@ -451,9 +454,17 @@ class Reactor:
         fib_now, fib_before = Fib(t1), Fib(self.t0) if self.t0 is not None else None
         sport_matters = self._mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies)
 
+        mark = clock()
+        classifier = Classifier.build(
+            [t for t in (self.t0, t1) if t is not None], [ruleset], eligibility, sport_matters=sport_matters
+        )
+        timings["classes"] = clock() - mark
+        if not classifier.exact:
+            log.debug("flows are predicted one by one: %s", classifier.reason)
+
         def decider(build: EntryBuilder | None = None) -> Decider:
             return Decider(predict=bound, fib_now=fib_now, fib_before=fib_before, eligibility=eligibility,
-                           sport_matters=sport_matters, build=build)
+                           sport_matters=sport_matters, build=build, classifier=classifier)
 
         mark = clock()
         judge = getattr(self.backend, "judge", None)
@@ -467,7 +478,7 @@ class Reactor:
             timings["dump"] = clock() - mark
             dumped = mark = clock()
             plan = decide(entries, predict=bound, fib_now=fib_now, fib_before=fib_before,
-                          eligibility=eligibility, sport_matters=sport_matters)
+                          eligibility=eligibility, sport_matters=sport_matters, classifier=classifier)
             timings["decide"] = clock() - mark
         change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
         if all(p.action is Action.FLUSH for p in selection.policies):

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from topowatch.core.classify import Classifier
 from topowatch.core.conntrack import (
     IPS_CONFIRMED,
     IPS_DST_NAT_DONE,
@@ -32,7 +33,7 @@ from topowatch.core.decide import Decider, compile_program
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
 from topowatch.core.flow import Binding, Flow, NatKind, Prediction, Unknown
-from topowatch.core.model import Topology
+from topowatch.core.model import Address, Topology
 from topowatch.edges import ctcodec as c
 
 # The recordings, the entry strategy and the kernel's message shape are test_ctcodec's.
@@ -273,14 +274,25 @@ def table(draw: st.DrawFn) -> Entry:
                  mark=draw(st.sampled_from([0, 0x10])), id=draw(st.integers(0, 3)))  # fmt: skip
 
 
+def classes_for(eligibility: Eligibility, sport_matters: bool) -> Classifier:
+    """Classes under which ``predictor`` is the same for a class: every address and port its own."""
+    pool = {*CLIENTS, *SERVERS, *TRANSLATED, *V6}
+    topology = Topology(addresses=tuple(Address(1, a, a.max_prefixlen) for a in pool))
+    ports = (53, 80, 5060, 1000, 1500, 1024, 3000, 8 << 8)
+    return Classifier.build([topology], [ports], eligibility, sport_matters=sport_matters)
+
+
 def plan_of(items: list[Entry], *, compiled: bool, choice: int, sport_matters: bool,
-            eligibility: Eligibility, per_datagram: int) -> Any:  # fmt: skip
+            eligibility: Eligibility, per_datagram: int, classes: bool = False) -> Any:  # fmt: skip
     saved = c._ctscan
     if not compiled:
         c._ctscan = None
     try:
         decider = Decider(predict=predictor(choice), fib_now=FIB, eligibility=eligibility,
-                          sport_matters=sport_matters, build=c.entry_from_raw)  # fmt: skip
+                          sport_matters=sport_matters, build=c.entry_from_raw,
+                          classifier=classes_for(eligibility, sport_matters) if classes else None)  # fmt: skip
+        if classes:
+            assert decider.class_tables is not None
         parser = c.DumpParser(seq=9, skip_replied=eligibility.unreplied_only, sink=decider.add_raw)
         parser.settle = decider
         for i in range(0, len(items), per_datagram):
@@ -319,6 +331,30 @@ def test_settled_entries_give_the_pure_paths_plan(
     fast, pure = plan_of(items, compiled=True, **kw), plan_of(items, compiled=False, **kw)
     assert fast == pure
     assert fast["examined"] == len(items)
+    # By flow classes (keyed by class in C and in Python alike): the same plan.
+    assert plan_of(items, compiled=True, classes=True, **kw) == pure
+    assert plan_of(items, compiled=False, classes=True, **kw) == pure
+
+
+def test_the_compiled_class_key_splits_and_joins_as_the_classifier_does() -> None:
+    """One key per class in C: entries of one class share a cache slot, of two classes never."""
+    classifier = classes_for(Eligibility(marks=((0x10, 0xF0),)), sport_matters=True)
+    decider = Decider(predict=predictor(1), fib_now=FIB, build=c.entry_from_raw, classifier=classifier,
+                      eligibility=Eligibility(unreplied_only=False, protocols=frozenset({6, 17, 1, 58})))
+    rows = []
+    for client in [*CLIENTS, ip_address("10.0.1.9"), ip_address("10.0.1.10")]:
+        for server in [*SERVERS, ip_address("192.0.2.77")]:
+            for dport in (53, 54, 55, 80):
+                for mark in (0, 0x10, 0x11, 0x20):
+                    rows.append(Entry(2, 17, CtTuple(client, server, 1000, dport),
+                                      CtTuple(server, client, dport, 1000), mark=mark))  # fmt: skip
+    parser = c.DumpParser(seq=9, skip_replied=False, sink=decider.add_raw)
+    parser.settle = decider
+    parser.feed(b"".join(dump_message(e, 9) for e in rows))
+    keys = {classifier.key(2, 17, int(e.orig.src), int(e.orig.dst), 1000, e.orig.dport, 0, e.mark, 0) for e in rows}
+    assert len(decider.raw_cache) == len(keys)
+    # 10.0.1.9 and .10 are one class (neither is named), 54 and 55 one port class, 0x10 and 0x11 one mark class.
+    assert len(keys) == 3 * 3 * 3 * 3
 
 
 def test_healthy_entries_of_a_known_key_never_reach_python() -> None:

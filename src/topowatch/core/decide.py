@@ -26,6 +26,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
+from topowatch.core.classify import Classifier
 from topowatch.core.conntrack import ICMP_PROTOS, IPS_DST_NAT_DONE, IPS_SEEN_REPLY, IPS_SRC_NAT_DONE, Entry
 from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility
 from topowatch.core.fib import Fib
@@ -33,6 +34,11 @@ from topowatch.core.flow import Binding, Egress, Flow, NatKind, Prediction, Unkn
 from topowatch.core.model import IPAddress
 
 Predictor = Callable[[Fib, Flow], Prediction]
+
+# Prediction slots kept per flow key (no exact classifier) before they are all dropped: with
+# a million distinct flows the memory stays bounded (classes need no such limit: their number
+# follows the configuration, not the traffic).
+FLOW_CACHE_LIMIT = 65_536
 
 
 class ReasonCode(enum.StrEnum):
@@ -75,8 +81,9 @@ class FlushPlan:
     eligible: int
     stale: tuple[Decision, ...] = ()
     undecided: tuple[Decision, ...] = ()
-    distinct_flows: int = 0
+    distinct_flows: int = 0  # prediction slots: flow classes, or flow keys without classes
     notes: tuple[str, ...] = field(default=())
+    predicted: int = 0  # predictions made (a class's, or a flow key's, each time its slot was empty)
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,8 +412,15 @@ class Decider:
         eligibility: Eligibility = DEFAULT_ELIGIBILITY,
         sport_matters: bool = True,
         build: EntryBuilder | None = None,
+        classifier: Classifier | None = None,
     ) -> None:
         self.predict = predict
+        # Flow classes (``core.classify``): predictions are kept per class, so the caches hold
+        # one slot per class seen, whatever the traffic. Without an exact classifier they are
+        # kept per flow key, and cleared when they pass ``FLOW_CACHE_LIMIT``.
+        self.classifier = classifier if classifier is not None and classifier.exact else None
+        # The classifier's tables for a compiled scan, which then keys ``raw_cache`` by class.
+        self.class_tables = self.classifier.packed() if self.classifier is not None else None
         self.fib_now = fib_now
         self.fib_before = fib_before
         self.eligibility = eligibility
@@ -414,6 +428,7 @@ class Decider:
         self.build = build
         self.examined = 0
         self.eligible = 0
+        self.predicted = 0
         self.stale: list[Decision] = []
         self.undecided: list[Decision] = []
         self._now: dict[Hashable, _Compiled] = {}
@@ -422,13 +437,33 @@ class Decider:
         # Programs by packed raw key, filled and read by a compiled scan (``raw_program``).
         self.raw_cache: dict[bytes, bytes | None] = {}
 
+    def _entry_key(self, entry: Entry) -> Hashable:
+        classifier = self.classifier
+        if classifier is not None:
+            orig = entry.orig
+            return classifier.key(
+                entry.family, entry.proto, int(orig.src), int(orig.dst), orig.sport, orig.dport, entry.zone,
+                entry.mark, entry.status & IPS_SEEN_REPLY,
+            )
+        return entry.flow_key() if not self.sport_matters else (entry.flow_key(), entry.orig.sport)
+
     def _compiled(self, entry: Entry) -> tuple[Hashable, _Compiled]:
-        key: Hashable = entry.flow_key() if not self.sport_matters else (entry.flow_key(), entry.orig.sport)
+        key = self._entry_key(entry)
         compiled = self._now.get(key)
         if compiled is None:
+            if self.classifier is None and len(self._now) >= FLOW_CACHE_LIMIT:
+                self._forget()
             compiled = _Compiled.of(self.predict(self.fib_now, entry.flow))
             self._now[key] = compiled
+            self.predicted += 1
         return key, compiled
+
+    def _forget(self) -> None:
+        """Per-flow caches only: drop them all (they are rebuilt as flows come by)."""
+        self._now.clear()
+        self._before.clear()
+        self._raw.clear()
+        self.raw_cache.clear()
 
     def add(self, entry: Entry) -> None:
         self.examined += 1
@@ -442,6 +477,12 @@ class Decider:
     def _raw_key(self, raw: RawEntry) -> Hashable:
         (family, proto, osrc, odst, osport, odport, _rsrc, _rdst, _rsport, _rdport,
          status, zone, mark, _id, _timeout) = raw  # fmt: skip
+        classifier = self.classifier
+        if classifier is not None:
+            return classifier.key(
+                family, proto, int.from_bytes(osrc, "big"), int.from_bytes(odst, "big"), osport, odport, zone,
+                mark, status & IPS_SEEN_REPLY,
+            )
         if self.sport_matters:
             return (zone, mark, proto, osrc, odst, odport, family, status & IPS_SEEN_REPLY, osport)
         return (zone, mark, proto, osrc, odst, odport, family, status & IPS_SEEN_REPLY)
@@ -459,8 +500,15 @@ class Decider:
     def add_raw(self, raw: RawEntry) -> None:
         (family, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport,
          status, zone, mark, _id, _timeout) = raw  # fmt: skip
-        if self.sport_matters:
-            key: Hashable = (zone, mark, proto, osrc, odst, odport, family, status & IPS_SEEN_REPLY, osport)
+        classifier = self.classifier
+        key: Hashable
+        if classifier is not None:
+            key = classifier.key(
+                family, proto, int.from_bytes(osrc, "big"), int.from_bytes(odst, "big"), osport, odport, zone,
+                mark, status & IPS_SEEN_REPLY,
+            )
+        elif self.sport_matters:
+            key = (zone, mark, proto, osrc, odst, odport, family, status & IPS_SEEN_REPLY, osport)
         else:
             key = (zone, mark, proto, osrc, odst, odport, family, status & IPS_SEEN_REPLY)
         slot = self._raw.get(key)
@@ -543,7 +591,8 @@ class Decider:
         """
         prediction = compiled.prediction
         predicted = prediction.dnat if side == "dnat" else prediction.snat
-        if side not in compiled.portless:
+        if side not in compiled.portless or self.classifier is not None:
+            # With classes the entry's own address is not part of the key: no reuse across it.
             return _side(entry, side, predicted, prediction, before, texts=compiled.texts)
         orig, reply = entry.orig, entry.reply
         if side == "dnat":
@@ -601,6 +650,7 @@ class Decider:
             stale=tuple(self.stale),
             undecided=tuple(self.undecided),
             distinct_flows=len(self._now),
+            predicted=self.predicted,
         )
 
 
@@ -612,6 +662,7 @@ def decide(
     fib_before: Fib | None = None,
     eligibility: Eligibility = DEFAULT_ELIGIBILITY,
     sport_matters: bool = True,
+    classifier: Classifier | None = None,
 ) -> FlushPlan:
     """Judge every eligible entry; ``predict`` is the evaluator bound to the current ruleset.
 
@@ -624,6 +675,7 @@ def decide(
         fib_before=fib_before,
         eligibility=eligibility,
         sport_matters=sport_matters,
+        classifier=classifier,
     )
     add = decider.add
     for entry in entries:

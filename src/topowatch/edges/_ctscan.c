@@ -229,6 +229,93 @@ static PyObject *raw_key(const entry_t *e, int sport_matters) {
     return PyBytes_FromStringAndSize((const char *)k, n);
 }
 
+/* Flow classes (core.classify.Classifier.packed): per field, sorted interval starts and each
+ * interval's class; the key is the class of every field, as Classifier.key computes it. Layout,
+ * native byte order: u32 n4, n6, np, nm, sport_matters; v4 starts (u32 host order) and classes
+ * (u32); v6 starts (16 bytes big-endian) and classes; port starts and classes; nm (value, mask)
+ * u32 pairs of marks. */
+typedef struct {
+    uint32_t n4, n6, np, nm, sport_matters;
+    const uint8_t *v4, *v4c, *v6, *v6c, *ports, *portsc, *marks;
+} classes_t;
+
+static int classes_read(const uint8_t *p, Py_ssize_t n, classes_t *c) {
+    size_t need;
+    if (n < 20) return -1;
+    memcpy(&c->n4, p, 4); memcpy(&c->n6, p + 4, 4); memcpy(&c->np, p + 8, 4);
+    memcpy(&c->nm, p + 12, 4); memcpy(&c->sport_matters, p + 16, 4);
+    if (c->n4 < 1 || c->n6 < 1 || c->np < 1 || c->nm > 63) return -1;
+    need = 20 + (size_t)c->n4 * 8 + (size_t)c->n6 * 20 + (size_t)c->np * 8 + (size_t)c->nm * 8;
+    if ((size_t)n != need) return -1;
+    c->v4 = p + 20;
+    c->v4c = c->v4 + (size_t)c->n4 * 4;
+    c->v6 = c->v4c + (size_t)c->n4 * 4;
+    c->v6c = c->v6 + (size_t)c->n6 * 16;
+    c->ports = c->v6c + (size_t)c->n6 * 4;
+    c->portsc = c->ports + (size_t)c->np * 4;
+    c->marks = c->portsc + (size_t)c->np * 4;
+    return 0;
+}
+
+/* The class of value v among n sorted u32 starts (the last start <= v; starts[0] is 0). */
+static uint32_t class_u32(const uint8_t *starts, const uint8_t *classes, uint32_t n, uint32_t v) {
+    uint32_t lo = 0, hi = n; /* find the first start > v */
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2, s;
+        memcpy(&s, starts + (size_t)mid * 4, 4);
+        if (s <= v) lo = mid + 1; else hi = mid;
+    }
+    uint32_t c;
+    memcpy(&c, classes + (size_t)(lo ? lo - 1 : 0) * 4, 4);
+    return c;
+}
+
+static uint32_t class_v6(const uint8_t *starts, const uint8_t *classes, uint32_t n, const uint8_t *v) {
+    uint32_t lo = 0, hi = n;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (memcmp(starts + (size_t)mid * 16, v, 16) <= 0) lo = mid + 1; else hi = mid;
+    }
+    uint32_t c;
+    memcpy(&c, classes + (size_t)(lo ? lo - 1 : 0) * 4, 4);
+    return c;
+}
+
+/* The settle-cache key of an entry by its classes (see Classifier.key). */
+static PyObject *class_key(const entry_t *e, const classes_t *c) {
+    uint8_t k[32];
+    unsigned n = 0;
+    uint64_t bits = e->mark == 0 ? 1 : 0;
+    uint32_t src, dst, v;
+    for (uint32_t i = 0; i < c->nm; i++) {
+        uint32_t value, mask;
+        memcpy(&value, c->marks + (size_t)i * 8, 4);
+        memcpy(&mask, c->marks + (size_t)i * 8 + 4, 4);
+        if ((e->mark & mask) == value) bits |= (uint64_t)1 << (i + 1);
+    }
+    if (e->family == AF_INET_) {
+        src = class_u32(c->v4, c->v4c, c->n4, be32(e->orig.src));
+        dst = class_u32(c->v4, c->v4c, c->n4, be32(e->orig.dst));
+    } else {
+        src = class_v6(c->v6, c->v6c, c->n6, e->orig.src);
+        dst = class_v6(c->v6, c->v6c, c->n6, e->orig.dst);
+    }
+    k[n++] = e->family;
+    k[n++] = e->orig.proto;
+    k[n++] = (uint8_t)(e->zone >> 8); k[n++] = (uint8_t)e->zone;
+    k[n++] = (uint8_t)(e->status & IPS_SEEN_REPLY);
+    memcpy(k + n, &bits, 8); n += 8;
+    memcpy(k + n, &src, 4); n += 4;
+    memcpy(k + n, &dst, 4); n += 4;
+    v = class_u32(c->ports, c->portsc, c->np, e->orig.dport);
+    memcpy(k + n, &v, 4); n += 4;
+    if (c->sport_matters) {
+        v = class_u32(c->ports, c->portsc, c->np, e->orig.sport);
+        memcpy(k + n, &v, 4); n += 4;
+    }
+    return PyBytes_FromStringAndSize((const char *)k, n);
+}
+
 /* One side of a program at *pp: 1 healthy, 0 must be judged, -1 malformed program. */
 static int side_admits(const uint8_t **pp, const uint8_t *pend, int done,
                        const uint8_t *original, const uint8_t *translated, unsigned alen, uint16_t port) {
@@ -299,27 +386,39 @@ static int error(PyObject *parser, const char *why) {
 }
 
 PyDoc_STRVAR(feed_doc,
-"feed(parser, data, n, seq, skip_mask, sink, cache, program, judge, sport_matters)\n"
+"feed(parser, data, n, seq, skip_mask, sink, cache, program, judge, sport_matters[, tables])\n"
 "-> (messages, skipped, stale, done, interrupted, errno, examined, eligible)\n\n"
 "Walk one datagram as ``ctcodec.DumpParser.feed`` does with a sink. Entries it reads go to\n"
 "``sink`` as raw entries, unless ``cache`` (a dict, or None) holds a program for their key\n"
 "that settles them as healthy (counted in examined/eligible) or refused (examined only);\n"
 "an entry whose program ran and failed goes to ``judge``. A key not in the cache: the\n"
 "entry goes to ``sink``, then ``program(raw)`` is stored for it (None: always ``sink``).\n"
-"Everything else goes to ``parser._generic`` / ``parser._error``.");
+"With ``tables`` (``Classifier.packed``) the cache is keyed by the entry's flow class instead\n"
+"of its flow key. Everything else goes to ``parser._generic`` / ``parser._error``.");
 
 static PyObject *feed(PyObject *self, PyObject *args) {
-    PyObject *parser, *data, *sink, *cache, *program, *judge;
+    PyObject *parser, *data, *sink, *cache, *program, *judge, *tables = Py_None;
     Py_ssize_t n;
     unsigned long seq, skip_mask;
     int sport_matters;
     Py_buffer buf;
+    classes_t classes;
+    memset(&classes, 0, sizeof classes);
+    int by_class = 0;
     long messages = 0, skipped = 0, stale = 0, examined = 0, eligible = 0;
     int done = 0, interrupted = 0, err_no = 0;
     Py_ssize_t pos = 0;
-    if (!PyArg_ParseTuple(args, "OOnkkOOOOp", &parser, &data, &n, &seq, &skip_mask, &sink, &cache, &program,
-                          &judge, &sport_matters))
+    if (!PyArg_ParseTuple(args, "OOnkkOOOOp|O", &parser, &data, &n, &seq, &skip_mask, &sink, &cache, &program,
+                          &judge, &sport_matters, &tables))
         return NULL;
+    if (tables != Py_None) {
+        if (!PyBytes_Check(tables) ||
+            classes_read((const uint8_t *)PyBytes_AS_STRING(tables), PyBytes_GET_SIZE(tables), &classes)) {
+            PyErr_SetString(PyExc_ValueError, "malformed class tables");
+            return NULL;
+        }
+        by_class = 1;
+    }
     if (cache != Py_None && !PyDict_Check(cache)) {
         PyErr_SetString(PyExc_TypeError, "cache must be a dict or None");
         return NULL;
@@ -357,7 +456,7 @@ static PyObject *feed(PyObject *self, PyObject *args) {
                 Py_DECREF(raw);
                 if (r) goto fail;
             } else {
-                PyObject *key = raw_key(&e, sport_matters);
+                PyObject *key = by_class ? class_key(&e, &classes) : raw_key(&e, sport_matters);
                 if (key == NULL) goto fail;
                 PyObject *prog = PyDict_GetItemWithError(cache, key); /* borrowed */
                 if (prog == NULL && PyErr_Occurred()) { Py_DECREF(key); goto fail; }
