@@ -1,9 +1,13 @@
 """The command line: run, plan, flush, check, doctor, lab.
 
 Every command works in the network namespace it is started in and touches
-only that namespace. Exit status: 0 success, 1 runtime error (one line on
-stderr, never a traceback), 2 usage. This module parses arguments and wires
-edges to the reactor; it decides nothing itself.
+only that namespace; one daemon per namespace (``nslock``). Exit status: 0
+success, 1 runtime error (one line on stderr, never a traceback), 2 usage;
+``plan --exit-code`` 4 when stale entries were found; ``status`` 3 when no
+daemon runs (systemctl's convention; 1 when it cannot ask). A closed stdout
+(``plan | head -1``) ends a one-shot command quietly (SIGPIPE's default).
+This module parses arguments and wires edges to the reactor; it decides
+nothing itself.
 """
 
 from __future__ import annotations
