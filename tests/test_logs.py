@@ -182,3 +182,20 @@ def test_a_replaced_route_reads_as_one_change() -> None:
     # Another table is another route: no pairing across tables.
     assert _change_text(("route default dev a removed", "route default dev b table 5 added")) == (
         "route default dev a removed; route default dev b table 5 added")
+
+
+def test_the_line_names_a_cause_the_topology_change_does_not_show() -> None:
+    from topowatch.core.decide import FlushPlan
+    from topowatch.core.model import TopologyChange
+    from topowatch.reactor import DeleteCounts, Reaction
+
+    def line(trigger: str, change: tuple[str, ...]) -> str:
+        return Reaction(1, trigger, 2, TopologyChange(change), FlushPlan(0, 0), DeleteCounts(), False, False,
+                        0.3, {"snapshot": 0.01}).summary()
+
+    both = line("route added: default via 203.0.113.1 dev up2, nftables ruleset changed (generation 7)",
+                ("route default via 203.0.113.1 dev up2 added",))
+    assert both.startswith("reaction 1 (nftables ruleset changed (generation 7); route default via 203.0.113.1 "
+                           "dev up2 added): ")
+    assert both.count("203.0.113.1") == 1  # the route event is not said twice
+    assert line("startup sweep", ()).startswith("reaction 1 (startup sweep): 0 of 0 examined entries stale")

@@ -26,6 +26,7 @@ speaks netlink (the ``Backend`` does).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -166,6 +167,11 @@ class Burst:
             self.lines.append(trigger.description)
 
 
+# A trigger description of an rtnetlink or xfrm event ("route added: ...", "xfrm policy removed: ..."):
+# what it says is in the reaction's change too.
+_TOPOLOGY_EVENT = re.compile(r"(link|address|route|rule|xfrm policy|xfrm SA) \w+: ")
+
+
 def _route_parts(text: str) -> tuple[str, str]:
     """``default via 10.0.2.1 dev up1 table 5`` -> (``default table 5``, ``via 10.0.2.1 dev up1``)."""
     words = text.split()
@@ -241,7 +247,12 @@ class Reaction:
     def summary(self) -> str:
         """One line a person reads at a glance: what changed, what was found, what was done, how long."""
         p = self.plan
-        what = _change_text(self.change.lines) if self.change else self.trigger
+        what = self.trigger
+        if self.change:
+            # The topology events are in the change already; other causes (a ruleset, a request) are not.
+            others = ", ".join(part for part in self.trigger.split(", ")
+                               if not _TOPOLOGY_EVENT.match(part) and part not in self.change.lines)
+            what = "; ".join(text for text in (others, _change_text(self.change.lines)) if text)
         if len(what) > 160:  # a burst's first few triggers can be long; the JSON record has them all
             what = what[:157] + "..."
         policy = f" [policy {self.policies}]" if self.policies != "default" else ""
