@@ -316,6 +316,9 @@ def rules_d_5() -> str:
             + " (topowatch check \\-\\-rules\\-dir and run \\-\\-rules\\-dir replace the list)."
             .replace("\\-", "-")),
         ".IP \\(bu 2",
+        esc("A directory that does not exist counts as empty; so does one a user running topowatch check "
+            "may not enter (root's /run/topowatch). A --rules-dir that does not exist is an error."),
+        ".IP \\(bu 2",
         esc("Only *.toml names count; hidden names are ignored. Files are read in file-name order: name "
             "them NN-name.toml."),
         ".IP \\(bu 2",
