@@ -90,6 +90,21 @@ FLOWS_PER_SOURCE = 50_000
 DPORT = 5060
 TIMEOUT = 1200
 
+# Traffic like a real gateway's (issue #11): every entry its own flow key, or a Zipf mix (20k
+# clients, 200k destinations, a few services). The more specific MOVE_NET moves from the
+# transit uplink to the masqueraded one inside its covering WIDE_NET; the other destinations
+# spread over EXTRA_ROUTES /24 routes in 100.64.0.0/10, alternately via each uplink, next to
+# EXTRA_RULES NAT rules (port forwards and per-customer SNAT) that the traffic does not hit.
+MOVE_NET = "198.18.0.0/16"
+WIDE_NET = "198.18.0.0/15"
+MOVE_BASE = int(IPv4Address("198.18.0.0"))
+EXTRA_BASE = int(IPv4Address("100.64.0.0"))
+EXTRA_ROUTES = 10_000
+EXTRA_RULES = 2_000
+CLIENTS = 20_000
+DESTINATIONS = 200_000
+SERVICES = (53, 123, 443, 500, 4500, 5060, 3478, 1194)
+
 ROUTER_RULESET = """\
 table ip twbench {
     chain postrouting {
@@ -249,12 +264,38 @@ class Bench:
             for ns in made:
                 ns.delete()
 
-    def route_before(self) -> None:
-        self.router.run("ip", "route", "replace", STALE_NET, "via", "198.51.100.1", "dev", "up1")
+    furnished: bool = False
+
+    def route_before(self, net: str = STALE_NET) -> None:
+        if net == MOVE_NET:
+            self.router.run("ip", "route", "replace", WIDE_NET, "via", "198.51.100.1", "dev", "up1")
+        self.router.run("ip", "route", "replace", net, "via", "198.51.100.1", "dev", "up1")
         self.router.run("ip", "route", "replace", "default", "via", "198.51.100.1", "dev", "up1")
 
-    def route_change(self) -> None:
-        self.router.run("ip", "route", "replace", STALE_NET, "via", "203.0.113.1", "dev", "up2")
+    def route_change(self, net: str = STALE_NET) -> None:
+        self.router.run("ip", "route", "replace", net, "via", "203.0.113.1", "dev", "up2")
+
+    def furnish(self) -> None:
+        """A large routing table and ruleset beside the scenario's (once; they stay for later scenarios)."""
+        if self.furnished:
+            return
+        lines = []
+        for i in range(EXTRA_ROUTES):
+            net = IPv4Address(EXTRA_BASE + i * 256)
+            via = "via 198.51.100.1 dev up1" if i % 2 else "via 203.0.113.1 dev up2"
+            lines.append(f"route add {net}/24 {via}")
+        self.router.run("ip", "-batch", "-", input="\n".join(lines) + "\n")
+        rules = ["table ip twextra {", "  chain prerouting {",
+                 "    type nat hook prerouting priority dstnat; policy accept;"]
+        for i in range(EXTRA_RULES // 2):
+            rules.append(f'    iifname "up2" udp dport {20000 + i} dnat to 10.3.{i // 250}.{i % 250 + 1}')
+        rules += ["  }", "  chain postrouting {",
+                  "    type nat hook postrouting priority srcnat - 1; policy accept;"]
+        for i in range(EXTRA_RULES // 2):
+            rules.append(f'    ip saddr 10.2.{i // 4}.{(i % 4) * 64}/26 oifname "up2" snat to 203.0.113.2')
+        rules += ["  }", "}"]
+        self.router.run("nft", "-f", "-", input="\n".join(rules) + "\n")
+        self.furnished = True
 
 
 # --- the table --------------------------------------------------------------------
@@ -266,18 +307,81 @@ class Scenario:
     n: int
     unreplied: int
     stale: int
+    # "shared": 200 destinations, one port (few flow keys); "distinct": every entry its own flow
+    # key; "zipf": a Zipf mix of 20k clients, 200k destinations and a few services.
+    keys: str = "shared"
+
+    @property
+    def net(self) -> str:
+        return STALE_NET if self.keys == "shared" else MOVE_NET
 
 
-def flow_key(src: int, sport: int, dst: int) -> tuple[int, int, int]:
-    return (src, sport, dst)
+Flow4 = tuple[int, int, int, int]  # (src, sport, dst, dport) of one UNREPLIED flow
 
 
-def unreplied_flows(sc: Scenario) -> list[tuple[int, int, int]]:
-    """(src, sport, dst) of each UNREPLIED flow: the first ``stale`` go to the net that moves."""
+def unreplied_flows(sc: Scenario) -> list[Flow4]:
+    """Each UNREPLIED flow: the first ``stale`` go to the net that moves."""
+    if sc.keys != "shared":
+        return keyed_flows(sc)
     out = []
     for i in range(sc.unreplied):
         base = STALE_BASE if i < sc.stale else OTHER_BASE
-        out.append((UNREPLIED_SRC + i // FLOWS_PER_SOURCE, 10000 + i % FLOWS_PER_SOURCE, base + i % 200))
+        src, sport = UNREPLIED_SRC + i // FLOWS_PER_SOURCE, 10000 + i % FLOWS_PER_SOURCE
+        out.append((src, sport, base + i % 200, DPORT))
+    return out
+
+
+def _zipf(rng: Any, n: int, size: int) -> list[int]:
+    """``size`` ranks in [0, n) drawn with weight 1/(rank+1) (s = 1), by inverting the cumulative sum."""
+    import bisect
+    import itertools
+
+    cum = list(itertools.accumulate(1.0 / (k + 1) for k in range(n)))
+    total = cum[-1]
+    return [min(bisect.bisect_left(cum, rng.random() * total), n - 1) for _ in range(size)]
+
+
+def keyed_flows(sc: Scenario) -> list[Flow4]:
+    """Flows with a real gateway's key diversity; the first ``stale`` go into MOVE_NET, the rest elsewhere.
+
+    Destinations outside MOVE_NET are spread over the EXTRA_ROUTES /24s (the gateway's big table).
+    Every flow is its own conntrack entry (unique source port per client, destination and service).
+    """
+    import random
+
+    rng = random.Random(11)
+    n, k = sc.unreplied, sc.stale
+    seen: set[Flow4] = set()
+    out: list[Flow4] = []
+    if sc.keys == "distinct":
+        for i in range(n):
+            client = UNREPLIED_SRC + i % CLIENTS
+            if i < k:
+                dst = MOVE_BASE + 1 + (i * 7919) % 65534
+            else:
+                j = i - k
+                dst = EXTRA_BASE + ((j * 2654435761) % (EXTRA_ROUTES * 256))
+            flow = (client, 10000 + (i // CLIENTS) % 50000, dst, SERVICES[i % len(SERVICES)])
+            out.append(flow)
+        return out
+    clients = _zipf(rng, CLIENTS, n)
+    dests = _zipf(rng, DESTINATIONS, n)
+    services = _zipf(rng, len(SERVICES), n)
+    # Destination ranks map to addresses: the stale ones in MOVE_NET, the rest over the extra routes.
+    for i in range(n):
+        rank = dests[i]
+        if i < k:
+            dst = MOVE_BASE + 1 + (rank * 7919) % 65534
+        else:
+            dst = EXTRA_BASE + (rank * 2654435761) % (EXTRA_ROUTES * 256)
+        client = UNREPLIED_SRC + clients[i]
+        sport = 1024 + rng.randrange(64000)
+        flow = (client, sport, dst, SERVICES[services[i]])
+        while flow in seen:
+            sport = 1024 + rng.randrange(64000)
+            flow = (client, sport, dst, SERVICES[services[i]])
+        seen.add(flow)
+        out.append(flow)
     return out
 
 
@@ -289,7 +393,7 @@ def replied_entries(sc: Scenario) -> list[Entry]:
         src = IPv4Address(REPLIED_SRC + i // FLOWS_PER_SOURCE)
         sport = 10000 + i % FLOWS_PER_SOURCE
         if i % 2:
-            dst = IPv4Address(STALE_BASE + i % 200)
+            dst = IPv4Address((STALE_BASE if sc.keys == "shared" else MOVE_BASE + 1) + i % 200)
             reply = CtTuple(dst, src, DPORT, sport)  # no NAT
         else:
             dst = IPv4Address(OTHER_BASE + i % 200)
@@ -299,7 +403,7 @@ def replied_entries(sc: Scenario) -> list[Entry]:
     return out
 
 
-def send_flows(bench: Bench, flows: list[tuple[int, int, int]]) -> float:
+def send_flows(bench: Bench, flows: list[Flow4]) -> float:
     """One UDP datagram per flow from the client, through the router; returns seconds."""
     sock = bench.client.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     try:
@@ -310,11 +414,11 @@ def send_flows(bench: Bench, flows: list[tuple[int, int, int]]) -> float:
         total = 20 + 8 + len(payload)
         send = sock.sendto
         started = time.perf_counter()
-        for src, sport, dst in flows:
+        for src, sport, dst, dport in flows:
             # The kernel fills in the IP checksum and id; a UDP checksum of 0 means "none".
             packet = (
                 ip_hdr.pack(0x45, 0, total, 0, 0, 64, 17, 0, src, dst)
-                + udp_hdr.pack(sport, DPORT, 8 + len(payload), 0)
+                + udp_hdr.pack(sport, dport, 8 + len(payload), 0)
                 + payload
             )
             while True:
@@ -328,23 +432,23 @@ def send_flows(bench: Bench, flows: list[tuple[int, int, int]]) -> float:
         sock.close()
 
 
-def orig_keys(entries: list[Entry]) -> set[tuple[int, int, int]]:
-    return {(int(e.orig.src), e.orig.sport, int(e.orig.dst)) for e in entries}
+def orig_keys(entries: list[Entry]) -> set[Flow4]:
+    return {(int(e.orig.src), e.orig.sport, int(e.orig.dst), e.orig.dport) for e in entries}
 
 
 @dataclass
 class Table:
-    stale: set[tuple[int, int, int]]
-    healthy: set[tuple[int, int, int]]
+    stale: set[Flow4]
+    healthy: set[Flow4]
     fill_seconds: float
     packets_seconds: float
     notes: list[str] = field(default_factory=list)
 
 
-def rebuild(bench: Bench, sc: Scenario, replied: list[Entry], flows: list[tuple[int, int, int]]) -> Table:
+def rebuild(bench: Bench, sc: Scenario, replied: list[Entry], flows: list[Flow4]) -> Table:
     r = bench.router
     r.run("conntrack", "-F", check=False)
-    bench.route_before()
+    bench.route_before(sc.net)
     started = time.perf_counter()
     bench.ct.create(replied)
     packets = send_flows(bench, flows)
@@ -406,16 +510,30 @@ def rules_dir(tmp: str, cap: int) -> str:
     return str(rules)
 
 
+def _phases(record: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.0f} ms" for k, v in record["timings"].items())
+
+
 def run_topowatch(bench: Bench, sc: Scenario, idle: float) -> dict[str, Any]:
+    """The daemon's reactions, read from its JSON log records (``--log-format json``), never its text."""
     cap = max(2 * sc.n, 1000)  # twice the whole table: never the cap edge, whatever K is
     with tempfile.TemporaryDirectory(prefix="twbench") as tmp:
-        args = ("--no-dbus", "--rules-dir", rules_dir(tmp, cap), "--debounce", str(DEBOUNCE),
-                "--max-deletions", str(cap), "--no-startup-sweep", "--log-format", "json")
+        sweep = sc.keys != "shared"  # the startup sweep is timed on the keyed scenarios
+        args: tuple[str, ...] = ("--no-dbus", "--rules-dir", rules_dir(tmp, cap), "--debounce", str(DEBOUNCE),
+                                 "--max-deletions", str(cap), "--log-format", "json")
+        if not sweep:
+            args += ("--no-startup-sweep",)
         with Daemon(bench.router, *args) as daemon:
             if daemon.wait_for("ready", 60) is None:
                 raise SystemExit("topowatch did not become ready:\n" + "\n".join(daemon.lines))
             pid = daemon.proc.pid
             result: dict[str, Any] = {"max_deletions": cap}
+            if sweep:
+                first = daemon.wait_record(lambda r: r.get("event") == "reaction", 600)
+                if first is None:
+                    raise SystemExit("no startup sweep:\n" + "\n".join(daemon.lines[-20:]))
+                result["sweep_seconds"] = first["latency_ms"] / 1000
+                result["sweep_phases"] = _phases(first)
             if idle:
                 time.sleep(0.5)
                 watch = watch_idle(pid, idle)
@@ -424,11 +542,10 @@ def run_topowatch(bench: Bench, sc: Scenario, idle: float) -> dict[str, Any]:
                 result["idle_threads"] = (watch.threads_before, watch.threads_after)
                 result["idle_text"] = watch.describe()
             started = time.perf_counter()
-            bench.route_change()
-            # The reaction's JSON record (the machine interface), not its text line; one to
-            # something else than the moved route does not count.
-            def ours(r: dict[str, Any]) -> bool:
-                return r.get("event") == "reaction" and STALE_NET in f"{r.get('change')} {r.get('trigger')}"
+            bench.route_change(sc.net)
+
+            def ours(r: dict[str, Any]) -> bool:  # a reaction to something else does not count
+                return r.get("event") == "reaction" and sc.net in f"{r.get('change')} {r.get('trigger')}"
 
             record = daemon.wait_record(ours, 300)
             external = time.perf_counter() - started
@@ -447,7 +564,8 @@ def run_topowatch(bench: Bench, sc: Scenario, idle: float) -> dict[str, Any]:
     result.update(
         seconds=record["latency_ms"] / 1000,
         external_seconds=external,
-        phases=", ".join(f"{k} {v:.0f} ms" for k, v in record["timings"].items()),
+        phases=_phases(record),
+        timings=record["timings"],
         rss_peak_mb=status["VmHWM"] / 1024,
         log=record["msg"],
         record={k: v for k, v in record.items() if k != "msg"},
@@ -472,8 +590,8 @@ class ConntrackTools:
     status_delete: dict[str, str]  # --status value -> what -D did to an unreplied and a replied canary
     unreplied_status: str | None  # a --status value -D honours to select UNREPLIED entries, if any
 
-    def delete_args(self) -> list[str]:
-        args = ["-D", "-p", "udp", "-d", STALE_NET]
+    def delete_args(self, net: str = STALE_NET) -> list[str]:
+        args = ["-D", "-p", "udp", "-d", net]
         if self.unreplied_status is not None:
             args += ["--status", self.unreplied_status]
         return args
@@ -541,15 +659,15 @@ def probe_conntrack_tools() -> ConntrackTools:
     return ConntrackTools(conntrack_version(), found, unreplied_status)
 
 
-def run_conntrack_tools(bench: Bench, tools: ConntrackTools) -> dict[str, Any]:
-    bench.route_change()
-    args = tools.delete_args()
+def run_conntrack_tools(bench: Bench, tools: ConntrackTools, net: str) -> dict[str, Any]:
+    bench.route_change(net)
+    args = tools.delete_args(net)
     seconds = timed(lambda: bench.router.run("conntrack", *args, check=False))
     return {"seconds": seconds, "filter": "conntrack " + " ".join(args)}
 
 
-def run_kernel_flush(bench: Bench) -> dict[str, Any]:
-    bench.route_change()
+def run_kernel_flush(bench: Bench, net: str) -> dict[str, Any]:
+    bench.route_change(net)
     seconds = timed(lambda: bench.router.run("conntrack", "-F"))
     return {"seconds": seconds, "filter": "conntrack -F"}
 
@@ -597,8 +715,8 @@ def probe_filtered_flush() -> bool:
             return err == 0 and left == orig_keys([replied])
 
 
-def run_filtered_flush(bench: Bench) -> dict[str, Any]:
-    bench.route_change()
+def run_filtered_flush(bench: Bench, net: str) -> dict[str, Any]:
+    bench.route_change(net)
     sock = bench.router.socket(socket.AF_NETLINK, socket.SOCK_RAW, ctcodec.NETLINK_NETFILTER)
     sock.bind((0, 0))
     try:
@@ -746,12 +864,23 @@ def scenarios(quick: bool) -> list[Scenario]:
             out.append(Scenario(name, n, n // 10, n * k_percent // 100))
     flood = 20_000 if quick else 1_000_000
     out.append(Scenario(f"{flood // 1000}k all unreplied (flood), K=10%", flood, flood, flood // 10))
+    # Issue #11: a real gateway's key diversity, beside a big routing table and ruleset.
+    for n in [20_000] if quick else [160_000, 1_000_000]:
+        for keys in ("distinct",) if quick else ("distinct", "zipf"):
+            for share in (100,) if quick else (10, 100):
+                for k_permille in (125,) if quick else (10, 125):
+                    unreplied = n * share // 100
+                    name = (f"{n // 1000}k {keys} keys, {share}% unreplied, "
+                            f"K={k_permille / 10:g}% of unreplied")
+                    out.append(Scenario(name, n, unreplied, unreplied * k_permille // 1000, keys))
     return out
 
 
 def run_scenario(
     bench: Bench, sc: Scenario, filtered_ok: bool, tools: ConntrackTools, idle: float
 ) -> dict[str, Any]:
+    if sc.keys != "shared":
+        bench.furnish()
     replied = replied_entries(sc)
     flows = unreplied_flows(sc)
     result: dict[str, Any] = {"scenario": sc.name, "n": sc.n, "unreplied": sc.unreplied, "k": sc.stale}
@@ -775,11 +904,11 @@ def run_scenario(
             got = run_topowatch(bench, sc, idle)
             idle = 0
         elif method == "conntrack-tools":
-            got = run_conntrack_tools(bench, tools)
+            got = run_conntrack_tools(bench, tools, sc.net)
         elif method == "kernel -F":
-            got = run_kernel_flush(bench)
+            got = run_kernel_flush(bench, sc.net)
         else:
-            got = run_filtered_flush(bench)
+            got = run_filtered_flush(bench, sc.net)
         got.update(outcome(bench, table))
         methods[method] = got
         print(
@@ -929,6 +1058,20 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
                     "verdict": "n/a" if ok is None else "PASS" if ok else "FAIL"})
 
     ct = m["conntrack-tools"]["seconds"]
+    d = res.get("decode")
+    if "sweep_seconds" in tw and isinstance(d, dict):
+        # Issue #11: the floor of a dumping tool is the kernel's undecoded UNREPLIED dump plus the
+        # deletes (the daemon's own delete phase: batched deletes by tuple, kernel-bound).
+        dump = d["kernel_dump_unreplied_s"]
+        floor = dump + tw["timings"].get("delete", 0.0) / 1000
+        bound = max(0.5 * ct, 1.3 * floor)
+        add("event to last delete <= max(0.5 x conntrack-tools, 1.3 x floor)",
+            f"{t:.3f} s vs max({0.5 * ct:.3f}, {1.3 * floor:.3f}) s (floor: dump {dump:.3f} s + deletes "
+            f"{floor - dump:.3f} s); {t / floor:.2f}x the floor", t <= bound)
+        sweep = tw["sweep_seconds"]
+        add("startup sweep <= 1.5 x floor (the undecoded UNREPLIED dump)",
+            f"{sweep:.3f} s vs {dump:.3f} s = {sweep / dump:.2f}x ({tw['sweep_phases']})",
+            sweep <= 1.5 * dump)
     add("topowatch <= 0.5 x conntrack-tools",
         f"{t:.3f} s vs {ct:.3f} s = {t / ct:.2f}x (by the log's time {tw['seconds'] / ct:.2f}x)",
         t / ct <= 0.5)
@@ -972,7 +1115,8 @@ def report(results: list[dict[str, Any]], libs: dict[str, float], tools: Conntra
     )
     for res in results:
         print(f"  topowatch phases, {res['scenario']}: {res['methods']['topowatch']['phases']}")
-    print(f"conntrack-tools filter: conntrack {' '.join(tools.delete_args())}")
+    print(f"conntrack-tools filter: conntrack {' '.join(tools.delete_args())} "
+          f"(keyed scenarios: -d {MOVE_NET})")
     print(f"  {tools.describe()}")
     print(
         "kernel filtered flush: every UNREPLIED entry (a superset: healthy UNREPLIED flows go too); "

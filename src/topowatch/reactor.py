@@ -25,6 +25,7 @@ speaks netlink (the ``Backend`` does).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -41,6 +42,7 @@ from topowatch.core.eligibility import Eligibility
 from topowatch.core.evaluate import predict
 from topowatch.core.fib import Fib
 from topowatch.core.flow import Flow, Prediction, proto_name
+from topowatch.core.impact import Impact, impact
 from topowatch.core.model import Topology, TopologyChange, diff
 from topowatch.core.nat import NatRuleset
 from topowatch.errors import TopowatchError
@@ -238,6 +240,8 @@ class Reaction:
     logged_only: int = 0
     # Why nothing was decided (no ruleset read yet), or None for a reaction that decided.
     skipped: str | None = None
+    # False for a reaction whose change could re-NAT no flow: it made no conntrack dump.
+    dumped: bool = True
 
     def debounce_wait(self) -> float:
         """The part of the latency spent waiting for the burst to end (before the first phase)."""
@@ -259,6 +263,9 @@ class Reaction:
         if self.skipped is not None:
             return (f"reaction {self.number} ({what}){policy}: NOTHING DECIDED: {self.skipped}, "
                     "nothing deleted")
+        took = f"{self.latency * 1000:.0f} ms incl. {self.debounce_wait() * 1000:.0f} ms debounce"
+        if not self.dumped:
+            return f"reaction {self.number} ({what}){policy}: {'; '.join(p.notes)}, nothing deleted, {took}"
         protos = sorted({proto_name(d.entry.proto) for d in p.stale})
         kinds = "/".join(protos) + " " if protos else ""
         found = f"{len(p.stale)} of {p.examined} examined {kinds}entries stale"
@@ -283,10 +290,7 @@ class Reaction:
             action += f", {self.logged_only} logged only"
         if p.undecided:
             action += f", {len(p.undecided)} undecided"
-        return (
-            f"reaction {self.number} ({what}){policy}: {found}, {action}, "
-            f"{self.latency * 1000:.0f} ms incl. {self.debounce_wait() * 1000:.0f} ms debounce"
-        )
+        return f"reaction {self.number} ({what}){policy}: {found}, {action}, {took}"
 
     def fields(self) -> dict[str, object]:
         """The reaction as one structured log record (``--log-format json``)."""
@@ -301,6 +305,7 @@ class Reaction:
             "debounce_ms": round(self.debounce_wait() * 1000, 3),
             "timings": {k: round(v * 1000, 3) for k, v in self.timings.items()}, "skipped": self.skipped,
             "stale_by_code": count_codes(p.stale), "undecided_by_code": count_codes(p.undecided),
+            "dumped": self.dumped, "notes": list(p.notes),
         }  # fmt: skip
 
 
@@ -332,6 +337,11 @@ class Reactor:
         self._burst = Burst()
         self._arrived = trio.Event()
         self._sport_memo: tuple[NatRuleset, bool] | None = None
+        # Every eligible entry was judged against T0 and every stale one deleted: only then may
+        # a reaction judge just the flows its change can re-NAT (or none, without a dump).
+        self.judged_all = False
+        self._judged_under: tuple[NatRuleset | None, EffectivePolicy | None] = (None, None)
+        self.dumps = 0  # conntrack dumps made by reactions (a reaction that can change no flow makes none)
 
     # -- sources -------------------------------------------------------------
 
@@ -448,7 +458,8 @@ class Reactor:
                 if self.ruleset is not None:
                     log.error("ruleset unreadable, keeping the previous one: %s", exc)
             timings["ruleset"] = clock() - mark
-        selection = self.policy().select(burst.events or {("request", None)})
+        policy = self.policy()
+        selection = policy.select(burst.events or {("request", None)})
         if self.ruleset is None:
             why = f"no ruleset has been read yet ({unread})" if unread else "no ruleset has been read yet"
             undecided = self._undecided(burst, t1, selection, why, start=start, timings=timings)
@@ -462,9 +473,20 @@ class Reactor:
         def bound(fib: Fib, flow: Flow) -> Prediction:
             return predictor(ruleset, fib, flow)
 
+        # A full judgement, or only the flows this change can re-NAT (``core.impact``).
+        why_full = self._why_full(burst, ruleset, policy)
+        scope: Impact | None = None
+        if why_full is None and self.t0 is not None:
+            scope = impact(self.t0, t1, ruleset)
+        else:
+            log.debug("full judgement: %s", why_full)
+        self.judged_all = False
+        if scope is not None and scope.none:
+            return self._record(self._unchanged(burst, t1, selection, scope, start=start, timings=timings,
+                                                ruleset=ruleset, policy=policy), selection)  # fmt: skip
+
         fib_now, fib_before = Fib(t1), Fib(self.t0) if self.t0 is not None else None
         sport_matters = self._mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies)
-
         mark = clock()
         classifier = Classifier.build(
             [t for t in (self.t0, t1) if t is not None], [ruleset], eligibility, sport_matters=sport_matters
@@ -473,12 +495,19 @@ class Reactor:
         if not classifier.exact:
             log.debug("flows are predicted one by one: %s", classifier.reason)
 
+        only = None
+        if scope is not None and classifier.exact:
+            only = classifier.classes_within(scope.prefixes)
+            log.debug("judging only %s (%d address classes)", scope.describe(), len(only))
+
         def decider(build: EntryBuilder | None = None) -> Decider:
             return Decider(predict=bound, fib_now=fib_now, fib_before=fib_before, eligibility=eligibility,
-                           sport_matters=sport_matters, build=build, classifier=classifier)
+                           sport_matters=sport_matters, build=build, classifier=classifier, only=only)
 
         mark = clock()
         judge = getattr(self.backend, "judge", None)
+        if selection.policies:
+            self.dumps += 1
         if judge is not None and selection.policies:
             # Dump and decide in one pass in the backend: only stale/undecided entries are kept.
             plan = (await judge(eligibility, decider)).plan()
@@ -489,7 +518,8 @@ class Reactor:
             timings["dump"] = clock() - mark
             dumped = mark = clock()
             plan = decide(entries, predict=bound, fib_now=fib_now, fib_before=fib_before,
-                          eligibility=eligibility, sport_matters=sport_matters, classifier=classifier)
+                          eligibility=eligibility, sport_matters=sport_matters, classifier=classifier,
+                          only=only)
             timings["decide"] = clock() - mark
         change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
         if all(p.action is Action.FLUSH for p in selection.policies):
@@ -505,6 +535,14 @@ class Reactor:
             timings["delete"] = clock() - mark
             timings["window"] = clock() - dumped
         self.t0 = t1
+        flushes = all(p.action is Action.FLUSH for p in selection.policies)
+        self.judged_all = bool(
+            selection.policies and flushes and not refused and not self.config.dry_run
+            and deleted.failed == 0 and len(to_delete) == len(plan.stale)
+        )  # fmt: skip
+        self._judged_under = (ruleset, policy)
+        if scope is not None and not scope.everything:
+            plan = dataclasses.replace(plan, notes=(*plan.notes, f"judged only {scope.describe()}"))
         reaction = Reaction(
             number=len(self.reactions) + 1,
             trigger=", ".join(burst.lines) or "request",
@@ -520,6 +558,46 @@ class Reactor:
             logged_only=len(plan.stale) - len(to_delete),
         )
         return self._record(reaction, selection)
+
+    def _why_full(self, burst: Burst, ruleset: NatRuleset, policy: EffectivePolicy) -> str | None:
+        """Why this reaction must judge every eligible entry, or None when the change alone may do."""
+        if not self.judged_all:
+            return "the previous judgement was not complete (start, refused, failed, dry run or log only)"
+        if burst.overrun:
+            return "events were lost"
+        if not burst.kinds or not burst.kinds <= TOPOLOGY_KINDS:
+            return f"trigger {', '.join(sorted(burst.kinds)) or 'request'}"
+        under_ruleset, under_policy = self._judged_under
+        if ruleset is not under_ruleset and ruleset != under_ruleset:
+            return "the ruleset changed"
+        if policy is not under_policy:
+            return "the policy was reloaded"
+        return None
+
+    def _unchanged(
+        self, burst: Burst, t1: Topology, selection: Selection, scope: Impact, *, start: float,
+        timings: dict[str, float], ruleset: NatRuleset, policy: EffectivePolicy,
+    ) -> Reaction:
+        """A reaction whose change can re-NAT no flow: nothing to dump, nothing to delete."""
+        change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
+        self.t0 = t1
+        self.judged_all = True
+        self._judged_under = (ruleset, policy)
+        return Reaction(
+            number=len(self.reactions) + 1,
+            trigger=", ".join(burst.lines) or "request",
+            events=burst.count,
+            change=change,
+            plan=FlushPlan(examined=0, eligible=0,
+                           notes=(f"no dump: the change can re-NAT {scope.describe()}",)),
+            deleted=DeleteCounts(),
+            refused=False,
+            dry_run=self.config.dry_run,
+            latency=trio.current_time() - (burst.first if burst.count else start),
+            timings=timings,
+            policies=selection.names(),
+            dumped=False,
+        )
 
     def _undecided(
         self, burst: Burst, t1: Topology, selection: Selection, why: str, *, start: float,

@@ -45,7 +45,8 @@ def test_quick_benchmark_table(tmp_path: Path) -> None:
     verdicts = re.findall(r"^\s+(PASS|FAIL|n/a)\s+(.+?):", proc.stdout, re.MULTILINE)
     report = json.loads(out.read_text())
     results = report["results"]
-    assert len(results) == 3  # two 10%-UNREPLIED scenarios (K=1%, 10%) and the flood
+    # two 10%-UNREPLIED scenarios (K=1%, 10%), the flood, and distinct keys beside a big table
+    assert len(results) == 4
     for res in results:
         assert res["built"]["entries"] == res["n"], res["built"]
         assert res["built"]["stale"] == res["k"]
@@ -71,6 +72,10 @@ def test_quick_benchmark_table(tmp_path: Path) -> None:
         assert targets["zero collateral, zero missed (topowatch)"] == "PASS", res["targets"]
         assert any(name.startswith("topowatch <= 0.5 x conntrack-tools") for name in targets)
         assert all(v in ("PASS", "FAIL", "n/a") for v in targets.values())
+    # The keyed scenario judges the floor and the startup sweep too.
+    keyed = {t["target"] for t in results[3]["targets"]}
+    assert "event to last delete <= max(0.5 x conntrack-tools, 1.3 x floor)" in keyed
+    assert "startup sweep <= 1.5 x floor (the undecoded UNREPLIED dump)" in keyed
     # The two 10%-UNREPLIED scenarios also judge the full-flush ratio.
     assert sum("kernel full flush" in t["target"] for res in results for t in res["targets"]) == 2
     printed = [v for v, _ in verdicts]

@@ -373,3 +373,15 @@ def test_numgen_map_bindings_are_the_reachable_targets(mod: int, keys: list[int]
         assert p.dnat == frozenset(B(NatKind.DNAT, f"10.0.1.{50 + k}") for k in reached)
     else:
         assert isinstance(p.dnat, Unknown)
+
+
+def test_a_rule_that_only_matches_and_counts_never_makes_a_prediction_unknown() -> None:
+    """`meta cpu 0 counter` (an unmodelled match, no effect) in front of the masquerade rule."""
+    from test_evaluate import COUNTER, MASQ1, FakeFib, post, ruleset, udp
+
+    unmodelled = {"xt": {"type": "match", "name": "cpu"}}
+    rs = ruleset(post([unmodelled, COUNTER], [{"masquerade": None}]))
+    assert predict(rs, FakeFib(), udp()).snat == frozenset({MASQ1})
+    # With an effect (a verdict), the same unknown match keeps the prediction unknown.
+    rs = ruleset(post([unmodelled, COUNTER, {"accept": None}], [{"masquerade": None}]))
+    assert isinstance(predict(rs, FakeFib(), udp()).snat, Unknown)

@@ -42,14 +42,16 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import struct
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any
 
 from topowatch.core.eligibility import Eligibility
-from topowatch.core.model import AF_INET, AF_INET6, Route, RouteType, Topology
+from topowatch.core.model import AF_INET, AF_INET6, Link, Route, RouteType, Topology
 
 # Questions the FIB and source selection ask of any address, whatever the configuration.
 _SPECIAL_V4 = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "255.255.255.255/32")
@@ -160,12 +162,43 @@ class _Harvest:
     def empty(cls) -> _Harvest:
         return cls({AF_INET: set(), AF_INET6: set()}, set(), [])
 
+    def merge(self, other: _Harvest) -> None:
+        for family, intervals in other.addresses.items():
+            self.addresses[family] |= intervals
+        self.ports |= other.ports
+        self.inexact.extend(other.inexact)
+
     def address(self, lo: int, hi: int, version: int) -> None:
         self.addresses[AF_INET if version == 4 else AF_INET6].add((lo, hi))
 
     def port(self, lo: int, hi: int) -> None:
         if 0 <= lo <= _PORT_MAX:
             self.ports.add((lo, min(hi, _PORT_MAX)))
+
+
+def _harvested(fill: Callable[[_Harvest], None]) -> _Harvest:
+    harvest = _Harvest.empty()
+    fill(harvest)
+    return harvest
+
+
+# What was harvested from the last few rulesets and topologies, by identity: a reaction's
+# snapshot is the next one's previous snapshot, and the ruleset is read again only when it
+# changed. The value keeps its key alive, so an id is never reused while it is here.
+_MEMO: dict[tuple[int, str], tuple[object, Any]] = {}
+_MEMO_SIZE = 12
+
+
+def _memo(value: object, what: str, make: Callable[[Any], Any]) -> Any:
+    key = (id(value), what)
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0] is value:
+        return hit[1]
+    result = make(value)
+    if len(_MEMO) >= _MEMO_SIZE:
+        del _MEMO[next(iter(_MEMO))]
+    _MEMO[key] = (value, result)
+    return result
 
 
 def _masked_interval(value: int, mask: int, bits: int) -> tuple[int, int] | None:
@@ -234,14 +267,16 @@ def _walk(value: object, harvest: _Harvest, depth: int = 0) -> None:
     harvest.inexact.append(f"a {name} value cannot be read for classes")
 
 
-def _route_label(route: Route, topology: Topology, oif_addresses: dict[int, tuple[object, ...]]) -> object:
+def _route_label(
+    route: Route, links: dict[int, Link], oif_addresses: dict[int, tuple[object, ...]]
+) -> object:
     """What the FIB reads of a route besides its prefix (for plain unicast routes)."""
     if route.type != RouteType.UNICAST or not route.nexthops or route.tos:
         # Its text can reach a reason or an unknown: keep it apart by its prefix too.
         return ("route", route)
     hops = []
     for nh in route.nexthops:
-        link = topology.link(nh.oif)
+        link = links.get(nh.oif)
         hops.append((nh, None if link is None else (link.name, link.up), oif_addresses.get(nh.oif, ())))
     return (route.type, tuple(hops), route.metric, route.prefsrc, route.scope, route.protocol)
 
@@ -259,14 +294,21 @@ def _table_routes(topology: Topology, family: int) -> list[list[tuple[int, int, 
         key = (route.table, int(route.dst.network_address), int(route.dst.broadcast_address))
         groups.setdefault(key, []).append(route)
     tables: dict[int, list[tuple[int, int, object]]] = {}
+    links = {link.index: link for link in topology.links}
     for (table, lo, hi), routes in groups.items():
-        label = tuple(_route_label(r, topology, oif_addresses) for r in sorted(routes, key=_route_order))
+        if len(routes) > 1:
+            routes.sort(key=_route_order)  # stable: dump order among equals, as the FIB keeps it
+        label = tuple(_route_label(r, links, oif_addresses) for r in routes)
         tables.setdefault(table, []).append((lo, hi, label))
     return [tables[t] for t in sorted(tables)]
 
 
-def _route_order(route: Route) -> tuple[int, int, str]:
-    return (-route.tos, route.metric, repr(route))
+def _route_order(route: Route) -> tuple[int, int]:
+    return (-route.tos, route.metric)
+
+
+def _topology_harvested(topology: Topology) -> _Harvest:
+    return _harvested(functools.partial(_topology_harvest, topology))
 
 
 def _topology_harvest(topology: Topology, harvest: _Harvest) -> None:
@@ -338,6 +380,23 @@ class Classifier:
         fields = (*self.src.values(), *self.dst.values(), self.ports)
         return sum(m.count for m in fields)
 
+    def classes_within(self, prefixes: Iterable[IPv4Network | IPv6Network]) -> frozenset[tuple[int, int]]:
+        """(family, class) of every address class with an interval inside one of ``prefixes``.
+
+        Prefixes whose bounds are not boundaries of the map (not harvested) count for every
+        class that overlaps them, so the answer never leaves out a class that meets them.
+        """
+        out: set[tuple[int, int]] = set()
+        for net in prefixes:
+            family = AF_INET if net.version == 4 else AF_INET6
+            fmap = self.dst[family]
+            lo, hi = int(net.network_address), int(net.broadcast_address)
+            i = bisect_right(fmap.starts, lo) - 1
+            while i < len(fmap.starts) and fmap.starts[i] <= hi:
+                out.add((family, fmap.classes[i]))
+                i += 1
+        return frozenset(out)
+
     def mark_class(self, mark: int) -> int:
         bits = 1 if mark == 0 else 0
         for i, (value, mask) in enumerate(self.marks, 1):
@@ -380,9 +439,9 @@ class Classifier:
                 )
                 harvest.address(int(net.network_address), int(net.broadcast_address), net.version)
         for ruleset in rulesets:
-            _walk(ruleset, harvest)
+            harvest.merge(_memo(ruleset, "ruleset", lambda r: _harvested(lambda h: _walk(r, h))))
         for topology in topologies:
-            _topology_harvest(topology, harvest)
+            harvest.merge(_memo(topology, "topology", _topology_harvested))
         marks: list[tuple[int, int]] = []
         if eligibility is not None:
             _walk(tuple(_eligibility_addresses(eligibility)), harvest)
@@ -390,7 +449,10 @@ class Classifier:
         src: dict[int, FieldMap] = {}
         dst: dict[int, FieldMap] = {}
         for family in (AF_INET, AF_INET6):
-            labelled = [t for topology in topologies for t in _table_routes(topology, family)]
+            labelled: list[list[tuple[int, int, object]]] = []
+            for topology in topologies:
+                routes = functools.partial(_table_routes, family=family)
+                labelled += _memo(topology, f"routes{family}", routes)
             fmap = _field_map(_BITS[family], harvest.addresses[family], labelled)
             src[family] = dst[family] = fmap
         ports = _field_map(16, harvest.ports)

@@ -327,6 +327,8 @@ EntryBuilder = Callable[[RawEntry], Entry]
 
 # Raw-cache value of an entry that the eligibility refuses.
 _REFUSED: tuple[_Check, _Check] = (None, None)
+# Raw-cache value of a class left alone (outside ``Decider.only``): every side "no binding", healthy.
+_LEFT: tuple[_Check, _Check] = ((), ())
 
 
 def _admitted_raw(check: _Check, original: bytes, translated: bytes, port: int) -> bool:
@@ -413,12 +415,16 @@ class Decider:
         sport_matters: bool = True,
         build: EntryBuilder | None = None,
         classifier: Classifier | None = None,
+        only: frozenset[tuple[int, int]] | None = None,
     ) -> None:
         self.predict = predict
         # Flow classes (``core.classify``): predictions are kept per class, so the caches hold
         # one slot per class seen, whatever the traffic. Without an exact classifier they are
         # kept per flow key, and cleared when they pass ``FLOW_CACHE_LIMIT``.
         self.classifier = classifier if classifier is not None and classifier.exact else None
+        # Judge only flows whose source or destination class is one of these (family, class);
+        # the others are counted and left alone (their prediction cannot have changed).
+        self.only = only if self.classifier is not None else None
         # The classifier's tables for a compiled scan, which then keys ``raw_cache`` by class.
         self.class_tables = self.classifier.packed() if self.classifier is not None else None
         self.fib_now = fib_now
@@ -465,11 +471,22 @@ class Decider:
         self._raw.clear()
         self.raw_cache.clear()
 
+    def _skipped(self, key: Hashable) -> bool:
+        """True for a class outside ``only`` (``Classifier.key``: family at 0, src and dst at 5, 6)."""
+        only = self.only
+        if only is None:
+            return False
+        assert isinstance(key, tuple)
+        family = key[0]
+        return (family, key[5]) not in only and (family, key[6]) not in only
+
     def add(self, entry: Entry) -> None:
         self.examined += 1
         if not self.eligibility.admits(entry):
             return
         self.eligible += 1
+        if self.only is not None and self._skipped(self._entry_key(entry)):
+            return
         key, compiled = self._compiled(entry)
         if not _healthy(entry, compiled):
             self._judge(entry, key, compiled)
@@ -494,6 +511,8 @@ class Decider:
             return None
         if slot is _REFUSED:
             return PROGRAM_REFUSED
+        if slot is _LEFT:
+            return compile_program((), ())
         assert isinstance(slot, _Compiled)
         return compile_program(slot.dnat, slot.snat)
 
@@ -519,6 +538,8 @@ class Decider:
         if slot is _REFUSED:
             return
         self.eligible += 1
+        if slot is _LEFT:
+            return
         assert isinstance(slot, _Compiled)
         if status & IPS_DST_NAT_DONE:
             check = slot.dnat
@@ -557,6 +578,9 @@ class Decider:
             self._raw[raw_key] = _REFUSED
             return
         self.eligible += 1
+        if self.only is not None and self._skipped(raw_key):
+            self._raw[raw_key] = _LEFT  # healthy by construction: its prediction did not change
+            return
         key, compiled = self._compiled(entry)
         self._raw[raw_key] = compiled
         if not _healthy(entry, compiled):
@@ -663,6 +687,7 @@ def decide(
     eligibility: Eligibility = DEFAULT_ELIGIBILITY,
     sport_matters: bool = True,
     classifier: Classifier | None = None,
+    only: frozenset[tuple[int, int]] | None = None,
 ) -> FlushPlan:
     """Judge every eligible entry; ``predict`` is the evaluator bound to the current ruleset.
 
@@ -676,6 +701,7 @@ def decide(
         eligibility=eligibility,
         sport_matters=sport_matters,
         classifier=classifier,
+        only=only,
     )
     add = decider.add
     for entry in entries:

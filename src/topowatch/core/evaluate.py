@@ -75,10 +75,13 @@ from topowatch.core.flow import (
 from topowatch.core.model import IPAddress
 from topowatch.core.nat import (
     XFRM_KEYS,
+    AddrTypeMatch,
     AnyOf,
     Chain,
     ConcatMatch,
+    CtStateMatch,
     CtStatusMatch,
+    CtTupleMatch,
     ElementKey,
     Hook,
     IntervalSet,
@@ -93,6 +96,7 @@ from topowatch.core.nat import (
     NetmapStatement,
     Op,
     Passive,
+    PolicyMatch,
     Rule,
     Selector,
     UnknownMatch,
@@ -428,6 +432,8 @@ class _Evaluator:
         self, chain: Chain, rule: Rule, side: _Side, tape: _Tape
     ) -> Verdict | _Bound | _BoundAny | _Dropped | None:
         """Run one rule's expressions in order; None when the rule does not end in a verdict."""
+        if _passive(rule):
+            return None  # matches and counters only: whatever it matches, it changes nothing
         where = self.ruleset.describe_rule(chain, rule)
         for expr in rule.exprs:
             if isinstance(expr, NftExpr) and _is_nft(expr):
@@ -706,6 +712,21 @@ _FIRST_PACKET_STATUS: dict[str, bool | None] = {
     "DYING": False,
 }
 NftExpr = Match | CtStatusMatch | ConcatMatch | VerdictMap | NatMapStatement
+
+
+# Expressions that only test the packet, and statements without effect (counter, log, comment).
+_MATCH_ONLY = (Match, UnknownMatch, ConcatMatch, AnyOf, CtStateMatch, CtStatusMatch, CtTupleMatch,
+               AddrTypeMatch, PolicyMatch, Passive)  # fmt: skip
+
+
+def _passive(rule: Rule) -> bool:
+    """True for a rule that cannot change a NAT decision: it only matches and counts or logs.
+
+    Such a rule never makes a prediction unknown, whatever it matches (an unmodelled match
+    in it decides nothing). A verdict, a NAT or mark statement, a map, a set update or any
+    statement not modelled keeps the rule's meaning.
+    """
+    return all(isinstance(expr, _MATCH_ONLY) for expr in rule.exprs)
 
 
 def _is_nft(expr: object) -> bool:

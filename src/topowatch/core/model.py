@@ -16,6 +16,9 @@ Rules:
 from __future__ import annotations
 
 import enum
+import itertools
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import (
     IPv4Address,
@@ -334,6 +337,31 @@ class TopologyChange:
         return f"{head}; and {more} more" if more > 0 else head
 
 
+def changed_routes(before: Sequence[Route], now: Sequence[Route]) -> tuple[set[Route], set[Route]]:
+    """The routes only in ``before`` and only in ``now`` (any others compare equal).
+
+    Snapshots kept from events share their unchanged Route objects, in the same order: the
+    common head and tail are found by identity at C speed, and only the middle is compared
+    by value, so a change to one route of a large table hashes only a few. A snapshot's
+    routes are distinct values (the kernel refuses an exact duplicate); were they not, a
+    route could be reported changed that is not, never the other way round.
+    """
+    if before is now:
+        return set(), set()
+    head = next(itertools.compress(itertools.count(), map(operator.is_not, before, now)), None)
+    if head is None and len(before) == len(now):
+        return set(), set()
+    if head is None:
+        head = min(len(before), len(now))
+    rest = min(len(before), len(now)) - head
+    tail = next(itertools.compress(itertools.count(), map(operator.is_not, reversed(before), reversed(now))),
+                rest)  # fmt: skip
+    tail = min(tail, rest)
+    middle0 = set(before[head : len(before) - tail])
+    middle1 = set(now[head : len(now) - tail])
+    return middle0 - middle1, middle1 - middle0
+
+
 def diff(t0: Topology, t1: Topology) -> TopologyChange:
     """Say in words what changed from ``t0`` to ``t1`` (links, addresses, routes, rules)."""
     lines: list[str] = []
@@ -368,7 +396,7 @@ def diff(t0: Topology, t1: Topology) -> TopologyChange:
         before, after = addrs0[key], addrs1[key]
         if before != after:
             lines.append(f"address {addr_line(after, names1)} flags {before.flags:#x} -> {after.flags:#x}")
-    routes0, routes1 = set(t0.routes), set(t1.routes)
+    routes0, routes1 = changed_routes(t0.routes, t1.routes)
     for r in sorted(routes0 - routes1, key=str):
         lines.append(f"route {r.describe(names0)} removed")
     for r in sorted(routes1 - routes0, key=str):

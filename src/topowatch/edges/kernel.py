@@ -26,6 +26,7 @@ import trio
 from topowatch.core.conntrack import Entry
 from topowatch.core.decide import Decider, EntryBuilder, RawEntry
 from topowatch.core.eligibility import Eligibility
+from topowatch.core.livetopology import LiveTopology
 from topowatch.core.model import Address, Link, Route, Topology
 from topowatch.core.nat import NatRuleset
 from topowatch.edges.ctcodec import entry_from_raw
@@ -38,7 +39,7 @@ from topowatch.edges.nftevents import (
     LegacyNatPoll,
     NftablesEvents,
 )
-from topowatch.edges.rtnl import EventKind, KernelRtnl, Overrun, RtnlEvent, RtnlEvents
+from topowatch.edges.rtnl import EventAction, EventKind, KernelRtnl, Overrun, RtnlEvent, RtnlEvents
 from topowatch.edges.xfrm import XfrmSource
 from topowatch.edges.xfrm import probe as probe_xfrm
 from topowatch.errors import NetlinkError, PermissionDenied
@@ -82,6 +83,12 @@ class KernelBackend:
         self.ipsets = IpsetPoll(ipset_interval)
         self.ruleset_sources: tuple[EventSource, ...] = (NftablesEvents(), self.legacy, self.ipsets)
         self.rtnl = KernelRtnl()
+        # The topology kept from events (core.livetopology): None until a dump seeds it, and again
+        # whenever an event says the kernel changed more than it announced (then the next snapshot
+        # dumps). While a dump runs, events are kept and replayed on its result.
+        self.live: LiveTopology | None = None
+        self._replay: list[RtnlEvent | Overrun] | None = None
+        self.dumps = 0  # full topology dumps made (a reaction without one read the kept topology)
         self._ct: Conntrack | None = None
         self._dumped_at = 0.0
         self._stream: RtnlEvents | None = None
@@ -121,19 +128,72 @@ class KernelBackend:
             async def triggers() -> AsyncIterator[Trigger]:
                 async for event in stream:
                     if isinstance(event, Overrun):
+                        self.live = None
+                        if self._replay is not None:
+                            self._replay.append(event)
                         yield Trigger("rtnetlink", event.description, overrun=True)
                     else:
+                        self._follow(event)
                         yield Trigger("rtnetlink", event.description, kind=_KINDS[event.kind],
                                       interface=_interface(event, stream.names))
 
             yield triggers()
+
+    def _follow(self, event: RtnlEvent) -> None:
+        """Apply an event to the kept topology (or keep it for the dump under way to replay)."""
+        if self._replay is not None:
+            self._replay.append(event)
+        elif self.live is not None and not self._apply(self.live, event):
+            log.debug("topology: %s cannot be followed by events; the next snapshot dumps", event.description)
+            self.live = None
+
+    @staticmethod
+    def _apply(live: LiveTopology, event: RtnlEvent | Overrun) -> bool:
+        if isinstance(event, Overrun):
+            return False
+        return live.apply(str(event.kind), event.action == EventAction.NEW, event.value, event.flags,
+                          event.nexthop_object)
+
+    async def _links_routes_rules(self) -> Topology:
+        """Links, addresses, routes and rules: kept from events where they can be, else dumped."""
+        if self.live is not None and self.live.addresses_stale:
+            # Links, addresses and rules only (cheap), events kept during it and replayed.
+            self._replay = []
+            try:
+                cheap = await self.rtnl.dump(routes=False)
+                replay, self._replay = self._replay, None
+            finally:
+                self._replay = None
+            kept = self.live
+            if kept is not None:
+                kept.refresh(cheap)
+                for event in replay:
+                    if not self._apply(kept, event):
+                        self.live = None
+                        break
+        if self.live is not None and not self.live.addresses_stale:
+            return self.live.snapshot()
+        self._replay = []
+        try:
+            topology = await self.rtnl.dump()
+            self.dumps += 1
+            replay, self._replay = self._replay, None
+        finally:
+            self._replay = None
+        seeded = LiveTopology.seed(topology)
+        for event in replay:
+            if seeded is None or not self._apply(seeded, event):
+                seeded = None
+                break
+        self.live = seeded
+        return topology
 
     async def topology(self) -> Topology:
         if self._ct is None:
             # Opened (and its status filter probed) with the first snapshot, before "ready":
             # a missing permission fails the start, and no reaction pays for the probe.
             await trio.to_thread.run_sync(self._conntrack)
-        topology = await self.rtnl.dump()
+        topology = await self._links_routes_rules()
         if self.xfrm is not None:
             policies, states = await self.xfrm.dump_xfrm()
             topology = replace(topology, xfrm_policies=policies, xfrm_states=states, xfrm_known=True)

@@ -813,8 +813,12 @@ async def dump_topology(
     sock: NetlinkSocket | None = None,
     attempts: int = DUMP_ATTEMPTS,
     stats: DecodeStats | None = None,
+    routes: bool = True,
 ) -> Topology:
     """Dump links, addresses, routes (all tables) and rules of the socket's namespace.
+
+    With ``routes`` False the routes are not dumped (the result has none): the cheap part,
+    for a caller that keeps the routes from events.
 
     With ``sock`` the caller keeps ownership of it; otherwise a socket from
     ``sock_factory`` (default: a new one here) is opened and closed. Each part
@@ -822,6 +826,7 @@ async def dump_topology(
     ``DumpInterrupted`` is raised. Kernel errors raise ``NetlinkError``.
     """
     own = sock is None
+    want_routes = routes
     s: NetlinkSocket = sock if sock is not None else (sock_factory or open_rtnl_socket)()
     stats = stats if stats is not None else DecodeStats()
     try:
@@ -829,10 +834,14 @@ async def dump_topology(
         unspec = socket.AF_UNSPEC
         messages = await d.dump("link", lambda seq: _request(ifinfmsg, RTM_GETLINK, seq, family=unspec))
         messages += await d.dump("address", lambda seq: _request(ifaddrmsg, RTM_GETADDR, seq, family=unspec))
-        routes = await d.dump("route", lambda seq: _request(rtmsg, RTM_GETROUTE, seq, family=unspec))
-        messages += routes
+        route_messages: list[Any] = []
+        if want_routes:
+            route_messages = await d.dump(
+                "route", lambda seq: _request(rtmsg, RTM_GETROUTE, seq, family=unspec)
+            )
+        messages += route_messages
         messages += await d.dump("rule", lambda seq: _request(fibmsg, RTM_GETRULE, seq, family=unspec))
-        if any(route_needs_nexthop_objects(m) for m in routes):
+        if any(route_needs_nexthop_objects(m) for m in route_messages):
             try:
                 messages += await d.dump("nexthop", _nexthop_request)
             except DumpInterrupted:
@@ -872,6 +881,8 @@ class RtnlEvent:
     action: EventAction
     description: str
     value: EventValue | None = None
+    flags: int = 0  # the message's nlmsg_flags (NLM_F_REPLACE, NLM_F_APPEND of the request)
+    nexthop_object: bool = False  # a route that names a nexthop object (RTA_NH_ID)
 
 
 @dataclass(frozen=True, slots=True)
@@ -939,7 +950,10 @@ def event_from_msg(msg: Any, names: Mapping[int, str] | None = None) -> RtnlEven
         value = nexthop_object_from_msg(msg)
     if value is None:
         return None
-    return RtnlEvent(kind, action, describe(kind, action, value, names or {}), value)
+    header = msg.get("header") if hasattr(msg, "get") else None
+    flags = int(header.get("flags", 0)) if isinstance(header, dict) else 0
+    nexthop_object = kind == EventKind.ROUTE and route_nexthop_id(msg) is not None
+    return RtnlEvent(kind, action, describe(kind, action, value, names or {}), value, flags, nexthop_object)
 
 
 def _drain(sock: NetlinkSocket) -> int:
@@ -1173,7 +1187,7 @@ class RtnlEvents(EventStream[Event]):
 class RtnlSource(Protocol):
     """What the reactor needs from rtnetlink; ``KernelRtnl`` and ``rtnl_fake.FakeRtnl`` provide it."""
 
-    async def dump(self) -> Topology: ...
+    async def dump(self, routes: bool = True) -> Topology: ...
 
     def events(self) -> AbstractAsyncContextManager[AsyncIterator[Event]]: ...
 
@@ -1184,8 +1198,8 @@ class KernelRtnl:
     def __init__(self, sock_factory: SocketFactory | None = None) -> None:
         self._factory = sock_factory
 
-    async def dump(self) -> Topology:
-        return await dump_topology(self._factory)
+    async def dump(self, routes: bool = True) -> Topology:
+        return await dump_topology(self._factory, routes=routes)
 
     def events(self) -> AbstractAsyncContextManager[AsyncIterator[Event]]:
         return RtnlEvents(sock_factory=self._factory)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import replace
 
 import trio
 
@@ -70,13 +71,13 @@ class FakeRtnl:
         self._interrupts = 0
         self._subscribers: list[trio.MemorySendChannel[Event]] = []
 
-    async def dump(self) -> Topology:
+    async def dump(self, routes: bool = True) -> Topology:
         self.dumps += 1
         await trio.lowlevel.checkpoint()
         if self._interrupts:
             self._interrupts -= 1
             raise DumpInterrupted("fake dump interrupted: results may be inconsistent")
-        return self.topology
+        return self.topology if routes else replace(self.topology, routes=())
 
     def events(self) -> AbstractAsyncContextManager[AsyncIterator[Event]]:
         return self._subscribe()

@@ -1,0 +1,175 @@
+"""Which flows a topology change can re-NAT: none, those in some prefixes, or any.
+
+Theory of operation: a prediction reads the topology through the FIB (rules,
+the routes of the tables rules reach, links, addresses) and the xfrm state.
+Comparing the previous and the current topology, per address family:
+
+- a family without a NAT chain at any hook cannot be re-NATed by anything:
+  its changes do not count;
+- rules, xfrm policies or states, addresses, or links (other than their
+  carrier, which the FIB does not read: a link without carrier keeps its
+  routes) changed: any flow of the family may be NATed differently;
+- otherwise only routes changed, and only those in a table some rule
+  reaches (the default rules reach local, main and default): a flow can
+  change only if its source or destination lies in the prefix of such a
+  route (the forward lookup reads the destination, the reverse path the
+  source), or its DNAT target does; a DNAT target in such a prefix makes it
+  any flow.
+
+The answer is an ``Impact``: nothing, prefixes, or everything. It is
+conservative by construction: where in doubt, everything. This module is
+pure; it decides nothing about entries (``core.decide`` judges them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+
+from topowatch.core.model import (
+    AF_INET,
+    AF_INET6,
+    TABLE_DEFAULT,
+    TABLE_LOCAL,
+    TABLE_MAIN,
+    TABLE_UNSPEC,
+    IPNetwork,
+    RuleAction,
+    Topology,
+    changed_routes,
+)
+from topowatch.core.nat import Hook, NatRuleset
+
+
+@dataclass(frozen=True, slots=True)
+class Impact:
+    """``everything`` (with why), or the prefixes in which a flow's source or destination may change."""
+
+    everything: bool = False
+    prefixes: tuple[IPNetwork, ...] = ()
+    why: str = ""
+
+    @property
+    def none(self) -> bool:
+        return not self.everything and not self.prefixes
+
+    def describe(self) -> str:
+        if self.everything:
+            return f"any flow ({self.why})"
+        if not self.prefixes:
+            return "no flow"
+        shown = ", ".join(map(str, self.prefixes[:4]))
+        more = f" and {len(self.prefixes) - 4} more" if len(self.prefixes) > 4 else ""
+        return f"flows to or from {shown}{more}"
+
+
+NOTHING = Impact()
+
+
+def _nat_families(ruleset: NatRuleset) -> set[int]:
+    if not isinstance(ruleset, NatRuleset):
+        return {AF_INET, AF_INET6}  # not a ruleset we can read: any family may NAT
+    return {
+        family
+        for family in (AF_INET, AF_INET6)
+        for hook in Hook
+        if ruleset.base_chains(hook, family)
+    }
+
+
+def _reached_tables(topology: Topology, family: int) -> set[int]:
+    rules = [r for r in topology.rules if r.family == family]
+    if not rules:
+        return {TABLE_LOCAL, TABLE_MAIN, TABLE_DEFAULT}
+    return {
+        (r.table if r.table != TABLE_UNSPEC else TABLE_MAIN)
+        for r in rules
+        if r.action == RuleAction.TO_TBL
+    }
+
+
+def _links(topology: Topology) -> set[object]:
+    # Everything of a link but its carrier.
+    return {dataclasses.replace(link, running=True) for link in topology.links}
+
+
+def _dnat_targets(value: object, depth: int = 0) -> Iterator[tuple[int, int, int]]:
+    """(version, lo, hi) of every address a DNAT-like statement may translate to."""
+    if depth > 200:
+        yield (0, 0, 0)  # unreadable: taken as "anywhere"
+        return
+    name = type(value).__name__
+    if name in ("NatStatement", "NatMapStatement", "NetmapStatement"):
+        kind = getattr(getattr(value, "kind", None), "value", "dnat")
+        if name == "NetmapStatement" or kind in ("dnat", "redirect"):
+            if kind == "redirect":
+                return  # to a local address: addresses changing is "everything" already
+            found = False
+            for addr in _addresses_in(value):
+                found = True
+                yield addr
+            if not found and name != "NatStatement":
+                yield (0, 0, 0)
+        return
+    if isinstance(value, (tuple, list, frozenset, set)):
+        for item in value:
+            yield from _dnat_targets(item, depth + 1)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _dnat_targets(getattr(value, f.name), depth + 1)
+
+
+def _addresses_in(value: object, depth: int = 0) -> Iterator[tuple[int, int, int]]:
+    if depth > 50:
+        return
+    if isinstance(value, (IPv4Address, IPv6Address)):
+        yield (value.version, int(value), int(value))
+    elif hasattr(value, "network_address") and hasattr(value, "broadcast_address"):
+        yield (value.version, int(value.network_address), int(value.broadcast_address))  # type: ignore[attr-defined]
+    elif isinstance(value, (tuple, list, frozenset, set)):
+        for item in value:
+            yield from _addresses_in(item, depth + 1)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _addresses_in(getattr(value, f.name), depth + 1)
+
+
+def impact(before: Topology, now: Topology, ruleset: NatRuleset) -> Impact:
+    """What the change from ``before`` to ``now`` can re-NAT, under ``ruleset`` (the same for both)."""
+    families = _nat_families(ruleset)
+    if not families:
+        return NOTHING
+    if (before.xfrm_known, before.xfrm_policies, before.xfrm_states) != (
+        now.xfrm_known, now.xfrm_policies, now.xfrm_states
+    ):
+        return Impact(everything=True, why="xfrm policies or states changed")
+    if _links(before) != _links(now):
+        return Impact(everything=True, why="links changed")
+    prefixes: list[IPNetwork] = []
+    gone, came = changed_routes(before.routes, now.routes)
+    for family in sorted(families):
+        rules0 = [r for r in before.rules if r.family == family]
+        rules1 = [r for r in now.rules if r.family == family]
+        if sorted(map(repr, rules0)) != sorted(map(repr, rules1)):
+            return Impact(everything=True, why="policy rules changed")
+        addrs0 = {a for a in before.addresses if a.family == family}
+        addrs1 = {a for a in now.addresses if a.family == family}
+        if addrs0 != addrs1 or [a for a in before.addresses if a.family == family] != [
+            a for a in now.addresses if a.family == family
+        ]:
+            return Impact(everything=True, why="addresses changed")
+        tables = _reached_tables(now, family)
+        prefixes.extend(r.dst for r in (*gone, *came) if r.family == family and r.table in tables)
+    if not prefixes:
+        return NOTHING
+    unique = tuple(sorted(set(prefixes), key=lambda n: (n.version, int(n.network_address), n.prefixlen)))
+    for version, lo, hi in _dnat_targets(ruleset):
+        if version == 0:
+            return Impact(everything=True, why="a DNAT target cannot be read")
+        for net in unique:
+            if net.version == version and lo <= int(net.broadcast_address) and int(net.network_address) <= hi:
+                return Impact(everything=True, why=f"a DNAT target lies in {net}")
+    return Impact(prefixes=unique)
+

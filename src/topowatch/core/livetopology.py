@@ -1,0 +1,194 @@
+"""The topology kept up to date from rtnetlink events, so a reaction need not re-read it.
+
+Theory of operation: a full dump seeds the state; every later event is
+applied to it, as the kernel applied the change. Application is per key and
+last-writer-wins (a route by table, prefix, TOS and metric; a rule by its
+whole value; a link by index), so events that the dump already reflected can
+be applied again without harm: the state after the last event equals the
+kernel's whatever the dump saw of the ones before.
+
+Where the kernel changes more than it announces, the state says it is no
+longer trusted (``apply`` returns False) and the caller re-reads everything:
+
+- a link removed or taken down (the kernel flushes its IPv4 routes without
+  telling), an IPv4 address removed (routes through it go silently);
+- a route that appends or prepends beside an existing one (NLM_F_APPEND,
+  or a new route whose key is taken without NLM_F_REPLACE), any IPv6 route
+  with several nexthops or whose key holds one (siblings are announced in
+  ways a key cannot follow), a route that names a nexthop object;
+- nexthop objects themselves.
+
+An address added or changed, or an IPv6 address removed (whose routes go
+with announcements), asks only for the cheap part to be read again
+(``addresses_stale``: links, addresses and rules, not the routes): the order
+of a device's addresses decides source selection, and only a dump shows it.
+
+This module is pure: it never performs I/O. It never guesses: what it cannot
+follow exactly it gives up on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from topowatch.core.model import AF_INET6, Address, Link, PolicyRule, Route, Topology
+
+NLM_F_REPLACE = 0x100
+NLM_F_APPEND = 0x800
+
+RouteKey = tuple[object, ...]
+
+
+def route_key(route: Route) -> RouteKey:
+    """The key the kernel's FIB keeps one route under.
+
+    IPv4 (fib_alias): table, prefix, TOS and metric. IPv6 (fib6_info): table, prefix and metric,
+    and routes through other devices or gateways live beside each other, so the nexthops and
+    type are part of the key; ``base_key`` is the part a replace matches on.
+    """
+    if route.family == AF_INET6:
+        hops = tuple((nh.oif, nh.gateway) for nh in route.nexthops)
+        return (route.family, route.table, route.dst, route.metric, route.type, hops)
+    return (route.family, route.table, route.dst, route.tos, route.metric)
+
+
+def base_key(route: Route) -> RouteKey:
+    return (route.family, route.table, route.dst, route.tos, route.metric)
+
+
+@dataclass(slots=True)
+class LiveTopology:
+    """A mutable topology fed by events; ``snapshot()`` gives the immutable value the core reads."""
+
+    links: dict[int, Link] = field(default_factory=dict)
+    addresses: list[Address] = field(default_factory=list)
+    routes: dict[RouteKey, Route] = field(default_factory=dict)
+    rules: list[PolicyRule] = field(default_factory=list)
+    applied: int = 0  # events applied since the seeding dump
+    # Links, addresses and rules must be read again (``refresh``) before the next snapshot.
+    addresses_stale: bool = False
+    _snapshot: Topology | None = None
+
+    @classmethod
+    def seed(cls, topology: Topology) -> LiveTopology | None:
+        """The state of a dump; None when the dump holds what keys cannot follow (duplicate keys)."""
+        routes: dict[RouteKey, Route] = {}
+        for route in topology.routes:
+            key = route_key(route)
+            if key in routes:
+                return None  # appended aliases: only a dump can follow them
+            routes[key] = route
+        state = cls({link.index: link for link in topology.links}, list(topology.addresses), routes,
+                    list(topology.rules))  # fmt: skip
+        state._snapshot = Topology(topology.links, topology.addresses, topology.routes, topology.rules)
+        return state
+
+    def snapshot(self) -> Topology:
+        """The current topology (links, addresses, routes, rules; xfrm is read apart)."""
+        if self._snapshot is None:
+            self._snapshot = Topology(
+                tuple(self.links.values()), tuple(self.addresses), tuple(self.routes.values()),
+                tuple(self.rules),
+            )
+        return self._snapshot
+
+    def apply(
+        self, kind: str, new: bool, value: object, flags: int = 0, nexthop_object: bool = False
+    ) -> bool:
+        """Apply one event (``kind`` link/address/route/rule/nexthop); False: re-read everything."""
+        self.applied += 1
+        if kind == "link" and isinstance(value, Link):
+            return self._link(new, value)
+        if kind == "route" and isinstance(value, Route):
+            if nexthop_object:
+                return False
+            return self._route(new, value, flags)
+        if kind == "rule" and isinstance(value, PolicyRule):
+            return self._rule(new, value)
+        if kind == "address" and isinstance(value, Address):
+            if not new and value.family != AF_INET6:
+                return False  # IPv4 routes through it are flushed unannounced
+            self.addresses_stale = True
+            return True
+        return False  # nexthop objects, anything else: only a dump is exact
+
+    def refresh(self, cheap: Topology) -> None:
+        """Take links, addresses and rules from ``cheap`` (a dump without routes); routes stay."""
+        self.links = {link.index: link for link in cheap.links}
+        self.addresses = list(cheap.addresses)
+        self.rules = list(cheap.rules)
+        self.addresses_stale = False
+        self._changed()
+
+    def _changed(self) -> None:
+        self._snapshot = None
+
+    def _link(self, new: bool, link: Link) -> bool:
+        old = self.links.get(link.index)
+        if not new or (old is not None and old.up and not link.up):
+            return False
+        if old != link:
+            self.links[link.index] = link
+            self._changed()
+        return True
+
+    def _route(self, new: bool, route: Route, flags: int) -> bool:
+        key = route_key(route)
+        old = self.routes.get(key)
+        if route.family == AF_INET6:
+            return self._route6(new, route, key, old, flags)
+        if not new:
+            if old is None:
+                return True  # already gone (the dump saw it leave)
+            if old.type != route.type or old.nexthops != route.nexthops:
+                return False  # a delete naming another alias of the key: aliases we do not follow
+            del self.routes[key]
+            self._changed()
+            return True
+        if flags & NLM_F_APPEND:
+            return False
+        if old is not None and old != route and not flags & NLM_F_REPLACE:
+            return False  # prepended beside the existing route
+        if old != route:
+            self.routes[key] = route
+            self._changed()
+        return True
+
+    def _route6(self, new: bool, route: Route, key: RouteKey, old: Route | None, flags: int) -> bool:
+        if len(route.nexthops) > 1:
+            return False  # multipath: siblings come and go in ways a key cannot follow
+        base = base_key(route)
+        same_base = [k for k, r in self.routes.items() if r.family == AF_INET6 and base_key(r) == base]
+        if not new:
+            if old is None:
+                return not same_base  # another route of the key may be the one deleted
+            del self.routes[key]
+            self._changed()
+            return True
+        if flags & NLM_F_APPEND:
+            return False
+        gateway = any(nh.gateway is not None for nh in route.nexthops)
+        others = [k for k in same_base if k != key]
+        if flags & NLM_F_REPLACE:
+            if len(others) > 1 or (others and old is not None):
+                return False
+            for k in others:
+                del self.routes[k]
+        elif gateway and any(any(nh.gateway is not None for nh in self.routes[k].nexthops) for k in others):
+            return False  # becomes a sibling of a gateway route: the kernel merges them
+        if old != route or others:
+            self.routes[key] = route
+            self._changed()
+        return True
+
+    def _rule(self, new: bool, rule: PolicyRule) -> bool:
+        if new:
+            if rule not in self.rules:
+                self.rules.append(rule)  # the kernel adds after the rules of equal priority
+                self._changed()
+            return True
+        if rule in self.rules:
+            self.rules.remove(rule)
+            self._changed()
+            return True
+        return True  # already gone

@@ -1,0 +1,125 @@
+"""core.livetopology: which events it follows and where it gives up (table-driven)."""
+
+from __future__ import annotations
+
+from ipaddress import ip_address, ip_network
+
+import pytest
+
+from topowatch.core.livetopology import NLM_F_APPEND, NLM_F_REPLACE, LiveTopology
+from topowatch.core.model import AF_INET, Address, Link, Nexthop, PolicyRule, Route, Topology
+
+UP1 = Nexthop(2, ip_address("198.51.100.1"))
+UP2 = Nexthop(3, ip_address("203.0.113.1"))
+R1 = Route(ip_network("192.0.2.0/24"), nexthops=(UP1,))
+R2 = Route(ip_network("192.0.2.0/24"), nexthops=(UP2,))
+V6A = Route(ip_network("2001:db8::/64"), nexthops=(Nexthop(2),), metric=256)
+V6B = Route(ip_network("2001:db8::/64"), nexthops=(Nexthop(3),), metric=256)
+V6GW = Route(ip_network("2001:db8:1::/64"), nexthops=(Nexthop(2, ip_address("fe80::1")),), metric=1024)
+V6GW2 = Route(ip_network("2001:db8:1::/64"), nexthops=(Nexthop(3, ip_address("fe80::2")),), metric=1024)
+BASE = Topology((Link(1, "lo"), Link(2, "up1"), Link(3, "up2")), (), (R1, V6A), ())
+
+
+def live() -> LiveTopology:
+    state = LiveTopology.seed(BASE)
+    assert state is not None
+    return state
+
+
+@pytest.mark.parametrize(
+    ("kind", "new", "value", "flags", "follows", "routes"),
+    [
+        ("route", True, R2, NLM_F_REPLACE, True, {R2, V6A}),  # replace by key
+        ("route", True, R2, 0x600, False, None),  # a new route on a taken key: prepended beside it
+        ("route", True, R2, NLM_F_APPEND, False, None),
+        ("route", False, R1, 0, True, {V6A}),
+        ("route", False, R2, 0, False, None),  # deletes another alias of the key
+        ("route", False, Route(ip_network("10.0.0.0/8"), nexthops=(UP1,)), 0, True, {R1, V6A}),  # gone
+        ("route", True, V6B, 0x600, True, {R1, V6A, V6B}),  # IPv6: another device lives beside
+        ("route", False, V6A, 0, True, {R1}),
+        ("route", True, V6B, NLM_F_REPLACE, True, {R1, V6B}),  # IPv6 replace by prefix and metric
+        ("address", False, Address(2, ip_address("198.51.100.2"), 24), 0, False, None),  # IPv4 routes go
+        ("link", True, Link(3, "up2", up=False), 0, False, None),  # down: IPv4 routes flushed unannounced
+        ("link", False, Link(3, "up2"), 0, False, None),
+        ("link", True, Link(3, "up2", running=False), 0, True, {R1, V6A}),  # carrier: routes stay
+        ("link", True, Link(4, "up3"), 0, True, {R1, V6A}),
+    ],
+)
+def test_events(  # noqa: PLR0917 - a parametrized table
+    kind: str, new: bool, value: object, flags: int, follows: bool, routes: set[Route] | None
+) -> None:
+    state = live()
+    assert state.apply(kind, new, value, flags) is follows
+    if follows:
+        assert set(state.snapshot().routes) == routes
+
+
+@pytest.mark.parametrize(
+    ("new", "address"),
+    [(True, Address(2, ip_address("198.51.100.2"), 24)), (True, Address(2, ip_address("fe80::1"), 64)),
+     (False, Address(2, ip_address("fe80::1"), 64))],
+)
+def test_address_events_ask_for_the_cheap_part_only(new: bool, address: Address) -> None:
+    state = live()
+    assert state.apply("address", new, address)
+    assert state.addresses_stale
+    cheap = Topology(BASE.links, (address,) if new else (), (), (PolicyRule(AF_INET, 5, table=100),))
+    state.refresh(cheap)
+    assert not state.addresses_stale
+    assert state.snapshot().addresses == cheap.addresses and state.snapshot().rules == cheap.rules
+    assert set(state.snapshot().routes) == {R1, V6A}  # routes kept from events
+
+
+def test_ipv6_gateway_routes_of_one_key_become_siblings_so_it_gives_up() -> None:
+    state = live()
+    assert state.apply("route", True, V6GW, 0x600)
+    assert not state.apply("route", True, V6GW2, 0x600)
+
+
+def test_a_route_naming_a_nexthop_object_is_not_followed() -> None:
+    assert not live().apply("route", True, R2, NLM_F_REPLACE, nexthop_object=True)
+
+
+def test_rules_are_added_after_their_equals_and_removed_by_value() -> None:
+    state = live()
+    a, b = PolicyRule(AF_INET, 100, table=100), PolicyRule(AF_INET, 100, table=200)
+    assert state.apply("rule", True, a) and state.apply("rule", True, b)
+    assert state.snapshot().rules == (a, b)
+    assert state.apply("rule", False, a)
+    assert state.snapshot().rules == (b,)
+
+
+def test_a_dump_with_appended_aliases_cannot_seed() -> None:
+    assert LiveTopology.seed(Topology(routes=(R1, R2))) is None
+
+
+def test_the_snapshot_is_kept_until_something_changes() -> None:
+    state = live()
+    first = state.snapshot()
+    assert state.apply("route", True, R1, NLM_F_REPLACE)  # the same route again
+    assert state.snapshot() is first
+    assert state.apply("route", True, R2, NLM_F_REPLACE)
+    assert state.snapshot() is not first
+
+
+def test_changed_routes_equals_set_difference_on_snapshots_that_share_objects() -> None:
+    import random
+
+    from topowatch.core.model import changed_routes
+
+    pool = [Route(ip_network(f"10.{i}.0.0/16")) for i in range(60)]
+    rng = random.Random(7)
+    for _ in range(2000):
+        a = [r for r in pool if rng.random() < 0.5]
+        b = list(a)
+        for _ in range(rng.randrange(5)):
+            op = rng.random()
+            fresh = [r for r in pool if r not in b]
+            if op < 0.3 and b:
+                b.pop(rng.randrange(len(b)))
+            elif op < 0.6 and fresh:
+                b.insert(rng.randrange(len(b) + 1), rng.choice(fresh))
+            elif b:  # the same value, another object (a dump): equal, so unchanged
+                i = rng.randrange(len(b))
+                b[i] = Route(ip_network(str(b[i].dst)))
+        assert changed_routes(a, b) == (set(a) - set(b), set(b) - set(a))

@@ -1,0 +1,233 @@
+"""Incremental reactions: no dump when no flow can be re-NATed, only the changed prefixes otherwise,
+and a full judgement wherever entries may not have been judged under the previous state.
+
+A fake backend with a real ruleset (masquerade out of up2) and the real evaluator, on trio's
+virtual clock. The backend counts its dumps; the expectations are written out by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from ipaddress import IPv4Address, ip_address, ip_network
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from topowatch.core.conntrack import IPS_CONFIRMED, IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, CtTuple, Entry
+from topowatch.core.eligibility import Eligibility
+from topowatch.core.impact import impact
+from topowatch.core.model import AF_INET, Address, Link, Nexthop, PolicyRule, Route, Topology
+from topowatch.core.nat import NatRuleset
+from topowatch.edges.nft import parse_ruleset_json
+from topowatch.policy import Action, EffectivePolicy, Policy
+from topowatch.reactor import DeleteCounts, Reactor, ReactorConfig, Trigger
+
+LO, LAN, UP1, UP2 = 1, 2, 3, 4
+LINKS = (Link(LO, "lo"), Link(LAN, "lan"), Link(UP1, "up1"), Link(UP2, "up2"))
+ADDRESSES = (Address(LAN, ip_address("10.0.0.1"), 8), Address(UP1, ip_address("198.51.100.2"), 24),
+             Address(UP2, ip_address("203.0.113.2"), 24))  # fmt: skip
+VIA1, VIA2 = Nexthop(UP1, ip_address("198.51.100.1")), Nexthop(UP2, ip_address("203.0.113.1"))
+BASE_ROUTES = (
+    Route(ip_network("10.0.0.0/8"), nexthops=(Nexthop(LAN),)),
+    Route(ip_network("198.51.100.0/24"), nexthops=(Nexthop(UP1),)),
+    Route(ip_network("203.0.113.0/24"), nexthops=(Nexthop(UP2),)),
+    Route(ip_network("0.0.0.0/0"), nexthops=(VIA1,)),
+)
+MOVING = ip_network("192.0.2.0/24")
+BEFORE = Topology(LINKS, ADDRESSES, (*BASE_ROUTES, Route(MOVING, nexthops=(VIA1,))))
+MOVED = replace(BEFORE, routes=(*BASE_ROUTES, Route(MOVING, nexthops=(VIA2,))))
+UNUSED = replace(BEFORE, routes=(*BEFORE.routes, Route(ip_network("198.18.0.0/15"), table=100, nexthops=(VIA2,))))
+
+RULESET = parse_ruleset_json({"nftables": [
+    {"table": {"family": "ip", "name": "nat", "handle": 1}},
+    {"chain": {"family": "ip", "table": "nat", "name": "post", "handle": 2, "type": "nat",
+               "hook": "postrouting", "prio": 100, "policy": "accept"}},
+    {"rule": {"family": "ip", "table": "nat", "chain": "post", "handle": 3, "expr": [
+        {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "up2"}}, {"masquerade": None}]}},
+]})  # fmt: skip
+
+
+def entry(dst: str, sport: int, translated: str | None = None) -> Entry:
+    """An UNREPLIED udp flow from the LAN; ``translated`` is the source it was NATed to (None: none)."""
+    src, d = IPv4Address("10.0.1.2"), IPv4Address(dst)
+    reply_dst = IPv4Address(translated) if translated else src
+    return Entry(AF_INET, 17, CtTuple(src, d, sport, 53), CtTuple(d, reply_dst, 53, sport),
+                 status=IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE, id=sport)  # fmt: skip
+
+
+class Backend:
+    def __init__(self) -> None:
+        self.topo = BEFORE
+        self.ruleset_value: NatRuleset = RULESET
+        # Null bindings to the moving net (stale once it moves to up2), one to elsewhere.
+        self.table = [entry("192.0.2.7", 1000), entry("192.0.2.8", 1001), entry("8.8.8.8", 1002)]
+        self.dumps = 0
+        self.deleted: list[Entry] = []
+        self.fail_delete = False
+        self.send, self.recv = trio.open_memory_channel[Trigger](100)
+
+    name = "fake"
+    ruleset_events = True
+
+    def sources(self) -> list[Backend]:
+        return [self]
+
+    @contextlib.asynccontextmanager
+    async def events(self) -> AsyncIterator[AsyncIterator[Trigger]]:
+        yield self.recv
+
+    async def topology(self) -> Topology:
+        await trio.sleep(0.001)
+        return self.topo
+
+    async def ruleset(self) -> NatRuleset:
+        return self.ruleset_value
+
+    async def entries(self, eligibility: Eligibility) -> list[Entry]:
+        self.dumps += 1
+        return [e for e in self.table if eligibility.admits(e)]
+
+    async def delete(self, entries: Sequence[Entry]) -> DeleteCounts:
+        if self.fail_delete:
+            return DeleteCounts(failed=len(entries))
+        self.deleted.extend(entries)
+        self.table = [e for e in self.table if e not in entries]
+        return DeleteCounts(deleted=len(entries))
+
+
+async def settle() -> None:
+    await trio.sleep(1)
+
+
+async def started(backend: Backend, nursery: trio.Nursery, **config: Any) -> Reactor:
+    policy = config.pop("policy", None)
+    reactor = Reactor(backend, ReactorConfig(debounce=0.05, max_wait=0.2, **config),
+                      **({"policy": policy} if policy else {}))  # fmt: skip
+    await nursery.start(reactor.run)
+    await settle()  # the startup sweep: a full judgement
+    return reactor
+
+
+async def route_event(backend: Backend, topo: Topology, text: str = "route changed") -> None:
+    backend.topo = topo
+    await backend.send.send(Trigger("rtnetlink", text, kind="route"))
+    await settle()
+
+
+async def test_a_route_in_a_table_no_rule_reaches_needs_no_dump(autojump_clock: trio.testing.MockClock) -> None:
+    backend = Backend()
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery)
+        assert backend.dumps == 1 and reactor.judged_all
+        await route_event(backend, UNUSED)
+        await route_event(backend, BEFORE)
+        nursery.cancel_scope.cancel()
+    assert backend.dumps == 1  # the startup sweep's only
+    assert [r.plan.notes for r in reactor.reactions[1:]] == [("no dump: the change can re-NAT no flow",)] * 2
+
+
+async def test_a_moved_route_judges_only_its_prefix(autojump_clock: trio.testing.MockClock) -> None:
+    backend = Backend()
+    # An entry outside the moving prefix that a full judgement would call stale (it was NATed to
+    # an address the ruleset never gives): a judgement of the prefix alone leaves it.
+    backend.table.append(entry("8.8.4.4", 1003, translated="100.64.0.9"))
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery, startup_sweep=False)
+        backend.judged = None
+        reactor.judged_all = True  # as after a complete judgement of T0 (the sweep is off here)
+        reactor._judged_under = (RULESET, reactor.policy())
+        reactor.t0 = BEFORE
+        await route_event(backend, MOVED)
+        nursery.cancel_scope.cancel()
+    assert sorted(e.orig.dst for e in backend.deleted) == [IPv4Address("192.0.2.7"), IPv4Address("192.0.2.8")]
+    assert backend.dumps == 1
+    assert any("judged only flows to or from 192.0.2.0/24" in n for n in reactor.reactions[-1].plan.notes)
+
+
+@pytest.mark.parametrize(
+    "case", ["overrun", "refused", "dry run", "log only", "failed delete", "reload", "request", "ruleset"]
+)
+async def test_a_full_judgement_follows_whatever_left_entries_unjudged(
+    case: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Each case, then a change that alone would need no dump: a dump (a full judgement) happens."""
+    backend = Backend()
+    policies = {"current": EffectivePolicy((Policy("all", max_deletions=100),))}
+    config: dict[str, Any] = {"policy": lambda: policies["current"]}
+    if case == "refused":
+        config["max_deletions"] = 1
+    if case == "dry run":
+        config["dry_run"] = True
+    if case == "log only":
+        policies["current"] = EffectivePolicy((Policy("all", action=Action.LOG),))
+    backend.fail_delete = case == "failed delete"
+    no_change = replace(BEFORE, routes=(*BEFORE.routes, Route(ip_network("198.18.0.0/15"), table=100,
+                                                                nexthops=(VIA2,))))  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery, **config)
+        if case in ("refused", "dry run", "log only", "failed delete"):
+            await route_event(backend, MOVED)  # stale entries that this reaction does not delete
+            assert not reactor.judged_all
+            no_change = replace(MOVED, routes=(*MOVED.routes, *no_change.routes[-1:]))
+        dumps = backend.dumps
+        backend.topo = no_change
+        if case == "overrun":
+            await backend.send.send(Trigger("rtnetlink", "ENOBUFS", overrun=True))
+        elif case == "request":
+            await backend.send.send(Trigger("dbus", "Trigger() called", kind="request"))
+        elif case == "ruleset":
+            backend.ruleset_value = parse_ruleset_json({"nftables": []})
+            await backend.send.send(Trigger("nftables", "ruleset changed", kind="ruleset"))
+        else:
+            if case == "reload":
+                policies["current"] = EffectivePolicy((Policy("all", max_deletions=100),))
+            await backend.send.send(Trigger("rtnetlink", "route added", kind="route"))
+        await settle()
+        nursery.cancel_scope.cancel()
+    assert backend.dumps > dumps, case
+
+
+async def test_the_first_reaction_after_start_is_full(autojump_clock: trio.testing.MockClock) -> None:
+    backend = Backend()
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery, startup_sweep=False)
+        assert not reactor.judged_all
+        await route_event(backend, UNUSED)
+        nursery.cancel_scope.cancel()
+    assert backend.dumps == 1
+
+
+# -- core.impact, table-driven ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        (BEFORE, "no flow"),
+        (UNUSED, "no flow"),
+        (MOVED, "flows to or from 192.0.2.0/24"),
+        (replace(BEFORE, links=(*LINKS[:3], Link(UP2, "up2", running=False))), "no flow"),  # carrier only
+        (replace(BEFORE, links=(*LINKS[:3], Link(UP2, "up2", up=False))), "any flow (links changed)"),
+        (replace(BEFORE, addresses=ADDRESSES[:2]), "any flow (addresses changed)"),
+        (replace(BEFORE, addresses=(*ADDRESSES, Address(LAN, ip_address("fe80::1"), 64))), "no flow"),  # no v6 NAT
+        (replace(BEFORE, rules=(PolicyRule(AF_INET, 100, table=100),)), "any flow (policy rules changed)"),
+    ],
+)
+def test_impact(now: Topology, expected: str) -> None:
+    assert impact(BEFORE, now, RULESET).describe() == expected
+
+
+def test_a_dnat_target_in_a_moved_prefix_is_any_flow() -> None:
+    ruleset = parse_ruleset_json({"nftables": [
+        {"table": {"family": "ip", "name": "nat", "handle": 1}},
+        {"chain": {"family": "ip", "table": "nat", "name": "pre", "handle": 2, "type": "nat",
+                   "hook": "prerouting", "prio": -100, "policy": "accept"}},
+        {"rule": {"family": "ip", "table": "nat", "chain": "pre", "handle": 3, "expr": [
+            {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 5060}},
+            {"dnat": {"addr": "192.0.2.50"}}]}},
+    ]})  # fmt: skip
+    assert impact(BEFORE, MOVED, ruleset).everything
