@@ -136,8 +136,9 @@ def topowatch_8() -> str:
             "strings), signals Reacted(s) after each reaction and Pressure(s) when table pressure starts, "
             "and ends. run --no-dbus leaves the bus alone."),
         ".SH LOGGING AND METRICS",
-        esc("Logs go to stderr: journald priority prefixes (<6>) when stderr is the journal (its device "
-            "and inode equal JOURNAL_STREAM), timestamps otherwise. In text a reaction is one short line "
+        esc("Logs go to stderr: journald priority prefixes (<6>, which journald strips and keeps as the "
+            "priority; on JSON lines too) when stderr is the journal (its device and inode equal "
+            "JOURNAL_STREAM), timestamps otherwise. In text a reaction is one short line "
             "(what changed, how many of the examined entries were stale, what was deleted with the "
             "reason code, the time from the first event to the last delete and the debounce part), "
             "after one line per reason code with a few examples and the count; -v adds a line per "
@@ -193,7 +194,7 @@ def topowatch_8() -> str:
         esc("the system bus to use instead of the well-known socket."),
         ".TP", "\\fBJOURNAL_STREAM\\fR",
         esc("set by systemd to the device and inode of the journal stream: when stderr is that stream, "
-            "text logs carry journald priority prefixes instead of timestamps."),
+            "log lines carry journald priority prefixes (text: instead of timestamps)."),
         ".SH FILTERS",
         esc("plan and flush take conntrack(8)'s selectors: -p protocol, -s and -d the original source "
             "and destination (an address or a prefix), -w/--zone, -m/--mark VALUE[/MASK], -f/--family. "

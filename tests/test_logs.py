@@ -168,8 +168,15 @@ def test_setup_logging_uses_priority_prefixes_only_on_the_journal_stream(
             formatter = logging.getLogger("topowatch").handlers[0].formatter
             assert isinstance(formatter, TextFormatter) and formatter.journald is journald
         monkeypatch.setattr("sys.stderr", journal)
-        setup_logging(0, "json")  # JSON carries the priority as a field instead
-        assert isinstance(logging.getLogger("topowatch").handlers[0].formatter, JsonFormatter)
+        setup_logging(0, "json")  # the priority as a field, and as the prefix journald strips
+        formatter = logging.getLogger("topowatch").handlers[0].formatter
+        assert isinstance(formatter, JsonFormatter) and formatter.journald
+        record = logging.LogRecord("topowatch", logging.ERROR, __file__, 1, "x", None, None)
+        line = formatter.format(record)
+        assert line.startswith('<3>{"ts": ') and json.loads(line[3:])["priority"] == 3
+        monkeypatch.setattr("sys.stderr", other)
+        setup_logging(0, "json")
+        assert logging.getLogger("topowatch").handlers[0].formatter.format(record).startswith("{")
 
 
 def test_a_replaced_route_reads_as_one_change() -> None:

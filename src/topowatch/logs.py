@@ -3,7 +3,8 @@
 Text (the default) is for a person: one line per reaction and one per group
 of deleted entries; under journald (stderr is the journal stream, told by
 comparing stderr's device and inode with ``JOURNAL_STREAM`` as systemd
-documents) each line starts with its ``<N>`` priority instead of a time.
+documents) each line starts with its ``<N>`` priority instead of a time, and
+so does each JSON line (journald strips the prefix and keeps the priority).
 
 JSON (``--log-format json``) is the machine interface: every record is one
 object with an RFC 3339 ``ts``, ``level``, the journald ``priority``, the
@@ -81,6 +82,13 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
+    """One object per line; under journald prefixed with ``<N>``, which journald takes as the
+    record's priority and strips, so the journal holds the object and the right priority."""
+
+    def __init__(self, journald: bool = False) -> None:
+        super().__init__()
+        self.journald = journald
+
     def format(self, record: logging.LogRecord) -> str:
         obj = {
             "ts": rfc3339(record.created),
@@ -92,15 +100,16 @@ class JsonFormatter(logging.Formatter):
         extra = getattr(record, "fields", None)
         if isinstance(extra, dict):
             obj.update(extra)
-        return json.dumps(obj, default=str)
+        text = json.dumps(obj, default=str)
+        return f"<{obj['priority']}>{text}" if self.journald else text
 
 
 def setup_logging(verbose: int = 0, fmt: str = "text", quiet: bool = False) -> None:
     """-q: warnings and errors only; -v: per-entry lines in text too; -vv: debug."""
     level = logging.WARNING if quiet else logging.DEBUG if verbose >= 2 else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    journald = fmt == "text" and stderr_is_journal(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(journald))
+    journald = stderr_is_journal(sys.stderr)
+    handler.setFormatter(JsonFormatter(journald) if fmt == "json" else TextFormatter(journald))
     root = logging.getLogger("topowatch")
     root.handlers[:] = [handler]
     root.setLevel(level)
