@@ -43,6 +43,11 @@ def assert_one_line(proc: subprocess.CompletedProcess[str]) -> str:
         ("run", "--debounce", "-1"),
         ("run", "--max-deletions", "many"),
         ("flush", "--bogus"),
+        ("plan", "-p", "bogus"),  # filters are checked before anything is read (plan deletes nothing)
+        ("plan", "-s", "10.0.0.300"),
+        ("plan", "--mark", "3/1"),
+        ("plan", "--zone", "70000"),
+        ("plan", "--json", "--json-lines"),
         ("frobnicate",),
         (),
     ],
