@@ -241,6 +241,7 @@ def test_summary_limit_and_json_lines(stale_ns: Namespace) -> None:
     records = [json.loads(line) for line in lines.stdout.splitlines()]
     assert [r["record"] for r in records] == ["stale", "stale", "stale", "summary"]
     assert records[-1]["stale_count"] == 4 and records[-1]["truncated"] is True
+    jsonschema.validate(records[-1], {"$defs": SCHEMA["$defs"], "$ref": "#/$defs/jsonl_summary"})
     for r in records[:-1]:
         jsonschema.validate({"entries_examined": 0, "stale": [r], "undecided": [], "elapsed_ms": 0}, SCHEMA)
 
