@@ -83,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             r.run("ip", "link", "set", "quiet0", "up")
             r.run("ip", "link", "set", "quiet1", "up")
             table = rebuild(bench, sc, replied_entries(sc), flows_of(sc))
-            print(f"table: {len(table.healthy) + len(table.stale)} entries, each its own flow key "
-                  f"(filled in {table.fill_seconds:.1f} s)", flush=True)
+            print(
+                f"table: {len(table.healthy) + len(table.stale)} entries, each its own flow key "
+                f"(filled in {table.fill_seconds:.1f} s)",
+                flush=True,
+            )
             with tempfile.TemporaryDirectory(prefix="twbnochg") as tmp:
                 cap = 2 * args.entries
                 with Daemon(r, "--no-dbus", "--rules-dir", rules_dir(tmp, cap), "--debounce", str(DEBOUNCE),
@@ -113,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                     if not lines:
                         print("no reaction logged; the daemon said:\n" + "\n".join(tail[-30:]))
         dumps = [str(rec["msg"]) for rec in reactions if rec.get("dumped", True)]
-        print(f"events: {args.events} ({', '.join(f'{k} x{v}' for k, v in kinds.items())}), "
-              f"one every {args.interval:.2f} s")
+        print(
+            f"events: {args.events} ({', '.join(f'{k} x{v}' for k, v in kinds.items())}), "
+            f"one every {args.interval:.2f} s"
+        )
         print(f"reactions: {len(lines)}; with a conntrack dump: {len(dumps)}")
         for line in dumps[:5]:
             print(f"  dumped: {line}")

@@ -290,6 +290,8 @@ class Reaction:
             action += f", {self.logged_only} logged only"
         if p.undecided:
             action += f", {len(p.undecided)} undecided"
+        if p.notes:  # e.g. "judged only flows to or from 192.0.2.0/24"
+            action += f" ({'; '.join(p.notes)})"
         return f"reaction {self.number} ({what}){policy}: {found}, {action}, {took}"
 
     def fields(self) -> dict[str, object]:

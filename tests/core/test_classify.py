@@ -35,7 +35,7 @@ from topowatch.core.model import (
     RouteType,
     Topology,
 )
-from topowatch.core.nat import NatRuleset
+from topowatch.core.nat import Hook, NatRuleset
 
 from test_evaluate import spec_ruleset, specs  # isort: skip
 
@@ -269,3 +269,73 @@ def test_mark_classes_follow_zero_and_the_eligibility_masks() -> None:
     assert c.mark_class(0) != c.mark_class(1)
     assert c.mark_class(1) == c.mark_class(2)
     assert c.mark_class(0x11) == c.mark_class(0x1F) != c.mark_class(0x21)
+
+
+# -- impact: every flow whose prediction changes is in the judged classes ----------------------
+
+
+@st.composite
+def route_changes(draw: st.DrawFn, topology: Topology) -> Topology:
+    """The same gateway with one to three routes added, removed or replaced (rules, links, addresses kept)."""
+    routes = list(topology.routes)
+    for _ in range(draw(st.integers(1, 3))):
+        op = draw(st.sampled_from(["add", "del", "replace"]))
+        if op == "add" or not routes:
+            routes += draw(routes_strategy(draw(st.sampled_from([254, 100]))))
+        elif op == "del":
+            routes.pop(draw(st.integers(0, len(routes) - 1)))
+        else:
+            i = draw(st.integers(0, len(routes) - 1))
+            old = routes[i]
+            hops = tuple(draw(st.lists(st.sampled_from(HOPS), min_size=1, max_size=2, unique=True)))
+            routes[i] = Route(old.dst, old.table, RouteType.UNICAST, hops, metric=old.metric)
+    return Topology(topology.links, topology.addresses, tuple(dict.fromkeys(routes)), topology.rules)
+
+
+routes_strategy = routes
+
+
+def relevant(p0: Prediction, p1: Prediction) -> bool:
+    """Whether an entry judged under ``p0`` (healthy or undecided) may be stale under ``p1`` (decide's rules)."""
+    n0, n1 = normal(p0), normal(p1)
+    if "unknown" not in (n1["dnat"], n1["snat"]):
+        return (n0["dnat"], n0["snat"]) != (n1["dnat"], n1["snat"])
+    return "unknown" not in (n0["egress"], n1["egress"]) and n0["egress"] != n1["egress"]
+
+
+IMPACT_STATS = {"changed": 0}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data(), topologies(), specs(), st.lists(flows(), min_size=10, max_size=40))
+def test_every_flow_whose_prediction_changes_is_judged(
+    data: st.DataObject, before: Topology, spec: Any, batch: list[Flow]
+) -> None:
+    from topowatch.core.impact import impact
+
+    now = data.draw(route_changes(before))
+    rs = spec_ruleset(spec)
+    scope = impact(before, now, rs)
+    c = Classifier.build([before, now], [rs], sport_matters=True)
+    only = c.classes_within(scope.prefixes)
+    fib0, fib1 = Fib(before), Fib(now)
+    if not rs.base_chains(Hook.PREROUTING, AF_INET) and not rs.base_chains(Hook.POSTROUTING, AF_INET):
+        return  # no NAT in the family: impact() says "no flow" by design (see its docstring)
+    for f in batch:
+        if not relevant(predict(rs, fib0, f), predict(rs, fib1, f)):
+            continue
+        IMPACT_STATS["changed"] += 1
+        assert not scope.none, f
+        if scope.everything:
+            continue
+        assert any(f.src in net or f.dst in net for net in scope.prefixes), (f, scope)
+        key = key_of(c, f)
+        assert (AF_INET, key[5]) in only or (AF_INET, key[6]) in only, (f, scope)
+
+
+def test_impact_met_changed_predictions() -> None:
+    if IMPACT_STATS["changed"] == 0:
+        import pytest
+
+        pytest.skip("run together with the property test")
+    assert IMPACT_STATS["changed"] > 50

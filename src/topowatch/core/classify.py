@@ -122,13 +122,17 @@ def _field_map(
     starts: list[int] = []
     classes: list[int] = []
     numbers: dict[tuple[object, ...], int] = {}
+    members: frozenset[int] = frozenset()
     for point in sorted(points):
-        for kind, ident in events.get(point, ()):
-            if kind == 0:
-                active.discard(ident)
-        for kind, ident in events.get(point, ()):
-            if kind == 1:
-                active.add(ident)
+        changes = events.get(point)
+        if changes:
+            for kind, ident in changes:
+                if kind == 0:
+                    active.discard(ident)
+            for kind, ident in changes:
+                if kind == 1:
+                    active.add(ident)
+            members = frozenset(active)
         labels: list[object] = []
         for t, ordered in enumerate(tables):
             stack = stacks[t]
@@ -140,7 +144,7 @@ def _field_map(
                 if hi >= point:
                     stack.append((hi, label))  # prefixes nest: the narrowest is on top
             labels.append(stack[-1][1] if stack else None)
-        signature = (frozenset(active), *labels)
+        signature = (members, *labels)
         number = numbers.setdefault(signature, len(numbers))
         if classes and classes[-1] == number:
             continue
@@ -295,12 +299,40 @@ def _table_routes(topology: Topology, family: int) -> list[list[tuple[int, int, 
         groups.setdefault(key, []).append(route)
     tables: dict[int, list[tuple[int, int, object]]] = {}
     links = {link.index: link for link in topology.links}
+    # Labels are remembered per Route object while the links and addresses they read stay the
+    # same: a snapshot kept from events shares its unchanged routes with the one before.
+    context = (topology.links, topology.addresses)
+    if _LABELS.get("context") != context or len(_LABELS) > 4 * len(topology.routes) + 16:
+        _LABELS.clear()
+        _LABELS["context"] = context
     for (table, lo, hi), routes in groups.items():
         if len(routes) > 1:
             routes.sort(key=_route_order)  # stable: dump order among equals, as the FIB keeps it
-        label = tuple(_route_label(r, links, oif_addresses) for r in routes)
-        tables.setdefault(table, []).append((lo, hi, label))
+        labels = []
+        for r in routes:
+            hit = _LABELS.get(id(r))
+            if hit is None or hit[0] is not r:
+                label = _route_label(r, links, oif_addresses)
+                hit = _LABELS[id(r)] = (r, _LABEL_IDS.setdefault(label, len(_LABEL_IDS)))
+            labels.append(hit[1])
+        group = labels[0] if len(labels) == 1 else _LABEL_IDS.setdefault(tuple(labels), len(_LABEL_IDS))
+        tables.setdefault(table, []).append((lo, hi, group))
     return [tables[t] for t in sorted(tables)]
+
+
+# Route labels by id(route): (route, label number), and "context": the links and addresses they
+# read. Labels are numbered once (``_LABEL_IDS``, which only grows: a number never changes its
+# meaning while any remembered map uses it), so the sweep hashes small ints, not routes.
+_LABELS: dict[object, Any] = {}
+_LABEL_IDS: dict[object, int] = {}
+_LABEL_IDS_LIMIT = 1 << 20
+
+
+def _forget_labels() -> None:
+    """Drop every remembered label and map together (their numbers go with them)."""
+    _LABELS.clear()
+    _LABEL_IDS.clear()
+    _MEMO.clear()
 
 
 def _route_order(route: Route) -> tuple[int, int]:
@@ -327,11 +359,8 @@ def _topology_harvest(topology: Topology, harvest: _Harvest) -> None:
                 harvest.address(lo, lo | ((1 << shift) - 1), 6)
     _walk(topology.rules, harvest)
     _walk(topology.xfrm_policies, harvest)
-    for route in topology.routes:
-        # Gateways and preferred sources are addresses a question may name.
-        _walk(route.prefsrc, harvest)
-        for nh in route.nexthops:
-            _walk(nh.gateway, harvest)
+    # Routes are not harvested: their prefixes are labels (``_table_routes``), and a gateway or
+    # preferred source is compared with interface addresses, never with a flow's address.
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,6 +460,8 @@ class Classifier:
         sport_matters: bool = True,
     ) -> Classifier:
         """The classes that every one of ``topologies`` with every one of ``rulesets`` treats alike."""
+        if len(_LABEL_IDS) > _LABEL_IDS_LIMIT:
+            _forget_labels()
         harvest = _Harvest.empty()
         for family, specials in ((AF_INET, _SPECIAL_V4), (AF_INET6, _SPECIAL_V6)):
             for text in specials:

@@ -5,7 +5,9 @@ the routes of the tables rules reach, links, addresses) and the xfrm state.
 Comparing the previous and the current topology, per address family:
 
 - a family without a NAT chain at any hook cannot be re-NATed by anything:
-  its changes do not count;
+  its changes do not count (an entry that carries NAT from an earlier
+  ruleset was judged by the full judgement that followed the ruleset
+  change; one left undecided then stays so until the next full one);
 - rules, xfrm policies or states, addresses, or links (other than their
   carrier, which the FIB does not read: a link without carrier keeps its
   routes) changed: any flow of the family may be NATed differently;
@@ -121,6 +123,20 @@ def _dnat_targets(value: object, depth: int = 0) -> Iterator[tuple[int, int, int
             yield from _dnat_targets(getattr(value, f.name), depth + 1)
 
 
+_TARGETS: list[tuple[NatRuleset, tuple[tuple[int, int, int], ...]]] = []
+
+
+def _targets_of(ruleset: NatRuleset) -> tuple[tuple[int, int, int], ...]:
+    """``_dnat_targets``, remembered for the last rulesets (a ruleset is read again only on change)."""
+    for seen, targets in _TARGETS:
+        if seen is ruleset:
+            return targets
+    found = tuple(_dnat_targets(ruleset))
+    _TARGETS.insert(0, (ruleset, found))
+    del _TARGETS[4:]
+    return found
+
+
 def _addresses_in(value: object, depth: int = 0) -> Iterator[tuple[int, int, int]]:
     if depth > 50:
         return
@@ -165,7 +181,7 @@ def impact(before: Topology, now: Topology, ruleset: NatRuleset) -> Impact:
     if not prefixes:
         return NOTHING
     unique = tuple(sorted(set(prefixes), key=lambda n: (n.version, int(n.network_address), n.prefixlen)))
-    for version, lo, hi in _dnat_targets(ruleset):
+    for version, lo, hi in _targets_of(ruleset):
         if version == 0:
             return Impact(everything=True, why="a DNAT target cannot be read")
         for net in unique:
