@@ -1,19 +1,28 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Build hook: compiles the scan fast path (src/topowatch/edges/_ctscan.c) into the wheel.
 
 It decides only whether the extension is built: with a C compiler and the
 Python headers it is (into the wheel, or beside its source for an editable
 install); without them the build goes on as pure Python, says so once, and
 topowatch uses its pure-Python scan (``topowatch doctor`` reports which).
-It must never fail a build because the compiler is missing or refuses.
+
+The compiler and flags are the builder's, as a distribution passes them
+(``dpkg-buildflags``): ``CC`` (else Python's), ``CPPFLAGS``, ``CFLAGS`` (else
+``-O2``) and ``LDFLAGS``, around the flags the extension itself needs. It
+must never fail a build because the compiler is missing or refuses, unless
+``TOPOWATCH_REQUIRE_COMPILED=1`` asks for that (a package that must ship
+the compiled scan).
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +32,19 @@ SOURCE = Path("src/topowatch/edges/_ctscan.c")
 TARGET = "topowatch/edges/_ctscan"
 
 
+def compile_command(source: Path, output: Path, env: Mapping[str, str] = os.environ) -> list[str]:
+    """The compiler's argv: the builder's CC and flags around what the extension needs."""
+    cc = shlex.split(env.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    cflags = shlex.split(env["CFLAGS"]) if env.get("CFLAGS") else ["-O2"]
+    include = sysconfig.get_paths()["include"]
+    return [*cc, *shlex.split(env.get("CPPFLAGS", "")), *cflags, "-fPIC", "-shared", "-Wall", "-Werror",
+            "-std=c11", f"-I{include}", str(source), *shlex.split(env.get("LDFLAGS", "")),
+            "-o", str(output)]  # fmt: skip
+
+
 def compile_extension(source: Path, output: Path) -> str | None:
     """Compile ``source`` into the shared object ``output``; None on success, else why not."""
-    cc = shlex.split(sysconfig.get_config_var("CC") or "cc")
-    include = sysconfig.get_paths()["include"]
-    command = [*cc, "-O2", "-fPIC", "-shared", "-Wall", "-Werror", "-std=c11",
-               f"-I{include}", str(source), "-o", str(output)]  # fmt: skip
+    command = compile_command(source, output)
     try:
         proc = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -52,6 +68,9 @@ class CompiledFastPath(BuildHookInterface):  # type: ignore[type-arg]
             self._tmp = tempfile.TemporaryDirectory(prefix="topowatch-build")
             output = Path(self._tmp.name, "_ctscan" + suffix)
         why = compile_extension(source, output)
+        if why is not None and os.environ.get("TOPOWATCH_REQUIRE_COMPILED") == "1":
+            raise RuntimeError(f"topowatch: compiled scan fast path not built, and "
+                               f"TOPOWATCH_REQUIRE_COMPILED=1 requires it: {why}")
         if why is not None:
             print(f"topowatch: compiled scan fast path not built, using the pure-Python path: {why}",
                   file=sys.stderr)

@@ -51,7 +51,7 @@ def event(bench: Bench, i: int) -> str:
         r.run("ip", "-6", "addr", verb, "fe80::77/64", "dev", "quiet0", *extra)
         return f"link-local address {verb}"
     state = "down" if up == 0 else "up"
-    r.run("ip", "link", "set", "quiet1", state)
+    bench.sink.run("ip", "link", "set", "quiet1", state)  # the peer is elsewhere: only the carrier moves
     return f"carrier of quiet0 {state}"
 
 
@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         with Bench.create() as bench:
             bench.furnish()
             r = bench.router
-            r.run("ip", "link", "add", "quiet0", "type", "veth", "peer", "name", "quiet1")
+            r.run("ip", "link", "add", "quiet0", "type", "veth", "peer", "name", "quiet1", "netns", bench.sink.name)
             r.run("sysctl", "-qw", "net.ipv6.conf.quiet0.disable_ipv6=0")
             r.run("ip", "link", "set", "quiet0", "up")
-            r.run("ip", "link", "set", "quiet1", "up")
+            bench.sink.run("ip", "link", "set", "quiet1", "up")
             table = rebuild(bench, sc, replied_entries(sc), flows_of(sc))
             print(
                 f"table: {len(table.healthy) + len(table.stale)} entries, each its own flow key "

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Generate the man pages from the code: topowatch(8) from the argparse parser, topowatch.rules.d(5)
-from the policy schema (``policy.KEYS``, ``PRESSURE_KEYS``, ``TRIGGERS``, ``DEFAULT_DIRS``).
+from the policy schema (``policy.KEYS``, ``PRESSURE_KEYS``, ``TRIGGERS``, ``SYSTEM_DIRS``).
 
     python scripts/genman.py            # write man/topowatch.8 and man/topowatch.rules.d.5
     python scripts/genman.py --check    # exit 1 if the committed pages differ from the code
@@ -25,7 +26,15 @@ sys.path.insert(0, str(ROOT / "src"))
 from topowatch import __version__  # noqa: E402
 from topowatch.cli import build_parser  # noqa: E402
 from topowatch.core.pressure import LOWERABLE  # noqa: E402
-from topowatch.policy import DEFAULT_DIRS, KEYS, PRESSURE_KEYS, TRIGGERS, load_policies, may_delete  # noqa: E402
+from topowatch.policy import (  # noqa: E402
+    KEYS,
+    PRESSURE_KEYS,
+    SHIPPED_RULES,
+    SYSTEM_DIRS,
+    TRIGGERS,
+    load_policies,
+    may_delete,
+)
 
 MAN_DIR = ROOT / "man"
 
@@ -165,17 +174,20 @@ def topowatch_8() -> str:
             "topowatch_pressure_episodes_total, topowatch_pressure_evicted_total{class}, "
             "topowatch_pressure_timeout_changes_total."),
         ".SH HOOKS",
-        esc("contrib/ holds hooks that ask the daemon to react over D-Bus (TriggerEvent), waiting at most "
-            "about two seconds: a NetworkManager dispatcher script (installed as /usr/lib/NetworkManager/"
-            "dispatcher.d/90-topowatch), a strongSwan updown script (/usr/lib/topowatch/strongswan-updown) "
-            "and ppp ip-up.d/ip-down.d scripts (/usr/lib/topowatch/ppp/, to link from /etc/ppp/). When the "
-            "daemon is not running (its name has no owner on the bus, or there is no bus) they do nothing, "
-            "or run a one-shot topowatch flush in the background when TOPOWATCH_HOOK_FALLBACK=flush is set "
-            "in /etc/default/topowatch. A running daemon that refuses the call or does not answer in time "
+        esc("contrib/ holds hooks that ask the daemon of their network namespace for a full judgement "
+            "over D-Bus (TriggerEvent), waiting at most about two seconds: a NetworkManager dispatcher "
+            "script (installed as /usr/lib/NetworkManager/dispatcher.d/90-topowatch), a strongSwan "
+            "updown script (/usr/lib/topowatch/strongswan-updown) and ppp ip-up.d/ip-down.d scripts "
+            "(/usr/lib/topowatch/ppp/, to link from /etc/ppp/). They share "
+            "/usr/lib/topowatch/hook-lib.sh, ask topowatch bus-name for the daemon's name (the name the "
+            "daemon and the CLI use) and log a failed call to syslog. When the daemon is not running "
+            "(its name has no owner on the bus, or there is no bus) they do nothing, or run a one-shot "
+            "topowatch flush in the background when TOPOWATCH_HOOK_FALLBACK=flush is set in "
+            "/etc/default/topowatch. A running daemon that refuses the call or does not answer in time "
             "gets no fallback: it reacts to the kernel's events itself."),
         ".SH FILES",
     ]
-    for directory in DEFAULT_DIRS:
+    for directory in SYSTEM_DIRS:
         out += [".TP", f"\\fI{esc(directory)}/*.toml\\fR", esc("policies; see topowatch.rules.d(5)")]
     out += [
         ".TP", "\\fI/usr/share/dbus\\-1/system.d/io.github.topowatch.conf\\fR",
@@ -185,8 +197,11 @@ def topowatch_8() -> str:
             "at the next start after a crash (run --state-dir moves it)"),
         ".TP", "\\fI/usr/lib/systemd/system/topowatch.service\\fR",
         esc("the hardened unit"),
+        ".TP", "\\fI/usr/lib/systemd/system/topowatch@.service\\fR",
+        esc("the same for the network namespace ip netns calls NAME: systemctl enable --now topowatch@NAME"),
         ".TP", "\\fI/etc/default/topowatch\\fR",
-        esc("TOPOWATCH_HOOK_FALLBACK for the hooks (read, never executed)"),
+        esc("TOPOWATCH_OPTIONS, more options for topowatch run in both units, and TOPOWATCH_HOOK_FALLBACK "
+            "for the hooks (read as key=value lines, never executed)"),
         ".SH ENVIRONMENT",
         ".TP", "\\fBNOTIFY_SOCKET\\fR, \\fBWATCHDOG_USEC\\fR, \\fBWATCHDOG_PID\\fR",
         esc("set by systemd; see sd_notify(3)."),
@@ -305,7 +320,7 @@ def rules_d_5() -> str:
         ".SH NAME",
         "topowatch.rules.d \\- topowatch policies: which events trigger, which entries, what action",
         ".SH SYNOPSIS",
-        *[f"\\fI{esc(d)}/*.toml\\fR\n.br" for d in DEFAULT_DIRS],
+        *[f"\\fI{esc(d)}/*.toml\\fR\n.br" for d in SYSTEM_DIRS],
         ".SH DESCRIPTION",
         esc("Drop-in TOML files that tell topowatch(8) which events start a reaction, which conntrack "
             "entries a reaction may judge, and what it does with the stale ones. topowatch check prints "
@@ -313,7 +328,9 @@ def rules_d_5() -> str:
         ".SH WHICH FILES COUNT",
         esc("The rules are systemd's drop-in rules (systemd.unit(5)):"),
         ".IP \\(bu 2",
-        esc("Directories, highest priority first: " + ", ".join(DEFAULT_DIRS)
+        esc("Directories, highest priority first: " + ", ".join(SYSTEM_DIRS)
+            + f", then {SHIPPED_RULES} under the prefix topowatch was installed to when that is another one "
+            "(a virtualenv), so its shipped policies are in force wherever it was installed"
             + " (topowatch check \\-\\-rules\\-dir and run \\-\\-rules\\-dir replace the list)."
             .replace("\\-", "-")),
         ".IP \\(bu 2",

@@ -25,28 +25,38 @@ from pathlib import Path
 import pytest
 
 from test_dbus import SYSTEM_CONF  # the system bus's default policy plus the shipped one
+from topowatch import dbus as twdbus
+from topowatch.netns import Namespace
 
 ROOT = Path(__file__).resolve().parents[1]
 NM = ROOT / "contrib/networkmanager/90-topowatch"
 SWAN = ROOT / "contrib/strongswan/topowatch-updown"
 PPP_UP = ROOT / "contrib/ppp/ip-up.d/topowatch"
 PPP_DOWN = ROOT / "contrib/ppp/ip-down.d/topowatch"
+LIB = ROOT / "contrib/lib/hook-lib.sh"
 HOOKS = [NM, SWAN, PPP_UP, PPP_DOWN]
-TOOLS = ["sh", "timeout", "sed", "tail", "tr", "cut", "sleep", "mv"]  # what the hooks (and stubs) may use
+TOOLS = ["sh", "timeout", "sed", "tail", "tr", "cut", "sleep", "mv", "readlink"]  # what the hooks (and stubs) may use
 BUS = ["--system", "--timeout=2", "call", "io.github.topowatch", "/io/github/topowatch",
        "io.github.topowatch.Agent1", "TriggerEvent", "sss"]
 
 OWNER_QUERY = ["--system", "--timeout=1", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
                "org.freedesktop.DBus", "NameHasOwner", "s", "io.github.topowatch"]
 
-# Records its argv in logs/NAME (logs/NAME.owner for a NameHasOwner query). STUB_OWNER answers
-# that query as the bus would (unset: no bus, the query fails). STUB_BLOCK=NAME (or NAME.owner)
-# makes that call write its pid to logs/NAME.pid and wait on the fifo STUB_FIFO; else the call
-# exits with STUB_EXIT.
+# Records its argv in logs/NAME (logs/NAME.owner for a NameHasOwner query, logs/topowatch.bus-name
+# for `topowatch bus-name`, which prints STUB_BUS_NAME or the init namespace's name and exits with
+# STUB_BUS_NAME_EXIT). STUB_OWNER answers that query as the bus would (unset: no bus, the query
+# fails). STUB_BLOCK=NAME (or NAME.owner) makes that call write its pid to logs/NAME.pid and wait
+# on the fifo STUB_FIFO; else the call prints STUB_ERROR on stderr and exits with STUB_EXIT.
 STUB = """#!/bin/sh
 log={log}
 case "$*" in *NameHasOwner*) log={log}.owner ;; esac
 for a in "$@"; do printf '%s\\n' "$a"; done > "$log.$$"
+if [ "{name} $*" = "topowatch bus-name" ]; then
+    mv "$log.$$" "$log.bus-name"
+    [ "${{STUB_BUS_NAME_EXIT:-0}}" = 0 ] || exit "$STUB_BUS_NAME_EXIT"
+    echo "${{STUB_BUS_NAME:-io.github.topowatch}}"
+    exit 0
+fi
 mv "$log.$$" "$log"
 if [ "${{STUB_BLOCK:-}}" = "${{log##*/}}" ]; then
     echo "$$" > "$log.pid"
@@ -64,6 +74,7 @@ case $log in
         exit 0
         ;;
 esac
+[ -z "${{STUB_ERROR:-}}" ] || echo "$STUB_ERROR" >&2
 exit "${{STUB_EXIT:-0}}"
 """
 
@@ -158,12 +169,75 @@ def test_syntax_and_mode(hook: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
 def test_shellcheck() -> None:
-    proc = subprocess.run(["shellcheck", "-s", "sh", *map(str, HOOKS)], capture_output=True, text=True, check=False)
+    # -x follows each hook's `. hook-lib.sh` (its `# shellcheck source=` is relative to the repository).
+    proc = subprocess.run(["shellcheck", "-x", "-s", "sh", *map(str, [*HOOKS, LIB])], cwd=ROOT, capture_output=True,
+                          text=True, check=False)
     assert proc.returncode == 0, proc.stdout
 
 
 def test_ppp_hooks_are_one_script() -> None:
     assert PPP_UP.read_bytes() == PPP_DOWN.read_bytes()
+
+
+def test_hooks_share_one_library() -> None:
+    # The bus call, the daemon question and the fallback live in hook-lib.sh only, not in three copies.
+    subprocess.run(["sh", "-n", str(LIB)], check=True)
+    lib = LIB.read_text()
+    for function in ("say()", "trigger()", "daemon_state()", "fallback_mode()", "notify()", "resolve_bus_name()"):
+        assert function in lib
+        for hook in HOOKS:
+            assert function not in hook.read_text(), (hook, function)
+    for hook in HOOKS:
+        assert "busctl" not in hook.read_text() and "io.github.topowatch" not in hook.read_text(), hook
+
+
+INSTALLED = {  # where the wheel's shared-data and the Debian package put each file, under the prefix
+    "lib/NetworkManager/dispatcher.d/90-topowatch": NM,
+    "lib/topowatch/strongswan-updown": SWAN,
+    "lib/topowatch/ppp/ip-up.d/topowatch": PPP_UP,
+    "lib/topowatch/ppp/ip-down.d/topowatch": PPP_DOWN,
+    "lib/topowatch/hook-lib.sh": LIB,
+}
+
+
+def test_installed_hooks_find_the_library(stubs: Bin, tmp_path: Path) -> None:
+    prefix = tmp_path / "usr"
+    for dest, src in INSTALLED.items():
+        (prefix / dest).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, prefix / dest)
+    # An admin's symlink in /etc/ppp/ip-up.d resolves to the installed hook, and so to its library.
+    etc = tmp_path / "etc/ppp/ip-up.d"
+    etc.mkdir(parents=True)
+    (etc / "topowatch").symlink_to(prefix / "lib/topowatch/ppp/ip-up.d/topowatch")
+    nm = run(prefix / "lib/NetworkManager/dispatcher.d/90-topowatch", "eth0", "up", bin=stubs)
+    assert nm.returncode == 0, nm.stderr
+    assert stubs.calls("busctl") == [*BUS, "dispatcher", "eth0", "up"]
+    assert stubs.calls("topowatch.bus-name") == ["bus-name"]  # no topowatch beside the library: PATH's
+    # A virtualenv's topowatch is on no PATH: the one beside the library (PREFIX/bin) answers.
+    (prefix / "bin").mkdir()
+    (prefix / "bin/topowatch").write_text(STUB.format(log=stubs.logs / "own", name="topowatch"))
+    (prefix / "bin/topowatch").chmod(0o755)
+    nm = run(prefix / "lib/NetworkManager/dispatcher.d/90-topowatch", "eth0", "up", bin=stubs,
+             env={"STUB_BUS_NAME": "io.github.topowatch.inode_7"})
+    assert nm.returncode == 0, nm.stderr
+    assert stubs.calls("own.bus-name") == ["bus-name"]
+    assert stubs.calls("busctl") == [*BUS[:3], "io.github.topowatch.inode_7", *BUS[4:], "dispatcher", "eth0", "up"]
+    swan = run(prefix / "lib/topowatch/strongswan-updown", bin=stubs, env={"PLUTO_VERB": "up-host"})
+    assert swan.returncode == 0, swan.stderr
+    assert stubs.calls("busctl") == [*BUS, "xfrm", "", "up-host"]
+    ppp = run(etc / "topowatch", "ppp0", bin=stubs, argv0=etc / "topowatch")
+    assert ppp.returncode == 0, ppp.stderr
+    assert stubs.calls("busctl") == [*BUS, "dispatcher", "ppp0", "ppp-up"]
+
+
+def test_missing_library_is_logged_not_fatal(stubs: Bin, tmp_path: Path) -> None:
+    lonely = tmp_path / "nm/dispatcher.d/90-topowatch"
+    lonely.parent.mkdir(parents=True)
+    shutil.copy(NM, lonely)
+    proc = run(lonely, "eth0", "up", bin=stubs, env={"TOPOWATCH_HOOK_LIB": str(tmp_path / "gone.sh")})
+    assert proc.returncode == 0
+    assert stubs.calls("busctl") is None
+    assert "hook-lib.sh not found" in "\n".join(stubs.calls("logger") or [])
 
 
 # -- NetworkManager -------------------------------------------------------------------------------
@@ -174,6 +248,7 @@ def test_ppp_hooks_are_one_script() -> None:
     [
         (("eth0", "up"), {}, "eth0"),
         (("eth0", "down"), {}, "eth0"),
+        (("eth0", "reapply"), {}, "eth0"),  # `nmcli device reapply`: addresses and routes may differ
         (("wwan0", "dhcp4-change"), {}, "wwan0"),
         (("wwan0", "dhcp6-change"), {}, "wwan0"),
         (("eth0", "vpn-up"), {"VPN_IP_IFACE": "tun0"}, "tun0"),
@@ -334,6 +409,41 @@ def test_nm_without_any_bus_tool_falls_back(tmp_path: Path) -> None:
     assert b.wait_for("topowatch") == ["flush"]
 
 
+@pytest.mark.parametrize("hook", [NM, SWAN, PPP_UP], ids=["nm", "strongswan", "ppp"])
+def test_hooks_ask_topowatch_for_the_bus_name(stubs: Bin, hook: Path) -> None:
+    # The daemon in `ip netns exec lab-x` owns ...netns_lab_2dx: the hook calls that, not the bare name.
+    name = "io.github.topowatch.netns_lab_2dx"
+    env = {"STUB_BUS_NAME": name, "PLUTO_VERB": "up-client", "STUB_EXIT": "1", "STUB_OWNER": "false",
+           "TOPOWATCH_HOOK_FALLBACK": "flush"}
+    proc = run(hook, "eth0", "up", bin=stubs, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert stubs.calls("topowatch.bus-name") == ["bus-name"]
+    calls = stubs.calls("busctl")
+    assert calls is not None and calls[3] == name
+    assert stubs.calls("busctl.owner") == [*OWNER_QUERY[:-1], name]  # the fallback asks about that name too
+    assert stubs.wait_for("topowatch") == ["flush"]
+
+
+def test_no_bus_name_no_call_no_flush(stubs: Bin) -> None:
+    env = {"STUB_BUS_NAME_EXIT": "1", "TOPOWATCH_HOOK_FALLBACK": "flush"}
+    proc = run(NM, "eth0", "up", bin=stubs, env=env)
+    assert proc.returncode == 0
+    assert stubs.calls("busctl") is None
+    assert "cannot tell the daemon's D-Bus name" in "\n".join(stubs.calls("logger") or [])
+    time.sleep(0.2)
+    assert stubs.calls("topowatch") is None
+
+
+def test_failed_call_is_logged_to_syslog(stubs: Bin) -> None:
+    error = "Call failed: Access denied\x1b[31m"  # the bus tool's words, control characters dropped
+    proc = run(NM, "eth0", "up", bin=stubs, env={"STUB_EXIT": "1", "STUB_ERROR": error})
+    assert proc.returncode == 0
+    logged = stubs.calls("logger")
+    assert logged is not None and logged[:4] == ["-t", "topowatch-hook", "-p", "daemon.notice"]
+    assert logged[-1] == ("90-topowatch: TriggerEvent dispatcher 'eth0' up to io.github.topowatch failed: "
+                          "Call failed: Access denied[31m")
+
+
 def test_bus_name_override_reaches_a_namespaced_daemon(stubs: Bin) -> None:
     proc = run(NM, "eth0", "up", bin=stubs, env={"TOPOWATCH_BUS_NAME": "io.github.topowatch.netns_lab"})
     assert proc.returncode == 0
@@ -395,6 +505,9 @@ def ppp_dirs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     down.mkdir(parents=True)
     shutil.copy(PPP_UP, up / "topowatch")
     shutil.copy(PPP_DOWN, down / "topowatch")
+    # Found walking up from the hook: /etc/ppp/ip-up.d -> /etc/ppp -> /etc, then etc/topowatch.
+    (tmp_path / "etc/topowatch").mkdir()
+    shutil.copy(LIB, tmp_path / "etc/topowatch/hook-lib.sh")
     yield up / "topowatch", down / "topowatch"
 
 
@@ -505,6 +618,8 @@ def test_fallback_on_a_real_bus(world: Path, system_bus: str, running: bool) -> 
     b.logs.chmod(0o777)
     hook = world / "90-topowatch"
     shutil.copy(NM, hook)
+    (world / "lib").mkdir()
+    shutil.copy(LIB, world / "lib/hook-lib.sh")
     env = {"PATH": str(b.dir), "TOPOWATCH_HOOK_CONFIG": "/nonexistent", "TOPOWATCH_HOOK_FALLBACK": "flush",
            "DBUS_SYSTEM_BUS_ADDRESS": system_bus}
     with name_owner(system_bus) if running else contextlib.nullcontext():
@@ -519,3 +634,69 @@ def test_fallback_on_a_real_bus(world: Path, system_bus: str, running: bool) -> 
     else:
         assert "daemon not running" in said
         assert b.wait_for("topowatch") == ["flush"]
+
+
+# Owns the name `topowatch bus-name` gives in its namespace and prints each TriggerEvent it gets.
+NAMESPACED_DAEMON = """
+import asyncio, sys
+from dbus_fast.aio import MessageBus
+from dbus_fast.service import ServiceInterface, method
+from topowatch import dbus
+
+class Agent(ServiceInterface):
+    def __init__(self):
+        super().__init__(dbus.INTERFACE)
+
+    @method()
+    def TriggerEvent(self, kind: "s", interface: "s", detail: "s"):
+        print("TriggerEvent", kind, interface, detail, flush=True)
+
+async def main():
+    bus = await MessageBus(bus_address=sys.argv[1]).connect()
+    bus.export(dbus.OBJECT_PATH, Agent())
+    await bus.request_name(dbus.bus_name())
+    print("owned", dbus.bus_name(), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(BUSCTL is None or DBUS_DAEMON is None, reason="needs busctl and dbus-daemon")
+def test_hook_in_a_namespace_reaches_the_daemon_of_that_namespace(world: Path, system_bus: str) -> None:
+    # The real `topowatch bus-name` and busctl, run by `ip netns exec` as NetworkManager in that
+    # namespace would: the call reaches the daemon there (it used to go to io.github.topowatch).
+    pytest.importorskip("dbus_fast")
+    netns = Namespace.create("twt-x_")  # a '-' and a '_': both escaped, so no other name meets it
+    try:
+        _hook_reaches_daemon(netns, world, system_bus)
+    finally:
+        netns.delete()
+
+
+def _hook_reaches_daemon(netns: Namespace, world: Path, system_bus: str) -> None:
+    b = make_bin(world, ("logger",))
+    (b.dir / "busctl").symlink_to(str(BUSCTL))
+    (b.dir / "topowatch").symlink_to(Path(sys.executable).parent / "topowatch")
+    (b.dir / "readlink").unlink()  # the lib is named; nothing else is needed
+    env = {"PATH": str(b.dir), "TOPOWATCH_HOOK_CONFIG": "/nonexistent", "TOPOWATCH_HOOK_LIB": str(LIB),
+           "DBUS_SYSTEM_BUS_ADDRESS": system_bus}
+    daemon = netns.popen([sys.executable, "-c", NAMESPACED_DAEMON, system_bus], stdout=subprocess.PIPE)
+    try:
+        assert daemon.stdout is not None
+        owned = daemon.stdout.readline().split()
+        assert owned == ["owned", f"io.github.topowatch.{twdbus.named_suffix(netns.name)}"]
+        assert "_2d" in owned[1] and "_5f" in owned[1]
+        proc = subprocess.run([shutil.which("ip") or "ip", "netns", "exec", netns.name, str(b.dir / "sh"), str(NM),
+                               "eth0", "up"],
+                              env=env, capture_output=True, text=True, timeout=20, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert b.calls("logger") is None  # no failure to report
+        daemon.terminate()  # busctl waited for the reply: anything the daemon got is printed by now
+        assert daemon.stdout.read().split() == ["TriggerEvent", "dispatcher", "eth0", "up"]
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)
+        if daemon.stdout is not None:
+            daemon.stdout.close()

@@ -26,6 +26,8 @@ from typing import Annotated, Any, cast
 
 import pytest
 import trio
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 pytest.importorskip("dbus_fast")
 trio_asyncio = pytest.importorskip("trio_asyncio")
@@ -256,11 +258,31 @@ def test_bus_name_outside_init_namespace(tmp_path: Path) -> None:
     init.write_text("")
     run.mkdir()
     assert twdbus.netns_suffix(str(own), str(own), str(run)) is None  # same namespace as PID 1
-    assert twdbus.netns_suffix(str(own), str(init), str(run)) == f"netns_{own.stat().st_ino}"
+    assert twdbus.netns_suffix(str(own), str(init), str(run)) == f"inode_{own.stat().st_ino}"
     os.link(own, run / "lab-uplink.1")  # what `ip netns add` leaves: a bind mount of the namespace
-    assert twdbus.netns_suffix(str(own), str(init), str(run)) == "netns_lab_uplink_1"
-    assert twdbus.bus_name("netns_lab_uplink_1") == "io.github.topowatch.netns_lab_uplink_1"
+    assert twdbus.netns_suffix(str(own), str(init), str(run)) == "netns_lab_2duplink_2e1"
+    assert twdbus.bus_name("netns_lab_2duplink_2e1") == "io.github.topowatch.netns_lab_2duplink_2e1"
     assert twdbus.bus_name("") == "io.github.topowatch"
+
+
+def test_bus_names_of_namespaces_are_unambiguous() -> None:
+    # ns-x and ns_x were both "netns_ns_x": the second daemon ran without D-Bus, hooks reached the first.
+    names = ["ns-x", "ns_x", "ns.x", "nsx", "ns_2dx", "ns x", os.fsdecode(b"caf\xe9"), "café", "1", "x" * 255, "y" * 255]
+    suffixes = [twdbus.named_suffix(n) for n in names]
+    assert len(set(suffixes)) == len(names), dict(zip(names, suffixes, strict=True))
+    assert twdbus.named_suffix("ns-x") == "netns_ns_2dx"
+    assert twdbus.named_suffix("ns_x") == "netns_ns_5fx"
+    for suffix in suffixes:
+        name = twdbus.bus_name(suffix)
+        assert len(name) <= 255 and all(c.isascii() and (c.isalnum() or c == "_") for c in suffix), name
+    assert twdbus.named_suffix("x" * 255).startswith("netnsh_")
+
+
+@given(st.text(min_size=1, max_size=40), st.text(min_size=1, max_size=40))
+def test_bus_name_escaping_is_one_to_one(a: str, b: str) -> None:
+    assume(a != b)
+    assert twdbus.escape(a) != twdbus.escape(b)
+    assert twdbus.named_suffix(a).startswith(("netns_", "netnsh_"))  # never an unnamed one's inode_
 
 
 def _net_core(path: Path, *names: str) -> str:
@@ -283,12 +305,12 @@ def test_bus_name_when_pid1_namespace_is_unreadable(tmp_path: Path, caplog: pyte
     with caplog.at_level(logging.WARNING, logger="topowatch.dbus"):
         # The init-only sysctls tell: present in the init namespace, absent in every other.
         assert twdbus.netns_suffix(str(own), unreadable, str(run), init_view) is None
-        assert twdbus.netns_suffix(str(own), unreadable, str(run), other_view) == f"netns_{inode}"
+        assert twdbus.netns_suffix(str(own), unreadable, str(run), other_view) == f"inode_{inode}"
         assert caplog.records == []
         # Nothing tells: never the bare name, and a warning names the one taken.
-        assert twdbus.netns_suffix(str(own), unreadable, str(run), no_view) == f"netns_{inode}"
+        assert twdbus.netns_suffix(str(own), unreadable, str(run), no_view) == f"inode_{inode}"
         assert len(caplog.records) == 1
-        assert f"io.github.topowatch.netns_{inode}" in caplog.records[0].getMessage()
+        assert f"io.github.topowatch.inode_{inode}" in caplog.records[0].getMessage()
         os.link(own, run / "lab")
         assert twdbus.netns_suffix(str(own), unreadable, str(run), no_view) == "netns_lab"
     assert twdbus.in_init_netns((0, twdbus.PROC_NET_INIT_INO), unreadable, no_view) is True
@@ -303,7 +325,7 @@ def test_bus_name_in_a_real_namespace_without_pid1(netns: Namespace) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     inside = subprocess.run(["ip", "netns", "exec", netns.name, sys.executable, "-c", code], env=env,
                             capture_output=True, text=True, check=True).stdout.split()
-    assert inside == [f"netns_{netns.name}", "False"]
+    assert inside == [twdbus.named_suffix(netns.name), "False"]
 
 
 def test_interface_names() -> None:
@@ -436,6 +458,37 @@ async def test_pressure_start_and_end_are_signalled_and_in_status(private_bus: P
         assert json.loads(signals[1].body[0])["event"] == "end"  # evictions and timeouts are not signalled
         status = json.loads((await call(bus, "Status")).body[0])
         assert status["pressure"]["state"] == "normal" and status["pressure"]["timeouts_lowered"] == {}
+
+
+async def test_hook_trigger_is_a_full_judgement(private_bus: PrivateBus) -> None:
+    # The backend reports ruleset changes as events, so a burst of topology kinds alone (xfrm)
+    # would keep the last ruleset; a hook's TriggerEvent must read it again (a VPN's updown script
+    # may have changed a legacy table, which has no events).
+    class EventfulBackend(FakeBackend):
+        ruleset_events = True
+        reads = 0
+
+        async def ruleset(self) -> NatRuleset:
+            self.reads += 1
+            return await super().ruleset()
+
+    backend = EventfulBackend()
+    reactor = make_reactor(backend)
+    async with agent(private_bus.address, reactor), client(private_bus.address) as bus:
+        assert backend.reads == 1  # at start
+        reply = await call(bus, "TriggerEvent", "sss", ["xfrm", "", "up-client office"])
+        assert reply.message_type is MessageType.METHOD_RETURN, reply.body
+        await wait_for(lambda: len(reactor.reactions) == 1)
+        assert backend.reads == 2
+        assert len(backend.deleted) == 2
+        # Everything was judged; the same flows stick again and the tunnel's hook calls once more.
+        # No topology change is in sight, so only a full judgement finds them.
+        backend.table = [udp_entry(5060), udp_entry(5061)]
+        reply = await call(bus, "TriggerEvent", "sss", ["xfrm", "", "up-client office"])
+        assert reply.message_type is MessageType.METHOD_RETURN, reply.body
+        await wait_for(lambda: len(reactor.reactions) == 2)
+        assert backend.reads == 3
+        assert len(backend.deleted) == 4
 
 
 async def test_reload_without_store_is_an_error(private_bus: PrivateBus) -> None:

@@ -83,6 +83,8 @@ INSTALLED = {
        for p in sorted((ROOT / "rules.d").glob("*.toml"))},
     "rules.d/README.md": "lib/topowatch/rules.d/README.md",
     "contrib/topowatch.service": "lib/systemd/system/topowatch.service",
+    "contrib/topowatch@.service": "lib/systemd/system/topowatch@.service",
+    "contrib/lib/hook-lib.sh": "lib/topowatch/hook-lib.sh",
     "contrib/dbus/io.github.topowatch.conf": "share/dbus-1/system.d/io.github.topowatch.conf",
     "contrib/networkmanager/90-topowatch": "lib/NetworkManager/dispatcher.d/90-topowatch",
     "contrib/strongswan/topowatch-updown": "lib/topowatch/strongswan-updown",

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """``python -m topowatch``: the same as the ``topowatch`` command."""
 
 import sys

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The command line: run, plan, flush, check, doctor, lab.
 
 Every command works in the network namespace it is started in and touches
@@ -29,6 +30,7 @@ import trio
 from topowatch import __version__
 from topowatch.errors import PermissionDenied, TopowatchError, UsageError
 from topowatch.logs import setup_logging
+from topowatch.text import escape
 
 if TYPE_CHECKING:
     from topowatch.core.decide import Decision, FlushPlan
@@ -38,6 +40,11 @@ if TYPE_CHECKING:
     from topowatch.sdnotify import Notifier
 
 log = logging.getLogger("topowatch")
+
+# How long a SIGHUP may spend reading the policy files before the previous policy simply stays.
+RELOAD_TIMEOUT = 10.0
+# Policy errors logged or printed at most (a hostile file can hold tens of thousands); `check` shows all.
+MAX_ERRORS_SHOWN = 20
 
 
 def _positive_float(text: str) -> float:
@@ -157,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     trigger = sub.add_parser("trigger", help="ask the running daemon to react now (over D-Bus; root)")
     trigger.add_argument("--interface", metavar="IF", help="the interface that changed (default: all)")
     trigger.add_argument("--json", action="store_true", help="print one JSON object")
+    bus_name = sub.add_parser("bus-name", help="print the D-Bus name of the daemon of this network namespace "
+                              "(what the CLI and the hooks call)")
+    bus_name.add_argument("--netns", metavar="NAME", help="of the namespace `ip netns` calls NAME instead")
 
     lab = sub.add_parser("lab", help="build a namespace lab and show topowatch fixing stuck flows")
     lab.add_argument("--keep", action="store_true", help="leave the lab's namespaces in place")
@@ -315,7 +325,8 @@ async def _observers(
 
 
 def _dbus_tasks(
-    args: argparse.Namespace, reactor: Reactor, store: PolicyStore, pressure: PressureAgent
+    args: argparse.Namespace, reactor: Reactor, store: PolicyStore, pressure: PressureAgent,
+    guard: Callable[[], bool] | None = None,
 ) -> list[Callable[[], Awaitable[None]]]:
     """The D-Bus service and NetworkManager events, unless --no-dbus or the extra is missing (said once)."""
     from topowatch.dbus import missing_dependency
@@ -339,14 +350,47 @@ def _dbus_tasks(
     backend = reactor.backend
     if hasattr(backend, "extra_sources"):
         backend.extra_sources.append(NetworkManagerSource())
-    return [AgentService(reactor, reload=reload, pressure=pressure).run]
+    return [AgentService(reactor, reload=reload, pressure=pressure, guard=guard).run]
+
+
+async def reload_policies(store: PolicyStore, timeout: float = RELOAD_TIMEOUT) -> bool:
+    """SIGHUP: read the policy files in a worker thread within ``timeout`` s; True if the new one is in force.
+
+    Any failure (errors in the files, a read that does not finish in time,
+    anything unexpected) is logged and keeps the previous policy: the event
+    loop never waits on a file and the daemon never ends over one. A read
+    given up on is abandoned (the thread ends on its own; files are bounded
+    in size, so it does).
+    """
+    from topowatch.policy import PolicyErrors
+
+    try:
+        with trio.fail_after(timeout):
+            policy = await trio.to_thread.run_sync(store.load, abandon_on_cancel=True)
+    except PolicyErrors as exc:
+        for error in exc.errors[:MAX_ERRORS_SHOWN]:
+            log.error("%s", error)
+        if len(exc.errors) > MAX_ERRORS_SHOWN:
+            log.error("... and %d more errors", len(exc.errors) - MAX_ERRORS_SHOWN)
+        log.error("keeping the previous policy")
+        return False
+    except trio.TooSlowError:
+        log.error("reading the policy files took more than %.0f s; keeping the previous policy", timeout)
+        return False
+    except Exception as exc:  # a bug in reading must not end the daemon either
+        log.error("cannot reload the policies (%s: %s); keeping the previous policy", type(exc).__name__, exc)
+        return False
+    store.install(policy)
+    log.info("policies reloaded: %s", ", ".join(p.name for p in policy.policies))
+    return True
 
 
 async def _run_daemon(args: argparse.Namespace) -> int:
+    from topowatch import netnswatch
     from topowatch.edges.kernel import KernelBackend
     from topowatch.edges.sysctl import TimeoutLedger
     from topowatch.nslock import acquire
-    from topowatch.policy import PolicyErrors, PolicyStore
+    from topowatch.policy import PolicyStore
     from topowatch.pressure import PressureAgent
     from topowatch.reactor import Reactor, ReactorConfig
     from topowatch.sdnotify import Notifier
@@ -366,7 +410,9 @@ async def _run_daemon(args: argparse.Namespace) -> int:
                              ledger=TimeoutLedger.for_namespace(args.state_dir))
     notifier = Notifier()
     observers = await _observers(args, reactor, notifier, pressure)
-    observers += _dbus_tasks(args, reactor, store, pressure)
+    guard = netnswatch.NamespaceGuard.here()
+    reactor.reaction_hooks.append(guard.after_reaction)
+    observers += _dbus_tasks(args, reactor, store, pressure, guard.check)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(reactor.run)
@@ -378,15 +424,8 @@ async def _run_daemon(args: argparse.Namespace) -> int:
             async def wait_signal() -> None:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        try:
-                            store.reload()
-                            names = ", ".join(p.name for p in store.current.policies)
-                            log.info("policies reloaded: %s", names)
+                        if await reload_policies(store):
                             pressure.policy_changed()
-                        except PolicyErrors as exc:
-                            for error in exc.errors:
-                                log.error("%s", error)
-                            log.error("keeping the previous policy")
                         continue
                     log.info("received %s: stopping", signal.Signals(signum).name)
                     notifier.stopping(f"stopping after {len(reactor.reactions)} reaction(s)")
@@ -394,6 +433,8 @@ async def _run_daemon(args: argparse.Namespace) -> int:
                     return
 
             nursery.start_soon(wait_signal)
+            # Stop (releasing the bus name) once `ip netns del` took this namespace's name away.
+            nursery.start_soon(guard.stop_when_gone, nursery.cancel_scope)
     log.info("stopped after %d reaction(s)", len(reactor.reactions))
     lock.close()
     return 0
@@ -412,6 +453,50 @@ def _check_rules_dirs(dirs: list[str] | None) -> None:
             raise UsageError(f"--rules-dir {directory}: not a directory")
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, in order: what a nursery's failure holds."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _error_lines(exc: BaseException) -> list[str]:
+    from topowatch.policy import PolicyErrors
+
+    if isinstance(exc, PolicyErrors):
+        shown = [f"  {escape(str(e))}" for e in exc.errors[:MAX_ERRORS_SHOWN]]
+        more = len(exc.errors) - len(shown)
+        tail = [f"  ... and {more} more"] if more else []
+        return [f"{len(exc.errors)} error(s) in policy files:", *shown, *tail]
+    if isinstance(exc, TopowatchError):
+        return [escape(str(exc))]
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {escape(str(exc.filename))}" if exc.filename is not None else ""
+        return [f"{exc.strerror}{where}"]
+    return [f"unexpected {type(exc).__name__}: {escape(str(exc))}"]
+
+
+def _failed(exc: BaseException, verbose: int) -> int:
+    """One line on stderr (a list for policy errors), never a traceback; the exit status.
+
+    A failure inside the daemon's nursery arrives as an exception group: the
+    first error of our own kind inside it is the one reported. With ``-vv``
+    the traceback follows, for a bug report.
+    """
+    leaves = _leaves(exc)
+    if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+        return 130
+    leaf = next((e for e in leaves if isinstance(e, TopowatchError)), leaves[0])
+    for line in _error_lines(leaf):
+        print(f"topowatch: error: {line}" if not line.startswith("  ") else f"topowatch: {line}",
+              file=sys.stderr)
+    if verbose >= 2:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    return 2 if isinstance(leaf, UsageError) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # A command whose reader went away (``plan | head -1``, ``--help | head``) ends quietly, as ls
     # does; the daemon and the lab keep Python's default (EPIPE as an error) and clean up.
@@ -424,6 +509,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = args.quiet or getattr(args, "sub_quiet", False)
     log_format = getattr(args, "sub_log_format", None) or args.log_format or "text"
     setup_logging(verbose, log_format, quiet=quiet)
+    for stream in (sys.stdout, sys.stderr):
+        # Names from outside (interfaces, files) may hold bytes that were not UTF-8: print, never fail.
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     try:
         _check_rules_dirs(getattr(args, "rules_dir", None))
         if args.command == "lab":
@@ -439,6 +529,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from topowatch.policy import check_main
 
             return check_main(args.rules_dir, as_json=args.json)
+        if args.command == "bus-name":
+            from topowatch import dbus
+
+            print(dbus.bus_name(dbus.named_suffix(args.netns) if args.netns else None))
+            return 0
         if args.command in {"status", "trigger"}:
             from topowatch.dbus import missing_dependency
 
@@ -464,14 +559,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "flush":
             return trio.run(_audit, args, True)
         raise UsageError(f"unknown command {args.command!r}")
-    except UsageError as exc:
-        print(f"topowatch: error: {exc}", file=sys.stderr)
-        return 2
-    except TopowatchError as exc:
-        print(f"topowatch: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    except (Exception, KeyboardInterrupt, BaseExceptionGroup) as exc:
+        return _failed(exc, verbose)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The conformance corpus: how much of real rulesets' NAT topowatch models exactly.
 
 What this module decides: for each in-scope file of a corpus folder, how many

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """``topowatch doctor``: what this kernel and system support, each probed, and what follows.
 
 Every finding comes from asking the system, never from a version number: a
@@ -51,11 +52,14 @@ from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address
 from typing import TypeVar
 
+from topowatch import installcheck
 from topowatch.core.conntrack import IPS_ASSURED, IPS_SEEN_REPLY, CtTuple, Entry
 from topowatch.edges import ctcodec
 from topowatch.edges.ctcodec import DumpParser, be32, encode_tuple, nest, nla
 from topowatch.edges.ctnetlink import Conntrack, probe_status_filter
 from topowatch.errors import TopowatchError
+from topowatch.installcheck import Misplaced
+from topowatch.text import run_tool
 
 T = TypeVar("T")
 
@@ -419,7 +423,7 @@ def _permissions() -> Finding:
 
 def _run(argv: Sequence[str]) -> tuple[int, str]:
     try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=TOOL_TIMEOUT, check=False)
+        proc = run_tool(argv, timeout=TOOL_TIMEOUT)
     except FileNotFoundError:
         return 127, "not installed"
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -580,6 +584,18 @@ def _scan_path() -> Finding:
                    "reinstall with a C compiler and the Python headers present")  # fmt: skip
 
 
+def _install(check: Callable[[], Sequence[Misplaced]] | None = None) -> list[Finding]:
+    """Shipped files installed where their consumer does not look, each with the command that fixes it."""
+    problems = (check or installcheck.check)()
+    if not problems:
+        return [Finding("install", "shipped files", Status.OK,
+                        "the unit, bus policy and dispatcher hook found under "
+                        f"{', '.join(installcheck.install_prefixes())} are where systemd, dbus-daemon and "
+                        "NetworkManager read them, and the units name an executable")]
+    return [Finding(f"install_{i}", "shipped file", Status.WARNING, f"{p.path}: {p.problem}", f"fix: {p.fix}")
+            for i, p in enumerate(problems, 1)]
+
+
 def run_doctor() -> list[Finding]:
     ctnetlink = _ctnetlink()
     findings = [_permissions(), ctnetlink]
@@ -598,6 +614,7 @@ def run_doctor() -> list[Finding]:
     findings.append(_bus_policy())
     findings.append(_table())
     findings.append(_scan_path())
+    findings += _install()
     return findings
 
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The one exception root of topowatch and its kinds.
 
 Every error that can reach a user derives from ``TopowatchError``; the CLI

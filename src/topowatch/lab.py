@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The namespace lab: a gateway whose uplink changes, flows that get stuck, topowatch fixing them.
 
 Topology (every namespace created here, removed at the end):
@@ -28,7 +29,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -366,9 +367,9 @@ def log_record(line: str) -> dict[str, Any] | None:
 class Daemon:
     """``topowatch run`` in a namespace, its log read line by line."""
 
-    def __init__(self, ns: Namespace, *args: str) -> None:
+    def __init__(self, ns: Namespace, *args: str, prefix: Sequence[str] = ()) -> None:
         self.proc = ns.popen(
-            [sys.executable, "-m", "topowatch", "run", *args],
+            [*prefix, sys.executable, "-m", "topowatch", "run", *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Log records: short text lines for a person, one JSON object per line for programs.
 
 Text (the default) is for a person: one line per reaction and one per group
@@ -12,6 +13,11 @@ logger, ``msg`` and the record's structured ``fields``; each deleted (or
 would-be deleted) entry is a record of its own on the ``topowatch.entries``
 logger. In text mode that logger speaks only with ``-v``.
 
+Every text record is one line whatever it quotes: control characters and
+bytes that were not UTF-8 (an interface name, a rule, a file name) are
+escaped (``topowatch.text.escape``), so outside input can neither forge a
+line nor send terminal escapes; JSON records are escaped by JSON itself.
+
 Decides the format and the per-entry verbosity only; never filters what the
 rest of the program says.
 """
@@ -25,6 +31,8 @@ import os
 import sys
 import time
 from typing import TextIO
+
+from topowatch.text import escape
 
 JOURNALD_PRIORITY = {
     logging.DEBUG: 7,
@@ -75,6 +83,7 @@ class TextFormatter(logging.Formatter):
         message = record.getMessage()
         if record.exc_info and record.levelno >= logging.ERROR:
             message += " (" + repr(record.exc_info[1]) + ")"
+        message = escape(message)
         if self.journald:
             return f"<{priority(record.levelno)}>{message}"
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Prometheus metrics: what reactions did, how long they took, how full the table is.
 
 Theory of operation: ``Metrics`` owns a private ``CollectorRegistry``.
@@ -10,10 +11,18 @@ reactor's error counts by kind. They are exposed either
 
 - on a local HTTP endpoint (``--metrics-listen 127.0.0.1:9877``) served by
   trio itself: prometheus-client's own server is a thread, which the daemon
-  does not need for one GET handler; or
+  does not need for one GET handler. At most ``MAX_CONNECTIONS`` are served
+  at once (more wait in the kernel's listen backlog, holding none of our
+  file descriptors), each for at most ``HTTP_TIMEOUT`` seconds, so local
+  clients cannot starve the daemon's netlink sockets of descriptors; an
+  accept that fails (EMFILE, ...) is logged and tried again later; or
 - in a textfile for node_exporter's textfile collector
   (``--metrics-textfile PATH``), rewritten by atomic rename after every
-  reaction and every ``refresh`` seconds (0: after reactions only).
+  reaction and every ``refresh`` seconds (0: after reactions only). The
+  temporary file is made by ``mkstemp`` (O_EXCL: a planted file or symlink
+  is never written through) in the target's directory, which must pass the
+  same owner and mode checks as the state directory (``topowatch.trust``);
+  a directory that fails is refused (said once per reason), never written.
 
 This module never decides anything about entries and never touches the
 conntrack table; a metric it cannot read is left out, never made up.
@@ -21,9 +30,11 @@ conntrack table; a metric it cannot read is left out, never made up.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 
@@ -35,7 +46,6 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
-    write_to_textfile,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -44,6 +54,7 @@ from prometheus_client.registry import Collector
 from topowatch.errors import UsageError
 from topowatch.pressure import PressureEvent
 from topowatch.reactor import Reaction
+from topowatch.trust import directory_problem
 
 log = logging.getLogger("topowatch.metrics")
 
@@ -51,6 +62,8 @@ NETFILTER_SYSCTLS = "/proc/sys/net/netfilter"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, math.inf)
 HTTP_TIMEOUT = 5.0
 MAX_REQUEST_BYTES = 8192
+MAX_CONNECTIONS = 8
+ACCEPT_RETRY = 1.0  # after a failed accept (EMFILE, ENFILE, ENOBUFS, ENOMEM, ...)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -113,6 +126,7 @@ class Metrics:
         self.sysctl_dir = sysctl_dir
         self._reactor_errors = errors
         self._delete_failures = 0
+        self._textfile_problem: str | None = None  # the last reason the textfile was not written
         self.registry = CollectorRegistry()
         r = self.registry
         self.reactions = Counter("topowatch_reactions", "Reactions by result (deleted, dry_run, refused, "
@@ -181,12 +195,33 @@ class Metrics:
         return generate_latest(self.registry)
 
     def write_textfile(self, path: str) -> bool:
-        """Write the textfile by atomic rename; False (logged) when it cannot be written."""
-        try:
-            write_to_textfile(path, self.registry)
-        except OSError as exc:
-            log.error("cannot write the metrics textfile %s: %s", path, exc)
+        """Write the textfile by atomic rename; False (logged once per reason) when it cannot be written."""
+        directory = os.path.dirname(os.path.abspath(path))
+        problem = directory_problem(directory)
+        if problem is None:
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=".topowatch-metrics-", suffix=".tmp", dir=directory)
+            except OSError as exc:
+                problem = f"cannot create a temporary file in {directory}: {exc.strerror or exc}"
+        if problem is not None:
+            if problem != self._textfile_problem:
+                log.error("cannot write the metrics textfile %s: %s", path, problem)
+            self._textfile_problem = problem
             return False
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o644)  # node_exporter reads it
+                f.write(generate_latest(self.registry))
+            os.replace(tmp, path)  # replaces a symlink at ``path`` itself, never its target
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            problem = f"{exc.strerror or exc}"
+            if problem != self._textfile_problem:
+                log.error("cannot write the metrics textfile %s: %s", path, problem)
+            self._textfile_problem = problem
+            return False
+        self._textfile_problem = None
         return True
 
 
@@ -220,19 +255,56 @@ async def _answer(metrics: Metrics, stream: trio.abc.Stream) -> None:
     await stream.send_all(head if method == b"HEAD" else head + body)
 
 
-async def serve_http(metrics: Metrics, listeners: list[trio.SocketListener]) -> None:
-    """Serve ``GET /metrics`` on bound listeners until cancelled (trio, no thread)."""
+async def serve_http(
+    metrics: Metrics,
+    listeners: list[trio.SocketListener],
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    timeout: float = HTTP_TIMEOUT,
+) -> None:
+    """Serve ``GET /metrics`` on bound listeners until cancelled (trio, no thread).
+
+    Never raises for a client or a failed accept: the daemon must outlive both.
+    """
     for listener in listeners:
         host, port = listener.socket.getsockname()[:2]
         log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", port)
+    slots = trio.Semaphore(max_connections)  # shared by all listeners
 
     async def handler(stream: trio.SocketStream) -> None:
         try:
-            with trio.move_on_after(HTTP_TIMEOUT):
+            with trio.move_on_after(timeout):
                 await _answer(metrics, stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("metrics client went away: %s", exc)
         finally:
             await trio.aclose_forcefully(stream)
+            slots.release()
 
-    await trio.serve_listeners(handler, listeners)
+    async def accept_loop(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        async with listener:  # closed when the server stops
+            await accept_forever(listener, nursery)
+
+    async def accept_forever(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        failed = False
+        while True:
+            await slots.acquire()  # at the cap, the next client waits in the backlog
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                slots.release()
+                if not failed:
+                    log.error("metrics: cannot accept a connection (%s); trying again every %.0f s",
+                              exc.strerror or exc, ACCEPT_RETRY)
+                failed = True
+                await trio.sleep(ACCEPT_RETRY)
+                continue
+            except BaseException:
+                slots.release()
+                raise
+            failed = False
+            nursery.start_soon(handler, stream)
+
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(accept_loop, listener, nursery)

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Network namespaces: create, run commands in, open sockets in, remove.
 
 Used by the lab, the benchmarks and the tests; the daemon itself never enters

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Policies from rules.d drop-in TOML files: which events trigger, which entries, what action.
 
 This module decides which policy files are in force, what each key of each
@@ -10,8 +11,10 @@ Theory of operation (systemd's drop-in rules, ``systemd.unit(5)``):
 
 1. Directories in priority order, highest first: ``/etc/topowatch/rules.d``,
    ``/run/topowatch/rules.d``, ``/usr/local/lib/topowatch/rules.d``,
-   ``/usr/lib/topowatch/rules.d`` (systemd's unit search order; or the list
-   given). Only ``*.toml`` names count; hidden names are ignored.
+   ``/usr/lib/topowatch/rules.d`` (systemd's unit search order), then
+   ``lib/topowatch/rules.d`` under the prefix topowatch was installed to when
+   that is another one (a virtualenv); or the list given. Only ``*.toml``
+   names count; hidden names are ignored.
 2. A name in a higher directory hides the same name in lower ones. The winner
    is an empty file or a symlink to ``/dev/null``: the name is masked and
    contributes nothing.
@@ -21,9 +24,18 @@ Theory of operation (systemd's drop-in rules, ``systemd.unit(5)``):
 4. Keys not set by any file take their defaults. When no file defines any
    policy, the built-in policy ``default`` applies (every topology event
    triggers; UNREPLIED connectionless entries in every zone; flush; cap 100000).
-5. Files and their directories must not be writable by group or others and
-   must be owned by root (or by the user running topowatch), as sshd's
-   StrictModes demands; a file that fails is refused with an error.
+5. Files, their directories and every directory above those must not be
+   writable by group or others and must be owned by root (or by the user
+   running topowatch), as sshd's StrictModes demands (a parent such as /tmp
+   that is writable by all but sticky is accepted: nobody else may rename
+   what root owns in it); a file or directory that fails is refused with an
+   error. A directory that does not exist is skipped, unless it held policy
+   files at the last load (``required``): gone or unreadable at a reload,
+   it is an error, never a fall-back to the built-in default.
+6. A file is opened without blocking (a FIFO named ``*.toml`` is refused, not
+   waited on), must be a regular file (checked on the open descriptor) of
+   at most ``MAX_FILE_BYTES``; nesting too deep for the TOML parser is an
+   error like any other.
 
 Every mistake in every file is collected and reported together
 (``PolicyErrors``), each naming the file, line and key.
@@ -45,6 +57,7 @@ import os
 import re
 import stat
 import sys
+import sysconfig
 import tomllib
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,13 +71,37 @@ from topowatch.core.flow import PROTO_NAMES, PROTO_NUMBERS
 from topowatch.core.model import AF_INET, AF_INET6, IPNetwork
 from topowatch.core.pressure import DEFAULT_LOWERED, LOWERABLE, STATEFUL, PressurePolicy, Protection
 from topowatch.errors import PolicyError
+from topowatch.text import escape
+from topowatch.trust import default_trusted_uids as _default_trusted_uids
+from topowatch.trust import parent_problem as _parent_problem
+from topowatch.trust import trust_problem as _trust_problem
 
-DEFAULT_DIRS: tuple[str, ...] = (
+SYSTEM_DIRS: tuple[str, ...] = (
     "/etc/topowatch/rules.d",
     "/run/topowatch/rules.d",
     "/usr/local/lib/topowatch/rules.d",  # where pip, as root, installs the shipped files
     "/usr/lib/topowatch/rules.d",
 )
+SHIPPED_RULES = "lib/topowatch/rules.d"  # under the install prefix (the wheel's shared-data)
+
+
+def installed_dirs() -> tuple[str, ...]:
+    """Where this installation put its own shipped policies when that is none of ``SYSTEM_DIRS``.
+
+    The wheel installs rules.d under its data prefix: /usr/local or /usr for pip
+    as root, the virtualenv for an install into one. Searched after the system
+    directories, so the shipped files are in force wherever topowatch was
+    installed, and any same-named file in /etc, /run or /usr overrides them.
+    """
+    found: list[str] = []
+    for prefix in (sysconfig.get_path("data"), sys.prefix):
+        path = os.path.join(prefix, SHIPPED_RULES)
+        if path not in SYSTEM_DIRS and path not in found:
+            found.append(path)
+    return tuple(found)
+
+
+DEFAULT_DIRS: tuple[str, ...] = SYSTEM_DIRS + installed_dirs()
 
 TRIGGERS: tuple[str, ...] = (
     "link", "address", "route", "rule", "xfrm", "ruleset", "networkmanager", "dispatcher",
@@ -79,6 +116,8 @@ BUILTIN = "built-in default"
 DEFAULT_NAME = "default"
 IFNAMSIZ = 16
 U32 = 0xFFFFFFFF
+# A policy file is a few hundred bytes; anything past this is refused before it is parsed.
+MAX_FILE_BYTES = 1 << 20
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
 _TOML_POS_RE = re.compile(r"at line (\d+), column (\d+)")
@@ -666,24 +705,11 @@ def _key_at_line(text: str, line: int) -> str:
     return next((".".join(path) for number, path in _scan(text) if number == line), "")
 
 
-def _trust_problem(path: str, st: os.stat_result, trusted_uids: Collection[int]) -> str | None:
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return (f"refused: writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}), as sshd's "
-                f"StrictModes would refuse it; fix with: chmod go-w {path}")
-    if st.st_uid not in trusted_uids:
-        owners = " or ".join("root" if u == 0 else f"uid {u}" for u in sorted(trusted_uids))
-        return f"refused: owned by uid {st.st_uid}, not {owners}; fix with: chown root {path}"
-    return None
-
-
-def _default_trusted_uids() -> frozenset[int]:
-    return frozenset({0, os.geteuid()})
-
-
 @dataclass(slots=True)
 class _Loader:
     trusted_uids: Collection[int]
     errors: list[PolicyError] = field(default_factory=list)
+    required: Collection[str] = ()  # directories that held policy files at the last load
 
     def error(self, message: str, file: str, line: int = 0, key: str = "") -> None:
         self.errors.append(PolicyError(message, file=file, line=line, key=key))
@@ -692,9 +718,13 @@ class _Loader:
         winners: dict[str, PolicyFile] = {}
         hidden: list[PolicyFile] = []
         for directory in dirs:
+            gone = ("held policy files at the last load and is now {}; keeping the last good policy "
+                    "(restart topowatch to run without it)")
             try:
                 st = os.stat(directory)
             except FileNotFoundError:
+                if os.path.normpath(directory) in self.required:
+                    self.error(gone.format("gone"), directory)
                 continue
             except PermissionError:
                 if os.geteuid() != 0:
@@ -707,7 +737,8 @@ class _Loader:
             if not stat.S_ISDIR(st.st_mode):
                 self.error("not a directory", directory)
                 continue
-            problem = _trust_problem(directory, st, self.trusted_uids)
+            problem = _trust_problem(directory, st, self.trusted_uids) or _parent_problem(
+                directory, self.trusted_uids)
             if problem:
                 self.error(f"directory {problem}", directory)
                 continue
@@ -754,7 +785,13 @@ class _Loader:
     def read(self, path: str) -> dict[str, dict[str, tuple[Any, int]]]:
         """The policies one file sets: name -> key -> (parsed value, line)."""
         try:
-            with open(path, "rb") as handle:
+            # Non-blocking: opening a FIFO for reading must not wait for a writer.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as exc:
+            self.error(f"cannot read: {exc.strerror}", path)
+            return {}
+        try:
+            with os.fdopen(fd, "rb") as handle:
                 st = os.fstat(handle.fileno())
                 if not stat.S_ISREG(st.st_mode):
                     self.error("not a regular file", path)
@@ -763,9 +800,13 @@ class _Loader:
                 if problem:
                     self.error(problem, path)
                     return {}
-                raw = handle.read()
+                raw = handle.read(MAX_FILE_BYTES + 1)
         except OSError as exc:
             self.error(f"cannot read: {exc.strerror}", path)
+            return {}
+        if len(raw) > MAX_FILE_BYTES:
+            self.error(f"too large: more than {MAX_FILE_BYTES // 1024} KiB (a policy file is a few lines)",
+                       path)
             return {}
         try:
             text = raw.decode("utf-8")
@@ -774,6 +815,9 @@ class _Loader:
             return {}
         try:
             document = tomllib.loads(text)
+        except RecursionError:
+            self.error("nested too deeply to read", path)
+            return {}
         except tomllib.TOMLDecodeError as exc:
             match = _TOML_POS_RE.search(str(exc))
             line = int(match.group(1)) if match else max(1, text.count("\n"))
@@ -844,15 +888,20 @@ class _Loader:
 
 
 def load_policies(
-    dirs: Sequence[str] | None = None, *, trusted_uids: Collection[int] | None = None
+    dirs: Sequence[str] | None = None,
+    *,
+    trusted_uids: Collection[int] | None = None,
+    required: Collection[str] = (),
 ) -> EffectivePolicy:
     """Read, merge and validate every policy file; raise ``PolicyErrors`` listing every mistake.
 
     ``dirs`` are highest priority first (default ``DEFAULT_DIRS``). ``trusted_uids``
     are the owners a file may have (default root and the effective user).
+    ``required`` are directories that must exist (they held files before).
     """
     dirs = tuple(DEFAULT_DIRS if dirs is None else dirs)
-    loader = _Loader(_default_trusted_uids() if trusted_uids is None else frozenset(trusted_uids))
+    loader = _Loader(_default_trusted_uids() if trusted_uids is None else frozenset(trusted_uids),
+                     required=frozenset(os.path.normpath(d) for d in required))
     files = loader.discover(dirs)
     merged: dict[str, dict[str, tuple[Any, Origin]]] = {}
     for f in files:
@@ -948,10 +997,22 @@ class PolicyStore:
     ) -> PolicyStore:
         return cls(load_policies(dirs, trusted_uids=trusted_uids), dirs, trusted_uids=trusted_uids)
 
+    @property
+    def populated(self) -> frozenset[str]:
+        """The directories that held policy files (read, masking or overridden) at the last load."""
+        return frozenset(os.path.normpath(os.path.dirname(f.path)) for f in self.current.files)
+
+    def load(self) -> EffectivePolicy:
+        """Read the files again without putting them in force (blocking: run it off the event loop)."""
+        return load_policies(self.dirs, trusted_uids=self.trusted_uids, required=self.populated)
+
+    def install(self, policy: EffectivePolicy) -> None:
+        self.current = policy
+
     def reload(self) -> EffectivePolicy:
         """Load again; the new policy replaces the current one only if it is valid."""
-        policy = load_policies(self.dirs, trusted_uids=self.trusted_uids)
-        self.current = policy
+        policy = self.load()
+        self.install(policy)
         return policy
 
 
@@ -1049,7 +1110,7 @@ def check_main(rules_dirs: list[str] | None, *, as_json: bool = False) -> int:
         if as_json:
             print(json.dumps({"valid": False, "errors": [str(e) for e in exc.errors]}, indent=2))
         for error in exc.errors:
-            print(f"topowatch: {error}", file=sys.stderr)
+            print(f"topowatch: {escape(str(error))}", file=sys.stderr)  # file names may hold anything
         print(f"topowatch: {len(exc.errors)} error(s); policy not valid", file=sys.stderr)
         return 1
     if as_json:

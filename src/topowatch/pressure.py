@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The pressure agent: watches the conntrack table fill, and under pressure lowers timeouts and evicts.
 
 Theory of operation: one trio task (``PressureAgent.run``) in the daemon's
@@ -350,7 +351,7 @@ class PressureAgent:
         try:
             await trio.to_thread.run_sync(self.recover)
             self.deliver()
-        except TopowatchError as exc:
+        except (TopowatchError, OSError) as exc:
             log.error("pressure: cannot restore timeouts from %s: %s", self.ledger.path, exc)
         task_status.started()
         try:

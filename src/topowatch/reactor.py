@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The reactor: from topology events to deleted entries, once per burst.
 
 Theory of operation (trio, structured concurrency): one nursery holds one task
@@ -11,8 +12,10 @@ batches, log one line, and T1 becomes T0.
 Rules:
 - a source that fails is restarted (with back-off) and says so; an overrun
   (lost events) is a trigger of its own: the reaction re-reads everything;
-- a reaction that fails is logged and the loop goes on; a ruleset that fails
-  to read keeps the previous one in force;
+- a reaction that fails (a netlink error, EMFILE or any other OSError) is
+  logged and tried again after a back-off (doubling up to ``RETRY_MAX``), as
+  a resync: its events are not lost, and the loop goes on; a ruleset that
+  fails to read keeps the previous one in force;
 - until a ruleset has been read (the first read at startup failed, and every
   retry since), a reaction decides nothing and deletes nothing, and says so;
   each reaction retries the read, and T0 stays the last snapshot a decision
@@ -56,6 +59,10 @@ entry_log = logging.getLogger(ENTRIES_LOGGER)
 # only of these keeps the ruleset read before, if the backend reports ruleset
 # changes as triggers (``ruleset_events``); anything else re-reads it.
 TOPOLOGY_KINDS = frozenset({"link", "address", "route", "rule", "xfrm"})
+# Rules from which walking a ruleset is left to a worker thread (about 40 us a rule).
+LARGE_RULESET = 2000
+# The longest wait before a failed reaction is tried again.
+RETRY_MAX = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +140,23 @@ def plan_once(
         sport_matters=sport_matters,
         classifier=Classifier.build([topology], [ruleset], eligibility, sport_matters=sport_matters),
     )
+
+
+class _PhaseTimings(dict[str, float]):
+    """A reaction's phase timings; recording one is the reaction's progress (``Reactor.progress_at``).
+
+    The watchdog (``sdnotify``) pings during a long reaction as long as phases
+    keep completing: a reaction of many phases may outlast ``WatchdogSec``, a
+    single phase stuck in an await may not, and a blocked loop pings nothing.
+    """
+
+    def __init__(self, reactor: Reactor) -> None:
+        super().__init__()
+        self._reactor = reactor
+
+    def __setitem__(self, key: str, value: float) -> None:
+        super().__setitem__(key, value)
+        self._reactor.progress_at = trio.current_time()
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +360,8 @@ class Reactor:
         self.source_restarts = 0
         self.errors: dict[str, int] = {}  # by kind: reaction, source, ruleset (metrics read it)
         self.busy_since: float | None = None  # when the current reaction began (the watchdog reads it)
+        # When a reaction last finished a phase (snapshot, ruleset, dump, decide, delete): its progress.
+        self.progress_at: float | None = None
         self._burst = Burst()
         self._arrived = trio.Event()
         self._sport_memo: tuple[NatRuleset, bool] | None = None
@@ -344,6 +370,12 @@ class Reactor:
         self.judged_all = False
         self._judged_under: tuple[NatRuleset | None, EffectivePolicy | None] = (None, None)
         self.dumps = 0  # conntrack dumps made by reactions (a reaction that can change no flow makes none)
+
+    @property
+    def work_done(self) -> int:
+        """Steps of work done in the backend's worker threads (a count the watchdog sees move)."""
+        steps = getattr(self.backend, "work_done", 0)
+        return steps if isinstance(steps, int) else 0
 
     # -- sources -------------------------------------------------------------
 
@@ -417,17 +449,27 @@ class Reactor:
             task_status.started()
             if self.config.startup_sweep:
                 self.push(Trigger("startup", "startup sweep"))
+            failures = 0
             while True:
                 burst = await self._collect()
                 self.busy_since = trio.current_time()
                 try:
                     async with self.lock:
                         await self.react(burst)
-                except TopowatchError as exc:
+                    failures = 0
+                except (TopowatchError, OSError) as exc:
                     self._count("reaction")
-                    log.error("reaction failed: %s", exc)
+                    failures += 1
+                    retry = min(self.config.restart_backoff * 2 ** min(failures - 1, 16), RETRY_MAX)
+                    log.error("reaction failed: %s; trying again in %.1f s", exc, retry)
+                    why = str(exc)
+                else:
+                    continue
                 finally:
                     self.busy_since = None
+                # Events meanwhile join the retry's burst; T0 is still the last snapshot judged.
+                await trio.sleep(retry)
+                self.push(Trigger("retry", f"retry after a failed reaction ({why})", overrun=True))
 
     def _count(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -438,13 +480,19 @@ class Reactor:
             return True
         return not burst.kinds or not burst.kinds <= TOPOLOGY_KINDS
 
-    def _mentions_sport(self, ruleset: NatRuleset) -> bool:
+    async def _mentions_sport(self, ruleset: NatRuleset) -> bool:
         if self._sport_memo is None or self._sport_memo[0] is not ruleset:
-            self._sport_memo = (ruleset, mentions_sport(ruleset))
+            rules = sum(len(chain.rules) for chain in getattr(ruleset, "chains", ()))
+            if rules < LARGE_RULESET:
+                found = mentions_sport(ruleset)
+            else:  # seconds for 50k rules: in a worker thread, so the loop (and the watchdog) goes on
+                found = await trio.to_thread.run_sync(mentions_sport, ruleset)
+                self.progress_at = trio.current_time()
+            self._sport_memo = (ruleset, found)
         return self._sport_memo[1]
 
     async def react(self, burst: Burst) -> Reaction:
-        timings: dict[str, float] = {}
+        timings: dict[str, float] = _PhaseTimings(self)
         clock = trio.current_time
         start = clock()
         t1 = await self.backend.topology()
@@ -488,7 +536,7 @@ class Reactor:
                                                 ruleset=ruleset, policy=policy), selection)  # fmt: skip
 
         fib_now, fib_before = Fib(t1), Fib(self.t0) if self.t0 is not None else None
-        sport_matters = self._mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies)
+        sport_matters = await self._mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies)
         mark = clock()
         classifier = Classifier.build(
             [t for t in (self.t0, t1) if t is not None], [ruleset], eligibility, sport_matters=sport_matters
@@ -628,7 +676,11 @@ class Reactor:
         if self.on_reaction is not None:
             self.on_reaction(reaction)
         for hook in self.reaction_hooks:
-            hook(reaction)
+            try:
+                hook(reaction)
+            except Exception:  # an observer (metrics, D-Bus, sd_notify) must never end the daemon
+                self._count("hook")
+                log.exception("reaction observer %r failed", hook)
         return reaction
 
     def _log(self, reaction: Reaction, selection: Selection) -> None:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """How a FlushPlan looks to people and programs: the JSON contract and the text table.
 
 The JSON shape is a contract (schema in ``schema/plan.schema.json``): one

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """systemd's notify protocol: READY, STATUS, WATCHDOG and STOPPING datagrams.
 
 Theory of operation: systemd hands a ``Type=notify`` service the path of a
@@ -8,11 +9,17 @@ the pid in ``$WATCHDOG_PID``, when set). Each notification is one datagram of
 
 The watchdog proves that *the reaction loop* is alive, not merely the process:
 ``watchdog`` runs as a task in the daemon's trio run and pings every half
-timeout only while the reactor is idle-waiting for events, or has been busy
-with one reaction for less than ``stall_limit``. A trio run blocked by
-synchronous work pings nothing at all; a reaction stuck in an await stops the
-pings once it has lasted ``stall_limit``. Either way systemd kills and
-restarts the service.
+timeout only while the reactor is idle-waiting for events, or is busy with a
+reaction that made progress within ``stall_limit``. Progress is two things
+together: the trio loop ticks (the watchdog task itself runs at all), and the
+reaction completes phases (snapshot, ruleset read, dump, decide, delete: the
+reactor's ``progress_at``, or its start) or steps inside one that runs in a
+worker thread (``nft`` answered, its JSON decoded, ...: the heartbeat's
+``work_done`` counter, which the watchdog sees change). So a reaction on a large table or
+ruleset may last longer than ``WatchdogSec`` while its phases go on; a trio
+run blocked by synchronous work pings nothing at all; a phase stuck in an
+await stops the pings once it has lasted ``stall_limit``. Either way systemd
+kills and restarts the service.
 
 Rules: without ``$NOTIFY_SOCKET`` every call is a no-op; without
 ``$WATCHDOG_USEC`` (or with a ``$WATCHDOG_PID`` that is not ours) there is no
@@ -30,6 +37,8 @@ from collections.abc import Mapping
 from typing import Protocol
 
 import trio
+
+from topowatch.text import escape
 
 log = logging.getLogger("topowatch.sdnotify")
 
@@ -86,7 +95,8 @@ class Notifier:
 
 
 def _one_line(text: str) -> str:
-    return text.replace("\n", " ")
+    # Names from outside (interfaces) may hold control characters or bytes that were not UTF-8.
+    return escape(text.replace("\n", " "))
 
 
 def _watchdog_usec(env: Mapping[str, str]) -> int:
@@ -101,16 +111,51 @@ def _watchdog_usec(env: Mapping[str, str]) -> int:
 
 
 class Heartbeat(Protocol):
-    """What the watchdog reads from the reactor: when its current reaction began (None: idle)."""
+    """What the watchdog reads from the reactor: when its current reaction began (None: idle).
+
+    A heartbeat may also have ``progress_at``: when the reaction last completed a phase.
+    """
 
     @property
     def busy_since(self) -> float | None: ...
 
 
 def loop_alive(heartbeat: Heartbeat, now: float, stall_limit: float) -> bool:
-    """Is the reaction loop idle-waiting, or busy for less than ``stall_limit``?"""
+    """Is the reaction loop idle-waiting, or has its reaction made progress within ``stall_limit``?"""
     since = heartbeat.busy_since
-    return since is None or now - since < stall_limit
+    if since is None:
+        return True
+    progress = getattr(heartbeat, "progress_at", None)
+    last = since if progress is None else max(since, progress)
+    return now - last < stall_limit
+
+
+class _Steps:
+    """The heartbeat as the watchdog sees it: a change of its ``work_done`` counter counts as progress now.
+
+    Worker threads cannot read the trio clock; they count steps, and the
+    watchdog notes when it saw the count move.
+    """
+
+    def __init__(self, heartbeat: Heartbeat) -> None:
+        self.heartbeat = heartbeat
+        self.work: int | None = getattr(heartbeat, "work_done", None)
+        self.moved_at: float | None = None
+
+    def update(self, now: float) -> _Steps:
+        work = getattr(self.heartbeat, "work_done", None)
+        if work != self.work:
+            self.work, self.moved_at = work, now
+        return self
+
+    @property
+    def busy_since(self) -> float | None:
+        return self.heartbeat.busy_since
+
+    @property
+    def progress_at(self) -> float | None:
+        times = [t for t in (getattr(self.heartbeat, "progress_at", None), self.moved_at) if t is not None]
+        return max(times) if times else None
 
 
 async def watchdog(heartbeat: Heartbeat, notifier: Notifier, *, stall_limit: float | None = None) -> None:
@@ -124,8 +169,9 @@ async def watchdog(heartbeat: Heartbeat, notifier: Notifier, *, stall_limit: flo
         return
     limit = timeout if stall_limit is None else stall_limit
     stalled = False
+    seen = _Steps(heartbeat)
     while True:
-        if loop_alive(heartbeat, trio.current_time(), limit):
+        if loop_alive(seen.update(trio.current_time()), trio.current_time(), limit):
             notifier.watchdog()
             stalled = False
         elif not stalled:

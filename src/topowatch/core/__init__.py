@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The pure core: topology, FIB, NAT model, decisions. Standard library only.
 
 Nothing in this package performs I/O, reads clocks, spawns tasks or imports a

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Flow classes: cut the space of flows into classes that every snapshot treats alike.
 
 Theory of operation. A prediction (``core.evaluate.predict``) reads a flow

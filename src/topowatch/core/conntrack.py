@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Conntrack entries as values, and the NAT binding each one actually carries.
 
 Theory of operation: the kernel records NAT in the reply tuple. For an entry

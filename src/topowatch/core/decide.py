@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Decide which conntrack entries are stale: the heart of topowatch.
 
 Theory of operation: an entry records the NAT its first packet got. For each

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Which conntrack entries a policy lets topowatch judge at all.
 
 An entry outside the eligible set is never deleted, whatever the prediction

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Predict the NAT a flow would get now, in the kernel's order, in three-valued logic.
 
 Theory of operation (``nf_nat_inet_fn``): a new flow meets two NAT hooks.

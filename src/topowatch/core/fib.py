@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """A userspace FIB lookup that mirrors the kernel's.
 
 What it decides: for a destination (and source, input interface, mark, TOS)

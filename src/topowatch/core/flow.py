@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Flows, bindings and the three-valued answers the FIB and the NAT evaluator give.
 
 Theory of operation: a conntrack entry's original direction is a ``Flow``.

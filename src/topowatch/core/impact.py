@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Which flows a topology change can re-NAT: none, those in some prefixes, or any.
 
 Theory of operation: a prediction reads the topology through the FIB (rules,
@@ -152,15 +153,18 @@ def _addresses_in(value: object, depth: int = 0) -> Iterator[tuple[int, int, int
             yield from _addresses_in(getattr(value, f.name), depth + 1)
 
 
+_FOLLOWED = frozenset({"links", "addresses", "routes", "rules"})
+
+
 def impact(before: Topology, now: Topology, ruleset: NatRuleset) -> Impact:
     """What the change from ``before`` to ``now`` can re-NAT, under ``ruleset`` (the same for both)."""
     families = _nat_families(ruleset)
     if not families:
         return NOTHING
-    if (before.xfrm_known, before.xfrm_policies, before.xfrm_states) != (
-        now.xfrm_known, now.xfrm_policies, now.xfrm_states
-    ):
-        return Impact(everything=True, why="xfrm policies or states changed")
+    for f in dataclasses.fields(Topology):
+        # xfrm state and whatever else a snapshot carries beside links, addresses, routes, rules.
+        if f.name not in _FOLLOWED and getattr(before, f.name) != getattr(now, f.name):
+            return Impact(everything=True, why=f"{f.name.replace('_', ' ')} changed")
     if _links(before) != _links(now):
         return Impact(everything=True, why="links changed")
     prefixes: list[IPNetwork] = []

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The topology kept up to date from rtnetlink events, so a reaction need not re-read it.
 
 Theory of operation: a full dump seeds the state; every later event is
@@ -29,6 +30,7 @@ follow exactly it gives up on.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from topowatch.core.model import AF_INET6, Address, Link, PolicyRule, Route, Topology
@@ -65,6 +67,7 @@ class LiveTopology:
     routes: dict[RouteKey, Route] = field(default_factory=dict)
     rules: list[PolicyRule] = field(default_factory=list)
     applied: int = 0  # events applied since the seeding dump
+    _base: Topology = field(default_factory=Topology)  # the last read: fields not kept from events
     # Links, addresses and rules must be read again (``refresh``) before the next snapshot.
     addresses_stale: bool = False
     _snapshot: Topology | None = None
@@ -80,15 +83,19 @@ class LiveTopology:
             routes[key] = route
         state = cls({link.index: link for link in topology.links}, list(topology.addresses), routes,
                     list(topology.rules))  # fmt: skip
-        state._snapshot = Topology(topology.links, topology.addresses, topology.routes, topology.rules)
+        state._base = topology
+        state._snapshot = topology
         return state
 
     def snapshot(self) -> Topology:
-        """The current topology (links, addresses, routes, rules; xfrm is read apart)."""
+        """The current topology: links, addresses, routes, rules kept here; any other field as last read."""
         if self._snapshot is None:
-            self._snapshot = Topology(
-                tuple(self.links.values()), tuple(self.addresses), tuple(self.routes.values()),
-                tuple(self.rules),
+            self._snapshot = dataclasses.replace(
+                self._base,
+                links=tuple(self.links.values()),
+                addresses=tuple(self.addresses),
+                routes=tuple(self.routes.values()),
+                rules=tuple(self.rules),
             )
         return self._snapshot
 
@@ -117,6 +124,7 @@ class LiveTopology:
         self.links = {link.index: link for link in cheap.links}
         self.addresses = list(cheap.addresses)
         self.rules = list(cheap.rules)
+        self._base = cheap
         self.addresses_stale = False
         self._changed()
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Topology values: links, addresses, routes, policy rules, as the kernel has them.
 
 Theory of operation: an edge dumps the kernel's tables into these frozen values

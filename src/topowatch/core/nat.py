@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The NAT ruleset as the evaluator sees it: one intermediate form for nftables (and later iptables).
 
 Theory of operation: a reader (``edges.nft``) turns a ruleset dump into a

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Conntrack table pressure: when to act, which entries to evict, and what to say about it.
 
 When ``nf_conntrack_count`` reaches ``nf_conntrack_max`` the kernel drops new

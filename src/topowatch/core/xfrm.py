@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """IPsec (xfrm) policies and SAs, and the questions NAT exemptions ask about them.
 
 What this module decides, for one topology snapshot and one flow:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The iptables matches that are not plain selectors: conntrack state and tuple, addrtype, policy.
 
 What this module decides: the truth of one such match for the first packet

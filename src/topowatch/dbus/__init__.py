@@ -1,11 +1,21 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """topowatch on D-Bus: the well-known name, object path and interface, and where the bus is.
 
 Names (one daemon per network namespace):
 
 - bus name ``io.github.topowatch`` in the init network namespace; elsewhere
-  ``io.github.topowatch.netns_<name>`` when ``ip netns`` knows the namespace
-  (``/run/netns/<name>`` is a bind mount of it) or ``io.github.topowatch.netns_<inode>``;
+  ``io.github.topowatch.netns_<escaped name>`` when ``ip netns`` knows the namespace
+  (``/run/netns/<name>`` is a bind mount of it), else ``io.github.topowatch.inode_<inode>``;
 - object ``/io/github/topowatch`` exporting interface ``io.github.topowatch.Agent1``.
+
+The mapping is one-to-one, so two namespaces never share a name: a bus name
+element holds only ``[A-Za-z0-9_]``, so every other byte of the namespace
+name, and ``_`` itself, is written ``_xx`` (two lowercase hex digits, as
+systemd's ``bus_label_escape``): ``ns-x`` is ``netns_ns_2dx``, ``ns_x`` is
+``netns_ns_5fx``. A name too long for the bus (255 characters in all) is
+``netnsh_<sha256 of the name>``. ``netns_``, ``netnsh_`` and ``inode_`` never
+meet. ``topowatch bus-name`` prints it: the CLI, the daemon and every hook ask
+this one function.
 
 Which namespace is the init one, asked in turn until one answers:
 
@@ -26,15 +36,15 @@ The system bus address comes from ``DBUS_SYSTEM_BUS_ADDRESS``, else the
 well-known socket, as every D-Bus library does.
 
 This module decides names only. It must never import dbus-fast or
-trio-asyncio (they are an optional extra: ``topowatch[dbus]``) and never
-connect to anything; ``service``, ``networkmanager`` and ``client`` do.
+trio-asyncio (``topowatch bus-name`` and the hooks need only the name) and
+never connect to anything; ``service``, ``networkmanager`` and ``client`` do.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import re
 
 BUS_NAME = "io.github.topowatch"
 OBJECT_PATH = "/io/github/topowatch"
@@ -51,6 +61,7 @@ NET_CORE_SYSCTLS = "/proc/sys/net/core"
 INIT_ONLY_SYSCTLS = ("netdev_max_backlog", "message_cost", "dev_weight", "netdev_budget")
 # Registered in every namespace (``netns_core_table``): present means the directory is readable.
 PER_NETNS_SYSCTL = "somaxconn"
+MAX_BUS_NAME = 255
 
 log = logging.getLogger("topowatch.dbus")
 
@@ -65,11 +76,11 @@ def missing_dependency() -> str | None:
         import dbus_fast  # noqa: F401
         import trio_asyncio  # noqa: F401
     except ImportError as exc:
-        return f"{exc.name} is not installed (pip install 'topowatch[dbus]')"
+        return f"{exc.name} is not installed (a dependency of topowatch: reinstall it)"
     return None
 
 
-def _inode(path: str) -> tuple[int, int] | None:
+def inode_of(path: str) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
     except OSError:
@@ -77,28 +88,39 @@ def _inode(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _netns_name(own: tuple[int, int], run_dir: str) -> str | None:
-    """What ``ip netns identify`` answers: the /run/netns entry bound to our namespace."""
+def netns_name(own: tuple[int, int], run_dir: str = NETNS_RUN_DIR) -> str | None:
+    """What ``ip netns identify`` answers: the /run/netns entry bound to the namespace ``own``."""
     try:
         names = sorted(os.listdir(run_dir))
     except OSError:
         return None
     for name in names:
-        if _inode(os.path.join(run_dir, name)) == own:
+        if inode_of(os.path.join(run_dir, name)) == own:
             return name
     return None
 
 
-def _element(text: str) -> str:
-    # A bus name element: [A-Za-z0-9_]+, not starting with a digit (ours start with "netns_").
-    return re.sub(r"[^A-Za-z0-9_]", "_", text)
+def escape(name: str) -> str:
+    """``name`` as bus name element characters, one-to-one: [A-Za-z0-9] kept, every other byte ``_xx``."""
+    return "".join(
+        chr(b) if chr(b).isascii() and chr(b).isalnum() else f"_{b:02x}"
+        for b in os.fsencode(name)
+    )
+
+
+def named_suffix(name: str) -> str:
+    """The suffix of the daemon's bus name in the network namespace ``ip netns`` calls ``name``."""
+    suffix = "netns_" + escape(name)
+    if len(BUS_NAME) + 1 + len(suffix) > MAX_BUS_NAME:
+        suffix = "netnsh_" + hashlib.sha256(os.fsencode(name)).hexdigest()
+    return suffix
 
 
 def in_init_netns(
     own: tuple[int, int], init_ns: str = "/proc/1/ns/net", net_core: str = NET_CORE_SYSCTLS
 ) -> bool | None:
     """Is ``own`` (st_dev, st_ino of our ``ns/net``) the init network namespace? None: cannot tell."""
-    init = _inode(init_ns)
+    init = inode_of(init_ns)
     if init is not None:
         return own == init
     if own[1] == PROC_NET_INIT_INO:
@@ -116,15 +138,18 @@ def netns_suffix(
     run_dir: str = NETNS_RUN_DIR,
     net_core: str = NET_CORE_SYSCTLS,
 ) -> str | None:
-    """None in the init network namespace, else ``netns_<name|inode>`` (also when it cannot be told)."""
-    own = _inode(self_ns)
+    """None in the init network namespace, else ``netns_<escaped name>`` or ``inode_<inode>``.
+
+    Also when it cannot be told which namespace is the init one (never the bare name then).
+    """
+    own = inode_of(self_ns)
     if own is None:
         return None  # no /proc at all: nothing tells namespaces apart, nor could two daemons meet
     init = in_init_netns(own, init_ns, net_core)
     if init:
         return None
-    name = _netns_name(own, run_dir)
-    suffix = "netns_" + _element(name if name is not None else str(own[1]))
+    name = netns_name(own, run_dir)
+    suffix = named_suffix(name) if name is not None else f"inode_{own[1]}"
     if init is None:
         log.warning("cannot tell whether this is the init network namespace (%s unreadable, inode %d is "
                     "not the fixed init inode, %s shows no sysctls): using the bus name %s.%s",

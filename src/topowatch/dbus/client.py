@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """``topowatch status`` and ``topowatch trigger``: one call to the daemon over the system bus.
 
 Decides only how an answer looks on a terminal. Every failure (no bus, no

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Staying connected to a bus from trio: connect, back off, reconnect, say so once.
 
 Theory of operation: dbus-fast's asyncio ``MessageBus`` runs on a trio-asyncio

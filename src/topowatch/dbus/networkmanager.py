@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """NetworkManager as an event source: device and active-connection (VPN included) state changes.
 
 Theory of operation: one bus connection (its own trio-asyncio loop) with

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The daemon's D-Bus face: ``io.github.topowatch.Agent1`` on the system bus.
 
 Theory of operation: ``AgentService.run`` opens a trio-asyncio loop, stays
@@ -14,7 +15,8 @@ Methods (JSON travels as one string, the same contracts as the CLI):
 - ``Trigger(s interface)``: push a trigger into the reactor ('' = all interfaces);
 - ``TriggerEvent(s kind, s interface, s detail)``: the same, for hooks that
   know what happened (``dispatcher``, ``networkmanager``, ``link`` ...), so
-  policies select on the kind;
+  policies select on the kind. Both ask for a full judgement: topology and
+  ruleset read again, every eligible entry judged;
 - ``Plan() -> s``: a dry run now, JSON as ``topowatch plan --json``;
 - ``Reload() -> s``: reload policies through the hook the daemon supplies;
 - ``Status() -> s``: counters as JSON (see ``status_json``);
@@ -23,6 +25,11 @@ Methods (JSON travels as one string, the same contracts as the CLI):
   ``event`` start|end, ``fill``, ``summary``; see ``topowatch.pressure``).
   ``AgentService.emit(member, signature, *body)`` sends any other signal from
   the same object (declare it on ``AgentInterface`` for introspection).
+
+A daemon whose network namespace lost its name (``netnswatch``) answers
+every call with ``io.github.topowatch.Error.Gone`` and stops; a daemon that
+finds its name taken calls the owner's Status once, so such an orphan finds
+out and releases the name for the next attempt.
 
 Who may call what is the bus's decision, in ``contrib/dbus/io.github.topowatch.conf``.
 This module never decides staleness, never deletes by itself (Trigger only
@@ -59,6 +66,7 @@ from topowatch.report import plan_json
 log = logging.getLogger("topowatch.dbus")
 
 SIGNAL_QUEUE = 256
+OWNER_CALL_TIMEOUT = 2.0
 # Kinds a hook may name in TriggerEvent (the policy trigger kinds, plus a plain request).
 TRIGGER_KINDS = frozenset(
     {"request", "link", "address", "route", "rule", "xfrm", "ruleset", "networkmanager", "dispatcher"}
@@ -72,6 +80,10 @@ ReloadHook = Callable[[], "str | Awaitable[str]"]
 
 class NotSupported(TopowatchError):
     """The daemon was started without what this request needs."""
+
+
+class NamespaceGone(TopowatchError):
+    """The daemon's network namespace lost its name (``ip netns del``): it is stopping."""
 
 
 def check_interface(name: str) -> str | None:
@@ -125,7 +137,8 @@ async def dry_run_plan(reactor: Reactor) -> dict[str, Any]:
 
 
 def _dbus_error(exc: TopowatchError) -> DBusError:
-    kind = {UsageError: "InvalidArgs", NotSupported: "NotSupported"}.get(type(exc), "Failed")
+    kinds = {UsageError: "InvalidArgs", NotSupported: "NotSupported", NamespaceGone: "Gone"}
+    kind = kinds.get(type(exc), "Failed")
     return DBusError(f"{ERROR_PREFIX}.{kind}", str(exc))
 
 
@@ -138,7 +151,7 @@ class AgentInterface(ServiceInterface):
 
     async def _in_trio(self, fn: Callable[..., Awaitable[str]], *args: Any) -> str:
         try:
-            result: str = await trio_asyncio.trio_as_aio(fn)(*args)
+            result: str = await trio_asyncio.trio_as_aio(self._agent.serve)(fn, *args)
         except TopowatchError as exc:
             raise _dbus_error(exc) from exc
         return result
@@ -184,8 +197,11 @@ class AgentService:
         address: str | None = None,
         backoff: Backoff = DEFAULT_BACKOFF,
         pressure: PressureAgent | None = None,
+        guard: Callable[[], bool] | None = None,
     ) -> None:
         self.reactor = reactor
+        # Asked before each call is served: False once the daemon's namespace lost its name.
+        self.guard = guard
         self.pressure = pressure
         self.reload_hook = reload
         self.name = name or bus_name()
@@ -203,6 +219,11 @@ class AgentService:
 
     # -- trio side of the methods ------------------------------------------------
 
+    async def serve(self, fn: Callable[..., Awaitable[str]], *args: Any) -> str:
+        if self.guard is not None and not self.guard():
+            raise NamespaceGone(f"this daemon's network namespace is gone; {self.name} is being released")
+        return await fn(*args)
+
     async def trigger(self, kind: str, interface: str, detail: str) -> str:
         if kind not in TRIGGER_KINDS:
             raise UsageError(f"unknown trigger kind {kind!r} (one of {', '.join(sorted(TRIGGER_KINDS))})")
@@ -210,7 +231,10 @@ class AgentService:
         if len(detail) > 200 or not detail.isprintable():
             raise UsageError("detail must be printable and at most 200 characters")
         what = f"D-Bus {kind}" + (f" for {ifname}" if ifname else "") + (f": {detail}" if detail else "")
-        self.reactor.push(Trigger("dbus", what, kind=kind, interface=ifname))
+        # A full judgement, as after lost events: a hook or an admin asks because something changed
+        # that the kernel's events may not show (a VPN's firewall script, a legacy table), so the
+        # ruleset is read again even for a topology kind such as xfrm.
+        self.reactor.push(Trigger("dbus", what, overrun=True, kind=kind, interface=ifname))
         log.info("%s", what)
         return ""
 
@@ -264,8 +288,10 @@ class AgentService:
         bus.export(OBJECT_PATH, self.interface)
         reply = await trio_asyncio.aio_as_trio(bus.request_name)(self.name, NameFlag.DO_NOT_QUEUE)
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            await self._call_owner(bus)
             raise NotSupported(
-                f"{self.name} is already owned on the bus (another topowatch in this namespace?)"
+                f"{self.name} is already owned on the bus (another topowatch in this namespace, or the "
+                "daemon of a namespace deleted since, which was asked to step aside)"
             )
         log.info("D-Bus: serving %s on %s", self.name, self.address)
         self._bus = bus
@@ -285,6 +311,12 @@ class AgentService:
                     break
                 self.signals_dropped += 1
             bus.unexport(OBJECT_PATH, self.interface)
+
+    async def _call_owner(self, bus: MessageBus) -> None:
+        """Call Status on the owner of our name once: an orphan whose namespace is gone then stops."""
+        msg = Message(destination=self.name, path=OBJECT_PATH, interface=INTERFACE, member="Status")
+        with trio.move_on_after(OWNER_CALL_TIMEOUT):
+            await trio_asyncio.aio_as_trio(bus.call)(msg)  # the answer (or error) does not matter
 
     async def run(self) -> None:
         async with trio_asyncio.open_loop():

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
 /* topowatch.edges._ctscan: the compiled fast path of a ctnetlink dump scan.
  *
  * What it decides: for one received datagram, which messages it reads itself

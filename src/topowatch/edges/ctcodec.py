@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """ctnetlink messages as bytes: a hand-written struct codec, no I/O.
 
 Theory of operation: a conntrack dump is a stream of netlink datagrams, each

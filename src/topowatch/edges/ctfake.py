@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """An in-memory conntrack table with the ``Conntrack`` interface, for tests.
 
 It applies the kernel's semantics that callers depend on: a dump filters by

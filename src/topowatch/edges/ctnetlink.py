@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The conntrack edge: dump, delete and create entries over a raw ctnetlink socket.
 
 Theory of operation: one ``AF_NETLINK``/``NETLINK_NETFILTER`` socket, opened in

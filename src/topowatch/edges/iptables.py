@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Read the iptables nat tables (nft and legacy, IPv4 and IPv6) into the same ``NatRuleset`` as nftables.
 
 What this module decides: which nat chains iptables contributes to the
@@ -85,6 +86,7 @@ from topowatch.core.nat import (
 )
 from topowatch.edges.nft import read_ruleset, run_ruleset_tool
 from topowatch.errors import MissingTool, PermissionDenied, RulesetError
+from topowatch.text import run_tool, undecodable
 
 log = logging.getLogger("topowatch.iptables")
 
@@ -820,6 +822,9 @@ def _read_lines(text: str) -> tuple[_Table, list[str]]:
             tokens = [word.strip("'\"") for word in line.split()]
         if tokens and tokens[0].startswith("[") and tokens[0].endswith("]"):
             tokens = tokens[1:]  # iptables-save -c counters
+        if unreadable is None and _undecodable(tokens):
+            problems.append(f"line {number}: bytes that are not UTF-8")
+            unreadable = "bytes that are not UTF-8 (the rule cannot be read reliably)"
         command_table, tokens = _strip_command(tokens)
         if command_table is not None:
             in_nat = command_table == "nat"
@@ -876,6 +881,12 @@ def _read_lines(text: str) -> tuple[_Table, list[str]]:
         else:
             problems.append(f"line {number}: not modelled: {head}")
     return table, problems
+
+
+def _undecodable(tokens: list[str]) -> bool:
+    """Does a token other than a ``--comment`` text hold bytes that were not UTF-8 (``text.decode``)?"""
+    return any(undecodable(token) for i, token in enumerate(tokens)
+               if not (i and tokens[i - 1] == "--comment"))
 
 
 def _quote(token: str) -> str:
@@ -1006,7 +1017,7 @@ Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=SAVE_TIMEOUT)
+    return run_tool(argv, timeout=SAVE_TIMEOUT)
 
 
 def _save(tool: str, runner: Runner) -> str:
@@ -1159,9 +1170,9 @@ def read_all(
                        frozenset(sets), ipsets)
 
 
-def read_all_logged(nft: str = "nft") -> RulesetRead:
+def read_all_logged(nft: str = "nft", read_nft: Callable[[str], NatRuleset] | None = None) -> RulesetRead:
     """``read_all``, each problem logged as a warning (what ``KernelBackend`` reads)."""
-    result = read_all(nft)
+    result = read_all(nft, read_nft=read_nft)
     for problem in result.problems:
         log.warning("ruleset: %s", problem)
     return result

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The reactor's backend on the real kernel: rtnetlink, ctnetlink, nftables (ruleset and events) together.
 
 Decides nothing: it wires the edges to the ``reactor.Backend`` interface,
@@ -31,13 +32,15 @@ from topowatch.core.model import Address, Link, Route, Topology
 from topowatch.core.nat import NatRuleset
 from topowatch.edges.ctcodec import entry_from_raw
 from topowatch.edges.ctnetlink import Conntrack
-from topowatch.edges.iptables import read_all_logged
+from topowatch.edges.iptables import RulesetRead, legacy_nat_exists, read_all_logged
+from topowatch.edges.nft import read_ruleset
 from topowatch.edges.nftevents import (
     IPSET_INTERVAL,
     LEGACY_INTERVAL,
     IpsetPoll,
     LegacyNatPoll,
     NftablesEvents,
+    current_generation,
 )
 from topowatch.edges.rtnl import EventAction, EventKind, KernelRtnl, Overrun, RtnlEvent, RtnlEvents
 from topowatch.edges.xfrm import XfrmSource
@@ -83,6 +86,13 @@ class KernelBackend:
         self.ipsets = IpsetPoll(ipset_interval)
         self.ruleset_sources: tuple[EventSource, ...] = (NftablesEvents(), self.legacy, self.ipsets)
         self.rtnl = KernelRtnl()
+        # The nftables generation the last ruleset read began at, that read, and its nft part.
+        self._generation: Callable[[], int | None] = current_generation
+        self._last_read: tuple[int, RulesetRead, NatRuleset] | None = None
+        self.ruleset_reads = 0  # reads that ran nft (or iptables-save) again
+        # Steps of blocking work done in worker threads (nft answered, JSON decoded, parsed):
+        # the watchdog's evidence that a long ruleset read is moving (``sdnotify``).
+        self.work_done = 0
         # The topology kept from events (core.livetopology): None until a dump seeds it, and again
         # whenever an event says the kernel changed more than it announced (then the next snapshot
         # dumps). While a dump runs, events are kept and replayed on its result.
@@ -208,10 +218,45 @@ class KernelBackend:
 
     async def ruleset(self) -> NatRuleset:
         # nftables and the iptables nat tables (nft and legacy) together, in hook priority order.
-        read = await trio.to_thread.run_sync(read_all_logged, self.nft)
+        read = await trio.to_thread.run_sync(self._read_ruleset)
         self._recheck_legacy()
         self.ipsets.watch(read.set_contents())
         return read.ruleset
+
+    def _read_ruleset(self) -> RulesetRead:
+        """The ruleset, read again only where its generation says it may have changed (blocking).
+
+        The nftables generation is asked first (one netlink round trip): when
+        it is the one of the last read, ``nft -j list ruleset`` (seconds for a
+        large ruleset) is not run again; when moreover no legacy nat table
+        exists and no ipset is named (neither has a generation), the whole
+        last read is the answer. The generation is taken before reading, so a
+        commit during the read makes the next call read again.
+        """
+        generation = self._generation()
+        last = self._last_read
+        if generation is not None and last is not None and last[0] == generation:
+            if not last[1].sets and not any(legacy_nat_exists(f) for f in ("ip", "ip6")):
+                log.debug("ruleset: generation %d unchanged, not read again", generation)
+                return last[1]
+            nft_rules = last[2]
+            read = read_all_logged(self.nft, read_nft=lambda _nft: nft_rules)
+        else:
+            read_nft: dict[str, NatRuleset] = {}
+
+            def read_and_keep(nft: str) -> NatRuleset:
+                read_nft["rules"] = read_ruleset(nft, progress=self._step)
+                self._step()
+                return read_nft["rules"]
+
+            read = read_all_logged(self.nft, read_nft=read_and_keep)
+            nft_rules = read_nft["rules"]
+        self._last_read = (generation, read, nft_rules) if generation is not None else None
+        self.ruleset_reads += 1
+        return read
+
+    def _step(self) -> None:
+        self.work_done += 1
 
     def _recheck_legacy(self) -> None:
         """Wake the legacy poll if a legacy nat table exists now (a /proc read; never instantiates one)."""

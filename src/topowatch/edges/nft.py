@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Read the nftables ruleset (``nft -j list ruleset``) into a ``NatRuleset``.
 
 Theory of operation: ``read_ruleset`` runs nft in the current namespace and
@@ -37,7 +38,9 @@ This module never changes the ruleset; it only lists it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import socket
 import subprocess
 from collections.abc import Callable, Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
@@ -74,6 +77,7 @@ from topowatch.core.nat import (
     VerdictMap,
 )
 from topowatch.errors import MissingTool, PermissionDenied, RulesetError
+from topowatch.text import run_tool, undecodable
 
 NFT_TIMEOUT = 30.0
 
@@ -142,6 +146,20 @@ def _text(e: Any, quote: bool = False) -> str:
 
 
 def _render(e: Any, quote: bool = False) -> str:
+    # Exact types first: the hot path of a large ruleset (a match's sides, a NAT statement).
+    kind = type(e)
+    if kind is str:
+        return f'"{e}"' if quote and not e.startswith("@") else e
+    if kind is dict and len(e) == 1:
+        ((k, v),) = e.items()
+        if k == "match":
+            return _render_match(v)
+        if k == "meta":
+            key = str(v["key"])
+            return key if key in _BARE_META else f"meta {key}"
+        if k == "payload" and "protocol" in v:
+            return f"{v['protocol']} {v['field']}"
+        return _render_one(k, v, quote)
     if isinstance(e, bool):
         return "exists" if e else "missing"
     if isinstance(e, str):
@@ -153,6 +171,21 @@ def _render(e: Any, quote: bool = False) -> str:
     if not isinstance(e, dict) or len(e) != 1:
         return json.dumps(e, sort_keys=True, separators=(",", ":"))
     ((k, v),) = e.items()
+    return _render_one(k, v, quote)
+
+
+def _render_match(v: Any) -> str:
+    op = v.get("op", "==")
+    left = _render(v["left"])
+    q = isinstance(v["left"], dict) and v["left"].get("meta", {}).get("key") in _BARE_META
+    right = _render(v["right"], q)
+    return f"{left} {right}" if op == "==" else f"{left} {op} {right}"
+
+
+def _render_one(k: str, v: Any, quote: bool) -> str:
+    """A one-key object ``{k: v}``."""
+    if k in _NAT_KINDS:  # first: one in every NAT rule
+        return _render_nat(k, v)
     if k == "set":
         items = v if isinstance(v, list) else [v]
         return "{ " + ", ".join(_render_element(x, quote) for x in items) + " }"
@@ -198,11 +231,7 @@ def _render(e: Any, quote: bool = False) -> str:
     if k in _VERDICTS:
         return f"{k} {v['target']}" if isinstance(v, dict) and "target" in v else k
     if k == "match":
-        op = v.get("op", "==")
-        left = _render(v["left"])
-        q = isinstance(v["left"], dict) and v["left"].get("meta", {}).get("key") in _BARE_META
-        right = _render(v["right"], q)
-        return f"{left} {right}" if op == "==" else f"{left} {op} {right}"
+        return _render_match(v)
     if k in _NAT_KINDS:
         return _render_nat(k, v)
     if k == "mangle":
@@ -270,6 +299,23 @@ def expression_name(e: Any) -> str:
 
 
 def _selector(left: Any) -> Selector:
+    if type(left) is dict and len(left) == 1:
+        ((k, v),) = left.items()
+        if k in ("meta", "payload") and type(v) is dict:
+            # The same few selectors recur in every rule of a large ruleset: read each once.
+            try:
+                return _flat_selector(k, tuple(v.items()))
+            except TypeError:  # a value that is not hashable: not one of those
+                pass
+    return _selector_of(left)
+
+
+@functools.lru_cache(maxsize=4096)
+def _flat_selector(k: str, items: tuple[tuple[str, Any], ...]) -> Selector:
+    return _selector_of({k: dict(items)})
+
+
+def _selector_of(left: Any) -> Selector:
     if not isinstance(left, dict) or len(left) != 1:
         raise _NotModelled(expression_name(left))
     ((k, v),) = left.items()
@@ -342,16 +388,30 @@ def _scalar(key: Key, v: Any) -> int:
     raise _NotModelled(f"value {v!r}")
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _address(text: str) -> tuple[int, int]:
+    """(value, version) of an address; ValueError as ``ip_address`` says. The hot spot of big rulesets.
+
+    A dotted quad goes through ``inet_pton`` (C, and as strict as ``ip_address``:
+    no leading zeros, exactly four parts); anything else through ``ip_address``.
+    """
+    try:
+        return int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big"), 4
+    except (OSError, ValueError):  # ValueError: an embedded NUL
+        a = ip_address(text)
+        return int(a), a.version
+
+
 def _addr_interval(v: Any) -> tuple[int, int, int]:
     """(lo, hi, version) of an address, prefix or range."""
     if isinstance(v, dict) and "elem" in v:
         return _addr_interval(v["elem"].get("val"))
     if isinstance(v, str):
         try:
-            a = ip_address(v)
+            value, version = _address(v)
         except ValueError as exc:
             raise _NotModelled(f"value {v!r}") from exc
-        return int(a), int(a), a.version
+        return value, value, version
     if isinstance(v, dict) and "prefix" in v:
         prefix = v["prefix"]
         net: IPv4Network | IPv6Network = ip_network(f"{prefix['addr']}/{prefix['len']}", strict=False)
@@ -1003,6 +1063,8 @@ def run_ruleset_tool(
         raise PermissionDenied(f"cannot run {argv[0]}: {exc.strerror}") from exc
     except subprocess.TimeoutExpired as exc:
         raise RulesetError(f"{' '.join(argv)} did not answer within {timeout:.0f} s") from exc
+    except OSError as exc:  # EMFILE, ENOMEM, ...: this read fails, the next one tries again
+        raise RulesetError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
     if proc.returncode != 0:
         message = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[0]
         if "Operation not permitted" in proc.stderr or "Permission denied" in proc.stderr:
@@ -1012,14 +1074,19 @@ def run_ruleset_tool(
 
 
 def _run_nft(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=NFT_TIMEOUT)
+    return run_tool(argv, timeout=NFT_TIMEOUT)
 
 
-def read_ruleset(nft: str = "nft") -> NatRuleset:
-    """Run ``nft -j list ruleset`` in the current namespace and parse it."""
+def read_ruleset(nft: str = "nft", progress: Callable[[], None] | None = None) -> NatRuleset:
+    """Run ``nft -j list ruleset`` in the current namespace and parse it.
+
+    ``progress`` is called after each step (nft answered, its JSON decoded).
+    """
     argv = [nft, "-j", "list", "ruleset"]
     stdout = run_ruleset_tool(argv, _run_nft, timeout=NFT_TIMEOUT,
                               missing=f"{nft} not found: install nftables to read the ruleset")
+    if progress is not None:
+        progress()
     if not stdout.strip():
         return NatRuleset()
     try:
@@ -1028,4 +1095,45 @@ def read_ruleset(nft: str = "nft") -> NatRuleset:
         raise RulesetError(f"{' '.join(argv)}: output is not JSON ({exc.msg} at line {exc.lineno})") from exc
     except RecursionError as exc:
         raise RulesetError(f"{' '.join(argv)}: output is nested too deeply to read") from exc
+    if progress is not None:
+        progress()
+    if undecodable(stdout):
+        doc = mark_undecodable(doc)
     return parse_ruleset_json(doc)
+
+
+def mark_undecodable(doc: Any) -> Any:
+    """``doc`` with each rule expression that holds bytes nft printed as non-UTF-8 made unknown.
+
+    ``nft`` output is decoded with surrogate escapes (``topowatch.text``); an
+    expression holding one (an interface name, a set element) cannot be
+    compared reliably, so it becomes ``{"undecodable": ...}``, which no
+    modelled expression reads: the rule is unknown, never "no NAT". A rule's
+    comment does not matter and is kept.
+    """
+    if not isinstance(doc, dict) or not isinstance(doc.get("nftables"), list):
+        return doc
+    items = []
+    for raw in doc["nftables"]:
+        body = raw.get("rule") if isinstance(raw, dict) and len(raw) == 1 else None
+        if isinstance(body, dict) and isinstance(body.get("expr"), list):
+            exprs = [{"undecodable": e} if _holds_undecodable(e) else e for e in body["expr"]]
+            items.append({"rule": {**body, "expr": exprs}})
+        else:
+            items.append(raw)
+    return {**doc, "nftables": items}
+
+
+def _holds_undecodable(value: Any) -> bool:
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            if undecodable(item):
+                return True
+        elif isinstance(item, dict):
+            todo.extend(item.keys())
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return False

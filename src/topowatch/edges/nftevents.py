@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Ruleset changes as reactor triggers: nftables generation events, a legacy-iptables poll, an ipset poll.
 
 What it decides: when the NAT ruleset may have changed, so that the reactor
@@ -62,6 +63,7 @@ import trio
 from topowatch.edges.iptables import IpSet, read_named_ipsets
 from topowatch.edges.rtnl import receive, subscribe
 from topowatch.reactor import Trigger
+from topowatch.text import run_tool
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,9 @@ NETLINK_ADD_MEMBERSHIP = 1
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 NFNLGRP_NFTABLES = 7
 NFNL_SUBSYS_NFTABLES = 10
-NFT_MSG_NEWGEN = 15  # enum nf_tables_msg_types (GETGEN is 16)
+NFT_MSG_NEWGEN = 15  # enum nf_tables_msg_types
+NFT_MSG_GETGEN = 16
+NLM_F_REQUEST = 1
 NFTA_GEN_ID = 1
 NFTA_GEN_PROC_PID = 2
 NFTA_GEN_PROC_NAME = 3
@@ -139,6 +143,26 @@ def parse_generations(data: bytes) -> tuple[list[Generation], int]:
                 name = value.split(b"\0", 1)[0].decode(errors="replace") or None
         gens.append(Generation(genid, pid, name))
     return gens, others
+
+
+def current_generation(timeout: float = 2.0) -> int | None:
+    """The nftables ruleset generation of this namespace now (``NFT_MSG_GETGEN``); None if it cannot be asked.
+
+    Blocking (a worker thread calls it); one request, one answer. The id
+    changes with every committed transaction, iptables-nft's included (not
+    with legacy iptables or ipsets: those are polled).
+    """
+    request = struct.pack("=IHHII", 20, NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN, NLM_F_REQUEST, 1, 0)
+    request += struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)  # struct nfgenmsg
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER) as s:
+            s.settimeout(timeout)
+            s.send(request)
+            data = s.recv(65536)
+    except OSError:
+        return None
+    gens, _ = parse_generations(data)
+    return gens[0].genid if gens else None
 
 
 def open_nftables_socket() -> trio.socket.SocketType:
@@ -222,8 +246,7 @@ def read_legacy_nat(commands: Sequence[str] = LEGACY_SAVE, timeout: float = 10.0
     parts: list[str] = []
     for command in commands:
         try:
-            proc = subprocess.run([command, "-t", "nat"], capture_output=True, text=True, timeout=timeout,
-                                  check=False)
+            proc = run_tool([command, "-t", "nat"], timeout=timeout)
         except (OSError, subprocess.TimeoutExpired) as exc:
             parts.append(f"{command}: {exc}")
             continue
@@ -319,7 +342,7 @@ def ipset_digest(content: IpSet | None) -> str:
         return "unreadable"
     text = "\n".join([content.type, str(content.family), *sorted(content.members), "nomatch",
                       *sorted(content.nomatch)])
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()  # names as read: bytes
 
 
 class IpsetPoll(_Poll):

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The rtnetlink edge: dump links, addresses, routes and rules into a Topology; stream their changes.
 
 Theory of operation: requests and event subscriptions run on a plain netlink
@@ -84,6 +85,7 @@ from topowatch.core.model import (
     Topology,
 )
 from topowatch.errors import DumpInterrupted, NetlinkError
+from topowatch.text import decode
 
 log = logging.getLogger(__name__)
 
@@ -402,6 +404,19 @@ def _attr(msg: Any, name: str) -> Any:
     return msg.get_attr(name)
 
 
+def _name(value: Any) -> str | None:
+    """A name attribute (interface, kind) as text: pyroute2 hands non-UTF-8 names over as bytes.
+
+    Those are decoded as every external text is (``topowatch.text``): the
+    same bytes give the same ``str`` here and in a rule that names them.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return decode(value.split(b"\0", 1)[0])
+    return str(value)
+
+
 def _addr(text: Any, what: str) -> IPAddress:
     try:
         return ip_address(text)
@@ -441,10 +456,10 @@ def link_from_msg(msg: Any) -> Link | None:
         up = bool(flags & IFF_UP)
         return Link(
             index=int(msg["index"]),
-            name=str(_attr(msg, "IFLA_IFNAME") or ""),
+            name=_name(_attr(msg, "IFLA_IFNAME")) or "",
             up=up,
             running=bool(flags & IFF_RUNNING),
-            kind=str(kind or ""),
+            kind=_name(kind) or "",
             master=int(_attr(msg, "IFLA_MASTER") or 0),
         )
 
@@ -621,8 +636,8 @@ def rule_from_msg(msg: Any) -> PolicyRule | None:
             table=int(table if table is not None else msg["table"]),
             src=_net(src, int(msg["src_len"]), family) if src is not None else None,
             dst=_net(dst, int(msg["dst_len"]), family) if dst is not None else None,
-            iifname=_attr(msg, "FRA_IIFNAME"),
-            oifname=_attr(msg, "FRA_OIFNAME"),
+            iifname=_name(_attr(msg, "FRA_IIFNAME")),
+            oifname=_name(_attr(msg, "FRA_OIFNAME")),
             fwmark=None if fwmark is None else int(fwmark),
             fwmask=None if fwmask is None else int(fwmask),
             tos=int(msg["tos"]),

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """A fake rtnetlink source for tests: a topology in memory, events you emit, dumps it counts.
 
 ``FakeRtnl`` provides the same narrow interface as ``rtnl.KernelRtnl``

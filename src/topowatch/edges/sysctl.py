@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Conntrack sysctls of this namespace, and the ledger that survives a crash while they are lowered.
 
 Decides nothing. ``ConntrackSysctl`` reads ``nf_conntrack_count``, ``_max``
@@ -14,6 +15,14 @@ their defaults anyway), written atomically (temporary file, fsync, rename).
 A daemon that starts and finds its namespace's ledger restores it and
 removes it. Daemons in different namespaces never share a ledger.
 
+The ledger is trusted only as far as who could have written it: the state
+directory (and every directory above it) and the ledger itself must be
+owned by root or by us and not writable by others (``topowatch.trust``),
+and the ledger is opened without following a symlink. Of what it says,
+only timeouts the agent itself may lower (``core.pressure.LOWERABLE``) are
+restored, and only to a value within ``SANE_TIMEOUTS`` above the one
+written: a ledger asking for ``tcp_timeout_established=5`` restores nothing.
+
 This module never writes a sysctl outside ``root`` and never changes a
 timeout it did not read first.
 """
@@ -25,15 +34,21 @@ import json
 import logging
 import os
 import socket
+import stat
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
+from topowatch.core.pressure import LOWERABLE
 from topowatch.errors import TopowatchError
+from topowatch.trust import default_trusted_uids, directory_problem, trust_problem
 
 log = logging.getLogger("topowatch.sysctl")
 
 NETFILTER = "/proc/sys/net/netfilter"
+# A value a ledger may restore: from one second to the kernel's longest default (5 days).
+SANE_TIMEOUTS = range(1, 432_000 + 1)
+MAX_LEDGER_BYTES = 65536
 STATE_DIR = "/run/topowatch"
 SO_NETNS_COOKIE = 71  # include/uapi/asm-generic/socket.h (>= 5.14)
 
@@ -119,9 +134,34 @@ class LedgerRecord:
     written: dict[str, int]  # what topowatch wrote
 
 
+def sane_record(saved: Mapping[str, object], written: Mapping[str, object]) -> tuple[LedgerRecord, list[str]]:
+    """What of a ledger may be restored, and a sentence for each entry refused.
+
+    Only timeouts the agent may lower; integers within ``SANE_TIMEOUTS``; a
+    written value below the saved one (the agent only ever lowers).
+    """
+    good_saved: dict[str, int] = {}
+    good_written: dict[str, int] = {}
+    refused: list[str] = []
+    for name, value in saved.items():
+        wrote = written.get(name)
+        if name not in LOWERABLE:
+            refused.append(f"{name}: not a timeout topowatch lowers")
+        elif type(value) is not int or value not in SANE_TIMEOUTS:
+            refused.append(f"{name}: saved value {value!r} is not a sane timeout")
+        elif wrote is not None and (type(wrote) is not int or wrote not in SANE_TIMEOUTS or wrote >= value):
+            refused.append(f"{name}: written value {wrote!r} is not below the saved {value}")
+        else:
+            good_saved[name] = value
+            if wrote is not None:
+                good_written[name] = wrote
+    return LedgerRecord(good_saved, good_written), refused
+
+
 class TimeoutLedger:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, trusted_uids: Collection[int] | None = None) -> None:
         self.path = path
+        self.trusted_uids = default_trusted_uids() if trusted_uids is None else frozenset(trusted_uids)
 
     @classmethod
     def for_namespace(cls, state_dir: str = STATE_DIR) -> TimeoutLedger:
@@ -131,6 +171,12 @@ class TimeoutLedger:
         directory = os.path.dirname(self.path) or "."
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise SysctlError(f"cannot save the timeouts to restore in {self.path}: {exc.strerror}") from exc
+        problem = directory_problem(directory, self.trusted_uids)
+        if problem:
+            raise SysctlError(f"will not save the timeouts to restore in {self.path}: {problem}")
+        try:
             fd, tmp = tempfile.mkstemp(prefix=".pressure-", dir=directory)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -146,24 +192,57 @@ class TimeoutLedger:
             raise SysctlError(f"cannot save the timeouts to restore in {self.path}: {exc.strerror}") from exc
 
     def load(self) -> LedgerRecord | None:
-        """The record a previous run left, or None. A damaged file is set aside (``.bad``) and said so."""
+        """The record a previous run left, or None. A damaged file is set aside (``.bad``) and said so.
+
+        A ledger someone else could have written is not used at all (logged);
+        entries that are not sane are left out (logged), the rest restored.
+        """
         try:
-            with open(self.path, encoding="utf-8") as f:
-                doc = json.load(f)
-            record = LedgerRecord(
-                {str(k): int(v) for k, v in doc["saved"].items()},
-                {str(k): int(v) for k, v in doc["written"].items()},
-            )
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except OSError as exc:
+            log.error("pressure ledger %s cannot be opened (%s: a symlink is never followed); not restoring "
+                      "from it", self.path, exc.strerror or exc)
+            return None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                problem = directory_problem(os.path.dirname(self.path) or ".", self.trusted_uids)
+                if not stat.S_ISREG(st.st_mode):
+                    problem = "not a regular file"
+                problem = problem or trust_problem(self.path, st, self.trusted_uids)
+                if problem:
+                    log.error("pressure ledger %s is not trusted (%s); not restoring from it",
+                              self.path, problem)
+                    return None
+                doc = json.loads(f.read(MAX_LEDGER_BYTES + 1))
+            record, refused = sane_record({str(k): int(v) for k, v in doc["saved"].items()},
+                                          {str(k): int(v) for k, v in doc["written"].items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             log.error("pressure ledger %s is unreadable (%s); setting it aside as %s.bad",
                       self.path, exc, self.path)
             with contextlib.suppress(OSError):
                 os.replace(self.path, self.path + ".bad")
             return None
+        for reason in refused:
+            log.error("pressure ledger %s: %s; not restoring it", self.path, reason)
         return record
 
-    def clear(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
+    def clear(self) -> bool:
+        """Remove the ledger (the timeouts are back); False, logged, when it cannot be removed.
+
+        A read-only or broken state directory must not stop the daemon once the
+        timeouts are restored: the ledger left behind only makes a later start
+        find the values already restored, which ``restore_plan`` leaves alone
+        (as values someone else set).
+        """
+        try:
             os.unlink(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            log.error("cannot remove the pressure ledger %s (%s); the timeouts are restored, going on",
+                      self.path, exc.strerror or exc)
+            return False
+        return True

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The XFRM edge: dump IPsec policies and SAs into ``core.xfrm`` values; stream their changes.
 
 Theory of operation: as ``edges.rtnl`` does, requests and events run on a
