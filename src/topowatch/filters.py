@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """conntrack-style filters of ``plan`` and ``flush``: -p, -s, -d, --zone, --mark, --family.
 
 A filter only narrows: an entry must be admitted by the policies *and* by

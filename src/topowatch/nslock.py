@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """One daemon per network namespace: an abstract unix socket as the lock.
 
 An abstract unix socket name belongs to the network namespace it is bound
