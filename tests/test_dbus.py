@@ -50,7 +50,7 @@ from topowatch.dbus.networkmanager import ACTIVE, DEVICE, NM_NAME, VPN, NetworkM
 from topowatch.dbus.service import AgentService, check_interface  # noqa: E402
 from topowatch.errors import UsageError  # noqa: E402
 from topowatch.netns import Namespace  # noqa: E402
-from topowatch.reactor import DeleteCounts, EventSource, Reactor, ReactorConfig, Trigger  # noqa: E402
+from topowatch.reactor import DeleteCounts, EventSource, Reactor, ReactorConfig, StillStale, Trigger  # noqa: E402
 
 DBUS_DAEMON = shutil.which("dbus-daemon")
 DBUS_SEND = shutil.which("dbus-send")
@@ -190,7 +190,7 @@ class FakeBackend:
     async def entries(self, eligibility: Eligibility) -> list[Entry]:
         return [e for e in self.table if eligibility.admits(e)]
 
-    async def delete(self, entries: Sequence[Entry]) -> DeleteCounts:
+    async def delete(self, entries: Sequence[Entry], still: StillStale) -> DeleteCounts:
         self.deleted.extend(entries)
         self.table = [e for e in self.table if e not in entries]
         return DeleteCounts(deleted=len(entries))
@@ -795,12 +795,13 @@ async def test_cli_status_and_trigger(private_bus: PrivateBus) -> None:
         assert done.returncode == 0, done.stderr
         status = json.loads(done.stdout)
         assert status["reactions"] == 2
-        assert status["deleted_total"] == 2
+        assert status["deleted_total"] == 2 and status["kept_replied_total"] == 0
 
         done = await trio.run_process([sys.executable, "-m", "topowatch", "status"],
                                       capture_stdout=True, capture_stderr=True, check=False)
         assert done.returncode == 0, done.stderr
         assert b"reactions 2, deleted 2" in done.stdout
+        assert b"kept as replied since the dump 0" in done.stdout
         assert b"last: reaction 2" in done.stdout
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+from dataclasses import replace
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from test_reactor import B, FakeBackend, stale_when_up2
-from topowatch.core.conntrack import CtTuple, Entry
+from topowatch.core.conntrack import IPS_SEEN_REPLY, CtTuple, Entry
 from topowatch.edges import ctcodec
 from topowatch.edges.ctnetlink import Conntrack
 from topowatch.errors import UsageError
@@ -73,6 +74,7 @@ async def test_reactions_are_counted(autojump_clock: trio.testing.MockClock, tmp
     assert got["topowatch_entries_examined_total"] == 2  # 2 entries, then an empty table
     assert got["topowatch_entries_stale_total"] == 2
     assert got["topowatch_entries_deleted_total"] == 2
+    assert got["topowatch_entries_kept_total{reason=replied}"] == 0
     assert got["topowatch_reaction_latency_seconds_count"] == 2
     assert got["topowatch_reaction_latency_seconds_bucket{le=+Inf}"] == 2
     assert got["topowatch_conntrack_entries"] == 300
@@ -230,3 +232,25 @@ async def test_errors_by_kind_come_from_the_reactor(autojump_clock: trio.testing
     assert got["topowatch_errors_total{kind=ruleset}"] == 1
     assert got["topowatch_errors_total{kind=reaction}"] == 0
     assert got["topowatch_reactions_total{result=nothing}"] == 1
+
+
+async def test_entries_kept_by_the_recheck_are_counted(autojump_clock: trio.testing.MockClock) -> None:
+    metrics = Metrics(sysctl_dir="/nonexistent")
+    backend = FakeBackend()
+    answered = backend.table[0]
+
+    async def reply_arrives(entries: object) -> None:
+        backend.table[0] = replace(answered, status=answered.status | IPS_SEEN_REPLY)
+
+    async with trio.open_nursery() as nursery:
+        reactor = Reactor(backend, ReactorConfig(startup_sweep=False), predictor=stale_when_up2,
+                          on_reaction=metrics.observe)
+        reactor.before_delete = reply_arrives
+        await nursery.start(reactor.run)
+        backend.topo = B
+        await backend.send.send(Trigger("rtnl", "link up2 added"))
+        await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+    got = samples(metrics.exposition().decode())
+    assert got["topowatch_entries_kept_total{reason=replied}"] == 1
+    assert got["topowatch_entries_deleted_total"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import trio.testing
 from topowatch.core.conntrack import IPS_ASSURED, IPS_SEEN_REPLY, CtTuple, Entry
 from topowatch.core.flow import IPPROTO_TCP, IPPROTO_UDP
 from topowatch.core.model import AF_INET
-from topowatch.core.pressure import PressurePolicy, Protection, State
+from topowatch.core.pressure import Candidate, PressurePolicy, Protection, State
 from topowatch.edges.ctfake import FakeConntrack
 from topowatch.edges.sysctl import ConntrackSysctl, LedgerRecord, TableSize, TimeoutLedger, sysctl_name
 from topowatch.pressure import PressureAgent, PressureEvent
@@ -295,7 +296,7 @@ def test_one_scan_serves_many_small_batches(tmp_path: Path) -> None:
     for _ in range(5):
         agent.tick()
     assert len(ct.table) == 65  # 5 more batches of 5, oldest first
-    assert ct.requests - before == 5 * 2  # per tick a stats request and a delete batch: no dump
+    assert ct.requests - before == 5 * 3  # per tick a stats request, a re-check and a delete: no dump
     left = {e.orig.sport for e in ct.table}
     gone = sorted(e.timeout for e in table if e.orig.sport not in left)
     assert gone == sorted(e.timeout for e in table)[:30]  # the 30 with the least time left
@@ -310,3 +311,44 @@ def test_an_eviction_batch_is_one_structured_record(tmp_path: Path, caplog: pyte
     evictions = [f for f in records if isinstance(f, dict) and f.get("event") == "pressure_evict"]
     assert len(evictions) == 1
     assert evictions[0]["by_class"] == {"UNREPLIED udp": 20} and evictions[0]["evicted"] == 20
+
+
+def test_candidates_that_changed_since_the_scan_are_kept(tmp_path: Path) -> None:
+    agent, ct, _, events = agent_for(tmp_path, full_table())
+    answered, refreshed = entry(5, timeout=6), entry(203, status=IPS_SEEN_REPLY | IPS_ASSURED, timeout=23)
+
+    def traffic_meanwhile(chosen: list[Candidate]) -> None:
+        """Packets after the scan: a reply for one UNREPLIED candidate, a refresh for one assured one."""
+        picked = {c.entry.orig for c in chosen}
+        if answered.orig in picked:
+            ct.update(replace(answered, status=IPS_SEEN_REPLY))
+        if refreshed.orig in picked:
+            ct.update(replace(refreshed, timeout=TIMEOUTS["udp_stream"]))  # its timer was reset
+
+    agent.before_evict = traffic_meanwhile
+    agent.tick()  # pressure starts: the 20 UNREPLIED entries are chosen, one was answered meanwhile
+    left = {e.orig.sport - 1000: e for e in ct.table}
+    assert 5 in left and not left[5].unreplied
+    assert set(range(20)) & set(left) == {5}
+    assert "kept (replied since the dump) 1" in events[-1].summary
+    ct.counters["drop"] = 7  # the last resort opens: the 16 oldest assured entries are chosen
+    agent.tick()
+    left = {e.orig.sport - 1000 for e in ct.table}
+    assert set(range(200, 216)) & left == {203}  # refreshed since the scan: not idle any more
+    assert 216 in left
+    assert agent.status()["evicted_by_class"] == {"UNREPLIED udp": 19, "replied udp": 15}
+
+
+def test_a_tcp_candidate_that_got_its_reply_is_never_evicted(tmp_path: Path) -> None:
+    syn_sent = [entry(400 + i, proto=IPPROTO_TCP, timeout=5 + i) for i in range(3)]
+    agent, ct, _, _ = agent_for(tmp_path, full_table()[:-5] + syn_sent)
+    handshake = syn_sent[1]
+
+    def established_meanwhile(chosen: list[Candidate]) -> None:
+        assert handshake.orig in {c.entry.orig for c in chosen}
+        ct.update(replace(handshake, status=IPS_SEEN_REPLY | IPS_ASSURED))
+
+    agent.before_evict = established_meanwhile
+    agent.tick()
+    left = {e.orig.sport - 1000 for e in ct.table}
+    assert {400, 401, 402} & left == {401}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, cast
 
@@ -12,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from topowatch.core.conntrack import IPS_CONFIRMED, IPS_SRC_NAT_DONE, CtTuple, Entry
+from topowatch.core.conntrack import IPS_CONFIRMED, IPS_SEEN_REPLY, IPS_SRC_NAT_DONE, CtTuple, Entry, Reread
 from topowatch.core.decide import Decider
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
@@ -20,8 +21,9 @@ from topowatch.core.flow import NO_NAT, Binding, Flow, NatKind, Prediction
 from topowatch.core.model import AF_INET, Link, Route, Topology
 from topowatch.core.nat import NatRuleset
 from topowatch.edges.nft import parse_ruleset_json
-from topowatch.errors import RulesetError, TopowatchError
-from topowatch.reactor import DeleteCounts, Reactor, ReactorConfig, Trigger
+from topowatch.errors import DumpInterrupted, RulesetError, TopowatchError
+from topowatch.policy import Action, Policy, Selection
+from topowatch.reactor import HISTORY, DeleteCounts, Reactor, ReactorConfig, StillStale, Trigger, still_stale
 
 A = Topology(links=(Link(1, "lo"), Link(2, "up1")), routes=(Route(IPv4Network("0.0.0.0/0")),))
 B = Topology(links=(Link(1, "lo"), Link(2, "up1"), Link(3, "up2")), routes=(Route(IPv4Network("0.0.0.0/0")),))
@@ -69,10 +71,20 @@ class FakeBackend:
     async def entries(self, eligibility: Eligibility) -> list[Entry]:
         return [e for e in self.table if eligibility.admits(e)]
 
-    async def delete(self, entries: Sequence[Entry]) -> DeleteCounts:
-        self.deleted.extend(entries)
-        self.table = [e for e in self.table if e not in entries]
-        return DeleteCounts(deleted=len(entries))
+    async def delete(self, entries: Sequence[Entry], still: StillStale) -> DeleteCounts:
+        """Re-checks each entry against the table as it is now, as the kernel backend does."""
+        current = {e.orig: e for e in self.table}
+        victims, kept = [], 0
+        for e in entries:
+            now = current.get(e.orig)
+            if now is not None and now.id == e.id and still(e, Reread(now.status, now.id, now.mark, now.timeout)):
+                victims.append(now)
+            elif now is not None and now.id == e.id:
+                kept += 1
+        self.deleted.extend(victims)
+        self.table = [e for e in self.table if e not in victims]
+        return DeleteCounts(deleted=len(victims), already_gone=len(entries) - len(victims) - kept,
+                            kept_replied=kept)
 
 
 def stale_when_up2(ruleset: Any, fib: Fib, flow: Flow) -> Prediction:
@@ -438,3 +450,96 @@ async def test_streamed_dump_and_decide_is_used_when_offered(autojump_clock: tri
     assert backend.judged == 1
     assert len(backend.deleted) == 2 and backend.table == []
     assert "dump+decide" in reactor.reactions[0].timings
+
+
+async def test_an_entry_replied_between_judging_and_deleting_is_kept(autojump_clock: trio.testing.MockClock
+                                                                      ) -> None:
+    backend = FakeBackend()
+    answered = backend.table[1]
+
+    async def reply_arrives(entries: Sequence[Entry]) -> None:
+        assert answered in entries  # judged stale while UNREPLIED
+        backend.table[1] = Entry(answered.family, answered.proto, answered.orig, answered.reply,
+                                 answered.status | IPS_SEEN_REPLY)
+
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery)
+        reactor.before_delete = reply_arrives
+        backend.topo = B
+        await backend.send.send(Trigger("rtnl", "link up2 added", kind="link"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    (reaction,) = reactor.reactions
+    assert [e.orig for e in backend.deleted] == [udp_entry(5060).orig]
+    assert [e.orig for e in backend.table] == [answered.orig]
+    assert (reaction.deleted.deleted, reaction.deleted.kept_replied) == (1, 1)
+    assert "1 kept: replied since the dump" in reaction.summary()
+    assert reaction.fields()["kept_replied"] == 1
+
+
+async def test_history_is_bounded_and_only_the_latest_keeps_its_entries(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = FakeBackend()
+    backend.topo = B
+    n = HISTORY + 10
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery)
+        for i in range(n):
+            backend.table = [udp_entry(5060), udp_entry(5061)]
+            await backend.send.send(Trigger("rtnl", f"route {i}"))
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert len(reactor.reactions) == HISTORY
+    assert [r.number for r in reactor.reactions] == list(range(n - HISTORY + 1, n + 1))
+    *older, latest = reactor.reactions
+    assert all(r.plan.stale == () and r.stale_count == 2 and "stale 2" in r.summary() for r in older)
+    assert len(latest.plan.stale) == 2 and latest.counts is None
+    totals = reactor.totals
+    assert (totals.reactions, totals.deleted, totals.stale) == (n, 2 * n, 2 * n)
+
+
+async def test_an_interrupted_dump_deletes_nothing_and_the_change_is_judged_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = FakeBackend()
+    real_entries = backend.entries
+    interrupted = [True]
+
+    async def entries(eligibility: Eligibility) -> list[Entry]:
+        if interrupted.pop() if interrupted else False:
+            raise DumpInterrupted("conntrack dump interrupted 4 times: results may be inconsistent", 4)
+        return await real_entries(eligibility)
+
+    backend.entries = entries  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery)
+        backend.topo = B
+        await backend.send.send(Trigger("rtnl", "link up2 added", kind="link"))
+        await trio.sleep(1)
+        assert backend.deleted == [] and reactor.errors == {"reaction": 1} and not reactor.reactions
+        assert reactor.t0 is A  # the change was not judged: the next reaction judges it
+        await backend.send.send(Trigger("rtnl", "route changed", kind="route"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    (reaction,) = reactor.reactions
+    assert len(backend.deleted) == 2 and "link up2 added" in reaction.change.summary()
+
+
+@pytest.mark.parametrize(
+    ("policies", "replied_since", "mark_since", "deleted"),
+    [
+        ((Policy("default"),), True, 0, False),  # UNREPLIED only: a reply keeps it
+        ((Policy("default"),), False, 0, True),
+        ((Policy("all", eligibility=Eligibility(unreplied_only=False)),), True, 0, True),  # still admitted
+        ((Policy("marked", eligibility=Eligibility(unreplied_only=False, marks=((1, 1),))),), False, 2, False),
+        ((Policy("flush"), Policy("watch", eligibility=Eligibility(unreplied_only=False),
+                                  action=Action.LOG)), True, 0, False),  # now only the logging one admits it
+    ],
+)
+def test_the_recheck_asks_the_active_policies_again(
+    policies: tuple[Policy, ...], replied_since: bool, mark_since: int, deleted: bool
+) -> None:
+    dumped = replace(udp_entry(5060), mark=1, id=7)
+    now = Reread(dumped.status | (IPS_SEEN_REPLY if replied_since else 0), 7, mark_since or dumped.mark)
+    assert still_stale(Selection(policies))(dumped, now) is deleted

@@ -24,7 +24,7 @@ from topowatch.core.model import AF_INET, Address, Link, Nexthop, PolicyRule, Ro
 from topowatch.core.nat import NatRuleset
 from topowatch.edges.nft import parse_ruleset_json
 from topowatch.policy import Action, EffectivePolicy, Policy
-from topowatch.reactor import DeleteCounts, Reactor, ReactorConfig, Trigger
+from topowatch.reactor import DeleteCounts, Reactor, ReactorConfig, StillStale, Trigger
 
 LO, LAN, UP1, UP2 = 1, 2, 3, 4
 LINKS = (Link(LO, "lo"), Link(LAN, "lan"), Link(UP1, "up1"), Link(UP2, "up2"))
@@ -91,7 +91,7 @@ class Backend:
         self.dumps += 1
         return [e for e in self.table if eligibility.admits(e)]
 
-    async def delete(self, entries: Sequence[Entry]) -> DeleteCounts:
+    async def delete(self, entries: Sequence[Entry], still: StillStale) -> DeleteCounts:
         if self.fail_delete:
             return DeleteCounts(failed=len(entries))
         self.deleted.extend(entries)

@@ -198,7 +198,7 @@ async def _audit(args: argparse.Namespace, delete: bool) -> int:
     from topowatch.edges.kernel import KernelBackend
     from topowatch.filters import EntryFilter, narrow
     from topowatch.policy import load_policies
-    from topowatch.reactor import plan_once
+    from topowatch.reactor import plan_once, still_stale
 
     dry_run = delete and args.dry_run
     entry_filter = EntryFilter.parse(proto=args.proto, src=args.src, dst=args.dst, zone=args.zone,
@@ -221,7 +221,7 @@ async def _audit(args: argparse.Namespace, delete: bool) -> int:
             raise TopowatchError(
                 f"{len(flushed)} stale entries exceed the cap of {cap} deletions; nothing deleted"
             )
-        result = await backend.delete([d.entry for d in flushed])
+        result = await backend.delete([d.entry for d in flushed], still_stale(selection))
         deleted = result.deleted
         _log_entries("deleted", flushed)
         if result.failed:
@@ -428,14 +428,14 @@ async def _run_daemon(args: argparse.Namespace) -> int:
                             pressure.policy_changed()
                         continue
                     log.info("received %s: stopping", signal.Signals(signum).name)
-                    notifier.stopping(f"stopping after {len(reactor.reactions)} reaction(s)")
+                    notifier.stopping(f"stopping after {reactor.totals.reactions} reaction(s)")
                     nursery.cancel_scope.cancel()
                     return
 
             nursery.start_soon(wait_signal)
             # Stop (releasing the bus name) once `ip netns del` took this namespace's name away.
             nursery.start_soon(guard.stop_when_gone, nursery.cancel_scope)
-    log.info("stopped after %d reaction(s)", len(reactor.reactions))
+    log.info("stopped after %d reaction(s)", reactor.totals.reactions)
     lock.close()
     return 0
 

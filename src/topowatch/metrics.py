@@ -69,7 +69,9 @@ ACCEPT_RETRY = 1.0  # after a failed accept (EMFILE, ENFILE, ENOBUFS, ENOMEM, ..
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[V6]:PORT`` for IPv6) into a host and a port."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # ASCII digits, few: str.isdigit() takes "²", and int() refuses "²" and 5,000 digits with a ValueError.
+    number = port.isascii() and port.isdigit() and len(port) <= 5
+    if not sep or not host or not number or not 0 < int(port) < 65536:
         raise UsageError(f"--metrics-listen: expected HOST:PORT, got {text!r}")
     return host.strip("[]"), int(port)
 
@@ -137,6 +139,11 @@ class Metrics:
         self.undecided = Counter("topowatch_entries_undecided", "Entries that could not be judged",
                                  registry=r)
         self.deleted = Counter("topowatch_entries_deleted", "Stale entries deleted", registry=r)
+        self.kept = Counter("topowatch_entries_kept", "Stale entries the re-check before the delete kept "
+                            "(replied: a reply came after the dump; changed: otherwise no longer admitted)",
+                            ["reason"], registry=r)
+        for reason in ("replied", "changed"):
+            self.kept.labels(reason)
         self.latency = Histogram("topowatch_reaction_latency_seconds",
                                  "From the first event of a burst to the last delete",
                                  buckets=LATENCY_BUCKETS, registry=r)
@@ -178,6 +185,8 @@ class Metrics:
         self.stale.inc(len(plan.stale))
         self.undecided.inc(len(plan.undecided))
         self.deleted.inc(reaction.deleted.deleted)
+        self.kept.labels("replied").inc(reaction.deleted.kept_replied)
+        self.kept.labels("changed").inc(reaction.deleted.kept_changed)
         self._delete_failures += reaction.deleted.failed
         self.latency.observe(reaction.latency)
         self.last.set(time.time())

@@ -11,8 +11,12 @@ nursery. Each tick it reads ``nf_conntrack_count``/``_max``/``_buckets``
   table; the unreplied and half-open timeouts are lowered, the previous
   values saved in the namespace's ``TimeoutLedger`` *before* the first write;
 - an eviction budget: one dump (UNREPLIED only, filtered in the kernel, unless
-  the last resort is open) through an ``EvictionPicker``; the chosen entries
-  are deleted by orig tuple and id, and the log says how many of which kind;
+  the last resort is open) through an ``EvictionPicker``; its candidates wait
+  in queues (up to ``QUEUE_TTL``), and the ones taken are re-read just before
+  they are deleted by orig tuple and id (``Conntrack.delete_current`` with
+  ``core.pressure.still_evictable``): one replied to, refreshed or
+  ESTABLISHED since the scan is kept, and said so; the log says how many of
+  which kind went;
 - pressure ends: the saved timeouts are written back (those someone else
   changed meanwhile are left as they are, and said so) and the ledger removed.
 
@@ -40,7 +44,7 @@ from typing import Any
 
 import trio
 
-from topowatch.core.conntrack import Entry
+from topowatch.core.conntrack import Entry, Reread
 from topowatch.core.decide import RawEntry
 from topowatch.core.pressure import (
     LOWERABLE,
@@ -57,9 +61,10 @@ from topowatch.core.pressure import (
     describe_pressure,
     lowered_values,
     restore_plan,
+    still_evictable,
 )
 from topowatch.edges.ctcodec import entry_from_raw
-from topowatch.edges.ctnetlink import Conntrack
+from topowatch.edges.ctnetlink import Conntrack, DeleteResult
 from topowatch.edges.sysctl import ConntrackSysctl, LedgerRecord, SysctlError, TimeoutLedger
 from topowatch.errors import TopowatchError
 
@@ -122,6 +127,9 @@ class PressureAgent:
         self._more = {False: True, True: True}
         self._scanned_at = -math.inf
         self._census: Census | None = None
+        # Fault injection for tests only: called (in the worker thread) between taking candidates and
+        # evicting them.
+        self.before_evict: Callable[[list[Candidate]], None] | None = None
 
     @property
     def state(self) -> State:
@@ -304,10 +312,13 @@ class PressureAgent:
         if step.budget > 0:
             started = time.monotonic()
             chosen = self._take(policy, step)
+            if chosen and self.before_evict is not None:
+                self.before_evict(chosen)
             if chosen:
-                result = self._conntrack().delete([cand.entry for cand in chosen])
+                result, kept = self._evict(chosen)
                 self.controller.evicted(result.deleted)
-                by_class = count_by(chosen)
+                gone = [cand for cand in chosen if id(cand) not in kept]
+                by_class = count_by(gone)
                 c.evicted += result.deleted
                 for name, n in by_class.items():
                     c.evicted_by_class[name] = c.evicted_by_class.get(name, 0) + n
@@ -319,7 +330,11 @@ class PressureAgent:
                             extra={"fields": {"event": "pressure_evict", "evicted": result.deleted,
                                               "chosen": len(chosen), "by_class": by_class,
                                               "idle_max_s": oldest, "fill": round(sample.fill, 4)}})
-                for cand in chosen[:5]:
+                for cand in chosen:
+                    if id(cand) in kept:
+                        log.info("kept %s: %s at the scan, %s since", cand.entry.describe(), cand.reason(),
+                                 kept[id(cand)])
+                for cand in gone[:5]:
                     log.info("evicted %s: %s", cand.entry.describe(), cand.reason())
                 self._emit(PressureEvent("evict", summary, sample.fill, result.deleted, by_class))
             elif step.refused:
@@ -334,6 +349,26 @@ class PressureAgent:
             c.last_summary = summary
             self._emit(PressureEvent("end", summary, sample.fill))
         return step
+
+    def _evict(self, chosen: list[Candidate]) -> tuple[DeleteResult, dict[int, str]]:
+        """Delete the candidates still evictable when re-read now: (the result, kept: id -> why)."""
+        timeouts = self.sysctl.timeouts(TIMEOUT_NAMES)
+        # Since the scan ended: each candidate was read before that, so a timer not refreshed since
+        # has run down at least this much (see still_evictable).
+        elapsed = time.monotonic() - self._scanned_at
+        by_entry = {id(cand.entry): cand for cand in chosen}
+        kept: dict[int, str] = {}
+
+        def still(dumped: Entry, now: Reread) -> bool:
+            cand = by_entry[id(dumped)]
+            if still_evictable(cand, now, elapsed, timeouts):
+                return True
+            kept[id(cand)] = ("replied to" if now.replied_since(dumped)
+                              else "ESTABLISHED" if now.tcp_state is not None and not cand.replied
+                              else "refreshed or not known to be idle")
+            return False
+
+        return self._conntrack().delete_current([cand.entry for cand in chosen], still), kept
 
     # -- the task -----------------------------------------------------------------------
 

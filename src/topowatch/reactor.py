@@ -21,6 +21,18 @@ Rules:
   each reaction retries the read, and T0 stays the last snapshot a decision
   was made against, so the changes meanwhile are judged once a ruleset is read;
 - more stale entries than the cap: nothing is deleted, the refusal is logged;
+- an entry is deleted only if, re-read just before its delete, it is still the
+  entry judged and still eligible (``Backend.delete`` re-checks with the
+  condition given): one replied to since the dump is kept, and counted;
+- memory stays bounded: the last ``HISTORY`` reactions are kept, and only the
+  latest with its per-entry lists; totals over the daemon's life are counters;
+- a ruleset change that arrives during a reaction (a "ruleset" trigger after
+  the read, or the backend's word that the kernel's ruleset generation moved,
+  for a commit whose event is still in flight) means its decisions may rest
+  on a ruleset no longer in force: it reads the ruleset again before
+  deleting, deletes only if the NAT part read is the same, and otherwise
+  deletes nothing (T0 stays; the change's own trigger brings the next
+  reaction, which decides on the new ruleset);
 - the loop never wakes up without an event (no polling).
 This module never decides staleness itself (``core.decide`` does) and never
 speaks netlink (the ``Backend`` does).
@@ -31,15 +43,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import trio
 
 from topowatch.core.classify import Classifier
-from topowatch.core.conntrack import Entry
+from topowatch.core.conntrack import Entry, Reread
 from topowatch.core.decide import Decider, EntryBuilder, FlushPlan, decide, mentions_sport
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.evaluate import predict
@@ -59,6 +71,9 @@ entry_log = logging.getLogger(ENTRIES_LOGGER)
 # only of these keeps the ruleset read before, if the backend reports ruleset
 # changes as triggers (``ruleset_events``); anything else re-reads it.
 TOPOLOGY_KINDS = frozenset({"link", "address", "route", "rule", "xfrm"})
+# Reactions kept for status and tests; only the latest keeps its per-entry lists.
+HISTORY = 64
+BRIEF_LINES = 8
 # Rules from which walking a ruleset is left to a worker thread (about 40 us a rule).
 LARGE_RULESET = 2000
 # The longest wait before a failed reaction is tried again.
@@ -88,6 +103,16 @@ class DeleteCounts:
     failed: int = 0
     elapsed: float = 0.0
     errors: tuple[str, ...] = ()
+    # Kept by the re-check before the delete: replied to since the dump, or otherwise no longer admitted.
+    kept_replied: int = 0
+    kept_changed: int = 0
+    # The 99th percentile over delete batches of the time from re-reading a batch to its delete
+    # being done (the window a reply can still slip through), None when nothing was deleted.
+    window_p99: float | None = None
+
+
+# What ``Backend.delete`` asks of each entry re-read just before its delete: (as dumped, as now).
+StillStale = Callable[[Entry, Reread], bool]
 
 
 class EventSource(Protocol):
@@ -109,14 +134,19 @@ class Backend(Protocol):
 
     async def entries(self, eligibility: Eligibility) -> list[Entry]: ...
 
-    async def delete(self, entries: Sequence[Entry]) -> DeleteCounts: ...
+    async def delete(self, entries: Sequence[Entry], still: StillStale) -> DeleteCounts:
+        """Delete the entries that, re-read just before their delete, are the entries dumped
+        (same id) and for which ``still(dumped, now)`` holds; count the others as kept."""
+        ...
 
     # Optional, looked up with getattr (fakes may leave them out):
     # - ``ruleset_events: bool``: ruleset changes arrive as "ruleset" triggers
     #   (or overruns), so a burst without one keeps the ruleset read before;
     # - ``async def judge(eligibility, decider) -> Decider``: dump and decide
     #   in one pass, ``decider(build)`` making a fresh ``core.decide.Decider``
-    #   per dump attempt; replaces ``entries`` + ``decide`` when present.
+    #   per dump attempt; replaces ``entries`` + ``decide`` when present;
+    # - ``async def ruleset_unchanged() -> bool``: False if the ruleset changed
+    #   since the last ``ruleset()`` began, also when its event is still in flight.
 
 
 def plan_once(
@@ -140,6 +170,48 @@ def plan_once(
         sport_matters=sport_matters,
         classifier=Classifier.build([topology], [ruleset], eligibility, sport_matters=sport_matters),
     )
+
+
+def still_stale(selection: Selection) -> StillStale:
+    """The re-check before each delete: the entry as it is now is still eligible and flushed.
+
+    Under the default eligibility (UNREPLIED only) a reply since the dump
+    keeps the entry; under a policy that admits replied entries, the
+    reply changes nothing the judgement read, and eligibility is asked again.
+    """
+    eligibility = selection.eligibility
+    every_flushes = all(p.action is Action.FLUSH for p in selection.policies)
+
+    def still(dumped: Entry, now: Reread) -> bool:
+        entry = now.applied(dumped)
+        return eligibility.admits(entry) and (every_flushes or selection.flushes(entry))
+
+    return still
+
+
+@dataclass(slots=True)
+class ReactionTotals:
+    """Sums over every reaction of the daemon's life (the history keeps only the last ``HISTORY``)."""
+
+    reactions: int = 0
+    deleted: int = 0
+    already_gone: int = 0
+    failed: int = 0
+    refused: int = 0
+    stale: int = 0
+    undecided: int = 0
+    kept_replied: int = 0
+
+    def add(self, reaction: Reaction) -> None:
+        d = reaction.deleted
+        self.reactions += 1
+        self.deleted += d.deleted
+        self.already_gone += d.already_gone
+        self.failed += d.failed
+        self.refused += reaction.refused
+        self.stale += reaction.stale_count
+        self.undecided += reaction.undecided_count
+        self.kept_replied += d.kept_replied
 
 
 class _PhaseTimings(dict[str, float]):
@@ -248,7 +320,7 @@ def _change_text(lines: Sequence[str], limit: int = 2) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Reaction:
-    """What one reaction did; logged as one line and kept for status/tests."""
+    """What one reaction did; logged as one line and kept (``brief`` once older) for status/tests."""
 
     number: int
     trigger: str
@@ -264,6 +336,8 @@ class Reaction:
     logged_only: int = 0
     # Why nothing was decided (no ruleset read yet), or None for a reaction that decided.
     skipped: str | None = None
+    # (stale, undecided) of a ``brief`` whose plan lists were dropped; None: the plan has them.
+    counts: tuple[int, int] | None = None
     # False for a reaction whose change could re-NAT no flow: it made no conntrack dump.
     dumped: bool = True
 
@@ -271,6 +345,24 @@ class Reaction:
         """The part of the latency spent waiting for the burst to end (before the first phase)."""
         work = sum(v for k, v in self.timings.items() if k != "window")
         return max(0.0, self.latency - work)
+
+    @property
+    def stale_count(self) -> int:
+        return self.counts[0] if self.counts is not None else len(self.plan.stale)
+
+    @property
+    def undecided_count(self) -> int:
+        return self.counts[1] if self.counts is not None else len(self.plan.undecided)
+
+    def brief(self) -> Reaction:
+        """This reaction without its per-entry lists and with at most ``BRIEF_LINES`` change lines."""
+        if self.counts is not None:
+            return self
+        lines = self.change.lines
+        if len(lines) > BRIEF_LINES:
+            lines = (*lines[: BRIEF_LINES - 1], f"... {len(lines) - BRIEF_LINES + 1} more changes")
+        return replace(self, plan=replace(self.plan, stale=(), undecided=()), change=TopologyChange(lines),
+                       counts=(len(self.plan.stale), len(self.plan.undecided)))
 
     def summary(self) -> str:
         """One line a person reads at a glance: what changed, what was found, what was done, how long."""
@@ -290,19 +382,27 @@ class Reaction:
         took = f"{self.latency * 1000:.0f} ms incl. {self.debounce_wait() * 1000:.0f} ms debounce"
         if not self.dumped:
             return f"reaction {self.number} ({what}){policy}: {'; '.join(p.notes)}, nothing deleted, {took}"
+        stale = self.stale_count
         protos = sorted({proto_name(d.entry.proto) for d in p.stale})
         kinds = "/".join(protos) + " " if protos else ""
-        found = f"{len(p.stale)} of {p.examined} examined {kinds}entries stale"
+        found = f"{stale} of {p.examined} examined {kinds}entries stale"
         if self.refused:
-            action = f"REFUSED: {len(p.stale) - self.logged_only} exceed the cap, nothing deleted"
+            action = f"REFUSED: {stale - self.logged_only} exceed the cap, nothing deleted"
         elif self.dry_run:
-            action = f"dry run, {len(p.stale) - self.logged_only} would be deleted"
+            action = f"dry run, {stale - self.logged_only} would be deleted"
         else:
-            action = f"{self.deleted.deleted} deleted"
-            if self.deleted.already_gone:
-                action += f", {self.deleted.already_gone} already gone"
-            if self.deleted.failed:
-                action += f", {self.deleted.failed} FAILED"
+            d = self.deleted
+            action = f"{d.deleted} deleted"
+            if d.already_gone:
+                action += f", {d.already_gone} already gone"
+            if d.kept_replied:
+                action += f", {d.kept_replied} kept: replied since the dump"
+            if d.kept_changed:
+                action += f", {d.kept_changed} kept: changed since the dump"
+            if d.failed:
+                action += f", {d.failed} FAILED"
+            if d.window_p99 is not None:
+                action += f", re-check window p99 {d.window_p99 * 1000:.2f} ms"
         groups = group_by_code(p.stale)
         if len(groups) == 1:
             code, group = groups[0]
@@ -312,8 +412,8 @@ class Reaction:
             action += " (" + ", ".join(f"{len(ds)} {code}" for code, ds in groups) + ")"
         if self.logged_only:
             action += f", {self.logged_only} logged only"
-        if p.undecided:
-            action += f", {len(p.undecided)} undecided"
+        if self.undecided_count:
+            action += f", {self.undecided_count} undecided"
         if p.notes:  # e.g. "judged only flows to or from 192.0.2.0/24"
             action += f" ({'; '.join(p.notes)})"
         return f"reaction {self.number} ({what}){policy}: {found}, {action}, {took}"
@@ -324,9 +424,12 @@ class Reaction:
         return {
             "event": "reaction", "reaction": self.number, "trigger": self.trigger, "events": self.events,
             "change": self.change.summary(), "policies": self.policies, "examined": p.examined,
-            "eligible": p.eligible, "stale": len(p.stale), "deleted": self.deleted.deleted,
+            "eligible": p.eligible, "stale": self.stale_count, "deleted": self.deleted.deleted,
             "already_gone": self.deleted.already_gone, "failed": self.deleted.failed,
-            "undecided": len(p.undecided), "logged_only": self.logged_only, "refused": self.refused,
+            "kept_replied": self.deleted.kept_replied, "kept_changed": self.deleted.kept_changed,
+            "recheck_window_p99_ms": None if self.deleted.window_p99 is None
+            else round(self.deleted.window_p99 * 1000, 3),
+            "undecided": self.undecided_count, "logged_only": self.logged_only, "refused": self.refused,
             "dry_run": self.dry_run, "latency_ms": round(self.latency * 1000, 3),
             "debounce_ms": round(self.debounce_wait() * 1000, 3),
             "timings": {k: round(v * 1000, 3) for k, v in self.timings.items()}, "skipped": self.skipped,
@@ -356,7 +459,11 @@ class Reactor:
         self.lock = trio.Lock()
         self.t0: Topology | None = None
         self.ruleset: NatRuleset | None = None
+        # The last HISTORY reactions, oldest first; all but the latest are ``brief``.
         self.reactions: list[Reaction] = []
+        self.totals = ReactionTotals()
+        # Fault injection for tests only: awaited between judging and deleting, with the entries to delete.
+        self.before_delete: Callable[[Sequence[Entry]], Awaitable[None]] | None = None
         self.source_restarts = 0
         self.errors: dict[str, int] = {}  # by kind: reaction, source, ruleset (metrics read it)
         self.busy_since: float | None = None  # when the current reaction began (the watchdog reads it)
@@ -365,6 +472,7 @@ class Reactor:
         self._burst = Burst()
         self._arrived = trio.Event()
         self._sport_memo: tuple[NatRuleset, bool] | None = None
+        self._ruleset_changes = 0  # "ruleset" triggers pushed so far: a reaction compares before deleting
         # Every eligible entry was judged against T0 and every stale one deleted: only then may
         # a reaction judge just the flows its change can re-NAT (or none, without a dump).
         self.judged_all = False
@@ -382,6 +490,8 @@ class Reactor:
     def push(self, trigger: Trigger) -> None:
         """Add a trigger to the current burst (callable from any task in this trio run)."""
         self._burst.add(trigger, trio.current_time())
+        if trigger.kind == "ruleset":
+            self._ruleset_changes += 1
         self._arrived.set()
 
     async def _source(
@@ -499,6 +609,7 @@ class Reactor:
         timings["snapshot"] = clock() - start
         mark = clock()
         unread: TopowatchError | None = None
+        changes = self._ruleset_changes  # those after this read are not in the ruleset decided with
         if self._ruleset_may_have_changed(burst):
             try:
                 self.ruleset = await self.backend.ruleset()
@@ -579,9 +690,17 @@ class Reactor:
             to_delete = [d.entry for d in plan.stale if selection.flushes(d.entry)]
         refused = len(to_delete) > min(selection.max_deletions, self.config.max_deletions)
         deleted = DeleteCounts()
+        if to_delete and not refused and not self.config.dry_run and (
+                self._ruleset_changes != changes or not await self._ruleset_unchanged()):
+            swapped = await self._ruleset_swapped(ruleset)
+            if swapped is not None:
+                undecided = self._undecided(burst, t1, selection, swapped, start=start, timings=timings)
+                return self._record(undecided, selection)
         if to_delete and not refused and not self.config.dry_run:
+            if self.before_delete is not None:
+                await self.before_delete(to_delete)
             mark = clock()
-            deleted = await self.backend.delete(to_delete)
+            deleted = await self.backend.delete(to_delete, still_stale(selection))
             timings["delete"] = clock() - mark
             timings["window"] = clock() - dumped
         self.t0 = t1
@@ -594,7 +713,7 @@ class Reactor:
         if scope is not None and not scope.everything:
             plan = dataclasses.replace(plan, notes=(*plan.notes, f"judged only {scope.describe()}"))
         reaction = Reaction(
-            number=len(self.reactions) + 1,
+            number=self.totals.reactions + 1,
             trigger=", ".join(burst.lines) or "request",
             events=burst.count,
             change=change,
@@ -608,6 +727,22 @@ class Reactor:
             logged_only=len(plan.stale) - len(to_delete),
         )
         return self._record(reaction, selection)
+
+    async def _ruleset_unchanged(self) -> bool:
+        check = getattr(self.backend, "ruleset_unchanged", None)  # optional, see ``Backend``
+        return check is None or bool(await check())
+
+    async def _ruleset_swapped(self, decided_with: NatRuleset) -> str | None:
+        """After a ruleset change during the reaction: why its decisions must not be carried out, or None."""
+        try:
+            now = await self.backend.ruleset()
+        except TopowatchError as exc:
+            self._count("ruleset")
+            return f"the ruleset changed during the reaction and cannot be read again ({exc})"
+        if now == decided_with:
+            return None  # a change outside the NAT chains (a filter table, a set no NAT rule uses)
+        self.ruleset = now
+        return "the ruleset changed during the reaction; the next reaction decides on the new one"
 
     def _why_full(self, burst: Burst, ruleset: NatRuleset, policy: EffectivePolicy) -> str | None:
         """Why this reaction must judge every eligible entry, or None when the change alone may do."""
@@ -634,7 +769,7 @@ class Reactor:
         self.judged_all = True
         self._judged_under = (ruleset, policy)
         return Reaction(
-            number=len(self.reactions) + 1,
+            number=self.totals.reactions + 1,
             trigger=", ".join(burst.lines) or "request",
             events=burst.count,
             change=change,
@@ -656,7 +791,7 @@ class Reactor:
         """A reaction that decides nothing (``why``); T0 stays, so these changes are judged later."""
         change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
         return Reaction(
-            number=len(self.reactions) + 1,
+            number=self.totals.reactions + 1,
             trigger=", ".join(burst.lines) or "request",
             events=burst.count,
             change=change,
@@ -671,7 +806,11 @@ class Reactor:
         )
 
     def _record(self, reaction: Reaction, selection: Selection) -> Reaction:
+        if self.reactions:
+            self.reactions[-1] = self.reactions[-1].brief()  # only the latest keeps its entry lists
         self.reactions.append(reaction)
+        del self.reactions[:-HISTORY]
+        self.totals.add(reaction)
         self._log(reaction, selection)
         if self.on_reaction is not None:
             self.on_reaction(reaction)

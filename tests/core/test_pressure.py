@@ -13,10 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topowatch.core.conntrack import IPS_ASSURED, IPS_CONFIRMED, IPS_SEEN_REPLY, CtTuple, Entry
+from topowatch.core.conntrack import IPS_ASSURED, IPS_CONFIRMED, IPS_SEEN_REPLY, CtTuple, Entry, Reread
 from topowatch.core.flow import IPPROTO_GRE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP
 from topowatch.core.model import AF_INET, AF_INET6
 from topowatch.core.pressure import (
+    Candidate,
     Census,
     EvictionPicker,
     PressureController,
@@ -28,6 +29,7 @@ from topowatch.core.pressure import (
     lowered_values,
     restore_plan,
     sample_interval,
+    still_evictable,
     timeout_class,
 )
 
@@ -350,3 +352,31 @@ def test_the_log_line_says_what_fills_the_table() -> None:
     assert "300 assured udp entries from 300 sources" in text
     assert "12 protected by policy" in text
     assert "only 64 hash buckets for 1,530 entries" in text  # max > 4x buckets
+
+
+# -- the re-check just before an eviction ------------------------------------------------------------
+
+ASSURED = IPS_SEEN_REPLY | IPS_ASSURED
+# (proto, picked as replied, timer at the scan, status now, timer now, tcp state now, seconds since, evict?)
+STILL_EVICTABLE = [
+    (IPPROTO_UDP, False, 20, 0, 14, None, 5.0, True),  # still UNREPLIED
+    (IPPROTO_UDP, False, 20, IPS_SEEN_REPLY, 14, None, 5.0, False),  # answered since the scan
+    (IPPROTO_TCP, False, 100, 0, 95, 1, 5.0, True),  # still SYN_SENT
+    (IPPROTO_TCP, False, 100, ASSURED, 431990, 3, 5.0, False),  # the handshake completed
+    (IPPROTO_TCP, False, 100, 0, 431999, 3, 5.0, False),  # ESTABLISHED, picked up mid-stream: never
+    (IPPROTO_UDP, True, 40, ASSURED, 35, None, 5.0, True),  # assured, its timer ran down: idle
+    (IPPROTO_UDP, True, 40, ASSURED, 36, None, 4.2, True),  # ... whole seconds (one of slack)
+    (IPPROTO_UDP, True, 40, ASSURED, 29, None, 5.0, True),  # read 6 s before a long scan ended: idle
+    (IPPROTO_UDP, True, 40, ASSURED, 118, None, 5.0, False),  # a packet reset its timer: not idle
+    (IPPROTO_UDP, True, 40, ASSURED, 37, None, 5.0, False),  # above a timer run down from 40: a refresh
+    (IPPROTO_UDP, True, 119, ASSURED, 114, None, 5.0, False),  # a refresh could not be told: kept
+    (IPPROTO_GRE, True, 100, ASSURED, 95, None, 5.0, True),  # gre_stream 180: idle
+]
+
+
+@pytest.mark.parametrize("row", STILL_EVICTABLE)
+def test_still_evictable(row: tuple[int, bool, int, int, int, int | None, float, bool]) -> None:
+    proto, replied, before, status, timer, tcp, elapsed, evict = row
+    picked = entry(1, proto=proto, status=ASSURED if replied else 0, timeout=before)
+    now = Reread(status | IPS_CONFIRMED, picked.id, 0, timer, tcp)
+    assert still_evictable(Candidate(picked, 0, replied), now, elapsed, TIMEOUTS) is evict

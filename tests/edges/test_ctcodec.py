@@ -22,8 +22,10 @@ from topowatch.core.conntrack import (
     IPS_DST_NAT_DONE,
     IPS_SEEN_REPLY,
     IPS_SRC_NAT_DONE,
+    TCP_CONNTRACK_ESTABLISHED,
     CtTuple,
     Entry,
+    Reread,
 )
 from topowatch.edges import ctcodec as c
 from topowatch.edges.ctfake import FakeConntrack, parse_conntrack_listing
@@ -556,3 +558,59 @@ def test_raw_sink_round_trip(items: list[Entry], skip_replied: bool) -> None:
     kept = [e for e in items if not (skip_replied and e.status & IPS_SEEN_REPLY)]
     assert sorted(got.raw + parser.entries, key=repr) == sorted(kept, key=repr)
     assert parser.skipped_replied == len(items) - len(kept)
+
+
+# --- the re-check before a delete: GET by tuple, its answers -------------------------
+
+
+@given(entries(), st.integers(0, 0xFFFFFFFF))
+def test_get_request_is_the_delete_request_as_a_get(e: Entry, seq: int) -> None:
+    got, delete = c.encode_get(e, seq), c.encode_delete(e, seq, ack=False)
+    assert struct.unpack_from("=H", got, 4)[0] == c.IPCTNL_MSG_CT_GET
+    assert got[:4] + got[6:] == delete[:4] + delete[6:]
+
+
+def tcp_answer(e: Entry, seq: int, state: int) -> bytes:
+    """An entry answer with CTA_PROTOINFO (tcp state), as the kernel sends for a TCP entry."""
+    info = c.nest(c.CTA_PROTOINFO, c.nest(c.CTA_PROTOINFO_TCP, c.nla(c.CTA_PROTOINFO_TCP_STATE, bytes((state,)))))
+    attrs = [(1, c.encode_tuple(c.CTA_TUPLE_ORIG, e.family, e.proto, e.orig)),
+             (3, c.nla(c.CTA_STATUS, c.be32(e.status))), (4, info), (12, c.nla(c.CTA_ID, c.be32(e.id)))]
+    return c.encode_message(c.IPCTNL_MSG_CT_NEW, 0, seq, e.family, attrs)
+
+
+@given(entries(), st.integers(0, 0xFFFFFFFF))
+def test_get_answers_give_status_id_mark_timeout(e: Entry, seq: int) -> None:
+    (answer,) = c.parse_get_answers(dump_message(e, seq=seq))
+    assert answer == (seq, 0, Reread(e.status, e.id, e.mark, e.timeout))
+
+
+def test_get_answers_read_tcp_state_errors_and_refuse_what_lacks_an_id() -> None:
+    e = sample()
+    no_id = c.encode_message(c.IPCTNL_MSG_CT_NEW, 0, 9, 2, [(3, c.nla(c.CTA_STATUS, c.be32(8)))])
+    data = tcp_answer(e, 7, TCP_CONNTRACK_ESTABLISHED) + error_message(8, errno.ENOENT) + no_id
+    got = c.parse_get_answers(data)
+    assert got[0] == (7, 0, Reread(e.status, e.id, 0, 0, TCP_CONNTRACK_ESTABLISHED))
+    assert got[1] == (8, errno.ENOENT, None)
+    assert got[2] == (9, errno.EBADMSG, None)
+
+
+@given(st.binary(max_size=300))
+def test_get_answers_never_raise_on_garbage(data: bytes) -> None:
+    c.parse_get_answers(data)
+
+
+def test_fake_delete_current_keeps_what_changed_since_the_dump() -> None:
+    fake = FakeConntrack(many(10))
+    dumped = fake.dump()
+    replied, marked, gone = dumped[1], dumped[2], dumped[3]
+    fake.update(Entry(replied.family, replied.proto, replied.orig, replied.reply, status=IPS_SEEN_REPLY,
+                      zone=replied.zone, mark=replied.mark))
+    fake.update(Entry(marked.family, marked.proto, marked.orig, marked.reply, zone=marked.zone, mark=0x99))
+    fake.delete([gone])
+
+    def still(dumped: Entry, now: Reread) -> bool:
+        return not now.status & IPS_SEEN_REPLY and now.mark == dumped.mark
+
+    result = fake.delete_current(dumped, still)
+    assert (result.deleted, result.kept_replied, result.kept_changed, result.not_found) == (7, 1, 1, 1)
+    assert {e.orig for e in fake.table} == {replied.orig, marked.orig}

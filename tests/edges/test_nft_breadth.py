@@ -38,7 +38,7 @@ from topowatch.core.nat import (
 )
 from topowatch.corpus import default_corpus
 from topowatch.edges.nft import parse_rule, parse_ruleset_json, read_ruleset
-from topowatch.reactor import Burst, DeleteCounts, Reactor, ReactorConfig, Trigger
+from topowatch.reactor import Burst, DeleteCounts, Reactor, ReactorConfig, StillStale, Trigger
 
 CORPUS = default_corpus() / "nftables-tests"
 needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"corpus not found at {CORPUS}")
@@ -243,7 +243,7 @@ class NftBackend:
     async def entries(self, eligibility: Eligibility) -> list[Entry]:
         return []
 
-    async def delete(self, entries: Sequence[Entry]) -> DeleteCounts:
+    async def delete(self, entries: Sequence[Entry], still: StillStale) -> DeleteCounts:
         return DeleteCounts()
 
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 from collections.abc import Iterator
 from ipaddress import IPv4Address, ip_address
 
 import pytest
 
-from topowatch.core.conntrack import IPS_ASSURED, IPS_SEEN_REPLY, CtTuple, Entry
+from topowatch.core.conntrack import IPS_ASSURED, IPS_SEEN_REPLY, CtTuple, Entry, Reread
 from topowatch.edges import ctcodec
 from topowatch.edges.ctfake import parse_conntrack_listing
 from topowatch.edges.ctnetlink import Conntrack, probe_status_filter
@@ -412,3 +413,113 @@ def test_recv_burst_concatenates_pads_and_sees_the_end() -> None:
         assert _ctscan.recv_burst(b.fileno(), 100, 64, 7, 50)[:3] == (b"y" * 40, 1, 0)
         with pytest.raises(ValueError, match="room"):
             _ctscan.recv_burst(b.fileno(), 10, 64, 7, 50)
+
+
+# --- delete_current: the re-check before each delete batch -----------------------------------
+
+
+def set_status(ct: Conntrack, entry: Entry, status: int) -> None:
+    """Change a live entry's status bits (IPCTNL_MSG_CT_NEW without NLM_F_CREATE: an update)."""
+    seq = ct._next_seq()
+    msg = ctcodec.encode_message(ctcodec.IPCTNL_MSG_CT_NEW, ctcodec.NLM_F_REQUEST, seq, entry.family, [
+        (ctcodec.CTA_TUPLE_ORIG, ctcodec.encode_tuple(ctcodec.CTA_TUPLE_ORIG, entry.family, entry.proto,
+                                                      entry.orig)),
+        (ctcodec.CTA_STATUS, ctcodec.nla(ctcodec.CTA_STATUS, ctcodec.be32(status))),
+    ])  # fmt: skip
+    out = ct._transact([msg], seq)
+    assert out.errors == {}, out.errors
+
+
+def unreplied_now(dumped: Entry, now: Reread) -> bool:
+    return not now.status & IPS_SEEN_REPLY
+
+
+def test_delete_current_keeps_an_entry_replied_since_the_dump(ct: Conntrack) -> None:
+    ct.create([udp4(i) for i in range(40)] + [udp4(1000, zone=7)])
+    dumped = ct.dump()
+    answered = dumped[17]
+    set_status(ct, answered, answered.status | IPS_SEEN_REPLY | IPS_ASSURED)  # a reply came meanwhile
+    ct.recheck_batch = 16  # several batches, each re-read just before its delete
+    result = ct.delete_current(dumped, unreplied_now)
+    assert (result.deleted, result.kept_replied, result.not_found, result.failed) == (40, 1, 0, 0)
+    assert len(result.windows) == result.batches == 3 and result.window_p99 is not None
+    (left,) = ct.dump(unreplied_only=False)
+    assert (left.orig, left.id, left.unreplied) == (answered.orig, answered.id, False)
+
+
+def test_delete_current_counts_gone_and_other_ids_as_already_gone(ct: Conntrack) -> None:
+    ct.create([udp4(i) for i in range(5)])
+    dumped = ct.dump()
+    ct.delete(dumped[:1])
+    other = dumped[1]
+    stranger = Entry(other.family, other.proto, other.orig, other.reply, other.status, id=other.id ^ 1)
+    result = ct.delete_current([dumped[0], stranger, *dumped[2:]])
+    assert (result.deleted, result.not_found) == (3, 2)
+    assert [e.orig for e in ct.dump()] == [other.orig]
+
+
+def test_delete_current_never_deletes_an_entry_whose_answer_was_lost(ct: Conntrack) -> None:
+    ct.create([udp4(i) for i in range(300)])
+    dumped = ct.dump()
+    # A receive buffer far too small for 256 answers: most are dropped (ENOBUFS) and asked again.
+    ct.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    result = ct.delete_current(dumped, unreplied_now)
+    left = ct.dump()
+    assert result.deleted + result.unchecked == 300 and result.unchecked == len(left)
+    assert result.unconfirmed == 0 or result.deleted + result.unconfirmed + result.unchecked == 300
+
+
+# --- interrupted dumps (NLM_F_DUMP_INTR): dumped again, a partial result never used ---------------------
+
+
+def interrupt_datagrams(ct: Conntrack, monkeypatch: pytest.MonkeyPatch, which: set[int]) -> list[int]:
+    """Flag NLM_F_DUMP_INTR on the received datagrams numbered in ``which`` (1-based, over all dumps)."""
+    ct.pipelined = False  # one datagram per recv, so the flag lands in the middle of a dump
+    real = ct._recv
+    seen = [0]
+
+    def flagged(*, block: bool) -> bytes | None:
+        data = real(block=block)
+        if data is None:
+            return None
+        seen[0] += 1
+        if seen[0] in which:
+            out = bytearray(data)
+            flags = struct.unpack_from("=H", out, 6)[0]
+            struct.pack_into("=H", out, 6, flags | ctcodec.NLM_F_DUMP_INTR)
+            return bytes(out)
+        return data
+
+    monkeypatch.setattr(ct, "_recv", flagged)
+    return seen
+
+
+def test_an_interrupted_scan_starts_over_with_a_fresh_consumer(
+    ct: Conntrack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ct.create(udp4(i) for i in range(3000))
+    expected = sorted(map(key, ct.dump()), key=repr)
+    seen = interrupt_datagrams(ct, monkeypatch, {3})  # the first attempt, a few datagrams in
+    consumers: list[Collect] = []
+
+    def start() -> Collect:
+        consumers.append(Collect())
+        return consumers[-1]
+
+    got = ct.scan(start)
+    assert seen[0] > 6 and len(consumers) == 2 and got is consumers[1]
+    assert sorted(map(key, got.raw + got.entries), key=repr) == expected  # whole, nothing twice
+    assert ct.last_dump is not None and ct.last_dump.interrupted_retries == 1
+
+
+def test_a_dump_interrupted_every_time_is_refused_never_returned(
+    ct: Conntrack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ct.create(udp4(i) for i in range(3000))
+    interrupt_datagrams(ct, monkeypatch, set(range(1, 1000)))
+    with pytest.raises(DumpInterrupted, match="results may be inconsistent"):
+        ct.scan(Collect)
+    with pytest.raises(DumpInterrupted):
+        ct.dump()
+    monkeypatch.undo()
+    assert len(ct.dump()) == 3000  # the socket is still usable: nothing of those dumps is left unread

@@ -49,6 +49,9 @@ IPS_HW_OFFLOAD = 1 << 15
 
 ICMP_PROTOS = frozenset({IPPROTO_ICMP, IPPROTO_ICMPV6})
 
+# TCP states as ctnetlink reports them (CTA_PROTOINFO_TCP_STATE, enum tcp_conntrack).
+TCP_CONNTRACK_ESTABLISHED = 3
+
 
 @dataclass(frozen=True, slots=True)
 class CtTuple:
@@ -156,3 +159,28 @@ class Entry:
         if self.unreplied:
             text += " [UNREPLIED]"
         return text
+
+
+@dataclass(frozen=True, slots=True)
+class Reread:
+    """An entry as the kernel shows it again just before a delete: what may have changed since the dump.
+
+    Read by orig tuple and zone (which cannot change); ``id`` tells whether
+    it is still the entry that was judged. ``tcp_state`` is None for other
+    protocols (and when the kernel did not say).
+    """
+
+    status: int
+    id: int
+    mark: int = 0
+    timeout: int = 0
+    tcp_state: int | None = None
+
+    def replied_since(self, dumped: Entry) -> bool:
+        """A reply arrived after ``dumped`` was read."""
+        return dumped.unreplied and bool(self.status & IPS_SEEN_REPLY)
+
+    def applied(self, dumped: Entry) -> Entry:
+        """``dumped`` with what the kernel says now (same tuples and zone, by construction)."""
+        return Entry(dumped.family, dumped.proto, dumped.orig, dumped.reply, self.status, dumped.zone,
+                     self.mark, self.id, self.timeout)

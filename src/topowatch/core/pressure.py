@@ -36,6 +36,11 @@ Rules (each has a test):
 - never pick a replied entry of tcp, sctp or dccp (their state is not read
   here: an ESTABLISHED connection must never be evicted), and never a
   replied entry at all while no new flow is refused;
+- a candidate waits in a queue (seconds): just before it is evicted the
+  kernel is asked for it again (``still_evictable``), and it goes only if it
+  is still what it was picked as: UNREPLIED for that class, still idle (its
+  timer not refreshed since the scan) for the replied last resort, and never
+  a TCP entry that is ESTABLISHED now;
 - lowering only ever lowers: a configured value above the current one is
   left alone; restoring writes back what was read before, nothing else;
 - no I/O and no clock: time arrives inside the samples.
@@ -50,7 +55,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from topowatch.core.conntrack import IPS_ASSURED, IPS_SEEN_REPLY, Entry
+from topowatch.core.conntrack import IPS_ASSURED, IPS_SEEN_REPLY, TCP_CONNTRACK_ESTABLISHED, Entry, Reread
 from topowatch.core.decide import RawEntry
 from topowatch.core.flow import (
     IPPROTO_GRE,
@@ -435,6 +440,28 @@ class EvictionPicker:
         if self.build is None:
             raise ValueError("EvictionPicker.add_raw needs an entry builder")
         return self.build(raw)
+
+
+def still_evictable(candidate: Candidate, now: Reread, elapsed: float, timeouts: Mapping[str, int]) -> bool:
+    """May ``candidate``, re-read as ``now`` ``elapsed`` seconds after its scan ended, still be evicted?
+
+    Every packet resets an entry's timer to its class timeout; without one
+    the timer only runs down, by at least ``elapsed`` since it was read
+    (during the scan). So a replied candidate was refreshed since the scan
+    when its timer is now above what was left then minus ``elapsed`` (one
+    second of slack: the kernel reports whole seconds). Where that cannot be
+    told (the class timeout is not above what was left, e.g. lowered since),
+    it is kept: a wrong eviction costs a healthy flow.
+    """
+    entry = candidate.entry
+    if entry.proto == IPPROTO_TCP and now.tcp_state == TCP_CONNTRACK_ESTABLISHED:
+        return False
+    if not candidate.replied:
+        return not now.status & IPS_SEEN_REPLY
+    full = timeouts.get(timeout_class(entry.proto, now.status, entry.family), 0)
+    if full < entry.timeout + 2:
+        return False
+    return now.timeout <= entry.timeout - elapsed + 1
 
 
 def describe_pressure(sample: Sample, census: Census | None, step: Step) -> str:

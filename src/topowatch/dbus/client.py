@@ -85,7 +85,8 @@ def render_status(status: dict[str, Any]) -> str:
         f"on the bus as {status.get('name')}",
         f"up {status.get('uptime_s', 0):.0f} s{', dry run' if status.get('dry_run') else ''}",
         f"reactions {status.get('reactions', 0)}, deleted {status.get('deleted_total', 0)} "
-        f"(already gone {status.get('already_gone_total', 0)}, failed {status.get('failed_total', 0)}), "
+        f"(already gone {status.get('already_gone_total', 0)}, failed {status.get('failed_total', 0)}, "
+        f"kept as replied since the dump {status.get('kept_replied_total', 0)}), "
         f"refused {status.get('refused_total', 0)}, undecided in the last {status.get('undecided', 0)}, "
         f"source restarts {status.get('source_restarts', 0)}",
     ]

@@ -102,22 +102,23 @@ def reaction_json(reaction: Reaction) -> dict[str, Any]:
 
 def status_json(reactor: Reactor, *, name: str, started: float, now: float) -> dict[str, Any]:
     """Counters over the daemon's life; ``started``/``now`` are monotonic seconds."""
-    reactions = reactor.reactions
-    last = reactions[-1] if reactions else None
+    totals = reactor.totals  # the history is bounded; these count every reaction
+    last = reactor.reactions[-1] if reactor.reactions else None
     return {
         "name": name,
         "version": __version__,
         "pid": os.getpid(),
         "uptime_s": round(now - started, 3),
         "dry_run": reactor.config.dry_run,
-        "reactions": len(reactions),
-        "deleted_total": sum(r.deleted.deleted for r in reactions),
-        "already_gone_total": sum(r.deleted.already_gone for r in reactions),
-        "failed_total": sum(r.deleted.failed for r in reactions),
-        "refused_total": sum(1 for r in reactions if r.refused),
-        "stale_total": sum(len(r.plan.stale) for r in reactions),
-        "undecided": len(last.plan.undecided) if last else 0,
-        "undecided_total": sum(len(r.plan.undecided) for r in reactions),
+        "reactions": totals.reactions,
+        "deleted_total": totals.deleted,
+        "already_gone_total": totals.already_gone,
+        "kept_replied_total": totals.kept_replied,
+        "failed_total": totals.failed,
+        "refused_total": totals.refused,
+        "stale_total": totals.stale,
+        "undecided": last.undecided_count if last else 0,
+        "undecided_total": totals.undecided,
         "source_restarts": reactor.source_restarts,
         "last_reaction": reaction_json(last) if last else None,
     }

@@ -39,11 +39,12 @@ import struct
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
+from errno import EBADMSG
 from ipaddress import IPv4Address, IPv6Address
 from operator import itemgetter
 from typing import Any
 
-from topowatch.core.conntrack import ICMP_PROTOS, IPS_CONFIRMED, IPS_SEEN_REPLY, CtTuple, Entry
+from topowatch.core.conntrack import ICMP_PROTOS, IPS_CONFIRMED, IPS_SEEN_REPLY, CtTuple, Entry, Reread
 from topowatch.core.decide import RawEntry
 from topowatch.core.flow import IPPROTO_ICMP, IPPROTO_ICMPV6
 from topowatch.core.model import AF_INET, AF_INET6, IPAddress
@@ -100,6 +101,8 @@ CTA_TIMEOUT = 7
 CTA_MARK = 8
 CTA_ID = 12
 CTA_ZONE = 18
+CTA_PROTOINFO_TCP = 1
+CTA_PROTOINFO_TCP_STATE = 1
 CTA_MARK_MASK = 21
 CTA_STATUS_MASK = 26
 
@@ -332,6 +335,93 @@ def encode_delete(entry: Entry, seq: int, *, ack: bool) -> bytes:
     if ct_id:
         return st.pack(*head, c[8], _be32_native(ct_id))
     return st.pack(*head)
+
+
+_TYPE_OFFSET = 4  # of nlmsg_type inside nlmsghdr
+_U16 = struct.Struct("=H")
+
+
+def encode_get(entry: Entry, seq: int) -> bytes:
+    """Ask for ``entry`` again by orig tuple and zone (``IPCTNL_MSG_CT_GET``, no dump).
+
+    The same attributes as ``encode_delete`` (the kernel's GET ignores
+    CTA_ID: the caller compares the answer's id). The answer is one
+    IPCTNL_MSG_CT_NEW with this ``seq``, or an NLMSG_ERROR (ENOENT: gone).
+    """
+    data = bytearray(encode_delete(entry, seq, ack=False))
+    _U16.pack_into(data, _TYPE_OFFSET, IPCTNL_MSG_CT_GET)
+    return bytes(data)
+
+
+def _tcp_state(data: bytes, pos: int, end: int) -> int | None:
+    """CTA_PROTOINFO_TCP_STATE inside a CTA_PROTOINFO payload [pos, end), or None."""
+    while pos + 4 <= end:
+        alen, atype = _NLA.unpack_from(data, pos)
+        if alen < 4 or pos + alen > end:
+            return None
+        if atype & NLA_TYPE_MASK == CTA_PROTOINFO_TCP:
+            ipos, iend = pos + 4, pos + alen
+            while ipos + 4 <= iend:
+                ilen, itype = _NLA.unpack_from(data, ipos)
+                if ilen < 4 or ipos + ilen > iend:
+                    return None
+                if itype & NLA_TYPE_MASK == CTA_PROTOINFO_TCP_STATE and ilen >= 5:
+                    return data[ipos + 4]
+                ipos += _align(ilen)
+            return None
+        pos += _align(alen)
+    return None
+
+
+def parse_get_answers(data: bytes, n: int | None = None) -> list[tuple[int, int, Reread | None]]:
+    """The answers to ``encode_get`` requests in one datagram: (seq, errno, what the kernel says now).
+
+    An entry answer gives errno 0 and a ``Reread`` (status, id, mark,
+    timeout, TCP state); an NLMSG_ERROR gives its errno and None (an answer
+    without CTA_STATUS or CTA_ID is malformed: errno EBADMSG). Only the
+    top-level attributes are read: the tuples are the ones asked for.
+    """
+    end = len(data) if n is None else n
+    pos = 0
+    out: list[tuple[int, int, Reread | None]] = []
+    unpack_nla = _NLA.unpack_from
+    be32 = _BE32.unpack_from
+    while pos + 16 <= end:
+        mlen, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, pos)
+        if mlen < 16 or pos + mlen > end:
+            break
+        mend = pos + mlen
+        if mtype == NLMSG_ERROR and mlen >= 36:
+            err = -_ERRNO.unpack_from(data, pos + 16)[0]
+            out.append((_NLMSGHDR.unpack_from(data, pos + 20)[3], err, None))
+        elif mtype == IPCTNL_MSG_CT_NEW:
+            status = ct_id = -1
+            mark = timeout = 0
+            tcp_state: int | None = None
+            apos = pos + _HDR_LEN
+            while apos + 4 <= mend:
+                alen, atype = unpack_nla(data, apos)
+                if alen < 4 or apos + alen > mend:
+                    break
+                atype &= NLA_TYPE_MASK
+                if alen >= 8:
+                    if atype == CTA_STATUS:
+                        status = be32(data, apos + 4)[0]
+                    elif atype == CTA_ID:
+                        ct_id = be32(data, apos + 4)[0]
+                    elif atype == CTA_MARK:
+                        mark = be32(data, apos + 4)[0]
+                    elif atype == CTA_TIMEOUT:
+                        timeout = be32(data, apos + 4)[0]
+                    elif atype == CTA_PROTOINFO:
+                        tcp_state = _tcp_state(data, apos + 4, apos + alen)
+                apos += _align(alen)
+            if status < 0 or ct_id < 0:
+                out.append((mseq, EBADMSG, None))
+            else:
+                out.append((mseq, 0, Reread(status, ct_id, mark, timeout, tcp_state)))
+        pos += _align(mlen)
+    return out
 
 
 def encode_create(entry: Entry, seq: int, *, ack: bool) -> bytes:

@@ -6,8 +6,10 @@ status (UNREPLIED), zone, mark and family; a delete finds its entry by the
 given tuple in either direction within the zone, misses (ENOENT) when the
 dumped id no longer matches, and a create refuses (EEXIST) a tuple already in
 the table. It counts the netlink requests the real edge would send (one per
-dump attempt, one per batch), so a test can assert that a million deletes
-cost a handful of requests.
+dump attempt, one per batch; ``delete_current`` one re-read and one delete
+per batch), so a test can assert that a million deletes cost a handful of
+requests. ``update`` changes an entry in place (a reply arrived, its timer
+was refreshed), as packets would between a dump and a delete.
 
 It never touches a socket; ``interrupt_next`` makes the next dumps report
 ``NLM_F_DUMP_INTR`` so retry and ``DumpInterrupted`` paths can be tested.
@@ -20,9 +22,16 @@ import itertools
 from collections.abc import Callable, Iterable
 from ipaddress import ip_address
 
-from topowatch.core.conntrack import IPS_ASSURED, IPS_CONFIRMED, IPS_SEEN_REPLY, CtTuple, Entry
+from topowatch.core.conntrack import IPS_ASSURED, IPS_CONFIRMED, IPS_SEEN_REPLY, CtTuple, Entry, Reread
 from topowatch.edges.ctcodec import CTA_STATS_NAMES, AddressCache
-from topowatch.edges.ctnetlink import DUMP_RETRIES, MAX_BATCH, DeleteResult, DumpConsumerT, DumpStats
+from topowatch.edges.ctnetlink import (
+    DUMP_RETRIES,
+    MAX_BATCH,
+    RECHECK_BATCH,
+    DeleteResult,
+    DumpConsumerT,
+    DumpStats,
+)
 from topowatch.errors import DumpInterrupted, NetlinkError
 
 _Key = tuple[int, int, int, CtTuple]  # zone, family, proto, tuple
@@ -40,6 +49,7 @@ class FakeConntrack:
         self._ids = itertools.count(1)
         self.status_filter_supported: bool | None = status_filter_supported
         self.batch_max = MAX_BATCH
+        self.recheck_batch = RECHECK_BATCH
         self.dump_retries = DUMP_RETRIES
         self.interrupt_next = 0
         self.requests = 0
@@ -124,6 +134,48 @@ class FakeConntrack:
         self.requests += batches
         self.messages += requested
         return DeleteResult(requested=requested, deleted=deleted, not_found=not_found, batches=batches)
+
+    def delete_current(
+        self, entries: Iterable[Entry], still: Callable[[Entry, Reread], bool] | None = None
+    ) -> DeleteResult:
+        """``Conntrack.delete_current``: re-read each entry, delete only what is still the one judged."""
+        requested = deleted = not_found = kept_replied = kept_changed = batches = 0
+        pending = list(entries)
+        for start in range(0, len(pending), self.recheck_batch):
+            chunk = pending[start : start + self.recheck_batch]
+            self.requests += 1
+            victims = []
+            for e in chunk:
+                found = self._by_tuple.get((e.zone, e.family, e.proto, e.orig))
+                if found is None or (e.id and found.id != e.id):
+                    not_found += 1
+                    continue
+                now = Reread(found.status, found.id, found.mark, found.timeout)
+                if still is not None and not still(e, now):
+                    if now.replied_since(e):
+                        kept_replied += 1
+                    else:
+                        kept_changed += 1
+                    continue
+                victims.append(found)
+            if victims:
+                result = self.delete(victims)
+                requested += result.requested
+                deleted += result.deleted
+                not_found += result.not_found
+                batches += 1
+        return DeleteResult(requested=requested, deleted=deleted, not_found=not_found, batches=batches,
+                            kept_replied=kept_replied, kept_changed=kept_changed)
+
+    def update(self, entry: Entry) -> None:
+        """The entry with ``entry``'s orig tuple (and zone) takes its status, mark and timeout; id kept."""
+        found = self._by_tuple.get((entry.zone, entry.family, entry.proto, entry.orig))
+        if found is None:
+            raise NetlinkError("no such entry", errno_mod.ENOENT)
+        stored = Entry(found.family, found.proto, found.orig, found.reply, entry.status | IPS_CONFIRMED,
+                       found.zone, entry.mark, found.id, entry.timeout or found.timeout)
+        for key in _keys(found):
+            self._by_tuple[key] = stored
 
     def create(self, entries: Iterable[Entry]) -> int:
         created = refused = n = 0

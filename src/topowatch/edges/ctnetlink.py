@@ -37,6 +37,17 @@ sequence numbers, batching and the accounting.
   kernel, which fills the next part of a dump inside recvmsg, works while
   this thread judges; at most ``PIPELINE_DEPTH`` bursts wait. Set
   ``pipelined`` false for one datagram per ``recv`` in the caller's thread.
+- ``delete_current`` closes the race between a dump and its delete: a
+  delete by tuple cannot carry a status condition (the kernel checks only
+  CTA_ID), so each batch of ``recheck_batch`` entries is first asked for
+  again (one ``IPCTNL_MSG_CT_GET`` per entry by orig tuple and zone, all in
+  one ``sendmsg``), and only the entries whose answer still has the dumped
+  id and satisfies the caller's condition (still UNREPLIED, still idle, ...)
+  are deleted, in the next ``sendmsg``. An entry replied to before its
+  re-check is kept; what remains is the window from the re-check to the
+  delete, measured per batch (``DeleteResult.windows``) and kept short by
+  the small batch. An answer lost to a receive-buffer overrun is asked for
+  again in a smaller batch, never deleted unchecked.
 - ``create`` inserts entries (tests and benchmarks fill tables with it).
 
 This module must never send a DELETE without a tuple (a flush: the codec
@@ -50,6 +61,7 @@ import contextlib
 import errno as errno_mod
 import gc
 import itertools
+import math
 import os
 import queue
 import select
@@ -61,7 +73,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from topowatch.core.conntrack import IPS_SEEN_REPLY, Entry
+from topowatch.core.conntrack import IPS_SEEN_REPLY, Entry, Reread
 from topowatch.core.decide import RawEntry
 from topowatch.edges import ctcodec
 from topowatch.edges.ctcodec import AddressCache, DumpParser
@@ -82,6 +94,14 @@ ANSWER_TRUESIZE = 1024
 MAX_BATCH = 16384
 RECV_BUFFER_BYTES = 1 << 20
 DEFAULT_TIMEOUT = 30.0
+# Entries re-read and then deleted per pair of sendmsg calls (``delete_current``): small, because
+# everything between the re-read and the delete (decoding the answers, judging them again,
+# encoding the deletes) is the window in which a reply can still be missed. Kernel memory one
+# queued GET answer costs (an entry message, rounded up) sizes it down on a small receive buffer.
+RECHECK_BATCH = 64
+GET_ANSWER_TRUESIZE = 4096
+RECHECK_ROUNDS = 3
+RECHECK_RECV_BYTES = 256 << 10  # one receive of a batch's answers (a few hundred bytes each)
 # The pipelined dump (``Conntrack._pipelined``): bytes per burst, free room that ends a burst
 # (a dump datagram is at most 32 KiB), bursts held ahead of the judging, and the reader's
 # poll, which also bounds how long closing it waits.
@@ -118,6 +138,14 @@ class DeleteResult:
     errors: tuple[tuple[int, int], ...] = ()  # (errno, count), sorted by errno
     unconfirmed: int = 0  # answers lost to a receive-buffer overrun
     batches: int = 0
+    # ``delete_current`` only: entries its re-check kept (replied to since the dump, or otherwise
+    # no longer what the caller's condition admits), entries it could not re-check (answers lost
+    # again and again: not deleted), and per batch the seconds from sending the re-check to the
+    # kernel having handled the deletes (the remaining window).
+    kept_replied: int = 0
+    kept_changed: int = 0
+    unchecked: int = 0
+    windows: tuple[float, ...] = ()
 
     @property
     def failed(self) -> int:
@@ -129,7 +157,26 @@ class DeleteResult:
             text += f", {errno_mod.errorcode.get(err, str(err))} {count}"
         if self.unconfirmed:
             text += f", unconfirmed {self.unconfirmed}"
+        if self.kept_replied:
+            text += f", kept (replied since the dump) {self.kept_replied}"
+        if self.kept_changed:
+            text += f", kept (changed since the dump) {self.kept_changed}"
+        if self.unchecked:
+            text += f", not re-checked (kept) {self.unchecked}"
         return text
+
+    @property
+    def window_p99(self) -> float | None:
+        """The 99th percentile of ``windows`` (nearest rank), None without any."""
+        return percentile(self.windows, 0.99)
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """The ``q`` quantile by nearest rank, None for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,10 +269,12 @@ class Conntrack:
         sndbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         self.batch_bytes = max(4096, sndbuf // 2)
         self.batch_max = max(16, min(MAX_BATCH, rcvbuf // ANSWER_TRUESIZE))
+        self.recheck_batch = max(16, min(RECHECK_BATCH, rcvbuf // GET_ANSWER_TRUESIZE))
         self.last_dump: DumpStats | None = None
         self._skip_replied = False
         self.decode_errors = 0  # over the instance's life
         self.requests = 0  # netlink sendmsg calls, as the fake counts them
+        self._sent_at = 0.0
         self.status_filter_supported: bool | None = None
         # A reader thread receives the dump while this one judges (needs the compiled module).
         self.pipelined = ctcodec._ctscan is not None
@@ -251,6 +300,8 @@ class Conntrack:
             self.sock.sendto(data, (0, 0))
         except OSError as exc:
             raise NetlinkError(f"ctnetlink send failed: {exc.strerror}", exc.errno or 0) from exc
+        # The kernel has handled every message of the datagram when sendmsg returns.
+        self._sent_at = time.perf_counter()
 
     def _poll_for(self, events: int = select.POLLIN) -> bool:
         self._poll.modify(self.sock.fileno(), events)
@@ -577,9 +628,14 @@ class Conntrack:
 
     # --- batched requests -----------------------------------------------------
 
-    def _transact(self, encoded: list[bytes], first_seq: int) -> _Outcome:
-        """Send one batch whose last message asks for an ACK; collect every answer."""
-        last_seq = first_seq + len(encoded) - 1
+    def _transact(self, encoded: list[bytes], first_seq: int, last_seq: int | None = None) -> _Outcome:
+        """Send one batch whose last message asks for an ACK; collect every answer.
+
+        The messages carry increasing sequence numbers from ``first_seq`` to
+        ``last_seq`` (by default one each, without gaps).
+        """
+        if last_seq is None:
+            last_seq = first_seq + len(encoded) - 1
         data = bytearray(b"".join(encoded))
         last_off = len(data) - len(encoded[-1])
         flags = _U16.unpack_from(data, last_off + _FLAGS_OFFSET)[0]
@@ -665,6 +721,120 @@ class Conntrack:
             unconfirmed=unconfirmed,
             batches=batches,
         )
+
+    def delete_current(
+        self, entries: Iterable[Entry], still: Callable[[Entry, Reread], bool] | None = None
+    ) -> DeleteResult:
+        """Delete each entry only if, re-read just before its batch's delete, it is still the one judged.
+
+        Still the one: the kernel finds it by orig tuple and zone with the
+        dumped id (an id of 0 matches any), and ``still(dumped, now)`` holds
+        (None: no condition beyond the id). Gone or recreated entries count
+        as ``not_found``; those the condition refuses as ``kept_replied``
+        (a reply arrived since the dump) or ``kept_changed``.
+        """
+        requested = deleted = not_found = unconfirmed = batches = 0
+        kept_replied = kept_changed = unchecked = 0
+        errors: dict[int, int] = {}
+        windows: list[float] = []
+        pending = list(entries)
+        size = self.recheck_batch
+        for _ in range(RECHECK_ROUNDS):
+            lost: list[Entry] = []
+            for start in range(0, len(pending), size):
+                chunk = pending[start : start + size]
+                # Encoded before the re-check: the window from it to the delete holds no encoding.
+                first = self._next_seq(len(chunk))
+                deletes = [ctcodec.encode_delete(e, first + i, ack=False) for i, e in enumerate(chunk)]
+                began, answers = self._reread(chunk)
+                victims: list[int] = []
+                for i, entry in enumerate(chunk):
+                    answer = answers.get(i)
+                    if answer is None:
+                        lost.append(entry)
+                        continue
+                    err, now = answer
+                    if err == errno_mod.ENOENT or (now is not None and entry.id and now.id != entry.id):
+                        not_found += 1
+                    elif err or now is None:
+                        errors[err] = errors.get(err, 0) + 1
+                    elif still is not None and not still(entry, now):
+                        if now.replied_since(entry):
+                            kept_replied += 1
+                        else:
+                            kept_changed += 1
+                    else:
+                        victims.append(i)
+                if not victims:
+                    continue
+                out = self._transact([deletes[i] for i in victims], first, first + victims[-1])
+                windows.append(self._sent_at - began)
+                batches += 1
+                requested += out.sent
+                failed = sum(out.errors.values())
+                not_found += out.errors.pop(errno_mod.ENOENT, 0)
+                for err, count in out.errors.items():
+                    errors[err] = errors.get(err, 0) + count
+                if out.overrun:
+                    confirmed = 1 if out.answered_last and out.last_errno == 0 else 0
+                    deleted += confirmed
+                    unconfirmed += out.sent - failed - confirmed
+                else:
+                    deleted += out.sent - failed
+            pending = lost
+            if not pending:
+                break
+            size = max(1, size // 4)  # answers were dropped: ask again in smaller batches
+        unchecked = len(pending)
+        if errno_mod.EPERM in errors and deleted == 0:
+            _raise_for(errno_mod.EPERM, "ctnetlink delete")
+        return DeleteResult(
+            requested=requested, deleted=deleted, not_found=not_found, errors=tuple(sorted(errors.items())),
+            unconfirmed=unconfirmed, batches=batches, kept_replied=kept_replied, kept_changed=kept_changed,
+            unchecked=unchecked, windows=tuple(windows),
+        )  # fmt: skip
+
+    def _reread(self, chunk: list[Entry]) -> tuple[float, dict[int, tuple[int, Reread | None]]]:
+        """Ask the kernel for each entry again, in one sendmsg: (when sent, answers by index in ``chunk``).
+
+        The kernel answers every GET (an entry or an error) before sendmsg
+        returns, so everything is read without waiting: an index missing
+        from the answers was dropped by a receive-buffer overrun (the caller
+        asks again). The queue is read to its end, so no answer is left to
+        fill the buffer of the next batch.
+        """
+        first = self._next_seq(len(chunk))
+        request = b"".join(ctcodec.encode_get(e, first + i) for i, e in enumerate(chunk))
+        answers: dict[int, tuple[int, Reread | None]] = {}
+        began = time.perf_counter()
+        self._send(request)
+        while True:
+            if ctcodec._ctscan is not None:
+                # Every queued answer in one call (one datagram each), without the GIL.
+                datagram, count, _, err = ctcodec._ctscan.recv_burst(
+                    self.sock.fileno(), RECHECK_RECV_BYTES, PIPELINE_ROOM, (first - 1) & 0xFFFFFFFF, 0
+                )
+                if err not in (0, errno_mod.ETIMEDOUT, errno_mod.ENOBUFS):
+                    raise NetlinkError(f"ctnetlink receive failed: {os.strerror(err)}", err)
+                if not count:
+                    if err == errno_mod.ENOBUFS:
+                        continue  # the overrun is reported first; what is still queued comes next
+                    break
+            else:
+                try:
+                    datagram = self._recv(block=False)
+                except OSError as exc:
+                    if exc.errno != errno_mod.ENOBUFS:
+                        raise NetlinkError(f"ctnetlink receive failed: {exc.strerror}",
+                                           exc.errno or 0) from exc
+                    continue
+                if datagram is None:
+                    break
+            for seq, err, now in ctcodec.parse_get_answers(datagram):
+                index = seq - first
+                if 0 <= index < len(chunk):
+                    answers[index] = (err, now)
+        return began, answers
 
     def create(self, entries: Iterable[Entry]) -> int:
         """Insert entries as given; returns how many were created.

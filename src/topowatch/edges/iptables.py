@@ -90,7 +90,7 @@ from topowatch.text import run_tool, undecodable
 
 log = logging.getLogger("topowatch.iptables")
 
-SAVE_TIMEOUT = 30.0
+SAVE_TIMEOUT = 15.0  # as nft.NFT_TIMEOUT: a hanging tool fails its read, not the daemon
 LEGACY_TABLE = "nat[legacy]"
 
 # Base chains of the nat table: hook and priority (NF_IP_PRI_NAT_DST / NF_IP_PRI_NAT_SRC).
@@ -153,6 +153,11 @@ def parse_ipset_save(text: str) -> dict[str, IpSet]:
 # Values
 
 
+def _number(word: str) -> bool:
+    """ASCII digits that ``int()`` reads (``str.isdigit`` also takes "²", and int() refuses 5,000 digits)."""
+    return word.isascii() and word.isdigit() and len(word) <= 20
+
+
 def _int(text: str) -> int:
     try:
         return int(text, 0)
@@ -172,19 +177,19 @@ def _proto(text: str) -> int | None:
         return None
     if word in _PROTOS:
         return _PROTOS[word]
-    if word.isdigit() and int(word) <= 0xFF:
+    if _number(word) and int(word) <= 0xFF:
         return int(word)
     raise _NotModelled(f"-p {text}")
 
 
 def _port(text: str) -> int:
-    if text.isdigit() and int(text) <= 0xFFFF:
+    if _number(text) and int(text) <= 0xFFFF:
         return int(text)
     try:
         import socket
 
         return socket.getservbyname(text)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL or a surrogate in the name
         raise _NotModelled(f"port {text!r}") from exc
 
 
@@ -786,7 +791,7 @@ def _strip_command(tokens: list[str]) -> tuple[str | None, list[str]]:
             table = tokens[i + 1]
             i += 2
         elif tokens[i] in ("-w", "--wait", "-W", "--wait-interval") and i + 1 < len(tokens) \
-                and tokens[i + 1].isdigit():
+                and _number(tokens[i + 1]):
             i += 2
         elif tokens[i] in ("-w", "--wait"):
             i += 1
@@ -839,7 +844,7 @@ def _read_lines(text: str) -> tuple[_Table, list[str]]:
             if head in ("-A", "--append"):
                 table.lines[tokens[1]].append(marker)
             else:
-                pos = int(tokens[2]) if len(tokens) > 2 and tokens[2].isdigit() else 1
+                pos = int(tokens[2]) if len(tokens) > 2 and _number(tokens[2]) else 1
                 table.lines[tokens[1]].insert(pos - 1, marker)
         elif unreadable is not None and head in ("-F", "--flush", "-P", "--policy"):
             names = [tokens[1]] if len(tokens) > 1 else [*BASE_CHAINS, *table.user]
@@ -865,7 +870,7 @@ def _read_lines(text: str) -> tuple[_Table, list[str]]:
             table.add_chain(tokens[1])
             rest = tokens[2:]
             pos = 1
-            if rest and rest[0].isdigit():
+            if rest and _number(rest[0]):
                 pos, rest = int(rest[0]), rest[1:]
             table.lines[tokens[1]].insert(pos - 1, rest)
         elif head in ("-F", "--flush"):

@@ -8,6 +8,8 @@ topology snapshot and ruleset read (both only ever happen on events) it
 asks the legacy-iptables poll to look whether a legacy nat table exists, so
 that poll needs no timer of its own while there is none; after every ruleset
 read it tells the ipset poll which sets the ruleset names (none: no timer).
+Before deleting, the reactor may ask whether the nftables generation moved
+since the last ruleset read began (``ruleset_unchanged``).
 Everything happens in the network namespace the process was started in. It
 never sends a conntrack request without a tuple (the ctnetlink edge refuses
 to build one).
@@ -46,7 +48,7 @@ from topowatch.edges.rtnl import EventAction, EventKind, KernelRtnl, Overrun, Rt
 from topowatch.edges.xfrm import XfrmSource
 from topowatch.edges.xfrm import probe as probe_xfrm
 from topowatch.errors import NetlinkError, PermissionDenied
-from topowatch.reactor import DeleteCounts, EventSource, Trigger
+from topowatch.reactor import DeleteCounts, EventSource, StillStale, Trigger
 
 log = logging.getLogger("topowatch.kernel")
 
@@ -258,6 +260,14 @@ class KernelBackend:
     def _step(self) -> None:
         self.work_done += 1
 
+    async def ruleset_unchanged(self) -> bool:
+        """False if nftables committed since the last ruleset read began (its generation id moved)."""
+        last = self._last_read
+        if last is None:
+            return True
+        now = await trio.to_thread.run_sync(self._generation)
+        return now is None or now == last[0]
+
     def _recheck_legacy(self) -> None:
         """Wake the legacy poll if a legacy nat table exists now (a /proc read; never instantiates one)."""
         self.legacy.recheck()
@@ -298,18 +308,29 @@ class KernelBackend:
                 log.warning("dump: %d undecodable entries skipped", stats.decode_errors)
         return judged
 
-    async def delete(self, entries: Sequence[Entry]) -> DeleteCounts:
+    async def delete(self, entries: Sequence[Entry], still: StillStale) -> DeleteCounts:
+        """Re-read each batch just before deleting it (``Conntrack.delete_current``): ``reactor.Backend``."""
         ct = self._conntrack()
         start = time.monotonic()
-        result = await trio.to_thread.run_sync(ct.delete, list(entries))
+        result = await trio.to_thread.run_sync(ct.delete_current, list(entries), still)
         end = time.monotonic()
+        p99 = result.window_p99
         if self._dumped_at:
-            log.info("dump-to-delete window %.1f ms (%s)", (end - self._dumped_at) * 1000, result.describe())
+            log.info("dump-to-delete window %.1f ms, re-check-to-delete window p99 %s over %d batch(es) (%s)",
+                     (end - self._dumped_at) * 1000, "-" if p99 is None else f"{p99 * 1000:.2f} ms",
+                     len(result.windows), result.describe())
+        if result.kept_replied:
+            log.info("kept %d entries replied to since the dump (re-checked before the delete)",
+                     result.kept_replied)
         errors = tuple(f"{count} x {errno.errorcode.get(err, str(err))}" for err, count in result.errors)
         return DeleteCounts(
             deleted=result.deleted,
             already_gone=result.not_found,
-            failed=result.failed,
+            failed=result.failed + result.unchecked,
             elapsed=end - start,
-            errors=errors,
+            errors=errors + ((f"{result.unchecked} not re-checked (answers lost), kept",) if result.unchecked
+                             else ()),
+            kept_replied=result.kept_replied,
+            kept_changed=result.kept_changed,
+            window_p99=p99,
         )

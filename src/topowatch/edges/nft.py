@@ -79,7 +79,9 @@ from topowatch.core.nat import (
 from topowatch.errors import MissingTool, PermissionDenied, RulesetError
 from topowatch.text import run_tool, undecodable
 
-NFT_TIMEOUT = 30.0
+# At most half the unit's WatchdogSec (30 s): a hanging nft must fail the read (the previous ruleset
+# stays), not stall the reaction until the watchdog restarts the daemon. 50k rules list in about 6 s.
+NFT_TIMEOUT = 15.0
 
 _HOOKS = {h.value: h for h in Hook}
 _VERDICTS = {v.value: v for v in VerdictKind}
@@ -1087,14 +1089,21 @@ def read_ruleset(nft: str = "nft", progress: Callable[[], None] | None = None) -
                               missing=f"{nft} not found: install nftables to read the ruleset")
     if progress is not None:
         progress()
+    return parse_ruleset_output(stdout, " ".join(argv), progress)
+
+
+def parse_ruleset_output(
+    stdout: str, command: str = "nft -j list ruleset", progress: Callable[[], None] | None = None
+) -> NatRuleset:
+    """``nft -j list ruleset`` output as text: a ruleset, or ``RulesetError`` naming ``command``."""
     if not stdout.strip():
         return NatRuleset()
     try:
         doc = json.loads(stdout)
     except json.JSONDecodeError as exc:
-        raise RulesetError(f"{' '.join(argv)}: output is not JSON ({exc.msg} at line {exc.lineno})") from exc
+        raise RulesetError(f"{command}: output is not JSON ({exc.msg} at line {exc.lineno})") from exc
     except RecursionError as exc:
-        raise RulesetError(f"{' '.join(argv)}: output is nested too deeply to read") from exc
+        raise RulesetError(f"{command}: output is nested too deeply to read") from exc
     if progress is not None:
         progress()
     if undecodable(stdout):

@@ -1,0 +1,592 @@
+#!/usr/bin/env python3
+"""Differential fuzzer: topowatch's ``plan --json`` against the kernel, on generated gateways.
+
+For each seed: build the scenario of ``fuzzgen.generate(seed)`` in three
+namespaces of its own (prefix "h8"), send one UDP datagram per flow (nothing
+answers: every entry stays UNREPLIED), apply the mutations, then send fresh
+flows with the same source, destination, protocol, destination port and LAN
+link from new source ports (several where the scenario has more than one right
+answer: address and port ranges, numgen, multipath). The kernel's NAT of the
+fresh flows is the oracle; ``topowatch plan --json`` in the gateway namespace
+is the judge under test. Each old entry is:
+
+- agree: plan calls it stale iff its binding is outside every fresh binding;
+- fp (false positive, a wrong delete): called stale, but a fresh flow got its binding;
+- fn (false negative): not called stale, but no fresh flow got its binding;
+- undecided: plan could not say;
+
+and, not judged: gone (the kernel deleted it: masquerade on link down or
+address removal), no-entry (the old flow never got one: dropped), no-oracle
+(the fresh flows got no entry: dropped now), xfrm (an out policy without an SA
+selects it: no fresh-flow oracle). Each fresh entry plan judges is counted as
+fresh-ok, fresh-undecided or fresh-stale (a wrong delete: it was made under the
+current state). Bindings compare by translated address and port on the DNAT
+side and by translated address (and whether the port was remapped) on the SNAT
+side, since the fresh flow's source port differs.
+
+Usage (as root, from the repository):
+
+    .venv/bin/python bench/difffuzz.py --seeds 0-99 --json out.json
+    .venv/bin/python bench/difffuzz.py --seeds 0-1999 --json out.json -q   # the long run
+    .venv/bin/python bench/difffuzz.py --seeds 17 --show                   # one seed's script
+
+Exit status 0 when there was no false positive and no fresh-stale verdict, 1
+otherwise. Nothing outside the namespaces it creates is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import multiprocessing
+import multiprocessing.context
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))
+
+import fuzzgen  # noqa: E402
+from fuzzgen import Flow, Scenario  # noqa: E402
+
+from topowatch import cli  # noqa: E402
+from topowatch.core.conntrack import Entry  # noqa: E402
+from topowatch.edges.ctnetlink import Conntrack  # noqa: E402
+from topowatch.netns import Namespace, _setns  # noqa: E402
+
+NETLINK_NETFILTER = 12
+SO_BINDTODEVICE = 25
+OLD_PORT = 20000
+FRESH_PORT = 30000
+POLICY = (
+    '[policy.difffuzz]\ntriggers = ["route"]\naction = "log"\nfamilies = ["ipv4", "ipv6"]\n'
+    "unreplied_only = true\n"
+)
+VERDICTS = ("agree", "fp", "fn", "undecided")
+UNJUDGED = ("gone", "no_entry", "no_oracle", "xfrm")
+FRESH = ("fresh_ok", "fresh_undecided", "fresh_stale")
+
+Binding = tuple[Any, ...]
+
+
+@dataclass
+class Outcome:
+    seed: int
+    counts: Counter[str] = field(default_factory=Counter)
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    undecided_why: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+
+# -- the kernel side ---------------------------------------------------------------------
+
+
+def run_script(text: str, names: dict[str, str], *, check: bool = True) -> str:
+    """Run a scenario's shell lines; a failing mutation command is part of the scenario (``check=False``)."""
+    env = {**os.environ, "CL": names["cl"], "GW": names["gw"], "WAN": names["wan"]}
+    proc = subprocess.run(
+        ["sh", "-e"] if check else ["sh"], input=text, env=env, capture_output=True, text=True, check=False
+    )
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"script failed ({proc.returncode}): {proc.stderr.strip()[-600:]}")
+    return proc.stderr
+
+
+def commands_script(cmds: tuple[fuzzgen.Cmd, ...]) -> str:
+    return "\n".join(fuzzgen._shell(c) for c in cmds) + "\n"
+
+
+def send(ns: Namespace, flows: list[tuple[Flow, int]]) -> None:
+    """One datagram per (flow, source port), sent from inside ``ns`` (in this process)."""
+
+    def go() -> None:
+        for flow, sport in flows:
+            fam = socket.AF_INET if flow.family == 4 else socket.AF_INET6
+            s = socket.socket(fam, socket.SOCK_DGRAM)
+            try:
+                if flow.dev:
+                    s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, flow.dev.encode())
+                s.bind((flow.src or ("0.0.0.0" if fam == socket.AF_INET else "::"), sport))
+                s.sendto(b"difffuzz", (flow.dst, flow.dport))
+            except OSError:
+                pass  # no route (unreachable, link down): no entry, counted by the caller
+            finally:
+                s.close()
+
+    ns.call(go)
+
+
+def settle(gw: Namespace, timeout: float = 3.0) -> None:
+    """Until the mutations have taken effect: no IPv6 address still tentative (an address just added
+    is not a usable source until the kernel's DAD work has run, even with DAD off)."""
+    end = time.monotonic() + timeout
+    while gw.run("ip", "-6", "addr", "show", "tentative").strip() and time.monotonic() < end:
+        time.sleep(0.02)
+
+
+def dump(gw: Namespace) -> list[Entry]:
+    sock = gw.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    ct = Conntrack(sock)
+    try:
+        return ct.dump(unreplied_only=False)
+    finally:
+        ct.close()
+
+
+def index(entries: list[Entry]) -> dict[tuple[int, str, int], Entry]:
+    """Entries by (source port, original destination, destination port): ports are unique per scenario."""
+    return {(e.orig.sport, str(e.orig.dst), e.orig.dport): e for e in entries if e.proto == 17}
+
+
+def wait_entries(gw: Namespace, keys: set[tuple[int, str, int]], settle: float = 0.2) -> dict[Any, Entry]:
+    """The gateway's entries once every key has one, or after ``settle`` seconds (some are dropped)."""
+    end = time.monotonic() + settle
+    last: set[Any] | None = None
+    while True:
+        found = index(dump(gw))
+        # Done when all are there, or two looks 50 ms apart agree (the rest were dropped).
+        if keys <= found.keys() or time.monotonic() >= end or (found.keys() & keys) == last:
+            return found
+        last = found.keys() & keys
+        time.sleep(0.05)
+
+
+_FORKSERVER: multiprocessing.context.ForkServerContext | None = None
+
+
+def _plan_child(ns_path: str, argv: list[str], conn: Any) -> None:
+    """In a process forked from the fork server: enter the namespace (the whole process: it has one
+    thread), run the CLI's ``main``, send back what it printed."""
+    with open(ns_path, "rb") as f:
+        _setns(f.fileno())
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(argv)
+    conn.send((rc, buf.getvalue()))
+    conn.close()
+
+
+def plan(gw: Namespace, rules_dir: str, *, subprocess: bool = False) -> dict[str, Any]:
+    """``topowatch plan --json`` in the gateway namespace, a fresh process each time.
+
+    By default forked from a fork server that has imported topowatch once (a
+    third of the time of a new interpreter); ``subprocess`` runs the command
+    itself. Never in a thread of this process: trio's worker threads outlive
+    a ``trio.run`` and would carry a previous namespace into the next plan.
+    """
+    global _FORKSERVER  # noqa: PLW0603 (one fork server per process, started on first use)
+    argv = ["plan", "--json", "--rules-dir", rules_dir]
+    if subprocess:
+        return json.loads(gw.run(sys.executable, "-m", "topowatch", *argv))  # type: ignore[no-any-return]
+    if _FORKSERVER is None:
+        _FORKSERVER = multiprocessing.get_context("forkserver")
+        # Everything ``plan`` imports, once (imports are most of a plan's time).
+        _FORKSERVER.set_forkserver_preload(
+            [
+                "difffuzz",
+                "topowatch.edges.kernel",
+                "topowatch.reactor",
+                "topowatch.policy",
+                "topowatch.report",
+            ]
+        )
+    parent, child = _FORKSERVER.Pipe(duplex=False)
+    proc = _FORKSERVER.Process(target=_plan_child, args=(gw.path, argv, child))
+    proc.start()
+    child.close()
+    try:
+        rc, out = parent.recv()
+    except EOFError:
+        rc, out = None, ""
+    proc.join()
+    parent.close()
+    if rc != 0:
+        raise RuntimeError(f"topowatch plan failed (exit {rc if rc is not None else proc.exitcode})")
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+# -- judging -------------------------------------------------------------------------------
+
+
+def binding(e: Entry) -> Binding:
+    """What the entry's NAT did, comparable across source ports."""
+    snat = None if e.reply.dst == e.orig.src else str(e.reply.dst)
+    remapped = e.reply.dport != e.orig.sport
+    dnat = (
+        None
+        if (e.reply.src == e.orig.dst and e.reply.sport == e.orig.dport)
+        else (str(e.reply.src), e.reply.sport)
+    )
+    return (snat, remapped, dnat)
+
+
+def same_binding(old: Entry, fresh: Entry) -> bool:
+    """Whether the old entry has a binding the fresh flow's NAT admits: the same translated
+    addresses and DNAT port; a remapped source port only matters where the fresh flow's was
+    remapped too (a port range), since a NAT without one admits any port."""
+    o_snat, o_remapped, o_dnat = binding(old)
+    f_snat, f_remapped, f_dnat = binding(fresh)
+    return o_snat == f_snat and o_dnat == f_dnat and (o_remapped or not f_remapped)
+
+
+def tuple_key(t: dict[str, Any]) -> tuple[int, str, int]:
+    return (t["sport"], str(ip_address(t["dst"])), t["dport"])
+
+
+def in_expected(fresh: Entry, decision: dict[str, Any]) -> bool:
+    """Whether the kernel's fresh binding is one that plan's ``expected`` list admits (its side)."""
+    side = decision.get("side")
+    if side == "dnat":
+        addr, port = str(fresh.reply.src), fresh.reply.sport
+        none = fresh.reply.src == fresh.orig.dst and fresh.reply.sport == fresh.orig.dport
+    else:
+        addr, port = str(fresh.reply.dst), fresh.reply.dport
+        none = fresh.reply.dst == fresh.orig.src and fresh.reply.dport == fresh.orig.sport
+    for b in decision["expected"]:
+        if b["kind"] == "none":
+            if none:
+                return True
+            continue
+        if b["addr"] and "-" not in b["addr"] and ip_address(b["addr"]) != ip_address(addr):
+            continue
+        if b["addr"] and "-" in b["addr"]:
+            lo, hi = (ip_address(x) for x in b["addr"].split("-"))
+            if not lo <= ip_address(addr) <= hi:
+                continue
+        ports = b["ports"]
+        if ports and not ports[0] <= port <= ports[1] and side == "dnat":
+            continue
+        return True
+    return False
+
+
+def hints(scn: Scenario, flow: Flow, old: Entry | None) -> list[str]:
+    """What about this flow and scenario may explain a disagreement (for grouping by cause)."""
+    out = []
+    if flow.sender == "cl" and flow.src and flow.dev:
+        own = next(n for n in (0, 1) if flow.src.startswith(fuzzgen.lan(flow.family, n)))
+        if f"c{own}" != flow.dev:
+            out.append("asymmetric ingress")
+    if flow.sender == "wan":
+        out.append("port forward from an uplink")
+    if "late_nat" in scn.features and old is not None and binding(old) == (None, False, None):
+        out.append("entry made before NAT was loaded")
+    if scn.marks:
+        out.append("marks")
+    if scn.multi:
+        out.append("several right answers")
+    out.append(f"rp_filter {scn.rp_mode}, IPv{flow.family}")
+    return out
+
+
+def _why(reason: str) -> str:
+    """The last clause of an undecided reason: what could not be predicted (for grouping)."""
+    tail = reason.rsplit(": ", 1)[-1]
+    return tail if len(tail) <= 100 else tail[:97] + "..."
+
+
+def judge(
+    scn: Scenario, before: dict[Any, Entry], after: dict[Any, Entry], verdicts: dict[str, Any], samples: int
+) -> Outcome:
+    out = Outcome(scn.seed)
+    stale = {tuple_key(d["orig"]): d for d in verdicts["stale"]}
+    undecided = {tuple_key(d["orig"]): d for d in verdicts["undecided"]}
+
+    def note(  # noqa: PLR0917
+        kind: str,
+        flow: Flow,
+        old: Entry | None,
+        fresh: list[Entry],
+        decision: dict[str, Any] | None,
+        why: str,
+    ) -> None:
+        out.findings.append(
+            {
+                "seed": scn.seed,
+                "kind": kind,
+                "flow": flow.name,
+                "flow_text": f"{flow.sender} {flow.src or '(auto)'} dev {flow.dev or '-'} "
+                f"-> {flow.dst}:{flow.dport}",
+                "old": old.describe() if old else None,
+                "fresh": [f.describe() for f in fresh],
+                "reason": decision["reason"] if decision else None,
+                "expected": decision["expected"] if decision else None,
+                "why": why,
+                "hints": hints(scn, flow, old),
+            }
+        )
+
+    for i, flow in enumerate(scn.flows):
+        key = (OLD_PORT + i, flow.dst, flow.dport)
+        fresh_keys = [(FRESH_PORT + 10 * i + k, flow.dst, flow.dport) for k in range(samples)]
+        fresh = [after[k] for k in fresh_keys if k in after]
+        called_stale = [after[k] for k in fresh_keys if k in after and k in stale]
+        if called_stale:
+            k = next(k for k in fresh_keys if k in stale)
+            note(
+                "fresh_stale",
+                flow,
+                None,
+                called_stale,
+                stale[k],
+                "entries made under the current state called stale",
+            )
+        for k in (k for k in fresh_keys if k in after):
+            if k in stale:
+                out.counts["fresh_stale"] += 1
+            elif k in undecided:
+                out.counts["fresh_undecided"] += 1
+            else:
+                out.counts["fresh_ok"] += 1
+        if fuzzgen.xfrm_matches(scn, flow):
+            out.counts["xfrm"] += 1
+            continue
+        if key not in before:
+            out.counts["no_entry"] += 1
+            continue
+        if key not in after:
+            out.counts["gone"] += 1
+            continue
+        if not fresh:
+            out.counts["no_oracle"] += 1
+            continue
+        old = after[key]
+        truth_stale = not any(same_binding(old, f) for f in fresh)
+        if key in undecided:
+            out.counts["undecided"] += 1
+            out.undecided_why[_why(undecided[key]["reason"])] += 1
+            continue
+        called = key in stale
+        if called == truth_stale:
+            out.counts["agree"] += 1
+            if called and not all(in_expected(f, stale[key]) for f in fresh):
+                out.counts["mispredicted"] += 1
+                note(
+                    "mispredicted",
+                    flow,
+                    old,
+                    fresh,
+                    stale[key],
+                    "stale, but the kernel's fresh binding is not among the expected ones",
+                )
+        elif called:
+            out.counts["fp"] += 1
+            note("fp", flow, old, fresh, stale[key], "called stale, but a fresh flow got the same binding")
+        else:
+            out.counts["fn"] += 1
+            note(
+                "fn",
+                flow,
+                old,
+                fresh,
+                None,
+                "not called stale, but no fresh flow got its binding"
+                + (" (several right answers: the samples may have missed it)" if scn.multi else ""),
+            )
+    return out
+
+
+# -- one scenario ---------------------------------------------------------------------------
+
+
+def run_seed(seed: int, rules_dir: str, *, plan_subprocess: bool = False) -> Outcome:
+    started = time.monotonic()
+    scn = fuzzgen.generate(seed)
+    samples = 6 if scn.multi else 1
+    created: list[Namespace] = []
+    out_notes: list[str] = []
+    try:
+        for role in ("cl", "gw", "wan"):
+            created.append(Namespace.create(f"h8{role}"))
+        cl, gw, wan = created
+        names = {"cl": cl.name, "gw": gw.name, "wan": wan.name}
+        ns = {"cl": cl, "gw": gw, "wan": wan}
+        run_script(commands_script(scn.setup), names)
+        by_sender: dict[str, list[tuple[Flow, int]]] = {}
+        for i, flow in enumerate(scn.flows):
+            by_sender.setdefault(flow.sender, []).append((flow, OLD_PORT + i))
+        for sender, flows in by_sender.items():
+            send(ns[sender], flows)
+        old_keys = {(OLD_PORT + i, f.dst, f.dport) for i, f in enumerate(scn.flows)}
+        before = wait_entries(gw, old_keys)
+        for m in scn.mutations:
+            if run_script(commands_script(m.commands), names, check=False):
+                out_notes.append(m.kind)
+        settle(gw)
+        by_sender = {}
+        for i, flow in enumerate(scn.flows):
+            old = before.get((OLD_PORT + i, flow.dst, flow.dport))
+            # The kernel chose the old flow's source (sent from the gateway); the fresh flow has the same.
+            same = dataclasses.replace(flow, src=str(old.orig.src)) if flow.src is None and old else flow
+            for k in range(samples):
+                by_sender.setdefault(flow.sender, []).append((same, FRESH_PORT + 10 * i + k))
+        for sender, flows in by_sender.items():
+            send(ns[sender], flows)
+        fresh_keys = {
+            (FRESH_PORT + 10 * i + k, f.dst, f.dport) for i, f in enumerate(scn.flows) for k in range(samples)
+        }
+        after = wait_entries(gw, fresh_keys | (old_keys & before.keys()))
+        verdicts = plan(gw, rules_dir, subprocess=plan_subprocess)
+        # An entry the kernel deleted meanwhile (its masquerade cleanup is asynchronous) is gone.
+        remaining = index(dump(gw)).keys()
+        after = {k: e for k, e in after.items() if k in remaining}
+        out = judge(scn, before, after, verdicts, samples)
+        out.counts.update(f"mutation_failed_{k}" for k in out_notes)
+    except Exception as exc:
+        out = Outcome(seed, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        for n in created:
+            n.delete()
+    out.seconds = time.monotonic() - started
+    return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    seeds: list[int] = []
+    for part in text.split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            seeds.extend(range(int(lo), int(hi) + 1))
+        else:
+            seeds.append(int(part))
+    return seeds
+
+
+def summary(outcomes: list[Outcome]) -> dict[str, Any]:
+    total: Counter[str] = Counter()
+    for o in outcomes:
+        total.update(o.counts)
+    judged = sum(total[k] for k in VERDICTS)
+    return {
+        "scenarios": len(outcomes),
+        "errors": sum(o.error is not None for o in outcomes),
+        "counts": {k: total[k] for k in (*VERDICTS, "mispredicted", *UNJUDGED, *FRESH)},
+        "with_oracle": judged,
+        "undecided_share": round(total["undecided"] / judged, 4) if judged else 0.0,
+        "seconds": round(sum(o.seconds for o in outcomes), 1),
+        "undecided_why": dict(sum((o.undecided_why for o in outcomes), Counter()).most_common(12)),
+    }
+
+
+def table(s: dict[str, Any]) -> str:
+    c = s["counts"]
+    rows = [
+        ("scenarios", s["scenarios"]),
+        ("errors", s["errors"]),
+        ("old entries with an oracle", s["with_oracle"]),
+    ]
+    rows += [(k, c[k]) for k in (*VERDICTS, "mispredicted", *UNJUDGED, *FRESH)]
+    rows.append(("undecided share", f"{100 * s['undecided_share']:.1f}%"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", default="0-19", help="seeds: 0-99, 3,7,12 (default 0-19)")
+    parser.add_argument("--json", metavar="FILE", help="write the summary, per-seed counts and findings")
+    parser.add_argument("--show", action="store_true", help="print each seed's scenario script, run nothing")
+    parser.add_argument(
+        "--time-limit", type=float, default=0, metavar="S", help="stop starting seeds after S s"
+    )
+    parser.add_argument(
+        "--plan-subprocess",
+        action="store_true",
+        help="run the topowatch command for each plan (default: its main in-process)",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="one line per seed only when it disagrees")
+    args = parser.parse_args(argv)
+    seeds = parse_seeds(args.seeds)
+    if args.show:
+        for seed in seeds:
+            print(fuzzgen.generate(seed).script())
+        return 0
+    outcomes: list[Outcome] = []
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="h8difffuzz") as tmp:
+        rules = Path(tmp) / "rules.d"
+        rules.mkdir()
+        (rules / "50-difffuzz.toml").write_text(POLICY)
+        os.chmod(tmp, 0o755)
+        for seed in seeds:
+            if args.time_limit and time.monotonic() - started > args.time_limit:
+                break
+            o = run_seed(seed, str(rules), plan_subprocess=args.plan_subprocess)
+            outcomes.append(o)
+            bad = o.error or any(f["kind"] in ("fp", "fn", "fresh_stale") for f in o.findings)
+            if not args.quiet or bad:
+                c = o.counts
+                print(
+                    f"seed {seed}: "
+                    + (
+                        f"ERROR {o.error}"
+                        if o.error
+                        else " ".join(f"{k}={c[k]}" for k in (*VERDICTS, *FRESH) if c[k])
+                    )
+                    + f" ({o.seconds:.1f} s)",
+                    flush=True,
+                )
+            for f in o.findings:
+                if f["kind"] in ("fp", "fn", "fresh_stale") or not args.quiet:
+                    print(
+                        f"  {f['kind']}: {f['flow']} {f['flow_text']}\n    old   {f['old']}\n"
+                        f"    fresh {f['fresh']}\n    plan  {f['reason']}",
+                        flush=True,
+                    )
+    s = summary(outcomes)
+    s["wall_seconds"] = round(time.monotonic() - started, 1)
+    print(f"\ndifffuzz: {len(outcomes)} scenarios in {s['wall_seconds']} s")
+    print(table(s))
+    bad_seeds = sorted(
+        {f["seed"] for o in outcomes for f in o.findings if f["kind"] in ("fp", "fresh_stale")}
+    )
+    fn_seeds = sorted({f["seed"] for o in outcomes for f in o.findings if f["kind"] == "fn"})
+    if s["undecided_why"]:
+        print("  undecided, by what could not be predicted:")
+        for why, n in s["undecided_why"].items():
+            print(f"    {n:6d}  {why}")
+    if bad_seeds:
+        print(f"  seeds with wrong deletes (fp, fresh_stale): {bad_seeds}")
+    if fn_seeds:
+        print(f"  seeds with false negatives: {fn_seeds}")
+    print("  reproduce one: bench/difffuzz.py --seeds N --show (script), --seeds N (run)")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "summary": s,
+                    "seeds": [
+                        {
+                            "seed": o.seed,
+                            "counts": dict(o.counts),
+                            "error": o.error,
+                            "seconds": round(o.seconds, 2),
+                        }
+                        for o in outcomes
+                    ],
+                    "findings": [f for o in outcomes for f in o.findings],
+                },
+                indent=1,
+            )
+        )
+    return 1 if bad_seeds or s["errors"] else 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
+    sys.exit(130)
