@@ -31,10 +31,26 @@ needs_nft = pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft")
 needs_conntrack_tool = pytest.mark.skipif(shutil.which("conntrack") is None, reason="needs conntrack")
 
 
+# scripts/mutation runs the tests once per mutant: there, property tests try at most this many
+# examples (0: as each test says).
+_MUTATION_EXAMPLES = int(os.environ.get("TOPOWATCH_MUTATION_EXAMPLES") or 0)
+
+
+def _cap_examples(item: pytest.Item) -> None:
+    from hypothesis import settings
+
+    test = getattr(item, "obj", None)
+    current = getattr(test, "_hypothesis_internal_use_settings", None)
+    if isinstance(current, settings) and current.max_examples > _MUTATION_EXAMPLES:
+        test._hypothesis_internal_use_settings = settings(current, max_examples=_MUTATION_EXAMPLES)  # type: ignore[union-attr]
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("netns") is not None and _NETNS_REASON is not None:
             item.add_marker(pytest.mark.skip(reason=_NETNS_REASON))
+        if _MUTATION_EXAMPLES:
+            _cap_examples(item)
 
 
 @pytest.fixture

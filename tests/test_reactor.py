@@ -452,6 +452,24 @@ async def test_streamed_dump_and_decide_is_used_when_offered(autojump_clock: tri
     assert "dump+decide" in reactor.reactions[0].timings
 
 
+@pytest.mark.parametrize(("cap", "refused"), [(1, True), (2, False), (3, False)])
+async def test_cap_is_a_maximum_two_stale_entries_fit_a_cap_of_two(
+    autojump_clock: trio.testing.MockClock, cap: int, refused: bool
+) -> None:
+    """The backend holds two stale entries: a cap of 2 deletes both, a cap of 1 refuses."""
+    backend = FakeBackend()
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery, max_deletions=cap)
+        backend.topo = B
+        await backend.send.send(Trigger("rtnl", "x"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    (reaction,) = reactor.reactions
+    assert len(reaction.plan.stale) == 2
+    assert reaction.refused is refused
+    assert len(backend.deleted) == (0 if refused else 2)
+
+
 async def test_an_entry_replied_between_judging_and_deleting_is_kept(autojump_clock: trio.testing.MockClock
                                                                       ) -> None:
     backend = FakeBackend()

@@ -37,21 +37,10 @@ pytestmark = [
 # (uplink down, strict reverse path), so nothing is judged and they would measure nothing.
 SEEDS = [s for s in range(62) if s not in (2, 18)]
 
-# Issue 12, cause 1: the evaluator takes the input interface from the reverse route of the
-# source, as a fact, where the kernel does not enforce it (rp_filter loose or off, and IPv6,
-# which has no rp_filter): a flow that arrives elsewhere (a LAN source on the other LAN link,
-# a port forward reaching another uplink) is judged by rules of an interface it never crossed.
-INGRESS = "issue 12 cause 1: input interface guessed from the reverse route (rp_filter not strict / IPv6)"
-PORT_FORWARD = INGRESS + ": a port forward arriving on another uplink than the remote's route"
-ASYMMETRIC = INGRESS + ": a LAN source arriving on the other LAN link"
-KNOWN: dict[int, str] = {
-    16: ASYMMETRIC,
-    26: PORT_FORWARD,
-    32: ASYMMETRIC,
-    51: PORT_FORWARD,
-    53: ASYMMETRIC,
-    59: ASYMMETRIC,
-}
+# Seeds that make a wrong delete today, with their cause (xfail, strict). Issue 12's cause 1 (the
+# input interface guessed from the reverse route: seeds 16, 26, 32, 51, 53, 59) is fixed: the
+# evaluator takes every interface reverse-path filtering lets the flow enter on (Fib.ingresses).
+KNOWN: dict[int, str] = {}
 
 
 class WrongDelete(AssertionError):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
+import itertools
 from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address
 from typing import Any
@@ -105,6 +107,16 @@ CASES = [
      frozenset({Binding(NatKind.MASQUERADE, ip_address("203.0.113.2"), None, 1024, 2047)}), False, False),
     ("flow dropped now", entry(), frozenset(), False, False),
     ("unknown, no T0", entry(), Unknown("xt match policy"), False, True),
+    # Late NAT: a side without its NAT_DONE bit never ran its NAT hook (no NAT chain then), and the
+    # kernel never NATs a confirmed entry later: a null binding, judged like any other.
+    ("no NAT hook ran, now masquerade", entry(status=IPS_CONFIRMED), frozenset({masq("203.0.113.2")}), True, False),
+    ("no SNAT hook ran, now masquerade", entry(status=IPS_CONFIRMED | IPS_DST_NAT_DONE),
+     frozenset({masq("203.0.113.2")}), True, False),
+    ("no NAT hook ran, still none", entry(status=IPS_CONFIRMED), frozenset({NO_NAT}), False, False),
+    ("no NAT hook ran, dropped now", entry(status=IPS_CONFIRMED), frozenset(), False, False),
+    ("no NAT hook ran, unknown, no T0", entry(status=IPS_CONFIRMED), Unknown("xt match policy"), False, True),
+    ("no NAT hook ran, tuples translated by hand", entry("100.64.0.2", status=IPS_CONFIRMED),
+     frozenset({masq("203.0.113.2")}), False, False),
 ]
 
 
@@ -487,7 +499,7 @@ def test_raw_path_needs_a_builder() -> None:
     from topowatch.core.decide import Decider
 
     decider = Decider(predict=fixed(frozenset({NO_NAT})), fib_now=FIB_NOW)
-    with pytest.raises(ValueError, match="builder"):
+    with pytest.raises(ValueError, match=r"^Decider\.add_raw needs an entry builder$"):
         decider.add_raw(to_raw(entry()))
 
 
@@ -628,3 +640,376 @@ def test_reason_code_names_the_kind_of_staleness(e: Entry, predict: Any, before:
     assert len(decisions) == 1
     assert decisions[0].code == code
     assert code in {c.value for c in ReasonCode}
+
+
+# -- survivors of the mutation run (README "Mutation testing"): each test fails on its mutant --
+
+
+def test_unknown_prediction_uplink_address_change_alone_is_stale() -> None:
+    """The DSL reconnect: same uplink, same gateway, a new address. The egress changed.
+
+    With an unknown SNAT prediction only the egress can condemn the entry; the
+    masquerade source is part of it (mutant: the comparison ignores it).
+    """
+    before = Egress(EgressKind.UNICAST, 2, "ppp0", IPv4Address("100.64.0.1"), IPv4Address("100.64.7.8"))
+    now = Egress(EgressKind.UNICAST, 2, "ppp0", IPv4Address("100.64.0.1"), IPv4Address("100.64.9.10"))
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        return Prediction(dnat=frozenset({NO_NAT}), snat=Unknown("xt match policy"),
+                          egress=(now,) if fib is FIB_NOW else (before,))
+
+    plan = decide([entry("100.64.7.8")], predict=predictor, fib_now=FIB_NOW, fib_before=FIB_BEFORE)
+    assert [d.side for d in plan.stale] == ["snat"] and plan.undecided == ()
+    assert plan.stale[0].reason.endswith(
+        "the flow's egress changed from dev ppp0 via 100.64.0.1 (masquerade source 100.64.7.8) "
+        "to dev ppp0 via 100.64.0.1 (masquerade source 100.64.9.10)")
+    # The same egress with the same address: nothing says the entry went stale.
+    same = decide([entry("100.64.7.8")], predict=fixed(Unknown("xt match policy"), (before,)),
+                  fib_now=FIB_NOW, fib_before=FIB_BEFORE)
+    assert same.stale == () and same.undecided == ()
+
+
+@pytest.mark.parametrize("xfrm", ["", "out 0.0.0.0/0 -> 0.0.0.0/0 tmpl esp"])
+@pytest.mark.parametrize("change", ["kind", "oif", "gateway", "xfrm"])
+def test_unknown_prediction_every_egress_field_counts(change: str, xfrm: str) -> None:
+    base = Egress(EgressKind.UNICAST, 2, "up1", IPv4Address("198.51.100.1"), IPv4Address("198.51.100.2"),
+                  xfrm=xfrm)
+    other = {
+        "kind": dataclasses.replace(base, kind=EgressKind.BLACKHOLE),
+        "oif": dataclasses.replace(base, oif=5),
+        "gateway": dataclasses.replace(base, gateway=IPv4Address("198.51.100.9")),
+        "xfrm": dataclasses.replace(base, xfrm="" if xfrm else "out any tmpl esp"),
+    }[change]
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        return Prediction(dnat=frozenset({NO_NAT}), snat=Unknown("xt"), egress=(other,) if fib is FIB_NOW else (base,))
+
+    plan = decide([entry()], predict=predictor, fib_now=FIB_NOW, fib_before=FIB_BEFORE)
+    assert len(plan.stale) == 1
+
+
+# A port-only DNAT (the address kept, the port changed): 192.0.2.10:5060 -> 192.0.2.10:5070.
+PORT_ONLY_DNAT = Binding(NatKind.DNAT, IPv4Address("192.0.2.10"), IPv4Address("192.0.2.10"), 5070, 5070)
+PORT_ONLY_SNAT = Binding(NatKind.SNAT, IPv4Address("10.0.1.2"), IPv4Address("10.0.1.2"), 40000, 40000)
+
+
+@pytest.mark.parametrize("raw", [False, True])
+@pytest.mark.parametrize("side", ["dnat", "snat"])
+def test_port_only_nat_is_reported_as_nat_not_as_no_nat(side: str, raw: bool) -> None:
+    """An entry whose side changed only the port carries that binding, not "no NAT".
+
+    Another entry of the same flow key with no translation is judged first, so a
+    judgement reused across the key (``Decider._side``) would hand over its "no NAT".
+    """
+    from topowatch.core.decide import Decider
+
+    status = IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE
+    plain = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5000, 5060), CtTuple(SERVER, CLIENT, 5060, 5000),
+                  status=status)
+    other = IPv4Address("192.0.2.30") if side == "dnat" else IPv4Address("100.64.0.9")
+    if side == "dnat":
+        odd = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5001, 5060),
+                    CtTuple(SERVER, CLIENT, 5070, 5001), status=status)
+        moved = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5002, 5060),
+                      CtTuple(other, CLIENT, 5060, 5002), status=status)
+    else:
+        odd = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5001, 5060),
+                    CtTuple(SERVER, CLIENT, 5060, 40000), status=status)
+        moved = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5002, 5060),
+                      CtTuple(SERVER, other, 5060, 5002), status=status)
+    elsewhere = frozenset({Binding(NatKind.DNAT if side == "dnat" else NatKind.SNAT, IPv4Address("192.0.2.20"))})
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        none = frozenset({NO_NAT})
+        return Prediction(dnat=elsewhere if side == "dnat" else none, snat=elsewhere if side == "snat" else none,
+                          egress=())
+
+    for order in itertools.permutations((plain, odd, moved)):  # a judgement reused across the key shows in some order
+        decider = Decider(predict=predictor, fib_now=FIB_NOW, sport_matters=False, build=from_raw)
+        for e in order:
+            if raw:
+                decider.add_raw(to_raw(e))
+            else:
+                decider.add(e)
+        check_port_only(side, sorted(decider.plan().stale, key=lambda d: d.entry.orig.sport), other)
+
+
+def check_port_only(side: str, stale: list[Any], other: IPv4Address) -> None:
+    assert [d.entry.orig.sport for d in stale] == [5000, 5001, 5002]
+    first, second, third = stale
+    # The address translated, the port kept: that translation, not the first entry's "no NAT".
+    if side == "dnat":
+        assert third.actual == Binding(NatKind.DNAT, other, other, 5060, 5060)
+    else:
+        assert third.actual == Binding(NatKind.SNAT, other, other, 5002, 5002)
+    assert first.actual == NO_NAT
+    if side == "dnat":
+        assert first.reason == "destination is 192.0.2.10 (no NAT), but now it would be dnat to 192.0.2.20 (egress none)"
+        assert second.actual == PORT_ONLY_DNAT
+        assert second.reason == ("destination is dnat to 192.0.2.10:5070 (192.0.2.10 -> 192.0.2.10), "
+                                 "but now it would be dnat to 192.0.2.20 (egress none)")
+    else:
+        assert first.reason == "source is 10.0.1.2 (no NAT), but now it would be snat to 192.0.2.20 (egress none)"
+        assert second.actual == PORT_ONLY_SNAT
+        assert second.reason == ("source is snat to 10.0.1.2:40000 (10.0.1.2 -> 10.0.1.2), "
+                                 "but now it would be snat to 192.0.2.20 (egress none)")
+
+
+def test_port_only_dnat_in_plan_json() -> None:
+    from topowatch.core.decide import Decision
+    from topowatch.report import decision_json
+
+    e = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5001, 5060), CtTuple(SERVER, CLIENT, 5070, 5001))
+    actual = e.actual_dnat()
+    assert actual == PORT_ONLY_DNAT
+    out = decision_json(Decision(e, "dnat", actual, (), "x"))
+    assert out["actual"] == {"kind": "dnat", "addr": "192.0.2.10", "ports": [5070, 5070]}
+
+
+# -- mentions_sport, worked out by hand: what each kind of value says, and the depth limit ------
+
+
+class Named(enum.Enum):
+    PLAIN = "plain"
+    BY_VALUE = "match SPORT"  # the value names a source port (any case)
+    SPORT_BY_NAME = "x"  # the name does
+
+
+@dataclass(frozen=True)
+class Box:
+    item: object
+
+
+@dataclass(frozen=True)
+class Ports:
+    sport: object = None
+    dport: int = 0
+
+
+def nested(levels: int, wrap: Any, leaf: object = "leaf") -> object:
+    for _ in range(levels):
+        leaf = wrap(leaf)
+    return leaf
+
+
+SPORT_CASES: list[tuple[str, object, bool]] = [
+    ("text without", "udp dport 53", False),
+    ("text with", "udp sport 53", True),
+    ("text in upper case is another word", "SPORT", False),
+    ("enum, neither", Named.PLAIN, False),
+    ("enum, by its value in any case", Named.BY_VALUE, True),
+    ("enum, by its name in any case", Named.SPORT_BY_NAME, True),
+    ("number", 53, False),
+    ("bytes", b"sport", False),
+    ("None", None, False),
+    ("address", ip_address("192.0.2.1"), False),
+    ("dict key", {"sport": 1}, True),
+    ("dict value", {"k": "sport"}, True),
+    ("dict, neither", {"k": "dport"}, False),
+    ("list", ["a", "sport"], True),
+    ("frozenset", frozenset({"a"}), False),
+    ("dataclass field named sport, set", Ports(sport=1), True),
+    ("dataclass field named sport, 0", Ports(sport=0), False),
+    ("dataclass field named sport, empty tuple", Ports(sport=()), False),
+    ("dataclass field named sport, empty frozenset", Ports(sport=frozenset()), False),
+    ("dataclass field named sport, None", Ports(sport=None), False),
+    ("dataclass field named sport, 2", Ports(sport=2), True),
+    ("dataclass field value names it", Box("sport 1"), True),
+    ("a dataclass class itself is opaque", Ports, True),
+    ("opaque object", object(), True),
+    # Depth: a leaf under 64 containers is read; under 65 the walk gives up and answers True.
+    ("64 tuples", nested(64, lambda v: (v,)), False),
+    ("65 tuples", nested(65, lambda v: (v,)), True),
+    ("64 lists", nested(64, lambda v: [v]), False),
+    ("65 lists", nested(65, lambda v: [v]), True),
+    ("64 dict values", nested(64, lambda v: {"k": v}), False),
+    ("65 dict values", nested(65, lambda v: {"k": v}), True),
+    ("64 dataclasses", nested(64, Box), False),
+    ("65 dataclasses", nested(65, Box), True),
+    # A dict's key is a level below it, as its value is.
+    ("a dict key over 63 tuples", {nested(63, lambda v: (v,)): 0}, False),
+    ("a dict key over 64 tuples", {nested(64, lambda v: (v,)): 0}, True),
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), [c[1:] for c in SPORT_CASES], ids=[c[0] for c in SPORT_CASES])
+def test_mentions_sport_by_kind_and_depth(value: object, expected: bool) -> None:
+    from topowatch.core.decide import mentions_sport
+
+    assert mentions_sport(value) is expected
+
+
+# -- programs: the bounds compile_program accepts ----------------------------------------------
+
+
+def test_programs_take_every_value_that_fits_and_refuse_the_rest() -> None:
+    from topowatch.core.decide import compile_program
+
+    top = (1 << 128) - 1
+    assert compile_program(((0, 0, 0, 0),), ()) == (
+        b"P\x02\x01" + b"\x03" + bytes(16) + bytes(16) + b"\x00\x00\x00\x00" + b"\x01")
+    assert compile_program(((top, top, 0xFFFF, 0xFFFF),), ()) == (
+        b"P\x02\x01" + b"\x03" + b"\xff" * 16 + b"\xff" * 16 + b"\xff\xff\xff\xff" + b"\x01")
+    assert compile_program(((1 << 128, 1 << 128, None, None),), ()) is None
+    assert compile_program(((0, 1 << 128, None, None),), ()) is None
+    assert compile_program(((None, None, 0x10000, 0x10000),), ()) is None
+    assert compile_program(((None, None, 0, 0x10000),), ()) is None
+    assert compile_program(((None, None, -1, 5),), ()) is None
+    assert compile_program(((None, None, 5, -1),), ()) is None
+    assert compile_program(((0, -1, None, None),), ()) is None
+    many = tuple((None, None, None, None) for _ in range(255))
+    program = compile_program((), many)
+    assert program == b"P\x01\x02\xff" + bytes(37) * 255
+
+
+# -- the raw path's keys -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sport_matters", [False, True])
+def test_a_raw_entrys_program_is_found_by_its_key(sport_matters: bool) -> None:
+    """After ``add_raw``, ``raw_program`` finds the key's checks for an UNREPLIED entry of it."""
+    from topowatch.core.decide import Decider
+
+    predicted = frozenset({masq("203.0.113.2")})
+    decider = Decider(predict=fixed(predicted), fib_now=FIB_NOW, sport_matters=sport_matters, build=from_raw)
+    raw = to_raw(entry("203.0.113.2"))
+    assert decider.raw_program(raw) is None  # not seen yet
+    decider.add_raw(raw)
+    masq_value = int(IPv4Address("203.0.113.2"))
+    assert decider.raw_program(raw) == (b"P" + b"\x02\x01" + b"\x00" + bytes(36)  # dnat: no NAT
+                                        + b"\x02\x01" + b"\x01" + masq_value.to_bytes(16, "big") * 2 + bytes(4))
+
+
+@pytest.mark.parametrize("unknown", ["snat", "dnat"])
+@pytest.mark.parametrize("path", ["add", "add_raw", "judge_raw"])
+def test_each_keys_before_prediction_is_its_own(path: str, unknown: str) -> None:
+    """Every way in (``add``, ``add_raw``, the compiled scan's ``judge_raw``) keeps the egress before per key.
+
+    Two keys, neither egress changed (A: up1 then up1; B: up2 then up2): nothing is stale.
+    """
+    from topowatch.core.decide import Decider
+
+    server_b = IPv4Address("192.0.2.11")
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        egress = (UP1,) if flow.dst == SERVER else (UP2,)
+        if unknown == "dnat":
+            return Prediction(dnat=Unknown("xt"), snat=frozenset({NO_NAT}), egress=egress)
+        return Prediction(dnat=frozenset({NO_NAT}), snat=Unknown("xt"), egress=egress)
+
+    decider = Decider(predict=predictor, fib_now=FIB_NOW, fib_before=FIB_BEFORE, sport_matters=False,
+                      build=from_raw)
+    a = entry()
+    b = dataclasses.replace(a, orig=dataclasses.replace(a.orig, dst=server_b),
+                            reply=dataclasses.replace(a.reply, src=server_b))
+    for e in (a, b):
+        decider.add_raw(to_raw(e))  # the key's first: through the builder
+    for e in (a, b):
+        later = dataclasses.replace(e, id=9)
+        if path == "add":
+            decider.add(later)
+        elif path == "add_raw":
+            decider.add_raw(to_raw(later))
+        else:
+            decider.judge_raw(to_raw(later))  # as the scan hands over
+    plan = decider.plan()
+    assert plan.stale == () and plan.undecided == ()
+    assert plan.examined == plan.eligible == 4
+
+
+def test_unknown_prediction_ecmp_address_change_names_every_nexthops_address() -> None:
+    hop1 = Egress(EgressKind.UNICAST, 2, "ppp0", IPv4Address("100.64.0.1"), IPv4Address("100.64.7.8"))
+    hop2 = Egress(EgressKind.UNICAST, 3, "ppp1", IPv4Address("100.65.0.1"), IPv4Address("100.65.7.8"))
+    moved = dataclasses.replace(hop2, masquerade_source=IPv4Address("100.65.9.9"))
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        return Prediction(dnat=frozenset({NO_NAT}), snat=Unknown("xt"),
+                          egress=(hop1, moved) if fib is FIB_NOW else (hop1, hop2))
+
+    plan = decide([entry()], predict=predictor, fib_now=FIB_NOW, fib_before=FIB_BEFORE)
+    assert plan.stale[0].reason.endswith(
+        "egress changed from dev ppp0 via 100.64.0.1 (masquerade source 100.64.7.8) or dev ppp1 via 100.65.0.1 "
+        "(masquerade source 100.65.7.8) to dev ppp0 via 100.64.0.1 (masquerade source 100.64.7.8) or dev ppp1 "
+        "via 100.65.0.1 (masquerade source 100.65.9.9)")
+
+
+def unknown_dnat(snat: frozenset[Binding]) -> Any:
+    """The DNAT side unknown (no T0: undecided), so every entry reaches the reasoned judgement of its SNAT side."""
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        return Prediction(dnat=Unknown("xt match"), snat=snat, egress=(UP2,))
+
+    return predictor
+
+
+@pytest.mark.parametrize("raw", [False, True])
+@pytest.mark.parametrize("side", ["snat", "dnat"])
+def test_a_side_whose_nat_has_not_run_lends_no_judgement_to_one_that_has(side: str, raw: bool) -> None:
+    """Two untranslated entries of one key: the side's NAT not run on the first, run on the second.
+
+    Only the second carries a null binding there, stale against the prediction (the first has none).
+    The other side is unknown, so both entries reach the reasoned judgement.
+    """
+    from topowatch.core.decide import Decider
+
+    other_done = IPS_DST_NAT_DONE if side == "snat" else IPS_SRC_NAT_DONE
+    not_run = entry(status=IPS_CONFIRMED | other_done, sport=1000)
+    run = entry(sport=1001)
+    elsewhere = frozenset({Binding(NatKind.DNAT, ip_address("10.0.9.9"))})
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        if side == "snat":
+            return Prediction(dnat=Unknown("xt"), snat=frozenset({masq("203.0.113.2")}), egress=(UP2,))
+        return Prediction(dnat=elsewhere, snat=Unknown("xt"), egress=(UP2,))
+
+    decider = Decider(predict=predictor, fib_now=FIB_NOW, sport_matters=False, build=from_raw)
+    for e in (not_run, run):
+        if raw:
+            decider.add_raw(to_raw(e))
+        else:
+            decider.add(e)
+    assert [(d.entry.orig.sport, d.side, d.actual) for d in decider.plan().stale] == [(1001, side, NO_NAT)]
+
+
+def test_a_port_range_prediction_judges_each_untranslated_entry_by_its_port() -> None:
+    """Masquerade to the client's own address with ports 1024-2047: sport 1500 fits, 5000 does not."""
+    from topowatch.core.decide import Decider
+
+    keep = frozenset({Binding(NatKind.MASQUERADE, CLIENT, CLIENT, 1024, 2047)})
+    for order in ((1500, 5000), (5000, 1500)):
+        decider = Decider(predict=unknown_dnat(keep), fib_now=FIB_NOW, sport_matters=False, build=from_raw)
+        for sport in order:
+            decider.add(entry(sport=sport))
+        assert [d.entry.orig.sport for d in decider.plan().stale] == [5000]
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_unknown_dnat_prediction_uses_egress_change(raw: bool) -> None:
+    from topowatch.core.decide import Decider
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        egress = (UP2,) if fib is FIB_NOW else (UP1,)
+        return Prediction(dnat=Unknown("xt match"), snat=frozenset({NO_NAT}), egress=egress)
+
+    decider = Decider(predict=predictor, fib_now=FIB_NOW, fib_before=FIB_BEFORE, build=from_raw)
+    for e in (entry(), dataclasses.replace(entry(), id=2)):  # the second through the key's cache
+        if raw:
+            decider.add_raw(to_raw(e))
+        else:
+            decider.add(e)
+    plan = decider.plan()
+    assert [d.side for d in plan.stale] == ["dnat", "dnat"]
+    assert plan.stale[0].reason == (
+        "destination NAT cannot be predicted (xt match), but the flow's egress changed "
+        "from dev up1 via 198.51.100.1 to dev up2 via 203.0.113.1")
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: a binding without a port range admits any port on the "
+                   "DNAT side, where the kernel never changes the port (nf_nat_l4proto_unique_tuple)")
+def test_a_dnat_that_changed_the_port_is_stale_once_no_rule_names_a_port() -> None:
+    """``dnat to 192.0.2.10:5070`` replaced by ``dnat to 192.0.2.10``: a fresh flow keeps port 5060."""
+    e = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5001, 5060), CtTuple(SERVER, CLIENT, 5070, 5001))
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        return Prediction(dnat=frozenset({Binding(NatKind.DNAT, SERVER)}), snat=frozenset({NO_NAT}), egress=())
+
+    assert [d.side for d in decide([e], predict=predictor, fib_now=FIB_NOW).stale] == ["dnat"]

@@ -243,13 +243,35 @@ CASES: list[tuple[str, NatRuleset, Flow, Expected, Expected]] = [
      udp(), {B(NatKind.DNAT, "198.51.100.9")}, {B(NatKind.MASQUERADE, "198.51.100.2")}),
     ("ct status dnat without a DNAT",
      ruleset(post([m({"ct": {"key": "status"}}, "dnat", "in"), MASQ])), udp(), {NO_NAT}, {NO_NAT}),
+    # A DNAT whose range holds the destination may keep it (no DST_NAT bit): ct status dnat is unknown.
+    *[(f"ct status dnat after a DNAT to a range holding {dst}",
+       ruleset(pre([{"dnat": {"family": "ip", "addr": rng("192.0.2.1", "192.0.2.20")}}]),
+               post([m({"ct": {"key": "status"}}, "dnat", "in"), MASQ])),
+       udp(dst=dst), {B(NatKind.DNAT, "192.0.2.1", "192.0.2.20")}, "ct status dst_nat of the flow's first packet")
+      for dst in ("192.0.2.1", "192.0.2.10", "192.0.2.20")],
+    *[(f"ct status dnat after a DNAT to a range without {dst}",
+       ruleset(pre([{"dnat": {"family": "ip", "addr": rng("192.0.2.1", "192.0.2.20")}}]),
+               post([m({"ct": {"key": "status"}}, "dnat", "in"), MASQ])),
+       udp(dst=dst), {B(NatKind.DNAT, "192.0.2.1", "192.0.2.20")}, {MASQ_UP1})
+      for dst in ("192.0.2.0", "192.0.2.21")],
+    *[(f"ct status dnat after a DNAT to the same address, ports holding {dport}",
+       ruleset(pre([{"dnat": {"family": "ip", "addr": "192.0.2.10", "port": rng(5000, 5100)}}]),
+               post([m({"ct": {"key": "status"}}, "dnat", "in"), MASQ])),
+       udp(dport=dport), {B(NatKind.DNAT, "192.0.2.10", ports=(5000, 5100))},
+       "ct status dst_nat of the flow's first packet") for dport in (5000, 5060, 5100)],
+    *[(f"ct status dnat after a DNAT to the same address, ports without {dport}",
+       ruleset(pre([{"dnat": {"family": "ip", "addr": "192.0.2.10", "port": rng(5000, 5100)}}]),
+               post([m({"ct": {"key": "status"}}, "dnat", "in"), MASQ])),
+       udp(dport=dport), {B(NatKind.DNAT, "192.0.2.10", ports=(5000, 5100))}, {MASQ_UP1})
+      for dport in (4999, 5101)],
     ("ct status ! snat", ruleset(post([m({"ct": {"key": "status"}}, "snat", "!"), MASQ])), udp(), {NO_NAT},
      {MASQ_UP1}),
     ("ct status expected is unknown", ruleset(post([m({"ct": {"key": "status"}}, "expected", "in"), ACCEPT], [MASQ])),
      udp(), {NO_NAT}, "EXPECTED"),
     ("ct mark 0", ruleset(post([m({"ct": {"key": "mark"}}, 0), MASQ])), udp(ct_mark=0), {NO_NAT}, {MASQ_UP1}),
-    ("ct mark of an entry, unknown at NAT time", ruleset(post([m({"ct": {"key": "mark"}}, 16), MASQ])),
-     udp(ct_mark=16), {NO_NAT}, "may have been set after its NAT"),
+    # A whole ruleset: a fresh flow's ct mark is 0 at NAT time, whatever the entry's is now.
+    ("ct mark of an entry, 0 for a fresh flow", ruleset(post([m({"ct": {"key": "mark"}}, 16), MASQ])),
+     udp(ct_mark=16), {NO_NAT}, {NO_NAT}),
     ("ct zone", ruleset(post([m({"ct": {"key": "zone"}}, 3), MASQ])), udp(zone=2), {NO_NAT}, {NO_NAT}),
     # mark set: later matches see it
     ("meta mark set, then meta mark matches",

@@ -560,6 +560,48 @@ def test_raw_sink_round_trip(items: list[Entry], skip_replied: bool) -> None:
     assert parser.skipped_replied == len(items) - len(kept)
 
 
+# --- a directional zone (CTA_TUPLE_ZONE inside the orig tuple, no CTA_ZONE) ------------------
+
+
+def directional_zone_message(zone_bytes: bytes, *, with_cta_zone: bytes | None = None) -> bytes:
+    e = Entry(2, 17, CtTuple(ip_address("10.0.1.2"), ip_address("192.0.2.10"), 5060, 5060),
+              CtTuple(ip_address("192.0.2.10"), ip_address("203.0.113.2"), 5060, 5060),
+              status=IPS_CONFIRMED, id=77)  # fmt: skip
+    body = c.encode_tuple(c.CTA_TUPLE_ORIG, 2, 17, e.orig)[4:]
+    attrs = [
+        (1, c.nest(c.CTA_TUPLE_ORIG, body, c.nla(c.CTA_TUPLE_ZONE, zone_bytes))),
+        (2, c.encode_tuple(c.CTA_TUPLE_REPLY, 2, 17, e.reply)),
+        (3, c.nla(c.CTA_STATUS, c.be32(IPS_CONFIRMED))),
+        (12, c.nla(c.CTA_ID, c.be32(77))),
+    ]
+    if with_cta_zone is not None:
+        attrs.append((18, c.nla(c.CTA_ZONE, with_cta_zone)))
+    return c.encode_message(c.IPCTNL_MSG_CT_NEW, c.NLM_F_MULTI, 5, 2, attrs)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_directional_zone_is_the_entrys_zone_and_its_delete_carries_it(compiled: bool) -> None:
+    """Zone 0x0102 (258) shown only inside the orig tuple: the entry is in zone 258, not 0.
+
+    Its delete must name zone 258 (``CTA_ZONE``, be16 01 02), or the kernel looks in zone 0.
+    """
+    got: list[Entry] = []
+    parser = c.DumpParser(seq=5, sink=(lambda raw: got.append(c.entry_from_raw(raw))) if compiled else None)
+    parser.feed(directional_zone_message(b"\x01\x02"))
+    entries = got + parser.entries
+    assert parser.decode_errors == 0
+    assert [(e.zone, e.id) for e in entries] == [(258, 77)]
+    delete = c.encode_delete(entries[0], 9, ack=False)
+    # nlattr: length 6, type 18 (CTA_ZONE), both host order; the zone big-endian; 2 bytes of padding.
+    assert struct.pack("=HH", 6, 18) + b"\x01\x02\x00\x00" in delete
+
+
+def test_cta_zone_is_read_big_endian_and_wins_over_a_tuple_zone() -> None:
+    parser = c.DumpParser(seq=5)
+    parser.feed(directional_zone_message(b"\x00\x09", with_cta_zone=b"\x03\x04"))
+    assert [e.zone for e in parser.entries] == [0x0304]
+
+
 # --- the re-check before a delete: GET by tuple, its answers -------------------------
 
 

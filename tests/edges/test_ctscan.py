@@ -10,6 +10,7 @@ the per-entry reasoned decision (tests/core/test_decide.py).
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from topowatch.core.admission import CASES as ADMISSION
+from topowatch.core.admission import AdmissionCase
 from topowatch.core.classify import Classifier
 from topowatch.core.conntrack import (
     IPS_CONFIRMED,
@@ -451,3 +454,64 @@ def test_the_pure_path_can_be_forced_and_the_doctor_says_which_runs(monkeypatch:
     found = doctor._scan_path()
     assert found.status is doctor.Status.WARNING
     assert "_ctscan" in found.detail and "compiler" in found.consequence
+
+
+# --- the admission table through the compiled checks ------------------------------------------
+
+
+def settled_in_c(case: AdmissionCase, side: str, order: tuple[Binding, ...]) -> bool:
+    """True when the compiled scan settles the case's entry as healthy; False when it hands it to Python.
+
+    A ``Decider`` predicts the case's bindings on ``side`` (no NAT on the other); the key's first
+    entry, with no translation, goes to Python and leaves its program in the cache; the case's
+    entry (same key, another source port, the case's translation on ``side``) is then read and
+    checked in C only, by ``side_admits`` running that program.
+    """
+    peer = ip_address("10.9.9.9") if case.original.version == 4 else ip_address("fd09::9")
+    family = 2 if case.original.version == 4 else 10
+    # A tuple where the Decider takes a set: its program lists the bindings in this order.
+    bindings: Any = order
+    none = frozenset({Binding(NatKind.NONE)})
+
+    def predict(fib: Fib, flow: Flow) -> Prediction:
+        return Prediction(dnat=bindings if side == "dnat" else none, snat=bindings if side == "snat" else none,
+                          egress=())  # fmt: skip
+
+    status = IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE
+    if side == "snat":  # original = orig src; translated = reply dst, port = reply dport
+        orig1, orig2 = CtTuple(case.original, peer, 1, 53), CtTuple(case.original, peer, 2, 53)
+        first = Entry(family, 17, orig1, CtTuple(peer, case.original, 53, 1), status=status)
+        entry = Entry(family, 17, orig2, CtTuple(peer, case.translated, 53, case.port), status=status)
+    else:  # original = orig dst; translated = reply src, port = reply sport
+        orig1, orig2 = CtTuple(peer, case.original, 1, 53), CtTuple(peer, case.original, 2, 53)
+        first = Entry(family, 17, orig1, CtTuple(case.original, peer, 53, 1), status=status)
+        entry = Entry(family, 17, orig2, CtTuple(case.translated, peer, case.port, 2), status=status)
+    decider = Decider(predict=predict, fib_now=FIB, sport_matters=False, build=c.entry_from_raw)
+    sunk: list[Any] = []
+    judged: list[Any] = []
+    add_raw, judge_raw = decider.add_raw, decider.judge_raw
+
+    def sink(raw: Any) -> None:
+        sunk.append(raw)
+        add_raw(raw)
+
+    def judge(raw: Any) -> None:
+        judged.append(raw)
+        judge_raw(raw)
+
+    decider.judge_raw = judge  # type: ignore[method-assign]
+    parser = c.DumpParser(seq=9, skip_replied=True, sink=sink)
+    parser.settle = decider
+    parser.feed(dump_message(first, 9) + dump_message(entry, 9))
+    assert [r[4] for r in sunk] == [1], "the key's first entry is added in Python, the second read in C"
+    assert len(judged) in (0, 1)
+    assert decider.examined == 2
+    return not judged
+
+
+@pytest.mark.parametrize("side", ["snat", "dnat"])
+@pytest.mark.parametrize("case", ADMISSION, ids=[a.name for a in ADMISSION])
+def test_the_compiled_checks_follow_the_admission_table(case: AdmissionCase, side: str) -> None:
+    assert c._ctscan is not None
+    for order in itertools.permutations(case.bindings):
+        assert settled_in_c(case, side, order) is case.admitted, order

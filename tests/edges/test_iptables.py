@@ -39,6 +39,7 @@ from topowatch.core.nat import (
     Hook,
     IntervalSet,
     Key,
+    MarkCopy,
     MarkSet,
     Match,
     NameSet,
@@ -380,7 +381,13 @@ TARGET_CASES: list[tuple[str, str, object]] = [
     ("ip", "-A POSTROUTING -j SNAT --to-source 1.1.1.1 --to-source 2.2.2.2",
      UnknownStatement("-j SNAT with 2 --to-source ranges", "-j SNAT --to-source 1.1.1.1 --to-source 2.2.2.2")),
     ("ip", "-A POSTROUTING -j CONNMARK --save-mark",
-     UnknownStatement("-j CONNMARK --save-mark", "-j CONNMARK --save-mark")),
+     MarkCopy(True, "-j CONNMARK --save-mark")),
+    ("ip", "-A POSTROUTING -j CONNMARK --restore-mark --nfmask 0x3f00 --ctmask 0xff00",
+     MarkCopy(False, "-j CONNMARK --restore-mark --nfmask 0x3f00 --ctmask 0xff00", 0xFF00, 0x3F00)),
+    ("ip", "-A POSTROUTING -j CONNMARK --save-mark --mask 0xff",
+     MarkCopy(True, "-j CONNMARK --save-mark --mask 0xff", 0xFF, 0xFF)),
+    ("ip", "-A POSTROUTING -j CONNMARK --save-mark --shift-mark 8",
+     UnknownStatement("-j CONNMARK --shift-mark", "-j CONNMARK --save-mark --shift-mark 8")),
 ]
 
 

@@ -76,7 +76,7 @@ def test_corpus_rulesets_parse(path: Path) -> None:
         c["chain"] for c in doc["nftables"]
         if "chain" in c and c["chain"].get("type") == "nat" and c["chain"].get("family") in ("ip", "ip6", "inet")
     ]
-    assert len([c for c in rs.chains if c.is_base]) == len(nat_chains)
+    assert len([c for c in rs.chains if c.is_base and c.type == "nat"]) == len(nat_chains)
     for chain in rs.chains:
         for rule in chain.rules:
             text = rs.describe_rule(chain, rule)
@@ -421,3 +421,35 @@ def test_read_ruleset_errors(tmp_path: Path) -> None:
         path.write_text("#!/bin/sh\n")
         with pytest.raises(PermissionDenied):
             read_ruleset(str(path))
+
+
+# Comparison operators as the intervals they admit, worked out by hand (ports 0-65535,
+# marks 0-2**32-1, IPv4 addresses as integers). ``udp dport < 1024`` is 0-1023, not 0-1024.
+COMPARISONS: list[tuple[dict[str, Any], str, Any, tuple[tuple[int, int], ...]]] = [
+    ({"payload": {"protocol": "udp", "field": "dport"}}, "<", 1024, ((0, 1023),)),
+    ({"payload": {"protocol": "udp", "field": "dport"}}, "<=", 1024, ((0, 1024),)),
+    ({"payload": {"protocol": "udp", "field": "dport"}}, ">", 1024, ((1025, 65535),)),
+    ({"payload": {"protocol": "udp", "field": "dport"}}, ">=", 1024, ((1024, 65535),)),
+    ({"payload": {"protocol": "udp", "field": "dport"}}, "<", 0, ()),
+    ({"payload": {"protocol": "udp", "field": "dport"}}, "<=", 0, ((0, 0),)),
+    ({"payload": {"protocol": "udp", "field": "dport"}}, ">", 65535, ()),
+    ({"payload": {"protocol": "udp", "field": "dport"}}, ">=", 65535, ((65535, 65535),)),
+    ({"payload": {"protocol": "tcp", "field": "sport"}}, ">", 0, ((1, 65535),)),
+    ({"meta": {"key": "mark"}}, ">=", 16, ((16, 0xFFFFFFFF),)),
+    ({"meta": {"key": "mark"}}, "<", 16, ((0, 15),)),
+    ({"payload": {"protocol": "ip", "field": "daddr"}}, "<", "10.0.0.0", ((0, 0x09FFFFFF),)),
+    ({"payload": {"protocol": "ip", "field": "saddr"}}, ">", "10.0.0.0", ((0x0A000001, 0xFFFFFFFF),)),
+]
+
+
+@pytest.mark.parametrize(("left", "op", "right", "intervals"), COMPARISONS,
+                         ids=[f"{next(iter(c[0].values()))} {c[1]} {c[2]}" for c in COMPARISONS])
+def test_comparison_operators_admit_exactly_their_interval(
+    left: dict[str, Any], op: str, right: Any, intervals: tuple[tuple[int, int], ...]
+) -> None:
+    r = parse_rule([{"match": {"op": op, "left": left, "right": right}}], family="ip", table="t")
+    (match,) = r.exprs
+    assert isinstance(match, Match), match
+    assert match.op is Op.EQ
+    assert isinstance(match.values, IntervalSet)
+    assert match.values.intervals == intervals

@@ -26,6 +26,7 @@ from topowatch.core.nat import (
     CtStatusMatch,
     IntervalSet,
     Key,
+    MarkCopy,
     MarkSet,
     Match,
     NameSet,
@@ -175,7 +176,7 @@ def test_fib_ct_and_mark() -> None:
     (mark,) = parse_rule(ct["ct mark set 0x11"], family="inet", table="t").exprs
     assert isinstance(mark, MarkSet) and mark.ct and mark.value == 0x11
     (mark,) = parse_rule(ct["ct mark set mark"], family="inet", table="t").exprs
-    assert isinstance(mark, UnknownStatement) and mark.expression == "mangle"
+    assert isinstance(mark, MarkCopy) and mark.to_ct  # CONNMARK --save-mark
     (concat,) = parse_rule(t_json("py/ip/snat.t.json")["meta l4proto { 6, 17} snat ip to ip saddr . th dport map "
                                                         "{ 10.141.11.4 . 20 : 192.168.2.3 . 80}"],
                            family="ip", table="t").exprs[1:]

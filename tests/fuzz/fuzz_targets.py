@@ -19,6 +19,7 @@ text a decoder at the edge could pass on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -220,7 +221,8 @@ def fuzz_rules_toml(data: bytes) -> None:
 
 def _use(ruleset: NatRuleset) -> None:
     """What the daemon does with a ruleset besides evaluating it: compare, hash, show."""
-    assert ruleset == NatRuleset(ruleset.chains)
+    assert ruleset == dataclasses.replace(ruleset, chains=tuple(ruleset.chains))  # rebuilt from its fields
+    hash(ruleset)
     for chain in ruleset.chains:
         for rule in chain.rules:
             rule.unknown_expressions()

@@ -9,8 +9,14 @@ bits say whether each NAT hook has run (``IPS_SRC_NAT_DONE``,
 
 Rules:
 - an entry is UNREPLIED when ``IPS_SEEN_REPLY`` is clear;
-- a side whose NAT hook has not run yet has no actual binding (None): such an
-  entry is never judged on that side;
+- a dumped entry is confirmed (the kernel never shows an unconfirmed one), and
+  the kernel never NATs a confirmed entry afterwards (``nf_nat_setup_info``
+  returns early). So a side without its ``*_NAT_DONE`` bit is one whose NAT
+  hook did not run when the entry was created (its family had no NAT chain
+  then): its packets keep leaving untranslated, a null binding, judged like
+  any other. Its tuples are then each other's inverse; where they are not
+  (an entry made through ctnetlink by hand), the side has no actual binding
+  (None) and is never judged;
 - this module never performs I/O.
 """
 
@@ -119,25 +125,25 @@ class Entry:
         return (self.zone, self.mark, self.proto, self.orig.src, self.orig.dst, self.orig.dport, self.family)
 
     def actual_dnat(self) -> Binding | None:
-        """The destination binding the entry carries, None if DNAT has not run."""
-        if not self.status & IPS_DST_NAT_DONE:
-            return None
+        """The destination binding the entry carries (a null one if DNAT never ran; see the rules)."""
         # The reply's source is where the original destination was translated to.
         if self.reply.src == self.orig.dst and (
             self.proto in ICMP_PROTOS or self.reply.sport == self.orig.dport
         ):
             return NO_NAT
+        if not self.status & IPS_DST_NAT_DONE:
+            return None
         port = None if self.proto in ICMP_PROTOS else self.reply.sport
         return Binding(NatKind.DNAT, self.reply.src, self.reply.src, port, port)
 
     def actual_snat(self) -> Binding | None:
-        """The source binding the entry carries, None if SNAT has not run."""
-        if not self.status & IPS_SRC_NAT_DONE:
-            return None
+        """The source binding the entry carries (a null one if SNAT never ran; see the rules)."""
         if self.reply.dst == self.orig.src and (
             self.proto in ICMP_PROTOS or self.reply.dport == self.orig.sport
         ):
             return NO_NAT
+        if not self.status & IPS_SRC_NAT_DONE:
+            return None
         port = None if self.proto in ICMP_PROTOS else self.reply.dport
         return Binding(NatKind.SNAT, self.reply.dst, self.reply.dst, port, port)
 

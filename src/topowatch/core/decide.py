@@ -11,8 +11,11 @@ bindings, read from its tuples:
 - prediction unknown (a rule or route we do not model): stale only if the
   flow's egress (route, oif, masquerade source) differs between T0 and T1,
   which needs the previous snapshot; otherwise **undecided**, never deleted;
-- the flow would be dropped now, or a NAT hook has not run on the entry:
-  nothing to fix on that side.
+- the flow would be dropped now: nothing to fix on that side.
+
+A side whose NAT hook never ran (no ``*_NAT_DONE`` bit: the entry predates
+every NAT chain of its family, and the kernel never NATs a confirmed entry
+later) is a null binding, judged like any other (``Entry.actual_snat``).
 
 Entries sharing a flow are decided once. Every stale or undecided entry
 carries a reason a person can read. This module never performs I/O and never
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from topowatch.core.classify import Classifier
-from topowatch.core.conntrack import ICMP_PROTOS, IPS_DST_NAT_DONE, IPS_SEEN_REPLY, IPS_SRC_NAT_DONE, Entry
+from topowatch.core.conntrack import ICMP_PROTOS, IPS_SEEN_REPLY, Entry
 from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility
 from topowatch.core.fib import Fib
 from topowatch.core.flow import Binding, Egress, Flow, NatKind, Prediction, Unknown
@@ -106,6 +109,11 @@ def _egress_text(egress: tuple[Egress, ...] | Unknown) -> str:
     return " or ".join(e.describe() for e in egress)
 
 
+def _egress_sources(egress: tuple[Egress, ...]) -> str:
+    # Called only where both egresses describe alike but differ, so neither is empty.
+    return " or ".join(f"{e.describe()} (masquerade source {e.masquerade_source})" for e in egress)
+
+
 def _egress_key(egress: tuple[Egress, ...]) -> frozenset[tuple[object, ...]]:
     return frozenset((e.kind, e.oif, e.gateway, e.masquerade_source, e.xfrm) for e in egress)
 
@@ -131,7 +139,7 @@ def _side(
         original_port, translated_port = entry.orig.dport, entry.reply.sport
         what = "destination"
     if actual is None:
-        return None  # that NAT hook has not run on this entry
+        return None  # no NAT hook ran, yet the tuples differ (made by hand): nothing to judge
     if entry.proto in ICMP_PROTOS:
         translated_port = original_port
     if isinstance(predicted, Unknown):
@@ -148,10 +156,13 @@ def _side(
                 ReasonCode.UNKNOWN_NAT_UNKNOWN_EGRESS,
             )
         if _egress_key(before.egress) != _egress_key(prediction.egress):
+            was = _egress_text(before.egress)
+            if was == now:  # the same route, another address on it (a PPP reconnect): name the addresses
+                was, now = _egress_sources(before.egress), _egress_sources(prediction.egress)
             return _Judgement(
                 side, True, False, actual, (),
                 f"{what} NAT cannot be predicted ({predicted.reason}), but the flow's egress changed "
-                f"from {_egress_text(before.egress)} to {now}", ReasonCode.EGRESS_CHANGED_UNKNOWN_NAT,
+                f"from {was} to {now}", ReasonCode.EGRESS_CHANGED_UNKNOWN_NAT,
             )
         return None  # egress unchanged: nothing says the entry went stale
     if not predicted:
@@ -240,6 +251,7 @@ def _compile(side: frozenset[Binding] | Unknown) -> _Check:
 
 
 def _admitted(check: _Check, original: int, translated: int, port: int) -> bool:
+    # The rule is core/admission.py's; tests/core/test_admission.py runs this over its cases.
     assert check is not None
     for lo, hi, port_lo, port_hi in check:
         if lo is None or hi is None:
@@ -279,29 +291,26 @@ class _Compiled:
 
 
 def _healthy(entry: Entry, compiled: _Compiled) -> bool:
-    """True when the entry is certainly left alone: every side known, run, and admitted."""
-    status = entry.status
+    """True when the entry is certainly left alone: every side known and admitted.
+
+    A side whose NAT hook never ran is read from its tuples like any other
+    (kept tuples: a null binding; see ``Entry.actual_snat``).
+    """
     orig, reply = entry.orig, entry.reply
-    if status & IPS_DST_NAT_DONE:
-        check = compiled.dnat
-        if check is None:
+    check = compiled.dnat
+    if check is None:
+        return False
+    if check:
+        port = orig.dport if entry.proto in ICMP_PROTOS else reply.sport
+        if reply.src.version != orig.dst.version or not _admitted(check, int(orig.dst), int(reply.src), port):
             return False
-        if check:
-            port = orig.dport if entry.proto in ICMP_PROTOS else reply.sport
-            if reply.src.version != orig.dst.version or not _admitted(
-                check, int(orig.dst), int(reply.src), port
-            ):
-                return False
-    if status & IPS_SRC_NAT_DONE:
-        check = compiled.snat
-        if check is None:
+    check = compiled.snat
+    if check is None:
+        return False
+    if check:
+        port = orig.sport if entry.proto in ICMP_PROTOS else reply.dport
+        if reply.dst.version != orig.src.version or not _admitted(check, int(orig.src), int(reply.dst), port):
             return False
-        if check:
-            port = orig.sport if entry.proto in ICMP_PROTOS else reply.dport
-            if reply.dst.version != orig.src.version or not _admitted(
-                check, int(orig.src), int(reply.dst), port
-            ):
-                return False
     return True
 
 
@@ -353,8 +362,8 @@ def _admitted_raw(check: _Check, original: bytes, translated: bytes, port: int) 
 
 # A raw key's checks as bytes, for a compiled scan (``edges/_ctscan.c``) to settle
 # entries of known keys without calling back: b"R" for a key the eligibility refuses;
-# else b"P", then the DNAT side, then the SNAT side, each a mode byte (0 unknown: judge
-# whenever the side's NAT ran; 1 no binding: never judged; 2 bindings), and for mode 2
+# else b"P", then the DNAT side, then the SNAT side, each a mode byte (0 unknown: always
+# judged; 1 no binding: never judged; 2 bindings, whether the side's NAT ran or not), and for mode 2
 # a count byte and per binding 37 bytes: flags (1 address range, 2 port range), lo and
 # hi as 16-byte big-endian integers, port lo and hi as 2-byte big-endian integers.
 # Exactly the checks of ``Decider.add_raw``; None where a value does not fit (the key
@@ -542,19 +551,17 @@ class Decider:
         if slot is _LEFT:
             return
         assert isinstance(slot, _Compiled)
-        if status & IPS_DST_NAT_DONE:
-            check = slot.dnat
-            if check is None or (
-                check and not _admitted_raw(check, odst, rsrc, odport if proto in ICMP_PROTOS else rsport)
-            ):
-                self._judge_raw(raw, key, slot)
-                return
-        if status & IPS_SRC_NAT_DONE:
-            check = slot.snat
-            if check is None or (
-                check and not _admitted_raw(check, osrc, rdst, osport if proto in ICMP_PROTOS else rdport)
-            ):
-                self._judge_raw(raw, key, slot)
+        check = slot.dnat
+        if check is None or (
+            check and not _admitted_raw(check, odst, rsrc, odport if proto in ICMP_PROTOS else rsport)
+        ):
+            self._judge_raw(raw, key, slot)
+            return
+        check = slot.snat
+        if check is None or (
+            check and not _admitted_raw(check, osrc, rdst, osport if proto in ICMP_PROTOS else rdport)
+        ):
+            self._judge_raw(raw, key, slot)
 
     def judge_raw(self, raw: RawEntry) -> None:
         """``add_raw`` for an entry of a known, admitted key whose checks already failed.
@@ -608,8 +615,8 @@ class Decider:
     ) -> _Judgement | None:
         """``_side``, reused across the flow key where the entry's side carries no NAT.
 
-        With that side's NAT hook run and no translation (address and port
-        kept), the judgement reads the entry only through its original
+        With no translation on that side (address and port kept; whether its NAT hook
+        ran or not), the judgement reads the entry only through its original
         address, which is part of the flow key, and its port, which no
         binding without a port range looks at. So when the prediction is
         known and has no port range, one judgement serves every such entry.
@@ -620,15 +627,12 @@ class Decider:
             # With classes the entry's own address is not part of the key: no reuse across it.
             return _side(entry, side, predicted, prediction, before, texts=compiled.texts)
         orig, reply = entry.orig, entry.reply
-        if side == "dnat":
-            done = entry.status & IPS_DST_NAT_DONE
-            if kept is None:
+        if kept is None:
+            if side == "dnat":
                 kept = reply.src == orig.dst and (entry.proto in ICMP_PROTOS or reply.sport == orig.dport)
-        else:
-            done = entry.status & IPS_SRC_NAT_DONE
-            if kept is None:
+            else:
                 kept = reply.dst == orig.src and (entry.proto in ICMP_PROTOS or reply.dport == orig.sport)
-        if not done or not kept:
+        if not kept:
             return _side(entry, side, predicted, prediction, before, texts=compiled.texts)
         try:
             return compiled.unnated[side]

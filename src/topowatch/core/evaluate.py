@@ -87,6 +87,7 @@ from topowatch.core.nat import (
     Hook,
     IntervalSet,
     Key,
+    MarkCopy,
     MarkSet,
     Match,
     NameSet,
@@ -185,7 +186,20 @@ class _BoundAny:
         return self.bindings
 
 
-_Outcome = _Bound | _BoundAny | _Dropped | _Null
+@dataclass(frozen=True, slots=True)
+class _Marks:
+    """The packet and conntrack marks after a hook's mark chains (None: not known)."""
+
+    mark: int | None
+    ct_mark: int | None
+    reason: str = "marks"
+
+    @property
+    def value(self) -> object:
+        return (self.mark, self.ct_mark)
+
+
+_Outcome = _Bound | _BoundAny | _Dropped | _Null | _Marks
 
 
 class _Choice(Exception):
@@ -354,18 +368,23 @@ class _Evaluator:
         # The packet as mark statements changed it in this run of a hook (None: unchanged).
         self._marked: _Packet | None = None
 
-    def hook(self, side: _Side) -> _Outcome | Unknown:
-        """The hook's outcome, the same in every order the kernel may run equal-priority chains in."""
+    def hook(self, side: _Side, marks: bool = False) -> _Outcome | Unknown:
+        """The hook's outcome, the same in every order the kernel may run equal-priority chains in.
+
+        With ``marks``, ``side.chains`` are mark chains and the outcome is the
+        marks after them (``_Marks``) or a drop.
+        """
+        run = self._run_marks if marks else self._run_hook
         tied = _ties(side.chains)
         if not tied:
-            return _explore(lambda tape: self._run_hook(side, tape))
+            return _explore(lambda tape: run(side, tape))
         orders = math.prod(math.factorial(len(group)) for group in tied)
         names = "; ".join(_describe_tie(group) for group in tied)
         if orders > MAX_CHAIN_ORDERS:
             return Unknown(f"{names}: too many orders to follow")
 
         def explore(ordered: _Side) -> _Outcome | Unknown:
-            return _explore(lambda tape: self._run_hook(ordered, tape))
+            return _explore(lambda tape: run(ordered, tape))
 
         first: _Outcome | None = None
         for chains in _orders(side.chains):
@@ -379,6 +398,15 @@ class _Evaluator:
                                f"show, and the orders give this flow different outcomes")
         assert first is not None
         return first
+
+    def _run_marks(self, side: _Side, tape: _Tape) -> _Outcome:
+        self._marked = None
+        for chain in side.chains:
+            result = self._run_chain(chain, side, tape)
+            if isinstance(result, _Dropped):
+                return result
+        packet = self._marked or side.packet
+        return _Marks(packet.mark, packet.ct_mark)
 
     def _run_hook(self, side: _Side, tape: _Tape) -> _Outcome:
         self._marked = None
@@ -446,7 +474,7 @@ class _Evaluator:
                 if isinstance(nft_step, Verdict) and nft_step.kind is VerdictKind.DROP:
                     return _Dropped(where)
                 return nft_step
-            if isinstance(expr, XtMatch | MarkSet | NetmapStatement):
+            if isinstance(expr, XtMatch | MarkSet | MarkCopy | NetmapStatement):
                 step = self._xt(expr, side, tape, where)
                 if step is False:
                     return None
@@ -489,13 +517,20 @@ class _Evaluator:
         return nft_match(m, self.fib.topology, _xfrm_flow(p), side.hook.value, local=side.ingress.local)
 
     def _xt(
-        self, expr: XtMatch | MarkSet | NetmapStatement, side: _Side, tape: _Tape, where: str
+        self, expr: XtMatch | MarkSet | MarkCopy | NetmapStatement, side: _Side, tape: _Tape, where: str
     ) -> bool | _Bound | _Dropped:
         """The iptables matches and statements: False ends the rule, True goes on."""
         packet = self._marked or side.packet
+        before_routing = side.hook in (Hook.PREROUTING, Hook.OUTPUT)
+        if isinstance(expr, MarkSet | MarkCopy) and side.kinds and before_routing:
+            raise _Unmodelled(f"{where}: a mark set in a nat chain before routing is not modelled")
+        if isinstance(expr, MarkCopy):
+            if expr.to_ct:
+                self._marked = replace(packet, ct_mark=expr.apply(packet.ct_mark, packet.mark))
+            else:
+                self._marked = replace(packet, mark=expr.apply(packet.mark, packet.ct_mark))
+            return True
         if isinstance(expr, MarkSet):
-            if side.hook in (Hook.PREROUTING, Hook.OUTPUT):
-                raise _Unmodelled(f"{where}: a mark set before routing (routing by mark) is not modelled")
             if expr.ct:
                 self._marked = replace(packet, ct_mark=expr.apply(packet.ct_mark))
             else:
@@ -785,12 +820,178 @@ def _unknown_all(ingress: Ingress | None | Unknown, reason: str, explain: tuple[
     return Prediction(dnat=unknown, snat=unknown, egress=unknown, ingress=ingress, explain=explain)
 
 
+# Candidate input interfaces evaluated one by one; more leave the prediction unknown.
+MAX_INGRESSES = 64
+# Whether a ruleset reads the input interface, by id (the ruleset is kept: ids are not reused).
+_READS_IIF: dict[int, tuple[NatRuleset, bool]] = {}
+_IIF_FREE = (CtStateMatch, CtStatusMatch, CtTupleMatch, PolicyMatch, MarkSet, NetmapStatement, Passive,
+             Verdict, UnknownMatch, UnknownStatement)
+
+
+def _expr_reads_iif(expr: object) -> bool:
+    """True if evaluating ``expr`` may depend on the input interface (conservative)."""
+    selectors: tuple[Selector, ...]
+    if isinstance(expr, Match):
+        selectors = (expr.selector,)
+    elif isinstance(expr, ConcatMatch | VerdictMap):
+        selectors = expr.selectors
+    elif isinstance(expr, NatMapStatement):
+        if expr.kind is NatKind.REDIRECT:
+            return True
+        selectors = expr.selectors
+    elif isinstance(expr, AnyOf):
+        selectors = tuple(m.selector for m in expr.matches)
+    elif isinstance(expr, NatStatement):
+        return expr.kind is NatKind.REDIRECT
+    elif isinstance(expr, AddrTypeMatch):
+        return expr.limit_iface is not None
+    else:
+        return not isinstance(expr, _IIF_FREE)
+    return any(s.key in (Key.IIF, Key.IIFNAME) or "iif" in s.params for s in selectors)
+
+
+def reads_iif(ruleset: NatRuleset, fib: Fib) -> bool:
+    """True if a prediction may depend on which interface the flow entered on.
+
+    Policy rules with ``iif`` (other than lo, which only locally generated
+    packets match) and any ruleset expression that reads it (iif/iifname,
+    ``fib ... iif``, redirect, ``addrtype --limit-iface-in``).
+    """
+    if any(r.iifname not in (None, "lo") for r in fib.topology.rules):
+        return True
+    cached = _READS_IIF.get(id(ruleset))
+    if cached is not None and cached[0] is ruleset:
+        return cached[1]
+    answer = any(_expr_reads_iif(e) for c in ruleset.chains for r in c.rules for e in r.exprs)
+    if len(_READS_IIF) > 64:
+        _READS_IIF.clear()
+    _READS_IIF[id(ruleset)] = (ruleset, answer)
+    return answer
+
+
+def _union_side(sides: list[tuple[str, frozenset[Binding] | Unknown]]) -> frozenset[Binding] | Unknown:
+    found: set[Binding] = set()
+    for name, side in sides:
+        if isinstance(side, Unknown):
+            return Unknown(f"arriving on {name}: {side.reason}")
+        found |= side
+    return frozenset(found)
+
+
 def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
-    """The NAT bindings ``flow`` would get now, with the egresses and the rules that decide them."""
-    ingress = fib.ingress(flow)
-    if isinstance(ingress, Unknown):
-        return _unknown_all(ingress, f"ingress unknown: {ingress.reason}")
+    """The NAT bindings ``flow`` would get now, with the egresses and the rules that decide them.
+
+    Where reverse-path filtering does not pin the input interface
+    (``Fib.ingresses``), the flow is evaluated once per candidate interface
+    (once in all when nothing reads it, ``reads_iif``) and each side is the
+    union of the candidates' bindings: an entry is stale only if no
+    interface it may have entered on would give it its binding now. A side
+    unknown for one candidate is unknown. ``ingress`` is then ``Unknown``,
+    naming the candidates.
+    """
+    found = fib.ingresses(flow, netfilter_rpf=flow.family in ruleset.rpfilter)
+    if isinstance(found, Unknown):
+        return _unknown_all(found, f"ingress unknown: {found.reason}")
+    candidates, why = found
+    if len(candidates) == 1:
+        return _predict_via(ruleset, fib, flow, candidates[0])
+    names = ", ".join(c.ifname for c in candidates[:8])
+    if len(candidates) > 8:
+        names += f" and {len(candidates) - 8} more"
+    ingress = Unknown(f"any of {names} ({why})")
+    if not reads_iif(ruleset, fib):
+        return replace(_predict_via(ruleset, fib, flow, candidates[0]), ingress=ingress)
+    if len(candidates) > MAX_INGRESSES:
+        return _unknown_all(ingress, f"the input interface matters and may be any of {len(candidates)}")
+    preds = [(c.ifname, _predict_via(ruleset, fib, flow, c)) for c in candidates]
+    egress: tuple[Egress, ...] | Unknown = ()
+    explain: list[str] = []
+    for name, p in preds:
+        if isinstance(p.egress, Unknown):
+            egress = Unknown(f"arriving on {name}: {p.egress.reason}")
+        elif not isinstance(egress, Unknown):
+            egress = tuple(dict.fromkeys((*egress, *p.egress)))
+        explain.extend(f"arriving on {name}: {line}" for line in p.explain)
+    return Prediction(
+        dnat=_union_side([(n, p.dnat) for n, p in preds]),
+        snat=_union_side([(n, p.snat) for n, p in preds]),
+        egress=egress,
+        ingress=ingress,
+        explain=tuple(dict.fromkeys(explain)),
+    )
+
+
+class _MarkPlan:
+    """A hook's mark chains around its nat chains: those the NAT matches see, and those after."""
+
+    before: tuple[Chain, ...]
+    after: tuple[Chain, ...]
+    between: tuple[Chain, ...]
+
+    def __init__(self, ruleset: NatRuleset, hook: Hook, family: int) -> None:
+        marks = ruleset.mark_chains(hook, family)
+        prios = [c.priority or 0 for c in ruleset.base_chains(hook, family)]
+        if not prios:
+            self.before, self.after, self.between = marks, (), ()
+            return
+        first, last = min(prios), max(prios)
+        self.before = tuple(c for c in marks if (c.priority or 0) < first)
+        self.after = tuple(c for c in marks if (c.priority or 0) > last)
+        self.between = tuple(c for c in marks if first <= (c.priority or 0) <= last)
+
+
+def _marks(ev: _Evaluator, hook: Hook, chains: tuple[Chain, ...], packet: _Packet, *, ingress: Ingress,
+           explain: list[str]) -> _Packet | _Dropped:
+    """The packet with the marks ``chains`` (mark chains at ``hook``) leave it, or their drop.
+
+    Where the branches of unknown matches disagree, both marks are unknown
+    from here on (the matches and lookups that read them answer unknown).
+    """
+    if not chains:
+        return packet
+    outcome = ev.hook(_Side(hook, chains, packet, frozenset(), ingress), marks=True)
+    if isinstance(outcome, _Dropped):
+        return outcome
+    if isinstance(outcome, _Marks):
+        return replace(packet, mark=outcome.mark, ct_mark=outcome.ct_mark)
+    reason = outcome.reason if isinstance(outcome, Unknown) else "no marks"
+    explain.append(f"marks at {hook.value} unknown: {reason}")
+    return replace(packet, mark=None, ct_mark=None)
+
+
+def _snat_marks(ev: _Evaluator, ruleset: NatRuleset, hook: Hook, packet: _Packet, *, ingress: Ingress,
+                explain: list[str]) -> _Packet | _Dropped | Unknown:
+    """The packet as the SNAT hook sees it: forward's mark chains, then those below its nat chains."""
+    if hook is Hook.POSTROUTING and not ingress.local:
+        chains = ruleset.mark_chains(Hook.FORWARD, packet.family)
+        forwarded = _marks(ev, Hook.FORWARD, chains, packet, ingress=ingress, explain=explain)
+        if isinstance(forwarded, _Dropped):
+            return forwarded
+        packet = forwarded
+    plan = _MarkPlan(ruleset, hook, packet.family)
+    if plan.between:
+        return Unknown(f"{', '.join(c.describe() for c in plan.between)}: a mark chain between nat chains")
+    return _marks(ev, hook, plan.before, packet, ingress=ingress, explain=explain)
+
+
+def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress) -> Prediction:
+    """``predict`` for a flow that entered on ``ingress``.
+
+    Marks: where the ruleset holds every chain that may set one
+    (``NatRuleset.marks_known``), a fresh flow's conntrack mark starts at 0,
+    and so does the mark of a packet received (tc is not modelled); a
+    locally generated packet carries its socket's mark, ``flow.packet_mark``
+    (None: unknown). Otherwise the packet mark is ``flow.packet_mark`` and the
+    ct mark 0 only where the entry's is (an entry's mark not 0 may have been
+    set after its NAT). The mark
+    chains (filter, route: ``NatRuleset.mark_chains``) run at each hook in
+    priority order around the nat chains: those below the first nat chain
+    change what the NAT matches see, those above it only what routing and
+    later hooks see. Routing uses the mark as it leaves prerouting (output).
+    """
     ev = _Evaluator(ruleset, fib, flow)
+    known = ruleset.marks_known
+    received = 0 if known and not ingress.local else None
     base = _Packet(
         family=flow.family,
         proto=flow.proto,
@@ -798,25 +999,32 @@ def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
         daddr=flow.dst,
         sport=flow.sport,
         dport=(flow.dport, flow.dport),
-        mark=flow.packet_mark,
-        ct_mark=0 if flow.ct_mark == 0 else None,
+        mark=flow.packet_mark if flow.packet_mark is not None else received,
+        ct_mark=0 if known or flow.ct_mark == 0 else None,
         zone=flow.zone,
         iif=None if ingress.local else ingress,
         oif=None,
     )
     explain: list[str] = []
+    hook = Hook.OUTPUT if ingress.local else Hook.PREROUTING
+    plan = _MarkPlan(ruleset, hook, flow.family)
+    if plan.between:
+        names = ", ".join(c.describe() for c in plan.between)
+        return _unknown_all(ingress, f"{names}: a mark chain between nat chains at {hook.value}")
+    marked = _marks(ev, hook, plan.before, base, ingress=ingress, explain=explain)
+    if isinstance(marked, _Dropped):
+        dropped = (f"dropped at {hook.value}: {marked.reason}",)
+        return Prediction(frozenset(), frozenset(), (), ingress, dropped)
+    base = marked
 
     # 1. DNAT side: prerouting, or output with the route chosen before DNAT as oif.
     oifs: tuple[Egress | Unknown | None, ...] = (None,)
     if ingress.local:
-        hook = Hook.OUTPUT
-        before = fib.egress(flow, ingress)
+        before = fib.egress(replace(flow, packet_mark=base.mark), ingress)
         if isinstance(before, Unknown):
             oifs = (Unknown(f"route before DNAT unknown: {before.reason}"),)
         else:
             oifs = before
-    else:
-        hook = Hook.PREROUTING
     dnat_chains = ruleset.base_chains(hook, flow.family)
     dnat_outcomes: list[_Outcome] = []
     for oif in oifs:
@@ -851,12 +1059,17 @@ def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
             return Prediction(frozenset(dnat), unknown, unknown, ingress, tuple(explain))
         dport = binding.ports or (flow.dport, flow.dport)
         for daddr in _addresses(lo, hi):
-            routed = replace(flow, dst=daddr, dport=dport[0])
+            packet = replace(base, daddr=daddr, dport=dport, dst_nat=_dst_nat(binding, flow))
+            after = _marks(ev, hook, plan.after, packet, ingress=ingress, explain=explain)
+            if isinstance(after, _Dropped):
+                explain.append(f"dropped at {hook.value}: {after.reason}")
+                continue
+            packet = after
+            routed = replace(flow, dst=daddr, dport=dport[0], packet_mark=packet.mark)
             egress = fib.egress(routed, ingress)
             if isinstance(egress, Unknown):
                 unknown = Unknown(f"route after dnat unknown: {egress.reason}")
                 return Prediction(frozenset(dnat), unknown, unknown, ingress, tuple(explain))
-            packet = replace(base, daddr=daddr, dport=dport, dst_nat=_dst_nat(binding, flow))
 
             # 3. SNAT side, per egress.
             for routed_out in egress:
@@ -869,12 +1082,19 @@ def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
                 if out.kind in (EgressKind.BLACKHOLE, EgressKind.UNREACHABLE, EgressKind.PROHIBIT):
                     explain.append(f"dropped by the route: {out.describe()}")
                     continue
-                if out.kind is EgressKind.LOCAL and not ingress.local:
-                    side = _Side(Hook.INPUT, ruleset.base_chains(Hook.INPUT, flow.family),
-                                 replace(packet, oif=None), SNAT_KINDS, ingress)
-                else:
-                    side = _Side(Hook.POSTROUTING, ruleset.base_chains(Hook.POSTROUTING, flow.family),
-                                 replace(packet, oif=out), SNAT_KINDS, ingress)
+                delivered = out.kind is EgressKind.LOCAL and not ingress.local
+                snat_hook = Hook.INPUT if delivered else Hook.POSTROUTING
+                at_snat = _snat_marks(ev, ruleset, snat_hook, replace(packet, oif=None if delivered else out),
+                                      ingress=ingress, explain=explain)
+                if isinstance(at_snat, Unknown):
+                    if snat_unknown is None:
+                        snat_unknown = Unknown(f"snat unknown via {out.describe()}: {at_snat.reason}")
+                    continue
+                if isinstance(at_snat, _Dropped):
+                    explain.append(f"dropped before {snat_hook.value} nat: {at_snat.reason}")
+                    continue
+                nat_chains = ruleset.base_chains(snat_hook, flow.family)
+                side = _Side(snat_hook, nat_chains, at_snat, SNAT_KINDS, ingress)
                 result = ev.hook(side)
                 if isinstance(result, Unknown):
                     # Keep going: the egress set stays known and complete.
@@ -884,6 +1104,7 @@ def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
                 if isinstance(result, _Dropped):
                     explain.append(f"dropped at {side.hook.value}: {result.reason}")
                     continue
+                assert not isinstance(result, _Marks)
                 snat.update(_bindings(result))
                 explain.append(f"snat via {out.describe()}: {result.reason}")
     return Prediction(

@@ -97,6 +97,9 @@ from topowatch.core.model import (
     IFA_F_DEPRECATED,
     IFA_F_OPTIMISTIC,
     IFA_F_TENTATIVE,
+    RP_FILTER_LOOSE,
+    RP_FILTER_OFF,
+    RP_FILTER_STRICT,
     SCOPE_HOST,
     SCOPE_LINK,
     SCOPE_UNIVERSE,
@@ -143,6 +146,9 @@ _UNMODELLED_TYPES = frozenset(
 )
 
 NO_ROUTE = "no route"
+
+_RP_FILTER_WORDS = {RP_FILTER_OFF: "rp_filter 0 (off)", RP_FILTER_STRICT: "rp_filter 1 (strict)",
+                    RP_FILTER_LOOSE: "rp_filter 2 (loose)"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +272,11 @@ class Fib:
         self._resolved: dict[_Query, Resolution] = {}
         self._route_texts: dict[Route, str] = {}
         self._masquerade: dict[tuple[int, IPAddress], IPAddress | None] = {}
+        # The links that can receive a packet, with their reverse-path settings (``ingresses``).
+        self._receivers: tuple[tuple[Link, tuple[int, bool]], ...] | None = None
+        self._receiver_groups: dict[tuple[int, bool], tuple[Ingress, ...]] = {}
+        self._all_receivers: tuple[Ingress, ...] = ()
+        self._receiver_order: dict[int, int] = {}
 
     # -- public API -----------------------------------------------------------------
 
@@ -325,6 +336,104 @@ class Fib:
             return Unknown(f"reverse path of {flow.src} is multipath ({devs})")
         oif, name = oifs[0]
         return Ingress(oif, name)
+
+    def ingresses(
+        self, flow: Flow, *, netfilter_rpf: bool = False
+    ) -> tuple[tuple[Ingress, ...], str] | Unknown:
+        """Every interface the flow's first packet may have entered on, and why those.
+
+        The input interface is not in a conntrack entry; the kernel pins it
+        only by reverse-path filtering (``fib_validate_source``). Per
+        interface, IPv4 ``rp_filter`` (``Topology.reverse_path``): strict (1)
+        accepts the packet only where the reverse lookup (destination the
+        flow's source, iif lo, the packet mark only with ``src_valid_mark``)
+        leaves by that interface; loose (2) wherever that lookup finds a
+        unicast route; off (0) anywhere. IPv6 has no such sysctl.
+        ``netfilter_rpf`` is a netfilter reverse-path drop (``fib saddr .
+        iif oif missing drop``, ``-m rpfilter --invert -j DROP``) on every
+        packet of the family: strict, with mark 0, on top of the sysctl.
+        Interfaces that are down, and lo, receive nothing. A flow from one of
+        our own addresses is locally generated. Unknown where the reverse
+        lookup a filter needs is.
+        """
+        topology = self.topology
+        if not topology.netconf_known:
+            # Strict everywhere: the reverse path's interface (``ingress``).
+            single = self.ingress(flow)
+            if isinstance(single, Unknown):
+                return single
+            return (single,), "locally generated" if single.local else "reverse path"
+        if self.is_local(flow.src):
+            return (self._local_ingress(),), "locally generated"
+        answers: dict[int | None, tuple[Egress, ...] | Unknown] = {}
+
+        def reverse(mark: int | None) -> tuple[Egress, ...] | Unknown:
+            if mark not in answers:
+                answers[mark] = self.lookup(flow.src, src=flow.dst, mark=mark, tos=None)
+            return answers[mark]
+
+        v4 = flow.family == AF_INET
+        if self._receivers is None:
+            self._receivers = self._receiving_links()
+        # Links with the same settings answer alike but for strict's "leaves by this link": by group.
+        groups = self._receiver_groups if v4 else {(RP_FILTER_OFF, False): self._all_receivers}
+        accepted: list[Ingress] = []
+        why: set[str] = set()
+        for (rpf, svm), members in groups.items():
+            checks: list[tuple[int | None, bool]] = []  # (the lookup's mark, strict)
+            if rpf != RP_FILTER_OFF:
+                checks.append((flow.packet_mark if svm else 0, rpf == RP_FILTER_STRICT))
+            if netfilter_rpf:
+                checks.append((0, True))
+            allowed: set[str] | None = None  # None: every member
+            for mark, strict in checks:
+                answer = reverse(mark)
+                if isinstance(answer, Unknown):
+                    return Unknown(f"reverse path of {flow.src}: {answer.reason}")
+                if any(e.kind is EgressKind.LOCAL for e in answer):
+                    return (self._local_ingress(),), "locally generated"
+                if not answer or any(e.kind is not EgressKind.UNICAST for e in answer):
+                    allowed = set()  # no unicast route back: every filter refuses
+                elif strict:
+                    names = {e.oifname for e in answer}
+                    allowed = names if allowed is None else allowed & names
+            chosen = members if allowed is None else tuple(i for i in members if i.ifname in allowed)
+            if chosen:
+                accepted.extend(chosen)
+                why.add(_RP_FILTER_WORDS[rpf] if v4 else "IPv6 (no rp_filter)")
+                if netfilter_rpf:
+                    why.add("netfilter reverse-path drop")
+        if not accepted:
+            return Unknown(f"no interface accepts a packet from {flow.src} (reverse-path filtering)")
+        if len(groups) > 1:
+            accepted.sort(key=lambda i: self._receiver_order[i.ifindex])
+        return tuple(accepted), ", ".join(sorted(why))
+
+    def _receiving_links(self) -> tuple[tuple[Link, tuple[int, bool]], ...]:
+        """The links that can receive (up, not lo), each with its IPv4 (rp_filter, src_valid_mark).
+
+        Also fills the groups ``ingresses`` walks: the receivers as ``Ingress`` values by
+        their settings, all of them, and their dump order.
+        """
+        topology = self.topology
+        by_name = {n.name: n for n in topology.netconf}
+        every = by_name.get("all")
+        default = by_name.get("default")
+        out: list[tuple[Link, tuple[int, bool]]] = []
+        for link in topology.links:
+            if not link.up or link.name == LOOPBACK_NAME:
+                continue
+            own = by_name.get(link.name) or default
+            rpf = max(every.rp_filter if every else 0, own.rp_filter if own else 0)
+            svm = bool((every and every.src_valid_mark) or (own and own.src_valid_mark))
+            out.append((link, (rpf, svm)))
+        groups: dict[tuple[int, bool], list[Ingress]] = {}
+        for link, mode in out:
+            groups.setdefault(mode, []).append(Ingress(link.index, link.name))
+        self._receiver_groups = {mode: tuple(members) for mode, members in groups.items()}
+        self._all_receivers = tuple(Ingress(link.index, link.name) for link, _ in out)
+        self._receiver_order = {link.index: i for i, (link, _) in enumerate(out)}
+        return tuple(out)
 
     def egress(self, flow: Flow, ingress: Ingress) -> tuple[Egress, ...] | Unknown:
         """Where the flow (after any DNAT, passed in ``flow``) leaves.

@@ -179,7 +179,10 @@ class Binding:
         return self.addr_lo, self.addr_hi
 
     def admits(self, original: IPAddress, addr: IPAddress, original_port: int, port: int) -> bool:
-        """True if an entry translated ``original:original_port`` to ``addr:port`` under this binding."""
+        """True if an entry translated ``original:original_port`` to ``addr:port`` under this binding.
+
+        The rule, with its cases, is ``core.admission``'s; three faster copies follow it.
+        """
         lo, hi = self.translated(original)
         if lo.version != addr.version or not int(lo) <= int(addr) <= int(hi):
             return False

@@ -11,7 +11,9 @@ Comparing the previous and the current topology, per address family:
   change; one left undecided then stays so until the next full one);
 - rules, xfrm policies or states, addresses, or links (other than their
   carrier, which the FIB does not read: a link without carrier keeps its
-  routes) changed: any flow of the family may be NATed differently;
+  routes) changed: any flow of the family may be NATed differently; so
+  when anything else a snapshot carries changed (xfrm, rp_filter: which
+  interfaces a flow may have entered on, ``Fib.ingresses``);
 - otherwise only routes changed, and only those in a table some rule
   reaches (the default rules reach local, main and default): a flow can
   change only if its source or destination lies in the prefix of such a

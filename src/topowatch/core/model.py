@@ -275,6 +275,33 @@ def default_rules(family: int) -> tuple[PolicyRule, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class Netconf:
+    """The IPv4 reverse-path settings of one interface, or of ``all`` or ``default``.
+
+    As ``/proc/sys/net/ipv4/conf/NAME/`` has them: ``rp_filter`` 0 off, 1
+    strict, 2 loose; ``src_valid_mark`` lets the reverse-path lookup use the
+    packet mark. The kernel applies the larger ``rp_filter`` of ``all`` and
+    the interface, and ``src_valid_mark`` if either has it.
+    """
+
+    name: str
+    rp_filter: int = 0
+    src_valid_mark: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("Netconf.name must not be empty")
+        if self.rp_filter not in (0, 1, 2):
+            raise ValueError(f"Netconf.rp_filter of {self.name} must be 0, 1 or 2, got {self.rp_filter}")
+
+
+# rp_filter values (net.ipv4.conf.*.rp_filter).
+RP_FILTER_OFF = 0
+RP_FILTER_STRICT = 1
+RP_FILTER_LOOSE = 2
+
+
+@dataclass(frozen=True, slots=True)
 class Topology:
     """A snapshot of one namespace's routing state."""
 
@@ -287,9 +314,13 @@ class Topology:
     xfrm_policies: tuple[XfrmPolicy, ...] = field(default=())
     xfrm_states: tuple[XfrmState, ...] = field(default=())
     xfrm_known: bool = False
+    # IPv4 reverse-path settings (``all``, ``default`` and per interface). ``netconf_known``
+    # says they were read; a topology that does not know them (built by hand) is strict.
+    netconf: tuple[Netconf, ...] = field(default=())
+    netconf_known: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("links", "addresses", "routes", "rules", "xfrm_policies", "xfrm_states"):
+        for name in ("links", "addresses", "routes", "rules", "xfrm_policies", "xfrm_states", "netconf"):
             value = getattr(self, name)
             if not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
@@ -319,6 +350,21 @@ class Topology:
     def is_local(self, addr: IPAddress) -> bool:
         """True if ``addr`` is one of this namespace's own addresses."""
         return any(a.address == addr for a in self.addresses)
+
+    def reverse_path(self, ifname: str) -> tuple[int, bool]:
+        """IPv4 ``(rp_filter, src_valid_mark)`` in force on ``ifname``: strict when not known.
+
+        The kernel's ``IN_DEV_RPFILTER`` (the larger of ``all`` and the
+        interface) and ``IN_DEV_SRC_VMARK`` (either). An interface the
+        snapshot does not list has the ``default`` values it was created with.
+        """
+        if not self.netconf_known:
+            return RP_FILTER_STRICT, False
+        by_name = {n.name: n for n in self.netconf}
+        none = Netconf("none")
+        every = by_name.get("all", none)
+        own = by_name.get(ifname) or by_name.get("default", none)
+        return max(every.rp_filter, own.rp_filter), every.src_valid_mark or own.src_valid_mark
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,6 +458,15 @@ def diff(t0: Topology, t1: Topology) -> TopologyChange:
         lines.append(f"xfrm policy {pol.describe()} removed")
     for pol in sorted(pol1 - pol0, key=lambda p: p.describe()):
         lines.append(f"xfrm policy {pol.describe()} added")
+    conf0 = {n.name: n for n in t0.netconf}
+    for n in sorted(set(t1.netconf) - set(t0.netconf), key=lambda n: n.name):
+        old = conf0.get(n.name)
+        if old is None:
+            continue  # a new interface: its link line says it
+        if old.rp_filter != n.rp_filter:
+            lines.append(f"rp_filter of {n.name} {old.rp_filter} -> {n.rp_filter}")
+        if old.src_valid_mark != n.src_valid_mark:
+            lines.append(f"src_valid_mark of {n.name} {int(old.src_valid_mark)} -> {int(n.src_valid_mark)}")
     sa0, sa1 = set(t0.xfrm_states), set(t1.xfrm_states)
     for sa in sorted(sa0 - sa1, key=lambda s: s.describe()):
         lines.append(f"xfrm SA {sa.describe()} removed")

@@ -32,12 +32,13 @@ from topowatch.core.model import AF_INET, AF_INET6, IPAddress
 
 
 class Hook(enum.Enum):
-    """The netfilter hooks a nat chain can sit at."""
+    """The netfilter hooks a nat chain can sit at, and forward (mark chains only)."""
 
     PREROUTING = "prerouting"
     INPUT = "input"
     OUTPUT = "output"
     POSTROUTING = "postrouting"
+    FORWARD = "forward"
 
 
 # nftables table families that carry NAT, and the address families they see.
@@ -381,6 +382,33 @@ class MarkSet:
         return ((old & ~self.mask) ^ self.value) & 0xFFFFFFFF
 
 
+_MARK_FULL = 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class MarkCopy:
+    """Copy between the packet mark and the conntrack mark: ``dst = (dst & ~dst_mask) ^ (src & src_mask)``.
+
+    ``to_ct`` saves (the ct mark from the packet's: nft ``ct mark set meta
+    mark``, ``CONNMARK --save-mark``); otherwise it restores (``meta mark set
+    ct mark``, ``CONNMARK --restore-mark``). CONNMARK's ``--nfmask`` and
+    ``--ctmask`` are the masks of the packet and the ct side.
+    """
+
+    to_ct: bool
+    text: str
+    src_mask: int = _MARK_FULL
+    dst_mask: int = _MARK_FULL
+
+    def apply(self, dst: int | None, src: int | None) -> int | None:
+        """The new destination mark, None where it is not known."""
+        kept = 0 if self.dst_mask == _MARK_FULL else (None if dst is None else dst & ~self.dst_mask)
+        copied = 0 if self.src_mask == 0 else (None if src is None else src & self.src_mask)
+        if kept is None or copied is None:
+            return None
+        return (kept ^ copied) & _MARK_FULL
+
+
 @dataclass(frozen=True, slots=True)
 class NetmapStatement:
     """iptables ``NETMAP --to PREFIX``: the address keeps its host bits under ``prefix``.
@@ -461,7 +489,8 @@ class NatMapStatement:
 
 
 NftStatement = VerdictMap | NatMapStatement
-Statement = Verdict | NatStatement | Passive | UnknownStatement | MarkSet | NetmapStatement | NftStatement
+Statement = (Verdict | NatStatement | Passive | UnknownStatement | MarkSet | MarkCopy | NetmapStatement
+             | NftStatement)
 Expression = Match | UnknownMatch | XtMatch | ConcatMatch | Statement
 
 
@@ -543,9 +572,22 @@ class NatRuleset:
     """The nat base chains (in dump order) and the regular chains they reach.
 
     Equal rulesets behave the same; ``describe_rule`` names a rule for reasons.
+    ``rpfilter`` holds the address families (AF_INET, AF_INET6) where a
+    netfilter reverse-path drop (``fib saddr . iif oif missing drop``,
+    ``-m rpfilter --invert -j DROP``) sees every packet at prerouting: it
+    pins a forwarded flow's input interface as strict ``rp_filter`` does.
     """
 
     chains: tuple[Chain, ...] = ()
+    rpfilter: frozenset[int] = frozenset()
+    # True when ``chains`` hold every base chain that may set a packet or conntrack mark (a reader
+    # that saw the whole ruleset): a fresh flow's marks are then 0 until those chains set them.
+    # False (built by hand, or a table was not read): a mark the entry does not show is unknown.
+    marks_known: bool = False
+    # Families whose prerouting drops on an iptables ``rpfilter`` match whose options (--invert,
+    # --loose, --validmark) the nft dump does not show: the iptables reader confirms them into
+    # ``rpfilter`` from iptables-save, or leaves them out.
+    xt_rpfilter: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if not isinstance(self.chains, tuple):
@@ -571,6 +613,20 @@ class NatRuleset:
             (c.priority or 0, i, c)
             for i, c in enumerate(self.chains)
             if c.hook is hook and c.type == "nat" and c.applies_to(family)
+        ]
+        return tuple(c for _, _, c in sorted(found, key=lambda t: (t[0], t[1])))
+
+    def mark_chains(self, hook: Hook, family: int) -> tuple[Chain, ...]:
+        """The other base chains (filter, route) at ``hook`` for ``family`` that may set a mark, by priority.
+
+        A reader keeps only base chains that reach a mark statement; their
+        priority against the nat chains says which marks the NAT matches and
+        the routing decision see.
+        """
+        found = [
+            (c.priority or 0, i, c)
+            for i, c in enumerate(self.chains)
+            if c.hook is hook and c.type != "nat" and c.applies_to(family)
         ]
         return tuple(c for _, _, c in sorted(found, key=lambda t: (t[0], t[1])))
 

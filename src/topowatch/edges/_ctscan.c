@@ -317,8 +317,11 @@ static PyObject *class_key(const entry_t *e, const classes_t *c) {
     return PyBytes_FromStringAndSize((const char *)k, n);
 }
 
-/* One side of a program at *pp: 1 healthy, 0 must be judged, -1 malformed program. */
-static int side_admits(const uint8_t **pp, const uint8_t *pend, int done,
+/* One side of a program at *pp: 1 healthy, 0 must be judged, -1 malformed program. The rule
+ * is core/admission.py's; tests/edges/test_ctscan.py runs this over its table of cases. Whether
+ * the side's NAT hook ran does not matter: one that never ran is a null binding, read from the
+ * tuples. */
+static int side_admits(const uint8_t **pp, const uint8_t *pend,
                        const uint8_t *original, const uint8_t *translated, unsigned alen, uint16_t port) {
     const uint8_t *p = *pp;
     uint8_t mode, count, i;
@@ -328,13 +331,12 @@ static int side_admits(const uint8_t **pp, const uint8_t *pend, int done,
     mode = *p++;
     if (mode == 0 || mode == 1) {
         *pp = p;
-        return !done || mode == 1;
+        return mode == 1;
     }
     if (mode != 2 || p >= pend) return -1;
     count = *p++;
     if (p + (size_t)count * RANGE_BYTES > pend) return -1;
     *pp = p + (size_t)count * RANGE_BYTES;
-    if (!done) return 1;
     memset(value, 0, 16);
     memcpy(value + 16 - alen, translated, alen);
     for (i = 0; i < count && !admitted; i++, p += RANGE_BYTES) {
@@ -357,10 +359,10 @@ static int healthy(const entry_t *e, const uint8_t *p, Py_ssize_t n) {
     int r;
     if (n < 1 || *p != 'P') return 0;
     p++;
-    r = side_admits(&p, pend, (e->status & IPS_DST_NAT_DONE) != 0, e->orig.dst, e->reply.src, e->alen,
+    r = side_admits(&p, pend, e->orig.dst, e->reply.src, e->alen,
                     icmp ? e->orig.dport : e->reply.sport);
     if (r != 1) return 0;
-    r = side_admits(&p, pend, (e->status & IPS_SRC_NAT_DONE) != 0, e->orig.src, e->reply.dst, e->alen,
+    r = side_admits(&p, pend, e->orig.src, e->reply.dst, e->alen,
                     icmp ? e->orig.sport : e->reply.dport);
     return r == 1;
 }

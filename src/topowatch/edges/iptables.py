@@ -51,7 +51,7 @@ import shlex
 import shutil
 import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import ip_address, ip_network
 
 from topowatch.core.flow import PROTO_NUMBERS, NatKind
@@ -67,6 +67,7 @@ from topowatch.core.nat import (
     Hook,
     IntervalSet,
     Key,
+    MarkCopy,
     MarkSet,
     Match,
     NameSet,
@@ -100,11 +101,22 @@ BASE_CHAINS: dict[str, tuple[Hook, int]] = {
     "OUTPUT": (Hook.OUTPUT, -100),
     "POSTROUTING": (Hook.POSTROUTING, 100),
 }
+# Base chains of the mangle table (NF_IP_PRI_MANGLE): read for the marks they set before NAT and routing.
+MANGLE_CHAINS: dict[str, tuple[Hook, int]] = {
+    "PREROUTING": (Hook.PREROUTING, -150),
+    "INPUT": (Hook.INPUT, -150),
+    "FORWARD": (Hook.FORWARD, -150),
+    "OUTPUT": (Hook.OUTPUT, -150),
+    "POSTROUTING": (Hook.POSTROUTING, -150),
+}
+_TABLE_CHAINS = {"nat": BASE_CHAINS, "mangle": MANGLE_CHAINS}
 
 _PROTOS = {**PROTO_NUMBERS, "ipv6-icmp": 58, "icmp6": 58, "icmpv6": 58, "ah": 51, "ipip": 4, "ipv6": 41,
            "mh": 135, "ipv6-mh": 135}
 _PORT_MODULES = {"tcp": 6, "udp": 17, "sctp": 132, "dccp": 33, "udplite": 136}
-_PASSIVE_TARGETS = frozenset({"LOG", "NFLOG", "ULOG", "TRACE", "AUDIT"})
+# Targets that neither decide nor touch a mark or an address (mangle's TCPMSS, DSCP, ... included).
+_PASSIVE_TARGETS = frozenset({"LOG", "NFLOG", "ULOG", "TRACE", "AUDIT", "TCPMSS", "DSCP", "TOS", "TTL", "HL",
+                              "CLASSIFY", "CHECKSUM"})
 _CT_STATES = frozenset({"NEW", "ESTABLISHED", "RELATED", "INVALID", "UNTRACKED", "SNAT", "DNAT"})
 _CT_STATUSES = frozenset({"NONE", "EXPECTED", "SEEN_REPLY", "ASSURED", "CONFIRMED"})
 _ADDR_TYPES = frozenset({"UNSPEC", "UNICAST", "LOCAL", "BROADCAST", "ANYCAST", "MULTICAST", "BLACKHOLE",
@@ -724,7 +736,10 @@ def _target(rule: _ParsedRule, family: int, chains: set[str]) -> list[Expression
         return [UnknownStatement(f"-j {name} (malformed: {exc})", text)]
 
 
-def _mark_target(name: str, opts: list[_Option], text: str) -> MarkSet:
+def _mark_target(name: str, opts: list[_Option], text: str) -> MarkSet | MarkCopy:
+    words = {o.name for o in opts}
+    if name == "CONNMARK" and words & {"--save-mark", "--restore-mark"}:
+        return _connmark_copy(opts, text)
     if len(opts) != 1:
         raise _NotModelled(f"-j {name} with {len(opts)} options")
     o = opts[0]
@@ -745,6 +760,30 @@ def _mark_target(name: str, opts: list[_Option], text: str) -> MarkSet:
     raise _NotModelled(f"-j {name} {o.name}")
 
 
+def _connmark_copy(opts: list[_Option], text: str) -> MarkCopy:
+    """``CONNMARK --save-mark|--restore-mark [--nfmask N] [--ctmask C] [--mask M]`` (xt_connmark).
+
+    Restore: mark = (mark & ~nfmask) ^ (ctmark & ctmask); save: ctmark =
+    (ctmark & ~ctmask) ^ (mark & nfmask). A shift is not modelled.
+    """
+    nfmask = ctmask = _MARK_FULL
+    save = False
+    for o in opts:
+        if o.name in ("--save-mark", "--restore-mark"):
+            save = o.name == "--save-mark"
+        elif o.name == "--nfmask":
+            nfmask = _int(_one_arg(o))
+        elif o.name == "--ctmask":
+            ctmask = _int(_one_arg(o))
+        elif o.name == "--mask":
+            nfmask = ctmask = _int(_one_arg(o))
+        else:
+            raise _NotModelled(f"-j CONNMARK {o.name}")
+    if save:
+        return MarkCopy(to_ct=True, text=text, src_mask=nfmask, dst_mask=ctmask)
+    return MarkCopy(to_ct=False, text=text, src_mask=ctmask, dst_mask=nfmask)
+
+
 # ---------------------------------------------------------------------------
 # The table
 
@@ -762,9 +801,10 @@ class _Table:
     policies: dict[str, str] = field(default_factory=dict)
     user: list[str] = field(default_factory=list)
     lines: dict[str, list[list[str] | _Unreadable]] = field(default_factory=dict)
+    bases: dict[str, tuple[Hook, int]] = field(default_factory=lambda: BASE_CHAINS)
 
     def add_chain(self, name: str) -> None:
-        if name not in BASE_CHAINS and name not in self.user:
+        if name not in self.bases and name not in self.user:
             self.user.append(name)
         self.lines.setdefault(name, [])
 
@@ -801,9 +841,9 @@ def _strip_command(tokens: list[str]) -> tuple[str | None, list[str]]:
     return table, rest
 
 
-def _read_lines(text: str) -> tuple[_Table, list[str]]:
-    """The nat table's declarations and rule lines; problems (bad lines) listed by number."""
-    table = _Table()
+def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
+    """The ``kind`` table's declarations and rule lines; problems (bad lines) listed by number."""
+    table = _Table(bases=_TABLE_CHAINS[kind])
     problems: list[str] = []
     current: str | None = None
     seen_header = False
@@ -832,9 +872,9 @@ def _read_lines(text: str) -> tuple[_Table, list[str]]:
             unreadable = "bytes that are not UTF-8 (the rule cannot be read reliably)"
         command_table, tokens = _strip_command(tokens)
         if command_table is not None:
-            in_nat = command_table == "nat"
+            in_nat = command_table == kind
         else:
-            in_nat = current == "nat" or (not seen_header and current is None)
+            in_nat = current == kind or (not seen_header and current is None)
         if not in_nat or not tokens:
             continue
         head = tokens[0]
@@ -847,7 +887,7 @@ def _read_lines(text: str) -> tuple[_Table, list[str]]:
                 pos = int(tokens[2]) if len(tokens) > 2 and _number(tokens[2]) else 1
                 table.lines[tokens[1]].insert(pos - 1, marker)
         elif unreadable is not None and head in ("-F", "--flush", "-P", "--policy"):
-            names = [tokens[1]] if len(tokens) > 1 else [*BASE_CHAINS, *table.user]
+            names = [tokens[1]] if len(tokens) > 1 else [*table.bases, *table.user]
             table.unknown_from_start(names, unreadable, line)
         elif unreadable is not None:
             continue  # a declaration or a delete-chain: nothing a flow can reach changes
@@ -919,6 +959,7 @@ def parse_save(
     table: str = "nat",
     ipsets: Mapping[str, IpSet] | None = None,
     all_chains: bool = False,
+    kind: str = "nat",
 ) -> ParsedTable:
     """The nat table of iptables-save / iptables-restore text (or ``iptables -t nat -A`` lines).
 
@@ -930,11 +971,12 @@ def parse_save(
     if family not in ("ip", "ip6"):
         raise ValueError(f"parse_save: family must be ip or ip6, got {family!r}")
     af = AF_INET if family == "ip" else AF_INET6
-    parsed_table, problems = _read_lines(text)
-    names = set(BASE_CHAINS) | set(parsed_table.user)
+    bases = _TABLE_CHAINS[kind]
+    parsed_table, problems = _read_lines(text, kind)
+    names = set(bases) | set(parsed_table.user)
     rules_of: dict[str, list[Rule]] = {}
     sets_of: dict[str, set[str]] = {}
-    for chain_name in [*BASE_CHAINS, *parsed_table.user]:
+    for chain_name in [*bases, *parsed_table.user]:
         out: list[Rule] = []
         named = sets_of.setdefault(chain_name, set())
         for tokens in parsed_table.lines.get(chain_name, []):
@@ -949,7 +991,7 @@ def parse_save(
 
     # Base chains and the user chains they reach.
     reached: list[str] = []
-    todo = list(BASE_CHAINS)
+    todo = list(bases)
     while todo:
         name = todo.pop(0)
         if name in reached:
@@ -961,11 +1003,11 @@ def parse_save(
                 todo.append(v.target)
     chains: list[Chain] = []
     sets: set[str] = set()
-    for name in [*BASE_CHAINS, *parsed_table.user]:
+    for name in [*bases, *parsed_table.user]:
         if name not in reached and not all_chains:
             continue
         sets |= sets_of.get(name, set())
-        base = BASE_CHAINS.get(name)
+        base = bases.get(name)
         policy = parsed_table.policies.get(name, "ACCEPT").lower() if base else None
         if policy not in (None, "accept", "drop"):
             problems.append(f"chain {name}: policy {policy} not modelled")
@@ -973,7 +1015,7 @@ def parse_save(
         chains.append(Chain(
             family=family, table=table, name=name, rules=tuple(rules_of.get(name, ())),
             hook=base[0] if base else None, priority=base[1] if base else None,
-            type="nat" if base else None, policy=policy,
+            type=("nat" if kind == "nat" else "filter") if base else None, policy=policy,
         ))
     return ParsedTable(NatRuleset(tuple(chains)), tuple(problems), frozenset(sets))
 
@@ -1025,8 +1067,8 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return run_tool(argv, timeout=SAVE_TIMEOUT)
 
 
-def _save(tool: str, runner: Runner) -> str:
-    return run_ruleset_tool([tool, "-t", "nat"], runner, timeout=SAVE_TIMEOUT, missing=f"{tool} not found")
+def _save(tool: str, runner: Runner, table: str = "nat") -> str:
+    return run_ruleset_tool([tool, "-t", table], runner, timeout=SAVE_TIMEOUT, missing=f"{tool} not found")
 
 
 def read_ipsets(
@@ -1066,17 +1108,22 @@ def read_named_ipsets(
     return got
 
 
-def legacy_nat_exists(family: str, proc_net: str = "/proc/thread-self/net") -> bool:
-    """True if this namespace has instantiated the legacy nat table of ``family`` (never instantiates it).
+def legacy_nat_exists(family: str, proc_net: str = "/proc/thread-self/net", table: str = "nat") -> bool:
+    """True if this namespace has instantiated the legacy ``table`` of ``family`` (never instantiates it).
 
     ``thread-self``: a thread may have entered another namespace than the process's (``/proc/net``).
     """
     path = os.path.join(proc_net, "ip_tables_names" if family == "ip" else "ip6_tables_names")
     try:
         with open(path, encoding="ascii") as f:
-            return "nat" in f.read().split()
+            return table in f.read().split()
     except OSError:
         return False
+
+
+def legacy_mangle_exists(family: str) -> bool:
+    """True if this namespace has instantiated the legacy mangle table of ``family``."""
+    return legacy_nat_exists(family, table="mangle")
 
 
 def _tool(family: str, legacy: bool) -> str:
@@ -1102,6 +1149,29 @@ class RulesetRead:
         return {name: (self.ipsets or {}).get(name) for name in sorted(self.sets)}
 
 
+# Targets a packet passes through to the next rule (they end nothing for it).
+_PASSING_TARGETS = _PASSIVE_TARGETS | {"MARK", "CONNMARK", "CT", "NOTRACK"}
+
+
+def prerouting_rpfilter_drop(text: str) -> bool:
+    """True if the table's PREROUTING drops every packet that fails a strict reverse path.
+
+    That is ``-A PREROUTING -m rpfilter --invert -j DROP`` (no --loose, no
+    --validmark, no other match), with every rule before it passing packets
+    on (no target, or one of ``_PASSING_TARGETS``).
+    """
+    for line in text.splitlines():
+        tokens = line.split()
+        if tokens[:2] != ["-A", "PREROUTING"]:
+            continue
+        if tokens[2:] == ["-m", "rpfilter", "--invert", "-j", "DROP"]:
+            return True
+        jumps = [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t in ("-j", "--jump", "-g", "--goto")]
+        if any(target not in _PASSING_TARGETS for target in jumps):
+            return False
+    return False
+
+
 def has_xt(ruleset: NatRuleset, family: str, table: str = "nat") -> bool:
     """True if the nft table holds xt expressions (it is iptables-nft's)."""
     return any(
@@ -1112,18 +1182,23 @@ def has_xt(ruleset: NatRuleset, family: str, table: str = "nat") -> bool:
 
 
 def merge(
-    nft: NatRuleset, iptables_nft: Mapping[str, NatRuleset], legacy: Mapping[str, NatRuleset]
+    nft: NatRuleset, iptables_nft: Mapping[str, NatRuleset], legacy: Mapping[str, NatRuleset], *,
+    mangle_nft: Mapping[str, NatRuleset] | None = None, mangle_legacy: Mapping[str, NatRuleset] | None = None,
+    marks_known: bool = True,
 ) -> NatRuleset:
-    """nft's chains; each iptables-nft table (by family) replaces nft's view of it; then legacy tables."""
-    replaced = {(family, "nat") for family in iptables_nft}
+    """nft's chains; each iptables-nft table (by family) replaces nft's view of it; then legacy tables.
+
+    The mangle tables (``mangle_*``) likewise. ``marks_known`` False says a
+    table that may set marks could not be read.
+    """
+    mangle_nft, mangle_legacy = mangle_nft or {}, mangle_legacy or {}
+    replaced = {(family, "nat") for family in iptables_nft} | {(family, "mangle") for family in mangle_nft}
     chains = [c for c in nft.chains if (c.family, c.table) not in replaced]
-    for family in ("ip", "ip6"):
-        if family in iptables_nft:
-            chains.extend(iptables_nft[family].chains)
-    for family in ("ip", "ip6"):
-        if family in legacy:
-            chains.extend(legacy[family].chains)
-    return NatRuleset(tuple(chains))
+    for tables in (iptables_nft, legacy, mangle_nft, mangle_legacy):
+        for family in ("ip", "ip6"):
+            if family in tables:
+                chains.extend(tables[family].chains)
+    return NatRuleset(tuple(chains), rpfilter=nft.rpfilter, marks_known=nft.marks_known and marks_known)
 
 
 def read_all(
@@ -1132,8 +1207,21 @@ def read_all(
     which: Callable[[str], str | None] = shutil.which,
     legacy_exists: Callable[[str], bool] = legacy_nat_exists,
     read_nft: Callable[[str], NatRuleset] | None = None,
+    *,
+    legacy_mangle: Callable[[str], bool] | None = None,
 ) -> RulesetRead:
-    """nftables and the iptables nat tables together (see the module docstring)."""
+    """nftables and the iptables nat tables together (see the module docstring).
+
+    ``legacy_mangle`` says whether a legacy mangle table exists; by default the
+    kernel is asked, unless ``legacy_exists`` is a stand-in (then: none).
+    """
+    legacy_rpf: Callable[[str, str], bool] = (
+        (lambda family, table: legacy_nat_exists(family, table=table)) if legacy_exists is legacy_nat_exists
+        else (lambda _family, _table: False)
+    )
+    if legacy_mangle is None:
+        real = legacy_exists is legacy_nat_exists
+        legacy_mangle = legacy_mangle_exists if real else (lambda _family: False)
     nft_rules = (read_nft or read_ruleset)(nft)
     problems: list[str] = []
     sources = ["nft"]
@@ -1141,20 +1229,21 @@ def read_all(
     ipsets_read = False
     sets: set[str] = set()
 
-    def table(family: str, legacy: bool) -> NatRuleset | None:
+    def table(family: str, legacy: bool, kind: str = "nat") -> NatRuleset | None:
         nonlocal ipsets, ipsets_read
         tool = _tool(family, legacy)
         if which(tool) is None:
-            problems.append(f"{tool} not found: its nat table is not read")
+            problems.append(f"{tool} not found: its {kind} table is not read")
             return None
         if not ipsets_read:
             ipsets, ipsets_read = read_ipsets(runner, which), True
         try:
-            text = _save(tool, runner)
+            text = _save(tool, runner, kind)
         except (MissingTool, PermissionDenied, RulesetError) as exc:
             problems.append(str(exc))
             return None
-        parsed = parse_save(text, family=family, table=LEGACY_TABLE if legacy else "nat", ipsets=ipsets)
+        name = (LEGACY_TABLE if kind == "nat" else f"{kind}[legacy]") if legacy else kind
+        parsed = parse_save(text, family=family, table=name, ipsets=ipsets, kind=kind)
         problems.extend(f"{tool}: {p}" for p in parsed.problems)
         sources.append(tool)
         sets.update(parsed.sets)
@@ -1162,6 +1251,9 @@ def read_all(
 
     from_nft: dict[str, NatRuleset] = {}
     from_legacy: dict[str, NatRuleset] = {}
+    mangle_nft: dict[str, NatRuleset] = {}
+    mangle_legacy: dict[str, NatRuleset] = {}
+    marks_known = True
     for family in ("ip", "ip6"):
         if has_xt(nft_rules, family):
             got = table(family, legacy=False)
@@ -1171,8 +1263,38 @@ def read_all(
             got = table(family, legacy=True)
             if got is not None:
                 from_legacy[family] = got
-    return RulesetRead(merge(nft_rules, from_nft, from_legacy), tuple(problems), tuple(sources),
-                       frozenset(sets), ipsets)
+        # Mangle: the marks it sets before NAT and routing (core.nat.NatRuleset.mark_chains).
+        if has_xt(nft_rules, family, "mangle"):
+            got = table(family, legacy=False, kind="mangle")
+            if got is None:
+                marks_known = False
+            else:
+                mangle_nft[family] = got
+        if legacy_mangle(family):
+            got = table(family, legacy=True, kind="mangle")
+            if got is None:
+                marks_known = False
+            else:
+                mangle_legacy[family] = got
+    ruleset = merge(nft_rules, from_nft, from_legacy, mangle_nft=mangle_nft, mangle_legacy=mangle_legacy,
+                    marks_known=marks_known)
+    # Reverse-path drops by iptables' rpfilter match: iptables-save shows its options, the nft dump not.
+    confirmed = set(ruleset.rpfilter)
+    for family, af in (("ip", AF_INET), ("ip6", AF_INET6)):
+        sources_of: list[tuple[str, str]] = []
+        if af in nft_rules.xt_rpfilter:
+            sources_of += [(_tool(family, legacy=False), t) for t in ("raw", "mangle")]
+        sources_of += [(_tool(family, legacy=True), t) for t in ("raw", "mangle") if legacy_rpf(family, t)]
+        for tool, name in sources_of:
+            if which(tool) is None:
+                continue
+            try:
+                if prerouting_rpfilter_drop(_save(tool, runner, name)):
+                    confirmed.add(af)
+            except (MissingTool, PermissionDenied, RulesetError) as exc:
+                problems.append(str(exc))
+    ruleset = replace(ruleset, rpfilter=frozenset(confirmed))
+    return RulesetRead(ruleset, tuple(problems), tuple(sources), frozenset(sets), ipsets)
 
 
 def read_all_logged(nft: str = "nft", read_nft: Callable[[str], NatRuleset] | None = None) -> RulesetRead:

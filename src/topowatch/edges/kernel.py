@@ -45,6 +45,7 @@ from topowatch.edges.nftevents import (
     current_generation,
 )
 from topowatch.edges.rtnl import EventAction, EventKind, KernelRtnl, Overrun, RtnlEvent, RtnlEvents
+from topowatch.edges.sysctl import read_netconf
 from topowatch.edges.xfrm import XfrmSource
 from topowatch.edges.xfrm import probe as probe_xfrm
 from topowatch.errors import NetlinkError, PermissionDenied
@@ -59,6 +60,7 @@ _KINDS = {
     EventKind.ROUTE: "route",
     EventKind.RULE: "rule",
     EventKind.NEXTHOP: "route",
+    EventKind.NETCONF: "link",  # an interface's rp_filter: which interface a flow may enter on
 }
 
 
@@ -163,6 +165,8 @@ class KernelBackend:
     def _apply(live: LiveTopology, event: RtnlEvent | Overrun) -> bool:
         if isinstance(event, Overrun):
             return False
+        if event.kind is EventKind.NETCONF:
+            return True  # rp_filter: every snapshot reads it from /proc, the kept topology has none
         return live.apply(str(event.kind), event.action == EventAction.NEW, event.value, event.flags,
                           event.nexthop_object)
 
@@ -206,6 +210,9 @@ class KernelBackend:
             # a missing permission fails the start, and no reaction pays for the probe.
             await trio.to_thread.run_sync(self._conntrack)
         topology = await self._links_routes_rules()
+        # rp_filter pins a forwarded flow's input interface (core.fib.Fib.ingresses); read each time
+        # (a few small /proc files per interface), as src_valid_mark changes are not announced.
+        topology = replace(topology, netconf=await trio.to_thread.run_sync(read_netconf), netconf_known=True)
         if self.xfrm is not None:
             policies, states = await self.xfrm.dump_xfrm()
             topology = replace(topology, xfrm_policies=policies, xfrm_states=states, xfrm_known=True)

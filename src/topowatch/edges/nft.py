@@ -59,6 +59,7 @@ from topowatch.core.nat import (
     Hook,
     IntervalSet,
     Key,
+    MarkCopy,
     MarkSet,
     Match,
     NameSet,
@@ -752,25 +753,83 @@ def _nat_lookup(
     return NatMapStatement(kind, text, family, selectors, tuple(elements), rest, netmap)
 
 
-def _mark_set(v: Any) -> MarkSet | UnknownStatement:
-    """``meta mark set C`` / ``ct mark set C`` with a constant C; anything else is unknown."""
-    text = _text({"mangle": v})
-    body: Mapping[str, Any] = v if isinstance(v, dict) else {}
-    key, value = body.get("key"), body.get("value")
-    target = None
-    if isinstance(key, dict) and key.get("meta", {}).get("key") == "mark":
-        target = False
-    elif isinstance(key, dict) and key.get("ct", {}).get("key") == "mark" and "dir" not in key["ct"]:
-        target = True
+def _mark_key(key: Any) -> bool | None:
+    """True for the ct mark, False for the packet mark (meta mark), None for anything else."""
+    if not isinstance(key, dict):
+        return None
+    meta, ct = key.get("meta"), key.get("ct")
+    if isinstance(meta, dict) and meta.get("key") == "mark":
+        return False
+    if isinstance(ct, dict) and ct.get("key") == "mark" and "dir" not in ct:
+        return True
+    return None
+
+
+def _constant(value: Any) -> int | None:
     constant: int | None = None
     if type(value) is int:
         constant = value
     elif isinstance(value, str):
         with contextlib.suppress(ValueError):
             constant = int(value, 0)
-    if target is None or constant is None or not 0 <= constant <= 0xFFFFFFFF:
+    return constant if constant is not None and 0 <= constant <= 0xFFFFFFFF else None
+
+
+def _mark_value(value: Any) -> tuple[bool | None, int, int] | None:
+    """A mark value as (source, mask, constant): ``(source & mask) | constant``.
+
+    Source is None for a constant alone, else which mark it reads (as
+    ``_mark_key``). Shapes: C; M; M & C; M | C; (M & C1) | C2. None: other.
+    """
+    full = 0xFFFFFFFF
+    constant = _constant(value)
+    if constant is not None:
+        return None, 0, constant
+    source = _mark_key(value)
+    if source is not None:
+        return source, full, 0
+    if not isinstance(value, dict) or len(value) != 1:
+        return None
+    ((op, args),) = value.items()
+    if op not in ("&", "|") or not isinstance(args, list) or len(args) != 2:
+        return None
+    right = _constant(args[1])
+    if right is None:
+        return None
+    if op == "&":
+        left_key = _mark_key(args[0])
+        return None if left_key is None else (left_key, right, 0)
+    inner = _mark_value(args[0])
+    if inner is None or inner[0] is None or inner[2]:
+        return None
+    return inner[0], inner[1], right
+
+
+def _mark_set(v: Any) -> MarkSet | MarkCopy | UnknownStatement:
+    """``meta mark set`` / ``ct mark set`` a constant, the other mark, or either masked and or-ed.
+
+    ``X set C`` is ``MarkSet``; ``X set X & M | C`` (bits of M kept, C or-ed
+    in outside them) is ``MarkSet`` with a mask; ``X set Y [& M]`` copies
+    (``MarkCopy``). Anything else is unknown.
+    """
+    text = _text({"mangle": v})
+    body: Mapping[str, Any] = v if isinstance(v, dict) else {}
+    target = _mark_key(body.get("key"))
+    shape = None if target is None else _mark_value(body.get("value"))
+    if target is None or shape is None:
         return UnknownStatement("mangle", text)
-    return MarkSet(constant, 0xFFFFFFFF, text, ct=target)
+    source, mask, constant = shape
+    full = 0xFFFFFFFF
+    if source is None:
+        return MarkSet(constant, full, text, ct=target)
+    if source == target:
+        # new = (old & mask) | C = (old & ~keep) ^ C, keep the bits C does not force (nft prints
+        # "and 0xffffc0ff or 0x200" as "& 0xffffc2ff | 0x200").
+        mask &= ~constant
+        return MarkSet(constant, ~mask & full, text, ct=target)
+    if constant:
+        return UnknownStatement("mangle", text)
+    return MarkCopy(to_ct=target, text=text, src_mask=mask, dst_mask=full)
 
 
 # ---------------------------------------------------------------------------
@@ -957,6 +1016,7 @@ def parse_ruleset_json(doc: dict[str, Any]) -> NatRuleset:
     if not isinstance(doc, dict) or not isinstance(doc.get("nftables"), list):
         raise RulesetError("nft JSON: expected an object with an \"nftables\" list")
     dormant: set[tuple[str, str]] = set()
+    marks_elsewhere = False
     chains: dict[tuple[str, str, str], _Item] = {}
     rules: dict[tuple[str, str, str], list[_Item]] = {}
     sets: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -971,7 +1031,12 @@ def parse_ruleset_json(doc: dict[str, Any]) -> NatRuleset:
         item = _Item(kind, body, index)
         family = item.name("family")
         if family not in FAMILY_AFS:
-            continue  # arp, bridge, netdev: no NAT here
+            # arp, bridge, netdev: no NAT here; but a mark set at netdev ingress or in a bridge
+            # chain reaches prerouting, and this reader does not follow it.
+            if kind == "rule":
+                text = json.dumps(body.get("expr"))
+                marks_elsewhere = marks_elsewhere or '"mangle"' in text or '"xt"' in text
+            continue
         if kind == "table":
             name = item.name("name")
             if "dormant" in item.words("flags"):
@@ -992,38 +1057,63 @@ def parse_ruleset_json(doc: dict[str, Any]) -> NatRuleset:
     def is_nat_base(chain: _Item) -> bool:
         return chain.text("type", optional=True) == "nat" and chain.text("hook", optional=True) in _HOOKS
 
-    # Base nat chains and what they reach by jump/goto, in dump order.
-    wanted: set[tuple[str, str, str]] = set()
-    todo = [k for k, c in chains.items() if is_nat_base(c) and (k[0], k[1]) not in dormant]
+    def is_other_base(chain: _Item) -> bool:
+        kind, hook = chain.text("type", optional=True), chain.text("hook", optional=True)
+        return kind in ("filter", "route") and hook in _HOOKS
+
     parsed: dict[tuple[str, str, str], tuple[Rule, ...]] = {}
-    while todo:
-        key = todo.pop()
-        if key in wanted:
-            continue
-        wanted.add(key)
-        family, table, _ = key
-        chain_rules = []
-        for item in rules.get(key, []):
-            exprs = item.body.get("expr", [])
-            if not isinstance(exprs, list):
-                raise item.fail("expr", "a list")
-            rule = parse_rule(exprs, family=family, table=table, handle=item.number("handle", 0), sets=sets,
-                              comment=item.text("comment", optional=True))
-            chain_rules.append(rule)
-            for expr in rule.exprs:
-                verdicts = [d for _, d in expr.elements] if isinstance(expr, VerdictMap) else [expr]
-                for verdict in verdicts:
-                    if isinstance(verdict, Verdict) and verdict.target is not None:
-                        target = (family, table, verdict.target)
-                        if target in chains and target not in wanted:
-                            todo.append(target)
-        parsed[key] = tuple(chain_rules)
+    reaches: dict[tuple[str, str, str], set[tuple[str, str, str]]] = {}
+
+    def walk(roots: list[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
+        """The chains ``roots`` reach by jump/goto (themselves included), each parsed once."""
+        seen: set[tuple[str, str, str]] = set()
+        todo = list(roots)
+        while todo:
+            key = todo.pop()
+            if key in seen:
+                continue
+            seen.add(key)
+            if key in parsed:
+                todo.extend(reaches[key])
+                continue
+            family, table, _ = key
+            chain_rules = []
+            targets: set[tuple[str, str, str]] = set()
+            for item in rules.get(key, []):
+                exprs = item.body.get("expr", [])
+                if not isinstance(exprs, list):
+                    raise item.fail("expr", "a list")
+                rule = parse_rule(exprs, family=family, table=table, handle=item.number("handle", 0),
+                                  sets=sets, comment=item.text("comment", optional=True))
+                chain_rules.append(rule)
+                for expr in rule.exprs:
+                    verdicts = [d for _, d in expr.elements] if isinstance(expr, VerdictMap) else [expr]
+                    for verdict in verdicts:
+                        if isinstance(verdict, Verdict) and verdict.target is not None:
+                            target = (family, table, verdict.target)
+                            if target in chains:
+                                targets.add(target)
+            parsed[key] = tuple(chain_rules)
+            reaches[key] = targets
+            todo.extend(targets)
+        return seen
+
+    # Base nat chains and what they reach by jump/goto, in dump order.
+    live = [k for k in chains if (k[0], k[1]) not in dormant]
+    wanted = walk([k for k in live if is_nat_base(chains[k])])
+    # Mark chains: other base chains that reach a statement that may set a mark (see core.nat.mark_chains).
+    mark_bases: set[tuple[str, str, str]] = set()
+    for key in (k for k in live if is_other_base(chains[k])):
+        reached = walk([key])
+        if any(_may_set_mark(e) for k in reached for r in parsed[k] for e in r.exprs):
+            mark_bases.add(key)
+            wanted |= reached
 
     out: list[Chain] = []
     for key, item in chains.items():
         if key not in wanted:
             continue
-        base = is_nat_base(item)
+        base = is_nat_base(item) or key in mark_bases
         hook = item.text("hook") if base else None
         policy = (item.text("policy", optional=True) or "accept") if base else None
         if policy not in (None, "accept", "drop"):
@@ -1036,12 +1126,90 @@ def parse_ruleset_json(doc: dict[str, Any]) -> NatRuleset:
                 rules=parsed[key],
                 hook=_HOOKS[hook] if hook is not None else None,
                 priority=item.number("prio") if base else None,
-                type="nat" if base else None,
+                type=item.text("type") if base else None,
                 policy=policy,
                 handle=item.number("handle", 0),
             )
         )
-    return NatRuleset(tuple(out))
+    return NatRuleset(tuple(out), rpfilter=_rpfilter_families(chains, rules, dormant),
+                      marks_known=not marks_elsewhere,
+                      xt_rpfilter=_rpfilter_families(chains, rules, dormant, drop=_is_xt_rpfilter_drop))
+
+
+def _may_set_mark(expr: object) -> bool:
+    """A mark statement, or a statement that is not understood (it may set one: ``xt`` MARK, maps)."""
+    return isinstance(expr, MarkSet | MarkCopy) or (
+        isinstance(expr, UnknownStatement) and (expr.expression.startswith(("mangle", "xt")))
+    )
+
+
+# Expressions that neither end a chain nor jump: a rule made only of these lets every packet on.
+_PASSING_EXPRS = frozenset({"counter", "log", "mangle", "match", "limit", "quota", "continue", "notrack"})
+
+
+def _is_rpfilter_drop(exprs: object) -> bool:
+    """``fib saddr . iif oif missing [counter] drop``: a reverse-path drop (strict, mark 0)."""
+    if not isinstance(exprs, list):
+        return False
+    keys = [next(iter(e)) for e in exprs if isinstance(e, dict) and len(e) == 1]
+    if len(keys) != len(exprs) or keys[-1:] != ["drop"]:
+        return False
+    matches = [e["match"] for e in exprs if "match" in e]
+    if len(matches) != 1 or any(k not in ("match", "counter", "log", "drop") for k in keys):
+        return False
+    match = matches[0]
+    if not isinstance(match, dict):
+        return False
+    fib = match.get("left", {}).get("fib") if isinstance(match.get("left"), dict) else None
+    return (
+        isinstance(fib, dict)
+        and fib.get("result") == "oif"
+        and isinstance(fib.get("flags"), list)
+        and sorted(fib["flags"]) == ["iif", "saddr"]
+        and match.get("op") in ("==", None)
+        and match.get("right") in (False, 0, "0", "missing")
+    )
+
+
+def _is_xt_rpfilter_drop(exprs: object) -> bool:
+    """iptables-nft's ``-m rpfilter ... -j DROP`` (its options are not in the dump)."""
+    if not isinstance(exprs, list) or not all(isinstance(e, dict) and len(e) == 1 for e in exprs):
+        return False
+    keys = [next(iter(e)) for e in exprs]
+    xts = [e["xt"] for e in exprs if "xt" in e]
+    return (keys[-1:] == ["drop"] and len(xts) == 1 and isinstance(xts[0], dict)
+            and xts[0].get("type") == "match" and xts[0].get("name") == "rpfilter"
+            and all(k in ("xt", "counter", "drop") for k in keys))
+
+
+def _rpfilter_families(
+    chains: dict[tuple[str, str, str], _Item],
+    rules: dict[tuple[str, str, str], list[_Item]],
+    dormant: set[tuple[str, str]],
+    drop: Callable[[object], bool] | None = None,
+) -> frozenset[int]:
+    """The families where a prerouting filter chain drops every packet that fails the reverse path.
+
+    Only a drop that every packet reaches counts: the chain's rules before it
+    may count, log or set marks, but none may end the chain (accept, a jump,
+    a verdict map, ...) for some packets.
+    """
+    found: set[int] = set()
+    for key, chain in chains.items():
+        if (key[0], key[1]) in dormant or chain.text("hook", optional=True) != "prerouting":
+            continue
+        if chain.text("type", optional=True) != "filter":
+            continue
+        for item in rules.get(key, []):
+            exprs = item.body.get("expr", [])
+            if (drop or _is_rpfilter_drop)(exprs):
+                found.update(FAMILY_AFS[key[0]])
+                break
+            if not isinstance(exprs, list) or not all(
+                isinstance(e, dict) and len(e) == 1 and next(iter(e)) in _PASSING_EXPRS for e in exprs
+            ):
+                break
+    return frozenset(found)
 
 
 def run_ruleset_tool(
@@ -1097,7 +1265,7 @@ def parse_ruleset_output(
 ) -> NatRuleset:
     """``nft -j list ruleset`` output as text: a ruleset, or ``RulesetError`` naming ``command``."""
     if not stdout.strip():
-        return NatRuleset()
+        return NatRuleset(marks_known=True)  # nothing at all: no chain sets a mark either
     try:
         doc = json.loads(stdout)
     except json.JSONDecodeError as exc:

@@ -109,6 +109,9 @@ RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
 RTM_NEWNEXTHOP, RTM_DELNEXTHOP, RTM_GETNEXTHOP = 104, 105, 106
+RTM_NEWNETCONF, RTM_DELNETCONF = 80, 81
+NETCONFA_IFINDEX, NETCONFA_RP_FILTER = 1, 3
+NETCONFA_IFINDEX_ALL, NETCONFA_IFINDEX_DEFAULT = -1, -2
 
 # rtnetlink multicast groups (RTNLGRP_*), joined with NETLINK_ADD_MEMBERSHIP.
 RTNLGRP_LINK = 1
@@ -118,6 +121,7 @@ RTNLGRP_IPV4_RULE = 8
 RTNLGRP_IPV6_IFADDR = 9
 RTNLGRP_IPV6_ROUTE = 11
 RTNLGRP_IPV6_RULE = 19
+RTNLGRP_IPV4_NETCONF = 24
 RTNLGRP_NEXTHOP = 32
 # A nexthop object can be replaced without any route message; its group matters.
 DEFAULT_GROUPS: tuple[int, ...] = (
@@ -129,6 +133,8 @@ DEFAULT_GROUPS: tuple[int, ...] = (
     RTNLGRP_IPV4_RULE,
     RTNLGRP_IPV6_RULE,
     RTNLGRP_NEXTHOP,
+    # rp_filter changes (RTM_NEWNETCONF): they change which interface a flow may enter on.
+    RTNLGRP_IPV4_NETCONF,
 )
 
 IFF_UP = 0x1
@@ -878,6 +884,7 @@ class EventKind(enum.StrEnum):
     ROUTE = "route"
     RULE = "rule"
     NEXTHOP = "nexthop"
+    NETCONF = "netconf"
 
 
 class EventAction(enum.StrEnum):
@@ -969,6 +976,40 @@ def event_from_msg(msg: Any, names: Mapping[int, str] | None = None) -> RtnlEven
     flags = int(header.get("flags", 0)) if isinstance(header, dict) else 0
     nexthop_object = kind == EventKind.ROUTE and route_nexthop_id(msg) is not None
     return RtnlEvent(kind, action, describe(kind, action, value, names or {}), value, flags, nexthop_object)
+
+
+def netconf_event(raw: bytes, names: Mapping[int, str] | None = None) -> RtnlEvent | None:
+    """An IPv4 ``RTM_NEWNETCONF`` that carries ``rp_filter`` as an event; None for anything else.
+
+    pyroute2 has no netconf message class: the message (``struct netconfmsg``,
+    one family byte and padding, then attributes) is read here. Only
+    rp_filter is modelled (``src_valid_mark`` changes are not announced by
+    the kernel; the next snapshot reads them).
+    """
+    if len(raw) < 20:
+        return None
+    kind = struct.unpack_from("=H", raw, 4)[0]
+    if kind not in (RTM_NEWNETCONF, RTM_DELNETCONF) or raw[16] != socket.AF_INET:
+        return None
+    ifindex: int | None = None
+    rp_filter: int | None = None
+    offset = 20
+    while offset + 4 <= len(raw):
+        length, nla_type = struct.unpack_from("=HH", raw, offset)
+        if length < 4 or offset + length > len(raw):
+            break
+        if length >= 8 and nla_type & 0x3FFF == NETCONFA_IFINDEX:
+            ifindex = struct.unpack_from("=i", raw, offset + 4)[0]
+        elif length >= 8 and nla_type & 0x3FFF == NETCONFA_RP_FILTER:
+            rp_filter = struct.unpack_from("=i", raw, offset + 4)[0]
+        offset += (length + 3) & ~3
+    if rp_filter is None or ifindex is None:
+        return None
+    name = {NETCONFA_IFINDEX_ALL: "all", NETCONFA_IFINDEX_DEFAULT: "default"}.get(ifindex) or (
+        (names or {}).get(ifindex, f"if{ifindex}")
+    )
+    action = EventAction.NEW if kind == RTM_NEWNETCONF else EventAction.DEL
+    return RtnlEvent(EventKind.NETCONF, action, f"netconf changed: rp_filter of {name} is {rp_filter}")
 
 
 def _drain(sock: NetlinkSocket) -> int:
@@ -1173,6 +1214,19 @@ class RtnlEvents(EventStream[Event]):
         return False
 
     def _feed(self, data: bytes) -> None:
+        # Netconf messages are read here (pyroute2 cannot); the rest goes to the marshal.
+        parts = list(split_datagram(bytes(data)))
+        if any(kind in (RTM_NEWNETCONF, RTM_DELNETCONF) for kind, _, _, _ in parts):
+            for kind, _, _, raw in parts:
+                if kind in (RTM_NEWNETCONF, RTM_DELNETCONF):
+                    self.stats.messages += 1
+                    netconf = netconf_event(raw, self.names)
+                    if netconf is None:
+                        self.stats.ignored += 1
+                    else:
+                        self._pending.append(netconf)
+            data = b"".join(raw + bytes(-len(raw) % 4) for kind, _, _, raw in parts
+                            if kind not in (RTM_NEWNETCONF, RTM_DELNETCONF))
         for msg in decode_messages(data, self._marshal, self.stats):
             self.stats.messages += 1
             try:

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Conntrack sysctls of this namespace, and the ledger that survives a crash while they are lowered.
+"""Conntrack sysctls of this namespace, the ledger that survives a crash while they are lowered,
+and the IPv4 reverse-path settings (``read_netconf``) the topology snapshot carries.
 
 Decides nothing. ``ConntrackSysctl`` reads ``nf_conntrack_count``, ``_max``
 and ``_buckets`` and reads and writes the per-namespace state timeouts under
@@ -39,6 +40,7 @@ import tempfile
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
+from topowatch.core.model import Netconf
 from topowatch.core.pressure import LOWERABLE
 from topowatch.errors import TopowatchError
 from topowatch.trust import default_trusted_uids, directory_problem, trust_problem
@@ -246,3 +248,41 @@ class TimeoutLedger:
                       self.path, exc.strerror or exc)
             return False
         return True
+
+
+IPV4_CONF = "/proc/sys/net/ipv4/conf"
+
+
+def read_netconf(root: str = IPV4_CONF) -> tuple[Netconf, ...]:
+    """``rp_filter`` and ``src_valid_mark`` of ``all``, ``default`` and every interface, as read now.
+
+    Read in the namespace of the calling thread (``/proc/sys/net`` is per
+    namespace). An interface that vanishes while it is read is left out; a
+    value that cannot be read or parsed raises ``SysctlError``.
+    """
+    try:
+        names = sorted(os.listdir(root))
+    except OSError as exc:
+        raise SysctlError(f"cannot list {root}: {exc.strerror}") from exc
+    found: list[Netconf] = []
+    for name in names:
+        values: list[int] = []
+        for key in ("rp_filter", "src_valid_mark"):
+            path = os.path.join(root, name, key)
+            try:
+                with open(path, "rb") as f:
+                    text = f.read().decode("ascii", "replace").strip()
+            except FileNotFoundError:
+                break  # the interface left meanwhile
+            except OSError as exc:
+                raise SysctlError(f"cannot read {path}: {exc.strerror}") from exc
+            try:
+                values.append(int(text))
+            except ValueError as exc:
+                raise SysctlError(f"{path}: not a number: {text!r}") from exc
+        if len(values) == 2:
+            try:
+                found.append(Netconf(name, values[0], bool(values[1])))
+            except ValueError as exc:
+                raise SysctlError(f"{root}/{name}: {exc}") from exc
+    return tuple(found)

@@ -1,0 +1,35 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Counts per module from ``mutmut results --all true`` on stdin (scripts/mutation --report)."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter, defaultdict
+
+counts: dict[str, Counter[str]] = defaultdict(Counter)
+survivors: list[str] = []
+for line in sys.stdin:
+    name, sep, status = line.strip().rpartition(": ")
+    if not sep or "__mutmut_" not in name:
+        continue
+    module = name.split(".x", 1)[0]
+    counts[module][status] += 1
+    if status in ("survived", "no tests", "timeout", "suspicious"):
+        survivors.append(f"{name}: {status}")
+total: Counter[str] = Counter()
+print(f"{'module':32} {'mutants':>7} {'run':>5} {'killed':>6} {'survived':>8} {'no tests':>8} {'other':>5}")
+for module in sorted(counts):
+    c = counts[module]
+    run = sum(c.values()) - c["not checked"]
+    if not run:
+        continue
+    other = run - c["killed"] - c["survived"] - c["no tests"]
+    print(f"{module:32} {sum(c.values()):7} {run:5} {c['killed']:6} {c['survived']:8} {c['no tests']:8}",
+          f"{other:5}")
+    total += c
+run = sum(total.values()) - total["not checked"]
+if run:
+    print(f"{'run so far':32} {'':7} {run:5} {total['killed']:6} {total['survived']:8} {total['no tests']:8}"
+          f"  killed {100 * total['killed'] / run:.1f}%")
+for line in survivors:
+    print(line)

@@ -1,0 +1,157 @@
+"""The admission rule's table (core/admission.py) against each Python copy of the rule.
+
+The compiled copy (``side_admits`` in edges/_ctscan.c) runs over the same
+table in tests/edges/test_ctscan.py. Expectations come from the table, never
+from another copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from ipaddress import ip_address
+from typing import Any
+
+import pytest
+
+from topowatch.core.admission import CASES, AdmissionCase
+from topowatch.core.conntrack import IPS_CONFIRMED, IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, CtTuple, Entry
+from topowatch.core.decide import Decider, _admitted, _admitted_raw, _compile
+from topowatch.core.fib import Fib
+from topowatch.core.flow import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, Binding, Flow, NatKind, Prediction
+from topowatch.core.model import AF_INET, AF_INET6, Topology
+
+FIB = Fib(Topology())
+
+
+def to_raw(e: Entry) -> tuple[Any, ...]:
+    o, r = e.orig, e.reply
+    return (e.family, e.proto, o.src.packed, o.dst.packed, o.sport, o.dport, r.src.packed, r.dst.packed,
+            r.sport, r.dport, e.status, e.zone, e.mark, e.id, e.timeout)
+
+
+def from_raw(raw: tuple[Any, ...]) -> Entry:
+    family, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport, status, zone, mark, i, t = raw
+    return Entry(family, proto, CtTuple(ip_address(osrc), ip_address(odst), osport, odport),
+                 CtTuple(ip_address(rsrc), ip_address(rdst), rsport, rdport), status, zone, mark, i, t)
+
+IDS = [c.name for c in CASES]
+
+
+def test_the_table_covers_both_answers_both_families_and_port_ranges() -> None:
+    assert {c.admitted for c in CASES} == {True, False}
+    assert {c.original.version for c in CASES} == {4, 6}
+    assert any(b.ports is not None for c in CASES for b in c.bindings)
+    assert any(b.addr_lo is None and b.ports is not None for c in CASES for b in c.bindings)
+    assert len(set(IDS)) == len(IDS)
+
+
+def test_some_cases_need_a_later_binding() -> None:
+    """Where only a later binding admits, a scan that stops at the first refusal fails some order."""
+    assert any(c.admitted and sum(
+        b.admits(c.original, c.translated, 0, c.port) for b in c.bindings) == 1 and len(c.bindings) > 1
+        for c in CASES)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_binding_admits(case: AdmissionCase) -> None:
+    got = any(b.admits(case.original, case.translated, 0, case.port) for b in case.bindings)
+    assert got is case.admitted
+
+
+def orders(case: AdmissionCase) -> list[tuple[tuple[int | None, int | None, int | None, int | None], ...]]:
+    """The case's checks in every order of its bindings (a set's order is the hash's: try them all)."""
+    checks = _compile(frozenset(case.bindings))
+    assert checks is not None
+    return [tuple(p) for p in itertools.permutations(checks)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_admitted_over_integers(case: AdmissionCase) -> None:
+    for check in orders(case):
+        assert _admitted(check, int(case.original), int(case.translated), case.port) is case.admitted, check
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_admitted_over_packed_addresses(case: AdmissionCase) -> None:
+    for check in orders(case):
+        assert _admitted_raw(check, case.original.packed, case.translated.packed, case.port) is case.admitted
+
+
+def test_a_case_of_mixed_families_is_refused() -> None:
+    from ipaddress import ip_address
+
+    with pytest.raises(ValueError, match="different families"):
+        AdmissionCase("x", (), ip_address("10.0.0.1"), ip_address("::1"), 0, True)
+    with pytest.raises(ValueError, match="port 70000"):
+        AdmissionCase("x", (), ip_address("10.0.0.1"), ip_address("10.0.0.1"), 70000, True)
+
+
+# --- the Decider's own fast checks (``_healthy`` on entries, ``add_raw`` on raw tuples) -------------
+
+
+def judged(case: AdmissionCase, side: str, order: tuple[Binding, ...], *, raw: bool, icmp: bool) -> bool:
+    """Does the Decider send the case's entry (the second of its key) to the reasoned judgement?
+
+    The first entry of the key carries no translation; the second carries the case's on
+    ``side``. A healthy verdict of the fast check never reaches ``_judge``.
+    """
+    v4 = case.original.version == 4
+    peer = ip_address("10.9.9.9") if v4 else ip_address("fd09::9")
+    family = AF_INET if v4 else AF_INET6
+    proto = (IPPROTO_ICMP if v4 else IPPROTO_ICMPV6) if icmp else IPPROTO_UDP
+    none = frozenset({Binding(NatKind.NONE)})
+    bindings: Any = order  # a tuple where a set goes: the checks keep this order
+
+    def predict(fib: Fib, flow: Flow) -> Prediction:
+        return Prediction(dnat=bindings if side == "dnat" else none, snat=bindings if side == "snat" else none,
+                          egress=())  # fmt: skip
+
+    status = IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE
+    # ICMP reads the port of the original direction (dnat: type/code, snat: id); UDP the reply's.
+    # The other field holds a port far away, so reading the wrong one changes some answers.
+    far = (case.port + 30000) % 65536
+    if side == "snat":
+        if icmp:
+            orig1, orig2 = CtTuple(case.original, peer, case.port, 8 << 8), CtTuple(case.original, peer, case.port, 8 << 8)
+            first = Entry(family, proto, orig1, CtTuple(peer, case.original, case.port, 0), status=status, id=1)
+            entry = Entry(family, proto, orig2, CtTuple(peer, case.translated, far, 0), status=status, id=2)
+        else:
+            orig1, orig2 = CtTuple(case.original, peer, 1, 53), CtTuple(case.original, peer, far, 53)
+            first = Entry(family, proto, orig1, CtTuple(peer, case.original, 53, 1), status=status, id=1)
+            entry = Entry(family, proto, orig2, CtTuple(peer, case.translated, 53, case.port), status=status, id=2)
+    elif icmp:
+        orig1, orig2 = CtTuple(peer, case.original, 7, case.port), CtTuple(peer, case.original, 8, case.port)
+        first = Entry(family, proto, orig1, CtTuple(case.original, peer, 7, 0), status=status, id=1)
+        entry = Entry(family, proto, orig2, CtTuple(case.translated, peer, far, 0), status=status, id=2)
+    else:
+        orig1, orig2 = CtTuple(peer, case.original, 1, 53), CtTuple(peer, case.original, 2, far)
+        first = Entry(family, proto, orig1, CtTuple(case.original, peer, 53, 1), status=status, id=1)
+        entry = Entry(family, proto, orig2, CtTuple(case.translated, peer, case.port, 2), status=status, id=2)
+        first = dataclasses.replace(first, orig=dataclasses.replace(orig1, dport=far),
+                                    reply=dataclasses.replace(first.reply, sport=far))
+    decider = Decider(predict=predict, fib_now=FIB, sport_matters=False, build=from_raw)
+    seen: list[int] = []
+    judge = decider._judge
+
+    def spy(e: Entry, *args: Any) -> None:
+        seen.append(e.id)
+        judge(e, *args)
+
+    decider._judge = spy  # type: ignore[method-assign]
+    for e in (first, entry):
+        if raw:
+            decider.add_raw(to_raw(e))
+        else:
+            decider.add(e)
+    assert decider.examined == 2 and len(decider._now) == 1, "both entries of one key"
+    return 2 in seen
+
+
+@pytest.mark.parametrize("icmp", [False, True], ids=["udp", "icmp"])
+@pytest.mark.parametrize("raw", [False, True], ids=["entries", "raw"])
+@pytest.mark.parametrize("side", ["snat", "dnat"])
+def test_the_deciders_fast_checks_follow_the_table(side: str, raw: bool, icmp: bool) -> None:
+    for case in CASES:
+        for order in itertools.permutations(case.bindings):
+            assert judged(case, side, order, raw=raw, icmp=icmp) is not case.admitted, (case.name, order)

@@ -1,0 +1,405 @@
+"""Delete accounting of ``ctnetlink.Conntrack.delete`` against a scripted kernel over a socketpair.
+
+``Conntrack`` gets one end of an ``AF_UNIX``/``SOCK_DGRAM`` socketpair (behind a
+thin wrapper for the netlink-only calls: bind, setsockopt, sendto's address);
+the other end is a fake kernel that answers each DELETE as ctnetlink does,
+inside ``sendto`` (the kernel handles a whole sendmsg before it returns): an
+error answer (NLMSG_ERROR with -errno, the request's header echoed) for every
+failed request, an ACK only for a request that asked for one. Which request
+fails is scripted by the entry's id, so the answers do not depend on how
+``delete`` batches. Overruns are scripted as answers the kernel drops and an
+ENOBUFS from the next recv, as netlink reports them.
+
+Every expected count below is worked out by hand from the script.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+from typing import Any
+
+import pytest
+
+from topowatch.core.conntrack import IPS_CONFIRMED, CtTuple, Entry
+from topowatch.edges import ctcodec, ctnetlink
+from topowatch.edges.ctnetlink import Conntrack, DeleteResult
+from topowatch.errors import NetlinkError, PermissionDenied
+
+HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
+
+
+@dataclass
+class Request:
+    seq: int
+    flags: int
+    ct_id: int
+
+
+@dataclass
+class FakeKernel:
+    """The ctnetlink end: answers DELETE requests from a script keyed by entry id."""
+
+    sock: socket.socket
+    errors: dict[int, int] = field(default_factory=dict)  # entry id -> errno
+    dropped: set[int] = field(default_factory=set)  # entry ids whose answer the kernel drops
+    stray: list[tuple[int, int]] = field(default_factory=list)  # (seq, errno) answers of no request
+    sends: list[list[Request]] = field(default_factory=list)  # per sendmsg, the requests in it
+    overrun: bool = False  # the next recv reports ENOBUFS
+    recv_error: int = 0  # the next recv fails with this errno
+    get_errors: dict[int, int] = field(default_factory=dict)  # entry id -> errno of its re-read (GET)
+    one_datagram: bool = False  # all answers to a sendmsg in one datagram
+
+    def handle(self, data: bytes) -> None:
+        requests: list[Request] = []
+        pos = 0
+        while pos + 16 <= len(data):
+            mlen, mtype, flags, seq, _pid = HDR.unpack_from(data, pos)
+            if mtype == ctcodec.IPCTNL_MSG_CT_GET:
+                self._reread(data, pos, mlen, seq)
+                pos += (mlen + 3) & ~3
+                continue
+            assert mtype == ctcodec.IPCTNL_MSG_CT_DELETE
+            requests.append(Request(seq, flags, self._id(data, pos + 20, pos + mlen)))
+            pos += (mlen + 3) & ~3
+        assert pos == len(data)
+        if not requests:
+            return
+        self.sends.append(requests)
+        answers = [self._answer(seq, err) for seq, err in self.stray]
+        self.stray.clear()
+        for r in requests:
+            err = self.errors.get(r.ct_id, 0)
+            if err == 0 and not r.flags & ctcodec.NLM_F_ACK:
+                continue  # a success that asked for no ACK is silent
+            if r.ct_id in self.dropped:
+                self.overrun = True
+                continue
+            answers.append(self._answer(r.seq, err))
+        if self.one_datagram and answers:
+            self.sock.send(b"".join(answers))
+            return
+        for answer in answers:  # one datagram per answer, as the kernel queues them
+            self.sock.send(answer)
+
+    def _reread(self, data: bytes, pos: int, mlen: int, seq: int) -> None:
+        """A GET by orig tuple: the entry as it is now (status and id; ``entries`` gives id = sport - 1000)."""
+        alen = struct.unpack_from("=H", data, pos + 20)[0]
+        orig, _proto, _zone = ctcodec._decode_tuple(data, pos + 24, pos + 20 + alen, ctcodec.AddressCache())
+        ct_id = orig.sport - 1000
+        if self.get_errors.get(ct_id):
+            self.sock.send(self._answer(seq, self.get_errors[ct_id]))
+            return
+        attrs = [(3, ctcodec.nla(ctcodec.CTA_STATUS, ctcodec.be32(IPS_CONFIRMED))),
+                 (12, ctcodec.nla(ctcodec.CTA_ID, ctcodec.be32(ct_id)))]
+        self.sock.send(ctcodec.encode_message(ctcodec.IPCTNL_MSG_CT_NEW, 0, seq, 2, attrs))
+
+    @staticmethod
+    def _id(data: bytes, pos: int, end: int) -> int:
+        while pos + 4 <= end:
+            alen, atype = struct.unpack_from("=HH", data, pos)
+            if atype & ctcodec.NLA_TYPE_MASK == ctcodec.CTA_ID:
+                return int.from_bytes(data[pos + 4 : pos + 8], "big")
+            pos += (alen + 3) & ~3
+        raise AssertionError("a delete without CTA_ID")
+
+    @staticmethod
+    def _answer(seq: int, err: int) -> bytes:
+        echoed = HDR.pack(16, ctcodec.IPCTNL_MSG_CT_DELETE, 0, seq, 0)  # NETLINK_CAP_ACK: header only
+        return HDR.pack(36, ctcodec.NLMSG_ERROR, 0, seq, 0) + struct.pack("=i", -err) + echoed
+
+
+class Wire:
+    """The ``Conntrack`` end: a real socket; netlink's addresses and options are accepted and dropped."""
+
+    def __init__(self, sock: socket.socket, kernel: FakeKernel) -> None:
+        self.sock = sock
+        self.kernel = kernel
+        self.idle_recvs = 0  # recvs in a row that found nothing
+
+    def bind(self, address: Any) -> None:
+        raise OSError(errno.EINVAL, "already bound")  # what Conntrack accepts from a bound socket
+
+    def setsockopt(self, *args: Any) -> None:
+        pass
+
+    def getsockopt(self, level: int, option: int) -> int:
+        return self.sock.getsockopt(level, option)
+
+    def setblocking(self, flag: bool) -> None:
+        self.sock.setblocking(flag)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def sendto(self, data: bytes, address: Any) -> int:
+        n = self.sock.send(data)
+        self.kernel.handle(self.kernel.sock.recv(1 << 20))
+        return n
+
+    def recv_into(self, buf: Any, nbytes: int, flags: int = 0) -> int:
+        if self.kernel.overrun:
+            self.kernel.overrun = False
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+        if self.kernel.recv_error:
+            err, self.kernel.recv_error = self.kernel.recv_error, 0
+            raise OSError(err, os.strerror(err))
+        try:
+            n = self.sock.recv_into(buf, nbytes, flags)
+        except BlockingIOError:
+            # Waiting is poll's job: a caller that keeps asking without it spins (fail, do not hang).
+            self.idle_recvs += 1
+            assert self.idle_recvs < 50, "recv asked again and again without waiting"
+            raise
+        self.idle_recvs = 0
+        return n
+
+    def close(self) -> None:
+        self.sock.close()
+        self.kernel.sock.close()
+
+
+@pytest.fixture
+def wired(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Conntrack, FakeKernel]]:
+    # The status-filter probe is a dump (tests/netns/test_ctnetlink.py runs it on a kernel).
+    monkeypatch.setattr(ctnetlink, "probe_status_filter", lambda ct: True)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    kernel = FakeKernel(theirs)
+    ct = Conntrack(Wire(ours, kernel))  # type: ignore[arg-type]
+    ct.timeout = 0.5  # a wait for an answer that never comes fails the test quickly
+    yield ct, kernel
+    ct.close()
+
+
+def entries(n: int) -> list[Entry]:
+    """n entries, ids 1..n (the script's keys)."""
+    a, b = ip_address("10.0.1.2"), ip_address("192.0.2.10")
+    return [Entry(2, 17, CtTuple(a, b, 1000 + i, 53), CtTuple(b, a, 53, 1000 + i), status=IPS_CONFIRMED, id=i)
+            for i in range(1, n + 1)]  # fmt: skip
+
+
+def acks(kernel: FakeKernel) -> list[list[bool]]:
+    return [[bool(r.flags & ctcodec.NLM_F_ACK) for r in send] for send in kernel.sends]
+
+
+def test_a_clean_batch_is_one_sendmsg_with_one_ack(wired: tuple[Conntrack, FakeKernel]) -> None:
+    ct, kernel = wired
+    result = ct.delete(entries(5))
+    assert result == DeleteResult(requested=5, deleted=5, not_found=0, errors=(), unconfirmed=0, batches=1)
+    assert acks(kernel) == [[False, False, False, False, True]]
+    # Every flag exactly: a request, and the ACK asked for on the last only.
+    assert [r.flags for r in kernel.sends[0]] == [ctcodec.NLM_F_REQUEST] * 4 + [ctcodec.NLM_F_REQUEST | ctcodec.NLM_F_ACK]
+    assert [r.ct_id for r in kernel.sends[0]] == [1, 2, 3, 4, 5]
+    assert ct.requests == 1
+    assert result.describe() == "deleted 5/5, already gone 0"
+
+
+def test_enoent_is_already_gone_not_an_error(wired: tuple[Conntrack, FakeKernel]) -> None:
+    ct, kernel = wired
+    kernel.errors = {2: errno.ENOENT, 4: errno.ENOENT}
+    result = ct.delete(entries(5))
+    assert (result.deleted, result.not_found, result.errors, result.failed) == (3, 2, (), 0)
+
+
+def test_ebusy_is_an_error(wired: tuple[Conntrack, FakeKernel]) -> None:
+    ct, kernel = wired
+    kernel.errors = {3: errno.EBUSY}
+    result = ct.delete(entries(5))
+    assert (result.deleted, result.not_found, result.errors, result.failed) == (4, 0, ((errno.EBUSY, 1),), 1)
+    assert result.describe() == "deleted 4/5, already gone 0, EBUSY 1"
+
+
+@pytest.mark.parametrize(
+    ("script", "deleted", "not_found", "errors"),
+    [
+        ({1: errno.ENOENT}, 4, 1, ()),  # the first request
+        ({5: errno.ENOENT}, 4, 1, ()),  # the last request: its error is its only answer (no ACK follows)
+        ({5: errno.EBUSY}, 4, 0, ((errno.EBUSY, 1),)),
+        ({1: errno.EBUSY, 5: errno.ENOENT}, 3, 1, ((errno.EBUSY, 1),)),
+        ({1: errno.ENOENT, 2: errno.ENOENT, 3: errno.ENOENT, 4: errno.ENOENT, 5: errno.ENOENT}, 0, 5, ()),
+        ({2: errno.EBUSY, 3: errno.EINVAL, 4: errno.EBUSY}, 2, 0, ((errno.EBUSY, 2), (errno.EINVAL, 1))),  # sorted by errno: EBUSY 16, EINVAL 22
+    ],
+    ids=["first ENOENT", "last ENOENT", "last EBUSY", "first EBUSY last ENOENT", "all gone", "mixed"],
+)
+def test_answers_to_the_first_and_the_last_request(
+    wired: tuple[Conntrack, FakeKernel], script: dict[int, int], deleted: int, not_found: int,
+    errors: tuple[tuple[int, int], ...],
+) -> None:
+    ct, kernel = wired
+    kernel.errors = script
+    result = ct.delete(entries(5))
+    assert (result.requested, result.deleted, result.not_found, result.errors) == (5, deleted, not_found, errors)
+    assert result.unconfirmed == 0 and result.batches == 1
+
+
+def test_partial_batches_by_count(wired: tuple[Conntrack, FakeKernel]) -> None:
+    """40 entries at 16 per batch: 16 + 16 + 8, each batch's last asks for the ACK."""
+    ct, kernel = wired
+    ct.batch_max = 16
+    # the last of batch 1, the first of batch 2, the last of batch 3
+    kernel.errors = {16: errno.EBUSY, 17: errno.ENOENT, 40: errno.ENOENT}
+    result = ct.delete(entries(40))
+    assert [len(s) for s in kernel.sends] == [16, 16, 8]
+    assert acks(kernel) == [[False] * 15 + [True], [False] * 15 + [True], [False] * 7 + [True]]
+    assert result == DeleteResult(requested=40, deleted=37, not_found=2, errors=((errno.EBUSY, 1),),
+                                  unconfirmed=0, batches=3)  # fmt: skip
+    assert ct.requests == 3
+
+
+def test_partial_batches_by_bytes(wired: tuple[Conntrack, FakeKernel]) -> None:
+    """A send buffer for three requests splits 7 entries into 3 + 3 + 1 sends."""
+    ct, kernel = wired
+    size = len(ctcodec.encode_delete(entries(1)[0], 1, ack=False))
+    ct.batch_bytes = 3 * size
+    kernel.errors = {3: errno.ENOENT, 7: errno.EBUSY}
+    result = ct.delete(entries(7))
+    assert [len(s) for s in kernel.sends] == [3, 3, 1]
+    assert acks(kernel) == [[False, False, True], [False, False, True], [True]]
+    assert result == DeleteResult(requested=7, deleted=5, not_found=1, errors=((errno.EBUSY, 1),),
+                                  unconfirmed=0, batches=3)  # fmt: skip
+
+
+def test_sequence_numbers_run_on_and_answers_of_no_request_are_ignored(
+    wired: tuple[Conntrack, FakeKernel],
+) -> None:
+    ct, kernel = wired
+    ct.delete(entries(3))
+    first = [r.seq for r in kernel.sends[0]]
+    assert first == [first[0], first[0] + 1, first[0] + 2]
+    # An error answer to an earlier request (seq before this batch's) and one after it: not this batch's.
+    kernel.stray = [(first[0], errno.EBUSY), (first[0] + 10, errno.ENOENT)]
+    result = ct.delete(entries(3))
+    assert [r.seq for r in kernel.sends[1]] == [first[0] + 3, first[0] + 4, first[0] + 5]
+    assert (result.deleted, result.not_found, result.errors) == (3, 0, ())
+    # The same with every answer in one datagram: a stray one does not hide those after it.
+    kernel.one_datagram = True
+    kernel.stray = [(first[0], errno.EBUSY)]
+    kernel.errors = {2: errno.ENOENT}
+    result = ct.delete(entries(3))
+    assert (result.deleted, result.not_found, result.errors) == (2, 1, ())
+
+
+def test_sequence_numbers_wrap_to_a_contiguous_range(wired: tuple[Conntrack, FakeKernel]) -> None:
+    ct, kernel = wired
+    ct._seq = 0xFFFFFFFE  # two numbers left before the wrap: a batch of 5 restarts at 1
+    ct.delete(entries(5))
+    assert [r.seq for r in kernel.sends[0]] == [1, 2, 3, 4, 5]
+    ct.delete(entries(1))
+    assert [r.seq for r in kernel.sends[1]] == [6]
+
+
+def test_counts_add_up_over_batches_with_errors_and_overruns(wired: tuple[Conntrack, FakeKernel]) -> None:
+    """Three batches of 16, 16 and 8: EBUSY in the first and the last; the first two overrun."""
+    ct, kernel = wired
+    ct.batch_max = 16
+    kernel.errors = {3: errno.EBUSY, 40: errno.EBUSY, 20: errno.ENOENT}
+    kernel.dropped = {5, 20}  # silent successes never drop; these are answers that would come
+    kernel.errors[5] = errno.ENOENT
+    result = ct.delete(entries(40))
+    # batch 1: EBUSY(3) received, ENOENT(5) dropped, the ACK of 16: 1 deleted, 16 - 1 - 1 = 14 unconfirmed
+    # batch 2: ENOENT(20) dropped, the ACK of 32: 1 deleted, 15 unconfirmed
+    # batch 3 (no overrun, batch_max stays at its floor of 16): EBUSY(40) received: 7 deleted
+    assert result == DeleteResult(requested=40, deleted=9, not_found=0, errors=((errno.EBUSY, 2),),
+                                  unconfirmed=29, batches=3)  # fmt: skip
+    assert ct.batch_max == 16  # halved from 16: the floor
+
+
+def test_an_overrun_counts_the_unanswered_as_unconfirmed_and_halves_batches(
+    wired: tuple[Conntrack, FakeKernel],
+) -> None:
+    """The kernel dropped the ENOENT of entry 2; the EBUSY of 3 and the last's ACK came.
+
+    Successes are silent, so of 1, 2 and 4 nothing is known: 1 deleted (the last), 3 unconfirmed.
+    """
+    ct, kernel = wired
+    ct.batch_max = 64
+    kernel.errors = {2: errno.ENOENT, 3: errno.EBUSY}
+    kernel.dropped = {2}
+    result = ct.delete(entries(5))
+    assert result == DeleteResult(requested=5, deleted=1, not_found=0, errors=((errno.EBUSY, 1),),
+                                  unconfirmed=3, batches=1)  # fmt: skip
+    assert ct.batch_max == 32
+
+
+def test_an_overrun_that_dropped_the_last_answer_confirms_nothing(wired: tuple[Conntrack, FakeKernel]) -> None:
+    ct, kernel = wired
+    kernel.dropped = {5}
+    kernel.errors = {1: errno.ENOENT}
+    result = ct.delete(entries(5))
+    assert result == DeleteResult(requested=5, deleted=0, not_found=1, errors=(), unconfirmed=4, batches=1)
+
+
+def test_permission_denied_for_every_request_raises(wired: tuple[Conntrack, FakeKernel]) -> None:
+    ct, kernel = wired
+    kernel.errors = dict.fromkeys(range(1, 4), errno.EPERM)
+    with pytest.raises(PermissionDenied, match=r"^ctnetlink delete: Operation not permitted \(needs CAP_NET_ADMIN\)$"):
+        ct.delete(entries(3))
+
+
+def test_permission_denied_for_some_is_counted(wired: tuple[Conntrack, FakeKernel]) -> None:
+    ct, kernel = wired
+    kernel.errors = {1: errno.EPERM}
+    result = ct.delete(entries(3))
+    assert (result.deleted, result.errors) == (2, ((errno.EPERM, 1),))
+
+
+def test_no_answer_to_the_last_request_is_a_timeout(wired: tuple[Conntrack, FakeKernel]) -> None:
+    """A kernel that never answers the ACK asked for: an error after the timeout, not a guess."""
+    ct, kernel = wired
+    handle: Callable[[bytes], None] = kernel.handle
+
+    def silent(data: bytes) -> None:
+        kernel.sends.append([])
+        del data
+
+    kernel.handle = silent  # type: ignore[method-assign]
+    with pytest.raises(NetlinkError, match="no answer from ctnetlink"):
+        ct.delete(entries(2))
+    kernel.handle = handle  # type: ignore[method-assign]
+
+
+def test_an_overrun_whose_last_answer_is_an_error_confirms_nothing(wired: tuple[Conntrack, FakeKernel]) -> None:
+    """Entry 2's ENOENT was dropped; the last failed with EBUSY: no success is known at all."""
+    ct, kernel = wired
+    kernel.errors = {2: errno.ENOENT, 5: errno.EBUSY}
+    kernel.dropped = {2}
+    result = ct.delete(entries(5))
+    assert result == DeleteResult(requested=5, deleted=0, not_found=0, errors=((errno.EBUSY, 1),),
+                                  unconfirmed=4, batches=1)  # fmt: skip
+
+
+async def test_the_daemons_counts_are_the_kernels_answers(
+    wired: tuple[Conntrack, FakeKernel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``KernelBackend.delete`` (what the reactor calls) over the scripted kernel: ENOENT is already gone."""
+    from topowatch.edges import kernel as kernel_mod
+
+    monkeypatch.setattr(kernel_mod, "probe_xfrm", lambda: None)  # no NETLINK_XFRM socket for this test
+    ct, kernel = wired
+    backend = kernel_mod.KernelBackend()
+    backend._ct = ct
+    # Re-read first: 2 is gone by then; the deletes of the rest: 1 and 6 gone, 3 and 4 busy.
+    kernel.get_errors = {2: errno.ENOENT}
+    kernel.errors = {1: errno.ENOENT, 3: errno.EBUSY, 4: errno.EBUSY, 6: errno.ENOENT}
+    counts = await backend.delete(entries(7), lambda dumped, now: True)
+    assert (counts.deleted, counts.already_gone, counts.failed, counts.errors) == (2, 3, 2, ("2 x EBUSY",))
+    assert [r.ct_id for r in kernel.sends[-1]] == [1, 3, 4, 5, 6, 7]  # 2 was not asked to go
+
+
+def test_a_receive_error_is_a_netlink_error_naming_it(wired: tuple[Conntrack, FakeKernel]) -> None:
+    ct, kernel = wired
+    kernel.errors = {1: errno.ENOENT}  # an answer is waiting; the recv fails first
+    kernel.recv_error = errno.EIO
+    with pytest.raises(NetlinkError, match=r"^ctnetlink receive failed: Input/output error$") as info:
+        ct.delete(entries(2))
+    assert info.value.errno == errno.EIO
+
+
+def test_describe_names_unknown_errnos_and_unconfirmed() -> None:
+    result = DeleteResult(requested=9, deleted=1, not_found=2, errors=((errno.EBUSY, 1), (4095, 2)), unconfirmed=3)
+    assert result.describe() == "deleted 1/9, already gone 2, EBUSY 1, 4095 2, unconfirmed 3"
