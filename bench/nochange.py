@@ -27,7 +27,7 @@ from pathlib import Path
 from flush import CT_MAX, DEBOUNCE, Bench, Limits, Scenario, _terminate, rebuild, replied_entries, rules_dir
 from flush import unreplied_flows as flows_of
 
-from topowatch.lab import Daemon
+from topowatch.lab import Daemon, log_record
 
 
 def cpu_seconds(pid: int) -> float:
@@ -91,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="twbnochg") as tmp:
                 cap = 2 * args.entries
                 with Daemon(r, "--no-dbus", "--rules-dir", rules_dir(tmp, cap), "--debounce", str(DEBOUNCE),
-                            "--max-wait", "0.1", "--max-deletions", str(cap)) as daemon:  # fmt: skip
+                            "--max-wait", "0.1", "--max-deletions", str(cap),
+                            "--log-format", "json") as daemon:  # fmt: skip
                     if daemon.wait_for("ready", 120) is None:
                         raise SystemExit("topowatch did not become ready:\n" + "\n".join(daemon.lines))
-                    sweep = daemon.wait_for("from first event to last delete", 600)
-                    print(f"startup sweep: {sweep}", flush=True)
+                    sweep = daemon.wait_record(lambda rec: rec.get("event") == "reaction", 600)
+                    print(f"startup sweep: {sweep['msg'] if sweep else None}", flush=True)
                     time.sleep(1.0)
                     pid = daemon.proc.pid
                     before = cpu_seconds(pid)
@@ -108,10 +109,13 @@ def main(argv: list[str] | None = None) -> int:
                     daemon.wait_for("\x00 nothing matches this", 2.0)  # reads what it logged meanwhile
                     used = cpu_seconds(pid) - before
                     tail = daemon.lines[seen:]
-                    lines = [x for x in tail if "from first event to last delete" in x]
+                    # The reactions' JSON records (the machine interface), not their text lines.
+                    reactions = [rec for rec in map(log_record, tail)
+                                 if rec is not None and rec.get("event") == "reaction"]
+                    lines = [str(rec["msg"]) for rec in reactions]
                     if not lines:
                         print("no reaction logged; the daemon said:\n" + "\n".join(tail[-30:]))
-        dumps = [x for x in lines if "no dump:" not in x]
+        dumps = [str(rec["msg"]) for rec in reactions if rec.get("dumped", True)]
         print(
             f"events: {args.events} ({', '.join(f'{k} x{v}' for k, v in kinds.items())}), "
             f"one every {args.interval:.2f} s"

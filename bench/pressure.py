@@ -30,7 +30,6 @@ import argparse
 import errno
 import json
 import os
-import re
 import shutil
 import socket
 import sys
@@ -44,7 +43,7 @@ from topowatch.core.conntrack import IPS_ASSURED, IPS_SEEN_REPLY, CtTuple, Entry
 from topowatch.core.model import AF_INET
 from topowatch.edges.ctnetlink import Conntrack
 from topowatch.errors import NetlinkError
-from topowatch.lab import Daemon
+from topowatch.lab import Daemon, log_record
 from topowatch.netns import Namespace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +56,6 @@ table ip t {
     }
 }
 """
-EVICTED_RE = re.compile(r"pressure: evicted (\d+) of \d+ chosen \(([^;]*);")
 
 
 @dataclass
@@ -165,7 +163,7 @@ def one_run(rate: int, seconds: float, agent: bool, rules: Path) -> Run:
         state = Path(tempfile.mkdtemp(prefix="twpb-state-"))
         try:
             with Daemon(ns, "--no-dbus", "--no-startup-sweep", "--rules-dir", str(rules),
-                        "--state-dir", str(state)) as daemon:
+                        "--state-dir", str(state), "--log-format", "json") as daemon:
                 if daemon.wait_for("ready", 60) is None:
                     raise RuntimeError("daemon did not start: " + "\n".join(daemon.lines))
                 if daemon.wait_for("pressure starts", 60) is None:
@@ -176,10 +174,9 @@ def one_run(rate: int, seconds: float, agent: bool, rules: Path) -> Run:
                 result.cpu_s = cpu_seconds(pid) - cpu0
                 daemon.stop()
             for line in daemon.lines:
-                m = EVICTED_RE.search(line)
-                if m:
-                    for part in m.group(2).split(", "):
-                        n, _, what = part.partition(" ")
+                record = log_record(line)
+                if record is not None and record.get("event") == "pressure_evict":
+                    for what, n in record["by_class"].items():
                         result.evicted[what] = result.evicted.get(what, 0) + int(n)
         finally:
             shutil.rmtree(state, ignore_errors=True)

@@ -20,6 +20,10 @@ inside, reading policies only from a temporary rules directory:
    daemon's view must match the kernel's: the route count of the snapshot
    it logs (``-vv``: "snapshot: ... routes") equals ``ip route show table
    all`` (IPv4 and IPv6) in the namespace, after the overrun and at the end.
+
+The daemon logs with ``--log-format json``: reactions are read from their
+records (``event`` "reaction": number, events, change), never from the
+text line.
 """
 
 from __future__ import annotations
@@ -37,10 +41,9 @@ from pathlib import Path
 
 from idle import thread_switches, watch_idle
 
-from topowatch.lab import Daemon, LineReader
+from topowatch.lab import Daemon, LineReader, log_record
 from topowatch.netns import Namespace
 
-REACTION_RE = re.compile(r"reaction (\d+) \(.*?(\d+) event\(s\)")
 SNAPSHOT_RE = re.compile(r"snapshot: \d+ links, \d+ addresses, (\d+) routes")
 OVERRUN = "rtnetlink: event overrun"
 RULESET = """\
@@ -62,11 +65,11 @@ RUN_ARGS = ("--no-dbus", "--debounce", str(DEBOUNCE), "--max-wait", str(MAX_WAIT
 
 
 class VerboseDaemon(Daemon):
-    """``topowatch -vv run``: debug lines too (the snapshot sizes); ``Daemon`` puts ``run`` first."""
+    """``topowatch -vv --log-format json run``: debug records too (the snapshot sizes)."""
 
     def __init__(self, ns: Namespace, *args: str) -> None:
         self.proc = ns.popen(
-            [sys.executable, "-m", "topowatch", "-vv", "run", *args],
+            [sys.executable, "-m", "topowatch", "-vv", "--log-format", "json", "run", *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -104,9 +107,9 @@ def settle(daemon: Daemon, limit: float = 600.0, quiet: float = 1.0) -> Settled:
         before = thread_switches(daemon.proc.pid)
         daemon.wait_for("\0", quiet)  # never matches: reads what comes for ``quiet`` s
         for line in daemon.lines[seen:]:
-            match = REACTION_RE.search(line)
-            if match is not None and "from first event to last delete" in line:
-                reactions.append((int(match.group(1)), int(match.group(2)), time.perf_counter()))
+            record = log_record(line)
+            if record is not None and record.get("event") == "reaction":
+                reactions.append((record["reaction"], record["events"], time.perf_counter()))
         seen = len(daemon.lines)
         if daemon.proc.poll() is not None:
             break
@@ -124,9 +127,24 @@ def kernel_routes(ns: Namespace) -> int:
     return total
 
 
+def message(line: str) -> str:
+    """A JSON record's message (the line itself if it is not one)."""
+    record = log_record(line)
+    return str(record.get("msg", "")) if record is not None else line
+
+
+def reacted_to(lines: list[str], what: str) -> bool:
+    """Some reaction record names ``what`` in its change or trigger."""
+    return any(
+        (r := log_record(x)) is not None and r.get("event") == "reaction"
+        and what in f"{r.get('change')} {r.get('trigger')}"
+        for x in lines
+    )
+
+
 def last_snapshot(lines: list[str]) -> int | None:
     for line in reversed(lines):
-        match = SNAPSHOT_RE.search(line)
+        match = SNAPSHOT_RE.search(message(line))
         if match is not None:
             return int(match.group(1))
     return None
@@ -182,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             burst = time.perf_counter() - started
             storm = settle(daemon)
             cpu = cpu_seconds(pid) - cpu_before
-            overruns = sum(OVERRUN in line for line in storm.lines)
+            overruns = sum(OVERRUN in message(line) for line in storm.lines)
             events = 2 * args.routes
             absorbed = sum(e for _, e, _ in storm.reactions)
             done = (storm.reactions[-1][2] - started) if storm.reactions else float("nan")
@@ -211,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     os.kill(pid, signal.SIGCONT)
                 stopped = settle(daemon)
-                forced_now = sum(OVERRUN in line for line in stopped.lines)
+                forced_now = sum(OVERRUN in message(line) for line in stopped.lines)
                 forced += forced_now
                 seen, kernel = last_snapshot(stopped.lines), kernel_routes(ns)
                 out.append(f"forced overrun: daemon stopped (SIGSTOP) during {args.routes} route adds, "
@@ -232,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             recovery = time.perf_counter() - changed
             last = settle(daemon)
             lines = daemon.lines[mark:]
-            reacted = any("192.0.2.0/24" in x and "from first event to last delete" in x for x in lines)
+            reacted = reacted_to(lines, "192.0.2.0/24")
             seen, kernel = last_snapshot(lines), kernel_routes(ns)
             alive = daemon.proc.poll() is None
             out.append(f"recovery: a route change after the storm got a reaction in {recovery:.2f} s"

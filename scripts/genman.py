@@ -14,7 +14,9 @@ that no parser holds (signals, systemd, files, exit status) is written here.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,7 +26,15 @@ sys.path.insert(0, str(ROOT / "src"))
 from topowatch import __version__  # noqa: E402
 from topowatch.cli import build_parser  # noqa: E402
 from topowatch.core.pressure import LOWERABLE  # noqa: E402
-from topowatch.policy import KEYS, PRESSURE_KEYS, SHIPPED_RULES, SYSTEM_DIRS, TRIGGERS  # noqa: E402
+from topowatch.policy import (  # noqa: E402
+    KEYS,
+    PRESSURE_KEYS,
+    SHIPPED_RULES,
+    SYSTEM_DIRS,
+    TRIGGERS,
+    load_policies,
+    may_delete,
+)
 
 MAN_DIR = ROOT / "man"
 
@@ -57,6 +67,8 @@ def options(parser: argparse.ArgumentParser) -> list[str]:
     for action in parser._actions:
         if not action.option_strings or action.help == argparse.SUPPRESS:
             continue
+        if action.dest.startswith("sub_"):
+            continue  # the global options again after the command: said once under GLOBAL OPTIONS
         if isinstance(action, argparse._HelpAction):
             continue
         help_text = action.help or ""
@@ -93,9 +105,15 @@ def topowatch_8() -> str:
               "events, predicts the binding each UNREPLIED entry would get now (from the routes, policy "
               "rules, xfrm policies and the nftables or iptables NAT rules), and deletes, by exact tuple, "
               "only the entries whose binding differs. The next packet creates a fresh entry, NATed by "
-              "the current topology. Healthy connections are never touched."),
+              "the current topology. The topology policies delete only UNREPLIED entries (those that "
+              "never saw a reply) whose binding is stale; a replied connection is never deleted by them. "
+              "The one exception is the table pressure policy (90-pressure.toml, shipped enabled): while "
+              "the kernel refuses new flows because the table is full, it evicts the least recently "
+              "refreshed replied UDP entries too, live or not; never replied tcp, sctp or dccp. topowatch "
+              "check prints what the policies in force may delete; see topowatch.rules.d(5)."),
         *para("Every command works in the network namespace it is started in and touches only that one."),
         ".SH GLOBAL OPTIONS",
+        esc("They are accepted after the command too (topowatch plan -v)."),
         *options(parser),
         ".SH COMMANDS",
     ]
@@ -127,11 +145,24 @@ def topowatch_8() -> str:
             "strings), signals Reacted(s) after each reaction and Pressure(s) when table pressure starts, "
             "and ends. run --no-dbus leaves the bus alone."),
         ".SH LOGGING AND METRICS",
-        esc("Logs go to stderr: journald priority prefixes under systemd, timestamps on a terminal. "
-            "With --log-format json every record is one JSON object per line; each reaction is exactly "
-            "one record with the fields event (\"reaction\"), trigger, events, change, examined, eligible, "
-            "stale, deleted, kept_replied, kept_changed, recheck_window_p99_ms, undecided, latency_ms "
-            "and timings."),
+        esc("Logs go to stderr: journald priority prefixes (<6>, which journald strips and keeps as the "
+            "priority; on JSON lines too) when stderr is the journal (its device and inode equal "
+            "JOURNAL_STREAM), timestamps otherwise. In text a reaction is one short line "
+            "(what changed, how many of the examined entries were stale, what was deleted with the "
+            "reason code, the time from the first event to the last delete and the debounce part), "
+            "after one line per reason code with a few examples and the count; -v adds a line per "
+            "deleted entry with its full reason."),
+        ".PP",
+        esc("With --log-format json every record is one JSON object per line with ts (RFC 3339), level, "
+            "priority (the journald/syslog priority), logger and msg. A reaction is one record with "
+            "event \"reaction\", reaction (its number), trigger, events, change, examined, eligible, "
+            "stale, deleted, kept_replied, kept_changed, recheck_window_p99_ms, undecided, stale_by_code, "
+            "latency_ms, debounce_ms and timings; every deleted "
+            "(or, in a dry run, would-be deleted) entry is a record with event \"entry\", reaction, "
+            "action, family, proto, zone, mark, id, orig, reply, side, actual, expected, code and reason; "
+            "a pressure eviction batch is a record with event \"pressure_evict\" and by_class. Reason "
+            "codes: null_binding_now_nat, nat_now_none, snat_changed, dnat_changed, "
+            "egress_changed_unknown_nat; undecided: unknown_nat, unknown_nat_unknown_egress."),
         ".PP",
         esc("run --metrics-listen HOST:PORT serves Prometheus metrics at http://HOST:PORT/metrics; "
             "--metrics-textfile PATH writes them for node_exporter's textfile collector (atomic rename). "
@@ -179,10 +210,21 @@ def topowatch_8() -> str:
         ".TP", "\\fBDBUS_SYSTEM_BUS_ADDRESS\\fR",
         esc("the system bus to use instead of the well-known socket."),
         ".TP", "\\fBJOURNAL_STREAM\\fR",
-        esc("set by systemd: text logs carry journald priority prefixes instead of timestamps."),
+        esc("set by systemd to the device and inode of the journal stream: when stderr is that stream, "
+            "log lines carry journald priority prefixes (text: instead of timestamps)."),
+        ".SH FILTERS",
+        esc("plan and flush take conntrack(8)'s selectors: -p protocol, -s and -d the original source "
+            "and destination (an address or a prefix), -w/--zone, -m/--mark VALUE[/MASK], -f/--family. "
+            "They only narrow what the policies select: an entry must be admitted by a policy and by "
+            "every filter given, so no filter makes an entry eligible that the policies exclude."),
         ".SH EXIT STATUS",
-        esc("0 on success, 1 on a runtime error (one line on stderr), 2 on a usage error. "
-            "doctor exits 1 when something the daemon needs is missing."),
+        esc("0 on success, 1 on a runtime error (one line on stderr), 2 on a usage error (also a "
+            "--rules-dir that does not exist). plan --exit-code exits 4 when it found stale entries and 0 "
+            "when none. status exits 3 when no daemon runs in this namespace (its name has no owner on "
+            "the bus: systemctl's \"not running\"), 1 when it cannot ask (no bus, access denied). run "
+            "exits 1 when another topowatch daemon already runs in the same network namespace (one per "
+            "namespace, D-Bus or not). doctor exits 1 when something the daemon needs is missing. "
+            "Writing into a closed pipe (plan | head -1) ends a command quietly."),
         ".SH SEE ALSO",
         "\\fBtopowatch.rules.d\\fR(5), \\fBconntrack\\fR(8), \\fBnft\\fR(8), \\fBiptables\\-save\\fR(8), "
         "\\fBsystemd.exec\\fR(5), \\fBsd_notify\\fR(3), \\fBNetworkManager\\-dispatcher\\fR(8)",
@@ -254,6 +296,19 @@ def _default(value: object) -> str:
     return str(value)
 
 
+def shipped_may_delete() -> list[str]:
+    """``topowatch check``'s sentences for the repository's rules.d (read from a copy with strict modes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp, "rules.d")
+        copy.mkdir(mode=0o755)
+        copy.chmod(0o755)
+        for path in sorted((ROOT / "rules.d").glob("*.toml")):
+            shutil.copyfile(path, copy / path.name)
+            (copy / path.name).chmod(0o644)
+        policy = load_policies([str(copy)])
+    return may_delete(policy)
+
+
 def rules_d_5() -> str:
     missing = set(KEYS) ^ set(VALUE_SYNTAX)
     if missing:
@@ -280,6 +335,9 @@ def rules_d_5() -> str:
             "(a virtualenv), so its shipped policies are in force wherever it was installed"
             + " (topowatch check \\-\\-rules\\-dir and run \\-\\-rules\\-dir replace the list)."
             .replace("\\-", "-")),
+        ".IP \\(bu 2",
+        esc("A directory that does not exist counts as empty; so does one a user running topowatch check "
+            "may not enter (root's /run/topowatch). A --rules-dir that does not exist is an error."),
         ".IP \\(bu 2",
         esc("Only *.toml names count; hidden names are ignored. Files are read in file-name order: name "
             "them NN-name.toml."),
@@ -328,6 +386,15 @@ def rules_d_5() -> str:
         meaning = f"{spec.doc[:1].upper()}{spec.doc[1:]}. Default: {_pressure_default(spec.default)}."
         out += [".TP", f"\\fB{esc(key)}\\fR = \\fI{esc(PRESSURE_SYNTAX[key])}\\fR", esc(meaning)]
     out += [
+        ".SH WHAT THE SHIPPED POLICIES MAY DELETE",
+        esc("As topowatch check prints it for the files shipped in rules.d (a changed or added file "
+            "changes this; check shows the truth for the files in force):"),
+        *[line for sentence in shipped_may_delete() for line in (".IP \\(bu 2", esc(sentence))],
+        ".PP",
+        esc("So a replied connection is never deleted because of a topology change; only the pressure "
+            "policy, and only while the kernel refuses new flows, evicts replied entries, of udp alone. "
+            "Mask 90-pressure.toml (ln -s /dev/null /etc/topowatch/rules.d/90-pressure.toml) or set "
+            "evict_replied = [] to keep every replied entry; protect_* keys exempt what must never go."),
         ".SH HOW POLICIES COMBINE",
         ".IP \\(bu 2",
         esc("A burst of events activates every enabled policy whose triggers list one of its events "

@@ -784,27 +784,33 @@ async def test_cli_status_and_trigger(private_bus: PrivateBus) -> None:
         assert b"reaction requested for ppp0" in done.stdout
         await wait_for(lambda: len(reactor.reactions) == 1)
         assert "D-Bus request for ppp0" in reactor.reactions[0].trigger
+        done = await trio.run_process([sys.executable, "-m", "topowatch", "trigger", "--json"],
+                                      capture_stdout=True, capture_stderr=True, check=False)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"requested": True, "interface": None}
+        await wait_for(lambda: len(reactor.reactions) == 2)
 
         done = await trio.run_process([sys.executable, "-m", "topowatch", "status", "--json"],
                                       capture_stdout=True, capture_stderr=True, check=False)
         assert done.returncode == 0, done.stderr
         status = json.loads(done.stdout)
-        assert status["reactions"] == 1
+        assert status["reactions"] == 2
         assert status["deleted_total"] == 2 and status["kept_replied_total"] == 0
 
         done = await trio.run_process([sys.executable, "-m", "topowatch", "status"],
                                       capture_stdout=True, capture_stderr=True, check=False)
         assert done.returncode == 0, done.stderr
-        assert b"reactions 1, deleted 2" in done.stdout
+        assert b"reactions 2, deleted 2" in done.stdout
         assert b"kept as replied since the dump 0" in done.stdout
-        assert b"last: reaction 1" in done.stdout
+        assert b"last: reaction 2" in done.stdout
 
 
 def test_cli_without_daemon(private_bus: PrivateBus) -> None:
+    # systemctl's convention: status 3 is "not running", apart from 1, "could not ask" (no bus).
     done = run_cli("status")
-    assert done.returncode == 1
+    assert done.returncode == 3
     assert done.stderr.strip() == (
-        "topowatch: error: the topowatch daemon is not running "
+        "topowatch: the topowatch daemon is not running "
         "(io.github.topowatch has no owner on the system bus)"
     )
     done = run_cli("trigger")

@@ -201,7 +201,7 @@ async def test_one_json_record_per_reaction(autojump_clock: trio.testing.MockClo
     assert first["trigger"] == "link up2 added"
     assert (first["examined"], first["stale"], first["deleted"]) == (2, 2, 2)
     assert set(first["timings"]) >= {"snapshot", "dump", "decide", "delete"}
-    assert first["msg"].startswith("reaction 1 ")
+    assert first["msg"].startswith("reaction 1 (")
 
 
 @pytest.mark.netns

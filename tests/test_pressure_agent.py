@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from ipaddress import ip_address, ip_network
 from pathlib import Path
@@ -299,6 +300,17 @@ def test_one_scan_serves_many_small_batches(tmp_path: Path) -> None:
     left = {e.orig.sport for e in ct.table}
     gone = sorted(e.timeout for e in table if e.orig.sport not in left)
     assert gone == sorted(e.timeout for e in table)[:30]  # the 30 with the least time left
+
+
+def test_an_eviction_batch_is_one_structured_record(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """bench/pressure.py reads these records (``--log-format json``), not the text line."""
+    caplog.set_level(logging.INFO, logger="topowatch")
+    agent, _ct, _sysctl, _events = agent_for(tmp_path, full_table())
+    agent.tick()
+    records = [getattr(r, "fields", None) for r in caplog.records]
+    evictions = [f for f in records if isinstance(f, dict) and f.get("event") == "pressure_evict"]
+    assert len(evictions) == 1
+    assert evictions[0]["by_class"] == {"UNREPLIED udp": 20} and evictions[0]["evicted"] == 20
 
 
 def test_candidates_that_changed_since_the_scan_are_kept(tmp_path: Path) -> None:

@@ -186,6 +186,7 @@ def test_daemon_notifies_systemd(netns: Namespace, tmp_path: Path, receiver: tup
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000",
            "DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent"}
     netns.run("nft", "add", "table", "ip", "t")  # an empty ruleset would do too; this one is readable
+    (tmp_path / "none").mkdir()  # no policy files: the built-in policy (a missing --rules-dir is an error)
     proc = subprocess.Popen(
         ["ip", "netns", "exec", netns.name, sys.executable, "-m", "topowatch", "--log-format", "json",
          "run", "--no-dbus", "--state-dir", str(tmp_path / "state"), "--rules-dir", str(tmp_path / "none"),

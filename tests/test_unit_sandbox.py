@@ -338,7 +338,9 @@ def _daemon_in_sandbox(netns: Namespace, notify_path: str, base: Path, rules: st
 
 def run_daemon_in_sandbox(netns: Namespace, notify: socket.socket, notify_path: str, base: Path) -> None:
     netns.run("nft", "add", "table", "ip", "t")
-    proc = _daemon_in_sandbox(netns, notify_path, base, "/nonexistent")
+    empty = base / "rules"  # no policy files: the built-in policy (a missing --rules-dir is an error)
+    empty.mkdir(mode=0o755)
+    proc = _daemon_in_sandbox(netns, notify_path, base, str(empty))
     messages: list[str] = []
     try:
         while not any(m.startswith("STATUS=reaction 1") for m in messages):

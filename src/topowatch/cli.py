@@ -2,9 +2,13 @@
 """The command line: run, plan, flush, check, doctor, lab.
 
 Every command works in the network namespace it is started in and touches
-only that namespace. Exit status: 0 success, 1 runtime error (one line on
-stderr, never a traceback), 2 usage. This module parses arguments and wires
-edges to the reactor; it decides nothing itself.
+only that namespace; one daemon per namespace (``nslock``). Exit status: 0
+success, 1 runtime error (one line on stderr, never a traceback), 2 usage;
+``plan --exit-code`` 4 when stale entries were found; ``status`` 3 when no
+daemon runs (systemctl's convention; 1 when it cannot ask). A closed stdout
+(``plan | head -1``) ends a one-shot command quietly (SIGPIPE's default).
+This module parses arguments and wires edges to the reactor; it decides
+nothing itself.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,6 +33,7 @@ from topowatch.logs import setup_logging
 from topowatch.text import escape
 
 if TYPE_CHECKING:
+    from topowatch.core.decide import Decision, FlushPlan
     from topowatch.policy import PolicyStore
     from topowatch.pressure import PressureAgent
     from topowatch.reactor import Reaction, Reactor
@@ -70,6 +76,31 @@ def _listen_address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+# Exit status of ``plan --exit-code`` when stale entries were found.
+EXIT_STALE = 4
+# Exit status of ``status`` when no daemon runs (systemctl's and LSB's "not running").
+EXIT_NOT_RUNNING = 3
+
+
+def _audit_options(command: argparse.ArgumentParser, rules_help: str) -> None:
+    output = command.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print one JSON object")
+    output.add_argument("--json-lines", action="store_true",
+                        help="print one JSON object per entry, then one summary object")
+    command.add_argument("--summary", action="store_true", help="print the counts by reason code, no entries")
+    command.add_argument("--limit", type=_positive_int, metavar="N",
+                         help="show at most N stale and N undecided entries (the counts stay whole)")
+    command.add_argument("--rules-dir", action="append", metavar="DIR", help=rules_help)
+    conntrack = command.add_argument_group(
+        "filters (as conntrack's; they only narrow what the policies select, never widen it)")
+    conntrack.add_argument("-p", "--proto", metavar="PROTO", help="protocol name or number")
+    conntrack.add_argument("-s", "--src", "--orig-src", metavar="ADDR[/LEN]", help="original source")
+    conntrack.add_argument("-d", "--dst", "--orig-dst", metavar="ADDR[/LEN]", help="original destination")
+    conntrack.add_argument("-w", "--zone", metavar="ZONE", help="conntrack zone")
+    conntrack.add_argument("-m", "--mark", metavar="MARK[/MASK]", help="conntrack mark, optional mask")
+    conntrack.add_argument("-f", "--family", choices=("ipv4", "ipv6"), help="address family")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="topowatch",
@@ -77,8 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         "NATed the wrong way.",
     )
     parser.add_argument("--version", action="version", version=f"topowatch {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log detail (-vv: debug)")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log record format")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log detail (-v: a line per deleted entry; -vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument("--log-format", choices=("text", "json"), default=None,
+                        help="log record format (json: one object per line, a record per deleted entry)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -108,18 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
                      "reactions only; default 60)")
 
     plan = sub.add_parser("plan", help="audit now: list stale entries, delete nothing")
-    plan.add_argument("--json", action="store_true", help="print one JSON object")
-    plan.add_argument("--rules-dir", action="append", metavar="DIR", help=rules_help)
+    _audit_options(plan, rules_help)
+    plan.add_argument("--exit-code", action="store_true",
+                      help=f"exit {EXIT_STALE} when stale entries were found, 0 when none")
 
     flush = sub.add_parser("flush", help="delete the stale entries now")
     flush.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
-    flush.add_argument("--json", action="store_true", help="print one JSON object")
     flush.add_argument("--max-deletions", type=_positive_int, default=100_000, metavar="N",
                        help="refuse to delete more than N entries (default 100000)")
-    flush.add_argument("--rules-dir", action="append", metavar="DIR", help=rules_help)
+    _audit_options(flush, rules_help)
 
-    check = sub.add_parser("check", help="validate rules.d and print the effective policy")
+    check = sub.add_parser("check", help="validate rules.d; show the effective policy and what it may delete")
     check.add_argument("--rules-dir", action="append", metavar="DIR", help=rules_help)
+    check.add_argument("--json", action="store_true", help="print one JSON object")
 
     doctor = sub.add_parser("doctor", help="probe what this kernel and system support")
     doctor.add_argument("--json", action="store_true", help="print one JSON object")
@@ -128,13 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     trigger = sub.add_parser("trigger", help="ask the running daemon to react now (over D-Bus; root)")
     trigger.add_argument("--interface", metavar="IF", help="the interface that changed (default: all)")
+    trigger.add_argument("--json", action="store_true", help="print one JSON object")
     bus_name = sub.add_parser("bus-name", help="print the D-Bus name of the daemon of this network namespace "
                               "(what the CLI and the hooks call)")
     bus_name.add_argument("--netns", metavar="NAME", help="of the namespace `ip netns` calls NAME instead")
 
     lab = sub.add_parser("lab", help="build a namespace lab and show topowatch fixing stuck flows")
     lab.add_argument("--keep", action="store_true", help="leave the lab's namespaces in place")
+    for command in sub.choices.values():
+        _global_options_after(command)
     return parser
+
+
+def _global_options_after(command: argparse.ArgumentParser) -> None:
+    """The global options, accepted after the command too (``topowatch plan -v``); main() merges them."""
+    group = command.add_argument_group("global options (also before the command)")
+    group.add_argument("-v", "--verbose", dest="sub_verbose", action="count", default=argparse.SUPPRESS,
+                       help="more log detail")
+    group.add_argument("-q", "--quiet", dest="sub_quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="warnings and errors only")
+    group.add_argument("--log-format", dest="sub_log_format", choices=("text", "json"),
+                       default=argparse.SUPPRESS, help="log record format")
 
 
 def _require_root(command: str) -> None:
@@ -145,50 +194,96 @@ def _require_root(command: str) -> None:
         )
 
 
-async def _audit(
-    delete: bool, dry_run: bool, as_json: bool, max_deletions: int, rules_dirs: list[str] | None
-) -> int:
+async def _audit(args: argparse.Namespace, delete: bool) -> int:
     from topowatch.edges.kernel import KernelBackend
+    from topowatch.filters import EntryFilter, narrow
     from topowatch.policy import load_policies
     from topowatch.reactor import plan_once, still_stale
-    from topowatch.report import plan_json, plan_text
 
-    selection = load_policies(rules_dirs).select([("request", None)])
+    dry_run = delete and args.dry_run
+    entry_filter = EntryFilter.parse(proto=args.proto, src=args.src, dst=args.dst, zone=args.zone,
+                                     mark=args.mark, family=args.family)
+    selection = load_policies(args.rules_dir).select([("request", None)])
     eligibility = selection.eligibility
     backend = KernelBackend()
     start = time.monotonic()
     topology = await backend.topology()
     ruleset = await backend.ruleset()
     entries = await backend.entries(eligibility) if selection.policies else []
+    entries = narrow(entries, eligibility, entry_filter)
 
     plan = plan_once(topology, ruleset, entries, eligibility)
     deleted: int | None = None
-    to_delete = [d.entry for d in plan.stale if selection.flushes(d.entry)]
+    flushed = [d for d in plan.stale if selection.flushes(d.entry)]
     if delete and not dry_run:
-        cap = min(max_deletions, selection.max_deletions)
-        if len(to_delete) > cap:
+        cap = min(args.max_deletions, selection.max_deletions)
+        if len(flushed) > cap:
             raise TopowatchError(
-                f"{len(to_delete)} stale entries exceed the cap of {cap} deletions; nothing deleted"
+                f"{len(flushed)} stale entries exceed the cap of {cap} deletions; nothing deleted"
             )
-        result = await backend.delete(to_delete, still_stale(selection))
+        result = await backend.delete([d.entry for d in flushed], still_stale(selection))
         deleted = result.deleted
-        for decision in plan.stale:
-            if selection.flushes(decision.entry):
-                log.info("deleted %s: %s", decision.entry.describe(), decision.reason)
+        _log_entries("deleted", flushed)
         if result.failed:
             log.error("%d deletes failed: %s", result.failed, "; ".join(result.errors[:3]))
     elif delete:
         deleted = 0
+        _log_entries("would delete", flushed)
     elapsed = time.monotonic() - start
-    if as_json:
-        print(json.dumps(plan_json(plan, elapsed, deleted), indent=2))
-    else:
-        print(plan_text(plan, elapsed, verb="deleted" if delete and not dry_run else "stale"))
-        if deleted is not None and not dry_run:
+    _print_plan(args, plan, elapsed, deleted, entry_filter.json(),
+                verb="deleted" if delete and not dry_run else "stale")
+    if not (args.json or args.json_lines):
+        if delete and not dry_run:
             print(f"deleted {deleted} entries")
         elif dry_run:
-            print(f"dry run: {len(plan.stale)} entries would be deleted")
+            print(f"dry run: {len(flushed)} entries would be deleted")
+    if getattr(args, "exit_code", False) and plan.stale:
+        return EXIT_STALE
     return 0
+
+
+def _log_entries(action: str, decisions: Sequence[Decision]) -> None:
+    """A record per entry on ``topowatch.entries``: every one in JSON logs, in text with -v."""
+    from topowatch.logs import ENTRIES_LOGGER
+    from topowatch.report import decision_json
+
+    entries = logging.getLogger(ENTRIES_LOGGER)
+    if not entries.isEnabledFor(logging.INFO):
+        return
+    for d in decisions:
+        entries.info("%s %s: %s", action, d.entry.describe(), d.reason,
+                     extra={"fields": {"event": "entry", "action": action, **decision_json(d)}})
+
+
+def _print_plan(
+    args: argparse.Namespace, plan: FlushPlan, elapsed: float, deleted: int | None,
+    filters: dict[str, object], *, verb: str,
+) -> None:
+    from topowatch.report import decision_json, plan_json, plan_text, summary_json, summary_text
+
+    limit = args.limit
+    if args.json_lines:
+        shown = 0
+        for record, decisions in (("stale", plan.stale), ("undecided", plan.undecided)):
+            for d in decisions if limit is None else decisions[:limit]:
+                print(json.dumps({"record": record, **decision_json(d)}))
+                shown += 1
+        tail = summary_json(plan, elapsed, deleted)
+        tail.update(record="summary", filters=filters, limit=limit,
+                    truncated=shown < len(plan.stale) + len(plan.undecided))
+        print(json.dumps(tail))
+    elif args.json:
+        if args.summary:
+            obj = summary_json(plan, elapsed, deleted)
+            obj.update(stale=[], undecided=[], truncated=bool(plan.stale or plan.undecided), limit=0)
+        else:
+            obj = plan_json(plan, elapsed, deleted, limit)
+        obj["filters"] = filters
+        print(json.dumps(obj, indent=2))
+    elif args.summary:
+        print(summary_text(plan, elapsed, verb=verb))
+    else:
+        print(plan_text(plan, elapsed, verb=verb, limit=limit))
 
 
 async def _observers(
@@ -294,11 +389,13 @@ async def _run_daemon(args: argparse.Namespace) -> int:
     from topowatch import netnswatch
     from topowatch.edges.kernel import KernelBackend
     from topowatch.edges.sysctl import TimeoutLedger
+    from topowatch.nslock import acquire
     from topowatch.policy import PolicyStore
     from topowatch.pressure import PressureAgent
     from topowatch.reactor import Reactor, ReactorConfig
     from topowatch.sdnotify import Notifier
 
+    lock = acquire()  # before anything touches the namespace: one daemon per namespace
     store = PolicyStore.open(args.rules_dir)
     config = ReactorConfig(
         debounce=args.debounce,
@@ -339,7 +436,21 @@ async def _run_daemon(args: argparse.Namespace) -> int:
             # Stop (releasing the bus name) once `ip netns del` took this namespace's name away.
             nursery.start_soon(guard.stop_when_gone, nursery.cancel_scope)
     log.info("stopped after %d reaction(s)", reactor.totals.reactions)
+    lock.close()
     return 0
+
+
+def _check_rules_dirs(dirs: list[str] | None) -> None:
+    """A --rules-dir that is not there is a mistake, not an empty policy (``check`` would say "default")."""
+    for directory in dirs or ():
+        try:
+            st = os.stat(directory)
+        except FileNotFoundError:
+            raise UsageError(f"--rules-dir {directory}: no such directory") from None
+        except OSError as exc:
+            raise UsageError(f"--rules-dir {directory}: {exc.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"--rules-dir {directory}: not a directory")
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -387,15 +498,24 @@ def _failed(exc: BaseException, verbose: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A command whose reader went away (``plan | head -1``, ``--help | head``) ends quietly, as ls
+    # does; the daemon and the lab keep Python's default (EPIPE as an error) and clean up.
+    previous = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose, args.log_format)
+    if args.command in {"run", "lab"}:
+        signal.signal(signal.SIGPIPE, previous)
+    verbose = args.verbose + getattr(args, "sub_verbose", 0)
+    quiet = args.quiet or getattr(args, "sub_quiet", False)
+    log_format = getattr(args, "sub_log_format", None) or args.log_format or "text"
+    setup_logging(verbose, log_format, quiet=quiet)
     for stream in (sys.stdout, sys.stderr):
         # Names from outside (interfaces, files) may hold bytes that were not UTF-8: print, never fail.
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
     try:
+        _check_rules_dirs(getattr(args, "rules_dir", None))
         if args.command == "lab":
             _require_root("lab")
             from topowatch.lab import run_lab
@@ -408,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             from topowatch.policy import check_main
 
-            return check_main(args.rules_dir)
+            return check_main(args.rules_dir, as_json=args.json)
         if args.command == "bus-name":
             from topowatch import dbus
 
@@ -420,21 +540,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             missing = missing_dependency()
             if missing is not None:
                 raise TopowatchError(f"'{args.command}' talks to the daemon over D-Bus, but {missing}")
-            from topowatch.dbus.client import status_main, trigger_main
+            from topowatch.dbus.client import DaemonNotRunning, status_main, trigger_main
 
-            if args.command == "status":
-                return trio.run(status_main, args.json)
-            return trio.run(trigger_main, args.interface)
+            try:
+                if args.command == "status":
+                    return trio.run(status_main, args.json)
+                return trio.run(trigger_main, args.interface, args.json)
+            except DaemonNotRunning as exc:
+                if args.command != "status":
+                    raise
+                print(f"topowatch: {exc}", file=sys.stderr)
+                return EXIT_NOT_RUNNING
         _require_root(args.command)
         if args.command == "run":
             return trio.run(_run_daemon, args)
         if args.command == "plan":
-            return trio.run(_audit, False, False, args.json, 0, args.rules_dir)
+            return trio.run(_audit, args, False)
         if args.command == "flush":
-            return trio.run(_audit, True, args.dry_run, args.json, args.max_deletions, args.rules_dir)
+            return trio.run(_audit, args, True)
         raise UsageError(f"unknown command {args.command!r}")
     except (Exception, KeyboardInterrupt, BaseExceptionGroup) as exc:
-        return _failed(exc, args.verbose)
+        return _failed(exc, verbose)
 
 
 if __name__ == "__main__":

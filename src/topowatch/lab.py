@@ -22,15 +22,17 @@ observes the lab; it never touches the host's namespace.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from topowatch.core.conntrack import Entry
 from topowatch.errors import TopowatchError
@@ -351,6 +353,17 @@ def thread_switches(pid: int) -> dict[int, int]:
     return out
 
 
+def log_record(line: str) -> dict[str, Any] | None:
+    """A ``--log-format json`` line as its object; None for any other line."""
+    if not line.startswith("{"):
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 class Daemon:
     """``topowatch run`` in a namespace, its log read line by line."""
 
@@ -374,6 +387,20 @@ class Daemon:
                     return line
             elif self.proc.poll() is not None:
                 return None
+        return None
+
+    def wait_record(
+        self, match: Callable[[dict[str, Any]], bool], timeout: float = 20.0
+    ) -> dict[str, Any] | None:
+        """The next ``--log-format json`` record for which ``match`` is true (None: none in time)."""
+        end = time.monotonic() + timeout
+        while (remaining := end - time.monotonic()) > 0:
+            line = self.wait_for("", remaining)
+            if line is None:
+                return None
+            obj = log_record(line)
+            if obj is not None and match(obj):
+                return obj
         return None
 
     def stop(self) -> int:
@@ -462,7 +489,7 @@ def run_lab(keep: bool = False) -> int:
                 raise TopowatchError("the daemon did not become ready")
             started = time.monotonic()
             lab.flip()
-            if daemon.wait_for("reaction") is None:
+            if daemon.wait_for("reaction 1 (") is None:
                 print("\n".join(daemon.lines))
                 raise TopowatchError("the daemon did not react to the flip")
             reacted = time.monotonic() - started

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import json
 import math
 import os
 import re
@@ -725,6 +726,11 @@ class _Loader:
                 if os.path.normpath(directory) in self.required:
                     self.error(gone.format("gone"), directory)
                 continue
+            except PermissionError:
+                if os.geteuid() != 0:
+                    continue  # a user's ``check``: root's /run/topowatch (0700) counts as absent
+                self.error("cannot read directory: permission denied", directory)
+                continue
             except OSError as exc:
                 self.error(f"cannot read directory: {exc.strerror}", directory)
                 continue
@@ -1010,14 +1016,107 @@ class PolicyStore:
         return policy
 
 
-def check_main(rules_dirs: list[str] | None) -> int:
-    """``topowatch check [--rules-dir DIR]``: print the effective policy (0) or every error (1)."""
+def _selector_text(e: Eligibility) -> str:
+    """The entries a policy's selectors admit, in words."""
+    state = "UNREPLIED" if e.unreplied_only else "UNREPLIED and replied (live connections too)"
+    if e.protocols is None:
+        protos = "entries of connectionless protocols (not tcp, sctp, dccp)"
+    else:
+        protos = "entries of " + ", ".join(PROTO_NAMES.get(p, str(p)) for p in sorted(e.protocols))
+    where = []
+    if e.families != DEFAULT_ELIGIBILITY.families:
+        where.append("/".join(FAMILY_OF[f] for f in sorted(e.families)) + " only")
+    if e.zones is not None:
+        where.append("in zone " + ", ".join(str(z) for z in sorted(e.zones)))
+    if e.marks is not None:
+        where.append("with mark " + ", ".join(f"{m:#x}/{k:#x}" for m, k in e.marks))
+    if e.sources is not None:
+        where.append("from " + ", ".join(str(n) for n in e.sources))
+    if e.destinations is not None:
+        where.append("to " + ", ".join(str(n) for n in e.destinations))
+    return f"{state} {protos}{' ' + ', '.join(where) if where else ''}"
+
+
+def may_delete(policy: EffectivePolicy) -> list[str]:
+    """What each policy in force may delete, one sentence each (``topowatch check`` prints them)."""
+    out: list[str] = []
+    for p in policy.policies:
+        head = f"policy {p.name} (on {', '.join(t for t in TRIGGERS if t in p.triggers) or 'no event'})"
+        if not p.enabled:
+            out.append(f"{head}: disabled, deletes nothing")
+        elif p.action is Action.LOG:
+            out.append(f"{head}: deletes nothing; logs the stale {_selector_text(p.eligibility)}")
+        else:
+            out.append(f"{head}: deletes {_selector_text(p.eligibility)} whose NAT the current routes and "
+                       f"ruleset would no longer give (stale), at most {p.max_deletions} per reaction")
+    pressure = policy.pressure
+    if not pressure.enabled:
+        out.append("pressure: off; no entry is evicted for space and no timeout is changed")
+        return out
+    head = (f"pressure (from {pressure.high:.0%} of nf_conntrack_max down to {pressure.low:.0%}): "
+            "evicts entries that need not be stale, least recently refreshed first")
+    parts = []
+    if pressure.evict_unreplied:
+        parts.append("UNREPLIED entries of any protocol (a tcp SYN_SENT too)")
+    if pressure.evict_replied:
+        names = ", ".join(PROTO_NAMES.get(p, str(p)) for p in sorted(pressure.evict_replied))
+        parts.append(f"only while the kernel refuses new flows, replied (assured, possibly live) {names} "
+                     "entries")
+    if not parts:
+        parts.append("nothing (it only lowers timeouts)")
+    protect = pressure.protect
+    never = "never replied tcp, sctp or dccp"
+    if protect.zones or protect.marks or protect.prefixes:
+        never += ", never an entry matching a protect_* key"
+    out.append(f"{head}: {'; '.join(parts)}; at most {pressure.batch} per look; {never}")
+    if pressure.lower_timeouts:
+        out.append("pressure: meanwhile lowers the timeouts " + ", ".join(
+            f"{name} {seconds} s" for name, seconds in pressure.lower_timeouts) + " (restored after)")
+    return out
+
+
+def policy_json(policy: EffectivePolicy) -> dict[str, Any]:
+    """The effective policy as one JSON object (``topowatch check --json``)."""
+
+    def value(key: str, v: Any) -> Any:
+        if isinstance(v, bool | int | float | str) or v is None:
+            return v.value if isinstance(v, Action) else v
+        if key in ("lower_timeouts",):
+            return dict(v)
+        rendered = _render_value(key, v)
+        try:
+            return tomllib.loads(f"v = {rendered}")["v"]
+        except tomllib.TOMLDecodeError:
+            return rendered
+
+    return {
+        "dirs": list(policy.dirs),
+        "files": [{"name": f.name, "path": f.path, "status": f.status.value, "by": f.by or None}
+                  for f in policy.files],
+        "policies": {
+            p.name: {key: value(key, p.value(key)) for key in KEYS} for p in policy.policies
+        },
+        "pressure": {key: value(key, _pressure_value(policy.pressure, key)) for key in PRESSURE_KEYS},
+        "may_delete": may_delete(policy),
+    }
+
+
+def check_main(rules_dirs: list[str] | None, *, as_json: bool = False) -> int:
+    """``topowatch check [--rules-dir DIR] [--json]``: the effective policy and what it may delete (0),
+    or every error (1)."""
     try:
         policy = load_policies(rules_dirs)
     except PolicyErrors as exc:
+        if as_json:
+            print(json.dumps({"valid": False, "errors": [str(e) for e in exc.errors]}, indent=2))
         for error in exc.errors:
             print(f"topowatch: {escape(str(error))}", file=sys.stderr)  # file names may hold anything
         print(f"topowatch: {len(exc.errors)} error(s); policy not valid", file=sys.stderr)
         return 1
+    if as_json:
+        print(json.dumps({"valid": True, **policy_json(policy)}, indent=2))
+        return 0
     sys.stdout.write(policy.render())
+    sys.stdout.write("\n# what these policies may delete:\n")
+    sys.stdout.write("".join(f"#   {line}\n" for line in may_delete(policy)))
     return 0

@@ -326,7 +326,10 @@ class PressureAgent:
                 summary = (f"evicted {result.deleted} of {len(chosen)} chosen "
                            f"({', '.join(f'{n} {k}' for k, n in by_class.items())}; idle up to {oldest} s) "
                            f"in {(time.monotonic() - started) * 1000:.0f} ms; {result.describe()}")
-                log.warning("pressure: %s; %s", summary, describe_pressure(sample, self._census, step))
+                log.warning("pressure: %s; %s", summary, describe_pressure(sample, self._census, step),
+                            extra={"fields": {"event": "pressure_evict", "evicted": result.deleted,
+                                              "chosen": len(chosen), "by_class": by_class,
+                                              "idle_max_s": oldest, "fill": round(sample.fill, 4)}})
                 for cand in chosen:
                     if id(cand) in kept:
                         log.info("kept %s: %s at the scan, %s since", cand.entry.describe(), cand.reason(),

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
@@ -55,17 +56,17 @@ from topowatch.core.decide import Decider, EntryBuilder, FlushPlan, decide, ment
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.evaluate import predict
 from topowatch.core.fib import Fib
-from topowatch.core.flow import Flow, Prediction
+from topowatch.core.flow import Flow, Prediction, proto_name
 from topowatch.core.impact import Impact, impact
 from topowatch.core.model import Topology, TopologyChange, diff
 from topowatch.core.nat import NatRuleset
 from topowatch.errors import TopowatchError
+from topowatch.logs import ENTRIES_LOGGER
 from topowatch.policy import DEFAULT_EFFECTIVE, Action, EffectivePolicy, Selection
+from topowatch.report import count_codes, decision_json, group_by_code, group_line, transition
 
 log = logging.getLogger("topowatch.reactor")
-
-# Per-entry log lines at INFO per reaction; the rest go to DEBUG.
-ENTRY_LOG_LIMIT = 20
+entry_log = logging.getLogger(ENTRIES_LOGGER)
 # Trigger kinds that change the topology but never the NAT ruleset: a burst made
 # only of these keeps the ruleset read before, if the backend reports ruleset
 # changes as triggers (``ruleset_events``); anything else re-reads it.
@@ -264,6 +265,59 @@ class Burst:
             self.lines.append(trigger.description)
 
 
+# A trigger description of an rtnetlink or xfrm event ("route added: ...", "xfrm policy removed: ..."):
+# what it says is in the reaction's change too.
+_TOPOLOGY_EVENT = re.compile(r"(link|address|route|rule|xfrm policy|xfrm SA) \w+: ")
+
+
+def _route_parts(text: str) -> tuple[str, str]:
+    """``default via 10.0.2.1 dev up1 table 5`` -> (``default table 5``, ``via 10.0.2.1 dev up1``)."""
+    words = text.split()
+    head: list[str] = []
+    path: list[str] = []
+    i = 0
+    while i < len(words) and words[i] not in ("via", "dev", "nexthop"):
+        head.append(words[i])
+        i += 1
+    while i < len(words):
+        if words[i] in ("table", "metric") and i + 1 < len(words):
+            head += words[i:i + 2]
+            i += 2
+        else:
+            path.append(words[i])
+            i += 1
+    return " ".join(head), " ".join(path)
+
+
+def _change_text(lines: Sequence[str], limit: int = 2) -> str:
+    """The change for the reaction's line: a route replaced reads ``route default: dev up1 -> dev up2``.
+
+    Words only (the lines of ``core.model.diff``); the JSON record keeps the lines as they are.
+    """
+    removed: dict[str, list[int]] = {}
+    added: dict[str, list[int]] = {}
+    for i, line in enumerate(lines):
+        for suffix, into in ((" removed", removed), (" added", added)):
+            if line.startswith("route ") and line.endswith(suffix):
+                into.setdefault(_route_parts(line[6:-len(suffix)])[0], []).append(i)
+    out: list[str] = []
+    skip: set[int] = set()
+    for i, line in enumerate(lines):
+        if i in skip:
+            continue
+        if line.startswith("route ") and line.endswith(" removed"):
+            key, old = _route_parts(line[6:-8])
+            if len(removed.get(key, ())) == 1 and len(added.get(key, ())) == 1:
+                j = added[key][0]
+                new = _route_parts(lines[j][6:-6])[1]
+                skip.add(j)
+                out.append(f"route {key}: {old or 'none'} -> {new or 'none'}")
+                continue
+        out.append(line)
+    more = len(out) - limit
+    return "; ".join(out[:limit]) + (f"; and {more} more" if more > 0 else "")
+
+
 @dataclass(frozen=True, slots=True)
 class Reaction:
     """What one reaction did; logged as one line and kept (``brief`` once older) for status/tests."""
@@ -287,6 +341,11 @@ class Reaction:
     # False for a reaction whose change could re-NAT no flow: it made no conntrack dump.
     dumped: bool = True
 
+    def debounce_wait(self) -> float:
+        """The part of the latency spent waiting for the burst to end (before the first phase)."""
+        work = sum(v for k, v in self.timings.items() if k != "window")
+        return max(0.0, self.latency - work)
+
     @property
     def stale_count(self) -> int:
         return self.counts[0] if self.counts is not None else len(self.plan.stale)
@@ -306,16 +365,31 @@ class Reaction:
                        counts=(len(self.plan.stale), len(self.plan.undecided)))
 
     def summary(self) -> str:
+        """One line a person reads at a glance: what changed, what was found, what was done, how long."""
         p = self.plan
-        stale = self.stale_count
+        what = self.trigger
+        if self.change:
+            # The topology events are in the change already; other causes (a ruleset, a request) are not.
+            others = ", ".join(part for part in self.trigger.split(", ")
+                               if not _TOPOLOGY_EVENT.match(part) and part not in self.change.lines)
+            what = "; ".join(text for text in (others, _change_text(self.change.lines)) if text)
+        if len(what) > 160:  # a burst's first few triggers can be long; the JSON record has them all
+            what = what[:157] + "..."
+        policy = f" [policy {self.policies}]" if self.policies != "default" else ""
         if self.skipped is not None:
-            action = f"NOTHING DECIDED: {self.skipped}, nothing deleted"
-        elif not self.dumped:
-            action = f"{'; '.join(p.notes)}, nothing deleted"
-        elif self.refused:
-            action = f"REFUSED: {stale} stale exceeds the cap, nothing deleted"
+            return (f"reaction {self.number} ({what}){policy}: NOTHING DECIDED: {self.skipped}, "
+                    "nothing deleted")
+        took = f"{self.latency * 1000:.0f} ms incl. {self.debounce_wait() * 1000:.0f} ms debounce"
+        if not self.dumped:
+            return f"reaction {self.number} ({what}){policy}: {'; '.join(p.notes)}, nothing deleted, {took}"
+        stale = self.stale_count
+        protos = sorted({proto_name(d.entry.proto) for d in p.stale})
+        kinds = "/".join(protos) + " " if protos else ""
+        found = f"{stale} of {p.examined} examined {kinds}entries stale"
+        if self.refused:
+            action = f"REFUSED: {stale - self.logged_only} exceed the cap, nothing deleted"
         elif self.dry_run:
-            action = f"dry run, {stale} would be deleted"
+            action = f"dry run, {stale - self.logged_only} would be deleted"
         else:
             d = self.deleted
             action = f"{d.deleted} deleted"
@@ -326,21 +400,23 @@ class Reaction:
             if d.kept_changed:
                 action += f", {d.kept_changed} kept: changed since the dump"
             if d.failed:
-                action += f", {d.failed} failed"
+                action += f", {d.failed} FAILED"
             if d.window_p99 is not None:
                 action += f", re-check window p99 {d.window_p99 * 1000:.2f} ms"
+        groups = group_by_code(p.stale)
+        if len(groups) == 1:
+            code, group = groups[0]
+            changes = {transition(d) for d in group[:64]}
+            action += f" ({code}: {next(iter(changes))})" if len(changes) == 1 else f" ({code})"
+        elif groups:
+            action += " (" + ", ".join(f"{len(ds)} {code}" for code, ds in groups) + ")"
         if self.logged_only:
             action += f", {self.logged_only} logged only"
-        if self.dumped and self.skipped is None and p.notes:
+        if self.undecided_count:
+            action += f", {self.undecided_count} undecided"
+        if p.notes:  # e.g. "judged only flows to or from 192.0.2.0/24"
             action += f" ({'; '.join(p.notes)})"
-        phases = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.timings.items())
-        return (
-            f"reaction {self.number} ({self.trigger}, {self.events} event(s); policy {self.policies}): "
-            f"{self.change.summary()} | "
-            f"examined {p.examined}, eligible {p.eligible}, stale {stale}, "
-            f"undecided {self.undecided_count}, {action} | "
-            f"{self.latency * 1000:.0f} ms from first event to last delete ({phases})"
-        )
+        return f"reaction {self.number} ({what}){policy}: {found}, {action}, {took}"
 
     def fields(self) -> dict[str, object]:
         """The reaction as one structured log record (``--log-format json``)."""
@@ -355,8 +431,10 @@ class Reaction:
             else round(self.deleted.window_p99 * 1000, 3),
             "undecided": self.undecided_count, "logged_only": self.logged_only, "refused": self.refused,
             "dry_run": self.dry_run, "latency_ms": round(self.latency * 1000, 3),
+            "debounce_ms": round(self.debounce_wait() * 1000, 3),
             "timings": {k: round(v * 1000, 3) for k, v in self.timings.items()}, "skipped": self.skipped,
-            "dumped": self.dumped,
+            "stale_by_code": count_codes(p.stale), "undecided_by_code": count_codes(p.undecided),
+            "dumped": self.dumped, "notes": list(p.notes),
         }  # fmt: skip
 
 
@@ -745,20 +823,33 @@ class Reactor:
         return reaction
 
     def _log(self, reaction: Reaction, selection: Selection) -> None:
+        """One line per group of stale entries, the reaction's line, then a record per entry.
+
+        The groups come first, so that the reaction's line closes what it sums
+        up; the per-entry records follow it on ``topowatch.entries`` (every one
+        in JSON, in text with -v).
+        """
         verb = "would delete" if reaction.dry_run or reaction.refused else "deleted"
-        debug = log.isEnabledFor(logging.DEBUG)
-        for i, decision in enumerate(reaction.plan.stale):
-            if i >= ENTRY_LOG_LIMIT and not debug:
-                break
-            level = logging.INFO if i < ENTRY_LOG_LIMIT else logging.DEBUG
-            what = verb if selection.flushes(decision.entry) else "stale (policy says log only)"
-            log.log(level, "%s %s: %s", what, decision.entry.describe(), decision.reason)
-        hidden = len(reaction.plan.stale) - ENTRY_LOG_LIMIT
-        if hidden > 0:
-            log.info("... and %d more stale entries (shown at debug level)", hidden)
-        for decision in reaction.plan.undecided[:ENTRY_LOG_LIMIT]:
-            log.debug("undecided %s: %s", decision.entry.describe(), decision.reason)
+        flushed = [d for d in reaction.plan.stale if selection.flushes(d.entry)]
+        logged = [d for d in reaction.plan.stale if not selection.flushes(d.entry)]
+        for what, decisions in ((verb, flushed), ("stale (policy says log only)", logged)):
+            for code, group in group_by_code(decisions):
+                log.info("reaction %d: %s", reaction.number, group_line(what, code, group))
         for error in reaction.deleted.errors:
             log.error("delete failed: %s", error)
         level = logging.ERROR if reaction.skipped else logging.WARNING if reaction.refused else logging.INFO
         log.log(level, "%s", reaction.summary(), extra={"fields": reaction.fields()})
+        if entry_log.isEnabledFor(logging.INFO):
+            actions = ((verb, flushed), ("log only", logged))
+            for what, decisions in actions:
+                for decision in decisions:
+                    fields = {"event": "entry", "reaction": reaction.number, "action": what,
+                              **decision_json(decision)}
+                    entry_log.info("reaction %d: %s %s: %s", reaction.number, what,
+                                   decision.entry.describe(), decision.reason, extra={"fields": fields})
+        if entry_log.isEnabledFor(logging.DEBUG):
+            for decision in reaction.plan.undecided:
+                fields = {"event": "entry", "reaction": reaction.number, "action": "undecided",
+                          **decision_json(decision)}
+                entry_log.debug("reaction %d: undecided %s: %s", reaction.number, decision.entry.describe(),
+                                decision.reason, extra={"fields": fields})

@@ -8,11 +8,13 @@ object with ``entries_examined``, ``stale``, ``undecided``, ``elapsed_ms``
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from topowatch.core.conntrack import ICMP_PROTOS, CtTuple, Entry
 from topowatch.core.decide import Decision, FlushPlan
-from topowatch.core.flow import Binding, proto_name
+from topowatch.core.flow import Binding, NatKind, proto_name
 from topowatch.core.model import AF_INET
 
 JsonObject = dict[str, Any]
@@ -48,16 +50,33 @@ def decision_json(decision: Decision) -> JsonObject:
         "actual": binding_json(decision.actual),
         "expected": [binding_json(b) for b in decision.expected],
         "reason": decision.reason,
+        "code": code_of(decision),
     }
 
 
-def plan_json(plan: FlushPlan, elapsed: float, deleted: int | None = None) -> JsonObject:
+def plan_json(
+    plan: FlushPlan, elapsed: float, deleted: int | None = None, limit: int | None = None
+) -> JsonObject:
+    """The one-object contract; with ``limit`` at most that many stale and undecided entries each.
+
+    The counts are always of the whole plan, and ``truncated`` says whether
+    entries were left out.
+    """
+    stale, undecided = plan.stale, plan.undecided
+    if limit is not None:
+        stale, undecided = stale[:limit], undecided[:limit]
     obj: JsonObject = {
         "entries_examined": plan.examined,
         "eligible": plan.eligible,
         "distinct_flows": plan.distinct_flows,
-        "stale": [decision_json(d) for d in plan.stale],
-        "undecided": [decision_json(d) for d in plan.undecided],
+        "stale": [decision_json(d) for d in stale],
+        "undecided": [decision_json(d) for d in undecided],
+        "stale_count": len(plan.stale),
+        "undecided_count": len(plan.undecided),
+        "stale_by_code": count_codes(plan.stale),
+        "undecided_by_code": count_codes(plan.undecided),
+        "truncated": len(stale) < len(plan.stale) or len(undecided) < len(plan.undecided),
+        "limit": limit,
         "elapsed_ms": round(elapsed * 1000, 3),
     }
     if deleted is not None:
@@ -65,15 +84,113 @@ def plan_json(plan: FlushPlan, elapsed: float, deleted: int | None = None) -> Js
     return obj
 
 
-def plan_text(plan: FlushPlan, elapsed: float, *, verb: str = "stale") -> str:
+def plan_text(plan: FlushPlan, elapsed: float, *, verb: str = "stale", limit: int | None = None) -> str:
     lines = [
         f"examined {plan.examined} entries, {plan.eligible} eligible, "
         f"{len(plan.stale)} {verb}, {len(plan.undecided)} undecided ({elapsed * 1000:.1f} ms)"
     ]
-    for d in plan.stale:
-        lines.append(f"  {verb.upper()} {d.entry.describe()}")
-        lines.append(f"      {d.reason}")
-    for d in plan.undecided:
-        lines.append(f"  UNDECIDED {d.entry.describe()}")
-        lines.append(f"      {d.reason}")
+    for label, decisions in ((verb.upper(), plan.stale), ("UNDECIDED", plan.undecided)):
+        shown = decisions if limit is None else decisions[:limit]
+        for d in shown:
+            lines.append(f"  {label} {d.entry.describe()}")
+            lines.append(f"      [{code_of(d)}] {d.reason}")
+        if len(shown) < len(decisions):
+            lines.append(f"  ... and {len(decisions) - len(shown)} more {label.lower()} (--limit {limit})")
     return "\n".join(lines)
+
+
+def summary_text(plan: FlushPlan, elapsed: float, *, verb: str = "stale") -> str:
+    """``--summary``: the counts by reason code, one line each, no entries."""
+    lines = [
+        f"examined {plan.examined} entries, {plan.eligible} eligible, "
+        f"{len(plan.stale)} {verb}, {len(plan.undecided)} undecided ({elapsed * 1000:.1f} ms)"
+    ]
+    for label, decisions in ((verb, plan.stale), ("undecided", plan.undecided)):
+        for code, count in count_codes(decisions).items():
+            lines.append(f"  {count:>8} {label} {code}")
+    return "\n".join(lines)
+
+
+# -- short forms for logs and summaries ----------------------------------------------------
+
+UNCLASSIFIED = "unclassified"  # a Decision made without a code
+
+
+def code_of(decision: Decision) -> str:
+    return decision.code or UNCLASSIFIED
+
+
+def short_entry(entry: Entry) -> str:
+    """The original direction only: ``udp 10.0.1.2:5060 -> 192.0.2.10:5060`` (zone, mark if set)."""
+    text = entry.flow.describe()
+    if entry.proto in ICMP_PROTOS:
+        text += f" id={entry.orig.icmp_id}"
+    if entry.zone:
+        text += f" zone {entry.zone}"
+    if entry.mark:
+        text += f" mark {entry.mark:#x}"
+    return text
+
+
+def transition(decision: Decision) -> str:
+    """``source no NAT -> masquerade to 203.0.113.2``; the reason text where no binding is predicted.
+
+    The actual binding is named without its port, so that the entries of one
+    change read the same.
+    """
+    actual = decision.actual
+    if actual is None or not decision.expected:
+        return decision.reason
+    what = "source" if decision.side == "snat" else "destination"
+    was = "no NAT" if actual.kind is NatKind.NONE else f"{actual.kind.value} to {actual.addr_text}"
+    expected = " or ".join(b.describe() for b in decision.expected)
+    return f"{what} {was} -> {expected}"
+
+
+def count_codes(decisions: Iterable[Decision]) -> dict[str, int]:
+    """Counts by reason code, most frequent first."""
+    counts = Counter(code_of(d) for d in decisions)
+    return dict(counts.most_common())
+
+
+def group_by_code(decisions: Iterable[Decision]) -> list[tuple[str, list[Decision]]]:
+    """Decisions grouped by reason code, the largest group first."""
+    groups: dict[str, list[Decision]] = {}
+    for d in decisions:
+        groups.setdefault(code_of(d), []).append(d)
+    return sorted(groups.items(), key=lambda item: -len(item[1]))
+
+
+def group_line(verb: str, code: str, decisions: Sequence[Decision], examples: int = 3) -> str:
+    """One line for a group: a few examples, the count, the code and what changed.
+
+    ``deleted udp 10.0.1.2:5060 -> 192.0.2.10:5060, ..., and 2 more (5 null_binding_now_nat:
+    source no NAT -> masquerade to 203.0.113.2)``
+    """
+    changes = {transition(d) for d in decisions[:64]}
+    shown = decisions[:examples]
+    if len(changes) == 1:
+        items = [short_entry(d.entry) for d in shown]
+        why = f"{len(decisions)} {code}: {next(iter(changes))}"
+    else:
+        items = [f"{short_entry(d.entry)} ({transition(d)})" for d in shown]
+        why = f"{len(decisions)} {code}"
+    more = len(decisions) - len(shown)
+    return f"{verb} {', '.join(items)}{f', and {more} more' if more > 0 else ''} ({why})"
+
+
+def summary_json(plan: FlushPlan, elapsed: float, deleted: int | None = None) -> JsonObject:
+    """The counts of a plan without its entries: what ``--summary`` and ``--json-lines`` end with."""
+    obj: JsonObject = {
+        "entries_examined": plan.examined,
+        "eligible": plan.eligible,
+        "distinct_flows": plan.distinct_flows,
+        "stale_count": len(plan.stale),
+        "undecided_count": len(plan.undecided),
+        "stale_by_code": count_codes(plan.stale),
+        "undecided_by_code": count_codes(plan.undecided),
+        "elapsed_ms": round(elapsed * 1000, 3),
+    }
+    if deleted is not None:
+        obj["deleted"] = deleted
+    return obj

@@ -1,8 +1,10 @@
 """Smoke test of bench/flush.py --quick: the table has its shape and every method's counts add up.
 
 No timing is asserted: the benchmark reports times and prints a PASS/FAIL line
-per target; here only that those lines are there, and that topowatch deleted
-exactly the stale entries (zero collateral, zero missed).
+per target; here only that those lines are there, that topowatch deleted
+exactly the stale entries (zero collateral, zero missed), and that the
+benchmark read topowatch's JSON log records (the reaction's and one per
+deleted entry), not its text line.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ def test_quick_benchmark_table(tmp_path: Path) -> None:
         # topowatch deletes exactly the stale entries.
         assert (tw["deleted"], tw["collateral"], tw["missed"]) == (res["k"], 0, 0), tw["log"]
         assert tw["rss_peak_mb"] > 0 and tw["external_seconds"] > 0
+        # Read from the daemon's JSON records: the reaction's, and one per deleted entry with its code.
+        assert tw["record"]["event"] == "reaction" and tw["record"]["stale"] == res["k"], tw["record"]
+        assert sum(tw["record"]["stale_by_code"].values()) == res["k"]
+        assert tw["entry_records"] == res["k"] and sum(tw["entry_codes"].values()) == res["k"]
         # The full flush takes everything: it is the reference, not a selective method.
         full = methods["kernel -F"]
         assert full["deleted"] == res["n"] and full["missed"] == 0

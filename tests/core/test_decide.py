@@ -609,6 +609,39 @@ def test_unknown_prediction_adds_before_predictions_per_key() -> None:
     assert 14 <= small["add_raw"][0] <= 21
 
 
+def _dnat_changed(fib: Fib, flow: Flow) -> Prediction:
+    return Prediction(dnat=frozenset({Binding(NatKind.DNAT, ip_address("10.0.9.10"))}),
+                      snat=frozenset({NO_NAT}), egress=(UP1,))
+
+
+def _egress_moved(fib: Fib, flow: Flow) -> Prediction:
+    return Prediction(dnat=frozenset({NO_NAT}), snat=Unknown("meta secpath"),
+                      egress=(UP2,) if fib is FIB_NOW else (UP1,))
+
+
+@pytest.mark.parametrize(
+    ("e", "predict", "before", "code"),
+    [
+        (entry(), fixed(frozenset({masq("203.0.113.2")})), None, "null_binding_now_nat"),
+        (entry("100.64.0.2"), fixed(frozenset({masq("203.0.113.2")})), None, "snat_changed"),
+        (entry("203.0.113.2"), fixed(frozenset({NO_NAT})), None, "nat_now_none"),
+        (entry(dnat_to="10.0.9.9"), _dnat_changed, None, "dnat_changed"),
+        (entry(), _egress_moved, FIB_BEFORE, "egress_changed_unknown_nat"),
+        (entry(), fixed(Unknown("x")), None, "unknown_nat"),
+        (entry(), fixed(Unknown("x"), Unknown("fwmark rule")), FIB_BEFORE, "unknown_nat_unknown_egress"),
+    ],
+)
+def test_reason_code_names_the_kind_of_staleness(e: Entry, predict: Any, before: Fib | None, code: str) -> None:
+    """Each decision carries a code a program can count, next to the text a person reads."""
+    from topowatch.core.decide import ReasonCode
+
+    plan = decide([e], predict=predict, fib_now=FIB_NOW, fib_before=before)
+    decisions = [*plan.stale, *plan.undecided]
+    assert len(decisions) == 1
+    assert decisions[0].code == code
+    assert code in {c.value for c in ReasonCode}
+
+
 # -- survivors of the mutation run (README "Mutation testing"): each test fails on its mutant --
 
 

@@ -159,7 +159,7 @@ def test_healthy_entries_are_left_alone() -> None:
 
         log = react(lab, change)
         summary = next(line for line in log if "reaction 1 (" in line)
-        assert "stale 0," in summary and "0 deleted" in summary, summary
+        assert " 0 of " in summary and "entries stale, 0 deleted" in summary, summary
         assert not any(" deleted udp" in line for line in log), log
         for name, before in entries.items():
             after = lab.entry_for(before.orig.sport, str(before.orig.dst))

@@ -128,12 +128,12 @@ def test_policy_appears_for_a_masqueraded_flow() -> None:
         lab.start_traffic((SIP,))
         assert wait_for(lambda: (e := lab.entry_for(SIP.sport, SIP.dst)) is not None
                         and str(e.reply.dst) == "203.0.113.2")
-        with Daemon(r, "--debounce", "0.2", "--no-startup-sweep") as daemon:
+        with Daemon(r, "-v", "--debounce", "0.2", "--no-startup-sweep") as daemon:  # -v: a line per entry
             assert daemon.wait_for("ready") is not None, daemon.lines
             r.run("ip", "xfrm", "policy", "add", *OUT_POLICY.split())
             assert daemon.wait_for("reaction 1 (") is not None, daemon.lines
             daemon.stop()
-        deleted = [line for line in daemon.lines if "deleted udp 10.0.1.2:5060" in line]
+        deleted = [line for line in daemon.lines if "deleted udp 10.0.1.2:5060" in line and " reply " in line]
         assert deleted, daemon.lines
         assert "xfrm policy src 10.0.1.0/24 dst 192.0.2.0/24 dir out priority 100" in deleted[0]
         assert "no SA for reqid 1" in deleted[0]

@@ -34,7 +34,7 @@ from topowatch.core.classify import Classifier
 from topowatch.core.conntrack import ICMP_PROTOS, IPS_SEEN_REPLY, Entry
 from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility
 from topowatch.core.fib import Fib
-from topowatch.core.flow import Binding, Egress, Flow, Prediction, Unknown
+from topowatch.core.flow import Binding, Egress, Flow, NatKind, Prediction, Unknown
 from topowatch.core.model import IPAddress
 
 Predictor = Callable[[Fib, Flow], Prediction]
@@ -45,15 +45,36 @@ Predictor = Callable[[Fib, Flow], Prediction]
 FLOW_CACHE_LIMIT = 65_536
 
 
+class ReasonCode(enum.StrEnum):
+    """Why an entry is stale or undecided, as a word a program can count (``Decision.code``)."""
+
+    NULL_BINDING_NOW_NAT = "null_binding_now_nat"  # no NAT on that side, now it would be NATed
+    NAT_NOW_NONE = "nat_now_none"  # NATed, now that side would not be
+    SNAT_CHANGED = "snat_changed"  # source NATed to another address or port range now
+    DNAT_CHANGED = "dnat_changed"  # destination NATed elsewhere now
+    EGRESS_CHANGED_UNKNOWN_NAT = "egress_changed_unknown_nat"  # NAT unpredictable, egress moved
+    UNKNOWN_NAT = "unknown_nat"  # undecided: NAT unpredictable, no previous snapshot to compare
+    UNKNOWN_NAT_UNKNOWN_EGRESS = "unknown_nat_unknown_egress"  # undecided: egress unpredictable too
+
+
+def _stale_code(side: str, actual: Binding, expected: Iterable[Binding]) -> ReasonCode:
+    if actual.kind is NatKind.NONE:
+        return ReasonCode.NULL_BINDING_NOW_NAT
+    if all(b.kind is NatKind.NONE for b in expected):
+        return ReasonCode.NAT_NOW_NONE
+    return ReasonCode.SNAT_CHANGED if side == "snat" else ReasonCode.DNAT_CHANGED
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """One entry's verdict: which side (``snat``/``dnat``) and why."""
+    """One entry's verdict: which side (``snat``/``dnat``), why (text) and why (``ReasonCode``)."""
 
     entry: Entry
     side: str
     actual: Binding | None
     expected: tuple[Binding, ...]
     reason: str
+    code: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +98,7 @@ class _Judgement:
     actual: Binding | None
     expected: tuple[Binding, ...]
     reason: str
+    code: str = ""
 
 
 def _egress_text(egress: tuple[Egress, ...] | Unknown) -> str:
@@ -125,12 +147,13 @@ def _side(
         if before is None:
             return _Judgement(
                 side, False, True, actual, (),
-                f"{what} NAT cannot be predicted: {predicted.reason}",
+                f"{what} NAT cannot be predicted: {predicted.reason}", ReasonCode.UNKNOWN_NAT,
             )
         if isinstance(before.egress, Unknown) or isinstance(prediction.egress, Unknown):
             return _Judgement(
                 side, False, True, actual, (),
                 f"{what} NAT cannot be predicted ({predicted.reason}) and the egress is unknown",
+                ReasonCode.UNKNOWN_NAT_UNKNOWN_EGRESS,
             )
         if _egress_key(before.egress) != _egress_key(prediction.egress):
             was = _egress_text(before.egress)
@@ -139,7 +162,7 @@ def _side(
             return _Judgement(
                 side, True, False, actual, (),
                 f"{what} NAT cannot be predicted ({predicted.reason}), but the flow's egress changed "
-                f"from {was} to {now}",
+                f"from {was} to {now}", ReasonCode.EGRESS_CHANGED_UNKNOWN_NAT,
             )
         return None  # egress unchanged: nothing says the entry went stale
     if not predicted:
@@ -160,6 +183,7 @@ def _side(
     return _Judgement(
         side, True, False, actual, cached[1],
         f"{what} is {_translation(original, translated, actual)}, but now it would be {cached[2]}",
+        _stale_code(side, actual, cached[1]),
     )
 
 
@@ -636,15 +660,17 @@ class Decider:
         # DNAT first: a stale destination already condemns the entry (SNAT is not looked at).
         dnat = self._side(entry, "dnat", compiled, before, kept[0])
         if dnat is not None and dnat.stale:
-            self.stale.append(Decision(entry, dnat.side, dnat.actual, dnat.expected, dnat.reason))
+            self.stale.append(Decision(entry, dnat.side, dnat.actual, dnat.expected, dnat.reason, dnat.code))
             return
         snat = self._side(entry, "snat", compiled, before, kept[1])
         if snat is not None and snat.stale:
-            self.stale.append(Decision(entry, snat.side, snat.actual, snat.expected, snat.reason))
+            self.stale.append(Decision(entry, snat.side, snat.actual, snat.expected, snat.reason, snat.code))
             return
         chosen = next((j for j in (dnat, snat) if j is not None and j.undecided), None)
         if chosen is not None:
-            self.undecided.append(Decision(entry, chosen.side, chosen.actual, chosen.expected, chosen.reason))
+            self.undecided.append(
+                Decision(entry, chosen.side, chosen.actual, chosen.expected, chosen.reason, chosen.code)
+            )
 
     def plan(self) -> FlushPlan:
         return FlushPlan(

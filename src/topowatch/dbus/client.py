@@ -105,7 +105,10 @@ async def status_main(as_json: bool) -> int:
     return 0
 
 
-async def trigger_main(interface: str | None) -> int:
+async def trigger_main(interface: str | None, as_json: bool = False) -> int:
     await call("Trigger", "s", [interface or ""])
-    print(f"reaction requested{f' for {interface}' if interface else ''}")
+    if as_json:
+        print(json.dumps({"requested": True, "interface": interface}))
+    else:
+        print(f"reaction requested{f' for {interface}' if interface else ''}")
     return 0
