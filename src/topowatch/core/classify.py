@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import itertools
 import struct
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -314,9 +315,9 @@ def _table_routes(topology: Topology, family: int) -> list[list[tuple[int, int, 
             hit = _LABELS.get(id(r))
             if hit is None or hit[0] is not r:
                 label = _route_label(r, links, oif_addresses)
-                hit = _LABELS[id(r)] = (r, _LABEL_IDS.setdefault(label, len(_LABEL_IDS)))
+                hit = _LABELS[id(r)] = (r, _LABEL_IDS.setdefault(label, next(_NUMBERS)))
             labels.append(hit[1])
-        group = labels[0] if len(labels) == 1 else _LABEL_IDS.setdefault(tuple(labels), len(_LABEL_IDS))
+        group = labels[0] if len(labels) == 1 else _LABEL_IDS.setdefault(tuple(labels), next(_NUMBERS))
         tables.setdefault(table, []).append((lo, hi, group))
     return [tables[t] for t in sorted(tables)]
 
@@ -327,6 +328,9 @@ def _table_routes(topology: Topology, family: int) -> list[list[tuple[int, int, 
 _LABELS: dict[object, Any] = {}
 _LABEL_IDS: dict[object, int] = {}
 _LABEL_IDS_LIMIT = 1 << 20
+# Numbers are drawn from one counter and never reused, so two builds in two threads can never
+# give one number to two labels (``setdefault`` keeps the first insertion of a label).
+_NUMBERS = itertools.count()
 
 
 def _forget_labels() -> None:
@@ -461,6 +465,17 @@ class Classifier:
         sport_matters: bool = True,
     ) -> Classifier:
         """The classes that every one of ``topologies`` with every one of ``rulesets`` treats alike."""
+        return cls._build(topologies, rulesets, eligibility, sport_matters=sport_matters)
+
+    @classmethod
+    def _build(
+        cls,
+        topologies: Sequence[Topology],
+        rulesets: Sequence[object],
+        eligibility: Eligibility | None,
+        *,
+        sport_matters: bool,
+    ) -> Classifier:
         if len(_LABEL_IDS) > _LABEL_IDS_LIMIT:
             _forget_labels()
         harvest = _Harvest.empty()
