@@ -43,8 +43,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -64,6 +63,27 @@ from topowatch.errors import TopowatchError
 from topowatch.logs import ENTRIES_LOGGER
 from topowatch.policy import DEFAULT_EFFECTIVE, Action, EffectivePolicy, Selection
 from topowatch.report import count_codes, decision_json, group_by_code, group_line, transition
+from topowatch.sources import DeleteCounts, EventSource, StillStale, Trigger
+
+__all__ = [  # the sources' values are re-exported: callers of the reactor name them here
+    "BRIEF_LINES",
+    "HISTORY",
+    "LARGE_RULESET",
+    "RETRY_MAX",
+    "TOPOLOGY_KINDS",
+    "Backend",
+    "Burst",
+    "DeleteCounts",
+    "EventSource",
+    "Reaction",
+    "ReactionTotals",
+    "Reactor",
+    "ReactorConfig",
+    "StillStale",
+    "Trigger",
+    "plan_once",
+    "still_stale",
+]
 
 log = logging.getLogger("topowatch.reactor")
 entry_log = logging.getLogger(ENTRIES_LOGGER)
@@ -78,49 +98,6 @@ BRIEF_LINES = 8
 LARGE_RULESET = 2000
 # The longest wait before a failed reaction is tried again.
 RETRY_MAX = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class Trigger:
-    """One event from a source: a topology change, an overrun, an explicit request.
-
-    ``kind`` is the policy trigger kind (link, address, route, rule, xfrm,
-    ruleset, networkmanager, dispatcher; anything else activates every
-    enabled policy); ``interface`` names the interface concerned, if any.
-    """
-
-    source: str
-    description: str
-    overrun: bool = False
-    kind: str = ""
-    interface: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DeleteCounts:
-    deleted: int = 0
-    already_gone: int = 0
-    failed: int = 0
-    elapsed: float = 0.0
-    errors: tuple[str, ...] = ()
-    # Kept by the re-check before the delete: replied to since the dump, or otherwise no longer admitted.
-    kept_replied: int = 0
-    kept_changed: int = 0
-    # The 99th percentile over delete batches of the time from re-reading a batch to its delete
-    # being done (the window a reply can still slip through), None when nothing was deleted.
-    window_p99: float | None = None
-
-
-# What ``Backend.delete`` asks of each entry re-read just before its delete: (as dumped, as now).
-StillStale = Callable[[Entry, Reread], bool]
-
-
-class EventSource(Protocol):
-    """One stream of triggers (rtnetlink, xfrm, nftables, D-Bus, ...); the reactor supervises each."""
-
-    name: str
-
-    def events(self) -> AbstractAsyncContextManager[AsyncIterator[Trigger]]: ...
 
 
 class Backend(Protocol):

@@ -34,7 +34,7 @@ from dbus_fast.aio import MessageBus
 
 from topowatch.dbus import system_bus_address
 from topowatch.dbus.connection import Backoff, stay_connected, wait_disconnected
-from topowatch.reactor import Trigger
+from topowatch.sources import Trigger
 
 log = logging.getLogger("topowatch.networkmanager")
 

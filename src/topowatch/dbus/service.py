@@ -60,8 +60,9 @@ from topowatch.dbus import ERROR_PREFIX, INTERFACE, OBJECT_PATH, bus_name, syste
 from topowatch.dbus.connection import DEFAULT_BACKOFF, Backoff, stay_connected, wait_disconnected
 from topowatch.errors import TopowatchError, UsageError
 from topowatch.pressure import PressureAgent, PressureEvent
-from topowatch.reactor import Reaction, Reactor, Trigger, plan_once
+from topowatch.reactor import Reaction, Reactor, plan_once
 from topowatch.report import plan_json
+from topowatch.sources import Trigger
 
 log = logging.getLogger("topowatch.dbus")
 

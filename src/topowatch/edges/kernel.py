@@ -49,7 +49,7 @@ from topowatch.edges.sysctl import read_netconf
 from topowatch.edges.xfrm import XfrmSource
 from topowatch.edges.xfrm import probe as probe_xfrm
 from topowatch.errors import NetlinkError, PermissionDenied
-from topowatch.reactor import DeleteCounts, EventSource, StillStale, Trigger
+from topowatch.sources import DeleteCounts, EventSource, StillStale, Trigger
 
 log = logging.getLogger("topowatch.kernel")
 

@@ -62,7 +62,7 @@ import trio
 
 from topowatch.edges.iptables import IpSet, read_named_ipsets
 from topowatch.edges.rtnl import receive, subscribe
-from topowatch.reactor import Trigger
+from topowatch.sources import Trigger
 from topowatch.text import run_tool
 
 log = logging.getLogger(__name__)

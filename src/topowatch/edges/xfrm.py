@@ -68,7 +68,7 @@ from topowatch.edges.rtnl import (
     UndecodableMessage,
     split_datagram,
 )
-from topowatch.reactor import Trigger
+from topowatch.sources import Trigger
 
 log = logging.getLogger(__name__)
 
