@@ -741,45 +741,40 @@ class Reactor:
         timings: dict[str, float], ruleset: NatRuleset, policy: EffectivePolicy,
     ) -> Reaction:
         """A reaction whose change can re-NAT no flow: nothing to dump, nothing to delete."""
-        change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
+        note = f"no dump: the change can re-NAT {scope.describe()}"
+        reaction = self._without_dump(burst, t1, selection, note, start=start, timings=timings, dumped=False)
         self.t0 = t1
         self.judged_all = True
         self._judged_under = (ruleset, policy)
-        return Reaction(
-            number=self.totals.reactions + 1,
-            trigger=", ".join(burst.lines) or "request",
-            events=burst.count,
-            change=change,
-            plan=FlushPlan(examined=0, eligible=0,
-                           notes=(f"no dump: the change can re-NAT {scope.describe()}",)),
-            deleted=DeleteCounts(),
-            refused=False,
-            dry_run=self.config.dry_run,
-            latency=trio.current_time() - (burst.first if burst.count else start),
-            timings=timings,
-            policies=selection.names(),
-            dumped=False,
-        )
+        return reaction
 
     def _undecided(
         self, burst: Burst, t1: Topology, selection: Selection, why: str, *, start: float,
         timings: dict[str, float],
     ) -> Reaction:
         """A reaction that decides nothing (``why``); T0 stays, so these changes are judged later."""
+        return self._without_dump(burst, t1, selection, why, start=start, timings=timings, skipped=why)
+
+    def _without_dump(
+        self, burst: Burst, t1: Topology, selection: Selection, note: str, *, start: float,
+        timings: dict[str, float], dumped: bool = True, skipped: str | None = None,
+    ) -> Reaction:
+        """A reaction that examined no entry: the change it saw, and ``note`` saying why."""
         change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
         return Reaction(
             number=self.totals.reactions + 1,
             trigger=", ".join(burst.lines) or "request",
             events=burst.count,
             change=change,
-            plan=FlushPlan(examined=0, eligible=0, notes=(why,)),
+            plan=FlushPlan(examined=0, eligible=0, notes=(note,)),
             deleted=DeleteCounts(),
             refused=False,
             dry_run=self.config.dry_run,
             latency=trio.current_time() - (burst.first if burst.count else start),
             timings=timings,
             policies=selection.names(),
-            skipped=why,
+            skipped=skipped,
+            dumped=dumped,
         )
 
     def _record(self, reaction: Reaction, selection: Selection) -> Reaction:
