@@ -9,9 +9,10 @@ Comparing the previous and the current topology, per address family:
   its changes do not count (an entry that carries NAT from an earlier
   ruleset was judged by the full judgement that followed the ruleset
   change; one left undecided then stays so until the next full one);
-- rules, xfrm policies or states, addresses, or links (other than their
-  carrier, which the FIB does not read: a link without carrier keeps its
-  routes) changed: any flow of the family may be NATed differently; so
+- rules, addresses, links (other than their carrier, which the FIB does not
+  read: a link without carrier keeps its routes), or any other field of the
+  snapshot (xfrm policies and states, rp_filter settings) changed: any flow
+  may be NATed differently; so
   when anything else a snapshot carries changed (xfrm, rp_filter: which
   interfaces a flow may have entered on, ``Fib.ingresses``);
 - otherwise only routes changed, and only those in a table some rule
