@@ -71,7 +71,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from topowatch.core.conntrack import IPS_SEEN_REPLY, Entry, Reread
 from topowatch.core.decide import RawEntry
@@ -126,6 +126,44 @@ class DumpConsumer(Protocol):
 
 
 DumpConsumerT = TypeVar("DumpConsumerT", bound=DumpConsumer)
+
+
+@dataclass(slots=True)
+class _Tally:
+    """The counts of ``delete`` and ``delete_current``, batch by batch, as the kernel answers them."""
+
+    requested: int = 0
+    deleted: int = 0
+    not_found: int = 0
+    unconfirmed: int = 0
+    batches: int = 0
+    errors: dict[int, int] = field(default_factory=dict)
+
+    def count(self, out: _Outcome) -> bool:
+        """Count one sent batch of deletes; True when answers were lost to an overrun."""
+        self.batches += 1
+        self.requested += out.sent
+        failed = sum(out.errors.values())
+        self.not_found += out.errors.pop(errno_mod.ENOENT, 0)
+        for err, count in out.errors.items():
+            self.errors[err] = self.errors.get(err, 0) + count
+        if out.overrun:
+            # Successes are silent: those whose answer may have been dropped are unknown.
+            confirmed = 1 if out.answered_last and out.last_errno == 0 else 0
+            self.deleted += confirmed
+            self.unconfirmed += out.sent - failed - confirmed
+        else:
+            self.deleted += out.sent - failed
+        return out.overrun
+
+    def result(self, **more: Any) -> DeleteResult:
+        if errno_mod.EPERM in self.errors and self.deleted == 0:
+            _raise_for(errno_mod.EPERM, "ctnetlink delete")
+        return DeleteResult(
+            requested=self.requested, deleted=self.deleted, not_found=self.not_found,
+            errors=tuple(sorted(self.errors.items())), unconfirmed=self.unconfirmed, batches=self.batches,
+            **more,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -689,38 +727,15 @@ class Conntrack:
 
     def delete(self, entries: Iterable[Entry]) -> DeleteResult:
         """Delete each entry by orig tuple, zone and dumped id; count the answers."""
-        requested = deleted = not_found = unconfirmed = batches = 0
-        errors: dict[int, int] = {}
+        tally = _Tally()
 
         def encode(e: Entry, seq: int) -> bytes:
             return ctcodec.encode_delete(e, seq, ack=False)
 
         for encoded, first in self._chunks(entries, encode):
-            out = self._transact(encoded, first)
-            batches += 1
-            requested += out.sent
-            failed = sum(out.errors.values())
-            not_found += out.errors.pop(errno_mod.ENOENT, 0)
-            for err, count in out.errors.items():
-                errors[err] = errors.get(err, 0) + count
-            if out.overrun:
-                # Successes are silent: those whose answer may have been dropped are unknown.
-                confirmed = 1 if out.answered_last and out.last_errno == 0 else 0
-                deleted += confirmed
-                unconfirmed += out.sent - failed - confirmed
+            if tally.count(self._transact(encoded, first)):
                 self.batch_max = max(16, self.batch_max // 2)
-            else:
-                deleted += out.sent - failed
-        if errno_mod.EPERM in errors and deleted == 0:
-            _raise_for(errno_mod.EPERM, "ctnetlink delete")
-        return DeleteResult(
-            requested=requested,
-            deleted=deleted,
-            not_found=not_found,
-            errors=tuple(sorted(errors.items())),
-            unconfirmed=unconfirmed,
-            batches=batches,
-        )
+        return tally.result()
 
     def delete_current(
         self, entries: Iterable[Entry], still: Callable[[Entry, Reread], bool] | None = None
@@ -733,9 +748,8 @@ class Conntrack:
         as ``not_found``; those the condition refuses as ``kept_replied``
         (a reply arrived since the dump) or ``kept_changed``.
         """
-        requested = deleted = not_found = unconfirmed = batches = 0
+        tally = _Tally()
         kept_replied = kept_changed = unchecked = 0
-        errors: dict[int, int] = {}
         windows: list[float] = []
         pending = list(entries)
         size = self.recheck_batch
@@ -755,9 +769,9 @@ class Conntrack:
                         continue
                     err, now = answer
                     if err == errno_mod.ENOENT or (now is not None and entry.id and now.id != entry.id):
-                        not_found += 1
+                        tally.not_found += 1
                     elif err or now is None:
-                        errors[err] = errors.get(err, 0) + 1
+                        tally.errors[err] = tally.errors.get(err, 0) + 1
                     elif still is not None and not still(entry, now):
                         if now.replied_since(entry):
                             kept_replied += 1
@@ -767,32 +781,15 @@ class Conntrack:
                         victims.append(i)
                 if not victims:
                     continue
-                out = self._transact([deletes[i] for i in victims], first, first + victims[-1])
+                tally.count(self._transact([deletes[i] for i in victims], first, first + victims[-1]))
                 windows.append(self._sent_at - began)
-                batches += 1
-                requested += out.sent
-                failed = sum(out.errors.values())
-                not_found += out.errors.pop(errno_mod.ENOENT, 0)
-                for err, count in out.errors.items():
-                    errors[err] = errors.get(err, 0) + count
-                if out.overrun:
-                    confirmed = 1 if out.answered_last and out.last_errno == 0 else 0
-                    deleted += confirmed
-                    unconfirmed += out.sent - failed - confirmed
-                else:
-                    deleted += out.sent - failed
             pending = lost
             if not pending:
                 break
             size = max(1, size // 4)  # answers were dropped: ask again in smaller batches
         unchecked = len(pending)
-        if errno_mod.EPERM in errors and deleted == 0:
-            _raise_for(errno_mod.EPERM, "ctnetlink delete")
-        return DeleteResult(
-            requested=requested, deleted=deleted, not_found=not_found, errors=tuple(sorted(errors.items())),
-            unconfirmed=unconfirmed, batches=batches, kept_replied=kept_replied, kept_changed=kept_changed,
-            unchecked=unchecked, windows=tuple(windows),
-        )  # fmt: skip
+        return tally.result(kept_replied=kept_replied, kept_changed=kept_changed, unchecked=unchecked,
+                            windows=tuple(windows))  # fmt: skip
 
     def _reread(self, chunk: list[Entry]) -> tuple[float, dict[int, tuple[int, Reread | None]]]:
         """Ask the kernel for each entry again, in one sendmsg: (when sent, answers by index in ``chunk``).
