@@ -51,18 +51,18 @@ import trio
 
 from topowatch.core.classify import Classifier
 from topowatch.core.conntrack import Entry, Reread
-from topowatch.core.decide import Decider, EntryBuilder, FlushPlan, decide, mentions_sport
+from topowatch.core.decide import Decider, EntryBuilder, FlushPlan, StaleDecisions, decide, mentions_sport
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.evaluate import predict
 from topowatch.core.fib import Fib
 from topowatch.core.flow import Flow, Prediction, proto_name
-from topowatch.core.impact import Impact, impact
+from topowatch.core.impact import Impact, impact, prepare, prepared
 from topowatch.core.model import Topology, TopologyChange, diff
 from topowatch.core.nat import NatRuleset
 from topowatch.errors import TopowatchError
 from topowatch.logs import ENTRIES_LOGGER
 from topowatch.policy import DEFAULT_EFFECTIVE, Action, EffectivePolicy, Selection
-from topowatch.report import count_codes, decision_json, group_by_code, group_line, transition
+from topowatch.report import code_samples, count_codes, decision_json, group_by_code, group_line, transition
 from topowatch.sources import DeleteCounts, EventSource, StillStale, Trigger
 
 __all__ = [  # the sources' values are re-exported: callers of the reactor name them here
@@ -360,7 +360,9 @@ class Reaction:
         if not self.dumped:
             return f"reaction {self.number} ({what}){policy}: {'; '.join(p.notes)}, nothing deleted, {took}"
         stale = self.stale_count
-        protos = sorted({proto_name(d.entry.proto) for d in p.stale})
+        listed = p.stale
+        numbers = listed.protos() if isinstance(listed, StaleDecisions) else {d.entry.proto for d in listed}
+        protos = sorted(proto_name(n) for n in numbers)
         kinds = "/".join(protos) + " " if protos else ""
         found = f"{stale} of {p.examined} examined {kinds}entries stale"
         if self.refused:
@@ -380,13 +382,13 @@ class Reaction:
                 action += f", {d.failed} FAILED"
             if d.window_p99 is not None:
                 action += f", re-check window p99 {d.window_p99 * 1000:.2f} ms"
-        groups = group_by_code(p.stale)
+        groups = code_samples(p.stale)
         if len(groups) == 1:
-            code, group = groups[0]
-            changes = {transition(d) for d in group[:64]}
+            code, _, samples = groups[0]
+            changes = {transition(d) for d in samples}
             action += f" ({code}: {next(iter(changes))})" if len(changes) == 1 else f" ({code})"
         elif groups:
-            action += " (" + ", ".join(f"{len(ds)} {code}" for code, ds in groups) + ")"
+            action += " (" + ", ".join(f"{count} {code}" for code, count, _ in groups) + ")"
         if self.logged_only:
             action += f", {self.logged_only} logged only"
         if self.undecided_count:
@@ -543,6 +545,7 @@ class Reactor:
                 try:
                     async with self.lock:
                         await self.react(burst)
+                        await self._prepare()
                     failures = 0
                 except (TopowatchError, OSError) as exc:
                     self._count("reaction")
@@ -577,6 +580,18 @@ class Reactor:
                 self.progress_at = trio.current_time()
             self._sport_memo = (ruleset, found)
         return self._sport_memo[1]
+
+    async def _prepare(self) -> None:
+        """Between reactions: what the next one reads from the ruleset, computed ahead in a worker
+        thread (the DNAT targets ``core.impact`` checks a moved prefix against: a walk of every rule)."""
+        ruleset = self.ruleset
+        if ruleset is None or prepared(ruleset):
+            return
+        if sum(len(chain.rules) for chain in getattr(ruleset, "chains", ())) < LARGE_RULESET:
+            prepare(ruleset)
+        else:  # a walk of every rule: in a worker thread, so the loop (and the watchdog) goes on
+            await trio.to_thread.run_sync(prepare, ruleset)
+            self.progress_at = trio.current_time()
 
     async def react(self, burst: Burst) -> Reaction:
         timings: dict[str, float] = _PhaseTimings(self)
@@ -661,8 +676,10 @@ class Reactor:
             timings["decide"] = clock() - mark
         change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
         if all(p.action is Action.FLUSH for p in selection.policies):
-            # Every stale entry was admitted by some active policy, and each flushes.
-            to_delete = [d.entry for d in plan.stale]
+            # Every stale entry was admitted by some active policy, and each flushes. Records of a
+            # compiled scan stay records up to the delete (their Decisions are built for the logs).
+            to_delete = plan.stale.entries() if isinstance(plan.stale, StaleDecisions) else [
+                d.entry for d in plan.stale]
         else:
             to_delete = [d.entry for d in plan.stale if selection.flushes(d.entry)]
         refused = len(to_delete) > min(selection.max_deletions, self.config.max_deletions)
@@ -795,22 +812,24 @@ class Reactor:
         return reaction
 
     def _log(self, reaction: Reaction, selection: Selection) -> None:
-        """One line per group of stale entries, the reaction's line, then a record per entry.
+        """The reaction's line, one line per group of stale entries, then a record per entry.
 
-        The groups come first, so that the reaction's line closes what it sums
-        up; the per-entry records follow it on ``topowatch.entries`` (every one
-        in JSON, in text with -v).
+        The reaction's line comes first and builds only a few decisions (its
+        counts are read from the records a compiled scan kept): it is written
+        as soon as the deletes are done, whatever their number. The group
+        lines and the per-entry records follow it on ``topowatch.entries``
+        (every one in JSON, in text with -v).
         """
         verb = "would delete" if reaction.dry_run or reaction.refused else "deleted"
+        for error in reaction.deleted.errors:
+            log.error("delete failed: %s", error)
+        level = logging.ERROR if reaction.skipped else logging.WARNING if reaction.refused else logging.INFO
+        log.log(level, "%s", reaction.summary(), extra={"fields": reaction.fields()})
         flushed = [d for d in reaction.plan.stale if selection.flushes(d.entry)]
         logged = [d for d in reaction.plan.stale if not selection.flushes(d.entry)]
         for what, decisions in ((verb, flushed), ("stale (policy says log only)", logged)):
             for code, group in group_by_code(decisions):
                 log.info("reaction %d: %s", reaction.number, group_line(what, code, group))
-        for error in reaction.deleted.errors:
-            log.error("delete failed: %s", error)
-        level = logging.ERROR if reaction.skipped else logging.WARNING if reaction.refused else logging.INFO
-        log.log(level, "%s", reaction.summary(), extra={"fields": reaction.fields()})
         if entry_log.isEnabledFor(logging.INFO):
             actions = ((verb, flushed), ("log only", logged))
             for what, decisions in actions:

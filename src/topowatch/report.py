@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from topowatch.core.conntrack import ICMP_PROTOS, CtTuple, Entry
-from topowatch.core.decide import Decision, FlushPlan
+from topowatch.core.decide import Decision, FlushPlan, StaleDecisions
 from topowatch.core.flow import Binding, NatKind, proto_name
 from topowatch.core.model import AF_INET
 
@@ -148,9 +148,30 @@ def transition(decision: Decision) -> str:
 
 
 def count_codes(decisions: Iterable[Decision]) -> dict[str, int]:
-    """Counts by reason code, most frequent first."""
-    counts = Counter(code_of(d) for d in decisions)
+    """Counts by reason code, most frequent first (records of a compiled scan stay records)."""
+    if isinstance(decisions, StaleDecisions):
+        counts = Counter(code or UNCLASSIFIED for code in decisions.codes())
+    else:
+        counts = Counter(code_of(d) for d in decisions)
     return dict(counts.most_common())
+
+
+def code_samples(decisions: Sequence[Decision], sample: int = 64) -> list[tuple[str, int, list[Decision]]]:
+    """(code, count, the group's first ``sample`` decisions) per reason code, the largest group first.
+
+    For a ``StaleDecisions`` only the samples are built: a reaction's line is
+    written as soon as its deletes are done, before the per-entry records.
+    """
+    if not isinstance(decisions, StaleDecisions):
+        return [(code, len(group), group[:sample]) for code, group in group_by_code(decisions)]
+    where: dict[str, list[int]] = {}
+    counts: Counter[str] = Counter()
+    for i, named in enumerate(decisions.codes()):
+        code = named or UNCLASSIFIED
+        counts[code] += 1
+        if counts[code] <= sample:
+            where.setdefault(code, []).append(i)
+    return [(code, count, [decisions.at(i) for i in where[code]]) for code, count in counts.most_common()]
 
 
 def group_by_code(decisions: Iterable[Decision]) -> list[tuple[str, list[Decision]]]:

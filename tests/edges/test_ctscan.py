@@ -32,12 +32,13 @@ from topowatch.core.conntrack import (
     CtTuple,
     Entry,
 )
-from topowatch.core.decide import Decider, compile_program
+from topowatch.core.decide import Decider, compile_program, decide, pack_record
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
 from topowatch.core.flow import Binding, Flow, NatKind, Prediction, Unknown
 from topowatch.core.model import Address, Topology
 from topowatch.edges import ctcodec as c
+from topowatch.report import code_samples, group_by_code
 
 # The recordings, the entry strategy and the kernel's message shape are test_ctcodec's.
 from test_ctcodec import dump_message, entries, load, recorded_seq  # isort: skip
@@ -392,6 +393,118 @@ def test_healthy_entries_of_a_known_key_never_reach_python() -> None:
     assert [r[4] for r in judged] == [7]  # the stale one: its program failed, straight to judgement
     assert plan.examined == plan.eligible == 1001
     assert [d.entry.orig.sport for d in plan.stale] == [7]
+
+
+def test_stale_entries_of_a_known_class_become_records_without_python() -> None:
+    """With classes, a stale entry of a class whose prediction is known never calls back: it is a record,
+    and its Decision, built when read, is the pure path's."""
+    predict = lambda fib, flow: Prediction(frozenset({Binding(NatKind.NONE)}), OPTIONS[0], ())  # noqa: E731
+    classifier = classes_for(Eligibility(), sport_matters=False)
+    client, server = CLIENTS[0], SERVERS[0]
+    healthy = [Entry(2, 17, CtTuple(client, server, p, 53), CtTuple(server, MASQ, 53, p),
+                     status=IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE, id=p) for p in range(1000, 1200)]
+    # Masqueraded to another address (SNAT stale) and never NATed (a null binding, SNAT stale).
+    stale = [Entry(2, 17, CtTuple(client, server, p, 53), CtTuple(server, TRANSLATED[2], 53, p),
+                   status=IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE, zone=7, id=p) for p in range(2000, 2050)]
+    stale += [Entry(2, 17, CtTuple(client, server, p, 53), CtTuple(server, client, 53, p),
+                    status=IPS_CONFIRMED, mark=0x10, id=p) for p in range(3000, 3050)]
+    # Tuples that differ with no NAT hook run: no binding can be read, neither stale nor undecided.
+    odd = Entry(2, 17, CtTuple(client, server, 9, 53), CtTuple(server, TRANSLATED[2], 53, 9), status=IPS_CONFIRMED)
+    items = [*healthy, *stale, odd]
+    decider = Decider(predict=predict, fib_now=FIB, sport_matters=False, build=c.entry_from_raw,
+                      classifier=classifier)
+    judged: list[Any] = []
+    judge_raw = decider.judge_raw
+    decider.judge_raw = lambda raw: (judged.append(raw), judge_raw(raw))  # type: ignore[method-assign,func-returns-value]
+    parser = c.DumpParser(seq=9, skip_replied=True, sink=decider.add_raw)
+    parser.settle = decider
+    parser.feed(b"".join(dump_message(e, 9) for e in items))
+    plan = decider.plan()
+    entries = plan.stale.entries()  # type: ignore[attr-defined]
+    assert len(entries.records) == 98 * 100  # nothing built yet
+    codes = plan.stale.codes()  # type: ignore[attr-defined]  # read from the records
+    protos = plan.stale.protos()  # type: ignore[attr-defined]
+    samples = code_samples(plan.stale, sample=3)
+    assert [d.code for d in plan.stale] == codes and {d.entry.proto for d in plan.stale} == protos == {17}
+    assert Counter(codes) == {"snat_changed": 50, "null_binding_now_nat": 50}
+    assert samples == [(code, count, list(group[:3])) for code, group in group_by_code(plan.stale)
+                       for count in [len(group)]]
+    assert judged == []
+    # The first entry of each class (zone 7; mark 0x10) is added whole, in Python; the others are records.
+    assert decider.records is not None and len(decider.records) == 98 * 100
+    assert plan.examined == plan.eligible == len(items)
+    pure = decide(items, predict=predict, fib_now=FIB, sport_matters=False)
+    key = lambda d: (d.entry, d.side, d.reason, d.code, d.actual, d.expected)  # noqa: E731
+    assert Counter(map(key, plan.stale)) == Counter(map(key, pure.stale))
+    assert {d.entry.orig.sport for d in plan.stale} == {e.orig.sport for e in stale}
+    assert len(plan.stale) == 100 and not plan.undecided
+    assert Counter(entries) == Counter(stale)
+
+
+@settings(max_examples=200, deadline=None)
+@given(items=st.lists(table(), min_size=1, max_size=40))
+def test_requests_are_encode_delete_and_encode_get_byte_for_byte(items: list[Entry]) -> None:
+    items = [e for e in items if e.proto not in (1, 58)]
+    records = b"".join(pack_record(e) for e in items)
+    for delete in (True, False):
+        expected = [(c.encode_delete(e, 40 + i, ack=False) if delete else c.encode_get(e, 40 + i))
+                    for i, e in enumerate(items)]
+        assert c._ctscan is not None
+        assert c._ctscan.requests(records, 0, len(items), 40, delete) == b"".join(expected)
+        select = bytes(i % 2 for i in range(len(items)))
+        assert c._ctscan.requests(records, 0, len(items), 40, delete, select) == b"".join(expected[1::2])
+    if len(items) > 2:
+        assert c._ctscan.requests(records, 1, 2, 41, True) == b"".join(
+            c.encode_delete(e, 41 + i, ack=False) for i, e in enumerate(items[1:3]))
+
+
+def get_answer(e: Entry, seq: int, *, status: int, ct_id: int, mark: int) -> bytes:
+    now = Entry(e.family, e.proto, e.orig, e.reply, status=status, zone=e.zone, mark=mark, id=ct_id, timeout=30)
+    return dump_message(now, seq)
+
+
+def error_answer(seq: int, errno: int) -> bytes:
+    request = struct.pack("=IHHII", 20, 0, 0, seq, 0)
+    return struct.pack("=IHHIIi", 36, 2, 0, seq, 0, -errno) + request
+
+
+@settings(max_examples=300, deadline=None)
+@given(items=st.lists(table(), min_size=1, max_size=30), data=st.data())
+def test_recheck_reads_answers_as_the_python_delete_path_does(items: list[Entry], data: st.DataObject) -> None:
+    """Codes from ``recheck`` against an expectation written from ``Conntrack.delete_current``'s rules."""
+    items = [e for e in items if e.proto not in (1, 58)]
+    records = b"".join(pack_record(e) for e in items)
+    answers: list[bytes] = []
+    expected: list[int] = []
+    for i, e in enumerate(items):
+        kind = data.draw(st.sampled_from(["same", "replied", "remarked", "other id", "enoent", "ebusy", "lost"]))
+        seq = 100 + i
+        if kind == "same":
+            answers.append(get_answer(e, seq, status=e.status, ct_id=e.id, mark=e.mark))
+            expected.append(1)
+        elif kind == "replied":
+            answers.append(get_answer(e, seq, status=e.status ^ IPS_SEEN_REPLY, ct_id=e.id, mark=e.mark))
+            expected.append(4)
+        elif kind == "remarked":
+            answers.append(get_answer(e, seq, status=e.status, ct_id=e.id, mark=e.mark ^ 1))
+            expected.append(4)
+        elif kind == "other id":
+            answers.append(get_answer(e, seq, status=e.status, ct_id=e.id + 1, mark=e.mark))
+            expected.append(2 if e.id else 1)  # an id of 0 matches any
+        elif kind == "enoent":
+            answers.append(error_answer(seq, 2))
+            expected.append(2)
+        elif kind == "ebusy":
+            answers.append(error_answer(seq, 16))
+            expected.append(3)
+        else:
+            expected.append(0)
+    codes = bytearray(len(items))
+    assert c._ctscan is not None
+    errors, changed = c._ctscan.recheck(b"".join(answers), 100, records, 0, len(items), codes)
+    assert list(codes) == expected
+    assert errors == [(i, 16) for i, code in enumerate(expected) if code == 3]
+    assert [i for i, *_ in changed] == [i for i, code in enumerate(expected) if code == 4]
 
 
 # --- programs ------------------------------------------------------------------------------

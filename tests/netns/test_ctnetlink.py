@@ -8,12 +8,13 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address, ip_address
 
 import pytest
 
 from topowatch.core.conntrack import IPS_ASSURED, IPS_SEEN_REPLY, CtTuple, Entry, Reread
+from topowatch.core.decide import StaleEntries, pack_record
 from topowatch.edges import ctcodec
 from topowatch.edges.ctfake import parse_conntrack_listing
 from topowatch.edges.ctnetlink import Conntrack, probe_status_filter
@@ -434,36 +435,51 @@ def unreplied_now(dumped: Entry, now: Reread) -> bool:
     return not now.status & IPS_SEEN_REPLY
 
 
-def test_delete_current_keeps_an_entry_replied_since_the_dump(ct: Conntrack) -> None:
+def pending(dumped: list[Entry], form: str) -> Sequence[Entry]:
+    """The entries to delete as a list, or as the records a compiled scan keeps (re-checked in C)."""
+    if form == "entries":
+        return dumped
+    return StaleEntries(dumped[:1], b"".join(pack_record(e) for e in dumped[1:]), lambda i: dumped[1 + i])
+
+
+FORMS = ["entries", pytest.param("records", marks=pytest.mark.skipif(ctcodec._ctscan is None,
+                                                                      reason="the compiled scan is not built"))]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_delete_current_keeps_an_entry_replied_since_the_dump(ct: Conntrack, form: str) -> None:
     ct.create([udp4(i) for i in range(40)] + [udp4(1000, zone=7)])
     dumped = ct.dump()
     answered = dumped[17]
     set_status(ct, answered, answered.status | IPS_SEEN_REPLY | IPS_ASSURED)  # a reply came meanwhile
     ct.recheck_batch = 16  # several batches, each re-read just before its delete
-    result = ct.delete_current(dumped, unreplied_now)
+    result = ct.delete_current(pending(dumped, form), unreplied_now)
     assert (result.deleted, result.kept_replied, result.not_found, result.failed) == (40, 1, 0, 0)
-    assert len(result.windows) == result.batches == 3 and result.window_p99 is not None
+    assert len(result.windows) == result.batches == (3 if form == "entries" else 4)  # the head is its own batch
+    assert result.window_p99 is not None
     (left,) = ct.dump(unreplied_only=False)
     assert (left.orig, left.id, left.unreplied) == (answered.orig, answered.id, False)
 
 
-def test_delete_current_counts_gone_and_other_ids_as_already_gone(ct: Conntrack) -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_delete_current_counts_gone_and_other_ids_as_already_gone(ct: Conntrack, form: str) -> None:
     ct.create([udp4(i) for i in range(5)])
     dumped = ct.dump()
     ct.delete(dumped[:1])
     other = dumped[1]
     stranger = Entry(other.family, other.proto, other.orig, other.reply, other.status, id=other.id ^ 1)
-    result = ct.delete_current([dumped[0], stranger, *dumped[2:]])
+    result = ct.delete_current(pending([dumped[0], stranger, *dumped[2:]], form))
     assert (result.deleted, result.not_found) == (3, 2)
     assert [e.orig for e in ct.dump()] == [other.orig]
 
 
-def test_delete_current_never_deletes_an_entry_whose_answer_was_lost(ct: Conntrack) -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_delete_current_never_deletes_an_entry_whose_answer_was_lost(ct: Conntrack, form: str) -> None:
     ct.create([udp4(i) for i in range(300)])
     dumped = ct.dump()
     # A receive buffer far too small for 256 answers: most are dropped (ENOBUFS) and asked again.
     ct.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    result = ct.delete_current(dumped, unreplied_now)
+    result = ct.delete_current(pending(dumped, form), unreplied_now)
     left = ct.dump()
     assert result.deleted + result.unchecked == 300 and result.unchecked == len(left)
     assert result.unconfirmed == 0 or result.deleted + result.unconfirmed + result.unchecked == 300

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable, Hashable, Iterable
+import struct
+import sys
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import TypeVar, overload
 
 from topowatch.core.classify import Classifier
 from topowatch.core.conntrack import ICMP_PROTOS, IPS_SEEN_REPLY, Entry
@@ -36,6 +39,8 @@ from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility
 from topowatch.core.fib import Fib
 from topowatch.core.flow import Binding, Egress, Flow, NatKind, Prediction, Unknown
 from topowatch.core.model import IPAddress
+
+T = TypeVar("T")
 
 Predictor = Callable[[Fib, Flow], Prediction]
 
@@ -83,7 +88,7 @@ class FlushPlan:
 
     examined: int
     eligible: int
-    stale: tuple[Decision, ...] = ()
+    stale: Sequence[Decision] = ()  # a StaleDecisions when a compiled scan kept records
     undecided: tuple[Decision, ...] = ()
     distinct_flows: int = 0  # prediction slots: flow classes, or flow keys without classes
     notes: tuple[str, ...] = field(default=())
@@ -407,6 +412,127 @@ def compile_program(dnat: _Check, snat: _Check) -> bytes | None:
     return b"P" + d + s
 
 
+# --- stale records: the bulk path's stale entries ----------------------------------
+#
+# A compiled scan that finds an entry stale by a class's program (both sides of the
+# prediction known: see ``_ctscan.c`` ``verdict``) does not call back: it appends the
+# entry to ``Decider.records`` as one record of this layout (native byte order; the C
+# ``record_t``): family, proto, side (0 DNAT, 1 SNAT), zone, status, mark, id, timeout,
+# the program's slot (``Decider`` keeps what the slot stands for), orig sport and dport,
+# reply sport and dport, orig src and dst, reply src and dst (16 bytes each, an IPv4
+# address in the first 4). The Decision of a record is built only when someone reads it
+# (logs, plan output), by the same ``_side`` as every other; a delete reads the record
+# itself (``edges.ctnetlink``).
+STALE_RECORD = struct.Struct("=BBBxHxxIIIIIHHHH16s16s16s16s")
+
+
+def record_raw(record: bytes | bytearray | memoryview, index: int) -> tuple[RawEntry, int, int]:
+    """(raw entry, side 0 DNAT / 1 SNAT, slot) of the record at ``index``."""
+    (family, proto, side, zone, status, mark, ct_id, timeout, slot, osport, odport, rsport, rdport,
+     osrc, odst, rsrc, rdst) = STALE_RECORD.unpack_from(record, index * STALE_RECORD.size)  # fmt: skip
+    n = 4 if family == 2 else 16
+    raw: RawEntry = (family, proto, osrc[:n], odst[:n], osport, odport, rsrc[:n], rdst[:n], rsport, rdport,
+                     status, zone, mark, ct_id, timeout)  # fmt: skip
+    return raw, side, slot
+
+
+def pack_record(entry: Entry, side: int = 1, slot: int = 0) -> bytes:
+    """The record of ``entry`` (``record_raw``'s inverse; a compiled scan writes the same bytes)."""
+    o, r = entry.orig, entry.reply
+    return STALE_RECORD.pack(
+        entry.family, entry.proto, side, entry.zone, entry.status, entry.mark, entry.id, entry.timeout, slot,
+        o.sport, o.dport, r.sport, r.dport, o.src.packed, o.dst.packed, r.src.packed, r.dst.packed,
+    )  # fmt: skip
+
+
+class _Lazy(Sequence[T]):
+    """Values of which a head is built and the rest are records built when first read."""
+
+    __slots__ = ("_all", "_build", "head", "records")
+
+    def __init__(self, head: Sequence[T], records: bytes, build: Callable[[int], T]) -> None:
+        self.head = tuple(head)
+        self.records = records  # STALE_RECORD after STALE_RECORD
+        self._build = build
+        self._all: tuple[T, ...] | None = None
+
+    @property
+    def record_count(self) -> int:
+        return len(self.records) // STALE_RECORD.size
+
+    def __len__(self) -> int:
+        return len(self.head) + self.record_count
+
+    def _values(self) -> tuple[T, ...]:
+        if self._all is None:
+            self._all = self.head + tuple(self._build(i) for i in range(self.record_count))
+        return self._all
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[T]: ...
+    def __getitem__(self, index: int | slice) -> T | Sequence[T]:
+        return self._values()[index]
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self._values())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return self._values() == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self.head)} built, {self.record_count} as records)"
+
+
+class StaleEntries(_Lazy[Entry]):
+    """The entries of stale decisions: what a delete reads (``records`` without building them)."""
+
+    __slots__ = ()
+
+
+class StaleDecisions(_Lazy[Decision]):
+    """``FlushPlan.stale`` when a compiled scan kept stale entries as records (see above)."""
+
+    __slots__ = ("_codes", "_entry")
+
+    def __init__(self, head: Sequence[Decision], records: bytes, build: Callable[[int], Decision],
+                 entry: Callable[[int], Entry], codes: Callable[[], list[str]]) -> None:  # fmt: skip
+        super().__init__(head, records, build)
+        self._entry = entry
+        self._codes = codes
+
+    def codes(self) -> list[str]:
+        """Each decision's ``code``, in order, read from the records without building them."""
+        if self._all is not None:
+            return [d.code for d in self._all]
+        return [d.code for d in self.head] + self._codes()
+
+    def at(self, index: int) -> Decision:
+        """One decision, built alone (the others stay records)."""
+        if self._all is not None:
+            return self._all[index]
+        if index < len(self.head):
+            return self.head[index]
+        return self._build(index - len(self.head))
+
+    def protos(self) -> set[int]:
+        """The protocols of the decisions' entries (a record's second byte)."""
+        size = STALE_RECORD.size
+        return {d.entry.proto for d in self.head} | set(self.records[1::size])
+
+    def entries(self) -> StaleEntries:
+        """The decisions' entries; the records stay records until read."""
+        if self._all is not None:
+            return StaleEntries([d.entry for d in self._all], b"", self._entry)
+        return StaleEntries([d.entry for d in self.head], self.records, self._entry)
+
+
 class Decider:
     """``decide`` one entry at a time, so that a dump can be judged while it streams.
 
@@ -452,6 +578,11 @@ class Decider:
         self._raw: dict[Hashable, tuple[_Check, _Check] | _Compiled] = {}
         # Programs by packed raw key, filled and read by a compiled scan (``raw_program``).
         self.raw_cache: dict[bytes, bytes | None] = {}
+        # Stale entries a compiled scan settled as records (``STALE_RECORD``), with classes only:
+        # a program then names its slot, and slots (one per class) stay for the records' lifetime.
+        self.records: bytearray | None = bytearray() if self.classifier is not None else None
+        self._slots: list[Hashable] = []
+        self._slot_of: dict[Hashable, int] = {}
 
     def _entry_key(self, entry: Entry) -> Hashable:
         classifier = self.classifier
@@ -524,7 +655,15 @@ class Decider:
         if slot is _LEFT:
             return compile_program((), ())
         assert isinstance(slot, _Compiled)
-        return compile_program(slot.dnat, slot.snat)
+        program = compile_program(slot.dnat, slot.snat)
+        if program is None or self.records is None or slot.dnat is None or slot.snat is None:
+            return program
+        key = self._raw_key(raw)
+        index = self._slot_of.get(key)
+        if index is None:
+            index = self._slot_of[key] = len(self._slots)
+            self._slots.append(key)
+        return program + b"S" + index.to_bytes(4, sys.byteorder)
 
     def add_raw(self, raw: RawEntry) -> None:
         (family, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport,
@@ -672,11 +811,60 @@ class Decider:
                 Decision(entry, chosen.side, chosen.actual, chosen.expected, chosen.reason, chosen.code)
             )
 
+    def _record_entry(self, records: bytes, index: int) -> Entry:
+        assert self.build is not None
+        return self.build(record_raw(records, index)[0])
+
+    def _record_decision(self, records: bytes, index: int) -> Decision:
+        """The Decision of a record: ``_side`` on its entry and its class's prediction, as any other."""
+        assert self.build is not None
+        raw, side, slot = record_raw(records, index)
+        entry = self.build(raw)
+        compiled = self._raw[self._slots[slot]]
+        assert isinstance(compiled, _Compiled)
+        name = "dnat" if side == 0 else "snat"
+        prediction = compiled.prediction
+        predicted = prediction.dnat if side == 0 else prediction.snat
+        judged = _side(entry, name, predicted, prediction, None, texts=compiled.texts)
+        if judged is None or not judged.stale:  # never expected (test_ctscan.py compares both paths)
+            return Decision(entry, name, None, (), "judged stale by the compiled scan, but the reference "
+                            "judgement disagrees (a defect: please report it)", "internal_disagreement")
+        return Decision(entry, name, judged.actual, judged.expected, judged.reason, judged.code)
+
+    def _record_codes(self, records: bytes) -> list[str]:
+        """The ``code`` of each record's Decision (``_stale_code``), without building it."""
+        out: list[str] = []
+        nat_now_none: dict[tuple[int, int], bool] = {}
+        for (_family, _proto, side, _zone, _status, _mark, _id, _timeout, slot, osport, odport, rsport,
+             rdport, osrc, odst, rsrc, rdst) in STALE_RECORD.iter_unpack(records):  # fmt: skip
+            kept = rdst == osrc and rdport == osport if side else rsrc == odst and rsport == odport
+            if kept:
+                out.append(ReasonCode.NULL_BINDING_NOW_NAT)
+                continue
+            none = nat_now_none.get((slot, side))
+            if none is None:
+                compiled = self._raw[self._slots[slot]]
+                assert isinstance(compiled, _Compiled)
+                predicted = compiled.prediction.snat if side else compiled.prediction.dnat
+                assert not isinstance(predicted, Unknown)
+                none = nat_now_none[slot, side] = all(b.kind is NatKind.NONE for b in predicted)
+            if none:
+                out.append(ReasonCode.NAT_NOW_NONE)
+            else:
+                out.append(ReasonCode.SNAT_CHANGED if side else ReasonCode.DNAT_CHANGED)
+        return out
+
     def plan(self) -> FlushPlan:
+        stale: Sequence[Decision] = tuple(self.stale)
+        if self.records:
+            records = bytes(self.records)
+            stale = StaleDecisions(self.stale, records, lambda i: self._record_decision(records, i),
+                                   lambda i: self._record_entry(records, i),
+                                   lambda: self._record_codes(records))
         return FlushPlan(
             examined=self.examined,
             eligible=self.eligible,
-            stale=tuple(self.stale),
+            stale=stale,
             undecided=tuple(self.undecided),
             distinct_flows=len(self._now),
             predicted=self.predicted,

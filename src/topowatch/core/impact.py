@@ -141,6 +141,15 @@ def _targets_of(ruleset: NatRuleset) -> tuple[tuple[int, int, int], ...]:
     return found
 
 
+def prepare(ruleset: NatRuleset) -> None:
+    """Read a ruleset's DNAT targets ahead of the first change that needs them (between reactions)."""
+    _targets_of(ruleset)
+
+
+def prepared(ruleset: NatRuleset) -> bool:
+    return any(seen is ruleset for seen, _ in _TARGETS)
+
+
 def _addresses_in(value: object, depth: int = 0) -> Iterator[tuple[int, int, int]]:
     if depth > 50:
         return

@@ -352,19 +352,68 @@ static int side_admits(const uint8_t **pp, const uint8_t *pend,
     return admitted;
 }
 
-/* 1 when the program says the entry is certainly healthy, 0 when it must be judged. */
-static int healthy(const entry_t *e, const uint8_t *p, Py_ssize_t n) {
+/* A stale entry settled here (``core.decide.STALE_RECORD``, native byte order, 100 bytes):
+ * what ``Decider`` needs to build its Decision later and what a re-check and a delete send. */
+typedef struct {
+    uint8_t family, proto, side, pad;
+    uint16_t zone, pad2;
+    uint32_t status, mark, id, timeout, slot;
+    uint16_t osport, odport, rsport, rdport;
+    uint8_t osrc[16], odst[16], rsrc[16], rdst[16];
+} record_t;
+
+#define VERDICT_JUDGE 0   /* the reasoned judgement in Python decides */
+#define VERDICT_HEALTHY 1 /* every side admitted */
+#define VERDICT_DNAT 2    /* stale: its destination binding is outside every predicted one */
+#define VERDICT_SNAT 3    /* stale: its source binding is */
+#define VERDICT_NONE 4    /* neither side can be judged (no NAT hook ran, yet the tuples differ) */
+
+/* The verdict of a program on an entry, as ``Decider._judge`` reaches it for a prediction
+ * whose two sides are known (mode 1 or 2): DNAT first, a side whose check fails is stale
+ * unless its binding cannot be read (tuples differ, its NAT hook never ran: ``_side`` skips
+ * it). Programs with an unknown side, without a slot (b"S" + u32 after the sides), and ICMP
+ * entries go to Python. ``*slot`` receives the program's slot. */
+static int verdict(const entry_t *e, const uint8_t *p, Py_ssize_t n, uint32_t *slot) {
     const uint8_t *pend = p + n;
     int icmp = e->orig.proto == IPPROTO_ICMP_ || e->orig.proto == IPPROTO_ICMPV6_;
-    int r;
-    if (n < 1 || *p != 'P') return 0;
+    uint8_t mode_d, mode_s;
+    int rd, rs, kept;
+    if (n < 1 || *p != 'P') return VERDICT_JUDGE;
     p++;
-    r = side_admits(&p, pend, e->orig.dst, e->reply.src, e->alen,
-                    icmp ? e->orig.dport : e->reply.sport);
-    if (r != 1) return 0;
-    r = side_admits(&p, pend, e->orig.src, e->reply.dst, e->alen,
-                    icmp ? e->orig.sport : e->reply.dport);
-    return r == 1;
+    if (p >= pend) return VERDICT_JUDGE;
+    mode_d = *p;
+    rd = side_admits(&p, pend, e->orig.dst, e->reply.src, e->alen, icmp ? e->orig.dport : e->reply.sport);
+    if (rd < 0 || p >= pend) return VERDICT_JUDGE;
+    mode_s = *p;
+    rs = side_admits(&p, pend, e->orig.src, e->reply.dst, e->alen, icmp ? e->orig.sport : e->reply.dport);
+    if (rs < 0) return VERDICT_JUDGE;
+    if (rd == 1 && rs == 1) return VERDICT_HEALTHY;
+    if (icmp || mode_d == 0 || mode_s == 0 || pend - p != 5 || p[0] != 'S') return VERDICT_JUDGE;
+    memcpy(slot, p + 1, 4);
+    if (rd == 0) {
+        kept = memcmp(e->reply.src, e->orig.dst, e->alen) == 0 && e->reply.sport == e->orig.dport;
+        if (kept || (e->status & IPS_DST_NAT_DONE)) return VERDICT_DNAT;
+    }
+    if (rs == 0) {
+        kept = memcmp(e->reply.dst, e->orig.src, e->alen) == 0 && e->reply.dport == e->orig.sport;
+        if (kept || (e->status & IPS_SRC_NAT_DONE)) return VERDICT_SNAT;
+    }
+    return VERDICT_NONE;
+}
+
+static int record(PyObject *out, const entry_t *e, int side, uint32_t slot) {
+    record_t r;
+    Py_ssize_t at = PyByteArray_GET_SIZE(out);
+    memset(&r, 0, sizeof r);
+    r.family = e->family; r.proto = e->orig.proto; r.side = (uint8_t)side;
+    r.zone = e->zone; r.status = e->status; r.mark = e->mark; r.id = e->id; r.timeout = e->timeout;
+    r.slot = slot;
+    r.osport = e->orig.sport; r.odport = e->orig.dport; r.rsport = e->reply.sport; r.rdport = e->reply.dport;
+    memcpy(r.osrc, e->orig.src, e->alen); memcpy(r.odst, e->orig.dst, e->alen);
+    memcpy(r.rsrc, e->reply.src, e->alen); memcpy(r.rdst, e->reply.dst, e->alen);
+    if (PyByteArray_Resize(out, at + (Py_ssize_t)sizeof r) < 0) return -1;
+    memcpy(PyByteArray_AS_STRING(out) + at, &r, sizeof r);
+    return 0;
 }
 
 static int call1(PyObject *fn, PyObject *arg) {
@@ -389,7 +438,7 @@ static int error(PyObject *parser, const char *why) {
 }
 
 PyDoc_STRVAR(feed_doc,
-"feed(parser, data, n, seq, skip_mask, sink, cache, program, judge, sport_matters[, tables])\n"
+"feed(parser, data, n, seq, skip_mask, sink, cache, program, judge, sport_matters[, tables[, records]])\n"
 "-> (messages, skipped, stale, done, interrupted, errno, examined, eligible)\n\n"
 "Walk one datagram as ``ctcodec.DumpParser.feed`` does with a sink. Entries it reads go to\n"
 "``sink`` as raw entries, unless ``cache`` (a dict, or None) holds a program for their key\n"
@@ -397,10 +446,12 @@ PyDoc_STRVAR(feed_doc,
 "an entry whose program ran and failed goes to ``judge``. A key not in the cache: the\n"
 "entry goes to ``sink``, then ``program(raw)`` is stored for it (None: always ``sink``).\n"
 "With ``tables`` (``Classifier.packed``) the cache is keyed by the entry's flow class instead\n"
-"of its flow key. Everything else goes to ``parser._generic`` / ``parser._error``.");
+"of its flow key. With ``records`` (a bytearray), an entry that a program with a slot finds\n"
+"stale (see ``verdict``) is appended to it as a ``core.decide.STALE_RECORD`` instead of going\n"
+"to ``judge``. Everything else goes to ``parser._generic`` / ``parser._error``.");
 
 static PyObject *feed(PyObject *self, PyObject *args) {
-    PyObject *parser, *data, *sink, *cache, *program, *judge, *tables = Py_None;
+    PyObject *parser, *data, *sink, *cache, *program, *judge, *tables = Py_None, *records = Py_None;
     Py_ssize_t n;
     unsigned long seq, skip_mask;
     int sport_matters;
@@ -411,9 +462,13 @@ static PyObject *feed(PyObject *self, PyObject *args) {
     long messages = 0, skipped = 0, stale = 0, examined = 0, eligible = 0;
     int done = 0, interrupted = 0, err_no = 0;
     Py_ssize_t pos = 0;
-    if (!PyArg_ParseTuple(args, "OOnkkOOOOp|O", &parser, &data, &n, &seq, &skip_mask, &sink, &cache, &program,
-                          &judge, &sport_matters, &tables))
+    if (!PyArg_ParseTuple(args, "OOnkkOOOOp|OO", &parser, &data, &n, &seq, &skip_mask, &sink, &cache, &program,
+                          &judge, &sport_matters, &tables, &records))
         return NULL;
+    if (records != Py_None && !PyByteArray_Check(records)) {
+        PyErr_SetString(PyExc_TypeError, "records must be a bytearray or None");
+        return NULL;
+    }
     if (tables != Py_None) {
         if (!PyBytes_Check(tables) ||
             classes_read((const uint8_t *)PyBytes_AS_STRING(tables), PyBytes_GET_SIZE(tables), &classes)) {
@@ -471,7 +526,13 @@ static PyObject *feed(PyObject *self, PyObject *args) {
                         Py_DECREF(key);
                         goto next;
                     }
-                    if (healthy(&e, pp, pn)) {
+                    uint32_t slot = 0;
+                    int v = verdict(&e, pp, pn, &slot);
+                    if (v == VERDICT_HEALTHY || v == VERDICT_NONE ||
+                        ((v == VERDICT_DNAT || v == VERDICT_SNAT) && records != Py_None)) {
+                        if (v == VERDICT_DNAT || v == VERDICT_SNAT) {
+                            if (record(records, &e, v == VERDICT_DNAT ? 0 : 1, slot)) { Py_DECREF(key); goto fail; }
+                        }
                         examined++;
                         eligible++;
                         Py_DECREF(key);
@@ -593,9 +654,206 @@ static PyObject *recv_burst(PyObject *self, PyObject *args) {
     return out;
 }
 
+/* --- re-check and delete of stale records ------------------------------------------- */
+
+#define NLM_F_REQUEST_ 1
+#define REQUEST_MAX 112 /* IPv6 with a zone and an id: 20 + 76 + 8 + 8 */
+#define NLA_F_NESTED_ 0x8000
+#define CTA_ZONE_ 18
+#define NLMSG_ERROR_ 2
+#define IPCTNL_MSG_CT_GET_ ((1 << 8) | 1)
+#define IPCTNL_MSG_CT_DELETE_ ((1 << 8) | 2)
+
+static inline void put16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+static inline void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline void nla_hdr(uint8_t *p, uint16_t len, uint16_t type) { put16(p, len); put16(p + 2, type); }
+
+/* One request by orig tuple, zone and id, byte for byte ``ctcodec.encode_delete`` (GET: the same
+ * with another type, ``ctcodec.encode_get``). Returns its length; out holds at least REQUEST_MAX bytes. */
+static unsigned encode_request(uint8_t *out, const record_t *r, uint32_t seq, uint16_t type) {
+    unsigned size = r->family == AF_INET_ ? 4 : 16;
+    unsigned ip_len = 4 + 2 * (4 + size), tuple_len = 4 + ip_len + 28, n = 20;
+    memset(out, 0, REQUEST_MAX);
+    nla_hdr(out + n, (uint16_t)tuple_len, 1 | NLA_F_NESTED_); n += 4;            /* CTA_TUPLE_ORIG */
+    nla_hdr(out + n, (uint16_t)ip_len, 1 | NLA_F_NESTED_); n += 4;               /* CTA_TUPLE_IP */
+    nla_hdr(out + n, (uint16_t)(4 + size), size == 4 ? CTA_IP_V4_SRC : CTA_IP_V6_SRC); n += 4;
+    memcpy(out + n, r->osrc, size); n += size;
+    nla_hdr(out + n, (uint16_t)(4 + size), size == 4 ? CTA_IP_V4_DST : CTA_IP_V6_DST); n += 4;
+    memcpy(out + n, r->odst, size); n += size;
+    nla_hdr(out + n, 28, 2 | NLA_F_NESTED_); n += 4;                            /* CTA_TUPLE_PROTO */
+    nla_hdr(out + n, 5, CTA_PROTO_NUM); out[n + 4] = r->proto; n += 8;
+    nla_hdr(out + n, 6, CTA_PROTO_SRC_PORT); out[n + 4] = (uint8_t)(r->osport >> 8);
+    out[n + 5] = (uint8_t)r->osport; n += 8;
+    nla_hdr(out + n, 6, CTA_PROTO_DST_PORT); out[n + 4] = (uint8_t)(r->odport >> 8);
+    out[n + 5] = (uint8_t)r->odport; n += 8;
+    if (r->zone) {
+        nla_hdr(out + n, 6, CTA_ZONE_); out[n + 4] = (uint8_t)(r->zone >> 8); out[n + 5] = (uint8_t)r->zone; n += 8;
+    }
+    if (r->id) {
+        nla_hdr(out + n, 8, CTA_ID);
+        out[n + 4] = (uint8_t)(r->id >> 24); out[n + 5] = (uint8_t)(r->id >> 16);
+        out[n + 6] = (uint8_t)(r->id >> 8); out[n + 7] = (uint8_t)r->id; n += 8;
+    }
+    put32(out, n); put16(out + 4, type); put16(out + 6, NLM_F_REQUEST_); put32(out + 8, seq); put32(out + 12, 0);
+    out[16] = r->family; out[17] = 0; out[18] = 0; out[19] = 0;
+    return n;
+}
+
+static int records_buffer(PyObject *obj, Py_buffer *buf, Py_ssize_t start, Py_ssize_t count) {
+    if (PyObject_GetBuffer(obj, buf, PyBUF_SIMPLE) < 0) return -1;
+    if (buf->len % (Py_ssize_t)sizeof(record_t) || start < 0 || count < 0 ||
+        (start + count) * (Py_ssize_t)sizeof(record_t) > buf->len) {
+        PyBuffer_Release(buf);
+        PyErr_SetString(PyExc_ValueError, "records out of range");
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(requests_doc,
+"requests(records, start, count, first_seq, delete[, select]) -> bytes\n\n"
+"The GET (``delete`` false) or DELETE requests of records [start, start+count), the i-th with\n"
+"sequence number first_seq + i, without ACK flags; with ``select`` (bytes of length count) only\n"
+"those whose byte is not 0.");
+
+static PyObject *requests(PyObject *self, PyObject *args) {
+    PyObject *obj, *select = Py_None;
+    Py_ssize_t start, count, i, used = 0;
+    unsigned long first;
+    int del;
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "Onnkp|O", &obj, &start, &count, &first, &del, &select)) return NULL;
+    if (select != Py_None && (!PyBytes_Check(select) || PyBytes_GET_SIZE(select) != count)) {
+        PyErr_SetString(PyExc_ValueError, "select must be bytes of length count");
+        return NULL;
+    }
+    if (records_buffer(obj, &buf, start, count)) return NULL;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, count * REQUEST_MAX);
+    if (out == NULL) { PyBuffer_Release(&buf); return NULL; }
+    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+    const char *sel = select == Py_None ? NULL : PyBytes_AS_STRING(select);
+    for (i = 0; i < count; i++) {
+        record_t r;
+        if (sel != NULL && !sel[i]) continue;
+        memcpy(&r, (const uint8_t *)buf.buf + (size_t)(start + i) * sizeof r, sizeof r);
+        used += encode_request(o + used, &r, (uint32_t)(first + (unsigned long)i),
+                               del ? IPCTNL_MSG_CT_DELETE_ : IPCTNL_MSG_CT_GET_);
+    }
+    PyBuffer_Release(&buf);
+    if (_PyBytes_Resize(&out, used) < 0) return NULL;
+    return out;
+}
+
+#define RECHECK_LOST 0
+#define RECHECK_DELETE 1
+#define RECHECK_GONE 2
+#define RECHECK_ERROR 3
+#define RECHECK_ASK 4
+
+PyDoc_STRVAR(recheck_doc,
+"recheck(answers, first_seq, records, start, count, codes) -> (errors, changed)\n\n"
+"Read the answers to ``requests(..., delete=False)`` (datagrams concatenated, each padded to\n"
+"4 bytes) and fill ``codes`` (a bytearray of length count, zero: no answer yet): 1 the same entry,\n"
+"its SEEN_REPLY bit and mark as dumped (delete it); 2 gone (ENOENT, or another id: recreated);\n"
+"3 an error, listed in ``errors`` as (index, errno); 4 the same entry with another status bit\n"
+"or mark, listed in ``changed`` as (index, status, id, mark, timeout) for the caller's condition.\n"
+"As ``ctcodec.parse_get_answers``, an entry answer without status or id is EBADMSG.");
+
+static PyObject *recheck(PyObject *self, PyObject *args) {
+    PyObject *answers, *obj, *codes_obj;
+    unsigned long first;
+    Py_ssize_t start, count, pos = 0, n;
+    Py_buffer abuf, rbuf;
+    if (!PyArg_ParseTuple(args, "OkOnnO", &answers, &first, &obj, &start, &count, &codes_obj)) return NULL;
+    if (!PyByteArray_Check(codes_obj) || PyByteArray_GET_SIZE(codes_obj) != count) {
+        PyErr_SetString(PyExc_ValueError, "codes must be a bytearray of length count");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(answers, &abuf, PyBUF_SIMPLE) < 0) return NULL;
+    if (records_buffer(obj, &rbuf, start, count)) { PyBuffer_Release(&abuf); return NULL; }
+    uint8_t *codes = (uint8_t *)PyByteArray_AS_STRING(codes_obj);
+    PyObject *errors = PyList_New(0), *changed = PyList_New(0);
+    if (errors == NULL || changed == NULL) goto fail;
+    const uint8_t *base = (const uint8_t *)abuf.buf;
+    n = abuf.len;
+    while (pos + 16 <= n) {
+        const uint8_t *m = base + pos;
+        uint32_t mlen = host32(m), seq;
+        uint16_t mtype = host16(m + 4);
+        Py_ssize_t index;
+        if (mlen < 16 || (Py_ssize_t)mlen > n - pos) break;
+        seq = host32(m + 8);
+        if (mtype == NLMSG_ERROR_ && mlen >= 36) seq = host32(m + 20 + 8); /* the request's header */
+        index = (Py_ssize_t)(uint32_t)(seq - (uint32_t)first);
+        if (index >= 0 && index < count && (mtype == NLMSG_ERROR_ || mtype == IPCTNL_MSG_CT_NEW)) {
+            record_t r;
+            memcpy(&r, (const uint8_t *)rbuf.buf + (size_t)(start + index) * sizeof r, sizeof r);
+            if (mtype == NLMSG_ERROR_) {
+                if (mlen >= 36) {
+                    int32_t e;
+                    memcpy(&e, m + 16, 4);
+                    e = -e;
+                    if (e == ENOENT) codes[index] = RECHECK_GONE;
+                    else {
+                        PyObject *t = Py_BuildValue("(ni)", index, e);
+                        if (t == NULL || PyList_Append(errors, t) < 0) { Py_XDECREF(t); goto fail; }
+                        Py_DECREF(t);
+                        codes[index] = RECHECK_ERROR;
+                    }
+                }
+            } else {
+                const uint8_t *p = m + 20, *end = m + mlen;
+                int64_t status = -1, id = -1;
+                uint32_t mark = 0, timeout = 0;
+                unsigned len, type;
+                while (p + 4 <= end) {
+                    len = host16(p);
+                    type = host16(p + 2) & NLA_TYPE_MASK;
+                    if (len < 4 || p + len > end) break;
+                    if (len >= 8) {
+                        if (type == CTA_STATUS) status = be32(p + 4);
+                        else if (type == CTA_ID) id = be32(p + 4);
+                        else if (type == CTA_MARK) mark = be32(p + 4);
+                        else if (type == CTA_TIMEOUT) timeout = be32(p + 4);
+                    }
+                    p += ALIGN4(len);
+                }
+                if (status < 0 || id < 0) {
+                    PyObject *t = Py_BuildValue("(ni)", index, EBADMSG);
+                    if (t == NULL || PyList_Append(errors, t) < 0) { Py_XDECREF(t); goto fail; }
+                    Py_DECREF(t);
+                    codes[index] = RECHECK_ERROR;
+                } else if (r.id && (uint32_t)id != r.id) {
+                    codes[index] = RECHECK_GONE;
+                } else if (((uint32_t)status & IPS_SEEN_REPLY) == (r.status & IPS_SEEN_REPLY) && mark == r.mark) {
+                    codes[index] = RECHECK_DELETE;
+                } else {
+                    PyObject *t = Py_BuildValue("(nkkkk)", index, (unsigned long)status, (unsigned long)id,
+                                                (unsigned long)mark, (unsigned long)timeout);
+                    if (t == NULL || PyList_Append(changed, t) < 0) { Py_XDECREF(t); goto fail; }
+                    Py_DECREF(t);
+                    codes[index] = RECHECK_ASK;
+                }
+            }
+        }
+        pos += ALIGN4(mlen);
+    }
+    PyBuffer_Release(&abuf);
+    PyBuffer_Release(&rbuf);
+    return Py_BuildValue("(NN)", errors, changed);
+fail:
+    Py_XDECREF(errors);
+    Py_XDECREF(changed);
+    PyBuffer_Release(&abuf);
+    PyBuffer_Release(&rbuf);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"feed", feed, METH_VARARGS, feed_doc},
     {"recv_burst", recv_burst, METH_VARARGS, recv_burst_doc},
+    {"requests", requests, METH_VARARGS, requests_doc},
+    {"recheck", recheck, METH_VARARGS, recheck_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -608,7 +866,8 @@ PyMODINIT_FUNC PyInit__ctscan(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     if (PyModule_AddIntConstant(m, "IPS_SEEN_REPLY", IPS_SEEN_REPLY) || PyModule_AddIntConstant(m, "IPS_SRC_NAT_DONE", IPS_SRC_NAT_DONE) ||
-        PyModule_AddIntConstant(m, "IPS_DST_NAT_DONE", IPS_DST_NAT_DONE) || PyModule_AddIntConstant(m, "RANGE_BYTES", RANGE_BYTES)) {
+        PyModule_AddIntConstant(m, "IPS_DST_NAT_DONE", IPS_DST_NAT_DONE) || PyModule_AddIntConstant(m, "RANGE_BYTES", RANGE_BYTES) ||
+        PyModule_AddIntConstant(m, "RECORD_BYTES", (long)sizeof(record_t))) {
         Py_DECREF(m);
         return NULL;
     }

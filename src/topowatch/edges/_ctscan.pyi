@@ -6,6 +6,7 @@ IPS_SEEN_REPLY: int
 IPS_SRC_NAT_DONE: int
 IPS_DST_NAT_DONE: int
 RANGE_BYTES: int
+RECORD_BYTES: int
 
 def feed(
     parser: Any,
@@ -18,9 +19,19 @@ def feed(
     program: Callable[[Any], bytes | None] | None,
     judge: Callable[[Any], object] | None,
     sport_matters: bool,
+    tables: bytes | None = None,
+    records: bytearray | None = None,
     /,
 ) -> tuple[int, int, int, int, int, int, int, int]: ...
 
 def recv_burst(
     fd: int, size: int, room: int, seq: int, timeout_ms: int, /
 ) -> tuple[bytes, int, int, int]: ...
+
+def requests(
+    records: bytes, start: int, count: int, first_seq: int, delete: bool, select: bytes | None = None, /
+) -> bytes: ...
+
+def recheck(
+    answers: bytes, first_seq: int, records: bytes, start: int, count: int, codes: bytearray, /
+) -> tuple[list[tuple[int, int]], list[tuple[int, int, int, int, int]]]: ...

@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from topowatch.core.conntrack import IPS_SEEN_REPLY, Entry, Reread
-from topowatch.core.decide import RawEntry
+from topowatch.core.decide import STALE_RECORD, RawEntry, StaleEntries, record_raw
 from topowatch.edges import ctcodec
 from topowatch.edges.ctcodec import AddressCache, DumpParser
 from topowatch.errors import DumpInterrupted, NetlinkError, PermissionDenied
@@ -115,6 +115,7 @@ DUMP_RETRIES = 3
 
 _FLAGS_OFFSET = 6  # of nlmsg_flags inside nlmsghdr
 _U16 = struct.Struct("=H")
+_U32 = struct.Struct("=I")
 
 
 class DumpConsumer(Protocol):
@@ -244,6 +245,153 @@ class _Outcome:
     last_errno: int = 0
     errors: dict[int, int] = field(default_factory=dict)
     overrun: bool = False
+
+
+@dataclass(slots=True)
+class _Verdicts:
+    """One re-checked batch: indexes (in the batch) to delete and to ask again; what was kept."""
+
+    victims: list[int] = field(default_factory=list)
+    lost: list[int] = field(default_factory=list)
+    kept_replied: int = 0
+    kept_changed: int = 0
+
+
+def _judge_answer(entry: Entry, answer: tuple[int, Reread | None], i: int, *,
+                  still: Callable[[Entry, Reread], bool] | None, tally: _Tally, out: _Verdicts) -> None:
+    """``delete_current``'s rule for one answer: gone, failed, kept, or a victim."""
+    err, now = answer
+    if err == errno_mod.ENOENT or (now is not None and entry.id and now.id != entry.id):
+        tally.not_found += 1
+    elif err or now is None:
+        tally.errors[err] = tally.errors.get(err, 0) + 1
+    elif still is not None and not still(entry, now):
+        if now.replied_since(entry):
+            out.kept_replied += 1
+        else:
+            out.kept_changed += 1
+    else:
+        out.victims.append(i)
+
+
+class _Pending(Protocol):
+    """Entries waiting for their re-check and delete, in one of two forms."""
+
+    def __len__(self) -> int: ...
+    def deletes(self, start: int, count: int, first: int) -> list[bytes] | None: ...
+    def gets(self, start: int, count: int, first: int) -> bytes: ...
+    def verdicts(self, answers: list[bytes], start: int, count: int, first: int, *,
+                 still: Callable[[Entry, Reread], bool] | None, tally: _Tally) -> _Verdicts: ...  # fmt: skip
+    def selected(self, deletes: list[bytes] | None, start: int, count: int, first: int, *,
+                 victims: list[int]) -> bytes: ...  # fmt: skip
+    def subset(self, indexes: list[int]) -> _Pending: ...
+
+
+class _Entries:
+    """Pending ``Entry`` values: encoded and read in Python."""
+
+    def __init__(self, entries: list[Entry]) -> None:
+        self.entries = entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def deletes(self, start: int, count: int, first: int) -> list[bytes] | None:
+        return [ctcodec.encode_delete(e, first + i, ack=False)
+                for i, e in enumerate(self.entries[start : start + count])]  # fmt: skip
+
+    def gets(self, start: int, count: int, first: int) -> bytes:
+        chunk = self.entries[start : start + count]
+        return b"".join(ctcodec.encode_get(e, first + i) for i, e in enumerate(chunk))
+
+    def verdicts(self, answers: list[bytes], start: int, count: int, first: int, *,
+                 still: Callable[[Entry, Reread], bool] | None, tally: _Tally) -> _Verdicts:  # fmt: skip
+        by_index: dict[int, tuple[int, Reread | None]] = {}
+        for datagram in answers:
+            for seq, err, now in ctcodec.parse_get_answers(datagram):
+                index = seq - first
+                if 0 <= index < count:
+                    by_index[index] = (err, now)
+        out = _Verdicts()
+        for i in range(count):
+            answer = by_index.get(i)
+            if answer is None:
+                out.lost.append(i)
+            else:
+                _judge_answer(self.entries[start + i], answer, i, still=still, tally=tally, out=out)
+        return out
+
+    def selected(self, deletes: list[bytes] | None, start: int, count: int, first: int, *,
+                 victims: list[int]) -> bytes:  # fmt: skip
+        assert deletes is not None
+        return b"".join(deletes[i] for i in victims)
+
+    def subset(self, indexes: list[int]) -> _Pending:
+        return _Entries([self.entries[i] for i in indexes])
+
+
+class _Records:
+    """Pending ``core.decide.STALE_RECORD`` records: encoded and read in C (``_ctscan``)."""
+
+    def __init__(self, records: bytes, cache: AddressCache) -> None:
+        self.records = records
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.records) // STALE_RECORD.size
+
+    def deletes(self, start: int, count: int, first: int) -> list[bytes] | None:
+        return None  # encoded in C for the victims only, after the re-check (microseconds)
+
+    def gets(self, start: int, count: int, first: int) -> bytes:
+        assert ctcodec._ctscan is not None
+        data: bytes = ctcodec._ctscan.requests(self.records, start, count, first, False)
+        return data
+
+    def verdicts(self, answers: list[bytes], start: int, count: int, first: int, *,
+                 still: Callable[[Entry, Reread], bool] | None, tally: _Tally) -> _Verdicts:  # fmt: skip
+        assert ctcodec._ctscan is not None
+        codes = bytearray(count)
+        errors: list[tuple[int, int]] = []
+        changed: list[tuple[int, int, int, int, int]] = []
+        for datagram in answers:
+            more_errors, more_changed = ctcodec._ctscan.recheck(
+                datagram, first, self.records, start, count, codes)
+            errors += more_errors
+            changed += more_changed
+        out = _Verdicts()
+        # The last answer for an index counts, as in ``_Entries``.
+        last_error = dict(errors)
+        last_changed = {i: rest for i, *rest in changed}
+        for i, code in enumerate(codes):
+            if code == 0:
+                out.lost.append(i)
+            elif code == 1:
+                out.victims.append(i)
+            elif code == 2:
+                tally.not_found += 1
+            elif code == 3:
+                err = last_error[i]
+                tally.errors[err] = tally.errors.get(err, 0) + 1
+            else:
+                status, ct_id, mark, timeout = last_changed[i]
+                entry = ctcodec.entry_from_raw(record_raw(self.records, start + i)[0], self.cache)
+                now = Reread(status, ct_id, mark, timeout)
+                _judge_answer(entry, (0, now), i, still=still, tally=tally, out=out)
+        return out
+
+    def selected(self, deletes: list[bytes] | None, start: int, count: int, first: int, *,
+                 victims: list[int]) -> bytes:  # fmt: skip
+        assert ctcodec._ctscan is not None
+        select = bytearray(count)
+        for i in victims:
+            select[i] = 1
+        data: bytes = ctcodec._ctscan.requests(self.records, start, count, first, True, bytes(select))
+        return data
+
+    def subset(self, indexes: list[int]) -> _Pending:
+        size = STALE_RECORD.size
+        return _Records(b"".join(self.records[i * size : (i + 1) * size] for i in indexes), self.cache)
 
 
 def open_socket() -> socket.socket:
@@ -674,11 +822,18 @@ class Conntrack:
         """
         if last_seq is None:
             last_seq = first_seq + len(encoded) - 1
-        data = bytearray(b"".join(encoded))
-        last_off = len(data) - len(encoded[-1])
+        return self._transact_bytes(b"".join(encoded), len(encoded), first_seq, last_seq)
+
+    def _transact_bytes(self, messages: bytes, sent: int, first_seq: int, last_seq: int) -> _Outcome:
+        """``_transact`` of ``sent`` messages already joined; the last one is given the ACK flag."""
+        data = bytearray(messages)
+        last_off = pos = 0
+        while pos < len(data):
+            last_off = pos
+            pos += (_U32.unpack_from(data, pos)[0] + 3) & ~3
         flags = _U16.unpack_from(data, last_off + _FLAGS_OFFSET)[0]
         _U16.pack_into(data, last_off + _FLAGS_OFFSET, flags | ctcodec.NLM_F_ACK)
-        out = _Outcome(sent=len(encoded))
+        out = _Outcome(sent=sent)
         self._send(data)
         # The kernel has handled the whole batch when sendmsg returns: every
         # answer is queued (or was dropped, which recv reports as ENOBUFS).
@@ -747,52 +902,60 @@ class Conntrack:
         (None: no condition beyond the id). Gone or recreated entries count
         as ``not_found``; those the condition refuses as ``kept_replied``
         (a reply arrived since the dump) or ``kept_changed``.
+
+        Entries a compiled scan kept as records (``core.decide.StaleEntries``)
+        are re-checked and deleted from their records, in C
+        (``_ctscan.requests``, ``_ctscan.recheck``): an answer whose SEEN_REPLY
+        bit and mark are as dumped passes ``still`` without asking it (those
+        are the only fields it may read that can change: eligibility reads
+        the status bit and the mark); any other answer is asked as above.
         """
         tally = _Tally()
-        kept_replied = kept_changed = unchecked = 0
+        counts = [0, 0, 0]  # kept_replied, kept_changed, unchecked
         windows: list[float] = []
-        pending = list(entries)
-        size = self.recheck_batch
-        for _ in range(RECHECK_ROUNDS):
-            lost: list[Entry] = []
-            for start in range(0, len(pending), size):
-                chunk = pending[start : start + size]
-                # Encoded before the re-check: the window from it to the delete holds no encoding.
-                first = self._next_seq(len(chunk))
-                deletes = [ctcodec.encode_delete(e, first + i, ack=False) for i, e in enumerate(chunk)]
-                began, answers = self._reread(chunk)
-                victims: list[int] = []
-                for i, entry in enumerate(chunk):
-                    answer = answers.get(i)
-                    if answer is None:
-                        lost.append(entry)
-                        continue
-                    err, now = answer
-                    if err == errno_mod.ENOENT or (now is not None and entry.id and now.id != entry.id):
-                        tally.not_found += 1
-                    elif err or now is None:
-                        tally.errors[err] = tally.errors.get(err, 0) + 1
-                    elif still is not None and not still(entry, now):
-                        if now.replied_since(entry):
-                            kept_replied += 1
-                        else:
-                            kept_changed += 1
-                    else:
-                        victims.append(i)
-                if not victims:
-                    continue
-                tally.count(self._transact([deletes[i] for i in victims], first, first + victims[-1]))
-                windows.append(self._sent_at - began)
-            pending = lost
-            if not pending:
-                break
-            size = max(1, size // 4)  # answers were dropped: ask again in smaller batches
-        unchecked = len(pending)
-        return tally.result(kept_replied=kept_replied, kept_changed=kept_changed, unchecked=unchecked,
+        if isinstance(entries, StaleEntries) and entries.records and ctcodec._ctscan is not None:
+            self._delete_checked(_Entries(list(entries.head)), still, tally=tally, counts=counts,
+                                 windows=windows)
+            self._delete_checked(_Records(entries.records, self.cache), still, tally=tally, counts=counts,
+                                 windows=windows)
+        else:
+            self._delete_checked(_Entries(list(entries)), still, tally=tally, counts=counts, windows=windows)
+        return tally.result(kept_replied=counts[0], kept_changed=counts[1], unchecked=counts[2],
                             windows=tuple(windows))  # fmt: skip
 
-    def _reread(self, chunk: list[Entry]) -> tuple[float, dict[int, tuple[int, Reread | None]]]:
-        """Ask the kernel for each entry again, in one sendmsg: (when sent, answers by index in ``chunk``).
+    def _delete_checked(self, pending: _Pending, still: Callable[[Entry, Reread], bool] | None, *,
+                        tally: _Tally, counts: list[int], windows: list[float]) -> None:  # fmt: skip
+        """``delete_current``'s rounds over one kind of pending entries."""
+        size = self.recheck_batch
+        for _ in range(RECHECK_ROUNDS):
+            lost: list[int] = []
+            for start in range(0, len(pending), size):
+                count = min(size, len(pending) - start)
+                # Encoded before the re-check where that costs (Python): the window holds no encoding.
+                first = self._next_seq(count)
+                deletes = pending.deletes(start, count, first)
+                get_first = self._next_seq(count)
+                began = time.perf_counter()
+                self._send(pending.gets(start, count, get_first))
+                answers = self._answers(get_first)
+                verdicts = pending.verdicts(answers, start, count, get_first, still=still, tally=tally)
+                lost.extend(start + i for i in verdicts.lost)
+                counts[0] += verdicts.kept_replied
+                counts[1] += verdicts.kept_changed
+                if not verdicts.victims:
+                    continue
+                data = pending.selected(deletes, start, count, first, victims=verdicts.victims)
+                last = verdicts.victims[-1]
+                tally.count(self._transact_bytes(data, len(verdicts.victims), first, first + last))
+                windows.append(self._sent_at - began)
+            if not lost:
+                return
+            pending = pending.subset(lost)
+            size = max(1, size // 4)  # answers were dropped: ask again in smaller batches
+        counts[2] += len(pending)
+
+    def _answers(self, first: int) -> list[bytes]:
+        """Every queued answer to the GETs just sent, read without waiting.
 
         The kernel answers every GET (an entry or an error) before sendmsg
         returns, so everything is read without waiting: an index missing
@@ -800,23 +963,19 @@ class Conntrack:
         asks again). The queue is read to its end, so no answer is left to
         fill the buffer of the next batch.
         """
-        first = self._next_seq(len(chunk))
-        request = b"".join(ctcodec.encode_get(e, first + i) for i, e in enumerate(chunk))
-        answers: dict[int, tuple[int, Reread | None]] = {}
-        began = time.perf_counter()
-        self._send(request)
+        out: list[bytes] = []
         while True:
             if ctcodec._ctscan is not None:
                 # Every queued answer in one call (one datagram each), without the GIL.
-                datagram, count, _, err = ctcodec._ctscan.recv_burst(
+                datagram, n, _, err = ctcodec._ctscan.recv_burst(
                     self.sock.fileno(), RECHECK_RECV_BYTES, PIPELINE_ROOM, (first - 1) & 0xFFFFFFFF, 0
                 )
                 if err not in (0, errno_mod.ETIMEDOUT, errno_mod.ENOBUFS):
                     raise NetlinkError(f"ctnetlink receive failed: {os.strerror(err)}", err)
-                if not count:
+                if not n:
                     if err == errno_mod.ENOBUFS:
                         continue  # the overrun is reported first; what is still queued comes next
-                    break
+                    return out
             else:
                 try:
                     datagram = self._recv(block=False)
@@ -826,12 +985,8 @@ class Conntrack:
                                            exc.errno or 0) from exc
                     continue
                 if datagram is None:
-                    break
-            for seq, err, now in ctcodec.parse_get_answers(datagram):
-                index = seq - first
-                if 0 <= index < len(chunk):
-                    answers[index] = (err, now)
-        return began, answers
+                    return out
+            out.append(datagram)
 
     def create(self, entries: Iterable[Entry]) -> int:
         """Insert entries as given; returns how many were created.

@@ -27,7 +27,7 @@ from dataclasses import replace
 import trio
 
 from topowatch.core.conntrack import Entry
-from topowatch.core.decide import Decider, EntryBuilder, RawEntry
+from topowatch.core.decide import Decider, EntryBuilder, RawEntry, StaleEntries
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.livetopology import LiveTopology
 from topowatch.core.model import Address, Link, Route, Topology
@@ -319,7 +319,9 @@ class KernelBackend:
         """Re-read each batch just before deleting it (``Conntrack.delete_current``): ``reactor.Backend``."""
         ct = self._conntrack()
         start = time.monotonic()
-        result = await trio.to_thread.run_sync(ct.delete_current, list(entries), still)
+        # Records of a compiled scan (``StaleEntries``) stay records: re-checked and deleted in C.
+        batch = entries if isinstance(entries, StaleEntries) else list(entries)
+        result = await trio.to_thread.run_sync(ct.delete_current, batch, still)
         end = time.monotonic()
         p99 = result.window_p99
         if self._dumped_at:
