@@ -413,7 +413,8 @@ class Reaction:
             "debounce_ms": round(self.debounce_wait() * 1000, 3),
             "timings": {k: round(v * 1000, 3) for k, v in self.timings.items()}, "skipped": self.skipped,
             "stale_by_code": count_codes(p.stale), "undecided_by_code": count_codes(p.undecided),
-            "dumped": self.dumped, "notes": list(p.notes),
+            "dumped": self.dumped, "notes": list(p.notes), "predicted": p.predicted,
+            "distinct_flows": p.distinct_flows,
         }  # fmt: skip
 
 

@@ -101,12 +101,22 @@ def _links(topology: Topology) -> set[object]:
     return {dataclasses.replace(link, running=True) for link in topology.links}
 
 
+# Expressions of ``core.nat`` that hold no NAT statement (a Verdict names a chain, walked as a chain).
+_NO_TARGETS = frozenset({
+    "Match", "UnknownMatch", "Verdict", "Passive", "UnknownStatement", "AnyOf", "CtStateMatch",
+    "CtStatusMatch", "CtTupleMatch", "AddrTypeMatch", "PolicyMatch", "MarkSet", "MarkCopy", "ConcatMatch",
+    "VerdictMap", "Selector", "IntervalSet", "NameSet",
+})
+
+
 def _dnat_targets(value: object, depth: int = 0) -> Iterator[tuple[int, int, int]]:
     """(version, lo, hi) of every address a DNAT-like statement may translate to."""
     if depth > 200:
         yield (0, 0, 0)  # unreadable: taken as "anywhere"
         return
     name = type(value).__name__
+    if name in _NO_TARGETS or isinstance(value, (str, int, bytes)) or value is None:
+        return  # a match, a verdict or a value: no NAT statement inside (a rule's matches are most of it)
     if name in ("NatStatement", "NatMapStatement", "NetmapStatement"):
         kind = getattr(getattr(value, "kind", None), "value", "dnat")
         if name == "NetmapStatement" or kind in ("dnat", "redirect"):
