@@ -461,8 +461,14 @@ class _Evaluator:
         self, chain: Chain, rule: Rule, side: _Side, tape: _Tape
     ) -> Verdict | _Bound | _BoundAny | _Dropped | None:
         """Run one rule's expressions in order; None when the rule does not end in a verdict."""
-        if _passive(rule):
+        passive, guards = _rule_plan(rule)
+        if passive:
             return None  # matches and counters only: whatever it matches, it changes nothing
+        if guards:
+            packet = self._marked or side.packet
+            for guard in guards:
+                if _match(guard, packet) is False:
+                    return None  # as the loop below would, a step later
         where = self.ruleset.describe_rule(chain, rule)
         for expr in rule.exprs:
             if isinstance(expr, NftExpr) and _is_nft(expr):
@@ -753,6 +759,31 @@ NftExpr = Match | CtStatusMatch | ConcatMatch | VerdictMap | NatMapStatement
 # Expressions that only test the packet, and statements without effect (counter, log, comment).
 _MATCH_ONLY = (Match, UnknownMatch, ConcatMatch, AnyOf, CtStateMatch, CtStatusMatch, CtTupleMatch,
                AddrTypeMatch, PolicyMatch, Passive)  # fmt: skip
+
+
+# Per rule, computed once: whether it is passive, and its guards: the plain matches that open it
+# (before any statement, nft-only or xfrm expression), which read nothing but the packet. A false
+# guard ends the rule with no effect whatever comes before it (only other plain matches), so a rule
+# whose guard is false is skipped without building its description (most rules of a large ruleset
+# are skipped so). By rule identity; a rule is immutable and kept alive by the entry.
+_PLANS: dict[int, tuple[Rule, bool, tuple[Match, ...]]] = {}
+_PLANS_LIMIT = 1 << 18
+
+
+def _rule_plan(rule: Rule) -> tuple[bool, tuple[Match, ...]]:
+    found = _PLANS.get(id(rule))
+    if found is not None and found[0] is rule:
+        return found[1], found[2]
+    guards: list[Match] = []
+    for expr in rule.exprs:
+        if not isinstance(expr, Match) or _is_nft(expr) or expr.selector.key in XFRM_KEYS:
+            break
+        guards.append(expr)
+    if len(_PLANS) >= _PLANS_LIMIT:
+        _PLANS.clear()
+    plan = (rule, _passive(rule), tuple(guards))
+    _PLANS[id(rule)] = plan
+    return plan[1], plan[2]
 
 
 def _passive(rule: Rule) -> bool:

@@ -165,7 +165,7 @@ class NameSet:
     indexes: frozenset[int] = frozenset()
 
     def contains(self, name: str, index: int | None = None) -> bool:
-        if name in self.exact or any(name.startswith(p) for p in self.prefixes):
+        if name in self.exact or (self.prefixes and any(name.startswith(p) for p in self.prefixes)):
             return True
         return index is not None and index in self.indexes
 
