@@ -452,6 +452,7 @@ class Reactor:
         self._burst = Burst()
         self._arrived = trio.Event()
         self._sport_memo: tuple[NatRuleset, bool] | None = None
+        self._fibs: list[tuple[Topology, Fib]] = []
         self._ruleset_changes = 0  # "ruleset" triggers pushed so far: a reaction compares before deleting
         # Every eligible entry was judged against T0 and every stale one deleted: only then may
         # a reaction judge just the flows its change can re-NAT (or none, without a dump).
@@ -582,6 +583,16 @@ class Reactor:
             self._sport_memo = (ruleset, found)
         return self._sport_memo[1]
 
+    def _fib(self, topology: Topology) -> Fib:
+        """The FIB of a snapshot, kept for the last two: T0's was T1's in the last reaction (its
+        caches are bounded, and a snapshot never changes)."""
+        for seen, fib in self._fibs:
+            if seen is topology:
+                return fib
+        fib = Fib(topology)
+        self._fibs = [(topology, fib), *self._fibs[:1]]
+        return fib
+
     async def _prepare(self) -> None:
         """Between reactions: what the next one reads from the ruleset, computed ahead in a worker
         thread (the DNAT targets ``core.impact`` checks a moved prefix against: a walk of every rule)."""
@@ -639,7 +650,7 @@ class Reactor:
             return self._record(self._unchanged(burst, t1, selection, scope, start=start, timings=timings,
                                                 ruleset=ruleset, policy=policy), selection)  # fmt: skip
 
-        fib_now, fib_before = Fib(t1), Fib(self.t0) if self.t0 is not None else None
+        fib_now, fib_before = self._fib(t1), self._fib(self.t0) if self.t0 is not None else None
         sport_matters = await self._mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies)
         mark = clock()
         classifier = Classifier.build(
