@@ -15,9 +15,18 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-
 from vpnlab import (
-    GW_WAN, PEER_WAN, WG_GW, WG_PORT, Outcome, VpnLab, WireGuard, assert_fixed, flows, react, tunnel_name,
+    GW_WAN,
+    PEER_WAN,
+    WG_GW,
+    WG_PORT,
+    Outcome,
+    VpnLab,
+    WireGuard,
+    assert_fixed,
+    flows,
+    react,
+    tunnel_name,
 )
 
 pytestmark = [

@@ -513,7 +513,7 @@ def stick(lab: VpnLab, scenario: tuple[Flow, ...], tag: str) -> None:
 
 
 def react(lab: VpnLab, scenario: tuple[Flow, ...], tag: str, change: Callable[[], None],
-          hook: tuple[str, str], tunnel: Key | None = None,
+          hook: tuple[str, str], *, tunnel: Key | None = None,
           ready: Callable[[], None] = lambda: None) -> Outcome:
     """``change`` with the flows stuck; the reactions up to the one that took ``hook`` (interface,
     event); the oracle; the first packet of each flow.
@@ -659,3 +659,81 @@ Endpoint = {PEER_WAN}:{WG_PORT}
 AllowedIPs = 0.0.0.0/0
 PersistentKeepalive = 25
 """
+
+
+# -- OpenVPN: a server on the peer pushing redirect-gateway, a client on the gateway -----------
+
+
+def certificate(lab: VpnLab, cn: str) -> str:
+    """A self-signed certificate and key as ``cn``.crt/.key in the lab's directory; its fingerprint."""
+    crt, key = lab.tmp / f"{cn}.crt", lab.tmp / f"{cn}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(crt), "-subj", f"/CN={cn}", "-days", "2"],
+                   capture_output=True, check=True)
+    out = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", str(crt)],
+                         capture_output=True, text=True, check=True).stdout
+    return out.strip().split("=", 1)[1]
+
+
+@dataclass
+class OpenVpn:
+    """OpenVPN 2.6 over UDP, TLS with pinned self-signed certificates (``peer-fingerprint``)."""
+
+    lab: VpnLab
+    gw_name: str
+    server: Process | None = None
+    client: Process | None = None
+
+    def server_argv(self) -> list[str]:
+        t = self.lab.tmp
+        ccd = t / "ccd"
+        ccd.mkdir(exist_ok=True)
+        # The gateway's LAN behind it: the site sees the LAN's addresses (no NAT into the tunnel).
+        (ccd / "gw").write_text(f"ifconfig-push {OVPN_GW} 255.255.255.0\niroute 10.0.1.0 255.255.255.0\n")
+        return ["openvpn", "--dev", tunnel_name("tunp"), "--dev-type", "tun", "--proto", "udp",
+                "--local", PEER_WAN, "--lport", str(OVPN_PORT), "--topology", "subnet",
+                "--server", "10.98.0.0", "255.255.255.0", "--push", "redirect-gateway def1",
+                "--client-config-dir", str(ccd), "--route", "10.0.1.0", "255.255.255.0",
+                "--cert", str(t / "peer.crt"), "--key", str(t / "peer.key"), "--dh", "none",
+                "--peer-fingerprint", self.gw_fp, "--verb", "3"]
+
+    def client_argv(self) -> list[str]:
+        t = self.lab.tmp
+        argv = ["openvpn", "--client", "--dev", self.gw_name, "--dev-type", "tun", "--proto", "udp",
+                "--remote", PEER_WAN, str(OVPN_PORT), "--lport", str(OVPN_PORT + 1),
+                "--cert", str(t / "gw.crt"), "--key", str(t / "gw.key"), "--peer-fingerprint", self.peer_fp,
+                "--script-security", "2", "--up", str(HOOK), "--route-up", str(HOOK), "--down", str(HOOK),
+                "--verb", "3"]
+        for name, value in self.lab.hook_env().items():
+            argv += ["--setenv", name, value]
+        return argv
+
+    @classmethod
+    def configure(cls, lab: VpnLab, gw_name: str) -> OpenVpn:
+        vpn = cls(lab, gw_name)
+        vpn.gw_fp = certificate(lab, "gw")
+        vpn.peer_fp = certificate(lab, "peer")
+        return vpn
+
+    gw_fp: str = ""
+    peer_fp: str = ""
+
+    def start_server(self) -> None:
+        log = open(self.lab.tmp / "openvpn-server.log", "w")  # noqa: SIM115
+        self.server = self.lab.start(self.lab.peer, self.server_argv(), "openvpn server", stdout=log,
+                                     stderr=subprocess.STDOUT)
+        log.close()
+
+    def start_client(self) -> None:
+        log = open(self.lab.tmp / "openvpn-client.log", "w")  # noqa: SIM115
+        self.client = self.lab.start(self.lab.gw, self.client_argv(), "openvpn client", stdout=log,
+                                     stderr=subprocess.STDOUT)
+        log.close()
+
+    def stop_client(self) -> None:
+        assert self.client is not None
+        code = self.client.stop()
+        assert code == 0, self.log("client")
+
+    def log(self, which: str) -> str:
+        return (self.lab.tmp / f"openvpn-{which}.log").read_text()
