@@ -25,6 +25,7 @@ from vpnlab import (
     VpnLab,
     assert_fixed,
     flows,
+    hook_line,
     react,
     tunnel_name,
 )
@@ -48,13 +49,13 @@ def vpn() -> Iterator[OpenVpn]:
 
 @pytest.fixture(scope="module")
 def up(vpn: OpenVpn) -> Outcome:
-    return react(vpn.lab, flows(5000), "ovpn-up", vpn.start_client, (vpn.gw_name, "openvpn-route-up"),
+    return react(vpn.lab, flows(5000), "ovpn-up", vpn.start_client, hook_line(vpn.gw_name, "openvpn-route-up"),
                  tunnel=TUNNEL)
 
 
 @pytest.fixture(scope="module")
 def down(vpn: OpenVpn, up: Outcome) -> Outcome:
-    return react(vpn.lab, flows(6000), "ovpn-down", vpn.stop_client, (vpn.gw_name, "openvpn-down"))
+    return react(vpn.lab, flows(6000), "ovpn-down", vpn.stop_client, hook_line(vpn.gw_name, "openvpn-down"))
 
 
 def test_tunnel_up_fixes_stuck_flows(up: Outcome) -> None:
@@ -97,4 +98,4 @@ def test_hooks_ask_for_a_full_judgement(up: Outcome, down: Outcome, vpn: OpenVpn
     # route-up and down); up too.
     assert up.reactions and down.reactions
     assert vpn.lab.daemon is not None
-    assert any(f"D-Bus dispatcher for {vpn.gw_name}: openvpn-up" in line for line in vpn.lab.daemon.lines)
+    assert any(hook_line(vpn.gw_name, "openvpn-up") in line for line in vpn.lab.daemon.lines)

@@ -25,6 +25,7 @@ from vpnlab import (
     WireGuard,
     assert_fixed,
     flows,
+    hook_line,
     react,
     tunnel_name,
 )
@@ -66,13 +67,13 @@ def up(wg: WireGuard) -> Outcome:
         lab.wait_entry(*TUNNEL[:2], lambda e: not e.unreplied, dport=TUNNEL[2])
 
     return react(lab, flows(5000), "wg-up", lambda: wg.wg_quick(lab.gw, "up", wg.gw_conf),
-                 (wg.gw_name, "wg-quick-up"), tunnel=TUNNEL, ready=let_through)
+                 hook_line(wg.gw_name, "wg-quick-up"), tunnel=TUNNEL, ready=let_through)
 
 
 @pytest.fixture(scope="module")
 def down(wg: WireGuard, up: Outcome) -> Outcome:
     return react(wg.lab, flows(6000), "wg-down", lambda: wg.down(wg.lab.gw, wg.gw_name, wg.gw_conf),
-                 (wg.gw_name, "wg-quick-down"))
+                 hook_line(wg.gw_name, "wg-quick-down"))
 
 
 def test_tunnel_up_fixes_stuck_flows(up: Outcome) -> None:

@@ -363,14 +363,14 @@ class VpnLab:
             pass
         return [r for r in map(log_record, self.daemon.lines) if r is not None]
 
-    def wait_hook(self, interface: str, event: str, since: int, timeout: float = 30.0) -> dict[str, Any]:
-        """The reaction that took a contrib hook's request (logged from line ``since`` on).
+    def wait_hook(self, needle: str, since: int, timeout: float = 30.0) -> dict[str, Any]:
+        """The reaction that took a contrib hook's request, the line ``needle`` (``hook_line``),
+        logged from line ``since`` on.
 
         The daemon logs each TriggerEvent it takes and pushes it into the current burst: the first
         reaction logged after that line judged everything up to the hook's call.
         """
         assert self.daemon is not None
-        needle = f"D-Bus dispatcher for {interface}: {event}"
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             self.records()
@@ -389,6 +389,11 @@ class VpnLab:
         assert self.daemon is not None
         numbers = [r["reaction"] for r in self.records() if r.get("event") == "reaction"]
         return len(self.daemon.lines), max(numbers, default=0)
+
+
+def hook_line(interface: str, detail: str, kind: str = "dispatcher") -> str:
+    """What the daemon logs when a hook's TriggerEvent reaches it."""
+    return f"D-Bus {kind}" + (f" for {interface}" if interface else "") + f": {detail}"
 
 
 def stop_pid(pid: int, timeout: float = 10.0) -> None:
@@ -513,10 +518,10 @@ def stick(lab: VpnLab, scenario: tuple[Flow, ...], tag: str) -> None:
 
 
 def react(lab: VpnLab, scenario: tuple[Flow, ...], tag: str, change: Callable[[], None],
-          hook: tuple[str, str], *, tunnel: Key | None = None,
+          hook: str, *, tunnel: Key | None = None,
           ready: Callable[[], None] = lambda: None) -> Outcome:
-    """``change`` with the flows stuck; the reactions up to the one that took ``hook`` (interface,
-    event); the oracle; the first packet of each flow.
+    """``change`` with the flows stuck; the reactions up to the one that took ``hook`` (the line
+    ``hook_line`` gives); the oracle; the first packet of each flow.
 
     ``tunnel`` is the tunnel's own flow (sport, peer address, dport), judged too. ``ready`` runs
     after the reaction and before the oracle and the first packets (lets the tunnel through).
@@ -527,7 +532,7 @@ def react(lab: VpnLab, scenario: tuple[Flow, ...], tag: str, change: Callable[[]
     change()
     # The tunnel's own flow, as the reaction found it (its first packets leave as the tunnel comes up).
     tunnel_before = lab.wait_entry(*tunnel[:2], dport=tunnel[2]) if tunnel else None
-    closing = lab.wait_hook(*hook, since=since)
+    closing = lab.wait_hook(hook, since=since)
     records = [r for r in lab.records() if last < r.get("reaction", 0) <= closing["reaction"]]
     entries = client_entries(lab)
     after = {k: entries.get(k) for k in before}
@@ -737,3 +742,127 @@ class OpenVpn:
 
     def log(self, which: str) -> str:
         return (self.lab.tmp / f"openvpn-{which}.log").read_text()
+
+
+# -- strongSwan: charon with kernel-libipsec (ESP in userspace over TUN), swanctl, IKEv2 PSK ---
+
+CHARON = "/usr/lib/ipsec/charon"
+SWAN_PLUGINS = ("random nonce aes sha1 sha2 hmac gmp kdf pem pkcs1 x509 pubkey kernel-libipsec kernel-netlink "
+                "socket-default updown vici")
+SWAN_SECRET = "topowatch-lab-psk-0123456789"
+
+# charon's environment for the updown script is PATH and PLUTO_* only: this wrapper adds what
+# the contrib hook needs to reach the lab's daemon (its private bus, this checkout's topowatch).
+SWAN_UPDOWN = """#!/bin/sh
+export {env}
+exec {hook} "$@"
+"""
+
+
+def charon_conf(vici: Path) -> str:
+    return f"""\
+charon {{
+    load = {SWAN_PLUGINS}
+    install_routes = yes
+    filelog {{
+        stderr {{
+            path = /dev/stderr
+            default = 1
+        }}
+    }}
+    plugins {{
+        vici {{
+            socket = unix://{vici}
+        }}
+    }}
+}}
+"""
+
+
+def swanctl_conf(local: str, remote: str, local_ts: str, remote_ts: str, me: str, them: str,
+                 updown: Path | None) -> str:
+    hook = f"\n                updown = {updown}" if updown else ""
+    return f"""\
+connections {{
+    site {{
+        version = 2
+        local_addrs = {local}
+        remote_addrs = {remote}
+        encap = yes
+        proposals = aes128-sha256-modp2048
+        local {{
+            auth = psk
+            id = {me}
+        }}
+        remote {{
+            auth = psk
+            id = {them}
+        }}
+        children {{
+            site {{
+                local_ts = {local_ts}
+                remote_ts = {remote_ts}
+                esp_proposals = aes128-sha256{hook}
+            }}
+        }}
+    }}
+}}
+secrets {{
+    ike-site {{
+        id-1 = {me}
+        id-2 = {them}
+        secret = "{SWAN_SECRET}"
+    }}
+}}
+"""
+
+
+@dataclass
+class StrongSwan:
+    """A charon per side, each in a private mount namespace (its pid file and sockets in /run)."""
+
+    lab: VpnLab
+    charons: dict[str, Process] = field(default_factory=dict)
+
+    def dir(self, side: str) -> Path:
+        return self.lab.tmp / f"swan-{side}"
+
+    def vici(self, side: str) -> str:
+        return f"unix://{self.dir(side) / 'charon.vici'}"
+
+    def start(self, side: str, ns: Namespace, swanctl: str) -> None:
+        d = self.dir(side)
+        (d / "run").mkdir(parents=True)
+        (d / "strongswan.conf").write_text(charon_conf(d / "charon.vici"))
+        (d / "swanctl.conf").write_text(swanctl)
+        log = open(d / "charon.log", "w")  # noqa: SIM115
+        # /run/netns stays visible: the updown hook's `topowatch bus-name` names the namespace by it.
+        script = (f"mkdir {d / 'run/netns'} && mount --rbind /run/netns {d / 'run/netns'} && "
+                  f"mount --rbind {d / 'run'} /run && STRONGSWAN_CONF={d / 'strongswan.conf'} exec {CHARON}")
+        self.charons[side] = self.lab.start(ns, ["unshare", "--mount", "--propagation", "private",
+                                                 "sh", "-c", script], f"charon {side}",
+                                            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        end = time.monotonic() + 20
+        while not (d / "charon.vici").exists():
+            if not self.charons[side].alive() or time.monotonic() > end:
+                raise AssertionError(f"charon ({side}) did not start: {self.log(side)}")
+            time.sleep(0.05)
+        self.swanctl(side, ns, "--load-all", "--file", str(d / "swanctl.conf"))
+
+    def swanctl(self, side: str, ns: Namespace, *args: str) -> str:
+        return ns.run("swanctl", *args, "--uri", self.vici(side))
+
+    def log(self, side: str) -> str:
+        return (self.dir(side) / "charon.log").read_text()
+
+    @classmethod
+    def configure(cls, lab: VpnLab) -> StrongSwan:
+        swan = cls(lab)
+        updown = lab.tmp / "swan-updown"
+        env = " ".join(f"{k}={v}" for k, v in lab.hook_env().items())
+        updown.write_text(SWAN_UPDOWN.format(env=env, hook=ROOT / "contrib/strongswan/topowatch-updown"))
+        updown.chmod(0o755)
+        swan.start("peer", lab.peer, swanctl_conf(PEER_WAN, GW_WAN, SITE_NET, "10.0.1.0/24", "peer", "gw", None))
+        swan.start("gw", lab.gw, swanctl_conf(GW_WAN, PEER_WAN, "10.0.1.0/24", SITE_NET, "gw", "peer", updown))
+        return swan
