@@ -779,7 +779,7 @@ charon {{
 """
 
 
-def swanctl_conf(local: str, remote: str, local_ts: str, remote_ts: str, me: str, them: str,
+def swanctl_conf(local: str, remote: str, local_ts: str, remote_ts: str, me: str, *, them: str,
                  updown: Path | None) -> str:
     hook = f"\n                updown = {updown}" if updown else ""
     return f"""\
@@ -863,6 +863,8 @@ class StrongSwan:
         env = " ".join(f"{k}={v}" for k, v in lab.hook_env().items())
         updown.write_text(SWAN_UPDOWN.format(env=env, hook=ROOT / "contrib/strongswan/topowatch-updown"))
         updown.chmod(0o755)
-        swan.start("peer", lab.peer, swanctl_conf(PEER_WAN, GW_WAN, SITE_NET, "10.0.1.0/24", "peer", "gw", None))
-        swan.start("gw", lab.gw, swanctl_conf(GW_WAN, PEER_WAN, "10.0.1.0/24", SITE_NET, "gw", "peer", updown))
+        swan.start("peer", lab.peer, swanctl_conf(PEER_WAN, GW_WAN, SITE_NET, "10.0.1.0/24", "peer", them="gw",
+                                                updown=None))
+        swan.start("gw", lab.gw, swanctl_conf(GW_WAN, PEER_WAN, "10.0.1.0/24", SITE_NET, "gw", them="peer",
+                                              updown=updown))
         return swan
