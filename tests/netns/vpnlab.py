@@ -559,8 +559,10 @@ def react(lab: VpnLab, scenario: tuple[Flow, ...], tag: str, change: Callable[[]
     for f in scenario:
         first[f.name] = lab.wait_seen(f"{f.name}-{tag}-first")
     reactions = [r for r in records if r.get("event") == "reaction"]
-    return Outcome({f.name: (f.sport, f.dst, f.dport) for f in scenario}, before, after, oracle, first,
-                   deleted, reactions, tunnel_before, tunnel_after, tunnel_deleted, others, undecided)
+    outcome = Outcome({f.name: (f.sport, f.dst, f.dport) for f in scenario}, before, after, oracle, first,
+                      deleted, reactions, tunnel_before, tunnel_after, tunnel_deleted, others, undecided)
+    print(f"{tag}: {outcome.counts()}\n{outcome.table()}")  # shown with -s, and with a failure
+    return outcome
 
 
 
