@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 from vpnlab import (
-    GW_WAN,
     OVPN_GW,
     OVPN_PORT,
     PEER_WAN,
     OpenVpn,
     Outcome,
     VpnLab,
-    assert_fixed,
+    assert_default_route_down,
+    assert_default_route_up,
     flows,
     hook_line,
     react,
@@ -59,20 +59,12 @@ def down(vpn: OpenVpn, up: Outcome) -> Outcome:
 
 
 def test_tunnel_up_fixes_stuck_flows(up: Outcome) -> None:
-    # Masqueraded, fixed-SNAT and un-NATed flows out the WAN now go into the tunnel (0.0.0.0/1
-    # and 128.0.0.0/1); the ISP's own net stays on the WAN (its connected route is longer).
-    assert up.names(up.stale) == {"masq", "snat", "null", "site"}, up.table()
-    assert_fixed(up)
-    assert up.first["site"] == "10.0.1.2" and up.first["null"] == OVPN_GW, up.table()
+    # 0.0.0.0/1 and 128.0.0.0/1 into the tunnel.
+    assert_default_route_up(up, OVPN_GW)
 
 
 def test_tunnel_down_fixes_flows_that_leave_by_the_wan(down: Outcome) -> None:
-    # The kernel deletes the entries masqueraded to the tunnel's address with its device; the
-    # fixed SNAT into the tunnel and the site's null binding only topowatch heals.
-    assert down.names(down.healed_by_kernel) == {"masq", "null", "echo"}, down.table()
-    assert down.names(down.deleted) == {"snat", "site"}, down.table()
-    assert_fixed(down)
-    assert down.first["site"] == GW_WAN and down.first["snat"] == GW_WAN, down.table()
+    assert_default_route_down(down)
 
 
 def test_tunnel_flow_is_judged_by_the_host_route(vpn: OpenVpn, up: Outcome, tmp_path: Path) -> None:

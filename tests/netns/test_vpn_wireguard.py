@@ -16,14 +16,14 @@ from collections.abc import Iterator
 
 import pytest
 from vpnlab import (
-    GW_WAN,
     PEER_WAN,
     WG_GW,
     WG_PORT,
     Outcome,
     VpnLab,
     WireGuard,
-    assert_fixed,
+    assert_default_route_down,
+    assert_default_route_up,
     flows,
     hook_line,
     react,
@@ -77,20 +77,12 @@ def down(wg: WireGuard, up: Outcome) -> Outcome:
 
 
 def test_tunnel_up_fixes_stuck_flows(up: Outcome) -> None:
-    # Masqueraded, fixed-SNAT and un-NATed flows out the WAN now go into the tunnel.
-    assert up.names(up.stale) == {"masq", "snat", "null", "site"}, up.table()
-    assert_fixed(up)
-    assert up.first["site"] == "10.0.1.2" and up.first["null"] == WG_GW, up.table()
+    # Table 51820's default route, for every packet without the tunnel's fwmark.
+    assert_default_route_up(up, WG_GW)
 
 
 def test_tunnel_down_fixes_flows_that_leave_by_the_wan(down: Outcome) -> None:
-    # The kernel deletes the entries masqueraded to the tunnel's address (the replied echo too)
-    # with its device; the fixed SNAT into the tunnel and the site's null binding only topowatch
-    # heals.
-    assert down.names(down.healed_by_kernel) == {"masq", "null", "echo"}, down.table()
-    assert down.names(down.deleted) == {"snat", "site"}, down.table()
-    assert_fixed(down)
-    assert down.first["site"] == GW_WAN and down.first["snat"] == GW_WAN, down.table()
+    assert_default_route_down(down)
 
 
 def test_tunnel_flow_is_judged_under_the_fwmark_rules(up: Outcome) -> None:

@@ -582,6 +582,25 @@ def assert_fixed(outcome: Outcome) -> None:
             assert after is not None and after.id == e.id, (k, table)
 
 
+def assert_default_route_up(up: Outcome, tunnel_address: str) -> None:
+    """A tunnel that took the default route came up: the flows that left by the WAN (masquerade,
+    fixed SNAT, null binding, the site's masquerade) go into it; the ISP's net stays on the WAN
+    (its connected route is more specific); each first packet shows the oracle's NAT."""
+    assert up.names(up.stale) == {"masq", "snat", "null", "site"}, up.table()
+    assert_fixed(up)
+    assert up.first["site"] == CLIENT and up.first["null"] == tunnel_address, up.table()
+
+
+def assert_default_route_down(down: Outcome) -> None:
+    """That tunnel went down: the kernel deletes the entries masqueraded to the tunnel's address
+    (with its device; the replied echo too); the fixed SNAT into the tunnel and the site's null
+    binding only topowatch heals."""
+    assert down.names(down.healed_by_kernel) == {"masq", "null", "echo"}, down.table()
+    assert down.names(down.deleted) == {"snat", "site"}, down.table()
+    assert_fixed(down)
+    assert down.first["site"] == GW_WAN and down.first["snat"] == GW_WAN, down.table()
+
+
 # -- WireGuard: wg-quick with wireguard-go --------------------------------------------------------
 
 # wg-quick's userspace implementation (WG_QUICK_USERSPACE_IMPLEMENTATION): wireguard-go in the
