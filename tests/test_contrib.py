@@ -31,10 +31,11 @@ from topowatch.netns import Namespace
 ROOT = Path(__file__).resolve().parents[1]
 NM = ROOT / "contrib/networkmanager/90-topowatch"
 SWAN = ROOT / "contrib/strongswan/topowatch-updown"
+VPN = ROOT / "contrib/vpn/topowatch-vpn"
 PPP_UP = ROOT / "contrib/ppp/ip-up.d/topowatch"
 PPP_DOWN = ROOT / "contrib/ppp/ip-down.d/topowatch"
 LIB = ROOT / "contrib/lib/hook-lib.sh"
-HOOKS = [NM, SWAN, PPP_UP, PPP_DOWN]
+HOOKS = [NM, SWAN, VPN, PPP_UP, PPP_DOWN]
 TOOLS = ["sh", "timeout", "sed", "tail", "tr", "cut", "sleep", "mv", "readlink"]  # what the hooks (and stubs) may use
 BUS = ["--system", "--timeout=2", "call", "io.github.topowatch", "/io/github/topowatch",
        "io.github.topowatch.Agent1", "TriggerEvent", "sss"]
@@ -194,6 +195,7 @@ def test_hooks_share_one_library() -> None:
 INSTALLED = {  # where the wheel's shared-data and the Debian package put each file, under the prefix
     "lib/NetworkManager/dispatcher.d/90-topowatch": NM,
     "lib/topowatch/strongswan-updown": SWAN,
+    "lib/topowatch/vpn-hook": VPN,
     "lib/topowatch/ppp/ip-up.d/topowatch": PPP_UP,
     "lib/topowatch/ppp/ip-down.d/topowatch": PPP_DOWN,
     "lib/topowatch/hook-lib.sh": LIB,
@@ -225,6 +227,9 @@ def test_installed_hooks_find_the_library(stubs: Bin, tmp_path: Path) -> None:
     swan = run(prefix / "lib/topowatch/strongswan-updown", bin=stubs, env={"PLUTO_VERB": "up-host"})
     assert swan.returncode == 0, swan.stderr
     assert stubs.calls("busctl") == [*BUS, "xfrm", "", "up-host"]
+    vpn = run(prefix / "lib/topowatch/vpn-hook", "up", "wg0", bin=stubs)
+    assert vpn.returncode == 0, vpn.stderr
+    assert stubs.calls("busctl") == [*BUS, "dispatcher", "wg0", "wg-quick-up"]
     ppp = run(etc / "topowatch", "ppp0", bin=stubs, argv0=etc / "topowatch")
     assert ppp.returncode == 0, ppp.stderr
     assert stubs.calls("busctl") == [*BUS, "dispatcher", "ppp0", "ppp-up"]
@@ -491,6 +496,45 @@ def test_strongswan_running_daemon_is_not_flushed(stubs: Bin) -> None:
     assert stubs.calls("busctl.owner") == OWNER_QUERY
     time.sleep(0.2)
     assert stubs.calls("topowatch") is None
+
+
+# -- OpenVPN and wg-quick ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script_type", ["up", "route-up", "down", "route-pre-down"])
+def test_openvpn_names_its_script_type(stubs: Bin, script_type: str) -> None:
+    # OpenVPN's arguments differ by script type; its environment says which and on what device.
+    env = {"script_type": script_type, "dev": "tun0"}
+    proc = run(VPN, "tun0", "1500", "0", "10.8.0.2", "255.255.255.0", "init", bin=stubs, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert stubs.calls("busctl") == [*BUS, "dispatcher", "tun0", f"openvpn-{script_type}"]
+
+
+@pytest.mark.parametrize("script_type", ["tls-verify", "client-connect", "ipchange"])
+def test_openvpn_other_scripts_are_ignored(stubs: Bin, script_type: str) -> None:
+    proc = run(VPN, bin=stubs, env={"script_type": script_type, "dev": "tun0"})
+    assert proc.returncode == 0
+    assert stubs.calls("busctl") is None
+
+
+@pytest.mark.parametrize("verb", ["up", "down", "pre-down"])
+def test_wg_quick_names_its_verb(stubs: Bin, verb: str) -> None:
+    proc = run(VPN, verb, "wg0", bin=stubs)  # PostUp = .../vpn-hook up %i
+    assert proc.returncode == 0, proc.stderr
+    assert stubs.calls("busctl") == [*BUS, "dispatcher", "wg0", f"wg-quick-{verb}"]
+
+
+@pytest.mark.parametrize("args", [("bogus", "wg0"), ("up", "../x"), ("up",), ()])
+def test_vpn_hook_bad_arguments(stubs: Bin, args: tuple[str, ...]) -> None:
+    proc = run(VPN, *args, bin=stubs)
+    assert proc.returncode == 0
+    assert stubs.calls("busctl") is None
+
+
+def test_openvpn_without_device(stubs: Bin) -> None:
+    proc = run(VPN, bin=stubs, env={"script_type": "up"})
+    assert proc.returncode == 0
+    assert stubs.calls("busctl") is None
 
 
 # -- ppp -----------------------------------------------------------------------------------------

@@ -90,6 +90,7 @@ def test_files_land_in_debian_paths_with_their_modes(deb: Path, tree: Path) -> N
         "etc/default/topowatch": ("contrib/default/topowatch", 0o644),
         "usr/lib/topowatch/hook-lib.sh": ("contrib/lib/hook-lib.sh", 0o644),
         "usr/lib/topowatch/strongswan-updown": ("contrib/strongswan/topowatch-updown", 0o755),
+        "usr/lib/topowatch/vpn-hook": ("contrib/vpn/topowatch-vpn", 0o755),
         "usr/lib/topowatch/ppp/ip-up.d/topowatch": ("contrib/ppp/ip-up.d/topowatch", 0o755),
         "usr/lib/topowatch/ppp/ip-down.d/topowatch": ("contrib/ppp/ip-down.d/topowatch", 0o755),
         "usr/lib/NetworkManager/dispatcher.d/90-topowatch": ("contrib/networkmanager/90-topowatch", 0o755),

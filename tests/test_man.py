@@ -88,10 +88,11 @@ INSTALLED = {
     "contrib/dbus/io.github.topowatch.conf": "share/dbus-1/system.d/io.github.topowatch.conf",
     "contrib/networkmanager/90-topowatch": "lib/NetworkManager/dispatcher.d/90-topowatch",
     "contrib/strongswan/topowatch-updown": "lib/topowatch/strongswan-updown",
+    "contrib/vpn/topowatch-vpn": "lib/topowatch/vpn-hook",
     "contrib/ppp/ip-up.d/topowatch": "lib/topowatch/ppp/ip-up.d/topowatch",
     "contrib/ppp/ip-down.d/topowatch": "lib/topowatch/ppp/ip-down.d/topowatch",
 }
-EXECUTABLE = {"contrib/networkmanager/90-topowatch", "contrib/strongswan/topowatch-updown",
+EXECUTABLE = {"contrib/networkmanager/90-topowatch", "contrib/strongswan/topowatch-updown", "contrib/vpn/topowatch-vpn",
               "contrib/ppp/ip-up.d/topowatch", "contrib/ppp/ip-down.d/topowatch"}
 
 
