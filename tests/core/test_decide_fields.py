@@ -48,6 +48,9 @@ def predicting(dnat: frozenset[Binding] | Unknown, snat: frozenset[Binding] | Un
 
 TRANSLATED = entry("100.64.0.2")  # masqueraded to 100.64.0.2, port kept
 ACTUAL_100 = Binding(NatKind.SNAT, ip_address("100.64.0.2"), ip_address("100.64.0.2"), 5060, 5060)
+PORTS_1 = Binding(NatKind.MASQUERADE, ip_address("203.0.113.2"), None, 1, 1)
+PORTS_1024 = Binding(NatKind.MASQUERADE, ip_address("203.0.113.2"), None, 1024, 2047)
+PORTS_2048 = Binding(NatKind.MASQUERADE, ip_address("203.0.113.2"), None, 2048, 4095)
 TO_10 = Binding(NatKind.DNAT, ip_address("10.0.9.10"))
 
 
@@ -59,6 +62,20 @@ VERDICTS = [  # name, entry, predictor, FIB before, stale (else undecided), (sid
      predicting(frozenset({NO_NAT}), Unknown("xt match"), egress=Unknown("fwmark rule")), FIB_BEFORE, False,
      ("snat", NO_NAT, (), "source NAT cannot be predicted (xt match) and the egress is unknown",
       ReasonCode.UNKNOWN_NAT_UNKNOWN_EGRESS)),
+    ("unknown snat, egress known before, unknown now: undecided", entry(),
+     predicting(frozenset({NO_NAT}), Unknown("xt match"), egress=Unknown("fwmark rule"), before_egress=(UP1,)),
+     FIB_BEFORE, False,
+     ("snat", NO_NAT, (), "source NAT cannot be predicted (xt match) and the egress is unknown",
+      ReasonCode.UNKNOWN_NAT_UNKNOWN_EGRESS)),
+    ("unknown snat, egress unknown before, known now: undecided", entry(),
+     predicting(frozenset({NO_NAT}), Unknown("xt match"), egress=(UP2,), before_egress=Unknown("fwmark rule")),
+     FIB_BEFORE, False,
+     ("snat", NO_NAT, (), "source NAT cannot be predicted (xt match) and the egress is unknown",
+      ReasonCode.UNKNOWN_NAT_UNKNOWN_EGRESS)),
+    ("unknown snat, egress moved: stale", TRANSLATED,
+     predicting(frozenset({NO_NAT}), Unknown("xt match"), egress=(UP2,), before_egress=(UP1,)), FIB_BEFORE, True,
+     ("snat", ACTUAL_100, (), "source NAT cannot be predicted (xt match), but the flow's egress changed from "
+      "dev up1 via 198.51.100.1 to dev up2 via 203.0.113.1", ReasonCode.EGRESS_CHANGED_UNKNOWN_NAT)),
     ("unknown dnat, snat healthy: the dnat side is the undecided one", TRANSLATED,
      predicting(Unknown("xt match"), frozenset({masq("100.64.0.2")})), None, False,
      ("dnat", NO_NAT, (), "destination NAT cannot be predicted: xt match", ReasonCode.UNKNOWN_NAT)),
@@ -68,6 +85,12 @@ VERDICTS = [  # name, entry, predictor, FIB before, stale (else undecided), (sid
       "source is snat to 100.64.0.2:5060 (10.0.1.2 -> 100.64.0.2), but now it would be masquerade to "
       "198.51.100.2 or masquerade to 203.0.113.2 (egress dev up1 via 198.51.100.1 or dev up2 via 203.0.113.1)",
       ReasonCode.SNAT_CHANGED)),
+    ("stale snat: bindings of one address, sorted by their first port", TRANSLATED,
+     predicting(frozenset({NO_NAT}), frozenset({PORTS_2048, MASQ, PORTS_1, PORTS_1024})), None, True,
+     ("snat", ACTUAL_100, (MASQ, PORTS_1, PORTS_1024, PORTS_2048),
+      "source is snat to 100.64.0.2:5060 (10.0.1.2 -> 100.64.0.2), but now it would be masquerade to "
+      "203.0.113.2 or masquerade to 203.0.113.2:1 or masquerade to 203.0.113.2:1024-2047 or masquerade to "
+      "203.0.113.2:2048-4095 (egress dev up2 via 203.0.113.1)", ReasonCode.SNAT_CHANGED)),
     ("stale dnat", entry(dnat_to="10.0.9.9"), predicting(frozenset({TO_10}), frozenset({NO_NAT})), None, True,
      ("dnat", Binding(NatKind.DNAT, ip_address("10.0.9.9"), ip_address("10.0.9.9"), 5060, 5060), (TO_10,),
       "destination is dnat to 10.0.9.9:5060 (192.0.2.10 -> 10.0.9.9), but now it would be dnat to 10.0.9.10 "
