@@ -15,6 +15,7 @@ Every expected count below is worked out by hand from the script.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import socket
@@ -26,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from topowatch.core.conntrack import IPS_CONFIRMED, CtTuple, Entry
+from topowatch.core.conntrack import IPS_CONFIRMED, IPS_SEEN_REPLY, CtTuple, Entry, Reread
 from topowatch.edges import ctcodec, ctnetlink
 from topowatch.edges.ctnetlink import Conntrack, DeleteResult
 from topowatch.errors import NetlinkError, PermissionDenied
@@ -53,7 +54,13 @@ class FakeKernel:
     overrun: bool = False  # the next recv reports ENOBUFS
     recv_error: int = 0  # the next recv fails with this errno
     get_errors: dict[int, int] = field(default_factory=dict)  # entry id -> errno of its re-read (GET)
+    get_status: dict[int, int] = field(default_factory=dict)  # entry id -> status its re-read shows
+    get_mark: dict[int, int] = field(default_factory=dict)  # entry id -> mark its re-read shows
+    get_id: dict[int, int] = field(default_factory=dict)  # entry id -> the id now (recreated since the dump)
+    get_lost: dict[int, int] = field(default_factory=dict)  # entry id -> re-reads whose answer is dropped
+    gets: list[list[int]] = field(default_factory=list)  # per sendmsg of GETs, the entry ids asked for
     one_datagram: bool = False  # all answers to a sendmsg in one datagram
+    kept: set[int] = field(default_factory=set)  # entry ids a test says must never be asked to go
 
     def handle(self, data: bytes) -> None:
         requests: list[Request] = []
@@ -61,11 +68,14 @@ class FakeKernel:
         while pos + 16 <= len(data):
             mlen, mtype, flags, seq, _pid = HDR.unpack_from(data, pos)
             if mtype == ctcodec.IPCTNL_MSG_CT_GET:
+                if pos == 0:
+                    self.gets.append([])
                 self._reread(data, pos, mlen, seq)
                 pos += (mlen + 3) & ~3
                 continue
             assert mtype == ctcodec.IPCTNL_MSG_CT_DELETE
             requests.append(Request(seq, flags, self._id(data, pos + 20, pos + mlen)))
+            assert requests[-1].ct_id not in self.kept, f"entry {requests[-1].ct_id} deleted though re-checked as kept"
             pos += (mlen + 3) & ~3
         assert pos == len(data)
         if not requests:
@@ -92,21 +102,30 @@ class FakeKernel:
         alen = struct.unpack_from("=H", data, pos + 20)[0]
         orig, _proto, _zone = ctcodec._decode_tuple(data, pos + 24, pos + 20 + alen, ctcodec.AddressCache())
         ct_id = orig.sport - 1000
+        self.gets[-1].append(ct_id)
+        if self.get_lost.get(ct_id):
+            self.get_lost[ct_id] -= 1
+            return
         if self.get_errors.get(ct_id):
             self.sock.send(self._answer(seq, self.get_errors[ct_id]))
             return
-        attrs = [(3, ctcodec.nla(ctcodec.CTA_STATUS, ctcodec.be32(IPS_CONFIRMED))),
-                 (12, ctcodec.nla(ctcodec.CTA_ID, ctcodec.be32(ct_id)))]
+        attrs = [(3, ctcodec.nla(ctcodec.CTA_STATUS, ctcodec.be32(self.get_status.get(ct_id, IPS_CONFIRMED)))),
+                 (8, ctcodec.nla(ctcodec.CTA_MARK, ctcodec.be32(self.get_mark.get(ct_id, 0)))),
+                 (12, ctcodec.nla(ctcodec.CTA_ID, ctcodec.be32(self.get_id.get(ct_id, ct_id))))]
         self.sock.send(ctcodec.encode_message(ctcodec.IPCTNL_MSG_CT_NEW, 0, seq, 2, attrs))
 
     @staticmethod
     def _id(data: bytes, pos: int, end: int) -> int:
+        """The entry's CTA_ID; without one (a dumped id of 0), the script's key from the orig tuple."""
+        start = pos
         while pos + 4 <= end:
             alen, atype = struct.unpack_from("=HH", data, pos)
             if atype & ctcodec.NLA_TYPE_MASK == ctcodec.CTA_ID:
                 return int.from_bytes(data[pos + 4 : pos + 8], "big")
             pos += (alen + 3) & ~3
-        raise AssertionError("a delete without CTA_ID")
+        alen = struct.unpack_from("=H", data, start)[0]
+        orig, _proto, _zone = ctcodec._decode_tuple(data, start + 4, start + alen, ctcodec.AddressCache())
+        return orig.sport - 1000
 
     @staticmethod
     def _answer(seq: int, err: int) -> bytes:
@@ -403,3 +422,118 @@ def test_a_receive_error_is_a_netlink_error_naming_it(wired: tuple[Conntrack, Fa
 def test_describe_names_unknown_errnos_and_unconfirmed() -> None:
     result = DeleteResult(requested=9, deleted=1, not_found=2, errors=((errno.EBUSY, 1), (4095, 2)), unconfirmed=3)
     assert result.describe() == "deleted 1/9, already gone 2, EBUSY 1, 4095 2, unconfirmed 3"
+
+
+# --- delete_current: the re-check before each batch's delete (what the daemon runs) -------------
+
+
+def unreplied_and_unmarked(dumped: Entry, now: Reread) -> bool:
+    """The caller's condition in these tests: no reply since the dump, and the mark the judgement read."""
+    return not now.status & IPS_SEEN_REPLY and now.mark == dumped.mark
+
+
+def test_the_recheck_deletes_only_what_is_still_the_entry_judged(wired: tuple[Conntrack, FakeKernel]) -> None:
+    """Eight entries re-read in one batch; each script line below is one outcome, worked out by hand."""
+    ct, kernel = wired
+    kernel.get_status = {2: IPS_CONFIRMED | IPS_SEEN_REPLY}  # replied since the dump: kept (replied)
+    kernel.get_mark = {3: 7}  # the condition refuses it, no reply: kept (changed)
+    kernel.get_id = {4: 99}  # deleted and recreated with the same tuple: not the entry judged
+    kernel.get_errors = {5: errno.ENOENT, 6: errno.EBUSY}  # gone since the dump; a re-read that failed
+    kernel.errors = {8: errno.ENOENT}  # gone between its re-read and its delete
+    kernel.kept = {2, 3, 4, 5, 6}
+    result = ct.delete_current(entries(8), unreplied_and_unmarked)
+    assert kernel.gets == [[1, 2, 3, 4, 5, 6, 7, 8]]
+    assert [[r.ct_id for r in send] for send in kernel.sends] == [[1, 7, 8]]
+    assert acks(kernel) == [[False, False, True]]
+    assert len({r.seq for r in kernel.sends[0]}) == 3
+    assert result == DeleteResult(requested=3, deleted=2, not_found=3, errors=((errno.EBUSY, 1),), unconfirmed=0,
+                                  batches=1, kept_replied=1, kept_changed=1, unchecked=0,
+                                  windows=result.windows)  # fmt: skip
+    assert len(result.windows) == 1 and result.windows[0] >= 0
+    assert result.describe() == (
+        "deleted 2/3, already gone 3, EBUSY 1, kept (replied since the dump) 1, kept (changed since the dump) 1"
+    )
+
+
+def test_the_recheck_of_the_last_entry_decides_the_ack(wired: tuple[Conntrack, FakeKernel]) -> None:
+    """The last entry kept: the ACK goes on the last one still deleted, and its answer ends the batch."""
+    ct, kernel = wired
+    kernel.get_status = {4: IPS_CONFIRMED | IPS_SEEN_REPLY}
+    kernel.kept = {4}
+    kernel.errors = {3: errno.EBUSY}  # the ACK asked for is answered by this error
+    result = ct.delete_current(entries(4), unreplied_and_unmarked)
+    assert [[r.ct_id for r in send] for send in kernel.sends] == [[1, 2, 3]]
+    assert acks(kernel) == [[False, False, True]]
+    assert (result.requested, result.deleted, result.errors, result.kept_replied) == (3, 2, ((errno.EBUSY, 1),), 1)
+
+
+def test_the_recheck_without_a_condition_checks_the_id_alone(wired: tuple[Conntrack, FakeKernel]) -> None:
+    ct, kernel = wired
+    kernel.get_status = {1: IPS_CONFIRMED | IPS_SEEN_REPLY}
+    kernel.get_mark = {2: 7}
+    kernel.get_id = {3: 99}
+    kernel.kept = {3}
+    result = ct.delete_current(entries(3))
+    assert [[r.ct_id for r in send] for send in kernel.sends] == [[1, 2]]
+    assert (result.deleted, result.not_found, result.kept_replied, result.kept_changed) == (2, 1, 0, 0)
+
+
+def test_a_dumped_id_of_zero_matches_whatever_id_the_entry_has_now(wired: tuple[Conntrack, FakeKernel]) -> None:
+    ct, kernel = wired
+    unknown = [dataclasses.replace(e, id=0) for e in entries(2)]
+    kernel.get_id = {1: 77, 2: 78}
+    result = ct.delete_current(unknown, unreplied_and_unmarked)
+    assert [[r.ct_id for r in send] for send in kernel.sends] == [[1, 2]]  # keyed by tuple: no CTA_ID was sent
+    assert (result.deleted, result.not_found) == (2, 0)
+
+
+def test_lost_recheck_answers_are_asked_again_in_smaller_batches_then_kept(
+    wired: tuple[Conntrack, FakeKernel],
+) -> None:
+    """Re-checks of 4 per batch; 2's answer is lost once, 5's in every one of the three rounds.
+
+    Round 1: [1, 2, 3, 4] (delete 1, 3, 4) and [5, 6] (delete 6). Round 2, batches of 4 // 4 = 1:
+    [2] (deleted) and [5] (lost again). Round 3: [5] lost again: never re-checked, never deleted.
+    """
+    ct, kernel = wired
+    ct.recheck_batch = 4
+    kernel.get_lost = {2: 1, 5: 3}
+    kernel.kept = {5}
+    result = ct.delete_current(entries(6), unreplied_and_unmarked)
+    assert kernel.gets == [[1, 2, 3, 4], [5, 6], [2], [5], [5]]
+    assert [[r.ct_id for r in send] for send in kernel.sends] == [[1, 3, 4], [6], [2]]
+    assert result == DeleteResult(requested=5, deleted=5, not_found=0, errors=(), unconfirmed=0, batches=3,
+                                  unchecked=1, windows=result.windows)  # fmt: skip
+    assert len(result.windows) == 3
+    assert result.describe() == "deleted 5/5, already gone 0, not re-checked (kept) 1"
+
+
+def test_recheck_batches_split_the_entries(wired: tuple[Conntrack, FakeKernel]) -> None:
+    ct, kernel = wired
+    ct.recheck_batch = 16
+    kernel.errors = {16: errno.ENOENT, 17: errno.EBUSY}  # the last of the first batch, the first of the second
+    result = ct.delete_current(entries(40), unreplied_and_unmarked)
+    assert [len(g) for g in kernel.gets] == [16, 16, 8]
+    assert [len(s) for s in kernel.sends] == [16, 16, 8]
+    assert acks(kernel) == [[False] * 15 + [True], [False] * 15 + [True], [False] * 7 + [True]]
+    assert (result.requested, result.deleted, result.not_found, result.errors, result.batches) == (
+        40, 38, 1, ((errno.EBUSY, 1),), 3)
+
+
+async def test_the_daemon_counts_unchecked_entries_as_failed(
+    wired: tuple[Conntrack, FakeKernel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from topowatch.edges import kernel as kernel_mod
+
+    monkeypatch.setattr(kernel_mod, "probe_xfrm", lambda: None)
+    ct, kernel = wired
+    backend = kernel_mod.KernelBackend()
+    backend._ct = ct
+    kernel.get_lost = {3: 3}
+    kernel.get_status = {2: IPS_CONFIRMED | IPS_SEEN_REPLY}
+    kernel.kept = {2, 3}
+    counts = await backend.delete(entries(4), unreplied_and_unmarked)
+    assert (counts.deleted, counts.already_gone, counts.failed, counts.kept_replied, counts.kept_changed) == (
+        2, 0, 1, 1, 0)
+    assert counts.errors == ("1 not re-checked (answers lost), kept",)
+    assert counts.window_p99 is not None and counts.window_p99 >= 0
