@@ -13,6 +13,7 @@ docstring, not computed by the code under test.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from ipaddress import IPv4Address, ip_address, ip_network
 from typing import Any
 
@@ -241,8 +242,11 @@ def test_the_program_of_a_class_key_for_a_compiled_scan() -> None:
         assert decider.raw_program(raw) is None  # not seen yet
         decider.add_raw(raw)
     masq_value = int(IPv4Address("203.0.113.2")).to_bytes(16, "big")
+    # With classes, a program whose sides are both known names its class's slot (b"S" + u32): the
+    # compiled scan keeps the class's stale entries as records of that slot.
     assert decider.raw_program(judged) == (b"P" + b"\x02\x01" + b"\x00" + bytes(36)  # dnat: no NAT
-                                           + b"\x02\x01" + b"\x01" + masq_value * 2 + bytes(4))
+                                           + b"\x02\x01" + b"\x01" + masq_value * 2 + bytes(4)
+                                           + b"S" + (0).to_bytes(4, sys.byteorder))
     assert decider.raw_program(left) == b"P\x01\x01"  # outside ``only``: healthy, never judged
     assert decider.raw_program(replied) == PROGRAM_REFUSED  # the eligibility refuses replied entries
     # Another entry of each class (another source port, another address of the class) finds the same.
