@@ -628,3 +628,27 @@ def test_the_compiled_checks_follow_the_admission_table(case: AdmissionCase, sid
     assert c._ctscan is not None
     for order in itertools.permutations(case.bindings):
         assert settled_in_c(case, side, order) is case.admitted, order
+
+
+@settings(max_examples=300, deadline=None)
+@given(items=st.lists(table(), min_size=1, max_size=8), noise=st.binary(max_size=600), data=st.data())
+def test_recheck_survives_any_answer_bytes(items: list[Entry], noise: bytes, data: st.DataObject) -> None:
+    """Garbage, truncated or lying answers never crash the compiled re-check; codes stay in range."""
+    items = [e for e in items if e.proto not in (1, 58)] or [udp_entry()]
+    records = b"".join(pack_record(e) for e in items)
+    good = b"".join(get_answer(e, 100 + i, status=e.status, ct_id=e.id, mark=e.mark) for i, e in enumerate(items))
+    cut = data.draw(st.integers(0, len(good)))
+    codes = bytearray(len(items))
+    assert c._ctscan is not None
+    for answers in (noise, good[:cut], good[:cut] + noise):
+        c._ctscan.recheck(answers, 100, records, 0, len(items), codes)
+        assert set(codes) <= {0, 1, 2, 3, 4}
+    with pytest.raises(ValueError):
+        c._ctscan.recheck(good, 100, records[:-1], 0, len(items), codes)  # not whole records
+    with pytest.raises(ValueError):
+        c._ctscan.requests(records, 0, len(items) + 1, 1, True)  # past the end
+
+
+def udp_entry() -> Entry:
+    return Entry(2, 17, CtTuple(CLIENTS[0], SERVERS[0], 1000, 53), CtTuple(SERVERS[0], MASQ, 53, 1000),
+                 status=IPS_CONFIRMED | IPS_SRC_NAT_DONE)  # fmt: skip
