@@ -35,10 +35,10 @@ from topowatch.core.conntrack import (
 from topowatch.core.decide import Decider, compile_program, decide, pack_record
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
-from topowatch.core.flow import Binding, Flow, NatKind, Prediction, Unknown
+from topowatch.core.flow import Binding, Egress, EgressKind, Flow, NatKind, Prediction, Unknown
 from topowatch.core.model import Address, Topology
 from topowatch.edges import ctcodec as c
-from topowatch.report import code_samples, group_by_code
+from topowatch.report import code_samples, count_codes, group_by_code
 
 # The recordings, the entry strategy and the kernel's message shape are test_ctcodec's.
 from test_ctcodec import dump_message, entries, load, recorded_seq  # isort: skip
@@ -243,11 +243,21 @@ OPTIONS: list[frozenset[Binding] | Unknown] = [
 ]
 
 
+# The previous snapshot's FIB: under it a flow's egress is another uplink, the same, or unknown,
+# by its source, destination and port (so an unpredictable side is stale, nothing or undecided, by class).
+FIB_BEFORE = Fib(Topology())
+UPLINKS = (Egress(EgressKind.UNICAST, 2, "up1"), Egress(EgressKind.UNICAST, 3, "up2"))
+
+
 def predictor(choice: int) -> Any:
     def predict(fib: Fib, flow: Flow) -> Prediction:
         pick = (choice + int(flow.dst) + flow.dport + flow.zone) % len(OPTIONS)
         dnat = OPTIONS[(pick + 1) % len(OPTIONS)] if choice % 2 else frozenset({Binding(NatKind.NONE)})
-        return Prediction(dnat=dnat, snat=OPTIONS[pick], egress=())
+        egress: tuple[Egress, ...] | Unknown = (UPLINKS[0],)
+        if fib is FIB_BEFORE:
+            way = (int(flow.src) + int(flow.dst) + flow.dport) % 3
+            egress = (UPLINKS[way],) if way < 2 else Unknown("a route the model does not read")
+        return Prediction(dnat=dnat, snat=OPTIONS[pick], egress=egress)
 
     return predict
 
@@ -287,12 +297,13 @@ def classes_for(eligibility: Eligibility, sport_matters: bool) -> Classifier:
 
 
 def plan_of(items: list[Entry], *, compiled: bool, choice: int, sport_matters: bool,
-            eligibility: Eligibility, per_datagram: int, classes: bool = False) -> Any:  # fmt: skip
+            eligibility: Eligibility, per_datagram: int, classes: bool = False, before: bool = False) -> Any:  # fmt: skip
     saved = c._ctscan
     if not compiled:
         c._ctscan = None
     try:
         decider = Decider(predict=predictor(choice), fib_now=FIB, eligibility=eligibility,
+                          fib_before=FIB_BEFORE if before else None,
                           sport_matters=sport_matters, build=c.entry_from_raw,
                           classifier=classes_for(eligibility, sport_matters) if classes else None)  # fmt: skip
         if classes:
@@ -307,11 +318,13 @@ def plan_of(items: list[Entry], *, compiled: bool, choice: int, sport_matters: b
         plan = decider.plan()
     finally:
         c._ctscan = saved
+    codes = (count_codes(plan.stale), count_codes(plan.undecided))  # from the records, when there are some
     return {
         "examined": plan.examined + parser.skipped_replied,
         "eligible": plan.eligible,
-        "stale": Counter((d.entry, d.side, d.reason) for d in plan.stale),
-        "undecided": Counter((d.entry, d.side, d.reason) for d in plan.undecided),
+        "stale": Counter((d.entry, d.side, d.reason, d.code) for d in plan.stale),
+        "undecided": Counter((d.entry, d.side, d.reason, d.code) for d in plan.undecided),
+        "codes": codes,
     }
 
 
@@ -326,18 +339,37 @@ def plan_of(items: list[Entry], *, compiled: bool, choice: int, sport_matters: b
         Eligibility(unreplied_only=False, protocols=frozenset({6, 17, 1, 58})),
         Eligibility(zones=frozenset({7}), marks=((0x10, 0xF0),)),
     ]),
+    before=st.booleans(),
 )
-def test_settled_entries_give_the_pure_paths_plan(
-    items: list[Entry], choice: int, sport_matters: bool, per_datagram: int, eligibility: Eligibility
+def test_settled_entries_give_the_pure_paths_plan(  # noqa: PLR0917 (hypothesis gives them by name)
+    items: list[Entry], choice: int, sport_matters: bool, per_datagram: int, eligibility: Eligibility, before: bool
 ) -> None:
     kw: dict[str, Any] = {"choice": choice, "sport_matters": sport_matters, "eligibility": eligibility,
-                          "per_datagram": per_datagram}  # fmt: skip
+                          "per_datagram": per_datagram, "before": before}  # fmt: skip
     fast, pure = plan_of(items, compiled=True, **kw), plan_of(items, compiled=False, **kw)
     assert fast == pure
     assert fast["examined"] == len(items)
     # By flow classes (keyed by class in C and in Python alike): the same plan.
     assert plan_of(items, compiled=True, classes=True, **kw) == pure
     assert plan_of(items, compiled=False, classes=True, **kw) == pure
+
+
+@pytest.mark.parametrize("choice", range(14))
+def test_classes_whose_nat_cannot_be_predicted_give_the_pure_paths_plan(choice: int) -> None:
+    """Every class of every destination and port, three entries each (the first judged in Python,
+    the others by the class's verdict in C): stale where the egress moved, undecided where it is
+    unknown, nothing where it stayed, as the pure path says, with or without a previous snapshot."""
+    items = [
+        Entry(2, 17, CtTuple(client, server, sport, dport), CtTuple(server, nat, dport, sport), status=status)
+        for client in CLIENTS for server in SERVERS for dport in (53, 80, 5060) for sport in (1000, 1500, 5060)
+        for nat, status in ((MASQ, IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE),
+                            (client, IPS_CONFIRMED), (TRANSLATED[2], IPS_CONFIRMED))
+    ]  # fmt: skip
+    for before in (False, True):
+        kw: dict[str, Any] = {"choice": choice, "sport_matters": False, "eligibility": Eligibility(),
+                              "per_datagram": 50, "before": before}  # fmt: skip
+        pure = plan_of(items, compiled=False, **kw)
+        assert plan_of(items, compiled=True, classes=True, **kw) == pure
 
 
 def test_the_compiled_class_key_splits_and_joins_as_the_classifier_does() -> None:

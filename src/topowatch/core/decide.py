@@ -62,6 +62,19 @@ class ReasonCode(enum.StrEnum):
     UNKNOWN_NAT_UNKNOWN_EGRESS = "unknown_nat_unknown_egress"  # undecided: egress unpredictable too
 
 
+def unknown_code(prediction: Prediction, before: Prediction | None) -> ReasonCode | None:
+    """The verdict on a side whose NAT cannot be predicted, the same for every entry of a flow:
+    undecided without a previous snapshot or with an unknown egress, stale when the egress
+    changed, else nothing (None: nothing says the entry went stale)."""
+    if before is None:
+        return ReasonCode.UNKNOWN_NAT
+    if isinstance(before.egress, Unknown) or isinstance(prediction.egress, Unknown):
+        return ReasonCode.UNKNOWN_NAT_UNKNOWN_EGRESS
+    if _egress_key(before.egress) != _egress_key(prediction.egress):
+        return ReasonCode.EGRESS_CHANGED_UNKNOWN_NAT
+    return None
+
+
 def _stale_code(side: str, actual: Binding, expected: Iterable[Binding]) -> ReasonCode:
     if actual.kind is NatKind.NONE:
         return ReasonCode.NULL_BINDING_NOW_NAT
@@ -89,7 +102,7 @@ class FlushPlan:
     examined: int
     eligible: int
     stale: Sequence[Decision] = ()  # a StaleDecisions when a compiled scan kept records
-    undecided: tuple[Decision, ...] = ()
+    undecided: Sequence[Decision] = ()
     distinct_flows: int = 0  # prediction slots: flow classes, or flow keys without classes
     notes: tuple[str, ...] = field(default=())
     predicted: int = 0  # predictions made (a class's, or a flow key's, each time its slot was empty)
@@ -149,18 +162,21 @@ def _side(
         translated_port = original_port
     if isinstance(predicted, Unknown):
         now = _egress_text(prediction.egress)
-        if before is None:
+        code = unknown_code(prediction, before)
+        if code is ReasonCode.UNKNOWN_NAT:
             return _Judgement(
                 side, False, True, actual, (),
                 f"{what} NAT cannot be predicted: {predicted.reason}", ReasonCode.UNKNOWN_NAT,
             )
-        if isinstance(before.egress, Unknown) or isinstance(prediction.egress, Unknown):
+        if code is ReasonCode.UNKNOWN_NAT_UNKNOWN_EGRESS:
             return _Judgement(
                 side, False, True, actual, (),
                 f"{what} NAT cannot be predicted ({predicted.reason}) and the egress is unknown",
                 ReasonCode.UNKNOWN_NAT_UNKNOWN_EGRESS,
             )
-        if _egress_key(before.egress) != _egress_key(prediction.egress):
+        if code is ReasonCode.EGRESS_CHANGED_UNKNOWN_NAT:
+            assert before is not None and not isinstance(before.egress, Unknown)
+            assert not isinstance(prediction.egress, Unknown)
             was = _egress_text(before.egress)
             if was == now:  # the same route, another address on it (a PPP reconnect): name the addresses
                 was, now = _egress_sources(before.egress), _egress_sources(prediction.egress)
@@ -374,6 +390,13 @@ def _admitted_raw(check: _Check, original: bytes, translated: bytes, port: int) 
 # Exactly the checks of ``Decider.add_raw``; None where a value does not fit (the key
 # then always goes through ``add_raw``).
 PROGRAM_REFUSED = b"R"
+# Mode 3 (a class's side that cannot be predicted, with a slot only): one more byte, the side's
+# verdict for every entry of the class whose binding can be read: 0 nothing, 1 stale (its
+# egress changed), 2 undecided.
+_OUTCOMES: dict[ReasonCode | None, int] = {
+    None: 0, ReasonCode.EGRESS_CHANGED_UNKNOWN_NAT: 1, ReasonCode.UNKNOWN_NAT: 2,
+    ReasonCode.UNKNOWN_NAT_UNKNOWN_EGRESS: 2,
+}
 PROGRAM_RANGE_BYTES = 37
 
 
@@ -581,6 +604,7 @@ class Decider:
         # Stale entries a compiled scan settled as records (``STALE_RECORD``), with classes only:
         # a program then names its slot, and slots (one per class) stay for the records' lifetime.
         self.records: bytearray | None = bytearray() if self.classifier is not None else None
+        self.undecided_records: bytearray | None = bytearray() if self.classifier is not None else None
         self._slots: list[Hashable] = []
         self._slot_of: dict[Hashable, int] = {}
 
@@ -656,9 +680,19 @@ class Decider:
             return compile_program((), ())
         assert isinstance(slot, _Compiled)
         program = compile_program(slot.dnat, slot.snat)
-        if program is None or self.records is None or slot.dnat is None or slot.snat is None:
+        if program is None or self.records is None:
             return program
         key = self._raw_key(raw)
+        if slot.dnat is None or slot.snat is None:
+            # A side that cannot be predicted has one verdict for the whole class (``unknown_code``):
+            # mode 3 and that verdict, once the previous snapshot's prediction is known.
+            if self.fib_before is not None and key not in self._before:
+                return program
+            outcome = _OUTCOMES[unknown_code(slot.prediction, self._before.get(key))]
+            dnat = _program_side(slot.dnat) if slot.dnat is not None else bytes((3, outcome))
+            snat = _program_side(slot.snat) if slot.snat is not None else bytes((3, outcome))
+            assert dnat is not None and snat is not None  # compile_program fitted them
+            program = b"P" + dnat + snat
         index = self._slot_of.get(key)
         if index is None:
             index = self._slot_of[key] = len(self._slots)
@@ -815,7 +849,7 @@ class Decider:
         assert self.build is not None
         return self.build(record_raw(records, index)[0])
 
-    def _record_decision(self, records: bytes, index: int) -> Decision:
+    def _record_decision(self, records: bytes, index: int, *, stale: bool = True) -> Decision:
         """The Decision of a record: ``_side`` on its entry and its class's prediction, as any other."""
         assert self.build is not None
         raw, side, slot = record_raw(records, index)
@@ -825,29 +859,40 @@ class Decider:
         name = "dnat" if side == 0 else "snat"
         prediction = compiled.prediction
         predicted = prediction.dnat if side == 0 else prediction.snat
-        judged = _side(entry, name, predicted, prediction, None, texts=compiled.texts)
-        if judged is None or not judged.stale:  # never expected (test_ctscan.py compares both paths)
-            return Decision(entry, name, None, (), "judged stale by the compiled scan, but the reference "
-                            "judgement disagrees (a defect: please report it)", "internal_disagreement")
+        before = self._before.get(self._slots[slot]) if isinstance(predicted, Unknown) else None
+        judged = _side(entry, name, predicted, prediction, before, texts=compiled.texts)
+        if judged is None or judged.stale != stale:  # never (test_ctscan compares both paths)
+            verdict = "stale" if stale else "undecided"
+            why = f"judged {verdict} by the compiled scan, but the reference judgement disagrees (a defect)"
+            return Decision(entry, name, None, (), why, "internal_disagreement")
         return Decision(entry, name, judged.actual, judged.expected, judged.reason, judged.code)
 
     def _record_codes(self, records: bytes) -> list[str]:
         """The ``code`` of each record's Decision (``_stale_code``), without building it."""
         out: list[str] = []
         nat_now_none: dict[tuple[int, int], bool] = {}
+        fixed_codes: dict[tuple[int, int], str | None] = {}  # "" absent; None: read from the binding
         for (_family, _proto, side, _zone, _status, _mark, _id, _timeout, slot, osport, odport, rsport,
              rdport, osrc, odst, rsrc, rdst) in STALE_RECORD.iter_unpack(records):  # fmt: skip
+            fixed = fixed_codes.get((slot, side), "")
+            if fixed == "":
+                compiled = self._raw[self._slots[slot]]
+                assert isinstance(compiled, _Compiled)
+                predicted = compiled.prediction.snat if side else compiled.prediction.dnat
+                if isinstance(predicted, Unknown):  # the class's verdict, whatever the binding
+                    fixed = unknown_code(compiled.prediction, self._before.get(self._slots[slot]))
+                else:
+                    fixed = None
+                    nat_now_none[slot, side] = all(b.kind is NatKind.NONE for b in predicted)
+                fixed_codes[slot, side] = fixed
+            if fixed is not None:
+                out.append(fixed)
+                continue
             kept = rdst == osrc and rdport == osport if side else rsrc == odst and rsport == odport
             if kept:
                 out.append(ReasonCode.NULL_BINDING_NOW_NAT)
                 continue
-            none = nat_now_none.get((slot, side))
-            if none is None:
-                compiled = self._raw[self._slots[slot]]
-                assert isinstance(compiled, _Compiled)
-                predicted = compiled.prediction.snat if side else compiled.prediction.dnat
-                assert not isinstance(predicted, Unknown)
-                none = nat_now_none[slot, side] = all(b.kind is NatKind.NONE for b in predicted)
+            none = nat_now_none[slot, side]
             if none:
                 out.append(ReasonCode.NAT_NOW_NONE)
             else:
@@ -861,11 +906,18 @@ class Decider:
             stale = StaleDecisions(self.stale, records, lambda i: self._record_decision(records, i),
                                    lambda i: self._record_entry(records, i),
                                    lambda: self._record_codes(records))
+        undecided: Sequence[Decision] = tuple(self.undecided)
+        if self.undecided_records:
+            kept = bytes(self.undecided_records)
+            undecided = StaleDecisions(self.undecided, kept,
+                                       lambda i: self._record_decision(kept, i, stale=False),
+                                       lambda i: self._record_entry(kept, i),
+                                       lambda: self._record_codes(kept))
         return FlushPlan(
             examined=self.examined,
             eligible=self.eligible,
             stale=stale,
-            undecided=tuple(self.undecided),
+            undecided=undecided,
             distinct_flows=len(self._now),
             predicted=self.predicted,
         )

@@ -366,39 +366,69 @@ typedef struct {
 #define VERDICT_HEALTHY 1 /* every side admitted */
 #define VERDICT_DNAT 2    /* stale: its destination binding is outside every predicted one */
 #define VERDICT_SNAT 3    /* stale: its source binding is */
-#define VERDICT_NONE 4    /* neither side can be judged (no NAT hook ran, yet the tuples differ) */
+#define VERDICT_NONE 4    /* no side says anything (no binding readable, or nothing changed) */
+#define VERDICT_UNDECIDED_DNAT 5 /* undecided: destination NAT unpredictable, the class's verdict */
+#define VERDICT_UNDECIDED_SNAT 6
 
-/* The verdict of a program on an entry, as ``Decider._judge`` reaches it for a prediction
- * whose two sides are known (mode 1 or 2): DNAT first, a side whose check fails is stale
- * unless its binding cannot be read (tuples differ, its NAT hook never ran: ``_side`` skips
- * it). Programs with an unknown side, without a slot (b"S" + u32 after the sides), and ICMP
- * entries go to Python. ``*slot`` receives the program's slot. */
+#define SIDE_OK 0     /* admitted: nothing to say */
+#define SIDE_FAIL 1   /* stale if the entry's binding on that side can be read */
+#define SIDE_UNDEC 2  /* undecided if it can */
+#define SIDE_NONE 3   /* unpredictable, but the class's verdict is "nothing" */
+#define SIDE_JUDGE 4  /* unpredictable without a verdict: Python */
+#define SIDE_BAD 5    /* malformed program */
+
+/* One side of a program at *pp (see ``core.decide``: modes 0 unknown, 1 no binding, 2 ranges, and
+ * with a slot 3: unknown with the class's verdict byte, 0 nothing, 1 stale, 2 undecided). */
+static int side_outcome(const uint8_t **pp, const uint8_t *pend,
+                        const uint8_t *original, const uint8_t *translated, unsigned alen, uint16_t port) {
+    const uint8_t *p = *pp;
+    int r;
+    if (p >= pend) return SIDE_BAD;
+    if (*p == 3) {
+        if (pend - p < 2) return SIDE_BAD;
+        *pp = p + 2;
+        return p[1] == 0 ? SIDE_NONE : p[1] == 1 ? SIDE_FAIL : p[1] == 2 ? SIDE_UNDEC : SIDE_BAD;
+    }
+    if (*p == 0) {
+        *pp = p + 1;
+        return SIDE_JUDGE;
+    }
+    r = side_admits(pp, pend, original, translated, alen, port);
+    return r < 0 ? SIDE_BAD : r ? SIDE_OK : SIDE_FAIL;
+}
+
+/* The verdict of a program on an entry, as ``Decider._judge`` reaches it: DNAT first, a side
+ * that fails is stale and one that is undecided is remembered, unless the side's binding cannot
+ * be read (tuples differ, its NAT hook never ran: ``_side`` skips it). A side without a verdict
+ * (mode 0), a program without a slot (b"S" + u32 after the sides) and ICMP entries go to Python.
+ * ``*slot`` receives the program's slot. */
 static int verdict(const entry_t *e, const uint8_t *p, Py_ssize_t n, uint32_t *slot) {
     const uint8_t *pend = p + n;
     int icmp = e->orig.proto == IPPROTO_ICMP_ || e->orig.proto == IPPROTO_ICMPV6_;
-    uint8_t mode_d, mode_s;
-    int rd, rs, kept;
+    int d, s, readable, undecided_dnat = 0;
     if (n < 1 || *p != 'P') return VERDICT_JUDGE;
     p++;
-    if (p >= pend) return VERDICT_JUDGE;
-    mode_d = *p;
-    rd = side_admits(&p, pend, e->orig.dst, e->reply.src, e->alen, icmp ? e->orig.dport : e->reply.sport);
-    if (rd < 0 || p >= pend) return VERDICT_JUDGE;
-    mode_s = *p;
-    rs = side_admits(&p, pend, e->orig.src, e->reply.dst, e->alen, icmp ? e->orig.sport : e->reply.dport);
-    if (rs < 0) return VERDICT_JUDGE;
-    if (rd == 1 && rs == 1) return VERDICT_HEALTHY;
-    if (icmp || mode_d == 0 || mode_s == 0 || pend - p != 5 || p[0] != 'S') return VERDICT_JUDGE;
+    d = side_outcome(&p, pend, e->orig.dst, e->reply.src, e->alen, icmp ? e->orig.dport : e->reply.sport);
+    if (d == SIDE_BAD) return VERDICT_JUDGE;
+    s = side_outcome(&p, pend, e->orig.src, e->reply.dst, e->alen, icmp ? e->orig.sport : e->reply.dport);
+    if (s == SIDE_BAD) return VERDICT_JUDGE;
+    if (d == SIDE_OK && s == SIDE_OK) return VERDICT_HEALTHY;
+    if (icmp || d == SIDE_JUDGE || s == SIDE_JUDGE || pend - p != 5 || p[0] != 'S') return VERDICT_JUDGE;
     memcpy(slot, p + 1, 4);
-    if (rd == 0) {
-        kept = memcmp(e->reply.src, e->orig.dst, e->alen) == 0 && e->reply.sport == e->orig.dport;
-        if (kept || (e->status & IPS_DST_NAT_DONE)) return VERDICT_DNAT;
+    if (d == SIDE_FAIL || d == SIDE_UNDEC) {
+        readable = (memcmp(e->reply.src, e->orig.dst, e->alen) == 0 && e->reply.sport == e->orig.dport) ||
+                   (e->status & IPS_DST_NAT_DONE);
+        if (readable && d == SIDE_FAIL) return VERDICT_DNAT;
+        undecided_dnat = readable;
     }
-    if (rs == 0) {
-        kept = memcmp(e->reply.dst, e->orig.src, e->alen) == 0 && e->reply.dport == e->orig.sport;
-        if (kept || (e->status & IPS_SRC_NAT_DONE)) return VERDICT_SNAT;
+    if (s == SIDE_FAIL || s == SIDE_UNDEC) {
+        readable = (memcmp(e->reply.dst, e->orig.src, e->alen) == 0 && e->reply.dport == e->orig.sport) ||
+                   (e->status & IPS_SRC_NAT_DONE);
+        if (readable && s == SIDE_FAIL) return VERDICT_SNAT;
+        if (undecided_dnat) return VERDICT_UNDECIDED_DNAT;
+        if (readable) return VERDICT_UNDECIDED_SNAT;
     }
-    return VERDICT_NONE;
+    return undecided_dnat ? VERDICT_UNDECIDED_DNAT : VERDICT_NONE;
 }
 
 static int record(PyObject *out, const entry_t *e, int side, uint32_t slot) {
@@ -438,7 +468,7 @@ static int error(PyObject *parser, const char *why) {
 }
 
 PyDoc_STRVAR(feed_doc,
-"feed(parser, data, n, seq, skip_mask, sink, cache, program, judge, sport_matters[, tables[, records]])\n"
+"feed(parser, data, n, seq, skip_mask, sink, cache, program, judge, sport_matters[, tables[, records[, undecided]]])\n"
 "-> (messages, skipped, stale, done, interrupted, errno, examined, eligible)\n\n"
 "Walk one datagram as ``ctcodec.DumpParser.feed`` does with a sink. Entries it reads go to\n"
 "``sink`` as raw entries, unless ``cache`` (a dict, or None) holds a program for their key\n"
@@ -448,10 +478,12 @@ PyDoc_STRVAR(feed_doc,
 "With ``tables`` (``Classifier.packed``) the cache is keyed by the entry's flow class instead\n"
 "of its flow key. With ``records`` (a bytearray), an entry that a program with a slot finds\n"
 "stale (see ``verdict``) is appended to it as a ``core.decide.STALE_RECORD`` instead of going\n"
-"to ``judge``. Everything else goes to ``parser._generic`` / ``parser._error``.");
+"to ``judge``; one it finds undecided, to ``undecided``. Everything else goes to\n"
+"``parser._generic`` / ``parser._error``.");
 
 static PyObject *feed(PyObject *self, PyObject *args) {
     PyObject *parser, *data, *sink, *cache, *program, *judge, *tables = Py_None, *records = Py_None;
+    PyObject *undecided = Py_None;
     Py_ssize_t n;
     unsigned long seq, skip_mask;
     int sport_matters;
@@ -462,10 +494,10 @@ static PyObject *feed(PyObject *self, PyObject *args) {
     long messages = 0, skipped = 0, stale = 0, examined = 0, eligible = 0;
     int done = 0, interrupted = 0, err_no = 0;
     Py_ssize_t pos = 0;
-    if (!PyArg_ParseTuple(args, "OOnkkOOOOp|OO", &parser, &data, &n, &seq, &skip_mask, &sink, &cache, &program,
-                          &judge, &sport_matters, &tables, &records))
+    if (!PyArg_ParseTuple(args, "OOnkkOOOOp|OOO", &parser, &data, &n, &seq, &skip_mask, &sink, &cache, &program,
+                          &judge, &sport_matters, &tables, &records, &undecided))
         return NULL;
-    if (records != Py_None && !PyByteArray_Check(records)) {
+    if ((records != Py_None && !PyByteArray_Check(records)) || (undecided != Py_None && !PyByteArray_Check(undecided))) {
         PyErr_SetString(PyExc_TypeError, "records must be a bytearray or None");
         return NULL;
     }
@@ -528,10 +560,17 @@ static PyObject *feed(PyObject *self, PyObject *args) {
                     }
                     uint32_t slot = 0;
                     int v = verdict(&e, pp, pn, &slot);
-                    if (v == VERDICT_HEALTHY || v == VERDICT_NONE ||
-                        ((v == VERDICT_DNAT || v == VERDICT_SNAT) && records != Py_None)) {
-                        if (v == VERDICT_DNAT || v == VERDICT_SNAT) {
-                            if (record(records, &e, v == VERDICT_DNAT ? 0 : 1, slot)) { Py_DECREF(key); goto fail; }
+                    int is_stale = v == VERDICT_DNAT || v == VERDICT_SNAT;
+                    int is_undecided = v == VERDICT_UNDECIDED_DNAT || v == VERDICT_UNDECIDED_SNAT;
+                    if (v == VERDICT_HEALTHY || v == VERDICT_NONE || (is_stale && records != Py_None) ||
+                        (is_undecided && undecided != Py_None)) {
+                        if (is_stale && record(records, &e, v == VERDICT_DNAT ? 0 : 1, slot)) {
+                            Py_DECREF(key);
+                            goto fail;
+                        }
+                        if (is_undecided && record(undecided, &e, v == VERDICT_UNDECIDED_DNAT ? 0 : 1, slot)) {
+                            Py_DECREF(key);
+                            goto fail;
                         }
                         examined++;
                         eligible++;

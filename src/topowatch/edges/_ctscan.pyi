@@ -21,6 +21,7 @@ def feed(
     sport_matters: bool,
     tables: bytes | None = None,
     records: bytearray | None = None,
+    undecided: bytearray | None = None,
     /,
 ) -> tuple[int, int, int, int, int, int, int, int]: ...
 

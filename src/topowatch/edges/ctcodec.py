@@ -1053,18 +1053,19 @@ class DumpParser:
     def _feed_compiled(self, data: bytes, end: int) -> None:
         """``feed`` through ``_ctscan``: the same outcome, most entries settled in C."""
         settle = self.settle
-        cache = program = judge = tables = records = None
+        cache = program = judge = tables = records = undecided = None
         sport_matters = False
         if settle is not None:
             cache, program, judge = settle.raw_cache, settle.raw_program, settle.judge_raw
             sport_matters = settle.sport_matters
             tables = getattr(settle, "class_tables", None)
             records = getattr(settle, "records", None)
+            undecided = getattr(settle, "undecided_records", None)
         skip_mask = _SEEN_REPLY if self.skip_replied else 0
         assert self.sink is not None
         messages, skipped, stale, done, interrupted, errno, examined, eligible = _ctscan.feed(
             self, data, end, self.seq, skip_mask, self.sink, cache, program, judge, sport_matters, tables,
-            records,
+            records, undecided,
         )
         self.messages += messages
         self.skipped_replied += skipped
