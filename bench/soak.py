@@ -21,7 +21,7 @@ import gc
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, cast
@@ -29,6 +29,7 @@ from typing import Any, cast
 import trio
 
 from topowatch.core.conntrack import IPS_CONFIRMED, IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, CtTuple, Entry
+from topowatch.core.decide import Decider
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
 from topowatch.core.flow import NO_NAT, Binding, Flow, NatKind, Prediction
@@ -81,6 +82,13 @@ class FakeTableBackend:
 
     async def entries(self, eligibility: Eligibility) -> list[Entry]:
         return [e for e in self.ct.dump(unreplied_only=eligibility.unreplied_only) if eligibility.admits(e)]
+
+    async def judge(self, eligibility: Eligibility, decider: Callable[[Any], Decider]) -> Decider:
+        """Every listed entry, added to one decider (``reactor.Backend.judge``)."""
+        judging = decider(None)
+        for e in await self.entries(eligibility):
+            judging.add(e)
+        return judging
 
     async def delete(self, entries: Sequence[Entry], still: StillStale) -> DeleteCounts:
         result = self.ct.delete_current(entries, still)

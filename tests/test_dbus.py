@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Annotated, Any, cast
@@ -40,6 +40,7 @@ from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, d
 
 from topowatch import dbus as twdbus  # noqa: E402
 from topowatch.core.conntrack import IPS_CONFIRMED, IPS_SRC_NAT_DONE, CtTuple, Entry  # noqa: E402
+from topowatch.core.decide import Decider  # noqa: E402
 from topowatch.core.eligibility import Eligibility  # noqa: E402
 from topowatch.core.fib import Fib  # noqa: E402
 from topowatch.core.flow import NO_NAT, Binding, Flow, NatKind, Prediction  # noqa: E402
@@ -189,6 +190,13 @@ class FakeBackend:
 
     async def entries(self, eligibility: Eligibility) -> list[Entry]:
         return [e for e in self.table if eligibility.admits(e)]
+
+    async def judge(self, eligibility: Eligibility, decider: Callable[[Any], Decider]) -> Decider:
+        """Every listed entry, added to one decider (``reactor.Backend.judge``)."""
+        judging = decider(None)
+        for e in await self.entries(eligibility):
+            judging.add(e)
+        return judging
 
     async def delete(self, entries: Sequence[Entry], still: StillStale) -> DeleteCounts:
         self.deleted.extend(entries)

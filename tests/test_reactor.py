@@ -71,6 +71,13 @@ class FakeBackend:
     async def entries(self, eligibility: Eligibility) -> list[Entry]:
         return [e for e in self.table if eligibility.admits(e)]
 
+    async def judge(self, eligibility: Eligibility, decider: Callable[[Any], Decider]) -> Decider:
+        """Every listed entry, added to one decider (``reactor.Backend.judge``)."""
+        judging = decider(None)
+        for e in await self.entries(eligibility):
+            judging.add(e)
+        return judging
+
     async def delete(self, entries: Sequence[Entry], still: StillStale) -> DeleteCounts:
         """Re-checks each entry against the table as it is now, as the kernel backend does."""
         current = {e.orig: e for e in self.table}

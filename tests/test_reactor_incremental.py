@@ -8,7 +8,7 @@ virtual clock. The backend counts its dumps; the expectations are written out by
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from ipaddress import IPv4Address, ip_address, ip_network
 from typing import Any
@@ -18,6 +18,7 @@ import trio
 import trio.testing
 
 from topowatch.core.conntrack import IPS_CONFIRMED, IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, CtTuple, Entry
+from topowatch.core.decide import Decider
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.impact import impact
 from topowatch.core.model import AF_INET, Address, Link, Nexthop, PolicyRule, Route, Topology
@@ -90,6 +91,13 @@ class Backend:
     async def entries(self, eligibility: Eligibility) -> list[Entry]:
         self.dumps += 1
         return [e for e in self.table if eligibility.admits(e)]
+
+    async def judge(self, eligibility: Eligibility, decider: Callable[[Any], Decider]) -> Decider:
+        """Every listed entry, added to one decider (``reactor.Backend.judge``)."""
+        judging = decider(None)
+        for e in await self.entries(eligibility):
+            judging.add(e)
+        return judging
 
     async def delete(self, entries: Sequence[Entry], still: StillStale) -> DeleteCounts:
         if self.fail_delete:

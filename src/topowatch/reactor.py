@@ -116,12 +116,17 @@ class Backend(Protocol):
         (same id) and for which ``still(dumped, now)`` holds; count the others as kept."""
         ...
 
+    async def judge(
+        self, eligibility: Eligibility, decider: Callable[[EntryBuilder | None], Decider]
+    ) -> Decider:
+        """Dump the entries and decide them in one pass: ``decider(build)`` makes a fresh
+        ``core.decide.Decider`` per dump attempt (``build`` turns a raw entry into an ``Entry``,
+        None for a backend that adds ``Entry`` values); the one that saw the whole dump is returned."""
+        ...
+
     # Optional, looked up with getattr (fakes may leave them out):
     # - ``ruleset_events: bool``: ruleset changes arrive as "ruleset" triggers
     #   (or overruns), so a burst without one keeps the ruleset read before;
-    # - ``async def judge(eligibility, decider) -> Decider``: dump and decide
-    #   in one pass, ``decider(build)`` making a fresh ``core.decide.Decider``
-    #   per dump attempt; replaces ``entries`` + ``decide`` when present;
     # - ``async def ruleset_unchanged() -> bool``: False if the ruleset changed
     #   since the last ``ruleset()`` began, also when its event is still in flight.
 
@@ -670,22 +675,14 @@ class Reactor:
                            sport_matters=sport_matters, build=build, classifier=classifier, only=only)
 
         mark = clock()
-        judge = getattr(self.backend, "judge", None)
         if selection.policies:
             self.dumps += 1
-        if judge is not None and selection.policies:
             # Dump and decide in one pass in the backend: only stale/undecided entries are kept.
-            plan = (await judge(eligibility, decider)).plan()
+            plan = (await self.backend.judge(eligibility, decider)).plan()
             timings["dump+decide"] = clock() - mark
-            dumped = clock()
         else:
-            entries = await self.backend.entries(eligibility) if selection.policies else []
-            timings["dump"] = clock() - mark
-            dumped = mark = clock()
-            plan = decide(entries, predict=bound, fib_now=fib_now, fib_before=fib_before,
-                          eligibility=eligibility, sport_matters=sport_matters, classifier=classifier,
-                          only=only)
-            timings["decide"] = clock() - mark
+            plan = decider().plan()  # no policy is triggered: nothing to dump
+        dumped = clock()
         change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
         if all(p.action is Action.FLUSH for p in selection.policies):
             # Every stale entry was admitted by some active policy, and each flushes. Records of a

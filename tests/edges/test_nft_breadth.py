@@ -10,7 +10,7 @@ import json
 import logging
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from topowatch.core.conntrack import Entry
+from topowatch.core.decide import Decider
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.flow import NatKind
 from topowatch.core.model import AF_INET, AF_INET6, Address, Link, Nexthop, Route, Topology
@@ -243,6 +244,13 @@ class NftBackend:
 
     async def entries(self, eligibility: Eligibility) -> list[Entry]:
         return []
+
+    async def judge(self, eligibility: Eligibility, decider: Callable[[Any], Decider]) -> Decider:
+        """Every listed entry, added to one decider (``reactor.Backend.judge``)."""
+        judging = decider(None)
+        for e in await self.entries(eligibility):
+            judging.add(e)
+        return judging
 
     async def delete(self, entries: Sequence[Entry], still: StillStale) -> DeleteCounts:
         return DeleteCounts()

@@ -27,6 +27,7 @@ from topowatch.core.conntrack import (
     CtTuple,
     Entry,
 )
+from topowatch.core.decide import Decider
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
 from topowatch.core.flow import IPPROTO_UDP, NO_NAT, Binding, Flow, NatKind, Prediction
@@ -88,6 +89,13 @@ class NamespaceBackend:
 
     async def entries(self, eligibility: Eligibility) -> list[Entry]:
         return [e for e in await trio.to_thread.run_sync(self.ct.dump) if eligibility.admits(e)]
+
+    async def judge(self, eligibility: Eligibility, decider: Callable[[Any], Decider]) -> Decider:
+        """Every listed entry, added to one decider (``reactor.Backend.judge``)."""
+        judging = decider(None)
+        for e in await self.entries(eligibility):
+            judging.add(e)
+        return judging
 
     async def delete(self, entries: Sequence[Entry], still: StillStale) -> DeleteCounts:
         # What ``KernelBackend.delete`` does, on this namespace's socket.

@@ -23,8 +23,11 @@ Comparing the previous and the current topology, per address family:
   any flow.
 
 The answer is an ``Impact``: nothing, prefixes, or everything. It is
-conservative by construction: where in doubt, everything. This module is
-pure; it decides nothing about entries (``core.decide`` judges them).
+conservative by construction: where in doubt, everything. The routes that
+changed come from the kept topology's lineage where it joins the two
+snapshots (``core.livetopology.route_changes``), so a reaction on a large
+table does not compare the tables. This module is pure; it decides nothing
+about entries (``core.decide`` judges them).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
+from topowatch.core.livetopology import route_changes
 from topowatch.core.model import (
     AF_INET,
     AF_INET6,
@@ -190,7 +194,10 @@ def impact(before: Topology, now: Topology, ruleset: NatRuleset) -> Impact:
     if _links(before) != _links(now):
         return Impact(everything=True, why="links changed")
     prefixes: list[IPNetwork] = []
-    gone, came = changed_routes(before.routes, now.routes)
+    # Snapshots kept from events know which routes changed between them (at the cost of the
+    # change); any others are compared.
+    known = route_changes(before.routes, now.routes)
+    gone, came = known if known is not None else changed_routes(before.routes, now.routes)
     for family in sorted(families):
         rules0 = [r for r in before.rules if r.family == family]
         rules1 = [r for r in now.rules if r.family == family]
@@ -207,11 +214,12 @@ def impact(before: Topology, now: Topology, ruleset: NatRuleset) -> Impact:
     if not prefixes:
         return NOTHING
     unique = tuple(sorted(set(prefixes), key=lambda n: (n.version, int(n.network_address), n.prefixlen)))
+    spans = [(net.version, int(net.network_address), int(net.broadcast_address), net) for net in unique]
     for version, lo, hi in _targets_of(ruleset):
         if version == 0:
             return Impact(everything=True, why="a DNAT target cannot be read")
-        for net in unique:
-            if net.version == version and lo <= int(net.broadcast_address) and int(net.network_address) <= hi:
+        for net_version, first, last, net in spans:
+            if net_version == version and lo <= last and first <= hi:
                 return Impact(everything=True, why=f"a DNAT target lies in {net}")
     return Impact(prefixes=unique)
 

@@ -24,6 +24,12 @@ with announcements), asks only for the cheap part to be read again
 (``addresses_stale``: links, addresses and rules, not the routes): the order
 of a device's addresses decides source selection, and only a dump shows it.
 
+Every snapshot remembers which routes changed since the one before it
+(``route_changes``), by the identity of its routes tuple (which a
+``dataclasses.replace`` of the snapshot keeps): a reader of two snapshots of
+one lineage learns the routes that differ without comparing the tables
+(``core.classify`` updates its classes from them, ``core.impact`` its prefixes).
+
 This module is pure: it never performs I/O. It never guesses: what it cannot
 follow exactly it gives up on.
 """
@@ -31,6 +37,8 @@ follow exactly it gives up on.
 from __future__ import annotations
 
 import dataclasses
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from topowatch.core.model import AF_INET6, Address, Link, PolicyRule, Route, Topology
@@ -58,6 +66,50 @@ def base_key(route: Route) -> RouteKey:
     return (route.family, route.table, route.dst, route.tos, route.metric)
 
 
+# The lineage of the last snapshots handed out, by id() of their routes tuple: (that tuple, its
+# parent's, {key: (route before, route after)}). Each entry holds its tuple, so an id is never
+# reused while it is here; the oldest go first (a reaction reads the last two).
+Changes = dict[RouteKey, tuple[Route | None, Route | None]]
+_LINEAGE: dict[int, tuple[tuple[Route, ...], tuple[Route, ...], Changes]] = {}
+_LINEAGE_SIZE = 6
+_LINEAGE_LOCK = threading.Lock()
+
+
+def _descend(parent: tuple[Route, ...], child: tuple[Route, ...], changes: Changes) -> None:
+    with _LINEAGE_LOCK:
+        while len(_LINEAGE) >= _LINEAGE_SIZE:
+            del _LINEAGE[next(iter(_LINEAGE))]
+        _LINEAGE[id(child)] = (child, parent, changes)
+
+
+def route_changes(
+    before: Sequence[Route], now: Sequence[Route]
+) -> tuple[tuple[Route, ...], tuple[Route, ...]] | None:
+    """The routes only in ``before`` and only in ``now``, for the routes of two snapshots of one
+    lineage (``now`` handed out after ``before``); None when the lineage does not join them.
+
+    The answer equals ``model.changed_routes(before, now)`` and costs the changes, not the table.
+    """
+    if before is now:
+        return (), ()
+    steps: list[Changes] = []
+    current: Sequence[Route] = now
+    with _LINEAGE_LOCK:
+        while current is not before:
+            step = _LINEAGE.get(id(current))
+            if step is None or step[0] is not current or len(steps) >= _LINEAGE_SIZE:
+                return None
+            steps.append(step[2])
+            current = step[1]
+    net: dict[RouteKey, list[Route | None]] = {}
+    for changes in reversed(steps):
+        for key, (old, new) in changes.items():
+            net.setdefault(key, [old, None])[1] = new
+    gone = tuple(old for old, new in net.values() if old is not None and old != new)
+    came = tuple(new for old, new in net.values() if new is not None and new != old)
+    return gone, came
+
+
 @dataclass(slots=True)
 class LiveTopology:
     """A mutable topology fed by events; ``snapshot()`` gives the immutable value the core reads."""
@@ -71,6 +123,10 @@ class LiveTopology:
     # Links, addresses and rules must be read again (``refresh``) before the next snapshot.
     addresses_stale: bool = False
     _snapshot: Topology | None = None
+    # The routes before their first change since the last snapshot, by key (None: absent then),
+    # and the routes of that snapshot (the parent of the next one in ``route_changes``).
+    _touched: dict[RouteKey, Route | None] = field(default_factory=dict)
+    _handed: tuple[Route, ...] | None = None
 
     @classmethod
     def seed(cls, topology: Topology) -> LiveTopology | None:
@@ -85,6 +141,7 @@ class LiveTopology:
                     list(topology.rules))  # fmt: skip
         state._base = topology
         state._snapshot = topology
+        state._handed = topology.routes
         return state
 
     def snapshot(self) -> Topology:
@@ -97,7 +154,18 @@ class LiveTopology:
                 routes=tuple(self.routes.values()),
                 rules=tuple(self.rules),
             )
+            routes = self.routes
+            changes = {k: (old, routes.get(k)) for k, old in self._touched.items() if old != routes.get(k)}
+            self._touched.clear()
+            if self._handed is not None:
+                _descend(self._handed, self._snapshot.routes, changes)
+            self._handed = self._snapshot.routes
         return self._snapshot
+
+    def _touch(self, key: RouteKey) -> None:
+        """Remember the route of ``key`` as the last snapshot had it (before it changes)."""
+        if key not in self._touched:
+            self._touched[key] = self.routes.get(key)
 
     def apply(
         self, kind: str, new: bool, value: object, flags: int = 0, nexthop_object: bool = False
@@ -150,6 +218,7 @@ class LiveTopology:
                 return True  # already gone (the dump saw it leave)
             if old.type != route.type or old.nexthops != route.nexthops:
                 return False  # a delete naming another alias of the key: aliases we do not follow
+            self._touch(key)
             del self.routes[key]
             self._changed()
             return True
@@ -158,6 +227,7 @@ class LiveTopology:
         if old is not None and old != route and not flags & NLM_F_REPLACE:
             return False  # prepended beside the existing route
         if old != route:
+            self._touch(key)
             self.routes[key] = route
             self._changed()
         return True
@@ -170,6 +240,7 @@ class LiveTopology:
         if not new:
             if old is None:
                 return not same_base  # another route of the key may be the one deleted
+            self._touch(key)
             del self.routes[key]
             self._changed()
             return True
@@ -181,10 +252,12 @@ class LiveTopology:
             if len(others) > 1 or (others and old is not None):
                 return False
             for k in others:
+                self._touch(k)
                 del self.routes[k]
         elif gateway and any(any(nh.gateway is not None for nh in self.routes[k].nexthops) for k in others):
             return False  # becomes a sibling of a gateway route: the kernel merges them
         if old != route or others:
+            self._touch(key)
             self.routes[key] = route
             self._changed()
         return True
