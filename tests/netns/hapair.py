@@ -32,18 +32,27 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 from topowatch.core.conntrack import Entry
-from topowatch.lab import CLIENT_SCRIPT, OTHER_SERVER, SERVER_SCRIPT, SIP_SERVER, Daemon, LabFlow, LineReader, entries_in
+from topowatch.lab import (
+    CLIENT_SCRIPT,
+    OTHER_SERVER,
+    SERVER_SCRIPT,
+    SIP_SERVER,
+    Daemon,
+    LabFlow,
+    LineReader,
+    entries_in,
+)
 from topowatch.netns import Namespace, veth
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -236,6 +245,7 @@ class Pair:
     b: Node
     dir: Path
     env: dict[str, str]
+    inodes: set[int] = field(default_factory=set)  # of the namespaces: what processes in them show
     server: subprocess.Popen[str] | None = None
     server_out: LineReader | None = None
     seen: dict[str, str] = field(default_factory=dict)
@@ -267,6 +277,7 @@ class Pair:
                 directory.mkdir()
                 nodes.append(Node(addr, ns, directory))
             pair = cls(lan, wan, client, nodes[0], nodes[1], base, env)
+            pair.inodes = {os.stat(ns.path).st_ino for ns in created}
             pair.build()
             pair.start()
             yield pair
@@ -353,6 +364,36 @@ class Pair:
                 proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
+        # A notify script keepalived started may still be asking the daemon (bounded by its
+        # timeouts): let it finish, then end whatever still runs in the pair's namespaces.
+        end = time.monotonic() + 10
+        while self.processes() and time.monotonic() < end:
+            time.sleep(0.1)
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def processes(self) -> dict[int, str]:
+        """The processes still running in the pair's namespaces (pid: command line)."""
+        found = {}
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and (proc / "ns" / "net").stat().st_ino in self.inodes:
+                    found[int(proc.name)] = b" ".join((proc / "cmdline").read_bytes().split(b"\0")).decode(
+                        errors="replace")
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+        return found
+
+    def leftovers(self) -> list[str]:
+        """What is still there of the pair after ``create`` has exited: namespaces, processes, files."""
+        names = {ns.name for ns in (self.lan, self.wan, self.client, self.a.ns, self.b.ns)}
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+        left = [f"namespace {name}" for name in names if name in listed.split()]
+        left += [f"process {pid}: {argv}" for pid, argv in self.processes().items()]
+        if self.dir.exists():
+            left.append(f"directory {self.dir}")
+        return left
 
     def master(self) -> Node:
         masters = [node for node in self.nodes if node.state() == "MASTER"]

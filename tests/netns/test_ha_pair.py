@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from hapair import (
     CLIENT,
     DESTINATIONS,
@@ -40,6 +39,7 @@ from hapair import (
     missing_tools,
     wait,
 )
+
 from test_dbus import POLICY_FILE, SYSTEM_CONF, PrivateBus
 from topowatch.lab import OTHER_SERVER, Daemon, log_record
 
@@ -78,6 +78,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     try:
         with Pair.create({"DBUS_SYSTEM_BUS_ADDRESS": bus.address}) as built:
             yield built
+        assert built.leftovers() == []  # no namespace, process or file of the pair is left
     finally:
         bus.close()
 
