@@ -141,8 +141,8 @@ Sync {{
         IPv4_Destination_Address {sync_peer}
         Port 3780
         Interface sync0
-        SndSocketBuffer 24985600
-        RcvSocketBuffer 24985600
+        SndSocketBuffer 16777216
+        RcvSocketBuffer 16777216
         Checksum on
     }}
 }}
@@ -214,6 +214,11 @@ class Node:
             if m is not None:
                 keys.add((m["src"], int(m["sport"]), m["dst"], int(m["dport"])))
         return keys
+
+    def external_count(self) -> int:
+        """How many entries conntrackd's external cache holds (``conntrackd -s``)."""
+        m = re.search(r"cache external:\s*current active connections:\s*(\d+)", self.conntrackd("-s"))
+        return int(m[1]) if m else 0
 
     def entries(self) -> list[Entry]:
         return entries_in(self.ns)

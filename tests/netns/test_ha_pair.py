@@ -16,6 +16,7 @@ missed entries, printed and asserted.
 from __future__ import annotations
 
 import os
+import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,12 +31,15 @@ from hapair import (
     ECHO,
     FLOWS,
     MONITORING,
+    NODES,
     SIP,
     Key,
     Node,
     Pair,
     client_flows,
+    conntrackd_conf,
     judge,
+    keepalived_conf,
     missing_tools,
     wait,
 )
@@ -44,7 +48,7 @@ from test_dbus import POLICY_FILE, SYSTEM_CONF, PrivateBus
 from topowatch.lab import OTHER_SERVER, Daemon, log_record
 
 MISSING = missing_tools()
-pytestmark = [pytest.mark.netns, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
+needs_pair = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 # The daemons' policies: the built-in default (every event, UNREPLIED entries of connectionless
 # protocols, flush) with a cap above the test's entry count, and a log-only policy for replied ones.
@@ -56,6 +60,13 @@ max_deletions = 1000
 unreplied_only = false
 action = "log"
 """
+
+# A long variant: marked slow, and run only when the run selects slow tests (CI runs everything).
+LONG = [
+    pytest.mark.slow,
+    pytest.mark.skipif("'slow' not in config.option.markexpr",
+                       reason="a long variant: runs only when asked for (pytest -m slow tests/netns/test_ha_pair.py)"),
+]
 
 RULESETS = {
     "snat-vip": 'oifname "wan0" snat ip to 203.0.113.1',
@@ -174,6 +185,8 @@ def first_packets(pair: Pair, expected: dict[tuple[str, int], str], tag: str) ->
     assert wrong == {}, (wrong, expected)
 
 
+@pytest.mark.netns
+@needs_pair
 def test_master_uplink_change_deletions_leave_the_backups_cache(setup: Setup) -> None:
     # A's transit uplink goes down: the monitoring flows (null bindings) now leave through the NAT
     # uplink. topowatch on A deletes exactly those; conntrackd replicates the deletions, so B's
@@ -202,6 +215,8 @@ def test_master_uplink_change_deletions_leave_the_backups_cache(setup: Setup) ->
         transit_route(pair)
 
 
+@pytest.mark.netns
+@needs_pair
 def test_failover_commits_then_judges(setup: Setup) -> None:
     # B becomes master. Its daemon reacts to the virtual addresses arriving before conntrackd has
     # committed (the test holds the notify script back until then): that reaction cannot see the
@@ -273,9 +288,11 @@ def stale_left(pair: Pair, node: Node, expected: dict[tuple[str, int], str]) -> 
             if e.unreplied and str(e.reply.dst) != expected[(k[2], k[3])]}
 
 
+@pytest.mark.netns
+@needs_pair
 @pytest.mark.parametrize(
     ("flaps", "judged"),
-    [pytest.param(10, True, id="10-judged"), pytest.param(21, False, id="21-storm", marks=pytest.mark.slow)],
+    [pytest.param(10, True, id="10-judged"), pytest.param(21, False, id="21-storm", marks=LONG)],
 )
 def test_flapping(setup: Setup, flaps: int, judged: bool) -> None:
     # Failovers back and forth under steady traffic: each as soon as the new master's daemon has
@@ -348,3 +365,18 @@ def test_flapping(setup: Setup, flaps: int, judged: bool) -> None:
     assert {k[1] for k in table} == {f.sport for f in FLOWS}, "a healthy flow lost its entry"
     assert left == {}
     assert sum(missed) == 0, missed
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_shows_the_configuration_the_tests_use() -> None:
+    # README's "HA pair" section holds node A's files as the tests write them (the directory
+    # /run/ha for the pair's private one, contrib's notify script for the tests' wrapper of it).
+    readme = README.read_text()
+    section = readme[readme.index("## HA pair (keepalived + conntrackd)"):]
+    section = section[:section.index("\n## ", 5)]
+    node = NODES[0]
+    for text in (keepalived_conf(node, "/run/ha", "/usr/lib/topowatch/keepalived-notify"),
+                 conntrackd_conf(node, "/run/ha"), *map(ruleset, RULESETS.values()), POLICIES):
+        assert "\n\n" + textwrap.indent(text, "    ") + "\n" in section, text
