@@ -1,4 +1,4 @@
-"""Issue #15: an HA pair's failover at 100k replicated entries: topowatch's cleanup beside conntrackd's commit.
+"""Issue #15: an HA pair's failover at 100k replicated entries: topowatch beside conntrackd's commit.
 
 Run as root from the repository: ``.venv/bin/python bench/ha.py [--entries 100000]``.
 
@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests" / "netns"), str(ROOT / "tests")]
 
 from hapair import Pair, wait  # noqa: E402
+
 from test_dbus import POLICY_FILE, SYSTEM_CONF, PrivateBus  # noqa: E402
 from topowatch.core.conntrack import (  # noqa: E402
     IPS_CONFIRMED,
@@ -142,12 +143,12 @@ def measure(pair: Pair, daemon: Daemon, n: int) -> int:
     left = stale_on(pair)
     collateral = len(deleted - {(str(e.orig.src), e.orig.sport) for e in replicated(n)})
     commits = commit_log(pair)
-    took = next((c for c in reversed(commits) if "has taken" in c), "?")
+    took = next((c.split()[-2] for c in reversed(commits) if "has taken" in c), "?")
     committed = next((c for c in reversed(commits) if c.startswith("Committed")), "?")
 
     print(f"  failover -> B master (VRRP, notify script started):  {master:7.2f} s")
-    print(f"  conntrackd's commit on B:                             {took.split()[-2] if took != '?' else '?':>7} s"
-          f"   ({committed})")
+    seconds = f"{float(took):7.2f}" if took != "?" else "      ?"
+    print(f"  conntrackd's commit on B:                             {seconds} s   ({committed})")
     for r in reactions:
         at = datetime.fromisoformat(r["ts"]).timestamp() - failover
         print(f"  failover -> reaction {r['reaction']} logged:                      {at:7.2f} s   "

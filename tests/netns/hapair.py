@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from topowatch.core.conntrack import Entry
 from topowatch.lab import (
     CLIENT_SCRIPT,
@@ -59,6 +61,13 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTIFY = ROOT / "contrib" / "keepalived" / "topowatch-notify"
 HOOK_LIB = ROOT / "contrib" / "lib" / "hook-lib.sh"
 PREFIX = "th"
+
+# A long variant: marked slow, and run only when the run selects slow tests (CI runs everything).
+LONG = [
+    pytest.mark.slow,
+    pytest.mark.skipif("'slow' not in config.option.markexpr",
+                       reason="a long variant: runs only when asked for (pytest -m slow ...)"),
+]
 
 LAN_VIP = "10.0.1.1"
 WAN_VIP = "203.0.113.1"

@@ -30,6 +30,7 @@ from hapair import (
     DESTINATIONS,
     ECHO,
     FLOWS,
+    LONG,
     MONITORING,
     NODES,
     SIP,
@@ -45,6 +46,7 @@ from hapair import (
 )
 
 from test_dbus import POLICY_FILE, SYSTEM_CONF, PrivateBus
+from topowatch.core.conntrack import Entry
 from topowatch.lab import OTHER_SERVER, Daemon, log_record
 
 MISSING = missing_tools()
@@ -60,13 +62,6 @@ max_deletions = 1000
 unreplied_only = false
 action = "log"
 """
-
-# A long variant: marked slow, and run only when the run selects slow tests (CI runs everything).
-LONG = [
-    pytest.mark.slow,
-    pytest.mark.skipif("'slow' not in config.option.markexpr",
-                       reason="a long variant: runs only when asked for (pytest -m slow tests/netns/test_ha_pair.py)"),
-]
 
 RULESETS = {
     "snat-vip": 'oifname "wan0" snat ip to 203.0.113.1',
@@ -171,9 +166,13 @@ def oracle(pair: Pair, node: Node, base: int) -> dict[tuple[str, int], str]:
     return {dst: pair.oracle(node, dst[0], dst[1], base + i) for i, dst in enumerate(DESTINATIONS)}
 
 
-def replicated(pair: Pair, keys: set[Key]) -> None:
-    """Wait until B's external cache holds every one of ``keys`` (conntrackd replicates asynchronously)."""
-    wait(lambda: keys <= pair.b.external_keys(), 10, "replication to B")
+def through_a(pair: Pair) -> dict[Key, Entry]:
+    """Every flow once through A (master), and its entries once conntrackd has replicated them to B."""
+    pair.send(FLOWS)
+    before = client_flows(pair.a.entries())
+    assert len(before) == len(FLOWS), before
+    wait(lambda: set(before) <= pair.b.external_keys(), 10, "replication to B")
+    return before
 
 
 def first_packets(pair: Pair, expected: dict[tuple[str, int], str], tag: str) -> None:
@@ -192,10 +191,7 @@ def test_master_uplink_change_deletions_leave_the_backups_cache(setup: Setup) ->
     # uplink. topowatch on A deletes exactly those; conntrackd replicates the deletions, so B's
     # external cache no longer holds them (a failover now would not bring them back).
     pair = setup.pair
-    pair.send(FLOWS)
-    before = client_flows(pair.a.entries())
-    assert len(before) == len(FLOWS), before
-    replicated(pair, set(before))
+    before = through_a(pair)
     try:
         pair.a.ns.run("ip", "link", "set", "up1", "down")
         record, records = reaction(setup.a, "up1")
@@ -223,10 +219,7 @@ def test_failover_commits_then_judges(setup: Setup) -> None:
     # replicated entries. The notify script then commits and asks for a full judgement: one
     # reaction deletes exactly the stale entries.
     pair = setup.pair
-    pair.send(FLOWS)
-    before = client_flows(pair.a.entries())
-    assert len(before) == len(FLOWS), before
-    replicated(pair, set(before))
+    before = through_a(pair)
     hold = pair.b.dir / "hold"
     hold.touch()
     pair.switch_to(pair.b)
