@@ -131,15 +131,18 @@ def measure(pair: Pair, daemon: Daemon, n: int) -> int:
     pair.switch_to(pair.b, timeout=60)
     master = time.time() - failover
     # B's reactions up to the one the notify script asked for after the commit (each record is
-    # logged once its deletes are done); a reaction to the addresses may have run mid-commit.
+    # logged once its deletes are done; a reaction to the addresses may have run mid-commit), and
+    # the per-entry records that follow each, read as they stream (not kept as lines).
     reactions: list[dict[str, Any]] = []
-    while not any("keepalived MASTER" in r["trigger"] for r in reactions):
-        record = daemon.wait_record(lambda r: r.get("event") == "reaction", 600)
-        if record is None:
-            print("  B's daemon did not react to the notify script's request", file=sys.stderr)
-            return 1
-        reactions.append(record)
-    deleted = deleted_entries(daemon)
+    deleted: set[tuple[str, int]] = set()
+    end = time.monotonic() + 900
+    while not any("keepalived MASTER" in r["trigger"] for r in reactions) and time.monotonic() < end:
+        read(daemon, reactions, deleted, 1.0)
+    if not any("keepalived MASTER" in r["trigger"] for r in reactions):
+        print("  B's daemon did not react to the notify script's request", file=sys.stderr)
+        return 1
+    while read(daemon, reactions, deleted, 2.0):
+        pass
     left = stale_on(pair)
     collateral = len(deleted - {(str(e.orig.src), e.orig.sport) for e in replicated(n)})
     commits = commit_log(pair)
@@ -163,18 +166,16 @@ def measure(pair: Pair, daemon: Daemon, n: int) -> int:
     return 0 if left == 0 and collateral == 0 and len(deleted) == n else 1
 
 
-def deleted_entries(daemon: Daemon) -> set[tuple[str, int]]:
-    """The per-entry records that follow the reactions' (read as they stream, not kept as lines)."""
-    deleted = set()
-    for line in daemon.lines:
-        r = log_record(line)
-        if r is not None and r.get("event") == "entry" and r["action"] == "deleted":
-            deleted.add((r["orig"]["src"], r["orig"]["sport"]))
-    while line := daemon.reader.readline(2.0):
-        r = log_record(line)
-        if r is not None and r.get("event") == "entry" and r["action"] == "deleted":
-            deleted.add((r["orig"]["src"], r["orig"]["sport"]))
-    return deleted
+def read(daemon: Daemon, reactions: list[dict[str, Any]], deleted: set[tuple[str, int]],
+         timeout: float) -> bool:
+    """One line of the daemon's JSON log into ``reactions`` or ``deleted``; False when none came."""
+    line = daemon.reader.readline(timeout)
+    record = log_record(line)
+    if record is not None and record.get("event") == "reaction":
+        reactions.append(record)
+    elif record is not None and record.get("event") == "entry" and record["action"] == "deleted":
+        deleted.add((record["orig"]["src"], record["orig"]["sport"]))
+    return bool(line)
 
 
 def main(argv: list[str] | None = None) -> int:
