@@ -22,9 +22,13 @@ the replicated ones (collateral, must be 0). A report, not a timed test.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import queue
 import socket
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime
 from ipaddress import IPv4Address
@@ -132,16 +136,18 @@ def measure(pair: Pair, daemon: Daemon, n: int) -> int:
     master = time.time() - failover
     # B's reactions up to the one the notify script asked for after the commit (each record is
     # logged once its deletes are done; a reaction to the addresses may have run mid-commit), and
-    # the per-entry records that follow each, read as they stream (not kept as lines).
+    # the per-entry records that follow each. A thread reads the daemon's log as fast as it comes:
+    # a slow reader would stop the daemon at its next write and delay its next reaction.
     reactions: list[dict[str, Any]] = []
     deleted: set[tuple[str, int]] = set()
+    tail = Tail(daemon)
     end = time.monotonic() + 900
     while not any("keepalived MASTER" in r["trigger"] for r in reactions) and time.monotonic() < end:
-        read(daemon, reactions, deleted, 1.0)
+        tail.records(reactions, deleted, 1.0)
     if not any("keepalived MASTER" in r["trigger"] for r in reactions):
         print("  B's daemon did not react to the notify script's request", file=sys.stderr)
         return 1
-    while read(daemon, reactions, deleted, 2.0):
+    while tail.records(reactions, deleted, 2.0):
         pass
     left = stale_on(pair)
     collateral = len(deleted - {(str(e.orig.src), e.orig.sport) for e in replicated(n)})
@@ -166,16 +172,38 @@ def measure(pair: Pair, daemon: Daemon, n: int) -> int:
     return 0 if left == 0 and collateral == 0 and len(deleted) == n else 1
 
 
-def read(daemon: Daemon, reactions: list[dict[str, Any]], deleted: set[tuple[str, int]],
-         timeout: float) -> bool:
-    """One line of the daemon's JSON log into ``reactions`` or ``deleted``; False when none came."""
-    line = daemon.reader.readline(timeout)
-    record = log_record(line)
-    if record is not None and record.get("event") == "reaction":
-        reactions.append(record)
-    elif record is not None and record.get("event") == "entry" and record["action"] == "deleted":
-        deleted.add((record["orig"]["src"], record["orig"]["sport"]))
-    return bool(line)
+class Tail:
+    """The daemon's log (stderr), read by a thread of its own as fast as it is written."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        assert daemon.proc.stderr is not None
+        self.fd = daemon.proc.stderr.fileno()
+        self.chunks: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self.partial = b""
+        threading.Thread(target=self._read, name="tail", daemon=True).start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := os.read(self.fd, 1 << 20):
+                self.chunks.put(chunk)
+
+    def records(self, reactions: list[dict[str, Any]], deleted: set[tuple[str, int]], timeout: float) -> bool:
+        """Sort what came in ``timeout`` into reactions and deleted entries; False when nothing came."""
+        try:
+            data = self.partial + self.chunks.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        *lines, self.partial = data.split(b"\n")
+        for line in lines:
+            if b'"event": "reaction"' in line or b'"action": "deleted"' in line:
+                record = log_record(line.decode(errors="replace"))
+                if record is None:
+                    continue
+                if record.get("event") == "reaction":
+                    reactions.append(record)
+                elif record.get("event") == "entry":
+                    deleted.add((record["orig"]["src"], record["orig"]["sport"]))
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:
