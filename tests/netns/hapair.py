@@ -19,8 +19,9 @@ who is master follows a ``track_file`` weight that the test writes (an admin's
 switchover: the backup preempts at the master's next advert). conntrackd
 replicates the table over the dedicated sync0 link (FTFW, unicast UDP), each
 node with its own config, socket and lock file in the pair's temporary
-directory. keepalived's notify script is contrib's, so a new master commits
-conntrackd's external cache and only then asks topowatch for a full judgement.
+directory. keepalived's notify script is contrib's (behind ``NOTIFY_WRAPPER``),
+so a new master commits conntrackd's external cache and only then asks
+topowatch for a full judgement.
 
 This module builds and observes; it decides nothing about staleness (the
 kernel's fresh flows do, see ``Pair.oracle``).
@@ -471,9 +472,9 @@ class Pair:
         raise TimeoutError(f"no entry on {node.name} for the oracle's flow {sport} -> {dst}")
 
 
-# keepalived runs its notify script with a clean environment of its own: this wrapper (written
-# per pair) names the pair's bus, the hook library, conntrackd's config and this tree's topowatch,
-# records the state for the test, and runs contrib's script.
+# keepalived hands its notify script its own environment (the pair's bus address, HA_STATE_DIR);
+# this wrapper (written per pair) adds the node's conntrackd config, the hook library and this
+# tree's topowatch, records the state for the test, and runs contrib's script.
 NOTIFY_WRAPPER = """\
 #!/bin/sh
 echo "$3" > "$HA_STATE_DIR/state"
