@@ -1,4 +1,4 @@
-"""The contrib hooks (NetworkManager, strongSwan, ppp) with fake arguments and stub programs.
+"""The contrib hooks (NetworkManager, strongSwan, ppp, keepalived) with fake arguments and stub programs.
 
 Each script runs with a PATH holding only the tools it may use and stubs of
 ``busctl``/``dbus-send``/``topowatch``/``logger`` that record their argv, so
@@ -34,8 +34,9 @@ SWAN = ROOT / "contrib/strongswan/topowatch-updown"
 VPN = ROOT / "contrib/vpn/topowatch-vpn"
 PPP_UP = ROOT / "contrib/ppp/ip-up.d/topowatch"
 PPP_DOWN = ROOT / "contrib/ppp/ip-down.d/topowatch"
+KEEPALIVED = ROOT / "contrib/keepalived/topowatch-notify"
 LIB = ROOT / "contrib/lib/hook-lib.sh"
-HOOKS = [NM, SWAN, VPN, PPP_UP, PPP_DOWN]
+HOOKS = [NM, SWAN, VPN, PPP_UP, PPP_DOWN, KEEPALIVED]
 TOOLS = ["sh", "timeout", "sed", "tail", "tr", "cut", "sleep", "mv", "readlink"]  # what the hooks (and stubs) may use
 BUS = ["--system", "--timeout=2", "call", "io.github.topowatch", "/io/github/topowatch",
        "io.github.topowatch.Agent1", "TriggerEvent", "sss"]
@@ -198,6 +199,7 @@ INSTALLED = {  # where the wheel's shared-data and the Debian package put each f
     "lib/topowatch/vpn-hook": VPN,
     "lib/topowatch/ppp/ip-up.d/topowatch": PPP_UP,
     "lib/topowatch/ppp/ip-down.d/topowatch": PPP_DOWN,
+    "lib/topowatch/keepalived-notify": KEEPALIVED,
     "lib/topowatch/hook-lib.sh": LIB,
 }
 
@@ -233,6 +235,10 @@ def test_installed_hooks_find_the_library(stubs: Bin, tmp_path: Path) -> None:
     ppp = run(etc / "topowatch", "ppp0", bin=stubs, argv0=etc / "topowatch")
     assert ppp.returncode == 0, ppp.stderr
     assert stubs.calls("busctl") == [*BUS, "dispatcher", "ppp0", "ppp-up"]
+    notify = run(prefix / "lib/topowatch/keepalived-notify", "INSTANCE", "gw", "MASTER", "150", bin=stubs,
+                 env={"CONNTRACKD": "true"})
+    assert notify.returncode == 0, notify.stderr
+    assert stubs.calls("busctl") == [*BUS, "request", "", "keepalived MASTER gw"]
 
 
 def test_missing_library_is_logged_not_fatal(stubs: Bin, tmp_path: Path) -> None:
@@ -535,6 +541,78 @@ def test_openvpn_without_device(stubs: Bin) -> None:
     proc = run(VPN, bin=stubs, env={"script_type": "up"})
     assert proc.returncode == 0
     assert stubs.calls("busctl") is None
+
+
+# -- keepalived ----------------------------------------------------------------------------------
+
+# Appends each call to logs/conntrackd, marked when the daemon had been asked already (logs/busctl
+# exists); STUB_CONNTRACKD_FAIL=OPTION makes that request fail as conntrackd does without a daemon.
+CONNTRACKD_STUB = """#!/bin/sh
+mark=""
+[ -e {logs}/busctl ] && mark=" (after the request)"
+printf '%s%s\\n' "$*" "$mark" >> {logs}/conntrackd
+if [ "$3" = "${{STUB_CONNTRACKD_FAIL:-}}" ]; then
+    echo "cannot connect to UNIX socket" >&2
+    exit 1
+fi
+exit 0
+"""
+
+
+@pytest.fixture
+def conntrackd(stubs: Bin) -> Bin:
+    stub = stubs.dir / "conntrackd"
+    stub.write_text(CONNTRACKD_STUB.format(logs=stubs.logs))
+    stub.chmod(0o755)
+    return stubs
+
+
+def test_keepalived_master_commits_then_asks_for_a_full_judgement(conntrackd: Bin) -> None:
+    # conntrackd's primary-backup order, and the request only after the commit: a judgement before
+    # it would not see the entries the commit brings.
+    proc = run(KEEPALIVED, "INSTANCE", "VI_1", "MASTER", "150", bin=conntrackd)
+    assert proc.returncode == 0, proc.stderr
+    conf = "-C /etc/conntrackd/conntrackd.conf"
+    assert conntrackd.calls("conntrackd") == [f"{conf} -c", f"{conf} -f", f"{conf} -R", f"{conf} -B"]
+    assert conntrackd.calls("busctl") == [*BUS, "request", "", "keepalived MASTER VI_1"]
+    assert conntrackd.calls("logger") is None
+
+
+@pytest.mark.parametrize(("state", "requests"), [("BACKUP", ["-t", "-n"]), ("FAULT", ["-t"]), ("STOP", [])])
+def test_keepalived_backup_fault_stop_touch_only_conntrackd(conntrackd: Bin, state: str, requests: list[str]) -> None:
+    # Nothing enters the kernel table there, and the addresses leaving are the daemon's own events.
+    proc = run(KEEPALIVED, "GROUP", "G1", state, "100", bin=conntrackd,
+               env={"CONNTRACKD_CONFIG": "/etc/ha/conntrackd.conf"})
+    assert proc.returncode == 0, proc.stderr
+    assert (conntrackd.calls("conntrackd") or []) == [f"-C /etc/ha/conntrackd.conf {r}" for r in requests]
+    assert conntrackd.calls("busctl") is None
+    assert conntrackd.calls("logger") is None
+
+
+def test_keepalived_failed_commit_is_logged_and_the_rest_runs(conntrackd: Bin) -> None:
+    proc = run(KEEPALIVED, "INSTANCE", "VI_1", "MASTER", "150", bin=conntrackd, env={"STUB_CONNTRACKD_FAIL": "-c"})
+    assert proc.returncode == 0
+    assert [c.split()[-1] for c in conntrackd.calls("conntrackd") or []] == ["-c", "-f", "-R", "-B"]
+    assert conntrackd.calls("busctl") == [*BUS, "request", "", "keepalived MASTER VI_1"]
+    said = "\n".join(conntrackd.calls("logger") or [])
+    assert "conntrackd -c (commit the external cache) failed: cannot connect to UNIX socket" in said
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (("INSTANCE", "VI_1", "UNKNOWN;x", "1"), "unknown state 'UNKNOWNx'"),
+    ((), "no state given"),
+])
+def test_keepalived_bad_arguments(conntrackd: Bin, args: tuple[str, ...], said: str) -> None:
+    proc = run(KEEPALIVED, *args, bin=conntrackd)
+    assert proc.returncode == 0
+    assert conntrackd.calls("conntrackd") is None and conntrackd.calls("busctl") is None
+    assert said in "\n".join(conntrackd.calls("logger") or [])
+
+
+def test_keepalived_sanitises_the_instance_name(conntrackd: Bin) -> None:
+    proc = run(KEEPALIVED, "INSTANCE", "gw a;$(reboot)\n", "MASTER", "150", bin=conntrackd)
+    assert proc.returncode == 0
+    assert conntrackd.calls("busctl") == [*BUS, "request", "", "keepalived MASTER gwareboot"]
 
 
 # -- ppp -----------------------------------------------------------------------------------------

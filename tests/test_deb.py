@@ -93,6 +93,7 @@ def test_files_land_in_debian_paths_with_their_modes(deb: Path, tree: Path) -> N
         "usr/lib/topowatch/vpn-hook": ("contrib/vpn/topowatch-vpn", 0o755),
         "usr/lib/topowatch/ppp/ip-up.d/topowatch": ("contrib/ppp/ip-up.d/topowatch", 0o755),
         "usr/lib/topowatch/ppp/ip-down.d/topowatch": ("contrib/ppp/ip-down.d/topowatch", 0o755),
+        "usr/lib/topowatch/keepalived-notify": ("contrib/keepalived/topowatch-notify", 0o755),
         "usr/lib/NetworkManager/dispatcher.d/90-topowatch": ("contrib/networkmanager/90-topowatch", 0o755),
         "usr/share/dbus-1/system.d/io.github.topowatch.conf": ("contrib/dbus/io.github.topowatch.conf", 0o644),
         "usr/lib/topowatch/rules.d/README.md": ("rules.d/README.md", 0o644),

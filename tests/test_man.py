@@ -91,9 +91,11 @@ INSTALLED = {
     "contrib/vpn/topowatch-vpn": "lib/topowatch/vpn-hook",
     "contrib/ppp/ip-up.d/topowatch": "lib/topowatch/ppp/ip-up.d/topowatch",
     "contrib/ppp/ip-down.d/topowatch": "lib/topowatch/ppp/ip-down.d/topowatch",
+    "contrib/keepalived/topowatch-notify": "lib/topowatch/keepalived-notify",
 }
 EXECUTABLE = {"contrib/networkmanager/90-topowatch", "contrib/strongswan/topowatch-updown", "contrib/vpn/topowatch-vpn",
-              "contrib/ppp/ip-up.d/topowatch", "contrib/ppp/ip-down.d/topowatch"}
+              "contrib/ppp/ip-up.d/topowatch", "contrib/ppp/ip-down.d/topowatch",
+              "contrib/keepalived/topowatch-notify"}
 
 
 @pytest.mark.slow

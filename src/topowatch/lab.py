@@ -306,14 +306,7 @@ class Lab:
         return self.entry_for(sport, dst)
 
     def router_entries(self) -> list[Entry]:
-        from topowatch.edges.ctnetlink import Conntrack
-
-        sock = self.router.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        ct = Conntrack(sock)
-        try:
-            return ct.dump(unreplied_only=False)
-        finally:
-            ct.close()
+        return entries_in(self.router)
 
     def entry_for(self, sport: int, dst: str, entries: list[Entry] | None = None) -> Entry | None:
         for e in entries if entries is not None else self.router_entries():
@@ -331,6 +324,17 @@ class Lab:
             if time.monotonic() >= end:
                 raise TimeoutError(f"no entry for sport {sport} -> {dst} within {timeout} s")
             time.sleep(0.05)
+
+
+def entries_in(ns: Namespace) -> list[Entry]:
+    """Every conntrack entry of ``ns``, replied or not."""
+    from topowatch.edges.ctnetlink import Conntrack
+
+    ct = Conntrack(ns.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER))
+    try:
+        return ct.dump(unreplied_only=False)
+    finally:
+        ct.close()
 
 
 def thread_switches(pid: int) -> dict[int, int]:
@@ -388,6 +392,15 @@ class Daemon:
             elif self.proc.poll() is not None:
                 return None
         return None
+
+    def pump(self) -> None:
+        """Read what the daemon has logged so far, without waiting for more.
+
+        Call it while the daemon works unobserved: a pipe nobody reads fills up
+        (64 KiB) and then blocks the daemon at its next log line.
+        """
+        while line := self.reader.readline(0.001):
+            self.lines.append(line)
 
     def wait_record(
         self, match: Callable[[dict[str, Any]], bool], timeout: float = 20.0

@@ -128,15 +128,11 @@ def namespaces(*prefixes: str) -> Iterator[list[Namespace]]:
 
 
 def veth(a: Namespace, a_name: str, b: Namespace, b_name: str) -> None:
-    """A veth pair between two namespaces, both ends up."""
-    tmp = unique_name("twv")
-    peer = unique_name("twp")
-    subprocess.run(
-        ["ip", "link", "add", tmp, "type", "veth", "peer", "name", peer], check=True, capture_output=True
-    )
-    subprocess.run(["ip", "link", "set", tmp, "netns", a.name], check=True, capture_output=True)
-    subprocess.run(["ip", "link", "set", peer, "netns", b.name], check=True, capture_output=True)
-    a.run("ip", "link", "set", tmp, "name", a_name)
-    b.run("ip", "link", "set", peer, "name", b_name)
+    """A veth pair between two namespaces, both ends up.
+
+    Created inside ``a`` with its peer placed in ``b`` at once: no device ever
+    appears in the init namespace, even for a moment.
+    """
+    a.run("ip", "link", "add", a_name, "type", "veth", "peer", "name", b_name, "netns", b.name)
     a.run("ip", "link", "set", a_name, "up")
     b.run("ip", "link", "set", b_name, "up")
