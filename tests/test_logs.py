@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -206,3 +207,52 @@ def test_the_line_names_a_cause_the_topology_change_does_not_show() -> None:
                            "dev up2 added): ")
     assert both.count("203.0.113.1") == 1  # the route event is not said twice
     assert line("startup sweep", ()).startswith("reaction 1 (startup sweep): 0 of 0 examined entries stale")
+
+
+def test_a_reactions_entry_records_never_hold_the_next_reaction_back(
+    captured: tuple[list[logging.LogRecord], io.StringIO, io.StringIO],
+) -> None:
+    """The daemon writes the per-entry records in a thread of their own: with that log stuck, the
+    next reaction still runs and logs its line; released, every record comes, in order."""
+    records, _, _ = captured
+    stuck, entered = threading.Event(), threading.Event()
+
+    class Slow(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            entered.set()
+            stuck.wait(30)
+
+    entries = logging.getLogger("topowatch.entries")
+    slow = Slow()
+    entries.addHandler(slow)
+    backend = FakeBackend()
+    backend.table = [udp_entry(5000 + i) for i in range(5)]
+    reactor = Reactor(backend, ReactorConfig(startup_sweep=False, background_details=True),  # type: ignore[arg-type]
+                      predictor=stale_when_up2)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run)
+            backend.topo = B
+            await backend.send.send(Trigger("rtnl", "link up2 added"))
+            with trio.fail_after(20):
+                while reactor.totals.reactions < 1 or not entered.is_set():
+                    await trio.sleep(0.05)
+                backend.table = [udp_entry(6000 + i) for i in range(3)]
+                await backend.send.send(Trigger("request", "full judgement asked"))
+                while reactor.totals.reactions < 2:  # not held back by the stuck entry records
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+        lines = [r.getMessage() for r in records if r.name == "topowatch.reactor"]
+        assert any(line.startswith("reaction 2 ") for line in lines)
+        assert sum(r.name == "topowatch.entries" for r in records) <= 1  # the first one, stuck
+        stuck.set()
+        assert reactor.details.drain(10)
+        written = [r.getMessage() for r in records if r.name == "topowatch.entries"]
+        assert [line.split(":")[0] for line in written] == ["reaction 1"] * 5 + ["reaction 2"] * 3
+    finally:
+        stuck.set()
+        entries.removeHandler(slow)

@@ -403,6 +403,7 @@ async def _run_daemon(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         max_deletions=args.max_deletions,
         startup_sweep=not args.no_startup_sweep,
+        background_details=True,
     )
     backend = KernelBackend()
     reactor = Reactor(backend, config, policy=lambda: store.current)
@@ -435,6 +436,8 @@ async def _run_daemon(args: argparse.Namespace) -> int:
             nursery.start_soon(wait_signal)
             # Stop (releasing the bus name) once `ip netns del` took this namespace's name away.
             nursery.start_soon(guard.stop_when_gone, nursery.cancel_scope)
+    if not reactor.details.drain(10.0):
+        log.warning("stopping before every reaction's per-entry records were written")
     log.info("stopped after %d reaction(s)", reactor.totals.reactions)
     lock.close()
     return 0

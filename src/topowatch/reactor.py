@@ -42,7 +42,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import re
+import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -224,6 +227,54 @@ class ReactorConfig:
     max_deletions: int = 100_000
     startup_sweep: bool = True
     restart_backoff: float = 1.0
+    # A reaction's group lines and per-entry records written by a thread of their own (the
+    # daemon), so that the next reaction never waits for them; else in line (tests, one-shot use).
+    background_details: bool = False
+
+
+class DetailWriter:
+    """Writes reactions' group lines and per-entry records in one thread of its own, in order.
+
+    A reaction's own line is written by the reactor when its deletes are done; what follows
+    it (one record per entry: 80,000 of them took 20 s) must not hold the next reaction back.
+    At most ``PENDING`` reactions wait: beyond that a reaction's details are dropped, and a
+    warning says so (the daemon's log is then the bottleneck, not the reactions).
+    """
+
+    PENDING = 16
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Callable[[], None]] = queue.Queue(self.PENDING)
+        self._thread: threading.Thread | None = None
+
+    def submit(self, write: Callable[[], None], what: str) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="topowatch-details", daemon=True)
+            self._thread.start()
+        try:
+            self._queue.put_nowait(write)
+        except queue.Full:
+            log.warning("%s: its per-entry records are not written: %d reactions' records are still "
+                        "being written", what, self.PENDING)
+
+    def _run(self) -> None:
+        while True:
+            write = self._queue.get()
+            try:
+                write()
+            except Exception:  # a log handler's failure must not end the writer
+                log.exception("writing a reaction's details failed")
+            finally:
+                self._queue.task_done()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every submitted reaction's details are written (True), at most ``timeout`` s."""
+        end = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.01)
+        return True
 
 
 @dataclass(slots=True)
@@ -458,6 +509,7 @@ class Reactor:
         self._arrived = trio.Event()
         self._sport_memo: tuple[NatRuleset, bool] | None = None
         self._fibs: list[tuple[Topology, Fib]] = []
+        self.details = DetailWriter()
         self._ruleset_changes = 0  # "ruleset" triggers pushed so far: a reaction compares before deleting
         # Every eligible entry was judged against T0 and every stale one deleted: only then may
         # a reaction judge just the flows its change can re-NAT (or none, without a dump).
@@ -834,6 +886,15 @@ class Reactor:
             log.error("delete failed: %s", error)
         level = logging.ERROR if reaction.skipped else logging.WARNING if reaction.refused else logging.INFO
         log.log(level, "%s", reaction.summary(), extra={"fields": reaction.fields()})
+        if self.config.background_details and (reaction.plan.stale or reaction.plan.undecided):
+            self.details.submit(lambda: self._log_details(reaction, selection, verb),
+                                f"reaction {reaction.number}")
+        else:
+            self._log_details(reaction, selection, verb)
+
+    @staticmethod
+    def _log_details(reaction: Reaction, selection: Selection, verb: str) -> None:
+        """A reaction's group lines and per-entry records (see ``_log``)."""
         flushed = [d for d in reaction.plan.stale if selection.flushes(d.entry)]
         logged = [d for d in reaction.plan.stale if not selection.flushes(d.entry)]
         for what, decisions in ((verb, flushed), ("stale (policy says log only)", logged)):
