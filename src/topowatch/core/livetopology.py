@@ -37,7 +37,6 @@ follow exactly it gives up on.
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -72,14 +71,12 @@ def base_key(route: Route) -> RouteKey:
 Changes = dict[RouteKey, tuple[Route | None, Route | None]]
 _LINEAGE: dict[int, tuple[tuple[Route, ...], tuple[Route, ...], Changes]] = {}
 _LINEAGE_SIZE = 6
-_LINEAGE_LOCK = threading.Lock()
 
 
 def _descend(parent: tuple[Route, ...], child: tuple[Route, ...], changes: Changes) -> None:
-    with _LINEAGE_LOCK:
-        while len(_LINEAGE) >= _LINEAGE_SIZE:
-            del _LINEAGE[next(iter(_LINEAGE))]
-        _LINEAGE[id(child)] = (child, parent, changes)
+    while len(_LINEAGE) >= _LINEAGE_SIZE:
+        _LINEAGE.pop(next(iter(_LINEAGE)), None)
+    _LINEAGE[id(child)] = (child, parent, changes)
 
 
 def route_changes(
@@ -94,13 +91,12 @@ def route_changes(
         return (), ()
     steps: list[Changes] = []
     current: Sequence[Route] = now
-    with _LINEAGE_LOCK:
-        while current is not before:
-            step = _LINEAGE.get(id(current))
-            if step is None or step[0] is not current or len(steps) >= _LINEAGE_SIZE:
-                return None
-            steps.append(step[2])
-            current = step[1]
+    while current is not before:
+        step = _LINEAGE.get(id(current))
+        if step is None or step[0] is not current or len(steps) >= _LINEAGE_SIZE:
+            return None
+        steps.append(step[2])
+        current = step[1]
     net: dict[RouteKey, list[Route | None]] = {}
     for changes in reversed(steps):
         for key, (old, new) in changes.items():
