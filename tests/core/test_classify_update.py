@@ -187,7 +187,6 @@ def test_carried_classifiers_were_compared() -> None:
     """The property above carried classifiers over many times (guards a vacuous test)."""
     if STATS["events"] == 0:
         pytest.skip("run together with the property test")
-    print(STATS)
     assert STATS["carried"] > 100 and STATS["carried"] > 3 * STATS["declined"], STATS
 
 

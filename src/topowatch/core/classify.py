@@ -434,7 +434,8 @@ def _group_key(route: Route) -> GroupKey:
 def _order_key(span: Span) -> int:
     """A prefix as one sortable integer: its low end, then its size (outer prefixes first)."""
     lo, hi = span
-    return lo << 8 | (255 - (hi - lo + 1).bit_length() + 1)
+    bits = (hi - lo + 1).bit_length() - 1  # host bits: 0 for a host route
+    return lo << 8 | (255 - bits)
 
 
 def _order_span(key: int) -> Span:
