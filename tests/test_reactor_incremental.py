@@ -17,10 +17,12 @@ import pytest
 import trio
 import trio.testing
 
+from topowatch.core.classify import Classifier
 from topowatch.core.conntrack import IPS_CONFIRMED, IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, CtTuple, Entry
 from topowatch.core.decide import Decider
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.impact import impact
+from topowatch.core.livetopology import NLM_F_REPLACE, LiveTopology
 from topowatch.core.model import AF_INET, Address, Link, Nexthop, PolicyRule, Route, Topology
 from topowatch.core.nat import NatRuleset
 from topowatch.edges.nft import parse_ruleset_json
@@ -197,6 +199,36 @@ async def test_a_full_judgement_follows_whatever_left_entries_unjudged(
         await settle()
         nursery.cancel_scope.cancel()
     assert backend.dumps > dumps, case
+
+
+async def test_route_events_kept_from_events_carry_the_classifier_over(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the first reaction, a route change the kept topology followed builds no classifier:
+    the last one is carried over to it (``Classifier.updated``), and judges as before."""
+    live = LiveTopology.seed(replace(BEFORE, routes=(*BEFORE.routes,)))  # a table no classifier has seen
+    assert live is not None
+    backend = Backend()
+    backend.topo = live.snapshot()
+    builds: list[object] = []
+    real = Classifier._build.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[Classifier], *args: Any, **kwargs: Any) -> Classifier:
+        builds.append(args)
+        return real(cls, *args, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(Classifier, "_build", classmethod(counted))
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery)
+        assert builds  # the startup sweep built the first one
+        first = len(builds)
+        for via in (VIA2, VIA1, VIA2):
+            assert live.apply("route", True, Route(MOVING, nexthops=(via,)), NLM_F_REPLACE)
+            await route_event(backend, live.snapshot())
+        nursery.cancel_scope.cancel()
+    assert len(builds) == first
+    assert len(reactor.reactions) == 4 and backend.dumps == 4
+    assert sorted(e.orig.dst for e in backend.deleted) == [IPv4Address("192.0.2.7"), IPv4Address("192.0.2.8")]
 
 
 async def test_the_first_reaction_after_start_is_full(autojump_clock: trio.testing.MockClock) -> None:

@@ -123,3 +123,31 @@ def test_changed_routes_equals_set_difference_on_snapshots_that_share_objects() 
                 i = rng.randrange(len(b))
                 b[i] = Route(ip_network(str(b[i].dst)))
         assert changed_routes(a, b) == (set(a) - set(b), set(b) - set(a))
+
+
+def test_route_changes_follow_the_lineage_of_snapshots() -> None:
+    """Between any snapshot and a later one, the routes that differ, without comparing the tables."""
+    import random
+
+    from topowatch.core.livetopology import route_changes
+    from topowatch.core.model import changed_routes
+
+    rng = random.Random(11)
+    pool = [Route(ip_network(f"10.{i}.0.0/16"), nexthops=((UP1, UP2)[i % 2],)) for i in range(40)]
+    live = LiveTopology.seed(Topology(BASE.links, (), tuple(pool[:20])))
+    assert live is not None
+    snapshots = [live.snapshot()]
+    for _ in range(300):
+        route = rng.choice(pool)
+        if rng.random() < 0.4:
+            live.apply("route", False, route)
+        else:
+            live.apply("route", True, Route(route.dst, nexthops=(rng.choice((UP1, UP2)),)), 0x400 | NLM_F_REPLACE)
+        if rng.random() < 0.5:
+            snapshots.append(live.snapshot())
+            older = rng.choice(snapshots[-4:])
+            found = route_changes(older.routes, snapshots[-1].routes)
+            assert found is not None
+            gone, came = changed_routes(older.routes, snapshots[-1].routes)
+            assert (set(found[0]), set(found[1])) == (gone, came)
+    assert route_changes(snapshots[-1].routes, snapshots[0].routes) is None  # not a descendant

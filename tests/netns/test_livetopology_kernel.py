@@ -4,7 +4,9 @@ A namespace gets links, addresses, routes in two tables and rules; then seeded
 random sequences of `ip` commands change routes (add, replace, del, prepend,
 append), rules and links, including what the kernel changes silently (a link
 taken down flushes its IPv4 routes). After the events of each step, the kept
-topology, when it says it is still exact, must equal what a dump shows now.
+topology, when it says it is still exact, must equal what a dump shows now,
+and the routes its lineage says changed since the step before
+(``route_changes``) must be those that differ between the two dumps.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import socket
 import pytest
 import trio
 
-from topowatch.core.livetopology import LiveTopology
-from topowatch.core.model import Topology
+from topowatch.core.livetopology import LiveTopology, route_changes
+from topowatch.core.model import Topology, changed_routes
 from topowatch.edges import rtnl
 from topowatch.netns import Namespace
 
@@ -87,7 +89,8 @@ def same(a: Topology, b: Topology) -> None:
 async def test_events_keep_the_topology_a_dump_shows(netns: Namespace, seed: int) -> None:
     build(netns)
     rng = random.Random(seed)
-    exact_steps = 0
+    exact_steps = lineage_steps = 0
+    previous: tuple[Topology, Topology] | None = None  # (the kept snapshot, the dump) of the step before
     async with rtnl.RtnlEvents(sock_factory=lambda: nl_socket(netns)) as events:
         live = LiveTopology.seed(await rtnl.dump_topology(lambda: nl_socket(netns)))
         for _step in range(60):
@@ -110,9 +113,20 @@ async def test_events_keep_the_topology_a_dump_shows(netns: Namespace, seed: int
                     if str(getattr(value, "dst", "")) == marker:
                         dumped = await rtnl.dump_topology(lambda: nl_socket(netns))
                         if live is not None:
-                            same(live.snapshot(), dumped)
+                            kept = live.snapshot()
+                            same(kept, dumped)
                             exact_steps += 1
+                            if previous is not None:
+                                found = route_changes(previous[0].routes, kept.routes)
+                                assert found is not None
+                                gone, came = changed_routes(previous[1].routes, dumped.routes)
+                                assert sorted(map(repr, found[0])) == sorted(map(repr, gone))
+                                assert sorted(map(repr, found[1])) == sorted(map(repr, came))
+                                lineage_steps += 1
+                            previous = (kept, dumped)
                         else:
                             live = LiveTopology.seed(dumped)  # a dump seeds it again, as the backend does
+                            previous = None
                         break
+    assert lineage_steps >= 2
     assert exact_steps >= 3  # followed by events, not only by dumps (appended aliases stop it a while)

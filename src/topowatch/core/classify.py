@@ -64,7 +64,6 @@ import functools
 import itertools
 import operator
 import struct
-import threading
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -435,7 +434,8 @@ def _group_key(route: Route) -> GroupKey:
 def _order_key(span: Span) -> int:
     """A prefix as one sortable integer: its low end, then its size (outer prefixes first)."""
     lo, hi = span
-    return lo << 8 | (255 - (hi - lo + 1).bit_length() + 1)
+    bits = (hi - lo + 1).bit_length() - 1  # host bits: 0 for a host route
+    return lo << 8 | (255 - bits)
 
 
 def _order_span(key: int) -> Span:
@@ -827,16 +827,17 @@ class _Lineage:
     differ: dict[int, tuple[Span, ...]]
 
 
-_LOCK = threading.Lock()  # one update at a time moves an index
+# The indexes an update is moving, by id: an update claims its index here first (``setdefault``
+# is one step for the interpreter), so that two threads never move one index; the second builds.
+_MOVING: dict[int, object] = {}
 # The last classifiers built or updated: a reaction's classifier is where the next one starts.
 _RECENT: list[Classifier] = []
 _RECENT_SIZE = 2
 
 
 def _remember(classifier: Classifier) -> None:
-    with _LOCK:
-        kept = [c for c in _RECENT if c is not classifier][-(_RECENT_SIZE - 1) :]
-        _RECENT[:] = [*kept, classifier]
+    kept = [c for c in _RECENT if c is not classifier][-(_RECENT_SIZE - 1) :]
+    _RECENT[:] = [*kept, classifier]
 
 
 @dataclass(frozen=True, slots=True)
@@ -990,8 +991,13 @@ class Classifier:
         routes = tuple(t.routes for t in topologies)
         if len(routes) == len(lineage.routes) and all(map(operator.is_, routes, lineage.routes)):
             return self
-        with _LOCK:
+        claim = object()
+        if _MOVING.setdefault(id(lineage.index), claim) is not claim:
+            return None
+        try:
             return self._carried(lineage, routes, changes)
+        finally:
+            del _MOVING[id(lineage.index)]
 
     def _carried(
         self, lineage: _Lineage, routes: tuple[Sequence[Route], ...], changes: RouteChanges

@@ -37,7 +37,6 @@ follow exactly it gives up on.
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -72,14 +71,12 @@ def base_key(route: Route) -> RouteKey:
 Changes = dict[RouteKey, tuple[Route | None, Route | None]]
 _LINEAGE: dict[int, tuple[tuple[Route, ...], tuple[Route, ...], Changes]] = {}
 _LINEAGE_SIZE = 6
-_LINEAGE_LOCK = threading.Lock()
 
 
 def _descend(parent: tuple[Route, ...], child: tuple[Route, ...], changes: Changes) -> None:
-    with _LINEAGE_LOCK:
-        while len(_LINEAGE) >= _LINEAGE_SIZE:
-            del _LINEAGE[next(iter(_LINEAGE))]
-        _LINEAGE[id(child)] = (child, parent, changes)
+    while len(_LINEAGE) >= _LINEAGE_SIZE:
+        _LINEAGE.pop(next(iter(_LINEAGE)), None)
+    _LINEAGE[id(child)] = (child, parent, changes)
 
 
 def route_changes(
@@ -94,13 +91,12 @@ def route_changes(
         return (), ()
     steps: list[Changes] = []
     current: Sequence[Route] = now
-    with _LINEAGE_LOCK:
-        while current is not before:
-            step = _LINEAGE.get(id(current))
-            if step is None or step[0] is not current or len(steps) >= _LINEAGE_SIZE:
-                return None
-            steps.append(step[2])
-            current = step[1]
+    while current is not before:
+        step = _LINEAGE.get(id(current))
+        if step is None or step[0] is not current or len(steps) >= _LINEAGE_SIZE:
+            return None
+        steps.append(step[2])
+        current = step[1]
     net: dict[RouteKey, list[Route | None]] = {}
     for changes in reversed(steps):
         for key, (old, new) in changes.items():
@@ -127,6 +123,8 @@ class LiveTopology:
     # and the routes of that snapshot (the parent of the next one in ``route_changes``).
     _touched: dict[RouteKey, Route | None] = field(default_factory=dict)
     _handed: tuple[Route, ...] | None = None
+    # The keys of the IPv6 routes per ``base_key`` (a replace looks them up: no table scan).
+    _bases: dict[RouteKey, list[RouteKey]] = field(default_factory=dict)
 
     @classmethod
     def seed(cls, topology: Topology) -> LiveTopology | None:
@@ -142,6 +140,9 @@ class LiveTopology:
         state._base = topology
         state._snapshot = topology
         state._handed = topology.routes
+        for key, route in routes.items():
+            if route.family == AF_INET6:
+                state._bases.setdefault(base_key(route), []).append(key)
         return state
 
     def snapshot(self) -> Topology:
@@ -162,10 +163,24 @@ class LiveTopology:
             self._handed = self._snapshot.routes
         return self._snapshot
 
-    def _touch(self, key: RouteKey) -> None:
-        """Remember the route of ``key`` as the last snapshot had it (before it changes)."""
-        if key not in self._touched:
-            self._touched[key] = self.routes.get(key)
+    def _put(self, key: RouteKey, route: Route) -> None:
+        """Set the route of ``key``, remembering the one the last snapshot had (``route_changes``)."""
+        old = self.routes.get(key)
+        self._touched.setdefault(key, old)
+        self.routes[key] = route
+        if route.family == AF_INET6 and old is None:
+            self._bases.setdefault(base_key(route), []).append(key)
+        self._changed()
+
+    def _drop(self, key: RouteKey) -> None:
+        old = self.routes.pop(key)
+        self._touched.setdefault(key, old)
+        if old.family == AF_INET6:
+            keys = self._bases[base_key(old)]
+            keys.remove(key)
+            if not keys:
+                del self._bases[base_key(old)]
+        self._changed()
 
     def apply(
         self, kind: str, new: bool, value: object, flags: int = 0, nexthop_object: bool = False
@@ -218,31 +233,25 @@ class LiveTopology:
                 return True  # already gone (the dump saw it leave)
             if old.type != route.type or old.nexthops != route.nexthops:
                 return False  # a delete naming another alias of the key: aliases we do not follow
-            self._touch(key)
-            del self.routes[key]
-            self._changed()
+            self._drop(key)
             return True
         if flags & NLM_F_APPEND:
             return False
         if old is not None and old != route and not flags & NLM_F_REPLACE:
             return False  # prepended beside the existing route
         if old != route:
-            self._touch(key)
-            self.routes[key] = route
-            self._changed()
+            self._put(key, route)
         return True
 
     def _route6(self, new: bool, route: Route, key: RouteKey, old: Route | None, flags: int) -> bool:
         if len(route.nexthops) > 1:
             return False  # multipath: siblings come and go in ways a key cannot follow
         base = base_key(route)
-        same_base = [k for k, r in self.routes.items() if r.family == AF_INET6 and base_key(r) == base]
+        same_base = list(self._bases.get(base, ()))
         if not new:
             if old is None:
                 return not same_base  # another route of the key may be the one deleted
-            self._touch(key)
-            del self.routes[key]
-            self._changed()
+            self._drop(key)
             return True
         if flags & NLM_F_APPEND:
             return False
@@ -252,14 +261,11 @@ class LiveTopology:
             if len(others) > 1 or (others and old is not None):
                 return False
             for k in others:
-                self._touch(k)
-                del self.routes[k]
+                self._drop(k)
         elif gateway and any(any(nh.gateway is not None for nh in self.routes[k].nexthops) for k in others):
             return False  # becomes a sibling of a gateway route: the kernel merges them
         if old != route or others:
-            self._touch(key)
-            self.routes[key] = route
-            self._changed()
+            self._put(key, route)
         return True
 
     def _rule(self, new: bool, rule: PolicyRule) -> bool:
