@@ -243,7 +243,30 @@ def expression_palette(names: list[str]) -> list[Any]:
         {"match": {"right": 1, "op": "==", "left": {"payload": {"field": "dport", "protocol": "tcp"}}}},
         {"match": {"op": "==", "left": {"fib": {"flags": ["saddr", "iif"], "result": "oif"}}, "right": False}},
         {"match": "x"}, [], "jump", {"a": 1, "b": 2}, {"undecodable\udcff": 1},
+        *(quick_palette()),
     ]
+
+
+def quick_palette() -> list[Any]:
+    """Matches and NAT statements in the shapes ``nft._quick`` takes, with every value that fails somewhere."""
+    lefts = [{"meta": {"key": k}} for k in ("iifname", "oifname", "iif", "mark", "l4proto", "nfproto", "protocol",
+                                            "skuid", 7)]
+    lefts += [{"payload": {"protocol": p, "field": f}} for p, f in (("ip", "saddr"), ("ip6", "daddr"),
+                                                                   ("tcp", "dport"), ("th", "sport"), ("ip", "ttl"),
+                                                                   ("udp", 5))]
+    lefts += [{"meta": {"key": "iifname", "x": 1}}, {"payload": {"field": "dport", "protocol": "tcp"}}]
+    rights: list[Any] = ["eth0", "ppp*", "e\\*", "@lan", "@nope", "10.0.0.1", "fd00::1", "1.2.3.4.5", "", "0x10",
+                         "ipv4", "ip6", "tcp", 80, 0, -1, 65536, 2**40, 0x86DD]
+    out: list[Any] = [{"match": {"op": op, "left": left, "right": right}}
+                      for left in lefts for right in rights for op in ("==", "!=", "in", "<")]
+    out += [{"match": {"op": "==", "left": lefts[0], "right": "eth0", "extra": 1}}]
+    for kind in ("snat", "dnat", "masquerade"):
+        for addr in ("192.0.2.1", "fd00::1", "@lan", "bad", "10.0.0.01", 5):
+            out.append({kind: {"addr": addr}})
+            out += [{kind: {"addr": addr, "port": port}} for port in (80, 0, 65535, 65536, -1, True, "80")]
+            out.append({kind: {"port": 80, "addr": addr}})
+            out.append({kind: {"addr": addr, "flags": ["random"]}})
+    return out
 
 
 @st.composite
@@ -307,6 +330,19 @@ def test_a_summary_says_what_parsing_would(exprs: list[Any]) -> None:
     rule = nft.parse_rule(exprs, family="inet", table="t", sets=F.NFT_SETS)
     assert list(targets) == list(nft._jump_targets(rule))
     assert mark == any(nft._may_set_mark(e) for e in rule.exprs)
+
+
+def test_quick_expressions_are_the_general_ones() -> None:
+    sets = {(family, "t", name): body for family in ("ip", "ip6", "inet")
+            for (_, _, name), body in F.NFT_SETS.items()}
+    taken = 0
+    for e in quick_palette():
+        for family in ("ip", "ip6", "inet"):
+            quick = nft._quick(e, sets, family, "t")
+            if quick is not None:
+                taken += 1
+                assert quick == nft._expression(e, sets, family, "t"), (e, family)
+    assert taken > 1000  # the shortcut is taken, and for failing values too
 
 
 def test_expression_keys_keep_apart_what_parses_apart() -> None:

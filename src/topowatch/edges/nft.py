@@ -1292,6 +1292,89 @@ def _expression_key(e: Any) -> Any:
     return _frozen(e)
 
 
+def _quick(e: Any, sets: _SetTable, family: str, table: str) -> Expression | None:
+    """``_expression(e)`` for the plainest matches and NAT statements, rendered directly; else None.
+
+    Only shapes whose every step is the general one's are taken: a match
+    ``{"op", "left": meta KEY | payload PROTO FIELD, "right": string | integer}``
+    whose selector is modelled, and ``snat|dnat`` to one address string with
+    at most an integer port, in an ip or ip6 chain. The text is built from
+    the selector's (the left side's rendering) as ``_render_match`` and
+    ``_render_nat`` build it; values, statements and failures come from the
+    same functions as in the general path. Anything odd: None, and the
+    general path decides.
+    """
+    try:
+        ((k, v), ) = e.items()
+        if type(v) is not dict:
+            return None
+        if k == "match":
+            return _quick_match(v, sets, family, table)
+        if k in ("snat", "dnat") and family in _FAMILY_WORDS:
+            return _quick_nat(k, v)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        pass
+    return None
+
+
+def _quick_match(v: dict[str, Any], sets: _SetTable, family: str, table: str) -> Expression | None:
+    if len(v) != 3:
+        return None
+    op, left, right = v.get("op"), v.get("left"), v.get("right")
+    kind = type(right)
+    if op not in ("==", "!=", "in") or not (kind is str or kind is int) or type(left) is not dict \
+            or len(left) != 1:
+        return None
+    ((lk, lv), ) = left.items()
+    if type(lv) is not dict:
+        return None
+    if lk == "meta":
+        key = lv.get("key")
+        if len(lv) != 1 or type(key) is not str or key not in _META_KEYS:
+            return None
+        quote = key in _BARE_META
+    elif lk == "payload":
+        if len(lv) != 2 or type(lv.get("protocol")) is not str or type(lv.get("field")) is not str:
+            return None
+        quote = False
+    else:
+        return None
+    try:
+        sel = _selector(left)
+    except _NotModelled:
+        return None
+    if isinstance(right, str):
+        shown = f'"{right}"' if quote and not right.startswith("@") else right
+    else:
+        shown = str(right)
+    text = f"{sel.text} {shown}" if op == "==" else f"{sel.text} {op} {shown}"
+    try:
+        return Match(sel, Op.NE if op == "!=" else Op.EQ, _values(sel, right, sets, family, table), text)
+    except _NotModelled as exc:
+        return UnknownMatch(str(exc), text)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return UnknownMatch(f"malformed match {text}", text)
+
+
+def _quick_nat(k: str, v: dict[str, Any]) -> Expression | None:
+    addr = v.get("addr")
+    port = v.get("port")
+    if type(addr) is not str or not (len(v) == 1 or (len(v) == 2 and type(port) is int)):
+        return None
+    target = addr if port is None else (f"[{addr}]" if ":" in addr else addr) + f":{port}"
+    text = f"{k} to {target}"
+    try:
+        lo, hi, version = _addr_interval(addr)
+    except _NotModelled:
+        return UnknownStatement(f"{k} to {expression_name(addr)}", text)
+    make = IPv4Address if version == 4 else IPv6Address
+    try:
+        ports = None if port is None else (port, port)
+        return NatStatement(_NAT_KINDS[k], text, None, (make(lo), make(hi)), ports)
+    except ValueError:
+        return UnknownStatement(f"malformed {k}", text)
+
+
 # What a deferred rule's expressions say without parsing them: its jump/goto targets, whether
 # it must be parsed to know more (a verdict map's targets, a mangle or NAT statement, a bad
 # field), and whether it may set a mark (``_may_set_mark`` of its parsed expressions).
@@ -1404,7 +1487,8 @@ class _FastReader:
             return _expression(e, self.got.sets, family, table)
         found = self.memo.get(key)
         if found is None:
-            found = self.memo[key] = _expression(e, self.got.sets, family, table)
+            found = _quick(e, self.got.sets, family, table) or _expression(e, self.got.sets, family, table)
+            self.memo[key] = found
         return found
 
     def _item(self, start: int) -> _Item:
