@@ -19,6 +19,14 @@ Shapes (``--shapes``):
 - ``iptables``: the NAT rules through ``iptables-nft-restore``, read from
   ``iptables-nft-save -t nat`` by ``iptables.parse_save``.
 
+``--daemon`` also runs ``topowatch run --no-dbus`` (a log-only policy of
+its own) in the namespace of each nft shape and prints, from its JSON log
+records and ``/proc``: the seconds from start to "ready" (its first ruleset
+read included) and to the end of its startup sweep, then, after one rule is
+added (a new nftables generation), the reaction that reads the ruleset again
+(its ``ruleset`` phase and its whole latency), and the daemon's RSS and peak
+RSS (VmRSS, VmHWM) after each.
+
 ``--reference`` adds the reference reader (``json.loads`` and
 ``nft.parse_ruleset_json`` with the garbage collector on, which is what the
 daemon did before), for comparison. Machine load changes every number: the
@@ -126,6 +134,52 @@ def iptables_restore(rules: int) -> str:
     return "\n".join([*out, "COMMIT"]) + "\n"
 
 
+POLICY = """\
+# bench/parse.py: every trigger, nothing deleted.
+[policy.bench]
+action = "log"
+"""
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a process in MB."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def daemon_run(ns: Namespace, tmp: str) -> dict[str, object]:
+    """The daemon's start, startup sweep and one ruleset re-read on this namespace's ruleset."""
+    from topowatch.lab import Daemon
+
+    rules = Path(tmp, "rules.d")
+    rules.mkdir(mode=0o755)
+    (rules / "50-bench.toml").write_text(POLICY)
+    (rules / "50-bench.toml").chmod(0o644)
+    out: dict[str, object] = {}
+    start = time.monotonic()
+    with Daemon(ns, "--no-dbus", "--rules-dir", str(rules), "--debounce", "0.05", "--max-wait", "0.2",
+                "--log-format", "json") as daemon:
+        if daemon.wait_for("ready", 600) is None:
+            raise SystemExit("topowatch did not become ready:\n" + "\n".join(daemon.lines[-20:]))
+        out["ready_s"] = time.monotonic() - start
+        sweep = daemon.wait_record(lambda rec: rec.get("event") == "reaction", 600)
+        out["sweep_s"] = time.monotonic() - start
+        out["rss_mb"], out["hwm_mb"] = rss_mb(daemon.proc.pid)
+        if sweep is None:
+            raise SystemExit("no startup sweep:\n" + "\n".join(daemon.lines[-20:]))
+        ns.run("nft", "add", "rule", "ip", "nat", "post", "oifname", "bench9", "masquerade")
+        again = daemon.wait_record(lambda rec: rec.get("event") == "reaction", 600)
+        if again is None:
+            raise SystemExit("no reaction to the ruleset change:\n" + "\n".join(daemon.lines[-20:]))
+        out["reread_ruleset_s"] = float(again.get("timings", {}).get("ruleset", float("nan"))) / 1000
+        out["reread_reaction_s"] = float(again.get("latency_ms", float("nan"))) / 1000
+        phases = again.get("timings", {})
+        out["reread_phases"] = ", ".join(f"{k} {v / 1000:.2f} s" for k, v in phases.items())
+        out["rss_after_mb"], out["hwm_after_mb"] = rss_mb(daemon.proc.pid)
+    return out
+
+
 @dataclass
 class Run:
     cpu: float
@@ -161,7 +215,8 @@ def median(runs: list[Run]) -> Run:
                statistics.median(r.rss_mb for r in runs))
 
 
-def measure(shape: str, rules: int, repeat: int, prefix: str, reference: bool) -> dict[str, object]:
+def measure(shape: str, rules: int, args: argparse.Namespace) -> dict[str, object]:
+    repeat, prefix, reference, daemon = args.repeat, args.prefix, args.reference, args.daemon
     with Namespace.create(prefix) as ns, tempfile.TemporaryDirectory(prefix="twbparse") as tmp:
         out = Path(tmp) / "out"
         start = time.perf_counter()
@@ -185,6 +240,7 @@ def measure(shape: str, rules: int, repeat: int, prefix: str, reference: bool) -
             if reference and shape != "iptables":
                 refs.append(parse_run("reference", out)[0])
         size = out.stat().st_size
+        run_daemon = daemon_run(ns, tmp) if daemon and shape != "iptables" else None
     tool, mine = median(tools), median(ours)
     result: dict[str, object] = {
         "shape": shape, "rules": rules, "load_s": round(load, 2), "bytes": size, "rules_parsed": parsed,
@@ -194,6 +250,8 @@ def measure(shape: str, rules: int, repeat: int, prefix: str, reference: bool) -
     }
     if refs:
         result["reference"] = asdict(median(refs))
+    if run_daemon is not None:
+        result["daemon"] = run_daemon
     return result
 
 
@@ -209,6 +267,13 @@ def show(r: dict[str, object]) -> None:
         print(f"{'':8} {'':>7}        {'':6}     reference reader (json.loads, collector on): "
               f"{ref['cpu']:6.2f} s CPU {ref['wall']:6.2f} s wall +{ref['rss_mb']:4.0f} MB "
               f"(CPU ratio {ref['cpu'] / tool['cpu']:.2f})", flush=True)
+    d = r.get("daemon")
+    if isinstance(d, dict):
+        print(f"{'':8} {'':>7}        {'':6}     daemon: ready {d['ready_s']:.1f} s, startup sweep done "
+              f"{d['sweep_s']:.1f} s, RSS {d['rss_mb']:.0f} MB (peak {d['hwm_mb']:.0f}); a rule added: "
+              f"ruleset read {d['reread_ruleset_s']:.2f} s, reaction {d['reread_reaction_s']:.2f} s, "
+              f"RSS {d['rss_after_mb']:.0f} MB (peak {d['hwm_after_mb']:.0f})", flush=True)
+        print(f"{'':8} {'':>7}        {'':6}     that reaction's phases: {d['reread_phases']}", flush=True)
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -221,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default="nat,gateway,iptables", help="nat, gateway, iptables")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (the median is shown)")
     parser.add_argument("--reference", action="store_true", help="also time the reference reader")
+    parser.add_argument("--daemon", action="store_true", help="also run the daemon on each nft ruleset")
     parser.add_argument("--prefix", default="twbparse", help="name prefix of the namespaces created")
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args(argv)
@@ -232,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for rules in (int(n) for n in args.rules.split(",")):
         for shape in args.shapes.split(","):
-            result = measure(shape, rules, args.repeat, args.prefix, args.reference)
+            result = measure(shape, rules, args)
             show(result)
             results.append(result)
     worst = max(float(str(r["cpu_ratio"])) for r in results)
