@@ -2,7 +2,16 @@
 """Read the nftables ruleset (``nft -j list ruleset``) into a ``NatRuleset``.
 
 Theory of operation: ``read_ruleset`` runs nft in the current namespace and
-hands its JSON to ``parse_ruleset_json``, a pure function. The parser keeps
+hands its text to ``parse_ruleset_output``. ``parse_ruleset_json``, a pure
+function over the decoded document, is the reference reader; the text goes
+to a faster, leaner one (``_FastReader``) that must give the same answer
+(a test holds them to it) and hands anything it does not expect (another
+order or layout, an error) to the reference. It reads nft's items one at a
+time with the cyclic collector paused, parses only the rules of chains that
+matter (below), shares equal expressions, reports progress every
+``bulkparse.STEP`` rules and gives up after ``PARSE_TIMEOUT`` seconds (the
+caller keeps its previous ruleset): a 50k-rule ruleset costs less CPU than
+nft spends printing it (``bench/parse.py``). The parser keeps
 the base chains of type nat at the four NAT hooks of the ip, ip6 and inet
 families (tables not dormant) and every regular chain they reach by jump or
 goto; named sets are resolved into the matches that use them. Every
