@@ -1095,7 +1095,7 @@ def _rule_of(item: _Item, key: _Key, sets: _SetTable,
     family, table = key[0], key[1]
     if expression is None:
         return parse_rule(exprs, family=family, table=table, handle=handle, sets=sets, comment=comment)
-    return Rule(handle, tuple(expression(e, family, table) for e in exprs), comment=comment)
+    return Rule(handle, tuple([expression(e, family, table) for e in exprs]), comment=comment)
 
 
 def _jump_targets(rule: Rule) -> Iterator[str]:
