@@ -10,6 +10,7 @@ shortcut is held against the plain way on generated input.
 from __future__ import annotations
 
 import shlex
+import subprocess
 import sys
 from ipaddress import ip_network
 from pathlib import Path
@@ -20,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from topowatch.core.model import AF_INET, AF_INET6
+from topowatch.core.nat import NatRuleset
 from topowatch.edges import bulkparse, iptables
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
@@ -119,3 +121,24 @@ def test_equal_targets_are_one_object_and_rules_are_counted() -> None:
     assert len(steps) == 2
     with pytest.raises(bulkparse.ParseTooSlow):
         iptables.parse_save("\n".join(["*nat", *lines, "COMMIT"]), budget=bulkparse.Budget(timeout=-1.0))
+
+
+def test_read_all_counts_its_steps_and_fails_whole_past_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = [f"-A POSTROUTING -s 10.0.{i // 250}.{i % 250} -j SNAT --to-source 192.0.2.1"
+             for i in range(3 * bulkparse.STEP)]
+    save = "\n".join(["*nat", *lines, "COMMIT"]) + "\n"
+
+    def runner(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(argv, 0, save if argv[0] == "iptables-legacy-save" else "", "")
+
+    def read(progress: Any = None) -> iptables.RulesetRead:
+        return iptables.read_all(runner=runner, which=lambda tool: tool, legacy_exists=lambda family: family == "ip",
+                                 read_nft=lambda _nft: NatRuleset(()), progress=progress)
+
+    steps: list[int] = []
+    got = read(lambda: steps.append(1))
+    assert len(got.ruleset.chain("ip", iptables.LEGACY_TABLE, "POSTROUTING").rules) == 3 * bulkparse.STEP
+    assert len(steps) == 3
+    monkeypatch.setattr(iptables, "PARSE_TIMEOUT", -1.0)
+    with pytest.raises(bulkparse.ParseTooSlow):  # a RulesetError: the reactor keeps the previous ruleset
+        read()
