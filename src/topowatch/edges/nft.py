@@ -1043,6 +1043,10 @@ class _Collected:
         if not isinstance(body, dict):
             raise RulesetError(f"nft JSON: item {index} ({kind}) must be an object, got {_shown(body)}")
         item = _Item(kind, body, index)
+        if kind == "rule":  # the most items: their three names read at once where all are strings
+            family, table, chain = body.get("family"), body.get("table"), body.get("chain")
+            if type(family) is str and type(table) is str and type(chain) is str and family in FAMILY_AFS:
+                return kind, (family, table, chain), item
         family = item.name("family")
         if family not in FAMILY_AFS:
             # arp, bridge, netdev: no NAT here; but a mark set at netdev ingress or in a bridge
@@ -1219,6 +1223,7 @@ class _Irregular(Exception):
 _scan = json.JSONDecoder().raw_decode
 _WS = re.compile(r"[ \t\n\r]*")  # json's own whitespace
 _HEAD = re.compile(r'[ \t\n\r]*\{[ \t\n\r]*"nftables"[ \t\n\r]*:[ \t\n\r]*\[[ \t\n\r]*')
+_NEXT = re.compile(r"[ \t\n\r]*(?:(,)[ \t\n\r]*|(\]))")
 
 
 def _stream(text: str) -> Iterator[tuple[Any, int]]:
@@ -1240,15 +1245,12 @@ def _stream(text: str) -> Iterator[tuple[Any, int]]:
             except (ValueError, RecursionError) as exc:
                 raise _Irregular from exc
             yield raw, pos
-            pos = _WS.match(text, end).end()  # type: ignore[union-attr]
-            after = text[pos:pos + 1]
-            if after == ",":
-                pos = _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
-            elif after == "]":
-                pos += 1
-                break
-            else:
+            sep = _NEXT.match(text, end)
+            if sep is None:
                 raise _Irregular
+            pos = sep.end()
+            if sep.group(1) is None:  # "]": the last item
+                break
     pos = _WS.match(text, pos).end()  # type: ignore[union-attr]
     if text[pos:pos + 1] != "}" or _WS.match(text, pos + 1).end() != len(text):  # type: ignore[union-attr]
         raise _Irregular
