@@ -162,6 +162,7 @@ def test_the_mark_chains_come_in_only_when_a_rule_may_set_a_mark() -> None:
 
 def test_a_filter_table_is_decoded_not_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rules of chains that matter to no NAT and set no mark are summarized, never parsed."""
+    monkeypatch.setattr(nft._LastRead, "rules", {})
     parsed: list[Any] = []
     real = nft._expression
 
@@ -173,17 +174,89 @@ def test_a_filter_table_is_decoded_not_parsed(monkeypatch: pytest.MonkeyPatch) -
     small = nft.parse_ruleset_output(json.dumps(gateway(30)))
     alone = len(parsed)
     parsed.clear()
+    nft._LastRead.rules = {}  # not the rules the last read made: each parsed again
     big = nft.parse_ruleset_output(json.dumps(gateway(30, filter_rules=2000)))
     assert big == small and len(parsed) == alone
 
 
-def test_equal_expressions_are_one_object() -> None:
+def test_equal_expressions_are_one_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nft._LastRead, "rules", {})
     ruleset = nft.parse_ruleset_output(json.dumps(gateway(90)))
     pre = next(c for c in ruleset.chains if c.name == "pre")
     firsts = {id(rule.exprs[0]) for rule in pre.rules}
     counters = {id(rule.exprs[2]) for rule in pre.rules}
     assert len(pre.rules) == 30 and len(firsts) == 1 and len(counters) == 1
     assert len({id(rule.exprs[1]) for rule in pre.rules}) == 30  # each its own port
+
+
+def change_set(doc: dict[str, Any]) -> None:
+    lan = next(i["set"] for i in doc["nftables"] if i.get("set", {}).get("name") == "lan")
+    lan["elem"] = [{"prefix": {"addr": "10.0.0.0", "len": 16}}]
+
+
+def change_rule(doc: dict[str, Any]) -> None:
+    rule = next(i["rule"] for i in doc["nftables"] if i.get("rule", {}).get("chain") == "pre")
+    rule["expr"][1]["match"]["right"] = 7
+
+
+def change_chain(doc: dict[str, Any]) -> None:
+    chain = next(i["chain"] for i in doc["nftables"] if i.get("chain", {}).get("name") == "unused")
+    chain |= {"type": "nat", "hook": "output", "prio": -100, "policy": "accept"}
+
+
+def add_mark(doc: dict[str, Any]) -> None:
+    doc["nftables"].append({"rule": {"family": "inet", "table": "filter", "chain": "hosts", "handle": 9, "expr": [
+        {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 16}}]}})
+
+
+def reorder(doc: dict[str, Any]) -> None:
+    doc["nftables"].sort(key=lambda item: "set" in item or "map" in item)
+
+
+def without_map(doc: dict[str, Any]) -> None:
+    doc["nftables"] = [i for i in doc["nftables"] if "map" not in i]
+
+
+# In a mark chain (a table with no nat chain: no rule of it is parsed as it is read).
+LATE_RULE = {"rule": {"family": "inet", "table": "filter", "chain": "hosts", "handle": 99999, "expr": [
+    {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@late"}},
+    {"accept": None}]}}
+
+
+def set_after(doc: dict[str, Any]) -> None:
+    """A set a rule of a mark chain looks up, new and after it (the rule's text is the same)."""
+    doc["nftables"].append({"set": {"family": "inet", "table": "filter", "name": "late", "type": "ipv4_addr",
+                                    "elem": ["192.0.2.1"]}})
+
+
+def map_after(doc: dict[str, Any]) -> None:
+    """The map the first read lacked comes after the rules that look it up."""
+    ups = next(i for i in doc["nftables"] if "map" in i)
+    without_map(doc)
+    doc["nftables"].append(ups)
+
+
+@pytest.mark.parametrize("change", [change_set, change_rule, change_chain, add_mark, reorder, map_after,
+                                    set_after, lambda doc: None])
+def test_a_re_read_reuses_what_did_not_change_and_only_that(change: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nft._LastRead, "rules", {})
+    before = gateway(60, filter_rules=40, marks=change is set_after)
+    if change is set_after:
+        before["nftables"].append(LATE_RULE)
+    after = json.loads(json.dumps(before))
+    if change is map_after:
+        without_map(before)
+    first = nft.parse_ruleset_output(json.dumps(before))
+    change(after)
+    again = agree(json.dumps(after))
+    assert isinstance(first, NatRuleset) and isinstance(again, NatRuleset)
+    old = {id(r) for c in first.chains for r in c.rules}
+    new = [r for c in again.chains for r in c.rules]
+    reused = sum(id(r) in old for r in new)
+    if change in (change_set, reorder, map_after, set_after):  # the table's sets changed or come after rules
+        assert reused == 0
+    else:  # every rule the last read made, but the one changed
+        assert reused == sum(len(c.rules) for c in first.chains) - (change is change_rule) > 60
 
 
 @pytest.mark.parametrize("layout", ["compact", "indented", "shuffled", "sets last", "extra key", "two lists",

@@ -8,7 +8,8 @@ to a faster, leaner one (``_FastReader``) that must give the same answer
 (a test holds them to it) and hands anything it does not expect (another
 order or layout, an error) to the reference. It reads nft's items one at a
 time with the cyclic collector paused, parses only the rules of chains that
-matter (below), shares equal expressions, reports progress every
+matter (below), shares equal expressions, reuses the rules the last read
+made of identical items (a re-read parses what changed), reports progress every
 ``bulkparse.STEP`` rules and gives up after ``PARSE_TIMEOUT`` seconds (the
 caller keeps its previous ruleset): a 50k-rule ruleset costs less CPU than
 nft spends printing it (``bench/parse.py``). The parser keeps
@@ -48,13 +49,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import re
 import socket
 import subprocess
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
-from typing import Any
+from typing import Any, ClassVar
 
 from topowatch.core.flow import PROTO_NUMBERS, NatKind
 from topowatch.core.model import AF_INET, AF_INET6, IPAddress
@@ -1226,8 +1228,8 @@ _HEAD = re.compile(r'[ \t\n\r]*\{[ \t\n\r]*"nftables"[ \t\n\r]*:[ \t\n\r]*\[[ \t
 _NEXT = re.compile(r"[ \t\n\r]*(?:(,)[ \t\n\r]*|(\]))")
 
 
-def _stream(text: str) -> Iterator[tuple[Any, int]]:
-    """``{"nftables": [ITEM, ...]}`` item by item, each with its offset (``_scan`` reads it again).
+def _stream(text: str) -> Iterator[tuple[Any, int, int]]:
+    """``{"nftables": [ITEM, ...]}`` item by item, each with its start and end (``_scan`` reads it again).
 
     Only that exact shape (json's whitespace around it) is read here; any other text,
     valid JSON or not, raises ``_Irregular`` (``json.loads`` then reads or refuses it).
@@ -1244,7 +1246,7 @@ def _stream(text: str) -> Iterator[tuple[Any, int]]:
                 raw, end = _scan(text, pos)
             except (ValueError, RecursionError) as exc:
                 raise _Irregular from exc
-            yield raw, pos
+            yield raw, pos, end
             sep = _NEXT.match(text, end)
             if sep is None:
                 raise _Irregular
@@ -1422,9 +1424,29 @@ def _summary(item: _Item) -> _Summary:
     return (tuple(targets), False, mark) if targets or mark else _PLAIN
 
 
-# One rule as the fast reader keeps it: its offset in the text, and either the rule (parsed as it
-# was read, in a nat base chain) or its summary.
-_Record = tuple[int, Rule | None, _Summary | None]
+# One rule as the fast reader keeps it: its offset in the text, the rule (parsed as it was read, in
+# a nat base chain, or known from the last read) or its summary, and its item's digest.
+_Record = tuple[int, Rule | None, _Summary | None, bytes]
+
+
+class _LastRead:
+    """What the last fast read made of each rule item, by the item's text: a re-read parses what changed.
+
+    ``rules`` maps the BLAKE2b digest of a rule item's exact JSON text to the
+    ``Rule`` made of it (None where it was only summarized), its summary, and
+    the digest of its table's sets and maps as they were (a rule that looks a
+    set up means something else once the set changed). Identical text and
+    identical sets give an identical rule, so it is reused as it is: on a
+    re-read after one rule was added, 50k rules are decoded, not parsed, and
+    the new ruleset shares them with the old. Replaced whole by each read
+    that succeeds; a read that fails leaves it.
+    """
+
+    rules: ClassVar[dict[bytes, tuple[Rule | None, _Summary | None, bytes]]] = {}
+
+
+def _digest(data: bytes | memoryview) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 class _FastReader:
@@ -1438,12 +1460,19 @@ class _FastReader:
       costs its decoding, not its parsing.
     - Equal expressions of one table are parsed once and shared (``_frozen``
       keys): the ``iifname "wan0"`` of 10,000 rules is one object.
+    - A rule whose item text (and its table's sets) the last read saw is
+      that read's ``Rule`` again (``_LastRead``): a re-read parses only what
+      changed, and the old and new rulesets share the rest.
     - Anything unexpected (another order of items, a field of the wrong
       type) raises, and ``parse_ruleset_output`` lets the reference decide.
     """
 
     def __init__(self, text: str, mark: bool, budget: Budget) -> None:
         self.text, self.mark, self.budget = text, mark, budget
+        # Byte offsets are character offsets in an ASCII text (nft's, but for odd names and comments).
+        self.blob = memoryview(text.encode("ascii")) if text.isascii() else None
+        self.last = _LastRead.rules
+        self.set_digests: dict[tuple[str, str], bytes] = {}
         self.got = _Collected()
         self.records: dict[_Key, list[_Record]] = {}
         self.memo: dict[Any, Expression] = {}
@@ -1454,18 +1483,24 @@ class _FastReader:
 
     def read(self) -> NatRuleset:
         got, tick = self.got, self.budget.tick
-        for index, (raw, start) in enumerate(_stream(self.text)):
+        for index, (raw, start, end) in enumerate(_stream(self.text)):
             added = got.add(index, _mark_item(raw) if self.mark else raw)
             if added is None:
                 continue
             kind, key, item = added
             if kind == "rule":
-                if key in self.nat_bases:
-                    self.parsed_tables.add((key[0], key[1]))
-                    record: _Record = (start, _rule_of(item, key, got.sets, self._expression), None)
-                else:
-                    record = (start, None, _summary(item))
-                self.records.setdefault(key, []).append(record)
+                digest = self._digest(start, end)
+                table = (key[0], key[1])
+                known = self.last.get(digest)
+                same = known is not None and known[2] == self.set_digests.get(table, b"")
+                rule, summary = (known[0], known[1]) if known is not None and same else (None, None)
+                if rule is None and key in self.nat_bases:
+                    rule = _rule_of(item, key, got.sets, self._expression)
+                elif rule is None and summary is None:
+                    summary = _summary(item)
+                if rule is not None:
+                    self.parsed_tables.add(table)
+                self.records.setdefault(key, []).append((start, rule, summary, digest))
                 tick()
             elif kind == "chain":
                 hook = item.body.get("hook")
@@ -1473,8 +1508,11 @@ class _FastReader:
                     self.nat_bases.add(key)
                 else:
                     self.nat_bases.discard(key)
-            elif (key[0], key[1]) in self.parsed_tables:
-                raise _Irregular  # a set after rules that may use it were parsed
+            else:
+                table = (key[0], key[1])
+                if table in self.parsed_tables:
+                    raise _Irregular  # a set after rules that may use it were parsed
+                self.set_digests[table] = _digest(self.set_digests.get(table, b"") + self._digest(start, end))
         self.budget.check()  # every item read
 
         live = got.live()
@@ -1485,7 +1523,23 @@ class _FastReader:
             if any(self._may_set_mark(k) for k in reached):
                 mark_bases.add(key)
                 wanted |= reached
-        return _assemble(got, wanted, mark_bases, self._rules, self._exprs)
+        ruleset = _assemble(got, wanted, mark_bases, self._rules, self._exprs)
+        _LastRead.rules = self._remembered()
+        return ruleset
+
+    def _digest(self, start: int, end: int) -> bytes:
+        if self.blob is not None:
+            return _digest(self.blob[start:end])
+        return _digest(self.text[start:end].encode("utf-8", "surrogatepass"))
+
+    def _remembered(self) -> dict[bytes, tuple[Rule | None, _Summary | None, bytes]]:
+        out: dict[bytes, tuple[Rule | None, _Summary | None, bytes]] = {}
+        for key, records in self.records.items():
+            parsed = self.rules.get(key)
+            sets = self.set_digests.get((key[0], key[1]), b"")
+            for i, (_, rule, summary, digest) in enumerate(records):
+                out[digest] = (rule if rule is not None or parsed is None else parsed[i], summary, sets)
+        return out
 
     def _expression(self, e: Any, family: str, table: str) -> Expression:
         if type(e) is dict and len(e) == 1:
