@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Network
@@ -48,9 +49,10 @@ from topowatch.core.model import AF_INET, Link, Route, Topology  # noqa: E402
 from topowatch.core.nat import NatRuleset  # noqa: E402
 from topowatch.dbus.connection import Backoff, connect, disconnect  # noqa: E402
 from topowatch.dbus.networkmanager import ACTIVE, DEVICE, NM_NAME, VPN, NetworkManagerSource  # noqa: E402
-from topowatch.dbus.service import AgentService, check_interface  # noqa: E402
+from topowatch.dbus.service import AgentService, check_interface, policy_reload  # noqa: E402
 from topowatch.errors import UsageError  # noqa: E402
 from topowatch.netns import Namespace  # noqa: E402
+from topowatch.policy import EffectivePolicy, PolicyStore  # noqa: E402
 from topowatch.reactor import DeleteCounts, EventSource, Reactor, ReactorConfig, StillStale, Trigger  # noqa: E402
 
 DBUS_DAEMON = shutil.which("dbus-daemon")
@@ -505,6 +507,71 @@ async def test_reload_without_store_is_an_error(private_bus: PrivateBus) -> None
         reply = await call(bus, "Reload")
         assert reply.message_type is MessageType.ERROR
         assert reply.error_name == "io.github.topowatch.Error.NotSupported"
+
+
+def _store(tmp_path: Path) -> PolicyStore:
+    d = tmp_path / "rules.d"
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    policy = d / "50-watch.toml"
+    policy.write_text('[policy.watch]\naction = "log"\n')
+    policy.chmod(0o644)
+    return PolicyStore.open([str(d)])
+
+
+async def test_reload_reads_the_files_off_the_event_loop(private_bus: PrivateBus, tmp_path: Path) -> None:
+    """While Reload's files are read, the loop serves other calls (here Status) before the read ends."""
+    store = _store(tmp_path)
+    reading, release = threading.Event(), threading.Event()
+    load = store.load
+
+    def slow() -> EffectivePolicy:
+        reading.set()
+        if not release.wait(10):
+            raise RuntimeError("the event loop served nothing while the policy files were read")
+        return load()
+
+    store.load = slow  # type: ignore[method-assign]
+    changes: list[str] = []
+    reactor = make_reactor(FakeBackend())
+    hook = policy_reload(store, changed=lambda: changes.append("x"))
+    async with agent(private_bus.address, reactor, reload=hook), client(private_bus.address) as bus:
+        replies: list[Message] = []
+        async with trio.open_nursery() as nursery:
+
+            async def reload() -> None:
+                replies.append(await call(bus, "Reload"))
+
+            nursery.start_soon(reload)
+            await trio.to_thread.run_sync(reading.wait, abandon_on_cancel=True)
+            status = await call(bus, "Status")  # answered while Reload waits for its worker
+            assert status.message_type is MessageType.METHOD_RETURN and not replies
+            release.set()
+        assert replies[0].body == ["policies reloaded: watch"], replies[0].body
+        assert changes == ["x"] and store.current is not None
+
+
+async def test_reload_too_slow_keeps_the_policy(private_bus: PrivateBus, tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    first = store.current
+    release = threading.Event()
+
+    def stuck() -> EffectivePolicy:
+        release.wait(30)
+        raise RuntimeError("late")
+
+    store.load = stuck  # type: ignore[method-assign]
+    reactor = make_reactor(FakeBackend())
+    try:
+        async with agent(private_bus.address, reactor, reload=policy_reload(store, timeout=0.2)), \
+                client(private_bus.address) as bus:
+            reply = await call(bus, "Reload")
+            assert reply.message_type is MessageType.ERROR
+            assert reply.error_name == "io.github.topowatch.Error.Failed"
+            assert "took more than 0.2 s" in reply.body[0]
+    finally:
+        release.set()
+    assert store.current is first
 
 
 async def test_second_daemon_cannot_take_the_name(private_bus: PrivateBus, caplog: pytest.LogCaptureFixture) -> None:

@@ -338,35 +338,27 @@ def _dbus_tasks(
         log.warning("D-Bus: %s; running without D-Bus and NetworkManager events", missing)
         return []
     from topowatch.dbus.networkmanager import NetworkManagerSource
-    from topowatch.dbus.service import AgentService
-
-    def reload() -> str:
-        store.reload()  # PolicyErrors (a TopowatchError) reaches the caller; the previous policy stays
-        pressure.policy_changed()
-        names = ", ".join(p.name for p in store.current.policies)
-        log.info("policies reloaded over D-Bus: %s", names)
-        return f"policies reloaded: {names}"
+    from topowatch.dbus.service import AgentService, policy_reload
 
     backend = reactor.backend
     if hasattr(backend, "extra_sources"):
         backend.extra_sources.append(NetworkManagerSource())
+    reload = policy_reload(store, changed=pressure.policy_changed)
     return [AgentService(reactor, reload=reload, pressure=pressure, guard=guard).run]
 
 
 async def reload_policies(store: PolicyStore, timeout: float = RELOAD_TIMEOUT) -> bool:
-    """SIGHUP: read the policy files in a worker thread within ``timeout`` s; True if the new one is in force.
+    """SIGHUP: ``PolicyStore.reload_in_worker`` within ``timeout`` s; True if the new policy is in force.
 
     Any failure (errors in the files, a read that does not finish in time,
     anything unexpected) is logged and keeps the previous policy: the event
-    loop never waits on a file and the daemon never ends over one. A read
-    given up on is abandoned (the thread ends on its own; files are bounded
-    in size, so it does).
+    loop never waits on a file and the daemon never ends over one.
     """
+    from topowatch.errors import PolicyError
     from topowatch.policy import PolicyErrors
 
     try:
-        with trio.fail_after(timeout):
-            policy = await trio.to_thread.run_sync(store.load, abandon_on_cancel=True)
+        policy = await store.reload_in_worker(timeout)
     except PolicyErrors as exc:
         for error in exc.errors[:MAX_ERRORS_SHOWN]:
             log.error("%s", error)
@@ -374,13 +366,9 @@ async def reload_policies(store: PolicyStore, timeout: float = RELOAD_TIMEOUT) -
             log.error("... and %d more errors", len(exc.errors) - MAX_ERRORS_SHOWN)
         log.error("keeping the previous policy")
         return False
-    except trio.TooSlowError:
-        log.error("reading the policy files took more than %.0f s; keeping the previous policy", timeout)
+    except PolicyError as exc:
+        log.error("%s; keeping the previous policy", exc)
         return False
-    except Exception as exc:  # a bug in reading must not end the daemon either
-        log.error("cannot reload the policies (%s: %s); keeping the previous policy", type(exc).__name__, exc)
-        return False
-    store.install(policy)
     log.info("policies reloaded: %s", ", ".join(p.name for p in policy.policies))
     return True
 

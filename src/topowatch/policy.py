@@ -65,6 +65,8 @@ from ipaddress import ip_network
 from types import MappingProxyType
 from typing import Any
 
+import trio
+
 from topowatch.core.conntrack import Entry
 from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility, any_of
 from topowatch.core.flow import PROTO_NAMES, PROTO_NUMBERS
@@ -75,6 +77,9 @@ from topowatch.text import escape
 from topowatch.trust import default_trusted_uids as _default_trusted_uids
 from topowatch.trust import parent_problem as _parent_problem
 from topowatch.trust import trust_problem as _trust_problem
+
+# A reload's file reads (bounded in size: MAX_FILE_BYTES each) may take this long before it is given up.
+RELOAD_TIMEOUT = 10.0
 
 SYSTEM_DIRS: tuple[str, ...] = (
     "/etc/topowatch/rules.d",
@@ -977,7 +982,9 @@ class PolicyStore:
 
     ``PolicyStore.open`` raises on errors: a daemon must not start on a policy
     it could not read. ``reload`` raises ``PolicyErrors`` too, but keeps the
-    previous policy in force; the caller logs the errors.
+    previous policy in force; the caller logs the errors. A running daemon
+    reloads with ``reload_in_worker`` (SIGHUP and D-Bus alike): the files are
+    read off the event loop, within a time limit, one reload at a time.
     """
 
     def __init__(
@@ -990,6 +997,7 @@ class PolicyStore:
         self.current = current
         self.dirs = tuple(DEFAULT_DIRS if dirs is None else dirs)
         self.trusted_uids = trusted_uids
+        self._reloading = trio.Lock()
 
     @classmethod
     def open(
@@ -1010,10 +1018,33 @@ class PolicyStore:
         self.current = policy
 
     def reload(self) -> EffectivePolicy:
-        """Load again; the new policy replaces the current one only if it is valid."""
+        """Load again; the new policy replaces the current one only if it is valid (blocking)."""
         policy = self.load()
         self.install(policy)
         return policy
+
+    async def reload_in_worker(self, timeout: float = RELOAD_TIMEOUT) -> EffectivePolicy:
+        """``reload`` for a running daemon: the files are read in a worker thread within ``timeout`` s.
+
+        The event loop goes on meanwhile (events, the watchdog, D-Bus calls).
+        Reloads run one at a time, each putting in force what it read. Raises
+        ``PolicyErrors`` for mistakes in the files and ``PolicyError`` for a
+        read that did not finish in time (the thread is abandoned: files are
+        bounded in size, so it ends on its own) or failed in any other way;
+        the current policy then stays.
+        """
+        async with self._reloading:
+            try:
+                with trio.fail_after(timeout):
+                    policy = await trio.to_thread.run_sync(self.load, abandon_on_cancel=True)
+            except trio.TooSlowError:
+                raise PolicyError(f"reading the policy files took more than {timeout:g} s") from None
+            except PolicyError:
+                raise
+            except Exception as exc:  # a bug in reading must not end the daemon either
+                raise PolicyError(f"cannot read the policy files ({type(exc).__name__}: {exc})") from exc
+            self.install(policy)
+            return policy
 
 
 def _selector_text(e: Eligibility) -> str:

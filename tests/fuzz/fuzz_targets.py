@@ -34,6 +34,7 @@ from topowatch.corpus import corpus_files, default_corpus, format_of
 from topowatch.edges import ctcodec, iptables, nft, nftevents, rtnl, xfrm
 from topowatch.errors import PolicyError, RulesetError, TopowatchError
 from topowatch.policy import EffectivePolicy, load_policies
+from topowatch.text import undecodable
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "edges" / "data"
@@ -99,13 +100,34 @@ def fuzz_nft_events(data: bytes) -> None:
 
 
 def fuzz_nft_json(data: bytes) -> None:
-    """``nft -j list ruleset`` output, read as ``nft.read_ruleset`` reads it: a ruleset or RulesetError."""
+    """``nft -j list ruleset`` output, read as ``nft.read_ruleset`` reads it: a ruleset or RulesetError.
+
+    The fast reader must say what the reference reader (the whole document
+    decoded, ``parse_ruleset_json``) says: the same ruleset or the same error.
+    """
+    text = text_of(data)
     try:
-        ruleset = nft.parse_ruleset_output(text_of(data), "nft -j list ruleset")
+        ruleset = nft.parse_ruleset_output(text, "nft -j list ruleset")
     except RulesetError as exc:
         assert str(exc)
+        assert str(exc) == _nft_reference(text), (str(exc), _nft_reference(text))
         return
     _use(ruleset)
+    if text.strip():
+        assert ruleset == _nft_reference(text)
+
+
+def _nft_reference(text: str) -> NatRuleset | str:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"nft -j list ruleset: output is not JSON ({exc.msg} at line {exc.lineno})"
+    except RecursionError:
+        return "nft -j list ruleset: output is nested too deeply to read"
+    try:
+        return nft.parse_ruleset_json(nft.mark_undecodable(doc) if undecodable(text) else doc)
+    except RulesetError as exc:
+        return str(exc)
 
 
 # nft's JSON words: the bytes of an "nft-rule" input choose among them, so that mutations explore

@@ -18,7 +18,8 @@ Methods (JSON travels as one string, the same contracts as the CLI):
   policies select on the kind. Both ask for a full judgement: topology and
   ruleset read again, every eligible entry judged;
 - ``Plan() -> s``: a dry run now, JSON as ``topowatch plan --json``;
-- ``Reload() -> s``: reload policies through the hook the daemon supplies;
+- ``Reload() -> s``: reload policies through the hook the daemon supplies
+  (``policy_reload``: the files are read in a worker thread, never on the loop);
 - ``Status() -> s``: counters as JSON (see ``status_json``);
 - signal ``Reacted(s summary)`` after each reaction (JSON, see ``reaction_json``);
 - signal ``Pressure(s summary)`` when table pressure starts and ends (JSON:
@@ -59,6 +60,7 @@ from topowatch import __version__
 from topowatch.dbus import ERROR_PREFIX, INTERFACE, OBJECT_PATH, bus_name, system_bus_address
 from topowatch.dbus.connection import DEFAULT_BACKOFF, Backoff, stay_connected, wait_disconnected
 from topowatch.errors import TopowatchError, UsageError
+from topowatch.policy import RELOAD_TIMEOUT, PolicyStore
 from topowatch.pressure import PressureAgent, PressureEvent
 from topowatch.reactor import Reaction, Reactor, plan_once
 from topowatch.report import plan_json
@@ -185,6 +187,27 @@ class AgentInterface(ServiceInterface):
     @dbus_signal()
     def Pressure(self, summary: DBusStr) -> DBusStr:
         return summary
+
+
+def policy_reload(store: PolicyStore, *, changed: Callable[[], None] | None = None,
+                  timeout: float = RELOAD_TIMEOUT) -> ReloadHook:
+    """The Reload method for a daemon's policy store: the files are read off the event loop.
+
+    ``PolicyStore.reload_in_worker`` reads them in a worker thread within
+    ``timeout`` s, so events, the watchdog and other calls go on meanwhile; a
+    mistake in them, or a read too slow, is the caller's D-Bus error and the
+    previous policy stays. ``changed`` runs once a new policy is in force.
+    """
+
+    async def reload() -> str:
+        policy = await store.reload_in_worker(timeout)
+        if changed is not None:
+            changed()
+        names = ", ".join(p.name for p in policy.policies)
+        log.info("policies reloaded over D-Bus: %s", names)
+        return f"policies reloaded: {names}"
+
+    return reload
 
 
 class AgentService:

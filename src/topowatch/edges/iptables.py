@@ -45,14 +45,17 @@ answers unknown where their order would change a flow's binding.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
 import shlex
 import shutil
+import socket
 import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from ipaddress import ip_address, ip_network
+from ipaddress import IPv4Address, ip_address, ip_network
 
 from topowatch.core.flow import PROTO_NUMBERS, NatKind
 from topowatch.core.model import AF_INET, AF_INET6, IPAddress
@@ -85,7 +88,8 @@ from topowatch.core.nat import (
     Verdict,
     VerdictKind,
 )
-from topowatch.edges.nft import read_ruleset, run_ruleset_tool
+from topowatch.edges.bulkparse import Budget, gc_paused
+from topowatch.edges.nft import PARSE_TIMEOUT, read_ruleset, run_ruleset_tool
 from topowatch.errors import MissingTool, PermissionDenied, RulesetError
 from topowatch.text import run_tool, undecodable
 
@@ -217,8 +221,16 @@ def _version(family: int) -> int:
     return 4 if family == AF_INET else 6
 
 
+@functools.lru_cache(maxsize=4096)
 def _addr_interval(text: str, family: int) -> tuple[int, int]:
     """An address or ``addr/len`` or ``addr/mask`` as an interval; hostnames are not resolved."""
+    if family == AF_INET:
+        addr, slash, bits = text.partition("/")
+        quad = _quad(addr)
+        if quad is not None and (not slash or (len(bits) <= 2 and bits.isascii() and bits.isdigit()
+                                               and int(bits) <= 32)):
+            mask = (0xFFFFFFFF << (32 - int(bits or 32))) & 0xFFFFFFFF
+            return quad & mask, quad | (~mask & 0xFFFFFFFF)
     try:
         net = ip_network(text, strict=False)
     except ValueError as exc:
@@ -228,7 +240,19 @@ def _addr_interval(text: str, family: int) -> tuple[int, int]:
     return int(net.network_address), int(net.broadcast_address)
 
 
+def _quad(text: str) -> int | None:
+    """A dotted quad as ``ip_address`` reads one (``inet_pton`` is as strict), else None."""
+    try:
+        return int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+    except (OSError, ValueError):  # ValueError: an embedded NUL
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
 def _address(text: str, family: int) -> IPAddress:
+    quad = _quad(text) if family == AF_INET else None
+    if quad is not None:
+        return IPv4Address(quad)
     try:
         addr = ip_address(text.strip("[]"))
     except ValueError as exc:
@@ -409,6 +433,7 @@ def _proto_or_unknown(arg: str, invert: bool, rule: _ParsedRule) -> int | None:
     return proto
 
 
+@functools.lru_cache(maxsize=1024)
 def _iface(tok: str, name: str, invert: bool) -> Match:
     key = Key.IIFNAME if tok == "-i" else Key.OIFNAME
     text = f"{'! ' if invert else ''}{tok} {name}"
@@ -859,7 +884,7 @@ def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
             continue
         unreadable: str | None = None
         try:
-            tokens = shlex.split(line)
+            tokens = _split(line)
         except ValueError as exc:
             # Its words are still enough to tell which chain it belongs to.
             problems.append(f"line {number}: {exc}")
@@ -867,7 +892,7 @@ def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
             tokens = [word.strip("'\"") for word in line.split()]
         if tokens and tokens[0].startswith("[") and tokens[0].endswith("]"):
             tokens = tokens[1:]  # iptables-save -c counters
-        if unreadable is None and _undecodable(tokens):
+        if unreadable is None and not line.isascii() and _undecodable(tokens):
             problems.append(f"line {number}: bytes that are not UTF-8")
             unreadable = "bytes that are not UTF-8 (the rule cannot be read reliably)"
         command_table, tokens = _strip_command(tokens)
@@ -935,7 +960,35 @@ def _undecodable(tokens: list[str]) -> bool:
 
 
 def _quote(token: str) -> str:
-    return shlex.quote(token) if not token or any(c.isspace() or c in "'\"" for c in token) else token
+    return shlex.quote(token) if not token or _NEEDS_QUOTES.search(token) else token
+
+
+def _command_text(words: list[str]) -> str:
+    """The words as one shell line, each quoted where it must be (most need not: one check for all)."""
+    if all(words) and _NEEDS_QUOTES.search("".join(words)) is None:
+        return " ".join(words)
+    return " ".join(_quote(w) for w in words)
+
+
+_NEEDS_QUOTES = re.compile(r"[\s'\"]")  # \s is str.isspace()
+_WORDS = re.compile(r"[^ \t\r\n]+")  # shlex's whitespace
+_QUOTED_WORDS = re.compile(r'(?:[^ \t\r\n"]+|"[^"]*")+')
+
+
+def _split(line: str) -> list[str]:
+    """``shlex.split(line)``, without its per-character loop for the lines iptables-save prints.
+
+    A line without quotes or backslashes is split at shlex's whitespace; one
+    whose only quoting is balanced double quotes (``--comment "a b"``) too,
+    each word then losing its quote characters. Anything else goes to shlex.
+    """
+    if "\\" in line or "'" in line:
+        return shlex.split(line)
+    if '"' not in line:
+        return _WORDS.findall(line)
+    if line.count('"') % 2:
+        return shlex.split(line)  # no closing quotation: shlex says so
+    return [word.replace('"', "") for word in _QUOTED_WORDS.findall(line)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -960,13 +1013,15 @@ def parse_save(
     ipsets: Mapping[str, IpSet] | None = None,
     all_chains: bool = False,
     kind: str = "nat",
+    budget: Budget | None = None,
 ) -> ParsedTable:
     """The nat table of iptables-save / iptables-restore text (or ``iptables -t nat -A`` lines).
 
     ``family`` is "ip" (iptables) or "ip6" (ip6tables); ``table`` the name the
     chains carry in the ruleset; ``all_chains`` keeps user chains no base
     chain reaches (for counting). Never raises on a rule: what it cannot read is
-    unknown by name, and a line it cannot read at all is listed in ``problems``.
+    unknown by name, and a line it cannot read at all is listed in ``problems``. ``budget``
+    counts the rules read (progress, and ``bulkparse.ParseTooSlow`` past its deadline).
     """
     if family not in ("ip", "ip6"):
         raise ValueError(f"parse_save: family must be ip or ip6, got {family!r}")
@@ -976,17 +1031,20 @@ def parse_save(
     names = set(bases) | set(parsed_table.user)
     rules_of: dict[str, list[Rule]] = {}
     sets_of: dict[str, set[str]] = {}
+    memo: dict[tuple[object, ...], list[Expression]] = {}  # equal modules and targets: read once, shared
     for chain_name in [*bases, *parsed_table.user]:
         out: list[Rule] = []
         named = sets_of.setdefault(chain_name, set())
         for tokens in parsed_table.lines.get(chain_name, []):
+            if budget is not None:
+                budget.tick()
             handle = len(out) + 1
             if isinstance(tokens, _Unreadable):
                 out.append(Rule(handle, (UnknownStatement(tokens.reason, tokens.text),), text=tokens.text))
                 continue
-            rule_text = " ".join(_quote(t) for t in ["-A", chain_name, *tokens])
+            rule_text = _command_text(["-A", chain_name, *tokens])
             out.extend(_rules(chain_name, tokens, af, chains=names, ipsets=ipsets, handle=handle,
-                              text=rule_text, sets=named))
+                              text=rule_text, sets=named, memo=memo))
         rules_of[chain_name] = out
 
     # Base chains and the user chains they reach.
@@ -1022,9 +1080,15 @@ def parse_save(
 
 def _rules(
     chain: str, tokens: list[str], family: int, *, chains: set[str], ipsets: Mapping[str, IpSet] | None,
-    handle: int, text: str, sets: set[str],
+    handle: int, text: str, sets: set[str], memo: dict[tuple[object, ...], list[Expression]] | None = None,
 ) -> list[Rule]:
-    """The rule(s) of one line; the ipsets its ``-m set`` matches name are added to ``sets``."""
+    """The rule(s) of one line; the ipsets its ``-m set`` matches name are added to ``sets``.
+
+    ``memo`` keeps what each module and target read to (they depend on their
+    options, the rule's protocol, its goto and whether the target is a chain).
+    """
+    if memo is None:
+        memo = {}
     try:
         parsed = _tokens_to_rule(chain, tokens, family)
     except _NotModelled as exc:
@@ -1035,8 +1099,18 @@ def _rules(
             sets.update(o.args[0] for o in module.options if o.name in ("--match-set", "--set") and o.args)
     exprs: list[Expression] = list(parsed.base)
     for module in parsed.modules:
-        exprs.extend(_module(module, parsed, family, ipsets))
-    exprs.extend(_target(parsed, family, chains))
+        key: tuple[object, ...] = ("m", module.name, _options_key(module.options), parsed.proto, family)
+        found = memo.get(key)
+        if found is None:
+            found = memo[key] = _module(module, parsed, family, ipsets)
+        exprs.extend(found)
+    target = parsed.target
+    if target is not None:
+        key = ("t", target.name, _options_key(target.options), parsed.goto, family, target.name in chains)
+        found = memo.get(key)
+        if found is None:
+            found = memo[key] = _target(parsed, family, chains)
+        exprs.extend(found)
     sources: list[Expression | None] = [_addr_match("-s", a, inv, family) for a, inv in parsed.sources]
     dests: list[Expression | None] = [_addr_match("-d", a, inv, family) for a, inv in parsed.dests]
     out: list[Rule] = []
@@ -1047,6 +1121,11 @@ def _rules(
     return out
 
 
+def _options_key(options: list[_Option]) -> tuple[tuple[str, tuple[str, ...], bool], ...]:
+    return tuple([(o.name, tuple(o.args), o.invert) for o in options])
+
+
+@functools.lru_cache(maxsize=4096)
 def _addr_match(flag: str, addr: str, invert: bool, family: int) -> Expression:
     text = f"{'! ' if invert else ''}{flag} {addr}"
     try:
@@ -1209,11 +1288,15 @@ def read_all(
     read_nft: Callable[[str], NatRuleset] | None = None,
     *,
     legacy_mangle: Callable[[str], bool] | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> RulesetRead:
     """nftables and the iptables nat tables together (see the module docstring).
 
     ``legacy_mangle`` says whether a legacy mangle table exists; by default the
     kernel is asked, unless ``legacy_exists`` is a stand-in (then: none).
+    Each iptables table is parsed with the cyclic collector paused, within
+    ``nft.PARSE_TIMEOUT`` (past it, ``bulkparse.ParseTooSlow`` fails the whole
+    read, as nft's own parse does), ``progress`` called every ``bulkparse.STEP`` rules.
     """
     legacy_rpf: Callable[[str, str], bool] = (
         (lambda family, table: legacy_nat_exists(family, table=table)) if legacy_exists is legacy_nat_exists
@@ -1243,7 +1326,9 @@ def read_all(
             problems.append(str(exc))
             return None
         name = (LEGACY_TABLE if kind == "nat" else f"{kind}[legacy]") if legacy else kind
-        parsed = parse_save(text, family=family, table=name, ipsets=ipsets, kind=kind)
+        with gc_paused():  # past its deadline, the whole read fails: the previous ruleset stays
+            parsed = parse_save(text, family=family, table=name, ipsets=ipsets, kind=kind,
+                                budget=Budget(progress, PARSE_TIMEOUT, f"{tool} -t {kind}"))
         problems.extend(f"{tool}: {p}" for p in parsed.problems)
         sources.append(tool)
         sets.update(parsed.sets)
@@ -1297,9 +1382,10 @@ def read_all(
     return RulesetRead(ruleset, tuple(problems), tuple(sources), frozenset(sets), ipsets)
 
 
-def read_all_logged(nft: str = "nft", read_nft: Callable[[str], NatRuleset] | None = None) -> RulesetRead:
+def read_all_logged(nft: str = "nft", read_nft: Callable[[str], NatRuleset] | None = None,
+                    progress: Callable[[], None] | None = None) -> RulesetRead:
     """``read_all``, each problem logged as a warning (what ``KernelBackend`` reads)."""
-    result = read_all(nft, read_nft=read_nft)
+    result = read_all(nft, read_nft=read_nft, progress=progress)
     for problem in result.problems:
         log.warning("ruleset: %s", problem)
     return result

@@ -249,7 +249,7 @@ class KernelBackend:
                 log.debug("ruleset: generation %d unchanged, not read again", generation)
                 return last[1]
             nft_rules = last[2]
-            read = read_all_logged(self.nft, read_nft=lambda _nft: nft_rules)
+            read = read_all_logged(self.nft, read_nft=lambda _nft: nft_rules, progress=self._step)
         else:
             read_nft: dict[str, NatRuleset] = {}
 
@@ -258,7 +258,7 @@ class KernelBackend:
                 self._step()
                 return read_nft["rules"]
 
-            read = read_all_logged(self.nft, read_nft=read_and_keep)
+            read = read_all_logged(self.nft, read_nft=read_and_keep, progress=self._step)
             nft_rules = read_nft["rules"]
         self._last_read = (generation, read, nft_rules) if generation is not None else None
         self.ruleset_reads += 1
