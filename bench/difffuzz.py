@@ -2,7 +2,7 @@
 """Differential fuzzer: topowatch's ``plan --json`` against the kernel, on generated gateways.
 
 For each seed: build the scenario of ``fuzzgen.generate(seed)`` in three
-namespaces of its own (prefix "h8"), send one UDP datagram per flow (nothing
+namespaces of its own (prefix "h8", or ``--prefix``), send one UDP datagram per flow (nothing
 answers: every entry stays UNREPLIED), apply the mutations, then send fresh
 flows with the same source, destination, protocol, destination port and LAN
 link from new source ports (several where the scenario has more than one right
@@ -69,6 +69,8 @@ from topowatch.netns import Namespace, _setns  # noqa: E402
 
 NETLINK_NETFILTER = 12
 SO_BINDTODEVICE = 25
+# The namespaces' name prefix (``--prefix``, or DIFFFUZZ_PREFIX for the CI seeds).
+PREFIX = os.environ.get("DIFFFUZZ_PREFIX") or "h8"
 OLD_PORT = 20000
 FRESH_PORT = 30000
 POLICY = (
@@ -411,7 +413,7 @@ def run_seed(seed: int, rules_dir: str, *, plan_subprocess: bool = False) -> Out
     out_notes: list[str] = []
     try:
         for role in ("cl", "gw", "wan"):
-            created.append(Namespace.create(f"h8{role}"))
+            created.append(Namespace.create(f"{PREFIX}{role}"))
         cl, gw, wan = created
         names = {"cl": cl.name, "gw": gw.name, "wan": wan.name}
         ns = {"cl": cl, "gw": gw, "wan": wan}
@@ -496,6 +498,7 @@ def table(s: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global PREFIX  # noqa: PLW0603 (the command line sets it once, before any seed runs)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0-19", help="seeds: 0-99, 3,7,12 (default 0-19)")
     parser.add_argument("--json", metavar="FILE", help="write the summary, per-seed counts and findings")
@@ -508,9 +511,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run the topowatch command for each plan (default: its main in-process)",
     )
+    parser.add_argument("--prefix", default=PREFIX, help=f"namespace name prefix (default {PREFIX})")
     parser.add_argument("-q", "--quiet", action="store_true", help="one line per seed only when it disagrees")
     args = parser.parse_args(argv)
     seeds = parse_seeds(args.seeds)
+    PREFIX = args.prefix
     if args.show:
         for seed in seeds:
             print(fuzzgen.generate(seed).script())
