@@ -167,7 +167,9 @@ def _side(
         return None  # egress unchanged: nothing says the entry went stale
     if not predicted:
         return None  # the flow would be dropped now: nothing to re-NAT
-    if any(b.admits(original, translated, original_port, translated_port) for b in predicted):
+    dnat_side = side == "dnat"
+    if any(b.admits(original, translated, original_port, translated_port, dnat_side=dnat_side)
+           for b in predicted):  # fmt: skip
         return None
     cached = texts.get(side) if texts is not None else None
     if cached is None:
@@ -231,12 +233,14 @@ def mentions_sport(value: object, _depth: int = 0) -> bool:
 
 
 # How one side of a prediction admits an entry, precompiled: None when the side
-# is unknown; () when the flow would be dropped; else (lo, hi, port_lo, port_hi)
-# per binding, lo/hi None for "address kept".
-_Check = tuple[tuple[int | None, int | None, int | None, int | None], ...] | None
+# is unknown; () when the flow would be dropped; else (lo, hi, port_lo, port_hi,
+# kept) per binding, lo/hi None for "address kept", kept True where the port must
+# be the original one (a destination binding without a port range).
+_Range = tuple[int | None, int | None, int | None, int | None, bool]
+_Check = tuple[_Range, ...] | None
 
 
-def _compile(side: frozenset[Binding] | Unknown) -> _Check:
+def _compile(side: frozenset[Binding] | Unknown, *, dnat_side: bool = False) -> _Check:
     if isinstance(side, Unknown):
         return None
     return tuple(
@@ -245,21 +249,25 @@ def _compile(side: frozenset[Binding] | Unknown) -> _Check:
             None if b.addr_hi is None else int(b.addr_hi),
             b.port_lo,
             b.port_hi,
+            dnat_side and b.ports is None,
         )
         for b in side
     )
 
 
-def _admitted(check: _Check, original: int, translated: int, port: int) -> bool:
+def _admitted(check: _Check, original: int, translated: int, original_port: int, port: int) -> bool:
     # The rule is core/admission.py's; tests/core/test_admission.py runs this over its cases.
     assert check is not None
-    for lo, hi, port_lo, port_hi in check:
+    for lo, hi, port_lo, port_hi, kept in check:
         if lo is None or hi is None:
             if translated != original:
                 continue
         elif not lo <= translated <= hi:
             continue
-        if port_lo is not None and port_hi is not None and not port_lo <= port <= port_hi:
+        if port_lo is not None and port_hi is not None:
+            if not port_lo <= port <= port_hi:
+                continue
+        elif kept and port != original_port:
             continue
         return True
     return False
@@ -281,11 +289,11 @@ class _Compiled:
 
     @classmethod
     def of(cls, prediction: Prediction) -> _Compiled:
-        dnat, snat = _compile(prediction.dnat), _compile(prediction.snat)
+        dnat, snat = _compile(prediction.dnat, dnat_side=True), _compile(prediction.snat)
         portless = frozenset(
             side
             for side, check in (("dnat", dnat), ("snat", snat))
-            if check is not None and all(port_lo is None for _, _, port_lo, _ in check)
+            if check is not None and all(port_lo is None for _, _, port_lo, _, _ in check)
         )
         return cls(prediction, dnat, snat, portless=portless)
 
@@ -302,14 +310,18 @@ def _healthy(entry: Entry, compiled: _Compiled) -> bool:
         return False
     if check:
         port = orig.dport if entry.proto in ICMP_PROTOS else reply.sport
-        if reply.src.version != orig.dst.version or not _admitted(check, int(orig.dst), int(reply.src), port):
+        if reply.src.version != orig.dst.version or not _admitted(
+            check, int(orig.dst), int(reply.src), orig.dport, port
+        ):
             return False
     check = compiled.snat
     if check is None:
         return False
     if check:
         port = orig.sport if entry.proto in ICMP_PROTOS else reply.dport
-        if reply.dst.version != orig.src.version or not _admitted(check, int(orig.src), int(reply.dst), port):
+        if reply.dst.version != orig.src.version or not _admitted(
+            check, int(orig.src), int(reply.dst), orig.sport, port
+        ):
             return False
     return True
 
@@ -341,11 +353,11 @@ _REFUSED: tuple[_Check, _Check] = (None, None)
 _LEFT: tuple[_Check, _Check] = ((), ())
 
 
-def _admitted_raw(check: _Check, original: bytes, translated: bytes, port: int) -> bool:
+def _admitted_raw(check: _Check, original: bytes, translated: bytes, original_port: int, port: int) -> bool:
     """``_admitted`` over packed addresses (converted only where a range needs it)."""
     assert check is not None
     value = -1
-    for lo, hi, port_lo, port_hi in check:
+    for lo, hi, port_lo, port_hi, kept in check:
         if lo is None or hi is None:
             if translated != original:
                 continue
@@ -354,7 +366,10 @@ def _admitted_raw(check: _Check, original: bytes, translated: bytes, port: int) 
                 value = int.from_bytes(translated, "big")
             if not lo <= value <= hi:
                 continue
-        if port_lo is not None and port_hi is not None and not port_lo <= port <= port_hi:
+        if port_lo is not None and port_hi is not None:
+            if not port_lo <= port <= port_hi:
+                continue
+        elif kept and port != original_port:
             continue
         return True
     return False
@@ -364,7 +379,8 @@ def _admitted_raw(check: _Check, original: bytes, translated: bytes, port: int) 
 # entries of known keys without calling back: b"R" for a key the eligibility refuses;
 # else b"P", then the DNAT side, then the SNAT side, each a mode byte (0 unknown: always
 # judged; 1 no binding: never judged; 2 bindings, whether the side's NAT ran or not), and for mode 2
-# a count byte and per binding 37 bytes: flags (1 address range, 2 port range), lo and
+# a count byte and per binding 37 bytes: flags (1 address range, 2 port range, 4 the
+# port must be the original one), lo and
 # hi as 16-byte big-endian integers, port lo and hi as 2-byte big-endian integers.
 # Exactly the checks of ``Decider.add_raw``; None where a value does not fit (the key
 # then always goes through ``add_raw``).
@@ -381,8 +397,8 @@ def _program_side(check: _Check) -> bytes | None:
         return None
     out = bytearray(b"\x02")
     out.append(len(check))
-    for lo, hi, port_lo, port_hi in check:
-        flags = 0
+    for lo, hi, port_lo, port_hi, kept in check:
+        flags = 4 if kept else 0
         lo_b = hi_b = bytes(16)
         if lo is not None and hi is not None:
             if not (0 <= lo < 1 << 128 and 0 <= hi < 1 << 128):
@@ -553,13 +569,13 @@ class Decider:
         assert isinstance(slot, _Compiled)
         check = slot.dnat
         if check is None or (
-            check and not _admitted_raw(check, odst, rsrc, odport if proto in ICMP_PROTOS else rsport)
+            check and not _admitted_raw(check, odst, rsrc, odport, odport if proto in ICMP_PROTOS else rsport)
         ):
             self._judge_raw(raw, key, slot)
             return
         check = slot.snat
         if check is None or (
-            check and not _admitted_raw(check, osrc, rdst, osport if proto in ICMP_PROTOS else rdport)
+            check and not _admitted_raw(check, osrc, rdst, osport, osport if proto in ICMP_PROTOS else rdport)
         ):
             self._judge_raw(raw, key, slot)
 

@@ -66,7 +66,7 @@
 
 /* Program layout (core.decide.raw_program): b"R" refused; or b"P" + dnat side + snat side,
  * each side: mode byte (0 unknown: always judge, 1 no binding: healthy, 2 ranges), for mode 2
- * a count byte and per range: flags (1 address range, 2 port range), lo[16], hi[16] big-endian,
+ * a count byte and per range: flags (1 address range, 2 port range, 4 port kept), lo[16], hi[16] big-endian,
  * port_lo[2], port_hi[2] big-endian. */
 #define RANGE_BYTES 37
 
@@ -322,7 +322,8 @@ static PyObject *class_key(const entry_t *e, const classes_t *c) {
  * the side's NAT hook ran does not matter: one that never ran is a null binding, read from the
  * tuples. */
 static int side_admits(const uint8_t **pp, const uint8_t *pend,
-                       const uint8_t *original, const uint8_t *translated, unsigned alen, uint16_t port) {
+                       const uint8_t *original, const uint8_t *translated, unsigned alen,
+                       uint16_t original_port, uint16_t port) {
     const uint8_t *p = *pp;
     uint8_t mode, count, i;
     int admitted = 0;
@@ -346,7 +347,11 @@ static int side_admits(const uint8_t **pp, const uint8_t *pend,
         } else if (memcmp(original, translated, alen) != 0) {
             continue;
         }
-        if ((flags & 2) && (port < be16(p + 33) || port > be16(p + 35))) continue;
+        if (flags & 2) {
+            if (port < be16(p + 33) || port > be16(p + 35)) continue;
+        } else if ((flags & 4) && port != original_port) {
+            continue;  /* a destination port is never changed without a range */
+        }
         admitted = 1;
     }
     return admitted;
@@ -359,10 +364,10 @@ static int healthy(const entry_t *e, const uint8_t *p, Py_ssize_t n) {
     int r;
     if (n < 1 || *p != 'P') return 0;
     p++;
-    r = side_admits(&p, pend, e->orig.dst, e->reply.src, e->alen,
+    r = side_admits(&p, pend, e->orig.dst, e->reply.src, e->alen, e->orig.dport,
                     icmp ? e->orig.dport : e->reply.sport);
     if (r != 1) return 0;
-    r = side_admits(&p, pend, e->orig.src, e->reply.dst, e->alen,
+    r = side_admits(&p, pend, e->orig.src, e->reply.dst, e->alen, e->orig.sport,
                     icmp ? e->orig.sport : e->reply.dport);
     return r == 1;
 }
