@@ -884,9 +884,10 @@ def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
     Where reverse-path filtering does not pin the input interface
     (``Fib.ingresses``), the flow is evaluated once per candidate interface
     (once in all when nothing reads it, ``reads_iif``) and each side is the
-    union of the candidates' bindings: an entry is stale only if no
-    interface it may have entered on would give it its binding now. A side
-    unknown for one candidate is unknown. ``ingress`` is then ``Unknown``,
+    union of the candidates' bindings, and ``alternatives`` holds each
+    candidate's own prediction: an entry is stale only if no interface it
+    may have entered on would give it its bindings now. A side unknown for
+    one candidate is unknown in the union. ``ingress`` is then ``Unknown``,
     naming the candidates.
     """
     found = fib.ingresses(flow, netfilter_rpf=flow.family in ruleset.rpfilter)
@@ -900,7 +901,9 @@ def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
         names += f" and {len(candidates) - 8} more"
     ingress = Unknown(f"any of {names} ({why})")
     if not reads_iif(ruleset, fib):
-        return replace(_predict_via(ruleset, fib, flow, candidates[0]), ingress=ingress)
+        one = _predict_via(ruleset, fib, flow, candidates[0])
+        paths = tuple(replace(a, ingress=ingress) for a in one.alternatives)
+        return replace(one, ingress=ingress, alternatives=paths)
     if len(candidates) > MAX_INGRESSES:
         return _unknown_all(ingress, f"the input interface matters and may be any of {len(candidates)}")
     preds = [(c.ifname, _predict_via(ruleset, fib, flow, c)) for c in candidates]
@@ -918,6 +921,7 @@ def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
         egress=egress,
         ingress=ingress,
         explain=tuple(dict.fromkeys(explain)),
+        alternatives=tuple(a for _, p in preds for a in (p.alternatives or (p,))),
     )
 
 
@@ -1039,6 +1043,8 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress) ->
     egresses: list[Egress] = []
     snat: set[Binding] = set()
     snat_unknown: Unknown | None = None
+    # The SNAT side per path the flow may take (an unknown, or the bindings; none: dropped there).
+    by_path: dict[Egress, set[Binding] | Unknown] = {}
     expanded = [
         _Bound(b, o.reason) if isinstance(o, _BoundAny) else o
         for o in dnat_outcomes
@@ -1076,6 +1082,7 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress) ->
                 out, blocked = _xfrm_egress(fib, packet, routed_out)
                 if out not in egresses:
                     egresses.append(out)
+                path = by_path.setdefault(out, set())
                 if blocked is not None:
                     explain.append(f"dropped by xfrm: {blocked}")
                     continue
@@ -1089,6 +1096,7 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress) ->
                 if isinstance(at_snat, Unknown):
                     if snat_unknown is None:
                         snat_unknown = Unknown(f"snat unknown via {out.describe()}: {at_snat.reason}")
+                    by_path[out] = Unknown(f"snat unknown via {out.describe()}: {at_snat.reason}")
                     continue
                 if isinstance(at_snat, _Dropped):
                     explain.append(f"dropped before {snat_hook.value} nat: {at_snat.reason}")
@@ -1100,17 +1108,29 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress) ->
                     # Keep going: the egress set stays known and complete.
                     if snat_unknown is None:
                         snat_unknown = Unknown(f"snat unknown via {out.describe()}: {result.reason}")
+                    by_path[out] = Unknown(f"snat unknown via {out.describe()}: {result.reason}")
                     continue
                 if isinstance(result, _Dropped):
                     explain.append(f"dropped at {side.hook.value}: {result.reason}")
                     continue
                 assert not isinstance(result, _Marks)
                 snat.update(_bindings(result))
+                if isinstance(path, set):
+                    path.update(_bindings(result))
                 explain.append(f"snat via {out.describe()}: {result.reason}")
+    explained = tuple(dict.fromkeys(explain))
+    paths: tuple[Prediction, ...] = ()
+    if len(by_path) > 1:
+        paths = tuple(
+            Prediction(frozenset(dnat), found if isinstance(found, Unknown) else frozenset(found), (out,),
+                       ingress, explained)
+            for out, found in by_path.items()
+        )
     return Prediction(
         dnat=frozenset(dnat),
         snat=frozenset(snat) if snat_unknown is None else snat_unknown,
         egress=tuple(egresses),
         ingress=ingress,
-        explain=tuple(dict.fromkeys(explain)),
+        explain=explained,
+        alternatives=paths,
     )

@@ -229,6 +229,12 @@ class Prediction:
     ``dnat``/``snat`` each hold the possible bindings of that side (several
     where multipath, ranges of maps or numgen make the choice not unique), or
     ``Unknown``. ``egress`` holds the possible egresses after DNAT.
+
+    ``alternatives``: where the flow may have entered on several interfaces
+    and the answer depends on which, the prediction per interface (each with
+    its ``ingress``); ``dnat`` and ``snat`` are then their unions. An entry
+    came in on one of them, so it is stale only if every alternative gives
+    it other bindings, on one side or the other (``core.decide``).
     """
 
     dnat: frozenset[Binding] | Unknown
@@ -237,3 +243,4 @@ class Prediction:
     ingress: Ingress | None | Unknown = None
     # Which rules made the bindings, one line each, for reasons ("chain postrouting: oifname up2 masquerade").
     explain: tuple[str, ...] = ()
+    alternatives: tuple[Prediction, ...] = ()
