@@ -361,10 +361,13 @@ class _Side:
 
 
 class _Evaluator:
-    def __init__(self, ruleset: NatRuleset, fib: Fib, flow: Flow | None = None) -> None:
+    def __init__(self, ruleset: NatRuleset, fib: Fib, flow: Flow | None = None, order: _Order | None = None
+                 ) -> None:  # fmt: skip
         self.ruleset = ruleset
         self.fib = fib
         self.flow = flow
+        # The order of nat chains that share a hook and a priority (None: follow every order).
+        self.order = order
         # The packet as mark statements changed it in this run of a hook (None: unchanged).
         self._marked: _Packet | None = None
 
@@ -376,6 +379,14 @@ class _Evaluator:
         """
         run = self._run_marks if marks else self._run_hook
         tied = _ties(side.chains)
+        order = self.order
+        if tied and order is not None and not marks and all(tuple(c.key for c in g) in order for g in tied):
+            chains = side.chains
+            for group in tied:
+                start = next(i for i, c in enumerate(chains) if c is group[0])
+                chains = (*chains[:start], *order[tuple(c.key for c in group)], *chains[start + len(group):])
+            ordered = replace(side, chains=chains)
+            return _explore(lambda tape: run(ordered, tape))
         if not tied:
             return _explore(lambda tape: run(side, tape))
         orders = math.prod(math.factorial(len(group)) for group in tied)
@@ -798,6 +809,9 @@ def _dst_nat(binding: Binding, flow: Flow) -> bool | None:
     ports = binding.ports
     if ports is not None and not ports[0] <= flow.dport <= ports[1]:
         return True
+    if lo == hi and (ports is None or ports[0] == ports[1]):
+        # The one address (and port) is the flow's own: get_unique_tuple keeps the tuple.
+        return False
     return None
 
 
@@ -878,8 +892,71 @@ def _union_side(sides: list[tuple[str, frozenset[Binding] | Unknown]]) -> frozen
     return frozenset(found)
 
 
+# Chain orders (of nat chains that share a hook and a priority) followed as alternatives at most.
+MAX_ORDER_ALTERNATIVES = 6
+_NAT_HOOKS = (Hook.PREROUTING, Hook.OUTPUT, Hook.POSTROUTING, Hook.INPUT)
+# A tie group (its chains' keys, in dump order) -> the order its chains run in.
+_Order = dict[tuple[tuple[str, str, str], ...], tuple[Chain, ...]]
+
+
+def _order_alternatives(ruleset: NatRuleset, family: int) -> list[_Order]:
+    """Every way the nat chains of ``family`` that share a hook and a priority may be ordered.
+
+    The kernel runs such chains in registration order (the one registered last
+    first), which the ruleset dump does not show; the order is the same for
+    every flow and stays while the chains do. Empty where no chains share one.
+    """
+    groups = [g for hook in _NAT_HOOKS for g in _ties(ruleset.base_chains(hook, family))]
+    if not groups:
+        return []
+    keys = [tuple(c.key for c in g) for g in groups]
+    return [dict(zip(keys, choice, strict=True))
+            for choice in itertools.product(*(itertools.permutations(g) for g in groups))]  # fmt: skip
+
+
 def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
     """The NAT bindings ``flow`` would get now, with the egresses and the rules that decide them.
+
+    Nat chains that share a hook and a priority run in an order no dump shows
+    (``_order_alternatives``): where the orders give the flow different
+    predictions, each order's prediction is an alternative (and the sides
+    their unions); a hook whose orders disagree is otherwise unknown.
+    """
+    orders = _order_alternatives(ruleset, flow.family)
+    if not orders or len(orders) > MAX_ORDER_ALTERNATIVES:
+        return _predict_ordered(ruleset, fib, flow, None)
+    preds = [_predict_ordered(ruleset, fib, flow, order) for order in orders]
+    first = preds[0]
+    if all(_same(p, first) for p in preds[1:]):
+        return first
+    names = "; ".join(_describe_tie(g) for g in orders[0].values())
+    alternatives = tuple(a for p in preds for a in (p.alternatives or (p,)))
+    egress: tuple[Egress, ...] | Unknown = ()
+    for p in preds:
+        if isinstance(p.egress, Unknown):
+            egress = p.egress
+            break
+        assert not isinstance(egress, Unknown)
+        egress = tuple(dict.fromkeys((*egress, *p.egress)))
+    return Prediction(
+        dnat=_union_side([("one order", p.dnat) for p in preds]),
+        snat=_union_side([("one order", p.snat) for p in preds]),
+        egress=egress,
+        ingress=first.ingress,
+        explain=(f"{names}: their order is not known, each is followed",
+                 *dict.fromkeys(line for p in preds for line in p.explain)),
+        alternatives=alternatives,
+    )
+
+
+def _same(a: Prediction, b: Prediction) -> bool:
+    """The same bindings, egresses and alternatives (the rules that made them may differ)."""
+    return (a.dnat, a.snat, a.egress, [(x.dnat, x.snat, x.egress, x.ingress) for x in a.alternatives]) == (
+        b.dnat, b.snat, b.egress, [(x.dnat, x.snat, x.egress, x.ingress) for x in b.alternatives])
+
+
+def _predict_ordered(ruleset: NatRuleset, fib: Fib, flow: Flow, order: _Order | None) -> Prediction:
+    """``predict`` with the chains that share a hook and priority run in ``order`` (None: every order).
 
     Where reverse-path filtering does not pin the input interface
     (``Fib.ingresses``), the flow is evaluated once per candidate interface
@@ -895,18 +972,18 @@ def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
         return _unknown_all(found, f"ingress unknown: {found.reason}")
     candidates, why = found
     if len(candidates) == 1:
-        return _predict_via(ruleset, fib, flow, candidates[0])
+        return _predict_via(ruleset, fib, flow, candidates[0], order)
     names = ", ".join(c.ifname for c in candidates[:8])
     if len(candidates) > 8:
         names += f" and {len(candidates) - 8} more"
     ingress = Unknown(f"any of {names} ({why})")
     if not reads_iif(ruleset, fib):
-        one = _predict_via(ruleset, fib, flow, candidates[0])
+        one = _predict_via(ruleset, fib, flow, candidates[0], order)
         paths = tuple(replace(a, ingress=ingress) for a in one.alternatives)
         return replace(one, ingress=ingress, alternatives=paths)
     if len(candidates) > MAX_INGRESSES:
         return _unknown_all(ingress, f"the input interface matters and may be any of {len(candidates)}")
-    preds = [(c.ifname, _predict_via(ruleset, fib, flow, c)) for c in candidates]
+    preds = [(c.ifname, _predict_via(ruleset, fib, flow, c, order)) for c in candidates]
     egress: tuple[Egress, ...] | Unknown = ()
     explain: list[str] = []
     for name, p in preds:
@@ -978,7 +1055,8 @@ def _snat_marks(ev: _Evaluator, ruleset: NatRuleset, hook: Hook, packet: _Packet
     return _marks(ev, hook, plan.before, packet, ingress=ingress, explain=explain)
 
 
-def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress) -> Prediction:
+def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, order: _Order | None = None
+                 ) -> Prediction:  # fmt: skip
     """``predict`` for a flow that entered on ``ingress``.
 
     Marks: where the ruleset holds every chain that may set one
@@ -993,7 +1071,7 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress) ->
     change what the NAT matches see, those above it only what routing and
     later hooks see. Routing uses the mark as it leaves prerouting (output).
     """
-    ev = _Evaluator(ruleset, fib, flow)
+    ev = _Evaluator(ruleset, fib, flow, order)
     known = ruleset.marks_known
     received = 0 if known and not ingress.local else None
     base = _Packet(
