@@ -926,10 +926,15 @@ def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
     if not orders or len(orders) > MAX_ORDER_ALTERNATIVES:
         return _predict_ordered(ruleset, fib, flow, None)
     preds = [_predict_ordered(ruleset, fib, flow, order) for order in orders]
+    names = "; ".join(_describe_tie(g) for g in orders[0].values())
+    return _either(preds, f"{names}: their order is not known, each is followed")
+
+
+def _either(preds: list[Prediction], why: str) -> Prediction:
+    """One of ``preds`` holds and which is not known: the first where all agree, else each an alternative."""
     first = preds[0]
     if all(_same(p, first) for p in preds[1:]):
         return first
-    names = "; ".join(_describe_tie(g) for g in orders[0].values())
     alternatives = tuple(a for p in preds for a in (p.alternatives or (p,)))
     egress: tuple[Egress, ...] | Unknown = ()
     for p in preds:
@@ -939,14 +944,61 @@ def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
         assert not isinstance(egress, Unknown)
         egress = tuple(dict.fromkeys((*egress, *p.egress)))
     return Prediction(
-        dnat=_union_side([("one order", p.dnat) for p in preds]),
-        snat=_union_side([("one order", p.snat) for p in preds]),
+        dnat=_union_side([("one of them", p.dnat) for p in preds]),
+        snat=_union_side([("one of them", p.snat) for p in preds]),
         egress=egress,
         ingress=first.ingress,
-        explain=(f"{names}: their order is not known, each is followed",
-                 *dict.fromkeys(line for p in preds for line in p.explain)),
+        explain=(why, *dict.fromkeys(line for p in preds for line in p.explain)),
         alternatives=alternatives,
     )
+
+
+# Socket marks of a locally generated flow followed as alternatives at most.
+MAX_MARK_ALTERNATIVES = 8
+
+
+def _reads_packet_mark(ruleset: NatRuleset) -> bool:
+    """True if a rule may read the packet mark (conservative): a match on it, a copy or a partial set."""
+    for chain in ruleset.chains:
+        for rule in chain.rules:
+            for expr in rule.exprs:
+                if isinstance(expr, MarkCopy | UnknownMatch | UnknownStatement):
+                    return True
+                if isinstance(expr, MarkSet) and not expr.ct and expr.mask != 0xFFFFFFFF:
+                    return True
+                selectors: tuple[Selector, ...] = ()
+                if isinstance(expr, Match):
+                    selectors = (expr.selector,)
+                elif isinstance(expr, ConcatMatch | VerdictMap | NatMapStatement):
+                    selectors = expr.selectors
+                elif isinstance(expr, AnyOf):
+                    selectors = tuple(m.selector for m in expr.matches)
+                if any(sel.key is Key.MARK for sel in selectors):
+                    return True
+    return False
+
+
+def _socket_marks(ruleset: NatRuleset, fib: Fib) -> tuple[int, ...] | None:
+    """Marks that stand for every mark a locally generated flow's socket may give it (None: none do).
+
+    The socket's mark (SO_MARK) is not in the entry. Where only the policy
+    rules' ``fwmark`` read it (no rule of the ruleset, no xfrm policy), all
+    under one mask, a mark matches the rules of its masked value or none:
+    one mark per masked value, and one that matches none, stand for them all.
+    """
+    rules = [r for r in fib.topology.rules if r.fwmark is not None]
+    if not rules or any(p.mark_mask for p in fib.topology.xfrm_policies) or _reads_packet_mark(ruleset):
+        return None
+    masks = {r.fwmask if r.fwmask is not None else (0xFFFFFFFF if r.fwmark else 0) for r in rules}
+    if len(masks) != 1:
+        return None
+    (mask,) = masks
+    values = sorted({(r.fwmark or 0) & mask for r in rules})
+    low = mask & -mask
+    other = next((k * low for k in range(64) if (k * low) & mask not in values), None)
+    if other is None or len(values) + 1 > MAX_MARK_ALTERNATIVES:
+        return None
+    return (*values, other)
 
 
 def _same(a: Prediction, b: Prediction) -> bool:
@@ -1071,6 +1123,12 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
     change what the NAT matches see, those above it only what routing and
     later hooks see. Routing uses the mark as it leaves prerouting (output).
     """
+    if ingress.local and flow.packet_mark is None:
+        marks = _socket_marks(ruleset, fib)
+        if marks is not None:
+            preds = [_predict_via(ruleset, fib, replace(flow, packet_mark=m), ingress, order) for m in marks]
+            return _either(preds, "the socket's mark is not known: each mark the policy rules tell apart is "
+                                  "followed")
     ev = _Evaluator(ruleset, fib, flow, order)
     known = ruleset.marks_known
     received = 0 if known and not ingress.local else None
