@@ -12,9 +12,10 @@ multipath). ``topowatch plan --json`` in the gateway namespace is the judge
 under test, twice: as the command runs it (no previous snapshot) and as the
 daemon judges (``plan_once`` given the snapshot before the mutations). Then
 each old entry is deleted and its flow sent again from its own port: the
-kernel's NAT of that very flow is the oracle (the same multipath and jhash
-choices); where a numgen map makes the choice, or the old flow gets no entry,
-the fresh flows' bindings are (membership). Each old entry is:
+kernel's NAT of that very flow is the oracle (the same multipath and
+address-range choices); where a numgen or jhash map makes the choice, or the
+old flow gets no entry, the fresh flows' bindings are (membership). Each old
+entry is:
 
 - agree: plan calls it stale iff the oracle gives it another binding;
 - fp (false positive, a wrong delete): called stale, but the oracle gives it its binding;
@@ -359,6 +360,8 @@ def hints(scn: Scenario, flow: Flow, old: Entry | None) -> list[str]:
 
 def _why(reason: str) -> str:
     """The last clause of an undecided reason: what could not be predicted (for grouping)."""
+    if reason.endswith("which way it came is not known"):
+        return "an old entry's way in or out now refuses its bindings, another gives them (unknown_ingress)"
     tail = reason.rsplit(": ", 1)[-1]
     return tail if len(tail) <= 100 else tail[:97] + "..."
 
@@ -431,9 +434,10 @@ def judge(
             continue
         old = after[key]
         again = (exact or {}).get(key)
-        if again is not None and "numgen" not in scn.features:
+        if again is not None and not {"numgen", "jhash"} & scn.features:
             # The old flow itself, sent again once its entry was deleted: what it gets now (the same
-            # multipath and hash choices), where nothing random (numgen) makes the choice.
+            # multipath and address-range choices), where nothing random makes the choice (numgen; a
+            # jhash whose seed, unless given, is drawn anew when its table is made again).
             truth_stale = not same_binding(old, again)
         else:
             truth_stale = not any(same_binding(old, f) for f in [*fresh, *([again] if again else [])])
