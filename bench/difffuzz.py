@@ -368,7 +368,7 @@ def _why(reason: str) -> str:
 
 def judge(
     scn: Scenario, before: dict[Any, Entry], after: dict[Any, Entry], verdicts: dict[str, Any], samples: int,
-    exact: dict[Any, Entry] | None = None,
+    *, exact: dict[Any, Entry] | None = None,
 ) -> Outcome:
     out = Outcome(scn.seed)
     stale = {tuple_key(d["orig"]): d for d in verdicts["stale"]}
@@ -522,9 +522,9 @@ def run_seed(seed: int, rules_dir: str, *, plan_subprocess: bool = False) -> Out
         remaining = index(dump(gw)).keys()
         after = {k: e for k, e in after.items() if k in remaining}
         exact = resend(gw, ns, scn, after)
-        out = judge(scn, before, after, verdicts, samples, exact)
+        out = judge(scn, before, after, verdicts, samples, exact=exact)
         out.counts.update(f"mutation_failed_{k}" for k in out_notes)
-        out.daemon = judge(scn, before, after, daemon_verdicts, samples, exact)
+        out.daemon = judge(scn, before, after, daemon_verdicts, samples, exact=exact)
         for f in out.findings:
             f["view"] = "plan"
         for f in out.daemon.findings:
@@ -538,7 +538,8 @@ def run_seed(seed: int, rules_dir: str, *, plan_subprocess: bool = False) -> Out
     return out
 
 
-def resend(gw: Namespace, ns: dict[str, Namespace], scn: Scenario, after: dict[Any, Entry]) -> dict[Any, Entry]:
+def resend(gw: Namespace, ns: dict[str, Namespace], scn: Scenario, after: dict[Any, Entry]
+           ) -> dict[Any, Entry]:  # fmt: skip
     """The exact oracle: each old flow's entry deleted, the flow sent again from its own port.
 
     The entry the kernel makes is what that very flow gets now: the same
