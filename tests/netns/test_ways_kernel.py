@@ -26,7 +26,7 @@ import pytest
 
 from topowatch.lab import Daemon, log_record
 
-from test_semantics_oracle import SERVER4, TRACK, Gateway, kernel_verdict, nat, translated_source, verdict
+from test_semantics_oracle import SERVER4, TRACK, Gateway, kernel_verdict, nat, translated_source, verdict  # isort: skip
 
 pytestmark = [pytest.mark.netns]
 
