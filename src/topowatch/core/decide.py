@@ -17,6 +17,12 @@ A side whose NAT hook never ran (no ``*_NAT_DONE`` bit: the entry predates
 every NAT chain of its family, and the kernel never NATs a confirmed entry
 later) is a null binding, judged like any other (``Entry.actual_snat``).
 
+Where the prediction has alternatives (the ways the flow may have come:
+input interface, multipath path, chain order), the entry is stale only if
+every way that lets the flow out refuses its bindings; the previous
+snapshot can only make an entry undecided, never stale (see "several
+alternatives" below).
+
 Entries sharing a flow are decided once. Every stale or undecided entry
 carries a reason a person can read. This module never performs I/O and never
 deletes anything: it returns a ``FlushPlan``.

@@ -13,10 +13,12 @@ Theory of operation (``nf_nat_inet_fn``): a new flow meets two NAT hooks.
    never get there.
 
 At a hook the chains of the flow's family (ip or ip6, and inet) run by
-priority. Chains of equal priority run in the order they were registered,
-which no dump shows (an iptables-nft nat table and an nft table at srcnat
-100, say): every order is followed, and where two orders give the flow
-different outcomes the hook is ``Unknown``, naming the chains. Within a
+priority. Chains of equal priority run in the order they were registered
+(the one registered last first), which no dump shows (an iptables-nft nat
+table and an nft table at srcnat 100, say): ``predict`` follows each order
+of the nat chains, and where the orders give the flow different predictions
+each is an alternative (``Prediction.alternatives``); mark chains of equal
+priority whose orders disagree leave the marks unknown. Within a
 chain the rules run in order, with nft's jump (returns here), goto (does
 not), return, continue and accept (ends this chain only; the next chain of
 the hook still runs). The first NAT statement that fires decides the hook:
@@ -45,7 +47,11 @@ unknown DNAT side makes egress and SNAT side unknown too.
 
 The answer for a side is the set of bindings it could get (several with
 multipath routes or DNAT ranges). **An empty set means the flow would be
-dropped**; ``Prediction.explain`` says by what.
+dropped**; ``Prediction.explain`` says by what. What the entry does not say
+and the answer depends on (the input interface where reverse-path filtering
+does not pin it, the path of a multipath route, the order of equal-priority
+nat chains, a locally generated flow's socket mark where only ``fwmark``
+rules read it) is followed as alternatives, each a prediction of its own.
 
 This module never performs I/O and never guesses: what it does not model is
 ``Unknown``.
