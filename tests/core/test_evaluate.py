@@ -432,6 +432,17 @@ def test_chains_of_one_priority_give_one_alternative_per_order() -> None:
     assert same.alternatives == () and same.snat == frozenset({SNAT_X})
 
 
+def test_empty_chains_at_one_priority_add_no_orders() -> None:
+    """Like iptables-nft's nat table beside an nft table: ties at four hooks, three of them between
+    chains without rules. Only the postrouting tie's two orders are followed (not 2**4 = 16)."""
+    tables = [(t, [pre(table=t), C("input", [], hook="input", prio=100, table=t),
+                   C("output", [], hook="output", prio=-100, table=t)]) for t in ("a", "b")]
+    chains = [c for _, cs in tables for c in cs]
+    rs = ruleset(*chains, post([snat("192.0.2.2")], table="a"), post([snat("192.0.2.1")], table="b"))
+    p = predict(rs, FakeFib(), udp())
+    assert p.snat == frozenset({SNAT_X, SNAT_Y}) and len(p.alternatives) == 2
+
+
 def test_unknown_reason_names_rule_and_expression() -> None:
     rs = ruleset(post([oifname("up1"), XT_POLICY, ACCEPT], [MASQ], family="inet"))
     p = predict(rs, FakeFib(), udp())

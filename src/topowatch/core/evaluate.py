@@ -386,11 +386,15 @@ class _Evaluator:
         run = self._run_marks if marks else self._run_hook
         tied = _ties(side.chains)
         order = self.order
-        if tied and order is not None and not marks and all(tuple(c.key for c in g) in order for g in tied):
+        if tied and order is not None and not marks:
+            # The order chosen for each group that matters; the other groups (every chain but one
+            # empty, ``_order_alternatives``) run alike in any order.
             chains = side.chains
             for group in tied:
-                start = next(i for i, c in enumerate(chains) if c is group[0])
-                chains = (*chains[:start], *order[tuple(c.key for c in group)], *chains[start + len(group):])
+                chosen = order.get(tuple(c.key for c in group))
+                if chosen is not None:
+                    start = next(i for i, c in enumerate(chains) if c is group[0])
+                    chains = (*chains[:start], *chosen, *chains[start + len(group):])
             ordered = replace(side, chains=chains)
             return _explore(lambda tape: run(ordered, tape))
         if not tied:
@@ -899,7 +903,7 @@ def _union_side(sides: list[tuple[str, frozenset[Binding] | Unknown]]) -> frozen
 
 
 # Chain orders (of nat chains that share a hook and a priority) followed as alternatives at most.
-MAX_ORDER_ALTERNATIVES = 6
+MAX_ORDER_ALTERNATIVES = 8
 _NAT_HOOKS = (Hook.PREROUTING, Hook.OUTPUT, Hook.POSTROUTING, Hook.INPUT)
 # A tie group (its chains' keys, in dump order) -> the order its chains run in.
 _Order = dict[tuple[tuple[str, str, str], ...], tuple[Chain, ...]]
@@ -912,7 +916,9 @@ def _order_alternatives(ruleset: NatRuleset, family: int) -> list[_Order]:
     first), which the ruleset dump does not show; the order is the same for
     every flow and stays while the chains do. Empty where no chains share one.
     """
-    groups = [g for hook in _NAT_HOOKS for g in _ties(ruleset.base_chains(hook, family))]
+    # A chain without rules and with policy accept changes nothing wherever it runs.
+    groups = [g for hook in _NAT_HOOKS for g in _ties(ruleset.base_chains(hook, family))
+              if sum(bool(c.rules) or c.policy == "drop" for c in g) > 1]  # fmt: skip
     if not groups:
         return []
     keys = [tuple(c.key for c in g) for g in groups]
