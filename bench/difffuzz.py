@@ -2,17 +2,24 @@
 """Differential fuzzer: topowatch's ``plan --json`` against the kernel, on generated gateways.
 
 For each seed: build the scenario of ``fuzzgen.generate(seed)`` in three
-namespaces of its own (prefix "h8"), send one UDP datagram per flow (nothing
-answers: every entry stays UNREPLIED), apply the mutations, then send fresh
-flows with the same source, destination, protocol, destination port and LAN
-link from new source ports (several where the scenario has more than one right
-answer: address and port ranges, numgen, multipath). The kernel's NAT of the
-fresh flows is the oracle; ``topowatch plan --json`` in the gateway namespace
-is the judge under test. Each old entry is:
+namespaces of its own (prefix "h8", or ``--prefix``), send one UDP datagram
+per flow (nothing answers: every entry stays UNREPLIED), take the gateway's
+snapshot (topology and ruleset) as a daemon running there would hold it, apply
+the mutations, then send fresh flows with the same source, destination,
+protocol, destination port and LAN link from new source ports (several where
+the scenario has more than one right answer: address and port ranges, numgen,
+multipath). ``topowatch plan --json`` in the gateway namespace is the judge
+under test, twice: as the command runs it (no previous snapshot) and as the
+daemon judges (``plan_once`` given the snapshot before the mutations). Then
+each old entry is deleted and its flow sent again from its own port: the
+kernel's NAT of that very flow is the oracle (the same multipath and
+address-range choices); where a numgen or jhash map makes the choice, or the
+old flow gets no entry, the fresh flows' bindings are (membership). Each old
+entry is:
 
-- agree: plan calls it stale iff its binding is outside every fresh binding;
-- fp (false positive, a wrong delete): called stale, but a fresh flow got its binding;
-- fn (false negative): not called stale, but no fresh flow got its binding;
+- agree: plan calls it stale iff the oracle gives it another binding;
+- fp (false positive, a wrong delete): called stale, but the oracle gives it its binding;
+- fn (false negative): not called stale, but the oracle gives it another binding;
 - undecided: plan could not say;
 
 and, not judged: gone (the kernel deleted it: masquerade on link down or
@@ -30,8 +37,8 @@ Usage (as root, from the repository):
     .venv/bin/python bench/difffuzz.py --seeds 0-1999 --json out.json -q   # the long run
     .venv/bin/python bench/difffuzz.py --seeds 17 --show                   # one seed's script
 
-Exit status 0 when there was no false positive and no fresh-stale verdict, 1
-otherwise. Nothing outside the namespaces it creates is touched.
+Exit status 0 when there was no false positive and no fresh-stale verdict in
+either judgement, 1 otherwise. Nothing outside the namespaces it creates is touched.
 """
 
 from __future__ import annotations
@@ -69,6 +76,8 @@ from topowatch.netns import Namespace, _setns  # noqa: E402
 
 NETLINK_NETFILTER = 12
 SO_BINDTODEVICE = 25
+# The namespaces' name prefix (``--prefix``, or DIFFFUZZ_PREFIX for the CI seeds).
+PREFIX = os.environ.get("DIFFFUZZ_PREFIX") or "h8"
 OLD_PORT = 20000
 FRESH_PORT = 30000
 POLICY = (
@@ -90,6 +99,8 @@ class Outcome:
     error: str | None = None
     undecided_why: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+    # The same entries judged as the daemon judges them: with the snapshot before the mutations.
+    daemon: Outcome | None = None
 
 
 # -- the kernel side ---------------------------------------------------------------------
@@ -147,6 +158,15 @@ def dump(gw: Namespace) -> list[Entry]:
         ct.close()
 
 
+def delete(gw: Namespace, entries: list[Entry]) -> None:
+    sock = gw.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    ct = Conntrack(sock)
+    try:
+        ct.delete(entries)
+    finally:
+        ct.close()
+
+
 def index(entries: list[Entry]) -> dict[tuple[int, str, int], Entry]:
     """Entries by (source port, original destination, destination port): ports are unique per scenario."""
     return {(e.orig.sport, str(e.orig.dst), e.orig.dport): e for e in entries if e.proto == 17}
@@ -168,11 +188,20 @@ def wait_entries(gw: Namespace, keys: set[tuple[int, str, int]], settle: float =
 _FORKSERVER: multiprocessing.context.ForkServerContext | None = None
 
 
-def _plan_child(ns_path: str, argv: list[str], conn: Any) -> None:
+def _plan_child(ns_path: str, argv: list[str], previous: bytes | None, conn: Any) -> None:
     """In a process forked from the fork server: enter the namespace (the whole process: it has one
-    thread), run the CLI's ``main``, send back what it printed."""
+    thread), run the CLI's ``main``, send back what it printed. With ``previous`` (a pickled
+    snapshot, ``_snapshot_child``) the plan judges as a reaction does, with that snapshot before."""
     with open(ns_path, "rb") as f:
         _setns(f.fileno())
+    if previous is not None:
+        import functools
+        import pickle
+
+        from topowatch import reactor
+
+        before = pickle.loads(previous)  # made by this run's own child, a moment ago
+        reactor.plan_once = functools.partial(reactor.plan_once, previous=before)  # type: ignore[assignment]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = cli.main(argv)
@@ -180,18 +209,28 @@ def _plan_child(ns_path: str, argv: list[str], conn: Any) -> None:
     conn.close()
 
 
-def plan(gw: Namespace, rules_dir: str, *, subprocess: bool = False) -> dict[str, Any]:
-    """``topowatch plan --json`` in the gateway namespace, a fresh process each time.
+def _snapshot_child(ns_path: str, conn: Any) -> None:
+    """In a forked process: the namespace's topology and ruleset as the daemon reads them, pickled."""
+    import pickle
 
-    By default forked from a fork server that has imported topowatch once (a
-    third of the time of a new interpreter); ``subprocess`` runs the command
-    itself. Never in a thread of this process: trio's worker threads outlive
-    a ``trio.run`` and would carry a previous namespace into the next plan.
-    """
+    import trio
+
+    from topowatch.edges.kernel import KernelBackend
+
+    with open(ns_path, "rb") as f:
+        _setns(f.fileno())
+
+    async def read() -> Any:
+        backend = KernelBackend()
+        return await backend.topology(), await backend.ruleset()
+
+    conn.send(pickle.dumps(trio.run(read)))
+    conn.close()
+
+
+def _forked(target: Any, *args: Any) -> Any:
+    """Run ``target(*args, conn)`` in a process forked from the fork server; what it sent."""
     global _FORKSERVER  # noqa: PLW0603 (one fork server per process, started on first use)
-    argv = ["plan", "--json", "--rules-dir", rules_dir]
-    if subprocess:
-        return json.loads(gw.run(sys.executable, "-m", "topowatch", *argv))  # type: ignore[no-any-return]
     if _FORKSERVER is None:
         _FORKSERVER = multiprocessing.get_context("forkserver")
         # Everything ``plan`` imports, once (imports are most of a plan's time).
@@ -205,17 +244,43 @@ def plan(gw: Namespace, rules_dir: str, *, subprocess: bool = False) -> dict[str
             ]
         )
     parent, child = _FORKSERVER.Pipe(duplex=False)
-    proc = _FORKSERVER.Process(target=_plan_child, args=(gw.path, argv, child))
+    proc = _FORKSERVER.Process(target=target, args=(*args, child))
     proc.start()
     child.close()
     try:
-        rc, out = parent.recv()
+        got = parent.recv()
     except EOFError:
-        rc, out = None, ""
+        got = None
     proc.join()
     parent.close()
+    return got
+
+
+def snapshot(gw: Namespace) -> bytes:
+    """The gateway's snapshot (topology and ruleset, pickled), as a daemon running there keeps it."""
+    got = _forked(_snapshot_child, gw.path)
+    if got is None:
+        raise RuntimeError("reading the snapshot failed")
+    return got  # type: ignore[no-any-return]
+
+
+def plan(gw: Namespace, rules_dir: str, *, subprocess: bool = False, previous: bytes | None = None
+         ) -> dict[str, Any]:  # fmt: skip
+    """``topowatch plan --json`` in the gateway namespace, a fresh process each time.
+
+    By default forked from a fork server that has imported topowatch once (a
+    third of the time of a new interpreter); ``subprocess`` runs the command
+    itself. Never in a thread of this process: trio's worker threads outlive
+    a ``trio.run`` and would carry a previous namespace into the next plan.
+    ``previous``: judge as the daemon does, with that snapshot before (``snapshot``).
+    """
+    argv = ["plan", "--json", "--rules-dir", rules_dir]
+    if subprocess and previous is None:
+        return json.loads(gw.run(sys.executable, "-m", "topowatch", *argv))  # type: ignore[no-any-return]
+    got = _forked(_plan_child, gw.path, argv, previous)
+    rc, out = got if got is not None else (None, "")
     if rc != 0:
-        raise RuntimeError(f"topowatch plan failed (exit {rc if rc is not None else proc.exitcode})")
+        raise RuntimeError(f"topowatch plan failed (exit {rc})")
     return json.loads(out)  # type: ignore[no-any-return]
 
 
@@ -295,12 +360,15 @@ def hints(scn: Scenario, flow: Flow, old: Entry | None) -> list[str]:
 
 def _why(reason: str) -> str:
     """The last clause of an undecided reason: what could not be predicted (for grouping)."""
+    if reason.endswith("which way it came is not known"):
+        return "an old entry's way in or out now refuses its bindings, another gives them (unknown_ingress)"
     tail = reason.rsplit(": ", 1)[-1]
     return tail if len(tail) <= 100 else tail[:97] + "..."
 
 
 def judge(
-    scn: Scenario, before: dict[Any, Entry], after: dict[Any, Entry], verdicts: dict[str, Any], samples: int
+    scn: Scenario, before: dict[Any, Entry], after: dict[Any, Entry], verdicts: dict[str, Any], samples: int,
+    *, exact: dict[Any, Entry] | None = None,
 ) -> Outcome:
     out = Outcome(scn.seed)
     stale = {tuple_key(d["orig"]): d for d in verdicts["stale"]}
@@ -365,7 +433,14 @@ def judge(
             out.counts["no_oracle"] += 1
             continue
         old = after[key]
-        truth_stale = not any(same_binding(old, f) for f in fresh)
+        again = (exact or {}).get(key)
+        if again is not None and not {"numgen", "jhash"} & scn.features:
+            # The old flow itself, sent again once its entry was deleted: what it gets now (the same
+            # multipath and address-range choices), where nothing random makes the choice (numgen; a
+            # jhash whose seed, unless given, is drawn anew when its table is made again).
+            truth_stale = not same_binding(old, again)
+        else:
+            truth_stale = not any(same_binding(old, f) for f in [*fresh, *([again] if again else [])])
         if key in undecided:
             out.counts["undecided"] += 1
             out.undecided_why[_why(undecided[key]["reason"])] += 1
@@ -411,7 +486,7 @@ def run_seed(seed: int, rules_dir: str, *, plan_subprocess: bool = False) -> Out
     out_notes: list[str] = []
     try:
         for role in ("cl", "gw", "wan"):
-            created.append(Namespace.create(f"h8{role}"))
+            created.append(Namespace.create(f"{PREFIX}{role}"))
         cl, gw, wan = created
         names = {"cl": cl.name, "gw": gw.name, "wan": wan.name}
         ns = {"cl": cl, "gw": gw, "wan": wan}
@@ -423,6 +498,7 @@ def run_seed(seed: int, rules_dir: str, *, plan_subprocess: bool = False) -> Out
             send(ns[sender], flows)
         old_keys = {(OLD_PORT + i, f.dst, f.dport) for i, f in enumerate(scn.flows)}
         before = wait_entries(gw, old_keys)
+        previous = snapshot(gw)  # what a daemon running here would hold as its previous snapshot
         for m in scn.mutations:
             if run_script(commands_script(m.commands), names, check=False):
                 out_notes.append(m.kind)
@@ -441,11 +517,18 @@ def run_seed(seed: int, rules_dir: str, *, plan_subprocess: bool = False) -> Out
         }
         after = wait_entries(gw, fresh_keys | (old_keys & before.keys()))
         verdicts = plan(gw, rules_dir, subprocess=plan_subprocess)
+        daemon_verdicts = plan(gw, rules_dir, previous=previous)
         # An entry the kernel deleted meanwhile (its masquerade cleanup is asynchronous) is gone.
         remaining = index(dump(gw)).keys()
         after = {k: e for k, e in after.items() if k in remaining}
-        out = judge(scn, before, after, verdicts, samples)
+        exact = resend(gw, ns, scn, after)
+        out = judge(scn, before, after, verdicts, samples, exact=exact)
         out.counts.update(f"mutation_failed_{k}" for k in out_notes)
+        out.daemon = judge(scn, before, after, daemon_verdicts, samples, exact=exact)
+        for f in out.findings:
+            f["view"] = "plan"
+        for f in out.daemon.findings:
+            f["view"] = "daemon"
     except Exception as exc:
         out = Outcome(seed, error=f"{type(exc).__name__}: {exc}")
     finally:
@@ -453,6 +536,30 @@ def run_seed(seed: int, rules_dir: str, *, plan_subprocess: bool = False) -> Out
             n.delete()
     out.seconds = time.monotonic() - started
     return out
+
+
+def resend(gw: Namespace, ns: dict[str, Namespace], scn: Scenario, after: dict[Any, Entry]
+           ) -> dict[Any, Entry]:  # fmt: skip
+    """The exact oracle: each old flow's entry deleted, the flow sent again from its own port.
+
+    The entry the kernel makes is what that very flow gets now: the same
+    multipath hash and the same jhash choice as the old entry would meet.
+    Entries that could not be deleted (the same id again) are left out.
+    """
+    olds = {}
+    for i, flow in enumerate(scn.flows):
+        key = (OLD_PORT + i, flow.dst, flow.dport)
+        if key in after:
+            olds[key] = (i, flow, after[key])
+    delete(gw, [e for _, _, e in olds.values()])
+    by_sender: dict[str, list[tuple[Flow, int]]] = {}
+    for i, flow, e in olds.values():
+        same = dataclasses.replace(flow, src=str(e.orig.src)) if flow.src is None else flow
+        by_sender.setdefault(flow.sender, []).append((same, OLD_PORT + i))
+    for sender, flows in by_sender.items():
+        send(ns[sender], flows)
+    found = wait_entries(gw, set(olds))
+    return {k: found[k] for k, (_, _, e) in olds.items() if k in found and found[k].id != e.id}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -496,6 +603,7 @@ def table(s: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global PREFIX  # noqa: PLW0603 (the command line sets it once, before any seed runs)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0-19", help="seeds: 0-99, 3,7,12 (default 0-19)")
     parser.add_argument("--json", metavar="FILE", help="write the summary, per-seed counts and findings")
@@ -508,9 +616,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run the topowatch command for each plan (default: its main in-process)",
     )
+    parser.add_argument("--prefix", default=PREFIX, help=f"namespace name prefix (default {PREFIX})")
     parser.add_argument("-q", "--quiet", action="store_true", help="one line per seed only when it disagrees")
     args = parser.parse_args(argv)
     seeds = parse_seeds(args.seeds)
+    PREFIX = args.prefix
     if args.show:
         for seed in seeds:
             print(fuzzgen.generate(seed).script())
@@ -527,63 +637,70 @@ def main(argv: list[str] | None = None) -> int:
                 break
             o = run_seed(seed, str(rules), plan_subprocess=args.plan_subprocess)
             outcomes.append(o)
-            bad = o.error or any(f["kind"] in ("fp", "fn", "fresh_stale") for f in o.findings)
-            if not args.quiet or bad:
-                c = o.counts
-                print(
-                    f"seed {seed}: "
-                    + (
-                        f"ERROR {o.error}"
-                        if o.error
-                        else " ".join(f"{k}={c[k]}" for k in (*VERDICTS, *FRESH) if c[k])
-                    )
-                    + f" ({o.seconds:.1f} s)",
-                    flush=True,
-                )
-            for f in o.findings:
-                if f["kind"] in ("fp", "fn", "fresh_stale") or not args.quiet:
-                    print(
-                        f"  {f['kind']}: {f['flow']} {f['flow_text']}\n    old   {f['old']}\n"
-                        f"    fresh {f['fresh']}\n    plan  {f['reason']}",
-                        flush=True,
-                    )
+            report(o, quiet=args.quiet)
     s = summary(outcomes)
     s["wall_seconds"] = round(time.monotonic() - started, 1)
+    daemon = [o.daemon or Outcome(o.seed, error=o.error) for o in outcomes]
+    sd = summary(daemon)
     print(f"\ndifffuzz: {len(outcomes)} scenarios in {s['wall_seconds']} s")
-    print(table(s))
-    bad_seeds = sorted(
-        {f["seed"] for o in outcomes for f in o.findings if f["kind"] in ("fp", "fresh_stale")}
-    )
-    fn_seeds = sorted({f["seed"] for o in outcomes for f in o.findings if f["kind"] == "fn"})
-    if s["undecided_why"]:
-        print("  undecided, by what could not be predicted:")
-        for why, n in s["undecided_why"].items():
-            print(f"    {n:6d}  {why}")
-    if bad_seeds:
-        print(f"  seeds with wrong deletes (fp, fresh_stale): {bad_seeds}")
-    if fn_seeds:
-        print(f"  seeds with false negatives: {fn_seeds}")
+    bad_seeds: set[int] = set()
+    for title, summ, outs in (("plan (no previous snapshot)", s, outcomes),
+                              ("as the daemon judges (the snapshot before the mutations)", sd, daemon)):
+        print(f"{title}:")
+        print(table(summ))
+        bad = sorted({f["seed"] for o in outs for f in o.findings if f["kind"] in ("fp", "fresh_stale")})
+        fn_seeds = sorted({f["seed"] for o in outs for f in o.findings if f["kind"] == "fn"})
+        bad_seeds.update(bad)
+        if summ["undecided_why"]:
+            print("  undecided, by what could not be predicted:")
+            for why, n in summ["undecided_why"].items():
+                print(f"    {n:6d}  {why}")
+        if bad:
+            print(f"  seeds with wrong deletes (fp, fresh_stale): {bad}")
+        if fn_seeds:
+            print(f"  seeds with false negatives: {fn_seeds}")
     print("  reproduce one: bench/difffuzz.py --seeds N --show (script), --seeds N (run)")
     if args.json:
         Path(args.json).write_text(
             json.dumps(
                 {
                     "summary": s,
+                    "daemon_summary": sd,
                     "seeds": [
                         {
                             "seed": o.seed,
                             "counts": dict(o.counts),
+                            "daemon_counts": dict(o.daemon.counts) if o.daemon else {},
                             "error": o.error,
                             "seconds": round(o.seconds, 2),
                         }
                         for o in outcomes
                     ],
-                    "findings": [f for o in outcomes for f in o.findings],
+                    "findings": [f for o in (*outcomes, *daemon) for f in o.findings],
                 },
                 indent=1,
             )
         )
     return 1 if bad_seeds or s["errors"] else 0
+
+
+def report(o: Outcome, *, quiet: bool) -> None:
+    """A seed's line and its findings (with ``quiet``, only where a view disagrees)."""
+    views = [("plan", o), ("daemon", o.daemon)] if o.daemon is not None else [("plan", o)]
+    bad = o.error or any(f["kind"] in ("fp", "fn", "fresh_stale") for _, v in views for f in v.findings)
+    if not quiet or bad:
+        line = f"ERROR {o.error}" if o.error else "; ".join(
+            f"{name} " + " ".join(f"{k}={v.counts[k]}" for k in (*VERDICTS, *FRESH) if v.counts[k])
+            for name, v in views)
+        print(f"seed {o.seed}: {line} ({o.seconds:.1f} s)", flush=True)
+    for name, v in views:
+        for f in v.findings:
+            if f["kind"] in ("fp", "fn", "fresh_stale") or not quiet:
+                print(
+                    f"  {name} {f['kind']}: {f['flow']} {f['flow_text']}\n    old   {f['old']}\n"
+                    f"    fresh {f['fresh']}\n    plan  {f['reason']}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -162,7 +162,8 @@ def topowatch_8() -> str:
             "action, family, proto, zone, mark, id, orig, reply, side, actual, expected, code and reason; "
             "a pressure eviction batch is a record with event \"pressure_evict\" and by_class. Reason "
             "codes: null_binding_now_nat, nat_now_none, snat_changed, dnat_changed, "
-            "egress_changed_unknown_nat; undecided: unknown_nat, unknown_nat_unknown_egress."),
+            "egress_changed_unknown_nat; undecided: unknown_nat, unknown_nat_unknown_egress, "
+            "unknown_ingress."),
         ".PP",
         esc("run --metrics-listen HOST:PORT serves Prometheus metrics at http://HOST:PORT/metrics; "
             "--metrics-textfile PATH writes them for node_exporter's textfile collector (atomic rename). "

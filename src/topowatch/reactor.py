@@ -140,20 +140,43 @@ def plan_once(
     entries: Sequence[Entry],
     eligibility: Eligibility,
     predictor: Callable[[NatRuleset, Fib, Flow], Prediction] = predict,
+    *,
+    previous: tuple[Topology, NatRuleset] | None = None,
 ) -> FlushPlan:
-    """The plan for one snapshot, outside any reaction (``topowatch plan``/``flush``, D-Bus ``Plan``)."""
+    """The plan for one snapshot, outside any reaction (``topowatch plan``/``flush``, D-Bus ``Plan``).
+
+    ``previous``: the snapshot before (topology and ruleset), as a reaction has it.
+    """
 
     def bound(fib: Fib, flow: Flow) -> Prediction:
         return predictor(ruleset, fib, flow)
 
     sport_matters = mentions_sport(ruleset) or mentions_sport(topology.xfrm_policies)
+    if previous is None:
+        return decide(
+            entries,
+            predict=bound,
+            fib_now=Fib(topology),
+            eligibility=eligibility,
+            sport_matters=sport_matters,
+            classifier=Classifier.build([topology], [ruleset], eligibility, sport_matters=sport_matters),
+        )
+    t0, ruleset0 = previous
+
+    def bound_before(fib: Fib, flow: Flow) -> Prediction:
+        return predictor(ruleset0, fib, flow)
+
+    sport_matters = sport_matters or mentions_sport(ruleset0) or mentions_sport(t0.xfrm_policies)
     return decide(
         entries,
         predict=bound,
         fib_now=Fib(topology),
+        fib_before=Fib(t0),
         eligibility=eligibility,
         sport_matters=sport_matters,
-        classifier=Classifier.build([topology], [ruleset], eligibility, sport_matters=sport_matters),
+        classifier=Classifier.build([t0, topology], [ruleset0, ruleset], eligibility,
+                                    sport_matters=sport_matters),
+        predict_before=bound_before,
     )
 
 
@@ -495,6 +518,8 @@ class Reactor:
         self.lock = trio.Lock()
         self.t0: Topology | None = None
         self.ruleset: NatRuleset | None = None
+        # The ruleset in force with ``t0``: with it, a reaction knows which bindings a flow got then.
+        self.ruleset_t0: NatRuleset | None = None
         # The last HISTORY reactions, oldest first; all but the latest are ``brief``.
         self.reactions: list[Reaction] = []
         self.totals = ReactionTotals()
@@ -583,7 +608,7 @@ class Reactor:
                 await nursery.start(self._source, source)
             self.t0 = await self.backend.topology()
             try:
-                self.ruleset = await self.backend.ruleset()
+                self.ruleset = self.ruleset_t0 = await self.backend.ruleset()
             except TopowatchError as exc:
                 # Stay up: each reaction retries the read, and none deletes anything until one succeeds.
                 self._count("ruleset")
@@ -709,9 +734,20 @@ class Reactor:
 
         fib_now, fib_before = self._fib(t1), self._fib(self.t0) if self.t0 is not None else None
         sport_matters = await self._mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies)
+        previous = self.ruleset_t0 if self.ruleset_t0 is not None else ruleset
+        if previous is not ruleset and previous == ruleset:
+            previous = ruleset  # read again, unchanged
+        predict_before: Callable[[Fib, Flow], Prediction] | None = None
+        if previous is not ruleset:
+            sport_matters = sport_matters or await self._mentions_sport(previous)
+
+            def predict_before(fib: Fib, flow: Flow) -> Prediction:
+                return predictor(previous, fib, flow)
+
         mark = clock()
+        rulesets = [ruleset] if previous is ruleset else [previous, ruleset]
         classifier = Classifier.build(
-            [t for t in (self.t0, t1) if t is not None], [ruleset], eligibility, sport_matters=sport_matters
+            [t for t in (self.t0, t1) if t is not None], rulesets, eligibility, sport_matters=sport_matters
         )
         timings["classes"] = clock() - mark
         if not classifier.exact:
@@ -724,7 +760,8 @@ class Reactor:
 
         def decider(build: EntryBuilder | None = None) -> Decider:
             return Decider(predict=bound, fib_now=fib_now, fib_before=fib_before, eligibility=eligibility,
-                           sport_matters=sport_matters, build=build, classifier=classifier, only=only)
+                           sport_matters=sport_matters, build=build, classifier=classifier, only=only,
+                           predict_before=predict_before)
 
         mark = clock()
         if selection.policies:
@@ -758,7 +795,7 @@ class Reactor:
             deleted = await self.backend.delete(to_delete, still_stale(selection))
             timings["delete"] = clock() - mark
             timings["window"] = clock() - dumped
-        self.t0 = t1
+        self.t0, self.ruleset_t0 = t1, ruleset
         flushes = all(p.action is Action.FLUSH for p in selection.policies)
         self.judged_all = bool(
             selection.policies and flushes and not refused and not self.config.dry_run
@@ -821,7 +858,7 @@ class Reactor:
         """A reaction whose change can re-NAT no flow: nothing to dump, nothing to delete."""
         note = f"no dump: the change can re-NAT {scope.describe()}"
         reaction = self._without_dump(burst, t1, selection, note, start=start, timings=timings, dumped=False)
-        self.t0 = t1
+        self.t0, self.ruleset_t0 = t1, ruleset
         self.judged_all = True
         self._judged_under = (ruleset, policy)
         return reaction

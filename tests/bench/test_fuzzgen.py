@@ -237,3 +237,16 @@ def test_judge_source_port_by_membership() -> None:
     assert difffuzz.same_binding(remapped, entry(difffuzz.FRESH_PORT, difffuzz.FRESH_PORT))
     assert difffuzz.same_binding(remapped, entry(difffuzz.FRESH_PORT, 2001))
     assert not difffuzz.same_binding(kept, entry(difffuzz.FRESH_PORT, 2001))
+
+
+@pytest.mark.parametrize(("features", "kind"), [({"multipath"}, "fn"), ({"multipath", "jhash"}, "agree")])
+def test_judge_the_old_flow_sent_again_is_the_oracle_where_no_seed_may_change(features: set[str], kind: str) -> None:
+    """The old flow itself, sent again once its entry is deleted, decides (its own multipath choice);
+    with a jhash map (a seed drawn anew) or numgen the fresh flows decide by membership."""
+    scn = fuzzgen.Scenario(1, "off", False, "nft", 2, (), None, None, (), (FLOW,), features=frozenset(features))
+    old = _entry(difffuzz.OLD_PORT, "100.64.1.1")
+    fresh = [_entry(difffuzz.FRESH_PORT + k, ip) for k, ip in enumerate(("100.64.2.1", "100.64.1.1"))]
+    again = _entry(difffuzz.OLD_PORT, "100.64.2.1")
+    counts = difffuzz.judge(scn, difffuzz.index([old]), difffuzz.index([old, *fresh]),
+                            {"stale": [], "undecided": []}, 2, exact=difffuzz.index([again])).counts
+    assert counts[kind] == 1

@@ -23,7 +23,7 @@ from topowatch.core.conntrack import (
     CtTuple,
     Entry,
 )
-from topowatch.core.decide import FlushPlan, decide
+from topowatch.core.decide import Decider, FlushPlan, decide
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
 from topowatch.core.flow import (
@@ -846,20 +846,22 @@ def test_programs_take_every_value_that_fits_and_refuse_the_rest() -> None:
     from topowatch.core.decide import compile_program
 
     top = (1 << 128) - 1
-    assert compile_program(((0, 0, 0, 0),), ()) == (
+    assert compile_program(((0, 0, 0, 0, False),), ()) == (
         b"P\x02\x01" + b"\x03" + bytes(16) + bytes(16) + b"\x00\x00\x00\x00" + b"\x01")
-    assert compile_program(((top, top, 0xFFFF, 0xFFFF),), ()) == (
+    assert compile_program(((top, top, 0xFFFF, 0xFFFF, False),), ()) == (
         b"P\x02\x01" + b"\x03" + b"\xff" * 16 + b"\xff" * 16 + b"\xff\xff\xff\xff" + b"\x01")
-    assert compile_program(((1 << 128, 1 << 128, None, None),), ()) is None
-    assert compile_program(((0, 1 << 128, None, None),), ()) is None
-    assert compile_program(((None, None, 0x10000, 0x10000),), ()) is None
-    assert compile_program(((None, None, 0, 0x10000),), ()) is None
-    assert compile_program(((None, None, -1, 5),), ()) is None
-    assert compile_program(((None, None, 5, -1),), ()) is None
-    assert compile_program(((0, -1, None, None),), ()) is None
-    many = tuple((None, None, None, None) for _ in range(255))
+    assert compile_program(((1 << 128, 1 << 128, None, None, False),), ()) is None
+    assert compile_program(((0, 1 << 128, None, None, False),), ()) is None
+    assert compile_program(((None, None, 0x10000, 0x10000, False),), ()) is None
+    assert compile_program(((None, None, 0, 0x10000, False),), ()) is None
+    assert compile_program(((None, None, -1, 5, False),), ()) is None
+    assert compile_program(((None, None, 5, -1, False),), ()) is None
+    assert compile_program(((0, -1, None, None, False),), ()) is None
+    many = tuple((None, None, None, None, False) for _ in range(255))
     program = compile_program((), many)
     assert program == b"P\x01\x02\xff" + bytes(37) * 255
+    kept = compile_program(((None, None, None, None, True),), ())
+    assert kept == b"P\x02\x01" + b"\x04" + bytes(36) + b"\x01", "flag 4: the port must be the original one"
 
 
 # -- the raw path's keys -------------------------------------------------------------------------
@@ -876,7 +878,7 @@ def test_a_raw_entrys_program_is_found_by_its_key(sport_matters: bool) -> None:
     assert decider.raw_program(raw) is None  # not seen yet
     decider.add_raw(raw)
     masq_value = int(IPv4Address("203.0.113.2"))
-    assert decider.raw_program(raw) == (b"P" + b"\x02\x01" + b"\x00" + bytes(36)  # dnat: no NAT
+    assert decider.raw_program(raw) == (b"P" + b"\x02\x01" + b"\x04" + bytes(36)  # dnat: no NAT, port kept
                                         + b"\x02\x01" + b"\x01" + masq_value.to_bytes(16, "big") * 2 + bytes(4))
 
 
@@ -1006,13 +1008,35 @@ def test_unknown_dnat_prediction_uses_egress_change(raw: bool) -> None:
         "from dev up1 via 198.51.100.1 to dev up2 via 203.0.113.1")
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: a binding without a port range admits any port on the "
-                   "DNAT side, where the kernel never changes the port (nf_nat_l4proto_unique_tuple)")
 def test_a_dnat_that_changed_the_port_is_stale_once_no_rule_names_a_port() -> None:
-    """``dnat to 192.0.2.10:5070`` replaced by ``dnat to 192.0.2.10``: a fresh flow keeps port 5060."""
+    """``dnat to 192.0.2.10:5070`` replaced by ``dnat to 192.0.2.10``: a fresh flow keeps port 5060.
+
+    The kernel never changes a destination port it was given no range for
+    (``nf_nat_l4proto_unique_tuple``), so the binding admits only the original port.
+    """
     e = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5001, 5060), CtTuple(SERVER, CLIENT, 5070, 5001))
+    kept = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5002, 5060), CtTuple(SERVER, CLIENT, 5060, 5002))
 
     def predictor(fib: Fib, flow: Flow) -> Prediction:
         return Prediction(dnat=frozenset({Binding(NatKind.DNAT, SERVER)}), snat=frozenset({NO_NAT}), egress=())
 
-    assert [d.side for d in decide([e], predict=predictor, fib_now=FIB_NOW).stale] == ["dnat"]
+    plan = decide([e, kept], predict=predictor, fib_now=FIB_NOW)
+    assert [(d.entry, d.side) for d in plan.stale] == [(e, "dnat")]
+    assert plan.stale[0].reason.endswith("but now it would be dnat to 192.0.2.10 (egress none)")
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["entries", "raw"])
+def test_a_port_only_dnat_is_stale_once_no_rule_binds_the_destination(raw: bool) -> None:
+    """``dnat to :5070`` removed: a fresh flow keeps port 5060, so the entry with 5070 is stale,
+    and one that kept its port (the same flow key) is not."""
+    moved = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5001, 5060), CtTuple(SERVER, CLIENT, 5070, 5001))
+    kept = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5002, 5060), CtTuple(SERVER, CLIENT, 5060, 5002))
+    decider = Decider(predict=fixed(frozenset({NO_NAT})), fib_now=FIB_NOW, build=from_raw,
+                      sport_matters=False)
+    for e in (kept, moved):
+        if raw:
+            decider.add_raw(to_raw(e))
+        else:
+            decider.add(e)
+    plan = decider.plan()
+    assert [(d.entry, d.side, d.code) for d in plan.stale] == [(moved, "dnat", "nat_now_none")]

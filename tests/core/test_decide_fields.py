@@ -244,7 +244,7 @@ def test_the_program_of_a_class_key_for_a_compiled_scan() -> None:
     masq_value = int(IPv4Address("203.0.113.2")).to_bytes(16, "big")
     # With classes, a program whose sides are both known names its class's slot (b"S" + u32): the
     # compiled scan keeps the class's stale entries as records of that slot.
-    assert decider.raw_program(judged) == (b"P" + b"\x02\x01" + b"\x00" + bytes(36)  # dnat: no NAT
+    assert decider.raw_program(judged) == (b"P" + b"\x02\x01" + b"\x04" + bytes(36)  # dnat: no NAT, port kept
                                            + b"\x02\x01" + b"\x01" + masq_value * 2 + bytes(4)
                                            + b"S" + (0).to_bytes(4, sys.byteorder))
     assert decider.raw_program(left) == b"P\x01\x01"  # outside ``only``: healthy, never judged

@@ -169,3 +169,20 @@ def test_a_partial_ruleset_keeps_marks_unknown() -> None:
     assert isinstance(predict(replace(rs, marks_known=False), FIB, udp()).snat, Unknown)
     whole = replace(ruleset(chain("pre", "prerouting", -150, MWAN), POST), marks_known=False)
     assert predict(whole, FIB, udp()).snat == frozenset({MASQ_UP2})  # restored from the ct mark, 0 here
+
+
+def test_a_local_flows_unknown_socket_mark_is_followed_as_alternatives() -> None:
+    """The gateway's own flow: its socket's mark is not in the entry. Only the fwmark rule reads it,
+    so a mark of the rule's masked value (0x200) and one of none stand for every mark."""
+    local = Flow(AF_INET, 17, ip_address("100.64.0.1"), ip_address("198.18.0.7"), 5000, 53)
+    p = predict(ruleset(POST), FIB, local)
+    assert p.snat == frozenset({MASQ_UP1, MASQ_UP2})
+    assert sorted((a.egress[0].oifname, a.snat) for a in p.alternatives) == [  # type: ignore[index]
+        ("up1", frozenset({MASQ_UP1})), ("up2", frozenset({MASQ_UP2}))]
+    assert p.explain[0].startswith("the socket's mark is not known")
+    # A known socket mark is routed as it is.
+    assert predict(ruleset(POST), FIB, replace(local, packet_mark=0x200)).snat == frozenset({MASQ_UP2})
+    # A rule that reads the packet mark: the marks the policy rules tell apart do not stand for all.
+    reads = chain("post", "postrouting", 100, [[match(MARK, 0x7), {"snat": {"addr": "100.64.0.77"}}],
+                                               [{"masquerade": None}]], kind="nat")
+    assert isinstance(predict(ruleset(reads), FIB, local).snat, Unknown)

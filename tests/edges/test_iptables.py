@@ -493,6 +493,21 @@ def test_ctstate_new_is_true_and_related_unknown() -> None:
     assert predict(rs, FakeFib(), udp("8.8.9.9")).snat == {NO_NAT}
 
 
+def test_ctstate_dnat_is_the_flows_dst_nat_bit_and_snat_is_false_before_snat() -> None:
+    """``--ctstate DNAT`` is IPS_DST_NAT (``conntrack_mt``): set once a DNAT changed the tuple."""
+    masq = {Binding(NatKind.MASQUERADE, ip_address("198.51.100.2"))}
+    rs = nat_rules("-A PREROUTING -p udp --dport 53 -j DNAT --to-destination 8.8.4.4",
+                   "-A POSTROUTING -m conntrack --ctstate DNAT -j MASQUERADE")
+    assert predict(rs, FakeFib(), udp("8.8.8.8", 53)).snat == masq  # translated to 8.8.4.4
+    assert predict(rs, FakeFib(), udp("8.8.4.4", 53)).snat == {NO_NAT}  # the DNAT kept the tuple
+    rs = nat_rules("-A POSTROUTING -m conntrack --ctstate DNAT -j MASQUERADE")
+    assert predict(rs, FakeFib(), udp("8.8.8.8")).snat == {NO_NAT}
+    rs = nat_rules("-A POSTROUTING -m conntrack ! --ctstate DNAT -j MASQUERADE")
+    assert predict(rs, FakeFib(), udp("8.8.8.8")).snat == masq
+    rs = nat_rules("-A POSTROUTING -m conntrack --ctstate SNAT -j MASQUERADE")
+    assert predict(rs, FakeFib(), udp("8.8.8.8")).snat == {NO_NAT}
+
+
 def test_multiport_ports_evaluates_either_port() -> None:
     rs = nat_rules("-A POSTROUTING -p udp -m multiport --ports 40000 -j MASQUERADE")
     assert predict(rs, FakeFib(), udp("8.8.8.8")).snat == {Binding(NatKind.MASQUERADE, ip_address("198.51.100.2"))}
@@ -587,8 +602,9 @@ def test_nft_and_iptables_at_one_hook_run_by_priority() -> None:
         Binding(NatKind.MASQUERADE, ip_address("198.51.100.2"))}
 
 
-def test_iptables_nft_and_nft_inet_at_one_priority_are_unknown_where_the_order_matters() -> None:
-    """iptables-nft's POSTROUTING and an inet table at srcnat (both 100): which runs first no dump shows."""
+def test_iptables_nft_and_nft_inet_at_one_priority_are_alternatives_where_the_order_matters() -> None:
+    """iptables-nft's POSTROUTING and an inet table at srcnat (both 100): which runs first no dump shows,
+    so each order is an alternative of the prediction."""
     doc = {"nftables": [
         {"table": {"family": "inet", "name": "fw", "handle": 1}},
         {"chain": {"family": "inet", "table": "fw", "name": "srcnat", "handle": 1, "type": "nat",
@@ -600,9 +616,12 @@ def test_iptables_nft_and_nft_inet_at_one_priority_are_unknown_where_the_order_m
     ipt = parse_save("-A POSTROUTING -o up1 -j MASQUERADE\n").ruleset
     rs = merge(parse_ruleset_json(doc), {"ip": ipt}, {})
     p = predict(rs, FakeFib(), udp("8.8.8.8", 53))  # both bind it, differently
-    assert isinstance(p.snat, Unknown)
-    assert "table inet fw chain srcnat and table ip nat chain POSTROUTING share hook postrouting priority 100" \
-        in p.snat.reason
+    masq = Binding(NatKind.MASQUERADE, ip_address("198.51.100.2"))
+    snat = Binding(NatKind.SNAT, ip_address("198.51.100.77"))
+    assert p.snat == {masq, snat}
+    assert {a.snat for a in p.alternatives} == {frozenset({masq}), frozenset({snat})}
+    assert p.explain[0].startswith(
+        "table inet fw chain srcnat and table ip nat chain POSTROUTING share hook postrouting priority 100")
     # Only one of them binds this flow: the order does not matter.
     assert predict(rs, FakeFib(), udp("8.8.8.8", 54)).snat == {
         Binding(NatKind.MASQUERADE, ip_address("198.51.100.2"))}

@@ -57,8 +57,8 @@ class Gateway:
 
     @classmethod
     @contextlib.contextmanager
-    def create(cls) -> Iterator[Gateway]:
-        with namespaces("h7c", "h7g", "h7a", "h7b") as (client, gw, isp1, isp2):
+    def create(cls, prefix: str = "h7") -> Iterator[Gateway]:
+        with namespaces(*(prefix + role for role in "cgab")) as (client, gw, isp1, isp2):
             for ns in (client, gw, isp1, isp2):
                 for conf in ("all", "default"):
                     ns.run("sysctl", "-qw", f"net.ipv6.conf.{conf}.accept_dad=0")

@@ -5,8 +5,11 @@ An entry is healthy on one side (source or destination) when at least one
 predicted binding admits the translation the entry carries: its translated
 address lies in the binding's address range (for a binding without one, the
 address was kept: translated equals original), and, where the binding names
-a port range, the translated port lies in it. A binding without a port range
-admits any port (the kernel keeps the port unless it clashes).
+a port range, the translated port lies in it. On the source side a binding
+without a port range admits any port (the kernel keeps the port unless it
+clashes); on the destination side it admits only the original port (the
+kernel never changes a destination port it was not given a range for:
+``nf_nat_l4proto_unique_tuple``).
 
 The rule is executed in four places, each shaped by its caller's speed:
 ``Binding.admits`` (the reasoned path, over ``ipaddress`` values),
@@ -39,7 +42,12 @@ from topowatch.core.model import IPAddress
 
 @dataclass(frozen=True, slots=True)
 class AdmissionCase:
-    """Does any of ``bindings`` admit ``original`` translated to ``translated:port``?"""
+    """Does any of ``bindings`` admit ``original`` translated to ``translated:port``?
+
+    ``admitted`` is the answer on the source side. ``original_port`` is the
+    port before translation (None: ``port``, the port kept); ``dnat_admitted``
+    the answer on the destination side where it differs (None: ``admitted``).
+    """
 
     name: str
     bindings: tuple[Binding, ...]
@@ -47,12 +55,26 @@ class AdmissionCase:
     translated: IPAddress
     port: int
     admitted: bool
+    original_port: int | None = None
+    dnat_admitted: bool | None = None
 
     def __post_init__(self) -> None:
         if self.original.version != self.translated.version:
             raise ValueError(f"{self.name}: original and translated of different families")
-        if not 0 <= self.port <= 0xFFFF:
-            raise ValueError(f"{self.name}: port {self.port} out of range")
+        for port in (self.port, self.original_port):
+            if port is not None and not 0 <= port <= 0xFFFF:
+                raise ValueError(f"{self.name}: port {port} out of range")
+
+    @property
+    def before(self) -> int:
+        """The original port."""
+        return self.port if self.original_port is None else self.original_port
+
+    def expected(self, side: str) -> bool:
+        """The answer on ``side`` ("snat" or "dnat")."""
+        if side == "dnat" and self.dnat_admitted is not None:
+            return self.dnat_admitted
+        return self.admitted
 
 
 def _b(kind: NatKind, lo: str | None = None, hi: str | None = None,
@@ -68,8 +90,10 @@ def _b(kind: NatKind, lo: str | None = None, hi: str | None = None,
 
 # A table row reads best positionally, as the columns of ``AdmissionCase``.
 def _case(name: str, bindings: tuple[Binding, ...], original: str, translated: str, port: int,  # noqa: PLR0917
-          admitted: bool) -> AdmissionCase:  # fmt: skip
-    return AdmissionCase(name, bindings, ip_address(original), ip_address(translated), port, admitted)
+          admitted: bool, original_port: int | None = None, dnat_admitted: bool | None = None,
+          ) -> AdmissionCase:  # fmt: skip
+    return AdmissionCase(name, bindings, ip_address(original), ip_address(translated), port, admitted,
+                         original_port, dnat_admitted)
 
 
 _NONE = _b(NatKind.NONE)
@@ -80,6 +104,8 @@ _KEPT_PORTS = _b(NatKind.REDIRECT, ports=(8000, 8099))  # address kept, port ran
 _TEN = _b(NatKind.SNAT, "10.0.0.0", "10.255.255.255")
 _V6 = _b(NatKind.SNAT, "2001:db8::1", "2001:db8::ffff")
 _V6_HIGH = _b(NatKind.DNAT, "2001:db8:0:1::", "2001:db8:0:1::ff")
+_DNAT = _b(NatKind.DNAT, "192.0.2.1")
+_DNAT_PORTS = _b(NatKind.DNAT, "192.0.2.1", ports=(8000, 8099))
 
 CASES: tuple[AdmissionCase, ...] = (
     # no NAT: the address kept, any port
@@ -144,4 +170,20 @@ CASES: tuple[AdmissionCase, ...] = (
           True),
     _case("none or masquerade, translated elsewhere", (_MASQ, _NONE), "10.0.1.2", "198.51.100.2", 5060,
           False),
+    # the port before translation: a destination port is kept unless a range is named
+    _case("no port range, port kept", (_DNAT,), "192.0.2.10", "192.0.2.1", 5060, True, 5060),
+    _case("no port range, port changed", (_DNAT,), "192.0.2.10", "192.0.2.1", 5070, True, 5060, False),
+    _case("no port range, port one above", (_DNAT,), "192.0.2.10", "192.0.2.1", 5061, True, 5060, False),
+    _case("none, port changed", (_NONE,), "192.0.2.10", "192.0.2.10", 5070, True, 5060, False),
+    _case("none, port 0 kept", (_NONE,), "192.0.2.10", "192.0.2.10", 0, True, 0),
+    _case("none, port 65535 from 0", (_NONE,), "192.0.2.10", "192.0.2.10", 65535, True, 0, False),
+    _case("port range, the original outside it", (_DNAT_PORTS,), "192.0.2.10", "192.0.2.1", 8050, True, 80),
+    _case("port range, the original inside, the translated not", (_DNAT_PORTS,), "192.0.2.10", "192.0.2.1",
+          80, False, 8050),
+    _case("a range refuses the port, the second keeps it", (_DNAT_PORTS, _DNAT), "192.0.2.10", "192.0.2.1",
+          80, True, 80),
+    _case("a range refuses the port, the second would keep another", (_DNAT_PORTS, _DNAT), "192.0.2.10",
+          "192.0.2.1", 80, True, 81, False),
+    _case("v6 none, port kept", (_NONE,), "2001:db8::10", "2001:db8::10", 443, True, 443),
+    _case("v6 none, port changed", (_NONE,), "2001:db8::10", "2001:db8::10", 444, True, 443, False),
 )

@@ -17,6 +17,12 @@ A side whose NAT hook never ran (no ``*_NAT_DONE`` bit: the entry predates
 every NAT chain of its family, and the kernel never NATs a confirmed entry
 later) is a null binding, judged like any other (``Entry.actual_snat``).
 
+Where the prediction has alternatives (the ways the flow may have come:
+input interface, multipath path, chain order), the entry is stale only if
+every way that lets the flow out refuses its bindings; the previous
+snapshot can only make an entry undecided, never stale (see "several
+alternatives" below).
+
 Entries sharing a flow are decided once. Every stale or undecided entry
 carries a reason a person can read. This module never performs I/O and never
 deletes anything: it returns a ``FlushPlan``.
@@ -37,7 +43,7 @@ from topowatch.core.classify import Classifier
 from topowatch.core.conntrack import ICMP_PROTOS, IPS_SEEN_REPLY, Entry
 from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility
 from topowatch.core.fib import Fib
-from topowatch.core.flow import Binding, Egress, Flow, NatKind, Prediction, Unknown
+from topowatch.core.flow import Binding, Egress, Flow, Ingress, NatKind, Prediction, Unknown
 from topowatch.core.model import IPAddress
 
 T = TypeVar("T")
@@ -60,6 +66,7 @@ class ReasonCode(enum.StrEnum):
     EGRESS_CHANGED_UNKNOWN_NAT = "egress_changed_unknown_nat"  # NAT unpredictable, egress moved
     UNKNOWN_NAT = "unknown_nat"  # undecided: NAT unpredictable, no previous snapshot to compare
     UNKNOWN_NAT_UNKNOWN_EGRESS = "unknown_nat_unknown_egress"  # undecided: egress unpredictable too
+    UNKNOWN_INGRESS = "unknown_ingress"  # undecided: healthy on one input interface, stale on another
 
 
 def unknown_code(prediction: Prediction, before: Prediction | None) -> ReasonCode | None:
@@ -136,6 +143,27 @@ def _egress_key(egress: tuple[Egress, ...]) -> frozenset[tuple[object, ...]]:
     return frozenset((e.kind, e.oif, e.gateway, e.masquerade_source, e.xfrm) for e in egress)
 
 
+_WHAT = {"snat": "source", "dnat": "destination"}
+
+
+def _reading(entry: Entry, side: str) -> tuple[Binding | None, IPAddress, IPAddress, int, int]:
+    """One side of an entry: its actual binding, original and translated address and port.
+
+    ICMP keeps its "port" (type and code, or the id) on both sides.
+    """
+    if side == "snat":
+        actual = entry.actual_snat()
+        original, translated = entry.orig.src, entry.reply.dst
+        original_port, translated_port = entry.orig.sport, entry.reply.dport
+    else:
+        actual = entry.actual_dnat()
+        original, translated = entry.orig.dst, entry.reply.src
+        original_port, translated_port = entry.orig.dport, entry.reply.sport
+    if entry.proto in ICMP_PROTOS:
+        translated_port = original_port
+    return actual, original, translated, original_port, translated_port
+
+
 def _side(
     entry: Entry,
     side: str,
@@ -144,22 +172,17 @@ def _side(
     before: Prediction | None,
     *,
     texts: dict[str, tuple[str, tuple[Binding, ...], str]] | None = None,
+    ruleset_changed: bool = False,
 ) -> _Judgement | None:
-    """Judge one side of an entry; ``texts`` caches what depends on the prediction alone."""
-    if side == "snat":
-        actual = entry.actual_snat()
-        original, translated = entry.orig.src, entry.reply.dst
-        original_port, translated_port = entry.orig.sport, entry.reply.dport
-        what = "source"
-    else:
-        actual = entry.actual_dnat()
-        original, translated = entry.orig.dst, entry.reply.src
-        original_port, translated_port = entry.orig.dport, entry.reply.sport
-        what = "destination"
+    """Judge one side of an entry; ``texts`` caches what depends on the prediction alone.
+
+    ``ruleset_changed``: the ruleset is not the one of the previous snapshot, so an
+    unchanged egress does not say that an unpredictable NAT stayed the same.
+    """
+    actual, original, translated, original_port, translated_port = _reading(entry, side)
+    what = _WHAT[side]
     if actual is None:
         return None  # no NAT hook ran, yet the tuples differ (made by hand): nothing to judge
-    if entry.proto in ICMP_PROTOS:
-        translated_port = original_port
     if isinstance(predicted, Unknown):
         now = _egress_text(prediction.egress)
         code = unknown_code(prediction, before)
@@ -185,10 +208,18 @@ def _side(
                 f"{what} NAT cannot be predicted ({predicted.reason}), but the flow's egress changed "
                 f"from {was} to {now}", ReasonCode.EGRESS_CHANGED_UNKNOWN_NAT,
             )
-        return None  # egress unchanged: nothing says the entry went stale
+        if ruleset_changed:
+            return _Judgement(
+                side, False, True, actual, (),
+                f"{what} NAT cannot be predicted ({predicted.reason}); the egress is the same, but the "
+                f"ruleset changed", ReasonCode.UNKNOWN_NAT,
+            )
+        return None  # egress unchanged, and the ruleset too: nothing says the entry went stale
     if not predicted:
         return None  # the flow would be dropped now: nothing to re-NAT
-    if any(b.admits(original, translated, original_port, translated_port) for b in predicted):
+    dnat_side = side == "dnat"
+    if any(b.admits(original, translated, original_port, translated_port, dnat_side=dnat_side)
+           for b in predicted):  # fmt: skip
         return None
     cached = texts.get(side) if texts is not None else None
     if cached is None:
@@ -212,6 +243,195 @@ def _translation(original: IPAddress, translated: IPAddress, actual: Binding) ->
     if original == translated and actual.ports is None:
         return f"{original} (no NAT)"
     return f"{actual.describe()} ({original} -> {translated})"
+
+
+# --- several alternatives (``Prediction.alternatives``) ---------------------------------
+#
+# Where the flow may have entered on several interfaces (reverse-path filtering
+# does not pin it) or may leave by several paths (a multipath route), and the
+# answer depends on which, the prediction holds one alternative per input
+# interface and path. The entry's flow took one of them, and which one is unknown:
+#
+# - every alternative gives it other bindings (on one side or the other), or drops
+#   the flow (nothing to fix there): stale, wherever it came in and went out;
+# - some alternative gives it its bindings now: it may be an entry made since the
+#   change, that way, so it is never stale. It is healthy, unless a previous
+#   snapshot says it may also be an old entry that got its bindings then on an
+#   interface and path where they are now wrong: then undecided (``UNKNOWN_INGRESS``).
+#   The consistent alternatives are those of the previous snapshot that gave it
+#   its bindings (an unknown one counts as consistent). An old flow keeps its path
+#   while its interface's paths stay the same (the multipath hash is the flow's);
+#   where they changed it may take any of them now. An interface that did not
+#   receive then, or drops the flow now, puts nothing at risk;
+# - no alternative admits it and some are unknown: the union's per-side judgement.
+#
+# Narrowing by the previous snapshot never deletes: an entry made since the change
+# cannot be told from an old one, so the entry's own binding can only keep an
+# entry or leave it undecided.
+
+
+def _side_admits(entry: Entry, side: str, predicted: frozenset[Binding] | Unknown) -> bool | None:
+    """Does ``predicted`` leave the entry's ``side`` as it is? None: unknown.
+
+    True where nothing is to be judged: no NAT hook ran yet the tuples
+    differ, or the flow would be dropped (an empty set).
+    """
+    actual, original, translated, original_port, translated_port = _reading(entry, side)
+    if actual is None:
+        return True
+    if isinstance(predicted, Unknown):
+        return None
+    if not predicted:
+        return True
+    dnat_side = side == "dnat"
+    return any(b.admits(original, translated, original_port, translated_port, dnat_side=dnat_side)
+               for b in predicted)  # fmt: skip
+
+
+def _alternative(entry: Entry, alt: Prediction) -> bool | None:
+    """Does ``alt`` give the entry its bindings on both sides? None: it may or may not."""
+    dnat, snat = _side_admits(entry, "dnat", alt.dnat), _side_admits(entry, "snat", alt.snat)
+    if dnat is False or snat is False:
+        return False
+    if dnat is None or snat is None:
+        return None
+    return True
+
+
+def _dropped(alt: Prediction) -> bool:
+    """True when ``alt`` never lets the flow out (no SNAT hook reached): nothing to fix there."""
+    return not isinstance(alt.snat, Unknown) and not alt.snat
+
+
+def _ingress_key(p: Prediction) -> str | None:
+    """The alternative's input interface (None: any of the candidates)."""
+    ingress = p.ingress
+    if isinstance(ingress, Ingress):
+        return "the host itself" if ingress.local else ingress.ifname
+    return None
+
+
+def _path(p: Prediction) -> str:
+    egress = p.egress
+    return "?" if isinstance(egress, Unknown) else " or ".join(e.describe() for e in egress)
+
+
+def _label(p: Prediction) -> str:
+    key = _ingress_key(p)
+    where = "any interface" if key is None else key
+    return f"{where}, {_path(p)}" if len(p.egress if not isinstance(p.egress, Unknown) else ()) else where
+
+
+# Per input interface (None: any) of the previous snapshot: the paths that gave the entry its
+# bindings, and all its paths.
+_Then = dict[str | None, tuple[frozenset[str], frozenset[str]]]
+
+
+def _consistent(entry: Entry, previous: Prediction) -> _Then:
+    """What the previous snapshot says about the ways the entry may have got its bindings."""
+    out: _Then = {}
+    for alt in previous.alternatives or (previous,):
+        key = _ingress_key(alt)
+        gave, paths = out.get(key, (frozenset(), frozenset()))
+        path = _path(alt)
+        if not _dropped(alt) and _alternative(entry, alt) is not False:
+            gave = gave | {path}
+        out[key] = (gave, paths | {path})
+    return out
+
+
+def _then_of(then: _Then, key: str | None) -> tuple[frozenset[str], frozenset[str]] | None:
+    """The previous snapshot's (consistent paths, paths) for interface ``key`` (None: not receiving)."""
+    if key is None:  # any interface now: whatever any interface did then
+        if not then:
+            return None
+        gave = frozenset().union(*(g for g, _ in then.values()))
+        return gave, frozenset().union(*(p for _, p in then.values()))
+    found = then.get(key)
+    return found if found is not None else then.get(None)
+
+
+def _at_risk(alt: Prediction, then: _Then, paths_now: dict[str | None, frozenset[str]]) -> bool:
+    """Could an old entry that got its bindings then have come this way now?"""
+    key = _ingress_key(alt)
+    found = _then_of(then, key)
+    if found is None:
+        return False  # the interface did not receive then
+    gave, paths = found
+    if not gave:
+        return False
+    return _path(alt) in gave or paths_now.get(key, frozenset()) != paths
+
+
+def _refused(entry: Entry, alt: Prediction) -> str:
+    """The first side ``alt`` does not give the entry ("dnat" first; "snat" if none is refused)."""
+    return "dnat" if _side_admits(entry, "dnat", alt.dnat) is False else "snat"
+
+
+def _labels(alts: list[Prediction], limit: int = 4) -> str:
+    names = list(dict.fromkeys(_label(a) for a in alts))
+    text = "; ".join(names[:limit])
+    return text + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _bindings_text(predicted: frozenset[Binding] | Unknown) -> str:
+    if isinstance(predicted, Unknown):
+        return f"unknown ({predicted.reason})"
+    if not predicted:
+        return "dropped"
+    return " or ".join(b.describe() for b in _sorted(predicted))
+
+
+def _sorted(bindings: Iterable[Binding]) -> tuple[Binding, ...]:
+    return tuple(sorted(bindings, key=lambda b: (b.kind.value, str(b.addr_lo), b.port_lo or 0)))
+
+
+def _gives(entry: Entry, alts: list[Prediction]) -> str:
+    """What each of ``alts`` would give the entry on its first refused side, for a reason."""
+    parts = []
+    for alt in alts[:4]:
+        side = _refused(entry, alt)
+        parts.append(f"by {_label(alt)} its {_WHAT[side]} would be "
+                     f"{_bindings_text(alt.dnat if side == 'dnat' else alt.snat)}")
+    if len(alts) > 4:
+        parts.append(f"and {len(alts) - 4} more")
+    return "; ".join(parts)
+
+
+def _joint_stale(entry: Entry, compiled: _Compiled, live: list[Prediction]) -> _Judgement:
+    """The verdict on an entry that no alternative gives its bindings (see above)."""
+    prediction = compiled.prediction
+    for side in ("dnat", "snat"):
+        union = prediction.dnat if side == "dnat" else prediction.snat
+        if _side_admits(entry, side, union) is False:  # no alternative gives this side: the usual reason
+            judged = _side(entry, side, union, prediction, None, texts=compiled.texts)
+            assert judged is not None and judged.stale
+            return judged
+    refused = [_refused(entry, a) for a in live]
+    side = "dnat" if refused.count("dnat") >= refused.count("snat") else "snat"
+    actual, original, translated, _, _ = _reading(entry, side)
+    assert actual is not None
+    known = [a.dnat if side == "dnat" else a.snat for a in live]
+    expected = _sorted({b for k in known if not isinstance(k, Unknown) for b in k})
+    return _Judgement(
+        side, True, False, actual, expected,
+        f"{_WHAT[side]} is {_translation(original, translated, actual)}, and no way it may have come in and "
+        f"gone out gives it its bindings now: {_gives(entry, live)}", _stale_code(side, actual, expected),
+    )
+
+
+def _undecided_alternatives(entry: Entry, prediction: Prediction, keep: list[Prediction],
+                            risk: list[Prediction]) -> _Judgement:  # fmt: skip
+    side = _refused(entry, risk[0])
+    actual, original, translated, _, _ = _reading(entry, side)
+    how = f"by {_labels(keep)} it keeps its bindings"
+    text = _translation(original, translated, actual) if actual is not None else "not translated"
+    return _Judgement(
+        side, False, True, actual, (),
+        f"{_WHAT[side]} is {text}: {how}, but it may be older and have got them where the previous state "
+        f"gave them, and then {_gives(entry, risk)}; which way it came is not known",
+        ReasonCode.UNKNOWN_INGRESS,
+    )
 
 
 _ADDRESS_TYPES = (IPv4Address, IPv6Address, IPv4Network, IPv6Network)
@@ -252,12 +472,14 @@ def mentions_sport(value: object, _depth: int = 0) -> bool:
 
 
 # How one side of a prediction admits an entry, precompiled: None when the side
-# is unknown; () when the flow would be dropped; else (lo, hi, port_lo, port_hi)
-# per binding, lo/hi None for "address kept".
-_Check = tuple[tuple[int | None, int | None, int | None, int | None], ...] | None
+# is unknown; () when the flow would be dropped; else (lo, hi, port_lo, port_hi,
+# kept) per binding, lo/hi None for "address kept", kept True where the port must
+# be the original one (a destination binding without a port range).
+_Range = tuple[int | None, int | None, int | None, int | None, bool]
+_Check = tuple[_Range, ...] | None
 
 
-def _compile(side: frozenset[Binding] | Unknown) -> _Check:
+def _compile(side: frozenset[Binding] | Unknown, *, dnat_side: bool = False) -> _Check:
     if isinstance(side, Unknown):
         return None
     return tuple(
@@ -266,21 +488,25 @@ def _compile(side: frozenset[Binding] | Unknown) -> _Check:
             None if b.addr_hi is None else int(b.addr_hi),
             b.port_lo,
             b.port_hi,
+            dnat_side and b.ports is None,
         )
         for b in side
     )
 
 
-def _admitted(check: _Check, original: int, translated: int, port: int) -> bool:
+def _admitted(check: _Check, original: int, translated: int, original_port: int, port: int) -> bool:
     # The rule is core/admission.py's; tests/core/test_admission.py runs this over its cases.
     assert check is not None
-    for lo, hi, port_lo, port_hi in check:
+    for lo, hi, port_lo, port_hi, kept in check:
         if lo is None or hi is None:
             if translated != original:
                 continue
         elif not lo <= translated <= hi:
             continue
-        if port_lo is not None and port_hi is not None and not port_lo <= port <= port_hi:
+        if port_lo is not None and port_hi is not None:
+            if not port_lo <= port <= port_hi:
+                continue
+        elif kept and port != original_port:
             continue
         return True
     return False
@@ -301,14 +527,111 @@ class _Compiled:
     portless: frozenset[str] = frozenset()
 
     @classmethod
-    def of(cls, prediction: Prediction) -> _Compiled:
-        dnat, snat = _compile(prediction.dnat), _compile(prediction.snat)
+    def of(cls, prediction: Prediction, flow: Flow | None = None, *, narrowing: bool = False,
+           previous: Prediction | None = None) -> _Compiled:  # fmt: skip
+        """The checks of ``prediction``; with alternatives, see ``_alternative_checks`` (needs ``flow``)."""
+        dnat, snat = _compile(prediction.dnat, dnat_side=True), _compile(prediction.snat)
         portless = frozenset(
             side
             for side, check in (("dnat", dnat), ("snat", snat))
-            if check is not None and all(port_lo is None for _, _, port_lo, _ in check)
+            if check is not None and all(port_lo is None for _, _, port_lo, _, _ in check)
         )
+        if prediction.alternatives:
+            assert flow is not None
+            dnat, snat = _alternative_checks(prediction, flow, narrowing=narrowing, previous=previous)
         return cls(prediction, dnat, snat, portless=portless)
+
+
+def _span(b: Binding, original: IPAddress, original_port: int, dnat_side: bool) -> tuple[int, int, int, int]:
+    """The (address, port) box of what ``b`` admits on a side with this original address and port."""
+    lo, hi = b.translated(original)
+    if b.port_lo is not None and b.port_hi is not None:
+        ports = (b.port_lo, b.port_hi)
+    elif dnat_side:
+        ports = (original_port, original_port)
+    else:
+        ports = (0, 0xFFFF)
+    return int(lo), int(hi), ports[0], ports[1]
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1] and a[2] <= b[3] and b[2] <= a[3]
+
+
+def _covers(big: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return big[0] <= b[0] and b[1] <= big[1] and big[2] <= b[2] and b[3] <= big[3]
+
+
+def _meets(bindings: frozenset[Binding], box: tuple[int, int, int, int], original: IPAddress, port: int,
+           dnat_side: bool) -> bool:  # fmt: skip
+    return any(_overlap(_span(c, original, port, dnat_side), box) for c in bindings)
+
+
+def _alternative_checks(prediction: Prediction, flow: Flow, *, narrowing: bool,
+                        previous: Prediction | None) -> tuple[_Check, _Check]:  # fmt: skip
+    """Checks that settle an entry of a prediction with alternatives only where it is healthy.
+
+    Entries they do not settle are judged one by one (``Decider._judge_alternatives``),
+    so they may admit less than the verdict would, never more. Alternatives that drop
+    the flow count for nothing. One side (the one whose alternatives agree, else the
+    destination) is checked against the bindings every alternative gives it: an entry
+    passing it has that side right whichever way it came. The other side is then
+    healthy where some alternative gives it (no previous snapshot), or, with one, for
+    bindings every alternative either gives too or could not have given then (the
+    previous snapshot's bindings for that interface do not meet them, or it did not
+    receive): an old entry that came that way cannot carry them. Bindings are read
+    against the flow's own original address and port: flows of one class agree on
+    how these meet.
+    """
+    live = [a for a in prediction.alternatives if not _dropped(a)]
+    if not live:
+        return (), ()
+    known: dict[str, list[frozenset[Binding]]] = {}
+    for side in ("dnat", "snat"):
+        values = [a.dnat if side == "dnat" else a.snat for a in live]
+        sets = [v for v in values if not isinstance(v, Unknown)]
+        if len(sets) < len(values):
+            return None, None
+        known[side] = sets
+    agree = [side for side in ("dnat", "snat") if len({v for v in known[side] if v}) <= 1]
+    fixed = agree[0] if agree else "dnat"
+    free = "snat" if fixed == "dnat" else "dnat"
+    nonempty = [v for v in known[fixed] if v]
+    fixed_check: _Check
+    if not nonempty:
+        fixed_check = ()
+    else:
+        common = frozenset.intersection(*nonempty)
+        fixed_check = _compile(common, dnat_side=fixed == "dnat") if common else None
+    sets = known[free]
+    dnat_side = free == "dnat"
+    free_check: _Check
+    # (A live alternative's sets are never empty: an empty DNAT side means no SNAT side either.)
+    if not narrowing:
+        free_check = _compile(frozenset().union(*sets), dnat_side=dnat_side)
+    else:
+        original, port = (flow.dst, flow.dport) if dnat_side else (flow.src, flow.sport)
+        then: dict[str | None, list[frozenset[Binding] | Unknown]] = {}
+        for p in (previous.alternatives or (previous,)) if previous is not None else ():
+            if not _dropped(p):
+                then.setdefault(_ingress_key(p), []).append(p.dnat if dnat_side else p.snat)
+        certain = []
+        for b in frozenset().union(*sets):
+            box = _span(b, original, port, dnat_side)
+            for alt, now in zip(live, sets, strict=True):
+                if any(_covers(_span(c, original, port, dnat_side), box) for c in now):
+                    continue  # this way gives the entry its binding too
+                if previous is None:
+                    break
+                key = _ingress_key(alt)
+                before = [v for k, vs in then.items() if key is None or k is None or k == key for v in vs]
+                if any(isinstance(v, Unknown) or not v or _meets(v, box, original, port, dnat_side)
+                       for v in before):  # fmt: skip
+                    break  # an old entry that came this way may carry this binding
+            else:
+                certain.append(b)
+        free_check = _compile(frozenset(certain), dnat_side=dnat_side) if certain else None
+    return (fixed_check, free_check) if fixed == "dnat" else (free_check, fixed_check)
 
 
 def _healthy(entry: Entry, compiled: _Compiled) -> bool:
@@ -323,14 +646,18 @@ def _healthy(entry: Entry, compiled: _Compiled) -> bool:
         return False
     if check:
         port = orig.dport if entry.proto in ICMP_PROTOS else reply.sport
-        if reply.src.version != orig.dst.version or not _admitted(check, int(orig.dst), int(reply.src), port):
+        if reply.src.version != orig.dst.version or not _admitted(
+            check, int(orig.dst), int(reply.src), orig.dport, port
+        ):
             return False
     check = compiled.snat
     if check is None:
         return False
     if check:
         port = orig.sport if entry.proto in ICMP_PROTOS else reply.dport
-        if reply.dst.version != orig.src.version or not _admitted(check, int(orig.src), int(reply.dst), port):
+        if reply.dst.version != orig.src.version or not _admitted(
+            check, int(orig.src), int(reply.dst), orig.sport, port
+        ):
             return False
     return True
 
@@ -362,11 +689,11 @@ _REFUSED: tuple[_Check, _Check] = (None, None)
 _LEFT: tuple[_Check, _Check] = ((), ())
 
 
-def _admitted_raw(check: _Check, original: bytes, translated: bytes, port: int) -> bool:
+def _admitted_raw(check: _Check, original: bytes, translated: bytes, original_port: int, port: int) -> bool:
     """``_admitted`` over packed addresses (converted only where a range needs it)."""
     assert check is not None
     value = -1
-    for lo, hi, port_lo, port_hi in check:
+    for lo, hi, port_lo, port_hi, kept in check:
         if lo is None or hi is None:
             if translated != original:
                 continue
@@ -375,7 +702,10 @@ def _admitted_raw(check: _Check, original: bytes, translated: bytes, port: int) 
                 value = int.from_bytes(translated, "big")
             if not lo <= value <= hi:
                 continue
-        if port_lo is not None and port_hi is not None and not port_lo <= port <= port_hi:
+        if port_lo is not None and port_hi is not None:
+            if not port_lo <= port <= port_hi:
+                continue
+        elif kept and port != original_port:
             continue
         return True
     return False
@@ -385,7 +715,8 @@ def _admitted_raw(check: _Check, original: bytes, translated: bytes, port: int) 
 # entries of known keys without calling back: b"R" for a key the eligibility refuses;
 # else b"P", then the DNAT side, then the SNAT side, each a mode byte (0 unknown: always
 # judged; 1 no binding: never judged; 2 bindings, whether the side's NAT ran or not), and for mode 2
-# a count byte and per binding 37 bytes: flags (1 address range, 2 port range), lo and
+# a count byte and per binding 37 bytes: flags (1 address range, 2 port range, 4 the
+# port must be the original one), lo and
 # hi as 16-byte big-endian integers, port lo and hi as 2-byte big-endian integers.
 # Exactly the checks of ``Decider.add_raw``; None where a value does not fit (the key
 # then always goes through ``add_raw``).
@@ -409,8 +740,8 @@ def _program_side(check: _Check) -> bytes | None:
         return None
     out = bytearray(b"\x02")
     out.append(len(check))
-    for lo, hi, port_lo, port_hi in check:
-        flags = 0
+    for lo, hi, port_lo, port_hi, kept in check:
+        flags = 4 if kept else 0
         lo_b = hi_b = bytes(16)
         if lo is not None and hi is not None:
             if not (0 <= lo < 1 << 128 and 0 <= hi < 1 << 128):
@@ -575,8 +906,12 @@ class Decider:
         build: EntryBuilder | None = None,
         classifier: Classifier | None = None,
         only: frozenset[tuple[int, int]] | None = None,
+        predict_before: Predictor | None = None,
     ) -> None:
         self.predict = predict
+        # The evaluator bound to the previous snapshot's ruleset, which with ``fib_before`` says
+        # which bindings a flow got then (``predict`` when None: the ruleset did not change).
+        self.predict_before = predict_before
         # Flow classes (``core.classify``): predictions are kept per class, so the caches hold
         # one slot per class seen, whatever the traffic. Without an exact classifier they are
         # kept per flow key, and cleared when they pass ``FLOW_CACHE_LIMIT``.
@@ -598,6 +933,7 @@ class Decider:
         self.undecided: list[Decision] = []
         self._now: dict[Hashable, _Compiled] = {}
         self._before: dict[Hashable, Prediction] = {}
+        self._then: dict[Hashable, Prediction] = {}
         self._raw: dict[Hashable, tuple[_Check, _Check] | _Compiled] = {}
         # Programs by packed raw key, filled and read by a compiled scan (``raw_program``).
         self.raw_cache: dict[bytes, bytes | None] = {}
@@ -624,7 +960,10 @@ class Decider:
         if compiled is None:
             if self.classifier is None and len(self._now) >= FLOW_CACHE_LIMIT:
                 self._forget()
-            compiled = _Compiled.of(self.predict(self.fib_now, entry.flow))
+            prediction = self.predict(self.fib_now, entry.flow)
+            narrowing = self.fib_before is not None
+            previous = self._previous(key, entry) if prediction.alternatives and narrowing else None
+            compiled = _Compiled.of(prediction, entry.flow, narrowing=narrowing, previous=previous)
             self._now[key] = compiled
             self.predicted += 1
         return key, compiled
@@ -633,6 +972,7 @@ class Decider:
         """Per-flow caches only: drop them all (they are rebuilt as flows come by)."""
         self._now.clear()
         self._before.clear()
+        self._then.clear()
         self._raw.clear()
         self.raw_cache.clear()
 
@@ -680,7 +1020,9 @@ class Decider:
             return compile_program((), ())
         assert isinstance(slot, _Compiled)
         program = compile_program(slot.dnat, slot.snat)
-        if program is None or self.records is None:
+        if program is None or self.records is None or slot.prediction.alternatives:
+            # With alternatives (ways the entry may have come) the checks settle healthy entries
+            # only: a failed one is judged one by one (``_judge_alternatives``), never a record.
             return program
         key = self._raw_key(raw)
         if slot.dnat is None or slot.snat is None:
@@ -726,13 +1068,13 @@ class Decider:
         assert isinstance(slot, _Compiled)
         check = slot.dnat
         if check is None or (
-            check and not _admitted_raw(check, odst, rsrc, odport if proto in ICMP_PROTOS else rsport)
+            check and not _admitted_raw(check, odst, rsrc, odport, odport if proto in ICMP_PROTOS else rsport)
         ):
             self._judge_raw(raw, key, slot)
             return
         check = slot.snat
         if check is None or (
-            check and not _admitted_raw(check, osrc, rdst, osport if proto in ICMP_PROTOS else rdport)
+            check and not _admitted_raw(check, osrc, rdst, osport, osport if proto in ICMP_PROTOS else rdport)
         ):
             self._judge_raw(raw, key, slot)
 
@@ -798,7 +1140,8 @@ class Decider:
         predicted = prediction.dnat if side == "dnat" else prediction.snat
         if side not in compiled.portless or self.classifier is not None:
             # With classes the entry's own address is not part of the key: no reuse across it.
-            return _side(entry, side, predicted, prediction, before, texts=compiled.texts)
+            return _side(entry, side, predicted, prediction, before, texts=compiled.texts,
+                         ruleset_changed=self.predict_before is not None)
         orig, reply = entry.orig, entry.reply
         if kept is None:
             if side == "dnat":
@@ -806,13 +1149,69 @@ class Decider:
             else:
                 kept = reply.dst == orig.src and (entry.proto in ICMP_PROTOS or reply.dport == orig.sport)
         if not kept:
-            return _side(entry, side, predicted, prediction, before, texts=compiled.texts)
+            return _side(entry, side, predicted, prediction, before, texts=compiled.texts,
+                         ruleset_changed=self.predict_before is not None)
         try:
             return compiled.unnated[side]
         except KeyError:
-            judged = _side(entry, side, predicted, prediction, before, texts=compiled.texts)
+            judged = _side(entry, side, predicted, prediction, before, texts=compiled.texts,
+                           ruleset_changed=self.predict_before is not None)
             compiled.unnated[side] = judged
             return judged
+
+    def _before_now(self, key: Hashable, entry: Entry) -> Prediction:
+        """The flow under the previous topology and the current ruleset (the egress comparison)."""
+        assert self.fib_before is not None
+        before = self._before.get(key)
+        if before is None:
+            before = self.predict(self.fib_before, entry.flow)
+            self._before[key] = before
+        return before
+
+    def _previous(self, key: Hashable, entry: Entry) -> Prediction | None:
+        """The flow under the previous snapshot, topology and ruleset (None: no previous snapshot)."""
+        if self.fib_before is None:
+            return None
+        if self.predict_before is None:
+            return self._before_now(key, entry)
+        then = self._then.get(key)
+        if then is None:
+            then = self.predict_before(self.fib_before, entry.flow)
+            self._then[key] = then
+        return then
+
+    def _judge_alternatives(self, entry: Entry, key: Hashable, compiled: _Compiled) -> bool:
+        """Judge an entry that may have entered on several interfaces (see above ``_side_admits``).
+
+        False when no alternative admits it and some are unknown: the caller judges the
+        union, side by side.
+        """
+        live = [a for a in compiled.prediction.alternatives if not _dropped(a)]
+        if not live:
+            return True  # dropped whichever way it comes: nothing to fix
+        verdicts = [_alternative(entry, a) for a in live]
+        if all(v is False for v in verdicts):
+            self._record(entry, _joint_stale(entry, compiled, live))
+            return True
+        if not any(v is True for v in verdicts):
+            return False
+        previous = self._previous(key, entry)
+        if previous is None:
+            return True  # healthy: it may have been made since, a way that gives it its bindings
+        then = _consistent(entry, previous)
+        paths_now: dict[str | None, frozenset[str]] = {}
+        for a in compiled.prediction.alternatives:
+            paths_now[_ingress_key(a)] = paths_now.get(_ingress_key(a), frozenset()) | {_path(a)}
+        risk = [a for a, v in zip(live, verdicts, strict=True)
+                if v is not True and _at_risk(a, then, paths_now)]  # fmt: skip
+        if risk:
+            keep = [a for a, v in zip(live, verdicts, strict=True) if v is True]
+            self._record(entry, _undecided_alternatives(entry, compiled.prediction, keep, risk))
+        return True
+
+    def _record(self, entry: Entry, j: _Judgement) -> None:
+        decision = Decision(entry, j.side, j.actual, j.expected, j.reason, j.code)
+        (self.stale if j.stale else self.undecided).append(decision)
 
     def _judge(
         self,
@@ -822,14 +1221,13 @@ class Decider:
         kept: tuple[bool | None, bool | None] = (None, None),  # per side, as ``_side`` takes it
     ) -> None:
         prediction = compiled.prediction
+        if prediction.alternatives and self._judge_alternatives(entry, key, compiled):
+            return
         before: Prediction | None = None
         if self.fib_before is not None and (
             isinstance(prediction.dnat, Unknown) or isinstance(prediction.snat, Unknown)
         ):
-            before = self._before.get(key)
-            if before is None:
-                before = self.predict(self.fib_before, entry.flow)
-                self._before[key] = before
+            before = self._before_now(key, entry)
         # DNAT first: a stale destination already condemns the entry (SNAT is not looked at).
         dnat = self._side(entry, "dnat", compiled, before, kept[0])
         if dnat is not None and dnat.stale:
@@ -933,11 +1331,13 @@ def decide(
     sport_matters: bool = True,
     classifier: Classifier | None = None,
     only: frozenset[tuple[int, int]] | None = None,
+    predict_before: Predictor | None = None,
 ) -> FlushPlan:
     """Judge every eligible entry; ``predict`` is the evaluator bound to the current ruleset.
 
     With ``sport_matters`` False (see ``mentions_sport``), entries sharing
-    (zone, mark, proto, src, dst, dport) are predicted once.
+    (zone, mark, proto, src, dst, dport) are predicted once. ``predict_before``
+    is the evaluator bound to the previous snapshot's ruleset (see ``Decider``).
     """
     decider = Decider(
         predict=predict,
@@ -947,6 +1347,7 @@ def decide(
         sport_matters=sport_matters,
         classifier=classifier,
         only=only,
+        predict_before=predict_before,
     )
     add = decider.add
     for entry in entries:

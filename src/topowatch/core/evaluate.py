@@ -13,10 +13,12 @@ Theory of operation (``nf_nat_inet_fn``): a new flow meets two NAT hooks.
    never get there.
 
 At a hook the chains of the flow's family (ip or ip6, and inet) run by
-priority. Chains of equal priority run in the order they were registered,
-which no dump shows (an iptables-nft nat table and an nft table at srcnat
-100, say): every order is followed, and where two orders give the flow
-different outcomes the hook is ``Unknown``, naming the chains. Within a
+priority. Chains of equal priority run in the order they were registered
+(the one registered last first), which no dump shows (an iptables-nft nat
+table and an nft table at srcnat 100, say): ``predict`` follows each order
+of the nat chains, and where the orders give the flow different predictions
+each is an alternative (``Prediction.alternatives``); mark chains of equal
+priority whose orders disagree leave the marks unknown. Within a
 chain the rules run in order, with nft's jump (returns here), goto (does
 not), return, continue and accept (ends this chain only; the next chain of
 the hook still runs). The first NAT statement that fires decides the hook:
@@ -45,7 +47,11 @@ unknown DNAT side makes egress and SNAT side unknown too.
 
 The answer for a side is the set of bindings it could get (several with
 multipath routes or DNAT ranges). **An empty set means the flow would be
-dropped**; ``Prediction.explain`` says by what.
+dropped**; ``Prediction.explain`` says by what. What the entry does not say
+and the answer depends on (the input interface where reverse-path filtering
+does not pin it, the path of a multipath route, the order of equal-priority
+nat chains, a locally generated flow's socket mark where only ``fwmark``
+rules read it) is followed as alternatives, each a prediction of its own.
 
 This module never performs I/O and never guesses: what it does not model is
 ``Unknown``.
@@ -361,10 +367,13 @@ class _Side:
 
 
 class _Evaluator:
-    def __init__(self, ruleset: NatRuleset, fib: Fib, flow: Flow | None = None) -> None:
+    def __init__(self, ruleset: NatRuleset, fib: Fib, flow: Flow | None = None, order: _Order | None = None
+                 ) -> None:  # fmt: skip
         self.ruleset = ruleset
         self.fib = fib
         self.flow = flow
+        # The order of nat chains that share a hook and a priority (None: follow every order).
+        self.order = order
         # The packet as mark statements changed it in this run of a hook (None: unchanged).
         self._marked: _Packet | None = None
 
@@ -376,6 +385,18 @@ class _Evaluator:
         """
         run = self._run_marks if marks else self._run_hook
         tied = _ties(side.chains)
+        order = self.order
+        if tied and order is not None and not marks:
+            # The order chosen for each group that matters; the other groups (every chain but one
+            # empty, ``_order_alternatives``) run alike in any order.
+            chains = side.chains
+            for group in tied:
+                chosen = order.get(tuple(c.key for c in group))
+                if chosen is not None:
+                    start = next(i for i, c in enumerate(chains) if c is group[0])
+                    chains = (*chains[:start], *chosen, *chains[start + len(group):])
+            ordered = replace(side, chains=chains)
+            return _explore(lambda tape: run(ordered, tape))
         if not tied:
             return _explore(lambda tape: run(side, tape))
         orders = math.prod(math.factorial(len(group)) for group in tied)
@@ -829,6 +850,9 @@ def _dst_nat(binding: Binding, flow: Flow) -> bool | None:
     ports = binding.ports
     if ports is not None and not ports[0] <= flow.dport <= ports[1]:
         return True
+    if lo == hi and (ports is None or ports[0] == ports[1]):
+        # The one address (and port) is the flow's own: get_unique_tuple keeps the tuple.
+        return False
     return None
 
 
@@ -909,15 +933,133 @@ def _union_side(sides: list[tuple[str, frozenset[Binding] | Unknown]]) -> frozen
     return frozenset(found)
 
 
+# Chain orders (of nat chains that share a hook and a priority) followed as alternatives at most.
+MAX_ORDER_ALTERNATIVES = 8
+_NAT_HOOKS = (Hook.PREROUTING, Hook.OUTPUT, Hook.POSTROUTING, Hook.INPUT)
+# A tie group (its chains' keys, in dump order) -> the order its chains run in.
+_Order = dict[tuple[tuple[str, str, str], ...], tuple[Chain, ...]]
+
+
+def _order_alternatives(ruleset: NatRuleset, family: int) -> list[_Order]:
+    """Every way the nat chains of ``family`` that share a hook and a priority may be ordered.
+
+    The kernel runs such chains in registration order (the one registered last
+    first), which the ruleset dump does not show; the order is the same for
+    every flow and stays while the chains do. Empty where no chains share one.
+    """
+    # A chain without rules and with policy accept changes nothing wherever it runs.
+    groups = [g for hook in _NAT_HOOKS for g in _ties(ruleset.base_chains(hook, family))
+              if sum(bool(c.rules) or c.policy == "drop" for c in g) > 1]  # fmt: skip
+    if not groups:
+        return []
+    keys = [tuple(c.key for c in g) for g in groups]
+    return [dict(zip(keys, choice, strict=True))
+            for choice in itertools.product(*(itertools.permutations(g) for g in groups))]  # fmt: skip
+
+
 def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
     """The NAT bindings ``flow`` would get now, with the egresses and the rules that decide them.
+
+    Nat chains that share a hook and a priority run in an order no dump shows
+    (``_order_alternatives``): where the orders give the flow different
+    predictions, each order's prediction is an alternative (and the sides
+    their unions); a hook whose orders disagree is otherwise unknown.
+    """
+    orders = _order_alternatives(ruleset, flow.family)
+    if not orders or len(orders) > MAX_ORDER_ALTERNATIVES:
+        return _predict_ordered(ruleset, fib, flow, None)
+    preds = [_predict_ordered(ruleset, fib, flow, order) for order in orders]
+    names = "; ".join(_describe_tie(g) for g in orders[0].values())
+    return _either(preds, f"{names}: their order is not known, each is followed")
+
+
+def _either(preds: list[Prediction], why: str) -> Prediction:
+    """One of ``preds`` holds and which is not known: the first where all agree, else each an alternative."""
+    first = preds[0]
+    if all(_same(p, first) for p in preds[1:]):
+        return first
+    alternatives = tuple(a for p in preds for a in (p.alternatives or (p,)))
+    egress: tuple[Egress, ...] | Unknown = ()
+    for p in preds:
+        if isinstance(p.egress, Unknown):
+            egress = p.egress
+            break
+        assert not isinstance(egress, Unknown)
+        egress = tuple(dict.fromkeys((*egress, *p.egress)))
+    return Prediction(
+        dnat=_union_side([("one of them", p.dnat) for p in preds]),
+        snat=_union_side([("one of them", p.snat) for p in preds]),
+        egress=egress,
+        ingress=first.ingress,
+        explain=(why, *dict.fromkeys(line for p in preds for line in p.explain)),
+        alternatives=alternatives,
+    )
+
+
+# Socket marks of a locally generated flow followed as alternatives at most.
+MAX_MARK_ALTERNATIVES = 8
+
+
+def _reads_packet_mark(ruleset: NatRuleset) -> bool:
+    """True if a rule may read the packet mark (conservative): a match on it, a copy or a partial set."""
+    for chain in ruleset.chains:
+        for rule in chain.rules:
+            for expr in rule.exprs:
+                if isinstance(expr, MarkCopy | UnknownMatch | UnknownStatement):
+                    return True
+                if isinstance(expr, MarkSet) and not expr.ct and expr.mask != 0xFFFFFFFF:
+                    return True
+                selectors: tuple[Selector, ...] = ()
+                if isinstance(expr, Match):
+                    selectors = (expr.selector,)
+                elif isinstance(expr, ConcatMatch | VerdictMap | NatMapStatement):
+                    selectors = expr.selectors
+                elif isinstance(expr, AnyOf):
+                    selectors = tuple(m.selector for m in expr.matches)
+                if any(sel.key is Key.MARK for sel in selectors):
+                    return True
+    return False
+
+
+def _socket_marks(ruleset: NatRuleset, fib: Fib) -> tuple[int, ...] | None:
+    """Marks that stand for every mark a locally generated flow's socket may give it (None: none do).
+
+    The socket's mark (SO_MARK) is not in the entry. Where only the policy
+    rules' ``fwmark`` read it (no rule of the ruleset, no xfrm policy), all
+    under one mask, a mark matches the rules of its masked value or none:
+    one mark per masked value, and one that matches none, stand for them all.
+    """
+    rules = [r for r in fib.topology.rules if r.fwmark is not None]
+    if not rules or any(p.mark_mask for p in fib.topology.xfrm_policies) or _reads_packet_mark(ruleset):
+        return None
+    masks = {r.fwmask if r.fwmask is not None else (0xFFFFFFFF if r.fwmark else 0) for r in rules}
+    if len(masks) != 1:
+        return None
+    (mask,) = masks
+    values = sorted({(r.fwmark or 0) & mask for r in rules})
+    low = mask & -mask
+    other = next((k * low for k in range(64) if (k * low) & mask not in values), None)
+    if other is None or len(values) + 1 > MAX_MARK_ALTERNATIVES:
+        return None
+    return (*values, other)
+
+
+def _same(a: Prediction, b: Prediction) -> bool:
+    """The same bindings, egresses and alternatives (the rules that made them may differ)."""
+    return (a.dnat, a.snat, a.egress, [(x.dnat, x.snat, x.egress, x.ingress) for x in a.alternatives]) == (
+        b.dnat, b.snat, b.egress, [(x.dnat, x.snat, x.egress, x.ingress) for x in b.alternatives])
+
+
+def _predict_ordered(ruleset: NatRuleset, fib: Fib, flow: Flow, order: _Order | None) -> Prediction:
+    """``predict`` with the chains that share a hook and priority run in ``order`` (None: every order).
 
     Where reverse-path filtering does not pin the input interface
     (``Fib.ingresses``), the flow is evaluated once per candidate interface
     (once in all when nothing reads it, ``reads_iif``) and each side is the
-    union of the candidates' bindings: an entry is stale only if no
-    interface it may have entered on would give it its binding now. A side
-    unknown for one candidate is unknown. ``ingress`` is then ``Unknown``,
+    union of the candidates' bindings, and ``alternatives`` holds each
+    candidate's own prediction: an entry is stale only if no interface it
+    may have entered on would give it its bindings now. A side unknown for
+    one candidate is unknown in the union. ``ingress`` is then ``Unknown``,
     naming the candidates.
     """
     found = fib.ingresses(flow, netfilter_rpf=flow.family in ruleset.rpfilter)
@@ -925,16 +1067,18 @@ def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
         return _unknown_all(found, f"ingress unknown: {found.reason}")
     candidates, why = found
     if len(candidates) == 1:
-        return _predict_via(ruleset, fib, flow, candidates[0])
+        return _predict_via(ruleset, fib, flow, candidates[0], order)
     names = ", ".join(c.ifname for c in candidates[:8])
     if len(candidates) > 8:
         names += f" and {len(candidates) - 8} more"
     ingress = Unknown(f"any of {names} ({why})")
     if not reads_iif(ruleset, fib):
-        return replace(_predict_via(ruleset, fib, flow, candidates[0]), ingress=ingress)
+        one = _predict_via(ruleset, fib, flow, candidates[0], order)
+        paths = tuple(replace(a, ingress=ingress) for a in one.alternatives)
+        return replace(one, ingress=ingress, alternatives=paths)
     if len(candidates) > MAX_INGRESSES:
         return _unknown_all(ingress, f"the input interface matters and may be any of {len(candidates)}")
-    preds = [(c.ifname, _predict_via(ruleset, fib, flow, c)) for c in candidates]
+    preds = [(c.ifname, _predict_via(ruleset, fib, flow, c, order)) for c in candidates]
     egress: tuple[Egress, ...] | Unknown = ()
     explain: list[str] = []
     for name, p in preds:
@@ -949,6 +1093,7 @@ def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
         egress=egress,
         ingress=ingress,
         explain=tuple(dict.fromkeys(explain)),
+        alternatives=tuple(a for _, p in preds for a in (p.alternatives or (p,))),
     )
 
 
@@ -1005,7 +1150,8 @@ def _snat_marks(ev: _Evaluator, ruleset: NatRuleset, hook: Hook, packet: _Packet
     return _marks(ev, hook, plan.before, packet, ingress=ingress, explain=explain)
 
 
-def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress) -> Prediction:
+def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, order: _Order | None = None
+                 ) -> Prediction:  # fmt: skip
     """``predict`` for a flow that entered on ``ingress``.
 
     Marks: where the ruleset holds every chain that may set one
@@ -1020,7 +1166,13 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress) ->
     change what the NAT matches see, those above it only what routing and
     later hooks see. Routing uses the mark as it leaves prerouting (output).
     """
-    ev = _Evaluator(ruleset, fib, flow)
+    if ingress.local and flow.packet_mark is None:
+        marks = _socket_marks(ruleset, fib)
+        if marks is not None:
+            preds = [_predict_via(ruleset, fib, replace(flow, packet_mark=m), ingress, order) for m in marks]
+            return _either(preds, "the socket's mark is not known: each mark the policy rules tell apart is "
+                                  "followed")
+    ev = _Evaluator(ruleset, fib, flow, order)
     known = ruleset.marks_known
     received = 0 if known and not ingress.local else None
     base = _Packet(
@@ -1070,6 +1222,8 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress) ->
     egresses: list[Egress] = []
     snat: set[Binding] = set()
     snat_unknown: Unknown | None = None
+    # The SNAT side per path the flow may take (an unknown, or the bindings; none: dropped there).
+    by_path: dict[Egress, set[Binding] | Unknown] = {}
     expanded = [
         _Bound(b, o.reason) if isinstance(o, _BoundAny) else o
         for o in dnat_outcomes
@@ -1107,6 +1261,7 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress) ->
                 out, blocked = _xfrm_egress(fib, packet, routed_out)
                 if out not in egresses:
                     egresses.append(out)
+                path = by_path.setdefault(out, set())
                 if blocked is not None:
                     explain.append(f"dropped by xfrm: {blocked}")
                     continue
@@ -1120,6 +1275,7 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress) ->
                 if isinstance(at_snat, Unknown):
                     if snat_unknown is None:
                         snat_unknown = Unknown(f"snat unknown via {out.describe()}: {at_snat.reason}")
+                    by_path[out] = Unknown(f"snat unknown via {out.describe()}: {at_snat.reason}")
                     continue
                 if isinstance(at_snat, _Dropped):
                     explain.append(f"dropped before {snat_hook.value} nat: {at_snat.reason}")
@@ -1131,17 +1287,29 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress) ->
                     # Keep going: the egress set stays known and complete.
                     if snat_unknown is None:
                         snat_unknown = Unknown(f"snat unknown via {out.describe()}: {result.reason}")
+                    by_path[out] = Unknown(f"snat unknown via {out.describe()}: {result.reason}")
                     continue
                 if isinstance(result, _Dropped):
                     explain.append(f"dropped at {side.hook.value}: {result.reason}")
                     continue
                 assert not isinstance(result, _Marks)
                 snat.update(_bindings(result))
+                if isinstance(path, set):
+                    path.update(_bindings(result))
                 explain.append(f"snat via {out.describe()}: {result.reason}")
+    explained = tuple(dict.fromkeys(explain))
+    paths: tuple[Prediction, ...] = ()
+    if len(by_path) > 1:
+        paths = tuple(
+            Prediction(frozenset(dnat), found if isinstance(found, Unknown) else frozenset(found), (out,),
+                       ingress, explained)
+            for out, found in by_path.items()
+        )
     return Prediction(
         dnat=frozenset(dnat),
         snat=frozenset(snat) if snat_unknown is None else snat_unknown,
         egress=tuple(egresses),
         ingress=ingress,
-        explain=tuple(dict.fromkeys(explain)),
+        explain=explained,
+        alternatives=paths,
     )

@@ -178,19 +178,22 @@ class Binding:
             return original, original
         return self.addr_lo, self.addr_hi
 
-    def admits(self, original: IPAddress, addr: IPAddress, original_port: int, port: int) -> bool:
+    def admits(
+        self, original: IPAddress, addr: IPAddress, original_port: int, port: int, *, dnat_side: bool = False
+    ) -> bool:
         """True if an entry translated ``original:original_port`` to ``addr:port`` under this binding.
 
-        The rule, with its cases, is ``core.admission``'s; three faster copies follow it.
+        ``dnat_side``: the binding is the destination's. The rule, with its
+        cases, is ``core.admission``'s; three faster copies follow it.
         """
         lo, hi = self.translated(original)
         if lo.version != addr.version or not int(lo) <= int(addr) <= int(hi):
             return False
         if self.port_lo is not None and self.port_hi is not None:
             return self.port_lo <= port <= self.port_hi
-        # No port range: the kernel keeps the port unless it clashes, so any port is admitted.
-        del original_port
-        return True
+        # No port range: a source port is kept unless it clashes (any port is admitted); a
+        # destination port is never changed (``nf_nat_l4proto_unique_tuple``).
+        return not dnat_side or port == original_port
 
     @property
     def addr_text(self) -> str | None:
@@ -226,6 +229,12 @@ class Prediction:
     ``dnat``/``snat`` each hold the possible bindings of that side (several
     where multipath, ranges of maps or numgen make the choice not unique), or
     ``Unknown``. ``egress`` holds the possible egresses after DNAT.
+
+    ``alternatives``: where the flow may have entered on several interfaces
+    and the answer depends on which, the prediction per interface (each with
+    its ``ingress``); ``dnat`` and ``snat`` are then their unions. An entry
+    came in on one of them, so it is stale only if every alternative gives
+    it other bindings, on one side or the other (``core.decide``).
     """
 
     dnat: frozenset[Binding] | Unknown
@@ -234,3 +243,4 @@ class Prediction:
     ingress: Ingress | None | Unknown = None
     # Which rules made the bindings, one line each, for reasons ("chain postrouting: oifname up2 masquerade").
     explain: tuple[str, ...] = ()
+    alternatives: tuple[Prediction, ...] = ()

@@ -75,6 +75,8 @@ class PacketView(Protocol):
     def iif(self) -> object: ...
     @property
     def oif(self) -> object: ...
+    @property
+    def dst_nat(self) -> bool | None: ...
 
 
 # The first packet at a nat hook: what each state and status is.
@@ -84,7 +86,9 @@ _STATE_OF_FIRST_PACKET: dict[str, bool | None] = {
     "INVALID": False,
     "UNTRACKED": False,
     "RELATED": None,  # an expected connection is not told apart
-    "SNAT": None,
+    # IPS_SRC_NAT and IPS_DST_NAT (``conntrack_mt``): SNAT has not run yet where a match is
+    # evaluated (it runs last); DNAT is the packet's (``xt_match`` reads it).
+    "SNAT": False,
     "DNAT": None,
 }
 _STATUS_OF_FIRST_PACKET: dict[str, bool | None] = {
@@ -253,7 +257,8 @@ def xt_match(
 ) -> bool | Unknown:
     """The truth of ``m`` for the flow's first packet at ``hook`` (``local``: locally generated)."""
     if isinstance(m, CtStateMatch):
-        return _negate(_any_of(_STATE_OF_FIRST_PACKET, m.states, "ctstate"), m.negate)
+        states = dict(_STATE_OF_FIRST_PACKET, DNAT=packet.dst_nat)
+        return _negate(_any_of(states, m.states, "ctstate"), m.negate)
     if isinstance(m, CtStatusMatch):
         return _negate(_any_of(_STATUS_OF_FIRST_PACKET, m.statuses, "ctstatus"), m.negate)
     if isinstance(m, CtTupleMatch):

@@ -66,7 +66,7 @@
 
 /* Program layout (core.decide.raw_program): b"R" refused; or b"P" + dnat side + snat side,
  * each side: mode byte (0 unknown: always judge, 1 no binding: healthy, 2 ranges), for mode 2
- * a count byte and per range: flags (1 address range, 2 port range), lo[16], hi[16] big-endian,
+ * a count byte and per range: flags (1 address range, 2 port range, 4 port kept), lo[16], hi[16] big-endian,
  * port_lo[2], port_hi[2] big-endian. */
 #define RANGE_BYTES 37
 
@@ -322,7 +322,8 @@ static PyObject *class_key(const entry_t *e, const classes_t *c) {
  * the side's NAT hook ran does not matter: one that never ran is a null binding, read from the
  * tuples. */
 static int side_admits(const uint8_t **pp, const uint8_t *pend,
-                       const uint8_t *original, const uint8_t *translated, unsigned alen, uint16_t port) {
+                       const uint8_t *original, const uint8_t *translated, unsigned alen,
+                       uint16_t original_port, uint16_t port) {
     const uint8_t *p = *pp;
     uint8_t mode, count, i;
     int admitted = 0;
@@ -346,7 +347,11 @@ static int side_admits(const uint8_t **pp, const uint8_t *pend,
         } else if (memcmp(original, translated, alen) != 0) {
             continue;
         }
-        if ((flags & 2) && (port < be16(p + 33) || port > be16(p + 35))) continue;
+        if (flags & 2) {
+            if (port < be16(p + 33) || port > be16(p + 35)) continue;
+        } else if ((flags & 4) && port != original_port) {
+            continue;  /* a destination port is never changed without a range */
+        }
         admitted = 1;
     }
     return admitted;
@@ -379,8 +384,8 @@ typedef struct {
 
 /* One side of a program at *pp (see ``core.decide``: modes 0 unknown, 1 no binding, 2 ranges, and
  * with a slot 3: unknown with the class's verdict byte, 0 nothing, 1 stale, 2 undecided). */
-static int side_outcome(const uint8_t **pp, const uint8_t *pend,
-                        const uint8_t *original, const uint8_t *translated, unsigned alen, uint16_t port) {
+static int side_outcome(const uint8_t **pp, const uint8_t *pend, const uint8_t *original,
+                        const uint8_t *translated, unsigned alen, uint16_t original_port, uint16_t port) {
     const uint8_t *p = *pp;
     int r;
     if (p >= pend) return SIDE_BAD;
@@ -393,7 +398,7 @@ static int side_outcome(const uint8_t **pp, const uint8_t *pend,
         *pp = p + 1;
         return SIDE_JUDGE;
     }
-    r = side_admits(pp, pend, original, translated, alen, port);
+    r = side_admits(pp, pend, original, translated, alen, original_port, port);
     return r < 0 ? SIDE_BAD : r ? SIDE_OK : SIDE_FAIL;
 }
 
@@ -408,9 +413,11 @@ static int verdict(const entry_t *e, const uint8_t *p, Py_ssize_t n, uint32_t *s
     int d, s, readable, undecided_dnat = 0;
     if (n < 1 || *p != 'P') return VERDICT_JUDGE;
     p++;
-    d = side_outcome(&p, pend, e->orig.dst, e->reply.src, e->alen, icmp ? e->orig.dport : e->reply.sport);
+    d = side_outcome(&p, pend, e->orig.dst, e->reply.src, e->alen, e->orig.dport,
+                     icmp ? e->orig.dport : e->reply.sport);
     if (d == SIDE_BAD) return VERDICT_JUDGE;
-    s = side_outcome(&p, pend, e->orig.src, e->reply.dst, e->alen, icmp ? e->orig.sport : e->reply.dport);
+    s = side_outcome(&p, pend, e->orig.src, e->reply.dst, e->alen, e->orig.sport,
+                     icmp ? e->orig.sport : e->reply.dport);
     if (s == SIDE_BAD) return VERDICT_JUDGE;
     if (d == SIDE_OK && s == SIDE_OK) return VERDICT_HEALTHY;
     if (icmp || d == SIDE_JUDGE || s == SIDE_JUDGE || pend - p != 5 || p[0] != 'S') return VERDICT_JUDGE;

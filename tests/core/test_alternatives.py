@@ -1,0 +1,278 @@
+"""decide() where the prediction has alternatives: several input interfaces, several paths.
+
+An entry came in on one interface and left by one path; which ones is not in
+the entry. It is stale only if every alternative (that lets the flow out)
+gives it other bindings; with a previous snapshot it is undecided where an
+alternative that gave it its bindings then refuses them now, and some other
+alternative gives them now (an entry made since that way cannot be told
+apart). The expectations are written out by hand for each case; the last
+test checks, over generated alternatives, that the compiled checks (the
+fast path and the compiled scan's programs) never settle an entry that the
+reasoned judgement would not leave alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from ipaddress import IPv4Address, ip_address
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from topowatch.core.conntrack import IPS_CONFIRMED, IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, CtTuple, Entry
+from topowatch.core.decide import Decider, _healthy, decide
+from topowatch.core.fib import Fib
+from topowatch.core.flow import (
+    IPPROTO_UDP,
+    NO_NAT,
+    Binding,
+    Egress,
+    EgressKind,
+    Flow,
+    Ingress,
+    NatKind,
+    Prediction,
+    Unknown,
+)
+from topowatch.core.model import AF_INET, Topology
+
+CLIENT = IPv4Address("10.0.1.2")
+SERVER = IPv4Address("192.0.2.10")
+REDIRECTED = IPv4Address("10.0.1.1")
+STATUS = IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE
+NOW = Fib(Topology())
+BEFORE = Fib(Topology(links=()))
+
+LAN0, LAN1, UP1 = Ingress(2, "lan0"), Ingress(3, "lan1"), Ingress(4, "up1")
+VIA1 = Egress(EgressKind.UNICAST, 4, "up1", IPv4Address("198.51.100.1"), IPv4Address("198.51.100.2"))
+VIA2 = Egress(EgressKind.UNICAST, 5, "up2", IPv4Address("203.0.113.1"), IPv4Address("203.0.113.2"))
+X, Y, Z = (Binding(NatKind.SNAT, ip_address(a)) for a in ("198.51.100.2", "203.0.113.2", "192.0.2.99"))
+REDIRECT = Binding(NatKind.REDIRECT, REDIRECTED, REDIRECTED, 53, 53)
+
+
+def entry(snat: str | None = None, *, dnat: str | None = None, sport: int = 5001) -> Entry:
+    """A UDP entry CLIENT:sport -> SERVER:5060, source translated to ``snat``, destination to ``dnat``."""
+    reply_src = ip_address(dnat) if dnat else SERVER
+    reply_sport = 53 if dnat else 5060
+    reply_dst = ip_address(snat) if snat else CLIENT
+    return Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, sport, 5060),
+                 CtTuple(reply_src, reply_dst, reply_sport, sport), STATUS)  # fmt: skip
+
+
+def way(ingress: Ingress | Unknown, snat: frozenset[Binding] | Unknown, *, dnat: Any = None,
+        via: Egress = VIA1) -> Prediction:  # fmt: skip
+    """One alternative: entering on ``ingress``, leaving ``via`` (no egress: dropped)."""
+    egress = () if isinstance(snat, frozenset) and not snat else (via,)
+    return Prediction(dnat if dnat is not None else frozenset({NO_NAT}), snat, egress, ingress)
+
+
+def union(*alts: Prediction) -> Prediction:
+    """The prediction ``evaluate.predict`` makes of these alternatives: unions, and the alternatives."""
+
+    def side(values: list[Any]) -> Any:
+        unknown = [v for v in values if isinstance(v, Unknown)]
+        return unknown[0] if unknown else frozenset().union(*values)
+
+    egress = tuple(dict.fromkeys(e for a in alts for e in a.egress))  # type: ignore[union-attr]
+    return Prediction(side([a.dnat for a in alts]), side([a.snat for a in alts]), egress,
+                      Unknown("any of them"), alternatives=alts)  # fmt: skip
+
+
+def predictor(now: Prediction, before: Prediction | None = None) -> Any:
+    def predict(fib: Fib, flow: Flow) -> Prediction:
+        return before if fib is BEFORE and before is not None else now
+
+    return predict
+
+
+def verdict(e: Entry, now: Prediction, before: Prediction | None = None) -> tuple[str, str]:
+    """("stale"|"undecided"|"healthy", reason code) of ``e``, judged by ``decide``."""
+    plan = decide([e], predict=predictor(now, before), fib_now=NOW, fib_before=BEFORE if before else None)
+    if plan.stale:
+        return "stale", plan.stale[0].code
+    if plan.undecided:
+        return "undecided", plan.undecided[0].code
+    return "healthy", ""
+
+
+# -- without a previous snapshot ------------------------------------------------------------
+
+
+def test_stale_when_no_interface_gives_both_bindings_though_each_side_alone_is_given() -> None:
+    """lan0 gives no DNAT and SNAT to X; lan1 redirects and keeps the source. An entry with neither
+    DNAT nor SNAT: each side is some interface's, the pair is none's (the union would keep it)."""
+    now = union(way(LAN0, frozenset({X})), way(LAN1, frozenset({NO_NAT}), dnat=frozenset({REDIRECT})))
+    plan = decide([entry()], predict=predictor(now), fib_now=NOW)
+    (stale,) = plan.stale
+    assert stale.side == "dnat" and stale.code == "null_binding_now_nat"  # a tie names the destination
+    assert "no way it may have come in and gone out gives it its bindings now" in stale.reason
+    assert "by lan0, dev up1 via 198.51.100.1 its source would be snat to 198.51.100.2" in stale.reason
+    assert "by lan1, dev up1 via 198.51.100.1 its destination would be redirect to 10.0.1.1:53" in stale.reason
+    # Each pair some interface gives is healthy.
+    assert verdict(entry(str(X.addr_lo)), now) == ("healthy", "")
+    assert verdict(entry(dnat=str(REDIRECTED)), now) == ("healthy", "")
+
+
+def test_a_binding_some_interface_gives_is_healthy_without_a_previous_snapshot() -> None:
+    now = union(way(LAN0, frozenset({X})), way(UP1, frozenset({NO_NAT})))
+    assert verdict(entry(), now) == ("healthy", "")
+    assert verdict(entry(str(X.addr_lo)), now) == ("healthy", "")
+    assert verdict(entry(str(Y.addr_lo)), now) == ("stale", "snat_changed")
+
+
+def test_an_alternative_that_drops_the_flow_counts_for_nothing() -> None:
+    """Entering on up1 the flow is dropped now: an entry is judged by the others alone."""
+    now = union(way(LAN0, frozenset({X})), way(UP1, frozenset()))
+    assert verdict(entry(str(Y.addr_lo)), now) == ("stale", "snat_changed")
+    assert verdict(entry(str(X.addr_lo)), now) == ("healthy", "")
+    dropped = union(way(LAN0, frozenset()), way(UP1, frozenset()))
+    assert verdict(entry(str(Y.addr_lo)), dropped) == ("healthy", "")
+
+
+def test_an_unknown_alternative_leaves_the_union_to_judge() -> None:
+    """No alternative gives the entry its bindings, one is unknown: the union's per-side judgement."""
+    now = union(way(LAN0, frozenset({X})), way(UP1, Unknown("fwmark")))
+    assert verdict(entry(str(Y.addr_lo)), now) == ("undecided", "unknown_nat")
+    assert verdict(entry(str(X.addr_lo)), now) == ("healthy", "")
+
+
+# -- with a previous snapshot ----------------------------------------------------------------
+
+
+def test_an_old_entry_whose_interface_now_refuses_its_binding_is_undecided() -> None:
+    """Issue 12's case: masquerade everywhere then; now lan0 gets SNAT to Y, up1 still X. An entry
+    with X may be old, from lan0 (stale), or made since on up1 (healthy): undecided, never stale."""
+    before = union(way(LAN0, frozenset({X})), way(UP1, frozenset({X})))
+    now = union(way(LAN0, frozenset({Y})), way(UP1, frozenset({X})))
+    got = verdict(entry(str(X.addr_lo)), now, before)
+    assert got == ("undecided", "unknown_ingress")
+    plan = decide([entry(str(X.addr_lo))], predict=predictor(now, before), fib_now=NOW, fib_before=BEFORE)
+    reason = plan.undecided[0].reason
+    assert "by up1, dev up1 via 198.51.100.1 it keeps its bindings" in reason, reason
+    assert "by lan0, dev up1 via 198.51.100.1 its source would be snat to 203.0.113.2" in reason, reason
+    # An entry with Y: no interface gave it Y then (made since): healthy.
+    assert verdict(entry(str(Y.addr_lo)), now, before) == ("healthy", "")
+    # Without the previous snapshot the same entry is kept as healthy.
+    assert verdict(entry(str(X.addr_lo)), now) == ("healthy", "")
+
+
+def test_an_interface_that_never_gave_the_binding_puts_nothing_at_risk() -> None:
+    """Then lan0 gave X, up1 none; now lan0 X, up1 Z. An entry with X can only be old from lan0,
+    which still gives X: healthy (up1 refuses X now, but never gave it). An entry without NAT
+    is refused by every interface now: stale, whichever way it came."""
+    before = union(way(LAN0, frozenset({X})), way(UP1, frozenset({NO_NAT})))
+    now = union(way(LAN0, frozenset({X})), way(UP1, frozenset({Z})))
+    assert verdict(entry(str(X.addr_lo)), now, before) == ("healthy", "")
+    assert verdict(entry(), now, before) == ("stale", "null_binding_now_nat")
+
+
+def test_an_interface_that_did_not_receive_then_puts_nothing_at_risk() -> None:
+    before = union(way(LAN0, frozenset({X})))
+    before = dataclasses.replace(before, alternatives=(way(LAN0, frozenset({X})),))
+    now = union(way(LAN0, frozenset({X})), way(LAN1, frozenset({Y})))
+    assert verdict(entry(str(X.addr_lo)), now, before) == ("healthy", "")
+    assert verdict(entry(str(Y.addr_lo)), now, before) == ("healthy", "")
+
+
+def test_a_previous_prediction_without_alternatives_counts_for_every_interface() -> None:
+    """One answer then (nothing read the input interface): every interface gave it."""
+    before = Prediction(frozenset({NO_NAT}), frozenset({X}), (VIA1,), Unknown("any"))
+    now = union(way(LAN0, frozenset({Y})), way(UP1, frozenset({X})))
+    assert verdict(entry(str(X.addr_lo)), now, before) == ("undecided", "unknown_ingress")
+    refused = Prediction(frozenset({NO_NAT}), frozenset({Z}), (VIA1,), Unknown("any"))
+    assert verdict(entry(str(X.addr_lo)), now, refused) == ("healthy", "")
+
+
+def test_an_unknown_alternative_then_counts_as_having_given_the_binding() -> None:
+    before = union(way(LAN0, Unknown("fwmark")), way(UP1, frozenset({NO_NAT})))
+    now = union(way(LAN0, frozenset({Y})), way(UP1, frozenset({X})))
+    assert verdict(entry(str(X.addr_lo)), now, before) == ("undecided", "unknown_ingress")
+
+
+def test_a_multipath_flow_keeps_its_path_while_the_paths_stay() -> None:
+    """Two paths then and now. An old entry with Y went by up2 and goes by up2 still."""
+    before = union(way(LAN0, frozenset({X}), via=VIA1), way(LAN0, frozenset({Y}), via=VIA2))
+    now = union(way(LAN0, frozenset({X}), via=VIA1), way(LAN0, frozenset({Z}), via=VIA2))
+    assert verdict(entry(str(X.addr_lo)), now, before) == ("healthy", "")
+    assert verdict(entry(str(Y.addr_lo)), now, before) == ("stale", "snat_changed")
+    # Made since by up2 (Z), or by up1 (X): healthy.
+    assert verdict(entry(str(Z.addr_lo)), now, before) == ("healthy", "")
+    late = union(way(LAN0, frozenset({NO_NAT}), via=VIA1), way(LAN0, frozenset({NO_NAT}), via=VIA2))
+    nat = union(way(LAN0, frozenset({NO_NAT}), via=VIA1), way(LAN0, frozenset({X}), via=VIA2))
+    # NAT loaded on one path: an old entry without NAT may have gone by up2: undecided.
+    assert verdict(entry(), nat, late) == ("undecided", "unknown_ingress")
+
+
+def test_a_flow_may_take_any_path_once_its_paths_changed() -> None:
+    """Then one path (up1, X); now two: an old flow may hash onto either."""
+    before = way(LAN0, frozenset({X}), via=VIA1)
+    now = union(way(LAN0, frozenset({X}), via=VIA1), way(LAN0, frozenset({Y}), via=VIA2))
+    assert verdict(entry(str(X.addr_lo)), now, before) == ("undecided", "unknown_ingress")
+    moved = way(LAN0, frozenset({X}), via=VIA2)
+    assert verdict(entry(str(X.addr_lo)), now, moved) == ("undecided", "unknown_ingress")
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["entries", "raw"])
+def test_the_fast_checks_send_a_mixed_class_to_the_judgement(raw: bool) -> None:
+    """Entries of one key: the first healthy, the second at risk. The key's checks must not settle the
+    second on the union (X is some interface's binding now), so it is judged: undecided."""
+    before = union(way(LAN0, frozenset({X})), way(UP1, frozenset({X})))
+    now = union(way(LAN0, frozenset({Y})), way(UP1, frozenset({X})))
+    decider = Decider(predict=predictor(now, before), fib_now=NOW, fib_before=BEFORE, sport_matters=False,
+                      build=from_raw)
+    for e in (entry(str(Y.addr_lo), sport=1), entry(str(X.addr_lo), sport=2)):
+        if raw:
+            decider.add_raw(to_raw(e))
+        else:
+            decider.add(e)
+    plan = decider.plan()
+    assert [(d.entry.orig.sport, d.code) for d in plan.undecided] == [(2, "unknown_ingress")]
+    assert not plan.stale
+
+
+def to_raw(e: Entry) -> tuple[Any, ...]:
+    o, r = e.orig, e.reply
+    return (e.family, e.proto, o.src.packed, o.dst.packed, o.sport, o.dport, r.src.packed, r.dst.packed,
+            r.sport, r.dport, e.status, e.zone, e.mark, e.id, e.timeout)
+
+
+def from_raw(raw: tuple[Any, ...]) -> Entry:
+    family, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport, status, zone, mark, i, t = raw
+    return Entry(family, proto, CtTuple(ip_address(osrc), ip_address(odst), osport, odport),
+                 CtTuple(ip_address(rsrc), ip_address(rdst), rsport, rdport), status, zone, mark, i, t)
+
+
+# -- the compiled checks never settle more than the judgement leaves alone -------------------
+
+SNATS = [frozenset(), frozenset({NO_NAT}), frozenset({X}), frozenset({Y}), frozenset({X, Y}), frozenset({Z}),
+         frozenset({Binding(NatKind.SNAT, X.addr_lo, Y.addr_lo)})]  # fmt: skip
+DNATS = [frozenset({NO_NAT}), frozenset({REDIRECT}), frozenset({NO_NAT, REDIRECT})]
+ENTRIES = [entry(), entry(str(X.addr_lo)), entry(str(Y.addr_lo)), entry(str(Z.addr_lo)), entry("199.0.0.1"),
+           entry(dnat=str(REDIRECTED)), entry(str(X.addr_lo), dnat=str(REDIRECTED))]  # fmt: skip
+
+
+@st.composite
+def alternatives(draw: st.DrawFn) -> Prediction:
+    ways = []
+    for ingress in draw(st.lists(st.sampled_from([LAN0, LAN1, UP1]), min_size=1, max_size=3, unique=True)):
+        for via in draw(st.lists(st.sampled_from([VIA1, VIA2]), min_size=1, max_size=2, unique=True)):
+            snat: Any = draw(st.sampled_from([*SNATS, Unknown("u")]))
+            dnat = frozenset() if isinstance(snat, frozenset) and not snat and draw(st.booleans()) else (
+                draw(st.sampled_from(DNATS)))
+            ways.append(way(ingress, snat, dnat=dnat, via=via))
+    return union(*ways)
+
+
+@settings(max_examples=400, deadline=None)
+@given(alternatives(), st.one_of(st.none(), alternatives()))
+def test_the_compiled_checks_settle_only_what_the_judgement_leaves_alone(
+    now: Prediction, before: Prediction | None
+) -> None:
+    for e in ENTRIES:
+        decider = Decider(predict=predictor(now, before), fib_now=NOW, fib_before=BEFORE if before else None)
+        key, compiled = decider._compiled(e)
+        if _healthy(e, compiled):
+            decider._judge(e, key, compiled)
+            assert not decider.stale and not decider.undecided, (e.describe(), compiled.dnat, compiled.snat)
