@@ -553,13 +553,15 @@ def resend(gw: Namespace, ns: dict[str, Namespace], scn: Scenario, after: dict[A
             olds[key] = (i, flow, after[key])
     delete(gw, [e for _, _, e in olds.values()])
     by_sender: dict[str, list[tuple[Flow, int]]] = {}
-    for i, flow, e in olds.values():
-        same = dataclasses.replace(flow, src=str(e.orig.src)) if flow.src is None else flow
-        by_sender.setdefault(flow.sender, []).append((same, OLD_PORT + i))
+    for i, flow, _ in olds.values():
+        # As the old flow was sent: a flow of the gateway's own with the source left to the kernel
+        # (bound to it, the multipath hash could differ); counted only if it gets the same source.
+        by_sender.setdefault(flow.sender, []).append((flow, OLD_PORT + i))
     for sender, flows in by_sender.items():
         send(ns[sender], flows)
     found = wait_entries(gw, set(olds))
-    return {k: found[k] for k, (_, _, e) in olds.items() if k in found and found[k].id != e.id}
+    return {k: found[k] for k, (_, _, e) in olds.items()
+            if k in found and found[k].id != e.id and found[k].orig.src == e.orig.src}
 
 
 def parse_seeds(text: str) -> list[int]:
