@@ -184,3 +184,55 @@ def test_ruleset_text() -> None:
         "  return # handle 9"
     )
     assert NatRuleset.describe_rule(post, post.rules[0]) == 'table inet nat chain post handle 7: oifname "up1" masquerade'
+
+
+def test_constructors_refuse_bad_chains_and_matches_by_name() -> None:
+    from topowatch.core.nat import Key, Match, Op, Selector
+
+    with pytest.raises(ValueError, match=r"^Chain\.family must be one of \['inet', 'ip', 'ip6'\], got 'ipx'$"):
+        Chain("ipx", "nat", "post")
+    with pytest.raises(ValueError, match=r"^base chain post needs a priority$"):
+        Chain("ip", "nat", "post", hook=Hook.POSTROUTING)
+    with pytest.raises(ValueError, match=r"^Chain\.policy must be accept or drop, got 'reject'$"):
+        Chain("ip", "nat", "post", policy="reject")
+    with pytest.raises(ValueError, match=r"""^Match 'oifname 5': values do not fit oifname$"""):
+        Match(Selector(Key.OIFNAME, "oifname"), Op.EQ, IntervalSet(((5, 5),)), "oifname 5")
+    with pytest.raises(ValueError, match=r"""^Match 'udp dport "eth0"': values do not fit dport$"""):
+        Match(Selector(Key.DPORT, "udp dport"), Op.EQ, NameSet(frozenset({"eth0"})), 'udp dport "eth0"')
+    with pytest.raises(ValueError, match=r"^NatStatement 'snat to :1-65536': bad port range \(1, 65536\)$"):
+        NatStatement(NatKind.SNAT, "snat to :1-65536", addr=(ip_address("192.0.2.1"),) * 2, ports=(1, 65536))
+    assert NatStatement(NatKind.MASQUERADE, "masquerade to :0-65535", ports=(0, 65535)).ports == (0, 65535)
+    assert NatStatement(NatKind.MASQUERADE, "masquerade to :65535", ports=(65535, 65535)).ports == (65535, 65535)
+
+
+def test_chains_and_rules_hold_tuples_whatever_they_are_given() -> None:
+    """A list given for rules or expressions is kept as a tuple: the values stay hashable and equal."""
+    stmt = NatStatement(NatKind.MASQUERADE, "masquerade")
+    rule = Rule(3, [stmt])  # type: ignore[arg-type]
+    assert rule.exprs == (stmt,) and rule.text == "masquerade"
+    chain = Chain("ip", "nat", "post", [rule], Hook.POSTROUTING, 100, "nat", "accept")  # type: ignore[arg-type]
+    assert chain.rules == (rule,)
+    assert chain == Chain("ip", "nat", "post", (Rule(3, (stmt,)),), Hook.POSTROUTING, 100, "nat", "accept")
+    assert hash(chain) == hash(Chain("ip", "nat", "post", (Rule(3, (stmt,)),), Hook.POSTROUTING, 100, "nat",
+                                     "accept"))  # fmt: skip
+
+
+def _base(name: str, priority: int, kind: str = "nat", family: str = "ip") -> Chain:
+    return Chain(family, "t", name, (), Hook.POSTROUTING, priority, kind, "accept")
+
+
+@pytest.mark.parametrize(
+    ("chains", "nat", "marks"),
+    [
+        # lower priority first; equal priorities in dump order; 0 is a priority like any other
+        ([_base("a", 1), _base("b", 0), _base("c", -100)], ["c", "b", "a"], []),
+        ([_base("a", 0), _base("b", -1), _base("c", 0)], ["b", "a", "c"], []),
+        ([_base("a", 1, "filter"), _base("b", 0, "filter"), _base("n", 0)], ["n"], ["b", "a"]),
+        ([_base("a", 10, "route"), _base("b", 10, "filter"), _base("c", -150, "filter")], [], ["c", "a", "b"]),
+        ([_base("a", 0, "filter"), _base("b", 0, "filter"), _base("c", 5, "filter", "ip6")], [], ["a", "b"]),
+    ],
+)
+def test_base_and_mark_chains_run_by_priority(chains: list[Chain], nat: list[str], marks: list[str]) -> None:
+    rs = NatRuleset(tuple(chains))
+    assert [c.name for c in rs.base_chains(Hook.POSTROUTING, 2)] == nat
+    assert [c.name for c in rs.mark_chains(Hook.POSTROUTING, 2)] == marks
