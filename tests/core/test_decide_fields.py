@@ -36,11 +36,12 @@ MASQ = masq("203.0.113.2")
 
 
 def predicting(dnat: frozenset[Binding] | Unknown, snat: frozenset[Binding] | Unknown,
-               egress: tuple = (UP2,), before_egress: tuple | Unknown | None = None):  # fmt: skip
+               egress: tuple = (UP2,), before_egress: tuple | Unknown | None = None,
+               explain: tuple[str, ...] = ()):  # fmt: skip
     def predictor(fib: Fib, flow: Flow) -> Prediction:
         if fib is FIB_BEFORE and before_egress is not None:
-            return Prediction(dnat=dnat, snat=snat, egress=before_egress)
-        return Prediction(dnat=dnat, snat=snat, egress=egress)
+            return Prediction(dnat=dnat, snat=snat, egress=before_egress, explain=explain)
+        return Prediction(dnat=dnat, snat=snat, egress=egress, explain=explain)
 
     return predictor
 
@@ -92,6 +93,13 @@ VERDICTS = [  # name, entry, predictor, FIB before, stale (else undecided), (sid
       "source is snat to 100.64.0.2:5060 (10.0.1.2 -> 100.64.0.2), but now it would be masquerade to "
       "203.0.113.2 or masquerade to 203.0.113.2:1 or masquerade to 203.0.113.2:1024-2047 or masquerade to "
       "203.0.113.2:2048-4095 (egress dev up2 via 203.0.113.1)", ReasonCode.SNAT_CHANGED)),
+    ("stale snat: the rules that NAT it now are named", TRANSLATED,
+     predicting(frozenset({NO_NAT}), frozenset({MASQ}), explain=("ip nat post: oifname up2 masquerade",
+                                                                 "ip nat pre: accept")), None, True,
+     ("snat", ACTUAL_100, (MASQ,),
+      "source is snat to 100.64.0.2:5060 (10.0.1.2 -> 100.64.0.2), but now it would be masquerade to "
+      "203.0.113.2 (egress dev up2 via 203.0.113.1; by ip nat post: oifname up2 masquerade; ip nat pre: accept)",
+      ReasonCode.SNAT_CHANGED)),
     ("stale dnat", entry(dnat_to="10.0.9.9"), predicting(frozenset({TO_10}), frozenset({NO_NAT})), None, True,
      ("dnat", Binding(NatKind.DNAT, ip_address("10.0.9.9"), ip_address("10.0.9.9"), 5060, 5060), (TO_10,),
       "destination is dnat to 10.0.9.9:5060 (192.0.2.10 -> 10.0.9.9), but now it would be dnat to 10.0.9.10 "
@@ -158,6 +166,38 @@ def test_the_plan_counts_its_predictions() -> None:
     plan = decide(entries, predict=predictor, fib_now=FIB_NOW, sport_matters=True)
     assert (plan.predicted, plan.distinct_flows, len(calls)) == (3, 3, 3)
     assert (plan.examined, plan.eligible) == (4, 4)
+
+
+def test_a_decider_predicts_per_source_port_unless_told_otherwise() -> None:
+    """The default is the safe one: a ruleset may read the source port, so each port is its own flow."""
+    by_port = {1000: frozenset({MASQ}), 1001: frozenset({masq("100.64.0.2")})}
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        return Prediction(dnat=frozenset({NO_NAT}), snat=by_port[flow.sport], egress=(UP2,))
+
+    decider = Decider(predict=predictor, fib_now=FIB_NOW)
+    for e in (entry("203.0.113.2", sport=1000), entry("100.64.0.2", sport=1001)):
+        decider.add(e)
+    plan = decider.plan()
+    assert (plan.stale, plan.predicted) == ((), 2)
+
+
+@pytest.mark.parametrize(("limit", "left"), [(1, 1), (2, 2), (3, 1)])
+def test_per_flow_caches_are_dropped_when_full(monkeypatch: pytest.MonkeyPatch, limit: int, left: int) -> None:
+    """Without classes, the prediction slots are all dropped when a new flow finds ``limit`` of them.
+
+    Four flows: with a limit of 1 each new flow drops the one slot (1 left); of 2, the third drops
+    two and the fourth adds one (2 left); of 3, the fourth drops three (1 left).
+    """
+    from topowatch.core import decide as decide_module
+
+    monkeypatch.setattr(decide_module, "FLOW_CACHE_LIMIT", limit)
+    entries = [LAN_TO_REST, REST_TO_B, REST_TO_REST, flow_entry("10.0.1.2", "192.0.2.10")]
+    plan = decide(entries, predict=fixed(frozenset({MASQ})), fib_now=FIB_NOW)
+    assert (plan.distinct_flows, plan.predicted, len(plan.stale)) == (left, 4, 4)
+    # With classes the slots follow the configuration, not the traffic: never dropped (four classes).
+    plan = decide(entries, predict=fixed(frozenset({MASQ})), fib_now=FIB_NOW, classifier=classifier())
+    assert (plan.distinct_flows, plan.predicted, len(plan.stale)) == (4, 4, 4)
 
 
 # -- flow classes: ``only`` and the programs of class keys -----------------------------------------
@@ -276,3 +316,87 @@ def test_a_refused_class_refuses_no_entry_of_another(first: dict[str, object], e
     assert [d.entry for d in plan.stale] == [stale]
     assert (plan.examined, plan.eligible) == (2, 1)
     assert decider.raw_program(to_raw(refused)) == PROGRAM_REFUSED
+
+
+def test_a_class_is_split_by_protocol_zone_and_reply_bit() -> None:
+    """Classes take protocol, zone and SEEN_REPLY as they are: four classes, four predictions."""
+    flows: list[tuple[int, int]] = []
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        flows.append((flow.proto, flow.zone))
+        return Prediction(dnat=frozenset({NO_NAT}), snat=frozenset({MASQ}), egress=(UP2,))
+
+    everything = Eligibility(unreplied_only=False, protocols=frozenset({IPPROTO_UDP, IPPROTO_TCP}))
+    base = LAN_TO_REST
+    entries = [base, dataclasses.replace(base, proto=IPPROTO_TCP), dataclasses.replace(base, zone=7),
+               dataclasses.replace(base, status=base.status | IPS_SEEN_REPLY),
+               dataclasses.replace(base, id=9)]  # the last shares the first one's class  # fmt: skip
+    for path in ("decide", "add_raw"):
+        flows.clear()
+        if path == "decide":
+            plan = decide(entries, predict=predictor, fib_now=FIB_NOW, eligibility=everything,
+                          classifier=classifier(everything))  # fmt: skip
+        else:
+            decider = Decider(predict=predictor, fib_now=FIB_NOW, eligibility=everything,
+                              classifier=classifier(everything), build=from_raw, sport_matters=False)  # fmt: skip
+            for e in entries:
+                decider.add_raw(to_raw(e))
+            plan = decider.plan()
+        assert (plan.distinct_flows, plan.predicted) == (4, 4), path
+        assert sorted(flows) == [(IPPROTO_TCP, 0), (IPPROTO_UDP, 0), (IPPROTO_UDP, 0), (IPPROTO_UDP, 7)], path
+        assert len(plan.stale) == 5, path
+
+
+def test_a_protocol_judged_by_its_own_prediction_within_classes() -> None:
+    """UDP and TCP of one address pair: masqueraded only for UDP now; each is judged by its own."""
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:
+        snat = frozenset({MASQ}) if flow.proto == IPPROTO_UDP else frozenset({NO_NAT})
+        return Prediction(dnat=frozenset({NO_NAT}), snat=snat, egress=(UP2,))
+
+    both = Eligibility(protocols=frozenset({IPPROTO_UDP, IPPROTO_TCP}))
+    tcp = dataclasses.replace(LAN_TO_REST, proto=IPPROTO_TCP)
+    zoned = dataclasses.replace(LAN_TO_REST, zone=3)
+    for order in ((tcp, LAN_TO_REST, zoned), (LAN_TO_REST, zoned, tcp)):
+        plan = decide(order, predict=predictor, fib_now=FIB_NOW, eligibility=both, classifier=classifier(both))
+        assert {d.entry for d in plan.stale} == {LAN_TO_REST, zoned}
+
+
+def test_an_inexact_classifier_is_not_used() -> None:
+    """NETMAP maps each address on its own: flows of one class get their own predictions."""
+    from topowatch.core.nat import Chain, Hook, NetmapStatement, Rule
+
+    rule = Rule(1, (NetmapStatement(ip_network("10.9.0.0/16"), "NETMAP --to 10.9.0.0/16"),))
+    chain = Chain("ip", "nat", "PREROUTING", (rule,), Hook.PREROUTING, -100, "nat", "accept")
+    c = Classifier.build([CLASSED], [NatRuleset((chain,))], sport_matters=False)
+    assert not c.exact
+
+    def predictor(fib: Fib, flow: Flow) -> Prediction:  # the host byte kept under 10.9.0.0/16
+        mapped = ip_address(f"10.9.0.{int(flow.dst) & 0xFF}")
+        return Prediction(dnat=frozenset({Binding(NatKind.DNAT, mapped)}), snat=frozenset({NO_NAT}), egress=(UP2,))
+
+    entries = []
+    for host in (1, 2):
+        e = flow_entry("203.0.113.9", f"198.51.100.{host}")
+        entries.append(dataclasses.replace(e, reply=dataclasses.replace(e.reply, src=ip_address(f"10.9.0.{host}"))))
+    assert c.key(2, 17, 0, int(entries[0].orig.dst), 0, 5060, 0, 0, 0) == c.key(
+        2, 17, 0, int(entries[1].orig.dst), 0, 5060, 0, 0, 0)  # one class by the maps
+    plan = decide(entries, predict=predictor, fib_now=FIB_NOW, classifier=c, only=frozenset())
+    assert (plan.stale, plan.predicted) == ((), 2)
+
+
+@pytest.mark.parametrize("classes", ["none", "inexact"])
+def test_only_needs_exact_classes(classes: str) -> None:
+    """``only`` names classes: without exact ones it cannot be applied, and every entry is judged."""
+    from topowatch.core.nat import Chain, Hook, NetmapStatement, Rule
+
+    c = None
+    if classes == "inexact":
+        rule = Rule(1, (NetmapStatement(ip_network("10.9.0.0/16"), "NETMAP --to 10.9.0.0/16"),))
+        chain = Chain("ip", "nat", "PREROUTING", (rule,), Hook.PREROUTING, -100, "nat", "accept")
+        c = Classifier.build([CLASSED], [NatRuleset((chain,))])
+    entries = [LAN_TO_REST, REST_TO_B, REST_TO_REST]
+    for sport_matters in (False, True):
+        plan = decide(entries, predict=fixed(frozenset({MASQ})), fib_now=FIB_NOW, classifier=c,
+                      only=frozenset(), sport_matters=sport_matters)  # fmt: skip
+        assert [d.entry for d in plan.stale] == entries
