@@ -452,4 +452,5 @@ def test_the_collector_is_paused_while_parsing_and_back_after() -> None:
         assert not gc.isenabled()  # nested: the outer pause still holds
         assert gc.get_count()[0] > 10_000
     assert gc.isenabled()
-    assert gc.get_count()[0] < 1000  # what the parse made is in the oldest generation, not walked as young
+    # What the parse made is in the oldest generation already, not walked as young objects on the way.
+    assert len(gc.get_objects(generation=0)) + len(gc.get_objects(generation=1)) < 10_000
