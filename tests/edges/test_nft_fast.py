@@ -447,6 +447,10 @@ def test_the_collector_is_paused_while_parsing_and_back_after() -> None:
     nft.parse_ruleset_output(text, progress=lambda: seen.append(gc.isenabled()))
     assert seen and not any(seen) and gc.isenabled()
     with bulkparse.gc_paused():
+        nft._LastRead.rules = {}  # parsed again: as many new objects
         nft.parse_ruleset_output(text)
         assert not gc.isenabled()  # nested: the outer pause still holds
+        assert gc.get_count()[0] > 10_000
     assert gc.isenabled()
+    # What the parse made is in the oldest generation already, not walked as young objects on the way.
+    assert len(gc.get_objects(generation=0)) + len(gc.get_objects(generation=1)) < 10_000
