@@ -15,12 +15,14 @@ import pytest
 from topowatch.core.conntrack import (
     IPS_ASSURED,
     IPS_CONFIRMED,
+    IPS_DST_NAT_DONE,
     IPS_SEEN_REPLY,
+    IPS_SRC_NAT_DONE,
     CtTuple,
     Entry,
     Reread,
 )
-from topowatch.core.flow import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP
+from topowatch.core.flow import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NO_NAT, Binding, NatKind
 from topowatch.core.model import AF_INET, AF_INET6
 
 A, B, C = ip_address("10.0.1.2"), ip_address("192.0.2.10"), ip_address("203.0.113.2")
@@ -69,3 +71,44 @@ def test_replied_since_the_dump(dumped_status: int, now_status: int, replied: bo
 )
 def test_describe(entry: Entry, text: str) -> None:
     assert entry.describe() == text
+
+
+D9 = ip_address("10.0.9.9")
+
+
+@pytest.mark.parametrize(
+    ("entry", "snat", "dnat"),
+    [
+        # orig A:1000 -> B:53; the reply names where each side went
+        (Entry(AF_INET, IPPROTO_UDP, CtTuple(A, B, 1000, 53), CtTuple(B, A, 53, 1000)), NO_NAT, NO_NAT),
+        (Entry(AF_INET, IPPROTO_UDP, CtTuple(A, B, 1000, 53), CtTuple(B, C, 53, 2000)),
+         Binding(NatKind.SNAT, C, C, 2000, 2000), NO_NAT),
+        (Entry(AF_INET, IPPROTO_UDP, CtTuple(A, B, 1000, 53), CtTuple(D9, A, 5353, 1000)),
+         NO_NAT, Binding(NatKind.DNAT, D9, D9, 5353, 5353)),
+        (Entry(AF_INET, IPPROTO_UDP, CtTuple(A, B, 1000, 53), CtTuple(B, A, 53, 1001)),  # the port alone
+         Binding(NatKind.SNAT, A, A, 1001, 1001), NO_NAT),
+        # ICMP: the id is not a port; a translated address is a binding without ports
+        (Entry(AF_INET, IPPROTO_ICMP, CtTuple(A, B, 7, 8 << 8), CtTuple(D9, C, 9, 0)),
+         Binding(NatKind.SNAT, C, C), Binding(NatKind.DNAT, D9, D9)),
+        (Entry(AF_INET, IPPROTO_ICMP, CtTuple(A, B, 7, 8 << 8), CtTuple(B, A, 9, 0)), NO_NAT, NO_NAT),
+        # a side whose NAT never ran: kept tuples are a null binding, translated ones (made by hand) none
+        (Entry(AF_INET, IPPROTO_UDP, CtTuple(A, B, 1000, 53), CtTuple(B, A, 53, 1000), status=IPS_CONFIRMED),
+         NO_NAT, NO_NAT),
+        (Entry(AF_INET, IPPROTO_UDP, CtTuple(A, B, 1000, 53), CtTuple(D9, C, 53, 1000), status=IPS_CONFIRMED),
+         None, None),
+        (Entry(AF_INET, IPPROTO_UDP, CtTuple(A, B, 1000, 53), CtTuple(D9, C, 53, 1000),
+               status=IPS_CONFIRMED | IPS_SRC_NAT_DONE),
+         Binding(NatKind.SNAT, C, C, 1000, 1000), None),
+        (Entry(AF_INET, IPPROTO_UDP, CtTuple(A, B, 1000, 53), CtTuple(D9, C, 53, 1000),
+               status=IPS_CONFIRMED | IPS_DST_NAT_DONE),
+         None, Binding(NatKind.DNAT, D9, D9, 53, 53)),
+    ],
+)  # fmt: skip
+def test_actual_bindings(entry: Entry, snat: Binding | None, dnat: Binding | None) -> None:
+    assert entry.actual_snat() == snat
+    assert entry.actual_dnat() == dnat
+
+
+def test_an_entry_of_the_wrong_family_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"^Entry\.family 10 does not match 10\.0\.1\.2$"):
+        Entry(AF_INET6, IPPROTO_UDP, CtTuple(A, B, 1, 2), CtTuple(B, A, 2, 1))

@@ -236,3 +236,22 @@ def test_base_and_mark_chains_run_by_priority(chains: list[Chain], nat: list[str
     rs = NatRuleset(tuple(chains))
     assert [c.name for c in rs.base_chains(Hook.POSTROUTING, 2)] == nat
     assert [c.name for c in rs.mark_chains(Hook.POSTROUTING, 2)] == marks
+
+
+def test_nat_statements_and_rulesets_refuse_bad_values_by_name() -> None:
+    two, one = ip_address("192.0.2.2"), ip_address("192.0.2.1")
+    with pytest.raises(ValueError, match=r"^NatStatement 'snat to x': bad address range 192\.0\.2\.2-192\.0\.2\.1$"):
+        NatStatement(NatKind.SNAT, "snat to x", addr=(two, one))
+    with pytest.raises(ValueError, match=r"^NatStatement masquerade takes no address$"):
+        NatStatement(NatKind.MASQUERADE, "masquerade", addr=(one, one))
+    with pytest.raises(ValueError, match=r"^NatStatement 'snat': bad port range \(2000, 1000\)$"):
+        NatStatement(NatKind.SNAT, "snat", addr=(one, one), ports=(2000, 1000))
+    with pytest.raises(ValueError, match=r"^NatStatement 'snat': bad port range \(-1, 5\)$"):
+        NatStatement(NatKind.SNAT, "snat", addr=(one, one), ports=(-1, 5))
+    assert NatStatement(NatKind.SNAT, "snat", addr=(one, one), ports=(0, 0)).ports == (0, 0)
+    assert NatStatement(NatKind.SNAT, "snat", addr=(one, one), ports=(0, 7)).ports == (0, 7)
+    post = Chain("ip", "nat", "post", (), Hook.POSTROUTING, 100, "nat", "accept")
+    with pytest.raises(ValueError, match=r"^NatRuleset: duplicate chain$"):
+        NatRuleset((post, Chain("ip", "nat", "post")))
+    rs = NatRuleset([post])  # type: ignore[arg-type]
+    assert rs.chains == (post,) and rs == NatRuleset((post,)) and hash(rs) == hash(NatRuleset((post,)))

@@ -1,0 +1,70 @@
+"""reactor.plan_once: the plan ``topowatch plan``/``flush`` and D-Bus ``Plan`` act on.
+
+A real ruleset through the real evaluator on the gateway of
+test_reactor_incremental (masquerade out of up2; 192.0.2.0/24 via up2 in
+MOVED). Every expected verdict is worked out by hand from the ruleset and the
+routes.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+from topowatch.core.conntrack import IPS_SEEN_REPLY, Entry
+from topowatch.core.eligibility import Eligibility
+from topowatch.core.fib import Fib
+from topowatch.core.flow import NO_NAT, Flow, Prediction
+from topowatch.core.nat import NatRuleset
+from topowatch.edges.nft import parse_ruleset_json
+from topowatch.reactor import plan_once
+
+from test_reactor_incremental import BEFORE, MOVED, RULESET, entry  # isort: skip
+
+
+def _sport_ruleset() -> NatRuleset:
+    """``oifname "up2" udp sport 1000 masquerade``: only flows from port 1000 are masqueraded."""
+    return parse_ruleset_json({"nftables": [
+        {"table": {"family": "ip", "name": "nat", "handle": 1}},
+        {"chain": {"family": "ip", "table": "nat", "name": "post", "handle": 2, "type": "nat",
+                   "hook": "postrouting", "prio": 100, "policy": "accept"}},
+        {"rule": {"family": "ip", "table": "nat", "chain": "post", "handle": 3, "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "up2"}},
+            {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "sport"}}, "right": 1000}},
+            {"masquerade": None}]}},
+    ]})  # fmt: skip
+
+
+def test_the_plan_of_a_moved_route() -> None:
+    """192.0.2.0/24 now leaves by up2, masqueraded: its null bindings are stale; 8.8.8.8 still leaves by up1."""
+    entries = [entry("192.0.2.7", 1000), entry("192.0.2.8", 1001, translated="203.0.113.2"), entry("8.8.8.8", 1002)]
+    plan = plan_once(MOVED, RULESET, entries, Eligibility())
+    assert [d.entry for d in plan.stale] == [entries[0]]
+    assert (plan.examined, plan.eligible, plan.undecided) == (3, 3, ())
+    # Before the move nothing is stale but the one masqueraded out of up2, which now leaves by up1.
+    assert [d.entry for d in plan_once(BEFORE, RULESET, entries, Eligibility()).stale] == [entries[1]]
+
+
+def test_a_ruleset_that_reads_the_source_port_is_judged_per_port() -> None:
+    """Two entries of one flow key, ports 1000 and 1001, neither NATed: only port 1000 would be now."""
+    entries = [entry("192.0.2.7", 1000), entry("192.0.2.7", 1001), entry("192.0.2.7", 1002, translated="203.0.113.2")]
+    for order in (entries, entries[::-1]):
+        plan = plan_once(MOVED, _sport_ruleset(), order, Eligibility())
+        assert sorted(d.entry.orig.sport for d in plan.stale) == [1000, 1002]
+
+
+def test_the_plan_asks_the_given_eligibility_and_predictor() -> None:
+    replied = [Entry(e.family, e.proto, e.orig, e.reply, e.status | IPS_SEEN_REPLY, id=e.id)
+               for e in (entry("192.0.2.7", 1000), entry("8.8.8.8", 1002))]  # fmt: skip
+    assert plan_once(MOVED, RULESET, replied, Eligibility()).eligible == 0
+    plan = plan_once(MOVED, RULESET, replied, Eligibility(unreplied_only=False))
+    assert plan.eligible == 2 and [d.entry for d in plan.stale] == [replied[0]]
+    seen: list[tuple[NatRuleset, IPv4Address]] = []
+
+    def nothing_changes(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
+        seen.append((ruleset, flow.dst))  # type: ignore[arg-type]
+        return Prediction(dnat=frozenset({NO_NAT}), snat=frozenset({NO_NAT}), egress=())
+
+    plan = plan_once(MOVED, RULESET, replied, Eligibility(unreplied_only=False), predictor=nothing_changes)
+    assert plan.stale == ()
+    assert sorted(dst for _, dst in seen) == [IPv4Address("8.8.8.8"), IPv4Address("192.0.2.7")]
+    assert all(rs is RULESET for rs, _ in seen)
