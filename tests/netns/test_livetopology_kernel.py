@@ -11,6 +11,8 @@ and the routes its lineage says changed since the step before
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 import socket
 
@@ -78,8 +80,15 @@ def command(rng: random.Random) -> str:
     return f"link set up2 {rng.choice(['up', 'down'])}"
 
 
+def _links(t: Topology) -> list[object]:
+    # The carrier (``running``) is announced by the kernel's linkwatch work, deferred up to a second
+    # after the command: the marker route's event does not order it (seen in CI: a veth peer's
+    # carrier still down in the kept copy while the dump already had it up). No flow reads it.
+    return sorted((dataclasses.replace(link, running=True) for link in t.links), key=lambda link: link.index)
+
+
 def same(a: Topology, b: Topology) -> None:
-    assert sorted(a.links, key=lambda link: link.index) == sorted(b.links, key=lambda link: link.index)
+    assert _links(a) == _links(b)
     assert sorted(map(repr, a.routes)) == sorted(map(repr, b.routes))
     # Rules: the order the FIB reads (by priority, stable).
     assert sorted(a.rules, key=lambda r: r.priority) == sorted(b.rules, key=lambda r: r.priority)
