@@ -12,7 +12,6 @@ and the routes its lineage says changed since the step before
 from __future__ import annotations
 
 import dataclasses
-
 import random
 import socket
 
