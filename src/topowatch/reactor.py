@@ -255,6 +255,11 @@ class ReactorConfig:
     background_details: bool = False
 
 
+def _large(ruleset: NatRuleset) -> bool:
+    """A ruleset whose full walk takes long enough to belong in a worker thread."""
+    return sum(len(chain.rules) for chain in getattr(ruleset, "chains", ())) >= LARGE_RULESET
+
+
 class DetailWriter:
     """Writes reactions' group lines and per-entry records in one thread of its own, in order.
 
@@ -656,8 +661,7 @@ class Reactor:
 
     async def _mentions_sport(self, ruleset: NatRuleset) -> bool:
         if self._sport_memo is None or self._sport_memo[0] is not ruleset:
-            rules = sum(len(chain.rules) for chain in getattr(ruleset, "chains", ()))
-            if rules < LARGE_RULESET:
+            if not _large(ruleset):
                 found = mentions_sport(ruleset)
             else:  # seconds for 50k rules: in a worker thread, so the loop (and the watchdog) goes on
                 found = await trio.to_thread.run_sync(mentions_sport, ruleset)
@@ -681,7 +685,7 @@ class Reactor:
         ruleset = self.ruleset
         if ruleset is None or prepared(ruleset):
             return
-        if sum(len(chain.rules) for chain in getattr(ruleset, "chains", ())) < LARGE_RULESET:
+        if not _large(ruleset):
             prepare(ruleset)
         else:  # a walk of every rule: in a worker thread, so the loop (and the watchdog) goes on
             await trio.to_thread.run_sync(prepare, ruleset)

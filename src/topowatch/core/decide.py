@@ -83,9 +83,18 @@ def unknown_code(prediction: Prediction, before: Prediction | None) -> ReasonCod
 
 
 def _stale_code(side: str, actual: Binding, expected: Iterable[Binding]) -> ReasonCode:
-    if actual.kind is NatKind.NONE:
+    return _code_of(side, actual.kind is NatKind.NONE, _none_now(expected))
+
+
+def _none_now(expected: Iterable[Binding]) -> bool:
+    return all(b.kind is NatKind.NONE for b in expected)
+
+
+def _code_of(side: str, null_binding: bool, none_now: bool) -> ReasonCode:
+    """The code of a stale side: the entry carries no NAT there, or it would get none now, or other."""
+    if null_binding:
         return ReasonCode.NULL_BINDING_NOW_NAT
-    if all(b.kind is NatKind.NONE for b in expected):
+    if none_now:
         return ReasonCode.NAT_NOW_NONE
     return ReasonCode.SNAT_CHANGED if side == "snat" else ReasonCode.DNAT_CHANGED
 
@@ -1011,7 +1020,8 @@ class Decider:
 
     def raw_program(self, raw: RawEntry) -> bytes | None:
         """The program of the key of a raw entry already added (see ``compile_program``)."""
-        slot = self._raw.get(self._raw_key(raw))
+        key = self._raw_key(raw)
+        slot = self._raw.get(key)
         if slot is None:
             return None
         if slot is _REFUSED:
@@ -1024,7 +1034,6 @@ class Decider:
             # With alternatives (ways the entry may have come) the checks settle healthy entries
             # only: a failed one is judged one by one (``_judge_alternatives``), never a record.
             return program
-        key = self._raw_key(raw)
         if slot.dnat is None or slot.snat is None:
             # A side that cannot be predicted has one verdict for the whole class (``unknown_code``):
             # mode 3 and that verdict, once the previous snapshot's prediction is known.
@@ -1281,20 +1290,13 @@ class Decider:
                     fixed = unknown_code(compiled.prediction, self._before.get(self._slots[slot]))
                 else:
                     fixed = None
-                    nat_now_none[slot, side] = all(b.kind is NatKind.NONE for b in predicted)
+                    nat_now_none[slot, side] = _none_now(predicted)
                 fixed_codes[slot, side] = fixed
             if fixed is not None:
                 out.append(fixed)
                 continue
             kept = rdst == osrc and rdport == osport if side else rsrc == odst and rsport == odport
-            if kept:
-                out.append(ReasonCode.NULL_BINDING_NOW_NAT)
-                continue
-            none = nat_now_none[slot, side]
-            if none:
-                out.append(ReasonCode.NAT_NOW_NONE)
-            else:
-                out.append(ReasonCode.SNAT_CHANGED if side else ReasonCode.DNAT_CHANGED)
+            out.append(_code_of("snat" if side else "dnat", kept, nat_now_none[slot, side]))
         return out
 
     def plan(self) -> FlushPlan:
