@@ -10,6 +10,7 @@ the per-entry reasoned decision (tests/core/test_decide.py).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import struct
 from collections import Counter
@@ -35,7 +36,7 @@ from topowatch.core.conntrack import (
 from topowatch.core.decide import Decider, compile_program, decide, pack_record
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
-from topowatch.core.flow import Binding, Egress, EgressKind, Flow, NatKind, Prediction, Unknown
+from topowatch.core.flow import Binding, Egress, EgressKind, Flow, Ingress, NatKind, Prediction, Unknown
 from topowatch.core.model import Address, Topology
 from topowatch.edges import ctcodec as c
 from topowatch.report import code_samples, count_codes, group_by_code
@@ -262,6 +263,36 @@ def predictor(choice: int) -> Any:
     return predict
 
 
+WAYS = (Ingress(4, "lan0"), Ingress(5, "lan1"), Ingress(2, "up1"))
+
+
+def alternatives_predictor(choice: int) -> Any:
+    """Predictions with alternatives, as ``evaluate`` makes them where reverse-path filtering does
+    not pin the input interface: each way (input interface) its own bindings and egress, the sides
+    their union (unknown where one is), a way that drops the flow before SNAT among them."""
+
+    def predict(fib: Fib, flow: Flow) -> Prediction:
+        seed = choice + int(flow.dst) + flow.dport + flow.zone + (5 if fib is FIB_BEFORE else 0)
+        alts = []
+        for i in range(2 + seed % 2):
+            pick = (seed * (i + 3) + i) % len(OPTIONS)
+            snat = OPTIONS[pick]
+            dnat = OPTIONS[(pick + choice + i) % len(OPTIONS)] if choice % 2 else frozenset({Binding(NatKind.NONE)})
+            if dnat == frozenset():  # dropped before routing: no SNAT hook either
+                snat = frozenset()
+            alts.append(Prediction(dnat=dnat, snat=snat, egress=(UPLINKS[i % 2],), ingress=WAYS[i]))
+
+        def union(sides: list[frozenset[Binding] | Unknown]) -> frozenset[Binding] | Unknown:
+            unknown = [s for s in sides if isinstance(s, Unknown)]
+            return unknown[0] if unknown else frozenset().union(*sides)  # type: ignore[arg-type]
+
+        return Prediction(dnat=union([a.dnat for a in alts]), snat=union([a.snat for a in alts]),
+                          egress=tuple(dict.fromkeys(e for a in alts for e in a.egress)),  # type: ignore[union-attr]
+                          ingress=Unknown("any of lan0, lan1, up1 (rp_filter off)"), alternatives=tuple(alts))  # fmt: skip
+
+    return predict
+
+
 CLIENTS = [ip_address("10.0.1.2"), ip_address("10.0.1.3")]
 SERVERS = [ip_address("192.0.2.10"), ip_address("192.0.2.11")]
 TRANSLATED = [ip_address("10.0.1.2"), MASQ, ip_address("203.0.113.5"), ip_address("192.0.2.10")]
@@ -297,12 +328,14 @@ def classes_for(eligibility: Eligibility, sport_matters: bool) -> Classifier:
 
 
 def plan_of(items: list[Entry], *, compiled: bool, choice: int, sport_matters: bool,
-            eligibility: Eligibility, per_datagram: int, classes: bool = False, before: bool = False) -> Any:  # fmt: skip
+            eligibility: Eligibility, per_datagram: int, classes: bool = False, before: bool = False,
+            alternatives: bool = False) -> Any:  # fmt: skip
     saved = c._ctscan
     if not compiled:
         c._ctscan = None
     try:
-        decider = Decider(predict=predictor(choice), fib_now=FIB, eligibility=eligibility,
+        predict = alternatives_predictor(choice) if alternatives else predictor(choice)
+        decider = Decider(predict=predict, fib_now=FIB, eligibility=eligibility,
                           fib_before=FIB_BEFORE if before else None,
                           sport_matters=sport_matters, build=c.entry_from_raw,
                           classifier=classes_for(eligibility, sport_matters) if classes else None)  # fmt: skip
@@ -352,6 +385,28 @@ def test_settled_entries_give_the_pure_paths_plan(  # noqa: PLR0917 (hypothesis 
     # By flow classes (keyed by class in C and in Python alike): the same plan.
     assert plan_of(items, compiled=True, classes=True, **kw) == pure
     assert plan_of(items, compiled=False, classes=True, **kw) == pure
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    items=st.lists(table(), max_size=60),
+    choice=st.integers(0, 13),
+    sport_matters=st.booleans(),
+    per_datagram=st.sampled_from([1, 7, 100]),
+    before=st.booleans(),
+)
+def test_predictions_with_alternatives_give_the_pure_paths_plan(
+    items: list[Entry], choice: int, sport_matters: bool, per_datagram: int, before: bool
+) -> None:
+    """Entries every way refuses are records of the compiled scan (``_alternatives_block``); their
+    Decisions, codes and counts are the pure path's, with and without a previous snapshot. Each
+    entry comes three times (other ids): a class's first entry is judged in Python, the others in C."""
+    items = [dataclasses.replace(e, id=e.id + 4 * copy) for e in items for copy in range(3)]
+    kw: dict[str, Any] = {"choice": choice, "sport_matters": sport_matters, "eligibility": Eligibility(),
+                          "per_datagram": per_datagram, "before": before, "alternatives": True}  # fmt: skip
+    pure = plan_of(items, compiled=False, **kw)
+    assert plan_of(items, compiled=True, classes=True, **kw) == pure
+    assert plan_of(items, compiled=True, **kw) == pure
 
 
 @pytest.mark.parametrize("choice", range(14))
@@ -471,6 +526,53 @@ def test_stale_entries_of_a_known_class_become_records_without_python() -> None:
     assert {d.entry.orig.sport for d in plan.stale} == {e.orig.sport for e in stale}
     assert len(plan.stale) == 100 and not plan.undecided
     assert Counter(entries) == Counter(stale)
+
+def test_entries_every_way_refuses_become_records_without_python() -> None:
+    """A prediction with alternatives (two input interfaces): an entry each way refuses is a
+    record, never a callback, on the side the union refuses or, where the union refuses neither,
+    the side the ways refuse (``_joint_stale``); one some way admits is judged in Python."""
+    other = ip_address("192.0.2.99")
+    lan0 = Prediction(frozenset({Binding(NatKind.NONE)}), OPTIONS[0], (UPLINKS[0],), WAYS[0])
+    lan1 = Prediction(frozenset({Binding(NatKind.DNAT, other, other)}), frozenset({Binding(NatKind.NONE)}),
+                      (UPLINKS[1],), WAYS[1])  # fmt: skip
+    both = Prediction(lan0.dnat | lan1.dnat, OPTIONS[0] | lan1.snat, (*UPLINKS,), Unknown("lan0 or lan1"),  # type: ignore[operator]
+                      alternatives=(lan0, lan1))  # fmt: skip
+    predict = lambda fib, flow: both  # noqa: E731
+    client, server = CLIENTS[0], SERVERS[0]
+    done = IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE
+
+    def entry(port: int, dst_seen: Any, src_seen: Any) -> Entry:
+        return Entry(2, 17, CtTuple(client, server, port, 53), CtTuple(dst_seen, src_seen, 53, port), status=done,
+                     id=port)  # fmt: skip
+
+    # lan0 refuses its source (not masqueraded), lan1 its destination (not DNATed): the union refuses
+    # neither, so the side is the one most ways refuse first, DNAT on a tie (side byte 2).
+    joint = [entry(p, server, client) for p in range(1000, 1040)]
+    # lan0 refuses the other masquerade address, lan1 its kept destination; the union refuses the source.
+    union = [entry(p, server, TRANSLATED[2]) for p in range(2000, 2030)]
+    # Masqueraded and not DNATed: lan0 gives it that (healthy, settled by the checks or in Python).
+    healthy = [entry(p, server, MASQ) for p in range(3000, 3020)]
+    items = [*healthy, *joint, *union]
+    decider = Decider(predict=predict, fib_now=FIB, sport_matters=False, build=c.entry_from_raw,
+                      classifier=classes_for(Eligibility(), sport_matters=False))  # fmt: skip
+    judged: list[Any] = []
+    judge_raw = decider.judge_raw
+    decider.judge_raw = lambda raw: (judged.append(raw), judge_raw(raw))  # type: ignore[method-assign,func-returns-value]
+    parser = c.DumpParser(seq=9, skip_replied=True, sink=decider.add_raw)
+    parser.settle = decider
+    parser.feed(b"".join(dump_message(e, 9) for e in items))
+    plan = decider.plan()
+    assert decider.records is not None
+    sides = Counter(decider.records[i * 100 + 2] for i in range(len(decider.records) // 100))
+    assert sides == {2: 40, 1: 30}  # one class: only its first entry (a healthy one) is added whole
+    assert sorted(raw[4] for raw in judged) == list(range(3001, 3020))  # a way admits them: Python judges
+    pure = decide(items, predict=predict, fib_now=FIB, sport_matters=False)
+    key = lambda d: (d.entry, d.side, d.reason, d.code, d.actual, d.expected)  # noqa: E731
+    assert Counter(map(key, plan.stale)) == Counter(map(key, pure.stale))
+    assert Counter(plan.stale.codes()) == {"null_binding_now_nat": 40, "snat_changed": 30}  # type: ignore[attr-defined]
+    assert Counter(d.side for d in plan.stale) == {"dnat": 40, "snat": 30}
+    assert not plan.undecided and len(plan.stale) == 70
+
 
 
 @settings(max_examples=200, deadline=None)

@@ -420,13 +420,28 @@ def _joint_stale(entry: Entry, compiled: _Compiled, live: list[Prediction]) -> _
     side = "dnat" if refused.count("dnat") >= refused.count("snat") else "snat"
     actual, original, translated, _, _ = _reading(entry, side)
     assert actual is not None
-    known = [a.dnat if side == "dnat" else a.snat for a in live]
-    expected = _sorted({b for k in known if not isinstance(k, Unknown) for b in k})
+    expected = _sorted(_live_bindings(live, side))
     return _Judgement(
         side, True, False, actual, expected,
         f"{_WHAT[side]} is {_translation(original, translated, actual)}, and no way it may have come in and "
         f"gone out gives it its bindings now: {_gives(entry, live)}", _stale_code(side, actual, expected),
     )
+
+
+def _live_bindings(live: list[Prediction], side: str) -> frozenset[Binding]:
+    """The bindings the live alternatives give ``side`` (unknown ones give none)."""
+    known = [a.dnat if side == "dnat" else a.snat for a in live]
+    return frozenset(b for k in known if not isinstance(k, Unknown) for b in k)
+
+
+def _joint_expected(prediction: Prediction, side: int) -> frozenset[Binding]:
+    """The expected bindings of a stale record of a prediction with alternatives, by its side byte."""
+    name = "snat" if side & 1 else "dnat"
+    if side & _JOINT:
+        return _live_bindings([a for a in prediction.alternatives if not _dropped(a)], name)
+    union = prediction.snat if side & 1 else prediction.dnat
+    assert not isinstance(union, Unknown)  # the union refused the side: it is known
+    return union
 
 
 def _undecided_alternatives(entry: Entry, prediction: Prediction, keep: list[Prediction],
@@ -767,6 +782,35 @@ def _program_side(check: _Check) -> bytes | None:
     return bytes(out)
 
 
+def _alternatives_block(prediction: Prediction) -> bytes | None:
+    """The block that settles an entry of a prediction with alternatives that every live way refuses.
+
+    b"A", the union's DNAT and SNAT sides (``_joint_stale`` names the side they refuse), a count
+    byte and each live alternative's DNAT and SNAT sides (modes 0-2; an unknown side refuses
+    nothing). The compiled scan records the entry stale when each alternative refuses it a side
+    whose binding can be read (``_alternative`` is False for all of them); a record's side is 0 or
+    1 where the union refuses that side, else 2 or 3 (``_JOINT``) for the side most of them refuse
+    first. None where a value does not fit: the entries go to Python.
+    """
+    live = [a for a in prediction.alternatives if not _dropped(a)]
+    if len(live) > 255:
+        return None
+    out = bytearray(b"A")
+    for i, p in enumerate((prediction, *live)):
+        if i == 1:
+            out.append(len(live))
+        for side in (_program_side(_compile(p.dnat, dnat_side=True)), _program_side(_compile(p.snat))):
+            if side is None:
+                return None
+            out += side
+    return bytes(out)
+
+
+# A stale record's side byte where no single side is refused by a prediction's union of
+# alternatives (``_joint_stale``'s second case): side | _JOINT.
+_JOINT = 2
+
+
 def compile_program(dnat: _Check, snat: _Check) -> bytes | None:
     """The program of one raw key's checks (see above), or None when one does not fit."""
     d, s = _program_side(dnat), _program_side(snat)
@@ -780,17 +824,18 @@ def compile_program(dnat: _Check, snat: _Check) -> bytes | None:
 # A compiled scan that finds an entry stale by a class's program (both sides of the
 # prediction known: see ``_ctscan.c`` ``verdict``) does not call back: it appends the
 # entry to ``Decider.records`` as one record of this layout (native byte order; the C
-# ``record_t``): family, proto, side (0 DNAT, 1 SNAT), zone, status, mark, id, timeout,
-# the program's slot (``Decider`` keeps what the slot stands for), orig sport and dport,
-# reply sport and dport, orig src and dst, reply src and dst (16 bytes each, an IPv4
-# address in the first 4). The Decision of a record is built only when someone reads it
-# (logs, plan output), by the same ``_side`` as every other; a delete reads the record
-# itself (``edges.ctnetlink``).
+# ``record_t``): family, proto, side (0 DNAT, 1 SNAT; or'ed with ``_JOINT``: see
+# ``_alternatives_block``), zone, status, mark, id, timeout, the program's slot
+# (``Decider`` keeps what the slot stands for), orig sport and dport, reply sport
+# and dport, orig src and dst, reply src and dst (16 bytes each, an IPv4 address in
+# the first 4). The Decision of a record is built only when someone reads it (logs,
+# plan output), by the same ``_side`` as every other (``_joint_stale`` for a
+# prediction with alternatives); a delete reads the record itself (``edges.ctnetlink``).
 STALE_RECORD = struct.Struct("=BBBxHxxIIIIIHHHH16s16s16s16s")
 
 
 def record_raw(record: bytes | bytearray | memoryview, index: int) -> tuple[RawEntry, int, int]:
-    """(raw entry, side 0 DNAT / 1 SNAT, slot) of the record at ``index``."""
+    """(raw entry, side byte: 0 DNAT / 1 SNAT, | ``_JOINT``; slot) of the record at ``index``."""
     (family, proto, side, zone, status, mark, ct_id, timeout, slot, osport, odport, rsport, rdport,
      osrc, odst, rsrc, rdst) = STALE_RECORD.unpack_from(record, index * STALE_RECORD.size)  # fmt: skip
     n = 4 if family == 2 else 16
@@ -1030,11 +1075,16 @@ class Decider:
             return compile_program((), ())
         assert isinstance(slot, _Compiled)
         program = compile_program(slot.dnat, slot.snat)
-        if program is None or self.records is None or slot.prediction.alternatives:
-            # With alternatives (ways the entry may have come) the checks settle healthy entries
-            # only: a failed one is judged one by one (``_judge_alternatives``), never a record.
+        if program is None or self.records is None:
             return program
-        if slot.dnat is None or slot.snat is None:
+        if slot.prediction.alternatives:
+            # The checks settle healthy entries only; the block settles entries that every way
+            # refuses (``_alternatives_block``); the rest are judged one by one in Python.
+            block = _alternatives_block(slot.prediction)
+            if block is None:
+                return program
+            program += block
+        elif slot.dnat is None or slot.snat is None:
             # A side that cannot be predicted has one verdict for the whole class (``unknown_code``):
             # mode 3 and that verdict, once the previous snapshot's prediction is known.
             if self.fib_before is not None and key not in self._before:
@@ -1263,8 +1313,16 @@ class Decider:
         entry = self.build(raw)
         compiled = self._raw[self._slots[slot]]
         assert isinstance(compiled, _Compiled)
-        name = "dnat" if side == 0 else "snat"
+        name = "snat" if side & 1 else "dnat"
         prediction = compiled.prediction
+        if prediction.alternatives:  # every way refuses it (``_alternatives_block``)
+            live = [a for a in prediction.alternatives if not _dropped(a)]
+            if stale and live and all(_alternative(entry, a) is False for a in live):
+                joint = _joint_stale(entry, compiled, live)
+                if joint.side == name:
+                    return Decision(entry, name, joint.actual, joint.expected, joint.reason, joint.code)
+            why = "judged stale by the compiled scan, but the reference judgement disagrees (a defect)"
+            return Decision(entry, name, None, (), why, "internal_disagreement")
         predicted = prediction.dnat if side == 0 else prediction.snat
         before = self._before.get(self._slots[slot]) if isinstance(predicted, Unknown) else None
         judged = _side(entry, name, predicted, prediction, before, texts=compiled.texts)
@@ -1285,8 +1343,11 @@ class Decider:
             if fixed == "":
                 compiled = self._raw[self._slots[slot]]
                 assert isinstance(compiled, _Compiled)
-                predicted = compiled.prediction.snat if side else compiled.prediction.dnat
-                if isinstance(predicted, Unknown):  # the class's verdict, whatever the binding
+                predicted = compiled.prediction.snat if side & 1 else compiled.prediction.dnat
+                if compiled.prediction.alternatives:
+                    fixed = None
+                    nat_now_none[slot, side] = _none_now(_joint_expected(compiled.prediction, side))
+                elif isinstance(predicted, Unknown):  # the class's verdict, whatever the binding
                     fixed = unknown_code(compiled.prediction, self._before.get(self._slots[slot]))
                 else:
                     fixed = None
@@ -1295,8 +1356,8 @@ class Decider:
             if fixed is not None:
                 out.append(fixed)
                 continue
-            kept = rdst == osrc and rdport == osport if side else rsrc == odst and rsport == odport
-            out.append(_code_of("snat" if side else "dnat", kept, nat_now_none[slot, side]))
+            kept = rdst == osrc and rdport == osport if side & 1 else rsrc == odst and rsport == odport
+            out.append(_code_of("snat" if side & 1 else "dnat", kept, nat_now_none[slot, side]))
         return out
 
     def plan(self) -> FlushPlan:

@@ -374,6 +374,7 @@ typedef struct {
 #define VERDICT_NONE 4    /* no side says anything (no binding readable, or nothing changed) */
 #define VERDICT_UNDECIDED_DNAT 5 /* undecided: destination NAT unpredictable, the class's verdict */
 #define VERDICT_UNDECIDED_SNAT 6
+#define VERDICT_ALTERNATIVES 7 /* stale: every way the entry may have come refuses it (``*side``) */
 
 #define SIDE_OK 0     /* admitted: nothing to say */
 #define SIDE_FAIL 1   /* stale if the entry's binding on that side can be read */
@@ -402,12 +403,45 @@ static int side_outcome(const uint8_t **pp, const uint8_t *pend, const uint8_t *
     return r < 0 ? SIDE_BAD : r ? SIDE_OK : SIDE_FAIL;
 }
 
+/* A program's alternatives block (``core.decide.Decider.raw_program``), at p after b"A": the union
+ * prediction's DNAT and SNAT sides, a count byte and each live alternative's DNAT and SNAT sides
+ * (modes 0-2), then b"S" + u32 slot. An entry the P checks did not settle is stale only where every
+ * alternative refuses it a side whose binding can be read (``Decider._judge_alternatives``); any
+ * other goes to Python. The stale record's side (``_joint_stale``): 0 or 1 where the union refuses
+ * that side (DNAT first), else 2 (DNAT) or 3 (SNAT), the side most alternatives refuse first. */
+static int alternatives(const entry_t *e, const uint8_t *p, const uint8_t *pend, int dread, int sread,
+                        uint32_t *slot, int *side) {
+    int ud, us, ad, as, dref = 0, sref = 0;
+    unsigned count, i;
+    ud = side_outcome(&p, pend, e->orig.dst, e->reply.src, e->alen, e->orig.dport, e->reply.sport);
+    if (ud == SIDE_BAD) return VERDICT_JUDGE;
+    us = side_outcome(&p, pend, e->orig.src, e->reply.dst, e->alen, e->orig.sport, e->reply.dport);
+    if (us == SIDE_BAD || p >= pend) return VERDICT_JUDGE;
+    count = *p++;
+    for (i = 0; i < count; i++) {
+        ad = side_outcome(&p, pend, e->orig.dst, e->reply.src, e->alen, e->orig.dport, e->reply.sport);
+        if (ad == SIDE_BAD) return VERDICT_JUDGE;
+        as = side_outcome(&p, pend, e->orig.src, e->reply.dst, e->alen, e->orig.sport, e->reply.dport);
+        if (as == SIDE_BAD) return VERDICT_JUDGE;
+        if (ad == SIDE_FAIL && dread) dref++;
+        else if (as == SIDE_FAIL && sread) sref++;
+        else return VERDICT_JUDGE; /* this way may give it its bindings */
+    }
+    if (pend - p != 5 || p[0] != 'S') return VERDICT_JUDGE;
+    memcpy(slot, p + 1, 4);
+    if (count == 0) return VERDICT_NONE; /* dropped whichever way it comes */
+    if (ud == SIDE_FAIL && dread) *side = 0;
+    else if (us == SIDE_FAIL && sread) *side = 1;
+    else *side = dref >= sref ? 2 : 3;
+    return VERDICT_ALTERNATIVES;
+}
+
 /* The verdict of a program on an entry, as ``Decider._judge`` reaches it: DNAT first, a side
  * that fails is stale and one that is undecided is remembered, unless the side's binding cannot
  * be read (tuples differ, its NAT hook never ran: ``_side`` skips it). A side without a verdict
  * (mode 0), a program without a slot (b"S" + u32 after the sides) and ICMP entries go to Python.
  * ``*slot`` receives the program's slot. */
-static int verdict(const entry_t *e, const uint8_t *p, Py_ssize_t n, uint32_t *slot) {
+static int verdict(const entry_t *e, const uint8_t *p, Py_ssize_t n, uint32_t *slot, int *side) {
     const uint8_t *pend = p + n;
     int icmp = e->orig.proto == IPPROTO_ICMP_ || e->orig.proto == IPPROTO_ICMPV6_;
     int d, s, readable, undecided_dnat = 0;
@@ -420,6 +454,13 @@ static int verdict(const entry_t *e, const uint8_t *p, Py_ssize_t n, uint32_t *s
                      icmp ? e->orig.sport : e->reply.dport);
     if (s == SIDE_BAD) return VERDICT_JUDGE;
     if (d == SIDE_OK && s == SIDE_OK) return VERDICT_HEALTHY;
+    if (!icmp && p < pend && *p == 'A')
+        return alternatives(e, p + 1, pend,
+                            (memcmp(e->reply.src, e->orig.dst, e->alen) == 0 && e->reply.sport == e->orig.dport) ||
+                                (e->status & IPS_DST_NAT_DONE),
+                            (memcmp(e->reply.dst, e->orig.src, e->alen) == 0 && e->reply.dport == e->orig.sport) ||
+                                (e->status & IPS_SRC_NAT_DONE),
+                            slot, side);
     if (icmp || d == SIDE_JUDGE || s == SIDE_JUDGE || pend - p != 5 || p[0] != 'S') return VERDICT_JUDGE;
     memcpy(slot, p + 1, 4);
     if (d == SIDE_FAIL || d == SIDE_UNDEC) {
@@ -566,12 +607,13 @@ static PyObject *feed(PyObject *self, PyObject *args) {
                         goto next;
                     }
                     uint32_t slot = 0;
-                    int v = verdict(&e, pp, pn, &slot);
-                    int is_stale = v == VERDICT_DNAT || v == VERDICT_SNAT;
+                    int side = 0;
+                    int v = verdict(&e, pp, pn, &slot, &side);
+                    int is_stale = v == VERDICT_DNAT || v == VERDICT_SNAT || v == VERDICT_ALTERNATIVES;
                     int is_undecided = v == VERDICT_UNDECIDED_DNAT || v == VERDICT_UNDECIDED_SNAT;
                     if (v == VERDICT_HEALTHY || v == VERDICT_NONE || (is_stale && records != Py_None) ||
                         (is_undecided && undecided != Py_None)) {
-                        if (is_stale && record(records, &e, v == VERDICT_DNAT ? 0 : 1, slot)) {
+                        if (is_stale && record(records, &e, v == VERDICT_ALTERNATIVES ? side : v == VERDICT_DNAT ? 0 : 1, slot)) {
                             Py_DECREF(key);
                             goto fail;
                         }
