@@ -61,10 +61,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
 
+from topowatch.core import ruleindex
 from topowatch.core.fib import Fib
 from topowatch.core.flow import (
     NO_NAT,
@@ -438,17 +440,30 @@ class _Evaluator:
         return _Null()
 
     def _run_chain(self, base: Chain, side: _Side, tape: _Tape) -> _Bound | _BoundAny | _Dropped | None:
-        """Run one base chain: an outcome that ends the hook, or None (accepted: next chain)."""
-        stack: list[tuple[Chain, int]] = []
+        """Run one base chain: an outcome that ends the hook, or None (accepted: next chain).
+
+        A chain runs only the rules its index says the packet may reach (``core.ruleindex``);
+        ``index`` is the position of the next rule to consider, ``order`` the candidates read for
+        ``seen`` (the packet: a mark statement replaces it, and the candidates are read again).
+        """
+        stack: list[tuple[Chain, int, Sequence[int], int, _Packet]] = []
         chain, index = base, 0
+        seen = self._marked or side.packet
+        order = _order(chain, seen)
+        at = 0
         while True:
-            if index >= len(chain.rules):
+            packet = self._marked or side.packet
+            if packet is not seen:  # a rule changed the packet: read the candidates again from here
+                seen, order = packet, _order(chain, packet)
+                at = bisect_left(order, index)
+            if at >= len(order):
                 if stack:
-                    chain, index = stack.pop()
+                    chain, index, order, at, seen = stack.pop()
                     continue
                 return self._policy(base)
-            rule = chain.rules[index]
-            index += 1
+            position = order[at]
+            rule = chain.rules[position]
+            index, at = position + 1, at + 1
             step = self._run_rule(chain, rule, side, tape)
             if step is None:
                 continue
@@ -458,7 +473,7 @@ class _Evaluator:
                 return None
             if step.kind is VerdictKind.RETURN:
                 if stack:
-                    chain, index = stack.pop()
+                    chain, index, order, at, seen = stack.pop()
                     continue
                 return self._policy(base)
             if step.kind is VerdictKind.CONTINUE:
@@ -468,10 +483,11 @@ class _Evaluator:
                 where = self.ruleset.describe_rule(chain, rule)
                 raise _Unmodelled(f"{where}: {step.kind.value} to a chain not in the ruleset")
             if step.kind is VerdictKind.JUMP:
-                stack.append((chain, index))
+                stack.append((chain, index, order, at, seen))
             if len(stack) >= MAX_JUMP_DEPTH:
                 raise _Unmodelled(f"{self.ruleset.describe_rule(chain, rule)}: jumps nest too deep")
-            chain, index = target, 0
+            seen = self._marked or side.packet
+            chain, index, order, at = target, 0, _order(target, seen), 0
 
     def _policy(self, base: Chain) -> _Dropped | None:
         if base.policy == "drop":
@@ -805,6 +821,66 @@ def _rule_plan(rule: Rule) -> tuple[bool, tuple[Match, ...]]:
     plan = (rule, _passive(rule), tuple(guards))
     _PLANS[id(rule)] = plan
     return plan[1], plan[2]
+
+
+# Per chain, computed once: its rule index (``core.ruleindex``), None where it does not pay. By chain
+# identity, as ``_PLANS``.
+_INDEXES: dict[int, tuple[Chain, ruleindex.ChainIndex | None]] = {}
+
+
+def _chain_index(chain: Chain) -> ruleindex.ChainIndex | None:
+    found = _INDEXES.get(id(chain))
+    if found is not None and found[0] is chain:
+        return found[1]
+    index = None
+    if len(chain.rules) >= ruleindex.MIN_INDEXED:
+        index = ruleindex.build([_rule_plan(rule) for rule in chain.rules])
+    if len(_INDEXES) >= _PLANS_LIMIT:
+        _INDEXES.clear()
+    _INDEXES[id(chain)] = (chain, index)
+    return index
+
+
+def _order(chain: Chain, packet: _Packet) -> Sequence[int]:
+    """The positions of the rules of ``chain`` that ``packet`` may reach, ascending (``core.ruleindex``)."""
+    index = _chain_index(chain)
+    if index is None:
+        return range(len(chain.rules))
+    value = _point(index.key, packet)
+    if value is None:
+        return range(len(chain.rules))
+    return index.candidates(packet.family, packet.proto, value)
+
+
+def _point(key: Key, p: _Packet) -> int | str | None:
+    """The one exact value ``_match`` reads for ``key`` on ``p`` (None: it reads none, or a range).
+
+    Mirrors ``_match``: where this returns a value, an indexable match (``ruleindex.indexable``)
+    whose dependencies hold is true exactly when its values hold that value.
+    """
+    if key in (Key.IIFNAME, Key.OIFNAME):
+        dev = p.iif if key is Key.IIFNAME else p.oif
+        return None if isinstance(dev, Unknown) else _device(dev)[0]
+    if key in (Key.SADDR, Key.DADDR):
+        addr = p.saddr if key is Key.SADDR else p.daddr
+        return ruleindex.address_value(addr.version, int(addr))
+    if key in (Key.SPORT, Key.DPORT):
+        if p.proto not in PORT_PROTOS:
+            return None  # a port match without a protocol dependency is unknown here, not false
+        if key is Key.SPORT:
+            return p.sport
+        return p.dport[0] if p.dport[0] == p.dport[1] else None
+    if key is Key.MARK:
+        return p.mark
+    if key is Key.CT_MARK:
+        return p.ct_mark
+    if key is Key.CT_ZONE:
+        return p.zone
+    if key is Key.L4PROTO:
+        return p.proto
+    if key is Key.NFPROTO:
+        return p.family
+    return None
 
 
 def _passive(rule: Rule) -> bool:
