@@ -172,14 +172,21 @@ def index(entries: list[Entry]) -> dict[tuple[int, str, int], Entry]:
     return {(e.orig.sport, str(e.orig.dst), e.orig.dport): e for e in entries if e.proto == 17}
 
 
-def wait_entries(gw: Namespace, keys: set[tuple[int, str, int]], settle: float = 0.2) -> dict[Any, Entry]:
-    """The gateway's entries once every key has one, or after ``settle`` seconds (some are dropped)."""
-    end = time.monotonic() + settle
+def wait_entries(gw: Namespace, keys: set[tuple[int, str, int]], settle: float = 0.2, *,
+                 patience: float = 0.0) -> dict[Any, Entry]:  # fmt: skip
+    """The gateway's entries once every key has one, or after ``settle`` seconds (some are dropped).
+
+    Two looks 50 ms apart that agree end the wait early, but not before ``patience`` seconds: on a
+    loaded machine the gateway's softirq may not have forwarded the last datagrams yet.
+    """
+    start = time.monotonic()
+    end = start + settle
     last: set[Any] | None = None
     while True:
         found = index(dump(gw))
+        now = time.monotonic()
         # Done when all are there, or two looks 50 ms apart agree (the rest were dropped).
-        if keys <= found.keys() or time.monotonic() >= end or (found.keys() & keys) == last:
+        if keys <= found.keys() or now >= end or ((found.keys() & keys) == last and now - start >= patience):
             return found
         last = found.keys() & keys
         time.sleep(0.05)
@@ -559,7 +566,10 @@ def resend(gw: Namespace, ns: dict[str, Namespace], scn: Scenario, after: dict[A
         by_sender.setdefault(flow.sender, []).append((flow, OLD_PORT + i))
     for sender, flows in by_sender.items():
         send(ns[sender], flows)
-    found = wait_entries(gw, set(olds))
+    # Every one of these flows had an entry: wait longer for them than for fresh flows, which may be
+    # dropped now. Without its entry the exact oracle is lost, and membership over the fresh flows'
+    # samples may miss the old flow's path (a false "fn": seed 318 on a loaded machine).
+    found = wait_entries(gw, set(olds), settle=1.0, patience=0.3)
     return {k: found[k] for k, (_, _, e) in olds.items()
             if k in found and found[k].id != e.id and found[k].orig.src == e.orig.src}
 
