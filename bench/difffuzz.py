@@ -51,6 +51,7 @@ import json
 import multiprocessing
 import multiprocessing.context
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -365,10 +366,23 @@ def hints(scn: Scenario, flow: Flow, old: Entry | None) -> list[str]:
     return out
 
 
+def _ways(reason: str) -> str:
+    """What an unknown_ingress reason is unsure of: the input interface (a way that refuses the
+    bindings enters elsewhere than every way that gives them) or, on one interface, the path of a
+    multipath route or the order of chains at one priority."""
+    keep = reason.split(": by ", 1)[-1].split(" it keeps its bindings", 1)[0]
+    kept = {label.split(", ", 1)[0] for label in keep.split(" and ", 1)[0].split("; ")}
+    risk = re.findall(r"by ([^;]*?) its (?:source|destination) would be", reason.split(", and then ", 1)[-1])
+    if any(label.split(", ", 1)[0] not in kept for label in risk):
+        return "the input interface"
+    return "the path or chain order"
+
+
 def _why(reason: str) -> str:
     """The last clause of an undecided reason: what could not be predicted (for grouping)."""
     if reason.endswith("which way it came is not known"):
-        return "an old entry's way in or out now refuses its bindings, another gives them (unknown_ingress)"
+        return ("an old entry's way in or out now refuses its bindings, another gives them "
+                f"(unknown_ingress): {_ways(reason)}")
     tail = reason.rsplit(": ", 1)[-1]
     return tail if len(tail) <= 100 else tail[:97] + "..."
 
