@@ -144,6 +144,30 @@ def test_an_entry_made_before_nat_is_judged_on_every_interface() -> None:
         "stale", "null_binding_now_nat")
 
 
+@pytest.mark.parametrize("raw", [False, True], ids=["entries", "raw"])
+def test_an_entry_made_before_nat_may_be_older_than_the_previous_snapshot(raw: bool) -> None:
+    """The previous snapshot already had NAT (lan0 X, up1 none) and nothing changed for this flow.
+    An entry without NAT and with its NAT_DONE bits was made under it, on up1: healthy. One without
+    the bits predates every nat chain, so perhaps the previous snapshot too: it may have come on lan0
+    and be stale; the snapshot cannot narrow that (not by the compiled checks either): undecided."""
+    now = union(way(LAN0, frozenset({X})), way(UP1, frozenset({NO_NAT})))
+    done = entry(sport=1)
+    late = dataclasses.replace(entry(sport=2), status=IPS_CONFIRMED)
+    assert verdict(done, now, now) == ("healthy", "")
+    assert verdict(late, now, now) == ("undecided", "unknown_ingress")
+    decider = Decider(predict=predictor(now, now), fib_now=NOW, fib_before=BEFORE, sport_matters=False,
+                      build=from_raw)
+    for e in (done, late):  # the first fills the key's checks; the second must not pass them
+        if raw:
+            decider.add_raw(to_raw(e))
+        else:
+            decider.add(e)
+    plan = decider.plan()
+    assert [(d.entry.orig.sport, d.code) for d in plan.undecided] == [(2, "unknown_ingress")]
+    assert "may be older than the previous snapshot" in plan.undecided[0].reason
+    assert not plan.stale
+
+
 def test_an_alternative_that_drops_the_flow_counts_for_nothing() -> None:
     """Entering on up1 the flow is dropped now: an entry is judged by the others alone."""
     now = union(way(LAN0, frozenset({X})), way(UP1, frozenset()))
@@ -273,7 +297,8 @@ SNATS = [frozenset(), frozenset({NO_NAT}), frozenset({X}), frozenset({Y}), froze
          frozenset({Binding(NatKind.SNAT, X.addr_lo, Y.addr_lo)})]  # fmt: skip
 DNATS = [frozenset({NO_NAT}), frozenset({REDIRECT}), frozenset({NO_NAT, REDIRECT})]
 ENTRIES = [entry(), entry(str(X.addr_lo)), entry(str(Y.addr_lo)), entry(str(Z.addr_lo)), entry("199.0.0.1"),
-           entry(dnat=str(REDIRECTED)), entry(str(X.addr_lo), dnat=str(REDIRECTED))]  # fmt: skip
+           entry(dnat=str(REDIRECTED)), entry(str(X.addr_lo), dnat=str(REDIRECTED)),
+           dataclasses.replace(entry(), status=IPS_CONFIRMED)]  # fmt: skip
 
 
 @st.composite

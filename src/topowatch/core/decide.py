@@ -41,10 +41,10 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TypeVar, overload
 
 from topowatch.core.classify import Classifier
-from topowatch.core.conntrack import ICMP_PROTOS, IPS_SEEN_REPLY, Entry
+from topowatch.core.conntrack import ICMP_PROTOS, IPS_DST_NAT_DONE, IPS_SEEN_REPLY, IPS_SRC_NAT_DONE, Entry
 from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility
 from topowatch.core.fib import Fib
-from topowatch.core.flow import Binding, Egress, Flow, Ingress, NatKind, Prediction, Unknown
+from topowatch.core.flow import NO_NAT, Binding, Egress, Flow, Ingress, NatKind, Prediction, Unknown
 from topowatch.core.model import IPAddress
 
 T = TypeVar("T")
@@ -341,6 +341,16 @@ def _label(p: Prediction) -> str:
 _Then = dict[str | None, tuple[frozenset[str], frozenset[str]]]
 
 
+def _predates_nat(entry: Entry) -> bool:
+    """A side untranslated and without its NAT_DONE bit: the entry was made before that hook had a
+    nat chain (``Entry.actual_snat``), perhaps before the previous snapshot too, which then says
+    nothing of the ways it may have come."""
+    return any(
+        not entry.status & done and _reading(entry, side)[0] == NO_NAT
+        for side, done in (("dnat", IPS_DST_NAT_DONE), ("snat", IPS_SRC_NAT_DONE))
+    )
+
+
 def _consistent(entry: Entry, previous: Prediction) -> _Then:
     """What the previous snapshot says about the ways the entry may have got its bindings."""
     out: _Then = {}
@@ -449,14 +459,21 @@ def _joint_expected(prediction: Prediction, side: int) -> frozenset[Binding]:
     return union
 
 
+_OLDER = {
+    "snapshot": "it may be older and have got them where the previous state gave them",
+    "none": "with no previous snapshot it may as well be older and have got them another way",
+    "older": "made before its NAT hook had a chain it may be older than the previous snapshot, and have "
+             "got them another way",
+}
+
+
 def _undecided_alternatives(entry: Entry, prediction: Prediction, keep: list[Prediction],
-                            risk: list[Prediction], *, snapshot: bool = True) -> _Judgement:  # fmt: skip
+                            risk: list[Prediction], why: str = "snapshot") -> _Judgement:  # fmt: skip
     side = _refused(entry, risk[0])
     actual, original, translated, _, _ = _reading(entry, side)
     how = f"by {_labels(keep)} it keeps its bindings"
     text = _translation(original, translated, actual) if actual is not None else "not translated"
-    older = ("it may be older and have got them where the previous state gave them" if snapshot else
-             "with no previous snapshot it may as well be older and have got them another way")
+    older = _OLDER[why]
     return _Judgement(
         side, False, True, actual, (),
         f"{_WHAT[side]} is {text}: {how}, but {older}, and then {_gives(entry, risk)}; "
@@ -649,8 +666,10 @@ def _alternative_checks(prediction: Prediction, flow: Flow, *,
         for alt, now in zip(live, sets, strict=True):
             if any(_covers(_span(c, original, port, dnat_side), box) for c in now):
                 continue  # this way gives the entry its binding too
-            if previous is None:
-                break  # an old entry may have come this way: nothing says otherwise
+            if previous is None or b.kind is NatKind.NONE:
+                # An old entry may have come this way: nothing says otherwise (no NAT: an entry
+                # made before the hook had a chain may be older than the previous snapshot).
+                break
             key = _ingress_key(alt)
             before = [v for k, vs in then.items() if key is None or k is None or k == key for v in vs]
             if any(isinstance(v, Unknown) or not v or _meets(v, box, original, port, dnat_side)
@@ -1257,10 +1276,11 @@ class Decider:
             return True
         if not any(v is True for v in verdicts):
             return False
-        previous = self._previous(key, entry)
+        older = _predates_nat(entry)
+        previous = None if older else self._previous(key, entry)
         if previous is None:
-            # No previous snapshot: an old entry cannot be told from one made since, so every
-            # way that refuses its bindings now is one it may have come (and be stale).
+            # No previous snapshot (or one the entry may predate): an old entry cannot be told from
+            # one made since, so every way that refuses its bindings now is one it may have come.
             risk = [a for a, v in zip(live, verdicts, strict=True) if v is not True]
         else:
             then = _consistent(entry, previous)
@@ -1271,8 +1291,8 @@ class Decider:
                     if v is not True and _at_risk(a, then, paths_now)]  # fmt: skip
         if risk:
             keep = [a for a, v in zip(live, verdicts, strict=True) if v is True]
-            self._record(entry, _undecided_alternatives(entry, compiled.prediction, keep, risk,
-                                                        snapshot=previous is not None))
+            why = "none" if self.fib_before is None else "older" if older else "snapshot"
+            self._record(entry, _undecided_alternatives(entry, compiled.prediction, keep, risk, why))
         return True
 
     def _record(self, entry: Entry, j: _Judgement) -> None:
