@@ -550,7 +550,8 @@ def test_entries_every_way_refuses_become_records_without_python() -> None:
     joint = [entry(p, server, client) for p in range(1000, 1040)]
     # lan0 refuses the other masquerade address, lan1 its kept destination; the union refuses the source.
     union = [entry(p, server, TRANSLATED[2]) for p in range(2000, 2030)]
-    # Masqueraded and not DNATed: lan0 gives it that (healthy, settled by the checks or in Python).
+    # Masqueraded and not DNATed: lan0 gives it that, lan1 refuses it (DNAT); with no previous snapshot
+    # it may be old, from lan1: undecided, judged in Python (never settled by the checks).
     healthy = [entry(p, server, MASQ) for p in range(3000, 3020)]
     items = [*healthy, *joint, *union]
     decider = Decider(predict=predict, fib_now=FIB, sport_matters=False, build=c.entry_from_raw,
@@ -571,7 +572,10 @@ def test_entries_every_way_refuses_become_records_without_python() -> None:
     assert Counter(map(key, plan.stale)) == Counter(map(key, pure.stale))
     assert Counter(plan.stale.codes()) == {"null_binding_now_nat": 40, "snat_changed": 30}  # type: ignore[attr-defined]
     assert Counter(d.side for d in plan.stale) == {"dnat": 40, "snat": 30}
-    assert not plan.undecided and len(plan.stale) == 70
+    assert len(plan.stale) == 70
+    assert Counter(map(key, plan.undecided)) == Counter(map(key, pure.undecided))
+    assert {d.entry.orig.sport for d in plan.undecided} == set(range(3000, 3020))
+    assert {d.code for d in plan.undecided} == {"unknown_ingress"}
 
 
 

@@ -258,7 +258,8 @@ def test_policy_rule_does_not_move_a_flow_that_enters_on_the_lan(gateway: Gatewa
 
     Off or loose, the kernel accepts the flow on lan whatever the reverse
     path says: it keeps its iifname-"lan" SNAT. The reverse path is no guess
-    of where the flow entered.
+    of where the flow entered: entering on an uplink it would be masqueraded,
+    so without a previous snapshot both entries are undecided, never stale.
     """
     gateway.rp_filter(rp_filter)
     gateway.nft(IIF_SNAT)
@@ -269,8 +270,9 @@ def test_policy_rule_does_not_move_a_flow_that_enters_on_the_lan(gateway: Gatewa
     fresh = gateway.fresh("10.77.0.3", 41000, SERVER4, 53)
     assert translated_source(fresh) == "100.64.0.99"
     plan = gateway.plan()
-    assert verdict(plan, "10.77.0.3", 5060) == kernel_verdict(old, fresh) == "healthy", plan
-    assert verdict(plan, "10.77.0.3", 41000) == "healthy", plan
+    assert kernel_verdict(old, fresh) == "healthy"
+    assert verdict(plan, "10.77.0.3", 5060) == "undecided", plan
+    assert verdict(plan, "10.77.0.3", 41000) == "undecided", plan
 
 
 def masquerade_then_iif_snat(gateway: Gateway) -> tuple[Entry, Entry]:
@@ -298,7 +300,7 @@ def test_daemon_reacts_to_rp_filter_becoming_strict(gateway: Gateway) -> None:
     event), it can only have entered on lan, where the SNAT now applies: the daemon deletes it."""
     gateway.rp_filter(0)
     old, fresh = masquerade_then_iif_snat(gateway)
-    assert verdict(gateway.plan(), "10.77.0.3", 5060) == "healthy"
+    assert verdict(gateway.plan(), "10.77.0.3", 5060) == "undecided"
     with Daemon(gateway.gw, "--debounce", "0.2", "--no-startup-sweep", "--no-dbus") as daemon:
         assert daemon.wait_for("ready") is not None, daemon.lines
         gateway.gw.run("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")
@@ -319,14 +321,19 @@ def test_unpinned_input_interface_never_condemns_a_binding_some_interface_gives(
 
     The kernel's fresh flow (sent from the LAN) gets the SNAT; the old entry
     may be called stale only if no interface would give it its masquerade:
-    here one would, so it is left alone (a conservative miss, never a wrong
-    deletion), and the fresh entry is healthy.
+    here one would, so it is never deleted. Nor is it healthy (the kernel
+    says stale: that would be a false negative): without a previous snapshot
+    nothing tells it from an entry made since on an uplink, so it is
+    undecided, and so is the fresh entry (an uplink would masquerade it).
     """
     gateway.rp_filter(rp_filter)
-    masquerade_then_iif_snat(gateway)
+    old, fresh = masquerade_then_iif_snat(gateway)
     plan = gateway.plan()
-    assert verdict(plan, "10.77.0.3", 5060) == "healthy", plan
-    assert verdict(plan, "10.77.0.3", 41000) == "healthy", plan
+    assert kernel_verdict(old, fresh) == "stale"
+    assert verdict(plan, "10.77.0.3", 5060) == "undecided", plan
+    assert verdict(plan, "10.77.0.3", 41000) == "undecided", plan
+    (undecided,) = (d for d in plan["undecided"] if d["orig"]["sport"] == 5060)
+    assert undecided["code"] == "unknown_ingress", undecided
 
 
 @pytest.mark.parametrize("tool", ["nft", "iptables-nft"])

@@ -8,12 +8,16 @@ says of both:
 - rp_filter off, an SNAT for flows entering on lan added above a masquerade:
   the kernel gives the old flow's fresh twin the new SNAT, so the masqueraded
   entry is stale; but it may have entered on an uplink, where masquerade is
-  still right. ``plan`` keeps it; the daemon, which knows that every interface
-  gave it that masquerade before the change, leaves it undecided
-  (``unknown_ingress``) and never deletes it;
+  still right. The daemon, which knows that every interface gave it that
+  masquerade before the change, leaves it undecided (``unknown_ingress``) and
+  never deletes it; ``plan``, with no previous snapshot, cannot tell it from
+  an entry made since on either interface: both undecided, never healthy (a
+  false negative) nor stale;
 - two nat chains at one priority (their order is the registration order, no
-  dump shows it): an entry made before any NAT is stale whichever runs first,
-  and the fresh entry is healthy;
+  dump shows it): an entry made before any NAT is stale whichever runs first;
+  the fresh entry has the binding of one order and not the other's, so
+  without a previous snapshot it is undecided (it may be an old one, made
+  when the other order ran), never stale;
 - a DNAT that changed the port replaced by one without a port: the kernel
   keeps the destination port of a fresh flow, so the old entry is stale.
 """
@@ -61,10 +65,11 @@ def test_the_daemon_leaves_an_old_entry_undecided_where_its_interface_now_refuse
     (undecided,) = [r for r in entries if r.get("action") == "undecided"]
     assert undecided["orig"]["sport"] == 5060 and undecided["code"] == "unknown_ingress", undecided
     assert ("10.77.0.3", 5060) in {(str(e.orig.src), e.orig.sport) for e in gateway.entries()}
-    # Without a previous snapshot the entry is kept as healthy: some interface gives its masquerade.
+    # Without a previous snapshot: some interface gives each its SNAT, another refuses it, and
+    # nothing says which is old: undecided, never healthy (the old one is stale) nor stale.
     plan = gateway.plan()
-    assert verdict(plan, "10.77.0.3", 5060) == "healthy", plan
-    assert verdict(plan, "10.77.0.3", 41000) == "healthy", plan
+    assert verdict(plan, "10.77.0.3", 5060) == "undecided", plan
+    assert verdict(plan, "10.77.0.3", 41000) == "undecided", plan
 
 
 def test_chains_at_one_priority_condemn_an_entry_that_every_order_would_translate(gateway: Gateway) -> None:
@@ -78,7 +83,7 @@ def test_chains_at_one_priority_condemn_an_entry_that_every_order_would_translat
     assert translated_source(fresh) == "100.64.0.99"  # the chain registered last runs first
     plan = gateway.plan()
     assert verdict(plan, "10.77.0.2", 5060) == kernel_verdict(old, fresh) == "stale", plan
-    assert verdict(plan, "10.77.0.2", 41000) == "healthy", plan
+    assert verdict(plan, "10.77.0.2", 41000) == "undecided", plan
     (stale,) = (d for d in plan["stale"] if d["orig"]["sport"] == 5060)
     assert sorted(b["addr"] for b in stale["expected"]) == ["100.64.0.98", "100.64.0.99"]
 

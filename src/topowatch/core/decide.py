@@ -19,9 +19,10 @@ later) is a null binding, judged like any other (``Entry.actual_snat``).
 
 Where the prediction has alternatives (the ways the flow may have come:
 input interface, multipath path, chain order), the entry is stale only if
-every way that lets the flow out refuses its bindings; the previous
-snapshot can only make an entry undecided, never stale (see "several
-alternatives" below).
+every way that lets the flow out refuses its bindings, and healthy only
+where no way it may have come refuses them (the previous snapshot narrows
+those ways; it never makes an entry stale): otherwise undecided (see
+"several alternatives" below).
 
 Entries sharing a flow are decided once. Every stale or undecided entry
 carries a reason a person can read. This module never performs I/O and never
@@ -40,10 +41,10 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TypeVar, overload
 
 from topowatch.core.classify import Classifier
-from topowatch.core.conntrack import ICMP_PROTOS, IPS_SEEN_REPLY, Entry
+from topowatch.core.conntrack import ICMP_PROTOS, IPS_DST_NAT_DONE, IPS_SEEN_REPLY, IPS_SRC_NAT_DONE, Entry
 from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility
 from topowatch.core.fib import Fib
-from topowatch.core.flow import Binding, Egress, Flow, Ingress, NatKind, Prediction, Unknown
+from topowatch.core.flow import NO_NAT, Binding, Egress, Flow, Ingress, NatKind, Prediction, Unknown
 from topowatch.core.model import IPAddress
 
 T = TypeVar("T")
@@ -264,10 +265,14 @@ def _translation(original: IPAddress, translated: IPAddress, actual: Binding) ->
 # - every alternative gives it other bindings (on one side or the other), or drops
 #   the flow (nothing to fix there): stale, wherever it came in and went out;
 # - some alternative gives it its bindings now: it may be an entry made since the
-#   change, that way, so it is never stale. It is healthy, unless a previous
-#   snapshot says it may also be an old entry that got its bindings then on an
-#   interface and path where they are now wrong: then undecided (``UNKNOWN_INGRESS``).
-#   The consistent alternatives are those of the previous snapshot that gave it
+#   change, that way, so it is never stale. It is healthy where every alternative
+#   gives them, or where a previous snapshot says no old entry can have got them
+#   then on an interface and path that refuses them now; otherwise undecided
+#   (``UNKNOWN_INGRESS``). Without a previous snapshot nothing tells an old entry
+#   from one made since: every refusing alternative is one it may have come (the
+#   flow's real interface is not in the entry, and calling it healthy would be a
+#   guess, wrong where it came the refusing way: a false negative). With one, the
+#   consistent alternatives are those of the previous snapshot that gave it
 #   its bindings (an unknown one counts as consistent). An old flow keeps its path
 #   while its interface's paths stay the same (the multipath hash is the flow's);
 #   where they changed it may take any of them now. An interface that did not
@@ -334,6 +339,16 @@ def _label(p: Prediction) -> str:
 # Per input interface (None: any) of the previous snapshot: the paths that gave the entry its
 # bindings, and all its paths.
 _Then = dict[str | None, tuple[frozenset[str], frozenset[str]]]
+
+
+def _predates_nat(entry: Entry) -> bool:
+    """A side untranslated and without its NAT_DONE bit: the entry was made before that hook had a
+    nat chain (``Entry.actual_snat``), perhaps before the previous snapshot too, which then says
+    nothing of the ways it may have come."""
+    return any(
+        not entry.status & done and _reading(entry, side)[0] == NO_NAT
+        for side, done in (("dnat", IPS_DST_NAT_DONE), ("snat", IPS_SRC_NAT_DONE))
+    )
 
 
 def _consistent(entry: Entry, previous: Prediction) -> _Then:
@@ -444,16 +459,25 @@ def _joint_expected(prediction: Prediction, side: int) -> frozenset[Binding]:
     return union
 
 
+_OLDER = {
+    "snapshot": "it may be older and have got them where the previous state gave them",
+    "none": "with no previous snapshot it may as well be older and have got them another way",
+    "older": "made before its NAT hook had a chain it may be older than the previous snapshot, and have "
+             "got them another way",
+}
+
+
 def _undecided_alternatives(entry: Entry, prediction: Prediction, keep: list[Prediction],
-                            risk: list[Prediction]) -> _Judgement:  # fmt: skip
+                            risk: list[Prediction], why: str = "snapshot") -> _Judgement:  # fmt: skip
     side = _refused(entry, risk[0])
     actual, original, translated, _, _ = _reading(entry, side)
     how = f"by {_labels(keep)} it keeps its bindings"
     text = _translation(original, translated, actual) if actual is not None else "not translated"
+    older = _OLDER[why]
     return _Judgement(
         side, False, True, actual, (),
-        f"{_WHAT[side]} is {text}: {how}, but it may be older and have got them where the previous state "
-        f"gave them, and then {_gives(entry, risk)}; which way it came is not known",
+        f"{_WHAT[side]} is {text}: {how}, but {older}, and then {_gives(entry, risk)}; "
+        "which way it came is not known",
         ReasonCode.UNKNOWN_INGRESS,
     )
 
@@ -551,7 +575,7 @@ class _Compiled:
     portless: frozenset[str] = frozenset()
 
     @classmethod
-    def of(cls, prediction: Prediction, flow: Flow | None = None, *, narrowing: bool = False,
+    def of(cls, prediction: Prediction, flow: Flow | None = None, *,
            previous: Prediction | None = None) -> _Compiled:  # fmt: skip
         """The checks of ``prediction``; with alternatives, see ``_alternative_checks`` (needs ``flow``)."""
         dnat, snat = _compile(prediction.dnat, dnat_side=True), _compile(prediction.snat)
@@ -562,7 +586,7 @@ class _Compiled:
         )
         if prediction.alternatives:
             assert flow is not None
-            dnat, snat = _alternative_checks(prediction, flow, narrowing=narrowing, previous=previous)
+            dnat, snat = _alternative_checks(prediction, flow, previous=previous)
         return cls(prediction, dnat, snat, portless=portless)
 
 
@@ -591,7 +615,7 @@ def _meets(bindings: frozenset[Binding], box: tuple[int, int, int, int], origina
     return any(_overlap(_span(c, original, port, dnat_side), box) for c in bindings)
 
 
-def _alternative_checks(prediction: Prediction, flow: Flow, *, narrowing: bool,
+def _alternative_checks(prediction: Prediction, flow: Flow, *,
                         previous: Prediction | None) -> tuple[_Check, _Check]:  # fmt: skip
     """Checks that settle an entry of a prediction with alternatives only where it is healthy.
 
@@ -600,10 +624,10 @@ def _alternative_checks(prediction: Prediction, flow: Flow, *, narrowing: bool,
     the flow count for nothing. One side (the one whose alternatives agree, else the
     destination) is checked against the bindings every alternative gives it: an entry
     passing it has that side right whichever way it came. The other side is then
-    healthy where some alternative gives it (no previous snapshot), or, with one, for
-    bindings every alternative either gives too or could not have given then (the
-    previous snapshot's bindings for that interface do not meet them, or it did not
-    receive): an old entry that came that way cannot carry them. Bindings are read
+    healthy for bindings every alternative gives too (no previous snapshot) or, with
+    one, either gives too or could not have given then (the previous snapshot's
+    bindings for that interface do not meet them, or it did not receive): an old
+    entry that came that way cannot carry them. Bindings are read
     against the flow's own original address and port: flows of one class agree on
     how these meet.
     """
@@ -631,30 +655,29 @@ def _alternative_checks(prediction: Prediction, flow: Flow, *, narrowing: bool,
     dnat_side = free == "dnat"
     free_check: _Check
     # (A live alternative's sets are never empty: an empty DNAT side means no SNAT side either.)
-    if not narrowing:
-        free_check = _compile(frozenset().union(*sets), dnat_side=dnat_side)
-    else:
-        original, port = (flow.dst, flow.dport) if dnat_side else (flow.src, flow.sport)
-        then: dict[str | None, list[frozenset[Binding] | Unknown]] = {}
-        for p in (previous.alternatives or (previous,)) if previous is not None else ():
-            if not _dropped(p):
-                then.setdefault(_ingress_key(p), []).append(p.dnat if dnat_side else p.snat)
-        certain = []
-        for b in frozenset().union(*sets):
-            box = _span(b, original, port, dnat_side)
-            for alt, now in zip(live, sets, strict=True):
-                if any(_covers(_span(c, original, port, dnat_side), box) for c in now):
-                    continue  # this way gives the entry its binding too
-                if previous is None:
-                    break
-                key = _ingress_key(alt)
-                before = [v for k, vs in then.items() if key is None or k is None or k == key for v in vs]
-                if any(isinstance(v, Unknown) or not v or _meets(v, box, original, port, dnat_side)
-                       for v in before):  # fmt: skip
-                    break  # an old entry that came this way may carry this binding
-            else:
-                certain.append(b)
-        free_check = _compile(frozenset(certain), dnat_side=dnat_side) if certain else None
+    original, port = (flow.dst, flow.dport) if dnat_side else (flow.src, flow.sport)
+    then: dict[str | None, list[frozenset[Binding] | Unknown]] = {}
+    for p in (previous.alternatives or (previous,)) if previous is not None else ():
+        if not _dropped(p):
+            then.setdefault(_ingress_key(p), []).append(p.dnat if dnat_side else p.snat)
+    certain = []
+    for b in frozenset().union(*sets):
+        box = _span(b, original, port, dnat_side)
+        for alt, now in zip(live, sets, strict=True):
+            if any(_covers(_span(c, original, port, dnat_side), box) for c in now):
+                continue  # this way gives the entry its binding too
+            if previous is None or b.kind is NatKind.NONE:
+                # An old entry may have come this way: nothing says otherwise (no NAT: an entry
+                # made before the hook had a chain may be older than the previous snapshot).
+                break
+            key = _ingress_key(alt)
+            before = [v for k, vs in then.items() if key is None or k is None or k == key for v in vs]
+            if any(isinstance(v, Unknown) or not v or _meets(v, box, original, port, dnat_side)
+                   for v in before):  # fmt: skip
+                break  # an old entry that came this way may carry this binding
+        else:
+            certain.append(b)
+    free_check = _compile(frozenset(certain), dnat_side=dnat_side) if certain else None
     return (fixed_check, free_check) if fixed == "dnat" else (free_check, fixed_check)
 
 
@@ -1015,9 +1038,8 @@ class Decider:
             if self.classifier is None and len(self._now) >= FLOW_CACHE_LIMIT:
                 self._forget()
             prediction = self.predict(self.fib_now, entry.flow)
-            narrowing = self.fib_before is not None
-            previous = self._previous(key, entry) if prediction.alternatives and narrowing else None
-            compiled = _Compiled.of(prediction, entry.flow, narrowing=narrowing, previous=previous)
+            previous = self._previous(key, entry) if prediction.alternatives else None
+            compiled = _Compiled.of(prediction, entry.flow, previous=previous)
             self._now[key] = compiled
             self.predicted += 1
         return key, compiled
@@ -1254,18 +1276,23 @@ class Decider:
             return True
         if not any(v is True for v in verdicts):
             return False
-        previous = self._previous(key, entry)
+        older = _predates_nat(entry)
+        previous = None if older else self._previous(key, entry)
         if previous is None:
-            return True  # healthy: it may have been made since, a way that gives it its bindings
-        then = _consistent(entry, previous)
-        paths_now: dict[str | None, frozenset[str]] = {}
-        for a in compiled.prediction.alternatives:
-            paths_now[_ingress_key(a)] = paths_now.get(_ingress_key(a), frozenset()) | {_path(a)}
-        risk = [a for a, v in zip(live, verdicts, strict=True)
-                if v is not True and _at_risk(a, then, paths_now)]  # fmt: skip
+            # No previous snapshot (or one the entry may predate): an old entry cannot be told from
+            # one made since, so every way that refuses its bindings now is one it may have come.
+            risk = [a for a, v in zip(live, verdicts, strict=True) if v is not True]
+        else:
+            then = _consistent(entry, previous)
+            paths_now: dict[str | None, frozenset[str]] = {}
+            for a in compiled.prediction.alternatives:
+                paths_now[_ingress_key(a)] = paths_now.get(_ingress_key(a), frozenset()) | {_path(a)}
+            risk = [a for a, v in zip(live, verdicts, strict=True)
+                    if v is not True and _at_risk(a, then, paths_now)]  # fmt: skip
         if risk:
             keep = [a for a, v in zip(live, verdicts, strict=True) if v is True]
-            self._record(entry, _undecided_alternatives(entry, compiled.prediction, keep, risk))
+            why = "none" if self.fib_before is None else "older" if older else "snapshot"
+            self._record(entry, _undecided_alternatives(entry, compiled.prediction, keep, risk, why))
         return True
 
     def _record(self, entry: Entry, j: _Judgement) -> None:
