@@ -675,7 +675,9 @@ class Reactor:
         for seen, fib in self._fibs:
             if seen is topology:
                 return fib
-        fib = Fib(topology)
+        # Carried over from the last one where only routes changed (a route event on a large
+        # table: the changes, not the table; ``Fib(previous=)``).
+        fib = Fib(topology, previous=self._fibs[0][1] if self._fibs else None)
         self._fibs = [(topology, fib), *self._fibs[:1]]
         return fib
 

@@ -278,3 +278,39 @@ def test_anything_but_routes_changing_builds_again() -> None:
     unrelated = Topology(LINKS, ADDRESSES, big_gateway(51).routes)
     assert first.updated([unrelated], []) is None  # no lineage joins them
     assert first.updated([unrelated], [], changes=changed_routes) is not None  # told what changed
+
+
+FIB_STATS = {"carried": 0, "built": 0}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(gateways(), st.lists(st.lists(events(), min_size=1, max_size=3), min_size=1, max_size=5),
+       st.lists(st.integers(0, (1 << 128) - 1), min_size=10, max_size=10))  # fmt: skip
+def test_a_fib_carried_over_route_changes_is_the_one_built_from_scratch(
+    gateway: Topology, bursts: list[list[tuple[str, Route]]], extra: list[int]
+) -> None:
+    """``Fib(now, previous=)`` keeps the previous snapshot's tables with the changed routes: the same
+    tables and the same lookups as ``Fib(now)``."""
+    live = seeded(gateway)
+    fib = Fib(live.snapshot())
+    for burst in bursts:
+        for kind, route in burst:
+            apply(live, kind, route)
+        now = live.snapshot()
+        carried, built = Fib(now, previous=fib), Fib(now)
+        FIB_STATS["carried" if Fib(now)._carry(fib) else "built"] += 1
+        assert carried._tables == built._tables
+        assert carried._prefixlens == built._prefixlens
+        for value in [*extra, *(int(r.dst.network_address) for r in now.routes)]:
+            for family, bits in ((AF_INET, 32), (AF_INET6, 128)):
+                dst = ip_address(value % (1 << bits)) if family == AF_INET6 else ip_address(value % (1 << 32))
+                if (dst.version == 6) != (family == AF_INET6):
+                    continue
+                assert carried.lookup(dst) == built.lookup(dst)
+        fib = carried
+
+
+def test_carried_fibs_were_compared() -> None:
+    if not FIB_STATS["carried"]:
+        pytest.skip("run together with the property test")
+    assert FIB_STATS["carried"] > 100, FIB_STATS

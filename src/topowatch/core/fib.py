@@ -90,6 +90,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 
 from topowatch.core.flow import Egress, EgressKind, Flow, Ingress, Unknown
+from topowatch.core.livetopology import route_changes
 from topowatch.core.model import (
     AF_INET,
     AF_INET6,
@@ -238,7 +239,10 @@ def _common_prefix(a: IPAddress, b: IPAddress) -> int:
 class Fib:
     """Lookups over one ``Topology`` snapshot (indexes are built once)."""
 
-    def __init__(self, topology: Topology) -> None:
+    def __init__(self, topology: Topology, previous: Fib | None = None) -> None:
+        """``previous``: the FIB of an earlier snapshot of the same kept topology; where only routes
+        changed between them (``core.livetopology.route_changes`` names them), its route tables are
+        carried over with those changes instead of being built again (the same tables either way)."""
         self.topology = topology
         self._names = topology.names()
         self._links: dict[int, Link] = {link.index: link for link in topology.links}
@@ -253,7 +257,21 @@ class Fib:
         # (family, table) -> prefixlen -> network address as an int -> routes, ordered
         # by (-tos, metric) (sorted() is stable: dump order among equals).
         self._tables: dict[tuple[int, int], dict[int, dict[int, list[Route]]]] = {}
-        routes = list(topology.routes)
+        self._prefixlens: dict[tuple[int, int], tuple[int, ...]] = {}
+        if previous is None or not self._carry(previous):
+            self._build_tables()
+        # A Fib answers one snapshot: the same question always gets the same answer.
+        self._resolved: dict[_Query, Resolution] = {}
+        self._route_texts: dict[Route, str] = {}
+        self._masquerade: dict[tuple[int, IPAddress], IPAddress | None] = {}
+        # The links that can receive a packet, with their reverse-path settings (``ingresses``).
+        self._receivers: tuple[tuple[Link, tuple[int, bool]], ...] | None = None
+        self._receiver_groups: dict[tuple[int, bool], tuple[Ingress, ...]] = {}
+        self._all_receivers: tuple[Ingress, ...] = ()
+        self._receiver_order: dict[int, int] = {}
+
+    def _build_tables(self) -> None:
+        routes = list(self.topology.routes)
         for family in (AF_INET, AF_INET6):
             if not any(r.family == family and r.table == TABLE_LOCAL for r in routes):
                 routes.extend(self._implied_local_routes(family))
@@ -265,18 +283,55 @@ class Fib:
             for same_len in by_len.values():
                 for net, listed in same_len.items():
                     same_len[net] = sorted(listed, key=lambda r: (-r.tos, r.metric))
-        self._prefixlens: dict[tuple[int, int], tuple[int, ...]] = {
-            key: tuple(sorted(by_len, reverse=True)) for key, by_len in self._tables.items()
-        }
-        # A Fib answers one snapshot: the same question always gets the same answer.
-        self._resolved: dict[_Query, Resolution] = {}
-        self._route_texts: dict[Route, str] = {}
-        self._masquerade: dict[tuple[int, IPAddress], IPAddress | None] = {}
-        # The links that can receive a packet, with their reverse-path settings (``ingresses``).
-        self._receivers: tuple[tuple[Link, tuple[int, bool]], ...] | None = None
-        self._receiver_groups: dict[tuple[int, bool], tuple[Ingress, ...]] = {}
-        self._all_receivers: tuple[Ingress, ...] = ()
-        self._receiver_order: dict[int, int] = {}
+        self._prefixlens = {key: tuple(sorted(by_len, reverse=True)) for key, by_len in self._tables.items()}
+
+    def _carry(self, previous: Fib) -> bool:
+        """The route tables of ``previous`` with the routes changed since (copied where they change);
+        False where that is not known to give ``_build_tables``'s answer: more than routes changed,
+        the lineage does not join the two snapshots, a local-table route changed (implied local
+        routes), or a changed prefix holds two routes of one TOS and metric (their order is the
+        dump's)."""
+        before, now = previous.topology, self.topology
+        if (before.links, before.addresses, before.rules) != (now.links, now.addresses, now.rules):
+            return False
+        changes = route_changes(before.routes, now.routes)
+        if changes is None:
+            return False
+        gone, came = changes
+        if any(r.table == TABLE_LOCAL for r in (*gone, *came)):
+            return False
+        tables = dict(previous._tables)
+        copied: set[tuple[int, int, int]] = set()
+        for route, add in [*((r, False) for r in gone), *((r, True) for r in came)]:
+            key, length = (route.family, route.table), route.dst.prefixlen
+            if (*key, length) not in copied:
+                copied.add((*key, length))
+                by_len = tables[key] = dict(tables.get(key, {}))
+                by_len[length] = dict(by_len.get(length, {}))
+            same_len = tables[key][length]
+            net = int(route.dst.network_address)
+            listed = [r for r in same_len.get(net, ()) if r != route]
+            if add:
+                listed.append(route)
+            if listed:
+                listed.sort(key=lambda r: (-r.tos, r.metric))
+                if len({(r.tos, r.metric) for r in listed}) < len(listed):
+                    return False
+                same_len[net] = listed
+            else:
+                same_len.pop(net, None)
+        prefixlens = dict(previous._prefixlens)
+        for family, table, _ in copied:
+            by_len = tables[family, table]
+            for length in [n for n, same in by_len.items() if not same]:
+                del by_len[length]
+            if by_len:
+                prefixlens[family, table] = tuple(sorted(by_len, reverse=True))
+            else:
+                del tables[family, table]
+                prefixlens.pop((family, table), None)
+        self._tables, self._prefixlens = tables, prefixlens
+        return True
 
     # -- public API -----------------------------------------------------------------
 
