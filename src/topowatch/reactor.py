@@ -669,15 +669,15 @@ class Reactor:
             self._sport_memo = (ruleset, found)
         return self._sport_memo[1]
 
-    def _fib(self, topology: Topology) -> Fib:
+    def _fib(self, topology: Topology, previous: Fib | None = None) -> Fib:
         """The FIB of a snapshot, kept for the last two: T0's was T1's in the last reaction (its
         caches are bounded, and a snapshot never changes)."""
         for seen, fib in self._fibs:
             if seen is topology:
                 return fib
-        # Carried over from the last one where only routes changed (a route event on a large
-        # table: the changes, not the table; ``Fib(previous=)``).
-        fib = Fib(topology, previous=self._fibs[0][1] if self._fibs else None)
+        # Carried over from ``previous`` (T0's) where only routes changed (a route event on a
+        # large table: the changes, not the table; ``Fib(previous=)``).
+        fib = Fib(topology, previous=previous)
         self._fibs = [(topology, fib), *self._fibs[:1]]
         return fib
 
@@ -730,7 +730,9 @@ class Reactor:
         why_full = self._why_full(burst, ruleset, policy)
         scope: Impact | None = None
         if why_full is None and self.t0 is not None:
+            mark = clock()
             scope = impact(self.t0, t1, ruleset)
+            timings["impact"] = clock() - mark
         else:
             log.debug("full judgement: %s", why_full)
         self.judged_all = False
@@ -738,8 +740,11 @@ class Reactor:
             return self._record(self._unchanged(burst, t1, selection, scope, start=start, timings=timings,
                                                 ruleset=ruleset, policy=policy), selection)  # fmt: skip
 
-        fib_now, fib_before = self._fib(t1), self._fib(self.t0) if self.t0 is not None else None
+        mark = clock()
+        fib_before = self._fib(self.t0) if self.t0 is not None else None
+        fib_now = self._fib(t1, fib_before)
         sport_matters = await self._mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies)
+        timings["fib"] = clock() - mark
         previous = self.ruleset_t0 if self.ruleset_t0 is not None else ruleset
         if previous is not ruleset and previous == ruleset:
             previous = ruleset  # read again, unchanged
@@ -778,7 +783,6 @@ class Reactor:
         else:
             plan = decider().plan()  # no policy is triggered: nothing to dump
         dumped = clock()
-        change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
         if all(p.action is Action.FLUSH for p in selection.policies):
             # Every stale entry was admitted by some active policy, and each flushes. Records of a
             # compiled scan stay records up to the delete (their Decisions are built for the logs).
@@ -801,6 +805,7 @@ class Reactor:
             deleted = await self.backend.delete(to_delete, still_stale(selection))
             timings["delete"] = clock() - mark
             timings["window"] = clock() - dumped
+        change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
         self.t0, self.ruleset_t0 = t1, ruleset
         flushes = all(p.action is Action.FLUSH for p in selection.policies)
         self.judged_all = bool(
