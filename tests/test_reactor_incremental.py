@@ -271,3 +271,23 @@ def test_a_dnat_target_in_a_moved_prefix_is_any_flow() -> None:
             {"dnat": {"addr": "192.0.2.50"}}]}},
     ]})  # fmt: skip
     assert impact(BEFORE, MOVED, ruleset).everything
+
+
+async def test_the_startup_sweep_judges_without_a_previous_snapshot(autojump_clock: trio.testing.MockClock) -> None:
+    """The entries the sweep judges were made before the daemon's first snapshot, which says nothing
+    about them: no previous snapshot narrows or compares them (as ``plan``). Later reactions have one."""
+    backend = Backend()
+    seen: list[bool] = []
+    judge = backend.judge
+
+    async def recording(eligibility: Eligibility, decider: Callable[[Any], Decider]) -> Decider:
+        judging = await judge(eligibility, decider)
+        seen.append(judging.fib_before is not None)
+        return judging
+
+    backend.judge = recording  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await started(backend, nursery)
+        await route_event(backend, MOVED)
+        nursery.cancel_scope.cancel()
+    assert seen == [False, True]

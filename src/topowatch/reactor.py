@@ -545,6 +545,10 @@ class Reactor:
         # a reaction judge just the flows its change can re-NAT (or none, without a dump).
         self.judged_all = False
         self._judged_under: tuple[NatRuleset | None, EffectivePolicy | None] = (None, None)
+        # True until the startup sweep has decided: the entries it judges were made under states
+        # before the daemon's first snapshot, which therefore says nothing about them (that
+        # reaction judges with no previous snapshot, as ``plan`` does).
+        self._sweep_pending = False
         self.dumps = 0  # conntrack dumps made by reactions (a reaction that can change no flow makes none)
 
     @property
@@ -626,6 +630,7 @@ class Reactor:
             )
             task_status.started()
             if self.config.startup_sweep:
+                self._sweep_pending = True
                 self.push(Trigger("startup", "startup sweep"))
             failures = 0
             while True:
@@ -741,7 +746,7 @@ class Reactor:
                                                 ruleset=ruleset, policy=policy), selection)  # fmt: skip
 
         mark = clock()
-        fib_before = self._fib(self.t0) if self.t0 is not None else None
+        fib_before = self._fib(self.t0) if self.t0 is not None and not self._sweep_pending else None
         fib_now = self._fib(t1, fib_before)
         sport_matters = await self._mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies)
         timings["fib"] = clock() - mark
@@ -807,6 +812,7 @@ class Reactor:
             timings["window"] = clock() - dumped
         change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
         self.t0, self.ruleset_t0 = t1, ruleset
+        self._sweep_pending = False
         flushes = all(p.action is Action.FLUSH for p in selection.policies)
         self.judged_all = bool(
             selection.policies and flushes and not refused and not self.config.dry_run
