@@ -14,6 +14,7 @@ reasoned judgement would not leave alone.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from ipaddress import IPv4Address, ip_address
 from typing import Any
 
@@ -22,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from topowatch.core.conntrack import IPS_CONFIRMED, IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, CtTuple, Entry
-from topowatch.core.decide import Decider, _healthy, decide
+from topowatch.core.decide import Decider, FlushPlan, _healthy, decide
 from topowatch.core.fib import Fib
 from topowatch.core.flow import (
     IPPROTO_UDP,
@@ -157,12 +158,7 @@ def test_an_entry_made_before_nat_may_be_older_than_the_previous_snapshot(raw: b
     assert verdict(late, now, now) == ("undecided", "unknown_ingress")
     decider = Decider(predict=predictor(now, now), fib_now=NOW, fib_before=BEFORE, sport_matters=False,
                       build=from_raw)
-    for e in (done, late):  # the first fills the key's checks; the second must not pass them
-        if raw:
-            decider.add_raw(to_raw(e))
-        else:
-            decider.add(e)
-    plan = decider.plan()
+    plan = planned(decider, (done, late), raw)  # the first fills the key's checks; the second must not pass them
     assert [(d.entry.orig.sport, d.code) for d in plan.undecided] == [(2, "unknown_ingress")]
     assert "may be older than the previous snapshot" in plan.undecided[0].reason
     assert not plan.stale
@@ -269,14 +265,19 @@ def test_the_fast_checks_send_a_mixed_class_to_the_judgement(raw: bool) -> None:
     now = union(way(LAN0, frozenset({Y})), way(UP1, frozenset({X})))
     decider = Decider(predict=predictor(now, before), fib_now=NOW, fib_before=BEFORE, sport_matters=False,
                       build=from_raw)
-    for e in (entry(str(Y.addr_lo), sport=1), entry(str(X.addr_lo), sport=2)):
+    plan = planned(decider, (entry(str(Y.addr_lo), sport=1), entry(str(X.addr_lo), sport=2)), raw)
+    assert [(d.entry.orig.sport, d.code) for d in plan.undecided] == [(2, "unknown_ingress")]
+    assert not plan.stale
+
+
+def planned(decider: Decider, entries: Sequence[Entry], raw: bool) -> FlushPlan:
+    """The plan of ``entries`` added in order, as raw tuples (``add_raw``) or entries (``add``)."""
+    for e in entries:
         if raw:
             decider.add_raw(to_raw(e))
         else:
             decider.add(e)
-    plan = decider.plan()
-    assert [(d.entry.orig.sport, d.code) for d in plan.undecided] == [(2, "unknown_ingress")]
-    assert not plan.stale
+    return decider.plan()
 
 
 def to_raw(e: Entry) -> tuple[Any, ...]:

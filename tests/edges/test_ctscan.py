@@ -482,6 +482,18 @@ def test_healthy_entries_of_a_known_key_never_reach_python() -> None:
     assert [d.entry.orig.sport for d in plan.stale] == [7]
 
 
+def scanned(decider: Decider, items: list[Entry]) -> tuple[Any, list[Any]]:
+    """``items`` as one UNREPLIED dump through the compiled scan into ``decider``: its plan, and the raw
+    entries whose class's program failed (they reach the Python judgement)."""
+    judged: list[Any] = []
+    judge_raw = decider.judge_raw
+    decider.judge_raw = lambda raw: (judged.append(raw), judge_raw(raw))  # type: ignore[method-assign,func-returns-value]
+    parser = c.DumpParser(seq=9, skip_replied=True, sink=decider.add_raw)
+    parser.settle = decider
+    parser.feed(b"".join(dump_message(e, 9) for e in items))
+    return decider.plan(), judged
+
+
 def test_stale_entries_of_a_known_class_become_records_without_python() -> None:
     """With classes, a stale entry of a class whose prediction is known never calls back: it is a record,
     and its Decision, built when read, is the pure path's."""
@@ -500,13 +512,7 @@ def test_stale_entries_of_a_known_class_become_records_without_python() -> None:
     items = [*healthy, *stale, odd]
     decider = Decider(predict=predict, fib_now=FIB, sport_matters=False, build=c.entry_from_raw,
                       classifier=classifier)
-    judged: list[Any] = []
-    judge_raw = decider.judge_raw
-    decider.judge_raw = lambda raw: (judged.append(raw), judge_raw(raw))  # type: ignore[method-assign,func-returns-value]
-    parser = c.DumpParser(seq=9, skip_replied=True, sink=decider.add_raw)
-    parser.settle = decider
-    parser.feed(b"".join(dump_message(e, 9) for e in items))
-    plan = decider.plan()
+    plan, judged = scanned(decider, items)
     entries = plan.stale.entries()  # type: ignore[attr-defined]
     assert len(entries.records) == 98 * 100  # nothing built yet
     codes = plan.stale.codes()  # type: ignore[attr-defined]  # read from the records
@@ -526,6 +532,7 @@ def test_stale_entries_of_a_known_class_become_records_without_python() -> None:
     assert {d.entry.orig.sport for d in plan.stale} == {e.orig.sport for e in stale}
     assert len(plan.stale) == 100 and not plan.undecided
     assert Counter(entries) == Counter(stale)
+
 
 def test_entries_every_way_refuses_become_records_without_python() -> None:
     """A prediction with alternatives (two input interfaces): an entry each way refuses is a
@@ -556,13 +563,7 @@ def test_entries_every_way_refuses_become_records_without_python() -> None:
     items = [*healthy, *joint, *union]
     decider = Decider(predict=predict, fib_now=FIB, sport_matters=False, build=c.entry_from_raw,
                       classifier=classes_for(Eligibility(), sport_matters=False))  # fmt: skip
-    judged: list[Any] = []
-    judge_raw = decider.judge_raw
-    decider.judge_raw = lambda raw: (judged.append(raw), judge_raw(raw))  # type: ignore[method-assign,func-returns-value]
-    parser = c.DumpParser(seq=9, skip_replied=True, sink=decider.add_raw)
-    parser.settle = decider
-    parser.feed(b"".join(dump_message(e, 9) for e in items))
-    plan = decider.plan()
+    plan, judged = scanned(decider, items)
     assert decider.records is not None
     sides = Counter(decider.records[i * 100 + 2] for i in range(len(decider.records) // 100))
     assert sides == {2: 40, 1: 30}  # one class: only its first entry (a healthy one) is added whole

@@ -317,6 +317,11 @@ def _dropped(alt: Prediction) -> bool:
     return not isinstance(alt.snat, Unknown) and not alt.snat
 
 
+def _live(prediction: Prediction) -> list[Prediction]:
+    """The alternatives that let the flow out (the ways with something to fix)."""
+    return [a for a in prediction.alternatives if not _dropped(a)]
+
+
 def _ingress_key(p: Prediction) -> str | None:
     """The alternative's input interface (None: any of the candidates)."""
     ingress = p.ingress
@@ -453,7 +458,7 @@ def _joint_expected(prediction: Prediction, side: int) -> frozenset[Binding]:
     """The expected bindings of a stale record of a prediction with alternatives, by its side byte."""
     name = "snat" if side & 1 else "dnat"
     if side & _JOINT:
-        return _live_bindings([a for a in prediction.alternatives if not _dropped(a)], name)
+        return _live_bindings(_live(prediction), name)
     union = prediction.snat if side & 1 else prediction.dnat
     assert not isinstance(union, Unknown)  # the union refused the side: it is known
     return union
@@ -631,7 +636,7 @@ def _alternative_checks(prediction: Prediction, flow: Flow, *,
     against the flow's own original address and port: flows of one class agree on
     how these meet.
     """
-    live = [a for a in prediction.alternatives if not _dropped(a)]
+    live = _live(prediction)
     if not live:
         return (), ()
     known: dict[str, list[frozenset[Binding]]] = {}
@@ -815,7 +820,7 @@ def _alternatives_block(prediction: Prediction) -> bytes | None:
     1 where the union refuses that side, else 2 or 3 (``_JOINT``) for the side most of them refuse
     first. None where a value does not fit: the entries go to Python.
     """
-    live = [a for a in prediction.alternatives if not _dropped(a)]
+    live = _live(prediction)
     if len(live) > 255:
         return None
     out = bytearray(b"A")
@@ -1267,7 +1272,7 @@ class Decider:
         False when no alternative admits it and some are unknown: the caller judges the
         union, side by side.
         """
-        live = [a for a in compiled.prediction.alternatives if not _dropped(a)]
+        live = _live(compiled.prediction)
         if not live:
             return True  # dropped whichever way it comes: nothing to fix
         verdicts = [_alternative(entry, a) for a in live]
@@ -1343,14 +1348,14 @@ class Decider:
         name = "snat" if side & 1 else "dnat"
         prediction = compiled.prediction
         if prediction.alternatives:  # every way refuses it (``_alternatives_block``)
-            live = [a for a in prediction.alternatives if not _dropped(a)]
+            live = _live(prediction)
             if stale and live and all(_alternative(entry, a) is False for a in live):
                 joint = _joint_stale(entry, compiled, live)
                 if joint.side == name:
                     return Decision(entry, name, joint.actual, joint.expected, joint.reason, joint.code)
             why = "judged stale by the compiled scan, but the reference judgement disagrees (a defect)"
             return Decision(entry, name, None, (), why, "internal_disagreement")
-        predicted = prediction.dnat if side == 0 else prediction.snat
+        predicted = prediction.dnat if name == "dnat" else prediction.snat
         before = self._before.get(self._slots[slot]) if isinstance(predicted, Unknown) else None
         judged = _side(entry, name, predicted, prediction, before, texts=compiled.texts)
         if judged is None or judged.stale != stale:  # never (test_ctscan compares both paths)

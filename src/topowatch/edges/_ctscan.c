@@ -444,7 +444,7 @@ static int alternatives(const entry_t *e, const uint8_t *p, const uint8_t *pend,
 static int verdict(const entry_t *e, const uint8_t *p, Py_ssize_t n, uint32_t *slot, int *side) {
     const uint8_t *pend = p + n;
     int icmp = e->orig.proto == IPPROTO_ICMP_ || e->orig.proto == IPPROTO_ICMPV6_;
-    int d, s, readable, undecided_dnat = 0;
+    int d, s, dread, sread, undecided_dnat = 0;
     if (n < 1 || *p != 'P') return VERDICT_JUDGE;
     p++;
     d = side_outcome(&p, pend, e->orig.dst, e->reply.src, e->alen, e->orig.dport,
@@ -454,27 +454,23 @@ static int verdict(const entry_t *e, const uint8_t *p, Py_ssize_t n, uint32_t *s
                      icmp ? e->orig.sport : e->reply.dport);
     if (s == SIDE_BAD) return VERDICT_JUDGE;
     if (d == SIDE_OK && s == SIDE_OK) return VERDICT_HEALTHY;
-    if (!icmp && p < pend && *p == 'A')
-        return alternatives(e, p + 1, pend,
-                            (memcmp(e->reply.src, e->orig.dst, e->alen) == 0 && e->reply.sport == e->orig.dport) ||
-                                (e->status & IPS_DST_NAT_DONE),
-                            (memcmp(e->reply.dst, e->orig.src, e->alen) == 0 && e->reply.dport == e->orig.sport) ||
-                                (e->status & IPS_SRC_NAT_DONE),
-                            slot, side);
-    if (icmp || d == SIDE_JUDGE || s == SIDE_JUDGE || pend - p != 5 || p[0] != 'S') return VERDICT_JUDGE;
+    if (icmp) return VERDICT_JUDGE;
+    /* Whether each side's binding can be read: tuples kept, or its NAT hook ran. */
+    dread = (memcmp(e->reply.src, e->orig.dst, e->alen) == 0 && e->reply.sport == e->orig.dport) ||
+            (e->status & IPS_DST_NAT_DONE);
+    sread = (memcmp(e->reply.dst, e->orig.src, e->alen) == 0 && e->reply.dport == e->orig.sport) ||
+            (e->status & IPS_SRC_NAT_DONE);
+    if (p < pend && *p == 'A') return alternatives(e, p + 1, pend, dread, sread, slot, side);
+    if (d == SIDE_JUDGE || s == SIDE_JUDGE || pend - p != 5 || p[0] != 'S') return VERDICT_JUDGE;
     memcpy(slot, p + 1, 4);
     if (d == SIDE_FAIL || d == SIDE_UNDEC) {
-        readable = (memcmp(e->reply.src, e->orig.dst, e->alen) == 0 && e->reply.sport == e->orig.dport) ||
-                   (e->status & IPS_DST_NAT_DONE);
-        if (readable && d == SIDE_FAIL) return VERDICT_DNAT;
-        undecided_dnat = readable;
+        if (dread && d == SIDE_FAIL) return VERDICT_DNAT;
+        undecided_dnat = dread;
     }
     if (s == SIDE_FAIL || s == SIDE_UNDEC) {
-        readable = (memcmp(e->reply.dst, e->orig.src, e->alen) == 0 && e->reply.dport == e->orig.sport) ||
-                   (e->status & IPS_SRC_NAT_DONE);
-        if (readable && s == SIDE_FAIL) return VERDICT_SNAT;
+        if (sread && s == SIDE_FAIL) return VERDICT_SNAT;
         if (undecided_dnat) return VERDICT_UNDECIDED_DNAT;
-        if (readable) return VERDICT_UNDECIDED_SNAT;
+        if (sread) return VERDICT_UNDECIDED_SNAT;
     }
     return undecided_dnat ? VERDICT_UNDECIDED_DNAT : VERDICT_NONE;
 }
