@@ -291,3 +291,42 @@ async def test_the_startup_sweep_judges_without_a_previous_snapshot(autojump_clo
         await route_event(backend, MOVED)
         nursery.cancel_scope.cancel()
     assert seen == [False, True]
+
+
+async def test_the_startup_sweep_reads_the_classes_and_fib_made_before_ready(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """T0's FIB and flow classes are built before "ready" (``Reactor._warm``); the sweep's snapshot,
+    a new value with the same routes (as the kernel backend hands out), carries both over: nothing
+    is built again on the sweep's clock."""
+    from topowatch.core.fib import Fib
+
+    builds = {"classes": 0, "tables": 0}
+    build, tables = Classifier._build.__func__, Fib._build_tables  # type: ignore[attr-defined]
+
+    def counted_build(cls: type[Classifier], *args: Any, **kwargs: Any) -> Classifier:
+        builds["classes"] += 1
+        return build(cls, *args, **kwargs)  # type: ignore[no-any-return]
+
+    def counted_tables(self: Fib) -> None:
+        builds["tables"] += 1
+        tables(self)
+
+    monkeypatch.setattr(Classifier, "_build", classmethod(counted_build))
+    monkeypatch.setattr(Fib, "_build_tables", counted_tables)
+    backend = Backend()
+    backend.topo = replace(BEFORE, routes=(*BEFORE.routes, Route(ip_network("198.18.7.0/24"), nexthops=(VIA2,))))
+    snapshot = backend.topology
+
+    async def fresh_value() -> Topology:
+        return replace(await snapshot())  # equal, not identical; its routes are the same tuple
+
+    backend.topology = fresh_value  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        reactor = Reactor(backend, ReactorConfig(debounce=0.05, max_wait=0.2))
+        await nursery.start(reactor.run)
+        assert builds == {"classes": 1, "tables": 1} and reactor.totals.reactions == 0  # at ready
+        await settle()
+        assert reactor.totals.reactions == 1  # the sweep
+        nursery.cancel_scope.cancel()
+    assert builds == {"classes": 1, "tables": 1}
