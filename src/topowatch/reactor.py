@@ -680,8 +680,8 @@ class Reactor:
         # A worker thread: the event sources, started already, keep reading meanwhile.
         classifier = await trio.to_thread.run_sync(build)
         self.progress_at = trio.current_time()
-        log.debug("startup sweep prepared in %.0f ms: %s", (trio.current_time() - mark) * 1000,
-                  f"{classifier.class_count} address and port classes" if classifier.exact else classifier.reason)
+        classes = classifier.reason if not classifier.exact else f"{classifier.class_count} classes"
+        log.debug("startup sweep prepared in %.0f ms: %s", (trio.current_time() - mark) * 1000, classes)
 
     def _count(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
