@@ -79,7 +79,9 @@ class SwappingBackend(FakeBackend):
     async def ruleset_unchanged(self) -> bool:
         return not self.generation_moved
 
-    async def judge(self, eligibility: Eligibility, decider: Callable[[Any], Decider]) -> Decider:
+    async def judge(
+        self, eligibility: Eligibility, decider: Callable[[Any], Decider], early: Any = None
+    ) -> Decider:
         judging = decider(None)
         for e in self.table:
             judging.add(e)

@@ -71,7 +71,9 @@ class FakeBackend:
     async def entries(self, eligibility: Eligibility) -> list[Entry]:
         return [e for e in self.table if eligibility.admits(e)]
 
-    async def judge(self, eligibility: Eligibility, decider: Callable[[Any], Decider]) -> Decider:
+    async def judge(
+        self, eligibility: Eligibility, decider: Callable[[Any], Decider], early: Any = None
+    ) -> Decider:
         """Every listed entry, added to one decider (``reactor.Backend.judge``)."""
         judging = decider(None)
         for e in await self.entries(eligibility):
@@ -405,7 +407,9 @@ class EventedRulesetBackend(FakeBackend):
         super().__init__()
         self.judged = 0
 
-    async def judge(self, eligibility: Eligibility, decider: Callable[[Any], Decider]) -> Decider:
+    async def judge(
+        self, eligibility: Eligibility, decider: Callable[[Any], Decider], early: Any = None
+    ) -> Decider:
         self.judged += 1
         judging = decider(None)
         for e in self.table:

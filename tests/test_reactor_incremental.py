@@ -94,7 +94,9 @@ class Backend:
         self.dumps += 1
         return [e for e in self.table if eligibility.admits(e)]
 
-    async def judge(self, eligibility: Eligibility, decider: Callable[[Any], Decider]) -> Decider:
+    async def judge(
+        self, eligibility: Eligibility, decider: Callable[[Any], Decider], early: Any = None
+    ) -> Decider:
         """Every listed entry, added to one decider (``reactor.Backend.judge``)."""
         judging = decider(None)
         for e in await self.entries(eligibility):
@@ -280,8 +282,8 @@ async def test_the_startup_sweep_judges_without_a_previous_snapshot(autojump_clo
     seen: list[bool] = []
     judge = backend.judge
 
-    async def recording(eligibility: Eligibility, decider: Callable[[Any], Decider]) -> Decider:
-        judging = await judge(eligibility, decider)
+    async def recording(eligibility: Eligibility, decider: Callable[[Any], Decider], early: Any = None) -> Decider:
+        judging = await judge(eligibility, decider, early)
         seen.append(judging.fib_before is not None)
         return judging
 

@@ -54,7 +54,15 @@ import trio
 
 from topowatch.core.classify import Classifier
 from topowatch.core.conntrack import Entry, Reread
-from topowatch.core.decide import Decider, EntryBuilder, FlushPlan, StaleDecisions, decide, mentions_sport
+from topowatch.core.decide import (
+    Decider,
+    EntryBuilder,
+    FlushPlan,
+    StaleDecisions,
+    StaleEntries,
+    decide,
+    mentions_sport,
+)
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.evaluate import predict
 from topowatch.core.fib import Fib
@@ -66,7 +74,7 @@ from topowatch.errors import TopowatchError
 from topowatch.logs import ENTRIES_LOGGER
 from topowatch.policy import DEFAULT_EFFECTIVE, Action, EffectivePolicy, Selection
 from topowatch.report import code_samples, count_codes, decision_json, group_by_code, group_line, transition
-from topowatch.sources import DeleteCounts, EventSource, StillStale, Trigger
+from topowatch.sources import DeleteCounts, EarlyDeletes, EventSource, StillStale, Trigger
 
 __all__ = [  # the sources' values are re-exported: callers of the reactor name them here
     "BRIEF_LINES",
@@ -120,11 +128,14 @@ class Backend(Protocol):
         ...
 
     async def judge(
-        self, eligibility: Eligibility, decider: Callable[[EntryBuilder | None], Decider]
+        self, eligibility: Eligibility, decider: Callable[[EntryBuilder | None], Decider],
+        early: EarlyDeletes | None = None,
     ) -> Decider:
         """Dump the entries and decide them in one pass: ``decider(build)`` makes a fresh
         ``core.decide.Decider`` per dump attempt (``build`` turns a raw entry into an ``Entry``,
-        None for a backend that adds ``Entry`` values); the one that saw the whole dump is returned."""
+        None for a backend that adds ``Entry`` values); the one that saw the whole dump is returned.
+        ``early``: leave to delete stale entries while the dump goes on; a backend that does not
+        leaves ``early.counts`` None (``sources.EarlyDeletes``)."""
         ...
 
     # Optional, looked up with getattr (fakes may leave them out):
@@ -177,6 +188,23 @@ def plan_once(
         classifier=Classifier.build([t0, topology], [ruleset0, ruleset], eligibility,
                                     sport_matters=sport_matters),
         predict_before=bound_before,
+    )
+
+
+def _sum_counts(a: DeleteCounts, b: DeleteCounts) -> DeleteCounts:
+    """Two deletes of one reaction counted as one (early deletes and the tail)."""
+    if a == DeleteCounts():
+        return b
+    windows = [w for w in (a.window_p99, b.window_p99) if w is not None]
+    return DeleteCounts(
+        deleted=a.deleted + b.deleted,
+        already_gone=a.already_gone + b.already_gone,
+        failed=a.failed + b.failed,
+        elapsed=a.elapsed + b.elapsed,
+        errors=a.errors + b.errors,
+        kept_replied=a.kept_replied + b.kept_replied,
+        kept_changed=a.kept_changed + b.kept_changed,
+        window_p99=max(windows) if windows else None,  # the union's p99 is at most the larger
     )
 
 
@@ -810,43 +838,64 @@ class Reactor:
                            predict_before=predict_before)
 
         mark = clock()
+        cap = min(selection.max_deletions, self.config.max_deletions)
+        flushes = all(p.action is Action.FLUSH for p in selection.policies)
+        early: EarlyDeletes | None = None
         if selection.policies:
             self.dumps += 1
+            if flushes and not self.config.dry_run and self.before_delete is None:
+                # Deletes may overlap the dump where the cap cannot be reached (the backend checks
+                # the table's size) and until a ruleset change arrives (``sources.EarlyDeletes``).
+                early = EarlyDeletes(still_stale(selection), cap, go=lambda: self._ruleset_changes == changes)
             # Dump and decide in one pass in the backend: only stale/undecided entries are kept.
-            plan = (await self.backend.judge(eligibility, decider)).plan()
+            plan = (await self.backend.judge(eligibility, decider, early=early)).plan()
             timings["dump+decide"] = clock() - mark
         else:
             plan = decider().plan()  # no policy is triggered: nothing to dump
         dumped = clock()
-        if all(p.action is Action.FLUSH for p in selection.policies):
+        early_counts = early.counts if early is not None else None
+        if early is not None and early.why_not:
+            log.debug("deletes did not overlap the dump: %s", early.why_not)
+        taken = early.taken if early is not None and early_counts is not None else 0
+        to_delete: Sequence[Entry]
+        if flushes:
             # Every stale entry was admitted by some active policy, and each flushes. Records of a
             # compiled scan stay records up to the delete (their Decisions are built for the logs).
             to_delete = plan.stale.entries() if isinstance(plan.stale, StaleDecisions) else [
                 d.entry for d in plan.stale]
         else:
             to_delete = [d.entry for d in plan.stale if selection.flushes(d.entry)]
-        refused = len(to_delete) > min(selection.max_deletions, self.config.max_deletions)
-        deleted = DeleteCounts()
+        refused = len(to_delete) > cap
+        if refused and early_counts is not None and early_counts.deleted:
+            # Cannot happen (the cap was at least the table's size); said loudly if it ever does.
+            log.error("the deletion cap %d was reached after %d deletes overlapping the dump", cap,
+                      early_counts.deleted)
+        if taken:
+            assert isinstance(to_delete, StaleEntries)
+            to_delete = to_delete.skipping(taken)  # the early deletes handled the first records
+        deleted = early_counts if early_counts is not None else DeleteCounts()
         if to_delete and not refused and not self.config.dry_run and (
                 self._ruleset_changes != changes or not await self._ruleset_unchanged()):
             swapped = await self._ruleset_swapped(ruleset)
             if swapped is not None:
-                undecided = self._undecided(burst, t1, selection, swapped, start=start, timings=timings)
+                undecided = self._undecided(burst, t1, selection, swapped, start=start, timings=timings,
+                                            deleted=deleted)
                 return self._record(undecided, selection)
         if to_delete and not refused and not self.config.dry_run:
             if self.before_delete is not None:
                 await self.before_delete(to_delete)
             mark = clock()
-            deleted = await self.backend.delete(to_delete, still_stale(selection))
+            deleted = _sum_counts(deleted, await self.backend.delete(to_delete, still_stale(selection)))
             timings["delete"] = clock() - mark
             timings["window"] = clock() - dumped
+        elif early_counts is not None and early_counts.deleted:
+            timings["delete"] = early_counts.elapsed  # all of it overlapped the dump
         change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
         self.t0, self.ruleset_t0 = t1, ruleset
         self._sweep_pending = False
-        flushes = all(p.action is Action.FLUSH for p in selection.policies)
         self.judged_all = bool(
             selection.policies and flushes and not refused and not self.config.dry_run
-            and deleted.failed == 0 and len(to_delete) == len(plan.stale)
+            and deleted.failed == 0 and taken + len(to_delete) == len(plan.stale)
         )  # fmt: skip
         self._judged_under = (ruleset, policy)
         if scope is not None and not scope.everything:
@@ -912,14 +961,17 @@ class Reactor:
 
     def _undecided(
         self, burst: Burst, t1: Topology, selection: Selection, why: str, *, start: float,
-        timings: dict[str, float],
+        timings: dict[str, float], deleted: DeleteCounts | None = None,
     ) -> Reaction:
-        """A reaction that decides nothing (``why``); T0 stays, so these changes are judged later."""
-        return self._without_dump(burst, t1, selection, why, start=start, timings=timings, skipped=why)
+        """A reaction that decides nothing more (``why``); T0 stays, so these changes are judged
+        later. ``deleted``: what deletes overlapping its dump did before it stopped."""
+        return self._without_dump(burst, t1, selection, why, start=start, timings=timings, skipped=why,
+                                  deleted=deleted)
 
     def _without_dump(
         self, burst: Burst, t1: Topology, selection: Selection, note: str, *, start: float,
         timings: dict[str, float], dumped: bool = True, skipped: str | None = None,
+        deleted: DeleteCounts | None = None,
     ) -> Reaction:
         """A reaction that examined no entry: the change it saw, and ``note`` saying why."""
         change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
@@ -929,7 +981,7 @@ class Reactor:
             events=burst.count,
             change=change,
             plan=FlushPlan(examined=0, eligible=0, notes=(note,)),
-            deleted=DeleteCounts(),
+            deleted=deleted if deleted is not None else DeleteCounts(),
             refused=False,
             dry_run=self.config.dry_run,
             latency=trio.current_time() - (burst.first if burst.count else start),

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from topowatch.core.conntrack import Entry, Reread
 
-__all__ = ["DeleteCounts", "EventSource", "StillStale", "Trigger"]
+__all__ = ["DeleteCounts", "EarlyDeletes", "EventSource", "StillStale", "Trigger"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +52,30 @@ class DeleteCounts:
 
 # What ``Backend.delete`` asks of each entry re-read just before its delete: (as dumped, as now).
 StillStale = Callable[[Entry, Reread], bool]
+
+
+@dataclass(slots=True)
+class EarlyDeletes:
+    """A reaction's leave to delete stale entries while its dump still runs (a second socket), so
+    that it costs about max(dump, judge) plus the tail instead of their sum.
+
+    The reactor gives it only where deleting before the dump ends cannot change the reaction's
+    outcome: every selected policy flushes, no dry run, and the deletion cap ``cap`` is at least
+    what the table can hold (the backend checks that against the kernel's table size, so the
+    all-or-nothing cap can never be reached half-way). ``still`` is the re-check each entry
+    passes just before its delete, as in ``delete``; ``go()`` is asked before each early batch
+    and False stops them (the ruleset moved: the rest waits for the reactor's own checks).
+
+    The backend fills in what it did: ``taken`` is how many of the returned decider's stale
+    records (the first ones) it handled, with ``counts``; ``why_not`` says why it did not
+    overlap (empty when it did)."""
+
+    still: StillStale
+    cap: int
+    go: Callable[[], bool]
+    taken: int = 0
+    counts: DeleteCounts | None = None
+    why_not: str = ""
 
 
 class EventSource(Protocol):

@@ -245,7 +245,9 @@ class NftBackend:
     async def entries(self, eligibility: Eligibility) -> list[Entry]:
         return []
 
-    async def judge(self, eligibility: Eligibility, decider: Callable[[Any], Decider]) -> Decider:
+    async def judge(
+        self, eligibility: Eligibility, decider: Callable[[Any], Decider], early: Any = None
+    ) -> Decider:
         """Every listed entry, added to one decider (``reactor.Backend.judge``)."""
         judging = decider(None)
         for e in await self.entries(eligibility):

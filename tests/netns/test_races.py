@@ -90,7 +90,9 @@ class NamespaceBackend:
     async def entries(self, eligibility: Eligibility) -> list[Entry]:
         return [e for e in await trio.to_thread.run_sync(self.ct.dump) if eligibility.admits(e)]
 
-    async def judge(self, eligibility: Eligibility, decider: Callable[[Any], Decider]) -> Decider:
+    async def judge(
+        self, eligibility: Eligibility, decider: Callable[[Any], Decider], early: Any = None
+    ) -> Decider:
         """Every listed entry, added to one decider (``reactor.Backend.judge``)."""
         judging = decider(None)
         for e in await self.entries(eligibility):

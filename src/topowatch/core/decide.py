@@ -931,6 +931,16 @@ class StaleEntries(_Lazy[Entry]):
 
     __slots__ = ()
 
+    def skipping(self, count: int) -> StaleEntries:
+        """These entries without the first ``count`` records (handled already: deletes that
+        overlapped the dump); the head stays."""
+        build, size = self._build, STALE_RECORD.size
+
+        def shifted(index: int) -> Entry:
+            return build(index + count)
+
+        return StaleEntries(self.head, self.records[count * size:], shifted)
+
 
 class StaleDecisions(_Lazy[Decision]):
     """``FlushPlan.stale`` when a compiled scan kept stale entries as records (see above)."""
@@ -963,9 +973,8 @@ class StaleDecisions(_Lazy[Decision]):
         return {d.entry.proto for d in self.head} | set(self.records[1::size])
 
     def entries(self) -> StaleEntries:
-        """The decisions' entries; the records stay records until read."""
-        if self._all is not None:
-            return StaleEntries([d.entry for d in self._all], b"", self._entry)
+        """The decisions' entries; the records stay records until read (also once the decisions
+        were built: the delete reads records in C, and ``StaleEntries.skipping`` counts them)."""
         return StaleEntries([d.entry for d in self.head], self.records, self._entry)
 
 

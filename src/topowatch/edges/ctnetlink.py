@@ -465,6 +465,8 @@ class Conntrack:
         # A reader thread receives the dump while this one judges (needs the compiled module).
         self.pipelined = ctcodec._ctscan is not None
         self._ended: int | None = None  # the dump whose end the pipelined reader received
+        # Called with the consumer after each burst of a ``scan`` is judged (``edges.overlap``).
+        self.after_burst: Callable[[Any], None] | None = None
         self.status_filter_supported = probe_status_filter(self)
 
     # --- plumbing -------------------------------------------------------------
@@ -554,6 +556,8 @@ class Conntrack:
                             for entry in parser.entries:
                                 add(entry)
                             parser.entries.clear()
+                        if self.after_burst is not None and consumer is not None:
+                            self.after_burst(consumer)
                         if parser.done:
                             break
                     if parser.done:

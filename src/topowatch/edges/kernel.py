@@ -32,8 +32,9 @@ from topowatch.core.eligibility import Eligibility
 from topowatch.core.livetopology import LiveTopology
 from topowatch.core.model import Address, Link, Route, Topology
 from topowatch.core.nat import NatRuleset
+from topowatch.edges import ctcodec
 from topowatch.edges.ctcodec import entry_from_raw
-from topowatch.edges.ctnetlink import Conntrack
+from topowatch.edges.ctnetlink import Conntrack, DeleteResult, percentile
 from topowatch.edges.iptables import RulesetRead, legacy_nat_exists, read_all_logged
 from topowatch.edges.nft import read_ruleset
 from topowatch.edges.nftevents import (
@@ -44,12 +45,13 @@ from topowatch.edges.nftevents import (
     NftablesEvents,
     current_generation,
 )
+from topowatch.edges.overlap import Overlap, table_max
 from topowatch.edges.rtnl import EventAction, EventKind, KernelRtnl, Overrun, RtnlEvent, RtnlEvents
 from topowatch.edges.sysctl import read_netconf
 from topowatch.edges.xfrm import XfrmSource
 from topowatch.edges.xfrm import probe as probe_xfrm
 from topowatch.errors import NetlinkError, PermissionDenied
-from topowatch.sources import DeleteCounts, EventSource, StillStale, Trigger
+from topowatch.sources import DeleteCounts, EarlyDeletes, EventSource, StillStale, Trigger
 
 log = logging.getLogger("topowatch.kernel")
 
@@ -104,6 +106,7 @@ class KernelBackend:
         self._replay: list[RtnlEvent | Overrun] | None = None
         self.dumps = 0  # full topology dumps made (a reaction without one read the kept topology)
         self._ct: Conntrack | None = None
+        self._ct_early: Conntrack | None = None  # the second socket of deletes overlapping a dump
         self._dumped_at = 0.0
         self._stream: RtnlEvents | None = None
         # Sources from outside the kernel (NetworkManager over D-Bus); the daemon adds them.
@@ -295,8 +298,15 @@ class KernelBackend:
                 log.warning("dump: %d undecodable entries skipped", stats.decode_errors)
         return entries
 
-    async def judge(self, eligibility: Eligibility, decider: Callable[[EntryBuilder], Decider]) -> Decider:
-        """Dump and decide in one worker thread: only stale and undecided entries are ever built."""
+    async def judge(
+        self,
+        eligibility: Eligibility,
+        decider: Callable[[EntryBuilder], Decider],
+        early: EarlyDeletes | None = None,
+    ) -> Decider:
+        """Dump and decide in one worker thread: only stale and undecided entries are ever built.
+        With ``early``, stale records are deleted on a second socket while the dump goes on
+        (``edges.overlap``), where the table cannot hold more entries than its cap."""
         ct = self._conntrack()
 
         def build(raw: RawEntry) -> Entry:
@@ -305,7 +315,23 @@ class KernelBackend:
         def scan() -> Decider:
             return ct.scan(lambda: decider(build), unreplied_only=eligibility.unreplied_only)
 
-        judged = await trio.to_thread.run_sync(scan)
+        overlap = self._overlap(early) if early is not None else None
+        if overlap is None:
+            judged = await trio.to_thread.run_sync(scan)
+        else:
+            assert early is not None
+            ct.after_burst = overlap.feed
+            try:
+                judged = await trio.to_thread.run_sync(scan)
+            except BaseException:
+                await trio.to_thread.run_sync(overlap.abandon)
+                raise
+            finally:
+                ct.after_burst = None
+            early.taken, results = await trio.to_thread.run_sync(overlap.finish, judged)
+            early.counts = _counts(results, time.monotonic() - (overlap.first_at or time.monotonic()))
+            if overlap.stopped and overlap.error is None:
+                early.why_not = "stopped: the ruleset moved during the dump"
         self._dumped_at = time.monotonic()
         stats = ct.last_dump
         if stats is not None:
@@ -314,6 +340,34 @@ class KernelBackend:
             if stats.decode_errors:
                 log.warning("dump: %d undecodable entries skipped", stats.decode_errors)
         return judged
+
+    def _overlap(self, early: EarlyDeletes) -> Overlap | None:
+        """Early deletes for this dump, or None (``early.why_not`` says why)."""
+        if ctcodec._ctscan is None:
+            early.why_not = "no compiled scan (stale entries are not kept as records)"
+            return None
+        size = table_max()
+        if size is None or early.cap < size:
+            early.why_not = (f"the deletion cap {early.cap} is below the table's size "
+                             f"{'unknown' if size is None else size}: the cap decides after the whole dump")
+            return None
+        if self._ct_early is None:
+            try:
+                self._ct_early = Conntrack()
+            except OSError as exc:
+                early.why_not = f"cannot open a second ctnetlink socket: {exc.strerror}"
+                return None
+        last = self._last_read
+        generation = self._generation
+
+        def go() -> bool:
+            # The ruleset as read for this reaction: no ruleset event the reactor has counted since
+            # (``early.go``), and no nftables commit since its read began (the generation id).
+            if not early.go():
+                return False
+            return last is None or generation() in (None, last[0])
+
+        return Overlap(self._ct_early, early.still, go)
 
     async def delete(self, entries: Sequence[Entry], still: StillStale) -> DeleteCounts:
         """Re-read each batch just before deleting it (``Conntrack.delete_current``): ``reactor.Backend``."""
@@ -331,15 +385,24 @@ class KernelBackend:
         if result.kept_replied:
             log.info("kept %d entries replied to since the dump (re-checked before the delete)",
                      result.kept_replied)
-        errors = tuple(f"{count} x {errno.errorcode.get(err, str(err))}" for err, count in result.errors)
-        return DeleteCounts(
-            deleted=result.deleted,
-            already_gone=result.not_found,
-            failed=result.failed + result.unchecked,
-            elapsed=end - start,
-            errors=errors + ((f"{result.unchecked} not re-checked (answers lost), kept",) if result.unchecked
-                             else ()),
-            kept_replied=result.kept_replied,
-            kept_changed=result.kept_changed,
-            window_p99=p99,
-        )
+        return _counts([result], end - start)
+
+
+def _counts(results: Sequence[DeleteResult], elapsed: float) -> DeleteCounts:
+    """What ``delete_current`` calls did, as the reactor counts it (one or several: early deletes)."""
+    errors: dict[int, int] = {}
+    for result in results:
+        for err, count in result.errors:
+            errors[err] = errors.get(err, 0) + count
+    unchecked = sum(r.unchecked for r in results)
+    texts = tuple(f"{count} x {errno.errorcode.get(err, str(err))}" for err, count in sorted(errors.items()))
+    return DeleteCounts(
+        deleted=sum(r.deleted for r in results),
+        already_gone=sum(r.not_found for r in results),
+        failed=sum(r.failed for r in results) + unchecked,
+        elapsed=elapsed,
+        errors=texts + ((f"{unchecked} not re-checked (answers lost), kept",) if unchecked else ()),
+        kept_replied=sum(r.kept_replied for r in results),
+        kept_changed=sum(r.kept_changed for r in results),
+        window_p99=percentile([w for r in results for w in r.windows], 0.99),
+    )
