@@ -267,6 +267,18 @@ def test_the_previous_snapshot_is_the_files_current_when_the_state_moved_on() ->
     assert (doc["snapshot"], doc["reaction"], doc["age_seconds"]) == ("current", 4, 30.0)
 
 
+def test_a_dump_in_another_order_is_the_same_state() -> None:
+    """The daemon's T0 is kept from events; a dump of the same tables lists routes in another order."""
+    shuffled = replace(CHANGED, routes=tuple(reversed(CHANGED.routes)))
+    assert shuffled != CHANGED and snapshots.choose(snaps(), shuffled, RULESET).which == "previous"
+    fewer = replace(CHANGED, routes=CHANGED.routes[1:])
+    assert snapshots.choose(snaps(), fewer, RULESET).which == "current"
+    tied = [r for r in CHANGED.rules if r.priority == CHANGED.rules[-1].priority]
+    if len(tied) > 1:  # rules of equal priority are tried in their order: another order is another state
+        swapped = replace(CHANGED, rules=tuple(r for r in CHANGED.rules if r not in tied) + tuple(reversed(tied)))
+        assert snapshots.choose(snaps(), swapped, RULESET).which == "current"
+
+
 @pytest.fixture
 def daemon_file(state: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The file a running daemon (this process, as far as ``nslock.holder`` says) wrote here."""

@@ -48,7 +48,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from types import ModuleType
 from typing import Any
@@ -59,7 +59,7 @@ from topowatch.core import flow as core_flow
 from topowatch.core import model as core_model
 from topowatch.core import nat as core_nat
 from topowatch.core import xfrm as core_xfrm
-from topowatch.core.model import Topology
+from topowatch.core.model import PolicyRule, Topology
 from topowatch.core.nat import NatRuleset
 from topowatch.errors import TopowatchError
 from topowatch.trust import default_trusted_uids, directory_problem, trust_problem
@@ -140,6 +140,22 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def same_topology(a: Topology, b: Topology) -> bool:
+    """Equal as the FIB sees them: the daemon's T0 is kept from events, and a dump lists the same
+    tables in another order. Routes compare as a set (a lookup orders them by prefix and metric,
+    and a snapshot's routes are distinct), rules in priority order, ties in their order
+    (``core.fib``: the first of equal priority is tried first)."""
+    if a == b:
+        return True
+
+    def by_priority(t: Topology) -> list[PolicyRule]:
+        return sorted(t.rules, key=lambda r: r.priority)
+
+    return (replace(a, routes=(), rules=()) == replace(b, routes=(), rules=())
+            and len(a.routes) == len(b.routes) and set(a.routes) == set(b.routes)
+            and by_priority(a) == by_priority(b))  # fmt: skip
+
+
 def choose(stored: Stored | Snapshots, topology: Topology, ruleset: NatRuleset, *, source: str = "daemon",
            path: str | None = None) -> Choice:  # fmt: skip
     """The previous snapshot for a judgement of the state (``topology``, ``ruleset``) now.
@@ -156,7 +172,7 @@ def choose(stored: Stored | Snapshots, topology: Topology, ruleset: NatRuleset, 
         previous = functools.partial(getattr, stored, "previous")
     else:
         current, previous = stored.current(), stored.previous
-    if current.topology == topology and current.ruleset == ruleset:
+    if same_topology(current.topology, topology) and current.ruleset == ruleset:
         why = "the state is the one the daemon last judged: its judgement's previous snapshot"
         before = previous()
         if before is None:
