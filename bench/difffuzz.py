@@ -9,8 +9,10 @@ the mutations, then send fresh flows with the same source, destination,
 protocol, destination port and LAN link from new source ports (several where
 the scenario has more than one right answer: address and port ranges, numgen,
 multipath). ``topowatch plan --json`` in the gateway namespace is the judge
-under test, twice: as the command runs it (no previous snapshot) and as the
-daemon judges (``plan_once`` given the snapshot before the mutations). Then
+under test, twice: as it runs beside a daemon (the daemon's snapshot file,
+written before the mutations by the daemon's own ``snapshots.SnapshotWriter``
+into a state directory of the scenario, while this process holds the
+namespace's daemon lock) and with ``--previous none`` (no daemon). Then
 each old entry is deleted and its flow sent again from its own port: the
 kernel's NAT of that very flow is the oracle (the same multipath and
 address-range choices); where a numgen or jhash map makes the choice, or the
@@ -52,6 +54,7 @@ import multiprocessing
 import multiprocessing.context
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -102,8 +105,8 @@ class Outcome:
     error: str | None = None
     undecided_why: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
-    # The same entries judged as the daemon judges them: with the snapshot before the mutations.
-    daemon: Outcome | None = None
+    # The same entries judged by ``plan --previous none`` (no daemon snapshot).
+    bare: Outcome | None = None
 
 
 # -- the kernel side ---------------------------------------------------------------------
@@ -198,20 +201,11 @@ def wait_entries(gw: Namespace, keys: set[tuple[int, str, int]], settle: float =
 _FORKSERVER: multiprocessing.context.ForkServerContext | None = None
 
 
-def _plan_child(ns_path: str, argv: list[str], previous: bytes | None, conn: Any) -> None:
+def _plan_child(ns_path: str, argv: list[str], conn: Any) -> None:
     """In a process forked from the fork server: enter the namespace (the whole process: it has one
-    thread), run the CLI's ``main``, send back what it printed. With ``previous`` (a pickled
-    snapshot, ``_snapshot_child``) the plan judges as a reaction does, with that snapshot before."""
+    thread), run the CLI's ``main``, send back what it printed."""
     with open(ns_path, "rb") as f:
         _setns(f.fileno())
-    if previous is not None:
-        import functools
-        import pickle
-
-        from topowatch import reactor
-
-        before = pickle.loads(previous)  # made by this run's own child, a moment ago
-        reactor.plan_once = functools.partial(reactor.plan_once, previous=before)  # type: ignore[assignment]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = cli.main(argv)
@@ -219,22 +213,32 @@ def _plan_child(ns_path: str, argv: list[str], previous: bytes | None, conn: Any
     conn.close()
 
 
-def _snapshot_child(ns_path: str, conn: Any) -> None:
-    """In a forked process: the namespace's topology and ruleset as the daemon reads them, pickled."""
-    import pickle
-
+def _snapshot_child(ns_path: str, state_dir: str, pid: int, conn: Any) -> None:
+    """In a forked process: the namespace's topology and ruleset read as the daemon reads them, and
+    written to ``state_dir`` by the daemon's own writer, as a daemon (``pid``) that reacted once
+    more after the flows were made (a request: no change) keeps them: current and previous are
+    both this state. Sends the file's path."""
     import trio
 
     from topowatch.edges.kernel import KernelBackend
+    from topowatch.snapshots import SnapshotWriter
 
     with open(ns_path, "rb") as f:
         _setns(f.fileno())
 
-    async def read() -> Any:
+    async def persist() -> str:
         backend = KernelBackend()
-        return await backend.topology(), await backend.ruleset()
+        topology, ruleset = await backend.topology(), await backend.ruleset()
+        writer = SnapshotWriter.for_namespace(state_dir)
+        writer.pid = pid
+        writer.t0_moved(topology, ruleset, 0, False)  # at start
+        writer.t0_moved(topology, ruleset, 1, True)  # reaction 1, judged with the T0 of the start
+        await writer.flush()
+        if writer.failures:
+            raise RuntimeError(f"writing the snapshot to {writer.path} failed")
+        return writer.path
 
-    conn.send(pickle.dumps(trio.run(read)))
+    conn.send(trio.run(persist))
     conn.close()
 
 
@@ -266,28 +270,39 @@ def _forked(target: Any, *args: Any) -> Any:
     return got
 
 
-def snapshot(gw: Namespace) -> bytes:
-    """The gateway's snapshot (topology and ruleset, pickled), as a daemon running there keeps it."""
-    got = _forked(_snapshot_child, gw.path)
+def snapshot(gw: Namespace, state_dir: str) -> str:
+    """The gateway's snapshot file in ``state_dir``, as a daemon running there (this process, which
+    holds the namespace's lock: ``daemon_lock``) keeps it; its path."""
+    got = _forked(_snapshot_child, gw.path, state_dir, os.getpid())
     if got is None:
-        raise RuntimeError("reading the snapshot failed")
+        raise RuntimeError("writing the snapshot failed")
     return got  # type: ignore[no-any-return]
 
 
-def plan(gw: Namespace, rules_dir: str, *, subprocess: bool = False, previous: bytes | None = None
-         ) -> dict[str, Any]:  # fmt: skip
+def daemon_lock(gw: Namespace) -> socket.socket:
+    """The gateway namespace's daemon lock, held by this process (close it to let go): ``plan``
+    uses a daemon's snapshot file only while the daemon that wrote it holds the lock."""
+    from topowatch import nslock
+
+    return gw.call(nslock.acquire)
+
+
+def plan(gw: Namespace, rules_dir: str, *, subprocess: bool = False, state_dir: str | None = None,
+         previous: str = "auto") -> dict[str, Any]:  # fmt: skip
     """``topowatch plan --json`` in the gateway namespace, a fresh process each time.
 
     By default forked from a fork server that has imported topowatch once (a
     third of the time of a new interpreter); ``subprocess`` runs the command
     itself. Never in a thread of this process: trio's worker threads outlive
     a ``trio.run`` and would carry a previous namespace into the next plan.
-    ``previous``: judge as the daemon does, with that snapshot before (``snapshot``).
+    ``state_dir`` and ``previous``: its ``--state-dir`` and ``--previous``.
     """
-    argv = ["plan", "--json", "--rules-dir", rules_dir]
-    if subprocess and previous is None:
+    argv = ["plan", "--json", "--rules-dir", rules_dir, "--previous", previous]
+    if state_dir is not None:
+        argv += ["--state-dir", state_dir]
+    if subprocess:
         return json.loads(gw.run(sys.executable, "-m", "topowatch", *argv))  # type: ignore[no-any-return]
-    got = _forked(_plan_child, gw.path, argv, previous)
+    got = _forked(_plan_child, gw.path, argv)
     rc, out = got if got is not None else (None, "")
     if rc != 0:
         raise RuntimeError(f"topowatch plan failed (exit {rc})")
@@ -518,6 +533,8 @@ def run_seed(seed: int, rules_dir: str, *, plan_subprocess: bool = False) -> Out
     samples = sample_count(scn)
     created: list[Namespace] = []
     out_notes: list[str] = []
+    lock: socket.socket | None = None
+    state_dir = tempfile.mkdtemp(prefix=f"{PREFIX}state")  # mode 0700: trusted by plan
     try:
         for role in ("cl", "gw", "wan"):
             created.append(Namespace.create(f"{PREFIX}{role}"))
@@ -532,7 +549,9 @@ def run_seed(seed: int, rules_dir: str, *, plan_subprocess: bool = False) -> Out
             send(ns[sender], flows)
         old_keys = {(OLD_PORT + i, f.dst, f.dport) for i, f in enumerate(scn.flows)}
         before = wait_entries(gw, old_keys)
-        previous = snapshot(gw)  # what a daemon running here would hold as its previous snapshot
+        lock = daemon_lock(gw)  # this process plays the daemon of the gateway namespace
+        # What a daemon running here keeps: its T0 is this state, the one the old flows were made under.
+        snapshot(gw, state_dir)
         for m in scn.mutations:
             if run_script(commands_script(m.commands), names, check=False):
                 out_notes.append(m.kind)
@@ -552,24 +571,29 @@ def run_seed(seed: int, rules_dir: str, *, plan_subprocess: bool = False) -> Out
             for k in range(samples)
         }
         after = wait_entries(gw, fresh_keys | (old_keys & before.keys()))
-        verdicts = plan(gw, rules_dir, subprocess=plan_subprocess)
-        daemon_verdicts = plan(gw, rules_dir, previous=previous)
+        verdicts = plan(gw, rules_dir, subprocess=plan_subprocess, state_dir=state_dir)
+        if verdicts.get("previous", {}).get("snapshot") is None:
+            raise RuntimeError(f"plan used no daemon snapshot: {verdicts.get('previous')}")
+        bare_verdicts = plan(gw, rules_dir, subprocess=plan_subprocess, previous="none")
         # An entry the kernel deleted meanwhile (its masquerade cleanup is asynchronous) is gone.
         remaining = index(dump(gw)).keys()
         after = {k: e for k, e in after.items() if k in remaining}
         exact = resend(gw, ns, scn, after)
         out = judge(scn, before, after, verdicts, samples, exact=exact)
         out.counts.update(f"mutation_failed_{k}" for k in out_notes)
-        out.daemon = judge(scn, before, after, daemon_verdicts, samples, exact=exact)
+        out.bare = judge(scn, before, after, bare_verdicts, samples, exact=exact)
         for f in out.findings:
             f["view"] = "plan"
-        for f in out.daemon.findings:
-            f["view"] = "daemon"
+        for f in out.bare.findings:
+            f["view"] = "plan --previous none"
     except Exception as exc:
         out = Outcome(seed, error=f"{type(exc).__name__}: {exc}")
     finally:
+        if lock is not None:
+            lock.close()
         for n in created:
             n.delete()
+        shutil.rmtree(state_dir, ignore_errors=True)
     out.seconds = time.monotonic() - started
     return out
 
@@ -681,12 +705,13 @@ def main(argv: list[str] | None = None) -> int:
             report(o, quiet=args.quiet)
     s = summary(outcomes)
     s["wall_seconds"] = round(time.monotonic() - started, 1)
-    daemon = [o.daemon or Outcome(o.seed, error=o.error) for o in outcomes]
-    sd = summary(daemon)
+    bare = [o.bare or Outcome(o.seed, error=o.error) for o in outcomes]
+    sb = summary(bare)
     print(f"\ndifffuzz: {len(outcomes)} scenarios in {s['wall_seconds']} s")
     bad_seeds: set[int] = set()
-    for title, summ, outs in (("plan (no previous snapshot)", s, outcomes),
-                              ("as the daemon judges (the snapshot before the mutations)", sd, daemon)):
+    for title, summ, outs in (("plan (beside a daemon: its snapshot file, from before the mutations)",
+                               s, outcomes),
+                              ("plan --previous none (no daemon snapshot)", sb, bare)):
         print(f"{title}:")
         print(table(summ))
         bad = sorted({f["seed"] for o in outs for f in o.findings if f["kind"] in ("fp", "fresh_stale")})
@@ -706,18 +731,18 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(
                 {
                     "summary": s,
-                    "daemon_summary": sd,
+                    "no_snapshot_summary": sb,
                     "seeds": [
                         {
                             "seed": o.seed,
                             "counts": dict(o.counts),
-                            "daemon_counts": dict(o.daemon.counts) if o.daemon else {},
+                            "no_snapshot_counts": dict(o.bare.counts) if o.bare else {},
                             "error": o.error,
                             "seconds": round(o.seconds, 2),
                         }
                         for o in outcomes
                     ],
-                    "findings": [f for o in (*outcomes, *daemon) for f in o.findings],
+                    "findings": [f for o in (*outcomes, *bare) for f in o.findings],
                 },
                 indent=1,
             )
@@ -727,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(o: Outcome, *, quiet: bool) -> None:
     """A seed's line and its findings (with ``quiet``, only where a view disagrees)."""
-    views = [("plan", o), ("daemon", o.daemon)] if o.daemon is not None else [("plan", o)]
+    views = [("plan", o), ("none", o.bare)] if o.bare is not None else [("plan", o)]
     bad = o.error or any(f["kind"] in ("fp", "fn", "fresh_stale") for _, v in views for f in v.findings)
     if not quiet or bad:
         line = f"ERROR {o.error}" if o.error else "; ".join(

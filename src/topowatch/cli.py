@@ -34,10 +34,13 @@ from topowatch.text import escape
 
 if TYPE_CHECKING:
     from topowatch.core.decide import Decision, FlushPlan
+    from topowatch.core.model import Topology
+    from topowatch.core.nat import NatRuleset
     from topowatch.policy import PolicyStore
     from topowatch.pressure import PressureAgent
     from topowatch.reactor import Reaction, Reactor
     from topowatch.sdnotify import Notifier
+    from topowatch.snapshots import Choice
 
 log = logging.getLogger("topowatch")
 
@@ -82,6 +85,10 @@ EXIT_STALE = 4
 EXIT_NOT_RUNNING = 3
 
 
+STATE_DIR_HELP = ("where state that must survive a crash lives (the timeouts a pressure policy lowered, "
+                  "the daemon's snapshots for plan and flush; default /run/topowatch)")
+
+
 def _audit_options(command: argparse.ArgumentParser, rules_help: str) -> None:
     output = command.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON object")
@@ -91,6 +98,14 @@ def _audit_options(command: argparse.ArgumentParser, rules_help: str) -> None:
     command.add_argument("--limit", type=_positive_int, metavar="N",
                          help="show at most N stale and N undecided entries (the counts stay whole)")
     command.add_argument("--rules-dir", action="append", metavar="DIR", help=rules_help)
+    command.add_argument("--state-dir", default="/run/topowatch", metavar="DIR",
+                         help="the daemon's state directory, where its snapshots are read (default "
+                         "/run/topowatch)")
+    command.add_argument("--previous", default="auto", metavar="auto|none|FILE",
+                         help="the snapshot an entry may have been made under: auto (default): the "
+                         "running daemon's, from its state directory, when there is one and it is "
+                         "trusted; none: no previous snapshot (an entry whose way in is not known "
+                         "may stay undecided); FILE: that snapshot file")
     conntrack = command.add_argument_group(
         "filters (as conntrack's; they only narrow what the policies select, never widen it)")
     conntrack.add_argument("-p", "--proto", metavar="PROTO", help="protocol name or number")
@@ -130,9 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="no D-Bus service and no NetworkManager events (system bus)")
     rules_help = "read policies only from DIR (repeatable, highest priority first)"
     run.add_argument("--rules-dir", action="append", metavar="DIR", help=rules_help)
-    run.add_argument("--state-dir", default="/run/topowatch", metavar="DIR",
-                     help="where state that must survive a crash lives (the timeouts a pressure "
-                     "policy lowered; default /run/topowatch)")
+    run.add_argument("--state-dir", default="/run/topowatch", metavar="DIR", help=STATE_DIR_HELP)
     run.add_argument("--metrics-listen", type=_listen_address, metavar="HOST:PORT",
                      help="serve Prometheus metrics on http://HOST:PORT/metrics (e.g. 127.0.0.1:9877)")
     run.add_argument("--metrics-textfile", metavar="PATH",
@@ -212,7 +225,9 @@ async def _audit(args: argparse.Namespace, delete: bool) -> int:
     entries = await backend.entries(eligibility) if selection.policies else []
     entries = narrow(entries, eligibility, entry_filter)
 
-    plan = plan_once(topology, ruleset, entries, eligibility)
+    choice = _previous_snapshot(args.previous, args.state_dir, topology, ruleset)
+    before = None if choice.previous is None else (choice.previous.topology, choice.previous.ruleset)
+    plan = plan_once(topology, ruleset, entries, eligibility, previous=before)
     deleted: int | None = None
     flushed = [d for d in plan.stale if selection.flushes(d.entry)]
     if delete and not dry_run:
@@ -231,7 +246,7 @@ async def _audit(args: argparse.Namespace, delete: bool) -> int:
         _log_entries("would delete", flushed)
     elapsed = time.monotonic() - start
     _print_plan(args, plan, elapsed, deleted, entry_filter.json(),
-                verb="deleted" if delete and not dry_run else "stale")
+                verb="deleted" if delete and not dry_run else "stale", previous=choice)
     if not (args.json or args.json_lines):
         if delete and not dry_run:
             print(f"deleted {deleted} entries")
@@ -240,6 +255,44 @@ async def _audit(args: argparse.Namespace, delete: bool) -> int:
     if getattr(args, "exit_code", False) and plan.stale:
         return EXIT_STALE
     return 0
+
+
+def _previous_snapshot(option: str, state_dir: str, topology: Topology, ruleset: NatRuleset) -> Choice:
+    """The previous snapshot ``--previous`` asks for (``snapshots.choose``), and why.
+
+    ``auto``: the running daemon's file in ``state_dir``; not there, not
+    trusted, of another namespace or version, damaged, or of a daemon that no
+    longer runs (the file then says nothing of the changes since): none, and
+    one log line says why. ``none``: none. Else a file's path: as ``auto``,
+    whichever daemon wrote it.
+    """
+    from topowatch import nslock, snapshots
+    from topowatch.edges.sysctl import netns_key
+
+    if option == "none":
+        return snapshots.Choice(None, "none", None, "--previous none")
+    netns = netns_key()
+    auto = option == "auto"
+    path = snapshots.snapshot_path(state_dir, netns) if auto else option
+    try:
+        stored = snapshots.load(path, netns)
+        if auto:
+            holder = nslock.holder()
+            if holder is None:
+                raise snapshots.SnapshotError("no daemon runs in this namespace: its snapshot says nothing "
+                                              "of the changes since it stopped")
+            if holder not in (0, stored.pid):
+                raise snapshots.SnapshotError(f"written by pid {stored.pid}, not by the daemon that runs "
+                                              f"(pid {holder}), which has not written its own yet")
+        return snapshots.choose(stored, topology, ruleset, source="daemon" if auto else "file", path=path)
+    except FileNotFoundError:
+        if not auto:
+            raise UsageError(f"--previous {option}: no such file") from None
+        why = f"no daemon snapshot ({path} does not exist)"
+    except snapshots.SnapshotError as exc:
+        why = f"daemon snapshot {path} not used: {exc}"
+        log.warning("%s; judging with no previous snapshot", escape(why))
+    return snapshots.Choice(None, "none", None, why, path)
 
 
 def _log_entries(action: str, decisions: Sequence[Decision]) -> None:
@@ -257,7 +310,7 @@ def _log_entries(action: str, decisions: Sequence[Decision]) -> None:
 
 def _print_plan(
     args: argparse.Namespace, plan: FlushPlan, elapsed: float, deleted: int | None,
-    filters: dict[str, object], *, verb: str,
+    filters: dict[str, object], *, verb: str, previous: Choice,
 ) -> None:
     from topowatch.report import decision_json, plan_json, plan_text, summary_json, summary_text
 
@@ -270,7 +323,7 @@ def _print_plan(
                 shown += 1
         tail = summary_json(plan, elapsed, deleted)
         tail.update(record="summary", filters=filters, limit=limit,
-                    truncated=shown < len(plan.stale) + len(plan.undecided))
+                    truncated=shown < len(plan.stale) + len(plan.undecided), previous=previous.json())
         print(json.dumps(tail))
     elif args.json:
         if args.summary:
@@ -279,11 +332,14 @@ def _print_plan(
         else:
             obj = plan_json(plan, elapsed, deleted, limit)
         obj["filters"] = filters
+        obj["previous"] = previous.json()
         print(json.dumps(obj, indent=2))
     elif args.summary:
         print(summary_text(plan, elapsed, verb=verb))
+        print(escape(previous.text()))
     else:
         print(plan_text(plan, elapsed, verb=verb, limit=limit))
+        print(escape(previous.text()))
 
 
 async def _observers(
@@ -382,6 +438,7 @@ async def _run_daemon(args: argparse.Namespace) -> int:
     from topowatch.pressure import PressureAgent
     from topowatch.reactor import Reactor, ReactorConfig
     from topowatch.sdnotify import Notifier
+    from topowatch.snapshots import SnapshotWriter
 
     lock = acquire()  # before anything touches the namespace: one daemon per namespace
     store = PolicyStore.open(args.rules_dir)
@@ -398,12 +455,17 @@ async def _run_daemon(args: argparse.Namespace) -> int:
     pressure = PressureAgent(lambda: store.current.pressure,
                              ledger=TimeoutLedger.for_namespace(args.state_dir))
     notifier = Notifier()
+    # The daemon's T0 and the one before, for plan and flush (``snapshots``); a failure only counts.
+    writer = SnapshotWriter.for_namespace(args.state_dir,
+                                          count=functools.partial(reactor.count_error, "snapshot"))
+    reactor.t0_hook = writer.t0_moved
     observers = await _observers(args, reactor, notifier, pressure)
     guard = netnswatch.NamespaceGuard.here()
     reactor.reaction_hooks.append(guard.after_reaction)
     observers += _dbus_tasks(args, reactor, store, pressure, guard.check)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
             await nursery.start(reactor.run)
             await nursery.start(pressure.run)
             for observer in observers:

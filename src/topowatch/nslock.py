@@ -6,7 +6,7 @@ in (``net/unix/af_unix.c`` hashes it with the namespace), needs no file and
 goes away with the process that holds it, also after a crash or SIGKILL. So
 ``bind`` of the same name fails with EADDRINUSE exactly while another
 daemon of this namespace runs, with or without D-Bus, whatever its state
-directory. This module takes and holds the lock only; it decides nothing.
+directory. This module takes and holds the lock, and says who holds it; it decides nothing.
 """
 
 from __future__ import annotations
@@ -24,19 +24,24 @@ class AlreadyRunning(TopowatchError):
     """Another topowatch daemon holds this network namespace's lock."""
 
 
-def _holder(name: str) -> str:
-    """The holder's pid, asked over the socket's peer credentials (best effort)."""
+def holder(name: str = LOCK_NAME) -> int | None:
+    """The pid of the daemon holding this namespace's lock (its socket's peer credentials), or None
+    when no daemon runs here (or it cannot be asked; 0 when its pid is not visible from here)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         probe.settimeout(1.0)
         probe.connect("\0" + name)
         creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        pid = int.from_bytes(creds[:4], "little")
-        return f" (pid {pid})" if pid else ""
+        return int.from_bytes(creds[:4], "little")
     except OSError:
-        return ""
+        return None
     finally:
         probe.close()
+
+
+def _holder(name: str) -> str:
+    pid = holder(name)
+    return f" (pid {pid})" if pid else ""
 
 
 def acquire(name: str = LOCK_NAME) -> socket.socket:

@@ -578,6 +578,12 @@ class Reactor:
         # reaction judges with no previous snapshot, as ``plan`` does).
         self._sweep_pending = False
         self.dumps = 0  # conntrack dumps made by reactions (a reaction that can change no flow makes none)
+        # Told each time T0 moves (the daemon's snapshot file, ``snapshots.SnapshotWriter.t0_moved``):
+        # (T0, its ruleset, the reaction's number (0 at start), whether that reaction judged with a
+        # previous snapshot). It must return at once and never raise (an error is counted, logged).
+        self.t0_hook: Callable[[Topology, NatRuleset | None, int, bool], None] | None = None
+        self._t0_told: tuple[Topology | None, NatRuleset | None] = (None, None)
+        self._sweep_told = False  # the startup sweep was pending when T0 was last told
 
     @property
     def work_done(self) -> int:
@@ -658,9 +664,10 @@ class Reactor:
             )
             if self.config.startup_sweep:
                 await self._warm()
+            self._tell_t0(0)
             task_status.started()
             if self.config.startup_sweep:
-                self._sweep_pending = True
+                self._sweep_pending = self._sweep_told = True
                 self.push(Trigger("startup", "startup sweep"))
             failures = 0
             while True:
@@ -713,6 +720,10 @@ class Reactor:
 
     def _count(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def count_error(self, kind: str) -> None:
+        """Count an error of an observer's own (the snapshot file): metrics show ``errors`` by kind."""
+        self._count(kind)
 
     def _ruleset_may_have_changed(self, burst: Burst) -> bool:
         """False only when the backend reports ruleset changes as triggers and none came."""
@@ -991,7 +1002,23 @@ class Reactor:
             dumped=dumped,
         )
 
+    def _tell_t0(self, number: int) -> None:
+        """Tell ``t0_hook`` of a T0 that is not the one told last (by identity: a reaction sets it)."""
+        swept, self._sweep_told = self._sweep_told and not self._sweep_pending, self._sweep_pending
+        if self.t0_hook is None or self.t0 is None:
+            return
+        if self._t0_told[0] is self.t0 and self._t0_told[1] is self.ruleset_t0:
+            return
+        self._t0_told = (self.t0, self.ruleset_t0)
+        try:
+            # The startup sweep judged with no previous snapshot; a reaction's T0 at start had none.
+            self.t0_hook(self.t0, self.ruleset_t0, number, number > 0 and not swept)
+        except Exception:  # the snapshot file must never end the daemon nor hold a reaction up
+            self._count("snapshot")
+            log.exception("telling the new T0 failed")
+
     def _record(self, reaction: Reaction, selection: Selection) -> Reaction:
+        self._tell_t0(reaction.number)
         if self.reactions:
             self.reactions[-1] = self.reactions[-1].brief()  # only the latest keeps its entry lists
         self.reactions.append(reaction)

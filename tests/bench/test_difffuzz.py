@@ -1,9 +1,9 @@
 """The differential fuzzer on a fixed set of seeds: no wrong delete against the kernel.
 
 Each seed builds its generated gateway in namespaces of its own (bench/difffuzz.py),
-asks the kernel with fresh flows and judges ``topowatch plan --json``, as the
-command runs it and as the daemon judges (with the snapshot before the
-mutations; namespace prefix DIFFFUZZ_PREFIX, default h8). A
+asks the kernel with fresh flows and judges ``topowatch plan --json``, beside
+a daemon (its snapshot file, written before the mutations) and with
+``--previous none`` (namespace prefix DIFFFUZZ_PREFIX, default h8). A
 false positive (an entry called stale although a fresh flow gets its binding)
 or a stale verdict on an entry made under the current state is a wrong delete:
 the test fails on either. False negatives and undecided answers are measured
@@ -48,7 +48,7 @@ KNOWN: dict[int, str] = {}
 # Seeds where plan once called stale entries healthy (issue 12: an entry that one way it may have
 # come gives its bindings and another refuses them; late NAT, port forwards on an uplink, policy
 # rules by input interface). Both judgements now get them right or leave them undecided (plan
-# without a previous snapshot, the daemon narrowing by it): a false negative there is a regression.
+# with --previous none, plan narrowing by the daemon's snapshot): a false negative there is a regression.
 NO_FN = frozenset({26, 35, 37, 53, 58})
 
 
@@ -83,8 +83,8 @@ def test_seed_has_no_wrong_delete(seed: int, rules_dir: str) -> None:
         raise RuntimeError(f"seed {seed} did not run: {out.error}")
     judged = sum(out.counts[k] for k in difffuzz.VERDICTS)
     assert judged > 0, f"seed {seed}: no old entry had an oracle: {dict(out.counts)}"
-    views = [*out.findings, *(out.daemon.findings if out.daemon is not None else [])]
-    assert out.daemon is not None and sum(out.daemon.counts[k] for k in difffuzz.VERDICTS) == judged
+    views = [*out.findings, *(out.bare.findings if out.bare is not None else [])]
+    assert out.bare is not None and sum(out.bare.counts[k] for k in difffuzz.VERDICTS) == judged
     wrong = [f for f in views if f["kind"] in ("fp", "fresh_stale")]
     if wrong:
         lines = [
