@@ -24,7 +24,6 @@ from topowatch.core.conntrack import (
     Entry,
 )
 from topowatch.core.decide import Decider, FlushPlan, decide
-from topowatch.core.reason import Reason, ReasonCode
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
 from topowatch.core.flow import (
@@ -41,6 +40,7 @@ from topowatch.core.flow import (
     Unknown,
 )
 from topowatch.core.model import AF_INET, Topology
+from topowatch.core.reason import Reason, ReasonCode
 
 CLIENT = IPv4Address("10.0.1.2")
 SERVER = IPv4Address("192.0.2.10")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from topowatch.core.model import AF_INET, IPAddress
+from topowatch.core.model import AF_INET, IPAddress, IPNetwork
 
 IPPROTO_ICMP = 1
 IPPROTO_TCP = 6
@@ -124,6 +124,8 @@ class Egress:
     route: str = ""
     # The xfrm out policy that puts the flow in IPsec (or blocks it) on this egress, "" if none.
     xfrm: str = ""
+    # The prefix of the route (``route`` words it), None where no route answered (a rule, no route).
+    prefix: IPNetwork | None = None
 
     def describe(self) -> str:
         if self.kind is not EgressKind.UNICAST:
