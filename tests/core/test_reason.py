@@ -142,9 +142,9 @@ def test_the_table_renders_every_code() -> None:
 
 @pytest.mark.parametrize(("field", "value"), [("side", "both"), ("history", "lately")])
 def test_a_reason_refuses_a_bad_field_by_name(field: str, value: str) -> None:
-    with pytest.raises(ValueError, match=f"Reason.{field}"):
+    with pytest.raises(ValueError, match=rf"Reason\.{field}"):
         dataclasses.replace(RENDERED[0][1], **{field: value})
-    with pytest.raises(ValueError, match="Way.side"):
+    with pytest.raises(ValueError, match=r"Way\.side"):
         Way(None, (), "both")
 
 

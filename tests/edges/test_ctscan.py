@@ -36,7 +36,17 @@ from topowatch.core.conntrack import (
 from topowatch.core.decide import Decider, compile_program, decide, pack_record
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
-from topowatch.core.flow import Binding, Egress, EgressKind, Flow, Ingress, NatKind, Prediction, RuleRef, Unknown
+from topowatch.core.flow import (
+    Binding,
+    Egress,
+    EgressKind,
+    Flow,
+    Ingress,
+    NatKind,
+    Prediction,
+    RuleRef,
+    Unknown,
+)
 from topowatch.core.model import Address, Topology
 from topowatch.edges import ctcodec as c
 from topowatch.report import code_samples, count_codes, group_by_code
