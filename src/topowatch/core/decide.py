@@ -25,7 +25,8 @@ those ways; it never makes an entry stale): otherwise undecided (see
 "several alternatives" below).
 
 Entries sharing a flow are decided once. Every stale or undecided entry
-carries a reason a person can read. This module never performs I/O and never
+carries a ``Reason`` (``core.reason``): a code and the fields it rests on,
+rendered into the text a person reads. This module never performs I/O and never
 deletes anything: it returns a ``FlushPlan``.
 """
 
