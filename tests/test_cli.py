@@ -229,6 +229,10 @@ def test_summary_limit_and_json_lines(stale_ns: Namespace) -> None:
     assert len(doc["stale"]) == 1 and doc["stale_count"] == 4 and doc["truncated"] is True
     assert doc["stale_by_code"] == {"null_binding_now_nat": 4}
     assert doc["stale"][0]["code"] == "null_binding_now_nat"
+    why = doc["stale"][0]["why"]  # the reason's fields (schema-checked by plan_json)
+    assert why["code"] == "null_binding_now_nat" and why["expected"] == doc["stale"][0]["expected"]
+    named = [r for r in why["rules"] if "chain" in r]  # the rule read from the kernel, by chain and handle
+    assert named and all(r["handle"] and r["chain"].startswith("table ") and r["rule"] in r["text"] for r in named)
     assert plan_json(stale_ns)["truncated"] is False
     summary = plan_json(stale_ns, "--summary")
     assert summary["stale"] == [] and summary["stale_count"] == 4

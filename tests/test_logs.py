@@ -106,6 +106,12 @@ async def test_one_json_record_per_deleted_entry(
     assert first["orig"] == {"src": "10.0.1.2", "dst": "192.0.2.10", "sport": 5000, "dport": 5060}
     assert first["actual"]["kind"] == "none" and first["expected"][0]["kind"] == "masquerade"
     assert {e["code"] for e in entries} == {"null_binding_now_nat", "snat_changed"}
+    # Beside the text, the fields it is rendered from (``core.reason``), for programs.
+    why = first["why"]
+    assert (why["code"], why["side"], why["actual"]) == ("null_binding_now_nat", "snat", first["actual"])
+    assert (why["original"], why["translated"], why["expected"]) == ("10.0.1.2", "10.0.1.2", first["expected"])
+    assert isinstance(why["egress"], list) and "cause" not in why
+    assert [e["why"]["translated"] for e in entries if e["code"] == "snat_changed"] == ["100.64.0.2"]
     reaction = next(o for o in objects if o.get("event") == "reaction")
     assert reaction["stale_by_code"] == {"null_binding_now_nat": 3, "snat_changed": 1}
     for obj in objects:

@@ -14,8 +14,9 @@ from typing import Any
 
 from topowatch.core.conntrack import ICMP_PROTOS, CtTuple, Entry
 from topowatch.core.decide import Decision, FlushPlan, StaleDecisions
-from topowatch.core.flow import Binding, NatKind, proto_name
+from topowatch.core.flow import Binding, Egress, Ingress, NatKind, RuleRef, Unknown, proto_name
 from topowatch.core.model import AF_INET
+from topowatch.core.reason import EgressSet, Reason, RuleLine, Way
 
 JsonObject = dict[str, Any]
 
@@ -36,6 +37,81 @@ def binding_json(binding: Binding | None) -> JsonObject | None:
     return {"kind": binding.kind.value, "addr": binding.addr_text, "ports": list(ports) if ports else None}
 
 
+def egress_json(egress: EgressSet | None) -> list[JsonObject] | JsonObject | None:
+    """A list of paths; ``{"unknown": why}`` where the egress cannot be predicted; None: not known."""
+    if egress is None:
+        return None
+    if isinstance(egress, Unknown):
+        return {"unknown": egress.reason}
+    return [path_json(e) for e in egress]
+
+
+def path_json(e: Egress) -> JsonObject:
+    return {
+        "kind": e.kind.value,
+        "dev": e.oifname or None,
+        "oif": e.oif,
+        "gateway": str(e.gateway) if e.gateway is not None else None,
+        "prefix": str(e.prefix) if e.prefix is not None else None,
+        "route": e.route or None,
+        "masquerade_source": str(e.masquerade_source) if e.masquerade_source is not None else None,
+        "xfrm": e.xfrm or None,
+    }
+
+
+def rule_json(line: RuleLine) -> JsonObject:
+    rule: RuleRef | None = line.rule
+    obj: JsonObject = {"text": line.text}
+    if rule is not None:
+        obj.update(chain=rule.chain, handle=rule.handle or None, rule=rule.text)
+    return obj
+
+
+def _ingress_json(ingress: Ingress | None) -> str | None:
+    if ingress is None:
+        return None  # any of the candidate interfaces
+    return "local" if ingress.local else ingress.ifname
+
+
+def way_json(way: Way) -> JsonObject:
+    obj: JsonObject = {"ingress": _ingress_json(way.ingress), "egress": egress_json(way.egress)}
+    if way.side:
+        gives = way.gives
+        obj.update(side=way.side, gives={"unknown": gives.reason} if isinstance(gives, Unknown)
+                   else [binding_json(b) for b in gives])
+    return obj
+
+
+def reason_json(reason: Reason) -> JsonObject:
+    """The fields a reason's text is rendered from (``core.reason``): those its code fills."""
+    obj: JsonObject = {"code": reason.code.value, "side": reason.side}
+    if reason.actual is not None:
+        obj["actual"] = binding_json(reason.actual)
+    if reason.original is not None and reason.translated is not None:
+        obj.update(original=str(reason.original), translated=str(reason.translated))
+    if reason.expected:
+        obj["expected"] = [binding_json(b) for b in reason.expected]
+    if reason.egress is not None:
+        obj["egress"] = egress_json(reason.egress)
+    if reason.egress_before is not None:
+        obj["egress_before"] = egress_json(reason.egress_before)
+    if reason.rules:
+        obj["rules"] = [rule_json(line) for line in reason.rules]
+    if reason.cause:
+        obj["cause"] = reason.cause
+    if reason.ruleset_changed:
+        obj["ruleset_changed"] = True
+    if reason.keeps:
+        obj["keeps"] = [way_json(w) for w in reason.keeps]
+    if reason.ways:
+        obj["ways"] = [way_json(w) for w in reason.ways]
+    if reason.history:
+        obj["history"] = reason.history
+    if reason.verdict:
+        obj["verdict"] = reason.verdict
+    return obj
+
+
 def decision_json(decision: Decision) -> JsonObject:
     e = decision.entry
     return {
@@ -51,6 +127,7 @@ def decision_json(decision: Decision) -> JsonObject:
         "expected": [binding_json(b) for b in decision.expected],
         "reason": decision.reason,
         "code": code_of(decision),
+        "why": reason_json(decision.why),
     }
 
 

@@ -225,10 +225,9 @@ def test_decide_with_classes_deletes_what_decide_per_flow_deletes(
     classed = decide(entries, predict=bound, fib_now=Fib(now), fib_before=Fib(before), eligibility=eligibility,
                      classifier=c, predict_before=then)
     STATS["alternatives"] += sum(bool(bound(Fib(now), e.flow).alternatives) for e in entries)
-    assert [(d.entry, d.side, d.actual, d.expected) for d in classed.stale] == [
-        (d.entry, d.side, d.actual, d.expected) for d in plain.stale
-    ]
-    assert [(d.entry, d.side) for d in classed.undecided] == [(d.entry, d.side) for d in plain.undecided]
+    # Each decision's Reason too: its code and every field (rule lines, egress, ways), hence its text.
+    assert [(d.entry, d.why) for d in classed.stale] == [(d.entry, d.why) for d in plain.stale]
+    assert [(d.entry, d.why) for d in classed.undecided] == [(d.entry, d.why) for d in plain.undecided]
     assert (classed.examined, classed.eligible) == (plain.examined, plain.eligible)
     assert classed.distinct_flows <= plain.distinct_flows
 

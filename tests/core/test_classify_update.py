@@ -221,10 +221,9 @@ def test_a_carried_classifier_judges_as_the_per_flow_evaluator(
     plain = decide(entries, predict=bound, fib_now=fib1, fib_before=fib0, eligibility=ELIGIBILITY)
     classed = decide(entries, predict=bound, fib_now=fib1, fib_before=fib0, eligibility=ELIGIBILITY,
                      classifier=carried)  # fmt: skip
-    assert [(d.entry, d.side, d.actual, d.expected) for d in classed.stale] == [
-        (d.entry, d.side, d.actual, d.expected) for d in plain.stale
-    ]
-    assert [(d.entry, d.side) for d in classed.undecided] == [(d.entry, d.side) for d in plain.undecided]
+    # Each decision's Reason too: its code and every field (rule lines, egress, ways), hence its text.
+    assert [(d.entry, d.why) for d in classed.stale] == [(d.entry, d.why) for d in plain.stale]
+    assert [(d.entry, d.why) for d in classed.undecided] == [(d.entry, d.why) for d in plain.undecided]
 
 
 # -- examples ---------------------------------------------------------------------------------

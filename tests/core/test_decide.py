@@ -40,6 +40,7 @@ from topowatch.core.flow import (
     Unknown,
 )
 from topowatch.core.model import AF_INET, Topology
+from topowatch.core.reason import Reason, ReasonCode
 
 CLIENT = IPv4Address("10.0.1.2")
 SERVER = IPv4Address("192.0.2.10")
@@ -357,8 +358,9 @@ def from_raw(raw: tuple[Any, ...]) -> Entry:
 
 
 def reference_plan(entries: list[Entry], predict: Any, eligibility: Eligibility, fib_before: Fib | None
-                   ) -> tuple[int, list[tuple[Entry, str, str]], list[tuple[Entry, str, str]]]:
-    """The reasoned path alone, per entry: no flow-key cache, no fast path, no memo."""
+                   ) -> tuple[int, list[tuple[Entry, Reason]], list[tuple[Entry, Reason]]]:
+    """The reasoned path alone, per entry: no flow-key cache, no fast path, no memo; each verdict's
+    ``Reason`` (its code and every field, hence its text)."""
     from topowatch.core.decide import _side
 
     eligible = 0
@@ -372,11 +374,11 @@ def reference_plan(entries: list[Entry], predict: Any, eligibility: Eligibility,
         judged = [j for j in (_side(e, "dnat", p.dnat, p, before), _side(e, "snat", p.snat, p, before)) if j]
         chosen = next((j for j in judged if j.stale), None)
         if chosen is not None:
-            stale.append((e, chosen.side, chosen.reason))
+            stale.append((e, chosen.why))
             continue
         chosen = next((j for j in judged if j.undecided), None)
         if chosen is not None:
-            undecided.append((e, chosen.side, chosen.reason))
+            undecided.append((e, chosen.why))
     return eligible, stale, undecided
 
 
@@ -461,8 +463,8 @@ def test_decider_paths_agree_with_the_reasoned_path(
     for plan in plans:
         assert plan.examined == len(entries)
         assert plan.eligible == eligible
-        assert [(d.entry, d.side, d.reason) for d in plan.stale] == stale
-        assert [(d.entry, d.side, d.reason) for d in plan.undecided] == undecided
+        assert [(d.entry, d.why) for d in plan.stale] == stale
+        assert [(d.entry, d.why) for d in plan.undecided] == undecided
 
 
 def test_raw_path_builds_only_first_and_unhealthy_entries() -> None:
@@ -762,7 +764,7 @@ def test_port_only_dnat_in_plan_json() -> None:
     e = Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5001, 5060), CtTuple(SERVER, CLIENT, 5070, 5001))
     actual = e.actual_dnat()
     assert actual == PORT_ONLY_DNAT
-    out = decision_json(Decision(e, "dnat", actual, (), "x"))
+    out = decision_json(Decision(e, Reason(ReasonCode.DNAT_CHANGED, "dnat", actual, SERVER, SERVER)))
     assert out["actual"] == {"kind": "dnat", "addr": "192.0.2.10", "ports": [5070, 5070]}
 
 

@@ -125,10 +125,15 @@ def test_each_verdict_carries_its_side_bindings_reason_and_code(case: tuple[Any,
         plan = decider.plan()
     found, other = (plan.stale, plan.undecided) if stale else (plan.undecided, plan.stale)
     assert other == ()
+    def fields(d: Decision) -> tuple[Any, ...]:
+        return (d.entry, d.side, d.actual, d.expected, d.reason, d.code)
+
     side, actual, expected, reason, code = decision
-    assert found[0] == Decision(e, side, actual, expected, reason, code)
+    assert fields(found[0]) == (e, side, actual, expected, reason, code)
+    assert found[0].why.code is code  # the enum member itself, not only its word
     if path == "add_raw":
-        assert found[1] == Decision(dataclasses.replace(e, id=2), side, actual, expected, reason, code)
+        assert fields(found[1]) == (dataclasses.replace(e, id=2), side, actual, expected, reason, code)
+        assert found[1].why == found[0].why  # the key's second entry: the same reason, through its cache
 
 
 # -- the port a port range is checked against: the translated one ------------------------------

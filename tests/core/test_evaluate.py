@@ -28,6 +28,7 @@ from topowatch.core.flow import (
     Ingress,
     NatKind,
     Prediction,
+    RuleRef,
     Unknown,
 )
 from topowatch.core.model import AF_INET, AF_INET6, IPAddress, Topology
@@ -459,15 +460,20 @@ def test_explain_names_the_binding_rule() -> None:
     line = f'table inet nat chain postrouting handle {handle}: oifname "up1" masquerade'
     assert any(line in e for e in p.explain), p.explain
     assert rs.describe_rule(rs.chains[0], rs.chains[0].rules[0]) == line
+    # The rule itself, by chain and handle, for structured reasons (``core.reason``).
+    assert p.rules == (RuleRef("table inet nat chain postrouting", handle, 'oifname "up1" masquerade'),)
+    assert str(p.rules[0]) == line
 
 
 def test_drop_is_explained() -> None:
     p = predict(ruleset(post([MASQ])), FakeFib(), udp(dst="198.51.100.9"))
     assert p.snat == frozenset()
     assert any("no address" in e for e in p.explain)
+    assert [(r.chain, r.text) for r in p.rules] == [("table ip nat chain postrouting", "masquerade")]
     p = predict(ruleset(post([oifname("up1"), MASQ], policy="drop")), FakeFib(), udp(dst="10.0.0.9"))
     assert p.snat == frozenset()
     assert any("policy drop" in e for e in p.explain), p.explain
+    assert p.rules == ()  # a chain's policy is no rule
 
 
 # ---------------------------------------------------------------------------

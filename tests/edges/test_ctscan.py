@@ -36,7 +36,17 @@ from topowatch.core.conntrack import (
 from topowatch.core.decide import Decider, compile_program, decide, pack_record
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
-from topowatch.core.flow import Binding, Egress, EgressKind, Flow, Ingress, NatKind, Prediction, Unknown
+from topowatch.core.flow import (
+    Binding,
+    Egress,
+    EgressKind,
+    Flow,
+    Ingress,
+    NatKind,
+    Prediction,
+    RuleRef,
+    Unknown,
+)
 from topowatch.core.model import Address, Topology
 from topowatch.edges import ctcodec as c
 from topowatch.report import code_samples, count_codes, group_by_code
@@ -258,7 +268,11 @@ def predictor(choice: int) -> Any:
         if fib is FIB_BEFORE:
             way = (int(flow.src) + int(flow.dst) + flow.dport) % 3
             egress = (UPLINKS[way],) if way < 2 else Unknown("a route the model does not read")
-        return Prediction(dnat=dnat, snat=OPTIONS[pick], egress=egress)
+        # Rule lines as the evaluator writes them, one naming a rule (its chain and handle reach the
+        # Reason's fields on both paths) and one naming none.
+        rule = RuleRef("table inet nat chain postrouting", 7 + pick, 'oifname "up1" masquerade')
+        return Prediction(dnat=dnat, snat=OPTIONS[pick], egress=egress, rules=(rule,),
+                          explain=(f"snat via dev up1: {rule} (to 203.0.113.1)", "marks at output unknown: x"))
 
     return predict
 
@@ -355,8 +369,9 @@ def plan_of(items: list[Entry], *, compiled: bool, choice: int, sport_matters: b
     return {
         "examined": plan.examined + parser.skipped_replied,
         "eligible": plan.eligible,
-        "stale": Counter((d.entry, d.side, d.reason, d.code) for d in plan.stale),
-        "undecided": Counter((d.entry, d.side, d.reason, d.code) for d in plan.undecided),
+        # The whole Reason (code and every field: rule lines, egress, ways), and its text.
+        "stale": Counter((d.entry, d.why, d.reason, d.code) for d in plan.stale),
+        "undecided": Counter((d.entry, d.why, d.reason, d.code) for d in plan.undecided),
         "codes": codes,
     }
 
@@ -409,17 +424,35 @@ def test_predictions_with_alternatives_give_the_pure_paths_plan(
     assert plan_of(items, compiled=True, **kw) == pure
 
 
-@pytest.mark.parametrize("choice", range(14))
-def test_classes_whose_nat_cannot_be_predicted_give_the_pure_paths_plan(choice: int) -> None:
-    """Every class of every destination and port, three entries each (the first judged in Python,
-    the others by the class's verdict in C): stale where the egress moved, undecided where it is
-    unknown, nothing where it stayed, as the pure path says, with or without a previous snapshot."""
-    items = [
+def every_class() -> list[Entry]:
+    """Three entries (masqueraded, not NATed, NATed elsewhere) of every client, server and ports."""
+    return [
         Entry(2, 17, CtTuple(client, server, sport, dport), CtTuple(server, nat, dport, sport), status=status)
         for client in CLIENTS for server in SERVERS for dport in (53, 80, 5060) for sport in (1000, 1500, 5060)
         for nat, status in ((MASQ, IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE),
                             (client, IPS_CONFIRMED), (TRANSLATED[2], IPS_CONFIRMED))
     ]  # fmt: skip
+
+
+def test_records_reasons_name_the_rule_by_chain_and_handle() -> None:
+    """A record's Reason carries the rule lines of its class's prediction, the rule's chain and
+    handle among them, as the pure path's does (guards the comparisons above against reasons
+    that have no rule to compare)."""
+    kw: dict[str, Any] = {"choice": 0, "sport_matters": False, "eligibility": Eligibility(), "per_datagram": 50}
+    fast = plan_of(every_class(), compiled=True, classes=True, **kw)
+    assert fast == plan_of(every_class(), compiled=False, **kw)
+    named = {line.rule for _, why, _, _ in fast["stale"] for line in why.rules}
+    handles = {rule.handle for rule in named if rule is not None}
+    assert None in named and len(handles) >= 2 and handles <= set(range(7, 7 + len(OPTIONS)))
+    assert {rule.chain for rule in named if rule is not None} == {"table inet nat chain postrouting"}
+
+
+@pytest.mark.parametrize("choice", range(14))
+def test_classes_whose_nat_cannot_be_predicted_give_the_pure_paths_plan(choice: int) -> None:
+    """Every class of every destination and port, three entries each (the first judged in Python,
+    the others by the class's verdict in C): stale where the egress moved, undecided where it is
+    unknown, nothing where it stayed, as the pure path says, with or without a previous snapshot."""
+    items = every_class()
     for before in (False, True):
         kw: dict[str, Any] = {"choice": choice, "sport_matters": False, "eligibility": Eligibility(),
                               "per_datagram": 50, "before": before}  # fmt: skip
@@ -527,7 +560,7 @@ def test_stale_entries_of_a_known_class_become_records_without_python() -> None:
     assert decider.records is not None and len(decider.records) == 98 * 100
     assert plan.examined == plan.eligible == len(items)
     pure = decide(items, predict=predict, fib_now=FIB, sport_matters=False)
-    key = lambda d: (d.entry, d.side, d.reason, d.code, d.actual, d.expected)  # noqa: E731
+    key = lambda d: (d.entry, d.why, d.side, d.reason, d.code, d.actual, d.expected)  # noqa: E731
     assert Counter(map(key, plan.stale)) == Counter(map(key, pure.stale))
     assert {d.entry.orig.sport for d in plan.stale} == {e.orig.sport for e in stale}
     assert len(plan.stale) == 100 and not plan.undecided
@@ -569,7 +602,7 @@ def test_entries_every_way_refuses_become_records_without_python() -> None:
     assert sides == {2: 40, 1: 30}  # one class: only its first entry (a healthy one) is added whole
     assert sorted(raw[4] for raw in judged) == list(range(3001, 3020))  # a way admits them: Python judges
     pure = decide(items, predict=predict, fib_now=FIB, sport_matters=False)
-    key = lambda d: (d.entry, d.side, d.reason, d.code, d.actual, d.expected)  # noqa: E731
+    key = lambda d: (d.entry, d.why, d.side, d.reason, d.code, d.actual, d.expected)  # noqa: E731
     assert Counter(map(key, plan.stale)) == Counter(map(key, pure.stale))
     assert Counter(plan.stale.codes()) == {"null_binding_now_nat": 40, "snat_changed": 30}  # type: ignore[attr-defined]
     assert Counter(d.side for d in plan.stale) == {"dnat": 40, "snat": 30}

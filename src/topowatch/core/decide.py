@@ -25,7 +25,8 @@ those ways; it never makes an entry stale): otherwise undecided (see
 "several alternatives" below).
 
 Entries sharing a flow are decided once. Every stale or undecided entry
-carries a reason a person can read. This module never performs I/O and never
+carries a ``Reason`` (``core.reason``): a code and the fields it rests on,
+rendered into the text a person reads. This module never performs I/O and never
 deletes anything: it returns a ``FlushPlan``.
 """
 
@@ -46,6 +47,9 @@ from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility
 from topowatch.core.fib import Fib
 from topowatch.core.flow import NO_NAT, Binding, Egress, Flow, Ingress, NatKind, Prediction, Unknown
 from topowatch.core.model import IPAddress
+from topowatch.core.reason import Reason, ReasonCode, RuleLine, Way, rule_lines
+
+__all__ = ["Decider", "Decision", "FlushPlan", "Reason", "ReasonCode", "decide"]
 
 T = TypeVar("T")
 
@@ -55,19 +59,6 @@ Predictor = Callable[[Fib, Flow], Prediction]
 # a million distinct flows the memory stays bounded (classes need no such limit: their number
 # follows the configuration, not the traffic).
 FLOW_CACHE_LIMIT = 65_536
-
-
-class ReasonCode(enum.StrEnum):
-    """Why an entry is stale or undecided, as a word a program can count (``Decision.code``)."""
-
-    NULL_BINDING_NOW_NAT = "null_binding_now_nat"  # no NAT on that side, now it would be NATed
-    NAT_NOW_NONE = "nat_now_none"  # NATed, now that side would not be
-    SNAT_CHANGED = "snat_changed"  # source NATed to another address or port range now
-    DNAT_CHANGED = "dnat_changed"  # destination NATed elsewhere now
-    EGRESS_CHANGED_UNKNOWN_NAT = "egress_changed_unknown_nat"  # NAT unpredictable, egress moved
-    UNKNOWN_NAT = "unknown_nat"  # undecided: NAT unpredictable, no previous snapshot to compare
-    UNKNOWN_NAT_UNKNOWN_EGRESS = "unknown_nat_unknown_egress"  # undecided: egress unpredictable too
-    UNKNOWN_INGRESS = "unknown_ingress"  # undecided: healthy on one input interface, stale on another
 
 
 def unknown_code(prediction: Prediction, before: Prediction | None) -> ReasonCode | None:
@@ -102,14 +93,31 @@ def _code_of(side: str, null_binding: bool, none_now: bool) -> ReasonCode:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """One entry's verdict: which side (``snat``/``dnat``), why (text) and why (``ReasonCode``)."""
+    """One entry's verdict and why (``Reason``): its side, bindings, code and text are the reason's."""
 
     entry: Entry
-    side: str
-    actual: Binding | None
-    expected: tuple[Binding, ...]
-    reason: str
-    code: str = ""
+    why: Reason
+
+    @property
+    def side(self) -> str:
+        return self.why.side
+
+    @property
+    def actual(self) -> Binding | None:
+        return self.why.actual
+
+    @property
+    def expected(self) -> tuple[Binding, ...]:
+        return self.why.expected
+
+    @property
+    def reason(self) -> str:
+        """The text a person reads (``Reason.render``)."""
+        return self.why.render()
+
+    @property
+    def code(self) -> str:
+        return self.why.code.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,33 +135,17 @@ class FlushPlan:
 
 @dataclass(frozen=True, slots=True)
 class _Judgement:
-    side: str
     stale: bool
     undecided: bool
-    actual: Binding | None
-    expected: tuple[Binding, ...]
-    reason: str
-    code: str = ""
+    why: Reason
 
-
-def _egress_text(egress: tuple[Egress, ...] | Unknown) -> str:
-    if isinstance(egress, Unknown):
-        return f"unknown ({egress.reason})"
-    if not egress:
-        return "none"
-    return " or ".join(e.describe() for e in egress)
-
-
-def _egress_sources(egress: tuple[Egress, ...]) -> str:
-    # Called only where both egresses describe alike but differ, so neither is empty.
-    return " or ".join(f"{e.describe()} (masquerade source {e.masquerade_source})" for e in egress)
+    @property
+    def side(self) -> str:
+        return self.why.side
 
 
 def _egress_key(egress: tuple[Egress, ...]) -> frozenset[tuple[object, ...]]:
     return frozenset((e.kind, e.oif, e.gateway, e.masquerade_source, e.xfrm) for e in egress)
-
-
-_WHAT = {"snat": "source", "dnat": "destination"}
 
 
 def _reading(entry: Entry, side: str) -> tuple[Binding | None, IPAddress, IPAddress, int, int]:
@@ -174,6 +166,11 @@ def _reading(entry: Entry, side: str) -> tuple[Binding | None, IPAddress, IPAddr
     return actual, original, translated, original_port, translated_port
 
 
+# What a stale side's reason takes from its prediction alone, by side (``_Compiled.texts``):
+# the expected bindings, sorted, and the rule lines.
+_Expected = tuple[tuple[Binding, ...], tuple[RuleLine, ...]]
+
+
 def _side(
     entry: Entry,
     side: str,
@@ -181,7 +178,7 @@ def _side(
     prediction: Prediction,
     before: Prediction | None,
     *,
-    texts: dict[str, tuple[str, tuple[Binding, ...], str]] | None = None,
+    texts: dict[str, _Expected] | None = None,
     ruleset_changed: bool = False,
 ) -> _Judgement | None:
     """Judge one side of an entry; ``texts`` caches what depends on the prediction alone.
@@ -190,41 +187,19 @@ def _side(
     unchanged egress does not say that an unpredictable NAT stayed the same.
     """
     actual, original, translated, original_port, translated_port = _reading(entry, side)
-    what = _WHAT[side]
     if actual is None:
         return None  # no NAT hook ran, yet the tuples differ (made by hand): nothing to judge
     if isinstance(predicted, Unknown):
-        now = _egress_text(prediction.egress)
         code = unknown_code(prediction, before)
-        if code is ReasonCode.UNKNOWN_NAT:
-            return _Judgement(
-                side, False, True, actual, (),
-                f"{what} NAT cannot be predicted: {predicted.reason}", ReasonCode.UNKNOWN_NAT,
-            )
-        if code is ReasonCode.UNKNOWN_NAT_UNKNOWN_EGRESS:
-            return _Judgement(
-                side, False, True, actual, (),
-                f"{what} NAT cannot be predicted ({predicted.reason}) and the egress is unknown",
-                ReasonCode.UNKNOWN_NAT_UNKNOWN_EGRESS,
-            )
-        if code is ReasonCode.EGRESS_CHANGED_UNKNOWN_NAT:
-            assert before is not None and not isinstance(before.egress, Unknown)
-            assert not isinstance(prediction.egress, Unknown)
-            was = _egress_text(before.egress)
-            if was == now:  # the same route, another address on it (a PPP reconnect): name the addresses
-                was, now = _egress_sources(before.egress), _egress_sources(prediction.egress)
-            return _Judgement(
-                side, True, False, actual, (),
-                f"{what} NAT cannot be predicted ({predicted.reason}), but the flow's egress changed "
-                f"from {was} to {now}", ReasonCode.EGRESS_CHANGED_UNKNOWN_NAT,
-            )
-        if ruleset_changed:
-            return _Judgement(
-                side, False, True, actual, (),
-                f"{what} NAT cannot be predicted ({predicted.reason}); the egress is the same, but the "
-                f"ruleset changed", ReasonCode.UNKNOWN_NAT,
-            )
-        return None  # egress unchanged, and the ruleset too: nothing says the entry went stale
+        if code is None and not ruleset_changed:
+            return None  # egress unchanged, and the ruleset too: nothing says the entry went stale
+        why = Reason(
+            code or ReasonCode.UNKNOWN_NAT, side, actual, original, translated, egress=prediction.egress,
+            egress_before=before.egress if before is not None else None, cause=predicted.reason,
+            ruleset_changed=code is None,
+        )
+        stale = code is ReasonCode.EGRESS_CHANGED_UNKNOWN_NAT
+        return _Judgement(stale, not stale, why)
     if not predicted:
         return None  # the flow would be dropped now: nothing to re-NAT
     dnat_side = side == "dnat"
@@ -233,26 +208,14 @@ def _side(
         return None
     cached = texts.get(side) if texts is not None else None
     if cached is None:
-        expected = tuple(sorted(predicted, key=lambda b: (b.kind.value, str(b.addr_lo), b.port_lo or 0)))
-        rules = f"; by {'; '.join(prediction.explain)}" if prediction.explain else ""
-        tail = (
-            f"{' or '.join(b.describe() for b in expected)} "
-            f"(egress {_egress_text(prediction.egress)}{rules})"
-        )
-        cached = (what, expected, tail)
+        cached = (_sorted(predicted), rule_lines(prediction.explain, prediction.rules))
         if texts is not None:
             texts[side] = cached
-    return _Judgement(
-        side, True, False, actual, cached[1],
-        f"{what} is {_translation(original, translated, actual)}, but now it would be {cached[2]}",
-        _stale_code(side, actual, cached[1]),
-    )
-
-
-def _translation(original: IPAddress, translated: IPAddress, actual: Binding) -> str:
-    if original == translated and actual.ports is None:
-        return f"{original} (no NAT)"
-    return f"{actual.describe()} ({original} -> {translated})"
+    expected, rules = cached
+    return _Judgement(True, False, Reason(
+        _stale_code(side, actual, expected), side, actual, original, translated, expected,
+        egress=prediction.egress, rules=rules,
+    ))
 
 
 # --- several alternatives (``Prediction.alternatives``) ---------------------------------
@@ -335,12 +298,6 @@ def _path(p: Prediction) -> str:
     return "?" if isinstance(egress, Unknown) else " or ".join(e.describe() for e in egress)
 
 
-def _label(p: Prediction) -> str:
-    key = _ingress_key(p)
-    where = "any interface" if key is None else key
-    return f"{where}, {_path(p)}" if len(p.egress if not isinstance(p.egress, Unknown) else ()) else where
-
-
 # Per input interface (None: any) of the previous snapshot: the paths that gave the entry its
 # bindings, and all its paths.
 _Then = dict[str | None, tuple[frozenset[str], frozenset[str]]]
@@ -397,34 +354,18 @@ def _refused(entry: Entry, alt: Prediction) -> str:
     return "dnat" if _side_admits(entry, "dnat", alt.dnat) is False else "snat"
 
 
-def _labels(alts: list[Prediction], limit: int = 4) -> str:
-    names = list(dict.fromkeys(_label(a) for a in alts))
-    text = "; ".join(names[:limit])
-    return text + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _bindings_text(predicted: frozenset[Binding] | Unknown) -> str:
-    if isinstance(predicted, Unknown):
-        return f"unknown ({predicted.reason})"
-    if not predicted:
-        return "dropped"
-    return " or ".join(b.describe() for b in _sorted(predicted))
-
-
 def _sorted(bindings: Iterable[Binding]) -> tuple[Binding, ...]:
     return tuple(sorted(bindings, key=lambda b: (b.kind.value, str(b.addr_lo), b.port_lo or 0)))
 
 
-def _gives(entry: Entry, alts: list[Prediction]) -> str:
-    """What each of ``alts`` would give the entry on its first refused side, for a reason."""
-    parts = []
-    for alt in alts[:4]:
-        side = _refused(entry, alt)
-        parts.append(f"by {_label(alt)} its {_WHAT[side]} would be "
-                     f"{_bindings_text(alt.dnat if side == 'dnat' else alt.snat)}")
-    if len(alts) > 4:
-        parts.append(f"and {len(alts) - 4} more")
-    return "; ".join(parts)
+def _way(alt: Prediction, entry: Entry | None = None) -> Way:
+    """``alt`` as a reason names it; with ``entry``, the first side it refuses and what it gives there."""
+    ingress = alt.ingress if isinstance(alt.ingress, Ingress) else None
+    if entry is None:
+        return Way(ingress, alt.egress)
+    side = _refused(entry, alt)
+    gives = alt.dnat if side == "dnat" else alt.snat
+    return Way(ingress, alt.egress, side, gives if isinstance(gives, Unknown) else _sorted(gives))
 
 
 def _joint_stale(entry: Entry, compiled: _Compiled, live: list[Prediction]) -> _Judgement:
@@ -441,11 +382,10 @@ def _joint_stale(entry: Entry, compiled: _Compiled, live: list[Prediction]) -> _
     actual, original, translated, _, _ = _reading(entry, side)
     assert actual is not None
     expected = _sorted(_live_bindings(live, side))
-    return _Judgement(
-        side, True, False, actual, expected,
-        f"{_WHAT[side]} is {_translation(original, translated, actual)}, and no way it may have come in and "
-        f"gone out gives it its bindings now: {_gives(entry, live)}", _stale_code(side, actual, expected),
-    )
+    return _Judgement(True, False, Reason(
+        _stale_code(side, actual, expected), side, actual, original, translated, expected,
+        ways=tuple(_way(a, entry) for a in live),
+    ))
 
 
 def _live_bindings(live: list[Prediction], side: str) -> frozenset[Binding]:
@@ -464,27 +404,14 @@ def _joint_expected(prediction: Prediction, side: int) -> frozenset[Binding]:
     return union
 
 
-_OLDER = {
-    "snapshot": "it may be older and have got them where the previous state gave them",
-    "none": "with no previous snapshot it may as well be older and have got them another way",
-    "older": "made before its NAT hook had a chain it may be older than the previous snapshot, and have "
-             "got them another way",
-}
-
-
-def _undecided_alternatives(entry: Entry, prediction: Prediction, keep: list[Prediction],
-                            risk: list[Prediction], why: str = "snapshot") -> _Judgement:  # fmt: skip
+def _undecided_alternatives(entry: Entry, keep: list[Prediction], risk: list[Prediction],
+                            history: str = "snapshot") -> _Judgement:  # fmt: skip
     side = _refused(entry, risk[0])
     actual, original, translated, _, _ = _reading(entry, side)
-    how = f"by {_labels(keep)} it keeps its bindings"
-    text = _translation(original, translated, actual) if actual is not None else "not translated"
-    older = _OLDER[why]
-    return _Judgement(
-        side, False, True, actual, (),
-        f"{_WHAT[side]} is {text}: {how}, but {older}, and then {_gives(entry, risk)}; "
-        "which way it came is not known",
-        ReasonCode.UNKNOWN_INGRESS,
-    )
+    return _Judgement(False, True, Reason(
+        ReasonCode.UNKNOWN_INGRESS, side, actual, original, translated,
+        keeps=tuple(_way(a) for a in keep), ways=tuple(_way(a, entry) for a in risk), history=history,
+    ))
 
 
 _ADDRESS_TYPES = (IPv4Address, IPv6Address, IPv4Network, IPv6Network)
@@ -570,8 +497,8 @@ class _Compiled:
     prediction: Prediction
     dnat: _Check
     snat: _Check
-    # Reason texts that depend on the prediction alone, by side (filled by ``_side``).
-    texts: dict[str, tuple[str, tuple[Binding, ...], str]] = field(default_factory=dict)
+    # What a stale side's reason takes from the prediction alone, by side (filled by ``_side``).
+    texts: dict[str, _Expected] = field(default_factory=dict)
     # The judgement of a side whose actual binding is "no NAT", by side, where
     # it is the same for every entry of the flow key (see ``Decider._side``).
     unnated: dict[str, _Judgement | None] = field(default_factory=dict)
@@ -1306,12 +1233,11 @@ class Decider:
         if risk:
             keep = [a for a, v in zip(live, verdicts, strict=True) if v is True]
             why = "none" if self.fib_before is None else "older" if older else "snapshot"
-            self._record(entry, _undecided_alternatives(entry, compiled.prediction, keep, risk, why))
+            self._record(entry, _undecided_alternatives(entry, keep, risk, why))
         return True
 
     def _record(self, entry: Entry, j: _Judgement) -> None:
-        decision = Decision(entry, j.side, j.actual, j.expected, j.reason, j.code)
-        (self.stale if j.stale else self.undecided).append(decision)
+        (self.stale if j.stale else self.undecided).append(Decision(entry, j.why))
 
     def _judge(
         self,
@@ -1331,17 +1257,15 @@ class Decider:
         # DNAT first: a stale destination already condemns the entry (SNAT is not looked at).
         dnat = self._side(entry, "dnat", compiled, before, kept[0])
         if dnat is not None and dnat.stale:
-            self.stale.append(Decision(entry, dnat.side, dnat.actual, dnat.expected, dnat.reason, dnat.code))
+            self.stale.append(Decision(entry, dnat.why))
             return
         snat = self._side(entry, "snat", compiled, before, kept[1])
         if snat is not None and snat.stale:
-            self.stale.append(Decision(entry, snat.side, snat.actual, snat.expected, snat.reason, snat.code))
+            self.stale.append(Decision(entry, snat.why))
             return
         chosen = next((j for j in (dnat, snat) if j is not None and j.undecided), None)
         if chosen is not None:
-            self.undecided.append(
-                Decision(entry, chosen.side, chosen.actual, chosen.expected, chosen.reason, chosen.code)
-            )
+            self.undecided.append(Decision(entry, chosen.why))
 
     def _record_entry(self, records: bytes, index: int) -> Entry:
         assert self.build is not None
@@ -1361,17 +1285,14 @@ class Decider:
             if stale and live and all(_alternative(entry, a) is False for a in live):
                 joint = _joint_stale(entry, compiled, live)
                 if joint.side == name:
-                    return Decision(entry, name, joint.actual, joint.expected, joint.reason, joint.code)
-            why = "judged stale by the compiled scan, but the reference judgement disagrees (a defect)"
-            return Decision(entry, name, None, (), why, "internal_disagreement")
+                    return Decision(entry, joint.why)
+            return _disagreement(entry, name, stale)
         predicted = prediction.dnat if name == "dnat" else prediction.snat
         before = self._before.get(self._slots[slot]) if isinstance(predicted, Unknown) else None
         judged = _side(entry, name, predicted, prediction, before, texts=compiled.texts)
         if judged is None or judged.stale != stale:  # never (test_ctscan compares both paths)
-            verdict = "stale" if stale else "undecided"
-            why = f"judged {verdict} by the compiled scan, but the reference judgement disagrees (a defect)"
-            return Decision(entry, name, None, (), why, "internal_disagreement")
-        return Decision(entry, name, judged.actual, judged.expected, judged.reason, judged.code)
+            return _disagreement(entry, name, stale)
+        return Decision(entry, judged.why)
 
     def _record_codes(self, records: bytes) -> list[str]:
         """The ``code`` of each record's Decision (``_stale_code``), without building it."""
@@ -1423,6 +1344,12 @@ class Decider:
             distinct_flows=len(self._now),
             predicted=self.predicted,
         )
+
+
+def _disagreement(entry: Entry, side: str, stale: bool) -> Decision:
+    """A record the compiled scan judged (``stale`` or undecided) that the reference does not (a defect)."""
+    verdict = "stale" if stale else "undecided"
+    return Decision(entry, Reason(ReasonCode.INTERNAL_DISAGREEMENT, side, verdict=verdict))
 
 
 def decide(

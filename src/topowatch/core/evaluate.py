@@ -62,7 +62,7 @@ from __future__ import annotations
 import itertools
 import math
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
 
@@ -78,6 +78,7 @@ from topowatch.core.flow import (
     Ingress,
     NatKind,
     Prediction,
+    RuleRef,
     Unknown,
     proto_name,
 )
@@ -158,6 +159,7 @@ class _Packet:
 class _Bound:
     binding: Binding
     reason: str
+    rule: RuleRef | None = None  # the rule that bound (``_Evaluator.hook`` names it)
 
     @property
     def value(self) -> object:
@@ -167,6 +169,7 @@ class _Bound:
 @dataclass(frozen=True, slots=True)
 class _Dropped:
     reason: str
+    rule: RuleRef | None = None  # the rule that dropped (None: a chain's policy)
 
     @property
     def value(self) -> object:
@@ -188,6 +191,7 @@ class _BoundAny:
 
     bindings: frozenset[Binding]
     reason: str
+    rule: RuleRef | None = None
 
     @property
     def value(self) -> object:
@@ -468,7 +472,7 @@ class _Evaluator:
             if step is None:
                 continue
             if isinstance(step, _Bound | _BoundAny | _Dropped):
-                return step
+                return replace(step, rule=RuleRef(chain.describe(), rule.handle, rule.text))
             if step.kind is VerdictKind.ACCEPT:
                 return None
             if step.kind is VerdictKind.RETURN:
@@ -946,6 +950,12 @@ def _addresses(lo: IPAddress, hi: IPAddress) -> Iterator[IPAddress]:
         yield make(value)
 
 
+def _rules_of(outcomes: Iterable[_Outcome]) -> tuple[RuleRef, ...]:
+    """The rules that made ``outcomes`` (bindings and drops), each once, in order."""
+    return tuple(dict.fromkeys(o.rule for o in outcomes
+                               if isinstance(o, _Bound | _BoundAny | _Dropped) and o.rule is not None))
+
+
 def _unknown_all(ingress: Ingress | None | Unknown, reason: str, explain: tuple[str, ...] = ()) -> Prediction:
     unknown = Unknown(reason)
     return Prediction(dnat=unknown, snat=unknown, egress=unknown, ingress=ingress, explain=explain)
@@ -1069,6 +1079,7 @@ def _either(preds: list[Prediction], why: str) -> Prediction:
         ingress=first.ingress,
         explain=(why, *dict.fromkeys(line for p in preds for line in p.explain)),
         alternatives=alternatives,
+        rules=tuple(dict.fromkeys(r for p in preds for r in p.rules)),
     )
 
 
@@ -1170,6 +1181,7 @@ def _predict_ordered(ruleset: NatRuleset, fib: Fib, flow: Flow, order: _Order | 
         ingress=ingress,
         explain=tuple(dict.fromkeys(explain)),
         alternatives=tuple(a for _, p in preds for a in (p.alternatives or (p,))),
+        rules=tuple(dict.fromkeys(r for _, p in preds for r in p.rules)),
     )
 
 
@@ -1273,7 +1285,7 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
     marked = _marks(ev, hook, plan.before, base, ingress=ingress, explain=explain)
     if isinstance(marked, _Dropped):
         dropped = (f"dropped at {hook.value}: {marked.reason}",)
-        return Prediction(frozenset(), frozenset(), (), ingress, dropped)
+        return Prediction(frozenset(), frozenset(), (), ingress, dropped, rules=_rules_of([marked]))
     base = marked
 
     # 1. DNAT side: prerouting, or output with the route chosen before DNAT as oif.
@@ -1295,17 +1307,19 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
         dnat_outcomes.append(outcome)
 
     dnat: set[Binding] = set()
+    named: list[_Outcome] = []  # the outcomes ``explain`` names, for their rules
     egresses: list[Egress] = []
     snat: set[Binding] = set()
     snat_unknown: Unknown | None = None
     # The SNAT side per path the flow may take (an unknown, or the bindings; none: dropped there).
     by_path: dict[Egress, set[Binding] | Unknown] = {}
     expanded = [
-        _Bound(b, o.reason) if isinstance(o, _BoundAny) else o
+        _Bound(b, o.reason, o.rule) if isinstance(o, _BoundAny) else o
         for o in dnat_outcomes
         for b in (sorted(o.bindings, key=str) if isinstance(o, _BoundAny) else [NO_NAT])
     ]
     for outcome in dict.fromkeys(expanded):
+        named.append(outcome)
         if isinstance(outcome, _Dropped):
             explain.append(f"dropped at {hook.value}: {outcome.reason}")
             continue
@@ -1317,12 +1331,14 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
         lo, hi = binding.translated(flow.dst)
         if int(hi) - int(lo) + 1 > MAX_DNAT_ADDRESSES:
             unknown = Unknown(f"dnat to {binding.addr_text}: too many addresses to route one by one")
-            return Prediction(frozenset(dnat), unknown, unknown, ingress, tuple(explain))
+            return Prediction(frozenset(dnat), unknown, unknown, ingress, tuple(explain),
+                              rules=_rules_of(named))
         dport = binding.ports or (flow.dport, flow.dport)
         for daddr in _addresses(lo, hi):
             packet = replace(base, daddr=daddr, dport=dport, dst_nat=_dst_nat(binding, flow))
             after = _marks(ev, hook, plan.after, packet, ingress=ingress, explain=explain)
             if isinstance(after, _Dropped):
+                named.append(after)
                 explain.append(f"dropped at {hook.value}: {after.reason}")
                 continue
             packet = after
@@ -1330,7 +1346,8 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
             egress = fib.egress(routed, ingress)
             if isinstance(egress, Unknown):
                 unknown = Unknown(f"route after dnat unknown: {egress.reason}")
-                return Prediction(frozenset(dnat), unknown, unknown, ingress, tuple(explain))
+                return Prediction(frozenset(dnat), unknown, unknown, ingress, tuple(explain),
+                                  rules=_rules_of(named))
 
             # 3. SNAT side, per egress.
             for routed_out in egress:
@@ -1354,6 +1371,7 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
                     by_path[out] = Unknown(f"snat unknown via {out.describe()}: {at_snat.reason}")
                     continue
                 if isinstance(at_snat, _Dropped):
+                    named.append(at_snat)
                     explain.append(f"dropped before {snat_hook.value} nat: {at_snat.reason}")
                     continue
                 nat_chains = ruleset.base_chains(snat_hook, flow.family)
@@ -1365,6 +1383,7 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
                         snat_unknown = Unknown(f"snat unknown via {out.describe()}: {result.reason}")
                     by_path[out] = Unknown(f"snat unknown via {out.describe()}: {result.reason}")
                     continue
+                named.append(result)
                 if isinstance(result, _Dropped):
                     explain.append(f"dropped at {side.hook.value}: {result.reason}")
                     continue
@@ -1374,11 +1393,12 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
                     path.update(_bindings(result))
                 explain.append(f"snat via {out.describe()}: {result.reason}")
     explained = tuple(dict.fromkeys(explain))
+    rules = _rules_of(named)
     paths: tuple[Prediction, ...] = ()
     if len(by_path) > 1:
         paths = tuple(
             Prediction(frozenset(dnat), found if isinstance(found, Unknown) else frozenset(found), (out,),
-                       ingress, explained)
+                       ingress, explained, rules=rules)
             for out, found in by_path.items()
         )
     return Prediction(
@@ -1388,4 +1408,5 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
         ingress=ingress,
         explain=explained,
         alternatives=paths,
+        rules=rules,
     )

@@ -628,7 +628,7 @@ class Fib:
                 return Resolution(answer, rule)
             if isinstance(answer, _Reject):
                 kind = _REJECT_KINDS[answer.route.type]
-                reject = Egress(kind, route=self._route_text(answer.route))
+                reject = Egress(kind, route=self._route_text(answer.route), prefix=answer.route.dst)
                 return self._fallback_oif(q, Resolution((reject,), rule, answer.route))
             suppressed = self._suppressed(rule, answer)
             if isinstance(suppressed, Unknown):
@@ -814,7 +814,7 @@ class Fib:
         if route.type in _UNMODELLED_TYPES:
             return Unknown(f"route {text}: type {route.type.name.lower()} is not modelled")
         if route.type == RouteType.LOCAL or (route.type == RouteType.BROADCAST and not q.output):
-            return (Egress(EgressKind.LOCAL, self._lo_index, LOOPBACK_NAME, route=text),)
+            return (Egress(EgressKind.LOCAL, self._lo_index, LOOPBACK_NAME, route=text, prefix=route.dst),)
         if not hit.nexthops:
             return Unknown(f"route {text} has no nexthop (nexthop objects are not modelled)")
         gateway_ok = route.type == RouteType.UNICAST
@@ -829,6 +829,7 @@ class Fib:
                     gateway,
                     self._masquerade_for(nh.oif, gateway, q.dst),
                     text,
+                    prefix=route.dst,
                 )
             )
         # Equal-metric alternatives can come from other routes of the prefix: keep each once.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from topowatch.core.model import AF_INET, IPAddress
+from topowatch.core.model import AF_INET, IPAddress, IPNetwork
 
 IPPROTO_ICMP = 1
 IPPROTO_TCP = 6
@@ -124,6 +124,8 @@ class Egress:
     route: str = ""
     # The xfrm out policy that puts the flow in IPsec (or blocks it) on this egress, "" if none.
     xfrm: str = ""
+    # The prefix of the route (``route`` words it), None where no route answered (a rule, no route).
+    prefix: IPNetwork | None = None
 
     def describe(self) -> str:
         if self.kind is not EgressKind.UNICAST:
@@ -223,6 +225,23 @@ NO_NAT = Binding(NatKind.NONE)
 
 
 @dataclass(frozen=True, slots=True)
+class RuleRef:
+    """A ruleset rule that made a binding or a drop: its chain (``Chain.describe``), handle and text.
+
+    ``handle`` is the nft rule handle; an iptables-save reader numbers a chain's rules
+    from 1 instead (it shows no handles); 0 where the reader kept none.
+    """
+
+    chain: str
+    handle: int
+    text: str
+
+    def __str__(self) -> str:
+        """The words ``NatRuleset.describe_rule`` gives the rule (in reasons and ``explain``)."""
+        return f"{self.chain} handle {self.handle}: {self.text}"
+
+
+@dataclass(frozen=True, slots=True)
 class Prediction:
     """What NAT a flow would get now.
 
@@ -244,3 +263,5 @@ class Prediction:
     # Which rules made the bindings, one line each, for reasons ("chain postrouting: oifname up2 masquerade").
     explain: tuple[str, ...] = ()
     alternatives: tuple[Prediction, ...] = ()
+    # The rules ``explain`` names (bindings and drops), each once, in the order first named.
+    rules: tuple[RuleRef, ...] = ()
