@@ -332,3 +332,70 @@ async def test_the_startup_sweep_reads_the_classes_and_fib_made_before_ready(
         assert reactor.totals.reactions == 1  # the sweep
         nursery.cancel_scope.cancel()
     assert builds == {"classes": 1, "tables": 1}
+
+
+def dump_message(e: Entry, seq: int) -> bytes:
+    """A message shaped like the kernel's dump output for ``e`` (as ``tests/edges/test_ctcodec.py``)."""
+    from topowatch.edges import ctcodec as c
+
+    attrs = [(1, c.encode_tuple(c.CTA_TUPLE_ORIG, e.family, e.proto, e.orig)),
+             (2, c.encode_tuple(c.CTA_TUPLE_REPLY, e.family, e.proto, e.reply)),
+             (3, c.nla(c.CTA_STATUS, c.be32(e.status))), (7, c.nla(c.CTA_TIMEOUT, c.be32(600))),
+             (8, c.nla(c.CTA_MARK, c.be32(e.mark))), (12, c.nla(c.CTA_ID, c.be32(e.id)))]  # fmt: skip
+    return c.encode_message(c.IPCTNL_MSG_CT_NEW, c.NLM_F_MULTI, seq, e.family, attrs)
+
+
+class EarlyBackend(Backend):
+    """A compiled scan of the table (stale entries become records), whose "early deletes" take the
+    first stale record while the dump runs, as ``KernelBackend`` with ``edges.overlap`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table += [entry("192.0.2.9", 1003), entry("192.0.2.10", 1004)]
+        self.early_deleted: list[Entry] = []
+        self.offered: list[Any] = []
+
+    async def judge(self, eligibility: Eligibility, decider: Callable[[Any], Decider], early: Any = None) -> Decider:
+        from topowatch.edges import ctcodec as c
+
+        self.dumps += 1
+        self.offered.append(early)
+        judging = decider(c.entry_from_raw)
+        parser = c.DumpParser(seq=9, skip_replied=True, sink=judging.add_raw)
+        parser.settle = judging
+        parser.feed(b"".join(dump_message(e, 9) for e in self.table))
+        for e in parser.entries:
+            judging.add(e)
+        if early is not None and judging.records:
+            first = judging._record_entry(bytes(judging.records), 0)
+            self.early_deleted.append(first)
+            self.table = [e for e in self.table if e != first]
+            early.taken, early.counts = 1, DeleteCounts(deleted=1, window_p99=0.004)
+        return judging
+
+
+@pytest.mark.skipif(__import__("topowatch.edges.ctcodec").edges.ctcodec._ctscan is None, reason="no compiled scan")
+async def test_the_tail_deletes_what_the_early_deletes_left_and_the_counts_add_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = EarlyBackend()
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery, max_deletions=100)
+        assert backend.offered[-1] is not None and backend.offered[-1].cap == 100  # all flush, no dry run
+        await route_event(backend, MOVED)
+        nursery.cancel_scope.cancel()
+    moved = {IPv4Address(f"192.0.2.{n}") for n in (7, 8, 9, 10)}
+    assert len(backend.early_deleted) == 1 and backend.early_deleted[0].orig.dst in moved
+    # The tail got the other three, never the one deleted early.
+    assert {e.orig.dst for e in backend.deleted} == moved - {backend.early_deleted[0].orig.dst}
+    last = reactor.reactions[-1]
+    assert last.deleted.deleted == 4 and last.deleted.window_p99 == 0.004 and reactor.judged_all
+
+
+async def test_no_early_deletes_under_a_dry_run(autojump_clock: trio.testing.MockClock) -> None:
+    backend = EarlyBackend()
+    async with trio.open_nursery() as nursery:
+        await started(backend, nursery, dry_run=True)
+        await route_event(backend, MOVED)
+        nursery.cancel_scope.cancel()
+    assert backend.offered and all(o is None for o in backend.offered) and backend.early_deleted == []
