@@ -899,8 +899,8 @@ class Reactor:
             deleted = _sum_counts(deleted, await self.backend.delete(to_delete, still_stale(selection)))
             timings["delete"] = clock() - mark
             timings["window"] = clock() - dumped
-        elif early_counts is not None and early_counts.deleted:
-            timings["delete"] = early_counts.elapsed  # all of it overlapped the dump
+        if early_counts is not None and early_counts.deleted:
+            timings["overlapped deletes"] = early_counts.elapsed  # inside "dump+decide": their own time
         change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
         self.t0, self.ruleset_t0 = t1, ruleset
         self._sweep_pending = False

@@ -329,7 +329,7 @@ class KernelBackend:
             finally:
                 ct.after_burst = None
             early.taken, results = await trio.to_thread.run_sync(overlap.finish, judged)
-            early.counts = _counts(results, time.monotonic() - (overlap.first_at or time.monotonic()))
+            early.counts = _counts(results, overlap.busy)
             if overlap.stopped and overlap.error is None:
                 early.why_not = "stopped: the ruleset moved during the dump"
         self._dumped_at = time.monotonic()

@@ -69,6 +69,7 @@ class Overlap:
         self._done: dict[int, int] = {}  # id(consumer) -> bytes of its records handled
         self._keep: list[object] = []  # the consumers handed from (their ids stay theirs)
         self.first_at: float | None = None
+        self.busy = 0.0  # seconds spent in deletes (their own cost, not the waits between them)
         self._thread = threading.Thread(target=self._run, name="topowatch-ct-overlap", daemon=True)
         self._thread.start()
 
@@ -99,10 +100,12 @@ class Overlap:
                 if not self.go():
                     self.stopped = True
                     continue
+                began = time.perf_counter()
                 if self.first_at is None:
-                    self.first_at = time.perf_counter()
+                    self.first_at = began
                 pending = StaleEntries((), chunk, _builder(entry, chunk))
                 self.results.append(self.ct.delete_current(pending, self.still))
+                self.busy += time.perf_counter() - began
                 self._done[id(consumer)] = end
             except (TopowatchError, OSError) as exc:
                 self.error = exc
