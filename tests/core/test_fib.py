@@ -347,7 +347,7 @@ ROUTE_CASES = [
         MAIN,
         (),
         "224.0.0.5",
-        "unknown: multicast destination 224.0.0.5 is not modelled",
+        "unknown: a multicast destination is not modelled",
     ),
     Case(
         "route without nexthop is unknown",
@@ -804,10 +804,10 @@ def test_ingress_reverse_path_follows_rules_as_locally_generated() -> None:
             (*MAIN, R("10.0.0.0/8", nhs=((WAN, "203.0.113.1"), (LAN, "192.168.1.9")))),
             (),
             0,
-            "reverse path of 10.1.1.1 is multipath (dev wan, dev lan)",
+            "the reverse path of the source is multipath (dev wan, dev lan)",
         ),
-        ((R("10.0.0.0/8", type=RouteType.UNREACHABLE),), (), 0, "no reverse path to 10.1.1.1: unreachable"),
-        (MAIN, rules_with(rule(100, fwmark=1, table=100)), None, "reverse path of 10.1.1.1: rule 100"),
+        ((R("10.0.0.0/8", type=RouteType.UNREACHABLE),), (), 0, "no reverse path to the source: unreachable"),
+        (MAIN, rules_with(rule(100, fwmark=1, table=100)), None, "the reverse path of the source: rule 100"),
     ],
 )
 def test_ingress_unknown(

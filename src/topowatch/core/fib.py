@@ -379,16 +379,16 @@ class Fib:
             return self._local_ingress()
         answer = self.lookup(flow.src, src=flow.dst, mark=flow.packet_mark, tos=None)
         if isinstance(answer, Unknown):
-            return Unknown(f"reverse path of {flow.src}: {answer.reason}")
+            return Unknown(f"the reverse path of the source: {answer.reason}")
         if any(e.kind is EgressKind.LOCAL for e in answer):
             return self._local_ingress()
         rejects = [e for e in answer if e.kind is not EgressKind.UNICAST]
         if rejects:
-            return Unknown(f"no reverse path to {flow.src}: {rejects[0].describe()}")
+            return Unknown(f"no reverse path to the source: {rejects[0].describe()}")
         oifs = sorted({(e.oif, e.oifname) for e in answer})
         if len(oifs) > 1:
             devs = ", ".join(f"dev {name}" for _, name in oifs)
-            return Unknown(f"reverse path of {flow.src} is multipath ({devs})")
+            return Unknown(f"the reverse path of the source is multipath ({devs})")
         oif, name = oifs[0]
         return Ingress(oif, name)
 
@@ -444,7 +444,7 @@ class Fib:
             for mark, strict in checks:
                 answer = reverse(mark)
                 if isinstance(answer, Unknown):
-                    return Unknown(f"reverse path of {flow.src}: {answer.reason}")
+                    return Unknown(f"the reverse path of the source: {answer.reason}")
                 if any(e.kind is EgressKind.LOCAL for e in answer):
                     return (self._local_ingress(),), "locally generated"
                 if not answer or any(e.kind is not EgressKind.UNICAST for e in answer):
@@ -459,7 +459,7 @@ class Fib:
                 if netfilter_rpf:
                     why.add("netfilter reverse-path drop")
         if not accepted:
-            return Unknown(f"no interface accepts a packet from {flow.src} (reverse-path filtering)")
+            return Unknown("no interface accepts a packet from the source (reverse-path filtering)")
         if len(groups) > 1:
             accepted.sort(key=lambda i: self._receiver_order[i.ifindex])
         return tuple(accepted), ", ".join(sorted(why))
@@ -592,7 +592,7 @@ class Fib:
     def _resolve_uncached(self, q: _Query) -> Resolution:
         family = family_of(q.dst)
         if q.dst.is_multicast:
-            return Resolution(Unknown(f"multicast destination {q.dst} is not modelled"))
+            return Resolution(Unknown("a multicast destination is not modelled"))
         if q.dst == _LIMITED_BROADCAST:
             return Resolution(Unknown("limited broadcast destination is not modelled"))
         rules = self._rules[family]
