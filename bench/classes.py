@@ -243,11 +243,14 @@ def route_events(topo: Topology, rs: NatRuleset, count: int) -> None:
         set(zip(rebuilt.src[2].classes, classifier.src[2].classes, strict=True))) == rebuilt.src[2].count
     print(f"  the last classifier built from scratch instead: {seconds:.3f} s; "
           f"{'the same classes' if same else 'DIFFERENT CLASSES'}; {describe(rebuilt)}")
-    mean = statistics.mean(total_cpu)
+    # The whole path: the event applied to the kept topology and its snapshot, the classifier
+    # carried over, its packed tables (``impact``, beside it in a reaction, is shown above).
+    whole_cpu = [a + b for a, b in zip(cpu["event"], total_cpu, strict=True)]
+    mean = statistics.mean(whole_cpu)
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"{'PASS' if mean < 0.001 else 'FAIL'}  route event to updated classifier < 1 ms on average: "
-          f"{mean * 1e3:.3f} ms CPU, {statistics.mean(total) * 1e3:.3f} ms wall (classifier and packed; "
-          f"load average {load}, {os.cpu_count()} CPUs)")
+          f"{mean * 1e3:.3f} ms CPU, {statistics.mean(whole) * 1e3:.3f} ms wall (event and snapshot, "
+          f"classifier and packed; load average {load}, {os.cpu_count()} CPUs)")
     unused = replace(before, routes=(*before.routes, Route(ip_network("198.18.0.0/15"), table=100,
                                                            nexthops=(HOPS[1],))))  # fmt: skip
     t, scope = timed(lambda: impact(before, unused, rs))

@@ -59,7 +59,7 @@ from topowatch.core import flow as core_flow
 from topowatch.core import model as core_model
 from topowatch.core import nat as core_nat
 from topowatch.core import xfrm as core_xfrm
-from topowatch.core.model import PolicyRule, Topology
+from topowatch.core.model import PolicyRule, RouteList, Topology
 from topowatch.core.nat import NatRuleset
 from topowatch.errors import TopowatchError
 from topowatch.trust import default_trusted_uids, directory_problem, trust_problem
@@ -259,6 +259,8 @@ class _Encoder:
         cls = type(value)
         if isinstance(value, tuple):
             return "[" + ",".join(map(self.encode, value)) + "]"
+        if isinstance(value, RouteList):  # a list of its routes; each chunk's text is kept apart
+            return "[" + ",".join(t[1:-1] for t in map(self.encode, value.chunks) if t != "[]") + "]"
         if isinstance(value, enum.Enum):
             tag = _TAGS.get(cls)
             if tag is None:

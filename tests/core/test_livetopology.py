@@ -151,3 +151,65 @@ def test_route_changes_follow_the_lineage_of_snapshots() -> None:
             gone, came = changed_routes(older.routes, snapshots[-1].routes)
             assert (set(found[0]), set(found[1])) == (gone, came)
     assert route_changes(snapshots[-1].routes, snapshots[0].routes) is None  # not a descendant
+
+
+def test_snapshots_list_the_routes_in_the_order_a_dict_keeps_them_sharing_unchanged_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A snapshot's routes (``RouteList``) are the kept routes in insertion order (a replace keeps its
+    place, a route added again goes last), through holes and their closing up; chunks no event
+    touched are the previous snapshot's own."""
+    import random
+
+    from topowatch.core import livetopology
+    from topowatch.core.model import RouteList
+
+    monkeypatch.setattr(livetopology, "CHUNK", 4)  # many chunks, holes closed up often
+    rng = random.Random(5)
+    pool = [Route(ip_network(f"10.{i}.0.0/16"), nexthops=((UP1, UP2)[i % 2],)) for i in range(60)]
+    state = LiveTopology.seed(Topology(BASE.links, (), tuple(pool[:30])))
+    assert state is not None
+    expected = {r.dst: r for r in pool[:30]}  # what a dict in insertion order holds
+    before: RouteList | None = None
+    lists = 0
+    for step in range(600):
+        route = rng.choice(pool)
+        if rng.random() < 0.45:
+            if route.dst in expected:  # the route as kept (another one of its key is not followed)
+                assert state.apply("route", False, expected.pop(route.dst))
+        else:
+            new = Route(route.dst, nexthops=(rng.choice((UP1, UP2)),))
+            assert state.apply("route", True, new, 0x400 | NLM_F_REPLACE)
+            expected[route.dst] = new
+        if step % 3 == 0:
+            routes = state.snapshot().routes
+            if not isinstance(routes, RouteList):  # the seed's own tuple, until a route changes
+                assert routes is state._base.routes
+                continue
+            lists += 1
+            assert len(state._slots) <= 2 * len(expected) + 2 * 4  # holes are closed up: bounded
+            assert list(routes) == list(expected.values()) and routes == tuple(expected.values())
+            assert len(routes) == len(expected) and hash(routes) == hash(tuple(expected.values()))
+            assert [routes[i] for i in range(-len(routes), len(routes))] == list(expected.values()) * 2
+            if before is not None and len(before.chunks) == len(routes.chunks):
+                changed = sum(a is not b for a, b in zip(before.chunks, routes.chunks, strict=True))
+                assert changed <= 3  # at most three events since: three chunks rebuilt
+            before = routes
+    assert lists > 150
+
+
+def test_a_route_list_reads_as_the_tuple_of_its_routes() -> None:
+    import pickle
+
+    from topowatch.core.model import RouteList
+
+    a, b, c = R1, V6A, V6GW
+    routes = RouteList([(a,), (), (b, c), ()])
+    assert routes == (a, b, c) and (a, b, c) == routes and routes != (a, b) and routes != (a, c, b)
+    assert routes == RouteList([(a, b), (c,)]) and routes != RouteList([(a, b)])
+    assert routes[1:] == (b, c) and routes[-1] is c and routes[1] is b and routes + (a,) == (a, b, c, a)
+    assert pickle.loads(pickle.dumps(routes)) == routes
+    assert Topology(routes=routes).routes is routes and Topology(routes=routes) == Topology(routes=(a, b, c))
+    with pytest.raises(IndexError):
+        routes[3]
+    assert RouteList([]) == () and len(RouteList([(), ()])) == 0

@@ -40,7 +40,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from topowatch.core.model import AF_INET6, Address, Link, PolicyRule, Route, Topology
+from topowatch.core.model import AF_INET6, Address, Link, PolicyRule, Route, RouteList, Topology
 
 NLM_F_REPLACE = 0x100
 NLM_F_APPEND = 0x800
@@ -69,11 +69,13 @@ def base_key(route: Route) -> RouteKey:
 # parent's, {key: (route before, route after)}). Each entry holds its tuple, so an id is never
 # reused while it is here; the oldest go first (a reaction reads the last two).
 Changes = dict[RouteKey, tuple[Route | None, Route | None]]
-_LINEAGE: dict[int, tuple[tuple[Route, ...], tuple[Route, ...], Changes]] = {}
+# Routes per chunk of a snapshot's ``RouteList``: a route event rebuilds one chunk.
+CHUNK = 512
+_LINEAGE: dict[int, tuple[Sequence[Route], Sequence[Route], Changes]] = {}
 _LINEAGE_SIZE = 6
 
 
-def _descend(parent: tuple[Route, ...], child: tuple[Route, ...], changes: Changes) -> None:
+def _descend(parent: Sequence[Route], child: Sequence[Route], changes: Changes) -> None:
     while len(_LINEAGE) >= _LINEAGE_SIZE:
         _LINEAGE.pop(next(iter(_LINEAGE)), None)
     _LINEAGE[id(child)] = (child, parent, changes)
@@ -122,9 +124,16 @@ class LiveTopology:
     # The routes before their first change since the last snapshot, by key (None: absent then),
     # and the routes of that snapshot (the parent of the next one in ``route_changes``).
     _touched: dict[RouteKey, Route | None] = field(default_factory=dict)
-    _handed: tuple[Route, ...] | None = None
+    _handed: Sequence[Route] | None = None
     # The keys of the IPv6 routes per ``base_key`` (a replace looks them up: no table scan).
     _bases: dict[RouteKey, list[RouteKey]] = field(default_factory=dict)
+    # The routes in ``routes``' order, as slots (None: a route removed) in chunks of ``CHUNK``:
+    # a snapshot rebuilds only the chunks changed since the last one (``RouteList``).
+    _slot: dict[RouteKey, int] = field(default_factory=dict)
+    _slots: list[Route | None] = field(default_factory=list)
+    _chunks: list[tuple[Route, ...]] = field(default_factory=list)
+    _dirty: set[int] = field(default_factory=set)
+    _holes: int = 0
 
     @classmethod
     def seed(cls, topology: Topology) -> LiveTopology | None:
@@ -140,6 +149,7 @@ class LiveTopology:
         state._base = topology
         state._snapshot = topology
         state._handed = topology.routes
+        state._lay_out()
         for key, route in routes.items():
             if route.family == AF_INET6:
                 state._bases.setdefault(base_key(route), []).append(key)
@@ -152,7 +162,7 @@ class LiveTopology:
                 self._base,
                 links=tuple(self.links.values()),
                 addresses=tuple(self.addresses),
-                routes=tuple(self.routes.values()),
+                routes=self._route_list(),
                 rules=tuple(self.rules),
             )
             routes = self.routes
@@ -163,17 +173,52 @@ class LiveTopology:
             self._handed = self._snapshot.routes
         return self._snapshot
 
+    def _lay_out(self) -> None:
+        """The slots and chunks afresh from ``routes`` (its order; no holes)."""
+        routes = list(self.routes.values())
+        self._slots = list(routes)
+        self._slot = {key: i for i, key in enumerate(self.routes)}
+        self._chunks = [tuple(routes[i : i + CHUNK]) for i in range(0, len(routes), CHUNK)]
+        self._dirty.clear()
+        self._holes = 0
+
+    def _route_list(self) -> RouteList:
+        """The routes as a ``RouteList``: the chunks changed since the last one rebuilt, the others shared."""
+        if self._holes > CHUNK and self._holes * 2 > len(self._slots):
+            self._lay_out()  # mostly holes: closed up (order kept)
+        slots, chunks = self._slots, self._chunks
+        for c in sorted(self._dirty):
+            chunk = tuple(r for r in slots[c * CHUNK : (c + 1) * CHUNK] if r is not None)
+            if c < len(chunks):
+                chunks[c] = chunk
+            else:
+                chunks.extend(() for _ in range(c - len(chunks)))
+                chunks.append(chunk)
+        self._dirty.clear()
+        return RouteList(chunks)
+
     def _put(self, key: RouteKey, route: Route) -> None:
         """Set the route of ``key``, remembering the one the last snapshot had (``route_changes``)."""
         old = self.routes.get(key)
         self._touched.setdefault(key, old)
         self.routes[key] = route
+        slot = self._slot.get(key)
+        if slot is None:  # a new key goes last, as in ``routes``
+            slot = self._slot[key] = len(self._slots)
+            self._slots.append(route)
+        else:
+            self._slots[slot] = route
+        self._dirty.add(slot // CHUNK)
         if route.family == AF_INET6 and old is None:
             self._bases.setdefault(base_key(route), []).append(key)
         self._changed()
 
     def _drop(self, key: RouteKey) -> None:
         old = self.routes.pop(key)
+        slot = self._slot.pop(key)
+        self._slots[slot] = None
+        self._holes += 1
+        self._dirty.add(slot // CHUNK)
         self._touched.setdefault(key, old)
         if old.family == AF_INET6:
             keys = self._bases[base_key(old)]

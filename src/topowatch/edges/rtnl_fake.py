@@ -14,7 +14,7 @@ It never touches a kernel and never invents a change it was not given.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 
@@ -51,7 +51,7 @@ def change_events(t0: Topology, t1: Topology) -> list[RtnlEvent]:
     for link in t1.links:
         if link not in links0:
             added.append(one(EventKind.LINK, EventAction.NEW, link))
-    groups: tuple[tuple[EventKind, tuple[EventValue, ...], tuple[EventValue, ...]], ...] = (
+    groups: tuple[tuple[EventKind, Sequence[EventValue], Sequence[EventValue]], ...] = (
         (EventKind.ADDRESS, t0.addresses, t1.addresses),
         (EventKind.ROUTE, t0.routes, t1.routes),
         (EventKind.RULE, t0.rules, t1.rules),
