@@ -15,6 +15,7 @@ import pytest
 
 from topowatch.lab import Daemon, thread_switches
 from topowatch.netns import Namespace
+from topowatch.snapshots import WRITE_QUIET
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -55,7 +56,9 @@ def test_idle_daemon_threads_do_not_wake(netns: Namespace, tmp_path: Path) -> No
     with start(netns, rules_dir(tmp_path)) as daemon:
         assert daemon.wait_for("ready") is not None, daemon.lines
         assert daemon.wait_for("reaction 1 (startup sweep") is not None, daemon.lines
-        time.sleep(0.5)  # let the reaction's log write and thread hand-offs finish
+        # Let the reaction's log write and thread hand-offs finish, and the snapshot file's one
+        # write, WRITE_QUIET after the last new T0 (``snapshots.SnapshotWriter.run``).
+        time.sleep(0.5 + WRITE_QUIET + 1.0)
         pid = daemon.proc.pid
         before = thread_switches(pid)
         time.sleep(3.0)
