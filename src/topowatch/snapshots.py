@@ -585,14 +585,21 @@ class SnapshotWriter:
         worse than an undecided answer: a previous snapshot only ever turns an entry that some
         way in admits from undecided into healthy, never into stale (``core.decide``)."""
         task_status.started()
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            deadline = trio.current_time() + self.latest
-            while trio.current_time() < deadline:
-                with trio.move_on_after(min(self.quiet, deadline - trio.current_time())):
-                    await self._wake.wait()
-                    self._wake = trio.Event()
-                    continue  # a newer T0 came: wait for quiet again
-                break
-            await self.flush()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                deadline = trio.current_time() + self.latest
+                while trio.current_time() < deadline:
+                    with trio.move_on_after(min(self.quiet, deadline - trio.current_time())):
+                        await self._wake.wait()
+                        self._wake = trio.Event()
+                        continue  # a newer T0 came: wait for quiet again
+                    break
+                await self.flush()
+        finally:
+            # The daemon stops: its snapshots say nothing of what changes next (``plan`` would
+            # refuse them anyway, no daemon holding the namespace's lock); none is left behind.
+            if self.writes:
+                with contextlib.suppress(SnapshotError):
+                    remove(self.path)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 
 from topowatch.lab import Daemon
+from topowatch.snapshots import WRITE_QUIET
 
 from test_semantics_oracle import (  # isort: skip
     IIF_SNAT, POLICY_ROUTES, SERVER4, Gateway, kernel_verdict, translated_source, verdict,
@@ -69,6 +71,11 @@ def test_the_daemons_snapshot_decides_an_entry_whose_way_in_is_ambiguous(
         fresh = gateway.fresh("10.77.0.3", 41000, SERVER4, 53)
         assert translated_source(fresh) == "100.64.0.99"
         assert kernel_verdict(old, fresh) == "healthy"
+        # Written once T0 has stayed put for WRITE_QUIET (``SnapshotWriter.run``).
+        deadline = time.monotonic() + WRITE_QUIET + 10
+        while not (state.is_dir() and any(state.iterdir())) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # the rename done
         files = list(state.iterdir())
         assert [f.name.startswith("snapshots-") for f in files] == [True], files
         assert files[0].stat().st_mode & 0o777 == 0o600
@@ -87,7 +94,8 @@ def test_the_daemons_snapshot_decides_an_entry_whose_way_in_is_ambiguous(
         named = plan(gateway, "--previous", str(files[0]))
         assert named["previous"]["source"] == "file" and verdict(named, "10.77.0.3", 5060) == "healthy"
         assert daemon.stop() == 0, daemon.lines
-    # The daemon is gone: its file says nothing of what changes next, and is not used.
+    # The daemon is gone, and its file with it (it says nothing of what changes next).
+    assert list(state.iterdir()) == []
     after = plan(gateway, "--state-dir", str(state))
-    assert after["previous"]["snapshot"] is None and "no daemon runs" in after["previous"]["why"], after
+    assert after["previous"]["snapshot"] is None and "does not exist" in after["previous"]["why"], after
     assert verdict(after, "10.77.0.3", 5060) == "undecided", after
