@@ -390,6 +390,8 @@ async def test_the_tail_deletes_what_the_early_deletes_left_and_the_counts_add_u
     assert {e.orig.dst for e in backend.deleted} == moved - {backend.early_deleted[0].orig.dst}
     last = reactor.reactions[-1]
     assert last.deleted.deleted == 4 and last.deleted.window_p99 == 0.004 and reactor.judged_all
+    # Every stale entry flushes: none is "logged only" (the early deletes' are not either).
+    assert last.logged_only == 0 and "logged only" not in last.summary()
 
 
 async def test_no_early_deletes_under_a_dry_run(autojump_clock: trio.testing.MockClock) -> None:

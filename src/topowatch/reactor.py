@@ -923,7 +923,7 @@ class Reactor:
             latency=clock() - (burst.first if burst.count else start),
             timings=timings,
             policies=selection.names(),
-            logged_only=len(plan.stale) - len(to_delete),
+            logged_only=len(plan.stale) - taken - len(to_delete),  # the early deletes took `taken`
         )
         return self._record(reaction, selection)
 
