@@ -390,6 +390,8 @@ async def test_the_tail_deletes_what_the_early_deletes_left_and_the_counts_add_u
     assert {e.orig.dst for e in backend.deleted} == moved - {backend.early_deleted[0].orig.dst}
     last = reactor.reactions[-1]
     assert last.deleted.deleted == 4 and last.deleted.window_p99 == 0.004 and reactor.judged_all
+    # Every stale entry flushes: none is "logged only" (the early deletes' are not either).
+    assert last.logged_only == 0 and "logged only" not in last.summary()
 
 
 async def test_no_early_deletes_under_a_dry_run(autojump_clock: trio.testing.MockClock) -> None:
@@ -399,3 +401,41 @@ async def test_no_early_deletes_under_a_dry_run(autojump_clock: trio.testing.Moc
         await route_event(backend, MOVED)
         nursery.cancel_scope.cancel()
     assert backend.offered and all(o is None for o in backend.offered) and backend.early_deleted == []
+
+
+class MovingRulesetBackend(EarlyBackend):
+    """Early deletes take the first stale record, then a NAT ruleset commit arrives before the dump
+    ends: the reaction decides nothing more (the tail must not run on the old ruleset)."""
+
+    async def judge(self, eligibility: Eligibility, decider: Callable[[Any], Decider], early: Any = None) -> Decider:
+        before = len(self.early_deleted)
+        judging = await super().judge(eligibility, decider, early)
+        if len(self.early_deleted) > before:
+            self.ruleset_value = parse_ruleset_json({"nftables": [
+                {"table": {"family": "ip", "name": "nat", "handle": 1}},
+            ]})  # fmt: skip
+            await self.send.send(Trigger("nftables", "ruleset changed", kind="ruleset"))
+            for _ in range(5):
+                await trio.sleep(0)  # the source task pushes it: the reactor counts a ruleset change
+        return judging
+
+
+@pytest.mark.skipif(__import__("topowatch.edges.ctcodec").edges.ctcodec._ctscan is None, reason="no compiled scan")
+async def test_a_reaction_stopped_by_a_ruleset_change_says_and_lists_what_its_early_deletes_did(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Its line must not say "nothing deleted", and each entry deleted early has its record (verb
+    "deleted") like any other deleted entry: the audit trail has no hole."""
+    backend = MovingRulesetBackend()
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery, max_deletions=100)
+        seen: list[Any] = []
+        reactor.reaction_hooks.append(seen.append)  # whole (the history keeps the last one whole)
+        await route_event(backend, MOVED)
+        skipped = next(r for r in seen if r.skipped is not None)
+        nursery.cancel_scope.cancel()
+    assert backend.deleted == [] and len(backend.early_deleted) == 1  # the tail did not run
+    assert skipped.deleted.deleted == 1 and "nothing deleted" not in skipped.summary()
+    assert "1 deleted while the dump ran" in skipped.summary()
+    assert [d.entry for d in skipped.plan.stale] == backend.early_deleted
+    assert sum(skipped.fields()["stale_by_code"].values()) == 1  # the codes of those records alone

@@ -56,6 +56,7 @@ from topowatch.core.classify import Classifier
 from topowatch.core.conntrack import Entry, Reread
 from topowatch.core.decide import (
     Decider,
+    Decision,
     EntryBuilder,
     FlushPlan,
     StaleDecisions,
@@ -466,8 +467,9 @@ class Reaction:
             what = what[:157] + "..."
         policy = f" [policy {self.policies}]" if self.policies != "default" else ""
         if self.skipped is not None:
-            return (f"reaction {self.number} ({what}){policy}: NOTHING DECIDED: {self.skipped}, "
-                    "nothing deleted")
+            done = self.deleted.deleted
+            return (f"reaction {self.number} ({what}){policy}: NOTHING {'MORE ' if done else ''}DECIDED: "
+                    f"{self.skipped}, {f'{done} deleted while the dump ran' if done else 'nothing deleted'}")
         took = f"{self.latency * 1000:.0f} ms incl. {self.debounce_wait() * 1000:.0f} ms debounce"
         if not self.dumped:
             return f"reaction {self.number} ({what}){policy}: {'; '.join(p.notes)}, nothing deleted, {took}"
@@ -889,8 +891,11 @@ class Reactor:
                 self._ruleset_changes != changes or not await self._ruleset_unchanged()):
             swapped = await self._ruleset_swapped(ruleset)
             if swapped is not None:
+                # The entries its early deletes handled are listed (each logged as any deleted one).
+                assert not taken or isinstance(plan.stale, StaleDecisions)
+                handled = plan.stale.first(taken) if isinstance(plan.stale, StaleDecisions) and taken else ()
                 undecided = self._undecided(burst, t1, selection, swapped, start=start, timings=timings,
-                                            deleted=deleted)
+                                            deleted=deleted, stale=handled)
                 return self._record(undecided, selection)
         if to_delete and not refused and not self.config.dry_run:
             if self.before_delete is not None:
@@ -923,7 +928,7 @@ class Reactor:
             latency=clock() - (burst.first if burst.count else start),
             timings=timings,
             policies=selection.names(),
-            logged_only=len(plan.stale) - len(to_delete),
+            logged_only=len(plan.stale) - taken - len(to_delete),  # the early deletes took `taken`
         )
         return self._record(reaction, selection)
 
@@ -972,17 +977,18 @@ class Reactor:
 
     def _undecided(
         self, burst: Burst, t1: Topology, selection: Selection, why: str, *, start: float,
-        timings: dict[str, float], deleted: DeleteCounts | None = None,
+        timings: dict[str, float], deleted: DeleteCounts | None = None, stale: Sequence[Decision] = (),
     ) -> Reaction:
         """A reaction that decides nothing more (``why``); T0 stays, so these changes are judged
-        later. ``deleted``: what deletes overlapping its dump did before it stopped."""
+        later. ``deleted``: what deletes overlapping its dump did before it stopped, ``stale`` the
+        entries they handled."""
         return self._without_dump(burst, t1, selection, why, start=start, timings=timings, skipped=why,
-                                  deleted=deleted)
+                                  deleted=deleted, stale=stale)
 
     def _without_dump(
         self, burst: Burst, t1: Topology, selection: Selection, note: str, *, start: float,
         timings: dict[str, float], dumped: bool = True, skipped: str | None = None,
-        deleted: DeleteCounts | None = None,
+        deleted: DeleteCounts | None = None, stale: Sequence[Decision] = (),
     ) -> Reaction:
         """A reaction that examined no entry: the change it saw, and ``note`` saying why."""
         change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
@@ -991,7 +997,7 @@ class Reactor:
             trigger=", ".join(burst.lines) or "request",
             events=burst.count,
             change=change,
-            plan=FlushPlan(examined=0, eligible=0, notes=(note,)),
+            plan=FlushPlan(examined=0, eligible=0, stale=stale, notes=(note,)),
             deleted=deleted if deleted is not None else DeleteCounts(),
             refused=False,
             dry_run=self.config.dry_run,

@@ -205,9 +205,9 @@ def test_a_route_list_reads_as_the_tuple_of_its_routes() -> None:
 
     a, b, c = R1, V6A, V6GW
     routes = RouteList([(a,), (), (b, c), ()])
-    assert routes == (a, b, c) and (a, b, c) == routes and routes != (a, b) and routes != (a, c, b)
+    assert routes == (a, b, c) and (a, b, c) == routes and routes != (a, b) and routes != (a, c, b)  # noqa: PLR1714 (each operator)
     assert routes == RouteList([(a, b), (c,)]) and routes != RouteList([(a, b)])
-    assert routes[1:] == (b, c) and routes[-1] is c and routes[1] is b and routes + (a,) == (a, b, c, a)
+    assert routes[1:] == (b, c) and routes[-1] is c and routes[1] is b and routes + (a,) == (a, b, c, a)  # noqa: RUF005 (its +)
     assert pickle.loads(pickle.dumps(routes)) == routes
     assert Topology(routes=routes).routes is routes and Topology(routes=routes) == Topology(routes=(a, b, c))
     with pytest.raises(IndexError):

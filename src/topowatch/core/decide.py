@@ -899,6 +899,13 @@ class StaleDecisions(_Lazy[Decision]):
         size = STALE_RECORD.size
         return {d.entry.proto for d in self.head} | set(self.records[1::size])
 
+    def first(self, count: int) -> StaleDecisions:
+        """The decisions of the first ``count`` records alone (those deletes overlapping the dump
+        handled: ``StaleEntries.skipping``'s other part)."""
+        codes = self._codes
+        return StaleDecisions((), self.records[: count * STALE_RECORD.size], self._build, self._entry,
+                              lambda: codes()[:count])
+
     def entries(self) -> StaleEntries:
         """The decisions' entries; the records stay records until read (also once the decisions
         were built: the delete reads records in C, and ``StaleEntries.skipping`` counts them)."""

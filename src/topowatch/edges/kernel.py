@@ -323,12 +323,21 @@ class KernelBackend:
             ct.after_burst = overlap.feed
             try:
                 judged = await trio.to_thread.run_sync(scan)
+                early.taken, results = await trio.to_thread.run_sync(overlap.finish, judged)
             except BaseException:
-                await trio.to_thread.run_sync(overlap.abandon)
+                # Stopped before any checkpoint, then waited for (shielded): a cancelled reaction
+                # (the scan's thread ends, the next checkpoint raises) must leave no queued record
+                # to be deleted behind its back, nor a thread on the second socket.
+                overlap.stopped = True
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(overlap.abandon)
+                done = sum(r.deleted for r in overlap.results)
+                if done:
+                    log.warning("%d entries deleted while the dump ran, before the reaction failed "
+                                "(each re-checked; no reaction counts them)", done)
                 raise
             finally:
                 ct.after_burst = None
-            early.taken, results = await trio.to_thread.run_sync(overlap.finish, judged)
             early.counts = _counts(results, overlap.busy)
             if overlap.stopped and overlap.error is None:
                 early.why_not = "stopped: the ruleset moved during the dump"

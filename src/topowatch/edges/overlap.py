@@ -111,6 +111,11 @@ class Overlap:
                 self.error = exc
                 self.stopped = True
                 log.warning("deletes overlapping the dump stopped: %s; the rest waits for its end", exc)
+            except Exception as exc:  # a defect: not the thread's silent end (the rest is the tail's)
+                self.error = exc
+                self.stopped = True
+                log.exception("deletes overlapping the dump stopped by an unexpected error; the rest "
+                              "waits for its end")
 
     def finish(self, consumer: object) -> tuple[int, list[DeleteResult]]:
         """Wait for the handed records to be handled: (records of ``consumer`` handled, results)."""
