@@ -810,6 +810,137 @@ def _connmark_copy(opts: list[_Option], text: str) -> MarkCopy:
 
 
 # ---------------------------------------------------------------------------
+# The common line shapes, read without splitting them into words
+#
+# iptables-save prints most NAT rules in a few shapes: ``-A CHAIN [-s A] [-d A]
+# [-i IF] [-o IF] [-p P] [-m tcp|udp [--sport N] [--dport N]] [-m comment
+# --comment C] [-j TARGET [--option [ARG ...]] ...]``, one space between words,
+# no word quoted but the comment, no ``!``. Such a line is matched whole by
+# ``_FAST_LINE`` (in ``_read_lines``) and kept as its match; ``_fast_rules``
+# builds from it exactly the rules the word-by-word path (``_rules``) builds,
+# the same functions reading each part, and hands anything else (a user chain
+# named like a NAT target, a long option the word path would read as a base
+# option, a port range) to that path. A word in the shapes holds only
+# printable ASCII without quotes or backslashes, so the words are the line's
+# own and the rule's text is the line (its comment quoted as ``_quote`` would).
+
+_WORD = r"[\x21\x23-\x26\x28-\x5b\x5d-\x7e]"  # printable ASCII but space, quotes and backslash
+_ARG = rf"[\x23-\x26\x28-\x2c\x2e-\x5b\x5d-\x7e]{_WORD}*"  # a word not starting with "-" or "!"
+_FAST_LINE = re.compile(
+    rf"-A ({_ARG})(?: -s ({_ARG}))?(?: -d ({_ARG}))?(?: -i ({_ARG}))?(?: -o ({_ARG}))?(?: -p ({_ARG}))?"
+    r"(?: -m (tcp|udp)(?: --sport ([0-9]{1,5}))?(?: --dport ([0-9]{1,5}))?)?"
+    rf"(?: -m comment --comment (\"(?:[^\"\\'!-][^\"\\']*)?\"|{_ARG}))?"
+    rf"(?: -j ({_ARG})((?: --[a-z][a-z-]*(?: {_ARG})*)*))?"
+)
+_FAST_GROUP_COMMENT = 10
+_PORT_KEYS = {"tcp": 6, "udp": 17}
+
+
+@functools.lru_cache(maxsize=256)
+def _fast_proto(arg: str) -> tuple[int | None, tuple[Expression, ...]]:
+    """``-p ARG`` as ``_tokens_to_rule`` reads it: the rule's protocol and the base expressions it adds."""
+    parsed = _ParsedRule("")
+    proto = _proto_or_unknown(arg, False, parsed)
+    return proto, tuple(parsed.base)
+
+
+@functools.lru_cache(maxsize=1024)
+def _point(value: int) -> IntervalSet:
+    return IntervalSet(((value, value),))
+
+
+def _fast_ports(module: str, sport: str | None, dport: str | None, proto: int | None,
+                family: int) -> list[Expression]:
+    """``-m tcp|udp [--sport N] [--dport N]``: one match per option, as ``_port_module`` builds it."""
+    number = _PORT_KEYS[module]
+    out: list[Expression] = []
+    for key, flag, value in ((Key.SPORT, "--sport", sport), (Key.DPORT, "--dport", dport)):
+        if value is None:
+            continue
+        port = int(value)
+        if port > 0xFFFF:  # what the word path makes of it (an unknown match)
+            opts = [_Option(f, [v], False) for f, v in (("--sport", sport), ("--dport", dport)) if v is not None]
+            parsed = _ParsedRule("", proto=proto)
+            return _module(_Module(module, opts), parsed, family, None)
+        text = f"-m {module} {flag} {value}"
+        out.append(Match(Selector(key, text, proto=number), Op.EQ, _point(port), text))
+    return out
+
+
+def _fast_target(name: str, options: str, family: int, chains: set[str]) -> list[Expression] | None:
+    """``-j NAME OPTIONS`` as ``_target`` reads it; None if the word path would read the words otherwise."""
+    opts: list[_Option] = []
+    for word in options.split(" ")[1:] if options else ():
+        if word.startswith("--"):
+            if word in _BASE_SHORT:
+                return None  # ``-j X --jump Y``: the word path ends the target there
+            opts.append(_Option(word, [], False))
+        else:
+            opts[-1].args.append(word)
+    parsed = _ParsedRule("", target=_Module(name, opts))
+    return _target(parsed, family, chains)
+
+
+def _fast_nat(name: str, options: str, family: int) -> list[Expression] | None:
+    """``-j SNAT --to-source X`` / ``-j DNAT --to-destination X``, read as ``_target`` would; None otherwise."""
+    flag, _, arg = options[1:].partition(" ")
+    if flag != ("--to-source" if name == "SNAT" else "--to-destination") or not arg or " " in arg:
+        return None
+    try:
+        addr, ports = _nat_range(arg, family)
+        if addr is None and name == "SNAT":
+            return None
+        text = f"-j {name}{options}"
+        return [NatStatement(NatKind.SNAT if name == "SNAT" else NatKind.DNAT, text, family, addr, ports)]
+    except (_NotModelled, ValueError, IndexError):
+        return None  # the word path says how
+
+
+def _fast_rules(
+    m: re.Match[str], family: int, *, chains: set[str], handle: int,
+    memo: dict[tuple[object, ...], list[Expression]],
+) -> list[Rule] | None:
+    """The rule(s) of a line ``_FAST_LINE`` matched, as ``_rules`` reads it; None: read it word by word."""
+    _chain, src, dst, iif, oif, proto_arg, module, sport, dport, comment, target, options = m.groups()
+    exprs: list[Expression] = []
+    if iif is not None:
+        exprs.append(_iface("-i", iif, False))
+    if oif is not None:
+        exprs.append(_iface("-o", oif, False))
+    proto = None
+    if proto_arg is not None:
+        proto, base = _fast_proto(proto_arg)
+        exprs.extend(base)
+    if module is not None:
+        exprs.extend(_fast_ports(module, sport, dport, proto, family))
+    if target is not None:
+        in_chains = target in chains
+        key: tuple[object, ...] = ("f", target, options, family, in_chains)
+        found = memo.get(key)
+        if found is None:
+            found = _fast_nat(target, options, family) if target in ("SNAT", "DNAT") and not in_chains else None
+            if found is None:
+                found = _fast_target(target, options, family, chains)
+                if found is None:
+                    return None
+            memo[key] = found
+        exprs.extend(found)
+    text = m.string
+    if comment is not None:
+        word = comment[1:-1] if comment.startswith('"') else comment
+        quoted = _quote(word)
+        if quoted != comment:
+            start, end = m.span(_FAST_GROUP_COMMENT)
+            text = f"{text[:start]}{quoted}{text[end:]}"
+    if src is None and dst is None:
+        return [Rule(handle, tuple(exprs), text=text)]
+    sources = [_addr_match("-s", a, False, family) for a in src.split(",")] if src is not None else [None]
+    dests = [_addr_match("-d", a, False, family) for a in dst.split(",")] if dst is not None else [None]
+    return [Rule(handle, tuple([e for e in (s, d) if e is not None] + exprs), text=text)
+            for s in sources for d in dests]
+
+
+# ---------------------------------------------------------------------------
 # The table
 
 
@@ -825,7 +956,7 @@ class _Unreadable:
 class _Table:
     policies: dict[str, str] = field(default_factory=dict)
     user: list[str] = field(default_factory=list)
-    lines: dict[str, list[list[str] | _Unreadable]] = field(default_factory=dict)
+    lines: dict[str, list[list[str] | _Unreadable | re.Match[str]]] = field(default_factory=dict)
     bases: dict[str, tuple[Hook, int]] = field(default_factory=lambda: BASE_CHAINS)
 
     def add_chain(self, name: str) -> None:
@@ -881,6 +1012,13 @@ def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
             continue
         if line == "COMMIT":
             current = None
+            continue
+        if line.startswith("-A ") and (fast := _FAST_LINE.fullmatch(line)) is not None:
+            # A common shape (see _FAST_LINE): its words are the line's own, read when its rules are built.
+            if current == kind or (not seen_header and current is None):
+                name = fast.group(1)
+                table.add_chain(name)
+                table.lines[name].append(fast)
             continue
         unreadable: str | None = None
         try:
@@ -1039,6 +1177,12 @@ def parse_save(
             if budget is not None:
                 budget.tick()
             handle = len(out) + 1
+            if isinstance(tokens, re.Match):
+                fast = _fast_rules(tokens, af, chains=names, handle=handle, memo=memo)
+                if fast is not None:
+                    out.extend(fast)
+                    continue
+                tokens = _split(tokens.string)[2:]
             if isinstance(tokens, _Unreadable):
                 out.append(Rule(handle, (UnknownStatement(tokens.reason, tokens.text),), text=tokens.text))
                 continue
