@@ -832,7 +832,6 @@ _FAST_LINE = re.compile(
     rf"(?: -m comment --comment (\"(?:[^\"\\'!-][^\"\\']*)?\"|{_ARG}))?"
     rf"(?: -j ({_ARG})((?: --[a-z][a-z-]*(?: {_ARG})*)*))?"
 )
-_FAST_GROUP_COMMENT = 10
 _PORT_KEYS = {"tcp": 6, "udp": 17}
 
 
@@ -849,8 +848,7 @@ def _point(value: int) -> IntervalSet:
     return IntervalSet(((value, value),))
 
 
-def _fast_ports(module: str, sport: str | None, dport: str | None, proto: int | None,
-                family: int) -> list[Expression]:
+def _fast_ports(module: str, sport: str | None, dport: str | None, family: int) -> list[Expression]:
     """``-m tcp|udp [--sport N] [--dport N]``: one match per option, as ``_port_module`` builds it."""
     number = _PORT_KEYS[module]
     out: list[Expression] = []
@@ -859,9 +857,9 @@ def _fast_ports(module: str, sport: str | None, dport: str | None, proto: int | 
             continue
         port = int(value)
         if port > 0xFFFF:  # what the word path makes of it (an unknown match)
-            opts = [_Option(f, [v], False) for f, v in (("--sport", sport), ("--dport", dport)) if v is not None]
-            parsed = _ParsedRule("", proto=proto)
-            return _module(_Module(module, opts), parsed, family, None)
+            given = (("--sport", sport), ("--dport", dport))
+            opts = [_Option(f, [v], False) for f, v in given if v is not None]
+            return _module(_Module(module, opts), _ParsedRule(""), family, None)
         text = f"-m {module} {flag} {value}"
         out.append(Match(Selector(key, text, proto=number), Op.EQ, _point(port), text))
     return out
@@ -869,6 +867,16 @@ def _fast_ports(module: str, sport: str | None, dport: str | None, proto: int | 
 
 def _fast_target(name: str, options: str, family: int, chains: set[str]) -> list[Expression] | None:
     """``-j NAME OPTIONS`` as ``_target`` reads it; None if the word path would read the words otherwise."""
+    if name in ("SNAT", "DNAT") and name not in chains:
+        flag, _, arg = options[1:].partition(" ")
+        if flag == ("--to-source" if name == "SNAT" else "--to-destination") and arg and " " not in arg:
+            try:
+                addr, ports = _nat_range(arg, family)
+                if addr is not None or name == "DNAT":
+                    kind = NatKind.SNAT if name == "SNAT" else NatKind.DNAT
+                    return [NatStatement(kind, f"-j {name}{options}", family, addr, ports)]
+            except (_NotModelled, ValueError, IndexError):
+                pass  # the general reader says how
     opts: list[_Option] = []
     for word in options.split(" ")[1:] if options else ():
         if word.startswith("--"):
@@ -877,68 +885,50 @@ def _fast_target(name: str, options: str, family: int, chains: set[str]) -> list
             opts.append(_Option(word, [], False))
         else:
             opts[-1].args.append(word)
-    parsed = _ParsedRule("", target=_Module(name, opts))
-    return _target(parsed, family, chains)
-
-
-def _fast_nat(name: str, options: str, family: int) -> list[Expression] | None:
-    """``-j SNAT --to-source X`` / ``-j DNAT --to-destination X``, read as ``_target`` would; None otherwise."""
-    flag, _, arg = options[1:].partition(" ")
-    if flag != ("--to-source" if name == "SNAT" else "--to-destination") or not arg or " " in arg:
-        return None
-    try:
-        addr, ports = _nat_range(arg, family)
-        if addr is None and name == "SNAT":
-            return None
-        text = f"-j {name}{options}"
-        return [NatStatement(NatKind.SNAT if name == "SNAT" else NatKind.DNAT, text, family, addr, ports)]
-    except (_NotModelled, ValueError, IndexError):
-        return None  # the word path says how
+    return _target(_ParsedRule("", target=_Module(name, opts)), family, chains)
 
 
 def _fast_rules(
-    m: re.Match[str], family: int, *, chains: set[str], handle: int,
-    memo: dict[tuple[object, ...], list[Expression]],
+    m: re.Match[str], family: int, chains: set[str], handle: int, memo: dict[object, list[Expression] | None],
 ) -> list[Rule] | None:
-    """The rule(s) of a line ``_FAST_LINE`` matched, as ``_rules`` reads it; None: read it word by word."""
+    """The rule(s) of a line ``_FAST_LINE`` matched, as ``_rules`` reads it; None: read it word by word.
+
+    ``memo`` keeps what each port match and target read to, by their words (in one table's parse).
+    """
     _chain, src, dst, iif, oif, proto_arg, module, sport, dport, comment, target, options = m.groups()
     exprs: list[Expression] = []
     if iif is not None:
         exprs.append(_iface("-i", iif, False))
     if oif is not None:
         exprs.append(_iface("-o", oif, False))
-    proto = None
     if proto_arg is not None:
-        proto, base = _fast_proto(proto_arg)
-        exprs.extend(base)
+        exprs += _fast_proto(proto_arg)[1]
     if module is not None:
-        exprs.extend(_fast_ports(module, sport, dport, proto, family))
-    if target is not None:
-        in_chains = target in chains
-        key: tuple[object, ...] = ("f", target, options, family, in_chains)
-        found = memo.get(key)
+        ports_key = (module, sport, dport)
+        found = memo.get(ports_key)
         if found is None:
-            found = _fast_nat(target, options, family) if target in ("SNAT", "DNAT") and not in_chains else None
-            if found is None:
-                found = _fast_target(target, options, family, chains)
-                if found is None:
-                    return None
-            memo[key] = found
-        exprs.extend(found)
+            found = memo[ports_key] = _fast_ports(module, sport, dport, family)
+        exprs += found
+    if target is not None:
+        target_key = target + options  # the chains are those of one table: the words say it all
+        if target_key in memo:
+            found = memo[target_key]
+        else:
+            found = memo[target_key] = _fast_target(target, options, family, chains)
+        if found is None:
+            return None
+        exprs += found
     text = m.string
-    if comment is not None:
-        word = comment[1:-1] if comment.startswith('"') else comment
-        quoted = _quote(word)
-        if quoted != comment:
-            start, end = m.span(_FAST_GROUP_COMMENT)
-            text = f"{text[:start]}{quoted}{text[end:]}"
+    if comment is not None and comment[0] == '"':
+        # The only quotes of the line; the word between them quoted as ``_quote`` does (it holds no ').
+        word = comment[1:-1]
+        text = text.replace('"', "'" if not word or _NEEDS_QUOTES.search(word) else "")
     if src is None and dst is None:
         return [Rule(handle, tuple(exprs), text=text)]
     sources = [_addr_match("-s", a, False, family) for a in src.split(",")] if src is not None else [None]
     dests = [_addr_match("-d", a, False, family) for a in dst.split(",")] if dst is not None else [None]
-    return [Rule(handle, tuple([e for e in (s, d) if e is not None] + exprs), text=text)
+    return [Rule(handle, (*[e for e in (s, d) if e is not None], *exprs), text=text)
             for s in sources for d in dests]
-
 
 # ---------------------------------------------------------------------------
 # The table
@@ -1003,8 +993,19 @@ def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
     problems: list[str] = []
     current: str | None = None
     seen_header = False
+    last: str | None = None  # the chain the line before appended to, and its lines
+    last_lines: list[list[str] | _Unreadable | re.Match[str]] = []
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
+        if line.startswith("-A ") and (fast := _FAST_LINE.fullmatch(line)) is not None:
+            # A common shape (see _FAST_LINE): its words are the line's own, read when its rules are built.
+            if current == kind or (not seen_header and current is None):
+                name = fast.group(1)
+                if name != last:
+                    table.add_chain(name)
+                    last, last_lines = name, table.lines[name]
+                last_lines.append(fast)
+            continue
         if not line or line.startswith("#"):
             continue
         if line.startswith("*"):
@@ -1013,13 +1014,7 @@ def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
         if line == "COMMIT":
             current = None
             continue
-        if line.startswith("-A ") and (fast := _FAST_LINE.fullmatch(line)) is not None:
-            # A common shape (see _FAST_LINE): its words are the line's own, read when its rules are built.
-            if current == kind or (not seen_header and current is None):
-                name = fast.group(1)
-                table.add_chain(name)
-                table.lines[name].append(fast)
-            continue
+        last = None  # any other line may change the table's chains
         unreadable: str | None = None
         try:
             tokens = _split(line)
@@ -1170,19 +1165,23 @@ def parse_save(
     rules_of: dict[str, list[Rule]] = {}
     sets_of: dict[str, set[str]] = {}
     memo: dict[tuple[object, ...], list[Expression]] = {}  # equal modules and targets: read once, shared
+    fast_memo: dict[object, list[Expression] | None] = {}  # the same for lines read whole
     for chain_name in [*bases, *parsed_table.user]:
         out: list[Rule] = []
         named = sets_of.setdefault(chain_name, set())
-        for tokens in parsed_table.lines.get(chain_name, []):
+        for entry in parsed_table.lines.get(chain_name, []):
             if budget is not None:
                 budget.tick()
             handle = len(out) + 1
-            if isinstance(tokens, re.Match):
-                fast = _fast_rules(tokens, af, chains=names, handle=handle, memo=memo)
+            tokens: list[str] | _Unreadable
+            if isinstance(entry, re.Match):
+                fast = _fast_rules(entry, af, names, handle, fast_memo)
                 if fast is not None:
                     out.extend(fast)
                     continue
-                tokens = _split(tokens.string)[2:]
+                tokens = _split(entry.string)[2:]  # word by word after all
+            else:
+                tokens = entry
             if isinstance(tokens, _Unreadable):
                 out.append(Rule(handle, (UnknownStatement(tokens.reason, tokens.text),), text=tokens.text))
                 continue
