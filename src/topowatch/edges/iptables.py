@@ -861,8 +861,20 @@ def _fast_ports(module: str, sport: str | None, dport: str | None, family: int) 
             opts = [_Option(f, [v], False) for f, v in given if v is not None]
             return _module(_Module(module, opts), _ParsedRule(""), family, None)
         text = f"-m {module} {flag} {value}"
-        out.append(Match(Selector(key, text, proto=number), Op.EQ, _point(port), text))
+        out.append(Match(Selector(key, text, None, number), Op.EQ, _point(port), text))
     return out
+
+
+def _nat_quad(text: str) -> tuple[tuple[IPAddress, IPAddress] | None, tuple[int, int] | None]:
+    """``_nat_range(text, AF_INET)`` for ``a.b.c.d[:port]``, the usual one; anything else goes there."""
+    addr_text, colon, port_text = text.partition(":")
+    quad = _quad(addr_text)
+    if quad is None or (colon and not (len(port_text) <= 5 and port_text.isascii() and port_text.isdigit()
+                                       and int(port_text) <= 0xFFFF)):
+        return _nat_range(text, AF_INET)
+    addr = IPv4Address(quad)
+    port = int(port_text) if colon else None
+    return (addr, addr), None if port is None else (port, port)
 
 
 def _fast_target(name: str, options: str, family: int, chains: set[str]) -> list[Expression] | None:
@@ -871,7 +883,7 @@ def _fast_target(name: str, options: str, family: int, chains: set[str]) -> list
         flag, _, arg = options[1:].partition(" ")
         if flag == ("--to-source" if name == "SNAT" else "--to-destination") and arg and " " not in arg:
             try:
-                addr, ports = _nat_range(arg, family)
+                addr, ports = _nat_quad(arg) if family == AF_INET else _nat_range(arg, family)
                 if addr is not None or name == "DNAT":
                     kind = NatKind.SNAT if name == "SNAT" else NatKind.DNAT
                     return [NatStatement(kind, f"-j {name}{options}", family, addr, ports)]
@@ -923,8 +935,11 @@ def _fast_rules(
         # The only quotes of the line; the word between them quoted as ``_quote`` does (it holds no ').
         word = comment[1:-1]
         text = text.replace('"', "'" if not word or _NEEDS_QUOTES.search(word) else "")
-    if src is None and dst is None:
-        return [Rule(handle, tuple(exprs), text=text)]
+    if dst is None:
+        if src is None:
+            return [Rule(handle, tuple(exprs), text=text)]
+        if "," not in src:
+            return [Rule(handle, (_addr_match("-s", src, False, family), *exprs), text=text)]
     sources = [_addr_match("-s", a, False, family) for a in src.split(",")] if src is not None else [None]
     dests = [_addr_match("-d", a, False, family) for a in dst.split(",")] if dst is not None else [None]
     return [Rule(handle, (*[e for e in (s, d) if e is not None], *exprs), text=text)
@@ -1198,6 +1213,8 @@ def parse_save(
         if name in reached:
             continue
         reached.append(name)
+        if not parsed_table.user:
+            continue  # without user chains a jump reaches only a base chain, reached anyway
         for rule in rules_of.get(name, []):
             v = rule.verdict
             if v is not None and v.target is not None and v.target in names:
