@@ -81,6 +81,7 @@ class Key(enum.Enum):
 
 
 INTERFACE_KEYS = frozenset({Key.IIFNAME, Key.OIFNAME, Key.IIF, Key.OIF, Key.FIB_OIFNAME})
+_INTERFACE_KEYS = tuple(INTERFACE_KEYS)  # ``in`` by identity (Enum's __hash__ is a Python call)
 ADDRESS_KEYS = frozenset({Key.SADDR, Key.DADDR})
 XFRM_KEYS = frozenset(
     {Key.RT_IPSEC, Key.SECPATH, Key.IPSEC_REQID, Key.IPSEC_SPI, Key.IPSEC_SADDR, Key.IPSEC_DADDR}
@@ -191,7 +192,7 @@ class Match:
     text: str
 
     def __post_init__(self) -> None:
-        if (self.selector.key in INTERFACE_KEYS) != isinstance(self.values, NameSet):
+        if (self.selector.key in _INTERFACE_KEYS) != isinstance(self.values, NameSet):
             raise ValueError(f"Match {self.text!r}: values do not fit {self.selector.key.value}")
 
 

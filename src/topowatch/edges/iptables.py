@@ -1292,8 +1292,12 @@ def _addr_match(flag: str, addr: str, invert: bool, family: int) -> Expression:
         values = IntervalSet((_addr_interval(addr, family),), _version(family))
     except _NotModelled as exc:
         return UnknownMatch(str(exc), text)
-    key = Key.SADDR if flag == "-s" else Key.DADDR
-    return Match(Selector(key, flag, family=family), Op.NE if invert else Op.EQ, values, text)
+    return Match(_addr_selector(flag, family), Op.NE if invert else Op.EQ, values, text)
+
+
+@functools.lru_cache(maxsize=8)
+def _addr_selector(flag: str, family: int) -> Selector:
+    return Selector(Key.SADDR if flag == "-s" else Key.DADDR, flag, family=family)
 
 
 # ---------------------------------------------------------------------------
