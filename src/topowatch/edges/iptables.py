@@ -825,12 +825,13 @@ def _connmark_copy(opts: list[_Option], text: str) -> MarkCopy:
 # own and the rule's text is the line (its comment quoted as ``_quote`` would).
 
 _WORD = r"[\x21\x23-\x26\x28-\x5b\x5d-\x7e]"  # printable ASCII but space, quotes and backslash
-_ARG = rf"[\x23-\x26\x28-\x2c\x2e-\x5b\x5d-\x7e]{_WORD}*"  # a word not starting with "-" or "!"
+_ARG = rf"[\x23-\x26\x28-\x2c\x2e-\x5b\x5d-\x7e]{_WORD}*+"  # a word not starting with "-" or "!"
+# Possessive (*+): no repetition here can give anything back to what follows it (a space, a quote, the end).
 _FAST_LINE = re.compile(
     rf"-A ({_ARG})(?: -s ({_ARG}))?(?: -d ({_ARG}))?(?: -i ({_ARG}))?(?: -o ({_ARG}))?(?: -p ({_ARG}))?"
     r"(?: -m (tcp|udp)(?: --sport ([0-9]{1,5}))?(?: --dport ([0-9]{1,5}))?)?"
-    rf"(?: -m comment --comment (\"(?:[^\"\\'!-][^\"\\']*)?\"|{_ARG}))?"
-    rf"(?: -j ({_ARG})((?: --[a-z][a-z-]*(?: {_ARG})*)*))?"
+    rf"(?: -m comment --comment (\"(?:[^\"\\'!-][^\"\\']*+)?\"|{_ARG}))?"
+    rf"(?: -j ({_ARG})((?: --[a-z][a-z-]*+(?: {_ARG})*+)*+))?"
 )
 _PORT_KEYS = {"tcp": 6, "udp": 17}
 
@@ -851,6 +852,9 @@ def _point(value: int) -> IntervalSet:
 def _fast_ports(module: str, sport: str | None, dport: str | None, family: int) -> list[Expression]:
     """``-m tcp|udp [--sport N] [--dport N]``: one match per option, as ``_port_module`` builds it."""
     number = _PORT_KEYS[module]
+    if sport is None and dport is not None and int(dport) <= 0xFFFF:  # the usual one
+        text = f"-m {module} --dport {dport}"
+        return [Match(Selector(Key.DPORT, text, None, number), Op.EQ, _point(int(dport)), text)]
     out: list[Expression] = []
     for key, flag, value in ((Key.SPORT, "--sport", sport), (Key.DPORT, "--dport", dport)):
         if value is None:
@@ -1181,6 +1185,7 @@ def parse_save(
     sets_of: dict[str, set[str]] = {}
     memo: dict[tuple[object, ...], list[Expression]] = {}  # equal modules and targets: read once, shared
     fast_memo: dict[object, list[Expression] | None] = {}  # the same for lines read whole
+    match_type = re.Match
     for chain_name in [*bases, *parsed_table.user]:
         out: list[Rule] = []
         named = sets_of.setdefault(chain_name, set())
@@ -1189,7 +1194,7 @@ def parse_save(
                 budget.tick()
             handle = len(out) + 1
             tokens: list[str] | _Unreadable
-            if isinstance(entry, re.Match):
+            if isinstance(entry, match_type):
                 fast = _fast_rules(entry, af, names, handle, fast_memo)
                 if fast is not None:
                     out.extend(fast)
