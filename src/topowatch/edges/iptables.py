@@ -949,6 +949,7 @@ def _fast_rules(
     return [Rule(handle, (*[e for e in (s, d) if e is not None], *exprs), text=text)
             for s in sources for d in dests]
 
+
 # ---------------------------------------------------------------------------
 # The table
 
