@@ -27,6 +27,11 @@ Theory of operation:
   (``-D``, ``-R``, and an unreadable ``-F``/``-P``) make that chain unknown
   from its first rule. A rule with several ``-s``/``-d`` addresses becomes one
   rule per address pair, as iptables itself expands it.
+- the lines iptables-save prints most (``-A CHAIN [-s/-d/-i/-o/-p] [-m
+  tcp|udp ports] [-m comment] -j TARGET [options]``) are matched whole by
+  ``_FAST_LINE`` and their rules built from the parts by the same readers;
+  a line of any other shape, or a part that reading whole does not take,
+  is read word by word. Both give the same rules (tests/edges/test_iptables_fast.py).
 - ``read_all_rulesets`` reads nftables (``nft -j``) and iptables together:
   an nft ``ip nat``/``ip6 nat`` table holding xt expressions is iptables-nft's
   and is taken from ``iptables-nft-save`` instead (nft shows xt matches
