@@ -45,6 +45,19 @@ def test_interval_sets_merge_what_touches(given: tuple[tuple[int, int], ...], me
     assert s == IntervalSet(merged)
 
 
+def test_one_interval_is_kept_and_anything_else_made_a_tuple_of_pairs() -> None:
+    one = ((3, 3),)
+    assert IntervalSet(one).intervals is one  # nothing to merge: not copied
+    got = IntervalSet([[3, 4]]).intervals
+    assert got == ((3, 4),) and type(got) is tuple and type(got[0]) is tuple
+
+
+def test_nat_flags_are_sorted_once_each() -> None:
+    given = ("random", "persistent", "random")
+    assert NatStatement(NatKind.MASQUERADE, "masquerade", flags=given).flags == ("persistent", "random")
+    assert NatStatement(NatKind.MASQUERADE, "masquerade", flags=[]).flags == ()
+
+
 def test_a_reversed_interval_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"^IntervalSet: bad interval 9-5$"):
         IntervalSet(((9, 5),))

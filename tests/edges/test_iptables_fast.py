@@ -3,12 +3,14 @@
 Lines are split without shlex where shlex would split them the same way,
 addresses read without ``ipaddress`` where ``ip_network`` would read them
 the same way, a rule's text joined without quoting each word where none
-needs it, and equal modules and targets read once and shared. Each
-shortcut is held against the plain way on generated input.
+needs it, equal modules and targets read once and shared, and the common
+rule lines (``iptables._FAST_LINE``) read whole instead of word by word.
+Each shortcut is held against the plain way on generated input.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
@@ -22,11 +24,16 @@ from hypothesis import strategies as st
 
 from topowatch.core.model import AF_INET, AF_INET6
 from topowatch.core.nat import NatRuleset
+from topowatch.corpus import default_corpus
 from topowatch.edges import bulkparse, iptables
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
 
 import fuzz_targets as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import parse as bench_parse
 
 LINE_CHARS = st.sampled_from(list("ab-1 \t\r\n\x0b\"'\\é\u3000\udcff"))
 
@@ -142,3 +149,155 @@ def test_read_all_counts_its_steps_and_fails_whole_past_the_deadline(monkeypatch
     monkeypatch.setattr(iptables, "PARSE_TIMEOUT", -1.0)
     with pytest.raises(bulkparse.ParseTooSlow):  # a RulesetError: the reactor keeps the previous ruleset
         read()
+
+
+# -- whole lines: the common shapes against the word-by-word reader ----------------
+
+
+def word_by_word(text: str, **kw: Any) -> iptables.ParsedTable:
+    """``parse_save`` with no line read whole (the reader as it was before ``_FAST_LINE``)."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(iptables, "_FAST_LINE", re.compile(r"(?!)"))
+        return iptables.parse_save(text, **kw)
+
+
+def both_ways(text: str, **kw: Any) -> None:
+    fast = iptables.parse_save(text, **kw)
+    assert fast == word_by_word(text, **kw)
+
+
+# Each part of a line: the shapes _FAST_LINE takes, and words next to them it must hand on.
+CHAINS = ["PREROUTING", "POSTROUTING", "OUTPUT", "user", "DNAT", "MASQUERADE", "-x", "'q'"]
+ADDRS = ["10.0.0.1", "10.0.0.0/24", "10.0.0.1/32", "10.0.0.1,10.0.0.2", "10.0.0.0/8,192.0.2.1", "2001:db8::1",
+         "2001:db8::/64", "host.example", "300.1.1.1", "10.0.0.1/33", "01.2.3.4", "-x", "!", "a,", ","]
+IFACES = ["wan0", "eth+", "a.b", "-x", "!", "\"a b\"", "é"]
+PROTOS = ["tcp", "udp", "TCP", "all", "0", "6", "17", "icmp", "sctp", "foo", "256", "-1"]
+PORTS = ["80", "0", "08", "65535", "65536", "99999", "1024:2048", "2048:1024", "http", ":80", "-1", "!"]
+COMMENTS = ['"fwd 0"', '"fwd0"', "fwd0", '""', '"-x"', '"-1"', '"!"', '"! a"', "'a b'", '"a\'b"', '"é"',
+            '"\udcff"', '"a\tb"', '"a\\\\b"', "-x", '"a"b', '"a b']
+TARGETS = ["DNAT", "SNAT", "MASQUERADE", "REDIRECT"] * 3 + ["DNAT", "SNAT", "MASQUERADE", "REDIRECT", "NETMAP", "RETURN", "ACCEPT", "DROP", "MARK", "LOG", "TPROXY",
+           "user", "-x"]
+TARGET_OPTIONS = ["--to-destination 10.1.0.1:80", "--to-destination 10.1.0.1", "--to-destination 10.1.0.1-10.1.0.9",
+                  "--to-source 203.0.113.1", "--to-source 1.2.3.4-1.2.3.9:1000-2000", "--to-source :80",
+                  "--to-destination :80", "--to-destination 1.2.3.4:90-80", "--to-destination 1.2.3.9-1.2.3.4",
+                  "--to-destination [2001:db8::1]:80", "--to-source 2001:db8::1", "--to-ports 8080",
+                  "--to-ports 8080-8090", "--to 10.0.0.0/24", "--random", "--random-fully", "--persistent",
+                  "--set-mark 0x1", "--set-xmark 0x1/0xff", "--log-prefix x", "--jump user", "--source 1.2.3.4",
+                  "--to-destination 10.1.0.1 10.1.0.2", "--to-destination", "--to-source host.example",
+                  "--to-destination 10.1.0.1:99999"]
+
+OWN_OPTIONS = {"DNAT": "--to-destination", "SNAT": "--to-source", "REDIRECT": "--to-ports", "MASQUERADE": "--to-p",
+               "NETMAP": "--to ", "MARK": "--set-"}
+
+
+@st.composite
+def rule_lines(draw: st.DrawFn) -> str:
+    """An ``-A`` line: mostly _FAST_LINE's shapes, with what must leave them (a ``!``, another order, ...)."""
+    parts = ["-A", draw(st.sampled_from(CHAINS))]
+    for flag, values in (("-s", ADDRS), ("-d", ADDRS), ("-i", IFACES), ("-o", IFACES), ("-p", PROTOS)):
+        if draw(st.integers(0, 2)) == 0:
+            parts += [*(["!"] if draw(st.integers(0, 9)) == 0 else []), flag, draw(st.sampled_from(values))]
+    if draw(st.booleans()):
+        parts += ["-m", draw(st.sampled_from(["tcp", "udp", "sctp", "multiport"]))]
+        for flag in draw(st.sampled_from([["--dport"], ["--sport"], ["--sport", "--dport"], ["--dport", "--sport"],
+                                          [], ["--syn"], ["--dports"]])):
+            parts += [flag, draw(st.sampled_from(PORTS))]
+    if draw(st.booleans()):
+        parts += ["-m", "comment", "--comment", draw(st.sampled_from(COMMENTS))]
+    if draw(st.integers(0, 5)):
+        target = draw(st.sampled_from(TARGETS))
+        parts += [draw(st.sampled_from(["-j", "-j", "-j", "-g", "--jump"])), target]
+        own = [o for o in TARGET_OPTIONS if o.startswith(OWN_OPTIONS.get(target, "--random"))]
+        options = st.sampled_from(own) if draw(st.integers(0, 3)) else st.sampled_from(TARGET_OPTIONS)
+        parts += draw(st.lists(options, max_size=2))
+    if draw(st.integers(0, 9)) == 0:  # another order
+        head, rest = parts[:2], parts[2:]
+        parts = head + draw(st.permutations(rest))
+    gaps = draw(st.lists(st.sampled_from([" "] * 40 + ["  ", "\t"]), min_size=len(parts), max_size=len(parts)))
+    return "".join(g + p for g, p in zip(gaps, parts, strict=True))[1:]
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(rule_lines(), min_size=1, max_size=8), st.sampled_from(["ip", "ip6"]), st.booleans())
+def test_lines_read_whole_are_read_as_word_by_word(lines: list[str], family: str, header: bool) -> None:
+    declared = [":PREROUTING ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]", ":user - [0:0]"]
+    body = ["*nat", *declared, *lines, "COMMIT"] if header else lines
+    both_ways("\n".join(body) + "\n", family=family, all_chains=True)
+
+
+def test_the_common_shapes_are_read_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark's lines (port forwards, SNAT, masquerade) never reach the word-by-word reader."""
+    text = bench_parse.iptables_restore(300)
+    expected = word_by_word(text)
+    monkeypatch.setattr(iptables, "_rules", lambda *a, **kw: pytest.fail("read word by word"))
+    got = iptables.parse_save(text)
+    assert got == expected and sum(len(c.rules) for c in got.ruleset.chains) == 300
+
+
+@pytest.mark.parametrize("line", [
+    '-A PREROUTING -i wan0 -p tcp -m tcp --dport 1024 -m comment --comment "fwd 0" -j DNAT --to-destination 10.1.0.1:80',
+    "-A POSTROUTING -s 10.64.0.0/24 -o wan1 -j MASQUERADE",
+    "-A POSTROUTING -s 10.100.0.2/32 -o wan2 -j SNAT --to-source 203.0.115.3",
+    "-A PREROUTING -d 192.0.2.1/32 -p udp -m udp --sport 53 --dport 5353 -j REDIRECT --to-ports 53",
+    "-A POSTROUTING -j user",
+    "-A user -j RETURN",
+    "-A user",
+])
+def test_each_common_shape_is_read_whole(line: str) -> None:
+    assert iptables._FAST_LINE.fullmatch(line) is not None
+
+
+@pytest.mark.parametrize("line", [
+    "-A PREROUTING ! -s 10.0.0.1 -j ACCEPT",  # an inversion
+    "-A PREROUTING -p tcp --dport 80 -j ACCEPT",  # an implicit match
+    "-A PREROUTING -m comment --comment \"-x\" -j ACCEPT",  # a comment the word reader takes for an option
+    "-A PREROUTING -j LOG --log-prefix \"a b\"",  # a quoted word but the comment
+    "-A PREROUTING -o wan0 -s 10.0.0.1 -j ACCEPT",  # another order
+    "-A PREROUTING  -j ACCEPT",  # two spaces
+])
+def test_other_lines_are_read_word_by_word(line: str) -> None:
+    assert iptables._FAST_LINE.fullmatch(line) is None
+    both_ways(line)
+
+
+@pytest.mark.parametrize("line", [
+    "-A POSTROUTING -j SNAT --to-source :80",  # SNAT without an address: unknown
+    "-A PREROUTING -j DNAT --to-destination :80",
+    "-A PREROUTING -j DNAT --to-destination 1.2.3.4:90-80",  # a bad port range
+    "-A PREROUTING -j DNAT --to-destination 1.2.3.9-1.2.3.4",  # a bad address range
+    "-A PREROUTING -j DNAT --to-destination 10.1.0.1:99999",
+    "-A PREROUTING -j DNAT --to-destination 10.1.0.1 10.1.0.2",
+    "-A PREROUTING -j DNAT --to-destination 10.1.0.1 --random",
+    "-A PREROUTING -j DNAT --to-destination 2001:db8::1",  # the other family
+    "-A PREROUTING -j DNAT --to-destination host.example",
+    "-A PREROUTING -j DNAT",
+    "-A PREROUTING -j DNAT --jump user",  # the word reader ends the target at --jump
+    "-A PREROUTING -j user --to-destination 10.1.0.1",
+    "-A DNAT -j ACCEPT",
+    "-A PREROUTING -j DNAT --to-destination 10.1.0.1:80\n:DNAT - [0:0]",  # DNAT is a user chain
+    "-A PREROUTING -p tcp -m tcp --dport 65536 -j ACCEPT",
+    "-A PREROUTING -p tcp -m tcp --sport 1 --dport 99999 -j ACCEPT",
+    "-A PREROUTING -p foo -m udp --dport 0 -j ACCEPT",
+    "-A PREROUTING -s 10.0.0.1,10.0.0.0/8 -d host.example,10.0.0.2 -j ACCEPT",
+    "-A PREROUTING -m comment --comment \"\" -j ACCEPT",
+    "-A PREROUTING -m comment --comment \"a\tb\" -j ACCEPT",
+    "-A PREROUTING -m comment --comment \"\udcff\" -j ACCEPT",
+])
+def test_lines_read_whole_or_handed_on_are_read_as_word_by_word(line: str) -> None:
+    for family in ("ip", "ip6"):
+        both_ways(f"*nat\n:user - [0:0]\n{line}\nCOMMIT\n", family=family, all_chains=True)
+
+
+CORPUS = default_corpus()
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason=f"corpus not found at {CORPUS}")
+def test_corpus_tables_read_as_word_by_word() -> None:
+    files = [p for p in sorted(CORPUS.rglob("*")) if p.is_file() and p.suffix not in (".nft", ".json")
+             and b"-A " in p.read_bytes()]
+    assert files
+    for path in files:
+        text = path.read_bytes().decode("utf-8", "surrogateescape")
+        for family in ("ip", "ip6"):
+            for kind in ("nat", "mangle"):
+                both_ways(text, family=family, kind=kind, all_chains=True)

@@ -81,6 +81,7 @@ class Key(enum.Enum):
 
 
 INTERFACE_KEYS = frozenset({Key.IIFNAME, Key.OIFNAME, Key.IIF, Key.OIF, Key.FIB_OIFNAME})
+_INTERFACE_KEYS = tuple(INTERFACE_KEYS)  # ``in`` by identity (Enum's __hash__ is a Python call)
 ADDRESS_KEYS = frozenset({Key.SADDR, Key.DADDR})
 XFRM_KEYS = frozenset(
     {Key.RT_IPSEC, Key.SECPATH, Key.IPSEC_REQID, Key.IPSEC_SPI, Key.IPSEC_SADDR, Key.IPSEC_DADDR}
@@ -121,6 +122,12 @@ class IntervalSet:
     version: int | None = None
 
     def __post_init__(self) -> None:
+        given = self.intervals
+        if type(given) is tuple and len(given) == 1 and type(given[0]) is tuple and len(given[0]) == 2:
+            lo, hi = given[0]  # one interval (most sets): already what the loop below would make of it
+            if lo > hi:
+                raise ValueError(f"IntervalSet: bad interval {lo}-{hi}")
+            return
         merged: list[tuple[int, int]] = []
         for lo, hi in sorted(self.intervals):
             if lo > hi:
@@ -185,7 +192,7 @@ class Match:
     text: str
 
     def __post_init__(self) -> None:
-        if (self.selector.key in INTERFACE_KEYS) != isinstance(self.values, NameSet):
+        if (self.selector.key in _INTERFACE_KEYS) != isinstance(self.values, NameSet):
             raise ValueError(f"Match {self.text!r}: values do not fit {self.selector.key.value}")
 
 
@@ -244,17 +251,20 @@ class NatStatement:
     flags: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind is NatKind.NONE:
+        kind = self.kind
+        if kind is NatKind.NONE:
             raise ValueError("NatStatement.kind cannot be NONE")
         if self.addr is not None:
             lo, hi = self.addr
             if lo.version != hi.version or int(lo) > int(hi):
                 raise ValueError(f"NatStatement {self.text!r}: bad address range {lo}-{hi}")
-            if self.kind in (NatKind.MASQUERADE, NatKind.REDIRECT):
-                raise ValueError(f"NatStatement {self.kind.value} takes no address")
-        if self.ports is not None and not 0 <= self.ports[0] <= self.ports[1] <= 0xFFFF:
-            raise ValueError(f"NatStatement {self.text!r}: bad port range {self.ports}")
-        object.__setattr__(self, "flags", tuple(sorted(set(self.flags))))
+            if kind is NatKind.MASQUERADE or kind is NatKind.REDIRECT:
+                raise ValueError(f"NatStatement {kind.value} takes no address")
+        ports = self.ports
+        if ports is not None and not 0 <= ports[0] <= ports[1] <= 0xFFFF:
+            raise ValueError(f"NatStatement {self.text!r}: bad port range {ports}")
+        if self.flags or type(self.flags) is not tuple:  # () stays as it is
+            object.__setattr__(self, "flags", tuple(sorted(set(self.flags))))
 
 
 @dataclass(frozen=True, slots=True)

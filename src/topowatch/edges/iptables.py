@@ -27,6 +27,11 @@ Theory of operation:
   (``-D``, ``-R``, and an unreadable ``-F``/``-P``) make that chain unknown
   from its first rule. A rule with several ``-s``/``-d`` addresses becomes one
   rule per address pair, as iptables itself expands it.
+- the lines iptables-save prints most (``-A CHAIN [-s/-d/-i/-o/-p] [-m
+  tcp|udp ports] [-m comment] -j TARGET [options]``) are matched whole by
+  ``_FAST_LINE`` and their rules built from the parts by the same readers;
+  a line of any other shape, or a part that reading whole does not take,
+  is read word by word. Both give the same rules (tests/edges/test_iptables_fast.py).
 - ``read_all_rulesets`` reads nftables (``nft -j``) and iptables together:
   an nft ``ip nat``/``ip6 nat`` table holding xt expressions is iptables-nft's
   and is taken from ``iptables-nft-save`` instead (nft shows xt matches
@@ -810,6 +815,147 @@ def _connmark_copy(opts: list[_Option], text: str) -> MarkCopy:
 
 
 # ---------------------------------------------------------------------------
+# The common line shapes, read without splitting them into words
+#
+# iptables-save prints most NAT rules in a few shapes: ``-A CHAIN [-s A] [-d A]
+# [-i IF] [-o IF] [-p P] [-m tcp|udp [--sport N] [--dport N]] [-m comment
+# --comment C] [-j TARGET [--option [ARG ...]] ...]``, one space between words,
+# no word quoted but the comment, no ``!``. Such a line is matched whole by
+# ``_FAST_LINE`` (in ``_read_lines``) and kept as its match; ``_fast_rules``
+# builds from it exactly the rules the word-by-word path (``_rules``) builds,
+# the same functions reading each part, and hands anything else (a user chain
+# named like a NAT target, a long option the word path would read as a base
+# option, a port range) to that path. A word in the shapes holds only
+# printable ASCII without quotes or backslashes, so the words are the line's
+# own and the rule's text is the line (its comment quoted as ``_quote`` would).
+
+_WORD = r"[\x21\x23-\x26\x28-\x5b\x5d-\x7e]"  # printable ASCII but space, quotes and backslash
+_ARG = rf"[\x23-\x26\x28-\x2c\x2e-\x5b\x5d-\x7e]{_WORD}*+"  # a word not starting with "-" or "!"
+# Possessive (*+): no repetition here can give anything back to what follows it (a space, a quote, the end).
+_FAST_LINE = re.compile(
+    rf"-A ({_ARG})(?: -s ({_ARG}))?(?: -d ({_ARG}))?(?: -i ({_ARG}))?(?: -o ({_ARG}))?(?: -p ({_ARG}))?"
+    r"(?: -m (tcp|udp)(?: --sport ([0-9]{1,5}))?(?: --dport ([0-9]{1,5}))?)?"
+    rf"(?: -m comment --comment (\"(?:[^\"\\'!-][^\"\\']*+)?\"|{_ARG}))?"
+    rf"(?: -j ({_ARG})((?: --[a-z][a-z-]*+(?: {_ARG})*+)*+))?"
+)
+_PORT_KEYS = {"tcp": 6, "udp": 17}
+
+
+@functools.lru_cache(maxsize=256)
+def _fast_proto(arg: str) -> tuple[int | None, tuple[Expression, ...]]:
+    """``-p ARG`` as ``_tokens_to_rule`` reads it: the rule's protocol and the base expressions it adds."""
+    parsed = _ParsedRule("")
+    proto = _proto_or_unknown(arg, False, parsed)
+    return proto, tuple(parsed.base)
+
+
+@functools.lru_cache(maxsize=1024)
+def _point(value: int) -> IntervalSet:
+    return IntervalSet(((value, value),))
+
+
+def _fast_ports(module: str, sport: str | None, dport: str | None, family: int) -> list[Expression]:
+    """``-m tcp|udp [--sport N] [--dport N]``: one match per option, as ``_port_module`` builds it."""
+    number = _PORT_KEYS[module]
+    if sport is None and dport is not None and int(dport) <= 0xFFFF:  # the usual one
+        text = f"-m {module} --dport {dport}"
+        return [Match(Selector(Key.DPORT, text, None, number), Op.EQ, _point(int(dport)), text)]
+    out: list[Expression] = []
+    for key, flag, value in ((Key.SPORT, "--sport", sport), (Key.DPORT, "--dport", dport)):
+        if value is None:
+            continue
+        port = int(value)
+        if port > 0xFFFF:  # what the word path makes of it (an unknown match)
+            given = (("--sport", sport), ("--dport", dport))
+            opts = [_Option(f, [v], False) for f, v in given if v is not None]
+            return _module(_Module(module, opts), _ParsedRule(""), family, None)
+        text = f"-m {module} {flag} {value}"
+        out.append(Match(Selector(key, text, None, number), Op.EQ, _point(port), text))
+    return out
+
+
+def _nat_quad(text: str) -> tuple[tuple[IPAddress, IPAddress] | None, tuple[int, int] | None]:
+    """``_nat_range(text, AF_INET)`` for ``a.b.c.d[:port]``, the usual one; anything else goes there."""
+    addr_text, colon, port_text = text.partition(":")
+    quad = _quad(addr_text)
+    if quad is None or (colon and not (len(port_text) <= 5 and port_text.isascii() and port_text.isdigit()
+                                       and int(port_text) <= 0xFFFF)):
+        return _nat_range(text, AF_INET)
+    addr = IPv4Address(quad)
+    port = int(port_text) if colon else None
+    return (addr, addr), None if port is None else (port, port)
+
+
+def _fast_target(name: str, options: str, family: int, chains: set[str]) -> list[Expression] | None:
+    """``-j NAME OPTIONS`` as ``_target`` reads it; None if the word path would read the words otherwise."""
+    if name in ("SNAT", "DNAT") and name not in chains:
+        flag, _, arg = options[1:].partition(" ")
+        if flag == ("--to-source" if name == "SNAT" else "--to-destination") and arg and " " not in arg:
+            try:
+                addr, ports = _nat_quad(arg) if family == AF_INET else _nat_range(arg, family)
+                if addr is not None or name == "DNAT":
+                    kind = NatKind.SNAT if name == "SNAT" else NatKind.DNAT
+                    return [NatStatement(kind, f"-j {name}{options}", family, addr, ports)]
+            except (_NotModelled, ValueError, IndexError):
+                pass  # the general reader says how
+    opts: list[_Option] = []
+    for word in options.split(" ")[1:] if options else ():
+        if word.startswith("--"):
+            if word in _BASE_SHORT:
+                return None  # ``-j X --jump Y``: the word path ends the target there
+            opts.append(_Option(word, [], False))
+        else:
+            opts[-1].args.append(word)
+    return _target(_ParsedRule("", target=_Module(name, opts)), family, chains)
+
+
+def _fast_rules(
+    m: re.Match[str], family: int, chains: set[str], handle: int, memo: dict[object, list[Expression] | None],
+) -> list[Rule] | None:
+    """The rule(s) of a line ``_FAST_LINE`` matched, as ``_rules`` reads it; None: read it word by word.
+
+    ``memo`` keeps what each port match and target read to, by their words (in one table's parse).
+    """
+    _chain, src, dst, iif, oif, proto_arg, module, sport, dport, comment, target, options = m.groups()
+    exprs: list[Expression] = []
+    if iif is not None:
+        exprs.append(_iface("-i", iif, False))
+    if oif is not None:
+        exprs.append(_iface("-o", oif, False))
+    if proto_arg is not None:
+        exprs += _fast_proto(proto_arg)[1]
+    if module is not None:
+        ports_key = (module, sport, dport)
+        found = memo.get(ports_key)
+        if found is None:
+            found = memo[ports_key] = _fast_ports(module, sport, dport, family)
+        exprs += found
+    if target is not None:
+        target_key = target + options  # the chains are those of one table: the words say it all
+        if target_key in memo:
+            found = memo[target_key]
+        else:
+            found = memo[target_key] = _fast_target(target, options, family, chains)
+        if found is None:
+            return None
+        exprs += found
+    text = m.string
+    if comment is not None and comment[0] == '"':
+        # The only quotes of the line; the word between them quoted as ``_quote`` does (it holds no ').
+        word = comment[1:-1]
+        text = text.replace('"', "'" if not word or _NEEDS_QUOTES.search(word) else "")
+    if dst is None:
+        if src is None:
+            return [Rule(handle, tuple(exprs), text=text)]
+        if "," not in src:
+            return [Rule(handle, (_addr_match("-s", src, False, family), *exprs), text=text)]
+    sources = [_addr_match("-s", a, False, family) for a in src.split(",")] if src is not None else [None]
+    dests = [_addr_match("-d", a, False, family) for a in dst.split(",")] if dst is not None else [None]
+    return [Rule(handle, (*[e for e in (s, d) if e is not None], *exprs), text=text)
+            for s in sources for d in dests]
+
+
+# ---------------------------------------------------------------------------
 # The table
 
 
@@ -825,7 +971,7 @@ class _Unreadable:
 class _Table:
     policies: dict[str, str] = field(default_factory=dict)
     user: list[str] = field(default_factory=list)
-    lines: dict[str, list[list[str] | _Unreadable]] = field(default_factory=dict)
+    lines: dict[str, list[list[str] | _Unreadable | re.Match[str]]] = field(default_factory=dict)
     bases: dict[str, tuple[Hook, int]] = field(default_factory=lambda: BASE_CHAINS)
 
     def add_chain(self, name: str) -> None:
@@ -872,8 +1018,19 @@ def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
     problems: list[str] = []
     current: str | None = None
     seen_header = False
+    last: str | None = None  # the chain the line before appended to, and its lines
+    last_lines: list[list[str] | _Unreadable | re.Match[str]] = []
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
+        if line.startswith("-A ") and (fast := _FAST_LINE.fullmatch(line)) is not None:
+            # A common shape (see _FAST_LINE): its words are the line's own, read when its rules are built.
+            if current == kind or (not seen_header and current is None):
+                name = fast.group(1)
+                if name != last:
+                    table.add_chain(name)
+                    last, last_lines = name, table.lines[name]
+                last_lines.append(fast)
+            continue
         if not line or line.startswith("#"):
             continue
         if line.startswith("*"):
@@ -882,6 +1039,7 @@ def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
         if line == "COMMIT":
             current = None
             continue
+        last = None  # any other line may change the table's chains
         unreadable: str | None = None
         try:
             tokens = _split(line)
@@ -1032,13 +1190,24 @@ def parse_save(
     rules_of: dict[str, list[Rule]] = {}
     sets_of: dict[str, set[str]] = {}
     memo: dict[tuple[object, ...], list[Expression]] = {}  # equal modules and targets: read once, shared
+    fast_memo: dict[object, list[Expression] | None] = {}  # the same for lines read whole
+    match_type = re.Match
     for chain_name in [*bases, *parsed_table.user]:
         out: list[Rule] = []
         named = sets_of.setdefault(chain_name, set())
-        for tokens in parsed_table.lines.get(chain_name, []):
+        for entry in parsed_table.lines.get(chain_name, []):
             if budget is not None:
                 budget.tick()
             handle = len(out) + 1
+            tokens: list[str] | _Unreadable
+            if isinstance(entry, match_type):
+                fast = _fast_rules(entry, af, names, handle, fast_memo)
+                if fast is not None:
+                    out.extend(fast)
+                    continue
+                tokens = _split(entry.string)[2:]  # word by word after all
+            else:
+                tokens = entry
             if isinstance(tokens, _Unreadable):
                 out.append(Rule(handle, (UnknownStatement(tokens.reason, tokens.text),), text=tokens.text))
                 continue
@@ -1055,6 +1224,8 @@ def parse_save(
         if name in reached:
             continue
         reached.append(name)
+        if not parsed_table.user:
+            continue  # without user chains a jump reaches only a base chain, reached anyway
         for rule in rules_of.get(name, []):
             v = rule.verdict
             if v is not None and v.target is not None and v.target in names:
@@ -1132,8 +1303,12 @@ def _addr_match(flag: str, addr: str, invert: bool, family: int) -> Expression:
         values = IntervalSet((_addr_interval(addr, family),), _version(family))
     except _NotModelled as exc:
         return UnknownMatch(str(exc), text)
-    key = Key.SADDR if flag == "-s" else Key.DADDR
-    return Match(Selector(key, flag, family=family), Op.NE if invert else Op.EQ, values, text)
+    return Match(_addr_selector(flag, family), Op.NE if invert else Op.EQ, values, text)
+
+
+@functools.lru_cache(maxsize=8)
+def _addr_selector(flag: str, family: int) -> Selector:
+    return Selector(Key.SADDR if flag == "-s" else Key.DADDR, flag, family=family)
 
 
 # ---------------------------------------------------------------------------
