@@ -191,3 +191,35 @@ def test_an_unexpected_error_in_a_delete_stops_the_early_deletes_and_is_logged(
     assert isinstance(overlap.error, ValueError) and overlap.stopped
     assert (taken, results, deleting.deleted) == (0, [], [])
     assert any(r.exc_info and r.exc_info[1] is deleting.fail for r in caplog.records)
+
+
+def test_a_delete_never_runs_while_a_burst_is_judged(one_record_hand_over: None) -> None:
+    """The re-check and the delete of a batch are never held up by a burst being judged (the GIL would
+    stretch the window between them): the deleting thread takes its turn between bursts."""
+    judging: list[tuple[float, float]] = []
+    deleting_at: list[tuple[float, float]] = []
+
+    class Timed(Deleting):
+        def delete_current(self, pending: StaleEntries, still: Any) -> DeleteResult:
+            began = time.perf_counter()
+            time.sleep(0.004)  # a batch's GETs, answers and DELETEs
+            result = super().delete_current(pending, still)
+            deleting_at.append((began, time.perf_counter()))
+            return result
+
+    deleting = Timed()
+    overlap = Overlap(deleting, lambda dumped, now: True, lambda: True)  # type: ignore[arg-type]
+    consumer = Consumer()
+    for name in range(1, 31):
+        overlap.enter()
+        began = time.perf_counter()
+        consumer.records += record(name)
+        time.sleep(0.003)  # judging the burst (the GIL held, in C)
+        judging.append((began, time.perf_counter()))
+        overlap.feed(consumer)
+        time.sleep(0.002)  # waiting for the kernel's next burst: deletes go now
+    taken, _ = overlap.finish(consumer)
+    assert taken == 30 and deleting.deleted == list(range(1, 31))
+    assert len(deleting_at) >= 10  # most went between bursts, not after the scan
+    for d0, d1 in deleting_at:
+        assert all(d1 <= j0 or j1 <= d0 for j0, j1 in judging), "a delete overlapped a judged burst"

@@ -465,7 +465,9 @@ class Conntrack:
         # A reader thread receives the dump while this one judges (needs the compiled module).
         self.pipelined = ctcodec._ctscan is not None
         self._ended: int | None = None  # the dump whose end the pipelined reader received
-        # Called with the consumer after each burst of a ``scan`` is judged (``edges.overlap``).
+        # Called before each burst of a ``scan`` is judged, and with the consumer after it
+        # (``edges.overlap``).
+        self.before_burst: Callable[[], None] | None = None
         self.after_burst: Callable[[Any], None] | None = None
         self.status_filter_supported = probe_status_filter(self)
 
@@ -550,6 +552,8 @@ class Conntrack:
                     for data, count in source:
                         recvs += count
                         nbytes += len(data)
+                        if self.before_burst is not None:
+                            self.before_burst()
                         parser.feed(data)
                         if add is not None and parser.entries:
                             # Entries the learned layouts did not read (first of a shape, ICMP, zones).

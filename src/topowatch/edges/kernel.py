@@ -320,9 +320,11 @@ class KernelBackend:
             judged = await trio.to_thread.run_sync(scan)
         else:
             assert early is not None
-            ct.after_burst = overlap.feed
+            ct.before_burst, ct.after_burst = overlap.enter, overlap.feed
             try:
                 judged = await trio.to_thread.run_sync(scan)
+                # Cancelled while the scan's thread ran: stop here, before the queue is worked off.
+                await trio.lowlevel.checkpoint_if_cancelled()
                 early.taken, results = await trio.to_thread.run_sync(overlap.finish, judged)
             except BaseException:
                 # Stopped before any checkpoint, then waited for (shielded): a cancelled reaction
@@ -337,7 +339,7 @@ class KernelBackend:
                                 "(each re-checked; no reaction counts them)", done)
                 raise
             finally:
-                ct.after_burst = None
+                ct.before_burst = ct.after_burst = None
             early.counts = _counts(results, overlap.busy)
             if overlap.stopped and overlap.error is None:
                 early.why_not = "stopped: the ruleset moved during the dump"

@@ -70,11 +70,32 @@ class Overlap:
         self._keep: list[object] = []  # the consumers handed from (their ids stay theirs)
         self.first_at: float | None = None
         self.busy = 0.0  # seconds spent in deletes (their own cost, not the waits between them)
+        # The scanning thread holds ``_gate`` while it judges a burst (``enter`` to ``feed``), the
+        # deleting thread while it re-checks and deletes a chunk: a batch's re-check and delete
+        # never wait for the GIL behind a burst being judged, so the window between them stays
+        # the kernel's; the deletes run while the scanning thread waits for the next burst. A
+        # waiting delete goes before the next burst (``_want``, ``_granted``).
+        self._gate = threading.Lock()
+        self._holding = False  # the scanning thread holds the gate
+        self._want = threading.Event()
+        self._granted = threading.Event()
         self._thread = threading.Thread(target=self._run, name="topowatch-ct-overlap", daemon=True)
         self._thread.start()
 
+    def enter(self) -> None:
+        """A burst is about to be judged (the scanning thread): after a delete that waits, if any."""
+        if self.stopped:
+            return
+        if self._want.is_set():
+            self._granted.wait(1.0)
+        self._gate.acquire()
+        self._holding = True
+
     def feed(self, consumer: Any) -> None:
         """The records ``consumer`` settled as stale since the last call, handed over in one piece."""
+        if self._holding:  # the burst is judged: the gate is free until the next one
+            self._holding = False
+            self._gate.release()
         records = getattr(consumer, "records", None)
         if records is None or self.stopped:
             return
@@ -104,7 +125,15 @@ class Overlap:
                 if self.first_at is None:
                     self.first_at = began
                 pending = StaleEntries((), chunk, _builder(entry, chunk))
-                self.results.append(self.ct.delete_current(pending, self.still))
+                self._granted.clear()
+                self._want.set()
+                self._gate.acquire()  # between bursts: the next one waits meanwhile
+                self._want.clear()
+                self._granted.set()
+                try:
+                    self.results.append(self.ct.delete_current(pending, self.still))
+                finally:
+                    self._gate.release()
                 self.busy += time.perf_counter() - began
                 self._done[id(consumer)] = end
             except (TopowatchError, OSError) as exc:
@@ -120,6 +149,7 @@ class Overlap:
     def finish(self, consumer: object) -> tuple[int, list[DeleteResult]]:
         """Wait for the handed records to be handled: (records of ``consumer`` handled, results)."""
         self._queue.put(None)
+        self._let_go()
         self._thread.join()
         return self._done.get(id(consumer), 0) // STALE_RECORD.size, self.results
 
@@ -127,7 +157,14 @@ class Overlap:
         """Stop at once (the scan failed): what is queued is not deleted."""
         self.stopped = True
         self._queue.put(None)
+        self._let_go()
         self._thread.join()
+
+    def _let_go(self) -> None:
+        """The scan has ended (maybe inside a burst, by an error): the gate is the deleting thread's."""
+        if self._holding:
+            self._holding = False
+            self._gate.release()
 
 
 def _builder(entry: Callable[[bytes, int], Any], chunk: bytes) -> Callable[[int], Any]:
