@@ -439,3 +439,20 @@ async def test_a_reaction_stopped_by_a_ruleset_change_says_and_lists_what_its_ea
     assert "1 deleted while the dump ran" in skipped.summary()
     assert [d.entry for d in skipped.plan.stale] == backend.early_deleted
     assert sum(skipped.fields()["stale_by_code"].values()) == 1  # the codes of those records alone
+
+
+async def test_before_ready_runs_after_t0_is_told_and_before_ready(autojump_clock: trio.testing.MockClock) -> None:
+    """The snapshot file's first (whole) write is made before "ready", with T0 told already."""
+    backend = Backend()
+    seen: list[tuple[str, int]] = []
+    async with trio.open_nursery() as nursery:
+        reactor = Reactor(backend, ReactorConfig(debounce=0.05, max_wait=0.2))
+        reactor.t0_hook = lambda t, r, n, judged: seen.append(("t0", n))
+
+        async def before_ready() -> None:
+            seen.append(("before ready", reactor.totals.reactions))
+
+        reactor.before_ready = before_ready
+        await nursery.start(reactor.run)
+        assert seen == [("t0", 0), ("before ready", 0)]
+        nursery.cancel_scope.cancel()

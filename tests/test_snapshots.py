@@ -401,3 +401,25 @@ def test_no_file_is_no_previous_snapshot_quietly(state: Path, caplog: pytest.Log
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     with pytest.raises(cli.UsageError, match="no such file"):
         previous(state, str(state / "missing.json"))
+
+
+async def test_no_write_while_the_daemon_reacts(autojump_clock: trio.testing.MockClock) -> None:
+    """A write waits for the reaction under way to end (its encoding would hold the GIL beside the
+    reaction's re-check and delete)."""
+    writes: list[float] = []
+    busy_until = [3.0]
+    writer = snapshots.SnapshotWriter("unused", NETNS, quiet=1.0, latest=10.0)
+    writer.busy = lambda: trio.current_time() - begin < busy_until[0]
+
+    async def timed_flush() -> None:  # no worker thread: the virtual clock would run on meanwhile
+        writes.append(round(trio.current_time() - begin, 2))
+        writer._pending = None
+
+    writer.flush = timed_flush  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        begin = trio.current_time()
+        writer.t0_moved(TOPOLOGY, RULESET, 0, False)
+        await trio.sleep(6)
+        nursery.cancel_scope.cancel()
+    assert len(writes) == 1 and 3.0 <= writes[0] <= 3.0 + snapshots.BUSY_POLL  # not at 1 s: after it

@@ -459,6 +459,8 @@ async def _run_daemon(args: argparse.Namespace) -> int:
     writer = SnapshotWriter.for_namespace(args.state_dir,
                                           count=functools.partial(reactor.count_error, "snapshot"))
     reactor.t0_hook = writer.t0_moved
+    reactor.before_ready = writer.flush  # the first (whole) encoding before "ready"
+    writer.busy = lambda: reactor.busy_since is not None  # no write beside a reaction
     observers = await _observers(args, reactor, notifier, pressure)
     guard = netnswatch.NamespaceGuard.here()
     reactor.reaction_hooks.append(guard.after_reaction)

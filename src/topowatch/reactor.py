@@ -584,6 +584,9 @@ class Reactor:
         # (T0, its ruleset, the reaction's number (0 at start), whether that reaction judged with a
         # previous snapshot). It must return at once and never raise (an error is counted, logged).
         self.t0_hook: Callable[[Topology, NatRuleset | None, int, bool], None] | None = None
+        # Awaited once before "ready", after T0 was told: the snapshot file's first write (its
+        # whole encoding, 0.2 s at 10k routes) is done there, not beside a reaction's deletes.
+        self.before_ready: Callable[[], Awaitable[None]] | None = None
         self._t0_told: tuple[Topology | None, NatRuleset | None] = (None, None)
         self._sweep_told = False  # the startup sweep was pending when T0 was last told
 
@@ -667,6 +670,8 @@ class Reactor:
             if self.config.startup_sweep:
                 await self._warm()
             self._tell_t0(0)
+            if self.before_ready is not None:
+                await self.before_ready()
             task_status.started()
             if self.config.startup_sweep:
                 self._sweep_pending = self._sweep_told = True

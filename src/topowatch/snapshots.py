@@ -490,6 +490,7 @@ def load(path: str, netns: str, *, trusted_uids: Collection[int] | None = None) 
 # first snapshot it would write.
 WRITE_QUIET = 1.0
 WRITE_LATEST = 10.0
+BUSY_POLL = 0.05  # seconds between looks at a reaction that runs, while a write waits for its end
 
 
 class SnapshotWriter:
@@ -508,6 +509,9 @@ class SnapshotWriter:
     ) -> None:
         self.path = path
         self.quiet, self.latest = quiet, latest
+        # True while the daemon reacts: a write waits (its encoding would hold the GIL beside the
+        # reaction's re-check and delete, stretching the window between them).
+        self.busy: Callable[[], bool] = lambda: False
         self.netns = netns
         self.pid = os.getpid() if pid is None else pid
         self._last: Snapshot | None = None
@@ -596,6 +600,8 @@ class SnapshotWriter:
                         self._wake = trio.Event()
                         continue  # a newer T0 came: wait for quiet again
                     break
+                while self.busy():  # a reaction runs: after it (its own T0 may replace this one)
+                    await trio.sleep(BUSY_POLL)
                 await self.flush()
         finally:
             # The daemon stops: its snapshots say nothing of what changes next (``plan`` would
