@@ -162,7 +162,7 @@ def test_snapshots_list_the_routes_in_the_order_a_dict_keeps_them_sharing_unchan
     import random
 
     from topowatch.core import livetopology
-    from topowatch.core.model import RouteList
+    from topowatch.core.model import RouteList, changed_routes
 
     monkeypatch.setattr(livetopology, "CHUNK", 4)  # many chunks, holes closed up often
     rng = random.Random(5)
@@ -191,6 +191,9 @@ def test_snapshots_list_the_routes_in_the_order_a_dict_keeps_them_sharing_unchan
             assert list(routes) == list(expected.values()) and routes == tuple(expected.values())
             assert len(routes) == len(expected) and hash(routes) == hash(tuple(expected.values()))
             assert [routes[i] for i in range(-len(routes), len(routes))] == list(expected.values()) * 2
+            if before is not None:  # by chunks; as the sets of the tables
+                assert changed_routes(before, routes) == (set(before) - set(routes), set(routes) - set(before))
+                assert list(reversed(routes)) == list(expected.values())[::-1]
             if before is not None and len(before.chunks) == len(routes.chunks):
                 changed = sum(a is not b for a, b in zip(before.chunks, routes.chunks, strict=True))
                 assert changed <= 3  # at most three events since: three chunks rebuilt

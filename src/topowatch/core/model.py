@@ -327,6 +327,9 @@ class RouteList(Sequence[Route]):
     def __iter__(self) -> Iterator[Route]:
         return itertools.chain.from_iterable(self._chunks)
 
+    def __reversed__(self) -> Iterator[Route]:
+        return itertools.chain.from_iterable(map(reversed, reversed(self._chunks)))
+
     @overload
     def __getitem__(self, index: int) -> Route: ...
     @overload
@@ -471,6 +474,21 @@ def changed_routes(before: Sequence[Route], now: Sequence[Route]) -> tuple[set[R
     """
     if before is now:
         return set(), set()
+    if isinstance(before, RouteList) and isinstance(now, RouteList):
+        # Two snapshots of one kept topology: a route keeps its chunk until the chunks are laid
+        # out afresh, so the routes of chunks shared by identity cancel out; only the others
+        # are compared (a route in a shared chunk cannot also be in another: no duplicates).
+        only0: list[Route] = []
+        only1: list[Route] = []
+        chunks0, chunks1 = before.chunks, now.chunks
+        for i in range(max(len(chunks0), len(chunks1))):
+            c0 = chunks0[i] if i < len(chunks0) else ()
+            c1 = chunks1[i] if i < len(chunks1) else ()
+            if c0 is not c1:
+                only0 += c0
+                only1 += c1
+        set0, set1 = set(only0), set(only1)
+        return set0 - set1, set1 - set0
     head = next(itertools.compress(itertools.count(), map(operator.is_not, before, now)), None)
     if head is None and len(before) == len(now):
         return set(), set()
