@@ -539,3 +539,22 @@ def test_a_dump_interrupted_every_time_is_refused_never_returned(
         ct.dump()
     monkeypatch.undo()
     assert len(ct.dump()) == 3000  # the socket is still usable: nothing of those dumps is left unread
+
+
+def test_a_socket_told_the_status_filter_does_not_probe(netns: Namespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second socket of deletes overlapping a dump is told what the first one found: its probe
+    (two dumps walking the whole table) would be on a reaction's clock."""
+    from topowatch.edges import ctnetlink
+
+    def probe(ct: Conntrack) -> bool:
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(ctnetlink, "probe_status_filter", probe)
+    sock = netns.socket(socket.AF_NETLINK, socket.SOCK_RAW, ctcodec.NETLINK_NETFILTER)
+    told = Conntrack(sock, status_filter=True)
+    try:
+        assert told.status_filter_supported is True
+    finally:
+        told.close()
+    with pytest.raises(AssertionError, match="probed"):
+        Conntrack(netns.socket(socket.AF_NETLINK, socket.SOCK_RAW, ctcodec.NETLINK_NETFILTER))

@@ -364,7 +364,8 @@ class KernelBackend:
             return None
         if self._ct_early is None:
             try:
-                self._ct_early = Conntrack()
+                # It never dumps: no probe (its walk of the whole table would be on the clock).
+                self._ct_early = Conntrack(status_filter=self._conntrack().status_filter_supported)
             except OSError as exc:
                 early.why_not = f"cannot open a second ctnetlink socket: {exc.strerror}"
                 return None
