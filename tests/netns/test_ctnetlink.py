@@ -556,5 +556,9 @@ def test_a_socket_told_the_status_filter_does_not_probe(netns: Namespace, monkey
         assert told.status_filter_supported is True
     finally:
         told.close()
-    with pytest.raises(AssertionError, match="probed"):
-        Conntrack(netns.socket(socket.AF_NETLINK, socket.SOCK_RAW, ctcodec.NETLINK_NETFILTER))
+    untold = netns.socket(socket.AF_NETLINK, socket.SOCK_RAW, ctcodec.NETLINK_NETFILTER)
+    try:
+        with pytest.raises(AssertionError, match="probed"):
+            Conntrack(untold)
+    finally:
+        untold.close()
