@@ -147,9 +147,11 @@ class LiveTopology:
         state = cls({link.index: link for link in topology.links}, list(topology.addresses), routes,
                     list(topology.rules))  # fmt: skip
         state._base = topology
-        state._snapshot = topology
-        state._handed = topology.routes
         state._lay_out()
+        # The dump's routes as the chunks the next snapshots share (``RouteList``): their readers
+        # (the snapshot file's encoder, by identity) then meet the same chunk objects again.
+        state._snapshot = dataclasses.replace(topology, routes=RouteList(state._chunks))
+        state._handed = state._snapshot.routes
         for key, route in routes.items():
             if route.family == AF_INET6:
                 state._bases.setdefault(base_key(route), []).append(key)

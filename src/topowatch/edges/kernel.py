@@ -205,7 +205,7 @@ class KernelBackend:
                 seeded = None
                 break
         self.live = seeded
-        return topology
+        return seeded.snapshot() if seeded is not None else topology
 
     async def topology(self) -> Topology:
         if self._ct is None:
