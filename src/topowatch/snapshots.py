@@ -45,7 +45,6 @@ import json
 import logging
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
@@ -62,7 +61,13 @@ from topowatch.core import xfrm as core_xfrm
 from topowatch.core.model import PolicyRule, RouteList, Topology
 from topowatch.core.nat import NatRuleset
 from topowatch.errors import TopowatchError
-from topowatch.trust import default_trusted_uids, directory_problem, trust_problem
+from topowatch.trust import (
+    UntrustedDirectory,
+    default_trusted_uids,
+    directory_problem,
+    trust_problem,
+    write_private,
+)
 
 log = logging.getLogger("topowatch.snapshots")
 
@@ -417,28 +422,11 @@ def write(path: str, snaps: Snapshots, *, trusted_uids: Collection[int] | None =
 
     ``encoder``: one kept from the last write (the daemon's), which re-encodes only what changed.
     """
-    uids = default_trusted_uids() if trusted_uids is None else trusted_uids
-    directory = os.path.dirname(path) or "."
     data = encode(snaps, encoder)
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise SnapshotError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    problem = directory_problem(directory, uids)
-    if problem:
-        raise SnapshotError(f"will not write {path}: {problem}")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".snapshots-", dir=directory)  # mode 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_private(path, data, prefix=".snapshots-", trusted_uids=trusted_uids)
+    except UntrustedDirectory as exc:
+        raise SnapshotError(f"will not write {path}: {exc}") from exc
     except OSError as exc:
         raise SnapshotError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return len(data)

@@ -8,7 +8,8 @@ as. A file or directory must be owned by one of those and not writable by
 group or others; every directory above it (symlinks resolved) too, except
 that one writable by all but sticky (``/tmp``) is accepted: nobody else
 may rename what we own in it. Each check returns a sentence saying what is
-wrong and how to fix it, or None.
+wrong and how to fix it, or None. ``write_private`` writes a state file only
+into such a directory.
 
 Rules: stdlib only; never changes a mode or an owner; never raises for a
 path that does not exist (that is a problem like any other).
@@ -16,8 +17,10 @@ path that does not exist (that is a problem like any other).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+import tempfile
 from collections.abc import Collection
 
 
@@ -75,3 +78,31 @@ def directory_problem(directory: str, trusted_uids: Collection[int] | None = Non
         return f"{directory} {problem}"
     problem = parent_problem(directory, uids)
     return f"{directory}: {problem}" if problem else None
+
+
+class UntrustedDirectory(Exception):
+    """``write_private`` refused a directory others could use (the sentence of ``directory_problem``)."""
+
+
+def write_private(
+    path: str, data: bytes, *, prefix: str, trusted_uids: Collection[int] | None = None
+) -> None:
+    """Write ``data`` to ``path`` atomically, mode 0600: its directory made (0700) if missing and
+    checked (``UntrustedDirectory``), a temporary file (``prefix``) written, fsynced and renamed
+    over it, removed on any failure. ``OSError`` for the rest."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    problem = directory_problem(directory, trusted_uids)
+    if problem:
+        raise UntrustedDirectory(problem)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)  # mode 0600, O_EXCL
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -36,14 +36,19 @@ import logging
 import os
 import socket
 import stat
-import tempfile
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from topowatch.core.model import Netconf
 from topowatch.core.pressure import LOWERABLE
 from topowatch.errors import TopowatchError
-from topowatch.trust import default_trusted_uids, directory_problem, trust_problem
+from topowatch.trust import (
+    UntrustedDirectory,
+    default_trusted_uids,
+    directory_problem,
+    trust_problem,
+    write_private,
+)
 
 log = logging.getLogger("topowatch.sysctl")
 
@@ -170,26 +175,11 @@ class TimeoutLedger:
         return cls(os.path.join(state_dir, f"pressure-{netns_key()}.json"))
 
     def save(self, record: LedgerRecord) -> None:
-        directory = os.path.dirname(self.path) or "."
+        data = json.dumps({"saved": record.saved, "written": record.written}, sort_keys=True).encode()
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise SysctlError(f"cannot save the timeouts to restore in {self.path}: {exc.strerror}") from exc
-        problem = directory_problem(directory, self.trusted_uids)
-        if problem:
-            raise SysctlError(f"will not save the timeouts to restore in {self.path}: {problem}")
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=".pressure-", dir=directory)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump({"saved": record.saved, "written": record.written}, f, sort_keys=True)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_private(self.path, data, prefix=".pressure-", trusted_uids=self.trusted_uids)
+        except UntrustedDirectory as exc:
+            raise SysctlError(f"will not save the timeouts to restore in {self.path}: {exc}") from exc
         except OSError as exc:
             raise SysctlError(f"cannot save the timeouts to restore in {self.path}: {exc.strerror}") from exc
 
