@@ -710,7 +710,7 @@ class Reactor:
             return
         mark = trio.current_time()
         eligibility = self.policy().select({("startup", None)}).eligibility
-        sport_matters = await self._mentions_sport(ruleset) or mentions_sport(t0.xfrm_policies)
+        sport_matters = await self._sport_matters(ruleset, t0)  # as the sweep will ask it
 
         def build() -> Classifier:
             self._fib(t0)
@@ -737,6 +737,10 @@ class Reactor:
         if self.ruleset is None or burst.overrun or not getattr(self.backend, "ruleset_events", False):
             return True
         return not burst.kinds or not burst.kinds <= TOPOLOGY_KINDS
+
+    async def _sport_matters(self, ruleset: NatRuleset, topology: Topology) -> bool:
+        """Whether a flow's source port can change its prediction (the ruleset or an xfrm selector)."""
+        return await self._mentions_sport(ruleset) or mentions_sport(topology.xfrm_policies)
 
     async def _mentions_sport(self, ruleset: NatRuleset) -> bool:
         if self._sport_memo is None or self._sport_memo[0] is not ruleset:
@@ -825,7 +829,7 @@ class Reactor:
         fib_t0 = self._fib(self.t0) if self.t0 is not None else None
         fib_before = fib_t0 if not self._sweep_pending else None
         fib_now = self._fib(t1, fib_t0)
-        sport_matters = await self._mentions_sport(ruleset) or mentions_sport(t1.xfrm_policies)
+        sport_matters = await self._sport_matters(ruleset, t1)
         timings["fib"] = clock() - mark
         previous = self.ruleset_t0 if self.ruleset_t0 is not None and fib_before is not None else ruleset
         if previous is not ruleset and previous == ruleset:

@@ -275,8 +275,11 @@ class KernelBackend:
         last = self._last_read
         if last is None:
             return True
-        now = await trio.to_thread.run_sync(self._generation)
-        return now is None or now == last[0]
+        return await trio.to_thread.run_sync(self._unmoved, last)
+
+    def _unmoved(self, last: tuple[int, RulesetRead, NatRuleset] | None) -> bool:
+        """No nftables commit since the read ``last`` began (its generation id; unknown: none)."""
+        return last is None or self._generation() in (None, last[0])
 
     def _recheck_legacy(self) -> None:
         """Wake the legacy poll if a legacy nat table exists now (a /proc read; never instantiates one)."""
@@ -370,14 +373,11 @@ class KernelBackend:
                 early.why_not = f"cannot open a second ctnetlink socket: {exc.strerror}"
                 return None
         last = self._last_read
-        generation = self._generation
 
         def go() -> bool:
             # The ruleset as read for this reaction: no ruleset event the reactor has counted since
-            # (``early.go``), and no nftables commit since its read began (the generation id).
-            if not early.go():
-                return False
-            return last is None or generation() in (None, last[0])
+            # (``early.go``), and no nftables commit since its read began.
+            return early.go() and self._unmoved(last)
 
         return Overlap(self._ct_early, early.still, go)
 
