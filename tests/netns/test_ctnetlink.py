@@ -422,11 +422,14 @@ def test_recv_burst_concatenates_pads_and_sees_the_end() -> None:
 def set_status(ct: Conntrack, entry: Entry, status: int) -> None:
     """Change a live entry's status bits (IPCTNL_MSG_CT_NEW without NLM_F_CREATE: an update)."""
     seq = ct._next_seq()
-    msg = ctcodec.encode_message(ctcodec.IPCTNL_MSG_CT_NEW, ctcodec.NLM_F_REQUEST, seq, entry.family, [
+    attrs = [
         (ctcodec.CTA_TUPLE_ORIG, ctcodec.encode_tuple(ctcodec.CTA_TUPLE_ORIG, entry.family, entry.proto,
                                                       entry.orig)),
         (ctcodec.CTA_STATUS, ctcodec.nla(ctcodec.CTA_STATUS, ctcodec.be32(status))),
-    ])  # fmt: skip
+    ]  # fmt: skip
+    if entry.zone:  # the entry is found in its own zone only (the dump's order may pick the zoned one)
+        attrs.append((ctcodec.CTA_ZONE, ctcodec.nla(ctcodec.CTA_ZONE, ctcodec.be16(entry.zone))))
+    msg = ctcodec.encode_message(ctcodec.IPCTNL_MSG_CT_NEW, ctcodec.NLM_F_REQUEST, seq, entry.family, attrs)
     out = ct._transact([msg], seq)
     assert out.errors == {}, out.errors
 
