@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import trio
@@ -66,7 +66,7 @@ class FakeBackend:
         self.rulesets_read += 1
         if self.ruleset_error:
             raise RulesetError("nft: syntax error")
-        return cast(NatRuleset, object())
+        return NatRuleset()
 
     async def entries(self, eligibility: Eligibility) -> list[Entry]:
         return [e for e in self.table if eligibility.admits(e)]
@@ -318,6 +318,28 @@ async def test_startup_sweep(autojump_clock: trio.testing.MockClock) -> None:
         nursery.cancel_scope.cancel()
     assert [r.trigger for r in reactor.reactions] == ["startup sweep"]
     assert len(backend.deleted) == 2
+
+
+async def test_the_startup_sweep_waits_for_no_debounce_but_a_startup_burst_with_events_does(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Alone, the startup trigger has nothing to coalesce with: its latency is its own work (none
+    # here, on the mock clock), not the 5 s quiet gap that events wait for.
+    backend = FakeBackend()
+    backend.topo = B
+    reactor = Reactor(backend, ReactorConfig(debounce=5.0, max_wait=5.0), predictor=stale_when_up2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reactor.run)
+        await trio.sleep(1)
+        assert [r.trigger for r in reactor.reactions] == ["startup sweep"]
+        assert reactor.reactions[0].latency < 1.0
+        # An event after it waits for its quiet gap, as any.
+        await backend.send.send(Trigger("rtnl", "route added: x", kind="route"))
+        await trio.sleep(4)
+        assert len(reactor.reactions) == 1
+        await trio.sleep(2)
+        assert len(reactor.reactions) == 2
+        nursery.cancel_scope.cancel()
 
 
 async def test_source_that_cannot_subscribe_fails_startup() -> None:

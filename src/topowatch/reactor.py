@@ -65,7 +65,7 @@ from topowatch.core.decide import (
     mentions_sport,
 )
 from topowatch.core.eligibility import Eligibility
-from topowatch.core.evaluate import predict
+from topowatch.core.evaluate import index_rules, predict
 from topowatch.core.fib import Fib
 from topowatch.core.flow import Flow, Prediction, proto_name
 from topowatch.core.impact import Impact, impact, prepare, prepared
@@ -636,7 +636,9 @@ class Reactor:
 
     async def _collect(self) -> Burst:
         await self._arrived.wait()
-        while True:
+        # The startup sweep alone waits for no quiet gap: nothing is coming to coalesce with it
+        # (events of the warm-up are in its burst already; a later one gets its own reaction).
+        while self._burst.kinds != {"startup"}:
             self._arrived = trio.Event()
             policy = self.policy()
             debounce = self.config.debounce if self.config.debounce is not None else policy.debounce
@@ -714,6 +716,7 @@ class Reactor:
 
         def build() -> Classifier:
             self._fib(t0)
+            index_rules(ruleset)  # the chains' rule indexes, which the sweep's predictions read
             classifier = Classifier.build([t0], [ruleset], eligibility, sport_matters=sport_matters)
             if classifier.exact:
                 classifier.packed()  # the compiled scan's tables (kept by the classifier)

@@ -154,6 +154,25 @@ def test_a_thousand_port_forwards_reach_one_rule() -> None:
     assert all(_rule_plan(r)[1] for r in forwards)
 
 
+def test_index_rules_builds_each_long_chains_index_before_the_first_prediction() -> None:
+    """The daemon's warm-up builds them before "ready" (the startup sweep's first prediction
+    would otherwise pay about 0.1 s per 2,000-rule chain); a short chain gets none."""
+    forwards = tuple(Rule(i, (Match(sel(Key.IIFNAME), Op.EQ, NameSet(frozenset({"up2"})), 'iifname "up2"'),
+                              Match(sel(Key.DPORT, proto=17), Op.EQ, ints((20000 + i, 20000 + i)),
+                                    f"udp dport {20000 + i}"), Verdict(VerdictKind.ACCEPT)))
+                     for i in range(2 * ruleindex.MIN_INDEXED))  # fmt: skip
+    long = Chain("ip", "t", "pre", forwards)
+    short = Chain("ip", "t", "post", forwards[:3])
+    rs = NatRuleset((long, short))
+    evaluate._INDEXES.clear()
+    evaluate.index_rules(rs)
+    assert set(evaluate._INDEXES) == {id(long), id(short)}
+    assert evaluate._INDEXES[id(long)][1] is not None and evaluate._INDEXES[id(short)][1] is None
+    built = evaluate._INDEXES[id(long)][1]
+    evaluate.index_rules(rs)  # once: the same index is kept
+    assert evaluate._INDEXES[id(long)][1] is built
+
+
 # --- the evaluator with and without the index ------------------------------------------------
 
 IIFNAME, OIFNAME, MARK = {"meta": {"key": "iifname"}}, {"meta": {"key": "oifname"}}, {"meta": {"key": "mark"}}

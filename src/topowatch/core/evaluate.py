@@ -845,6 +845,13 @@ def _chain_index(chain: Chain) -> ruleindex.ChainIndex | None:
     return index
 
 
+def index_rules(ruleset: NatRuleset) -> None:
+    """Build the rule indexes of ``ruleset``'s chains now (``predict`` builds each on first use:
+    about 0.1 s for a chain of 2,000 rules, on the clock of the first judgement that reaches it)."""
+    for chain in ruleset.chains:
+        _chain_index(chain)
+
+
 def _order(chain: Chain, packet: _Packet) -> Sequence[int]:
     """The positions of the rules of ``chain`` that ``packet`` may reach, ascending (``core.ruleindex``)."""
     index = _chain_index(chain)

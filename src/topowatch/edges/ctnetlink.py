@@ -104,8 +104,11 @@ RECHECK_ROUNDS = 3
 RECHECK_RECV_BYTES = 256 << 10  # one receive of a batch's answers (a few hundred bytes each)
 # The pipelined dump (``Conntrack._pipelined``): bytes per burst, free room that ends a burst
 # (a dump datagram is at most 32 KiB), bursts held ahead of the judging, and the reader's
-# poll, which also bounds how long closing it waits.
-PIPELINE_CHUNK = 4 << 20
+# poll, which also bounds how long closing it waits. A burst ends at 1 MiB: the kernel fills the
+# next datagram inside each recv, so a reader never waits and a 4 MiB burst held a filtered
+# dump's whole answer (2.6 MB: 16k UNREPLIED entries of 160k), judged only after the kernel's
+# walk ended (``bench/pipeline.py``: 25 ms over the undecoded dump at 4 MiB, 3 ms at 1 MiB).
+PIPELINE_CHUNK = 1 << 20
 PIPELINE_ROOM = 64 << 10
 PIPELINE_DEPTH = 4
 PIPELINE_POLL_MS = 100
