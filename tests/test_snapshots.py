@@ -24,7 +24,8 @@ import trio
 import trio.testing
 
 from topowatch import cli, nslock, snapshots
-from topowatch.core.model import Link, Route, Topology
+from topowatch.core.livetopology import LiveTopology
+from topowatch.core.model import Link, Route, RouteList, Topology
 from topowatch.core.nat import NatRuleset
 from topowatch.corpus import default_corpus, json_rules
 from topowatch.edges import rtnl
@@ -115,6 +116,37 @@ def test_the_writer_encodes_again_only_what_changed() -> None:
     assert enc.encode(CHANGED).startswith(first[:50])
     kept = [k for k in hits if k in enc._new and enc._new[k] is hits[k]]
     assert len(kept) >= len(TOPOLOGY.routes)  # every unchanged route's text was reused
+
+
+def test_values_met_whole_are_kept_for_the_file_after_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's files: the whole table, then the same T0 again (met whole, nothing encoded),
+    then a T0 with one more route in its last chunk: only that route, its chunk and the
+    containers around it are encoded, never the table's other routes (before: all of them)."""
+    live = LiveTopology.seed(TOPOLOGY)
+    assert live is not None
+    enc = snapshots._Encoder()
+    t0 = live.snapshot()
+    assert isinstance(t0.routes, RouteList) and len(t0.routes.chunks) >= 1
+    enc.encode(t0)
+    enc.done()
+    encoded: list[object] = []
+    real = snapshots._Encoder._encode
+
+    def counting(self: snapshots._Encoder, value: object) -> str:
+        encoded.append(value)
+        return real(self, value)
+
+    monkeypatch.setattr(snapshots._Encoder, "_encode", counting)
+    enc.encode(replace(t0, netconf_known=not t0.netconf_known))  # a new Topology around the same values
+    enc.done()
+    assert [type(v) for v in encoded] == [Topology]
+    encoded.clear()
+    added = Route(IPv4Network("198.18.0.0/15"))
+    assert live.apply("route", True, added)
+    text = enc.encode(live.snapshot())
+    routes = [v for v in encoded if isinstance(v, Route)]
+    assert routes == [added]  # the other routes' texts were kept through the file that met them whole
+    assert snapshots._tuples(json.loads(text, object_hook=snapshots._decode_object)) == live.snapshot()
 
 
 def test_a_value_outside_the_registry_is_refused() -> None:

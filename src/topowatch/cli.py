@@ -431,6 +431,7 @@ async def reload_policies(store: PolicyStore, timeout: float = RELOAD_TIMEOUT) -
 
 async def _run_daemon(args: argparse.Namespace) -> int:
     from topowatch import netnswatch
+    from topowatch.collector import settle
     from topowatch.edges.kernel import KernelBackend
     from topowatch.edges.sysctl import TimeoutLedger
     from topowatch.nslock import acquire
@@ -449,6 +450,7 @@ async def _run_daemon(args: argparse.Namespace) -> int:
         max_deletions=args.max_deletions,
         startup_sweep=not args.no_startup_sweep,
         background_details=True,
+        settle=settle,
     )
     backend = KernelBackend()
     reactor = Reactor(backend, config, policy=lambda: store.current)

@@ -46,7 +46,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from types import ModuleType
@@ -229,6 +229,9 @@ def _fields(cls: type) -> tuple[tuple[str, Any], ...]:
     return found
 
 
+_PLAIN = (bool, int, str, float)
+
+
 class _Encoder:
     """Values to JSON text. An object met in the last file written (a Route unchanged since, the
     same tuple of routes) is not encoded again: its text is kept, by identity, for one more file.
@@ -252,13 +255,45 @@ class _Encoder:
         if type(value) is int:
             return str(value)
         key = id(value)
-        hit = self._new.get(key) or self._old.get(key)
+        hit = self._new.get(key)
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        hit = self._old.get(key)
         if hit is not None and hit[0] is value:
             self._new[key] = hit
+            self._carry(value, deep=True)
             return hit[1]
         text = self._encode(value)
         self._new[key] = (value, text)  # the value is kept alive, so its id is not reused meanwhile
         return text
+
+    def _carry(self, value: object, *, deep: bool) -> None:
+        """Keep the texts of what a value met again holds, for the next file: the next snapshot
+        rebuilds its containers (a new tuple of routes, a new Topology) around the same values.
+
+        Into containers and, with ``deep``, into a value's fields; an element of a container is
+        kept alone (its own fields are needed only to encode it, and it is never encoded again
+        while it lives). Without this a value held by a container met whole was forgotten after
+        one file, and the file after re-encoded every route (0.5-1 s at 10,000 routes)."""
+        if isinstance(value, tuple | frozenset):
+            children: Iterable[object] = value
+        elif isinstance(value, RouteList):
+            children = value.chunks
+        elif deep and dataclasses.is_dataclass(value) and not isinstance(value, type):
+            children = (getattr(value, name) for name, _ in _fields(type(value)))
+        else:
+            return
+        old, new = self._old, self._new
+        for child in children:
+            if child is None or type(child) in _PLAIN:
+                continue
+            key = id(child)
+            if key in new:
+                continue
+            hit = old.get(key)
+            if hit is not None and hit[0] is child:
+                new[key] = hit
+                self._carry(child, deep=False)
 
     def _encode(self, value: object) -> str:
         cls = type(value)
