@@ -438,6 +438,9 @@ class Reaction:
     counts: tuple[int, int] | None = None
     # False for a reaction whose change could re-NAT no flow: it made no conntrack dump.
     dumped: bool = True
+    # ``summary`` once made (the log, sd_notify and D-Bus read it; reading the codes of 100,000
+    # stale records takes tens of ms). Not carried by ``replace``: ``brief`` starts empty.
+    _memo: dict[str, str] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def debounce_wait(self) -> float:
         """The part of the latency spent waiting for the burst to end (before the first phase)."""
@@ -464,6 +467,12 @@ class Reaction:
 
     def summary(self) -> str:
         """One line a person reads at a glance: what changed, what was found, what was done, how long."""
+        text = self._memo.get("summary")
+        if text is None:
+            text = self._memo["summary"] = self._summary()
+        return text
+
+    def _summary(self) -> str:
         p = self.plan
         what = self.trigger
         if self.change:

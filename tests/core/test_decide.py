@@ -1042,3 +1042,22 @@ def test_a_port_only_dnat_is_stale_once_no_rule_binds_the_destination(raw: bool)
             decider.add(e)
     plan = decider.plan()
     assert [(d.entry, d.side, d.code) for d in plan.stale] == [(moved, "dnat", "nat_now_none")]
+
+
+def test_the_codes_of_stale_records_are_read_once_and_handed_out_as_copies() -> None:
+    """The summary, the JSON record and the metrics each ask for the codes of a compiled scan's
+    stale records (a Python loop over every record): the records are read once."""
+    from topowatch.core.decide import STALE_RECORD, StaleDecisions
+
+    reads: list[int] = []
+
+    def codes() -> list[str]:
+        reads.append(1)
+        return ["snat_changed", "snat_changed"]
+
+    records = bytes(2 * STALE_RECORD.size)
+    stale = StaleDecisions((), records, lambda i: NotImplemented, lambda i: NotImplemented, codes)
+    first = stale.codes()
+    first.append("mutated by a caller")
+    assert stale.codes() == ["snat_changed", "snat_changed"]
+    assert reads == [1]

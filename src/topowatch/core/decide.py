@@ -872,19 +872,24 @@ class StaleEntries(_Lazy[Entry]):
 class StaleDecisions(_Lazy[Decision]):
     """``FlushPlan.stale`` when a compiled scan kept stale entries as records (see above)."""
 
-    __slots__ = ("_codes", "_entry")
+    __slots__ = ("_codes", "_entry", "_codes_read")
 
     def __init__(self, head: Sequence[Decision], records: bytes, build: Callable[[int], Decision],
                  entry: Callable[[int], Entry], codes: Callable[[], list[str]]) -> None:  # fmt: skip
         super().__init__(head, records, build)
         self._entry = entry
         self._codes = codes
+        self._codes_read: list[str] | None = None
 
     def codes(self) -> list[str]:
-        """Each decision's ``code``, in order, read from the records without building them."""
-        if self._all is not None:
-            return [d.code for d in self._all]
-        return [d.code for d in self.head] + self._codes()
+        """Each decision's ``code``, in order, read from the records without building them (once:
+        the summary, the JSON record and the metrics each ask)."""
+        if self._codes_read is None:
+            if self._all is not None:
+                self._codes_read = [d.code for d in self._all]
+            else:
+                self._codes_read = [d.code for d in self.head] + self._codes()
+        return list(self._codes_read)
 
     def at(self, index: int) -> Decision:
         """One decision, built alone (the others stay records)."""
