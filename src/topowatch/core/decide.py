@@ -872,7 +872,7 @@ class StaleEntries(_Lazy[Entry]):
 class StaleDecisions(_Lazy[Decision]):
     """``FlushPlan.stale`` when a compiled scan kept stale entries as records (see above)."""
 
-    __slots__ = ("_codes", "_entry", "_codes_read")
+    __slots__ = ("_codes", "_codes_read", "_entry")
 
     def __init__(self, head: Sequence[Decision], records: bytes, build: Callable[[int], Decision],
                  entry: Callable[[int], Entry], codes: Callable[[], list[str]]) -> None:  # fmt: skip
