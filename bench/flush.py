@@ -495,6 +495,7 @@ DEBOUNCE = 0.01  # seconds; --debounce changes it (the issue's time includes it:
 # deletes may overlap the dump: ``edges.overlap``), "stale" twice K (above K, below the table's
 # size: the deletes wait for the dump's end, as under the default cap of 100,000). --cap.
 CAP = "table"
+WRAP: tuple[str, ...] = ()  # --wrap: a command the daemon runs under (a profiler)
 
 POLICY = """\
 # bench/flush.py: every trigger, UNREPLIED entries only, a cap far above the scenario's stale count.
@@ -529,7 +530,7 @@ def run_topowatch(bench: Bench, sc: Scenario, idle: float) -> dict[str, Any]:
                                  "--max-deletions", str(cap), "--log-format", "json")
         if not sweep:
             args += ("--no-startup-sweep",)
-        with Daemon(bench.router, *args) as daemon:
+        with Daemon(bench.router, *args, prefix=WRAP) as daemon:
             if daemon.wait_for("ready", 60) is None:
                 raise SystemExit("topowatch did not become ready:\n" + "\n".join(daemon.lines))
             pid = daemon.proc.pid
@@ -996,9 +997,11 @@ def main(argv: list[str] | None = None) -> int:
         "that is at least the kernel's table size) or twice the stale count (they wait for the dump's end)",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--wrap", default="", help="a command the daemon runs under, split at spaces "
+                        "(a profiler that ends with the daemon; its times are then not the daemon's)")
     args = parser.parse_args(argv)
-    global DEBOUNCE, CAP  # one setting for the whole run
-    DEBOUNCE, CAP = args.debounce, args.cap
+    global DEBOUNCE, CAP, WRAP  # one setting for the whole run
+    DEBOUNCE, CAP, WRAP = args.debounce, args.cap, tuple(args.wrap.split())
     if os.geteuid() != 0:
         print("bench/flush.py needs root (namespaces, conntrack)", file=sys.stderr)
         return 2
