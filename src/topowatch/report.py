@@ -99,6 +99,9 @@ def reason_json(reason: Reason) -> JsonObject:
         obj["rules"] = [rule_json(line) for line in reason.rules]
     if reason.cause:
         obj["cause"] = reason.cause
+    if reason.cause_rule is not None:
+        rule = reason.cause_rule
+        obj["cause_rule"] = {"chain": rule.chain, "handle": rule.handle or None, "rule": rule.text}
     if reason.ruleset_changed:
         obj["ruleset_changed"] = True
     if reason.keeps:

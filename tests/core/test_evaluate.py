@@ -453,6 +453,25 @@ def test_unknown_reason_names_rule_and_expression() -> None:
     assert p.snat.reason.endswith("unmodelled expression: xt match policy")
 
 
+def test_an_unknown_names_the_rule_that_made_it_as_a_field() -> None:
+    """``Unknown.rule`` (``Reason.cause_rule``): the chain and handle of the rule whose expression
+    could not be evaluated, on each side it reaches, whether a branch met it (an unknown match)
+    or the hook's run stopped there (an unmodelled statement)."""
+    rs = ruleset(post([m(meta("mark"), 1), MASQ]), post([oifname("up1"), XT_POLICY, ACCEPT], [MASQ], family="inet"))
+    chain = rs.chains[1]
+    p = predict(rs, FakeFib(), udp())
+    assert isinstance(p.snat, Unknown)
+    assert p.snat.rule == RuleRef("table inet nat chain postrouting", chain.rules[0].handle,
+                                  'oifname "up1" xt match policy accept')
+    assert p.snat.rule is not None and str(p.snat.rule) in p.snat.reason  # the text names the same rule
+    dnat_side = predict(ruleset(pre([XT_POLICY, dnat("10.0.0.53")]), post([MASQ])), FakeFib(), udp())
+    assert isinstance(dnat_side.dnat, Unknown) and isinstance(dnat_side.snat, Unknown)
+    assert dnat_side.dnat.rule is not None and dnat_side.dnat.rule.chain == "table ip nat chain prerouting"
+    assert dnat_side.snat.rule == dnat_side.dnat.rule
+    # A FIB unknown names no rule.
+    assert Unknown("x") == Unknown("x", dnat_side.dnat.rule)  # the field does not take part in equality
+
+
 def test_explain_names_the_binding_rule() -> None:
     rs = ruleset(post([oifname("up1"), MASQ], family="inet"))
     p = predict(rs, FakeFib(), udp())

@@ -98,6 +98,13 @@ RENDERED = [  # name, reason, text
     ("unknown nat, no previous snapshot",
      Reason(ReasonCode.UNKNOWN_NAT, "dnat", NO_NAT, SERVER, SERVER, egress=(UP2,), cause="xt match"),
      "destination NAT cannot be predicted: xt match"),
+    ("unknown nat, the rule that made it so as a field",
+     Reason(ReasonCode.UNKNOWN_NAT, "dnat", NO_NAT, SERVER, SERVER, egress=(UP2,),
+            cause="table ip nat chain prerouting handle 7: xt match policy dnat to 10.0.0.53: unmodelled "
+                  "expression: xt match policy",
+            cause_rule=RuleRef("table ip nat chain prerouting", 7, "xt match policy dnat to 10.0.0.53")),
+     "destination NAT cannot be predicted: table ip nat chain prerouting handle 7: xt match policy dnat to "
+     "10.0.0.53: unmodelled expression: xt match policy"),
     ("unknown nat, same egress, another ruleset",
      Reason(ReasonCode.UNKNOWN_NAT, "snat", NO_NAT, CLIENT, CLIENT, egress=(UP2,), egress_before=(UP2,),
             cause="xt match", ruleset_changed=True),
@@ -215,6 +222,8 @@ def from_json(obj: dict[str, Any]) -> Reason:
         ip_address(obj["translated"]) if "translated" in obj else None,
         tuple(b for b in map(_binding, obj.get("expected", ())) if b is not None),
         _egress(obj.get("egress")), _egress(obj.get("egress_before")), rules, obj.get("cause", ""),
+        RuleRef(obj["cause_rule"]["chain"], obj["cause_rule"]["handle"] or 0, obj["cause_rule"]["rule"])
+        if "cause_rule" in obj else None,
         obj.get("ruleset_changed", False), tuple(map(_way, obj.get("keeps", ()))),
         tuple(map(_way, obj.get("ways", ()))), obj.get("history", ""), obj.get("verdict", ""),
     )  # fmt: skip

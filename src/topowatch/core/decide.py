@@ -196,6 +196,7 @@ def _side(
         why = Reason(
             code or ReasonCode.UNKNOWN_NAT, side, actual, original, translated, egress=prediction.egress,
             egress_before=before.egress if before is not None else None, cause=predicted.reason,
+            cause_rule=predicted.rule,
             ruleset_changed=code is None,
         )
         stale = code is ReasonCode.EGRESS_CHANGED_UNKNOWN_NAT

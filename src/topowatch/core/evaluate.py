@@ -217,17 +217,19 @@ _Outcome = _Bound | _BoundAny | _Dropped | _Null | _Marks
 class _Choice(Exception):
     """A run reached an unknown match that its tape of choices does not cover."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, rule: RuleRef | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.rule = rule  # the rule it was met in (``_Evaluator._run_chain`` names it)
 
 
 class _Unmodelled(Exception):
     """A run reached something whose effect is not modelled: the hook's answer is unknown."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, rule: RuleRef | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.rule = rule
 
 
 class _Tape:
@@ -249,22 +251,26 @@ def _explore(run: Callable[[_Tape], _Outcome]) -> _Outcome | Unknown:
     pending: list[tuple[bool, ...]] = [()]
     outcomes: list[_Outcome] = []
     first_unknown: str | None = None
+    first_rule: RuleRef | None = None
     runs = 0
     while pending:
         runs += 1
         if runs > MAX_BRANCHES:
-            return Unknown(f"{first_unknown} (and too many unknown matches to follow)")
+            return Unknown(f"{first_unknown} (and too many unknown matches to follow)", first_rule)
         choices = pending.pop()
         try:
             outcomes.append(run(_Tape(choices)))
         except _Choice as choice:
-            first_unknown = first_unknown or choice.reason
+            if first_unknown is None:
+                first_unknown, first_rule = choice.reason, choice.rule
             pending.extend([(*choices, False), (*choices, True)])
         except _Unmodelled as unmodelled:
-            return Unknown(unmodelled.reason if first_unknown is None else first_unknown)
+            if first_unknown is None:
+                return Unknown(unmodelled.reason, unmodelled.rule)
+            return Unknown(first_unknown, first_rule)
         if len({o.value for o in outcomes}) > 1:
             assert first_unknown is not None
-            return Unknown(first_unknown)
+            return Unknown(first_unknown, first_rule)
     return outcomes[0]
 
 
@@ -468,7 +474,12 @@ class _Evaluator:
             position = order[at]
             rule = chain.rules[position]
             index, at = position + 1, at + 1
-            step = self._run_rule(chain, rule, side, tape)
+            try:
+                step = self._run_rule(chain, rule, side, tape)
+            except (_Choice, _Unmodelled) as unknown:
+                if unknown.rule is None:
+                    unknown.rule = RuleRef(chain.describe(), rule.handle, rule.text)
+                raise
             if step is None:
                 continue
             if isinstance(step, _Bound | _BoundAny | _Dropped):
@@ -485,11 +496,13 @@ class _Evaluator:
             target = self.ruleset.chain(chain.family, chain.table, step.target or "")
             if target is None or target.is_base:
                 where = self.ruleset.describe_rule(chain, rule)
-                raise _Unmodelled(f"{where}: {step.kind.value} to a chain not in the ruleset")
+                raise _Unmodelled(f"{where}: {step.kind.value} to a chain not in the ruleset",
+                                  RuleRef(chain.describe(), rule.handle, rule.text))
             if step.kind is VerdictKind.JUMP:
                 stack.append((chain, index, order, at, seen))
             if len(stack) >= MAX_JUMP_DEPTH:
-                raise _Unmodelled(f"{self.ruleset.describe_rule(chain, rule)}: jumps nest too deep")
+                raise _Unmodelled(f"{self.ruleset.describe_rule(chain, rule)}: jumps nest too deep",
+                                  RuleRef(chain.describe(), rule.handle, rule.text))
             seen = self._marked or side.packet
             chain, index, order, at = target, 0, _order(target, seen), 0
 
@@ -963,8 +976,9 @@ def _rules_of(outcomes: Iterable[_Outcome]) -> tuple[RuleRef, ...]:
                                if isinstance(o, _Bound | _BoundAny | _Dropped) and o.rule is not None))
 
 
-def _unknown_all(ingress: Ingress | None | Unknown, reason: str, explain: tuple[str, ...] = ()) -> Prediction:
-    unknown = Unknown(reason)
+def _unknown_all(ingress: Ingress | None | Unknown, reason: str, explain: tuple[str, ...] = (),
+                 rule: RuleRef | None = None) -> Prediction:  # fmt: skip
+    unknown = Unknown(reason, rule)
     return Prediction(dnat=unknown, snat=unknown, egress=unknown, ingress=ingress, explain=explain)
 
 
@@ -1021,7 +1035,7 @@ def _union_side(sides: list[tuple[str, frozenset[Binding] | Unknown]]) -> frozen
     found: set[Binding] = set()
     for name, side in sides:
         if isinstance(side, Unknown):
-            return Unknown(f"arriving on {name}: {side.reason}")
+            return Unknown(f"arriving on {name}: {side.reason}", side.rule)
         found |= side
     return frozenset(found)
 
@@ -1310,7 +1324,7 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
         side = _Side(hook, dnat_chains, packet, DNAT_KINDS, ingress)
         outcome = ev.hook(side)
         if isinstance(outcome, Unknown):
-            return _unknown_all(ingress, f"dnat unknown: {outcome.reason}")
+            return _unknown_all(ingress, f"dnat unknown: {outcome.reason}", rule=outcome.rule)
         dnat_outcomes.append(outcome)
 
     dnat: set[Binding] = set()
@@ -1374,8 +1388,10 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
                                       ingress=ingress, explain=explain)
                 if isinstance(at_snat, Unknown):
                     if snat_unknown is None:
-                        snat_unknown = Unknown(f"snat unknown via {out.describe()}: {at_snat.reason}")
-                    by_path[out] = Unknown(f"snat unknown via {out.describe()}: {at_snat.reason}")
+                        snat_unknown = Unknown(f"snat unknown via {out.describe()}: {at_snat.reason}",
+                                               at_snat.rule)
+                    by_path[out] = Unknown(f"snat unknown via {out.describe()}: {at_snat.reason}",
+                                           at_snat.rule)
                     continue
                 if isinstance(at_snat, _Dropped):
                     named.append(at_snat)
@@ -1387,8 +1403,9 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
                 if isinstance(result, Unknown):
                     # Keep going: the egress set stays known and complete.
                     if snat_unknown is None:
-                        snat_unknown = Unknown(f"snat unknown via {out.describe()}: {result.reason}")
-                    by_path[out] = Unknown(f"snat unknown via {out.describe()}: {result.reason}")
+                        snat_unknown = Unknown(f"snat unknown via {out.describe()}: {result.reason}",
+                                               result.rule)
+                    by_path[out] = Unknown(f"snat unknown via {out.describe()}: {result.reason}", result.rule)
                     continue
                 named.append(result)
                 if isinstance(result, _Dropped):

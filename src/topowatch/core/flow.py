@@ -17,7 +17,7 @@ This module never performs I/O.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from topowatch.core.model import AF_INET, IPAddress, IPNetwork
 
@@ -53,9 +53,14 @@ def proto_name(proto: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Unknown:
-    """A three-valued "don't know", with the reason a person can read."""
+    """A three-valued "don't know", with the reason a person can read.
+
+    ``rule``: the ruleset rule whose match or statement could not be evaluated,
+    where one did (``Reason.cause_rule``); it does not take part in equality.
+    """
 
     reason: str
+    rule: RuleRef | None = field(default=None, compare=False)
 
     def __bool__(self) -> bool:
         # Guard against ``if result:`` treating unknown as true or false.

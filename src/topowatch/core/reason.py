@@ -117,7 +117,8 @@ class Reason:
     NAT). The changed codes: ``expected`` (sorted), ``egress`` and ``rules``;
     or, where every way the flow may have come refuses it, ``ways`` (and
     ``expected`` the bindings they give). The unknown codes: ``cause``,
-    ``egress`` and, with a previous snapshot, ``egress_before``;
+    ``cause_rule`` (where a rule made it unknown), ``egress`` and, with a
+    previous snapshot, ``egress_before``;
     ``ruleset_changed`` where that snapshot had another ruleset.
     UNKNOWN_INGRESS: ``keeps`` (ways that keep the bindings), ``ways``
     (those an old entry may have come by) and ``history``.
@@ -134,6 +135,8 @@ class Reason:
     egress_before: EgressSet | None = None
     rules: tuple[RuleLine, ...] = ()
     cause: str = ""
+    # The rule whose match or statement made the NAT unpredictable, where one did.
+    cause_rule: RuleRef | None = None
     ruleset_changed: bool = False
     keeps: tuple[Way, ...] = ()
     ways: tuple[Way, ...] = ()
