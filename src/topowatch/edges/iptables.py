@@ -92,6 +92,11 @@ from topowatch.core.nat import (
     UnknownStatement,
     Verdict,
     VerdictKind,
+    make_interval,
+    make_match,
+    make_nat,
+    make_rule,
+    make_selector,
 )
 from topowatch.edges.bulkparse import Budget, gc_paused
 from topowatch.edges.nft import PARSE_TIMEOUT, read_ruleset, run_ruleset_tool
@@ -851,7 +856,7 @@ def _fast_proto(arg: str) -> tuple[int | None, tuple[Expression, ...]]:
 
 @functools.lru_cache(maxsize=1024)
 def _point(value: int) -> IntervalSet:
-    return IntervalSet(((value, value),))
+    return make_interval(value, value)
 
 
 def _fast_ports(module: str, sport: str | None, dport: str | None, family: int) -> list[Expression]:
@@ -859,7 +864,7 @@ def _fast_ports(module: str, sport: str | None, dport: str | None, family: int) 
     number = _PORT_KEYS[module]
     if sport is None and dport is not None and int(dport) <= 0xFFFF:  # the usual one
         text = f"-m {module} --dport {dport}"
-        return [Match(Selector(Key.DPORT, text, None, number), Op.EQ, _point(int(dport)), text)]
+        return [make_match(make_selector(Key.DPORT, text, None, number), Op.EQ, _point(int(dport)), text)]
     out: list[Expression] = []
     for key, flag, value in ((Key.SPORT, "--sport", sport), (Key.DPORT, "--dport", dport)):
         if value is None:
@@ -895,7 +900,7 @@ def _fast_target(name: str, options: str, family: int, chains: set[str]) -> list
                 addr, ports = _nat_quad(arg) if family == AF_INET else _nat_range(arg, family)
                 if addr is not None or name == "DNAT":
                     kind = NatKind.SNAT if name == "SNAT" else NatKind.DNAT
-                    return [NatStatement(kind, f"-j {name}{options}", family, addr, ports)]
+                    return [make_nat(kind, f"-j {name}{options}", family, addr, ports)]
             except (_NotModelled, ValueError, IndexError):
                 pass  # the general reader says how
     opts: list[_Option] = []
@@ -946,12 +951,12 @@ def _fast_rules(
         text = text.replace('"', "'" if not word or _NEEDS_QUOTES.search(word) else "")
     if dst is None:
         if src is None:
-            return [Rule(handle, tuple(exprs), text=text)]
+            return [make_rule(handle, tuple(exprs), text)]
         if "," not in src:
-            return [Rule(handle, (_addr_match("-s", src, False, family), *exprs), text=text)]
+            return [make_rule(handle, (_addr_match("-s", src, False, family), *exprs), text)]
     sources = [_addr_match("-s", a, False, family) for a in src.split(",")] if src is not None else [None]
     dests = [_addr_match("-d", a, False, family) for a in dst.split(",")] if dst is not None else [None]
-    return [Rule(handle, (*[e for e in (s, d) if e is not None], *exprs), text=text)
+    return [make_rule(handle, (*[e for e in (s, d) if e is not None], *exprs), text)
             for s in sources for d in dests]
 
 
@@ -1300,10 +1305,11 @@ def _options_key(options: list[_Option]) -> tuple[tuple[str, tuple[str, ...], bo
 def _addr_match(flag: str, addr: str, invert: bool, family: int) -> Expression:
     text = f"{'! ' if invert else ''}{flag} {addr}"
     try:
-        values = IntervalSet((_addr_interval(addr, family),), _version(family))
+        lo, hi = _addr_interval(addr, family)
     except _NotModelled as exc:
         return UnknownMatch(str(exc), text)
-    return Match(_addr_selector(flag, family), Op.NE if invert else Op.EQ, values, text)
+    values = make_interval(lo, hi, 4 if family == AF_INET else 6)
+    return make_match(_addr_selector(flag, family), Op.NE if invert else Op.EQ, values, text)
 
 
 @functools.lru_cache(maxsize=8)
