@@ -687,6 +687,7 @@ _SELECTOR = _slot_setters(
 _INTERVALS = _slot_setters(IntervalSet, ("intervals", "version"))
 _NAMES = _slot_setters(NameSet, ("exact", "prefixes", "indexes"))
 _NAT = _slot_setters(NatStatement, ("kind", "text", "family", "addr", "ports", "flags"))
+_SNAT, _DNAT = NatKind.SNAT, NatKind.DNAT  # an Enum member read through its class is a lookup each time
 
 
 def make_rule(handle: int, exprs: tuple[Expression, ...], text: str = "", comment: str | None = None) -> Rule:
@@ -766,7 +767,7 @@ def make_nat(kind: NatKind, text: str, family: int | None, addr: tuple[IPAddress
     inside 0-65535; anything else goes through the class.
     """
     if (
-        (kind is not NatKind.SNAT and kind is not NatKind.DNAT)
+        (kind is not _SNAT and kind is not _DNAT)
         or addr is None or addr[0] is not addr[1]
         or (ports is not None and not 0 <= ports[0] <= ports[1] <= 0xFFFF)
     ):

@@ -88,6 +88,11 @@ from topowatch.core.nat import (
     Verdict,
     VerdictKind,
     VerdictMap,
+    make_interval,
+    make_match,
+    make_names,
+    make_nat,
+    make_rule,
 )
 from topowatch.edges.bulkparse import Budget, ParseTooSlow, gc_paused
 from topowatch.errors import MissingTool, PermissionDenied, RulesetError
@@ -1101,7 +1106,7 @@ def _rule_of(item: _Item, key: _Key, sets: _SetTable,
     family, table = key[0], key[1]
     if expression is None:
         return parse_rule(exprs, family=family, table=table, handle=handle, sets=sets, comment=comment)
-    return Rule(handle, tuple([expression(e, family, table) for e in exprs]), comment=comment)
+    return make_rule(handle, tuple([expression(e, family, table) for e in exprs]), "", comment)
 
 
 def _jump_targets(rule: Rule) -> Iterator[str]:
@@ -1362,11 +1367,49 @@ def _quick_match(v: dict[str, Any], sets: _SetTable, family: str, table: str) ->
         shown = str(right)
     text = f"{sel.text} {shown}" if op == "==" else f"{sel.text} {op} {shown}"
     try:
-        return Match(sel, Op.NE if op == "!=" else Op.EQ, _values(sel, right, sets, family, table), text)
+        values = _scalar_values(sel, right)
+        if values is None:
+            values = _values(sel, right, sets, family, table)
+        return make_match(sel, _NE if op == "!=" else _EQ, values, text)
     except _NotModelled as exc:
         return UnknownMatch(str(exc), text)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError):
         return UnknownMatch(f"malformed match {text}", text)
+
+
+_EQ, _NE = Op.EQ, Op.NE  # an Enum member read through its class is a lookup each time
+_WILD_KEYS = (Key.IIFNAME, Key.OIFNAME, Key.FIB_OIFNAME)
+_INDEX_KEYS = (Key.IIF, Key.OIF)
+_ADDRESS_KEYS = (Key.SADDR, Key.DADDR, Key.IPSEC_SADDR, Key.IPSEC_DADDR)
+_NOT_INTEGERS = (*_WILD_KEYS, *_INDEX_KEYS, *_ADDRESS_KEYS, Key.NFPROTO)  # an integer means more, or fails
+
+
+def _scalar_values(sel: Selector, right: Any) -> IntervalSet | NameSet | None:
+    """``_values(sel, right, ...)`` for a name, an address or an integer, the usual right sides; else None.
+
+    Only what ``_values`` reads without a word of its own: a name for an
+    interface key, an address of the selector's family, an integer (not a
+    boolean) for a key that is no ``meta nfproto``. Anything else (a set,
+    another type, an error to word): None, and ``_values`` decides.
+    """
+    key, kind = sel.key, type(right)
+    if kind is str and not right.startswith("@"):
+        if key in _WILD_KEYS:
+            if right.endswith("*") and not right.endswith("\\*"):
+                return make_names(prefixes=frozenset({right[:-1].replace("\\*", "*")}))
+            return make_names(frozenset({right.replace("\\*", "*")}))
+        if key in _INDEX_KEYS:
+            return make_names(frozenset({right}))
+        if key in _ADDRESS_KEYS:
+            try:
+                value, version = _address(right)
+            except ValueError:
+                return None
+            want = 4 if sel.family == AF_INET else 6
+            return make_interval(value, value, want) if version == want else None
+    elif kind is int and key not in _NOT_INTEGERS:
+        return make_interval(right, right)
+    return None
 
 
 def _quick_nat(k: str, v: dict[str, Any]) -> Expression | None:
@@ -1383,7 +1426,8 @@ def _quick_nat(k: str, v: dict[str, Any]) -> Expression | None:
     make = IPv4Address if version == 4 else IPv6Address
     try:
         ports = None if port is None else (port, port)
-        return NatStatement(_NAT_KINDS[k], text, None, (make(lo), make(hi)), ports)
+        first = make(lo)
+        return make_nat(_NAT_KINDS[k], text, None, (first, first if hi == lo else make(hi)), ports)
     except ValueError:
         return UnknownStatement(f"malformed {k}", text)
 
