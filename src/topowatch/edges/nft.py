@@ -1109,12 +1109,15 @@ def _rule_of(item: _Item, key: _Key, sets: _SetTable,
     return make_rule(handle, tuple([expression(e, family, table) for e in exprs]), "", comment)
 
 
-def _jump_targets(rule: Rule) -> Iterator[str]:
-    for expr in rule.exprs:
-        verdicts = [d for _, d in expr.elements] if isinstance(expr, VerdictMap) else [expr]
-        for verdict in verdicts:
-            if isinstance(verdict, Verdict) and verdict.target is not None:
-                yield verdict.target
+def _jump_targets(rule: Rule) -> list[str]:
+    out: list[str] = []
+    for expr in rule.exprs:  # the value classes are final: their type is the test (isinstance walks the MRO)
+        if type(expr) is Verdict:
+            if expr.target is not None:
+                out.append(expr.target)
+        elif type(expr) is VerdictMap:
+            out.extend(d.target for _, d in expr.elements if d.target is not None)
+    return out
 
 
 def _assemble(got: _Collected, wanted: set[_Key], mark_bases: set[_Key],
@@ -1308,6 +1311,50 @@ def _expression_key(e: Any) -> Any:
                 if flat is not None:
                     return ("n", k, flat)
     return _frozen(e)
+
+
+def _flat_key(k: str, v: Any, family: str, table: str) -> tuple[str | int | None, ...] | None:
+    """``(family, table, _expression_key({k: v}))`` as one flat tuple, for the shapes most rules are made of.
+
+    A match ``{"op", "left": {K: {A: B[, C: D]}}, "right": SCALAR}`` and a NAT
+    statement ``{A: B[, C: D]}``, every value a string or an integer (not a
+    boolean): what ``_expression_key`` takes by the same checks, written out
+    flat (no nested tuples to build and hash for each expression). Two
+    expressions with equal keys parse alike: the keys hold every string and
+    integer of both, in order, and the position of each (a one-key object
+    leaves its second pair None, which no string or integer equals). None:
+    another shape, which the general key takes.
+    """
+    if type(v) is not dict:
+        return None
+    if k == "match":
+        if len(v) != 3:
+            return None
+        op, left, right = v.get("op"), v.get("left"), v.get("right")
+        kind = type(right)
+        if type(op) is not str or not (kind is str or kind is int) or type(left) is not dict \
+                or len(left) != 1:
+            return None
+        ((lk, inner),) = left.items()
+        head: str = "m"
+    elif k in _NAT_KINDS:
+        inner, head, op, lk, right = v, k, None, None, None
+    else:
+        return None
+    if type(inner) is not dict:
+        return None
+    if len(inner) == 1:
+        ((a, b),) = inner.items()
+        c = d = None
+    elif len(inner) == 2:
+        ((a, b), (c, d)) = inner.items()
+        if type(d) is not str and type(d) is not int:
+            return None
+    else:
+        return None
+    if type(b) is not str and type(b) is not int:
+        return None
+    return (family, table, head, op, lk, a, b, c, d, right)
 
 
 def _quick(e: Any, sets: _SetTable, family: str, table: str) -> Expression | None:
@@ -1520,6 +1567,7 @@ class _FastReader:
         self.got = _Collected()
         self.records: dict[_Key, list[_Record]] = {}
         self.memo: dict[Any, Expression] = {}
+        self.flat_memo: dict[tuple[str | int | None, ...], Expression] = {}  # by ``_flat_key``
         self.nat_bases: set[_Key] = set()
         self.parsed_tables: set[tuple[str, str]] = set()  # tables with a rule parsed as it was read
         self.rules: dict[_Key, tuple[Rule, ...]] = {}
@@ -1587,9 +1635,17 @@ class _FastReader:
 
     def _expression(self, e: Any, family: str, table: str) -> Expression:
         if type(e) is dict and len(e) == 1:
-            passive = _PASSIVES.get(next(iter(e)))
+            ((k, v),) = e.items()
+            passive = _PASSIVES.get(k)
             if passive is not None:
                 return passive
+            flat = _flat_key(k, v, family, table)
+            if flat is not None:
+                found = self.flat_memo.get(flat)
+                if found is None:
+                    found = self.flat_memo[flat] = (_quick(e, self.got.sets, family, table)
+                                                    or _expression(e, self.got.sets, family, table))
+                return found
         try:
             key = (family, table, _expression_key(e))
         except RecursionError:
