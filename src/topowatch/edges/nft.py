@@ -980,6 +980,8 @@ def _shown(value: Any) -> str:
 class _Item:
     """One ``{"chain": {...}}`` item; its accessors raise ``RulesetError`` naming the item and field."""
 
+    __slots__ = ("body", "index", "kind")
+
     def __init__(self, kind: str, body: Mapping[str, Any], index: int) -> None:
         self.kind, self.body, self.index = kind, body, index
 
