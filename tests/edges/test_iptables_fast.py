@@ -80,10 +80,20 @@ def test_addresses_read_as_ip_network_reads_them(text: str, family: int) -> None
     assert got == reference_interval(text, family)
 
 
+@settings(max_examples=500)
+@given(st.lists(ADDRESS_PARTS, max_size=9).map("".join), st.sampled_from([AF_INET, AF_INET6]))
+def test_a_source_read_whole_is_the_word_paths(text: str, family: int) -> None:
+    got = iptables._fast_source(text, family)
+    want = iptables._addr_match.__wrapped__("-s", text, False, family)
+    assert type(got) is type(want)
+    assert got == want
+
+
 @pytest.mark.parametrize("text", ["10.0.0.1", "10.0.0.1/", "10.0.0.1/8", "10.0.0.1/08", "10.0.0.1/33", "10.0.0.1/0",
                                   "10.0.0.1/255.0.0.0", "010.0.0.1", "10.0.0.1/ 8"])
 def test_addresses_by_hand(text: str) -> None:
     test_addresses_read_as_ip_network_reads_them.hypothesis.inner_test(text, AF_INET)  # type: ignore[attr-defined]
+    test_a_source_read_whole_is_the_word_paths.hypothesis.inner_test(text, AF_INET)  # type: ignore[attr-defined]
 
 
 IPT_LINES = [line.decode() for line in F.IPTABLES_SAMPLE.splitlines() if line.startswith(b"-")] + [

@@ -418,6 +418,28 @@ def test_quick_expressions_are_the_general_ones() -> None:
     assert taken > 1000  # the shortcut is taken, and for failing values too
 
 
+def test_flat_keys_are_equal_only_for_what_parses_alike() -> None:
+    sets = {(family, "t", name): body for family in ("ip", "ip6", "inet")
+            for (_, _, name), body in F.NFT_SETS.items()}
+    palette = [*expression_palette(CHAINS), *quick_palette()]
+    palette += [{"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": r}} for r in (1, True, "1", 1.0)]
+    palette += [{"match": {"op": "==", "left": {"payload": {"field": "dport", "protocol": "tcp"}}, "right": 1}},
+                {"dnat": {"port": 80, "addr": "10.0.0.1"}}, {"dnat": {"addr": "10.0.0.1", "port": True}}]
+    groups: dict[Any, list[Any]] = {}
+    for e in palette:
+        for family in ("ip", "ip6", "inet"):
+            if isinstance(e, dict) and len(e) == 1:
+                ((k, v),) = e.items()
+                key = nft._flat_key(k, v, family, "t")
+                if key is not None:
+                    groups.setdefault(key, []).append(nft._expression(e, sets, family, "t"))
+    assert sum(len(g) for g in groups.values()) > 1000  # most of the palette is keyed flat
+    for key, parsed in groups.items():
+        assert all(p == parsed[0] for p in parsed), key
+    bools = {"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": True}}["match"]
+    assert nft._flat_key("match", bools, "ip", "t") is None  # True == 1, but parses apart: not keyed flat
+
+
 def test_expression_keys_keep_apart_what_parses_apart() -> None:
     def key(right: Any) -> Any:
         return nft._expression_key({"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": right}})

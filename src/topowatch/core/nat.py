@@ -24,7 +24,8 @@ Rules:
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from topowatch.core.flow import NatKind
@@ -659,3 +660,124 @@ class NatRuleset:
             lines.append(head)
             lines.extend(f"  {r.text} # handle {r.handle}" for r in c.rules)
         return "\n".join(lines)
+
+
+# -- The readers' constructors ---------------------------------------------------
+# The dataclass constructors above check and normalise: a few microseconds each, paid several
+# times per rule of a 50k-rule read (``bench/parse.py``). These build the very same values
+# through the slots, for the shapes that need neither: each checks what its class's
+# ``__post_init__`` would (cheaply, for those shapes) and hands anything else to the class, so
+# what it returns is always what the class would have built, or the class's own error.
+
+
+def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[object, object], None], ...]:
+    """The slot descriptors' setters of ``cls``, whose fields must be exactly ``names`` (else ImportError)."""
+    actual = tuple(f.name for f in fields(cls))
+    if actual != names:
+        raise ImportError(f"core.nat readers' constructors: {cls.__name__} fields {actual} != {names}")
+    return tuple(getattr(cls, name).__set__ for name in names)
+
+
+_new = object.__new__
+_RULE = _slot_setters(Rule, ("handle", "exprs", "text", "comment"))
+_MATCH = _slot_setters(Match, ("selector", "op", "values", "text"))
+_SELECTOR = _slot_setters(
+    Selector, ("key", "text", "family", "proto", "mask", "direction", "spnum", "params")
+)
+_INTERVALS = _slot_setters(IntervalSet, ("intervals", "version"))
+_NAMES = _slot_setters(NameSet, ("exact", "prefixes", "indexes"))
+_NAT = _slot_setters(NatStatement, ("kind", "text", "family", "addr", "ports", "flags"))
+_SNAT, _DNAT = NatKind.SNAT, NatKind.DNAT  # an Enum member read through its class is a lookup each time
+
+
+def make_rule(handle: int, exprs: tuple[Expression, ...], text: str = "", comment: str | None = None) -> Rule:
+    """``Rule(handle, exprs, text, comment)``; an empty ``text`` is the expressions' texts, as there."""
+    if type(exprs) is not tuple:
+        return Rule(handle, exprs, text, comment)
+    if not text:
+        text = " ".join([e.text for e in exprs])
+    rule = _new(Rule)
+    s_handle, s_exprs, s_text, s_comment = _RULE
+    s_handle(rule, handle)
+    s_exprs(rule, exprs)
+    s_text(rule, text)
+    s_comment(rule, comment)
+    return rule
+
+
+def make_match(selector: Selector, op: Op, values: IntervalSet | NameSet, text: str) -> Match:
+    """``Match(selector, op, values, text)``."""
+    if (selector.key in _INTERFACE_KEYS) != (type(values) is NameSet):
+        return Match(selector, op, values, text)  # the class says why not
+    match = _new(Match)
+    s_selector, s_op, s_values, s_text = _MATCH
+    s_selector(match, selector)
+    s_op(match, op)
+    s_values(match, values)
+    s_text(match, text)
+    return match
+
+
+def make_selector(key: Key, text: str, family: int | None = None, proto: int | None = None) -> Selector:
+    """``Selector(key, text, family, proto)`` (no mask, direction, spnum or params)."""
+    selector = _new(Selector)
+    s_key, s_text, s_family, s_proto, s_mask, s_direction, s_spnum, s_params = _SELECTOR
+    s_key(selector, key)
+    s_text(selector, text)
+    s_family(selector, family)
+    s_proto(selector, proto)
+    s_mask(selector, None)
+    s_direction(selector, None)
+    s_spnum(selector, 0)
+    s_params(selector, ())
+    return selector
+
+
+def make_interval(lo: int, hi: int, version: int | None = None) -> IntervalSet:
+    """``IntervalSet(((lo, hi),), version)``: one interval."""
+    if lo > hi:
+        return IntervalSet(((lo, hi),), version)  # the class says why not
+    values = _new(IntervalSet)
+    s_intervals, s_version = _INTERVALS
+    s_intervals(values, ((lo, hi),))
+    s_version(values, version)
+    return values
+
+
+_NO_NAMES: frozenset[str] = frozenset()
+_NO_INDEXES: frozenset[int] = frozenset()
+
+
+def make_names(exact: frozenset[str] = _NO_NAMES, prefixes: frozenset[str] = _NO_NAMES,
+               indexes: frozenset[int] = _NO_INDEXES) -> NameSet:
+    """``NameSet(exact, prefixes, indexes)``."""
+    names = _new(NameSet)
+    s_exact, s_prefixes, s_indexes = _NAMES
+    s_exact(names, exact)
+    s_prefixes(names, prefixes)
+    s_indexes(names, indexes)
+    return names
+
+
+def make_nat(kind: NatKind, text: str, family: int | None, addr: tuple[IPAddress, IPAddress] | None,
+             ports: tuple[int, int] | None) -> NatStatement:
+    """``NatStatement(kind, text, family, addr, ports)`` (no flags).
+
+    Taken here: SNAT/DNAT to one address (``lo is hi``), with or without a port range
+    inside 0-65535; anything else goes through the class.
+    """
+    if (
+        (kind is not _SNAT and kind is not _DNAT)
+        or addr is None or addr[0] is not addr[1]
+        or (ports is not None and not 0 <= ports[0] <= ports[1] <= 0xFFFF)
+    ):
+        return NatStatement(kind, text, family, addr, ports)
+    nat = _new(NatStatement)
+    s_kind, s_text, s_family, s_addr, s_ports, s_flags = _NAT
+    s_kind(nat, kind)
+    s_text(nat, text)
+    s_family(nat, family)
+    s_addr(nat, addr)
+    s_ports(nat, ports)
+    s_flags(nat, ())
+    return nat

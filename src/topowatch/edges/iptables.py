@@ -92,6 +92,11 @@ from topowatch.core.nat import (
     UnknownStatement,
     Verdict,
     VerdictKind,
+    make_interval,
+    make_match,
+    make_nat,
+    make_rule,
+    make_selector,
 )
 from topowatch.edges.bulkparse import Budget, gc_paused
 from topowatch.edges.nft import PARSE_TIMEOUT, read_ruleset, run_ruleset_tool
@@ -839,6 +844,8 @@ _FAST_LINE = re.compile(
     rf"(?: -j ({_ARG})((?: --[a-z][a-z-]*+(?: {_ARG})*+)*+))?"
 )
 _PORT_KEYS = {"tcp": 6, "udp": 17}
+_EQ, _DPORT = Op.EQ, Key.DPORT  # an Enum member read through its class costs a lookup each time
+_NAT_TARGETS = {"SNAT": (NatKind.SNAT, " --to-source "), "DNAT": (NatKind.DNAT, " --to-destination ")}
 
 
 @functools.lru_cache(maxsize=256)
@@ -851,15 +858,15 @@ def _fast_proto(arg: str) -> tuple[int | None, tuple[Expression, ...]]:
 
 @functools.lru_cache(maxsize=1024)
 def _point(value: int) -> IntervalSet:
-    return IntervalSet(((value, value),))
+    return make_interval(value, value)
 
 
 def _fast_ports(module: str, sport: str | None, dport: str | None, family: int) -> list[Expression]:
     """``-m tcp|udp [--sport N] [--dport N]``: one match per option, as ``_port_module`` builds it."""
     number = _PORT_KEYS[module]
-    if sport is None and dport is not None and int(dport) <= 0xFFFF:  # the usual one
+    if sport is None and dport is not None and (port := int(dport)) <= 0xFFFF:  # the usual one
         text = f"-m {module} --dport {dport}"
-        return [Match(Selector(Key.DPORT, text, None, number), Op.EQ, _point(int(dport)), text)]
+        return [make_match(make_selector(_DPORT, text, None, number), _EQ, make_interval(port, port), text)]
     out: list[Expression] = []
     for key, flag, value in ((Key.SPORT, "--sport", sport), (Key.DPORT, "--dport", dport)):
         if value is None:
@@ -888,14 +895,15 @@ def _nat_quad(text: str) -> tuple[tuple[IPAddress, IPAddress] | None, tuple[int,
 
 def _fast_target(name: str, options: str, family: int, chains: set[str]) -> list[Expression] | None:
     """``-j NAME OPTIONS`` as ``_target`` reads it; None if the word path would read the words otherwise."""
-    if name in ("SNAT", "DNAT") and name not in chains:
-        flag, _, arg = options[1:].partition(" ")
-        if flag == ("--to-source" if name == "SNAT" else "--to-destination") and arg and " " not in arg:
+    nat = _NAT_TARGETS.get(name)
+    if nat is not None and name not in chains:
+        kind, flag = nat
+        arg = options[len(flag):]
+        if options.startswith(flag) and arg and " " not in arg:
             try:
                 addr, ports = _nat_quad(arg) if family == AF_INET else _nat_range(arg, family)
                 if addr is not None or name == "DNAT":
-                    kind = NatKind.SNAT if name == "SNAT" else NatKind.DNAT
-                    return [NatStatement(kind, f"-j {name}{options}", family, addr, ports)]
+                    return [make_nat(kind, f"-j {name}{options}", family, addr, ports)]
             except (_NotModelled, ValueError, IndexError):
                 pass  # the general reader says how
     opts: list[_Option] = []
@@ -946,12 +954,16 @@ def _fast_rules(
         text = text.replace('"', "'" if not word or _NEEDS_QUOTES.search(word) else "")
     if dst is None:
         if src is None:
-            return [Rule(handle, tuple(exprs), text=text)]
+            return [make_rule(handle, tuple(exprs), text)]
         if "," not in src:
-            return [Rule(handle, (_addr_match("-s", src, False, family), *exprs), text=text)]
+            source_key = "-s " + src  # no target's key: a target's name never starts with "-"
+            source = memo.get(source_key)
+            if source is None:
+                source = memo[source_key] = [_fast_source(src, family)]
+            return [make_rule(handle, (*source, *exprs), text)]
     sources = [_addr_match("-s", a, False, family) for a in src.split(",")] if src is not None else [None]
     dests = [_addr_match("-d", a, False, family) for a in dst.split(",")] if dst is not None else [None]
-    return [Rule(handle, (*[e for e in (s, d) if e is not None], *exprs), text=text)
+    return [make_rule(handle, (*[e for e in (s, d) if e is not None], *exprs), text)
             for s in sources for d in dests]
 
 
@@ -1300,10 +1312,28 @@ def _options_key(options: list[_Option]) -> tuple[tuple[str, tuple[str, ...], bo
 def _addr_match(flag: str, addr: str, invert: bool, family: int) -> Expression:
     text = f"{'! ' if invert else ''}{flag} {addr}"
     try:
-        values = IntervalSet((_addr_interval(addr, family),), _version(family))
+        lo, hi = _addr_interval(addr, family)
     except _NotModelled as exc:
         return UnknownMatch(str(exc), text)
-    return Match(_addr_selector(flag, family), Op.NE if invert else Op.EQ, values, text)
+    values = make_interval(lo, hi, 4 if family == AF_INET else 6)
+    return make_match(_addr_selector(flag, family), Op.NE if invert else Op.EQ, values, text)
+
+
+def _fast_source(addr: str, family: int) -> Expression:
+    """``_addr_match("-s", addr, False, family)``; a dotted quad or quad/len (the usual) read here.
+
+    The fast path keeps what each address read to for its whole parse: the caches
+    (4096 addresses) are left to the word path, a 50k-rule table would only churn them.
+    """
+    if family == AF_INET:
+        quad_text, slash, bits = addr.partition("/")
+        quad = _quad(quad_text)
+        if quad is not None and (not slash or (len(bits) <= 2 and bits.isascii() and bits.isdigit()
+                                               and int(bits) <= 32)):
+            mask = (0xFFFFFFFF << (32 - int(bits or 32))) & 0xFFFFFFFF
+            values = make_interval(quad & mask, quad | (~mask & 0xFFFFFFFF), 4)
+            return make_match(_addr_selector("-s", AF_INET), _EQ, values, "-s " + addr)
+    return _addr_match("-s", addr, False, family)
 
 
 @functools.lru_cache(maxsize=8)

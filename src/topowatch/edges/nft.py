@@ -88,6 +88,11 @@ from topowatch.core.nat import (
     Verdict,
     VerdictKind,
     VerdictMap,
+    make_interval,
+    make_match,
+    make_names,
+    make_nat,
+    make_rule,
 )
 from topowatch.edges.bulkparse import Budget, ParseTooSlow, gc_paused
 from topowatch.errors import MissingTool, PermissionDenied, RulesetError
@@ -975,6 +980,8 @@ def _shown(value: Any) -> str:
 class _Item:
     """One ``{"chain": {...}}`` item; its accessors raise ``RulesetError`` naming the item and field."""
 
+    __slots__ = ("body", "index", "kind")
+
     def __init__(self, kind: str, body: Mapping[str, Any], index: int) -> None:
         self.kind, self.body, self.index = kind, body, index
 
@@ -1101,15 +1108,18 @@ def _rule_of(item: _Item, key: _Key, sets: _SetTable,
     family, table = key[0], key[1]
     if expression is None:
         return parse_rule(exprs, family=family, table=table, handle=handle, sets=sets, comment=comment)
-    return Rule(handle, tuple([expression(e, family, table) for e in exprs]), comment=comment)
+    return make_rule(handle, tuple([expression(e, family, table) for e in exprs]), "", comment)
 
 
-def _jump_targets(rule: Rule) -> Iterator[str]:
-    for expr in rule.exprs:
-        verdicts = [d for _, d in expr.elements] if isinstance(expr, VerdictMap) else [expr]
-        for verdict in verdicts:
-            if isinstance(verdict, Verdict) and verdict.target is not None:
-                yield verdict.target
+def _jump_targets(rule: Rule) -> list[str]:
+    out: list[str] = []
+    for expr in rule.exprs:  # the value classes are final: their type is the test (isinstance walks the MRO)
+        if type(expr) is Verdict:
+            if expr.target is not None:
+                out.append(expr.target)
+        elif type(expr) is VerdictMap:
+            out.extend(d.target for _, d in expr.elements if d.target is not None)
+    return out
 
 
 def _assemble(got: _Collected, wanted: set[_Key], mark_bases: set[_Key],
@@ -1305,6 +1315,50 @@ def _expression_key(e: Any) -> Any:
     return _frozen(e)
 
 
+def _flat_key(k: str, v: Any, family: str, table: str) -> tuple[str | int | None, ...] | None:
+    """``(family, table, _expression_key({k: v}))`` as one flat tuple, for the shapes most rules are made of.
+
+    A match ``{"op", "left": {K: {A: B[, C: D]}}, "right": SCALAR}`` and a NAT
+    statement ``{A: B[, C: D]}``, every value a string or an integer (not a
+    boolean): what ``_expression_key`` takes by the same checks, written out
+    flat (no nested tuples to build and hash for each expression). Two
+    expressions with equal keys parse alike: the keys hold every string and
+    integer of both, in order, and the position of each (a one-key object
+    leaves its second pair None, which no string or integer equals). None:
+    another shape, which the general key takes.
+    """
+    if type(v) is not dict:
+        return None
+    if k == "match":
+        if len(v) != 3:
+            return None
+        op, left, right = v.get("op"), v.get("left"), v.get("right")
+        kind = type(right)
+        if type(op) is not str or not (kind is str or kind is int) or type(left) is not dict \
+                or len(left) != 1:
+            return None
+        ((lk, inner),) = left.items()
+        head: str = "m"
+    elif k in _NAT_KINDS:
+        inner, head, op, lk, right = v, k, None, None, None
+    else:
+        return None
+    if type(inner) is not dict:
+        return None
+    if len(inner) == 1:
+        ((a, b),) = inner.items()
+        c = d = None
+    elif len(inner) == 2:
+        ((a, b), (c, d)) = inner.items()
+        if type(d) is not str and type(d) is not int:
+            return None
+    else:
+        return None
+    if type(b) is not str and type(b) is not int:
+        return None
+    return (family, table, head, op, lk, a, b, c, d, right)
+
+
 def _quick(e: Any, sets: _SetTable, family: str, table: str) -> Expression | None:
     """``_expression(e)`` for the plainest matches and NAT statements, rendered directly; else None.
 
@@ -1362,11 +1416,49 @@ def _quick_match(v: dict[str, Any], sets: _SetTable, family: str, table: str) ->
         shown = str(right)
     text = f"{sel.text} {shown}" if op == "==" else f"{sel.text} {op} {shown}"
     try:
-        return Match(sel, Op.NE if op == "!=" else Op.EQ, _values(sel, right, sets, family, table), text)
+        values = _scalar_values(sel, right)
+        if values is None:
+            values = _values(sel, right, sets, family, table)
+        return make_match(sel, _NE if op == "!=" else _EQ, values, text)
     except _NotModelled as exc:
         return UnknownMatch(str(exc), text)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError):
         return UnknownMatch(f"malformed match {text}", text)
+
+
+_EQ, _NE = Op.EQ, Op.NE  # an Enum member read through its class is a lookup each time
+_WILD_KEYS = (Key.IIFNAME, Key.OIFNAME, Key.FIB_OIFNAME)
+_INDEX_KEYS = (Key.IIF, Key.OIF)
+_ADDRESS_KEYS = (Key.SADDR, Key.DADDR, Key.IPSEC_SADDR, Key.IPSEC_DADDR)
+_NOT_INTEGERS = (*_WILD_KEYS, *_INDEX_KEYS, *_ADDRESS_KEYS, Key.NFPROTO)  # an integer means more, or fails
+
+
+def _scalar_values(sel: Selector, right: Any) -> IntervalSet | NameSet | None:
+    """``_values(sel, right, ...)`` for a name, an address or an integer, the usual right sides; else None.
+
+    Only what ``_values`` reads without a word of its own: a name for an
+    interface key, an address of the selector's family, an integer (not a
+    boolean) for a key that is no ``meta nfproto``. Anything else (a set,
+    another type, an error to word): None, and ``_values`` decides.
+    """
+    key, kind = sel.key, type(right)
+    if kind is str and not right.startswith("@"):
+        if key in _WILD_KEYS:
+            if right.endswith("*") and not right.endswith("\\*"):
+                return make_names(prefixes=frozenset({right[:-1].replace("\\*", "*")}))
+            return make_names(frozenset({right.replace("\\*", "*")}))
+        if key in _INDEX_KEYS:
+            return make_names(frozenset({right}))
+        if key in _ADDRESS_KEYS:
+            try:
+                value, version = _address(right)
+            except ValueError:
+                return None
+            want = 4 if sel.family == AF_INET else 6
+            return make_interval(value, value, want) if version == want else None
+    elif kind is int and key not in _NOT_INTEGERS:
+        return make_interval(right, right)
+    return None
 
 
 def _quick_nat(k: str, v: dict[str, Any]) -> Expression | None:
@@ -1383,7 +1475,8 @@ def _quick_nat(k: str, v: dict[str, Any]) -> Expression | None:
     make = IPv4Address if version == 4 else IPv6Address
     try:
         ports = None if port is None else (port, port)
-        return NatStatement(_NAT_KINDS[k], text, None, (make(lo), make(hi)), ports)
+        first = make(lo)
+        return make_nat(_NAT_KINDS[k], text, None, (first, first if hi == lo else make(hi)), ports)
     except ValueError:
         return UnknownStatement(f"malformed {k}", text)
 
@@ -1476,6 +1569,7 @@ class _FastReader:
         self.got = _Collected()
         self.records: dict[_Key, list[_Record]] = {}
         self.memo: dict[Any, Expression] = {}
+        self.flat_memo: dict[tuple[str | int | None, ...], Expression] = {}  # by ``_flat_key``
         self.nat_bases: set[_Key] = set()
         self.parsed_tables: set[tuple[str, str]] = set()  # tables with a rule parsed as it was read
         self.rules: dict[_Key, tuple[Rule, ...]] = {}
@@ -1543,9 +1637,17 @@ class _FastReader:
 
     def _expression(self, e: Any, family: str, table: str) -> Expression:
         if type(e) is dict and len(e) == 1:
-            passive = _PASSIVES.get(next(iter(e)))
+            ((k, v),) = e.items()
+            passive = _PASSIVES.get(k)
             if passive is not None:
                 return passive
+            flat = _flat_key(k, v, family, table)
+            if flat is not None:
+                found = self.flat_memo.get(flat)
+                if found is None:
+                    found = self.flat_memo[flat] = (_quick(e, self.got.sets, family, table)
+                                                    or _expression(e, self.got.sets, family, table))
+                return found
         try:
             key = (family, table, _expression_key(e))
         except RecursionError:
