@@ -45,6 +45,7 @@ def inside(chunks: list[int], rounds: int, early: bool) -> None:
         eligibility = Eligibility(unreplied_only=True)
         classifier = Classifier.build([topology], [ruleset], eligibility, sport_matters=False)
         classifier.packed()
+        print(f"flow classes: {classifier.class_count if classifier.exact else classifier.reason}", flush=True)
 
         def make(build: object) -> Decider:
             return Decider(predict=lambda f, flow: predict(ruleset, f, flow), fib_now=fib,
