@@ -1306,7 +1306,7 @@ class Decider:
         out: list[str] = []
         nat_now_none: dict[tuple[int, int], bool] = {}
         fixed_codes: dict[tuple[int, int], str | None] = {}  # "" absent; None: read from the binding
-        for (_family, _proto, side, _zone, _status, _mark, _id, _timeout, slot, osport, odport, rsport,
+        for (_family, proto, side, _zone, _status, _mark, _id, _timeout, slot, osport, odport, rsport,
              rdport, osrc, odst, rsrc, rdst) in STALE_RECORD.iter_unpack(records):  # fmt: skip
             fixed = fixed_codes.get((slot, side), "")
             if fixed == "":
@@ -1325,7 +1325,13 @@ class Decider:
             if fixed is not None:
                 out.append(fixed)
                 continue
-            kept = rdst == osrc and rdport == osport if side & 1 else rsrc == odst and rsport == odport
+            # A side with address and port kept: a null binding (``Entry.actual_snat``; ICMP keeps
+            # its "ports" by convention whatever the reply's type).
+            icmp = proto in ICMP_PROTOS
+            if side & 1:
+                kept = rdst == osrc and (icmp or rdport == osport)
+            else:
+                kept = rsrc == odst and (icmp or rsport == odport)
             out.append(_code_of("snat" if side & 1 else "dnat", kept, nat_now_none[slot, side]))
         return out
 
