@@ -106,6 +106,8 @@ CASES: list[Case] = [
         (udp(11, dst_seen=Z), 0, "dnat_changed"),  # DNAT to Z
         (udp(12, dst_seen=X, src_seen=Y), 1, "nat_now_none"),  # DNAT right, SNAT to Y, none expected
     ]),
+    # The compiled scan sends every ICMP entry to Python (``_ctscan.c`` ``verdict``), so no record is
+    # ICMP today; one written by hand reads back as its Decision all the same.
     ("ICMP, known", Prediction(frozenset({TO_X}), frozenset({MASQ_M}), (UP2,)), None, ping(1), False, [
         (ping(10, dst_seen=X), 1, "null_binding_now_nat"),  # source kept (an echo reply's type is not a port)
         (ping(11), 0, "null_binding_now_nat"),  # destination kept
