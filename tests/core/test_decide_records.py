@@ -144,6 +144,9 @@ CASES: list[Case] = [
                                                         way("lan2", 6, frozenset({TO_W}), frozenset())),
      None, udp(1), False, [
         (udp(10, dst_seen=Z), 0, "dnat_changed"),
+        # DNAT to W and masqueraded: the union gives both (W by the dropped way), the one live way
+        # refuses the destination: the ways' side, and no live way gives a DNAT there now.
+        (udp(11, dst_seen=W, src_seen=M), 2, "nat_now_none"),
     ]),
     # Each way refuses another side, the union neither: the side most ways refuse first, DNAT on a
     # tie (``_joint_stale``), or'ed with _JOINT (2).
