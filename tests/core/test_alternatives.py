@@ -270,6 +270,35 @@ def test_the_fast_checks_send_a_mixed_class_to_the_judgement(raw: bool) -> None:
     assert not plan.stale
 
 
+@pytest.mark.parametrize("raw", [False, True], ids=["entries", "raw"])
+@pytest.mark.parametrize("first", [5060, 5070])
+def test_each_flow_is_narrowed_by_its_own_previous_prediction(first: int, raw: bool) -> None:
+    """Two flows (destination ports 5060 and 5070) with the same ways now: lan0 SNAT to Y, up1 X,
+    lan1 unknown (so no compiled check settles an entry: each is judged whole). Then, 5060 had X on
+    every interface: an entry with X may be old, from lan0 or lan1: undecided. 5070 had Y on lan0
+    and lan1: no old entry with X came those ways: healthy. Each flow is narrowed by its own previous
+    prediction, whichever is judged first (the mutation run of 2026-12-03: ``_judge_alternatives``
+    reading the previous prediction under another key survived)."""
+    now = union(way(LAN0, frozenset({Y})), way(UP1, frozenset({X})), way(LAN1, Unknown("fwmark")))
+    then = {5060: union(way(LAN0, frozenset({X})), way(UP1, frozenset({X})), way(LAN1, frozenset({X}))),
+            5070: union(way(LAN0, frozenset({Y})), way(UP1, frozenset({X})), way(LAN1, frozenset({Y})))}
+
+    def predict(fib: Fib, flow: Flow) -> Prediction:
+        return then[flow.dport] if fib is BEFORE else now
+
+    def to(port: int) -> Entry:
+        e = entry(str(X.addr_lo))
+        return dataclasses.replace(e, orig=dataclasses.replace(e.orig, dport=port),
+                                   reply=dataclasses.replace(e.reply, sport=port))  # fmt: skip
+
+    order = [to(first), to(10130 - first)]
+    decider = Decider(predict=predict, fib_now=NOW, fib_before=BEFORE, sport_matters=False, build=from_raw)
+    plan = planned(decider, order, raw)
+    assert [(d.entry.orig.dport, d.code) for d in plan.undecided] == [(5060, "unknown_ingress")]
+    assert not plan.stale
+    assert plan.examined == plan.eligible == 2
+
+
 def planned(decider: Decider, entries: Sequence[Entry], raw: bool) -> FlushPlan:
     """The plan of ``entries`` added in order, as raw tuples (``add_raw``) or entries (``add``)."""
     for e in entries:
