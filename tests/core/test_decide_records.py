@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from topowatch.core.conntrack import IPS_CONFIRMED, IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, CtTuple, Entry
-from topowatch.core.decide import Decider, StaleDecisions, pack_record
+from topowatch.core.decide import Decider, StaleDecisions, _alternatives_block, pack_record
 from topowatch.core.fib import Fib
 from topowatch.core.flow import (
     IPPROTO_ICMP,
@@ -251,3 +251,33 @@ def test_an_unpredictable_class_with_its_egress_unchanged_is_undecided_only_wher
     assert (built.entry, built.side, built.code, built.why.ruleset_changed) == (udp(10, src_seen=Y), "snat",
                                                                               "unknown_nat", True)
     assert built.reason == "source NAT cannot be predicted (xt match); the egress is the same, but the ruleset changed"
+
+
+def test_the_protocols_of_records_alone_and_the_first_records_entries() -> None:
+    """``protos`` reads the records' protocol bytes also where no decision was built in Python (the
+    class's first entry was healthy); ``first(n)`` keeps the first n records, their entries read
+    from the records as the delete reads them."""
+    decider = recorded(("", PLAIN, None, udp(1, src_seen=M), False, [
+        (udp(10), 1, "null_binding_now_nat"), (udp(11, src_seen=Y), 1, "snat_changed"),
+    ]))
+    decisions = records_of(decider, undecided=False)
+    assert decisions.head == ()  # the seed is healthy (masqueraded to M)
+    assert decisions.protos() == {IPPROTO_UDP}
+    first = decisions.first(1)
+    assert list(first.entries()) == [udp(10)]
+    assert first.codes() == ["null_binding_now_nat"]
+    assert [d.entry for d in first] == [udp(10)]
+
+
+@pytest.mark.parametrize(("ways", "fits"), [(255, True), (256, False)])
+def test_an_alternatives_block_counts_its_ways_in_one_byte(ways: int, fits: bool) -> None:
+    """Up to 255 live ways fit the block's count byte; more go to Python (None), never a crash."""
+    alternatives = tuple(way(f"lan{i}", 10 + i, NONE, frozenset({MASQ_M})) for i in range(ways))
+    block = _alternatives_block(joined(*alternatives))
+    if not fits:
+        assert block is None
+        return
+    assert block is not None
+    side = b"\x02\x01" + b"\x04" + bytes(36)  # no DNAT: address and port kept
+    masq = b"\x02\x01" + b"\x01" + int(M).to_bytes(16, "big") * 2 + bytes(4)
+    assert block == b"A" + side + masq + bytes((255,)) + (side + masq) * 255
