@@ -281,3 +281,26 @@ def test_an_alternatives_block_counts_its_ways_in_one_byte(ways: int, fits: bool
     side = b"\x02\x01" + b"\x04" + bytes(36)  # no DNAT: address and port kept
     masq = b"\x02\x01" + b"\x01" + int(M).to_bytes(16, "big") * 2 + bytes(4)
     assert block == b"A" + side + masq + bytes((255,)) + (side + masq) * 255
+
+
+@pytest.mark.parametrize("undecided", [False, True])
+def test_a_record_the_reference_does_not_judge_so_reads_as_a_disagreement(undecided: bool) -> None:
+    """A record of an entry the reasoned path leaves alone (masqueraded to M, as predicted) is a
+    defect of the compiled scan: its Decision says so, with the scan's verdict, never a reason."""
+    decider = recorded(("", PLAIN, None, udp(1, src_seen=M), undecided, [(udp(10, src_seen=M), 1, "")]))
+    (d,) = records_of(decider, undecided)
+    verdict = "undecided" if undecided else "stale"
+    assert (d.entry, d.side, d.code, d.why.verdict) == (udp(10, src_seen=M), "snat", "internal_disagreement",
+                                                        verdict)  # fmt: skip
+    assert d.reason == (f"judged {verdict} by the compiled scan, but the reference judgement disagrees "
+                        "(a defect)")  # fmt: skip
+    assert d.actual is None and d.expected == ()
+
+
+def test_records_compare_and_hash_as_their_decisions() -> None:
+    decider = recorded(CASES[0])
+    decisions = records_of(decider, undecided=False)
+    built = tuple(records_of(decider, undecided=False))
+    assert decisions == built and decisions == list(built) and hash(decisions) == hash(built)
+    assert decisions != built[1:] and decisions != "not decisions"
+    assert repr(records_of(decider, undecided=False)) == "StaleDecisions(1 built, 3 as records)"
