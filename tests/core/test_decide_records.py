@@ -216,27 +216,38 @@ def test_the_records_agree_with_judging_each_entry_whole() -> None:
         assert not (plan.stale if undecided else plan.undecided), name
 
 
+@pytest.mark.parametrize("side", ["snat", "dnat"])
 @pytest.mark.parametrize("ruleset_changed", [False, True])
 def test_an_unpredictable_class_with_its_egress_unchanged_is_undecided_only_where_the_ruleset_changed(
-    ruleset_changed: bool,
+    ruleset_changed: bool, side: str,
 ) -> None:
     """The reasoned path: the egress alone says nothing once the ruleset changed (undecided,
     UNKNOWN_NAT), else nothing is to be done. The class's program (mode 3) carries that verdict to
-    the compiled scan: 2 (undecided) or 0 (nothing); and an undecided record reads back as the
-    reasoned path's Decision. (Before 2026-12-03 the program said 0 in both cases: with a new
-    ruleset the scan left the class's other entries silently alone, where Python listed them.)"""
-    prediction = Prediction(NONE, Unknown("xt match"), (UP2,))
+    the compiled scan: 2 (undecided) or 0 (nothing), the other side its checks; and an undecided
+    record reads back as the reasoned path's Decision. (Before 2026-12-03 the program said 0 in
+    both cases: with a new ruleset the scan left the class's other entries silently alone, where
+    Python listed them.)"""
+    unknown = Unknown("xt match")
+    if side == "snat":
+        prediction = Prediction(NONE, unknown, (UP2,))
+        seed, other, byte, what = udp(1, src_seen=Y), udp(10, src_seen=Y), 1, "source"
+    else:
+        prediction = Prediction(unknown, NONE, (UP2,))
+        seed, other, byte, what = udp(1, dst_seen=X), udp(10, dst_seen=X), 0, "destination"
     predict = always(prediction, prediction)  # the same egress before and now
     decider = Decider(predict=predict, fib_now=FIB_NOW, fib_before=FIB_BEFORE, classifier=classifier(),
                       build=from_raw, sport_matters=False,
                       predict_before=predict if ruleset_changed else None)  # fmt: skip
-    seed = udp(1, src_seen=Y)
     decider.add_raw(to_raw(seed))
     program = decider.raw_program(to_raw(seed))
     assert program is not None
     slot = program[-4:]
-    dnat = b"\x02\x01" + b"\x04" + bytes(32) + bytes(4)  # one binding: no NAT, address and port kept
-    assert program == b"P" + dnat + (b"\x03\x02" if ruleset_changed else b"\x03\x00") + b"S" + slot
+    verdict = b"\x03\x02" if ruleset_changed else b"\x03\x00"
+    # No NAT on the known side: one binding, address kept (and on the destination side the port).
+    if side == "snat":
+        assert program == b"P" + b"\x02\x01" + b"\x04" + bytes(36) + verdict + b"S" + slot
+    else:
+        assert program == b"P" + verdict + b"\x02\x01" + b"\x00" + bytes(36) + b"S" + slot
     plan = decider.plan()
     assert plan.stale == ()
     if not ruleset_changed:
@@ -244,13 +255,12 @@ def test_an_unpredictable_class_with_its_egress_unchanged_is_undecided_only_wher
         return
     assert [(d.entry, d.code, d.why.ruleset_changed) for d in plan.undecided] == [(seed, "unknown_nat", True)]
     assert decider.undecided_records is not None
-    decider.undecided_records += pack_record(udp(10, src_seen=Y), 1, int.from_bytes(slot, sys.byteorder))
+    decider.undecided_records += pack_record(other, byte, int.from_bytes(slot, sys.byteorder))
     decisions = records_of(decider, undecided=True)
     assert decisions.codes() == ["unknown_nat", "unknown_nat"]
     built = records_of(decider, undecided=True)[1]
-    assert (built.entry, built.side, built.code, built.why.ruleset_changed) == (udp(10, src_seen=Y), "snat",
-                                                                              "unknown_nat", True)
-    assert built.reason == "source NAT cannot be predicted (xt match); the egress is the same, but the ruleset changed"
+    assert (built.entry, built.side, built.code, built.why.ruleset_changed) == (other, side, "unknown_nat", True)
+    assert built.reason == f"{what} NAT cannot be predicted (xt match); the egress is the same, but the ruleset changed"
 
 
 def test_the_protocols_of_records_alone_and_the_first_records_entries() -> None:
