@@ -312,5 +312,5 @@ def test_records_compare_and_hash_as_their_decisions() -> None:
     decisions = records_of(decider, undecided=False)
     built = tuple(records_of(decider, undecided=False))
     assert decisions == built and decisions == list(built) and hash(decisions) == hash(built)
-    assert decisions != built[1:] and decisions != "not decisions"
+    assert decisions != built[1:] and decisions != "not decisions" and decisions != 5
     assert repr(records_of(decider, undecided=False)) == "StaleDecisions(1 built, 3 as records)"
