@@ -293,14 +293,29 @@ def test_an_alternatives_block_counts_its_ways_in_one_byte(ways: int, fits: bool
     assert block == b"A" + side + masq + bytes((255,)) + (side + masq) * 255
 
 
-@pytest.mark.parametrize("undecided", [False, True])
-def test_a_record_the_reference_does_not_judge_so_reads_as_a_disagreement(undecided: bool) -> None:
-    """A record of an entry the reasoned path leaves alone (masqueraded to M, as predicted) is a
-    defect of the compiled scan: its Decision says so, with the scan's verdict, never a reason."""
-    decider = recorded(("", PLAIN, None, udp(1, src_seen=M), undecided, [(udp(10, src_seen=M), 1, "")]))
-    (d,) = records_of(decider, undecided)
+DISAGREEMENTS = [  # name, prediction, record entry, side byte, undecided record
+    ("stale, masqueraded as predicted", PLAIN, udp(10, src_seen=M), 1, False),
+    ("undecided, masqueraded as predicted", PLAIN, udp(10, src_seen=M), 1, True),
+    # LAN0 gives it its bindings (no DNAT, masquerade to M): no way refuses it.
+    ("stale, a way gives it its bindings", joined(LAN0, LAN1), udp(10, src_seen=M), 0, False),
+    # Every way refuses it (the joint case above), but the scan records alternatives stale only.
+    ("undecided, every way refuses it", joined(LAN0, LAN1), udp(10), 0, True),
+]
+
+
+@pytest.mark.parametrize(("name", "prediction", "e", "side", "undecided"), DISAGREEMENTS,
+                         ids=[c[0] for c in DISAGREEMENTS])  # fmt: skip
+def test_a_record_the_reference_does_not_judge_so_reads_as_a_disagreement(
+    name: str, prediction: Prediction, e: Entry, side: int, undecided: bool
+) -> None:
+    """A record the reasoned path would not make (an entry it leaves alone, or an undecided record
+    of a prediction with alternatives, which the scan only ever records stale) is a defect of the
+    compiled scan: its Decision says so, with the scan's verdict, never a reason."""
+    decider = recorded((name, prediction, None, udp(1), undecided, [(e, side, "")]))
+    decisions = records_of(decider, undecided)
+    d = decisions.at(len(decisions.head))
     verdict = "undecided" if undecided else "stale"
-    assert (d.entry, d.side, d.code, d.why.verdict) == (udp(10, src_seen=M), "snat", "internal_disagreement",
+    assert (d.entry, d.side, d.code, d.why.verdict) == (e, "snat" if side & 1 else "dnat", "internal_disagreement",
                                                         verdict)  # fmt: skip
     assert d.reason == (f"judged {verdict} by the compiled scan, but the reference judgement disagrees "
                         "(a defect)")  # fmt: skip
@@ -312,5 +327,7 @@ def test_records_compare_and_hash_as_their_decisions() -> None:
     decisions = records_of(decider, undecided=False)
     built = tuple(records_of(decider, undecided=False))
     assert decisions == built and decisions == list(built) and hash(decisions) == hash(built)
-    assert decisions != built[1:] and decisions != "not decisions" and decisions != 5
+    assert decisions != built[1:]
+    assert decisions != "not decisions"  # a sequence, but text
+    assert decisions != 5  # not a sequence
     assert repr(records_of(decider, undecided=False)) == "StaleDecisions(1 built, 3 as records)"
