@@ -258,6 +258,7 @@ def test_an_unpredictable_class_with_its_egress_unchanged_is_undecided_only_wher
     decider.undecided_records += pack_record(other, byte, int.from_bytes(slot, sys.byteorder))
     decisions = records_of(decider, undecided=True)
     assert decisions.codes() == ["unknown_nat", "unknown_nat"]
+    assert list(decisions.entries()) == [seed, other]  # read from the record, as for stale ones
     built = records_of(decider, undecided=True)[1]
     assert (built.entry, built.side, built.code, built.why.ruleset_changed) == (other, side, "unknown_nat", True)
     assert built.reason == f"{what} NAT cannot be predicted (xt match); the egress is the same, but the ruleset changed"
