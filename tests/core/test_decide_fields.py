@@ -444,3 +444,18 @@ def test_only_needs_exact_classes(classes: str) -> None:
         plan = decide(entries, predict=fixed(frozenset({MASQ})), fib_now=FIB_NOW, classifier=c,
                       only=frozenset(), sport_matters=sport_matters)  # fmt: skip
         assert [d.entry for d in plan.stale] == entries
+
+
+@pytest.mark.parametrize("path", ["add", "add_raw"])
+def test_within_a_class_each_entry_is_judged_with_its_own_addresses(path: str) -> None:
+    """Two clients of one class, neither NATed, masquerade predicted: each stale decision names its
+    own source (with classes the key holds no address, so no judgement is reused across it)."""
+    first, second = flow_entry("10.0.1.2", "198.51.100.7"), flow_entry("10.0.1.3", "198.51.100.7")
+    decider = Decider(predict=fixed(frozenset({MASQ})), fib_now=FIB_NOW, classifier=classifier(),
+                      build=from_raw, sport_matters=False)  # fmt: skip
+    for e in (first, second):
+        decider.add(e) if path == "add" else decider.add_raw(to_raw(e))
+    plan = decider.plan()
+    assert [(d.entry, d.code, d.why.original, d.why.translated) for d in plan.stale] == [
+        (e, "null_binding_now_nat", e.orig.src, e.orig.src) for e in (first, second)]
+    assert plan.distinct_flows == 1  # one class
