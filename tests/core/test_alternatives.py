@@ -191,6 +191,7 @@ def test_an_old_entry_whose_interface_now_refuses_its_binding_is_undecided() -> 
     got = verdict(entry(str(X.addr_lo)), now, before)
     assert got == ("undecided", "unknown_ingress")
     plan = decide([entry(str(X.addr_lo))], predict=predictor(now, before), fib_now=NOW, fib_before=BEFORE)
+    assert plan.undecided[0].why.history == "snapshot"  # made after the nat chains: the snapshot's ways
     reason = plan.undecided[0].reason
     assert "by up1, dev up1 via 198.51.100.1 it keeps its bindings" in reason, reason
     assert "by lan0, dev up1 via 198.51.100.1 its source would be snat to 203.0.113.2" in reason, reason
@@ -268,6 +269,37 @@ def test_the_fast_checks_send_a_mixed_class_to_the_judgement(raw: bool) -> None:
     plan = planned(decider, (entry(str(Y.addr_lo), sport=1), entry(str(X.addr_lo), sport=2)), raw)
     assert [(d.entry.orig.sport, d.code) for d in plan.undecided] == [(2, "unknown_ingress")]
     assert not plan.stale
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["entries", "raw"])
+@pytest.mark.parametrize("first", [5060, 5070])
+def test_each_flow_is_narrowed_by_its_own_previous_prediction(first: int, raw: bool) -> None:
+    """Two flows (destination ports 5060 and 5070) with the same ways now: lan0 SNAT to Y, up1 X,
+    lan1 unknown (so no compiled check settles an entry: each is judged whole). Then, 5060 had X on
+    every interface: an entry with X may be old, from lan0 or lan1: undecided. 5070 had Y on lan0
+    and lan1 (by up2): no old entry with X came those ways: healthy, and settled (the union's unknown
+    side is not judged on: its egress moved, which would call the entry stale). Each flow is narrowed by its own previous
+    prediction, whichever is judged first (the mutation run of 2026-12-03: ``_judge_alternatives``
+    reading the previous prediction under another key survived)."""
+    now = union(way(LAN0, frozenset({Y})), way(UP1, frozenset({X})), way(LAN1, Unknown("fwmark")))
+    then = {5060: union(way(LAN0, frozenset({X})), way(UP1, frozenset({X})), way(LAN1, frozenset({X}))),
+            5070: union(way(LAN0, frozenset({Y}), via=VIA2), way(UP1, frozenset({X}), via=VIA2),
+                        way(LAN1, frozenset({Y}), via=VIA2))}
+
+    def predict(fib: Fib, flow: Flow) -> Prediction:
+        return then[flow.dport] if fib is BEFORE else now
+
+    def to(port: int) -> Entry:
+        e = entry(str(X.addr_lo))
+        return dataclasses.replace(e, orig=dataclasses.replace(e.orig, dport=port),
+                                   reply=dataclasses.replace(e.reply, sport=port))  # fmt: skip
+
+    order = [to(first), to(10130 - first)]
+    decider = Decider(predict=predict, fib_now=NOW, fib_before=BEFORE, sport_matters=False, build=from_raw)
+    plan = planned(decider, order, raw)
+    assert [(d.entry.orig.dport, d.code) for d in plan.undecided] == [(5060, "unknown_ingress")]
+    assert not plan.stale
+    assert plan.examined == plan.eligible == 2
 
 
 def planned(decider: Decider, entries: Sequence[Entry], raw: bool) -> FlushPlan:

@@ -136,6 +136,45 @@ def test_each_verdict_carries_its_side_bindings_reason_and_code(case: tuple[Any,
         assert found[1].why == found[0].why  # the key's second entry: the same reason, through its cache
 
 
+# -- an unpredictable side's reason: the side's addresses, and whether the ruleset changed -------
+# (the mutation run of 2026-12-03: these fields of the unknown codes were never read)
+
+
+@pytest.mark.parametrize(
+    ("before_egress", "ruleset_changed", "code", "words"),
+    [
+        ((UP2,), True, ReasonCode.UNKNOWN_NAT, "the egress is the same, but the ruleset changed"),
+        ((UP1,), True, ReasonCode.EGRESS_CHANGED_UNKNOWN_NAT, "but the flow's egress changed"),
+        ((UP1,), False, ReasonCode.EGRESS_CHANGED_UNKNOWN_NAT, "but the flow's egress changed"),
+        (Unknown("fwmark rule"), True, ReasonCode.UNKNOWN_NAT_UNKNOWN_EGRESS, "and the egress is unknown"),
+    ],
+    ids=["same egress, new ruleset", "egress moved, new ruleset", "egress moved", "egress unknown before"],
+)
+@pytest.mark.parametrize("side", ["snat", "dnat"])
+def test_an_unpredictable_sides_reason_names_its_addresses_and_a_ruleset_change(
+    before_egress: Any, ruleset_changed: bool, code: ReasonCode, words: str, side: str
+) -> None:
+    """``original`` and ``translated`` are the side's address before and after NAT, as for every code
+    (``Reason``); ``ruleset_changed`` only where the egress alone said nothing (no verdict of its own)."""
+    if side == "snat":
+        e, predict = TRANSLATED, predicting(frozenset({NO_NAT}), Unknown("xt match"), before_egress=before_egress)
+        addresses = (ip_address("10.0.1.2"), ip_address("100.64.0.2"))
+    else:
+        e = entry(dnat_to="10.0.9.9")
+        predict = predicting(Unknown("xt match"), frozenset({NO_NAT}), before_egress=before_egress)
+        addresses = (ip_address("192.0.2.10"), ip_address("10.0.9.9"))
+    decider = Decider(predict=predict, fib_now=FIB_NOW, fib_before=FIB_BEFORE,
+                      predict_before=predict if ruleset_changed else None)  # fmt: skip
+    decider.add(e)
+    plan = decider.plan()
+    (d,) = (*plan.stale, *plan.undecided)
+    assert (d.side, d.why.code) == (side, code)
+    assert (d.why.original, d.why.translated) == addresses
+    assert d.why.ruleset_changed is (code is ReasonCode.UNKNOWN_NAT)
+    assert words in d.reason
+    assert d.why.cause == "xt match"
+
+
 # -- the port a port range is checked against: the translated one ------------------------------
 
 
@@ -405,3 +444,18 @@ def test_only_needs_exact_classes(classes: str) -> None:
         plan = decide(entries, predict=fixed(frozenset({MASQ})), fib_now=FIB_NOW, classifier=c,
                       only=frozenset(), sport_matters=sport_matters)  # fmt: skip
         assert [d.entry for d in plan.stale] == entries
+
+
+@pytest.mark.parametrize("path", ["add", "add_raw"])
+def test_within_a_class_each_entry_is_judged_with_its_own_addresses(path: str) -> None:
+    """Two clients of one class, neither NATed, masquerade predicted: each stale decision names its
+    own source (with classes the key holds no address, so no judgement is reused across it)."""
+    first, second = flow_entry("10.0.1.2", "198.51.100.7"), flow_entry("10.0.1.3", "198.51.100.7")
+    decider = Decider(predict=fixed(frozenset({MASQ})), fib_now=FIB_NOW, classifier=classifier(),
+                      build=from_raw, sport_matters=False)  # fmt: skip
+    for e in (first, second):
+        decider.add(e) if path == "add" else decider.add_raw(to_raw(e))
+    plan = decider.plan()
+    assert [(d.entry, d.code, d.why.original, d.why.translated) for d in plan.stale] == [
+        (e, "null_binding_now_nat", e.orig.src, e.orig.src) for e in (first, second)]
+    assert plan.distinct_flows == 1  # one class

@@ -184,6 +184,8 @@ CASES: tuple[AdmissionCase, ...] = (
           80, True, 80),
     _case("a range refuses the port, the second would keep another", (_DNAT_PORTS, _DNAT), "192.0.2.10",
           "192.0.2.1", 80, True, 81, False),
+    _case("a kept port refuses the changed port, a range admits it", (_DNAT, _DNAT_PORTS), "192.0.2.10",
+          "192.0.2.1", 8050, True, 80),
     _case("v6 none, port kept", (_NONE,), "2001:db8::10", "2001:db8::10", 443, True, 443),
     _case("v6 none, port changed", (_NONE,), "2001:db8::10", "2001:db8::10", 444, True, 443, False),
 )

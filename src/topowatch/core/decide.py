@@ -1065,7 +1065,10 @@ class Decider:
             # mode 3 and that verdict, once the previous snapshot's prediction is known.
             if self.fib_before is not None and key not in self._before:
                 return program
-            outcome = _OUTCOMES[unknown_code(slot.prediction, self._before.get(key))]
+            code = unknown_code(slot.prediction, self._before.get(key))
+            if code is None and self.predict_before is not None:
+                code = ReasonCode.UNKNOWN_NAT  # the egress alone says nothing where the ruleset changed
+            outcome = _OUTCOMES[code]
             dnat = _program_side(slot.dnat) if slot.dnat is not None else bytes((3, outcome))
             snat = _program_side(slot.snat) if slot.snat is not None else bytes((3, outcome))
             assert dnat is not None and snat is not None  # compile_program fitted them
@@ -1302,7 +1305,8 @@ class Decider:
             return _disagreement(entry, name, stale)
         predicted = prediction.dnat if name == "dnat" else prediction.snat
         before = self._before.get(self._slots[slot]) if isinstance(predicted, Unknown) else None
-        judged = _side(entry, name, predicted, prediction, before, texts=compiled.texts)
+        judged = _side(entry, name, predicted, prediction, before, texts=compiled.texts,
+                       ruleset_changed=self.predict_before is not None)
         if judged is None or judged.stale != stale:  # never (test_ctscan compares both paths)
             return _disagreement(entry, name, stale)
         return Decision(entry, judged.why)
@@ -1312,7 +1316,7 @@ class Decider:
         out: list[str] = []
         nat_now_none: dict[tuple[int, int], bool] = {}
         fixed_codes: dict[tuple[int, int], str | None] = {}  # "" absent; None: read from the binding
-        for (_family, _proto, side, _zone, _status, _mark, _id, _timeout, slot, osport, odport, rsport,
+        for (_family, proto, side, _zone, _status, _mark, _id, _timeout, slot, osport, odport, rsport,
              rdport, osrc, odst, rsrc, rdst) in STALE_RECORD.iter_unpack(records):  # fmt: skip
             fixed = fixed_codes.get((slot, side), "")
             if fixed == "":
@@ -1324,6 +1328,8 @@ class Decider:
                     nat_now_none[slot, side] = _none_now(_joint_expected(compiled.prediction, side))
                 elif isinstance(predicted, Unknown):  # the class's verdict, whatever the binding
                     fixed = unknown_code(compiled.prediction, self._before.get(self._slots[slot]))
+                    if fixed is None:  # recorded undecided: only where the ruleset changed (``raw_program``)
+                        fixed = ReasonCode.UNKNOWN_NAT
                 else:
                     fixed = None
                     nat_now_none[slot, side] = _none_now(predicted)
@@ -1331,7 +1337,13 @@ class Decider:
             if fixed is not None:
                 out.append(fixed)
                 continue
-            kept = rdst == osrc and rdport == osport if side & 1 else rsrc == odst and rsport == odport
+            # A side with address and port kept: a null binding (``Entry.actual_snat``; ICMP keeps
+            # its "ports" by convention whatever the reply's type).
+            icmp = proto in ICMP_PROTOS
+            if side & 1:
+                kept = rdst == osrc and (icmp or rdport == osport)
+            else:
+                kept = rsrc == odst and (icmp or rsport == odport)
             out.append(_code_of("snat" if side & 1 else "dnat", kept, nat_now_none[slot, side]))
         return out
 
