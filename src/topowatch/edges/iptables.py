@@ -231,16 +231,25 @@ def _version(family: int) -> int:
     return 4 if family == AF_INET else 6
 
 
+def _quad_span(text: str) -> tuple[int, int] | None:
+    """A dotted quad or ``quad/len`` (the usual IPv4 address) as an interval; None for anything else."""
+    addr, slash, bits = text.partition("/")
+    quad = _quad(addr)
+    if quad is None:
+        return None
+    if slash and not (len(bits) <= 2 and bits.isascii() and bits.isdigit() and int(bits) <= 32):
+        return None
+    mask = (0xFFFFFFFF << (32 - int(bits or 32))) & 0xFFFFFFFF
+    return quad & mask, quad | (~mask & 0xFFFFFFFF)
+
+
 @functools.lru_cache(maxsize=4096)
 def _addr_interval(text: str, family: int) -> tuple[int, int]:
     """An address or ``addr/len`` or ``addr/mask`` as an interval; hostnames are not resolved."""
     if family == AF_INET:
-        addr, slash, bits = text.partition("/")
-        quad = _quad(addr)
-        if quad is not None and (not slash or (len(bits) <= 2 and bits.isascii() and bits.isdigit()
-                                               and int(bits) <= 32)):
-            mask = (0xFFFFFFFF << (32 - int(bits or 32))) & 0xFFFFFFFF
-            return quad & mask, quad | (~mask & 0xFFFFFFFF)
+        span = _quad_span(text)
+        if span is not None:
+            return span
     try:
         net = ip_network(text, strict=False)
     except ValueError as exc:
@@ -1326,12 +1335,9 @@ def _fast_source(addr: str, family: int) -> Expression:
     (4096 addresses) are left to the word path, a 50k-rule table would only churn them.
     """
     if family == AF_INET:
-        quad_text, slash, bits = addr.partition("/")
-        quad = _quad(quad_text)
-        if quad is not None and (not slash or (len(bits) <= 2 and bits.isascii() and bits.isdigit()
-                                               and int(bits) <= 32)):
-            mask = (0xFFFFFFFF << (32 - int(bits or 32))) & 0xFFFFFFFF
-            values = make_interval(quad & mask, quad | (~mask & 0xFFFFFFFF), 4)
+        span = _quad_span(addr)
+        if span is not None:
+            values = make_interval(span[0], span[1], 4)
             return make_match(_addr_selector("-s", AF_INET), _EQ, values, "-s " + addr)
     return _addr_match("-s", addr, False, family)
 
