@@ -291,8 +291,9 @@ def test_flapping(setup: Setup, flaps: int, judged: bool) -> None:
     # Failovers back and forth under steady traffic: each as soon as the new master's daemon has
     # judged after its commit (judged), or as soon as VRRP has moved, whatever the daemons and
     # conntrackd are still doing (storm). Each node reacts at most twice per failover (the
-    # addresses moving, the notify script's request), its daemon spends under 2 s of CPU per ten
-    # failovers, its start included, and deletes nothing whose source is what a fresh flow gets; after each judgement (judged),
+    # addresses moving, the notify script's request), its daemon spends less CPU on ten failovers
+    # than on its own start (a ratio on one machine: CI's machines differ in speed, not in
+    # work; 0.3-0.6 here), and deletes nothing whose source is what a fresh flow gets; after each judgement (judged),
     # or after the last one (storm, ending on B, whose first entries came by commit: A keeps its
     # own), the master's table is what fresh flows show: every flow has its entry, none
     # UNREPLIED with a stale source.
@@ -350,7 +351,8 @@ def test_flapping(setup: Setup, flaps: int, judged: bool) -> None:
         else:  # a reaction may come after the next failover began: counted in all
             assert len(reactions) <= 2 * flaps, (node.name, per_flap)
         assert collateral == [], collateral
-        assert used[node.name] < 2.0 * max(1.0, flaps / 10), used  # under 2 s per ten failovers, start included
+        start = cpu[node.name]  # its start, warm-up and first sweep, before the first failover
+        assert used[node.name] - start < start * max(1.0, flaps / 10), (node.name, start, used[node.name])
     lines.append(f"  stale left after each judgement: {missed or '-'}; in the final table on {final.name}: "
                  f"{len(left)} of {len(table)} flows")
     print("\n".join(lines))
