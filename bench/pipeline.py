@@ -2,14 +2,17 @@
 """The daemon's dump+decide against the kernel's undecoded dump, per pipelined burst size.
 
 Run as root from the repository: ``.venv/bin/python bench/pipeline.py [--scenario TEXT]
-[--rounds N] [--chunks 4194304,1048576,524288]``.
+[--rounds N] [--chunks 4194304,1048576,524288] [--firsts 1048576,131072] [--early] [--cold]``.
 
 In the namespaces of bench/flush.py (10,000 extra routes, 2,000 extra NAT rules) the router's
 table is filled as the named scenario fills it. A process inside the router's namespace then
 reads topology and ruleset as the daemon does, builds the flow classes once (as the daemon's
 warm-up does), and in each round measures the floor (``flush.kernel_dump_only``: the UNREPLIED
 dump received, nothing decoded) followed by ``KernelBackend.judge`` with each burst size of
-``Conntrack._pipelined`` (``ctnetlink.PIPELINE_CHUNK``). Printed per size: judge minus the
+``Conntrack._pipelined`` (``ctnetlink.PIPELINE_CHUNK``) and first burst (``PIPELINE_FIRST``:
+a small one lets the judging, whose first entries of each flow class cost a prediction each,
+start while the kernel walks on). ``--cold`` gives each round a fresh snapshot's FIB, its
+caches empty, as the startup sweep and each reaction have it. Printed per size: judge minus the
 floor measured just before it, median and min over the rounds. This VM's speed varies between
 runs, so only the paired differences are compared, never one run's time with another's.
 """
@@ -25,7 +28,7 @@ import time
 import flush
 
 
-def inside(chunks: list[int], rounds: int, early: bool) -> None:
+def inside(chunks: list[int], firsts: list[int], rounds: int, early: bool, cold: bool) -> None:
     import trio
 
     from topowatch.core.classify import Classifier
@@ -40,7 +43,7 @@ def inside(chunks: list[int], rounds: int, early: bool) -> None:
     async def main() -> None:
         backend = KernelBackend()
         topology, ruleset = await backend.topology(), await backend.ruleset()
-        fib = Fib(topology)
+        fib0 = fib = Fib(topology)
         index_rules(ruleset)
         eligibility = Eligibility(unreplied_only=True)
         classifier = Classifier.build([topology], [ruleset], eligibility, sport_matters=False)
@@ -53,24 +56,29 @@ def inside(chunks: list[int], rounds: int, early: bool) -> None:
                            classifier=classifier)  # fmt: skip
 
         ct = backend._conntrack()
-        runs = [(c, False) for c in chunks] + ([(ctnetlink.PIPELINE_CHUNK, True)] if early else [])
-        over: dict[tuple[int, bool], list[float]] = {run: [] for run in runs}
+        runs = [(c, f, False) for c in chunks for f in firsts]
+        runs += [(ctnetlink.PIPELINE_CHUNK, ctnetlink.PIPELINE_FIRST, True)] if early else []
+        over: dict[tuple[int, int, bool], list[float]] = {run: [] for run in runs}
         floors: list[float] = []
         for _ in range(rounds):
-            for chunk, overlap in runs:
+            for chunk, first, overlap in runs:
+                if cold:  # as a reaction: a fresh snapshot's FIB (carried over), its caches empty
+                    fib = Fib(await backend.topology(), previous=fib0)
                 floors.append(flush.kernel_dump_only(ct))
-                ctnetlink.PIPELINE_CHUNK = chunk
+                ctnetlink.PIPELINE_CHUNK, ctnetlink.PIPELINE_FIRST = chunk, min(first, chunk)
                 # With early deletes (as the daemon's sweep and reactions under a cap above the
                 # table's size): the second socket and the gate run, nothing is stale here.
                 leave = EarlyDeletes(lambda dumped, now: True, 1 << 62, lambda: True) if overlap else None
                 started = time.perf_counter()
                 await backend.judge(eligibility, make, early=leave)
-                over[chunk, overlap].append(time.perf_counter() - started - floors[-1])
+                over[chunk, first, overlap].append(time.perf_counter() - started - floors[-1])
         print(f"floor (undecoded UNREPLIED dump): median {statistics.median(floors) * 1000:.1f} ms, "
               f"min {min(floors) * 1000:.1f} ms")  # fmt: skip
-        for chunk, overlap in runs:
-            ms = [x * 1000 for x in over[chunk, overlap]]
-            print(f"burst {chunk >> 10:5d} KiB{' early deletes' if overlap else ''}: judge minus its floor median "
+        for chunk, first, overlap in runs:
+            ms = [x * 1000 for x in over[chunk, first, overlap]]
+            early_text = " early deletes" if overlap else ""
+            print(f"burst {chunk >> 10:5d} KiB, first {min(first, chunk) >> 10:5d} KiB{early_text}: "
+                  f"judge minus its floor median "
                   f"{statistics.median(ms):6.1f} ms, min {min(ms):6.1f} ms; each {[round(x) for x in ms]}")
 
     trio.run(main)
@@ -82,12 +90,16 @@ def main() -> None:
                     help="a bench/flush.py scenario (its name's start)")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--chunks", default="4194304,1048576,524288", help="burst sizes in bytes")
+    ap.add_argument("--firsts", default="1048576,131072", help="sizes of the first burst in bytes")
     ap.add_argument("--early", action="store_true", help="also judge with early deletes (edges.overlap)")
+    ap.add_argument("--cold", action="store_true",
+                    help="a fresh snapshot's FIB each round (its caches empty), as a reaction has it")
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     chunks = [int(c) for c in args.chunks.split(",")]
+    firsts = [int(c) for c in args.firsts.split(",")]
     if args.inside:
-        inside(chunks, args.rounds, args.early)
+        inside(chunks, firsts, args.rounds, args.early, args.cold)
         return
     found = [s for s in flush.scenarios(False) if s.name.startswith(args.scenario)]
     if not found:
@@ -103,8 +115,9 @@ def main() -> None:
             bench.furnish()
         flush.rebuild(bench, sc, flush.replied_entries(sc), flush.unreplied_flows(sc))
         subprocess.run(["ip", "netns", "exec", bench.router.name, sys.executable, __file__, "--inside",
-                        "--rounds", str(args.rounds), "--chunks", args.chunks,
-                        *(["--early"] if args.early else [])], check=True)  # fmt: skip
+                        "--rounds", str(args.rounds), "--chunks", args.chunks, "--firsts", args.firsts,
+                        *(["--early"] if args.early else []), *(["--cold"] if args.cold else [])],
+                       check=True)  # fmt: skip
 
 
 if __name__ == "__main__":

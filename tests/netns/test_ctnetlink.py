@@ -325,6 +325,30 @@ def test_pipelined_and_serial_dumps_agree(ct: Conntrack, monkeypatch: pytest.Mon
     assert not reader_threads()
 
 
+@pytest.mark.parametrize("first", [64 << 10, 4 << 20])
+def test_the_first_burst_is_small_so_judging_starts_while_the_kernel_walks(
+    ct: Conntrack, monkeypatch: pytest.MonkeyPatch, first: int
+) -> None:
+    # The first entries of each flow class cost a prediction each: handed over after one
+    # datagram, not after a whole burst, they are judged while the kernel fills the rest.
+    from topowatch.edges import ctnetlink
+
+    monkeypatch.setattr(ctnetlink, "PIPELINE_CHUNK", 4 << 20)  # more than the whole dump
+    monkeypatch.setattr(ctnetlink, "PIPELINE_FIRST", first)
+    ct.create([udp4(i) for i in range(5000)])
+    seen: list[int] = []
+    ct.after_burst = lambda consumer: seen.append(len(consumer.raw) + len(consumer.entries))
+    try:
+        ct.scan(Collect)
+    finally:
+        ct.after_burst = None
+    assert seen[-1] == 5000
+    if first == 4 << 20:
+        assert seen == [5000]  # one burst held the whole dump
+    else:
+        assert len(seen) >= 2 and 0 < seen[0] < 1000, seen  # one datagram: a few hundred entries
+
+
 @pytest.mark.parametrize(("pipelined", "chunk"), [(True, 128 << 10), (True, 4 << 20), (False, 0)])
 def test_a_consumer_failing_mid_dump_stops_the_reader(
     ct: Conntrack, monkeypatch: pytest.MonkeyPatch, pipelined: bool, chunk: int

@@ -108,8 +108,13 @@ RECHECK_RECV_BYTES = 256 << 10  # one receive of a batch's answers (a few hundre
 # next datagram inside each recv, so a reader never waits and a 4 MiB burst held a filtered
 # dump's whole answer (2.6 MB: 16k UNREPLIED entries of 160k), judged only after the kernel's
 # walk ended (``bench/pipeline.py``: 25 ms over the undecoded dump at 4 MiB, 3 ms at 1 MiB).
+# The first burst is one datagram (``PIPELINE_FIRST``, no more than the room): the first entry of
+# each flow class costs a prediction (about 1 ms on a 2,000-rule ruleset), and judged while the
+# kernel walks on they no longer wait for a whole burst (``bench/pipeline.py --cold``, 10% table:
+# 33 ms over the floor with a first burst of 1 MiB, -5 ms with one datagram, medians of 12).
 PIPELINE_CHUNK = 1 << 20
 PIPELINE_ROOM = 64 << 10
+PIPELINE_FIRST = 64 << 10
 PIPELINE_DEPTH = 4
 PIPELINE_POLL_MS = 100
 # How long draining an abandoned dump waits for its next datagram (see ``Conntrack._drain``).
@@ -621,7 +626,7 @@ class Conntrack:
         """Datagrams of the running dump ``seq``, received by a reader thread: (data, datagrams).
 
         The reader calls ``_ctscan.recv_burst`` (no GIL held while it receives) and
-        hands over bursts of up to ``PIPELINE_CHUNK`` bytes through a queue of
+        hands over bursts of up to ``PIPELINE_CHUNK`` bytes (the first: one datagram) through a queue of
         ``PIPELINE_DEPTH``: at most that much is held ahead of the judging. It stops
         at the datagram that ends the dump, on an error (raised here, as the
         serial path raises it), or when this generator is closed.
@@ -643,12 +648,12 @@ class Conntrack:
 
         def reader() -> None:
             waited = 0.0
+            size = PIPELINE_FIRST
             try:
                 while not stop.is_set():
-                    data, count, ended, err = recv_burst(
-                        fd, PIPELINE_CHUNK, PIPELINE_ROOM, seq, PIPELINE_POLL_MS
-                    )
+                    data, count, ended, err = recv_burst(fd, size, PIPELINE_ROOM, seq, PIPELINE_POLL_MS)
                     if count:
+                        size = PIPELINE_CHUNK
                         waited = 0.0
                         put((data, count))
                     if ended:
