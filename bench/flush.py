@@ -680,6 +680,21 @@ def run_kernel_flush(bench: Bench, net: str) -> dict[str, Any]:
     return {"seconds": seconds, "filter": "conntrack -F"}
 
 
+def run_plain_deletes(bench: Bench, table: Table) -> dict[str, Any]:
+    """The floor's deletes: exactly the stale entries, batched deletes by tuple and id, nothing re-checked.
+
+    The entries are found by a dump before the clock starts (the floor's dump is timed on its
+    own); the daemon's re-check before each delete is inside its time, not in this floor.
+    """
+    entries = [e for e in bench.ct.dump(unreplied_only=True)
+               if (int(e.orig.src), e.orig.sport, int(e.orig.dst), e.orig.dport) in table.stale]
+    result: dict[str, Any] = {}
+    seconds = timed(lambda: result.update(answer=bench.ct.delete(entries)))
+    answer = result["answer"]
+    return {"seconds": seconds, "filter": f"{len(entries)} deletes by tuple and id, batched",
+            "answered": answer.describe()}
+
+
 def filtered_flush_message(seq: int) -> bytes:
     """DELETE without a tuple, filtered by status: every UNREPLIED entry. Only in throwaway namespaces."""
     body = ctcodec.nla(ctcodec.CTA_STATUS, ctcodec.be32(0)) + ctcodec.nla(
@@ -860,7 +875,7 @@ def library_rates(entries: int) -> dict[str, float]:
 # --- the run ------------------------------------------------------------------------------
 
 
-METHODS = ("topowatch", "conntrack-tools", "kernel -F", "kernel filtered")
+METHODS = ("topowatch", "conntrack-tools", "kernel -F", "kernel filtered", "plain deletes")
 
 
 def scenarios(quick: bool) -> list[Scenario]:
@@ -896,6 +911,8 @@ def run_scenario(
     for method in METHODS:
         if method == "kernel filtered" and not filtered_ok:
             continue
+        if method == "plain deletes" and sc.keys == "shared":
+            continue  # the floor's deletes are measured for the keyed scenarios (issue #11)
         table = rebuild(bench, sc, replied, flows)
         result.setdefault(
             "built",
@@ -915,6 +932,8 @@ def run_scenario(
             got = run_conntrack_tools(bench, tools, sc.net)
         elif method == "kernel -F":
             got = run_kernel_flush(bench, sc.net)
+        elif method == "plain deletes":
+            got = run_plain_deletes(bench, table)
         else:
             got = run_filtered_flush(bench, sc.net)
         got.update(outcome(bench, table))
@@ -1078,10 +1097,10 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     d = res.get("decode")
     if "sweep_seconds" in tw and isinstance(d, dict):
         # Issue #11: the floor of a dumping tool is the kernel's undecoded UNREPLIED dump plus the
-        # deletes (the daemon's own delete phase: batched deletes by tuple, kernel-bound).
+        # deletes: exactly the stale entries, batched by tuple and id, nothing re-checked ("plain
+        # deletes", on a table of its own). The daemon's re-check is inside its time, not the floor.
         dump = d["kernel_dump_unreplied_s"]
-        # The deletes' own time: after the dump ("delete"), and those that overlapped it.
-        floor = dump + (tw["timings"].get("delete", 0.0) + tw["timings"].get("overlapped deletes", 0.0)) / 1000
+        floor = dump + m["plain deletes"]["seconds"]
         bound = max(0.5 * ct, 1.3 * floor)
         add("event to last delete <= max(0.5 x conntrack-tools, 1.3 x floor)",
             f"{t:.3f} s vs max({0.5 * ct:.3f}, {1.3 * floor:.3f}) s (floor: dump {dump:.3f} s + deletes "
@@ -1090,9 +1109,10 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         add("startup sweep <= 1.5 x floor (the undecoded UNREPLIED dump)",
             f"{sweep:.3f} s vs {dump:.3f} s = {sweep / dump:.2f}x ({tw['sweep_phases']})",
             sweep <= 1.5 * dump)
-    add("topowatch <= 0.5 x conntrack-tools",
+    keyed = "sweep_seconds" in tw and isinstance(d, dict)  # judged by the target above, which holds this one
+    add("topowatch <= 0.5 x conntrack-tools" + (" (part of the first target here)" if keyed else ""),
         f"{t:.3f} s vs {ct:.3f} s = {t / ct:.2f}x (by the log's time {tw['seconds'] / ct:.2f}x)",
-        t / ct <= 0.5)
+        None if keyed else t / ct <= 0.5)
     d = res.get("decode")
     if isinstance(d, dict):
         floor = d["kernel_dump_unreplied_s"]
@@ -1149,6 +1169,7 @@ def report(results: list[dict[str, Any]], libs: dict[str, float], tools: Conntra
           f"(keyed scenarios: -d {MOVE_NET})")
     print(f"  {tools.describe()}")
     print(
+        "plain deletes: the floor's deletes (exactly the stale entries, by tuple and id, not re-checked); "
         "kernel filtered flush: every UNREPLIED entry (a superset: healthy UNREPLIED flows go too); "
         "kernel -F: every entry."
     )

@@ -72,7 +72,11 @@ def test_quick_benchmark_table(tmp_path: Path) -> None:
         assert targets["zero collateral, zero missed (topowatch)"] == "PASS", res["targets"]
         assert any(name.startswith("topowatch <= 0.5 x conntrack-tools") for name in targets)
         assert all(v in ("PASS", "FAIL", "n/a") for v in targets.values())
-    # The keyed scenario judges the floor and the startup sweep too.
+    # The keyed scenario judges the floor and the startup sweep too; the floor's deletes are
+    # measured on a table of their own: exactly the stale entries, nothing else.
+    plain = results[3]["methods"]["plain deletes"]
+    assert (plain["deleted"], plain["collateral"], plain["missed"]) == (results[3]["k"], 0, 0), plain
+    assert all("plain deletes" not in res["methods"] for res in results[:3])
     keyed = {t["target"] for t in results[3]["targets"]}
     assert "event to last delete <= max(0.5 x conntrack-tools, 1.3 x floor)" in keyed
     assert "startup sweep <= 1.5 x floor (the undecoded UNREPLIED dump)" in keyed
