@@ -481,6 +481,43 @@ def test_the_compiled_class_key_splits_and_joins_as_the_classifier_does() -> Non
     assert len(keys) == 3 * 3 * 3 * 3
 
 
+def test_more_classes_in_one_burst_than_the_memo_keeps_give_the_pure_paths_plan() -> None:
+    """The compiled scan keeps a class's program in a per-burst memo (at most 256 classes): past
+    that, classes are found in the settle cache only. 320 classes, each met three times in one
+    burst, half of them healthy: the same plan as the pure path, and one prediction per class."""
+    servers = [ip_address(f"192.0.2.{i}") for i in range(40)]
+    ports = (53, 80, 123, 443, 5060, 8080, 8443, 9000)
+    pool = {*CLIENTS, *servers, MASQ}
+    topology = Topology(addresses=tuple(Address(1, a, a.max_prefixlen) for a in pool))
+    eligibility = Eligibility()
+    rows = [Entry(2, 17, CtTuple(CLIENTS[0], server, 1000 + n, dport),
+                  CtTuple(server, MASQ if (n + int(server) + dport) % 2 else CLIENTS[0], dport, 1000 + n),
+                  status=IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE)
+            for n in range(3) for server in servers for dport in ports]  # fmt: skip
+    plans = []
+    for compiled in (True, False):
+        saved = c._ctscan
+        if not compiled:
+            c._ctscan = None
+        try:
+            classifier = Classifier.build([topology], [ports], eligibility, sport_matters=False)
+            decider = Decider(predict=predictor(0), fib_now=FIB, eligibility=eligibility, sport_matters=False,
+                              build=c.entry_from_raw, classifier=classifier)  # fmt: skip
+            parser = c.DumpParser(seq=9, skip_replied=True, sink=decider.add_raw)
+            parser.settle = decider
+            parser.feed(b"".join(dump_message(e, 9) for e in rows))  # one burst
+            for e in parser.entries:
+                decider.add(e)
+            plan = decider.plan()
+        finally:
+            c._ctscan = saved
+        plans.append((plan.examined, plan.eligible, Counter((d.entry, d.reason, d.code) for d in plan.stale),
+                      Counter((d.entry, d.reason) for d in plan.undecided)))  # fmt: skip
+        assert decider.predicted == 320
+    assert plans[0] == plans[1]
+    assert plans[0][0] == 960 and 0 < sum(plans[0][2].values()) < 960
+
+
 def test_healthy_entries_of_a_known_key_never_reach_python() -> None:
     """1000 healthy entries of one key: one is judged in Python (the key's first), the rest in C."""
     seen: list[Any] = []

@@ -282,9 +282,8 @@ static uint32_t class_v6(const uint8_t *starts, const uint8_t *classes, uint32_t
     return c;
 }
 
-/* The settle-cache key of an entry by its classes (see Classifier.key). */
-static PyObject *class_key(const entry_t *e, const classes_t *c) {
-    uint8_t k[32];
+/* The settle-cache key of an entry by its classes (see Classifier.key), written to k[32]: its length. */
+static unsigned class_key_into(const entry_t *e, const classes_t *c, uint8_t *k) {
     unsigned n = 0;
     uint64_t bits = e->mark == 0 ? 1 : 0;
     uint32_t src, dst, v;
@@ -314,7 +313,52 @@ static PyObject *class_key(const entry_t *e, const classes_t *c) {
         v = class_u32(c->ports, c->portsc, c->np, e->orig.sport);
         memcpy(k + n, &v, 4); n += 4;
     }
-    return PyBytes_FromStringAndSize((const char *)k, n);
+    return n;
+}
+
+/* A per-call memo of the settle cache by class key: a class's program found once in the cache
+ * (a dict keyed by bytes) is found again without building a key object or hashing it in
+ * Python. It holds a reference to each program it keeps and lives for one ``feed`` call, so it
+ * never outlives a change of the cache (which only ever adds a key's program once). */
+#define MEMO_SLOTS 512 /* a power of 2; filled at most half */
+typedef struct {
+    uint8_t n;
+    uint8_t key[32];
+    PyObject *prog;
+} memo_slot_t;
+
+/* Keys are compared and hashed as four 8-byte words: k is zero beyond its length n. */
+static uint32_t memo_hash(const uint8_t *k, unsigned n) {
+    uint64_t h = 0x9E3779B97F4A7C15ull ^ n, w;
+    for (unsigned i = 0; i < 32; i += 8) {
+        memcpy(&w, k + i, 8);
+        h = (h ^ w) * 0xFF51AFD7ED558CCDull;
+        h ^= h >> 32;
+    }
+    return (uint32_t)h;
+}
+
+static int memo_same(const uint8_t *a, const uint8_t *b) {
+    uint64_t x[4], y[4];
+    memcpy(x, a, 32);
+    memcpy(y, b, 32);
+    return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3])) == 0;
+}
+
+/* The slot of key k (32 bytes, zero beyond n): the one holding it, or the empty one where it goes. */
+static memo_slot_t *memo_find(memo_slot_t *memo, const uint8_t *k, unsigned n) {
+    uint32_t i = memo_hash(k, n) & (MEMO_SLOTS - 1);
+    for (;;) {
+        memo_slot_t *s = &memo[i];
+        if (s->prog == NULL || (s->n == n && memo_same(s->key, k))) return s;
+        i = (i + 1) & (MEMO_SLOTS - 1);
+    }
+}
+
+static void memo_free(memo_slot_t *memo) {
+    if (memo == NULL) return;
+    for (unsigned i = 0; i < MEMO_SLOTS; i++) Py_XDECREF(memo[i].prog);
+    PyMem_Free(memo);
 }
 
 /* One side of a program at *pp: 1 healthy, 0 must be judged, -1 malformed program. The rule
@@ -535,6 +579,8 @@ static PyObject *feed(PyObject *self, PyObject *args) {
     classes_t classes;
     memset(&classes, 0, sizeof classes);
     int by_class = 0;
+    memo_slot_t *memo = NULL;
+    unsigned memo_used = 0;
     long messages = 0, skipped = 0, stale = 0, examined = 0, eligible = 0;
     int done = 0, interrupted = 0, err_no = 0;
     Py_ssize_t pos = 0;
@@ -564,6 +610,14 @@ static PyObject *feed(PyObject *self, PyObject *args) {
         return NULL;
     }
     const uint8_t *base = (const uint8_t *)buf.buf;
+    if (by_class && cache != Py_None) {
+        memo = PyMem_Calloc(MEMO_SLOTS, sizeof(memo_slot_t));
+        if (memo == NULL) {
+            PyBuffer_Release(&buf);
+            PyErr_NoMemory();
+            return NULL;
+        }
+    }
     while (pos + 16 <= n) {
         const uint8_t *m = base + pos;
         uint32_t mlen = host32(m);
@@ -590,16 +644,39 @@ static PyObject *feed(PyObject *self, PyObject *args) {
                 Py_DECREF(raw);
                 if (r) goto fail;
             } else {
-                PyObject *key = by_class ? class_key(&e, &classes) : raw_key(&e, sport_matters);
-                if (key == NULL) goto fail;
-                PyObject *prog = PyDict_GetItemWithError(cache, key); /* borrowed */
-                if (prog == NULL && PyErr_Occurred()) { Py_DECREF(key); goto fail; }
+                /* key stays NULL where the memo had the program: only learning a program needs it. */
+                PyObject *key = NULL, *prog = NULL; /* prog borrowed (from the cache or the memo) */
+                if (memo != NULL) {
+                    uint8_t k[32] = {0};
+                    unsigned kn = class_key_into(&e, &classes, k);
+                    memo_slot_t *slot = memo_find(memo, k, kn);
+                    if (slot->prog != NULL) {
+                        prog = slot->prog;
+                    } else {
+                        key = PyBytes_FromStringAndSize((const char *)k, kn);
+                        if (key == NULL) goto fail;
+                        prog = PyDict_GetItemWithError(cache, key);
+                        if (prog == NULL && PyErr_Occurred()) { Py_XDECREF(key); goto fail; }
+                        if (prog != NULL && PyBytes_Check(prog) && memo_used < MEMO_SLOTS / 2) {
+                            Py_INCREF(prog);
+                            slot->prog = prog;
+                            slot->n = (uint8_t)kn;
+                            memcpy(slot->key, k, 32);
+                            memo_used++;
+                        }
+                    }
+                } else { /* no classes: keyed by flow (the memo is for class keys) */
+                    key = raw_key(&e, sport_matters);
+                    if (key == NULL) goto fail;
+                    prog = PyDict_GetItemWithError(cache, key);
+                    if (prog == NULL && PyErr_Occurred()) { Py_XDECREF(key); goto fail; }
+                }
                 if (prog != NULL && PyBytes_Check(prog)) {
                     const uint8_t *pp = (const uint8_t *)PyBytes_AS_STRING(prog);
                     Py_ssize_t pn = PyBytes_GET_SIZE(prog);
                     if (pn == 1 && pp[0] == 'R') {
                         examined++;
-                        Py_DECREF(key);
+                        Py_XDECREF(key);
                         goto next;
                     }
                     uint32_t slot = 0;
@@ -610,33 +687,33 @@ static PyObject *feed(PyObject *self, PyObject *args) {
                     if (v == VERDICT_HEALTHY || v == VERDICT_NONE || (is_stale && records != Py_None) ||
                         (is_undecided && undecided != Py_None)) {
                         if (is_stale && record(records, &e, v == VERDICT_ALTERNATIVES ? side : v == VERDICT_DNAT ? 0 : 1, slot)) {
-                            Py_DECREF(key);
+                            Py_XDECREF(key);
                             goto fail;
                         }
                         if (is_undecided && record(undecided, &e, v == VERDICT_UNDECIDED_DNAT ? 0 : 1, slot)) {
-                            Py_DECREF(key);
+                            Py_XDECREF(key);
                             goto fail;
                         }
                         examined++;
                         eligible++;
-                        Py_DECREF(key);
+                        Py_XDECREF(key);
                         goto next;
                     }
                 }
                 PyObject *raw = raw_tuple(&e);
-                if (raw == NULL) { Py_DECREF(key); goto fail; }
+                if (raw == NULL) { Py_XDECREF(key); goto fail; }
                 /* A program that ran and failed: straight to the judgement; else the whole add. */
                 PyObject *to = prog != NULL && PyBytes_Check(prog) ? judge : sink;
-                if (call1(to, raw)) { Py_DECREF(raw); Py_DECREF(key); goto fail; }
+                if (call1(to, raw)) { Py_DECREF(raw); Py_XDECREF(key); goto fail; }
                 if (prog == NULL) {
                     PyObject *learned = PyObject_CallOneArg(program, raw);
                     if (learned == NULL || PyDict_SetItem(cache, key, learned) < 0) {
-                        Py_XDECREF(learned); Py_DECREF(raw); Py_DECREF(key); goto fail;
+                        Py_XDECREF(learned); Py_DECREF(raw); Py_XDECREF(key); goto fail;
                     }
                     Py_DECREF(learned);
                 }
                 Py_DECREF(raw);
-                Py_DECREF(key);
+                Py_XDECREF(key);
             }
         } else if (mseq != seq) {
             stale++;
@@ -666,9 +743,11 @@ static PyObject *feed(PyObject *self, PyObject *args) {
         if (error(parser, why)) goto fail;
     }
 out:
+    memo_free(memo);
     PyBuffer_Release(&buf);
     return Py_BuildValue("(llliiill)", messages, skipped, stale, done, interrupted, err_no, examined, eligible);
 fail:
+    memo_free(memo);
     PyBuffer_Release(&buf);
     return NULL;
 }
