@@ -481,11 +481,14 @@ def test_the_compiled_class_key_splits_and_joins_as_the_classifier_does() -> Non
     assert len(keys) == 3 * 3 * 3 * 3
 
 
-def test_more_classes_in_one_burst_than_the_memo_keeps_give_the_pure_paths_plan() -> None:
+@pytest.mark.parametrize("count", [40, 700])
+def test_more_classes_in_one_burst_than_the_memo_keeps_give_the_pure_paths_plan(count: int) -> None:
     """The compiled scan keeps a class's program in a per-burst memo (at most 256 classes): past
-    that, classes are found in the settle cache only. 320 classes, each met three times in one
-    burst, half of them healthy: the same plan as the pure path, and one prediction per class."""
-    servers = [ip_address(f"192.0.2.{i}") for i in range(40)]
+    that, classes are found in the settle cache only. 8 x ``count`` classes (the address classes
+    found by the compiled search among 1,400 starts for 700 servers spread over 10.0.0.0/8), each
+    met three times in one burst, half of them healthy: the same plan as the pure path, and one
+    prediction per class."""
+    servers = [ip_address(f"10.{i % 7 * 31}.{i // 7}.{(i * 37) % 251 + 1}") for i in range(count)]
     ports = (53, 80, 123, 443, 5060, 8080, 8443, 9000)
     pool = {*CLIENTS, *servers, MASQ}
     topology = Topology(addresses=tuple(Address(1, a, a.max_prefixlen) for a in pool))
@@ -513,9 +516,9 @@ def test_more_classes_in_one_burst_than_the_memo_keeps_give_the_pure_paths_plan(
             c._ctscan = saved
         plans.append((plan.examined, plan.eligible, Counter((d.entry, d.reason, d.code) for d in plan.stale),
                       Counter((d.entry, d.reason) for d in plan.undecided)))  # fmt: skip
-        assert decider.predicted == 320
+        assert decider.predicted == 8 * count
     assert plans[0] == plans[1]
-    assert plans[0][0] == 960 and 0 < sum(plans[0][2].values()) < 960
+    assert plans[0][0] == 24 * count and 0 < sum(plans[0][2].values()) < 24 * count
 
 
 def test_healthy_entries_of_a_known_key_never_reach_python() -> None:

@@ -260,17 +260,18 @@ static int classes_read(const uint8_t *p, Py_ssize_t n, classes_t *c) {
 
 /* The class of value v among n sorted u32 starts (the last start <= v; starts[0] is 0). */
 static uint32_t class_u32(const uint8_t *starts, const uint8_t *classes, uint32_t n, uint32_t v) {
-    uint32_t lo = 0, hi = n; /* find the first start > v */
-    while (lo < hi) {
-        uint32_t mid = lo + (hi - lo) / 2, s;
-        memcpy(&s, starts + (size_t)mid * 4, 4);
-        if (s <= v) lo = mid + 1; else hi = mid;
+    /* The answer lies in [i, i + len); halved without a branch to mispredict (a conditional move). */
+    uint32_t i = 0, len = n;
+    while (len > 1) {
+        uint32_t half = len / 2, s;
+        memcpy(&s, starts + (size_t)(i + half) * 4, 4);
+        i = s <= v ? i + half : i;
+        len -= half;
     }
     uint32_t c;
-    memcpy(&c, classes + (size_t)(lo ? lo - 1 : 0) * 4, 4);
+    memcpy(&c, classes + (size_t)i * 4, 4);
     return c;
 }
-
 static uint32_t class_v6(const uint8_t *starts, const uint8_t *classes, uint32_t n, const uint8_t *v) {
     uint32_t lo = 0, hi = n;
     while (lo < hi) {
