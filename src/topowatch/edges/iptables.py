@@ -1012,9 +1012,10 @@ def _fast_rules(  # noqa: PLR0917 - the hot path: positional
         e_ports = by_ports[ports] = _fast_ports(ports, module, sport, dport, family)
     text = m.string
     if comment is not None and comment[0] == '"':
-        # The only quotes of the line; the word between them quoted as ``_quote`` does (it holds no ').
-        word = comment[1:-1]
-        text = text.replace('"', "'" if not word or _NEEDS_QUOTES.search(word) else "")
+        # The only quotes of the line; the word between them quoted as ``_quote`` does (it holds no '):
+        # if it is empty or holds a space (the usual one, a phrase), else as _NEEDS_QUOTES says.
+        quoted = " " in comment or len(comment) == 2 or _NEEDS_QUOTES.search(comment, 1, len(comment) - 1)
+        text = text.replace('"', "'" if quoted else "")
     if dst is None and (src is None or "," not in src):
         e_src = by_src.get(src)
         if e_src is None:
@@ -1094,6 +1095,16 @@ def _strip_command(tokens: list[str]) -> tuple[str | None, list[str]]:
     return table, rest
 
 
+def _lines(text: str) -> list[str]:
+    """``text.splitlines()``; by ``str.split`` (a scan for one character) where that splits the same."""
+    if text.isascii() and not any(boundary in text for boundary in "\r\x0b\x0c\x1c\x1d\x1e"):
+        lines = text.split("\n")  # no other line boundary (ASCII: no \x85, \u2028, \u2029 either)
+        if not lines[-1]:
+            lines.pop()  # splitlines ends at a final line boundary
+        return lines
+    return text.splitlines()
+
+
 def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
     """The ``kind`` table's declarations and rule lines; problems (bad lines) listed by number."""
     table = _Table(bases=_TABLE_CHAINS[kind])
@@ -1102,11 +1113,13 @@ def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
     seen_header = False
     last: str | None = None  # the chain the line before appended to, and its lines
     last_lines: list[list[str] | _Unreadable | re.Match[str]] = []
-    for number, raw in enumerate(text.splitlines(), 1):
+    fast_line = _FAST_LINE.fullmatch
+    in_kind = True  # current == kind or (not seen_header and current is None), kept up to date
+    for number, raw in enumerate(_lines(text), 1):
         line = raw.strip()
-        if line.startswith("-A ") and (fast := _FAST_LINE.fullmatch(line)) is not None:
+        if line.startswith("-A ") and (fast := fast_line(line)) is not None:
             # A common shape (see _FAST_LINE): its words are the line's own, read when its rules are built.
-            if current == kind or (not seen_header and current is None):
+            if in_kind:
                 name = fast.group(1)
                 if name != last:
                     table.add_chain(name)
@@ -1117,9 +1130,11 @@ def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
             continue
         if line.startswith("*"):
             current, seen_header = line[1:].strip(), True
+            in_kind = current == kind
             continue
         if line == "COMMIT":
             current = None
+            in_kind = not seen_header
             continue
         last = None  # any other line may change the table's chains
         unreadable: str | None = None
@@ -1139,7 +1154,7 @@ def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
         if command_table is not None:
             in_nat = command_table == kind
         else:
-            in_nat = current == kind or (not seen_header and current is None)
+            in_nat = in_kind
         if not in_nat or not tokens:
             continue
         head = tokens[0]
