@@ -1402,6 +1402,15 @@ def _addr_match(flag: str, addr: str, invert: bool, family: int) -> Expression:
     return make_match(_addr_selector(flag, family), Op.NE if invert else Op.EQ, values, text)
 
 
+# A prefix length as _quad_span takes it (one or two ASCII digits, at most 32; "" is /32): its
+# network mask and host bits.
+_PREFIX_MASKS = {
+    bits: (mask, ~mask & 0xFFFFFFFF)
+    for bits in ["", *(str(n) for n in range(33)), *(f"0{n}" for n in range(10))]
+    for mask in [(0xFFFFFFFF << (32 - int(bits or 32))) & 0xFFFFFFFF]
+}
+
+
 def _fast_source(addr: str, family: int) -> Expression:
     """``_addr_match("-s", addr, False, family)``; a dotted quad or quad/len (the usual) read here.
 
@@ -1414,13 +1423,14 @@ def _fast_source(addr: str, family: int) -> Expression:
             quad = _from_bytes(_inet_pton(AF_INET, quad_text), "big")
         except (OSError, ValueError):  # ValueError: an embedded NUL
             return _addr_match("-s", addr, False, family)
-        if slash and not (len(bits) <= 2 and bits.isascii() and bits.isdigit() and int(bits) <= 32):
+        masks = _PREFIX_MASKS.get(bits)  # "" (no slash): the host mask
+        if masks is None or (slash and not bits):
             return _addr_match("-s", addr, False, family)
-        mask = (0xFFFFFFFF << (32 - int(bits or 32))) & 0xFFFFFFFF
+        mask, host = masks
         # make_match(selector, EQ, make_interval(lo, hi, 4), text), inline (core.nat's twins):
         # lo <= hi, and an address key takes an IntervalSet.
         values = _new(IntervalsTwin)
-        values.intervals = ((quad & mask, quad | (~mask & 0xFFFFFFFF)),)
+        values.intervals = ((quad & mask, quad | host),)
         values.version = 4
         values.__class__ = IntervalSet
         match = _new(MatchTwin)
