@@ -677,7 +677,7 @@ class NatRuleset:
 # (``edges.iptables``), under the same rule: only shapes the class would take unchanged.
 
 
-def twin(cls: type, names: tuple[str, ...]) -> type:
+def _twin(cls: type, names: tuple[str, ...]) -> type:
     """A plain slotted class laid out as ``cls``, whose fields must be exactly ``names`` (else ImportError).
 
     Fill every slot of ``object.__new__(twin)``, then set its ``__class__`` to ``cls``.
@@ -695,12 +695,12 @@ def twin(cls: type, names: tuple[str, ...]) -> type:
 
 
 _new = object.__new__
-RuleTwin: Any = twin(Rule, ("handle", "exprs", "text", "comment"))
-MatchTwin: Any = twin(Match, ("selector", "op", "values", "text"))
-SelectorTwin: Any = twin(Selector, ("key", "text", "family", "proto", "mask", "direction", "spnum", "params"))
-IntervalsTwin: Any = twin(IntervalSet, ("intervals", "version"))
-_NamesTwin: Any = twin(NameSet, ("exact", "prefixes", "indexes"))
-NatTwin: Any = twin(NatStatement, ("kind", "text", "family", "addr", "ports", "flags"))
+RuleTwin: Any = _twin(Rule, ("handle", "exprs", "text", "comment"))
+MatchTwin: Any = _twin(Match, ("selector", "op", "values", "text"))
+SelectorTwin: Any = _twin(Selector, ("key", "text", "family", "proto", "mask", "direction", "spnum", "params"))
+IntervalsTwin: Any = _twin(IntervalSet, ("intervals", "version"))
+_NamesTwin: Any = _twin(NameSet, ("exact", "prefixes", "indexes"))
+NatTwin: Any = _twin(NatStatement, ("kind", "text", "family", "addr", "ports", "flags"))
 _SNAT, _DNAT = NatKind.SNAT, NatKind.DNAT  # an Enum member read through its class is a lookup each time
 
 
