@@ -697,7 +697,9 @@ def _twin(cls: type, names: tuple[str, ...]) -> type:
 _new = object.__new__
 RuleTwin: Any = _twin(Rule, ("handle", "exprs", "text", "comment"))
 MatchTwin: Any = _twin(Match, ("selector", "op", "values", "text"))
-SelectorTwin: Any = _twin(Selector, ("key", "text", "family", "proto", "mask", "direction", "spnum", "params"))
+SelectorTwin: Any = _twin(
+    Selector, ("key", "text", "family", "proto", "mask", "direction", "spnum", "params")
+)
 IntervalsTwin: Any = _twin(IntervalSet, ("intervals", "version"))
 _NamesTwin: Any = _twin(NameSet, ("exact", "prefixes", "indexes"))
 NatTwin: Any = _twin(NatStatement, ("kind", "text", "family", "addr", "ports", "flags"))
