@@ -1292,7 +1292,10 @@ def parse_save(
     for chain_name in [*bases, *parsed_table.user]:
         out: list[Rule] = []
         named = sets_of.setdefault(chain_name, set())
-        for entry in parsed_table.lines.get(chain_name, []):
+        entries = parsed_table.lines.pop(chain_name, [])
+        entries.reverse()
+        while entries:
+            entry = entries.pop()  # each line let go once read: its memory serves the rules that follow
             if budget is not None:
                 budget.tick()
             handle = len(out) + 1
