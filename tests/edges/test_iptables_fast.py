@@ -51,6 +51,12 @@ def test_split_is_shlex_split(line: str) -> None:
     assert outcome(iptables._split, line) == outcome(shlex.split, line)
 
 
+@settings(max_examples=500)
+@given(st.lists(st.sampled_from(list("a -\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\u2028\u2029é")), max_size=30).map("".join))
+def test_lines_are_splitlines(text: str) -> None:
+    assert iptables._lines(text) == text.splitlines()
+
+
 @given(st.lists(st.lists(LINE_CHARS, max_size=6).map("".join), max_size=6))
 def test_command_text_quotes_as_each_word_would_be(words: list[str]) -> None:
     assert iptables._command_text(words) == " ".join(iptables._quote(w) for w in words)
@@ -233,6 +239,25 @@ def test_lines_read_whole_are_read_as_word_by_word(lines: list[str], family: str
     declared = [":PREROUTING ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]", ":user - [0:0]"]
     body = ["*nat", *declared, *lines, "COMMIT"] if header else lines
     both_ways("\n".join(body) + "\n", family=family, all_chains=True)
+
+
+# _FAST_LINE as first written: each optional part ``(?:PART)?`` (it is ``(?:PART|)``, which the engine runs faster).
+_ARG = iptables._ARG
+OPTIONAL_SPELLING = re.compile(
+    rf"-A ({_ARG})(?: -s ({_ARG}))?(?: -d ({_ARG}))?(?: -i ({_ARG}))?(?: -o ({_ARG}))?(?: -p ({_ARG}))?"
+    r"(?: (-m (tcp|udp)(?: --sport ([0-9]{1,5}))?(?: --dport ([0-9]{1,5}))?))?"
+    rf"(?: -m comment --comment (\"(?:[^\"\\'!-][^\"\\']*+)?\"|{_ARG}))?"
+    rf"(?: (-j ({_ARG})((?: --[a-z][a-z-]*+(?: {_ARG})*+)*+)))?"
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(rule_lines())
+def test_the_line_regex_takes_what_its_first_spelling_takes(line: str) -> None:
+    fast, first = iptables._FAST_LINE.fullmatch(line), OPTIONAL_SPELLING.fullmatch(line)
+    assert (fast is None) == (first is None)
+    if fast is not None and first is not None:
+        assert fast.groups() == first.groups()
 
 
 def test_the_common_shapes_are_read_whole(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,9 +24,9 @@ Rules:
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any
 
 from topowatch.core.flow import NatKind
 from topowatch.core.model import AF_INET, AF_INET6, IPAddress
@@ -665,28 +665,44 @@ class NatRuleset:
 # -- The readers' constructors ---------------------------------------------------
 # The dataclass constructors above check and normalise: a few microseconds each, paid several
 # times per rule of a 50k-rule read (``bench/parse.py``). These build the very same values
-# through the slots, for the shapes that need neither: each checks what its class's
+# without them, for the shapes that need neither: each checks what its class's
 # ``__post_init__`` would (cheaply, for those shapes) and hands anything else to the class, so
 # what it returns is always what the class would have built, or the class's own error.
+#
+# How: a frozen class refuses attribute assignment, and its slot descriptors' ``__set__`` is a
+# call each. Each class has a layout twin here, a plain class with the very same slots: its
+# instance is filled by ordinary (fast) slot stores and then becomes an instance of the frozen
+# class by ``__class__`` assignment, which Python allows exactly between classes of the same
+# layout (checked once, at import). A reader on a hot path may do the same inline
+# (``edges.iptables``), under the same rule: only shapes the class would take unchanged.
 
 
-def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[object, object], None], ...]:
-    """The slot descriptors' setters of ``cls``, whose fields must be exactly ``names`` (else ImportError)."""
+def _twin(cls: type, names: tuple[str, ...]) -> type:
+    """A plain slotted class laid out as ``cls``, whose fields must be exactly ``names`` (else ImportError).
+
+    Fill every slot of ``object.__new__(twin)``, then set its ``__class__`` to ``cls``.
+    """
     actual = tuple(f.name for f in fields(cls))
     if actual != names:
         raise ImportError(f"core.nat readers' constructors: {cls.__name__} fields {actual} != {names}")
-    return tuple(getattr(cls, name).__set__ for name in names)
+    made = type(f"{cls.__name__}Twin", (), {"__slots__": names, "__module__": __name__})
+    probe: Any = object.__new__(made)
+    try:
+        probe.__class__ = cls
+    except TypeError as exc:  # another layout (a base class, a __weakref__ slot, another order)
+        raise ImportError(f"core.nat readers' constructors: {cls.__name__}: {exc}") from exc
+    return made
 
 
 _new = object.__new__
-_RULE = _slot_setters(Rule, ("handle", "exprs", "text", "comment"))
-_MATCH = _slot_setters(Match, ("selector", "op", "values", "text"))
-_SELECTOR = _slot_setters(
+RuleTwin: Any = _twin(Rule, ("handle", "exprs", "text", "comment"))
+MatchTwin: Any = _twin(Match, ("selector", "op", "values", "text"))
+SelectorTwin: Any = _twin(
     Selector, ("key", "text", "family", "proto", "mask", "direction", "spnum", "params")
 )
-_INTERVALS = _slot_setters(IntervalSet, ("intervals", "version"))
-_NAMES = _slot_setters(NameSet, ("exact", "prefixes", "indexes"))
-_NAT = _slot_setters(NatStatement, ("kind", "text", "family", "addr", "ports", "flags"))
+IntervalsTwin: Any = _twin(IntervalSet, ("intervals", "version"))
+_NamesTwin: Any = _twin(NameSet, ("exact", "prefixes", "indexes"))
+NatTwin: Any = _twin(NatStatement, ("kind", "text", "family", "addr", "ports", "flags"))
 _SNAT, _DNAT = NatKind.SNAT, NatKind.DNAT  # an Enum member read through its class is a lookup each time
 
 
@@ -696,52 +712,52 @@ def make_rule(handle: int, exprs: tuple[Expression, ...], text: str = "", commen
         return Rule(handle, exprs, text, comment)
     if not text:
         text = " ".join([e.text for e in exprs])
-    rule = _new(Rule)
-    s_handle, s_exprs, s_text, s_comment = _RULE
-    s_handle(rule, handle)
-    s_exprs(rule, exprs)
-    s_text(rule, text)
-    s_comment(rule, comment)
-    return rule
+    rule = _new(RuleTwin)
+    rule.handle = handle
+    rule.exprs = exprs
+    rule.text = text
+    rule.comment = comment
+    rule.__class__ = Rule
+    return rule  # type: ignore[no-any-return]
 
 
 def make_match(selector: Selector, op: Op, values: IntervalSet | NameSet, text: str) -> Match:
     """``Match(selector, op, values, text)``."""
     if (selector.key in _INTERFACE_KEYS) != (type(values) is NameSet):
         return Match(selector, op, values, text)  # the class says why not
-    match = _new(Match)
-    s_selector, s_op, s_values, s_text = _MATCH
-    s_selector(match, selector)
-    s_op(match, op)
-    s_values(match, values)
-    s_text(match, text)
-    return match
+    match = _new(MatchTwin)
+    match.selector = selector
+    match.op = op
+    match.values = values
+    match.text = text
+    match.__class__ = Match
+    return match  # type: ignore[no-any-return]
 
 
 def make_selector(key: Key, text: str, family: int | None = None, proto: int | None = None) -> Selector:
     """``Selector(key, text, family, proto)`` (no mask, direction, spnum or params)."""
-    selector = _new(Selector)
-    s_key, s_text, s_family, s_proto, s_mask, s_direction, s_spnum, s_params = _SELECTOR
-    s_key(selector, key)
-    s_text(selector, text)
-    s_family(selector, family)
-    s_proto(selector, proto)
-    s_mask(selector, None)
-    s_direction(selector, None)
-    s_spnum(selector, 0)
-    s_params(selector, ())
-    return selector
+    selector = _new(SelectorTwin)
+    selector.key = key
+    selector.text = text
+    selector.family = family
+    selector.proto = proto
+    selector.mask = None
+    selector.direction = None
+    selector.spnum = 0
+    selector.params = ()
+    selector.__class__ = Selector
+    return selector  # type: ignore[no-any-return]
 
 
 def make_interval(lo: int, hi: int, version: int | None = None) -> IntervalSet:
     """``IntervalSet(((lo, hi),), version)``: one interval."""
     if lo > hi:
         return IntervalSet(((lo, hi),), version)  # the class says why not
-    values = _new(IntervalSet)
-    s_intervals, s_version = _INTERVALS
-    s_intervals(values, ((lo, hi),))
-    s_version(values, version)
-    return values
+    values = _new(IntervalsTwin)
+    values.intervals = ((lo, hi),)
+    values.version = version
+    values.__class__ = IntervalSet
+    return values  # type: ignore[no-any-return]
 
 
 _NO_NAMES: frozenset[str] = frozenset()
@@ -751,12 +767,12 @@ _NO_INDEXES: frozenset[int] = frozenset()
 def make_names(exact: frozenset[str] = _NO_NAMES, prefixes: frozenset[str] = _NO_NAMES,
                indexes: frozenset[int] = _NO_INDEXES) -> NameSet:
     """``NameSet(exact, prefixes, indexes)``."""
-    names = _new(NameSet)
-    s_exact, s_prefixes, s_indexes = _NAMES
-    s_exact(names, exact)
-    s_prefixes(names, prefixes)
-    s_indexes(names, indexes)
-    return names
+    names = _new(_NamesTwin)
+    names.exact = exact
+    names.prefixes = prefixes
+    names.indexes = indexes
+    names.__class__ = NameSet
+    return names  # type: ignore[no-any-return]
 
 
 def make_nat(kind: NatKind, text: str, family: int | None, addr: tuple[IPAddress, IPAddress] | None,
@@ -772,12 +788,12 @@ def make_nat(kind: NatKind, text: str, family: int | None, addr: tuple[IPAddress
         or (ports is not None and not 0 <= ports[0] <= ports[1] <= 0xFFFF)
     ):
         return NatStatement(kind, text, family, addr, ports)
-    nat = _new(NatStatement)
-    s_kind, s_text, s_family, s_addr, s_ports, s_flags = _NAT
-    s_kind(nat, kind)
-    s_text(nat, text)
-    s_family(nat, family)
-    s_addr(nat, addr)
-    s_ports(nat, ports)
-    s_flags(nat, ())
-    return nat
+    nat = _new(NatTwin)
+    nat.kind = kind
+    nat.text = text
+    nat.family = family
+    nat.addr = addr
+    nat.ports = ports
+    nat.flags = ()
+    nat.__class__ = NatStatement
+    return nat  # type: ignore[no-any-return]

@@ -61,6 +61,7 @@ import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, ip_address, ip_network
+from typing import Any
 
 from topowatch.core.flow import PROTO_NUMBERS, NatKind
 from topowatch.core.model import AF_INET, AF_INET6, IPAddress
@@ -74,20 +75,25 @@ from topowatch.core.nat import (
     Expression,
     Hook,
     IntervalSet,
+    IntervalsTwin,
     Key,
     MarkCopy,
     MarkSet,
     Match,
+    MatchTwin,
     NameSet,
     NatRuleset,
     NatStatement,
+    NatTwin,
     NetmapStatement,
     Op,
     Passive,
     PolicyElement,
     PolicyMatch,
     Rule,
+    RuleTwin,
     Selector,
+    SelectorTwin,
     UnknownMatch,
     UnknownStatement,
     Verdict,
@@ -96,7 +102,6 @@ from topowatch.core.nat import (
     make_match,
     make_nat,
     make_rule,
-    make_selector,
 )
 from topowatch.edges.bulkparse import Budget, gc_paused
 from topowatch.edges.nft import PARSE_TIMEOUT, read_ruleset, run_ruleset_tool
@@ -846,15 +851,22 @@ def _connmark_copy(opts: list[_Option], text: str) -> MarkCopy:
 _WORD = r"[\x21\x23-\x26\x28-\x5b\x5d-\x7e]"  # printable ASCII but space, quotes and backslash
 _ARG = rf"[\x23-\x26\x28-\x2c\x2e-\x5b\x5d-\x7e]{_WORD}*+"  # a word not starting with "-" or "!"
 # Possessive (*+): no repetition here can give anything back to what follows it (a space, a quote, the end).
+# An optional part is written ``(?:PART|)``, not ``(?:PART)?``: the same strings and groups, but the
+# regex engine tries an alternative for much less than it repeats a group (a third of the line's time).
+# Groups: chain, -s, -d, -i, -o, -p, the port module whole ("-m tcp --dport 80"), its name, --sport,
+# --dport, the comment, the target whole ("-j DNAT --to-destination ..."), its name, its options.
 _FAST_LINE = re.compile(
-    rf"-A ({_ARG})(?: -s ({_ARG}))?(?: -d ({_ARG}))?(?: -i ({_ARG}))?(?: -o ({_ARG}))?(?: -p ({_ARG}))?"
-    r"(?: -m (tcp|udp)(?: --sport ([0-9]{1,5}))?(?: --dport ([0-9]{1,5}))?)?"
-    rf"(?: -m comment --comment (\"(?:[^\"\\'!-][^\"\\']*+)?\"|{_ARG}))?"
-    rf"(?: -j ({_ARG})((?: --[a-z][a-z-]*+(?: {_ARG})*+)*+))?"
+    rf"-A ({_ARG})(?: -s ({_ARG})|)(?: -d ({_ARG})|)(?: -i ({_ARG})|)(?: -o ({_ARG})|)(?: -p ({_ARG})|)"
+    r"(?: (-m (tcp|udp)(?: --sport ([0-9]{1,5})|)(?: --dport ([0-9]{1,5})|))|)"
+    rf"(?: -m comment --comment (\"(?:[^\"\\'!-][^\"\\']*+|)\"|{_ARG})|)"
+    rf"(?: (-j ({_ARG})((?: --[a-z][a-z-]*+(?: {_ARG})*+)*+))|)"
 )
 _PORT_KEYS = {"tcp": 6, "udp": 17}
 _EQ, _DPORT = Op.EQ, Key.DPORT  # an Enum member read through its class costs a lookup each time
 _NAT_TARGETS = {"SNAT": (NatKind.SNAT, " --to-source "), "DNAT": (NatKind.DNAT, " --to-destination ")}
+_MISSING: Any = object()
+_new = object.__new__
+_inet_pton, _from_bytes = socket.inet_pton, int.from_bytes
 
 
 @functools.lru_cache(maxsize=256)
@@ -870,12 +882,34 @@ def _point(value: int) -> IntervalSet:
     return make_interval(value, value)
 
 
-def _fast_ports(module: str, sport: str | None, dport: str | None, family: int) -> list[Expression]:
-    """``-m tcp|udp [--sport N] [--dport N]``: one match per option, as ``_port_module`` builds it."""
+def _fast_ports(whole: str, module: str, sport: str | None, dport: str | None,
+                family: int) -> tuple[Expression, ...]:
+    """``-m tcp|udp [--sport N] [--dport N]`` (``whole``): one match per option, as ``_port_module`` does."""
     number = _PORT_KEYS[module]
     if sport is None and dport is not None and (port := int(dport)) <= 0xFFFF:  # the usual one
-        text = f"-m {module} --dport {dport}"
-        return [make_match(make_selector(_DPORT, text, None, number), _EQ, make_interval(port, port), text)]
+        # make_match(make_selector(...), ...), inline (core.nat's twins): a match with an IntervalSet
+        # on a port key, which Match takes as it is.
+        selector = _new(SelectorTwin)
+        selector.key = _DPORT
+        selector.text = whole
+        selector.family = None
+        selector.proto = number
+        selector.mask = None
+        selector.direction = None
+        selector.spnum = 0
+        selector.params = ()
+        selector.__class__ = Selector
+        values = _new(IntervalsTwin)
+        values.intervals = ((port, port),)
+        values.version = None
+        values.__class__ = IntervalSet
+        match = _new(MatchTwin)
+        match.selector = selector
+        match.op = _EQ
+        match.values = values
+        match.text = whole
+        match.__class__ = Match
+        return (match,)
     out: list[Expression] = []
     for key, flag, value in ((Key.SPORT, "--sport", sport), (Key.DPORT, "--dport", dport)):
         if value is None:
@@ -884,35 +918,45 @@ def _fast_ports(module: str, sport: str | None, dport: str | None, family: int) 
         if port > 0xFFFF:  # what the word path makes of it (an unknown match)
             given = (("--sport", sport), ("--dport", dport))
             opts = [_Option(f, [v], False) for f, v in given if v is not None]
-            return _module(_Module(module, opts), _ParsedRule(""), family, None)
+            return tuple(_module(_Module(module, opts), _ParsedRule(""), family, None))
         text = f"-m {module} {flag} {value}"
         out.append(Match(Selector(key, text, None, number), Op.EQ, _point(port), text))
-    return out
+    return tuple(out)
 
 
-def _nat_quad(text: str) -> tuple[tuple[IPAddress, IPAddress] | None, tuple[int, int] | None]:
-    """``_nat_range(text, AF_INET)`` for ``a.b.c.d[:port]``, the usual one; anything else goes there."""
-    addr_text, colon, port_text = text.partition(":")
-    quad = _quad(addr_text)
-    if quad is None or (colon and not (len(port_text) <= 5 and port_text.isascii() and port_text.isdigit()
-                                       and int(port_text) <= 0xFFFF)):
-        return _nat_range(text, AF_INET)
-    addr = IPv4Address(quad)
-    port = int(port_text) if colon else None
-    return (addr, addr), None if port is None else (port, port)
-
-
-def _fast_target(name: str, options: str, family: int, chains: set[str]) -> list[Expression] | None:
-    """``-j NAME OPTIONS`` as ``_target`` reads it; None if the word path would read the words otherwise."""
+def _fast_target(whole: str, name: str, options: str, family: int,
+                 chains: set[str]) -> tuple[Expression, ...] | None:
+    """``-j NAME OPTIONS`` (``whole``) as ``_target`` reads it; None: the word path reads it otherwise."""
     nat = _NAT_TARGETS.get(name)
     if nat is not None and name not in chains:
         kind, flag = nat
         arg = options[len(flag):]
         if options.startswith(flag) and arg and " " not in arg:
+            if family == AF_INET:
+                addr_text, colon, port_text = arg.partition(":")  # a.b.c.d[:port], the usual one
+                try:
+                    quad = _from_bytes(_inet_pton(AF_INET, addr_text), "big")  # _quad(addr_text), inline
+                except (OSError, ValueError):  # ValueError: an embedded NUL
+                    quad = None
+                if quad is not None and (not colon or (len(port_text) <= 5 and port_text.isascii()
+                                                       and port_text.isdigit() and int(port_text) <= 0xFFFF)):
+                    # make_nat(kind, whole, family, (addr, addr), ports), inline (core.nat's twins):
+                    # SNAT or DNAT to one address, a port inside 0-65535.
+                    one = IPv4Address(quad)
+                    port = int(port_text) if colon else None
+                    nat_statement = _new(NatTwin)
+                    nat_statement.kind = kind
+                    nat_statement.text = whole
+                    nat_statement.family = family
+                    nat_statement.addr = (one, one)
+                    nat_statement.ports = None if port is None else (port, port)
+                    nat_statement.flags = ()
+                    nat_statement.__class__ = NatStatement
+                    return (nat_statement,)
             try:
-                addr, ports = _nat_quad(arg) if family == AF_INET else _nat_range(arg, family)
+                addr, ports = _nat_range(arg, family)
                 if addr is not None or name == "DNAT":
-                    return [make_nat(kind, f"-j {name}{options}", family, addr, ports)]
+                    return (make_nat(kind, whole, family, addr, ports),)
             except (_NotModelled, ValueError, IndexError):
                 pass  # the general reader says how
     opts: list[_Option] = []
@@ -923,57 +967,75 @@ def _fast_target(name: str, options: str, family: int, chains: set[str]) -> list
             opts.append(_Option(word, [], False))
         else:
             opts[-1].args.append(word)
-    return _target(_ParsedRule("", target=_Module(name, opts)), family, chains)
+    return tuple(_target(_ParsedRule("", target=_Module(name, opts)), family, chains))
 
 
-def _fast_rules(
-    m: re.Match[str], family: int, chains: set[str], handle: int, memo: dict[object, list[Expression] | None],
-) -> list[Rule] | None:
-    """The rule(s) of a line ``_FAST_LINE`` matched, as ``_rules`` reads it; None: read it word by word.
+# What each part of the lines read whole read to, by its words (in one table's parse): -s, -i, -o,
+# -p, the port module and the target; an absent part (None) reads to no expression.
+_FastMemo = tuple[dict[str | None, tuple[Expression, ...]], dict[str | None, tuple[Expression, ...]],
+                  dict[str | None, tuple[Expression, ...]], dict[str | None, tuple[Expression, ...]],
+                  dict[str | None, tuple[Expression, ...]], dict[str | None, tuple[Expression, ...] | None]]
 
-    ``memo`` keeps what each port match and target read to, by their words (in one table's parse).
+
+def _fast_memo() -> _FastMemo:
+    return {None: ()}, {None: ()}, {None: ()}, {None: ()}, {None: ()}, {None: ()}
+
+
+def _fast_rules(  # noqa: PLR0917 - the hot path: positional
+    m: re.Match[str], family: int, chains: set[str], handle: int, memo: _FastMemo, out: list[Rule],
+) -> bool:
+    """Append the rule(s) of a line ``_FAST_LINE`` matched to ``out``, as ``_rules`` reads it.
+
+    False (nothing appended): read it word by word. ``memo`` (``_fast_memo``) keeps what
+    each part read to; the chains are those of one table, so a part's words say it all.
     """
-    _chain, src, dst, iif, oif, proto_arg, module, sport, dport, comment, target, options = m.groups()
-    exprs: list[Expression] = []
-    if iif is not None:
-        exprs.append(_iface("-i", iif, False))
-    if oif is not None:
-        exprs.append(_iface("-o", oif, False))
-    if proto_arg is not None:
-        exprs += _fast_proto(proto_arg)[1]
-    if module is not None:
-        ports_key = (module, sport, dport)
-        found = memo.get(ports_key)
-        if found is None:
-            found = memo[ports_key] = _fast_ports(module, sport, dport, family)
-        exprs += found
-    if target is not None:
-        target_key = target + options  # the chains are those of one table: the words say it all
-        if target_key in memo:
-            found = memo[target_key]
-        else:
-            found = memo[target_key] = _fast_target(target, options, family, chains)
-        if found is None:
-            return None
-        exprs += found
+    (_chain, src, dst, iif, oif, proto_arg, ports, module, sport, dport, comment, jump, target,
+     options) = m.groups()
+    by_src, by_iif, by_oif, by_proto, by_ports, by_jump = memo
+    e_target = by_jump.get(jump, _MISSING)
+    if e_target is _MISSING:
+        assert target is not None and options is not None  # None is in the memo
+        e_target = by_jump[jump] = _fast_target(jump, target, options, family, chains)
+    if e_target is None:
+        return False
+    e_iif = by_iif.get(iif)
+    if e_iif is None:
+        e_iif = by_iif[iif] = (_iface("-i", iif, False),)
+    e_oif = by_oif.get(oif)
+    if e_oif is None:
+        e_oif = by_oif[oif] = (_iface("-o", oif, False),)
+    e_proto = by_proto.get(proto_arg)
+    if e_proto is None:
+        e_proto = by_proto[proto_arg] = _fast_proto(proto_arg)[1]
+    e_ports = by_ports.get(ports)
+    if e_ports is None:
+        e_ports = by_ports[ports] = _fast_ports(ports, module, sport, dport, family)
     text = m.string
     if comment is not None and comment[0] == '"':
-        # The only quotes of the line; the word between them quoted as ``_quote`` does (it holds no ').
-        word = comment[1:-1]
-        text = text.replace('"', "'" if not word or _NEEDS_QUOTES.search(word) else "")
-    if dst is None:
-        if src is None:
-            return [make_rule(handle, tuple(exprs), text)]
-        if "," not in src:
-            source_key = "-s " + src  # no target's key: a target's name never starts with "-"
-            source = memo.get(source_key)
-            if source is None:
-                source = memo[source_key] = [_fast_source(src, family)]
-            return [make_rule(handle, (*source, *exprs), text)]
+        # The only quotes of the line; the word between them quoted as ``_quote`` does (it holds no '):
+        # if it is empty or holds a space (the usual one, a phrase), else as _NEEDS_QUOTES says.
+        quoted = " " in comment or len(comment) == 2 or _NEEDS_QUOTES.search(comment, 1, len(comment) - 1)
+        text = text.replace('"', "'" if quoted else "")
+    if dst is None and (src is None or "," not in src):
+        e_src = by_src.get(src)
+        if e_src is None:
+            assert src is not None  # None is in the memo
+            e_src = by_src[src] = (_fast_source(src, family),)
+        # make_rule(handle, exprs, text), inline (core.nat's twins): the exprs a tuple, the text the line.
+        rule = _new(RuleTwin)
+        rule.handle = handle
+        rule.exprs = (*e_src, *e_iif, *e_oif, *e_proto, *e_ports, *e_target)
+        rule.text = text
+        rule.comment = None
+        rule.__class__ = Rule
+        out.append(rule)
+        return True
+    exprs = (*e_iif, *e_oif, *e_proto, *e_ports, *e_target)
     sources = [_addr_match("-s", a, False, family) for a in src.split(",")] if src is not None else [None]
     dests = [_addr_match("-d", a, False, family) for a in dst.split(",")] if dst is not None else [None]
-    return [make_rule(handle, (*[e for e in (s, d) if e is not None], *exprs), text)
-            for s in sources for d in dests]
+    out.extend(make_rule(handle, (*[e for e in (s, d) if e is not None], *exprs), text)
+               for s in sources for d in dests)
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -1033,6 +1095,16 @@ def _strip_command(tokens: list[str]) -> tuple[str | None, list[str]]:
     return table, rest
 
 
+def _lines(text: str) -> list[str]:
+    """``text.splitlines()``; by ``str.split`` (a scan for one character) where that splits the same."""
+    if text.isascii() and not any(boundary in text for boundary in "\r\x0b\x0c\x1c\x1d\x1e"):
+        lines = text.split("\n")  # no other line boundary (ASCII: no \x85, \u2028, \u2029 either)
+        if not lines[-1]:
+            lines.pop()  # splitlines ends at a final line boundary
+        return lines
+    return text.splitlines()
+
+
 def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
     """The ``kind`` table's declarations and rule lines; problems (bad lines) listed by number."""
     table = _Table(bases=_TABLE_CHAINS[kind])
@@ -1041,11 +1113,13 @@ def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
     seen_header = False
     last: str | None = None  # the chain the line before appended to, and its lines
     last_lines: list[list[str] | _Unreadable | re.Match[str]] = []
-    for number, raw in enumerate(text.splitlines(), 1):
+    fast_line = _FAST_LINE.fullmatch
+    in_kind = True  # current == kind or (not seen_header and current is None), kept up to date
+    for number, raw in enumerate(_lines(text), 1):
         line = raw.strip()
-        if line.startswith("-A ") and (fast := _FAST_LINE.fullmatch(line)) is not None:
+        if line.startswith("-A ") and (fast := fast_line(line)) is not None:
             # A common shape (see _FAST_LINE): its words are the line's own, read when its rules are built.
-            if current == kind or (not seen_header and current is None):
+            if in_kind:
                 name = fast.group(1)
                 if name != last:
                     table.add_chain(name)
@@ -1056,9 +1130,11 @@ def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
             continue
         if line.startswith("*"):
             current, seen_header = line[1:].strip(), True
+            in_kind = current == kind
             continue
         if line == "COMMIT":
             current = None
+            in_kind = not seen_header
             continue
         last = None  # any other line may change the table's chains
         unreadable: str | None = None
@@ -1078,7 +1154,7 @@ def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
         if command_table is not None:
             in_nat = command_table == kind
         else:
-            in_nat = current == kind or (not seen_header and current is None)
+            in_nat = in_kind
         if not in_nat or not tokens:
             continue
         head = tokens[0]
@@ -1211,20 +1287,21 @@ def parse_save(
     rules_of: dict[str, list[Rule]] = {}
     sets_of: dict[str, set[str]] = {}
     memo: dict[tuple[object, ...], list[Expression]] = {}  # equal modules and targets: read once, shared
-    fast_memo: dict[object, list[Expression] | None] = {}  # the same for lines read whole
+    fast_memo = _fast_memo()  # the same for lines read whole
     match_type = re.Match
     for chain_name in [*bases, *parsed_table.user]:
         out: list[Rule] = []
         named = sets_of.setdefault(chain_name, set())
-        for entry in parsed_table.lines.get(chain_name, []):
+        entries = parsed_table.lines.pop(chain_name, [])
+        entries.reverse()
+        while entries:
+            entry = entries.pop()  # each line let go once read: its memory serves the rules that follow
             if budget is not None:
                 budget.tick()
             handle = len(out) + 1
             tokens: list[str] | _Unreadable
             if isinstance(entry, match_type):
-                fast = _fast_rules(entry, af, names, handle, fast_memo)
-                if fast is not None:
-                    out.extend(fast)
+                if _fast_rules(entry, af, names, handle, fast_memo, out):
                     continue
                 tokens = _split(entry.string)[2:]  # word by word after all
             else:
@@ -1328,6 +1405,15 @@ def _addr_match(flag: str, addr: str, invert: bool, family: int) -> Expression:
     return make_match(_addr_selector(flag, family), Op.NE if invert else Op.EQ, values, text)
 
 
+# A prefix length as _quad_span takes it (one or two ASCII digits, at most 32; "" is /32): its
+# network mask and host bits.
+_PREFIX_MASKS = {
+    bits: (mask, ~mask & 0xFFFFFFFF)
+    for bits in ["", *(str(n) for n in range(33)), *(f"0{n}" for n in range(10))]
+    for mask in [(0xFFFFFFFF << (32 - int(bits or 32))) & 0xFFFFFFFF]
+}
+
+
 def _fast_source(addr: str, family: int) -> Expression:
     """``_addr_match("-s", addr, False, family)``; a dotted quad or quad/len (the usual) read here.
 
@@ -1335,10 +1421,28 @@ def _fast_source(addr: str, family: int) -> Expression:
     (4096 addresses) are left to the word path, a 50k-rule table would only churn them.
     """
     if family == AF_INET:
-        span = _quad_span(addr)
-        if span is not None:
-            values = make_interval(span[0], span[1], 4)
-            return make_match(_addr_selector("-s", AF_INET), _EQ, values, "-s " + addr)
+        quad_text, slash, bits = addr.partition("/")  # _quad_span(addr), inline
+        try:
+            quad = _from_bytes(_inet_pton(AF_INET, quad_text), "big")
+        except (OSError, ValueError):  # ValueError: an embedded NUL
+            return _addr_match("-s", addr, False, family)
+        masks = _PREFIX_MASKS.get(bits)  # "" (no slash): the host mask
+        if masks is None or (slash and not bits):
+            return _addr_match("-s", addr, False, family)
+        mask, host = masks
+        # make_match(selector, EQ, make_interval(lo, hi, 4), text), inline (core.nat's twins):
+        # lo <= hi, and an address key takes an IntervalSet.
+        values = _new(IntervalsTwin)
+        values.intervals = ((quad & mask, quad | host),)
+        values.version = 4
+        values.__class__ = IntervalSet
+        match = _new(MatchTwin)
+        match.selector = _addr_selector("-s", AF_INET)
+        match.op = _EQ
+        match.values = values
+        match.text = "-s " + addr
+        match.__class__ = Match
+        return match  # type: ignore[no-any-return]
     return _addr_match("-s", addr, False, family)
 
 
