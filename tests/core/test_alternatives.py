@@ -117,6 +117,27 @@ def test_stale_when_no_interface_gives_both_bindings_though_each_side_alone_is_g
     assert verdict(entry(dnat=str(REDIRECTED)), now) == ("undecided", "unknown_ingress")
 
 
+@pytest.mark.parametrize("two_refuse_the_source", [False, True], ids=["a tie: destination", "source"])
+def test_a_stale_entry_no_way_gives_names_the_side_most_ways_refuse(two_refuse_the_source: bool) -> None:
+    """The entry without NAT above, stale: its reason is of the side most ways refuse (a tie: the
+    destination), with that side's binding, addresses and every binding a live way gives it (the
+    mutation run of 2026-12-03: ``_joint_stale`` reading the other side, or dropping a field, survived)."""
+    alts = [way(LAN0, frozenset({X})), way(LAN1, frozenset({NO_NAT}), dnat=frozenset({REDIRECT}))]
+    if two_refuse_the_source:
+        alts.append(way(UP1, frozenset({Y})))
+    plan = decide([entry()], predict=predictor(union(*alts)), fib_now=NOW)
+    (stale,) = plan.stale
+    why = stale.why
+    side, address, given = (("snat", CLIENT, {X, Y, NO_NAT}) if two_refuse_the_source else
+                            ("dnat", SERVER, {NO_NAT, REDIRECT}))  # fmt: skip
+    assert (why.code, why.side, why.actual, why.original, why.translated) == (
+        "null_binding_now_nat", side, NO_NAT, address, address)
+    assert set(why.expected) == given and len(why.expected) == len(given)
+    what = "source" if two_refuse_the_source else "destination"
+    assert stale.reason.startswith(f"{what} is {address} (no NAT), and no way it may have come in"), stale.reason
+    assert len(why.ways) == len(alts)
+
+
 def test_a_binding_some_interface_gives_is_undecided_without_a_previous_snapshot() -> None:
     """lan0 gives X now, up1 no NAT. Without a previous snapshot an entry with either may be old and
     have come the other way (a false negative if called healthy): undecided; with Y, stale."""
