@@ -87,6 +87,35 @@ def test_admitted_over_packed_addresses(case: AdmissionCase, side: str) -> None:
         assert got is case.expected(side), check
 
 
+def test_a_case_takes_every_port_and_no_other() -> None:
+    for port in (0, 0xFFFF):
+        assert AdmissionCase("x", (), ip_address("10.0.0.1"), ip_address("10.0.0.1"), port, True).before == port
+        assert AdmissionCase("x", (), ip_address("10.0.0.1"), ip_address("10.0.0.1"), 1, True, port).before == port
+    for port in (-1, 0x10000):
+        with pytest.raises(ValueError, match=f"port {port} out of range"):
+            AdmissionCase("x", (), ip_address("10.0.0.1"), ip_address("10.0.0.1"), port, True)
+        with pytest.raises(ValueError, match=f"port {port} out of range"):
+            AdmissionCase("x", (), ip_address("10.0.0.1"), ip_address("10.0.0.1"), 1, True, port)
+
+
+def test_the_tables_helpers_build_what_they_are_given() -> None:
+    """The table's rows are built by ``_b`` and ``_case``. The tests above read the table as the
+    module built it on import, which a mutation run does once, before any mutant is active: the
+    helpers are pinned here, on values written out by hand."""
+    from topowatch.core.admission import _b, _case
+
+    lo, hi, one = ip_address("192.0.2.64"), ip_address("192.0.2.127"), ip_address("203.0.113.2")
+    assert _b(NatKind.NONE) == Binding(NatKind.NONE, None, None, None, None)
+    assert _b(NatKind.MASQUERADE, "203.0.113.2") == Binding(NatKind.MASQUERADE, one, one, None, None)
+    assert _b(NatKind.SNAT, "192.0.2.64", "192.0.2.127", (1024, 2047)) == Binding(NatKind.SNAT, lo, hi, 1024, 2047)
+    assert _b(NatKind.REDIRECT, ports=(8000, 8099)) == Binding(NatKind.REDIRECT, None, None, 8000, 8099)
+    binding = _b(NatKind.DNAT, "192.0.2.1")
+    assert _case("n", (binding,), "10.0.1.2", "203.0.113.2", 80, True, 81, False) == AdmissionCase(
+        "n", (binding,), ip_address("10.0.1.2"), one, 80, True, 81, False)
+    assert _case("m", (binding,), "10.0.1.2", "10.0.1.3", 7, False) == AdmissionCase(
+        "m", (binding,), ip_address("10.0.1.2"), ip_address("10.0.1.3"), 7, False, None, None)
+
+
 def test_a_case_of_mixed_families_is_refused() -> None:
     from ipaddress import ip_address
 

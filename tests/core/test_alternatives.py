@@ -117,6 +117,27 @@ def test_stale_when_no_interface_gives_both_bindings_though_each_side_alone_is_g
     assert verdict(entry(dnat=str(REDIRECTED)), now) == ("undecided", "unknown_ingress")
 
 
+@pytest.mark.parametrize("two_refuse_the_source", [False, True], ids=["a tie: destination", "source"])
+def test_a_stale_entry_no_way_gives_names_the_side_most_ways_refuse(two_refuse_the_source: bool) -> None:
+    """The entry without NAT above, stale: its reason is of the side most ways refuse (a tie: the
+    destination), with that side's binding, addresses and every binding a live way gives it (the
+    mutation run of 2026-12-03: ``_joint_stale`` reading the other side, or dropping a field, survived)."""
+    alts = [way(LAN0, frozenset({X})), way(LAN1, frozenset({NO_NAT}), dnat=frozenset({REDIRECT}))]
+    if two_refuse_the_source:
+        alts.append(way(UP1, frozenset({Y})))
+    plan = decide([entry()], predict=predictor(union(*alts)), fib_now=NOW)
+    (stale,) = plan.stale
+    why = stale.why
+    side, address, given = (("snat", CLIENT, {X, Y, NO_NAT}) if two_refuse_the_source else
+                            ("dnat", SERVER, {NO_NAT, REDIRECT}))  # fmt: skip
+    assert (why.code, why.side, why.actual, why.original, why.translated) == (
+        "null_binding_now_nat", side, NO_NAT, address, address)
+    assert set(why.expected) == given and len(why.expected) == len(given)
+    what = "source" if two_refuse_the_source else "destination"
+    assert stale.reason.startswith(f"{what} is {address} (no NAT), and no way it may have come in"), stale.reason
+    assert len(why.ways) == len(alts)
+
+
 def test_a_binding_some_interface_gives_is_undecided_without_a_previous_snapshot() -> None:
     """lan0 gives X now, up1 no NAT. Without a previous snapshot an entry with either may be old and
     have come the other way (a false negative if called healthy): undecided; with Y, stale."""
@@ -322,6 +343,93 @@ def from_raw(raw: tuple[Any, ...]) -> Entry:
     family, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport, status, zone, mark, i, t = raw
     return Entry(family, proto, CtTuple(ip_address(osrc), ip_address(odst), osport, odport),
                  CtTuple(ip_address(rsrc), ip_address(rdst), rsport, rdport), status, zone, mark, i, t)
+
+
+# -- what the fast checks settle, case by case ----------------------------------------------
+
+D = Binding(NatKind.DNAT, ip_address("192.0.2.99"))  # no port range: the destination port is kept
+D8080 = Binding(NatKind.DNAT, ip_address("192.0.2.99"), ip_address("192.0.2.99"), 8080, 8080)
+AROUND_SERVER = Binding(NatKind.DNAT, ip_address("192.0.2.8"), ip_address("192.0.2.15"))  # holds SERVER
+AROUND_CLIENT = Binding(NatKind.SNAT, ip_address("10.0.1.0"), ip_address("10.0.1.255"))  # holds CLIENT
+
+
+def nat(src: str | None = None, dst: str | None = None, dport: int = 5060) -> Entry:
+    """A UDP entry CLIENT:5001 -> SERVER:5060, source translated to ``src``, destination to ``dst:dport``
+    (None: kept)."""
+    return Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, SERVER, 5001, 5060),
+                 CtTuple(ip_address(dst) if dst else SERVER, ip_address(src) if src else CLIENT, dport, 5001),
+                 STATUS)  # fmt: skip
+
+
+def ways(*pairs: tuple[Ingress, frozenset[Binding], frozenset[Binding]]) -> Prediction:
+    """``union`` of ways given as (ingress, DNAT bindings, SNAT bindings)."""
+    return union(*(way(ingress, frozenset(snat), dnat=frozenset(dnat)) for ingress, dnat, snat in pairs))
+
+
+_X, _Y, _NONE = frozenset({X}), frozenset({Y}), frozenset({NO_NAT})
+# lan0 keeps the destination, up1 redirects it, both SNAT to X.
+_SPLIT = ways((LAN0, _NONE, _X), (UP1, frozenset({REDIRECT}), _X))
+# lan0 keeps the destination, up1 DNATs it to D (port kept), both SNAT to X.
+_TO_D = ways((LAN0, _NONE, _X), (UP1, frozenset({D}), _X))
+# lan0 DNATs to D keeping the port, up1 to D:8080, both SNAT to X.
+_PORTS = ways((LAN0, frozenset({D}), _X), (UP1, frozenset({D8080}), _X))
+
+# (case, now, previous, entry, settled by the fast checks, verdict of the judgement). Each expectation
+# is worked out by hand from ``_alternative_checks``'s rule: a side whose ways agree is checked against
+# the bindings they all give; the other side (the destination where neither agrees) against those every
+# way gives, or (with a previous snapshot) that a way refusing them now did not give then.
+SETTLED_CASES = [
+    ("both sides agree: settled", ways((LAN0, _NONE, _X), (UP1, _NONE, _X)), None, nat(str(X.addr_lo)),
+     True, "healthy"),
+    ("both agree, the destination port changed: a kept port refuses it", ways((LAN0, _NONE, _X), (UP1, _NONE, _X)),
+     None, nat(str(X.addr_lo), dport=5070), False, "stale"),
+    ("every way redirects, the entry is not NATed", ways((LAN0, frozenset({REDIRECT}), _NONE),
+     (UP1, frozenset({REDIRECT}), _NONE)), None, nat(), False, "stale"),
+    ("every way redirects, the entry is redirected", ways((LAN0, frozenset({REDIRECT}), _NONE),
+     (UP1, frozenset({REDIRECT}), _NONE)), None, nat(dst=str(REDIRECTED), dport=53), True, "healthy"),
+    ("neither side agrees, no binding common to the destinations: nothing settled",
+     ways((LAN0, _NONE, _X), (UP1, frozenset({REDIRECT}), frozenset({X, Y}))), None,
+     nat(str(X.addr_lo), dst="192.0.2.99", dport=53), False, "stale"),
+    # the source agrees: the destination is the free side
+    ("a way that refuses the redirect now kept the destination then", _SPLIT, _SPLIT,
+     nat(str(X.addr_lo), dst=str(REDIRECTED), dport=53), True, "healthy"),
+    ("the way that refuses the redirect now redirected then", _SPLIT,
+     ways((LAN0, frozenset({REDIRECT}), _X), (UP1, frozenset({REDIRECT}), _X)),
+     nat(str(X.addr_lo), dst=str(REDIRECTED), dport=53), False, "undecided"),
+    ("DNAT to D, port kept, lan0 kept the destination then", _TO_D, _TO_D, nat(str(X.addr_lo), dst="192.0.2.99"),
+     True, "healthy"),
+    ("DNAT to D with the port changed: every way refuses", _TO_D, _TO_D,
+     nat(str(X.addr_lo), dst="192.0.2.99", dport=5070), False, "stale"),
+    ("a range holding the server now, the other way kept the destination then",
+     ways((LAN0, frozenset({AROUND_SERVER}), _X), (UP1, frozenset({D}), _X)),
+     ways((LAN0, frozenset({AROUND_SERVER}), _X), (UP1, _NONE, _X)), nat(str(X.addr_lo)), False, "undecided"),
+    ("no previous snapshot: D:8080 may be old from lan0", _PORTS, None,
+     nat(str(X.addr_lo), dst="192.0.2.99", dport=8080), False, "undecided"),
+    ("lan0 gave D with the port kept then: D:8080 cannot be old from lan0", _PORTS, _PORTS,
+     nat(str(X.addr_lo), dst="192.0.2.99", dport=8080), True, "healthy"),
+    ("... nor D:5060 old from up1", _PORTS, _PORTS, nat(str(X.addr_lo), dst="192.0.2.99"), True, "healthy"),
+    # the destination agrees: the source is the free side
+    ("a range holding the client now, the other way kept the source then",
+     ways((LAN0, _NONE, frozenset({AROUND_CLIENT})), (UP1, _NONE, _Y)),
+     ways((LAN0, _NONE, _NONE), (UP1, _NONE, _NONE)), nat(), False, "undecided"),
+    ("... Y, which no way gave then", ways((LAN0, _NONE, frozenset({AROUND_CLIENT})), (UP1, _NONE, _Y)),
+     ways((LAN0, _NONE, _NONE), (UP1, _NONE, _NONE)), nat(str(Y.addr_lo)), True, "healthy"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("now", "before", "e", "settled", "judged"), [c[1:] for c in SETTLED_CASES],
+                         ids=[c[0] for c in SETTLED_CASES])  # fmt: skip
+def test_the_fast_checks_settle_what_their_rule_says(now: Prediction, before: Prediction | None, e: Entry,
+                                                     settled: bool, judged: str) -> None:  # fmt: skip
+    """The compiled checks of a prediction with alternatives, against hand-worked cases: an entry they
+    settle (left alone unjudged) must be healthy, and a healthy one their rule covers must be settled
+    (the bulk path: else every entry of the class is judged whole). The mutation run of 2026-12-03
+    left 49 of ``_alternative_checks``'s mutants alive; the property test below finds those that
+    settle more only at its full example count."""
+    decider = Decider(predict=predictor(now, before), fib_now=NOW, fib_before=BEFORE if before else None)
+    _, compiled = decider._compiled(e)
+    assert _healthy(e, compiled) is settled, (compiled.dnat, compiled.snat)
+    assert verdict(e, now, before)[0] == judged
 
 
 # -- the compiled checks never settle more than the judgement leaves alone -------------------

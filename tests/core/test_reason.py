@@ -132,6 +132,33 @@ RENDERED = [  # name, reason, text
      "source is 10.0.1.2 (no NAT): by the host itself it keeps its bindings, but it may be older and have got "
      "them where the previous state gave them, and then by lan1 its source would be masquerade to 203.0.113.2; "
      "which way it came is not known"),
+    # Edges (the mutation run of 2026-12-03 found each unread): exactly four ways and four labels name
+    # all (no "and 0 more"); a way of two paths and two bindings; a history not given reads as the
+    # snapshot's; no binding to read is not translated; an egress not known.
+    ("every way of exactly four refuses it: all named, one of two paths and two bindings",
+     Reason(ReasonCode.SNAT_CHANGED, "snat", SNAT_PORT, CLIENT, ip_address("100.64.0.2"), (MASQ,),
+            ways=(Way(LAN0, (UP1, UP2), "snat", (MASQ, RANGE)),
+                  *(Way(Ingress(i, f"lan{i}"), (), "snat", (MASQ,)) for i in range(1, 4)))),
+     "source is snat to 100.64.0.2:5060 (10.0.1.2 -> 100.64.0.2), and no way it may have come in and gone "
+     "out gives it its bindings now: by lan0, dev up1 via 198.51.100.1 or dev up2 via 203.0.113.1 its source "
+     "would be masquerade to 203.0.113.2 or masquerade to 203.0.113.2:1024-2047; by lan1 its source would be "
+     "masquerade to 203.0.113.2; by lan2 its source would be masquerade to 203.0.113.2; by lan3 its source "
+     "would be masquerade to 203.0.113.2"),
+    ("unknown ingress, exactly four that keep it, no history given",
+     Reason(ReasonCode.UNKNOWN_INGRESS, "dnat", keeps=tuple(Way(Ingress(i, f"lan{i}"), ()) for i in range(4)),
+            ways=(Way(None, (), "dnat", (DNAT_9,)),)),
+     "destination is not translated: by lan0; lan1; lan2; lan3 it keeps its bindings, but it may be older and "
+     "have got them where the previous state gave them, and then by any interface its destination would be "
+     "dnat to 10.0.9.10; which way it came is not known"),
+    ("no binding to read, its addresses known, the egress not known",
+     Reason(ReasonCode.NAT_NOW_NONE, "snat", None, CLIENT, ip_address("203.0.113.2"), (NO_NAT,)),
+     "source is not translated, but now it would be no NAT (egress not known)"),
+    # Not a reason decide makes (an unknown egress is UNKNOWN_NAT_UNKNOWN_EGRESS): render is total.
+    ("unknown nat, egress moved, unknown both times",
+     Reason(ReasonCode.EGRESS_CHANGED_UNKNOWN_NAT, "snat", NO_NAT, CLIENT, CLIENT, egress=Unknown("fwmark rule"),
+            egress_before=Unknown("fwmark rule"), cause="xt match"),
+     "source NAT cannot be predicted (xt match), but the flow's egress changed from unknown (fwmark rule) to "
+     "unknown (fwmark rule)"),
     ("the compiled scan disagrees",
      Reason(ReasonCode.INTERNAL_DISAGREEMENT, "snat", verdict="undecided"),
      "judged undecided by the compiled scan, but the reference judgement disagrees (a defect)"),
@@ -141,6 +168,14 @@ RENDERED = [  # name, reason, text
 @pytest.mark.parametrize(("name", "reason", "text"), RENDERED, ids=[r[0] for r in RENDERED])
 def test_render_words_each_code_from_its_fields(name: str, reason: Reason, text: str) -> None:
     assert reason.render() == text
+
+
+def test_a_translation_missing_either_address_is_not_translated() -> None:
+    """A field left empty is not known: the text never fills it (the JSON carries the pair only
+    whole, so these are not rows of the table above)."""
+    for original, translated in ((None, ip_address("203.0.113.2")), (CLIENT, None)):
+        reason = Reason(ReasonCode.NAT_NOW_NONE, "snat", MASQ, original, translated, (NO_NAT,), egress=())
+        assert reason.render() == "source is not translated, but now it would be no NAT (egress none)"
 
 
 def test_the_table_renders_every_code() -> None:
