@@ -665,6 +665,13 @@ def test_requests_are_encode_delete_and_encode_get_byte_for_byte(items: list[Ent
         assert c._ctscan.requests(records, 0, len(items), 40, delete) == b"".join(expected)
         select = bytes(i % 2 for i in range(len(items)))
         assert c._ctscan.requests(records, 0, len(items), 40, delete, select) == b"".join(expected[1::2])
+        # ack_last: the last request encoded (of those selected) asks for an ACK, as encode_delete's.
+        chosen = [i for i in range(len(items)) if select[i]]
+        if delete and chosen:
+            acked = [c.encode_delete(e, 40 + i, ack=i == chosen[-1]) for i, e in enumerate(items) if select[i]]
+            assert c._ctscan.requests(records, 0, len(items), 40, True, select, True) == b"".join(acked)
+            whole = [c.encode_delete(e, 40 + i, ack=i == len(items) - 1) for i, e in enumerate(items)]
+            assert c._ctscan.requests(records, 0, len(items), 40, True, None, True) == b"".join(whole)
     if len(items) > 2:
         assert c._ctscan.requests(records, 1, 2, 41, True) == b"".join(
             c.encode_delete(e, 41 + i, ack=False) for i, e in enumerate(items[1:3]))

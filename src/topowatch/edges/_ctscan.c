@@ -821,6 +821,7 @@ static PyObject *recv_burst(PyObject *self, PyObject *args) {
 /* --- re-check and delete of stale records ------------------------------------------- */
 
 #define NLM_F_REQUEST_ 1
+#define NLM_F_ACK_ 4
 #define REQUEST_MAX 112 /* IPv6 with a zone and an id: 20 + 76 + 8 + 8 */
 #define NLA_F_NESTED_ 0x8000
 #define CTA_ZONE_ 18
@@ -875,18 +876,18 @@ static int records_buffer(PyObject *obj, Py_buffer *buf, Py_ssize_t start, Py_ss
 }
 
 PyDoc_STRVAR(requests_doc,
-"requests(records, start, count, first_seq, delete[, select]) -> bytes\n\n"
+"requests(records, start, count, first_seq, delete[, select[, ack_last]]) -> bytes\n\n"
 "The GET (``delete`` false) or DELETE requests of records [start, start+count), the i-th with\n"
-"sequence number first_seq + i, without ACK flags; with ``select`` (bytes of length count) only\n"
-"those whose byte is not 0.");
+"sequence number first_seq + i, without ACK flags (with ``ack_last``, the last request encoded\n"
+"has one); with ``select`` (bytes of length count, or None) only those whose byte is not 0.");
 
 static PyObject *requests(PyObject *self, PyObject *args) {
     PyObject *obj, *select = Py_None;
-    Py_ssize_t start, count, i, used = 0;
+    Py_ssize_t start, count, i, used = 0, last = -1;
     unsigned long first;
-    int del;
+    int del, ack_last = 0;
     Py_buffer buf;
-    if (!PyArg_ParseTuple(args, "Onnkp|O", &obj, &start, &count, &first, &del, &select)) return NULL;
+    if (!PyArg_ParseTuple(args, "Onnkp|Op", &obj, &start, &count, &first, &del, &select, &ack_last)) return NULL;
     if (select != Py_None && (!PyBytes_Check(select) || PyBytes_GET_SIZE(select) != count)) {
         PyErr_SetString(PyExc_ValueError, "select must be bytes of length count");
         return NULL;
@@ -900,9 +901,11 @@ static PyObject *requests(PyObject *self, PyObject *args) {
         record_t r;
         if (sel != NULL && !sel[i]) continue;
         memcpy(&r, (const uint8_t *)buf.buf + (size_t)(start + i) * sizeof r, sizeof r);
+        last = used;
         used += encode_request(o + used, &r, (uint32_t)(first + (unsigned long)i),
                                del ? IPCTNL_MSG_CT_DELETE_ : IPCTNL_MSG_CT_GET_);
     }
+    if (ack_last && last >= 0) put16(o + last + 6, NLM_F_REQUEST_ | NLM_F_ACK_);
     PyBuffer_Release(&buf);
     if (_PyBytes_Resize(&out, used) < 0) return NULL;
     return out;

@@ -285,6 +285,8 @@ def _judge_answer(entry: Entry, answer: tuple[int, Reread | None], i: int, *,
 class _Pending(Protocol):
     """Entries waiting for their re-check and delete, in one of two forms."""
 
+    acked: bool  # ``selected`` gives the last request its ACK flag (else ``_transact_bytes`` does)
+
     def __len__(self) -> int: ...
     def deletes(self, start: int, count: int, first: int) -> list[bytes] | None: ...
     def gets(self, start: int, count: int, first: int) -> bytes: ...
@@ -297,6 +299,8 @@ class _Pending(Protocol):
 
 class _Entries:
     """Pending ``Entry`` values: encoded and read in Python."""
+
+    acked = False
 
     def __init__(self, entries: list[Entry]) -> None:
         self.entries = entries
@@ -341,6 +345,8 @@ class _Entries:
 class _Records:
     """Pending ``core.decide.STALE_RECORD`` records: encoded and read in C (``_ctscan``)."""
 
+    acked = True
+
     def __init__(self, records: bytes, cache: AddressCache) -> None:
         self.records = records
         self.cache = cache
@@ -368,6 +374,9 @@ class _Records:
             errors += more_errors
             changed += more_changed
         out = _Verdicts()
+        if codes.count(1) == count:  # the usual batch: every entry as dumped, each to be deleted
+            out.victims = list(range(count))
+            return out
         # The last answer for an index counts, as in ``_Entries``.
         last_error = dict(errors)
         last_changed = {i: rest for i, *rest in changed}
@@ -391,10 +400,14 @@ class _Records:
     def selected(self, deletes: list[bytes] | None, start: int, count: int, first: int, *,
                  victims: list[int]) -> bytes:  # fmt: skip
         assert ctcodec._ctscan is not None
-        select = bytearray(count)
-        for i in victims:
-            select[i] = 1
-        data: bytes = ctcodec._ctscan.requests(self.records, start, count, first, True, bytes(select))
+        select: bytes | None = None
+        if len(victims) < count:
+            chosen = bytearray(count)
+            for i in victims:
+                chosen[i] = 1
+            select = bytes(chosen)
+        # The last request carries the ACK flag (``_transact_bytes(acked=True)``).
+        data: bytes = ctcodec._ctscan.requests(self.records, start, count, first, True, select, True)
         return data
 
     def subset(self, indexes: list[int]) -> _Pending:
@@ -843,15 +856,19 @@ class Conntrack:
             last_seq = first_seq + len(encoded) - 1
         return self._transact_bytes(b"".join(encoded), len(encoded), first_seq, last_seq)
 
-    def _transact_bytes(self, messages: bytes, sent: int, first_seq: int, last_seq: int) -> _Outcome:
-        """``_transact`` of ``sent`` messages already joined; the last one is given the ACK flag."""
-        data = bytearray(messages)
-        last_off = pos = 0
-        while pos < len(data):
-            last_off = pos
-            pos += (_U32.unpack_from(data, pos)[0] + 3) & ~3
-        flags = _U16.unpack_from(data, last_off + _FLAGS_OFFSET)[0]
-        _U16.pack_into(data, last_off + _FLAGS_OFFSET, flags | ctcodec.NLM_F_ACK)
+    def _transact_bytes(self, messages: bytes, sent: int, first_seq: int, last_seq: int, *,
+                        acked: bool = False) -> _Outcome:  # fmt: skip
+        """``_transact`` of ``sent`` messages already joined; the last one is given the ACK flag
+        (``acked``: it has it already)."""
+        data: bytes | bytearray = messages
+        if not acked:
+            data = bytearray(messages)
+            last_off = pos = 0
+            while pos < len(data):
+                last_off = pos
+                pos += (_U32.unpack_from(data, pos)[0] + 3) & ~3
+            flags = _U16.unpack_from(data, last_off + _FLAGS_OFFSET)[0]
+            _U16.pack_into(data, last_off + _FLAGS_OFFSET, flags | ctcodec.NLM_F_ACK)
         out = _Outcome(sent=sent)
         self._send(data)
         # The kernel has handled the whole batch when sendmsg returns: every
@@ -965,7 +982,8 @@ class Conntrack:
                     continue
                 data = pending.selected(deletes, start, count, first, victims=verdicts.victims)
                 last = verdicts.victims[-1]
-                tally.count(self._transact_bytes(data, len(verdicts.victims), first, first + last))
+                tally.count(self._transact_bytes(data, len(verdicts.victims), first, first + last,
+                                                 acked=pending.acked))
                 windows.append(self._sent_at - began)
             if not lost:
                 return
