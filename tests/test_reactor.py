@@ -436,6 +436,7 @@ class EventedRulesetBackend(FakeBackend):
         judging = decider(None)
         for e in self.table:
             judging.add(e)
+        judging.timings.update({"kernel wait": 0.25, "judge": 0.0})  # as the kernel's backend times them
         return judging
 
 
@@ -483,6 +484,8 @@ async def test_streamed_dump_and_decide_is_used_when_offered(autojump_clock: tri
     assert backend.judged == 1
     assert len(backend.deleted) == 2 and backend.table == []
     assert "dump+decide" in reactor.reactions[0].timings
+    # The backend's own phases join the record's (those it measured as zero do not).
+    assert reactor.reactions[0].timings["kernel wait"] == 0.25 and "judge" not in reactor.reactions[0].timings
 
 
 @pytest.mark.parametrize(("cap", "refused"), [(1, True), (2, False), (3, False)])

@@ -925,8 +925,11 @@ class Reactor:
                 # the table's size) and until a ruleset change arrives (``sources.EarlyDeletes``).
                 early = EarlyDeletes(still_stale(selection), cap, go=lambda: self._ruleset_changes == changes)
             # Dump and decide in one pass in the backend: only stale/undecided entries are kept.
-            plan = (await self.backend.judge(eligibility, decider, early=early)).plan()
+            judged = await self.backend.judge(eligibility, decider, early=early)
+            plan = judged.plan()
             timings["dump+decide"] = clock() - mark
+            # Inside "dump+decide", as the backend timed them: waiting for the kernel, judging.
+            timings.update({name: seconds for name, seconds in judged.timings.items() if seconds})
         else:
             plan = decider().plan()  # no policy is triggered: nothing to dump
         dumped = clock()

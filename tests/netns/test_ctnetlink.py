@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+import time
 from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address, ip_address
 
@@ -323,6 +324,26 @@ def test_pipelined_and_serial_dumps_agree(ct: Conntrack, monkeypatch: pytest.Mon
     assert runs[True] == runs[False]
     assert len(runs[True][0]) == 12004 and runs[True][2] > 40  # many datagrams, in several bursts
     assert not reader_threads()
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_a_dump_says_how_long_it_waited_for_the_kernel_and_how_long_it_judged(
+    ct: Conntrack, pipelined: bool
+) -> None:
+    ct.pipelined = pipelined
+    ct.create([udp4(i) for i in range(3000)])
+
+    class Slow(Collect):
+        def add_raw(self, raw: ctcodec.RawEntry) -> None:
+            if len(self.raw) % 1000 == 0:
+                time.sleep(0.02)  # judging that takes time: at least 60 ms of it
+            super().add_raw(raw)
+
+    ct.scan(Slow)
+    stats = ct.last_dump
+    assert stats is not None
+    assert stats.judge_seconds >= 0.06 and stats.wait_seconds > 0
+    assert stats.wait_seconds + stats.judge_seconds <= stats.seconds
 
 
 @pytest.mark.parametrize("first", [64 << 10, 4 << 20])

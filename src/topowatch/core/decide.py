@@ -960,6 +960,9 @@ class Decider:
         self.examined = 0
         self.eligible = 0
         self.predicted = 0
+        # Phases its backend timed while feeding it (seconds by name: "kernel wait", "judge"),
+        # for the reaction's record; empty where none were.
+        self.timings: dict[str, float] = {}
         self.stale: list[Decision] = []
         self.undecided: list[Decision] = []
         self._now: dict[Hashable, _Compiled] = {}

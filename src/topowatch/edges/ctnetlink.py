@@ -240,6 +240,10 @@ class DumpStats:
     bytes: int = 0
     seconds: float = 0.0
     error_samples: tuple[str, ...] = ()
+    # Of ``seconds``: waiting for the kernel's next datagrams, and reading and judging them (the
+    # rest is the request and the attempts' set-up); both 0 where not measured.
+    wait_seconds: float = 0.0
+    judge_seconds: float = 0.0
 
     @property
     def entries_per_second(self) -> float:
@@ -490,6 +494,7 @@ class Conntrack:
         self._ended: int | None = None  # the dump whose end the pipelined reader received
         # Called before each burst of a ``scan`` is judged, and with the consumer after it
         # (``edges.overlap``).
+        self._timed = (0.0, 0.0)  # the last dump's waiting and judging (``DumpStats``)
         self.before_burst: Callable[[], None] | None = None
         self.after_burst: Callable[[Any], None] | None = None
         self.status_filter_supported = (probe_status_filter(self) if status_filter is None
@@ -561,6 +566,7 @@ class Conntrack:
                 parser.settle = consumer  # a Decider: the compiled scan settles its healthy entries
             add = consumer.add
         recvs = nbytes = 0
+        waited = judged = 0.0
         # Decoding allocates only acyclic objects, hundreds of thousands of
         # them: the cyclic collector would rescan the growing list for nothing
         # (measured: 15-30 % of decode time).
@@ -573,7 +579,10 @@ class Conntrack:
             sources.append(self._serial())
             try:
                 for source in sources:
+                    tick = time.perf_counter()
                     for data, count in source:
+                        got = time.perf_counter()
+                        waited += got - tick
                         recvs += count
                         nbytes += len(data)
                         if self.before_burst is not None:
@@ -586,6 +595,8 @@ class Conntrack:
                             parser.entries.clear()
                         if self.after_burst is not None and consumer is not None:
                             self.after_burst(consumer)
+                        tick = time.perf_counter()
+                        judged += tick - got
                         if parser.done:
                             break
                     if parser.done:
@@ -602,6 +613,7 @@ class Conntrack:
         finally:
             if collecting:
                 gc.enable()
+        self._timed = (waited, judged)
         return parser, recvs, nbytes
 
     def _drain(self, seq: int) -> None:
@@ -842,6 +854,8 @@ class Conntrack:
             bytes=nbytes,
             seconds=time.perf_counter() - started,
             error_samples=tuple(parser.error_samples),
+            wait_seconds=self._timed[0],
+            judge_seconds=self._timed[1],
         )
 
     # --- batched requests -----------------------------------------------------

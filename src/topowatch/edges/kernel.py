@@ -349,8 +349,12 @@ class KernelBackend:
         self._dumped_at = time.monotonic()
         stats = ct.last_dump
         if stats is not None:
-            log.debug("dump+decide: %d entries in %.1f ms (%s)", stats.entries, stats.seconds * 1000,
-                      "kernel status filter" if stats.kernel_status_filter else "userspace filter")
+            # Where the dump's time went: waiting for the kernel's walk, or reading and judging.
+            judged.timings.update({"kernel wait": stats.wait_seconds, "judge": stats.judge_seconds})
+            log.debug("dump+decide: %d entries in %.1f ms (%s; waited %.1f ms for the kernel, judged in "
+                      "%.1f ms)", stats.entries, stats.seconds * 1000,
+                      "kernel status filter" if stats.kernel_status_filter else "userspace filter",
+                      stats.wait_seconds * 1000, stats.judge_seconds * 1000)
             if stats.decode_errors:
                 log.warning("dump: %d undecodable entries skipped", stats.decode_errors)
         return judged
