@@ -663,7 +663,6 @@ class Fib:
 
     def _rule_match(self, rule: PolicyRule, q: _Query) -> bool | Unknown:
         """``fib_rule_match`` + ``fib4_rule_match``/``fib6_rule_match``, three-valued."""
-        what = f"rule {rule.describe()}"
         parts: list[bool | Unknown] = []
         if rule.iifname is not None:
             iif = q.iifname if q.iifname is not None else LOOPBACK_NAME
@@ -675,7 +674,8 @@ class Fib:
             if mask == 0:
                 parts.append(True)
             elif q.mark is None:
-                parts.append(Unknown(f"{what}: selector fwmark needs the packet mark, which is unknown"))
+                parts.append(Unknown(f"rule {rule.describe()}: selector fwmark needs the packet mark, "
+                                     "which is unknown"))
             else:
                 parts.append(((rule.fwmark ^ q.mark) & mask) == 0)
         if rule.src is not None:
@@ -684,11 +684,14 @@ class Fib:
             parts.append(q.dst in rule.dst)
         if rule.tos:
             if q.tos is None:
-                parts.append(Unknown(f"{what}: selector tos needs the packet's TOS, which is unknown"))
+                parts.append(Unknown(f"rule {rule.describe()}: selector tos needs the packet's TOS, "
+                                     "which is unknown"))
             else:
                 mask = _TOS_MASK_V4 if rule.family == AF_INET else _TOS_MASK_V6
                 parts.append(rule.tos == q.tos & mask)
-        parts.extend(Unknown(f"{what}: selector {name} is not modelled") for name in rule.unmodelled)
+        if rule.unmodelled:  # the rule's words only where a reason needs them
+            what = f"rule {rule.describe()}"
+            parts.extend(Unknown(f"{what}: selector {name} is not modelled") for name in rule.unmodelled)
         result = _and3(parts)
         if rule.invert and not isinstance(result, Unknown):
             return not result
