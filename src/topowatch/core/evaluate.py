@@ -177,6 +177,27 @@ _PacketTwin: Any = type("_PacketTwin", (), {"__slots__": _PACKET_FIELDS, "__modu
 _new = object.__new__
 
 
+def _new_packet(*, family: int, proto: int, saddr: IPAddress, daddr: IPAddress, sport: int,
+                dport: tuple[int, int], mark: int | None, ct_mark: int | None, zone: int,
+                iif: Ingress | None | Unknown, oif: Egress | None | Unknown, dst_nat: bool | None) -> _Packet:
+    """``_Packet(...)`` (every field given)."""
+    q = _new(_PacketTwin)
+    q.family = family
+    q.proto = proto
+    q.saddr = saddr
+    q.daddr = daddr
+    q.sport = sport
+    q.dport = dport
+    q.mark = mark
+    q.ct_mark = ct_mark
+    q.zone = zone
+    q.iif = iif
+    q.oif = oif
+    q.dst_nat = dst_nat
+    q.__class__ = _Packet
+    return q  # type: ignore[no-any-return]
+
+
 def _packet(p: _Packet, *, daddr: IPAddress | None = None, dport: tuple[int, int] | None = None,
             mark: int | None | _Keep = _KEEP, ct_mark: int | None | _Keep = _KEEP,
             oif: Egress | None | Unknown | _Keep = _KEEP, dst_nat: bool | None | _Keep = _KEEP) -> _Packet:
@@ -256,6 +277,7 @@ class _Marks:
 
 
 _Outcome = _Bound | _BoundAny | _Dropped | _Null | _Marks
+_NULL = _Null()  # immutable: one serves every hook that bound nothing
 
 
 def _with_rule(step: _Bound | _BoundAny | _Dropped, rule: RuleRef) -> _Bound | _BoundAny | _Dropped:
@@ -514,7 +536,7 @@ class _Evaluator:
             result = self._run_chain(chain, side, tape)
             if result is not None:
                 return result
-        return _Null()
+        return _NULL
 
     def _run_chain(self, base: Chain, side: _Side, tape: _Tape) -> _Bound | _BoundAny | _Dropped | None:
         """Run one base chain: an outcome that ends the hook, or None (accepted: next chain).
@@ -1034,6 +1056,9 @@ def _bindings(outcome: _Bound | _BoundAny | _Null) -> frozenset[Binding]:
 
 
 def _addresses(lo: IPAddress, hi: IPAddress) -> Iterator[IPAddress]:
+    if lo == hi:  # one address (most flows): itself, not a new value equal to it
+        yield lo
+        return
     make = IPv4Address if lo.version == 4 else IPv6Address
     for value in range(int(lo), int(hi) + 1):
         yield make(value)
@@ -1414,7 +1439,7 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
     ev = _Evaluator(ruleset, fib, flow, order)
     known = ruleset.marks_known
     received = 0 if known and not ingress.local else None
-    base = _Packet(
+    base = _new_packet(
         family=flow.family,
         proto=flow.proto,
         saddr=flow.src,
@@ -1426,6 +1451,7 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
         zone=flow.zone,
         iif=None if ingress.local else ingress,
         oif=None,
+        dst_nat=False,
     )
     explain: list[str] = []
     hook = Hook.OUTPUT if ingress.local else Hook.PREROUTING
