@@ -1571,9 +1571,10 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
                     explain.append(f"dropped at {side.hook.value}: {result.reason}")
                     continue
                 assert not isinstance(result, _Marks)
-                snat.update(_bindings(result))
+                bound = _bindings(result)
+                snat.update(bound)
                 if isinstance(path, set):
-                    path.update(_bindings(result))
+                    path.update(bound)
                 explain.append(f"snat via {out.describe()}: {result.reason}")
     explained = tuple(dict.fromkeys(explain))
     rules = _rules_of(named)
