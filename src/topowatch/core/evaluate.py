@@ -59,12 +59,14 @@ This module never performs I/O and never guesses: what it does not model is
 
 from __future__ import annotations
 
+import enum
 import itertools
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from ipaddress import IPv4Address, IPv6Address
+from typing import Any, Final
 
 from topowatch.core import ruleindex
 from topowatch.core.fib import Fib
@@ -154,6 +156,69 @@ class _Packet:
     dst_nat: bool | None = False
 
 
+# A packet is copied with a field or two changed several times per prediction: ``replace`` and the
+# frozen class's own ``__init__`` (a call per field) cost several times what filling a plain slotted
+# twin of the same layout and then handing it the class does (as ``core.nat``'s readers do). The
+# class has no ``__post_init__``: the copy is the very value ``replace`` would build.
+_PACKET_FIELDS = ("family", "proto", "saddr", "daddr", "sport", "dport", "mark", "ct_mark", "zone", "iif",
+                  "oif", "dst_nat")  # fmt: skip
+if tuple(f.name for f in fields(_Packet)) != _PACKET_FIELDS or hasattr(_Packet, "__post_init__"):
+    raise ImportError("core.evaluate: _Packet's fields changed; update _PACKET_FIELDS and _packet")
+
+
+class _Keep(enum.Enum):
+    """A field ``_packet`` keeps (None is a value of some fields)."""
+
+    KEEP = 0
+
+
+_KEEP: Final = _Keep.KEEP
+_PacketTwin: Any = type("_PacketTwin", (), {"__slots__": _PACKET_FIELDS, "__module__": __name__})
+_new = object.__new__
+
+
+def _new_packet(*, family: int, proto: int, saddr: IPAddress, daddr: IPAddress, sport: int,
+                dport: tuple[int, int], mark: int | None, ct_mark: int | None, zone: int,
+                iif: Ingress | None | Unknown, oif: Egress | None | Unknown, dst_nat: bool | None) -> _Packet:
+    """``_Packet(...)`` (every field given)."""
+    q = _new(_PacketTwin)
+    q.family = family
+    q.proto = proto
+    q.saddr = saddr
+    q.daddr = daddr
+    q.sport = sport
+    q.dport = dport
+    q.mark = mark
+    q.ct_mark = ct_mark
+    q.zone = zone
+    q.iif = iif
+    q.oif = oif
+    q.dst_nat = dst_nat
+    q.__class__ = _Packet
+    return q  # type: ignore[no-any-return]
+
+
+def _packet(p: _Packet, *, daddr: IPAddress | None = None, dport: tuple[int, int] | None = None,
+            mark: int | None | _Keep = _KEEP, ct_mark: int | None | _Keep = _KEEP,
+            oif: Egress | None | Unknown | _Keep = _KEEP, dst_nat: bool | None | _Keep = _KEEP) -> _Packet:
+    """``replace(p, ...)`` for the fields given (``daddr``/``dport`` None and ``_KEEP``: unchanged)."""
+    q = _new(_PacketTwin)
+    q.family = p.family
+    q.proto = p.proto
+    q.saddr = p.saddr
+    q.daddr = p.daddr if daddr is None else daddr
+    q.sport = p.sport
+    q.dport = p.dport if dport is None else dport
+    q.mark = p.mark if mark is _KEEP else mark
+    q.ct_mark = p.ct_mark if ct_mark is _KEEP else ct_mark
+    q.zone = p.zone
+    q.iif = p.iif
+    q.oif = p.oif if oif is _KEEP else oif
+    q.dst_nat = p.dst_nat if dst_nat is _KEEP else dst_nat
+    q.__class__ = _Packet
+    return q  # type: ignore[no-any-return]
+
+
 # Hook outcomes. ``value`` is what branches are compared by; ``reason`` says why.
 @dataclass(frozen=True, slots=True)
 class _Bound:
@@ -212,6 +277,16 @@ class _Marks:
 
 
 _Outcome = _Bound | _BoundAny | _Dropped | _Null | _Marks
+_NULL = _Null()  # immutable: one serves every hook that bound nothing
+
+
+def _with_rule(step: _Bound | _BoundAny | _Dropped, rule: RuleRef) -> _Bound | _BoundAny | _Dropped:
+    """``replace(step, rule=rule)`` (none of these classes has a ``__post_init__``)."""
+    if isinstance(step, _Bound):
+        return _Bound(step.binding, step.reason, rule)
+    if isinstance(step, _BoundAny):
+        return _BoundAny(step.bindings, step.reason, rule)
+    return _Dropped(step.reason, rule)
 
 
 class _Choice(Exception):
@@ -268,14 +343,28 @@ def _explore(run: Callable[[_Tape], _Outcome]) -> _Outcome | Unknown:
             if first_unknown is None:
                 return Unknown(unmodelled.reason, unmodelled.rule)
             return Unknown(first_unknown, first_rule)
-        if len({o.value for o in outcomes}) > 1:
+        if len(outcomes) > 1 and len({o.value for o in outcomes}) > 1:
             assert first_unknown is not None
             return Unknown(first_unknown, first_rule)
     return outcomes[0]
 
 
+# ``_ties`` of the chains of a hook (the same tuples every call, ``_nat_chains``), by identity.
+_TIES: dict[int, tuple[tuple[Chain, ...], list[tuple[Chain, ...]]]] = {}
+
+
 def _ties(chains: tuple[Chain, ...]) -> list[tuple[Chain, ...]]:
-    """The groups of two or more chains that share a priority (``chains`` sorted by priority)."""
+    """The groups of two or more chains that share a priority (``chains`` sorted by priority). Read only."""
+    found = _TIES.get(id(chains))
+    if found is not None and found[0] is chains:
+        return found[1]
+    if len(_TIES) >= 1024:
+        _TIES.clear()
+    ties = _TIES[id(chains)] = (chains, _tied(chains))
+    return ties[1]
+
+
+def _tied(chains: tuple[Chain, ...]) -> list[tuple[Chain, ...]]:
     groups = [tuple(group) for _, group in itertools.groupby(chains, key=lambda c: c.priority or 0)]
     return [group for group in groups if len(group) > 1]
 
@@ -447,7 +536,7 @@ class _Evaluator:
             result = self._run_chain(chain, side, tape)
             if result is not None:
                 return result
-        return _Null()
+        return _NULL
 
     def _run_chain(self, base: Chain, side: _Side, tape: _Tape) -> _Bound | _BoundAny | _Dropped | None:
         """Run one base chain: an outcome that ends the hook, or None (accepted: next chain).
@@ -483,7 +572,7 @@ class _Evaluator:
             if step is None:
                 continue
             if isinstance(step, _Bound | _BoundAny | _Dropped):
-                return replace(step, rule=RuleRef(chain.describe(), rule.handle, rule.text))
+                return _with_rule(step, RuleRef(chain.describe(), rule.handle, rule.text))
             if step.kind is VerdictKind.ACCEPT:
                 return None
             if step.kind is VerdictKind.RETURN:
@@ -586,15 +675,15 @@ class _Evaluator:
             raise _Unmodelled(f"{where}: a mark set in a nat chain before routing is not modelled")
         if isinstance(expr, MarkCopy):
             if expr.to_ct:
-                self._marked = replace(packet, ct_mark=expr.apply(packet.ct_mark, packet.mark))
+                self._marked = _packet(packet, ct_mark=expr.apply(packet.ct_mark, packet.mark))
             else:
-                self._marked = replace(packet, mark=expr.apply(packet.mark, packet.ct_mark))
+                self._marked = _packet(packet, mark=expr.apply(packet.mark, packet.ct_mark))
             return True
         if isinstance(expr, MarkSet):
             if expr.ct:
-                self._marked = replace(packet, ct_mark=expr.apply(packet.ct_mark))
+                self._marked = _packet(packet, ct_mark=expr.apply(packet.ct_mark))
             else:
-                self._marked = replace(packet, mark=expr.apply(packet.mark))
+                self._marked = _packet(packet, mark=expr.apply(packet.mark))
             return True
         if isinstance(expr, NetmapStatement):
             kind = NatKind.DNAT if side.hook in (Hook.PREROUTING, Hook.OUTPUT) else NatKind.SNAT
@@ -775,8 +864,10 @@ class _Evaluator:
         return _Bound(Binding(stmt.kind, lo, hi, *ports), where)
 
 
-def _xfrm_flow(p: _Packet) -> XfrmFlow:
-    oif = p.oif.oif if isinstance(p.oif, Egress) else None
+def _xfrm_flow(p: _Packet, oif: int | None = None) -> XfrmFlow:
+    """The flow as xfrm sees ``p`` (its ``oif``, or the given one: an egress's ``oif``)."""
+    if oif is None and isinstance(p.oif, Egress):
+        oif = p.oif.oif
     hi = p.dport[1] if p.dport[1] != p.dport[0] else None
     return XfrmFlow(p.family, p.proto, p.saddr, p.daddr, p.sport, p.dport[0], hi, p.mark, oif)
 
@@ -785,7 +876,7 @@ def _xfrm_egress(fib: Fib, p: _Packet, out: Egress) -> tuple[Egress, str | None]
     """The egress named with the xfrm out policy that puts the flow in IPsec; a reason if one blocks it."""
     if out.kind is not EgressKind.UNICAST or not fib.topology.xfrm_known:
         return out, None
-    decision = lookup(fib.topology, _xfrm_flow(replace(p, oif=out)))
+    decision = lookup(fib.topology, _xfrm_flow(p, out.oif))
     if isinstance(decision, Unknown):
         return replace(out, xfrm=f"unknown ({decision.reason})"), None
     if decision.policy is None or not (decision.in_ipsec or decision.blocked):
@@ -965,6 +1056,9 @@ def _bindings(outcome: _Bound | _BoundAny | _Null) -> frozenset[Binding]:
 
 
 def _addresses(lo: IPAddress, hi: IPAddress) -> Iterator[IPAddress]:
+    if lo == hi:  # one address (most flows): itself, not a new value equal to it
+        yield lo
+        return
     make = IPv4Address if lo.version == 4 else IPv6Address
     for value in range(int(lo), int(hi) + 1):
         yield make(value)
@@ -1055,7 +1149,7 @@ def _order_alternatives(ruleset: NatRuleset, family: int) -> list[_Order]:
     every flow and stays while the chains do. Empty where no chains share one.
     """
     # A chain without rules and with policy accept changes nothing wherever it runs.
-    groups = [g for hook in _NAT_HOOKS for g in _ties(ruleset.base_chains(hook, family))
+    groups = [g for hook in _NAT_HOOKS for g in _ties(_nat_chains(ruleset, hook, family))
               if sum(bool(c.rules) or c.policy == "drop" for c in g) > 1]  # fmt: skip
     if not groups:
         return []
@@ -1072,7 +1166,10 @@ def predict(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
     predictions, each order's prediction is an alternative (and the sides
     their unions); a hook whose orders disagree is otherwise unknown.
     """
-    orders = _order_alternatives(ruleset, flow.family)
+    memo = _memo(ruleset).orders
+    orders = memo.get(flow.family)
+    if orders is None:
+        orders = memo[flow.family] = _order_alternatives(ruleset, flow.family)
     if not orders or len(orders) > MAX_ORDER_ALTERNATIVES:
         return _predict_ordered(ruleset, fib, flow, None)
     preds = [_predict_ordered(ruleset, fib, flow, order) for order in orders]
@@ -1214,8 +1311,8 @@ class _MarkPlan:
     between: tuple[Chain, ...]
 
     def __init__(self, ruleset: NatRuleset, hook: Hook, family: int) -> None:
-        marks = ruleset.mark_chains(hook, family)
-        prios = [c.priority or 0 for c in ruleset.base_chains(hook, family)]
+        marks = _mark_chains(ruleset, hook, family)
+        prios = [c.priority or 0 for c in _nat_chains(ruleset, hook, family)]
         if not prios:
             self.before, self.after, self.between = marks, (), ()
             return
@@ -1223,6 +1320,64 @@ class _MarkPlan:
         self.before = tuple(c for c in marks if (c.priority or 0) < first)
         self.after = tuple(c for c in marks if (c.priority or 0) > last)
         self.between = tuple(c for c in marks if first <= (c.priority or 0) <= last)
+
+
+class _RulesetMemo:
+    """What ``predict`` reads of a ruleset on every call, computed once: by (hook, family), its nat
+    chains, mark chains and ``_MarkPlan``; by family, its ``_order_alternatives`` (read only)."""
+
+    __slots__ = ("marks", "nat", "orders", "plans")
+
+    def __init__(self) -> None:
+        self.nat: dict[tuple[Hook, int], tuple[Chain, ...]] = {}
+        self.marks: dict[tuple[Hook, int], tuple[Chain, ...]] = {}
+        self.plans: dict[tuple[Hook, int], _MarkPlan] = {}
+        self.orders: dict[int, list[_Order]] = {}
+
+
+# By ruleset identity, as ``_READS_IIF`` (the ruleset is kept: ids are not reused while it is).
+_MEMOS: dict[int, tuple[NatRuleset, _RulesetMemo]] = {}
+
+
+def _memo(ruleset: NatRuleset) -> _RulesetMemo:
+    found = _MEMOS.get(id(ruleset))
+    if found is not None and found[0] is ruleset:
+        return found[1]
+    if len(_MEMOS) > 64:
+        _MEMOS.clear()
+    memo = _RulesetMemo()
+    _MEMOS[id(ruleset)] = (ruleset, memo)
+    return memo
+
+
+def _nat_chains(ruleset: NatRuleset, hook: Hook, family: int) -> tuple[Chain, ...]:
+    """``ruleset.base_chains(hook, family)``, once per ruleset."""
+    memo = _memo(ruleset).nat
+    key = (hook, family)
+    found = memo.get(key)
+    if found is None:
+        found = memo[key] = ruleset.base_chains(hook, family)
+    return found
+
+
+def _mark_chains(ruleset: NatRuleset, hook: Hook, family: int) -> tuple[Chain, ...]:
+    """``ruleset.mark_chains(hook, family)``, once per ruleset."""
+    memo = _memo(ruleset).marks
+    key = (hook, family)
+    found = memo.get(key)
+    if found is None:
+        found = memo[key] = ruleset.mark_chains(hook, family)
+    return found
+
+
+def _mark_plan(ruleset: NatRuleset, hook: Hook, family: int) -> _MarkPlan:
+    """``_MarkPlan(ruleset, hook, family)``, once per ruleset."""
+    memo = _memo(ruleset).plans
+    key = (hook, family)
+    found = memo.get(key)
+    if found is None:
+        found = memo[key] = _MarkPlan(ruleset, hook, family)
+    return found
 
 
 def _marks(ev: _Evaluator, hook: Hook, chains: tuple[Chain, ...], packet: _Packet, *, ingress: Ingress,
@@ -1238,22 +1393,22 @@ def _marks(ev: _Evaluator, hook: Hook, chains: tuple[Chain, ...], packet: _Packe
     if isinstance(outcome, _Dropped):
         return outcome
     if isinstance(outcome, _Marks):
-        return replace(packet, mark=outcome.mark, ct_mark=outcome.ct_mark)
+        return _packet(packet, mark=outcome.mark, ct_mark=outcome.ct_mark)
     reason = outcome.reason if isinstance(outcome, Unknown) else "no marks"
     explain.append(f"marks at {hook.value} unknown: {reason}")
-    return replace(packet, mark=None, ct_mark=None)
+    return _packet(packet, mark=None, ct_mark=None)
 
 
 def _snat_marks(ev: _Evaluator, ruleset: NatRuleset, hook: Hook, packet: _Packet, *, ingress: Ingress,
                 explain: list[str]) -> _Packet | _Dropped | Unknown:
     """The packet as the SNAT hook sees it: forward's mark chains, then those below its nat chains."""
     if hook is Hook.POSTROUTING and not ingress.local:
-        chains = ruleset.mark_chains(Hook.FORWARD, packet.family)
+        chains = _mark_chains(ruleset, Hook.FORWARD, packet.family)
         forwarded = _marks(ev, Hook.FORWARD, chains, packet, ingress=ingress, explain=explain)
         if isinstance(forwarded, _Dropped):
             return forwarded
         packet = forwarded
-    plan = _MarkPlan(ruleset, hook, packet.family)
+    plan = _mark_plan(ruleset, hook, packet.family)
     if plan.between:
         return Unknown(f"{', '.join(c.describe() for c in plan.between)}: a mark chain between nat chains")
     return _marks(ev, hook, plan.before, packet, ingress=ingress, explain=explain)
@@ -1284,7 +1439,7 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
     ev = _Evaluator(ruleset, fib, flow, order)
     known = ruleset.marks_known
     received = 0 if known and not ingress.local else None
-    base = _Packet(
+    base = _new_packet(
         family=flow.family,
         proto=flow.proto,
         saddr=flow.src,
@@ -1296,10 +1451,11 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
         zone=flow.zone,
         iif=None if ingress.local else ingress,
         oif=None,
+        dst_nat=False,
     )
     explain: list[str] = []
     hook = Hook.OUTPUT if ingress.local else Hook.PREROUTING
-    plan = _MarkPlan(ruleset, hook, flow.family)
+    plan = _mark_plan(ruleset, hook, flow.family)
     if plan.between:
         names = ", ".join(c.describe() for c in plan.between)
         return _unknown_all(ingress, f"{names}: a mark chain between nat chains at {hook.value}")
@@ -1312,15 +1468,17 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
     # 1. DNAT side: prerouting, or output with the route chosen before DNAT as oif.
     oifs: tuple[Egress | Unknown | None, ...] = (None,)
     if ingress.local:
-        before = fib.egress(replace(flow, packet_mark=base.mark), ingress)
+        marked_flow = Flow(flow.family, flow.proto, flow.src, flow.dst, flow.sport, flow.dport, flow.zone,
+                           flow.ct_mark, base.mark)  # replace(flow, packet_mark=base.mark), faster
+        before = fib.egress(marked_flow, ingress)
         if isinstance(before, Unknown):
             oifs = (Unknown(f"route before DNAT unknown: {before.reason}"),)
         else:
             oifs = before
-    dnat_chains = ruleset.base_chains(hook, flow.family)
+    dnat_chains = _nat_chains(ruleset, hook, flow.family)
     dnat_outcomes: list[_Outcome] = []
     for oif in oifs:
-        packet = replace(base, oif=oif)
+        packet = _packet(base, oif=oif)
         side = _Side(hook, dnat_chains, packet, DNAT_KINDS, ingress)
         outcome = ev.hook(side)
         if isinstance(outcome, Unknown):
@@ -1356,14 +1514,15 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
                               rules=_rules_of(named))
         dport = binding.ports or (flow.dport, flow.dport)
         for daddr in _addresses(lo, hi):
-            packet = replace(base, daddr=daddr, dport=dport, dst_nat=_dst_nat(binding, flow))
+            packet = _packet(base, daddr=daddr, dport=dport, dst_nat=_dst_nat(binding, flow))
             after = _marks(ev, hook, plan.after, packet, ingress=ingress, explain=explain)
             if isinstance(after, _Dropped):
                 named.append(after)
                 explain.append(f"dropped at {hook.value}: {after.reason}")
                 continue
             packet = after
-            routed = replace(flow, dst=daddr, dport=dport[0], packet_mark=packet.mark)
+            routed = Flow(flow.family, flow.proto, flow.src, daddr, flow.sport, dport[0], flow.zone,
+                          flow.ct_mark, packet.mark)  # replace(flow, dst=..., dport=..., packet_mark=...)
             egress = fib.egress(routed, ingress)
             if isinstance(egress, Unknown):
                 unknown = Unknown(f"route after dnat unknown: {egress.reason}")
@@ -1384,7 +1543,7 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
                     continue
                 delivered = out.kind is EgressKind.LOCAL and not ingress.local
                 snat_hook = Hook.INPUT if delivered else Hook.POSTROUTING
-                at_snat = _snat_marks(ev, ruleset, snat_hook, replace(packet, oif=None if delivered else out),
+                at_snat = _snat_marks(ev, ruleset, snat_hook, _packet(packet, oif=None if delivered else out),
                                       ingress=ingress, explain=explain)
                 if isinstance(at_snat, Unknown):
                     if snat_unknown is None:
@@ -1397,7 +1556,7 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
                     named.append(at_snat)
                     explain.append(f"dropped before {snat_hook.value} nat: {at_snat.reason}")
                     continue
-                nat_chains = ruleset.base_chains(snat_hook, flow.family)
+                nat_chains = _nat_chains(ruleset, snat_hook, flow.family)
                 side = _Side(snat_hook, nat_chains, at_snat, SNAT_KINDS, ingress)
                 result = ev.hook(side)
                 if isinstance(result, Unknown):
@@ -1412,9 +1571,10 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
                     explain.append(f"dropped at {side.hook.value}: {result.reason}")
                     continue
                 assert not isinstance(result, _Marks)
-                snat.update(_bindings(result))
+                bound = _bindings(result)
+                snat.update(bound)
                 if isinstance(path, set):
-                    path.update(_bindings(result))
+                    path.update(bound)
                 explain.append(f"snat via {out.describe()}: {result.reason}")
     explained = tuple(dict.fromkeys(explain))
     rules = _rules_of(named)

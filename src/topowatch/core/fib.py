@@ -168,6 +168,8 @@ class Resolution:
 _LIMITED_BROADCAST = IPv4Address("255.255.255.255")
 # Memoised resolutions per Fib (one reaction's snapshot); cleared when this many are held.
 _RESOLVED_LIMIT = 1 << 16
+# The iifname of a forwarded lookup in a family whose policy rules read none (``Fib.resolve``).
+_ANY_IIF = "*"
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +256,11 @@ class Fib:
             rules = [r for r in topology.rules if r.family == family] or list(default_rules(family))
             # sorted() is stable: equal priorities keep dump order, as the kernel lists them.
             self._rules[family] = tuple(sorted(rules, key=lambda r: r.priority))
+        # Families where no policy rule reads the input interface: there every forwarded lookup that
+        # differs only by its iifname answers alike (``resolve`` asks one of them).
+        self._iif_blind = frozenset(
+            f for f, rules in self._rules.items() if all(r.iifname is None for r in rules)
+        )
         # (family, table) -> prefixlen -> network address as an int -> routes, ordered
         # by (-tos, metric) (sorted() is stable: dump order among equals).
         self._tables: dict[tuple[int, int], dict[int, dict[int, list[Route]]]] = {}
@@ -262,8 +269,10 @@ class Fib:
             self._build_tables()
         # A Fib answers one snapshot: the same question always gets the same answer.
         self._resolved: dict[_Query, Resolution] = {}
-        self._route_texts: dict[Route, str] = {}
-        self._masquerade: dict[tuple[int, IPAddress], IPAddress | None] = {}
+        # By route identity (the route is kept), and by (oif, nexthop as an int: IPv4 only): an
+        # ipaddress value hashes its hex text, a route its every field, on each lookup.
+        self._route_texts: dict[int, tuple[Route, str]] = {}
+        self._masquerade: dict[tuple[int, int], IPAddress | None] = {}
         # The links that can receive a packet, with their reverse-path settings (``ingresses``).
         self._receivers: tuple[tuple[Link, tuple[int, bool]], ...] | None = None
         self._receiver_groups: dict[tuple[int, bool], tuple[Ingress, ...]] = {}
@@ -366,6 +375,9 @@ class Fib:
         """Like ``lookup``, and say which rule and route decided."""
         if src is not None and src.version != dst.version:
             raise ValueError(f"lookup mixes address families: {src} -> {dst}")
+        if iifname is not None and family_of(dst) in self._iif_blind:
+            # Only a rule's iif selector reads the name (``_rule_match``); none has one here.
+            iifname = _ANY_IIF
         return self._resolve(_Query(dst, src, iifname, oifname, mark, tos))
 
     def ingress(self, flow: Flow) -> Ingress | Unknown:
@@ -651,7 +663,6 @@ class Fib:
 
     def _rule_match(self, rule: PolicyRule, q: _Query) -> bool | Unknown:
         """``fib_rule_match`` + ``fib4_rule_match``/``fib6_rule_match``, three-valued."""
-        what = f"rule {rule.describe()}"
         parts: list[bool | Unknown] = []
         if rule.iifname is not None:
             iif = q.iifname if q.iifname is not None else LOOPBACK_NAME
@@ -663,7 +674,8 @@ class Fib:
             if mask == 0:
                 parts.append(True)
             elif q.mark is None:
-                parts.append(Unknown(f"{what}: selector fwmark needs the packet mark, which is unknown"))
+                parts.append(Unknown(f"rule {rule.describe()}: selector fwmark needs the packet mark, "
+                                     "which is unknown"))
             else:
                 parts.append(((rule.fwmark ^ q.mark) & mask) == 0)
         if rule.src is not None:
@@ -672,11 +684,14 @@ class Fib:
             parts.append(q.dst in rule.dst)
         if rule.tos:
             if q.tos is None:
-                parts.append(Unknown(f"{what}: selector tos needs the packet's TOS, which is unknown"))
+                parts.append(Unknown(f"rule {rule.describe()}: selector tos needs the packet's TOS, "
+                                     "which is unknown"))
             else:
                 mask = _TOS_MASK_V4 if rule.family == AF_INET else _TOS_MASK_V6
                 parts.append(rule.tos == q.tos & mask)
-        parts.extend(Unknown(f"{what}: selector {name} is not modelled") for name in rule.unmodelled)
+        if rule.unmodelled:  # the rule's words only where a reason needs them
+            what = f"rule {rule.describe()}"
+            parts.extend(Unknown(f"{what}: selector {name} is not modelled") for name in rule.unmodelled)
         result = _and3(parts)
         if rule.invert and not isinstance(result, Unknown):
             return not result
@@ -832,6 +847,8 @@ class Fib:
                     prefix=route.dst,
                 )
             )
+        if len(egresses) == 1:
+            return (egresses[0],)
         # Equal-metric alternatives can come from other routes of the prefix: keep each once.
         return tuple(dict.fromkeys(egresses))
 
@@ -853,12 +870,13 @@ class Fib:
         return Resolution((egress,), failed.rule, None)
 
     def _route_text(self, route: Route) -> str:
-        text = self._route_texts.get(route)
-        if text is None:
-            text = route.describe(self._names)
-            if route.table == TABLE_MAIN:
-                text += " table main"
-            self._route_texts[route] = text
+        found = self._route_texts.get(id(route))
+        if found is not None and found[0] is route:
+            return found[1]
+        text = route.describe(self._names)
+        if route.table == TABLE_MAIN:
+            text += " table main"
+        self._route_texts[id(route)] = (route, text)
         return text
 
     def _local_ingress(self) -> Ingress:
@@ -870,7 +888,7 @@ class Fib:
         # rt_nexthop(): the IPv4 gateway if the route has one, else the destination.
         if dst.version == 4:
             nexthop = gateway if isinstance(gateway, IPv4Address) else dst
-            key = (oif, nexthop)
+            key = (oif, int(nexthop))
             if key not in self._masquerade:
                 self._masquerade[key] = self._inet_select_addr(oif, nexthop)
             return self._masquerade[key]
