@@ -21,7 +21,7 @@ from topowatch.core.classify import Classifier
 from topowatch.core.conntrack import IPS_CONFIRMED, IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, CtTuple, Entry
 from topowatch.core.decide import Decider
 from topowatch.core.eligibility import Eligibility
-from topowatch.core.impact import impact
+from topowatch.core.impact import impact, prepared
 from topowatch.core.livetopology import NLM_F_REPLACE, LiveTopology
 from topowatch.core.model import AF_INET, Address, Link, Nexthop, PolicyRule, Route, Topology
 from topowatch.core.nat import NatRuleset
@@ -328,6 +328,9 @@ async def test_the_startup_sweep_reads_the_classes_and_fib_made_before_ready(
         reactor = Reactor(backend, ReactorConfig(debounce=0.05, max_wait=0.2))
         await nursery.start(reactor.run)
         assert builds == {"classes": 1, "tables": 1} and reactor.totals.reactions == 0  # at ready
+        # The DNAT targets the first reaction after the sweep reads (``core.impact.prepare``, a
+        # walk of every rule) are read before "ready" too: not after the sweep, under its lock.
+        assert reactor.ruleset is not None and prepared(reactor.ruleset)
         await settle()
         assert reactor.totals.reactions == 1  # the sweep
         nursery.cancel_scope.cancel()
