@@ -38,6 +38,7 @@ from topowatch.core.flow import (
     Unknown,
 )
 from topowatch.core.model import AF_INET, Topology
+from topowatch.core.reason import Way
 
 CLIENT = IPv4Address("10.0.1.2")
 SERVER = IPv4Address("192.0.2.10")
@@ -199,6 +200,35 @@ def test_an_unknown_alternative_leaves_the_union_to_judge() -> None:
     now = union(way(LAN0, frozenset({X})), way(UP1, Unknown("fwmark")))
     assert verdict(entry(str(Y.addr_lo)), now) == ("undecided", "unknown_nat")
     assert verdict(entry(str(X.addr_lo)), now) == ("undecided", "unknown_ingress")
+
+
+@pytest.mark.parametrize("source_first", [True, False], ids=["source refused first", "destination first"])
+def test_an_undecided_entrys_reason_names_the_first_risky_ways_side_and_every_way(source_first: bool) -> None:
+    """An entry with SNAT to X (port kept) and no DNAT. lan0 gives it both bindings; lan1 keeps
+    the destination and SNATs to Y (refuses the source); up1 redirects the destination (refuses
+    it). Without a previous snapshot both refusing ways are at risk: undecided, its reason of
+    the side the first of them (in the prediction's order) refuses, with that side's binding
+    and addresses, the way that keeps it, and each risky way with the side it refuses and what
+    it gives there. Every field worked out by hand (the mutation run of 2026-12-03, third run:
+    ``_undecided_alternatives`` reading the second way, or dropping a field, survived)."""
+    keeps = way(LAN0, frozenset({X}))
+    by_source = way(LAN1, frozenset({Y}))
+    by_destination = way(UP1, frozenset({X}), dnat=frozenset({REDIRECT}))
+    risky = [by_source, by_destination] if source_first else [by_destination, by_source]
+    e = entry(str(X.addr_lo))
+    plan = decide([e], predict=predictor(union(keeps, *risky)), fib_now=NOW)
+    assert not plan.stale
+    (undecided,) = plan.undecided
+    why = undecided.why
+    if source_first:
+        side, actual, original, translated = "snat", Binding(NatKind.SNAT, X.addr_lo, X.addr_lo, 5001, 5001), CLIENT, X.addr_lo
+    else:
+        side, actual, original, translated = "dnat", NO_NAT, SERVER, SERVER
+    assert (why.code, why.side, why.actual, why.original, why.translated, why.history, why.expected) == (
+        "unknown_ingress", side, actual, original, translated, "none", ())
+    assert why.keeps == (Way(LAN0, (VIA1,)),)
+    ways = {LAN1: Way(LAN1, (VIA1,), "snat", (Y,)), UP1: Way(UP1, (VIA1,), "dnat", (REDIRECT,))}
+    assert why.ways == tuple(ways[w.ingress] for w in risky)  # type: ignore[index]
 
 
 # -- with a previous snapshot ----------------------------------------------------------------
