@@ -452,6 +452,56 @@ def test_a_way_whose_path_is_unknown_is_compared_as_such() -> None:
     assert verdict(entry(str(X.addr_lo)), now, then) == ("undecided", "unknown_ingress")
 
 
+def _snat(lo: str, hi: str | None = None, ports: tuple[int, int] | None = None) -> Binding:
+    return Binding(NatKind.SNAT, ip_address(lo), ip_address(hi or lo), *(ports or (None, None)))
+
+
+def _translated(address: str, port: int) -> Entry:
+    """An entry CLIENT:5001 -> SERVER:5060 whose source is translated to ``address``:``port``."""
+    e = entry(address)
+    return dataclasses.replace(e, reply=dataclasses.replace(e.reply, dport=port))
+
+
+A1, A6, A20 = "198.51.100.1", "198.51.100.6", "198.51.100.20"
+RANGE_CASES: list[tuple[str, Prediction, Prediction | None, Entry]] = [
+    # A range starting below another's start and ending inside it is not covered by it.
+    ("an address range not covered", union(way(LAN0, frozenset({_snat(A1, "198.51.100.10")})),
+                                           way(UP1, frozenset({_snat("198.51.100.5", "198.51.100.10")}))),
+     None, entry("198.51.100.2")),
+    ("a port range not covered", union(way(LAN0, frozenset({_snat(A1, ports=(1000, 2000))})),
+                                       way(UP1, frozenset({_snat(A1, ports=(1500, 2000))}))),
+     None, _translated(A1, 1200)),
+    ("a port range not covered by its last port", union(way(LAN0, frozenset({_snat(A1, ports=(1000, 2000))})),
+                                                        way(UP1, frozenset({_snat(A1, ports=(2000, 2000))}))),
+     None, _translated(A1, 1200)),
+    # Then, up1 gave a range that overlaps the one lan0 gives now: an old entry from up1 may carry it.
+    ("an address range met then, ending above", union(way(LAN0, frozenset({_snat(A1, "198.51.100.10")})),
+                                                      way(UP1, frozenset({_snat(A20)}))),
+     union(way(LAN0, frozenset({_snat(A1, "198.51.100.10")})), way(UP1, frozenset({_snat("198.51.100.5", A20)}))),
+     entry(A6)),
+    ("a port range met then, ending above", union(way(LAN0, frozenset({_snat(A1, ports=(1000, 2000))})),
+                                                  way(UP1, frozenset({_snat(A20)}))),
+     union(way(LAN0, frozenset({_snat(A1, ports=(1000, 2000))})), way(UP1, frozenset({_snat(A1, ports=(1500, 3000))}))),
+     _translated(A1, 1600)),
+    ("a port range met then, ending inside", union(way(LAN0, frozenset({_snat(A1, ports=(1000, 2000))})),
+                                                   way(UP1, frozenset({_snat(A20)}))),
+     union(way(LAN0, frozenset({_snat(A1, ports=(1000, 2000))})), way(UP1, frozenset({_snat(A1, ports=(500, 1500))}))),
+     _translated(A1, 1200)),
+]
+
+
+@pytest.mark.parametrize(("now", "before", "e"), [c[1:] for c in RANGE_CASES], ids=[c[0] for c in RANGE_CASES])
+def test_ranges_a_way_gives_only_in_part_leave_the_entry_undecided(now: Prediction, before: Prediction | None,
+                                                                   e: Entry) -> None:
+    """lan0 gives the entry's binding, up1 refuses it now, and (without a previous snapshot, or
+    with one where up1 gave a range holding it) may have given it to an old entry: undecided,
+    never settled by the fast checks, whose boxes of what a range admits (``_span``, ``_covers``,
+    ``_overlap``) must see a range only partly inside another (mutants of all three survived)."""
+    assert verdict(e, now, before) == ("undecided", "unknown_ingress")
+    assert not _healthy(e, Decider(predict=predictor(now, before), fib_now=NOW,
+                                   fib_before=BEFORE if before else None)._compiled(e)[1])
+
+
 # -- what the fast checks settle, case by case ----------------------------------------------
 
 D = Binding(NatKind.DNAT, ip_address("192.0.2.99"))  # no port range: the destination port is kept
