@@ -452,6 +452,27 @@ def test_a_way_whose_path_is_unknown_is_compared_as_such() -> None:
     assert verdict(entry(str(X.addr_lo)), now, then) == ("undecided", "unknown_ingress")
 
 
+def test_a_way_refusing_only_the_destinations_changed_port_refuses_the_destination() -> None:
+    """The entry's destination redirected to port 53; lan0 redirects it so, up1 DNATs to the same
+    address without a port range (the port kept): up1 refuses the destination by its port alone,
+    and the undecided reason says so (``_refused`` judging the destination as a source, where any
+    port is admitted, survived)."""
+    now = union(way(LAN0, frozenset({NO_NAT}), dnat=frozenset({REDIRECT})),
+                way(UP1, frozenset({NO_NAT}), dnat=frozenset({Binding(NatKind.DNAT, REDIRECTED)})))  # fmt: skip
+    plan = decide([entry(dnat=str(REDIRECTED))], predict=predictor(now), fib_now=NOW)
+    (undecided,) = plan.undecided
+    assert (undecided.side, [w.side for w in undecided.why.ways]) == ("dnat", ["dnat"])
+
+
+def test_two_paths_of_one_interface_then_both_count() -> None:
+    """Then lan0 had two paths, by up1 giving X and by up2 giving Y; now lan0 goes by up1 giving
+    Y, up1 gives X. An entry with X may be old, from lan0 by up1: undecided (``_consistent``
+    keeping only the last path of an interface survived)."""
+    before = union(way(LAN0, frozenset({X})), way(LAN0, frozenset({Y}), via=VIA2), way(UP1, frozenset({X})))
+    now = union(way(LAN0, frozenset({Y})), way(UP1, frozenset({X})))
+    assert verdict(entry(str(X.addr_lo)), now, before) == ("undecided", "unknown_ingress")
+
+
 def _snat(lo: str, hi: str | None = None, ports: tuple[int, int] | None = None) -> Binding:
     return Binding(NatKind.SNAT, ip_address(lo), ip_address(hi or lo), *(ports or (None, None)))
 
