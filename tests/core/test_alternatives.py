@@ -38,6 +38,7 @@ from topowatch.core.flow import (
     Unknown,
 )
 from topowatch.core.model import AF_INET, Topology
+from topowatch.core.reason import Way
 
 CLIENT = IPv4Address("10.0.1.2")
 SERVER = IPv4Address("192.0.2.10")
@@ -201,6 +202,35 @@ def test_an_unknown_alternative_leaves_the_union_to_judge() -> None:
     assert verdict(entry(str(X.addr_lo)), now) == ("undecided", "unknown_ingress")
 
 
+@pytest.mark.parametrize("source_first", [True, False], ids=["source refused first", "destination first"])
+def test_an_undecided_entrys_reason_names_the_first_risky_ways_side_and_every_way(source_first: bool) -> None:
+    """An entry with SNAT to X (port kept) and no DNAT. lan0 gives it both bindings; lan1 keeps
+    the destination and SNATs to Y (refuses the source); up1 redirects the destination (refuses
+    it). Without a previous snapshot both refusing ways are at risk: undecided, its reason of
+    the side the first of them (in the prediction's order) refuses, with that side's binding
+    and addresses, the way that keeps it, and each risky way with the side it refuses and what
+    it gives there. Every field worked out by hand (the mutation run of 2026-12-03, third run:
+    ``_undecided_alternatives`` reading the second way, or dropping a field, survived)."""
+    keeps = way(LAN0, frozenset({X}))
+    by_source = way(LAN1, frozenset({Y}))
+    by_destination = way(UP1, frozenset({X}), dnat=frozenset({REDIRECT}))
+    risky = [by_source, by_destination] if source_first else [by_destination, by_source]
+    e = entry(str(X.addr_lo))
+    plan = decide([e], predict=predictor(union(keeps, *risky)), fib_now=NOW)
+    assert not plan.stale
+    (undecided,) = plan.undecided
+    why = undecided.why
+    if source_first:
+        side, actual, original, translated = "snat", Binding(NatKind.SNAT, X.addr_lo, X.addr_lo, 5001, 5001), CLIENT, X.addr_lo
+    else:
+        side, actual, original, translated = "dnat", NO_NAT, SERVER, SERVER
+    assert (why.code, why.side, why.actual, why.original, why.translated, why.history, why.expected) == (
+        "unknown_ingress", side, actual, original, translated, "none", ())
+    assert why.keeps == (Way(LAN0, (VIA1,)),)
+    ways = {LAN1: Way(LAN1, (VIA1,), "snat", (Y,)), UP1: Way(UP1, (VIA1,), "dnat", (REDIRECT,))}
+    assert why.ways == tuple(ways[w.ingress] for w in risky)  # type: ignore[index]
+
+
 # -- with a previous snapshot ----------------------------------------------------------------
 
 
@@ -343,6 +373,154 @@ def from_raw(raw: tuple[Any, ...]) -> Entry:
     family, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport, status, zone, mark, i, t = raw
     return Entry(family, proto, CtTuple(ip_address(osrc), ip_address(odst), osport, odport),
                  CtTuple(ip_address(rsrc), ip_address(rdst), rsport, rdport), status, zone, mark, i, t)
+
+
+# -- the judgement where the fast checks leave it (the mutation run of 2026-12-03, third run) --
+
+
+def test_the_previous_snapshots_own_ruleset_narrows_each_flow() -> None:
+    """With ``predict_before`` (the previous snapshot had another ruleset) the previous prediction
+    is that evaluator's, on the previous topology, per flow. Now lan0 gives Y, up1 X, for both flows;
+    then, flow 1 got X on both interfaces (an entry with X may be old, from lan0: undecided) and
+    flow 2 only on up1 (lan0 gave Z: an entry with X came by up1: healthy). ``Decider._previous``
+    asking with another topology or flow, reading one flow's for another, or none, survived."""
+    now = union(way(LAN0, frozenset({Y})), way(UP1, frozenset({X})))
+    then = {1: union(way(LAN0, frozenset({X})), way(UP1, frozenset({X}))),
+            2: union(way(LAN0, frozenset({Z})), way(UP1, frozenset({X})))}
+    asked: list[tuple[Fib, int]] = []
+
+    def predict_before(fib: Fib, flow: Flow) -> Prediction:
+        asked.append((fib, flow.sport))
+        return then[flow.sport]
+
+    for order in ((1, 2), (2, 1)):
+        asked.clear()
+        entries = [entry(str(X.addr_lo), sport=sport) for sport in order]
+        plan = decide(entries, predict=predictor(now), fib_now=NOW, fib_before=BEFORE,
+                      predict_before=predict_before)  # fmt: skip
+        assert [(d.entry.orig.sport, d.code, d.why.history) for d in plan.undecided] == [
+            (1, "unknown_ingress", "snapshot")]
+        assert not plan.stale
+        assert sorted(asked, key=lambda a: a[1]) == [(BEFORE, 1), (BEFORE, 2)]
+
+
+def test_an_entry_with_one_side_made_before_its_nat_hook_had_a_chain_may_be_older() -> None:
+    """The destination redirected (its NAT_DONE bit set), the source untranslated without its
+    bit: made before the SNAT hook had a chain, perhaps before the previous snapshot. Now and
+    then lan0 redirects and keeps the source, up1 redirects and SNATs to X. Had the snapshot
+    counted, up1 never gave the entry its source (healthy); as it is, it may be old and have come
+    by up1: undecided, "older". ``_predates_nat`` reading the destination for the source survived."""
+    now = union(way(LAN0, frozenset({NO_NAT}), dnat=frozenset({REDIRECT})),
+                way(UP1, frozenset({X}), dnat=frozenset({REDIRECT})))  # fmt: skip
+    half = dataclasses.replace(entry(dnat=str(REDIRECTED)), status=IPS_CONFIRMED | IPS_DST_NAT_DONE)
+    done = dataclasses.replace(half, status=STATUS)
+    plan = decide([half], predict=predictor(now, now), fib_now=NOW, fib_before=BEFORE)
+    assert [(d.code, d.side, d.why.history) for d in plan.undecided] == [("unknown_ingress", "snat", "older")]
+    assert verdict(done, now, now) == ("healthy", "")
+
+
+def test_a_way_on_any_interface_is_at_risk_where_any_interface_gave_the_binding_then() -> None:
+    """A way whose input interface is not known (any of them) now gives Y; up1 gives X. Then
+    lan0 and up1 gave X: an entry with X may be old and come the unknown way: undecided, that way
+    named "any interface". Then only Z anywhere: healthy (``_then_of`` for any interface, and
+    ``_way`` keeping an unknown ingress, survived)."""
+    anywhere = way(Unknown("iif read"), frozenset({Y}))
+    now = union(anywhere, way(UP1, frozenset({X})))
+    gave = union(way(LAN0, frozenset({X})), way(UP1, frozenset({X})))
+    plan = decide([entry(str(X.addr_lo))], predict=predictor(now, gave), fib_now=NOW, fib_before=BEFORE)
+    (undecided,) = plan.undecided
+    assert undecided.why.ways == (Way(None, (VIA1,), "snat", (Y,)),)
+    assert "and then by any interface, dev up1 via 198.51.100.1 its source would be snat to 203.0.113.2" in (
+        undecided.reason), undecided.reason
+    never = union(way(LAN0, frozenset({Z})), way(UP1, frozenset({Z})))
+    assert verdict(entry(str(X.addr_lo)), now, never) == ("healthy", "")
+
+
+def test_a_way_whose_path_is_unknown_is_compared_as_such() -> None:
+    """lan0 leaves by a path that cannot be predicted (now and then) and gives Y now, X then; up1
+    gives X both times: an entry with X may be old, from lan0: undecided (``_path`` of an unknown
+    egress survived)."""
+    def lost(snat: frozenset[Binding]) -> Prediction:
+        return Prediction(frozenset({NO_NAT}), snat, Unknown("route"), LAN0)
+
+    def both(lan0: Binding) -> Prediction:  # ``union`` with the unknown egress
+        alts = (lost(frozenset({lan0})), way(UP1, frozenset({X})))
+        return dataclasses.replace(union(way(LAN0, frozenset({lan0})), alts[1]), egress=Unknown("route"),
+                                   alternatives=alts)  # fmt: skip
+
+    now, then = both(Y), both(X)
+    assert verdict(entry(str(X.addr_lo)), now, then) == ("undecided", "unknown_ingress")
+
+
+def test_a_way_refusing_only_the_destinations_changed_port_refuses_the_destination() -> None:
+    """The entry's destination redirected to port 53; lan0 redirects it so, up1 DNATs to the same
+    address without a port range (the port kept): up1 refuses the destination by its port alone,
+    and the undecided reason says so (``_refused`` judging the destination as a source, where any
+    port is admitted, survived)."""
+    now = union(way(LAN0, frozenset({NO_NAT}), dnat=frozenset({REDIRECT})),
+                way(UP1, frozenset({NO_NAT}), dnat=frozenset({Binding(NatKind.DNAT, REDIRECTED)})))  # fmt: skip
+    plan = decide([entry(dnat=str(REDIRECTED))], predict=predictor(now), fib_now=NOW)
+    (undecided,) = plan.undecided
+    assert (undecided.side, [w.side for w in undecided.why.ways]) == ("dnat", ["dnat"])
+
+
+def test_two_paths_of_one_interface_then_both_count() -> None:
+    """Then lan0 had two paths, by up1 giving X and by up2 giving Y; now lan0 goes by up1 giving
+    Y, up1 gives X. An entry with X may be old, from lan0 by up1: undecided (``_consistent``
+    keeping only the last path of an interface survived)."""
+    before = union(way(LAN0, frozenset({X})), way(LAN0, frozenset({Y}), via=VIA2), way(UP1, frozenset({X})))
+    now = union(way(LAN0, frozenset({Y})), way(UP1, frozenset({X})))
+    assert verdict(entry(str(X.addr_lo)), now, before) == ("undecided", "unknown_ingress")
+
+
+def _snat(lo: str, hi: str | None = None, ports: tuple[int, int] | None = None) -> Binding:
+    return Binding(NatKind.SNAT, ip_address(lo), ip_address(hi or lo), *(ports or (None, None)))
+
+
+def _translated(address: str, port: int) -> Entry:
+    """An entry CLIENT:5001 -> SERVER:5060 whose source is translated to ``address``:``port``."""
+    e = entry(address)
+    return dataclasses.replace(e, reply=dataclasses.replace(e.reply, dport=port))
+
+
+A1, A6, A20 = "198.51.100.1", "198.51.100.6", "198.51.100.20"
+RANGE_CASES: list[tuple[str, Prediction, Prediction | None, Entry]] = [
+    # A range starting below another's start and ending inside it is not covered by it.
+    ("an address range not covered", union(way(LAN0, frozenset({_snat(A1, "198.51.100.10")})),
+                                           way(UP1, frozenset({_snat("198.51.100.5", "198.51.100.10")}))),
+     None, entry("198.51.100.2")),
+    ("a port range not covered", union(way(LAN0, frozenset({_snat(A1, ports=(1000, 2000))})),
+                                       way(UP1, frozenset({_snat(A1, ports=(1500, 2000))}))),
+     None, _translated(A1, 1200)),
+    ("a port range not covered by its last port", union(way(LAN0, frozenset({_snat(A1, ports=(1000, 2000))})),
+                                                        way(UP1, frozenset({_snat(A1, ports=(2000, 2000))}))),
+     None, _translated(A1, 1200)),
+    # Then, up1 gave a range that overlaps the one lan0 gives now: an old entry from up1 may carry it.
+    ("an address range met then, ending above", union(way(LAN0, frozenset({_snat(A1, "198.51.100.10")})),
+                                                      way(UP1, frozenset({_snat(A20)}))),
+     union(way(LAN0, frozenset({_snat(A1, "198.51.100.10")})), way(UP1, frozenset({_snat("198.51.100.5", A20)}))),
+     entry(A6)),
+    ("a port range met then, ending above", union(way(LAN0, frozenset({_snat(A1, ports=(1000, 2000))})),
+                                                  way(UP1, frozenset({_snat(A20)}))),
+     union(way(LAN0, frozenset({_snat(A1, ports=(1000, 2000))})), way(UP1, frozenset({_snat(A1, ports=(1500, 3000))}))),
+     _translated(A1, 1600)),
+    ("a port range met then, ending inside", union(way(LAN0, frozenset({_snat(A1, ports=(1000, 2000))})),
+                                                   way(UP1, frozenset({_snat(A20)}))),
+     union(way(LAN0, frozenset({_snat(A1, ports=(1000, 2000))})), way(UP1, frozenset({_snat(A1, ports=(500, 1500))}))),
+     _translated(A1, 1200)),
+]
+
+
+@pytest.mark.parametrize(("now", "before", "e"), [c[1:] for c in RANGE_CASES], ids=[c[0] for c in RANGE_CASES])
+def test_ranges_a_way_gives_only_in_part_leave_the_entry_undecided(now: Prediction, before: Prediction | None,
+                                                                   e: Entry) -> None:
+    """lan0 gives the entry's binding, up1 refuses it now, and (without a previous snapshot, or
+    with one where up1 gave a range holding it) may have given it to an old entry: undecided,
+    never settled by the fast checks, whose boxes of what a range admits (``_span``, ``_covers``,
+    ``_overlap``) must see a range only partly inside another (mutants of all three survived)."""
+    assert verdict(e, now, before) == ("undecided", "unknown_ingress")
+    assert not _healthy(e, Decider(predict=predictor(now, before), fib_now=NOW,
+                                   fib_before=BEFORE if before else None)._compiled(e)[1])
 
 
 # -- what the fast checks settle, case by case ----------------------------------------------
