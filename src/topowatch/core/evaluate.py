@@ -64,9 +64,9 @@ import itertools
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from topowatch.core import ruleindex
 from topowatch.core.fib import Fib
@@ -118,6 +118,7 @@ from topowatch.core.nat import (
     VerdictKind,
     VerdictMap,
     XtMatch,
+    layout_twin,
 )
 from topowatch.core.xfrm import XfrmFlow, lookup, nft_match
 from topowatch.core.xtmatch import xt_match
@@ -162,8 +163,9 @@ class _Packet:
 # class has no ``__post_init__``: the copy is the very value ``replace`` would build.
 _PACKET_FIELDS = ("family", "proto", "saddr", "daddr", "sport", "dport", "mark", "ct_mark", "zone", "iif",
                   "oif", "dst_nat")  # fmt: skip
-if tuple(f.name for f in fields(_Packet)) != _PACKET_FIELDS or hasattr(_Packet, "__post_init__"):
-    raise ImportError("core.evaluate: _Packet's fields changed; update _PACKET_FIELDS and _packet")
+if hasattr(_Packet, "__post_init__"):
+    raise ImportError("core.evaluate: _Packet has a __post_init__ its layout twin would skip")
+_PacketTwin: Any = layout_twin(_Packet, _PACKET_FIELDS)  # fields changed: update _new_packet and _packet
 
 
 class _Keep(enum.Enum):
@@ -173,7 +175,6 @@ class _Keep(enum.Enum):
 
 
 _KEEP: Final = _Keep.KEEP
-_PacketTwin: Any = type("_PacketTwin", (), {"__slots__": _PACKET_FIELDS, "__module__": __name__})
 _new = object.__new__
 
 
@@ -1337,6 +1338,7 @@ class _RulesetMemo:
 
 # By ruleset identity, as ``_READS_IIF`` (the ruleset is kept: ids are not reused while it is).
 _MEMOS: dict[int, tuple[NatRuleset, _RulesetMemo]] = {}
+_T = TypeVar("_T")
 
 
 def _memo(ruleset: NatRuleset) -> _RulesetMemo:
@@ -1350,34 +1352,29 @@ def _memo(ruleset: NatRuleset) -> _RulesetMemo:
     return memo
 
 
-def _nat_chains(ruleset: NatRuleset, hook: Hook, family: int) -> tuple[Chain, ...]:
-    """``ruleset.base_chains(hook, family)``, once per ruleset."""
-    memo = _memo(ruleset).nat
+def _by_hook(memo: dict[tuple[Hook, int], _T], make: Callable[[NatRuleset, Hook, int], _T],
+             ruleset: NatRuleset, hook: Hook, family: int) -> _T:  # fmt: skip
+    """``make(ruleset, hook, family)``, kept in ``memo`` (one of ``ruleset``'s ``_RulesetMemo``)."""
     key = (hook, family)
     found = memo.get(key)
     if found is None:
-        found = memo[key] = ruleset.base_chains(hook, family)
+        found = memo[key] = make(ruleset, hook, family)
     return found
+
+
+def _nat_chains(ruleset: NatRuleset, hook: Hook, family: int) -> tuple[Chain, ...]:
+    """``ruleset.base_chains(hook, family)``, once per ruleset."""
+    return _by_hook(_memo(ruleset).nat, NatRuleset.base_chains, ruleset, hook, family)
 
 
 def _mark_chains(ruleset: NatRuleset, hook: Hook, family: int) -> tuple[Chain, ...]:
     """``ruleset.mark_chains(hook, family)``, once per ruleset."""
-    memo = _memo(ruleset).marks
-    key = (hook, family)
-    found = memo.get(key)
-    if found is None:
-        found = memo[key] = ruleset.mark_chains(hook, family)
-    return found
+    return _by_hook(_memo(ruleset).marks, NatRuleset.mark_chains, ruleset, hook, family)
 
 
 def _mark_plan(ruleset: NatRuleset, hook: Hook, family: int) -> _MarkPlan:
     """``_MarkPlan(ruleset, hook, family)``, once per ruleset."""
-    memo = _memo(ruleset).plans
-    key = (hook, family)
-    found = memo.get(key)
-    if found is None:
-        found = memo[key] = _MarkPlan(ruleset, hook, family)
-    return found
+    return _by_hook(_memo(ruleset).plans, _MarkPlan, ruleset, hook, family)
 
 
 def _marks(ev: _Evaluator, hook: Hook, chains: tuple[Chain, ...], packet: _Packet, *, ingress: Ingress,

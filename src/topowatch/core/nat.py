@@ -677,32 +677,37 @@ class NatRuleset:
 # (``edges.iptables``), under the same rule: only shapes the class would take unchanged.
 
 
-def _twin(cls: type, names: tuple[str, ...]) -> type:
+def layout_twin(cls: type, names: tuple[str, ...]) -> type:
     """A plain slotted class laid out as ``cls``, whose fields must be exactly ``names`` (else ImportError).
 
-    Fill every slot of ``object.__new__(twin)``, then set its ``__class__`` to ``cls``.
+    Fill every slot of ``object.__new__(twin)``, then set its ``__class__`` to ``cls``: the value
+    ``cls`` would build, without a descriptor call per field. ``cls`` must be a frozen slots
+    dataclass without ``__post_init__`` where the twin builds its values (the readers here only
+    for shapes that need none; ``core.evaluate``'s packets).
     """
+    where = f"{cls.__module__}.{cls.__name__}"
     actual = tuple(f.name for f in fields(cls))
     if actual != names:
-        raise ImportError(f"core.nat readers' constructors: {cls.__name__} fields {actual} != {names}")
-    made = type(f"{cls.__name__}Twin", (), {"__slots__": names, "__module__": __name__})
+        raise ImportError(f"{where}: fields {actual} != {names} (its layout twin's)")
+    made = type(f"{cls.__name__}Twin", (), {"__slots__": names, "__module__": cls.__module__})
     probe: Any = object.__new__(made)
     try:
         probe.__class__ = cls
     except TypeError as exc:  # another layout (a base class, a __weakref__ slot, another order)
-        raise ImportError(f"core.nat readers' constructors: {cls.__name__}: {exc}") from exc
+        raise ImportError(f"{where}: not laid out as its twin: {exc}") from exc
     return made
 
 
+
 _new = object.__new__
-RuleTwin: Any = _twin(Rule, ("handle", "exprs", "text", "comment"))
-MatchTwin: Any = _twin(Match, ("selector", "op", "values", "text"))
-SelectorTwin: Any = _twin(
+RuleTwin: Any = layout_twin(Rule, ("handle", "exprs", "text", "comment"))
+MatchTwin: Any = layout_twin(Match, ("selector", "op", "values", "text"))
+SelectorTwin: Any = layout_twin(
     Selector, ("key", "text", "family", "proto", "mask", "direction", "spnum", "params")
 )
-IntervalsTwin: Any = _twin(IntervalSet, ("intervals", "version"))
-_NamesTwin: Any = _twin(NameSet, ("exact", "prefixes", "indexes"))
-NatTwin: Any = _twin(NatStatement, ("kind", "text", "family", "addr", "ports", "flags"))
+IntervalsTwin: Any = layout_twin(IntervalSet, ("intervals", "version"))
+_NamesTwin: Any = layout_twin(NameSet, ("exact", "prefixes", "indexes"))
+NatTwin: Any = layout_twin(NatStatement, ("kind", "text", "family", "addr", "ports", "flags"))
 _SNAT, _DNAT = NatKind.SNAT, NatKind.DNAT  # an Enum member read through its class is a lookup each time
 
 
