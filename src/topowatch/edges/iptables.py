@@ -887,8 +887,8 @@ def _fast_ports(whole: str, module: str, sport: str | None, dport: str | None,
     """``-m tcp|udp [--sport N] [--dport N]`` (``whole``): one match per option, as ``_port_module`` does."""
     number = _PORT_KEYS[module]
     if sport is None and dport is not None and (port := int(dport)) <= 0xFFFF:  # the usual one
-        # make_match(make_selector(...), ...), inline (core.nat's twins): a match with an IntervalSet
-        # on a port key, which Match takes as it is.
+        # make_match(make_selector(...), _point(port), ...), inline (core.nat's twins): a match with
+        # an IntervalSet on a port key, which Match takes as it is.
         selector = _new(SelectorTwin)
         selector.key = _DPORT
         selector.text = whole
@@ -899,14 +899,10 @@ def _fast_ports(whole: str, module: str, sport: str | None, dport: str | None,
         selector.spnum = 0
         selector.params = ()
         selector.__class__ = Selector
-        values = _new(IntervalsTwin)
-        values.intervals = ((port, port),)
-        values.version = None
-        values.__class__ = IntervalSet
         match = _new(MatchTwin)
         match.selector = selector
         match.op = _EQ
-        match.values = values
+        match.values = _point(port)  # shared, as the other ports' matches below
         match.text = whole
         match.__class__ = Match
         return (match,)
