@@ -123,7 +123,12 @@ DUMP_RETRIES = 3
 
 _FLAGS_OFFSET = 6  # of nlmsg_flags inside nlmsghdr
 _U16 = struct.Struct("=H")
-_U32 = struct.Struct("=I")
+
+
+def _with_ack(message: bytes) -> bytes:
+    """One encoded request with the ACK flag set (the last of a batch: its answer ends the batch)."""
+    flags = _U16.unpack_from(message, _FLAGS_OFFSET)[0]
+    return message[:_FLAGS_OFFSET] + _U16.pack(flags | ctcodec.NLM_F_ACK) + message[_FLAGS_OFFSET + 2:]
 
 
 class DumpConsumer(Protocol):
@@ -289,8 +294,6 @@ def _judge_answer(entry: Entry, answer: tuple[int, Reread | None], i: int, *,
 class _Pending(Protocol):
     """Entries waiting for their re-check and delete, in one of two forms."""
 
-    acked: bool  # ``selected`` gives the last request its ACK flag (else ``_transact_bytes`` does)
-
     def __len__(self) -> int: ...
     def deletes(self, start: int, count: int, first: int) -> list[bytes] | None: ...
     def gets(self, start: int, count: int, first: int) -> bytes: ...
@@ -303,8 +306,6 @@ class _Pending(Protocol):
 
 class _Entries:
     """Pending ``Entry`` values: encoded and read in Python."""
-
-    acked = False
 
     def __init__(self, entries: list[Entry]) -> None:
         self.entries = entries
@@ -340,7 +341,7 @@ class _Entries:
     def selected(self, deletes: list[bytes] | None, start: int, count: int, first: int, *,
                  victims: list[int]) -> bytes:  # fmt: skip
         assert deletes is not None
-        return b"".join(deletes[i] for i in victims)
+        return b"".join([*(deletes[i] for i in victims[:-1]), _with_ack(deletes[victims[-1]])])
 
     def subset(self, indexes: list[int]) -> _Pending:
         return _Entries([self.entries[i] for i in indexes])
@@ -348,8 +349,6 @@ class _Entries:
 
 class _Records:
     """Pending ``core.decide.STALE_RECORD`` records: encoded and read in C (``_ctscan``)."""
-
-    acked = True
 
     def __init__(self, records: bytes, cache: AddressCache) -> None:
         self.records = records
@@ -410,7 +409,7 @@ class _Records:
             for i in victims:
                 chosen[i] = 1
             select = bytes(chosen)
-        # The last request carries the ACK flag (``_transact_bytes(acked=True)``).
+        # The last request carries the ACK flag (see ``_transact_bytes``).
         data: bytes = ctcodec._ctscan.requests(self.records, start, count, first, True, select, True)
         return data
 
@@ -868,23 +867,14 @@ class Conntrack:
         """
         if last_seq is None:
             last_seq = first_seq + len(encoded) - 1
-        return self._transact_bytes(b"".join(encoded), len(encoded), first_seq, last_seq)
+        data = b"".join([*encoded[:-1], _with_ack(encoded[-1])])
+        return self._transact_bytes(data, len(encoded), first_seq, last_seq)
 
-    def _transact_bytes(self, messages: bytes, sent: int, first_seq: int, last_seq: int, *,
-                        acked: bool = False) -> _Outcome:  # fmt: skip
-        """``_transact`` of ``sent`` messages already joined; the last one is given the ACK flag
-        (``acked``: it has it already)."""
-        data: bytes | bytearray = messages
-        if not acked:
-            data = bytearray(messages)
-            last_off = pos = 0
-            while pos < len(data):
-                last_off = pos
-                pos += (_U32.unpack_from(data, pos)[0] + 3) & ~3
-            flags = _U16.unpack_from(data, last_off + _FLAGS_OFFSET)[0]
-            _U16.pack_into(data, last_off + _FLAGS_OFFSET, flags | ctcodec.NLM_F_ACK)
+    def _transact_bytes(self, messages: bytes, sent: int, first_seq: int, last_seq: int) -> _Outcome:
+        """``_transact`` of ``sent`` messages already joined, the last one (``last_seq``) with the
+        ACK flag (``_with_ack``, or ``_ctscan.requests(..., ack_last)``)."""
         out = _Outcome(sent=sent)
-        self._send(data)
+        self._send(messages)
         # The kernel has handled the whole batch when sendmsg returns: every
         # answer is queued (or was dropped, which recv reports as ENOBUFS).
         block = False
@@ -996,8 +986,7 @@ class Conntrack:
                     continue
                 data = pending.selected(deletes, start, count, first, victims=verdicts.victims)
                 last = verdicts.victims[-1]
-                tally.count(self._transact_bytes(data, len(verdicts.victims), first, first + last,
-                                                 acked=pending.acked))
+                tally.count(self._transact_bytes(data, len(verdicts.victims), first, first + last))
                 windows.append(self._sent_at - began)
             if not lost:
                 return
