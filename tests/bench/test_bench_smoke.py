@@ -79,7 +79,12 @@ def test_quick_benchmark_table(tmp_path: Path) -> None:
     assert all("plain deletes" not in res["methods"] for res in results[:3])
     keyed = {t["target"] for t in results[3]["targets"]}
     assert "event to last delete <= max(0.5 x conntrack-tools, 1.3 x floor)" in keyed
-    assert "startup sweep <= 1.5 x floor (the undecoded UNREPLIED dump)" in keyed
+    assert "startup sweep <= 1.5 x floor (the undecoded UNREPLIED dump; medians)" in keyed
+    # The sweep is timed on three daemon starts, each after one undecoded dump of the same table.
+    tw = results[3]["methods"]["topowatch"]
+    assert len(tw["sweeps"]) == 3 and len(tw["floor_samples"]) == 3, tw
+    assert tw["sweep_seconds"] == sorted(r["latency_ms"] for r in tw["sweeps"])[1] / 1000
+    assert all(r["event"] == "reaction" for r in tw["sweeps"])
     # The two 10%-UNREPLIED scenarios also judge the full-flush ratio.
     assert sum("kernel full flush" in t["target"] for res in results for t in res["targets"]) == 2
     printed = [v for v, _ in verdicts]
