@@ -1016,11 +1016,153 @@ fail:
     return NULL;
 }
 
+/* ------------------------------------------------------------------------------------------------
+ * iptables_line: ``iptables._FAST_LINE.fullmatch(line)`` and its groups, without the regex engine.
+ *
+ * It reads the grammar the regex spells, part by part, each part at most once: every optional
+ * part starts with its own words (" -s ", " -d ", " -i ", " -o ", " -p ", " -m tcp" or " -m udp",
+ * " -m comment --comment ", " -j "), no part's start is another's, and every repetition in the
+ * regex is possessive or (the port digits) followed by what cannot be a digit, so the regex never
+ * gives back a part it matched: where a part's words are there but the part does not match, or
+ * anything is left at the end, the line is not taken (None), as the regex would not take it.
+ * It must never take a line the regex refuses or give other groups; tests/edges/test_iptables_fast.py
+ * holds the two against each other (generated lines, near misses, the corpus).
+ * ---------------------------------------------------------------------------------------------- */
+
+#define IPT_GROUPS 15 /* group 0 (the line: a full match) and the regex's 14 groups */
+
+/* _WORD: printable ASCII but space, " ' and \; _ARG's first character: also neither ! nor -. */
+static inline int ipt_word(Py_UCS4 c) { return c >= 0x21 && c <= 0x7e && c != 0x22 && c != 0x27 && c != 0x5c; }
+static inline int ipt_arg_first(Py_UCS4 c) { return ipt_word(c) && c != 0x21 && c != 0x2d; }
+static inline int ipt_lower(Py_UCS4 c) { return c >= 'a' && c <= 'z'; }
+static inline int ipt_digit(Py_UCS4 c) { return c >= '0' && c <= '9'; }
+/* A quoted comment's characters: anything but " \ ' (the first one also neither ! nor -). */
+static inline int ipt_quoted(Py_UCS4 c) { return c != '"' && c != '\\' && c != '\''; }
+
+/* Do the n - pos characters at pos start with the ASCII ``lit`` (len characters)? */
+static inline __attribute__((always_inline)) int ipt_at(int kind, const void *d, Py_ssize_t n, Py_ssize_t pos,
+                                                        const char *lit, Py_ssize_t len) {
+    if (n - pos < len) return 0;
+    for (Py_ssize_t i = 0; i < len; i++)
+        if (PyUnicode_READ(kind, d, pos + i) != (Py_UCS4)(unsigned char)lit[i]) return 0;
+    return 1;
+}
+
+/* The end of the _ARG at a, or -1 if there is none. */
+static inline __attribute__((always_inline)) Py_ssize_t ipt_arg(int kind, const void *d, Py_ssize_t n, Py_ssize_t a) {
+    if (a >= n || !ipt_arg_first(PyUnicode_READ(kind, d, a))) return -1;
+    for (a++; a < n && ipt_word(PyUnicode_READ(kind, d, a)); a++) {}
+    return a;
+}
+
+/* The regex's fullmatch: 1 and the groups' spans (start, end; -1 for a group that took no part), or 0.
+ * Called with a constant kind, so that each kind gets its own loop. */
+static inline __attribute__((always_inline)) int ipt_scan(int kind, const void *d, Py_ssize_t n, Py_ssize_t *span) {
+    static const char *const flags[5] = {" -s ", " -d ", " -i ", " -o ", " -p "};
+    Py_ssize_t pos, e;
+#define IPT_C(i) PyUnicode_READ(kind, d, (i))
+    for (int g = 0; g < 2 * IPT_GROUPS; g++) span[g] = -1;
+    if (!ipt_at(kind, d, n, 0, "-A ", 3) || (pos = ipt_arg(kind, d, n, 3)) < 0) return 0;
+    span[2] = 3;
+    span[3] = pos;
+    for (int i = 0; i < 5; i++) { /* groups 2-6: " -s ARG", " -d ARG", " -i ARG", " -o ARG", " -p ARG" */
+        if (!ipt_at(kind, d, n, pos, flags[i], 4)) continue;
+        if ((e = ipt_arg(kind, d, n, pos + 4)) < 0) return 0;
+        span[4 + 2 * i] = pos + 4;
+        span[5 + 2 * i] = e;
+        pos = e;
+    }
+    if (ipt_at(kind, d, n, pos, " -m tcp", 7) || ipt_at(kind, d, n, pos, " -m udp", 7)) {
+        span[14] = pos + 1; /* group 7: the module whole, 8: its name, 9: --sport, 10: --dport */
+        span[16] = pos + 4;
+        span[17] = pos = pos + 7;
+        for (int i = 0; i < 2; i++) {
+            if (!ipt_at(kind, d, n, pos, i ? " --dport " : " --sport ", 9)) continue;
+            for (e = pos + 9; e < n && ipt_digit(IPT_C(e)); e++) {}
+            if (e == pos + 9 || e - (pos + 9) > 5) return 0; /* [0-9]{1,5}, then no digit */
+            span[18 + 2 * i] = pos + 9;
+            span[19 + 2 * i] = e;
+            pos = e;
+        }
+        span[15] = pos;
+    }
+    if (ipt_at(kind, d, n, pos, " -m comment --comment ", 22)) { /* group 11 */
+        Py_ssize_t a = pos + 22;
+        if (a < n && IPT_C(a) == '"') {
+            e = a + 1;
+            if (e < n && ipt_quoted(IPT_C(e)) && IPT_C(e) != '!' && IPT_C(e) != '-')
+                for (e++; e < n && ipt_quoted(IPT_C(e)); e++) {}
+            if (e >= n || IPT_C(e) != '"') return 0;
+            e++;
+        } else if ((e = ipt_arg(kind, d, n, a)) < 0) {
+            return 0;
+        }
+        span[22] = a;
+        span[23] = pos = e;
+    }
+    if (ipt_at(kind, d, n, pos, " -j ", 4)) { /* group 12: the target whole, 13: its name, 14: its options */
+        if ((e = ipt_arg(kind, d, n, pos + 4)) < 0) return 0;
+        span[24] = pos + 1;
+        span[26] = pos + 4;
+        span[27] = span[28] = e;
+        while (ipt_at(kind, d, n, e, " --", 3) && e + 3 < n && ipt_lower(IPT_C(e + 3))) {
+            for (e += 4; e < n && (ipt_lower(IPT_C(e)) || IPT_C(e) == '-'); e++) {}
+            while (e + 1 < n && IPT_C(e) == ' ' && ipt_arg_first(IPT_C(e + 1)))
+                for (e += 2; e < n && ipt_word(IPT_C(e)); e++) {}
+        }
+        span[25] = span[29] = pos = e;
+    }
+#undef IPT_C
+    return pos == n;
+}
+
+PyDoc_STRVAR(iptables_line_doc,
+"iptables_line(line, /) -> tuple | None\n\n"
+"``iptables._FAST_LINE.fullmatch(line)`` as ``(line, *groups())``, read without the regex engine;\n"
+"None where the regex would not match.");
+
+static PyObject *iptables_line(PyObject *self, PyObject *line) {
+    Py_ssize_t span[2 * IPT_GROUPS];
+    int ok;
+    if (!PyUnicode_Check(line)) {
+        PyErr_SetString(PyExc_TypeError, "iptables_line: a str is needed");
+        return NULL;
+    }
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyUnicode_READY(line) < 0) return NULL;
+#endif
+    const void *d = PyUnicode_DATA(line);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(line);
+    switch (PyUnicode_KIND(line)) {
+    case PyUnicode_1BYTE_KIND: ok = ipt_scan(PyUnicode_1BYTE_KIND, d, n, span); break;
+    case PyUnicode_2BYTE_KIND: ok = ipt_scan(PyUnicode_2BYTE_KIND, d, n, span); break;
+    default: ok = ipt_scan(PyUnicode_4BYTE_KIND, d, n, span); break;
+    }
+    if (!ok) Py_RETURN_NONE;
+    PyObject *out = PyTuple_New(IPT_GROUPS);
+    if (out == NULL) return NULL;
+    Py_INCREF(line);
+    PyTuple_SET_ITEM(out, 0, line);
+    for (int g = 1; g < IPT_GROUPS; g++) {
+        PyObject *item;
+        if (span[2 * g] < 0) {
+            item = Py_None;
+            Py_INCREF(item);
+        } else if ((item = PyUnicode_Substring(line, span[2 * g], span[2 * g + 1])) == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, g, item);
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"feed", feed, METH_VARARGS, feed_doc},
     {"recv_burst", recv_burst, METH_VARARGS, recv_burst_doc},
     {"requests", requests, METH_VARARGS, requests_doc},
     {"recheck", recheck, METH_VARARGS, recheck_doc},
+    {"iptables_line", iptables_line, METH_O, iptables_line_doc},
     {NULL, NULL, 0, NULL},
 };
 
