@@ -340,6 +340,29 @@ def test_the_compiled_reader_on_any_text(text: str) -> None:
     assert_same_groups(text)
 
 
+ANY_CHAR = st.one_of(st.characters(max_codepoint=0x7F), st.characters(),
+                    st.sampled_from(["\udcff", "\ud800", "\U0001f600", "\u3000", "é", "ÿ", "\u0100", "\x00"]))
+# Where a word goes in each part (first, inside, last): every character at every place.
+WORD_PLACES = ["-A {}", "-A {}x", "-A x{}", "-A X -s {}", "-A X -p {}x -j Y", "-A X -m tcp --dport {}",
+               "-A X -m udp --sport 1{} -j Y", '-A X -m comment --comment "{}"', '-A X -m comment --comment "{}x"',
+               '-A X -m comment --comment "x{}" -j Y', "-A X -m comment --comment {}", "-A X -j {}", "-A X -j Y{}",
+               "-A X -j Y --{}", "-A X -j Y --a{}", "-A X -j Y --a {}", "-A X -j Y --a b{} --c"]
+
+
+@needs_compiled
+@settings(max_examples=2000, deadline=None)
+@given(st.sampled_from(WORD_PLACES), st.text(alphabet=ANY_CHAR, max_size=3))
+def test_the_compiled_reader_on_every_character_in_every_word(place: str, word: str) -> None:
+    assert_same_groups(place.format(word))
+
+
+@needs_compiled
+@pytest.mark.parametrize("char", ["é", "ÿ", "\u0100", "\u3000", "\udcff", "\U0001f600", "\x00", "\t", "!", "-", "'"])
+@pytest.mark.parametrize("place", WORD_PLACES)
+def test_the_compiled_reader_on_each_kind_of_string(place: str, char: str) -> None:
+    assert_same_groups(place.format(char))
+
+
 @needs_compiled
 @pytest.mark.parametrize("line", [
     "", "-A", "-A ", "-A X", "-A X ", "-A X -s", "-A X -s ", "-A X -s a", "-A !X", "-A -X", "-A X\x00",

@@ -21,6 +21,10 @@
  * it receives many datagrams of a dump without holding the GIL, so that the
  * kernel fills the next part of the dump (it does so inside recvmsg) while
  * Python judges the last one; it only reads message headers, to see the end.
+ *
+ * ``iptables_line`` (no ctnetlink: it lives here to be built the same way) is the iptables reader's
+ * line regex (``edges.iptables._FAST_LINE``) read in C; it must take exactly the lines the regex
+ * takes, with the same groups, and keeps no state (see its own comment below).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1031,13 +1035,30 @@ fail:
 
 #define IPT_GROUPS 15 /* group 0 (the line: a full match) and the regex's 14 groups */
 
-/* _WORD: printable ASCII but space, " ' and \; _ARG's first character: also neither ! nor -. */
-static inline int ipt_word(Py_UCS4 c) { return c >= 0x21 && c <= 0x7e && c != 0x22 && c != 0x27 && c != 0x5c; }
-static inline int ipt_arg_first(Py_UCS4 c) { return ipt_word(c) && c != 0x21 && c != 0x2d; }
-static inline int ipt_lower(Py_UCS4 c) { return c >= 'a' && c <= 'z'; }
-static inline int ipt_digit(Py_UCS4 c) { return c >= '0' && c <= '9'; }
-/* A quoted comment's characters: anything but " \ ' (the first one also neither ! nor -). */
-static inline int ipt_quoted(Py_UCS4 c) { return c != '"' && c != '\\' && c != '\''; }
+/* Each character's classes (IPT_WORD: _WORD, printable ASCII but space, " ' and \; IPT_FIRST: _ARG's
+ * first character, also neither ! nor -; IPT_QUOTED: in a quoted comment, anything but " \ ' and
+ * IPT_QFIRST: its first character, also neither ! nor -), by a table for Latin-1 (ipt_init). */
+#define IPT_WORD 1
+#define IPT_FIRST 2
+#define IPT_DIGIT 4
+#define IPT_LOWER 8
+#define IPT_QUOTED 16
+#define IPT_QFIRST 32
+static uint8_t ipt_table[256];
+#define IPT_CLS(c) ((c) < 256 ? ipt_table[(c)] : (IPT_QUOTED | IPT_QFIRST))
+
+static void ipt_init(void) {
+    for (int c = 0; c < 256; c++) {
+        uint8_t k = 0;
+        if (c >= 0x21 && c <= 0x7e && c != '"' && c != '\'' && c != '\\') k |= IPT_WORD;
+        if ((k & IPT_WORD) && c != '!' && c != '-') k |= IPT_FIRST;
+        if (c >= '0' && c <= '9') k |= IPT_DIGIT;
+        if (c >= 'a' && c <= 'z') k |= IPT_LOWER;
+        if (c != '"' && c != '\'' && c != '\\') k |= IPT_QUOTED;
+        if ((k & IPT_QUOTED) && c != '!' && c != '-') k |= IPT_QFIRST;
+        ipt_table[c] = k;
+    }
+}
 
 /* Do the n - pos characters at pos start with the ASCII ``lit`` (len characters)? */
 static inline __attribute__((always_inline)) int ipt_at(int kind, const void *d, Py_ssize_t n, Py_ssize_t pos,
@@ -1050,8 +1071,8 @@ static inline __attribute__((always_inline)) int ipt_at(int kind, const void *d,
 
 /* The end of the _ARG at a, or -1 if there is none. */
 static inline __attribute__((always_inline)) Py_ssize_t ipt_arg(int kind, const void *d, Py_ssize_t n, Py_ssize_t a) {
-    if (a >= n || !ipt_arg_first(PyUnicode_READ(kind, d, a))) return -1;
-    for (a++; a < n && ipt_word(PyUnicode_READ(kind, d, a)); a++) {}
+    if (a >= n || !(IPT_CLS(PyUnicode_READ(kind, d, a)) & IPT_FIRST)) return -1;
+    for (a++; a < n && (IPT_CLS(PyUnicode_READ(kind, d, a)) & IPT_WORD); a++) {}
     return a;
 }
 
@@ -1078,7 +1099,7 @@ static inline __attribute__((always_inline)) int ipt_scan(int kind, const void *
         span[17] = pos = pos + 7;
         for (int i = 0; i < 2; i++) {
             if (!ipt_at(kind, d, n, pos, i ? " --dport " : " --sport ", 9)) continue;
-            for (e = pos + 9; e < n && ipt_digit(IPT_C(e)); e++) {}
+            for (e = pos + 9; e < n && (IPT_CLS(IPT_C(e)) & IPT_DIGIT); e++) {}
             if (e == pos + 9 || e - (pos + 9) > 5) return 0; /* [0-9]{1,5}, then no digit */
             span[18 + 2 * i] = pos + 9;
             span[19 + 2 * i] = e;
@@ -1090,8 +1111,8 @@ static inline __attribute__((always_inline)) int ipt_scan(int kind, const void *
         Py_ssize_t a = pos + 22;
         if (a < n && IPT_C(a) == '"') {
             e = a + 1;
-            if (e < n && ipt_quoted(IPT_C(e)) && IPT_C(e) != '!' && IPT_C(e) != '-')
-                for (e++; e < n && ipt_quoted(IPT_C(e)); e++) {}
+            if (e < n && (IPT_CLS(IPT_C(e)) & IPT_QFIRST))
+                for (e++; e < n && (IPT_CLS(IPT_C(e)) & IPT_QUOTED); e++) {}
             if (e >= n || IPT_C(e) != '"') return 0;
             e++;
         } else if ((e = ipt_arg(kind, d, n, a)) < 0) {
@@ -1105,10 +1126,10 @@ static inline __attribute__((always_inline)) int ipt_scan(int kind, const void *
         span[24] = pos + 1;
         span[26] = pos + 4;
         span[27] = span[28] = e;
-        while (ipt_at(kind, d, n, e, " --", 3) && e + 3 < n && ipt_lower(IPT_C(e + 3))) {
-            for (e += 4; e < n && (ipt_lower(IPT_C(e)) || IPT_C(e) == '-'); e++) {}
-            while (e + 1 < n && IPT_C(e) == ' ' && ipt_arg_first(IPT_C(e + 1)))
-                for (e += 2; e < n && ipt_word(IPT_C(e)); e++) {}
+        while (ipt_at(kind, d, n, e, " --", 3) && e + 3 < n && (IPT_CLS(IPT_C(e + 3)) & IPT_LOWER)) {
+            for (e += 4; e < n && ((IPT_CLS(IPT_C(e)) & IPT_LOWER) || IPT_C(e) == '-'); e++) {}
+            while (e + 1 < n && IPT_C(e) == ' ' && (IPT_CLS(IPT_C(e + 1)) & IPT_FIRST))
+                for (e += 2; e < n && (IPT_CLS(IPT_C(e)) & IPT_WORD); e++) {}
         }
         span[25] = span[29] = pos = e;
     }
@@ -1168,12 +1189,14 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_ctscan",
-    "The compiled fast path of a ctnetlink dump scan (see topowatch.edges.ctscan).", -1, methods,
+    "The compiled fast path of a ctnetlink dump scan (see topowatch.edges.ctscan), and the iptables "
+    "reader's line regex in C (iptables_line).", -1, methods,
 };
 
 PyMODINIT_FUNC PyInit__ctscan(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
+    ipt_init();
     if (PyModule_AddIntConstant(m, "IPS_SEEN_REPLY", IPS_SEEN_REPLY) || PyModule_AddIntConstant(m, "IPS_SRC_NAT_DONE", IPS_SRC_NAT_DONE) ||
         PyModule_AddIntConstant(m, "IPS_DST_NAT_DONE", IPS_DST_NAT_DONE) || PyModule_AddIntConstant(m, "RANGE_BYTES", RANGE_BYTES) ||
         PyModule_AddIntConstant(m, "RECORD_BYTES", (long)sizeof(record_t))) {
