@@ -63,7 +63,7 @@ import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, ip_address, ip_network
-from typing import Any, cast
+from typing import Any
 
 from topowatch.core.flow import PROTO_NUMBERS, NatKind
 from topowatch.core.model import AF_INET, AF_INET6, IPAddress
@@ -855,24 +855,26 @@ _ARG = rf"[\x23-\x26\x28-\x2c\x2e-\x5b\x5d-\x7e]{_WORD}*+"  # a word not startin
 # Possessive (*+): no repetition here can give anything back to what follows it (a space, a quote, the end).
 # An optional part is written ``(?:PART|)``, not ``(?:PART)?``: the same strings and groups, but the
 # regex engine tries an alternative for much less than it repeats a group (a third of the line's time).
-# Groups: chain, -s, -d, -i, -o, -p, the port module whole ("-m tcp --dport 80"), its name, --sport,
-# --dport, the comment, the target whole ("-j DNAT --to-destination ..."), its name, its options.
+# Groups: the line (the match is full), chain, -s, -d, -i, -o, -p, the port module whole ("-m tcp --dport
+# 80"), its name, --sport, --dport, the comment, the target whole ("-j DNAT --to-destination ..."), its
+# name, its options: ``groups()`` is the line's tuple (``_FastGroups``) as the compiled reader gives it.
 _FAST_LINE = re.compile(
-    rf"-A ({_ARG})(?: -s ({_ARG})|)(?: -d ({_ARG})|)(?: -i ({_ARG})|)(?: -o ({_ARG})|)(?: -p ({_ARG})|)"
+    rf"(-A ({_ARG})(?: -s ({_ARG})|)(?: -d ({_ARG})|)(?: -i ({_ARG})|)(?: -o ({_ARG})|)(?: -p ({_ARG})|)"
     r"(?: (-m (tcp|udp)(?: --sport ([0-9]{1,5})|)(?: --dport ([0-9]{1,5})|))|)"
     rf"(?: -m comment --comment (\"(?:[^\"\\'!-][^\"\\']*+|)\"|{_ARG})|)"
     rf"(?: (-j ({_ARG})((?: --[a-z][a-z-]*+(?: {_ARG})*+)*+))|)"
+    r")"
 )
-# A line _FAST_LINE matched, as ``(line, *groups())`` (the match is full: group 0 is the line).
+# A line _FAST_LINE matched: its groups (the first one the line itself).
 _FastGroups = tuple[str, str, str | None, str | None, str | None, str | None, str | None, str | None,
                     str | None, str | None, str | None, str | None, str | None, str | None, str | None]
-_ALL_GROUPS = tuple(range(_FAST_LINE.groups + 1))
 
 
 def _fast_groups_py(line: str) -> _FastGroups | None:
-    """``_FAST_LINE.fullmatch(line)`` as ``(line, *groups())``; the reference of the compiled reader."""
+    """``_FAST_LINE.fullmatch(line)``'s groups; the reference of the compiled reader (``_read_lines`` runs it
+    inline)."""
     m = _FAST_LINE.fullmatch(line)
-    return None if m is None else cast("_FastGroups", m.group(*_ALL_GROUPS))
+    return None if m is None else m.groups()  # type: ignore[return-value]  # 15 groups, (str | None)
 
 
 def _compiled_line_reader() -> Callable[[str], _FastGroups | None] | None:
@@ -1139,18 +1141,26 @@ def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
     last: str | None = None  # the chain the line before appended to, and its lines
     last_lines: list[list[str] | _Unreadable | _FastGroups] = []
     fast_line = _fast_groups
+    regex = _FAST_LINE.fullmatch if fast_line is _fast_groups_py else None  # the reference, without its call
     in_kind = True  # current == kind or (not seen_header and current is None), kept up to date
     for number, raw in enumerate(_lines(text), 1):
         line = raw.strip()
-        if line.startswith("-A ") and (fast := fast_line(line)) is not None:
-            # A common shape (see _FAST_LINE): its words are the line's own, read when its rules are built.
-            if in_kind:
-                name = fast[1]
-                if name != last:
-                    table.add_chain(name)
-                    last, last_lines = name, table.lines[name]
-                last_lines.append(fast)
-            continue
+        if line.startswith("-A "):
+            if regex is None:
+                fast = fast_line(line)
+            else:
+                m = regex(line)
+                fast = None if m is None else m.groups()  # type: ignore[assignment]  # as _fast_groups_py
+            if fast is not None:
+                # A common shape (see _FAST_LINE): its words are the line's own, read when its rules are
+                # built.
+                if in_kind:
+                    name = fast[1]
+                    if name != last:
+                        table.add_chain(name)
+                        last, last_lines = name, table.lines[name]
+                    last_lines.append(fast)
+                continue
         if not line or line.startswith("#"):
             continue
         if line.startswith("*"):
