@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import parse as bench_parse
 
+CORPUS = default_corpus()
 LINE_CHARS = st.sampled_from(list("ab-1 \t\r\n\x0b\"'\\é\u3000\udcff"))
 
 
@@ -173,7 +174,7 @@ def test_read_all_counts_its_steps_and_fails_whole_past_the_deadline(monkeypatch
 def word_by_word(text: str, **kw: Any) -> iptables.ParsedTable:
     """``parse_save`` with no line read whole (the reader as it was before ``_FAST_LINE``)."""
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(iptables, "_FAST_LINE", re.compile(r"(?!)"))
+        m.setattr(iptables, "_fast_groups", lambda line: None)
         return iptables.parse_save(text, **kw)
 
 
@@ -241,6 +242,165 @@ def test_lines_read_whole_are_read_as_word_by_word(lines: list[str], family: str
     both_ways("\n".join(body) + "\n", family=family, all_chains=True)
 
 
+# -- the compiled line reader (_ctscan.iptables_line) against the regex ------------------------
+
+COMPILED = iptables._compiled_line_reader()
+needs_compiled = pytest.mark.skipif(COMPILED is None, reason="the compiled line reader is not built (sh scripts/setup)")
+
+
+def assert_same_groups(line: str) -> None:
+    """The compiled reader takes ``line`` exactly where _FAST_LINE does, with the same groups."""
+    want = iptables._fast_groups_py(line)
+    assert want is None or want[0] == line  # the first group is the line
+    if COMPILED is not None:
+        got = COMPILED(line)
+        assert got == want
+        assert got is None or all(type(g) is str or g is None for g in got)
+
+
+@needs_compiled
+def test_the_parse_reads_with_the_compiled_reader() -> None:
+    assert iptables._fast_groups is COMPILED
+
+
+# Pieces of the grammar and what sits next to it: lines built from them are mostly near misses.
+PIECES = [" -s ", " -d ", " -i ", " -o ", " -p ", " -m tcp", " -m udp", " -m tcpx", " -m comment --comment ",
+          " --sport ", " --dport ", " -j ", " --to-destination ", " --a-b", " --A", " --", " -- ", "1", "12345",
+          "123456", "0", "a", "wan0", "10.0.0.1/32", "DNAT", "-x", "!", "!x", "x!", '"', '"a b"', '""', '"-"',
+          "'", "\\", " ", "  ", "\t", "é", "\u3000", "\udcff", "\U0001f600", "\x00", "\x7f", "~", "#"]
+NASTY = list(" !\"#'-./0123456789:AZaz\\{}~\x00\t\x7f\x80é\u3000\udcff\U0001f600")
+
+
+WORDS = st.one_of(  # mostly words _FAST_LINE takes
+    st.text(alphabet=st.sampled_from([*"aZ09.:/,#~_-!"]), min_size=1, max_size=5).filter(lambda w: w[0] not in "-!"),
+    st.text(alphabet=st.sampled_from([*"aZ09.:/,#~_"]), min_size=1, max_size=5),
+    st.text(alphabet=st.sampled_from([*"aZ09.-!:/,#~_", "é", "\x00", '"', "'", "\\", "\udcff"]), max_size=5),
+)
+QUOTED = st.text(alphabet=st.sampled_from([*"a !-'\\\"\t", "é", "\x00", "\u3000", "\udcff", "\U0001f600"]),
+                 max_size=6)
+
+
+@st.composite
+def grammar_lines(draw: st.DrawFn) -> str:
+    """A line in _FAST_LINE's order, each part there or not, its words of any characters (most are taken)."""
+    line = "-A " + draw(WORDS)
+    for flag in ("-s", "-d", "-i", "-o", "-p"):
+        if draw(st.booleans()):
+            line += f" {flag} {draw(WORDS)}"
+    if draw(st.booleans()):
+        line += " -m " + draw(st.sampled_from(["tcp", "udp", "tcp", "udp", "sctp", "tcpx"]))
+        for flag in ("--sport", "--dport"):
+            if draw(st.booleans()):
+                line += f" {flag} " + draw(st.text(alphabet=st.sampled_from([*"0123456789a", "١"]), max_size=7))
+    if draw(st.booleans()):
+        comment = draw(st.one_of(QUOTED.map(lambda q: f'"{q}"'), WORDS))
+        line += " -m comment --comment " + comment
+    if draw(st.booleans()):
+        line += " -j " + draw(WORDS)
+        for _ in range(draw(st.integers(0, 3))):
+            line += " --" + draw(st.text(alphabet=st.sampled_from(list("az-A_=")), max_size=5))
+            line += "".join(" " + w for w in draw(st.lists(WORDS, max_size=2)))
+    return line
+
+
+@st.composite
+def near_lines(draw: st.DrawFn) -> str:
+    """A line of the grammar's pieces or its parts, or a generated rule line with a few characters changed."""
+    if draw(st.booleans()):
+        return draw(grammar_lines())
+    if draw(st.booleans()):
+        line = "-A" + draw(st.sampled_from([" ", "", "  "])) + draw(st.sampled_from(["X", "PREROUTING", "-x", "é"]))
+        return line + "".join(draw(st.lists(st.sampled_from(PIECES), max_size=14)))
+    chars = list(draw(rule_lines()))
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(chars)))
+        what = draw(st.sampled_from(["insert", "replace", "delete"]))
+        if what == "insert" or at == len(chars):
+            chars.insert(at, draw(st.sampled_from(NASTY)))
+        elif what == "replace":
+            chars[at] = draw(st.sampled_from(NASTY))
+        else:
+            del chars[at]
+    return "".join(chars)
+
+
+@needs_compiled
+@settings(max_examples=3000, deadline=None)
+@given(near_lines())
+def test_the_compiled_reader_takes_what_the_regex_takes(line: str) -> None:
+    assert_same_groups(line)
+
+
+@needs_compiled
+@settings(max_examples=1000, deadline=None)
+@given(st.text(alphabet=st.sampled_from(NASTY + list("-Asdiopmjtcuknrgel")), max_size=60))
+def test_the_compiled_reader_on_any_text(text: str) -> None:
+    assert_same_groups("-A " + text)
+    assert_same_groups(text)
+
+
+ANY_CHAR = st.one_of(st.characters(max_codepoint=0x7F), st.characters(),
+                    st.sampled_from(["\udcff", "\ud800", "\U0001f600", "\u3000", "é", "ÿ", "\u0100", "\x00"]))
+# Where a word goes in each part (first, inside, last): every character at every place.
+WORD_PLACES = ["-A {}", "-A {}x", "-A x{}", "-A X -s {}", "-A X -p {}x -j Y", "-A X -m tcp --dport {}",
+               "-A X -m udp --sport 1{} -j Y", '-A X -m comment --comment "{}"', '-A X -m comment --comment "{}x"',
+               '-A X -m comment --comment "x{}" -j Y', "-A X -m comment --comment {}", "-A X -j {}", "-A X -j Y{}",
+               "-A X -j Y --{}", "-A X -j Y --a{}", "-A X -j Y --a {}", "-A X -j Y --a b{} --c"]
+
+
+@needs_compiled
+@settings(max_examples=2000, deadline=None)
+@given(st.sampled_from(WORD_PLACES), st.text(alphabet=ANY_CHAR, max_size=3))
+def test_the_compiled_reader_on_every_character_in_every_word(place: str, word: str) -> None:
+    assert_same_groups(place.format(word))
+
+
+@needs_compiled
+@pytest.mark.parametrize("char", ["é", "ÿ", "\u0100", "\u3000", "\udcff", "\U0001f600", "\x00", "\t", "!", "-", "'"])
+@pytest.mark.parametrize("place", WORD_PLACES)
+def test_the_compiled_reader_on_each_kind_of_string(place: str, char: str) -> None:
+    assert_same_groups(place.format(char))
+
+
+@needs_compiled
+@pytest.mark.parametrize("line", [
+    "", "-A", "-A ", "-A X", "-A X ", "-A X -s", "-A X -s ", "-A X -s a", "-A !X", "-A -X", "-A X\x00",
+    "-A X -m tcp", "-A X -m udp --sport 1 --dport 2", "-A X -m tcp --dport 1 --sport 2", "-A X -m tcp --sport ",
+    "-A X -m tcp --sport 123456", "-A X -m tcp --sport 12345", "-A X -m tcp --sport ١",
+    '-A X -m comment --comment ""', '-A X -m comment --comment "', '-A X -m comment --comment "a',
+    '-A X -m comment --comment "!a"', '-A X -m comment --comment "-"', '-A X -m comment --comment "a\'b"',
+    '-A X -m comment --comment "a\\b"', '-A X -m comment --comment "é \udcff\U0001f600\x00"',
+    '-A X -m comment --comment "a""', "-A X -m comment --comment a", "-A X -m comment --comment -a",
+    "-A X -j", "-A X -j Y", "-A X -j Y ", "-A X -j Y --", "-A X -j Y --a", "-A X -j Y --a-", "-A X -j Y --a b c",
+    "-A X -j Y --a -b", "-A X -j Y --a !b", "-A X -j Y --a b --c", "-A X -j Y --A", "-A X -j Y --a=b",
+    "-A X -j Y --a b\u3000", "-A X -s a -d b -i c -o d -p e -m udp --sport 1 -m comment --comment e -j f --g h",
+    "-A X -d b -s a", "-A X -j Y -m tcp", "-A X -m comment --comment a -m tcp",
+])
+def test_the_compiled_reader_by_hand(line: str) -> None:
+    assert_same_groups(line)
+
+
+@needs_compiled
+@pytest.mark.skipif(not CORPUS.is_dir(), reason=f"corpus not found at {CORPUS}")
+def test_the_compiled_reader_on_the_corpus() -> None:
+    files = [p for p in sorted(CORPUS.rglob("*")) if p.is_file() and b"-A " in p.read_bytes()]
+    assert files
+    taken = 0
+    for path in files:
+        for raw in path.read_bytes().decode("utf-8", "surrogateescape").splitlines():
+            for line in (raw, raw.strip()):
+                assert_same_groups(line)
+                taken += iptables._fast_groups_py(line) is not None
+    assert taken  # the corpus has lines of the common shapes
+
+
+@needs_compiled
+def test_the_compiled_reader_refuses_what_is_not_a_str() -> None:
+    assert COMPILED is not None
+    with pytest.raises(TypeError):
+        COMPILED(b"-A X")  # type: ignore[arg-type]
+
+
 # _FAST_LINE as first written: each optional part ``(?:PART)?`` (it is ``(?:PART|)``, which the engine runs faster).
 _ARG = iptables._ARG
 OPTIONAL_SPELLING = re.compile(
@@ -257,11 +417,18 @@ def test_the_line_regex_takes_what_its_first_spelling_takes(line: str) -> None:
     fast, first = iptables._FAST_LINE.fullmatch(line), OPTIONAL_SPELLING.fullmatch(line)
     assert (fast is None) == (first is None)
     if fast is not None and first is not None:
-        assert fast.groups() == first.groups()
+        assert fast.groups() == (line, *first.groups())
 
 
-def test_the_common_shapes_are_read_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("reader", ["compiled", "regex"])
+def test_the_common_shapes_are_read_whole(monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
     """The benchmark's lines (port forwards, SNAT, masquerade) never reach the word-by-word reader."""
+    if reader == "regex":
+        monkeypatch.setattr(iptables, "_fast_groups", iptables._fast_groups_py)
+    elif COMPILED is None:
+        pytest.skip("the compiled line reader is not built (sh scripts/setup)")
+    else:
+        assert iptables._fast_groups is COMPILED
     text = bench_parse.iptables_restore(300)
     expected = word_by_word(text)
     monkeypatch.setattr(iptables, "_rules", lambda *a, **kw: pytest.fail("read word by word"))
@@ -280,6 +447,7 @@ def test_the_common_shapes_are_read_whole(monkeypatch: pytest.MonkeyPatch) -> No
 ])
 def test_each_common_shape_is_read_whole(line: str) -> None:
     assert iptables._FAST_LINE.fullmatch(line) is not None
+    assert_same_groups(line)
 
 
 @pytest.mark.parametrize("line", [
@@ -292,6 +460,7 @@ def test_each_common_shape_is_read_whole(line: str) -> None:
 ])
 def test_other_lines_are_read_word_by_word(line: str) -> None:
     assert iptables._FAST_LINE.fullmatch(line) is None
+    assert_same_groups(line)
     both_ways(line)
 
 
@@ -322,8 +491,6 @@ def test_lines_read_whole_or_handed_on_are_read_as_word_by_word(line: str) -> No
     for family in ("ip", "ip6"):
         both_ways(f"*nat\n:user - [0:0]\n{line}\nCOMMIT\n", family=family, all_chains=True)
 
-
-CORPUS = default_corpus()
 
 
 @pytest.mark.skipif(not CORPUS.is_dir(), reason=f"corpus not found at {CORPUS}")

@@ -36,3 +36,11 @@ def requests(
 def recheck(
     answers: bytes, first_seq: int, records: bytes, start: int, count: int, codes: bytearray, /
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int, int, int, int]]]: ...
+
+def iptables_line(
+    line: str, /
+) -> (
+    tuple[str, str, str | None, str | None, str | None, str | None, str | None, str | None, str | None,
+          str | None, str | None, str | None, str | None, str | None, str | None]
+    | None
+): ...

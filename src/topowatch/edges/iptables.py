@@ -29,9 +29,11 @@ Theory of operation:
   rule per address pair, as iptables itself expands it.
 - the lines iptables-save prints most (``-A CHAIN [-s/-d/-i/-o/-p] [-m
   tcp|udp ports] [-m comment] -j TARGET [options]``) are matched whole by
-  ``_FAST_LINE`` and their rules built from the parts by the same readers;
-  a line of any other shape, or a part that reading whole does not take,
-  is read word by word. Both give the same rules (tests/edges/test_iptables_fast.py).
+  ``_FAST_LINE`` (or by its compiled twin ``_ctscan.iptables_line``, which
+  must take exactly the lines it takes, with the same groups) and their rules
+  built from the parts by the same readers; a line of any other shape, or a
+  part that reading whole does not take, is read word by word. Both give the
+  same rules (tests/edges/test_iptables_fast.py).
 - ``read_all_rulesets`` reads nftables (``nft -j``) and iptables together:
   an nft ``ip nat``/``ip6 nat`` table holding xt expressions is iptables-nft's
   and is taken from ``iptables-nft-save`` instead (nft shows xt matches
@@ -840,7 +842,7 @@ def _connmark_copy(opts: list[_Option], text: str) -> MarkCopy:
 # [-i IF] [-o IF] [-p P] [-m tcp|udp [--sport N] [--dport N]] [-m comment
 # --comment C] [-j TARGET [--option [ARG ...]] ...]``, one space between words,
 # no word quoted but the comment, no ``!``. Such a line is matched whole by
-# ``_FAST_LINE`` (in ``_read_lines``) and kept as its match; ``_fast_rules``
+# ``_FAST_LINE`` (in ``_read_lines``) and kept as its groups; ``_fast_rules``
 # builds from it exactly the rules the word-by-word path (``_rules``) builds,
 # the same functions reading each part, and hands anything else (a user chain
 # named like a NAT target, a long option the word path would read as a base
@@ -853,14 +855,43 @@ _ARG = rf"[\x23-\x26\x28-\x2c\x2e-\x5b\x5d-\x7e]{_WORD}*+"  # a word not startin
 # Possessive (*+): no repetition here can give anything back to what follows it (a space, a quote, the end).
 # An optional part is written ``(?:PART|)``, not ``(?:PART)?``: the same strings and groups, but the
 # regex engine tries an alternative for much less than it repeats a group (a third of the line's time).
-# Groups: chain, -s, -d, -i, -o, -p, the port module whole ("-m tcp --dport 80"), its name, --sport,
-# --dport, the comment, the target whole ("-j DNAT --to-destination ..."), its name, its options.
+# Groups: the line (the match is full), chain, -s, -d, -i, -o, -p, the port module whole ("-m tcp --dport
+# 80"), its name, --sport, --dport, the comment, the target whole ("-j DNAT --to-destination ..."), its
+# name, its options: ``groups()`` is the line's tuple (``_FastGroups``) as the compiled reader gives it.
 _FAST_LINE = re.compile(
-    rf"-A ({_ARG})(?: -s ({_ARG})|)(?: -d ({_ARG})|)(?: -i ({_ARG})|)(?: -o ({_ARG})|)(?: -p ({_ARG})|)"
+    rf"(-A ({_ARG})(?: -s ({_ARG})|)(?: -d ({_ARG})|)(?: -i ({_ARG})|)(?: -o ({_ARG})|)(?: -p ({_ARG})|)"
     r"(?: (-m (tcp|udp)(?: --sport ([0-9]{1,5})|)(?: --dport ([0-9]{1,5})|))|)"
     rf"(?: -m comment --comment (\"(?:[^\"\\'!-][^\"\\']*+|)\"|{_ARG})|)"
     rf"(?: (-j ({_ARG})((?: --[a-z][a-z-]*+(?: {_ARG})*+)*+))|)"
+    r")"
 )
+# A line _FAST_LINE matched: its groups (the first one the line itself).
+_FastGroups = tuple[str, str, str | None, str | None, str | None, str | None, str | None, str | None,
+                    str | None, str | None, str | None, str | None, str | None, str | None, str | None]
+
+
+def _fast_groups_py(line: str) -> _FastGroups | None:
+    """``_FAST_LINE.fullmatch(line)``'s groups; the reference of the compiled reader (``_read_lines`` runs it
+    inline)."""
+    m = _FAST_LINE.fullmatch(line)
+    return None if m is None else m.groups()  # type: ignore[return-value]  # 15 groups, (str | None)
+
+
+def _compiled_line_reader() -> Callable[[str], _FastGroups | None] | None:
+    """``_ctscan.iptables_line`` (edges/_ctscan.c): ``_fast_groups_py`` without the regex engine and its
+    match objects. None where the extension is not built (or is older), or TOPOWATCH_PURE_PYTHON is set."""
+    if os.environ.get("TOPOWATCH_PURE_PYTHON"):
+        return None
+    try:
+        from topowatch.edges import _ctscan
+    except ImportError:
+        return None
+    reader: Callable[[str], _FastGroups | None] | None = getattr(_ctscan, "iptables_line", None)
+    return reader
+
+
+# What _read_lines reads the lines with (looked up on each call: tests replace it).
+_fast_groups: Callable[[str], _FastGroups | None] = _compiled_line_reader() or _fast_groups_py
 _PORT_KEYS = {"tcp": 6, "udp": 17}
 _EQ, _DPORT = Op.EQ, Key.DPORT  # an Enum member read through its class costs a lookup each time
 _NAT_TARGETS = {"SNAT": (NatKind.SNAT, " --to-source "), "DNAT": (NatKind.DNAT, " --to-destination ")}
@@ -978,19 +1009,19 @@ def _fast_memo() -> _FastMemo:
 
 
 def _fast_rules(  # noqa: PLR0917 - the hot path: positional
-    m: re.Match[str], family: int, chains: set[str], handle: int, memo: _FastMemo, out: list[Rule],
+    groups: _FastGroups, family: int, chains: set[str], handle: int, memo: _FastMemo, out: list[Rule],
 ) -> bool:
-    """Append the rule(s) of a line ``_FAST_LINE`` matched to ``out``, as ``_rules`` reads it.
+    """Append the rule(s) of a line ``_fast_groups`` took (its groups) to ``out``, as ``_rules`` reads it.
 
     False (nothing appended): read it word by word. ``memo`` (``_fast_memo``) keeps what
     each part read to; the chains are those of one table, so a part's words say it all.
     """
-    (_chain, src, dst, iif, oif, proto_arg, ports, module, sport, dport, comment, jump, target,
-     options) = m.groups()
+    (text, _chain, src, dst, iif, oif, proto_arg, ports, module, sport, dport, comment, jump, target,
+     options) = groups
     by_src, by_iif, by_oif, by_proto, by_ports, by_jump = memo
     e_target = by_jump.get(jump, _MISSING)
     if e_target is _MISSING:
-        assert target is not None and options is not None  # None is in the memo
+        assert jump is not None and target is not None and options is not None  # None is in the memo
         e_target = by_jump[jump] = _fast_target(jump, target, options, family, chains)
     if e_target is None:
         return False
@@ -1005,8 +1036,8 @@ def _fast_rules(  # noqa: PLR0917 - the hot path: positional
         e_proto = by_proto[proto_arg] = _fast_proto(proto_arg)[1]
     e_ports = by_ports.get(ports)
     if e_ports is None:
+        assert ports is not None and module is not None  # None is in the memo
         e_ports = by_ports[ports] = _fast_ports(ports, module, sport, dport, family)
-    text = m.string
     if comment is not None and comment[0] == '"':
         # The only quotes of the line; the word between them quoted as ``_quote`` does (it holds no '):
         # if it is empty or holds a space (the usual one, a phrase), else as _NEEDS_QUOTES says.
@@ -1050,7 +1081,7 @@ class _Unreadable:
 class _Table:
     policies: dict[str, str] = field(default_factory=dict)
     user: list[str] = field(default_factory=list)
-    lines: dict[str, list[list[str] | _Unreadable | re.Match[str]]] = field(default_factory=dict)
+    lines: dict[str, list[list[str] | _Unreadable | _FastGroups]] = field(default_factory=dict)
     bases: dict[str, tuple[Hook, int]] = field(default_factory=lambda: BASE_CHAINS)
 
     def add_chain(self, name: str) -> None:
@@ -1108,20 +1139,28 @@ def _read_lines(text: str, kind: str = "nat") -> tuple[_Table, list[str]]:
     current: str | None = None
     seen_header = False
     last: str | None = None  # the chain the line before appended to, and its lines
-    last_lines: list[list[str] | _Unreadable | re.Match[str]] = []
-    fast_line = _FAST_LINE.fullmatch
+    last_lines: list[list[str] | _Unreadable | _FastGroups] = []
+    fast_line = _fast_groups
+    regex = _FAST_LINE.fullmatch if fast_line is _fast_groups_py else None  # the reference, without its call
     in_kind = True  # current == kind or (not seen_header and current is None), kept up to date
     for number, raw in enumerate(_lines(text), 1):
         line = raw.strip()
-        if line.startswith("-A ") and (fast := fast_line(line)) is not None:
-            # A common shape (see _FAST_LINE): its words are the line's own, read when its rules are built.
-            if in_kind:
-                name = fast.group(1)
-                if name != last:
-                    table.add_chain(name)
-                    last, last_lines = name, table.lines[name]
-                last_lines.append(fast)
-            continue
+        if line.startswith("-A "):
+            if regex is None:
+                fast = fast_line(line)
+            else:
+                m = regex(line)
+                fast = None if m is None else m.groups()  # type: ignore[assignment]  # as _fast_groups_py
+            if fast is not None:
+                # A common shape (see _FAST_LINE): its words are the line's own, read when its rules are
+                # built.
+                if in_kind:
+                    name = fast[1]
+                    if name != last:
+                        table.add_chain(name)
+                        last, last_lines = name, table.lines[name]
+                    last_lines.append(fast)
+                continue
         if not line or line.startswith("#"):
             continue
         if line.startswith("*"):
@@ -1284,7 +1323,6 @@ def parse_save(
     sets_of: dict[str, set[str]] = {}
     memo: dict[tuple[object, ...], list[Expression]] = {}  # equal modules and targets: read once, shared
     fast_memo = _fast_memo()  # the same for lines read whole
-    match_type = re.Match
     for chain_name in [*bases, *parsed_table.user]:
         out: list[Rule] = []
         named = sets_of.setdefault(chain_name, set())
@@ -1296,10 +1334,10 @@ def parse_save(
                 budget.tick()
             handle = len(out) + 1
             tokens: list[str] | _Unreadable
-            if isinstance(entry, match_type):
+            if isinstance(entry, tuple):  # _FastGroups
                 if _fast_rules(entry, af, names, handle, fast_memo, out):
                     continue
-                tokens = _split(entry.string)[2:]  # word by word after all
+                tokens = _split(entry[0])[2:]  # word by word after all
             else:
                 tokens = entry
             if isinstance(tokens, _Unreadable):
