@@ -369,6 +369,15 @@ def test_a_malformed_message_is_skipped_and_counted(why: str, bad: bytes) -> Non
     assert parser.done
 
 
+def test_malformed_messages_are_each_counted_and_the_first_eight_kept_as_samples() -> None:
+    """Ten malformed messages among good ones: ten counted, eight samples (the run of 2026-12-03,
+    fifth session: the count set to 1, and nine samples kept, survived: every test had one)."""
+    bad = corrupt(GOOD, 16, b"\x0a")  # a v4 entry claiming AF_INET6
+    parser = c.DumpParser(seq=1)
+    parser.feed(GOOD + bad * 10 + GOOD)
+    assert (parser.decode_errors, len(parser.error_samples), len(parser.entries)) == (10, 8, 2)
+
+
 def test_a_message_overrunning_the_datagram_ends_it() -> None:
     parser = c.DumpParser(seq=1)
     bad = corrupt(GOOD, 0, struct.pack("=I", 4000))
