@@ -750,6 +750,26 @@ def test_answers_walk_stops_where_the_datagram_does(data: bytes, n: int | None, 
     assert c.parse_get_answers(data, n) == [(seq, err, None) for seq, err in answers]
 
 
+ENDS_DUMP_CASES = [
+    ("DONE of the dump", _ENOENT2 + _nlmsg(20, c.NLMSG_DONE, 5) + b"\0\0\0\0", True),
+    ("an error answer to the dump", _nlmsg(36, c.NLMSG_ERROR, 5) + b"\xff" * 20, True),
+    ("DONE as a header alone, last", _ACK1 + _nlmsg(16, c.NLMSG_DONE, 5), True),
+    ("another dump's DONE", _nlmsg(20, c.NLMSG_DONE, 4) + b"\0\0\0\0", False),
+    ("an entry of the dump", _nlmsg(20, c.IPCTNL_MSG_CT_NEW, 5) + b"\2\0\0\0", False),
+    ("a message shorter than its header before the DONE", _nlmsg(8, c.NLMSG_NOOP, 5) + _nlmsg(16, c.NLMSG_DONE, 5),
+     False),
+    ("the DONE overrunning the datagram", _nlmsg(24, c.NLMSG_DONE, 5) + b"\0\0\0\0", False),
+    ("a partial header", _nlmsg(16, c.NLMSG_DONE, 5)[:15], False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("data", "ends"), [c[1:] for c in ENDS_DUMP_CASES], ids=[c[0] for c in ENDS_DUMP_CASES])
+def test_ends_dump_finds_the_dumps_own_done_or_error(data: bytes, ends: bool) -> None:
+    """Dump 5's end in hand-built datagrams (the run of 2026-12-03, fifth session: no test of the
+    mutation run's selection called ``ends_dump``; its 24 mutants had none)."""
+    assert c.ends_dump(data, 5) is ends
+
+
 def _ct_new(seq: int, *attrs: bytes) -> bytes:
     """An entry answer of these raw attributes (after the nfgenmsg)."""
     body = b"\x02\0\0\0" + b"".join(attrs)
