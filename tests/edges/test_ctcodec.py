@@ -754,6 +754,8 @@ ENDS_DUMP_CASES = [
     ("DONE of the dump", _ENOENT2 + _nlmsg(20, c.NLMSG_DONE, 5) + b"\0\0\0\0", True),
     ("an error answer to the dump", _nlmsg(36, c.NLMSG_ERROR, 5) + b"\xff" * 20, True),
     ("DONE as a header alone, last", _ACK1 + _nlmsg(16, c.NLMSG_DONE, 5), True),
+    ("DONE after an entry and an answer", _nlmsg(20, c.IPCTNL_MSG_CT_NEW, 5) + b"\2\0\0\0" + _ACK1
+     + _nlmsg(16, c.NLMSG_DONE, 5), True),
     ("another dump's DONE", _nlmsg(20, c.NLMSG_DONE, 4) + b"\0\0\0\0", False),
     ("an entry of the dump", _nlmsg(20, c.IPCTNL_MSG_CT_NEW, 5) + b"\2\0\0\0", False),
     ("a message shorter than its header before the DONE", _nlmsg(8, c.NLMSG_NOOP, 5) + _nlmsg(16, c.NLMSG_DONE, 5),
