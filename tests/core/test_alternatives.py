@@ -271,6 +271,23 @@ def test_an_interface_that_did_not_receive_then_puts_nothing_at_risk() -> None:
     assert verdict(entry(str(Y.addr_lo)), now, before) == ("healthy", "")
 
 
+def test_an_interface_that_did_not_receive_then_puts_nothing_at_risk_where_the_judgement_decides() -> None:
+    """As above, with up1's source now unknown, so the fast checks settle nothing
+    (``_alternative_checks``: an unknown side) and the judgement decides: lan0 gives X, and up1,
+    which refuses nothing for certain, cannot have given an old entry anything; it did not receive
+    then. Healthy; where up1 gave X then, undecided (the mutation run of 2026-12-03, fifth
+    session: ``_at_risk`` putting an interface that did not receive then at risk survived, every
+    case before having been settled by the fast checks first)."""
+    e = entry(str(X.addr_lo))
+    now = union(way(LAN0, frozenset({X})), way(UP1, Unknown("fwmark")))
+    lan0_only = way(LAN0, frozenset({X}))  # then, the flow entered on lan0 only
+    decider = Decider(predict=predictor(now, lan0_only), fib_now=NOW, fib_before=BEFORE)
+    assert not _healthy(e, decider._compiled(e)[1])
+    assert verdict(e, now, lan0_only) == ("healthy", "")
+    both = union(way(LAN0, frozenset({X})), way(UP1, frozenset({X})))
+    assert verdict(e, now, both) == ("undecided", "unknown_ingress")
+
+
 def test_a_previous_prediction_without_alternatives_counts_for_every_interface() -> None:
     """One answer then (nothing read the input interface): every interface gave it."""
     before = Prediction(frozenset({NO_NAT}), frozenset({X}), (VIA1,), Unknown("any"))
@@ -508,6 +525,13 @@ RANGE_CASES: list[tuple[str, Prediction, Prediction | None, Entry]] = [
                                                    way(UP1, frozenset({_snat(A20)}))),
      union(way(LAN0, frozenset({_snat(A1, ports=(1000, 2000))})), way(UP1, frozenset({_snat(A1, ports=(500, 1500))}))),
      _translated(A1, 1200)),
+    # Port 0 is a port: a range of it alone and a binding without a port range (any port) meet.
+    ("port 0 met then by a binding without a port range", union(way(LAN0, frozenset({_snat(A1, ports=(0, 0))})),
+                                                              way(UP1, frozenset({_snat(A20)}))),
+     union(way(LAN0, frozenset({_snat(A1, ports=(0, 0))})), way(UP1, frozenset({_snat(A1)}))), _translated(A1, 0)),
+    ("a binding without a port range met then by port 0", union(way(LAN0, frozenset({_snat(A1)})),
+                                                              way(UP1, frozenset({_snat(A20)}))),
+     union(way(LAN0, frozenset({_snat(A1)})), way(UP1, frozenset({_snat(A1, ports=(0, 0))}))), _translated(A1, 0)),
 ]
 
 

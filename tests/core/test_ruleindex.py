@@ -154,6 +154,25 @@ def test_a_thousand_port_forwards_reach_one_rule() -> None:
     assert all(_rule_plan(r)[1] for r in forwards)
 
 
+def test_a_hundred_source_subnets_reach_one_rule() -> None:
+    """As above, indexed by address: a flow from 10.0.7.5 reaches the rule of 10.0.7.0/24 alone, one
+    from 10.1.0.1 none (the run of 2026-12-03, fifth session: ``address_value`` reading every
+    address as 0, which made every address rule a candidate, survived)."""
+    base = int(ip_address("10.0.0.0"))
+    lan = Match(sel(Key.IIFNAME), Op.EQ, NameSet(frozenset({"lan"})), 'iifname "lan"')  # the same in every rule
+    rules = [Rule(i, (lan, Match(sel(Key.SADDR, family=2), Op.EQ, ints((base + 256 * i, base + 256 * i + 255), version=4),
+                                 f"ip saddr 10.0.{i}.0/24"), Verdict(VerdictKind.ACCEPT)))
+             for i in range(100)]  # fmt: skip
+    chain = Chain("ip", "t", "pre", tuple(rules))
+
+    def source(address: str) -> _Packet:
+        return _Packet(2, 17, ip_address(address), ip_address("198.18.0.1"), 4000, (53, 53), 0, 0, 0,
+                       Ingress(2, "lan"), None)  # fmt: skip
+
+    assert list(_order(chain, source("10.0.7.5"))) == [7]
+    assert list(_order(chain, source("10.1.0.1"))) == []
+
+
 def test_index_rules_builds_each_long_chains_index_before_the_first_prediction() -> None:
     """The daemon's warm-up builds them before "ready" (the startup sweep's first prediction
     would otherwise pay about 0.1 s per 2,000-rule chain); a short chain gets none."""

@@ -137,6 +137,29 @@ def test_stats_error_answer() -> None:
     assert ctcodec.parse_stats(err, 9, {}) == (True, 1)
 
 
+def test_stats_walk_reads_headers_alone_short_errors_and_empty_attributes() -> None:
+    """Hand-built answers (the run of 2026-12-03, fifth session: 13 of ``parse_stats``'s mutants survived):
+    a DONE or an error that is a header alone ends the dump (errno 0), an error of 20 bytes gives its
+    errno, another dump's message before ours is skipped, an empty unknown attribute is skipped, and an
+    empty known counter is malformed."""
+    def header(length: int, mtype: int, seq: int) -> bytes:
+        return struct.pack("=IHHII", length, mtype, 2, seq, 0)
+
+    assert ctcodec.parse_stats(header(16, ctcodec.NLMSG_DONE, 9), 9, {}) == (True, 0)
+    assert ctcodec.parse_stats(header(16, ctcodec.NLMSG_ERROR, 9), 9, {}) == (True, 0)
+    assert ctcodec.parse_stats(header(20, ctcodec.NLMSG_ERROR, 9) + struct.pack("=i", -1), 9, {}) == (True, 1)
+    assert ctcodec.parse_stats(stats_message(8, 0, {10: 3}) + done(9), 9, {}) == (True, 0)
+    totals: dict[str, int] = {}
+    empty_unknown = struct.pack("=HH", 4, 99)
+    body = empty_unknown + ctcodec.nla(10, struct.pack(">I", 3))
+    message = header(20 + len(body), ctcodec.IPCTNL_MSG_CT_GET_STATS_CPU, 9) + b"\0" * 4 + body
+    assert ctcodec.parse_stats(message, 9, totals) == (False, 0)
+    assert totals == {"drop": 3}
+    empty_drop = header(24, ctcodec.IPCTNL_MSG_CT_GET_STATS_CPU, 9) + b"\0" * 4 + struct.pack("=HH", 4, 10)
+    with pytest.raises(ctcodec.MalformedMessage, match="drop shorter than 4 bytes"):
+        ctcodec.parse_stats(empty_drop, 9, {})
+
+
 def test_a_partial_header_is_not_read() -> None:
     data = stats_message(9, 0, {10: 3})
     assert ctcodec.parse_stats(data[:15], 9, {}) == (False, 0)
