@@ -576,6 +576,7 @@ def run_topowatch(bench: Bench, sc: Scenario, idle: float) -> dict[str, Any]:
                 result["idle_threads"] = (watch.threads_before, watch.threads_after)
                 result["idle_text"] = watch.describe()
             started = time.perf_counter()
+            started_monotonic = time.monotonic()
             bench.route_change(sc.net)
 
             def ours(r: dict[str, Any]) -> bool:  # a reaction to something else does not count
@@ -598,6 +599,10 @@ def run_topowatch(bench: Bench, sc: Scenario, idle: float) -> dict[str, Any]:
     result.update(
         seconds=record["latency_ms"] / 1000,
         external_seconds=external,
+        # From just before `ip route replace` to the daemon's stamp at its last delete (CLOCK_MONOTONIC,
+        # one clock for every process): the event to the last delete seen from outside, without the
+        # logging that follows the deletes (the reaction's line reads every stale record's code).
+        to_last_delete_seconds=record["ended_monotonic"] - started_monotonic,
         phases=_phases(record),
         timings=record["timings"],
         rss_peak_mb=status["VmHWM"] / 1024,
@@ -1004,7 +1009,8 @@ def fmt_table(results: list[dict[str, Any]]) -> str:
             rss = f"{m['rss_peak_mb']:.0f}" if "rss_peak_mb" in m else ""
             time_text = f"{m['seconds']:.3f}"
             if "external_seconds" in m:
-                time_text += f" (ext {m['external_seconds']:.3f})"
+                ext, log_ext = m["to_last_delete_seconds"], m["external_seconds"]
+                time_text += f" (ext {ext:.3f}, to its log {log_ext:.3f})"
             rows.append(
                 [
                     str(res["scenario"]),
@@ -1121,8 +1127,8 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets for one scenario: what was measured, and PASS, FAIL or n/a."""
     m = res["methods"]
     tw = m["topowatch"]
-    # Judged on the time seen from outside (from `ip route replace` to the reaction's log record).
-    t = tw["external_seconds"]
+    # Judged on the time seen from outside: from just before `ip route replace` to the last delete.
+    t = tw["to_last_delete_seconds"]
     out: list[dict[str, Any]] = []
 
     def add(target: str, measured: str, ok: bool | None) -> None:
@@ -1195,7 +1201,9 @@ def report(results: list[dict[str, Any]], libs: dict[str, float], tools: Conntra
     print()
     print(
         "time: topowatch = the reaction record's latency_ms, from first event to last delete (ext: from "
-        "just before `ip route replace` to reading that record); others = the command's wall time."
+        "just before `ip route replace` to the last delete, by the record's CLOCK_MONOTONIC stamp of it; to "
+        "its log: to reading that record, after the reaction's line is made); others = the command's wall "
+        "time."
     )
     print(
         f"topowatch runs with --debounce {DEBOUNCE}: the quiet gap that ends a burst is inside its time."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
@@ -126,6 +127,34 @@ async def test_burst_is_one_reaction(autojump_clock: trio.testing.MockClock) -> 
     assert sum(r.events for r in reactor.reactions) == 50
     assert len(backend.deleted) == 2
     assert "link up2 added" in reactor.reactions[0].summary()
+
+
+async def test_a_reaction_is_stamped_on_the_hosts_monotonic_clock_after_its_last_delete(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``ended`` (the record's ``ended_monotonic``) is CLOCK_MONOTONIC after the last delete: a
+    benchmark times the event to the last delete from outside with it, whatever trio's clock."""
+    stamps: list[float] = []
+
+    class Stamping(FakeBackend):
+        async def delete(self, entries: Sequence[Entry], still: StillStale) -> DeleteCounts:
+            counts = await super().delete(entries, still)
+            stamps.append(time.monotonic())
+            return counts
+
+    backend = Stamping()
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery)
+        backend.topo = B
+        await backend.send.send(Trigger("rtnl", "link up2 added", kind="link"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    after = time.monotonic()
+    (reaction,) = reactor.reactions
+    assert reaction.deleted.deleted == 2 and stamps
+    assert stamps[-1] <= reaction.ended <= after
+    assert reaction.fields()["ended_monotonic"] == round(reaction.ended, 6)
+    assert reaction.brief().ended == reaction.ended  # the history keeps it
 
 
 async def test_quiet_gap_ends_burst(autojump_clock: trio.testing.MockClock) -> None:

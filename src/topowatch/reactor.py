@@ -441,6 +441,10 @@ class Reaction:
     counts: tuple[int, int] | None = None
     # False for a reaction whose change could re-NAT no flow: it made no conntrack dump.
     dumped: bool = True
+    # CLOCK_MONOTONIC (``time.monotonic``, the same clock in every process of the host) when the
+    # reaction was made, right after its last delete: a benchmark or an admin's script times the
+    # event to the last delete from outside with it, without the logging that follows.
+    ended: float = field(default_factory=time.monotonic)
     # ``summary`` once made (the log, sd_notify and D-Bus read it; reading the codes of 100,000
     # stale records takes tens of ms). Not carried by ``replace``: ``brief`` starts empty.
     _memo: dict[str, str] = field(default_factory=dict, init=False, compare=False, repr=False)
@@ -544,6 +548,7 @@ class Reaction:
             else round(self.deleted.window_p99 * 1000, 3),
             "undecided": self.undecided_count, "logged_only": self.logged_only, "refused": self.refused,
             "dry_run": self.dry_run, "latency_ms": round(self.latency * 1000, 3),
+            "ended_monotonic": round(self.ended, 6),
             "debounce_ms": round(self.debounce_wait() * 1000, 3),
             "timings": {k: round(v * 1000, 3) for k, v in self.timings.items()}, "skipped": self.skipped,
             "stale_by_code": count_codes(p.stale), "undecided_by_code": count_codes(p.undecided),

@@ -56,6 +56,9 @@ def test_quick_benchmark_table(tmp_path: Path) -> None:
         # topowatch deletes exactly the stale entries.
         assert (tw["deleted"], tw["collateral"], tw["missed"]) == (res["k"], 0, 0), tw["log"]
         assert tw["rss_peak_mb"] > 0 and tw["external_seconds"] > 0
+        # The last delete, stamped by the daemon on the host's monotonic clock, comes after the
+        # route change and before its record was read.
+        assert 0 < tw["to_last_delete_seconds"] <= tw["external_seconds"], tw
         # Read from the daemon's JSON records: the reaction's, and one per deleted entry with its code.
         assert tw["record"]["event"] == "reaction" and tw["record"]["stale"] == res["k"], tw["record"]
         assert sum(tw["record"]["stale_by_code"].values()) == res["k"]
