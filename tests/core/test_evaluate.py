@@ -982,7 +982,11 @@ def test_reference_covers_every_regime() -> None:
         pytest.skip("run together with the property test")
     assert STATS["exact"] > 20
     # (Equal-priority chains are alternatives, known since: fewer rulesets leave anything to prove.)
-    assert STATS["proved"] > 10
+    # Hypothesis' adaptive generation spreads this count widely: 17-57 of 600 examples in eight
+    # random runs here, 8 in one clean-clone CI run (2026-12-03), which failed a bound of 10. The
+    # guard is against a vacuous property (a generator that stops making provable rulesets), so
+    # it asks for a few, not for a share that a random run can miss.
+    assert STATS["proved"] >= 3
     assert STATS["unknown"] > 0
 
 
