@@ -861,3 +861,57 @@ def test_fake_delete_current_keeps_what_changed_since_the_dump() -> None:
     result = fake.delete_current(dumped, still)
     assert (result.deleted, result.kept_replied, result.kept_changed, result.not_found) == (7, 1, 1, 1)
     assert {e.orig for e in fake.table} == {replied.orig, marked.orig}
+
+
+# --- the tuple decoder on hand-built attributes (the run of 2026-12-03, fifth session) -------------
+# Written out from the kernel's numbering, not from ctcodec's constants: CTA_TUPLE_IP 1, CTA_TUPLE_PROTO
+# 2, CTA_TUPLE_ZONE 3; CTA_IP_V4_SRC 1, _DST 2, CTA_IP_V6_SRC 3, _DST 4; CTA_PROTO_NUM 1, _SRC_PORT 2,
+# _DST_PORT 3, _ICMP_ID 4, _ICMP_TYPE 5, _ICMP_CODE 6; NLA_F_NESTED 0x8000. Headers in host order.
+_NESTED = 0x8000
+
+
+def _port_tuple_payload(src: bytes, dst: bytes, proto: int, sport: int, dport: int) -> bytes:
+    """A CTA_TUPLE_* payload as current kernels write it for a port-carrying protocol."""
+    v4 = len(src) == 4
+    ip = (_hdr(4 + 2 * (4 + len(src)), 1 | _NESTED) + _hdr(4 + len(src), 1 if v4 else 3) + src
+          + _hdr(4 + len(dst), 2 if v4 else 4) + dst)
+    l4 = (_hdr(28, 2 | _NESTED) + _hdr(5, 1) + bytes([proto]) + b"\0" * 3
+          + _hdr(6, 2) + sport.to_bytes(2, "big") + b"\0\0" + _hdr(6, 3) + dport.to_bytes(2, "big") + b"\0\0")
+    return ip + l4  # fmt: skip
+
+
+_V4_UDP = _port_tuple_payload(bytes([10, 0, 0, 1]), bytes([192, 0, 2, 53]), 17, 40000, 53)
+_V6_TCP = _port_tuple_payload(bytes.fromhex("20010db8" + "00" * 11 + "01"), bytes.fromhex("20010db8" + "00" * 11 + "02"),
+                              6, 1, 65535)  # fmt: skip
+TUPLE_CASES = [
+    ("v4 UDP", _V4_UDP, (CtTuple(IPv4Address("10.0.0.1"), IPv4Address("192.0.2.53"), 40000, 53), 17, -1)),
+    ("v6 TCP", _V6_TCP, (CtTuple(IPv6Address("2001:db8::1"), IPv6Address("2001:db8::2"), 1, 65535), 6, -1)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("payload", "decoded"), [c[1:] for c in TUPLE_CASES], ids=[c[0] for c in TUPLE_CASES])
+@pytest.mark.parametrize("before", [0, 4, 20])
+def test_a_port_tuple_is_read_by_the_fast_path_wherever_it_lies(
+    monkeypatch: pytest.MonkeyPatch, payload: bytes, decoded: tuple[CtTuple, int, int], before: int
+) -> None:
+    """The kernel's layout of a port tuple, at any offset of a message, is read by the fast path
+    (the generic walk refused here) as the values written above. The run of 2026-12-03, fifth session:
+    ``_decode_tuple`` 3 (the layout chosen by ``end + pos``), 10 (unpacked from offset 0) and 13
+    (``num in ICMP_PROTOS``) survived, and 1, 2 (no fast path) only timed out: every test
+    reached the tuple at offset 0 or through the compiled scan."""
+    data = b"\xee" * before + payload + b"\xee" * 8
+    assert c._walk_tuple(data, before, before + len(payload), c.AddressCache()) == decoded
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("generic walk used for a port tuple in the kernel's layout")
+
+    monkeypatch.setattr(c, "_walk_tuple", refuse)
+    assert c._decode_tuple(data, before, before + len(payload), c.AddressCache()) == decoded
+
+
+def test_an_icmp_protocol_in_the_port_layout_is_not_read_as_ports() -> None:
+    """Protocol 1 in a port tuple's exact layout is no port tuple: the fast path leaves it to the walk,
+    which refuses an ICMP tuple without type and code (a port read as an ICMP id would make a key)."""
+    payload = _port_tuple_payload(bytes([10, 0, 0, 1]), bytes([192, 0, 2, 53]), 1, 7, 8)
+    with pytest.raises(c.MalformedMessage, match="ICMP tuple without type or code"):
+        c._decode_tuple(payload, 0, len(payload), c.AddressCache())
