@@ -915,3 +915,47 @@ def test_an_icmp_protocol_in_the_port_layout_is_not_read_as_ports() -> None:
     payload = _port_tuple_payload(bytes([10, 0, 0, 1]), bytes([192, 0, 2, 53]), 1, 7, 8)
     with pytest.raises(c.MalformedMessage, match="ICMP tuple without type or code"):
         c._decode_tuple(payload, 0, len(payload), c.AddressCache())
+
+
+def _attr(atype: int, payload: bytes = b"") -> bytes:
+    """One attribute, padded to 4 bytes (written here, not with ``c.nla``)."""
+    return _hdr(4 + len(payload), atype) + payload + b"\0" * (-len(payload) % 4)
+
+
+_A, _B = bytes([10, 0, 0, 1]), bytes([192, 0, 2, 53])
+_IP = _attr(1 | _NESTED, _attr(1, _A) + _attr(2, _B))
+_UDP = _attr(2 | _NESTED, _attr(1, b"\x11") + _attr(2, b"\x9c\x40") + _attr(3, b"\x00\x35"))
+_AB_UDP = (CtTuple(IPv4Address("10.0.0.1"), IPv4Address("192.0.2.53"), 40000, 53), 17, -1)
+# (case, the tuple's payload, what the walk reads from it or the text of its refusal); the walk is
+# given bytes after the payload too (b"\xee" * 8): what it must not read.
+WALK_CASES = [
+    ("the kernel's order", _IP + _UDP, _AB_UDP),
+    ("protocol first, an empty attribute of another type between", _UDP + _hdr(4, 9) + _IP, _AB_UDP),
+    ("a protocol without ports (ESP)", _IP + _attr(2 | _NESTED, _attr(1, b"\x32")),
+     (CtTuple(IPv4Address("10.0.0.1"), IPv4Address("192.0.2.53"), 0, 0), 50, -1)),
+    ("a directional zone", _IP + _UDP + _attr(3, b"\x01\x02"), (_AB_UDP[0], 17, 0x102)),
+    ("no destination address", _attr(1 | _NESTED, _attr(1, _A)) + _UDP, "tuple without addresses or protocol"),
+    ("ICMP type and code without a protocol number",
+     _IP + _attr(2 | _NESTED, _attr(4, b"\0\1") + _attr(5, b"\x08") + _attr(6, b"\0")),
+     "tuple without addresses or protocol"),
+    ("an empty zone attribute, last", _IP + _UDP + _hdr(4, 3), "short CTA_TUPLE_ZONE"),
+    ("the zone overrunning the tuple", _IP + _UDP + _hdr(8, 3) + b"\x00\x07", "tuple attribute overruns its nest"),
+    ("an empty address, last in its nest", _attr(1 | _NESTED, _attr(1, _A) + _attr(2, _B) + _hdr(4, 2)) + _UDP,
+     "address of 0 bytes"),
+    ("an address overrunning its nest", _hdr(20, 1 | _NESTED) + _attr(1, _A) + _hdr(12, 2) + _B + _UDP,
+     "address attribute overruns its nest"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("payload", "read"), [c[1:] for c in WALK_CASES], ids=[c[0] for c in WALK_CASES])
+def test_the_tuple_walk_reads_each_attribute_within_its_nest(payload: bytes, read: object) -> None:
+    """The generic tuple walk (every tuple the fast path does not take) on hand-built payloads. The run
+    of 2026-12-03, fifth session: ``_walk_tuple`` 3, 5, 7, 8 (a missing address or protocol number
+    let through, ports None or 1 where none are sent), 16, 17, 25-31, 39, 40, 48 (the bounds of both
+    walks, refusals and their text) survived."""
+    data = b"\xee" * 4 + payload + b"\xee" * 8
+    if isinstance(read, str):
+        with pytest.raises(c.MalformedMessage, match=f"^{read}$"):
+            c._walk_tuple(data, 4, 4 + len(payload), c.AddressCache())
+    else:
+        assert c._walk_tuple(data, 4, 4 + len(payload), c.AddressCache()) == read
