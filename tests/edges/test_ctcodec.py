@@ -944,6 +944,27 @@ WALK_CASES = [
      "address of 0 bytes"),
     ("an address overrunning its nest", _hdr(20, 1 | _NESTED) + _attr(1, _A) + _hdr(12, 2) + _B + _UDP,
      "address attribute overruns its nest"),
+    ("an empty attribute of another type in the address nest", _attr(1 | _NESTED, _hdr(4, 9) + _attr(1, _A)
+     + _attr(2, _B)) + _UDP, _AB_UDP),
+    ("ICMP: id, type and code", _IP + _attr(2 | _NESTED, _attr(1, b"\x01") + _attr(4, b"\x12\x34") + _attr(5, b"\x08")
+     + _attr(6, b"\x00")), (CtTuple(IPv4Address("10.0.0.1"), IPv4Address("192.0.2.53"), 0x1234, 0x800), 1, -1)),
+    ("ICMPv6 echo reply, type after code", _IP + _attr(2 | _NESTED, _attr(1, b"\x3a") + _attr(4, b"\0\x07")
+     + _attr(6, b"\x03") + _attr(5, b"\x81")), (CtTuple(IPv4Address("10.0.0.1"), IPv4Address("192.0.2.53"), 7, 0x8103),
+     58, -1)),
+    ("ICMP without a code", _IP + _attr(2 | _NESTED, _attr(1, b"\x01") + _attr(4, b"\0\1") + _attr(5, b"\x08")),
+     "ICMP tuple without type or code"),
+    ("ICMP without a type", _IP + _attr(2 | _NESTED, _attr(1, b"\x01") + _attr(4, b"\0\1") + _attr(6, b"\0")),
+     "ICMP tuple without type or code"),
+    ("a protocol nest ending with its last value, unpadded", _IP + _hdr(9, 2 | _NESTED) + _hdr(5, 1) + b"\x32\0\0\0",
+     (CtTuple(IPv4Address("10.0.0.1"), IPv4Address("192.0.2.53"), 0, 0), 50, -1)),
+    ("an empty protocol attribute, last", _IP + _attr(2 | _NESTED, _attr(1, b"\x11") + _hdr(4, 4)),
+     "empty protocol attribute 4"),
+    ("an empty protocol number", _IP + _attr(2 | _NESTED, _hdr(4, 1)), "short CTA_PROTO_NUM"),
+    ("a short source port", _IP + _attr(2 | _NESTED, _attr(1, b"\x11") + _attr(2, b"\x9c")), "short port"),
+    ("a short destination port", _IP + _attr(2 | _NESTED, _attr(1, b"\x11") + _attr(3, b"\x35")), "short port"),
+    ("a port overrunning its nest", _IP + _hdr(24, 2 | _NESTED) + _attr(1, b"\x11") + _attr(2, b"\x9c\x40")
+     + _hdr(8, 3) + b"\0\x35\0\0", "protocol attribute overruns its nest"),
+    ("a short zone", _IP + _UDP + _attr(3, b"\x01"), "short CTA_TUPLE_ZONE"),
 ]  # fmt: skip
 
 
