@@ -965,6 +965,10 @@ WALK_CASES = [
     ("a port overrunning its nest", _IP + _hdr(24, 2 | _NESTED) + _attr(1, b"\x11") + _attr(2, b"\x9c\x40")
      + _hdr(8, 3) + b"\0\x35\0\0", "protocol attribute overruns its nest"),
     ("a short zone", _IP + _UDP + _attr(3, b"\x01"), "short CTA_TUPLE_ZONE"),
+    ("a four-byte protocol attribute of another type before the ports", _IP + _attr(2 | _NESTED, _attr(1, b"\x11")
+     + _attr(9, b"\xee" * 4) + _attr(2, b"\x9c\x40") + _attr(3, b"\x00\x35")), _AB_UDP),
+    ("protocol number 0 (not a missing one)", _IP + _attr(2 | _NESTED, _attr(1, b"\x00")),
+     (CtTuple(IPv4Address("10.0.0.1"), IPv4Address("192.0.2.53"), 0, 0), 0, -1)),
 ]  # fmt: skip
 
 
