@@ -861,3 +861,126 @@ def test_fake_delete_current_keeps_what_changed_since_the_dump() -> None:
     result = fake.delete_current(dumped, still)
     assert (result.deleted, result.kept_replied, result.kept_changed, result.not_found) == (7, 1, 1, 1)
     assert {e.orig for e in fake.table} == {replied.orig, marked.orig}
+
+
+# --- the tuple decoder on hand-built attributes (the run of 2026-12-03, fifth session) -------------
+# Written out from the kernel's numbering, not from ctcodec's constants: CTA_TUPLE_IP 1, CTA_TUPLE_PROTO
+# 2, CTA_TUPLE_ZONE 3; CTA_IP_V4_SRC 1, _DST 2, CTA_IP_V6_SRC 3, _DST 4; CTA_PROTO_NUM 1, _SRC_PORT 2,
+# _DST_PORT 3, _ICMP_ID 4, _ICMP_TYPE 5, _ICMP_CODE 6; NLA_F_NESTED 0x8000. Headers in host order.
+_NESTED = 0x8000
+
+
+def _port_tuple_payload(src: bytes, dst: bytes, proto: int, sport: int, dport: int) -> bytes:
+    """A CTA_TUPLE_* payload as current kernels write it for a port-carrying protocol."""
+    v4 = len(src) == 4
+    ip = (_hdr(4 + 2 * (4 + len(src)), 1 | _NESTED) + _hdr(4 + len(src), 1 if v4 else 3) + src
+          + _hdr(4 + len(dst), 2 if v4 else 4) + dst)
+    l4 = (_hdr(28, 2 | _NESTED) + _hdr(5, 1) + bytes([proto]) + b"\0" * 3
+          + _hdr(6, 2) + sport.to_bytes(2, "big") + b"\0\0" + _hdr(6, 3) + dport.to_bytes(2, "big") + b"\0\0")
+    return ip + l4  # fmt: skip
+
+
+_V4_UDP = _port_tuple_payload(bytes([10, 0, 0, 1]), bytes([192, 0, 2, 53]), 17, 40000, 53)
+_V6_TCP = _port_tuple_payload(bytes.fromhex("20010db8" + "00" * 11 + "01"), bytes.fromhex("20010db8" + "00" * 11 + "02"),
+                              6, 1, 65535)  # fmt: skip
+TUPLE_CASES = [
+    ("v4 UDP", _V4_UDP, (CtTuple(IPv4Address("10.0.0.1"), IPv4Address("192.0.2.53"), 40000, 53), 17, -1)),
+    ("v6 TCP", _V6_TCP, (CtTuple(IPv6Address("2001:db8::1"), IPv6Address("2001:db8::2"), 1, 65535), 6, -1)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("payload", "decoded"), [c[1:] for c in TUPLE_CASES], ids=[c[0] for c in TUPLE_CASES])
+@pytest.mark.parametrize("before", [0, 4, 20])
+def test_a_port_tuple_is_read_by_the_fast_path_wherever_it_lies(
+    monkeypatch: pytest.MonkeyPatch, payload: bytes, decoded: tuple[CtTuple, int, int], before: int
+) -> None:
+    """The kernel's layout of a port tuple, at any offset of a message, is read by the fast path
+    (the generic walk refused here) as the values written above. The run of 2026-12-03, fifth session:
+    ``_decode_tuple`` 3 (the layout chosen by ``end + pos``), 10 (unpacked from offset 0) and 13
+    (``num in ICMP_PROTOS``) survived, and 1, 2 (no fast path) only timed out: every test
+    reached the tuple at offset 0 or through the compiled scan."""
+    data = b"\xee" * before + payload + b"\xee" * 8
+    assert c._walk_tuple(data, before, before + len(payload), c.AddressCache()) == decoded
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("generic walk used for a port tuple in the kernel's layout")
+
+    monkeypatch.setattr(c, "_walk_tuple", refuse)
+    assert c._decode_tuple(data, before, before + len(payload), c.AddressCache()) == decoded
+
+
+def test_an_icmp_protocol_in_the_port_layout_is_not_read_as_ports() -> None:
+    """Protocol 1 in a port tuple's exact layout is no port tuple: the fast path leaves it to the walk,
+    which refuses an ICMP tuple without type and code (a port read as an ICMP id would make a key)."""
+    payload = _port_tuple_payload(bytes([10, 0, 0, 1]), bytes([192, 0, 2, 53]), 1, 7, 8)
+    with pytest.raises(c.MalformedMessage, match="ICMP tuple without type or code"):
+        c._decode_tuple(payload, 0, len(payload), c.AddressCache())
+
+
+def _attr(atype: int, payload: bytes = b"") -> bytes:
+    """One attribute, padded to 4 bytes (written here, not with ``c.nla``)."""
+    return _hdr(4 + len(payload), atype) + payload + b"\0" * (-len(payload) % 4)
+
+
+_A, _B = bytes([10, 0, 0, 1]), bytes([192, 0, 2, 53])
+_IP = _attr(1 | _NESTED, _attr(1, _A) + _attr(2, _B))
+_UDP = _attr(2 | _NESTED, _attr(1, b"\x11") + _attr(2, b"\x9c\x40") + _attr(3, b"\x00\x35"))
+_AB_UDP = (CtTuple(IPv4Address("10.0.0.1"), IPv4Address("192.0.2.53"), 40000, 53), 17, -1)
+# (case, the tuple's payload, what the walk reads from it or the text of its refusal); the walk is
+# given bytes after the payload too (b"\xee" * 8): what it must not read.
+WALK_CASES = [
+    ("the kernel's order", _IP + _UDP, _AB_UDP),
+    ("protocol first, an empty attribute of another type between", _UDP + _hdr(4, 9) + _IP, _AB_UDP),
+    ("a protocol without ports (ESP)", _IP + _attr(2 | _NESTED, _attr(1, b"\x32")),
+     (CtTuple(IPv4Address("10.0.0.1"), IPv4Address("192.0.2.53"), 0, 0), 50, -1)),
+    ("a directional zone", _IP + _UDP + _attr(3, b"\x01\x02"), (_AB_UDP[0], 17, 0x102)),
+    ("no destination address", _attr(1 | _NESTED, _attr(1, _A)) + _UDP, "tuple without addresses or protocol"),
+    ("ICMP type and code without a protocol number",
+     _IP + _attr(2 | _NESTED, _attr(4, b"\0\1") + _attr(5, b"\x08") + _attr(6, b"\0")),
+     "tuple without addresses or protocol"),
+    ("an empty zone attribute, last", _IP + _UDP + _hdr(4, 3), "short CTA_TUPLE_ZONE"),
+    ("the zone overrunning the tuple", _IP + _UDP + _hdr(8, 3) + b"\x00\x07", "tuple attribute overruns its nest"),
+    ("an empty address, last in its nest", _attr(1 | _NESTED, _attr(1, _A) + _attr(2, _B) + _hdr(4, 2)) + _UDP,
+     "address of 0 bytes"),
+    ("an address overrunning its nest", _hdr(20, 1 | _NESTED) + _attr(1, _A) + _hdr(12, 2) + _B + _UDP,
+     "address attribute overruns its nest"),
+    ("an empty attribute of another type in the address nest", _attr(1 | _NESTED, _hdr(4, 9) + _attr(1, _A)
+     + _attr(2, _B)) + _UDP, _AB_UDP),
+    ("ICMP: id, type and code", _IP + _attr(2 | _NESTED, _attr(1, b"\x01") + _attr(4, b"\x12\x34") + _attr(5, b"\x08")
+     + _attr(6, b"\x00")), (CtTuple(IPv4Address("10.0.0.1"), IPv4Address("192.0.2.53"), 0x1234, 0x800), 1, -1)),
+    ("ICMPv6 echo reply, type after code", _IP + _attr(2 | _NESTED, _attr(1, b"\x3a") + _attr(4, b"\0\x07")
+     + _attr(6, b"\x03") + _attr(5, b"\x81")), (CtTuple(IPv4Address("10.0.0.1"), IPv4Address("192.0.2.53"), 7, 0x8103),
+     58, -1)),
+    ("ICMP without a code", _IP + _attr(2 | _NESTED, _attr(1, b"\x01") + _attr(4, b"\0\1") + _attr(5, b"\x08")),
+     "ICMP tuple without type or code"),
+    ("ICMP without a type", _IP + _attr(2 | _NESTED, _attr(1, b"\x01") + _attr(4, b"\0\1") + _attr(6, b"\0")),
+     "ICMP tuple without type or code"),
+    ("a protocol nest ending with its last value, unpadded", _IP + _hdr(9, 2 | _NESTED) + _hdr(5, 1) + b"\x32\0\0\0",
+     (CtTuple(IPv4Address("10.0.0.1"), IPv4Address("192.0.2.53"), 0, 0), 50, -1)),
+    ("an empty protocol attribute, last", _IP + _attr(2 | _NESTED, _attr(1, b"\x11") + _hdr(4, 4)),
+     "empty protocol attribute 4"),
+    ("an empty protocol number", _IP + _attr(2 | _NESTED, _hdr(4, 1)), "short CTA_PROTO_NUM"),
+    ("a short source port", _IP + _attr(2 | _NESTED, _attr(1, b"\x11") + _attr(2, b"\x9c")), "short port"),
+    ("a short destination port", _IP + _attr(2 | _NESTED, _attr(1, b"\x11") + _attr(3, b"\x35")), "short port"),
+    ("a port overrunning its nest", _IP + _hdr(24, 2 | _NESTED) + _attr(1, b"\x11") + _attr(2, b"\x9c\x40")
+     + _hdr(8, 3) + b"\0\x35\0\0", "protocol attribute overruns its nest"),
+    ("a short zone", _IP + _UDP + _attr(3, b"\x01"), "short CTA_TUPLE_ZONE"),
+    ("a four-byte protocol attribute of another type before the ports", _IP + _attr(2 | _NESTED, _attr(1, b"\x11")
+     + _attr(9, b"\xee" * 4) + _attr(2, b"\x9c\x40") + _attr(3, b"\x00\x35")), _AB_UDP),
+    ("protocol number 0 (not a missing one)", _IP + _attr(2 | _NESTED, _attr(1, b"\x00")),
+     (CtTuple(IPv4Address("10.0.0.1"), IPv4Address("192.0.2.53"), 0, 0), 0, -1)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("payload", "read"), [c[1:] for c in WALK_CASES], ids=[c[0] for c in WALK_CASES])
+def test_the_tuple_walk_reads_each_attribute_within_its_nest(payload: bytes, read: object) -> None:
+    """The generic tuple walk (every tuple the fast path does not take) on hand-built payloads. The run
+    of 2026-12-03, fifth session: ``_walk_tuple`` 3, 5, 7, 8 (a missing address or protocol number
+    let through, ports None or 1 where none are sent), 16, 17, 25-31, 39, 40, 48 (the bounds of both
+    walks, refusals and their text) survived."""
+    data = b"\xee" * 4 + payload + b"\xee" * 8
+    if isinstance(read, str):
+        with pytest.raises(c.MalformedMessage, match=f"^{read}$"):
+            c._walk_tuple(data, 4, 4 + len(payload), c.AddressCache())
+    else:
+        assert c._walk_tuple(data, 4, 4 + len(payload), c.AddressCache()) == read
