@@ -549,7 +549,7 @@ def run_topowatch(bench: Bench, sc: Scenario, idle: float) -> dict[str, Any]:
         result: dict[str, Any] = {"max_deletions": cap}
         sweeps: list[dict[str, Any]] = []
         # The kernel's walk of the same table varies by up to 2x from one dump to the next (here,
-        # quiet, two modes: about 47 and 70 ms at 160k/10%). So the startup sweep is timed on
+        # two modes near 47 and 70 ms at 160k/10%, quiet and at load 2). So the startup sweep is timed on
         # SWEEPS daemon starts, each right after one undecoded dump (the floor's sample), and
         # the two are compared as medians of the same count, taken in turn.
         for _ in range(SWEEPS - 1 if sweep else 0):
