@@ -48,6 +48,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -529,11 +530,6 @@ def _startup_sweep(daemon: Daemon) -> dict[str, Any]:
     if first is None:
         raise SystemExit("no startup sweep:\n" + "\n".join(daemon.lines[-20:]))
     return dict(first)
-
-
-def median(values: list[float]) -> float:
-    """The lower middle value (one of the samples, never an average of two)."""
-    return sorted(values)[(len(values) - 1) // 2]
 
 
 def run_topowatch(bench: Bench, sc: Scenario, idle: float) -> dict[str, Any]:
@@ -1144,7 +1140,7 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         # The undecoded dump: the median of every walk of this table (two before the daemon, one
         # before each of its starts), the same statistic as the sweep's.
         walks = [*d["kernel_dump_unreplied_samples"], *tw.get("floor_samples", [])]
-        dump = median(walks)
+        dump = statistics.median_low(walks)  # one of the walks, never an average of two
         floor = dump + m["plain deletes"]["seconds"]
         bound = max(0.5 * ct, 1.3 * floor)
         add("event to last delete <= max(0.5 x conntrack-tools, 1.3 x floor)",

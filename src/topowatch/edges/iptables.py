@@ -105,6 +105,7 @@ from topowatch.core.nat import (
     make_nat,
     make_rule,
 )
+from topowatch.edges import ctcodec
 from topowatch.edges.bulkparse import Budget, gc_paused
 from topowatch.edges.nft import PARSE_TIMEOUT, read_ruleset, run_ruleset_tool
 from topowatch.errors import MissingTool, PermissionDenied, RulesetError
@@ -879,14 +880,9 @@ def _fast_groups_py(line: str) -> _FastGroups | None:
 
 def _compiled_line_reader() -> Callable[[str], _FastGroups | None] | None:
     """``_ctscan.iptables_line`` (edges/_ctscan.c): ``_fast_groups_py`` without the regex engine and its
-    match objects. None where the extension is not built (or is older), or TOPOWATCH_PURE_PYTHON is set."""
-    if os.environ.get("TOPOWATCH_PURE_PYTHON"):
-        return None
-    try:
-        from topowatch.edges import _ctscan
-    except ImportError:
-        return None
-    reader: Callable[[str], _FastGroups | None] | None = getattr(_ctscan, "iptables_line", None)
+    match objects. None where the extension is not loaded (``ctcodec._ctscan``: not built, or
+    TOPOWATCH_PURE_PYTHON is set) or is older than this function."""
+    reader: Callable[[str], _FastGroups | None] | None = getattr(ctcodec._ctscan, "iptables_line", None)
     return reader
 
 
