@@ -10,7 +10,6 @@ and leaves exactly what it does without them.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
 from ipaddress import IPv4Network, ip_address, ip_network
 from typing import Any
@@ -199,29 +198,6 @@ def entry_for(f: Flow, actual: str, seen: bool, ident: int) -> Entry:
     return Entry(f.family, f.proto, orig, reply, status, f.zone, f.ct_mark, ident, 30)
 
 
-def without_route_words(why: Any) -> Any:
-    """A Reason with each egress's ``route`` text and ``prefix`` blanked (every other field kept).
-
-    Known bug (2026-12-03, found by ``test_classify_update``'s property with a random seed): a
-    class's route label leaves the prefix out (ten thousand routes via one gateway are one label),
-    so a stale entry's reason takes the egress of its class's first flow, whose route may be
-    another prefix with the same nexthops: "8.0.0.0/8 via 203.0.113.1" for a flow to 192.0.2.70
-    that the default route carries. Decisions are unaffected (``decide._egress_key`` reads no
-    route text); ``test_a_reasons_route_is_the_flows_own_route`` holds the counterexample (strict
-    xfail), and these comparisons go back to whole reasons when it is fixed.
-    """
-    def blank(egress: Any) -> Any:
-        if not isinstance(egress, tuple):  # None, or Unknown
-            return egress
-        return tuple(dataclasses.replace(e, route="", prefix=None) for e in egress)
-
-    def way(w: Any) -> Any:
-        return dataclasses.replace(w, egress=blank(w.egress))
-
-    return dataclasses.replace(why, egress=blank(why.egress), egress_before=blank(why.egress_before),
-                               keeps=tuple(way(w) for w in why.keeps), ways=tuple(way(w) for w in why.ways))
-
-
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(topologies(), topologies(), specs(), st.one_of(st.none(), specs()),
        st.lists(st.tuples(flows(), st.sampled_from(ACTUALS), st.booleans()), min_size=5, max_size=30))
@@ -249,12 +225,12 @@ def test_decide_with_classes_deletes_what_decide_per_flow_deletes(
     classed = decide(entries, predict=bound, fib_now=Fib(now), fib_before=Fib(before), eligibility=eligibility,
                      classifier=c, predict_before=then)
     STATS["alternatives"] += sum(bool(bound(Fib(now), e.flow).alternatives) for e in entries)
-    # Each decision's Reason too: its code and every field (rule lines, egress, ways), hence its
-    # text, but the egress's route words (``without_route_words``: a known bug).
-    assert ([(d.entry, without_route_words(d.why)) for d in classed.stale]
-            == [(d.entry, without_route_words(d.why)) for d in plain.stale])
-    assert ([(d.entry, without_route_words(d.why)) for d in classed.undecided]
-            == [(d.entry, without_route_words(d.why)) for d in plain.undecided])
+    # Each decision's Reason too: its code and every field (rule lines, egress with its route
+    # words, ways), hence its text.
+    assert ([(d.entry, d.why) for d in classed.stale]
+            == [(d.entry, d.why) for d in plain.stale])
+    assert ([(d.entry, d.why) for d in classed.undecided]
+            == [(d.entry, d.why) for d in plain.undecided])
     assert (classed.examined, classed.eligible) == (plain.examined, plain.eligible)
     assert classed.distinct_flows <= plain.distinct_flows
 

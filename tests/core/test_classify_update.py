@@ -42,7 +42,7 @@ from topowatch.core.model import (
     changed_routes,
 )
 
-from test_classify import ACTUALS, BASE_ADDRESSES, entry_for, without_route_words  # isort: skip
+from test_classify import ACTUALS, BASE_ADDRESSES, entry_for  # isort: skip
 from test_evaluate import Spec, spec_ruleset, specs  # isort: skip
 
 LO, LAN, UP1, UP2, PPP = 1, 2, 3, 4, 5
@@ -221,16 +221,14 @@ def test_a_carried_classifier_judges_as_the_per_flow_evaluator(
     plain = decide(entries, predict=bound, fib_now=fib1, fib_before=fib0, eligibility=ELIGIBILITY)
     classed = decide(entries, predict=bound, fib_now=fib1, fib_before=fib0, eligibility=ELIGIBILITY,
                      classifier=carried)  # fmt: skip
-    # Each decision's Reason too: its code and every field (rule lines, egress, ways), hence its
-    # text, but the egress's route words (``test_classify.without_route_words``: a known bug).
-    assert ([(d.entry, without_route_words(d.why)) for d in classed.stale]
-            == [(d.entry, without_route_words(d.why)) for d in plain.stale])
-    assert ([(d.entry, without_route_words(d.why)) for d in classed.undecided]
-            == [(d.entry, without_route_words(d.why)) for d in plain.undecided])
+    # Each decision's Reason too: its code and every field (rule lines, egress with its route
+    # words, ways), hence its text.
+    assert ([(d.entry, d.why) for d in classed.stale]
+            == [(d.entry, d.why) for d in plain.stale])
+    assert ([(d.entry, d.why) for d in classed.undecided]
+            == [(d.entry, d.why) for d in plain.undecided])
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: a class's reason names its first flow's route (see "
-                   "test_classify.without_route_words)")
 def test_a_reasons_route_is_the_flows_own_route() -> None:
     """Found by the property above (seed 24741): no NAT rule, the default route and 8.0.0.0/8 via
     one gateway, an entry to 192.0.2.70 masqueraded. It is stale either way; its reason must name

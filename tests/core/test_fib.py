@@ -710,6 +710,78 @@ def test_resolution_names_rule_and_route() -> None:
     assert main.egresses[0].route == "default via 203.0.113.1 dev wan table main"  # type: ignore[index]
 
 
+# -- own_route: a class's egress worded for another flow of the class -------------------------
+#
+# The main table below holds three routes via one gateway that differ only by their prefix, one
+# via another gateway, and table 100 holds the same content as the main default under other
+# prefixes. Expectations written from `ip route get` semantics: the longest prefix holding the
+# address whose route is the egress's route but for its prefix.
+OWN = (
+    R("0.0.0.0/0", WAN, "203.0.113.1"),
+    R("8.0.0.0/8", WAN, "203.0.113.1"),
+    R("8.8.0.0/16", WAN, "203.0.113.1"),
+    R("8.8.8.0/24", WAN, "198.51.100.1"),  # other gateway: never a way to word the default
+    R("8.8.4.0/24", WAN, "203.0.113.1", metric=5),  # other metric: not the same route
+    R("192.168.1.0/24", LAN),
+    R("0.0.0.0/0", WAN, "203.0.113.1", table=100),
+    R("9.0.0.0/8", WAN, "203.0.113.1", table=100),
+)
+
+
+def own_words(egress: Egress) -> tuple[str, str | None]:
+    return egress.route, None if egress.prefix is None else str(egress.prefix)
+
+
+@pytest.mark.parametrize(("named", "dst", "also", "expect"), [
+    # The class's first flow went to 8.1.2.3 (8.0.0.0/8); this one goes to 192.0.2.70: the default.
+    ("8.0.0.0/8", "192.0.2.70", (), ("default via 203.0.113.1 dev wan table main", "0.0.0.0/0")),
+    ("0.0.0.0/0", "8.9.1.1", (), ("8.0.0.0/8 via 203.0.113.1 dev wan table main", "8.0.0.0/8")),
+    ("0.0.0.0/0", "8.8.9.9", (), ("8.8.0.0/16 via 203.0.113.1 dev wan table main", "8.8.0.0/16")),
+    # A longer prefix with another gateway or metric is passed over: 8.8.0.0/16 is the narrowest alike.
+    ("0.0.0.0/0", "8.8.8.8", (), ("8.8.0.0/16 via 203.0.113.1 dev wan table main", "8.8.0.0/16")),
+    ("0.0.0.0/0", "8.8.4.4", (), ("8.8.0.0/16 via 203.0.113.1 dev wan table main", "8.8.0.0/16")),
+    # Already the flow's own route: kept.
+    ("8.0.0.0/8", "8.200.0.1", (), ("8.0.0.0/8 via 203.0.113.1 dev wan table main", "8.0.0.0/8")),
+    # Another destination the flow may be routed to (a fixed DNAT address) is carried by it: kept.
+    ("8.0.0.0/8", "192.0.2.70", ("8.1.1.1",), ("8.0.0.0/8 via 203.0.113.1 dev wan table main", "8.0.0.0/8")),
+    # Other destinations not carried by it do not keep it.
+    ("8.0.0.0/8", "192.0.2.70", ("9.1.1.1",), ("default via 203.0.113.1 dev wan table main", "0.0.0.0/0")),
+])  # fmt: skip
+def test_own_route_names_the_route_that_carries_the_flow(named: str, dst: str, also: tuple[str, ...],
+                                                         expect: tuple[str, str]) -> None:  # fmt: skip
+    f = fib(OWN)
+    (egress,) = f.lookup(ip("192.0.2.1" if named == "0.0.0.0/0" else named.partition("/")[0]))  # type: ignore[misc]
+    assert str(egress.prefix) == named
+    worded = f.own_route(egress, ip(dst), also=tuple(ip(a) for a in also))
+    assert own_words(worded) == expect
+    # Only words change.
+    assert (worded.kind, worded.oif, worded.gateway, worded.masquerade_source, worded.xfrm) == (
+        egress.kind, egress.oif, egress.gateway, egress.masquerade_source, egress.xfrm)
+
+
+def test_own_route_stays_in_the_egress_routes_table() -> None:
+    f = fib(OWN, rules_with(rule(100, fwmark=5, table=100)))
+    (egress,) = f.lookup(ip("8.1.1.1"), mark=5)  # type: ignore[misc]
+    assert own_words(egress) == ("default via 203.0.113.1 dev wan table 100", "0.0.0.0/0")
+    # Main's 8.0.0.0/8 is alike but for its table: table 100's 9.0.0.0/8 is the one for 9.1.1.1.
+    assert own_words(f.own_route(egress, ip("9.1.1.1"))) == ("9.0.0.0/8 via 203.0.113.1 dev wan table 100",
+                                                             "9.0.0.0/8")  # fmt: skip
+    assert f.own_route(egress, ip("8.8.8.8")) is egress
+
+
+def test_own_route_leaves_what_it_cannot_place() -> None:
+    f = fib(OWN)
+    (egress,) = f.lookup(ip("8.1.1.1"))  # type: ignore[misc]
+    assert f.own_route(egress, ip("2001:db8::1")) is egress  # another family
+    unplaced = Egress(EgressKind.UNICAST, WAN, "wan", ip("203.0.113.1"), route="on link via wan (lookup failed)")
+    assert f.own_route(unplaced, ip("192.0.2.70")) is unplaced  # no prefix: no route answered
+    foreign = Egress(EgressKind.UNICAST, WAN, "wan", ip("203.0.113.1"), route="10.0.0.0/8 via 203.0.113.1 dev wan",
+                     prefix=ip_network("10.0.0.0/8"))  # fmt: skip
+    assert f.own_route(foreign, ip("192.0.2.70")) is foreign  # names no route of this FIB
+    (lan,) = f.lookup(ip("192.168.1.9"))  # type: ignore[misc]
+    assert f.own_route(lan, ip("8.8.8.8")) is lan  # no route alike holds it
+
+
 def test_lookup_refuses_mixed_families() -> None:
     with pytest.raises(ValueError, match="mixes address families"):
         fib().lookup(ip("8.8.8.8"), src=ip("::1"))

@@ -47,7 +47,7 @@ from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility
 from topowatch.core.fib import Fib
 from topowatch.core.flow import NO_NAT, Binding, Egress, Flow, Ingress, NatKind, Prediction, Unknown
 from topowatch.core.model import IPAddress
-from topowatch.core.reason import Reason, ReasonCode, RuleLine, Way, rule_lines
+from topowatch.core.reason import EgressSet, Reason, ReasonCode, RuleLine, Way, rule_lines
 
 __all__ = ["Decider", "Decision", "FlushPlan", "Reason", "ReasonCode", "decide"]
 
@@ -217,6 +217,55 @@ def _side(
         _stale_code(side, actual, expected), side, actual, original, translated, expected,
         egress=prediction.egress, rules=rules,
     ))
+
+
+# Addresses of a DNAT range checked one by one for the route that carries them (``_own_routes``),
+# as ``evaluate`` routes them (its MAX_DNAT_ADDRESSES); a wider range is not routed there.
+_ROUTED_ADDRESSES = 64
+
+
+def _own_routes(egress: EgressSet, dst: IPAddress, dnat: frozenset[Binding] | Unknown, fib: Fib) -> EgressSet:
+    """A class's ``egress`` worded with the routes that carry one flow of it (``Fib.own_route``).
+
+    The class's egress names the routes of its first flow; flows of the class meet
+    routes that differ only by their prefix. Where the destination is kept by every
+    DNAT binding the flow is routed to ``dst``; an address a binding sets is the same
+    for the whole class, so an egress whose route carries one is kept as it is.
+    """
+    if isinstance(egress, Unknown) or not egress or isinstance(dnat, Unknown):
+        return egress
+    if all(b.addr_lo is not None for b in dnat):
+        return egress  # routed to the bindings' addresses: the class's own
+    fixed: list[IPAddress] = []
+    for b in dnat:
+        lo, hi = b.addr_lo, b.addr_hi
+        if lo is not None and hi is not None and int(hi) - int(lo) < _ROUTED_ADDRESSES:
+            fixed.extend(type(lo)(v) for v in range(int(lo), int(hi) + 1))
+    also = tuple(fixed)
+    worded = tuple(dict.fromkeys(fib.own_route(e, dst, also=also) for e in egress))
+    return egress if worded == egress else worded
+
+
+def _own_words(why: Reason, dst: IPAddress, prediction: Prediction, before: Prediction | None, *,
+               fib_now: Fib, fib_before: Fib | None) -> Reason:  # fmt: skip
+    """``why`` of one flow of a class, its egresses worded with that flow's own routes (``_own_routes``)."""
+    dnat = prediction.dnat
+    egress = _own_routes(why.egress, dst, dnat, fib_now) if why.egress is not None else None
+    egress_before = why.egress_before
+    if egress_before is not None and before is not None and fib_before is not None:
+        egress_before = _own_routes(egress_before, dst, before.dnat, fib_before)
+
+    def way(w: Way) -> Way:
+        worded = _own_routes(w.egress, dst, dnat, fib_now)
+        return w if worded is w.egress else dataclasses.replace(w, egress=worded)
+
+    keeps = tuple(way(w) for w in why.keeps)
+    ways = tuple(way(w) for w in why.ways)
+    if (egress is why.egress and egress_before is why.egress_before
+            and all(a is b for a, b in zip(keeps, why.keeps, strict=True))
+            and all(a is b for a, b in zip(ways, why.ways, strict=True))):  # fmt: skip
+        return why
+    return dataclasses.replace(why, egress=egress, egress_before=egress_before, keeps=keeps, ways=ways)
 
 
 # --- several alternatives (``Prediction.alternatives``) ---------------------------------
@@ -1232,7 +1281,7 @@ class Decider:
             return True  # dropped whichever way it comes: nothing to fix
         verdicts = [_alternative(entry, a) for a in live]
         if all(v is False for v in verdicts):
-            self._record(entry, _joint_stale(entry, compiled, live))
+            self._record(entry, _joint_stale(entry, compiled, live), compiled.prediction)
             return True
         if not any(v is True for v in verdicts):
             return False
@@ -1252,11 +1301,20 @@ class Decider:
         if risk:
             keep = [a for a, v in zip(live, verdicts, strict=True) if v is True]
             why = "none" if self.fib_before is None else "older" if older else "snapshot"
-            self._record(entry, _undecided_alternatives(entry, keep, risk, why))
+            self._record(entry, _undecided_alternatives(entry, keep, risk, why), compiled.prediction)
         return True
 
-    def _record(self, entry: Entry, j: _Judgement) -> None:
-        (self.stale if j.stale else self.undecided).append(Decision(entry, j.why))
+    def _record(self, entry: Entry, j: _Judgement, prediction: Prediction,
+                before: Prediction | None = None) -> None:  # fmt: skip
+        (self.stale if j.stale else self.undecided).append(self._decision(entry, j.why, prediction, before))
+
+    def _decision(self, entry: Entry, why: Reason, prediction: Prediction,
+                  before: Prediction | None) -> Decision:  # fmt: skip
+        """The Decision of ``entry``; with classes, its reason names the entry's own routes."""
+        if self.classifier is not None:
+            why = _own_words(why, entry.orig.dst, prediction, before, fib_now=self.fib_now,
+                             fib_before=self.fib_before)
+        return Decision(entry, why)
 
     def _judge(
         self,
@@ -1276,15 +1334,15 @@ class Decider:
         # DNAT first: a stale destination already condemns the entry (SNAT is not looked at).
         dnat = self._side(entry, "dnat", compiled, before, kept[0])
         if dnat is not None and dnat.stale:
-            self.stale.append(Decision(entry, dnat.why))
+            self.stale.append(self._decision(entry, dnat.why, prediction, before))
             return
         snat = self._side(entry, "snat", compiled, before, kept[1])
         if snat is not None and snat.stale:
-            self.stale.append(Decision(entry, snat.why))
+            self.stale.append(self._decision(entry, snat.why, prediction, before))
             return
         chosen = next((j for j in (dnat, snat) if j is not None and j.undecided), None)
         if chosen is not None:
-            self.undecided.append(Decision(entry, chosen.why))
+            self.undecided.append(self._decision(entry, chosen.why, prediction, before))
 
     def _record_entry(self, records: bytes, index: int) -> Entry:
         assert self.build is not None
@@ -1304,7 +1362,7 @@ class Decider:
             if stale and live and all(_alternative(entry, a) is False for a in live):
                 joint = _joint_stale(entry, compiled, live)
                 if joint.side == name:
-                    return Decision(entry, joint.why)
+                    return self._decision(entry, joint.why, prediction, None)
             return _disagreement(entry, name, stale)
         predicted = prediction.dnat if name == "dnat" else prediction.snat
         before = self._before.get(self._slots[slot]) if isinstance(predicted, Unknown) else None
@@ -1312,7 +1370,7 @@ class Decider:
                        ruleset_changed=self.predict_before is not None)
         if judged is None or judged.stale != stale:  # never (test_ctscan compares both paths)
             return _disagreement(entry, name, stale)
-        return Decision(entry, judged.why)
+        return self._decision(entry, judged.why, prediction, before)
 
     def _record_codes(self, records: bytes) -> list[str]:
         """The ``code`` of each record's Decision (``_stale_code``), without building it."""

@@ -86,7 +86,7 @@ route selection (equal-metric IPv6 routes are answered as alternatives).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 
 from topowatch.core.flow import Egress, EgressKind, Flow, Ingress, Unknown
@@ -109,6 +109,7 @@ from topowatch.core.model import (
     TABLE_UNSPEC,
     Address,
     IPAddress,
+    IPNetwork,
     Link,
     Nexthop,
     PolicyRule,
@@ -272,6 +273,9 @@ class Fib:
         # By route identity (the route is kept), and by (oif, nexthop as an int: IPv4 only): an
         # ipaddress value hashes its hex text, a route its every field, on each lookup.
         self._route_texts: dict[int, tuple[Route, str]] = {}
+        self._named: dict[str, Route | object | None] = {}  # route text -> its route (``own_route``)
+        # ``own_route``'s answers by (egress, route) identity, the two kept; cleared at _WORDED_LIMIT.
+        self._worded: dict[tuple[int, int], tuple[Egress, Route, Egress]] = {}
         self._masquerade: dict[tuple[int, int], IPAddress | None] = {}
         # The links that can receive a packet, with their reverse-path settings (``ingresses``).
         self._receivers: tuple[tuple[Link, tuple[int, bool]], ...] | None = None
@@ -379,6 +383,72 @@ class Fib:
             # Only a rule's iif selector reads the name (``_rule_match``); none has one here.
             iifname = _ANY_IIF
         return self._resolve(_Query(dst, src, iifname, oifname, mark, tos))
+
+    def own_route(self, egress: Egress, dst: IPAddress, *, also: tuple[IPAddress, ...] = ()) -> Egress:
+        """``egress`` worded with the route of its table that carries ``dst``: the same route but
+        for its prefix (kind, nexthops, metric, TOS, ...), the longest such prefix holding ``dst``.
+
+        For the flow classes (``core.classify``): flows of one class meet routes that differ only
+        by their prefix, so a class's egress, found for its first flow, names that flow's prefix;
+        this names another flow's own. ``egress`` is returned as it is where its route already
+        carries ``dst`` or one of ``also`` (other destinations the flow may be routed to: fixed
+        DNAT addresses), where it names no route of this FIB, or where no such route holds
+        ``dst``. Only words change: never the kind, device, gateway or source.
+        """
+        prefix = egress.prefix
+        if prefix is None or prefix.version != dst.version:
+            return egress
+        named = self._named.get(egress.route, _NOT_NAMED)
+        if named is _NOT_NAMED:
+            named = self._named[egress.route] = self._route_named(egress.route, prefix)
+        route = named if isinstance(named, Route) and named.dst == prefix else None
+        if route is None:
+            return egress
+        own = self._same_route_for(route, dst)
+        if own is None or own is route or any(self._same_route_for(route, a) is route for a in also):
+            return egress
+        key = (id(egress), id(own))
+        hit = self._worded.get(key)
+        if hit is not None and hit[0] is egress and hit[1] is own:
+            return hit[2]
+        if len(self._worded) >= _WORDED_LIMIT:
+            self._worded.clear()
+        worded = replace(egress, route=self._route_text(own), prefix=own.dst)
+        self._worded[key] = (egress, own, worded)
+        return worded
+
+    def _route_named(self, text: str, prefix: IPNetwork) -> Route | None:
+        """The route of this FIB whose text (``_route_text``) is ``text`` and whose prefix ``prefix``."""
+        family = AF_INET if prefix.version == 4 else AF_INET6
+        net = int(prefix.network_address)
+        for (fam, _table), by_len in self._tables.items():
+            if fam != family:
+                continue
+            for route in by_len.get(prefix.prefixlen, {}).get(net, ()):
+                if self._route_text(route) == text:
+                    return route
+        return None
+
+    def _same_route_for(self, route: Route, dst: IPAddress) -> Route | None:
+        """The route of ``route``'s table under the longest prefix holding ``dst`` that is ``route``
+        but for its prefix (None if none is)."""
+        key = (route.family, route.table)
+        by_len = self._tables.get(key)
+        if not by_len:
+            return None
+        content = (route.type, route.nexthops, route.metric, route.prefsrc, route.scope, route.tos,
+                   route.protocol)  # fmt: skip
+        value = int(dst)
+        bits = 32 if dst.version == 4 else 128
+        for plen in self._prefixlens[key]:
+            shift = bits - plen
+            for candidate in by_len[plen].get(value >> shift << shift, ()):
+                if candidate is route or (
+                    candidate.type, candidate.nexthops, candidate.metric, candidate.prefsrc, candidate.scope,
+                    candidate.tos, candidate.protocol,
+                ) == content:
+                    return candidate
+        return None
 
     def ingress(self, flow: Flow) -> Ingress | Unknown:
         """Where the flow's first packet entered: local if its source is ours, else reverse path.
@@ -988,6 +1058,11 @@ _V6_LABELS: tuple[tuple[IPv6Network, int], ...] = tuple(
         key=lambda item: -item[0].prefixlen,
     )
 )
+
+
+_NOT_NAMED = object()
+# ``Fib.own_route``'s remembered answers at most (one per class egress and route met).
+_WORDED_LIMIT = 65536
 
 
 def _v6_label(addr: IPv6Address) -> int:
