@@ -1037,7 +1037,8 @@ def main(argv: list[str] | None = None) -> int:
         "(restored after); without it, larger scenarios are skipped",
     )
     parser.add_argument("--idle", type=float, default=10.0, help="seconds to watch the idle daemon (0: skip)")
-    parser.add_argument("--only", help="run only scenarios whose name contains this text")
+    parser.add_argument("--only", help="run only scenarios whose name contains this text "
+                        "(several texts separated by '|': any of them)")
     parser.add_argument(
         "--debounce",
         type=float,
@@ -1062,7 +1063,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench/flush.py needs root (namespaces, conntrack)", file=sys.stderr)
         return 2
-    chosen = [s for s in scenarios(args.quick) if not args.only or args.only in s.name]
+    wanted = [part for part in (args.only or "").split("|") if part]
+    chosen = [s for s in scenarios(args.quick) if not wanted or any(part in s.name for part in wanted)]
     limits = Limits()
     notes: list[str] = []
     signal.signal(signal.SIGTERM, _terminate)
