@@ -423,3 +423,18 @@ def test_interface_names_and_addresses_by_family() -> None:
     assert list(index.candidates(2, 6, 0x0A000309)) == []  # without its version: no v4 rule holds it
     assert list(index.candidates(10, 6, (6 << 128) | 0x0A000309)) == [32]  # ::10.0.3.9 is in ::/64
     assert list(index.candidates(10, 6, (6 << 128) | (1 << 64))) == []  # 0:0:0:1:: is not
+
+
+def test_a_protocol_rule_of_one_family_is_no_candidate_for_the_other() -> None:
+    """``ip protocol`` and ``ip6 nexthdr`` carry their family: an IPv6 UDP packet does not reach the
+    ``ip protocol udp`` rules (the sixth run: every interval group built for any family survived)."""
+
+    def proto(family: int, number: int) -> Match:
+        return Match(sel(Key.L4PROTO, family=family), Op.EQ, ints((number, number)), f"{family} proto {number}")
+
+    plans = [(False, (proto(2, 17 if i % 2 else 6),)) for i in range(16)]  # 0-15: v4, odd ones udp
+    plans += [(False, (proto(10, 17 if i % 2 else 6),)) for i in range(16)]  # 16-31: v6, odd ones udp
+    index = ruleindex.build(plans)
+    assert index is not None and index.key is Key.L4PROTO and index.always == ()
+    assert list(index.candidates(10, 17, 17)) == [17, 19, 21, 23, 25, 27, 29, 31]
+    assert list(index.candidates(2, 6, 6)) == [0, 2, 4, 6, 8, 10, 12, 14]
