@@ -984,3 +984,60 @@ def test_the_tuple_walk_reads_each_attribute_within_its_nest(payload: bytes, rea
             c._walk_tuple(data, 4, 4 + len(payload), c.AddressCache())
     else:
         assert c._walk_tuple(data, 4, 4 + len(payload), c.AddressCache()) == read
+
+
+# --- a whole message's attributes (decode_entry), hand-built ----------------------------------
+
+_IP_R = _attr(1 | _NESTED, _attr(1, _B) + _attr(2, _A))
+_UDP_R = _attr(2 | _NESTED, _attr(1, b"\x11") + _attr(2, b"\x00\x35") + _attr(3, b"\x9c\x40"))
+_TCP_R = _attr(2 | _NESTED, _attr(1, b"\x06") + _attr(2, b"\x00\x35") + _attr(3, b"\x9c\x40"))
+_ORIG, _REPLY = _attr(1 | _NESTED, _IP + _UDP), _attr(2 | _NESTED, _IP_R + _UDP_R)
+_ST18A = _attr(3, b"\x00\x00\x01\x8a")  # DST_NAT_DONE, SRC_NAT_DONE, CONFIRMED, SEEN_REPLY
+
+
+def _entry(status: int = 0x18A, zone: int = 0, mark: int = 0, ct_id: int = 0, timeout: int = 0) -> Entry:
+    a, b = IPv4Address("10.0.0.1"), IPv4Address("192.0.2.53")
+    return Entry(2, 17, CtTuple(a, b, 40000, 53), CtTuple(b, a, 53, 40000), status, zone, mark, ct_id, timeout)
+
+
+# (case, family, the attributes after nfgenmsg, the entry read or the text of the refusal)
+ENTRY_CASES = [
+    ("the kernel's order", 2, _ORIG + _REPLY + _ST18A + _attr(7, b"\0\0\0\x78") + _attr(8, b"\0\0\0\x13")
+     + _attr(12, b"\x01\x02\x03\x04") + _attr(18, b"\x01\x02"),
+     _entry(zone=0x102, mark=0x13, ct_id=0x01020304, timeout=120)),
+    ("scalars first, flags above the type masked, an odd-sized unknown attribute between", 2,
+     _attr(3 | _NESTED, b"\0\0\0\x08") + _attr(11, b"\x01\x02\x03") + _attr(8 | 0x4000, b"\xff\0\0\x01")
+     + _REPLY + _ORIG, _entry(status=8, mark=0xFF000001)),
+    ("a directional zone alone is the entry's zone", 2,
+     _attr(1 | _NESTED, _IP + _UDP + _attr(3, b"\x00\x07")) + _REPLY + _ST18A, _entry(zone=7)),
+    ("CTA_ZONE 0 wins over a directional zone", 2,
+     _attr(1 | _NESTED, _IP + _UDP + _attr(3, b"\x00\x07")) + _REPLY + _ST18A + _attr(18, b"\0\0"), _entry()),
+    ("scalars too short to hold their value are not read", 2,
+     _ORIG + _REPLY + _ST18A + _attr(7, b"\0\0\x78") + _attr(8, b"\0\x13") + _attr(12, b"\x01") + _attr(18, b"\x01"),
+     _entry()),
+    ("three bytes after the last attribute", 2, _ORIG + _REPLY + _ST18A + b"\xee\xee\xee", _entry()),
+    ("a status too short to hold one", 2, _ORIG + _REPLY + _attr(3, b"\0\0\x01"), "entry without CTA_STATUS"),
+    ("no status", 2, _ORIG + _REPLY + _attr(8, b"\0\0\0\x13"), "entry without CTA_STATUS"),
+    ("no reply tuple", 2, _ORIG + _ST18A, "entry without both tuples"),
+    ("no orig tuple", 2, _REPLY + _ST18A, "entry without both tuples"),
+    ("a reply of another protocol", 2, _ORIG + _attr(2 | _NESTED, _IP_R + _TCP_R) + _ST18A,
+     "orig and reply protocols differ"),
+    ("IPv4 addresses in an AF_INET6 message", 10, _ORIG + _REPLY + _ST18A, "addresses do not match family 10"),
+    ("an unknown family", 7, _ORIG + _REPLY + _ST18A, "addresses do not match family 7"),
+    ("the last attribute overrunning the message", 2, _ORIG + _REPLY + _hdr(12, 3) + b"\0\0\0\x08",
+     "attribute overruns the message"),
+    ("an attribute shorter than its header", 2, _ORIG + _REPLY + _hdr(3, 3) + _ST18A, "attribute overruns the message"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("family", "body", "read"), [c[1:] for c in ENTRY_CASES], ids=[c[0] for c in ENTRY_CASES])
+def test_an_entrys_attributes_are_each_read_within_the_message(family: int, body: bytes, read: object) -> None:
+    """``decode_entry`` (the reference every learned layout must agree with) on hand-built messages:
+    each scalar by its own type and length, big-endian, from any position; bytes after ``end`` never
+    read (the run of 2026-12-03, sixth session)."""
+    data = b"\xee" * 4 + body + b"\xee" * 8
+    if isinstance(read, str):
+        with pytest.raises(c.MalformedMessage, match=f"^{read}$"):
+            c.decode_entry(data, 4, 4 + len(body), family, c.AddressCache())
+    else:
+        assert c.decode_entry(data, 4, 4 + len(body), family, c.AddressCache()) == read
