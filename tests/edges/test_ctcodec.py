@@ -1041,3 +1041,41 @@ def test_an_entrys_attributes_are_each_read_within_the_message(family: int, body
             c.decode_entry(data, 4, 4 + len(body), family, c.AddressCache())
     else:
         assert c.decode_entry(data, 4, 4 + len(body), family, c.AddressCache()) == read
+
+
+def _new_msg(seq: int, body: bytes, family: int = 2) -> bytes:
+    """An IPCTNL_MSG_CT_NEW dump message (NLM_F_MULTI), headers written here."""
+    return struct.pack("=IHHII", 20 + len(body), 0x100, 2, seq, 0) + bytes([family, 0, 0, 0]) + body
+
+
+def test_a_shapes_second_message_is_read_by_its_learned_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pure-Python feed with a sink: the first message of a shape is decoded by the reference
+    (an Entry), the next of that shape goes to the sink as the raw record written out here; a
+    message of the same length but another shape, or another length, is decoded again (the run of
+    2026-12-03, sixth session: no test said that a learned layout is ever used)."""
+    monkeypatch.setattr(c, "_ctscan", None)
+    scalars = _attr(7, b"\0\0\0\x78") + _attr(8, b"\0\0\0\x13") + _attr(12, b"\0\0\0\x4d")
+    first = _new_msg(5, _ORIG + _REPLY + _ST18A + scalars)
+    orig2 = _attr(1 | _NESTED, _attr(1 | _NESTED, _attr(1, b"\x0a\x00\x00\x07") + _attr(2, _B)) + _UDP)
+    second = _new_msg(5, orig2 + _REPLY + _attr(3, b"\0\0\0\x08") + _attr(7, b"\0\0\0\x3c")
+                      + _attr(8, b"\0\0\x01\0") + _attr(12, b"\0\0\x01\x02"))  # fmt: skip
+    other_shape = _new_msg(5, _ORIG + _REPLY + _ST18A + _attr(7, b"\0\0\0\x78") + _attr(11, b"\0\0\0\x01")
+                           + _attr(12, b"\0\0\0\x4d"))  # fmt: skip  (CTA_USE where the mark was)
+    other_reply = _new_msg(5, _ORIG + _attr(2 | _NESTED, _IP_R + _TCP_R) + _ST18A + scalars)  # same shape
+    shorter = _new_msg(5, _ORIG + _REPLY + _ST18A)
+    got: list[object] = []
+    parser = c.DumpParser(seq=5, sink=got.append)
+    parser.feed(first + second + other_shape + other_reply + shorter)
+    assert got == [(2, 17, b"\x0a\x00\x00\x07", _B, 40000, 53, _B, _A, 53, 40000, 8, 0, 0x100, 0x102, 60)]
+    assert parser.entries == [_entry(mark=0x13, ct_id=77, timeout=120), _entry(ct_id=77, timeout=120), _entry()]
+    assert (parser.messages, parser.decode_errors, parser.error_samples) == (
+        5, 1, ["orig and reply protocols differ"])
+    # Without a sink the learned layout builds the Entry itself; with skip_replied, a replied
+    # entry (0x18a holds SEEN_REPLY) is counted and not kept, on either path.
+    parser = c.DumpParser(seq=5)
+    parser.feed(first + second)
+    assert parser.entries[1] == Entry(2, 17, CtTuple(IPv4Address("10.0.0.7"), IPv4Address("192.0.2.53"), 40000, 53),
+                                      _entry().reply, 8, 0, 0x100, 0x102, 60)  # fmt: skip
+    parser = c.DumpParser(seq=5, skip_replied=True)
+    parser.feed(first + second + first)
+    assert (len(parser.entries), parser.skipped_replied, parser.messages) == (1, 2, 3)
