@@ -1026,6 +1026,12 @@ ENTRY_CASES = [
     ("an unknown family", 7, _ORIG + _REPLY + _ST18A, "addresses do not match family 7"),
     ("the last attribute overrunning the message", 2, _ORIG + _REPLY + _hdr(12, 3) + b"\0\0\0\x08",
      "attribute overruns the message"),
+    ("an empty attribute of another type between the tuples", 2, _ORIG + _hdr(4, 11) + _REPLY + _ST18A, _entry()),
+    ("protocol 0 in the orig tuple, UDP in the reply", 2,
+     _attr(1 | _NESTED, _IP + _attr(2 | _NESTED, _attr(1, b"\x00"))) + _REPLY + _ST18A,
+     "orig and reply protocols differ"),
+    ("a header alone in the last four bytes, overrunning", 2, _ORIG + _REPLY + _ST18A + _hdr(8, 7),
+     "attribute overruns the message"),
     ("an attribute shorter than its header", 2, _ORIG + _REPLY + _hdr(3, 3) + _ST18A, "attribute overruns the message"),
 ]  # fmt: skip
 
