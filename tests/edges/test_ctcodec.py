@@ -992,6 +992,9 @@ _IP_R = _attr(1 | _NESTED, _attr(1, _B) + _attr(2, _A))
 _UDP_R = _attr(2 | _NESTED, _attr(1, b"\x11") + _attr(2, b"\x00\x35") + _attr(3, b"\x9c\x40"))
 _TCP_R = _attr(2 | _NESTED, _attr(1, b"\x06") + _attr(2, b"\x00\x35") + _attr(3, b"\x9c\x40"))
 _ORIG, _REPLY = _attr(1 | _NESTED, _IP + _UDP), _attr(2 | _NESTED, _IP_R + _UDP_R)
+_V6A, _V6B = bytes.fromhex("fd000001" + "00" * 11 + "01"), bytes.fromhex("20010db8" + "00" * 11 + "35")
+_ORIG6 = _attr(1 | _NESTED, _attr(1 | _NESTED, _attr(3, _V6A) + _attr(4, _V6B)) + _UDP)
+_REPLY6 = _attr(2 | _NESTED, _attr(1 | _NESTED, _attr(3, _V6B) + _attr(4, _V6A)) + _UDP_R)
 _ST18A = _attr(3, b"\x00\x00\x01\x8a")  # DST_NAT_DONE, SRC_NAT_DONE, CONFIRMED, SEEN_REPLY
 
 
@@ -1024,6 +1027,9 @@ ENTRY_CASES = [
      "orig and reply protocols differ"),
     ("IPv4 addresses in an AF_INET6 message", 10, _ORIG + _REPLY + _ST18A, "addresses do not match family 10"),
     ("an unknown family", 7, _ORIG + _REPLY + _ST18A, "addresses do not match family 7"),
+    ("an unknown family, IPv6 addresses", 7, _ORIG6 + _REPLY6 + _ST18A, "addresses do not match family 7"),
+    ("an IPv6 reply in an AF_INET message", 2, _ORIG + _REPLY6 + _ST18A, "addresses do not match family 2"),
+    ("an IPv6 orig in an AF_INET message", 2, _ORIG6 + _REPLY + _ST18A, "addresses do not match family 2"),
     ("the last attribute overrunning the message", 2, _ORIG + _REPLY + _hdr(12, 3) + b"\0\0\0\x08",
      "attribute overruns the message"),
     ("an empty attribute of another type between the tuples", 2, _ORIG + _hdr(4, 11) + _REPLY + _ST18A, _entry()),
