@@ -279,7 +279,7 @@ def test_icmp_tuple_uses_id_type_code() -> None:
     ],
 )
 def test_a_delete_without_an_orig_tuple_is_refused(attrs: list[tuple[int, bytes]]) -> None:
-    with pytest.raises(c.FlushRefused):
+    with pytest.raises(c.FlushRefused, match=r"^refusing to encode IPCTNL_MSG_CT_DELETE without CTA_TUPLE_ORIG \(a flush\)$"):
         c.encode_message(c.IPCTNL_MSG_CT_DELETE, c.NLM_F_REQUEST | c.NLM_F_ACK, 1, 2, attrs)
 
 
