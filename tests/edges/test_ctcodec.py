@@ -1091,3 +1091,10 @@ def test_a_shapes_second_message_is_read_by_its_learned_layout(monkeypatch: pyte
     parser = c.DumpParser(seq=5, skip_replied=True)
     parser.feed(first + second + first)
     assert (len(parser.entries), parser.skipped_replied, parser.messages) == (1, 2, 3)
+    # An empty attribute (a header alone) is part of a shape like any other.
+    got.clear()
+    parser = c.DumpParser(seq=5, sink=got.append)
+    parser.feed(_new_msg(5, _ORIG + _hdr(4, 11) + _REPLY + _ST18A) + _new_msg(5, _ORIG + _hdr(4, 11) + _REPLY
+                                                                               + _attr(3, b"\0\0\0\x08")))  # fmt: skip
+    assert parser.entries == [_entry()]
+    assert got == [(2, 17, _A, _B, 40000, 53, _B, _A, 53, 40000, 8, 0, 0, 0, 0)]
