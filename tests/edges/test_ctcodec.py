@@ -1098,3 +1098,28 @@ def test_a_shapes_second_message_is_read_by_its_learned_layout(monkeypatch: pyte
                                                                                + _attr(3, b"\0\0\0\x08")))  # fmt: skip
     assert parser.entries == [_entry()]
     assert got == [(2, 17, _A, _B, 40000, 53, _B, _A, 53, 40000, 8, 0, 0, 0, 0)]
+
+
+def test_messages_too_short_for_an_entry_are_refused_by_their_own_text() -> None:
+    """A message of its header alone (16 bytes) is shorter than nfgenmsg; one of exactly 20 bytes
+    has nfgenmsg and nothing else, which the reference refuses as an entry (the sixth run:
+    ``DumpParser._generic``'s bound and text survived; the count alone was tested)."""
+    header_only = struct.pack("=IHHII", 16, 0x100, 2, 5, 0)
+    parser = c.DumpParser(seq=5)
+    parser.feed(header_only + _new_msg(5, b"") + _new_msg(5, _ORIG + _REPLY + _ST18A))
+    assert parser.error_samples == ["message shorter than nfgenmsg", "entry without both tuples"]
+    assert (parser.messages, parser.decode_errors, parser.entries) == (3, 2, [_entry()])
+
+
+def test_at_most_four_shapes_are_learned_per_length_and_a_limit_in_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    def shaped(atype: int, body: bytes = b"") -> bytes:  # the same length for every atype
+        return _new_msg(5, _ORIG + _REPLY + _ST18A + _attr(atype, b"\0\0\0\x01") + body)
+
+    parser = c.DumpParser(seq=5)
+    parser.feed(b"".join(shaped(t) for t in (11, 13, 14, 15, 16)))
+    assert len(parser.entries) == 5
+    assert [len(v) for v in c._LAYOUTS.values()] == [4]
+    monkeypatch.setattr(c, "_LAYOUTS", {})
+    monkeypatch.setattr(c, "_LAYOUTS_LIMIT", 2)
+    parser.feed(shaped(11) + shaped(11, _attr(13)) + shaped(11, _attr(13, b"\1")))  # three lengths
+    assert sorted(len(v) for v in c._LAYOUTS.values()) == [1, 1]
