@@ -1123,3 +1123,14 @@ def test_at_most_four_shapes_are_learned_per_length_and_a_limit_in_all(monkeypat
     monkeypatch.setattr(c, "_LAYOUTS_LIMIT", 2)
     parser.feed(shaped(11) + shaped(11, _attr(13)) + shaped(11, _attr(13, b"\1")))  # three lengths
     assert sorted(len(v) for v in c._LAYOUTS.values()) == [1, 1]
+
+
+def test_feed_reads_only_the_first_n_bytes_it_is_given() -> None:
+    """``feed(buffer, n)`` (a receive buffer reused across datagrams): bytes past ``n`` are an
+    older datagram's, never read (the sixth run: ``n`` ignored survived)."""
+    older = _new_msg(5, _ORIG + _REPLY + _attr(3, b"\0\0\0\x08"))
+    parser = c.DumpParser(seq=5)
+    parser.feed(GOOD[:-4] + b"\xee" * 4 + older, n=len(GOOD) - 4)  # GOOD's last attribute cut: refused
+    parser.feed(_new_msg(5, _ORIG + _REPLY + _ST18A) + older, n=len(_ORIG + _REPLY + _ST18A) + 20)
+    assert parser.entries == [_entry()]
+    assert (parser.messages, parser.decode_errors) == (1, 1)
