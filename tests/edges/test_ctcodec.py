@@ -1134,3 +1134,20 @@ def test_feed_reads_only_the_first_n_bytes_it_is_given() -> None:
     parser.feed(_new_msg(5, _ORIG + _REPLY + _ST18A) + older, n=len(_ORIG + _REPLY + _ST18A) + 20)
     assert parser.entries == [_entry()]
     assert (parser.messages, parser.decode_errors) == (1, 1)
+
+
+def test_the_dumps_other_messages_flag_an_interruption_and_count_their_errors() -> None:
+    """NLM_F_DUMP_INTR on the dump's NLMSG_DONE alone marks the dump interrupted; a short
+    NLMSG_ERROR and an NLMSG_OVERRUN of the dump are errors, by their own text (the sixth run:
+    the flag on other messages and both texts survived)."""
+    done_intr = struct.pack("=IHHII", 20, 3, 2 | 0x10, 5, 0) + b"\0\0\0\0"  # NLMSG_DONE, MULTI|DUMP_INTR
+    parser = c.DumpParser(seq=5)
+    parser.feed(_new_msg(5, _ORIG + _REPLY + _ST18A) + done_intr)
+    assert (parser.entries, parser.done, parser.interrupted) == ([_entry()], True, True)
+    short_error = struct.pack("=IHHII", 16, 2, 0, 5, 0)  # NLMSG_ERROR without its errno
+    overrun = struct.pack("=IHHII", 16, 4, 0, 5, 0)  # NLMSG_OVERRUN
+    other_seq = struct.pack("=IHHII", 16, 4, 0, 6, 0)  # another request's: stale, not an error
+    parser = c.DumpParser(seq=5)
+    parser.feed(short_error + overrun + other_seq)
+    assert parser.error_samples == ["short NLMSG_ERROR", "NLMSG_OVERRUN"]
+    assert (parser.decode_errors, parser.stale, parser.done, parser.interrupted) == (2, 1, False, False)
