@@ -1106,9 +1106,11 @@ def test_messages_too_short_for_an_entry_are_refused_by_their_own_text() -> None
     ``DumpParser._generic``'s bound and text survived; the count alone was tested)."""
     header_only = struct.pack("=IHHII", 16, 0x100, 2, 5, 0)
     parser = c.DumpParser(seq=5)
-    parser.feed(header_only + _new_msg(5, b"") + _new_msg(5, _ORIG + _REPLY + _ST18A))
-    assert parser.error_samples == ["message shorter than nfgenmsg", "entry without both tuples"]
-    assert (parser.messages, parser.decode_errors, parser.entries) == (3, 2, [_entry()])
+    good = _new_msg(5, _ORIG + _REPLY + _ST18A)
+    parser.feed(header_only + _new_msg(5, b"") + good + header_only + good)  # also after another message
+    assert parser.error_samples == ["message shorter than nfgenmsg", "entry without both tuples",
+                                    "message shorter than nfgenmsg"]  # fmt: skip
+    assert (parser.messages, parser.decode_errors, parser.entries) == (5, 3, [_entry(), _entry()])
 
 
 def test_at_most_four_shapes_are_learned_per_length_and_a_limit_in_all(monkeypatch: pytest.MonkeyPatch) -> None:
