@@ -35,9 +35,13 @@ needs_conntrack_tool = pytest.mark.skipif(shutil.which("conntrack") is None, rea
 # examples (0: as each test says).
 _MUTATION_EXAMPLES = int(os.environ.get("TOPOWATCH_MUTATION_EXAMPLES") or 0)
 if _MUTATION_EXAMPLES:
+    from hypothesis import Phase as _Phase
     from hypothesis import settings as _settings
 
-    _settings.register_profile("mutation", max_examples=_MUTATION_EXAMPLES, deadline=None)
+    # No shrinking: a mutant is killed by any failing example, and shrinking one cost a minute per
+    # mutant of ruleindex.py (2026-12-03, sixth run: counted as timeouts).
+    _NO_SHRINK = (_Phase.explicit, _Phase.reuse, _Phase.generate)
+    _settings.register_profile("mutation", max_examples=_MUTATION_EXAMPLES, deadline=None, phases=_NO_SHRINK)
     _settings.load_profile("mutation")
 
 
@@ -50,7 +54,9 @@ def _cap_examples(item: pytest.Item) -> None:
     # example, and a test failing on its deadline stops the stats run (2026-12-03, third run).
     if isinstance(current, settings):
         examples = min(current.max_examples, _MUTATION_EXAMPLES)
-        test._hypothesis_internal_use_settings = settings(current, max_examples=examples, deadline=None)  # type: ignore[union-attr]
+        test._hypothesis_internal_use_settings = settings(  # type: ignore[union-attr]
+            current, max_examples=examples, deadline=None, phases=_NO_SHRINK
+        )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

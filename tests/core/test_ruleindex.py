@@ -302,3 +302,139 @@ def test_a_mark_set_mid_chain_reads_the_candidates_again() -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(evaluate, "_chain_index", lambda chain: None)
         assert predict(rs, FIB, FLOWS[0]) == p
+
+
+# --- the index's own choices, worked out by hand -------------------------------------------------
+# (the run of 2026-12-03, sixth session: under mutmut the property tests above try 20 examples, and
+# no test read ``build``'s key, ``always``, ``indexed``, the span limit or a group's bounds directly)
+
+
+def dport(lo: int, hi: int | None = None, proto: int | None = 17) -> Match:
+    hi = lo if hi is None else hi
+    return Match(sel(Key.DPORT, proto=proto), Op.EQ, ints((lo, hi)), f"dport {lo}-{hi}")
+
+
+def iifname(*names: str, prefix: str | None = None) -> Match:
+    values = NameSet(frozenset(names), frozenset({prefix}) if prefix else frozenset())
+    return Match(sel(Key.IIFNAME), Op.EQ, values, f"iifname {names} {prefix}")
+
+
+def test_which_matches_are_indexable() -> None:
+    cases = [
+        (dport(53), True),
+        (Match(sel(Key.DPORT, proto=17), Op.NE, ints((53, 53)), "udp dport != 53"), False),
+        (Match(sel(Key.MARK, mask=0xF0), Op.EQ, ints((0x10, 0x10)), "meta mark & 0xf0 == 0x10"), False),
+        (Match(sel(Key.MARK), Op.EQ, ints((1, 1)), "meta mark 1"), True),
+        (Match(sel(Key.MARK), Op.EQ, ints((1, 1), version=4), "a mark set read as v4"), False),
+        (Match(sel(Key.NUMGEN), Op.EQ, ints((0, 0)), "numgen inc mod 2 0"), False),
+        (Match(sel(Key.IIF), Op.EQ, NameSet(frozenset({"up2"})), 'iif "up2"'), False),
+        (iifname("up2"), True),
+        (iifname("up2", prefix="eth"), False),
+        (Match(sel(Key.IIFNAME), Op.EQ, NameSet(frozenset({"up2"}), indexes=frozenset({4})), "with an index"), False),
+        (Match(sel(Key.SADDR, family=2), Op.EQ, ints((V4, V4), version=4), "ip saddr 10.0.1.0"), True),
+        (Match(sel(Key.SADDR, family=10), Op.EQ, ints((V6, V6), version=6), "ip6 saddr fd00:1::"), True),
+        (Match(sel(Key.DADDR), Op.EQ, ints((V4, V4)), "an address set without a version"), False),
+    ]
+    assert [ruleindex.indexable(match) for match, _ in cases] == [want for _, want in cases]
+
+
+def test_a_chain_needs_thirty_two_indexed_rules_and_passive_ones_do_not_count() -> None:
+    assert ruleindex.build([(False, (dport(1000 + i),)) for i in range(31)]) is None
+    assert ruleindex.build([(True, (dport(999),))] + [(False, (dport(1000 + i),)) for i in range(31)]) is None
+    assert ruleindex.build([(False, ())] * 40) is None  # nothing indexable
+    index = ruleindex.build([(True, (dport(999),))] + [(False, (dport(1000 + i),)) for i in range(32)])
+    assert index is not None
+    assert (index.key, index.always, index.indexed) == (Key.DPORT, (), 32)
+    assert list(index.candidates(2, 17, 1000)) == [1]
+    assert list(index.candidates(2, 17, 1031)) == [32]
+    assert list(index.candidates(2, 17, 999)) == []  # the passive rule is never reached
+
+
+def test_the_key_is_the_one_most_rules_open_with_then_the_one_with_more_value_sets_then_by_name() -> None:
+    more = ruleindex.build([(False, (dport(1000 + i),)) for i in range(32)]
+                           + [(False, (Match(sel(Key.MARK), Op.EQ, ints((i, i)), f"mark {i}"),)) for i in range(33)])  # fmt: skip
+    assert more is not None and more.key is Key.MARK and more.always == tuple(range(32)) and more.indexed == 33
+    distinct = ruleindex.build([(False, (iifname("up2"), dport(1000 + i))) for i in range(32)])
+    assert distinct is not None and distinct.key is Key.DPORT
+    sport = [Match(sel(Key.SPORT, proto=17), Op.EQ, ints((2000 + i, 2000 + i)), f"sport {i}") for i in range(32)]
+    tie = ruleindex.build([(False, (dport(1000 + i), sport[i])) for i in range(32)])
+    assert tie is not None and tie.key is Key.SPORT  # "sport" > "dport"
+    assert list(tie.candidates(2, 17, 2005)) == [5]
+    # Two matches on the key in one rule: indexed by the first (the rule is reached where it holds).
+    twice = ruleindex.build([(False, (dport(1000 + i), dport(3000 + i))) for i in range(32)])
+    assert twice is not None and twice.indexed == 32
+    assert list(twice.candidates(2, 17, 1004)) == [4]
+    assert list(twice.candidates(2, 17, 3004)) == []
+
+
+def test_port_rules_by_protocol_span_and_gap() -> None:
+    plans = [(False, (dport(1000 + i),)) for i in range(30)]  # 0-29: udp dport 1000..1029
+    plans += [
+        (False, (dport(1000, proto=6),)),  # 30: tcp dport 1000
+        (False, (dport(1000, proto=None),)),  # 31: th dport 1000
+        (False, (dport(1000, 1016),)),  # 32: 17 of the udp group's segments: not indexed
+        (False, (dport(1000, 1015),)),  # 33: 16 segments: indexed
+        (True, (dport(1000),)),  # 34: passive
+        (False, (Match(sel(Key.DPORT, proto=17), Op.NE, ints((1000, 1000)), "udp dport != 1000"),)),  # 35
+        (False, (dport(2000),)),  # 36: after a gap 1030..1999
+    ]
+    index = ruleindex.build(plans)
+    assert index is not None
+    assert (index.key, index.always, index.indexed) == (Key.DPORT, (32, 35), 34)
+    expected = {
+        (17, 1000): [0, 31, 32, 33, 35],
+        (6, 1000): [30, 31, 32, 35],
+        (1, 1000): [31, 32, 35],  # neither the udp nor the tcp group: the th rule
+        (17, 1015): [15, 32, 33, 35],
+        (17, 1016): [16, 32, 35],
+        (17, 1029): [29, 32, 35],
+        (17, 1030): [32, 35],
+        (17, 1500): [32, 35],
+        (17, 1999): [32, 35],
+        (17, 2000): [32, 35, 36],
+        (17, 2001): [32, 35],
+        (17, 999): [32, 35],
+        (6, 1001): [32, 35],
+    }
+    assert {k: list(index.candidates(2, *k)) for k in expected} == expected
+    assert list(index.candidates(2, 17, "up2")) == [32, 35]  # a name is no port
+
+
+def test_interface_names_and_addresses_by_family() -> None:
+    plans = [(False, (iifname(f"if{i}"),)) for i in range(32)]
+    plans += [(False, (iifname("if0", "lan"),)), (False, (iifname(prefix="up"),)), (False, (dport(53),))]
+    index = ruleindex.build(plans)
+    assert index is not None
+    assert (index.key, index.always, index.indexed) == (Key.IIFNAME, (33, 34), 33)
+    assert list(index.candidates(2, 17, "if0")) == [0, 32, 33, 34]
+    assert list(index.candidates(10, 6, "if7")) == [7, 33, 34]
+    assert list(index.candidates(2, 17, "lan")) == [32, 33, 34]
+    assert list(index.candidates(2, 17, "eth9")) == [33, 34]
+    assert list(index.candidates(2, 17, 7)) == [33, 34]  # a number is no name
+
+    base = int(ip_address("10.0.0.0"))
+    v4 = [(False, (Match(sel(Key.SADDR, family=2), Op.EQ, ints((base + 256 * i, base + 256 * i + 255), version=4),
+                         f"ip saddr 10.0.{i}.0/24"),)) for i in range(32)]  # fmt: skip
+    v6 = (False, (Match(sel(Key.SADDR, family=10), Op.EQ, ints((0, 2**64 - 1), version=6), "ip6 saddr ::/64"),))
+    index = ruleindex.build([*v4, v6])
+    assert index is not None and index.key is Key.SADDR and index.indexed == 33
+    # 10.0.3.9 is 0x0a000309; the version sits above the 128 address bits.
+    assert list(index.candidates(2, 6, (4 << 128) | 0x0A000309)) == [3]
+    assert list(index.candidates(2, 6, 0x0A000309)) == []  # without its version: no v4 rule holds it
+    assert list(index.candidates(10, 6, (6 << 128) | 0x0A000309)) == [32]  # ::10.0.3.9 is in ::/64
+    assert list(index.candidates(10, 6, (6 << 128) | (1 << 64))) == []  # 0:0:0:1:: is not
+
+
+def test_a_protocol_rule_of_one_family_is_no_candidate_for_the_other() -> None:
+    """``ip protocol`` and ``ip6 nexthdr`` carry their family: an IPv6 UDP packet does not reach the
+    ``ip protocol udp`` rules (the sixth run: every interval group built for any family survived)."""
+
+    def proto(family: int, number: int) -> Match:
+        return Match(sel(Key.L4PROTO, family=family), Op.EQ, ints((number, number)), f"{family} proto {number}")
+
+    plans = [(False, (proto(2, 17 if i % 2 else 6),)) for i in range(16)]  # 0-15: v4, odd ones udp
+    plans += [(False, (proto(10, 17 if i % 2 else 6),)) for i in range(16)]  # 16-31: v6, odd ones udp
+    index = ruleindex.build(plans)
+    assert index is not None and index.key is Key.L4PROTO and index.always == ()
+    assert list(index.candidates(10, 17, 17)) == [17, 19, 21, 23, 25, 27, 29, 31]
+    assert list(index.candidates(2, 6, 6)) == [0, 2, 4, 6, 8, 10, 12, 14]

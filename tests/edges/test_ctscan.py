@@ -871,3 +871,41 @@ def test_recheck_survives_any_answer_bytes(items: list[Entry], noise: bytes, dat
 def udp_entry() -> Entry:
     return Entry(2, 17, CtTuple(CLIENTS[0], SERVERS[0], 1000, 53), CtTuple(SERVERS[0], MASQ, 53, 1000),
                  status=IPS_CONFIRMED | IPS_SRC_NAT_DONE)  # fmt: skip
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_entries_differing_only_in_source_port_are_each_judged_by_their_own_prediction(compiled: bool) -> None:
+    """Rules that read the source port (``sport_matters``): a flow from port 5060 is masqueraded,
+    the same flow from port 1000 is not NATed. Four masqueraded entries, ports 5060, 1000, 5060,
+    1000: the two from port 1000 are stale, and no cached check of one port serves the other (the
+    run of 2026-12-03, sixth session: ``DumpParser._feed_compiled`` passing ``sport_matters`` as
+    None to the scan, which then keyed its cache without the port, survived: no test's
+    predictions read the source port)."""
+
+    def predict(fib: Fib, flow: Flow) -> Prediction:
+        masq = frozenset({Binding(NatKind.MASQUERADE, MASQ, MASQ)})
+        snat = masq if flow.sport == 5060 else frozenset({Binding(NatKind.NONE)})
+        return Prediction(dnat=frozenset({Binding(NatKind.NONE)}), snat=snat, egress=(UPLINKS[0],))
+
+    client, server = ip_address("10.0.1.2"), ip_address("192.0.2.10")
+    items = [Entry(2, 17, CtTuple(client, server, sport, 53), CtTuple(server, MASQ, 53, sport),
+                   status=IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE, id=i)
+             for i, sport in enumerate((5060, 1000, 5060, 1000), start=1)]  # fmt: skip
+    saved = c._ctscan
+    if not compiled:
+        c._ctscan = None
+    elif saved is None:
+        pytest.skip("the compiled scan is not built")
+    try:
+        decider = Decider(predict=predict, fib_now=FIB, eligibility=Eligibility(), sport_matters=True,
+                          build=c.entry_from_raw)  # fmt: skip
+        parser = c.DumpParser(seq=9, sink=decider.add_raw)
+        parser.settle = decider
+        parser.feed(b"".join(dump_message(e, 9) for e in items))
+        for e in parser.entries:
+            decider.add(e)
+        plan = decider.plan()
+    finally:
+        c._ctscan = saved
+    assert sorted(d.entry.id for d in plan.stale) == [2, 4]
+    assert (plan.examined, plan.eligible, len(plan.undecided)) == (4, 4, 0)
