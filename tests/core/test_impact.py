@@ -1,0 +1,127 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""core.impact's answer where policy rules pick the tables, a NETMAP gives the DNAT targets, and
+its texts (issue 16's mutation run). Every expectation is written out by hand.
+
+The router and ruleset are those of ``tests/test_reactor_incremental.py``: masquerade out of up2,
+and a route to 192.0.2.0/24 that moves from up1 to up2 (``MOVED``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from ipaddress import ip_address, ip_network
+
+import pytest
+
+from topowatch.core import impact as impact_module
+from topowatch.core.impact import Impact, impact, prepare, prepared
+from topowatch.core.model import (
+    AF_INET,
+    AF_INET6,
+    TABLE_UNSPEC,
+    Address,
+    Link,
+    Nexthop,
+    PolicyRule,
+    Route,
+    RuleAction,
+    Topology,
+)
+from topowatch.core.nat import Chain, Hook, NatRuleset, NetmapStatement, Rule
+from topowatch.edges.nft import parse_ruleset_json
+
+LO, LAN, UP1, UP2 = 1, 2, 3, 4
+LINKS = (Link(LO, "lo"), Link(LAN, "lan"), Link(UP1, "up1"), Link(UP2, "up2"))
+ADDRESSES = (Address(LAN, ip_address("10.0.0.1"), 8), Address(UP1, ip_address("198.51.100.2"), 24),
+             Address(UP2, ip_address("203.0.113.2"), 24))  # fmt: skip
+VIA1, VIA2 = Nexthop(UP1, ip_address("198.51.100.1")), Nexthop(UP2, ip_address("203.0.113.1"))
+BASE_ROUTES = (
+    Route(ip_network("10.0.0.0/8"), nexthops=(Nexthop(LAN),)),
+    Route(ip_network("198.51.100.0/24"), nexthops=(Nexthop(UP1),)),
+    Route(ip_network("203.0.113.0/24"), nexthops=(Nexthop(UP2),)),
+    Route(ip_network("0.0.0.0/0"), nexthops=(VIA1,)),
+)
+MOVING = ip_network("192.0.2.0/24")
+BEFORE = Topology(LINKS, ADDRESSES, (*BASE_ROUTES, Route(MOVING, nexthops=(VIA1,))))
+MOVED = replace(BEFORE, routes=(*BASE_ROUTES, Route(MOVING, nexthops=(VIA2,))))
+RULESET = parse_ruleset_json({"nftables": [
+    {"table": {"family": "ip", "name": "nat", "handle": 1}},
+    {"chain": {"family": "ip", "table": "nat", "name": "post", "handle": 2, "type": "nat",
+               "hook": "postrouting", "prio": 100, "policy": "accept"}},
+    {"rule": {"family": "ip", "table": "nat", "chain": "post", "handle": 3, "expr": [
+        {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "up2"}}, {"masquerade": None}]}},
+]})  # fmt: skip
+
+# Table 100 holds 198.18.0.0/15; 192.0.2.0/24 is in main.
+IN_100 = Route(ip_network("198.18.0.0/15"), table=100, nexthops=(VIA2,))
+TO_100 = PolicyRule(AF_INET, 100, table=100)
+TO_MAIN_UNSPEC = PolicyRule(AF_INET, 200, table=TABLE_UNSPEC)  # a rule without a table reads main
+BLACKHOLE_MAIN = PolicyRule(AF_INET, 300, action=RuleAction.BLACKHOLE, table=254)  # no lookup: no table
+V6_TO_MAIN = PolicyRule(AF_INET6, 100, table=254)
+
+
+def with_rules(topology: Topology, *rules: PolicyRule) -> Topology:
+    return replace(topology, rules=rules)
+
+
+@pytest.mark.parametrize(
+    ("rules", "now_routes", "expected"),
+    [
+        # Only table 100 is reached: a route added there counts, main's move does not.
+        ((TO_100,), (*BEFORE.routes, IN_100), "flows to or from 198.18.0.0/15"),
+        ((TO_100,), MOVED.routes, "no flow"),
+        # A rule without a table looks main up; the blackhole rule looks nothing up.
+        ((TO_100, TO_MAIN_UNSPEC), MOVED.routes, "flows to or from 192.0.2.0/24"),
+        ((TO_100, BLACKHOLE_MAIN), MOVED.routes, "no flow"),
+        # IPv6 rules say nothing of IPv4's tables: IPv4 has none, so local, main and default.
+        ((V6_TO_MAIN,), (*BEFORE.routes, IN_100), "no flow"),
+        ((V6_TO_MAIN,), MOVED.routes, "flows to or from 192.0.2.0/24"),
+    ],
+)
+def test_policy_rules_choose_the_tables_whose_routes_count(
+    rules: tuple[PolicyRule, ...], now_routes: tuple[Route, ...], expected: str
+) -> None:
+    before = with_rules(BEFORE, *rules)
+    now = with_rules(replace(BEFORE, routes=tuple(now_routes)), *rules)
+    assert impact(before, now, RULESET).describe() == expected
+
+
+def netmap(prefix: str) -> NatRuleset:
+    rule = Rule(1, (NetmapStatement(ip_network(prefix), f"NETMAP --to {prefix}"),))
+    return NatRuleset((Chain("ip", "nat", "PREROUTING", (rule,), Hook.PREROUTING, -100, "nat", "accept"),))
+
+
+@pytest.mark.parametrize(
+    ("prefix", "expected"),
+    [
+        ("10.9.0.0/16", Impact(prefixes=(MOVING,))),  # the targets lie outside the moved prefix
+        ("192.0.2.128/25", Impact(everything=True, why="a DNAT target lies in 192.0.2.0/24")),
+        ("192.0.0.0/16", Impact(everything=True, why="a DNAT target lies in 192.0.2.0/24")),
+        ("192.0.3.0/24", Impact(prefixes=(MOVING,))),  # next to it: 192.0.3.0-192.0.3.255
+    ],
+)
+def test_a_netmap_prefix_is_a_range_of_dnat_targets(prefix: str, expected: Impact) -> None:
+    assert impact(BEFORE, MOVED, netmap(prefix)) == expected
+
+
+def test_a_change_of_another_snapshot_field_is_any_flow_named_by_it() -> None:
+    assert impact(BEFORE, replace(BEFORE, xfrm_known=True), RULESET).describe() == "any flow (xfrm known changed)"
+    assert impact(BEFORE, replace(BEFORE, netconf_known=True), RULESET).why == "netconf known changed"
+
+
+def test_prefixes_are_listed_four_then_counted() -> None:
+    nets = [ip_network(f"198.51.{i}.0/24") for i in range(6)]
+    listed = "198.51.0.0/24, 198.51.1.0/24, 198.51.2.0/24, 198.51.3.0/24"
+    assert Impact(prefixes=tuple(nets[:4])).describe() == f"flows to or from {listed}"
+    assert Impact(prefixes=tuple(nets[:5])).describe() == f"flows to or from {listed} and 1 more"
+    assert Impact(prefixes=tuple(nets)).describe() == f"flows to or from {listed} and 2 more"
+    assert Impact(prefixes=tuple(nets[:1])).describe() == "flows to or from 198.51.0.0/24"
+
+
+def test_prepared_names_only_the_rulesets_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(impact_module, "_TARGETS", [])
+    first, second = netmap("10.9.0.0/16"), netmap("10.8.0.0/16")
+    assert not prepared(first) and not prepared(second)
+    prepare(first)
+    assert prepared(first) and not prepared(second)
+
