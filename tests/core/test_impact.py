@@ -125,3 +125,25 @@ def test_prepared_names_only_the_rulesets_read(monkeypatch: pytest.MonkeyPatch) 
     prepare(first)
     assert prepared(first) and not prepared(second)
 
+
+
+def test_the_same_addresses_in_another_order_are_a_change() -> None:
+    """The order of a device's addresses chooses the source (masquerade's too): a reorder counts."""
+    second = Address(UP2, ip_address("203.0.113.3"), 24)
+    before = replace(BEFORE, addresses=(*ADDRESSES, second))
+    now = replace(BEFORE, addresses=(*ADDRESSES[:2], second, ADDRESSES[2]))
+    assert impact(before, now, RULESET).describe() == "any flow (addresses changed)"
+
+
+def test_prefixes_of_both_families_are_listed_ipv4_first() -> None:
+    inet = parse_ruleset_json({"nftables": [
+        {"table": {"family": "inet", "name": "nat", "handle": 1}},
+        {"chain": {"family": "inet", "table": "nat", "name": "post", "handle": 2, "type": "nat",
+                   "hook": "postrouting", "prio": 100, "policy": "accept"}},
+        {"rule": {"family": "inet", "table": "nat", "chain": "post", "handle": 3, "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "up2"}}, {"masquerade": None}]}},
+    ]})  # fmt: skip
+    v6 = ip_network("2001:db8:1::/48")
+    before = replace(BEFORE, routes=(*BEFORE.routes, Route(v6, nexthops=(Nexthop(UP1),))))
+    now = replace(MOVED, routes=(*MOVED.routes, Route(v6, nexthops=(Nexthop(UP2),))))
+    assert impact(before, now, inet).describe() == "flows to or from 192.0.2.0/24, 2001:db8:1::/48"
