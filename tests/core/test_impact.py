@@ -14,6 +14,7 @@ from ipaddress import ip_address, ip_network
 import pytest
 
 from topowatch.core import impact as impact_module
+from topowatch.core.flow import NatKind
 from topowatch.core.impact import Impact, impact, prepare, prepared
 from topowatch.core.model import (
     AF_INET,
@@ -27,7 +28,7 @@ from topowatch.core.model import (
     RuleAction,
     Topology,
 )
-from topowatch.core.nat import Chain, Hook, NatRuleset, NetmapStatement, Rule
+from topowatch.core.nat import Chain, Hook, NatMapStatement, NatRuleset, NatStatement, NetmapStatement, Rule
 from topowatch.edges.nft import parse_ruleset_json
 
 LO, LAN, UP1, UP2 = 1, 2, 3, 4
@@ -86,9 +87,17 @@ def test_policy_rules_choose_the_tables_whose_routes_count(
     assert impact(before, now, RULESET).describe() == expected
 
 
-def netmap(prefix: str) -> NatRuleset:
-    rule = Rule(1, (NetmapStatement(ip_network(prefix), f"NETMAP --to {prefix}"),))
+def prerouting(statement: object) -> NatRuleset:
+    rule = Rule(1, (statement,))  # type: ignore[arg-type]
     return NatRuleset((Chain("ip", "nat", "PREROUTING", (rule,), Hook.PREROUTING, -100, "nat", "accept"),))
+
+
+def netmap(prefix: str) -> NatRuleset:
+    return prerouting(NetmapStatement(ip_network(prefix), f"NETMAP --to {prefix}"))
+
+
+def dnat(lo: str, hi: str) -> NatRuleset:
+    return prerouting(NatStatement(NatKind.DNAT, f"dnat to {lo}-{hi}", addr=(ip_address(lo), ip_address(hi))))
 
 
 @pytest.mark.parametrize(
@@ -102,6 +111,25 @@ def netmap(prefix: str) -> NatRuleset:
 )
 def test_a_netmap_prefix_is_a_range_of_dnat_targets(prefix: str, expected: Impact) -> None:
     assert impact(BEFORE, MOVED, netmap(prefix)) == expected
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "expected"),
+    [
+        ("192.0.2.255", "192.0.2.255", "any flow (a DNAT target lies in 192.0.2.0/24)"),  # its last address
+        ("192.0.1.0", "192.0.2.0", "any flow (a DNAT target lies in 192.0.2.0/24)"),  # ends at its first
+        ("192.0.1.0", "192.0.1.255", "flows to or from 192.0.2.0/24"),
+        ("192.0.3.0", "192.0.3.0", "flows to or from 192.0.2.0/24"),
+    ],
+)
+def test_a_dnat_range_meets_a_moved_prefix_at_either_end(lo: str, hi: str, expected: str) -> None:
+    assert impact(BEFORE, MOVED, dnat(lo, hi)).describe() == expected
+
+
+def test_a_dnat_map_without_a_readable_target_is_any_flow() -> None:
+    empty = NatMapStatement(NatKind.DNAT, "dnat to ip saddr map { }", None, (), ())
+    assert impact(BEFORE, MOVED, prerouting(empty)) == Impact(everything=True, why="a DNAT target cannot be read")
+    assert impact(BEFORE, BEFORE, prerouting(empty)) == Impact()  # nothing moved: nothing to read
 
 
 def test_a_change_of_another_snapshot_field_is_any_flow_named_by_it() -> None:
