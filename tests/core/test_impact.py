@@ -132,6 +132,14 @@ def test_a_dnat_map_without_a_readable_target_is_any_flow() -> None:
     assert impact(BEFORE, BEFORE, prerouting(empty)) == Impact()  # nothing moved: nothing to read
 
 
+def test_snat_addresses_are_not_dnat_targets() -> None:
+    """A source NAT to an address in the moved prefix re-NATs no flow there more than the move does."""
+    snat = NatStatement(NatKind.SNAT, "snat to 192.0.2.5", addr=(ip_address("192.0.2.5"), ip_address("192.0.2.5")))
+    snat_map = NatMapStatement(NatKind.SNAT, "snat to ip saddr map { }", None, (), ())
+    for statement in (snat, snat_map):
+        assert impact(BEFORE, MOVED, prerouting(statement)) == Impact(prefixes=(MOVING,))
+
+
 def test_a_change_of_another_snapshot_field_is_any_flow_named_by_it() -> None:
     assert impact(BEFORE, replace(BEFORE, xfrm_known=True), RULESET).describe() == "any flow (xfrm known changed)"
     assert impact(BEFORE, replace(BEFORE, netconf_known=True), RULESET).why == "netconf known changed"
