@@ -140,6 +140,14 @@ def test_snat_addresses_are_not_dnat_targets() -> None:
         assert impact(BEFORE, MOVED, prerouting(statement)) == Impact(prefixes=(MOVING,))
 
 
+def test_a_port_only_dnat_and_a_redirect_keep_the_address() -> None:
+    """iptables ``DNAT --to-destination :8080`` and a redirect name no address: no target to read."""
+    ports = NatStatement(NatKind.DNAT, "DNAT --to-destination :8080", ports=(8080, 8080))
+    redirect = NatStatement(NatKind.REDIRECT, "redirect to :8080", ports=(8080, 8080))
+    for statement in (ports, redirect):
+        assert impact(BEFORE, MOVED, prerouting(statement)) == Impact(prefixes=(MOVING,))
+
+
 def test_a_change_of_another_snapshot_field_is_any_flow_named_by_it() -> None:
     assert impact(BEFORE, replace(BEFORE, xfrm_known=True), RULESET).describe() == "any flow (xfrm known changed)"
     assert impact(BEFORE, replace(BEFORE, netconf_known=True), RULESET).why == "netconf known changed"
