@@ -139,3 +139,10 @@ def test_binding_texts(binding: Binding, addr_text: str | None, ports: tuple[int
 def test_a_rule_reference_reads_as_its_chain_handle_and_text() -> None:
     assert str(RuleRef("ip nat postrouting", 3, "oifname up2 masquerade")) == (
         "ip nat postrouting handle 3: oifname up2 masquerade")
+
+
+def test_admits_reads_a_source_side_unless_told() -> None:
+    """Without ``dnat_side`` the binding is a source's: a changed port is admitted (a clash moved it)."""
+    snat = Binding(NatKind.SNAT, A("192.0.2.1"))
+    assert snat.admits(A("10.0.0.1"), A("192.0.2.1"), 1000, 2000)
+    assert not snat.admits(A("10.0.0.1"), A("192.0.2.1"), 1000, 2000, dnat_side=True)
