@@ -1,0 +1,193 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""core.impact's answer where policy rules pick the tables, a NETMAP gives the DNAT targets, and
+its texts (issue 16's mutation run). Every expectation is written out by hand.
+
+The router and ruleset are those of ``tests/test_reactor_incremental.py``: masquerade out of up2,
+and a route to 192.0.2.0/24 that moves from up1 to up2 (``MOVED``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from ipaddress import ip_address, ip_network
+
+import pytest
+
+from topowatch.core import impact as impact_module
+from topowatch.core.flow import NatKind
+from topowatch.core.impact import Impact, impact, prepare, prepared
+from topowatch.core.model import (
+    AF_INET,
+    AF_INET6,
+    TABLE_UNSPEC,
+    Address,
+    Link,
+    Nexthop,
+    PolicyRule,
+    Route,
+    RuleAction,
+    Topology,
+)
+from topowatch.core.nat import Chain, Hook, NatMapStatement, NatRuleset, NatStatement, NetmapStatement, Rule
+from topowatch.edges.nft import parse_ruleset_json
+
+LO, LAN, UP1, UP2 = 1, 2, 3, 4
+LINKS = (Link(LO, "lo"), Link(LAN, "lan"), Link(UP1, "up1"), Link(UP2, "up2"))
+ADDRESSES = (Address(LAN, ip_address("10.0.0.1"), 8), Address(UP1, ip_address("198.51.100.2"), 24),
+             Address(UP2, ip_address("203.0.113.2"), 24))  # fmt: skip
+VIA1, VIA2 = Nexthop(UP1, ip_address("198.51.100.1")), Nexthop(UP2, ip_address("203.0.113.1"))
+BASE_ROUTES = (
+    Route(ip_network("10.0.0.0/8"), nexthops=(Nexthop(LAN),)),
+    Route(ip_network("198.51.100.0/24"), nexthops=(Nexthop(UP1),)),
+    Route(ip_network("203.0.113.0/24"), nexthops=(Nexthop(UP2),)),
+    Route(ip_network("0.0.0.0/0"), nexthops=(VIA1,)),
+)
+MOVING = ip_network("192.0.2.0/24")
+BEFORE = Topology(LINKS, ADDRESSES, (*BASE_ROUTES, Route(MOVING, nexthops=(VIA1,))))
+MOVED = replace(BEFORE, routes=(*BASE_ROUTES, Route(MOVING, nexthops=(VIA2,))))
+RULESET = parse_ruleset_json({"nftables": [
+    {"table": {"family": "ip", "name": "nat", "handle": 1}},
+    {"chain": {"family": "ip", "table": "nat", "name": "post", "handle": 2, "type": "nat",
+               "hook": "postrouting", "prio": 100, "policy": "accept"}},
+    {"rule": {"family": "ip", "table": "nat", "chain": "post", "handle": 3, "expr": [
+        {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "up2"}}, {"masquerade": None}]}},
+]})  # fmt: skip
+
+# Table 100 holds 198.18.0.0/15; 192.0.2.0/24 is in main.
+IN_100 = Route(ip_network("198.18.0.0/15"), table=100, nexthops=(VIA2,))
+TO_100 = PolicyRule(AF_INET, 100, table=100)
+TO_MAIN_UNSPEC = PolicyRule(AF_INET, 200, table=TABLE_UNSPEC)  # a rule without a table reads main
+BLACKHOLE_MAIN = PolicyRule(AF_INET, 300, action=RuleAction.BLACKHOLE, table=254)  # no lookup: no table
+V6_TO_MAIN = PolicyRule(AF_INET6, 100, table=254)
+
+
+def with_rules(topology: Topology, *rules: PolicyRule) -> Topology:
+    return replace(topology, rules=rules)
+
+
+@pytest.mark.parametrize(
+    ("rules", "now_routes", "expected"),
+    [
+        # Only table 100 is reached: a route added there counts, main's move does not.
+        ((TO_100,), (*BEFORE.routes, IN_100), "flows to or from 198.18.0.0/15"),
+        ((TO_100,), MOVED.routes, "no flow"),
+        # A rule without a table looks main up; the blackhole rule looks nothing up.
+        ((TO_100, TO_MAIN_UNSPEC), MOVED.routes, "flows to or from 192.0.2.0/24"),
+        ((TO_100, BLACKHOLE_MAIN), MOVED.routes, "no flow"),
+        # IPv6 rules say nothing of IPv4's tables: IPv4 has none, so local, main and default.
+        ((V6_TO_MAIN,), (*BEFORE.routes, IN_100), "no flow"),
+        ((V6_TO_MAIN,), MOVED.routes, "flows to or from 192.0.2.0/24"),
+    ],
+)
+def test_policy_rules_choose_the_tables_whose_routes_count(
+    rules: tuple[PolicyRule, ...], now_routes: tuple[Route, ...], expected: str
+) -> None:
+    before = with_rules(BEFORE, *rules)
+    now = with_rules(replace(BEFORE, routes=tuple(now_routes)), *rules)
+    assert impact(before, now, RULESET).describe() == expected
+
+
+def prerouting(statement: object) -> NatRuleset:
+    rule = Rule(1, (statement,))  # type: ignore[arg-type]
+    return NatRuleset((Chain("ip", "nat", "PREROUTING", (rule,), Hook.PREROUTING, -100, "nat", "accept"),))
+
+
+def netmap(prefix: str) -> NatRuleset:
+    return prerouting(NetmapStatement(ip_network(prefix), f"NETMAP --to {prefix}"))
+
+
+def dnat(lo: str, hi: str) -> NatRuleset:
+    return prerouting(NatStatement(NatKind.DNAT, f"dnat to {lo}-{hi}", addr=(ip_address(lo), ip_address(hi))))
+
+
+@pytest.mark.parametrize(
+    ("prefix", "expected"),
+    [
+        ("10.9.0.0/16", Impact(prefixes=(MOVING,))),  # the targets lie outside the moved prefix
+        ("192.0.2.128/25", Impact(everything=True, why="a DNAT target lies in 192.0.2.0/24")),
+        ("192.0.0.0/16", Impact(everything=True, why="a DNAT target lies in 192.0.2.0/24")),
+        ("192.0.3.0/24", Impact(prefixes=(MOVING,))),  # next to it: 192.0.3.0-192.0.3.255
+    ],
+)
+def test_a_netmap_prefix_is_a_range_of_dnat_targets(prefix: str, expected: Impact) -> None:
+    assert impact(BEFORE, MOVED, netmap(prefix)) == expected
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "expected"),
+    [
+        ("192.0.2.255", "192.0.2.255", "any flow (a DNAT target lies in 192.0.2.0/24)"),  # its last address
+        ("192.0.1.0", "192.0.2.0", "any flow (a DNAT target lies in 192.0.2.0/24)"),  # ends at its first
+        ("192.0.1.0", "192.0.1.255", "flows to or from 192.0.2.0/24"),
+        ("192.0.3.0", "192.0.3.0", "flows to or from 192.0.2.0/24"),
+    ],
+)
+def test_a_dnat_range_meets_a_moved_prefix_at_either_end(lo: str, hi: str, expected: str) -> None:
+    assert impact(BEFORE, MOVED, dnat(lo, hi)).describe() == expected
+
+
+def test_a_dnat_map_without_a_readable_target_is_any_flow() -> None:
+    empty = NatMapStatement(NatKind.DNAT, "dnat to ip saddr map { }", None, (), ())
+    assert impact(BEFORE, MOVED, prerouting(empty)) == Impact(everything=True, why="a DNAT target cannot be read")
+    assert impact(BEFORE, BEFORE, prerouting(empty)) == Impact()  # nothing moved: nothing to read
+
+
+def test_snat_addresses_are_not_dnat_targets() -> None:
+    """A source NAT to an address in the moved prefix re-NATs no flow there more than the move does."""
+    snat = NatStatement(NatKind.SNAT, "snat to 192.0.2.5", addr=(ip_address("192.0.2.5"), ip_address("192.0.2.5")))
+    snat_map = NatMapStatement(NatKind.SNAT, "snat to ip saddr map { }", None, (), ())
+    for statement in (snat, snat_map):
+        assert impact(BEFORE, MOVED, prerouting(statement)) == Impact(prefixes=(MOVING,))
+
+
+def test_a_port_only_dnat_and_a_redirect_keep_the_address() -> None:
+    """iptables ``DNAT --to-destination :8080`` and a redirect name no address: no target to read."""
+    ports = NatStatement(NatKind.DNAT, "DNAT --to-destination :8080", ports=(8080, 8080))
+    redirect = NatStatement(NatKind.REDIRECT, "redirect to :8080", ports=(8080, 8080))
+    for statement in (ports, redirect):
+        assert impact(BEFORE, MOVED, prerouting(statement)) == Impact(prefixes=(MOVING,))
+
+
+def test_a_change_of_another_snapshot_field_is_any_flow_named_by_it() -> None:
+    assert impact(BEFORE, replace(BEFORE, xfrm_known=True), RULESET).describe() == "any flow (xfrm known changed)"
+    assert impact(BEFORE, replace(BEFORE, netconf_known=True), RULESET).why == "netconf known changed"
+
+
+def test_prefixes_are_listed_four_then_counted() -> None:
+    nets = [ip_network(f"198.51.{i}.0/24") for i in range(6)]
+    listed = "198.51.0.0/24, 198.51.1.0/24, 198.51.2.0/24, 198.51.3.0/24"
+    assert Impact(prefixes=tuple(nets[:4])).describe() == f"flows to or from {listed}"
+    assert Impact(prefixes=tuple(nets[:5])).describe() == f"flows to or from {listed} and 1 more"
+    assert Impact(prefixes=tuple(nets)).describe() == f"flows to or from {listed} and 2 more"
+    assert Impact(prefixes=tuple(nets[:1])).describe() == "flows to or from 198.51.0.0/24"
+
+
+def test_prepared_names_only_the_rulesets_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(impact_module, "_TARGETS", [])
+    first, second = netmap("10.9.0.0/16"), netmap("10.8.0.0/16")
+    assert not prepared(first) and not prepared(second)
+    prepare(first)
+    assert prepared(first) and not prepared(second)
+
+
+
+def test_the_same_addresses_in_another_order_are_a_change() -> None:
+    """The order of a device's addresses chooses the source (masquerade's too): a reorder counts."""
+    second = Address(UP2, ip_address("203.0.113.3"), 24)
+    before = replace(BEFORE, addresses=(*ADDRESSES, second))
+    now = replace(BEFORE, addresses=(*ADDRESSES[:2], second, ADDRESSES[2]))
+    assert impact(before, now, RULESET).describe() == "any flow (addresses changed)"
+
+
+def test_prefixes_of_both_families_are_listed_ipv4_first() -> None:
+    inet = parse_ruleset_json({"nftables": [
+        {"table": {"family": "inet", "name": "nat", "handle": 1}},
+        {"chain": {"family": "inet", "table": "nat", "name": "post", "handle": 2, "type": "nat",
+                   "hook": "postrouting", "prio": 100, "policy": "accept"}},
+        {"rule": {"family": "inet", "table": "nat", "chain": "post", "handle": 3, "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "up2"}}, {"masquerade": None}]}},
+    ]})  # fmt: skip
+    v6 = ip_network("2001:db8:1::/48")
+    before = replace(BEFORE, routes=(*BEFORE.routes, Route(v6, nexthops=(Nexthop(UP1),))))
+    now = replace(MOVED, routes=(*MOVED.routes, Route(v6, nexthops=(Nexthop(UP2),))))
+    assert impact(before, now, inet).describe() == "flows to or from 192.0.2.0/24, 2001:db8:1::/48"
