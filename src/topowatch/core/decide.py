@@ -44,6 +44,7 @@ from typing import TypeVar, overload
 from topowatch.core.classify import Classifier
 from topowatch.core.conntrack import ICMP_PROTOS, IPS_DST_NAT_DONE, IPS_SEEN_REPLY, IPS_SRC_NAT_DONE, Entry
 from topowatch.core.eligibility import DEFAULT_ELIGIBILITY, Eligibility
+from topowatch.core.evaluate import MAX_DNAT_ADDRESSES
 from topowatch.core.fib import Fib
 from topowatch.core.flow import NO_NAT, Binding, Egress, Flow, Ingress, NatKind, Prediction, Unknown
 from topowatch.core.model import IPAddress
@@ -219,11 +220,6 @@ def _side(
     ))
 
 
-# Addresses of a DNAT range checked one by one for the route that carries them (``_own_routes``),
-# as ``evaluate`` routes them (its MAX_DNAT_ADDRESSES); a wider range is not routed there.
-_ROUTED_ADDRESSES = 64
-
-
 def _own_routes(egress: EgressSet, dst: IPAddress, dnat: frozenset[Binding] | Unknown, fib: Fib) -> EgressSet:
     """A class's ``egress`` worded with the routes that carry one flow of it (``Fib.own_route``).
 
@@ -239,7 +235,7 @@ def _own_routes(egress: EgressSet, dst: IPAddress, dnat: frozenset[Binding] | Un
     fixed: list[IPAddress] = []
     for b in dnat:
         lo, hi = b.addr_lo, b.addr_hi
-        if lo is not None and hi is not None and int(hi) - int(lo) < _ROUTED_ADDRESSES:
+        if lo is not None and hi is not None and int(hi) - int(lo) < MAX_DNAT_ADDRESSES:  # routed one by one
             fixed.extend(type(lo)(v) for v in range(int(lo), int(hi) + 1))
     also = tuple(fixed)
     worded = tuple(dict.fromkeys(fib.own_route(e, dst, also=also) for e in egress))
@@ -261,9 +257,7 @@ def _own_words(why: Reason, dst: IPAddress, prediction: Prediction, before: Pred
 
     keeps = tuple(way(w) for w in why.keeps)
     ways = tuple(way(w) for w in why.ways)
-    if (egress is why.egress and egress_before is why.egress_before
-            and all(a is b for a, b in zip(keeps, why.keeps, strict=True))
-            and all(a is b for a, b in zip(ways, why.ways, strict=True))):  # fmt: skip
+    if (egress, egress_before, keeps, ways) == (why.egress, why.egress_before, why.keeps, why.ways):
         return why
     return dataclasses.replace(why, egress=egress, egress_before=egress_before, keeps=keeps, ways=ways)
 

@@ -273,7 +273,8 @@ class Fib:
         # By route identity (the route is kept), and by (oif, nexthop as an int: IPv4 only): an
         # ipaddress value hashes its hex text, a route its every field, on each lookup.
         self._route_texts: dict[int, tuple[Route, str]] = {}
-        self._named: dict[str, Route | object | None] = {}  # route text -> its route (``own_route``)
+        # (route text, IP version) -> its route (``own_route``): "default dev x" names one per family.
+        self._named: dict[tuple[str, int], Route | None] = {}
         # ``own_route``'s answers by (egress, route) identity, the two kept; cleared at _WORDED_LIMIT.
         self._worded: dict[tuple[int, int], tuple[Egress, Route, Egress]] = {}
         self._masquerade: dict[tuple[int, int], IPAddress | None] = {}
@@ -398,10 +399,10 @@ class Fib:
         prefix = egress.prefix
         if prefix is None or prefix.version != dst.version:
             return egress
-        named = self._named.get(egress.route, _NOT_NAMED)
-        if named is _NOT_NAMED:
-            named = self._named[egress.route] = self._route_named(egress.route, prefix)
-        route = named if isinstance(named, Route) and named.dst == prefix else None
+        try:
+            route = self._named[egress.route, prefix.version]
+        except KeyError:
+            route = self._named[egress.route, prefix.version] = self._route_named(egress.route, prefix)
         if route is None:
             return egress
         own = self._same_route_for(route, dst)
@@ -436,17 +437,13 @@ class Fib:
         by_len = self._tables.get(key)
         if not by_len:
             return None
-        content = (route.type, route.nexthops, route.metric, route.prefsrc, route.scope, route.tos,
-                   route.protocol)  # fmt: skip
+        content = _but_prefix(route)
         value = int(dst)
         bits = 32 if dst.version == 4 else 128
         for plen in self._prefixlens[key]:
             shift = bits - plen
             for candidate in by_len[plen].get(value >> shift << shift, ()):
-                if candidate is route or (
-                    candidate.type, candidate.nexthops, candidate.metric, candidate.prefsrc, candidate.scope,
-                    candidate.tos, candidate.protocol,
-                ) == content:
+                if candidate is route or _but_prefix(candidate) == content:
                     return candidate
         return None
 
@@ -1060,9 +1057,13 @@ _V6_LABELS: tuple[tuple[IPv6Network, int], ...] = tuple(
 )
 
 
-_NOT_NAMED = object()
 # ``Fib.own_route``'s remembered answers at most (one per class egress and route met).
 _WORDED_LIMIT = 65536
+
+
+def _but_prefix(route: Route) -> tuple[object, ...]:
+    """What makes two routes of one table the same route but for their prefix (``Fib.own_route``)."""
+    return (route.type, route.nexthops, route.metric, route.prefsrc, route.scope, route.tos, route.protocol)
 
 
 def _v6_label(addr: IPv6Address) -> int:
