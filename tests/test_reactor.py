@@ -129,6 +129,22 @@ async def test_burst_is_one_reaction(autojump_clock: trio.testing.MockClock) -> 
     assert "link up2 added" in reactor.reactions[0].summary()
 
 
+async def test_a_request_after_many_events_is_named_by_its_reaction(autojump_clock: trio.testing.MockClock) -> None:
+    """A hook's request that lands in a burst of kernel events is among the reaction's triggers
+    (eight lines tell the events; a request is named after them): the log says who took it."""
+    backend = FakeBackend()
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery, debounce=0.25, max_wait=3.0)
+        for i in range(12):
+            await backend.send.send(Trigger("rtnetlink", f"route removed: 10.{i}.0.0/16 dev tun0"))
+        await backend.send.send(Trigger("dbus", "D-Bus dispatcher for tun0: openvpn-down", overrun=True))
+        await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    assert len(reactor.reactions) == 1
+    trigger = reactor.reactions[0].trigger
+    assert "openvpn-down" in trigger and "10.7.0.0/16" in trigger and "10.8.0.0/16" not in trigger
+
+
 async def test_a_reaction_is_stamped_on_the_hosts_monotonic_clock_after_its_last_delete(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

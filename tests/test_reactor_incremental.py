@@ -233,6 +233,41 @@ async def test_route_events_kept_from_events_carry_the_classifier_over(
     assert sorted(e.orig.dst for e in backend.deleted) == [IPv4Address("192.0.2.7"), IPv4Address("192.0.2.8")]
 
 
+DEFAULT_VIA2 = (*BASE_ROUTES[:3], Route(ip_network("0.0.0.0/0"), nexthops=(VIA2,)), BEFORE.routes[-1])
+
+
+@pytest.mark.parametrize(
+    ("now", "stale"),
+    [
+        # The default route moves to up2 with a change any flow may feel: an address (a DSL
+        # reconnect), a link (a tunnel's device going away), a link's state (up1 down: its
+        # routes carry nothing, so 192.0.2.0/24 leaves by the default route too).
+        (replace(BEFORE, addresses=(*ADDRESSES, Address(LAN, ip_address("10.0.0.2"), 8)), routes=DEFAULT_VIA2),
+         ["8.8.8.8"]),
+        (replace(BEFORE, links=(*LINKS, Link(5, "tun0")), routes=DEFAULT_VIA2), ["8.8.8.8"]),
+        (replace(BEFORE, links=(*LINKS[:2], Link(UP1, "up1", up=False), LINKS[3]), routes=DEFAULT_VIA2),
+         ["192.0.2.7", "192.0.2.8", "8.8.8.8"]),
+    ],
+    ids=["address", "link", "link down"],
+)
+async def test_a_change_any_flow_may_feel_judges_every_flow(
+    now: Topology, stale: list[str], autojump_clock: trio.testing.MockClock
+) -> None:
+    """After a complete judgement, an "any flow" impact judges every entry, not none of them:
+    the flow to 8.8.8.8 (null binding, now out of up2's masquerade) is deleted."""
+    backend = Backend()
+    assert impact(BEFORE, now, RULESET).everything
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery)
+        assert reactor.judged_all and backend.dumps == 1 and not backend.deleted
+        await route_event(backend, now, "address added")
+        nursery.cancel_scope.cancel()
+    assert sorted(str(e.orig.dst) for e in backend.deleted) == stale
+    last = reactor.reactions[-1]
+    assert backend.dumps == 2 and last.plan.distinct_flows > 0
+    assert not any("judged only" in n for n in last.plan.notes), last.plan.notes
+
+
 async def test_the_first_reaction_after_start_is_full(autojump_clock: trio.testing.MockClock) -> None:
     backend = Backend()
     async with trio.open_nursery() as nursery:

@@ -362,7 +362,10 @@ class Burst:
         self.kinds.add(trigger.kind or trigger.source)
         if len(self.events) < 4096:
             self.events.add((trigger.kind or trigger.source, trigger.interface))
-        if len(self.lines) < 8 and trigger.description not in self.lines:
+        # Eight lines tell a burst of kernel events; a request (a hook, an admin, an overrun) is
+        # named even after them, up to sixteen lines: the log says which reaction took it.
+        room = 16 if trigger.overrun or trigger.source == "dbus" else 8
+        if len(self.lines) < room and trigger.description not in self.lines:
             self.lines.append(trigger.description)
 
 
@@ -915,8 +918,8 @@ class Reactor:
         if not classifier.exact:
             log.debug("flows are predicted one by one: %s", classifier.reason)
 
-        only = None
-        if scope is not None and classifier.exact:
+        only = None  # every class: a full judgement, or a change any flow may feel
+        if scope is not None and not scope.everything and classifier.exact:
             only = classifier.classes_within(scope.prefixes)
             log.debug("judging only %s (%d address classes)", scope.describe(), len(only))
 

@@ -26,6 +26,7 @@ shipped bus policy) that the contrib hooks reach it on.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -367,20 +368,18 @@ class VpnLab:
         """The reaction that took a contrib hook's request, the line ``needle`` (``hook_line``),
         logged from line ``since`` on.
 
-        The daemon logs each TriggerEvent it takes and pushes it into the current burst: the first
-        reaction logged after that line judged everything up to the hook's call.
+        The daemon logs each TriggerEvent it takes and pushes it into the next burst; the reaction
+        that took it names it among its triggers (a reaction already under way when the hook
+        called does not: it judged what it found before the hook's change was done).
         """
         assert self.daemon is not None
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             self.records()
-            lines = self.daemon.lines[since:]
-            at = next((i for i, line in enumerate(lines) if needle in line), None)
-            if at is not None:
-                for line in lines[at:]:
-                    r = log_record(line)
-                    if r is not None and r.get("event") == "reaction":
-                        return r
+            for line in self.daemon.lines[since:]:
+                r = log_record(line)
+                if r is not None and r.get("event") == "reaction" and needle in str(r.get("trigger")):
+                    return r
             time.sleep(0.1)
         raise AssertionError(f"no reaction to {needle!r}: {self.daemon.lines[since:]}")
 
@@ -490,6 +489,10 @@ class Outcome:
             rows.append(f"  {label.get(k, '-'):5} :{k[0]} -> {k[1]}:{k[2]:<5} {e.reply.dst!s:12} "
                         f"{'UNREPLIED' if e.unreplied else 'replied':9} {fate:8} oracle {self.expected(k):12} "
                         f"first {first}")
+        # The reactions' own records: a failure shows what each judged (scope, counts, timings).
+        keys = ("reaction", "trigger", "events", "change", "examined", "eligible", "stale", "deleted",
+                "distinct_flows", "notes", "skipped", "dumped", "timings")
+        rows += [f"  reaction {json.dumps({k: r.get(k) for k in keys}, default=str)}" for r in self.reactions]
         return "\n".join(rows)
 
     def counts(self) -> str:
