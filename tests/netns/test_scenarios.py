@@ -170,3 +170,36 @@ def test_healthy_entries_are_left_alone() -> None:
         assert oracle is not None and oracle.reply.dst == entries["same"].reply.dst
         oracle = lab.oracle(OTHER_SERVER, 5060, 41001)
         assert oracle is not None and oracle.reply.dst == entries["other"].reply.dst
+
+
+def test_a_daemon_that_judged_everything_judges_each_next_change() -> None:
+    """After the startup sweep (every entry judged under T0), each change is judged in turn: an
+    address change (the DSL line's new subnet: any flow may feel it) and then a route change
+    (only its prefix). Each time the flow ends up on the kernel's own choice for a fresh flow."""
+    with Lab.create(ruleset=ruleset('oifname "up2" masquerade')) as lab:
+        r, w = lab.router, lab.wan
+        r.run("ip", "route", "replace", "default", "via", "203.0.113.1", "dev", "up2")
+        w.run("ip", "addr", "add", "198.18.0.1/24", "dev", "isp2")
+        lab.start_traffic((SIP,))
+        assert str(lab.wait_entry(SIP.sport, SIP.dst).reply.dst) == "203.0.113.2"
+        with Daemon(lab.router, "--debounce", "0.2") as daemon:
+            assert daemon.wait_for("ready") is not None, daemon.lines
+            assert daemon.wait_for("reaction 1 (") is not None, daemon.lines  # the sweep: nothing stale
+            sources = []
+            for n, commands in enumerate((
+                [("ip", "addr", "add", "198.18.0.2/24", "dev", "up2"),
+                 ("ip", "route", "replace", "default", "via", "198.18.0.1", "dev", "up2", "src", "198.18.0.2")],
+                [("ip", "route", "replace", "default", "via", "203.0.113.1", "dev", "up2", "src", "203.0.113.2")],
+            ), start=2):
+                for command in commands:
+                    r.run(*command)
+                line = daemon.wait_for(f"reaction {n} (")
+                # The flow, and from the second change on the first change's oracle flow too.
+                assert line is not None and f", {n - 1} deleted" in line, daemon.lines
+                oracle = lab.oracle(SIP.dst, SIP.dport, 41000 + n)
+                assert oracle is not None, n
+                sources.append(str(oracle.reply.dst))
+                assert lab.wait_seen("sip", sources[-1]) == sources[-1], (n, daemon.lines)
+            code = daemon.stop()
+        assert code == 0, daemon.lines
+        assert sources == ["198.18.0.2", "203.0.113.2"]
