@@ -918,9 +918,8 @@ class Reactor:
         if not classifier.exact:
             log.debug("flows are predicted one by one: %s", classifier.reason)
 
-        only = None  # every class: a full judgement, or a change any flow may feel
-        if scope is not None and not scope.everything and classifier.exact:
-            only = classifier.classes_within(scope.prefixes)
+        only = classifier.classes_to_judge(scope)  # None: every class
+        if only is not None and scope is not None:
             log.debug("judging only %s (%d address classes)", scope.describe(), len(only))
 
         def decider(build: EntryBuilder | None = None) -> Decider:

@@ -72,6 +72,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from topowatch.core.eligibility import Eligibility
+from topowatch.core.impact import Impact
 from topowatch.core.livetopology import route_changes
 from topowatch.core.model import AF_INET, AF_INET6, Address, Link, Route, RouteType, Topology
 
@@ -906,6 +907,14 @@ class Classifier:
                 out.add((family, fmap.classes[i]))
                 i += 1
         return frozenset(out)
+
+    def classes_to_judge(self, scope: Impact | None) -> frozenset[tuple[int, int]] | None:
+        """The address classes a reaction judges under ``scope`` (``core.impact``): None for every
+        class (a full judgement, a change any flow may feel, or a classifier that is not exact),
+        else the classes within its prefixes (none for "no flow")."""
+        if scope is None or scope.everything or not self.exact:
+            return None
+        return self.classes_within(scope.prefixes)
 
     def mark_class(self, mark: int) -> int:
         bits = 1 if mark == 0 else 0
