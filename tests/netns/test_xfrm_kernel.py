@@ -121,17 +121,24 @@ def wait_for(predicate: object, timeout: float = 5.0) -> bool:
 
 
 @pytest.mark.slow
-def test_policy_appears_for_a_masqueraded_flow() -> None:
+@pytest.mark.parametrize("sweep", [False, True], ids=["first reaction", "after the sweep"])
+def test_policy_appears_for_a_masqueraded_flow(sweep: bool) -> None:
+    """The policy's arrival is judged by the daemon's first reaction, and by one that follows a
+    startup sweep that judged every entry (the xfrm change is one any flow may feel)."""
     with Lab.create(ruleset=EXEMPT_RULESET) as lab:
         r = lab.router
         r.run("ip", "route", "replace", "default", "via", "203.0.113.1", "dev", "up2")
         lab.start_traffic((SIP,))
         assert wait_for(lambda: (e := lab.entry_for(SIP.sport, SIP.dst)) is not None
                         and str(e.reply.dst) == "203.0.113.2")
-        with Daemon(r, "-v", "--debounce", "0.2", "--no-startup-sweep") as daemon:  # -v: a line per entry
+        args = () if sweep else ("--no-startup-sweep",)
+        with Daemon(r, "-v", "--debounce", "0.2", *args) as daemon:  # -v: a line per entry
             assert daemon.wait_for("ready") is not None, daemon.lines
+            if sweep:
+                line = daemon.wait_for("reaction 1 (")
+                assert line is not None and "0 deleted" in line, daemon.lines
             r.run("ip", "xfrm", "policy", "add", *OUT_POLICY.split())
-            assert daemon.wait_for("reaction 1 (") is not None, daemon.lines
+            assert daemon.wait_for(f"reaction {1 + sweep} (") is not None, daemon.lines
             daemon.stop()
         deleted = [line for line in daemon.lines if "deleted udp 10.0.1.2:5060" in line and " reply " in line]
         assert deleted, daemon.lines
