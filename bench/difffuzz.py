@@ -76,6 +76,7 @@ from fuzzgen import Flow, Scenario  # noqa: E402
 from topowatch import cli  # noqa: E402
 from topowatch.core.conntrack import Entry  # noqa: E402
 from topowatch.edges.ctnetlink import Conntrack  # noqa: E402
+from topowatch.lab import Daemon, log_record  # noqa: E402
 from topowatch.netns import Namespace, _setns  # noqa: E402
 
 NETLINK_NETFILTER = 12
@@ -89,6 +90,12 @@ STRIDE = 20
 POLICY = (
     '[policy.difffuzz]\ntriggers = ["route"]\naction = "log"\nfamilies = ["ipv4", "ipv6"]\n'
     "unreplied_only = true\n"
+)
+# The daemon's policy (``--daemon``): it deletes, as a daemon in service does, so that a reaction
+# that judged every entry lets the next one judge only what its change can re-NAT.
+DAEMON_POLICY = (
+    '[policy.difffuzz]\naction = "flush"\nfamilies = ["ipv4", "ipv6"]\nunreplied_only = true\n'
+    "max_deletions = 100000\n"
 )
 VERDICTS = ("agree", "fp", "fn", "undecided")
 UNJUDGED = ("gone", "no_entry", "no_oracle", "xfrm")
@@ -486,6 +493,7 @@ def judge(
         called = key in stale
         if called == truth_stale:
             out.counts["agree"] += 1
+            out.counts["agree_stale"] += called
             if called and not all(in_expected(f, stale[key]) for f in fresh):
                 out.counts["mispredicted"] += 1
                 note(
@@ -598,6 +606,106 @@ def run_seed(seed: int, rules_dir: str, *, plan_subprocess: bool = False) -> Out
     return out
 
 
+def _quiet(daemon: Daemon, quiet: float = 1.5, limit: float = 30.0) -> None:
+    """Until the daemon has logged nothing for ``quiet`` seconds (its reactions to the mutations
+    are done: debounce 0.2 s), or ``limit``."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end and daemon.wait_for("", quiet) is not None:
+        pass
+
+
+def run_seed_daemon(seed: int, rules_dir: str) -> Outcome:
+    """The same scenario judged by ``topowatch run`` as it runs on a gateway.
+
+    The daemon starts after the old flows were made: its startup sweep judges them under the
+    state they were made in (an entry it deletes is a wrong delete, counted ``sweep_stale``).
+    Then the mutations; the daemon reacts to their events as they come, deleting what it finds
+    stale (``DAEMON_POLICY``); once its log is quiet it is stopped. Its per-entry records
+    (``-vv --log-format json``) are the verdicts, judged against the kernel as ``plan``'s are:
+    a deleted entry's oracle is its own flow sent again, and fresh flows.
+    """
+    started = time.monotonic()
+    scn = fuzzgen.generate(seed)
+    samples = sample_count(scn)
+    created: list[Namespace] = []
+    out_notes: list[str] = []
+    state_dir = tempfile.mkdtemp(prefix=f"{PREFIX}state")
+    try:
+        for role in ("cl", "gw", "wan"):
+            created.append(Namespace.create(f"{PREFIX}{role}"))
+        cl, gw, wan = created
+        names = {"cl": cl.name, "gw": gw.name, "wan": wan.name}
+        ns = {"cl": cl, "gw": gw, "wan": wan}
+        run_script(commands_script(scn.setup), names)
+        by_sender: dict[str, list[tuple[Flow, int]]] = {}
+        for i, flow in enumerate(scn.flows):
+            by_sender.setdefault(flow.sender, []).append((flow, OLD_PORT + i))
+        for sender, flows in by_sender.items():
+            send(ns[sender], flows)
+        old_keys = {(OLD_PORT + i, f.dst, f.dport) for i, f in enumerate(scn.flows)}
+        before = wait_entries(gw, old_keys)
+        with Daemon(gw, "-vv", "--log-format", "json", "--debounce", "0.2", "--no-dbus", "--rules-dir",
+                    rules_dir, "--state-dir", state_dir) as daemon:  # fmt: skip
+            sweep = daemon.wait_record(lambda r: r.get("event") == "reaction", timeout=60)
+            if sweep is None:
+                raise RuntimeError(f"the daemon's startup sweep did not end: {daemon.lines[-5:]}")
+            for m in scn.mutations:
+                if run_script(commands_script(m.commands), names, check=False):
+                    out_notes.append(m.kind)
+            settle(gw)
+            _quiet(daemon)
+            code = daemon.stop()
+        records = [r for r in map(log_record, daemon.lines) if r is not None]
+        if code != 0:
+            raise RuntimeError(f"the daemon failed (exit {code}): {daemon.lines[-5:]}")
+        entries = [r for r in records if r.get("event") == "entry"]
+        swept = [r for r in entries if r.get("reaction") == sweep["reaction"] and r["action"] == "deleted"]
+        later = [r for r in entries if r.get("reaction", 0) > sweep["reaction"]]
+        verdicts = {"stale": [r for r in later if r["action"] == "deleted"],
+                    "undecided": [r for r in later if r["action"] == "undecided"]}  # fmt: skip
+        deleted = {tuple_key(r["orig"]) for r in verdicts["stale"]}
+        by_sender = {}
+        for i, flow in enumerate(scn.flows):
+            old = before.get((OLD_PORT + i, flow.dst, flow.dport))
+            same = dataclasses.replace(flow, src=str(old.orig.src)) if flow.src is None and old else flow
+            for k in range(samples):
+                by_sender.setdefault(flow.sender, []).append((same, FRESH_PORT + STRIDE * i + k))
+        for sender, flows in by_sender.items():
+            send(ns[sender], flows)
+        fresh_keys = {
+            (FRESH_PORT + STRIDE * i + k, f.dst, f.dport)
+            for i, f in enumerate(scn.flows)
+            for k in range(samples)
+        }
+        after = wait_entries(gw, fresh_keys | ((old_keys & before.keys()) - deleted))
+        remaining = index(dump(gw)).keys()
+        after = {k: e for k, e in after.items() if k in remaining}
+        # An entry the daemon deleted is judged as it was (its binding is the one it was made with).
+        after.update({k: before[k] for k in deleted if k in before})
+        exact = resend(gw, ns, scn, after)
+        out = judge(scn, before, after, verdicts, samples, exact=exact)
+        out.counts.update(f"mutation_failed_{k}" for k in out_notes)
+        out.counts["reactions"] = sum(r.get("event") == "reaction" for r in records) - 1
+        out.counts["daemon_errors"] = sum(r.get("level") in ("error", "critical") for r in records)
+        for r in swept:
+            out.counts["sweep_stale"] += 1
+            out.findings.append({"seed": seed, "kind": "sweep_stale", "flow": "-",
+                                 "flow_text": str(r["orig"]),
+                                 "old": None, "fresh": [], "reason": r.get("reason"), "expected": None,
+                                 "why": "the startup sweep deleted an entry made under the current state",
+                                 "hints": []})  # fmt: skip
+        for f in out.findings:
+            f["view"] = "daemon"
+    except Exception as exc:
+        out = Outcome(seed, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        for n in created:
+            n.delete()
+        shutil.rmtree(state_dir, ignore_errors=True)
+    out.seconds = time.monotonic() - started
+    return out
+
+
 def resend(gw: Namespace, ns: dict[str, Namespace], scn: Scenario, after: dict[Any, Entry]
            ) -> dict[Any, Entry]:  # fmt: skip
     """The exact oracle: each old flow's entry deleted, the flow sent again from its own port.
@@ -646,7 +754,7 @@ def summary(outcomes: list[Outcome]) -> dict[str, Any]:
     return {
         "scenarios": len(outcomes),
         "errors": sum(o.error is not None for o in outcomes),
-        "counts": {k: total[k] for k in (*VERDICTS, "mispredicted", *UNJUDGED, *FRESH)},
+        "counts": {k: total[k] for k in (*VERDICTS, "agree_stale", "mispredicted", *UNJUDGED, *FRESH)},
         "with_oracle": judged,
         "undecided_share": round(total["undecided"] / judged, 4) if judged else 0.0,
         "seconds": round(sum(o.seconds for o in outcomes), 1),
@@ -661,7 +769,8 @@ def table(s: dict[str, Any]) -> str:
         ("errors", s["errors"]),
         ("old entries with an oracle", s["with_oracle"]),
     ]
-    rows += [(k, c[k]) for k in (*VERDICTS, "mispredicted", *UNJUDGED, *FRESH)]
+    names = (*VERDICTS[:1], "agree_stale", *VERDICTS[1:], "mispredicted", *UNJUDGED, *FRESH)
+    rows += [(k, c[k]) for k in names]
     rows.append(("undecided share", f"{100 * s['undecided_share']:.1f}%"))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
@@ -681,6 +790,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run the topowatch command for each plan (default: its main in-process)",
     )
+    parser.add_argument(
+        "--daemon",
+        action="store_true",
+        help="judge with `topowatch run` (its startup sweep, then its reactions to the mutations), not plan",
+    )
     parser.add_argument("--prefix", default=PREFIX, help=f"namespace name prefix (default {PREFIX})")
     parser.add_argument("-q", "--quiet", action="store_true", help="one line per seed only when it disagrees")
     args = parser.parse_args(argv)
@@ -695,12 +809,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="h8difffuzz") as tmp:
         rules = Path(tmp) / "rules.d"
         rules.mkdir()
-        (rules / "50-difffuzz.toml").write_text(POLICY)
+        (rules / "50-difffuzz.toml").write_text(DAEMON_POLICY if args.daemon else POLICY)
         os.chmod(tmp, 0o755)
         for seed in seeds:
             if args.time_limit and time.monotonic() - started > args.time_limit:
                 break
-            o = run_seed(seed, str(rules), plan_subprocess=args.plan_subprocess)
+            if args.daemon:
+                o = run_seed_daemon(seed, str(rules))
+            else:
+                o = run_seed(seed, str(rules), plan_subprocess=args.plan_subprocess)
             outcomes.append(o)
             report(o, quiet=args.quiet)
     s = summary(outcomes)
@@ -709,12 +826,21 @@ def main(argv: list[str] | None = None) -> int:
     sb = summary(bare)
     print(f"\ndifffuzz: {len(outcomes)} scenarios in {s['wall_seconds']} s")
     bad_seeds: set[int] = set()
-    for title, summ, outs in (("plan (beside a daemon: its snapshot file, from before the mutations)",
-                               s, outcomes),
-                              ("plan --previous none (no daemon snapshot)", sb, bare)):
+    views = (
+        [("topowatch run (its startup sweep, then its reactions to the mutations)", s, outcomes)]
+        if args.daemon
+        else [("plan (beside a daemon: its snapshot file, from before the mutations)", s, outcomes),
+              ("plan --previous none (no daemon snapshot)", sb, bare)]
+    )  # fmt: skip
+    if args.daemon:
+        total: Counter[str] = sum((o.counts for o in outcomes), Counter())
+        print(f"  reactions to the mutations {total['reactions']}, entries the sweep deleted "
+              f"{total['sweep_stale']}, error records {total['daemon_errors']}")
+    for title, summ, outs in views:
         print(f"{title}:")
         print(table(summ))
-        bad = sorted({f["seed"] for o in outs for f in o.findings if f["kind"] in ("fp", "fresh_stale")})
+        bad = sorted({f["seed"] for o in outs for f in o.findings
+                      if f["kind"] in ("fp", "fresh_stale", "sweep_stale")})  # fmt: skip
         fn_seeds = sorted({f["seed"] for o in outs for f in o.findings if f["kind"] == "fn"})
         bad_seeds.update(bad)
         if summ["undecided_why"]:
@@ -752,16 +878,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(o: Outcome, *, quiet: bool) -> None:
     """A seed's line and its findings (with ``quiet``, only where a view disagrees)."""
-    views = [("plan", o), ("none", o.bare)] if o.bare is not None else [("plan", o)]
-    bad = o.error or any(f["kind"] in ("fp", "fn", "fresh_stale") for _, v in views for f in v.findings)
+    daemon = bool(o.findings and o.findings[0].get("view") == "daemon") or "reactions" in o.counts
+    views = [("plan", o), ("none", o.bare)] if o.bare is not None else [("daemon" if daemon else "plan", o)]
+    wrong = ("fp", "fn", "fresh_stale", "sweep_stale")
+    bad = o.error or any(f["kind"] in wrong for _, v in views for f in v.findings)
+    extra = ("reactions", "sweep_stale", "daemon_errors") if daemon else ()
     if not quiet or bad:
         line = f"ERROR {o.error}" if o.error else "; ".join(
-            f"{name} " + " ".join(f"{k}={v.counts[k]}" for k in (*VERDICTS, *FRESH) if v.counts[k])
+            f"{name} " + " ".join(f"{k}={v.counts[k]}" for k in (*VERDICTS, *FRESH, *extra) if v.counts[k])
             for name, v in views)
         print(f"seed {o.seed}: {line} ({o.seconds:.1f} s)", flush=True)
     for name, v in views:
         for f in v.findings:
-            if f["kind"] in ("fp", "fn", "fresh_stale") or not quiet:
+            if f["kind"] in wrong or not quiet:
                 print(
                     f"  {name} {f['kind']}: {f['flow']} {f['flow_text']}\n    old   {f['old']}\n"
                     f"    fresh {f['fresh']}\n    plan  {f['reason']}",
