@@ -268,6 +268,33 @@ async def test_a_change_any_flow_may_feel_judges_every_flow(
     assert not any("judged only" in n for n in last.plan.notes), last.plan.notes
 
 
+async def test_a_policy_the_last_change_did_not_trigger_is_judged_whole(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Policy "far" (address events, flows to 8.0.0.0/8) and "all" (route events, every flow).
+    A change moves 192.0.2.0/24 to the masqueraded uplink under an address event: only "far"
+    reacts, and its flows are not in the prefix. The flows to 192.0.2.7 and .8 are stale now,
+    judged by no policy that admits them. The next route change (another prefix) triggers
+    "all": it judges every flow, not only the new prefix's, and deletes them."""
+    backend = Backend()
+    far = Policy("far", triggers=frozenset({"address"}),
+                 eligibility=Eligibility(destinations=(ip_network("8.0.0.0/8"),)))  # fmt: skip
+    everything = Policy("all", triggers=frozenset({"route"}))
+    policy = EffectivePolicy((far, everything))
+    elsewhere = replace(MOVED, routes=(*MOVED.routes, Route(ip_network("198.18.0.0/15"), nexthops=(VIA1,))))
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery, policy=lambda: policy)
+        assert reactor._complete == {"far", "all"}
+        backend.topo = MOVED
+        await backend.send.send(Trigger("rtnetlink", "address added", kind="address"))
+        await settle()
+        assert not backend.deleted and reactor._complete == {"far"}
+        await route_event(backend, elsewhere)
+        nursery.cancel_scope.cancel()
+    assert sorted(str(e.orig.dst) for e in backend.deleted) == ["192.0.2.7", "192.0.2.8"]
+    assert not any("judged only" in n for n in reactor.reactions[-1].plan.notes)
+
+
 async def test_the_first_reaction_after_start_is_full(autojump_clock: trio.testing.MockClock) -> None:
     backend = Backend()
     async with trio.open_nursery() as nursery:

@@ -599,9 +599,11 @@ class Reactor:
         self._fibs: list[tuple[Topology, Fib]] = []
         self.details = DetailWriter()
         self._ruleset_changes = 0  # "ruleset" triggers pushed so far: a reaction compares before deleting
-        # Every eligible entry was judged against T0 and every stale one deleted: only then may
-        # a reaction judge just the flows its change can re-NAT (or none, without a dump).
-        self.judged_all = False
+        # The policies (by name) whose every eligible entry was judged against T0 and every stale
+        # one deleted: a reaction whose policies are all here may judge just the flows its change
+        # can re-NAT (or none, without a dump). A policy not triggered by a change has entries
+        # that change may have made stale, unjudged: it leaves the set until a full judgement.
+        self._complete: frozenset[str] = frozenset()
         self._judged_under: tuple[NatRuleset | None, EffectivePolicy | None] = (None, None)
         # True until the startup sweep has decided: the entries it judges were made under states
         # before the daemon's first snapshot, which therefore says nothing about them (that
@@ -622,6 +624,16 @@ class Reactor:
         self._quiet_since = 0.0
         self._settled_at: float | None = None
         self.settles = 0
+
+    @property
+    def judged_all(self) -> bool:
+        """Some policy's eligible entries were all judged against T0 (see ``_complete``)."""
+        return bool(self._complete)
+
+    @judged_all.setter
+    def judged_all(self, value: bool) -> None:
+        """True: as after a complete judgement of T0 under every policy in force (tests)."""
+        self._complete = frozenset(p.name for p in self.policy().policies) if value else frozenset()
 
     @property
     def work_done(self) -> int:
@@ -879,7 +891,7 @@ class Reactor:
             return predictor(ruleset, fib, flow)
 
         # A full judgement, or only the flows this change can re-NAT (``core.impact``).
-        why_full = self._why_full(burst, ruleset, policy)
+        why_full = self._why_full(burst, ruleset, policy, selection)
         scope: Impact | None = None
         if why_full is None and self.t0 is not None:
             mark = clock()
@@ -887,10 +899,11 @@ class Reactor:
             timings["impact"] = clock() - mark
         else:
             log.debug("full judgement: %s", why_full)
-        self.judged_all = False
+        complete_before, self._complete = self._complete, frozenset()  # until this reaction is done
         if scope is not None and scope.none:
             return self._record(self._unchanged(burst, t1, selection, scope, start=start, timings=timings,
-                                                ruleset=ruleset, policy=policy), selection)  # fmt: skip
+                                                ruleset=ruleset, policy=policy, complete=complete_before),
+                                selection)  # fmt: skip
 
         mark = clock()
         # The sweep judges with no previous snapshot (its entries predate every one); T0's FIB is
@@ -989,10 +1002,12 @@ class Reactor:
         change = diff(self.t0, t1) if self.t0 is not None else TopologyChange(("initial snapshot",))
         self.t0, self.ruleset_t0 = t1, ruleset
         self._sweep_pending = False
-        self.judged_all = bool(
-            selection.policies and flushes and not refused and not self.config.dry_run
-            and deleted.failed == 0 and taken + len(to_delete) == len(plan.stale)
-        )  # fmt: skip
+        if (selection.policies and flushes and not refused and not self.config.dry_run
+                and deleted.failed == 0 and taken + len(to_delete) == len(plan.stale)):
+            # Judged whole: this reaction's policies. Only the change's flows: those of them whose
+            # other entries were already judged against the previous T0.
+            names = frozenset(p.name for p in selection.policies)
+            self._complete = names if only is None else names & complete_before
         self._judged_under = (ruleset, policy)
         if scope is not None and not scope.everything:
             plan = dataclasses.replace(plan, notes=(*plan.notes, f"judged only {scope.describe()}"))
@@ -1028,10 +1043,15 @@ class Reactor:
         self.ruleset = now
         return "the ruleset changed during the reaction; the next reaction decides on the new one"
 
-    def _why_full(self, burst: Burst, ruleset: NatRuleset, policy: EffectivePolicy) -> str | None:
+    def _why_full(
+        self, burst: Burst, ruleset: NatRuleset, policy: EffectivePolicy, selection: Selection
+    ) -> str | None:
         """Why this reaction must judge every eligible entry, or None when the change alone may do."""
-        if not self.judged_all:
+        if not self._complete:
             return "the previous judgement was not complete (start, refused, failed, dry run or log only)"
+        unjudged = sorted(p.name for p in selection.policies if p.name not in self._complete)
+        if unjudged:
+            return f"policy {', '.join(unjudged)} has entries not judged against the previous state"
         if burst.overrun:
             return "events were lost"
         if not burst.kinds or not burst.kinds <= TOPOLOGY_KINDS:
@@ -1045,13 +1065,14 @@ class Reactor:
 
     def _unchanged(
         self, burst: Burst, t1: Topology, selection: Selection, scope: Impact, *, start: float,
-        timings: dict[str, float], ruleset: NatRuleset, policy: EffectivePolicy,
+        timings: dict[str, float], ruleset: NatRuleset, policy: EffectivePolicy, complete: frozenset[str],
     ) -> Reaction:
-        """A reaction whose change can re-NAT no flow: nothing to dump, nothing to delete."""
+        """A reaction whose change can re-NAT no flow: nothing to dump, nothing to delete (what was
+        judged whole under T0 still is)."""
         note = f"no dump: the change can re-NAT {scope.describe()}"
         reaction = self._without_dump(burst, t1, selection, note, start=start, timings=timings, dumped=False)
         self.t0, self.ruleset_t0 = t1, ruleset
-        self.judged_all = True
+        self._complete = complete
         self._judged_under = (ruleset, policy)
         return reaction
 
