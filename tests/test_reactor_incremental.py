@@ -284,15 +284,35 @@ async def test_a_policy_the_last_change_did_not_trigger_is_judged_whole(
     elsewhere = replace(MOVED, routes=(*MOVED.routes, Route(ip_network("198.18.0.0/15"), nexthops=(VIA1,))))
     async with trio.open_nursery() as nursery:
         reactor = await started(backend, nursery, policy=lambda: policy)
-        assert reactor._complete == {"far", "all"}
+        assert reactor._complete == {far.eligibility, everything.eligibility}
         backend.topo = MOVED
         await backend.send.send(Trigger("rtnetlink", "address added", kind="address"))
         await settle()
-        assert not backend.deleted and reactor._complete == {"far"}
+        assert not backend.deleted and reactor._complete == {far.eligibility}
         await route_event(backend, elsewhere)
         nursery.cancel_scope.cancel()
     assert sorted(str(e.orig.dst) for e in backend.deleted) == ["192.0.2.7", "192.0.2.8"]
     assert not any("judged only" in n for n in reactor.reactions[-1].plan.notes)
+
+
+async def test_policies_that_admit_the_same_entries_stay_incremental(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """As rules.d's defaults: "address" and "route" admit the same entries. The address event's
+    reaction judged them (the moved prefix's deleted), so the route event's judges its prefix only."""
+    backend = Backend()
+    policy = EffectivePolicy((Policy("address", triggers=frozenset({"address"})),
+                              Policy("route", triggers=frozenset({"route"}))))  # fmt: skip
+    elsewhere = replace(MOVED, routes=(*MOVED.routes, Route(ip_network("198.18.0.0/15"), nexthops=(VIA1,))))
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery, policy=lambda: policy)
+        backend.topo = MOVED
+        await backend.send.send(Trigger("rtnetlink", "address added", kind="address"))
+        await settle()
+        assert sorted(str(e.orig.dst) for e in backend.deleted) == ["192.0.2.7", "192.0.2.8"]
+        await route_event(backend, elsewhere)
+        nursery.cancel_scope.cancel()
+    assert reactor.reactions[-1].plan.notes == ("judged only flows to or from 198.18.0.0/15",)
 
 
 async def test_the_first_reaction_after_start_is_full(autojump_clock: trio.testing.MockClock) -> None:

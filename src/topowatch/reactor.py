@@ -599,11 +599,12 @@ class Reactor:
         self._fibs: list[tuple[Topology, Fib]] = []
         self.details = DetailWriter()
         self._ruleset_changes = 0  # "ruleset" triggers pushed so far: a reaction compares before deleting
-        # The policies (by name) whose every eligible entry was judged against T0 and every stale
-        # one deleted: a reaction whose policies are all here may judge just the flows its change
-        # can re-NAT (or none, without a dump). A policy not triggered by a change has entries
-        # that change may have made stale, unjudged: it leaves the set until a full judgement.
-        self._complete: frozenset[str] = frozenset()
+        # The policies' eligibilities whose every entry was judged against T0 and every stale one
+        # deleted: a reaction whose policies' eligibilities are all here may judge just the flows
+        # its change can re-NAT (or none, without a dump). Entries a change's reaction did not
+        # admit may have turned stale unjudged: their eligibility leaves the set until a full
+        # judgement. (The default policies share one eligibility: they stay in.)
+        self._complete: frozenset[Eligibility] = frozenset()
         self._judged_under: tuple[NatRuleset | None, EffectivePolicy | None] = (None, None)
         # True until the startup sweep has decided: the entries it judges were made under states
         # before the daemon's first snapshot, which therefore says nothing about them (that
@@ -633,7 +634,7 @@ class Reactor:
     @judged_all.setter
     def judged_all(self, value: bool) -> None:
         """True: as after a complete judgement of T0 under every policy in force (tests)."""
-        self._complete = frozenset(p.name for p in self.policy().policies) if value else frozenset()
+        self._complete = frozenset(p.eligibility for p in self.policy().policies) if value else frozenset()
 
     @property
     def work_done(self) -> int:
@@ -1004,10 +1005,10 @@ class Reactor:
         self._sweep_pending = False
         if (selection.policies and flushes and not refused and not self.config.dry_run
                 and deleted.failed == 0 and taken + len(to_delete) == len(plan.stale)):
-            # Judged whole: this reaction's policies. Only the change's flows: those of them whose
-            # other entries were already judged against the previous T0.
-            names = frozenset(p.name for p in selection.policies)
-            self._complete = names if only is None else names & complete_before
+            # Judged whole: this reaction's eligibilities. Only the change's flows: those of them
+            # whose other entries were already judged against the previous T0.
+            admitted = frozenset(p.eligibility for p in selection.policies)
+            self._complete = admitted if only is None else admitted & complete_before
         self._judged_under = (ruleset, policy)
         if scope is not None and not scope.everything:
             plan = dataclasses.replace(plan, notes=(*plan.notes, f"judged only {scope.describe()}"))
@@ -1049,9 +1050,9 @@ class Reactor:
         """Why this reaction must judge every eligible entry, or None when the change alone may do."""
         if not self._complete:
             return "the previous judgement was not complete (start, refused, failed, dry run or log only)"
-        unjudged = sorted(p.name for p in selection.policies if p.name not in self._complete)
+        unjudged = sorted(p.name for p in selection.policies if p.eligibility not in self._complete)
         if unjudged:
-            return f"policy {', '.join(unjudged)} has entries not judged against the previous state"
+            return f"policy {', '.join(unjudged)} admits entries not judged against the previous state"
         if burst.overrun:
             return "events were lost"
         if not burst.kinds or not burst.kinds <= TOPOLOGY_KINDS:
@@ -1065,7 +1066,8 @@ class Reactor:
 
     def _unchanged(
         self, burst: Burst, t1: Topology, selection: Selection, scope: Impact, *, start: float,
-        timings: dict[str, float], ruleset: NatRuleset, policy: EffectivePolicy, complete: frozenset[str],
+        timings: dict[str, float], ruleset: NatRuleset, policy: EffectivePolicy,
+        complete: frozenset[Eligibility],
     ) -> Reaction:
         """A reaction whose change can re-NAT no flow: nothing to dump, nothing to delete (what was
         judged whole under T0 still is)."""
