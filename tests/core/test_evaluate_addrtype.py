@@ -284,6 +284,16 @@ def test_the_implied_broadcast_counts_on_its_own_device_with_limit_iface() -> No
     assert limited_hand(LAN, "BROADCAST") is True  # lan holds 10.0.1.1/24
     assert limited_hand(UP1, "BROADCAST") is False  # seen from up1 the address is unicast
     assert limited_hand(UP1, "UNICAST") is True
+    # A /32 has no broadcast address: one held by two devices is local (or, seen from the device
+    # whose local route the lookup does not find first, unicast), never broadcast.
+    twice = (Address(LAN, ip_address("10.0.8.8"), 32), Address(UP1, ip_address("10.0.8.8"), 32))
+    fib = Fib(Topology(links=LINKS, addresses=ADDRESSES + twice, routes=MAIN))
+    for iif in (LAN, UP1):
+        m = AddrTypeMatch("dst", frozenset({"BROADCAST"}), False, "--dst-type BROADCAST --limit-iface-in",
+                          limit_iface="in")  # fmt: skip
+        packet = Packet(AF_INET, IPPROTO_UDP, ip_address("10.0.1.2"), ip_address("10.0.8.8"),
+                        iif=Ingress(iif, "lan" if iif == LAN else "up1"))  # fmt: skip
+        assert xt_match(m, packet, fib, None, hook=Hook.PREROUTING) is False, iif
 
 
 def test_ipv6_anycast_needs_a_prefix_shorter_than_127() -> None:
