@@ -9,7 +9,7 @@ compared whole: a reason is what a person reads in a plan.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from typing import Any
 
@@ -281,6 +281,17 @@ def test_policy_reads_the_output_interface() -> None:
     assert out(policy("out", "ipsec"), on_up1, packet_of(FLOW, oif=lan)) is False
     got = out(policy("out", "ipsec"), on_up1, packet_of(FLOW, oif=None))
     assert isinstance(got, Unknown) and "output interface" in got.reason
+
+
+def test_policy_reads_the_packet_mark() -> None:
+    """A policy for mark 5/0xff selects a packet of mark 0x105, not one of mark 6; an unknown mark
+    leaves the lookup (and the match) unknown."""
+    marked = topo((XfrmPolicy(sel(), Direction.OUT, priority=100, index=1, mark=5, mark_mask=0xFF,
+                              templates=tunnel(sel(), 1).templates),), (SA1,))  # fmt: skip
+    assert out(policy("out", "ipsec"), marked, flow=replace(FLOW, packet_mark=0x105)) is True
+    assert out(policy("out", "ipsec"), marked, flow=replace(FLOW, packet_mark=6)) is False
+    got = out(policy("out", "ipsec"), marked, flow=replace(FLOW, packet_mark=None))
+    assert isinstance(got, Unknown) and "packet mark" in got.reason
 
 
 @pytest.mark.parametrize(("direction", "hook"), [("in", Hook.OUTPUT), ("in", Hook.POSTROUTING),

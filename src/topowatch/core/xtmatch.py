@@ -223,10 +223,10 @@ def _policy(
         return Unknown(f"{m.text}: the flow is not known")
     # The packet as the match sees it (after a DNAT): where a DNAT to a port range left its port
     # open, the policy lookup is three-valued over the range, as nft's ``rt ipsec`` is.
-    lo, hi = packet.dport
-    oif = getattr(packet.oif, "oif", None)
-    routed = XfrmFlow(flow.family, flow.proto, flow.src, packet.daddr, flow.sport, lo,
-                      None if hi == lo else hi, flow.packet_mark, oif if isinstance(oif, int) else None)
+    # (A range of one port, ``dport_hi == dport``, is that port.)
+    oif = packet.oif.oif if isinstance(packet.oif, Egress) else None
+    routed = XfrmFlow(flow.family, flow.proto, flow.src, packet.daddr, flow.sport, *packet.dport,
+                      flow.packet_mark, oif)
     try:
         elements = [
             XfrmElement(
