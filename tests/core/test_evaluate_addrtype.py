@@ -243,3 +243,72 @@ def test_limit_iface_unknown_where_the_interface_or_family_is(addr: str, limit: 
     oif = Egress(EgressKind.LOCAL, LO, "lo") if iface == "local" else None
     got = limited(addr, limit, iif=iif, oif=oif)
     assert isinstance(got, Unknown) and why in got.reason
+
+
+# --- the subnet broadcast a hand-built topology implies, and the route types of IPv6 (mutation tests) ---
+
+
+def test_only_an_ipv4_local_table_stands_for_the_kernels() -> None:
+    """A dumped IPv4 local table is the truth (no broadcast route, no broadcast), an IPv6 one says
+    nothing of IPv4: the subnet broadcast is implied where no IPv4 local route is given."""
+    v4_local = tuple(r for r in LOCAL_TABLE if r.family == AF_INET and r.dst != ip_network("10.0.1.255/32"))
+    no_brd = Fib(Topology(links=LINKS, addresses=ADDRESSES, routes=MAIN + v4_local))
+    assert dst_type(no_brd, "10.0.1.255", "BROADCAST") is False
+    assert dst_type(no_brd, "10.0.1.255", "UNICAST") is True
+    v6_local = tuple(r for r in LOCAL_TABLE if r.family == AF_INET6)
+    implied = Fib(Topology(links=LINKS, addresses=ADDRESSES, routes=MAIN + v6_local))
+    assert dst_type(implied, "10.0.1.255", "BROADCAST") is True
+    assert dst_type(implied, "10.0.1.255", "UNICAST") is False
+
+
+def test_the_implied_broadcast_is_that_of_a_prefix_shorter_than_31() -> None:
+    """``fib_add_ifaddr`` adds the subnet broadcast route for a prefix length below 31 only
+    (a /31 has no broadcast address, RFC 3021)."""
+    extra = (Address(UP1, ip_address("10.0.6.1"), 30), Address(UP1, ip_address("10.0.7.0"), 31))
+    fib = Fib(Topology(links=LINKS, addresses=ADDRESSES + extra, routes=MAIN))
+    assert dst_type(fib, "10.0.6.3", "BROADCAST") is True  # 10.0.6.0/30's last address
+    assert dst_type(fib, "10.0.7.1", "BROADCAST") is False  # the /31's peer
+    assert dst_type(fib, "10.0.7.1", "UNICAST") is True
+
+
+def test_the_implied_broadcast_counts_on_its_own_device_with_limit_iface() -> None:
+    from topowatch.core.flow import Ingress
+
+    def limited_hand(iif: int, types: str) -> bool | Unknown:
+        m = AddrTypeMatch("dst", frozenset({types}), False, f"--dst-type {types} --limit-iface-in",
+                          limit_iface="in")  # fmt: skip
+        packet = Packet(AF_INET, IPPROTO_UDP, ip_address("10.0.1.2"), ip_address("10.0.1.255"),
+                        iif=Ingress(iif, "lan" if iif == LAN else "up1"))  # fmt: skip
+        return xt_match(m, packet, HAND_FIB, None, hook=Hook.PREROUTING)
+
+    assert limited_hand(LAN, "BROADCAST") is True  # lan holds 10.0.1.1/24
+    assert limited_hand(UP1, "BROADCAST") is False  # seen from up1 the address is unicast
+    assert limited_hand(UP1, "UNICAST") is True
+    # A /32 has no broadcast address: one held by two devices is local (or, seen from the device
+    # whose local route the lookup does not find first, unicast), never broadcast.
+    twice = (Address(LAN, ip_address("10.0.8.8"), 32), Address(UP1, ip_address("10.0.8.8"), 32))
+    fib = Fib(Topology(links=LINKS, addresses=ADDRESSES + twice, routes=MAIN))
+    for iif in (LAN, UP1):
+        m = AddrTypeMatch("dst", frozenset({"BROADCAST"}), False, "--dst-type BROADCAST --limit-iface-in",
+                          limit_iface="in")  # fmt: skip
+        packet = Packet(AF_INET, IPPROTO_UDP, ip_address("10.0.1.2"), ip_address("10.0.8.8"),
+                        iif=Ingress(iif, "lan" if iif == LAN else "up1"))  # fmt: skip
+        assert xt_match(m, packet, fib, None, hook=Hook.PREROUTING) is False, iif
+
+
+def test_ipv6_anycast_needs_a_prefix_shorter_than_127() -> None:
+    """``ipv6_anycast_destination``: ``plen < 127``, no gateway, the prefix's own address."""
+    on_link = tuple(Route(ip_network(p), nexthops=(Nexthop(UP1),))
+                    for p in ("2001:db8:6::/126", "2001:db8:7::/127", "2001:db8:8::5/128"))  # fmt: skip
+    fib = Fib(Topology(links=LINKS, addresses=ADDRESSES, routes=MAIN + LOCAL_TABLE + on_link))
+    assert dst_type(fib, "2001:db8:6::", "ANYCAST") is True
+    assert dst_type(fib, "2001:db8:7::", "ANYCAST") is False
+    assert dst_type(fib, "2001:db8:8::5", "ANYCAST") is False
+    assert dst_type(fib, "2001:db8:8::5", "UNICAST") is True
+
+
+def test_ipv6_multicast_and_refused_types_are_answered_whole() -> None:
+    assert dst_type(FIB, "2001:db8:1::9", "MULTICAST") is False
+    assert dst_type(FIB, "2001:db8:1::9", "MULTICAST", negate=True) is True
+    assert dst_type(FIB, "2001:db8:1::9", "BROADCAST,BLACKHOLE") == Unknown(
+        "-m addrtype --dst-type BROADCAST,BLACKHOLE: type BLACKHOLE,BROADCAST is not valid for IPv6")

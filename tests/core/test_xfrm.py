@@ -461,6 +461,23 @@ def test_rt_ipsec_exemption_predicted() -> None:
     assert isinstance(absent.snat, Unknown) and "no SA for reqid 1" in absent.snat.reason
 
 
+def test_iptables_policy_reads_the_packet_after_a_dnat_to_a_port_range() -> None:
+    """``-m policy --dir out`` reads the bundle of the DNATed packet's route: DNATed from port 5060 to
+    one of 8000-8010, the packet is not selected by a policy for port 5060, so it is masqueraded."""
+    from topowatch.edges.iptables import parse_save
+
+    exempt = ("-A POSTROUTING -m policy --dir out --pol ipsec -j ACCEPT\n"
+              "-A POSTROUTING -o up1 -j MASQUERADE\n")
+    dnat = "-A PREROUTING -p udp --dport 5060 -j DNAT --to-destination 192.0.2.10:8000-8010\n"
+    port_5060 = pol(sel(proto=IPPROTO_UDP, dport=5060, dport_mask=0xFFFF), templates=(tmpl(1),), priority=100,
+                    index=1)
+    fib = Fib(topo((port_5060,), (sa(1),)))
+    assert predict(parse_save(f"*nat\n{dnat}{exempt}COMMIT\n").ruleset, fib, udp()).snat == frozenset({MASQ})
+    # Without the DNAT the policy selects the flow: exempt from the masquerade.
+    assert predict(parse_save(f"*nat\n{exempt}COMMIT\n").ruleset, fib, udp()).snat == frozenset(
+        {Binding(NatKind.NONE)})
+
+
 def test_block_policy_drops() -> None:
     p = predict(parse_ruleset_json(RULESET), Fib(topo((BLOCK,))), udp())
     assert p.snat == frozenset()

@@ -31,15 +31,14 @@ Rules (``net/netfilter/xt_conntrack.c``, ``xt_addrtype.c``, ``xt_policy.c``):
   interface, else the address is UNICAST; with an interface that is not
   known here (a local delivery's output, an unknown route) and for IPv6
   (``match_lookup_rt6`` with a device) the match is unknown;
-- ``-m policy`` asks ``core.xfrm.policy_match`` where that exists; without
-  it the match is unknown.
+- ``-m policy`` asks ``core.xfrm.policy_match`` for the packet as the match
+  sees it (after a DNAT: a DNAT to a port range leaves its port a range).
 
 This module never performs I/O and never guesses.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import Protocol
 
@@ -54,6 +53,8 @@ from topowatch.core.nat import (
     Hook,
     PolicyMatch,
 )
+from topowatch.core.xfrm import Mode, XfrmFlow, policy_match
+from topowatch.core.xfrm import PolicyElement as XfrmElement
 
 
 class PacketView(Protocol):
@@ -218,32 +219,27 @@ def _policy(
         return Unknown(f"{m.text}: --dir in is invalid at {hook.value}")
     if m.direction == "out" and hook in (Hook.PREROUTING, Hook.INPUT):
         return Unknown(f"{m.text}: --dir out is invalid at {hook.value}")
-    from topowatch.core import xfrm
-
-    policy_match = getattr(xfrm, "policy_match", None)
-    element_type = getattr(xfrm, "PolicyElement", None)
-    if policy_match is None or element_type is None or flow is None:
-        return Unknown(f"{m.text}: the xfrm policy model is not available")
-    dport = packet.dport[0] if packet.dport[0] == packet.dport[1] else flow.dport
-    routed = replace(flow, dst=packet.daddr, dport=dport)
-    oif = getattr(packet.oif, "oif", None)
+    if flow is None:
+        return Unknown(f"{m.text}: the flow is not known")
+    # The packet as the match sees it (after a DNAT): where a DNAT to a port range left its port
+    # open, the policy lookup is three-valued over the range, as nft's ``rt ipsec`` is.
+    # (A range of one port, ``dport_hi == dport``, is that port.)
+    oif = packet.oif.oif if isinstance(packet.oif, Egress) else None
+    routed = XfrmFlow(flow.family, flow.proto, flow.src, packet.daddr, flow.sport, *packet.dport,
+                      flow.packet_mark, oif)
     try:
         elements = [
-            element_type(
+            XfrmElement(
                 reqid=e.reqid, spi=e.spi, proto=e.proto,
-                mode=None if e.mode is None else xfrm.Mode[e.mode.upper()],
+                mode=None if e.mode is None else Mode[e.mode.upper()],
                 tunnel_src=e.tunnel_src, tunnel_dst=e.tunnel_dst,
                 **{f"{name}_invert": True for name in e.negated},
             )
             for e in m.elements
         ]
-        answer = policy_match(fib.topology, routed, m.direction, m.pol, elements, m.strict,
-                              oif=oif if isinstance(oif, int) else None, local=local)
-    except (TypeError, ValueError, AttributeError) as exc:
+        return policy_match(fib.topology, routed, m.direction, m.pol, elements, m.strict, local=local)
+    except (KeyError, TypeError, ValueError) as exc:
         return Unknown(f"{m.text}: the xfrm policy model cannot answer ({exc})")
-    if isinstance(answer, bool | Unknown):
-        return answer
-    return Unknown(f"{m.text}: the xfrm policy model gave no answer")
 
 
 def xt_match(
