@@ -102,6 +102,7 @@ UNJUDGED = ("gone", "no_entry", "no_oracle", "xfrm")
 FRESH = ("fresh_ok", "fresh_undecided", "fresh_stale")
 
 Binding = tuple[Any, ...]
+Key = tuple[int, str, int]  # (source port, original destination, destination port)
 
 
 @dataclass
@@ -535,6 +536,49 @@ def sample_count(scn: Scenario) -> int:
     return 6 if scn.multi else 1
 
 
+def build(scn: Scenario, created: list[Namespace]) -> tuple[dict[str, Namespace], dict[str, str]]:
+    """The scenario's three namespaces (appended to ``created`` as they are made) and its setup."""
+    for role in ("cl", "gw", "wan"):
+        created.append(Namespace.create(f"{PREFIX}{role}"))
+    ns = dict(zip(("cl", "gw", "wan"), created, strict=True))
+    names = {role: n.name for role, n in ns.items()}
+    run_script(commands_script(scn.setup), names)
+    return ns, names
+
+
+def send_old(scn: Scenario, ns: dict[str, Namespace]) -> tuple[set[Key], dict[Key, Entry]]:
+    """One datagram per old flow; its keys, and the gateway's entries once they are there."""
+    by_sender: dict[str, list[tuple[Flow, int]]] = {}
+    for i, flow in enumerate(scn.flows):
+        by_sender.setdefault(flow.sender, []).append((flow, OLD_PORT + i))
+    for sender, flows in by_sender.items():
+        send(ns[sender], flows)
+    old_keys = {(OLD_PORT + i, f.dst, f.dport) for i, f in enumerate(scn.flows)}
+    return old_keys, wait_entries(ns["gw"], old_keys)
+
+
+def mutate(scn: Scenario, ns: dict[str, Namespace], names: dict[str, str]) -> list[str]:
+    """The scenario's mutations, until they have taken effect; the kinds of those that failed."""
+    failed = [m.kind for m in scn.mutations if run_script(commands_script(m.commands), names, check=False)]
+    settle(ns["gw"])
+    return failed
+
+
+def send_fresh(scn: Scenario, ns: dict[str, Namespace], before: dict[Key, Entry], samples: int) -> set[Key]:
+    """``samples`` fresh flows per old one, from new source ports; their keys."""
+    by_sender: dict[str, list[tuple[Flow, int]]] = {}
+    for i, flow in enumerate(scn.flows):
+        old = before.get((OLD_PORT + i, flow.dst, flow.dport))
+        # The kernel chose the old flow's source (sent from the gateway); the fresh flow has the same.
+        same = dataclasses.replace(flow, src=str(old.orig.src)) if flow.src is None and old else flow
+        for k in range(samples):
+            by_sender.setdefault(flow.sender, []).append((same, FRESH_PORT + STRIDE * i + k))
+    for sender, flows in by_sender.items():
+        send(ns[sender], flows)
+    return {(FRESH_PORT + STRIDE * i + k, f.dst, f.dport)
+            for i, f in enumerate(scn.flows) for k in range(samples)}  # fmt: skip
+
+
 def run_seed(seed: int, rules_dir: str, *, plan_subprocess: bool = False) -> Outcome:
     started = time.monotonic()
     scn = fuzzgen.generate(seed)
@@ -544,40 +588,14 @@ def run_seed(seed: int, rules_dir: str, *, plan_subprocess: bool = False) -> Out
     lock: socket.socket | None = None
     state_dir = tempfile.mkdtemp(prefix=f"{PREFIX}state")  # mode 0700: trusted by plan
     try:
-        for role in ("cl", "gw", "wan"):
-            created.append(Namespace.create(f"{PREFIX}{role}"))
-        cl, gw, wan = created
-        names = {"cl": cl.name, "gw": gw.name, "wan": wan.name}
-        ns = {"cl": cl, "gw": gw, "wan": wan}
-        run_script(commands_script(scn.setup), names)
-        by_sender: dict[str, list[tuple[Flow, int]]] = {}
-        for i, flow in enumerate(scn.flows):
-            by_sender.setdefault(flow.sender, []).append((flow, OLD_PORT + i))
-        for sender, flows in by_sender.items():
-            send(ns[sender], flows)
-        old_keys = {(OLD_PORT + i, f.dst, f.dport) for i, f in enumerate(scn.flows)}
-        before = wait_entries(gw, old_keys)
+        ns, names = build(scn, created)
+        gw = ns["gw"]
+        old_keys, before = send_old(scn, ns)
         lock = daemon_lock(gw)  # this process plays the daemon of the gateway namespace
         # What a daemon running here keeps: its T0 is this state, the one the old flows were made under.
         snapshot(gw, state_dir)
-        for m in scn.mutations:
-            if run_script(commands_script(m.commands), names, check=False):
-                out_notes.append(m.kind)
-        settle(gw)
-        by_sender = {}
-        for i, flow in enumerate(scn.flows):
-            old = before.get((OLD_PORT + i, flow.dst, flow.dport))
-            # The kernel chose the old flow's source (sent from the gateway); the fresh flow has the same.
-            same = dataclasses.replace(flow, src=str(old.orig.src)) if flow.src is None and old else flow
-            for k in range(samples):
-                by_sender.setdefault(flow.sender, []).append((same, FRESH_PORT + STRIDE * i + k))
-        for sender, flows in by_sender.items():
-            send(ns[sender], flows)
-        fresh_keys = {
-            (FRESH_PORT + STRIDE * i + k, f.dst, f.dport)
-            for i, f in enumerate(scn.flows)
-            for k in range(samples)
-        }
+        out_notes = mutate(scn, ns, names)
+        fresh_keys = send_fresh(scn, ns, before, samples)
         after = wait_entries(gw, fresh_keys | (old_keys & before.keys()))
         verdicts = plan(gw, rules_dir, subprocess=plan_subprocess, state_dir=state_dir)
         if verdicts.get("previous", {}).get("snapshot") is None:
@@ -631,28 +649,15 @@ def run_seed_daemon(seed: int, rules_dir: str) -> Outcome:
     out_notes: list[str] = []
     state_dir = tempfile.mkdtemp(prefix=f"{PREFIX}state")
     try:
-        for role in ("cl", "gw", "wan"):
-            created.append(Namespace.create(f"{PREFIX}{role}"))
-        cl, gw, wan = created
-        names = {"cl": cl.name, "gw": gw.name, "wan": wan.name}
-        ns = {"cl": cl, "gw": gw, "wan": wan}
-        run_script(commands_script(scn.setup), names)
-        by_sender: dict[str, list[tuple[Flow, int]]] = {}
-        for i, flow in enumerate(scn.flows):
-            by_sender.setdefault(flow.sender, []).append((flow, OLD_PORT + i))
-        for sender, flows in by_sender.items():
-            send(ns[sender], flows)
-        old_keys = {(OLD_PORT + i, f.dst, f.dport) for i, f in enumerate(scn.flows)}
-        before = wait_entries(gw, old_keys)
+        ns, names = build(scn, created)
+        gw = ns["gw"]
+        old_keys, before = send_old(scn, ns)
         with Daemon(gw, "-vv", "--log-format", "json", "--debounce", "0.2", "--no-dbus", "--rules-dir",
                     rules_dir, "--state-dir", state_dir) as daemon:  # fmt: skip
             sweep = daemon.wait_record(lambda r: r.get("event") == "reaction", timeout=60)
             if sweep is None:
                 raise RuntimeError(f"the daemon's startup sweep did not end: {daemon.lines[-5:]}")
-            for m in scn.mutations:
-                if run_script(commands_script(m.commands), names, check=False):
-                    out_notes.append(m.kind)
-            settle(gw)
+            out_notes = mutate(scn, ns, names)
             _quiet(daemon)
             code = daemon.stop()
         records = [r for r in map(log_record, daemon.lines) if r is not None]
@@ -664,19 +669,7 @@ def run_seed_daemon(seed: int, rules_dir: str) -> Outcome:
         verdicts = {"stale": [r for r in later if r["action"] == "deleted"],
                     "undecided": [r for r in later if r["action"] == "undecided"]}  # fmt: skip
         deleted = {tuple_key(r["orig"]) for r in verdicts["stale"]}
-        by_sender = {}
-        for i, flow in enumerate(scn.flows):
-            old = before.get((OLD_PORT + i, flow.dst, flow.dport))
-            same = dataclasses.replace(flow, src=str(old.orig.src)) if flow.src is None and old else flow
-            for k in range(samples):
-                by_sender.setdefault(flow.sender, []).append((same, FRESH_PORT + STRIDE * i + k))
-        for sender, flows in by_sender.items():
-            send(ns[sender], flows)
-        fresh_keys = {
-            (FRESH_PORT + STRIDE * i + k, f.dst, f.dport)
-            for i, f in enumerate(scn.flows)
-            for k in range(samples)
-        }
+        fresh_keys = send_fresh(scn, ns, before, samples)
         after = wait_entries(gw, fresh_keys | ((old_keys & before.keys()) - deleted))
         remaining = index(dump(gw)).keys()
         after = {k: e for k, e in after.items() if k in remaining}
