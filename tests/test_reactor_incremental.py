@@ -8,6 +8,7 @@ virtual clock. The backend counts its dumps; the expectations are written out by
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from ipaddress import IPv4Address, ip_address, ip_network
@@ -21,13 +22,16 @@ from topowatch.core.classify import Classifier
 from topowatch.core.conntrack import IPS_CONFIRMED, IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, CtTuple, Entry
 from topowatch.core.decide import Decider
 from topowatch.core.eligibility import Eligibility
+from topowatch.core.evaluate import predict
+from topowatch.core.fib import Fib
+from topowatch.core.flow import Flow, Prediction, Unknown
 from topowatch.core.impact import impact, prepared
 from topowatch.core.livetopology import NLM_F_REPLACE, LiveTopology
 from topowatch.core.model import AF_INET, Address, Link, Nexthop, PolicyRule, Route, Topology
 from topowatch.core.nat import NatRuleset
 from topowatch.edges.nft import parse_ruleset_json
-from topowatch.policy import Action, EffectivePolicy, Policy
-from topowatch.reactor import DeleteCounts, Reactor, ReactorConfig, StillStale, Trigger
+from topowatch.policy import Action, EffectivePolicy, Policy, Selection
+from topowatch.reactor import Burst, DeleteCounts, Reactor, ReactorConfig, StillStale, Trigger
 
 LO, LAN, UP1, UP2 = 1, 2, 3, 4
 LINKS = (Link(LO, "lo"), Link(LAN, "lan"), Link(UP1, "up1"), Link(UP2, "up2"))
@@ -45,13 +49,14 @@ BEFORE = Topology(LINKS, ADDRESSES, (*BASE_ROUTES, Route(MOVING, nexthops=(VIA1,
 MOVED = replace(BEFORE, routes=(*BASE_ROUTES, Route(MOVING, nexthops=(VIA2,))))
 UNUSED = replace(BEFORE, routes=(*BEFORE.routes, Route(ip_network("198.18.0.0/15"), table=100, nexthops=(VIA2,))))
 
-RULESET = parse_ruleset_json({"nftables": [
+RULESET_DOC: list[dict[str, Any]] = [
     {"table": {"family": "ip", "name": "nat", "handle": 1}},
     {"chain": {"family": "ip", "table": "nat", "name": "post", "handle": 2, "type": "nat",
                "hook": "postrouting", "prio": 100, "policy": "accept"}},
     {"rule": {"family": "ip", "table": "nat", "chain": "post", "handle": 3, "expr": [
         {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "up2"}}, {"masquerade": None}]}},
-]})  # fmt: skip
+]  # fmt: skip
+RULESET = parse_ruleset_json({"nftables": RULESET_DOC})
 
 
 def entry(dst: str, sport: int, translated: str | None = None) -> Entry:
@@ -315,14 +320,19 @@ async def test_policies_that_admit_the_same_entries_stay_incremental(
     assert reactor.reactions[-1].plan.notes == ("judged only flows to or from 198.18.0.0/15",)
 
 
-async def test_the_first_reaction_after_start_is_full(autojump_clock: trio.testing.MockClock) -> None:
+async def test_the_first_reaction_after_start_is_full(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
     backend = Backend()
     async with trio.open_nursery() as nursery:
         reactor = await started(backend, nursery, startup_sweep=False)
         assert not reactor.judged_all
-        await route_event(backend, UNUSED)
+        with caplog.at_level(logging.DEBUG, logger="topowatch.reactor"):
+            await route_event(backend, UNUSED)
         nursery.cancel_scope.cancel()
     assert backend.dumps == 1
+    assert "full judgement: the previous judgement was not complete (start, refused, failed, dry run or log only)" in [
+        r.getMessage() for r in caplog.records]
 
 
 # -- core.impact, table-driven ---------------------------------------------------------------
@@ -541,3 +551,241 @@ async def test_before_ready_runs_after_t0_is_told_and_before_ready(autojump_cloc
         await nursery.start(reactor.run)
         assert seen == [("t0", 0), ("before ready", 0)]
         nursery.cancel_scope.cancel()
+
+
+# -- why a reaction judges whole (``Reactor._why_full``), case by case ------------------------------
+
+ALL = Policy("all")
+FAR = Policy("far", eligibility=Eligibility(destinations=(ip_network("8.0.0.0/8"),)))
+NEAR = Policy("near", eligibility=Eligibility(destinations=(ip_network("192.0.2.0/24"),)))
+
+
+def burst_of(*triggers: Trigger) -> Burst:
+    burst = Burst()
+    for trigger in triggers:
+        burst.add(trigger, 1.0)
+    return burst
+
+
+ROUTE = Trigger("rtnetlink", "route added", kind="route")
+
+
+def judged(complete: frozenset[Eligibility], policy: EffectivePolicy) -> Reactor:
+    """A reactor whose last reaction judged ``complete`` whole under RULESET and ``policy``."""
+    reactor = Reactor(Backend(), policy=lambda: policy)
+    reactor._complete = complete
+    reactor._judged_under = (RULESET, policy)
+    return reactor
+
+
+@pytest.mark.parametrize(
+    ("burst", "why"),
+    [
+        (burst_of(ROUTE), None),
+        (burst_of(*(Trigger("rtnetlink", k, kind=k) for k in ("link", "address", "route", "rule", "xfrm"))), None),
+        (burst_of(ROUTE, Trigger("rtnetlink", "ENOBUFS", overrun=True, kind="route")), "events were lost"),
+        (burst_of(), "trigger request"),
+        (burst_of(ROUTE, Trigger("nftables", "ruleset changed", kind="ruleset")), "trigger route, ruleset"),
+        (burst_of(Trigger("dbus", "Trigger() called")), "trigger dbus"),
+    ],
+)
+def test_why_full_by_the_bursts_triggers(burst: Burst, why: str | None) -> None:
+    policy = EffectivePolicy((ALL,))
+    reactor = judged(frozenset({ALL.eligibility}), policy)
+    assert reactor._why_full(burst, RULESET, policy, Selection((ALL,))) == why
+
+
+def test_why_full_by_what_was_judged_whole_before() -> None:
+    policy = EffectivePolicy((ALL, FAR, NEAR))
+    burst = burst_of(ROUTE)
+    assert judged(frozenset(), policy)._why_full(burst, RULESET, policy, Selection((ALL,))) == (
+        "the previous judgement was not complete (start, refused, failed, dry run or log only)")
+    reactor = judged(frozenset({FAR.eligibility}), policy)
+    assert reactor._why_full(burst, RULESET, policy, Selection((FAR,))) is None
+    # Named in order, whichever order the selection has them in.
+    assert reactor._why_full(burst, RULESET, policy, Selection((NEAR, FAR, ALL))) == (
+        "policy all, near admits entries not judged against the previous state")
+    # A policy the reaction does not select does not matter.
+    reactor = judged(frozenset({ALL.eligibility, FAR.eligibility}), policy)
+    assert reactor._why_full(burst, RULESET, policy, Selection((FAR, ALL))) is None
+
+
+def test_why_full_by_the_ruleset_and_the_policy_judged_under() -> None:
+    policy = EffectivePolicy((ALL,))
+    reactor = judged(frozenset({ALL.eligibility}), policy)
+    burst, selection = burst_of(ROUTE), Selection((ALL,))
+    again = parse_ruleset_json({"nftables": [
+        {"table": {"family": "ip", "name": "nat", "handle": 1}},
+        {"chain": {"family": "ip", "table": "nat", "name": "post", "handle": 2, "type": "nat",
+                   "hook": "postrouting", "prio": 100, "policy": "accept"}},
+        {"rule": {"family": "ip", "table": "nat", "chain": "post", "handle": 3, "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "up2"}}, {"masquerade": None}]}},
+    ]})  # fmt: skip
+    assert again == RULESET and again is not RULESET
+    assert reactor._why_full(burst, again, policy, selection) is None  # read again, the same
+    assert reactor._why_full(burst, NatRuleset(), policy, selection) == "the ruleset changed"
+    reloaded = EffectivePolicy((ALL,))  # equal, but a reload: its policies may be other objects
+    assert reloaded == policy
+    assert reactor._why_full(burst, RULESET, reloaded, selection) == "the policy was reloaded"
+    reactor._judged_under = (None, policy)  # never judged
+    assert reactor._why_full(burst, RULESET, policy, selection) == "the ruleset changed"
+
+
+async def test_a_reaction_without_a_dump_moves_t0_and_keeps_what_was_judged_whole(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After the sweep judged every entry under BEFORE, a route no rule reaches (UNUSED) needs no
+    dump: T0 becomes UNUSED with the ruleset read, and the entries stay judged whole, so its
+    removal (back to BEFORE) needs none either and its change is told against UNUSED."""
+    backend = Backend()
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery)
+        policy = reactor.policy()
+        whole = frozenset({policy.policies[0].eligibility})
+        assert reactor._complete == whole and reactor.t0 is BEFORE
+        await route_event(backend, UNUSED)
+        assert reactor.t0 is UNUSED and reactor.ruleset_t0 is RULESET
+        assert reactor._complete == whole
+        assert reactor._judged_under[0] is RULESET and reactor._judged_under[1] is policy
+        assert reactor.reactions[-1].timings["impact"] == 0.0  # measured on the virtual clock: no time passes
+        await route_event(backend, BEFORE)
+        nursery.cancel_scope.cancel()
+    assert backend.dumps == 1 and reactor.t0 is BEFORE
+    first, second = (r.change.lines for r in reactor.reactions[1:])
+    assert [(r.dumped, r.fields()["dumped"]) for r in reactor.reactions] == [(True, True), (False, False), (False, False)]
+    assert reactor.reactions[2].summary().startswith(
+        "reaction 3 (route changed; route 198.18.0.0/15 via 203.0.113.1 dev up2 table 100 removed): "
+        "no dump: the change can re-NAT no flow, nothing deleted, ")  # "route changed" is no event's wording
+    assert first == ("route 198.18.0.0/15 via 203.0.113.1 dev up2 table 100 added",)
+    assert second == ("route 198.18.0.0/15 via 203.0.113.1 dev up2 table 100 removed",)
+
+
+# -- what a reaction deletes, refuses, logs only; and what it leaves judged whole --------------------
+# After the sweep (nothing stale under BEFORE), 192.0.2.0/24 moves to up2: the flows to 192.0.2.7
+# and 192.0.2.8 (null bindings) are stale, the one to 8.8.8.8 is not.
+
+SEVEN = Policy("seven", eligibility=Eligibility(destinations=(ip_network("192.0.2.7/32"),)))
+WATCH = Policy("watch", action=Action.LOG)
+
+
+@pytest.mark.parametrize(
+    ("policies", "config", "deleted", "refused", "logged_only", "action"),
+    [
+        ((ALL,), {}, ["192.0.2.7", "192.0.2.8"], False, 0, "2 deleted"),
+        # The cap is the smaller of the policy's and the daemon's, whichever it is.
+        ((replace(ALL, max_deletions=1),), {}, [], True, 0, "REFUSED: 2 exceed the cap, nothing deleted"),
+        ((ALL,), {"max_deletions": 1}, [], True, 0, "REFUSED: 2 exceed the cap, nothing deleted"),
+        ((replace(ALL, max_deletions=2),), {"max_deletions": 3}, ["192.0.2.7", "192.0.2.8"], False, 0, "2 deleted"),
+        ((ALL,), {"dry_run": True}, [], False, 0, "dry run, 2 would be deleted"),
+        # Only the entries a flushing policy admits are deleted; the others are logged.
+        ((SEVEN, WATCH), {}, ["192.0.2.7"], False, 1, "1 deleted"),
+        ((SEVEN, WATCH), {"dry_run": True}, [], False, 1, "dry run, 1 would be deleted"),
+        ((WATCH,), {}, [], False, 2, "0 deleted"),
+        # A log-only policy caps nothing: the flushing one's cap of 1 holds the one it flushes.
+        ((replace(SEVEN, max_deletions=1), replace(WATCH, max_deletions=0)), {}, ["192.0.2.7"], False, 1, "1 deleted"),
+    ],
+    ids=["flush", "policy cap", "daemon cap", "caps fit", "dry run", "mixed", "mixed dry run", "log only",
+         "log caps nothing"],
+)
+async def test_what_a_reaction_deletes_refuses_and_logs_only(  # noqa: PLR0917 - a parametrized table
+    policies: tuple[Policy, ...], config: dict[str, Any], deleted: list[str], refused: bool, logged_only: int,
+    action: str, autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = Backend()
+    policy = EffectivePolicy(policies)
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery, policy=lambda: policy, **config)
+        await route_event(backend, MOVED)
+        nursery.cancel_scope.cancel()
+    last = reactor.reactions[-1]
+    assert sorted(str(e.orig.dst) for e in backend.deleted) == deleted
+    assert (last.refused, last.logged_only, last.deleted.deleted) == (refused, logged_only, len(deleted))
+    summary = last.summary()
+    assert f"2 of 3 examined udp entries stale, {action} (null_binding_now_nat: " in summary, summary
+    assert summary.count("logged only") == (1 if logged_only else 0)
+    if logged_only:
+        assert f"), {logged_only} logged only, " in summary
+    # Judged whole only where every stale entry is gone: T0 is MOVED either way.
+    assert reactor.judged_all is (deleted == ["192.0.2.7", "192.0.2.8"]) and reactor.t0 is MOVED
+
+
+async def test_a_moved_route_holding_a_dnat_target_judges_every_flow(autojump_clock: trio.testing.MockClock) -> None:
+    """``udp dport 53 dnat to 192.0.2.50``: moving 192.0.2.0/24 moves where a DNATed flow to any
+    address goes, so the reaction judges every flow, not only the prefix's (``core.impact``)."""
+    backend = Backend()
+    backend.ruleset_value = parse_ruleset_json({"nftables": [
+        *RULESET_DOC,
+        {"chain": {"family": "ip", "table": "nat", "name": "pre", "handle": 4, "type": "nat",
+                   "hook": "prerouting", "prio": -100, "policy": "accept"}},
+        {"rule": {"family": "ip", "table": "nat", "chain": "pre", "handle": 5, "expr": [
+            {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 53}},
+            {"dnat": {"addr": "192.0.2.50"}}]}},
+    ]})  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery)
+        assert reactor.judged_all
+        await route_event(backend, MOVED)
+        nursery.cancel_scope.cancel()
+    last = reactor.reactions[-1]
+    assert backend.dumps == 2 and last.dumped and "impact" in last.timings
+    assert not any("judged only" in n for n in last.plan.notes), last.plan.notes
+
+
+SPORT_DOC: list[dict[str, Any]] = [  # ``oifname "up2" udp sport 1000 masquerade``
+    *RULESET_DOC[:2],
+    {"rule": {"family": "ip", "table": "nat", "chain": "post", "handle": 3, "expr": [
+        {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "up2"}},
+        {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "sport"}}, "right": 1000}},
+        {"masquerade": None}]}},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("with_the_move", [False, True], ids=["read at start", "changed with the move"])
+async def test_a_ruleset_that_reads_the_source_port_judges_each_port(
+    with_the_move: bool, autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two flows to 192.0.2.7 from ports 1000 and 1001, neither NATed; 192.0.2.0/24 moves to up2,
+    where only port 1000 is masqueraded: that entry alone is stale. The same when the ruleset that
+    reads the port comes with the move (the one of T0 reads none)."""
+    backend = Backend()
+    backend.table = [entry("192.0.2.7", 1000), entry("192.0.2.7", 1001)]
+    sport = parse_ruleset_json({"nftables": SPORT_DOC})
+    if not with_the_move:
+        backend.ruleset_value = sport
+    async with trio.open_nursery() as nursery:
+        await started(backend, nursery)
+        backend.ruleset_value = sport
+        backend.topo = MOVED
+        await backend.send.send(Trigger("rtnetlink", "route changed", kind="route"))
+        if with_the_move:
+            await backend.send.send(Trigger("nftables", "ruleset changed", kind="ruleset"))
+        await settle()
+        nursery.cancel_scope.cancel()
+    assert [e.orig.sport for e in backend.deleted] == [1000]
+
+
+def unpredictable_snat(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
+    """The evaluator's prediction with its source NAT unknown (as behind a set it cannot read)."""
+    return replace(predict(ruleset, fib, flow), snat=Unknown("a set that cannot be read"))
+
+
+async def test_an_unpredictable_nat_compares_each_flows_own_egress_before_and_now(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """T0 sends 192.0.2.0/24 out of up2 (its route), T1 has no such route: everything leaves by
+    the default route out of up1, so T1 alone puts 192.0.2.7 and 8.8.8.8 in one class. With the
+    source NAT unpredictable, what changed is the egress: 192.0.2.7's moved (up2 -> up1), stale;
+    8.8.8.8's did not (up1 both times), nothing says it went stale."""
+    backend = Backend()
+    backend.topo = MOVED
+    backend.table = [entry("192.0.2.7", 1000, translated="203.0.113.2"), entry("8.8.8.8", 1002)]
+    reactor = Reactor(backend, ReactorConfig(debounce=0.05, max_wait=0.2, startup_sweep=False),
+                      predictor=unpredictable_snat)  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reactor.run)
+        await route_event(backend, replace(MOVED, routes=BASE_ROUTES))
+        nursery.cancel_scope.cancel()
+    (reaction,) = reactor.reactions
+    assert [(str(d.entry.orig.dst), d.code) for d in reaction.plan.stale] == [
+        ("192.0.2.7", "egress_changed_unknown_nat")]
+    assert reaction.plan.undecided == () and [str(e.orig.dst) for e in backend.deleted] == ["192.0.2.7"]
