@@ -925,6 +925,7 @@ async def test_a_reaction_called_without_a_trigger_times_itself_from_its_start(
     reaction = await reactor.react(Burst())
     assert reaction.skipped == "no ruleset has been read yet (nft: syntax error)"
     assert (reaction.trigger, reaction.events) == ("request", 0) and reaction.latency == pytest.approx(0.001)
+    assert reaction.change.lines == ("initial snapshot",)  # no T0 yet (``run`` takes one first)
 
 
 def unknown_snat(ruleset: Any, fib: Fib, flow: Flow) -> Prediction:
@@ -956,3 +957,24 @@ async def test_an_unpredictable_nat_is_undecided_only_where_the_ruleset_changed_
     assert reactor.ruleset is again and reactor.ruleset_t0 is again
     assert reaction.plan.stale == () and backend.deleted == []
     assert [(d.code, d.why.ruleset_changed) for d in reaction.plan.undecided] == [("unknown_nat", True)] * undecided
+
+
+async def test_a_reaction_called_without_a_trigger_and_stopped_by_a_ruleset_swap_times_itself(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """As above, for a reaction that decided, then found the ruleset swapped before its deletes."""
+    backend = GenerationBackend(False, [NatRuleset(), POST])
+    backend.topo = B
+    reactor = Reactor(backend, ReactorConfig(startup_sweep=False), predictor=stale_when_up2)
+    await trio.sleep(5)
+    reaction = await reactor.react(Burst())
+    assert reaction.skipped == "the ruleset changed during the reaction; the next reaction decides on the new one"
+    assert (reaction.trigger, reaction.events) == ("request", 0) and reaction.latency == pytest.approx(0.001)
+    assert backend.deleted == [] and reactor.ruleset is POST and reaction.change.lines == ("initial snapshot",)
+    # Decided and deleted, the same way.
+    backend = GenerationBackend(True, [NatRuleset()])
+    backend.topo = B
+    reactor = Reactor(backend, ReactorConfig(startup_sweep=False), predictor=stale_when_up2)
+    reaction = await reactor.react(Burst())
+    assert reaction.skipped is None and reaction.deleted.deleted == 2 and reaction.change.lines == ("initial snapshot",)
+    assert reaction.latency == pytest.approx(0.001) and reactor.t0 is B and reaction.trigger == "request"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from ipaddress import IPv4Address, ip_address, ip_network
@@ -19,7 +20,7 @@ import trio
 import trio.testing
 
 from topowatch.core.classify import Classifier
-from topowatch.core.conntrack import IPS_CONFIRMED, IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, CtTuple, Entry
+from topowatch.core.conntrack import IPS_CONFIRMED, IPS_DST_NAT_DONE, IPS_SEEN_REPLY, IPS_SRC_NAT_DONE, CtTuple, Entry, Reread
 from topowatch.core.decide import Decider
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.evaluate import predict
@@ -147,7 +148,9 @@ async def test_a_route_in_a_table_no_rule_reaches_needs_no_dump(autojump_clock: 
     assert [r.plan.notes for r in reactor.reactions[1:]] == [("no dump: the change can re-NAT no flow",)] * 2
 
 
-async def test_a_moved_route_judges_only_its_prefix(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_moved_route_judges_only_its_prefix(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
     backend = Backend()
     # An entry outside the moving prefix that a full judgement would call stale (it was NATed to
     # an address the ruleset never gives): a judgement of the prefix alone leaves it.
@@ -158,8 +161,12 @@ async def test_a_moved_route_judges_only_its_prefix(autojump_clock: trio.testing
         reactor.judged_all = True  # as after a complete judgement of T0 (the sweep is off here)
         reactor._judged_under = (RULESET, reactor.policy())
         reactor.t0 = BEFORE
-        await route_event(backend, MOVED)
+        with caplog.at_level(logging.DEBUG, logger="topowatch.reactor"):
+            await route_event(backend, MOVED)
         nursery.cancel_scope.cancel()
+    judging = [m for r in caplog.records if (m := r.getMessage()).startswith("judging only ")]
+    assert len(judging) == 1 and re.fullmatch(r"judging only flows to or from 192\.0\.2\.0/24 \(\d+ address classes\)",
+                                              judging[0]), judging
     assert sorted(e.orig.dst for e in backend.deleted) == [IPv4Address("192.0.2.7"), IPv4Address("192.0.2.8")]
     assert backend.dumps == 1
     assert any("judged only flows to or from 192.0.2.0/24" in n for n in reactor.reactions[-1].plan.notes)
@@ -449,6 +456,7 @@ class EarlyBackend(Backend):
         self.table += [entry("192.0.2.9", 1003), entry("192.0.2.10", 1004)]
         self.early_deleted: list[Entry] = []
         self.offered: list[Any] = []
+        self.why_not = ""  # set: it declines to overlap, and says why (``EarlyDeletes.why_not``)
 
     async def judge(self, eligibility: Eligibility, decider: Callable[[Any], Decider], early: Any = None) -> Decider:
         from topowatch.edges import ctcodec as c
@@ -461,11 +469,16 @@ class EarlyBackend(Backend):
         parser.feed(b"".join(dump_message(e, 9) for e in self.table))
         for e in parser.entries:
             judging.add(e)
-        if early is not None and judging.records:
+        if early is not None and self.why_not:
+            early.why_not = self.why_not
+            return judging
+        # As the kernel's backend: ``go()`` before the early batch, ``still`` on each entry re-read.
+        if early is not None and judging.records and early.go():
             first = judging._record_entry(bytes(judging.records), 0)
+            assert early.still(first, Reread(first.status, first.id, first.mark, 600))
             self.early_deleted.append(first)
             self.table = [e for e in self.table if e != first]
-            early.taken, early.counts = 1, DeleteCounts(deleted=1, window_p99=0.004)
+            early.taken, early.counts = 1, DeleteCounts(deleted=1, elapsed=0.002, window_p99=0.004)
         return judging
 
 
@@ -485,6 +498,7 @@ async def test_the_tail_deletes_what_the_early_deletes_left_and_the_counts_add_u
     assert {e.orig.dst for e in backend.deleted} == moved - {backend.early_deleted[0].orig.dst}
     last = reactor.reactions[-1]
     assert last.deleted.deleted == 4 and last.deleted.window_p99 == 0.004 and reactor.judged_all
+    assert last.deleted.elapsed == 0.002 and last.timings["overlapped deletes"] == 0.002  # the tail took no time
     # Every stale entry flushes: none is "logged only" (the early deletes' are not either).
     assert last.logged_only == 0 and "logged only" not in last.summary()
 
@@ -700,6 +714,8 @@ async def test_what_a_reaction_deletes_refuses_and_logs_only(  # noqa: PLR0917 -
     last = reactor.reactions[-1]
     assert sorted(str(e.orig.dst) for e in backend.deleted) == deleted
     assert (last.refused, last.logged_only, last.deleted.deleted) == (refused, logged_only, len(deleted))
+    # The delete phase is timed where it ran (no time passes on the virtual clock).
+    assert (last.timings.get("delete"), last.timings.get("window")) == ((0.0, 0.0) if deleted else (None, None))
     summary = last.summary()
     assert f"2 of 3 examined udp entries stale, {action} (null_binding_now_nat: " in summary, summary
     assert summary.count("logged only") == (1 if logged_only else 0)
@@ -727,7 +743,7 @@ async def test_a_moved_route_holding_a_dnat_target_judges_every_flow(autojump_cl
         await route_event(backend, MOVED)
         nursery.cancel_scope.cancel()
     last = reactor.reactions[-1]
-    assert backend.dumps == 2 and last.dumped and "impact" in last.timings
+    assert backend.dumps == reactor.dumps == 2 and last.dumped and "impact" in last.timings
     assert not any("judged only" in n for n in last.plan.notes), last.plan.notes
 
 
@@ -753,7 +769,7 @@ async def test_a_ruleset_that_reads_the_source_port_judges_each_port(
     if not with_the_move:
         backend.ruleset_value = sport
     async with trio.open_nursery() as nursery:
-        await started(backend, nursery)
+        reactor = await started(backend, nursery)
         backend.ruleset_value = sport
         backend.topo = MOVED
         await backend.send.send(Trigger("rtnetlink", "route changed", kind="route"))
@@ -762,6 +778,7 @@ async def test_a_ruleset_that_reads_the_source_port_judges_each_port(
         await settle()
         nursery.cancel_scope.cancel()
     assert [e.orig.sport for e in backend.deleted] == [1000]
+    assert reactor.reactions[-1].trigger == ("route changed, ruleset changed" if with_the_move else "route changed")
 
 
 def unpredictable_snat(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
@@ -789,3 +806,44 @@ async def test_an_unpredictable_nat_compares_each_flows_own_egress_before_and_no
     assert [(str(d.entry.orig.dst), d.code) for d in reaction.plan.stale] == [
         ("192.0.2.7", "egress_changed_unknown_nat")]
     assert reaction.plan.undecided == () and [str(e.orig.dst) for e in backend.deleted] == ["192.0.2.7"]
+
+
+async def test_a_policy_that_admits_replied_entries_judges_them(autojump_clock: trio.testing.MockClock) -> None:
+    """Under ``unreplied_only = false`` a replied flow to the moved prefix is judged (and stale) as an
+    unreplied one is: the decider asks the policy's eligibility, not the default's."""
+    backend = Backend()
+    replied = entry("192.0.2.7", 1000)
+    backend.table = [Entry(replied.family, replied.proto, replied.orig, replied.reply,
+                           replied.status | IPS_SEEN_REPLY, id=replied.id)]  # fmt: skip
+    policy = EffectivePolicy((Policy("all", eligibility=Eligibility(unreplied_only=False)),))
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery, policy=lambda: policy)
+        await route_event(backend, MOVED)
+        nursery.cancel_scope.cancel()
+    last = reactor.reactions[-1]
+    assert (last.plan.examined, last.plan.eligible, len(last.plan.stale)) == (1, 1, 1)
+    assert [e.orig.dst for e in backend.deleted] == [IPv4Address("192.0.2.7")]
+
+
+@pytest.mark.skipif(__import__("topowatch.edges.ctcodec").edges.ctcodec._ctscan is None, reason="no compiled scan")
+async def test_early_deletes_beyond_the_cap_are_said_loudly_and_a_declined_overlap_quietly(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A backend must not delete early where the cap could be reached; one that did anyway (here: 1
+    of 4 stale, under a cap of 2) is named in an error. One that declines says why, at debug."""
+    backend = EarlyBackend()
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery, max_deletions=2)
+        with caplog.at_level(logging.DEBUG, logger="topowatch.reactor"):
+            await route_event(backend, MOVED)
+            backend.why_not = "the deletion cap 2 is below the table's size 262144"
+            backend.topo = BEFORE
+            await backend.send.send(Trigger("rtnetlink", "route changed", kind="route"))
+            await settle()
+        nursery.cancel_scope.cancel()
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert (logging.ERROR, "the deletion cap 2 was reached after 1 deletes overlapping the dump") in messages
+    assert (logging.DEBUG, "deletes did not overlap the dump: the deletion cap 2 is below the table's size 262144"
+            ) in messages
+    refused = reactor.reactions[1]
+    assert refused.refused and refused.deleted.deleted == 1 and backend.deleted == []
