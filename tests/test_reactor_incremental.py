@@ -20,7 +20,15 @@ import trio
 import trio.testing
 
 from topowatch.core.classify import Classifier
-from topowatch.core.conntrack import IPS_CONFIRMED, IPS_DST_NAT_DONE, IPS_SEEN_REPLY, IPS_SRC_NAT_DONE, CtTuple, Entry, Reread
+from topowatch.core.conntrack import (
+    IPS_CONFIRMED,
+    IPS_DST_NAT_DONE,
+    IPS_SEEN_REPLY,
+    IPS_SRC_NAT_DONE,
+    CtTuple,
+    Entry,
+    Reread,
+)
 from topowatch.core.decide import Decider
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.evaluate import predict
