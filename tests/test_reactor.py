@@ -14,11 +14,19 @@ import pytest
 import trio
 import trio.testing
 
-from topowatch.core.conntrack import IPS_CONFIRMED, IPS_SEEN_REPLY, IPS_SRC_NAT_DONE, CtTuple, Entry, Reread
+from topowatch.core.conntrack import (
+    IPS_CONFIRMED,
+    IPS_DST_NAT_DONE,
+    IPS_SEEN_REPLY,
+    IPS_SRC_NAT_DONE,
+    CtTuple,
+    Entry,
+    Reread,
+)
 from topowatch.core.decide import Decider, Decision, FlushPlan
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
-from topowatch.core.flow import NO_NAT, Binding, Flow, NatKind, Prediction, Unknown
+from topowatch.core.flow import NO_NAT, Binding, Flow, Ingress, NatKind, Prediction, Unknown
 from topowatch.core.model import AF_INET, Link, Route, Topology, TopologyChange
 from topowatch.core.nat import NatRuleset
 from topowatch.core.reason import Reason, ReasonCode
@@ -978,3 +986,38 @@ async def test_a_reaction_called_without_a_trigger_and_stopped_by_a_ruleset_swap
     reaction = await reactor.react(Burst())
     assert reaction.skipped is None and reaction.deleted.deleted == 2 and reaction.change.lines == ("initial snapshot",)
     assert reaction.latency == pytest.approx(0.001) and reactor.t0 is B and reaction.trigger == "request"
+
+
+OLD_RULES = parse_ruleset_json(nft_doc("old"))
+MASQUERADE = frozenset({Binding(NatKind.MASQUERADE, IPv4Address("203.0.113.2"))})
+
+
+def two_ways_in(ruleset: Any, fib: Fib, flow: Flow) -> Prediction:
+    """The flow may enter on lan or on wan. On lan it gets no source NAT; on wan it is masqueraded,
+    except under OLD_RULES (the ruleset of T0), where wan gave no NAT either."""
+    assert fib.topology is not None and flow.dst == IPv4Address("192.0.2.10")
+    lan = Prediction(dnat=frozenset({NO_NAT}), snat=frozenset({NO_NAT}), egress=(), ingress=Ingress(2, "lan"))
+    wan_snat = frozenset({NO_NAT}) if ruleset is OLD_RULES else MASQUERADE
+    wan = Prediction(dnat=frozenset({NO_NAT}), snat=wan_snat, egress=(), ingress=Ingress(3, "wan"))
+    return Prediction(dnat=frozenset({NO_NAT}), snat=lan.snat | wan_snat, egress=(), alternatives=(lan, wan))
+
+
+async def test_the_ways_an_entry_came_are_judged_by_the_ruleset_of_t0(autojump_clock: trio.testing.MockClock) -> None:
+    """Two entries without source NAT; the ruleset now masquerades flows that enter on wan, and T0's
+    (OLD_RULES) did not. Entering on lan they are healthy now; on wan they would be stale, and under
+    T0's ruleset they could have come that way with their bindings: undecided (unknown ingress).
+    Judged by the new ruleset as if it were T0's, no way would have given them their bindings then."""
+    new = NatRuleset()
+    backend = GenerationBackend(True, [OLD_RULES, new])
+    # Both NAT hooks ran (an entry made before a hook had a chain says nothing of T0: "older").
+    backend.table = [replace(e, status=e.status | IPS_DST_NAT_DONE) for e in backend.table]
+    reactor = Reactor(backend, ReactorConfig(startup_sweep=False), predictor=two_ways_in)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reactor.run)
+        await backend.send.send(Trigger("nftables", "ruleset changed", kind="ruleset"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    (reaction,) = reactor.reactions
+    assert reaction.plan.stale == () and backend.deleted == []
+    assert [(d.entry.orig.sport, d.code, d.why.history) for d in reaction.plan.undecided] == [
+        (5060, "unknown_ingress", "snapshot"), (5061, "unknown_ingress", "snapshot")]
