@@ -245,15 +245,19 @@ async def test_failed_source_is_restarted(autojump_clock: trio.testing.MockClock
     assert reactor.reactions and all("restarted" in r.trigger for r in reactor.reactions)
 
 
-async def test_bad_ruleset_keeps_previous(autojump_clock: trio.testing.MockClock) -> None:
+async def test_bad_ruleset_keeps_previous(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
     backend = FakeBackend()
     async with trio.open_nursery() as nursery:
         reactor = await start(backend, nursery)
         backend.ruleset_error = True
         backend.topo = B
-        await backend.send.send(Trigger("nft", "ruleset changed"))
-        await trio.sleep(1)
+        with caplog.at_level(logging.ERROR, logger="topowatch.reactor"):
+            await backend.send.send(Trigger("nft", "ruleset changed"))
+            await trio.sleep(1)
         nursery.cancel_scope.cancel()
+    assert "ruleset unreadable, keeping the previous one: nft: syntax error" in [r.getMessage() for r in caplog.records]
     assert len(reactor.reactions) == 1
     assert len(backend.deleted) == 2
 
@@ -532,7 +536,7 @@ async def test_ruleset_is_reread_only_when_it_may_have_changed(autojump_clock: t
         assert backend.rulesets_read == read_at_start + 3  # not a topology kind: re-read
         nursery.cancel_scope.cancel()
     assert len(reactor.reactions) == 4
-    assert "ruleset" not in reactor.reactions[0].timings and "ruleset" in reactor.reactions[1].timings
+    assert "ruleset" not in reactor.reactions[0].timings and reactor.reactions[1].timings["ruleset"] == 0.0
 
 
 async def test_backend_without_ruleset_events_rereads_every_time(autojump_clock: trio.testing.MockClock) -> None:
@@ -826,6 +830,9 @@ def test_the_reactions_line_names_the_codes_of_what_it_deleted() -> None:
     codes = [*one, _decision(5063, ReasonCode.NAT_NOW_NONE, NO_NAT)]
     assert "3 deleted (2 null_binding_now_nat, 1 nat_now_none), " in _reaction(
         plan=replace(plan, stale=codes), counts=None, deleted=DeleteCounts(deleted=3)).summary()
+    tcp = Decision(replace(udp_entry(5064), proto=6), one[0].why)
+    assert ": 3 of 4 examined tcp/udp entries stale, " in _reaction(
+        plan=replace(plan, stale=[*one, tcp]), counts=None).summary()
 
 
 def test_the_reactions_record_has_every_count() -> None:
@@ -986,6 +993,10 @@ async def test_a_reaction_called_without_a_trigger_and_stopped_by_a_ruleset_swap
     reaction = await reactor.react(Burst())
     assert reaction.skipped is None and reaction.deleted.deleted == 2 and reaction.change.lines == ("initial snapshot",)
     assert reaction.latency == pytest.approx(0.001) and reactor.t0 is B and reaction.trigger == "request"
+    # Each phase it went through, on the virtual clock: only the snapshot (1 ms) takes time, and
+    # "kernel wait" is the backend's own (0.25 s, inside dump+decide). No T0: no impact phase.
+    assert reaction.timings == {"snapshot": pytest.approx(0.001), "ruleset": 0.0, "fib": 0.0, "classes": 0.0,
+                                "dump+decide": 0.0, "kernel wait": 0.25, "delete": 0.0, "window": 0.0}
 
 
 OLD_RULES = parse_ruleset_json(nft_doc("old"))
@@ -1021,3 +1032,30 @@ async def test_the_ways_an_entry_came_are_judged_by_the_ruleset_of_t0(autojump_c
     assert reaction.plan.stale == () and backend.deleted == []
     assert [(d.entry.orig.sport, d.code, d.why.history) for d in reaction.plan.undecided] == [
         (5060, "unknown_ingress", "snapshot"), (5061, "unknown_ingress", "snapshot")]
+
+
+async def test_flows_are_predicted_one_by_one_where_the_classes_cannot_be_exact(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NETMAP maps each address on its own: no flow classes, and the debug log says why."""
+    from topowatch.core.nat import Chain, Hook, NetmapStatement, Rule
+
+    rule = Rule(1, (NetmapStatement(IPv4Network("10.9.0.0/16"), "NETMAP --to 10.9.0.0/16"),))
+    chain = Chain("ip", "nat", "PREROUTING", (rule,), Hook.PREROUTING, -100, "nat", "accept")
+    backend = GenerationBackend(True, [NatRuleset((chain,))])
+    backend.topo = B
+    reactor = Reactor(backend, ReactorConfig(startup_sweep=False), predictor=stale_when_up2)
+    with caplog.at_level(logging.DEBUG, logger="topowatch.reactor"):
+        reaction = await reactor.react(Burst())
+    assert reaction.deleted.deleted == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert "flows are predicted one by one: NETMAP --to 10.9.0.0/16 maps addresses bit by bit" in messages
+    with caplog.at_level(logging.DEBUG, logger="topowatch.reactor"):
+        caplog.clear()
+        await _react_once_with_exact_classes()
+    assert not any(m.startswith("flows are predicted one by one") for m in (r.getMessage() for r in caplog.records))
+
+
+async def _react_once_with_exact_classes() -> None:
+    backend = GenerationBackend(True, [NatRuleset()])
+    await Reactor(backend, ReactorConfig(startup_sweep=False), predictor=stale_when_up2).react(Burst())
