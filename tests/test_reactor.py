@@ -1059,3 +1059,73 @@ async def test_flows_are_predicted_one_by_one_where_the_classes_cannot_be_exact(
 async def _react_once_with_exact_classes() -> None:
     backend = GenerationBackend(True, [NatRuleset()])
     await Reactor(backend, ReactorConfig(startup_sweep=False), predictor=stale_when_up2).react(Burst())
+
+
+def port_rules(field: str) -> NatRuleset:
+    """A nat chain whose rule reads ``udp <field> 1000``: the flow classes of T0's ruleset split there."""
+    return parse_ruleset_json({"nftables": [
+        {"table": {"family": "ip", "name": "nat", "handle": 1}},
+        {"chain": {"family": "ip", "table": "nat", "name": "post", "handle": 2, "type": "nat",
+                   "hook": "postrouting", "prio": 100, "policy": "accept"}},
+        {"rule": {"family": "ip", "table": "nat", "chain": "post", "handle": 3, "expr": [
+            {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": field}}, "right": 1000}},
+            {"masquerade": None}]}},
+    ]})  # fmt: skip
+
+
+def flow_entry(sport: int, dport: int) -> Entry:
+    """An UNREPLIED udp flow from 10.0.1.2 to 192.0.2.10, no NAT on either side (both hooks ran)."""
+    src, dst = IPv4Address("10.0.1.2"), IPv4Address("192.0.2.10")
+    return Entry(AF_INET, 17, CtTuple(src, dst, sport, dport), CtTuple(dst, src, dport, sport),
+                 status=IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE)  # fmt: skip
+
+
+@pytest.mark.parametrize("field", ["sport", "dport"])
+async def test_the_flow_classes_of_a_reaction_follow_the_ruleset_of_t0_too(
+    field: str, autojump_clock: trio.testing.MockClock,
+) -> None:
+    """T0's ruleset gave flows entering on wan no source NAT on port 1000 (``field``) only; the new
+    one masquerades every flow from wan and reads no port. The flow on port 1000 may have come in
+    on wan with its bindings then: undecided. The one on port 1001 could not (wan masqueraded it
+    then too): it came in on lan, healthy. Classes of the new ruleset alone would merge the two."""
+    old = port_rules(field)
+
+    def predictor(ruleset: Any, fib: Fib, flow: Flow) -> Prediction:
+        port = flow.sport if field == "sport" else flow.dport
+        lan = Prediction(dnat=frozenset({NO_NAT}), snat=frozenset({NO_NAT}), egress=(), ingress=Ingress(2, "lan"))
+        wan_snat = frozenset({NO_NAT}) if ruleset is old and port == 1000 else MASQUERADE
+        wan = Prediction(dnat=frozenset({NO_NAT}), snat=wan_snat, egress=(), ingress=Ingress(3, "wan"))
+        return Prediction(dnat=frozenset({NO_NAT}), snat=lan.snat | wan_snat, egress=(), alternatives=(lan, wan))
+
+    backend = GenerationBackend(True, [old, NatRuleset()])
+    on_1000, on_1001 = (flow_entry(1000, 53), flow_entry(1001, 53)) if field == "sport" else (
+        flow_entry(40000, 1000), flow_entry(40000, 1001))
+    for table in ([on_1000, on_1001], [on_1001, on_1000]):  # whichever the dump gives first
+        backend.table = table
+        reactor = Reactor(backend, ReactorConfig(startup_sweep=False), predictor=predictor)
+        backend.rulesets_read = 0
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run)
+            await backend.send.send(Trigger("nftables", "ruleset changed", kind="ruleset"))
+            await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+        (reaction,) = reactor.reactions
+        assert reaction.plan.stale == ()
+        assert [(d.entry, d.code) for d in reaction.plan.undecided] == [(on_1000, "unknown_ingress")]
+
+
+async def test_a_ruleset_first_read_after_start_stands_for_t0s(autojump_clock: trio.testing.MockClock) -> None:
+    """The ruleset could not be read at start: T0 has none of its own. The first ruleset read is
+    the best word on T0's, so an unpredictable NAT whose egress did not move is not undecided."""
+    backend = GenerationBackend(True, [RulesetError("nft: syntax error"), NatRuleset()])
+    reactor = Reactor(backend, ReactorConfig(startup_sweep=False), predictor=unknown_snat)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reactor.run)
+        assert reactor.ruleset is None and reactor.ruleset_t0 is None
+        await backend.send.send(Trigger("rtnetlink", "route added", kind="route"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    (reaction,) = reactor.reactions
+    assert reaction.skipped is None and reaction.plan.examined == 2
+    assert reaction.plan.stale == () and reaction.plan.undecided == ()
+    assert reactor.ruleset_t0 is reactor.ruleset is backend.reads[1]
