@@ -11,6 +11,7 @@ from __future__ import annotations
 from ipaddress import IPv4Address
 
 from topowatch.core.conntrack import IPS_SEEN_REPLY, Entry
+from topowatch.core.decide import FlushPlan
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
 from topowatch.core.flow import NO_NAT, Flow, Prediction
@@ -18,7 +19,7 @@ from topowatch.core.nat import NatRuleset
 from topowatch.edges.nft import parse_ruleset_json
 from topowatch.reactor import plan_once
 
-from test_reactor_incremental import BEFORE, MOVED, RULESET, entry  # isort: skip
+from test_reactor_incremental import BEFORE, MOVED, RULESET, RULESET_DOC, entry, unpredictable_snat  # isort: skip
 
 
 def _sport_ruleset() -> NatRuleset:
@@ -68,3 +69,44 @@ def test_the_plan_asks_the_given_eligibility_and_predictor() -> None:
     assert plan.stale == ()
     assert sorted(dst for _, dst in seen) == [IPv4Address("8.8.8.8"), IPv4Address("192.0.2.7")]
     assert all(rs is RULESET for rs, _ in seen)
+
+
+# -- with the previous snapshot (``topowatch plan --previous``), a source NAT the evaluator cannot
+# predict: what says an entry went stale is its egress, before and now, and the ruleset then.
+# 192.0.2.7 (masqueraded to 203.0.113.2 out of up2 in MOVED) left by up1 in BEFORE; 8.8.8.8 leaves
+# by up1 in both.
+
+UNPREDICTABLE = [entry("192.0.2.7", 1000, translated="203.0.113.2"), entry("8.8.8.8", 1002)]
+SAME_EGRESS = "source NAT cannot be predicted (a set that cannot be read); the egress is the same, but the ruleset changed"
+
+
+def _verdicts(plan: FlushPlan) -> tuple[list[tuple[str, str]], list[tuple[str, str, bool]]]:
+    return ([(str(d.entry.orig.dst), d.code) for d in plan.stale],
+            [(str(d.entry.orig.dst), d.code, d.why.ruleset_changed) for d in plan.undecided])  # fmt: skip
+
+
+def test_without_a_previous_snapshot_an_unpredictable_nat_is_undecided() -> None:
+    plan = plan_once(MOVED, RULESET, UNPREDICTABLE, Eligibility(), unpredictable_snat)
+    assert _verdicts(plan) == ([], [("192.0.2.7", "unknown_nat", False), ("8.8.8.8", "unknown_nat", False)])
+
+
+def test_with_the_previous_snapshot_a_moved_egress_is_stale_and_an_unchanged_one_says_nothing() -> None:
+    plan = plan_once(MOVED, RULESET, UNPREDICTABLE, Eligibility(), unpredictable_snat, previous=(BEFORE, RULESET))
+    assert _verdicts(plan) == ([("192.0.2.7", "egress_changed_unknown_nat")], [])
+
+
+def test_the_same_ruleset_read_again_as_previous_is_no_ruleset_change() -> None:
+    """As a reaction has it (``Reactor.react``: "read again, unchanged"): a previous snapshot whose
+    ruleset equals the current one (a snapshot file's is decoded: another value) changed nothing."""
+    again = parse_ruleset_json({"nftables": RULESET_DOC})
+    assert again == RULESET and again is not RULESET
+    for ruleset0 in (RULESET, again):
+        plan = plan_once(MOVED, RULESET, UNPREDICTABLE, Eligibility(), unpredictable_snat, previous=(MOVED, ruleset0))
+        assert _verdicts(plan) == ([], [])
+
+
+def test_another_ruleset_as_previous_leaves_an_unchanged_egress_undecided() -> None:
+    plan = plan_once(MOVED, RULESET, UNPREDICTABLE, Eligibility(), unpredictable_snat,
+                     previous=(MOVED, NatRuleset()))  # fmt: skip
+    assert _verdicts(plan) == ([], [("192.0.2.7", "unknown_nat", True), ("8.8.8.8", "unknown_nat", True)])
+    assert [d.reason for d in plan.undecided] == [SAME_EGRESS] * 2
