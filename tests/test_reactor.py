@@ -1129,3 +1129,25 @@ async def test_a_ruleset_first_read_after_start_stands_for_t0s(autojump_clock: t
     assert reaction.skipped is None and reaction.plan.examined == 2
     assert reaction.plan.stale == () and reaction.plan.undecided == ()
     assert reactor.ruleset_t0 is reactor.ruleset is backend.reads[1]
+
+
+async def test_a_reaction_that_decided_nothing_is_recorded_whole(autojump_clock: trio.testing.MockClock) -> None:
+    """No ruleset yet: the reaction examines nothing, and its record says so field by field."""
+    backend = FakeBackend()
+    backend.ruleset_error = True
+    async with trio.open_nursery() as nursery:
+        reactor = await start(backend, nursery, dry_run=True, debounce=0.25, max_wait=3.0)
+        await backend.send.send(Trigger("rtnetlink", "route added: a", kind="route"))
+        await backend.send.send(Trigger("rtnetlink", "route added: b", kind="route"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    (reaction,) = reactor.reactions
+    why = "no ruleset has been read yet (nft: syntax error)"
+    fields = reaction.fields()
+    assert {k: fields[k] for k in ("trigger", "events", "policies", "examined", "eligible", "stale", "refused",
+                                   "dry_run", "skipped", "dumped", "notes")} == {
+        "trigger": "route added: a, route added: b", "events": 2, "policies": "default", "examined": 0,
+        "eligible": 0, "stale": 0, "refused": False, "dry_run": True, "skipped": why, "dumped": True,
+        "notes": [why]}  # fmt: skip
+    # From the first event: the 0.25 s quiet gap, then the snapshot's 1 ms.
+    assert reaction.latency == pytest.approx(0.251)
