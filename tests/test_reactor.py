@@ -1151,3 +1151,23 @@ async def test_a_reaction_that_decided_nothing_is_recorded_whole(autojump_clock:
         "notes": [why]}  # fmt: skip
     # From the first event: the 0.25 s quiet gap, then the snapshot's 1 ms.
     assert reaction.latency == pytest.approx(0.251)
+
+
+async def test_each_ruleset_trigger_is_counted(autojump_clock: trio.testing.MockClock) -> None:
+    reactor = Reactor(FakeBackend(), ReactorConfig(startup_sweep=False))
+    for _ in range(3):
+        reactor.push(Trigger("nftables", "ruleset changed", kind="ruleset"))
+    reactor.push(Trigger("rtnetlink", "route added", kind="route"))
+    assert reactor._ruleset_changes == 3
+
+
+def test_a_brief_reaction_keeps_counts_and_eight_change_lines() -> None:
+    stale = [_decision(5060 + i, ReasonCode.NULL_BINDING_NOW_NAT, MASQ2) for i in range(3)]
+    full = _reaction(counts=None, plan=FlushPlan(examined=9, eligible=9, stale=stale, undecided=stale[:1]),
+                     change=TopologyChange(tuple(f"route {i} added" for i in range(10))))
+    brief = full.brief()
+    assert (brief.plan.stale, brief.plan.undecided, brief.counts) == ((), (), (3, 1))
+    assert brief.change.lines == (*(f"route {i} added" for i in range(7)), "... 3 more changes")
+    assert (brief.stale_count, brief.undecided_count, brief.brief()) == (3, 1, brief)
+    eight = _reaction(change=TopologyChange(tuple(f"route {i} added" for i in range(8))), counts=None)
+    assert eight.brief().change.lines == tuple(f"route {i} added" for i in range(8))

@@ -855,3 +855,57 @@ async def test_early_deletes_beyond_the_cap_are_said_loudly_and_a_declined_overl
             ) in messages
     refused = reactor.reactions[1]
     assert refused.refused and refused.deleted.deleted == 1 and backend.deleted == []
+
+
+async def test_t0_is_told_once_each_time_it_moves(autojump_clock: trio.testing.MockClock) -> None:
+    """``t0_hook`` hears of each new T0 (by identity: topology or ruleset), with the reaction's
+    number and whether it judged with a previous snapshot (the startup sweep did not)."""
+    backend = Backend()
+    calls = {"n": 0}
+    real = backend.topology
+
+    async def topology() -> Topology:
+        calls["n"] += 1
+        value = await real()
+        return replace(value) if calls["n"] == 2 else value  # the sweep's snapshot: a new value
+
+    backend.topology = topology  # type: ignore[method-assign]
+    names = {id(BEFORE): "BEFORE", id(MOVED): "MOVED", id(RULESET): "RULESET"}
+    seen: list[tuple[str, str, int, bool]] = []
+    reactor = Reactor(backend, ReactorConfig(debounce=0.05, max_wait=0.2))
+    reactor.t0_hook = lambda t, r, n, judged: seen.append((names.get(id(t), "copy"), names.get(id(r), "R2"), n, judged))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reactor.run)
+        await settle()  # the sweep
+        await route_event(backend, MOVED)
+        await route_event(backend, MOVED)  # nothing moved: T0 is the same value
+        backend.ruleset_value = parse_ruleset_json({"nftables": RULESET_DOC[:1]})
+        await backend.send.send(Trigger("nftables", "ruleset changed", kind="ruleset"))
+        await settle()
+        nursery.cancel_scope.cancel()
+    assert reactor.totals.reactions == 4 and reactor.errors == {}
+    assert seen == [("BEFORE", "RULESET", 0, False), ("copy", "RULESET", 1, False), ("MOVED", "RULESET", 2, True),
+                    ("MOVED", "R2", 4, True)]  # fmt: skip
+
+
+async def test_a_burst_of_every_topology_kind_keeps_the_ruleset(autojump_clock: trio.testing.MockClock) -> None:
+    """Links, addresses, routes, rules and xfrm state all at once: still no ruleset change."""
+    backend = Backend()
+    read: list[int] = []
+    real = backend.ruleset
+
+    async def ruleset() -> NatRuleset:
+        read.append(1)
+        return await real()
+
+    backend.ruleset = ruleset  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery)
+        before = len(read)
+        for kind in ("link", "address", "route", "rule", "xfrm"):
+            await backend.send.send(Trigger("rtnetlink", f"{kind} changed", kind=kind))
+        await settle()
+        nursery.cancel_scope.cancel()
+    assert len(read) == before and reactor.totals.reactions == 2
+    # Ruleset triggers are counted one by one: a reaction compares the count before its deletes.
+    assert reactor._ruleset_changes == 0
