@@ -1080,6 +1080,25 @@ def flow_entry(sport: int, dport: int) -> Entry:
                  status=IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE)  # fmt: skip
 
 
+def wan_gave_no_nat_on_port_1000(field: str, old: NatRuleset) -> Callable[[Any, Fib, Flow], Prediction]:
+    """``two_ways_in``, where under ``old`` wan gave no NAT to port 1000 (``field``) alone."""
+
+    def predictor(ruleset: Any, fib: Fib, flow: Flow) -> Prediction:
+        port = flow.sport if field == "sport" else flow.dport
+        lan = Prediction(dnat=frozenset({NO_NAT}), snat=frozenset({NO_NAT}), egress=(), ingress=Ingress(2, "lan"))
+        wan_snat = frozenset({NO_NAT}) if ruleset is old and port == 1000 else MASQUERADE
+        wan = Prediction(dnat=frozenset({NO_NAT}), snat=wan_snat, egress=(), ingress=Ingress(3, "wan"))
+        return Prediction(dnat=frozenset({NO_NAT}), snat=lan.snat | wan_snat, egress=(), alternatives=(lan, wan))
+
+    return predictor
+
+
+def on_port_1000_and_1001(field: str) -> tuple[Entry, Entry]:
+    if field == "sport":
+        return flow_entry(1000, 53), flow_entry(1001, 53)
+    return flow_entry(40000, 1000), flow_entry(40000, 1001)
+
+
 @pytest.mark.parametrize("field", ["sport", "dport"])
 async def test_the_flow_classes_of_a_reaction_follow_the_ruleset_of_t0_too(
     field: str, autojump_clock: trio.testing.MockClock,
@@ -1089,17 +1108,9 @@ async def test_the_flow_classes_of_a_reaction_follow_the_ruleset_of_t0_too(
     on wan with its bindings then: undecided. The one on port 1001 could not (wan masqueraded it
     then too): it came in on lan, healthy. Classes of the new ruleset alone would merge the two."""
     old = port_rules(field)
-
-    def predictor(ruleset: Any, fib: Fib, flow: Flow) -> Prediction:
-        port = flow.sport if field == "sport" else flow.dport
-        lan = Prediction(dnat=frozenset({NO_NAT}), snat=frozenset({NO_NAT}), egress=(), ingress=Ingress(2, "lan"))
-        wan_snat = frozenset({NO_NAT}) if ruleset is old and port == 1000 else MASQUERADE
-        wan = Prediction(dnat=frozenset({NO_NAT}), snat=wan_snat, egress=(), ingress=Ingress(3, "wan"))
-        return Prediction(dnat=frozenset({NO_NAT}), snat=lan.snat | wan_snat, egress=(), alternatives=(lan, wan))
-
+    predictor = wan_gave_no_nat_on_port_1000(field, old)
     backend = GenerationBackend(True, [old, NatRuleset()])
-    on_1000, on_1001 = (flow_entry(1000, 53), flow_entry(1001, 53)) if field == "sport" else (
-        flow_entry(40000, 1000), flow_entry(40000, 1001))
+    on_1000, on_1001 = on_port_1000_and_1001(field)
     for table in ([on_1000, on_1001], [on_1001, on_1000]):  # whichever the dump gives first
         backend.table = table
         reactor = Reactor(backend, ReactorConfig(startup_sweep=False), predictor=predictor)

@@ -8,9 +8,12 @@ routes.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import IPv4Address
 
-from topowatch.core.conntrack import IPS_SEEN_REPLY, Entry
+import pytest
+
+from topowatch.core.conntrack import IPS_DST_NAT_DONE, IPS_SEEN_REPLY, Entry
 from topowatch.core.decide import FlushPlan
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
@@ -19,6 +22,7 @@ from topowatch.core.nat import NatRuleset
 from topowatch.edges.nft import parse_ruleset_json
 from topowatch.reactor import plan_once
 
+from test_reactor import A, OLD_RULES, on_port_1000_and_1001, port_rules, two_ways_in, udp_entry, wan_gave_no_nat_on_port_1000  # isort: skip
 from test_reactor_incremental import BEFORE, MOVED, RULESET, RULESET_DOC, entry, unpredictable_snat  # isort: skip
 
 
@@ -110,3 +114,27 @@ def test_another_ruleset_as_previous_leaves_an_unchanged_egress_undecided() -> N
                      previous=(MOVED, NatRuleset()))  # fmt: skip
     assert _verdicts(plan) == ([], [("192.0.2.7", "unknown_nat", True), ("8.8.8.8", "unknown_nat", True)])
     assert [d.reason for d in plan.undecided] == [SAME_EGRESS] * 2
+
+
+
+# -- the ways an entry may have come in, judged by the previous snapshot's ruleset (as a reaction:
+# ``test_reactor.py::test_the_ways_an_entry_came_are_judged_by_the_ruleset_of_t0`` and the next).
+
+
+def test_the_ways_an_entry_came_are_judged_by_the_previous_ruleset() -> None:
+    entries = [replace(udp_entry(port), status=udp_entry(port).status | IPS_DST_NAT_DONE) for port in (5060, 5061)]
+    plan = plan_once(A, NatRuleset(), entries, Eligibility(), two_ways_in, previous=(A, OLD_RULES))
+    assert plan.stale == ()
+    assert [(d.entry, d.code) for d in plan.undecided] == [(entries[0], "unknown_ingress"), (entries[1], "unknown_ingress")]
+    # The same ruleset then: no way gave them their bindings, they came in on lan.
+    assert plan_once(A, NatRuleset(), entries, Eligibility(), two_ways_in, previous=(A, NatRuleset())).undecided == ()
+
+
+@pytest.mark.parametrize("field", ["sport", "dport"])
+def test_the_flow_classes_of_a_plan_follow_the_previous_ruleset_too(field: str) -> None:
+    old = port_rules(field)
+    on_1000, on_1001 = on_port_1000_and_1001(field)
+    for entries in ([on_1000, on_1001], [on_1001, on_1000]):
+        plan = plan_once(A, NatRuleset(), entries, Eligibility(), wan_gave_no_nat_on_port_1000(field, old),
+                         previous=(A, old))  # fmt: skip
+        assert plan.stale == () and [(d.entry, d.code) for d in plan.undecided] == [(on_1000, "unknown_ingress")]
