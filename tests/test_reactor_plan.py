@@ -63,6 +63,8 @@ def test_the_plan_asks_the_given_eligibility_and_predictor() -> None:
     assert plan_once(MOVED, RULESET, replied, Eligibility()).eligible == 0
     plan = plan_once(MOVED, RULESET, replied, Eligibility(unreplied_only=False))
     assert plan.eligible == 2 and [d.entry for d in plan.stale] == [replied[0]]
+    plan = plan_once(MOVED, RULESET, replied, Eligibility(unreplied_only=False), previous=(BEFORE, RULESET))
+    assert plan.eligible == 2 and [d.entry for d in plan.stale] == [replied[0]]  # the same with a previous snapshot
     seen: list[tuple[NatRuleset, IPv4Address]] = []
 
     def nothing_changes(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
