@@ -1182,3 +1182,42 @@ def test_a_brief_reaction_keeps_counts_and_eight_change_lines() -> None:
     assert (brief.stale_count, brief.undecided_count, brief.brief()) == (3, 1, brief)
     eight = _reaction(change=TopologyChange(tuple(f"route {i} added" for i in range(8))), counts=None)
     assert eight.brief().change.lines == tuple(f"route {i} added" for i in range(8))
+
+
+async def test_failing_observers_are_counted_and_logged_and_the_reactions_go_on(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``t0_hook`` (the snapshot file) and a reaction observer that raise: each error is counted
+    by kind and logged, ``on_reaction`` still gets the reaction, and the next one is made."""
+    told: list[tuple[int, bool]] = []
+    got: list[Any] = []
+
+    def t0_hook(t0: Topology, ruleset: Any, number: int, judged: bool) -> None:
+        told.append((number, judged))
+        if number == 1:
+            raise OSError(28, "No space left on device")
+
+    def observer(reaction: Any) -> None:
+        raise RuntimeError("observer down")
+
+    backend = FakeBackend()
+    reactor = Reactor(backend, ReactorConfig(startup_sweep=False), predictor=stale_when_up2, on_reaction=got.append)
+    reactor.t0_hook = t0_hook
+    reactor.reaction_hooks.append(observer)
+    async with trio.open_nursery() as nursery:
+        with caplog.at_level(logging.ERROR, logger="topowatch.reactor"):
+            await nursery.start(reactor.run)
+            backend.topo = B
+            await backend.send.send(Trigger("rtnetlink", "link up2 added", kind="link"))
+            await trio.sleep(1)
+            await backend.send.send(Trigger("rtnetlink", "address added", kind="address"))
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    # At start (no reaction: judged with no previous snapshot), then each reaction's new T0
+    # (the fake backend reads a new ruleset value each time): judged against the one before.
+    assert told == [(0, False), (1, True), (2, True)]
+    assert [r.number for r in got] == [1, 2] and got[-1] is reactor.reactions[-1]  # the first one whole, since made brief
+    assert reactor.errors == {"snapshot": 1, "hook": 2}
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count("telling the new T0 failed") == 1
+    assert messages.count(f"reaction observer {observer!r} failed") == 2
