@@ -8,6 +8,8 @@ virtual clock. The backend counts its dumps; the expectations are written out by
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from ipaddress import IPv4Address, ip_address, ip_network
@@ -18,16 +20,27 @@ import trio
 import trio.testing
 
 from topowatch.core.classify import Classifier
-from topowatch.core.conntrack import IPS_CONFIRMED, IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, CtTuple, Entry
+from topowatch.core.conntrack import (
+    IPS_CONFIRMED,
+    IPS_DST_NAT_DONE,
+    IPS_SEEN_REPLY,
+    IPS_SRC_NAT_DONE,
+    CtTuple,
+    Entry,
+    Reread,
+)
 from topowatch.core.decide import Decider
 from topowatch.core.eligibility import Eligibility
+from topowatch.core.evaluate import predict
+from topowatch.core.fib import Fib
+from topowatch.core.flow import Flow, Prediction, Unknown
 from topowatch.core.impact import impact, prepared
 from topowatch.core.livetopology import NLM_F_REPLACE, LiveTopology
 from topowatch.core.model import AF_INET, Address, Link, Nexthop, PolicyRule, Route, Topology
 from topowatch.core.nat import NatRuleset
 from topowatch.edges.nft import parse_ruleset_json
-from topowatch.policy import Action, EffectivePolicy, Policy
-from topowatch.reactor import DeleteCounts, Reactor, ReactorConfig, StillStale, Trigger
+from topowatch.policy import Action, EffectivePolicy, Policy, Selection
+from topowatch.reactor import Burst, DeleteCounts, Reactor, ReactorConfig, StillStale, Trigger
 
 LO, LAN, UP1, UP2 = 1, 2, 3, 4
 LINKS = (Link(LO, "lo"), Link(LAN, "lan"), Link(UP1, "up1"), Link(UP2, "up2"))
@@ -45,13 +58,14 @@ BEFORE = Topology(LINKS, ADDRESSES, (*BASE_ROUTES, Route(MOVING, nexthops=(VIA1,
 MOVED = replace(BEFORE, routes=(*BASE_ROUTES, Route(MOVING, nexthops=(VIA2,))))
 UNUSED = replace(BEFORE, routes=(*BEFORE.routes, Route(ip_network("198.18.0.0/15"), table=100, nexthops=(VIA2,))))
 
-RULESET = parse_ruleset_json({"nftables": [
+RULESET_DOC: list[dict[str, Any]] = [
     {"table": {"family": "ip", "name": "nat", "handle": 1}},
     {"chain": {"family": "ip", "table": "nat", "name": "post", "handle": 2, "type": "nat",
                "hook": "postrouting", "prio": 100, "policy": "accept"}},
     {"rule": {"family": "ip", "table": "nat", "chain": "post", "handle": 3, "expr": [
         {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "up2"}}, {"masquerade": None}]}},
-]})  # fmt: skip
+]  # fmt: skip
+RULESET = parse_ruleset_json({"nftables": RULESET_DOC})
 
 
 def entry(dst: str, sport: int, translated: str | None = None) -> Entry:
@@ -142,7 +156,9 @@ async def test_a_route_in_a_table_no_rule_reaches_needs_no_dump(autojump_clock: 
     assert [r.plan.notes for r in reactor.reactions[1:]] == [("no dump: the change can re-NAT no flow",)] * 2
 
 
-async def test_a_moved_route_judges_only_its_prefix(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_moved_route_judges_only_its_prefix(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
     backend = Backend()
     # An entry outside the moving prefix that a full judgement would call stale (it was NATed to
     # an address the ruleset never gives): a judgement of the prefix alone leaves it.
@@ -153,8 +169,12 @@ async def test_a_moved_route_judges_only_its_prefix(autojump_clock: trio.testing
         reactor.judged_all = True  # as after a complete judgement of T0 (the sweep is off here)
         reactor._judged_under = (RULESET, reactor.policy())
         reactor.t0 = BEFORE
-        await route_event(backend, MOVED)
+        with caplog.at_level(logging.DEBUG, logger="topowatch.reactor"):
+            await route_event(backend, MOVED)
         nursery.cancel_scope.cancel()
+    judging = [m for r in caplog.records if (m := r.getMessage()).startswith("judging only ")]
+    assert len(judging) == 1 and re.fullmatch(r"judging only flows to or from 192\.0\.2\.0/24 \(\d+ address classes\)",
+                                              judging[0]), judging
     assert sorted(e.orig.dst for e in backend.deleted) == [IPv4Address("192.0.2.7"), IPv4Address("192.0.2.8")]
     assert backend.dumps == 1
     assert any("judged only flows to or from 192.0.2.0/24" in n for n in reactor.reactions[-1].plan.notes)
@@ -315,14 +335,19 @@ async def test_policies_that_admit_the_same_entries_stay_incremental(
     assert reactor.reactions[-1].plan.notes == ("judged only flows to or from 198.18.0.0/15",)
 
 
-async def test_the_first_reaction_after_start_is_full(autojump_clock: trio.testing.MockClock) -> None:
+async def test_the_first_reaction_after_start_is_full(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
     backend = Backend()
     async with trio.open_nursery() as nursery:
         reactor = await started(backend, nursery, startup_sweep=False)
         assert not reactor.judged_all
-        await route_event(backend, UNUSED)
+        with caplog.at_level(logging.DEBUG, logger="topowatch.reactor"):
+            await route_event(backend, UNUSED)
         nursery.cancel_scope.cancel()
     assert backend.dumps == 1
+    assert "full judgement: the previous judgement was not complete (start, refused, failed, dry run or log only)" in [
+        r.getMessage() for r in caplog.records]
 
 
 # -- core.impact, table-driven ---------------------------------------------------------------
@@ -439,6 +464,7 @@ class EarlyBackend(Backend):
         self.table += [entry("192.0.2.9", 1003), entry("192.0.2.10", 1004)]
         self.early_deleted: list[Entry] = []
         self.offered: list[Any] = []
+        self.why_not = ""  # set: it declines to overlap, and says why (``EarlyDeletes.why_not``)
 
     async def judge(self, eligibility: Eligibility, decider: Callable[[Any], Decider], early: Any = None) -> Decider:
         from topowatch.edges import ctcodec as c
@@ -451,11 +477,16 @@ class EarlyBackend(Backend):
         parser.feed(b"".join(dump_message(e, 9) for e in self.table))
         for e in parser.entries:
             judging.add(e)
-        if early is not None and judging.records:
+        if early is not None and self.why_not:
+            early.why_not = self.why_not
+            return judging
+        # As the kernel's backend: ``go()`` before the early batch, ``still`` on each entry re-read.
+        if early is not None and judging.records and early.go():
             first = judging._record_entry(bytes(judging.records), 0)
+            assert early.still(first, Reread(first.status, first.id, first.mark, 600))
             self.early_deleted.append(first)
             self.table = [e for e in self.table if e != first]
-            early.taken, early.counts = 1, DeleteCounts(deleted=1, window_p99=0.004)
+            early.taken, early.counts = 1, DeleteCounts(deleted=1, elapsed=0.002, window_p99=0.004)
         return judging
 
 
@@ -475,6 +506,7 @@ async def test_the_tail_deletes_what_the_early_deletes_left_and_the_counts_add_u
     assert {e.orig.dst for e in backend.deleted} == moved - {backend.early_deleted[0].orig.dst}
     last = reactor.reactions[-1]
     assert last.deleted.deleted == 4 and last.deleted.window_p99 == 0.004 and reactor.judged_all
+    assert last.deleted.elapsed == 0.002 and last.timings["overlapped deletes"] == 0.002  # the tail took no time
     # Every stale entry flushes: none is "logged only" (the early deletes' are not either).
     assert last.logged_only == 0 and "logged only" not in last.summary()
 
@@ -541,3 +573,339 @@ async def test_before_ready_runs_after_t0_is_told_and_before_ready(autojump_cloc
         await nursery.start(reactor.run)
         assert seen == [("t0", 0), ("before ready", 0)]
         nursery.cancel_scope.cancel()
+
+
+# -- why a reaction judges whole (``Reactor._why_full``), case by case ------------------------------
+
+ALL = Policy("all")
+FAR = Policy("far", eligibility=Eligibility(destinations=(ip_network("8.0.0.0/8"),)))
+NEAR = Policy("near", eligibility=Eligibility(destinations=(ip_network("192.0.2.0/24"),)))
+
+
+def burst_of(*triggers: Trigger) -> Burst:
+    burst = Burst()
+    for trigger in triggers:
+        burst.add(trigger, 1.0)
+    return burst
+
+
+ROUTE = Trigger("rtnetlink", "route added", kind="route")
+
+
+def judged(complete: frozenset[Eligibility], policy: EffectivePolicy) -> Reactor:
+    """A reactor whose last reaction judged ``complete`` whole under RULESET and ``policy``."""
+    reactor = Reactor(Backend(), policy=lambda: policy)
+    reactor._complete = complete
+    reactor._judged_under = (RULESET, policy)
+    return reactor
+
+
+@pytest.mark.parametrize(
+    ("burst", "why"),
+    [
+        (burst_of(ROUTE), None),
+        (burst_of(*(Trigger("rtnetlink", k, kind=k) for k in ("link", "address", "route", "rule", "xfrm"))), None),
+        (burst_of(ROUTE, Trigger("rtnetlink", "ENOBUFS", overrun=True, kind="route")), "events were lost"),
+        (burst_of(), "trigger request"),
+        (burst_of(ROUTE, Trigger("nftables", "ruleset changed", kind="ruleset")), "trigger route, ruleset"),
+        (burst_of(Trigger("dbus", "Trigger() called")), "trigger dbus"),
+    ],
+)
+def test_why_full_by_the_bursts_triggers(burst: Burst, why: str | None) -> None:
+    policy = EffectivePolicy((ALL,))
+    reactor = judged(frozenset({ALL.eligibility}), policy)
+    assert reactor._why_full(burst, RULESET, policy, Selection((ALL,))) == why
+
+
+def test_why_full_by_what_was_judged_whole_before() -> None:
+    policy = EffectivePolicy((ALL, FAR, NEAR))
+    burst = burst_of(ROUTE)
+    assert judged(frozenset(), policy)._why_full(burst, RULESET, policy, Selection((ALL,))) == (
+        "the previous judgement was not complete (start, refused, failed, dry run or log only)")
+    reactor = judged(frozenset({FAR.eligibility}), policy)
+    assert reactor._why_full(burst, RULESET, policy, Selection((FAR,))) is None
+    # Named in order, whichever order the selection has them in.
+    assert reactor._why_full(burst, RULESET, policy, Selection((NEAR, FAR, ALL))) == (
+        "policy all, near admits entries not judged against the previous state")
+    # A policy the reaction does not select does not matter.
+    reactor = judged(frozenset({ALL.eligibility, FAR.eligibility}), policy)
+    assert reactor._why_full(burst, RULESET, policy, Selection((FAR, ALL))) is None
+
+
+def test_why_full_by_the_ruleset_and_the_policy_judged_under() -> None:
+    policy = EffectivePolicy((ALL,))
+    reactor = judged(frozenset({ALL.eligibility}), policy)
+    burst, selection = burst_of(ROUTE), Selection((ALL,))
+    again = parse_ruleset_json({"nftables": [
+        {"table": {"family": "ip", "name": "nat", "handle": 1}},
+        {"chain": {"family": "ip", "table": "nat", "name": "post", "handle": 2, "type": "nat",
+                   "hook": "postrouting", "prio": 100, "policy": "accept"}},
+        {"rule": {"family": "ip", "table": "nat", "chain": "post", "handle": 3, "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "up2"}}, {"masquerade": None}]}},
+    ]})  # fmt: skip
+    assert again == RULESET and again is not RULESET
+    assert reactor._why_full(burst, again, policy, selection) is None  # read again, the same
+    assert reactor._why_full(burst, NatRuleset(), policy, selection) == "the ruleset changed"
+    reloaded = EffectivePolicy((ALL,))  # equal, but a reload: its policies may be other objects
+    assert reloaded == policy
+    assert reactor._why_full(burst, RULESET, reloaded, selection) == "the policy was reloaded"
+    reactor._judged_under = (None, policy)  # never judged
+    assert reactor._why_full(burst, RULESET, policy, selection) == "the ruleset changed"
+
+
+async def test_a_reaction_without_a_dump_moves_t0_and_keeps_what_was_judged_whole(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After the sweep judged every entry under BEFORE, a route no rule reaches (UNUSED) needs no
+    dump: T0 becomes UNUSED with the ruleset read, and the entries stay judged whole, so its
+    removal (back to BEFORE) needs none either and its change is told against UNUSED."""
+    backend = Backend()
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery)
+        policy = reactor.policy()
+        whole = frozenset({policy.policies[0].eligibility})
+        assert reactor._complete == whole and reactor.t0 is BEFORE
+        await route_event(backend, UNUSED)
+        assert reactor.t0 is UNUSED and reactor.ruleset_t0 is RULESET
+        assert reactor._complete == whole
+        assert reactor._judged_under[0] is RULESET and reactor._judged_under[1] is policy
+        assert reactor.reactions[-1].timings["impact"] == 0.0  # measured on the virtual clock: no time passes
+        await route_event(backend, BEFORE)
+        nursery.cancel_scope.cancel()
+    assert backend.dumps == 1 and reactor.t0 is BEFORE
+    first, second = (r.change.lines for r in reactor.reactions[1:])
+    assert [(r.dumped, r.fields()["dumped"]) for r in reactor.reactions] == [(True, True), (False, False), (False, False)]
+    assert reactor.reactions[2].summary().startswith(
+        "reaction 3 (route changed; route 198.18.0.0/15 via 203.0.113.1 dev up2 table 100 removed): "
+        "no dump: the change can re-NAT no flow, nothing deleted, ")  # "route changed" is no event's wording
+    assert first == ("route 198.18.0.0/15 via 203.0.113.1 dev up2 table 100 added",)
+    assert second == ("route 198.18.0.0/15 via 203.0.113.1 dev up2 table 100 removed",)
+
+
+# -- what a reaction deletes, refuses, logs only; and what it leaves judged whole --------------------
+# After the sweep (nothing stale under BEFORE), 192.0.2.0/24 moves to up2: the flows to 192.0.2.7
+# and 192.0.2.8 (null bindings) are stale, the one to 8.8.8.8 is not.
+
+SEVEN = Policy("seven", eligibility=Eligibility(destinations=(ip_network("192.0.2.7/32"),)))
+WATCH = Policy("watch", action=Action.LOG)
+
+
+@pytest.mark.parametrize(
+    ("policies", "config", "deleted", "refused", "logged_only", "action"),
+    [
+        ((ALL,), {}, ["192.0.2.7", "192.0.2.8"], False, 0, "2 deleted"),
+        # The cap is the smaller of the policy's and the daemon's, whichever it is.
+        ((replace(ALL, max_deletions=1),), {}, [], True, 0, "REFUSED: 2 exceed the cap, nothing deleted"),
+        ((ALL,), {"max_deletions": 1}, [], True, 0, "REFUSED: 2 exceed the cap, nothing deleted"),
+        ((replace(ALL, max_deletions=2),), {"max_deletions": 3}, ["192.0.2.7", "192.0.2.8"], False, 0, "2 deleted"),
+        ((ALL,), {"dry_run": True}, [], False, 0, "dry run, 2 would be deleted"),
+        # Only the entries a flushing policy admits are deleted; the others are logged.
+        ((SEVEN, WATCH), {}, ["192.0.2.7"], False, 1, "1 deleted"),
+        ((SEVEN, WATCH), {"dry_run": True}, [], False, 1, "dry run, 1 would be deleted"),
+        ((WATCH,), {}, [], False, 2, "0 deleted"),
+        # A log-only policy caps nothing: the flushing one's cap of 1 holds the one it flushes.
+        ((replace(SEVEN, max_deletions=1), replace(WATCH, max_deletions=0)), {}, ["192.0.2.7"], False, 1, "1 deleted"),
+    ],
+    ids=["flush", "policy cap", "daemon cap", "caps fit", "dry run", "mixed", "mixed dry run", "log only",
+         "log caps nothing"],
+)
+async def test_what_a_reaction_deletes_refuses_and_logs_only(  # noqa: PLR0917 - a parametrized table
+    policies: tuple[Policy, ...], config: dict[str, Any], deleted: list[str], refused: bool, logged_only: int,
+    action: str, autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = Backend()
+    policy = EffectivePolicy(policies)
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery, policy=lambda: policy, **config)
+        await route_event(backend, MOVED)
+        nursery.cancel_scope.cancel()
+    last = reactor.reactions[-1]
+    assert sorted(str(e.orig.dst) for e in backend.deleted) == deleted
+    assert (last.refused, last.logged_only, last.deleted.deleted) == (refused, logged_only, len(deleted))
+    # The delete phase is timed where it ran (no time passes on the virtual clock).
+    assert (last.timings.get("delete"), last.timings.get("window")) == ((0.0, 0.0) if deleted else (None, None))
+    summary = last.summary()
+    assert f"2 of 3 examined udp entries stale, {action} (null_binding_now_nat: " in summary, summary
+    assert summary.count("logged only") == (1 if logged_only else 0)
+    if logged_only:
+        assert f"), {logged_only} logged only, " in summary
+    # Judged whole only where every stale entry is gone: T0 is MOVED either way.
+    assert reactor.judged_all is (deleted == ["192.0.2.7", "192.0.2.8"]) and reactor.t0 is MOVED
+
+
+async def test_a_moved_route_holding_a_dnat_target_judges_every_flow(autojump_clock: trio.testing.MockClock) -> None:
+    """``udp dport 53 dnat to 192.0.2.50``: moving 192.0.2.0/24 moves where a DNATed flow to any
+    address goes, so the reaction judges every flow, not only the prefix's (``core.impact``)."""
+    backend = Backend()
+    backend.ruleset_value = parse_ruleset_json({"nftables": [
+        *RULESET_DOC,
+        {"chain": {"family": "ip", "table": "nat", "name": "pre", "handle": 4, "type": "nat",
+                   "hook": "prerouting", "prio": -100, "policy": "accept"}},
+        {"rule": {"family": "ip", "table": "nat", "chain": "pre", "handle": 5, "expr": [
+            {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 53}},
+            {"dnat": {"addr": "192.0.2.50"}}]}},
+    ]})  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery)
+        assert reactor.judged_all
+        await route_event(backend, MOVED)
+        nursery.cancel_scope.cancel()
+    last = reactor.reactions[-1]
+    assert backend.dumps == reactor.dumps == 2 and last.dumped and "impact" in last.timings
+    assert not any("judged only" in n for n in last.plan.notes), last.plan.notes
+
+
+SPORT_DOC: list[dict[str, Any]] = [  # ``oifname "up2" udp sport 1000 masquerade``
+    *RULESET_DOC[:2],
+    {"rule": {"family": "ip", "table": "nat", "chain": "post", "handle": 3, "expr": [
+        {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "up2"}},
+        {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "sport"}}, "right": 1000}},
+        {"masquerade": None}]}},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("with_the_move", [False, True], ids=["read at start", "changed with the move"])
+async def test_a_ruleset_that_reads_the_source_port_judges_each_port(
+    with_the_move: bool, autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two flows to 192.0.2.7 from ports 1000 and 1001, neither NATed; 192.0.2.0/24 moves to up2,
+    where only port 1000 is masqueraded: that entry alone is stale. The same when the ruleset that
+    reads the port comes with the move (the one of T0 reads none)."""
+    backend = Backend()
+    backend.table = [entry("192.0.2.7", 1000), entry("192.0.2.7", 1001)]
+    sport = parse_ruleset_json({"nftables": SPORT_DOC})
+    if not with_the_move:
+        backend.ruleset_value = sport
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery)
+        backend.ruleset_value = sport
+        backend.topo = MOVED
+        await backend.send.send(Trigger("rtnetlink", "route changed", kind="route"))
+        if with_the_move:
+            await backend.send.send(Trigger("nftables", "ruleset changed", kind="ruleset"))
+        await settle()
+        nursery.cancel_scope.cancel()
+    assert [e.orig.sport for e in backend.deleted] == [1000]
+    assert reactor.reactions[-1].trigger == ("route changed, ruleset changed" if with_the_move else "route changed")
+
+
+def unpredictable_snat(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
+    """The evaluator's prediction with its source NAT unknown (as behind a set it cannot read)."""
+    return replace(predict(ruleset, fib, flow), snat=Unknown("a set that cannot be read"))
+
+
+async def test_an_unpredictable_nat_compares_each_flows_own_egress_before_and_now(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """T0 sends 192.0.2.0/24 out of up2 (its route), T1 has no such route: everything leaves by
+    the default route out of up1, so T1 alone puts 192.0.2.7 and 8.8.8.8 in one class. With the
+    source NAT unpredictable, what changed is the egress: 192.0.2.7's moved (up2 -> up1), stale;
+    8.8.8.8's did not (up1 both times), nothing says it went stale."""
+    backend = Backend()
+    backend.topo = MOVED
+    backend.table = [entry("192.0.2.7", 1000, translated="203.0.113.2"), entry("8.8.8.8", 1002)]
+    reactor = Reactor(backend, ReactorConfig(debounce=0.05, max_wait=0.2, startup_sweep=False),
+                      predictor=unpredictable_snat)  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reactor.run)
+        await route_event(backend, replace(MOVED, routes=BASE_ROUTES))
+        nursery.cancel_scope.cancel()
+    (reaction,) = reactor.reactions
+    assert [(str(d.entry.orig.dst), d.code) for d in reaction.plan.stale] == [
+        ("192.0.2.7", "egress_changed_unknown_nat")]
+    assert reaction.plan.undecided == () and [str(e.orig.dst) for e in backend.deleted] == ["192.0.2.7"]
+
+
+async def test_a_policy_that_admits_replied_entries_judges_them(autojump_clock: trio.testing.MockClock) -> None:
+    """Under ``unreplied_only = false`` a replied flow to the moved prefix is judged (and stale) as an
+    unreplied one is: the decider asks the policy's eligibility, not the default's."""
+    backend = Backend()
+    replied = entry("192.0.2.7", 1000)
+    backend.table = [Entry(replied.family, replied.proto, replied.orig, replied.reply,
+                           replied.status | IPS_SEEN_REPLY, id=replied.id)]  # fmt: skip
+    policy = EffectivePolicy((Policy("all", eligibility=Eligibility(unreplied_only=False)),))
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery, policy=lambda: policy)
+        await route_event(backend, MOVED)
+        nursery.cancel_scope.cancel()
+    last = reactor.reactions[-1]
+    assert (last.plan.examined, last.plan.eligible, len(last.plan.stale)) == (1, 1, 1)
+    assert [e.orig.dst for e in backend.deleted] == [IPv4Address("192.0.2.7")]
+
+
+@pytest.mark.skipif(__import__("topowatch.edges.ctcodec").edges.ctcodec._ctscan is None, reason="no compiled scan")
+async def test_early_deletes_beyond_the_cap_are_said_loudly_and_a_declined_overlap_quietly(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A backend must not delete early where the cap could be reached; one that did anyway (here: 1
+    of 4 stale, under a cap of 2) is named in an error. One that declines says why, at debug."""
+    backend = EarlyBackend()
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery, max_deletions=2)
+        with caplog.at_level(logging.DEBUG, logger="topowatch.reactor"):
+            await route_event(backend, MOVED)
+            backend.why_not = "the deletion cap 2 is below the table's size 262144"
+            backend.topo = BEFORE
+            await backend.send.send(Trigger("rtnetlink", "route changed", kind="route"))
+            await settle()
+        nursery.cancel_scope.cancel()
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert (logging.ERROR, "the deletion cap 2 was reached after 1 deletes overlapping the dump") in messages
+    assert (logging.DEBUG, "deletes did not overlap the dump: the deletion cap 2 is below the table's size 262144"
+            ) in messages
+    refused = reactor.reactions[1]
+    assert refused.refused and refused.deleted.deleted == 1 and backend.deleted == []
+
+
+async def test_t0_is_told_once_each_time_it_moves(autojump_clock: trio.testing.MockClock) -> None:
+    """``t0_hook`` hears of each new T0 (by identity: topology or ruleset), with the reaction's
+    number and whether it judged with a previous snapshot (the startup sweep did not)."""
+    backend = Backend()
+    calls = {"n": 0}
+    real = backend.topology
+
+    async def topology() -> Topology:
+        calls["n"] += 1
+        value = await real()
+        return replace(value) if calls["n"] == 2 else value  # the sweep's snapshot: a new value
+
+    backend.topology = topology  # type: ignore[method-assign]
+    names = {id(BEFORE): "BEFORE", id(MOVED): "MOVED", id(RULESET): "RULESET"}
+    seen: list[tuple[str, str, int, bool]] = []
+    reactor = Reactor(backend, ReactorConfig(debounce=0.05, max_wait=0.2))
+    reactor.t0_hook = lambda t, r, n, judged: seen.append((names.get(id(t), "copy"), names.get(id(r), "R2"), n, judged))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reactor.run)
+        await settle()  # the sweep
+        await route_event(backend, MOVED)
+        await route_event(backend, MOVED)  # nothing moved: T0 is the same value
+        backend.ruleset_value = parse_ruleset_json({"nftables": RULESET_DOC[:1]})
+        await backend.send.send(Trigger("nftables", "ruleset changed", kind="ruleset"))
+        await settle()
+        nursery.cancel_scope.cancel()
+    assert reactor.totals.reactions == 4 and reactor.errors == {}
+    assert seen == [("BEFORE", "RULESET", 0, False), ("copy", "RULESET", 1, False), ("MOVED", "RULESET", 2, True),
+                    ("MOVED", "R2", 4, True)]  # fmt: skip
+
+
+async def test_a_burst_of_every_topology_kind_keeps_the_ruleset(autojump_clock: trio.testing.MockClock) -> None:
+    """Links, addresses, routes, rules and xfrm state all at once: still no ruleset change."""
+    backend = Backend()
+    read: list[int] = []
+    real = backend.ruleset
+
+    async def ruleset() -> NatRuleset:
+        read.append(1)
+        return await real()
+
+    backend.ruleset = ruleset  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery)
+        before = len(read)
+        for kind in ("link", "address", "route", "rule", "xfrm"):
+            await backend.send.send(Trigger("rtnetlink", f"{kind} changed", kind=kind))
+        await settle()
+        nursery.cancel_scope.cancel()
+    assert len(read) == before and reactor.totals.reactions == 2
+    # Ruleset triggers are counted one by one: a reaction compares the count before its deletes.
+    assert reactor._ruleset_changes == 0

@@ -8,9 +8,13 @@ routes.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import IPv4Address
 
-from topowatch.core.conntrack import IPS_SEEN_REPLY, Entry
+import pytest
+
+from topowatch.core.conntrack import IPS_DST_NAT_DONE, IPS_SEEN_REPLY, Entry
+from topowatch.core.decide import FlushPlan
 from topowatch.core.eligibility import Eligibility
 from topowatch.core.fib import Fib
 from topowatch.core.flow import NO_NAT, Flow, Prediction
@@ -18,7 +22,8 @@ from topowatch.core.nat import NatRuleset
 from topowatch.edges.nft import parse_ruleset_json
 from topowatch.reactor import plan_once
 
-from test_reactor_incremental import BEFORE, MOVED, RULESET, entry  # isort: skip
+from test_reactor import A, OLD_RULES, on_port_1000_and_1001, port_rules, two_ways_in, udp_entry, wan_gave_no_nat_on_port_1000  # isort: skip
+from test_reactor_incremental import BEFORE, MOVED, RULESET, RULESET_DOC, entry, unpredictable_snat  # isort: skip
 
 
 def _sport_ruleset() -> NatRuleset:
@@ -58,6 +63,8 @@ def test_the_plan_asks_the_given_eligibility_and_predictor() -> None:
     assert plan_once(MOVED, RULESET, replied, Eligibility()).eligible == 0
     plan = plan_once(MOVED, RULESET, replied, Eligibility(unreplied_only=False))
     assert plan.eligible == 2 and [d.entry for d in plan.stale] == [replied[0]]
+    plan = plan_once(MOVED, RULESET, replied, Eligibility(unreplied_only=False), previous=(BEFORE, RULESET))
+    assert plan.eligible == 2 and [d.entry for d in plan.stale] == [replied[0]]  # the same with a previous snapshot
     seen: list[tuple[NatRuleset, IPv4Address]] = []
 
     def nothing_changes(ruleset: NatRuleset, fib: Fib, flow: Flow) -> Prediction:
@@ -68,3 +75,68 @@ def test_the_plan_asks_the_given_eligibility_and_predictor() -> None:
     assert plan.stale == ()
     assert sorted(dst for _, dst in seen) == [IPv4Address("8.8.8.8"), IPv4Address("192.0.2.7")]
     assert all(rs is RULESET for rs, _ in seen)
+
+
+# -- with the previous snapshot (``topowatch plan --previous``), a source NAT the evaluator cannot
+# predict: what says an entry went stale is its egress, before and now, and the ruleset then.
+# 192.0.2.7 (masqueraded to 203.0.113.2 out of up2 in MOVED) left by up1 in BEFORE; 8.8.8.8 leaves
+# by up1 in both.
+
+UNPREDICTABLE = [entry("192.0.2.7", 1000, translated="203.0.113.2"), entry("8.8.8.8", 1002)]
+SAME_EGRESS = "source NAT cannot be predicted (a set that cannot be read); the egress is the same, but the ruleset changed"
+
+
+def _verdicts(plan: FlushPlan) -> tuple[list[tuple[str, str]], list[tuple[str, str, bool]]]:
+    return ([(str(d.entry.orig.dst), d.code) for d in plan.stale],
+            [(str(d.entry.orig.dst), d.code, d.why.ruleset_changed) for d in plan.undecided])  # fmt: skip
+
+
+def test_without_a_previous_snapshot_an_unpredictable_nat_is_undecided() -> None:
+    plan = plan_once(MOVED, RULESET, UNPREDICTABLE, Eligibility(), unpredictable_snat)
+    assert _verdicts(plan) == ([], [("192.0.2.7", "unknown_nat", False), ("8.8.8.8", "unknown_nat", False)])
+
+
+def test_with_the_previous_snapshot_a_moved_egress_is_stale_and_an_unchanged_one_says_nothing() -> None:
+    plan = plan_once(MOVED, RULESET, UNPREDICTABLE, Eligibility(), unpredictable_snat, previous=(BEFORE, RULESET))
+    assert _verdicts(plan) == ([("192.0.2.7", "egress_changed_unknown_nat")], [])
+
+
+def test_the_same_ruleset_read_again_as_previous_is_no_ruleset_change() -> None:
+    """As a reaction has it (``Reactor.react``: "read again, unchanged"): a previous snapshot whose
+    ruleset equals the current one (a snapshot file's is decoded: another value) changed nothing."""
+    again = parse_ruleset_json({"nftables": RULESET_DOC})
+    assert again == RULESET and again is not RULESET
+    for ruleset0 in (RULESET, again):
+        plan = plan_once(MOVED, RULESET, UNPREDICTABLE, Eligibility(), unpredictable_snat, previous=(MOVED, ruleset0))
+        assert _verdicts(plan) == ([], [])
+
+
+def test_another_ruleset_as_previous_leaves_an_unchanged_egress_undecided() -> None:
+    plan = plan_once(MOVED, RULESET, UNPREDICTABLE, Eligibility(), unpredictable_snat,
+                     previous=(MOVED, NatRuleset()))  # fmt: skip
+    assert _verdicts(plan) == ([], [("192.0.2.7", "unknown_nat", True), ("8.8.8.8", "unknown_nat", True)])
+    assert [d.reason for d in plan.undecided] == [SAME_EGRESS] * 2
+
+
+
+# -- the ways an entry may have come in, judged by the previous snapshot's ruleset (as a reaction:
+# ``test_reactor.py::test_the_ways_an_entry_came_are_judged_by_the_ruleset_of_t0`` and the next).
+
+
+def test_the_ways_an_entry_came_are_judged_by_the_previous_ruleset() -> None:
+    entries = [replace(udp_entry(port), status=udp_entry(port).status | IPS_DST_NAT_DONE) for port in (5060, 5061)]
+    plan = plan_once(A, NatRuleset(), entries, Eligibility(), two_ways_in, previous=(A, OLD_RULES))
+    assert plan.stale == ()
+    assert [(d.entry, d.code) for d in plan.undecided] == [(entries[0], "unknown_ingress"), (entries[1], "unknown_ingress")]
+    # The same ruleset then: no way gave them their bindings, they came in on lan.
+    assert plan_once(A, NatRuleset(), entries, Eligibility(), two_ways_in, previous=(A, NatRuleset())).undecided == ()
+
+
+@pytest.mark.parametrize("field", ["sport", "dport"])
+def test_the_flow_classes_of_a_plan_follow_the_previous_ruleset_too(field: str) -> None:
+    old = port_rules(field)
+    on_1000, on_1001 = on_port_1000_and_1001(field)
+    for entries in ([on_1000, on_1001], [on_1001, on_1000]):
+        plan = plan_once(A, NatRuleset(), entries, Eligibility(), wan_gave_no_nat_on_port_1000(field, old),
+                         previous=(A, old))  # fmt: skip
+        assert plan.stale == () and [(d.entry, d.code) for d in plan.undecided] == [(on_1000, "unknown_ingress")]

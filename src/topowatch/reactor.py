@@ -182,11 +182,18 @@ def plan_once(
             classifier=Classifier.build([topology], [ruleset], eligibility, sport_matters=sport_matters),
         )
     t0, ruleset0 = previous
+    # As a reaction judges: the previous ruleset is another only where it differs (a snapshot
+    # file's is decoded, another value); the same one says nothing changed in the NAT.
+    predict_before: Callable[[Fib, Flow], Prediction] | None = None
+    rulesets = [ruleset]
+    if ruleset0 is not ruleset and ruleset0 != ruleset:
 
-    def bound_before(fib: Fib, flow: Flow) -> Prediction:
-        return predictor(ruleset0, fib, flow)
+        def predict_before(fib: Fib, flow: Flow) -> Prediction:
+            return predictor(ruleset0, fib, flow)
 
-    sport_matters = sport_matters or mentions_sport(ruleset0) or mentions_sport(t0.xfrm_policies)
+        rulesets = [ruleset0, ruleset]
+        sport_matters = sport_matters or mentions_sport(ruleset0)
+    sport_matters = sport_matters or mentions_sport(t0.xfrm_policies)
     return decide(
         entries,
         predict=bound,
@@ -194,9 +201,8 @@ def plan_once(
         fib_before=Fib(t0),
         eligibility=eligibility,
         sport_matters=sport_matters,
-        classifier=Classifier.build([t0, topology], [ruleset0, ruleset], eligibility,
-                                    sport_matters=sport_matters),
-        predict_before=bound_before,
+        classifier=Classifier.build([t0, topology], rulesets, eligibility, sport_matters=sport_matters),
+        predict_before=predict_before,
     )
 
 
