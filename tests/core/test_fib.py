@@ -8,7 +8,7 @@ unknown must hold for every mark or TOS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address, ip_network
 from typing import Any
 
@@ -1138,25 +1138,29 @@ def test_own_route_words_ipv6_routes_after_ipv4_tables() -> None:
 
 
 EVERY_UP = ["wan", "lan", "lte", "nocarrier", "blue", "vpn"]  # up, but lo
+OFF, STRICT = "rp_filter 0 (off)", "rp_filter 1 (strict)"
 
 
-@pytest.mark.parametrize(("netconf", "expected"), [
+@pytest.mark.parametrize(("netconf", "expected", "why"), [
     # ``default`` is what an interface not listed was created with: strict here, so lan only.
-    ((Netconf("all", 0), Netconf("default", 1)), ["lan"]),
+    ((Netconf("all", 0), Netconf("default", 1)), ["lan"], STRICT),
     # No ``all``: an interface's own (or default) value alone.
-    ((Netconf("default", 0),), EVERY_UP),
-    ((Netconf("default", 1),), ["lan"]),
+    ((Netconf("default", 0),), EVERY_UP, OFF),
+    ((Netconf("default", 1),), ["lan"], STRICT),
     # Neither an interface's own nor ``default``: 0, the kernel's own default.
-    ((Netconf("all", 0),), EVERY_UP),
+    ((Netconf("all", 0),), EVERY_UP, OFF),
     # wan and lte off by their own; lan and the rest strict by default: of those, lan only.
-    ((Netconf("all", 0), Netconf("default", 1), Netconf("wan", 0), Netconf("lte", 0)), ["wan", "lan", "lte"]),
+    ((Netconf("all", 0), Netconf("default", 1), Netconf("wan", 0), Netconf("lte", 0)), ["wan", "lan", "lte"],
+     f"{OFF}, {STRICT}"),
 ])  # fmt: skip
-def test_reverse_path_settings_of_interfaces_not_listed(netconf: tuple[Netconf, ...], expected: list[str]) -> None:
+def test_reverse_path_settings_of_interfaces_not_listed(
+    netconf: tuple[Netconf, ...], expected: list[str], why: str
+) -> None:
     """rp_filter from a 192.168.1.50 source (its reverse path is lan), per the netconf entries present."""
     topology = Topology(LINKS, ADDRESSES, MAIN, (), netconf=netconf, netconf_known=True)
     got = Fib(topology).ingresses(flow("192.168.1.50", "8.8.8.8"))
     assert not isinstance(got, Unknown)
-    assert [i.ifname for i in got[0]] == expected
+    assert ([i.ifname for i in got[0]], got[1]) == (expected, why)
 
 
 def test_ipv6_ingresses_are_every_receiving_link_whole() -> None:
@@ -1280,3 +1284,88 @@ def test_a_fib_over_a_route_change_is_carried_not_built(monkeypatch: pytest.Monk
     carried = Fib(now, local)
     assert summary(carried.lookup(ip("10.1.1.1"), tos=0x10)) == ("unicast", "wan", None)
     assert summary(carried.lookup(ip("10.1.1.1"))) == ("unicast", "lan", None)
+
+
+# Table 100 routes the LAN's 192.168.1.0/24 through lte: a rule that sends the reverse path there moves it.
+LAN_VIA_LTE = (*MAIN, R("192.168.1.0/24", LTE, table=100), R("0.0.0.0/0", LTE, "100.64.0.1", table=100))
+
+
+def test_the_reverse_path_reads_the_flows_destination_as_its_source_and_its_mark() -> None:
+    """``fib_validate_source``: destination the flow's source, source the flow's destination, the mark
+    as the packet has it, TOS unknown (conntrack does not keep it)."""
+    back = flow("192.168.1.50", "8.8.8.8")
+    by_src = fib(LAN_VIA_LTE, rules_with(rule(100, src="8.8.8.8/32", table=100)))
+    assert by_src.ingress(back) == Ingress(LTE, "lte")
+    known = Topology(LINKS, ADDRESSES, LAN_VIA_LTE, rules_with(rule(100, src="8.8.8.8/32", table=100)),
+                     netconf=(Netconf("all", 1),), netconf_known=True)  # fmt: skip
+    assert Fib(known).ingresses(back) == ((Ingress(LTE, "lte"),), STRICT)
+    by_mark = fib(LAN_VIA_LTE, rules_with(rule(100, fwmark=5, table=100)))
+    assert by_mark.ingress(flow("192.168.1.50", "8.8.8.8", mark=5)) == Ingress(LTE, "lte")
+    assert by_mark.ingress(back) == Ingress(LAN, "lan")
+    by_tos = rules_with(rule(100, tos=0x10, table=100))
+    unknown = fib(LAN_VIA_LTE, by_tos).ingress(back)
+    tos_unknown = "selector tos needs the packet's TOS, which is unknown"
+    assert isinstance(unknown, Unknown) and unknown.reason.startswith("the reverse path of the source: rule ")
+    assert unknown.reason.endswith(tos_unknown)
+    known_tos = Fib(replace(known, rules=by_tos)).ingresses(back)
+    assert isinstance(known_tos, Unknown) and known_tos.reason == unknown.reason
+
+
+def test_the_forward_path_reads_the_flows_source() -> None:
+    f = fib(LAN_VIA_LTE, rules_with(rule(100, src="192.168.1.50/32", table=100)))
+    assert summary(f.egress(flow("192.168.1.50", "8.8.8.8"), Ingress(LAN, "lan"))) == ("unicast", "lte", "100.64.0.1")
+    assert summary(f.egress(flow("192.168.1.51", "8.8.8.8"), Ingress(LAN, "lan"))) == UNICAST_WAN
+
+
+def test_ingresses_say_why_without_netconf_or_from_our_own_address() -> None:
+    assert fib().ingresses(flow("192.168.1.50", "8.8.8.8")) == ((Ingress(LAN, "lan"),), "reverse path")
+    own = flow("192.168.1.1", "8.8.8.8")
+    assert fib().ingresses(own) == ((Ingress(LO, "lo", local=True),), "locally generated")
+    known = Fib(Topology(LINKS, ADDRESSES, MAIN, (), netconf=(Netconf("all", 1),), netconf_known=True))
+    assert known.ingresses(own) == ((Ingress(LO, "lo", local=True),), "locally generated")
+
+
+def test_a_family_whose_every_rule_reads_the_iif_keeps_the_name() -> None:
+    """Rules with an iif each (no local or main rule left): the input interface picks the table."""
+    rules = (rule(10, iifname="lan", table=100), rule(20, iifname="wan", table=TABLE_MAIN))
+    f = fib((*MAIN, *T100), rules)
+    assert summary(f.lookup(ip("8.8.8.8"), iifname="lan")) == ("unicast", "lte", "100.64.0.1")
+    assert summary(f.lookup(ip("8.8.8.8"), iifname="wan")) == UNICAST_WAN
+    assert summary(f.lookup(ip("8.8.8.8"), iifname="lte")) == ("unreachable", None, None)
+
+
+def test_implied_local_routes_are_the_kernels_per_family() -> None:
+    """Each usable address gets a host route in table local, scope host, src itself; lo's addresses their
+    whole network too; IPv6 gets its own even where IPv4's local table is given; a tentative address none."""
+    f = fib()
+    assert f.resolve(ip("192.168.1.1")).route == Route(ip_network("192.168.1.1/32"), TABLE_LOCAL, RouteType.LOCAL,
+                                                       (Nexthop(LAN),), scope=SCOPE_HOST, prefsrc=ip("192.168.1.1"))
+    loopback = f.resolve(ip("127.0.0.5"))
+    assert loopback.route == Route(ip_network("127.0.0.0/8"), TABLE_LOCAL, RouteType.LOCAL, (Nexthop(LO),),
+                                   scope=SCOPE_HOST)  # fmt: skip
+    assert loopback.egresses[0].route == "local 127.0.0.0/8 dev lo table local"  # type: ignore[index]
+    assert summary(f.lookup(ip("fd00:1::1"))) == ("local", "lo", None)
+    given_v4 = fib((*MAIN, R("::/0", WAN, "fe80::1"), R("192.0.2.1/32", LO, table=TABLE_LOCAL, type=RouteType.LOCAL)))
+    assert summary(given_v4.lookup(ip("fd00:1::1"))) == ("local", "lo", None)
+    # IPv4's local table is the one given: lan's address is routed as lan's subnet.
+    assert summary(given_v4.lookup(ip("192.168.1.1"))) == ("unicast", "lan", None)
+    assert summary(given_v4.lookup(ip("2001:db8::5"))) == ("unicast", "wan", "fe80::1")  # tentative: routed
+
+
+def test_a_locally_generated_lookup_meets_every_equal_metric_gateway_default() -> None:
+    """``fib_select_default``: only for output, only among gateway routes of the chosen one's metric, and
+    only when the chosen one is a single gateway."""
+    routes = (
+        R("0.0.0.0/0", WAN, "203.0.113.1", metric=10),
+        R("0.0.0.0/0", LAN, metric=10),  # no gateway: passed over
+        R("0.0.0.0/0", LTE, "100.64.0.1", metric=10),
+        R("0.0.0.0/0", LAN, "192.168.1.9", metric=20),  # another metric: not among them
+    )
+    both = [("unicast", "lte", "100.64.0.1"), UNICAST_WAN]
+    f = fib(routes)
+    assert summary(f.lookup(ip("8.8.8.8"))) == both
+    assert summary(f.egress(flow("192.168.1.1", "8.8.8.8"), Ingress(LO, "lo", local=True))) == both
+    assert summary(f.egress(flow("192.168.1.50", "8.8.8.8"), Ingress(LAN, "lan"))) == UNICAST_WAN  # forwarded
+    multipath = (R("0.0.0.0/0", nhs=((WAN, "203.0.113.1"), (LAN, "192.168.1.9")), metric=10),
+                 R("0.0.0.0/0", LTE, "100.64.0.1", metric=10))  # fmt: skip
+    assert summary(fib(multipath).lookup(ip("8.8.8.8"))) == [("unicast", "lan", "192.168.1.9"), UNICAST_WAN]
