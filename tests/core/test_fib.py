@@ -1369,3 +1369,29 @@ def test_a_locally_generated_lookup_meets_every_equal_metric_gateway_default() -
     multipath = (R("0.0.0.0/0", nhs=((WAN, "203.0.113.1"), (LAN, "192.168.1.9")), metric=10),
                  R("0.0.0.0/0", LTE, "100.64.0.1", metric=10))  # fmt: skip
     assert summary(fib(multipath).lookup(ip("8.8.8.8"))) == [("unicast", "lan", "192.168.1.9"), UNICAST_WAN]
+
+
+def test_a_netfilter_reverse_path_drop_looks_up_with_mark_0_and_both_filters_must_pass() -> None:
+    """``fib saddr . iif oif missing drop`` (no ``mark``): the reverse lookup's mark is 0. With rp_filter
+    strict and src_valid_mark the sysctl's lookup takes the packet's mark: each filter pins its own
+    interface, and a packet must pass both."""
+    rules = rules_with(rule(100, fwmark=5, table=100))
+    off = Fib(Topology(LINKS, ADDRESSES, LAN_VIA_LTE, rules, netconf=(Netconf("all", 0),), netconf_known=True))
+    marked = flow("192.168.1.50", "8.8.8.8", mark=5)
+    assert off.ingresses(marked, netfilter_rpf=True) == (
+        (Ingress(LAN, "lan"),), "netfilter reverse-path drop, rp_filter 0 (off)")  # fmt: skip
+    strict = Fib(Topology(LINKS, ADDRESSES, LAN_VIA_LTE, rules, netconf=(Netconf("all", 1, src_valid_mark=True),),
+                          netconf_known=True))  # fmt: skip
+    assert strict.ingresses(marked) == ((Ingress(LTE, "lte"),), STRICT)
+    both = strict.ingresses(marked, netfilter_rpf=True)
+    assert both == Unknown("no interface accepts a packet from the source (reverse-path filtering)")
+
+
+def test_a_source_the_reverse_path_delivers_locally_is_locally_generated() -> None:
+    """Table 100 holds a ``local`` route for 10.9.0.0/16 (no address of ours is in it): the reverse
+    lookup of 10.9.0.5 answers local, so the flow came from this host."""
+    routes = (*MAIN, R("10.9.0.0/16", LO, table=100, type=RouteType.LOCAL))
+    topology = Topology(LINKS, ADDRESSES, routes, rules_with(rule(100, table=100)), netconf=(Netconf("all", 1),),
+                        netconf_known=True)  # fmt: skip
+    assert Fib(topology).ingresses(flow("10.9.0.5", "8.8.8.8")) == ((Ingress(LO, "lo", local=True),),
+                                                                     "locally generated")  # fmt: skip
