@@ -1380,6 +1380,9 @@ def test_a_netfilter_reverse_path_drop_looks_up_with_mark_0_and_both_filters_mus
     marked = flow("192.168.1.50", "8.8.8.8", mark=5)
     assert off.ingresses(marked, netfilter_rpf=True) == (
         (Ingress(LAN, "lan"),), "netfilter reverse-path drop, rp_filter 0 (off)")  # fmt: skip
+    one = replace(off.topology, rules=rules_with(rule(100, fwmark=1, table=100)))  # the packet's mark is 1
+    assert Fib(one).ingresses(flow("192.168.1.50", "8.8.8.8", mark=1), netfilter_rpf=True) == (
+        (Ingress(LAN, "lan"),), "netfilter reverse-path drop, rp_filter 0 (off)")  # fmt: skip
     strict = Fib(Topology(LINKS, ADDRESSES, LAN_VIA_LTE, rules, netconf=(Netconf("all", 1, src_valid_mark=True),),
                           netconf_known=True))  # fmt: skip
     assert strict.ingresses(marked) == ((Ingress(LTE, "lte"),), STRICT)
