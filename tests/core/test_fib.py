@@ -1398,3 +1398,32 @@ def test_a_source_the_reverse_path_delivers_locally_is_locally_generated() -> No
                         netconf_known=True)  # fmt: skip
     assert Fib(topology).ingresses(flow("10.9.0.5", "8.8.8.8")) == ((Ingress(LO, "lo", local=True),),
                                                                      "locally generated")  # fmt: skip
+
+
+def test_a_local_answer_is_los_whole() -> None:
+    f = fib()
+    assert f.lookup(ip("192.168.1.1")) == (Egress(EgressKind.LOCAL, LO, "lo", route="local 192.168.1.1/32 dev lan table local",
+                                                  prefix=ip_network("192.168.1.1/32")),)  # fmt: skip
+
+
+def test_ipv4_source_of_an_oif_without_address_leaves_vrf_slaves_and_ipv6_out() -> None:
+    """Outside any VRF, ``inet_select_addr`` walks the links outside every VRF, IPv4 addresses only."""
+    links = (Link(LO, "lo"), Link(WAN, "wan"), Link(VRF, "blue", kind="vrf"), Link(VPN, "vpn", master=VRF))
+    addresses = (A(LO, "127.0.0.1/8", scope=SCOPE_HOST), A(WAN, "2001:db8::1/64"), A(VPN, "10.8.0.2/24"))
+    assert Fib(Topology(links, addresses, (), ())).masquerade_source(WAN, ip("8.8.8.8")) is None
+    assert Fib(Topology(links, addresses, (), ())).masquerade_source(VPN, ip("8.8.8.8")) == ip("10.8.0.2")
+
+
+def test_unknown_selectors_say_what_is_unknown() -> None:
+    f = fib((*MAIN, *T100), rules_with(rule(100, fwmark=5, table=100)))
+    unknown = f.lookup(ip("8.8.8.8"), mark=None)
+    assert isinstance(unknown, Unknown)
+    assert unknown.reason.endswith(": selector fwmark needs the packet mark, which is unknown")
+
+
+def test_suppress_ifgroup_minus_1_is_off() -> None:
+    """The kernel's "no suppress_ifgroup" is -1: the rule's table answers as if it had none."""
+    f = fib((*MAIN, *T100), rules_with(rule(100, table=100, suppress_ifgroup=-1)))
+    assert summary(f.lookup(ip("8.8.8.8"))) == ("unicast", "lte", "100.64.0.1")
+    grouped = fib((*MAIN, *T100), rules_with(rule(100, table=100, suppress_ifgroup=5)))
+    assert summary(grouped.lookup(ip("8.8.8.8"))).startswith("unknown: ")  # type: ignore[union-attr]
