@@ -1427,3 +1427,22 @@ def test_suppress_ifgroup_minus_1_is_off() -> None:
     assert summary(f.lookup(ip("8.8.8.8"))) == ("unicast", "lte", "100.64.0.1")
     grouped = fib((*MAIN, *T100), rules_with(rule(100, table=100, suppress_ifgroup=5)))
     assert summary(grouped.lookup(ip("8.8.8.8"))).startswith("unknown: ")  # type: ignore[union-attr]
+
+
+def test_limited_broadcast_and_an_unknown_selector_answer_whole() -> None:
+    assert fib().resolve(ip("255.255.255.255")) == Resolution(Unknown("limited broadcast destination is not modelled"))
+    marked = rule(100, fwmark=5, table=100)
+    unknown = fib((*MAIN, *T100), rules_with(marked)).resolve(ip("8.8.8.8"), mark=None)
+    assert isinstance(unknown.egresses, Unknown) and unknown.rule == marked and unknown.route is None
+
+
+def test_a_tos_rule_compares_ipv4_tos_bits_2_to_4_and_the_ipv6_dscp_whole() -> None:
+    """IPv4 masks the packet's TOS with 0x1C (IPTOS_RT_MASK): 0x30 is 0x10 there. IPv6 compares the traffic
+    class's DSCP bits (0xFC): 0x30 is not 0x10."""
+    v4 = fib((*MAIN, *T100), rules_with(rule(100, tos=0x10, table=100)))
+    assert summary(v4.lookup(ip("8.8.8.8"), tos=0x30)) == ("unicast", "lte", "100.64.0.1")
+    v6_rules = (rule(0, family=AF_INET6, table=TABLE_LOCAL), rule(100, family=AF_INET6, tos=0x10, table=100),
+                rule(32766, family=AF_INET6, table=TABLE_MAIN))  # fmt: skip
+    v6 = fib((R("::/0", WAN, "fe80::1"), R("::/0", LTE, "fe80::4", table=100)), v6_rules)
+    assert summary(v6.lookup(ip("2001:db8::9"), tos=0x10)) == ("unicast", "lte", "fe80::4")
+    assert summary(v6.lookup(ip("2001:db8::9"), tos=0x30)) == ("unicast", "wan", "fe80::1")
