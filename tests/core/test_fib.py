@@ -1446,3 +1446,8 @@ def test_a_tos_rule_compares_ipv4_tos_bits_2_to_4_and_the_ipv6_dscp_whole() -> N
     v6 = fib((R("::/0", WAN, "fe80::1"), R("::/0", LTE, "fe80::4", table=100)), v6_rules)
     assert summary(v6.lookup(ip("2001:db8::9"), tos=0x10)) == ("unicast", "lte", "fe80::4")
     assert summary(v6.lookup(ip("2001:db8::9"), tos=0x30)) == ("unicast", "wan", "fe80::1")
+
+
+def test_a_rule_action_answers_with_the_rules_words() -> None:
+    f = fib(MAIN, rules_with(rule(100, action=RuleAction.BLACKHOLE)))
+    assert f.lookup(ip("8.8.8.8")) == (Egress(EgressKind.BLACKHOLE, route="rule 100: from all blackhole"),)
