@@ -8,7 +8,7 @@ unknown must hold for every mark or TOS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address, ip_network
 from typing import Any
 
@@ -16,11 +16,13 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from topowatch.core.fib import Fib
+from topowatch.core.fib import Fib, Resolution
 from topowatch.core.flow import Egress, EgressKind, Flow, Ingress, Unknown
+from topowatch.core.livetopology import LiveTopology
 from topowatch.core.model import (
     AF_INET,
     AF_INET6,
+    IFA_F_DADFAILED,
     IFA_F_DEPRECATED,
     IFA_F_SECONDARY,
     IFA_F_TENTATIVE,
@@ -31,6 +33,7 @@ from topowatch.core.model import (
     Address,
     IPAddress,
     Link,
+    Netconf,
     Nexthop,
     PolicyRule,
     Route,
@@ -1070,3 +1073,381 @@ def test_masquerade_matches_brute_force(addresses: tuple[Address, ...], low: int
 def test_masquerade_source_public_helper() -> None:
     assert fib().masquerade_source(WAN, ip("198.51.100.1")) == ip("198.51.100.7")
     assert fib().masquerade_source(WAN, ip("2001:db8:2::1")) == IPv6Address("2001:db8:2::5")
+
+
+# -- the seventh session's mutation run (issue 16): cases no test above read ------------------------
+# Every expectation is written from the kernel's behaviour named in the docstring of each test.
+
+
+def test_an_ipv4_lookup_without_a_source_is_from_0_0_0_0() -> None:
+    """``ip route get`` without ``from``: the kernel's saddr is 0.0.0.0, which ``from 0.0.0.0/32`` holds."""
+    f = fib(MAIN + T100, rules_with(rule(100, src="0.0.0.0/32", table=100)))
+    assert summary(f.lookup(ip("8.8.8.8"))) == ("unicast", "lte", "100.64.0.1")
+    assert summary(f.lookup(ip("8.8.8.8"), src=ip("192.168.1.1"))) == UNICAST_WAN
+
+
+def test_a_failed_lookup_with_an_oif_is_sent_on_link_whole() -> None:
+    """A locally generated IPv4 lookup bound to lan finds no route there (the default leaves by wan): the
+    kernel sends it on link through lan; MASQUERADE takes lan's primary, 8.8.8.8 being in no subnet."""
+    on_link = Egress(EgressKind.UNICAST, LAN, "lan", None, ip("192.168.1.1"), "on link via lan (lookup failed)")
+    assert fib().resolve(ip("8.8.8.8"), oifname="lan") == Resolution((on_link,))
+    blackhole = rule(100, action=RuleAction.BLACKHOLE)
+    assert fib(MAIN, rules_with(blackhole)).resolve(ip("8.8.8.8"), oifname="lan") == Resolution((on_link,), blackhole)
+    assert summary(fib().lookup(ip("8.8.8.8"), oifname="nosuch")) == ("unreachable", None, None)  # no such link
+
+
+V6_TYPES = (
+    R("2001:db8:9::/48", LAN, "fe80::9"),
+    R("2001:db8:a::/48", type=RouteType.BLACKHOLE),
+    R("2001:db8:b::/48", type=RouteType.UNREACHABLE),
+    R("2001:db8:c::/48", type=RouteType.PROHIBIT),
+    R("2001:db8:d::/48", type=RouteType.MULTICAST),
+)
+
+
+@pytest.mark.parametrize(("addr", "ifindex", "expected"), [
+    ("fd00:1::1", None, RouteType.LOCAL),  # lan's own address
+    ("fd00:1::1", LAN, RouteType.LOCAL),
+    # Ours, but not wan's: the route to it is lo's local route, a kind nft's type does not name here.
+    ("fd00:1::1", WAN, "the address type of fd00:1::1 is not modelled here"),
+    ("2001:db8:9::1", None, RouteType.UNICAST),
+    ("2001:db8:9::1", WAN, RouteType.UNICAST),
+    ("2001:db8:a::1", None, RouteType.BLACKHOLE),
+    ("2001:db8:b::1", None, RouteType.UNREACHABLE),
+    ("2001:db8:c::1", None, RouteType.PROHIBIT),
+    ("2001:db8:e::1", None, RouteType.UNREACHABLE),  # no route at all
+    ("2001:db8:d::1", None, "route multicast 2001:db8:d::/48 table main: type multicast is not modelled"),
+    ("ff02::1", None, RouteType.MULTICAST),  # by address
+])  # fmt: skip
+def test_ipv6_address_type(addr: str, ifindex: int | None, expected: RouteType | str) -> None:
+    got = fib(V6_TYPES).address_type(ip(addr), ifindex)
+    assert (got.reason if isinstance(got, Unknown) else got) == expected
+
+
+def test_own_route_words_ipv6_routes_after_ipv4_tables() -> None:
+    """The IPv6 main table comes after IPv4's in the FIB's tables: its routes are found all the same."""
+    f = fib((*MAIN, R("::/0", WAN, "fe80::1"), R("2001:db8:100::/40", WAN, "fe80::1")))
+    (egress,) = f.lookup(ip("2001:db8:100::1"))  # type: ignore[misc]
+    assert own_words(egress) == ("2001:db8:100::/40 via fe80::1 dev wan table main", "2001:db8:100::/40")
+    assert own_words(f.own_route(egress, ip("2001:db8:ff::1"))) == ("default via fe80::1 dev wan table main", "::/0")
+    # 2001:db8:1ff:ffff:: is the /40's last /64 (2001:0db8:01|ff: the /40 ends at bit 40).
+    (default,) = f.lookup(ip("2001:db8:ff::1"))  # type: ignore[misc]
+    assert own_words(f.own_route(default, ip("2001:db8:1ff:ffff::1"))) == (
+        "2001:db8:100::/40 via fe80::1 dev wan table main", "2001:db8:100::/40")
+    assert f.own_route(default, ip("2001:db8:200::1")) is default  # just past it: the default already
+
+
+EVERY_UP = ["wan", "lan", "lte", "nocarrier", "blue", "vpn"]  # up, but lo
+OFF, STRICT = "rp_filter 0 (off)", "rp_filter 1 (strict)"
+
+
+@pytest.mark.parametrize(("netconf", "expected", "why"), [
+    # ``default`` is what an interface not listed was created with: strict here, so lan only.
+    ((Netconf("all", 0), Netconf("default", 1)), ["lan"], STRICT),
+    # No ``all``: an interface's own (or default) value alone.
+    ((Netconf("default", 0),), EVERY_UP, OFF),
+    ((Netconf("default", 1),), ["lan"], STRICT),
+    # Neither an interface's own nor ``default``: 0, the kernel's own default.
+    ((Netconf("all", 0),), EVERY_UP, OFF),
+    # wan and lte off by their own; lan and the rest strict by default: of those, lan only.
+    ((Netconf("all", 0), Netconf("default", 1), Netconf("wan", 0), Netconf("lte", 0)), ["wan", "lan", "lte"],
+     f"{OFF}, {STRICT}"),
+])  # fmt: skip
+def test_reverse_path_settings_of_interfaces_not_listed(
+    netconf: tuple[Netconf, ...], expected: list[str], why: str
+) -> None:
+    """rp_filter from a 192.168.1.50 source (its reverse path is lan), per the netconf entries present."""
+    topology = Topology(LINKS, ADDRESSES, MAIN, (), netconf=netconf, netconf_known=True)
+    got = Fib(topology).ingresses(flow("192.168.1.50", "8.8.8.8"))
+    assert not isinstance(got, Unknown)
+    assert ([i.ifname for i in got[0]], got[1]) == (expected, why)
+
+
+def test_ipv6_ingresses_are_every_receiving_link_whole() -> None:
+    """IPv6 has no rp_filter: every link that is up, but lo, in dump order (vrf devices too)."""
+    topology = Topology(LINKS, ADDRESSES, MAIN, (), netconf=(Netconf("all", 1),), netconf_known=True)
+    got = Fib(topology).ingresses(flow("2001:db8:9::1", "fd00:1::5"))
+    assert got == ((Ingress(WAN, "wan"), Ingress(LAN, "lan"), Ingress(LTE, "lte"), Ingress(NOCARRIER, "nocarrier"),
+                    Ingress(VRF, "blue"), Ingress(VPN, "vpn")), "IPv6 (no rp_filter)")  # fmt: skip
+
+
+def v6_source(addresses: tuple[Address, ...], oif: int, dst: str, links: tuple[Link, ...] = LINKS) -> str | None:
+    got = Fib(Topology(links, addresses, (), ())).masquerade_source(oif, ip(dst))
+    return None if got is None else str(got)
+
+
+def test_ipv6_source_prefers_the_destination_then_the_oif_then_the_label() -> None:
+    """RFC 6724 rules 1, 5 and 6 before the longest prefix (rule 8), as ``ipv6_dev_get_saddr`` ranks them."""
+    two = (A(LAN, "2001:db8:1::2/64"), A(LAN, "2001:db8:1::3/64"))
+    assert v6_source(two, LAN, "2001:db8:1::3") == "2001:db8:1::3"  # rule 1: the destination itself
+    assert v6_source(two, LAN, "2001:db8:1::9") == "2001:db8:1::2"  # equal: the first listed
+    elsewhere = (A(WAN, "2001:db8:1::2/64"), A(LAN, "2001:db8:2::2/64"))
+    assert v6_source(elsewhere, LAN, "2001:db8:1::9") == "2001:db8:2::2"  # rule 5 (oif) before the prefix
+    # 2001:0:1::5 is in 2001::/32 (Teredo, label 6); 3fff::5 and the destination are under ::/0 (label 1).
+    # The prefix alone would take 2001:0:1::5 (20 bits in common against 3): rule 6 takes 3fff::5.
+    labelled = (A(LAN, "2001:0:1::5/64"), A(LAN, "3fff::5/64"))
+    assert v6_source(labelled, LAN, "2001:db8:9::1") == "3fff::5"
+
+
+def test_ipv6_source_candidates_by_destination_scope_and_l3_domain() -> None:
+    """A link-local destination takes only the oif's addresses; any other, every link's of the oif's L3
+    domain (a VRF's slaves, or the links in no VRF); a DAD-failed address never."""
+    links = (Link(LO, "lo"), Link(WAN, "wan"), Link(LAN, "lan"), Link(VRF, "blue", kind="vrf"),
+             Link(VPN, "vpn", master=VRF))  # fmt: skip
+    addresses = (A(WAN, "2001:db8:1::2/64"), A(LAN, "fe80::9/64", scope=SCOPE_LINK), A(VPN, "2001:db8:2::1/64"))
+    assert v6_source(addresses, WAN, "fe80::77", links) == "2001:db8:1::2"  # not lan's fe80::9
+    assert v6_source(addresses, VPN, "2001:db8:9::1", links) == "2001:db8:2::1"  # the VRF's own
+    # lan has no global address: wan's, not the VRF's, though the VRF's shares a longer prefix.
+    assert v6_source(addresses, LAN, "2001:db8:2::9", links) == "2001:db8:1::2"
+    failed = (A(LAN, "2001:db8:9::5/64", flags=IFA_F_DADFAILED), A(LAN, "2001:db8:1::2/64"))
+    assert v6_source(failed, LAN, "2001:db8:9::10") == "2001:db8:1::2"
+
+
+def test_ipv4_source_of_an_oif_without_address_outside_any_vrf() -> None:
+    """``inet_select_addr`` on a link with no address: every link of its L3 domain; a bridge is no L3
+    domain (only a VRF is), and a link the snapshot does not list is in none."""
+    links = (*LINKS, Link(9, "br0", kind="bridge"), Link(10, "port", master=9))
+    addresses = (*ADDRESSES, A(9, "192.168.9.1/24"))
+    f = Fib(Topology(links, addresses, (), ()))
+    assert f.masquerade_source(10, ip("8.8.8.8")) == ip("203.0.113.5")  # wan's first primary, before br0's
+    assert f.masquerade_source(99, ip("8.8.8.8")) == ip("203.0.113.5")
+
+
+def test_rules_naming_links_of_a_snapshot_without_them() -> None:
+    """A topology without links (built by hand) cannot say a link is missing: the name is trusted; lo is
+    always there, listed or not."""
+    bare = Fib(Topology((), (), (*MAIN, *T100), rules_with(rule(100, iifname="eth0", table=100))))
+    assert summary(bare.lookup(ip("8.8.8.8"), iifname="eth0")) == ("unicast", "if4", "100.64.0.1")
+    no_lo = tuple(link for link in LINKS if link.name != "lo")
+    f = fib((*MAIN, *T100), rules_with(rule(100, iifname="lo", table=100)), links=no_lo)
+    assert summary(f.lookup(ip("8.8.8.8"))) == ("unicast", "lte", "100.64.0.1")  # locally generated: iif lo
+
+
+def test_ipv6_equal_metric_alternatives_stop_at_another_metric_and_skip_dead_or_other_oifs() -> None:
+    routes = (
+        R("2001:db8:9::/48", LAN, "fe80::9", metric=256),
+        R("2001:db8:9::/48", DEAD, "fe80::d", metric=256),  # its link is down
+        R("2001:db8:9::/48", WAN, "fe80::7", metric=256),
+        R("2001:db8:9::/48", LTE, "fe80::4", metric=512),  # another metric: not an alternative
+        R("2001:db8:9::/48", WAN, "fe80::8", metric=512),
+    )
+    f = fib(routes)
+    assert summary(f.lookup(ip("2001:db8:9::1"))) == [("unicast", "lan", "fe80::9"), ("unicast", "wan", "fe80::7")]
+    wan = (R("2001:db8:9::/48", WAN, "fe80::7", metric=256), R("2001:db8:9::/48", LAN, "fe80::9", metric=256),
+           R("2001:db8:9::/48", WAN, "fe80::8", metric=256))  # fmt: skip
+    assert summary(fib(wan).lookup(ip("2001:db8:9::1"), oifname="wan")) == [
+        ("unicast", "wan", "fe80::7"), ("unicast", "wan", "fe80::8")]  # fmt: skip
+
+
+@pytest.mark.parametrize("goto", [50, 100])
+def test_a_backward_goto_or_one_to_itself_is_unresolved(goto: int) -> None:
+    """The kernel refuses a goto to its own priority or below; a snapshot holding one goes on with the next
+    rule, as with an unresolved goto (never a loop)."""
+    rules = rules_with(rule(50, fwmark=7, table=100), rule(100, action=RuleAction.GOTO, goto=goto))
+    assert summary(fib((*MAIN, *T100), rules).lookup(ip("8.8.8.8"))) == UNICAST_WAN
+
+
+def test_ipv4_address_type_reads_the_local_table_with_tos_0() -> None:
+    """``inet_dev_addr_type`` looks the local table up with TOS 0: a local route with a TOS does not apply."""
+    local_tos = R("192.0.2.0/24", LO, table=TABLE_LOCAL, type=RouteType.LOCAL, tos=0x10)
+    assert fib((*MAIN, local_tos)).address_type(ip("192.0.2.5")) == RouteType.UNICAST
+    local = R("192.0.2.0/24", LO, table=TABLE_LOCAL, type=RouteType.LOCAL)
+    assert fib((*MAIN, local)).address_type(ip("192.0.2.5")) == RouteType.LOCAL
+
+
+def test_a_redirect_skips_v4_mapped_addresses() -> None:
+    """``nf_nat_redirect_ipv6``: a v4-mapped address is passed over, and the next usable one taken."""
+    addresses = (A(LAN, "::ffff:192.0.2.1/96"), A(LAN, "fd00:1::1/64"))
+    f = fib(addresses=addresses)
+    assert f.redirect_address(AF_INET6, Ingress(LAN, "lan")) == ip("fd00:1::1")
+
+
+def test_a_fib_over_a_route_change_is_carried_not_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where only main's routes changed along the kept topology's lineage, ``Fib(now, previous)`` carries
+    the previous tables over (``_build_tables`` is not called), TOS routes first among a prefix's; a
+    local-table route changed: built again (implied local routes go)."""
+    live = LiveTopology.seed(Topology(LINKS, ADDRESSES, (*MAIN, R("10.0.0.0/8", LAN)), ()))
+    assert live is not None
+    first = Fib(live.snapshot())
+    assert live.apply("route", True, R("192.0.2.1/32", LO, table=TABLE_LOCAL, type=RouteType.LOCAL), 0x400)
+    local = Fib(live.snapshot(), first)
+    assert summary(local.lookup(ip("8.8.8.8"))) == UNICAST_WAN
+    assert summary(local.lookup(ip("192.0.2.1"))) == ("local", "lo", None)
+    # A TOS route beside 10.0.0.0/8's (IPv4 keys a route by its TOS too).
+    assert live.apply("route", True, R("10.0.0.0/8", WAN, tos=0x10), 0x400)
+    now = live.snapshot()
+
+    def built(self: Fib) -> None:
+        raise AssertionError("the tables were built")
+
+    monkeypatch.setattr(Fib, "_build_tables", built)
+    carried = Fib(now, local)
+    assert summary(carried.lookup(ip("10.1.1.1"), tos=0x10)) == ("unicast", "wan", None)
+    assert summary(carried.lookup(ip("10.1.1.1"))) == ("unicast", "lan", None)
+
+
+# Table 100 routes the LAN's 192.168.1.0/24 through lte: a rule that sends the reverse path there moves it.
+LAN_VIA_LTE = (*MAIN, R("192.168.1.0/24", LTE, table=100), R("0.0.0.0/0", LTE, "100.64.0.1", table=100))
+
+
+def test_the_reverse_path_reads_the_flows_destination_as_its_source_and_its_mark() -> None:
+    """``fib_validate_source``: destination the flow's source, source the flow's destination, the mark
+    as the packet has it, TOS unknown (conntrack does not keep it)."""
+    back = flow("192.168.1.50", "8.8.8.8")
+    by_src = fib(LAN_VIA_LTE, rules_with(rule(100, src="8.8.8.8/32", table=100)))
+    assert by_src.ingress(back) == Ingress(LTE, "lte")
+    known = Topology(LINKS, ADDRESSES, LAN_VIA_LTE, rules_with(rule(100, src="8.8.8.8/32", table=100)),
+                     netconf=(Netconf("all", 1),), netconf_known=True)  # fmt: skip
+    assert Fib(known).ingresses(back) == ((Ingress(LTE, "lte"),), STRICT)
+    by_mark = fib(LAN_VIA_LTE, rules_with(rule(100, fwmark=5, table=100)))
+    assert by_mark.ingress(flow("192.168.1.50", "8.8.8.8", mark=5)) == Ingress(LTE, "lte")
+    assert by_mark.ingress(back) == Ingress(LAN, "lan")
+    by_tos = rules_with(rule(100, tos=0x10, table=100))
+    unknown = fib(LAN_VIA_LTE, by_tos).ingress(back)
+    tos_unknown = "selector tos needs the packet's TOS, which is unknown"
+    assert isinstance(unknown, Unknown) and unknown.reason.startswith("the reverse path of the source: rule ")
+    assert unknown.reason.endswith(tos_unknown)
+    known_tos = Fib(replace(known, rules=by_tos)).ingresses(back)
+    assert isinstance(known_tos, Unknown) and known_tos.reason == unknown.reason
+
+
+def test_the_forward_path_reads_the_flows_source() -> None:
+    f = fib(LAN_VIA_LTE, rules_with(rule(100, src="192.168.1.50/32", table=100)))
+    assert summary(f.egress(flow("192.168.1.50", "8.8.8.8"), Ingress(LAN, "lan"))) == ("unicast", "lte", "100.64.0.1")
+    assert summary(f.egress(flow("192.168.1.51", "8.8.8.8"), Ingress(LAN, "lan"))) == UNICAST_WAN
+
+
+def test_ingresses_say_why_without_netconf_or_from_our_own_address() -> None:
+    assert fib().ingresses(flow("192.168.1.50", "8.8.8.8")) == ((Ingress(LAN, "lan"),), "reverse path")
+    own = flow("192.168.1.1", "8.8.8.8")
+    assert fib().ingresses(own) == ((Ingress(LO, "lo", local=True),), "locally generated")
+    known = Fib(Topology(LINKS, ADDRESSES, MAIN, (), netconf=(Netconf("all", 1),), netconf_known=True))
+    assert known.ingresses(own) == ((Ingress(LO, "lo", local=True),), "locally generated")
+
+
+def test_a_family_whose_every_rule_reads_the_iif_keeps_the_name() -> None:
+    """Rules with an iif each (no local or main rule left): the input interface picks the table."""
+    rules = (rule(10, iifname="lan", table=100), rule(20, iifname="wan", table=TABLE_MAIN))
+    f = fib((*MAIN, *T100), rules)
+    assert summary(f.lookup(ip("8.8.8.8"), iifname="lan")) == ("unicast", "lte", "100.64.0.1")
+    assert summary(f.lookup(ip("8.8.8.8"), iifname="wan")) == UNICAST_WAN
+    assert summary(f.lookup(ip("8.8.8.8"), iifname="lte")) == ("unreachable", None, None)
+
+
+def test_implied_local_routes_are_the_kernels_per_family() -> None:
+    """Each usable address gets a host route in table local, scope host, src itself; lo's addresses their
+    whole network too; IPv6 gets its own even where IPv4's local table is given; a tentative address none."""
+    f = fib()
+    assert f.resolve(ip("192.168.1.1")).route == Route(ip_network("192.168.1.1/32"), TABLE_LOCAL, RouteType.LOCAL,
+                                                       (Nexthop(LAN),), scope=SCOPE_HOST, prefsrc=ip("192.168.1.1"))
+    loopback = f.resolve(ip("127.0.0.5"))
+    assert loopback.route == Route(ip_network("127.0.0.0/8"), TABLE_LOCAL, RouteType.LOCAL, (Nexthop(LO),),
+                                   scope=SCOPE_HOST)  # fmt: skip
+    assert loopback.egresses[0].route == "local 127.0.0.0/8 dev lo table local"  # type: ignore[index]
+    assert summary(f.lookup(ip("fd00:1::1"))) == ("local", "lo", None)
+    given_v4 = fib((*MAIN, R("::/0", WAN, "fe80::1"), R("192.0.2.1/32", LO, table=TABLE_LOCAL, type=RouteType.LOCAL)))
+    assert summary(given_v4.lookup(ip("fd00:1::1"))) == ("local", "lo", None)
+    # IPv4's local table is the one given: lan's address is routed as lan's subnet.
+    assert summary(given_v4.lookup(ip("192.168.1.1"))) == ("unicast", "lan", None)
+    assert summary(given_v4.lookup(ip("2001:db8::5"))) == ("unicast", "wan", "fe80::1")  # tentative: routed
+
+
+def test_a_locally_generated_lookup_meets_every_equal_metric_gateway_default() -> None:
+    """``fib_select_default``: only for output, only among gateway routes of the chosen one's metric, and
+    only when the chosen one is a single gateway."""
+    routes = (
+        R("0.0.0.0/0", WAN, "203.0.113.1", metric=10),
+        R("0.0.0.0/0", LAN, metric=10),  # no gateway: passed over
+        R("0.0.0.0/0", LTE, "100.64.0.1", metric=10),
+        R("0.0.0.0/0", LAN, "192.168.1.9", metric=20),  # another metric: not among them
+    )
+    both = [("unicast", "lte", "100.64.0.1"), UNICAST_WAN]
+    f = fib(routes)
+    assert summary(f.lookup(ip("8.8.8.8"))) == both
+    assert summary(f.egress(flow("192.168.1.1", "8.8.8.8"), Ingress(LO, "lo", local=True))) == both
+    assert summary(f.egress(flow("192.168.1.50", "8.8.8.8"), Ingress(LAN, "lan"))) == UNICAST_WAN  # forwarded
+    multipath = (R("0.0.0.0/0", nhs=((WAN, "203.0.113.1"), (LAN, "192.168.1.9")), metric=10),
+                 R("0.0.0.0/0", LTE, "100.64.0.1", metric=10))  # fmt: skip
+    assert summary(fib(multipath).lookup(ip("8.8.8.8"))) == [("unicast", "lan", "192.168.1.9"), UNICAST_WAN]
+
+
+def test_a_netfilter_reverse_path_drop_looks_up_with_mark_0_and_both_filters_must_pass() -> None:
+    """``fib saddr . iif oif missing drop`` (no ``mark``): the reverse lookup's mark is 0. With rp_filter
+    strict and src_valid_mark the sysctl's lookup takes the packet's mark: each filter pins its own
+    interface, and a packet must pass both."""
+    rules = rules_with(rule(100, fwmark=5, table=100))
+    off = Fib(Topology(LINKS, ADDRESSES, LAN_VIA_LTE, rules, netconf=(Netconf("all", 0),), netconf_known=True))
+    marked = flow("192.168.1.50", "8.8.8.8", mark=5)
+    assert off.ingresses(marked, netfilter_rpf=True) == (
+        (Ingress(LAN, "lan"),), "netfilter reverse-path drop, rp_filter 0 (off)")  # fmt: skip
+    one = replace(off.topology, rules=rules_with(rule(100, fwmark=1, table=100)))  # the packet's mark is 1
+    assert Fib(one).ingresses(flow("192.168.1.50", "8.8.8.8", mark=1), netfilter_rpf=True) == (
+        (Ingress(LAN, "lan"),), "netfilter reverse-path drop, rp_filter 0 (off)")  # fmt: skip
+    strict = Fib(Topology(LINKS, ADDRESSES, LAN_VIA_LTE, rules, netconf=(Netconf("all", 1, src_valid_mark=True),),
+                          netconf_known=True))  # fmt: skip
+    assert strict.ingresses(marked) == ((Ingress(LTE, "lte"),), STRICT)
+    both = strict.ingresses(marked, netfilter_rpf=True)
+    assert both == Unknown("no interface accepts a packet from the source (reverse-path filtering)")
+
+
+def test_a_source_the_reverse_path_delivers_locally_is_locally_generated() -> None:
+    """Table 100 holds a ``local`` route for 10.9.0.0/16 (no address of ours is in it): the reverse
+    lookup of 10.9.0.5 answers local, so the flow came from this host."""
+    routes = (*MAIN, R("10.9.0.0/16", LO, table=100, type=RouteType.LOCAL))
+    topology = Topology(LINKS, ADDRESSES, routes, rules_with(rule(100, table=100)), netconf=(Netconf("all", 1),),
+                        netconf_known=True)  # fmt: skip
+    assert Fib(topology).ingresses(flow("10.9.0.5", "8.8.8.8")) == ((Ingress(LO, "lo", local=True),),
+                                                                     "locally generated")  # fmt: skip
+
+
+def test_a_local_answer_is_los_whole() -> None:
+    f = fib()
+    assert f.lookup(ip("192.168.1.1")) == (Egress(EgressKind.LOCAL, LO, "lo", route="local 192.168.1.1/32 dev lan table local",
+                                                  prefix=ip_network("192.168.1.1/32")),)  # fmt: skip
+
+
+def test_ipv4_source_of_an_oif_without_address_leaves_vrf_slaves_and_ipv6_out() -> None:
+    """Outside any VRF, ``inet_select_addr`` walks the links outside every VRF, IPv4 addresses only."""
+    links = (Link(LO, "lo"), Link(WAN, "wan"), Link(VRF, "blue", kind="vrf"), Link(VPN, "vpn", master=VRF))
+    addresses = (A(LO, "127.0.0.1/8", scope=SCOPE_HOST), A(WAN, "2001:db8::1/64"), A(VPN, "10.8.0.2/24"))
+    assert Fib(Topology(links, addresses, (), ())).masquerade_source(WAN, ip("8.8.8.8")) is None
+    assert Fib(Topology(links, addresses, (), ())).masquerade_source(VPN, ip("8.8.8.8")) == ip("10.8.0.2")
+
+
+def test_unknown_selectors_say_what_is_unknown() -> None:
+    f = fib((*MAIN, *T100), rules_with(rule(100, fwmark=5, table=100)))
+    unknown = f.lookup(ip("8.8.8.8"), mark=None)
+    assert isinstance(unknown, Unknown)
+    assert unknown.reason.endswith(": selector fwmark needs the packet mark, which is unknown")
+
+
+def test_suppress_ifgroup_minus_1_is_off() -> None:
+    """The kernel's "no suppress_ifgroup" is -1: the rule's table answers as if it had none."""
+    f = fib((*MAIN, *T100), rules_with(rule(100, table=100, suppress_ifgroup=-1)))
+    assert summary(f.lookup(ip("8.8.8.8"))) == ("unicast", "lte", "100.64.0.1")
+    grouped = fib((*MAIN, *T100), rules_with(rule(100, table=100, suppress_ifgroup=5)))
+    assert summary(grouped.lookup(ip("8.8.8.8"))).startswith("unknown: ")  # type: ignore[union-attr]
+
+
+def test_limited_broadcast_and_an_unknown_selector_answer_whole() -> None:
+    assert fib().resolve(ip("255.255.255.255")) == Resolution(Unknown("limited broadcast destination is not modelled"))
+    marked = rule(100, fwmark=5, table=100)
+    unknown = fib((*MAIN, *T100), rules_with(marked)).resolve(ip("8.8.8.8"), mark=None)
+    assert isinstance(unknown.egresses, Unknown) and unknown.rule == marked and unknown.route is None
+
+
+def test_a_tos_rule_compares_ipv4_tos_bits_2_to_4_and_the_ipv6_dscp_whole() -> None:
+    """IPv4 masks the packet's TOS with 0x1C (IPTOS_RT_MASK): 0x30 is 0x10 there. IPv6 compares the traffic
+    class's DSCP bits (0xFC): 0x30 is not 0x10."""
+    v4 = fib((*MAIN, *T100), rules_with(rule(100, tos=0x10, table=100)))
+    assert summary(v4.lookup(ip("8.8.8.8"), tos=0x30)) == ("unicast", "lte", "100.64.0.1")
+    v6_rules = (rule(0, family=AF_INET6, table=TABLE_LOCAL), rule(100, family=AF_INET6, tos=0x10, table=100),
+                rule(32766, family=AF_INET6, table=TABLE_MAIN))  # fmt: skip
+    v6 = fib((R("::/0", WAN, "fe80::1"), R("::/0", LTE, "fe80::4", table=100)), v6_rules)
+    assert summary(v6.lookup(ip("2001:db8::9"), tos=0x10)) == ("unicast", "lte", "fe80::4")
+    assert summary(v6.lookup(ip("2001:db8::9"), tos=0x30)) == ("unicast", "wan", "fe80::1")
+
+
+def test_a_rule_action_answers_with_the_rules_words() -> None:
+    f = fib(MAIN, rules_with(rule(100, action=RuleAction.BLACKHOLE)))
+    assert f.lookup(ip("8.8.8.8")) == (Egress(EgressKind.BLACKHOLE, route="rule 100: from all blackhole"),)

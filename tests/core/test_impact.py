@@ -8,14 +8,17 @@ and a route to 192.0.2.0/24 that moves from up1 to up2 (``MOVED``).
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from ipaddress import ip_address, ip_network
+from typing import NoReturn
 
 import pytest
 
 from topowatch.core import impact as impact_module
 from topowatch.core.flow import NatKind
 from topowatch.core.impact import Impact, impact, prepare, prepared
+from topowatch.core.livetopology import NLM_F_REPLACE, LiveTopology
 from topowatch.core.model import (
     AF_INET,
     AF_INET6,
@@ -28,7 +31,17 @@ from topowatch.core.model import (
     RuleAction,
     Topology,
 )
-from topowatch.core.nat import Chain, Hook, NatMapStatement, NatRuleset, NatStatement, NetmapStatement, Rule
+from topowatch.core.nat import (
+    Chain,
+    Hook,
+    IntervalSet,
+    NatMapStatement,
+    NatRuleset,
+    NatStatement,
+    NatTarget,
+    NetmapStatement,
+    Rule,
+)
 from topowatch.edges.nft import parse_ruleset_json
 
 LO, LAN, UP1, UP2 = 1, 2, 3, 4
@@ -118,6 +131,9 @@ def test_a_netmap_prefix_is_a_range_of_dnat_targets(prefix: str, expected: Impac
     [
         ("192.0.2.255", "192.0.2.255", "any flow (a DNAT target lies in 192.0.2.0/24)"),  # its last address
         ("192.0.1.0", "192.0.2.0", "any flow (a DNAT target lies in 192.0.2.0/24)"),  # ends at its first
+        # Both ends outside, the range across it: the kernel may pick 192.0.2.9 (a bug until the seventh
+        # session: only the ends were read).
+        ("192.0.1.0", "192.0.3.255", "any flow (a DNAT target lies in 192.0.2.0/24)"),
         ("192.0.1.0", "192.0.1.255", "flows to or from 192.0.2.0/24"),
         ("192.0.3.0", "192.0.3.0", "flows to or from 192.0.2.0/24"),
     ],
@@ -130,6 +146,17 @@ def test_a_dnat_map_without_a_readable_target_is_any_flow() -> None:
     empty = NatMapStatement(NatKind.DNAT, "dnat to ip saddr map { }", None, (), ())
     assert impact(BEFORE, MOVED, prerouting(empty)) == Impact(everything=True, why="a DNAT target cannot be read")
     assert impact(BEFORE, BEFORE, prerouting(empty)) == Impact()  # nothing moved: nothing to read
+
+
+def test_a_dnat_map_target_range_across_a_moved_prefix_is_any_flow() -> None:
+    """``dnat to ip saddr map { 10.0.0.0/8 : 192.0.1.0-192.0.3.255 }``: a target range holding 192.0.2.0/24."""
+    every_source = (IntervalSet(((167772160, 184549375),), 4),)  # 10.0.0.0/8
+    target = NatTarget((ip_address("192.0.1.0"), ip_address("192.0.3.255")))
+    spanning = NatMapStatement(NatKind.DNAT, "dnat to ip saddr map { ... }", AF_INET, (), ((every_source, target),))
+    assert impact(BEFORE, MOVED, prerouting(spanning)).describe() == "any flow (a DNAT target lies in 192.0.2.0/24)"
+    beside = NatTarget((ip_address("192.0.3.0"), ip_address("192.0.3.255")))
+    apart = replace(spanning, elements=((every_source, beside),))
+    assert impact(BEFORE, MOVED, prerouting(apart)) == Impact(prefixes=(MOVING,))
 
 
 def test_snat_addresses_are_not_dnat_targets() -> None:
@@ -191,3 +218,93 @@ def test_prefixes_of_both_families_are_listed_ipv4_first() -> None:
     before = replace(BEFORE, routes=(*BEFORE.routes, Route(v6, nexthops=(Nexthop(UP1),))))
     now = replace(MOVED, routes=(*MOVED.routes, Route(v6, nexthops=(Nexthop(UP2),))))
     assert impact(before, now, inet).describe() == "flows to or from 192.0.2.0/24, 2001:db8:1::/48"
+
+
+# -- the walks' depth guards, the ruleset cache's bound, the lineage (the seventh session) -------------
+
+# 192.0.2.7 = 192 * 2**24 + 2 * 2**8 + 7 = 3221225472 + 512 + 7.
+SEVEN = (4, 3221225991, 3221225991)
+TO_SEVEN = NatStatement(NatKind.DNAT, "dnat to 192.0.2.7", addr=(ip_address("192.0.2.7"), ip_address("192.0.2.7")))
+
+
+@dataclass(frozen=True)
+class Box:
+    """A dataclass of one field: the walks enter every dataclass's fields."""
+
+    inner: object
+
+
+def in_tuples(value: object, levels: int) -> object:
+    for _ in range(levels):
+        value = (value,)
+    return value
+
+
+def in_boxes(value: object, levels: int) -> object:
+    for _ in range(levels):
+        value = Box(value)
+    return value
+
+
+@pytest.mark.parametrize("wrap", [in_tuples, in_boxes])
+def test_a_statement_200_levels_down_is_read_and_201_cannot_be(wrap: Callable[[object, int], object]) -> None:
+    """``_dnat_targets`` walks 200 levels of containers; a statement below them is taken as "anywhere"
+    (version 0, the sentinel ``impact`` answers "cannot be read" to)."""
+    assert list(impact_module._dnat_targets(wrap(TO_SEVEN, 200))) == [SEVEN]
+    assert list(impact_module._dnat_targets(wrap(TO_SEVEN, 201))) == [(0, 0, 0)]
+    assert list(impact_module._dnat_targets(wrap((TO_SEVEN, TO_SEVEN), 199))) == [SEVEN, SEVEN]
+
+
+@pytest.mark.parametrize("wrap", [in_tuples, in_boxes])
+def test_an_address_50_levels_down_is_read_and_51_is_not(wrap: Callable[[object, int], object]) -> None:
+    """``_addresses_in`` stops 50 levels into a statement (a map or NETMAP with nothing read is then
+    "cannot be read"; a ``NatStatement`` holds its addresses two levels down)."""
+    seven = ip_address("192.0.2.7")
+    assert list(impact_module._addresses_in(wrap(seven, 50))) == [SEVEN]
+    assert list(impact_module._addresses_in(wrap(seven, 51))) == []
+    net = ip_network("192.0.2.0/30")  # 3221225984 .. 3221225987
+    assert list(impact_module._addresses_in(wrap(net, 50))) == [(4, 3221225984, 3221225987)]
+    # A pair of addresses is a range: 192.0.2.0 .. 192.0.2.7.
+    pair = (ip_address("192.0.2.0"), ip_address("192.0.2.7"))
+    assert list(impact_module._addresses_in(wrap(pair, 50))) == [(4, 3221225984, 3221225991)]
+
+
+def test_a_dnat_map_or_netmap_with_no_address_read_is_the_sentinel() -> None:
+    empty = NatMapStatement(NatKind.DNAT, "dnat to ip saddr map { }", None, (), ())
+    assert list(impact_module._dnat_targets(empty)) == [(0, 0, 0)]
+    # A NETMAP whose prefix is not an address or network (not parsed so, but walked alike).
+    odd = NetmapStatement(in_tuples(ip_network("10.0.0.0/8"), 51), "NETMAP --to ?")  # type: ignore[arg-type]
+    assert list(impact_module._dnat_targets(odd)) == [(0, 0, 0)]
+    # 10.0.0.0/8 = 10 * 2**24 = 167772160 .. 167772160 + 2**24 - 1 = 184549375.
+    assert list(impact_module._dnat_targets(netmap("10.0.0.0/8"))) == [(4, 167772160, 184549375)]
+
+
+def test_the_last_four_rulesets_read_are_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache keeps the four rulesets read last (the daemon's memory stays bounded)."""
+    monkeypatch.setattr(impact_module, "_TARGETS", [])
+    rulesets = [netmap(f"10.{i}.0.0/16") for i in range(5)]
+    for ruleset in rulesets:
+        prepare(ruleset)
+    assert [prepared(r) for r in rulesets] == [False, True, True, True, True]
+    prepare(rulesets[0])  # read again: the oldest of the others (the second) goes
+    assert [prepared(r) for r in rulesets] == [True, False, True, True, True]
+
+
+def test_snapshots_of_one_lineage_give_their_route_changes_without_comparing_tables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kept topology's lineage names the routes that changed; the tables are not compared."""
+    live = LiveTopology.seed(BEFORE)
+    assert live is not None
+    first = live.snapshot()
+    assert live.apply("route", True, Route(MOVING, nexthops=(VIA2,)), NLM_F_REPLACE)
+    now = live.snapshot()
+
+    def compared(*tables: object) -> NoReturn:
+        raise AssertionError("the tables were compared")
+
+    monkeypatch.setattr(impact_module, "changed_routes", compared)
+    assert impact(first, now, RULESET) == Impact(prefixes=(MOVING,))
+    assert impact(first, first, RULESET) == Impact()
+    with pytest.raises(AssertionError, match="compared"):  # snapshots of no lineage: compared
+        impact(BEFORE, MOVED, RULESET)

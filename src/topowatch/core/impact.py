@@ -165,12 +165,18 @@ def prepared(ruleset: NatRuleset) -> bool:
 
 
 def _addresses_in(value: object, depth: int = 0) -> Iterator[tuple[int, int, int]]:
+    """(version, lo, hi) of the addresses, networks and address ranges in ``value``."""
     if depth > 50:
         return
     if isinstance(value, (IPv4Address, IPv6Address)):
         yield (value.version, int(value), int(value))
     elif hasattr(value, "network_address") and hasattr(value, "broadcast_address"):
         yield (value.version, int(value.network_address), int(value.broadcast_address))  # type: ignore[attr-defined]
+    elif (isinstance(value, tuple) and len(value) == 2 and type(value[0]) is type(value[1])
+          and isinstance(value[0], (IPv4Address, IPv6Address))):
+        # An address range (``NatStatement.addr``, ``NatTarget.addr``; both refuse lo > hi): the
+        # kernel may pick any address between its ends, so each is a target, not the ends only.
+        yield (value[0].version, int(value[0]), int(value[1]))
     elif isinstance(value, (tuple, list, frozenset, set)):
         for item in value:
             yield from _addresses_in(item, depth + 1)
