@@ -289,3 +289,12 @@ def test_snapshots_of_one_lineage_give_their_route_changes_without_comparing_tab
     assert impact(first, first, RULESET) == Impact()
     with pytest.raises(AssertionError, match="compared"):  # snapshots of no lineage: compared
         impact(BEFORE, MOVED, RULESET)
+
+
+def test_a_pair_of_addresses_covers_what_lies_between_whichever_comes_first() -> None:
+    """Two addresses of one family in a pair are read as the range between them, in either
+    order: a pair that is not a range is covered more widely, never less."""
+    lo, hi = ip_address("192.0.2.9"), ip_address("192.0.2.1")
+    span = (4, int(hi), int(lo))  # 192.0.2.1-192.0.2.9
+    assert list(impact_module._addresses_in((lo, hi))) == [span]
+    assert list(impact_module._addresses_in((hi, lo))) == [span]

@@ -176,7 +176,10 @@ def _addresses_in(value: object, depth: int = 0) -> Iterator[tuple[int, int, int
           and isinstance(value[0], (IPv4Address, IPv6Address))):
         # An address range (``NatStatement.addr``, ``NatTarget.addr``; both refuse lo > hi): the
         # kernel may pick any address between its ends, so each is a target, not the ends only.
-        yield (value[0].version, int(value[0]), int(value[1]))
+        # (A pair of single addresses read so covers more than they do: conservative; ordered, so
+        # that it never covers less.)
+        ends = sorted((int(value[0]), int(value[1])))
+        yield (value[0].version, ends[0], ends[1])
     elif isinstance(value, (tuple, list, frozenset, set)):
         for item in value:
             yield from _addresses_in(item, depth + 1)
