@@ -584,7 +584,6 @@ def run_seed(seed: int, rules_dir: str, *, plan_subprocess: bool = False) -> Out
     scn = fuzzgen.generate(seed)
     samples = sample_count(scn)
     created: list[Namespace] = []
-    out_notes: list[str] = []
     lock: socket.socket | None = None
     state_dir = tempfile.mkdtemp(prefix=f"{PREFIX}state")  # mode 0700: trusted by plan
     try:
@@ -646,7 +645,6 @@ def run_seed_daemon(seed: int, rules_dir: str) -> Outcome:
     scn = fuzzgen.generate(seed)
     samples = sample_count(scn)
     created: list[Namespace] = []
-    out_notes: list[str] = []
     state_dir = tempfile.mkdtemp(prefix=f"{PREFIX}state")
     try:
         ns, names = build(scn, created)
@@ -871,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(o: Outcome, *, quiet: bool) -> None:
     """A seed's line and its findings (with ``quiet``, only where a view disagrees)."""
-    daemon = bool(o.findings and o.findings[0].get("view") == "daemon") or "reactions" in o.counts
+    daemon = "reactions" in o.counts  # set by every daemon run that ran
     views = [("plan", o), ("none", o.bare)] if o.bare is not None else [("daemon" if daemon else "plan", o)]
     wrong = ("fp", "fn", "fresh_stale", "sweep_stale")
     bad = o.error or any(f["kind"] in wrong for _, v in views for f in v.findings)
