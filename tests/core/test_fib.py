@@ -692,6 +692,24 @@ def test_default_rules_apply_per_family() -> None:
     assert summary(f.lookup(ip("8.8.8.8"))) == ("unicast", "lte", "100.64.0.1")
 
 
+def test_a_from_rule_needs_a_source_in_ipv6_and_compares_zero_in_ipv4() -> None:
+    # fib6_rule_match: a rule with a source prefix is skipped by a lookup without a source (no
+    # RT6_LOOKUP_F_HAS_SADDR), even a prefix holding ::. fib4_rule_match compares the source 0.
+    # (The kernel agrees: tests/netns/test_fib6_rules_kernel.py.)
+    t100 = (R("::/0", WAN, "fe80::7", table=100), *T100)
+    rules = (
+        rule(0, table=TABLE_LOCAL, family=AF_INET6),
+        rule(100, src="::/1", table=100, family=AF_INET6),
+        rule(32766, table=TABLE_MAIN, family=AF_INET6),
+        *rules_with(rule(100, src="0.0.0.0/1", table=100)),
+    )
+    f = fib((*MAIN, R("::/0", LAN, "fd00:1::9"), *t100), rules)
+    assert summary(f.lookup(ip("2001:db8::1"))) == ("unicast", "lan", "fd00:1::9")
+    assert summary(f.lookup(ip("2001:db8::1"), src=ip("2001:db8:2::5"))) == ("unicast", "wan", "fe80::7")
+    assert summary(f.lookup(ip("2001:db8::1"), src=ip("8000::1"))) == ("unicast", "lan", "fd00:1::9")
+    assert summary(f.lookup(ip("8.8.8.8"))) == ("unicast", "lte", "100.64.0.1")
+
+
 def test_ipv6_equal_metric_routes_are_alternatives() -> None:
     f = fib(
         (R("2001:db8:9::/48", LAN, "fd00:1::9", metric=256), R("2001:db8:9::/48", WAN, "fe80::7", metric=256))

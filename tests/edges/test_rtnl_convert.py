@@ -709,3 +709,21 @@ def test_change_events_of_a_link_going_down() -> None:
                   for link in TOPO.links)  # fmt: skip
     (event,) = change_events(TOPO, Topology(links, TOPO.addresses, TOPO.routes, TOPO.rules))
     assert (event.kind, event.action, event.description) == ("link", "new", "link changed: up0 (down)")
+
+
+def test_an_ipv6_from_rule_that_finds_its_source_is_unmodelled() -> None:
+    # fib6_rule_action: FIB_RULE_FIND_SADDR makes a `from` rule choose a source when the lookup
+    # has none and compare it; the FIB does not model that choice. IPv4 and rules without a
+    # source ignore the flag.
+    def read(family: int, src_len: int, flags: int) -> tuple[str, ...]:
+        attrs = [("FRA_SRC", "2001:db8::" if family == model.AF_INET6 else "10.0.0.0")] if src_len else []
+        converted = rtnl.rule_from_msg(
+            decode_one(encode(a_rule(*attrs, family=family, src_len=src_len, flags=flags), 32))
+        )
+        assert converted is not None
+        return converted.unmodelled
+
+    assert read(model.AF_INET6, 32, 0x10000) == ("find_saddr",)
+    assert read(model.AF_INET6, 32, 0) == ()
+    assert read(model.AF_INET6, 0, 0x10000) == ()
+    assert read(model.AF_INET, 8, 0x10000) == ()

@@ -746,7 +746,12 @@ class Fib:
             else:
                 parts.append(((rule.fwmark ^ q.mark) & mask) == 0)
         if rule.src is not None:
-            parts.append((q.src if q.src is not None else _zero(rule.family)) in rule.src)
+            if q.src is None and rule.family == AF_INET6 and rule.src.prefixlen:
+                # fib6_rule_match: without RT6_LOOKUP_F_HAS_SADDR a `from` selector never matches
+                # (IPv4 compares the source 0 instead: fib4_rule_match).
+                parts.append(False)
+            else:
+                parts.append((q.src if q.src is not None else _zero(rule.family)) in rule.src)
         if rule.dst is not None:
             parts.append(q.dst in rule.dst)
         if rule.tos:

@@ -141,6 +141,7 @@ IFF_UP = 0x1
 IFF_RUNNING = 0x40
 RTM_F_CLONED = 0x200
 FIB_RULE_INVERT = 0x2
+FIB_RULE_FIND_SADDR = 0x10000  # IPv6: a `from` rule picks a source when the lookup has none
 RTA_NH_ID = 30
 RTA_MULTIPATH = 9
 RTA_ENCAP_TYPE = 21
@@ -625,6 +626,8 @@ def rule_from_msg(msg: Any) -> PolicyRule | None:
                 unmodelled.add(_UNMODELLED_RULE_NUMBERS.get(number, f"attr{number}"))
             elif name not in _MODELLED_RULE_ATTRS and name not in _IGNORED_RULE_ATTRS:
                 unmodelled.add(name.removeprefix("FRA_").lower())
+        if family == AF_INET6 and int(msg["flags"]) & FIB_RULE_FIND_SADDR and int(msg["src_len"]):
+            unmodelled.add("find_saddr")  # fib6_rule_saddr: a source is chosen, then compared
         src = _attr(msg, "FRA_SRC")
         dst = _attr(msg, "FRA_DST")
         fwmark = _attr(msg, "FRA_FWMARK")
