@@ -478,6 +478,21 @@ class _Evaluator:
         self.order = order
         # The packet as mark statements changed it in this run of a hook (None: unchanged).
         self._marked: _Packet | None = None
+        # The mark the packet's route was looked up with (``routed_with``; _KEEP: the packet's own).
+        self.route_mark: int | None | _Keep = _KEEP
+        self._route_flow: Flow | None = None  # ``flow`` with that mark, for ``-m policy`` (built once)
+
+    def routed_with(self, mark: int | None) -> None:
+        """The packet's route, from here on, was looked up with ``mark``.
+
+        ``rt ipsec``, ``ipsec out`` and ``-m policy --dir out`` read the bundle of
+        the packet's route (``skb_dst(skb)->xfrm``), which the xfrm lookup made
+        with the mark the packet had then (``xfrm_decode_session``: forwarded, as
+        it leaves prerouting; local, as output's mark chains re-route it), not
+        the mark a later mark rule sets.
+        """
+        self.route_mark = mark
+        self._route_flow = None
 
     def hook(self, side: _Side, marks: bool = False) -> _Outcome | Unknown:
         """The hook's outcome, the same in every order the kernel may run equal-priority chains in.
@@ -664,7 +679,8 @@ class _Evaluator:
         """``rt ipsec``, ``meta secpath``, ``ipsec ...``: ``core.xfrm`` answers for the packet here."""
         if isinstance(p.oif, Unknown):
             return Unknown(f"{m.selector.text}: the output interface is unknown: {p.oif.reason}")
-        return nft_match(m, self.fib.topology, _xfrm_flow(p), side.hook.value, local=side.ingress.local)
+        return nft_match(m, self.fib.topology, _xfrm_flow(p, mark=self.route_mark), side.hook.value,
+                         local=side.ingress.local)
 
     def _xt(
         self, expr: XtMatch | MarkSet | MarkCopy | NetmapStatement, side: _Side, tape: _Tape, where: str
@@ -702,7 +718,13 @@ class _Evaluator:
                 unknown = [p for p in parts if isinstance(p, Unknown)]
                 value = unknown[0] if unknown else False
         else:
-            value = xt_match(expr, packet, self.fib, self.flow, hook=side.hook, local=side.ingress.local)
+            flow = self.flow
+            mark = self.route_mark
+            if flow is not None and mark is not _KEEP and mark != flow.packet_mark:
+                if self._route_flow is None:
+                    self._route_flow = replace(flow, packet_mark=mark)
+                flow = self._route_flow
+            value = xt_match(expr, packet, self.fib, flow, hook=side.hook, local=side.ingress.local)
         if isinstance(value, Unknown):
             return tape.decide(f"{where}: {value.reason}")
         return value
@@ -865,12 +887,14 @@ class _Evaluator:
         return _Bound(Binding(stmt.kind, lo, hi, *ports), where)
 
 
-def _xfrm_flow(p: _Packet, oif: int | None = None) -> XfrmFlow:
-    """The flow as xfrm sees ``p`` (its ``oif``, or the given one: an egress's ``oif``)."""
+def _xfrm_flow(p: _Packet, oif: int | None = None, mark: int | None | _Keep = _KEEP) -> XfrmFlow:
+    """The flow as xfrm sees ``p`` (its ``oif``, or the given one: an egress's ``oif``; its mark, or
+    the given one: the mark its route was looked up with)."""
     if oif is None and isinstance(p.oif, Egress):
         oif = p.oif.oif
     hi = p.dport[1] if p.dport[1] != p.dport[0] else None
-    return XfrmFlow(p.family, p.proto, p.saddr, p.daddr, p.sport, p.dport[0], hi, p.mark, oif)
+    return XfrmFlow(p.family, p.proto, p.saddr, p.daddr, p.sport, p.dport[0], hi,
+                    p.mark if mark is _KEEP else mark, oif)
 
 
 def _xfrm_egress(fib: Fib, p: _Packet, out: Egress) -> tuple[Egress, str | None]:
@@ -1456,6 +1480,8 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
     if plan.between:
         names = ", ".join(c.describe() for c in plan.between)
         return _unknown_all(ingress, f"{names}: a mark chain between nat chains at {hook.value}")
+    if ingress.local:
+        ev.routed_with(base.mark)  # the socket's route
     marked = _marks(ev, hook, plan.before, base, ingress=ingress, explain=explain)
     if isinstance(marked, _Dropped):
         dropped = (f"dropped at {hook.value}: {marked.reason}",)
@@ -1465,6 +1491,7 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
     # 1. DNAT side: prerouting, or output with the route chosen before DNAT as oif.
     oifs: tuple[Egress | Unknown | None, ...] = (None,)
     if ingress.local:
+        ev.routed_with(base.mark)  # re-routed as output's mark chains left the mark
         marked_flow = Flow(flow.family, flow.proto, flow.src, flow.dst, flow.sport, flow.dport, flow.zone,
                            flow.ct_mark, base.mark)  # replace(flow, packet_mark=base.mark), faster
         before = fib.egress(marked_flow, ingress)
@@ -1512,6 +1539,8 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
         dport = binding.ports or (flow.dport, flow.dport)
         for daddr in _addresses(lo, hi):
             packet = _packet(base, daddr=daddr, dport=dport, dst_nat=_dst_nat(binding, flow))
+            if ingress.local:
+                ev.routed_with(packet.mark)  # re-routed after output's DNAT (nf_nat_ipv4_local_fn)
             after = _marks(ev, hook, plan.after, packet, ingress=ingress, explain=explain)
             if isinstance(after, _Dropped):
                 named.append(after)
@@ -1540,6 +1569,7 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
                     continue
                 delivered = out.kind is EgressKind.LOCAL and not ingress.local
                 snat_hook = Hook.INPUT if delivered else Hook.POSTROUTING
+                ev.routed_with(packet.mark)  # the route just looked up (forward's xfrm lookup too)
                 at_snat = _snat_marks(ev, ruleset, snat_hook, _packet(packet, oif=None if delivered else out),
                                       ingress=ingress, explain=explain)
                 if isinstance(at_snat, Unknown):
