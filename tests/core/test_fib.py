@@ -1432,6 +1432,20 @@ def test_ipv4_source_of_an_oif_without_address_leaves_vrf_slaves_and_ipv6_out() 
     assert Fib(Topology(links, addresses, (), ())).masquerade_source(VPN, ip("8.8.8.8")) == ip("10.8.0.2")
 
 
+def test_a_vrf_device_is_its_own_l3_domain() -> None:
+    """``l3mdev_master_ifindex_rcu`` of a VRF device is its own index: outside every VRF, the VRF
+    device's address is no candidate (``inet_select_addr``, ``ipv6_dev_get_saddr`` walk the oif's
+    domain); the VRF's slaves take it, their domain's master first."""
+    links = (Link(LO, "lo"), Link(WAN, "wan"), Link(VRF, "blue", kind="vrf"), Link(VPN, "vpn", master=VRF))
+    addresses = (A(LO, "127.0.0.1/8", scope=SCOPE_HOST), A(VRF, "10.200.0.1/32"), A(VRF, "2001:db8:200::1/64"))
+    f = Fib(Topology(links, addresses, (), ()))
+    assert f.masquerade_source(WAN, ip("8.8.8.8")) is None
+    assert f.masquerade_source(VPN, ip("8.8.8.8")) == ip("10.200.0.1")
+    assert f.masquerade_source(VRF, ip("8.8.8.8")) == ip("10.200.0.1")
+    assert v6_source(addresses, WAN, "2001:db8:9::1", links) is None
+    assert v6_source(addresses, VPN, "2001:db8:9::1", links) == "2001:db8:200::1"
+
+
 def test_unknown_selectors_say_what_is_unknown() -> None:
     f = fib((*MAIN, *T100), rules_with(rule(100, fwmark=5, table=100)))
     unknown = f.lookup(ip("8.8.8.8"), mark=None)

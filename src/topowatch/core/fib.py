@@ -992,7 +992,10 @@ class Fib:
         return None
 
     def _l3_master(self, ifindex: int) -> int:
+        """``l3mdev_master_ifindex_rcu``: a VRF device is its own domain; its slaves are in it."""
         link = self._links.get(ifindex)
+        if link is not None and link.kind == "vrf":
+            return link.index
         if link is None or not link.master:
             return 0
         master = self._links.get(link.master)
