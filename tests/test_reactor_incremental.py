@@ -888,3 +888,30 @@ async def test_a_burst_of_every_topology_kind_keeps_the_ruleset(autojump_clock: 
     assert len(read) == before and reactor.totals.reactions == 2
     # Ruleset triggers are counted one by one: a reaction compares the count before its deletes.
     assert reactor._ruleset_changes == 0
+
+
+async def test_an_ipsec_rekey_needs_no_dump_and_a_lost_sa_judges_every_flow(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A rekey (a new SA beside the old one, then the old one gone) re-NATs no flow (``core.impact``):
+    no dump. The tunnel's last SA going is "any flow": a full judgement."""
+    from topowatch.core.xfrm import Mode, XfrmState
+
+    def sa(spi: int) -> XfrmState:
+        return XfrmState(AF_INET, ip_address("198.51.100.1"), ip_address("203.0.113.2"), 50, spi, reqid=1,
+                         mode=Mode.TUNNEL)
+
+    old = replace(BEFORE, xfrm_states=(sa(0x100),), xfrm_known=True)
+    backend = Backend()
+    backend.topo = old
+    async with trio.open_nursery() as nursery:
+        reactor = await started(backend, nursery)
+        assert backend.dumps == 1 and reactor.judged_all
+        for states in ((sa(0x100), sa(0x200)), (sa(0x200),), ()):
+            backend.topo = replace(old, xfrm_states=states)
+            await backend.send.send(Trigger("xfrm", "SA changed", kind="xfrm"))
+            await settle()
+        nursery.cancel_scope.cancel()
+    notes = [r.plan.notes for r in reactor.reactions[1:]]
+    assert notes[:2] == [("no dump: the change can re-NAT no flow",)] * 2, notes
+    assert backend.dumps == 2 and reactor.reactions[-1].plan.examined > 0, notes

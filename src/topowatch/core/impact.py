@@ -15,6 +15,12 @@ Comparing the previous and the current topology, per address family:
   may be NATed differently; so
   when anything else a snapshot carries changed (xfrm, rp_filter: which
   interfaces a flow may have entered on, ``Fib.ingresses``);
+- but an IPsec rekey is no change: SAs that differ only by their SPI (a new
+  SA beside the old one, then the old one gone), or a larval SA (SPI 0, an
+  acquire: never used), leave every prediction as it was, unless something
+  reads an SA's SPI (nft ``ipsec ... spi``, ``-m policy --spi``, a policy
+  template naming one): ``core.xfrm`` finds a bundle's SAs by the other
+  fields, and a prediction names the policy, not the SA;
 - otherwise only routes changed, and only those in a table some rule
   reaches (the default rules reach local, main and default): a flow can
   change only if its source or destination lies in the prefix of such a
@@ -191,6 +197,52 @@ def _addresses_in(value: object, depth: int = 0) -> Iterator[tuple[int, int, int
 _FOLLOWED = frozenset({"links", "addresses", "routes", "rules"})
 
 
+def _sa_keys(topology: Topology) -> frozenset[object]:
+    """The usable SAs (``XfrmState.valid``) of a snapshot but their SPI: what a rekey keeps."""
+    return frozenset(dataclasses.replace(st, spi=1) for st in topology.xfrm_states if st.valid)
+
+
+def _reads_spi(value: object, depth: int = 0) -> bool:
+    """Does anything in ``value`` (a ruleset) read an SA's SPI? Unreadable: True."""
+    if depth > 200:
+        return True
+    name = type(value).__name__
+    if name == "Selector":
+        return getattr(getattr(value, "key", None), "name", "") == "IPSEC_SPI"
+    if name == "PolicyElement":
+        return getattr(value, "spi", None) is not None
+    if name in ("IntervalSet", "NameSet") or isinstance(value, (str, int, bytes)) or value is None:
+        return False
+    if isinstance(value, (tuple, list, frozenset, set)):
+        return any(_reads_spi(item, depth + 1) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return any(_reads_spi(getattr(value, f.name), depth + 1) for f in dataclasses.fields(value))
+    return False
+
+
+_SPI_READERS: list[tuple[NatRuleset, bool]] = []
+
+
+def _ruleset_reads_spi(ruleset: NatRuleset) -> bool:
+    """``_reads_spi``, remembered for the last rulesets."""
+    for seen, reads in _SPI_READERS:
+        if seen is ruleset:
+            return reads
+    reads = _reads_spi(ruleset)
+    _SPI_READERS.insert(0, (ruleset, reads))
+    del _SPI_READERS[4:]
+    return reads
+
+
+def _rekeyed(before: Topology, now: Topology, ruleset: NatRuleset) -> bool:
+    """The SAs changed only as a rekey does (see the module docstring), and nothing reads an SPI."""
+    if _sa_keys(before) != _sa_keys(now):
+        return False
+    if any(t.spi for p in (*before.xfrm_policies, *now.xfrm_policies) for t in p.templates):
+        return False
+    return not _ruleset_reads_spi(ruleset)
+
+
 def impact(before: Topology, now: Topology, ruleset: NatRuleset) -> Impact:
     """What the change from ``before`` to ``now`` can re-NAT, under ``ruleset`` (the same for both)."""
     families = _nat_families(ruleset)
@@ -199,6 +251,8 @@ def impact(before: Topology, now: Topology, ruleset: NatRuleset) -> Impact:
     for f in dataclasses.fields(Topology):
         # xfrm state and whatever else a snapshot carries beside links, addresses, routes, rules.
         if f.name not in _FOLLOWED and getattr(before, f.name) != getattr(now, f.name):
+            if f.name == "xfrm_states" and _rekeyed(before, now, ruleset):
+                continue
             return Impact(everything=True, why=f"{f.name.replace('_', ' ')} changed")
     if _links(before) != _links(now):
         return Impact(everything=True, why="links changed")
