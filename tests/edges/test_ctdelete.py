@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from topowatch.core.conntrack import IPS_CONFIRMED, IPS_SEEN_REPLY, CtTuple, Entry, Reread
+from topowatch.core.decide import StaleEntries, pack_record
 from topowatch.edges import ctcodec, ctnetlink
 from topowatch.edges.ctnetlink import Conntrack, DeleteResult
 from topowatch.errors import NetlinkError, PermissionDenied
@@ -427,12 +428,32 @@ def test_describe_names_unknown_errnos_and_unconfirmed() -> None:
 # --- delete_current: the re-check before each batch's delete (what the daemon runs) -------------
 
 
+# The forms ``delete_current`` takes its entries in: a list (re-checked in Python), a compiled scan's
+# records (``StaleEntries``: re-checked in C, ``_ctscan.recheck``), and those records where the
+# compiled module is missing (built into entries, re-read by Python's ``_answers``).
+FORMS = ["entries", "records", "records without the compiled module"]
+
+
+def as_records(es: list[Entry], head: int = 0) -> StaleEntries:
+    """``es`` as a compiled scan keeps them: the first ``head`` built, the rest as records."""
+    return StaleEntries(es[:head], b"".join(pack_record(e) for e in es[head:]), lambda i: es[head + i])
+
+
+@pytest.fixture(params=FORMS)
+def form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Callable[[list[Entry]], Any]:
+    if request.param == "entries":
+        return list
+    if request.param == "records without the compiled module":
+        monkeypatch.setattr(ctcodec, "_ctscan", None)
+    return as_records
+
+
 def unreplied_and_unmarked(dumped: Entry, now: Reread) -> bool:
     """The caller's condition in these tests: no reply since the dump, and the mark the judgement read."""
     return not now.status & IPS_SEEN_REPLY and now.mark == dumped.mark
 
 
-def test_the_recheck_deletes_only_what_is_still_the_entry_judged(wired: tuple[Conntrack, FakeKernel]) -> None:
+def test_the_recheck_deletes_only_what_is_still_the_entry_judged(wired: tuple[Conntrack, FakeKernel], form: Callable[[list[Entry]], Any]) -> None:
     """Eight entries re-read in one batch; each script line below is one outcome, worked out by hand."""
     ct, kernel = wired
     kernel.get_status = {2: IPS_CONFIRMED | IPS_SEEN_REPLY}  # replied since the dump: kept (replied)
@@ -441,7 +462,7 @@ def test_the_recheck_deletes_only_what_is_still_the_entry_judged(wired: tuple[Co
     kernel.get_errors = {5: errno.ENOENT, 6: errno.EBUSY}  # gone since the dump; a re-read that failed
     kernel.errors = {8: errno.ENOENT}  # gone between its re-read and its delete
     kernel.kept = {2, 3, 4, 5, 6}
-    result = ct.delete_current(entries(8), unreplied_and_unmarked)
+    result = ct.delete_current(form(entries(8)), unreplied_and_unmarked)
     assert kernel.gets == [[1, 2, 3, 4, 5, 6, 7, 8]]
     assert [[r.ct_id for r in send] for send in kernel.sends] == [[1, 7, 8]]
     assert acks(kernel) == [[False, False, True]]
@@ -455,40 +476,40 @@ def test_the_recheck_deletes_only_what_is_still_the_entry_judged(wired: tuple[Co
     )
 
 
-def test_the_recheck_of_the_last_entry_decides_the_ack(wired: tuple[Conntrack, FakeKernel]) -> None:
+def test_the_recheck_of_the_last_entry_decides_the_ack(wired: tuple[Conntrack, FakeKernel], form: Callable[[list[Entry]], Any]) -> None:
     """The last entry kept: the ACK goes on the last one still deleted, and its answer ends the batch."""
     ct, kernel = wired
     kernel.get_status = {4: IPS_CONFIRMED | IPS_SEEN_REPLY}
     kernel.kept = {4}
     kernel.errors = {3: errno.EBUSY}  # the ACK asked for is answered by this error
-    result = ct.delete_current(entries(4), unreplied_and_unmarked)
+    result = ct.delete_current(form(entries(4)), unreplied_and_unmarked)
     assert [[r.ct_id for r in send] for send in kernel.sends] == [[1, 2, 3]]
     assert acks(kernel) == [[False, False, True]]
     assert (result.requested, result.deleted, result.errors, result.kept_replied) == (3, 2, ((errno.EBUSY, 1),), 1)
 
 
-def test_the_recheck_without_a_condition_checks_the_id_alone(wired: tuple[Conntrack, FakeKernel]) -> None:
+def test_the_recheck_without_a_condition_checks_the_id_alone(wired: tuple[Conntrack, FakeKernel], form: Callable[[list[Entry]], Any]) -> None:
     ct, kernel = wired
     kernel.get_status = {1: IPS_CONFIRMED | IPS_SEEN_REPLY}
     kernel.get_mark = {2: 7}
     kernel.get_id = {3: 99}
     kernel.kept = {3}
-    result = ct.delete_current(entries(3))
+    result = ct.delete_current(form(entries(3)))
     assert [[r.ct_id for r in send] for send in kernel.sends] == [[1, 2]]
     assert (result.deleted, result.not_found, result.kept_replied, result.kept_changed) == (2, 1, 0, 0)
 
 
-def test_a_dumped_id_of_zero_matches_whatever_id_the_entry_has_now(wired: tuple[Conntrack, FakeKernel]) -> None:
+def test_a_dumped_id_of_zero_matches_whatever_id_the_entry_has_now(wired: tuple[Conntrack, FakeKernel], form: Callable[[list[Entry]], Any]) -> None:
     ct, kernel = wired
     unknown = [dataclasses.replace(e, id=0) for e in entries(2)]
     kernel.get_id = {1: 77, 2: 78}
-    result = ct.delete_current(unknown, unreplied_and_unmarked)
+    result = ct.delete_current(form(unknown), unreplied_and_unmarked)
     assert [[r.ct_id for r in send] for send in kernel.sends] == [[1, 2]]  # keyed by tuple: no CTA_ID was sent
     assert (result.deleted, result.not_found) == (2, 0)
 
 
 def test_lost_recheck_answers_are_asked_again_in_smaller_batches_then_kept(
-    wired: tuple[Conntrack, FakeKernel],
+    wired: tuple[Conntrack, FakeKernel], form: Callable[[list[Entry]], Any],
 ) -> None:
     """Re-checks of 4 per batch; 2's answer is lost once, 5's in every one of the three rounds.
 
@@ -499,7 +520,7 @@ def test_lost_recheck_answers_are_asked_again_in_smaller_batches_then_kept(
     ct.recheck_batch = 4
     kernel.get_lost = {2: 1, 5: 3}
     kernel.kept = {5}
-    result = ct.delete_current(entries(6), unreplied_and_unmarked)
+    result = ct.delete_current(form(entries(6)), unreplied_and_unmarked)
     assert kernel.gets == [[1, 2, 3, 4], [5, 6], [2], [5], [5]]
     assert [[r.ct_id for r in send] for send in kernel.sends] == [[1, 3, 4], [6], [2]]
     assert result == DeleteResult(requested=5, deleted=5, not_found=0, errors=(), unconfirmed=0, batches=3,
@@ -508,11 +529,11 @@ def test_lost_recheck_answers_are_asked_again_in_smaller_batches_then_kept(
     assert result.describe() == "deleted 5/5, already gone 0, not re-checked (kept) 1"
 
 
-def test_recheck_batches_split_the_entries(wired: tuple[Conntrack, FakeKernel]) -> None:
+def test_recheck_batches_split_the_entries(wired: tuple[Conntrack, FakeKernel], form: Callable[[list[Entry]], Any]) -> None:
     ct, kernel = wired
     ct.recheck_batch = 16
     kernel.errors = {16: errno.ENOENT, 17: errno.EBUSY}  # the last of the first batch, the first of the second
-    result = ct.delete_current(entries(40), unreplied_and_unmarked)
+    result = ct.delete_current(form(entries(40)), unreplied_and_unmarked)
     assert [len(g) for g in kernel.gets] == [16, 16, 8]
     assert [len(s) for s in kernel.sends] == [16, 16, 8]
     assert acks(kernel) == [[False] * 15 + [True], [False] * 15 + [True], [False] * 7 + [True]]
@@ -537,3 +558,217 @@ async def test_the_daemon_counts_unchecked_entries_as_failed(
         2, 0, 1, 1, 0)
     assert counts.errors == ("1 not re-checked (answers lost), kept",)
     assert counts.window_p99 is not None and counts.window_p99 >= 0
+
+
+def test_a_scans_built_head_is_rechecked_before_its_records(wired: tuple[Conntrack, FakeKernel]) -> None:
+    """A compiled scan's entries: the two it built (the head) are re-read and deleted in their own
+    batch, in Python; the six records after them in C; the counts add up over both."""
+    ct, kernel = wired
+    kernel.get_status = {2: IPS_CONFIRMED | IPS_SEEN_REPLY, 5: IPS_CONFIRMED | IPS_SEEN_REPLY}
+    kernel.get_mark = {6: 7}
+    kernel.get_errors = {7: errno.ENOENT}
+    kernel.kept = {2, 5, 6, 7}
+    result = ct.delete_current(as_records(entries(8), head=2), unreplied_and_unmarked)
+    assert kernel.gets == [[1, 2], [3, 4, 5, 6, 7, 8]]
+    assert [[r.ct_id for r in send] for send in kernel.sends] == [[1], [3, 4, 8]]
+    assert acks(kernel) == [[True], [False, False, True]]
+    assert result == DeleteResult(requested=4, deleted=4, not_found=1, errors=(), unconfirmed=0, batches=2,
+                                  kept_replied=2, kept_changed=1, unchecked=0, windows=result.windows)  # fmt: skip
+    assert len(result.windows) == 2
+
+
+def test_records_whose_every_answer_is_as_dumped_are_all_deleted(wired: tuple[Conntrack, FakeKernel]) -> None:
+    """The usual batch (every answer as dumped): every record is deleted, the last asks for the ACK."""
+    ct, kernel = wired
+    ct.recheck_batch = 16
+    result = ct.delete_current(as_records(entries(20)), unreplied_and_unmarked)
+    assert kernel.gets == [list(range(1, 17)), list(range(17, 21))]
+    assert acks(kernel) == [[False] * 15 + [True], [False] * 3 + [True]]
+    assert (result.requested, result.deleted, result.not_found, result.batches) == (20, 20, 0, 2)
+
+
+def test_records_whose_answers_are_lost_are_asked_again_alone(wired: tuple[Conntrack, FakeKernel]) -> None:
+    """The records' form of the rounds: 2 and 3 lost once (asked again in batches of 4 // 4 = 1), 4
+    in every round (kept, unchecked)."""
+    ct, kernel = wired
+    ct.recheck_batch = 4
+    kernel.get_lost = {2: 1, 3: 1, 4: 3}
+    kernel.kept = {4}
+    result = ct.delete_current(as_records(entries(5)), unreplied_and_unmarked)
+    assert kernel.gets == [[1, 2, 3, 4], [5], [2], [3], [4], [4]]
+    assert [[r.ct_id for r in send] for send in kernel.sends] == [[1], [5], [2], [3]]
+    assert (result.deleted, result.unchecked, result.batches) == (4, 1, 4)
+
+
+def test_the_python_rereads_skip_an_overrun_and_read_on(
+    wired: tuple[Conntrack, FakeKernel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the compiled module, an ENOBUFS while reading the re-reads is the overrun netlink
+    reports first: what is still queued is read after it."""
+    monkeypatch.setattr(ctcodec, "_ctscan", None)
+    ct, kernel = wired
+    real = kernel._reread
+
+    def reread_then_overrun(data: bytes, pos: int, mlen: int, seq: int) -> None:
+        real(data, pos, mlen, seq)
+        kernel.overrun = True
+
+    monkeypatch.setattr(kernel, "_reread", reread_then_overrun)
+    result = ct.delete_current(entries(3), unreplied_and_unmarked)
+    assert [[r.ct_id for r in send] for send in kernel.sends] == [[1, 2, 3]]
+    assert (result.deleted, result.unchecked) == (3, 0)
+
+
+def test_the_python_rereads_name_a_receive_error(
+    wired: tuple[Conntrack, FakeKernel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ctcodec, "_ctscan", None)
+    ct, kernel = wired
+    kernel.recv_error = errno.EIO
+    with pytest.raises(NetlinkError, match="ctnetlink receive failed: Input/output error") as raised:
+        ct.delete_current(entries(2), unreplied_and_unmarked)
+    assert raised.value.errno == errno.EIO
+    assert kernel.sends == []  # nothing deleted on answers it could not read
+
+
+# -- the status-filter probe ------------------------------------------------------------------------
+#
+# Kernel facts (ctnetlink_alloc_filter, >= 5.15): a dump request's CTA_STATUS with CTA_STATUS_MASK 0
+# is refused with EINVAL; an older kernel ignores both attributes and dumps. A mark filter
+# (CTA_MARK/CTA_MARK_MASK, older) keeps the probe's dump empty on either.
+
+UNUSED_MARK = 0xFFFFFFFF
+
+
+class ProbedKernel:
+    """A ``Conntrack`` whose dumps answer with the scripted errnos, one per dump."""
+
+    def __init__(self, *answers: int) -> None:
+        self.answers = list(answers)
+        self.asked: list[tuple[Any, ...]] = []
+
+    def _dump_once(self, status: Any, zone: Any, mark: Any, family: int) -> tuple[Any, int, int]:
+        self.asked.append((status, zone, mark, family))
+        return dataclasses.make_dataclass("Parser", ["errno"])(self.answers.pop(0)), 0, 0
+
+
+def test_a_kernel_that_refuses_a_zero_status_mask_honours_the_filter() -> None:
+    kernel = ProbedKernel(errno.EINVAL, 0)
+    assert ctnetlink.probe_status_filter(kernel) is True  # type: ignore[arg-type]
+    assert kernel.asked == [((0, 0), None, UNUSED_MARK, 0), ((0, IPS_SEEN_REPLY), None, UNUSED_MARK, 0)]
+
+
+def test_a_kernel_that_dumps_despite_a_zero_status_mask_ignores_the_filter() -> None:
+    kernel = ProbedKernel(0)
+    assert ctnetlink.probe_status_filter(kernel) is False  # type: ignore[arg-type]
+    assert kernel.asked == [((0, 0), None, UNUSED_MARK, 0)]
+
+
+@pytest.mark.parametrize(("answers", "raised", "text"), [
+    ((errno.EINVAL, errno.EINVAL), NetlinkError, "probing the ctnetlink status filter: Invalid argument"),
+    ((errno.EPERM,), PermissionDenied, "probing the ctnetlink status filter: Operation not permitted"),
+    ((errno.ENOMEM,), NetlinkError, "probing the ctnetlink status filter: Cannot allocate memory"),
+    ((errno.EINVAL, errno.EACCES), PermissionDenied, "probing the ctnetlink status filter: Permission denied"),
+], ids=["EINVAL for another reason", "no CAP_NET_ADMIN", "another error", "refused on the second dump"])
+def test_a_probe_that_cannot_tell_raises(answers: tuple[int, ...], raised: type[Exception], text: str) -> None:
+    """Never guessed: a filter the kernel may not honour would make a filtered request mean another."""
+    kernel = ProbedKernel(*answers)
+    with pytest.raises(raised, match=text):
+        ctnetlink.probe_status_filter(kernel)  # type: ignore[arg-type]
+    assert kernel.answers == []
+
+
+def test_a_conntrack_probes_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    probed: list[object] = []
+    monkeypatch.setattr(ctnetlink, "probe_status_filter", lambda ct: probed.append(ct) or False)
+    for told, expected, probes in ((None, False, 1), (True, True, 0), (False, False, 0)):
+        probed.clear()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        ct = Conntrack(Wire(ours, FakeKernel(theirs)), status_filter=told)  # type: ignore[arg-type]
+        assert (ct.status_filter_supported, len(probed)) == (expected, probes)
+        ct.close()
+
+
+def test_kept_and_failed_rereads_are_counted_one_by_one(
+    wired: tuple[Conntrack, FakeKernel], form: Callable[[list[Entry]], Any]
+) -> None:
+    """Two of each outcome in one batch: each is counted, none overwrites the other."""
+    ct, kernel = wired
+    replied = IPS_CONFIRMED | IPS_SEEN_REPLY
+    kernel.get_status = {1: replied, 2: replied}
+    kernel.get_mark = {3: 7, 4: 9}
+    kernel.get_errors = {5: errno.EBUSY, 6: errno.EBUSY, 7: errno.ENOMEM}
+    kernel.kept = {1, 2, 3, 4, 5, 6, 7}
+    result = ct.delete_current(form(entries(8)), unreplied_and_unmarked)
+    assert [[r.ct_id for r in send] for send in kernel.sends] == [[8]]
+    assert (result.kept_replied, result.kept_changed, result.errors, result.deleted) == (
+        2, 2, ((errno.ENOMEM, 1), (errno.EBUSY, 2)), 1)
+
+
+def test_counts_add_up_over_batches_that_delete_nothing(
+    wired: tuple[Conntrack, FakeKernel], form: Callable[[list[Entry]], Any]
+) -> None:
+    """Batches of 4: the first keeps all its entries (nothing to delete: the next batch still goes),
+    the second and third each keep one changed entry; the window of each batch that deleted is a
+    duration (seconds from the re-read to the deletes handled), not a time of day."""
+    ct, kernel = wired
+    ct.recheck_batch = 4
+    kernel.get_status = dict.fromkeys((1, 2, 3, 4), IPS_CONFIRMED | IPS_SEEN_REPLY)
+    kernel.get_mark = {5: 7, 9: 7}
+    kernel.kept = {1, 2, 3, 4, 5, 9}
+    result = ct.delete_current(form(entries(12)), unreplied_and_unmarked)
+    assert [[r.ct_id for r in send] for send in kernel.sends] == [[6, 7, 8], [10, 11, 12]]
+    assert (result.kept_replied, result.kept_changed, result.deleted, result.batches) == (4, 2, 6, 2)
+    assert len(result.windows) == 2 and all(0 <= w < 60 for w in result.windows), result.windows
+
+
+def test_lost_answers_are_asked_again_in_batches_of_a_quarter(wired: tuple[Conntrack, FakeKernel]) -> None:
+    """Batches of 16; the answers of 1-8 are lost once: round two asks for them 16 // 4 = 4 at a time."""
+    ct, kernel = wired
+    ct.recheck_batch = 16
+    kernel.get_lost = dict.fromkeys(range(1, 9), 1)
+    result = ct.delete_current(entries(10), unreplied_and_unmarked)
+    assert kernel.gets == [list(range(1, 11)), [1, 2, 3, 4], [5, 6, 7, 8]]
+    assert (result.deleted, result.unchecked) == (10, 0)
+
+
+def test_entries_never_rechecked_add_up_over_the_head_and_the_records(wired: tuple[Conntrack, FakeKernel]) -> None:
+    ct, kernel = wired
+    kernel.get_lost = {1: 3, 4: 3}  # one of the head, one of the records: lost in every round
+    kernel.kept = {1, 4}
+    result = ct.delete_current(as_records(entries(5), head=2), unreplied_and_unmarked)
+    assert (result.deleted, result.unchecked) == (3, 2)
+
+
+def test_a_conntrack_binds_its_socket_and_names_a_bind_that_fails() -> None:
+    class Bound(Wire):
+        def __init__(self, sock: socket.socket, kernel: FakeKernel, error: int = 0) -> None:
+            super().__init__(sock, kernel)
+            self.bound: list[Any] = []
+            self.blocking: list[bool] = []
+            self.error = error
+
+        def bind(self, address: Any) -> None:
+            self.bound.append(address)
+            if self.error:
+                raise OSError(self.error, os.strerror(self.error))
+
+        def setblocking(self, flag: bool) -> None:
+            self.blocking.append(flag)
+            super().setblocking(flag)
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    wire = Bound(ours, FakeKernel(theirs))
+    ct = Conntrack(wire, status_filter=True)  # type: ignore[arg-type]
+    assert (wire.bound, wire.blocking) == ([(0, 0)], [False])  # the kernel picks the port id
+    ct.close()
+    for error in (errno.EINVAL, errno.EADDRINUSE):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        wire = Bound(ours, FakeKernel(theirs), error)
+        if error == errno.EINVAL:  # bound already by the caller: fine
+            Conntrack(wire, status_filter=True).close()  # type: ignore[arg-type]
+            continue
+        with pytest.raises(NetlinkError, match=r"^cannot bind the ctnetlink socket: Address already in use$") as raised:
+            Conntrack(wire, status_filter=True)  # type: ignore[arg-type]
+        assert raised.value.errno == errno.EADDRINUSE
+        wire.close()
