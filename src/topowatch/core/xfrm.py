@@ -595,8 +595,8 @@ def nft_match(m: Match, topology: Topology, flow: XfrmFlow, hook: str, *, local:
     ``flow`` is the packet as it is at the hook (after DNAT at postrouting;
     ``oif`` the output interface); ``local`` is True for a locally generated
     flow. Where the kernel's expression breaks (no route yet, no bundle, no
-    SA number ``spnum``, an SA of the other family) the rule does not match,
-    whatever the operator.
+    SA number ``spnum``, an address of an SA of the other family or of a
+    transport-mode SA) the rule does not match, whatever the operator.
     """
     sel = m.selector
     values = m.values
@@ -636,6 +636,8 @@ def nft_match(m: Match, topology: Topology, flow: XfrmFlow, hook: str, *, local:
         return member(st.spi)
     if sel.family is not None and sel.family != st.family:
         return False
+    if st.mode is not Mode.TUNNEL and st.mode is not Mode.BEET:
+        return False  # xfrm_state_addr_ok: a transport SA has no addresses of its own to read
     addr = st.saddr if sel.key is Key.IPSEC_SADDR else st.daddr
     return member(int(addr), addr.version)
 
