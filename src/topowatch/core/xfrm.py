@@ -63,7 +63,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_network
 
-from topowatch.core.flow import IPPROTO_ICMP, IPPROTO_ICMPV6, PORT_PROTOS, Flow, Unknown, proto_name
+from topowatch.core.flow import (
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_SCTP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    IPPROTO_UDPLITE,
+    Flow,
+    Unknown,
+    proto_name,
+)
 from topowatch.core.model import AF_INET, AF_INET6, IPAddress, IPNetwork, Topology
 from topowatch.core.nat import Key, Match, Op
 
@@ -74,6 +84,8 @@ IPPROTO_GRE = 47
 IPPROTO_MH = 135
 
 XFRM_PROTO_NAMES = {50: "esp", IPPROTO_AH: "ah", IPPROTO_COMP: "comp", 43: "route2", 60: "hao"}
+# ``xfrm_flowi_sport``/``dport`` read the ports of these only: a DCCP flow's are 0 to a selector.
+_SELECTOR_PORT_PROTOS = frozenset({IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, IPPROTO_SCTP})
 
 
 class Direction(enum.IntEnum):
@@ -310,14 +322,14 @@ class XfrmFlow:
     def ports(self) -> tuple[int, tuple[int, int]] | None:
         """(sport, dport range) as the selector compares them; None where they are not modelled."""
         hi = self.dport if self.dport_hi is None else self.dport_hi
-        if self.proto in PORT_PROTOS:
+        if self.proto in _SELECTOR_PORT_PROTOS:
             return self.sport, (self.dport, hi)
         if self.proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
             # xfrm_flowi_sport/dport: the ICMP type and code (the flow keeps type << 8 | code).
             return self.dport >> 8, (self.dport & 0xFF, hi & 0xFF)
         if self.proto in (IPPROTO_GRE, IPPROTO_MH):
             return None
-        return 0, (0, 0)
+        return 0, (0, 0)  # the kernel's default: DCCP's ports too
 
 
 def _and3(parts: Iterable[bool | Unknown]) -> bool | Unknown:
