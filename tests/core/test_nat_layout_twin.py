@@ -77,3 +77,9 @@ A6 = IPv6Address("2001:db8::1")
 def test_make_nat_refuses_a_bad_address_range_as_the_class_does(kind: NatKind, addr: Any, ports: Any) -> None:
     with pytest.raises(ValueError, match="bad address range"):
         make_nat(kind, "nat", None, addr, ports)
+
+
+@pytest.mark.parametrize("ports", [(80, 65536), (-1, 5), (65535, 65536)])
+def test_make_nat_refuses_a_port_outside_0_to_65535_as_the_class_does(ports: tuple[int, int]) -> None:
+    with pytest.raises(ValueError, match="bad port range"):
+        make_nat(NatKind.DNAT, "dnat", None, (A4, A4), ports)
