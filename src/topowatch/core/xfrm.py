@@ -336,7 +336,8 @@ def _and3(parts: Iterable[bool | Unknown]) -> bool | Unknown:
     unknown: Unknown | None = None
     for p in parts:
         if isinstance(p, Unknown):
-            unknown = unknown or p
+            if unknown is None:  # the first; ``unknown or p`` would ask an Unknown for its truth
+                unknown = p
         elif not p:
             return False
     return unknown if unknown is not None else True
@@ -414,7 +415,8 @@ def output_policy(
     for pol in _lookup_order(policies, direction):
         hit = _policy_match(pol, f)
         if isinstance(hit, Unknown):
-            first_unknown = first_unknown or hit
+            if first_unknown is None:
+                first_unknown = hit
         elif hit:
             return first_unknown if first_unknown is not None else pol
     return first_unknown
@@ -479,15 +481,14 @@ def _state_candidates(
             if sel is False:
                 continue
             if isinstance(sel, Unknown):
-                unsure = unsure or Unknown(f"SA {st.describe()}: {sel.reason}")
+                if unsure is None:
+                    unsure = Unknown(f"SA {st.describe()}: {sel.reason}")
                 continue
         if _is_any(st.saddr) or st.saddr == here:
             return st, None
-        if _is_any(here) and tmpl.mode in (Mode.TUNNEL, Mode.BEET) and st.saddr in local:
-            # The kernel picks the local end by routing to the remote: not modelled here.
-            unsure = unsure or Unknown(
-                f"SA {st.describe()}: the template leaves the local tunnel end to routing"
-            )
+        # The kernel picks the local end by routing to the remote: not modelled here.
+        if unsure is None and _is_any(here) and tmpl.mode in (Mode.TUNNEL, Mode.BEET) and st.saddr in local:
+            unsure = Unknown(f"SA {st.describe()}: the template leaves the local tunnel end to routing")
     return None, unsure
 
 
