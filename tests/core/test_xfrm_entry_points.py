@@ -94,3 +94,34 @@ def test_an_ipv6_selector_without_addresses_selects_every_address() -> None:
     assert s.src == N("::/0") and s.dst == N("::/0")
     s4 = XfrmSelector(AF_INET)
     assert s4.src == N("0.0.0.0/0") and s4.dst == N("0.0.0.0/0")
+
+
+def test_a_mark_given_to_output_policy_replaces_only_the_flows_mark() -> None:
+    """``output_policy(..., mark)``: the lookup's ``flowi_mark`` is that mark; every other field is the flow's."""
+    from topowatch.core.xfrm import XfrmFlow, output_policy
+
+    def xflow(dport_hi: int | None = None, kind: str = "") -> XfrmFlow:
+        return XfrmFlow(AF_INET, IPPROTO_UDP, A("10.0.1.2"), A("192.0.2.10"), 4000, 5060, dport_hi, None, 3, kind)
+
+    marked = XfrmPolicy(XfrmSelector(AF_INET, N("10.0.1.0/24"), N("192.0.2.0/24"), sport=4000, sport_mask=0xFFFF,
+                                     dport=5060, dport_mask=0xFFFF, proto=IPPROTO_UDP, ifindex=3),
+                        Direction.OUT, index=1, mark=5, mark_mask=0xFF)
+    assert output_policy((marked,), xflow(), 0x105) == marked
+    assert output_policy((marked,), xflow(), 0x106) is None
+    assert isinstance(output_policy((marked,), xflow()), Unknown)  # the flow's own mark is unknown
+    part = output_policy((marked,), xflow(dport_hi=5070), 0x105)
+    assert isinstance(part, Unknown) and "partly" in part.reason
+    if_id = XfrmPolicy(XfrmSelector(AF_INET), Direction.OUT, index=2, if_id=9)
+    assert isinstance(output_policy((if_id,), xflow(kind="xfrm"), 0), Unknown)
+    assert output_policy((if_id,), xflow(), 0) is None
+
+
+def test_selector_match_of_an_empty_selector_and_of_another_family() -> None:
+    """``xfrm_selector_match``: a selector of family 0 (an SA's, unset) selects every flow; one of another
+    family selects none, whatever its prefixes (``::/0`` here)."""
+    from topowatch.core.xfrm import AF_UNSPEC, XfrmFlow, selector_match
+
+    v4 = XfrmFlow(AF_INET, IPPROTO_UDP, A("10.0.1.2"), A("192.0.2.10"), 1, 2)
+    assert selector_match(XfrmSelector(AF_UNSPEC), v4) is True
+    assert selector_match(XfrmSelector(AF_INET6), v4) is False
+    assert selector_match(XfrmSelector(AF_INET), v4) is True
