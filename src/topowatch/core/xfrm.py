@@ -63,7 +63,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_network
 
-from topowatch.core.flow import IPPROTO_ICMP, IPPROTO_ICMPV6, PORT_PROTOS, Flow, Unknown, proto_name
+from topowatch.core.flow import (
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_SCTP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    IPPROTO_UDPLITE,
+    Flow,
+    Unknown,
+    proto_name,
+)
 from topowatch.core.model import AF_INET, AF_INET6, IPAddress, IPNetwork, Topology
 from topowatch.core.nat import Key, Match, Op
 
@@ -74,6 +84,8 @@ IPPROTO_GRE = 47
 IPPROTO_MH = 135
 
 XFRM_PROTO_NAMES = {50: "esp", IPPROTO_AH: "ah", IPPROTO_COMP: "comp", 43: "route2", 60: "hao"}
+# ``xfrm_flowi_sport``/``dport`` read the ports of these only: a DCCP flow's are 0 to a selector.
+_SELECTOR_PORT_PROTOS = frozenset({IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, IPPROTO_SCTP})
 
 
 class Direction(enum.IntEnum):
@@ -310,21 +322,22 @@ class XfrmFlow:
     def ports(self) -> tuple[int, tuple[int, int]] | None:
         """(sport, dport range) as the selector compares them; None where they are not modelled."""
         hi = self.dport if self.dport_hi is None else self.dport_hi
-        if self.proto in PORT_PROTOS:
+        if self.proto in _SELECTOR_PORT_PROTOS:
             return self.sport, (self.dport, hi)
         if self.proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
             # xfrm_flowi_sport/dport: the ICMP type and code (the flow keeps type << 8 | code).
             return self.dport >> 8, (self.dport & 0xFF, hi & 0xFF)
         if self.proto in (IPPROTO_GRE, IPPROTO_MH):
             return None
-        return 0, (0, 0)
+        return 0, (0, 0)  # the kernel's default: DCCP's ports too
 
 
 def _and3(parts: Iterable[bool | Unknown]) -> bool | Unknown:
     unknown: Unknown | None = None
     for p in parts:
         if isinstance(p, Unknown):
-            unknown = unknown or p
+            if unknown is None:  # the first; ``unknown or p`` would ask an Unknown for its truth
+                unknown = p
         elif not p:
             return False
     return unknown if unknown is not None else True
@@ -402,7 +415,8 @@ def output_policy(
     for pol in _lookup_order(policies, direction):
         hit = _policy_match(pol, f)
         if isinstance(hit, Unknown):
-            first_unknown = first_unknown or hit
+            if first_unknown is None:
+                first_unknown = hit
         elif hit:
             return first_unknown if first_unknown is not None else pol
     return first_unknown
@@ -467,15 +481,14 @@ def _state_candidates(
             if sel is False:
                 continue
             if isinstance(sel, Unknown):
-                unsure = unsure or Unknown(f"SA {st.describe()}: {sel.reason}")
+                if unsure is None:
+                    unsure = Unknown(f"SA {st.describe()}: {sel.reason}")
                 continue
         if _is_any(st.saddr) or st.saddr == here:
             return st, None
-        if _is_any(here) and tmpl.mode in (Mode.TUNNEL, Mode.BEET) and st.saddr in local:
-            # The kernel picks the local end by routing to the remote: not modelled here.
-            unsure = unsure or Unknown(
-                f"SA {st.describe()}: the template leaves the local tunnel end to routing"
-            )
+        # The kernel picks the local end by routing to the remote: not modelled here.
+        if unsure is None and _is_any(here) and tmpl.mode in (Mode.TUNNEL, Mode.BEET) and st.saddr in local:
+            unsure = Unknown(f"SA {st.describe()}: the template leaves the local tunnel end to routing")
     return None, unsure
 
 
@@ -595,8 +608,8 @@ def nft_match(m: Match, topology: Topology, flow: XfrmFlow, hook: str, *, local:
     ``flow`` is the packet as it is at the hook (after DNAT at postrouting;
     ``oif`` the output interface); ``local`` is True for a locally generated
     flow. Where the kernel's expression breaks (no route yet, no bundle, no
-    SA number ``spnum``, an SA of the other family) the rule does not match,
-    whatever the operator.
+    SA number ``spnum``, an address of an SA of the other family or of a
+    transport-mode SA) the rule does not match, whatever the operator.
     """
     sel = m.selector
     values = m.values
@@ -636,6 +649,8 @@ def nft_match(m: Match, topology: Topology, flow: XfrmFlow, hook: str, *, local:
         return member(st.spi)
     if sel.family is not None and sel.family != st.family:
         return False
+    if st.mode is not Mode.TUNNEL and st.mode is not Mode.BEET:
+        return False  # xfrm_state_addr_ok: a transport SA has no addresses of its own to read
     addr = st.saddr if sel.key is Key.IPSEC_SADDR else st.daddr
     return member(int(addr), addr.version)
 
