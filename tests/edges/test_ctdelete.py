@@ -772,3 +772,74 @@ def test_a_conntrack_binds_its_socket_and_names_a_bind_that_fails() -> None:
             Conntrack(wire, status_filter=True)  # type: ignore[arg-type]
         assert raised.value.errno == errno.EADDRINUSE
         wire.close()
+
+
+def test_records_all_gone_since_the_dump_send_no_delete(wired: tuple[Conntrack, FakeKernel]) -> None:
+    ct, kernel = wired
+    kernel.get_errors = dict.fromkeys((1, 2, 3), errno.ENOENT)
+    kernel.kept = {1, 2, 3}
+    result = ct.delete_current(as_records(entries(3)), unreplied_and_unmarked)
+    assert kernel.sends == []
+    assert (result.requested, result.deleted, result.not_found) == (0, 0, 3)
+
+
+def test_a_changed_entry_the_condition_still_admits_is_deleted(
+    wired: tuple[Conntrack, FakeKernel], form: Callable[[list[Entry]], Any]
+) -> None:
+    """The condition here: no reply, and a mark below 0x10. Re-read, 1 has another status bit
+    (ASSURED) and 2 mark 5: both still admitted, deleted (the mark read back is the kernel's);
+    3 has mark 0x20: kept."""
+    ct, kernel = wired
+    kernel.get_status = {1: IPS_CONFIRMED | 0x4}  # IPS_ASSURED
+    kernel.get_mark = {2: 5, 3: 0x20}
+    kernel.kept = {3}
+    seen: list[int] = []
+
+    def low_mark(dumped: Entry, now: Reread) -> bool:
+        seen.append(now.mark)
+        return not now.status & IPS_SEEN_REPLY and now.mark < 0x10
+
+    result = ct.delete_current(form(entries(3)), low_mark)
+    assert [[r.ct_id for r in send] for send in kernel.sends] == [[1, 2]]
+    assert (result.deleted, result.kept_changed) == (2, 1)
+    assert 5 in seen and 0x20 in seen
+
+
+class Ctscan:
+    """The compiled module, but ``recv_burst`` answers first from a script of (datagram, n, errno)."""
+
+    def __init__(self, real: Any, script: list[tuple[bytes, int, int]]) -> None:
+        self.real, self.script = real, script
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def recv_burst(self, *args: Any) -> Any:
+        if self.script:
+            data, n, err = self.script.pop(0)
+            return data, n, 0, err
+        return self.real.recv_burst(*args)
+
+
+def test_the_compiled_rereads_read_on_after_an_overrun(
+    wired: tuple[Conntrack, FakeKernel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOBUFS with nothing received is the overrun reported first: the queued answers follow."""
+    assert ctcodec._ctscan is not None
+    monkeypatch.setattr(ctcodec, "_ctscan", Ctscan(ctcodec._ctscan, [(b"", 0, errno.ENOBUFS)]))
+    ct, kernel = wired
+    result = ct.delete_current(as_records(entries(3)), unreplied_and_unmarked)
+    assert kernel.gets == [[1, 2, 3]]  # one round: no answer was taken for lost
+    assert (result.deleted, result.unchecked) == (3, 0)
+
+
+def test_the_compiled_rereads_name_a_receive_error(
+    wired: tuple[Conntrack, FakeKernel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert ctcodec._ctscan is not None
+    monkeypatch.setattr(ctcodec, "_ctscan", Ctscan(ctcodec._ctscan, [(b"", 0, errno.EIO)]))
+    ct, kernel = wired
+    with pytest.raises(NetlinkError, match=r"^ctnetlink receive failed: Input/output error$") as raised:
+        ct.delete_current(as_records(entries(2)), unreplied_and_unmarked)
+    assert raised.value.errno == errno.EIO
+    assert kernel.sends == []
