@@ -153,6 +153,10 @@ SCENARIOS = {
         delete("8.8.16.0/20", VIA1, table=100), add("8.8.40.0/21", VIA2, table=100),
         delete("8.8.40.0/21", VIA2, table=100),
     ],
+    # A host route at the last address of a prefix that leaves keeps its own label there.
+    "a prefix leaves with a host route at its end": [
+        add("8.8.8.255/32", VIA2), delete("8.8.8.0/24", VIA2), add("8.8.8.0/24", VIA1),
+    ],
     "a host route leaves and comes back elsewhere": [
         delete("8.8.8.8/32", VIA1), add("8.8.8.9/32", VIA1), delete("8.8.8.0/24", VIA2),
         delete("8.8.8.9/32", VIA1),
@@ -198,9 +202,29 @@ def probes(topologies: Iterable[Topology]) -> dict[int, list[int]]:
     return {family: sorted(values) for family, values in out.items()}
 
 
+# The snapshots of one scenario recur (a step's newest is the next step's previous): each is
+# given one Fib, and each flow predicted once in it. Cleared per scenario.
+_FIBS: dict[int, tuple[Topology, Fib]] = {}
+_PREDICTED: dict[tuple[int, Flow], Any] = {}
+
+
+def _fib(topology: Topology) -> Fib:
+    hit = _FIBS.get(id(topology))
+    if hit is None or hit[0] is not topology:
+        hit = _FIBS[id(topology)] = (topology, Fib(topology))
+    return hit[1]
+
+
+def _predicted(fib: Fib, flow: Flow) -> Any:
+    key = (id(fib), flow)
+    if key not in _PREDICTED:
+        _PREDICTED[key] = normal(predict(RULESET, fib, flow))
+    return _PREDICTED[key]
+
+
 def check_against_the_evaluator(classifier: Classifier, snapshots: list[Topology]) -> int:
     """Flows of one class get one prediction in every snapshot; the number of classes met."""
-    fibs = [Fib(t) for t in snapshots]
+    fibs = [_fib(t) for t in snapshots]
     by_class: dict[tuple[int, ...], list[Flow]] = defaultdict(list)
     for family, values in probes(snapshots).items():
         version = 4 if family == AF_INET else 6
@@ -212,14 +236,16 @@ def check_against_the_evaluator(classifier: Classifier, snapshots: list[Topology
                 by_class[key].append(flow)
     for members in by_class.values():
         for fib in fibs:
-            first = normal(predict(RULESET, fib, members[0]))
+            first = _predicted(fib, members[0])
             for other in members[1:]:
-                assert normal(predict(RULESET, fib, other)) == first, (members[0], other)
+                assert _predicted(fib, other) == first, (members[0], other)
     return len(by_class)
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_a_carried_classifier_keeps_apart_the_flows_the_evaluator_tells_apart(name: str) -> None:
+    _FIBS.clear()
+    _PREDICTED.clear()
     seed = Topology(LINKS, ADDRESSES, (*BASE, *GATEWAY), RULES)
     live = LiveTopology.seed(seed)
     assert live is not None
