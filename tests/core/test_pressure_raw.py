@@ -97,3 +97,25 @@ def test_a_raw_entry_without_a_builder_is_refused_with_a_reason() -> None:
     picker.add_raw(raw(TABLE[0]))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"^EvictionPicker\.add_raw needs an entry builder$"):
         picker.chosen()
+
+
+@pytest.mark.parametrize(("src", "dst", "protected"), [
+    ("10.9.0.0", "192.0.2.1", True),  # the first and the last address of 10.9.0.0/16 are inside it
+    ("10.9.255.255", "192.0.2.1", True),
+    ("192.0.2.1", "10.9.0.0", True),
+    ("192.0.2.1", "10.9.255.255", True),
+    ("10.8.255.255", "10.10.0.0", False),  # just outside, on either side
+    ("2001:db8::", "2001:db8:ffff::1", True),  # 2001:db8::/120
+    ("2001:db8::ff", "2001:db8:ffff::1", True),
+    ("2001:db8:ffff::1", "2001:db8::ff", True),
+    ("2001:db8:ffff::1", "2001:db8::", True),
+    ("2001:db8::100", "2001:db7:ffff:ffff:ffff:ffff:ffff:ffff", False),
+])  # fmt: skip
+def test_the_ends_of_a_protected_prefix_are_protected(src: str, dst: str, protected: bool) -> None:
+    a, b = ip_address(src), ip_address(dst)
+    family = 2 if a.version == 4 else AF_INET6
+    assert PROTECT.covers_raw(family, 0, 0, a.packed, b.packed) is protected
+    e = entry(1, family=family, src=src)
+    e = Entry(e.family, e.proto, type(e.orig)(a, b, e.orig.sport, e.orig.dport),
+              type(e.reply)(b, a, e.reply.sport, e.reply.dport), e.status, 0, 0, e.id, 1)  # fmt: skip
+    assert [c.entry.id for c in streamed([e], 5, POLICY).chosen()] == ([] if protected else [e.id])
