@@ -168,3 +168,24 @@ def test_count_by_names_each_reason_class() -> None:
               Candidate(entry(3, proto=IPPROTO_TCP), 1, False), Candidate(entry(4, status=ASSURED), 9, True)]  # fmt: skip
     assert count_by(chosen) == {"UNREPLIED udp": 2, "UNREPLIED tcp": 1, "replied udp": 1}
     assert count_by([]) == {}
+
+
+def test_the_log_line_says_refusals_early_drops_and_short_hash_chains_exactly() -> None:
+    from topowatch.core.pressure import State, Step, describe_pressure
+
+    step = Step(State.HIGH, refused=1200, early_dropped=30)
+    assert describe_pressure(Sample(0, 950, 1000, 250), None, step) == (
+        "conntrack table 95% full (950/1,000); the kernel refused 1,200 new flow(s) since the last look; "
+        "it early-dropped 30 unreplied entries itself")  # 1000 buckets * 4 = max: chains are short enough
+    assert describe_pressure(Sample(0, 950, 1001, 250), None, Step(State.HIGH)) == (
+        "conntrack table 95% full (950/1,001); only 250 hash buckets for 1,001 entries: every lookup "
+        "walks long chains (raise nf_conntrack_buckets)")
+    assert describe_pressure(Sample(0, 950, 1000, 0), None, Step(State.HIGH)) == (
+        "conntrack table 95% full (950/1,000)")  # buckets not read: nothing said about them
+    assert describe_pressure(Sample(0, 950, 1249, 250), None, Step(State.HIGH)).endswith(
+        "(raise nf_conntrack_buckets)")  # more than 4 entries per bucket, fewer than 5
+
+
+def test_a_candidates_reason_names_its_class() -> None:
+    assert Candidate(entry(1), 12, False).reason() == "UNREPLIED udp, idle about 12 s"
+    assert Candidate(entry(1, status=ASSURED), 7, True).reason() == "replied udp, idle about 7 s"
