@@ -69,3 +69,17 @@ def test_deleting_a_rule_that_is_gone_is_followed() -> None:
     assert live.apply("rule", False, rule)
     assert live.apply("rule", False, rule)
     assert live.snapshot().rules == ()
+
+
+def test_a_route_changed_in_place_then_deleted_leaves_no_sibling_behind() -> None:
+    """An IPv6 gateway route changed in place (same key: a new protocol), then deleted: a gateway
+    route added to its prefix and metric afterwards has no sibling to merge with, and is followed."""
+    via1 = Route(NET, nexthops=(Nexthop(2, ip_address("fe80::1")),), metric=1024)
+    via1_static = Route(NET, nexthops=(Nexthop(2, ip_address("fe80::1")),), metric=1024, protocol=4)
+    via2 = Route(NET, nexthops=(Nexthop(3, ip_address("fe80::2")),), metric=1024)
+    live = seeded(OTHER)
+    assert live.apply("route", True, via1, NLM_F_CREATE)
+    assert live.apply("route", True, via1_static, NLM_F_CREATE | NLM_F_REPLACE)
+    assert live.apply("route", False, via1_static)
+    assert live.apply("route", True, via2, NLM_F_CREATE)
+    assert set(live.snapshot().routes) == {OTHER, via2}
