@@ -83,3 +83,12 @@ def test_a_route_changed_in_place_then_deleted_leaves_no_sibling_behind() -> Non
     assert live.apply("route", False, via1_static)
     assert live.apply("route", True, via2, NLM_F_CREATE)
     assert set(live.snapshot().routes) == {OTHER, via2}
+
+
+def test_a_replace_after_one_of_two_routes_left_replaces_the_other() -> None:
+    """Two routes of one prefix and metric; one is deleted; a replace then replaces the one left
+    (the kernel's only route of that prefix and metric), and the kept topology follows it."""
+    live = seeded(DEV2, DEV3, OTHER)
+    assert live.apply("route", False, DEV3)
+    assert live.apply("route", True, DEV4, NLM_F_CREATE | NLM_F_REPLACE)
+    assert set(live.snapshot().routes) == {DEV4, OTHER}
