@@ -1,0 +1,78 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Mark chains that share a hook and a priority, and the rule an unmodelled jump names.
+
+The kernel runs base chains of one hook by priority, and chains of equal
+priority in registration order (the one registered last first), which no
+ruleset dump shows (``nf_register_net_hook``). Two mangle chains at -150
+that set the mark differently leave it unknown to the NAT after them; a
+chain at another priority runs after (or before) them in any case, so
+ties never reorder chains across priorities. Rulesets are built by hand over
+the gateway of ``test_evaluate_breadth``.
+"""
+
+from __future__ import annotations
+
+from test_evaluate_breadth import FIB, MASQ_UP1, udp
+
+from topowatch.core.evaluate import predict
+from topowatch.core.flow import NO_NAT, NatKind, RuleRef, Unknown
+from topowatch.core.nat import (
+    Chain,
+    Hook,
+    IntervalSet,
+    Key,
+    MarkSet,
+    Match,
+    NatRuleset,
+    NatStatement,
+    Op,
+    Rule,
+    Selector,
+    Verdict,
+    VerdictKind,
+)
+
+FULL = 0xFFFFFFFF
+MARK = Selector(Key.MARK, "meta mark")
+MASQ = NatStatement(NatKind.MASQUERADE, "masquerade")
+
+
+def mangle(table: str, prio: int, mark: int) -> Chain:
+    rule = Rule(5, (MarkSet(mark, FULL, f"meta mark set {mark}"),))
+    return Chain("ip", table, "pre", (rule,), Hook.PREROUTING, prio, "filter", "accept")
+
+
+def masquerade_mark(mark: int) -> Chain:
+    match = Match(MARK, Op.EQ, IntervalSet(((mark, mark),)), f"meta mark {mark}")
+    return Chain("ip", "nat", "post", (Rule(9, (match, MASQ)),), Hook.POSTROUTING, 100, "nat", "accept")
+
+
+def test_two_mark_chains_of_one_priority_setting_different_marks_leave_the_mark_unknown() -> None:
+    rs = NatRuleset((mangle("a", -150, 1), mangle("b", -150, 2), masquerade_mark(1)), marks_known=True)
+    p = predict(rs, FIB, udp())
+    assert isinstance(p.snat, Unknown), p.snat
+    assert any(line.startswith("marks at prerouting unknown: ") for line in p.explain), p.explain
+    # Setting the same mark, their order does not matter.
+    same = NatRuleset((mangle("a", -150, 1), mangle("b", -150, 1), masquerade_mark(1)), marks_known=True)
+    assert predict(same, FIB, udp()).snat == frozenset({MASQ_UP1})
+
+
+def test_a_tie_does_not_reorder_chains_of_other_priorities() -> None:
+    """a and b (-150) set 1 in either order; c (-140) sets 2 after both: the mark is 2."""
+    rs = NatRuleset((mangle("a", -150, 1), mangle("b", -150, 1), mangle("c", -140, 2), masquerade_mark(2)),
+                    marks_known=True)
+    assert predict(rs, FIB, udp()).snat == frozenset({MASQ_UP1})
+    rs = NatRuleset((mangle("a", -150, 1), mangle("b", -150, 1), mangle("c", -140, 2), masquerade_mark(1)),
+                    marks_known=True)
+    assert predict(rs, FIB, udp()).snat == frozenset({NO_NAT})
+
+
+def test_a_jump_to_a_chain_not_in_the_ruleset_names_its_rule() -> None:
+    jump = Verdict(VerdictKind.JUMP, "nowhere")
+    post = Chain("ip", "nat", "post", (Rule(12, (jump,)), Rule(13, (MASQ,))), Hook.POSTROUTING, 100, "nat",
+                 "accept")
+    p = predict(NatRuleset((post,), marks_known=True), FIB, udp())
+    assert isinstance(p.snat, Unknown)
+    assert p.snat.rule == RuleRef("table ip nat chain post", 12, "jump nowhere")
+    assert p.snat.reason == ("snat unknown via dev up1 via 203.0.113.1: table ip nat chain post handle 12: "
+                             "jump nowhere: jump to a chain not in the ruleset")
