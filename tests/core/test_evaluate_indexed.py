@@ -1,0 +1,29 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Long chains (indexed, ``core.ruleindex``) predict as the kernel runs them: rule by rule.
+
+A chain of 40 ``ip daddr 192.0.2.N dnat ip to 10.0.1.N`` rules (a list of
+forwards by destination address): the kernel evaluates the rules in order,
+so a flow to 192.0.2.7 meets the seventh rule's DNAT whatever its source,
+and a flow to an address no rule lists meets none. The flows here come from
+10.0.1.2, an address the rules list as destinations too.
+"""
+
+from __future__ import annotations
+
+from test_evaluate_breadth import FIB, B, m, payload, pre, ruleset, udp
+
+from topowatch.core.evaluate import predict
+from topowatch.core.flow import NO_NAT, NatKind
+
+FORWARDS = ruleset(pre(*([m(payload("ip", "daddr"), f"192.0.2.{n}"), {"dnat": {"family": "ip", "addr": f"10.0.1.{n}"}}]
+                         for n in range(1, 41))))
+
+
+def test_a_forward_by_destination_address_is_found_in_a_long_chain() -> None:
+    assert predict(FORWARDS, FIB, udp(src="10.0.1.2", dst="192.0.2.7")).dnat == frozenset({B(NatKind.DNAT, "10.0.1.7")})
+    assert predict(FORWARDS, FIB, udp(src="10.0.1.2", dst="192.0.2.40")).dnat == frozenset(
+        {B(NatKind.DNAT, "10.0.1.40")})
+    assert predict(FORWARDS, FIB, udp(src="10.0.1.2", dst="192.0.2.41")).dnat == frozenset({NO_NAT})
+    # The source is one the rules name as a destination (192.0.2.2): it does not select the rule.
+    assert predict(FORWARDS, FIB, udp(src="192.0.2.2", dst="192.0.2.9")).dnat == frozenset(
+        {B(NatKind.DNAT, "10.0.1.9")})
