@@ -76,3 +76,20 @@ def test_a_jump_to_a_chain_not_in_the_ruleset_names_its_rule() -> None:
     assert p.snat.rule == RuleRef("table ip nat chain post", 12, "jump nowhere")
     assert p.snat.reason == ("snat unknown via dev up1 via 203.0.113.1: table ip nat chain post handle 12: "
                              "jump nowhere: jump to a chain not in the ruleset")
+
+
+def test_nat_chains_of_one_priority_give_the_union_of_their_orders_egresses() -> None:
+    """Two prerouting nat chains at -100: one DNATs to 10.0.0.7 (routed via lan), the other to
+    10.0.0.66, whose route is unknown. Either runs first, so either DNAT may be the flow's: the egress
+    is unknown, as the second order's is; with both routes known it is both (in order)."""
+    from test_evaluate import LAN, UP1, FakeFib, dnat, pre
+    from test_evaluate import ruleset as nft
+
+    rs = nft(pre([dnat("10.0.0.7")], table="a"), pre([dnat("10.0.0.66")], table="b"))
+    fib = FakeFib(routes={"0.0.0.0/0": (UP1,), "10.0.0.0/8": (LAN,), "10.0.0.66/32": Unknown("a rule with ipproto")})
+    p = predict(rs, fib, udp(dst="8.8.8.8"))
+    assert isinstance(p.egress, Unknown)
+    assert p.egress.reason == "route after dnat unknown: a rule with ipproto"
+    known = FakeFib(routes={"0.0.0.0/0": (UP1,), "10.0.0.0/8": (LAN,), "10.0.0.66/32": (UP1,)})
+    p = predict(rs, known, udp(dst="8.8.8.8"))
+    assert p.egress == (LAN, UP1)
