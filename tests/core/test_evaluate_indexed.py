@@ -27,3 +27,12 @@ def test_a_forward_by_destination_address_is_found_in_a_long_chain() -> None:
     # The source is one the rules name as a destination (192.0.2.2): it does not select the rule.
     assert predict(FORWARDS, FIB, udp(src="192.0.2.2", dst="192.0.2.9")).dnat == frozenset(
         {B(NatKind.DNAT, "10.0.1.9")})
+
+
+def test_a_long_chain_whose_rules_open_with_meta_nfproto_is_found_by_family() -> None:
+    """40 rules ``meta nfproto ipv4 udp dport 100N dnat ip to 10.0.1.N``: an IPv4 flow to port 1007
+    meets the seventh."""
+    rs = ruleset(pre(*([m({"meta": {"key": "nfproto"}}, "ipv4"), m(payload("udp", "dport"), 1000 + n),
+                        {"dnat": {"family": "ip", "addr": f"10.0.1.{n}"}}] for n in range(1, 41))))
+    assert predict(rs, FIB, udp(dport=1007)).dnat == frozenset({B(NatKind.DNAT, "10.0.1.7")})
+    assert predict(rs, FIB, udp(dport=999)).dnat == frozenset({NO_NAT})

@@ -151,3 +151,27 @@ def test_a_map_target_of_the_other_family_is_unknown_with_its_reason() -> None:
                              "{ 0-1 : 10.0.1.50 }: address family does not match the flow")
     assert predict(inet_pre(random), FIB, udp()).dnat == frozenset({B(NatKind.DNAT, "10.0.1.50")})
     assert predict(inet_pre(plain), FIB, udp(dport=53)).dnat == frozenset({NO_NAT})
+
+
+def test_a_map_keyed_by_the_sockets_mark_is_unknown_and_says_so() -> None:
+    """At output, ``dnat ip to meta mark map { 1 : 10.0.1.50 }``: the entry does not say the mark."""
+    rs = ruleset(("out", "output", [[dnat_map({"meta": {"key": "mark"}}, [1, "10.0.1.50"])]]))
+    p = predict(rs, FIB, udp(src="203.0.113.2"))
+    assert isinstance(p.dnat, Unknown)
+    where = rs.describe_rule(rs.chains[0], rs.chains[0].rules[0])
+    assert p.dnat.reason == f"dnat unknown: {where}: the packet mark of the flow's first packet is not known"
+
+
+def test_a_map_keyed_by_the_bundles_reqid_binds_a_flow_in_ipsec() -> None:
+    """``snat ip to ipsec out reqid map { 1 : 198.51.100.2 }``: a flow the policy puts in the SA of
+    reqid 1 (10.0.1.0/24 to 192.0.2.0/24) gets that source, another none."""
+    from test_evaluate_breadth import post
+    from test_xfrm import pol, sa, sel, tmpl, topo
+
+    from topowatch.core.fib import Fib
+
+    fib = Fib(topo((pol(sel(), templates=(tmpl(1),), priority=100, index=1),), (sa(1),)))
+    key = {"ipsec": {"key": "reqid", "dir": "out"}}
+    rs = ruleset(post([{"snat": {"family": "ip", "addr": mapping(key, sset([1, "198.51.100.2"]))}}]))
+    assert predict(rs, fib, udp()).snat == frozenset({B(NatKind.SNAT, "198.51.100.2")})
+    assert predict(rs, fib, udp(dst="198.51.100.9")).snat == frozenset({NO_NAT})
