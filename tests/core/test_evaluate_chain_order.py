@@ -93,3 +93,24 @@ def test_nat_chains_of_one_priority_give_the_union_of_their_orders_egresses() ->
     known = FakeFib(routes={"0.0.0.0/0": (UP1,), "10.0.0.0/8": (LAN,), "10.0.0.66/32": (UP1,)})
     p = predict(rs, known, udp(dst="8.8.8.8"))
     assert p.egress == (LAN, UP1)
+
+
+def test_the_orders_prediction_names_every_rule_and_keeps_the_ingress() -> None:
+    """Postrouting chains a and b at 100 SNAT differently: each order an alternative, the sides their
+    union, the rules both, the ingress the flow's; an order whose DNAT is unknown makes the DNAT side
+    unknown, said as one of them."""
+    from test_evaluate import LAN_IN, XT_POLICY, FakeFib, dnat, post, pre, snat
+    from test_evaluate import ruleset as nft
+
+    rs = nft(post([snat("192.0.2.2")], table="a"), post([snat("192.0.2.1")], table="b"))
+    p = predict(rs, FakeFib(), udp(dst="8.8.8.8"))
+    assert p.ingress == LAN_IN
+    assert [r.chain for r in p.rules] == ["table ip a chain postrouting", "table ip b chain postrouting"]
+    rs = nft(pre([XT_POLICY, dnat("10.0.0.7")], table="a"), pre([dnat("10.0.0.8")], table="b"))
+    p = predict(rs, FakeFib(), udp(dst="8.8.8.8"))
+    assert isinstance(p.dnat, Unknown)
+    handle = rs.chains[0].rules[0].handle
+    assert p.dnat.reason == (f"arriving on one of them: dnat unknown: table ip a chain prerouting handle {handle}: "
+                             "xt match policy dnat to 10.0.0.7: unmodelled expression: xt match policy")
+    assert isinstance(p.snat, Unknown)
+    assert p.snat.reason.startswith("arriving on one of them: dnat unknown: "), p.snat.reason

@@ -1,0 +1,67 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""A locally generated flow's socket mark: when a few marks stand for all, and when they do not.
+
+The gateway of ``test_marks`` routes marks with ``(mark & 0x3f00) == 0x200``
+by table 100 (up2), others by main (up1). The entry does not show the
+socket's mark (SO_MARK). Where only that policy rule reads it, the marks
+0x200 and 0 stand for every mark: the prediction is both alternatives.
+Where a rule also reads the packet mark (a match on it, a copy of it into
+the ct mark, a set that keeps some of its bits), a mark such as 7 may be
+treated by that rule as neither 0x200 nor 0 are: the two do not stand for
+all, and what the rule decides is unknown.
+"""
+
+from __future__ import annotations
+
+from ipaddress import ip_address
+
+from test_marks import CTMARK, FIB, MARK, MASQ_UP1, MASQ_UP2, chain, match, ruleset, set_mark
+
+from topowatch.core.evaluate import predict
+from topowatch.core.flow import Binding, Flow, NatKind, Unknown
+from topowatch.core.model import AF_INET
+
+LOCAL = Flow(AF_INET, 17, ip_address("100.64.0.1"), ip_address("198.18.0.7"), 5000, 53)
+SNAT_77 = {"snat": {"addr": "100.64.0.77"}}
+
+
+def post(*first: list[dict[str, object]]) -> tuple[dict[str, object], list[list[dict[str, object]]]]:
+    return chain("post", "postrouting", 100, [*first, [{"masquerade": None}]], kind="nat")
+
+
+def test_only_the_policy_rule_reading_the_mark_gives_one_alternative_per_routing() -> None:
+    p = predict(ruleset(post()), FIB, LOCAL)
+    assert p.snat == frozenset({MASQ_UP1, MASQ_UP2})
+    # A mark set only for port 123 flows: this flow (port 53) keeps its socket's mark.
+    only_ntp = chain("out", "output", -150, [[match({"payload": {"protocol": "udp", "field": "dport"}}, 123),
+                                              set_mark(MARK, 0x200)]])
+    assert predict(ruleset(only_ntp, post()), FIB, LOCAL).snat == frozenset({MASQ_UP1, MASQ_UP2})
+
+
+def test_a_copy_of_the_packet_mark_into_the_ct_mark_reads_it() -> None:
+    """``ct mark set meta mark`` at output, ``ct mark 7 snat``: a socket mark 7 would be SNATed."""
+    save = chain("out", "output", -150, [[set_mark(CTMARK, MARK)]])
+    p = predict(ruleset(save, post([match(CTMARK, 7), SNAT_77])), FIB, LOCAL)
+    assert isinstance(p.snat, Unknown), p.snat
+
+
+def test_a_set_that_keeps_some_bits_of_the_packet_mark_reads_it() -> None:
+    """``meta mark set meta mark | 0x10000`` keeps the socket's low bits: ``meta mark & 0xff 7`` may hold."""
+    keep = chain("out", "output", -150, [[set_mark(MARK, {"|": [MARK, 0x10000]})]])
+    masked = {"&": [MARK, 0xFF]}
+    p = predict(ruleset(keep, post([match(masked, 7), SNAT_77])), FIB, LOCAL)
+    assert isinstance(p.snat, Unknown), p.snat
+
+
+def test_a_ct_mark_set_does_not_read_the_packet_mark() -> None:
+    """``ct mark set ct mark | 0x10000`` reads the ct mark only: the socket marks still stand for all."""
+    ct_only = chain("out", "output", -150, [[set_mark(CTMARK, {"|": [CTMARK, 0x10000]})]])
+    p = predict(ruleset(ct_only, post()), FIB, LOCAL)
+    assert p.snat == frozenset({MASQ_UP1, MASQ_UP2})
+    assert Binding(NatKind.SNAT, ip_address("100.64.0.77")) not in p.snat
+
+
+def test_a_match_on_the_packet_mark_reads_it() -> None:
+    for left in (MARK, {"&": [MARK, 0xFF]}):
+        p = predict(ruleset(post([match(left, 7), SNAT_77])), FIB, LOCAL)
+        assert isinstance(p.snat, Unknown), (left, p.snat)
