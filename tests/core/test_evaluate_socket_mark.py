@@ -13,13 +13,28 @@ all, and what the rule decides is unknown.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import ip_address
 
-from test_marks import CTMARK, FIB, MARK, MASQ_UP1, MASQ_UP2, chain, match, ruleset, set_mark
+from test_marks import CTMARK, FIB, MARK, MASQ_UP1, MASQ_UP2, TOPOLOGY, chain, match, ruleset, set_mark
 
 from topowatch.core.evaluate import predict
+from topowatch.core.fib import Fib
 from topowatch.core.flow import Binding, Flow, NatKind, Unknown
-from topowatch.core.model import AF_INET
+from topowatch.core.model import AF_INET, TABLE_LOCAL, TABLE_MAIN, PolicyRule
+from topowatch.core.nat import (
+    AnyOf,
+    Chain,
+    Hook,
+    IntervalSet,
+    Key,
+    Match,
+    NatRuleset,
+    NatStatement,
+    Op,
+    Rule,
+    Selector,
+)
 
 LOCAL = Flow(AF_INET, 17, ip_address("100.64.0.1"), ip_address("198.18.0.7"), 5000, 53)
 SNAT_77 = {"snat": {"addr": "100.64.0.77"}}
@@ -65,3 +80,32 @@ def test_a_match_on_the_packet_mark_reads_it() -> None:
     for left in (MARK, {"&": [MARK, 0xFF]}):
         p = predict(ruleset(post([match(left, 7), SNAT_77])), FIB, LOCAL)
         assert isinstance(p.snat, Unknown), (left, p.snat)
+
+
+def rules_fib(fwmark: int, fwmask: int | None) -> Fib:
+    rules = (PolicyRule(AF_INET, 0, table=TABLE_LOCAL), PolicyRule(AF_INET, 100, table=100, fwmark=fwmark, fwmask=fwmask),
+             PolicyRule(AF_INET, 32766, table=TABLE_MAIN))
+    return Fib(replace(TOPOLOGY, rules=rules))
+
+
+def test_a_fwmark_without_a_mask_compares_every_bit() -> None:
+    """``ip rule add fwmark 0x200 table 100``: the kernel sets the mask to 0xffffffff for a mark not 0;
+    the socket's mark 0x200 routes by up2, any other by up1: both alternatives."""
+    assert predict(ruleset(post()), rules_fib(0x200, None), LOCAL).snat == frozenset({MASQ_UP1, MASQ_UP2})
+
+
+def test_a_fwmark_0_under_a_mask_selects_the_marks_without_those_bits() -> None:
+    """``fwmark 0/0xf0``: marks whose bits 4-7 are clear (0, say) route by up2, others (0x10) by up1."""
+    assert predict(ruleset(post()), rules_fib(0, 0xF0), LOCAL).snat == frozenset({MASQ_UP1, MASQ_UP2})
+
+
+def test_a_multiport_rule_does_not_read_the_socket_mark() -> None:
+    """``-m multiport --ports 53 -j SNAT`` (iptables) reads ports only: the socket marks still stand for all."""
+    dport = Selector(Key.DPORT, "--dport", proto=17)
+    sport = Selector(Key.SPORT, "--sport", proto=17)
+    ports = AnyOf(tuple(Match(s, Op.EQ, IntervalSet(((53, 53),)), f"{s.text} 53") for s in (sport, dport)),
+                  "-m multiport --ports 53")
+    post_chain = Chain("ip", "nat", "POSTROUTING", (Rule(1, (ports, NatStatement(NatKind.MASQUERADE, "-j MASQUERADE"))),),
+                       Hook.POSTROUTING, 100, "nat", "accept")
+    p = predict(NatRuleset((post_chain,), marks_known=True), FIB, LOCAL)
+    assert p.snat == frozenset({MASQ_UP1, MASQ_UP2})
