@@ -109,3 +109,9 @@ def test_a_multiport_rule_does_not_read_the_socket_mark() -> None:
                        Hook.POSTROUTING, 100, "nat", "accept")
     p = predict(NatRuleset((post_chain,), marks_known=True), FIB, LOCAL)
     assert p.snat == frozenset({MASQ_UP1, MASQ_UP2})
+
+
+def test_a_fwmark_0_without_a_mask_selects_every_mark() -> None:
+    """``ip rule add fwmark 0 table 100``: a mark of 0 leaves the mask 0 (``fib_nl2rule``): every mark
+    routes by table 100, whatever the socket's."""
+    assert predict(ruleset(post()), rules_fib(0, None), LOCAL).snat == frozenset({MASQ_UP2})
