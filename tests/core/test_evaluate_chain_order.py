@@ -112,5 +112,6 @@ def test_the_orders_prediction_names_every_rule_and_keeps_the_ingress() -> None:
     handle = rs.chains[0].rules[0].handle
     assert p.dnat.reason == (f"arriving on one of them: dnat unknown: table ip a chain prerouting handle {handle}: "
                              "xt match policy dnat to 10.0.0.7: unmodelled expression: xt match policy")
+    assert p.dnat.rule == RuleRef("table ip a chain prerouting", handle, "xt match policy dnat to 10.0.0.7")
     assert isinstance(p.snat, Unknown)
     assert p.snat.reason.startswith("arriving on one of them: dnat unknown: "), p.snat.reason
