@@ -115,3 +115,14 @@ def test_the_orders_prediction_names_every_rule_and_keeps_the_ingress() -> None:
     assert p.dnat.rule == RuleRef("table ip a chain prerouting", handle, "xt match policy dnat to 10.0.0.7")
     assert isinstance(p.snat, Unknown)
     assert p.snat.reason.startswith("arriving on one of them: dnat unknown: "), p.snat.reason
+
+
+def test_chains_at_priorities_0_and_1_are_not_tied() -> None:
+    """srcnat 0 SNATs, srcnat+1 masquerades: 0 runs first, always (no order to guess)."""
+    from test_evaluate import MASQ, SNAT_X, FakeFib, post, snat
+    from test_evaluate import ruleset as nft
+
+    rs = nft(post([snat("192.0.2.1")], table="a", prio=0), post([MASQ], table="b", prio=1))
+    p = predict(rs, FakeFib(), udp(dst="8.8.8.8"))
+    assert p.snat == frozenset({SNAT_X})
+    assert p.alternatives == ()
