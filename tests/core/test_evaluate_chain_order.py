@@ -12,6 +12,7 @@ the gateway of ``test_evaluate_breadth``.
 
 from __future__ import annotations
 
+import pytest
 from test_evaluate_breadth import FIB, MASQ_UP1, udp
 
 from topowatch.core.evaluate import predict
@@ -57,12 +58,13 @@ def test_two_mark_chains_of_one_priority_setting_different_marks_leave_the_mark_
     assert predict(same, FIB, udp()).snat == frozenset({MASQ_UP1})
 
 
-def test_a_tie_does_not_reorder_chains_of_other_priorities() -> None:
-    """a and b (-150) set 1 in either order; c (-140) sets 2 after both: the mark is 2."""
-    rs = NatRuleset((mangle("a", -150, 1), mangle("b", -150, 1), mangle("c", -140, 2), masquerade_mark(2)),
+@pytest.mark.parametrize(("tie", "after"), [(-150, -140), (0, 1)])
+def test_a_tie_does_not_reorder_chains_of_other_priorities(tie: int, after: int) -> None:
+    """a and b (tied) set 1 in either order; c (one above) sets 2 after both: the mark is 2."""
+    rs = NatRuleset((mangle("a", tie, 1), mangle("b", tie, 1), mangle("c", after, 2), masquerade_mark(2)),
                     marks_known=True)
     assert predict(rs, FIB, udp()).snat == frozenset({MASQ_UP1})
-    rs = NatRuleset((mangle("a", -150, 1), mangle("b", -150, 1), mangle("c", -140, 2), masquerade_mark(1)),
+    rs = NatRuleset((mangle("a", tie, 1), mangle("b", tie, 1), mangle("c", after, 2), masquerade_mark(1)),
                     marks_known=True)
     assert predict(rs, FIB, udp()).snat == frozenset({NO_NAT})
 

@@ -115,3 +115,17 @@ def test_a_fwmark_0_without_a_mask_selects_every_mark() -> None:
     """``ip rule add fwmark 0 table 100``: a mark of 0 leaves the mask 0 (``fib_nl2rule``): every mark
     routes by table 100, whatever the socket's."""
     assert predict(ruleset(post()), rules_fib(0, None), LOCAL).snat == frozenset({MASQ_UP2})
+
+
+def test_a_verdict_map_on_ports_does_not_read_the_socket_mark() -> None:
+    vmap = {"vmap": {"key": {"payload": {"protocol": "udp", "field": "dport"}}, "data": {"set": [[123, {"accept": None}]]}}}
+    assert predict(ruleset(post([vmap])), FIB, LOCAL).snat == frozenset({MASQ_UP1, MASQ_UP2})
+
+
+def test_an_unknown_match_in_a_mark_chain_is_followed_both_ways() -> None:
+    """``xt match policy meta mark set 0x200`` in a prerouting mangle chain: the mark is 0x200 or 0, so
+    the route (and the masquerade) is up2's or up1's: unknown."""
+    forwarded = Flow(AF_INET, 17, ip_address("10.77.0.3"), ip_address("198.18.0.7"), 5000, 53)
+    unknown = chain("m", "prerouting", -150, [[{"xt": {"type": "match", "name": "policy"}}, set_mark(MARK, 0x200)]])
+    p = predict(ruleset(unknown, post()), FIB, forwarded)
+    assert isinstance(p.snat, Unknown), p.snat
