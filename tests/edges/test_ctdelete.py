@@ -843,3 +843,26 @@ def test_the_compiled_rereads_name_a_receive_error(
         ct.delete_current(as_records(entries(2)), unreplied_and_unmarked)
     assert raised.value.errno == errno.EIO
     assert kernel.sends == []
+
+
+def test_records_rechecked_over_many_receives_keep_every_answer(
+    wired: tuple[Conntrack, FakeKernel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's answers taken in several receives (here one datagram each, as when they fill the
+    receive space): the errors and changes of every receive count, not those of the last alone."""
+    assert ctcodec._ctscan is not None
+
+    class OneAtATime(Ctscan):
+        def recv_burst(self, fd: int, size: int, room: int, seq: int, timeout: int) -> Any:
+            return self.real.recv_burst(fd, room, room, seq, timeout)
+
+    monkeypatch.setattr(ctcodec, "_ctscan", OneAtATime(ctcodec._ctscan, []))
+    ct, kernel = wired
+    kernel.get_errors = {1: errno.EBUSY, 4: errno.EBUSY}
+    kernel.get_status = {2: IPS_CONFIRMED | IPS_SEEN_REPLY}
+    kernel.get_mark = {5: 7}
+    kernel.kept = {1, 2, 4, 5}
+    result = ct.delete_current(as_records(entries(6)), unreplied_and_unmarked)
+    assert [[r.ct_id for r in send] for send in kernel.sends] == [[3, 6]]
+    assert (result.errors, result.kept_replied, result.kept_changed, result.deleted) == (
+        ((errno.EBUSY, 2),), 1, 1, 2)
