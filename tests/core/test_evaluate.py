@@ -444,6 +444,19 @@ def test_empty_chains_at_one_priority_add_no_orders() -> None:
     assert p.snat == frozenset({SNAT_X, SNAT_Y}) and len(p.alternatives) == 2
 
 
+def test_an_empty_chain_with_policy_drop_tied_with_one_that_binds_gives_both_orders() -> None:
+    """Two postrouting nat chains at priority 100: ``a`` without rules and with policy drop, ``b``
+    masquerading. ``nf_nat_inet_fn`` runs the nat chains of a hook in registration order until one
+    binds: ``b`` first masquerades and ``a`` never runs; ``a`` first drops the packet (its policy).
+    No dump shows the order: two alternatives, dropped and masqueraded, not one answer and not an
+    unknown (an empty chain with policy accept, unlike this one, changes nothing wherever it runs)."""
+    p = predict(ruleset(post(table="a", policy="drop"), post([MASQ], table="b")), FakeFib(), udp())
+    assert sorted((a.snat for a in p.alternatives), key=len) == [frozenset(), frozenset({MASQ1})]
+    assert p.snat == frozenset({MASQ1})
+    assert p.explain[0].endswith("share hook postrouting priority 100: their order is not known, each is followed")
+    assert "dropped at postrouting: table ip a chain postrouting: policy drop" in p.explain
+
+
 def test_unknown_reason_names_rule_and_expression() -> None:
     rs = ruleset(post([oifname("up1"), XT_POLICY, ACCEPT], [MASQ], family="inet"))
     p = predict(rs, FakeFib(), udp())

@@ -10,10 +10,14 @@ and a flow to an address no rule lists meets none. The flows here come from
 
 from __future__ import annotations
 
-from test_evaluate_breadth import FIB, V6, B, m, payload, pre, ruleset, udp
+from dataclasses import replace
+
+from test_evaluate_breadth import FIB, TOPOLOGY, V6, B, m, payload, pre, ruleset, udp
 
 from topowatch.core.evaluate import predict
-from topowatch.core.flow import NO_NAT, NatKind
+from topowatch.core.fib import Fib
+from topowatch.core.flow import NO_NAT, NatKind, Unknown
+from topowatch.core.model import AF_INET, TABLE_LOCAL, TABLE_MAIN, PolicyRule
 
 FORWARDS = ruleset(pre(*([m(payload("ip", "daddr"), f"192.0.2.{n}"), {"dnat": {"family": "ip", "addr": f"10.0.1.{n}"}}]
                          for n in range(1, 41))))
@@ -44,3 +48,24 @@ def test_a_long_chain_whose_rules_open_with_meta_nfproto_is_found_by_family() ->
     assert predict(rs, FIB, udp(dport=1008)).dnat == frozenset({B(NatKind.DNAT, "10.0.1.8")})
     assert predict(rs, FIB, udp(dport=999)).dnat == frozenset({NO_NAT})
     assert predict(rs, FIB, V6).dnat == frozenset({B(NatKind.DNAT, "fd00:1::1")})
+
+
+def test_a_long_output_chain_by_oifname_is_unknown_where_the_route_before_dnat_is() -> None:
+    """40 ``oifname "X" dnat`` rules at output, for a locally generated flow routed by ``ip rule uidrange
+    1000-1000 lookup 100``: the kernel routes a local packet before output's nat (the route's device is
+    the ``oifname`` the rules read), and that rule selects by the socket's owner, which the entry does
+    not show. The device, so which rule matches, is unknown: the DNAT is unknown, not a crash and not
+    "no rule matched" (``up1``'s rule, 40th, matches where the flow is routed by main)."""
+    rules = (PolicyRule(AF_INET, 0, table=TABLE_LOCAL), PolicyRule(AF_INET, 100, table=100, unmodelled=("uidrange",)),
+             PolicyRule(AF_INET, 32766, table=TABLE_MAIN))
+    by_uid = Fib(replace(TOPOLOGY, rules=rules))
+    out = [[m({"meta": {"key": "oifname"}}, f"ppp{n}"), {"dnat": {"family": "ip", "addr": f"10.0.1.{n + 1}"}}]
+           for n in range(39)]
+    out.append([m({"meta": {"key": "oifname"}}, "up1"), {"dnat": {"family": "ip", "addr": "10.0.1.40"}}])
+    rs = ruleset(("out", "output", out))
+    local = udp(src="203.0.113.2", dst="192.0.2.10")
+    p = predict(rs, by_uid, local)
+    assert isinstance(p.dnat, Unknown), p.dnat
+    assert "route before DNAT unknown" in p.dnat.reason and "uidrange" in p.dnat.reason, p.dnat.reason
+    # Without the rule, main routes it by up1: the 40th rule's DNAT.
+    assert predict(rs, FIB, local).dnat == frozenset({B(NatKind.DNAT, "10.0.1.40")})

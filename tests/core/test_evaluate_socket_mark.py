@@ -14,11 +14,11 @@ all, and what the rule decides is unknown.
 from __future__ import annotations
 
 from dataclasses import replace
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 
 from test_marks import CTMARK, FIB, MARK, MASQ_UP1, MASQ_UP2, TOPOLOGY, chain, match, ruleset, set_mark
 
-from topowatch.core.evaluate import predict
+from topowatch.core.evaluate import MAX_MARK_ALTERNATIVES, predict
 from topowatch.core.fib import Fib
 from topowatch.core.flow import Binding, Flow, NatKind, Unknown
 from topowatch.core.model import AF_INET, TABLE_LOCAL, TABLE_MAIN, PolicyRule
@@ -35,6 +35,7 @@ from topowatch.core.nat import (
     Rule,
     Selector,
 )
+from topowatch.core.xfrm import Action, Direction, XfrmPolicy, XfrmSelector
 
 LOCAL = Flow(AF_INET, 17, ip_address("100.64.0.1"), ip_address("198.18.0.7"), 5000, 53)
 SNAT_77 = {"snat": {"addr": "100.64.0.77"}}
@@ -128,4 +129,54 @@ def test_an_unknown_match_in_a_mark_chain_is_followed_both_ways() -> None:
     forwarded = Flow(AF_INET, 17, ip_address("10.77.0.3"), ip_address("198.18.0.7"), 5000, 53)
     unknown = chain("m", "prerouting", -150, [[{"xt": {"type": "match", "name": "policy"}}, set_mark(MARK, 0x200)]])
     p = predict(ruleset(unknown, post()), FIB, forwarded)
+    assert isinstance(p.snat, Unknown), p.snat
+
+
+def fwmark_fib(*rules: PolicyRule) -> Fib:
+    """The gateway with ``rules`` between local and main (in place of its ``fwmark 0x200/0x3f00``)."""
+    return Fib(replace(TOPOLOGY, rules=(PolicyRule(AF_INET, 0, table=TABLE_LOCAL), *rules,
+                                        PolicyRule(AF_INET, 32766, table=TABLE_MAIN))))
+
+
+def to_up2_by_mark(*values: int, mask: int) -> Fib:
+    """``ip rule add fwmark V/mask lookup 100`` (up2) for each value, priorities 100, 101, ..."""
+    return fwmark_fib(*(PolicyRule(AF_INET, 100 + n, table=100, fwmark=v, fwmask=mask) for n, v in enumerate(values)))
+
+
+def test_seven_fwmark_values_are_followed_and_eight_leave_the_mark_unknown() -> None:
+    """``fwmark 0x100/0xf00 lookup 100`` ... ``fwmark 0x700/0xf00 lookup 100``: a socket mark whose bits
+    8-11 are 1 to 7 routes by up2, any other (0, 0x800, ...) by main (up1). Seven values and one that
+    matches none are eight marks, the most followed (``MAX_MARK_ALTERNATIVES``): both masquerades, one
+    alternative per mark. An eighth rule (0x800) makes nine: the mark is left unknown, and so is the
+    route after it, rather than followed past the bound."""
+    assert MAX_MARK_ALTERNATIVES == 8
+    seven = predict(ruleset(post()), to_up2_by_mark(*(k << 8 for k in range(1, 8)), mask=0xF00), LOCAL)
+    assert seven.snat == frozenset({MASQ_UP1, MASQ_UP2})
+    assert sorted(a.snat == frozenset({MASQ_UP2}) for a in seven.alternatives) == [False] + [True] * 7
+    eight = predict(ruleset(post()), to_up2_by_mark(*(k << 8 for k in range(1, 9)), mask=0xF00), LOCAL)
+    assert isinstance(eight.snat, Unknown), eight.snat
+    assert "fwmark" in eight.snat.reason and "packet mark" in eight.snat.reason, eight.snat.reason
+
+
+def test_a_fwmark_0_under_a_mask_is_its_own_class_beside_fwmark_1() -> None:
+    """``fwmark 0/0x3 lookup 100`` and ``fwmark 1/0x3 lookup 100``: marks whose two low bits are 0 or 1
+    route by up2 (``(mark ^ 0) & 3 == 0``, ``(mark ^ 1) & 3 == 0``), those with 2 or 3 by main (up1).
+    The socket's mark may be either: both masquerades. (Read as the mark 1, the rule ``fwmark 0/0x3``
+    would fall into ``fwmark 1``'s class and the marks with low bits 2 or 3 would not be followed.)"""
+    p = predict(ruleset(post()), to_up2_by_mark(0, 1, mask=0x3), LOCAL)
+    assert p.snat == frozenset({MASQ_UP1, MASQ_UP2})
+    assert sorted(a.snat == frozenset({MASQ_UP2}) for a in p.alternatives) == [False, True, True]
+
+
+def test_an_xfrm_policy_selecting_a_mark_leaves_the_socket_mark_unknown() -> None:
+    """An xfrm out policy ``mark 7/0xff action block`` towards 198.18.0.0/24 beside ``fwmark 0x200/0x3f00
+    lookup 100``: ``xfrm_policy_match`` reads the flow's mark (``(mark & 0xff) == 7``), so a socket mark
+    7 is blocked (no NAT, the flow dropped) though the policy rule routes it as it routes 0 (up1). The
+    marks 0x200 and 0 do not stand for it: the mark, and the SNAT, are unknown, not the two
+    masquerades."""
+    block = XfrmPolicy(XfrmSelector(AF_INET, ip_network("0.0.0.0/0"), ip_network("198.18.0.0/24")),
+                       direction=Direction.OUT, action=Action.BLOCK, mark=7, mark_mask=0xFF, priority=1, index=1)
+    fib = Fib(replace(TOPOLOGY, xfrm_policies=(block,), xfrm_known=True))
+    assert predict(ruleset(post()), fib, replace(LOCAL, packet_mark=7)).snat == frozenset()
+    p = predict(ruleset(post()), fib, LOCAL)
     assert isinstance(p.snat, Unknown), p.snat
