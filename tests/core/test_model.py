@@ -217,5 +217,6 @@ def test_route_list_reads_and_compares_as_its_tuple() -> None:
     assert [one[i] for i in range(-3, 3)] == [a, b, c, a, b, c]
     padded = RouteList(((), (), (a,), (), (), (b,), (c,), (), ()))
     assert [padded[i] for i in range(3)] == [a, b, c] and padded[1:] == (b, c)
+    assert repr(padded) == repr((a, b, c))
     with pytest.raises(IndexError, match=r"^RouteList index out of range$"):
         one[3]
