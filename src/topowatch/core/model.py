@@ -343,9 +343,9 @@ class RouteList(Sequence[Route]):
             raise IndexError("RouteList index out of range")
         if self._starts is None:
             self._starts = list(itertools.accumulate((len(c) for c in self._chunks), initial=0))
+        # The last chunk starting at or before ``index``: an empty chunk shares its start with the
+        # next one, so bisect_right passes over it (the chunk found holds ``index``).
         at = bisect.bisect_right(self._starts, index) - 1
-        while not self._chunks[at]:  # empty chunks share their start with the next one
-            at += 1
         return self._chunks[at][index - self._starts[at]]
 
     def __eq__(self, other: object) -> bool:
