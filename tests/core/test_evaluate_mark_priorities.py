@@ -130,3 +130,33 @@ def test_an_iptables_match_in_a_forward_mark_chain_is_evaluated() -> None:
     new = CtStateMatch(frozenset({"NEW"}), False, "-m conntrack --ctstate NEW")
     p = predict(rs(set_mark("fwd", Hook.FORWARD, 0, 1, new), masquerade_mark(1)), FIB, udp())
     assert p.snat == frozenset({MASQ_UP1})
+
+
+def test_every_mark_chain_between_the_nat_chains_is_named() -> None:
+    """Postrouting nat chains at 100 and 200, filter chains setting marks at 100 and 150: both may
+    run before or between the NATs; the unknown names both, in priority order."""
+    second = Chain("ip", "nat2", "post", (), Hook.POSTROUTING, 200, "nat", "accept")
+    ruleset = rs(set_mark("m1", Hook.POSTROUTING, 100, 1), set_mark("m2", Hook.POSTROUTING, 150, 2),
+                 masquerade_mark(1), second)
+    p = predict(ruleset, FIB, udp())
+    assert isinstance(p.snat, Unknown)
+    assert p.snat.reason == (f"snat unknown via {VIA_UP1}: table ip f chain m1, table ip f chain m2: a mark "
+                             "chain between nat chains")
+
+
+def test_postrouting_marks_left_unknown_below_the_nat_chain_are_explained() -> None:
+    """A postrouting filter chain at 0 sets mark 1 after a match not modelled; the nat chain at 100
+    masquerades mark 1: unknown, and the explanation says the marks at postrouting are."""
+    odd = UnknownMatch("xt match u32", "xt match u32")
+    p = predict(rs(set_mark("m", Hook.POSTROUTING, 0, 1, odd), masquerade_mark(1)), FIB, udp())
+    assert isinstance(p.snat, Unknown)
+    assert ("marks at postrouting unknown: table ip f chain m handle 5: xt match u32 meta mark set 1: "
+            "unmodelled expression: xt match u32") in p.explain, p.explain
+
+
+def test_an_iptables_match_in_a_postrouting_mark_chain_is_evaluated() -> None:
+    """``-m conntrack --ctstate NEW -j MARK --set-mark 1`` in postrouting mangle (-150): a first
+    packet is NEW, the nat chain at 100 sees mark 1 and masquerades."""
+    new = CtStateMatch(frozenset({"NEW"}), False, "-m conntrack --ctstate NEW")
+    p = predict(rs(set_mark("m", Hook.POSTROUTING, -150, 1, new), masquerade_mark(1)), FIB, udp())
+    assert p.snat == frozenset({MASQ_UP1})
