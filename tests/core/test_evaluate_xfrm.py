@@ -135,3 +135,22 @@ def test_xfrm_matches_before_routing(name: str, match: dict[str, Any], f: Flow, 
         assert isinstance(p.dnat, Unknown), (name, p.dnat)
     else:
         assert p.dnat == expected, (name, p.dnat)
+
+
+def test_the_egress_says_when_its_xfrm_policy_is_unknown_and_names_no_policy_that_leaves_it_clear() -> None:
+    """A DNAT to ports 5000-5001 and an out policy selecting dport 5000: whether the flow goes into
+    the tunnel depends on the port the DNAT picks (``xfrm_selector_match`` on the translated
+    port), so the egress's xfrm is "unknown (<policy>: a port range only partly selected)". An out
+    policy with no templates (``action allow``, no ``tmpl``) matches but transforms nothing
+    (``xfrm_lookup`` returns the plain route): the egress names no policy, and the flow is
+    masqueraded as any clear flow."""
+    bundled = topo((pol(sel(dport=5000, dport_mask=0xFFFF), templates=(tmpl(1),), priority=100, index=1),),
+                   (sa(1),))
+    p = predict(ruleset((5000, 5001)), Fib(bundled), flow())
+    assert not isinstance(p.egress, Unknown)
+    assert p.egress[0].xfrm.startswith("unknown (xfrm policy src 10.0.1.0/24 dst 192.0.2.0/24 dport 5000 dir out")
+    assert p.egress[0].xfrm.endswith(": a port range only partly selected)"), p.egress[0].xfrm
+    bare = topo((pol(priority=0, index=4),))
+    p = predict(ruleset(), Fib(bare), flow())
+    assert not isinstance(p.egress, Unknown) and p.egress[0].xfrm == ""
+    assert p.snat == frozenset({MASQ})
