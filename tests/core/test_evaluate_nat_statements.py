@@ -32,6 +32,7 @@ from test_evaluate_breadth import FIB, NUMGEN2, V6, B, mapping, pre, ruleset, ss
 
 from topowatch.core.evaluate import predict
 from topowatch.core.flow import NO_NAT, Binding, Egress, EgressKind, NatKind, RuleRef, Unknown
+from topowatch.core.model import AF_INET, AF_INET6
 from topowatch.core.nat import (
     Chain,
     Hook,
@@ -159,3 +160,38 @@ def test_empty_chains_tied_with_one_that_has_rules_add_no_orders() -> None:
     p = predict(rs, FakeFib(), fake_udp())
     assert p.snat == frozenset({SNAT_X, SNAT_Y})
     assert len(p.alternatives) == 2
+
+
+def test_a_drop_and_a_vmap_drop_are_explained_by_their_rule() -> None:
+    """``udp dport 5060 drop`` and ``udp dport vmap { 5060 : drop }`` at prerouting drop the flow
+    (``NF_DROP``): no binding, no egress, and the one explanation names the rule."""
+    dport = {"payload": {"protocol": "udp", "field": "dport"}}
+    for exprs in ([{"match": {"op": "==", "left": dport, "right": 5060}}, {"drop": None}],
+                  [{"vmap": {"key": dport, "data": sset([5060, {"drop": None}])}}]):
+        rs = ruleset(pre(exprs))
+        p = predict(rs, FIB, udp())
+        assert (p.dnat, p.snat, p.egress) == (frozenset(), frozenset(), ())
+        assert p.explain == (f"dropped at prerouting: {where(rs)}",)
+
+
+def test_a_nat_statement_of_the_other_family_is_skipped_and_the_rule_goes_on() -> None:
+    """``dnat ip to 10.0.1.50 dnat ip6 to fd00:1::50`` in an inet chain: ``nft_nat_inet_eval`` does
+    nothing for a statement of the other family, so an IPv6 flow reaches the ip6 one and binds it,
+    and an IPv4 flow binds the first."""
+    v4 = (ip_address("10.0.1.50"), ip_address("10.0.1.50"))
+    v6 = (ip_address("fd00:1::50"), ip_address("fd00:1::50"))
+    rule = Rule(7, (NatStatement(NatKind.DNAT, "dnat ip to 10.0.1.50", family=AF_INET, addr=v4),
+                    NatStatement(NatKind.DNAT, "dnat ip6 to fd00:1::50", family=AF_INET6, addr=v6)))
+    rs = NatRuleset((Chain("inet", "t", "pre", (rule,), Hook.PREROUTING, -100, "nat", "accept"),), marks_known=True)
+    assert predict(rs, FIB, V6).dnat == frozenset({B(NatKind.DNAT, "fd00:1::50")})
+    assert predict(rs, FIB, udp()).dnat == frozenset({B(NatKind.DNAT, "10.0.1.50")})
+
+
+def test_an_ipv6_dnat_range_routes_each_address() -> None:
+    """``dnat ip6 to fd00:1::50-fd00:1::51``: the kernel picks one of the two; each is routed (both
+    on lan), and the binding is the range."""
+    rs = ruleset(pre([{"dnat": {"family": "ip6", "addr": {"range": ["fd00:1::50", "fd00:1::51"]}}}]))
+    p = predict(rs, FIB, V6)
+    assert p.dnat == frozenset({B(NatKind.DNAT, "fd00:1::50", "fd00:1::51")})
+    assert not isinstance(p.egress, Unknown)
+    assert [e.oifname for e in p.egress] == ["lan"]
