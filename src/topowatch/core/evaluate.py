@@ -5,7 +5,9 @@ Theory of operation (``nf_nat_inet_fn``): a new flow meets two NAT hooks.
 
 1. DNAT side. A forwarded flow meets the nat chains at prerouting (``iif`` is
    its ingress, no ``oif``); a locally generated flow meets those at output
-   (no ``iif``; ``oif`` is the route chosen before DNAT).
+   (no ``iif``; ``oif`` is the route chosen before DNAT). A locally generated
+   flow whose route is blackhole/unreachable/prohibit is never sent (the
+   socket's route lookup fails): dropped, before any hook.
 2. The flow, with its destination translated, is routed (``Fib.egress``).
 3. SNAT side, per egress: postrouting (``oif`` is the egress) for unicast and
    for locally generated flows; input (no ``oif``) for a forwarded flow
@@ -1435,6 +1437,17 @@ def _snat_marks(ev: _Evaluator, ruleset: NatRuleset, hook: Hook, packet: _Packet
     return _marks(ev, hook, plan.before, packet, ingress=ingress, explain=explain)
 
 
+# Route types whose lookup answers an error: the packet goes nowhere (fib_props[type].error).
+_REFUSING = frozenset({EgressKind.BLACKHOLE, EgressKind.UNREACHABLE, EgressKind.PROHIBIT})
+
+
+def _refused(egress: tuple[Egress, ...] | Unknown) -> tuple[Egress, ...]:
+    """The routes of ``egress`` that refuse the packet (a lookup's answer is one such route or none)."""
+    if isinstance(egress, Unknown):
+        return ()
+    return tuple(e for e in egress if e.kind in _REFUSING)
+
+
 def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, order: _Order | None = None
                  ) -> Prediction:  # fmt: skip
     """``predict`` for a flow that entered on ``ingress``.
@@ -1491,6 +1504,12 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
     # 1. DNAT side: prerouting, or output with the route chosen before DNAT as oif.
     oifs: tuple[Egress | Unknown | None, ...] = (None,)
     if ingress.local:
+        # A blackhole/unreachable/prohibit route fails the socket's send (ip_route_output_flow answers
+        # the route type's error), or drops the packet where output's mark chains re-route it
+        # (ip_route_me_harder): output's nat chains never see it.
+        refused: tuple[Egress, ...] = ()
+        if flow.packet_mark is not None and base.mark != flow.packet_mark:
+            refused = _refused(fib.egress(flow, ingress))  # the socket's own route, before the mark chains
         ev.routed_with(base.mark)  # re-routed as output's mark chains left the mark
         marked_flow = Flow(flow.family, flow.proto, flow.src, flow.dst, flow.sport, flow.dport, flow.zone,
                            flow.ct_mark, base.mark)  # replace(flow, packet_mark=base.mark), faster
@@ -1499,6 +1518,10 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
             oifs = (Unknown(f"route before DNAT unknown: {before.reason}"),)
         else:
             oifs = before
+        refused = refused or _refused(before)
+        if refused:
+            explain.extend(f"dropped by the route: {e.describe()}" for e in refused)
+            return Prediction(frozenset(), frozenset(), refused, ingress, tuple(dict.fromkeys(explain)))
     dnat_chains = _nat_chains(ruleset, hook, flow.family)
     dnat_outcomes: list[_Outcome] = []
     for oif in oifs:
@@ -1564,7 +1587,7 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
                 if blocked is not None:
                     explain.append(f"dropped by xfrm: {blocked}")
                     continue
-                if out.kind in (EgressKind.BLACKHOLE, EgressKind.UNREACHABLE, EgressKind.PROHIBIT):
+                if out.kind in _REFUSING:
                     explain.append(f"dropped by the route: {out.describe()}")
                     continue
                 delivered = out.kind is EgressKind.LOCAL and not ingress.local
