@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from ipaddress import ip_address
 
-from test_evaluate import LAN, LOCAL_IN, SNAT_X, SNAT_Y, C, FakeFib, b, dnat, oifname, post, snat
+from test_evaluate import LAN, LOCAL_IN, SNAT_X, SNAT_Y, UP1, UP2, C, FakeFib, b, dnat, oifname, post, snat
 from test_evaluate import ruleset as nft_ruleset
 from test_evaluate import udp as fake_udp
 from test_evaluate_breadth import FIB, NUMGEN2, V6, B, mapping, pre, ruleset, sset, udp
@@ -195,3 +195,15 @@ def test_an_ipv6_dnat_range_routes_each_address() -> None:
     assert p.dnat == frozenset({B(NatKind.DNAT, "fd00:1::50", "fd00:1::51")})
     assert not isinstance(p.egress, Unknown)
     assert [e.oifname for e in p.egress] == ["lan"]
+
+
+def test_a_dnat_range_routes_its_addresses_and_no_other() -> None:
+    """``dnat to 192.0.2.64-192.0.2.65`` picks one of the two (``nf_nat_range`` min..max, both
+    ends included): each is routed (192.0.2.0/24 is multipath up1/up2), and 192.0.2.66 (a
+    blackhole), one past the range, is not among the egresses."""
+    rs = nft_ruleset(C("prerouting", [[dnat({"range": ["192.0.2.64", "192.0.2.65"]})]], hook="prerouting",
+                       prio=-100))
+    p = predict(rs, FakeFib(), fake_udp())
+    assert p.dnat == frozenset({b(NatKind.DNAT, "192.0.2.64", "192.0.2.65")})
+    assert not isinstance(p.egress, Unknown)
+    assert set(p.egress) == {UP1, UP2}
