@@ -34,3 +34,30 @@ def test_seven_unknown_matches_that_change_nothing_leave_the_binding_known() -> 
     rules = [[XT_POLICY, {"continue": None}] for _ in range(7)]
     rs = ruleset(post(*rules, [snat("192.0.2.1")]))
     assert predict(rs, FakeFib(), udp()).snat == frozenset({SNAT_X})
+
+
+def test_eight_unknown_matches_are_too_many_to_follow() -> None:
+    """Eight such rules make 2**9 - 1 = 511 runs, more than the 256 followed: the SNAT is unknown,
+    said so after the first unknown match's reason (the kernel's answer is the SNAT, but the model
+    does not follow that many branches)."""
+    rules = [[XT_POLICY, {"continue": None}] for _ in range(8)]
+    rs = ruleset(post(*rules, [snat("192.0.2.1")]))
+    p = predict(rs, FakeFib(), udp())
+    assert isinstance(p.snat, Unknown), p.snat
+    assert p.snat.reason == ("snat unknown via dev up1 via 203.0.113.1: table ip nat chain postrouting handle 3: "
+                             "xt match policy continue: unmodelled expression: xt match policy (and too many "
+                             "unknown matches to follow)")
+
+
+def test_the_256th_run_is_followed() -> None:
+    """``U goto t``, ``U snat to 192.0.2.2``, ``snat to 192.0.2.1``; chain t: 126 rules ``U snat to
+    192.0.2.1`` then ``snat to 192.0.2.1``. The runs: the first (stops at the first U), 253 for the
+    first U true (every way through t SNATs to 192.0.2.1), then the first U false: run 255 stops at
+    the second U, run 256 (the second U true) SNATs to 192.0.2.2. Run 256 is within the 256 followed:
+    the answer is unknown because the branches disagree, with the first unknown match's reason
+    alone (not "too many unknown matches")."""
+    t = C("t", [*([XT_POLICY, snat("192.0.2.1")] for _ in range(126)), [snat("192.0.2.1")]])
+    rs = ruleset(post([XT_POLICY, goto("t")], [XT_POLICY, snat("192.0.2.2")], [snat("192.0.2.1")]), t)
+    p = predict(rs, FakeFib(), udp())
+    assert isinstance(p.snat, Unknown), p.snat
+    assert p.snat.reason.endswith("xt match policy goto t: unmodelled expression: xt match policy"), p.snat.reason
