@@ -16,7 +16,7 @@ from __future__ import annotations
 from test_evaluate import MASQ, SNAT_X, XT_POLICY, C, FakeFib, goto, post, ruleset, snat, udp
 
 from topowatch.core.evaluate import predict
-from topowatch.core.flow import Unknown
+from topowatch.core.flow import RuleRef, Unknown
 
 
 def test_the_branch_where_two_unknown_matches_differ_is_followed() -> None:
@@ -47,6 +47,7 @@ def test_eight_unknown_matches_are_too_many_to_follow() -> None:
     assert p.snat.reason == ("snat unknown via dev up1 via 203.0.113.1: table ip nat chain postrouting handle 3: "
                              "xt match policy continue: unmodelled expression: xt match policy (and too many "
                              "unknown matches to follow)")
+    assert p.snat.rule == RuleRef("table ip nat chain postrouting", 3, "xt match policy continue")
 
 
 def test_the_256th_run_is_followed() -> None:
@@ -61,3 +62,15 @@ def test_the_256th_run_is_followed() -> None:
     p = predict(rs, FakeFib(), udp())
     assert isinstance(p.snat, Unknown), p.snat
     assert p.snat.reason.endswith("xt match policy goto t: unmodelled expression: xt match policy"), p.snat.reason
+
+
+def test_an_unmodelled_statement_after_an_unknown_match_names_the_match() -> None:
+    """``U snat to 192.0.2.1`` then an xt MASQUERADE target (not modelled): where U is true the flow
+    is SNATed, where it is false the unmodelled target decides: unknown, said by the unknown match
+    met first (the question whose answer would decide), with its rule."""
+    rs = ruleset(post([XT_POLICY, snat("192.0.2.1")], [{"xt": {"type": "target", "name": "MASQUERADE"}}]))
+    p = predict(rs, FakeFib(), udp())
+    assert isinstance(p.snat, Unknown), p.snat
+    assert p.snat.reason == ("snat unknown via dev up1 via 203.0.113.1: table ip nat chain postrouting handle 3: "
+                             "xt match policy snat to 192.0.2.1: unmodelled expression: xt match policy")
+    assert p.snat.rule == RuleRef("table ip nat chain postrouting", 3, "xt match policy snat to 192.0.2.1")
