@@ -12,11 +12,13 @@ the gateway of ``test_evaluate_breadth``.
 
 from __future__ import annotations
 
+from ipaddress import ip_address
+
 import pytest
 from test_evaluate_breadth import FIB, MASQ_UP1, udp
 
 from topowatch.core.evaluate import predict
-from topowatch.core.flow import NO_NAT, NatKind, RuleRef, Unknown
+from topowatch.core.flow import NO_NAT, Binding, NatKind, RuleRef, Unknown
 from topowatch.core.nat import (
     Chain,
     Hook,
@@ -128,3 +130,29 @@ def test_chains_at_priorities_0_and_1_are_not_tied() -> None:
     p = predict(rs, FakeFib(), udp(dst="8.8.8.8"))
     assert p.snat == frozenset({SNAT_X})
     assert p.alternatives == ()
+
+
+def test_tied_mark_chains_that_disagree_are_named_in_the_explanation() -> None:
+    """Mangle chains a and b at prerouting -150 set marks 1 and 2: the mark the NAT sees depends on
+    their registration order; the explanation names both, their hook and priority, and why."""
+    rs = NatRuleset((mangle("a", -150, 1), mangle("b", -150, 2), masquerade_mark(1)), marks_known=True)
+    p = predict(rs, FIB, udp())
+    assert ("marks at prerouting unknown: table ip a chain pre and table ip b chain pre share hook prerouting "
+            "priority -150; they run in registration order, which the ruleset dump does not show, and the orders "
+            "give this flow different outcomes") in p.explain, p.explain
+
+
+def test_each_order_of_a_tie_runs_each_chain_once() -> None:
+    """Postrouting nat chains a and b at 100, q at 200: a SNATs mark 7 only, b flips bit 0 of the mark
+    (``meta mark set meta mark xor 1``), q SNATs mark 1 to 192.0.2.1. In either order of a and b
+    (each runs once), a binds nothing and b leaves mark 1: q SNATs to 192.0.2.1."""
+    flip = Rule(6, (MarkSet(1, 0, "meta mark set meta mark xor 1"),))
+    seven = Match(MARK, Op.EQ, IntervalSet(((7, 7),)), "meta mark 7")
+    to7 = NatStatement(NatKind.SNAT, "snat to 192.0.2.7", addr=(ip_address("192.0.2.7"), ip_address("192.0.2.7")))
+    one = Match(MARK, Op.EQ, IntervalSet(((1, 1),)), "meta mark 1")
+    to1 = NatStatement(NatKind.SNAT, "snat to 192.0.2.1", addr=(ip_address("192.0.2.1"), ip_address("192.0.2.1")))
+    a = Chain("ip", "a", "post", (Rule(5, (seven, to7)),), Hook.POSTROUTING, 100, "nat", "accept")
+    b = Chain("ip", "b", "post", (flip,), Hook.POSTROUTING, 100, "nat", "accept")
+    q = Chain("ip", "q", "post", (Rule(7, (one, to1)),), Hook.POSTROUTING, 200, "nat", "accept")
+    p = predict(NatRuleset((a, b, q), marks_known=True), FIB, udp())
+    assert p.snat == frozenset({Binding(NatKind.SNAT, ip_address("192.0.2.1"), ip_address("192.0.2.1"))})
