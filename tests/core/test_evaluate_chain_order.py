@@ -31,6 +31,7 @@ from topowatch.core.nat import (
     Op,
     Rule,
     Selector,
+    UnknownMatch,
     Verdict,
     VerdictKind,
 )
@@ -156,3 +157,40 @@ def test_each_order_of_a_tie_runs_each_chain_once() -> None:
     q = Chain("ip", "q", "post", (Rule(7, (one, to1)),), Hook.POSTROUTING, 200, "nat", "accept")
     p = predict(NatRuleset((a, b, q), marks_known=True), FIB, udp())
     assert p.snat == frozenset({Binding(NatKind.SNAT, ip_address("192.0.2.1"), ip_address("192.0.2.1"))})
+
+
+def test_two_ties_of_mark_chains_are_both_named() -> None:
+    """Two ties at prerouting, a and b at -150 (marks 1, 2), c and d at -140 (marks 3, 4): the
+    orders disagree, and the explanation names both ties."""
+    rs = NatRuleset((mangle("a", -150, 1), mangle("b", -150, 2), mangle("c", -140, 3), mangle("d", -140, 4),
+                     masquerade_mark(3)), marks_known=True)
+    p = predict(rs, FIB, udp())
+    assert isinstance(p.snat, Unknown)
+    assert ("marks at prerouting unknown: table ip a chain pre and table ip b chain pre share hook prerouting "
+            "priority -150; table ip c chain pre and table ip d chain pre share hook prerouting priority -140; "
+            "they run in registration order, which the ruleset dump does not show, and the orders give this "
+            "flow different outcomes") in p.explain, p.explain
+
+
+def test_four_tied_mark_chains_are_followed_and_five_are_too_many() -> None:
+    """Four mangle chains at -150 all setting mark 1: 24 orders, all followed, all leave 1: the
+    masquerade of mark 1 binds. Five: 120 orders, more than the 24 followed: the marks are unknown,
+    said so, and so is the SNAT."""
+    four = NatRuleset((*(mangle(t, -150, 1) for t in "abcd"), masquerade_mark(1)), marks_known=True)
+    assert predict(four, FIB, udp()).snat == frozenset({MASQ_UP1})
+    five = NatRuleset((*(mangle(t, -150, 1) for t in "abcde"), masquerade_mark(1)), marks_known=True)
+    p = predict(five, FIB, udp())
+    assert isinstance(p.snat, Unknown)
+    names = " and ".join(f"table ip {t} chain pre" for t in "abcde")
+    assert (f"marks at prerouting unknown: {names} share hook prerouting priority -150: too many orders to "
+            "follow") in p.explain, p.explain
+
+
+def test_unknown_matches_in_tied_mark_chains_are_followed_in_each_order() -> None:
+    """a (-150): ``xt match u32 meta mark set 1``; b (-150): ``meta mark set 1``. In either order and
+    whatever the match says, the mark leaves as 1: the masquerade of mark 1 binds."""
+    odd = UnknownMatch("xt match u32", "xt match u32")
+    a = Chain("ip", "a", "pre", (Rule(5, (odd, MarkSet(1, FULL, "meta mark set 1"))),), Hook.PREROUTING, -150,
+              "filter", "accept")
+    rs = NatRuleset((a, mangle("b", -150, 1), masquerade_mark(1)), marks_known=True)
+    assert predict(rs, FIB, udp()).snat == frozenset({MASQ_UP1})
