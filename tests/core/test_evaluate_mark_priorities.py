@@ -25,11 +25,13 @@ over the gateway of ``test_evaluate_breadth``: a flow from lan 10.0.1.2 to
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import ip_address
 
-from test_evaluate_breadth import FIB, MASQ_UP1, udp
+from test_evaluate_breadth import FIB, MASQ_UP1, TOPOLOGY, udp
 
 from topowatch.core.evaluate import predict
+from topowatch.core.fib import Fib
 from topowatch.core.flow import NO_NAT, NatKind, Unknown
 from topowatch.core.nat import (
     Chain,
@@ -160,3 +162,25 @@ def test_an_iptables_match_in_a_postrouting_mark_chain_is_evaluated() -> None:
     new = CtStateMatch(frozenset({"NEW"}), False, "-m conntrack --ctstate NEW")
     p = predict(rs(set_mark("m", Hook.POSTROUTING, -150, 1, new), masquerade_mark(1)), FIB, udp())
     assert p.snat == frozenset({MASQ_UP1})
+
+
+def test_rt_ipsec_in_a_postrouting_mark_chain_is_evaluated() -> None:
+    """``rt ipsec missing meta mark set 1`` in a postrouting filter chain at 0, xfrm read and no
+    policy: the route has no bundle, the mark is 1 and the masquerade of mark 1 (nat at 100) binds."""
+    clear = Match(Selector(Key.RT_IPSEC, "rt ipsec"), Op.EQ, IntervalSet(((0, 0),)), "rt ipsec missing")
+    fib = Fib(replace(TOPOLOGY, xfrm_known=True))
+    p = predict(rs(set_mark("m", Hook.POSTROUTING, 0, 1, clear), masquerade_mark(1)), fib, udp())
+    assert p.snat == frozenset({MASQ_UP1})
+
+
+def test_a_nat_statement_in_a_mark_chain_is_not_modelled() -> None:
+    """``dnat to 10.0.1.50`` in a prerouting filter chain (nft refuses it: NAT needs a nat chain; a
+    ruleset read otherwise): the marks it leaves are unknown, explained by the rule, and the flow's
+    masquerade of mark 1 unknown."""
+    to = (ip_address("10.0.1.50"), ip_address("10.0.1.50"))
+    odd = Chain("ip", "f", "m", (Rule(5, (NatStatement(NatKind.DNAT, "dnat to 10.0.1.50", addr=to),)),),
+                Hook.PREROUTING, -150, "filter", "accept")
+    p = predict(rs(odd, masquerade_mark(1)), FIB, udp())
+    assert isinstance(p.snat, Unknown)
+    assert ("marks at prerouting unknown: table ip f chain m handle 5: dnat to 10.0.1.50: dnat in a prerouting "
+            "chain") in p.explain, p.explain
