@@ -32,10 +32,11 @@ from test_evaluate_breadth import FIB, MASQ_UP1, TOPOLOGY, udp
 
 from topowatch.core.evaluate import predict
 from topowatch.core.fib import Fib
-from topowatch.core.flow import NO_NAT, NatKind, Unknown
+from topowatch.core.flow import NO_NAT, Binding, NatKind, Unknown
 from topowatch.core.nat import (
     Chain,
     CtStateMatch,
+    CtStatusMatch,
     Hook,
     IntervalSet,
     Key,
@@ -47,6 +48,8 @@ from topowatch.core.nat import (
     Rule,
     Selector,
     UnknownMatch,
+    Verdict,
+    VerdictKind,
 )
 
 FULL = 0xFFFFFFFF
@@ -184,3 +187,29 @@ def test_a_nat_statement_in_a_mark_chain_is_not_modelled() -> None:
     assert isinstance(p.snat, Unknown)
     assert ("marks at prerouting unknown: table ip f chain m handle 5: dnat to 10.0.1.50: dnat in a prerouting "
             "chain") in p.explain, p.explain
+
+
+def test_a_new_flow_at_prerouting_has_no_dst_nat_bit() -> None:
+    """``ct status dnat accept`` then ``dnat to 10.0.1.50`` at prerouting: the DST_NAT bit is set by
+    the NAT binding itself (``nf_nat_setup_info``), so a new flow's first packet does not have it
+    before: the accept is not taken, the DNAT binds."""
+    dnat_bit = CtStatusMatch(frozenset({"DST_NAT"}), False, "ct status dnat")
+    to = (ip_address("10.0.1.50"), ip_address("10.0.1.50"))
+    pre = Chain("ip", "nat", "pre", (Rule(5, (dnat_bit, Verdict(VerdictKind.ACCEPT))),
+                                     Rule(6, (NatStatement(NatKind.DNAT, "dnat to 10.0.1.50", addr=to),))),
+                Hook.PREROUTING, -100, "nat", "accept")
+    p = predict(rs(pre), FIB, udp())
+    assert p.dnat == frozenset({Binding(NatKind.DNAT, to[0], to[1])})
+
+
+def test_marks_left_unknown_leave_the_conntrack_mark_unknown_too() -> None:
+    """A prerouting filter chain sets the conntrack mark to 1 after a match not modelled; postrouting
+    masquerades ``ct mark 1``: whether the entry's mark is 1 or still 0 is not known, so neither is
+    the masquerade (not "no NAT", as a ct mark left at 0 would say)."""
+    odd = UnknownMatch("xt match u32", "xt match u32")
+    setter = Chain("ip", "f", "m", (Rule(5, (odd, MarkSet(1, FULL, "ct mark set 1", ct=True))),),
+                   Hook.PREROUTING, -150, "filter", "accept")
+    ctmark = Match(Selector(Key.CT_MARK, "ct mark"), Op.EQ, IntervalSet(((1, 1),)), "ct mark 1")
+    post = Chain("ip", "nat", "post", (Rule(9, (ctmark, MASQ)),), Hook.POSTROUTING, 100, "nat", "accept")
+    p = predict(rs(setter, post), FIB, udp())
+    assert isinstance(p.snat, Unknown), p.snat
