@@ -1,0 +1,140 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Whole predictions of the paths a flow may take: what the admin reads, the rules named, the alternatives.
+
+The kernel behaviour each expectation is worked from:
+
+- A mark chain whose priority lies between two nat chains of a hook runs
+  between them: the marks the later NAT sees depend on it, the earlier's do
+  not; the model does not split a hook so and says the flow is unknown.
+- A drop in a filter chain at prerouting (-150) ends the packet before the
+  nat chains (-100): no NAT, no route, and the rule that dropped is named.
+- A DNAT to a range picks one address of it (``nf_nat_range``); a range of
+  more than 64 addresses is not routed one by one: the SNAT side and the
+  egress are unknown, the DNAT itself known.
+- A forwarded packet meets forward's filter chains after routing and before
+  postrouting: a drop there means no SNAT, named as dropped before
+  postrouting's NAT; the egress (routed) stays.
+- A multipath route: each path is its own alternative; a SNAT unknown on one
+  path leaves the others known.
+
+Chains are built by hand over the fake FIB of ``test_evaluate`` (lan is
+10.0.0.0/8, 8.8.8.8 goes by up1, 192.0.2.0/24 by up1 or up2).
+"""
+
+from __future__ import annotations
+
+from ipaddress import ip_address
+
+from test_evaluate import LAN_IN, UP1, UP2, FakeFib, b, udp
+
+from topowatch.core.evaluate import predict
+from topowatch.core.flow import NO_NAT, NatKind, Prediction, RuleRef, Unknown
+from topowatch.core.nat import (
+    Chain,
+    Hook,
+    IntervalSet,
+    Key,
+    MarkSet,
+    Match,
+    NameSet,
+    NatRuleset,
+    NatStatement,
+    Op,
+    Rule,
+    Selector,
+    UnknownMatch,
+    Verdict,
+    VerdictKind,
+)
+
+DPORT = Selector(Key.DPORT, "udp dport", proto=17)
+OIFNAME = Selector(Key.OIFNAME, "oifname")
+DNS = Match(DPORT, Op.EQ, IntervalSet(((53, 53),)), "udp dport 53")
+MASQ = NatStatement(NatKind.MASQUERADE, "masquerade")
+DROP = Verdict(VerdictKind.DROP)
+
+
+def dnat(lo: str, hi: str | None = None) -> NatStatement:
+    text = f"dnat to {lo}" + (f"-{hi}" if hi else "")
+    return NatStatement(NatKind.DNAT, text, addr=(ip_address(lo), ip_address(hi or lo)))
+
+
+def rs(*chains: Chain) -> NatRuleset:
+    return NatRuleset(chains, marks_known=True)
+
+
+def test_a_mark_chain_between_two_prerouting_nat_chains_leaves_the_flow_unknown() -> None:
+    a = Chain("ip", "a", "pre", (Rule(5, (DNS, dnat("10.0.0.7"))),), Hook.PREROUTING, -100, "nat", "accept")
+    z = Chain("ip", "z", "pre", (Rule(6, (dnat("10.0.0.8"),)),), Hook.PREROUTING, 0, "nat", "accept")
+    m = Chain("ip", "f", "m", (Rule(7, (MarkSet(1, 0xFFFFFFFF, "meta mark set 1"),)),), Hook.PREROUTING, -50,
+              "filter", "accept")
+    unknown = Unknown("table ip f chain m: a mark chain between nat chains at prerouting")
+    assert predict(rs(a, z, m), FakeFib(), udp()) == Prediction(unknown, unknown, unknown, LAN_IN)
+
+
+def test_a_drop_in_a_prerouting_filter_chain_is_the_whole_prediction() -> None:
+    m = Chain("ip", "f", "m", (Rule(7, (DNS, DROP)),), Hook.PREROUTING, -150, "filter", "accept")
+    post = Chain("ip", "nat", "post", (Rule(8, (MASQ,)),), Hook.POSTROUTING, 100, "nat", "accept")
+    p = predict(rs(m, post), FakeFib(), udp())
+    assert p == Prediction(frozenset(), frozenset(), (), LAN_IN, ("dropped at prerouting: table ip f chain m handle 7: "
+                                                                  "udp dport 53 drop",),
+                           rules=(RuleRef("table ip f chain m", 7, "udp dport 53 drop"),))
+
+
+def test_a_dnat_to_more_addresses_than_are_routed_one_by_one() -> None:
+    """``dnat to 10.0.0.0-10.0.0.255``: 256 addresses, more than 64."""
+    pre = Chain("ip", "nat", "pre", (Rule(5, (dnat("10.0.0.0", "10.0.0.255"),)),), Hook.PREROUTING, -100, "nat",
+                "accept")
+    p = predict(rs(pre), FakeFib(), udp())
+    unknown = Unknown("dnat to 10.0.0.0-10.0.0.255: too many addresses to route one by one")
+    assert p == Prediction(frozenset({b(NatKind.DNAT, "10.0.0.0", "10.0.0.255")}), unknown, unknown, LAN_IN,
+                           ("dnat: table ip nat chain pre handle 5: dnat to 10.0.0.0-10.0.0.255",),
+                           rules=(RuleRef("table ip nat chain pre", 5, "dnat to 10.0.0.0-10.0.0.255"),))
+
+
+def test_a_drop_in_forward_is_explained_before_postroutings_nat() -> None:
+    fwd = Chain("ip", "f", "fwd", (Rule(7, (DNS, MarkSet(1, 0xFFFFFFFF, "meta mark set 1"), DROP)),), Hook.FORWARD, 0,
+                "filter", "accept")
+    post = Chain("ip", "nat", "post", (Rule(8, (MASQ,)),), Hook.POSTROUTING, 100, "nat", "accept")
+    p = predict(rs(fwd, post), FakeFib(), udp())
+    where = "table ip f chain fwd handle 7: udp dport 53 meta mark set 1 drop"
+    assert p == Prediction(frozenset({NO_NAT}), frozenset(), (UP1,), LAN_IN,
+                           ("dnat: no nat rule bound (null binding)", f"dropped before postrouting nat: {where}"),
+                           rules=(RuleRef("table ip f chain fwd", 7, "udp dport 53 meta mark set 1 drop"),))
+
+
+def test_a_drop_in_a_postrouting_nat_chain_is_named() -> None:
+    post = Chain("ip", "nat", "post", (Rule(8, (DNS, DROP)), Rule(9, (MASQ,))), Hook.POSTROUTING, 100, "nat",
+                 "accept")
+    p = predict(rs(post), FakeFib(), udp())
+    assert p == Prediction(frozenset({NO_NAT}), frozenset(), (UP1,), LAN_IN,
+                           ("dnat: no nat rule bound (null binding)",
+                            "dropped at postrouting: table ip nat chain post handle 8: udp dport 53 drop"),
+                           rules=(RuleRef("table ip nat chain post", 8, "udp dport 53 drop"),))
+
+
+def test_a_snat_unknown_on_one_path_of_a_multipath_route() -> None:
+    """192.0.2.9 goes by up1 or up2; ``oifname "up1" <unmodelled> accept``, then ``masquerade``:
+    via up1 accepted or masqueraded (unknown), via up2 masqueraded. Each path an alternative, the SNAT side unknown (the
+    first unknown path's reason), the egresses both."""
+    odd = UnknownMatch("xt match u32", "xt match u32")
+    up1 = Match(OIFNAME, Op.EQ, NameSet(frozenset({"up1"})), 'oifname "up1"')
+    post = Chain("ip", "nat", "post", (Rule(8, (up1, odd, Verdict(VerdictKind.ACCEPT))), Rule(9, (MASQ,))), Hook.POSTROUTING, 100, "nat",
+                 "accept")
+    p = predict(rs(post), FakeFib(), udp(dst="192.0.2.9"))
+    where = 'table ip nat chain post handle 8: oifname "up1" xt match u32 accept'
+    rule8 = RuleRef("table ip nat chain post", 8, 'oifname "up1" xt match u32 accept')
+    via_up1 = Unknown(f"snat unknown via {UP1.describe()}: {where}: unmodelled expression: xt match u32", rule8)
+    masq2 = b(NatKind.MASQUERADE, "198.51.100.7")
+    explain = ("dnat: no nat rule bound (null binding)",
+               f"snat via {UP2.describe()}: table ip nat chain post handle 9: masquerade (to 198.51.100.7 via "
+               f"{UP2.describe()})")
+    rule9 = RuleRef("table ip nat chain post", 9, "masquerade")
+    assert p.snat == via_up1
+    assert p.egress == (UP1, UP2)
+    assert p.explain == explain
+    assert p.rules == (rule9,)
+    assert p.alternatives == (
+        Prediction(frozenset({NO_NAT}), via_up1, (UP1,), LAN_IN, explain, rules=(rule9,)),
+        Prediction(frozenset({NO_NAT}), frozenset({masq2}), (UP2,), LAN_IN, explain, rules=(rule9,)),
+    )
