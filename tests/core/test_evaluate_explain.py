@@ -138,3 +138,45 @@ def test_a_snat_unknown_on_one_path_of_a_multipath_route() -> None:
         Prediction(frozenset({NO_NAT}), via_up1, (UP1,), LAN_IN, explain, rules=(rule9,)),
         Prediction(frozenset({NO_NAT}), frozenset({masq2}), (UP2,), LAN_IN, explain, rules=(rule9,)),
     )
+
+
+def test_eight_orders_are_followed_as_alternatives_and_named() -> None:
+    """Ties of two nat chains (a, b) at prerouting, postrouting and input: 2**3 = 8 orders, all
+    followed (at most 8 are). Only postrouting's tie matters (a SNATs to 192.0.2.2, b to
+    192.0.2.1; the others only count): each order an alternative, the SNAT side their union,
+    and the explanation names the three ties in hook order."""
+    from test_evaluate import SNAT_X, SNAT_Y, C, post, snat
+    from test_evaluate import ruleset as nft
+
+    counter = [{"counter": {"packets": 0, "bytes": 0}}]
+    chains = [C(name, [counter], hook=name, prio=prio, table=t)
+              for t in ("a", "b") for name, prio in (("prerouting", -100), ("input", 100))]
+    p = predict(nft(*chains, post([snat("192.0.2.2")], table="a"), post([snat("192.0.2.1")], table="b")),
+                FakeFib(), udp())
+    assert p.snat == frozenset({SNAT_X, SNAT_Y})
+    assert len(p.alternatives) == 8
+    ties = [f"table ip a chain {n} and table ip b chain {n} share hook {n} priority {prio}"
+            for n, prio in (("prerouting", -100), ("postrouting", 100), ("input", 100))]
+    assert p.explain[0] == f"{'; '.join(ties)}: their order is not known, each is followed"
+
+
+def test_a_netfilter_reverse_path_drop_pins_the_input_interface() -> None:
+    """rp_filter off everywhere, but the ruleset drops what fails ``fib saddr . iif oif missing``
+    (``rpfilter`` for IPv4): a packet from 10.0.1.2 is kept only where it entered on lan, the
+    reverse path. ``iifname "lan" masquerade`` then binds, for that one ingress."""
+    from dataclasses import replace
+
+    from test_evaluate_breadth import MASQ_UP1, TOPOLOGY
+    from test_evaluate_breadth import udp as gw_udp
+
+    from topowatch.core.fib import Fib
+    from topowatch.core.flow import Ingress
+    from topowatch.core.model import AF_INET, Netconf
+
+    fib = Fib(replace(TOPOLOGY, netconf=(Netconf("all", 0),), netconf_known=True))
+    lan = Match(Selector(Key.IIFNAME, "iifname"), Op.EQ, NameSet(frozenset({"lan"})), 'iifname "lan"')
+    post = Chain("ip", "nat", "post", (Rule(8, (lan, MASQ)),), Hook.POSTROUTING, 100, "nat", "accept")
+    rs = NatRuleset((post,), marks_known=True, rpfilter=frozenset({AF_INET}))
+    p = predict(rs, fib, gw_udp())
+    assert p.ingress == Ingress(2, "lan")
+    assert p.snat == frozenset({MASQ_UP1})
