@@ -180,3 +180,28 @@ def test_a_netfilter_reverse_path_drop_pins_the_input_interface() -> None:
     p = predict(rs, fib, gw_udp())
     assert p.ingress == Ingress(2, "lan")
     assert p.snat == frozenset({MASQ_UP1})
+
+
+def test_the_candidate_input_interfaces_are_named_eight_at_most() -> None:
+    """rp_filter off: a packet from 10.0.1.2 may have entered on any interface that is up (not lo).
+    The prediction's ingress names them: eight by name, more counted ("and 1 more")."""
+    from ipaddress import ip_network
+
+    from test_evaluate_breadth import udp as gw_udp
+
+    from topowatch.core.fib import Fib
+    from topowatch.core.model import Address, Link, Netconf, Nexthop, Route, Topology
+
+    def named(n: int) -> str:
+        links = (Link(1, "lo"), *(Link(2 + i, f"n{i}") for i in range(n)))
+        addresses = (Address(1, ip_address("127.0.0.1"), 8, scope=254),
+                     *(Address(2 + i, ip_address(f"10.{i}.0.1"), 24) for i in range(n)))
+        routes = (*(Route(ip_network(f"10.{i}.0.0/24"), nexthops=(Nexthop(2 + i),)) for i in range(n)),
+                  Route(ip_network("0.0.0.0/0"), nexthops=(Nexthop(2, ip_address("10.0.0.254")),)))
+        fib = Fib(Topology(links, addresses, routes, netconf=(Netconf("all", 0),), netconf_known=True))
+        p = predict(NatRuleset((), marks_known=True), fib, gw_udp(src="10.0.0.2", dst="192.0.2.10"))
+        assert isinstance(p.ingress, Unknown)
+        return p.ingress.reason
+
+    assert named(8) == "any of n0, n1, n2, n3, n4, n5, n6, n7 (rp_filter 0 (off))"
+    assert named(9) == "any of n0, n1, n2, n3, n4, n5, n6, n7 and 1 more (rp_filter 0 (off))"
