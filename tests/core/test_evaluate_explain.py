@@ -205,3 +205,25 @@ def test_the_candidate_input_interfaces_are_named_eight_at_most() -> None:
 
     assert named(8) == "any of n0, n1, n2, n3, n4, n5, n6, n7 (rp_filter 0 (off))"
     assert named(9) == "any of n0, n1, n2, n3, n4, n5, n6, n7 and 1 more (rp_filter 0 (off))"
+
+
+def test_chain_orders_are_followed_whatever_the_input_interface() -> None:
+    """rp_filter off (the flow may have entered on lan, up1 or up2; no rule reads which) and two
+    postrouting nat chains at 100, a SNATing to 192.0.2.2 and b to 192.0.2.1: each order is an
+    alternative, whichever interface the flow came in on: the SNAT side is both."""
+    from dataclasses import replace
+
+    from test_evaluate_breadth import TOPOLOGY, B
+    from test_evaluate_breadth import udp as gw_udp
+
+    from topowatch.core.fib import Fib
+    from topowatch.core.model import Netconf
+
+    fib = Fib(replace(TOPOLOGY, netconf=(Netconf("all", 0),), netconf_known=True))
+    chains = tuple(Chain("ip", t, "post", (Rule(8, (NatStatement(NatKind.SNAT, f"snat to {a}", addr=(ip_address(a),
+                                                                                                    ip_address(a))),)),),
+                         Hook.POSTROUTING, 100, "nat", "accept") for t, a in (("a", "192.0.2.2"), ("b", "192.0.2.1")))
+    p = predict(NatRuleset(chains, marks_known=True), fib, gw_udp())
+    assert isinstance(p.ingress, Unknown)
+    assert p.snat == frozenset({B(NatKind.SNAT, "192.0.2.1"), B(NatKind.SNAT, "192.0.2.2")})
+    assert len(p.alternatives) == 2
