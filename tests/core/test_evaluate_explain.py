@@ -23,12 +23,15 @@ Chains are built by hand over the fake FIB of ``test_evaluate`` (lan is
 
 from __future__ import annotations
 
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 
 from test_evaluate import LAN_IN, UP1, UP2, FakeFib, b, udp
+from test_evaluate_breadth import udp as gw_udp
 
 from topowatch.core.evaluate import predict
+from topowatch.core.fib import Fib
 from topowatch.core.flow import NO_NAT, NatKind, Prediction, RuleRef, Unknown
+from topowatch.core.model import Address, Link, Netconf, Nexthop, Route, Topology
 from topowatch.core.nat import (
     Chain,
     Hook,
@@ -182,29 +185,47 @@ def test_a_netfilter_reverse_path_drop_pins_the_input_interface() -> None:
     assert p.snat == frozenset({MASQ_UP1})
 
 
+def open_fib(n: int, multipath: bool = False) -> Fib:
+    """n interfaces n0.. (10.<i>.0.1/24; default via n0, or via n0 and n1), rp_filter off: a packet
+    from 10.0.0.2 may have entered on any of them (all up, none lo)."""
+    links = (Link(1, "lo"), *(Link(2 + i, f"n{i}") for i in range(n)))
+    addresses = (Address(1, ip_address("127.0.0.1"), 8, scope=254),
+                 *(Address(2 + i, ip_address(f"10.{i}.0.1"), 24) for i in range(n)))
+    routes = (*(Route(ip_network(f"10.{i}.0.0/24"), nexthops=(Nexthop(2 + i),)) for i in range(n)),
+              Route(ip_network("0.0.0.0/0"), nexthops=(Nexthop(2, ip_address("10.0.0.254")),
+                                                        *((Nexthop(3, ip_address("10.1.0.254")),) if multipath else ()))))
+    return Fib(Topology(links, addresses, routes, netconf=(Netconf("all", 0),), netconf_known=True))
+
+
+FROM_N0 = gw_udp(src="10.0.0.2", dst="192.0.2.10")
+
+
 def test_the_candidate_input_interfaces_are_named_eight_at_most() -> None:
-    """rp_filter off: a packet from 10.0.1.2 may have entered on any interface that is up (not lo).
-    The prediction's ingress names them: eight by name, more counted ("and 1 more")."""
-    from ipaddress import ip_network
-
-    from test_evaluate_breadth import udp as gw_udp
-
-    from topowatch.core.fib import Fib
-    from topowatch.core.model import Address, Link, Netconf, Nexthop, Route, Topology
+    """The prediction's ingress names the candidates: eight by name, more counted ("and 1 more")."""
 
     def named(n: int) -> str:
-        links = (Link(1, "lo"), *(Link(2 + i, f"n{i}") for i in range(n)))
-        addresses = (Address(1, ip_address("127.0.0.1"), 8, scope=254),
-                     *(Address(2 + i, ip_address(f"10.{i}.0.1"), 24) for i in range(n)))
-        routes = (*(Route(ip_network(f"10.{i}.0.0/24"), nexthops=(Nexthop(2 + i),)) for i in range(n)),
-                  Route(ip_network("0.0.0.0/0"), nexthops=(Nexthop(2, ip_address("10.0.0.254")),)))
-        fib = Fib(Topology(links, addresses, routes, netconf=(Netconf("all", 0),), netconf_known=True))
-        p = predict(NatRuleset((), marks_known=True), fib, gw_udp(src="10.0.0.2", dst="192.0.2.10"))
+        p = predict(NatRuleset((), marks_known=True), open_fib(n), FROM_N0)
         assert isinstance(p.ingress, Unknown)
         return p.ingress.reason
 
     assert named(8) == "any of n0, n1, n2, n3, n4, n5, n6, n7 (rp_filter 0 (off))"
     assert named(9) == "any of n0, n1, n2, n3, n4, n5, n6, n7 and 1 more (rp_filter 0 (off))"
+
+
+def test_64_candidate_input_interfaces_are_followed_and_65_are_too_many() -> None:
+    """``iifname "n0" masquerade`` reads the input interface: each of 64 candidates is evaluated
+    (masqueraded from n0, not from the others: both); 65 are more than are followed one by one:
+    every side unknown, saying how many, the ingress naming them."""
+    n0 = Match(Selector(Key.IIFNAME, "iifname"), Op.EQ, NameSet(frozenset({"n0"})), 'iifname "n0"')
+    rs = NatRuleset((Chain("ip", "nat", "post", (Rule(8, (n0, MASQ)),), Hook.POSTROUTING, 100, "nat", "accept"),),
+                    marks_known=True)
+    p = predict(rs, open_fib(64), FROM_N0)
+    assert p.snat == frozenset({NO_NAT, b(NatKind.MASQUERADE, "10.0.0.1")})
+    assert len(p.alternatives) == 64
+    p = predict(rs, open_fib(65), FROM_N0)
+    ingress = Unknown("any of n0, n1, n2, n3, n4, n5, n6, n7 and 57 more (rp_filter 0 (off))")
+    unknown = Unknown("the input interface matters and may be any of 65")
+    assert p == Prediction(unknown, unknown, unknown, ingress)
 
 
 def test_chain_orders_are_followed_whatever_the_input_interface() -> None:
@@ -227,3 +248,14 @@ def test_chain_orders_are_followed_whatever_the_input_interface() -> None:
     assert isinstance(p.ingress, Unknown)
     assert p.snat == frozenset({B(NatKind.SNAT, "192.0.2.1"), B(NatKind.SNAT, "192.0.2.2")})
     assert len(p.alternatives) == 2
+    assert [a.ingress for a in p.alternatives] == [p.ingress, p.ingress]
+
+
+def test_each_path_of_a_flow_from_any_interface_keeps_the_unknown_ingress() -> None:
+    """rp_filter off (n0, n1 or n2), nothing reads the input interface, the default route multipath
+    (n0, n1): one prediction, each path an alternative, and every alternative says the ingress is
+    any of the three (not the first candidate's)."""
+    p = predict(NatRuleset((), marks_known=True), open_fib(3, multipath=True), FROM_N0)
+    assert p.ingress == Unknown("any of n0, n1, n2 (rp_filter 0 (off))")
+    assert [(a.egress[0].oifname, a.ingress) for a in p.alternatives] == [  # type: ignore[index]
+        ("n0", p.ingress), ("n1", p.ingress)]
