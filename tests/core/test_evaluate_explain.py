@@ -222,6 +222,7 @@ def test_64_candidate_input_interfaces_are_followed_and_65_are_too_many() -> Non
     p = predict(rs, open_fib(64), FROM_N0)
     assert p.snat == frozenset({NO_NAT, b(NatKind.MASQUERADE, "10.0.0.1")})
     assert len(p.alternatives) == 64
+    assert [e.oifname for e in p.egress] == ["n0"]  # type: ignore[union-attr]
     p = predict(rs, open_fib(65), FROM_N0)
     ingress = Unknown("any of n0, n1, n2, n3, n4, n5, n6, n7 and 57 more (rp_filter 0 (off))")
     unknown = Unknown("the input interface matters and may be any of 65")
@@ -259,3 +260,36 @@ def test_each_path_of_a_flow_from_any_interface_keeps_the_unknown_ingress() -> N
     assert p.ingress == Unknown("any of n0, n1, n2 (rp_filter 0 (off))")
     assert [(a.egress[0].oifname, a.ingress) for a in p.alternatives] == [  # type: ignore[index]
         ("n0", p.ingress), ("n1", p.ingress)]
+
+
+def test_chain_orders_and_input_interfaces_together() -> None:
+    """``iifname "n0" snat to 192.0.2.9`` in a postrouting chain at 50, then two chains at 100 SNATing
+    to 192.0.2.2 (a) and 192.0.2.1 (b); rp_filter off (n0, n1, n2). From n0 192.0.2.9; from n1 or n2
+    either of the others, by the chains' order: the SNAT side is all three, never unknown."""
+    n0 = Match(Selector(Key.IIFNAME, "iifname"), Op.EQ, NameSet(frozenset({"n0"})), 'iifname "n0"')
+    to9 = NatStatement(NatKind.SNAT, "snat to 192.0.2.9", addr=(ip_address("192.0.2.9"), ip_address("192.0.2.9")))
+    first = Chain("ip", "f", "post", (Rule(7, (n0, to9)),), Hook.POSTROUTING, 50, "nat", "accept")
+    ties = tuple(Chain("ip", t, "post", (Rule(8, (NatStatement(NatKind.SNAT, f"snat to {a}",
+                                                               addr=(ip_address(a), ip_address(a))),)),),
+                       Hook.POSTROUTING, 100, "nat", "accept") for t, a in (("a", "192.0.2.2"), ("b", "192.0.2.1")))
+    p = predict(NatRuleset((first, *ties), marks_known=True), open_fib(3), FROM_N0)
+    assert p.snat == frozenset({b(NatKind.SNAT, "192.0.2.9"), b(NatKind.SNAT, "192.0.2.1"), b(NatKind.SNAT, "192.0.2.2")})
+
+
+def test_an_egress_unknown_for_one_input_interface_names_it() -> None:
+    """``ip rule iif n1 ipproto udp lookup 100`` (ipproto not modelled) and ``iifname "n0"
+    masquerade``: arriving on n1 the route is unknown, so the egress is, saying where it arrived."""
+    from topowatch.core.model import AF_INET, TABLE_LOCAL, TABLE_MAIN, PolicyRule
+
+    base = open_fib(3).topology
+    rules = (PolicyRule(AF_INET, 0, table=TABLE_LOCAL),
+             PolicyRule(AF_INET, 100, table=100, iifname="n1", unmodelled=("ipproto",)),
+             PolicyRule(AF_INET, 32766, table=TABLE_MAIN))
+    n0 = Match(Selector(Key.IIFNAME, "iifname"), Op.EQ, NameSet(frozenset({"n0"})), 'iifname "n0"')
+    rs = NatRuleset((Chain("ip", "nat", "post", (Rule(8, (n0, MASQ)),), Hook.POSTROUTING, 100, "nat", "accept"),),
+                    marks_known=True)
+    from dataclasses import replace
+
+    p = predict(rs, Fib(replace(base, rules=rules)), FROM_N0)
+    assert isinstance(p.egress, Unknown)
+    assert p.egress.reason.startswith("arriving on n1: route after dnat unknown: "), p.egress.reason
