@@ -223,6 +223,8 @@ def test_64_candidate_input_interfaces_are_followed_and_65_are_too_many() -> Non
     assert p.snat == frozenset({NO_NAT, b(NatKind.MASQUERADE, "10.0.0.1")})
     assert len(p.alternatives) == 64
     assert [e.oifname for e in p.egress] == ["n0"]  # type: ignore[union-attr]
+    assert p.dnat == frozenset({NO_NAT})
+    assert p.rules == (RuleRef("table ip nat chain post", 8, 'iifname "n0" masquerade'),)
     p = predict(rs, open_fib(65), FROM_N0)
     ingress = Unknown("any of n0, n1, n2, n3, n4, n5, n6, n7 and 57 more (rp_filter 0 (off))")
     unknown = Unknown("the input interface matters and may be any of 65")
