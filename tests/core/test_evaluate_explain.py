@@ -30,8 +30,8 @@ from test_evaluate_breadth import udp as gw_udp
 
 from topowatch.core.evaluate import predict
 from topowatch.core.fib import Fib
-from topowatch.core.flow import NO_NAT, NatKind, Prediction, RuleRef, Unknown
-from topowatch.core.model import Address, Link, Netconf, Nexthop, Route, Topology
+from topowatch.core.flow import NO_NAT, Flow, NatKind, Prediction, RuleRef, Unknown
+from topowatch.core.model import AF_INET, Address, Link, Netconf, Nexthop, Route, Topology
 from topowatch.core.nat import (
     Chain,
     Hook,
@@ -295,3 +295,44 @@ def test_an_egress_unknown_for_one_input_interface_names_it() -> None:
     p = predict(rs, Fib(replace(base, rules=rules)), FROM_N0)
     assert isinstance(p.egress, Unknown)
     assert p.egress.reason.startswith("arriving on n1: route after dnat unknown: "), p.egress.reason
+
+
+def test_two_mark_chains_between_prerouting_nat_chains_are_both_named() -> None:
+    a = Chain("ip", "a", "pre", (Rule(5, (DNS, dnat("10.0.0.7"))),), Hook.PREROUTING, -100, "nat", "accept")
+    z = Chain("ip", "z", "pre", (Rule(6, (dnat("10.0.0.8"),)),), Hook.PREROUTING, 0, "nat", "accept")
+    marks = tuple(Chain("ip", "f", name, (Rule(7, (MarkSet(1, 0xFFFFFFFF, "meta mark set 1"),)),), Hook.PREROUTING,
+                        prio, "filter", "accept") for name, prio in (("m1", -60), ("m2", -50)))
+    unknown = Unknown("table ip f chain m1, table ip f chain m2: a mark chain between nat chains at prerouting")
+    assert predict(rs(a, z, *marks), FakeFib(), udp()) == Prediction(unknown, unknown, unknown, LAN_IN)
+
+
+def test_a_socket_mark_not_known_is_followed_in_each_chain_order() -> None:
+    """The gateway of ``test_marks`` (``fwmark 0x200`` routes by up2): a local flow's socket mark is
+    not in the entry, so 0x200 and a mark of no rule are followed, and the explanation says so.
+    With two postrouting nat chains at 100 (a SNATs to 100.64.0.2, b to 100.64.0.1) each order is
+    followed for each mark: the SNAT side is both, not unknown."""
+    from test_marks import FIB as MARK_FIB
+    from test_marks import POST, chain
+    from test_marks import ruleset as nft
+
+    local = Flow(AF_INET, 17, ip_address("100.64.0.1"), ip_address("198.18.0.7"), 5000, 53)
+    p = predict(nft(POST), MARK_FIB, local)
+    assert p.explain[0] == "the socket's mark is not known: each mark the policy rules tell apart is followed"
+    ties = [chain("post", "postrouting", 100, [[{"snat": {"addr": a}}]], kind="nat", table=t)
+            for t, a in (("a", "100.64.0.2"), ("b", "100.64.0.1"))]
+    p = predict(nft(*ties), MARK_FIB, local)
+    assert p.snat == frozenset({b(NatKind.SNAT, "100.64.0.1"), b(NatKind.SNAT, "100.64.0.2")})
+
+
+def test_a_ct_mark_not_zero_in_an_entry_of_a_partial_ruleset_is_unknown_at_nat() -> None:
+    """Not every chain that may set a mark is read (``marks_known`` false): an entry whose ct mark
+    is 5 may have had it set before its NAT or after, so ``ct mark 0 masquerade`` is unknown for it;
+    an entry whose ct mark is 0 had 0 all along (a new entry starts at 0): masqueraded."""
+    from test_evaluate_breadth import FIB as GW_FIB
+    from test_evaluate_breadth import MASQ_UP1
+
+    zero = Match(Selector(Key.CT_MARK, "ct mark"), Op.EQ, IntervalSet(((0, 0),)), "ct mark 0")
+    post = Chain("ip", "nat", "post", (Rule(8, (zero, MASQ)),), Hook.POSTROUTING, 100, "nat", "accept")
+    partial = NatRuleset((post,), marks_known=False)
+    assert isinstance(predict(partial, GW_FIB, gw_udp(ct_mark=5)).snat, Unknown)
+    assert predict(partial, GW_FIB, gw_udp(ct_mark=0)).snat == frozenset({MASQ_UP1})
