@@ -213,3 +213,11 @@ def test_marks_left_unknown_leave_the_conntrack_mark_unknown_too() -> None:
     post = Chain("ip", "nat", "post", (Rule(9, (ctmark, MASQ)),), Hook.POSTROUTING, 100, "nat", "accept")
     p = predict(rs(setter, post), FIB, udp())
     assert isinstance(p.snat, Unknown), p.snat
+
+
+def test_an_iptables_match_in_a_prerouting_mark_chain_is_evaluated() -> None:
+    """``-m conntrack --ctstate NEW -j MARK --set-mark 1`` in prerouting mangle (-150): a first
+    packet is NEW, the mark is 1 and postrouting's masquerade of mark 1 binds."""
+    new = CtStateMatch(frozenset({"NEW"}), False, "-m conntrack --ctstate NEW")
+    p = predict(rs(set_mark("m", Hook.PREROUTING, -150, 1, new), masquerade_mark(1)), FIB, udp())
+    assert p.snat == frozenset({MASQ_UP1})

@@ -94,3 +94,25 @@ def test_the_ipsec_match_reads_the_route_made_with_the_mark_of_then(
     # where the ruleset holds every chain that sets one.
     for flow in (udp(packet_mark=0), udp()):
         assert predict(ruleset, FIB, flow).snat == expected, (where, flow)
+
+
+def test_outputs_mark_chains_see_the_route_the_socket_got_with_its_mark() -> None:
+    """A local flow from 10.0.1.1 with socket mark 5: its route (``ip_route_output_flow`` with the
+    socket's mark) is the tunnel's bundle. Output's route chain (-150) ``rt ipsec missing meta mark
+    set 0`` sees that route: the bundle is there, the mark stays 5, the re-route keeps the tunnel,
+    and postrouting's ``rt ipsec exists accept`` exempts it."""
+    items = [
+        {"table": {"family": "inet", "name": "t"}},
+        {"chain": {"family": "inet", "table": "t", "name": "post", "type": "nat", "hook": "postrouting",
+                   "prio": 100, "policy": "accept"}},
+        {"chain": {"family": "inet", "table": "t", "name": "out", "type": "route", "hook": "output",
+                   "prio": -150, "policy": "accept"}},
+        {"rule": {"family": "inet", "table": "t", "chain": "post", "handle": 2, "expr": [
+            {"match": {"op": "==", "left": {"rt": {"key": "ipsec"}}, "right": True}}, {"accept": None}]}},
+        {"rule": {"family": "inet", "table": "t", "chain": "post", "handle": 3, "expr": [{"masquerade": None}]}},
+        {"rule": {"family": "inet", "table": "t", "chain": "out", "handle": 4, "expr": [
+            {"match": {"op": "==", "left": {"rt": {"key": "ipsec"}}, "right": False}},
+            {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 0}}]}},
+    ]
+    local = udp(src="10.0.1.1", packet_mark=5)
+    assert predict(parse_ruleset_json({"nftables": items}), FIB, local).snat == EXEMPT
