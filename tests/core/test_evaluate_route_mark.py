@@ -116,3 +116,25 @@ def test_outputs_mark_chains_see_the_route_the_socket_got_with_its_mark() -> Non
     ]
     local = udp(src="10.0.1.1", packet_mark=5)
     assert predict(parse_ruleset_json({"nftables": items}), FIB, local).snat == EXEMPT
+
+
+def test_outputs_nat_chain_sees_the_route_outputs_mark_chains_left() -> None:
+    """A local flow from 10.0.1.1 with socket mark 5 (its route: the tunnel's bundle); output's nat
+    chain ``rt ipsec exists accept`` then ``dnat to 10.0.1.50``: the packet's route has the bundle,
+    the accept ends the chain before the DNAT, and postrouting exempts it."""
+    items = [
+        {"table": {"family": "inet", "name": "t"}},
+        {"chain": {"family": "inet", "table": "t", "name": "post", "type": "nat", "hook": "postrouting",
+                   "prio": 100, "policy": "accept"}},
+        {"chain": {"family": "inet", "table": "t", "name": "out", "type": "nat", "hook": "output",
+                   "prio": -100, "policy": "accept"}},
+        {"rule": {"family": "inet", "table": "t", "chain": "post", "handle": 2, "expr": [
+            {"match": {"op": "==", "left": {"rt": {"key": "ipsec"}}, "right": True}}, {"accept": None}]}},
+        {"rule": {"family": "inet", "table": "t", "chain": "post", "handle": 3, "expr": [{"masquerade": None}]}},
+        {"rule": {"family": "inet", "table": "t", "chain": "out", "handle": 4, "expr": [
+            {"match": {"op": "==", "left": {"rt": {"key": "ipsec"}}, "right": True}}, {"accept": None}]}},
+        {"rule": {"family": "inet", "table": "t", "chain": "out", "handle": 5, "expr": [
+            {"dnat": {"family": "ip", "addr": "10.0.1.50"}}]}},
+    ]
+    p = predict(parse_ruleset_json({"nftables": items}), FIB, udp(src="10.0.1.1", packet_mark=5))
+    assert (p.dnat, p.snat) == (EXEMPT, EXEMPT)
