@@ -336,3 +336,17 @@ def test_a_ct_mark_not_zero_in_an_entry_of_a_partial_ruleset_is_unknown_at_nat()
     partial = NatRuleset((post,), marks_known=False)
     assert isinstance(predict(partial, GW_FIB, gw_udp(ct_mark=5)).snat, Unknown)
     assert predict(partial, GW_FIB, gw_udp(ct_mark=0)).snat == frozenset({MASQ_UP1})
+
+
+def test_the_route_before_output_dnat_is_looked_up_with_the_sockets_mark() -> None:
+    """``fwmark 0x200`` routes by up2 (``test_marks``): a local flow whose socket mark is 0x200 is
+    routed by up2 before output's NAT, so ``oifname "up2" dnat to 100.64.0.9`` binds."""
+    from test_marks import FIB as MARK_FIB
+    from test_marks import chain
+    from test_marks import ruleset as nft
+
+    out = chain("out", "output", -100, [[{"match": {"op": "==", "left": {"meta": {"key": "oifname"}},
+                                                    "right": "up2"}},
+                                         {"dnat": {"addr": "100.64.0.9"}}]], kind="nat")
+    local = Flow(AF_INET, 17, ip_address("100.64.0.1"), ip_address("198.18.0.7"), 5000, 53, packet_mark=0x200)
+    assert predict(nft(out), MARK_FIB, local).dnat == frozenset({b(NatKind.DNAT, "100.64.0.9")})
