@@ -350,3 +350,34 @@ def test_the_route_before_output_dnat_is_looked_up_with_the_sockets_mark() -> No
                                          {"dnat": {"addr": "100.64.0.9"}}]], kind="nat")
     local = Flow(AF_INET, 17, ip_address("100.64.0.1"), ip_address("198.18.0.7"), 5000, 53, packet_mark=0x200)
     assert predict(nft(out), MARK_FIB, local).dnat == frozenset({b(NatKind.DNAT, "100.64.0.9")})
+
+
+def test_an_unknown_dnat_side_is_the_whole_prediction() -> None:
+    """``<unmodelled> accept`` then ``dnat to 10.0.0.7`` at prerouting: accepted (no DNAT) or DNATted,
+    which the ruleset does not say: every side unknown, naming the rule, the ingress the flow's."""
+    odd = UnknownMatch("xt match u32", "xt match u32")
+    pre = Chain("ip", "nat", "pre", (Rule(5, (odd, Verdict(VerdictKind.ACCEPT))), Rule(6, (dnat("10.0.0.7"),))),
+                Hook.PREROUTING, -100, "nat", "accept")
+    rule = RuleRef("table ip nat chain pre", 5, "xt match u32 accept")
+    unknown = Unknown("dnat unknown: table ip nat chain pre handle 5: xt match u32 accept: unmodelled expression: "
+                      "xt match u32", rule)
+    assert predict(rs(pre), FakeFib(), udp()) == Prediction(unknown, unknown, unknown, LAN_IN)
+
+
+def test_a_local_flow_dropped_on_one_path_and_dnatted_on_the_other() -> None:
+    """A local flow to 192.0.2.9 (multipath: up1 or up2); output's nat chain ``oifname "up1" drop``
+    then ``dnat to 10.0.0.7``: by up1 it is dropped, by up2 DNATted (then routed to lan). Both are
+    said; the DNAT side is the DNAT's."""
+    from test_evaluate import LAN, LOCAL_IN
+
+    up1 = Match(OIFNAME, Op.EQ, NameSet(frozenset({"up1"})), 'oifname "up1"')
+    out = Chain("ip", "nat", "out", (Rule(5, (up1, DROP)), Rule(6, (dnat("10.0.0.7"),))), Hook.OUTPUT, -100, "nat",
+                "accept")
+    p = predict(rs(out), FakeFib(ingress=LOCAL_IN), udp(src="10.0.0.1", dst="192.0.2.9", packet_mark=0))
+    assert p.dnat == frozenset({b(NatKind.DNAT, "10.0.0.7")})
+    assert p.egress == (LAN,)
+    assert p.explain == ('dropped at output: table ip nat chain out handle 5: oifname "up1" drop',
+                         "dnat: table ip nat chain out handle 6: dnat to 10.0.0.7",
+                         "snat via dev lan: no nat rule bound (null binding)")
+    assert p.rules == (RuleRef("table ip nat chain out", 5, 'oifname "up1" drop'),
+                       RuleRef("table ip nat chain out", 6, "dnat to 10.0.0.7"))
