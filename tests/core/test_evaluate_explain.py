@@ -381,3 +381,18 @@ def test_a_local_flow_dropped_on_one_path_and_dnatted_on_the_other() -> None:
                          "snat via dev lan: no nat rule bound (null binding)")
     assert p.rules == (RuleRef("table ip nat chain out", 5, 'oifname "up1" drop'),
                        RuleRef("table ip nat chain out", 6, "dnat to 10.0.0.7"))
+
+
+def test_a_dnat_to_64_addresses_is_routed_and_to_65_is_not() -> None:
+    """``dnat to 10.0.0.100-10.0.0.163``: 64 addresses, each routed (all by lan): known. One more
+    (10.0.0.164) is past the 64 routed one by one: unknown."""
+    def pre(hi: str) -> NatRuleset:
+        return rs(Chain("ip", "nat", "pre", (Rule(5, (dnat("10.0.0.100", hi),)),), Hook.PREROUTING, -100, "nat",
+                        "accept"))
+
+    from test_evaluate import LAN
+
+    p = predict(pre("10.0.0.163"), FakeFib(), udp())
+    assert (p.egress, p.snat) == ((LAN,), frozenset({NO_NAT}))
+    p = predict(pre("10.0.0.164"), FakeFib(), udp())
+    assert p.snat == Unknown("dnat to 10.0.0.100-10.0.0.164: too many addresses to route one by one")
