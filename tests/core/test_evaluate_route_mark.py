@@ -138,3 +138,29 @@ def test_outputs_nat_chain_sees_the_route_outputs_mark_chains_left() -> None:
     ]
     p = predict(parse_ruleset_json({"nftables": items}), FIB, udp(src="10.0.1.1", packet_mark=5))
     assert (p.dnat, p.snat) == (EXEMPT, EXEMPT)
+
+
+def test_outputs_mark_chains_after_its_nat_see_the_route_of_then() -> None:
+    """As above, with output's nat chain at -100 (no rule binds) and the route chain at 0, after it:
+    ``rt ipsec missing meta mark set 0`` still sees the socket's route with mark 5 (the bundle; no
+    DNAT re-routed it), the mark stays 5 and postrouting exempts the flow."""
+    items = [
+        {"table": {"family": "inet", "name": "t"}},
+        {"chain": {"family": "inet", "table": "t", "name": "post", "type": "nat", "hook": "postrouting",
+                   "prio": 100, "policy": "accept"}},
+        {"chain": {"family": "inet", "table": "t", "name": "onat", "type": "nat", "hook": "output",
+                   "prio": -100, "policy": "accept"}},
+        {"chain": {"family": "inet", "table": "t", "name": "out", "type": "route", "hook": "output",
+                   "prio": 0, "policy": "accept"}},
+        {"rule": {"family": "inet", "table": "t", "chain": "post", "handle": 2, "expr": [
+            {"match": {"op": "==", "left": {"rt": {"key": "ipsec"}}, "right": True}}, {"accept": None}]}},
+        {"rule": {"family": "inet", "table": "t", "chain": "post", "handle": 3, "expr": [{"masquerade": None}]}},
+        {"rule": {"family": "inet", "table": "t", "chain": "onat", "handle": 5, "expr": [
+            {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 53}},
+            {"dnat": {"family": "ip", "addr": "10.0.1.50"}}]}},
+        {"rule": {"family": "inet", "table": "t", "chain": "out", "handle": 4, "expr": [
+            {"match": {"op": "==", "left": {"rt": {"key": "ipsec"}}, "right": False}},
+            {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 0}}]}},
+    ]
+    p = predict(parse_ruleset_json({"nftables": items}), FIB, udp(src="10.0.1.1", packet_mark=5))
+    assert (p.dnat, p.snat) == (EXEMPT, EXEMPT)
