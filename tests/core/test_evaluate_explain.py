@@ -396,3 +396,38 @@ def test_a_dnat_to_64_addresses_is_routed_and_to_65_is_not() -> None:
     assert (p.egress, p.snat) == ((LAN,), frozenset({NO_NAT}))
     p = predict(pre("10.0.0.164"), FakeFib(), udp())
     assert p.snat == Unknown("dnat to 10.0.0.100-10.0.0.164: too many addresses to route one by one")
+
+
+def test_a_prerouting_filter_after_dstnat_drops_one_address_of_the_range() -> None:
+    """``dnat to 10.0.0.100-10.0.0.101`` at -100, then at 0 a filter chain ``ip daddr 10.0.0.100
+    drop``: it runs after the DNAT, on the translated destination. The kernel picks one address:
+    .100 is dropped there, .101 routed by lan. Both said, both rules named."""
+    daddr = Match(Selector(Key.DADDR, "ip daddr", family=2), Op.EQ,
+                  IntervalSet(((int(ip_address("10.0.0.100")), int(ip_address("10.0.0.100"))),), version=4),
+                  "ip daddr 10.0.0.100")
+    pre = Chain("ip", "nat", "pre", (Rule(5, (dnat("10.0.0.100", "10.0.0.101"),)),), Hook.PREROUTING, -100, "nat",
+                "accept")
+    flt = Chain("ip", "f", "m", (Rule(7, (daddr, MarkSet(1, 0xFFFFFFFF, "meta mark set 1"), DROP)),),
+                Hook.PREROUTING, 0, "filter", "accept")
+    from test_evaluate import LAN
+
+    p = predict(rs(pre, flt), FakeFib(), udp())
+    assert p.dnat == frozenset({b(NatKind.DNAT, "10.0.0.100", "10.0.0.101")})
+    assert p.egress == (LAN,)
+    drop = "table ip f chain m handle 7: ip daddr 10.0.0.100 meta mark set 1 drop"
+    assert p.explain == ("dnat: table ip nat chain pre handle 5: dnat to 10.0.0.100-10.0.0.101",
+                         f"dropped at prerouting: {drop}", "snat via dev lan: no nat rule bound (null binding)")
+    assert p.rules == (RuleRef("table ip nat chain pre", 5, "dnat to 10.0.0.100-10.0.0.101"),
+                       RuleRef("table ip f chain m", 7, "ip daddr 10.0.0.100 meta mark set 1 drop"))
+
+
+def test_marks_left_unknown_after_dstnat_are_explained() -> None:
+    """A prerouting filter chain at 0 (after dstnat at -100) sets mark 1 after a match not modelled:
+    the marks are unknown from there, said "marks at prerouting unknown: ..."."""
+    odd = UnknownMatch("xt match u32", "xt match u32")
+    pre = Chain("ip", "nat", "pre", (Rule(5, (DNS, dnat("10.0.0.100"))),), Hook.PREROUTING, -100, "nat", "accept")
+    flt = Chain("ip", "f", "m", (Rule(7, (odd, MarkSet(1, 0xFFFFFFFF, "meta mark set 1"))),), Hook.PREROUTING, 0,
+                "filter", "accept")
+    p = predict(rs(pre, flt), FakeFib(), udp())
+    assert ("marks at prerouting unknown: table ip f chain m handle 7: xt match u32 meta mark set 1: unmodelled "
+            "expression: xt match u32") in p.explain, p.explain
