@@ -431,3 +431,15 @@ def test_marks_left_unknown_after_dstnat_are_explained() -> None:
     p = predict(rs(pre, flt), FakeFib(), udp())
     assert ("marks at prerouting unknown: table ip f chain m handle 7: xt match u32 meta mark set 1: unmodelled "
             "expression: xt match u32") in p.explain, p.explain
+
+
+def test_a_route_after_dnat_that_is_unknown_is_the_whole_prediction() -> None:
+    """``dnat to 10.0.0.66``, whose route the FIB cannot answer: the DNAT known, the egress and SNAT
+    side unknown with the FIB's reason, the DNAT explained and its rule named."""
+    fib = FakeFib(routes={"0.0.0.0/0": (UP1,), "10.0.0.66/32": Unknown("a rule with ipproto")})
+    pre = Chain("ip", "nat", "pre", (Rule(5, (dnat("10.0.0.66"),)),), Hook.PREROUTING, -100, "nat", "accept")
+    unknown = Unknown("route after dnat unknown: a rule with ipproto")
+    assert predict(rs(pre), fib, udp()) == Prediction(
+        frozenset({b(NatKind.DNAT, "10.0.0.66")}), unknown, unknown, LAN_IN,
+        ("dnat: table ip nat chain pre handle 5: dnat to 10.0.0.66",),
+        rules=(RuleRef("table ip nat chain pre", 5, "dnat to 10.0.0.66"),))
