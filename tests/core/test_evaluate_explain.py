@@ -443,3 +443,52 @@ def test_a_route_after_dnat_that_is_unknown_is_the_whole_prediction() -> None:
         frozenset({b(NatKind.DNAT, "10.0.0.66")}), unknown, unknown, LAN_IN,
         ("dnat: table ip nat chain pre handle 5: dnat to 10.0.0.66",),
         rules=(RuleRef("table ip nat chain pre", 5, "dnat to 10.0.0.66"),))
+
+
+def test_a_dnat_into_a_blackhole_is_explained_by_the_route() -> None:
+    """``dnat to 192.0.2.66``, a blackhole route: the DNAT binds at prerouting, the route lookup
+    after it drops the packet (``ip_route_input``: the route type's error); no SNAT hook."""
+    from test_evaluate import BLACKHOLE
+
+    pre = Chain("ip", "nat", "pre", (Rule(5, (dnat("192.0.2.66"),)),), Hook.PREROUTING, -100, "nat", "accept")
+    assert predict(rs(pre), FakeFib(), udp()) == Prediction(
+        frozenset({b(NatKind.DNAT, "192.0.2.66")}), frozenset(), (BLACKHOLE,), LAN_IN,
+        ("dnat: table ip nat chain pre handle 5: dnat to 192.0.2.66",
+         "dropped by the route: blackhole (blackhole 192.0.2.66)"),
+        rules=(RuleRef("table ip nat chain pre", 5, "dnat to 192.0.2.66"),))
+
+
+def test_an_xfrm_block_policy_on_one_path_of_a_multipath_route() -> None:
+    """Default route by up1 or up2; an xfrm out policy ``action block`` selecting output interface
+    up1 (``xfrm_lookup`` answers -EPERM on that path). By up1 the flow is dropped, said so; by up2
+    it is masqueraded."""
+    from dataclasses import replace
+
+    from test_evaluate_breadth import TOPOLOGY
+    from test_evaluate_breadth import udp as gw_udp
+    from test_xfrm import pol, sel
+
+    from topowatch.core.xfrm import Action
+
+    routes = (*(r for r in TOPOLOGY.routes if str(r.dst) != "0.0.0.0/0"),
+              Route(ip_network("0.0.0.0/0"), nexthops=(Nexthop(3, ip_address("203.0.113.1")),
+                                                       Nexthop(4, ip_address("198.51.100.1")))))
+    block = pol(sel(ifindex=3), action=Action.BLOCK, index=3)
+    fib = Fib(replace(TOPOLOGY, routes=routes, xfrm_policies=(block,), xfrm_known=True))
+    post = Chain("ip", "nat", "post", (Rule(8, (MASQ,)),), Hook.POSTROUTING, 100, "nat", "accept")
+    p = predict(rs(post), fib, gw_udp(src="10.0.1.2", dst="192.0.2.10"))
+    assert p.snat == frozenset({b(NatKind.MASQUERADE, "198.51.100.2")})
+    assert [e.oifname for e in p.egress] == ["up1", "up2"]  # type: ignore[union-attr]
+    assert [line.split(":")[0] for line in p.explain] == ["dnat", "dropped by xfrm", "snat via dev up2 via 198.51.100.1"]
+
+
+def test_a_flow_delivered_here_has_no_output_device_at_input() -> None:
+    """A flow from lan to 10.0.1.1 (this host) meets input's nat chain, where the packet has no
+    output device: ``oifname "lo" snat to 192.0.2.1`` does not match."""
+    from test_evaluate_breadth import FIB as GW_FIB
+    from test_evaluate_breadth import udp as gw_udp
+
+    lo = Match(OIFNAME, Op.EQ, NameSet(frozenset({"lo"})), 'oifname "lo"')
+    to = NatStatement(NatKind.SNAT, "snat to 192.0.2.1", addr=(ip_address("192.0.2.1"), ip_address("192.0.2.1")))
+    inp = Chain("ip", "nat", "in", (Rule(8, (lo, to)),), Hook.INPUT, 100, "nat", "accept")
+    assert predict(rs(inp), GW_FIB, gw_udp(dst="10.0.1.1")).snat == frozenset({NO_NAT})
