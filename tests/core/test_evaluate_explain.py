@@ -134,6 +134,8 @@ def test_a_snat_unknown_on_one_path_of_a_multipath_route() -> None:
                f"{UP2.describe()})")
     rule9 = RuleRef("table ip nat chain post", 9, "masquerade")
     assert p.snat == via_up1
+    assert p.snat.rule == rule8  # type: ignore[union-attr]
+    assert p.alternatives[0].snat.rule == rule8  # type: ignore[union-attr]
     assert p.egress == (UP1, UP2)
     assert p.explain == explain
     assert p.rules == (rule9,)
@@ -361,7 +363,9 @@ def test_an_unknown_dnat_side_is_the_whole_prediction() -> None:
     rule = RuleRef("table ip nat chain pre", 5, "xt match u32 accept")
     unknown = Unknown("dnat unknown: table ip nat chain pre handle 5: xt match u32 accept: unmodelled expression: "
                       "xt match u32", rule)
-    assert predict(rs(pre), FakeFib(), udp()) == Prediction(unknown, unknown, unknown, LAN_IN)
+    p = predict(rs(pre), FakeFib(), udp())
+    assert p == Prediction(unknown, unknown, unknown, LAN_IN)
+    assert (p.dnat.rule, p.snat.rule, p.egress.rule) == (rule, rule, rule)  # type: ignore[union-attr]
 
 
 def test_a_local_flow_dropped_on_one_path_and_dnatted_on_the_other() -> None:
@@ -492,3 +496,30 @@ def test_a_flow_delivered_here_has_no_output_device_at_input() -> None:
     to = NatStatement(NatKind.SNAT, "snat to 192.0.2.1", addr=(ip_address("192.0.2.1"), ip_address("192.0.2.1")))
     inp = Chain("ip", "nat", "in", (Rule(8, (lo, to)),), Hook.INPUT, 100, "nat", "accept")
     assert predict(rs(inp), GW_FIB, gw_udp(dst="10.0.1.1")).snat == frozenset({NO_NAT})
+
+
+def test_a_mark_chain_between_postrouting_nat_chains_on_each_path() -> None:
+    """192.0.2.9 by up1 or up2; postrouting nat chains at 100 and 200 with a mark chain at 150: on
+    each path the SNAT side is unknown, each path an alternative saying so, both egresses kept."""
+    first = Chain("ip", "nat", "post", (Rule(8, (MASQ,)),), Hook.POSTROUTING, 100, "nat", "accept")
+    second = Chain("ip", "nat2", "post", (), Hook.POSTROUTING, 200, "nat", "accept")
+    m = Chain("ip", "f", "m", (Rule(7, (MarkSet(1, 0xFFFFFFFF, "meta mark set 1"),)),), Hook.POSTROUTING, 150,
+              "filter", "accept")
+    p = predict(rs(first, second, m), FakeFib(), udp(dst="192.0.2.9"))
+    assert p.egress == (UP1, UP2)
+    assert [a.snat for a in p.alternatives] == [
+        Unknown(f"snat unknown via {out.describe()}: table ip f chain m: a mark chain between nat chains")
+        for out in (UP1, UP2)]
+    assert [a.egress for a in p.alternatives] == [(UP1,), (UP2,)]
+
+
+def test_a_forward_drop_on_one_path_keeps_the_other() -> None:
+    """192.0.2.9 by up1 or up2; forward's filter chain ``oifname "up1" meta mark set 1 drop``: by up1
+    the flow is dropped before postrouting, by up2 it is masqueraded."""
+    up1 = Match(OIFNAME, Op.EQ, NameSet(frozenset({"up1"})), 'oifname "up1"')
+    fwd = Chain("ip", "f", "fwd", (Rule(7, (up1, MarkSet(1, 0xFFFFFFFF, "meta mark set 1"), DROP)),), Hook.FORWARD,
+                0, "filter", "accept")
+    post = Chain("ip", "nat", "post", (Rule(8, (MASQ,)),), Hook.POSTROUTING, 100, "nat", "accept")
+    p = predict(rs(fwd, post), FakeFib(), udp(dst="192.0.2.9"))
+    assert p.egress == (UP1, UP2)
+    assert p.snat == frozenset({b(NatKind.MASQUERADE, "198.51.100.7")})
