@@ -523,3 +523,14 @@ def test_a_forward_drop_on_one_path_keeps_the_other() -> None:
     p = predict(rs(fwd, post), FakeFib(), udp(dst="192.0.2.9"))
     assert p.egress == (UP1, UP2)
     assert p.snat == frozenset({b(NatKind.MASQUERADE, "198.51.100.7")})
+
+
+def test_a_postrouting_drop_on_one_path_keeps_the_other() -> None:
+    """192.0.2.9 by up1 or up2; postrouting ``oifname "up1" drop`` then ``masquerade``: by up1 the
+    flow is dropped at postrouting, by up2 masqueraded."""
+    up1 = Match(OIFNAME, Op.EQ, NameSet(frozenset({"up1"})), 'oifname "up1"')
+    post = Chain("ip", "nat", "post", (Rule(7, (up1, DROP)), Rule(8, (MASQ,))), Hook.POSTROUTING, 100, "nat",
+                 "accept")
+    p = predict(rs(post), FakeFib(), udp(dst="192.0.2.9"))
+    assert p.egress == (UP1, UP2)
+    assert p.snat == frozenset({b(NatKind.MASQUERADE, "198.51.100.7")})
