@@ -336,7 +336,11 @@ def test_a_ct_mark_not_zero_in_an_entry_of_a_partial_ruleset_is_unknown_at_nat()
     zero = Match(Selector(Key.CT_MARK, "ct mark"), Op.EQ, IntervalSet(((0, 0),)), "ct mark 0")
     post = Chain("ip", "nat", "post", (Rule(8, (zero, MASQ)),), Hook.POSTROUTING, 100, "nat", "accept")
     partial = NatRuleset((post,), marks_known=False)
-    assert isinstance(predict(partial, GW_FIB, gw_udp(ct_mark=5)).snat, Unknown)
+    snat = predict(partial, GW_FIB, gw_udp(ct_mark=5)).snat
+    assert isinstance(snat, Unknown)
+    assert snat.reason == ("snat unknown via dev up1 via 203.0.113.1: table ip nat chain post handle 8: ct mark 0 "
+                           "masquerade: the entry's conntrack mark may have been set after its NAT; the mark a new "
+                           "flow has at this point is not known")
     assert predict(partial, GW_FIB, gw_udp(ct_mark=0)).snat == frozenset({MASQ_UP1})
 
 

@@ -36,6 +36,7 @@ from topowatch.core.model import AF_INET, AF_INET6
 from topowatch.core.nat import (
     Chain,
     Hook,
+    IntervalSet,
     Key,
     Match,
     NameSet,
@@ -207,3 +208,33 @@ def test_a_dnat_range_routes_its_addresses_and_no_other() -> None:
     assert p.dnat == frozenset({b(NatKind.DNAT, "192.0.2.64", "192.0.2.65")})
     assert not isinstance(p.egress, Unknown)
     assert set(p.egress) == {UP1, UP2}
+
+
+def test_an_address_set_of_the_other_version_never_holds_the_address() -> None:
+    """An IPv4 rule matching the destination against a set of IPv6 addresses (an ipset of family
+    inet6 in an iptables IPv4 rule): ``ip_set_test`` answers "not in the set" for a packet of
+    another family, so ``--match-set`` is false and ``! --match-set`` true."""
+    v6 = IntervalSet(((int(ip_address("fd00::1")), int(ip_address("fd00::1"))),), version=6)
+    sel = Selector(Key.DADDR, "-m set --match-set v6 dst", family=AF_INET)
+    to = (ip_address("10.0.1.50"), ip_address("10.0.1.50"))
+    for op, bound in ((Op.EQ, False), (Op.NE, True)):
+        rule = Rule(7, (Match(sel, op, v6, "match-set"), NatStatement(NatKind.DNAT, "dnat to 10.0.1.50", addr=to)))
+        pre = Chain("ip", "nat", "pre", (rule,), Hook.PREROUTING, -100, "nat", "accept")
+        want = B(NatKind.DNAT, "10.0.1.50") if bound else NO_NAT
+        assert predict(NatRuleset((pre,), marks_known=True), FIB, udp()).dnat == frozenset({want}), op
+
+
+def test_a_port_match_without_a_protocol_on_an_icmp_flow_is_unknown_with_its_reason() -> None:
+    """``th dport 53`` (no protocol dependency) on an ICMP packet reads bytes that are no port:
+    not modelled, unknown, said so."""
+    from topowatch.core.flow import Flow
+
+    th = Match(Selector(Key.DPORT, "th dport"), Op.EQ, IntervalSet(((53, 53),)), "th dport 53")
+    to = (ip_address("10.0.1.50"), ip_address("10.0.1.50"))
+    pre = Chain("ip", "nat", "pre", (Rule(7, (th, NatStatement(NatKind.DNAT, "dnat to 10.0.1.50", addr=to))),),
+                Hook.PREROUTING, -100, "nat", "accept")
+    icmp = Flow(AF_INET, 1, ip_address("10.0.1.2"), ip_address("192.0.2.10"), 0, 0)
+    p = predict(NatRuleset((pre,), marks_known=True), FIB, icmp)
+    assert isinstance(p.dnat, Unknown)
+    assert p.dnat.reason == ("dnat unknown: table ip nat chain pre handle 7: th dport 53 dnat to 10.0.1.50: th dport "
+                             "of a icmp packet reads no port")
