@@ -238,3 +238,19 @@ def test_a_port_match_without_a_protocol_on_an_icmp_flow_is_unknown_with_its_rea
     assert isinstance(p.dnat, Unknown)
     assert p.dnat.reason == ("dnat unknown: table ip nat chain pre handle 7: th dport 53 dnat to 10.0.1.50: th dport "
                              "of a icmp packet reads no port")
+
+
+def test_a_masked_port_match_after_a_dnat_to_a_port_range_is_unknown_with_its_reason() -> None:
+    """``dnat to :5000-5001`` leaves the port to the kernel's pick; postrouting's ``udp dport &
+    0xff00 == 0x1300`` is read for each port of the range, which the model does not: unknown, said
+    so (not answered for one port of the range)."""
+    pre = Chain("ip", "nat", "pre", (Rule(5, (NatStatement(NatKind.DNAT, "dnat to :5000-5001", ports=(5000, 5001)),)),),
+                Hook.PREROUTING, -100, "nat", "accept")
+    masked = Match(Selector(Key.DPORT, "udp dport & 0xff00", proto=17, mask=0xFF00), Op.EQ,
+                   IntervalSet(((0x1300, 0x1300),)), "udp dport & 0xff00 0x1300")
+    post = Chain("ip", "nat", "post", (Rule(8, (masked, NatStatement(NatKind.MASQUERADE, "masquerade"))),),
+                 Hook.POSTROUTING, 100, "nat", "accept")
+    p = predict(NatRuleset((pre, post), marks_known=True), FIB, udp())
+    assert isinstance(p.snat, Unknown)
+    assert p.snat.reason.endswith("table ip nat chain post handle 8: udp dport & 0xff00 0x1300 masquerade: "
+                                  "udp dport & 0xff00 of a range of values"), p.snat.reason
