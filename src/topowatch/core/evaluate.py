@@ -75,6 +75,7 @@ from topowatch.core.fib import Fib
 from topowatch.core.flow import (
     NO_NAT,
     PORT_PROTOS,
+    REFUSING,
     Binding,
     Egress,
     EgressKind,
@@ -1437,15 +1438,11 @@ def _snat_marks(ev: _Evaluator, ruleset: NatRuleset, hook: Hook, packet: _Packet
     return _marks(ev, hook, plan.before, packet, ingress=ingress, explain=explain)
 
 
-# Route types whose lookup answers an error: the packet goes nowhere (fib_props[type].error).
-_REFUSING = frozenset({EgressKind.BLACKHOLE, EgressKind.UNREACHABLE, EgressKind.PROHIBIT})
-
-
 def _refused(egress: tuple[Egress, ...] | Unknown) -> tuple[Egress, ...]:
     """The routes of ``egress`` that refuse the packet (a lookup's answer is one such route or none)."""
     if isinstance(egress, Unknown):
         return ()
-    return tuple(e for e in egress if e.kind in _REFUSING)
+    return tuple(e for e in egress if e.kind in REFUSING)
 
 
 def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, order: _Order | None = None
@@ -1587,7 +1584,7 @@ def _predict_via(ruleset: NatRuleset, fib: Fib, flow: Flow, ingress: Ingress, or
                 if blocked is not None:
                     explain.append(f"dropped by xfrm: {blocked}")
                     continue
-                if out.kind in _REFUSING:
+                if out.kind in REFUSING:
                     explain.append(f"dropped by the route: {out.describe()}")
                     continue
                 delivered = out.kind is EgressKind.LOCAL and not ingress.local

@@ -116,6 +116,11 @@ class EgressKind(enum.Enum):
     PROHIBIT = "prohibit"
 
 
+# The route types whose lookup answers an error (``fib_props[type].error``, RTF_REJECT): a packet
+# routed there goes nowhere.
+REFUSING = frozenset({EgressKind.BLACKHOLE, EgressKind.UNREACHABLE, EgressKind.PROHIBIT})
+
+
 @dataclass(frozen=True, slots=True)
 class Egress:
     """Where a flow leaves, per one FIB answer (one nexthop of a multipath route)."""

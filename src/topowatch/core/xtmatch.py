@@ -43,7 +43,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import Protocol
 
 from topowatch.core.fib import Fib
-from topowatch.core.flow import PORT_PROTOS, Egress, EgressKind, Flow, Ingress, Unknown
+from topowatch.core.flow import PORT_PROTOS, REFUSING, Egress, EgressKind, Flow, Ingress, Unknown
 from topowatch.core.model import AF_INET, TABLE_LOCAL, IPAddress, RouteType
 from topowatch.core.nat import (
     AddrTypeMatch,
@@ -119,7 +119,6 @@ def _any_of(flags: dict[str, bool | None], names: frozenset[str], what: str) -> 
 # The types ``addrtype_mt_checkentry_v1`` accepts for IPv6 (it refuses the others at load time).
 _V6_ADDR_TYPES = frozenset({"UNSPEC", "UNICAST", "LOCAL", "ANYCAST", "MULTICAST", "UNREACHABLE"})
 _V6_ROUTED_TYPES = frozenset({"LOCAL", "ANYCAST", "UNREACHABLE"})
-_REJECT_EGRESS = frozenset({EgressKind.BLACKHOLE, EgressKind.UNREACHABLE, EgressKind.PROHIBIT})
 
 
 def _addr_type4(fib: Fib, addr: IPv4Address, dev: int | None = None) -> str | Unknown:
@@ -147,7 +146,7 @@ def _route_types6(fib: Fib, addr: IPv6Address) -> frozenset[str] | Unknown:
     if isinstance(egresses, Unknown):
         return egresses
     kinds = {e.kind for e in egresses}
-    if not kinds or kinds <= _REJECT_EGRESS:
+    if not kinds or kinds <= REFUSING:
         return frozenset({"UNREACHABLE"})  # no route, or an error route (RTF_REJECT)
     if kinds == {EgressKind.LOCAL}:
         return frozenset({"LOCAL"})
