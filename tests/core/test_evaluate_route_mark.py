@@ -58,14 +58,31 @@ def iptables(hook: str | None) -> NatRuleset:
     return NatRuleset(nat.chains + mangle.chains, marks_known=True)
 
 
+def chain(name: str, kind: str, at: str, prio: int) -> dict[str, Any]:
+    return {"chain": {"family": "inet", "table": "t", "name": name, "type": kind, "hook": at, "prio": prio,
+                      "policy": "accept"}}
+
+
+def rule(chain: str, handle: int, *expr: dict[str, Any]) -> dict[str, Any]:
+    return {"rule": {"family": "inet", "table": "t", "chain": chain, "handle": handle, "expr": list(expr)}}
+
+
+RT_IPSEC = {"rt": {"key": "ipsec"}}
+
+
+def exempting(*items: dict[str, Any]) -> NatRuleset:
+    """Table ``inet t``: postrouting's nat chain accepts ``rt ipsec exists`` and masquerades the
+    rest; ``items`` add the chains and rules of the test."""
+    return parse_ruleset_json({"nftables": [
+        {"table": {"family": "inet", "name": "t"}},
+        chain("post", "nat", "postrouting", 100),
+        rule("post", 2, {"match": {"op": "==", "left": RT_IPSEC, "right": True}}, {"accept": None}),
+        rule("post", 3, {"masquerade": None}),
+        *items,
+    ]})
+
+
 def nft(hook: str | None) -> NatRuleset:
-    def chain(name: str, kind: str, at: str, prio: int) -> dict[str, Any]:
-        return {"chain": {"family": "inet", "table": "t", "name": name, "type": kind, "hook": at, "prio": prio,
-                          "policy": "accept"}}
-
-    def rule(chain: str, handle: int, *expr: dict[str, Any]) -> dict[str, Any]:
-        return {"rule": {"family": "inet", "table": "t", "chain": chain, "handle": handle, "expr": list(expr)}}
-
     items: list[dict[str, Any]] = [
         {"table": {"family": "inet", "name": "t"}},
         chain("post", "nat", "postrouting", 100),
@@ -101,42 +118,24 @@ def test_outputs_mark_chains_see_the_route_the_socket_got_with_its_mark() -> Non
     socket's mark) is the tunnel's bundle. Output's route chain (-150) ``rt ipsec missing meta mark
     set 0`` sees that route: the bundle is there, the mark stays 5, the re-route keeps the tunnel,
     and postrouting's ``rt ipsec exists accept`` exempts it."""
-    items = [
-        {"table": {"family": "inet", "name": "t"}},
-        {"chain": {"family": "inet", "table": "t", "name": "post", "type": "nat", "hook": "postrouting",
-                   "prio": 100, "policy": "accept"}},
-        {"chain": {"family": "inet", "table": "t", "name": "out", "type": "route", "hook": "output",
-                   "prio": -150, "policy": "accept"}},
-        {"rule": {"family": "inet", "table": "t", "chain": "post", "handle": 2, "expr": [
-            {"match": {"op": "==", "left": {"rt": {"key": "ipsec"}}, "right": True}}, {"accept": None}]}},
-        {"rule": {"family": "inet", "table": "t", "chain": "post", "handle": 3, "expr": [{"masquerade": None}]}},
-        {"rule": {"family": "inet", "table": "t", "chain": "out", "handle": 4, "expr": [
-            {"match": {"op": "==", "left": {"rt": {"key": "ipsec"}}, "right": False}},
-            {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 0}}]}},
-    ]
-    local = udp(src="10.0.1.1", packet_mark=5)
-    assert predict(parse_ruleset_json({"nftables": items}), FIB, local).snat == EXEMPT
+    ruleset = exempting(
+        chain("out", "route", "output", -150),
+        rule("out", 4, {"match": {"op": "==", "left": RT_IPSEC, "right": False}},
+             {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 0}}),
+    )
+    assert predict(ruleset, FIB, udp(src="10.0.1.1", packet_mark=5)).snat == EXEMPT
 
 
 def test_outputs_nat_chain_sees_the_route_outputs_mark_chains_left() -> None:
     """A local flow from 10.0.1.1 with socket mark 5 (its route: the tunnel's bundle); output's nat
     chain ``rt ipsec exists accept`` then ``dnat to 10.0.1.50``: the packet's route has the bundle,
     the accept ends the chain before the DNAT, and postrouting exempts it."""
-    items = [
-        {"table": {"family": "inet", "name": "t"}},
-        {"chain": {"family": "inet", "table": "t", "name": "post", "type": "nat", "hook": "postrouting",
-                   "prio": 100, "policy": "accept"}},
-        {"chain": {"family": "inet", "table": "t", "name": "out", "type": "nat", "hook": "output",
-                   "prio": -100, "policy": "accept"}},
-        {"rule": {"family": "inet", "table": "t", "chain": "post", "handle": 2, "expr": [
-            {"match": {"op": "==", "left": {"rt": {"key": "ipsec"}}, "right": True}}, {"accept": None}]}},
-        {"rule": {"family": "inet", "table": "t", "chain": "post", "handle": 3, "expr": [{"masquerade": None}]}},
-        {"rule": {"family": "inet", "table": "t", "chain": "out", "handle": 4, "expr": [
-            {"match": {"op": "==", "left": {"rt": {"key": "ipsec"}}, "right": True}}, {"accept": None}]}},
-        {"rule": {"family": "inet", "table": "t", "chain": "out", "handle": 5, "expr": [
-            {"dnat": {"family": "ip", "addr": "10.0.1.50"}}]}},
-    ]
-    p = predict(parse_ruleset_json({"nftables": items}), FIB, udp(src="10.0.1.1", packet_mark=5))
+    ruleset = exempting(
+        chain("out", "nat", "output", -100),
+        rule("out", 4, {"match": {"op": "==", "left": RT_IPSEC, "right": True}}, {"accept": None}),
+        rule("out", 5, {"dnat": {"family": "ip", "addr": "10.0.1.50"}}),
+    )
+    p = predict(ruleset, FIB, udp(src="10.0.1.1", packet_mark=5))
     assert (p.dnat, p.snat) == (EXEMPT, EXEMPT)
 
 
@@ -144,23 +143,14 @@ def test_outputs_mark_chains_after_its_nat_see_the_route_of_then() -> None:
     """As above, with output's nat chain at -100 (no rule binds) and the route chain at 0, after it:
     ``rt ipsec missing meta mark set 0`` still sees the socket's route with mark 5 (the bundle; no
     DNAT re-routed it), the mark stays 5 and postrouting exempts the flow."""
-    items = [
-        {"table": {"family": "inet", "name": "t"}},
-        {"chain": {"family": "inet", "table": "t", "name": "post", "type": "nat", "hook": "postrouting",
-                   "prio": 100, "policy": "accept"}},
-        {"chain": {"family": "inet", "table": "t", "name": "onat", "type": "nat", "hook": "output",
-                   "prio": -100, "policy": "accept"}},
-        {"chain": {"family": "inet", "table": "t", "name": "out", "type": "route", "hook": "output",
-                   "prio": 0, "policy": "accept"}},
-        {"rule": {"family": "inet", "table": "t", "chain": "post", "handle": 2, "expr": [
-            {"match": {"op": "==", "left": {"rt": {"key": "ipsec"}}, "right": True}}, {"accept": None}]}},
-        {"rule": {"family": "inet", "table": "t", "chain": "post", "handle": 3, "expr": [{"masquerade": None}]}},
-        {"rule": {"family": "inet", "table": "t", "chain": "onat", "handle": 5, "expr": [
-            {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 53}},
-            {"dnat": {"family": "ip", "addr": "10.0.1.50"}}]}},
-        {"rule": {"family": "inet", "table": "t", "chain": "out", "handle": 4, "expr": [
-            {"match": {"op": "==", "left": {"rt": {"key": "ipsec"}}, "right": False}},
-            {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 0}}]}},
-    ]
-    p = predict(parse_ruleset_json({"nftables": items}), FIB, udp(src="10.0.1.1", packet_mark=5))
+    ruleset = exempting(
+        chain("onat", "nat", "output", -100),
+        chain("out", "route", "output", 0),
+        rule("onat", 5, {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}},
+                                   "right": 53}},
+             {"dnat": {"family": "ip", "addr": "10.0.1.50"}}),
+        rule("out", 4, {"match": {"op": "==", "left": RT_IPSEC, "right": False}},
+             {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 0}}),
+    )
+    p = predict(ruleset, FIB, udp(src="10.0.1.1", packet_mark=5))
     assert (p.dnat, p.snat) == (EXEMPT, EXEMPT)
