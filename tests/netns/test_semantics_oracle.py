@@ -12,7 +12,8 @@ and must never call the fresh entry stale.
 
 Covered: late NAT (an entry made before the family had any NAT chain keeps
 leaving untranslated; IPv4, IPv6, and a flow delivered to the gateway itself
-with and without an input-hook SNAT); the input interface, which only
+with and without an input-hook SNAT); a flow the gateway sends itself,
+which meets postrouting with no input interface; the input interface, which only
 reverse-path filtering pins (rp_filter off, loose, strict, a netfilter
 reverse-path drop); packet marks set before routing that feed ``ip rule
 fwmark`` (mwan3-style, with a conntrack mark restored and saved), in nft and
@@ -243,6 +244,23 @@ def test_entry_delivered_locally_made_before_any_nat_chain(gateway: Gateway, inp
     plan = gateway.plan()
     assert verdict(plan, "10.77.0.2", 5060) == expected, plan
     assert verdict(plan, "10.77.0.2", 41000) == "healthy", plan
+
+
+def test_a_flow_the_gateway_sends_has_no_input_interface_at_postrouting(gateway: Gateway) -> None:
+    """``ip_output`` hands postrouting ``skb->dev`` as the input device, which is none for a packet
+    the gateway's own socket made: ``iifname "lo"`` and ``iifname "lan"`` do not match it, the rule
+    after them does. Made before any NAT, the old entry is stale; the fresh one is healthy."""
+    gateway.nft(TRACK)
+    gateway.send("100.64.0.1", 5060, SERVER4, 5060, ns=gateway.gw)
+    old = gateway.entry("100.64.0.1", 5060, SERVER4)
+    gateway.nft(nat("ip", "post", "postrouting", 'iifname "lo" snat to 100.64.0.99',
+                    'iifname "lan" snat to 100.64.0.98', 'oifname "up1" snat to 100.64.0.97'))
+    fresh = gateway.fresh("100.64.0.1", 41000, SERVER4, 5060, ns=gateway.gw)
+    assert translated_source(old) == "100.64.0.1"
+    assert translated_source(fresh) == "100.64.0.97"
+    plan = gateway.plan()
+    assert verdict(plan, "100.64.0.1", 5060) == kernel_verdict(old, fresh) == "stale", plan
+    assert verdict(plan, "100.64.0.1", 41000) == "healthy", plan
 
 
 # -- the input interface ------------------------------------------------------------------
