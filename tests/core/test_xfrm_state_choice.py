@@ -25,13 +25,19 @@ from topowatch.core.model import AF_INET, AF_INET6, Address, Link, Nexthop, Rout
 from topowatch.core.xfrm import (
     Direction,
     Mode,
+    PolicyElement,
+    XfrmFlow,
     XfrmPolicy,
     XfrmSelector,
     XfrmState,
     XfrmTemplate,
     has_bundle,
     lookup,
+    nft_match,
+    policy_match,
 )
+
+from test_xfrm import RT, ipsec, nft  # isort: skip
 
 A = ip_address
 N = ip_network
@@ -129,8 +135,66 @@ def test_a_template_leaving_its_local_end_to_routing() -> None:
                               "to routing")
     # From another host's address: routing never picks it.
     missing(topo(tmpl(saddr=ANY4), sa(saddr=A("192.0.2.99"))), udp())
-    # The first SA that cannot be told is named, and a later resolving one wins.
+    # The first SA that cannot be told is named; a later resolving one gives the bundle, with the
+    # SA routing may pick as its rival (below).
     got = lookup(topo(tmpl(saddr=ANY4), sa(0x100, saddr=HERE), sa(0x200, saddr=LAN)), udp())
     assert isinstance(got, Unknown) and "SA esp spi 0x100 " in got.reason
     assert resolved(topo(tmpl(saddr=ANY4), sa(0x100, saddr=HERE), sa(0x200, saddr=ANY4)), udp()) == (
         sa(0x200, saddr=ANY4),)
+
+
+# -- a rekey: more than one SA the kernel may take -------------------------------------------
+# ``xfrm_state_find`` looks up SAs with the template's source address first and falls back to
+# wildcard-source SAs only where none is valid; among the valid ones it takes the best
+# (``xfrm_state_look_at``: ``km.dying`` lower, then ``curlft.add_time`` newer). A dump shows
+# neither ``km.dying`` nor which SA a cached bundle holds: with two SAs side by side (a rekey),
+# what differs between them, their SPI, is unknown; reqid, protocol, mode, addresses agree.
+
+XF = XfrmFlow(AF_INET, IPPROTO_UDP, A("10.0.1.2"), A("192.0.2.10"), 5060, 5060, None, 0, 3)
+
+
+def rule_match(t: Topology, key: str, right: object, **kw: object) -> bool | Unknown:
+    return nft_match(nft(ipsec(key, **kw), right), t, XF, "postrouting", local=False)
+
+
+def test_a_rekey_leaves_the_spi_unknown_and_everything_else_known() -> None:
+    t = topo(tmpl(), sa(0x100), sa(0x200))
+    got = lookup(t, udp())
+    assert not isinstance(got, Unknown) and got.bundle and got.rivals is not None, got
+    assert "reqid 1 has spi 0x100 or spi 0x200" in got.rivals.reason and not got.rival_sources
+    for spi in (0x100, 0x200, 0x300):
+        spi_match = rule_match(t, "spi", spi)
+        assert isinstance(spi_match, Unknown) and "spi 0x100 or spi 0x200" in spi_match.reason, spi_match
+    assert rule_match(t, "reqid", 1) is True
+    assert rule_match(t, "daddr", str(PEER), family="ip") is True
+    assert rule_match(t, "saddr", str(HERE), family="ip") is True
+    assert nft_match(nft(RT, True), t, XF, "postrouting", local=False) is True
+    by_spi = policy_match(t, udp(), "out", "ipsec", [PolicyElement(spi=0x100)], oif=3)
+    assert isinstance(by_spi, Unknown), by_spi
+    assert policy_match(t, udp(), "out", "ipsec", [PolicyElement(reqid=1)], oif=3) is True
+    assert policy_match(t, udp(), "out", "ipsec", [PolicyElement(tunnel_src=N("203.0.113.0/24"))], oif=3) is True
+    # One SA: its SPI is known.
+    one = topo(tmpl(), sa(0x200))
+    assert rule_match(one, "spi", 0x200) is True and rule_match(one, "spi", 0x100) is False
+    assert policy_match(one, udp(), "out", "ipsec", [PolicyElement(spi=0x100)], oif=3) is False
+
+
+def test_an_sa_from_the_templates_own_address_is_taken_before_one_from_any() -> None:
+    for order in ((sa(0x100, saddr=ANY4), sa(0x200)), (sa(0x200), sa(0x100, saddr=ANY4))):
+        t = topo(tmpl(), *order)
+        assert resolved(t, udp()) == (sa(0x200),)
+        got = lookup(t, udp())
+        assert not isinstance(got, Unknown) and got.rivals is None, got
+        assert rule_match(t, "spi", 0x200) is True
+
+
+def test_an_sa_routing_may_pick_beside_one_that_resolves_leaves_its_spi_and_source_unknown() -> None:
+    t = topo(tmpl(saddr=ANY4), sa(0x100, saddr=HERE), sa(0x200, saddr=ANY4))
+    got = lookup(t, udp())
+    assert not isinstance(got, Unknown) and got.rivals is not None and got.rival_sources, got
+    assert "may use another SA than spi 0x200" in got.rivals.reason, got.rivals
+    assert isinstance(rule_match(t, "spi", 0x200), Unknown)
+    assert isinstance(rule_match(t, "saddr", "0.0.0.0", family="ip"), Unknown)
+    assert rule_match(t, "daddr", str(PEER), family="ip") is True
+    by_src = policy_match(t, udp(), "out", "ipsec", [PolicyElement(tunnel_src=N("203.0.113.0/24"))], oif=3)
+    assert isinstance(by_src, Unknown), by_src

@@ -431,12 +431,22 @@ class OutputDecision:
 
     ``states`` is the bundle in template order (outermost transform first);
     ``missing`` the required templates that have no SA. ``reason`` says it in words.
+    ``rivals`` is set where a template has several SAs to choose from: which
+    one the kernel takes (``xfrm_state_look_at``: not dying, then the newest)
+    is not in a dump, so ``states`` holds one of them and its SPI is unknown
+    (the source address too with ``rival_sources``); reqid, protocol, mode and
+    destination agree among them.
     """
 
     policy: XfrmPolicy | None
     states: tuple[XfrmState, ...] = ()
     missing: tuple[XfrmTemplate, ...] = ()
     reason: str = "no xfrm policy selects it"
+    # Where some template has more than one SA the kernel may take (a rekey: the old and the new
+    # SA side by side), which SA it takes is not in a dump: its SPI is unknown, and its source
+    # address too where the local end of one of them is left to routing (``rival_sources``).
+    rivals: Unknown | None = None
+    rival_sources: bool = False
 
     @property
     def blocked(self) -> bool:
@@ -455,14 +465,23 @@ class OutputDecision:
 
 def _state_candidates(
     tmpl: XfrmTemplate, pol: XfrmPolicy, f: XfrmFlow, states: Sequence[XfrmState], local: set[IPAddress]
-) -> tuple[XfrmState | None, Unknown | None]:
-    """``xfrm_state_find`` for one template: a valid SA, or None, or Unknown where it cannot be told."""
+) -> tuple[tuple[XfrmState, ...], Unknown | None]:
+    """``xfrm_state_find`` for one template: the valid SAs it may take, and Unknown where it cannot be told.
+
+    The kernel looks for SAs with the template's source address first, and
+    only where none is valid for SAs with a wildcard source; among them it
+    takes the best (``xfrm_state_look_at``: not dying, then the newest
+    ``add_time``), which a dump does not show: all of that group are returned,
+    in snapshot order. The Unknown says an SA may qualify that cannot be told.
+    """
     if tmpl.mode in (Mode.TUNNEL, Mode.BEET):
         remote, here = tmpl.daddr, tmpl.saddr
     else:
         remote, here = f.dst, f.src
     mark = pol.mark & pol.mark_mask
     unsure: Unknown | None = None
+    exact: list[XfrmState] = []
+    wildcard: list[XfrmState] = []
     for st in states:
         if not (
             st.valid
@@ -484,12 +503,14 @@ def _state_candidates(
                 if unsure is None:
                     unsure = Unknown(f"SA {st.describe()}: {sel.reason}")
                 continue
-        if _is_any(st.saddr) or st.saddr == here:
-            return st, None
+        if st.saddr == here:
+            exact.append(st)
+        elif _is_any(st.saddr):
+            wildcard.append(st)
         # The kernel picks the local end by routing to the remote: not modelled here.
-        if unsure is None and _is_any(here) and tmpl.mode in (Mode.TUNNEL, Mode.BEET) and st.saddr in local:
+        elif unsure is None and _is_any(here) and tmpl.mode in (Mode.TUNNEL, Mode.BEET) and st.saddr in local:
             unsure = Unknown(f"SA {st.describe()}: the template leaves the local tunnel end to routing")
-    return None, unsure
+    return tuple(exact or wildcard), unsure
 
 
 def output_lookup(
@@ -512,10 +533,21 @@ def output_lookup(
     local_set = set(local)
     found: list[XfrmState] = []
     missing: list[XfrmTemplate] = []
+    rivals: Unknown | None = None
+    rival_sources = False
     for tmpl in pol.templates:
-        state, unsure = _state_candidates(tmpl, pol, flow, states, local_set)
-        if state is not None:
-            found.append(state)
+        candidates, unsure = _state_candidates(tmpl, pol, flow, states, local_set)
+        if candidates:
+            found.append(candidates[0])
+            if rivals is None and len(candidates) > 1:
+                spis = " or ".join(f"spi {st.spi:#x}" for st in candidates)
+                rivals = Unknown(f"{what}: reqid {tmpl.reqid} has {spis}: the kernel takes the newest SA "
+                                 "not dying, which a dump does not show (a rekey)")
+            if unsure is not None:
+                rival_sources = True
+                if rivals is None:
+                    rivals = Unknown(f"{what}: reqid {tmpl.reqid} may use another SA than "
+                                     f"spi {candidates[0].spi:#x}: {unsure.reason}")
         elif unsure is not None:
             return Unknown(f"{what}: {unsure.reason}")
         elif not tmpl.optional:
@@ -530,7 +562,9 @@ def output_lookup(
         reason = f"{what} selects it but only optional templates without SAs: it leaves in the clear"
     else:
         reason = f"{what} selects it; bundle " + ", ".join(s.describe() for s in found)
-    return OutputDecision(pol, tuple(found), tuple(missing), reason)
+    if missing:
+        return OutputDecision(pol, tuple(found), tuple(missing), reason)
+    return OutputDecision(pol, tuple(found), (), reason, rivals, rival_sources)
 
 
 # -- topology-level questions ------------------------------------------------------------
@@ -629,6 +663,8 @@ def nft_match(m: Match, topology: Topology, flow: XfrmFlow, hook: str, *, local:
         if sel.key is Key.RT_IPSEC:
             return False  # no route yet: nft_rt breaks
         return Unknown(f"{sel.text} is not valid at prerouting")
+    rivals: Unknown | None = None
+    rival_sources = False
     if hook == "input":
         states: tuple[XfrmState, ...] = ()  # an input route carries no bundle
     else:
@@ -638,6 +674,7 @@ def nft_match(m: Match, topology: Topology, flow: XfrmFlow, hook: str, *, local:
         if decision.missing:
             return Unknown(f"{sel.text}: {decision.reason}")
         states = decision.states if decision.bundle else ()
+        rivals, rival_sources = decision.rivals, decision.rival_sources
     if sel.key is Key.RT_IPSEC:
         return member(1 if states else 0)
     if sel.spnum >= len(states):
@@ -645,6 +682,8 @@ def nft_match(m: Match, topology: Topology, flow: XfrmFlow, hook: str, *, local:
     st = states[sel.spnum]
     if sel.key is Key.IPSEC_REQID:
         return member(st.reqid)
+    if rivals is not None and (sel.key is Key.IPSEC_SPI or (sel.key is Key.IPSEC_SADDR and rival_sources)):
+        return Unknown(f"{sel.text}: {rivals.reason}")
     if sel.key is Key.IPSEC_SPI:
         return member(st.spi)
     if sel.family is not None and sel.family != st.family:
@@ -750,5 +789,9 @@ def policy_match(  # noqa: PLR0917 - the iptables reader calls it positionally
         return pol == "none"
     if pol == "none":
         return False
+    if decision.rivals is not None and any(
+        e.spi is not None or (e.tunnel_src is not None and decision.rival_sources) for e in elements
+    ):
+        return decision.rivals
     return _xt_policy_chain(decision.states, elements, strict)
 
