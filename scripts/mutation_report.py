@@ -33,7 +33,8 @@ for module in sorted(counts):
 run = sum(total.values()) - total["not checked"]
 if run:
     every = sum(total.values())
-    print(f"{'run so far':32} {every:7} {run:5} {total['killed']:6} {total['survived']:8} {total['no tests']:8}"
-          f"  killed {100 * total['killed'] / run:.1f}% of run, {100 * total['killed'] / every:.1f}% of all")
+    print(f"{'run so far':32} {every:7} {run:5} {total['killed']:6} {total['survived']:8}",
+          f"{total['no tests']:8}  killed {100 * total['killed'] / run:.1f}% of run,",
+          f"{100 * total['killed'] / every:.1f}% of all")
 for line in survivors:
     print(line)
