@@ -25,6 +25,7 @@ from topowatch.core.model import AF_INET, AF_INET6, Address, Link, Nexthop, Rout
 from topowatch.core.xfrm import (
     Direction,
     Mode,
+    OutputDecision,
     PolicyElement,
     XfrmFlow,
     XfrmPolicy,
@@ -198,3 +199,37 @@ def test_an_sa_routing_may_pick_beside_one_that_resolves_leaves_its_spi_and_sour
     assert rule_match(t, "daddr", str(PEER), family="ip") is True
     by_src = policy_match(t, udp(), "out", "ipsec", [PolicyElement(tunnel_src=N("203.0.113.0/24"))], oif=3)
     assert isinstance(by_src, Unknown), by_src
+
+
+def test_the_decision_of_a_rekey_and_of_one_sa_whole() -> None:
+    t = topo(tmpl(), sa(0x100), sa(0x200))
+    (policy,) = t.xfrm_policies
+    bundle = "esp spi 0x100 203.0.113.2->198.51.100.1 reqid 1 mode tunnel"
+    what = f"{POLICY_TEXT} tmpl esp tunnel 203.0.113.2->198.51.100.1 reqid 1"
+    assert lookup(t, udp()) == OutputDecision(
+        policy, (sa(0x100),), (), f"{what} selects it; bundle {bundle}",
+        Unknown(f"{what}: reqid 1 has spi 0x100 or spi 0x200: the kernel takes the newest SA not dying, "
+                "which a dump does not show (a rekey)"),
+        False)
+    one = topo(tmpl(), sa(0x100))
+    assert lookup(one, udp()) == OutputDecision(policy, (sa(0x100),), (), f"{what} selects it; bundle {bundle}",
+                                                None, False)
+
+
+def test_a_second_template_without_its_sa_keeps_the_first_ones_sa() -> None:
+    inner = XfrmTemplate(AF_INET, PEER, HERE, proto=51, reqid=2, mode=Mode.TUNNEL)
+    t = topo(tmpl(), sa(0x100))
+    (one,) = t.xfrm_policies
+    policy = XfrmPolicy(one.selector, Direction.OUT, priority=100, index=1, templates=(tmpl(), inner))
+    got = lookup(Topology(links=t.links, addresses=t.addresses, routes=t.routes, xfrm_policies=(policy,),
+                          xfrm_states=t.xfrm_states, xfrm_known=True), udp())
+    assert not isinstance(got, Unknown), got
+    assert got.states == (sa(0x100),) and got.missing == (inner,) and got.rivals is None and not got.bundle
+
+
+def test_ipsec_out_at_input_reads_no_bundle() -> None:
+    """An input route carries no bundle: ``ipsec out`` breaks there, whatever the operator."""
+    t = topo(tmpl(), sa(0x100))
+    for op in ("==", "!="):
+        assert nft_match(nft(ipsec("reqid"), 1, op), t, XF, "input", local=False) is False
+        assert nft_match(nft(ipsec("spi"), 0x100, op), t, XF, "input", local=False) is False
