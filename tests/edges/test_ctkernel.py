@@ -888,3 +888,355 @@ def test_the_raw_datagrams_of_a_dump_are_returned_as_received(
     with pytest.raises(NetlinkError, match=r"^ctnetlink dump: Cannot allocate memory$") as info:
         ct.dump_datagrams()
     assert info.value.errno == errno.ENOMEM
+
+
+# --- stats: per-CPU counters summed ------------------------------------------------------------
+
+NAMES = {2: "found", 4: "invalid", 8: "insert", 9: "insert_failed", 10: "drop", 11: "early_drop",
+         12: "error", 13: "search_restart", 14: "clash_resolve", 15: "chain_toolong"}  # fmt: skip
+
+
+@pytest.fixture
+def serial() -> Iterator[tuple[Conntrack, ScriptKernel, CountingWire]]:
+    ct, kernel, wire = make(pipelined=False)
+    yield ct, kernel, wire
+    ct.close()
+
+
+def test_stats_sum_every_cpus_counters(serial: tuple[Conntrack, ScriptKernel, CountingWire]) -> None:
+    """Two CPUs: drop 3 + 4, found 10 + 0 (absent on CPU 1); the counters nobody sent are 0."""
+    ct, kernel, wire = serial
+    kernel.cpus = [{10: 3, 2: 10, 8: 1}, {10: 4, 11: 2, 99: 7}]  # 99: an attribute this reader does not know
+    got = ct.stats()
+    assert got == {**dict.fromkeys(NAMES.values(), 0), "drop": 7, "found": 10, "insert": 1, "early_drop": 2}
+    assert wire.addresses == [(0, 0)]
+    assert ct.requests == 1
+
+
+def test_stats_read_on_over_datagrams_and_skip_other_requests_answers(
+    serial: tuple[Conntrack, ScriptKernel, CountingWire],
+) -> None:
+    ct, kernel, _wire = serial
+    seq = ct._seq  # the request's sequence number: the next one
+    kernel.stats_datagrams = [
+        stats_msg(seq - 1, 0, {10: 100}) + done_msg(seq - 1),  # an earlier request's answer
+        stats_msg(seq, 0, {10: 1}),
+        stats_msg(seq, 1, {10: 2}) + stats_msg(seq, 2, {9: 5}),
+        done_msg(seq),
+        stats_msg(seq + 1, 3, {10: 1000}),  # after the DONE: not read
+    ]
+    got = ct.stats()
+    assert (got["drop"], got["insert_failed"]) == (3, 5)
+
+
+@pytest.mark.parametrize(("err", "raised", "text"), [
+    (errno.EPERM, PermissionDenied, r"^conntrack statistics: Operation not permitted \(needs CAP_NET_ADMIN\)$"),
+    (errno.EOPNOTSUPP, NetlinkError, r"^conntrack statistics: Operation not supported$"),
+], ids=["EPERM", "EOPNOTSUPP"])
+def test_refused_stats_raise(
+    serial: tuple[Conntrack, ScriptKernel, CountingWire], err: int, raised: type[Exception], text: str
+) -> None:
+    ct, kernel, _wire = serial
+    kernel.stats_error = err
+    with pytest.raises(raised, match=text) as info:
+        ct.stats()
+    if raised is NetlinkError:
+        assert info.value.errno == err  # type: ignore[attr-defined]
+
+
+def test_malformed_stats_raise_a_netlink_error(serial: tuple[Conntrack, ScriptKernel, CountingWire]) -> None:
+    ct, kernel, _wire = serial
+    seq = ct._seq
+    kernel.stats_datagrams = [stats_msg(seq, 0, {10: 1}, attr_len=6)]  # a 2-byte counter
+    with pytest.raises(NetlinkError, match=r"^conntrack statistics: stats counter drop shorter than 4 bytes$") as info:
+        ct.stats()
+    assert info.value.errno == 0
+
+
+def test_stats_without_an_answer_time_out(serial: tuple[Conntrack, ScriptKernel, CountingWire]) -> None:
+    ct, kernel, _wire = serial
+    ct.timeout = 0.1
+    kernel.stats_datagrams = []
+    with pytest.raises(NetlinkError, match=r"^no answer from ctnetlink within 0.1 s$"):
+        ct.stats()
+
+
+# --- create --------------------------------------------------------------------------------------
+
+
+def created(kernel: ScriptKernel) -> list[list[int]]:
+    return [[r.ct_id for r in send] for send in kernel.created]
+
+
+def test_create_sends_a_batch_with_one_ack_and_counts_it(serial: tuple[Conntrack, ScriptKernel, CountingWire]) -> None:
+    ct, kernel, _wire = serial
+    assert ct.create(entries(4)) == 4
+    assert created(kernel) == [[1, 2, 3, 4]]
+    create = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
+    assert [r.flags for r in kernel.created[0]] == [create] * 3 + [create | NLM_F_ACK]
+    seqs = [r.seq for r in kernel.created[0]]
+    assert seqs == list(range(seqs[0], seqs[0] + 4))
+    assert ct.create([]) == 0 and len(kernel.created) == 1
+
+
+def test_create_splits_batches_and_adds_them_up(serial: tuple[Conntrack, ScriptKernel, CountingWire]) -> None:
+    ct, kernel, _wire = serial
+    ct.batch_max = 16
+    assert ct.create(entries(40)) == 40
+    assert [len(s) for s in kernel.created] == [16, 16, 8]
+    assert [[bool(r.flags & NLM_F_ACK) for r in s].count(True) for s in kernel.created] == [1, 1, 1]
+
+
+def test_refused_creates_are_counted_by_errno_after_everything_was_sent(
+    serial: tuple[Conntrack, ScriptKernel, CountingWire],
+) -> None:
+    ct, kernel, _wire = serial
+    ct.batch_max = 16
+    kernel.errors = {2: errno.EEXIST, 20: errno.EEXIST, 21: errno.EINVAL, 40: errno.EEXIST}
+    with pytest.raises(NetlinkError, match=r"^created 36; refused: EEXIST x3, EINVAL x1$") as info:
+        ct.create(entries(40))
+    assert info.value.errno == errno.EEXIST  # the smallest errno: EEXIST 17, EINVAL 22
+    assert [len(s) for s in kernel.created] == [16, 16, 8]
+
+
+def test_an_unknown_errno_is_named_by_number(serial: tuple[Conntrack, ScriptKernel, CountingWire]) -> None:
+    ct, kernel, _wire = serial
+    kernel.errors = {1: 4000}
+    with pytest.raises(NetlinkError, match=r"^created 1; refused: 4000 x1$") as info:
+        ct.create(entries(2))
+    assert info.value.errno == 4000
+
+
+@pytest.mark.parametrize(("script", "raised", "text", "code"), [
+    ({1: errno.EPERM, 2: errno.EPERM}, PermissionDenied, r"^ctnetlink create: Operation not permitted", 0),
+    ({1: errno.EACCES, 2: errno.EPERM}, PermissionDenied, r"^ctnetlink create: Operation not permitted", 0),
+    ({2: errno.EACCES}, PermissionDenied, r"^ctnetlink create: Permission denied", 0),
+    ({1: errno.EPERM, 2: errno.EEXIST}, NetlinkError, r"^created 1; refused: EPERM x1, EEXIST x1$", errno.EPERM),
+], ids=["EPERM", "EACCES and EPERM", "EACCES", "EPERM and EEXIST"])
+def test_creates_refused_for_permissions_alone_are_permission_denied(
+    serial: tuple[Conntrack, ScriptKernel, CountingWire], script: dict[int, int], raised: type[Exception],
+    text: str, code: int,
+) -> None:
+    ct, kernel, _wire = serial
+    kernel.errors = script
+    with pytest.raises(raised, match=text) as info:
+        ct.create(entries(3))
+    if code:
+        assert info.value.errno == code  # type: ignore[attr-defined]
+
+
+def test_dropped_create_answers_raise(serial: tuple[Conntrack, ScriptKernel, CountingWire]) -> None:
+    ct, kernel, _wire = serial
+    kernel.errors = {2: errno.EEXIST}
+    kernel.dropped = {2}
+    with pytest.raises(NetlinkError, match=r"^ctnetlink answers were dropped while creating entries$") as info:
+        ct.create(entries(3))
+    assert info.value.errno == errno.ENOBUFS
+
+
+# --- the socket: opening, options, sizes, sending, waiting ---------------------------------------
+
+
+class SizedWire(CountingWire):
+    """``CountingWire`` whose socket reports the given buffer sizes (what the kernel granted)."""
+
+    def __init__(self, sock: socket.socket, kernel: FakeKernel, rcvbuf: int, sndbuf: int) -> None:
+        super().__init__(sock, kernel)
+        self.sizes = {socket.SO_RCVBUF: rcvbuf, socket.SO_SNDBUF: sndbuf}
+
+    def getsockopt(self, level: int, option: int) -> int:
+        return self.sizes[option]
+
+
+@pytest.mark.parametrize(("rcvbuf", "sndbuf", "batch_bytes", "batch_max", "recheck"), [
+    (20 * 4096, 20001, 10000, 80, 20),  # half the send buffer; an answer of 1 KiB, a re-read of 4 KiB each
+    (10 * 1024, 6000, 4096, 16, 16),  # the floors
+    (1 << 26, 1 << 24, 1 << 23, 16384, 64),  # the ceilings
+], ids=["sized", "floors", "ceilings"])
+def test_batches_are_sized_from_the_buffers_the_kernel_granted(
+    rcvbuf: int, sndbuf: int, batch_bytes: int, batch_max: int, recheck: int
+) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ct = Conntrack(SizedWire(ours, ScriptKernel(theirs), rcvbuf, sndbuf), status_filter=True)  # type: ignore[arg-type]
+    try:
+        assert (ct.batch_bytes, ct.batch_max, ct.recheck_batch) == (batch_bytes, batch_max, recheck)
+        assert type(ct.batch_bytes) is int
+    finally:
+        ct.close()
+
+
+def test_a_fresh_conntrack_has_the_documented_defaults() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ct = Conntrack(Wire(ours, ScriptKernel(theirs)), status_filter=True)  # type: ignore[arg-type]
+    try:
+        assert (ct.timeout, ct.dump_retries) == (30.0, 3)
+        assert (ct.last_dump, ct.decode_errors, ct.requests) == (None, 0, 0)
+        assert (ct.before_burst, ct.after_burst) == (None, None)
+        assert ct.pipelined is (ctcodec._ctscan is not None)
+    finally:
+        ct.close()
+
+
+def test_the_socket_asks_for_big_buffers_and_header_only_acks() -> None:
+    """SO_RCVBUFFORCE (33) and SO_SNDBUFFORCE (32) first; refused (no CAP_NET_ADMIN), the plain
+    options (capped by the sysctls); then NETLINK_CAP_ACK (SOL_NETLINK 270, option 10) on."""
+
+    class Refusing(CountingWire):
+        refuse = False
+
+        def setsockopt(self, *args: Any) -> None:
+            super().setsockopt(*args)
+            if self.refuse and args[1] in (32, 33):
+                raise OSError(errno.EPERM, "Operation not permitted")
+
+    sol = socket.SOL_SOCKET
+    for refuse, expected in (
+        (False, [(sol, 33, 32 << 20), (sol, 32, 4 << 20), (270, 10, 1)]),
+        (True, [(sol, 33, 32 << 20), (sol, socket.SO_RCVBUF, 32 << 20), (sol, 32, 4 << 20),
+                (sol, socket.SO_SNDBUF, 4 << 20), (270, 10, 1)]),
+    ):  # fmt: skip
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        wire = Refusing(ours, ScriptKernel(theirs))
+        wire.refuse = refuse
+        Conntrack(wire, status_filter=True).close()  # type: ignore[arg-type]
+        assert wire.options == expected
+
+
+def test_opening_the_socket_names_what_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[tuple[Any, ...]] = []
+
+    def refuse(exc: OSError) -> Callable[..., Any]:
+        def open_(*args: Any) -> Any:
+            asked.append(args)
+            raise exc
+
+        return open_
+
+    monkeypatch.setattr(ctnetlink.socket, "socket", refuse(PermissionError(errno.EPERM, "Operation not permitted")))
+    with pytest.raises(PermissionDenied, match=r"^opening a ctnetlink socket needs CAP_NET_ADMIN$"):
+        ctnetlink.open_socket()
+    assert asked == [(socket.AF_NETLINK, socket.SOCK_RAW, 12)]  # NETLINK_NETFILTER
+    monkeypatch.setattr(ctnetlink.socket, "socket", refuse(OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")))
+    with pytest.raises(NetlinkError, match=r"^cannot open a ctnetlink socket: Address family not supported by protocol$") as info:
+        ctnetlink.open_socket()
+    assert info.value.errno == errno.EAFNOSUPPORT
+    monkeypatch.setattr(ctnetlink.socket, "socket", refuse(OSError("no errno")))
+    with pytest.raises(NetlinkError, match=r"^cannot open a ctnetlink socket: None$") as info:
+        ctnetlink.open_socket()
+    assert info.value.errno == 0
+
+
+class Flaky(CountingWire):
+    """``CountingWire`` whose next ``sendto`` fails with ``fail`` before reaching the kernel."""
+
+    fail: OSError | None = None
+
+    def sendto(self, data: bytes, address: Any) -> int:
+        if self.fail is not None:
+            self.addresses.append(address)
+            exc, self.fail = self.fail, None
+            raise exc
+        return super().sendto(data, address)
+
+
+def flaky() -> tuple[Conntrack, ScriptKernel, Flaky]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    kernel = ScriptKernel(theirs, peer=ours)
+    wire = Flaky(ours, kernel)
+    ct = Conntrack(wire, status_filter=True)  # type: ignore[arg-type]
+    ct.timeout = 0.5
+    ct.pipelined = False
+    return ct, kernel, wire
+
+
+def test_a_send_that_would_block_waits_for_room_and_sends_again() -> None:
+    ct, kernel, wire = flaky()
+    try:
+        kernel.cpus = [{10: 1}]
+        wire.fail = BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        assert ct.stats()["drop"] == 1
+        assert wire.addresses == [(0, 0), (0, 0)] and ct.requests == 1
+    finally:
+        ct.close()
+
+
+def test_a_send_without_room_in_time_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    ct, kernel, wire = flaky()
+    try:
+        ct.timeout = 0.1
+        # The kernel's end stops reading: fill its queue until our end cannot send.
+        with pytest.raises(BlockingIOError):
+            while True:
+                wire.sock.send(b"x" * 512)
+        wire.fail = BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        with pytest.raises(NetlinkError, match=r"^timed out sending to ctnetlink$"):
+            ct.stats()
+    finally:
+        ct.close()
+
+
+@pytest.mark.parametrize(("exc", "text", "code"), [
+    (OSError(errno.EPERM, "Operation not permitted"), r"^ctnetlink send failed: Operation not permitted$", errno.EPERM),
+    (OSError("no errno"), r"^ctnetlink send failed: None$", 0),
+], ids=["EPERM", "no errno"])
+def test_a_failed_send_names_the_error(exc: OSError, text: str, code: int) -> None:
+    ct, _kernel, wire = flaky()
+    try:
+        wire.fail = exc
+        with pytest.raises(NetlinkError, match=text) as info:
+            ct.stats()
+        assert info.value.errno == code
+    finally:
+        ct.close()
+
+
+def test_an_answer_that_comes_later_is_waited_for(serial: tuple[Conntrack, ScriptKernel, CountingWire]) -> None:
+    """Nothing is queued when the dump starts: the receive waits (poll, up to ``timeout``) for
+    the kernel's datagrams, sent 50 ms later."""
+    ct, kernel, _wire = serial
+    ct.timeout = 10.0
+    kernel.attempts = [[]]
+    table = entries(2)
+
+    def later() -> None:
+        seq = kernel.dumps[-1].seq
+        kernel.sock.send(b"".join(entry_msg(e, seq) for e in table))
+        kernel.sock.send(done_msg(seq))
+
+    timer = threading.Timer(0.05, later)
+    timer.start()
+    try:
+        assert ids(ct.dump(unreplied_only=False)) == [1, 2]
+    finally:
+        timer.join()
+
+
+def test_a_bind_failure_without_an_errno_is_errno_0() -> None:
+    class Unbindable(CountingWire):
+        def bind(self, address: Any) -> None:
+            raise OSError("no errno")
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    wire = Unbindable(ours, ScriptKernel(theirs))
+    with pytest.raises(NetlinkError, match=r"^cannot bind the ctnetlink socket: None$") as info:
+        Conntrack(wire, status_filter=True)  # type: ignore[arg-type]
+    assert info.value.errno == 0
+    wire.close()
+
+
+# --- percentile (nearest rank) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("values", "q", "expected"), [
+    ([5.0, 1.0, 4.0, 2.0, 3.0], 0.5, 3.0),  # rank ceil(2.5) = 3
+    ([5.0, 1.0, 4.0, 2.0, 3.0], 0.99, 5.0),  # rank ceil(4.95) = 5
+    ([5.0, 1.0, 4.0, 2.0, 3.0], 1.0, 5.0),
+    ([5.0, 1.0, 4.0, 2.0, 3.0], 0.1, 1.0),  # rank ceil(0.5) = 1
+    ([5.0, 1.0, 4.0, 2.0, 3.0], 0.0, 1.0),  # rank 0: the smallest
+    ([5.0, 1.0, 4.0, 2.0, 3.0], 0.7, 4.0),  # rank ceil(3.5) = 4
+    ([5.0, 1.0, 4.0, 2.0, 3.0], 1.5, 5.0),  # past the end: the largest
+    ([7.0], 0.5, 7.0),
+    ([], 0.5, None),
+])
+def test_percentile_is_the_nearest_rank(values: list[float], q: float, expected: float | None) -> None:
+    assert ctnetlink.percentile(values, q) == expected
