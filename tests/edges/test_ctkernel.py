@@ -1160,8 +1160,8 @@ def test_a_send_that_would_block_waits_for_room_and_sends_again() -> None:
         ct.close()
 
 
-def test_a_send_without_room_in_time_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    ct, kernel, wire = flaky()
+def test_a_send_without_room_in_time_fails() -> None:
+    ct, _kernel, wire = flaky()
     try:
         ct.timeout = 0.1
         # The kernel's end stops reading: fill its queue until our end cannot send.
