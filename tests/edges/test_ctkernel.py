@@ -37,6 +37,7 @@ from test_ctcodec import dump_message
 from test_ctdelete import FakeKernel, Request, Wire, entries
 
 from topowatch.core.conntrack import IPS_CONFIRMED, IPS_SEEN_REPLY, CtTuple, Entry
+from topowatch.core.decide import StaleEntries, pack_record
 from topowatch.edges import ctcodec, ctnetlink
 from topowatch.edges.ctnetlink import Conntrack
 from topowatch.errors import DumpInterrupted, NetlinkError, PermissionDenied
@@ -146,6 +147,8 @@ class ScriptKernel(FakeKernel):
     stats_datagrams: list[list[bytes]] | None = None  # scripted answer to a stats request (seq ignored)
     stats_error: int = 0
     created: list[list[Request]] = field(default_factory=list)  # per sendmsg of creates
+    get_timeout: dict[int, int] = field(default_factory=dict)  # entry id -> CTA_TIMEOUT its re-read shows
+    get_acked: set[int] = field(default_factory=set)  # entry ids whose re-read gets a bare ACK (errno 0)
 
     def handle(self, data: bytes) -> None:
         mlen, mtype, flags, seq, _pid = HDR.unpack_from(data, 0)
@@ -182,6 +185,25 @@ class ScriptKernel(FakeKernel):
             raw = b"".join(encode(item, seq) for item in datagram)
             self.sent.append(raw)
             self.sock.send(raw)
+
+    def _reread(self, data: bytes, pos: int, mlen: int, seq: int) -> None:
+        """``FakeKernel``'s re-read answer, with a CTA_TIMEOUT where scripted, or a bare ACK."""
+        alen = struct.unpack_from("=H", data, pos + 20)[0]
+        orig, _proto, _zone = ctcodec._decode_tuple(data, pos + 24, pos + 20 + alen, ctcodec.AddressCache())
+        ct_id = orig.sport - 1000
+        if ct_id in self.get_acked:
+            self.gets[-1].append(ct_id)
+            self.sock.send(self._answer(seq, 0))
+            return
+        if ct_id not in self.get_timeout:
+            super()._reread(data, pos, mlen, seq)
+            return
+        self.gets[-1].append(ct_id)
+        attrs = [(3, ctcodec.nla(CTA_STATUS, ctcodec.be32(self.get_status.get(ct_id, IPS_CONFIRMED)))),
+                 (7, ctcodec.nla(7, ctcodec.be32(self.get_timeout[ct_id]))),
+                 (8, ctcodec.nla(CTA_MARK, ctcodec.be32(self.get_mark.get(ct_id, 0)))),
+                 (12, ctcodec.nla(12, ctcodec.be32(ct_id)))]  # fmt: skip
+        self.sock.send(ctcodec.encode_message(CT_NEW, 0, seq, 2, attrs))
 
     def _unread(self) -> bool:
         assert self.peer is not None
@@ -1240,3 +1262,75 @@ def test_a_bind_failure_without_an_errno_is_errno_0() -> None:
 ])
 def test_percentile_is_the_nearest_rank(values: list[float], q: float, expected: float | None) -> None:
     assert ctnetlink.percentile(values, q) == expected
+
+
+# --- delete_current: what the re-read shows ------------------------------------------------------
+
+
+def test_a_changed_record_is_judged_with_the_timeout_the_kernel_shows_now(
+    serial: tuple[Conntrack, ScriptKernel, CountingWire],
+) -> None:
+    """A record whose mark changed is asked ``still`` with the re-read's status, id, mark and
+    timeout (a caller's "still idle" reads the timeout)."""
+    if ctcodec._ctscan is None:
+        pytest.skip("the compiled module is not built")
+    ct, kernel, _wire = serial
+    kernel.get_mark = {2: 7, 3: 9}
+    kernel.get_timeout = {1: 30, 2: 42, 3: 300}
+    kernel.kept = {2}
+    seen: list[tuple[int, int, int, int, int]] = []
+
+    def idle(dumped: Entry, now: Any) -> bool:
+        seen.append((dumped.id, now.status, now.id, now.mark, now.timeout))
+        return bool(now.timeout > 100)
+
+    result = ct.delete_current(as_records(entries(3)), idle)
+    assert seen == [(2, IPS_CONFIRMED, 2, 7, 42), (3, IPS_CONFIRMED, 3, 9, 300)]
+    assert [[r.ct_id for r in send] for send in kernel.sends] == [[1, 3]]
+    assert (result.deleted, result.kept_changed, result.kept_replied) == (2, 1, 0)
+
+
+def as_records(es: list[Entry]) -> StaleEntries:
+    return StaleEntries([], b"".join(pack_record(e) for e in es), lambda i: es[i])
+
+
+def test_a_reread_answered_by_a_bare_ack_is_not_a_reason_to_delete(
+    serial: tuple[Conntrack, ScriptKernel, CountingWire],
+) -> None:
+    """An answer with no entry in it (errno 0, nothing re-read) confirms nothing: kept, counted."""
+    ct, kernel, _wire = serial
+    kernel.get_acked = {2}
+    kernel.kept = {2}
+    result = ct.delete_current(entries(3))
+    assert [[r.ct_id for r in send] for send in kernel.sends] == [[1, 3]]
+    assert (result.deleted, result.errors) == (2, ((0, 1),))
+
+
+def test_the_drain_waits_for_the_rest_of_the_abandoned_dump(
+    serial: tuple[Conntrack, ScriptKernel, CountingWire], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rest of the dump comes 30 ms after the failure: the drain waits for it (up to
+    ``DRAIN_WAIT``) and reads it to the DONE, so nothing of it is left queued."""
+    monkeypatch.setattr(ctnetlink, "DRAIN_WAIT", 5.0)
+    ct, kernel, _wire = serial
+    table = entries(4)
+    kernel.attempts = [[table[:2]]]  # the first datagram now, the rest later
+
+    def rest() -> None:
+        seq = kernel.dumps[-1].seq
+        kernel.sock.send(b"".join(entry_msg(e, seq) for e in table[2:]))
+        kernel.sock.send(done_msg(seq))
+
+    def fail() -> None:
+        raise RuntimeError("judging failed")
+
+    ct.before_burst = fail
+    timer = threading.Timer(0.03, rest)
+    timer.start()
+    try:
+        with pytest.raises(RuntimeError):
+            ct.dump(unreplied_only=False)
+    finally:
+        timer.join()
+    assert kernel._unread() is False
+    assert ct.timeout == 0.5
