@@ -27,6 +27,7 @@ import errno
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import ip_address
@@ -323,12 +324,14 @@ def mixed() -> list[Entry]:
 
 def v6(i: int, **kw: Any) -> Entry:
     a, b = ip_address("2001:db8::2"), ip_address("2001:db8::a")
-    return Entry(10, 17, CtTuple(a, b, 1000 + i, 53), CtTuple(b, a, 53, 1000 + i), status=IPS_CONFIRMED, id=i, **kw)
+    kw.setdefault("status", IPS_CONFIRMED)
+    return Entry(10, 17, CtTuple(a, b, 1000 + i, 53), CtTuple(b, a, 53, 1000 + i), id=i, **kw)
 
 
 def v4(i: int, **kw: Any) -> Entry:
     a, b = ip_address("10.0.1.2"), ip_address("192.0.2.10")
-    return Entry(2, 17, CtTuple(a, b, 1000 + i, 53), CtTuple(b, a, 53, 1000 + i), status=IPS_CONFIRMED, id=i, **kw)
+    kw.setdefault("status", IPS_CONFIRMED)
+    return Entry(2, 17, CtTuple(a, b, 1000 + i, 53), CtTuple(b, a, 53, 1000 + i), id=i, **kw)
 
 
 # --- dump: completeness, the request, the accounting ----------------------------------------
@@ -641,12 +644,18 @@ class Bursts:
         self.script = script or []
         self.calls: list[tuple[Any, ...]] = []
         self.threads: list[tuple[str, bool]] = []
+        self.one_each = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
 
     def recv_burst(self, *args: Any) -> Any:
         self.calls.append(args)
+        # A reader that never stops fails the dump instead of hanging the test (raised in the reader,
+        # it is handed to the judging thread).
+        assert len(self.calls) < 60, "the reader polls on and on"
+        if self.one_each:
+            args = (args[0], args[2], *args[2:])  # a burst of one datagram: size no more than the room
         me = threading.current_thread()
         self.threads.append((me.name, me.daemon))
         if self.script:
@@ -799,6 +808,7 @@ def test_a_scan_hands_every_entry_to_one_consumer(kern: tuple[Conntrack, ScriptK
         return made[-1]
 
     got = ct.scan(start, unreplied_only=False)
+    assert (kernel.dumps[0].family, kernel.dumps[0].flags) == (0, NLM_F_REQUEST | NLM_F_DUMP)
     assert len(made) == 1 and got is made[0]
     assert got.seen == [1, 2, 3, 4, 5, 6, 7]
     assert got.built[-2:] == [4, 7] and 5 in got.raw and 6 in got.raw
@@ -1334,3 +1344,127 @@ def test_the_drain_waits_for_the_rest_of_the_abandoned_dump(
         timer.join()
     assert kernel._unread() is False
     assert ct.timeout == 0.5
+
+
+def test_a_scan_counts_what_did_not_decode_apart(kern: tuple[Conntrack, ScriptKernel, CountingWire]) -> None:
+    ct, kernel, _wire = kern
+    kernel.attempts = [[[v4(1), Raw(short), v4(2)], [v4(3, status=REPLIED), Done()]]]
+    got = ct.scan(Consumer)
+    assert got.seen == [1, 2]
+    stats = ct.last_dump
+    assert stats is not None
+    assert (stats.entries, stats.messages, stats.decode_errors, stats.filtered_in_userspace) == (2, 4, 1, 1)
+
+
+def test_a_burst_that_must_wait_for_room_is_handed_over_not_dropped(
+    bursts: Bursts, piped: tuple[Conntrack, ScriptKernel, CountingWire]
+) -> None:
+    """One datagram a burst, ten bursts, and a judge that holds the first for 0.15 s: the reader
+    fills the queue (4) and waits for room, more than one 0.1 s poll; every entry still arrives."""
+    ct, kernel, _wire = piped
+    bursts.one_each = True
+    table = entries(10)
+    kernel.attempts = [[[e] for e in table] + [[Done()]]]
+    calls: list[int] = []
+
+    def slow_first() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.15)
+
+    ct.before_burst = slow_first
+    assert ids(ct.dump(unreplied_only=False)) == list(range(1, 11))
+    assert ct.last_dump is not None and ct.last_dump.recvs == 11 and len(calls) == 11
+
+
+def test_a_pipelined_dump_that_fails_while_the_reader_waits_stops_it(
+    bursts: Bursts, piped: tuple[Conntrack, ScriptKernel, CountingWire], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The judge fails on the first datagram while the rest is still to come: the reader, waiting
+    in its poll, is stopped (the judge's failure is what the caller sees) and the drain reads the
+    rest when it comes."""
+    monkeypatch.setattr(ctnetlink, "DRAIN_WAIT", 5.0)
+    ct, kernel, _wire = piped
+    table = entries(4)
+    kernel.attempts = [[table[:2]]]
+
+    def rest() -> None:
+        seq = kernel.dumps[-1].seq
+        kernel.sock.send(b"".join(entry_msg(e, seq) for e in table[2:]))
+        kernel.sock.send(done_msg(seq))
+
+    def fail() -> None:
+        raise RuntimeError("judging failed")
+
+    ct.before_burst = fail
+    timer = threading.Timer(0.3, rest)
+    timer.start()
+    try:
+        with pytest.raises(RuntimeError, match="judging failed"):
+            ct.dump(unreplied_only=False)
+    finally:
+        timer.join()
+    assert kernel._unread() is False
+
+
+def test_waiting_and_judging_are_timed_apart(serial: tuple[Conntrack, ScriptKernel, CountingWire]) -> None:
+    """The rest of the dump comes 0.5 s late (waited for); the judge sleeps 0.1 s on a burst."""
+    ct, kernel, _wire = serial
+    ct.timeout = 10.0
+    table = entries(4)
+    kernel.attempts = [[table[:2]]]
+
+    def rest() -> None:
+        seq = kernel.dumps[-1].seq
+        kernel.sock.send(b"".join(entry_msg(e, seq) for e in table[2:]) + done_msg(seq))
+
+    calls: list[int] = []
+
+    def slow_first() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.1)
+
+    ct.before_burst = slow_first
+    timer = threading.Timer(0.5, rest)
+    timer.start()
+    try:
+        assert ids(ct.dump(unreplied_only=False)) == [1, 2, 3, 4]
+    finally:
+        timer.join()
+    stats = ct.last_dump
+    assert stats is not None
+    assert stats.wait_seconds >= 0.3 and stats.judge_seconds >= 0.1
+    assert stats.seconds >= stats.wait_seconds + stats.judge_seconds
+
+
+def test_raw_datagrams_that_come_later_are_waited_for(serial: tuple[Conntrack, ScriptKernel, CountingWire]) -> None:
+    ct, kernel, _wire = serial
+    ct.timeout = 10.0
+    kernel.attempts = [[]]
+
+    def later() -> None:
+        seq = kernel.dumps[-1].seq
+        kernel.sock.send(entry_msg(v4(1), seq))
+        kernel.sock.send(done_msg(seq))
+
+    timer = threading.Timer(0.05, later)
+    timer.start()
+    try:
+        got = ct.dump_datagrams()
+    finally:
+        timer.join()
+    assert len(got) == 2
+
+
+def test_a_receive_error_without_an_errno_is_errno_0(serial: tuple[Conntrack, ScriptKernel, CountingWire]) -> None:
+    ct, kernel, wire = serial
+
+    def broken(buf: Any, nbytes: int, flags: int = 0) -> int:
+        raise OSError("no errno")
+
+    kernel.table = entries(1)
+    wire.recv_into = broken  # type: ignore[method-assign]
+    with pytest.raises(NetlinkError, match=r"^ctnetlink dump failed: None$") as info:
+        ct.dump(unreplied_only=False)
+    assert info.value.errno == 0
