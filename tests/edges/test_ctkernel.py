@@ -24,6 +24,7 @@ kernel recorded, counts); none is computed by the code under test.
 from __future__ import annotations
 
 import errno
+import gc
 import socket
 import struct
 import threading
@@ -1416,7 +1417,8 @@ def test_waiting_and_judging_are_timed_apart(serial: tuple[Conntrack, ScriptKern
 
     def rest() -> None:
         seq = kernel.dumps[-1].seq
-        kernel.sock.send(b"".join(entry_msg(e, seq) for e in table[2:]) + done_msg(seq))
+        kernel.sock.send(b"".join(entry_msg(e, seq) for e in table[2:]))
+        kernel.sock.send(done_msg(seq))  # the last wait, short: the sum is what counts
 
     calls: list[int] = []
 
@@ -1468,3 +1470,25 @@ def test_a_receive_error_without_an_errno_is_errno_0(serial: tuple[Conntrack, Sc
     with pytest.raises(NetlinkError, match=r"^ctnetlink dump failed: None$") as info:
         ct.dump(unreplied_only=False)
     assert info.value.errno == 0
+
+
+def test_a_dump_puts_the_cyclic_collector_back_as_it_found_it(
+    kern: tuple[Conntrack, ScriptKernel, CountingWire],
+) -> None:
+    """Paused while a dump decodes; on again after it (also after a failed one), and left off when
+    the caller had it off."""
+    ct, kernel, _wire = kern
+    kernel.table = entries(3)
+    assert gc.isenabled()
+    assert len(ct.dump(unreplied_only=False)) == 3
+    assert gc.isenabled()
+    kernel.attempts = [[[Err(errno.ENOMEM)]]]
+    with pytest.raises(NetlinkError):
+        ct.dump(unreplied_only=False)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        assert len(ct.dump(unreplied_only=False)) == 3
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
