@@ -436,19 +436,22 @@ def test_zone_mark_and_family_are_asked_of_the_kernel_and_applied_again(
     kern: tuple[Conntrack, ScriptKernel, CountingWire],
 ) -> None:
     ct, kernel, _wire = kern
-    kernel.table = [v4(1), v4(2, zone=7), v4(3, mark=0x20), v6(4), v6(5, zone=7, mark=0x20), v4(6, mark=0x21)]
-    assert ids(ct.dump(unreplied_only=False, zone=7)) == [2, 5]
+    kernel.table = [v4(1), v4(2, zone=7), v4(3, mark=0x20), v6(4), v6(5, zone=7, mark=0x20), v4(6, mark=0x21),
+                    v4(7, zone=7, status=REPLIED)]  # fmt: skip
+    assert ids(ct.dump(unreplied_only=False, zone=7)) == [2, 5, 7]
     assert kernel.dumps[-1].attrs == {CTA_ZONE: 7}
-    assert ct.last_dump is not None and (ct.last_dump.entries, ct.last_dump.filtered_in_userspace) == (2, 4)
+    assert ct.last_dump is not None and (ct.last_dump.entries, ct.last_dump.filtered_in_userspace) == (3, 4)
     assert ids(ct.dump(unreplied_only=False, mark=0x20)) == [3, 5]
     assert kernel.dumps[-1].attrs == {CTA_MARK: 0x20, CTA_MARK_MASK: 0xFFFFFFFF}
     assert ids(ct.dump(unreplied_only=False, family=10)) == [4, 5]
     assert (kernel.dumps[-1].family, kernel.dumps[-1].attrs) == (10, {})
     assert ids(ct.dump(unreplied_only=False, zone=0)) == [1, 3, 4, 6]
     assert kernel.dumps[-1].attrs == {CTA_ZONE: 0}
-    assert ids(ct.dump(unreplied_only=False, mark=0)) == [1, 2, 4]
+    assert ids(ct.dump(unreplied_only=False, mark=0)) == [1, 2, 4, 7]
     assert ids(ct.dump(unreplied_only=False, zone=7, mark=0x20, family=10)) == [5]
-    assert ids(ct.dump(unreplied_only=False, family=2)) == [1, 2, 3, 6]
+    assert ids(ct.dump(unreplied_only=False, family=2)) == [1, 2, 3, 6, 7]
+    assert ids(ct.dump(zone=7)) == [2, 5]
+    assert ct.last_dump is not None and (ct.last_dump.entries, ct.last_dump.filtered_in_userspace) == (2, 5)
 
 
 def short(seq: int) -> bytes:
