@@ -1495,3 +1495,21 @@ def test_a_dump_puts_the_cyclic_collector_back_as_it_found_it(
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_stats_that_come_later_are_waited_for(serial: tuple[Conntrack, ScriptKernel, CountingWire]) -> None:
+    ct, kernel, _wire = serial
+    ct.timeout = 10.0
+    seq = ct._seq
+    kernel.stats_datagrams = []
+
+    def later() -> None:
+        kernel.sock.send(stats_msg(seq, 0, {10: 5}))
+        kernel.sock.send(done_msg(seq))
+
+    timer = threading.Timer(0.05, later)
+    timer.start()
+    try:
+        assert ct.stats()["drop"] == 5
+    finally:
+        timer.join()
