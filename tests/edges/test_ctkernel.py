@@ -1513,3 +1513,22 @@ def test_stats_that_come_later_are_waited_for(serial: tuple[Conntrack, ScriptKer
         assert ct.stats()["drop"] == 5
     finally:
         timer.join()
+
+
+def test_a_delete_whose_receive_fails_without_an_errno_is_errno_0(
+    serial: tuple[Conntrack, ScriptKernel, CountingWire], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's answers and the re-reads' answers (read in Python without the compiled module)."""
+    ct, _kernel, wire = serial
+
+    def broken(buf: Any, nbytes: int, flags: int = 0) -> int:
+        raise OSError("no errno")
+
+    wire.recv_into = broken  # type: ignore[method-assign]
+    with pytest.raises(NetlinkError, match=r"^ctnetlink receive failed: None$") as info:
+        ct.delete(entries(2))
+    assert info.value.errno == 0
+    monkeypatch.setattr(ctcodec, "_ctscan", None)
+    with pytest.raises(NetlinkError, match=r"^ctnetlink receive failed: None$") as info:
+        ct.delete_current(entries(2))
+    assert info.value.errno == 0
