@@ -140,3 +140,15 @@ def test_the_flow_classes_of_a_plan_follow_the_previous_ruleset_too(field: str) 
         plan = plan_once(A, NatRuleset(), entries, Eligibility(), wan_gave_no_nat_on_port_1000(field, old),
                          previous=(A, old))  # fmt: skip
         assert plan.stale == () and [(d.entry, d.code) for d in plan.undecided] == [(on_1000, "unknown_ingress")]
+
+
+def test_the_plan_predicts_once_per_flow_class() -> None:
+    """Three entries to 192.0.2.0/24 (two destinations, two source ports): one route, a ruleset that
+    names neither address nor port there, so one flow class and one prediction, with or without the
+    previous snapshot. Without classes it would be two flow keys (the source port is not in a key
+    when the ruleset reads no port); with classes by port, two classes."""
+    entries = [entry("192.0.2.7", 1000), entry("192.0.2.7", 1001), entry("192.0.2.8", 1000)]
+    for previous in (None, (BEFORE, RULESET)):
+        plan = plan_once(MOVED, RULESET, entries, Eligibility(), previous=previous)
+        assert (plan.distinct_flows, plan.predicted) == (1, 1)
+        assert len(plan.stale) == 3  # each now leaves by up2, masqueraded
