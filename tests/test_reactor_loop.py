@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv4Network
+from typing import Any
 
 import pytest
 import trio
@@ -281,9 +282,12 @@ async def test_ready_says_what_was_read(
 ) -> None:
     backend = FakeBackend()
     backend.topo = C
+    reactor = Reactor(backend, ReactorConfig(startup_sweep=False))
     with caplog.at_level(logging.INFO, logger=LOGGER):
         async with trio.open_nursery() as nursery:
-            await nursery.start(Reactor(backend, ReactorConfig(startup_sweep=False)).run)
+            await nursery.start(reactor.run)
+            # Neither busy nor having made progress: no reaction began (the watchdog reads both).
+            assert reactor.busy_since is None and reactor.progress_at is None
             nursery.cancel_scope.cancel()
     assert messages(caplog, logging.INFO) == ["ready: 3 links, 2 addresses, 4 routes, 1 rules; listening for events"]
 
@@ -692,3 +696,45 @@ async def test_the_startup_sweep_is_prepared_before_ready_and_says_so(
     (line,) = [m for m in messages(caplog, logging.DEBUG) if m.startswith("startup sweep prepared")]
     what = "NETMAP --to 10.9.0.0/16 maps addresses bit by bit" if netmap else r"\d+ classes"
     assert re.fullmatch(rf"startup sweep prepared in \d+ ms: {what}", line), line
+
+
+def test_the_details_of_a_log_only_policy_and_the_undecided_entries(
+    caplog: pytest.LogCaptureFixture, tmp_path: Any
+) -> None:
+    """A log-only policy's stale entries: a group line "stale (policy says log only)" and a record
+    per entry "log only"; the undecided ones: a debug record each. The flushing ones are named by
+    the verb given (a dry run's "would delete")."""
+    from topowatch.core.decide import FlushPlan
+    from topowatch.core.reason import ReasonCode
+    from topowatch.policy import Selection
+
+    from test_reactor import MASQ2, _decision, _reaction, write_policy  # isort: skip
+
+    stale = [_decision(5060, ReasonCode.NULL_BINDING_NOW_NAT, MASQ2), _decision(5061, ReasonCode.NULL_BINDING_NOW_NAT, MASQ2)]
+    undecided = _decision(5070, ReasonCode.NULL_BINDING_NOW_NAT, MASQ2)
+    reaction = _reaction(plan=FlushPlan(examined=3, eligible=3, stale=stale, undecided=[undecided]), counts=None)
+    logging_only = Selection(write_policy(tmp_path, '[policy.watch]\naction = "log"\n').policies)
+    with caplog.at_level(logging.INFO, logger=LOGGER), caplog.at_level(logging.DEBUG, logger="topowatch.entries"):
+        Reactor._log_details(reaction, logging_only, "would delete")
+    lines = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
+    assert lines == [
+        (LOGGER, logging.INFO, f"reaction 7: stale (policy says log only) {GROUP}"),
+        ("topowatch.entries", logging.INFO, f"reaction 7: log only {stale[0].entry.describe()}: {stale[0].reason}"),
+        ("topowatch.entries", logging.INFO, f"reaction 7: log only {stale[1].entry.describe()}: {stale[1].reason}"),
+        ("topowatch.entries", logging.DEBUG, f"reaction 7: undecided {undecided.entry.describe()}: {undecided.reason}"),
+    ]
+    fields = [r.fields for r in caplog.records[1:]]  # type: ignore[attr-defined]
+    assert [(f["event"], f["reaction"], f["action"], f["code"]) for f in fields] == [
+        ("entry", 7, "log only", "null_binding_now_nat"), ("entry", 7, "log only", "null_binding_now_nat"),
+        ("entry", 7, "undecided", "null_binding_now_nat")]
+    assert [f["orig"]["sport"] for f in fields] == [5060, 5061, 5070]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="topowatch.entries"), caplog.at_level(logging.INFO, logger=LOGGER):
+        Reactor._log_details(reaction, Selection(()), "would delete")  # no policy: none flushes
+        flushing = Selection(write_policy(tmp_path, '[policy.watch]\naction = "flush"\n').policies)
+        Reactor._log_details(reaction, flushing, "would delete")
+    lines = [(r.name, r.getMessage()) for r in caplog.records if r.name == LOGGER]
+    assert lines == [(LOGGER, f"reaction 7: stale (policy says log only) {GROUP}"),
+                     (LOGGER, f"reaction 7: would delete {GROUP}")]
+    assert [r.fields["action"] for r in caplog.records if r.name != LOGGER] == (  # type: ignore[attr-defined]
+        ["log only", "log only", "would delete", "would delete"])  # undecided ones: only at debug
