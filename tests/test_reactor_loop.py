@@ -738,3 +738,35 @@ def test_the_details_of_a_log_only_policy_and_the_undecided_entries(
                      (LOGGER, f"reaction 7: would delete {GROUP}")]
     assert [r.fields["action"] for r in caplog.records if r.name != LOGGER] == (  # type: ignore[attr-defined]
         ["log only", "log only", "would delete", "would delete"])  # undecided ones: only at debug
+
+
+async def test_an_xfrm_selector_reading_the_source_port_makes_it_matter_to_the_reactor() -> None:
+    from dataclasses import replace
+
+    from topowatch.core.xfrm import Direction, XfrmPolicy, XfrmSelector
+
+    selector = XfrmSelector(2, IPv4Network("10.99.0.0/16"), IPv4Network("10.98.0.0/16"), sport=5060,
+                            sport_mask=0xFFFF, proto=17)
+    reactor = Reactor(FakeBackend(), ReactorConfig())
+    assert await reactor._sport_matters(NatRuleset(), replace(B, xfrm_policies=(XfrmPolicy(selector, Direction.OUT),)))
+    assert not await reactor._sport_matters(NatRuleset(), B)
+
+
+async def test_a_reaction_that_decided_nothing_names_its_policy(
+    autojump_clock: trio.testing.MockClock, tmp_path: Any
+) -> None:
+    from test_reactor import write_policy  # isort: skip
+
+    policy = write_policy(tmp_path, '[policy.watch]\naction = "log"\n')
+    backend = FakeBackend()
+    backend.ruleset_error = True
+    reactor = Reactor(backend, ReactorConfig(startup_sweep=False), predictor=stale_when_up2, policy=lambda: policy)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reactor.run)
+        backend.topo = B
+        await backend.send.send(Trigger("rtnl", "link up2 added", kind="link", interface="up2"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    (reaction,) = reactor.reactions
+    assert reaction.summary() == ("reaction 1 (link up2 added) [policy watch]: NOTHING DECIDED: no ruleset has been "
+                                  "read yet (nft: syntax error), nothing deleted")

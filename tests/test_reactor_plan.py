@@ -9,7 +9,7 @@ routes.
 from __future__ import annotations
 
 from dataclasses import replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
@@ -152,3 +152,20 @@ def test_the_plan_predicts_once_per_flow_class() -> None:
         plan = plan_once(MOVED, RULESET, entries, Eligibility(), previous=previous)
         assert (plan.distinct_flows, plan.predicted) == (1, 1)
         assert len(plan.stale) == 3  # each now leaves by up2, masqueraded
+
+
+def test_an_xfrm_selector_reading_the_source_port_judges_each_port_now_or_before() -> None:
+    """An xfrm policy whose selector names source port 5060 (for other nets): the source port can
+    change a prediction, so ports 5060 and 1000 of one flow are two classes, two predictions;
+    whether the policy is in the snapshot judged or only in the previous one."""
+    from topowatch.core.xfrm import Direction, XfrmPolicy, XfrmSelector
+
+    selector = XfrmSelector(2, IPv4Network("10.99.0.0/16"), IPv4Network("10.98.0.0/16"), sport=5060,
+                            sport_mask=0xFFFF, proto=17)
+    ipsec = (XfrmPolicy(selector, Direction.OUT),)
+    entries = [entry("192.0.2.7", 5060), entry("192.0.2.7", 1000)]
+    now = plan_once(replace(MOVED, xfrm_policies=ipsec), RULESET, entries, Eligibility())
+    before = plan_once(MOVED, RULESET, entries, Eligibility(), previous=(replace(BEFORE, xfrm_policies=ipsec), RULESET))
+    without = plan_once(MOVED, RULESET, entries, Eligibility(), previous=(BEFORE, RULESET))
+    assert [(p.distinct_flows, p.predicted, len(p.stale)) for p in (now, before, without)] == [(2, 2, 2), (2, 2, 2),
+                                                                                              (1, 1, 2)]
