@@ -189,7 +189,7 @@ class Counting:
 
     def __call__(self) -> Settled:
         self.at.append(trio.current_time())
-        return Settled(0.25, 3, 2)
+        return Settled(1.0, 3, 2)
 
 
 async def _settling(nursery: trio.Nursery) -> tuple[Reactor, FakeBackend, Counting]:
@@ -213,7 +213,7 @@ async def test_the_heap_settles_before_ready_and_says_so(
             await trio.sleep(10 * reactor_mod.SETTLE_INTERVAL)  # idle: nothing wakes it
             nursery.cancel_scope.cancel()
     assert len(settle.at) == 1 and reactor.settles == 1
-    assert "heap settled before ready in 250 ms: 3 objects frozen, 2 collected" in messages(caplog, logging.DEBUG)
+    assert "heap settled before ready in 1000 ms: 3 objects frozen, 2 collected" in messages(caplog, logging.DEBUG)
 
 
 async def test_after_a_reaction_the_heap_settles_an_interval_after_the_last_settle(
@@ -232,7 +232,7 @@ async def test_after_a_reaction_the_heap_settles_an_interval_after_the_last_sett
             nursery.cancel_scope.cancel()
     assert len(reactor.reactions) == 2
     assert settle.at == [pytest.approx(0.001), pytest.approx(600.001)] and reactor.settles == 2
-    assert "heap settled while quiet in 250 ms: 3 objects frozen, 2 collected" in messages(caplog, logging.DEBUG)
+    assert "heap settled while quiet in 1000 ms: 3 objects frozen, 2 collected" in messages(caplog, logging.DEBUG)
 
 
 async def test_the_heap_settles_quiet_seconds_after_a_reaction_near_the_interval(
@@ -792,3 +792,11 @@ async def test_a_reaction_that_decided_nothing_names_its_policy(
     (reaction,) = reactor.reactions
     assert reaction.summary() == ("reaction 1 (link up2 added) [policy watch]: NOTHING DECIDED: no ruleset has been "
                                   "read yet (nft: syntax error), nothing deleted")
+
+
+def test_an_observers_error_is_counted_by_its_kind() -> None:
+    reactor = Reactor(FakeBackend(), ReactorConfig())
+    reactor.count_error("snapshot")
+    reactor.count_error("snapshot")
+    reactor.count_error("hook")
+    assert reactor.errors == {"snapshot": 2, "hook": 1}
