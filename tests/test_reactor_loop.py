@@ -801,3 +801,24 @@ def test_an_observers_error_is_counted_by_its_kind() -> None:
     reactor.count_error("snapshot")
     reactor.count_error("hook")
     assert reactor.errors == {"snapshot": 2, "hook": 1}
+
+
+async def test_a_reaction_called_directly_after_t0_judged_with_a_previous_snapshot(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without ``run`` (a tool's one reaction): T0 set, no startup sweep pending. The reaction's new
+    T0 is told as judged with a previous snapshot; "judged whole" set by hand with nothing judged
+    under any ruleset yet: the ruleset read counts as changed, so everything is judged."""
+    from topowatch.reactor import Burst
+
+    told: list[tuple[int, bool]] = []
+    reactor = Reactor(FakeBackend(), ReactorConfig(), predictor=stale_when_up2)
+    reactor.t0 = B
+    reactor.t0_hook = lambda t0, ruleset, number, previous: told.append((number, previous))
+    reactor.judged_all = True
+    burst = Burst()
+    burst.add(Trigger("rtnl", "route added: x", kind="route"), trio.current_time())
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        await reactor.react(burst)
+    assert told == [(1, True)]
+    assert "full judgement: the ruleset changed" in messages(caplog, logging.DEBUG)
