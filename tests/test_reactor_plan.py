@@ -169,3 +169,14 @@ def test_an_xfrm_selector_reading_the_source_port_judges_each_port_now_or_before
     without = plan_once(MOVED, RULESET, entries, Eligibility(), previous=(BEFORE, RULESET))
     assert [(p.distinct_flows, p.predicted, len(p.stale)) for p in (now, before, without)] == [(2, 2, 2), (2, 2, 2),
                                                                                               (1, 1, 2)]
+
+
+def test_the_plans_flow_classes_follow_the_eligibility_too() -> None:
+    """An eligibility naming 192.0.2.0/25 and 192.0.2.128/25 (every destination of the moved net):
+    its networks bound the classes as the routes' do (``core.classify``: the eligibility is a plain
+    membership of a class), so .7 and .200 are two classes, two predictions; both stale."""
+    eligibility = Eligibility(destinations=(IPv4Network("192.0.2.0/25"), IPv4Network("192.0.2.128/25")))
+    entries = [entry("192.0.2.7", 1000), entry("192.0.2.200", 1001)]
+    for previous in (None, (BEFORE, RULESET)):
+        plan = plan_once(MOVED, RULESET, entries, eligibility, previous=previous)
+        assert (plan.eligible, len(plan.stale), plan.distinct_flows, plan.predicted) == (2, 2, 2, 2)
