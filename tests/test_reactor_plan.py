@@ -9,7 +9,7 @@ routes.
 from __future__ import annotations
 
 from dataclasses import replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
@@ -140,3 +140,43 @@ def test_the_flow_classes_of_a_plan_follow_the_previous_ruleset_too(field: str) 
         plan = plan_once(A, NatRuleset(), entries, Eligibility(), wan_gave_no_nat_on_port_1000(field, old),
                          previous=(A, old))  # fmt: skip
         assert plan.stale == () and [(d.entry, d.code) for d in plan.undecided] == [(on_1000, "unknown_ingress")]
+
+
+def test_the_plan_predicts_once_per_flow_class() -> None:
+    """Three entries to 192.0.2.0/24 (two destinations, two source ports): one route, a ruleset that
+    names neither address nor port there, so one flow class and one prediction, with or without the
+    previous snapshot. Without classes it would be two flow keys (the source port is not in a key
+    when the ruleset reads no port); with classes by port, two classes."""
+    entries = [entry("192.0.2.7", 1000), entry("192.0.2.7", 1001), entry("192.0.2.8", 1000)]
+    for previous in (None, (BEFORE, RULESET)):
+        plan = plan_once(MOVED, RULESET, entries, Eligibility(), previous=previous)
+        assert (plan.distinct_flows, plan.predicted) == (1, 1)
+        assert len(plan.stale) == 3  # each now leaves by up2, masqueraded
+
+
+def test_an_xfrm_selector_reading_the_source_port_judges_each_port_now_or_before() -> None:
+    """An xfrm policy whose selector names source port 5060 (for other nets): the source port can
+    change a prediction, so ports 5060 and 1000 of one flow are two classes, two predictions;
+    whether the policy is in the snapshot judged or only in the previous one."""
+    from topowatch.core.xfrm import Direction, XfrmPolicy, XfrmSelector
+
+    selector = XfrmSelector(2, IPv4Network("10.99.0.0/16"), IPv4Network("10.98.0.0/16"), sport=5060,
+                            sport_mask=0xFFFF, proto=17)
+    ipsec = (XfrmPolicy(selector, Direction.OUT),)
+    entries = [entry("192.0.2.7", 5060), entry("192.0.2.7", 1000)]
+    now = plan_once(replace(MOVED, xfrm_policies=ipsec), RULESET, entries, Eligibility())
+    before = plan_once(MOVED, RULESET, entries, Eligibility(), previous=(replace(BEFORE, xfrm_policies=ipsec), RULESET))
+    without = plan_once(MOVED, RULESET, entries, Eligibility(), previous=(BEFORE, RULESET))
+    assert [(p.distinct_flows, p.predicted, len(p.stale)) for p in (now, before, without)] == [(2, 2, 2), (2, 2, 2),
+                                                                                              (1, 1, 2)]
+
+
+def test_the_plans_flow_classes_follow_the_eligibility_too() -> None:
+    """An eligibility naming 192.0.2.0/25 and 192.0.2.128/25 (every destination of the moved net):
+    its networks bound the classes as the routes' do (``core.classify``: the eligibility is a plain
+    membership of a class), so .7 and .200 are two classes, two predictions; both stale."""
+    eligibility = Eligibility(destinations=(IPv4Network("192.0.2.0/25"), IPv4Network("192.0.2.128/25")))
+    entries = [entry("192.0.2.7", 1000), entry("192.0.2.200", 1001)]
+    for previous in (None, (BEFORE, RULESET)):
+        plan = plan_once(MOVED, RULESET, entries, eligibility, previous=previous)
+        assert (plan.eligible, len(plan.stale), plan.distinct_flows, plan.predicted) == (2, 2, 2, 2)
