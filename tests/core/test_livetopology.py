@@ -222,11 +222,12 @@ def test_a_route_list_reads_as_the_tuple_of_its_routes() -> None:
 
 RULE = PolicyRule(AF_INET, 100, table=100)
 ADDRESS = Address(2, ip_address("198.51.100.2"), 24)
+NEW_ROUTE = Route(ip_network("10.0.0.0/8"), nexthops=(UP1,))  # at a key not taken: followed as a route
 
 
 @pytest.mark.parametrize(
     ("kind", "value"),
-    [("address", Link(4, "up3")), ("link", R2), ("link", RULE), ("link", ADDRESS), ("nexthop", R2),
+    [("address", Link(4, "up3")), ("link", NEW_ROUTE), ("link", RULE), ("link", ADDRESS), ("nexthop", NEW_ROUTE),
      ("neighbour", object())],
 )
 def test_an_event_whose_value_is_not_of_its_kind_is_not_followed(kind: str, value: object) -> None:
