@@ -1576,3 +1576,13 @@ def test_a_resolution_and_a_worded_egress_are_each_built_once_and_their_memos_bo
     for e, dst in ((eight, "192.0.2.70"), (eight, "8.8.9.9"), (default, "8.9.1.1")):
         assert g.own_route(e, ip(dst)) is not e
         assert len(g._worded) <= 2
+
+
+def test_a_local_route_under_a_longer_local_route_with_a_tos_is_local() -> None:
+    """``is_local`` reads the local table for a packet of TOS 0: a local /24 that selects TOS 0x10
+    does not apply, the local /16 under it holds the address (the seventh session's plan for
+    ``is_local`` 6, the TOS read as unknown: the /24 then answered "unknown", read as not local)."""
+    local = (R("10.9.0.0/16", LO, type=RouteType.LOCAL, table=TABLE_LOCAL),
+             R("10.9.1.0/24", LO, type=RouteType.LOCAL, table=TABLE_LOCAL, tos=0x10))  # fmt: skip
+    assert fib((*MAIN, *local)).is_local(ip("10.9.1.5")) is True
+    assert fib((*MAIN, local[1])).is_local(ip("10.9.1.5")) is False
