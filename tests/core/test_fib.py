@@ -1586,3 +1586,17 @@ def test_a_local_route_under_a_longer_local_route_with_a_tos_is_local() -> None:
              R("10.9.1.0/24", LO, type=RouteType.LOCAL, table=TABLE_LOCAL, tos=0x10))  # fmt: skip
     assert fib((*MAIN, *local)).is_local(ip("10.9.1.5")) is True
     assert fib((*MAIN, local[1])).is_local(ip("10.9.1.5")) is False
+
+
+def test_a_route_beside_another_of_its_prefix_and_metric_is_not_carried() -> None:
+    """IPv6 keeps a second route of a prefix and metric on another device beside the first (an
+    NLM_F_CREATE|NLM_F_EXCL add); which the lookup meets first is the dump's order, so ``Fib(now,
+    previous)`` builds its tables rather than carry them: wan's route first, lan's beside it as an
+    equal-metric alternative (the seventh session's plan for ``_carry`` 49, carrying anyway)."""
+    live = LiveTopology.seed(Topology(LINKS, ADDRESSES, (*MAIN, R("2001:db8::/64", WAN, metric=256)), ()))
+    assert live is not None
+    first = Fib(live.snapshot())
+    assert live.apply("route", True, R("2001:db8::/64", LAN, metric=256), 0x600)
+    answer = Fib(live.snapshot(), first).lookup(ip("2001:db8::1"))
+    assert not isinstance(answer, Unknown)
+    assert [(e.kind, e.oifname) for e in answer] == [(EgressKind.UNICAST, "wan"), (EgressKind.UNICAST, "lan")]
