@@ -1483,3 +1483,120 @@ def test_a_tos_rule_compares_ipv4_tos_bits_2_to_4_and_the_ipv6_dscp_whole() -> N
 def test_a_rule_action_answers_with_the_rules_words() -> None:
     f = fib(MAIN, rules_with(rule(100, action=RuleAction.BLACKHOLE)))
     assert f.lookup(ip("8.8.8.8")) == (Egress(EgressKind.BLACKHOLE, route="rule 100: from all blackhole"),)
+
+
+# -- the tenth session: whole resolutions, the memos and their bounds, the lookup's defaults ----------
+
+MAIN_RULE = rule(32766, table=TABLE_MAIN)
+
+
+def test_a_reject_route_a_route_tos_unknown_a_suppressor_unknown_and_no_route_name_their_rule_and_route() -> None:
+    """``Resolution`` whole where a route rejects (its type, text and prefix, the rule and the route),
+    where a route's TOS cannot be read or a rule's suppressor not be judged (the rule, and the route
+    for the suppressor), and where nothing matched (no rule, no route, "no route") (the ninth run:
+    ``_resolve_uncached`` 81, 83, 87, 88, 90, 91, 98, 109, 110, 112, 113, 132, 134 survived)."""
+    hole = R("10.0.0.0/8", type=RouteType.BLACKHOLE)
+    f = fib((*MAIN, hole), rules_with())
+    blackhole = Egress(EgressKind.BLACKHOLE, route="blackhole 10.0.0.0/8 table main", prefix=ip_network("10.0.0.0/8"))
+    assert f.resolve(ip("10.0.0.1")) == Resolution((blackhole,), MAIN_RULE, hole)
+    tos = R("10.0.0.0/8", LAN, tos=0x10)
+    unknown = fib((*MAIN, tos), rules_with()).resolve(ip("10.0.0.1"), tos=None)
+    assert (isinstance(unknown.egresses, Unknown), unknown.rule, unknown.route) == (True, MAIN_RULE, None)
+    suppressor = rule(100, table=TABLE_MAIN, suppress_ifgroup=3)
+    assert fib(MAIN, rules_with(suppressor)).resolve(ip("8.8.8.8")) == Resolution(
+        Unknown("rule 100: from all lookup main: selector suppress_ifgroup needs link groups, which are not modelled"),
+        suppressor, MAIN[0])  # fmt: skip
+    assert fib((R("192.168.1.0/24", LAN),), rules_with()).resolve(ip("8.8.8.8")) == Resolution(
+        (Egress(EgressKind.UNREACHABLE, route="no route"),))
+
+
+def test_an_ipv4_route_tos_is_compared_under_the_ipv4_mask() -> None:
+    """An IPv4 route's TOS selector compares the packet's TOS under IPTOS_RT_MASK (0x1C): the
+    precedence bits (0xE0) are not compared, so TOS 0x24 takes a ``tos 0x04`` route (the ninth run:
+    ``_table_lookup`` 28, 30, IPv6's mask 0xFC used for IPv4, survived)."""
+    f = fib((R("10.0.0.0/8", LAN, tos=0x04), R("10.0.0.0/8", WAN, "203.0.113.1")), rules_with())
+    assert summary(f.lookup(ip("10.0.0.1"), tos=0x24)) == ("unicast", "lan", None)
+    assert summary(f.lookup(ip("10.0.0.1"), tos=0x08)) == UNICAST_WAN
+
+
+def test_a_lookup_without_a_mark_is_of_mark_0() -> None:
+    """``lookup`` and ``resolve`` without ``mark`` look up with the mark 0 (a packet not marked), which
+    a ``fwmark 1`` rule does not match (the ninth run: ``lookup`` 1, ``resolve`` 1, a default of 1,
+    survived)."""
+    f = fib(MAIN + T100, rules_with(rule(100, fwmark=1, table=100)))
+    assert summary(f.lookup(ip("8.8.8.8"))) == UNICAST_WAN
+    assert summary(f.resolve(ip("8.8.8.8")).egresses) == UNICAST_WAN
+    assert summary(f.lookup(ip("8.8.8.8"), mark=1)) == ("unicast", "lte", "100.64.0.1")
+
+
+def test_an_ipv6_rule_from_the_whole_space_matches_a_sourceless_lookup() -> None:
+    """``from ::/0`` (a prefix of length 0, as a hand-built snapshot may hold it) matches any source,
+    and a lookup without one (``ip -6 route get`` without ``from``) too (the ninth run: ``_zero`` 2, 6,
+    IPv6's zero address replaced, survived)."""
+    v6 = (R("::/0", WAN, "fe80::1"), R("::/0", LTE, "fe80::2", table=100))
+    rules = (rule(0, family=AF_INET6, table=TABLE_LOCAL), rule(100, family=AF_INET6, src="::/0", table=100),
+             rule(32766, family=AF_INET6, table=TABLE_MAIN))  # fmt: skip
+    assert summary(fib(v6, rules).lookup(ip("2001:db8::1"))) == ("unicast", "lte", "fe80::2")
+
+
+def test_a_resolution_and_a_worded_egress_are_each_built_once_and_their_memos_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same lookup gives the same ``Resolution`` object, the same egress worded for the same route
+    the same ``Egress`` object (one reaction reads a class's words per flow); each memo is cleared
+    when it holds its limit (the ninth run: ``_resolve`` 1, 2, 4, ``own_route`` 27-31, 35-40, 49
+    survived)."""
+    import topowatch.core.fib as fib_module
+
+    f = fib(OWN)
+    assert f.resolve(ip("8.8.8.8")) is f.resolve(ip("8.8.8.8"))
+    (egress,) = f.lookup(ip("8.1.1.1"))  # type: ignore[misc]
+    worded = f.own_route(egress, ip("192.0.2.70"))
+    assert own_words(worded) == ("default via 203.0.113.1 dev wan table main", "0.0.0.0/0")
+    assert f.own_route(egress, ip("192.0.2.70")) is worded
+    assert f.own_route(egress, ip("192.0.2.71")) is worded  # the same route carries it: the same words
+    # Words for another route, or of another egress for the same route, are remembered beside them.
+    (other,) = f.lookup(ip("8.8.9.9"))  # type: ignore[misc]
+    assert own_words(other) == ("8.8.0.0/16 via 203.0.113.1 dev wan table main", "8.8.0.0/16")
+    narrower = f.own_route(egress, ip("8.8.9.9"))
+    assert own_words(narrower) == own_words(other)
+    of_other = f.own_route(other, ip("192.0.2.70"))
+    assert own_words(of_other) == own_words(worded)
+    assert f.own_route(egress, ip("192.0.2.70")) is worded
+    assert f.own_route(egress, ip("8.8.9.9")) is narrower
+    assert f.own_route(other, ip("192.0.2.70")) is of_other
+    monkeypatch.setattr(fib_module, "_RESOLVED_LIMIT", 2)
+    monkeypatch.setattr(fib_module, "_WORDED_LIMIT", 2)
+    g = fib(OWN)
+    for dst in ("8.8.8.8", "8.1.1.1", "192.0.2.70"):
+        g.resolve(ip(dst))
+        assert len(g._resolved) <= 2
+    (default,) = g.lookup(ip("192.0.2.70"))  # type: ignore[misc]
+    (eight,) = g.lookup(ip("8.1.1.1"))  # type: ignore[misc]
+    for e, dst in ((eight, "192.0.2.70"), (eight, "8.8.9.9"), (default, "8.9.1.1")):
+        assert g.own_route(e, ip(dst)) is not e
+        assert len(g._worded) <= 2
+
+
+def test_a_local_route_under_a_longer_local_route_with_a_tos_is_local() -> None:
+    """``is_local`` reads the local table for a packet of TOS 0: a local /24 that selects TOS 0x10
+    does not apply, the local /16 under it holds the address (the seventh session's plan for
+    ``is_local`` 6, the TOS read as unknown: the /24 then answered "unknown", read as not local)."""
+    local = (R("10.9.0.0/16", LO, type=RouteType.LOCAL, table=TABLE_LOCAL),
+             R("10.9.1.0/24", LO, type=RouteType.LOCAL, table=TABLE_LOCAL, tos=0x10))  # fmt: skip
+    assert fib((*MAIN, *local)).is_local(ip("10.9.1.5")) is True
+    assert fib((*MAIN, local[1])).is_local(ip("10.9.1.5")) is False
+
+
+def test_a_route_beside_another_of_its_prefix_and_metric_is_not_carried() -> None:
+    """IPv6 keeps a second route of a prefix and metric on another device beside the first (an
+    NLM_F_CREATE|NLM_F_EXCL add); which the lookup meets first is the dump's order, so ``Fib(now,
+    previous)`` builds its tables rather than carry them: wan's route first, lan's beside it as an
+    equal-metric alternative (the seventh session's plan for ``_carry`` 49, carrying anyway)."""
+    live = LiveTopology.seed(Topology(LINKS, ADDRESSES, (*MAIN, R("2001:db8::/64", WAN, metric=256)), ()))
+    assert live is not None
+    first = Fib(live.snapshot())
+    assert live.apply("route", True, R("2001:db8::/64", LAN, metric=256), 0x600)
+    answer = Fib(live.snapshot(), first).lookup(ip("2001:db8::1"))
+    assert not isinstance(answer, Unknown)
+    assert [(e.kind, e.oifname) for e in answer] == [(EgressKind.UNICAST, "wan"), (EgressKind.UNICAST, "lan")]

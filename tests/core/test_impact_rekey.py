@@ -10,6 +10,7 @@ before and after it.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from ipaddress import ip_address
 from typing import Any
@@ -18,14 +19,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from topowatch.core import impact as impact_module
 from topowatch.core.evaluate import predict
 from topowatch.core.fib import Fib
-from topowatch.core.impact import impact
-from topowatch.core.nat import NatRuleset
+from topowatch.core.impact import Impact, impact
+from topowatch.core.model import Netconf
+from topowatch.core.nat import NatRuleset, PolicyElement
 from topowatch.core.xfrm import Mode, XfrmPolicy, XfrmState
 from topowatch.edges.iptables import parse_save
 from topowatch.edges.nft import parse_ruleset_json
 
+from test_impact import in_boxes, in_tuples  # isort: skip
 from test_xfrm import RULESET, TUNNEL, TWO, pol, sa, tmpl, topo, udp  # isort: skip
 
 EXEMPT = parse_ruleset_json(RULESET)  # rt ipsec exists accept; oifname up1 masquerade
@@ -139,3 +143,43 @@ def test_the_property_meets_rekeys_that_matter() -> None:
     assert what_is_judged(EXEMPT, fib0, 0) != what_is_judged(EXEMPT, fib1, 0)
     spi0, spi1 = Fib(topo((TUNNEL,), (sa(1, 0x100),))), Fib(topo((TUNNEL,), (sa(1, 0x200),)))
     assert what_is_judged(nft_spi(0x100), spi0, 0) != what_is_judged(nft_spi(0x100), spi1, 0)
+
+
+# -- the tenth session: what the rekey exemption skips, the SPI walk's bound, its cache --------------
+
+
+def test_a_rekey_beside_another_changed_field_is_that_change() -> None:
+    """A rekey excuses the SA change alone: the snapshot's fields after ``xfrm_states`` (here the
+    rp_filter settings) are still compared (the ninth run: ``continue`` as ``break`` survived)."""
+    t0 = topo((TUNNEL,), (OLD,))
+    t1 = replace(topo((TUNNEL,), (NEW,)), netconf=(Netconf("all", rp_filter=1),), netconf_known=True)
+    assert impact(t0, topo((TUNNEL,), (NEW,)), EXEMPT).none  # the rekey alone: no flow
+    assert impact(t0, t1, EXEMPT) == Impact(everything=True, why="netconf changed")
+
+
+@pytest.mark.parametrize("wrap", [in_tuples, in_boxes])
+def test_the_spi_walk_reads_200_levels_and_takes_deeper_as_reading_an_spi(wrap: Any) -> None:
+    """``_reads_spi`` walks 200 levels of containers; a value below them cannot be read, which
+    counts as reading an SPI (the conservative answer: the rekey is then a change). Two frames a
+    level here; a mutation tool's trampoline adds more, hence the raised recursion limit."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 3000))
+    try:
+        assert impact_module._reads_spi(wrap(PolicyElement(spi=0x100), 200)) is True
+        assert impact_module._reads_spi(wrap(PolicyElement(reqid=1), 200)) is False
+        assert impact_module._reads_spi(wrap("up1", 200)) is False
+        assert impact_module._reads_spi(wrap("up1", 201)) is True
+        assert impact_module._reads_spi(wrap(("up1", "up2"), 199)) is False
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def test_the_last_four_rulesets_walked_for_an_spi_are_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SPI cache keeps the four rulesets read last, newest first (bounded memory)."""
+    monkeypatch.setattr(impact_module, "_SPI_READERS", [])
+    rulesets = [xt("--reqid 1") for _ in range(5)]
+    for ruleset in rulesets:
+        assert impact_module._ruleset_reads_spi(ruleset) is False
+    kept = [seen for seen, _ in impact_module._SPI_READERS]
+    assert len(kept) == 4
+    assert all(a is b for a, b in zip(kept, rulesets[:0:-1], strict=True))  # the 5th, 4th, 3rd, 2nd

@@ -7,7 +7,7 @@ from ipaddress import ip_address, ip_network
 import pytest
 
 from topowatch.core.livetopology import NLM_F_APPEND, NLM_F_REPLACE, LiveTopology
-from topowatch.core.model import AF_INET, Address, Link, Nexthop, PolicyRule, Route, Topology
+from topowatch.core.model import AF_INET, Address, Link, Nexthop, PolicyRule, Route, RouteList, Topology
 
 UP1 = Nexthop(2, ip_address("198.51.100.1"))
 UP2 = Nexthop(3, ip_address("203.0.113.1"))
@@ -216,3 +216,52 @@ def test_a_route_list_reads_as_the_tuple_of_its_routes() -> None:
     with pytest.raises(IndexError):
         routes[3]
     assert RouteList([]) == () and len(RouteList([(), ()])) == 0
+
+
+# -- the tenth session: an event of another kind than it names, the count, the seeded snapshot ------
+
+RULE = PolicyRule(AF_INET, 100, table=100)
+ADDRESS = Address(2, ip_address("198.51.100.2"), 24)
+NEW_ROUTE = Route(ip_network("10.0.0.0/8"), nexthops=(UP1,))  # at a key not taken: followed as a route
+
+
+@pytest.mark.parametrize(
+    ("kind", "value"),
+    [("address", Link(4, "up3")), ("link", NEW_ROUTE), ("link", RULE), ("link", ADDRESS), ("nexthop", NEW_ROUTE),
+     ("neighbour", object())],
+)
+def test_an_event_whose_value_is_not_of_its_kind_is_not_followed(kind: str, value: object) -> None:
+    """Each kind is applied only to a value of its type; anything else (nexthop objects, kinds not
+    modelled) asks for a dump and changes nothing (the ninth run: ``apply`` 6, 14, 25, 33 (``or``
+    for ``and``) and 44 (True at the end) survived)."""
+    state = live()
+    before = state.snapshot()
+    assert state.apply(kind, True, value) is False
+    assert state.snapshot() is before
+    assert state.addresses_stale is False
+
+
+def test_every_event_is_counted() -> None:
+    """``applied`` counts the events given, followed or not (the ninth run: ``apply`` 3-5 survived)."""
+    state = live()
+    assert state.applied == 0
+    state.apply("route", True, R2, NLM_F_REPLACE)
+    state.apply("nexthop", True, object())
+    state.apply("link", True, Link(4, "up3"))
+    assert state.applied == 3
+
+
+def test_the_seeded_snapshot_holds_its_routes_in_the_chunks_later_snapshots_share() -> None:
+    """The dump's snapshot is the dump with its routes as a ``RouteList`` of the seeded chunks, which
+    a later snapshot shares where unchanged (the ninth run: ``seed`` 22, the dump itself handed out
+    with its tuple of routes, survived)."""
+    first = live().snapshot()
+    assert isinstance(first.routes, RouteList)
+    assert list(first.routes) == [R1, V6A]
+    assert (first.links, first.addresses, first.rules) == (BASE.links, BASE.addresses, BASE.rules)
+    state = live()
+    seeded = state.snapshot().routes
+    state.apply("link", True, Link(4, "up3"))
+    later = state.snapshot().routes
+    assert isinstance(seeded, RouteList) and isinstance(later, RouteList)
+    assert all(a is b for a, b in zip(seeded.chunks, later.chunks, strict=True))

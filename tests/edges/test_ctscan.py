@@ -909,3 +909,61 @@ def test_entries_differing_only_in_source_port_are_each_judged_by_their_own_pred
         c._ctscan = saved
     assert sorted(d.entry.id for d in plan.stale) == [2, 4]
     assert (plan.examined, plan.eligible, len(plan.undecided)) == (4, 4, 0)
+
+
+def test_undecided_entries_of_a_known_class_become_undecided_records_without_python() -> None:
+    """A class whose destination NAT cannot be predicted, its egress unchanged but the ruleset
+    changed: the class's first entry is judged whole (undecided, ``unknown_nat``), every other one
+    is an undecided record of the compiled scan, never a callback (the ninth run: ``_feed_compiled``
+    24, 25, 30, 31, 50, 63, the undecided records not passed to the scan, survived: the entries then
+    reached ``judge_raw`` and the plan was the same)."""
+    unknown = Unknown("xt match")
+    prediction = Prediction(unknown, frozenset({Binding(NatKind.NONE)}), ())
+    predict = lambda fib, flow: prediction  # noqa: E731
+    client, server = CLIENTS[0], SERVERS[0]
+    items = [Entry(2, 17, CtTuple(client, server, p, 53), CtTuple(server, client, 53, p), status=IPS_CONFIRMED,
+                   id=p) for p in range(1000, 1030)]  # fmt: skip
+    decider = Decider(predict=predict, fib_now=FIB, fib_before=FIB, predict_before=predict, sport_matters=False,
+                      build=c.entry_from_raw, classifier=classes_for(Eligibility(), sport_matters=False))  # fmt: skip
+    plan, judged = scanned(decider, items)
+    assert judged == []
+    assert decider.undecided_records is not None and len(decider.undecided_records) == 29 * 100
+    assert decider.records == bytearray()
+    assert plan.stale == ()
+    assert [(d.entry, d.code) for d in plan.undecided] == [(e, "unknown_nat") for e in items]
+    assert plan.examined == plan.eligible == 30
+
+
+class Settle:
+    """A consumer with the scan's documented attributes only (no class tables, no records)."""
+
+    def __init__(self, sport_matters: bool) -> None:
+        self.raw_cache: dict[object, object] = {}
+        self.sport_matters = sport_matters
+        self.examined = self.eligible = 0
+        self.judged: list[object] = []
+
+    def raw_program(self, raw: object) -> bytes:
+        return b"R"  # refused: counted as examined, nothing else
+
+    def judge_raw(self, raw: object) -> None:
+        self.judged.append(raw)
+
+
+@pytest.mark.parametrize("sport_matters", [False, True])
+def test_a_consumer_without_class_tables_or_records_settles_by_flow_key(sport_matters: bool) -> None:
+    """``DumpParser.settle`` needs only raw_cache, raw_program, judge_raw, sport_matters, examined and
+    eligible (its comment): the scan keys its cache by flow, with or without the source port (the
+    ninth run: ``_feed_compiled`` 13, 21, 29, those optional attributes read as required, survived)."""
+    client, server = CLIENTS[0], SERVERS[0]
+    items = [Entry(2, 17, CtTuple(client, server, p, 53), CtTuple(server, client, 53, p), status=IPS_CONFIRMED)
+             for p in (1000, 1001, 1002)]  # fmt: skip
+    sunk: list[object] = []
+    settle = Settle(sport_matters)
+    parser = c.DumpParser(seq=9, sink=sunk.append, settle=settle)
+    parser.feed(b"".join(dump_message(e, 9) for e in items))
+    # One key (ports ignored): the first entry to the sink, the others settled as refused. Each its
+    # own key: every entry to the sink.
+    assert [raw[4] for raw in sunk] == ([1000, 1001, 1002] if sport_matters else [1000])  # type: ignore[index]
+    assert (settle.examined, settle.eligible, settle.judged) == ((0, 0, []) if sport_matters else (2, 0, []))
+    assert parser.messages == 3
