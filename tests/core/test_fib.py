@@ -1600,3 +1600,28 @@ def test_a_route_beside_another_of_its_prefix_and_metric_is_not_carried() -> Non
     answer = Fib(live.snapshot(), first).lookup(ip("2001:db8::1"))
     assert not isinstance(answer, Unknown)
     assert [(e.kind, e.oifname) for e in answer] == [(EgressKind.UNICAST, "wan"), (EgressKind.UNICAST, "lan")]
+
+
+def test_an_equal_metric_alternative_from_another_route_names_its_own_route() -> None:
+    """The egresses of IPv6's equal-metric routes of one prefix (``rt6_select``) and of IPv4's
+    equal-metric default routes of a locally generated lookup (``fib_select_default``) each name
+    the route of their own nexthop: a reason for a flow leaving by lan names lan's route."""
+    topology = Topology(
+        links=(Link(1, "lo"), Link(2, "wan"), Link(3, "lan")),
+        addresses=(Address(2, ip_address("2001:db8:1::1"), 64), Address(3, ip_address("2001:db8:2::1"), 64)),
+        routes=(Route(ip_network("2001:db8::/64"), nexthops=(Nexthop(2),), metric=256),
+                Route(ip_network("2001:db8::/64"), nexthops=(Nexthop(3),), metric=256),
+                Route(ip_network("0.0.0.0/0"), nexthops=(Nexthop(2, ip_address("192.0.2.1")),)),
+                Route(ip_network("0.0.0.0/0"), nexthops=(Nexthop(3, ip_address("198.51.100.1")),))),
+    )
+    fib = Fib(topology)
+    v6 = fib.resolve(ip_address("2001:db8::5"))
+    assert [(e.oifname, e.route) for e in v6.egresses] == [  # type: ignore[union-attr]
+        ("wan", "2001:db8::/64 dev wan metric 256 table main"),
+        ("lan", "2001:db8::/64 dev lan metric 256 table main"),
+    ]
+    v4 = fib.resolve(ip_address("203.0.113.9"))
+    assert [(e.oifname, e.route) for e in v4.egresses] == [  # type: ignore[union-attr]
+        ("wan", "default via 192.0.2.1 dev wan table main"),
+        ("lan", "default via 198.51.100.1 dev lan table main"),
+    ]

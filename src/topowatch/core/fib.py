@@ -191,6 +191,9 @@ class _Query:
 class _Hit:
     route: Route
     nexthops: tuple[Nexthop, ...]
+    # The route each nexthop is of: ``route`` for its own, another route of the prefix for an
+    # equal-metric alternative (its words name that route).
+    owners: tuple[Route, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -818,11 +821,15 @@ class Fib:
                 )
                 if route.nexthops and not live:
                     continue
+                extra: tuple[tuple[Nexthop, Route], ...] = ()
                 if family == AF_INET6 and route.type == RouteType.UNICAST:
-                    live += self._v6_same_metric(ordered, idx, q)
+                    extra = self._v6_same_metric(ordered, idx, q)
                 elif q.output and q.oifname is None and plen == 0 and route.type == RouteType.UNICAST:
-                    live += self._default_alternatives(ordered, idx, by_len[plen])
-                return _Hit(route, live)
+                    extra = self._default_alternatives(ordered, idx, by_len[plen])
+                if not extra:
+                    return _Hit(route, live)
+                return _Hit(route, live + tuple(nh for nh, _ in extra),
+                            (route,) * len(live) + tuple(r for _, r in extra))
         return None
 
     def _alive(self, route: Route, nh: Nexthop) -> bool:
@@ -833,15 +840,16 @@ class Fib:
         link = self._links.get(nh.oif)
         return link is None or link.up
 
-    def _v6_same_metric(self, ordered: list[Route], idx: int, q: _Query) -> tuple[Nexthop, ...]:
-        """IPv6 chooses among equal-metric routes by neighbour state (rt6_select): alternatives."""
+    def _v6_same_metric(self, ordered: list[Route], idx: int, q: _Query) -> tuple[tuple[Nexthop, Route], ...]:
+        """IPv6 chooses among equal-metric routes by neighbour state (rt6_select): alternatives, each
+        with its route."""
         first = ordered[idx]
-        extra: list[Nexthop] = []
+        extra: list[tuple[Nexthop, Route]] = []
         for route in ordered[idx + 1 :]:
             if route.metric != first.metric or route.tos != first.tos or route.type != RouteType.UNICAST:
                 break
             extra.extend(
-                nh
+                (nh, route)
                 for nh in route.nexthops
                 if self._alive(route, nh) and (q.oifname is None or self._names.get(nh.oif) == q.oifname)
             )
@@ -849,7 +857,7 @@ class Fib:
 
     def _default_alternatives(
         self, ordered: list[Route], idx: int, same_len: dict[int, list[Route]]
-    ) -> tuple[Nexthop, ...]:
+    ) -> tuple[tuple[Nexthop, Route], ...]:
         """``fib_select_default``: several equal-metric gateway default routes of one table.
 
         The kernel picks among them by neighbour state when it routes a locally
@@ -859,14 +867,14 @@ class Fib:
         first = ordered[idx]
         if sum(len(v) for v in same_len.values()) < 2 or not _single_gateway(first):
             return ()
-        extra: list[Nexthop] = []
+        extra: list[tuple[Nexthop, Route]] = []
         for route in ordered[idx + 1 :]:
             if route.metric != first.metric or route.tos != first.tos:
                 break
             if route.type != RouteType.UNICAST or not _single_gateway(route):
                 continue
             if self._alive(route, route.nexthops[0]):
-                extra.append(route.nexthops[0])
+                extra.append((route.nexthops[0], route))
         return tuple(extra)
 
     def _implied_local_routes(self, family: int) -> list[Route]:
@@ -906,8 +914,10 @@ class Fib:
             return Unknown(f"route {text} has no nexthop (nexthop objects are not modelled)")
         gateway_ok = route.type == RouteType.UNICAST
         egresses: list[Egress] = []
-        for nh in hit.nexthops:
+        for i, nh in enumerate(hit.nexthops):
             gateway = nh.gateway if gateway_ok else None
+            owner = hit.owners[i] if i < len(hit.owners) else route
+            words = text if owner is route else self._route_text(owner)
             egresses.append(
                 Egress(
                     EgressKind.UNICAST,
@@ -915,7 +925,7 @@ class Fib:
                     self._names.get(nh.oif, f"if{nh.oif}"),
                     gateway,
                     self._masquerade_for(nh.oif, gateway, q.dst),
-                    text,
+                    words,
                     prefix=route.dst,
                 )
             )
