@@ -311,9 +311,9 @@ def test_the_last_two_classifiers_are_remembered(monkeypatch: pytest.MonkeyPatch
         topology = Topology((*LINKS, Link(9, name)), ADDRESSES, ROUTES)  # other links: no carrying over
         built.append(Classifier.build([topology], []))
         assert classify._RECENT[-1] is built[-1]
-    assert classify._RECENT == built[1:]
+    assert [id(c) for c in classify._RECENT] == [id(built[1]), id(built[2])]
     classify._remember(built[1])
-    assert classify._RECENT == [built[2], built[1]]
+    assert [id(c) for c in classify._RECENT] == [id(built[2]), id(built[1])]
 
 
 def test_labels_are_forgotten_only_past_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
