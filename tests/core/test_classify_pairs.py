@@ -95,7 +95,13 @@ STEPS: list[tuple[str, tuple[Route, ...], tuple[Route, ...]]] = [
         (R(f"{IPv6Address(TOP6 - 1)}/128", VIA2_6, metric=1024),),
     ),
     ("two touching regions", (R("192.0.2.0/25", VIA2),), (R("192.0.2.128/25", VIA1, metric=3),)),
-]
+    # Two connected /24s from the build, three more, one leaves: four /24s still to be found.
+    ("three /24s arrive", (), (R("198.18.0.0/24", VIA2), R("198.19.0.0/24", VIA1, metric=5),
+                               R("198.20.0.0/24", VIA2, metric=5))),
+    ("one /24 leaves", (R("198.20.0.0/24", VIA2, metric=5),), ()),
+    ("a /26 inside a connected /24", (), (R("198.51.100.64/26", VIA2, metric=9),)),
+    ("the /26 leaves: the /24 answers again", (R("198.51.100.64/26", VIA2, metric=9),), ()),
+]  # fmt: skip
 
 
 def test_a_classifier_carried_step_by_step_is_the_one_built_and_agrees_with_the_evaluator() -> None:
