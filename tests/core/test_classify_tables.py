@@ -185,11 +185,12 @@ def test_an_interface_prefix_and_a_peer_are_ipv4_questions() -> None:
     addresses = (
         *ADDRESSES,
         Address(2, ip_address("192.0.2.1"), 24),
-        Address(3, ip_address("100.64.0.2"), 32, peer=ip_address("100.64.9.1")),
+        Address(3, ip_address("100.64.0.2"), 24, peer=ip_address("100.64.9.1")),  # the peer's /24
     )
     c = Classifier.build([Topology(LINKS, addresses, ROUTES)], [], reuse=False)
     v4 = c.dst[AF_INET]
     assert _edges(v4, int(IPv4Address("192.0.2.0")), int(IPv4Address("192.0.2.255")))
+    assert _edges(v4, int(IPv4Address("100.64.9.0")), int(IPv4Address("100.64.9.255")))
     assert _alone(v4, int(IPv4Address("100.64.9.1")))
 
 
@@ -204,6 +205,17 @@ def test_every_prefix_of_an_ipv6_interface_address_is_a_question() -> None:
         end = lo + (1 << shift)  # the first address past the /k prefix holding the address
         assert v6.lookup(end - 1) != v6.lookup(end), k
         assert v6.lookup(lo - 1) != v6.lookup(lo), k
+
+
+def test_addresses_with_one_common_prefix_length_with_an_interface_address_are_one_class() -> None:
+    """4000::1/2: bfff:ffff:... and c000:: both share no leading bit with it, and sit in the same
+    prefixes of it and of every other question: one class. 8000:: starts the other half (::/1)."""4000::1/2: everything outside 4000::/2 shares no leading bit with it (and 8000::/1 one more
+    question, the /1 prefix 0::/1 it is in): bfff:ffff:... and c000:: answer alike."""
+    address = ip_address("4000::1")
+    c = Classifier.build([Topology(LINKS, (*ADDRESSES, Address(3, address, 2)), ROUTES)], [], reuse=False)
+    v6 = c.dst[AF_INET6]
+    assert v6.lookup(int(IPv6Address("c000::")) - 1) == v6.lookup(int(IPv6Address("c000::")))
+    assert v6.lookup(int(IPv6Address("8000::")) - 1) != v6.lookup(int(IPv6Address("8000::")))
 
 
 def test_eligibility_prefixes_are_questions() -> None:
