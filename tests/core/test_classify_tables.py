@@ -209,8 +209,7 @@ def test_every_prefix_of_an_ipv6_interface_address_is_a_question() -> None:
 
 def test_addresses_with_one_common_prefix_length_with_an_interface_address_are_one_class() -> None:
     """4000::1/2: bfff:ffff:... and c000:: both share no leading bit with it, and sit in the same
-    prefixes of it and of every other question: one class. 8000:: starts the other half (::/1)."""4000::1/2: everything outside 4000::/2 shares no leading bit with it (and 8000::/1 one more
-    question, the /1 prefix 0::/1 it is in): bfff:ffff:... and c000:: answer alike."""
+    prefixes of it and of every other question: one class. 8000:: starts the other half (::/1)."""
     address = ip_address("4000::1")
     c = Classifier.build([Topology(LINKS, (*ADDRESSES, Address(3, address, 2)), ROUTES)], [], reuse=False)
     v6 = c.dst[AF_INET6]
