@@ -226,6 +226,7 @@ BareSelector = dataclasses.make_dataclass("Selector", [])
 FakeNetmap = dataclasses.make_dataclass("NetmapStatement", [("prefix", object)])
 FakePorts = dataclasses.make_dataclass("IntervalSet", [("intervals", tuple)])
 BareIntervals = dataclasses.make_dataclass("IntervalSet", [])
+BareNatMap = dataclasses.make_dataclass("NatMapStatement", [])
 
 
 def test_values_named_like_the_parsers_without_their_fields() -> None:
@@ -234,7 +235,7 @@ def test_values_named_like_the_parsers_without_their_fields() -> None:
     c = Classifier.build([TOPOLOGY], [(FakeNetmap(PREFIX),)], reuse=False)
     assert c.reason == "NetmapStatement maps addresses bit by bit"
     c = Classifier.build(
-        [TOPOLOGY], [(BareSelector(), BareIntervals(), FakePorts(((1000, 1010),)))], reuse=False
+        [TOPOLOGY], [(BareSelector(), BareIntervals(), BareNatMap(), FakePorts(((1000, 1010),)))], reuse=False
     )
     assert c.exact, c.reason
     assert c.ports.lookup(999) != c.ports.lookup(1000) == c.ports.lookup(1010) != c.ports.lookup(1011)
