@@ -154,7 +154,13 @@ WRAPS: dict[str, Callable[[object], object]] = {
 
 
 def _nested(kind: str, depth: int) -> object:
-    """``LEAF`` read at ``depth``: inside tuples, the last step (the one next to it) of ``kind``."""
+    """``LEAF`` read at ``depth``, inside tuples and one step of ``kind``: next to the leaf, or for
+    a dict the outermost step (its other side, "x", is then read at depth 1, never too deep)."""
+    if kind.startswith("dict"):
+        inner: object = LEAF
+        for _ in range(depth - 1):
+            inner = (inner,)
+        return WRAPS[kind](inner)
     value: object = WRAPS[kind](LEAF)
     for _ in range(depth - 1):
         value = (value,)
