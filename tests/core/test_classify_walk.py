@@ -27,7 +27,15 @@ from topowatch.core.evaluate import predict
 from topowatch.core.fib import Fib
 from topowatch.core.flow import IPPROTO_TCP, Flow
 from topowatch.core.model import AF_INET, AF_INET6, Address, Link, Nexthop, Route, Topology
-from topowatch.core.nat import IntervalSet, Key, NatKind, NatMapStatement, NetmapStatement, Selector
+from topowatch.core.nat import (
+    IntervalSet,
+    Key,
+    NatKind,
+    NatMapStatement,
+    NatRuleset,
+    NetmapStatement,
+    Selector,
+)
 from topowatch.edges.nft import parse_ruleset_json
 
 from test_classify import normal  # isort: skip
@@ -57,14 +65,17 @@ def _match(protocol: str, field: str, right: object) -> dict[str, Any]:
 
 
 # Source NAT for one range of IPv4 sources, one IPv6 destination prefix, one TCP port range.
-RULESET = parse_ruleset_json({"nftables": [
-    {"table": {"family": "inet", "name": "nat", "handle": 1}},
-    {"chain": {"family": "inet", "table": "nat", "name": "post", "handle": 2, "type": "nat",
-               "hook": "postrouting", "prio": 100, "policy": "accept"}},
-    _rule(3, _match("ip", "saddr", {"range": ["192.0.2.10", "192.0.2.20"]}), {"snat": {"addr": "198.51.100.9"}}),
-    _rule(4, _match("ip6", "daddr", {"prefix": {"addr": "2001:db8:5::", "len": 48}}), {"masquerade": None}),
-    _rule(5, _match("tcp", "dport", {"range": [1000, 1010]}), {"masquerade": None}),
-]})  # fmt: skip
+def _ruleset() -> NatRuleset:
+    """A fresh object per test: harvests are remembered by identity (``classify._memo``), and a
+    ruleset harvested before (by another test in the process) would not be walked again."""
+    return parse_ruleset_json({"nftables": [
+        {"table": {"family": "inet", "name": "nat", "handle": 1}},
+        {"chain": {"family": "inet", "table": "nat", "name": "post", "handle": 2, "type": "nat",
+                   "hook": "postrouting", "prio": 100, "policy": "accept"}},
+        _rule(3, _match("ip", "saddr", {"range": ["192.0.2.10", "192.0.2.20"]}), {"snat": {"addr": "198.51.100.9"}}),
+        _rule(4, _match("ip6", "daddr", {"prefix": {"addr": "2001:db8:5::", "len": 48}}), {"masquerade": None}),
+        _rule(5, _match("tcp", "dport", {"range": [1000, 1010]}), {"masquerade": None}),
+    ]})  # fmt: skip
 
 
 def _flows_by_class(classifier: Classifier, flows: list[Flow]) -> dict[tuple[int, ...], list[Flow]]:
@@ -75,16 +86,17 @@ def _flows_by_class(classifier: Classifier, flows: list[Flow]) -> dict[tuple[int
     return by_class
 
 
-def _one_prediction_per_class(classifier: Classifier, flows: list[Flow]) -> None:
+def _one_prediction_per_class(classifier: Classifier, ruleset: NatRuleset, flows: list[Flow]) -> None:
     fib = Fib(TOPOLOGY)
     for members in _flows_by_class(classifier, flows).values():
-        first = normal(predict(RULESET, fib, members[0]))
+        first = normal(predict(ruleset, fib, members[0]))
         for other in members[1:]:
-            assert normal(predict(RULESET, fib, other)) == first, (members[0], other)
+            assert normal(predict(ruleset, fib, other)) == first, (members[0], other)
 
 
 def test_an_address_range_of_the_ruleset_cuts_the_sources_where_the_match_changes() -> None:
-    c = Classifier.build([TOPOLOGY], [RULESET], reuse=False)
+    ruleset = _ruleset()
+    c = Classifier.build([TOPOLOGY], [ruleset], reuse=False)
     assert c.exact, c.reason
     v4 = c.src[AF_INET]
     for edge in ("192.0.2.10", "192.0.2.21"):  # the first address in the range, the first after it
@@ -92,28 +104,34 @@ def test_an_address_range_of_the_ruleset_cuts_the_sources_where_the_match_change
     dst = ip_address("203.0.113.7")
     flows = [Flow(AF_INET, IPPROTO_TCP, IPv4Address(int(IPv4Address("192.0.2.0")) + i), dst, 4000, 80)
              for i in range(32)]  # fmt: skip
-    _one_prediction_per_class(c, flows)
-    assert len({repr(normal(predict(RULESET, Fib(TOPOLOGY), f))) for f in flows}) == 2  # snat and not
+    _one_prediction_per_class(c, ruleset, flows)
+    assert len({repr(normal(predict(ruleset, Fib(TOPOLOGY), f))) for f in flows}) == 2  # snat and not
 
 
 def test_an_ipv6_prefix_of_the_ruleset_cuts_the_destinations_where_the_match_changes() -> None:
-    c = Classifier.build([TOPOLOGY], [RULESET], reuse=False)
+    ruleset = _ruleset()
+    c = Classifier.build([TOPOLOGY], [ruleset], reuse=False)
     v6 = c.dst[AF_INET6]
     for edge in ("2001:db8:5::", "2001:db8:6::"):
         assert v6.lookup(int(IPv6Address(edge)) - 1) != v6.lookup(int(IPv6Address(edge))), edge
     src = ip_address("fd00::5")
     dsts = ["2001:db8:4:ffff:ffff:ffff:ffff:ffff", "2001:db8:5::", "2001:db8:5:ffff:ffff:ffff:ffff:ffff",
             "2001:db8:6::"]  # fmt: skip
-    _one_prediction_per_class(c, [Flow(AF_INET6, IPPROTO_TCP, src, IPv6Address(d), 4000, 80) for d in dsts])
+    _one_prediction_per_class(
+        c, ruleset, [Flow(AF_INET6, IPPROTO_TCP, src, IPv6Address(d), 4000, 80) for d in dsts]
+    )
 
 
 def test_a_port_range_of_the_ruleset_cuts_the_ports_where_the_match_changes() -> None:
-    c = Classifier.build([TOPOLOGY], [RULESET], reuse=False)
+    ruleset = _ruleset()
+    c = Classifier.build([TOPOLOGY], [ruleset], reuse=False)
     for edge in (1000, 1011):
         assert c.ports.lookup(edge - 1) != c.ports.lookup(edge), edge
     assert c.ports.lookup(1000) == c.ports.lookup(1010)
     src, dst = ip_address("10.0.0.5"), ip_address("203.0.113.7")
-    _one_prediction_per_class(c, [Flow(AF_INET, IPPROTO_TCP, src, dst, 4000, p) for p in range(990, 1020)])
+    _one_prediction_per_class(
+        c, ruleset, [Flow(AF_INET, IPPROTO_TCP, src, dst, 4000, p) for p in range(990, 1020)]
+    )
 
 
 def _cut_at(c: Classifier, family: int, value: int) -> bool:
@@ -123,7 +141,8 @@ def _cut_at(c: Classifier, family: int, value: int) -> bool:
 
 def test_a_nat_address_of_the_ruleset_is_a_class_of_its_own() -> None:
     """Every address the ruleset names is a membership question (the module's theory)."""
-    c = Classifier.build([TOPOLOGY], [RULESET], reuse=False)
+    ruleset = _ruleset()
+    c = Classifier.build([TOPOLOGY], [ruleset], reuse=False)
     assert _cut_at(c, AF_INET, int(IPv4Address("198.51.100.9")))
 
 
