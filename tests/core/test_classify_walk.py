@@ -108,7 +108,7 @@ def test_an_address_range_of_the_ruleset_cuts_the_sources_where_the_match_change
     assert len({repr(normal(predict(ruleset, Fib(TOPOLOGY), f))) for f in flows}) == 2  # snat and not
 
 
-def test_an_ipv6_prefix_of_the_ruleset_cuts_the_destinations_where_the_match_changes() -> None:
+def test_an_ipv6_prefix_of_a_fresh_ruleset_cuts_the_destinations_where_the_match_changes() -> None:
     ruleset = _ruleset()
     c = Classifier.build([TOPOLOGY], [ruleset], reuse=False)
     v6 = c.dst[AF_INET6]
