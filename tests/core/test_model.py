@@ -220,3 +220,12 @@ def test_route_list_reads_and_compares_as_its_tuple() -> None:
     assert repr(padded) == repr((a, b, c))
     with pytest.raises(IndexError, match=r"^RouteList index out of range$"):
         one[3]
+
+
+def test_a_route_list_is_unequal_to_what_is_not_a_sequence_of_routes() -> None:
+    """``!=`` with another type falls back to identity (``NotImplemented`` both ways): True."""
+    from topowatch.core.model import RouteList
+
+    routes = RouteList(((Route(IPv4Network("10.0.0.0/16")),),))
+    assert (routes != 5) is True
+    assert (routes == 5) is False
