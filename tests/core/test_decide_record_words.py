@@ -1,0 +1,65 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""A record's reason names the entry's own route before, as well as now.
+
+The tenth mutation run (2026-12-04) found ``Decider._record_decision`` 91 (the previous
+prediction not passed to ``_decision``) surviving: no test built a record of a class whose side
+could not be predicted, with a previous snapshot whose route for the record's destination is
+narrower than the class's. ``_own_words`` then words the egress before with ``before.dnat`` and
+the previous FIB; without ``before`` it kept the class's route (the first flow's).
+"""
+
+from __future__ import annotations
+
+import sys
+from ipaddress import IPv4Address
+
+from topowatch.core.conntrack import IPS_CONFIRMED, IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, CtTuple, Entry
+from topowatch.core.decide import Decider, StaleDecisions, pack_record
+from topowatch.core.flow import IPPROTO_UDP, NO_NAT, Prediction, Unknown
+from topowatch.core.model import AF_INET
+
+from test_decide import FIB_NOW, UP2, from_raw, to_raw  # isort: skip
+from test_decide_fields import classifier  # isort: skip
+from test_fib import OWN, fib, ip  # isort: skip
+
+CLIENT = IPv4Address("10.0.1.2")  # the LAN class of test_decide_fields.CLASSED
+Y = IPv4Address("100.64.0.2")  # the source the entries were translated to
+DONE = IPS_CONFIRMED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE
+
+
+def udp(port: int, dst: str) -> Entry:
+    """UDP from CLIENT:port to ``dst``:53, its source translated to Y (the destination kept)."""
+    d = IPv4Address(dst)
+    return Entry(AF_INET, IPPROTO_UDP, CtTuple(CLIENT, d, port, 53), CtTuple(d, Y, 53, port),
+                 status=DONE, id=port)  # fmt: skip
+
+
+def test_a_stale_records_egress_before_is_its_own_route_in_the_previous_fib() -> None:
+    fib_before = fib(OWN)
+    (default,) = fib_before.lookup(ip("192.0.2.1"))  # type: ignore[misc]
+    assert (default.route, str(default.prefix)) == ("default via 203.0.113.1 dev wan table main", "0.0.0.0/0")
+    unknown = Unknown("xt match")
+    now = Prediction(frozenset({NO_NAT}), unknown, (UP2,))
+    then = Prediction(frozenset({NO_NAT}), unknown, (default,))  # another egress then: stale
+
+    def predict(f: object, flow: object) -> Prediction:
+        return then if f is fib_before else now
+
+    decider = Decider(predict=predict, fib_now=FIB_NOW, fib_before=fib_before, classifier=classifier(),
+                      build=from_raw, sport_matters=False)  # fmt: skip
+    seed = udp(1, "192.0.2.70")  # the class's first flow: the default route carried it then
+    decider.add_raw(to_raw(seed))
+    program = decider.raw_program(to_raw(seed))
+    assert program is not None and program[-5:-4] == b"S"
+    slot = int.from_bytes(program[-4:], sys.byteorder)
+    other = udp(10, "8.9.1.1")  # main's 8.0.0.0/8, via the same gateway, carried this one then
+    assert decider.records is not None
+    decider.records += pack_record(other, 1, slot)  # side byte 1: the source
+    stale = decider.plan().stale
+    assert isinstance(stale, StaleDecisions)
+    built = stale.at(len(stale.head))
+    assert (built.entry, built.side, built.code) == (other, "snat", "egress_changed_unknown_nat")
+    egress_before = built.why.egress_before
+    assert isinstance(egress_before, tuple) and len(egress_before) == 1
+    assert (egress_before[0].route, str(egress_before[0].prefix)) == (
+        "8.0.0.0/8 via 203.0.113.1 dev wan table main", "8.0.0.0/8")
