@@ -49,6 +49,7 @@ def test_a_local_flow_to_a_refused_destination_is_dropped_before_output_nat(kind
     assert len(p.egress) == 1 and p.egress[0].kind is EgressKind(kind.name.lower()), p.egress  # type: ignore[union-attr]
     assert len(p.explain) == 1 and p.explain[0].startswith(f"dropped by the route: {kind.name.lower()} ("), p.explain
     assert p.alternatives == () and p.rules == ()
+    assert p.ingress is not None and p.ingress.local, p.ingress  # sent by the gateway itself
 
 
 def test_a_forwarded_flow_to_a_refused_destination_is_dnatted_first() -> None:
