@@ -1320,13 +1320,9 @@ def test_a_reread_answered_by_a_bare_ack_is_not_a_reason_to_delete(
     assert (result.deleted, result.errors) == (2, ((0, 1),))
 
 
-def test_the_drain_waits_for_the_rest_of_the_abandoned_dump(
-    serial: tuple[Conntrack, ScriptKernel, CountingWire], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The rest of the dump comes 30 ms after the failure: the drain waits for it (up to
-    ``DRAIN_WAIT``) and reads it to the DONE, so nothing of it is left queued."""
-    monkeypatch.setattr(ctnetlink, "DRAIN_WAIT", 5.0)
-    ct, kernel, _wire = serial
+def _fail_on_the_first_datagram_with_the_rest_after(ct: Conntrack, kernel: ScriptKernel, delay: float) -> None:
+    """A dump of 4 entries whose judge fails on the first datagram; the rest of the dump and its
+    DONE are sent ``delay`` seconds later. The dump raises the judge's error."""
     table = entries(4)
     kernel.attempts = [[table[:2]]]  # the first datagram now, the rest later
 
@@ -1339,13 +1335,23 @@ def test_the_drain_waits_for_the_rest_of_the_abandoned_dump(
         raise RuntimeError("judging failed")
 
     ct.before_burst = fail
-    timer = threading.Timer(0.03, rest)
+    timer = threading.Timer(delay, rest)
     timer.start()
     try:
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="judging failed"):
             ct.dump(unreplied_only=False)
     finally:
         timer.join()
+
+
+def test_the_drain_waits_for_the_rest_of_the_abandoned_dump(
+    serial: tuple[Conntrack, ScriptKernel, CountingWire], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rest of the dump comes 30 ms after the failure: the drain waits for it (up to
+    ``DRAIN_WAIT``) and reads it to the DONE, so nothing of it is left queued."""
+    monkeypatch.setattr(ctnetlink, "DRAIN_WAIT", 5.0)
+    ct, kernel, _wire = serial
+    _fail_on_the_first_datagram_with_the_rest_after(ct, kernel, 0.03)
     assert kernel._unread() is False
     assert ct.timeout == 0.5
 
@@ -1389,25 +1395,7 @@ def test_a_pipelined_dump_that_fails_while_the_reader_waits_stops_it(
     rest when it comes."""
     monkeypatch.setattr(ctnetlink, "DRAIN_WAIT", 5.0)
     ct, kernel, _wire = piped
-    table = entries(4)
-    kernel.attempts = [[table[:2]]]
-
-    def rest() -> None:
-        seq = kernel.dumps[-1].seq
-        kernel.sock.send(b"".join(entry_msg(e, seq) for e in table[2:]))
-        kernel.sock.send(done_msg(seq))
-
-    def fail() -> None:
-        raise RuntimeError("judging failed")
-
-    ct.before_burst = fail
-    timer = threading.Timer(0.3, rest)
-    timer.start()
-    try:
-        with pytest.raises(RuntimeError, match="judging failed"):
-            ct.dump(unreplied_only=False)
-    finally:
-        timer.join()
+    _fail_on_the_first_datagram_with_the_rest_after(ct, kernel, 0.3)
     assert kernel._unread() is False
 
 
