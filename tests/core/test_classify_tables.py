@@ -273,7 +273,8 @@ def test_memo_keeps_the_last_12_values_by_identity(monkeypatch: pytest.MonkeyPat
     assert len(classify._MEMO) == 12
 
 
-def test_route_labels_are_remembered_per_route(monkeypatch: pytest.MonkeyPatch) -> None:
+def _count_route_labels(monkeypatch: pytest.MonkeyPatch) -> list[Route]:
+    """An empty label memory, and the routes ``_route_label`` is called for, in order."""
     calls: list[Route] = []
     real = classify._route_label
 
@@ -283,6 +284,11 @@ def test_route_labels_are_remembered_per_route(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(classify, "_LABELS", {})
     monkeypatch.setattr(classify, "_route_label", counting)
+    return calls
+
+
+def test_route_labels_are_remembered_per_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_route_labels(monkeypatch)
     routes = tuple(Route(ip_network(f"10.{i}.0.0/16"), nexthops=(GW,)) for i in range(3))
     Classifier.build([Topology(LINKS, ADDRESSES, routes)], [], reuse=False)
     assert len(calls) == 3
@@ -298,15 +304,7 @@ def test_route_labels_are_forgotten_past_four_per_route_and_16(
 ) -> None:
     """After a snapshot of ``many`` routes, one of 2 (kept: at most 4 * 2 + 16 entries, the links
     and addresses being one) of the same route objects reads them again only past that bound."""
-    calls: list[Route] = []
-    real = classify._route_label
-
-    def counting(route: Route, *args: Any) -> object:
-        calls.append(route)
-        return real(route, *args)
-
-    monkeypatch.setattr(classify, "_LABELS", {})
-    monkeypatch.setattr(classify, "_route_label", counting)
+    calls = _count_route_labels(monkeypatch)
     routes = tuple(Route(ip_network(f"10.{i}.0.0/16"), nexthops=(GW,)) for i in range(many))
     Classifier.build([Topology(LINKS, ADDRESSES, routes)], [], reuse=False)
     assert len(classify._LABELS) == many + 1
