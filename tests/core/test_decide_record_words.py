@@ -63,3 +63,34 @@ def test_a_stale_records_egress_before_is_its_own_route_in_the_previous_fib() ->
     assert isinstance(egress_before, tuple) and len(egress_before) == 1
     assert (egress_before[0].route, str(egress_before[0].prefix)) == (
         "8.0.0.0/8 via 203.0.113.1 dev wan table main", "8.0.0.0/8")
+
+
+def test_only_a_dnat_range_routed_one_by_one_keeps_a_class_route() -> None:
+    """The fixed DNAT addresses that keep a class's route are those of a range of at most 64.
+
+    A flow of a class may be routed to its destination (a binding that keeps it) or to a fixed
+    DNAT address; an egress whose route carries one of those addresses stays the class's. A range
+    of more than 64 addresses (``MAX_DNAT_ADDRESSES``) is never routed one by one (its egress is
+    unknown), so its addresses keep nothing: the flow to 192.0.2.70 gets the default route's
+    words, as with no range at all (``test_own_route_names_the_route_that_carries_the_flow``).
+    The eleventh mutation review found ``_own_routes`` 9 (``or`` for ``and``) untested: it lists
+    every address of any range, however wide.
+    """
+    from topowatch.core.decide import _own_routes
+    from topowatch.core.flow import Binding, NatKind
+
+    f = fib(OWN)
+    (eight,) = f.lookup(ip("8.1.2.3"))  # type: ignore[misc]
+    assert str(eight.prefix) == "8.0.0.0/8"
+    default = ("default via 203.0.113.1 dev wan table main", "0.0.0.0/0")
+
+    def words(last: str) -> tuple[str, str | None]:
+        dnat = frozenset({NO_NAT, Binding(NatKind.DNAT, ip("8.1.1.0"), ip(last))})
+        (worded,) = _own_routes((eight,), ip("192.0.2.70"), dnat, f)
+        return worded.route, None if worded.prefix is None else str(worded.prefix)
+
+    # 64 addresses (8.1.1.0-8.1.1.63), each routed by 8.0.0.0/8: the class's route stays.
+    assert words("8.1.1.63") == ("8.0.0.0/8 via 203.0.113.1 dev wan table main", "8.0.0.0/8")
+    # 65 addresses: not routed one by one, so the flow's own route is the default.
+    assert words("8.1.1.64") == default
+    assert words("8.255.255.255") == default
