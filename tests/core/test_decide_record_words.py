@@ -11,7 +11,7 @@ the previous FIB; without ``before`` it kept the class's route (the first flow's
 from __future__ import annotations
 
 import sys
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_network
 
 from topowatch.core.conntrack import IPS_CONFIRMED, IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, CtTuple, Entry
 from topowatch.core.decide import Decider, StaleDecisions, pack_record
@@ -94,3 +94,46 @@ def test_only_a_dnat_range_routed_one_by_one_keeps_a_class_route() -> None:
     # 65 addresses: not routed one by one, so the flow's own route is the default.
     assert words("8.1.1.64") == default
     assert words("8.255.255.255") == default
+
+
+def test_each_way_of_a_class_names_the_entrys_own_route() -> None:
+    """Within a class, the ways an undecided entry may have come are worded with its own route.
+
+    Two ways, both out by main's 8.0.0.0/8 route (the class's first flow went to 8.1.2.3): lan0
+    masquerades to 100.64.0.2 (the entry's binding), lan1 to 198.51.100.2. Without a previous
+    snapshot the entry, SNATed to 100.64.0.2, is undecided (``unknown_ingress``), naming lan0 as
+    a way that keeps it and lan1 as one that refuses its source. For the entry to 192.0.2.70 both
+    ways leave by the default route (``test_fib``'s OWN, via the same gateway), so both are named
+    so; for one to 8.9.1.1 the class's route is its own and stays. The eleventh mutation run found
+    ``_own_words``'s rewording of ``keeps`` and ``ways`` (38-44, 55, 56, 60, 61) and
+    ``_own_routes`` called with no destination (31) untested.
+    """
+    import dataclasses
+
+    from topowatch.core.flow import Binding, Ingress, NatKind
+    from topowatch.core.reason import Way
+
+    from test_alternatives import union  # isort: skip
+
+    f = fib(OWN)
+    (eight,) = f.lookup(ip("8.1.2.3"))  # type: ignore[misc]
+    assert (eight.route, str(eight.prefix)) == ("8.0.0.0/8 via 203.0.113.1 dev wan table main", "8.0.0.0/8")
+    lan0, lan1 = Ingress(2, "lan0"), Ingress(3, "lan1")
+    given, other = Binding(NatKind.SNAT, Y), Binding(NatKind.SNAT, ip("198.51.100.2"))
+    keeps = Prediction(frozenset({NO_NAT}), frozenset({given}), (eight,), lan0)
+    refuses = Prediction(frozenset({NO_NAT}), frozenset({other}), (eight,), lan1)
+    now = union(keeps, refuses)
+
+    def why(dst: str) -> tuple[str, tuple[Way, ...], tuple[Way, ...]]:
+        decider = Decider(predict=lambda fib, flow: now, fib_now=f, classifier=classifier(), sport_matters=False)
+        decider.add(udp(7, dst))
+        plan = decider.plan()
+        assert not plan.stale
+        (undecided,) = plan.undecided
+        return undecided.code, undecided.why.keeps, undecided.why.ways
+
+    default = dataclasses.replace(eight, route="default via 203.0.113.1 dev wan table main",
+                                  prefix=ip_network("0.0.0.0/0"))  # fmt: skip
+    assert why("192.0.2.70") == (
+        "unknown_ingress", (Way(lan0, (default,)),), (Way(lan1, (default,), "snat", (other,)),))
+    assert why("8.9.1.1") == ("unknown_ingress", (Way(lan0, (eight,)),), (Way(lan1, (eight,), "snat", (other,)),))
