@@ -84,8 +84,8 @@ def test_only_a_dnat_range_routed_one_by_one_keeps_a_class_route() -> None:
     assert str(eight.prefix) == "8.0.0.0/8"
     default = ("default via 203.0.113.1 dev wan table main", "0.0.0.0/0")
 
-    def words(last: str) -> tuple[str, str | None]:
-        dnat = frozenset({NO_NAT, Binding(NatKind.DNAT, ip("8.1.1.0"), ip(last))})
+    def words(last: str, first: str = "8.1.1.0") -> tuple[str, str | None]:
+        dnat = frozenset({NO_NAT, Binding(NatKind.DNAT, ip(first), ip(last))})
         (worded,) = _own_routes((eight,), ip("192.0.2.70"), dnat, f)
         return worded.route, None if worded.prefix is None else str(worded.prefix)
 
@@ -94,6 +94,10 @@ def test_only_a_dnat_range_routed_one_by_one_keeps_a_class_route() -> None:
     # 65 addresses: not routed one by one, so the flow's own route is the default.
     assert words("8.1.1.64") == default
     assert words("8.255.255.255") == default
+    # One address: routed by 8.0.0.0/8, it keeps the class's route; 7.255.255.255, routed by the
+    # default, does not (the next address, 8.0.0.0, is no destination of the flow).
+    assert words("8.1.1.0") == ("8.0.0.0/8 via 203.0.113.1 dev wan table main", "8.0.0.0/8")
+    assert words("7.255.255.255", first="7.255.255.255") == default
 
 
 def test_each_way_of_a_class_names_the_entrys_own_route() -> None:
