@@ -212,6 +212,7 @@ def test_a_route_list_reads_as_the_tuple_of_its_routes() -> None:
     assert routes == RouteList([(a, b), (c,)]) and routes != RouteList([(a, b)])
     assert routes[1:] == (b, c) and routes[-1] is c and routes[1] is b and routes + (a,) == (a, b, c, a)  # noqa: RUF005 (its +)
     assert pickle.loads(pickle.dumps(routes)) == routes
+    assert repr(routes) == repr((a, b, c))  # it reads as the tuple of its routes, in logs too
     assert Topology(routes=routes).routes is routes and Topology(routes=routes) == Topology(routes=(a, b, c))
     with pytest.raises(IndexError):
         routes[3]
