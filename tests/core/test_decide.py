@@ -644,6 +644,30 @@ def test_reason_code_names_the_kind_of_staleness(e: Entry, predict: Any, before:
     assert code in {c.value for c in ReasonCode}
 
 
+def test_a_known_prediction_never_asks_the_previous_topology() -> None:
+    """With a previous snapshot but every side predicted (no unknown, no alternatives), the
+    previous topology has nothing to say: only the FIB of now is asked, once per flow key. The
+    eleventh mutation run found ``Decider._compiled`` 16 (the previous prediction asked for every
+    key) untested: it doubles the predictions of a reaction."""
+    predictor = CountingPredictor()
+    for path, (calls, plan) in run_paths(spread(2_000, KEYS), predictor, fib_before=FIB_BEFORE).items():
+        assert calls == 7, path
+        assert len(plan.stale) == 200, path
+    assert all(fib is FIB_NOW for fib, _ in predictor.calls)
+
+
+def test_an_unpredictable_sides_reason_names_the_rule_that_made_it_unknown() -> None:
+    """``Reason.cause_rule`` (``plan --json``'s "cause_rule") is the rule of the side's Unknown,
+    as ``core.evaluate`` names it (``test_an_unknown_names_the_rule_that_made_it_as_a_field``).
+    The eleventh mutation run found ``_side`` 25, 35 (the rule dropped) untested."""
+    from topowatch.core.flow import RuleRef
+
+    rule = RuleRef("table inet nat chain postrouting", 4, 'oifname "up1" xt match policy accept')
+    plan = decide([entry()], predict=fixed(Unknown("unmodelled expression: xt match policy", rule)), fib_now=FIB_NOW)
+    (undecided,) = plan.undecided
+    assert (undecided.code, undecided.why.cause_rule) == ("unknown_nat", rule)
+
+
 # -- survivors of the mutation run (README "Mutation testing"): each test fails on its mutant --
 
 

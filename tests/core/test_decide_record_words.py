@@ -13,9 +13,11 @@ from __future__ import annotations
 import sys
 from ipaddress import IPv4Address, ip_network
 
+import pytest
+
 from topowatch.core.conntrack import IPS_CONFIRMED, IPS_DST_NAT_DONE, IPS_SRC_NAT_DONE, CtTuple, Entry
 from topowatch.core.decide import Decider, StaleDecisions, pack_record
-from topowatch.core.flow import IPPROTO_UDP, NO_NAT, Prediction, Unknown
+from topowatch.core.flow import IPPROTO_UDP, NO_NAT, Binding, NatKind, Prediction, Unknown
 from topowatch.core.model import AF_INET
 
 from test_decide import FIB_NOW, UP2, from_raw, to_raw  # isort: skip
@@ -141,3 +143,46 @@ def test_each_way_of_a_class_names_the_entrys_own_route() -> None:
     assert why("192.0.2.70") == (
         "unknown_ingress", (Way(lan0, (default,)),), (Way(lan1, (default,), "snat", (other,)),))
     assert why("8.9.1.1") == ("unknown_ingress", (Way(lan0, (eight,)),), (Way(lan1, (eight,), "snat", (other,)),))
+
+
+@pytest.mark.parametrize("case", ["dnat stale", "snat stale", "undecided"])
+def test_an_entry_judged_one_by_one_names_its_own_route_before(case: str) -> None:
+    """As the record above, but judged by ``Decider.add`` (no compiled scan): its reason's egress
+    before is its own route in the previous FIB, whichever side cannot be predicted and whether
+    the entry is stale (the egress moved) or undecided (the egress stayed, the ruleset changed).
+
+    The class's first flow went to 192.0.2.70 (the default route then); this entry goes to
+    8.9.1.1, which main's 8.0.0.0/8 carried then (``test_fib``'s OWN, worked by hand). The
+    eleventh mutation run found ``Decider._judge`` 38, 63, 79 (``before`` not passed to
+    ``_decision``) untested: the reason then kept the class's route.
+    """
+    fib_before = fib(OWN)
+    (default,) = fib_before.lookup(ip("192.0.2.1"))  # type: ignore[misc]
+    unknown = Unknown("xt match")
+    kept, to_y = frozenset({NO_NAT}), frozenset({Binding(NatKind.SNAT, Y)})
+    if case == "dnat stale":
+        # The destination NAT is unknown now only (say a match on the route now unknown): the
+        # destination was kept then, so the route then is the one to 8.9.1.1 itself.
+        then, now = Prediction(kept, to_y, (default,)), Prediction(unknown, to_y, (UP2,))
+    else:
+        then = Prediction(kept, unknown, (default,))
+        now = then if case == "undecided" else Prediction(kept, unknown, (UP2,))  # another egress: stale
+
+    def predict(f: object, flow: object) -> Prediction:
+        return then if f is fib_before else now
+
+    decider = Decider(predict=predict, fib_now=FIB_NOW, fib_before=fib_before, classifier=classifier(),
+                      sport_matters=False, predict_before=predict if case == "undecided" else None)  # fmt: skip
+    seed, other = udp(1, "192.0.2.70"), udp(10, "8.9.1.1")
+    decider.add(seed)
+    decider.add(other)
+    plan = decider.plan()
+    found = list(plan.undecided if case == "undecided" else plan.stale)
+    assert [d.entry for d in found] == [seed, other]
+    code = "unknown_nat" if case == "undecided" else "egress_changed_unknown_nat"
+    side = "dnat" if case == "dnat stale" else "snat"
+    words = [(d.side, d.code, [(e.route, str(e.prefix)) for e in d.why.egress_before]) for d in found]
+    assert words == [
+        (side, code, [("default via 203.0.113.1 dev wan table main", "0.0.0.0/0")]),
+        (side, code, [("8.0.0.0/8 via 203.0.113.1 dev wan table main", "8.0.0.0/8")]),
+    ]
