@@ -79,7 +79,6 @@ def test_only_a_dnat_range_routed_one_by_one_keeps_a_class_route() -> None:
     every address of any range, however wide.
     """
     from topowatch.core.decide import _own_routes
-    from topowatch.core.flow import Binding, NatKind
 
     f = fib(OWN)
     (eight,) = f.lookup(ip("8.1.2.3"))  # type: ignore[misc]
@@ -111,12 +110,12 @@ def test_each_way_of_a_class_names_the_entrys_own_route() -> None:
     a way that keeps it and lan1 as one that refuses its source. For the entry to 192.0.2.70 both
     ways leave by the default route (``test_fib``'s OWN, via the same gateway), so both are named
     so; for one to 8.9.1.1 the class's route is its own and stays. The eleventh mutation run found
-    ``_own_words``'s rewording of ``keeps`` and ``ways`` (38-44, 55, 56, 60, 61) and
-    ``_own_routes`` called with no destination (31) untested.
+    ``_own_words``'s rewording of ``keeps`` and ``ways`` (39-44, 55, 56, 60, 61) and its
+    ``_own_routes`` call with no destination (31) untested.
     """
     import dataclasses
 
-    from topowatch.core.flow import Binding, Ingress, NatKind
+    from topowatch.core.flow import Ingress
     from topowatch.core.reason import Way
 
     from test_alternatives import union  # isort: skip
