@@ -52,12 +52,15 @@ def test_settle_collects_the_dead_then_freezes_the_living_and_finds_later_cycles
 
 
 class Counting:
-    def __init__(self) -> None:
+    """A settle that records when it ran (trio's clock) and answers ``result``."""
+
+    def __init__(self, result: Settled = Settled(0.0, 0, 0)) -> None:  # noqa: B008 (a frozen value)
+        self.result = result
         self.at: list[float] = []
 
     def __call__(self) -> Settled:
         self.at.append(trio.current_time())
-        return Settled(0.0, 0, 0)
+        return self.result
 
 
 async def test_the_heap_settles_before_ready_and_once_quiet_after_reactions_at_most_once_an_interval(

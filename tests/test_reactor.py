@@ -440,17 +440,22 @@ def write_policy(tmp_path: Any, text: str) -> Any:
     return load_policies([str(tmp_path)])
 
 
-async def test_log_only_policy_deletes_nothing(autojump_clock: trio.testing.MockClock, tmp_path: Any) -> None:
-    policy = write_policy(tmp_path, '[policy.watch]\naction = "log"\n')
-    backend = FakeBackend()
-    reactor = Reactor(backend, ReactorConfig(startup_sweep=False), predictor=stale_when_up2,
-                      policy=lambda: policy)
+async def react_to_up2_added(reactor: Reactor, backend: FakeBackend) -> None:
+    """Run ``reactor`` until up2 has been added (topology B) and the reaction to it is over."""
     async with trio.open_nursery() as nursery:
         await nursery.start(reactor.run)
         backend.topo = B
         await backend.send.send(Trigger("rtnl", "link up2 added", kind="link", interface="up2"))
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
+
+
+async def test_log_only_policy_deletes_nothing(autojump_clock: trio.testing.MockClock, tmp_path: Any) -> None:
+    policy = write_policy(tmp_path, '[policy.watch]\naction = "log"\n')
+    backend = FakeBackend()
+    reactor = Reactor(backend, ReactorConfig(startup_sweep=False), predictor=stale_when_up2,
+                      policy=lambda: policy)
+    await react_to_up2_added(reactor, backend)
     assert backend.deleted == []
     assert reactor.reactions[0].logged_only == 2
     assert "2 logged only" in reactor.reactions[0].summary()

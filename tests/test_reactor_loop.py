@@ -34,6 +34,7 @@ from topowatch.reactor import (
     _route_parts,
 )
 
+from test_collector import Counting  # isort: skip
 from test_reactor import B, FakeBackend, stale_when_up2  # isort: skip
 
 LOGGER = "topowatch.reactor"
@@ -183,17 +184,8 @@ def test_the_detail_writer_drops_a_reactions_details_beyond_its_pending_ones(
 # -- the heap settling ----------------------------------------------------------------------------
 
 
-class Counting:
-    def __init__(self) -> None:
-        self.at: list[float] = []
-
-    def __call__(self) -> Settled:
-        self.at.append(trio.current_time())
-        return Settled(1.0, 3, 2)
-
-
 async def _settling(nursery: trio.Nursery) -> tuple[Reactor, FakeBackend, Counting]:
-    settle = Counting()
+    settle = Counting(Settled(1.0, 3, 2))
     backend = FakeBackend()
     backend.topo = B
     reactor = Reactor(backend, ReactorConfig(debounce=0.1, max_wait=0.1, startup_sweep=False, settle=settle),
@@ -778,18 +770,13 @@ async def test_an_xfrm_selector_reading_the_source_port_makes_it_matter_to_the_r
 async def test_a_reaction_that_decided_nothing_names_its_policy(
     autojump_clock: trio.testing.MockClock, tmp_path: Any
 ) -> None:
-    from test_reactor import write_policy  # isort: skip
+    from test_reactor import react_to_up2_added, write_policy  # isort: skip
 
     policy = write_policy(tmp_path, '[policy.watch]\naction = "log"\n')
     backend = FakeBackend()
     backend.ruleset_error = True
     reactor = Reactor(backend, ReactorConfig(startup_sweep=False), predictor=stale_when_up2, policy=lambda: policy)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(reactor.run)
-        backend.topo = B
-        await backend.send.send(Trigger("rtnl", "link up2 added", kind="link", interface="up2"))
-        await trio.sleep(1)
-        nursery.cancel_scope.cancel()
+    await react_to_up2_added(reactor, backend)
     (reaction,) = reactor.reactions
     assert reaction.summary() == ("reaction 1 (link up2 added) [policy watch]: NOTHING DECIDED: no ruleset has been "
                                   "read yet (nft: syntax error), nothing deleted")
